@@ -9,6 +9,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus /* kernels/ are compiled as C++ by nvcc */
+extern "C" {
+#endif
+
 typedef struct dsv3_err {
     char msg[1024];
 } dsv3_err;
@@ -23,5 +27,9 @@ int err_errno(dsv3_err *e, const char *fmt, ...) __attribute__((format(printf, 2
 int err_prefix(dsv3_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 void err_clear(dsv3_err *e);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

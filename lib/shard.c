@@ -32,6 +32,19 @@ enum { CHUNK_SHUFFLED = 1u << 0 };      /* chunk header flags */
 #define MAX_CHUNK_TOKENS (1u << 28)
 #define MAX_CHUNK_ENDS (1u << 28)
 
+/* Checksums stop a fuzzer at the first hash; the fuzz build (tests/fuzz/run.sh) compares
+ * none, so it can reach the parser behind them. Never defined in a real build. */
+static int hash_ok(uint64_t stored, uint64_t computed)
+{
+#ifdef FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
+    (void)stored;
+    (void)computed;
+    return 1;
+#else
+    return stored == computed;
+#endif
+}
+
 static void put32(uint8_t *p, uint32_t v)
 {
     for (int i = 0; i < 4; i++)
@@ -514,7 +527,7 @@ static int parse_header(shard_reader *r, const uint8_t h[HEADER_BYTES], dsv3_err
     if (version != SHARD_VERSION)
         return damaged(r, e, 8, "shard format version %u, this build reads version %u", version,
                        SHARD_VERSION);
-    if (get64(h + 72) != XXH3_64bits(h, 72))
+    if (!hash_ok(get64(h + 72), XXH3_64bits(h, 72)))
         return damaged(r, e, 0, "header checksum mismatch");
     shard_info *in = &r->info;
     in->version = version;
@@ -555,7 +568,7 @@ static int parse_index(shard_reader *r, const uint8_t *b, size_t bytes, uint64_t
     if (n > (bytes - INDEX_HEAD_BYTES - 8) / INDEX_ENTRY_BYTES ||
         INDEX_HEAD_BYTES + n * INDEX_ENTRY_BYTES + 8 != bytes)
         return damaged(r, e, at + 8, "index claims %" PRIu64 " chunks in %zu bytes", n, bytes);
-    if (get64(b + bytes - 8) != XXH3_64bits(b, bytes - 8))
+    if (!hash_ok(get64(b + bytes - 8), XXH3_64bits(b, bytes - 8)))
         return damaged(r, e, at, "index checksum mismatch");
     *records = get64(b + 16);
     *tokens = get64(b + 24);
@@ -590,7 +603,7 @@ static int check_footer(shard_reader *r, const uint8_t f[FOOTER_BYTES], uint64_t
     if (memcmp(f + 24, FOOTER_MAGIC, 8) != 0)
         return damaged(r, e, at + 24, "footer missing: the shard is truncated or was not "
                        "finished");
-    if (get64(f + 16) != XXH3_64bits(f, 16))
+    if (!hash_ok(get64(f + 16), XXH3_64bits(f, 16)))
         return damaged(r, e, at, "footer checksum mismatch");
     *index_offset = get64(f);
     *index_bytes = get64(f + 8);
@@ -803,7 +816,7 @@ static int load_chunk(shard_reader *r, int *at_end, dsv3_err *e)
         return damaged(r, e, at, "chunk %" PRIu64 ": bad chunk magic", r->chunk_no);
     if (read_exact(r, h + 4, sizeof h - 4, "a chunk header", e))
         return -1;
-    if (get64(h + 56) != XXH3_64bits(h, 56))
+    if (!hash_ok(get64(h + 56), XXH3_64bits(h, 56)))
         return damaged(r, e, at, "chunk %" PRIu64 ": header checksum mismatch", r->chunk_no);
     uint32_t flags = get32(h + 4), n_tok = get32(h + 8), n_ends = get32(h + 12);
     uint32_t raw_bytes = get32(h + 16), zbytes = get32(h + 20);
@@ -834,7 +847,7 @@ static int load_chunk(shard_reader *r, int *at_end, dsv3_err *e)
     }
     if (read_exact(r, r->zbuf, zbytes, "a chunk", e))
         return -1;
-    if (XXH3_64bits(r->zbuf, zbytes) != zhash)
+    if (!hash_ok(zhash, XXH3_64bits(r->zbuf, zbytes)))
         return damaged(r, e, at + CHUNK_HEADER_BYTES, "chunk %" PRIu64 ": checksum mismatch",
                        r->chunk_no);
     size_t out = ZSTD_decompressDCtx(r->dctx, r->raw, raw_bytes, r->zbuf, zbytes);

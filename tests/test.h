@@ -65,7 +65,7 @@ static char test_skip_why_[256];
  * printed so a failure can be replayed: fresh inputs every run, reproducible on demand. */
 static uint64_t test_rng_state_;
 
-static uint64_t test_rand(void)
+__attribute__((unused)) static uint64_t test_rand(void)
 {
     uint64_t z = (test_rng_state_ += 0x9e3779b97f4a7c15ULL);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
