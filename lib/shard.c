@@ -585,6 +585,9 @@ static int parse_index(shard_reader *r, const uint8_t *b, size_t bytes, uint64_t
         return damaged(r, e, at, "index checksum mismatch");
     *records = get64(b + 16);
     *tokens = get64(b + 24);
+    if (*records > n * (uint64_t)MAX_CHUNK_ENDS || *tokens > n * (uint64_t)MAX_CHUNK_TOKENS)
+        return damaged(r, e, at + 16, "index totals (%" PRIu64 " records, %" PRIu64 " tokens) "
+                       "cannot fit in %" PRIu64 " chunks", *records, *tokens, n);
     shard_chunk_entry *x = malloc((n ? n : 1) * sizeof *x);
     if (!x) {
         r->failed = 1;

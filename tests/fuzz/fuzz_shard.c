@@ -35,7 +35,7 @@ static void as_file(const uint8_t *data, size_t size)
     if (shard_open_stream(&r, f, "fuzz", 1, &e) != 0)
         return;
     const shard_info *in = shard_get_info(r);
-    if (in->n_records > 0 && size > 0)
+    if (in->n_records > 0 && in->n_records < UINT64_MAX && size > 0)
         shard_seek(r, data[size - 1] % (in->n_records + 1), &e);
     read_all(r);
     shard_close(r);
