@@ -410,8 +410,9 @@ out:
     return rc;
 }
 
-/* Record k of the plan into out[0..L+1); its boundary record (n_valid, then the offsets of
- * the documents that start in it) into bnd; returns the record flags. */
+/* Record k of the plan into out[0..L+1); its boundary record (n_valid, then the offset of
+ * every segment in it, PACK_BOUND_CONT on a segment that continues a document begun in an
+ * earlier record) into bnd; returns the record flags. */
 static uint32_t make_seq(const pack *p, uint64_t k, uint32_t *out, uint32_t *bnd,
                          uint64_t *n_bnd)
 {
@@ -430,6 +431,8 @@ static uint32_t make_seq(const pack *p, uint64_t k, uint32_t *out, uint32_t *bnd
             else
                 hi = mid;
         }
+        if (lo >= p->n_docs || p->doc_off[lo] != start)
+            bnd[nb++] = 0 | PACK_BOUND_CONT;   /* the record opens inside a document */
         for (uint64_t d = lo; d < p->n_docs && p->doc_off[d] < start + n; d++)
             bnd[nb++] = (uint32_t)(p->doc_off[d] - start);
         if (k > 0)
@@ -437,8 +440,7 @@ static uint32_t make_seq(const pack *p, uint64_t k, uint32_t *out, uint32_t *bnd
     } else {
         for (uint64_t i = p->bin_first[k]; i < p->bin_first[k + 1]; i++) {
             const piece *q = &p->pieces[i];
-            if (q->doc_start)
-                bnd[nb++] = (uint32_t)n;
+            bnd[nb++] = (uint32_t)n | (q->doc_start ? 0 : PACK_BOUND_CONT);
             memcpy(out + n, p->tok + q->off, q->len * sizeof *out);
             n += q->len;
         }

@@ -20,6 +20,13 @@
  * one-token overlap), so it is not a new token of the corpus. */
 enum { PACK_SEQ_CONT = 1u << 16 };
 
+/* Boundary records (one per packed record, in *.bounds.shard) are
+ * [n_valid, seg_0, seg_1, ...]: tokens at n_valid and after are padding; seg_i are the
+ * ascending offsets where a segment (a document, or the part of one) begins. Offsets are
+ * below 2^28, so bit 31 is free to mark a segment that continues a document begun in an
+ * earlier record (attention still starts afresh there: the trainer never sees the start). */
+enum { PACK_BOUND_CONT = 1u << 31 };
+
 typedef struct pack_options {
     uint32_t seq_len;       /* L: the trainer's context; records hold L+1 tokens */
     uint32_t eos_id;        /* appended to every document */
