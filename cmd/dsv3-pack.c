@@ -27,6 +27,14 @@ static const cli_program PROG = {
     "                         concatenate and cut, consecutive records sharing one token\n"
     "      --dedup            drop every document whose tokens repeat an earlier one, across\n"
     "                         all inputs (XXH3-128; 32-64 bytes of memory per document)\n"
+    "      --fim=RATE         share of documents rearranged for Fill-in-the-Middle in PSM order:\n"
+    "                         <fim_begin> prefix <fim_hole> suffix <fim_end> middle, cut at\n"
+    "                         two random token boundaries (DeepSeek-V3: 0.1; default 0)\n"
+    "      --fim-spm=RATE     share in SPM order: <fim_begin> <fim_hole> suffix <fim_end>\n"
+    "                         prefix middle (default 0)\n"
+    "      --fim-ids=B,H,E    the ids of <fim_begin>, <fim_hole>, <fim_end> (required with\n"
+    "                         --fim or --fim-spm until -t TOKENIZER supplies them)\n"
+    "      --fim-code-only    FIM only for documents flagged as code\n"
     "  -s, --seed=N           seed of the shuffle and the split (default 0)\n"
     "      --shard-tokens=N   tokens per output shard, whole records (default 256Mi)\n"
     "      --val=FRACTION     share of records set aside as val-*.shard (default 0)\n"
@@ -41,7 +49,7 @@ static const cli_program PROG = {
 };
 
 enum { OPT_EOS = 0x2000, OPT_PAD, OPT_BEST_FIT, OPT_DEDUP, OPT_SHARD_TOKENS, OPT_VAL,
-       OPT_LEVEL };
+       OPT_LEVEL, OPT_FIM, OPT_FIM_SPM, OPT_FIM_IDS, OPT_FIM_CODE };
 
 static uint64_t parse_u64(const char *opt, const char *s, uint64_t min, uint64_t max)
 {
@@ -65,6 +73,10 @@ int main(int argc, char **argv)
         {"shard-tokens", required_argument, NULL, OPT_SHARD_TOKENS},
         {"val", required_argument, NULL, OPT_VAL},
         {"level", required_argument, NULL, OPT_LEVEL},
+        {"fim", required_argument, NULL, OPT_FIM},
+        {"fim-spm", required_argument, NULL, OPT_FIM_SPM},
+        {"fim-ids", required_argument, NULL, OPT_FIM_IDS},
+        {"fim-code-only", no_argument, NULL, OPT_FIM_CODE},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -72,7 +84,7 @@ int main(int argc, char **argv)
     pack_options_default(&po);
     cli_common common = {PROGRESS_AUTO, 0};
     const char *output = NULL;
-    int have_eos = 0, have_pad = 0;
+    int have_eos = 0, have_pad = 0, have_fim_ids = 0;
     dsv3_err e;
     int c;
     while ((c = getopt_long(argc, argv, "o:L:s:", longopts, NULL)) != -1) {
@@ -112,6 +124,29 @@ int main(int argc, char **argv)
         case OPT_LEVEL:
             po.level = (int)parse_u64("--level", optarg, 1, 22);
             break;
+        case OPT_FIM:
+            if (cli_parse_double("--fim", optarg, 0, 1, &po.fim_rate, &e))
+                cli_usage(&PROG, "%s", e.msg);
+            break;
+        case OPT_FIM_SPM:
+            if (cli_parse_double("--fim-spm", optarg, 0, 1, &po.fim_spm_rate, &e))
+                cli_usage(&PROG, "%s", e.msg);
+            break;
+        case OPT_FIM_IDS: {
+            char buf[96], *save = NULL, *tok;
+            int n = 0;
+            snprintf(buf, sizeof buf, "%s", optarg);
+            for (tok = strtok_r(buf, ",", &save); tok && n < 4; tok = strtok_r(NULL, ",", &save))
+                if (n++ < 3)
+                    po.fim_ids[n - 1] = (uint32_t)parse_u64("--fim-ids", tok, 0, UINT32_MAX);
+            if (n != 3)
+                cli_usage(&PROG, "--fim-ids: expected BEGIN,HOLE,END, got '%s'", optarg);
+            have_fim_ids = 1;
+            break;
+        }
+        case OPT_FIM_CODE:
+            po.fim_code_only = 1;
+            break;
         default:
             cli_usage(&PROG, "unexpected option");
         }
@@ -120,6 +155,10 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!have_eos)
         cli_usage(&PROG, "missing --eos-id N (the end-of-document token)");
+    if ((po.fim_rate > 0 || po.fim_spm_rate > 0) && !have_fim_ids)
+        cli_usage(&PROG, "--fim and --fim-spm need --fim-ids BEGIN,HOLE,END");
+    if (po.fim_rate + po.fim_spm_rate > 1)
+        cli_usage(&PROG, "--fim %g plus --fim-spm %g exceed 1", po.fim_rate, po.fim_spm_rate);
     if (!have_pad)
         po.pad_id = po.eos_id;
 
@@ -164,6 +203,9 @@ int main(int argc, char **argv)
         if (po.dedup)
             fprintf(stderr, "; dedup removed %" PRIu64 " documents (%" PRIu64 " tokens)",
                     k->dup_docs, k->dup_tokens);
+        if (po.fim_rate > 0 || po.fim_spm_rate > 0)
+            fprintf(stderr, "; FIM rearranged %" PRIu64 " (PSM) and %" PRIu64 " (SPM)",
+                    k->fim_psm, k->fim_spm);
         fprintf(stderr,
                 "\ndsv3-pack: %" PRIu64 " records of %u+1 tokens (%" PRIu64 " train in %" PRIu64
                 " shards, %" PRIu64 " val), %" PRIu64 " padding tokens (%.2f%%), %" PRIu64

@@ -120,6 +120,9 @@ struct pack {
     uint32_t vocab_size;
     uint64_t tokenizer_id;
     char **inputs;          /* names, for messages and the manifest */
+    uint64_t fim_rng;       /* FIM draws, one per kept document in input order */
+    uint32_t *fim_buf;
+    uint64_t fim_cap;
     /* packing, made by pack_write */
     uint64_t n_seq;
     piece *pieces;          /* best-fit: pieces of bin b are pieces[bin_first[b]..[b+1]) */
@@ -138,6 +141,8 @@ int pack_new(pack **pp, const pack_options *o, dsv3_err *e)
 {
     if (o->seq_len < 1 || o->seq_len > (1u << 28) - 1)
         return err_set(e, "sequence length %u out of range 1..%u", o->seq_len, (1u << 28) - 1);
+    if (!(o->fim_rate >= 0 && o->fim_spm_rate >= 0 && o->fim_rate + o->fim_spm_rate <= 1))
+        return err_set(e, "FIM rates %g + %g not within [0, 1]", o->fim_rate, o->fim_spm_rate);
     if (!(o->val_fraction >= 0 && o->val_fraction < 1))
         return err_set(e, "validation fraction %g not in [0, 1)", o->val_fraction);
     pack *p = calloc(1, sizeof *p);
@@ -152,6 +157,7 @@ int pack_new(pack **pp, const pack_options *o, dsv3_err *e)
         return err_set(e, "out of memory");
     }
     p->cap_docs = 63;
+    p->fim_rng = o->seed ^ 0x66696d66696dULL;   /* "fimfim": its own stream of the seed */
     p->doc_off[0] = 0;
     *pp = p;
     return 0;
@@ -169,6 +175,7 @@ void pack_free(pack *p)
     free(p->inputs);
     free(p->pieces);
     free(p->bin_first);
+    free(p->fim_buf);
     free(p);
 }
 
@@ -202,6 +209,64 @@ static int add_doc(pack *p, const uint32_t *t, uint64_t n)
     return 0;
 }
 
+void pack_fim(uint32_t *out, const uint32_t *t, uint64_t n, int spm, const uint32_t ids[3],
+              uint64_t *rng)
+{
+    uint64_t a = pack_rand_below(rng, n + 1), b = pack_rand_below(rng, n + 1);
+    if (a > b) {
+        uint64_t x = a;
+        a = b;
+        b = x;
+    }
+    uint64_t k = 0;
+    out[k++] = ids[0];
+    if (!spm) {
+        memcpy(out + k, t, a * sizeof *t), k += a;
+        out[k++] = ids[1];
+        memcpy(out + k, t + b, (n - b) * sizeof *t), k += n - b;
+        out[k++] = ids[2];
+    } else {
+        out[k++] = ids[1];
+        memcpy(out + k, t + b, (n - b) * sizeof *t), k += n - b;
+        out[k++] = ids[2];
+        memcpy(out + k, t, a * sizeof *t), k += a;
+    }
+    memcpy(out + k, t + a, (b - a) * sizeof *t);
+}
+
+/* Chooses FIM for one document (one draw whatever the outcome, so the choice of document i
+ * depends only on the seed and i) and returns the tokens to keep. */
+static const uint32_t *maybe_fim(pack *p, const uint32_t *t, uint64_t *n, uint32_t flags)
+{
+    const pack_options *o = &p->o;
+    if (o->fim_rate <= 0 && o->fim_spm_rate <= 0)
+        return t;
+    double u = (double)(pack_rand_below(&p->fim_rng, 1ull << 53)) / 9007199254740992.0;
+    if (o->fim_code_only && !(flags & SHARD_DOC_CODE))
+        return t;
+    int spm;
+    if (u < o->fim_rate)
+        spm = 0;
+    else if (u < o->fim_rate + o->fim_spm_rate)
+        spm = 1;
+    else
+        return t;
+    if (*n + 3 > p->fim_cap) {
+        uint32_t *q = realloc(p->fim_buf, (*n + 3) * sizeof *q);
+        if (!q)
+            return NULL;
+        p->fim_buf = q;
+        p->fim_cap = *n + 3;
+    }
+    pack_fim(p->fim_buf, t, *n, spm, o->fim_ids, &p->fim_rng);
+    *n += 3;
+    if (spm)
+        p->c.fim_spm++;
+    else
+        p->c.fim_psm++;
+    return p->fim_buf;
+}
+
 int pack_add_input(pack *p, const char *path, dsv3_err *e)
 {
     const char *name = strcmp(path, "-") == 0 ? "<stdin>" : path;
@@ -230,6 +295,11 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
         else if (p->vocab_size && p->o.pad_id >= p->vocab_size)
             rc = err_set(e, "%s: padding id %u is not below the vocabulary size %u", name,
                          p->o.pad_id, p->vocab_size);
+        for (int i = 0; rc == 0 && i < 3; i++)
+            if ((p->o.fim_rate > 0 || p->o.fim_spm_rate > 0) && p->vocab_size &&
+                p->o.fim_ids[i] >= p->vocab_size)
+                rc = err_set(e, "%s: FIM token %u is not in the vocabulary (size %u)", name,
+                             p->o.fim_ids[i], p->vocab_size);
     } else if (in->vocab_size != p->vocab_size || in->tokenizer_id != p->tokenizer_id) {
         rc = err_set(e, "%s: tokenizer %016" PRIx64 " with vocabulary %u differs from %s: "
                      "tokenizer %016" PRIx64 " with vocabulary %u", name, in->tokenizer_id,
@@ -258,7 +328,9 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
                 continue;
             }
         }
-        if (add_doc(p, rec.tokens, rec.n_tokens)) {
+        uint64_t n = rec.n_tokens;
+        const uint32_t *t = maybe_fim(p, rec.tokens, &n, rec.flags);
+        if (!t || add_doc(p, t, n)) {
             rc = err_set(e, "%s: out of memory after %" PRIu64 " tokens", name, p->n_tok);
             break;
         }
@@ -620,6 +692,13 @@ static json_t *manifest_new(const pack *p, const char *argv_line)
         (json_int_t)c->train_sequences, "val_sequences", (json_int_t)c->val_sequences,
         "pad_tokens", (json_int_t)c->pad_tokens, "split_documents", (json_int_t)c->split_docs,
         "dedup_table_bytes", (json_int_t)c->dedup_table_bytes);
+    json_object_set_new(counts, "fim_psm_documents", json_integer((json_int_t)c->fim_psm));
+    json_object_set_new(counts, "fim_spm_documents", json_integer((json_int_t)c->fim_spm));
+    json_object_set_new(options, "fim_rate", json_real(p->o.fim_rate));
+    json_object_set_new(options, "fim_spm_rate", json_real(p->o.fim_spm_rate));
+    json_object_set_new(options, "fim_ids", json_pack("[I,I,I]", (json_int_t)p->o.fim_ids[0],
+                        (json_int_t)p->o.fim_ids[1], (json_int_t)p->o.fim_ids[2]));
+    json_object_set_new(options, "fim_code_only", json_boolean(p->o.fim_code_only));
     return json_pack("{s:s, s:i, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:o, s:o, s:[], s:[]}",
                      "format", "dsv3-pack", "version", 1, "dsv3", cli_version(),
                      "tokenizer_id", hex64(hx, p->tokenizer_id), "vocab_size",

@@ -37,6 +37,10 @@ typedef struct pack_options {
     uint64_t shard_tokens;  /* tokens per output shard (rounded down to whole records, >= 1) */
     double val_fraction;    /* share of sequences set aside for validation */
     int level;              /* zstd level of the output */
+    double fim_rate;        /* share of documents rearranged prefix-suffix-middle */
+    double fim_spm_rate;    /* share rearranged suffix-prefix-middle (disjoint from the above) */
+    uint32_t fim_ids[3];    /* <fim_begin>, <fim_hole>, <fim_end> */
+    int fim_code_only;      /* FIM only documents flagged SHARD_DOC_CODE */
     progress *progress;     /* optional: reading progress, in tokens */
 } pack_options;
 
@@ -52,6 +56,7 @@ typedef struct pack_counts {
     uint64_t pad_tokens;                    /* padding written in all records */
     uint64_t split_docs;                    /* documents spread over more than one record */
     uint64_t dedup_table_bytes;             /* memory of the dedup table at its largest */
+    uint64_t fim_psm, fim_spm;              /* documents rearranged by FIM */
 } pack_counts;
 
 typedef struct pack pack;
@@ -65,6 +70,13 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e);
 int pack_write(pack *p, const char *outdir, const char *argv_line, dsv3_err *e);
 const pack_counts *pack_get_counts(const pack *p);
 void pack_free(pack *p);
+
+/* Fill-in-the-Middle at token boundaries: cuts t[0..n) at two uniform points into prefix,
+ * middle, suffix and writes n+3 tokens to out, PSM: BEGIN prefix HOLE suffix END middle;
+ * SPM (spm = 1): BEGIN HOLE suffix END prefix middle (Bavarian et al. 2022's SPM with
+ * DeepSeek's three tokens). */
+void pack_fim(uint32_t *out, const uint32_t *t, uint64_t n, int spm, const uint32_t ids[3],
+              uint64_t *rng);
 
 /* xxh3-64 (seed 0) of a whole file and its size, as the manifest records them. */
 int pack_file_hash(const char *path, uint64_t *hash, uint64_t *size, dsv3_err *e);

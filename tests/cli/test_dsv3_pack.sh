@@ -66,3 +66,14 @@ expect_err exists 1 "already exists" dsv3-pack -o "$T/p1" --eos-id 0 "$T/a.shard
 expect_err missing 1 "nope.shard: cannot open" dsv3-pack -o "$T/bad" --eos-id 0 "$T/nope.shard"
 check no_folder_at_all test ! -e "$T/bad"
 check no_temporary_folders sh -c "! ls -a '$T' | grep -q '\.tmp\.'"
+
+# Fill-in-the-Middle: ids required, must be in the vocabulary, counts in the manifest.
+expect_err fim_needs_ids 2 "need --fim-ids" dsv3-pack -o "$T/bad" --eos-id 0 --fim 0.1 "$T/a.shard"
+expect_err fim_bad_ids 2 "fim-ids" dsv3-pack -o "$T/bad" --eos-id 0 --fim 0.1 --fim-ids 1,2 "$T/a.shard"
+expect_err fim_rates 2 "exceed 1" dsv3-pack -o "$T/bad" --eos-id 0 --fim 0.6 --fim-spm 0.6 --fim-ids 1,2,3 "$T/a.shard"
+expect_err fim_not_in_vocab 1 "FIM token 1000 is not in the vocabulary" dsv3-pack -o "$T/bad" --eos-id 0 --fim 0.1 --fim-ids 997,998,1000 "$T/a.shard"
+check fim_no_folder test ! -e "$T/bad"
+expect fim 0 dsv3-pack -o "$T/fim" --eos-id 999 --fim 0.5 --fim-spm 0.2 --fim-ids 996,997,998 "$T/a.shard"
+check fim_counts grep -q '"fim_psm_documents": [1-9]' "$T/fim/manifest.json"
+expect fim_code_only 0 dsv3-pack -o "$T/fimc" --eos-id 999 --fim 0.5 --fim-code-only --fim-ids 996,997,998 "$T/a.shard"
+check fim_code_only_none grep -q '"fim_psm_documents": 0' "$T/fimc/manifest.json"

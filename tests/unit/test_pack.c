@@ -3,6 +3,7 @@
  * permutation, the same seed gives the same bytes, bad input leaves no folder, and the
  * loader resumes exactly and gives ranks disjoint records. */
 #include <dirent.h>
+#include <math.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -410,6 +411,83 @@ static void bad_input_leaves_no_folder(void)
     corpus_free(&c);
 }
 
+/* FIM output rearranged back gives the document; the share of documents chosen is within
+ * 5 standard deviations of the rate (a false alarm once in 3 million runs). */
+static void fim_rearranges_back_and_keeps_the_rate(void)
+{
+    const uint32_t ids[3] = {PAD + 1, PAD + 2, PAD + 3};   /* outside the documents' ids */
+    uint64_t rng = test_rand();
+    int ok = 1;
+    for (int it = 0; it < 2000; it++) {
+        uint64_t n = test_rand() % 50;
+        uint32_t t[64], out[64], back[64];
+        for (uint64_t i = 0; i < n; i++)
+            t[i] = (uint32_t)(test_rand() % PAD);
+        int spm = it & 1;
+        pack_fim(out, t, n, spm, ids, &rng);
+        uint64_t h = 0, en = 0;   /* positions of HOLE and END */
+        for (uint64_t i = 0; i < n + 3; i++) {
+            h = out[i] == ids[1] ? i : h;
+            en = out[i] == ids[2] ? i : en;
+        }
+        ok &= out[0] == ids[0] && h > 0 && en > h;
+        uint64_t k = 0;
+        if (!spm) {   /* BEGIN prefix HOLE suffix END middle -> prefix middle suffix */
+            memcpy(back, out + 1, (h - 1) * 4), k = h - 1;
+            memcpy(back + k, out + en + 1, (n + 2 - en) * 4), k += n + 2 - en;
+            memcpy(back + k, out + h + 1, (en - h - 1) * 4), k += en - h - 1;
+        } else {      /* BEGIN HOLE suffix END prefix middle -> prefix middle suffix */
+            ok &= h == 1;
+            memcpy(back, out + en + 1, (n + 2 - en) * 4), k = n + 2 - en;
+            memcpy(back + k, out + 2, (en - 2) * 4), k += en - 2;
+        }
+        ok &= k == n && memcmp(back, t, n * 4) == 0;
+    }
+    CHECK(ok);
+
+    /* The rate through pack itself: documents of one token each, counted from the manifest
+     * counts (PSM and SPM shares drawn together). */
+    corpus c;
+    uint64_t N = 20000;
+    c.n = N;
+    c.n_dups = 0;
+    c.doc = calloc(N, sizeof *c.doc);
+    c.len = calloc(N, sizeof *c.len);
+    for (uint64_t i = 0; i < N; i++) {
+        c.len[i] = 1 + test_rand() % 5;
+        c.doc[i] = malloc(8 * 4);
+        for (uint64_t k = 0; k < c.len[i]; k++)
+            c.doc[i][k] = (uint32_t)(test_rand() % PAD);
+    }
+    char in[512], out[512];
+    path(in, sizeof in, "fim.shard");
+    path(out, sizeof out, "fim");
+    REQUIRE(write_docs(in, &c, 0, N, VOCAB + 10, 1) == 0);
+    pack_options o;
+    pack_options_default(&o);
+    o.seq_len = 64;
+    o.eos_id = EOS;
+    o.fim_rate = 0.05 + (double)(test_rand() % 40) / 100;
+    o.fim_spm_rate = (double)(test_rand() % 40) / 100;
+    memcpy(o.fim_ids, ids, sizeof ids);
+    o.seed = test_rand();
+    const char *ins[1] = {in};
+    pack_counts k;
+    dsv3_err e;
+    REQUIRE(run_pack(&o, ins, 1, out, &k, &e) == 0);
+    double rates[2] = {o.fim_rate, o.fim_spm_rate};
+    uint64_t got[2] = {k.fim_psm, k.fim_spm};
+    for (int i = 0; i < 2; i++) {
+        double mean = rates[i] * (double)N, sd = sqrt((double)N * rates[i] * (1 - rates[i]));
+        CHECKF(fabs((double)got[i] - mean) <= 5 * sd + 1e-9, "%llu FIM documents, expected %.0f",
+               (unsigned long long)got[i], mean);
+    }
+    CHECK(k.tokens == k.input_tokens + k.docs + 3 * (k.fim_psm + k.fim_spm));
+    rm_dir(out);
+    unlink(in);
+    corpus_free(&c);
+}
+
 /* ---- loader ---- */
 
 static void make_folder(const char *out, uint32_t L, int best_fit, uint64_t seed)
@@ -611,6 +689,7 @@ int main(void)
     RUN(permutation_is_reproducible);
     RUN(same_seed_same_bytes);
     RUN(bad_input_leaves_no_folder);
+    RUN(fim_rearranges_back_and_keeps_the_rate);
     RUN(loader_resume_gives_the_same_batch);
     RUN(loader_ranks_are_disjoint_and_cover);
     RUN(loader_detects_damage);
