@@ -35,4 +35,11 @@ step "the same stream through a pipe, written and read without seeking"
 # shellcheck disable=SC2086
 "$BIN/dsv3-shard" make --bytes $files | "$BIN/dsv3-shard" verify -
 
+step "pack: exact dedup, best-fit records of 256+1 tokens, 10% validation"
+# The newline byte stands in for EOS until the demo encodes with dsv3-tok.
+rm -rf "$OUT/packed"
+"$BIN/dsv3-pack" --eos-id 10 -L 256 --best-fit --dedup --val 0.1 --seed 1 -o "$OUT/packed" \
+    "$OUT/docs.shard" "$OUT/docs.shard"
+"$BIN/dsv3-shard" verify "$OUT"/packed/*.shard
+
 printf '\ndemo done: outputs in %s\n' "$OUT"
