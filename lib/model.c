@@ -885,3 +885,37 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
     free(buf);
     return 0;
 }
+
+/* ---- load balancing ---- */
+
+int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *counts)
+{
+    const dsv3_config *c = &m->cfg;
+    if (l < 0 || l >= c->num_hidden_layers || !config_layer_is_moe(c, l) || !a->have_routing)
+        return -1;
+    memset(counts, 0, (size_t)c->n_routed_experts * sizeof *counts);
+    for (int64_t s = 0; s < (int64_t)a->N * c->num_experts_per_tok; s++)
+        counts[a->l[l].idx[s]]++;
+    return 0;
+}
+
+void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
+{
+    const dsv3_config *c = &m->cfg;
+    int E = c->n_routed_experts;
+    int64_t *load = malloc((size_t)(E > 0 ? E : 1) * sizeof *load);
+    if (!load)
+        return;
+    /* mean load = N*K/E; compare load_i * E with N*K to stay in integers. */
+    int64_t total = (int64_t)a->N * c->num_experts_per_tok;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (model_expert_load(m, a, l, load))
+            continue;
+        float *b = m->w.layers[l].router_bias;
+        for (int i = 0; i < E; i++) {
+            int64_t d = total - load[i] * E;
+            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
+        }
+    }
+    free(load);
+}

@@ -12,8 +12,8 @@
  * cross-entropy. Every step calls the reference ops of lib/ops.h, which GPU kernels are
  * tested against.
  *
- * Not here yet: the MTP modules' forward (their weights are laid out and loaded when the
- * checkpoint has them), the sequence-wise balance loss, threads. */
+ * Not here yet: the MTP modules (their tensors in a checkpoint are skipped on load), the
+ * sequence-wise balance loss, threads. */
 #ifndef DSV3_MODEL_H
 #define DSV3_MODEL_H
 
@@ -105,5 +105,14 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
 /* Adds d(loss)/d(params) of the last forward (which needs targets) into m->grads. */
 int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                    dsv3_err *e);
+
+/* Per-expert load of MoE layer l in the last forward: counts[E] = tokens routed to each.
+ * Returns -1 for a dense layer. */
+int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *counts);
+
+/* Auxiliary-loss-free balancing (V3 report, section 2.1.2): after a step, every MoE layer's
+ * correction bias moves by gamma against its load, b_i += gamma * sign(mean load - load_i).
+ * Uses the routing of the last forward. */
+void model_balance_update(dsv3_model *m, const model_acts *a, float gamma);
 
 #endif

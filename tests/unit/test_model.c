@@ -305,6 +305,45 @@ static void test_bf16_roundtrip(void)
     CHECK(st_f16_to_f32(0x0001) == 0x1p-24f);
 }
 
+/* The bias rule: overloaded experts' biases go down by gamma, underloaded ones up, and a
+ * bias raised enough pulls tokens to its expert. */
+static void test_balance_update(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.2);
+    int B = 2, T = 8, N = B * T, L = c.num_hidden_layers - 1, E = c.n_routed_experts;
+    int32_t ids[16];
+    for (int n = 0; n < N; n++)
+        ids[n] = (int32_t)(test_rand() % c.vocab_size);
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a && model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+    int64_t load[64], total = 0;
+    REQUIRE(model_expert_load(&m, a, L, load) == 0);
+    CHECK(model_expert_load(&m, a, 0, load + 32) == -1);  /* layer 0 is dense */
+    for (int i = 0; i < E; i++)
+        total += load[i];
+    CHECK(total == (int64_t)N * c.num_experts_per_tok);
+    float before[64];
+    memcpy(before, m.w.layers[L].router_bias, sizeof(float) * E);
+    model_balance_update(&m, a, 0.001f);
+    for (int i = 0; i < E; i++) {
+        float d = m.w.layers[L].router_bias[i] - before[i];
+        int64_t diff = total - load[i] * E;
+        CHECK(diff > 0 ? d > 0 : diff < 0 ? d < 0 : d == 0);
+    }
+    /* A large bias on one expert wins it every token: selection uses the bias. */
+    m.w.layers[L].router_bias[E - 1] = 10;
+    REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+    REQUIRE(model_expert_load(&m, a, L, load) == 0);
+    CHECK(load[E - 1] == N);
+    model_acts_free(a);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -313,6 +352,7 @@ int main(void)
     RUN(test_gradient_finite_differences);
     RUN(test_counts_match_layout);
     RUN(test_save_load_roundtrip);
+    RUN(test_balance_update);
     RUN(test_bad_checkpoints);
     RUN(test_safetensors_damage);
     RUN(test_bf16_roundtrip);
