@@ -1,0 +1,921 @@
+#include "model.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ops.h"
+#include "safetensors.h"
+
+/* ---- parameter layout ---- */
+
+/* One walk over the parameters in checkpoint order. With record set it appends to m->t;
+ * with base set it points the fields of v into base. Both walks see the same offsets. */
+typedef struct walk {
+    dsv3_model *m;
+    float *base;
+    int record;
+    size_t off;
+    int failed;
+} walk;
+
+static float *add(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, int trainable)
+{
+    int64_t numel = ndim == 1 ? d0 : d0 * d1;
+    float *p = w->base ? w->base + w->off : NULL;
+    if (w->record) {
+        dsv3_model *m = w->m;
+        if (!(m->n_t & (m->n_t - 1))) {  /* grow at powers of two */
+            model_tensor *t = realloc(m->t, (size_t)(m->n_t ? 2 * m->n_t : 1) * sizeof *t);
+            if (!t) {
+                w->failed = 1;
+                return p;
+            }
+            m->t = t;
+        }
+        model_tensor *t = &m->t[m->n_t++];
+        memset(t, 0, sizeof *t);
+        snprintf(t->name, sizeof t->name, "%s", name);
+        t->ndim = ndim;
+        t->shape[0] = d0;
+        t->shape[1] = ndim == 2 ? d1 : 0;
+        t->off = w->off;
+        t->numel = numel;
+        t->trainable = trainable;
+    }
+    w->off += (size_t)numel;
+    return p;
+}
+
+static int layout(walk *w, model_weights *v)
+{
+    const dsv3_config *c = &w->m->cfg;
+    int64_t H = c->hidden_size, V = c->vocab_size, nh = c->num_attention_heads;
+    int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
+    int64_t E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    char n[96];
+    if (v) {
+        memset(v, 0, sizeof *v);
+        v->layers = calloc((size_t)c->num_hidden_layers, sizeof *v->layers);
+        if (!v->layers)
+            return -1;
+    }
+#define ADD(field, nd, a, b, tr, ...)                                                      \
+    do {                                                                                   \
+        snprintf(n, sizeof n, __VA_ARGS__);                                                \
+        float *p_ = add(w, n, nd, a, b, tr);                                               \
+        if (v)                                                                             \
+            field = p_;                                                                    \
+    } while (0)
+    model_layer dummy;
+    ADD(v->embed, 2, V, H, 1, "model.embed_tokens.weight");
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        model_layer *L = v ? &v->layers[l] : &dummy;
+        const char *p = "model.layers";
+        ADD(L->input_layernorm, 1, H, 0, 1, "%s.%d.input_layernorm.weight", p, l);
+        if (c->q_lora_rank) {
+            ADD(L->q_a_proj, 2, c->q_lora_rank, H, 1, "%s.%d.self_attn.q_a_proj.weight", p, l);
+            ADD(L->q_a_layernorm, 1, c->q_lora_rank, 0, 1,
+                "%s.%d.self_attn.q_a_layernorm.weight", p, l);
+            ADD(L->q_b_proj, 2, nh * qk, c->q_lora_rank, 1, "%s.%d.self_attn.q_b_proj.weight", p,
+                l);
+        } else {
+            ADD(L->q_proj, 2, nh * qk, H, 1, "%s.%d.self_attn.q_proj.weight", p, l);
+        }
+        ADD(L->kv_a_proj, 2, kv + rope, H, 1, "%s.%d.self_attn.kv_a_proj_with_mqa.weight", p, l);
+        ADD(L->kv_a_layernorm, 1, kv, 0, 1, "%s.%d.self_attn.kv_a_layernorm.weight", p, l);
+        ADD(L->kv_b_proj, 2, nh * (c->qk_nope_head_dim + c->v_head_dim), kv, 1,
+            "%s.%d.self_attn.kv_b_proj.weight", p, l);
+        ADD(L->o_proj, 2, H, nh * c->v_head_dim, 1, "%s.%d.self_attn.o_proj.weight", p, l);
+        ADD(L->post_attention_layernorm, 1, H, 0, 1, "%s.%d.post_attention_layernorm.weight", p,
+            l);
+        if (!config_layer_is_moe(c, l)) {
+            int64_t I = c->intermediate_size;
+            ADD(L->gate_proj, 2, I, H, 1, "%s.%d.mlp.gate_proj.weight", p, l);
+            ADD(L->up_proj, 2, I, H, 1, "%s.%d.mlp.up_proj.weight", p, l);
+            ADD(L->down_proj, 2, H, I, 1, "%s.%d.mlp.down_proj.weight", p, l);
+            continue;
+        }
+        ADD(L->router, 2, E, H, 1, "%s.%d.mlp.gate.weight", p, l);
+        ADD(L->router_bias, 1, E, 0, 0, "%s.%d.mlp.gate.e_score_correction_bias", p, l);
+        if (v) {
+            L->e_gate = calloc((size_t)E, sizeof(float *));
+            L->e_up = calloc((size_t)E, sizeof(float *));
+            L->e_down = calloc((size_t)E, sizeof(float *));
+            if (!L->e_gate || !L->e_up || !L->e_down)
+                return -1;
+        }
+        for (int x = 0; x < E; x++) {
+            ADD(L->e_gate[x], 2, mi, H, 1, "%s.%d.mlp.experts.%d.gate_proj.weight", p, l, x);
+            ADD(L->e_up[x], 2, mi, H, 1, "%s.%d.mlp.experts.%d.up_proj.weight", p, l, x);
+            ADD(L->e_down[x], 2, H, mi, 1, "%s.%d.mlp.experts.%d.down_proj.weight", p, l, x);
+        }
+        if (c->n_shared_experts) {
+            int64_t si = mi * c->n_shared_experts;
+            ADD(L->s_gate, 2, si, H, 1, "%s.%d.mlp.shared_experts.gate_proj.weight", p, l);
+            ADD(L->s_up, 2, si, H, 1, "%s.%d.mlp.shared_experts.up_proj.weight", p, l);
+            ADD(L->s_down, 2, H, si, 1, "%s.%d.mlp.shared_experts.down_proj.weight", p, l);
+        }
+    }
+    ADD(v->final_norm, 1, H, 0, 1, "model.norm.weight");
+    if (!c->tie_word_embeddings)
+        ADD(v->lm_head, 2, V, H, 1, "lm_head.weight");
+    else if (v)
+        v->lm_head = v->embed;
+#undef ADD
+    return 0;
+}
+
+static void free_view(const dsv3_config *c, model_weights *v)
+{
+    if (v->layers)
+        for (int l = 0; l < c->num_hidden_layers; l++) {
+            free(v->layers[l].e_gate);
+            free(v->layers[l].e_up);
+            free(v->layers[l].e_down);
+        }
+    free(v->layers);
+    memset(v, 0, sizeof *v);
+}
+
+void model_free(dsv3_model *m)
+{
+    free_view(&m->cfg, &m->w);
+    free_view(&m->cfg, &m->g);
+    free(m->t);
+    free(m->params);
+    free(m->grads);
+    if (m->cfg.json)
+        json_decref(m->cfg.json);
+    memset(m, 0, sizeof *m);
+}
+
+static int is_norm(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 11 && (!strcmp(name + n - 11, "norm.weight"));
+}
+
+int model_init(dsv3_model *m, const dsv3_config *c, dsv3_err *e)
+{
+    memset(m, 0, sizeof *m);
+    if (config_check(c, "config", e))
+        return -1;
+    m->cfg = *c;
+    if (c->json)
+        json_incref(c->json);
+    walk w = {.m = m, .record = 1};
+    if (layout(&w, NULL) || w.failed) {
+        model_free(m);
+        return err_set(e, "model: out of memory for the parameter table");
+    }
+    m->n_params = w.off;
+    m->params = malloc(m->n_params * sizeof(float));
+    m->grads = calloc(m->n_params, sizeof(float));
+    if (!m->params || !m->grads) {
+        size_t gib = m->n_params * 8 >> 30;
+        model_free(m);
+        return err_set(e, "model: cannot allocate %zu GiB for parameters and gradients", gib);
+    }
+    walk wp = {.m = m, .base = m->params}, wg = {.m = m, .base = m->grads};
+    if (layout(&wp, &m->w) || layout(&wg, &m->g)) {
+        model_free(m);
+        return err_set(e, "model: out of memory");
+    }
+    for (int i = 0; i < m->n_t; i++) {
+        float *p = m->params + m->t[i].off;
+        float val = is_norm(m->t[i].name) ? 1.0f : 0.0f;
+        for (int64_t j = 0; j < m->t[i].numel; j++)
+            p[j] = val;
+    }
+    return 0;
+}
+
+const model_tensor *model_find(const dsv3_model *m, const char *name)
+{
+    for (int i = 0; i < m->n_t; i++)
+        if (!strcmp(m->t[i].name, name))
+            return &m->t[i];
+    return NULL;
+}
+
+void model_zero_grad(dsv3_model *m)
+{
+    memset(m->grads, 0, m->n_params * sizeof(float));
+}
+
+/* splitmix64 and Box-Muller: a normal stream that is the same on every machine. */
+static uint64_t mix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static double normal(uint64_t *s)
+{
+    double u1 = ((mix(s) >> 11) + 1.0) * 0x1p-53, u2 = (mix(s) >> 11) * 0x1p-53;
+    return sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
+}
+
+void model_init_random(dsv3_model *m, uint64_t seed, double std)
+{
+    if (std <= 0)
+        std = m->cfg.initializer_range;
+    uint64_t s = seed;
+    for (int i = 0; i < m->n_t; i++) {
+        float *p = m->params + m->t[i].off;
+        int norm = is_norm(m->t[i].name), bias = !m->t[i].trainable;
+        for (int64_t j = 0; j < m->t[i].numel; j++)
+            p[j] = norm ? 1.0f : bias ? 0.0f : (float)(std * normal(&s));
+    }
+}
+
+/* ---- checkpoints ---- */
+
+/* Tensors of the MTP modules live at layer indices >= num_hidden_layers. */
+static int is_mtp_name(const dsv3_config *c, const char *name)
+{
+    int l;
+    if (sscanf(name, "model.layers.%d.", &l) == 1)
+        return l >= c->num_hidden_layers;
+    return 0;
+}
+
+static int load_file(dsv3_model *m, const char *path, unsigned char *seen, dsv3_err *e)
+{
+    st_file f;
+    if (st_open(&f, path, e))
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < f.n && !rc; i++) {
+        const st_tensor *s = &f.t[i];
+        const model_tensor *t = model_find(m, s->name);
+        if (!t) {
+            if (is_mtp_name(&m->cfg, s->name))
+                continue;
+            rc = err_set(e, "%s: tensor \"%s\" is not part of this model's config", path,
+                         s->name);
+            break;
+        }
+        int ok = s->ndim == t->ndim && s->shape[0] == t->shape[0] &&
+                 (t->ndim == 1 || s->shape[1] == t->shape[1]);
+        if (!ok) {
+            char got[64] = "";
+            for (int d = 0; d < s->ndim && d < 4; d++)
+                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
+                         (long long)s->shape[d]);
+            rc = err_set(e, "%s: tensor \"%s\" has shape [%s], the config needs [%lld%s%.0lld]",
+                         path, s->name, got, (long long)t->shape[0], t->ndim == 2 ? "," : "",
+                         (long long)t->shape[1]);
+            break;
+        }
+        if (st_to_f32(s, m->params + t->off, t->numel, e)) {
+            rc = err_prefix(e, "%s", path);
+            break;
+        }
+        seen[t - m->t] = 1;
+    }
+    st_close(&f);
+    return rc;
+}
+
+int model_load(dsv3_model *m, const char *dir, dsv3_err *e)
+{
+    char path[4096];
+    dsv3_config c;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (config_load(&c, path, e))
+        return -1;
+    int rc = model_init(m, &c, e);
+    config_free(&c);
+    if (rc)
+        return -1;
+    unsigned char *seen = calloc((size_t)m->n_t, 1);
+    if (!seen) {
+        model_free(m);
+        return err_set(e, "%s: out of memory", dir);
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    struct stat sb;
+    if (stat(path, &sb) == 0) {
+        json_error_t je;
+        json_t *idx = json_load_file(path, 0, &je);
+        json_t *wm = idx ? json_object_get(idx, "weight_map") : NULL;
+        if (!json_is_object(wm)) {
+            rc = err_set(e, "%s: no \"weight_map\" object", path);
+        } else {
+            /* Each shard once, in the order of first mention. */
+            json_t *done = json_object();
+            const char *key;
+            json_t *val;
+            json_object_foreach(wm, key, val) {
+                if (!json_is_string(val) || strchr(json_string_value(val), '/')) {
+                    rc = err_set(e, "%s: weight_map[\"%s\"] is not a file name", path, key);
+                    break;
+                }
+                const char *fn = json_string_value(val);
+                if (json_object_get(done, fn))
+                    continue;
+                json_object_set_new(done, fn, json_true());
+                char sp[4096];
+                snprintf(sp, sizeof sp, "%s/%s", dir, fn);
+                if ((rc = load_file(m, sp, seen, e)))
+                    break;
+            }
+            json_decref(done);
+        }
+        json_decref(idx);
+    } else {
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        rc = load_file(m, path, seen, e);
+    }
+    for (int i = 0; i < m->n_t && !rc; i++)
+        if (!seen[i])
+            rc = err_set(e, "%s: tensor \"%s\" is missing", dir, m->t[i].name);
+    free(seen);
+    if (rc)
+        model_free(m);
+    return rc;
+}
+
+int model_save(const dsv3_model *m, const char *dir, dsv3_err *e)
+{
+    if (mkdir(dir, 0777) && errno != EEXIST)
+        return err_errno(e, "%s", dir);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (config_save(&m->cfg, path, e))
+        return -1;
+    st_writer w = {0};
+    for (int i = 0; i < m->n_t; i++)
+        st_add(&w, m->t[i].name, ST_F32, m->t[i].ndim, m->t[i].shape, m->params + m->t[i].off);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    int rc = st_write(&w, path, e);
+    st_writer_free(&w);
+    return rc;
+}
+
+/* ---- activations ---- */
+
+typedef struct layer_acts {
+    float *x;                  /* [N,H] input of the layer (residual stream) */
+    float *xn, *rstd1;         /* input_layernorm */
+    float *qa, *qan, *rstdq;   /* q compression */
+    float *q;                  /* [N, nh*qk], rope applied */
+    float *kva;                /* [N, kv+rope] raw */
+    float *ckv, *ckvn, *rstdkv;/* [N,kv] */
+    float *kvb;                /* [N, nh*(nope+v)] */
+    float *k, *v;              /* [N, nh*qk], [N, nh*v] assembled per head */
+    float *att;                /* [B,nh,T,T] */
+    float *ao;                 /* [N, nh*v] */
+    float *x2, *x2n, *rstd2;   /* after attention residual; post_attention_layernorm */
+    float *g, *u, *h;          /* dense [N,I] or shared experts [N, n_shared*mi] */
+    float *logits, *s, *w;     /* router: [N,E], [N,E], [N,K] */
+    int *idx;                  /* [N,K] */
+    float *eg, *eu, *eh, *ey;  /* per routed slot (token, k): [N*K, mi] x3, [N*K, H] */
+} layer_acts;
+
+struct model_acts {
+    int B, T, N, n_layers;
+    int freeze;
+    int have_routing;
+    int *pos;
+    float *cos_t, *sin_t;
+    layer_acts *l;
+    float *hfinal, *xf, *rstdf, *logits;
+    float **all;   /* every allocation, for freeing */
+    int n_all, cap_all;
+    int failed;
+};
+
+static void *acts_alloc(model_acts *a, size_t n, size_t size)
+{
+    if (a->failed)
+        return NULL;
+    if (a->n_all == a->cap_all) {
+        int cap = a->cap_all ? 2 * a->cap_all : 64;
+        float **p = realloc(a->all, (size_t)cap * sizeof *p);
+        if (!p) {
+            a->failed = 1;
+            return NULL;
+        }
+        a->all = p;
+        a->cap_all = cap;
+    }
+    void *p = calloc(n ? n : 1, size);
+    if (!p) {
+        a->failed = 1;
+        return NULL;
+    }
+    a->all[a->n_all++] = p;
+    return p;
+}
+
+#define FL(n) acts_alloc(a, (size_t)(n), sizeof(float))
+
+model_acts *model_acts_new(const dsv3_model *m, int B, int T, dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    model_acts *a = calloc(1, sizeof *a);
+    if (!a) {
+        err_set(e, "model: out of memory");
+        return NULL;
+    }
+    a->B = B;
+    a->T = T;
+    int64_t N = (int64_t)B * T;
+    a->N = (int)N;
+    a->n_layers = c->num_hidden_layers;
+    int64_t H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int64_t kv = c->kv_lora_rank, rope = c->qk_rope_head_dim, dv = c->v_head_dim;
+    int64_t K = c->num_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    a->pos = acts_alloc(a, (size_t)N, sizeof(int));
+    a->cos_t = FL(T * rope / 2);
+    a->sin_t = FL(T * rope / 2);
+    a->l = acts_alloc(a, (size_t)c->num_hidden_layers, sizeof(layer_acts));
+    for (int l = 0; l < c->num_hidden_layers && !a->failed; l++) {
+        layer_acts *L = &a->l[l];
+        L->x = FL(N * H);
+        L->xn = FL(N * H);
+        L->rstd1 = FL(N);
+        if (c->q_lora_rank) {
+            L->qa = FL(N * c->q_lora_rank);
+            L->qan = FL(N * c->q_lora_rank);
+            L->rstdq = FL(N);
+        }
+        L->q = FL(N * nh * qk);
+        L->kva = FL(N * (kv + rope));
+        L->ckv = FL(N * kv);
+        L->ckvn = FL(N * kv);
+        L->rstdkv = FL(N);
+        L->kvb = FL(N * nh * (c->qk_nope_head_dim + dv));
+        L->k = FL(N * nh * qk);
+        L->v = FL(N * nh * dv);
+        L->att = FL((int64_t)B * nh * T * T);
+        L->ao = FL(N * nh * dv);
+        L->x2 = FL(N * H);
+        L->x2n = FL(N * H);
+        L->rstd2 = FL(N);
+        int64_t inter = config_layer_is_moe(c, l) ? mi * c->n_shared_experts
+                                                  : c->intermediate_size;
+        L->g = FL(N * inter);
+        L->u = FL(N * inter);
+        L->h = FL(N * inter);
+        if (config_layer_is_moe(c, l)) {
+            L->logits = FL(N * E);
+            L->s = FL(N * E);
+            L->w = FL(N * K);
+            L->idx = acts_alloc(a, (size_t)(N * K), sizeof(int));
+            L->eg = FL(N * K * mi);
+            L->eu = FL(N * K * mi);
+            L->eh = FL(N * K * mi);
+            L->ey = FL(N * K * H);
+        }
+    }
+    a->hfinal = FL(N * H);
+    a->xf = FL(N * H);
+    a->rstdf = FL(N);
+    a->logits = FL(N * c->vocab_size);
+    if (a->failed) {
+        model_acts_free(a);
+        err_set(e, "model: out of memory for activations of %d x %d tokens", B, T);
+        return NULL;
+    }
+    for (int64_t i = 0; i < N; i++)
+        a->pos[i] = (int)(i % T);
+    double inv_freq[rope / 2 > 0 ? rope / 2 : 1];
+    config_rope_inv_freq(c, inv_freq);
+    rope_tables(a->cos_t, a->sin_t, inv_freq, T, (int)(rope / 2),
+                config_rope_attention_factor(c));
+    return a;
+}
+
+void model_acts_free(model_acts *a)
+{
+    if (!a)
+        return;
+    for (int i = 0; i < a->n_all; i++)
+        free(a->all[i]);
+    free(a->all);
+    free(a);
+}
+
+const float *model_acts_logits(const model_acts *a)
+{
+    return a->logits;
+}
+
+const float *model_acts_hidden(const model_acts *a, int l)
+{
+    if (l < 0 || l > a->n_layers)
+        return NULL;
+    return l < a->n_layers ? a->l[l].x : a->hfinal;
+}
+
+void model_acts_freeze_routing(model_acts *a, int on)
+{
+    a->freeze = on;
+}
+
+/* ---- forward ---- */
+
+/* SwiGLU MLP on rows: y = W_down (silu(W_gate x) * W_up x). */
+static void mlp_forward(float *y, float *g, float *u, float *h, const float *x, const float *wg,
+                        const float *wu, const float *wd, int N, int H, int I)
+{
+    matmul_forward(g, x, wg, N, H, I);
+    matmul_forward(u, x, wu, N, H, I);
+    swiglu_forward(h, g, u, (int64_t)N * I);
+    matmul_forward(y, h, wd, N, I, H);
+}
+
+/* Multi-head latent attention of one layer: L->xn in, out [N,H] (o_proj applied). */
+static void mla_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
+                        float *out, float *scratch)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2;
+    float eps = (float)c->rms_norm_eps;
+    /* q = W_qb RMSNorm(W_qa x), or W_q x without compression. The q_a_layernorm uses
+     * transformers' default eps of 1e-6 (it is built without the config's), as does
+     * kv_a_layernorm. */
+    if (c->q_lora_rank) {
+        matmul_forward(L->qa, L->xn, W->q_a_proj, N, H, c->q_lora_rank);
+        rmsnorm_forward(L->qan, L->rstdq, L->qa, W->q_a_layernorm, N, c->q_lora_rank, 1e-6f);
+        matmul_forward(L->q, L->qan, W->q_b_proj, N, c->q_lora_rank, nh * qk);
+    } else {
+        matmul_forward(L->q, L->xn, W->q_proj, N, H, nh * qk);
+    }
+    (void)eps;
+    rope_forward(L->q + nope, N * nh, qk, nh, a->pos, a->cos_t, a->sin_t, half,
+                 c->rope_interleave);
+    /* [c_kv, k_pe] = W_kva x; k_nope and v come out of W_kvb RMSNorm(c_kv) per head, k_pe is
+     * one rotated vector shared by all heads. */
+    matmul_forward(L->kva, L->xn, W->kv_a_proj, N, H, kv + rope);
+    float *kpe = scratch;  /* [N, rope] */
+    for (int n = 0; n < N; n++) {
+        memcpy(L->ckv + (int64_t)n * kv, L->kva + (int64_t)n * (kv + rope), (size_t)kv * 4);
+        memcpy(kpe + (int64_t)n * rope, L->kva + (int64_t)n * (kv + rope) + kv,
+               (size_t)rope * 4);
+    }
+    rmsnorm_forward(L->ckvn, L->rstdkv, L->ckv, W->kv_a_layernorm, N, kv, 1e-6f);
+    matmul_forward(L->kvb, L->ckvn, W->kv_b_proj, N, kv, nh * (nope + dv));
+    rope_forward(kpe, N, rope, 1, a->pos, a->cos_t, a->sin_t, half, c->rope_interleave);
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < nh; h++) {
+            const float *src = L->kvb + ((int64_t)n * nh + h) * (nope + dv);
+            float *kd = L->k + ((int64_t)n * nh + h) * qk;
+            memcpy(kd, src, (size_t)nope * 4);
+            memcpy(kd + nope, kpe + (int64_t)n * rope, (size_t)rope * 4);
+            memcpy(L->v + ((int64_t)n * nh + h) * dv, src + nope, (size_t)dv * 4);
+        }
+    attention_forward(L->ao, L->att, L->q, L->k, L->v, a->B, a->T, nh, qk, dv,
+                      (float)config_softmax_scale(c));
+    matmul_forward(out, L->ao, W->o_proj, N, nh * dv, H);
+}
+
+/* DeepSeekMoE: routed experts weighted by the router plus the shared experts. */
+static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
+                        float *out, float *xs, float *ys)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int mi = c->moe_intermediate_size;
+    matmul_forward(L->logits, L->x2n, W->router, N, H, E);
+    for (int n = 0; n < N; n++) {
+        int *idx = L->idx + (int64_t)n * K;
+        int frozen[K];
+        if (a->freeze && a->have_routing)
+            memcpy(frozen, idx, sizeof frozen);
+        router_forward(idx, L->w + (int64_t)n * K, L->s + (int64_t)n * E,
+                       L->logits + (int64_t)n * E, W->router_bias, E, c->n_group,
+                       c->topk_group, K, c->norm_topk_prob, (float)c->routed_scaling_factor);
+        if (a->freeze && a->have_routing) {
+            /* Same experts as before, weights from this forward's affinities. */
+            const float *s = L->s + (int64_t)n * E;
+            double sum = 0;
+            for (int k = 0; k < K; k++) {
+                idx[k] = frozen[k];
+                sum += s[idx[k]];
+            }
+            for (int k = 0; k < K; k++)
+                L->w[(int64_t)n * K + k] =
+                    (float)(c->norm_topk_prob ? s[idx[k]] / (sum + 1e-20) : s[idx[k]]) *
+                    (float)c->routed_scaling_factor;
+        }
+    }
+    /* Expert by expert over the (token, k) slots routed to it. */
+    int *slots = malloc((size_t)N * K * sizeof *slots);
+    for (int x = 0; x < E; x++) {
+        int cnt = 0;
+        for (int s = 0; s < N * K; s++)
+            if (L->idx[s] == x)
+                slots[cnt++] = s;
+        if (!cnt)
+            continue;
+        for (int i = 0; i < cnt; i++)
+            memcpy(xs + (int64_t)i * H, L->x2n + (int64_t)(slots[i] / K) * H, (size_t)H * 4);
+        float *g = ys, *u = ys + (int64_t)cnt * mi, *h = ys + 2 * (int64_t)cnt * mi;
+        float *y = ys + 3 * (int64_t)cnt * mi;
+        mlp_forward(y, g, u, h, xs, W->e_gate[x], W->e_up[x], W->e_down[x], cnt, H, mi);
+        for (int i = 0; i < cnt; i++) {
+            int64_t s = slots[i];
+            memcpy(L->eg + s * mi, g + (int64_t)i * mi, (size_t)mi * 4);
+            memcpy(L->eu + s * mi, u + (int64_t)i * mi, (size_t)mi * 4);
+            memcpy(L->eh + s * mi, h + (int64_t)i * mi, (size_t)mi * 4);
+            memcpy(L->ey + s * H, y + (int64_t)i * H, (size_t)H * 4);
+        }
+    }
+    free(slots);
+    memset(out, 0, (size_t)N * H * 4);
+    for (int64_t s = 0; s < (int64_t)N * K; s++) {
+        float wt = L->w[s];
+        float *o = out + (s / K) * H;
+        const float *y = L->ey + s * H;
+        for (int i = 0; i < H; i++)
+            o[i] += wt * y[i];
+    }
+    if (c->n_shared_experts) {
+        int si = mi * c->n_shared_experts;
+        mlp_forward(ys, L->g, L->u, L->h, L->x2n, W->s_gate, W->s_up, W->s_down, N, H, si);
+        for (int64_t i = 0; i < (int64_t)N * H; i++)
+            out[i] += ys[i];
+    }
+}
+
+/* Scratch big enough for any temporary of forward or backward. */
+static size_t scratch_floats(const dsv3_config *c, int N)
+{
+    size_t H = (size_t)c->hidden_size, nh = (size_t)c->num_attention_heads;
+    size_t K = (size_t)(c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1);
+    size_t mi = (size_t)c->moe_intermediate_size, I = (size_t)c->intermediate_size;
+    size_t qk = (size_t)config_qk_head_dim(c), kv = (size_t)c->kv_lora_rank;
+    size_t wide = nh * (qk + c->v_head_dim + c->qk_nope_head_dim) + kv + 2 * qk + H + I + 4 * mi +
+                  (size_t)c->n_shared_experts * mi;
+    size_t per = 4 * H + wide + K * (H + 4 * mi) + (size_t)c->n_routed_experts + (size_t)c->q_lora_rank;
+    if (per < (size_t)c->vocab_size)
+        per = (size_t)c->vocab_size;
+    return (size_t)N * per * 3 + 64;
+}
+
+int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
+                  float *loss, dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, V = c->vocab_size;
+    for (int n = 0; n < N; n++)
+        if (ids[n] < 0 || ids[n] >= V)
+            return err_set(e, "model: token id %d at position %d outside the vocabulary "
+                           "(vocab_size %d)", ids[n], n, V);
+    float *scratch = malloc(scratch_floats(c, N) * sizeof(float));
+    if (!scratch)
+        return err_set(e, "model: out of memory for scratch");
+    float *out = scratch, *tmp = scratch + (int64_t)N * H;
+    embedding_forward(a->l[0].x, m->w.embed, ids, N, H);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const model_layer *W = &m->w.layers[l];
+        layer_acts *L = &a->l[l];
+        float eps = (float)c->rms_norm_eps;
+        rmsnorm_forward(L->xn, L->rstd1, L->x, W->input_layernorm, N, H, eps);
+        mla_forward(m, a, W, L, out, tmp);
+        for (int64_t i = 0; i < (int64_t)N * H; i++)
+            L->x2[i] = L->x[i] + out[i];
+        rmsnorm_forward(L->x2n, L->rstd2, L->x2, W->post_attention_layernorm, N, H, eps);
+        if (config_layer_is_moe(c, l))
+            moe_forward(m, a, W, L, out, tmp, tmp + (int64_t)N * c->num_experts_per_tok * H);
+        else
+            mlp_forward(out, L->g, L->u, L->h, L->x2n, W->gate_proj, W->up_proj, W->down_proj,
+                        N, H, c->intermediate_size);
+        float *next = l + 1 < c->num_hidden_layers ? a->l[l + 1].x : a->hfinal;
+        for (int64_t i = 0; i < (int64_t)N * H; i++)
+            next[i] = L->x2[i] + out[i];
+    }
+    a->have_routing = 1;
+    rmsnorm_forward(a->xf, a->rstdf, a->hfinal, m->w.final_norm, N, H, (float)c->rms_norm_eps);
+    matmul_forward(a->logits, a->xf, m->w.lm_head, N, H, V);
+    free(scratch);
+    if (targets && loss) {
+        for (int n = 0; n < N; n++)
+            if (targets[n] >= V)
+                return err_set(e, "model: target %d at position %d outside the vocabulary",
+                               targets[n], n);
+        double sum;
+        int count;
+        crossentropy_forward(&sum, &count, NULL, a->logits, targets, N, V);
+        *loss = count ? (float)(sum / count) : 0.0f;
+    }
+    return 0;
+}
+
+/* ---- backward ---- */
+
+static void mlp_backward(float *dx, const float *dy, const float *x, const float *g,
+                         const float *u, const float *h, const float *wg, const float *wu,
+                         const float *wd, float *dwg, float *dwu, float *dwd, int N, int H,
+                         int I, float *tmp)
+{
+    float *dh = tmp, *dg = tmp + (int64_t)N * I, *du = tmp + 2 * (int64_t)N * I;
+    memset(tmp, 0, (size_t)3 * N * I * sizeof(float));
+    matmul_backward(dh, dwd, dy, h, wd, N, I, H);
+    swiglu_backward(dg, du, dh, g, u, (int64_t)N * I);
+    matmul_backward(dx, dwg, dg, x, wg, N, H, I);
+    matmul_backward(dx, dwu, du, x, wu, N, H, I);
+}
+
+static void moe_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
+                         const model_layer *G, layer_acts *L, const float *dy, float *dx2n,
+                         float *tmp)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int mi = c->moe_intermediate_size;
+    if (c->n_shared_experts)
+        mlp_backward(dx2n, dy, L->x2n, L->g, L->u, L->h, W->s_gate, W->s_up, W->s_down,
+                     G->s_gate, G->s_up, G->s_down, N, H, mi * c->n_shared_experts, tmp);
+    /* d w_{t,k} = dy_t . y_{t,k}; d y_{t,k} = w_{t,k} dy_t. */
+    float *dlogits = tmp;  /* [N,E] */
+    memset(dlogits, 0, (size_t)N * E * 4);
+    for (int n = 0; n < N; n++) {
+        float dw[K];
+        for (int k = 0; k < K; k++) {
+            const float *y = L->ey + ((int64_t)n * K + k) * H;
+            double d = 0;
+            for (int i = 0; i < H; i++)
+                d += (double)dy[(int64_t)n * H + i] * y[i];
+            dw[k] = (float)d;
+        }
+        router_backward(dlogits + (int64_t)n * E, dw, L->idx + (int64_t)n * K,
+                        L->s + (int64_t)n * E, E, K, c->norm_topk_prob,
+                        (float)c->routed_scaling_factor);
+    }
+    matmul_backward(dx2n, G->router, dlogits, L->x2n, W->router, N, H, E);
+    int *slots = malloc((size_t)N * K * sizeof *slots);
+    float *xs = tmp, *dys = xs + (int64_t)N * K * H, *g = dys + (int64_t)N * K * H;
+    float *u = g + (int64_t)N * K * mi, *h = u + (int64_t)N * K * mi;
+    float *dxs = h + (int64_t)N * K * mi, *t2 = dxs + (int64_t)N * K * H;
+    for (int x = 0; x < E; x++) {
+        int cnt = 0;
+        for (int s = 0; s < N * K; s++)
+            if (L->idx[s] == x)
+                slots[cnt++] = s;
+        if (!cnt)
+            continue;
+        for (int i = 0; i < cnt; i++) {
+            int64_t s = slots[i], n = s / K;
+            memcpy(xs + (int64_t)i * H, L->x2n + n * H, (size_t)H * 4);
+            for (int j = 0; j < H; j++)
+                dys[(int64_t)i * H + j] = L->w[s] * dy[n * H + j];
+            memcpy(g + (int64_t)i * mi, L->eg + s * mi, (size_t)mi * 4);
+            memcpy(u + (int64_t)i * mi, L->eu + s * mi, (size_t)mi * 4);
+            memcpy(h + (int64_t)i * mi, L->eh + s * mi, (size_t)mi * 4);
+        }
+        memset(dxs, 0, (size_t)cnt * H * 4);
+        mlp_backward(dxs, dys, xs, g, u, h, W->e_gate[x], W->e_up[x], W->e_down[x],
+                     G->e_gate[x], G->e_up[x], G->e_down[x], cnt, H, mi, t2);
+        for (int i = 0; i < cnt; i++) {
+            float *d = dx2n + (int64_t)(slots[i] / K) * H;
+            for (int j = 0; j < H; j++)
+                d[j] += dxs[(int64_t)i * H + j];
+        }
+    }
+    free(slots);
+}
+
+/* dout: gradient w.r.t. the attention block's output [N,H]; adds into dxn [N,H]. */
+static void mla_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
+                         const model_layer *G, layer_acts *L, const float *dout, float *dxn,
+                         float *tmp)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2;
+    float *dao = tmp, *dq = dao + (int64_t)N * nh * dv, *dk = dq + (int64_t)N * nh * qk;
+    float *dvv = dk + (int64_t)N * nh * qk, *dkvb = dvv + (int64_t)N * nh * dv;
+    float *dkva = dkvb + (int64_t)N * nh * (nope + dv), *dckv = dkva + (int64_t)N * (kv + rope);
+    float *dckvn = dckv + (int64_t)N * kv, *dqa = dckvn + (int64_t)N * kv;
+    float *dqan = dqa + (int64_t)N * c->q_lora_rank;
+    size_t total = (size_t)(dqan + (int64_t)N * c->q_lora_rank - tmp);
+    memset(tmp, 0, total * 4);
+    matmul_backward(dao, G->o_proj, dout, L->ao, W->o_proj, N, nh * dv, H);
+    attention_backward(dq, dk, dvv, dao, L->att, L->q, L->k, L->v, a->B, a->T, nh, qk, dv,
+                       (float)config_softmax_scale(c));
+    /* Split dK back into k_nope (per head, into kv_b's output) and k_pe (summed over heads:
+     * one vector serves them all). */
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < nh; h++) {
+            const float *dkh = dk + ((int64_t)n * nh + h) * qk;
+            float *dst = dkvb + ((int64_t)n * nh + h) * (nope + dv);
+            memcpy(dst, dkh, (size_t)nope * 4);
+            memcpy(dst + nope, dvv + ((int64_t)n * nh + h) * dv, (size_t)dv * 4);
+            float *dpe = dkva + (int64_t)n * (kv + rope) + kv;
+            for (int r = 0; r < rope; r++)
+                dpe[r] += dkh[nope + r];
+        }
+    rope_backward(dkva + kv, N, kv + rope, 1, a->pos, a->cos_t, a->sin_t, half,
+                  c->rope_interleave);
+    matmul_backward(dckvn, G->kv_b_proj, dkvb, L->ckvn, W->kv_b_proj, N, kv, nh * (nope + dv));
+    rmsnorm_backward(dckv, G->kv_a_layernorm, dckvn, L->ckv, W->kv_a_layernorm, L->rstdkv, N,
+                     kv);
+    for (int n = 0; n < N; n++)
+        memcpy(dkva + (int64_t)n * (kv + rope), dckv + (int64_t)n * kv, (size_t)kv * 4);
+    matmul_backward(dxn, G->kv_a_proj, dkva, L->xn, W->kv_a_proj, N, H, kv + rope);
+    rope_backward(dq + nope, N * nh, qk, nh, a->pos, a->cos_t, a->sin_t, half,
+                  c->rope_interleave);
+    if (c->q_lora_rank) {
+        matmul_backward(dqan, G->q_b_proj, dq, L->qan, W->q_b_proj, N, c->q_lora_rank, nh * qk);
+        rmsnorm_backward(dqa, G->q_a_layernorm, dqan, L->qa, W->q_a_layernorm, L->rstdq, N,
+                         c->q_lora_rank);
+        matmul_backward(dxn, G->q_a_proj, dqa, L->xn, W->q_a_proj, N, H, c->q_lora_rank);
+    } else {
+        matmul_backward(dxn, G->q_proj, dq, L->xn, W->q_proj, N, H, nh * qk);
+    }
+}
+
+int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
+                   dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, V = c->vocab_size;
+    if (!a->have_routing)
+        return err_set(e, "model: backward without a forward");
+    int count = 0;
+    for (int n = 0; n < N; n++)
+        count += targets[n] >= 0;
+    if (!count)
+        return 0;  /* the loss is a constant 0 */
+    size_t sf = scratch_floats(c, N);
+    float *buf = malloc((sf + (size_t)N * V + 3 * (size_t)N * H) * sizeof(float));
+    if (!buf)
+        return err_set(e, "model: out of memory for backward");
+    float *dlogits = buf, *dx = dlogits + (int64_t)N * V, *dn = dx + (int64_t)N * H;
+    float *dy = dn + (int64_t)N * H, *tmp = dy + (int64_t)N * H;
+    crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / count);
+    memset(dn, 0, (size_t)N * H * 4);
+    matmul_backward(dn, m->g.lm_head, dlogits, a->xf, m->w.lm_head, N, H, V);
+    memset(dx, 0, (size_t)N * H * 4);
+    rmsnorm_backward(dx, m->g.final_norm, dn, a->hfinal, m->w.final_norm, a->rstdf, N, H);
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+        const model_layer *W = &m->w.layers[l], *G = &m->g.layers[l];
+        layer_acts *L = &a->l[l];
+        /* x_{l+1} = x2 + mlp(norm(x2)): dx flows to x2 directly and through the MLP. */
+        memset(dn, 0, (size_t)N * H * 4);
+        if (config_layer_is_moe(c, l))
+            moe_backward(m, a, W, G, L, dx, dn, tmp);
+        else
+            mlp_backward(dn, dx, L->x2n, L->g, L->u, L->h, W->gate_proj, W->up_proj,
+                         W->down_proj, G->gate_proj, G->up_proj, G->down_proj, N, H,
+                         c->intermediate_size, tmp);
+        rmsnorm_backward(dx, G->post_attention_layernorm, dn, L->x2, W->post_attention_layernorm,
+                         L->rstd2, N, H);
+        /* x2 = x + attn(norm(x)). */
+        memset(dn, 0, (size_t)N * H * 4);
+        mla_backward(m, a, W, G, L, dx, dn, tmp);
+        rmsnorm_backward(dx, G->input_layernorm, dn, L->x, W->input_layernorm, L->rstd1, N, H);
+    }
+    embedding_backward(m->g.embed, dx, ids, N, H);
+    free(buf);
+    return 0;
+}
+
+/* ---- load balancing ---- */
+
+int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *counts)
+{
+    const dsv3_config *c = &m->cfg;
+    if (l < 0 || l >= c->num_hidden_layers || !config_layer_is_moe(c, l) || !a->have_routing)
+        return -1;
+    memset(counts, 0, (size_t)c->n_routed_experts * sizeof *counts);
+    for (int64_t s = 0; s < (int64_t)a->N * c->num_experts_per_tok; s++)
+        counts[a->l[l].idx[s]]++;
+    return 0;
+}
+
+void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
+{
+    const dsv3_config *c = &m->cfg;
+    int E = c->n_routed_experts;
+    int64_t *load = malloc((size_t)(E > 0 ? E : 1) * sizeof *load);
+    if (!load)
+        return;
+    /* mean load = N*K/E; compare load_i * E with N*K to stay in integers. */
+    int64_t total = (int64_t)a->N * c->num_experts_per_tok;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (model_expert_load(m, a, l, load))
+            continue;
+        float *b = m->w.layers[l].router_bias;
+        for (int i = 0; i < E; i++) {
+            int64_t d = total - load[i] * E;
+            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
+        }
+    }
+    free(load);
+}

@@ -1,0 +1,364 @@
+/* Tests of lib/model and lib/safetensors: the whole model's gradient against finite
+ * differences (routing held fixed) on fresh random tiny configs, parameter counts against
+ * the layout, checkpoint round trips, and damaged or mismatched checkpoints refused with
+ * the file and the tensor named. */
+#include <math.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../../lib/model.h"
+#include "../../lib/ops.h"
+#include "../../lib/safetensors.h"
+#include "../test.h"
+
+static double urand(void)
+{
+    return (test_rand() >> 11) * 0x1p-53;
+}
+
+/* A random tiny config: q compression or not, YaRN or not, interleaved or not, grouped
+ * routing, one or two dense layers. */
+static void random_config(dsv3_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 20 + (int)(test_rand() % 20);
+    c->hidden_size = 8 + 4 * (int)(test_rand() % 3);
+    c->intermediate_size = 12;
+    c->moe_intermediate_size = 6;
+    c->num_hidden_layers = 2 + (int)(test_rand() % 2);
+    c->first_k_dense_replace = 1 + (int)(test_rand() % 2);
+    if (c->first_k_dense_replace >= c->num_hidden_layers)
+        c->first_k_dense_replace = c->num_hidden_layers - 1;
+    c->num_attention_heads = 1 + (int)(test_rand() % 3);
+    c->q_lora_rank = test_rand() & 1 ? 6 : 0;
+    c->kv_lora_rank = 6;
+    c->qk_nope_head_dim = 4;
+    c->qk_rope_head_dim = 4;
+    c->v_head_dim = 3 + (int)(test_rand() % 3);
+    c->n_shared_experts = (int)(test_rand() % 3);
+    c->n_group = 1 << (test_rand() % 3);
+    c->n_routed_experts = c->n_group * (2 + (int)(test_rand() % 2));
+    c->topk_group = 1 + (int)(test_rand() % c->n_group);
+    c->num_experts_per_tok = 1 + (int)(test_rand() % (c->topk_group * 2));
+    c->routed_scaling_factor = 1 + 2 * urand();
+    c->norm_topk_prob = (int)(test_rand() & 1);
+    c->rms_norm_eps = 1e-6;
+    c->max_position_embeddings = 64;
+    c->initializer_range = 0.02;
+    c->rope_theta = 10000;
+    c->rope_interleave = (int)(test_rand() & 1);
+    if (test_rand() & 1) {
+        c->rope_yarn = 1;
+        c->yarn_factor = 4;
+        c->yarn_original_max_position_embeddings = 8;
+        c->yarn_beta_fast = 32;
+        c->yarn_beta_slow = 1;
+        c->yarn_mscale = 0.9;
+        c->yarn_mscale_all_dim = 0.7;
+        c->yarn_attention_factor = -1;
+        c->yarn_truncate = 1;
+    }
+}
+
+static double loss_of(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *tg,
+                      int N)
+{
+    float l;
+    model_forward(m, a, ids, tg, &l, NULL);
+    double sum;
+    int count;
+    /* The loss in double from the logits, so the finite difference is not float noise. */
+    crossentropy_forward(&sum, &count, NULL, model_acts_logits(a), tg, N, m->cfg.vocab_size);
+    return sum / count;
+}
+
+static void test_gradient_finite_differences(void)
+{
+    for (int trial = 0; trial < 3; trial++) {
+        dsv3_config c;
+        random_config(&c);
+        dsv3_model m;
+        dsv3_err e;
+        REQUIRE(model_init(&m, &c, &e) == 0);
+        model_init_random(&m, test_rand(), 0.2);
+        /* Norm weights and correction biases away from their trivial values. */
+        for (int i = 0; i < m.n_t; i++) {
+            const model_tensor *t = &m.t[i];
+            if (strstr(t->name, "norm.weight") || !t->trainable)
+                for (int64_t j = 0; j < t->numel; j++)
+                    m.params[t->off + j] += (float)(0.2 * (urand() - 0.5));
+        }
+        int B = 2, T = 3 + (int)(test_rand() % 4), N = B * T;
+        int32_t ids[64], tg[64];
+        for (int n = 0; n < N; n++) {
+            ids[n] = (int32_t)(test_rand() % c.vocab_size);
+            tg[n] = n % 5 == 4 ? -100 : (int32_t)(test_rand() % c.vocab_size);
+        }
+        model_acts *a = model_acts_new(&m, B, T, &e);
+        REQUIRE(a);
+        loss_of(&m, a, ids, tg, N);
+        model_acts_freeze_routing(a, 1);
+        model_zero_grad(&m);
+        REQUIRE(model_backward(&m, a, ids, tg, &e) == 0);
+        int bad = 0, checked = 0;
+        for (int i = 0; i < m.n_t; i++) {
+            const model_tensor *t = &m.t[i];
+            if (!t->trainable)
+                continue;
+            for (int r = 0; r < 3; r++) {
+                int64_t j = (int64_t)(test_rand() % (uint64_t)t->numel);
+                float *p = &m.params[t->off + j], p0 = *p;
+                /* Central differences at h and h/2 combined by Richardson extrapolation
+                 * (error O(h^4)): the network's curvature is too large for plain O(h^2). */
+                double d[2];
+                for (int k = 0; k < 2; k++) {
+                    float h = k ? 5e-3f : 1e-2f;
+                    *p = p0 + h;
+                    double lp = loss_of(&m, a, ids, tg, N);
+                    *p = p0 - h;
+                    double lm = loss_of(&m, a, ids, tg, N);
+                    *p = p0;
+                    d[k] = (lp - lm) / ((double)(p0 + h) - (double)(p0 - h));
+                }
+                double fd = (4 * d[1] - d[0]) / 3, an = m.grads[t->off + j];
+                checked++;
+                if (fabs(fd - an) > 3e-2 * fabs(an) + 2e-4) {
+                    if (bad++ < 8)
+                        fprintf(stderr, "    %s[%lld]: analytic %.6g, fd %.6g\n", t->name,
+                                (long long)j, an, fd);
+                }
+            }
+        }
+        CHECKF(bad == 0, "%d of %d gradient entries off (q_lora %d, yarn %d, interleave %d)",
+               bad, checked, c.q_lora_rank, c.rope_yarn, c.rope_interleave);
+        model_acts_free(a);
+        model_free(&m);
+    }
+}
+
+static void test_counts_match_layout(void)
+{
+    for (int trial = 0; trial < 20; trial++) {
+        dsv3_config c;
+        random_config(&c);
+        c.tie_word_embeddings = (int)(test_rand() & 1);
+        dsv3_model m;
+        dsv3_err e;
+        REQUIRE(model_init(&m, &c, &e) == 0);
+        config_counts n;
+        config_count_params(&c, &n);
+        CHECKF((int64_t)m.n_params == n.total, "layout %zu, count %lld", m.n_params,
+               (long long)n.total);
+        model_free(&m);
+    }
+}
+
+static char tmpdir[256];
+
+static void test_save_load_roundtrip(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    dsv3_model m, m2;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/ckpt", tmpdir);
+    CHECKF(model_save(&m, dir, &e) == 0, "%s", e.msg);
+    CHECKF(model_load(&m2, dir, &e) == 0, "%s", e.msg);
+    if (m2.params) {
+        CHECK(m2.n_params == m.n_params);
+        CHECK(memcmp(m.params, m2.params, m.n_params * 4) == 0);
+        CHECK(m2.cfg.rope_yarn == c.rope_yarn && m2.cfg.q_lora_rank == c.q_lora_rank);
+        model_free(&m2);
+    }
+    model_free(&m);
+}
+
+/* Writes a checkpoint from the fixture with one tensor changed by `how`, and expects the
+ * load to fail with `needle` in the message. */
+static void expect_bad_checkpoint(int how, const char *needle)
+{
+    dsv3_model m;
+    dsv3_err e = {{0}};
+    REQUIRE(model_load(&m, "tests/fixtures/hf/qlora_yarn", &e) == 0);
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/bad%d", tmpdir, how);
+    mkdir(dir, 0777);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    REQUIRE(config_save(&m.cfg, path, &e) == 0);
+    st_writer w = {0};
+    for (int i = 0; i < m.n_t; i++) {
+        const model_tensor *t = &m.t[i];
+        int64_t shape[2] = {t->shape[0], t->shape[1]};
+        if (how == 0 && i == 5)
+            continue;  /* missing */
+        if (how == 1 && i == 5)
+            shape[0] = 1;  /* wrong shape (the data is longer than needed: still refused) */
+        st_add(&w, t->name, ST_F32, t->ndim, shape, m.params + t->off);
+    }
+    if (how == 2)
+        st_add(&w, "model.layers.0.mlp.surprise.weight", ST_F32, 1, (int64_t[]){4}, m.params);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    REQUIRE(st_write(&w, path, &e) == 0);
+    st_writer_free(&w);
+    dsv3_model m2;
+    int rc = model_load(&m2, dir, &e);
+    CHECK(rc == -1);
+    if (rc == 0)
+        model_free(&m2);
+    else
+        CHECKF(strstr(e.msg, needle) != NULL, "message '%s' lacks '%s'", e.msg, needle);
+    model_free(&m);
+}
+
+static void test_bad_checkpoints(void)
+{
+    expect_bad_checkpoint(0, "is missing");
+    expect_bad_checkpoint(1, "has shape [1");
+    expect_bad_checkpoint(2, "surprise");
+}
+
+/* ---- safetensors damage ---- */
+
+static int parse_bytes(const char *hdr, size_t data_len, dsv3_err *e)
+{
+    size_t hl = strlen(hdr), len = 8 + hl + data_len;
+    unsigned char *buf = calloc(1, len);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)hl >> (8 * i));
+    memcpy(buf + 8, hdr, hl);
+    st_file f;
+    int rc = st_parse(&f, buf, len, "x.safetensors", e);
+    if (rc == 0)
+        st_close(&f);
+    free(buf);
+    return rc;
+}
+
+static void test_safetensors_damage(void)
+{
+    dsv3_err e;
+    CHECK(parse_bytes("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8,
+                      &e) == 0);
+    struct {
+        const char *hdr;
+        size_t data;
+        const char *needle;
+    } bad[] = {
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,16]}}", 8, "outside"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8, "bytes for"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, "overlap"},
+        {"{\"a\":{\"dtype\":\"Q9\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, "unknown dtype"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, "shape"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", 8, "outside"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,8]}}",
+         8, "overflow"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", 8, "data_offsets"},
+        {"{\"a\":", 8, "JSON"},
+        {"[1,2]", 0, "object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        memset(&e, 0, sizeof e);
+        int rc = parse_bytes(bad[i].hdr, bad[i].data, &e);
+        CHECKF(rc == -1, "accepted: %s", bad[i].hdr);
+        CHECKF(rc == 0 || (strstr(e.msg, bad[i].needle) && strstr(e.msg, "x.safetensors")),
+               "'%s' lacks '%s'", e.msg, bad[i].needle);
+    }
+    /* A header length larger than the file, and a file shorter than 8 bytes. */
+    unsigned char b[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0};
+    st_file f;
+    CHECK(st_parse(&f, b, sizeof b, "x", &e) == -1 && strstr(e.msg, "exceeds"));
+    CHECK(st_parse(&f, b, 5, "x", &e) == -1 && strstr(e.msg, "too short"));
+    /* Random single-byte damage to a real file never crashes (it may still parse). */
+    st_file good;
+    REQUIRE(st_open(&good, "tests/fixtures/hf/noq_plain/model.safetensors", &e) == 0);
+    unsigned char *copy = malloc(good.size);
+    for (int t = 0; t < 300; t++) {
+        memcpy(copy, good.map, good.size);
+        size_t hl = 8 + (size_t)(copy[0] | copy[1] << 8);
+        copy[test_rand() % hl] = (unsigned char)test_rand();
+        size_t len = t % 3 == 0 ? (size_t)(test_rand() % good.size) : good.size;
+        if (st_parse(&f, copy, len, "fuzz", &e) == 0)
+            st_close(&f);
+    }
+    free(copy);
+    st_close(&good);
+}
+
+static void test_bf16_roundtrip(void)
+{
+    for (int i = 0; i < 1000; i++) {
+        uint16_t h = (uint16_t)test_rand();
+        float x = st_bf16_to_f32(h);
+        if (isnan(x))
+            CHECK(isnan(st_bf16_to_f32(st_f32_to_bf16(x))));
+        else
+            CHECK(st_f32_to_bf16(x) == h);
+    }
+    /* Round to nearest even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7; ties go to 1. */
+    CHECK(st_f32_to_bf16(1.0f + 0x1p-8f) == 0x3f80);
+    CHECK(st_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f) == 0x3f81);
+    CHECK(st_f16_to_f32(0x3c00) == 1.0f && st_f16_to_f32(0xc000) == -2.0f);
+    CHECK(st_f16_to_f32(0x0001) == 0x1p-24f);
+}
+
+/* The bias rule: overloaded experts' biases go down by gamma, underloaded ones up, and a
+ * bias raised enough pulls tokens to its expert. */
+static void test_balance_update(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.2);
+    int B = 2, T = 8, N = B * T, L = c.num_hidden_layers - 1, E = c.n_routed_experts;
+    int32_t ids[16];
+    for (int n = 0; n < N; n++)
+        ids[n] = (int32_t)(test_rand() % c.vocab_size);
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a && model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+    int64_t load[64], total = 0;
+    REQUIRE(model_expert_load(&m, a, L, load) == 0);
+    CHECK(model_expert_load(&m, a, 0, load + 32) == -1);  /* layer 0 is dense */
+    for (int i = 0; i < E; i++)
+        total += load[i];
+    CHECK(total == (int64_t)N * c.num_experts_per_tok);
+    float before[64];
+    memcpy(before, m.w.layers[L].router_bias, sizeof(float) * E);
+    model_balance_update(&m, a, 0.001f);
+    for (int i = 0; i < E; i++) {
+        float d = m.w.layers[L].router_bias[i] - before[i];
+        int64_t diff = total - load[i] * E;
+        CHECK(diff > 0 ? d > 0 : diff < 0 ? d < 0 : d == 0);
+    }
+    /* A large bias on one expert wins it every token: selection uses the bias. */
+    m.w.layers[L].router_bias[E - 1] = 10;
+    REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+    REQUIRE(model_expert_load(&m, a, L, load) == 0);
+    CHECK(load[E - 1] == N);
+    model_acts_free(a);
+    model_free(&m);
+}
+
+int main(void)
+{
+    test_seed();
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/dsv3-test-model-%d", (int)getpid());
+    mkdir(tmpdir, 0777);
+    RUN(test_gradient_finite_differences);
+    RUN(test_counts_match_layout);
+    RUN(test_save_load_roundtrip);
+    RUN(test_balance_update);
+    RUN(test_bad_checkpoints);
+    RUN(test_safetensors_damage);
+    RUN(test_bf16_roundtrip);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    if (system(cmd)) {
+    }
+    TEST_EXIT();
+}
