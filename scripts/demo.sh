@@ -42,4 +42,7 @@ rm -rf "$OUT/packed"
     "$OUT/docs.shard" "$OUT/docs.shard"
 "$BIN/dsv3-shard" verify "$OUT"/packed/*.shard
 
+step "model configs: checked, with total and activated parameter counts"
+"$BIN/dsv3-config" configs/*.json
+
 printf '\ndemo done: outputs in %s\n' "$OUT"
