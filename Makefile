@@ -18,7 +18,7 @@ else
 endif
 CFLAGS ?=
 CFLAGS += $(CFLAGS_BASE) $(OPT)
-LDLIBS := -lzstd -lxxhash -ljansson -lm -pthread
+LDLIBS := -lzstd -lxxhash -ljansson -lpcre2-8 -lm -pthread
 
 # CUDA: with nvcc the kernels build for Hopper (sm_90a machine code) plus compute_90 PTX,
 # which newer GPUs compile at load time. Without nvcc the library is CPU-only.
