@@ -5,7 +5,7 @@
  * between them; each later pattern cuts every piece of the previous stage the same way. Every
  * byte of the text lands in exactly one piece, so decode(encode(x)) == x. Patterns run on
  * PCRE2 with JIT, with Unicode properties from PCRE2's tables; "\s" is read as Unicode
- * White_Space (the meaning in Rust's regex and Oniguruma, which tiktoken and HF use), "$" as
+ * White_Space (as in Rust's regex and Oniguruma, which tiktoken and HF use), "$" as
  * the end of the subject. Invalid UTF-8 bytes never match a pattern item: they fall in gaps.
  * Built-in pattern sets: "deepseek-v3" (the default), "gpt2", "cl100k", "o200k". */
 #ifndef DSV3_PRETOK_H

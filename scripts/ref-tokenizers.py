@@ -56,6 +56,8 @@ MULTI = [
     "Combining: e\u0301 a\u0300\u0301 n\u0303 x\u0308\u0308y \u0301abc",
     "Numbers: 1 12 123 1234 12345 1234567890 ３４５ ①②③ Ⅳ ² ³ ½ 3.14159 1e-9 0x1F",
     "Whitespace: a\u00a0b\u2003c\u3000d\u2028e\u0085f\tg\u000bh\u000ci   j\n\n\n  k\r\n\r\nl",
+    "NEL is White_Space: end\u0085\nline\u0085\u0085 x\u0085 \u0085\r\n!\u0085\n",
+    "U+180E is not: a\u180eb c \u180e d\u180e\u180e e  \u180e\n",
     "Punctuation+newlines: end.\nnext;\r\n}\n\n)\n\t];\n!!!\n\n... ?!\n",
     "It's we're they'll I'd you've she'S IT'LL don't 'tis",
     "Mixed: hello世界world123abc！＠＃ｆｕｌｌｗｉｄｔｈ （括弧） 「引用」",
