@@ -36,6 +36,13 @@ struct bpe {
 
 #define EMPTY_KEY UINT64_MAX
 
+/* The checksum covers the whole file but its own 8 bytes (offset 56), so a flipped bit in a
+ * header field (a role id, a flag) is caught as surely as one in the payload. */
+static uint64_t image_sum(const uint8_t *img, size_t n)
+{
+    return XXH3_64bits_withSeed(img + HEADER_BYTES, n - HEADER_BYTES, XXH3_64bits(img, 56));
+}
+
 static uint32_t rd32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -159,6 +166,8 @@ static int parse_image(bpe *b, const char *name, dsv3_err *e)
     if (n < HEADER_BYTES || memcmp(p, MAGIC, 8) != 0)
         return BAD("not a dsv3 tokenizer file: bad magic (offset 0)");
     uint32_t version = rd32(p + 8), hsize = rd32(p + 12);
+    if (rd32(p + 44) != 0)
+        return BAD("reserved header field is not zero (offset 44)");
     if (version != BPE_VERSION)
         return BAD("tokenizer format version %u is not supported (this program reads %d) "
                    "(offset 8)", version, BPE_VERSION);
@@ -175,7 +184,7 @@ static int parse_image(bpe *b, const char *name, dsv3_err *e)
     if (plen != n - HEADER_BYTES)
         return BAD("payload is %zu bytes, the header says %llu (truncated or extended file) "
                    "(offset 48)", n - HEADER_BYTES, (unsigned long long)plen);
-    if (XXH3_64bits(p + HEADER_BYTES, plen) != sum)
+    if (image_sum(p, n) != sum)
         return BAD("checksum mismatch: the file is damaged (offset 56)");
     if (b->flags & ~(uint32_t)BPE_FLAG_WHOLE_PIECE)
         return BAD("unknown flags 0x%x (offset 16)", b->flags);
@@ -444,7 +453,7 @@ int bpe_build(bpe **b, const bpe_spec *s, dsv3_err *e)
         memcpy(img + at + 4, s->patterns[i], l);
         at += 4 + l;
     }
-    wr64(img + 56, XXH3_64bits(img + HEADER_BYTES, n - HEADER_BYTES));
+    wr64(img + 56, image_sum(img, n));
     return load_owned(b, img, n, "tokenizer", e);
 }
 
