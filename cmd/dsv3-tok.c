@@ -1,5 +1,6 @@
 /* dsv3-tok: byte-level BPE from the shell: train, encode, decode, import, export, info. */
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,6 +340,66 @@ static int cmd_train(int nfiles, char **files, options *o)
 
 /* ---- encode ---- */
 
+/* Shard writing (zstd) runs in its own thread, one batch behind the encoder, so compression
+ * overlaps encoding instead of adding to it. */
+typedef struct out_batch {
+    uint32_t *ids;
+    size_t n, cap;
+    size_t *len;   /* ids per document */
+    size_t ndocs, cap_docs;
+} out_batch;
+
+typedef struct writer_ctx {
+    shard_writer *w;
+    out_batch *b;
+    int rc;
+    dsv3_err err;
+} writer_ctx;
+
+static void *writer_main(void *arg)
+{
+    writer_ctx *c = arg;
+    size_t at = 0;
+    for (size_t i = 0; i < c->b->ndocs && c->rc == 0; i++) {
+        c->rc = shard_write_record(c->w, c->b->ids + at, c->b->len[i], 0, &c->err);
+        at += c->b->len[i];
+    }
+    return NULL;
+}
+
+static int batch_add(out_batch *b, const uint32_t *bos, const uint32_t *ids, size_t n,
+                     const uint32_t *eos)
+{
+    size_t need = n + (bos != NULL) + (eos != NULL);
+    if (b->cap - b->n < need) {
+        size_t nc = b->cap ? b->cap : 1 << 20;
+        while (nc - b->n < need)
+            nc *= 2;
+        uint32_t *q = realloc(b->ids, nc * sizeof *q);
+        if (!q)
+            return -1;
+        b->ids = q;
+        b->cap = nc;
+    }
+    if (b->ndocs == b->cap_docs) {
+        size_t nc = b->cap_docs ? 2 * b->cap_docs : 1024;
+        size_t *q = realloc(b->len, nc * sizeof *q);
+        if (!q)
+            return -1;
+        b->len = q;
+        b->cap_docs = nc;
+    }
+    if (bos)
+        b->ids[b->n++] = *bos;
+    if (n)
+        memcpy(b->ids + b->n, ids, n * sizeof *ids);
+    b->n += n;
+    if (eos)
+        b->ids[b->n++] = *eos;
+    b->len[b->ndocs++] = need;
+    return 0;
+}
+
 static int write_ids_line(const uint32_t *bos, const uint32_t *ids, size_t n,
                           const uint32_t *eos)
 {
@@ -388,6 +449,10 @@ static int cmd_encode(int nfiles, char **files, options *o)
     long n;
     uint64_t ndocs = 0, ntok = 0, nbytes = 0;
     int rc = 0;
+    out_batch ob[2] = {{0}};
+    writer_ctx wc = {.w = w};
+    pthread_t wt;
+    int writing = 0, cur = 0;
     double t0 = progress_now();
     for (;;) {
         if (o->text) {
@@ -414,12 +479,37 @@ static int cmd_encode(int nfiles, char **files, options *o)
                     rc = err_set(&e, "<stdout>: write failed");
                 continue;
             }
-            if ((o->bos && shard_write(w, &bos, 1, &e)) || shard_write(w, ids, k, &e) ||
-                (o->eos && shard_write(w, &eos, 1, &e)) || shard_end_record(w, 0, &e))
-                rc = -1;
+            if (batch_add(&ob[cur], o->bos ? &bos : NULL, ids, k, o->eos ? &eos : NULL))
+                rc = err_set(&e, "out of memory");
+        }
+        if (writing) {   /* the previous batch must be out before its buffer is reused */
+            pthread_join(wt, NULL);
+            writing = 0;
+            if (wc.rc && rc == 0)
+                rc = -1, e = wc.err;
+        }
+        if (w && rc == 0) {
+            wc.b = &ob[cur];
+            if (pthread_create(&wt, NULL, writer_main, &wc) == 0)
+                writing = 1;
+            else
+                writer_main(&wc);
+            cur = 1 - cur;
+            ob[cur].n = ob[cur].ndocs = 0;
+            if (!writing && wc.rc)
+                rc = -1, e = wc.err;
         }
         ndocs += (uint64_t)n;
         progress_update(&pr, nbytes);
+    }
+    if (writing) {
+        pthread_join(wt, NULL);
+        if (wc.rc && rc == 0)
+            rc = -1, e = wc.err;
+    }
+    for (int i = 0; i < 2; i++) {
+        free(ob[i].ids);
+        free(ob[i].len);
     }
     progress_finish(&pr);
     if (rc) {
