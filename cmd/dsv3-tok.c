@@ -759,8 +759,15 @@ static int cmd_info(int nfiles, char **files, options *o)
         if (bpe_token_kind(b, id) == BPE_SPECIAL)
             print_token(b, "special:", id);
     const pretok *pt = bpe_pretok(b);
-    for (size_t i = 0; i < pretok_count(pt); i++)
-        printf("pattern %zu:    %s\n", i + 1, pretok_pattern(pt, i));
+    for (size_t i = 0; i < pretok_count(pt); i++) {
+        printf("pattern %zu:    ", i + 1);
+        for (const char *c = pretok_pattern(pt, i); *c; c++)   /* \r \n shown as escapes */
+            if (*c == '\r' || *c == '\n' || *c == '\t')
+                printf("\\%c", *c == '\r' ? 'r' : *c == '\n' ? 'n' : 't');
+            else
+                putchar(*c);
+        putchar('\n');
+    }
     bpe_free(b);
     return fflush(stdout) == 0 ? 0 : 1;
 }

@@ -228,6 +228,9 @@ static int hf_pretok(json_t *pt, char ***pats, size_t *np, int *saw_bytelevel, c
     return (*pats)[*np - 1] ? 0 : err_set(e, "%s: out of memory", name);
 }
 
+static int import_hf_root(bpe **b, json_t *root, const char *path, const char *bos,
+                          const char *eos, const char *pad, dsv3_err *e);
+
 int bpeio_import_hf(bpe **b, const char *path, const char *bos, const char *eos,
                     const char *pad, dsv3_err *e)
 {
@@ -237,6 +240,27 @@ int bpeio_import_hf(bpe **b, const char *path, const char *bos, const char *eos,
     if (!root)
         return err_set(e, "%s: bad JSON: %s (line %d, column %d)", path, je.text, je.line,
                        je.column);
+    int rc = import_hf_root(b, root, path, bos, eos, pad, e);
+    json_decref(root);
+    return rc;
+}
+
+int bpeio_import_hf_mem(bpe **b, const void *data, size_t n, const char *name, dsv3_err *e)
+{
+    *b = NULL;
+    json_error_t je;
+    json_t *root = json_loadb(data, n, JSON_ALLOW_NUL, &je);
+    if (!root)
+        return err_set(e, "%s: bad JSON: %s (line %d, column %d)", name, je.text, je.line,
+                       je.column);
+    int rc = import_hf_root(b, root, name, NULL, NULL, NULL, e);
+    json_decref(root);
+    return rc;
+}
+
+static int import_hf_root(bpe **b, json_t *root, const char *path, const char *bos,
+                          const char *eos, const char *pad, dsv3_err *e)
+{
     table t = {0};
     char **pats = calloc(PRETOK_MAX_PATTERNS, sizeof *pats);
     size_t np = 0;
@@ -414,7 +438,6 @@ out:
     free(pats);
     free(buf);
     table_free(&t);
-    json_decref(root);
     return rc;
 }
 

@@ -24,6 +24,8 @@ typedef struct bpeio_special {
  * unless bos/eos/pad name one (NULL: guess). */
 int bpeio_import_hf(bpe **b, const char *path, const char *bos, const char *eos,
                     const char *pad, dsv3_err *e);
+/* The same from bytes in memory (name for messages; roles guessed), for tests and fuzzing. */
+int bpeio_import_hf_mem(bpe **b, const void *data, size_t n, const char *name, dsv3_err *e);
 int bpeio_export_hf(const bpe *b, const char *path, dsv3_err *e);
 
 /* patterns: the pre-tokenizer (a built-in set or regexes); specials: extra tokens with ids. */

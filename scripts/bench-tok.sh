@@ -25,7 +25,7 @@ printf 'int main(void){volatile unsigned long x=0;for(unsigned long i=0;i<400000
 if cc -O2 -o "$W/spin" "$W/spin.c" 2>/dev/null; then
     t1=$( { /usr/bin/time -f %e "$W/spin"; } 2>&1 )
     tn=$( { /usr/bin/time -f %e sh -c "for i in \$(seq $NT); do \"$W/spin\" & done; wait"; } 2>&1 )
-    echo "cpu check: one busy loop ${t1} s, $NT at once ${tn} s (equal: the threads are real cores)"
+    echo "cpu check: one busy loop ${t1} s, $NT at once ${tn} s (equal times: $NT real cores; $NT times longer: one core shared)"
 fi
 
 # corpora (lines longer than 10 kB are dropped: the per-line tools would be timing one line)
