@@ -297,7 +297,7 @@ static int cmd_train(int nfiles, char **files, options *o)
     const size_t *lens;
     long n;
     uint64_t ndocs = 0;
-    while ((n = docin_next(d, 64u << 20, &docs, &lens, &e)) > 0) {
+    while ((n = docin_next(d, 16u << 20, &docs, &lens, &e)) > 0) {
         if (bpetrain_count(t, docs, lens, (size_t)n, &e))
             cli_fail(&PROG, &e);
         ndocs += (uint64_t)n;

@@ -329,6 +329,13 @@ static int import_hf_root(bpe **b, json_t *root, const char *path, const char *b
         if ((uint64_t)id + 1 > n)
             n = (uint64_t)id + 1;
     }
+    /* ids may leave holes, but a few entries naming huge ids are a damaged file, not a
+     * reason to allocate gigabytes */
+    if (n > 2 * (json_object_size(vocab) + json_array_size(added)) + 65536) {
+        err_set(e, "%s: ids up to %llu for %zu tokens: too sparse", path,
+                (unsigned long long)n - 1, json_object_size(vocab) + json_array_size(added));
+        goto out;
+    }
     if (table_init(&t, (uint32_t)n) || !(buf = malloc(1 << 16))) {
         err_set(e, "%s: out of memory", path);
         goto out;
@@ -653,6 +660,11 @@ int bpeio_import_tiktoken(bpe **b, const char *path, const char *const *patterns
     for (size_t i = 0; i < n_specials; i++)
         if ((uint64_t)specials[i].id + 1 > n)
             n = (uint64_t)specials[i].id + 1;
+    if (n > 2 * (lineno + n_specials) + 65536) {
+        err_set(e, "%s: ranks up to %llu for %llu lines: too sparse", path,
+                (unsigned long long)n - 1, (unsigned long long)lineno);
+        goto out;
+    }
     if (ferror(f) || fseek(f, 0, SEEK_SET) != 0) {
         err_errno(e, "%s: read failed (a rank file must be a regular file)", path);
         goto out;

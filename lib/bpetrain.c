@@ -138,6 +138,9 @@ struct bpetrain {
     worker *w;
     int nw;
     bpetrain_stats st;
+    const uint8_t **seg;   /* the batch cut into segments for the workers */
+    size_t *seglen;
+    size_t nseg, cseg;
 };
 
 static uint64_t map_cap(const bpetrain *t)
@@ -180,6 +183,8 @@ void bpetrain_free(bpetrain *t)
         wmap_free(&t->w[i].map);
     }
     free(t->w);
+    free(t->seg);
+    free(t->seglen);
     pretok_free(t->pt);
     free(t);
 }
@@ -217,9 +222,63 @@ static void *count_main(void *arg)
     return NULL;
 }
 
-int bpetrain_count(bpetrain *t, const uint8_t *const *docs, const size_t *lens, size_t n,
+/* A document longer than this is counted in pieces cut after a line break, so one big file
+ * keeps every thread busy. A pre-token never spans a line break followed by a letter under
+ * the built-in patterns, which is where the cut goes when it can. */
+enum { SEGMENT_BYTES = 4 << 20 };
+
+static int add_segment(bpetrain *t, const uint8_t *p, size_t n)
+{
+    if (t->nseg == t->cseg) {
+        size_t nc = t->cseg ? 2 * t->cseg : 1024;
+        const uint8_t **q = realloc(t->seg, nc * sizeof *q);
+        if (q)
+            t->seg = q;
+        size_t *l = q ? realloc(t->seglen, nc * sizeof *l) : NULL;
+        if (l)
+            t->seglen = l;
+        if (!q || !l)
+            return -1;
+        t->cseg = nc;
+    }
+    t->seg[t->nseg] = p;
+    t->seglen[t->nseg++] = n;
+    return 0;
+}
+
+int bpetrain_count(bpetrain *t, const uint8_t *const *docs_in, const size_t *lens_in, size_t nd,
                    dsv3_err *e)
 {
+    t->nseg = 0;
+    for (size_t i = 0; i < nd; i++) {
+        const uint8_t *p = docs_in[i];
+        size_t left = lens_in[i];
+        while (left > SEGMENT_BYTES) {
+            const uint8_t *nl = memchr(p + SEGMENT_BYTES, '\n', left - SEGMENT_BYTES);
+            if (!nl)
+                break;
+            size_t cut = (size_t)(nl - p) + 1;
+            while (cut < left && (p[cut] == '\n' || p[cut] == '\r'))
+                cut++;
+            size_t k = cut;   /* prefer a cut before a letter */
+            while (k < left && k < cut + 4096 && !((p[k] | 32) >= 'a' && (p[k] | 32) <= 'z' &&
+                                                    p[k - 1] == '\n'))
+                k++;
+            if (k < left && k < cut + 4096)
+                cut = k;
+            if (cut >= left)
+                break;
+            if (add_segment(t, p, cut))
+                return err_set(e, "train: out of memory");
+            p += cut;
+            left -= cut;
+        }
+        if (add_segment(t, p, left))
+            return err_set(e, "train: out of memory");
+    }
+    const uint8_t *const *docs = t->seg;
+    const size_t *lens = t->seglen;
+    size_t n = t->nseg;
     /* Contiguous slices balanced by bytes, so one long document does not idle the rest. */
     uint64_t total = 0, acc = 0;
     for (size_t i = 0; i < n; i++)

@@ -3,9 +3,11 @@
  * or a message; one it accepts must encode and decode a sample without fault.
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -DFUZZ_TARGET=1 \
+ *       -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION \
  *       tests/fuzz/fuzz_tok.c lib/bpe.c lib/bpeio.c lib/pretok.c lib/err.c lib/outfile.c \
  *       -lxxhash -ljansson -lpcre2-8 -o fuzz_tok && ./fuzz_tok -max_total_time=600
- * FUZZ_TARGET=1: tokenizer file; 2: tokenizer.json. Seeds: tests/fixtures/tok/, and files
+ * FUZZ_TARGET=1: tokenizer file; 2: tokenizer.json. The unsafe-mode macro skips the file's
+ * checksum, which random mutations would otherwise never get past. Seeds: tests/fixtures/tok/, and files
  * written by `dsv3-tok train`. */
 #include <stddef.h>
 #include <stdint.h>
