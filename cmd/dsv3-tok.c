@@ -291,6 +291,7 @@ static int cmd_train(int nfiles, char **files, options *o)
     if (bpetrain_new(&t, &to, &e) ||
         docin_open(&d, files, (size_t)nfiles, o->input, o->field, o->skip_bad, &e))
         cli_fail(&PROG, &e);
+    docin_set_pieces(d, 4u << 20);   /* memory bounded whatever the size of one file */
     double t0 = progress_now();
     progress_start(&pr, o->common.progress, "count", "B", 0);
     const uint8_t *const *docs;

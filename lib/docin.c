@@ -11,6 +11,8 @@ struct docin {
     docin_mode mode, fmode;
     const char *field;
     int skip_bad;
+    size_t piece;   /* text mode: deliver files in pieces of about this many bytes (0: whole) */
+    int text_done;
     FILE *f;
     const char *name;
     uint64_t line;
@@ -83,6 +85,7 @@ static int open_next(docin *d, dsv3_err *e)
     d->f = is_stdin ? stdin : fopen(path, "rb");
     d->name = is_stdin ? "<stdin>" : path;
     d->line = 0;
+    d->text_done = 0;
     if (!d->f)
         return err_errno(e, "%s: cannot open", path);
     d->fmode = d->mode;
@@ -158,13 +161,60 @@ static int read_whole(docin *d, dsv3_err *e)
     return 1;
 }
 
+/* The next piece of a text file: about d->piece bytes, then on to the end of the line. */
+static int read_piece(docin *d, dsv3_err *e)
+{
+    if (reserve(d, d->piece + 1))
+        return err_set(e, "%s: out of memory", d->name);
+    size_t start = d->alen;
+    size_t got = fread(d->arena + d->alen, 1, d->piece, d->f);
+    d->alen += got;
+    int c = 0;
+    if (got == d->piece) {
+        /* end at a line break; failing that (a file of one long line) at a space, and
+         * failing that before any byte that does not continue a UTF-8 character */
+        for (size_t extra = 0; (c = getc(d->f)) != EOF; extra++) {
+            if (extra >= (1u << 16) && (c & 0xc0) != 0x80 &&
+                (extra >= (1u << 17) || c == ' ')) {
+                ungetc(c, d->f);
+                break;
+            }
+            if (reserve(d, 1))
+                return err_set(e, "%s: out of memory", d->name);
+            d->arena[d->alen++] = (uint8_t)c;
+            if (c == '\n')
+                break;
+        }
+    }
+    if (ferror(d->f))
+        return err_errno(e, "%s: read failed", d->name);
+    if (got < d->piece || c == EOF)
+        d->text_done = 1;
+    d->bytes += d->alen - start;
+    if (d->alen == start && d->line++ > 0)
+        return 0;   /* an empty file is one empty document; the end of a file is not */
+    d->line++;
+    d->off[d->nd] = start;
+    d->lens[d->nd++] = d->alen - start;
+    return 1;
+}
+
+void docin_set_pieces(docin *d, size_t bytes)
+{
+    d->piece = bytes;
+}
+
 /* One document from the current file: 1, 0 at its end, -1 on error. */
 static int read_one(docin *d, dsv3_err *e)
 {
     if (d->fmode == DOCIN_TEXT) {
-        if (d->line++ > 0)
+        if (d->text_done)
             return 0;
-        return read_whole(d, e);
+        if (!d->piece) {
+            d->text_done = 1;
+            return read_whole(d, e);
+        }
+        return read_piece(d, e);
     }
     for (;;) {
         ssize_t len = getline(&d->lbuf, &d->lcap, d->f);

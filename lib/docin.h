@@ -24,6 +24,10 @@ int docin_open(docin **d, char *const *files, size_t n, docin_mode mode, const c
  * end, -1 on error. */
 long docin_next(docin *d, size_t max_bytes, const uint8_t *const **docs, const size_t **lens,
                 dsv3_err *e);
+/* Text mode delivers each file in pieces of about this many bytes, each ending at a line
+ * break: for training, where a document boundary only cuts a pre-token, and memory must not
+ * grow with the largest file. 0 (the default) keeps a file one document. */
+void docin_set_pieces(docin *d, size_t bytes);
 uint64_t docin_skipped(const docin *d);
 uint64_t docin_bytes(const docin *d);   /* input bytes read so far */
 void docin_close(docin *d);
