@@ -321,7 +321,7 @@ static int cmd_train(int nfiles, char **files, options *o)
         getrusage(RUSAGE_SELF, &ru);
         double t2 = progress_now();
         fprintf(stderr,
-                "%s: %" PRIu64 " documents, %.1f MB in %.1f s (%.1f MB/s); %" PRIu64
+                "%s: %" PRIu64 " documents or pieces, %.1f MB in %.1f s (%.1f MB/s); %" PRIu64
                 " distinct pre-tokens (%" PRIu64 " dropped by --max-words); %u merges in "
                 "%.1f s (%.0f merges/s); tables %.1f MiB, peak RSS %.1f MiB; vocabulary %u\n",
                 PROG.name, ndocs, (double)st->bytes / 1e6, t1 - t0,

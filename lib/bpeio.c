@@ -540,7 +540,7 @@ int bpeio_export_hf(const bpe *b, const char *path, dsv3_err *e)
     outfile o;
     if (outfile_open(&o, path, e))
         goto out;
-    if (json_dumpf(root, o.f, JSON_INDENT(2) | JSON_ENSURE_ASCII * 0) != 0 ||
+    if (json_dumpf(root, o.f, JSON_INDENT(2)) != 0 ||
         fputc('\n', o.f) == EOF) {
         err_errno(e, "%s: write failed", outfile_name(&o));
         outfile_abort(&o);
