@@ -20,7 +20,7 @@ CFLAGS ?=
 CFLAGS += $(CFLAGS_BASE) $(OPT)
 # The small Debian libraries are linked statically: the programs then run on machines that
 # lack their runtime packages (cluster nodes, the GPU device image).
-LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -Wl,-Bdynamic -lm -pthread
+LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -lpcre2-8 -Wl,-Bdynamic -lm -pthread
 
 # CUDA: with nvcc the kernels build for Hopper (sm_90a machine code) plus compute_90 PTX,
 # which newer GPUs compile at load time. Without nvcc the library is CPU-only.

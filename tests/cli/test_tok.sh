@@ -1,0 +1,102 @@
+#!/bin/sh
+# CLI tests of dsv3-tok: train/encode/decode round trips, conventions (--help, --version,
+# usage errors, bad input messages, no half-written output), determinism across thread
+# counts, JSONL handling, import/export round trips, a 100 MB line. Prints ok/not ok lines.
+set -u
+T="$DSV3_BIN/dsv3-tok"
+S="$DSV3_BIN/dsv3-shard"
+FIX="$(pwd)/tests/fixtures/tok"
+W=$(mktemp -d) && trap 'rm -rf "$W"' EXIT
+cd "$W" || exit 1
+
+ok() { echo "ok $1"; }
+no() { echo "not ok $1${2:+: $2}"; }
+check() { name=$1; shift; if "$@" >/dev/null 2>&1; then ok "$name"; else no "$name"; fi; }
+
+# a corpus: licenses (prose), our C sources (code), some CJK and emoji
+cat /usr/share/common-licenses/* > corpus.txt 2>/dev/null
+cat "$FIX/../../../lib/"*.c >> corpus.txt
+printf '中文文本和日本語のテキスト。😀👍🏽 Привет мир 12345\n' >> corpus.txt
+
+check help "$T" --help
+"$T" --version | grep -q '^dsv3-tok ' && ok version || no version
+"$T" frobnicate >/dev/null 2>&1; [ $? -eq 2 ] && ok usage_unknown_command || no usage_unknown_command
+"$T" encode corpus.txt >/dev/null 2>&1; [ $? -eq 2 ] && ok usage_missing_tokenizer || no usage_missing_tokenizer
+
+"$T" train --quiet --merges 1500 -j 1 -o tok1.tok corpus.txt && ok train || no train
+"$T" train --quiet --merges 1500 -j 2 -o tok2.tok corpus.txt
+cmp -s tok1.tok tok2.tok && ok train_same_bytes_any_threads || no train_same_bytes_any_threads
+"$T" info tok1.tok | grep -q 'merges:       1500' && ok info || no info
+"$T" info tok1.tok | grep -q 'begin▁of▁sentence' && ok default_specials || no default_specials
+
+"$T" encode --quiet -t tok1.tok corpus.txt -o c.shard && "$T" decode -t tok1.tok c.shard > back.txt
+cmp -s back.txt corpus.txt && ok roundtrip_text || no roundtrip_text
+"$S" verify --quiet c.shard && ok shard_valid || no shard_valid
+
+# lines mode, threads: same shard bytes with 1 and 2 threads, one record per line
+"$T" encode --quiet -t tok1.tok -i lines -j 1 corpus.txt -o l1.shard
+"$T" encode --quiet -t tok1.tok -i lines -j 2 corpus.txt -o l2.shard
+cmp -s l1.shard l2.shard && ok encode_same_bytes_any_threads || no encode_same_bytes_any_threads
+n=$("$S" dump l1.shard | wc -l); [ "$n" -eq "$(wc -l < corpus.txt)" ] && ok lines_records || no lines_records "$n"
+"$T" decode -t tok1.tok --sep '\n' l1.shard | cmp -s - corpus.txt && ok roundtrip_lines || no roundtrip_lines
+
+# --bos/--eos and --ids
+ids=$("$T" encode -t tok1.tok --ids --bos --eos -e "hello")
+case "$ids" in "0 "*" 1") ok bos_eos ;; *) no bos_eos "$ids" ;; esac
+echo "$ids" | "$T" decode -t tok1.tok --skip-special | grep -qx hello && ok decode_ids || no decode_ids
+
+# special strings in user text stay text unless --allow-special
+sp='<｜end▁of▁sentence｜>'
+plain=$("$T" encode -t tok1.tok --ids -e "a${sp}b")
+allow=$("$T" encode -t tok1.tok --ids --allow-special -e "a${sp}b")
+case " $plain " in *" 1 "*) no special_not_injected "$plain" ;; *) ok special_not_injected ;; esac
+case " $allow " in *" 1 "*) ok allow_special ;; *) no allow_special "$allow" ;; esac
+
+# --split-combined: seeded, and still decodes to the text
+"$T" encode --quiet -t tok1.tok --split-combined 0.5 --seed 7 corpus.txt -o s1.shard
+"$T" encode --quiet -t tok1.tok --split-combined 0.5 --seed 7 -j 1 corpus.txt -o s2.shard
+cmp -s s1.shard s2.shard && ok split_combined_seeded || no split_combined_seeded
+"$T" decode -t tok1.tok s1.shard | cmp -s - corpus.txt && ok split_combined_roundtrip || no split_combined_roundtrip
+cmp -s s1.shard c.shard && no split_combined_changes || ok split_combined_changes
+
+# JSONL: a bad record names file and line, writes nothing; --skip-bad counts
+printf '{"text":"one"}\n{"text":"two"}\n{"txt":"x"}\n{"text":"three"}\n' > d.jsonl
+"$T" encode -t tok1.tok d.jsonl -o bad.shard 2> err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q 'd.jsonl, line 3' err.txt && [ ! -e bad.shard ] && ok jsonl_bad_record || no jsonl_bad_record "rc=$rc $(cat err.txt)"
+"$T" encode -t tok1.tok --skip-bad d.jsonl -o good.shard 2> err.txt
+grep -q 'skipped 1 bad' err.txt && [ "$("$T" decode -t tok1.tok --sep ' ' good.shard)" = "one two three " ] \
+    && ok jsonl_skip_bad || no jsonl_skip_bad
+printf '{"body":"field"}\n' | "$T" encode -t tok1.tok -f body --ids | "$T" decode -t tok1.tok | grep -qx field \
+    && ok jsonl_field || no jsonl_field
+
+# a damaged tokenizer file is refused with a message
+head -c 200 tok1.tok > cut.tok
+"$T" encode -t cut.tok -e x --ids 2> err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q '^dsv3-tok: cut.tok: ' err.txt && ok damaged_tokenizer || no damaged_tokenizer "$(cat err.txt)"
+
+# empty input: one empty document
+: > empty.txt
+"$T" encode --quiet -t tok1.tok empty.txt -o e.shard && [ "$("$S" dump e.shard)" = "" ] && ok empty_input || no empty_input
+
+# import HF tokenizer.json, export it again, import that: same ids
+"$T" import --quiet -o hf.tok "$FIX/hf-deepseek.json" && "$T" export --quiet -t hf.tok -o hf2.json \
+    && "$T" import --quiet -o hf2.tok hf2.json && ok hf_import_export || no hf_import_export
+a=$("$T" encode -t hf.tok --ids corpus.txt | md5sum); b=$("$T" encode -t hf2.tok --ids corpus.txt | md5sum)
+[ "$a" = "$b" ] && ok hf_export_same_ids || no hf_export_same_ids
+"$T" export --quiet -t tok1.tok --to tiktoken -o t.tiktoken && "$T" import --quiet -p deepseek-v3 -o tt.tok t.tiktoken \
+    && "$T" encode -t tt.tok --ids -e "héllo wörld 12345" | "$T" decode -t tt.tok | grep -qx "héllo wörld 12345" \
+    && ok tiktoken_export_import || no tiktoken_export_import
+"$T" import -o x.tok t.tiktoken >/dev/null 2>&1; [ $? -eq 2 ] && ok tiktoken_needs_pattern || no tiktoken_needs_pattern
+
+# random bytes (invalid UTF-8) round trip
+head -c 300000 /dev/urandom > rnd.bin
+"$T" encode --quiet -t hf.tok rnd.bin -o r.shard && "$T" decode -t hf.tok r.shard | cmp -s - rnd.bin \
+    && ok roundtrip_random_bytes || no roundtrip_random_bytes
+
+# one 100 MB line without a newline
+yes 'Words, numbers 1234567 and 中文 text; emoji 😀 — ' | tr -d '\n' | head -c 100000000 > big.txt
+"$T" encode --quiet -t tok1.tok big.txt -o big.shard && "$T" decode -t tok1.tok big.shard | cmp -s - big.txt \
+    && ok huge_line || no huge_line
+# training reads a 100 MB line in pieces (memory bounded by the piece, not the file)
+"$T" train --merges 300 -j 2 -o big.tok big.txt 2> err.txt && grep -q ' 2[0-9] documents or pieces' err.txt \
+    && ok train_huge_line_in_pieces || no train_huge_line_in_pieces "$(cat err.txt)"
