@@ -20,7 +20,7 @@ CFLAGS ?=
 CFLAGS += $(CFLAGS_BASE) $(OPT)
 # The small Debian libraries are linked statically: the programs then run on machines that
 # lack their runtime packages (cluster nodes, the GPU device image).
-LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -lpcre2-8 -Wl,-Bdynamic -lm -pthread
+LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -lpcre2-8 -Wl,-Bdynamic -lm -ldl -pthread
 
 # CUDA: with nvcc the kernels build for Hopper (sm_90a machine code) plus compute_90 PTX,
 # which newer GPUs compile at load time. Without nvcc the library is CPU-only.
@@ -35,6 +35,8 @@ ifneq ($(NVCC),)
   LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
   LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
   CUDA_NOTE := with CUDA ($(NVCC))
+  # host C that talks to the CUDA runtime directly (GPU tests) sees its headers
+  CFLAGS += -I$(CUDA_HOME)/include -DDSV3_HAVE_CUDA=1
 else
   LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/lib/gpu_none.o
   CUDA_NOTE := CPU-only: nvcc not found
@@ -42,6 +44,11 @@ else
     $(info dsv3: nvcc not found; building the CPU-only library (GPU tests will be skipped))
   endif
 endif
+
+# The MPI backend of lib/comm is a plugin (lib/dsv3/comm-mpi.so beside bin/), opened only
+# when an MPI launcher starts a program: the programs themselves never need libmpi.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+MPI_PLUGIN := $(if $(MPICC),$(BUILD)/lib/dsv3/comm-mpi.so)
 
 CMD_SRC := $(wildcard cmd/*.c)
 BINS := $(CMD_SRC:cmd/%.c=$(BUILD)/bin/%)
@@ -61,7 +68,7 @@ $(shell mkdir -p $(BUILD)/gen; v='#define DSV3_VERSION "$(VERSION)"'; \
 .PHONY: all deps check-deps test demo install clean fuzz bench tests
 .DEFAULT_GOAL := all
 
-all: check-deps $(BUILD)/libdsv3.a $(BINS)
+all: check-deps $(BUILD)/libdsv3.a $(BINS) $(MPI_PLUGIN)
 
 check-deps:
 	@scripts/deps.sh --check
@@ -80,6 +87,10 @@ $(BUILD)/obj/%.o: %.c
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/lib/dsv3/comm-mpi.so: lib/plugins/comm_mpi.c lib/comm_backend.h
+	@mkdir -p $(dir $@)
+	$(MPICC) -std=c11 -O2 -g -Wall -Wextra -fPIC -shared $< -o $@
 
 $(BUILD)/bin/%: $(BUILD)/obj/cmd/%.o $(BUILD)/libdsv3.a
 	@mkdir -p $(dir $@)
@@ -106,6 +117,7 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
 	install -m 644 $(MANS) $(DESTDIR)$(PREFIX)/share/man/man1/
+	$(if $(MPI_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/dsv3 && install -m 755 $(MPI_PLUGIN) $(DESTDIR)$(PREFIX)/lib/dsv3/)
 
 # Coverage-guided fuzzing of the shard reader with libFuzzer (clang); not part of `make test`.
 # FUZZ_SECONDS=600 by default; findings land in $(BUILD)/fuzz/.
