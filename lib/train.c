@@ -414,6 +414,10 @@ static int setup_model(trainer *t, train_result *r, dsv3_err *e)
             return err_set(e, "%s: the data (tokenizer %s, seq_len %u) is not the checkpoint's "
                            "%s (tokenizer %s, seq_len %u)", o->data, t->tokenizer_id, t->L, dir,
                            t->st.tokenizer_id, t->st.seq_len);
+        /* The data order derives from the seed: another seed would not continue the run. */
+        if (t->st.seed != o->seed)
+            return err_set(e, "--seed %" PRIu64 " is not the seed %" PRIu64 " of the run in %s",
+                           o->seed, t->st.seed, dir);
         snprintf(r->checkpoint, sizeof r->checkpoint, "%s", name);
         note(t, "dsv3-train: resuming from %s", dir);
     } else if (o->init_from) {

@@ -154,6 +154,7 @@ sed 's/"hidden_size": 64/"hidden_size": 32/' $CFG >"$T/other.json"
 expect_err config_contradicts 1 "other.json contradicts .*$last: hidden_size 32 vs 64" dsv3-train -c "$T/other.json" -d "$T/data" -o "$T/full" --steps 9 --resume
 dsv3-pack --quiet -o "$T/l16" --eos-id 1 -L 16 "$T/a.shard"
 expect_err data_contradicts 1 "seq_len 16) is not the checkpoint's" dsv3-train -c $CFG -d "$T/l16" -o "$T/full" --steps 9 --resume
+expect_err seed_contradicts 1 "seed 7 is not the seed 0" dsv3-train $A -o "$T/full" --steps 9 --resume -s 7
 check refused_before_any_step test "$(field step "$T/full/metrics.jsonl" | tail -n 1)" = $((2 * n))
 expect_err init_contradicts 1 "contradicts" dsv3-train -c "$T/other.json" -d "$T/data" -o "$T/bad" --steps 1 --init-from "$T/of/step-000030"
 check init_no_folder test ! -e "$T/bad"
