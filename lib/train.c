@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -165,6 +166,9 @@ static int enqueue(trainer *t, const loader_batch *b, dsv3_err *e)
         size_t off = (size_t)r * L;
         int32_t *ids = t->q.ids + t->q.n * L, *tgt = t->q.tgt + t->q.n * L;
         if (t->o->sft) {
+            /* HOOK(model-segments): once model_forward masks attention by segment and takes
+             * per-token positions, the row can stay whole (segments and positions restarting
+             * per document from b->segment) instead of one padded row per document. */
             int n = train_sft_unpack(b->tokens + off, b->targets + off, b->mask + off,
                                      b->segment + off, L, t->o->sft_user_id,
                                      t->o->sft_assistant_id, ids, tgt);
@@ -655,10 +659,18 @@ static json_t *real_or_null(double x)
     return isfinite(x) ? json_real(x) : json_null();
 }
 
+/* Peak resident memory of the process so far, in MiB (Linux reports ru_maxrss in KiB). */
+static double peak_rss_mib(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) ? 0 : (double)ru.ru_maxrss / 1024.0;
+}
+
 static int report_step(trainer *t, const step_out *so, dsv3_err *e)
 {
     const train_opts *o = t->o;
     double tps = so->seconds > 0 ? (double)(so->seqs * t->L) / so->seconds : 0, worst;
+    double rss = peak_rss_mib();
     json_t *load = load_stats(t, &worst);
     if (o->log) {
         char rate[32], total[48] = "";
@@ -666,8 +678,8 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
         if (o->max_steps)
             snprintf(total, sizeof total, "/%" PRIu64, o->max_steps);
         fprintf(o->log, "step %" PRIu64 "%s  loss %.6f  lr %.3e  gnorm %.4f  tok/s %s  "
-                "load max/mean %.2f%s\n", t->st.step, total, so->loss, so->lr, so->norm, rate,
-                worst, so->skipped ? "  SKIPPED (non-finite)" : "");
+                "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, so->lr,
+                so->norm, rate, worst, rss, so->skipped ? "  SKIPPED (non-finite)" : "");
     }
     json_t *j = json_object();
     json_object_set_new(j, "step", json_integer((json_int_t)t->st.step));
@@ -683,6 +695,7 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_object_set_new(j, "mtp_weight", json_real(so->mtp_weight));
     json_object_set_new(j, "alpha", json_real(o->alpha));
     json_object_set_new(j, "skipped", json_boolean(so->skipped));
+    json_object_set_new(j, "max_rss_mib", json_real(rss));
     json_object_set_new(j, "expert_load", load);
     return metrics_write(&t->met, j, e);
 }

@@ -65,6 +65,14 @@ check accumulation_same_loss awk -v a="$(field loss "$T/b4/metrics.jsonl")" -v b
 check accumulation_same_grad_norm awk -v a="$(field grad_norm "$T/b4/metrics.jsonl")" -v b="$(field grad_norm "$T/b1/metrics.jsonl")" \
     'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d < 1e-4 * a) }'
 
+# Batch-size ramp 2 -> 8 sequences over 4 steps, in multiples of the micro-batch: 2 + 6x/4
+# rounded down to even; the global batch in tokens (128 / 32 = 4 sequences).
+expect ramp 0 dsv3-train -c $CFG -d "$T/data" -b 2 -g 8 --batch-ramp 2:4 --quiet -o "$T/ramp" --steps 6
+check ramp_batches test "$(field batch_sequences "$T/ramp/metrics.jsonl" | tr '\n' ' ')" = "2 2 4 6 8 8 "
+check ramp_tokens test "$(field tokens "$T/ramp/metrics.jsonl" | tail -n 1)" = $(( (2 + 2 + 4 + 6 + 8 + 8) * 32 ))
+expect batch_tokens 0 dsv3-train -c $CFG -d "$T/data" -b 2 --global-batch-tokens 128 --quiet -o "$T/gbt" --steps 1
+check batch_tokens_sequences test "$(field batch_sequences "$T/gbt/metrics.jsonl")" = 4
+
 # SIGTERM at a random step: exit 0 with a checkpoint of that step; resuming to two steps
 # further equals an uninterrupted run of as many steps.
 dsv3-train $A -o "$T/sig" --steps 100000 2>"$T/sig.err" &
