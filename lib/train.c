@@ -159,7 +159,10 @@ static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
 static int enqueue(trainer *t, const loader_batch *b, dsv3_err *e)
 {
     uint32_t L = t->L;
-    size_t need = t->o->sft ? (size_t)b->rows * L : b->rows;
+    size_t need = b->rows;
+    if (t->o->sft)   /* one row per segment at most: segments are numbered from 0 per row */
+        for (uint32_t r = 0; r < b->rows; r++)
+            need += b->segment[(size_t)r * L + L - 1];
     if (rowq_reserve(&t->q, need, L))
         return err_set(e, "out of memory for batch rows");
     for (uint32_t r = 0; r < b->rows; r++) {

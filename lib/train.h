@@ -78,8 +78,9 @@ void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, 
  * segment (at the last position of the record: assumed so) and it is a response token.
  * Response tokens: inside a segment, those after a token equal to assistant_id and before
  * the next user_id; marker tokens themselves are prompt; a segment starts in the prompt.
- * Rows without a counted target are left out. Writes up to L rows to ids/targets (each
- * L long); returns the number written. */
+ * Rows without a counted target are left out. Writes at most one row per segment (segment
+ * numbers ascend from 0 in a loader row: segment[L-1] + 1 rows), each L long, to ids/tgt;
+ * returns the number written, -1 when out of memory. */
 int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
                      const uint32_t *segment, uint32_t L, int64_t user_id,
                      int64_t assistant_id, int32_t *ids, int32_t *tgt);
