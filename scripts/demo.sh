@@ -45,4 +45,10 @@ rm -rf "$OUT/packed"
 step "model configs: checked, with total and activated parameter counts"
 "$BIN/dsv3-config" configs/*.json
 
+step "train: the tiny config on the packed corpus, 24 updates on the CPU, eval every 12"
+rm -rf "$OUT/run"
+"$BIN/dsv3-train" -c configs/tiny.json -d "$OUT/packed" -o "$OUT/run" -b 2 -g 2 --steps 24 \
+    --lr 3e-3 --warmup 5 --eval-every 12 --eval-batches 2 --save-every 12
+ls "$OUT/run"
+
 printf '\ndemo done: outputs in %s\n' "$OUT"

@@ -1,0 +1,349 @@
+/* dsv3-train: pre-training and fine-tuning of a DeepSeek-V3-architecture model. */
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../lib/cli.h"
+#include "../lib/train.h"
+
+static const cli_program PROG = {
+    "dsv3-train",
+    "Usage: dsv3-train -c CONFIG -d DATA -o RUN --steps N|--tokens N [OPTION]...\n"
+    "Train a DeepSeek-V3-architecture model on a folder packed by dsv3-pack. RUN gets\n"
+    "checkpoints step-NNNNNN/ (HF weights, optimizer state, state.json), `latest`,\n"
+    "metrics.jsonl, config.json and command.txt (docs/train-format.md).\n"
+    "\n"
+    "Model and data:\n"
+    "  -c, --config=FILE        model config.json (HF DeepseekV3Config fields); with\n"
+    "                           --init-from or --resume, checked against the model's\n"
+    "  -d, --data=DIR           packed folder (dsv3-pack -o DIR)\n"
+    "  -o, --output=DIR         run folder; must be new or empty unless --resume or --force\n"
+    "      --init-from=DIR      start from a converted HF checkpoint (config.json +\n"
+    "                           model.safetensors) instead of a random initialisation\n"
+    "      --init-std=X         std of the random initialisation (default: the config's\n"
+    "                           initializer_range; DeepSeek-V3 used 0.006)\n"
+    "      --device=cpu         where the math runs (cpu: the only backend built so far)\n"
+    "\n"
+    "Batch and length of the run:\n"
+    "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
+    "  -g, --global-batch=N     sequences per update, a multiple of --batch; the rest is\n"
+    "                           gradient accumulation (default: --batch)\n"
+    "      --global-batch-tokens=N  the same in tokens, rounded down to whole micro-batches\n"
+    "      --batch-ramp=FIRST:SPAN  start with FIRST sequences per update, growing linearly to\n"
+    "                           the global batch over SPAN (in --unit)\n"
+    "      --steps=N            stop after N updates\n"
+    "      --tokens=N           stop once N tokens are consumed\n"
+    "\n"
+    "Optimizer and schedules (positions in --unit):\n"
+    "      --unit=steps|tokens  unit of the positions below (default steps)\n"
+    "      --lr=X               peak learning rate (default 1e-3)\n"
+    "      --warmup=N           linear warm-up length (default 0)\n"
+    "      --decay-start=N      cosine decay from the peak starts here (default: no decay)\n"
+    "      --decay-end=N        ... and reaches --final-lr here\n"
+    "      --final-lr=X         rate after the decay (default: lr/10)\n"
+    "      --tail-start=N, --tail-lr=X  a last constant rate from N on\n"
+    "      --weight-decay=X     AdamW decay of 2-D tensors (default 0.1; never on norms)\n"
+    "      --beta1=X, --beta2=X AdamW betas (default 0.9, 0.95); moments kept in BF16\n"
+    "      --clip=X             global gradient-norm limit (default 1.0; 0: none)\n"
+    "      --gamma=X            expert-bias update speed (default 0.001)\n"
+    "      --gamma-until=N      gamma is 0 from N on (default: never)\n"
+    "      --mtp-weight=A[,B]   MTP loss weight lambda, B from --mtp-switch on (0.3,0.1)\n"
+    "      --mtp-switch=N       where lambda changes to B (default: never)\n"
+    "      --balance-alpha=X    sequence-wise balance loss weight (default 0.0001)\n"
+    "      --skip-nonfinite     skip an update whose loss or gradient is NaN or infinite\n"
+    "                           (counted) instead of stopping with status 1\n"
+    "\n"
+    "Evaluation, checkpoints, resume:\n"
+    "      --eval-every=N       mean loss on the val split every N updates\n"
+    "      --eval-batches=N     micro-batches per evaluation (default 4)\n"
+    "      --save-every=N       checkpoint every N updates (and always at the end)\n"
+    "      --keep=K             keep the newest K checkpoints (default 3; 0: all)\n"
+    "      --resume             continue from RUN's newest checkpoint (start fresh when it\n"
+    "                           has none), bit for bit as if never interrupted\n"
+    "      --force              start over in a RUN that holds another run\n"
+    "  -s, --seed=N             seed of the initialisation and the data order (default 0)\n"
+    "\n"
+    "Fine-tuning:\n"
+    "      --sft                supervised fine-tuning: loss only on response tokens, and no\n"
+    "                           attention across the documents packed in a record\n"
+    "      --sft-assistant-id=N token that starts a response (required with --sft)\n"
+    "      --sft-user-id=N      token that starts a user turn (ends a response)\n"
+    "\n"
+    "      --quiet              no per-step lines\n"
+    "      --help, --version\n"
+    "\n"
+    "SIGTERM or SIGUSR1 (Slurm's notice before preemption): the current update finishes, a\n"
+    "checkpoint is written and the program exits 0; run again with --resume.\n"
+    "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
+    "See dsv3-train(1).\n",
+};
+
+enum {
+    OPT_DEVICE = 0x2000, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
+    OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
+    OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
+    OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_SKIP, OPT_EVAL_EVERY,
+    OPT_EVAL_BATCHES, OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_FORCE, OPT_SFT, OPT_SFT_ASSIST,
+    OPT_SFT_USER,
+};
+
+/* Set by SIGTERM/SIGUSR1; the trainer checks it after each update. */
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+static uint64_t parse_u64(const char *opt, const char *s, uint64_t min, uint64_t max)
+{
+    dsv3_err e;
+    uint64_t v;
+    if (cli_parse_u64(opt, s, min, max, &v, &e))
+        cli_usage(&PROG, "%s", e.msg);
+    return v;
+}
+
+static double parse_double(const char *opt, const char *s, double min, double max)
+{
+    dsv3_err e;
+    double v;
+    if (cli_parse_double(opt, s, min, max, &v, &e))
+        cli_usage(&PROG, "%s", e.msg);
+    return v;
+}
+
+/* The command line as one shell-readable line, for RUN/command.txt. */
+static char *join_args(int argc, char **argv)
+{
+    size_t n = 1;
+    for (int i = 0; i < argc; i++)
+        n += 4 * strlen(argv[i]) + 3;
+    char *s = malloc(n), *p = s;
+    if (!s)
+        return NULL;
+    for (int i = 0; i < argc; i++) {
+        int plain = argv[i][0] && !argv[i][strcspn(argv[i], " \t\n'\"\\$`*?&;|<>()")];
+        if (i)
+            *p++ = ' ';
+        if (plain) {
+            p = stpcpy(p, argv[i]);
+            continue;
+        }
+        *p++ = '\'';
+        for (const char *c = argv[i]; *c; c++)
+            p = *c == '\'' ? stpcpy(p, "'\\''") : (*p = *c, p + 1);
+        *p++ = '\'';
+    }
+    *p = 0;
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"data", required_argument, NULL, 'd'},
+        {"output", required_argument, NULL, 'o'},
+        {"batch", required_argument, NULL, 'b'},
+        {"global-batch", required_argument, NULL, 'g'},
+        {"seed", required_argument, NULL, 's'},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"init-from", required_argument, NULL, OPT_INIT_FROM},
+        {"init-std", required_argument, NULL, OPT_INIT_STD},
+        {"global-batch-tokens", required_argument, NULL, OPT_GB_TOKENS},
+        {"batch-ramp", required_argument, NULL, OPT_RAMP},
+        {"steps", required_argument, NULL, OPT_STEPS},
+        {"tokens", required_argument, NULL, OPT_TOKENS},
+        {"unit", required_argument, NULL, OPT_UNIT},
+        {"lr", required_argument, NULL, OPT_LR},
+        {"warmup", required_argument, NULL, OPT_WARMUP},
+        {"decay-start", required_argument, NULL, OPT_DECAY_START},
+        {"decay-end", required_argument, NULL, OPT_DECAY_END},
+        {"final-lr", required_argument, NULL, OPT_FINAL_LR},
+        {"tail-start", required_argument, NULL, OPT_TAIL_START},
+        {"tail-lr", required_argument, NULL, OPT_TAIL_LR},
+        {"weight-decay", required_argument, NULL, OPT_WD},
+        {"beta1", required_argument, NULL, OPT_BETA1},
+        {"beta2", required_argument, NULL, OPT_BETA2},
+        {"clip", required_argument, NULL, OPT_CLIP},
+        {"gamma", required_argument, NULL, OPT_GAMMA},
+        {"gamma-until", required_argument, NULL, OPT_GAMMA_UNTIL},
+        {"mtp-weight", required_argument, NULL, OPT_MTP},
+        {"mtp-switch", required_argument, NULL, OPT_MTP_SWITCH},
+        {"balance-alpha", required_argument, NULL, OPT_ALPHA},
+        {"skip-nonfinite", no_argument, NULL, OPT_SKIP},
+        {"eval-every", required_argument, NULL, OPT_EVAL_EVERY},
+        {"eval-batches", required_argument, NULL, OPT_EVAL_BATCHES},
+        {"save-every", required_argument, NULL, OPT_SAVE_EVERY},
+        {"keep", required_argument, NULL, OPT_KEEP},
+        {"resume", no_argument, NULL, OPT_RESUME},
+        {"force", no_argument, NULL, OPT_FORCE},
+        {"sft", no_argument, NULL, OPT_SFT},
+        {"sft-assistant-id", required_argument, NULL, OPT_SFT_ASSIST},
+        {"sft-user-id", required_argument, NULL, OPT_SFT_USER},
+        CLI_COMMON_OPTIONS,
+        {NULL, 0, NULL, 0},
+    };
+    train_opts o;
+    train_opts_default(&o);
+    cli_common common = {PROGRESS_AUTO, 0};
+    int have_final_lr = 0, unit_tokens = 0;
+    const char *ramp = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, "c:d:o:b:g:s:", longopts, NULL)) != -1) {
+        if (cli_common_option(&PROG, c, &common))
+            continue;
+        switch (c) {
+        case 'c': o.config = optarg; break;
+        case 'd': o.data = optarg; break;
+        case 'o': o.run = optarg; break;
+        case 'b': o.micro_batch = (uint32_t)parse_u64("--batch", optarg, 1, 1u << 20); break;
+        case 'g': o.global_batch = parse_u64("--global-batch", optarg, 1, 1ull << 40); break;
+        case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") == 0)
+                break;
+            if (strcmp(optarg, "cuda") == 0)
+                cli_failf(&PROG, "--device cuda: the GPU backend is not built yet; use "
+                          "--device cpu");
+            cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+        case OPT_INIT_FROM: o.init_from = optarg; break;
+        case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
+        case OPT_GB_TOKENS:
+            o.global_tokens = parse_u64("--global-batch-tokens", optarg, 1, 1ull << 50);
+            break;
+        case OPT_RAMP: ramp = optarg; break;
+        case OPT_STEPS: o.max_steps = parse_u64("--steps", optarg, 1, INT64_MAX); break;
+        case OPT_TOKENS: o.max_tokens = parse_u64("--tokens", optarg, 1, INT64_MAX); break;
+        case OPT_UNIT:
+            if (strcmp(optarg, "steps") && strcmp(optarg, "tokens"))
+                cli_usage(&PROG, "--unit: expected steps or tokens, got '%s'", optarg);
+            unit_tokens = strcmp(optarg, "tokens") == 0;
+            break;
+        case OPT_LR: o.lr.peak = parse_double("--lr", optarg, 0, 1e6); break;
+        case OPT_WARMUP: o.lr.warmup = (double)parse_u64("--warmup", optarg, 0, INT64_MAX); break;
+        case OPT_DECAY_START:
+            o.lr.decay_start = (double)parse_u64("--decay-start", optarg, 0, INT64_MAX);
+            break;
+        case OPT_DECAY_END:
+            o.lr.decay_end = (double)parse_u64("--decay-end", optarg, 1, INT64_MAX);
+            break;
+        case OPT_FINAL_LR:
+            o.lr.final = parse_double("--final-lr", optarg, 0, 10);
+            have_final_lr = 1;
+            break;
+        case OPT_TAIL_START:
+            o.lr.tail_start = (double)parse_u64("--tail-start", optarg, 1, INT64_MAX);
+            break;
+        case OPT_TAIL_LR: o.lr.tail = parse_double("--tail-lr", optarg, 0, 10); break;
+        case OPT_WD: o.adam.weight_decay = parse_double("--weight-decay", optarg, 0, 10); break;
+        case OPT_BETA1: o.adam.beta1 = parse_double("--beta1", optarg, 0, 0.999999); break;
+        case OPT_BETA2: o.adam.beta2 = parse_double("--beta2", optarg, 0, 0.999999); break;
+        case OPT_CLIP: o.clip = parse_double("--clip", optarg, 0, 1e9); break;
+        case OPT_GAMMA: o.gamma.before = parse_double("--gamma", optarg, 0, 1); break;
+        case OPT_GAMMA_UNTIL:
+            o.gamma.at = (double)parse_u64("--gamma-until", optarg, 1, INT64_MAX);
+            break;
+        case OPT_MTP: {
+            char *comma = strchr(optarg, ',');
+            if (comma)
+                *comma = 0;
+            o.mtp_weight.before = parse_double("--mtp-weight", optarg, 0, 100);
+            o.mtp_weight.after = comma ? parse_double("--mtp-weight", comma + 1, 0, 100)
+                                       : o.mtp_weight.before;
+            break;
+        }
+        case OPT_MTP_SWITCH:
+            o.mtp_weight.at = (double)parse_u64("--mtp-switch", optarg, 1, INT64_MAX);
+            break;
+        case OPT_ALPHA: o.alpha = parse_double("--balance-alpha", optarg, 0, 100); break;
+        case OPT_SKIP: o.skip_nonfinite = 1; break;
+        case OPT_EVAL_EVERY: o.eval_every = parse_u64("--eval-every", optarg, 1, INT64_MAX); break;
+        case OPT_EVAL_BATCHES:
+            o.eval_batches = parse_u64("--eval-batches", optarg, 1, 1u << 30);
+            break;
+        case OPT_SAVE_EVERY: o.save_every = parse_u64("--save-every", optarg, 1, INT64_MAX); break;
+        case OPT_KEEP: o.keep = (int)parse_u64("--keep", optarg, 0, 1000000); break;
+        case OPT_RESUME: o.resume = 1; break;
+        case OPT_FORCE: o.force = 1; break;
+        case OPT_SFT: o.sft = 1; break;
+        case OPT_SFT_ASSIST:
+            o.sft_assistant_id = (int64_t)parse_u64("--sft-assistant-id", optarg, 0, UINT32_MAX);
+            break;
+        case OPT_SFT_USER:
+            o.sft_user_id = (int64_t)parse_u64("--sft-user-id", optarg, 0, UINT32_MAX);
+            break;
+        default:
+            cli_usage(&PROG, "unexpected option");
+        }
+    }
+    if (optind < argc)
+        cli_usage(&PROG, "unexpected argument '%s'", argv[optind]);
+    if (!o.data)
+        cli_usage(&PROG, "missing --data DIR");
+    if (!o.run)
+        cli_usage(&PROG, "missing --output DIR");
+    if (!o.config && !o.init_from && !o.resume)
+        cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    if (!o.max_steps && !o.max_tokens)
+        cli_usage(&PROG, "missing --steps N or --tokens N");
+    if (o.global_batch && o.global_tokens)
+        cli_usage(&PROG, "--global-batch and --global-batch-tokens exclude each other");
+    if (o.global_batch && o.global_batch % o.micro_batch)
+        cli_usage(&PROG, "--global-batch %" PRIu64 " is not a multiple of --batch %u",
+                  o.global_batch, o.micro_batch);
+    if (o.sft && o.sft_assistant_id < 0)
+        cli_usage(&PROG, "--sft needs --sft-assistant-id");
+    if (!o.sft && (o.sft_assistant_id >= 0 || o.sft_user_id >= 0))
+        cli_usage(&PROG, "--sft-assistant-id and --sft-user-id need --sft");
+    if (o.init_from && o.resume)
+        cli_usage(&PROG, "--init-from and --resume exclude each other (a resume takes the "
+                  "checkpoint's weights)");
+    sched_unit u = unit_tokens ? SCHED_TOKENS : SCHED_STEPS;
+    o.lr.unit = o.gamma.unit = o.mtp_weight.unit = o.ramp_unit = u;
+    if (!have_final_lr)
+        o.lr.final = o.lr.peak / 10;
+    if (o.lr.decay_end > 0 && o.lr.decay_start == 0)
+        o.lr.decay_start = o.lr.warmup;
+    char why[200];
+    if (sched_lr_check(&o.lr, why, sizeof why))
+        cli_usage(&PROG, "learning-rate schedule: %s", why);
+    if (ramp) {
+        char *colon = strchr(ramp, ':');
+        if (!colon)
+            cli_usage(&PROG, "--batch-ramp: expected FIRST:SPAN, got '%s'", ramp);
+        *colon = 0;
+        o.ramp_first = parse_u64("--batch-ramp", ramp, 1, 1ull << 40);
+        o.ramp_span = (double)parse_u64("--batch-ramp", colon + 1, 1, INT64_MAX);
+    }
+    const char *crash = getenv("DSV3_TRAIN_CRASH_IN_SAVE");  /* test aid, see train.h */
+    if (crash)
+        o.crash_in_save = atoi(crash);
+    o.log = common.quiet ? NULL : stderr;
+    char *command = join_args(argc, argv);
+    o.command = command;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sa.sa_flags = SA_RESTART;  /* I/O in progress completes; the flag is read after the step */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    o.stop = &stop_requested;
+
+    train_result r;
+    dsv3_err e;
+    int rc = train_run(&o, &r, &e);
+    free(command);
+    if (rc)
+        cli_fail(&PROG, &e);
+    if (!common.quiet)
+        fprintf(stderr, "dsv3-train: %s after step %" PRIu64 " (%" PRIu64 " tokens), loss %.6f; "
+                "checkpoint %s/%s\n", r.stopped ? "stopped by a signal" : "done", r.step,
+                r.tokens, r.loss, o.run, r.checkpoint[0] ? r.checkpoint : "(none)");
+    return CLI_EXIT_OK;
+}

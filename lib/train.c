@@ -1,0 +1,770 @@
+/* train: the training loop (see train.h). */
+#include "train.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "metrics.h"
+#include "progress.h"
+#include "trainckpt.h"
+
+void train_opts_default(train_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->micro_batch = 4;
+    o->ramp_unit = SCHED_TOKENS;
+    o->lr = (sched_lr){SCHED_STEPS, 1e-3, 1e-4, 0, 0, 0, 0, 0};
+    o->gamma = (sched_switch){SCHED_TOKENS, 0.001, 0.0, 0};
+    o->mtp_weight = (sched_switch){SCHED_TOKENS, 0.3, 0.1, 0};
+    o->alpha = 0.0001;
+    optim_params_default(&o->adam);
+    o->clip = 1.0;
+    o->eval_batches = 4;
+    o->keep = 3;
+    o->sft_user_id = o->sft_assistant_id = -1;
+}
+
+/* ---- pieces with their own tests ---- */
+
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma)
+{
+    const dsv3_config *c = &m->cfg;
+    int E = c->n_routed_experts;
+    /* As model_balance_update: mean load = tokens*K/E, compared as load_i*E vs tokens*K. */
+    int64_t total = tokens * c->num_experts_per_tok;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (!config_layer_is_moe(c, l))
+            continue;
+        float *b = m->w.layers[l].router_bias;
+        const int64_t *load = counts + (size_t)l * E;
+        for (int i = 0; i < E; i++) {
+            int64_t d = total - load[i] * E;
+            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
+        }
+    }
+}
+
+int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                     const uint32_t *segment, uint32_t L, int64_t user_id,
+                     int64_t assistant_id, int32_t *ids, int32_t *tgt)
+{
+    /* resp[j]: token j (j = L: the last target) is a response token. */
+    uint8_t *resp = malloc((size_t)L + 1);
+    if (!resp)
+        return -1;
+    int in_resp = 0;
+    for (uint32_t j = 0; j <= L; j++) {
+        if (j < L && (j == 0 || segment[j] != segment[j - 1]))
+            in_resp = 0;
+        int64_t tok = j < L ? tokens[j] : targets[L - 1];
+        if (tok == user_id) {
+            in_resp = 0;
+            resp[j] = 0;
+        } else if (tok == assistant_id) {
+            in_resp = 1;
+            resp[j] = 0;
+        } else
+            resp[j] = (uint8_t)in_resp;
+    }
+    int rows = 0;
+    for (uint32_t a = 0; a < L;) {
+        uint32_t end = a + 1;
+        while (end < L && segment[end] == segment[a])
+            end++;
+        int32_t *ri = ids + (size_t)rows * L, *rt = tgt + (size_t)rows * L;
+        int counted = 0;
+        for (uint32_t i = a; i < end; i++) {
+            int same_doc = i + 1 < end || end == L;
+            int use = mask[i] && same_doc && resp[i + 1];
+            ri[i - a] = (int32_t)tokens[i];
+            rt[i - a] = use ? (int32_t)targets[i] : -1;
+            counted += use;
+        }
+        for (uint32_t i = end - a; i < L; i++) {
+            ri[i] = 0;
+            rt[i] = -1;
+        }
+        rows += counted > 0;
+        a = end;
+    }
+    free(resp);
+    return rows;
+}
+
+/* ---- the trainer ---- */
+
+/* Rows waiting to be run: B at a time go into a forward. */
+typedef struct rowq {
+    int32_t *ids, *tgt;
+    size_t n, cap;  /* rows */
+} rowq;
+
+/* Sums of one update (or one evaluation) over its forwards. */
+typedef struct accum {
+    double loss_sum;   /* sum over forwards of mean loss * counted targets */
+    int64_t n;         /* counted targets */
+    int64_t prev_n;    /* counted targets of the last backward: the scale grads carry */
+    int64_t routed;    /* tokens through the router (every position of every forward) */
+} accum;
+
+typedef struct trainer {
+    const train_opts *o;
+    dsv3_model m;
+    int have_model;
+    optim opt;
+    loader *train, *val;
+    model_acts *acts;
+    metrics met;
+    train_state st;
+    uint32_t B, L;
+    uint64_t seqs;        /* the global batch in sequences (after the ramp: its final value) */
+    sched_ramp ramp;
+    int32_t *ids, *tgt;   /* one forward: B x L */
+    rowq q;
+    int64_t *counts, *tmp_counts;  /* [layers][E] */
+    int n_saves;
+    char tokenizer_id[17];
+    uint64_t data_vocab, val_records;
+} trainer;
+
+static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
+{
+    if (q->n + rows <= q->cap)
+        return 0;
+    size_t cap = q->cap ? q->cap : 16;
+    while (cap < q->n + rows)
+        cap *= 2;
+    int32_t *a = realloc(q->ids, cap * L * sizeof *a);
+    if (!a)
+        return -1;
+    q->ids = a;
+    int32_t *b = realloc(q->tgt, cap * L * sizeof *b);
+    if (!b)
+        return -1;
+    q->tgt = b;
+    q->cap = cap;
+    return 0;
+}
+
+/* One loader batch into the queue: as is (targets -1 where the mask is 0), or as SFT rows. */
+static int enqueue(trainer *t, const loader_batch *b, dsv3_err *e)
+{
+    uint32_t L = t->L;
+    size_t need = b->rows;
+    if (t->o->sft)   /* one row per segment at most: segments are numbered from 0 per row */
+        for (uint32_t r = 0; r < b->rows; r++)
+            need += b->segment[(size_t)r * L + L - 1];
+    if (rowq_reserve(&t->q, need, L))
+        return err_set(e, "out of memory for batch rows");
+    for (uint32_t r = 0; r < b->rows; r++) {
+        size_t off = (size_t)r * L;
+        int32_t *ids = t->q.ids + t->q.n * L, *tgt = t->q.tgt + t->q.n * L;
+        if (t->o->sft) {
+            /* HOOK(model-segments): once model_forward masks attention by segment and takes
+             * per-token positions, the row can stay whole (segments and positions restarting
+             * per document from b->segment) instead of one padded row per document. */
+            int n = train_sft_unpack(b->tokens + off, b->targets + off, b->mask + off,
+                                     b->segment + off, L, t->o->sft_user_id,
+                                     t->o->sft_assistant_id, ids, tgt);
+            if (n < 0)
+                return err_set(e, "out of memory");
+            t->q.n += (size_t)n;
+            continue;
+        }
+        for (uint32_t i = 0; i < L; i++) {
+            ids[i] = (int32_t)b->tokens[off + i];
+            tgt[i] = b->mask[off + i] ? (int32_t)b->targets[off + i] : -1;
+        }
+        t->q.n++;
+    }
+    return 0;
+}
+
+/* Takes up to B rows off the front of the queue into t->ids/t->tgt, padding with empty rows. */
+static void dequeue(trainer *t)
+{
+    size_t L = t->L, take = t->q.n < t->B ? t->q.n : t->B;
+    memcpy(t->ids, t->q.ids, take * L * sizeof *t->ids);
+    memcpy(t->tgt, t->q.tgt, take * L * sizeof *t->tgt);
+    for (size_t i = take * L; i < (size_t)t->B * L; i++) {
+        t->ids[i] = 0;
+        t->tgt[i] = -1;
+    }
+    memmove(t->q.ids, t->q.ids + take * L, (t->q.n - take) * L * sizeof *t->ids);
+    memmove(t->q.tgt, t->q.tgt + take * L, (t->q.n - take) * L * sizeof *t->tgt);
+    t->q.n -= take;
+}
+
+static void scale_grads(dsv3_model *m, float f)
+{
+    for (size_t i = 0; i < m->n_params; i++)
+        m->grads[i] *= f;
+}
+
+/* One forward (and backward) of the B rows in t->ids/t->tgt. The gradient of an update is
+ * sum_i (n_i/N) g_i over its forwards (g_i: the gradient of forward i's mean loss, n_i its
+ * counted targets); model_backward adds plain g_i, so before each backward the sum so far
+ * is rescaled by n_prev/n_i and at the end by n_last/N (finish). */
+static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
+{
+    int64_t n = 0;
+    for (size_t i = 0; i < (size_t)t->B * t->L; i++)
+        n += t->tgt[i] >= 0;
+    if (!n)
+        return 0;
+    float loss;
+    if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
+        return -1;
+    a->loss_sum += (double)loss * (double)n;
+    a->n += n;
+    if (!backward)
+        return 0;
+    const dsv3_config *c = &t->m.cfg;
+    int E = c->n_routed_experts;
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        if (model_expert_load(&t->m, t->acts, l, t->tmp_counts) == 0)
+            for (int i = 0; i < E; i++)
+                t->counts[(size_t)l * E + i] += t->tmp_counts[i];
+    a->routed += (int64_t)t->B * t->L;
+    if (a->prev_n && a->prev_n != n)
+        scale_grads(&t->m, (float)((double)a->prev_n / (double)n));
+    if (model_backward(&t->m, t->acts, t->ids, t->tgt, e))
+        return -1;
+    a->prev_n = n;
+    return 0;
+}
+
+/* Runs `records` records of loader l (a multiple of B) through forwards. */
+static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int backward,
+                       dsv3_err *e)
+{
+    while (records > 0 || t->q.n > 0) {
+        while (t->q.n < t->B && records > 0) {
+            const loader_batch *b;
+            if (loader_next(l, &b, e) || enqueue(t, b, e))
+                return -1;
+            records -= t->B;
+        }
+        dequeue(t);
+        if (forward(t, a, backward, e))
+            return -1;
+    }
+    return 0;
+}
+
+/* HOOK(model-mtp, model-seq-aux): the MTP loss weight lambda and the sequence-wise balance
+ * loss weight alpha of this step reach the model here once lib/model has them (being added
+ * on the model branch), e.g. `m->mtp_weight = (float)mtp_weight; m->seq_aux_alpha = ...`.
+ * Until then they are scheduled and recorded in metrics.jsonl, not applied. */
+static void set_loss_weights(dsv3_model *m, double mtp_weight, double alpha)
+{
+    (void)m;
+    (void)mtp_weight;
+    (void)alpha;
+}
+
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* ---- setup ---- */
+
+static int read_manifest(trainer *t, dsv3_err *e)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/manifest.json", t->o->data);
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j) {
+        struct stat sb;
+        if (stat(t->o->data, &sb))
+            return err_errno(e, "%s: cannot open the data folder", t->o->data);
+        return err_set(e, "%s: %s (line %d)", path, je.text, je.line);
+    }
+    json_t *tid = json_object_get(j, "tokenizer_id"), *v = json_object_get(j, "vocab_size");
+    json_t *counts = json_object_get(j, "counts");
+    json_t *vs = counts ? json_object_get(counts, "val_sequences") : NULL;
+    int rc = 0;
+    if (!json_is_string(tid) || strlen(json_string_value(tid)) != 16 || !json_is_integer(v) ||
+        json_integer_value(v) < 0)
+        rc = err_set(e, "%s: no tokenizer_id or vocab_size", path);
+    else {
+        snprintf(t->tokenizer_id, sizeof t->tokenizer_id, "%s", json_string_value(tid));
+        t->data_vocab = (uint64_t)json_integer_value(v);
+        t->val_records = json_is_integer(vs) ? (uint64_t)json_integer_value(vs) : 0;
+    }
+    json_decref(j);
+    return rc;
+}
+
+/* The fields that shape the model or its function; names as in config.json. */
+static int config_differs(const dsv3_config *a, const dsv3_config *b, char *what, size_t n)
+{
+#define INT_FIELD(f)                                                                       \
+    if (a->f != b->f)                                                                      \
+        return snprintf(what, n, #f " %d vs %d", a->f, b->f), 1;
+#define DBL_FIELD(f)                                                                       \
+    if (a->f != b->f)                                                                      \
+        return snprintf(what, n, #f " %g vs %g", a->f, b->f), 1;
+    INT_FIELD(vocab_size) INT_FIELD(hidden_size) INT_FIELD(intermediate_size)
+    INT_FIELD(moe_intermediate_size) INT_FIELD(num_hidden_layers) INT_FIELD(num_attention_heads)
+    INT_FIELD(q_lora_rank) INT_FIELD(kv_lora_rank) INT_FIELD(qk_nope_head_dim)
+    INT_FIELD(qk_rope_head_dim) INT_FIELD(v_head_dim) INT_FIELD(n_shared_experts)
+    INT_FIELD(n_routed_experts) INT_FIELD(num_experts_per_tok) INT_FIELD(n_group)
+    INT_FIELD(topk_group) DBL_FIELD(routed_scaling_factor) INT_FIELD(norm_topk_prob)
+    INT_FIELD(first_k_dense_replace) DBL_FIELD(rms_norm_eps) INT_FIELD(num_nextn_predict_layers)
+    INT_FIELD(tie_word_embeddings) DBL_FIELD(rope_theta) INT_FIELD(rope_interleave)
+    INT_FIELD(rope_yarn) DBL_FIELD(yarn_factor) INT_FIELD(yarn_original_max_position_embeddings)
+    DBL_FIELD(yarn_beta_fast) DBL_FIELD(yarn_beta_slow) DBL_FIELD(yarn_mscale)
+    DBL_FIELD(yarn_mscale_all_dim) DBL_FIELD(yarn_attention_factor) INT_FIELD(yarn_truncate)
+#undef INT_FIELD
+#undef DBL_FIELD
+    return 0;
+}
+
+/* RUN must be new, or empty, unless --force (which removes what a run writes there). */
+static int prepare_fresh_dir(const train_opts *o, dsv3_err *e)
+{
+    DIR *d = opendir(o->run);
+    if (!d)
+        return errno == ENOENT ? 0 : err_errno(e, "%s: cannot open", o->run);
+    struct dirent *de;
+    int used = 0;
+    while ((de = readdir(d)))
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+            used = 1;
+    closedir(d);
+    if (!used || o->resume)   /* --resume without a checkpoint yet: start in place */
+        return 0;
+    if (!o->force)
+        return err_set(e, "%s: the folder holds another run; --resume continues it, --force "
+                       "starts over (removing its checkpoints and metrics)", o->run);
+    char path[4200], name[64];
+    int64_t found;
+    trainckpt_clean(o->run);
+    while ((found = trainckpt_find(o->run, name, sizeof name, e)) == 1) {
+        snprintf(path, sizeof path, "%s/%s", o->run, name);
+        if (trainckpt_remove_dir(path, e))
+            return -1;
+    }
+    if (found < 0)
+        return -1;
+    static const char *files[] = {"latest", "metrics.jsonl", "command.txt", "config.json"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(path, sizeof path, "%s/%s", o->run, files[i]);
+        if (unlink(path) && errno != ENOENT)
+            return err_errno(e, "%s: cannot remove", path);
+    }
+    return 0;
+}
+
+static int check_config_arg(trainer *t, const char *source, dsv3_err *e)
+{
+    if (!t->o->config)
+        return 0;
+    dsv3_config c;
+    if (config_load(&c, t->o->config, e))
+        return -1;
+    char what[200];
+    int differs = config_differs(&c, &t->m.cfg, what, sizeof what);
+    config_free(&c);
+    if (differs)
+        return err_set(e, "%s contradicts %s: %s", t->o->config, source, what);
+    return 0;
+}
+
+static void note(const trainer *t, const char *fmt, const char *arg)
+{
+    if (t->o->log) {
+        fprintf(t->o->log, fmt, arg);
+        fputc('\n', t->o->log);
+    }
+}
+
+/* The model, optimizer and state: from the newest checkpoint with --resume, else fresh
+ * (--init-from or a random initialisation of -c). */
+static int setup_model(trainer *t, train_result *r, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    char name[64] = "", dir[4200];
+    int found = 0;
+    if (o->resume) {
+        trainckpt_clean(o->run);
+        if ((found = trainckpt_find(o->run, name, sizeof name, e)) < 0)
+            return -1;
+        if (!found)
+            note(t, "dsv3-train: no checkpoint in %s yet: starting from step 0", o->run);
+    }
+    if (!found && prepare_fresh_dir(o, e))
+        return -1;
+    if (found) {
+        snprintf(dir, sizeof dir, "%s/%s", o->run, name);
+        if (model_load(&t->m, dir, e))
+            return -1;
+        t->have_model = 1;
+        if (check_config_arg(t, dir, e) || trainckpt_read_state(dir, &t->st, e))
+            return -1;
+        if (strcmp(t->st.tokenizer_id, t->tokenizer_id) || t->st.seq_len != t->L)
+            return err_set(e, "%s: the data (tokenizer %s, seq_len %u) is not the checkpoint's "
+                           "%s (tokenizer %s, seq_len %u)", o->data, t->tokenizer_id, t->L, dir,
+                           t->st.tokenizer_id, t->st.seq_len);
+        /* The data order derives from the seed: another seed would not continue the run. */
+        if (t->st.seed != o->seed)
+            return err_set(e, "--seed %" PRIu64 " is not the seed %" PRIu64 " of the run in %s",
+                           o->seed, t->st.seed, dir);
+        snprintf(r->checkpoint, sizeof r->checkpoint, "%s", name);
+        note(t, "dsv3-train: resuming from %s", dir);
+    } else if (o->init_from) {
+        if (model_load(&t->m, o->init_from, e))
+            return -1;
+        t->have_model = 1;
+        if (check_config_arg(t, o->init_from, e))
+            return -1;
+    } else {
+        dsv3_config c;
+        if (!o->config)
+            return err_set(e, "no model: give -c CONFIG, --init-from DIR or --resume");
+        if (config_load(&c, o->config, e))
+            return -1;
+        int rc = model_init(&t->m, &c, e);
+        config_free(&c);
+        if (rc)
+            return -1;
+        t->have_model = 1;
+        model_init_random(&t->m, o->seed, o->init_std);
+    }
+    if (!found) {
+        memset(&t->st, 0, sizeof t->st);
+        t->st.seed = t->st.rng = o->seed;
+        snprintf(t->st.tokenizer_id, sizeof t->st.tokenizer_id, "%s", t->tokenizer_id);
+        t->st.seq_len = t->L;
+    }
+    if (t->data_vocab > (uint64_t)t->m.cfg.vocab_size)
+        return err_set(e, "%s: the data's vocabulary (%" PRIu64 " tokens) does not fit the "
+                       "model's vocab_size %d (%s)", o->data, t->data_vocab,
+                       t->m.cfg.vocab_size, o->config ? o->config : "the model's config.json");
+    if (optim_init(&t->opt, &t->m, &o->adam, e))
+        return -1;
+    if (found) {
+        snprintf(dir, sizeof dir, "%s/%s/optim.safetensors", o->run, name);
+        if (optim_load(&t->opt, &t->m, dir, e))
+            return -1;
+        if (loader_seek(t->train, t->st.data, e))
+            return err_prefix(e, "%s/%s: data position", o->run, name);
+    }
+    return 0;
+}
+
+/* RUN/config.json and a line of RUN/command.txt: what this run ran with. */
+static int record_run(trainer *t, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    if (mkdir(o->run, 0777) && errno != EEXIST)
+        return err_errno(e, "%s: cannot create", o->run);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", o->run);
+    if (config_save(&t->m.cfg, path, e))
+        return -1;
+    snprintf(path, sizeof path, "%s/command.txt", o->run);
+    FILE *f = fopen(path, "a");
+    if (!f)
+        return err_errno(e, "%s: cannot open", path);
+    fprintf(f, "%s\n", o->command ? o->command : "");
+    if (fclose(f))
+        return err_errno(e, "%s: write failed", path);
+    return 0;
+}
+
+static int setup(trainer *t, train_result *r, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    t->B = o->micro_batch;
+    if (read_manifest(t, e))
+        return -1;
+    if (o->eval_every && !t->val_records)
+        return err_set(e, "%s has no val split: --eval-every needs data packed with "
+                       "dsv3-pack --val", o->data);
+    loader_params lp = {"train", t->B, o->seed, 0, 1, 0};
+    if (loader_open(&t->train, o->data, &lp, e))
+        return -1;
+    t->L = loader_seq_len(t->train);
+    if (setup_model(t, r, e) || record_run(t, e))
+        return -1;
+    if (metrics_open(&t->met, o->run, t->st.step == 0, t->st.step, e))
+        return -1;
+    if (o->eval_every) {
+        loader_params vp = {"val", t->B, o->seed, 0, 1, 0};
+        if (loader_open(&t->val, o->data, &vp, e))
+            return -1;
+    }
+    if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
+        return -1;
+    const dsv3_config *c = &t->m.cfg;
+    size_t nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
+    t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
+    t->tgt = malloc((size_t)t->B * t->L * sizeof *t->tgt);
+    t->counts = calloc(nc, sizeof *t->counts);
+    t->tmp_counts = calloc(nc, sizeof *t->tmp_counts);
+    if (!t->ids || !t->tgt || !t->counts || !t->tmp_counts)
+        return err_set(e, "out of memory");
+    uint64_t seqs = o->global_batch ? o->global_batch
+                                    : o->global_tokens ? o->global_tokens / t->L : t->B;
+    seqs -= seqs % t->B;
+    t->seqs = seqs < t->B ? t->B : seqs;
+    t->ramp = (sched_ramp){o->ramp_unit, o->ramp_first ? o->ramp_first : t->seqs, t->seqs,
+                           o->ramp_first ? o->ramp_span : 0, t->B};
+    if (c->num_nextn_predict_layers > 0)
+        note(t, "dsv3-train: note: %s", "the model has no MTP modules yet: the MTP weight is "
+             "scheduled and recorded, not applied");
+    return 0;
+}
+
+static void teardown(trainer *t)
+{
+    metrics_close(&t->met);
+    model_acts_free(t->acts);
+    if (t->train)
+        loader_close(t->train);
+    if (t->val)
+        loader_close(t->val);
+    optim_free(&t->opt);
+    if (t->have_model)
+        model_free(&t->m);
+    free(t->ids);
+    free(t->tgt);
+    free(t->counts);
+    free(t->tmp_counts);
+    free(t->q.ids);
+    free(t->q.tgt);
+}
+
+/* ---- one update, evaluation, logging ---- */
+
+typedef struct step_out {
+    double loss, lr, norm, seconds, gamma, mtp_weight;
+    uint64_t seqs;
+    int64_t targets;
+    int skipped;
+} step_out;
+
+static int do_step(trainer *t, step_out *so, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    sched_pos p = {t->st.step, t->st.tokens};
+    memset(so, 0, sizeof *so);
+    so->seqs = sched_batch_at(&t->ramp, p);
+    so->lr = sched_lr_at(&o->lr, p, so->seqs * t->L);
+    so->gamma = sched_switch_at(&o->gamma, p);
+    so->mtp_weight = sched_switch_at(&o->mtp_weight, p);
+    set_loss_weights(&t->m, so->mtp_weight, o->alpha);
+    const dsv3_config *c = &t->m.cfg;
+    memset(t->counts, 0, (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ?
+           c->n_routed_experts : 1) * sizeof *t->counts);
+    double t0 = progress_now();
+    model_zero_grad(&t->m);
+    accum a = {0};
+    if (run_records(t, t->train, so->seqs, &a, 1, e))
+        return -1;
+    if (a.n && a.prev_n != a.n)
+        scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
+    so->targets = a.n;
+    so->loss = a.n ? a.loss_sum / (double)a.n : 0;
+    so->norm = optim_grad_norm(&t->m);
+    if (!isfinite(so->loss) || !isfinite(so->norm)) {
+        if (!o->skip_nonfinite)
+            return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
+                           "stopping without saving (the last checkpoint is untouched; "
+                           "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss,
+                           so->norm);
+        so->skipped = 1;
+        t->st.skipped++;
+    } else if (a.n) {
+        optim_clip(&t->m, so->norm, o->clip);
+        optim_step(&t->opt, &t->m, so->lr);
+        train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
+    }
+    t->st.step++;
+    t->st.tokens += so->seqs * t->L;
+    splitmix(&t->st.rng);
+    t->st.data = loader_tell(t->train);
+    so->seconds = progress_now() - t0;
+    return 0;
+}
+
+static int evaluate(trainer *t, double *loss, int64_t *n, dsv3_err *e)
+{
+    accum a = {0};
+    loader_pos start = {0, 0};
+    if (loader_seek(t->val, start, e) ||
+        run_records(t, t->val, t->o->eval_batches * t->B, &a, 0, e))
+        return -1;
+    *loss = a.n ? a.loss_sum / (double)a.n : 0;
+    *n = a.n;
+    return 0;
+}
+
+/* Per MoE layer: max and min load over the mean (1 = perfectly balanced). */
+static json_t *load_stats(const trainer *t, double *worst)
+{
+    const dsv3_config *c = &t->m.cfg;
+    int E = c->n_routed_experts;
+    json_t *layers = json_array(), *mx = json_array(), *mn = json_array(), *raw = json_array();
+    *worst = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        if (!config_layer_is_moe(c, l) || E <= 0)
+            continue;
+        const int64_t *k = t->counts + (size_t)l * E;
+        int64_t sum = 0, hi = k[0], lo = k[0];
+        json_t *row = json_array();
+        for (int i = 0; i < E; i++) {
+            sum += k[i];
+            hi = k[i] > hi ? k[i] : hi;
+            lo = k[i] < lo ? k[i] : lo;
+            json_array_append_new(row, json_integer(k[i]));
+        }
+        double mean = (double)sum / E;
+        double rmax = mean > 0 ? (double)hi / mean : 0, rmin = mean > 0 ? (double)lo / mean : 0;
+        *worst = rmax > *worst ? rmax : *worst;
+        json_array_append_new(layers, json_integer(l));
+        json_array_append_new(mx, json_real(rmax));
+        json_array_append_new(mn, json_real(rmin));
+        json_array_append_new(raw, row);
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "layers", layers);
+    json_object_set_new(o, "max_over_mean", mx);
+    json_object_set_new(o, "min_over_mean", mn);
+    /* Raw counts only while they stay small: 58 layers x 256 experts would be 15K numbers
+     * a line. */
+    if ((size_t)json_array_size(layers) * (size_t)E <= 4096)
+        json_object_set_new(o, "counts", raw);
+    else
+        json_decref(raw);
+    return o;
+}
+
+/* JSON has no NaN or infinity: a skipped update's loss is written as null. */
+static json_t *real_or_null(double x)
+{
+    return isfinite(x) ? json_real(x) : json_null();
+}
+
+/* Peak resident memory of the process so far, in MiB (Linux reports ru_maxrss in KiB). */
+static double peak_rss_mib(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) ? 0 : (double)ru.ru_maxrss / 1024.0;
+}
+
+static int report_step(trainer *t, const step_out *so, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    double tps = so->seconds > 0 ? (double)(so->seqs * t->L) / so->seconds : 0, worst;
+    double rss = peak_rss_mib();
+    json_t *load = load_stats(t, &worst);
+    if (o->log) {
+        char rate[32], total[48] = "";
+        progress_human(rate, sizeof rate, tps);
+        if (o->max_steps)
+            snprintf(total, sizeof total, "/%" PRIu64, o->max_steps);
+        fprintf(o->log, "step %" PRIu64 "%s  loss %.6f  lr %.3e  gnorm %.4f  tok/s %s  "
+                "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, so->lr,
+                so->norm, rate, worst, rss, so->skipped ? "  SKIPPED (non-finite)" : "");
+    }
+    json_t *j = json_object();
+    json_object_set_new(j, "step", json_integer((json_int_t)t->st.step));
+    json_object_set_new(j, "tokens", json_integer((json_int_t)t->st.tokens));
+    json_object_set_new(j, "loss", real_or_null(so->loss));
+    json_object_set_new(j, "lr", json_real(so->lr));
+    json_object_set_new(j, "grad_norm", real_or_null(so->norm));
+    json_object_set_new(j, "tokens_per_s", json_real(tps));
+    json_object_set_new(j, "seconds", json_real(so->seconds));
+    json_object_set_new(j, "batch_sequences", json_integer((json_int_t)so->seqs));
+    json_object_set_new(j, "loss_tokens", json_integer((json_int_t)so->targets));
+    json_object_set_new(j, "gamma", json_real(so->gamma));
+    json_object_set_new(j, "mtp_weight", json_real(so->mtp_weight));
+    json_object_set_new(j, "alpha", json_real(o->alpha));
+    json_object_set_new(j, "skipped", json_boolean(so->skipped));
+    json_object_set_new(j, "max_rss_mib", json_real(rss));
+    json_object_set_new(j, "expert_load", load);
+    return metrics_write(&t->met, j, e);
+}
+
+static int save(trainer *t, train_result *r, dsv3_err *e)
+{
+    int crash = t->o->crash_in_save && ++t->n_saves == t->o->crash_in_save;
+    if (trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
+        return -1;
+    snprintf(r->checkpoint, sizeof r->checkpoint, "step-%06" PRIu64, t->st.step);
+    return 0;
+}
+
+static int loop(trainer *t, train_result *r, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    for (;;) {
+        int done = (o->max_steps && t->st.step >= o->max_steps) ||
+                   (o->max_tokens && t->st.tokens >= o->max_tokens);
+        if (done)
+            break;
+        step_out so;
+        if (do_step(t, &so, e) || report_step(t, &so, e))
+            return -1;
+        r->loss = so.loss;
+        if (o->eval_every && t->st.step % o->eval_every == 0) {
+            double vl;
+            int64_t vn;
+            if (evaluate(t, &vl, &vn, e))
+                return -1;
+            if (o->log)
+                fprintf(o->log, "eval step %" PRIu64 "  val_loss %.6f  (%" PRId64 " tokens)\n",
+                        t->st.step, vl, vn);
+            json_t *j = json_pack("{s:I, s:I, s:f, s:I}", "step", (json_int_t)t->st.step,
+                                  "tokens", (json_int_t)t->st.tokens, "val_loss", vl,
+                                  "val_tokens", (json_int_t)vn);
+            if (metrics_write(&t->met, j, e))
+                return -1;
+        }
+        int stop = o->stop && *o->stop;
+        int last = (o->max_steps && t->st.step >= o->max_steps) ||
+                   (o->max_tokens && t->st.tokens >= o->max_tokens);
+        if ((o->save_every && t->st.step % o->save_every == 0) || stop || last)
+            if (save(t, r, e))
+                return -1;
+        if (stop) {
+            r->stopped = 1;
+            break;
+        }
+    }
+    return 0;
+}
+
+int train_run(const train_opts *o, train_result *r, dsv3_err *e)
+{
+    trainer *t = calloc(1, sizeof *t);
+    if (!t)
+        return err_set(e, "out of memory");
+    memset(r, 0, sizeof *r);
+    t->o = o;
+    int rc = setup(t, r, e);
+    if (!rc)
+        rc = loop(t, r, e);
+    r->step = t->st.step;
+    r->tokens = t->st.tokens;
+    teardown(t);
+    free(t);
+    return rc;
+}

@@ -1,0 +1,88 @@
+/* train: the training loop of dsv3-train on the model of lib/model.
+ *
+ * Owns one run: the model (fresh, --init-from a converted HF folder, or a run's checkpoint),
+ * the optimizer, the data order, and the loop of updates: micro-batches of B sequences,
+ * gradient accumulation to the global batch (weighted by loss tokens, so an update's loss is
+ * the mean over every counted target of the global batch), clipping, the schedules of
+ * lib/sched, the AdamW update, the auxiliary-loss-free bias update over the whole step's
+ * routing, evaluation on the val split, checkpoints (lib/trainckpt) and metrics.jsonl
+ * (lib/metrics). Resuming from a checkpoint continues bit for bit: the loss of every later
+ * step equals the uninterrupted run's.
+ *
+ * SFT mode: the loss counts only response tokens (those after an assistant-marker token,
+ * up to a user-marker token), and no token attends across the documents packed in a record:
+ * each document is run as its own row starting at position 0 (see train_sft_unpack). */
+#ifndef DSV3_TRAIN_H
+#define DSV3_TRAIN_H
+
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "err.h"
+#include "loader.h"
+#include "model.h"
+#include "optim.h"
+#include "sched.h"
+
+typedef struct train_opts {
+    const char *config;     /* -c: required for a fresh run; checked against the model when
+                               the model comes from --init-from or a checkpoint */
+    const char *data, *run, *init_from;
+    int resume, force;
+    uint32_t micro_batch;   /* B: sequences per forward */
+    uint64_t global_batch;  /* sequences per update (a multiple of B); 0: global_tokens */
+    uint64_t global_tokens; /* tokens per update, rounded down to whole micro-batches; 0: B */
+    uint64_t ramp_first;    /* batch-size ramp: sequences at the start (0: no ramp) ... */
+    double ramp_span;       /* ... growing linearly to the global batch over this span */
+    sched_unit ramp_unit;
+    sched_lr lr;
+    sched_switch gamma;     /* bias-update speed */
+    sched_switch mtp_weight;/* MTP loss weight lambda */
+    double alpha;           /* sequence-wise balance loss weight */
+    optim_params adam;
+    double clip;            /* global gradient norm limit, <= 0: none */
+    double init_std;        /* fresh runs: initialisation std (<= 0: the config's) */
+    uint64_t max_steps, max_tokens;  /* stop at whichever comes first (0: not set) */
+    uint64_t eval_every, eval_batches, save_every;
+    int keep;               /* checkpoints kept (0: all) */
+    uint64_t seed;
+    int skip_nonfinite;     /* 1: skip an update whose loss or gradient is not finite */
+    int sft;
+    int64_t sft_user_id, sft_assistant_id;  /* -1: none */
+    const char *command;    /* the command line, appended to RUN/command.txt */
+    FILE *log;              /* one line per step (NULL: none) */
+    volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
+    int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
+} train_opts;
+
+void train_opts_default(train_opts *o);
+
+typedef struct train_result {
+    uint64_t step, tokens;
+    double loss;            /* of the last update */
+    int stopped;            /* 1: ended by *stop */
+    char checkpoint[64];    /* the last checkpoint written or resumed from ("" if none) */
+} train_result;
+
+int train_run(const train_opts *o, train_result *r, dsv3_err *e);
+
+/* b_i += gamma * sign(mean load - load_i) per MoE layer, from counts [layers][E] summed over
+ * all forwards of a step that together routed `tokens` tokens: the rule of
+ * model_balance_update applied to a whole accumulated step rather than its last forward. */
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma);
+
+/* SFT rows of one loader row (tokens, targets, mask, segment of L positions): one output
+ * row of L ids/targets per document segment, the segment moved to position 0 and the rest
+ * padded (id 0, target -1); a target counts only where mask is set, it lies in the same
+ * segment (at the last position of the record: assumed so) and it is a response token.
+ * Response tokens: inside a segment, those after a token equal to assistant_id and before
+ * the next user_id; marker tokens themselves are prompt; a segment starts in the prompt.
+ * Rows without a counted target are left out. Writes at most one row per segment (segment
+ * numbers ascend from 0 in a loader row: segment[L-1] + 1 rows), each L long, to ids/tgt;
+ * returns the number written, -1 when out of memory. */
+int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                     const uint32_t *segment, uint32_t L, int64_t user_id,
+                     int64_t assistant_id, int32_t *ids, int32_t *tgt);
+
+#endif

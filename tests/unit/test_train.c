@@ -1,0 +1,196 @@
+/* Tests of lib/train's pieces: the step-wide expert-bias update against the model's own rule
+ * (model_balance_update) on one forward of a fresh random model, and the bias moving load
+ * toward balance on a planted imbalanced router; the SFT rows of hand-built records. */
+#include <math.h>
+
+#include "../../lib/train.h"
+#include "../test.h"
+
+static double urand(void)
+{
+    return (test_rand() >> 11) * 0x1p-53;
+}
+
+static int small_model(dsv3_model *m)
+{
+    dsv3_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab_size = 31;
+    c.hidden_size = 16;
+    c.intermediate_size = 12;
+    c.moe_intermediate_size = 6;
+    c.num_hidden_layers = 3;
+    c.first_k_dense_replace = 1;
+    c.num_attention_heads = 2;
+    c.q_lora_rank = 0;
+    c.kv_lora_rank = 6;
+    c.qk_nope_head_dim = 4;
+    c.qk_rope_head_dim = 4;
+    c.v_head_dim = 4;
+    c.n_shared_experts = 1;
+    c.n_routed_experts = 8;
+    c.n_group = 2;
+    c.topk_group = 2;
+    c.num_experts_per_tok = 2;
+    c.routed_scaling_factor = 2.5;
+    c.norm_topk_prob = 1;
+    c.rms_norm_eps = 1e-6;
+    c.max_position_embeddings = 64;
+    c.initializer_range = 0.02;
+    c.rope_theta = 10000;
+    c.rope_interleave = 1;
+    c.bos_token_id = c.eos_token_id = -1;
+    dsv3_err e;
+    if (model_init(m, &c, &e)) {
+        fprintf(stderr, "    %s\n", e.msg);
+        return -1;
+    }
+    model_init_random(m, test_rand(), 0.3);
+    return 0;
+}
+
+/* One forward's counts through train_balance_update give the biases model_balance_update
+ * gives, bit for bit. */
+static void test_balance_matches_model(void)
+{
+    dsv3_model m;
+    REQUIRE(small_model(&m) == 0);
+    const int B = 2, T = 12, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
+    dsv3_err e;
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a != NULL);
+    int32_t ids[24];
+    for (int i = 0; i < B * T; i++)
+        ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+    REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+    int64_t *counts = calloc((size_t)L * E, sizeof *counts);
+    for (int l = 0; l < L; l++)
+        model_expert_load(&m, a, l, counts + (size_t)l * E);
+    float *bias0 = malloc((size_t)L * E * sizeof *bias0);
+    for (int l = 1; l < L; l++)
+        for (int i = 0; i < E; i++)
+            bias0[l * E + i] = m.w.layers[l].router_bias[i] = (float)(urand() * 0.01);
+    float gamma = (float)(0.001 + urand() * 0.01);
+    model_balance_update(&m, a, gamma);
+    float *want = malloc((size_t)L * E * sizeof *want);
+    for (int l = 1; l < L; l++) {
+        memcpy(want + l * E, m.w.layers[l].router_bias, (size_t)E * sizeof *want);
+        memcpy(m.w.layers[l].router_bias, bias0 + l * E, (size_t)E * sizeof *want);
+    }
+    train_balance_update(&m, counts, B * T, gamma);
+    int moved = 0;
+    for (int l = 1; l < L; l++)
+        for (int i = 0; i < E; i++) {
+            CHECK(m.w.layers[l].router_bias[i] == want[l * E + i]);
+            moved += m.w.layers[l].router_bias[i] != bias0[l * E + i];
+        }
+    CHECK(moved > 0);
+    free(counts);
+    free(bias0);
+    free(want);
+    model_acts_free(a);
+    model_free(&m);
+}
+
+/* A router planted to prefer experts 0 and 1 of every layer: repeated updates over accumulated
+ * steps (two forwards each) bring the busiest expert's load toward the mean. */
+static void test_balance_moves_toward_balance(void)
+{
+    dsv3_model m;
+    REQUIRE(small_model(&m) == 0);
+    const int B = 2, T = 16, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
+    int K = m.cfg.num_experts_per_tok;
+    /* Selection biases far above the spread of the sigmoid affinities: every token picks
+     * experts 0 and 1 (max/mean load E/K = 4). */
+    for (int l = 1; l < L; l++) {
+        m.w.layers[l].router_bias[0] = 1.0f;
+        m.w.layers[l].router_bias[1] = 1.0f;
+    }
+    dsv3_err e;
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a != NULL);
+    int64_t *counts = calloc((size_t)L * E, sizeof *counts), *tmp = calloc((size_t)E, 8);
+    int32_t ids[32];
+    double first = 0, last = 0;
+    for (int step = 0; step < 100; step++) {
+        memset(counts, 0, (size_t)L * E * sizeof *counts);
+        for (int f = 0; f < 2; f++) {
+            for (int i = 0; i < B * T; i++)
+                ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+            REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
+            for (int l = 1; l < L; l++) {
+                model_expert_load(&m, a, l, tmp);
+                for (int i = 0; i < E; i++)
+                    counts[l * E + i] += tmp[i];
+            }
+        }
+        double worst = 0, mean = 2.0 * B * T * K / E;
+        for (int l = 1; l < L; l++)
+            for (int i = 0; i < E; i++)
+                worst = fmax(worst, counts[l * E + i] / mean);
+        if (step == 0)
+            first = worst;
+        if (step >= 80)
+            last += worst / 20;  /* the mean of the last 20: the biases settle and dither */
+        train_balance_update(&m, counts, 2 * B * T, 0.02f);
+    }
+    CHECKF(first > 3 && last < first * 0.6, "max/mean load %.2f -> %.2f", first, last);
+    free(counts);
+    free(tmp);
+    model_acts_free(a);
+    model_free(&m);
+}
+
+/* Two documents in a record of L = 12: "3 5 6 4 7 8 1" (user 3, prompt 5 6, assistant 4,
+ * response 7 8, EOS 1) and "3 9 4 10 1" continuing past the record (token L is 2). */
+static void test_sft_unpack(void)
+{
+    enum { L = 12 };
+    uint32_t tok[L] = {3, 5, 6, 4, 7, 8, 1, 3, 9, 4, 10, 1};
+    uint32_t tgt[L], seg[L] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1};
+    uint8_t mask[L];
+    for (int i = 0; i < L; i++) {
+        tgt[i] = i + 1 < L ? tok[i + 1] : 2;
+        mask[i] = 1;
+    }
+    int32_t ids[L * L], out[L * L];
+    int n = train_sft_unpack(tok, tgt, mask, seg, L, 3, 4, ids, out);
+    REQUIRE(n == 2);
+    const int32_t want_ids0[L] = {3, 5, 6, 4, 7, 8, 1, 0, 0, 0, 0, 0};
+    /* Targets 7 8 1 (the response and its EOS); not the next document's first token. */
+    const int32_t want_t0[L] = {-1, -1, -1, 7, 8, 1, -1, -1, -1, -1, -1, -1};
+    const int32_t want_ids1[L] = {3, 9, 4, 10, 1, 0, 0, 0, 0, 0, 0, 0};
+    /* The last target (token L = 2) is in the same document: counted. */
+    const int32_t want_t1[L] = {-1, -1, 10, 1, 2, -1, -1, -1, -1, -1, -1, -1};
+    CHECK(memcmp(ids, want_ids0, sizeof want_ids0) == 0);
+    CHECK(memcmp(out, want_t0, sizeof want_t0) == 0);
+    CHECK(memcmp(ids + L, want_ids1, sizeof want_ids1) == 0);
+    CHECK(memcmp(out + L, want_t1, sizeof want_t1) == 0);
+    /* The mask (padding) wins; without an assistant marker a document has no targets and
+     * is left out; a second user turn ends the response. */
+    mask[4] = 0;
+    n = train_sft_unpack(tok, tgt, mask, seg, L, 3, 4, ids, out);
+    REQUIRE(n == 2);
+    CHECK(out[3] == 7 && out[4] == -1 && out[5] == 1);
+    mask[4] = 1;
+    tok[9] = 11;  /* document 2 loses its assistant marker */
+    tgt[8] = 11;
+    n = train_sft_unpack(tok, tgt, mask, seg, L, 3, 4, ids, out);
+    CHECK(n == 1);
+    uint32_t tok2[L] = {4, 7, 3, 8, 4, 9, 1, 1, 1, 1, 1, 1}, seg2[L] = {0};
+    for (int i = 0; i < L; i++)
+        tgt[i] = i + 1 < L ? tok2[i + 1] : 1;
+    n = train_sft_unpack(tok2, tgt, mask, seg2, L, 3, 4, ids, out);
+    REQUIRE(n == 1);
+    const int32_t want_t2[L] = {7, -1, -1, -1, 9, 1, 1, 1, 1, 1, 1, 1};
+    CHECK(memcmp(out, want_t2, sizeof want_t2) == 0);
+}
+
+int main(void)
+{
+    test_seed();
+    RUN(test_balance_matches_model);
+    RUN(test_balance_moves_toward_balance);
+    RUN(test_sft_unpack);
+    TEST_EXIT();
+}
