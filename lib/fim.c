@@ -34,7 +34,7 @@ void fim_text_free(fim_text *f)
 
 static int is_boundary(const uint8_t *s, size_t len, size_t i)
 {
-    return i == len || (s[i] & 0xc0) != 0x80;
+    return i == 0 || i == len || (s[i] & 0xc0) != 0x80;
 }
 
 /* The byte offset of boundary k (0: the start). */
@@ -73,6 +73,7 @@ int fim_text_apply(fim_text *f, const uint32_t *t, uint64_t n, int spm, const ui
     }
     size_t a = nth_boundary(s, len, ka), b = nth_boundary(s, len, kb);
     f->out.n = 0;
+    e->msg[0] = 0;   /* set below only by a failed encode: otherwise it was a push */
     int rc = bpe_ids_push(&f->out, ids[0]);
     if (!spm) {
         rc = rc || encode_part(f, s, a, e) || bpe_ids_push(&f->out, ids[1]) ||
