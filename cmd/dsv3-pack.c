@@ -277,8 +277,11 @@ int main(int argc, char **argv)
                     k->dup_docs, k->dup_tokens);
         if (po.near_dedup)
             fprintf(stderr, "; near-dedup removed %" PRIu64 " documents (%" PRIu64
-                    " tokens) from %" PRIu64 " clusters, %" PRIu64 " candidate pairs",
-                    k->near_docs, k->near_tokens, k->near_clusters, k->near_pairs);
+                    " tokens) from %" PRIu64 " clusters, %" PRIu64 " band collisions, "
+                    "%.2f s (%.2f s CPU: %.0f documents/s per core)",
+                    k->near_docs, k->near_tokens, k->near_clusters, k->near_pairs,
+                    k->near_seconds, k->near_cpu_seconds, k->near_cpu_seconds > 0 ?
+                    (double)(k->input_docs - k->dup_docs) / k->near_cpu_seconds : 0.0);
         if (po.fim_rate > 0 || po.fim_spm_rate > 0)
             fprintf(stderr, "; FIM rearranged %" PRIu64 " (PSM) and %" PRIu64 " (SPM)",
                     k->fim_psm, k->fim_spm);

@@ -41,7 +41,7 @@ int minhash_params_check(const minhash_params *p, dsv3_err *e);
  * shingle's XXH3-64 (multiply-add-shift; a_i odd). */
 typedef struct minhash_fns {
     uint32_t n;
-    uint64_t a[MINHASH_MAX_HASHES], b[MINHASH_MAX_HASHES];
+    uint64_t a[MINHASH_MAX_HASHES], b[MINHASH_MAX_HASHES];   /* rounded up to 8 used */
 } minhash_fns;
 
 void minhash_fns_init(minhash_fns *f, uint32_t n, uint64_t seed);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -448,6 +449,13 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
  * rearranged into a new array instead (FIM changes lengths), which holds a second copy of
  * the corpus for a moment. */
 
+static double cpu_seconds(void)   /* of the whole process: every thread */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static int near_dedup(pack *p, dsv3_err *e)
 {
     uint64_t N = p->n_docs;
@@ -455,10 +463,13 @@ static int near_dedup(pack *p, dsv3_err *e)
     if (!keep_as)
         return err_set(e, "out of memory for near-dedup of %" PRIu64 " documents", N);
     minhash_stats st;
+    double t0 = progress_now(), c0 = cpu_seconds();
     if (minhash_dedup(&p->o.near, p->tok, p->doc_off, N, 1, keep_as, &st, e)) {
         free(keep_as);
         return -1;
     }
+    p->c.near_seconds = progress_now() - t0;
+    p->c.near_cpu_seconds = cpu_seconds() - c0;
     p->c.near_clusters = st.clusters;
     p->c.near_pairs = st.candidate_pairs;
     p->c.near_bytes = st.bytes;

@@ -73,6 +73,9 @@ typedef struct pack_counts {
     uint64_t near_clusters;                 /* clusters of two or more (one kept from each) */
     uint64_t near_pairs;                    /* candidate pairs (band collisions) */
     uint64_t near_bytes;                    /* memory of the near-dedup stage at its largest */
+    double near_seconds, near_cpu_seconds;  /* its wall and CPU time, all threads (not in the
+                                               manifest: its bytes depend only on inputs,
+                                               options and seed) */
 } pack_counts;
 
 typedef struct pack pack;
