@@ -39,7 +39,7 @@ run() {
         /near-dedup removed/ { line = $0 }
         END {
             printf "%-22s wall %6.2f s  CPU %6.2f s  %6.1f M tokens/s per core  %6.1f M tokens/s wall  peak RSS %5.0f MiB = %5.0f MiB per million documents\n",
-                name, wall, cpu, cpu > 0 ? tok / cpu / 1e6 : 0, tok / wall / 1e6, rss / 1024, rss / 1024 / docs * 1e6
+                name, wall, cpu, (cpu > 0 ? tok / cpu / 1e6 : 0), tok / wall / 1e6, rss / 1024, rss / 1024 / docs * 1e6
             if (line != "") { sub(/.*near-dedup/, "near-dedup", line); print "    " line }
         }' "$dir/time.txt"
 }

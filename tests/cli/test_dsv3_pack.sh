@@ -4,6 +4,8 @@
 
 expect help 0 dsv3-pack --help
 check help_mentions_best_fit grep -q -- "--best-fit" "$T/out"
+check help_mentions_near_dedup grep -q -- "--near-dedup" "$T/out"
+check help_mentions_tokenizer grep -q -- "--tokenizer" "$T/out"
 expect version 0 dsv3-pack --version
 check version_line grep -q "^dsv3-pack [0-9]" "$T/out"
 expect_err no_output 2 "missing --output" dsv3-pack --eos-id 0
