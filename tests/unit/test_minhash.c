@@ -4,6 +4,8 @@
  * character boundaries through a freshly trained tokenizer puts the document's text back
  * exactly when the parts are rearranged, and cuts only between characters. */
 #include <math.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "../../lib/bpe.h"
@@ -11,6 +13,7 @@
 #include "../../lib/fim.h"
 #include "../../lib/minhash.h"
 #include "../../lib/pack.h"
+#include "../../lib/shard.h"
 #include "../test.h"
 
 static int cmp_u64(const void *a, const void *b)
@@ -324,6 +327,109 @@ static void fim_text_puts_the_text_back(void)
     bpe_free(b);
 }
 
+/* Through dsv3-pack's library with a tokenizer: every document FIM-rearranged (PSM or SPM),
+ * best-fit packed whole; each packed segment, rearranged back and decoded, is one of the
+ * original texts, and together they are all of them. */
+static void pack_fim_with_tokenizer_decodes_back(void)
+{
+    bpe *b = train_tok();
+    REQUIRE(b);
+    char dir[] = "/tmp/dsv3-fim-test-XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    char in[128], out[128], shard[160], bounds[160];
+    snprintf(in, sizeof in, "%s/in.shard", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    snprintf(shard, sizeof shard, "%s/train-00000.shard", out);
+    snprintf(bounds, sizeof bounds, "%s/train-00000.bounds.shard", out);
+    bpe_encoder *enc;
+    dsv3_err e;
+    REQUIRE(bpe_encoder_new(&enc, b, &e) == 0);
+    shard_params sp;
+    shard_params_default(&sp, SHARD_DOCS);
+    sp.vocab_size = bpe_vocab_size(b);
+    sp.tokenizer_id = bpe_id(b);
+    shard_writer *w;
+    REQUIRE(shard_writer_open(&w, in, &sp, &e) == 0);
+    static uint8_t text[2048];
+    uint64_t n_docs = 60, want_sum = 0;
+    bpe_ids ids = {0};
+    for (uint64_t d = 0; d < n_docs; d++) {
+        size_t n = random_text(text, sizeof text);
+        ids.n = 0;
+        bpe_encode_opts eo = {0, 0, 0};
+        REQUIRE(bpe_encode(enc, text, n, &eo, &ids, &e) == 0);
+        REQUIRE(shard_write_record(w, ids.v, ids.n, 0, &e) == 0);
+        want_sum += XXH3_64bits(text, n);
+    }
+    REQUIRE(shard_writer_close(w, &e) == 0);
+    pack_options o;
+    pack_options_default(&o);
+    o.seq_len = 4096;
+    o.best_fit = 1;
+    o.eos_id = o.pad_id = bpe_eos(b);
+    o.fim_rate = o.fim_spm_rate = 0.5;
+    fim_token_ids(b, o.fim_ids);
+    o.tok = b;
+    o.tok_name = "test";
+    pack *p;
+    REQUIRE(pack_new(&p, &o, &e) == 0);
+    int rc = pack_add_input(p, in, &e);
+    if (rc == 0)
+        rc = pack_write(p, out, NULL, &e);
+    CHECKF(rc == 0, "%s", e.msg);
+    CHECK(pack_get_counts(p)->fim_psm + pack_get_counts(p)->fim_spm == n_docs);
+    pack_free(p);
+    shard_reader *r, *br;
+    REQUIRE(shard_open(&r, shard, &e) == 0 && shard_open(&br, bounds, &e) == 0);
+    shard_record rec, bn;
+    uint64_t got = 0, got_sum = 0;
+    bpe_bytes dec = {0};
+    uint32_t *back = malloc(8192 * 4);
+    int ok = 1;
+    while (shard_next(r, &rec, &e) == 1 && shard_next(br, &bn, &e) == 1) {
+        for (uint64_t j = 1; j < bn.n_tokens; j++) {
+            uint32_t a = bn.tokens[j], z = j + 1 < bn.n_tokens ? bn.tokens[j + 1] : bn.tokens[0];
+            const uint32_t *t = rec.tokens + a;
+            uint64_t n = z - a - 1, h = 0, en = 0, k = 0;   /* without EOS */
+            ok &= t[n] == o.eos_id && t[0] == o.fim_ids[0];
+            for (uint64_t i = 0; i < n; i++) {
+                h = t[i] == o.fim_ids[1] && !h ? i : h;
+                en = t[i] == o.fim_ids[2] && !en ? i : en;
+            }
+            if (h == 1) {   /* SPM: BEGIN HOLE suffix END prefix middle */
+                memcpy(back, t + en + 1, (n - en - 1) * 4), k = n - en - 1;
+                memcpy(back + k, t + 2, (en - 2) * 4), k += en - 2;
+            } else {        /* PSM: BEGIN prefix HOLE suffix END middle */
+                memcpy(back, t + 1, (h - 1) * 4), k = h - 1;
+                memcpy(back + k, t + en + 1, (n - en - 1) * 4), k += n - en - 1;
+                memcpy(back + k, t + h + 1, (en - h - 1) * 4), k += en - h - 1;
+            }
+            dec.n = 0;
+            ok &= bpe_decode(b, back, k, 0, &dec, &e) == 0;
+            got_sum += XXH3_64bits(dec.v, dec.n);
+            got++;
+        }
+    }
+    CHECK(ok);
+    CHECKF(got == n_docs, "%llu segments", (unsigned long long)got);
+    CHECK(got_sum == want_sum);
+    shard_close(r);
+    shard_close(br);
+    free(back);
+    bpe_bytes_free(&dec);
+    bpe_ids_free(&ids);
+    bpe_encoder_free(enc);
+    bpe_free(b);
+    unlink(in);
+    unlink(shard);
+    unlink(bounds);
+    char m[160];
+    snprintf(m, sizeof m, "%s/manifest.json", out);
+    unlink(m);
+    rmdir(out);
+    rmdir(dir);
+}
+
 int main(void)
 {
     test_seed();
@@ -331,5 +437,6 @@ int main(void)
     RUN(dedup_finds_groups_keeps_first);
     RUN(params_are_checked);
     RUN(fim_text_puts_the_text_back);
+    RUN(pack_fim_with_tokenizer_decodes_back);
     TEST_EXIT();
 }
