@@ -3,9 +3,9 @@
  * Owns the -t path of dsv3-pack's FIM: a document's tokens are decoded to text, cut at two
  * uniform random UTF-8 character boundaries (the start, the end, or a byte that is not a
  * continuation byte; invalid UTF-8 thus cuts between its bytes) into prefix, middle and
- * suffix, and each part is encoded again on its own, so no token straddles a cut. The arrangement is that
- * of pack_fim: PSM  BEGIN prefix HOLE suffix END middle;  SPM  BEGIN HOLE suffix END prefix
- * middle. Decoding the three parts and putting them back in order gives the document's text
+ * suffix, and each part is encoded again on its own, so no token straddles a cut. The
+ * arrangement is that of pack_fim: PSM  BEGIN prefix HOLE suffix END middle;  SPM  BEGIN
+ * HOLE suffix END prefix middle. Decoding the three parts and putting them back in order gives the document's text
  * exactly. A document holding a special token is not re-encoded (its text would not encode
  * back to that token): the caller cuts it at token boundaries instead. */
 #ifndef DSV3_FIM_H

@@ -491,7 +491,8 @@ static int near_dedup(pack *p, dsv3_err *e)
     }
     int rc = 0;
     for (uint64_t d = 0; d < N && rc == 0; d++)   /* before old_src is squeezed below */
-        if (keep_as[d] != d && p->o.log_removed && add_removal(p, old_src[d], old_src[keep_as[d]], 1))
+        if (keep_as[d] != d && p->o.log_removed &&
+            add_removal(p, old_src[d], old_src[keep_as[d]], 1))
             rc = err_set(e, "out of memory");
     uint64_t w = 0, wd = 0;   /* in place: tokens and documents written so far */
     for (uint64_t d = 0; d < N && rc == 0; d++) {
@@ -928,12 +929,12 @@ static json_t *manifest_new(const pack *p, const char *argv_line)
                                                (json_int_t)p->o.near.rows, "hash_seed",
                                                (json_int_t)p->o.near.seed)
                                    : json_false());
-    json_object_set_new(counts, "fim_token_cut_documents", json_integer((json_int_t)c->fim_token_cut));
-    json_object_set_new(counts, "near_duplicate_documents", json_integer((json_int_t)c->near_docs));
-    json_object_set_new(counts, "near_duplicate_tokens", json_integer((json_int_t)c->near_tokens));
-    json_object_set_new(counts, "near_duplicate_clusters", json_integer((json_int_t)c->near_clusters));
-    json_object_set_new(counts, "near_candidate_pairs", json_integer((json_int_t)c->near_pairs));
-    json_object_set_new(counts, "near_dedup_bytes", json_integer((json_int_t)c->near_bytes));
+    const struct { const char *key; uint64_t v; } more[] = {
+        {"fim_token_cut_documents", c->fim_token_cut}, {"near_duplicate_documents", c->near_docs},
+        {"near_duplicate_tokens", c->near_tokens}, {"near_duplicate_clusters", c->near_clusters},
+        {"near_candidate_pairs", c->near_pairs}, {"near_dedup_bytes", c->near_bytes}};
+    for (size_t i = 0; i < sizeof more / sizeof *more; i++)
+        json_object_set_new(counts, more[i].key, json_integer((json_int_t)more[i].v));
     if (p->o.log_removed)
         json_object_set_new(options, "removed_list", json_string("removed.tsv"));
     return json_pack("{s:s, s:i, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:o, s:o, s:[], s:[]}",
