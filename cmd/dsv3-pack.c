@@ -32,7 +32,7 @@ static const cli_program PROG = {
     "                         concatenate and cut, consecutive records sharing one token\n"
     "      --dedup            drop every document whose tokens repeat an earlier one, across\n"
     "                         all inputs (XXH3-128; 32-64 bytes of memory per document)\n"
-    "      --near-dedup       drop near duplicates: MinHash of token N-grams, LSH bands, one\n"
+    "      --near-dedup       drop near duplicates: MinHash of token n-grams, LSH bands, one\n"
     "                         document kept per cluster (the first in input order); after\n"
     "                         --dedup. 8*BANDS+24 bytes of memory per document (136)\n"
     "      --ngram=N          tokens per n-gram of --near-dedup (default 5)\n"
