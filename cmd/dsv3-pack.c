@@ -4,22 +4,27 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../lib/bpe.h"
 #include "../lib/cli.h"
+#include "../lib/fim.h"
 #include "../lib/pack.h"
 #include "../lib/progress.h"
 
 static const cli_program PROG = {
     "dsv3-pack",
-    "Usage: dsv3-pack -o DIR --eos-id N [OPTION]... [FILE]...\n"
+    "Usage: dsv3-pack -o DIR {--eos-id N | -t TOKENIZER} [OPTION]... [FILE]...\n"
     "Pack document streams (dsv3-tok encode, dsv3-shard make) into a folder of shuffled\n"
     "training shards plus manifest.json, which dsv3-train reads (docs/pack-format.md).\n"
     "With no FILE, or FILE '-', read standard input.\n"
     "\n"
     "Options:\n"
     "  -o, --output=DIR       the folder to create (must not exist; appears only when complete)\n"
+    "  -t, --tokenizer=FILE   the tokenizer that made the streams (dsv3-tok): supplies the EOS\n"
+    "                         and FIM ids, FIM cuts fall between characters, and a stream\n"
+    "                         of another tokenizer (vocabulary, id) is refused\n"
     "  -L, --seq-len=N        the trainer's context length (default 4096); every record holds\n"
     "                         N+1 tokens: N inputs and, shifted by one, N targets\n"
-    "      --eos-id=N         token appended to every document (required until -t TOKENIZER)\n"
+    "      --eos-id=N         token appended to every document (default with -t: its EOS)\n"
     "      --pad-id=N         token filling the unused tail of a record (default: the EOS id);\n"
     "                         padding is listed in the boundary shards so the loss skips it\n"
     "      --best-fit         place whole documents into records, best-fit decreasing (Ding et\n"
@@ -27,13 +32,24 @@ static const cli_program PROG = {
     "                         concatenate and cut, consecutive records sharing one token\n"
     "      --dedup            drop every document whose tokens repeat an earlier one, across\n"
     "                         all inputs (XXH3-128; 32-64 bytes of memory per document)\n"
+    "      --near-dedup       drop near duplicates: MinHash of token n-grams, LSH bands, one\n"
+    "                         document kept per cluster (the first in input order); after\n"
+    "                         --dedup. 8*BANDS+24 bytes of memory per document (136)\n"
+    "      --ngram=N          tokens per n-gram of --near-dedup (default 5)\n"
+    "      --bands=N          LSH bands (default 14)\n"
+    "      --rows=N           hashes per band (default 8): 14 x 8 finds 92% of pairs of\n"
+    "                         Jaccard similarity 0.8, 56% at 0.7, 5% at 0.5\n"
+    "  -j, --threads=N        threads of --near-dedup signatures (default: all processors)\n"
+    "      --log-removed      list every removed document in DIR/removed.tsv (input index,\n"
+    "                         exact or near, and the index of the document kept instead)\n"
     "      --fim=RATE         share of documents rearranged for Fill-in-the-Middle in PSM order:\n"
     "                         <fim_begin> prefix <fim_hole> suffix <fim_end> middle, cut at\n"
-    "                         two random token boundaries (DeepSeek-V3: 0.1; default 0)\n"
+    "                         two random token boundaries, or with -t character boundaries\n"
+    "                         (the parts encoded again); DeepSeek-V3: 0.1; default 0\n"
     "      --fim-spm=RATE     share in SPM order: <fim_begin> <fim_hole> suffix <fim_end>\n"
     "                         prefix middle (default 0)\n"
     "      --fim-ids=B,H,E    the ids of <fim_begin>, <fim_hole>, <fim_end> (required with\n"
-    "                         --fim or --fim-spm until -t TOKENIZER supplies them)\n"
+    "                         --fim or --fim-spm unless -t TOKENIZER has DeepSeek-V3's)\n"
     "      --fim-code-only    FIM only for documents flagged as code\n"
     "  -s, --seed=N           seed of the shuffle and the split (default 0)\n"
     "      --shard-tokens=N   tokens per output shard, whole records (default 256Mi)\n"
@@ -49,7 +65,8 @@ static const cli_program PROG = {
 };
 
 enum { OPT_EOS = 0x2000, OPT_PAD, OPT_BEST_FIT, OPT_DEDUP, OPT_SHARD_TOKENS, OPT_VAL,
-       OPT_LEVEL, OPT_FIM, OPT_FIM_SPM, OPT_FIM_IDS, OPT_FIM_CODE };
+       OPT_LEVEL, OPT_FIM, OPT_FIM_SPM, OPT_FIM_IDS, OPT_FIM_CODE, OPT_NEAR, OPT_NGRAM,
+       OPT_BANDS, OPT_ROWS, OPT_LOG_REMOVED };
 
 static uint64_t parse_u64(const char *opt, const char *s, uint64_t min, uint64_t max)
 {
@@ -77,17 +94,24 @@ int main(int argc, char **argv)
         {"fim-spm", required_argument, NULL, OPT_FIM_SPM},
         {"fim-ids", required_argument, NULL, OPT_FIM_IDS},
         {"fim-code-only", no_argument, NULL, OPT_FIM_CODE},
+        {"tokenizer", required_argument, NULL, 't'},
+        {"near-dedup", no_argument, NULL, OPT_NEAR},
+        {"ngram", required_argument, NULL, OPT_NGRAM},
+        {"bands", required_argument, NULL, OPT_BANDS},
+        {"rows", required_argument, NULL, OPT_ROWS},
+        {"threads", required_argument, NULL, 'j'},
+        {"log-removed", no_argument, NULL, OPT_LOG_REMOVED},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
     pack_options po;
     pack_options_default(&po);
     cli_common common = {PROGRESS_AUTO, 0};
-    const char *output = NULL;
+    const char *output = NULL, *tok_path = NULL;
     int have_eos = 0, have_pad = 0, have_fim_ids = 0;
     dsv3_err e;
     int c;
-    while ((c = getopt_long(argc, argv, "o:L:s:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "o:L:s:t:j:", longopts, NULL)) != -1) {
         if (cli_common_option(&PROG, c, &common))
             continue;
         switch (c) {
@@ -147,18 +171,65 @@ int main(int argc, char **argv)
         case OPT_FIM_CODE:
             po.fim_code_only = 1;
             break;
+        case 't':
+            tok_path = optarg;
+            break;
+        case OPT_NEAR:
+            po.near_dedup = 1;
+            break;
+        case OPT_NGRAM:
+            po.near.ngram = (uint32_t)parse_u64("--ngram", optarg, 1, 1u << 20);
+            break;
+        case OPT_BANDS:
+            po.near.bands = (uint32_t)parse_u64("--bands", optarg, 1, MINHASH_MAX_HASHES);
+            break;
+        case OPT_ROWS:
+            po.near.rows = (uint32_t)parse_u64("--rows", optarg, 1, MINHASH_MAX_HASHES);
+            break;
+        case 'j':
+            po.near.threads = (int)parse_u64("--threads", optarg, 1, 256);
+            break;
+        case OPT_LOG_REMOVED:
+            po.log_removed = 1;
+            break;
         default:
             cli_usage(&PROG, "unexpected option");
         }
     }
     if (!output)
         cli_usage(&PROG, "missing --output DIR");
-    if (!have_eos)
-        cli_usage(&PROG, "missing --eos-id N (the end-of-document token)");
-    if ((po.fim_rate > 0 || po.fim_spm_rate > 0) && !have_fim_ids)
-        cli_usage(&PROG, "--fim and --fim-spm need --fim-ids BEGIN,HOLE,END");
+    if (!have_eos && !tok_path)
+        cli_usage(&PROG, "missing --eos-id N (the end-of-document token) or -t TOKENIZER");
+    int fim = po.fim_rate > 0 || po.fim_spm_rate > 0;
+    if (fim && !have_fim_ids && !tok_path)
+        cli_usage(&PROG, "--fim and --fim-spm need --fim-ids BEGIN,HOLE,END or -t TOKENIZER");
+    if ((uint64_t)po.near.bands * po.near.rows > MINHASH_MAX_HASHES)
+        cli_usage(&PROG, "--bands %u x --rows %u exceed %u hashes", po.near.bands,
+                  po.near.rows, MINHASH_MAX_HASHES);
     if (po.fim_rate + po.fim_spm_rate > 1)
         cli_usage(&PROG, "--fim %g plus --fim-spm %g exceed 1", po.fim_rate, po.fim_spm_rate);
+    bpe *tok = NULL;
+    if (tok_path) {
+        if (bpe_load(&tok, tok_path, &e))
+            cli_fail(&PROG, &e);
+        po.tok = tok;
+        po.tok_name = tok_path;
+        if (!have_eos && (po.eos_id = bpe_eos(tok)) == BPE_NONE) {
+            err_set(&e, "%s: the tokenizer has no end-of-sentence token; give --eos-id",
+                    tok_path);
+            cli_fail(&PROG, &e);
+        }
+        uint32_t ids[3];
+        fim_token_ids(tok, ids);
+        for (int i = 0; fim && !have_fim_ids && i < 3; i++)
+            if (ids[i] == BPE_NONE) {
+                err_set(&e, "%s: the tokenizer has no %s token for FIM; give --fim-ids",
+                        tok_path, FIM_TOKEN_NAMES[i]);
+                cli_fail(&PROG, &e);
+            }
+        if (!have_fim_ids)
+            memcpy(po.fim_ids, ids, sizeof ids);
+    }
     if (!have_pad)
         po.pad_id = po.eos_id;
 
@@ -191,6 +262,7 @@ int main(int argc, char **argv)
     free(line);
     if (rc) {
         pack_free(p);
+        bpe_free(tok);
         cli_fail(&PROG, &e);
     }
     const pack_counts *k = pack_get_counts(p);
@@ -203,6 +275,13 @@ int main(int argc, char **argv)
         if (po.dedup)
             fprintf(stderr, "; dedup removed %" PRIu64 " documents (%" PRIu64 " tokens)",
                     k->dup_docs, k->dup_tokens);
+        if (po.near_dedup)
+            fprintf(stderr, "; near-dedup removed %" PRIu64 " documents (%" PRIu64
+                    " tokens) from %" PRIu64 " clusters, %" PRIu64 " band collisions, "
+                    "%.2f s (%.2f s CPU: %.0f documents/s per core)",
+                    k->near_docs, k->near_tokens, k->near_clusters, k->near_pairs,
+                    k->near_seconds, k->near_cpu_seconds, k->near_cpu_seconds > 0 ?
+                    (double)(k->input_docs - k->dup_docs) / k->near_cpu_seconds : 0.0);
         if (po.fim_rate > 0 || po.fim_spm_rate > 0)
             fprintf(stderr, "; FIM rearranged %" PRIu64 " (PSM) and %" PRIu64 " (SPM)",
                     k->fim_psm, k->fim_spm);
@@ -216,5 +295,6 @@ int main(int argc, char **argv)
                 k->split_docs, t, t > 0 ? 1e-6 * (double)k->input_tokens / t : 0.0);
     }
     pack_free(p);
+    bpe_free(tok);
     return 0;
 }

@@ -10,10 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "bpe.h"
 #include "cli.h"
+#include "fim.h"
 #include "outfile.h"
 #include "shard.h"
 
@@ -103,6 +106,12 @@ static int hashset_insert(hashset *h, XXH128_hash_t v)
 
 /* ---- the corpus ---- */
 
+typedef struct removal {   /* one line of removed.tsv */
+    uint64_t doc;           /* input index, counting from 0 over all inputs in order */
+    uint64_t kept;          /* near: the input index of the document kept in its place */
+    int near;               /* 0: exact repeat, 1: near duplicate */
+} removal;
+
 typedef struct piece {      /* best-fit: a whole document, or a slice of a long one */
     uint64_t off;           /* into tokens[] */
     uint32_t len;
@@ -123,6 +132,12 @@ struct pack {
     uint64_t fim_rng;       /* FIM draws, one per kept document in input order */
     uint32_t *fim_buf;
     uint64_t fim_cap;
+    fim_text ft;            /* with a tokenizer: FIM at character boundaries */
+    uint32_t *doc_flags;    /* --near-dedup: record flags of each document, for FIM later */
+    uint64_t *src;          /* --log-removed: input index of each document */
+    removal *rm;            /* --log-removed: what was removed, and why */
+    uint64_t n_rm, cap_rm;
+    int near_on;            /* near_dedup() has run */
     /* packing, made by pack_write */
     uint64_t n_seq;
     piece *pieces;          /* best-fit: pieces of bin b are pieces[bin_first[b]..[b+1]) */
@@ -135,7 +150,24 @@ void pack_options_default(pack_options *o)
     o->seq_len = 4096;
     o->shard_tokens = 256ull << 20;   /* 1 GiB of tokens before compression */
     o->level = 3;
+    minhash_params_default(&o->near);
 }
+
+/* Empty per-document arrays: offsets, and flags and input indices where needed. */
+static int doc_arrays_new(pack *p)
+{
+    p->n_docs = 0;
+    p->cap_docs = 63;
+    p->doc_off = malloc(64 * sizeof *p->doc_off);
+    p->doc_flags = p->o.near_dedup ? malloc(64 * sizeof *p->doc_flags) : NULL;
+    p->src = p->o.log_removed ? malloc(64 * sizeof *p->src) : NULL;
+    if (!p->doc_off || (p->o.near_dedup && !p->doc_flags) || (p->o.log_removed && !p->src))
+        return -1;
+    p->doc_off[0] = 0;
+    return 0;
+}
+
+void pack_free(pack *p);
 
 int pack_new(pack **pp, const pack_options *o, dsv3_err *e)
 {
@@ -145,20 +177,23 @@ int pack_new(pack **pp, const pack_options *o, dsv3_err *e)
         return err_set(e, "FIM rates %g + %g not within [0, 1]", o->fim_rate, o->fim_spm_rate);
     if (!(o->val_fraction >= 0 && o->val_fraction < 1))
         return err_set(e, "validation fraction %g not in [0, 1)", o->val_fraction);
+    if (o->near_dedup && minhash_params_check(&o->near, e))
+        return -1;
     pack *p = calloc(1, sizeof *p);
     if (!p)
         return err_set(e, "out of memory");
     p->o = *o;
+    if (o->tok && fim_text_new(&p->ft, o->tok, e)) {
+        free(p);
+        return -1;
+    }
     if (p->o.shard_tokens == 0)
         p->o.shard_tokens = 1;
-    p->doc_off = malloc(64 * sizeof *p->doc_off);
-    if (!p->doc_off) {
-        free(p);
+    if (doc_arrays_new(p)) {
+        pack_free(p);
         return err_set(e, "out of memory");
     }
-    p->cap_docs = 63;
     p->fim_rng = o->seed ^ 0x66696d66696dULL;   /* "fimfim": its own stream of the seed */
-    p->doc_off[0] = 0;
     *pp = p;
     return 0;
 }
@@ -176,12 +211,31 @@ void pack_free(pack *p)
     free(p->pieces);
     free(p->bin_first);
     free(p->fim_buf);
+    fim_text_free(&p->ft);
+    free(p->doc_flags);
+    free(p->src);
+    free(p->rm);
     free(p);
 }
 
 const pack_counts *pack_get_counts(const pack *p) { return &p->c; }
 
-static int add_doc(pack *p, const uint32_t *t, uint64_t n)
+static int add_removal(pack *p, uint64_t doc, uint64_t kept, int near)
+{
+    if (p->n_rm == p->cap_rm) {
+        uint64_t nc = p->cap_rm ? 2 * p->cap_rm : 1024;
+        removal *q = realloc(p->rm, nc * sizeof *q);
+        if (!q)
+            return -1;
+        p->rm = q;
+        p->cap_rm = nc;
+    }
+    p->rm[p->n_rm++] = (removal){doc, kept, near};
+    return 0;
+}
+
+/* Appends a document and, where kept, its flags and input index (arrays grown with doc_off). */
+static int add_doc(pack *p, const uint32_t *t, uint64_t n, uint32_t flags, uint64_t src)
 {
     if (p->n_tok + n + 1 > p->cap_tok) {
         uint64_t nc = p->cap_tok ? p->cap_tok : 1 << 16;
@@ -199,8 +253,24 @@ static int add_doc(pack *p, const uint32_t *t, uint64_t n)
         if (!q)
             return -1;
         p->doc_off = q;
+        if (p->o.near_dedup) {
+            uint32_t *f = realloc(p->doc_flags, nc * sizeof *f);
+            if (!f)
+                return -1;
+            p->doc_flags = f;
+        }
+        if (p->o.log_removed) {
+            uint64_t *s = realloc(p->src, nc * sizeof *s);
+            if (!s)
+                return -1;
+            p->src = s;
+        }
         p->cap_docs = nc - 1;
     }
+    if (p->doc_flags)
+        p->doc_flags[p->n_docs] = flags;
+    if (p->src)
+        p->src[p->n_docs] = src;
     if (n)
         memcpy(p->tok + p->n_tok, t, n * sizeof *t);
     p->tok[p->n_tok + n] = p->o.eos_id;
@@ -235,8 +305,9 @@ void pack_fim(uint32_t *out, const uint32_t *t, uint64_t n, int spm, const uint3
 }
 
 /* Chooses FIM for one document (one draw whatever the outcome, so the choice of document i
- * depends only on the seed and i) and returns the tokens to keep. */
-static const uint32_t *maybe_fim(pack *p, const uint32_t *t, uint64_t *n, uint32_t flags)
+ * depends only on the seed and i) and returns the tokens to keep; NULL on error (e set). */
+static const uint32_t *maybe_fim(pack *p, const uint32_t *t, uint64_t *n, uint32_t flags,
+                                 dsv3_err *e)
 {
     const pack_options *o = &p->o;
     if (o->fim_rate <= 0 && o->fim_spm_rate <= 0)
@@ -251,19 +322,31 @@ static const uint32_t *maybe_fim(pack *p, const uint32_t *t, uint64_t *n, uint32
         spm = 1;
     else
         return t;
+    if (spm)
+        p->c.fim_spm++;
+    else
+        p->c.fim_psm++;
+    if (o->tok) {
+        int r = fim_text_apply(&p->ft, t, *n, spm, o->fim_ids, &p->fim_rng, e);
+        if (r < 0)
+            return NULL;
+        if (r == 1) {
+            *n = p->ft.out.n;
+            return p->ft.out.v;
+        }
+        p->c.fim_token_cut++;   /* special tokens inside: cut between tokens instead */
+    }
     if (*n + 3 > p->fim_cap) {
         uint32_t *q = realloc(p->fim_buf, (*n + 3) * sizeof *q);
-        if (!q)
+        if (!q) {
+            err_set(e, "out of memory");
             return NULL;
+        }
         p->fim_buf = q;
         p->fim_cap = *n + 3;
     }
     pack_fim(p->fim_buf, t, *n, spm, o->fim_ids, &p->fim_rng);
     *n += 3;
-    if (spm)
-        p->c.fim_spm++;
-    else
-        p->c.fim_psm++;
     return p->fim_buf;
 }
 
@@ -286,6 +369,13 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
     if (in->kind != SHARD_DOCS) {
         rc = err_set(e, "%s: a %s shard; dsv3-pack reads document streams", name,
                      shard_kind_name(in->kind));
+    } else if (p->o.tok && in->vocab_size && in->vocab_size != bpe_vocab_size(p->o.tok)) {
+        rc = err_set(e, "%s: vocabulary of %u tokens, but tokenizer %s has %u: the stream was "
+                     "made by another tokenizer", name, in->vocab_size, p->o.tok_name,
+                     bpe_vocab_size(p->o.tok));
+    } else if (p->o.tok && in->tokenizer_id && in->tokenizer_id != bpe_id(p->o.tok)) {
+        rc = err_set(e, "%s: made by tokenizer %016" PRIx64 ", not by %s (%016" PRIx64 ")",
+                     name, in->tokenizer_id, p->o.tok_name, bpe_id(p->o.tok));
     } else if (p->c.inputs == 1) {
         p->vocab_size = in->vocab_size;
         p->tokenizer_id = in->tokenizer_id;
@@ -325,12 +415,23 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
             if (!isnew) {
                 p->c.dup_docs++;
                 p->c.dup_tokens += rec.n_tokens;
+                if (p->o.log_removed && add_removal(p, p->c.input_docs - 1, 0, 0)) {
+                    rc = err_set(e, "%s: out of memory", name);
+                    break;
+                }
                 continue;
             }
         }
         uint64_t n = rec.n_tokens;
-        const uint32_t *t = maybe_fim(p, rec.tokens, &n, rec.flags);
-        if (!t || add_doc(p, t, n)) {
+        /* Near-dedup needs every document first: FIM waits for near_dedup(). */
+        dsv3_err fe;
+        const uint32_t *t = p->o.near_dedup ? rec.tokens
+                                            : maybe_fim(p, rec.tokens, &n, rec.flags, &fe);
+        if (!t) {
+            rc = err_set(e, "%s: document %" PRIu64 ": %s", name, p->c.input_docs - 1, fe.msg);
+            break;
+        }
+        if (add_doc(p, t, n, rec.flags, p->c.input_docs - 1)) {
             rc = err_set(e, "%s: out of memory after %" PRIu64 " tokens", name, p->n_tok);
             break;
         }
@@ -341,6 +442,95 @@ int pack_add_input(pack *p, const char *path, dsv3_err *e)
     p->c.docs = p->n_docs;
     p->c.tokens = p->n_tok;
     return rc < 0 ? -1 : 0;
+}
+
+/* ---- near-duplicate removal, then the deferred FIM ----
+ * Documents removed are squeezed out of tok[] in place; with FIM on, the survivors are
+ * rearranged into a new array instead (FIM changes lengths), which holds a second copy of
+ * the corpus for a moment. */
+
+static double cpu_seconds(void)   /* of the whole process: every thread */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int near_dedup(pack *p, dsv3_err *e)
+{
+    uint64_t N = p->n_docs;
+    uint64_t *keep_as = malloc((N ? N : 1) * sizeof *keep_as);
+    if (!keep_as)
+        return err_set(e, "out of memory for near-dedup of %" PRIu64 " documents", N);
+    minhash_stats st;
+    double t0 = progress_now(), c0 = cpu_seconds();
+    if (minhash_dedup(&p->o.near, p->tok, p->doc_off, N, 1, keep_as, &st, e)) {
+        free(keep_as);
+        return -1;
+    }
+    p->c.near_seconds = progress_now() - t0;
+    p->c.near_cpu_seconds = cpu_seconds() - c0;
+    p->c.near_clusters = st.clusters;
+    p->c.near_pairs = st.candidate_pairs;
+    p->c.near_bytes = st.bytes;
+    int fim = p->o.fim_rate > 0 || p->o.fim_spm_rate > 0;
+    uint32_t *old_tok = p->tok;
+    uint64_t *old_off = p->doc_off, *old_src = p->src;
+    uint32_t *old_flags = p->doc_flags;
+    uint64_t old_cap = p->cap_docs;
+    if (fim) {   /* a fresh corpus: add_doc grows it */
+        p->tok = NULL;
+        p->n_tok = p->cap_tok = 0;
+        if (doc_arrays_new(p)) {
+            free(p->doc_off), free(p->doc_flags), free(p->src);
+            p->tok = old_tok, p->doc_off = old_off, p->src = old_src, p->doc_flags = old_flags;
+            p->n_docs = N, p->cap_docs = old_cap;
+            free(keep_as);
+            return err_set(e, "out of memory");
+        }
+    }
+    int rc = 0;
+    for (uint64_t d = 0; d < N && rc == 0; d++)   /* before old_src is squeezed below */
+        if (keep_as[d] != d && p->o.log_removed &&
+            add_removal(p, old_src[d], old_src[keep_as[d]], 1))
+            rc = err_set(e, "out of memory");
+    uint64_t w = 0, wd = 0;   /* in place: tokens and documents written so far */
+    for (uint64_t d = 0; d < N && rc == 0; d++) {
+        uint64_t a = old_off[d], n = old_off[d + 1] - a - 1;   /* without EOS */
+        uint64_t src = old_src ? old_src[d] : d;
+        if (keep_as[d] != d) {
+            p->c.near_docs++;
+            p->c.near_tokens += n;
+            continue;
+        }
+        if (fim) {
+            dsv3_err fe;
+            const uint32_t *t = maybe_fim(p, old_tok + a, &n, old_flags[d], &fe);
+            if (!t)
+                rc = err_set(e, "document %" PRIu64 ": %s", src, fe.msg);
+            else if (add_doc(p, t, n, old_flags[d], src))
+                rc = err_set(e, "out of memory after %" PRIu64 " tokens", p->n_tok);
+            continue;
+        }
+        memmove(old_tok + w, old_tok + a, (n + 1) * sizeof *old_tok);
+        if (old_src)
+            old_src[wd] = src;
+        w += n + 1;
+        old_off[++wd] = w;
+    }
+    if (fim) {
+        free(old_tok);
+        free(old_off);
+        free(old_src);
+        free(old_flags);
+    } else {
+        p->n_tok = w;
+        p->n_docs = wd;
+    }
+    free(keep_as);
+    p->c.docs = p->n_docs;
+    p->c.tokens = p->n_tok;
+    return rc;
 }
 
 /* ---- packing ----
@@ -670,6 +860,38 @@ out:
     return rc;
 }
 
+static int removal_cmp(const void *a, const void *b)
+{
+    const removal *x = a, *y = b;
+    return x->doc < y->doc ? -1 : x->doc > y->doc;
+}
+
+/* removed.tsv: a header line, then one line per removed document in input order:
+ * its input index, "exact" or "near", and for near the input index of the one kept. */
+static int write_removed(pack *p, const char *tmp, dsv3_err *e)
+{
+    qsort(p->rm, p->n_rm, sizeof *p->rm, removal_cmp);
+    char *path = path_join(tmp, "removed.tsv");
+    outfile of;
+    if (!path || outfile_open(&of, path, e)) {
+        free(path);
+        return path ? -1 : err_set(e, "out of memory");
+    }
+    free(path);
+    fputs("document\treason\tkept\n", of.f);
+    for (uint64_t i = 0; i < p->n_rm; i++) {
+        if (p->rm[i].near)
+            fprintf(of.f, "%" PRIu64 "\tnear\t%" PRIu64 "\n", p->rm[i].doc, p->rm[i].kept);
+        else
+            fprintf(of.f, "%" PRIu64 "\texact\t-\n", p->rm[i].doc);
+    }
+    if (ferror(of.f)) {
+        outfile_abort(&of);
+        return err_errno(e, "%s: cannot write removed.tsv", tmp);
+    }
+    return outfile_commit(&of, e);
+}
+
 static json_t *manifest_new(const pack *p, const char *argv_line)
 {
     char hx[17];
@@ -699,6 +921,22 @@ static json_t *manifest_new(const pack *p, const char *argv_line)
     json_object_set_new(options, "fim_ids", json_pack("[I,I,I]", (json_int_t)p->o.fim_ids[0],
                         (json_int_t)p->o.fim_ids[1], (json_int_t)p->o.fim_ids[2]));
     json_object_set_new(options, "fim_code_only", json_boolean(p->o.fim_code_only));
+    json_object_set_new(options, "fim_cuts", json_string(p->o.tok ? "characters" : "tokens"));
+    json_object_set_new(options, "near_dedup",
+                        p->near_on ? json_pack("{s:I, s:I, s:I, s:I}", "ngram",
+                                               (json_int_t)p->o.near.ngram, "bands",
+                                               (json_int_t)p->o.near.bands, "rows",
+                                               (json_int_t)p->o.near.rows, "hash_seed",
+                                               (json_int_t)p->o.near.seed)
+                                   : json_false());
+    const struct { const char *key; uint64_t v; } more[] = {
+        {"fim_token_cut_documents", c->fim_token_cut}, {"near_duplicate_documents", c->near_docs},
+        {"near_duplicate_tokens", c->near_tokens}, {"near_duplicate_clusters", c->near_clusters},
+        {"near_candidate_pairs", c->near_pairs}, {"near_dedup_bytes", c->near_bytes}};
+    for (size_t i = 0; i < sizeof more / sizeof *more; i++)
+        json_object_set_new(counts, more[i].key, json_integer((json_int_t)more[i].v));
+    if (p->o.log_removed)
+        json_object_set_new(options, "removed_list", json_string("removed.tsv"));
     return json_pack("{s:s, s:i, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:o, s:o, s:[], s:[]}",
                      "format", "dsv3-pack", "version", 1, "dsv3", cli_version(),
                      "tokenizer_id", hex64(hx, p->tokenizer_id), "vocab_size",
@@ -712,6 +950,9 @@ int pack_write(pack *p, const char *outdir, const char *argv_line, dsv3_err *e)
     struct stat st;
     if (stat(outdir, &st) == 0)
         return err_set(e, "%s: already exists; dsv3-pack writes a new folder", outdir);
+    if (p->o.near_dedup && !p->near_on && p->n_docs && near_dedup(p, e))
+        return -1;
+    p->near_on = p->o.near_dedup;   /* done: a second pack_write must not run it again */
     if (p->n_docs == 0)
         return err_set(e, "no documents in the input%s", p->c.input_docs ? " after dedup" : "");
     if ((p->o.best_fit ? plan_best_fit(p) : plan_greedy(p)) < 0)
@@ -768,6 +1009,8 @@ int pack_write(pack *p, const char *outdir, const char *argv_line, dsv3_err *e)
             ++*nshards[s];
         }
     }
+    if (p->o.log_removed && write_removed(p, tmp, e))
+        goto out;
     man = manifest_new(p, argv_line);
     if (!man || json_object_set_new(man, "train", lists[0]) ||
         json_object_set_new(man, "val", lists[1])) {

@@ -5,15 +5,20 @@
  * seq_len+1 tokens (greedy with a one-token overlap, or best-fit-decreasing of whole
  * documents), the seeded global shuffle, the train/validation split, and the output folder
  * (shards, boundary side shards, manifest.json) written under a temporary name and renamed
- * only when complete. The corpus is held in memory: 4 bytes per token plus 12 bytes per
- * document, plus the dedup table. */
+ * only when complete. Near-duplicate removal (lib/minhash) runs on the whole corpus before
+ * packing, and FIM (at token boundaries, or at character boundaries through lib/fim when a
+ * tokenizer is given) then applies to the documents that survive, in input order. The corpus
+ * is held in memory: 4 bytes per token plus 12 bytes per document, plus the dedup tables. */
 #ifndef DSV3_PACK_H
 #define DSV3_PACK_H
 
 #include <stdint.h>
 
 #include "err.h"
+#include "minhash.h"
 #include "progress.h"
+
+struct bpe;
 
 /* Flag of a packed record (bits 16-31 of the shard's record flags belong to programs):
  * token 0 repeats the previous sequence's last token in packing order (greedy packing's
@@ -41,6 +46,11 @@ typedef struct pack_options {
     double fim_spm_rate;    /* share rearranged suffix-prefix-middle (disjoint from the above) */
     uint32_t fim_ids[3];    /* <fim_begin>, <fim_hole>, <fim_end> */
     int fim_code_only;      /* FIM only documents flagged SHARD_DOC_CODE */
+    int near_dedup;         /* 1: drop near duplicates (MinHash LSH, lib/minhash) */
+    minhash_params near;    /* its n-gram size, bands, rows, threads */
+    int log_removed;        /* 1: list every removed document in DIR/removed.tsv */
+    const struct bpe *tok;  /* optional: FIM at character boundaries; inputs must match it */
+    const char *tok_name;   /* its file, for messages */
     progress *progress;     /* optional: reading progress, in tokens */
 } pack_options;
 
@@ -57,6 +67,15 @@ typedef struct pack_counts {
     uint64_t split_docs;                    /* documents spread over more than one record */
     uint64_t dedup_table_bytes;             /* memory of the dedup table at its largest */
     uint64_t fim_psm, fim_spm;              /* documents rearranged by FIM */
+    uint64_t fim_token_cut;                 /* of those, cut at token boundaries although a
+                                               tokenizer was given (they hold special tokens) */
+    uint64_t near_docs, near_tokens;        /* removed by --near-dedup */
+    uint64_t near_clusters;                 /* clusters of two or more (one kept from each) */
+    uint64_t near_pairs;                    /* candidate pairs (band collisions) */
+    uint64_t near_bytes;                    /* memory of the near-dedup stage at its largest */
+    double near_seconds, near_cpu_seconds;  /* its wall and CPU time, all threads (not in the
+                                               manifest: its bytes depend only on inputs,
+                                               options and seed) */
 } pack_counts;
 
 typedef struct pack pack;

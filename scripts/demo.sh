@@ -35,11 +35,15 @@ step "the same stream through a pipe, written and read without seeking"
 # shellcheck disable=SC2086
 "$BIN/dsv3-shard" make --bytes $files | "$BIN/dsv3-shard" verify -
 
-step "pack: exact dedup, best-fit records of 256+1 tokens, 10% validation"
-# The newline byte stands in for EOS until the demo encodes with dsv3-tok.
+step "pack: exact and near dedup, best-fit records of 256+1 tokens, 10% validation"
+# The newline byte stands in for EOS until the demo encodes with dsv3-tok. The corpus goes in
+# twice (exact repeats); GPL-1/GPL-2, LGPL-2/LGPL-2.1 and GFDL-1.2/GFDL-1.3 are near duplicates.
 rm -rf "$OUT/packed"
-"$BIN/dsv3-pack" --eos-id 10 -L 256 --best-fit --dedup --val 0.1 --seed 1 -o "$OUT/packed" \
-    "$OUT/docs.shard" "$OUT/docs.shard"
+"$BIN/dsv3-pack" --eos-id 10 -L 256 --best-fit --dedup --near-dedup --log-removed --val 0.1 \
+    --seed 1 -o "$OUT/packed" "$OUT/docs.shard" "$OUT/docs.shard"
+grep near "$OUT/packed/removed.tsv" | while read -r d _ k; do
+    echo "near duplicate: $(echo "$files" | sed -n "$((d + 1))p") (kept $(echo "$files" | sed -n "$((k + 1))p"))"
+done
 "$BIN/dsv3-shard" verify "$OUT"/packed/*.shard
 
 step "model configs: checked, with total and activated parameter counts"

@@ -4,6 +4,8 @@
 
 expect help 0 dsv3-pack --help
 check help_mentions_best_fit grep -q -- "--best-fit" "$T/out"
+check help_mentions_near_dedup grep -q -- "--near-dedup" "$T/out"
+check help_mentions_tokenizer grep -q -- "--tokenizer" "$T/out"
 expect version 0 dsv3-pack --version
 check version_line grep -q "^dsv3-pack [0-9]" "$T/out"
 expect_err no_output 2 "missing --output" dsv3-pack --eos-id 0
@@ -77,3 +79,44 @@ expect fim 0 dsv3-pack -o "$T/fim" --eos-id 999 --fim 0.5 --fim-spm 0.2 --fim-id
 check fim_counts grep -q '"fim_psm_documents": [1-9]' "$T/fim/manifest.json"
 expect fim_code_only 0 dsv3-pack -o "$T/fimc" --eos-id 999 --fim 0.5 --fim-code-only --fim-ids 996,997,998 "$T/a.shard"
 check fim_code_only_none grep -q '"fim_psm_documents": 0' "$T/fimc/manifest.json"
+
+# Near-dedup on planted near-duplicates (scripts/neardup.py): counts reported, precision and
+# recall within bounds (measured: precision 1.0, recall 0.99+ at Jaccard >= 0.8).
+ND="$(dirname "$0")/../../scripts/neardup.py"
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "skip near_precision_recall: no python3 for scripts/neardup.py"
+else
+    python3 "$ND" gen "$T/nd" --unrelated 400 --pairs 6 --clusters 10 --len 200 --seed $$ 2>/dev/null
+    dsv3-shard make --vocab-size 50000 -o "$T/nd.shard" "$T/nd/ids.txt"
+    expect near 0 dsv3-pack -o "$T/ndp" --eos-id 0 -L 256 --dedup --near-dedup --log-removed -j 2 "$T/nd.shard"
+    check near_stderr grep -q "near-dedup removed [1-9][0-9]* documents (.*) from [1-9][0-9]* clusters" "$T/err"
+    check near_manifest grep -q '"near_duplicate_documents": [1-9]' "$T/ndp/manifest.json"
+    check near_removed_list test "$(grep -c near "$T/ndp/removed.tsv")" -eq "$(sed -n 's/.*"near_duplicate_documents": \([0-9]*\).*/\1/p' "$T/ndp/manifest.json")"
+    check near_precision_recall sh -c "python3 '$ND' score '$T/nd' '$T/ndp' --min-precision 0.97 --min-recall-high 0.9 >'$T/score' 2>&1 || { cat '$T/score'; false; }"
+    expect near_params 0 dsv3-pack -o "$T/ndq" --eos-id 0 -L 256 --near-dedup --ngram 3 --bands 20 --rows 5 "$T/nd.shard"
+    check near_params_manifest grep -q '"ngram": 3' "$T/ndq/manifest.json"
+    expect_err near_bad_params 2 "exceed 1024 hashes" dsv3-pack -o "$T/bad" --eos-id 0 --near-dedup --bands 200 --rows 8 "$T/nd.shard"
+fi
+
+# -t TOKENIZER: EOS and FIM ids come from it, FIM cuts between characters, and streams of
+# another tokenizer or a tokenizer without FIM tokens are refused.
+{ cat /usr/share/common-licenses/GPL-3 2>/dev/null | head -n 300; printf 'Grüße aus Köln\n東京と大阪\n🙂 emoji line\n'; } >"$T/text.txt"
+dsv3-tok train --quiet --merges 300 -j 1 -o "$T/tok.tok" "$T/text.txt"
+dsv3-tok train --quiet --merges 200 -j 1 -o "$T/tok2.tok" "$T/text.txt"
+dsv3-tok train --quiet --merges 300 -j 1 --no-default-specials -o "$T/plain.tok" "$T/text.txt"
+tac "$T/text.txt" | sed 's/e/ee/g' >"$T/text4.txt"
+dsv3-tok train --quiet --merges 300 -j 1 -o "$T/tok4.tok" "$T/text4.txt"
+dsv3-tok encode --quiet -t "$T/tok.tok" -i lines -o "$T/t.shard" "$T/text.txt"
+dsv3-tok encode --quiet -t "$T/tok2.tok" -i lines -o "$T/t2.shard" "$T/text.txt"
+dsv3-tok encode --quiet -t "$T/plain.tok" -i lines -o "$T/t3.shard" "$T/text.txt"
+dsv3-tok encode --quiet -t "$T/tok4.tok" -i lines -o "$T/t4.shard" "$T/text.txt"
+expect tok_fim 0 dsv3-pack -o "$T/tf" -t "$T/tok.tok" --fim 0.5 --fim-spm 0.5 -L 128 "$T/t.shard"
+check tok_fim_characters grep -q '"fim_cuts": "characters"' "$T/tf/manifest.json"
+ndocs=$(sed -n 's/.*"documents": \([0-9]*\),.*/\1/p' "$T/tf/manifest.json" | head -n 1)
+nfim=$(sed -n 's/.*"fim_\(psm\|spm\)_documents": \([0-9]*\).*/\2/p' "$T/tf/manifest.json" | awk '{ s += $1 } END { print s }')
+check tok_fim_all_documents test "$ndocs" -eq "$nfim"
+expect_err tok_other_vocab 1 "made by another tokenizer" dsv3-pack -o "$T/bad" -t "$T/tok.tok" "$T/t2.shard"
+expect_err tok_other_id 1 "t4.shard: made by tokenizer [0-9a-f]*, not by" dsv3-pack -o "$T/bad" -t "$T/tok.tok" "$T/t4.shard"
+expect_err tok_no_eos 1 "no end-of-sentence token; give --eos-id" dsv3-pack -o "$T/bad" -t "$T/plain.tok" "$T/t3.shard"
+expect_err tok_no_fim 1 "has no <｜fim▁begin｜> token for FIM" dsv3-pack -o "$T/bad" -t "$T/plain.tok" --eos-id 1 --fim 0.1 "$T/t3.shard"
+check tok_no_folder test ! -e "$T/bad"

@@ -3,6 +3,7 @@
  * permutation, the same seed gives the same bytes, bad input leaves no folder, and the
  * loader resumes exactly and gives ranks disjoint records. */
 #include <dirent.h>
+#include <inttypes.h>
 #include <math.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -676,6 +677,104 @@ static void loader_detects_damage(void)
     rm_dir(out);
 }
 
+/* Near-dedup through pack: originals of 200-400 random tokens, and copies of some with one
+ * token changed (5-gram Jaccard >= 0.95: missed with probability < 1e-6 per pair) placed
+ * later. Exactly the copies go, removed.tsv names each with its original, and the tokens
+ * written are those of the rest. With FIM on, FIM draws only for the survivors. */
+static void near_dedup_removes_the_planted_copies(void)
+{
+    uint64_t n_orig = 100 + test_rand() % 100, n_copy = 20 + test_rand() % 30;
+    corpus c;
+    c.n = n_orig + n_copy;
+    c.n_dups = 0;
+    c.doc = calloc(c.n, sizeof *c.doc);
+    c.len = calloc(c.n, sizeof *c.len);
+    uint64_t *orig_of = calloc(c.n, sizeof *orig_of);
+    for (uint64_t i = 0; i < c.n; i++) {
+        orig_of[i] = i;
+        if (i >= n_orig) {   /* a copy of an earlier original, one token changed */
+            uint64_t j = test_rand() % n_orig;
+            orig_of[i] = j;
+            c.len[i] = c.len[j];
+            c.doc[i] = malloc(c.len[i] * 4 + 4);
+            memcpy(c.doc[i], c.doc[j], c.len[i] * 4);
+            c.doc[i][test_rand() % c.len[i]] = (uint32_t)(test_rand() % PAD);
+            continue;
+        }
+        c.len[i] = 200 + test_rand() % 200;
+        c.doc[i] = malloc(c.len[i] * 4 + 4);
+        for (uint64_t k = 0; k < c.len[i]; k++)
+            c.doc[i][k] = (uint32_t)(test_rand() % PAD);
+    }
+    /* Copies of copies chain to the first document of their family in input order. */
+    char in[512], out[512], tsv[600];
+    path(in, sizeof in, "near.shard");
+    path(out, sizeof out, "near");
+    snprintf(tsv, sizeof tsv, "%s/removed.tsv", out);
+    REQUIRE(write_docs(in, &c, 0, c.n, VOCAB + 10, 3) == 0);
+    for (int fim = 0; fim < 2; fim++) {
+        pack_options o;
+        pack_options_default(&o);
+        o.seq_len = 64;
+        o.eos_id = EOS;
+        o.pad_id = PAD;
+        o.near_dedup = 1;
+        o.near.threads = 1 + (int)(test_rand() % 3);
+        o.log_removed = 1;
+        o.seed = test_rand();
+        if (fim) {
+            o.fim_rate = 0.5;
+            o.fim_ids[0] = PAD + 1, o.fim_ids[1] = PAD + 2, o.fim_ids[2] = PAD + 3;
+        }
+        const char *ins[1] = {in};
+        pack_counts k;
+        dsv3_err e;
+        int rc = run_pack(&o, ins, 1, out, &k, &e);
+        CHECKF(rc == 0, "%s", e.msg);
+        if (rc)
+            break;
+        CHECKF(k.near_docs == n_copy, "%llu removed, %llu planted",
+               (unsigned long long)k.near_docs, (unsigned long long)n_copy);
+        CHECK(k.docs == n_orig);
+        CHECK(k.near_clusters >= 1 && k.near_clusters <= n_copy);
+        CHECK(k.fim_psm + k.fim_spm <= k.docs);
+        uint64_t tokens = 0, removed_tokens = 0;
+        for (uint64_t i = 0; i < c.n; i++)
+            *(i < n_orig ? &tokens : &removed_tokens) += c.len[i];
+        CHECK(k.near_tokens == removed_tokens);
+        CHECK(k.tokens == tokens + n_orig + 3 * (k.fim_psm + k.fim_spm));
+        if (!fim) {   /* the token multiset: the originals' tokens plus one EOS each */
+            unpacked u;
+            read_folder(out, 64, &u);
+            uint64_t *hist = calloc(VOCAB, sizeof *hist);
+            for (uint64_t i = 0; i < n_orig; i++) {
+                for (uint64_t t = 0; t < c.len[i]; t++)
+                    hist[c.doc[i][t]]++;
+                hist[EOS]++;
+            }
+            CHECK(!u.bad && memcmp(hist, u.hist, VOCAB * sizeof *hist) == 0);
+            free(hist);
+            free(u.hist);
+        }
+        FILE *f = fopen(tsv, "r");
+        REQUIRE(f);
+        char line[128];
+        uint64_t lines = 0, good = 0, d, kept;
+        CHECK(fgets(line, sizeof line, f) && strncmp(line, "document\treason\tkept", 20) == 0);
+        while (fgets(line, sizeof line, f)) {
+            lines++;
+            good += sscanf(line, "%" SCNu64 "\tnear\t%" SCNu64, &d, &kept) == 2 && d >= n_orig &&
+                    d < c.n && kept == orig_of[d];
+        }
+        fclose(f);
+        CHECK(lines == n_copy && good == n_copy);
+        rm_dir(out);
+    }
+    unlink(in);
+    free(orig_of);
+    corpus_free(&c);
+}
+
 int main(void)
 {
     test_seed();
@@ -690,6 +789,7 @@ int main(void)
     RUN(same_seed_same_bytes);
     RUN(bad_input_leaves_no_folder);
     RUN(fim_rearranges_back_and_keeps_the_rate);
+    RUN(near_dedup_removes_the_planted_copies);
     RUN(loader_resume_gives_the_same_batch);
     RUN(loader_ranks_are_disjoint_and_cover);
     RUN(loader_detects_damage);
