@@ -138,3 +138,23 @@ n1=$(wc -w < one.ids)
 tr ' ' '\n' < one.ids | while read -r id; do echo "$id" | "$T" decode -t tok1.tok; echo; done > pieces.txt
 [ "$n1" -eq $((n0 + 1)) ] && grep -q '^\.$' pieces.txt && ok split_combined_one_splits_all \
     || no split_combined_one_splits_all "$n0 $n1 $(cat pieces.txt)"
+
+# JSONL records are parsed on several threads: escapes decode the same on any thread count,
+# the first bad record (by line) is the one reported, and a batch of nothing but bad records
+# (17 MB, more than one batch) does not end the input early under --skip-bad
+awk 'BEGIN { for (i = 1; i <= 20000; i++)
+    printf "{\"id\": %d, \"text\": \"rec %d: caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ tab\\tend\\nnext\"}\n", i, i }' > many.jsonl
+awk 'BEGIN { for (i = 1; i <= 20000; i++) printf "rec %d: café 😀 \"q\" \\ tab\tend\nnext\n", i }' > many.txt
+"$T" encode --quiet -t tok1.tok -j 1 many.jsonl -o m1.shard && "$T" encode --quiet -t tok1.tok -j 2 many.jsonl -o m2.shard \
+    && cmp -s m1.shard m2.shard && ok jsonl_threads_same_bytes || no jsonl_threads_same_bytes
+"$T" decode -t tok1.tok --sep '\n' m2.shard | cmp -s - many.txt && ok jsonl_escapes_decoded || no jsonl_escapes_decoded
+sed -e '12345s/.*/{"text": 5}/' -e '17000s/.*/{"text": "unterminated/' many.jsonl > twobad.jsonl
+"$T" encode -t tok1.tok -j 2 twobad.jsonl -o tb.shard 2> err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q 'no string field "text" (twobad.jsonl, line 12345)' err.txt && [ ! -e tb.shard ] \
+    && ok jsonl_first_bad_line_threads || no jsonl_first_bad_line_threads "$(cat err.txt)"
+sed -e '12345d' twobad.jsonl | "$T" encode -t tok1.tok -j 2 -i jsonl - -o tb.shard 2> err.txt
+grep -q 'bad JSON: .*<stdin>, line 16999)' err.txt && ok jsonl_bad_json_message || no jsonl_bad_json_message "$(cat err.txt)"
+{ yes '{"txt": "not the field"}' | head -n 700000; echo '{"text": "after"}'; } > allbad.jsonl
+"$T" encode -t tok1.tok -j 2 --skip-bad allbad.jsonl -o ab.shard 2> err.txt \
+    && grep -q 'skipped 700000 bad' err.txt && [ "$("$T" decode -t tok1.tok ab.shard)" = after ] \
+    && ok jsonl_skip_whole_batch || no jsonl_skip_whole_batch "$(cat err.txt)"
