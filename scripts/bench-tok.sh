@@ -14,6 +14,7 @@
 #                       marks, emoji sequences); one JSONL record per file, cut at 64 KB
 #   MERGES=32000        merges learned by both trainers on the whole corpus
 #   THREADS="1 NPROC"   thread counts for the encode rates
+#   SPEED_MB=all        time encoding on the first documents of the corpus, about this many MB
 #   STEPS="train parity speed"   which parts to run (train is needed for the vocabulary)
 #   WORK=DIR            keep the corpus and vocabularies there (default: a temporary folder)
 #   BUILD=build         where bin/dsv3-tok is
@@ -76,20 +77,29 @@ if has parity; then
     [ $fail -eq 0 ] || echo "PARITY FAILED"
 fi
 
-# ---- encode MB/s (dsv3-tok: the whole program, JSONL in, compressed shard out)
+# ---- encode MB/s (dsv3-tok: the whole program, JSONL in, compressed shard out). Each cell:
+# wall-clock MB/s, and in brackets MB per CPU second (user + system, all threads): on a
+# shared machine the second is the fairer per-thread figure.
 if has speed; then
-    printf '%-40s' "encode MB/s, threads:"; for t in $THREADS; do printf '%9s' "$t"; done; echo
-    row() { printf '%-40s' "$1"; }
+    if [ -n "${SPEED_MB:-}" ]; then
+        LC_ALL=C awk -v max="${SPEED_MB}000000" '{ n += length($0) } n > max { exit } { print }' "$W/corpus.jsonl" > "$W/speed.jsonl"
+    else
+        cp "$W/corpus.jsonl" "$W/speed.jsonl"
+    fi
+    bytes=$("$PY" -c 'import json, sys; print(sum(len(json.loads(l)["text"].encode()) for l in open(sys.argv[1], encoding="utf-8")))' "$W/speed.jsonl")
+    echo "encode: $(wc -l < "$W/speed.jsonl") documents, $bytes bytes of text"
+    printf '%-38s' "encode MB/s (MB/CPU-s), threads:"; for t in $THREADS; do printf '%16s' "$t"; done; echo
+    cell() { printf '%16s' "$(echo "$1 $2" | awk '{ printf "%.1f (%.1f)", $1, $2 }')"; }
     for k in "hf.tok DeepSeek-V3" "cl100k.tok cl100k"; do
         set -- $k
-        row "dsv3-tok ($2 pattern)"
+        printf '%-38s' "dsv3-tok ($2 pattern)"
         for t in $THREADS; do
-            a=$(now); "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o /dev/null "$W/corpus.jsonl"; b=$(now)
-            printf '%9.1f' "$(echo "$bytes $a $b" | awk '{ print $1 / 1e6 / ($3 - $2) }')"
+            /usr/bin/time -f '%e %U %S' -o "$W/time.txt" "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl" > /dev/null
+            cell $(awk -v b="$bytes" '{ print b / 1e6 / $1, b / 1e6 / ($2 + $3) }' "$W/time.txt")
         done; echo
     done
-    row "HF tokenizers (DeepSeek-V3 pattern)"
-    for t in $THREADS; do printf '%9.1f' "$(RAYON_NUM_THREADS=$t "$PY" "$BT" speed hf "$W/hf.json" "$W/corpus.jsonl" "$t")"; done; echo
-    row "tiktoken (cl100k pattern)"
-    for t in $THREADS; do printf '%9.1f' "$("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/corpus.jsonl" "$t")"; done; echo
+    printf '%-38s' "HF tokenizers (DeepSeek-V3 pattern)"
+    for t in $THREADS; do cell $(RAYON_NUM_THREADS=$t "$PY" "$BT" speed hf "$W/hf.json" "$W/speed.jsonl" "$t"); done; echo
+    printf '%-38s' "tiktoken (cl100k pattern)"
+    for t in $THREADS; do cell $("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/speed.jsonl" "$t"); done; echo
 fi
