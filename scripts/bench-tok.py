@@ -8,6 +8,8 @@ their encoding. Run through bench-tok.sh; each step is a subcommand:
   ranks HF_JSON OUT        the HF vocabulary as a tiktoken rank file (rank = HF id)
   parity KIND VOCAB JSONL IDS   compare dsv3-tok's ids (a line per document) with KIND:
                            hf (tokenizer.json) or tiktoken-cl100k / tiktoken-o200k
+  time OUT CMD...           run CMD (stdout to OUT), print "wall_s cpu_s peak_rss_mib" to
+                           stderr's last line (machines without GNU time)
   speed KIND VOCAB JSONL THREADS  encode MB/s of KIND on the documents (not counting the
                            JSON parse), THREADS threads: wall-clock MB/s and MB per CPU second
 """
@@ -241,7 +243,18 @@ def speed(kind, vocab, jsonl, threads):
     print(f"{size / 1e6 / t:.2f} {size / 1e6 / c:.2f}")
 
 
+def timed(out, *cmd):
+    import resource, subprocess
+    t0 = time.perf_counter()
+    with open(out, "wb") as f:
+        rc = subprocess.run(cmd, stdout=f).returncode
+    t = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"{t:.3f} {ru.ru_utime + ru.ru_stime:.3f} {ru.ru_maxrss / 1024:.0f}", file=sys.stderr)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"corpus": lambda o, mb: corpus(o, float(mb)), "hf-train": hf_train, "ranks": ranks,
+    {"time": timed, "corpus": lambda o, mb: corpus(o, float(mb)), "hf-train": hf_train, "ranks": ranks,
      "parity": parity, "speed": speed}[cmd](*args)

@@ -14,6 +14,7 @@
 #                       marks, emoji sequences); one JSONL record per file, cut at 64 KB
 #   MERGES=32000        merges learned by both trainers on the whole corpus
 #   THREADS="1 NPROC"   thread counts for the encode rates
+#   PARITY="hf tiktoken-cl100k tiktoken-o200k export"   which comparisons the parity step runs
 #   SPEED_MB=all        time encoding on the first documents of the corpus, about this many MB
 #   STEPS="train parity speed"   which parts to run (train is needed for the vocabulary)
 #   WORK=DIR            keep the corpus and vocabularies there (default: a temporary folder)
@@ -31,11 +32,11 @@ BT="$(cd "$(dirname "$0")" && pwd)/bench-tok.py"
 if [ -n "${WORK:-}" ]; then W=$WORK; mkdir -p "$W"; else W=$(mktemp -d); trap 'rm -rf "$W"' EXIT; fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 now() { date +%s.%N; }
-# wall seconds and peak RSS (MiB) of a command, from /usr/bin/time -v
+# wall seconds, CPU seconds and peak RSS (MiB) of a command, its stdout in $W/out.txt
 timed() {
-    /usr/bin/time -v "$@" > "$W/out.txt" 2> "$W/time.txt" || { cat "$W/time.txt" >&2; exit 1; }
-    wall=$(sed -n 's/.*Elapsed (wall clock) time.*: //p' "$W/time.txt" | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }')
-    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$W/time.txt" | awk '{ printf "%.0f", $1 / 1024 }')
+    "$PY" "$BT" time "$W/out.txt" "$@" 2> "$W/time.txt" || { cat "$W/time.txt" >&2; exit 1; }
+    set -- $(tail -n 1 "$W/time.txt")
+    wall=$1 cpu=$2 rss=$3
 }
 
 echo "# $(date -u '+%F %H:%M') UTC, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NT threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -47,10 +48,10 @@ echo "corpus: $(wc -l < "$W/corpus.jsonl") documents, $bytes bytes of text"
 # ---- training: the same text, the same number of merges, all threads
 if has train || [ ! -s "$W/hf.json" ]; then
     timed "$PY" "$BT" hf-train "$W/corpus.txt" "$MERGES" "$W/hf.json"
-    echo "train $MERGES merges: HF tokenizers BpeTrainer $wall s, peak RSS $rss MiB ($(cat "$W/out.txt"))"
+    echo "train $MERGES merges: HF tokenizers BpeTrainer $wall s (CPU $cpu s), peak RSS $rss MiB ($(cat "$W/out.txt"))"
     timed "$T" train --merges "$MERGES" --min-frequency 1 --no-default-specials -i text -o "$W/ds.tok" "$W/corpus.txt"
-    echo "train $MERGES merges: dsv3-tok train $wall s, peak RSS $rss MiB"
-    sed 's/^/  /' "$W/time.txt" | grep 'dsv3-tok:' || true
+    echo "train $MERGES merges: dsv3-tok train $wall s (CPU $cpu s), peak RSS $rss MiB"
+    grep 'dsv3-tok:' "$W/time.txt" | sed 's/^/  /' || true
 fi
 
 # ---- the vocabularies: HF's as tokenizer.json and as tiktoken ranks (rank = HF id)
@@ -64,15 +65,17 @@ if has parity; then
     fail=0
     for k in "hf hf.json hf.tok" "tiktoken-cl100k tt.tiktoken cl100k.tok" "tiktoken-o200k tt.tiktoken o200k.tok"; do
         set -- $k
+        case " ${PARITY:-hf tiktoken-cl100k tiktoken-o200k export} " in *" $1 "*) ;; *) continue ;; esac
         "$T" encode --quiet -i jsonl --ids -t "$W/$3" "$W/corpus.jsonl" > "$W/ids.txt"
         "$PY" "$BT" parity "$1" "$W/$2" "$W/corpus.jsonl" "$W/ids.txt" || fail=1
     done
-    if [ -s "$W/ds.tok" ]; then   # dsv3-tok's own vocabulary, exported, loaded by HF tokenizers
+    [ -s "$W/ds.tok" ] && case " ${PARITY:-export} " in *" export "*)
+        # dsv3-tok's own vocabulary, exported, loaded by HF tokenizers
         "$T" export --quiet -t "$W/ds.tok" -o "$W/ds.json"
         "$T" encode --quiet -i jsonl --ids -t "$W/ds.tok" "$W/corpus.jsonl" > "$W/ids.txt"
         printf 'dsv3-tok train -> export -> '
         "$PY" "$BT" parity hf "$W/ds.json" "$W/corpus.jsonl" "$W/ids.txt" || fail=1
-    fi
+    esac
     rm -f "$W/ids.txt"
     [ $fail -eq 0 ] || echo "PARITY FAILED"
 fi
@@ -94,8 +97,8 @@ if has speed; then
         set -- $k
         printf '%-38s' "dsv3-tok ($2 pattern)"
         for t in $THREADS; do
-            /usr/bin/time -f '%e %U %S' -o "$W/time.txt" "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl" > /dev/null
-            cell $(awk -v b="$bytes" '{ print b / 1e6 / $1, b / 1e6 / ($2 + $3) }' "$W/time.txt")
+            timed "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl"
+            cell $(echo "$bytes $wall $cpu" | awk '{ print $1 / 1e6 / $2, $1 / 1e6 / $3 }')
         done; echo
     done
     printf '%-38s' "HF tokenizers (DeepSeek-V3 pattern)"
