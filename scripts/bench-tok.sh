@@ -91,13 +91,23 @@ if has speed; then
     fi
     bytes=$("$PY" -c 'import json, sys; print(sum(len(json.loads(l)["text"].encode()) for l in open(sys.argv[1], encoding="utf-8")))' "$W/speed.jsonl")
     echo "encode: $(wc -l < "$W/speed.jsonl") documents, $bytes bytes of text"
+    # the same documents as files, so a row of dsv3-tok does no JSON parsing (neither do the
+    # Python rows: their documents are parsed before the clock starts)
+    rm -rf "$W/speed-docs" && mkdir "$W/speed-docs"
+    "$PY" -c 'import json, sys
+for i, l in enumerate(open(sys.argv[1], encoding="utf-8")):
+    open("%s/%06d.txt" % (sys.argv[2], i), "w", encoding="utf-8", newline="").write(json.loads(l)["text"])' "$W/speed.jsonl" "$W/speed-docs"
     printf '%-38s' "encode MB/s (MB/CPU-s), threads:"; for t in $THREADS; do printf '%16s' "$t"; done; echo
     cell() { printf '%16s' "$(echo "$1 $2" | awk '{ printf "%.1f (%.1f)", $1, $2 }')"; }
-    for k in "hf.tok DeepSeek-V3" "cl100k.tok cl100k"; do
+    for k in "hf.tok DeepSeek-V3 jsonl" "hf.tok DeepSeek-V3 files" "cl100k.tok cl100k files"; do
         set -- $k
-        printf '%-38s' "dsv3-tok ($2 pattern)"
+        printf '%-38s' "dsv3-tok ($2 pattern, $3)"
         for t in $THREADS; do
-            timed "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl"
+            if [ "$3" = jsonl ]; then
+                timed "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl"
+            else
+                timed "$T" encode --quiet -i text -j "$t" -t "$W/$1" -o - "$W"/speed-docs/*
+            fi
             cell $(echo "$bytes $wall $cpu" | awk '{ print $1 / 1e6 / $2, $1 / 1e6 / $3 }')
         done; echo
     done
