@@ -17,6 +17,8 @@
 #   PARITY="hf tiktoken-cl100k tiktoken-o200k export"   which comparisons the parity step runs
 #   SPEED_MB=all        time encoding on the first documents of the corpus, about this many MB
 #   STEPS="train parity speed"   which parts to run (train is needed for the vocabulary)
+#   SHARD=PATH          also encode the corpus with dsv3-tok's trained vocabulary into this
+#                       shard (for scripts/bench-shard.sh PATH: the ratio on real tokens)
 #   WORK=DIR            keep the corpus and vocabularies there (default: a temporary folder)
 #   BUILD=build         where bin/dsv3-tok is
 set -eu
@@ -52,6 +54,9 @@ if has train || [ ! -s "$W/hf.json" ]; then
     timed "$T" train --merges "$MERGES" --min-frequency 1 --no-default-specials -i text -o "$W/ds.tok" "$W/corpus.txt"
     echo "train $MERGES merges: dsv3-tok train $wall s (CPU $cpu s), peak RSS $rss MiB"
     grep 'dsv3-tok:' "$W/time.txt" | sed 's/^/  /' || true
+fi
+if [ -n "${SHARD:-}" ]; then
+    "$T" encode -i jsonl -t "$W/ds.tok" -o "$SHARD" "$W/corpus.jsonl"
 fi
 
 # ---- the vocabularies: HF's as tokenizer.json and as tiktoken ranks (rank = HF id)
