@@ -417,6 +417,8 @@ static int write_ids_line(const uint32_t *bos, const uint32_t *ids, size_t n,
 
 static int cmd_encode(int nfiles, char **files, options *o)
 {
+    if (o->ids && o->output && strcmp(o->output, "-") != 0)
+        cli_usage(&PROG, "--ids prints to standard output: leave out -o");
     bpe *b = load_tok(o);
     dsv3_err e;
     if (o->bos && bpe_bos(b) == BPE_NONE)

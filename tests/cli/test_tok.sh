@@ -158,3 +158,7 @@ grep -q 'bad JSON: .*<stdin>, line 16999)' err.txt && ok jsonl_bad_json_message 
 "$T" encode -t tok1.tok -j 2 --skip-bad allbad.jsonl -o ab.shard 2> err.txt \
     && grep -q 'skipped 700000 bad' err.txt && [ "$("$T" decode -t tok1.tok ab.shard)" = after ] \
     && ok jsonl_skip_whole_batch || no jsonl_skip_whole_batch "$(cat err.txt)"
+
+# --ids goes to standard output only: -o FILE with it is a usage error, and nothing is written
+"$T" encode -t tok1.tok --ids -e hi -o ids.out >/dev/null 2>&1; rc=$?
+[ $rc -eq 2 ] && [ ! -e ids.out ] && ok ids_with_output_is_usage_error || no ids_with_output_is_usage_error "rc=$rc"
