@@ -562,7 +562,8 @@ static int emit(const bpe *b, const uint32_t *ids, size_t n, const options *o, c
     buf->n = 0;
     if (bpe_decode(b, ids, n, o->skip_special, buf, e))
         return -1;
-    if (fwrite(buf->v, 1, buf->n, stdout) != buf->n || fwrite(sep, 1, nsep, stdout) != nsep)
+    if ((buf->n && fwrite(buf->v, 1, buf->n, stdout) != buf->n) ||
+        (nsep && fwrite(sep, 1, nsep, stdout) != nsep))
         return err_set(e, "<stdout>: write failed");
     return 0;
 }

@@ -158,7 +158,8 @@ static int add_doc(docin *d, const void *s, size_t n)
 {
     if (reserve(d, n))
         return -1;
-    memcpy(d->arena + d->alen, s, n);
+    if (n)   /* an empty first document leaves the arena unallocated (NULL) */
+        memcpy(d->arena + d->alen, s, n);
     d->rec_bad[d->nd] = REC_OK;
     d->off[d->nd] = d->alen;
     d->lens[d->nd++] = n;
