@@ -33,7 +33,6 @@ T="$(cd "$BUILD/bin" && pwd)/dsv3-tok"
 BT="$(cd "$(dirname "$0")" && pwd)/bench-tok.py"
 if [ -n "${WORK:-}" ]; then W=$WORK; mkdir -p "$W"; else W=$(mktemp -d); trap 'rm -rf "$W"' EXIT; fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-now() { date +%s.%N; }
 # wall seconds, CPU seconds and peak RSS (MiB) of a command, its stdout in $W/out.txt
 timed() {
     "$PY" "$BT" time "$W/out.txt" "$@" 2> "$W/time.txt" || { cat "$W/time.txt" >&2; exit 1; }
@@ -82,7 +81,7 @@ if has parity; then
         "$PY" "$BT" parity hf "$W/ds.json" "$W/corpus.jsonl" "$W/ids.txt" || fail=1
     esac
     rm -f "$W/ids.txt"
-    [ $fail -eq 0 ] || echo "PARITY FAILED"
+    [ $fail -eq 0 ] || echo "PARITY FAILED (the script exits 1 at the end)"
 fi
 
 # ---- encode MB/s (dsv3-tok: the whole program, JSONL in, compressed shard out). Each cell:
@@ -121,3 +120,4 @@ for i, l in enumerate(open(sys.argv[1], encoding="utf-8")):
     printf '%-38s' "tiktoken (cl100k pattern)"
     for t in $THREADS; do cell $("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/speed.jsonl" "$t"); done; echo
 fi
+[ "${fail:-0}" -eq 0 ]
