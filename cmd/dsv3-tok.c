@@ -70,7 +70,7 @@ static const cli_program PROG = {
     "      --to=FORMAT        export: hf (default) or tiktoken\n"
     "  -p, --pattern=P        tiktoken import: gpt2, cl100k, o200k, deepseek-v3 or regexes\n"
     "      --special=STR=ID   tiktoken import: a special token (default: the named\n"
-    "                         encoding's)\n"
+    "                         encoding's; none with --no-default-specials)\n"
     "      --bos=STR, --eos=STR, --pad=STR  which special tokens have these roles\n"
     "\n"
     "      --progress         show progress on stderr even when it is not a terminal\n"
@@ -292,6 +292,7 @@ static int cmd_train(int nfiles, char **files, options *o)
         docin_open(&d, files, (size_t)nfiles, o->input, o->field, o->skip_bad, &e))
         cli_fail(&PROG, &e);
     docin_set_pieces(d, 4u << 20);   /* memory bounded whatever the size of one file */
+    docin_set_threads(d, default_threads(o));
     double t0 = progress_now();
     progress_start(&pr, o->common.progress, "count", "B", 0);
     const uint8_t *const *docs;
@@ -416,6 +417,8 @@ static int write_ids_line(const uint32_t *bos, const uint32_t *ids, size_t n,
 
 static int cmd_encode(int nfiles, char **files, options *o)
 {
+    if (o->ids && o->output && strcmp(o->output, "-") != 0)
+        cli_usage(&PROG, "--ids prints to standard output: leave out -o");
     bpe *b = load_tok(o);
     dsv3_err e;
     if (o->bos && bpe_bos(b) == BPE_NONE)
@@ -441,6 +444,8 @@ static int cmd_encode(int nfiles, char **files, options *o)
     docin *d = NULL;
     if (!o->text && docin_open(&d, files, (size_t)nfiles, o->input, o->field, o->skip_bad, &e))
         cli_fail(&PROG, &e);
+    if (d)
+        docin_set_threads(d, default_threads(o));
     progress pr;
     progress_start(&pr, o->common.progress, "encode", "B", 0);
     const uint8_t *const *docs;
@@ -557,7 +562,8 @@ static int emit(const bpe *b, const uint32_t *ids, size_t n, const options *o, c
     buf->n = 0;
     if (bpe_decode(b, ids, n, o->skip_special, buf, e))
         return -1;
-    if (fwrite(buf->v, 1, buf->n, stdout) != buf->n || fwrite(sep, 1, nsep, stdout) != nsep)
+    if ((buf->n && fwrite(buf->v, 1, buf->n, stdout) != buf->n) ||
+        (nsep && fwrite(sep, 1, nsep, stdout) != nsep))
         return err_set(e, "<stdout>: write failed");
     return 0;
 }
@@ -681,7 +687,7 @@ static int cmd_import(int nfiles, char **files, options *o)
             *eq = '\0';
             sp[ns++] = (bpeio_special){o->specials[i], (uint32_t)id};
         }
-        if (ns == 0 && o->n_patterns == 1)
+        if (ns == 0 && o->n_patterns == 1 && !o->no_default_specials)
             ns = bpeio_tiktoken_specials(o->patterns[0], &spp);
         if (bpeio_import_tiktoken(&b, path, pats, np, spp, ns, o->bos_s, o->eos_s, o->pad_s, &e))
             cli_fail(&PROG, &e);

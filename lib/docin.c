@@ -1,6 +1,7 @@
 #include "docin.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@ struct docin {
     const char *field;
     int skip_bad;
     size_t piece;   /* text mode: deliver files in pieces of about this many bytes (0: whole) */
+    int threads;    /* jsonl: records of a batch are parsed on this many threads */
     int text_done;
     FILE *f;
     const char *name;
@@ -24,8 +26,17 @@ struct docin {
     size_t *off, *lens;
     const uint8_t **docs;
     size_t nd, cd;
+    /* jsonl: the batch first holds raw records, parsed in place at the end of docin_next */
+    const char **rec_name;
+    uint64_t *rec_line;
+    uint8_t *rec_bad;   /* 0 ok, else why (enum rec_why) */
+    size_t nrec;
     uint64_t skipped, bytes;
 };
+
+/* What a batch entry is: a document (REC_OK), a raw JSONL record waiting to be parsed, or
+ * why a parsed record is bad. */
+enum rec_why { REC_OK, REC_BAD_JSON, REC_NOT_OBJECT, REC_NO_FIELD, REC_PENDING };
 
 int docin_mode_parse(const char *s, docin_mode *m)
 {
@@ -66,6 +77,9 @@ void docin_close(docin *d)
     free(d->off);
     free(d->lens);
     free(d->docs);
+    free(d->rec_name);
+    free(d->rec_line);
+    free(d->rec_bad);
     free(d);
 }
 
@@ -124,6 +138,17 @@ static int reserve(docin *d, size_t n)
             d->lens = l;
         if (!o || !l)
             return -1;
+        const char **rn = realloc(d->rec_name, nc * sizeof *rn);
+        if (rn)
+            d->rec_name = rn;
+        uint64_t *rl = rn ? realloc(d->rec_line, nc * sizeof *rl) : NULL;
+        if (rl)
+            d->rec_line = rl;
+        uint8_t *rb = rl ? realloc(d->rec_bad, nc) : NULL;
+        if (rb)
+            d->rec_bad = rb;
+        if (!rb)
+            return -1;
         d->cd = nc;
     }
     return 0;
@@ -133,7 +158,9 @@ static int add_doc(docin *d, const void *s, size_t n)
 {
     if (reserve(d, n))
         return -1;
-    memcpy(d->arena + d->alen, s, n);
+    if (n)   /* an empty first document leaves the arena unallocated (NULL) */
+        memcpy(d->arena + d->alen, s, n);
+    d->rec_bad[d->nd] = REC_OK;
     d->off[d->nd] = d->alen;
     d->lens[d->nd++] = n;
     d->alen += n;
@@ -156,6 +183,7 @@ static int read_whole(docin *d, dsv3_err *e)
     }
     if (ferror(d->f))
         return err_errno(e, "%s: read failed", d->name);
+    d->rec_bad[d->nd] = REC_OK;
     d->off[d->nd] = start;
     d->lens[d->nd++] = d->alen - start;
     return 1;
@@ -194,6 +222,7 @@ static int read_piece(docin *d, dsv3_err *e)
     if (d->alen == start && d->line++ > 0)
         return 0;   /* an empty file is one empty document; the end of a file is not */
     d->line++;
+    d->rec_bad[d->nd] = REC_OK;
     d->off[d->nd] = start;
     d->lens[d->nd++] = d->alen - start;
     return 1;
@@ -236,51 +265,137 @@ static int read_one(docin *d, dsv3_err *e)
             i++;
         if (i == (size_t)len)
             continue;   /* blank lines between records are allowed */
-        json_error_t je;
-        json_t *rec = json_loadb(d->lbuf, (size_t)len, JSON_ALLOW_NUL, &je);
-        json_t *v = json_is_object(rec) ? json_object_get(rec, d->field) : NULL;
-        if (!json_is_string(v)) {
-            char why[300];
-            if (!rec)
-                snprintf(why, sizeof why, "bad JSON: %s", je.text);
-            else if (!json_is_object(rec))
-                snprintf(why, sizeof why, "record is not an object");
-            else
-                snprintf(why, sizeof why, "no string field \"%s\"", d->field);
-            json_decref(rec);
-            if (d->skip_bad) {
-                d->skipped++;
-                continue;
-            }
-            return err_set(e, "%s (%s, line %llu)", why, d->name, (unsigned long long)d->line);
-        }
-        int rc = add_doc(d, json_string_value(v), json_string_length(v));
-        json_decref(rec);
-        return rc ? err_set(e, "out of memory") : 1;
+        /* the raw record for now: docin_next parses the batch's records on d->threads */
+        if (add_doc(d, d->lbuf, (size_t)len))
+            return err_set(e, "out of memory");
+        d->rec_name[d->nd - 1] = d->name;
+        d->rec_line[d->nd - 1] = d->line;
+        d->rec_bad[d->nd - 1] = REC_PENDING;
+        d->nrec++;
+        return 1;
     }
+}
+
+/* Parses record i in place: its string field's value is never longer than the record's
+ * JSON text (every escape decodes to fewer bytes), so it overwrites the record. je may be
+ * NULL. */
+static enum rec_why parse_record(docin *d, size_t i, json_error_t *je)
+{
+    json_error_t tmp;
+    json_t *rec = json_loadb((const char *)d->arena + d->off[i], d->lens[i], JSON_ALLOW_NUL,
+                             je ? je : &tmp);
+    json_t *v = json_is_object(rec) ? json_object_get(rec, d->field) : NULL;
+    enum rec_why why = !rec ? REC_BAD_JSON : !json_is_object(rec) ? REC_NOT_OBJECT
+                     : !json_is_string(v) ? REC_NO_FIELD : REC_OK;
+    if (why == REC_OK) {
+        d->lens[i] = json_string_length(v);
+        memcpy(d->arena + d->off[i], json_string_value(v), d->lens[i]);
+    }
+    json_decref(rec);
+    return why;
+}
+
+typedef struct {
+    docin *d;
+    size_t lo, hi;
+} parse_job;
+
+static void *parse_main(void *arg)
+{
+    parse_job *j = arg;
+    for (size_t i = j->lo; i < j->hi; i++)
+        if (j->d->rec_bad[i] == REC_PENDING)
+            j->d->rec_bad[i] = (uint8_t)parse_record(j->d, i, NULL);
+    return NULL;
+}
+
+/* Parses the batch's raw records on up to d->threads threads (contiguous ranges of about
+ * equal bytes), then drops the bad ones (skip_bad) or reports the first (by line). */
+static int parse_batch(docin *d, dsv3_err *e)
+{
+    enum { MAXT = 256 };
+    size_t nt = d->threads < 1 ? 1 : d->threads > MAXT ? MAXT : (size_t)d->threads;
+    if (nt > d->nd)
+        nt = d->nd;
+    parse_job jobs[MAXT];
+    pthread_t tid[MAXT];
+    int started[MAXT] = {0};
+    size_t i = 0;
+    for (size_t t = 0; t < nt; t++) {
+        size_t target = d->alen / nt * (t + 1);
+        jobs[t] = (parse_job){d, i, i};
+        while (jobs[t].hi < d->nd && (t == nt - 1 || d->off[jobs[t].hi] < target))
+            jobs[t].hi++;
+        i = jobs[t].hi;
+        if (t > 0)
+            started[t] = pthread_create(&tid[t], NULL, parse_main, &jobs[t]) == 0;
+    }
+    for (size_t t = 0; t < nt; t++)
+        if (!started[t])
+            parse_main(&jobs[t]);   /* the first range, and any whose thread did not start */
+    for (size_t t = 1; t < nt; t++)
+        if (started[t])
+            pthread_join(tid[t], NULL);
+    size_t k = 0;
+    for (i = 0; i < d->nd; i++) {
+        if (d->rec_bad[i] == REC_OK) {
+            d->off[k] = d->off[i];
+            d->lens[k++] = d->lens[i];
+            continue;
+        }
+        if (d->skip_bad) {
+            d->skipped++;
+            continue;
+        }
+        json_error_t je;
+        char why[300];
+        enum rec_why w = parse_record(d, i, &je);   /* again, for the message: bad records
+                                                       were not overwritten */
+        if (w == REC_BAD_JSON)
+            snprintf(why, sizeof why, "bad JSON: %s", je.text);
+        else if (w == REC_NOT_OBJECT)
+            snprintf(why, sizeof why, "record is not an object");
+        else
+            snprintf(why, sizeof why, "no string field \"%s\"", d->field);
+        return err_set(e, "%s (%s, line %llu)", why, d->rec_name[i],
+                       (unsigned long long)d->rec_line[i]);
+    }
+    d->nd = k;
+    d->nrec = 0;
+    return 0;
+}
+
+void docin_set_threads(docin *d, int threads)
+{
+    d->threads = threads;
 }
 
 long docin_next(docin *d, size_t max_bytes, const uint8_t *const **docs, const size_t **lens,
                 dsv3_err *e)
 {
-    d->alen = 0;
-    d->nd = 0;
-    while (d->nd == 0 || d->alen < max_bytes) {
-        if (!d->f) {
-            if (d->cur == d->nfiles)
-                break;
-            if (open_next(d, e))
+    do {   /* again when every record of a batch was bad and skipped */
+        d->alen = 0;
+        d->nd = 0;
+        d->nrec = 0;
+        while (d->nd == 0 || d->alen < max_bytes) {
+            if (!d->f) {
+                if (d->cur == d->nfiles)
+                    break;
+                if (open_next(d, e))
+                    return -1;
+            }
+            int rc = read_one(d, e);
+            if (rc < 0)
                 return -1;
+            if (rc == 0) {
+                if (d->f != stdin)
+                    fclose(d->f);
+                d->f = NULL;
+            }
         }
-        int rc = read_one(d, e);
-        if (rc < 0)
+        if (d->nrec > 0 && parse_batch(d, e))
             return -1;
-        if (rc == 0) {
-            if (d->f != stdin)
-                fclose(d->f);
-            d->f = NULL;
-        }
-    }
+    } while (d->nd == 0 && (d->f || d->cur < d->nfiles));
     if (d->nd > 0) {
         const uint8_t **q = realloc(d->docs, d->nd * sizeof *q);
         if (!q)

@@ -38,7 +38,18 @@ int outfile_open(outfile *o, const char *path, dsv3_err *e)
         return 0;
     }
     o->path = strdup(path);
-    o->tmp = tmp_name_for(path);
+    struct stat st;
+    if (o->path && stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+        /* a device or a named pipe (-o /dev/null): written in place, never renamed over */
+        o->f = fopen(path, "wb");
+        if (!o->f) {
+            err_errno(e, "%s: cannot open", path);
+            outfile_abort(o);
+            return -1;
+        }
+        return 0;
+    }
+    o->tmp = o->path ? tmp_name_for(path) : NULL;
     if (!o->path || !o->tmp) {
         outfile_abort(o);
         return err_set(e, "%s: out of memory", path);
@@ -75,6 +86,15 @@ int outfile_commit(outfile *o, dsv3_err *e)
         return 0;
     }
     int rc = 0;
+    if (!o->tmp) {                            /* a device or pipe: nothing to rename */
+        if (fflush(o->f) != 0)
+            rc = err_errno(e, "%s: write failed", o->path);
+        if (fclose(o->f) != 0 && rc == 0)
+            rc = err_errno(e, "%s: write failed", o->path);
+        free(o->path);
+        memset(o, 0, sizeof *o);
+        return rc;
+    }
     if (fflush(o->f) != 0 || fsync(fileno(o->f)) != 0)
         rc = err_errno(e, "%s: write failed", o->path);
     if (fclose(o->f) != 0 && rc == 0)

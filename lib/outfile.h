@@ -5,7 +5,8 @@
  * directory. A crash or an outfile_abort leaves the final name untouched (a stale
  * ".NAME.tmp.PID" may remain after a crash; nothing reads it). "-" means standard output,
  * which cannot be made atomic: a reader of our formats detects a stream cut short by its
- * missing trailer. */
+ * missing trailer. So is an existing device or named pipe (-o /dev/null): renaming a file
+ * over it would replace the device. */
 #ifndef DSV3_OUTFILE_H
 #define DSV3_OUTFILE_H
 

@@ -1,166 +1,123 @@
 #!/bin/sh
-# Encode and train benchmarks of dsv3-tok against tiktoken and HF tokenizers on the same
-# vocabulary, the same text and the same machine. Needs python3 with tokenizers and tiktoken
-# (PYTHON=/path/to/venv/bin/python). Not part of `make test`.
+# dsv3-tok against tiktoken and HF tokenizers on the same vocabulary, the same text and the
+# same machine, in one run: training time and peak memory, identical ids document by
+# document, encode MB/s per thread count. Not part of `make test`; needs python3 with
+# tokenizers and tiktoken (no network: the vocabulary is trained here).
 #
-#   PYTHON=/tmp/venv/bin/python scripts/bench-tok.sh [MB_PER_CORPUS] [MERGES]
+#   PYTHON=/tmp/tokvenv/bin/python scripts/bench-tok.sh
 #
-# Corpora: Python source (the interpreter's standard library) and English prose (license
-# texts), MB_PER_CORPUS each (default 20). A vocabulary of MERGES merges (default 32000) is
-# trained by HF tokenizers with DeepSeek-V3's pre-tokenizer; dsv3-tok imports it, tiktoken
-# gets the same tokens as ranks with the cl100k pattern. Prints MB/s per thread and with all
-# threads, checks that the ids agree, then times training (dsv3-tok vs HF's trainer) and
-# reports peak memory.
+# Environment (defaults):
+#   PYTHON=python3      the interpreter with tokenizers and tiktoken
+#   CORPUS_MB=100       size of the mixed corpus (scripts/bench-tok.py corpus): C headers and
+#                       Python source, /usr/share/doc text, gettext translations (many
+#                       scripts), and seeded generated text (mixed scripts, NFD combining
+#                       marks, emoji sequences); one JSONL record per file, cut at 64 KB
+#   MERGES=32000        merges learned by both trainers on the whole corpus
+#   THREADS="1 NPROC"   thread counts for the encode rates
+#   PARITY="hf tiktoken-cl100k tiktoken-o200k export"   which comparisons the parity step runs
+#   SPEED_MB=all        time encoding on the first documents of the corpus, about this many MB
+#   STEPS="train parity speed"   which parts to run (train is needed for the vocabulary)
+#   SHARD=PATH          also encode the corpus with dsv3-tok's trained vocabulary into this
+#                       shard (for scripts/bench-shard.sh PATH: the ratio on real tokens)
+#   WORK=DIR            keep the corpus and vocabularies there (default: a temporary folder)
+#   BUILD=build         where bin/dsv3-tok is
 set -eu
 PY=${PYTHON:-python3}
-MB=${1:-20}
-MERGES=${2:-32000}
+MB=${CORPUS_MB:-100}
+MERGES=${MERGES:-32000}
+NT=$(nproc)
+THREADS=${THREADS:-"1 $NT"}
+STEPS=${STEPS:-"train parity speed"}
 BUILD=${BUILD:-build}
 T="$(cd "$BUILD/bin" && pwd)/dsv3-tok"
-W=$(mktemp -d) && trap 'rm -rf "$W"' EXIT
-NT=$(nproc)
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NT threads"
-# What the threads are worth here: a busy loop on 1 and on $NT threads.
-printf 'int main(void){volatile unsigned long x=0;for(unsigned long i=0;i<400000000UL;i++)x+=i;return 0;}\n' > "$W/spin.c"
-if cc -O2 -o "$W/spin" "$W/spin.c" 2>/dev/null; then
-    t1=$( { /usr/bin/time -f %e "$W/spin"; } 2>&1 )
-    tn=$( { /usr/bin/time -f %e sh -c "for i in \$(seq $NT); do \"$W/spin\" & done; wait"; } 2>&1 )
-    echo "cpu check: one busy loop ${t1} s, $NT at once ${tn} s (equal times: $NT real cores; $NT times longer: one core shared)"
+BT="$(cd "$(dirname "$0")" && pwd)/bench-tok.py"
+if [ -n "${WORK:-}" ]; then W=$WORK; mkdir -p "$W"; else W=$(mktemp -d); trap 'rm -rf "$W"' EXIT; fi
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# wall seconds, CPU seconds and peak RSS (MiB) of a command, its stdout in $W/out.txt
+timed() {
+    "$PY" "$BT" time "$W/out.txt" "$@" 2> "$W/time.txt" || { cat "$W/time.txt" >&2; exit 1; }
+    set -- $(tail -n 1 "$W/time.txt")
+    wall=$1 cpu=$2 rss=$3
+}
+
+echo "# $(date -u '+%F %H:%M') UTC, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NT threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $("$PY" -c 'import tiktoken, tokenizers; print("tiktoken", tiktoken.__version__, "tokenizers", tokenizers.__version__)')"
+[ -s "$W/corpus.jsonl" ] || "$PY" "$BT" corpus "$W" "$MB"
+bytes=$(( $(wc -c < "$W/corpus.txt") - $(wc -l < "$W/corpus.jsonl") + 1 ))
+echo "corpus: $(wc -l < "$W/corpus.jsonl") documents, $bytes bytes of text"
+
+# ---- training: the same text, the same number of merges, all threads
+if has train || [ ! -s "$W/hf.json" ]; then
+    timed "$PY" "$BT" hf-train "$W/corpus.txt" "$MERGES" "$W/hf.json"
+    echo "train $MERGES merges: HF tokenizers BpeTrainer $wall s (CPU $cpu s), peak RSS $rss MiB ($(cat "$W/out.txt"))"
+    timed "$T" train --merges "$MERGES" --min-frequency 1 --no-default-specials -i text -o "$W/ds.tok" "$W/corpus.txt"
+    echo "train $MERGES merges: dsv3-tok train $wall s (CPU $cpu s), peak RSS $rss MiB"
+    grep 'dsv3-tok:' "$W/time.txt" | sed 's/^/  /' || true
+fi
+if [ -n "${SHARD:-}" ]; then
+    "$T" encode -i jsonl -t "$W/ds.tok" -o "$SHARD" "$W/corpus.jsonl"
 fi
 
-# corpora (lines longer than 10 kB are dropped: the per-line tools would be timing one line)
-find /usr/lib/python3* -name '*.py' -size -200k 2>/dev/null | sort | xargs cat 2>/dev/null \
-    | awk 'length($0) < 10000' | head -c "${MB}000000" > "$W/code.txt"
-{ for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30; do
-    cat /usr/share/common-licenses/* /usr/share/doc/*/copyright 2>/dev/null; done; } \
-    | awk 'length($0) < 10000' | head -c "${MB}000000" > "$W/prose.txt"
+# ---- the vocabularies: HF's as tokenizer.json and as tiktoken ranks (rank = HF id)
+"$T" import --quiet -o "$W/hf.tok" "$W/hf.json"
+"$PY" "$BT" ranks "$W/hf.json" "$W/tt.tiktoken"
+"$T" import --quiet -p cl100k --no-default-specials -o "$W/cl100k.tok" "$W/tt.tiktoken"
+"$T" import --quiet -p o200k --no-default-specials -o "$W/o200k.tok" "$W/tt.tiktoken"
 
-"$PY" - "$W" "$MERGES" "$T" "$NT" <<'PYEOF'
-import base64, json, os, resource, subprocess, sys, time
-from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers, decoders
-import tiktoken
+# ---- identical ids, every document: dsv3-tok writes a line of ids per document
+if has parity; then
+    fail=0
+    for k in "hf hf.json hf.tok" "tiktoken-cl100k tt.tiktoken cl100k.tok" "tiktoken-o200k tt.tiktoken o200k.tok"; do
+        set -- $k
+        case " ${PARITY:-hf tiktoken-cl100k tiktoken-o200k export} " in *" $1 "*) ;; *) continue ;; esac
+        "$T" encode --quiet -i jsonl --ids -t "$W/$3" "$W/corpus.jsonl" > "$W/ids.txt"
+        "$PY" "$BT" parity "$1" "$W/$2" "$W/corpus.jsonl" "$W/ids.txt" || fail=1
+    done
+    [ -s "$W/ds.tok" ] && case " ${PARITY:-export} " in *" export "*)
+        # dsv3-tok's own vocabulary, exported, loaded by HF tokenizers
+        "$T" export --quiet -t "$W/ds.tok" -o "$W/ds.json"
+        "$T" encode --quiet -i jsonl --ids -t "$W/ds.tok" "$W/corpus.jsonl" > "$W/ids.txt"
+        printf 'dsv3-tok train -> export -> '
+        "$PY" "$BT" parity hf "$W/ds.json" "$W/corpus.jsonl" "$W/ids.txt" || fail=1
+    esac
+    rm -f "$W/ids.txt"
+    [ $fail -eq 0 ] || echo "PARITY FAILED (the script exits 1 at the end)"
+fi
 
-W, MERGES, T, NT = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-DS = [r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
-      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
-      " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"]
-CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
-          r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-
-def hf_train(files):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in DS]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=MERGES + 256, show_progress=False,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train(files, tr)
-    return tok
-
-files = [os.path.join(W, "code.txt"), os.path.join(W, "prose.txt")]
-mb = sum(os.path.getsize(f) for f in files) / 1e6
-
-# ---- training: HF in a child process (for its own peak RSS), then dsv3-tok ----
-code = ("import sys,time,resource;sys.argv=['x'];exec(open(sys.argv[0]).read()) if False else None\n")
-t0 = time.time()
-r = subprocess.run([sys.executable, "-c",
-    "import sys, resource, time\n"
-    "from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers\n"
-    f"DS={DS!r}\n"
-    "tok = Tokenizer(models.BPE())\n"
-    "tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior='isolated') for p in DS]"
-    " + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])\n"
-    f"tr = trainers.BpeTrainer(vocab_size={MERGES + 256}, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())\n"
-    f"tok.train({files!r}, tr)\n"
-    f"tok.save({os.path.join(W, 'hf.json')!r})\n"
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"], capture_output=True, text=True, check=True)
-t_hf = time.time() - t0
-rss_hf = int(r.stdout.split()[-1]) / 1024
-t0 = time.time()
-r = subprocess.run(["/usr/bin/time", "-f", "%M", T, "train", "--merges", str(MERGES), "--min-frequency", "1",
-                    "--no-default-specials", "-i", "text", "-o", os.path.join(W, "ds.tok")] + files,
-                   capture_output=True, text=True, check=True)
-t_ds = time.time() - t0
-rss_ds = int(r.stderr.strip().split("\n")[-1]) / 1024
-print(f"train {MERGES} merges on {mb:.0f} MB: HF tokenizers {t_hf:.1f} s, peak {rss_hf:.0f} MiB; "
-      f"dsv3-tok {t_ds:.1f} s, peak {rss_ds:.0f} MiB ({NT} threads)")
-
-# ---- encode: the HF vocabulary in all three ----
-hf = Tokenizer.from_file(os.path.join(W, "hf.json"))
-subprocess.run([T, "import", "--quiet", "-o", os.path.join(W, "hf.tok"), os.path.join(W, "hf.json")], check=True)
-d = json.load(open(os.path.join(W, "hf.json"), encoding="utf-8"))
-u2b, n = {}, 0
-for b in range(256):
-    if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
-        u2b[chr(b)] = b
-    else:
-        u2b[chr(256 + n)] = b
-        n += 1
-ranks = {}
-for k, v in sorted(d["model"]["vocab"].items(), key=lambda x: x[1]):
-    ranks[bytes(u2b[c] for c in k)] = v
-with open(os.path.join(W, "tt.tiktoken"), "w") as f:
-    for t, r in sorted(ranks.items(), key=lambda x: x[1]):
-        f.write(base64.b64encode(t).decode() + f" {r}\n")
-subprocess.run([T, "import", "--quiet", "-p", "cl100k", "-o", os.path.join(W, "tt.tok"),
-                os.path.join(W, "tt.tiktoken")], check=True)
-tt = tiktoken.Encoding(name="bench", pat_str=CL100K, mergeable_ranks=ranks, special_tokens={})
-
-def best(fn, reps=3):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return min(ts)
-
-def dsv3(tok, path, threads):
-    subprocess.run([T, "encode", "--quiet", "-i", "lines", "-j", str(threads), "-t", tok, "-o",
-                    "/dev/null", path], check=True)
-
-def dsv3_ids(tok, path):
-    out = subprocess.run([T, "encode", "-i", "lines", "--ids", "-t", tok, path], check=True,
-                         capture_output=True).stdout.decode().split("\n")
-    return [list(map(int, l.split())) for l in out[:-1]]
-
-for name in ("code", "prose"):
-    path = os.path.join(W, name + ".txt")
-    raw = open(path, "rb").read()
-    lines = [l.decode("utf-8", "surrogateescape") for l in raw.split(b"\n")]
-    if lines and lines[-1] == "":
-        lines.pop()
-    if any("\udc80" <= c <= "\udcff" for l in lines for c in l):
-        lines = [l.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for l in lines]
-    size = len(raw) / 1e6
-    # identical ids (tiktoken pattern and HF's) on every line
-    mine_tt = dsv3_ids(os.path.join(W, "tt.tok"), path)
-    ref_tt = tt.encode_ordinary_batch(lines, num_threads=NT)
-    same_tt = sum(a == b for a, b in zip(mine_tt, ref_tt)) if len(mine_tt) == len(ref_tt) else -1
-    mine_hf = dsv3_ids(os.path.join(W, "hf.tok"), path)
-    ref_hf = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
-    same_hf = sum(a == b for a, b in zip(mine_hf, ref_hf)) if len(mine_hf) == len(ref_hf) else -1
-    print(f"{name}: {size:.1f} MB, {len(lines)} lines; ids identical to tiktoken {same_tt}/{len(lines)}, "
-          f"to HF {same_hf}/{len(lines)}")
-    # tiktoken at its best: the whole text in one call (one thread), and NT*4 slices of whole
-    # lines through its thread pool
-    text = "\n".join(lines)
-    step = max(1, len(lines) // (NT * 4))
-    slices = ["\n".join(lines[i:i + step]) for i in range(0, len(lines), step)]
-    t_tt1 = best(lambda: tt.encode_ordinary(text))
-    t_ttn = best(lambda: tt.encode_ordinary_batch(slices, num_threads=NT))
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    t_hf1 = float(subprocess.run([sys.executable, "-c",
-        "import time,sys;from tokenizers import Tokenizer\n"
-        f"hf=Tokenizer.from_file({os.path.join(W, 'hf.json')!r});L=open({path!r},encoding='utf-8',errors='replace').read().split('\\n')\n"
-        "t=time.perf_counter();hf.encode_batch(L,add_special_tokens=False);print(time.perf_counter()-t)"],
-        capture_output=True, text=True, check=True, env=dict(os.environ)).stdout)
-    del os.environ["RAYON_NUM_THREADS"]
-    t_hfn = best(lambda: hf.encode_batch(lines, add_special_tokens=False), 1)
-    t_ds1 = best(lambda: dsv3(os.path.join(W, "hf.tok"), path, 1))
-    t_dsn = best(lambda: dsv3(os.path.join(W, "hf.tok"), path, NT))
-    t_dt1 = best(lambda: dsv3(os.path.join(W, "tt.tok"), path, 1))
-    print(f"  encode MB/s   1 thread   {NT} threads")
-    for label, a, b in (("tiktoken", t_tt1, t_ttn), ("HF tokenizers", t_hf1, t_hfn),
-                        ("dsv3-tok (DeepSeek-V3 pattern)", t_ds1, t_dsn),
-                        ("dsv3-tok (cl100k pattern)", t_dt1, None)):
-        print(f"  {label:32s} {size / a:7.1f}   " + (f"{size / b:7.1f}" if b else "      -"))
-PYEOF
+# ---- encode MB/s (dsv3-tok: the whole program, JSONL in, compressed shard out). Each cell:
+# wall-clock MB/s, and in brackets MB per CPU second (user + system, all threads): on a
+# shared machine the second is the fairer per-thread figure.
+if has speed; then
+    if [ -n "${SPEED_MB:-}" ]; then
+        LC_ALL=C awk -v max="${SPEED_MB}000000" '{ n += length($0) } n > max { exit } { print }' "$W/corpus.jsonl" > "$W/speed.jsonl"
+    else
+        cp "$W/corpus.jsonl" "$W/speed.jsonl"
+    fi
+    bytes=$("$PY" -c 'import json, sys; print(sum(len(json.loads(l)["text"].encode()) for l in open(sys.argv[1], encoding="utf-8")))' "$W/speed.jsonl")
+    echo "encode: $(wc -l < "$W/speed.jsonl") documents, $bytes bytes of text"
+    # the same documents as files, so a row of dsv3-tok does no JSON parsing (neither do the
+    # Python rows: their documents are parsed before the clock starts)
+    rm -rf "$W/speed-docs" && mkdir "$W/speed-docs"
+    "$PY" -c 'import json, sys
+for i, l in enumerate(open(sys.argv[1], encoding="utf-8")):
+    open("%s/%06d.txt" % (sys.argv[2], i), "w", encoding="utf-8", newline="").write(json.loads(l)["text"])' "$W/speed.jsonl" "$W/speed-docs"
+    printf '%-38s' "encode MB/s (MB/CPU-s), threads:"; for t in $THREADS; do printf '%16s' "$t"; done; echo
+    cell() { printf '%16s' "$(echo "$1 $2" | awk '{ printf "%.1f (%.1f)", $1, $2 }')"; }
+    for k in "hf.tok DeepSeek-V3 jsonl" "hf.tok DeepSeek-V3 files" "cl100k.tok cl100k files"; do
+        set -- $k
+        printf '%-38s' "dsv3-tok ($2 pattern, $3)"
+        for t in $THREADS; do
+            if [ "$3" = jsonl ]; then
+                timed "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl"
+            else
+                timed "$T" encode --quiet -i text -j "$t" -t "$W/$1" -o - "$W"/speed-docs/*
+            fi
+            cell $(echo "$bytes $wall $cpu" | awk '{ print $1 / 1e6 / $2, $1 / 1e6 / $3 }')
+        done; echo
+    done
+    printf '%-38s' "HF tokenizers (DeepSeek-V3 pattern)"
+    for t in $THREADS; do cell $(RAYON_NUM_THREADS=$t "$PY" "$BT" speed hf "$W/hf.json" "$W/speed.jsonl" "$t"); done; echo
+    printf '%-38s' "tiktoken (cl100k pattern)"
+    for t in $THREADS; do cell $("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/speed.jsonl" "$t"); done; echo
+fi
+[ "${fail:-0}" -eq 0 ]

@@ -14,8 +14,8 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "corpus: $(echo "$files" | wc -l) files, $(cat $files | wc -c) bytes from $CORPUS"
 
-# Until dsv3-tok lands, the document stream uses byte tokens (ids 0..255): what a byte-level
-# BPE with no merges produces. One document per file.
+# First the shard tools on byte tokens (ids 0..255: what a byte-level BPE with no merges
+# produces), one document per file; the stream that gets packed comes from dsv3-tok below.
 step "document stream: dsv3-shard make --bytes (one document per file)"
 # shellcheck disable=SC2086
 "$BIN/dsv3-shard" make --bytes --vocab-size 256 -o "$OUT/docs.shard" $files
@@ -35,12 +35,26 @@ step "the same stream through a pipe, written and read without seeking"
 # shellcheck disable=SC2086
 "$BIN/dsv3-shard" make --bytes $files | "$BIN/dsv3-shard" verify -
 
+step "tokenizer: train a byte-level BPE of 2000 ids (DeepSeek-V3 pre-tokenizer and specials)"
+# shellcheck disable=SC2086
+"$BIN/dsv3-tok" train --quiet -v 2000 -o "$OUT/tok.bpe" $files
+"$BIN/dsv3-tok" info "$OUT/tok.bpe" | head -n 8
+
+step "encode: one document per file, to a document stream (dsv3-pack appends the EOS id)"
+# shellcheck disable=SC2086
+"$BIN/dsv3-tok" encode -t "$OUT/tok.bpe" -o "$OUT/tokens.shard" $files
+"$BIN/dsv3-shard" verify "$OUT/tokens.shard"
+"$BIN/dsv3-tok" decode -t "$OUT/tok.bpe" "$OUT/tokens.shard" >"$OUT/decoded.txt"
+# shellcheck disable=SC2086
+if cat $files | cmp -s - "$OUT/decoded.txt"; then echo "decode(encode(corpus)) == corpus"; else
+    echo "demo: the tokenizer round trip differs" >&2; exit 1; fi
+
 step "pack: exact and near dedup, best-fit records of 256+1 tokens, 10% validation"
-# The newline byte stands in for EOS until the demo encodes with dsv3-tok. The corpus goes in
-# twice (exact repeats); GPL-1/GPL-2, LGPL-2/LGPL-2.1 and GFDL-1.2/GFDL-1.3 are near duplicates.
+# The corpus goes in twice (exact repeats); LGPL-2/LGPL-2.1 and GFDL-1.2/GFDL-1.3
+# are near duplicates. -t takes the EOS (and FIM) ids from the tokenizer.
 rm -rf "$OUT/packed"
-"$BIN/dsv3-pack" --eos-id 10 -L 256 --best-fit --dedup --near-dedup --log-removed --val 0.1 \
-    --seed 1 -o "$OUT/packed" "$OUT/docs.shard" "$OUT/docs.shard"
+"$BIN/dsv3-pack" -t "$OUT/tok.bpe" -L 256 --best-fit --dedup --near-dedup --log-removed --val 0.1 \
+    --seed 1 -o "$OUT/packed" "$OUT/tokens.shard" "$OUT/tokens.shard"
 grep near "$OUT/packed/removed.tsv" | while read -r d _ k; do
     echo "near duplicate: $(echo "$files" | sed -n "$((d + 1))p") (kept $(echo "$files" | sed -n "$((k + 1))p"))"
 done

@@ -3,8 +3,10 @@
 implementations (HF tokenizers, tiktoken). CI has neither, so the fixtures are committed and
 tests/unit/test_tok_parity.c compares dsv3-tok's ids with the ids recorded here.
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install tokenizers tiktoken
-    /tmp/venv/bin/python scripts/ref-tokenizers.py [--bin build/bin]
+    python3 -m venv /tmp/tokvenv && /tmp/tokvenv/bin/pip install tokenizers tiktoken
+    PYTHON=/tmp/tokvenv/bin/python scripts/ref-tokenizers.py [--bin build/bin]
+(with PYTHON set, the script runs itself again under that interpreter). The whole-corpus
+comparison and the timings are scripts/bench-tok.sh.
 
 Writes:
   hf-deepseek.json     a byte-level BPE trained by HF tokenizers with DeepSeek-V3's
@@ -18,6 +20,9 @@ With --bin, it also exports dsv3-tok's import of hf-deepseek.json back to tokeni
 loads that in HF tokenizers and checks it encodes every case identically.
 """
 import argparse, base64, glob, json, os, random, subprocess, sys, tempfile
+
+if os.environ.get("PYTHON") and os.path.abspath(os.environ["PYTHON"]) != os.path.abspath(sys.executable):
+    os.execv(os.environ["PYTHON"], [os.environ["PYTHON"]] + sys.argv)
 
 from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers, decoders
 import tiktoken

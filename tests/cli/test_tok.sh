@@ -100,3 +100,65 @@ yes 'Words, numbers 1234567 and 中文 text; emoji 😀 — ' | tr -d '\n' | hea
 # training reads a 100 MB line in pieces (memory bounded by the piece, not the file)
 "$T" train --merges 300 -j 2 -o big.tok big.txt 2> err.txt && grep -q ' 2[0-9] documents or pieces' err.txt \
     && ok train_huge_line_in_pieces || no train_huge_line_in_pieces "$(cat err.txt)"
+
+# training input forms: standard input is a document like a file; a JSONL field like lines
+cat corpus.txt | "$T" train --quiet --merges 1500 -j 1 -o stdin.tok - && cmp -s stdin.tok tok1.tok \
+    && ok train_stdin_same_as_file || no train_stdin_same_as_file
+head -n 400 corpus.txt | tr -d '\f\r\t' > part.txt
+sed 's/\\/\\\\/g; s/"/\\"/g; s/^/{"body": "/; s/$/"}/' part.txt > part.jsonl
+"$T" train --quiet --merges 400 -i lines -o pl.tok part.txt && "$T" train --quiet --merges 400 -f body -o pj.tok part.jsonl \
+    && cmp -s pl.tok pj.tok && ok train_jsonl_field_same_as_lines || no train_jsonl_field_same_as_lines
+
+# --max-words caps the distinct pre-tokens held, says how many it dropped, and the result
+# still encodes every byte; the summary reports the tables' size and peak memory
+"$T" train --merges 500 --max-words 1000 -o mw.tok corpus.txt 2> err.txt
+d=$(sed -n 's/.* \([0-9]*\) distinct pre-tokens (\([0-9]*\) dropped by --max-words).*/\1 \2/p' err.txt)
+set -- $d
+[ "${1:-0}" -gt 0 ] && [ "$1" -le 1000 ] && [ "${2:-0}" -gt 0 ] && grep -q 'peak RSS [0-9.]* MiB' err.txt \
+    && ok train_max_words_reported || no train_max_words_reported "$(cat err.txt)"
+"$T" encode --quiet -t mw.tok corpus.txt | "$T" decode -t mw.tok | cmp -s - corpus.txt \
+    && ok train_max_words_roundtrip || no train_max_words_roundtrip
+"$T" train --quiet --merges 500 -o nomw.tok corpus.txt && ! cmp -s mw.tok nomw.tok \
+    && ok train_max_words_changes_counts || no train_max_words_changes_counts
+"$T" train --progress --merges 500 -o pr.tok corpus.txt 2>&1 | tr '\r' '\n' | grep -q 'merges/s' \
+    && ok train_progress_rate || no train_progress_rate
+
+# --split-combined: another seed draws other splits; P=0 is plain encoding
+"$T" encode --quiet -t tok1.tok --split-combined 0.5 --seed 8 corpus.txt -o s3.shard
+cmp -s s1.shard s3.shard && no split_combined_seed_matters || ok split_combined_seed_matters
+"$T" encode --quiet -t tok1.tok --split-combined 0 --seed 8 corpus.txt -o s0.shard
+cmp -s s0.shard c.shard && ok split_combined_zero_is_plain || no split_combined_zero_is_plain
+# --split-combined 1 splits every punctuation+line-break piece: ".\n" is one token of this
+# vocabulary, and becomes "." then "\n"
+n0=$("$T" encode -t tok1.tok --ids --split-combined 0 -e "end.
+next" | wc -w)
+"$T" encode -t tok1.tok --ids --split-combined 1 -e "end.
+next" > one.ids
+n1=$(wc -w < one.ids)
+tr ' ' '\n' < one.ids | while read -r id; do echo "$id" | "$T" decode -t tok1.tok; echo; done > pieces.txt
+[ "$n1" -eq $((n0 + 1)) ] && grep -q '^\.$' pieces.txt && ok split_combined_one_splits_all \
+    || no split_combined_one_splits_all "$n0 $n1 $(cat pieces.txt)"
+
+# JSONL records are parsed on several threads: escapes decode the same on any thread count,
+# the first bad record (by line) is the one reported, and a batch of nothing but bad records
+# (17 MB, more than one batch) does not end the input early under --skip-bad
+awk 'BEGIN { for (i = 1; i <= 20000; i++)
+    printf "{\"id\": %d, \"text\": \"rec %d: caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ tab\\tend\\nnext\"}\n", i, i }' > many.jsonl
+awk 'BEGIN { for (i = 1; i <= 20000; i++) printf "rec %d: café 😀 \"q\" \\ tab\tend\nnext\n", i }' > many.txt
+"$T" encode --quiet -t tok1.tok -j 1 many.jsonl -o m1.shard && "$T" encode --quiet -t tok1.tok -j 2 many.jsonl -o m2.shard \
+    && cmp -s m1.shard m2.shard && ok jsonl_threads_same_bytes || no jsonl_threads_same_bytes
+"$T" decode -t tok1.tok --sep '\n' m2.shard | cmp -s - many.txt && ok jsonl_escapes_decoded || no jsonl_escapes_decoded
+sed -e '12345s/.*/{"text": 5}/' -e '17000s/.*/{"text": "unterminated/' many.jsonl > twobad.jsonl
+"$T" encode -t tok1.tok -j 2 twobad.jsonl -o tb.shard 2> err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q 'no string field "text" (twobad.jsonl, line 12345)' err.txt && [ ! -e tb.shard ] \
+    && ok jsonl_first_bad_line_threads || no jsonl_first_bad_line_threads "$(cat err.txt)"
+sed -e '12345d' twobad.jsonl | "$T" encode -t tok1.tok -j 2 -i jsonl - -o tb.shard 2> err.txt
+grep -q 'bad JSON: .*<stdin>, line 16999)' err.txt && ok jsonl_bad_json_message || no jsonl_bad_json_message "$(cat err.txt)"
+{ yes '{"txt": "not the field"}' | head -n 700000; echo '{"text": "after"}'; } > allbad.jsonl
+"$T" encode -t tok1.tok -j 2 --skip-bad allbad.jsonl -o ab.shard 2> err.txt \
+    && grep -q 'skipped 700000 bad' err.txt && [ "$("$T" decode -t tok1.tok ab.shard)" = after ] \
+    && ok jsonl_skip_whole_batch || no jsonl_skip_whole_batch "$(cat err.txt)"
+
+# --ids goes to standard output only: -o FILE with it is a usage error, and nothing is written
+"$T" encode -t tok1.tok --ids -e hi -o ids.out >/dev/null 2>&1; rc=$?
+[ $rc -eq 2 ] && [ ! -e ids.out ] && ok ids_with_output_is_usage_error || no ids_with_output_is_usage_error "rc=$rc"

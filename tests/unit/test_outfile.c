@@ -1,4 +1,5 @@
 /* Tests of lib/outfile: an output is complete or absent. */
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -79,6 +80,30 @@ static void crash_before_commit_leaves_nothing_visible(void)
     CHECK(access(path, F_OK) != 0);
 }
 
+/* -o /dev/null once renamed a regular file over the device: devices and pipes are
+ * written in place (a FIFO here, so a failure cannot break /dev/null). */
+static void a_named_pipe_is_written_not_replaced(void)
+{
+    char path[400], cmd[900];
+    snprintf(path, sizeof path, "%s/fifo", dir);
+    REQUIRE(mkfifo(path, 0600) == 0);
+    snprintf(cmd, sizeof cmd, "cat %s > %s/got &", path, dir);
+    REQUIRE(system(cmd) == 0);
+    outfile o;
+    dsv3_err e;
+    REQUIRE(outfile_open(&o, path, &e) == 0);
+    CHECK(!o.seekable);
+    fputs("through the pipe", o.f);
+    CHECK(outfile_commit(&o, &e) == 0);
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && S_ISFIFO(st.st_mode));
+    snprintf(cmd, sizeof cmd, "for i in 1 2 3 4 5 6 7 8 9 10; do grep -qx 'through the pipe' %s/got && exit 0; sleep 0.1; done; exit 1", dir);
+    CHECK(system(cmd) == 0);
+    unlink(path);
+    snprintf(cmd, sizeof cmd, "%s/got", dir);
+    unlink(cmd);
+}
+
 int main(void)
 {
     test_seed();
@@ -89,6 +114,7 @@ int main(void)
     RUN(abort_leaves_the_old_file);
     RUN(unwritable_place_is_an_error);
     RUN(crash_before_commit_leaves_nothing_visible);
+    RUN(a_named_pipe_is_written_not_replaced);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0)
