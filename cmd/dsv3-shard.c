@@ -31,7 +31,9 @@ static const cli_program PROG = {
     "      --vocab-size=N     make: state the vocabulary size; every id must be below it\n"
     "      --level=N          make: zstd level (default 3)\n"
     "      --chunk-tokens=N   make: tokens per chunk (default 1Mi)\n"
-    "      --no-shuffle       make: store tokens without the byte-plane shuffle\n"
+    "      --shuffle          make: store tokens as byte planes (smaller for ids without\n"
+    "                         repeated n-grams; real BPE text compresses better without)\n"
+    "      --no-shuffle       make: without the byte planes (the default)\n"
     "      --threads=N        make: zstd compression threads (default 0: none)\n"
     "      --bytes            make: inputs are files whose bytes are the tokens\n"
     "  -F, --flags            dump/make: each line starts with the record's flags and a tab\n"
@@ -57,7 +59,7 @@ typedef struct options {
     int has_range;
 } options;
 
-enum { OPT_VOCAB = 0x2000, OPT_LEVEL, OPT_CHUNK_TOKENS, OPT_NO_SHUFFLE, OPT_THREADS, OPT_BYTES,
+enum { OPT_VOCAB = 0x2000, OPT_LEVEL, OPT_CHUNK_TOKENS, OPT_NO_SHUFFLE, OPT_SHUFFLE, OPT_THREADS, OPT_BYTES,
        OPT_CHUNKS };
 
 static void parse_range(const char *s, options *o)
@@ -92,6 +94,7 @@ static void parse_options(int argc, char **argv, options *o)
         {"level", required_argument, NULL, OPT_LEVEL},
         {"chunk-tokens", required_argument, NULL, OPT_CHUNK_TOKENS},
         {"no-shuffle", no_argument, NULL, OPT_NO_SHUFFLE},
+        {"shuffle", no_argument, NULL, OPT_SHUFFLE},
         {"threads", required_argument, NULL, OPT_THREADS},
         {"bytes", no_argument, NULL, OPT_BYTES},
         {"flags", no_argument, NULL, 'F'},
@@ -140,6 +143,9 @@ static void parse_options(int argc, char **argv, options *o)
             break;
         case OPT_NO_SHUFFLE:
             o->params.shuffle = 0;
+            break;
+        case OPT_SHUFFLE:
+            o->params.shuffle = 1;
             break;
         case OPT_THREADS:
             if (cli_parse_u64("--threads", optarg, 0, 256, &v, &e))

@@ -34,7 +34,7 @@ typedef struct shard_params {
     uint64_t tokenizer_id;  /* 0: not stated; identifies the tokenizer that made the tokens */
     uint32_t chunk_tokens;  /* tokens per chunk before compression (default 1 Mi) */
     int level;              /* zstd level (default 3) */
-    int shuffle;            /* byte-plane shuffle of tokens before compression (default 1) */
+    int shuffle;            /* byte-plane shuffle of tokens before compression (default 0) */
     int threads;            /* zstd worker threads for compression (0: in the caller's thread) */
 } shard_params;
 
