@@ -395,6 +395,69 @@ static void test_balance_update(void)
     model_free(&m);
 }
 
+/* Threads: forward and backward of a model big enough that every parallel loop splits
+ * (hidden 64, 4 heads, T 24) give bitwise the same logits, losses and gradients on 1, 2 and
+ * 3 threads (3: uneven splits). */
+static void test_threads_bitwise(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    c.vocab_size = 300;
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.moe_intermediate_size = 32;
+    c.num_attention_heads = 4;
+    c.kv_lora_rank = 32;
+    c.qk_nope_head_dim = 16;
+    c.qk_rope_head_dim = 8;
+    c.v_head_dim = 16;
+    c.num_nextn_predict_layers = 1;
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.05);
+    m.mtp_lambda = 0.3f;
+    m.balance_alpha = 0.01f;
+    int B = 2, T = 24, N = B * T;
+    int32_t ids[48], tg[48];
+    for (int n = 0; n < N; n++) {
+        ids[n] = (int32_t)(test_rand() % c.vocab_size);
+        tg[n] = (int32_t)(test_rand() % c.vocab_size);
+    }
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a);
+    float *ref_logits = malloc((size_t)N * c.vocab_size * 4);
+    float *ref_grads = malloc(m.n_params * 4);
+    model_losses ref_l = {0};
+    int saved = ops_threads();
+    for (int th = 1; th <= 3; th++) {
+        ops_set_threads(th);
+        float loss;
+        REQUIRE(model_forward(&m, a, ids, tg, &loss, &e) == 0);
+        model_zero_grad(&m);
+        REQUIRE(model_backward(&m, a, ids, tg, &e) == 0);
+        model_losses l;
+        model_acts_losses(a, &l);
+        if (th == 1) {
+            memcpy(ref_logits, model_acts_logits(a), (size_t)N * c.vocab_size * 4);
+            memcpy(ref_grads, m.grads, m.n_params * 4);
+            ref_l = l;
+            continue;
+        }
+        CHECKF(!memcmp(ref_logits, model_acts_logits(a), (size_t)N * c.vocab_size * 4),
+               "logits differ on %d threads", th);
+        CHECKF(!memcmp(ref_grads, m.grads, m.n_params * 4), "gradients differ on %d threads",
+               th);
+        CHECKF(l.total == ref_l.total && l.mtp == ref_l.mtp && l.balance == ref_l.balance,
+               "losses differ on %d threads", th);
+    }
+    ops_set_threads(saved);
+    free(ref_logits);
+    free(ref_grads);
+    model_acts_free(a);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -404,6 +467,7 @@ int main(void)
     RUN(test_counts_match_layout);
     RUN(test_save_load_roundtrip);
     RUN(test_balance_update);
+    RUN(test_threads_bitwise);
     RUN(test_bad_checkpoints);
     RUN(test_safetensors_damage);
     RUN(test_bf16_roundtrip);
