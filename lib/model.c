@@ -522,6 +522,8 @@ typedef struct layer_acts {
     int *idx;                  /* [N,K] */
     float *eg, *eu, *eh, *ey;  /* per routed slot (token, k): [N*K, mi] x3, [N*K, H] */
     int routed;                /* idx holds a routing (frozen routing may reuse it) */
+    int tail;                  /* MTP module k's block: its last k rows of each sequence
+                                * are placeholders, left out of the balance loss and load */
 } layer_acts;
 
 /* One MTP module's activations. */
@@ -644,6 +646,7 @@ static int alloc_mtp(model_acts *a, const dsv3_config *c)
         M->rstdh = FL(N);
         M->cat = FL(N * 2 * H);
         alloc_layer(a, c, &M->blk, c->num_hidden_layers + k);
+        M->blk.tail = k + 1;
         M->hout = FL(N * H);
         M->xf = FL(N * H);
         M->rstdf = FL(N);
@@ -806,16 +809,17 @@ static void mla_forward(const dsv3_model *m, model_acts *a, const model_layer *W
 /* The sequence-wise balance loss of one MoE block (V3 report eq. 17-20), without alpha and
  * averaged over the B sequences: per sequence sum_i f_i P_i with f_i = E/(K T) * (tokens
  * that chose i) and P_i = mean over tokens of s'_i = s_i / sum_j s_j (unbiased affinities
- * of all routed experts). */
+ * of all routed experts). T counts the rows that are tokens: in MTP module k's block the
+ * sequence is T - k long (report eq. 22), the rest placeholders. */
 static double balance_loss(const dsv3_config *c, const model_acts *a, const layer_acts *L)
 {
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T - L->tail;
     double total = 0, f[E], P[E];
-    for (int b = 0; b < a->B; b++) {
+    for (int b = 0; b < a->B && T > 0; b++) {
         memset(f, 0, sizeof f);
         memset(P, 0, sizeof P);
         for (int t = 0; t < T; t++) {
-            int64_t n = (int64_t)b * T + t;
+            int64_t n = (int64_t)b * a->T + t;
             const float *s = L->s + n * E;
             double S = 0;
             for (int i = 0; i < E; i++)
@@ -837,16 +841,17 @@ static double balance_loss(const dsv3_config *c, const model_acts *a, const laye
 static void balance_backward(const dsv3_config *c, const model_acts *a, const layer_acts *L,
                              float alpha, float *dlogits)
 {
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T - L->tail;
     double f[E], g[E];
-    for (int b = 0; b < a->B; b++) {
+    for (int b = 0; b < a->B && T > 0; b++) {
         memset(f, 0, sizeof f);
-        for (int64_t s = (int64_t)b * T * K; s < (int64_t)(b + 1) * T * K; s++)
-            f[L->idx[s]] += 1;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                f[L->idx[((int64_t)b * a->T + t) * K + k]] += 1;
         for (int i = 0; i < E; i++)
             g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * a->B);
         for (int t = 0; t < T; t++) {
-            int64_t n = (int64_t)b * T + t;
+            int64_t n = (int64_t)b * a->T + t;
             const float *s = L->s + n * E;
             double S = 0, dot = 0;
             for (int i = 0; i < E; i++)
@@ -980,10 +985,10 @@ static void mtp_forward(const dsv3_model *m, model_acts *a, const int32_t *ids,
     for (int k = 1; k <= a->n_mtp; k++) {
         mtp_acts *M = &a->mtp[k - 1];
         const model_mtp *W = &m->w.mtp[k - 1];
-        /* Past the sequence's end there is no t_{i+k}: those rows embed token 0 (as
-         * Megatron's rolled inputs do) and are ignored by the cross-entropy; attention is
-         * causal, so they reach no used row, but they are routed and so count in the
-         * balance loss. */
+        /* Past the sequence's end there is no t_{i+k}: the module sees T - k tokens (report
+         * eq. 22). The other rows embed token 0 as placeholders: ignored by the
+         * cross-entropy, left out of the balance loss and the load, and attention is
+         * causal, so they reach no used row (their gradients are exactly zero). */
         for (int n = 0; n < N; n++) {
             int inside = n % T + k < T;
             M->eid[n] = inside ? ids[n + k] : 0;
@@ -1315,9 +1320,14 @@ void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
         if (!L->routed)
             continue;
         memset(load, 0, (size_t)E * sizeof *load);
-        for (int64_t s = 0; s < total; s++)
-            load[L->idx[s]]++;
-        bias_step(m->w.mtp[k].block.router_bias, load, E, total, gamma);
+        int64_t used = 0, K = c->num_experts_per_tok;
+        for (int64_t n = 0; n < a->N; n++)
+            if (n % a->T < a->T - L->tail) {
+                for (int64_t j = 0; j < K; j++)
+                    load[L->idx[n * K + j]]++;
+                used += K;
+            }
+        bias_step(m->w.mtp[k].block.router_bias, load, E, used, gamma);
     }
     free(load);
 }

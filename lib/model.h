@@ -26,8 +26,8 @@
  *
  * Auxiliary losses are options of the model (fields below, zero = off): the MTP loss
  * lambda/D * sum_k CE_k, and the sequence-wise balance loss alpha * sum_i f_i P_i (report
- * eq. 17-20) of every MoE block that runs, averaged over the B sequences and summed over
- * blocks. model_forward's *loss stays the main cross-entropy; model_acts_losses gives the
+ * eq. 17-20) of every MoE block that runs (MTP module k's over the T - k tokens it sees),
+ * averaged over the B sequences and summed over blocks. model_forward's *loss stays the main cross-entropy; model_acts_losses gives the
  * parts and the total, which model_backward differentiates.
  *
  * The matmuls, attention heads and cross-entropy rows run on OpenMP threads; every output
@@ -174,7 +174,7 @@ int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *
 
 /* Auxiliary-loss-free balancing (V3 report, section 2.1.2): after a step, every MoE layer's
  * correction bias moves by gamma against its load, b_i += gamma * sign(mean load - load_i).
- * Uses the routing of the last forward. */
+ * Uses the routing of the last forward, MTP blocks included when it ran them. */
 void model_balance_update(dsv3_model *m, const model_acts *a, float gamma);
 
 #endif
