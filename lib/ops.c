@@ -61,6 +61,7 @@ void matmul_backward(float *d_in, float *d_w, const float *d_out, const float *i
                      const float *w, int N, int I, int O)
 {
     int par = (int64_t)N * I * O > PAR_MIN_WORK;
+    (void)par;  /* unused without OpenMP */
     if (d_in) {
 #pragma omp parallel for schedule(static) if (par)
         for (int n = 0; n < N; n++) {
@@ -396,6 +397,7 @@ void crossentropy_forward(double *sum, int *count, float *losses, const float *l
     /* Rows in parallel into row[], then summed in order: the same sum on any thread count. */
     double *row = malloc((size_t)(N > 0 ? N : 1) * sizeof *row);
     int par = row && (int64_t)N * V > PAR_MIN_WORK;
+    (void)par;
 #pragma omp parallel for schedule(static) if (par)
     for (int n = 0; n < N; n++) {
         double loss = targets[n] < 0 ? 0 : row_ce(logits + (int64_t)n * V, targets[n], V);
