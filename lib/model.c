@@ -864,6 +864,32 @@ static void balance_backward(const dsv3_config *c, const model_acts *a, const la
     }
 }
 
+/* The (token, k) slots [0, n) grouped by expert: slots sorted by expert, then by slot;
+ * expert x's are slots[off[x] .. off[x+1]). */
+static int *sort_slots(const int *idx, int n, int E, int *off)
+{
+    int *slots = malloc((size_t)(n > 0 ? n : 1) * sizeof *slots);
+    memset(off, 0, (size_t)(E + 1) * sizeof *off);
+    for (int s = 0; s < n; s++)
+        off[idx[s] + 1]++;
+    for (int x = 0; x < E; x++)
+        off[x + 1] += off[x];
+    int *fill = malloc((size_t)(E > 0 ? E : 1) * sizeof *fill);
+    memcpy(fill, off, (size_t)E * sizeof *fill);
+    for (int s = 0; s < n; s++)
+        slots[fill[idx[s]]++] = s;
+    free(fill);
+    return slots;
+}
+
+/* Experts on threads when there is enough work for a team (the matmuls inside then run
+ * on the expert's thread alone). */
+static int experts_parallel(const dsv3_config *c, int N)
+{
+    return (int64_t)N * c->num_experts_per_tok * c->hidden_size * c->moe_intermediate_size >
+           (1 << 18);
+}
+
 /* DeepSeekMoE: routed experts weighted by the router plus the shared experts. */
 static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
                         float *out, float *xs, float *ys)
@@ -895,22 +921,24 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
                     (float)c->routed_scaling_factor;
         }
     }
-    /* Expert by expert over the (token, k) slots routed to it. */
-    int *slots = malloc((size_t)N * K * sizeof *slots);
+    /* Expert by expert over the (token, k) slots routed to it; experts on threads, each
+     * in its own rows of the scratch (slots sorted by expert), writing only its slots. */
+    int *off = malloc((size_t)(E + 1) * sizeof *off);
+    int *slots = sort_slots(L->idx, N * K, E, off);
+#pragma omp parallel for schedule(dynamic) if (experts_parallel(c, N))
     for (int x = 0; x < E; x++) {
-        int cnt = 0;
-        for (int s = 0; s < N * K; s++)
-            if (L->idx[s] == x)
-                slots[cnt++] = s;
+        int cnt = off[x + 1] - off[x];
         if (!cnt)
             continue;
+        const int *sl = slots + off[x];
+        float *xe = xs + (int64_t)off[x] * H, *ye = ys + (int64_t)off[x] * (3 * mi + H);
         for (int i = 0; i < cnt; i++)
-            memcpy(xs + (int64_t)i * H, L->x2n + (int64_t)(slots[i] / K) * H, (size_t)H * 4);
-        float *g = ys, *u = ys + (int64_t)cnt * mi, *h = ys + 2 * (int64_t)cnt * mi;
-        float *y = ys + 3 * (int64_t)cnt * mi;
-        mlp_forward(y, g, u, h, xs, W->e_gate[x], W->e_up[x], W->e_down[x], cnt, H, mi);
+            memcpy(xe + (int64_t)i * H, L->x2n + (int64_t)(sl[i] / K) * H, (size_t)H * 4);
+        float *g = ye, *u = ye + (int64_t)cnt * mi, *h = ye + 2 * (int64_t)cnt * mi;
+        float *y = ye + 3 * (int64_t)cnt * mi;
+        mlp_forward(y, g, u, h, xe, W->e_gate[x], W->e_up[x], W->e_down[x], cnt, H, mi);
         for (int i = 0; i < cnt; i++) {
-            int64_t s = slots[i];
+            int64_t s = sl[i];
             memcpy(L->eg + s * mi, g + (int64_t)i * mi, (size_t)mi * 4);
             memcpy(L->eu + s * mi, u + (int64_t)i * mi, (size_t)mi * 4);
             memcpy(L->eh + s * mi, h + (int64_t)i * mi, (size_t)mi * 4);
@@ -918,6 +946,7 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
         }
     }
     free(slots);
+    free(off);
     memset(out, 0, (size_t)N * H * 4);
     for (int64_t s = 0; s < (int64_t)N * K; s++) {
         float wt = L->w[s];
@@ -1099,36 +1128,41 @@ static void moe_backward(const dsv3_model *m, model_acts *a, const model_layer *
     if (a->balance_alpha > 0)
         balance_backward(c, a, L, a->balance_alpha, dlogits);
     matmul_backward(dx2n, G->router, dlogits, L->x2n, W->router, N, H, E);
-    int *slots = malloc((size_t)N * K * sizeof *slots);
+    int *off = malloc((size_t)(E + 1) * sizeof *off);
+    int *slots = sort_slots(L->idx, N * K, E, off);
     float *xs = tmp, *dys = xs + (int64_t)N * K * H, *g = dys + (int64_t)N * K * H;
     float *u = g + (int64_t)N * K * mi, *h = u + (int64_t)N * K * mi;
     float *dxs = h + (int64_t)N * K * mi, *t2 = dxs + (int64_t)N * K * H;
+    /* Experts on threads, each in its own rows (its weight gradients are its own); the
+     * input gradients are summed into dx2n afterwards, in the serial order. */
+#pragma omp parallel for schedule(dynamic) if (experts_parallel(c, N))
     for (int x = 0; x < E; x++) {
-        int cnt = 0;
-        for (int s = 0; s < N * K; s++)
-            if (L->idx[s] == x)
-                slots[cnt++] = s;
+        int cnt = off[x + 1] - off[x];
         if (!cnt)
             continue;
+        const int *sl = slots + off[x];
+        int64_t o = off[x];
         for (int i = 0; i < cnt; i++) {
-            int64_t s = slots[i], n = s / K;
-            memcpy(xs + (int64_t)i * H, L->x2n + n * H, (size_t)H * 4);
+            int64_t s = sl[i], n = s / K, r = o + i;
+            memcpy(xs + r * H, L->x2n + n * H, (size_t)H * 4);
             for (int j = 0; j < H; j++)
-                dys[(int64_t)i * H + j] = L->w[s] * dy[n * H + j];
-            memcpy(g + (int64_t)i * mi, L->eg + s * mi, (size_t)mi * 4);
-            memcpy(u + (int64_t)i * mi, L->eu + s * mi, (size_t)mi * 4);
-            memcpy(h + (int64_t)i * mi, L->eh + s * mi, (size_t)mi * 4);
+                dys[r * H + j] = L->w[s] * dy[n * H + j];
+            memcpy(g + r * mi, L->eg + s * mi, (size_t)mi * 4);
+            memcpy(u + r * mi, L->eu + s * mi, (size_t)mi * 4);
+            memcpy(h + r * mi, L->eh + s * mi, (size_t)mi * 4);
         }
-        memset(dxs, 0, (size_t)cnt * H * 4);
-        mlp_backward(dxs, dys, xs, g, u, h, W->e_gate[x], W->e_up[x], W->e_down[x],
-                     G->e_gate[x], G->e_up[x], G->e_down[x], cnt, H, mi, t2);
-        for (int i = 0; i < cnt; i++) {
-            float *d = dx2n + (int64_t)(slots[i] / K) * H;
-            for (int j = 0; j < H; j++)
-                d[j] += dxs[(int64_t)i * H + j];
-        }
+        memset(dxs + o * H, 0, (size_t)cnt * H * 4);
+        mlp_backward(dxs + o * H, dys + o * H, xs + o * H, g + o * mi, u + o * mi, h + o * mi,
+                     W->e_gate[x], W->e_up[x], W->e_down[x], G->e_gate[x], G->e_up[x],
+                     G->e_down[x], cnt, H, mi, t2 + 3 * o * mi);
+    }
+    for (int r = 0; r < N * K; r++) {
+        float *d = dx2n + (int64_t)(slots[r] / K) * H;
+        for (int j = 0; j < H; j++)
+            d[j] += dxs[(int64_t)r * H + j];
     }
     free(slots);
+    free(off);
 }
 
 /* dout: gradient w.r.t. the attention block's output [N,H]; adds into dxn [N,H]. */

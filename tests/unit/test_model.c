@@ -396,8 +396,8 @@ static void test_balance_update(void)
 }
 
 /* Threads: forward and backward of a model big enough that every parallel loop splits
- * (hidden 64, 4 heads, T 24) give bitwise the same logits, losses and gradients on 1, 2 and
- * 3 threads (3: uneven splits). */
+ * (hidden 64, 4 heads, T 32, experts on threads) give bitwise the same logits, losses and
+ * gradients on 1, 2 and 3 threads (3: uneven splits). */
 static void test_threads_bitwise(void)
 {
     dsv3_config c;
@@ -405,7 +405,8 @@ static void test_threads_bitwise(void)
     c.vocab_size = 300;
     c.hidden_size = 64;
     c.intermediate_size = 96;
-    c.moe_intermediate_size = 32;
+    c.moe_intermediate_size = 64;
+    c.num_experts_per_tok = 2;  /* with T 32: enough work that experts run on threads */
     c.num_attention_heads = 4;
     c.kv_lora_rank = 32;
     c.qk_nope_head_dim = 16;
@@ -418,8 +419,8 @@ static void test_threads_bitwise(void)
     model_init_random(&m, test_rand(), 0.05);
     m.mtp_lambda = 0.3f;
     m.balance_alpha = 0.01f;
-    int B = 2, T = 24, N = B * T;
-    int32_t ids[48], tg[48];
+    int B = 2, T = 32, N = B * T;
+    int32_t ids[64], tg[64];
     for (int n = 0; n < N; n++) {
         ids[n] = (int32_t)(test_rand() % c.vocab_size);
         tg[n] = (int32_t)(test_rand() % c.vocab_size);
