@@ -1,6 +1,6 @@
 #include "ckpt.h"
 
-#include <dirent.h>
+#include <ftw.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -96,21 +96,18 @@ static int fsync_path(const char *path, int dir)
     return rc;
 }
 
-/* Deletes a folder we wrote (plain files only, one level). */
+static int remove_one(const char *path, const struct stat *sb, int type, struct FTW *ftw)
+{
+    (void)sb;
+    (void)ftw;
+    return type == FTW_DP ? rmdir(path) : unlink(path);
+}
+
+/* Deletes a folder: our temporary one, or the checkpoint it replaced (with whatever a
+ * trainer had put inside it). Links are removed, not followed. */
 static void remove_tree(const char *dir)
 {
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *de;
-        char p[4096];
-        while ((de = readdir(d)))
-            if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
-                snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
-                unlink(p);
-            }
-        closedir(d);
-    }
-    rmdir(dir);
+    nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static int write_index(const collect *c, const int *shard_of, int n_shards, const char *tmp,

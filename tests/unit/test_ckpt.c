@@ -100,13 +100,21 @@ static void test_sharded_roundtrip(void)
     REQUIRE(ckpt_load(&m2, dir, 0, &e) == 0);
     CHECK(m2.n_params == m.n_params && !memcmp(m.params, m2.params, m.n_params * 4));
     model_free(&m2);
-    /* BF16: the same folder replaced, loads back as the rounded values. */
+    /* BF16: the same folder replaced (with what else was in it: a subfolder too), loads
+     * back as the rounded values. */
+    snprintf(path, sizeof path, "%s/sub", dir);
+    REQUIRE(mkdir(path, 0777) == 0);
+    snprintf(path, sizeof path, "%s/sub/x", dir);
+    FILE *f = fopen(path, "w");
+    REQUIRE(f);
+    fclose(f);
     o.dtype = ST_BF16;
     o.max_shard_bytes = 0;
     REQUIRE(ckpt_save(&m, dir, &o, &e) == 0);
     CHECK(count_entries(dir, "model-") == 0);
     CHECK(count_entries(dir, "model.safetensors.index") == 0);
     CHECK(count_entries(tmpdir, ".sharded") == 0);  /* no temporary folder left */
+    CHECK(count_entries(dir, "sub") == 0);
     REQUIRE(ckpt_load(&m2, dir, 0, &e) == 0);
     int bad = 0;
     for (size_t i = 0; i < m.n_params; i++)
