@@ -116,6 +116,15 @@ expect shard_score 0 dsv3-sample --score -m "$T/tiny" "$T/docs.shard"
 check text_same_as_shard cmp -s "$T/out" "$T/text.jsonl"
 check text_two_docs [ "$(wc -l <"$T/text.jsonl")" -eq 2 ]
 
+# The same random model written as BF16 shards: it loads through the index, and its loss is
+# the F32 one's to BF16 precision (weights rounded to 8 bits of mantissa).
+dsv3-config --quiet --init "$T/tiny16" --seed 7 --bf16 --max-shard-size 100k configs/tiny.json
+check bf16_sharded [ "$(ls "$T/tiny16" | grep -c "^model-000..-of-00009.safetensors$")" -eq 9 ]
+expect bf16_score 0 dsv3-sample --score -m "$T/tiny16" --quiet "$T/docs.shard"
+l32=$(sed -n '1s/.*"loss":\([^,]*\),.*/\1/p' "$T/text.jsonl")
+l16=$(sed -n '1s/.*"loss":\([^,]*\),.*/\1/p' "$T/out")
+check bf16_loss_close awk -v a="$l32" -v b="$l16" 'BEGIN { d = a - b; exit !(a != b && d < 0.01 && d > -0.01) }'
+
 # Bad input: a token outside the model's vocabulary (the fixture has 64), a damaged shard,
 # a missing model: exit 1, a message, and no output file.
 echo "1 2 300 4" | dsv3-shard make -o "$T/big.shard"
