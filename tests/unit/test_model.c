@@ -395,6 +395,94 @@ static void test_balance_update(void)
     model_free(&m);
 }
 
+/* A hand-worked balance loss: with zero router weights every affinity is 1/2, so
+ * s'_i = 1/E and P_i = 1/E, and sum_i f_i P_i = sum_i count_i / (K T) = 1 whatever the
+ * (bias-driven) choice: the loss is alpha times the number of MoE blocks, MTP blocks
+ * included. Its gradient then pulls each router row toward the experts chosen more. */
+static void test_balance_loss_hand_worked(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    c.num_nextn_predict_layers = 1 + (int)(test_rand() % 2);
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.2);
+    int blocks = 0;
+    for (int i = 0; i < m.n_t; i++) {
+        const model_tensor *t = &m.t[i];
+        size_t n = strlen(t->name);
+        int router = n > 16 && !strcmp(t->name + n - 16, ".mlp.gate.weight");
+        int bias = !t->trainable;
+        blocks += router;
+        for (int64_t j = 0; router && j < t->numel; j++)
+            m.params[t->off + j] = 0;
+        for (int64_t j = 0; bias && j < t->numel; j++)
+            m.params[t->off + j] = (float)urand();
+    }
+    CHECK(blocks == c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers);
+    m.balance_alpha = (float)(0.1 + urand());
+    m.mtp_lambda = 0.5f;
+    int B = 2, T = 6, N = B * T;
+    int32_t ids[12], tg[12];
+    for (int n = 0; n < N; n++) {
+        ids[n] = (int32_t)(test_rand() % c.vocab_size);
+        tg[n] = (int32_t)(test_rand() % c.vocab_size);
+    }
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a);
+    float loss;
+    REQUIRE(model_forward(&m, a, ids, tg, &loss, &e) == 0);
+    model_losses ls;
+    model_acts_losses(a, &ls);
+    double want = (double)m.balance_alpha * blocks;
+    CHECKF(fabs(ls.balance - want) < 1e-6 * want, "balance %.9g, want %.9g", ls.balance, want);
+    model_acts_free(a);
+    model_free(&m);
+}
+
+/* Which tokens MTP module k reads: changing t_j changes module k's logits first at row
+ * j - k (where it embeds t_{i+k}) and leaves the rows before it bitwise unchanged (causal);
+ * the main logits first change at row j. */
+static void test_mtp_reads_shifted_tokens(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    c.num_nextn_predict_layers = 2;
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.2);
+    m.mtp_lambda = 0.3f;
+    int T = 8, V = c.vocab_size, j = 4 + (int)(test_rand() % 3);
+    int32_t ids[8], tg[8];
+    for (int n = 0; n < T; n++)
+        ids[n] = (int32_t)(test_rand() % V);
+    for (int n = 0; n < T; n++)
+        tg[n] = n + 1 < T ? ids[n + 1] : -100;
+    model_acts *a = model_acts_new(&m, 1, T, &e);
+    REQUIRE(a);
+    float loss, *before = malloc((size_t)3 * T * V * 4);
+    REQUIRE(model_forward(&m, a, ids, tg, &loss, &e) == 0);
+    memcpy(before, model_acts_logits(a), (size_t)T * V * 4);
+    for (int k = 0; k < 2; k++)
+        memcpy(before + (size_t)(k + 1) * T * V, model_acts_mtp_logits(a, k), (size_t)T * V * 4);
+    ids[j] = (ids[j] + 1) % V;
+    REQUIRE(model_forward(&m, a, ids, tg, &loss, &e) == 0);
+    for (int k = 0; k <= 2; k++) {
+        const float *now = k ? model_acts_mtp_logits(a, k - 1) : model_acts_logits(a);
+        const float *was = before + (size_t)k * T * V;
+        int first = j - k;  /* module k (1-based) embeds t_{i+k} at row i */
+        CHECKF(!memcmp(now, was, (size_t)first * V * 4), "depth %d: rows before %d changed", k,
+               first);
+        CHECKF(memcmp(now + (size_t)first * V, was + (size_t)first * V, (size_t)V * 4),
+               "depth %d: row %d did not change", k, first);
+    }
+    free(before);
+    model_acts_free(a);
+    model_free(&m);
+}
+
 /* Threads: forward and backward of a model big enough that every parallel loop splits
  * (hidden 64, 4 heads, T 32, experts on threads) give bitwise the same logits, losses and
  * gradients on 1, 2 and 3 threads (3: uneven splits). */
@@ -468,6 +556,8 @@ int main(void)
     RUN(test_counts_match_layout);
     RUN(test_save_load_roundtrip);
     RUN(test_balance_update);
+    RUN(test_balance_loss_hand_worked);
+    RUN(test_mtp_reads_shifted_tokens);
     RUN(test_threads_bitwise);
     RUN(test_bad_checkpoints);
     RUN(test_safetensors_damage);
