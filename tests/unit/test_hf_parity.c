@@ -4,7 +4,9 @@
  * gradient for fixed input ids. We load the checkpoint, run our forward and backward, and
  * require, per tensor, max|ours - theirs| <= TOL * max|theirs| with TOL = 1e-4 for logits
  * and loss and 1e-3 for gradients (float32 sums in a different order; a wrong equation is
- * off by 1e-1 or more). */
+ * off by 1e-1 or more). mtp_bal adds two MTP modules and the sequence-wise balance loss,
+ * which transformers does not compute: the script's PyTorch reference of the V3 report's
+ * equations gives their logits, losses, and the gradients of the total. */
 #include <math.h>
 
 #include "../../lib/model.h"
@@ -24,6 +26,49 @@ static double rel_err(const float *a, const float *ref, int64_t n, double *abs_o
     if (abs_out)
         *abs_out = mx;
     return mref > 0 ? mx / mref : mx;
+}
+
+/* MTP logits and losses, the balance loss and the total against the script's PyTorch
+ * reference (written from the V3 report's equations). */
+static void check_aux(const char *dir, const dsv3_model *m, const model_acts *a,
+                      const st_file *ref, int B, int T)
+{
+    int V = m->cfg.vocab_size, D = m->cfg.num_nextn_predict_layers;
+    model_losses ls;
+    model_acts_losses(a, &ls);
+    const st_tensor *ml = st_find(ref, "mtp_loss"), *bal = st_find(ref, "balance");
+    const st_tensor *tot = st_find(ref, "total");
+    REQUIRE(ml && bal && tot && ml->numel == D && D > 0 && D <= 8);
+    float rl[8], rb, rt;
+    st_to_f32(ml, rl, D, NULL);
+    st_to_f32(bal, &rb, 1, NULL);
+    st_to_f32(tot, &rt, 1, NULL);
+    for (int k = 0; k < D; k++) {
+        char name[32];
+        snprintf(name, sizeof name, "mtp_logits.%d", k + 1);
+        const st_tensor *lt = st_find(ref, name);
+        const float *ours = model_acts_mtp_logits(a, k);
+        REQUIRE(lt && ours && lt->numel == (int64_t)B * (T - k - 1) * V);
+        float *r = malloc((size_t)lt->numel * 4), *o = malloc((size_t)lt->numel * 4);
+        st_to_f32(lt, r, lt->numel, NULL);
+        /* Ours has T rows a sequence, of which the first T-k-1 are real tokens. */
+        for (int b = 0; b < B; b++)
+            memcpy(o + (int64_t)b * (T - k - 1) * V, ours + (int64_t)b * T * V,
+                   (size_t)(T - k - 1) * V * 4);
+        double abs_e, rel = rel_err(o, r, lt->numel, &abs_e);
+        double rel_loss = fabs(ls.mtp_k[k] - rl[k]) / fabs(rl[k]);
+        printf("# %s: MTP module %d logits max abs err %.3g, rel %.3g; loss %.7f vs %.7f "
+               "(rel %.3g)\n", dir, k + 1, abs_e, rel, ls.mtp_k[k], rl[k], rel_loss);
+        CHECKF(rel <= 1e-4, "%s: MTP %d logits rel err %g", dir, k + 1, rel);
+        CHECKF(rel_loss <= 1e-4, "%s: MTP %d loss rel err %g", dir, k + 1, rel_loss);
+        free(r);
+        free(o);
+    }
+    double rel_b = fabs(ls.balance - rb) / fabs(rb), rel_t = fabs(ls.total - rt) / fabs(rt);
+    printf("# %s: balance loss %.7g vs %.7g (rel %.3g); total %.7f vs %.7f (rel %.3g)\n", dir,
+           ls.balance, rb, rel_b, ls.total, rt, rel_t);
+    CHECKF(rel_b <= 1e-4, "%s: balance loss rel err %g", dir, rel_b);
+    CHECKF(rel_t <= 1e-4, "%s: total loss rel err %g", dir, rel_t);
 }
 
 static void check_fixture(const char *dir)
@@ -55,11 +100,19 @@ static void check_fixture(const char *dir)
             ids[b * T + t] = (int32_t)iv[b * T + t];
             tg[b * T + t] = t + 1 < T ? (int32_t)lv[b * T + t + 1] : -100;
         }
+    /* The MTP and balance fixture: its options, and its reference losses. */
+    const st_tensor *lam_t = st_find(&ref, "mtp_lambda"), *alpha_t = st_find(&ref, "balance_alpha");
+    if (lam_t && alpha_t) {
+        st_to_f32(lam_t, &m.mtp_lambda, 1, NULL);
+        st_to_f32(alpha_t, &m.balance_alpha, 1, NULL);
+    }
     model_acts *a = model_acts_new(&m, B, T, &e);
     REQUIRE(a);
     float loss = 0;
     rc = model_forward(&m, a, ids, tg, &loss, &e);
     CHECKF(rc == 0, "%s", e.msg);
+    if (lam_t && alpha_t)
+        check_aux(dir, &m, a, &ref, B, T);
     float *reflog = malloc((size_t)N * V * 4), refloss;
     st_to_f32(log_t, reflog, (int64_t)N * V, NULL);
     st_to_f32(loss_t, &refloss, 1, NULL);
@@ -117,11 +170,18 @@ static void test_noq_plain(void)
     check_fixture("tests/fixtures/hf/noq_plain");
 }
 
+/* Two MTP modules and the balance loss, against the script's PyTorch reference. */
+static void test_mtp_bal(void)
+{
+    check_fixture("tests/fixtures/hf/mtp_bal");
+}
+
 int main(void)
 {
     test_seed();
     (void)test_rand;  /* inputs are the fixtures' own */
     RUN(test_qlora_yarn);
     RUN(test_noq_plain);
+    RUN(test_mtp_bal);
     TEST_EXIT();
 }

@@ -1,0 +1,136 @@
+# dsv3-sample --score: per-token log-probs and losses against transformers' logits in the HF
+# fixtures (tests/fixtures/hf, made by scripts/ref-hf.py), the printed loss against the
+# mean of the printed log-probs, windows against the whole sequence, text input against the
+# same text encoded to a shard, and bad input refused with exit 1 and no output file.
+. "$(dirname "$0")/lib.sh"
+PY=/usr/bin/python3
+FX=tests/fixtures/hf
+
+expect help 0 dsv3-sample --help
+expect version 0 dsv3-sample --version
+expect_err no_mode 2 "generation is not written yet" dsv3-sample -m "$FX/noq_plain"
+expect_err no_model 2 "needs a model" dsv3-sample --score
+expect_err bos_without_tok 2 "need a tokenizer" dsv3-sample --score -m "$FX/noq_plain" --bos
+
+# A fixture's input ids and transformers' per-token log-probs (log-softmax of its logits),
+# its labels (-100 = ignored) and its loss, from ref.safetensors (safetensors read by hand).
+ref() {  # $1: fixture; writes $T/ids.txt (one sequence a line) and $T/ref.json
+    $PY - "$FX/$1/ref.safetensors" "$T" <<'PYEOF'
+import json, math, struct, sys
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+hdr = json.loads(raw[8:8 + n])
+def get(name):
+    t = hdr[name]; a, b = t["data_offsets"]; d = raw[8 + n + a:8 + n + b]
+    fmt = {"I64": "q", "F32": "f"}[t["dtype"]]
+    return t["shape"], struct.unpack("<%d%s" % (len(d) // struct.calcsize(fmt), fmt), d)
+(B, T), ids = get("input_ids")
+_, labels = get("labels")
+(_, _, V), logits = get("logits")
+_, loss = get("loss")
+lp = []
+for b in range(B):
+    row = []
+    for t in range(T - 1):
+        l = logits[(b * T + t) * V:(b * T + t + 1) * V]
+        m = max(l); z = sum(math.exp(x - m) for x in l)
+        row.append(l[ids[b * T + t + 1]] - m - math.log(z))
+    lp.append(row)
+with open(sys.argv[2] + "/ids.txt", "w") as f:
+    for b in range(B):
+        f.write(" ".join(str(i) for i in ids[b * T:(b + 1) * T]) + "\n")
+json.dump({"lp": lp, "labels": [list(labels[b * T:(b + 1) * T]) for b in range(B)],
+           "loss": loss[0]}, open(sys.argv[2] + "/ref.json", "w"))
+PYEOF
+}
+
+# Compares $T/out (our JSONL) with $T/ref.json: every log-prob within 1e-4 absolute, each
+# object's loss = -mean(logprobs) to 1e-6, and transformers' loss (over the labels it kept)
+# from our log-probs to 1e-5 relative.
+compare() {
+    $PY - "$T/out" "$T/ref.json" <<'PYEOF'
+import json, sys
+ours = [json.loads(l) for l in open(sys.argv[1])]
+ref = json.load(open(sys.argv[2]))
+assert len(ours) == len(ref["lp"]), (len(ours), len(ref["lp"]))
+worst, s, c = 0.0, 0.0, 0
+for o, lp, lab in zip(ours, ref["lp"], ref["labels"]):
+    assert o["n"] == len(lp) == len(o["logprobs"])
+    worst = max(worst, max(abs(a - b) for a, b in zip(o["logprobs"], lp)))
+    mean = -sum(o["logprobs"]) / o["n"]
+    assert abs(mean - o["loss"]) <= 1e-6 * abs(mean), (mean, o["loss"])
+    for t, x in enumerate(o["logprobs"]):
+        if lab[t + 1] != -100:
+            s -= x; c += 1
+rel = abs(s / c - ref["loss"]) / ref["loss"]
+print("max |logprob - transformers| %.2g, loss rel err %.2g" % (worst, rel))
+assert worst <= 1e-4 and rel <= 1e-5
+PYEOF
+}
+
+if [ -x "$PY" ]; then
+    for fx in noq_plain qlora_yarn; do
+        ref $fx
+        dsv3-shard make -o "$T/$fx.shard" "$T/ids.txt"
+        expect "score_$fx" 0 dsv3-sample --score -m "$FX/$fx" "$T/$fx.shard"
+        cp "$T/out" "$T/$fx.jsonl"
+        if compare >"$T/cmp" 2>&1; then ok "score_${fx}_matches_transformers"
+        else not_ok "score_${fx}_matches_transformers" "$(cat "$T/cmp")"; fi
+    done
+else
+    echo "skip score_matches_transformers: no $PY"
+fi
+
+# Standard input, another thread count, the output file: the same bytes.
+ref noq_plain 2>/dev/null || dsv3-shard dump "$T/noq_plain.shard" >"$T/ids.txt"
+dsv3-shard make -o "$T/a.shard" "$T/ids.txt"
+dsv3-sample --score -m "$FX/noq_plain" --quiet <"$T/a.shard" >"$T/stdin.jsonl"
+dsv3-sample --score -m "$FX/noq_plain" --threads 3 -o "$T/file.jsonl" "$T/a.shard" 2>"$T/err"
+check stdin_same_as_file cmp -s "$T/stdin.jsonl" "$T/file.jsonl"
+check summary_on_stderr grep -q "1 documents, 15 predictions, mean loss" "$T/err"
+
+# Windows of 5: objects at offsets 0, 5, 10, 15; (causal attention) the first window's
+# log-probs are the whole sequence's first four, bit for bit as printed, and the second
+# window's are those of its five tokens scored as a sequence of their own.
+dsv3-sample --score -m "$FX/noq_plain" -L 5 --quiet "$T/a.shard" >"$T/win.jsonl"
+check windows_four [ "$(wc -l <"$T/win.jsonl")" -eq 4 ]
+check windows_offsets [ "$(grep -o '"offset":[0-9]*' "$T/win.jsonl" | tr '\n' ' ')" = \
+    '"offset":0 "offset":5 "offset":10 "offset":15 ' ]
+lps() { sed 's/.*"logprobs":\[\([^]]*\)\].*/\1/' "$1" | sed -n "$2p"; }
+check window_is_prefix [ "$(lps "$T/stdin.jsonl" 1 | cut -d, -f1-4)" = "$(lps "$T/win.jsonl" 1)" ]
+cut -d' ' -f6-10 "$T/ids.txt" | dsv3-shard make -o "$T/five.shard"
+dsv3-sample --score -m "$FX/noq_plain" --quiet "$T/five.shard" >"$T/five.jsonl"
+check window_is_own_sequence [ "$(lps "$T/five.jsonl" 1)" = "$(lps "$T/win.jsonl" 2)" ]
+check window_of_one grep -q '"offset":15,"tokens":\[38\],"logprobs":\[\],"loss":null,"n":0' "$T/win.jsonl"
+
+# Text with -t: the same as encoding with dsv3-tok and scoring the shard. A random model
+# of configs/tiny.json (vocabulary 512) and a 300-id tokenizer trained here.
+awk 'BEGIN { for (i = 0; i < 300; i++) print "the cat sat on the mat number " i " and then ran" }' >"$T/corpus.txt"
+dsv3-tok train -v 300 -o "$T/tok.bpe" "$T/corpus.txt" 2>/dev/null
+dsv3-config --quiet --init "$T/tiny" --seed 7 configs/tiny.json
+printf 'the cat ran\nnumber 42 sat on the mat\n' >"$T/docs.txt"
+expect text_score 0 dsv3-sample --score -m "$T/tiny" -t "$T/tok.bpe" -i lines --bos "$T/docs.txt"
+cp "$T/out" "$T/text.jsonl"
+dsv3-tok encode -t "$T/tok.bpe" -i lines --bos "$T/docs.txt" >"$T/docs.shard" 2>/dev/null
+expect shard_score 0 dsv3-sample --score -m "$T/tiny" "$T/docs.shard"
+check text_same_as_shard cmp -s "$T/out" "$T/text.jsonl"
+check text_two_docs [ "$(wc -l <"$T/text.jsonl")" -eq 2 ]
+
+# The same random model written as BF16 shards: it loads through the index, and its loss is
+# the F32 one's to BF16 precision (weights rounded to 8 bits of mantissa).
+dsv3-config --quiet --init "$T/tiny16" --seed 7 --bf16 --max-shard-size 100k configs/tiny.json
+check bf16_sharded [ "$(ls "$T/tiny16" | grep -c "^model-000..-of-00009.safetensors$")" -eq 9 ]
+expect bf16_score 0 dsv3-sample --score -m "$T/tiny16" --quiet "$T/docs.shard"
+l32=$(sed -n '1s/.*"loss":\([^,]*\),.*/\1/p' "$T/text.jsonl")
+l16=$(sed -n '1s/.*"loss":\([^,]*\),.*/\1/p' "$T/out")
+check bf16_loss_close awk -v a="$l32" -v b="$l16" 'BEGIN { d = a - b; exit !(a != b && d < 0.01 && d > -0.01) }'
+
+# Bad input: a token outside the model's vocabulary (the fixture has 64), a damaged shard,
+# a missing model: exit 1, a message, and no output file.
+echo "1 2 300 4" | dsv3-shard make -o "$T/big.shard"
+expect_err id_outside_vocab 1 "token 300 at position 2 is outside" \
+    dsv3-sample --score -m "$FX/noq_plain" -o "$T/never.jsonl" "$T/big.shard"
+check no_partial_output [ ! -e "$T/never.jsonl" ]
+head -c 100 "$T/a.shard" >"$T/trunc.shard"
+expect_err damaged_shard 1 "trunc.shard" dsv3-sample --score -m "$FX/noq_plain" "$T/trunc.shard"
+expect_err missing_model 1 "nowhere/config.json" dsv3-sample --score -m "$T/nowhere" "$T/a.shard"
