@@ -1349,19 +1349,30 @@ void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
         bias_step(m->w.layers[l].router_bias, load, E, total, gamma);
     }
     /* The MTP modules' blocks route too, when the last forward ran them. */
-    for (int k = 0; a->mtp_ran && k < a->n_mtp; k++) {
-        const layer_acts *L = &a->mtp[k].blk;
-        if (!L->routed)
-            continue;
-        memset(load, 0, (size_t)E * sizeof *load);
-        int64_t used = 0, K = c->num_experts_per_tok;
-        for (int64_t n = 0; n < a->N; n++)
-            if (n % a->T < a->T - L->tail) {
-                for (int64_t j = 0; j < K; j++)
-                    load[L->idx[n * K + j]]++;
-                used += K;
-            }
-        bias_step(m->w.mtp[k].block.router_bias, load, E, used, gamma);
+    for (int k = 0; k < c->num_nextn_predict_layers; k++) {
+        int64_t used;
+        if (model_mtp_expert_load(m, a, k, load, &used) == 0)
+            bias_step(m->w.mtp[k].block.router_bias, load, E, used, gamma);
     }
     free(load);
+}
+
+int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64_t *counts,
+                          int64_t *slots)
+{
+    const dsv3_config *c = &m->cfg;
+    if (k < 0 || !a->mtp_ran || k >= a->n_mtp || !a->mtp[k].blk.routed)
+        return -1;
+    const layer_acts *L = &a->mtp[k].blk;
+    memset(counts, 0, (size_t)c->n_routed_experts * sizeof *counts);
+    int64_t used = 0, K = c->num_experts_per_tok;
+    /* only the T-k positions with a real next-next token route (report eq. 22) */
+    for (int64_t n = 0; n < a->N; n++)
+        if (n % a->T < a->T - L->tail) {
+            for (int64_t j = 0; j < K; j++)
+                counts[L->idx[n * K + j]]++;
+            used += K;
+        }
+    *slots = used;
+    return 0;
 }

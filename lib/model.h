@@ -172,6 +172,12 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
  * Returns -1 for a dense layer. */
 int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *counts);
 
+/* The same for the block of MTP module k (0-based) when the last forward ran it: counts[E],
+ * and *slots = tokens routed there times num_experts_per_tok (its last k+1 positions of a
+ * sequence do not route). Returns -1 when the module did not run or its block is dense. */
+int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64_t *counts,
+                          int64_t *slots);
+
 /* Auxiliary-loss-free balancing (V3 report, section 2.1.2): after a step, every MoE layer's
  * correction bias moves by gamma against its load, b_i += gamma * sign(mean load - load_i).
  * Uses the routing of the last forward, MTP blocks included when it ran them. */

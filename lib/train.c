@@ -261,15 +261,14 @@ static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int ba
     return 0;
 }
 
-/* HOOK(model-mtp, model-seq-aux): the MTP loss weight lambda and the sequence-wise balance
- * loss weight alpha of this step reach the model here once lib/model has them (being added
- * on the model branch), e.g. `m->mtp_weight = (float)mtp_weight; m->seq_aux_alpha = ...`.
- * Until then they are scheduled and recorded in metrics.jsonl, not applied. */
+/* The MTP loss weight lambda (scheduled) and the sequence-wise balance loss weight alpha of
+ * this step. The model adds both to the loss it differentiates; the logged loss stays the
+ * main cross-entropy, and accumulation weights a forward by its main counted targets (the
+ * MTP losses count a few fewer per sequence: a difference of k/T in their weight). */
 static void set_loss_weights(dsv3_model *m, double mtp_weight, double alpha)
 {
-    (void)m;
-    (void)mtp_weight;
-    (void)alpha;
+    m->mtp_lambda = m->cfg.num_nextn_predict_layers > 0 ? (float)mtp_weight : 0.0f;
+    m->balance_alpha = (float)alpha;
 }
 
 static uint64_t splitmix(uint64_t *s)
@@ -526,9 +525,6 @@ static int setup(trainer *t, train_result *r, dsv3_err *e)
     t->seqs = seqs < t->B ? t->B : seqs;
     t->ramp = (sched_ramp){o->ramp_unit, o->ramp_first ? o->ramp_first : t->seqs, t->seqs,
                            o->ramp_first ? o->ramp_span : 0, t->B};
-    if (c->num_nextn_predict_layers > 0)
-        note(t, "dsv3-train: note: %s", "the model has no MTP modules yet: the MTP weight is "
-             "scheduled and recorded, not applied");
     return 0;
 }
 
