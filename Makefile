@@ -8,7 +8,7 @@ VERSION := $(VERSION_BASE)$(if $(GIT_REV), ($(GIT_REV)),)
 PREFIX ?= /usr/local
 BUILD ?= build
 CC ?= cc
-CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -pthread -MMD -MP -I$(BUILD)/gen
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -pthread -fopenmp -MMD -MP -I$(BUILD)/gen
 ifeq ($(DEBUG),1)
   OPT := -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
   LDOPT := -fsanitize=address,undefined
@@ -20,7 +20,9 @@ CFLAGS ?=
 CFLAGS += $(CFLAGS_BASE) $(OPT)
 # The small Debian libraries are linked statically: the programs then run on machines that
 # lack their runtime packages (cluster nodes, the GPU device image).
-LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -lpcre2-8 -Wl,-Bdynamic -lm -ldl -pthread
+# -fopenmp: the CPU model's matmuls, attention heads and cross-entropy rows (lib/ops.c);
+# programs link with $(CC) also when the library holds CUDA objects, so this covers both.
+LDLIBS := -Wl,-Bstatic -lzstd -lxxhash -ljansson -lpcre2-8 -Wl,-Bdynamic -lm -ldl -pthread -fopenmp
 
 # CUDA: with nvcc the kernels build for Hopper (sm_90a machine code) plus compute_90 PTX,
 # which newer GPUs compile at load time. Without nvcc the library is CPU-only.

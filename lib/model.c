@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "ops.h"
 #include "safetensors.h"
@@ -51,94 +52,138 @@ static float *add(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, i
     return p;
 }
 
-static int layout(walk *w, model_weights *v)
-{
-    const dsv3_config *c = &w->m->cfg;
-    int64_t H = c->hidden_size, V = c->vocab_size, nh = c->num_attention_heads;
-    int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
-    int64_t E = c->n_routed_experts, mi = c->moe_intermediate_size;
-    char n[96];
-    if (v) {
-        memset(v, 0, sizeof *v);
-        v->layers = calloc((size_t)c->num_hidden_layers, sizeof *v->layers);
-        if (!v->layers)
-            return -1;
-    }
 #define ADD(field, nd, a, b, tr, ...)                                                      \
     do {                                                                                   \
         snprintf(n, sizeof n, __VA_ARGS__);                                                \
         float *p_ = add(w, n, nd, a, b, tr);                                               \
-        if (v)                                                                             \
+        if (L)                                                                             \
             field = p_;                                                                    \
     } while (0)
+
+/* One transformer block at layer index l (main layers and MTP modules alike). L may be
+ * NULL (recording only). */
+static int layout_block(walk *w, model_layer *L, int l)
+{
+    const dsv3_config *c = &w->m->cfg;
+    int64_t H = c->hidden_size, nh = c->num_attention_heads;
+    int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
+    int64_t E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    const char *p = "model.layers";
+    char n[96];
     model_layer dummy;
-    ADD(v->embed, 2, V, H, 1, "model.embed_tokens.weight");
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        model_layer *L = v ? &v->layers[l] : &dummy;
-        const char *p = "model.layers";
-        ADD(L->input_layernorm, 1, H, 0, 1, "%s.%d.input_layernorm.weight", p, l);
-        if (c->q_lora_rank) {
-            ADD(L->q_a_proj, 2, c->q_lora_rank, H, 1, "%s.%d.self_attn.q_a_proj.weight", p, l);
-            ADD(L->q_a_layernorm, 1, c->q_lora_rank, 0, 1,
-                "%s.%d.self_attn.q_a_layernorm.weight", p, l);
-            ADD(L->q_b_proj, 2, nh * qk, c->q_lora_rank, 1, "%s.%d.self_attn.q_b_proj.weight", p,
-                l);
-        } else {
-            ADD(L->q_proj, 2, nh * qk, H, 1, "%s.%d.self_attn.q_proj.weight", p, l);
-        }
-        ADD(L->kv_a_proj, 2, kv + rope, H, 1, "%s.%d.self_attn.kv_a_proj_with_mqa.weight", p, l);
-        ADD(L->kv_a_layernorm, 1, kv, 0, 1, "%s.%d.self_attn.kv_a_layernorm.weight", p, l);
-        ADD(L->kv_b_proj, 2, nh * (c->qk_nope_head_dim + c->v_head_dim), kv, 1,
-            "%s.%d.self_attn.kv_b_proj.weight", p, l);
-        ADD(L->o_proj, 2, H, nh * c->v_head_dim, 1, "%s.%d.self_attn.o_proj.weight", p, l);
-        ADD(L->post_attention_layernorm, 1, H, 0, 1, "%s.%d.post_attention_layernorm.weight", p,
-            l);
-        if (!config_layer_is_moe(c, l)) {
-            int64_t I = c->intermediate_size;
-            ADD(L->gate_proj, 2, I, H, 1, "%s.%d.mlp.gate_proj.weight", p, l);
-            ADD(L->up_proj, 2, I, H, 1, "%s.%d.mlp.up_proj.weight", p, l);
-            ADD(L->down_proj, 2, H, I, 1, "%s.%d.mlp.down_proj.weight", p, l);
-            continue;
-        }
-        ADD(L->router, 2, E, H, 1, "%s.%d.mlp.gate.weight", p, l);
-        ADD(L->router_bias, 1, E, 0, 0, "%s.%d.mlp.gate.e_score_correction_bias", p, l);
-        if (v) {
-            L->e_gate = calloc((size_t)E, sizeof(float *));
-            L->e_up = calloc((size_t)E, sizeof(float *));
-            L->e_down = calloc((size_t)E, sizeof(float *));
-            if (!L->e_gate || !L->e_up || !L->e_down)
-                return -1;
-        }
-        for (int x = 0; x < E; x++) {
-            ADD(L->e_gate[x], 2, mi, H, 1, "%s.%d.mlp.experts.%d.gate_proj.weight", p, l, x);
-            ADD(L->e_up[x], 2, mi, H, 1, "%s.%d.mlp.experts.%d.up_proj.weight", p, l, x);
-            ADD(L->e_down[x], 2, H, mi, 1, "%s.%d.mlp.experts.%d.down_proj.weight", p, l, x);
-        }
-        if (c->n_shared_experts) {
-            int64_t si = mi * c->n_shared_experts;
-            ADD(L->s_gate, 2, si, H, 1, "%s.%d.mlp.shared_experts.gate_proj.weight", p, l);
-            ADD(L->s_up, 2, si, H, 1, "%s.%d.mlp.shared_experts.up_proj.weight", p, l);
-            ADD(L->s_down, 2, H, si, 1, "%s.%d.mlp.shared_experts.down_proj.weight", p, l);
+    model_layer *D = L ? L : &dummy;
+    ADD(D->input_layernorm, 1, H, 0, 1, "%s.%d.input_layernorm.weight", p, l);
+    if (c->q_lora_rank) {
+        ADD(D->q_a_proj, 2, c->q_lora_rank, H, 1, "%s.%d.self_attn.q_a_proj.weight", p, l);
+        ADD(D->q_a_layernorm, 1, c->q_lora_rank, 0, 1, "%s.%d.self_attn.q_a_layernorm.weight",
+            p, l);
+        ADD(D->q_b_proj, 2, nh * qk, c->q_lora_rank, 1, "%s.%d.self_attn.q_b_proj.weight", p, l);
+    } else {
+        ADD(D->q_proj, 2, nh * qk, H, 1, "%s.%d.self_attn.q_proj.weight", p, l);
+    }
+    ADD(D->kv_a_proj, 2, kv + rope, H, 1, "%s.%d.self_attn.kv_a_proj_with_mqa.weight", p, l);
+    ADD(D->kv_a_layernorm, 1, kv, 0, 1, "%s.%d.self_attn.kv_a_layernorm.weight", p, l);
+    ADD(D->kv_b_proj, 2, nh * (c->qk_nope_head_dim + c->v_head_dim), kv, 1,
+        "%s.%d.self_attn.kv_b_proj.weight", p, l);
+    ADD(D->o_proj, 2, H, nh * c->v_head_dim, 1, "%s.%d.self_attn.o_proj.weight", p, l);
+    ADD(D->post_attention_layernorm, 1, H, 0, 1, "%s.%d.post_attention_layernorm.weight", p, l);
+    if (!config_layer_is_moe(c, l)) {
+        int64_t I = c->intermediate_size;
+        ADD(D->gate_proj, 2, I, H, 1, "%s.%d.mlp.gate_proj.weight", p, l);
+        ADD(D->up_proj, 2, I, H, 1, "%s.%d.mlp.up_proj.weight", p, l);
+        ADD(D->down_proj, 2, H, I, 1, "%s.%d.mlp.down_proj.weight", p, l);
+        return 0;
+    }
+    ADD(D->router, 2, E, H, 1, "%s.%d.mlp.gate.weight", p, l);
+    ADD(D->router_bias, 1, E, 0, 0, "%s.%d.mlp.gate.e_score_correction_bias", p, l);
+    if (L) {
+        L->e_gate = calloc((size_t)E, sizeof(float *));
+        L->e_up = calloc((size_t)E, sizeof(float *));
+        L->e_down = calloc((size_t)E, sizeof(float *));
+        if (!L->e_gate || !L->e_up || !L->e_down)
+            return -1;
+    }
+    for (int x = 0; x < E; x++) {
+        float *pg = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.gate_proj.weight", p, l,
+                                     x), n), 2, mi, H, 1);
+        float *pu = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.up_proj.weight", p, l,
+                                     x), n), 2, mi, H, 1);
+        float *pd = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.down_proj.weight", p, l,
+                                     x), n), 2, H, mi, 1);
+        if (L) {
+            L->e_gate[x] = pg;
+            L->e_up[x] = pu;
+            L->e_down[x] = pd;
         }
     }
+    if (c->n_shared_experts) {
+        int64_t si = mi * c->n_shared_experts;
+        ADD(D->s_gate, 2, si, H, 1, "%s.%d.mlp.shared_experts.gate_proj.weight", p, l);
+        ADD(D->s_up, 2, si, H, 1, "%s.%d.mlp.shared_experts.up_proj.weight", p, l);
+        ADD(D->s_down, 2, H, si, 1, "%s.%d.mlp.shared_experts.down_proj.weight", p, l);
+    }
+    return 0;
+}
+
+static int layout(walk *w, model_weights *v)
+{
+    const dsv3_config *c = &w->m->cfg;
+    int64_t H = c->hidden_size, V = c->vocab_size;
+    int nl = c->num_hidden_layers, D = c->num_nextn_predict_layers;
+    char n[96];
+    model_weights dummy;
+    model_weights *L = v;  /* ADD assigns when L is set */
+    if (v) {
+        memset(v, 0, sizeof *v);
+        v->layers = calloc((size_t)nl, sizeof *v->layers);
+        v->mtp = D ? calloc((size_t)D, sizeof *v->mtp) : NULL;
+        if (!v->layers || (D && !v->mtp))
+            return -1;
+    } else {
+        v = &dummy;
+    }
+    ADD(v->embed, 2, V, H, 1, "model.embed_tokens.weight");
+    for (int l = 0; l < nl; l++)
+        if (layout_block(w, L ? &v->layers[l] : NULL, l))
+            return -1;
     ADD(v->final_norm, 1, H, 0, 1, "model.norm.weight");
     if (!c->tie_word_embeddings)
         ADD(v->lm_head, 2, V, H, 1, "lm_head.weight");
-    else if (v)
+    else if (L)
         v->lm_head = v->embed;
-#undef ADD
+    for (int k = 0; k < D; k++) {
+        model_mtp *M = L ? &v->mtp[k] : NULL, md;
+        if (!M)
+            M = &md;
+        int l = nl + k;
+        ADD(M->enorm, 1, H, 0, 1, "model.layers.%d.enorm.weight", l);
+        ADD(M->hnorm, 1, H, 0, 1, "model.layers.%d.hnorm.weight", l);
+        ADD(M->eh_proj, 2, H, 2 * H, 1, "model.layers.%d.eh_proj.weight", l);
+        if (layout_block(w, L ? &M->block : NULL, l))
+            return -1;
+        ADD(M->head_norm, 1, H, 0, 1, "model.layers.%d.shared_head.norm.weight", l);
+    }
     return 0;
+}
+#undef ADD
+
+static void free_layer(model_layer *L)
+{
+    free(L->e_gate);
+    free(L->e_up);
+    free(L->e_down);
 }
 
 static void free_view(const dsv3_config *c, model_weights *v)
 {
     if (v->layers)
-        for (int l = 0; l < c->num_hidden_layers; l++) {
-            free(v->layers[l].e_gate);
-            free(v->layers[l].e_up);
-            free(v->layers[l].e_down);
-        }
+        for (int l = 0; l < c->num_hidden_layers; l++)
+            free_layer(&v->layers[l]);
+    if (v->mtp)
+        for (int k = 0; k < c->num_nextn_predict_layers; k++)
+            free_layer(&v->mtp[k].block);
     free(v->layers);
+    free(v->mtp);
     memset(v, 0, sizeof *v);
 }
 
@@ -247,21 +292,37 @@ static int is_mtp_name(const dsv3_config *c, const char *name)
     return 0;
 }
 
-static int load_file(dsv3_model *m, const char *path, unsigned char *seen, dsv3_err *e)
+/* The copies of the embedding and head that DeepSeek's checkpoint stores per MTP layer. */
+static int is_mtp_copy(const dsv3_config *c, const char *name)
 {
-    st_file f;
-    if (st_open(&f, path, e))
-        return -1;
-    int rc = 0;
-    for (int i = 0; i < f.n && !rc; i++) {
-        const st_tensor *s = &f.t[i];
+    int l, end = 0;
+    if (sscanf(name, "model.layers.%d.%n", &l, &end) != 1 || !end)
+        return 0;
+    if (l < c->num_hidden_layers || l >= c->num_hidden_layers + c->num_nextn_predict_layers)
+        return 0;
+    return !strcmp(name + end, "embed_tokens.weight") ||
+           !strcmp(name + end, "shared_head.head.weight");
+}
+
+static int load_file(dsv3_model *m, const st_file *f, unsigned char *seen, int flags,
+                     dsv3_err *e)
+{
+    const char *path = f->path;
+    for (int i = 0; i < f->n; i++) {
+        const st_tensor *s = &f->t[i];
         const model_tensor *t = model_find(m, s->name);
+        if (!t && is_mtp_copy(&m->cfg, s->name)) {
+            if (s->ndim != 2 || s->shape[0] != m->cfg.vocab_size ||
+                s->shape[1] != m->cfg.hidden_size)
+                return err_set(e, "%s: tensor \"%s\" is not [vocab_size, hidden_size]", path,
+                               s->name);
+            continue;
+        }
         if (!t) {
-            if (is_mtp_name(&m->cfg, s->name))
+            if ((flags & MODEL_LOAD_NO_MTP) && is_mtp_name(&m->cfg, s->name))
                 continue;
-            rc = err_set(e, "%s: tensor \"%s\" is not part of this model's config", path,
-                         s->name);
-            break;
+            return err_set(e, "%s: tensor \"%s\" is not part of this model's config", path,
+                           s->name);
         }
         int ok = s->ndim == t->ndim && s->shape[0] == t->shape[0] &&
                  (t->ndim == 1 || s->shape[1] == t->shape[1]);
@@ -270,78 +331,156 @@ static int load_file(dsv3_model *m, const char *path, unsigned char *seen, dsv3_
             for (int d = 0; d < s->ndim && d < 4; d++)
                 snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
                          (long long)s->shape[d]);
-            rc = err_set(e, "%s: tensor \"%s\" has shape [%s], the config needs [%lld%s%.0lld]",
-                         path, s->name, got, (long long)t->shape[0], t->ndim == 2 ? "," : "",
-                         (long long)t->shape[1]);
-            break;
+            return err_set(e, "%s: tensor \"%s\" has shape [%s], the config needs [%lld%s%.0lld]",
+                           path, s->name, got, (long long)t->shape[0], t->ndim == 2 ? "," : "",
+                           (long long)t->shape[1]);
         }
-        if (st_to_f32(s, m->params + t->off, t->numel, e)) {
-            rc = err_prefix(e, "%s", path);
-            break;
-        }
+        if (st_to_f32(s, m->params + t->off, t->numel, e))
+            return err_prefix(e, "%s", path);
         seen[t - m->t] = 1;
     }
-    st_close(&f);
-    return rc;
+    return 0;
+}
+
+/* Opens DIR's safetensors files: the shards of model.safetensors.index.json, each once in
+ * the order of first mention, or model.safetensors. */
+static int open_files(const char *dir, st_file **out, int *n_out, dsv3_err *e)
+{
+    char path[4096];
+    st_file *fs = NULL;
+    int n = 0, rc = 0;
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        fs = calloc(1, sizeof *fs);
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (!fs || st_open(fs, path, e)) {
+            free(fs);
+            return fs ? -1 : err_set(e, "%s: out of memory", dir);
+        }
+        *out = fs;
+        *n_out = 1;
+        return 0;
+    }
+    json_error_t je;
+    json_t *idx = json_load_file(path, 0, &je);
+    json_t *wm = idx ? json_object_get(idx, "weight_map") : NULL;
+    if (!json_is_object(wm)) {
+        json_decref(idx);
+        return idx ? err_set(e, "%s: no \"weight_map\" object", path)
+                   : err_set(e, "%s: %s (line %d)", path, je.text, je.line);
+    }
+    fs = calloc(json_object_size(wm) + 1, sizeof *fs);
+    json_t *done = json_object();
+    const char *key;
+    json_t *val;
+    json_object_foreach(wm, key, val) {
+        if (!json_is_string(val) || strchr(json_string_value(val), '/')) {
+            rc = err_set(e, "%s: weight_map[\"%s\"] is not a file name", path, key);
+            break;
+        }
+        const char *fn = json_string_value(val);
+        if (json_object_get(done, fn))
+            continue;
+        json_object_set_new(done, fn, json_true());
+        char sp[4096];
+        snprintf(sp, sizeof sp, "%s/%s", dir, fn);
+        if ((rc = st_open(&fs[n], sp, e)))
+            break;
+        n++;
+    }
+    json_decref(done);
+    json_decref(idx);
+    if (rc) {
+        for (int i = 0; i < n; i++)
+            st_close(&fs[i]);
+        free(fs);
+        return -1;
+    }
+    *out = fs;
+    *n_out = n;
+    return 0;
 }
 
 int model_load(dsv3_model *m, const char *dir, dsv3_err *e)
 {
+    return model_load_flags(m, dir, 0, e);
+}
+
+int model_load_flags(dsv3_model *m, const char *dir, int flags, dsv3_err *e)
+{
     char path[4096];
     dsv3_config c;
+    memset(m, 0, sizeof *m);
     snprintf(path, sizeof path, "%s/config.json", dir);
     if (config_load(&c, path, e))
         return -1;
+    st_file *fs = NULL;
+    int nf = 0;
+    if (open_files(dir, &fs, &nf, e)) {
+        config_free(&c);
+        return -1;
+    }
+    /* transformers' save_pretrained writes num_nextn_predict_layers 1 but no MTP tensors:
+     * such a checkpoint has no MTP modules to load. */
+    int any_mtp = 0;
+    for (int i = 0; i < nf; i++)
+        for (int j = 0; j < fs[i].n; j++)
+            any_mtp |= is_mtp_name(&c, fs[i].t[j].name);
+    if ((flags & MODEL_LOAD_NO_MTP) || !any_mtp)
+        c.num_nextn_predict_layers = 0;
     int rc = model_init(m, &c, e);
     config_free(&c);
-    if (rc)
-        return -1;
-    unsigned char *seen = calloc((size_t)m->n_t, 1);
-    if (!seen) {
-        model_free(m);
-        return err_set(e, "%s: out of memory", dir);
-    }
-    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
-    struct stat sb;
-    if (stat(path, &sb) == 0) {
-        json_error_t je;
-        json_t *idx = json_load_file(path, 0, &je);
-        json_t *wm = idx ? json_object_get(idx, "weight_map") : NULL;
-        if (!json_is_object(wm)) {
-            rc = err_set(e, "%s: no \"weight_map\" object", path);
-        } else {
-            /* Each shard once, in the order of first mention. */
-            json_t *done = json_object();
-            const char *key;
-            json_t *val;
-            json_object_foreach(wm, key, val) {
-                if (!json_is_string(val) || strchr(json_string_value(val), '/')) {
-                    rc = err_set(e, "%s: weight_map[\"%s\"] is not a file name", path, key);
-                    break;
-                }
-                const char *fn = json_string_value(val);
-                if (json_object_get(done, fn))
-                    continue;
-                json_object_set_new(done, fn, json_true());
-                char sp[4096];
-                snprintf(sp, sizeof sp, "%s/%s", dir, fn);
-                if ((rc = load_file(m, sp, seen, e)))
-                    break;
-            }
-            json_decref(done);
-        }
-        json_decref(idx);
-    } else {
-        snprintf(path, sizeof path, "%s/model.safetensors", dir);
-        rc = load_file(m, path, seen, e);
-    }
+    unsigned char *seen = rc ? NULL : calloc((size_t)m->n_t, 1);
+    if (!rc && !seen)
+        rc = err_set(e, "%s: out of memory", dir);
+    for (int i = 0; i < nf && !rc; i++)
+        rc = load_file(m, &fs[i], seen, flags | MODEL_LOAD_NO_MTP * !any_mtp, e);
     for (int i = 0; i < m->n_t && !rc; i++)
         if (!seen[i])
             rc = err_set(e, "%s: tensor \"%s\" is missing", dir, m->t[i].name);
+    for (int i = 0; i < nf; i++)
+        st_close(&fs[i]);
+    free(fs);
     free(seen);
     if (rc)
         model_free(m);
     return rc;
+}
+
+int model_each_saved(const dsv3_model *m,
+                     int (*fn)(void *ctx, const char *name, int ndim, const int64_t *shape,
+                               const float *data),
+                     void *ctx)
+{
+    const dsv3_config *c = &m->cfg;
+    int64_t vh[2] = {c->vocab_size, c->hidden_size};
+    char name[96];
+    for (int i = 0; i < m->n_t; i++) {
+        const model_tensor *t = &m->t[i];
+        int rc = fn(ctx, t->name, t->ndim, t->shape, m->params + t->off);
+        if (rc)
+            return rc;
+        /* After each MTP module's own tensors (its head norm closes it), the copies. */
+        int l, end = 0;
+        if (sscanf(t->name, "model.layers.%d.%n", &l, &end) == 1 && end &&
+            l >= c->num_hidden_layers && !strcmp(t->name + end, "shared_head.norm.weight")) {
+            snprintf(name, sizeof name, "model.layers.%d.embed_tokens.weight", l);
+            if ((rc = fn(ctx, name, 2, vh, m->w.embed)))
+                return rc;
+            snprintf(name, sizeof name, "model.layers.%d.shared_head.head.weight", l);
+            if ((rc = fn(ctx, name, 2, vh, m->w.lm_head)))
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static int add_f32(void *ctx, const char *name, int ndim, const int64_t *shape,
+                   const float *data)
+{
+    st_add(ctx, name, ST_F32, ndim, shape, data);
+    return 0;
 }
 
 int model_save(const dsv3_model *m, const char *dir, dsv3_err *e)
@@ -353,11 +492,14 @@ int model_save(const dsv3_model *m, const char *dir, dsv3_err *e)
     if (config_save(&m->cfg, path, e))
         return -1;
     st_writer w = {0};
-    for (int i = 0; i < m->n_t; i++)
-        st_add(&w, m->t[i].name, ST_F32, m->t[i].ndim, m->t[i].shape, m->params + m->t[i].off);
+    model_each_saved(m, add_f32, &w);
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     int rc = st_write(&w, path, e);
     st_writer_free(&w);
+    /* A sharded save's index would otherwise win over this file on the next load. */
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (!rc && unlink(path) && errno != ENOENT)
+        rc = err_errno(e, "%s", path);
     return rc;
 }
 
@@ -379,7 +521,22 @@ typedef struct layer_acts {
     float *logits, *s, *w;     /* router: [N,E], [N,E], [N,K] */
     int *idx;                  /* [N,K] */
     float *eg, *eu, *eh, *ey;  /* per routed slot (token, k): [N*K, mi] x3, [N*K, H] */
+    int routed;                /* idx holds a routing (frozen routing may reuse it) */
 } layer_acts;
+
+/* One MTP module's activations. */
+typedef struct mtp_acts {
+    int32_t *eid;              /* [N] id embedded at position i: t_{i+k}, 0 past the end */
+    int32_t *tg;               /* [N] target t_{i+k+1} (targets shifted by k), -1 past the end */
+    float *e, *en, *rstde;     /* embedding, enorm */
+    float *hn, *rstdh;         /* hnorm of the previous depth's hidden state */
+    float *cat;                /* [N, 2H] = [en; hn] */
+    layer_acts blk;            /* blk.x = eh_proj(cat) */
+    float *hout, *xf, *rstdf;  /* block output; shared_head.norm */
+    float *logits;             /* [N, V] */
+    double sum;                /* cross-entropy sum over count used rows */
+    int count;
+} mtp_acts;
 
 struct model_acts {
     int B, T, N, n_layers;
@@ -389,6 +546,12 @@ struct model_acts {
     float *cos_t, *sin_t;
     layer_acts *l;
     float *hfinal, *xf, *rstdf, *logits;
+    mtp_acts *mtp;          /* n_mtp modules, allocated at the first forward that runs them */
+    int n_mtp, mtp_ran;     /* mtp_ran: the last forward ran them (with lambda mtp_lambda) */
+    float mtp_lambda, balance_alpha;  /* the options the last forward used */
+    double ce_sum;          /* main cross-entropy sum and count of the last forward */
+    int ce_count;
+    double balance;         /* alpha-weighted balance loss of the last forward */
     float **all;   /* every allocation, for freeing */
     int n_all, cap_all;
     int failed;
@@ -419,6 +582,80 @@ static void *acts_alloc(model_acts *a, size_t n, size_t size)
 
 #define FL(n) acts_alloc(a, (size_t)(n), sizeof(float))
 
+static void alloc_layer(model_acts *a, const dsv3_config *c, layer_acts *L, int l)
+{
+    int64_t N = a->N, B = a->B, T = a->T;
+    int64_t H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int64_t kv = c->kv_lora_rank, rope = c->qk_rope_head_dim, dv = c->v_head_dim;
+    int64_t K = c->num_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    L->x = FL(N * H);
+    L->xn = FL(N * H);
+    L->rstd1 = FL(N);
+    if (c->q_lora_rank) {
+        L->qa = FL(N * c->q_lora_rank);
+        L->qan = FL(N * c->q_lora_rank);
+        L->rstdq = FL(N);
+    }
+    L->q = FL(N * nh * qk);
+    L->kva = FL(N * (kv + rope));
+    L->ckv = FL(N * kv);
+    L->ckvn = FL(N * kv);
+    L->rstdkv = FL(N);
+    L->kvb = FL(N * nh * (c->qk_nope_head_dim + dv));
+    L->k = FL(N * nh * qk);
+    L->v = FL(N * nh * dv);
+    L->att = FL(B * nh * T * T);
+    L->ao = FL(N * nh * dv);
+    L->x2 = FL(N * H);
+    L->x2n = FL(N * H);
+    L->rstd2 = FL(N);
+    int64_t inter = config_layer_is_moe(c, l) ? mi * c->n_shared_experts : c->intermediate_size;
+    L->g = FL(N * inter);
+    L->u = FL(N * inter);
+    L->h = FL(N * inter);
+    if (config_layer_is_moe(c, l)) {
+        L->logits = FL(N * E);
+        L->s = FL(N * E);
+        L->w = FL(N * K);
+        L->idx = acts_alloc(a, (size_t)(N * K), sizeof(int));
+        L->eg = FL(N * K * mi);
+        L->eu = FL(N * K * mi);
+        L->eh = FL(N * K * mi);
+        L->ey = FL(N * K * H);
+    }
+}
+
+/* The MTP modules' activations, on first use (most forwards never run them). */
+static int alloc_mtp(model_acts *a, const dsv3_config *c)
+{
+    if (a->mtp)
+        return 0;
+    int D = c->num_nextn_predict_layers;
+    int64_t N = a->N, H = c->hidden_size, V = c->vocab_size;
+    mtp_acts *mt = acts_alloc(a, (size_t)D, sizeof *mt);
+    for (int k = 0; k < D && mt && !a->failed; k++) {
+        mtp_acts *M = &mt[k];
+        M->eid = acts_alloc(a, (size_t)N, sizeof(int32_t));
+        M->tg = acts_alloc(a, (size_t)N, sizeof(int32_t));
+        M->e = FL(N * H);
+        M->en = FL(N * H);
+        M->rstde = FL(N);
+        M->hn = FL(N * H);
+        M->rstdh = FL(N);
+        M->cat = FL(N * 2 * H);
+        alloc_layer(a, c, &M->blk, c->num_hidden_layers + k);
+        M->hout = FL(N * H);
+        M->xf = FL(N * H);
+        M->rstdf = FL(N);
+        M->logits = FL(N * V);
+    }
+    if (a->failed)
+        return -1;
+    a->mtp = mt;
+    a->n_mtp = D;
+    return 0;
+}
+
 model_acts *model_acts_new(const dsv3_model *m, int B, int T, dsv3_err *e)
 {
     const dsv3_config *c = &m->cfg;
@@ -432,52 +669,13 @@ model_acts *model_acts_new(const dsv3_model *m, int B, int T, dsv3_err *e)
     int64_t N = (int64_t)B * T;
     a->N = (int)N;
     a->n_layers = c->num_hidden_layers;
-    int64_t H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
-    int64_t kv = c->kv_lora_rank, rope = c->qk_rope_head_dim, dv = c->v_head_dim;
-    int64_t K = c->num_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    int64_t H = c->hidden_size, rope = c->qk_rope_head_dim;
     a->pos = acts_alloc(a, (size_t)N, sizeof(int));
     a->cos_t = FL(T * rope / 2);
     a->sin_t = FL(T * rope / 2);
     a->l = acts_alloc(a, (size_t)c->num_hidden_layers, sizeof(layer_acts));
-    for (int l = 0; l < c->num_hidden_layers && !a->failed; l++) {
-        layer_acts *L = &a->l[l];
-        L->x = FL(N * H);
-        L->xn = FL(N * H);
-        L->rstd1 = FL(N);
-        if (c->q_lora_rank) {
-            L->qa = FL(N * c->q_lora_rank);
-            L->qan = FL(N * c->q_lora_rank);
-            L->rstdq = FL(N);
-        }
-        L->q = FL(N * nh * qk);
-        L->kva = FL(N * (kv + rope));
-        L->ckv = FL(N * kv);
-        L->ckvn = FL(N * kv);
-        L->rstdkv = FL(N);
-        L->kvb = FL(N * nh * (c->qk_nope_head_dim + dv));
-        L->k = FL(N * nh * qk);
-        L->v = FL(N * nh * dv);
-        L->att = FL((int64_t)B * nh * T * T);
-        L->ao = FL(N * nh * dv);
-        L->x2 = FL(N * H);
-        L->x2n = FL(N * H);
-        L->rstd2 = FL(N);
-        int64_t inter = config_layer_is_moe(c, l) ? mi * c->n_shared_experts
-                                                  : c->intermediate_size;
-        L->g = FL(N * inter);
-        L->u = FL(N * inter);
-        L->h = FL(N * inter);
-        if (config_layer_is_moe(c, l)) {
-            L->logits = FL(N * E);
-            L->s = FL(N * E);
-            L->w = FL(N * K);
-            L->idx = acts_alloc(a, (size_t)(N * K), sizeof(int));
-            L->eg = FL(N * K * mi);
-            L->eu = FL(N * K * mi);
-            L->eh = FL(N * K * mi);
-            L->ey = FL(N * K * H);
-        }
-    }
+    for (int l = 0; l < c->num_hidden_layers && !a->failed; l++)
+        alloc_layer(a, c, &a->l[l], l);
     a->hfinal = FL(N * H);
     a->xf = FL(N * H);
     a->rstdf = FL(N);
@@ -521,6 +719,29 @@ const float *model_acts_hidden(const model_acts *a, int l)
 void model_acts_freeze_routing(model_acts *a, int on)
 {
     a->freeze = on;
+}
+
+const float *model_acts_mtp_logits(const model_acts *a, int k)
+{
+    return a->mtp_ran && k >= 0 && k < a->n_mtp ? a->mtp[k].logits : NULL;
+}
+
+void model_acts_losses(const model_acts *a, model_losses *out)
+{
+    memset(out, 0, sizeof *out);
+    out->main = a->ce_count ? a->ce_sum / a->ce_count : 0;
+    if (a->mtp_ran) {
+        double sum = 0;
+        for (int k = 0; k < a->n_mtp; k++) {
+            double lk = a->mtp[k].count ? a->mtp[k].sum / a->mtp[k].count : 0;
+            if (k < 8)
+                out->mtp_k[k] = lk;
+            sum += lk;
+        }
+        out->mtp = a->mtp_lambda / a->n_mtp * sum;
+    }
+    out->balance = a->balance;
+    out->total = out->main + out->mtp + out->balance;
 }
 
 /* ---- forward ---- */
@@ -582,6 +803,62 @@ static void mla_forward(const dsv3_model *m, model_acts *a, const model_layer *W
     matmul_forward(out, L->ao, W->o_proj, N, nh * dv, H);
 }
 
+/* The sequence-wise balance loss of one MoE block (V3 report eq. 17-20), without alpha and
+ * averaged over the B sequences: per sequence sum_i f_i P_i with f_i = E/(K T) * (tokens
+ * that chose i) and P_i = mean over tokens of s'_i = s_i / sum_j s_j (unbiased affinities
+ * of all routed experts). */
+static double balance_loss(const dsv3_config *c, const model_acts *a, const layer_acts *L)
+{
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T;
+    double total = 0, f[E], P[E];
+    for (int b = 0; b < a->B; b++) {
+        memset(f, 0, sizeof f);
+        memset(P, 0, sizeof P);
+        for (int t = 0; t < T; t++) {
+            int64_t n = (int64_t)b * T + t;
+            const float *s = L->s + n * E;
+            double S = 0;
+            for (int i = 0; i < E; i++)
+                S += s[i];
+            for (int i = 0; i < E; i++)
+                P[i] += s[i] / S;
+            for (int k = 0; k < K; k++)
+                f[L->idx[n * K + k]] += 1;
+        }
+        for (int i = 0; i < E; i++)
+            total += (f[i] * E / ((double)K * T)) * (P[i] / T);
+    }
+    return total / a->B;
+}
+
+/* Adds d(alpha * balance_loss)/d(router logits) into dlogits [N,E]; f is a constant (the
+ * top-k choice), so only P carries a gradient: dL/ds'_i = alpha f_i / (B T), then through
+ * s' = s / S and s = sigmoid(logit). */
+static void balance_backward(const dsv3_config *c, const model_acts *a, const layer_acts *L,
+                             float alpha, float *dlogits)
+{
+    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T;
+    double f[E], g[E];
+    for (int b = 0; b < a->B; b++) {
+        memset(f, 0, sizeof f);
+        for (int64_t s = (int64_t)b * T * K; s < (int64_t)(b + 1) * T * K; s++)
+            f[L->idx[s]] += 1;
+        for (int i = 0; i < E; i++)
+            g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * a->B);
+        for (int t = 0; t < T; t++) {
+            int64_t n = (int64_t)b * T + t;
+            const float *s = L->s + n * E;
+            double S = 0, dot = 0;
+            for (int i = 0; i < E; i++)
+                S += s[i];
+            for (int i = 0; i < E; i++)
+                dot += g[i] * s[i] / S;
+            for (int j = 0; j < E; j++)
+                dlogits[n * E + j] += (float)((g[j] - dot) / S * s[j] * (1 - s[j]));
+        }
+    }
+}
+
 /* DeepSeekMoE: routed experts weighted by the router plus the shared experts. */
 static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
                         float *out, float *xs, float *ys)
@@ -593,12 +870,13 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
     for (int n = 0; n < N; n++) {
         int *idx = L->idx + (int64_t)n * K;
         int frozen[K];
-        if (a->freeze && a->have_routing)
+        int reuse = a->freeze && L->routed;
+        if (reuse)
             memcpy(frozen, idx, sizeof frozen);
         router_forward(idx, L->w + (int64_t)n * K, L->s + (int64_t)n * E,
                        L->logits + (int64_t)n * E, W->router_bias, E, c->n_group,
                        c->topk_group, K, c->norm_topk_prob, (float)c->routed_scaling_factor);
-        if (a->freeze && a->have_routing) {
+        if (reuse) {
             /* Same experts as before, weights from this forward's affinities. */
             const float *s = L->s + (int64_t)n * E;
             double sum = 0;
@@ -649,6 +927,9 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
         for (int64_t i = 0; i < (int64_t)N * H; i++)
             out[i] += ys[i];
     }
+    L->routed = 1;
+    if (m->balance_alpha > 0)
+        a->balance += m->balance_alpha * balance_loss(c, a, L);
 }
 
 /* Scratch big enough for any temporary of forward or backward. */
@@ -666,6 +947,64 @@ static size_t scratch_floats(const dsv3_config *c, int N)
     return (size_t)N * per * 3 + 64;
 }
 
+/* One transformer block at layer index l: L->x in, next out [N,H]. */
+static void block_forward(const dsv3_model *m, model_acts *a, const model_layer *W,
+                          layer_acts *L, int l, float *next, float *scratch)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size;
+    float eps = (float)c->rms_norm_eps;
+    float *out = scratch, *tmp = scratch + (int64_t)N * H;
+    rmsnorm_forward(L->xn, L->rstd1, L->x, W->input_layernorm, N, H, eps);
+    mla_forward(m, a, W, L, out, tmp);
+    for (int64_t i = 0; i < (int64_t)N * H; i++)
+        L->x2[i] = L->x[i] + out[i];
+    rmsnorm_forward(L->x2n, L->rstd2, L->x2, W->post_attention_layernorm, N, H, eps);
+    if (config_layer_is_moe(c, l))
+        moe_forward(m, a, W, L, out, tmp, tmp + (int64_t)N * c->num_experts_per_tok * H);
+    else
+        mlp_forward(out, L->g, L->u, L->h, L->x2n, W->gate_proj, W->up_proj, W->down_proj, N,
+                    H, c->intermediate_size);
+    for (int64_t i = 0; i < (int64_t)N * H; i++)
+        next[i] = L->x2[i] + out[i];
+}
+
+/* The MTP modules over the main model's last hidden state (see model.h). */
+static void mtp_forward(const dsv3_model *m, model_acts *a, const int32_t *ids,
+                        const int32_t *targets, float *scratch)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, T = a->T, H = c->hidden_size, V = c->vocab_size;
+    float eps = (float)c->rms_norm_eps;
+    const float *prev = a->hfinal;
+    for (int k = 1; k <= a->n_mtp; k++) {
+        mtp_acts *M = &a->mtp[k - 1];
+        const model_mtp *W = &m->w.mtp[k - 1];
+        /* Past the sequence's end there is no t_{i+k}: those rows embed token 0 (as
+         * Megatron's rolled inputs do) and are ignored by the cross-entropy; attention is
+         * causal, so they reach no used row, but they are routed and so count in the
+         * balance loss. */
+        for (int n = 0; n < N; n++) {
+            int inside = n % T + k < T;
+            M->eid[n] = inside ? ids[n + k] : 0;
+            M->tg[n] = inside ? targets[n + k] : -1;
+        }
+        embedding_forward(M->e, m->w.embed, M->eid, N, H);
+        rmsnorm_forward(M->en, M->rstde, M->e, W->enorm, N, H, eps);
+        rmsnorm_forward(M->hn, M->rstdh, prev, W->hnorm, N, H, eps);
+        for (int n = 0; n < N; n++) {
+            memcpy(M->cat + (int64_t)n * 2 * H, M->en + (int64_t)n * H, (size_t)H * 4);
+            memcpy(M->cat + (int64_t)n * 2 * H + H, M->hn + (int64_t)n * H, (size_t)H * 4);
+        }
+        matmul_forward(M->blk.x, M->cat, W->eh_proj, N, 2 * H, H);
+        block_forward(m, a, &W->block, &M->blk, c->num_hidden_layers + k - 1, M->hout, scratch);
+        rmsnorm_forward(M->xf, M->rstdf, M->hout, W->head_norm, N, H, eps);
+        matmul_forward(M->logits, M->xf, m->w.lm_head, N, H, V);
+        crossentropy_forward(&M->sum, &M->count, NULL, M->logits, M->tg, N, V);
+        prev = M->hout;
+    }
+}
+
 int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                   float *loss, dsv3_err *e)
 {
@@ -675,42 +1014,38 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
         if (ids[n] < 0 || ids[n] >= V)
             return err_set(e, "model: token id %d at position %d outside the vocabulary "
                            "(vocab_size %d)", ids[n], n, V);
-    float *scratch = malloc(scratch_floats(c, N) * sizeof(float));
-    if (!scratch)
-        return err_set(e, "model: out of memory for scratch");
-    float *out = scratch, *tmp = scratch + (int64_t)N * H;
-    embedding_forward(a->l[0].x, m->w.embed, ids, N, H);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const model_layer *W = &m->w.layers[l];
-        layer_acts *L = &a->l[l];
-        float eps = (float)c->rms_norm_eps;
-        rmsnorm_forward(L->xn, L->rstd1, L->x, W->input_layernorm, N, H, eps);
-        mla_forward(m, a, W, L, out, tmp);
-        for (int64_t i = 0; i < (int64_t)N * H; i++)
-            L->x2[i] = L->x[i] + out[i];
-        rmsnorm_forward(L->x2n, L->rstd2, L->x2, W->post_attention_layernorm, N, H, eps);
-        if (config_layer_is_moe(c, l))
-            moe_forward(m, a, W, L, out, tmp, tmp + (int64_t)N * c->num_experts_per_tok * H);
-        else
-            mlp_forward(out, L->g, L->u, L->h, L->x2n, W->gate_proj, W->up_proj, W->down_proj,
-                        N, H, c->intermediate_size);
-        float *next = l + 1 < c->num_hidden_layers ? a->l[l + 1].x : a->hfinal;
-        for (int64_t i = 0; i < (int64_t)N * H; i++)
-            next[i] = L->x2[i] + out[i];
-    }
-    a->have_routing = 1;
-    rmsnorm_forward(a->xf, a->rstdf, a->hfinal, m->w.final_norm, N, H, (float)c->rms_norm_eps);
-    matmul_forward(a->logits, a->xf, m->w.lm_head, N, H, V);
-    free(scratch);
-    if (targets && loss) {
+    if (targets)
         for (int n = 0; n < N; n++)
             if (targets[n] >= V)
                 return err_set(e, "model: target %d at position %d outside the vocabulary",
                                targets[n], n);
-        double sum;
-        int count;
-        crossentropy_forward(&sum, &count, NULL, a->logits, targets, N, V);
-        *loss = count ? (float)(sum / count) : 0.0f;
+    int run_mtp = targets && m->mtp_lambda > 0 && c->num_nextn_predict_layers > 0;
+    if (run_mtp && alloc_mtp(a, c))
+        return err_set(e, "model: out of memory for the MTP modules' activations");
+    float *scratch = malloc(scratch_floats(c, N) * sizeof(float));
+    if (!scratch)
+        return err_set(e, "model: out of memory for scratch");
+    a->balance = 0;
+    a->balance_alpha = m->balance_alpha;
+    a->ce_sum = 0;
+    a->ce_count = 0;
+    embedding_forward(a->l[0].x, m->w.embed, ids, N, H);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        float *next = l + 1 < c->num_hidden_layers ? a->l[l + 1].x : a->hfinal;
+        block_forward(m, a, &m->w.layers[l], &a->l[l], l, next, scratch);
+    }
+    rmsnorm_forward(a->xf, a->rstdf, a->hfinal, m->w.final_norm, N, H, (float)c->rms_norm_eps);
+    matmul_forward(a->logits, a->xf, m->w.lm_head, N, H, V);
+    a->mtp_ran = run_mtp;
+    a->mtp_lambda = run_mtp ? m->mtp_lambda : 0;
+    if (run_mtp)
+        mtp_forward(m, a, ids, targets, scratch);
+    a->have_routing = 1;
+    free(scratch);
+    if (targets) {
+        crossentropy_forward(&a->ce_sum, &a->ce_count, NULL, a->logits, targets, N, V);
+        if (loss)
+            *loss = a->ce_count ? (float)(a->ce_sum / a->ce_count) : 0.0f;
     }
     return 0;
 }
@@ -756,6 +1091,8 @@ static void moe_backward(const dsv3_model *m, model_acts *a, const model_layer *
                         L->s + (int64_t)n * E, E, K, c->norm_topk_prob,
                         (float)c->routed_scaling_factor);
     }
+    if (a->balance_alpha > 0)
+        balance_backward(c, a, L, a->balance_alpha, dlogits);
     matmul_backward(dx2n, G->router, dlogits, L->x2n, W->router, N, H, E);
     int *slots = malloc((size_t)N * K * sizeof *slots);
     float *xs = tmp, *dys = xs + (int64_t)N * K * H, *g = dys + (int64_t)N * K * H;
@@ -840,6 +1177,66 @@ static void mla_backward(const dsv3_model *m, model_acts *a, const model_layer *
     }
 }
 
+/* One block backward: dx holds d(loss)/d(block output) on entry and d(loss)/d(block input)
+ * on return; dn and tmp are scratch. */
+static void block_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
+                           const model_layer *G, layer_acts *L, int l, float *dx, float *dn,
+                           float *tmp)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size;
+    /* x_{l+1} = x2 + mlp(norm(x2)): dx flows to x2 directly and through the MLP. */
+    memset(dn, 0, (size_t)N * H * 4);
+    if (config_layer_is_moe(c, l))
+        moe_backward(m, a, W, G, L, dx, dn, tmp);
+    else
+        mlp_backward(dn, dx, L->x2n, L->g, L->u, L->h, W->gate_proj, W->up_proj, W->down_proj,
+                     G->gate_proj, G->up_proj, G->down_proj, N, H, c->intermediate_size, tmp);
+    rmsnorm_backward(dx, G->post_attention_layernorm, dn, L->x2, W->post_attention_layernorm,
+                     L->rstd2, N, H);
+    /* x2 = x + attn(norm(x)). */
+    memset(dn, 0, (size_t)N * H * 4);
+    mla_backward(m, a, W, G, L, dx, dn, tmp);
+    rmsnorm_backward(dx, G->input_layernorm, dn, L->x, W->input_layernorm, L->rstd1, N, H);
+}
+
+/* The MTP modules backward, last depth first. Leaves in dcarry d(loss)/d(main model's last
+ * hidden state) from module 1's hnorm. Buffers: dlogits [N,V], dx, dn, dh, dcarry [N,H],
+ * dcat [N,2H], tmp. */
+static void mtp_backward(dsv3_model *m, model_acts *a, float *dlogits, float *dx, float *dn,
+                         float *dh, float *dcarry, float *dcat, float *tmp)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, V = c->vocab_size, D = a->n_mtp;
+    memset(dcarry, 0, (size_t)N * H * 4);
+    for (int k = D; k >= 1; k--) {
+        mtp_acts *M = &a->mtp[k - 1];
+        const model_mtp *W = &m->w.mtp[k - 1], *G = &m->g.mtp[k - 1];
+        const float *prev = k > 1 ? a->mtp[k - 2].hout : a->hfinal;
+        memcpy(dx, dcarry, (size_t)N * H * 4);
+        if (M->count) {
+            crossentropy_backward(dlogits, M->logits, M->tg, N, V,
+                                  a->mtp_lambda / D / (float)M->count);
+            memset(dn, 0, (size_t)N * H * 4);
+            matmul_backward(dn, m->g.lm_head, dlogits, M->xf, m->w.lm_head, N, H, V);
+            rmsnorm_backward(dx, G->head_norm, dn, M->hout, W->head_norm, M->rstdf, N, H);
+        }
+        block_backward(m, a, &W->block, &G->block, &M->blk, c->num_hidden_layers + k - 1, dx,
+                       dn, tmp);
+        memset(dcat, 0, (size_t)N * 2 * H * 4);
+        matmul_backward(dcat, G->eh_proj, dx, M->cat, W->eh_proj, N, 2 * H, H);
+        for (int n = 0; n < N; n++) {
+            memcpy(dn + (int64_t)n * H, dcat + (int64_t)n * 2 * H, (size_t)H * 4);
+            memcpy(dh + (int64_t)n * H, dcat + (int64_t)n * 2 * H + H, (size_t)H * 4);
+        }
+        memset(dx, 0, (size_t)N * H * 4);
+        rmsnorm_backward(dx, G->enorm, dn, M->e, W->enorm, M->rstde, N, H);
+        embedding_backward(m->g.embed, dx, M->eid, N, H);
+        memset(dcarry, 0, (size_t)N * H * 4);
+        rmsnorm_backward(dcarry, G->hnorm, dh, prev, W->hnorm, M->rstdh, N, H);
+    }
+}
+
 int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                    dsv3_err *e)
 {
@@ -850,37 +1247,28 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
     int count = 0;
     for (int n = 0; n < N; n++)
         count += targets[n] >= 0;
-    if (!count)
+    if (!count && !a->mtp_ran && a->balance_alpha <= 0)
         return 0;  /* the loss is a constant 0 */
     size_t sf = scratch_floats(c, N);
-    float *buf = malloc((sf + (size_t)N * V + 3 * (size_t)N * H) * sizeof(float));
+    float *buf = malloc((sf + (size_t)N * V + 7 * (size_t)N * H) * sizeof(float));
     if (!buf)
         return err_set(e, "model: out of memory for backward");
     float *dlogits = buf, *dx = dlogits + (int64_t)N * V, *dn = dx + (int64_t)N * H;
-    float *dy = dn + (int64_t)N * H, *tmp = dy + (int64_t)N * H;
-    crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / count);
-    memset(dn, 0, (size_t)N * H * 4);
-    matmul_backward(dn, m->g.lm_head, dlogits, a->xf, m->w.lm_head, N, H, V);
+    float *dy = dn + (int64_t)N * H, *dc = dy + (int64_t)N * H, *dcat = dc + (int64_t)N * H;
+    float *tmp = dcat + 2 * (int64_t)N * H;
     memset(dx, 0, (size_t)N * H * 4);
-    rmsnorm_backward(dx, m->g.final_norm, dn, a->hfinal, m->w.final_norm, a->rstdf, N, H);
-    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
-        const model_layer *W = &m->w.layers[l], *G = &m->g.layers[l];
-        layer_acts *L = &a->l[l];
-        /* x_{l+1} = x2 + mlp(norm(x2)): dx flows to x2 directly and through the MLP. */
-        memset(dn, 0, (size_t)N * H * 4);
-        if (config_layer_is_moe(c, l))
-            moe_backward(m, a, W, G, L, dx, dn, tmp);
-        else
-            mlp_backward(dn, dx, L->x2n, L->g, L->u, L->h, W->gate_proj, W->up_proj,
-                         W->down_proj, G->gate_proj, G->up_proj, G->down_proj, N, H,
-                         c->intermediate_size, tmp);
-        rmsnorm_backward(dx, G->post_attention_layernorm, dn, L->x2, W->post_attention_layernorm,
-                         L->rstd2, N, H);
-        /* x2 = x + attn(norm(x)). */
-        memset(dn, 0, (size_t)N * H * 4);
-        mla_backward(m, a, W, G, L, dx, dn, tmp);
-        rmsnorm_backward(dx, G->input_layernorm, dn, L->x, W->input_layernorm, L->rstd1, N, H);
+    if (a->mtp_ran) {
+        mtp_backward(m, a, dlogits, dx, dn, dy, dc, dcat, tmp);
+        memcpy(dx, dc, (size_t)N * H * 4);
     }
+    if (count) {
+        crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / count);
+        memset(dn, 0, (size_t)N * H * 4);
+        matmul_backward(dn, m->g.lm_head, dlogits, a->xf, m->w.lm_head, N, H, V);
+        rmsnorm_backward(dx, m->g.final_norm, dn, a->hfinal, m->w.final_norm, a->rstdf, N, H);
+    }
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--)
+        block_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], l, dx, dn, tmp);
     embedding_backward(m->g.embed, dx, ids, N, H);
     free(buf);
     return 0;
@@ -899,6 +1287,14 @@ int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *
     return 0;
 }
 
+static void bias_step(float *b, const int64_t *load, int E, int64_t total, float gamma)
+{
+    for (int i = 0; i < E; i++) {
+        int64_t d = total - load[i] * E;
+        b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
+    }
+}
+
 void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
 {
     const dsv3_config *c = &m->cfg;
@@ -911,11 +1307,17 @@ void model_balance_update(dsv3_model *m, const model_acts *a, float gamma)
     for (int l = 0; l < c->num_hidden_layers; l++) {
         if (model_expert_load(m, a, l, load))
             continue;
-        float *b = m->w.layers[l].router_bias;
-        for (int i = 0; i < E; i++) {
-            int64_t d = total - load[i] * E;
-            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
-        }
+        bias_step(m->w.layers[l].router_bias, load, E, total, gamma);
+    }
+    /* The MTP modules' blocks route too, when the last forward ran them. */
+    for (int k = 0; a->mtp_ran && k < a->n_mtp; k++) {
+        const layer_acts *L = &a->mtp[k].blk;
+        if (!L->routed)
+            continue;
+        memset(load, 0, (size_t)E * sizeof *load);
+        for (int64_t s = 0; s < total; s++)
+            load[L->idx[s]]++;
+        bias_step(m->w.mtp[k].block.router_bias, load, E, total, gamma);
     }
     free(load);
 }

@@ -12,8 +12,27 @@
  * cross-entropy. Every step calls the reference ops of lib/ops.h, which GPU kernels are
  * tested against.
  *
- * Not here yet: the MTP modules (their tensors in a checkpoint are skipped on load), the
- * sequence-wise balance loss, threads. */
+ * Multi-Token Prediction (V3 report, section 2.2): the config's num_nextn_predict_layers (D)
+ * modules live at layer indices num_hidden_layers + k, named as DeepSeek's released
+ * checkpoint names them (enorm, hnorm, eh_proj, one transformer block, shared_head.norm).
+ * Module k (1-based) at position i takes h^{k-1}_i (the main model's last hidden state
+ * before model.norm for k = 1, else module k-1's output) and the embedding of t_{i+k}:
+ * h' = eh_proj [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)] (embedding first, as the released
+ * weights are used by vLLM/SGLang), runs the block, and predicts t_{i+k+1} through
+ * shared_head.norm and the main lm_head. Embedding and head are the main model's; the
+ * released checkpoint also stores copies of them under the MTP layer's index
+ * (embed_tokens, shared_head.head), which model_save writes and model_load accepts and
+ * ignores.
+ *
+ * Auxiliary losses are options of the model (fields below, zero = off): the MTP loss
+ * lambda/D * sum_k CE_k, and the sequence-wise balance loss alpha * sum_i f_i P_i (report
+ * eq. 17-20) of every MoE block that runs, averaged over the B sequences and summed over
+ * blocks. model_forward's *loss stays the main cross-entropy; model_acts_losses gives the
+ * parts and the total, which model_backward differentiates.
+ *
+ * The matmuls, attention heads and cross-entropy rows run on OpenMP threads; every output
+ * element is summed in the same order whatever the thread count, so results are bitwise
+ * the same as on one thread (tests/unit/test_model.c checks it). */
 #ifndef DSV3_MODEL_H
 #define DSV3_MODEL_H
 
@@ -44,9 +63,17 @@ typedef struct model_layer {
     float *s_gate, *s_up, *s_down;           /* shared experts, fused as HF stores them */
 } model_layer;
 
+/* One MTP module: its norms, projection, transformer block and head norm. */
+typedef struct model_mtp {
+    float *enorm, *hnorm, *eh_proj;  /* eh_proj [H, 2H] */
+    model_layer block;
+    float *head_norm;                /* shared_head.norm.weight */
+} model_mtp;
+
 typedef struct model_weights {
     float *embed, *final_norm, *lm_head;
     model_layer *layers;  /* num_hidden_layers */
+    model_mtp *mtp;       /* num_nextn_predict_layers, NULL when 0 */
 } model_weights;
 
 typedef struct dsv3_model {
@@ -56,9 +83,12 @@ typedef struct dsv3_model {
     size_t n_params;
     float *params, *grads;
     model_weights w, g;   /* views of params and grads */
+    /* Options, zero = off; set after model_init/model_load, read by forward and backward. */
+    float mtp_lambda;     /* weight of the MTP loss (V3: 0.3, later 0.1); needs D > 0 */
+    float balance_alpha;  /* weight of the sequence-wise balance loss (V3: 0.0001) */
 } dsv3_model;
 
-/* Lays out the parameters of c (without the MTP modules) and allocates them: linear
+/* Lays out the parameters of c (with its MTP modules) and allocates them: linear
  * weights zero, norm weights one. grads are allocated too, zero. */
 int model_init(dsv3_model *m, const dsv3_config *c, dsv3_err *e);
 
@@ -68,12 +98,29 @@ void model_init_random(dsv3_model *m, uint64_t seed, double std);
 
 /* Reads DIR/config.json and DIR/model.safetensors (or the shards listed in
  * DIR/model.safetensors.index.json). Every tensor of the layout must be present with its
- * shape (F32, BF16 or F16); tensors of the MTP layer (index num_hidden_layers) are skipped;
- * any other unknown tensor is an error. */
+ * shape (F32, BF16 or F16), the MTP modules' included when the config has them; the MTP
+ * layers' copies of the embedding and head are checked for shape and otherwise ignored.
+ * Any other unknown tensor is an error. */
 int model_load(dsv3_model *m, const char *dir, dsv3_err *e);
 
-/* Writes DIR/config.json and DIR/model.safetensors (F32). DIR is created if missing. */
+enum {
+    MODEL_LOAD_NO_MTP = 1,  /* skip the MTP modules' tensors and set D to 0 (inference) */
+};
+/* model_load with MODEL_LOAD_* flags. */
+int model_load_flags(dsv3_model *m, const char *dir, int flags, dsv3_err *e);
+
+/* Writes DIR/config.json and DIR/model.safetensors (F32). DIR is created if missing; a
+ * stale model.safetensors.index.json there is removed. lib/ckpt writes sharded, BF16 and
+ * whole-folder-atomic checkpoints. */
 int model_save(const dsv3_model *m, const char *dir, dsv3_err *e);
+
+/* Calls fn for every tensor of the checkpoint layout in order: the parameters, plus, for
+ * each MTP module, the copies of the embedding and head that DeepSeek's checkpoint stores
+ * (data pointing at the shared parameters). Stops at and returns fn's first non-zero. */
+int model_each_saved(const dsv3_model *m,
+                     int (*fn)(void *ctx, const char *name, int ndim, const int64_t *shape,
+                               const float *data),
+                     void *ctx);
 
 void model_free(dsv3_model *m);
 
@@ -102,7 +149,22 @@ void model_acts_freeze_routing(model_acts *a, int on);
 int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                   float *loss, dsv3_err *e);
 
-/* Adds d(loss)/d(params) of the last forward (which needs targets) into m->grads. */
+/* The losses of the last forward with targets. total = main + mtp + balance is what
+ * model_backward differentiates. */
+typedef struct model_losses {
+    double main;      /* mean cross-entropy of the next token (model_forward's *loss) */
+    double mtp;       /* lambda/D * sum of mtp_k; 0 when off */
+    double mtp_k[8];  /* module k's mean cross-entropy (k < 8 reported) */
+    double balance;   /* alpha * sum over MoE blocks of the mean over sequences; 0 when off */
+    double total;
+} model_losses;
+void model_acts_losses(const model_acts *a, model_losses *out);
+
+/* Logits [B*T, vocab] of MTP module k (0-based) in the last forward, or NULL when the MTP
+ * modules did not run (mtp_lambda 0). Row i of sequence b predicts t_{i+k+2}. */
+const float *model_acts_mtp_logits(const model_acts *a, int k);
+
+/* Adds d(total loss)/d(params) of the last forward (which needs targets) into m->grads. */
 int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                    dsv3_err *e);
 

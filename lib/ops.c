@@ -1,16 +1,45 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Threads: every parallel loop below splits over outputs that one iteration alone writes
+ * (rows, output columns, heads), and each output is summed in the serial order, so the
+ * results are bitwise those of one thread. Loops with little work stay on one thread:
+ * starting a team costs microseconds. */
+#define PAR_MIN_WORK 32768
+
+void ops_set_threads(int n)
+{
+#ifdef _OPENMP
+    omp_set_num_threads(n > 0 ? n : omp_get_num_procs());
+#else
+    (void)n;
+#endif
+}
+
+int ops_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 
 /* ---- linear ---- */
 
 void matmul_forward(float *out, const float *in, const float *w, int N, int I, int O)
 {
+#pragma omp parallel for collapse(2) schedule(static) if ((int64_t)N * I * O > PAR_MIN_WORK)
     for (int n = 0; n < N; n++) {
-        const float *x = in + (int64_t)n * I;
-        float *y = out + (int64_t)n * O;
         for (int o = 0; o < O; o++) {
+            const float *x = in + (int64_t)n * I;
+            float *y = out + (int64_t)n * O;
             const float *wr = w + (int64_t)o * I;
             /* Four partial sums: shorter dependency chains, and closer to a BLAS's order. */
             float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
@@ -31,7 +60,9 @@ void matmul_forward(float *out, const float *in, const float *w, int N, int I, i
 void matmul_backward(float *d_in, float *d_w, const float *d_out, const float *in,
                      const float *w, int N, int I, int O)
 {
-    if (d_in)
+    int par = (int64_t)N * I * O > PAR_MIN_WORK;
+    if (d_in) {
+#pragma omp parallel for schedule(static) if (par)
         for (int n = 0; n < N; n++) {
             const float *dy = d_out + (int64_t)n * O;
             float *dx = d_in + (int64_t)n * I;
@@ -44,7 +75,9 @@ void matmul_backward(float *d_in, float *d_w, const float *d_out, const float *i
                     dx[i] += g * wr[i];
             }
         }
-    if (d_w)
+    }
+    if (d_w) {
+#pragma omp parallel for schedule(static) if (par)
         for (int o = 0; o < O; o++) {
             float *dw = d_w + (int64_t)o * I;
             for (int n = 0; n < N; n++) {
@@ -56,6 +89,7 @@ void matmul_backward(float *d_in, float *d_w, const float *d_out, const float *i
                     dw[i] += g * x[i];
             }
         }
+    }
 }
 
 /* ---- RMSNorm: y = w * x * rstd, rstd = (mean(x^2) + eps)^-1/2 ---- */
@@ -171,6 +205,7 @@ static float sigmoidf_(float x)
 
 void swiglu_forward(float *h, const float *g, const float *u, int64_t n)
 {
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_WORK)
     for (int64_t i = 0; i < n; i++)
         h[i] = g[i] * sigmoidf_(g[i]) * u[i];
 }
@@ -191,6 +226,8 @@ void swiglu_backward(float *d_g, float *d_u, const float *d_h, const float *g, c
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int T, int nh, int dk, int dv, float scale)
 {
+#pragma omp parallel for collapse(2) schedule(static) \
+    if ((int64_t)B * nh * T * T * (dk + dv) > PAR_MIN_WORK)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < T; i++) {
@@ -231,6 +268,9 @@ void attention_backward(float *d_q, float *d_k, float *d_v, const float *d_out,
                         const float *att, const float *q, const float *k, const float *v,
                         int B, int T, int nh, int dk, int dv, float scale)
 {
+    /* d_k and d_v of head (b, h) collect only from queries of the same head. */
+#pragma omp parallel for collapse(2) schedule(static) \
+    if ((int64_t)B * nh * T * T * (dk + dv) > PAR_MIN_WORK)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < T; i++) {
@@ -338,31 +378,47 @@ void router_backward(float *d_logits, const float *d_w, const int *idx, const fl
 
 /* ---- cross-entropy ---- */
 
+static double row_ce(const float *l, int target, int V)
+{
+    float mx = -INFINITY;
+    for (int v = 0; v < V; v++)
+        if (l[v] > mx)
+            mx = l[v];
+    double z = 0;
+    for (int v = 0; v < V; v++)
+        z += exp((double)l[v] - mx);
+    return log(z) + mx - l[target];
+}
+
 void crossentropy_forward(double *sum, int *count, float *losses, const float *logits,
                           const int32_t *targets, int N, int V)
 {
+    /* Rows in parallel into row[], then summed in order: the same sum on any thread count. */
+    double *row = malloc((size_t)(N > 0 ? N : 1) * sizeof *row);
+    int par = row && (int64_t)N * V > PAR_MIN_WORK;
+#pragma omp parallel for schedule(static) if (par)
+    for (int n = 0; n < N; n++) {
+        double loss = targets[n] < 0 ? 0 : row_ce(logits + (int64_t)n * V, targets[n], V);
+        if (row)
+            row[n] = loss;
+        else if (losses)
+            losses[n] = (float)loss;
+    }
     double total = 0;
     int used = 0;
     for (int n = 0; n < N; n++) {
-        const float *l = logits + (int64_t)n * V;
         if (targets[n] < 0) {
             if (losses)
                 losses[n] = 0;
             continue;
         }
-        float mx = -INFINITY;
-        for (int v = 0; v < V; v++)
-            if (l[v] > mx)
-                mx = l[v];
-        double z = 0;
-        for (int v = 0; v < V; v++)
-            z += exp((double)l[v] - mx);
-        double loss = log(z) + mx - l[targets[n]];
+        double loss = row ? row[n] : row_ce(logits + (int64_t)n * V, targets[n], V);
         if (losses)
             losses[n] = (float)loss;
         total += loss;
         used++;
     }
+    free(row);
     *sum = total;
     *count = used;
 }
@@ -370,6 +426,7 @@ void crossentropy_forward(double *sum, int *count, float *losses, const float *l
 void crossentropy_backward(float *d_logits, const float *logits, const int32_t *targets, int N,
                            int V, float scale)
 {
+#pragma omp parallel for schedule(static) if ((int64_t)N * V > PAR_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *l = logits + (int64_t)n * V;
         float *d = d_logits + (int64_t)n * V;

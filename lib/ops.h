@@ -12,6 +12,12 @@
 
 #include <stdint.h>
 
+/* Threads of the parallel loops (OpenMP): n <= 0 means one per processor. Without OpenMP
+ * both are no-ops and ops_threads() is 1. Results do not depend on the count: every
+ * parallel loop splits over outputs that are each summed in the serial order. */
+void ops_set_threads(int n);
+int ops_threads(void);
+
 /* out[N,O] = in[N,I] . w[O,I]^T  (a torch nn.Linear without bias). */
 void matmul_forward(float *out, const float *in, const float *w, int N, int I, int O);
 /* d_in[N,I] += d_out . w;  d_w[O,I] += d_out^T . in. Either output may be NULL. */

@@ -65,22 +65,33 @@ static double loss_of(dsv3_model *m, model_acts *a, const int32_t *ids, const in
 {
     float l;
     model_forward(m, a, ids, tg, &l, NULL);
+    /* The total in double (cross-entropies summed in double from the logits, the balance
+     * loss in double), so the finite difference is not float noise. */
+    model_losses ls;
+    model_acts_losses(a, &ls);
     double sum;
     int count;
-    /* The loss in double from the logits, so the finite difference is not float noise. */
     crossentropy_forward(&sum, &count, NULL, model_acts_logits(a), tg, N, m->cfg.vocab_size);
-    return sum / count;
+    if (fabs(ls.main - sum / count) > 1e-12 || fabs(ls.main - l) > 1e-5 * fabs(l))
+        fprintf(stderr, "    main loss %.9g, *loss %.9g, recomputed %.9g\n", ls.main, l,
+                sum / count);
+    return ls.total;
 }
 
 static void test_gradient_finite_differences(void)
 {
+    /* Trial 0: the plain model; 1 and 2: with 1 or 2 MTP modules and the balance loss,
+     * weighted far above V3's values so their gradients are not lost in the main one's. */
     for (int trial = 0; trial < 3; trial++) {
         dsv3_config c;
         random_config(&c);
+        c.num_nextn_predict_layers = trial;
         dsv3_model m;
         dsv3_err e;
         REQUIRE(model_init(&m, &c, &e) == 0);
         model_init_random(&m, test_rand(), 0.2);
+        m.mtp_lambda = trial ? (float)(0.3 + urand()) : 0;
+        m.balance_alpha = trial ? (float)(0.5 + urand()) : 0;
         /* Norm weights and correction biases away from their trivial values. */
         for (int i = 0; i < m.n_t; i++) {
             const model_tensor *t = &m.t[i];
@@ -129,8 +140,15 @@ static void test_gradient_finite_differences(void)
                 }
             }
         }
-        CHECKF(bad == 0, "%d of %d gradient entries off (q_lora %d, yarn %d, interleave %d)",
-               bad, checked, c.q_lora_rank, c.rope_yarn, c.rope_interleave);
+        CHECKF(bad == 0,
+               "%d of %d gradient entries off (q_lora %d, yarn %d, interleave %d, mtp %d)", bad,
+               checked, c.q_lora_rank, c.rope_yarn, c.rope_interleave, trial);
+        if (trial) {
+            model_losses ls;
+            model_acts_losses(a, &ls);
+            CHECKF(ls.mtp > 0 && ls.balance > 0 && ls.total > ls.main, "mtp %g balance %g",
+                   ls.mtp, ls.balance);
+        }
         model_acts_free(a);
         model_free(&m);
     }
@@ -142,13 +160,18 @@ static void test_counts_match_layout(void)
         dsv3_config c;
         random_config(&c);
         c.tie_word_embeddings = (int)(test_rand() & 1);
+        c.num_nextn_predict_layers = (int)(test_rand() % 3);
         dsv3_model m;
         dsv3_err e;
         REQUIRE(model_init(&m, &c, &e) == 0);
         config_counts n;
         config_count_params(&c, &n);
-        CHECKF((int64_t)m.n_params == n.total, "layout %zu, count %lld", m.n_params,
-               (long long)n.total);
+        /* The MTP count includes each module's stored copies of embedding and head, which
+         * share the main model's parameters here. */
+        int64_t vh = (int64_t)c.vocab_size * c.hidden_size;
+        int64_t want = n.total + n.mtp_total - 2 * vh * c.num_nextn_predict_layers;
+        CHECKF((int64_t)m.n_params == want, "layout %zu, count %lld", m.n_params,
+               (long long)want);
         model_free(&m);
     }
 }
@@ -159,11 +182,12 @@ static void test_save_load_roundtrip(void)
 {
     dsv3_config c;
     random_config(&c);
+    c.num_nextn_predict_layers = 1 + (int)(test_rand() % 2);
     dsv3_model m, m2;
     dsv3_err e;
     REQUIRE(model_init(&m, &c, &e) == 0);
     model_init_random(&m, test_rand(), 0);
-    char dir[512];
+    char dir[512], path[600];
     snprintf(dir, sizeof dir, "%s/ckpt", tmpdir);
     CHECKF(model_save(&m, dir, &e) == 0, "%s", e.msg);
     CHECKF(model_load(&m2, dir, &e) == 0, "%s", e.msg);
@@ -171,6 +195,33 @@ static void test_save_load_roundtrip(void)
         CHECK(m2.n_params == m.n_params);
         CHECK(memcmp(m.params, m2.params, m.n_params * 4) == 0);
         CHECK(m2.cfg.rope_yarn == c.rope_yarn && m2.cfg.q_lora_rank == c.q_lora_rank);
+        CHECK(m2.cfg.num_nextn_predict_layers == c.num_nextn_predict_layers);
+        model_free(&m2);
+    }
+    /* DeepSeek's layout: the MTP layer stores copies of the embedding and the head. */
+    st_file f;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    REQUIRE(st_open(&f, path, &e) == 0);
+    int L = c.num_hidden_layers;
+    char name[96];
+    snprintf(name, sizeof name, "model.layers.%d.embed_tokens.weight", L);
+    const st_tensor *t = st_find(&f, name);
+    CHECK(t && !memcmp(t->data, m.w.embed, (size_t)c.vocab_size * c.hidden_size * 4));
+    snprintf(name, sizeof name, "model.layers.%d.shared_head.head.weight", L);
+    t = st_find(&f, name);
+    CHECK(t && !memcmp(t->data, m.w.lm_head, (size_t)c.vocab_size * c.hidden_size * 4));
+    snprintf(name, sizeof name, "model.layers.%d.eh_proj.weight", L);
+    t = st_find(&f, name);
+    CHECK(t && t->shape[0] == c.hidden_size && t->shape[1] == 2 * c.hidden_size);
+    st_close(&f);
+    /* Dropping the MTP modules for inference: the main model is the same. */
+    CHECKF(model_load_flags(&m2, dir, MODEL_LOAD_NO_MTP, &e) == 0, "%s", e.msg);
+    if (m2.params) {
+        CHECK(m2.cfg.num_nextn_predict_layers == 0 && m2.n_params < m.n_params);
+        const model_tensor *a = model_find(&m, "model.norm.weight");
+        const model_tensor *b = model_find(&m2, "model.norm.weight");
+        CHECK(a && b && a->off == b->off);
+        CHECK(memcmp(m.params, m2.params, m2.n_params * 4) == 0);
         model_free(&m2);
     }
     model_free(&m);
@@ -344,6 +395,69 @@ static void test_balance_update(void)
     model_free(&m);
 }
 
+/* Threads: forward and backward of a model big enough that every parallel loop splits
+ * (hidden 64, 4 heads, T 24) give bitwise the same logits, losses and gradients on 1, 2 and
+ * 3 threads (3: uneven splits). */
+static void test_threads_bitwise(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    c.vocab_size = 300;
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.moe_intermediate_size = 32;
+    c.num_attention_heads = 4;
+    c.kv_lora_rank = 32;
+    c.qk_nope_head_dim = 16;
+    c.qk_rope_head_dim = 8;
+    c.v_head_dim = 16;
+    c.num_nextn_predict_layers = 1;
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.05);
+    m.mtp_lambda = 0.3f;
+    m.balance_alpha = 0.01f;
+    int B = 2, T = 24, N = B * T;
+    int32_t ids[48], tg[48];
+    for (int n = 0; n < N; n++) {
+        ids[n] = (int32_t)(test_rand() % c.vocab_size);
+        tg[n] = (int32_t)(test_rand() % c.vocab_size);
+    }
+    model_acts *a = model_acts_new(&m, B, T, &e);
+    REQUIRE(a);
+    float *ref_logits = malloc((size_t)N * c.vocab_size * 4);
+    float *ref_grads = malloc(m.n_params * 4);
+    model_losses ref_l = {0};
+    int saved = ops_threads();
+    for (int th = 1; th <= 3; th++) {
+        ops_set_threads(th);
+        float loss;
+        REQUIRE(model_forward(&m, a, ids, tg, &loss, &e) == 0);
+        model_zero_grad(&m);
+        REQUIRE(model_backward(&m, a, ids, tg, &e) == 0);
+        model_losses l;
+        model_acts_losses(a, &l);
+        if (th == 1) {
+            memcpy(ref_logits, model_acts_logits(a), (size_t)N * c.vocab_size * 4);
+            memcpy(ref_grads, m.grads, m.n_params * 4);
+            ref_l = l;
+            continue;
+        }
+        CHECKF(!memcmp(ref_logits, model_acts_logits(a), (size_t)N * c.vocab_size * 4),
+               "logits differ on %d threads", th);
+        CHECKF(!memcmp(ref_grads, m.grads, m.n_params * 4), "gradients differ on %d threads",
+               th);
+        CHECKF(l.total == ref_l.total && l.mtp == ref_l.mtp && l.balance == ref_l.balance,
+               "losses differ on %d threads", th);
+    }
+    ops_set_threads(saved);
+    free(ref_logits);
+    free(ref_grads);
+    model_acts_free(a);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -353,6 +467,7 @@ int main(void)
     RUN(test_counts_match_layout);
     RUN(test_save_load_roundtrip);
     RUN(test_balance_update);
+    RUN(test_threads_bitwise);
     RUN(test_bad_checkpoints);
     RUN(test_safetensors_damage);
     RUN(test_bf16_roundtrip);
