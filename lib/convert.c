@@ -413,13 +413,15 @@ static int plan_hf(const hfdir *h, const layout *L, const conv_opts *o, out_tens
         }
         if (!src)
             return err_set(e, "%s: tensor \"%s\" is missing", h->dir, lt->name);
-        uint64_t nb = (uint64_t)src->numel * st_dtype_size(o->dtype);
+        /* the router's correction bias stays F32, as in DeepSeek's BF16 and FP8 releases */
+        st_dtype dt = strstr(lt->name, "e_score_correction_bias") ? ST_F32 : o->dtype;
+        uint64_t nb = (uint64_t)src->numel * st_dtype_size(dt);
         if (i == 0 || (o->max_shard_bytes && in_shard > 0 && in_shard + nb > o->max_shard_bytes)) {
             shards++;
             in_shard = 0;
         }
         in_shard += nb;
-        ot[i] = (out_tensor){lt->name, src, lt->ndim, {lt->shape[0], lt->shape[1]}, o->dtype,
+        ot[i] = (out_tensor){lt->name, src, lt->ndim, {lt->shape[0], lt->shape[1]}, dt,
                              shards - 1};
         if (src->numel > *max_numel)
             *max_numel = src->numel;

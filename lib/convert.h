@@ -5,7 +5,8 @@
  * linear weights with a float32 weight_scale_inv per 128x128 block, dequantized as
  * DeepSeek does: f32(q) * scale, then rounded to the output dtype). Writes:
  *   - HF folders (convert_hf): config.json, generation_config.json, the tensors of the
- *     config's layout (lib/layout) in its order, in BF16 or F32, in one model.safetensors
+ *     config's layout (lib/layout) in its order, in BF16 or F32 (the router's
+ *     e_score_correction_bias always F32, as DeepSeek stores it), in one model.safetensors
  *     or model-0000k-of-0000n.safetensors shards of at most max_shard_bytes with
  *     model.safetensors.index.json; optionally without the MTP modules;
  *   - DeepSeek's reference inference layout (convert_deepseek): its tensor names
