@@ -134,7 +134,7 @@ int convert_check(const hfdir *h, int *mtp, conv_stats *st, dsv3_err *e)
 
 /* Lets the kernel drop the pages of t from our mapping once it is read, so the resident
  * size stays that of one tensor (the pages stay in the page cache). */
-static void release(const st_tensor *t)
+void convert_release(const st_tensor *t)
 {
     long pg = sysconf(_SC_PAGESIZE);
     uintptr_t a = ((uintptr_t)t->data + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
@@ -143,13 +143,32 @@ static void release(const st_tensor *t)
         madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
-static void release_scale(const hfdir *h, const st_tensor *t)
+void convert_release_scale(const hfdir *h, const st_tensor *t)
 {
     char sn[160];
     snprintf(sn, sizeof sn, "%s_scale_inv", t->name);
     const st_tensor *s = hfdir_find(h, sn, NULL);
     if (s)
-        release(s);
+        convert_release(s);
+}
+
+void convert_dequant(const uint8_t *q, const float *scale, int64_t rows, int64_t cols,
+                     float *out, int threads)
+{
+    float lut[256];
+    for (int i = 0; i < 256; i++)
+        lut[i] = fp8_e4m3_to_f32((uint8_t)i);
+    int64_t nbc = fp8_blocks(cols);
+    if (threads <= 0)
+        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+#pragma omp parallel for num_threads(threads) if (rows * cols > (1 << 16)) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = scale + (r / FP8_BLOCK) * nbc;
+        const uint8_t *qr = q + r * cols;
+        float *o = out + r * cols;
+        for (int64_t c = 0; c < cols; c++)
+            o[c] = lut[qr[c]] * s[c / FP8_BLOCK];
+    }
 }
 
 int convert_read_f32(const hfdir *h, const st_tensor *t, float *out, int threads,
@@ -181,7 +200,7 @@ int convert_read_f32(const hfdir *h, const st_tensor *t, float *out, int threads
     if (!scale)
         return err_set(e, "%s: out of memory", t->name);
     memcpy(scale, s->data, (size_t)s->numel * sizeof *scale);
-    fp8_dequant_weight(t->data, scale, t->shape[0], t->shape[1], out, threads);
+    convert_dequant(t->data, scale, t->shape[0], t->shape[1], out, threads);
     free(scale);
     return 0;
 }
@@ -381,9 +400,9 @@ static int write_shard(const hfdir *h, out_tensor *ot, int n, int shard, const c
             rc = convert_put(&s, ot[i].name, ot[i].dtype, buf, t->numel, o->threads, e);
         if (rc)
             err_prefix(e, "%s", file_of(h, t->name));
-        release(t);
+        convert_release(t);
         if (t->dtype == ST_F8_E4M3)
-            release_scale(h, t);
+            convert_release_scale(h, t);
         st->in_bytes += t->nbytes;
         st->out_bytes += (uint64_t)t->numel * st_dtype_size(ot[i].dtype);
         st->n_tensors++;
@@ -689,7 +708,7 @@ static int write_ds_rank(const hfdir *h, ds_tensor *dt, int n, int rank, const c
             if (!rc)
                 rc = convert_put(&s, d->name, d->dtype, p, numel, o->threads, e);
         }
-        release(t);
+        convert_release(t);
         st->in_bytes += t->nbytes;
         st->out_bytes += (uint64_t)numel * st_dtype_size(d->dtype) /
                          (o->keep_dtype && dim >= 0 ? (uint64_t)o->mp : 1);
@@ -849,7 +868,7 @@ int convert_verify(const char *dir, FILE *sums, int threads, conv_stats *st, dsv
         fprintf(sums, "%016llx  %s  %s  %s\n",
                 (unsigned long long)XXH3_64bits(t->data, (size_t)t->nbytes),
                 st_dtype_name(t->dtype), sh, t->name);
-        release(t);
+        convert_release(t);
     }
     free(buf);
     hfdir_close(&h);

@@ -118,6 +118,9 @@ static int write_file(const hfdir *h, const q_out *q, int n, const char *path, b
             err_prefix(e, "%s", path);
             break;
         }
+        convert_release(q[i].src);
+        if (q[i].op == OP_DEQUANT)
+            convert_release_scale(h, q[i].src);
         if (q[i].op != OP_SCALE)
             st->in_bytes += q[i].src->nbytes;
         st->out_bytes += (uint64_t)q[i].shape[0] * (q[i].ndim == 2 ? (uint64_t)q[i].shape[1] : 1) *

@@ -251,11 +251,32 @@ static void test_nonfinite(void)
     model_free(&m);
 }
 
+static void test_dequant_table(void)
+{
+    /* convert_dequant equals lib/fp8's dequantization bit for bit, every code, edge blocks */
+    int64_t r = 1 + (int64_t)(test_rand() % 300), c = 1 + (int64_t)(test_rand() % 300);
+    uint8_t *q = malloc((size_t)(r * c));
+    float *s = malloc((size_t)(fp8_blocks(r) * fp8_blocks(c)) * 4);
+    float *a = malloc((size_t)(r * c) * 4), *b = malloc((size_t)(r * c) * 4);
+    for (int64_t i = 0; i < r * c; i++)
+        q[i] = (uint8_t)(i < 256 ? i : test_rand());
+    for (int64_t i = 0; i < fp8_blocks(r) * fp8_blocks(c); i++)
+        s[i] = ldexpf(1.0f + (float)(test_rand() % 1000) / 1000, (int)(test_rand() % 40) - 30);
+    fp8_dequant_weight(q, s, r, c, a, 1);
+    convert_dequant(q, s, r, c, b, 2);
+    CHECKF(!memcmp(a, b, (size_t)(r * c) * 4), "[%lld, %lld]", (long long)r, (long long)c);
+    free(q);
+    free(s);
+    free(a);
+    free(b);
+}
+
 int main(void)
 {
     test_seed();
     snprintf(tmpdir, sizeof tmpdir, "/tmp/dsv3-test-quant-%d", (int)getpid());
     mkdir(tmpdir, 0777);
+    RUN(test_dequant_table);
     RUN(test_quant_dequant);
     RUN(test_nonfinite);
     char cmd[300];
