@@ -3,6 +3,7 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -152,39 +153,107 @@ void convert_release_scale(const hfdir *h, const st_tensor *t)
         convert_release(s);
 }
 
+/* ---- element loops on threads ----
+ * Threads are started per call over contiguous ranges, as lib/fp8 does, rather than kept
+ * in an OpenMP team: between regions OpenMP's idle threads spin, which on a shared
+ * 2-core machine cost ten times the CPU time of the work itself. */
+
+typedef int64_t (*range_fn)(void *ctx, int64_t a, int64_t b);  /* returns a min-reduced value */
+
+typedef struct range_job {
+    range_fn fn;
+    void *ctx;
+    int64_t a, b, result;
+} range_job;
+
+static void *range_run(void *p)
+{
+    range_job *j = p;
+    j->result = j->fn(j->ctx, j->a, j->b);
+    return NULL;
+}
+
+/* fn over [0, n) split across threads (one when work, in elements, is small); returns the
+ * smallest of the parts' results. */
+static int64_t par_for(int64_t n, int64_t work, int threads, range_fn fn, void *ctx)
+{
+    if (threads <= 0)
+        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (threads > 64)
+        threads = 64;
+    if (threads > n)
+        threads = n > 0 ? (int)n : 1;
+    if (work < ((int64_t)1 << 18))
+        threads = 1;
+    range_job job[64];
+    pthread_t th[64];
+    int started[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        job[t] = (range_job){fn, ctx, n * t / threads, n * (t + 1) / threads, n};
+        started[t] = t > 0 && pthread_create(&th[t], NULL, range_run, &job[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++)
+        if (!started[t])
+            range_run(&job[t]);
+    int64_t r = n;
+    for (int t = 0; t < threads; t++) {
+        if (started[t])
+            pthread_join(th[t], NULL);
+        r = job[t].result < r ? job[t].result : r;
+    }
+    return r;
+}
+
+typedef struct elems {
+    const void *in;
+    void *out;
+    const float *lut, *scale;
+    int64_t cols, nbc;
+} elems;
+
+static int64_t dequant_rows(void *ctx, int64_t a, int64_t b)
+{
+    const elems *x = ctx;
+    for (int64_t r = a; r < b; r++) {
+        const float *s = x->scale + (r / FP8_BLOCK) * x->nbc;
+        const uint8_t *q = (const uint8_t *)x->in + r * x->cols;
+        float *o = (float *)x->out + r * x->cols;
+        for (int64_t c = 0; c < x->cols; c++)
+            o[c] = x->lut[q[c]] * s[c / FP8_BLOCK];
+    }
+    return INT64_MAX;
+}
+
 void convert_dequant(const uint8_t *q, const float *scale, int64_t rows, int64_t cols,
                      float *out, int threads)
 {
     float lut[256];
     for (int i = 0; i < 256; i++)
         lut[i] = fp8_e4m3_to_f32((uint8_t)i);
-    int64_t nbc = fp8_blocks(cols);
-    if (threads <= 0)
-        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-#pragma omp parallel for num_threads(threads) if (rows * cols > (1 << 16)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *s = scale + (r / FP8_BLOCK) * nbc;
-        const uint8_t *qr = q + r * cols;
-        float *o = out + r * cols;
-        for (int64_t c = 0; c < cols; c++)
-            o[c] = lut[qr[c]] * s[c / FP8_BLOCK];
+    elems x = {q, out, lut, scale, cols, fp8_blocks(cols)};
+    par_for(rows, rows * cols, threads, dequant_rows, &x);
+}
+
+static int64_t bf16_to_f32(void *ctx, int64_t a, int64_t b)
+{
+    const elems *x = ctx;
+    const unsigned char *p = x->in;
+    float *o = x->out;
+    for (int64_t i = a; i < b; i++) {
+        uint16_t v;
+        memcpy(&v, p + 2 * i, 2);  /* the mapping need not be aligned */
+        o[i] = st_bf16_to_f32(v);
     }
+    return INT64_MAX;
 }
 
 int convert_read_f32(const hfdir *h, const st_tensor *t, float *out, int threads,
                      dsv3_err *e)
 {
     int64_t n = t->numel;
-    if (threads <= 0)
-        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (t->dtype == ST_BF16) {
-        const uint16_t *p = t->data;
-#pragma omp parallel for num_threads(threads) if (n > (1 << 16)) schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t v;
-            memcpy(&v, p + i, 2);
-            out[i] = st_bf16_to_f32(v);
-        }
+        elems x = {.in = t->data, .out = out};
+        par_for(n, n, threads, bf16_to_f32, &x);
         return 0;
     }
     if (t->dtype != ST_F8_E4M3)
@@ -205,14 +274,20 @@ int convert_read_f32(const hfdir *h, const st_tensor *t, float *out, int threads
     return 0;
 }
 
+static int64_t first_bad(void *ctx, int64_t a, int64_t b)
+{
+    const float *x = ((const elems *)ctx)->in;
+    for (int64_t i = a; i < b; i++)
+        if (!isfinite(x[i]))
+            return i;
+    return INT64_MAX;
+}
+
 int convert_finite(const char *name, const float *x, int64_t n, int64_t cols, dsv3_err *e)
 {
-    int64_t bad = n;
-#pragma omp parallel for if (n > (1 << 16)) reduction(min : bad) schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(x[i]) && i < bad)
-            bad = i;
-    if (bad == n)
+    elems c = {.in = x};
+    int64_t bad = par_for(n, n, 0, first_bad, &c);
+    if (bad >= n)
         return 0;
     const char *what = isnan(x[bad]) ? "NaN" : "an infinity";
     if (cols > 0)
@@ -221,7 +296,17 @@ int convert_finite(const char *name, const float *x, int64_t n, int64_t cols, ds
     return err_set(e, "tensor \"%s\": element %lld is %s", name, (long long)bad, what);
 }
 
-#define PUT_CHUNK ((int64_t)1 << 20)
+static int64_t f32_to_bf16(void *ctx, int64_t a, int64_t b)
+{
+    const elems *x = ctx;
+    const float *in = x->in;
+    uint16_t *o = x->out;
+    for (int64_t i = a; i < b; i++)
+        o[i] = st_f32_to_bf16(in[i]);
+    return INT64_MAX;
+}
+
+#define PUT_CHUNK ((int64_t)1 << 22)
 
 int convert_put(ststream *s, const char *name, st_dtype dtype, const float *x, int64_t n,
                 int threads, dsv3_err *e)
@@ -230,17 +315,14 @@ int convert_put(ststream *s, const char *name, st_dtype dtype, const float *x, i
         return sts_write(s, name, x, (uint64_t)n * 4, e);
     if (dtype != ST_BF16)
         return err_set(e, "tensor \"%s\": cannot write %s", name, st_dtype_name(dtype));
-    if (threads <= 0)
-        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     uint16_t *buf = malloc((size_t)(n < PUT_CHUNK ? (n ? n : 1) : PUT_CHUNK) * 2);
     if (!buf)
         return err_set(e, "tensor \"%s\": out of memory", name);
     int rc = 0;
     for (int64_t at = 0; at < n && !rc; at += PUT_CHUNK) {
         int64_t m = n - at < PUT_CHUNK ? n - at : PUT_CHUNK;
-#pragma omp parallel for num_threads(threads) if (m > (1 << 16)) schedule(static)
-        for (int64_t i = 0; i < m; i++)
-            buf[i] = st_f32_to_bf16(x[at + i]);
+        elems c = {.in = x + at, .out = buf};
+        par_for(m, m, threads, f32_to_bf16, &c);
         rc = sts_write(s, at ? NULL : name, buf, (uint64_t)m * 2, e);
     }
     free(buf);
