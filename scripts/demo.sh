@@ -45,4 +45,12 @@ rm -rf "$OUT/packed"
 step "model configs: checked, with total and activated parameter counts"
 "$BIN/dsv3-config" configs/*.json
 
+step "checkpoints: HF folder -> BF16 shards -> FP8 (DeepSeek's format) -> BF16, each verified"
+# Until dsv3-train lands, transformers' tiny fixture stands in for the trained model.
+"$BIN/dsv3-convert" --force --max-shard-size 64k tests/fixtures/hf/qlora_yarn -o "$OUT/hf"
+"$BIN/dsv3-quant" --force "$OUT/hf" -o "$OUT/hf-fp8"
+"$BIN/dsv3-convert" --verify "$OUT/hf-fp8"
+"$BIN/dsv3-quant" --force --dequant "$OUT/hf-fp8" -o "$OUT/hf-bf16"
+"$BIN/dsv3-convert" --verify "$OUT/hf-bf16"
+
 printf '\ndemo done: outputs in %s\n' "$OUT"

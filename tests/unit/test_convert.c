@@ -413,12 +413,41 @@ static void test_deepseek_export(void)
     model_free(&m);
 }
 
+/* DeepSeek-V3's released checkpoint (a listing of deepseek-ai/DeepSeek-V3's headers,
+ * simpx/model-inspect's README: 91991 tensors, 688574839360 bytes) is what our layout of
+ * configs/v3-671b.json, with dsv3-quant's choices (FP8 + an F32 scale per 128x128 block for
+ * layout_is_fp8, F32 correction bias, BF16 for the rest), adds up to. */
+static void test_v3_release_inventory(void)
+{
+    dsv3_config c;
+    dsv3_err e;
+    REQUIRE(load_cfg(&c, "configs/v3-671b.json") == 0);
+    layout L;
+    REQUIRE(layout_build(&L, &c, c.num_nextn_predict_layers, &e) == 0);
+    int64_t tensors = L.n, bytes = 0;
+    for (int i = 0; i < L.n; i++) {
+        const layout_tensor *t = &L.t[i];
+        int64_t n = t->shape[0] * (t->ndim == 2 ? t->shape[1] : 1);
+        if (layout_is_fp8(t->name)) {
+            tensors++;
+            bytes += n + 4 * fp8_blocks(t->shape[0]) * fp8_blocks(t->shape[1]);
+        } else {
+            bytes += n * (strstr(t->name, "e_score_correction_bias") ? 4 : 2);
+        }
+    }
+    CHECKF(tensors == 91991 && bytes == 688574839360LL, "%lld tensors, %lld bytes",
+           (long long)tensors, (long long)bytes);
+    layout_free(&L);
+    config_free(&c);
+}
+
 int main(void)
 {
     test_seed();
     snprintf(tmpdir, sizeof tmpdir, "/tmp/dsv3-test-convert-%d", (int)getpid());
     mkdir(tmpdir, 0777);
     RUN(test_layout_is_model_order);
+    RUN(test_v3_release_inventory);
     RUN(test_hf_roundtrips);
     RUN(test_fp8_input);
     RUN(test_mismatch);
