@@ -60,6 +60,11 @@ expect_err deepseek_mp3 1 "do not split" dsv3-convert --quiet --to deepseek --mp
 TOKF=$(cd "$(dirname "$0")/../fixtures/tok" && pwd)/hf-gpt2.json
 expect tokenizer 0 dsv3-convert --quiet -t "$TOKF" "$F/noq_plain" -o "$T/tk"
 check tokenizer_copied cmp -s "$TOKF" "$T/tk/tokenizer.json"
+# a dsv3-tok file is exported (as dsv3-tok export would)
+dsv3-tok import -o "$T/g.tok" "$TOKF" 2>/dev/null
+dsv3-tok export -t "$T/g.tok" -o "$T/g.json" 2>/dev/null
+expect tokenizer_dsv3 0 dsv3-convert --quiet -t "$T/g.tok" "$F/noq_plain" -o "$T/tk2"
+check tokenizer_exported cmp -s "$T/g.json" "$T/tk2/tokenizer.json"
 
 # bad input: a shard named in the index is missing
 cp -r "$T/b1" "$T/miss" && rm "$T/miss/model-00002-of-00004.safetensors"
