@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,31 @@ static char *parent_of(const char *dir)
     return p;
 }
 
+/* Removes .BASE.tmp.PID folders in PARENT whose process is gone: what a killed run left. */
+static void remove_stale(const char *parent, const char *base)
+{
+    DIR *dd = opendir(parent);
+    if (!dd)
+        return;
+    char prefix[4200], p[4400];
+    snprintf(prefix, sizeof prefix, ".%s.tmp.", base);
+    size_t pl = strlen(prefix);
+    struct dirent *de;
+    while ((de = readdir(dd))) {
+        char *end;
+        if (strncmp(de->d_name, prefix, pl))
+            continue;
+        long pid = strtol(de->d_name + pl, &end, 10);
+        if (*end || pid <= 0 || pid == (long)getpid())
+            continue;
+        if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) {
+            snprintf(p, sizeof p, "%s/%s", parent, de->d_name);
+            remove_tree(p);
+        }
+    }
+    closedir(dd);
+}
+
 int outdir_open(outdir *d, const char *dir, int force, dsv3_err *e)
 {
     memset(d, 0, sizeof *d);
@@ -74,7 +100,9 @@ int outdir_open(outdir *d, const char *dir, int force, dsv3_err *e)
     size_t l = strlen(c2);
     while (l > 1 && c2[l - 1] == '/')  /* so basename names the folder */
         c2[--l] = 0;
-    snprintf(d->tmp, need, "%s/.%s.tmp.%ld", dirname(c1), basename(c2), (long)getpid());
+    char *parent = dirname(c1), *base = basename(c2);
+    remove_stale(parent, base);
+    snprintf(d->tmp, need, "%s/.%s.tmp.%ld", parent, base, (long)getpid());
     free(c1);
     free(c2);
     remove_tree(d->tmp);  /* a leftover of an earlier crash with our pid */

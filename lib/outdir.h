@@ -5,6 +5,7 @@
  * that is interrupted leaves only the hidden folder, never a NAME that looks complete.
  * An existing NAME is refused unless force is set; then it is swapped out in one step
  * (renameat2 RENAME_EXCHANGE, or two renames where the filesystem lacks it) and deleted.
+ * Opening also deletes hidden folders for NAME that killed runs left (their PID is gone).
  * (lib/ckpt does the same for whole models held in memory; this is the streaming
  * converters' version.) */
 #ifndef DSV3_OUTDIR_H

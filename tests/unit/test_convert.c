@@ -8,7 +8,9 @@
 #include <dirent.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../../lib/ckpt.h"
@@ -441,6 +443,48 @@ static void test_v3_release_inventory(void)
     config_free(&c);
 }
 
+/* A conversion killed midway leaves no OUT, only its hidden folder, which the next run
+ * for OUT removes. */
+static void test_killed(void)
+{
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(make_model(&m, "configs/tiny.json") == 0);
+    char src[400], out[400], tmp[500], p[700];
+    snprintf(src, sizeof src, "%s/ksrc", tmpdir);
+    snprintf(out, sizeof out, "%s/killed", tmpdir);
+    REQUIRE(ckpt_save(&m, src, NULL, &e) == 0);
+    model_free(&m);
+    fflush(NULL);
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {  /* many small fsynced shards: slow enough to be caught midway */
+        conv_opts o = {.dtype = ST_F32, .max_shard_bytes = 4000};
+        _exit(convert_hf(src, out, &o, NULL, &e) ? 1 : 0);
+    }
+    snprintf(tmp, sizeof tmp, "%s/.killed.tmp.%ld", tmpdir, (long)pid);
+    int seen = 0;
+    for (int i = 0; i < 20000 && !seen; i++) {
+        DIR *d = opendir(tmp);
+        struct dirent *de;
+        while (d && (de = readdir(d)))
+            seen |= !strncmp(de->d_name, "model-00003-of-", 15);
+        if (d)
+            closedir(d);
+        if (!seen)
+            usleep(100);
+    }
+    kill(pid, SIGKILL);
+    int status;
+    waitpid(pid, &status, 0);
+    if (!seen || !WIFSIGNALED(status))
+        SKIP("the conversion ended before it could be killed");
+    CHECK(!exists(out) && exists(tmp));
+    conv_opts o = {.dtype = ST_BF16};
+    CHECK(convert_hf(src, out, &o, NULL, &e) == 0 && exists(out));
+    CHECK(!exists(tmp) && leftovers() == 0);
+}
+
 int main(void)
 {
     test_seed();
@@ -452,6 +496,7 @@ int main(void)
     RUN(test_fp8_input);
     RUN(test_mismatch);
     RUN(test_deepseek_export);
+    RUN(test_killed);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
     if (system(cmd)) {
