@@ -450,7 +450,7 @@ static void test_killed(void)
     dsv3_model m;
     dsv3_err e;
     REQUIRE(make_model(&m, "configs/tiny.json") == 0);
-    char src[400], out[400], tmp[500], p[700];
+    char src[400], out[400], tmp[500];
     snprintf(src, sizeof src, "%s/ksrc", tmpdir);
     snprintf(out, sizeof out, "%s/killed", tmpdir);
     REQUIRE(ckpt_save(&m, src, NULL, &e) == 0);
