@@ -371,12 +371,6 @@ int convert_write_index(const char *path, char *const *names, char *const *files
     return rc;
 }
 
-static int is_extra(const char *fn)
-{
-    return !strncmp(fn, "tokenizer", 9) || !strcmp(fn, "special_tokens_map.json") ||
-           !strcmp(fn, "chat_template.jinja") || !strcmp(fn, "generation_config.json");
-}
-
 int convert_copy_extras(const char *in, const char *tmp, int want_generation,
                         const dsv3_config *c, dsv3_err *e)
 {
@@ -389,10 +383,9 @@ int convert_copy_extras(const char *in, const char *tmp, int want_generation,
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         struct stat sb;
         snprintf(src, sizeof src, "%s/%s", in, names[i]);
-        if (!is_extra(names[i]) || stat(src, &sb) || !S_ISREG(sb.st_mode))
+        if (stat(src, &sb) || !S_ISREG(sb.st_mode))
             continue;
-        outdir d = {.tmp = (char *)tmp, .final = (char *)tmp};
-        if (outdir_copy(&d, src, names[i], e))
+        if (outdir_copy(tmp, src, names[i], e))
             return -1;
         have_gen |= i == 0;
     }
@@ -417,10 +410,8 @@ static int put_tokenizer(const char *tok, const char *tmp, dsv3_err *e)
     char dst[4400];
     snprintf(dst, sizeof dst, "%s/tokenizer.json", tmp);
     size_t l = strlen(tok);
-    if (l >= 5 && !strcmp(tok + l - 5, ".json")) {
-        outdir d = {.tmp = (char *)tmp, .final = (char *)tmp};
-        return outdir_copy(&d, tok, "tokenizer.json", e);
-    }
+    if (l >= 5 && !strcmp(tok + l - 5, ".json"))
+        return outdir_copy(tmp, tok, "tokenizer.json", e);
     bpe *b = NULL;
     if (bpe_load(&b, tok, e))
         return -1;

@@ -96,8 +96,11 @@ int convert_finite(const char *name, const float *x, int64_t n, int64_t cols, ds
 int convert_put(ststream *s, const char *name, st_dtype dtype, const float *x, int64_t n,
                 int threads, dsv3_err *e);
 
-/* Copies generation_config.json and tokenizer files (tokenizer*, special_tokens_map.json,
- * chat_template.jinja) from folder in into the output. */
+/* Copies generation_config.json, tokenizer.json, tokenizer_config.json,
+ * special_tokens_map.json, chat_template.jinja and tokenizer.model from folder in, where
+ * present, into the output folder tmp; with want_generation, writes a generation config
+ * from c's token ids when there is none (a training checkpoint has none). Nothing else is
+ * copied: a training checkpoint's optimizer and state files stay behind. */
 int convert_copy_extras(const char *in, const char *outdir_tmp, int want_generation,
                         const dsv3_config *c, dsv3_err *e);
 

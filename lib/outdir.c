@@ -116,18 +116,11 @@ int outdir_open(outdir *d, const char *dir, int force, dsv3_err *e)
     return 0;
 }
 
-int outdir_file(const outdir *d, const char *name, char *buf, size_t n, dsv3_err *e)
-{
-    if ((size_t)snprintf(buf, n, "%s/%s", d->tmp, name) >= n)
-        return err_set(e, "%s/%s: path too long", d->final, name);
-    return 0;
-}
-
-int outdir_copy(const outdir *d, const char *src, const char *name, dsv3_err *e)
+int outdir_copy(const char *folder, const char *src, const char *name, dsv3_err *e)
 {
     char path[4400];
-    if (outdir_file(d, name, path, sizeof path, e))
-        return -1;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", folder, name) >= sizeof path)
+        return err_set(e, "%s/%s: path too long", folder, name);
     FILE *in = fopen(src, "rb");
     if (!in)
         return err_errno(e, "%s", src);

@@ -21,11 +21,8 @@ typedef struct outdir {
 /* Checks NAME (absent, or a folder when force), creates the hidden folder. */
 int outdir_open(outdir *d, const char *dir, int force, dsv3_err *e);
 
-/* tmp/NAME into buf (error when it does not fit). */
-int outdir_file(const outdir *d, const char *name, char *buf, size_t n, dsv3_err *e);
-
-/* Copies the file SRC into the folder as NAME (atomically, through lib/outfile). */
-int outdir_copy(const outdir *d, const char *src, const char *name, dsv3_err *e);
+/* Copies the file SRC into FOLDER (the hidden one, d->tmp) as NAME, through lib/outfile. */
+int outdir_copy(const char *folder, const char *src, const char *name, dsv3_err *e);
 
 /* Syncs the folder and puts it at NAME. On failure the hidden folder is removed. */
 int outdir_commit(outdir *d, dsv3_err *e);
