@@ -41,9 +41,9 @@ static int read_index(hfdir *h, const char *path, json_t **root_out, dsv3_err *e
     json_object_foreach(wm, key, v) {
         const char *fn = json_is_string(v) ? json_string_value(v) : NULL;
         if (!fn || !*fn || strchr(fn, '/') || !strcmp(fn, ".") || !strcmp(fn, "..")) {
-            json_decref(root);
-            return err_set(e, "%s: weight_map[\"%s\"] is not a file name in the folder", path,
-                           key);
+            err_set(e, "%s: weight_map[\"%s\"] is not a file name in the folder", path, key);
+            json_decref(root);  /* after the message: key lives in root */
+            return -1;
         }
         int seen = 0;
         for (int i = 0; i < h->n_files && !seen; i++)

@@ -116,21 +116,23 @@ int sts_write(ststream *s, const char *name, const void *data, uint64_t n, dsv3_
     const char *path = outfile_name(&s->of);
     if (n == 0)
         return 0;
+    /* (each message is made before sts_abort frees the path it names) */
     if (s->cur >= s->n) {
+        err_set(e, "%s: data past the last declared tensor", path);
         sts_abort(s);
-        return err_set(e, "%s: data past the last declared tensor", path);
+        return -1;
     }
     sts_entry *t = &s->t[s->cur];
     if (name && strcmp(name, t->name)) {
+        err_set(e, "%s: tensor \"%s\" written where \"%s\" was declared", path, name, t->name);
         sts_abort(s);
-        return err_set(e, "%s: tensor \"%s\" written where \"%s\" was declared", path, name,
-                       t->name);
+        return -1;
     }
     if (n > t->nbytes - s->cur_done) {
+        err_set(e, "%s: %llu bytes written for tensor \"%s\", which has %llu left", path,
+                (unsigned long long)n, t->name, (unsigned long long)(t->nbytes - s->cur_done));
         sts_abort(s);
-        return err_set(e, "%s: %llu bytes written for tensor \"%s\", which has %llu left", path,
-                       (unsigned long long)n, t->name,
-                       (unsigned long long)(t->nbytes - s->cur_done));
+        return -1;
     }
     if (fwrite(data, 1, (size_t)n, s->of.f) != n) {
         err_errno(e, "%s: write failed", path);
