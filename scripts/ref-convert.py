@@ -94,9 +94,20 @@ def make_src(d, seed):
 
 
 def load(d, dtype, device, results, key):
-    model, info = DeepseekV3ForCausalLM.from_pretrained(
-        d, dtype=dtype, output_loading_info=True, attn_implementation="eager",
-        device_map=device)
+    """from_pretrained, strictly. On the CPU without device_map (no accelerate needed); on
+    the GPU with device_map="cuda" (how an FP8 checkpoint must be placed), else moved."""
+    kw = dict(dtype=dtype, output_loading_info=True, attn_implementation="eager")
+    if device == "cuda":
+        try:
+            model, info = DeepseekV3ForCausalLM.from_pretrained(d, device_map="cuda", **kw)
+        except (ImportError, ValueError) as ex:
+            if "quantization_config" in json.load(open(os.path.join(d, "config.json"))):
+                raise
+            print(f"{key}: device_map failed ({ex}); loading on the CPU and moving")
+            model, info = DeepseekV3ForCausalLM.from_pretrained(d, **kw)
+            model = model.to("cuda")
+    else:
+        model, info = DeepseekV3ForCausalLM.from_pretrained(d, **kw)
     bad = {k: list(v) for k, v in info.items()
            if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     results[key] = {"strict_load": not bad, "load_problems": bad}
