@@ -13,7 +13,11 @@ CONFIG=${1:-configs/small.json}
 REPS=${2:-2}
 W=${W:-/tmp/dsv3-bench-convert}
 B=$BUILD/bin
-make --no-print-directory "$BUILD/tests/bench/bench_mkmodel" all >/dev/null
+TIME=/usr/bin/time
+[ -x $TIME ] || TIME=""   # without GNU time: wall time from date, no peak RSS
+# (on the device machine the carried build is used as it is: no compiler needed there)
+[ -x "$BUILD/tests/bench/bench_mkmodel" ] && [ -x "$B/dsv3-quant" ] ||
+    make --no-print-directory "$BUILD/tests/bench/bench_mkmodel" all >/dev/null
 rm -rf "$W" && mkdir -p "$W"
 trap 'rm -rf "$W"' EXIT
 echo "# $(date -u +%F) $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit $(git rev-parse --short HEAD), config $CONFIG"
@@ -26,15 +30,21 @@ run() {
     best="" rss=""
     i=0
     while [ $i -lt "$REPS" ]; do
-        /usr/bin/time -f "%e %M" -o "$W/time" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
+        if [ -n "$TIME" ]; then
+            $TIME -f "%e %M" -o "$W/time" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
+        else
+            t0=$(date +%s.%N)
+            "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
+            echo "$t0 $(date +%s.%N)" | awk '{ printf "%.3f 0\n", $2 - $1 }' >"$W/time"
+        fi
         read -r t m <"$W/time"
-        if [ -z "$best" ] || [ "$(echo "$t < $best" | bc)" -eq 1 ]; then best=$t rss=$m; fi
+        if [ -z "$best" ] || awk "BEGIN { exit !($t < $best) }"; then best=$t rss=$m; fi
         i=$((i + 1))
     done
     n=$(bytes "$in")
-    printf '%-34s %8.2f GB in %6.2f s  %6.3f GB/s  peak RSS %6.0f MB\n' "$name" \
-        "$(echo "$n / 1000000000" | bc -l)" "$best" "$(echo "$n / $best / 1000000000" | bc -l)" \
-        "$(echo "$rss / 1024" | bc -l)"
+    awk -v name="$name" -v n="$n" -v t="$best" -v m="$rss" 'BEGIN {
+        printf "%-40s %6.2f GB in %6.2f s  %6.3f GB/s  peak RSS %s\n", name, n / 1e9, t,
+            n / (t > 0 ? t : 1e-9) / 1e9, (m > 0 ? sprintf("%.0f MB", m / 1024) : "n/a") }'
 }
 
 run "dsv3-convert f32 -> bf16" "$W/f32" $B/dsv3-convert --quiet --force "$W/f32" -o "$W/bf16"
