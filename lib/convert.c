@@ -918,6 +918,12 @@ int convert_verify(const char *dir, FILE *sums, int threads, conv_stats *st, dsv
     if (hfdir_open(&h, dir, e))
         return -1;
     int rc = convert_check(&h, NULL, st, e);
+    /* transformers reads FP8 weights only under a quantization_config, and expects them there */
+    json_t *qc = json_object_get(h.cfg.json, "quantization_config");
+    if (!rc && st->fp8 && !qc)
+        rc = err_set(e, "%s/config.json: %d FP8 weights but no quantization_config", dir, st->fp8);
+    if (!rc && !st->fp8 && qc)
+        rc = err_set(e, "%s/config.json: a quantization_config but no FP8 weights", dir);
     st->n_files = h.n_files;
     st->n_tensors = h.n_ent;
     st->in_bytes = h.data_bytes;

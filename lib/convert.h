@@ -59,7 +59,8 @@ int convert_hf(const char *in, const char *out, const conv_opts *o, conv_stats *
 int convert_deepseek(const char *in, const char *out, const conv_opts *o, conv_stats *st,
                      dsv3_err *e);
 
-/* Checks DIR (hfdir_open, then convert_check). With sums, also reads every tensor, checks
+/* Checks DIR (hfdir_open, then convert_check, and that config.json has a quantization_config
+ * exactly when there are FP8 weights). With sums, also reads every tensor, checks
  * its values are finite and prints "XXH3-64  dtype  shape  name" lines to sums in
  * name order (equal folders print equal lines). */
 int convert_verify(const char *dir, FILE *sums, int threads, conv_stats *st, dsv3_err *e);

@@ -50,4 +50,10 @@ mkdir "$T/cfg" && cp "$F/noq_plain/model.safetensors" "$T/cfg/"
 sed 's/"hidden_size": 32/"hidden_size": 64/' "$F/noq_plain/config.json" >"$T/cfg/config.json"
 expect_err config_shape 1 "model.embed_tokens.weight\" has shape \[64, 32\], the config needs \[64, 64\]" dsv3-quant "$T/cfg" -o "$T/o2"
 check no_output_config test ! -e "$T/o2"
+# an FP8 folder whose config lost its quantization_config fails --verify (transformers would
+# read its FP8 bytes as plain weights), and so does a BF16 one that claims FP8
+cp -r "$T/q" "$T/noqc" && cp "$T/dq/config.json" "$T/noqc/config.json"
+expect_err fp8_without_config 1 "FP8 weights but no quantization_config" dsv3-convert --verify "$T/noqc"
+cp -r "$T/dq" "$T/claims" && cp "$T/q/config.json" "$T/claims/config.json"
+expect_err config_without_fp8 1 "quantization_config but no FP8" dsv3-convert --verify "$T/claims"
 check no_hidden_left sh -c "! ls -a '$T' | grep -q '\.tmp\.'"
