@@ -35,9 +35,9 @@ step "the same stream through a pipe, written and read without seeking"
 # shellcheck disable=SC2086
 "$BIN/dsv3-shard" make --bytes $files | "$BIN/dsv3-shard" verify -
 
-step "tokenizer: train a byte-level BPE of 2000 ids (DeepSeek-V3 pre-tokenizer and specials)"
+step "tokenizer: train a byte-level BPE of 500 ids and the specials (to fit configs/tiny.json: vocab_size 512)"
 # shellcheck disable=SC2086
-"$BIN/dsv3-tok" train --quiet -v 2000 -o "$OUT/tok.bpe" $files
+"$BIN/dsv3-tok" train --quiet -v 500 -o "$OUT/tok.bpe" $files
 "$BIN/dsv3-tok" info "$OUT/tok.bpe" | head -n 8
 
 step "encode: one document per file, to a document stream (dsv3-pack appends the EOS id)"
@@ -68,5 +68,16 @@ rm -rf "$OUT/run"
 "$BIN/dsv3-train" -c configs/tiny.json -d "$OUT/packed" -o "$OUT/run" -b 2 -g 2 --steps 24 \
     --lr 3e-3 --warmup 5 --eval-every 12 --eval-batches 2 --save-every 12
 ls "$OUT/run"
+
+step "checkpoints: the trained model to an HF folder (BF16 shards) -> FP8 (DeepSeek's format) -> BF16"
+"$BIN/dsv3-convert" --force --dtype bf16 --max-shard-size 64k "$OUT/run/step-000024" -o "$OUT/hf"
+"$BIN/dsv3-convert" --verify "$OUT/hf"
+"$BIN/dsv3-quant" --force "$OUT/hf" -o "$OUT/hf-fp8"
+"$BIN/dsv3-convert" --verify "$OUT/hf-fp8"
+"$BIN/dsv3-quant" --force --dequant "$OUT/hf-fp8" -o "$OUT/hf-bf16"
+"$BIN/dsv3-convert" --verify "$OUT/hf-bf16"
+
+step "score: per-token log-probs of the validation text under the BF16 model"
+"$BIN/dsv3-sample" --score -m "$OUT/hf" "$OUT"/packed/val-00000.shard | head -c 300; echo
 
 printf '\ndemo done: outputs in %s\n' "$OUT"
