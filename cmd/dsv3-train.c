@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../lib/cli.h"
+#include "../lib/comm.h"
 #include "../lib/train.h"
 
 static const cli_program PROG = {
@@ -323,6 +324,15 @@ int main(int argc, char **argv)
     const char *crash = getenv("DSV3_TRAIN_CRASH_IN_SAVE");  /* test aid, see train.h */
     if (crash)
         o.crash_in_save = atoi(crash);
+    /* Joins the job the launcher started (mpirun, srun, torchrun-style variables; alone
+     * otherwise): every rank parsed the same arguments, so usage errors stop them all
+     * before this point. */
+    dsv3_err e;
+    comm *job;
+    if (comm_open(&job, COMM_CPU, &e))
+        cli_fail(&PROG, &e);
+    int rank = comm_rank(job), world = comm_world(job);
+    o.comm = job;
     o.log = common.quiet ? NULL : stderr;
     char *command = join_args(argc, argv);
     o.command = command;
@@ -336,12 +346,15 @@ int main(int argc, char **argv)
     o.stop = &stop_requested;
 
     train_result r;
-    dsv3_err e;
     int rc = train_run(&o, &r, &e);
     free(command);
-    if (rc)
+    comm_close(job);
+    if (rc) {
+        if (world > 1)
+            err_prefix(&e, "rank %d of %d", rank, world);
         cli_fail(&PROG, &e);
-    if (!common.quiet)
+    }
+    if (!common.quiet && rank == 0)
         fprintf(stderr, "dsv3-train: %s after step %" PRIu64 " (%" PRIu64 " tokens), loss %.6f; "
                 "checkpoint %s/%s\n", r.stopped ? "stopped by a signal" : "done", r.step,
                 r.tokens, r.loss, o.run, r.checkpoint[0] ? r.checkpoint : "(none)");
