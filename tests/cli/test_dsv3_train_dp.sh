@@ -1,0 +1,147 @@
+#!/bin/sh
+# dsv3-train across ranks (data parallelism, ZeRO-1) on the CPU: 2 ranks under mpirun (the
+# MPI plugin of lib/comm) and as 2 torchrun-style processes (TCP) follow the single-process
+# run of the same global batch within float reassociation; a SIGTERM to one rank stops both
+# with a checkpoint that resumes exactly; a checkpoint of 2 ranks resumes on 1 and one of 1
+# on 2 (optimizer shards re-sliced); a global batch that does not split is refused; a
+# failure on one rank stops every rank with a message naming it.
+. "$(dirname "$0")/lib.sh"
+BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
+CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp
+export DSV3_COMM_TIMEOUT=20
+# Below the kernel's ephemeral ports (32768 on): no outgoing connection holds one.
+port=$((10000 + $$ % 20000))
+
+# Random documents of ids below 500 (tiny.json has 512), 10% validation.
+awk -v seed="$$" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
+     s = ""; for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 500); print s } }' >"$T/ids.txt"
+dsv3-shard make --vocab-size 512 -o "$T/a.shard" "$T/ids.txt"
+dsv3-pack --quiet -o "$T/data" --eos-id 1 -L 32 --val 0.1 -s 1 "$T/a.shard"
+A="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet"
+
+# tcp N ARGS...: N torchrun-style ranks of dsv3-train ARGS on a fresh port; stderr of rank R
+# in $T/err.R; status: the highest of the ranks'.
+tcp() {
+    n=$1; shift
+    port=$((port + 1))
+    pids="" r=0
+    : >"$T/pids"
+    while [ $r -lt "$n" ]; do
+        RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+            dsv3-train "$@" 2>"$T/err.$r" &
+        pids="$pids $!"
+        echo $! >>"$T/pids"
+        r=$((r + 1))
+    done
+    tcp_st=0
+    for tcp_p in $pids; do wait "$tcp_p"; tcp_s=$?; [ $tcp_s -gt $tcp_st ] && tcp_st=$tcp_s; done
+    return $tcp_st
+}
+
+field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" "$2"; }
+
+# close_losses A B TOL [FIELD]: the per-step losses (or FIELD) of metrics file B and as
+# many first ones of A, each pair within TOL relative; the largest difference goes to
+# $T/diff.
+close_losses() {
+    field "${4:-loss}" "$2" >"$T/lb"
+    field "${4:-loss}" "$1" | head -n "$(wc -l <"$T/lb")" >"$T/la"
+    [ -s "$T/la" ] && [ "$(wc -l <"$T/la")" -eq "$(wc -l <"$T/lb")" ] || return 1
+    paste "$T/la" "$T/lb" | awk -v tol="$3" '{ d = $1 - $2; if (d < 0) d = -d; r = d / $1;
+        if (r > m) m = r } END { printf "%.2g\n", m > "/dev/stderr"; exit !(m <= tol) }' 2>"$T/diff"
+}
+
+# close_weights A B TOL: the F32 data of two model.safetensors of the same layout,
+# ||a - b|| / ||a|| (L2 over every element) within TOL. (The largest single difference is
+# no measure: Adam turns a gradient that is ~0 up to rounding into a step of +-lr.)
+close_weights() {
+    for f in "$1" "$2"; do
+        h=$(od -An -tu8 -N8 "$f" | tr -d ' ')
+        od -An -v -tf4 -j $((8 + h)) "$f" | tr -s ' ' '\n' | grep . >"$f.txt"
+    done
+    paste "$1.txt" "$2.txt" | awk -v tol="$3" '{ d = $1 - $2; dd += d * d; aa += $1 * $1 }
+        END { r = sqrt(dd / aa); printf "%.2g\n", r > "/dev/stderr"; exit !(NR > 1000 && r <= tol) }' 2>"$T/wdiff"
+}
+
+dsv3-train $A -o "$T/one" --steps 6 --eval-every 3 --eval-batches 2
+
+# (a) 2 ranks = 1 process with the same global batch, within reassociation.
+if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
+    expect mpirun_np2 0 mpirun --oversubscribe -np 2 "$DSV3_BIN/dsv3-train" $A -o "$T/mpi" --steps 6 --eval-every 3 --eval-batches 2
+    check mpirun_losses close_losses "$T/one/metrics.jsonl" "$T/mpi/metrics.jsonl" 1e-5
+    echo "# mpirun -np 2 vs 1 process: largest relative loss difference $(cat "$T/diff")"
+    check mpirun_weights close_weights "$T/one/step-000006/model.safetensors" "$T/mpi/step-000006/model.safetensors" 1e-3
+    echo "# weights after 6 steps: |difference| / |weights| $(cat "$T/wdiff")"
+    check mpirun_shards sh -c "cd '$T/mpi/step-000006' && [ -f optim-rank00000-of-00002.safetensors ] && [ -f optim-rank00001-of-00002.safetensors ] && [ ! -e optim.safetensors ] && grep -q '\"world\": 2' state.json"
+    check mpirun_val_loss test "$(grep -c val_loss "$T/mpi/metrics.jsonl")" -eq 2
+else
+    echo "skip mpirun: no mpirun or no comm-mpi.so (install libopenmpi-dev openmpi-bin)"
+fi
+tcp 2 $A -o "$T/tcp" --steps 6 --eval-every 3 --eval-batches 2
+check tcp_exit_0 test $? -eq 0
+check tcp_losses close_losses "$T/one/metrics.jsonl" "$T/tcp/metrics.jsonl" 1e-5
+echo "# 2 TCP ranks vs 1 process: largest relative loss difference $(cat "$T/diff")"
+check tcp_weights close_weights "$T/one/step-000006/model.safetensors" "$T/tcp/step-000006/model.safetensors" 1e-3
+check tcp_val_losses close_losses "$T/one/metrics.jsonl" "$T/tcp/metrics.jsonl" 1e-5 val_loss
+check tcp_rank1_silent test ! -s "$T/err.1"
+check tcp_same_tokens test "$(field tokens "$T/tcp/metrics.jsonl" | tail -n 1)" = $((6 * 8 * 32))
+
+# (b) SIGTERM to rank 1 alone: both ranks checkpoint the same step and exit 0; resuming
+# to two steps further equals an uninterrupted 2-rank run, bit for bit.
+tcp 2 $A -o "$T/sig" --steps 100000 &
+tpid=$!
+sleep 0.$(( $$ % 5 + 4 ))
+kill -TERM "$(sed -n 2p "$T/pids")"
+wait $tpid
+check sigterm_both_exit_0 test $? -eq 0
+s=$(sed -n 's/.*"step": \([0-9]*\),.*/\1/p' "$T/sig/$(cat "$T/sig/latest")/state.json")
+check sigterm_checkpoint test -n "$s"
+check sigterm_last_step test "$(field step "$T/sig/metrics.jsonl" | tail -n 1)" = "$s"
+tcp 2 $A -o "$T/sig" --steps $((s + 2)) --resume
+check sigterm_resume_exit_0 test $? -eq 0
+tcp 2 $A -o "$T/nosig" --steps $((s + 2))
+a=$(field loss "$T/sig/metrics.jsonl"); b=$(field loss "$T/nosig/metrics.jsonl")
+check sigterm_resume_same_losses test -n "$a" -a "$a" = "$b"
+last=$(printf 'step-%06d' $((s + 2)))
+check sigterm_resume_same_weights cmp -s "$T/sig/$last/model.safetensors" "$T/nosig/$last/model.safetensors"
+check sigterm_resume_same_shards cmp -s "$T/sig/$last/optim-rank00001-of-00002.safetensors" "$T/nosig/$last/optim-rank00001-of-00002.safetensors"
+
+# (c) 2 ranks -> 1 and 1 -> 2: the optimizer shards re-sliced. Within an epoch the records
+# of the first k steps are the same set for any world size, so the resumed run follows
+# the uninterrupted single process: within 1e-3 (the reassociation differences grow over
+# 10 steps to ~1e-5 through the BF16 moments: a moment that rounds the other way moves by
+# 1/256).
+dsv3-train $A -o "$T/long" --steps 10
+tcp 2 $A -o "$T/to1" --steps 4
+expect resume_2_to_1 0 dsv3-train $A -o "$T/to1" --steps 8 --resume
+check resume_2_to_1_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+check resume_2_to_1_files sh -c "cd '$T/to1/step-000008' && [ -f optim.safetensors ] && grep -q '\"world\": 1' state.json"
+dsv3-train $A -o "$T/to2" --steps 4
+tcp 2 $A -o "$T/to2" --steps 10 --resume
+check resume_1_to_2 test $? -eq 0
+check resume_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to2/metrics.jsonl" 1e-3
+echo "# resumed 1 -> 2 ranks vs 1 process: largest relative loss difference $(cat "$T/diff")"
+check resume_1_to_2_world grep -q '"world": 2' "$T/to2/step-000010/state.json"
+# 2 -> 1 -> 2: the shards cut from the 1-rank file load back (a range they miss is refused).
+tcp 2 $A -o "$T/to1" --steps 10 --resume
+check resume_2_to_1_to_2 test $? -eq 0
+check resume_2_to_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+
+# (d) Bad: a global batch that does not split into whole micro-batches on every rank is
+# refused on every rank, exit 1, no run folder; a failure on one rank stops both.
+tcp 2 -c $CFG -d "$T/data" -b 2 -g 6 --quiet -o "$T/bad" --steps 1
+check bad_split_exit_1 test $? -eq 1
+check bad_split_message grep -q "^dsv3-train: rank 0 of 2: --global-batch 6 is not a multiple of --batch 2 x 2 ranks (4)" "$T/err.0"
+check bad_split_both grep -q "rank 1 of 2: --global-batch 6" "$T/err.1"
+check bad_split_no_folder test ! -e "$T/bad"
+port=$((port + 1))
+RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port dsv3-train $A -o "$T/bad" --steps 1 2>"$T/err.0" &
+p0=$!
+RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port dsv3-train $A -d "$T/nope" -o "$T/bad" --steps 1 2>"$T/err.1"
+s1=$?
+wait $p0
+s0=$?
+check one_rank_fails_both_exit_1 test "$s0$s1" = 11
+check one_rank_fails_message grep -q "^dsv3-train: rank 1 of 2: .*nope.*cannot open the data folder" "$T/err.1"
+check one_rank_fails_others_say_which grep -q "^dsv3-train: rank 0 of 2: stopping: rank 1 failed" "$T/err.0"
