@@ -5,9 +5,10 @@
 #   scripts/mpirun-train.sh HOSTFILE RANKS -c CONFIG -d DATA -o RUN --steps N [OPTION]...
 #
 # HOSTFILE holds one line per node, "node07 slots=8"; RANKS is nodes x 8 (at most the
-# slots). The remaining arguments are dsv3-train's. SIGTERM to mpirun (which forwards it)
-# or to any one rank: the job writes a checkpoint after the current update and exits 0;
-# run again with --resume.
+# slots). The remaining arguments are dsv3-train's. SIGUSR1 to mpirun (this script's
+# process: Open MPI forwards it to every rank) or SIGTERM to any one rank: the job writes a
+# checkpoint after the current update and exits 0; run again with --resume. (SIGTERM to
+# mpirun itself makes Open MPI end the ranks, SIGKILL following shortly.)
 #
 # Environment: DSV3_TRAIN (the program, default dsv3-train on PATH), DSV3_DEVICE (cpu until
 # the CUDA backend is built; then cuda), MPIRUN_ARGS (more mpirun options, e.g.

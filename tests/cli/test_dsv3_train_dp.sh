@@ -120,6 +120,16 @@ check sigterm_resume_same_losses test -n "$a" -a "$a" = "$b"
 last=$(printf 'step-%06d' $((s + 2)))
 check sigterm_resume_same_weights cmp -s "$T/sig/$last/model.safetensors" "$T/nosig/$last/model.safetensors"
 check sigterm_resume_same_shards cmp -s "$T/sig/$last/optim-rank00001-of-00002.safetensors" "$T/nosig/$last/optim-rank00001-of-00002.safetensors"
+if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
+    # Under mpirun: SIGUSR1 to mpirun, which Open MPI forwards to every rank.
+    mpirun --oversubscribe -np 2 "$DSV3_BIN/dsv3-train" $A -o "$T/musr1" --steps 100000 2>/dev/null &
+    mpid=$!
+    sleep 1.$(( $$ % 5 ))
+    kill -USR1 $mpid
+    wait $mpid
+    check mpirun_sigusr1_exit_0 test $? -eq 0
+    check mpirun_sigusr1_checkpoint grep -q '"world": 2' "$T/musr1/$(cat "$T/musr1/latest")/state.json"
+fi
 
 # (c) 2 ranks -> 1 and 1 -> 2: the optimizer shards re-sliced. Within an epoch the records
 # of the first k steps are the same set for any world size, so the resumed run follows
