@@ -29,8 +29,8 @@ static const cli_program PROG = {
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
-    "  -g, --global-batch=N     sequences per update, a multiple of --batch; the rest is\n"
-    "                           gradient accumulation (default: --batch)\n"
+    "  -g, --global-batch=N     sequences per update, a multiple of --batch x ranks; the\n"
+    "                           rest is gradient accumulation (default: --batch x ranks)\n"
     "      --global-batch-tokens=N  the same in tokens, rounded down to whole micro-batches\n"
     "      --batch-ramp=FIRST:SPAN  start with FIRST sequences per update, growing linearly to\n"
     "                           the global batch over SPAN (in --unit)\n"
@@ -77,6 +77,11 @@ static const cli_program PROG = {
     "\n"
     "SIGTERM or SIGUSR1 (Slurm's notice before preemption): the current update finishes, a\n"
     "checkpoint is written and the program exits 0; run again with --resume.\n"
+    "\n"
+    "Under mpirun, srun or torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR...) the\n"
+    "ranks train with data parallelism: each reads its share of the global batch, the\n"
+    "optimizer state is sharded (ZeRO-1), rank 0 logs and writes the model; a signal to any\n"
+    "rank stops them all with a checkpoint. See docs/DISTRIBUTED.md.\n"
     "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
     "See dsv3-train(1).\n",
 };
