@@ -11,7 +11,7 @@ CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp
 export DSV3_COMM_TIMEOUT=20
 # Below the kernel's ephemeral ports (32768 on): no outgoing connection holds one.
-port=$((10000 + $$ % 20000))
+port=$((10000 + $$ % 19000))
 
 # Random documents of ids below 500 (tiny.json has 512), 10% validation.
 awk -v seed="$$" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
