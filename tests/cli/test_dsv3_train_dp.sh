@@ -1,9 +1,10 @@
 #!/bin/sh
 # dsv3-train across ranks (data parallelism, ZeRO-1) on the CPU: 2 ranks under mpirun (the
 # MPI plugin of lib/comm) and as 2 torchrun-style processes (TCP) follow the single-process
-# run of the same global batch within float reassociation; a SIGTERM to one rank stops both
-# with a checkpoint that resumes exactly; a checkpoint of 2 ranks resumes on 1 and one of 1
-# on 2 (optimizer shards re-sliced); a global batch that does not split is refused; a
+# run of the same global batch within float reassociation, and so do 3 ranks (padded
+# shards) and 4; a SIGTERM to one rank stops both
+# with a checkpoint that resumes exactly; a checkpoint of 2 ranks resumes on 1, one of 1
+# on 2 and one of 2 on 4 (optimizer shards re-sliced); a global batch that does not split is refused; a
 # failure on one rank stops every rank with a message naming it.
 . "$(dirname "$0")/lib.sh"
 BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
@@ -101,6 +102,26 @@ check tcp_weights close_weights "$T/one/step-000003/model.safetensors" "$T/tcp/s
 check tcp_rank1_silent test ! -s "$T/err.1"
 check tcp_same_tokens test "$(field tokens "$T/tcp/metrics.jsonl" | tail -n 1)" = $((3 * 8 * 32))
 
+# 3 ranks (the parameter count is then not a multiple of the world: the padded shards) and
+# 4 ranks, the gradient compared as above on a global batch of 12 / 8 one-sequence
+# micro-batches, and 2 learning steps.
+G1="-c $CFG -d $T/data -b 1 --lr 0 --gamma 0 --quiet --steps 3"
+L1="-c $CFG -d $T/data -b 1 --lr 3e-3 --quiet --steps 2"
+dsv3-train $G1 -g 12 -o "$T/one12"
+dsv3-train $L1 -g 12 -o "$T/one12l"
+tcp 3 $G1 -g 12 -o "$T/tcp3"
+check tcp3_exit_0 test $? -eq 0
+check tcp3_gradient_norms close_losses "$T/one12/metrics.jsonl" "$T/tcp3/metrics.jsonl" 1e-6 grad_norm
+tcp 3 $L1 -g 12 -o "$T/tcp3l"
+check tcp3_losses close_losses "$T/one12l/metrics.jsonl" "$T/tcp3l/metrics.jsonl" 1e-5
+check tcp3_padded_shards sh -c "ls '$T/tcp3l/step-000002' | grep -c 'optim-rank0000[0-2]-of-00003' | grep -qx 3"
+if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
+    dsv3-train $G1 -g 8 -o "$T/one8"
+    expect mpirun_np4 0 mpirun --oversubscribe -np 4 "$DSV3_BIN/dsv3-train" $G1 -g 8 -o "$T/mpi4"
+    check mpirun_np4_gradient_norms close_losses "$T/one8/metrics.jsonl" "$T/mpi4/metrics.jsonl" 1e-6 grad_norm
+    check mpirun_np4_losses close_losses "$T/one8/metrics.jsonl" "$T/mpi4/metrics.jsonl" 1e-6
+fi
+
 # (b) SIGTERM to rank 1 alone: both ranks checkpoint the same step and exit 0; resuming
 # to two steps further equals an uninterrupted 2-rank run, bit for bit.
 tcp 2 $A -o "$T/sig" --steps 100000 &
@@ -136,7 +157,7 @@ fi
 # the uninterrupted single process: within 1e-3 (the reassociation differences grow over
 # 10 steps to ~1e-5 through the BF16 moments: a moment that rounds the other way moves by
 # 1/256).
-dsv3-train $A -o "$T/long" --steps 10
+dsv3-train $A -o "$T/long" --steps 11
 tcp 2 $A -o "$T/to1" --steps 4
 expect resume_2_to_1 0 dsv3-train $A -o "$T/to1" --steps 8 --resume
 check resume_2_to_1_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
@@ -151,6 +172,10 @@ check resume_1_to_2_world grep -q '"world": 2' "$T/to2/step-000010/state.json"
 tcp 2 $A -o "$T/to1" --steps 10 --resume
 check resume_2_to_1_to_2 test $? -eq 0
 check resume_2_to_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+# 2 -> 4 ranks (under TCP): a finer cut of the same moments.
+tcp 4 $A -o "$T/to1" --steps 11 --resume
+check resume_2_to_4 test $? -eq 0
+check resume_2_to_4_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
 
 # (d) Bad: a global batch that does not split into whole micro-batches on every rank is
 # refused on every rank, exit 1, no run folder; a failure on one rank stops both.
