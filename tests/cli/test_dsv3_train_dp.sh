@@ -2,10 +2,10 @@
 # dsv3-train across ranks (data parallelism, ZeRO-1) on the CPU: 2 ranks under mpirun (the
 # MPI plugin of lib/comm) and as 2 torchrun-style processes (TCP) follow the single-process
 # run of the same global batch within float reassociation, and so do 3 ranks (padded
-# shards) and 4; a SIGTERM to one rank stops both
-# with a checkpoint that resumes exactly; a checkpoint of 2 ranks resumes on 1, one of 1
-# on 2 and one of 2 on 4 (optimizer shards re-sliced); a global batch that does not split is refused; a
-# failure on one rank stops every rank with a message naming it.
+# shards) and 4; a SIGTERM to one rank stops both with a checkpoint that resumes exactly; a
+# checkpoint of 2 ranks resumes on 1, one of 1 on 2 and one of 2 on 4 (optimizer shards
+# re-sliced); a global batch that does not split is refused; a failure on one rank stops
+# every rank with a message naming it; the launch scripts run.
 . "$(dirname "$0")/lib.sh"
 BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
 CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
