@@ -592,10 +592,10 @@ static int setup(trainer *t, train_result *r, dsv3_err *e)
         return -1;
     found = name[0] != 0;
     t->ckpt_id = (long)id;
-    rc = setup_model(t, name, found, r, e);
-    if (!rc)
-        rc = setup_rest(t, e);
-    return dp_agree(&t->dp, rc, NULL, e);
+    /* Agreed before rank 0 writes into RUN: a rank that cannot load leaves it untouched. */
+    if (dp_agree(&t->dp, setup_model(t, name, found, r, e), NULL, e))
+        return -1;
+    return dp_agree(&t->dp, setup_rest(t, e), NULL, e);
 }
 
 static void teardown(trainer *t)
