@@ -422,10 +422,15 @@ static int find_start(trainer *t, char *name, size_t n, int *found, dsv3_err *e)
 /* The data position of a checkpoint written by `world` ranks, for this job: the records of
  * an epoch consumed so far, index * world, shared out anew (a job of another size then
  * reads the rest of the epoch in another order). */
-static loader_pos rescale_pos(loader_pos p, uint32_t world, int now)
+static loader_pos rescale_pos(loader_pos p, uint32_t world, int now, uint64_t per_rank)
 {
-    if (world != (uint32_t)now)
-        p.index = p.index * world / (uint64_t)now;
+    if (world == (uint32_t)now)
+        return p;
+    p.index = p.index * world / (uint64_t)now;
+    if (p.index >= per_rank) {  /* the new share of the epoch is used up: the next one */
+        p.epoch++;
+        p.index = 0;
+    }
     return p;
 }
 
@@ -491,7 +496,8 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
     if (found) {
         if (trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
             return -1;
-        if (loader_seek(t->train, rescale_pos(t->st.data, t->st.world, t->dp.world), e))
+        if (loader_seek(t->train, rescale_pos(t->st.data, t->st.world, t->dp.world,
+                                                  loader_records_per_rank(t->train)), e))
             return err_prefix(e, "%s/%s: data position", o->run, name);
     }
     t->st.world = (uint32_t)t->dp.world;

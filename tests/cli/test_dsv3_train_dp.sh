@@ -24,16 +24,16 @@ A="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet"
 # tcp N ARGS...: N torchrun-style ranks of dsv3-train ARGS on a fresh port; stderr of rank R
 # in $T/err.R; status: the highest of the ranks'.
 tcp() {
-    n=$1; shift
+    tcp_n=$1; shift
     port=$((port + 1))
-    pids="" r=0
+    pids="" tcp_r=0
     : >"$T/pids"
-    while [ $r -lt "$n" ]; do
-        RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-            dsv3-train "$@" 2>"$T/err.$r" &
+    while [ $tcp_r -lt "$tcp_n" ]; do
+        RANK=$tcp_r WORLD_SIZE=$tcp_n LOCAL_RANK=$tcp_r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+            dsv3-train "$@" 2>"$T/err.$tcp_r" &
         pids="$pids $!"
         echo $! >>"$T/pids"
-        r=$((r + 1))
+        tcp_r=$((tcp_r + 1))
     done
     tcp_st=0
     for tcp_p in $pids; do wait "$tcp_p"; tcp_s=$?; [ $tcp_s -gt $tcp_st ] && tcp_st=$tcp_s; done
@@ -176,6 +176,22 @@ check resume_2_to_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to1/met
 tcp 4 $A -o "$T/to1" --steps 11 --resume
 check resume_2_to_4 test $? -eq 0
 check resume_2_to_4_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+# 1 -> 2 ranks at the end of an epoch of an odd number of records n: the index n-1 of one
+# process maps past the (n-1)/2 records of a rank's share, so the job starts the next epoch.
+k=30
+while :; do
+    head -n $k "$T/ids.txt" | dsv3-shard make --vocab-size 512 -o "$T/odd.shard"
+    rm -rf "$T/odd"
+    dsv3-pack --quiet -o "$T/odd" --eos-id 1 -L 32 -s 1 "$T/odd.shard"
+    n=$(sed -n 's/.*"train_sequences": \([0-9]*\).*/\1/p' "$T/odd/manifest.json")
+    [ $((n % 2)) -eq 1 ] || [ $k -gt 60 ] && break
+    k=$((k + 1))
+done
+O="-c $CFG -d $T/odd -b 1 --quiet"
+dsv3-train $O -g 1 -o "$T/eoe" --steps $((n - 1))
+tcp 2 $O -g 2 -o "$T/eoe" --steps $((n + 1)) --resume
+check resume_end_of_epoch test $? -eq 0
+check resume_end_of_epoch_next sh -c "tr -d ' \n' <'$T/eoe/$(printf 'step-%06d' $((n + 1)))/state.json' | grep -q '\"epoch\":1,\"index\":2,'"
 
 # (d) Bad: a global batch that does not split into whole micro-batches on every rank is
 # refused on every rank, exit 1, no run folder; a failure on one rank stops both.
