@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../lib/cli.h"
+#include "../lib/comm.h"
 #include "../lib/train.h"
 
 static const cli_program PROG = {
@@ -28,8 +29,8 @@ static const cli_program PROG = {
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
-    "  -g, --global-batch=N     sequences per update, a multiple of --batch; the rest is\n"
-    "                           gradient accumulation (default: --batch)\n"
+    "  -g, --global-batch=N     sequences per update, a multiple of --batch x ranks; the\n"
+    "                           rest is gradient accumulation (default: --batch x ranks)\n"
     "      --global-batch-tokens=N  the same in tokens, rounded down to whole micro-batches\n"
     "      --batch-ramp=FIRST:SPAN  start with FIRST sequences per update, growing linearly to\n"
     "                           the global batch over SPAN (in --unit)\n"
@@ -76,6 +77,11 @@ static const cli_program PROG = {
     "\n"
     "SIGTERM or SIGUSR1 (Slurm's notice before preemption): the current update finishes, a\n"
     "checkpoint is written and the program exits 0; run again with --resume.\n"
+    "\n"
+    "Under mpirun, srun or torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR...) the\n"
+    "ranks train with data parallelism: each reads its share of the global batch, the\n"
+    "optimizer state is sharded (ZeRO-1), rank 0 logs and writes the model; a signal to any\n"
+    "rank stops them all with a checkpoint. See docs/DISTRIBUTED.md.\n"
     "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
     "See dsv3-train(1).\n",
 };
@@ -323,6 +329,15 @@ int main(int argc, char **argv)
     const char *crash = getenv("DSV3_TRAIN_CRASH_IN_SAVE");  /* test aid, see train.h */
     if (crash)
         o.crash_in_save = atoi(crash);
+    /* Joins the job the launcher started (mpirun, srun, torchrun-style variables; alone
+     * otherwise): every rank parsed the same arguments, so usage errors stop them all
+     * before this point. */
+    dsv3_err e;
+    comm *job;
+    if (comm_open(&job, COMM_CPU, &e))
+        cli_fail(&PROG, &e);
+    int rank = comm_rank(job), world = comm_world(job);
+    o.comm = job;
     o.log = common.quiet ? NULL : stderr;
     char *command = join_args(argc, argv);
     o.command = command;
@@ -336,12 +351,15 @@ int main(int argc, char **argv)
     o.stop = &stop_requested;
 
     train_result r;
-    dsv3_err e;
     int rc = train_run(&o, &r, &e);
     free(command);
-    if (rc)
+    comm_close(job);
+    if (rc) {
+        if (world > 1)
+            err_prefix(&e, "rank %d of %d", rank, world);
         cli_fail(&PROG, &e);
-    if (!common.quiet)
+    }
+    if (!common.quiet && rank == 0)
         fprintf(stderr, "dsv3-train: %s after step %" PRIu64 " (%" PRIu64 " tokens), loss %.6f; "
                 "checkpoint %s/%s\n", r.stopped ? "stopped by a signal" : "done", r.step,
                 r.tokens, r.loss, o.run, r.checkpoint[0] ? r.checkpoint : "(none)");

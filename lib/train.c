@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "dp.h"
 #include "metrics.h"
 #include "progress.h"
 #include "trainckpt.h"
@@ -134,6 +136,11 @@ typedef struct trainer {
     int n_saves;
     char tokenizer_id[17];
     uint64_t data_vocab, val_records;
+    dp dp;                /* this rank's place in the job and the shard it updates */
+    FILE *log;            /* o->log on rank 0, else NULL */
+    size_t nc;            /* entries of counts */
+    int64_t *sync;        /* [2 + nc]: the integer sums of a step */
+    long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -387,28 +394,51 @@ static int check_config_arg(trainer *t, const char *source, dsv3_err *e)
 
 static void note(const trainer *t, const char *fmt, const char *arg)
 {
-    if (t->o->log) {
-        fprintf(t->o->log, fmt, arg);
-        fputc('\n', t->o->log);
+    if (t->log) {
+        fprintf(t->log, fmt, arg);
+        fputc('\n', t->log);
     }
 }
 
-/* The model, optimizer and state: from the newest checkpoint with --resume, else fresh
- * (--init-from or a random initialisation of -c). */
-static int setup_model(trainer *t, train_result *r, dsv3_err *e)
+/* Rank 0: the checkpoint a --resume continues (name, *found), or a run folder ready for a
+ * fresh run. */
+static int find_start(trainer *t, char *name, size_t n, int *found, dsv3_err *e)
 {
     const train_opts *o = t->o;
-    char name[64] = "", dir[4200];
-    int found = 0;
+    *found = 0;
     if (o->resume) {
         trainckpt_clean(o->run);
-        if ((found = trainckpt_find(o->run, name, sizeof name, e)) < 0)
+        if ((*found = trainckpt_find(o->run, name, n, e)) < 0)
             return -1;
-        if (!found)
+        if (!*found)
             note(t, "dsv3-train: no checkpoint in %s yet: starting from step 0", o->run);
     }
-    if (!found && prepare_fresh_dir(o, e))
+    if (!*found && prepare_fresh_dir(o, e))
         return -1;
+    return 0;
+}
+
+/* The data position of a checkpoint written by `world` ranks, for this job: the records of
+ * an epoch consumed so far, index * world, shared out anew (a job of another size then
+ * reads the rest of the epoch in another order). */
+static loader_pos rescale_pos(loader_pos p, uint32_t world, int now, uint64_t per_rank)
+{
+    if (world == (uint32_t)now)
+        return p;
+    p.index = p.index * world / (uint64_t)now;
+    if (p.index >= per_rank) {  /* the new share of the epoch is used up: the next one */
+        p.epoch++;
+        p.index = 0;
+    }
+    return p;
+}
+
+/* The model, optimizer and state: from checkpoint `name` when found, else fresh
+ * (--init-from or a random initialisation of -c). */
+static int setup_model(trainer *t, const char *name, int found, train_result *r, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    char dir[4200];
     if (found) {
         snprintf(dir, sizeof dir, "%s/%s", o->run, name);
         if (model_load(&t->m, dir, e))
@@ -426,6 +456,10 @@ static int setup_model(trainer *t, train_result *r, dsv3_err *e)
                            o->seed, t->st.seed, dir);
         snprintf(r->checkpoint, sizeof r->checkpoint, "%s", name);
         note(t, "dsv3-train: resuming from %s", dir);
+        if (t->st.world != (uint32_t)t->dp.world && t->log)
+            fprintf(t->log, "dsv3-train: the checkpoint was written by %u ranks, this job has "
+                    "%d: optimizer shards re-sliced; the rest of the data comes in another "
+                    "order\n", t->st.world, t->dp.world);
     } else if (o->init_from) {
         if (model_load(&t->m, o->init_from, e))
             return -1;
@@ -455,15 +489,17 @@ static int setup_model(trainer *t, train_result *r, dsv3_err *e)
         return err_set(e, "%s: the data's vocabulary (%" PRIu64 " tokens) does not fit the "
                        "model's vocab_size %d (%s)", o->data, t->data_vocab,
                        t->m.cfg.vocab_size, o->config ? o->config : "the model's config.json");
-    if (optim_init(&t->opt, &t->m, &o->adam, e))
+    if (dp_layout(&t->dp, t->m.n_params, e) ||
+        optim_init_range(&t->opt, &t->m, &o->adam, t->dp.lo, t->dp.hi, e))
         return -1;
     if (found) {
-        snprintf(dir, sizeof dir, "%s/%s/optim.safetensors", o->run, name);
-        if (optim_load(&t->opt, &t->m, dir, e))
+        if (trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
             return -1;
-        if (loader_seek(t->train, t->st.data, e))
+        if (loader_seek(t->train, rescale_pos(t->st.data, t->st.world, t->dp.world,
+                                                  loader_records_per_rank(t->train)), e))
             return err_prefix(e, "%s/%s: data position", o->run, name);
     }
+    t->st.world = (uint32_t)t->dp.world;
     return 0;
 }
 
@@ -487,45 +523,81 @@ static int record_run(trainer *t, dsv3_err *e)
     return 0;
 }
 
-static int setup(trainer *t, train_result *r, dsv3_err *e)
+/* The data and the batch: the manifest, the train loader (this rank's share), the global
+ * batch in sequences, a multiple of B x world. */
+static int setup_data(trainer *t, dsv3_err *e)
 {
     const train_opts *o = t->o;
-    t->B = o->micro_batch;
+    uint64_t W = (uint64_t)t->dp.world, unit = (uint64_t)t->B * W;
+    if (o->global_batch && o->global_batch % unit)
+        return err_set(e, "--global-batch %" PRIu64 " is not a multiple of --batch %u x %"
+                       PRIu64 " ranks (%" PRIu64 "): every rank runs whole micro-batches of "
+                       "an equal share", o->global_batch, t->B, W, unit);
     if (read_manifest(t, e))
         return -1;
     if (o->eval_every && !t->val_records)
         return err_set(e, "%s has no val split: --eval-every needs data packed with "
                        "dsv3-pack --val", o->data);
-    loader_params lp = {"train", t->B, o->seed, 0, 1, 0};
+    loader_params lp = {"train", t->B, o->seed, (uint32_t)t->dp.rank, (uint32_t)W, 0};
     if (loader_open(&t->train, o->data, &lp, e))
         return -1;
     t->L = loader_seq_len(t->train);
-    if (setup_model(t, r, e) || record_run(t, e))
-        return -1;
-    if (metrics_open(&t->met, o->run, t->st.step == 0, t->st.step, e))
+    uint64_t seqs = o->global_batch ? o->global_batch
+                                    : o->global_tokens ? o->global_tokens / t->L : unit;
+    seqs -= seqs % unit;
+    t->seqs = seqs < unit ? unit : seqs;
+    t->ramp = (sched_ramp){o->ramp_unit, o->ramp_first ? o->ramp_first : t->seqs, t->seqs,
+                           o->ramp_first ? o->ramp_span : 0, unit};
+    return 0;
+}
+
+/* The rest, once the model is there: the run folder's files (rank 0), the val loader, the
+ * activations and buffers. */
+static int setup_rest(trainer *t, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    if (t->dp.rank == 0 && (record_run(t, e) ||
+                            metrics_open(&t->met, o->run, t->st.step == 0, t->st.step, e)))
         return -1;
     if (o->eval_every) {
-        loader_params vp = {"val", t->B, o->seed, 0, 1, 0};
+        loader_params vp = {"val", t->B, o->seed, (uint32_t)t->dp.rank,
+                            (uint32_t)t->dp.world, 0};
         if (loader_open(&t->val, o->data, &vp, e))
             return -1;
     }
     if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
         return -1;
     const dsv3_config *c = &t->m.cfg;
-    size_t nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
+    t->nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
     t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
     t->tgt = malloc((size_t)t->B * t->L * sizeof *t->tgt);
-    t->counts = calloc(nc, sizeof *t->counts);
-    t->tmp_counts = calloc(nc, sizeof *t->tmp_counts);
-    if (!t->ids || !t->tgt || !t->counts || !t->tmp_counts)
+    t->counts = calloc(t->nc, sizeof *t->counts);
+    t->tmp_counts = calloc(t->nc, sizeof *t->tmp_counts);
+    t->sync = calloc(t->nc + 2, sizeof *t->sync);
+    if (!t->ids || !t->tgt || !t->counts || !t->tmp_counts || !t->sync)
         return err_set(e, "out of memory");
-    uint64_t seqs = o->global_batch ? o->global_batch
-                                    : o->global_tokens ? o->global_tokens / t->L : t->B;
-    seqs -= seqs % t->B;
-    t->seqs = seqs < t->B ? t->B : seqs;
-    t->ramp = (sched_ramp){o->ramp_unit, o->ramp_first ? o->ramp_first : t->seqs, t->seqs,
-                           o->ramp_first ? o->ramp_span : 0, t->B};
     return 0;
+}
+
+/* Every phase ends with the ranks agreeing, so none enters a collective that another,
+ * having failed, never reaches. */
+static int setup(trainer *t, train_result *r, dsv3_err *e)
+{
+    t->B = t->o->micro_batch;
+    if (dp_agree(&t->dp, setup_data(t, e), NULL, e))
+        return -1;
+    char name[64] = "";
+    int found = 0, rc = t->dp.rank == 0 ? find_start(t, name, sizeof name, &found, e) : 0;
+    int64_t id = (int64_t)getpid();
+    if (dp_agree(&t->dp, rc, NULL, e) || dp_broadcast_bytes(&t->dp, name, sizeof name, 0, e) ||
+        dp_broadcast_bytes(&t->dp, &id, sizeof id, 0, e))
+        return -1;
+    found = name[0] != 0;
+    t->ckpt_id = (long)id;
+    /* Agreed before rank 0 writes into RUN: a rank that cannot load leaves it untouched. */
+    if (dp_agree(&t->dp, setup_model(t, name, found, r, e), NULL, e))
+        return -1;
+    return dp_agree(&t->dp, setup_rest(t, e), NULL, e);
 }
 
 static void teardown(trainer *t)
@@ -543,6 +615,8 @@ static void teardown(trainer *t)
     free(t->tgt);
     free(t->counts);
     free(t->tmp_counts);
+    free(t->sync);
+    dp_free(&t->dp);
     free(t->q.ids);
     free(t->q.tgt);
 }
@@ -556,6 +630,23 @@ typedef struct step_out {
     int skipped;
 } step_out;
 
+/* Sums over the ranks of a step's loss, counted targets, routed tokens and expert loads. */
+static int sum_stats(trainer *t, accum *a, dsv3_err *e)
+{
+    t->sync[0] = a->n;
+    t->sync[1] = a->routed;
+    memcpy(t->sync + 2, t->counts, t->nc * sizeof *t->counts);
+    if (dp_sum_i64(&t->dp, t->sync, t->nc + 2, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
+        return -1;
+    a->n = t->sync[0];
+    a->routed = t->sync[1];
+    memcpy(t->counts, t->sync + 2, t->nc * sizeof *t->counts);
+    return 0;
+}
+
+/* One update. Each rank's accumulated gradient is the mean over its own n_r counted targets
+ * until it is rescaled by n_r/N (N: all ranks' targets), so the sum over the ranks is the
+ * gradient of the whole global batch's mean loss, as one process would compute it. */
 static int do_step(trainer *t, step_out *so, dsv3_err *e)
 {
     const train_opts *o = t->o;
@@ -566,19 +657,25 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     so->gamma = sched_switch_at(&o->gamma, p);
     so->mtp_weight = sched_switch_at(&o->mtp_weight, p);
     set_loss_weights(&t->m, so->mtp_weight, o->alpha);
-    const dsv3_config *c = &t->m.cfg;
-    memset(t->counts, 0, (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ?
-           c->n_routed_experts : 1) * sizeof *t->counts);
+    memset(t->counts, 0, t->nc * sizeof *t->counts);
     double t0 = progress_now();
     model_zero_grad(&t->m);
     accum a = {0};
-    if (run_records(t, t->train, so->seqs, &a, 1, e))
+    int rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
+    int64_t local_n = a.n;
+    if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
-    if (a.n && a.prev_n != a.n)
+    if (a.n && local_n && a.prev_n != a.n)
         scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
+    float *g;
+    if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
+        return -1;
     so->targets = a.n;
     so->loss = a.n ? a.loss_sum / (double)a.n : 0;
-    so->norm = optim_grad_norm(&t->m);
+    double sumsq = optim_grad_sumsq(&t->m, g, t->dp.lo, t->dp.hi);
+    if (dp_sum_f64(&t->dp, &sumsq, 1, e))
+        return -1;
+    so->norm = sqrt(sumsq);
     if (!isfinite(so->loss) || !isfinite(so->norm)) {
         if (!o->skip_nonfinite)
             return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
@@ -588,8 +685,12 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
         so->skipped = 1;
         t->st.skipped++;
     } else if (a.n) {
-        optim_clip(&t->m, so->norm, o->clip);
-        optim_step(&t->opt, &t->m, so->lr);
+        optim_clip_range(&t->m, g, t->dp.lo, t->dp.hi, so->norm, o->clip);
+        optim_step_grads(&t->opt, &t->m, g, so->lr);
+        if (dp_gather_params(&t->dp, t->m.params, e))
+            return -1;
+        /* The summed counts are the same on every rank, and so is the bias each computes
+         * from them: nothing to communicate. */
         train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
     }
     t->st.step++;
@@ -600,15 +701,24 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     return 0;
 }
 
+/* The val loss over eval_batches micro-batches, shared out over the ranks (rounded up to a
+ * whole number per rank). */
 static int evaluate(trainer *t, double *loss, int64_t *n, dsv3_err *e)
 {
     accum a = {0};
     loader_pos start = {0, 0};
-    if (loader_seek(t->val, start, e) ||
-        run_records(t, t->val, t->o->eval_batches * t->B, &a, 0, e))
+    uint64_t W = (uint64_t)t->dp.world, per = (t->o->eval_batches + W - 1) / W;
+    int rc = loader_seek(t->val, start, e);
+    if (!rc)
+        rc = run_records(t, t->val, per * t->B, &a, 0, e);
+    int64_t nn = 0;
+    if (dp_agree(&t->dp, rc, NULL, e))
         return -1;
-    *loss = a.n ? a.loss_sum / (double)a.n : 0;
-    *n = a.n;
+    nn = a.n;
+    if (dp_sum_i64(&t->dp, &nn, 1, e) || dp_sum_f64(&t->dp, &a.loss_sum, 1, e))
+        return -1;
+    *loss = nn ? a.loss_sum / (double)nn : 0;
+    *n = nn;
     return 0;
 }
 
@@ -668,15 +778,17 @@ static double peak_rss_mib(void)
 static int report_step(trainer *t, const step_out *so, dsv3_err *e)
 {
     const train_opts *o = t->o;
+    if (t->dp.rank != 0)
+        return 0;
     double tps = so->seconds > 0 ? (double)(so->seqs * t->L) / so->seconds : 0, worst;
     double rss = peak_rss_mib();
     json_t *load = load_stats(t, &worst);
-    if (o->log) {
+    if (t->log) {
         char rate[32], total[48] = "";
         progress_human(rate, sizeof rate, tps);
         if (o->max_steps)
             snprintf(total, sizeof total, "/%" PRIu64, o->max_steps);
-        fprintf(o->log, "step %" PRIu64 "%s  loss %.6f  lr %.3e  gnorm %.4f  tok/s %s  "
+        fprintf(t->log, "step %" PRIu64 "%s  loss %.6f  lr %.3e  gnorm %.4f  tok/s %s  "
                 "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, so->lr,
                 so->norm, rate, worst, rss, so->skipped ? "  SKIPPED (non-finite)" : "");
     }
@@ -699,13 +811,70 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     return metrics_write(&t->met, j, e);
 }
 
+/* A checkpoint of several ranks: rank 0 creates the temporary folder, every rank writes
+ * its optimizer shard (rank 0 the model too), rank 0 commits; the ranks agree after each
+ * phase, so a failure anywhere leaves no checkpoint and stops them all. */
+static int save_dp(trainer *t, dsv3_err *e)
+{
+    dp *d = &t->dp;
+    char tmp[4096] = "", path[4200], name[64];
+    int rc = d->rank == 0 ? trainckpt_begin(t->o->run, t->st.step, t->ckpt_id, tmp, sizeof tmp,
+                                            e) : 0;
+    if (dp_agree(d, rc, NULL, e) || dp_broadcast_bytes(d, tmp, sizeof tmp, 0, e))
+        return -1;
+    rc = d->rank == 0 ? model_save(&t->m, tmp, e) : 0;
+    if (!rc) {
+        trainckpt_shard_name(name, sizeof name, d->rank, d->world);
+        snprintf(path, sizeof path, "%s/%s", tmp, name);
+        rc = optim_save_shard(&t->opt, &t->m, d->rank, d->world, path, e);
+    }
+    if (!rc && t->o->crash_in_save && t->n_saves == t->o->crash_in_save && d->rank == 0)
+        raise(SIGKILL);
+    rc = dp_agree(d, rc, NULL, e);
+    if (rc) {
+        if (d->rank == 0)
+            trainckpt_remove_dir(tmp, NULL);
+        return -1;
+    }
+    rc = d->rank == 0 ? trainckpt_commit(t->o->run, tmp, &t->st, t->o->keep, e) : 0;
+    return dp_agree(d, rc, NULL, e);
+}
+
 static int save(trainer *t, train_result *r, dsv3_err *e)
 {
     int crash = t->o->crash_in_save && ++t->n_saves == t->o->crash_in_save;
-    if (trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
+    if (t->dp.world > 1 ? save_dp(t, e)
+                        : trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
         return -1;
     snprintf(r->checkpoint, sizeof r->checkpoint, "step-%06" PRIu64, t->st.step);
     return 0;
+}
+
+/* After each update: its line and metrics, the evaluation when due; then the ranks agree on
+ * failure and on stopping (a signal on any rank stops them all after this step). */
+static int after_step(trainer *t, const step_out *so, int *stop, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    int rc = report_step(t, so, e);
+    if (dp_agree(&t->dp, rc, NULL, e))
+        return -1;
+    if (o->eval_every && t->st.step % o->eval_every == 0) {
+        double vl;
+        int64_t vn;
+        if (evaluate(t, &vl, &vn, e))
+            return -1;
+        if (t->log)
+            fprintf(t->log, "eval step %" PRIu64 "  val_loss %.6f  (%" PRId64 " tokens)\n",
+                    t->st.step, vl, vn);
+        if (t->dp.rank == 0) {
+            json_t *j = json_pack("{s:I, s:I, s:f, s:I}", "step", (json_int_t)t->st.step,
+                                  "tokens", (json_int_t)t->st.tokens, "val_loss", vl,
+                                  "val_tokens", (json_int_t)vn);
+            rc = metrics_write(&t->met, j, e);
+        }
+    }
+    *stop = o->stop && *o->stop;
+    return dp_agree(&t->dp, rc, stop, e);
 }
 
 static int loop(trainer *t, train_result *r, dsv3_err *e)
@@ -717,24 +886,10 @@ static int loop(trainer *t, train_result *r, dsv3_err *e)
         if (done)
             break;
         step_out so;
-        if (do_step(t, &so, e) || report_step(t, &so, e))
+        int stop;
+        if (do_step(t, &so, e) || after_step(t, &so, &stop, e))
             return -1;
         r->loss = so.loss;
-        if (o->eval_every && t->st.step % o->eval_every == 0) {
-            double vl;
-            int64_t vn;
-            if (evaluate(t, &vl, &vn, e))
-                return -1;
-            if (o->log)
-                fprintf(o->log, "eval step %" PRIu64 "  val_loss %.6f  (%" PRId64 " tokens)\n",
-                        t->st.step, vl, vn);
-            json_t *j = json_pack("{s:I, s:I, s:f, s:I}", "step", (json_int_t)t->st.step,
-                                  "tokens", (json_int_t)t->st.tokens, "val_loss", vl,
-                                  "val_tokens", (json_int_t)vn);
-            if (metrics_write(&t->met, j, e))
-                return -1;
-        }
-        int stop = o->stop && *o->stop;
         int last = (o->max_steps && t->st.step >= o->max_steps) ||
                    (o->max_tokens && t->st.tokens >= o->max_tokens);
         if ((o->save_every && t->st.step % o->save_every == 0) || stop || last)
@@ -755,6 +910,8 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
         return err_set(e, "out of memory");
     memset(r, 0, sizeof *r);
     t->o = o;
+    dp_open(&t->dp, o->comm);
+    t->log = t->dp.rank == 0 ? o->log : NULL;
     int rc = setup(t, r, e);
     if (!rc)
         rc = loop(t, r, e);

@@ -11,7 +11,16 @@
  *
  * SFT mode: the loss counts only response tokens (those after an assistant-marker token,
  * up to a user-marker token), and no token attends across the documents packed in a record:
- * each document is run as its own row starting at position 0 (see train_sft_unpack). */
+ * each document is run as its own row starting at position 0 (see train_sft_unpack).
+ *
+ * Data parallelism (opts.comm with several ranks, lib/dp): each rank reads its share of
+ * every global batch (the loader's rank split), the statistics of a step are summed over
+ * the ranks, and the update is ZeRO-1: gradients reduce-scattered, each rank clipping and
+ * updating its shard of the parameters with the moments of that shard alone, the
+ * parameters all-gathered. Rank 0 alone logs, writes metrics.jsonl and the model files;
+ * each rank writes its optimizer shard into the same checkpoint. A failure on any rank
+ * stops every rank (each returns -1); a stop request on any rank stops all after the
+ * step, with a checkpoint. */
 #ifndef DSV3_TRAIN_H
 #define DSV3_TRAIN_H
 
@@ -19,6 +28,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "comm.h"
 #include "err.h"
 #include "loader.h"
 #include "model.h"
@@ -51,7 +61,8 @@ typedef struct train_opts {
     int sft;
     int64_t sft_user_id, sft_assistant_id;  /* -1: none */
     const char *command;    /* the command line, appended to RUN/command.txt */
-    FILE *log;              /* one line per step (NULL: none) */
+    FILE *log;              /* one line per step (NULL: none); rank 0 only writes it */
+    comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
 } train_opts;

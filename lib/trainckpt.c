@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "dp.h"
 #include "outfile.h"
 
 static int fsync_path(const char *path, dsv3_err *e)
@@ -41,14 +42,15 @@ static int write_state(const char *path, const train_state *st, dsv3_err *e)
 {
     char rng[17];
     snprintf(rng, sizeof rng, "%016" PRIx64, st->rng);
-    json_t *j = json_pack("{s:s, s:i, s:I, s:I, s:I, s:{s:I, s:I, s:s, s:I}, s:I, s:s}",
+    json_t *j = json_pack("{s:s, s:i, s:I, s:I, s:I, s:{s:I, s:I, s:s, s:I}, s:I, s:s, s:I}",
                           "format", "dsv3-train-state", "version", 1,
                           "step", (json_int_t)st->step, "tokens", (json_int_t)st->tokens,
                           "skipped_batches", (json_int_t)st->skipped,
                           "data", "epoch", (json_int_t)st->data.epoch,
                           "index", (json_int_t)st->data.index,
                           "tokenizer_id", st->tokenizer_id, "seq_len", (json_int_t)st->seq_len,
-                          "seed", (json_int_t)st->seed, "rng", rng);
+                          "seed", (json_int_t)st->seed, "rng", rng,
+                          "world", (json_int_t)(st->world ? st->world : 1));
     char *text = j ? json_dumps(j, JSON_INDENT(2)) : NULL;
     json_decref(j);
     if (!text)
@@ -93,6 +95,14 @@ int trainckpt_read_state(const char *dir, train_state *st, dsv3_err *e)
         return err_set(e, "%s: not a dsv3-train state of version 1 (a field is missing or "
                        "out of range)", path);
     }
+    /* "world" came with data parallelism: a state without it is a single process's. */
+    json_t *w = json_object_get(j, "world");
+    json_int_t world = w ? (json_is_integer(w) ? json_integer_value(w) : -1) : 1;
+    if (world < 1 || world > INT32_MAX) {
+        json_decref(j);
+        return err_set(e, "%s: \"world\" is not a rank count", path);
+    }
+    st->world = (uint32_t)world;
     st->step = (uint64_t)step;
     st->tokens = (uint64_t)tokens;
     st->skipped = (uint64_t)skipped;
@@ -251,29 +261,26 @@ static int keep_last(const char *run, int keep, dsv3_err *e)
     return rc;
 }
 
-int trainckpt_save(const char *run, const dsv3_model *m, const optim *o, const train_state *st,
-                   int keep, int crash_at, dsv3_err *e)
+int trainckpt_begin(const char *run, uint64_t step, long id, char *tmp, size_t n, dsv3_err *e)
 {
-    char name[64], tmp[4096], final[4096], path[4200];
-    step_name(name, sizeof name, st->step);
-    snprintf(tmp, sizeof tmp, "%s/.%s.tmp.%ld", run, name, (long)getpid());
-    snprintf(final, sizeof final, "%s/%s", run, name);
+    char name[64];
+    step_name(name, sizeof name, step);
+    snprintf(tmp, n, "%s/.%s.tmp.%ld", run, name, id);
     if (trainckpt_remove_dir(tmp, e))
         return -1;
     if (mkdir(tmp, 0777))
         return err_errno(e, "%s: cannot create", tmp);
-    /* Each file is committed through lib/outfile: written, fsynced, renamed in tmp. */
-    int rc = model_save(m, tmp, e);
-    if (!rc) {
-        snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
-        rc = optim_save(o, m, path, e);
-    }
-    if (!rc && crash_at)
-        raise(SIGKILL);
-    if (!rc) {
-        snprintf(path, sizeof path, "%s/state.json", tmp);
-        rc = write_state(path, st, e);
-    }
+    return 0;
+}
+
+int trainckpt_commit(const char *run, const char *tmp, const train_state *st, int keep,
+                     dsv3_err *e)
+{
+    char name[64], final[4096], path[4200];
+    step_name(name, sizeof name, st->step);
+    snprintf(final, sizeof final, "%s/%s", run, name);
+    snprintf(path, sizeof path, "%s/state.json", tmp);
+    int rc = write_state(path, st, e);
     if (!rc)
         rc = fsync_path(tmp, e);
     /* A folder of this step may exist when a run resumed from an earlier checkpoint than
@@ -294,4 +301,59 @@ int trainckpt_save(const char *run, const dsv3_model *m, const optim *o, const t
     if (write_text(path, text, e))
         return -1;
     return keep_last(run, keep, e);
+}
+
+int trainckpt_save(const char *run, const dsv3_model *m, const optim *o, const train_state *st,
+                   int keep, int crash_at, dsv3_err *e)
+{
+    char tmp[4096], path[4200];
+    if (trainckpt_begin(run, st->step, (long)getpid(), tmp, sizeof tmp, e))
+        return -1;
+    /* Each file is committed through lib/outfile: written, fsynced, renamed in tmp. */
+    int rc = model_save(m, tmp, e);
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
+        rc = optim_save(o, m, path, e);
+    }
+    if (!rc && crash_at)
+        raise(SIGKILL);
+    if (rc) {
+        trainckpt_remove_dir(tmp, NULL);
+        return -1;
+    }
+    return trainckpt_commit(run, tmp, st, keep, e);
+}
+
+void trainckpt_shard_name(char *buf, size_t n, int rank, int world)
+{
+    snprintf(buf, n, "optim-rank%05d-of-%05d.safetensors", rank, world);
+}
+
+int trainckpt_load_optim(const char *dir, uint32_t world, optim *o, const dsv3_model *m,
+                         dsv3_err *e)
+{
+    char path[4200], name[64];
+    if (world <= 1) {
+        snprintf(path, sizeof path, "%s/optim.safetensors", dir);
+        return optim_load(o, m, path, e);
+    }
+    int64_t step = -1;
+    size_t covered = 0, lo, hi;
+    for (uint32_t r = 0; r < world; r++) {
+        dp_shard_range(m->n_params, (int)world, (int)r, &lo, &hi);
+        int overlaps = lo < o->lo + o->n && hi > o->lo;
+        /* Shard 0 is always read: the step count comes with every shard. */
+        if (!overlaps && !(r == 0 && o->n == 0))
+            continue;
+        size_t c = 0;
+        trainckpt_shard_name(name, sizeof name, (int)r, (int)world);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (optim_load_shard(o, m, path, (int)r, (int)world, &step, &c, e))
+            return -1;
+        covered += c;
+    }
+    if (covered != o->n)
+        return err_set(e, "%s: the %u optimizer shards cover %zu of the %zu elements of this "
+                       "rank's range", dir, world, covered, o->n);
+    return 0;
 }

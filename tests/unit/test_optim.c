@@ -1,11 +1,15 @@
 /* Tests of lib/optim: bf16 rounding of the moments on hand-worked bit patterns, AdamW steps
  * on a fresh random model against a double-precision reference, which tensors decay,
- * global-norm clipping, and the state's save/load round trip and refusals. */
+ * global-norm clipping, and the state's save/load round trip and refusals; ZeRO-1 shards:
+ * updating each shard alone equals the whole update bit for bit, and the moments re-slice
+ * exactly between files of different world sizes. */
 #include <math.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../../lib/dp.h"
 #include "../../lib/optim.h"
+#include "../../lib/trainckpt.h"
 #include "../../lib/safetensors.h"
 #include "../test.h"
 
@@ -296,6 +300,137 @@ static void test_save_load(void)
     model_free(&m);
 }
 
+/* W optimizers over the shards of dp_shard_range, each stepping its range from the same
+ * gradients, give the whole optimizer's parameters and moments bit for bit; the clipped
+ * norm from the shards' sums of squares is the whole norm within reassociation. */
+static void test_shards_equal_whole(void)
+{
+    dsv3_model m;
+    REQUIRE(small_model(&m, 8) == 0);
+    size_t n = m.n_params;
+    int W = 3 + (int)(test_rand() % 3);
+    fill(m.params, n, 0.5);
+    float *p0 = malloc(n * sizeof *p0), *g = malloc(n * sizeof *g), *gw = malloc(n * sizeof *gw);
+    REQUIRE(p0 && g && gw);
+    memcpy(p0, m.params, n * sizeof *p0);
+    optim whole, sh[5];
+    optim_params op;
+    optim_params_default(&op);
+    dsv3_err e;
+    REQUIRE(optim_init(&whole, &m, &op, &e) == 0);
+    for (int r = 0; r < W; r++) {
+        size_t lo, hi;
+        dp_shard_range(n, W, r, &lo, &hi);
+        REQUIRE(optim_init_range(&sh[r], &m, &op, lo, hi, &e) == 0);
+    }
+    float *pw = malloc(n * sizeof *pw);
+    REQUIRE(pw != NULL);
+    for (int step = 0; step < 4; step++) {
+        fill(g, n, step == 2 ? 10.0 : 1.0);   /* once above the clip limit */
+        /* whole */
+        memcpy(m.grads, g, n * sizeof *g);
+        double norm = optim_grad_norm(&m);
+        optim_clip(&m, norm, 5.0);
+        optim_step(&whole, &m, 1e-2);
+        memcpy(pw, m.params, n * sizeof *pw);
+        /* shards, from the parameters before this step */
+        memcpy(m.params, p0, n * sizeof *p0);
+        memcpy(gw, g, n * sizeof *g);
+        double sumsq = 0;
+        for (int r = 0; r < W; r++)
+            sumsq += optim_grad_sumsq(&m, gw + sh[r].lo, sh[r].lo, sh[r].lo + sh[r].n);
+        CHECKF(fabs(sqrt(sumsq) - norm) <= 1e-12 * norm, "norm %.17g vs %.17g", sqrt(sumsq), norm);
+        for (int r = 0; r < W; r++) {
+            size_t lo = sh[r].lo, hi = lo + sh[r].n;
+            optim_clip_range(&m, gw + lo, lo, hi, norm, 5.0);
+            optim_step_grads(&sh[r], &m, gw + lo, 1e-2);
+        }
+        CHECKF(memcmp(m.params, pw, n * sizeof *pw) == 0, "step %d: sharded params differ", step);
+        memcpy(p0, m.params, n * sizeof *p0);
+    }
+    for (int r = 0; r < W; r++) {
+        CHECK(sh[r].t == whole.t);
+        CHECK(memcmp(sh[r].m, whole.m + sh[r].lo, sh[r].n * 2) == 0);
+        CHECK(memcmp(sh[r].v, whole.v + sh[r].lo, sh[r].n * 2) == 0);
+        optim_free(&sh[r]);
+    }
+    optim_free(&whole);
+    free(p0);
+    free(g);
+    free(gw);
+    free(pw);
+    model_free(&m);
+}
+
+/* Moments saved by 3 ranks load into 2 ranks' ranges and into one whole optimizer, and the
+ * one-process file into 2 ranks', all equal to the original bits; a missing or foreign
+ * shard is refused. */
+static void test_reslice(void)
+{
+    dsv3_model m;
+    REQUIRE(small_model(&m, 8) == 0);
+    size_t n = m.n_params;
+    fill(m.params, n, 0.5);
+    optim_params op;
+    optim_params_default(&op);
+    dsv3_err e;
+    optim whole, o;
+    REQUIRE(optim_init(&whole, &m, &op, &e) == 0);
+    for (int s = 0; s < 3; s++) {
+        fill(m.grads, n, 1.0);
+        optim_step(&whole, &m, 1e-3);
+    }
+    char dir[600], path[700], name[64];
+    snprintf(dir, sizeof dir, "%s/reslice", tmpdir);
+    mkdir(dir, 0777);
+    snprintf(path, sizeof path, "%s/optim.safetensors", dir);
+    REQUIRE(optim_save(&whole, &m, path, &e) == 0);
+    for (int r = 0; r < 3; r++) {
+        size_t lo, hi;
+        dp_shard_range(n, 3, r, &lo, &hi);
+        REQUIRE(optim_init_range(&o, &m, &op, lo, hi, &e) == 0);
+        memcpy(o.m, whole.m + lo, (hi - lo) * 2);
+        memcpy(o.v, whole.v + lo, (hi - lo) * 2);
+        o.t = whole.t;
+        trainckpt_shard_name(name, sizeof name, r, 3);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        REQUIRE(optim_save_shard(&o, &m, r, 3, path, &e) == 0);
+        optim_free(&o);
+    }
+    for (int from = 1; from <= 3; from += 2)
+        for (int r = 0; r < 2; r++) {
+            size_t lo, hi;
+            dp_shard_range(n, 2, r, &lo, &hi);
+            REQUIRE(optim_init_range(&o, &m, &op, lo, hi, &e) == 0);
+            CHECKF(trainckpt_load_optim(dir, (uint32_t)from, &o, &m, &e) == 0, "%s", e.msg);
+            CHECK(o.t == whole.t);
+            CHECKF(memcmp(o.m, whole.m + lo, (hi - lo) * 2) == 0 &&
+                   memcmp(o.v, whole.v + lo, (hi - lo) * 2) == 0,
+                   "%d ranks -> rank %d of 2: moments differ", from, r);
+            optim_free(&o);
+        }
+    REQUIRE(optim_init(&o, &m, &op, &e) == 0);
+    CHECKF(trainckpt_load_optim(dir, 3, &o, &m, &e) == 0, "%s", e.msg);
+    CHECK(memcmp(o.m, whole.m, n * 2) == 0 && memcmp(o.v, whole.v, n * 2) == 0);
+    /* Shard 1 claims to be another rank's: refused, naming it. */
+    char p1[700], p2[700];
+    trainckpt_shard_name(name, sizeof name, 1, 3);
+    snprintf(p1, sizeof p1, "%s/%s", dir, name);
+    trainckpt_shard_name(name, sizeof name, 2, 3);
+    snprintf(p2, sizeof p2, "%s/%s", dir, name);
+    char tmp[720];
+    snprintf(tmp, sizeof tmp, "%s.keep", p1);
+    REQUIRE(rename(p1, tmp) == 0);
+    CHECK(trainckpt_load_optim(dir, 3, &o, &m, &e) == -1);
+    CHECKF(strstr(e.msg, "optim-rank00001-of-00003"), "%s", e.msg);
+    REQUIRE(link(p2, p1) == 0);
+    CHECK(trainckpt_load_optim(dir, 3, &o, &m, &e) == -1);
+    CHECKF(strstr(e.msg, "shard 2 of 3") && strstr(e.msg, "expected shard 1 of 3"), "%s", e.msg);
+    optim_free(&o);
+    optim_free(&whole);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -306,6 +441,8 @@ int main(void)
     RUN(test_decay_by_tensor);
     RUN(test_clipping);
     RUN(test_save_load);
+    RUN(test_shards_equal_whole);
+    RUN(test_reslice);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
     if (system(cmd)) {
