@@ -1,158 +1,252 @@
-/* attention: causal flash attention, forward and backward, on WMMA bf16 tensor-core tiles.
+/* attention: causal flash attention, forward and backward, on mma.sync bf16 tensor-core
+ * instructions (m16n8k16, fp32 accumulators) fed by ldmatrix from cp.async-loaded tiles.
  *
- * Tiles of 64 queries x 64 keys; 4 warps, each owning 16 rows of the tile. Forward: for each
- * key tile up to the diagonal, S = Q K^T (fp32 in shared memory), an online softmax per row
- * (two lanes a row), P (bf16) V into registers rescaled per row. Backward (FlashAttention-2
- * order): D = rowsum(dO * O); one kernel per key tile accumulates dK, dV over the query
- * tiles; another per query tile accumulates dQ over the key tiles; no atomics, so results
- * are reproducible. Head dims are padded to the instantiation's DKP / DVP with zeros. */
-#include <mma.h>
-
+ * Tiles of 64 queries x 64 keys; 4 warps, each owning 16 rows. Forward: for each key tile up
+ * to the diagonal (double-buffered), S = Q K^T in registers, an online softmax on the
+ * accumulators (a row spread over a quad of lanes), P reused in registers as the A operand
+ * of P V (FlashAttention-2). Backward: D = rowsum(dO * O); one kernel per key tile
+ * accumulates dK, dV over the query tiles; another per query tile accumulates dQ over the
+ * key tiles; no atomics, so results are reproducible. Head dims are padded with zeros to
+ * the instantiation's DKP / DVP. */
 #include "attention.h"
 #include "gpuctx_internal.cuh"
-
-using namespace nvcuda;
 
 #define BM 64
 #define BN 64
 #define ATT_THREADS 128
 #define LOG2E 1.4426950408889634f
 
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> frag_a;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> frag_b_row;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> frag_b_col;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_c;
+/* ---- mma.sync building blocks (sm_80+): fragments whose register layout is known, so
+ * the softmax works on the accumulators in registers and P feeds the next product
+ * without a trip through shared memory (FlashAttention-2's scheme). ---- */
 
-/* Copies rows [r0, r0+64) of a [B,T,nh,d] tensor (head h of sequence b) into smem[64][ld],
- * zero-filling rows >= T and columns >= d up to DP. 16-byte moves (d % 8 == 0). */
+__device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+                                        const bf16 *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+                                          const bf16 *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a));
+}
+
+/* d += a (16x16, row) . b (16x8, col), bf16 in, fp32 accumulate. Accumulator layout: d0,d1
+ * at row lane/4, columns 2*(lane%4)+{0,1}; d2,d3 the same columns at row lane/4 + 8. */
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t *)&v;
+}
+
+/* 16-byte asynchronous copy global -> shared; src_bytes 0 fills zeros (rows past T). */
+__device__ __forceinline__ void cp_async16(void *sm, const void *g, int src_bytes)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(sm);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(g),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* Rows [r0, r0+64) of head h of sequence b of a [B,T,nh,d] tensor into sm[64][ld] by
+ * 16-byte asynchronous copies (d % 8 == 0), zeros past T
+ * and past d. */
 template <int DP>
-__device__ __forceinline__ void load_tile(bf16 *sm, int ld, const bf16 *g, int b, int h, int r0,
-                                          int T, int nh, int d)
+__device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int b, int h, int r0,
+                                           int T, int nh, int d)
 {
     const int chunks = DP / 8;
     for (int t = threadIdx.x; t < 64 * chunks; t += blockDim.x) {
         int r = t / chunks, cc = (t % chunks) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r0 + r < T && cc < d)
-            val = *(const uint4 *)(g + (((int64_t)b * T + r0 + r) * nh + h) * d + cc);
-        *(uint4 *)(sm + r * ld + cc) = val;
+        bool in = r0 + r < T && cc < d;
+        const bf16 *src = in ? g + (((int64_t)b * T + r0 + r) * nh + h) * d + cc : g;
+        cp_async16(sm + r * ld + cc, src, in ? 16 : 0);
     }
 }
 
 template <int DKP, int DVP>
-struct fwd_smem {
-    static const int LQ = DKP + 8, LV = DVP + 8, LS = (BN > DVP ? BN : DVP) + 4, LP = BN + 8;
-    static const size_t bytes = (size_t)(2 * 64 * LQ + 64 * LV) * 2 + 4 * 16 * LS * 4 +
-                                4 * 16 * LP * 2;
+struct fa_smem {
+    static const int LQ = DKP + 8, LV = DVP + 8;
+    static const size_t bytes = (size_t)(3 * 64 * LQ + 2 * 64 * LV) * 2;
 };
 
+/* Forward: block = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles double-buffered
+ * with cp.async; S, P and O live in registers. */
 template <int DKP, int DVP>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                    int nh, int dk, int dv, float scale)
+    fa_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
+                  int nh, int dk, int dv, float scale)
 {
-    typedef fwd_smem<DKP, DVP> L;
+    typedef fa_smem<DKP, DVP> L;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem, *Ks = Qs + 64 * L::LQ, *Vs = Ks + 64 * L::LQ;
-    float *Sall = (float *)(Vs + 64 * L::LV);
-    bf16 *Pall = (bf16 *)(Sall + 4 * 16 * L::LS);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *Sw = Sall + warp * 16 * L::LS;
-    bf16 *Pw = Pall + warp * 16 * L::LP;
-    int qt = gridDim.x - 1 - blockIdx.x; /* the longest rows first */
-    int h = blockIdx.y, b = blockIdx.z, q0 = qt * BM;
-    load_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-
-    const int r = lane >> 1, half = lane & 1, HV = DVP / 2;
-    const int qi = q0 + warp * 16 + r; /* this lane's query row */
-    float o[HV];
-#pragma unroll
-    for (int i = 0; i < HV; i++)
-        o[i] = 0;
-    float m_i = -INFINITY, l_i = 0;
-    const float sl2 = scale * LOG2E;
+    bf16 *Qs = (bf16 *)smem, *Ks = Qs + 64 * L::LQ, *Vs = Ks + 2 * 64 * L::LQ;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BM;
     int ntiles = (q0 + BM - 1) / BN + 1;
     if (ntiles * BN > T)
         ntiles = (T + BN - 1) / BN;
+    async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
+    async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
+    async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
+    cp_async_commit();
+
+    uint32_t qf[DKP / 16][4];
+    float o[DVP / 8][4];
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++)
+        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
+    const float sl2 = scale * LOG2E;
+    const int row0 = q0 + warp * 16 + (lane >> 2), row1 = row0 + 8;
+
     for (int kt = 0; kt < ntiles; kt++) {
-        int k0 = kt * BN;
+        const int buf = kt & 1, k0 = kt * BN;
+        if (kt + 1 < ntiles) {
+            async_tile<DKP>(Ks + (buf ^ 1) * 64 * L::LQ, L::LQ, k, b, h, k0 + BN, T, nh, dk);
+            async_tile<DVP>(Vs + (buf ^ 1) * 64 * L::LV, L::LV, v, b, h, k0 + BN, T, nh, dv);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        load_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-        load_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
-        __syncthreads();
-        /* S = Q_w K^T: 16 x 64 */
+        const bf16 *Kb = Ks + buf * 64 * L::LQ, *Vb = Vs + buf * 64 * L::LV;
+        if (kt == 0) {
 #pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-            frag_c acc;
-            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < DKP / 16; kk++)
+                ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+                        Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
+        }
+        float s[BN / 8][4];
 #pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++) {
-                frag_a a;
-                frag_b_col bt;
-                wmma::load_matrix_sync(a, Qs + warp * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::load_matrix_sync(bt, Ks + j * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::mma_sync(acc, a, bt, acc);
+        for (int j = 0; j < BN / 8; j++)
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; kk++)
+#pragma unroll
+            for (int jj = 0; jj < BN / 16; jj++) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3,
+                        Kb + (jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ + kk * 16 +
+                            ((lane >> 3) & 1) * 8);
+                mma16816(s[2 * jj], qf[kk], b0, b1);
+                mma16816(s[2 * jj + 1], qf[kk], b2, b3);
             }
-            wmma::store_matrix_sync(Sw + j * 16, acc, L::LS, wmma::mem_row_major);
-        }
-        __syncwarp();
-        /* online softmax: this lane has row r, columns half*32 .. +32 */
-        float sv[32], mloc = -INFINITY;
+        /* scale to log2 units; mask the causal triangle and keys past T */
+        const bool edge = k0 + BN > q0 || k0 + BN > T;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int c = 0; c < 32; c++) {
-            int kj = k0 + half * 32 + c;
-            float s = (kj <= qi && kj < T) ? Sw[r * L::LS + half * 32 + c] * sl2 : -INFINITY;
-            sv[c] = s;
-            mloc = fmaxf(mloc, s);
-        }
-        mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 1));
-        float m_new = fmaxf(m_i, mloc);
-        float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_i - m_new);
-        float rs = 0;
+        for (int j = 0; j < BN / 8; j++) {
+            int col = k0 + j * 8 + (lane & 3) * 2;
 #pragma unroll
-        for (int c = 0; c < 32; c++) {
-            float p = m_new == -INFINITY ? 0.0f : exp2f(sv[c] - m_new);
-            rs += p;
-            Pw[r * L::LP + half * 32 + c] = f2b(p);
-        }
-        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-        l_i = l_i * alpha + rs;
-        m_i = m_new;
-#pragma unroll
-        for (int i = 0; i < HV; i++)
-            o[i] *= alpha;
-        __syncwarp();
-        /* O_w += P_w V: 16 x DVP, through the (now free) S scratch */
-#pragma unroll
-        for (int j = 0; j < DVP / 16; j++) {
-            frag_c acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                frag_a a;
-                frag_b_row bv;
-                wmma::load_matrix_sync(a, Pw + kk * 16, L::LP);
-                wmma::load_matrix_sync(bv, Vs + kk * 16 * L::LV + j * 16, L::LV);
-                wmma::mma_sync(acc, a, bv, acc);
+            for (int x = 0; x < 4; x++) {
+                int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
+                float val = s[j][x] * sl2;
+                if (edge && (cc > rr || cc >= T))
+                    val = -INFINITY;
+                s[j][x] = val;
             }
-            wmma::store_matrix_sync(Sw + j * 16, acc, L::LS, wmma::mem_row_major);
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
-        __syncwarp();
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        /* a row with nothing seen yet keeps m = -inf; guard the -inf - -inf */
+        float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
+        float a1 = mn1 == -INFINITY ? 1.0f : exp2f(m1 - mn1);
+        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float rs0 = 0, rs1 = 0;
 #pragma unroll
-        for (int i = 0; i < HV; i++)
-            o[i] += Sw[r * L::LS + half * HV + i];
-        __syncwarp();
+        for (int j = 0; j < BN / 8; j++) {
+            s[j][0] = exp2f(s[j][0] - base0);
+            s[j][1] = exp2f(s[j][1] - base0);
+            s[j][2] = exp2f(s[j][2] - base1);
+            s[j][3] = exp2f(s[j][3] - base1);
+            rs0 += s[j][0] + s[j][1];
+            rs1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * a0 + rs0;
+        l1 = l1 * a1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int j = 0; j < DVP / 8; j++) {
+            o[j][0] *= a0;
+            o[j][1] *= a0;
+            o[j][2] *= a1;
+            o[j][3] *= a1;
+        }
+        /* O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are P's A fragment for keys
+         * 16kk .. 16kk+15 */
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            uint32_t pa[4] = {pack_bf2(s[2 * kk][0], s[2 * kk][1]),
+                              pack_bf2(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int jj = 0; jj < DVP / 16; jj++) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3,
+                          Vb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::LV + jj * 16 +
+                              (lane >> 4) * 8);
+                mma16816(o[2 * jj], pa, b0, b1);
+                mma16816(o[2 * jj + 1], pa, b2, b3);
+            }
+        }
+        __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    if (qi < T) {
-        float inv = 1.0f / l_i;
-        bf16 *dst = out + (((int64_t)b * T + qi) * nh + h) * dv;
-        for (int i = 0; i < HV; i++) {
-            int col = half * HV + i;
-            if (col < dv)
-                dst[col] = f2b(o[i] * inv);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (row0 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
+                    pack_bf2(o[j][0] * i0, o[j][1] * i0);
+            if (row1 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
+                    pack_bf2(o[j][2] * i1, o[j][3] * i1);
         }
-        if (half == 0)
-            lse[((int64_t)b * nh + h) * T + qi] = (m_i + log2f(l_i)) / LOG2E;
+    }
+    if ((lane & 3) == 0) {
+        if (row0 < T)
+            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
+        if (row1 < T)
+            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
     }
 }
 
@@ -177,219 +271,275 @@ __global__ void attn_bwd_dot_kernel(float *D, const bf16 *d_out, const bf16 *out
     }
 }
 
-/* Writes a warp's 16 x (NF*16) fp32 accumulators as bf16 rows row0.. of a [B,T,nh,d]
- * tensor through the warp's scratch (ld floats a row); rows >= T and columns >= d skipped.
- * The fragment index is a compile-time constant, so the array stays in registers. */
-template <int NF>
-__device__ __forceinline__ void store_rows(frag_c (&f)[NF], float *scratch, int ld, bf16 *dst,
-                                           int b, int h, int row0, int T, int nh, int d)
-{
-    int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int j = 0; j < NF; j++) {
-        wmma::store_matrix_sync(scratch, f[j], ld, wmma::mem_row_major);
-        __syncwarp();
-        for (int t = lane; t < 256; t += 32) {
-            int rr = t / 16, cc = j * 16 + t % 16, row = row0 + rr;
-            if (row < T && cc < d)
-                dst[(((int64_t)b * T + row) * nh + h) * d + cc] = f2b(scratch[rr * ld + t % 16]);
-        }
-        __syncwarp();
-    }
-}
-
 template <int DKP, int DVP>
-struct bwd_smem {
-    static const int LQ = DKP + 8, LV = DVP + 8, LS = BN + 4, LP = BN + 8;
-    static const size_t bytes =
-        (size_t)(2 * 64 * LQ + 2 * 64 * LV) * 2 + 4 * 16 * LS * 4 * 2 + 4 * 16 * LP * 2 * 2;
+struct fb_smem {
+    static const int LQ = DKP + 8, LV = DVP + 8;
+    static const size_t bytes = (size_t)(2 * 64 * LQ + 2 * 64 * LV) * 2 + 2 * 64 * 4;
 };
 
-/* One block per 64 keys: dV = sum P^T dO, dK = scale * sum dS^T Q over query tiles. */
+/* dK, dV: block = 64 keys of one (b, h), 4 warps x 16 keys, over the query tiles at and
+ * below the diagonal, 32 queries at a time: S^T = K Q^T, dP^T = V dO^T in registers,
+ * P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) * scale; dV += P^T dO, dK += dS^T Q. */
 template <int DKP, int DVP>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
-                         const float *D, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                         int nh, int dk, int dv, float scale)
+    fa_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
+                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v, int T,
+                       int nh, int dk, int dv, float scale)
 {
-    typedef bwd_smem<DKP, DVP> L;
+    typedef fb_smem<DKP, DVP> L;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Ks = (bf16 *)smem, *Qs = Ks + 64 * L::LQ, *Vs = Qs + 64 * L::LQ, *dOs = Vs + 64 * L::LV;
-    float *S1 = (float *)(dOs + 64 * L::LV), *S2 = S1 + 4 * 16 * L::LS;
-    bf16 *P1 = (bf16 *)(S2 + 4 * 16 * L::LS), *P2 = P1 + 4 * 16 * L::LP;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *Sw = S1 + warp * 16 * L::LS, *dPw = S2 + warp * 16 * L::LS;
-    bf16 *Pw = P1 + warp * 16 * L::LP, *dSw = P2 + warp * 16 * L::LP;
-    int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BN;
-    load_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-    load_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
-    frag_c dV[DVP / 16], dK[DKP / 16];
-#pragma unroll
-    for (int j = 0; j < DVP / 16; j++)
-        wmma::fill_fragment(dV[j], 0.0f);
-#pragma unroll
-    for (int j = 0; j < DKP / 16; j++)
-        wmma::fill_fragment(dK[j], 0.0f);
+    float *lse_s = (float *)(dOs + 64 * L::LV), *D_s = lse_s + 64;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BN;
     const float sl2 = scale * LOG2E;
-    const int r = lane >> 1, half = lane & 1;
-    const int kj = k0 + warp * 16 + r; /* this lane's key row */
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
-    int nq = (T + BM - 1) / BM;
-    for (int qt = kt * BN / BM; qt < nq; qt++) {
-        int q0 = qt * BM;
-        __syncthreads();
-        load_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-        load_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
-        __syncthreads();
-        /* S^T = K_w Q^T and dP^T = V_w dO^T: 16 keys x 64 queries */
+    async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
+    async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+    float dK[DKP / 8][4], dV[DVP / 8][4];
 #pragma unroll
-        for (int j = 0; j < BM / 16; j++) {
-            frag_c acc;
-            wmma::fill_fragment(acc, 0.0f);
+    for (int j = 0; j < DKP / 8; j++)
+        dK[j][0] = dK[j][1] = dK[j][2] = dK[j][3] = 0;
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++)
+        dV[j][0] = dV[j][1] = dV[j][2] = dV[j][3] = 0;
+    const int kr0 = k0 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
+    const int nq = (T + BM - 1) / BM;
+    for (int qt = k0 / BM; qt < nq; qt++) {
+        const int q0 = qt * BM;
+        __syncthreads(); /* the previous tile's readers are done */
+        async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
+        async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+        cp_async_commit();
+        if (threadIdx.x < 64) {
+            int qi = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
+            D_s[threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int qs = 0; qs < BM; qs += 32) {
+            float st[4][4], dp[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+                    st[j][x] = dp[j][x] = 0;
 #pragma unroll
             for (int kk = 0; kk < DKP / 16; kk++) {
-                frag_a a;
-                frag_b_col bt;
-                wmma::load_matrix_sync(a, Ks + warp * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::load_matrix_sync(bt, Qs + j * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::mma_sync(acc, a, bt, acc);
+                uint32_t a[4];
+                ldsm_x4(a[0], a[1], a[2], a[3],
+                        Ks + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3,
+                            Qs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
+                                kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma16816(st[2 * jj], a, b0, b1);
+                    mma16816(st[2 * jj + 1], a, b2, b3);
+                }
             }
-            wmma::store_matrix_sync(Sw + j * 16, acc, L::LS, wmma::mem_row_major);
-            wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
             for (int kk = 0; kk < DVP / 16; kk++) {
-                frag_a a;
-                frag_b_col bt;
-                wmma::load_matrix_sync(a, Vs + warp * 16 * L::LV + kk * 16, L::LV);
-                wmma::load_matrix_sync(bt, dOs + j * 16 * L::LV + kk * 16, L::LV);
-                wmma::mma_sync(acc, a, bt, acc);
-            }
-            wmma::store_matrix_sync(dPw + j * 16, acc, L::LS, wmma::mem_row_major);
-        }
-        __syncwarp();
-#pragma unroll 8
-        for (int c = 0; c < 32; c++) {
-            int col = half * 32 + c, qi = q0 + col;
-            float p = 0, ds = 0;
-            if (qi < T && kj <= qi && kj < T) {
-                p = exp2f(Sw[r * L::LS + col] * sl2 - lse_bh[qi] * LOG2E);
-                ds = p * (dPw[r * L::LS + col] - D_bh[qi]);
-            }
-            Pw[r * L::LP + col] = f2b(p);
-            dSw[r * L::LP + col] = f2b(ds * scale);
-        }
-        __syncwarp();
-        /* dV_w += P^T dO; dK_w += dS^T Q (scale folded into dS) */
+                uint32_t a[4];
+                ldsm_x4(a[0], a[1], a[2], a[3],
+                        Vs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; kk++) {
-            frag_a ap, ad;
-            wmma::load_matrix_sync(ap, Pw + kk * 16, L::LP);
-            wmma::load_matrix_sync(ad, dSw + kk * 16, L::LP);
-#pragma unroll
-            for (int j = 0; j < DVP / 16; j++) {
-                frag_b_row bo;
-                wmma::load_matrix_sync(bo, dOs + kk * 16 * L::LV + j * 16, L::LV);
-                wmma::mma_sync(dV[j], ap, bo, dV[j]);
+                for (int jj = 0; jj < 2; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3,
+                            dOs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
+                                kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma16816(dp[2 * jj], a, b0, b1);
+                    mma16816(dp[2 * jj + 1], a, b2, b3);
+                }
             }
+            /* P^T and dS^T in place of st and dp */
 #pragma unroll
-            for (int j = 0; j < DKP / 16; j++) {
-                frag_b_row bq;
-                wmma::load_matrix_sync(bq, Qs + kk * 16 * L::LQ + j * 16, L::LQ);
-                wmma::mma_sync(dK[j], ad, bq, dK[j]);
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    int ql = qs + j * 8 + (lane & 3) * 2 + (x & 1), qc = q0 + ql;
+                    int kr = x < 2 ? kr0 : kr1;
+                    float p = 0, ds = 0;
+                    if (qc < T && kr <= qc) {
+                        p = exp2f(st[j][x] * sl2 - lse_s[ql]);
+                        ds = p * (dp[j][x] - D_s[ql]) * scale;
+                    }
+                    st[j][x] = p;
+                    dp[j][x] = ds;
+                }
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++) {
+                uint32_t pa[4] = {pack_bf2(st[2 * kk][0], st[2 * kk][1]),
+                                  pack_bf2(st[2 * kk][2], st[2 * kk][3]),
+                                  pack_bf2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                  pack_bf2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
+                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
+                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                const int qrow = qs + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+                for (int jj = 0; jj < DVP / 16; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, dOs + qrow * L::LV + jj * 16 + (lane >> 4) * 8);
+                    mma16816(dV[2 * jj], pa, b0, b1);
+                    mma16816(dV[2 * jj + 1], pa, b2, b3);
+                }
+#pragma unroll
+                for (int jj = 0; jj < DKP / 16; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, Qs + qrow * L::LQ + jj * 16 + (lane >> 4) * 8);
+                    mma16816(dK[2 * jj], da, b0, b1);
+                    mma16816(dK[2 * jj + 1], da, b2, b3);
+                }
             }
         }
     }
-    /* out through the warp's scratch, 16 columns at a time */
-    __syncwarp();
-    store_rows<DVP / 16>(dV, Sw, L::LS, d_v, b, h, k0 + warp * 16, T, nh, dv);
-    store_rows<DKP / 16>(dK, Sw, L::LS, d_k, b, h, k0 + warp * 16, T, nh, dk);
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (kr0 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
+                    pack_bf2(dK[j][0], dK[j][1]);
+            if (kr1 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
+                    pack_bf2(dK[j][2], dK[j][3]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (kr0 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
+                    pack_bf2(dV[j][0], dV[j][1]);
+            if (kr1 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
+                    pack_bf2(dV[j][2], dV[j][3]);
+        }
+    }
 }
 
-/* One block per 64 queries: dQ = scale * sum dS K over key tiles up to the diagonal. */
+/* dQ: block = 64 queries, 4 warps x 16 queries, over the key tiles up to the diagonal, 32
+ * keys at a time: S = Q K^T, dP = dO V^T, dS = P (dP - D) * scale, dQ += dS K. */
 template <int DKP, int DVP>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
-                       const bf16 *q, const bf16 *k, const bf16 *v, int T, int nh, int dk,
-                       int dv, float scale)
+    fa_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
+                     const bf16 *q, const bf16 *k, const bf16 *v, int T, int nh, int dk, int dv,
+                     float scale)
 {
-    typedef bwd_smem<DKP, DVP> L;
+    typedef fb_smem<DKP, DVP> L;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem, *Ks = Qs + 64 * L::LQ, *dOs = Ks + 64 * L::LQ, *Vs = dOs + 64 * L::LV;
-    float *S1 = (float *)(Vs + 64 * L::LV), *S2 = S1 + 4 * 16 * L::LS;
-    bf16 *P1 = (bf16 *)(S2 + 4 * 16 * L::LS);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *Sw = S1 + warp * 16 * L::LS, *dPw = S2 + warp * 16 * L::LS;
-    bf16 *dSw = P1 + warp * 16 * L::LP;
-    int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BM;
-    load_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-    load_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
-    frag_c dQ[DKP / 16];
-#pragma unroll
-    for (int j = 0; j < DKP / 16; j++)
-        wmma::fill_fragment(dQ[j], 0.0f);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BM;
     const float sl2 = scale * LOG2E;
-    const int r = lane >> 1, half = lane & 1, qi = q0 + warp * 16 + r;
+    const int qr0 = q0 + warp * 16 + (lane >> 2), qr1 = qr0 + 8;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
-    float lse_i = qi < T ? lse_bh[qi] * LOG2E : 0.0f, D_i = qi < T ? D_bh[qi] : 0.0f;
+    const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f, lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
+    const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
+    async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
+    async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+    float dQ[DKP / 8][4];
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++)
+        dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0;
     int ntiles = (q0 + BM - 1) / BN + 1;
     if (ntiles * BN > T)
         ntiles = (T + BN - 1) / BN;
     for (int kt = 0; kt < ntiles; kt++) {
-        int k0 = kt * BN;
+        const int k0 = kt * BN;
         __syncthreads();
-        load_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-        load_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+        async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
+        async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-            frag_c acc;
-            wmma::fill_fragment(acc, 0.0f);
+        for (int ks = 0; ks < BN; ks += 32) {
+            float sc[4][4], dp[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+                    sc[j][x] = dp[j][x] = 0;
 #pragma unroll
             for (int kk = 0; kk < DKP / 16; kk++) {
-                frag_a a;
-                frag_b_col bt;
-                wmma::load_matrix_sync(a, Qs + warp * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::load_matrix_sync(bt, Ks + j * 16 * L::LQ + kk * 16, L::LQ);
-                wmma::mma_sync(acc, a, bt, acc);
+                uint32_t a[4];
+                ldsm_x4(a[0], a[1], a[2], a[3],
+                        Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3,
+                            Ks + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
+                                kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma16816(sc[2 * jj], a, b0, b1);
+                    mma16816(sc[2 * jj + 1], a, b2, b3);
+                }
             }
-            wmma::store_matrix_sync(Sw + j * 16, acc, L::LS, wmma::mem_row_major);
-            wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
             for (int kk = 0; kk < DVP / 16; kk++) {
-                frag_a a;
-                frag_b_col bt;
-                wmma::load_matrix_sync(a, dOs + warp * 16 * L::LV + kk * 16, L::LV);
-                wmma::load_matrix_sync(bt, Vs + j * 16 * L::LV + kk * 16, L::LV);
-                wmma::mma_sync(acc, a, bt, acc);
-            }
-            wmma::store_matrix_sync(dPw + j * 16, acc, L::LS, wmma::mem_row_major);
-        }
-        __syncwarp();
-#pragma unroll 8
-        for (int c = 0; c < 32; c++) {
-            int col = half * 32 + c, kj = k0 + col;
-            float ds = 0;
-            if (qi < T && kj <= qi) {
-                float p = exp2f(Sw[r * L::LS + col] * sl2 - lse_i);
-                ds = p * (dPw[r * L::LS + col] - D_i);
-            }
-            dSw[r * L::LP + col] = f2b(ds * scale);
-        }
-        __syncwarp();
+                uint32_t a[4];
+                ldsm_x4(a[0], a[1], a[2], a[3],
+                        dOs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            frag_a ad;
-            wmma::load_matrix_sync(ad, dSw + kk * 16, L::LP);
+                for (int jj = 0; jj < 2; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3,
+                            Vs + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
+                                kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma16816(dp[2 * jj], a, b0, b1);
+                    mma16816(dp[2 * jj + 1], a, b2, b3);
+                }
+            }
 #pragma unroll
-            for (int j = 0; j < DKP / 16; j++) {
-                frag_b_row bk;
-                wmma::load_matrix_sync(bk, Ks + kk * 16 * L::LQ + j * 16, L::LQ);
-                wmma::mma_sync(dQ[j], ad, bk, dQ[j]);
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    int kc = k0 + ks + j * 8 + (lane & 3) * 2 + (x & 1);
+                    int qr = x < 2 ? qr0 : qr1;
+                    float ds = 0;
+                    if (qr < T && kc <= qr) {
+                        float p = exp2f(sc[j][x] * sl2 - (x < 2 ? lse0 : lse1));
+                        ds = p * (dp[j][x] - (x < 2 ? D0 : D1)) * scale;
+                    }
+                    dp[j][x] = ds;
+                }
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++) {
+                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
+                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
+                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                const int krow = ks + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+                for (int jj = 0; jj < DKP / 16; jj++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, Ks + krow * L::LQ + jj * 16 + (lane >> 4) * 8);
+                    mma16816(dQ[2 * jj], da, b0, b1);
+                    mma16816(dQ[2 * jj + 1], da, b2, b3);
+                }
             }
         }
     }
-    __syncwarp();
-    store_rows<DKP / 16>(dQ, Sw, L::LS, d_q, b, h, q0 + warp * 16, T, nh, dk);
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (qr0 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
+                    pack_bf2(dQ[j][0], dQ[j][1]);
+            if (qr1 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
+                    pack_bf2(dQ[j][2], dQ[j][3]);
+        }
+    }
 }
 
 /* ---- dispatch over the instantiated head dims ---- */
@@ -399,13 +549,13 @@ static int fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf
                       const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
                       dsv3_err *e)
 {
-    size_t smem = fwd_smem<DKP, DVP>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(attn_fwd_kernel<DKP, DVP>,
+    size_t smem = fa_smem<DKP, DVP>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
     dim3 grid((T + BM - 1) / BM, nh, B);
-    attn_fwd_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(out, lse, q, k, v, T, nh,
-                                                                      dk, dv, scale);
+    fa_fwd_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(out, lse, q, k, v, T, nh,
+                                                                    dk, dv, scale);
     LAUNCH_CHECK("attention_fwd", e);
     return 0;
 }
@@ -416,18 +566,18 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
                       const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
                       dsv3_err *e)
 {
-    size_t smem = bwd_smem<DKP, DVP>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<DKP, DVP>,
+    size_t smem = fb_smem<DKP, DVP>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dkdv_kernel<DKP, DVP>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(attn_bwd_dq_kernel<DKP, DVP>,
+    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dq_kernel<DKP, DVP>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
     dim3 grid((T + BM - 1) / BM, nh, B);
-    attn_bwd_dkdv_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
+    fa_bwd_dkdv_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_bwd dk dv", e);
-    attn_bwd_dq_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
+    fa_bwd_dq_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
         d_q, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_bwd dq", e);
     return 0;

@@ -402,11 +402,42 @@ extern "C" int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 
     return grouped_gemm(c, p, &g, e);
 }
 
+/* d_W[e] += part[e] for the experts that had rows (the others' part was never written). */
+__global__ void add_bf16_to_f32_kernel(float *dst, const bf16 *src, const int *offsets_dev,
+                                       int64_t per_expert)
+{
+    int x = blockIdx.y;
+    if (offsets_dev[x + 1] == offsets_dev[x])
+        return;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < per_expert;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[x * per_expert + i] += b2f(src[x * per_expert + i]);
+}
+
+/* cuBLAS's grouped GEMM refuses an fp32 C with bf16 operands (status 15, seen on an H200
+ * with CUDA 13.0), so each expert's weight gradient of this call is formed in bf16 and
+ * then added into the fp32 accumulator: one bf16 rounding per call and expert. */
 extern "C" int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W,
                                     const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
                                     dsv3_err *e)
 {
-    grouped_args g = {1, 0, O, I, 0, 2, O, I, I, 1, 1.0f, (const bf16 *)d_out, (const bf16 *)in,
-                      d_W, O, 0, I, 0, 0, (int64_t)O * I};
-    return grouped_gemm(c, p, &g, e);
+    int E = p->E;
+    int64_t per = (int64_t)O * I;
+    size_t mark = gpu_arena_mark(c);
+    bf16 *part = (bf16 *)gpu_arena_alloc(c, (size_t)E * per * 2, e);
+    int *off = part ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * sizeof(int), e) : NULL;
+    if (!off)
+        return -1;
+    grouped_args g = {1, 0, O, I, 0, 2, O, I, I, 0, 0.0f, (const bf16 *)d_out, (const bf16 *)in,
+                      part, O, 0, I, 0, 0, per};
+    if (grouped_gemm(c, p, &g, e))
+        return -1;
+    CUDA_TRY(cudaMemcpyAsync(off, p->offsets_host, ((size_t)E + 1) * sizeof(int),
+                             cudaMemcpyHostToDevice, c->stream),
+             e);
+    dim3 grid(grid_for(per, 256, 1024), E);
+    add_bf16_to_f32_kernel<<<grid, 256, 0, c->stream>>>(d_W, part, off, per);
+    LAUNCH_CHECK("moe wgrad add", e);
+    gpu_arena_reset(c, mark);
+    return 0;
 }

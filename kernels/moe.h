@@ -58,7 +58,9 @@ int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_y_perm, f
 
 /* Grouped linear over the sorted rows, expert weights W[E, O, I] (row-major per expert):
  * fwd: out[rows_e, O] = in[rows_e, I] . W_e^T;  dgrad: d_in = d_out . W_e;
- * wgrad: d_W_e (fp32) += d_out^T . in (experts with no rows are left as they are). */
+ * wgrad: d_W_e (fp32) += d_out^T . in (experts with no rows are left as they are); the
+ * increment is rounded to bf16 once before it is added (cuBLAS's grouped GEMM has no fp32
+ * output for bf16 operands). Arena use: E*O*I*2 bytes. */
 int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, const gpu_bf16 *in,
                        const gpu_bf16 *W, int I, int O, dsv3_err *e);
 int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
