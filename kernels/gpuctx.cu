@@ -206,3 +206,50 @@ extern "C" int gpu_timer_stop(gpu_ctx *c, gpu_timer *t, float *ms, dsv3_err *e)
     cudaEventDestroy(b);
     return 0;
 }
+
+struct gpu_graph {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+};
+
+/* Relaxed: the launchers' cudaFuncSetAttribute calls may happen inside a capture. */
+extern "C" int gpu_capture_begin(gpu_ctx *c, dsv3_err *e)
+{
+    CUDA_TRY(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeRelaxed), e);
+    return 0;
+}
+
+extern "C" int gpu_capture_end(gpu_ctx *c, gpu_graph **out, dsv3_err *e)
+{
+    *out = NULL;
+    gpu_graph *g = (gpu_graph *)calloc(1, sizeof *g);
+    if (!g)
+        return err_set(e, "gpu: out of host memory");
+    cudaError_t st = cudaStreamEndCapture(c->stream, &g->graph);
+    if (st == cudaSuccess)
+        st = cudaGraphInstantiate(&g->exec, g->graph, 0);
+    if (st != cudaSuccess) {
+        cudaGetLastError();
+        gpu_graph_destroy(g);
+        return err_set(e, "gpu: graph capture failed: %s", cudaGetErrorString(st));
+    }
+    *out = g;
+    return 0;
+}
+
+extern "C" int gpu_graph_launch(gpu_ctx *c, gpu_graph *g, dsv3_err *e)
+{
+    CUDA_TRY(cudaGraphLaunch(g->exec, c->stream), e);
+    return 0;
+}
+
+extern "C" void gpu_graph_destroy(gpu_graph *g)
+{
+    if (!g)
+        return;
+    if (g->exec)
+        cudaGraphExecDestroy(g->exec);
+    if (g->graph)
+        cudaGraphDestroy(g->graph);
+    free(g);
+}

@@ -81,6 +81,16 @@ typedef struct gpu_timer {
 int gpu_timer_start(gpu_ctx *c, gpu_timer *t, dsv3_err *e);
 int gpu_timer_stop(gpu_ctx *c, gpu_timer *t, float *ms, dsv3_err *e);
 
+/* CUDA graphs, for steps whose time is mostly launch gaps (small models): everything queued
+ * on the context's stream between capture_begin and capture_end is recorded, not run, and
+ * gpu_graph_launch replays it with the same pointers and sizes. Nothing that waits for the
+ * host may be captured (gpu_upload/download/sync, gpu_moe_plan_make). */
+typedef struct gpu_graph gpu_graph;
+int gpu_capture_begin(gpu_ctx *c, dsv3_err *e);
+int gpu_capture_end(gpu_ctx *c, gpu_graph **g, dsv3_err *e);
+int gpu_graph_launch(gpu_ctx *c, gpu_graph *g, dsv3_err *e);
+void gpu_graph_destroy(gpu_graph *g);
+
 #ifdef __cplusplus
 }
 #endif

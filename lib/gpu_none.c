@@ -76,6 +76,15 @@ int gpu_bf16_to_f32(gpu_ctx *c, float *dst, const gpu_bf16 *src, int64_t n, dsv3
 int gpu_timer_start(gpu_ctx *c, gpu_timer *t, dsv3_err *e) { return no_cuda(e); }
 int gpu_timer_stop(gpu_ctx *c, gpu_timer *t, float *ms, dsv3_err *e) { return no_cuda(e); }
 
+int gpu_capture_begin(gpu_ctx *c, dsv3_err *e) { return no_cuda(e); }
+int gpu_capture_end(gpu_ctx *c, gpu_graph **g, dsv3_err *e)
+{
+    *g = NULL;
+    return no_cuda(e);
+}
+int gpu_graph_launch(gpu_ctx *c, gpu_graph *g, dsv3_err *e) { return no_cuda(e); }
+void gpu_graph_destroy(gpu_graph *g) {}
+
 /* gemm */
 int gpu_gemm(gpu_ctx *c, int ta, int tb, int M, int N, int K, float alpha, const gpu_bf16 *A,
              int lda, const gpu_bf16 *B, int ldb, float beta, void *C, int ldc, int c_f32,
