@@ -77,12 +77,12 @@ __device__ __forceinline__ void cp_async_wait()
 /* Rows [r0, r0+64) of head h of sequence b of a [B,T,nh,d] tensor into sm[64][ld] by
  * 16-byte asynchronous copies (d % 8 == 0), zeros past T
  * and past d. */
-template <int DP>
+template <int DP, int ROWS = 64>
 __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int b, int h, int r0,
                                            int T, int nh, int d)
 {
     const int chunks = DP / 8;
-    for (int t = threadIdx.x; t < 64 * chunks; t += blockDim.x) {
+    for (int t = threadIdx.x; t < ROWS * chunks; t += blockDim.x) {
         int r = t / chunks, cc = (t % chunks) * 8;
         bool in = r0 + r < T && cc < d;
         const bf16 *src = in ? g + (((int64_t)b * T + r0 + r) * nh + h) * d + cc : g;
@@ -90,28 +90,30 @@ __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int 
     }
 }
 
-template <int DKP, int DVP>
+template <int DKP, int DVP, int WARPS>
 struct fa_smem {
-    static const int LQ = DKP + 8, LV = DVP + 8;
-    static const size_t bytes = (size_t)(3 * 64 * LQ + 2 * 64 * LV) * 2;
+    static const int LQ = DKP + 8, LV = DVP + 8, QM = 16 * WARPS;
+    static const size_t bytes = (size_t)(QM * LQ + 2 * 64 * LQ + 2 * 64 * LV) * 2;
 };
 
-/* Forward: block = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles double-buffered
- * with cp.async; S, P and O live in registers. */
-template <int DKP, int DVP>
-__global__ void __launch_bounds__(ATT_THREADS)
+/* Forward: block = 16*WARPS queries of one (b, h), 16 rows a warp; the K/V tiles (64 keys,
+ * double-buffered with cp.async) are shared by the block's warps; S, P and O live in
+ * registers. FlashAttention-2 takes 8 warps for head dim 192, 4 for smaller ones. */
+template <int DKP, int DVP, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
     fa_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
                   int nh, int dk, int dv, float scale)
 {
-    typedef fa_smem<DKP, DVP> L;
+    typedef fa_smem<DKP, DVP, WARPS> L;
+    const int QM = L::QM;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem, *Ks = Qs + 64 * L::LQ, *Vs = Ks + 2 * 64 * L::LQ;
+    bf16 *Qs = (bf16 *)smem, *Ks = Qs + QM * L::LQ, *Vs = Ks + 2 * 64 * L::LQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BM;
-    int ntiles = (q0 + BM - 1) / BN + 1;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * QM;
+    int ntiles = (q0 + QM - 1) / BN + 1;
     if (ntiles * BN > T)
         ntiles = (T + BN - 1) / BN;
-    async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
+    async_tile<DKP, QM>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
     async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
     async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
     cp_async_commit();
@@ -549,13 +551,14 @@ static int fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf
                       const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
                       dsv3_err *e)
 {
-    size_t smem = fa_smem<DKP, DVP>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP>,
+    const int W = DKP > 96 ? 8 : 4, QM = 16 * W;
+    size_t smem = fa_smem<DKP, DVP, W>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP, W>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
-    dim3 grid((T + BM - 1) / BM, nh, B);
-    fa_fwd_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(out, lse, q, k, v, T, nh,
-                                                                    dk, dv, scale);
+    dim3 grid((T + QM - 1) / QM, nh, B);
+    fa_fwd_kernel<DKP, DVP, W><<<grid, 32 * W, smem, c->stream>>>(out, lse, q, k, v, T, nh, dk,
+                                                                  dv, scale);
     LAUNCH_CHECK("attention_fwd", e);
     return 0;
 }
