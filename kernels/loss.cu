@@ -22,13 +22,25 @@ __global__ void ce_rows_kernel(float *losses, bf16 *d_logits, const float *logit
         return;
     }
     float m = -INFINITY, s = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float x = l[v];
-        if (x > m) {
-            s = s * __expf(m - x) + 1.0f;
-            m = x;
-        } else {
-            s += __expf(x - m);
+    if (V % 4 == 0) { /* 16-byte loads: rows stay 16-byte aligned (checked by the caller) */
+        for (int v = threadIdx.x * 4; v < V; v += blockDim.x * 4) {
+            float4 q = *(const float4 *)(l + v);
+            float mx = fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w));
+            if (mx > m) {
+                s *= __expf(m - mx);
+                m = mx;
+            }
+            s += __expf(q.x - m) + __expf(q.y - m) + __expf(q.z - m) + __expf(q.w - m);
+        }
+    } else {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) {
+            float x = l[v];
+            if (x > m) {
+                s = s * __expf(m - x) + 1.0f;
+                m = x;
+            } else {
+                s += __expf(x - m);
+            }
         }
     }
     float M = block_max(m, red);
@@ -36,7 +48,22 @@ __global__ void ce_rows_kernel(float *losses, bf16 *d_logits, const float *logit
     float lse = M + logf(S);
     if (threadIdx.x == 0)
         losses[r] = lse - l[t];
-    if (d) {
+    if (d && V % 4 == 0) {
+        float inv = 1.0f / S;
+        for (int v = threadIdx.x * 4; v < V; v += blockDim.x * 4) {
+            float4 q = *(const float4 *)(l + v);
+            float p[4] = {__expf(q.x - M) * inv, __expf(q.y - M) * inv, __expf(q.z - M) * inv,
+                          __expf(q.w - M) * inv};
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                p[j] = (p[j] - (v + j == t ? 1.0f : 0.0f)) * scale;
+            __nv_bfloat162 lo = __floats2bfloat162_rn(p[0], p[1]), hi = __floats2bfloat162_rn(p[2], p[3]);
+            uint2 u;
+            u.x = *(uint32_t *)&lo;
+            u.y = *(uint32_t *)&hi;
+            *(uint2 *)(d + v) = u;
+        }
+    } else if (d) {
         float inv = 1.0f / S;
         for (int v = threadIdx.x; v < V; v += blockDim.x) {
             float p = __expf(l[v] - M) * inv;
@@ -51,6 +78,8 @@ extern "C" int gpu_crossentropy_rows(gpu_ctx *c, float *losses, gpu_bf16 *d_logi
 {
     if (R <= 0)
         return 0;
+    if (V % 4 == 0 && !(aligned16(logits) && (!d_logits || ((uintptr_t)d_logits & 7) == 0)))
+        return err_set(e, "crossentropy: rows of %d values need aligned bases", V);
     ce_rows_kernel<<<R, CE_THREADS, 0, c->stream>>>(losses, (bf16 *)d_logits, logits, targets,
                                                     V, scale);
     LAUNCH_CHECK("crossentropy_rows", e);

@@ -212,6 +212,11 @@ __global__ void gather_kernel(bf16 *x_perm, const bf16 *x, const int32_t *order,
 {
     const bf16 *src = x + (int64_t)(order[blockIdx.x] / k) * H;
     bf16 *dst = x_perm + (int64_t)blockIdx.x * H;
+    if (H % 8 == 0) { /* rows 16-byte aligned when the bases are (checked by the caller) */
+        for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8)
+            *(uint4 *)(dst + i) = *(const uint4 *)(src + i);
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         dst[i] = src[i];
 }
@@ -232,6 +237,30 @@ __global__ void combine_kernel(bf16 *out, float beta, const bf16 *y_perm, const 
                                const int32_t *pos, int k, int H)
 {
     int n = blockIdx.x;
+    if (H % 8 == 0) {
+        for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+            float s[8], t[8];
+            if (beta != 0.0f) {
+                load8(out + (int64_t)n * H + i, s);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] *= beta;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] = 0;
+            }
+            for (int r = 0; r < k; r++) {
+                float wr = w[n * k + r];
+                load8(y_perm + (int64_t)pos[n * k + r] * H + i, t);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] += wr * t[j];
+            }
+            store8(out + (int64_t)n * H + i, s);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float s = beta != 0.0f ? beta * b2f(out[(int64_t)n * H + i]) : 0.0f;
         for (int r = 0; r < k; r++)
@@ -265,6 +294,8 @@ extern "C" int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_per
     int n = p->N * p->k;
     if (n == 0)
         return 0;
+    if (H % 8 == 0 && !(aligned16(x_perm) && aligned16(x)))
+        return err_set(e, "moe_gather: rows of %d values need 16-byte aligned bases", H);
     gather_kernel<<<n, 256, 0, c->stream>>>((bf16 *)x_perm, (const bf16 *)x, p->order, p->k, H);
     LAUNCH_CHECK("moe_gather", e);
     return 0;
@@ -286,6 +317,8 @@ extern "C" int gpu_moe_combine(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
 {
     if (p->N == 0)
         return 0;
+    if (H % 8 == 0 && !(aligned16(out) && aligned16(y_perm)))
+        return err_set(e, "moe_combine: rows of %d values need 16-byte aligned bases", H);
     combine_kernel<<<p->N, 256, 0, c->stream>>>((bf16 *)out, beta, (const bf16 *)y_perm, w,
                                                 p->pos, p->k, H);
     LAUNCH_CHECK("moe_combine", e);

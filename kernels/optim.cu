@@ -103,7 +103,15 @@ __global__ void sumsq_kernel(float *partial, float *const *grad, const chunk *ch
     chunk ch = chunks[blockIdx.x];
     const float *g = grad[ch.tensor] + ch.offset;
     float s = 0;
-    for (int i = threadIdx.x; i < ch.len; i += blockDim.x)
+    int i0 = 0;
+    if (((uintptr_t)g & 15) == 0) { /* 16-byte loads for the bulk, scalars for the tail */
+        i0 = ch.len & ~3;
+        for (int i = threadIdx.x * 4; i < i0; i += blockDim.x * 4) {
+            float4 q = *(const float4 *)(g + i);
+            s += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+        }
+    }
+    for (int i = i0 + threadIdx.x; i < ch.len; i += blockDim.x)
         s += g[i] * g[i];
     s = block_sum(s, red);
     if (threadIdx.x == 0)
@@ -157,7 +165,41 @@ __global__ void adamw_kernel(gpu_tensor_list l, adamw_args a, const float *d_nor
     bf16 *pb = l.pbf[ch.tensor] ? l.pbf[ch.tensor] + ch.offset : NULL;
     float decay = l.decay[ch.tensor] ? 1.0f - a.lr * a.wd : 1.0f;
     float step = a.lr / a.bc1;
-    for (int i = threadIdx.x; i < ch.len; i += blockDim.x) {
+    int i0 = 0;
+    if ((((uintptr_t)p | (uintptr_t)g) & 15) == 0 && (((uintptr_t)m | (uintptr_t)v) & 7) == 0 &&
+        (!pb || ((uintptr_t)pb & 7) == 0)) {
+        /* four elements a thread: 16-byte fp32 and 8-byte bf16 accesses */
+        i0 = ch.len & ~3;
+        for (int i = threadIdx.x * 4; i < i0; i += blockDim.x * 4) {
+            float4 pq = *(const float4 *)(p + i), gq = *(const float4 *)(g + i);
+            uint2 mu = *(const uint2 *)(m + i), vu = *(const uint2 *)(v + i);
+            const __nv_bfloat162 *mh = (const __nv_bfloat162 *)&mu, *vh = (const __nv_bfloat162 *)&vu;
+            float pv[4] = {pq.x, pq.y, pq.z, pq.w}, gv[4] = {gq.x, gq.y, gq.z, gq.w};
+            float2 m01 = __bfloat1622float2(mh[0]), m23 = __bfloat1622float2(mh[1]);
+            float2 v01 = __bfloat1622float2(vh[0]), v23 = __bfloat1622float2(vh[1]);
+            float mv[4] = {m01.x, m01.y, m23.x, m23.y}, vv[4] = {v01.x, v01.y, v23.x, v23.y};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float gi = gv[j] * gscale;
+                mv[j] = a.beta1 * mv[j] + (1.0f - a.beta1) * gi;
+                vv[j] = a.beta2 * vv[j] + (1.0f - a.beta2) * gi * gi;
+                pv[j] = pv[j] * decay - step * mv[j] / (sqrtf(vv[j]) / a.bc2_sqrt + a.eps);
+            }
+            *(float4 *)(p + i) = make_float4(pv[0], pv[1], pv[2], pv[3]);
+            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(mv[0], mv[1]),
+                                   __floats2bfloat162_rn(mv[2], mv[3])};
+            *(uint2 *)(m + i) = *(uint2 *)o;
+            o[0] = __floats2bfloat162_rn(vv[0], vv[1]);
+            o[1] = __floats2bfloat162_rn(vv[2], vv[3]);
+            *(uint2 *)(v + i) = *(uint2 *)o;
+            if (pb) {
+                o[0] = __floats2bfloat162_rn(pv[0], pv[1]);
+                o[1] = __floats2bfloat162_rn(pv[2], pv[3]);
+                *(uint2 *)(pb + i) = *(uint2 *)o;
+            }
+        }
+    }
+    for (int i = i0 + threadIdx.x; i < ch.len; i += blockDim.x) {
         float gi = g[i] * gscale;
         float mi = a.beta1 * b2f(m[i]) + (1.0f - a.beta1) * gi;
         float vi = a.beta2 * b2f(v[i]) + (1.0f - a.beta2) * gi * gi;
