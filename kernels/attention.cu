@@ -90,24 +90,27 @@ __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int 
     }
 }
 
-template <int DKP, int DVP, int WARPS>
+template <int DKP, int DVP, int WARPS, int STAGES>
 struct fa_smem {
     static const int LQ = DKP + 8, LV = DVP + 8, QM = 16 * WARPS;
-    static const size_t bytes = (size_t)(QM * LQ + 2 * 64 * LQ + 2 * 64 * LV) * 2;
+    static const size_t bytes = (size_t)(QM * LQ + STAGES * 64 * LQ + STAGES * 64 * LV) * 2;
 };
 
 /* Forward: block = 16*WARPS queries of one (b, h), 16 rows a warp; the K/V tiles (64 keys,
  * double-buffered with cp.async) are shared by the block's warps; S, P and O live in
  * registers. FlashAttention-2 takes 8 warps for head dim 192, 4 for smaller ones. */
-template <int DKP, int DVP, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS)
+/* QREG: Q's fragments stay in registers (else re-read from shared memory each tile, which
+ * frees 48 registers at head dim 192); STAGES: K/V buffers (2: the next tile loads while
+ * this one is used); MINB: blocks per SM the register allocation must allow. */
+template <int DKP, int DVP, int WARPS, bool QREG, int STAGES, int MINB>
+__global__ void __launch_bounds__(32 * WARPS, MINB)
     fa_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
                   int nh, int dk, int dv, float scale)
 {
-    typedef fa_smem<DKP, DVP, WARPS> L;
+    typedef fa_smem<DKP, DVP, WARPS, STAGES> L;
     const int QM = L::QM;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem, *Ks = Qs + QM * L::LQ, *Vs = Ks + 2 * 64 * L::LQ;
+    bf16 *Qs = (bf16 *)smem, *Ks = Qs + QM * L::LQ, *Vs = Ks + STAGES * 64 * L::LQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * QM;
     int ntiles = (q0 + QM - 1) / BN + 1;
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
     cp_async_commit();
 
-    uint32_t qf[DKP / 16][4];
+    uint32_t qf[QREG ? DKP / 16 : 1][4];
     float o[DVP / 8][4];
 #pragma unroll
     for (int j = 0; j < DVP / 8; j++)
@@ -128,8 +131,15 @@ __global__ void __launch_bounds__(32 * WARPS)
     const int row0 = q0 + warp * 16 + (lane >> 2), row1 = row0 + 8;
 
     for (int kt = 0; kt < ntiles; kt++) {
-        const int buf = kt & 1, k0 = kt * BN;
-        if (kt + 1 < ntiles) {
+        const int buf = STAGES == 2 ? kt & 1 : 0, k0 = kt * BN;
+        if (STAGES == 1) {
+            if (kt > 0) { /* the trailing barrier of the last tile freed the buffer */
+                async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
+                async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+                cp_async_commit();
+            }
+            cp_async_wait<0>();
+        } else if (kt + 1 < ntiles) {
             async_tile<DKP>(Ks + (buf ^ 1) * 64 * L::LQ, L::LQ, k, b, h, k0 + BN, T, nh, dk);
             async_tile<DVP>(Vs + (buf ^ 1) * 64 * L::LV, L::LV, v, b, h, k0 + BN, T, nh, dv);
             cp_async_commit();
@@ -139,7 +149,7 @@ __global__ void __launch_bounds__(32 * WARPS)
         }
         __syncthreads();
         const bf16 *Kb = Ks + buf * 64 * L::LQ, *Vb = Vs + buf * 64 * L::LV;
-        if (kt == 0) {
+        if (QREG && kt == 0) {
 #pragma unroll
             for (int kk = 0; kk < DKP / 16; kk++)
                 ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
@@ -150,16 +160,21 @@ __global__ void __launch_bounds__(32 * WARPS)
         for (int j = 0; j < BN / 8; j++)
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
 #pragma unroll
-        for (int kk = 0; kk < DKP / 16; kk++)
+        for (int kk = 0; kk < DKP / 16; kk++) {
+            const int qk = QREG ? kk : 0;
+            if (!QREG)
+                ldsm_x4(qf[qk][0], qf[qk][1], qf[qk][2], qf[qk][3],
+                        Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int jj = 0; jj < BN / 16; jj++) {
                 uint32_t b0, b1, b2, b3;
                 ldsm_x4(b0, b1, b2, b3,
                         Kb + (jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ + kk * 16 +
                             ((lane >> 3) & 1) * 8);
-                mma16816(s[2 * jj], qf[kk], b0, b1);
-                mma16816(s[2 * jj + 1], qf[kk], b2, b3);
+                mma16816(s[2 * jj], qf[qk], b0, b1);
+                mma16816(s[2 * jj + 1], qf[qk], b2, b3);
             }
+        }
         /* scale to log2 units; mask the causal triangle and keys past T */
         const bool edge = k0 + BN > q0 || k0 + BN > T;
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -546,19 +561,19 @@ __global__ void __launch_bounds__(ATT_THREADS)
 
 /* ---- dispatch over the instantiated head dims ---- */
 
-template <int DKP, int DVP>
+template <int DKP, int DVP, int W, bool QREG, int STAGES, int MINB>
 static int fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
                       const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
                       dsv3_err *e)
 {
-    const int W = DKP > 96 ? 8 : 4, QM = 16 * W;
-    size_t smem = fa_smem<DKP, DVP, W>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP, W>,
+    const int QM = 16 * W;
+    size_t smem = fa_smem<DKP, DVP, W, STAGES>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
     dim3 grid((T + QM - 1) / QM, nh, B);
-    fa_fwd_kernel<DKP, DVP, W><<<grid, 32 * W, smem, c->stream>>>(out, lse, q, k, v, T, nh, dk,
-                                                                  dv, scale);
+    fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB><<<grid, 32 * W, smem, c->stream>>>(
+        out, lse, q, k, v, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_fwd", e);
     return 0;
 }
@@ -605,10 +620,16 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
     bf16 *o = (bf16 *)out;
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
     if (dk <= 32 && dv <= 32)
-        return fwd_launch<32, 32>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+        return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     if (dk <= 96 && dv <= 64)
-        return fwd_launch<96, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
-    return fwd_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+        return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    if (c->attn_fwd_variant == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
+        return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
+                                                   e);
+    if (c->attn_fwd_variant == 1) /* 2 blocks of 8 warps an SM: Q from shared memory, 1 stage */
+        return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
+                                                    e);
+    return fwd_launch<192, 128, 8, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
 }
 
 extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
@@ -641,4 +662,9 @@ extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_b
                                   e);
     gpu_arena_reset(c, mark);
     return rc;
+}
+
+extern "C" void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant)
+{
+    c->attn_fwd_variant = fwd_variant;
 }

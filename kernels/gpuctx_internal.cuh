@@ -28,6 +28,7 @@ struct gpu_ctx {
     size_t arena_bytes, arena_used, arena_peak;
     algo_entry algos[GPU_ALGO_CACHE];
     int algos_used, algos_next; /* filled, then replaced round-robin */
+    int attn_fwd_variant;       /* gpu_attention_set_variant: kernel choice for timing */
 };
 
 #endif

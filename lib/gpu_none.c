@@ -178,3 +178,4 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e) { return no_cuda(e); }
+void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant) {}

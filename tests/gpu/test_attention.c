@@ -15,8 +15,14 @@ static void attention_matches_cpu(void)
     static const int sh[][5] = {{1, 1, 1, 192, 128}, {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
                                 {2, 37, 4, 24, 16},  {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32}};
     double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
-    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
-        int B = sh[s][0], T = sh[s][1], nh = sh[s][2], dk = sh[s][3], dv = sh[s][4];
+    for (size_t s = 0; s < 3 * (sizeof sh / sizeof sh[0]); s++) {
+        /* every shape under each forward variant (they differ for head dim 192 only) */
+        int variant = (int)(s / (sizeof sh / sizeof sh[0]));
+        gpu_attention_set_variant(gt_ctx_, variant);
+        size_t si = s % (sizeof sh / sizeof sh[0]);
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        if (variant > 0 && dk <= 96)
+            continue;
         float scale = 1.0f / sqrtf((float)dk) * 1.1f;
         size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
         size_t mark = gpu_arena_mark(gt_ctx_);
@@ -62,13 +68,14 @@ static void attention_matches_cpu(void)
         wk = d > wk ? d : wk, wv = f > wv ? f : wv;
         CHECKF(a <= BF16_BOUND && bl <= F32_BOUND && c <= BF16_BOUND && d <= BF16_BOUND &&
                    f <= BF16_BOUND,
-               "B=%d T=%d nh=%d dk=%d dv=%d: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e", B, T, nh,
-               dk, dv, a, bl, c, d, f);
+               "variant %d B=%d T=%d nh=%d dk=%d dv=%d: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e",
+               variant, B, T, nh, dk, dv, a, bl, c, d, f);
         free(q), free(k), free(v), free(dout), free(o), free(lse), free(dq), free(dk_), free(dv_);
         free(ro), free(att), free(rlse), free(rdq), free(rdk), free(rdv);
         gt_reset(mark);
     }
-    gt_stat("attention fwd out", wo, BF16_BOUND);
+    gpu_attention_set_variant(gt_ctx_, 0);
+    gt_stat("attention fwd out (3 fwd variants)", wo, BF16_BOUND);
     gt_stat("attention fwd lse", wl, F32_BOUND);
     gt_stat("attention bwd dq", wq, BF16_BOUND);
     gt_stat("attention bwd dk", wk, BF16_BOUND);
@@ -130,6 +137,14 @@ static void bench_attention(void)
         /* causal: T(T+1)/2 score pairs, 2 FLOPs per multiply-add, dk for QK^T, dv for PV */
         double fwd = 2.0 * j.B * j.nh * (j.T * (j.T + 1.0) / 2) * (j.dk + j.dv);
         float ms = gb_time(att_run, &j, 10);
+        if (sh[s].dk > 96)
+            for (int var = 1; var <= 2; var++) {
+                gpu_attention_set_variant(gt_ctx_, var);
+                float vms = gb_time(att_run, &j, 10);
+                printf("# bench attn fwd variant %d %-24s %8.3f ms %7.1f TFLOP/s (default: %.3f ms)\n",
+                       var, "V3 MLA", vms, fwd / (vms * 1e-3) / 1e12, ms);
+            }
+        gpu_attention_set_variant(gt_ctx_, 0);
         j.bwd = 1;
         float bms = gb_time(att_run, &j, 10);
         CHECK(ms > 0 && bms > 0);
