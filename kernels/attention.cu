@@ -626,10 +626,12 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
     if (c->attn_fwd_variant == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
         return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
                                                    e);
-    if (c->attn_fwd_variant == 1) /* 2 blocks of 8 warps an SM: Q from shared memory, 1 stage */
-        return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
-                                                    e);
-    return fwd_launch<192, 128, 8, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    if (c->attn_fwd_variant == 1) /* 1 block of 8 warps an SM: Q in registers, 2 stages */
+        return fwd_launch<192, 128, 8, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
+                                                   e);
+    /* the fastest measured (docs/KERNELS.md): 2 blocks of 8 warps an SM, Q re-read from
+     * shared memory to fit 128 registers, one K/V stage to fit two blocks' shared memory */
+    return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
 }
 
 extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,

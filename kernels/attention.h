@@ -24,9 +24,10 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e);
 
-/* Benchmarks only: picks the forward kernel variant for head dim 192 (0: the default;
- * 1: two 8-warp blocks an SM, Q re-read from shared memory, one K/V stage; 2: three
- * 4-warp blocks an SM, Q in registers, one K/V stage). */
+/* Benchmarks only: picks the forward kernel variant for head dim 192 (0, the default: two
+ * 8-warp blocks an SM, Q re-read from shared memory, one K/V stage; 1: one 8-warp block an
+ * SM, Q in registers, K/V double-buffered; 2: three 4-warp blocks an SM, Q in registers,
+ * one K/V stage). */
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant);
 
 #ifdef __cplusplus
