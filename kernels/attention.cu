@@ -621,8 +621,13 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
-    if (dk <= 96 && dv <= 64)
-        return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    if (dk <= 96 && dv <= 64) {
+        if (c->attn_fwd_variant != 0) /* one 4-warp block per 64 queries, up to 3 an SM */
+            return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv,
+                                                     scale, e);
+        /* two 8-warp blocks an SM: 16 warps, Q in registers, K/V double-buffered */
+        return fwd_launch<96, 64, 8, true, 2, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    }
     if (c->attn_fwd_variant == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
         return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
                                                    e);
