@@ -36,6 +36,8 @@ CU_SRC := $(wildcard kernels/*.cu)
 ifneq ($(NVCC),)
   LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
   LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+  # cuBLASLt (dense GEMMs) and cuBLAS (grouped expert GEMMs) are too big to link statically.
+  LDLIBS += -Wl,--as-needed -lcublasLt -lcublas -Wl,--no-as-needed -Wl,-rpath,$(CUDA_HOME)/lib64
   CUDA_NOTE := with CUDA ($(NVCC))
   # host C that talks to the CUDA runtime directly (GPU tests) sees its headers
   CFLAGS += -I$(CUDA_HOME)/include -DDSV3_HAVE_CUDA=1

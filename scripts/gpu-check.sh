@@ -1,7 +1,11 @@
 #!/bin/sh
 # Every GPU test and benchmark in one call, for the lent device machine:
 #   build here (make tests), carry build/, run `scripts/gpu-check.sh` there.
-# Full logs go to $OUT (the device tool's folder) or build/gpu-check; a short table is last.
+# Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too), then the torch
+# attention peer (scripts/bench-attn-torch.py) if python3 has torch. Full logs go to $OUT
+# (the device tool's folder) or build/gpu-check; the table is printed last: one row per
+# test program, then every '# stat' row (name, max relative error, bound, verdict) and every
+# '# bench' row (time, rate, share of the measured ceiling).
 set -u
 BUILD=${BUILD:-build}
 LOG=${OUT:-$BUILD/gpu-check}
@@ -15,17 +19,22 @@ if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && [ -z "${DSV3_NCCL:-}" ]; 
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
     >"$LOG/gpu.txt" 2>&1 || echo "no nvidia-smi" >"$LOG/gpu.txt"
-rows=""
+rows="" all=0
+: >"$LOG/notes.txt"
 for t in "$BUILD"/tests/gpu/test_*; do
+    case $t in *.d|*.o) continue;; esac
     [ -x "$t" ] || continue
     name=${t##*/}
-    "$t" >"$LOG/$name.log" 2>&1
+    start=$(date +%s)
+    DSV3_GPU_BENCH=1 "$t" >"$LOG/$name.log" 2>&1
     st=$?
+    secs=$(( $(date +%s) - start ))
     p=$(grep -c '^ok ' "$LOG/$name.log"); f=$(grep -c '^not ok ' "$LOG/$name.log")
     s=$(grep -c '^skip ' "$LOG/$name.log")
     [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    rows="$rows$(printf '%-28s %3s ok %3s failed %3s skipped' "$name" "$p" "$f" "$s")\n"
-    grep '^#' "$LOG/$name.log" | grep -v SEED | sed 's/^# /    /' >>"$LOG/notes.txt"
+    [ "$f" -ne 0 ] && all=1
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' "$name" "$p" "$f" "$s" "$secs")\n"
+    grep '^# ' "$LOG/$name.log" | grep -v SEED >>"$LOG/notes.txt"
 done
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -42,11 +51,21 @@ if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
     cat "$LOG"/comm_nccl_rank*.txt >"$LOG/comm_nccl_multi.log"; rm -f "$LOG"/comm_nccl_rank*.txt
     p=$(grep -c '^ok ' "$LOG/comm_nccl_multi.log"); f=$(grep -c '^not ok ' "$LOG/comm_nccl_multi.log")
     [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    rows="$rows$(printf '%-28s %3s ok %3s failed %3s skipped' "comm_nccl x$ngpu ranks" "$p" "$f" 0)\n"
+    [ "$f" -ne 0 ] && all=1
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped' "comm_nccl x$ngpu" "$p" "$f" 0)\n"
+    grep '^# ' "$LOG/comm_nccl_multi.log" | grep -v SEED >>"$LOG/notes.txt"
 fi
-echo "== $(cat "$LOG/gpu.txt")"
-cat "$LOG"/*.log
+if command -v python3 >/dev/null 2>&1; then
+    python3 scripts/bench-attn-torch.py >"$LOG/torch.log" 2>&1
+    grep '^# ' "$LOG/torch.log" >>"$LOG/notes.txt"
+fi
+cat "$LOG"/test_*.log | grep -v '^# ' | grep -v '^ok ' | head -100
 echo
-echo "== summary"
+echo "== $(cat "$LOG/gpu.txt"), $(date -u '+%Y-%m-%d %H:%M UTC')"
 printf "$rows"
-[ -f "$LOG/notes.txt" ] && cat "$LOG/notes.txt"
+echo "-- accuracy: name, max ||out-ref||/||ref||, bound, verdict"
+grep '^# stat ' "$LOG/notes.txt" | sed 's/^# stat /  /'
+echo "-- benchmarks"
+grep '^# bench ' "$LOG/notes.txt" | sed 's/^# bench /  /'
+grep '^# ' "$LOG/notes.txt" | grep -v '^# stat ' | grep -v '^# bench ' | sed 's/^# /  /'
+exit $all

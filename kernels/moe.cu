@@ -1,0 +1,476 @@
+/* moe: router kernel (one warp per token), dispatch order by stable sort, gather/combine
+ * kernels (one block per row) and grouped GEMMs through cublasGemmGroupedBatchedEx. */
+#include "gpuctx_internal.cuh"
+#include "moe.h"
+#include "sort.h"
+
+#include <stdlib.h>
+
+#define ROUTER_WARPS 4
+
+/* Warp-wide argmax over (valid, value, index): larger value wins, equal values go to the
+ * lower index, invalid entries lose; every lane gets the winner. */
+__device__ __forceinline__ void warp_argmax(int &valid, float &v, int &i)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        int ov = __shfl_xor_sync(0xffffffffu, valid, o);
+        float ovl = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov && (!valid || ovl > v || (ovl == v && oi < i))) {
+            valid = 1;
+            v = ovl;
+            i = oi;
+        }
+    }
+}
+
+__global__ void router_kernel(int32_t *idx, float *w, float *s, const float *logits,
+                              const float *bias, int N, int E, int G, int TG, int K, int norm,
+                              float scale)
+{
+    extern __shared__ float sh[];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int n = blockIdx.x * ROUTER_WARPS + warp;
+    if (n >= N)
+        return; /* the whole warp leaves; no block-wide barrier follows */
+    float *choice = sh + warp * E;
+    unsigned char *taken = (unsigned char *)(sh + ROUTER_WARPS * E) + warp * E;
+    const float *l = logits + (int64_t)n * E;
+    float *sr = s + (int64_t)n * E;
+    for (int x = lane; x < E; x += 32) {
+        float sv = 1.0f / (1.0f + expf(-l[x]));
+        sr[x] = sv;
+        choice[x] = sv + (bias ? bias[x] : 0.0f);
+        taken[x] = 0;
+    }
+    __syncwarp();
+    int per = E / G;
+    float gs = 0;
+    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
+        float b1 = -INFINITY, b2 = -INFINITY;
+        for (int x = lane * per; x < (lane + 1) * per; x++) {
+            if (choice[x] > b1) {
+                b2 = b1;
+                b1 = choice[x];
+            } else if (choice[x] > b2) {
+                b2 = choice[x];
+            }
+        }
+        gs = b1 + b2;
+    }
+    unsigned keep = 0;
+    for (int r = 0; r < TG; r++) {
+        int valid = lane < G && !((keep >> lane) & 1);
+        float v = gs;
+        int i = lane;
+        warp_argmax(valid, v, i);
+        keep |= 1u << i;
+    }
+    float wsum = 0, mine = 0;
+    for (int r = 0; r < K; r++) {
+        int valid = 0, i = 0;
+        float v = -INFINITY;
+        for (int x = lane; x < E; x += 32)
+            if (((keep >> (x / per)) & 1) && !taken[x] && (!valid || choice[x] > v)) {
+                valid = 1;
+                v = choice[x];
+                i = x;
+            }
+        warp_argmax(valid, v, i);
+        if (lane == 0)
+            taken[i] = 1;
+        __syncwarp();
+        float sv = sr[i];
+        wsum += sv;
+        if (lane == r) {
+            mine = sv;
+            idx[(int64_t)n * K + r] = i;
+        }
+    }
+    if (lane < K)
+        w[(int64_t)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+}
+
+__global__ void router_bwd_kernel(float *d_logits, const float *d_w, const int32_t *idx,
+                                  const float *s, int N, int E, int K, int norm, float scale)
+{
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N)
+        return;
+    const int32_t *id = idx + (int64_t)n * K;
+    const float *dw = d_w + (int64_t)n * K, *sr = s + (int64_t)n * E;
+    float S = 0, dot = 0;
+    for (int r = 0; r < K; r++) {
+        S += sr[id[r]];
+        dot += dw[r] * sr[id[r]];
+    }
+    for (int r = 0; r < K; r++) {
+        int x = id[r];
+        float ds = norm ? scale * (dw[r] / S - dot / (S * S)) : scale * dw[r];
+        d_logits[(int64_t)n * E + x] += ds * sr[x] * (1.0f - sr[x]);
+    }
+}
+
+extern "C" int gpu_router_fwd(gpu_ctx *c, int32_t *idx, float *w, float *s, const float *logits,
+                              const float *bias, int N, int E, int n_group, int topk_group,
+                              int k, int norm, float scale, dsv3_err *e)
+{
+    if (E > 1024 || n_group < 1 || n_group > 32 || E % n_group || k < 1 || k > 32 ||
+        topk_group < 1 || topk_group > n_group || k > topk_group * (E / n_group))
+        return err_set(e, "router: unsupported shape E=%d n_group=%d topk_group=%d k=%d", E,
+                       n_group, topk_group, k);
+    if (N <= 0)
+        return 0;
+    size_t smem = (size_t)ROUTER_WARPS * E * (sizeof(float) + 1);
+    router_kernel<<<(N + ROUTER_WARPS - 1) / ROUTER_WARPS, 32 * ROUTER_WARPS, smem,
+                    c->stream>>>(idx, w, s, logits, bias, N, E, n_group, topk_group, k, norm,
+                                 scale);
+    LAUNCH_CHECK("router_fwd", e);
+    return 0;
+}
+
+extern "C" int gpu_router_bwd(gpu_ctx *c, float *d_logits, const float *d_w,
+                              const int32_t *idx, const float *s, int N, int E, int k, int norm,
+                              float scale, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    router_bwd_kernel<<<(N + 127) / 128, 128, 0, c->stream>>>(d_logits, d_w, idx, s, N, E, k,
+                                                              norm, scale);
+    LAUNCH_CHECK("router_bwd", e);
+    return 0;
+}
+
+/* ---- dispatch plan ---- */
+
+__global__ void plan_kernel(int32_t *pos, int *offsets, const int32_t *keys_sorted,
+                            const int32_t *order, int n, int E)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n)
+        return;
+    pos[order[i]] = i;
+    int ex = keys_sorted[i], prev = i > 0 ? keys_sorted[i - 1] : -1;
+    for (int x = prev + 1; x <= ex; x++)
+        offsets[x] = i;
+    if (i == n - 1)
+        for (int x = ex + 1; x <= E; x++)
+            offsets[x] = n;
+}
+
+__global__ void iota32_kernel(int32_t *v, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        v[i] = i;
+}
+
+extern "C" int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx, int N, int k,
+                                 int E, dsv3_err *e)
+{
+    memset(p, 0, sizeof *p);
+    int n = N * k;
+    p->N = N;
+    p->k = k;
+    p->E = E;
+    p->offsets_host = (int *)calloc((size_t)E + 1, sizeof(int));
+    if (!p->offsets_host)
+        return err_set(e, "moe: out of host memory");
+    if (n == 0)
+        return 0;
+    p->order = (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e);
+    p->pos = p->order ? (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e) : NULL;
+    if (!p->pos)
+        return -1;
+    size_t mark = gpu_arena_mark(c);
+    int32_t *vals = (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e);
+    int32_t *keys = vals ? (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e) : NULL;
+    int *off = keys ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * 4, e) : NULL;
+    if (!off)
+        return -1;
+    iota32_kernel<<<(n + 255) / 256, 256, 0, c->stream>>>(vals, n);
+    LAUNCH_CHECK("iota", e);
+    if (gpu_sort_pairs(c, keys, p->order, idx, vals, n, E, e))
+        return -1;
+    plan_kernel<<<(n + 255) / 256, 256, 0, c->stream>>>(p->pos, off, keys, p->order, n, E);
+    LAUNCH_CHECK("moe plan", e);
+    if (gpu_download(c, p->offsets_host, off, ((size_t)E + 1) * 4, e))
+        return -1;
+    gpu_arena_reset(c, mark);
+    return 0;
+}
+
+extern "C" void gpu_moe_plan_free(gpu_moe_plan *p)
+{
+    free(p->offsets_host);
+    p->offsets_host = NULL;
+}
+
+/* ---- gather / combine: one block per row, columns across threads ---- */
+
+__global__ void gather_kernel(bf16 *x_perm, const bf16 *x, const int32_t *order, int k, int H)
+{
+    const bf16 *src = x + (int64_t)(order[blockIdx.x] / k) * H;
+    bf16 *dst = x_perm + (int64_t)blockIdx.x * H;
+    if (H % 8 == 0) { /* rows 16-byte aligned when the bases are (checked by the caller) */
+        for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8)
+            *(uint4 *)(dst + i) = *(const uint4 *)(src + i);
+        return;
+    }
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        dst[i] = src[i];
+}
+
+__global__ void gather_bwd_kernel(bf16 *d_x, float beta, const bf16 *d_x_perm,
+                                  const int32_t *pos, int k, int H)
+{
+    int n = blockIdx.x;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float s = beta != 0.0f ? beta * b2f(d_x[(int64_t)n * H + i]) : 0.0f;
+        for (int r = 0; r < k; r++)
+            s += b2f(d_x_perm[(int64_t)pos[n * k + r] * H + i]);
+        d_x[(int64_t)n * H + i] = f2b(s);
+    }
+}
+
+__global__ void combine_kernel(bf16 *out, float beta, const bf16 *y_perm, const float *w,
+                               const int32_t *pos, int k, int H)
+{
+    int n = blockIdx.x;
+    if (H % 8 == 0) {
+        for (int i = threadIdx.x * 8; i < H; i += blockDim.x * 8) {
+            float s[8], t[8];
+            if (beta != 0.0f) {
+                load8(out + (int64_t)n * H + i, s);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] *= beta;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] = 0;
+            }
+            for (int r = 0; r < k; r++) {
+                float wr = w[n * k + r];
+                load8(y_perm + (int64_t)pos[n * k + r] * H + i, t);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    s[j] += wr * t[j];
+            }
+            store8(out + (int64_t)n * H + i, s);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float s = beta != 0.0f ? beta * b2f(out[(int64_t)n * H + i]) : 0.0f;
+        for (int r = 0; r < k; r++)
+            s += w[n * k + r] * b2f(y_perm[(int64_t)pos[n * k + r] * H + i]);
+        out[(int64_t)n * H + i] = f2b(s);
+    }
+}
+
+__global__ void combine_bwd_kernel(bf16 *d_y_perm, float *d_w, const bf16 *d_out,
+                                   const bf16 *y_perm, const float *w, const int32_t *order,
+                                   int k, int H)
+{
+    __shared__ float red[32];
+    int i = blockIdx.x, a = order[i];
+    const bf16 *dy = d_out + (int64_t)(a / k) * H, *y = y_perm + (int64_t)i * H;
+    bf16 *dyp = d_y_perm + (int64_t)i * H;
+    float wa = w[a], dot = 0;
+    for (int j = threadIdx.x; j < H; j += blockDim.x) {
+        float g = b2f(dy[j]);
+        dot += g * b2f(y[j]);
+        dyp[j] = f2b(wa * g);
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0)
+        d_w[a] = dot;
+}
+
+extern "C" int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_perm,
+                              const gpu_bf16 *x, int H, dsv3_err *e)
+{
+    int n = p->N * p->k;
+    if (n == 0)
+        return 0;
+    if (H % 8 == 0 && !(aligned16(x_perm) && aligned16(x)))
+        return err_set(e, "moe_gather: rows of %d values need 16-byte aligned bases", H);
+    gather_kernel<<<n, 256, 0, c->stream>>>((bf16 *)x_perm, (const bf16 *)x, p->order, p->k, H);
+    LAUNCH_CHECK("moe_gather", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_gather_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_x, float beta,
+                                  const gpu_bf16 *d_x_perm, int H, dsv3_err *e)
+{
+    if (p->N == 0)
+        return 0;
+    gather_bwd_kernel<<<p->N, 256, 0, c->stream>>>((bf16 *)d_x, beta, (const bf16 *)d_x_perm,
+                                                   p->pos, p->k, H);
+    LAUNCH_CHECK("moe_gather_bwd", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_combine(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, float beta,
+                               const gpu_bf16 *y_perm, const float *w, int H, dsv3_err *e)
+{
+    if (p->N == 0)
+        return 0;
+    if (H % 8 == 0 && !(aligned16(out) && aligned16(y_perm)))
+        return err_set(e, "moe_combine: rows of %d values need 16-byte aligned bases", H);
+    combine_kernel<<<p->N, 256, 0, c->stream>>>((bf16 *)out, beta, (const bf16 *)y_perm, w,
+                                                p->pos, p->k, H);
+    LAUNCH_CHECK("moe_combine", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_y_perm,
+                                   float *d_w, const gpu_bf16 *d_out, const gpu_bf16 *y_perm,
+                                   const float *w, int H, dsv3_err *e)
+{
+    int n = p->N * p->k;
+    if (n == 0)
+        return 0;
+    combine_bwd_kernel<<<n, 256, 0, c->stream>>>((bf16 *)d_y_perm, d_w, (const bf16 *)d_out,
+                                                 (const bf16 *)y_perm, w, p->order, p->k, H);
+    LAUNCH_CHECK("moe_combine_bwd", e);
+    return 0;
+}
+
+/* ---- grouped GEMM ---- */
+
+/* Row-major C_g[M_g, Nn_g] = op(A_g) op(B_g) (+ beta C_g) for the non-empty experts, in one
+ * cuBLAS call; `rows_dim` says which of M (0), N (1) or K (2) is the expert's row count.
+ * Each expert's matrices: A at a_base + a_row_stride * r0 + a_exp_stride * g, likewise B, C. */
+struct grouped_args {
+    int ta, tb, M, N, K, rows_dim, lda, ldb, ldc, c_f32;
+    float beta;
+    const bf16 *A, *B;
+    void *C;
+    int64_t a_row, a_exp, b_row, b_exp, c_row, c_exp; /* element strides */
+};
+
+static int grouped_gemm(gpu_ctx *c, const gpu_moe_plan *p, const grouped_args *g, dsv3_err *e)
+{
+    int E = p->E, ng = 0;
+    size_t bytes = (size_t)E * (3 * sizeof(void *) + 9 * sizeof(int) + 2 * sizeof(float));
+    char *host = (char *)malloc(bytes);
+    if (!host)
+        return err_set(e, "moe: out of host memory");
+    const void **pa = (const void **)host, **pb = pa + E;
+    void **pc = (void **)(pb + E);
+    cublasOperation_t *tra = (cublasOperation_t *)(pc + E), *trb = tra + E;
+    int *m = (int *)(trb + E), *n = m + E, *k = n + E, *lda = k + E, *ldb = lda + E,
+        *ldc = ldb + E, *gsize = ldc + E;
+    float *alpha = (float *)(gsize + E), *beta = alpha + E;
+    size_t esz = g->c_f32 ? 4 : 2;
+    for (int x = 0; x < E; x++) {
+        int r0 = p->offsets_host[x], rows = p->offsets_host[x + 1] - r0;
+        if (rows == 0)
+            continue;
+        int M = g->rows_dim == 0 ? rows : g->M, N = g->rows_dim == 1 ? rows : g->N,
+            K = g->rows_dim == 2 ? rows : g->K;
+        /* column-major: C^T = op(B)^T op(A)^T, first operand B */
+        pa[ng] = g->B + g->b_row * r0 + g->b_exp * x;
+        pb[ng] = g->A + g->a_row * r0 + g->a_exp * x;
+        pc[ng] = (char *)g->C + (g->c_row * r0 + g->c_exp * x) * esz;
+        tra[ng] = g->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        trb[ng] = g->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[ng] = N;
+        n[ng] = M;
+        k[ng] = K;
+        lda[ng] = g->ldb;
+        ldb[ng] = g->lda;
+        ldc[ng] = g->ldc;
+        gsize[ng] = 1;
+        alpha[ng] = 1.0f;
+        beta[ng] = g->beta;
+        ng++;
+    }
+    int rc = 0;
+    if (ng > 0) {
+        size_t mark = gpu_arena_mark(c);
+        void **dptr = (void **)gpu_arena_alloc(c, 3 * (size_t)E * sizeof(void *), e);
+        if (!dptr) {
+            free(host);
+            return -1;
+        }
+        /* A pageable source is staged before cudaMemcpyAsync returns: host may be freed. */
+        cudaError_t st = cudaMemcpyAsync(dptr, host, 3 * (size_t)E * sizeof(void *),
+                                         cudaMemcpyHostToDevice, c->stream);
+        if (st != cudaSuccess)
+            rc = err_set(e, "moe: pointer upload failed: %s", cudaGetErrorString(st));
+        if (rc == 0) {
+            cublasStatus_t bs = cublasGemmGroupedBatchedEx(
+                c->blas, tra, trb, m, n, k, alpha, (const void *const *)dptr, CUDA_R_16BF, lda,
+                (const void *const *)(dptr + E), CUDA_R_16BF, ldb, beta, dptr + 2 * E,
+                g->c_f32 ? CUDA_R_32F : CUDA_R_16BF, ldc, ng, gsize, CUBLAS_COMPUTE_32F);
+            if (bs != CUBLAS_STATUS_SUCCESS)
+                rc = err_set(e, "moe: cublasGemmGroupedBatchedEx failed: status %d", (int)bs);
+        }
+        if (rc == 0 && cudaGetLastError() != cudaSuccess)
+            rc = err_set(e, "moe: grouped GEMM launch failed");
+        gpu_arena_reset(c, mark);
+    }
+    free(host);
+    return rc;
+}
+
+extern "C" int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
+                                  const gpu_bf16 *in, const gpu_bf16 *W, int I, int O,
+                                  dsv3_err *e)
+{
+    grouped_args g = {0, 1, 0, O, I, 0, I, I, O, 0, 0.0f, (const bf16 *)in, (const bf16 *)W,
+                      out, I, 0, 0, (int64_t)O * I, O, 0};
+    return grouped_gemm(c, p, &g, e);
+}
+
+extern "C" int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                                    const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O,
+                                    dsv3_err *e)
+{
+    grouped_args g = {0, 0, 0, I, O, 0, O, I, I, 0, 0.0f, (const bf16 *)d_out, (const bf16 *)W,
+                      d_in, O, 0, 0, (int64_t)O * I, I, 0};
+    return grouped_gemm(c, p, &g, e);
+}
+
+/* d_W[e] += part[e] for the experts that had rows (the others' part was never written). */
+__global__ void add_bf16_to_f32_kernel(float *dst, const bf16 *src, const int *offsets_dev,
+                                       int64_t per_expert)
+{
+    int x = blockIdx.y;
+    if (offsets_dev[x + 1] == offsets_dev[x])
+        return;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < per_expert;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[x * per_expert + i] += b2f(src[x * per_expert + i]);
+}
+
+/* cuBLAS's grouped GEMM refuses an fp32 C with bf16 operands (status 15, seen on an H200
+ * with CUDA 13.0), so each expert's weight gradient of this call is formed in bf16 and
+ * then added into the fp32 accumulator: one bf16 rounding per call and expert. */
+extern "C" int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W,
+                                    const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
+                                    dsv3_err *e)
+{
+    int E = p->E;
+    int64_t per = (int64_t)O * I;
+    size_t mark = gpu_arena_mark(c);
+    bf16 *part = (bf16 *)gpu_arena_alloc(c, (size_t)E * per * 2, e);
+    int *off = part ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * sizeof(int), e) : NULL;
+    if (!off)
+        return -1;
+    grouped_args g = {1, 0, O, I, 0, 2, O, I, I, 0, 0.0f, (const bf16 *)d_out, (const bf16 *)in,
+                      part, O, 0, I, 0, 0, per};
+    if (grouped_gemm(c, p, &g, e))
+        return -1;
+    CUDA_TRY(cudaMemcpyAsync(off, p->offsets_host, ((size_t)E + 1) * sizeof(int),
+                             cudaMemcpyHostToDevice, c->stream),
+             e);
+    dim3 grid(grid_for(per, 256, 1024), E);
+    add_bf16_to_f32_kernel<<<grid, 256, 0, c->stream>>>(d_W, part, off, per);
+    LAUNCH_CHECK("moe wgrad add", e);
+    gpu_arena_reset(c, mark);
+    return 0;
+}

@@ -1,0 +1,75 @@
+/* moe: the DeepSeekMoE layer's routing and expert dispatch on the GPU.
+ *
+ * Router (one kernel): lib/ops router_forward for every token. Dispatch: the N*k
+ * (token, slot) assignments are sorted by expert (stable, so each expert's rows keep token
+ * order), rows gathered into that order, each expert's contiguous rows multiplied by its
+ * weights in one grouped GEMM launch (cuBLAS grouped batched GEMM, one group per non-empty
+ * expert: never one launch per expert), and the outputs combined back per token with the
+ * router weights in slot order (no atomics: bitwise reproducible).
+ *
+ * The grouped GEMM needs each expert's row count on the host, so gpu_moe_plan copies E+1
+ * offsets back once per layer (one small synchronising copy); backward reuses the plan.
+ * All other pointers are device memory. */
+#ifndef DSV3_MOE_H
+#define DSV3_MOE_H
+
+#include "gpuctx.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* logits[N,E] fp32 -> idx[N,k] (int32), w[N,k] fp32, s[N,E] fp32 (sigmoid, for backward).
+ * Limits: E <= 1024, n_group <= 32, k <= 32, E divisible by n_group. */
+int gpu_router_fwd(gpu_ctx *c, int32_t *idx, float *w, float *s, const float *logits,
+                   const float *bias, int N, int E, int n_group, int topk_group, int k,
+                   int norm, float scale, dsv3_err *e);
+/* d_logits[N,E] += from d_w[N,k], routing held fixed. */
+int gpu_router_bwd(gpu_ctx *c, float *d_logits, const float *d_w, const int32_t *idx,
+                   const float *s, int N, int E, int k, int norm, float scale, dsv3_err *e);
+
+/* The dispatch order of one layer's N*k assignments. Device arrays from the arena of the
+ * caller's step; offsets also on the host. */
+typedef struct gpu_moe_plan {
+    int N, k, E;
+    int32_t *order; /* [N*k] sorted position -> assignment a = n*k + slot */
+    int32_t *pos;   /* [N*k] assignment -> sorted position */
+    int *offsets_host; /* [E+1] expert e owns sorted rows offsets[e] .. offsets[e+1]-1 */
+} gpu_moe_plan;
+
+/* Fills p (host offsets malloc'ed: free with gpu_moe_plan_free) from idx[N,k]. */
+int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx, int N, int k, int E,
+                      dsv3_err *e);
+void gpu_moe_plan_free(gpu_moe_plan *p);
+
+/* x_perm[N*k, H] = x[order[i] / k]: each token's row once per chosen expert. */
+int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_perm, const gpu_bf16 *x,
+                   int H, dsv3_err *e);
+/* d_x[n] = beta * d_x[n] + sum over slots of d_x_perm[pos[n*k + slot]] (slot order). */
+int gpu_moe_gather_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_x, float beta,
+                       const gpu_bf16 *d_x_perm, int H, dsv3_err *e);
+/* out[n] = beta * out[n] + sum over slots of w[n, slot] * y_perm[pos[n*k + slot]]. */
+int gpu_moe_combine(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, float beta,
+                    const gpu_bf16 *y_perm, const float *w, int H, dsv3_err *e);
+/* d_y_perm[i] = w[a] * d_out[a / k], d_w[a] = d_out[a / k] . y_perm[i] (a = order[i]). */
+int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_y_perm, float *d_w,
+                        const gpu_bf16 *d_out, const gpu_bf16 *y_perm, const float *w, int H,
+                        dsv3_err *e);
+
+/* Grouped linear over the sorted rows, expert weights W[E, O, I] (row-major per expert):
+ * fwd: out[rows_e, O] = in[rows_e, I] . W_e^T;  dgrad: d_in = d_out . W_e;
+ * wgrad: d_W_e (fp32) += d_out^T . in (experts with no rows are left as they are); the
+ * increment is rounded to bf16 once before it is added (cuBLAS's grouped GEMM has no fp32
+ * output for bf16 operands). Arena use: E*O*I*2 bytes. */
+int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, const gpu_bf16 *in,
+                       const gpu_bf16 *W, int I, int O, dsv3_err *e);
+int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                         const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O, dsv3_err *e);
+int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W, const gpu_bf16 *d_out,
+                         const gpu_bf16 *in, int I, int O, dsv3_err *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,169 @@
+/* GPU test of kernels/attention: the fused causal attention, forward (output and log-sum-
+ * exp) and backward (dq, dk, dv), against lib/ops attention_forward/backward on fresh
+ * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
+ * lengths that are not multiples of the 64-row tile. With DSV3_GPU_BENCH=1 also timings on
+ * V3 and 1B-MoE shapes against the measured matrix rate. */
+#include "../../kernels/attention.h"
+#include "../../kernels/gemm.h"
+#include "../../lib/ops.h"
+#include "bench.h"
+
+static void attention_matches_cpu(void)
+{
+    GT_NEED_GPU();
+    dsv3_err e;
+    static const int sh[][5] = {{1, 1, 1, 192, 128}, {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
+                                {2, 37, 4, 24, 16},  {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32}};
+    double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
+    for (size_t s = 0; s < 3 * (sizeof sh / sizeof sh[0]); s++) {
+        /* every shape under each forward variant (they differ for head dim 192 only) */
+        int variant = (int)(s / (sizeof sh / sizeof sh[0]));
+        gpu_attention_set_variant(gt_ctx_, variant);
+        size_t si = s % (sizeof sh / sizeof sh[0]);
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        if (variant > 0 && dk <= 32)
+            continue;
+        float scale = 1.0f / sqrtf((float)dk) * 1.1f;
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        float *dout = gt_rand_bf(nv, 1);
+        gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+        gpu_bf16 *gdo = gt_up_bf(dout, nv), *go = gt_poisoned(nv * 2);
+        gpu_bf16 *gdq = gt_poisoned(nq * 2), *gdk = gt_poisoned(nq * 2), *gdv = gt_poisoned(nv * 2);
+        float *glse = gt_poisoned(nl * 4);
+        REQUIRE(gq && gk && gv && gdo && go && gdq && gdk && gdv && glse);
+        CHECKF(gpu_attention_fwd(gt_ctx_, go, glse, gq, gk, gv, B, T, nh, dk, dv, scale, &e) == 0,
+               "%s", e.msg);
+        CHECKF(gpu_attention_bwd(gt_ctx_, gdq, gdk, gdv, gdo, go, glse, gq, gk, gv, B, T, nh, dk,
+                                 dv, scale, &e) == 0,
+               "%s", e.msg);
+        float *o = gt_down_bf(go, nv), *lse = gt_down_f(glse, nl);
+        float *dq = gt_down_bf(gdq, nq), *dk_ = gt_down_bf(gdk, nq), *dv_ = gt_down_bf(gdv, nv);
+        float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T), *rlse = gt_zeros(nl);
+        float *rdq = gt_zeros(nq), *rdk = gt_zeros(nq), *rdv = gt_zeros(nv);
+        attention_forward(ro, att, q, k, v, B, T, nh, dk, dv, scale);
+        attention_backward(rdq, rdk, rdv, dout, att, q, k, v, B, T, nh, dk, dv, scale);
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < T; i++) {
+                    double mx = -INFINITY, z = 0;
+                    const float *qi = q + (((size_t)b * T + i) * nh + h) * dk;
+                    double sc[T];
+                    for (int j = 0; j <= i; j++) {
+                        const float *kj = k + (((size_t)b * T + j) * nh + h) * dk;
+                        double d = 0;
+                        for (int c = 0; c < dk; c++)
+                            d += (double)qi[c] * kj[c];
+                        sc[j] = d * scale;
+                        mx = sc[j] > mx ? sc[j] : mx;
+                    }
+                    for (int j = 0; j <= i; j++)
+                        z += exp(sc[j] - mx);
+                    rlse[((size_t)b * nh + h) * T + i] = (float)(mx + log(z));
+                }
+        double a = gt_relerr(o, ro, nv), bl = gt_relerr(lse, rlse, nl), c = gt_relerr(dq, rdq, nq);
+        double d = gt_relerr(dk_, rdk, nq), f = gt_relerr(dv_, rdv, nv);
+        wo = a > wo ? a : wo, wl = bl > wl ? bl : wl, wq = c > wq ? c : wq;
+        wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+        CHECKF(a <= BF16_BOUND && bl <= F32_BOUND && c <= BF16_BOUND && d <= BF16_BOUND &&
+                   f <= BF16_BOUND,
+               "variant %d B=%d T=%d nh=%d dk=%d dv=%d: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e",
+               variant, B, T, nh, dk, dv, a, bl, c, d, f);
+        free(q), free(k), free(v), free(dout), free(o), free(lse), free(dq), free(dk_), free(dv_);
+        free(ro), free(att), free(rlse), free(rdq), free(rdk), free(rdv);
+        gt_reset(mark);
+    }
+    gpu_attention_set_variant(gt_ctx_, 0);
+    gt_stat("attention fwd out (3 fwd variants)", wo, BF16_BOUND);
+    gt_stat("attention fwd lse", wl, F32_BOUND);
+    gt_stat("attention bwd dq", wq, BF16_BOUND);
+    gt_stat("attention bwd dk", wk, BF16_BOUND);
+    gt_stat("attention bwd dv", wv, BF16_BOUND);
+}
+
+struct att_job {
+    int B, T, nh, dk, dv, bwd;
+    gpu_bf16 *q, *k, *v, *o, *dout, *dq, *dk_, *dv_;
+    float *lse;
+};
+
+static int att_run(void *arg, dsv3_err *e)
+{
+    struct att_job *j = arg;
+    float scale = 1.0f / sqrtf((float)j->dk);
+    if (!j->bwd)
+        return gpu_attention_fwd(gt_ctx_, j->o, j->lse, j->q, j->k, j->v, j->B, j->T, j->nh,
+                                 j->dk, j->dv, scale, e);
+    return gpu_attention_bwd(gt_ctx_, j->dq, j->dk_, j->dv_, j->dout, j->o, j->lse, j->q, j->k,
+                             j->v, j->B, j->T, j->nh, j->dk, j->dv, scale, e);
+}
+
+struct gemm_ceiling {
+    gpu_bf16 *a, *b, *c;
+};
+
+static int ceiling_run(void *arg, dsv3_err *e)
+{
+    struct gemm_ceiling *g = arg;
+    return gpu_linear_fwd(gt_ctx_, g->c, g->a, g->b, 8192, 8192, 8192, 0.0f, e);
+}
+
+static void bench_attention(void)
+{
+    GT_NEED_GPU();
+    if (!gt_bench())
+        SKIP("set DSV3_GPU_BENCH=1");
+    dsv3_err e;
+    size_t n8 = (size_t)8192 * 8192;
+    struct gemm_ceiling g = {gb_random_bf(n8, 1), gb_random_bf(n8, 1), gb_random_bf(n8, 1)};
+    REQUIRE(g.a && g.b && g.c);
+    float cms = gb_time(ceiling_run, &g, 10);
+    double ceil = 2.0 * n8 * 8192 / (cms * 1e-3) / 1e12;
+    gpu_free(g.a), gpu_free(g.b), gpu_free(g.c);
+    static const struct { const char *name; int B, T, nh, dk, dv; } sh[] = {
+        {"V3 MLA B=1 T=4096 nh=128 192/128", 1, 4096, 128, 192, 128},
+        {"1B-MoE B=8 T=4096 nh=16 96/64", 8, 4096, 16, 96, 64},
+    };
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        struct att_job j = {.B = sh[s].B, .T = sh[s].T, .nh = sh[s].nh, .dk = sh[s].dk,
+                            .dv = sh[s].dv, .bwd = 0};
+        size_t nq = (size_t)j.B * j.T * j.nh * j.dk, nv = (size_t)j.B * j.T * j.nh * j.dv;
+        j.q = gb_random_bf(nq, 1), j.k = gb_random_bf(nq, 1), j.v = gb_random_bf(nv, 1);
+        j.dout = gb_random_bf(nv, 1), j.o = gb_random_bf(nv, 1);
+        j.dq = gpu_malloc(nq * 2, &e), j.dk_ = gpu_malloc(nq * 2, &e), j.dv_ = gpu_malloc(nv * 2, &e);
+        j.lse = gpu_malloc((size_t)j.B * j.nh * j.T * 4, &e);
+        REQUIRE(j.q && j.k && j.v && j.dout && j.o && j.dq && j.dk_ && j.dv_ && j.lse);
+        /* causal: T(T+1)/2 score pairs, 2 FLOPs per multiply-add, dk for QK^T, dv for PV */
+        double fwd = 2.0 * j.B * j.nh * (j.T * (j.T + 1.0) / 2) * (j.dk + j.dv);
+        float ms = gb_time(att_run, &j, 10);
+        for (int var = 1; var <= (sh[s].dk > 96 ? 2 : 1); var++) {
+            gpu_attention_set_variant(gt_ctx_, var);
+            float vms = gb_time(att_run, &j, 10);
+            printf("# bench attn fwd variant %d %-24s %8.3f ms %7.1f TFLOP/s (default: %.3f ms)\n",
+                   var, sh[s].dk > 96 ? "V3 MLA" : "1B-MoE", vms, fwd / (vms * 1e-3) / 1e12, ms);
+        }
+        gpu_attention_set_variant(gt_ctx_, 0);
+        j.bwd = 1;
+        float bms = gb_time(att_run, &j, 10);
+        CHECK(ms > 0 && bms > 0);
+        printf("# bench attn fwd %-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", sh[s].name,
+               ms, fwd / (ms * 1e-3) / 1e12, 100 * fwd / (ms * 1e-3) / 1e12 / ceil);
+        /* backward counted as 2.5 x forward (FlashAttention-2's convention) */
+        printf("# bench attn bwd %-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", sh[s].name,
+               bms, 2.5 * fwd / (bms * 1e-3) / 1e12, 100 * 2.5 * fwd / (bms * 1e-3) / 1e12 / ceil);
+        gpu_free(j.q), gpu_free(j.k), gpu_free(j.v), gpu_free(j.dout), gpu_free(j.o);
+        gpu_free(j.dq), gpu_free(j.dk_), gpu_free(j.dv_), gpu_free(j.lse);
+    }
+    printf("# bench %-36s %8.3f ms %7.1f TFLOP/s (the ceiling)\n", "gemm 8192^3 bf16", cms, ceil);
+}
+
+int main(void)
+{
+    test_seed();
+    RUN(attention_matches_cpu);
+    RUN(bench_attention);
+    if (gt_ctx_)
+        gpu_ctx_destroy(gt_ctx_);
+    TEST_EXIT();
+}
