@@ -63,14 +63,15 @@ done
 step "model configs: checked, with total and activated parameter counts"
 "$BIN/dsv3-config" configs/*.json
 
-step "train: the tiny config on the packed corpus, 24 updates on the CPU, eval every 12"
+step "train: the tiny config on the packed corpus, 200 updates on the CPU, eval every 50"
 rm -rf "$OUT/run"
-"$BIN/dsv3-train" -c configs/tiny.json -d "$OUT/packed" -o "$OUT/run" -b 2 -g 2 --steps 24 \
-    --lr 3e-3 --warmup 5 --eval-every 12 --eval-batches 2 --save-every 12
-ls "$OUT/run"
+"$BIN/dsv3-train" -c configs/tiny.json -d "$OUT/packed" -o "$OUT/run" -b 2 -g 2 --steps 200 \
+    --lr 3e-3 --warmup 10 --eval-every 50 --eval-batches 2 --save-every 100 --quiet
+grep val_loss "$OUT/run/metrics.jsonl" | sed 's/.*"step":\([0-9]*\).*"val_loss":\([0-9.]*\).*/validation loss after \1 updates: \2/'
+if command -v gnuplot >/dev/null; then scripts/plot-run.sh "$OUT/run"; fi
 
 step "checkpoints: the trained model to an HF folder (BF16 shards) -> FP8 (DeepSeek's format) -> BF16"
-"$BIN/dsv3-convert" --force --dtype bf16 --max-shard-size 64k "$OUT/run/step-000024" -o "$OUT/hf"
+"$BIN/dsv3-convert" --force --dtype bf16 --max-shard-size 64k "$OUT/run/step-000200" -o "$OUT/hf"
 "$BIN/dsv3-convert" --verify "$OUT/hf"
 "$BIN/dsv3-quant" --force "$OUT/hf" -o "$OUT/hf-fp8"
 "$BIN/dsv3-convert" --verify "$OUT/hf-fp8"

@@ -4,7 +4,7 @@
 # exit 2. The list is the one place that names the project's dependencies.
 set -eu
 
-PACKAGES="make gcc libc6-dev libzstd-dev libxxhash-dev libjansson-dev libpcre2-dev python3 python3-zstandard python3-xxhash libopenmpi-dev openmpi-bin"
+PACKAGES="make gcc libc6-dev libzstd-dev libxxhash-dev libjansson-dev libpcre2-dev python3 python3-zstandard python3-xxhash libopenmpi-dev openmpi-bin gnuplot-nox"
 
 missing=""
 for p in $PACKAGES; do
