@@ -86,6 +86,7 @@ void infer_free(infer *f)
 
 int infer_n_ctx(const infer *f) { return f->n_ctx; }
 int infer_n_slots(const infer *f) { return f->n_slots; }
+int infer_vocab(const infer *f) { return f->m->cfg.vocab_size; }
 
 size_t infer_cache_bytes(const infer *f)
 {

@@ -33,6 +33,7 @@ void infer_free(infer *f);
 
 int infer_n_ctx(const infer *f);
 int infer_n_slots(const infer *f);
+int infer_vocab(const infer *f);
 /* Bytes of the latent cache: layers x slots x n_ctx x (kv_lora_rank + qk_rope_head_dim) x 4. */
 size_t infer_cache_bytes(const infer *f);
 /* Bytes of cache one token adds (all layers). */

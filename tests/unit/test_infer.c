@@ -7,6 +7,7 @@
 
 #include "../../lib/infer.h"
 #include "../../lib/model.h"
+#include "../../lib/sampler.h"
 #include "../test.h"
 
 static double urand(void)
@@ -226,6 +227,49 @@ static void test_batch_equals_alone(void)
     model_free(&m);
 }
 
+/* Greedy decoding (sampler at temperature 0 over the cache's logits) gives the tokens of
+ * repeated argmax over the training forward of the whole sequence so far. */
+static void test_greedy_equals_full_argmax(void)
+{
+    dsv3_model m;
+    random_model(&m, -1, -1);
+    REQUIRE(!test_failed_);
+    int V = m.cfg.vocab_size, P = 3, G = 12, T = P + G;
+    int32_t seq[T];
+    for (int t = 0; t < P; t++)
+        seq[t] = (int32_t)(test_rand() % (uint64_t)V);
+    sampler_params sp;
+    sampler_params_default(&sp);
+    sp.temp = 0;
+    sampler s;
+    infer *f;
+    dsv3_err e;
+    float *lg = malloc((size_t)V * sizeof *lg);
+    REQUIRE(sampler_init(&s, &sp, V, &e) == 0 && infer_new(&f, &m, T, 1, &e) == 0);
+    CHECK(infer_prefill(f, 0, seq, P, lg, &e) == 0);
+    for (int t = P; t < T; t++) {
+        seq[t] = sampler_sample(&s, lg, seq, t);
+        int z = 0;
+        if (t + 1 < T)
+            CHECK(infer_forward(f, 1, &z, &seq[t], NULL, lg, &e) == 0);
+    }
+    for (int t = P; t < T; t++) {
+        model_acts *a = model_acts_new(&m, 1, t, &e);
+        REQUIRE(a && model_forward(&m, a, seq, NULL, NULL, &e) == 0);
+        const float *row = model_acts_logits(a) + (size_t)(t - 1) * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best])
+                best = v;
+        CHECKF(seq[t] == best, "position %d: greedy %d, argmax %d", t, seq[t], best);
+        model_acts_free(a);
+    }
+    infer_free(f);
+    sampler_free(&s);
+    free(lg);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -234,5 +278,6 @@ int main(void)
     RUN(test_fixture_mtp_bal);
     RUN(test_random_configs);
     RUN(test_batch_equals_alone);
+    RUN(test_greedy_equals_full_argmax);
     TEST_EXIT();
 }
