@@ -59,6 +59,7 @@ static const cli_program PROG = {
     "      --seed=N          random seed (default: from the clock, printed at the end)\n"
     "      --stop=STRING     stop when STRING appears; it is not printed (repeatable)\n"
     "      --no-bos          do not begin prompts with the tokenizer's BOS token\n"
+    "      --ignore-eos      go on past the end-of-sequence token (for benchmarks)\n"
     "      --chat            chat: lines of standard input are user turns\n"
     "      --system=TEXT     with --chat: the system prompt\n"
     "      --batch           JSONL requests on standard input (or -f), JSONL results out\n"
@@ -83,12 +84,12 @@ static const cli_program PROG = {
 enum {
     OPT_SCORE = 0x100, OPT_BOS, OPT_THREADS, OPT_FIELD, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP,
     OPT_RPEN, OPT_RLAST, OPT_SEED, OPT_STOP, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_BATCH,
-    OPT_PARALLEL,
+    OPT_PARALLEL, OPT_IGNORE_EOS,
 };
 
 typedef struct options {
     cli_common common;
-    int score, bos, chat, batch, no_bos, have_seed;
+    int score, bos, chat, batch, no_bos, have_seed, ignore_eos;
     const char *model, *tok, *output, *field, *prompt, *file, *system;
     docin_mode mode;
     uint64_t window, threads, ctx, parallel;
@@ -227,6 +228,7 @@ static void parse(int argc, char **argv, options *o)
         {"seed", required_argument, NULL, OPT_SEED},
         {"stop", required_argument, NULL, OPT_STOP},
         {"no-bos", no_argument, NULL, OPT_NOBOS},
+        {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
         {"chat", no_argument, NULL, OPT_CHAT},
         {"system", required_argument, NULL, OPT_SYSTEM},
         {"batch", no_argument, NULL, OPT_BATCH},
@@ -282,6 +284,7 @@ static void parse(int argc, char **argv, options *o)
             add_stop(o, optarg);
             break;
         case OPT_NOBOS: o->no_bos = 1; break;
+        case OPT_IGNORE_EOS: o->ignore_eos = 1; break;
         case OPT_CHAT: o->chat = 1; break;
         case OPT_SYSTEM: o->system = optarg; break;
         case OPT_BATCH: o->batch = 1; break;
@@ -380,6 +383,8 @@ static int generate(const options *o, dsv3_model *m, dsv3_err *e)
     if (!o->ctx && (ctx > 4096 || ctx < 1))
         ctx = 4096;
     int32_t eos = bpe_eos(b) != BPE_NONE ? (int32_t)bpe_eos(b) : m->cfg.eos_token_id;
+    if (o->ignore_eos)
+        eos = -1;
     infer *f = NULL;
     sample_stats st = {0};
     int rc = infer_new(&f, m, ctx, o->batch ? (int)o->parallel : 1, e);
