@@ -91,12 +91,13 @@ static int num_field(json_t *o, const char *key, double lo, double hi, int integ
     return 0;
 }
 
-/* Request fields beyond the prompt; stop strings are copied into *stops (owned). */
+/* Request fields beyond the prompt over r->sp's defaults; stop strings are copied into
+ * *stops (owned). */
 static int parse_request(json_t *o, sample_request *r, const sample_defaults *d,
                          const char *name, long line, char ***stops, dsv3_err *e)
 {
     double np = d->n_predict, temp = d->sp.temp, tk = d->sp.top_k, tp = d->sp.top_p;
-    double mp = d->sp.min_p, rp = d->sp.repeat_penalty, seed = (double)d->sp.seed;
+    double mp = d->sp.min_p, rp = d->sp.repeat_penalty;
     if (num_field(o, "n_predict", -1, 1 << 30, 1, &np, name, line, e) ||
         num_field(o, "temperature", -1e9, 1e9, 0, &temp, name, line, e) ||
         num_field(o, "top_k", -1, 1 << 30, 1, &tk, name, line, e) ||
@@ -109,7 +110,6 @@ static int parse_request(json_t *o, sample_request *r, const sample_defaults *d,
         if (!json_is_integer(js) || json_integer_value(js) < 0)
             return err_set(e, "%s, line %ld: \"seed\" must be a non-negative integer", name,
                            line);
-        seed = -1;
         r->sp.seed = (uint64_t)json_integer_value(js);
     }
     r->sp.temp = temp;
@@ -117,8 +117,6 @@ static int parse_request(json_t *o, sample_request *r, const sample_defaults *d,
     r->sp.top_p = tp;
     r->sp.min_p = mp;
     r->sp.repeat_penalty = rp;
-    if (seed >= 0)
-        r->sp.seed = d->sp.seed;
     r->n_predict = (int)np;
     r->stops = d->stops;
     r->n_stops = d->n_stops;

@@ -1,6 +1,8 @@
 /* Tests of lib/sample's text stream: UTF-8 characters held back until complete, text that
  * could begin a stop string held back until it cannot, a stop string across tokens cutting
  * the text before it. Tokens here are single bytes (a tokenizer of the 256 byte tokens). */
+#include <math.h>
+
 #include "../../lib/sample.h"
 #include "../test.h"
 
@@ -93,11 +95,87 @@ static void test_stop_across_tokens(void)
     bpe_free(b);
 }
 
+/* A tokenizer whose id 0 is a special end-of-sequence token, then the 256 bytes. */
+static bpe *eos_tokenizer(void)
+{
+    static uint8_t bytes[256], kind[257];
+    static const uint8_t *tok[257];
+    static uint32_t len[257];
+    static const char eos[] = "<eos>";
+    tok[0] = (const uint8_t *)eos;
+    len[0] = 5;
+    kind[0] = BPE_SPECIAL;
+    for (int i = 0; i < 256; i++) {
+        bytes[i] = (uint8_t)i;
+        tok[i + 1] = &bytes[i];
+        len[i + 1] = 1;
+        kind[i + 1] = BPE_BYTE;
+    }
+    const char *pat[] = {"[\\s\\S]"};
+    bpe_spec s = {.vocab_size = 257, .kind = kind, .tok = tok, .len = len, .patterns = pat,
+                  .n_patterns = 1, .bos = BPE_NONE, .eos = 0, .pad = BPE_NONE};
+    bpe *b = NULL;
+    dsv3_err e;
+    if (bpe_build(&b, &s, &e))
+        fprintf(stderr, "    %s\n", e.msg);
+    return b;
+}
+
+/* A one-layer model whose head is zero: every logit 0, so greedy takes the lowest id (the
+ * end-of-sequence token); the run stops there at once, or goes to -n without an EOS id,
+ * or to the full context. */
+static void test_run_stops(void)
+{
+    bpe *b = eos_tokenizer();
+    REQUIRE(b);
+    dsv3_config c = {.vocab_size = 257, .hidden_size = 8, .intermediate_size = 8,
+                     .moe_intermediate_size = 4, .num_hidden_layers = 1,
+                     .num_attention_heads = 2, .kv_lora_rank = 4, .qk_nope_head_dim = 4,
+                     .qk_rope_head_dim = 4, .v_head_dim = 4, .n_routed_experts = 2,
+                     .num_experts_per_tok = 1, .n_group = 1, .topk_group = 1,
+                     .routed_scaling_factor = 1, .first_k_dense_replace = 1,
+                     .rms_norm_eps = 1e-6, .max_position_embeddings = 16,
+                     .initializer_range = 0.02, .rope_theta = 10000, .rope_interleave = 1,
+                     .bos_token_id = -1, .eos_token_id = -1};
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.1);
+    memset(m.w.lm_head, 0, sizeof(float) * 257 * 8);
+    infer *f;
+    REQUIRE(infer_new(&f, &m, 8, 1, &e) == 0);
+    int32_t ids[3] = {5, 6, 7};
+    sample_request r = {.ids = ids, .n_ids = 3, .n_predict = 4};
+    sampler_params_default(&r.sp);
+    r.sp.temp = 0;
+    sample_stats st = {0};
+    sample_run_opts o = {.eos = 0};
+    CHECK(sample_run(f, b, &r, 1, &o, &st, &e) == 0);
+    CHECK(r.why == SAMPLE_STOP_EOS && r.n_gen == 0 && r.text.n == 0);
+    sample_request_free(&r);
+    o.eos = -1;  /* EOS ignored: the special token is generated, printed as nothing */
+    CHECK(sample_run(f, b, &r, 1, &o, &st, &e) == 0);
+    CHECK(r.why == SAMPLE_STOP_LENGTH && r.n_gen == 4 && r.text.n == 0);
+    sample_request_free(&r);
+    r.n_predict = -1;  /* 3 prompt tokens and 5 generated fill the 8 of the context; the
+                        * logits at the last position give a sixth, which is not fed */
+    CHECK(sample_run(f, b, &r, 1, &o, &st, &e) == 0);
+    CHECK(r.why == SAMPLE_STOP_CTX && r.n_gen == 6);
+    sample_request_free(&r);
+    int32_t big[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    sample_request r2 = {.ids = big, .n_ids = 8, .n_predict = 1, .sp = r.sp};
+    CHECK(sample_run(f, b, &r2, 1, &o, &st, &e) == -1);
+    CHECK(strstr(e.msg, "more than the context") != NULL);
+    infer_free(f);
+    model_free(&m);
+    bpe_free(b);
+}
+
 int main(void)
 {
     test_seed();
-    (void)test_rand;
     RUN(test_utf8_held_back);
     RUN(test_stop_across_tokens);
+    RUN(test_run_stops);
     TEST_EXIT();
 }
