@@ -48,12 +48,40 @@ void sampler_penalty(sampler_cands *c, const int32_t *hist, int n_hist, int last
     c->sorted = 0;
 }
 
+/* Sift-down in a heap of n whose root is the worst (the greatest by cmp_cand). */
+static void sift(sampler_cand *h, int n, int i)
+{
+    for (;;) {
+        int w = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && cmp_cand(&h[l], &h[w]) > 0)
+            w = l;
+        if (r < n && cmp_cand(&h[r], &h[w]) > 0)
+            w = r;
+        if (w == i)
+            return;
+        sampler_cand t = h[i];
+        h[i] = h[w];
+        h[w] = t;
+        i = w;
+    }
+}
+
+/* The k best by a heap (n log k, not a sort of the whole vocabulary), then sorted. */
 void sampler_top_k(sampler_cands *c, int k)
 {
     if (k <= 0 || k >= c->n)
         return;
-    sort(c);
+    if (!c->sorted) {
+        for (int i = k / 2 - 1; i >= 0; i--)
+            sift(c->v, k, i);
+        for (int i = k; i < c->n; i++)
+            if (cmp_cand(&c->v[i], &c->v[0]) < 0) {
+                c->v[0] = c->v[i];
+                sift(c->v, k, 0);
+            }
+    }
     c->n = k;
+    sort(c);
 }
 
 void sampler_softmax(sampler_cands *c)

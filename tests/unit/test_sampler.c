@@ -45,6 +45,27 @@ static void test_top_k(void)
     CHECK(c.n == 5);
 }
 
+/* top-k of random logits with many ties equals the first k of a full sort. */
+static void test_top_k_random(void)
+{
+    enum { V = 16 };
+    for (int rep = 0; rep < 200; rep++) {
+        float l[V];
+        for (int i = 0; i < V; i++)
+            l[i] = (float)(test_rand() % 5);
+        int k = 1 + (int)(test_rand() % (V - 1));
+        sampler_cands c = cands(l, V);
+        sampler_top_k(&c, k);
+        sampler_cand got[V];
+        memcpy(got, c.v, sizeof(sampler_cand) * (size_t)k);
+        c = cands(l, V);
+        sampler_softmax(&c);  /* sorts all */
+        for (int i = 0; i < k; i++)
+            CHECKF(got[i].id == c.v[i].id, "rep %d k %d at %d: %d vs %d", rep, k, i, got[i].id,
+                   c.v[i].id);
+    }
+}
+
 /* Cumulative 0.665, 0.910, 1: p 0.6 keeps one, 0.7 two, 0.92 three. */
 static void test_top_p(void)
 {
@@ -199,6 +220,7 @@ int main(void)
     test_seed();
     RUN(test_softmax);
     RUN(test_top_k);
+    RUN(test_top_k_random);
     RUN(test_top_p);
     RUN(test_min_p);
     RUN(test_temp);
