@@ -81,4 +81,9 @@ step "checkpoints: the trained model to an HF folder (BF16 shards) -> FP8 (DeepS
 step "score: per-token log-probs of the validation text under the BF16 model"
 "$BIN/dsv3-sample" --score -m "$OUT/hf" "$OUT"/packed/val-00000.shard | head -c 300; echo
 
+step "sample: greedy text from the trained model, then two requests as a batch"
+"$BIN/dsv3-sample" -m "$OUT/hf" -t "$OUT/tok.bpe" -p "The" -n 40 --temp 0; echo
+printf '{"prompt": "The", "n_predict": 16, "seed": 1}\n{"prompt": "A", "n_predict": 16, "temperature": 0}\n' |
+    "$BIN/dsv3-sample" -m "$OUT/hf" -t "$OUT/tok.bpe" --batch --quiet
+
 printf '\ndemo done: outputs in %s\n' "$OUT"

@@ -1,4 +1,7 @@
-# dsv3-sample --score: per-token log-probs and losses against transformers' logits in the HF
+# dsv3-sample. Generation (at the end): the seed reproduces, greedy ignores it, stop strings
+# cut exactly, batches equal requests run alone, chat through a pipe equals the templated
+# prompt, bad requests and over-long prompts refused.
+# --score: per-token log-probs and losses against transformers' logits in the HF
 # fixtures (tests/fixtures/hf, made by scripts/ref-hf.py), the printed loss against the
 # mean of the printed log-probs, windows against the whole sequence, text input against the
 # same text encoded to a shard, and bad input refused with exit 1 and no output file.
@@ -8,8 +11,9 @@ FX=tests/fixtures/hf
 
 expect help 0 dsv3-sample --help
 expect version 0 dsv3-sample --version
-expect_err no_mode 2 "generation is not written yet" dsv3-sample -m "$FX/noq_plain"
+expect_err no_tokenizer 2 "needs a tokenizer" dsv3-sample -m "$FX/noq_plain" -p hi
 expect_err no_model 2 "needs a model" dsv3-sample --score
+expect_err two_modes 2 "choose one" dsv3-sample --chat --batch -m "$FX/noq_plain"
 expect_err bos_without_tok 2 "need a tokenizer" dsv3-sample --score -m "$FX/noq_plain" --bos
 
 # A fixture's input ids and transformers' per-token log-probs (log-softmax of its logits),
@@ -134,3 +138,86 @@ check no_partial_output [ ! -e "$T/never.jsonl" ]
 head -c 100 "$T/a.shard" >"$T/trunc.shard"
 expect_err damaged_shard 1 "trunc.shard" dsv3-sample --score -m "$FX/noq_plain" "$T/trunc.shard"
 expect_err missing_model 1 "nowhere/config.json" dsv3-sample --score -m "$T/nowhere" "$T/a.shard"
+
+# ---- generation ----
+G="dsv3-sample -m $T/tiny -t $T/tok.bpe --quiet"
+$G -p "the cat" -n 30 --temp 1 --seed 5 >"$T/s5a"
+$G -p "the cat" -n 30 --temp 1 --seed 5 >"$T/s5b"
+$G -p "the cat" -n 30 --temp 1 --seed 6 >"$T/s6"
+check seed_reproduces cmp -s "$T/s5a" "$T/s5b"
+differ() { ! cmp -s "$1" "$2"; }
+check other_seed_differs differ "$T/s5a" "$T/s6"
+$G -p "the cat" -n 40 --temp 0 --seed 1 >"$T/g1"
+$G -p "the cat" -n 40 --temp 0 --seed 2 >"$T/g2"
+check greedy_ignores_seed cmp -s "$T/g1" "$T/g2"
+expect stats_on_stderr 0 dsv3-sample -m "$T/tiny" -t "$T/tok.bpe" -p "the cat" -n 5 --seed 1
+check stats_line grep -q "generated 5 tokens.*tokens/s), cache 0.1 MiB" "$T/err"
+expect_err prompt_over_ctx 1 "more than the context" \
+    dsv3-sample -m "$T/tiny" -t "$T/tok.bpe" -c 4 -p "the cat sat on the mat number 12"
+echo "the cat sat" >"$T/prompt.txt"
+$G -f "$T/prompt.txt" -n 10 --temp 0 >"$T/pf"
+$G -n 10 --temp 0 <"$T/prompt.txt" >"$T/pstdin"
+check prompt_file_or_stdin cmp -s "$T/pf" "$T/pstdin"
+
+# Stop strings: for several substrings of a greedy text (which may span tokens), the output
+# with --stop is exactly the text before the substring's first occurrence.
+if [ -x "$PY" ]; then
+    if $PY - "$T/g1" "$DSV3_BIN/dsv3-sample" "$T" >"$T/stopcmp" 2>&1 <<'PYEOF'
+import subprocess, sys
+full = open(sys.argv[1], "rb").read()
+tried = 0
+for p in range(2, len(full) - 3, max(1, len(full) // 6)):
+    for n in (1, 2, 3):
+        stop = full[p:p + n]
+        if b"\0" in stop:
+            continue
+        out = subprocess.run([sys.argv[2], "-m", sys.argv[3] + "/tiny", "-t",
+                              sys.argv[3] + "/tok.bpe", "--quiet", "-p", "the cat", "-n", "40",
+                              "--temp", "0", "--stop", "\x01never", "--stop", stop],
+                             capture_output=True).stdout
+        want = full[:full.find(stop)]
+        assert out == want, (stop, out, want)
+        tried += 1
+assert tried >= 6, tried
+
+PYEOF
+    then ok stop_strings_cut_exactly; else not_ok stop_strings_cut_exactly "$(tail -3 "$T/stopcmp")"; fi
+fi
+
+# Batch: five requests with their own options, three slots; each result equals the request
+# run alone (a batch of one), in input order.
+cat >"$T/req.jsonl" <<'EOF2'
+{"prompt": "the cat", "n_predict": 12, "seed": 1}
+{"prompt": "number 7 sat", "n_predict": 3, "temperature": 0}
+{"prompt": "on the mat", "n_predict": 20, "temperature": 1.2, "top_k": 0, "top_p": 1, "min_p": 0, "seed": 9}
+
+{"prompt": "ran", "n_predict": 7, "seed": 4, "stop": ["a", "e"]}
+{"prompt": "the", "n_predict": 16, "top_p": 0.5, "seed": 2}
+EOF2
+expect batch_runs 0 $G --batch --parallel 3 --seed 11 <"$T/req.jsonl"
+cp "$T/out" "$T/batch.jsonl"
+: >"$T/alone.jsonl"
+grep . "$T/req.jsonl" | while IFS= read -r line; do
+    printf '%s\n' "$line" | $G --batch --parallel 1 --seed 11 |
+        sed 's/"index":0/"index":I/' >>"$T/alone.jsonl"
+done
+check batch_five_results [ "$(wc -l <"$T/batch.jsonl")" -eq 5 ]
+check batch_in_order [ "$(grep -o '"index":[0-9]*' "$T/batch.jsonl" | tr '\n' ' ')" = \
+    '"index":0 "index":1 "index":2 "index":3 "index":4 ' ]
+sed 's/"index":[0-9]*/"index":I/' "$T/batch.jsonl" >"$T/batch.norm"
+check batch_equals_alone cmp -s "$T/batch.norm" "$T/alone.jsonl"
+check batch_lengths grep -q '"index":1,.*"tokens":3,"stop_reason":"length"' "$T/batch.jsonl"
+printf '{"prompt": "a"}\n{"prompt": "b", "n_predict": }\n' >"$T/bad.jsonl"
+expect_err batch_bad_json 1 "line 2: bad JSON" $G --batch -f "$T/bad.jsonl"
+check batch_bad_no_output [ ! -s "$T/out" ]
+printf '{"prompt": "a"}\n{"text": "b"}\n' | { expect_err batch_no_prompt 1 'line 2: expected an object with a string "prompt"' $G --batch; }
+
+# Chat through a pipe: the first answer is the generation from the templated prompt (BOS,
+# system, User marker, text, Assistant marker), then a second turn follows.
+printf 'the cat\nsat on the mat\n' >"$T/turns"
+expect chat_pipe 0 $G --chat --system "number 3" -n 8 --temp 0 <"$T/turns"
+cp "$T/out" "$T/chat.out"
+$G -p "number 3<｜User｜>the cat<｜Assistant｜>" -n 8 --temp 0 >"$T/turn1"
+n1=$(wc -c <"$T/turn1")
+check chat_first_turn_is_template cmp -s -n "$n1" "$T/chat.out" "$T/turn1"
+check chat_second_turn [ "$(wc -c <"$T/chat.out")" -gt $((n1 + 1)) ]

@@ -1,0 +1,423 @@
+#include "infer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+/* ---- linear layers for decoding ----
+ * lib/ops' matmul_forward walks rows outside and weights inside, so a call of B rows streams
+ * every weight matrix from memory B times, and its scalar four-way sum leaves most of a SIMD
+ * unit idle. Decoding is bound by reading weights: here each weight row is read once for all
+ * the call's rows (it stays in L1 while they pass), and the dot product runs on four
+ * 4-float vector accumulators. Every output element is one dot() in a fixed order, whatever
+ * the number of rows or threads, so a row's result does not depend on its batch. */
+typedef float v4f __attribute__((vector_size(16)));
+
+static float dot(const float *x, const float *w, int I)
+{
+    v4f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int i = 0;
+    for (; i + 16 <= I; i += 16) {
+        v4f x0, x1, x2, x3, w0, w1, w2, w3;
+        memcpy(&x0, x + i, 16);
+        memcpy(&x1, x + i + 4, 16);
+        memcpy(&x2, x + i + 8, 16);
+        memcpy(&x3, x + i + 12, 16);
+        memcpy(&w0, w + i, 16);
+        memcpy(&w1, w + i + 4, 16);
+        memcpy(&w2, w + i + 8, 16);
+        memcpy(&w3, w + i + 12, 16);
+        a0 += x0 * w0;
+        a1 += x1 * w1;
+        a2 += x2 * w2;
+        a3 += x3 * w3;
+    }
+    v4f a = (a0 + a1) + (a2 + a3);
+    float sum = (a[0] + a[1]) + (a[2] + a[3]);
+    for (; i < I; i++)
+        sum += x[i] * w[i];
+    return sum;
+}
+
+/* out[N,O] = in[N,I] . w[O,I]^T, as matmul_forward. */
+static void linear(float *out, const float *in, const float *w, int N, int I, int O)
+{
+#pragma omp parallel for schedule(static) if ((int64_t)N * I * O > 65536)
+    for (int o = 0; o < O; o++) {
+        const float *wr = w + (size_t)o * I;
+        for (int n = 0; n < N; n++)
+            out[(size_t)n * O + o] = dot(in + (size_t)n * I, wr, I);
+    }
+}
+
+/* Per-call buffers, grown to the largest call so far. */
+typedef struct scratch {
+    int rows;
+    int *pos;
+    float *x, *xn, *x2, *x2n, *out, *rstd;
+    float *qa, *qan, *q, *kva, *ckv, *ckvn, *kpe, *ao;
+    float *g, *u, *h;                      /* dense MLP or shared experts [R, inter] */
+    float *rl, *rs, *rw;                   /* router logits, affinities [R,E], weights [R,K] */
+    int *idx, *off, *sl;                   /* [R,K], [E+1], [R,K] */
+    float *xe, *ye, *ey;                   /* expert inputs, work, outputs per slot */
+} scratch;
+
+struct infer {
+    const dsv3_model *m;
+    int n_ctx, n_slots, width;  /* width = kv_lora_rank + qk_rope_head_dim */
+    float *cache;               /* [layers][slots][n_ctx][width] */
+    int *len;                   /* [slots] */
+    float *cos_t, *sin_t;       /* [n_ctx, rope/2] */
+    scratch s;
+};
+
+static float *cache_at(const infer *f, int l, int slot, int pos)
+{
+    return f->cache + (((size_t)l * f->n_slots + slot) * f->n_ctx + pos) * f->width;
+}
+
+int infer_new(infer **out, const dsv3_model *m, int n_ctx, int n_slots, dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    if (n_ctx < 1 || n_slots < 1)
+        return err_set(e, "infer: a context of %d tokens and %d slots", n_ctx, n_slots);
+    infer *f = calloc(1, sizeof *f);
+    if (!f)
+        return err_set(e, "infer: out of memory");
+    f->m = m;
+    f->n_ctx = n_ctx;
+    f->n_slots = n_slots;
+    f->width = c->kv_lora_rank + c->qk_rope_head_dim;
+    size_t cache = (size_t)c->num_hidden_layers * n_slots * n_ctx * f->width;
+    int half = c->qk_rope_head_dim / 2;
+    f->cache = malloc(cache * sizeof(float));
+    f->len = calloc((size_t)n_slots, sizeof *f->len);
+    f->cos_t = malloc((size_t)n_ctx * (half ? half : 1) * sizeof(float));
+    f->sin_t = malloc((size_t)n_ctx * (half ? half : 1) * sizeof(float));
+    if (!f->cache || !f->len || !f->cos_t || !f->sin_t) {
+        infer_free(f);
+        return err_set(e, "infer: out of memory for a cache of %d slots x %d tokens (%.1f MiB)",
+                       n_slots, n_ctx, cache * 4.0 / (1 << 20));
+    }
+    double inv_freq[half > 0 ? half : 1];
+    config_rope_inv_freq(c, inv_freq);
+    rope_tables(f->cos_t, f->sin_t, inv_freq, n_ctx, half, config_rope_attention_factor(c));
+    *out = f;
+    return 0;
+}
+
+static void scratch_free(scratch *s)
+{
+    void *p[] = {s->pos, s->x, s->xn, s->x2, s->x2n, s->out, s->rstd, s->qa, s->qan, s->q,
+                 s->kva, s->ckv, s->ckvn, s->kpe, s->ao, s->g, s->u, s->h, s->rl, s->rs,
+                 s->rw, s->idx, s->off, s->sl, s->xe, s->ye, s->ey};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++)
+        free(p[i]);
+    memset(s, 0, sizeof *s);
+}
+
+void infer_free(infer *f)
+{
+    if (!f)
+        return;
+    scratch_free(&f->s);
+    free(f->cache);
+    free(f->len);
+    free(f->cos_t);
+    free(f->sin_t);
+    free(f);
+}
+
+int infer_n_ctx(const infer *f) { return f->n_ctx; }
+int infer_n_slots(const infer *f) { return f->n_slots; }
+int infer_vocab(const infer *f) { return f->m->cfg.vocab_size; }
+
+size_t infer_cache_bytes(const infer *f)
+{
+    return (size_t)f->m->cfg.num_hidden_layers * f->n_slots * f->n_ctx * f->width * 4;
+}
+
+size_t infer_cache_bytes_per_token(const infer *f)
+{
+    return (size_t)f->m->cfg.num_hidden_layers * f->width * 4;
+}
+
+int infer_slot_len(const infer *f, int slot) { return f->len[slot]; }
+void infer_slot_clear(infer *f, int slot) { f->len[slot] = 0; }
+
+static int scratch_grow(scratch *s, const dsv3_config *c, int R)
+{
+    if (R <= s->rows)
+        return 0;
+    scratch_free(s);
+    size_t H = (size_t)c->hidden_size, nh = (size_t)c->num_attention_heads;
+    size_t qk = (size_t)config_qk_head_dim(c), kv = (size_t)c->kv_lora_rank;
+    size_t rope = (size_t)c->qk_rope_head_dim, dv = (size_t)c->v_head_dim;
+    size_t E = (size_t)c->n_routed_experts, K = (size_t)c->num_experts_per_tok;
+    size_t mi = (size_t)c->moe_intermediate_size;
+    size_t inter = (size_t)c->intermediate_size;
+    if (mi * c->n_shared_experts > inter)
+        inter = mi * c->n_shared_experts;
+    size_t r = (size_t)R, q = c->q_lora_rank ? (size_t)c->q_lora_rank : 1;
+#define A(p, n) ((p) = malloc(((size_t)(n) + 1) * sizeof *(p)))
+    int bad = !A(s->pos, r) | !A(s->x, r * H) | !A(s->xn, r * H) | !A(s->x2, r * H) |
+              !A(s->x2n, r * H) | !A(s->out, r * H) | !A(s->rstd, r) | !A(s->qa, r * q) |
+              !A(s->qan, r * q) | !A(s->q, r * nh * qk) | !A(s->kva, r * (kv + rope)) |
+              !A(s->ckv, r * kv) | !A(s->ckvn, r * kv) | !A(s->kpe, r * rope) |
+              !A(s->ao, r * nh * dv) | !A(s->g, r * inter) | !A(s->u, r * inter) |
+              !A(s->h, r * inter) | !A(s->rl, r * E) | !A(s->rs, r * E) | !A(s->rw, r * K) |
+              !A(s->idx, r * K) | !A(s->off, E + 1) | !A(s->sl, r * K) |
+              !A(s->xe, r * K * H) | !A(s->ye, r * K * (3 * mi + H)) | !A(s->ey, r * K * H);
+#undef A
+    if (bad) {
+        scratch_free(s);
+        return -1;
+    }
+    s->rows = R;
+    return 0;
+}
+
+/* Absorbed attention of one row and head over its slot's cached positions 0..pos:
+ * q_lat = W_uk^T q_nope; p = softmax(scale (q_lat . c_kv_t + q_pe . k_pe_t));
+ * o = W_uv (sum_t p_t c_kv_t). Dot products in double, as attention_forward takes them. */
+static void attend(const infer *f, int l, int slot, int pos, const float *qh, const float *wkvb,
+                   float *o, double *qlat, float *p, double *olat)
+{
+    const dsv3_config *c = &f->m->cfg;
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim;
+    float scale = (float)config_softmax_scale(c);
+    for (int j = 0; j < kv; j++)
+        qlat[j] = 0;
+    for (int d = 0; d < nope; d++) {
+        double qd = qh[d];
+        const float *w = wkvb + (size_t)d * kv;
+        for (int j = 0; j < kv; j++)
+            qlat[j] += qd * w[j];
+    }
+    const float *qpe = qh + nope;
+    float mx = -INFINITY;
+    for (int t = 0; t <= pos; t++) {
+        const float *ct = cache_at(f, l, slot, t);
+        double sc = 0;
+        for (int j = 0; j < kv; j++)
+            sc += qlat[j] * ct[j];
+        for (int j = 0; j < rope; j++)
+            sc += (double)qpe[j] * ct[kv + j];
+        p[t] = (float)sc * scale;
+        if (p[t] > mx)
+            mx = p[t];
+    }
+    double sum = 0;
+    for (int t = 0; t <= pos; t++) {
+        p[t] = expf(p[t] - mx);
+        sum += p[t];
+    }
+    for (int j = 0; j < kv; j++)
+        olat[j] = 0;
+    for (int t = 0; t <= pos; t++) {
+        double pt = p[t] / sum;
+        const float *ct = cache_at(f, l, slot, t);
+        for (int j = 0; j < kv; j++)
+            olat[j] += pt * ct[j];
+    }
+    const float *wuv = wkvb + (size_t)nope * kv;
+    for (int d = 0; d < dv; d++) {
+        double a = 0;
+        const float *w = wuv + (size_t)d * kv;
+        for (int j = 0; j < kv; j++)
+            a += olat[j] * w[j];
+        o[d] = (float)a;
+    }
+}
+
+/* MLA of one layer over the call's rows: s->xn in, s->out [R,H] (o_proj applied); appends
+ * each row's c_kv and k_pe to its slot's cache first, so rows of one slot see each other. */
+static void mla(infer *f, const model_layer *W, int l, int R, const int *slot)
+{
+    const dsv3_config *c = &f->m->cfg;
+    scratch *s = &f->s;
+    int H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2;
+    /* The q_a and kv_a norms use transformers' default eps of 1e-6, as lib/model does. */
+    if (c->q_lora_rank) {
+        linear(s->qa, s->xn, W->q_a_proj, R, H, c->q_lora_rank);
+        rmsnorm_forward(s->qan, s->rstd, s->qa, W->q_a_layernorm, R, c->q_lora_rank, 1e-6f);
+        linear(s->q, s->qan, W->q_b_proj, R, c->q_lora_rank, nh * qk);
+    } else {
+        linear(s->q, s->xn, W->q_proj, R, H, nh * qk);
+    }
+    rope_forward(s->q + nope, R * nh, qk, nh, s->pos, f->cos_t, f->sin_t, half,
+                 c->rope_interleave);
+    linear(s->kva, s->xn, W->kv_a_proj, R, H, kv + rope);
+    for (int r = 0; r < R; r++) {
+        memcpy(s->ckv + (size_t)r * kv, s->kva + (size_t)r * (kv + rope), (size_t)kv * 4);
+        memcpy(s->kpe + (size_t)r * rope, s->kva + (size_t)r * (kv + rope) + kv,
+               (size_t)rope * 4);
+    }
+    rmsnorm_forward(s->ckvn, s->rstd, s->ckv, W->kv_a_layernorm, R, kv, 1e-6f);
+    rope_forward(s->kpe, R, rope, 1, s->pos, f->cos_t, f->sin_t, half, c->rope_interleave);
+    for (int r = 0; r < R; r++) {
+        float *dst = cache_at(f, l, slot[r], s->pos[r]);
+        memcpy(dst, s->ckvn + (size_t)r * kv, (size_t)kv * 4);
+        memcpy(dst + kv, s->kpe + (size_t)r * rope, (size_t)rope * 4);
+    }
+    int max_pos = 0;
+    for (int r = 0; r < R; r++)
+        if (s->pos[r] > max_pos)
+            max_pos = s->pos[r];
+#pragma omp parallel
+    {
+        double *qlat = malloc((size_t)kv * 2 * sizeof(double));
+        float *p = malloc((size_t)(max_pos + 1) * sizeof(float));
+#pragma omp for collapse(2) schedule(static)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < nh; h++)
+                attend(f, l, slot[r], s->pos[r], s->q + ((size_t)r * nh + h) * qk,
+                       W->kv_b_proj + (size_t)h * (nope + dv) * kv,
+                       s->ao + ((size_t)r * nh + h) * dv, qlat, p, qlat + kv);
+        free(qlat);
+        free(p);
+    }
+    linear(s->out, s->ao, W->o_proj, R, nh * dv, H);
+}
+
+static void mlp(float *y, float *g, float *u, float *h, const float *x, const float *wg,
+                const float *wu, const float *wd, int N, int H, int I)
+{
+    linear(g, x, wg, N, H, I);
+    linear(u, x, wu, N, H, I);
+    swiglu_forward(h, g, u, (int64_t)N * I);
+    linear(y, h, wd, N, I, H);
+}
+
+/* DeepSeekMoE over the rows: s->x2n in, s->out. Experts one after another over the (row, k)
+ * slots routed to them (each expert's weights read once per call), summed per row in k
+ * order and then the shared experts, as lib/model sums them. */
+static void moe(infer *f, const model_layer *W, int R)
+{
+    const dsv3_config *c = &f->m->cfg;
+    scratch *s = &f->s;
+    int H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int mi = c->moe_intermediate_size;
+    linear(s->rl, s->x2n, W->router, R, H, E);
+    for (int r = 0; r < R; r++)
+        router_forward(s->idx + (size_t)r * K, s->rw + (size_t)r * K, s->rs + (size_t)r * E,
+                       s->rl + (size_t)r * E, W->router_bias, E, c->n_group, c->topk_group, K,
+                       c->norm_topk_prob, (float)c->routed_scaling_factor);
+    int n = R * K, *off = s->off;
+    memset(off, 0, (size_t)(E + 1) * sizeof *off);
+    for (int i = 0; i < n; i++)
+        off[s->idx[i] + 1]++;
+    for (int x = 0; x < E; x++)
+        off[x + 1] += off[x];
+    int cursor[E > 0 ? E : 1], *order = s->sl;  /* (row, k) slots sorted by expert */
+    memcpy(cursor, off, (size_t)E * sizeof *cursor);
+    for (int i = 0; i < n; i++)
+        order[cursor[s->idx[i]]++] = i;
+#pragma omp parallel for schedule(dynamic) \
+    if ((int64_t)n * H * mi > (1 << 18))
+    for (int x = 0; x < E; x++) {
+        int cnt = off[x + 1] - off[x];
+        if (!cnt)
+            continue;
+        const int *sl = order + off[x];
+        float *xe = s->xe + (size_t)off[x] * H, *ye = s->ye + (size_t)off[x] * (3 * mi + H);
+        for (int i = 0; i < cnt; i++)
+            memcpy(xe + (size_t)i * H, s->x2n + (size_t)(sl[i] / K) * H, (size_t)H * 4);
+        float *g = ye, *u = ye + (size_t)cnt * mi, *h = ye + 2 * (size_t)cnt * mi;
+        float *y = ye + 3 * (size_t)cnt * mi;
+        mlp(y, g, u, h, xe, W->e_gate[x], W->e_up[x], W->e_down[x], cnt, H, mi);
+        for (int i = 0; i < cnt; i++)
+            memcpy(s->ey + (size_t)sl[i] * H, y + (size_t)i * H, (size_t)H * 4);
+    }
+    memset(s->out, 0, (size_t)R * H * 4);
+    for (int i = 0; i < n; i++) {
+        float wt = s->rw[i];
+        float *o = s->out + (size_t)(i / K) * H;
+        const float *y = s->ey + (size_t)i * H;
+        for (int j = 0; j < H; j++)
+            o[j] += wt * y[j];
+    }
+    if (c->n_shared_experts) {
+        int si = mi * c->n_shared_experts;
+        float *ys = s->xe;  /* free again: [R,H] fits in [R*K,H] */
+        mlp(ys, s->g, s->u, s->h, s->x2n, W->s_gate, W->s_up, W->s_down, R, H, si);
+        for (size_t i = 0; i < (size_t)R * H; i++)
+            s->out[i] += ys[i];
+    }
+}
+
+int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
+                  float *logits, dsv3_err *e)
+{
+    const dsv3_model *m = f->m;
+    const dsv3_config *c = &m->cfg;
+    int H = c->hidden_size, V = c->vocab_size;
+    float eps = (float)c->rms_norm_eps;
+    if (n <= 0)
+        return 0;
+    if (scratch_grow(&f->s, c, n))
+        return err_set(e, "infer: out of memory for %d rows", n);
+    scratch *s = &f->s;
+    int grow[f->n_slots];
+    memset(grow, 0, sizeof grow);
+    for (int r = 0; r < n; r++) {
+        if (slot[r] < 0 || slot[r] >= f->n_slots)
+            return err_set(e, "infer: slot %d outside 0..%d", slot[r], f->n_slots - 1);
+        if (ids[r] < 0 || ids[r] >= V)
+            return err_set(e, "token id %d outside the vocabulary (vocab_size %d)", ids[r], V);
+        s->pos[r] = f->len[slot[r]] + grow[slot[r]]++;
+        if (s->pos[r] >= f->n_ctx)
+            return err_set(e, "the context is full: %d tokens (--ctx)", f->n_ctx);
+    }
+    embedding_forward(s->x, m->w.embed, ids, n, H);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const model_layer *W = &m->w.layers[l];
+        rmsnorm_forward(s->xn, s->rstd, s->x, W->input_layernorm, n, H, eps);
+        mla(f, W, l, n, slot);
+        for (size_t i = 0; i < (size_t)n * H; i++)
+            s->x2[i] = s->x[i] + s->out[i];
+        rmsnorm_forward(s->x2n, s->rstd, s->x2, W->post_attention_layernorm, n, H, eps);
+        if (config_layer_is_moe(c, l))
+            moe(f, W, n);
+        else
+            mlp(s->out, s->g, s->u, s->h, s->x2n, W->gate_proj, W->up_proj, W->down_proj, n, H,
+                c->intermediate_size);
+        for (size_t i = 0; i < (size_t)n * H; i++)
+            s->x[i] = s->x2[i] + s->out[i];
+    }
+    /* Only the wanted rows go through the final norm and the head. */
+    int k = 0;
+    for (int r = 0; r < n; r++)
+        if (!want || want[r])
+            memcpy(s->xn + (size_t)k++ * H, s->x + (size_t)r * H, (size_t)H * 4);
+    rmsnorm_forward(s->x2n, s->rstd, s->xn, m->w.final_norm, k, H, eps);
+    linear(logits, s->x2n, m->w.lm_head, k, H, V);
+    for (int r = 0; r < n; r++)
+        f->len[slot[r]]++;
+    return 0;
+}
+
+int infer_prefill(infer *f, int slot, const int32_t *ids, int n, float *logits, dsv3_err *e)
+{
+    if (n <= 0)
+        return err_set(e, "infer: an empty prompt");
+    int *sl = malloc((size_t)n * sizeof *sl);
+    uint8_t *want = calloc((size_t)n, 1);
+    if (!sl || !want) {
+        free(sl);
+        free(want);
+        return err_set(e, "infer: out of memory");
+    }
+    for (int i = 0; i < n; i++)
+        sl[i] = slot;
+    want[n - 1] = 1;
+    int rc = infer_forward(f, n, sl, ids, want, logits, e);
+    free(sl);
+    free(want);
+    return rc;
+}

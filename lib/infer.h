@@ -1,0 +1,56 @@
+/* infer: the DeepSeek-V3 model at inference, on the CPU: a latent KV cache and a forward over
+ * any set of new tokens of any set of sequences (prefill and batched decode are the same call).
+ *
+ * Multi-head latent attention as DeepSeek's inference runs it (V2 report, section 2.1.2; V3's
+ * inference/model.py, attn_impl "absorb"): per layer and token the cache holds only the
+ * normalised latent c_kv (kv_lora_rank values, after kv_a_layernorm) and the rotated k_pe
+ * (qk_rope_head_dim values), never per-head keys or values. W_kvb is absorbed on both sides:
+ * each head's q_nope is mapped into latent space (q_nope . W_uk), scores are taken against
+ * the cached latents (plus q_pe . k_pe), the softmax-weighted sum of latents is mapped out
+ * through W_uv, then o_proj. Routing is the model's (correction bias for selection only);
+ * the MTP modules are not used.
+ *
+ * The weights are the dsv3_model's (read, never written). A sequence lives in a slot of the
+ * cache; rows of one call are (slot, token) pairs, each at the slot's next position, so a
+ * prompt is one call with all its tokens (prefill) and a decode step is one call with a row
+ * per running sequence. Every output row is computed in the same order whatever the other
+ * rows of the call are, so a sequence's logits do not depend on what it is batched with.
+ * A GPU engine can sit behind the same functions. */
+#ifndef DSV3_INFER_H
+#define DSV3_INFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+
+typedef struct infer infer;
+
+/* A cache of n_slots sequences of up to n_ctx tokens each. */
+int infer_new(infer **out, const dsv3_model *m, int n_ctx, int n_slots, dsv3_err *e);
+void infer_free(infer *f);
+
+int infer_n_ctx(const infer *f);
+int infer_n_slots(const infer *f);
+int infer_vocab(const infer *f);
+/* Bytes of the latent cache: layers x slots x n_ctx x (kv_lora_rank + qk_rope_head_dim) x 4. */
+size_t infer_cache_bytes(const infer *f);
+/* Bytes of cache one token adds (all layers). */
+size_t infer_cache_bytes_per_token(const infer *f);
+/* Tokens held by slot. */
+int infer_slot_len(const infer *f, int slot);
+/* Empties a slot (its next token is at position 0). */
+void infer_slot_clear(infer *f, int slot);
+
+/* Runs n new rows: row r appends token ids[r] to slot[r] (rows of one slot in order, at
+ * consecutive positions). For each row with want[r] != 0 (want NULL: every row) one row of
+ * vocab_size logits is written to logits, in row order. Fails, changing nothing, when a slot
+ * would pass n_ctx or an id is outside the vocabulary. */
+int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
+                  float *logits, dsv3_err *e);
+
+/* The prompt ids[0..n) appended to slot in one pass; logits of its last token. */
+int infer_prefill(infer *f, int slot, const int32_t *ids, int n, float *logits, dsv3_err *e);
+
+#endif

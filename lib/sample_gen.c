@@ -1,0 +1,286 @@
+/* sample_gen: the generation loop of lib/sample (see sample.h): stop strings and UTF-8 in
+ * the text stream, sequences in cache slots, prefill, batched decode, continuous batching. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sample.h"
+
+const char *sample_stop_name(sample_stop s)
+{
+    switch (s) {
+    case SAMPLE_STOP_EOS: return "eos";
+    case SAMPLE_STOP_STRING: return "stop";
+    case SAMPLE_STOP_LENGTH: return "length";
+    case SAMPLE_STOP_CTX: return "ctx";
+    default: return "none";
+    }
+}
+
+/* ---- text ---- */
+
+void sample_text_init(sample_text *t, const bpe *b, char **stops, int n_stops)
+{
+    memset(t, 0, sizeof *t);
+    t->b = b;
+    t->stops = stops;
+    t->n_stops = n_stops;
+}
+
+void sample_text_free(sample_text *t)
+{
+    bpe_bytes_free(&t->text);
+}
+
+/* Bytes at the end of s[0..n) that start a UTF-8 character not yet complete. */
+static size_t utf8_cut(const uint8_t *s, size_t n)
+{
+    for (size_t back = 1; back <= 3 && back <= n; back++) {
+        uint8_t c = s[n - back];
+        if ((c & 0xC0) == 0x80)
+            continue;  /* a continuation byte: look further back */
+        size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        return need > back && c >= 0xC0 && c < 0xF8 ? back : 0;
+    }
+    return 0;
+}
+
+int sample_text_push(sample_text *t, uint32_t id, const uint8_t **out, size_t *n, dsv3_err *e)
+{
+    *out = NULL;
+    *n = 0;
+    if (t->stopped)
+        return 1;
+    if (bpe_decode(t->b, &id, 1, 1, &t->text, e))
+        return -1;
+    /* A stop string can only end in the new bytes; one that began in released text would
+     * have been held back, so searching from the released end finds every match. */
+    size_t from = t->emitted, cut = SIZE_MAX;
+    for (int i = 0; i < t->n_stops; i++) {
+        size_t len = strlen(t->stops[i]);
+        if (!len || t->text.n - from < len)
+            continue;
+        const uint8_t *hit = memmem(t->text.v + from, t->text.n - from, t->stops[i], len);
+        if (hit && (size_t)(hit - t->text.v) < cut)
+            cut = (size_t)(hit - t->text.v);
+    }
+    if (cut != SIZE_MAX) {
+        t->text.n = cut;
+        t->stopped = 1;
+        *out = t->text.v + t->emitted;
+        *n = cut - t->emitted;
+        t->emitted = cut;
+        return 1;
+    }
+    /* Hold back the longest tail that is a prefix of a stop string, then a cut character. */
+    size_t hold = 0;
+    for (int i = 0; i < t->n_stops; i++) {
+        size_t len = strlen(t->stops[i]);
+        for (size_t k = len - (len > 0); k > hold; k--)
+            if (k <= t->text.n - t->emitted &&
+                !memcmp(t->text.v + t->text.n - k, t->stops[i], k)) {
+                hold = k;
+                break;
+            }
+    }
+    size_t end = t->text.n - hold;
+    end -= utf8_cut(t->text.v + t->emitted, end - t->emitted);
+    *out = t->text.v + t->emitted;
+    *n = end - t->emitted;
+    t->emitted = end;
+    return 0;
+}
+
+void sample_text_flush(sample_text *t, const uint8_t **out, size_t *n)
+{
+    *out = t->text.v + t->emitted;
+    *n = t->text.n - t->emitted;
+    t->emitted = t->text.n;
+}
+
+void sample_request_free(sample_request *r)
+{
+    bpe_bytes_free(&r->text);
+    free(r->gen);
+    r->gen = NULL;
+}
+
+/* ---- sequences ---- */
+
+/* A running request in a slot. */
+typedef struct seq {
+    int req;           /* index into the requests, -1 when the slot is free */
+    sampler smp;
+    sample_text txt;
+    int32_t *hist;     /* prompt then generated ids, for the repeat penalty */
+    int n_hist;
+    int32_t next;      /* the token to feed at the next decode step */
+} seq;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int emit(FILE *f, const uint8_t *s, size_t n, dsv3_err *e)
+{
+    if (!f || !n)
+        return 0;
+    if (fwrite(s, 1, n, f) != n || fflush(f))
+        return err_errno(e, "writing the generated text");
+    return 0;
+}
+
+/* Takes the sequence's next token from its logits; finishes the request when it ends. */
+static int take(infer *f, int slot, seq *q, sample_request *r, float *logits,
+                const sample_run_opts *o, dsv3_err *e)
+{
+    /* Ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's, holes)
+     * are never chosen. */
+    const bpe *b = q->txt.b;
+    int V = infer_vocab(f);
+    for (int v = 0; v < V; v++)
+        if ((uint32_t)v >= bpe_vocab_size(b) || bpe_token_kind(b, (uint32_t)v) == BPE_UNUSED)
+            logits[v] = -INFINITY;
+    int32_t tok = sampler_sample(&q->smp, logits, q->hist, q->n_hist);
+    if (tok == o->eos) {
+        r->why = SAMPLE_STOP_EOS;
+        return 0;
+    }
+    q->hist[q->n_hist++] = tok;
+    r->gen[r->n_gen++] = tok;
+    const uint8_t *out;
+    size_t n;
+    int stop = sample_text_push(&q->txt, (uint32_t)tok, &out, &n, e);
+    if (stop < 0)
+        return -1;
+    if (emit(o->stream, out, n, e))
+        return -1;
+    if (stop)
+        r->why = SAMPLE_STOP_STRING;
+    else if (r->n_predict >= 0 && r->n_gen >= r->n_predict)
+        r->why = SAMPLE_STOP_LENGTH;
+    else if (infer_slot_len(f, slot) >= infer_n_ctx(f))
+        r->why = SAMPLE_STOP_CTX;
+    q->next = tok;
+    return 0;
+}
+
+/* Puts request i into slot s: the sequence's state, then its prompt in one pass (prefill)
+ * and its first token. */
+static int start(infer *f, const bpe *b, int s, seq *q, sample_request *reqs, int i,
+                 float *logits, const sample_run_opts *o, sample_stats *st, dsv3_err *e)
+{
+    sample_request *r = &reqs[i];
+    if (!o->keep_slot)
+        infer_slot_clear(f, s);
+    int have = infer_slot_len(f, s), ctx = infer_n_ctx(f);
+    if (r->n_ids < 1)
+        return err_set(e, "request %d: an empty prompt", i);
+    if (have + r->n_ids >= ctx)
+        return err_set(e, "request %d: the prompt has %d tokens%s, more than the context of "
+                       "%d tokens leaves room for (--ctx)", i, r->n_ids,
+                       have ? " after the conversation so far" : "", ctx);
+    int cap = r->n_ids + (r->n_predict >= 0 && r->n_predict < ctx ? r->n_predict : ctx) + 1;
+    r->n_gen = 0;
+    r->why = SAMPLE_STOP_NONE;
+    memset(&r->text, 0, sizeof r->text);
+    q->hist = malloc((size_t)cap * sizeof *q->hist);
+    r->gen = malloc((size_t)cap * sizeof *r->gen);
+    if (!q->hist || !r->gen) {
+        free(q->hist);
+        return err_set(e, "out of memory");
+    }
+    if (sampler_init(&q->smp, &r->sp, infer_vocab(f), e)) {
+        free(q->hist);
+        return -1;
+    }
+    q->req = i;
+    memcpy(q->hist, r->ids, (size_t)r->n_ids * sizeof *q->hist);
+    q->n_hist = r->n_ids;
+    sample_text_init(&q->txt, b, r->stops, r->n_stops);
+    double t0 = now();
+    int rc = infer_prefill(f, s, r->ids, r->n_ids, logits, e);
+    st->prefill_s += now() - t0;
+    st->prompt_tokens += (uint64_t)r->n_ids;
+    return rc ? rc : take(f, s, q, r, logits, o, e);
+}
+
+/* Hands a finished request its text and frees the slot. */
+static void finish(seq *q, sample_request *r)
+{
+    const uint8_t *out;
+    size_t n;
+    if (!q->txt.stopped)
+        sample_text_flush(&q->txt, &out, &n);
+    r->text = q->txt.text;
+    memset(&q->txt.text, 0, sizeof q->txt.text);
+    sampler_free(&q->smp);
+    free(q->hist);
+    q->hist = NULL;
+    q->req = -1;
+}
+
+int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample_run_opts *o,
+               sample_stats *st, dsv3_err *e)
+{
+    int S = infer_n_slots(f), V = infer_vocab(f), next_req = 0, next_done = 0;
+    seq *q = calloc((size_t)S, sizeof *q);
+    int *slot = malloc((size_t)S * sizeof *slot);
+    int32_t *ids = malloc((size_t)S * sizeof *ids);
+    float *logits = malloc((size_t)S * V * sizeof *logits);
+    int rc = 0;
+    if (!q || !slot || !ids || !logits)
+        rc = err_set(e, "out of memory");
+    for (int s = 0; s < S && q; s++)
+        q[s].req = -1;
+    while (!rc) {
+        /* Fill free slots with waiting requests at once (continuous batching). */
+        for (int s = 0; s < S && !rc; s++)
+            while (q[s].req < 0 && next_req < n && !rc) {
+                int i = next_req++;
+                rc = start(f, b, s, &q[s], reqs, i, logits, o, st, e);
+                if (q[s].req >= 0 && reqs[i].why)
+                    finish(&q[s], &reqs[i]);
+            }
+        /* Release finished requests in input order. */
+        while (!rc && next_done < next_req && reqs[next_done].why) {
+            if (o->done)
+                rc = o->done(o->ctx, next_done, &reqs[next_done], e);
+            next_done++;
+        }
+        int R = 0;
+        for (int s = 0; s < S && !rc; s++)
+            if (q[s].req >= 0) {
+                slot[R] = s;
+                ids[R++] = q[s].next;
+            }
+        if (rc || (!R && next_req >= n))
+            break;
+        /* One decode step: a row per running sequence. */
+        double t0 = now();
+        rc = infer_forward(f, R, slot, ids, NULL, logits, e);
+        st->decode_s += now() - t0;
+        st->decode_tokens += (uint64_t)R;
+        for (int k = 0; k < R && !rc; k++) {
+            seq *z = &q[slot[k]];
+            sample_request *r = &reqs[z->req];
+            rc = take(f, slot[k], z, r, logits + (size_t)k * V, o, e);
+            if (!rc && r->why)
+                finish(z, r);
+        }
+    }
+    for (int i = 0; i < next_req; i++)
+        st->gen_tokens += (uint64_t)reqs[i].n_gen;
+    for (int s = 0; s < S && q; s++)
+        if (q[s].req >= 0)
+            finish(&q[s], &reqs[q[s].req]);
+    free(q);
+    free(slot);
+    free(ids);
+    free(logits);
+    return rc;
+}

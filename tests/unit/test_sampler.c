@@ -1,0 +1,232 @@
+/* Tests of lib/sampler: each transform against distributions worked by hand, the draw's
+ * frequencies against the softmax, greedy against argmax, and the seed reproducing draws. */
+#include <math.h>
+
+#include "../../lib/sampler.h"
+#include "../test.h"
+
+static sampler_cand buf[16];
+
+static sampler_cands cands(const float *logits, int n)
+{
+    for (int i = 0; i < n; i++)
+        buf[i] = (sampler_cand){i, logits[i], 0};
+    return (sampler_cands){buf, n, 0};
+}
+
+static int has(const sampler_cands *c, int32_t id)
+{
+    for (int i = 0; i < c->n; i++)
+        if (c->v[i].id == id)
+            return 1;
+    return 0;
+}
+
+/* softmax(1, 2, 3) = (0.0900306, 0.2447285, 0.6652410), sorted descending. */
+static void test_softmax(void)
+{
+    float l[] = {1, 2, 3};
+    sampler_cands c = cands(l, 3);
+    sampler_softmax(&c);
+    CHECK(c.n == 3 && c.v[0].id == 2 && c.v[1].id == 1 && c.v[2].id == 0);
+    CHECK(fabs(c.v[0].p - 0.6652410) < 1e-6);
+    CHECK(fabs(c.v[1].p - 0.2447285) < 1e-6);
+    CHECK(fabs(c.v[2].p - 0.0900306) < 1e-6);
+}
+
+static void test_top_k(void)
+{
+    float l[] = {1, 2, 3, 0, 2};
+    sampler_cands c = cands(l, 5);
+    sampler_top_k(&c, 2);  /* 3, then the tie at 2 goes to the lower id */
+    CHECK(c.n == 2 && c.v[0].id == 2 && c.v[1].id == 1);
+    c = cands(l, 5);
+    sampler_top_k(&c, 0);
+    CHECK(c.n == 5);
+}
+
+/* top-k of random logits with many ties equals the first k of a full sort. */
+static void test_top_k_random(void)
+{
+    enum { V = 16 };
+    for (int rep = 0; rep < 200; rep++) {
+        float l[V];
+        for (int i = 0; i < V; i++)
+            l[i] = (float)(test_rand() % 5);
+        int k = 1 + (int)(test_rand() % (V - 1));
+        sampler_cands c = cands(l, V);
+        sampler_top_k(&c, k);
+        sampler_cand got[V];
+        memcpy(got, c.v, sizeof(sampler_cand) * (size_t)k);
+        c = cands(l, V);
+        sampler_softmax(&c);  /* sorts all */
+        for (int i = 0; i < k; i++)
+            CHECKF(got[i].id == c.v[i].id, "rep %d k %d at %d: %d vs %d", rep, k, i, got[i].id,
+                   c.v[i].id);
+    }
+}
+
+/* Cumulative 0.665, 0.910, 1: p 0.6 keeps one, 0.7 two, 0.92 three. */
+static void test_top_p(void)
+{
+    float l[] = {1, 2, 3};
+    sampler_cands c = cands(l, 3);
+    sampler_top_p(&c, 0.6);
+    CHECK(c.n == 1 && c.v[0].id == 2);
+    c = cands(l, 3);
+    sampler_top_p(&c, 0.7);
+    CHECK(c.n == 2 && has(&c, 1) && !has(&c, 0));
+    c = cands(l, 3);
+    sampler_top_p(&c, 0.92);
+    CHECK(c.n == 3);
+    c = cands(l, 3);
+    sampler_top_p(&c, 1.0);
+    CHECK(c.n == 3);
+}
+
+/* p / p_max = e^(x - 3) = 1, 0.368, 0.135: min_p 0.3 keeps two, 0.1 three, 0.5 one. */
+static void test_min_p(void)
+{
+    float l[] = {1, 2, 3};
+    sampler_cands c = cands(l, 3);
+    sampler_min_p(&c, 0.3);
+    CHECK(c.n == 2 && has(&c, 2) && has(&c, 1));
+    c = cands(l, 3);
+    sampler_min_p(&c, 0.1);
+    CHECK(c.n == 3);
+    c = cands(l, 3);
+    sampler_min_p(&c, 0.5);
+    CHECK(c.n == 1 && c.v[0].id == 2);
+}
+
+/* Temperature 2: softmax(0.5, 1, 1.5) = (0.186324, 0.307196, 0.506480). */
+static void test_temp(void)
+{
+    float l[] = {1, 2, 3};
+    sampler_cands c = cands(l, 3);
+    sampler_temp(&c, 2);
+    sampler_softmax(&c);
+    CHECK(fabs(c.v[0].p - 0.506480) < 1e-6);
+    CHECK(fabs(c.v[1].p - 0.307196) < 1e-6);
+    CHECK(fabs(c.v[2].p - 0.186324) < 1e-6);
+}
+
+/* llama.cpp's rule: positive logits divided, others multiplied, each seen token once. */
+static void test_penalty(void)
+{
+    float l[] = {2, -1, 3, 0.5f};
+    int32_t hist[] = {0, 1, 0, 3};
+    sampler_cands c = cands(l, 4);
+    sampler_penalty(&c, hist, 4, 64, 2);
+    CHECK(c.v[0].logit == 1 && c.v[1].logit == -2 && c.v[2].logit == 3 &&
+          c.v[3].logit == 0.25f);
+    c = cands(l, 4);
+    sampler_penalty(&c, hist, 4, 2, 2);  /* window: 0, 3 */
+    CHECK(c.v[0].logit == 1 && c.v[1].logit == -1 && c.v[3].logit == 0.25f);
+    c = cands(l, 4);
+    sampler_penalty(&c, hist, 4, 0, 2);  /* off */
+    CHECK(c.v[0].logit == 2);
+}
+
+static void test_pick(void)
+{
+    float l[] = {1, 2, 3};
+    sampler_cands c = cands(l, 3);
+    CHECK(sampler_pick(&c, 0.5) == 2);
+    CHECK(sampler_pick(&c, 0.7) == 1);
+    CHECK(sampler_pick(&c, 0.95) == 0);
+}
+
+/* 40000 draws at temperature 1 with every filter off: frequencies within 0.01 of the
+ * softmax; with top-k 2, the third token never comes. */
+static void test_frequencies(void)
+{
+    enum { V = 4, DRAWS = 40000 };
+    float l[V] = {0.3f, -1, 1.2f, 0};
+    double z = 0, want[V];
+    for (int v = 0; v < V; v++)
+        z += exp(l[v]);
+    for (int v = 0; v < V; v++)
+        want[v] = exp(l[v]) / z;
+    sampler_params p;
+    sampler_params_default(&p);
+    p.temp = 1;
+    p.top_k = 0;
+    p.top_p = 1;
+    p.min_p = 0;
+    p.seed = test_rand();
+    sampler s;
+    REQUIRE(sampler_init(&s, &p, V, NULL) == 0);
+    int cnt[V] = {0};
+    for (int i = 0; i < DRAWS; i++)
+        cnt[sampler_sample(&s, l, NULL, 0)]++;
+    for (int v = 0; v < V; v++)
+        CHECKF(fabs((double)cnt[v] / DRAWS - want[v]) < 0.01, "token %d: %g vs %g", v,
+               (double)cnt[v] / DRAWS, want[v]);
+    sampler_free(&s);
+    p.top_k = 2;
+    REQUIRE(sampler_init(&s, &p, V, NULL) == 0);
+    int other = 0;
+    for (int i = 0; i < 2000; i++) {
+        int32_t t = sampler_sample(&s, l, NULL, 0);
+        other += t != 2 && t != 0;
+    }
+    CHECK(other == 0);
+    sampler_free(&s);
+}
+
+static void test_greedy_and_seed(void)
+{
+    enum { V = 50 };
+    float l[V];
+    sampler_params p;
+    sampler_params_default(&p);
+    p.seed = test_rand();
+    sampler a, b, c, g;
+    REQUIRE(sampler_init(&a, &p, V, NULL) == 0);
+    REQUIRE(sampler_init(&b, &p, V, NULL) == 0);
+    p.seed++;
+    REQUIRE(sampler_init(&c, &p, V, NULL) == 0);
+    p.temp = 0;
+    p.repeat_penalty = 100;  /* large enough to move the argmax off a repeated token */
+    REQUIRE(sampler_init(&g, &p, V, NULL) == 0);
+    int same = 1, differ = 0;
+    int32_t hist[64];
+    for (int i = 0; i < 64; i++) {
+        int best = 0;
+        for (int v = 0; v < V; v++) {
+            l[v] = (float)((test_rand() >> 11) * 0x1p-53 * 4);
+            if (l[v] > l[best])
+                best = v;
+        }
+        int32_t x = sampler_sample(&a, l, NULL, 0), y = sampler_sample(&b, l, NULL, 0);
+        same &= x == y;
+        differ |= x != sampler_sample(&c, l, NULL, 0);
+        hist[0] = best;
+        int32_t gt = sampler_sample(&g, l, hist, 0);  /* no history: the argmax */
+        CHECK(gt == best);
+        CHECK(sampler_sample(&g, l, hist, 1) != best);  /* penalised away */
+    }
+    CHECK(same);
+    CHECK(differ);
+    sampler_free(&a);
+    sampler_free(&b);
+    sampler_free(&c);
+    sampler_free(&g);
+}
+
+int main(void)
+{
+    test_seed();
+    RUN(test_softmax);
+    RUN(test_top_k);
+    RUN(test_top_k_random);
+    RUN(test_top_p);
+    RUN(test_min_p);
+    RUN(test_temp);
+    RUN(test_penalty);
+    RUN(test_pick);
+    RUN(test_frequencies);
+    RUN(test_greedy_and_seed);
+    TEST_EXIT();
+}
