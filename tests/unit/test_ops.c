@@ -274,7 +274,9 @@ static void test_attention_segments(void)
     CHECK(fd_check("d_q", c.q, dq, nq, at_probe, &c, 60) == 0);
     CHECK(fd_check("d_k", c.k, dk_, nq, at_probe, &c, 60) == 0);
     CHECK(fd_check("d_v", c.v, dv_, nv, at_probe, &c, 60) == 0);
-    /* Each document alone, as a sequence of B = 1: outputs and gradients identical. */
+    /* Each document alone, as a sequence of B = 1: outputs and gradients identical (the
+     * probes above left out and att at perturbed inputs: recompute). */
+    at_probe(&c);
     for (int b = 0; b < B; b++)
         for (int a = 0; a < T;) {
             int e = a + 1;
