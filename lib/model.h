@@ -140,6 +140,18 @@ const float *model_acts_logits(const model_acts *a);
  * the final norm): [B*T, hidden]. */
 const float *model_acts_hidden(const model_acts *a, int l);
 
+/* Documents packed in each sequence, for the next forwards (until set again): segment[N]
+ * numbers the document of every row (non-decreasing along a sequence; NULL: the whole
+ * sequence is one document), position[N] its RoPE position (0 <= position < T; NULL:
+ * 0..T-1 in every sequence). Attention from row i to row j then needs j <= i and
+ * segment[j] == segment[i], in forward and backward, so each document computes what it
+ * would compute as a sequence of its own when its positions restart at 0. MTP module k
+ * treats t_{i+k} of another document like a position past the sequence's end: row i is a
+ * placeholder, its target ignored, left out of the balance loss and the load. The
+ * balance loss stays per sequence (packed row). Returns -1 (nothing changed) when a
+ * position is out of range or a segment number decreases inside a sequence. */
+int model_acts_set_segments(model_acts *a, const int32_t *segment, const int32_t *position);
+
 /* When set, the next forwards reuse the expert choices of the last one (weights are still
  * recomputed): makes the loss a smooth function of the parameters for gradient checks. */
 void model_acts_freeze_routing(model_acts *a, int on);
@@ -174,7 +186,8 @@ int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *
 
 /* The same for the block of MTP module k (0-based) when the last forward ran it: counts[E],
  * and *slots = tokens routed there times num_experts_per_tok (its last k+1 positions of a
- * sequence do not route). Returns -1 when the module did not run or its block is dense. */
+ * sequence, or of a document when segments are set, are placeholders and do not count).
+ * Returns -1 when the module did not run or its block is dense. */
 int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64_t *counts,
                           int64_t *slots);
 
