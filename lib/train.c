@@ -55,14 +55,11 @@ void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, 
     }
 }
 
-int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
-                     const uint32_t *segment, uint32_t L, int64_t user_id,
-                     int64_t assistant_id, int32_t *ids, int32_t *tgt)
+/* resp[j] (L + 1 entries): token j (j = L: the last target) is a response token. */
+static void sft_response(const uint32_t *tokens, const uint32_t *targets,
+                         const uint32_t *segment, uint32_t L, int64_t user_id,
+                         int64_t assistant_id, uint8_t *resp)
 {
-    /* resp[j]: token j (j = L: the last target) is a response token. */
-    uint8_t *resp = malloc((size_t)L + 1);
-    if (!resp)
-        return -1;
     int in_resp = 0;
     for (uint32_t j = 0; j <= L; j++) {
         if (j < L && (j == 0 || segment[j] != segment[j - 1]))
@@ -77,6 +74,47 @@ int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint
         } else
             resp[j] = (uint8_t)in_resp;
     }
+}
+
+int train_sft_row(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                  const uint32_t *segment, uint32_t L, int64_t user_id, int64_t assistant_id,
+                  int32_t *ids, int32_t *tgt, int32_t *seg, int32_t *pos)
+{
+    uint8_t *resp = malloc((size_t)L + 1);
+    if (!resp)
+        return -1;
+    sft_response(tokens, targets, segment, L, user_id, assistant_id, resp);
+    int counted = 0;
+    for (uint32_t i = 0; i < L; i++) {
+        int first = i == 0 || segment[i] != segment[i - 1];
+        int same_doc = i + 1 == L || segment[i + 1] == segment[i];
+        int use = mask[i] && same_doc && resp[i + 1];
+        ids[i] = (int32_t)tokens[i];
+        tgt[i] = use ? (int32_t)targets[i] : -1;
+        seg[i] = (int32_t)segment[i];
+        pos[i] = first ? 0 : pos[i - 1] + 1;
+        counted += use;
+    }
+    free(resp);
+    return counted;
+}
+
+void train_doc_positions(const uint32_t *segment, uint32_t L, int32_t *seg, int32_t *pos)
+{
+    for (uint32_t i = 0; i < L; i++) {
+        seg[i] = (int32_t)segment[i];
+        pos[i] = i == 0 || segment[i] != segment[i - 1] ? 0 : pos[i - 1] + 1;
+    }
+}
+
+int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                     const uint32_t *segment, uint32_t L, int64_t user_id,
+                     int64_t assistant_id, int32_t *ids, int32_t *tgt)
+{
+    uint8_t *resp = malloc((size_t)L + 1);
+    if (!resp)
+        return -1;
+    sft_response(tokens, targets, segment, L, user_id, assistant_id, resp);
     int rows = 0;
     for (uint32_t a = 0; a < L;) {
         uint32_t end = a + 1;
@@ -107,6 +145,7 @@ int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint
 /* Rows waiting to be run: B at a time go into a forward. */
 typedef struct rowq {
     int32_t *ids, *tgt;
+    int32_t *seg, *pos;  /* document numbers and positions (used with document masking) */
     size_t n, cap;  /* rows */
 } rowq;
 
@@ -131,6 +170,8 @@ typedef struct trainer {
     uint64_t seqs;        /* the global batch in sequences (after the ramp: its final value) */
     sched_ramp ramp;
     int32_t *ids, *tgt;   /* one forward: B x L */
+    int32_t *seg, *pos;   /* its documents and positions, when doc_mask */
+    int doc_mask;         /* attention masked by document (SFT, or --doc-mask) */
     rowq q;
     int64_t *counts, *tmp_counts;  /* [layers][E] */
     int n_saves;
@@ -158,38 +199,49 @@ static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
     if (!b)
         return -1;
     q->tgt = b;
+    int32_t *c = realloc(q->seg, cap * L * sizeof *c);
+    if (!c)
+        return -1;
+    q->seg = c;
+    int32_t *d = realloc(q->pos, cap * L * sizeof *d);
+    if (!d)
+        return -1;
+    q->pos = d;
     q->cap = cap;
     return 0;
 }
 
-/* One loader batch into the queue: as is (targets -1 where the mask is 0), or as SFT rows. */
+/* One loader batch into the queue: as is (targets -1 where the mask is 0), or as SFT rows
+ * (a record stays whole, its documents masked from each other; a record without a counted
+ * target is left out). With document masking, each row's documents and positions too. */
 static int enqueue(trainer *t, const loader_batch *b, dsv3_err *e)
 {
     uint32_t L = t->L;
-    size_t need = b->rows;
-    if (t->o->sft)   /* one row per segment at most: segments are numbered from 0 per row */
-        for (uint32_t r = 0; r < b->rows; r++)
-            need += b->segment[(size_t)r * L + L - 1];
-    if (rowq_reserve(&t->q, need, L))
+    if (rowq_reserve(&t->q, b->rows, L))
         return err_set(e, "out of memory for batch rows");
     for (uint32_t r = 0; r < b->rows; r++) {
         size_t off = (size_t)r * L;
         int32_t *ids = t->q.ids + t->q.n * L, *tgt = t->q.tgt + t->q.n * L;
+        int32_t *seg = t->q.seg + t->q.n * L, *pos = t->q.pos + t->q.n * L;
         if (t->o->sft) {
-            /* HOOK(model-segments): once model_forward masks attention by segment and takes
-             * per-token positions, the row can stay whole (segments and positions restarting
-             * per document from b->segment) instead of one padded row per document. */
-            int n = train_sft_unpack(b->tokens + off, b->targets + off, b->mask + off,
-                                     b->segment + off, L, t->o->sft_user_id,
-                                     t->o->sft_assistant_id, ids, tgt);
+            int n = train_sft_row(b->tokens + off, b->targets + off, b->mask + off,
+                                  b->segment + off, L, t->o->sft_user_id,
+                                  t->o->sft_assistant_id, ids, tgt, seg, pos);
             if (n < 0)
                 return err_set(e, "out of memory");
-            t->q.n += (size_t)n;
+            t->q.n += n > 0;
             continue;
         }
         for (uint32_t i = 0; i < L; i++) {
             ids[i] = (int32_t)b->tokens[off + i];
             tgt[i] = b->mask[off + i] ? (int32_t)b->targets[off + i] : -1;
+        }
+        if (t->doc_mask) {
+            train_doc_positions(b->segment + off, L, seg, pos);
+            /* the last target of a document is the next one's first token */
+            for (uint32_t i = 0; i + 1 < L; i++)
+                if (seg[i + 1] != seg[i])
+                    tgt[i] = -1;
         }
         t->q.n++;
     }
@@ -202,12 +254,18 @@ static void dequeue(trainer *t)
     size_t L = t->L, take = t->q.n < t->B ? t->q.n : t->B;
     memcpy(t->ids, t->q.ids, take * L * sizeof *t->ids);
     memcpy(t->tgt, t->q.tgt, take * L * sizeof *t->tgt);
+    memcpy(t->seg, t->q.seg, take * L * sizeof *t->seg);
+    memcpy(t->pos, t->q.pos, take * L * sizeof *t->pos);
     for (size_t i = take * L; i < (size_t)t->B * L; i++) {
         t->ids[i] = 0;
         t->tgt[i] = -1;
+        t->seg[i] = 0;
+        t->pos[i] = (int32_t)(i % L);
     }
     memmove(t->q.ids, t->q.ids + take * L, (t->q.n - take) * L * sizeof *t->ids);
     memmove(t->q.tgt, t->q.tgt + take * L, (t->q.n - take) * L * sizeof *t->tgt);
+    memmove(t->q.seg, t->q.seg + take * L, (t->q.n - take) * L * sizeof *t->seg);
+    memmove(t->q.pos, t->q.pos + take * L, (t->q.n - take) * L * sizeof *t->pos);
     t->q.n -= take;
 }
 
@@ -229,6 +287,9 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     if (!n)
         return 0;
     float loss;
+    if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
+                                t->doc_mask ? t->pos : NULL))
+        return err_set(e, "bad document numbers in a packed record");
     if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
         return -1;
     a->loss_sum += (double)loss * (double)n;
@@ -571,10 +632,13 @@ static int setup_rest(trainer *t, dsv3_err *e)
     t->nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
     t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
     t->tgt = malloc((size_t)t->B * t->L * sizeof *t->tgt);
+    t->seg = malloc((size_t)t->B * t->L * sizeof *t->seg);
+    t->pos = malloc((size_t)t->B * t->L * sizeof *t->pos);
+    t->doc_mask = o->sft || o->doc_mask;
     t->counts = calloc(t->nc, sizeof *t->counts);
     t->tmp_counts = calloc(t->nc, sizeof *t->tmp_counts);
     t->sync = calloc(t->nc + 2, sizeof *t->sync);
-    if (!t->ids || !t->tgt || !t->counts || !t->tmp_counts || !t->sync)
+    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync)
         return err_set(e, "out of memory");
     return 0;
 }
@@ -619,6 +683,10 @@ static void teardown(trainer *t)
     dp_free(&t->dp);
     free(t->q.ids);
     free(t->q.tgt);
+    free(t->q.seg);
+    free(t->q.pos);
+    free(t->seg);
+    free(t->pos);
 }
 
 /* ---- one update, evaluation, logging ---- */

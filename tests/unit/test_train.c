@@ -11,7 +11,7 @@ static double urand(void)
     return (test_rand() >> 11) * 0x1p-53;
 }
 
-static int small_model(dsv3_model *m)
+static int small_model_mtp(dsv3_model *m, int D)
 {
     dsv3_config c;
     memset(&c, 0, sizeof c);
@@ -40,6 +40,7 @@ static int small_model(dsv3_model *m)
     c.rope_theta = 10000;
     c.rope_interleave = 1;
     c.bos_token_id = c.eos_token_id = -1;
+    c.num_nextn_predict_layers = D;
     dsv3_err e;
     if (model_init(m, &c, &e)) {
         fprintf(stderr, "    %s\n", e.msg);
@@ -47,6 +48,11 @@ static int small_model(dsv3_model *m)
     }
     model_init_random(m, test_rand(), 0.3);
     return 0;
+}
+
+static int small_model(dsv3_model *m)
+{
+    return small_model_mtp(m, 0);
 }
 
 /* One forward's counts through train_balance_update give the biases model_balance_update
@@ -186,11 +192,107 @@ static void test_sft_unpack(void)
     CHECK(memcmp(out, want_t2, sizeof want_t2) == 0);
 }
 
+/* Random SFT records: documents of 1 to 9 tokens, markers user 3 and assistant 4 placed at
+ * random among ordinary tokens, padding at the end of some records (mask 0). */
+static void random_sft_records(uint32_t *tok, uint32_t *tgt, uint8_t *mask, uint32_t *seg,
+                               int R, int L, int V)
+{
+    for (int r = 0; r < R; r++) {
+        uint32_t s = 0, left = 1 + (uint32_t)(test_rand() % 9);
+        int pad_from = test_rand() % 2 ? L - (int)(test_rand() % 4) : L;
+        for (int i = 0; i < L; i++) {
+            size_t n = (size_t)r * L + i;
+            if (!left) {
+                s++;
+                left = 1 + (uint32_t)(test_rand() % 9);
+            }
+            left--;
+            uint64_t x = test_rand() % 10;
+            tok[n] = x == 0 ? 3 : x < 3 ? 4 : 5 + (uint32_t)(test_rand() % (uint64_t)(V - 5));
+            seg[n] = s;
+            mask[n] = i < pad_from - 1;
+        }
+        for (int i = 0; i < L; i++) {
+            size_t n = (size_t)r * L + i;
+            tgt[n] = i + 1 < L ? tok[n + 1] : 5;
+        }
+    }
+}
+
+/* SFT: records kept whole with attention masked by document (train_sft_row and
+ * model_acts_set_segments) give the loss and the gradients of the former method, one
+ * padded row per document (train_sft_unpack), up to float rounding; MTP on (two modules),
+ * the balance loss off (it is per sequence, and the sequences differ). */
+static void test_sft_packed_matches_unpacked(void)
+{
+    enum { R = 3, L = 16 };
+    for (int trial = 0; trial < 3; trial++) {
+        dsv3_model m;
+        REQUIRE(small_model_mtp(&m, 2) == 0);
+        m.mtp_lambda = 0.3f;
+        int V = m.cfg.vocab_size;
+        uint32_t tok[R * L], tgt[R * L], seg[R * L];
+        uint8_t mask[R * L];
+        random_sft_records(tok, tgt, mask, seg, R, L, V);
+        int32_t ids[R * L], t1[R * L], sg[R * L], ps[R * L];
+        int32_t uid[R * L * L], ut[R * L * L];
+        int rows = 0, prow = 0, counted = 0;
+        for (int r = 0; r < R; r++) {
+            int n = train_sft_row(tok + r * L, tgt + r * L, mask + r * L, seg + r * L, L, 3, 4,
+                                  ids + prow * L, t1 + prow * L, sg + prow * L, ps + prow * L);
+            REQUIRE(n >= 0);
+            counted += n;
+            prow += n > 0;
+            int u = train_sft_unpack(tok + r * L, tgt + r * L, mask + r * L, seg + r * L, L, 3,
+                                     4, uid + rows * L, ut + rows * L);
+            REQUIRE(u >= 0);
+            rows += u;
+        }
+        int ucount = 0;
+        for (int i = 0; i < rows * L; i++)
+            ucount += ut[i] >= 0;
+        CHECKF(counted == ucount, "%d targets packed, %d unpacked", counted, ucount);
+        if (!counted || !rows) {
+            model_free(&m);
+            continue;
+        }
+        dsv3_err e;
+        model_acts *a = model_acts_new(&m, prow, L, &e), *u = model_acts_new(&m, rows, L, &e);
+        REQUIRE(a && u);
+        REQUIRE(model_acts_set_segments(a, sg, ps) == 0);
+        float lp, lu;
+        model_zero_grad(&m);
+        REQUIRE(model_forward(&m, a, ids, t1, &lp, &e) == 0);
+        REQUIRE(model_backward(&m, a, ids, t1, &e) == 0);
+        float *g = malloc(m.n_params * sizeof *g);
+        memcpy(g, m.grads, m.n_params * sizeof *g);
+        model_zero_grad(&m);
+        REQUIRE(model_forward(&m, u, uid, ut, &lu, &e) == 0);
+        REQUIRE(model_backward(&m, u, uid, ut, &e) == 0);
+        model_losses la, lb;
+        model_acts_losses(a, &la);
+        model_acts_losses(u, &lb);
+        CHECKF(fabs(la.main - lb.main) <= 1e-6 * lb.main && fabs(la.mtp - lb.mtp) <= 1e-6 * lb.mtp,
+               "loss %.9g/%.9g, mtp %.9g/%.9g", la.main, lb.main, la.mtp, lb.mtp);
+        double mx = 0, worst = 0;
+        for (size_t i = 0; i < m.n_params; i++) {
+            mx = fmax(mx, fabs(m.grads[i]));
+            worst = fmax(worst, fabs(g[i] - m.grads[i]));
+        }
+        CHECKF(mx > 0 && worst <= 1e-5 * mx, "gradients differ by %g (largest %g)", worst, mx);
+        free(g);
+        model_acts_free(a);
+        model_acts_free(u);
+        model_free(&m);
+    }
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_balance_matches_model);
     RUN(test_balance_moves_toward_balance);
     RUN(test_sft_unpack);
+    RUN(test_sft_packed_matches_unpacked);
     TEST_EXIT();
 }
