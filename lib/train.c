@@ -37,22 +37,30 @@ void train_opts_default(train_opts *o)
 
 /* ---- pieces with their own tests ---- */
 
-void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma)
+/* As model_balance_update: mean load = total/E (total: routed slots), compared as load_i*E
+ * vs total to stay in integers. */
+static void bias_step(float *b, const int64_t *load, int E, int64_t total, float gamma)
+{
+    for (int i = 0; i < E; i++) {
+        int64_t d = total - load[i] * E;
+        b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
+    }
+}
+
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens,
+                          const int64_t *mtp_slots, float gamma)
 {
     const dsv3_config *c = &m->cfg;
-    int E = c->n_routed_experts;
-    /* As model_balance_update: mean load = tokens*K/E, compared as load_i*E vs tokens*K. */
-    int64_t total = tokens * c->num_experts_per_tok;
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        if (!config_layer_is_moe(c, l))
-            continue;
-        float *b = m->w.layers[l].router_bias;
-        const int64_t *load = counts + (size_t)l * E;
-        for (int i = 0; i < E; i++) {
-            int64_t d = total - load[i] * E;
-            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
-        }
-    }
+    int E = c->n_routed_experts, nl = c->num_hidden_layers;
+    for (int l = 0; l < nl; l++)
+        if (config_layer_is_moe(c, l))
+            bias_step(m->w.layers[l].router_bias, counts + (size_t)l * E, E,
+                      tokens * c->num_experts_per_tok, gamma);
+    /* A module that routed nothing (the MTP loss off) has all loads 0 = the mean: no move. */
+    for (int k = 0; mtp_slots && k < c->num_nextn_predict_layers; k++)
+        if (config_layer_is_moe(c, nl + k))
+            bias_step(m->w.mtp[k].block.router_bias, counts + (size_t)(nl + k) * E, E,
+                      mtp_slots[k], gamma);
 }
 
 /* resp[j] (L + 1 entries): token j (j = L: the last target) is a response token. */
@@ -173,14 +181,16 @@ typedef struct trainer {
     int32_t *seg, *pos;   /* its documents and positions, when doc_mask */
     int doc_mask;         /* attention masked by document (SFT, or --doc-mask) */
     rowq q;
-    int64_t *counts, *tmp_counts;  /* [layers][E] */
+    int64_t *counts, *tmp_counts;  /* [layers + MTP modules][E] */
+    int64_t *mtp_slots;   /* [MTP modules]: routed slots of their blocks this step */
+    int n_mtp;
     int n_saves;
     char tokenizer_id[17];
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
     FILE *log;            /* o->log on rank 0, else NULL */
     size_t nc;            /* entries of counts */
-    int64_t *sync;        /* [2 + nc]: the integer sums of a step */
+    int64_t *sync;        /* [2 + nc + n_mtp]: the integer sums of a step */
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
 } trainer;
 
@@ -302,6 +312,14 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         if (model_expert_load(&t->m, t->acts, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
+    for (int k = 0; k < t->n_mtp; k++) {
+        int64_t slots;
+        if (model_mtp_expert_load(&t->m, t->acts, k, t->tmp_counts, &slots) == 0) {
+            for (int i = 0; i < E; i++)
+                t->counts[(size_t)(c->num_hidden_layers + k) * E + i] += t->tmp_counts[i];
+            t->mtp_slots[k] += slots;
+        }
+    }
     a->routed += (int64_t)t->B * t->L;
     if (a->prev_n && a->prev_n != n)
         scale_grads(&t->m, (float)((double)a->prev_n / (double)n));
@@ -629,7 +647,9 @@ static int setup_rest(trainer *t, dsv3_err *e)
     if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
         return -1;
     const dsv3_config *c = &t->m.cfg;
-    t->nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
+    t->n_mtp = c->num_nextn_predict_layers;
+    t->nc = (size_t)(c->num_hidden_layers + t->n_mtp) *
+            (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
     t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
     t->tgt = malloc((size_t)t->B * t->L * sizeof *t->tgt);
     t->seg = malloc((size_t)t->B * t->L * sizeof *t->seg);
@@ -637,8 +657,9 @@ static int setup_rest(trainer *t, dsv3_err *e)
     t->doc_mask = o->sft || o->doc_mask;
     t->counts = calloc(t->nc, sizeof *t->counts);
     t->tmp_counts = calloc(t->nc, sizeof *t->tmp_counts);
-    t->sync = calloc(t->nc + 2, sizeof *t->sync);
-    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync)
+    t->sync = calloc(t->nc + 2 + (size_t)t->n_mtp, sizeof *t->sync);
+    t->mtp_slots = calloc((size_t)t->n_mtp + 1, sizeof *t->mtp_slots);
+    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync || !t->mtp_slots)
         return err_set(e, "out of memory");
     return 0;
 }
@@ -680,6 +701,7 @@ static void teardown(trainer *t)
     free(t->counts);
     free(t->tmp_counts);
     free(t->sync);
+    free(t->mtp_slots);
     dp_free(&t->dp);
     free(t->q.ids);
     free(t->q.tgt);
@@ -698,17 +720,21 @@ typedef struct step_out {
     int skipped;
 } step_out;
 
-/* Sums over the ranks of a step's loss, counted targets, routed tokens and expert loads. */
+/* Sums over the ranks of a step's loss, counted targets, routed tokens and expert loads
+ * (the MTP blocks' with their routed slots). */
 static int sum_stats(trainer *t, accum *a, dsv3_err *e)
 {
+    size_t n = t->nc + 2 + (size_t)t->n_mtp;
     t->sync[0] = a->n;
     t->sync[1] = a->routed;
     memcpy(t->sync + 2, t->counts, t->nc * sizeof *t->counts);
-    if (dp_sum_i64(&t->dp, t->sync, t->nc + 2, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
+    memcpy(t->sync + 2 + t->nc, t->mtp_slots, (size_t)t->n_mtp * sizeof *t->mtp_slots);
+    if (dp_sum_i64(&t->dp, t->sync, n, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
         return -1;
     a->n = t->sync[0];
     a->routed = t->sync[1];
     memcpy(t->counts, t->sync + 2, t->nc * sizeof *t->counts);
+    memcpy(t->mtp_slots, t->sync + 2 + t->nc, (size_t)t->n_mtp * sizeof *t->mtp_slots);
     return 0;
 }
 
@@ -726,6 +752,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     so->mtp_weight = sched_switch_at(&o->mtp_weight, p);
     set_loss_weights(&t->m, so->mtp_weight, o->alpha);
     memset(t->counts, 0, t->nc * sizeof *t->counts);
+    memset(t->mtp_slots, 0, (size_t)t->n_mtp * sizeof *t->mtp_slots);
     double t0 = progress_now();
     model_zero_grad(&t->m);
     accum a = {0};
@@ -759,7 +786,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
             return -1;
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
-        train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
+        train_balance_update(&t->m, t->counts, a.routed, t->mtp_slots, (float)so->gamma);
     }
     t->st.step++;
     t->st.tokens += so->seqs * t->L;

@@ -82,10 +82,14 @@ typedef struct train_result {
 
 int train_run(const train_opts *o, train_result *r, dsv3_err *e);
 
-/* b_i += gamma * sign(mean load - load_i) per MoE layer, from counts [layers][E] summed over
- * all forwards of a step that together routed `tokens` tokens: the rule of
- * model_balance_update applied to a whole accumulated step rather than its last forward. */
-void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma);
+/* b_i += gamma * sign(mean load - load_i) per MoE layer, from counts summed over all
+ * forwards of a step: the rule of model_balance_update applied to a whole accumulated step
+ * rather than its last forward. counts is [num_hidden_layers + D][E] (D: the config's MTP
+ * modules); the main layers together routed `tokens` tokens, MTP module k's block
+ * mtp_slots[k] slots (model_mtp_expert_load's, summed). mtp_slots NULL: the MTP blocks'
+ * biases stay (and their rows of counts are not read). */
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens,
+                          const int64_t *mtp_slots, float gamma);
 
 /* The SFT row of one loader row (tokens, targets, mask, segment of L positions): ids, the
  * targets that count (as train_sft_unpack: mask set, same document, response token; -1

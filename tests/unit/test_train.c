@@ -56,46 +56,73 @@ static int small_model(dsv3_model *m)
 }
 
 /* One forward's counts through train_balance_update give the biases model_balance_update
- * gives, bit for bit. */
+ * gives, bit for bit: the main layers' and, with two MTP modules run (targets given,
+ * lambda on; documents packed so some rows of their blocks are placeholders), the MTP
+ * blocks' from model_mtp_expert_load's counts and slots. */
 static void test_balance_matches_model(void)
 {
-    dsv3_model m;
-    REQUIRE(small_model(&m) == 0);
-    const int B = 2, T = 12, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
-    dsv3_err e;
-    model_acts *a = model_acts_new(&m, B, T, &e);
-    REQUIRE(a != NULL);
-    int32_t ids[24];
-    for (int i = 0; i < B * T; i++)
-        ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
-    REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
-    int64_t *counts = calloc((size_t)L * E, sizeof *counts);
-    for (int l = 0; l < L; l++)
-        model_expert_load(&m, a, l, counts + (size_t)l * E);
-    float *bias0 = malloc((size_t)L * E * sizeof *bias0);
-    for (int l = 1; l < L; l++)
-        for (int i = 0; i < E; i++)
-            bias0[l * E + i] = m.w.layers[l].router_bias[i] = (float)(urand() * 0.01);
-    float gamma = (float)(0.001 + urand() * 0.01);
-    model_balance_update(&m, a, gamma);
-    float *want = malloc((size_t)L * E * sizeof *want);
-    for (int l = 1; l < L; l++) {
-        memcpy(want + l * E, m.w.layers[l].router_bias, (size_t)E * sizeof *want);
-        memcpy(m.w.layers[l].router_bias, bias0 + l * E, (size_t)E * sizeof *want);
-    }
-    train_balance_update(&m, counts, B * T, gamma);
-    int moved = 0;
-    for (int l = 1; l < L; l++)
-        for (int i = 0; i < E; i++) {
-            CHECK(m.w.layers[l].router_bias[i] == want[l * E + i]);
-            moved += m.w.layers[l].router_bias[i] != bias0[l * E + i];
+    for (int D = 0; D <= 2; D += 2) {
+        dsv3_model m;
+        REQUIRE(small_model_mtp(&m, D) == 0);
+        m.mtp_lambda = D ? 0.3f : 0.0f;
+        const int B = 2, T = 12, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
+        const int NL = L + D;
+        dsv3_err e;
+        model_acts *a = model_acts_new(&m, B, T, &e);
+        REQUIRE(a != NULL);
+        int32_t ids[24], tg[24], seg[24];
+        for (int i = 0; i < B * T; i++) {
+            ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+            tg[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+            seg[i] = i % T < 7 ? 0 : 1;
         }
-    CHECK(moved > 0);
-    free(counts);
-    free(bias0);
-    free(want);
-    model_acts_free(a);
-    model_free(&m);
+        REQUIRE(model_acts_set_segments(a, seg, NULL) == 0);
+        REQUIRE(model_forward(&m, a, ids, D ? tg : NULL, NULL, &e) == 0);
+        int64_t *counts = calloc((size_t)NL * E, sizeof *counts), slots[2] = {0, 0};
+        for (int l = 0; l < L; l++)
+            model_expert_load(&m, a, l, counts + (size_t)l * E);
+        for (int k = 0; k < D; k++)
+            REQUIRE(model_mtp_expert_load(&m, a, k, counts + (size_t)(L + k) * E, &slots[k]) == 0);
+        /* module k+1 skips the last k+1 rows of each document: 2 documents per sequence */
+        for (int k = 0; k < D; k++)
+            CHECK(slots[k] == (int64_t)(B * (T - 2 * (k + 1))) * m.cfg.num_experts_per_tok);
+        float **bias = malloc((size_t)NL * sizeof *bias);
+        for (int l = 0; l < NL; l++)
+            bias[l] = l < L ? m.w.layers[l].router_bias : m.w.mtp[l - L].block.router_bias;
+        float *bias0 = calloc((size_t)NL * E, sizeof *bias0);
+        for (int l = 1; l < NL; l++)
+            for (int i = 0; i < E; i++)
+                bias0[l * E + i] = bias[l][i] = (float)(urand() * 0.01);
+        float gamma = (float)(0.001 + urand() * 0.01);
+        model_balance_update(&m, a, gamma);
+        float *want = malloc((size_t)NL * E * sizeof *want);
+        for (int l = 1; l < NL; l++) {
+            memcpy(want + l * E, bias[l], (size_t)E * sizeof *want);
+            memcpy(bias[l], bias0 + l * E, (size_t)E * sizeof *want);
+        }
+        train_balance_update(&m, counts, B * T, slots, gamma);
+        int moved = 0, mtp_moved = 0;
+        for (int l = 1; l < NL; l++)
+            for (int i = 0; i < E; i++) {
+                CHECK(bias[l][i] == want[l * E + i]);
+                moved += bias[l][i] != bias0[l * E + i];
+                mtp_moved += l >= L && bias[l][i] != bias0[l * E + i];
+            }
+        CHECK(moved > 0);
+        CHECK(mtp_moved > 0 || D == 0);
+        /* Without the MTP slots the MTP biases stay. */
+        for (int l = 1; l < NL; l++)
+            memcpy(bias[l], bias0 + l * E, (size_t)E * sizeof *want);
+        train_balance_update(&m, counts, B * T, NULL, gamma);
+        for (int l = L; l < NL; l++)
+            CHECK(memcmp(bias[l], bias0 + l * E, (size_t)E * sizeof *want) == 0);
+        free(counts);
+        free(bias);
+        free(bias0);
+        free(want);
+        model_acts_free(a);
+        model_free(&m);
+    }
 }
 
 /* A router planted to prefer experts 0 and 1 of every layer: repeated updates over accumulated
@@ -138,7 +165,7 @@ static void test_balance_moves_toward_balance(void)
             first = worst;
         if (step >= 80)
             last += worst / 20;  /* the mean of the last 20: the biases settle and dither */
-        train_balance_update(&m, counts, 2 * B * T, 0.02f);
+        train_balance_update(&m, counts, 2 * B * T, NULL, 0.02f);
     }
     CHECKF(first > 3 && last < first * 0.6, "max/mean load %.2f -> %.2f", first, last);
     free(counts);
