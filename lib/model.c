@@ -557,6 +557,9 @@ struct model_acts {
     float mtp_lambda, balance_alpha;  /* the options the last forward used */
     double ce_sum;          /* main cross-entropy sum and count of the last forward */
     int ce_count;
+    int64_t ce_norm;        /* what the main sum is divided by (norm_main or ce_count) */
+    int64_t *mtp_norm;      /* [n_mtp]: the same for each MTP module */
+    int64_t seq_norm;       /* what the balance loss's sum over sequences is divided by */
     double balance;         /* alpha-weighted balance loss of the last forward */
     float **all;   /* every allocation, for freeing */
     int n_all, cap_all;
@@ -657,9 +660,11 @@ static int alloc_mtp(model_acts *a, const dsv3_config *c)
         M->rstdf = FL(N);
         M->logits = FL(N * V);
     }
+    int64_t *mn = acts_alloc(a, (size_t)D, sizeof *mn);
     if (a->failed)
         return -1;
     a->mtp = mt;
+    a->mtp_norm = mn;
     a->n_mtp = D;
     return 0;
 }
@@ -755,11 +760,11 @@ const float *model_acts_mtp_logits(const model_acts *a, int k)
 void model_acts_losses(const model_acts *a, model_losses *out)
 {
     memset(out, 0, sizeof *out);
-    out->main = a->ce_count ? a->ce_sum / a->ce_count : 0;
+    out->main = a->ce_count ? a->ce_sum / (double)a->ce_norm : 0;
     if (a->mtp_ran) {
         double sum = 0;
         for (int k = 0; k < a->n_mtp; k++) {
-            double lk = a->mtp[k].count ? a->mtp[k].sum / a->mtp[k].count : 0;
+            double lk = a->mtp[k].count ? a->mtp[k].sum / (double)a->mtp_norm[k] : 0;
             if (k < 8)
                 out->mtp_k[k] = lk;
             sum += lk;
@@ -877,7 +882,7 @@ static double balance_loss(const dsv3_config *c, const model_acts *a, const laye
         for (int i = 0; i < E; i++)
             total += (f[i] * E / ((double)K * T)) * (P[i] / T);
     }
-    return total / a->B;
+    return total / (double)a->seq_norm;
 }
 
 /* Adds d(alpha * balance_loss)/d(router logits) into dlogits [N,E]; f is a constant (the
@@ -898,7 +903,7 @@ static void balance_backward(const dsv3_config *c, const model_acts *a, const la
                 for (int k = 0; k < K; k++)
                     f[L->idx[((int64_t)b * a->T + t) * K + k]] += 1;
         for (int i = 0; i < E; i++)
-            g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * a->B);
+            g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * (double)a->seq_norm);
         for (int t = 0; t < a->T; t++) {
             int64_t n = (int64_t)b * a->T + t;
             if (!row_valid(L, n))
@@ -1090,6 +1095,8 @@ static void mtp_forward(const dsv3_model *m, model_acts *a, const int32_t *ids,
         rmsnorm_forward(M->xf, M->rstdf, M->hout, W->head_norm, N, H, eps);
         matmul_forward(M->logits, M->xf, m->w.lm_head, N, H, V);
         crossentropy_forward(&M->sum, &M->count, NULL, M->logits, M->tg, N, V);
+        a->mtp_norm[k - 1] = m->norm_mtp && m->norm_mtp[k - 1] > 0 ? m->norm_mtp[k - 1]
+                                                                     : M->count;
         prev = M->hout;
     }
 }
@@ -1116,6 +1123,7 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
         return err_set(e, "model: out of memory for scratch");
     a->balance = 0;
     a->balance_alpha = m->balance_alpha;
+    a->seq_norm = m->norm_seqs > 0 ? m->norm_seqs : a->B;
     a->ce_sum = 0;
     a->ce_count = 0;
     embedding_forward(a->l[0].x, m->w.embed, ids, N, H);
@@ -1133,10 +1141,30 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
     free(scratch);
     if (targets) {
         crossentropy_forward(&a->ce_sum, &a->ce_count, NULL, a->logits, targets, N, V);
+        a->ce_norm = m->norm_main > 0 ? m->norm_main : a->ce_count;
         if (loss)
             *loss = a->ce_count ? (float)(a->ce_sum / a->ce_count) : 0.0f;
     }
     return 0;
+}
+
+void model_count_targets(const dsv3_model *m, const int32_t *targets, const int32_t *segment,
+                         int B, int T, int64_t *main, int64_t *mtp)
+{
+    int D = m->cfg.num_nextn_predict_layers;
+    int64_t N = (int64_t)B * T;
+    *main = 0;
+    for (int64_t n = 0; n < N; n++)
+        *main += targets[n] >= 0;
+    /* module k's target at row n: targets[n + k], with t_{n+k} in the row and document
+     * (mtp_forward's rule) */
+    for (int k = 1; k <= D; k++) {
+        int64_t c = 0;
+        for (int64_t n = 0; n < N; n++)
+            c += n % T + k < T && (!segment || segment[n + k] == segment[n]) &&
+                 targets[n + k] >= 0;
+        mtp[k - 1] = c;
+    }
 }
 
 /* ---- backward ---- */
@@ -1310,7 +1338,7 @@ static void mtp_backward(dsv3_model *m, model_acts *a, float *dlogits, float *dx
         memcpy(dx, dcarry, (size_t)N * H * 4);
         if (M->count) {
             crossentropy_backward(dlogits, M->logits, M->tg, N, V,
-                                  a->mtp_lambda / D / (float)M->count);
+                                  a->mtp_lambda / D / (float)a->mtp_norm[k - 1]);
             memset(dn, 0, (size_t)N * H * 4);
             matmul_backward(dn, m->g.lm_head, dlogits, M->xf, m->w.lm_head, N, H, V);
             rmsnorm_backward(dx, G->head_norm, dn, M->hout, W->head_norm, M->rstdf, N, H);
@@ -1356,7 +1384,7 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
         memcpy(dx, dc, (size_t)N * H * 4);
     }
     if (count) {
-        crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / count);
+        crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / (float)a->ce_norm);
         memset(dn, 0, (size_t)N * H * 4);
         matmul_backward(dn, m->g.lm_head, dlogits, a->xf, m->w.lm_head, N, H, V);
         rmsnorm_backward(dx, m->g.final_norm, dn, a->hfinal, m->w.final_norm, a->rstdf, N, H);

@@ -161,7 +161,6 @@ typedef struct rowq {
 typedef struct accum {
     double loss_sum;   /* sum over forwards of mean loss * counted targets */
     int64_t n;         /* counted targets */
-    int64_t prev_n;    /* counted targets of the last backward: the scale grads carry */
     int64_t routed;    /* tokens through the router (every position of every forward) */
 } accum;
 
@@ -191,6 +190,7 @@ typedef struct trainer {
     FILE *log;            /* o->log on rank 0, else NULL */
     size_t nc;            /* entries of counts */
     int64_t *sync;        /* [2 + nc + n_mtp]: the integer sums of a step */
+    int64_t *norms;       /* [2 + n_mtp]: the step's main targets, sequences, MTP targets */
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
 } trainer;
 
@@ -279,16 +279,9 @@ static void dequeue(trainer *t)
     t->q.n -= take;
 }
 
-static void scale_grads(dsv3_model *m, float f)
-{
-    for (size_t i = 0; i < m->n_params; i++)
-        m->grads[i] *= f;
-}
-
-/* One forward (and backward) of the B rows in t->ids/t->tgt. The gradient of an update is
- * sum_i (n_i/N) g_i over its forwards (g_i: the gradient of forward i's mean loss, n_i its
- * counted targets); model_backward adds plain g_i, so before each backward the sum so far
- * is rescaled by n_prev/n_i and at the end by n_last/N (finish). */
+/* One forward (and backward) of the B rows in t->ids/t->tgt. In a step the model divides
+ * each forward's loss sums by the step's counts (load_step), so the backwards simply add
+ * up the gradient of the step's loss. A forward without a counted target is skipped. */
 static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
 {
     int64_t n = 0;
@@ -321,11 +314,8 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         }
     }
     a->routed += (int64_t)t->B * t->L;
-    if (a->prev_n && a->prev_n != n)
-        scale_grads(&t->m, (float)((double)a->prev_n / (double)n));
     if (model_backward(&t->m, t->acts, t->ids, t->tgt, e))
         return -1;
-    a->prev_n = n;
     return 0;
 }
 
@@ -347,10 +337,45 @@ static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int ba
     return 0;
 }
 
+/* Reads this rank's `records` of a step into the queue and sets the model's normalisers to
+ * the step's counts over all ranks: main targets, sequences of the forwards that will run
+ * (B each, as the balance loss averages over a forward's rows), and each MTP module's
+ * targets. Each forward's losses are then its sums over the step's counts: the step's
+ * gradient does not depend on how its sequences fall into micro-batches and ranks. */
+static int load_step(trainer *t, uint64_t records, dsv3_err *e)
+{
+    int rc = 0;
+    while (!rc && records > 0) {
+        const loader_batch *b;
+        rc = loader_next(t->train, &b, e) || enqueue(t, b, e) ? -1 : 0;
+        records -= t->B;
+    }
+    int64_t *v = t->norms, *mtp = t->tmp_counts;  /* tmp_counts holds >= n_mtp entries */
+    memset(v, 0, (2 + (size_t)t->n_mtp) * sizeof *v);
+    size_t L = t->L;
+    for (size_t r = 0; !rc && r < t->q.n; r += t->B) {  /* the forwards dequeue will make */
+        size_t rows = t->q.n - r < t->B ? t->q.n - r : t->B;
+        int64_t main;
+        model_count_targets(&t->m, t->q.tgt + r * L, t->doc_mask ? t->q.seg + r * L : NULL,
+                            (int)rows, (int)L, &main, mtp);
+        if (!main)
+            continue;
+        v[0] += main;
+        v[1] += t->B;
+        for (int k = 0; k < t->n_mtp; k++)
+            v[2 + k] += mtp[k];
+    }
+    if (dp_agree(&t->dp, rc, NULL, e) || dp_sum_i64(&t->dp, v, 2 + (size_t)t->n_mtp, e))
+        return -1;
+    t->m.norm_main = v[0];
+    t->m.norm_seqs = v[1];
+    t->m.norm_mtp = v + 2;
+    return 0;
+}
+
 /* The MTP loss weight lambda (scheduled) and the sequence-wise balance loss weight alpha of
- * this step. The model adds both to the loss it differentiates; the logged loss stays the
- * main cross-entropy, and accumulation weights a forward by its main counted targets (the
- * MTP losses count a few fewer per sequence: a difference of k/T in their weight). */
+ * this step. The model adds both to the loss it differentiates (each normalised over the
+ * whole step: load_step); the logged loss stays the main cross-entropy. */
 static void set_loss_weights(dsv3_model *m, double mtp_weight, double alpha)
 {
     m->mtp_lambda = m->cfg.num_nextn_predict_layers > 0 ? (float)mtp_weight : 0.0f;
@@ -658,8 +683,10 @@ static int setup_rest(trainer *t, dsv3_err *e)
     t->counts = calloc(t->nc, sizeof *t->counts);
     t->tmp_counts = calloc(t->nc, sizeof *t->tmp_counts);
     t->sync = calloc(t->nc + 2 + (size_t)t->n_mtp, sizeof *t->sync);
+    t->norms = calloc(2 + (size_t)t->n_mtp, sizeof *t->norms);
     t->mtp_slots = calloc((size_t)t->n_mtp + 1, sizeof *t->mtp_slots);
-    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync || !t->mtp_slots)
+    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync ||
+        !t->mtp_slots || !t->norms)
         return err_set(e, "out of memory");
     return 0;
 }
@@ -702,6 +729,7 @@ static void teardown(trainer *t)
     free(t->tmp_counts);
     free(t->sync);
     free(t->mtp_slots);
+    free(t->norms);
     dp_free(&t->dp);
     free(t->q.ids);
     free(t->q.tgt);
@@ -738,9 +766,9 @@ static int sum_stats(trainer *t, accum *a, dsv3_err *e)
     return 0;
 }
 
-/* One update. Each rank's accumulated gradient is the mean over its own n_r counted targets
- * until it is rescaled by n_r/N (N: all ranks' targets), so the sum over the ranks is the
- * gradient of the whole global batch's mean loss, as one process would compute it. */
+/* One update. Each rank's accumulated gradient is its part of the gradient of the whole
+ * global batch's loss (the model normalises by the step's counts over all ranks), so the
+ * sum over the ranks is that gradient, as one process would compute it. */
 static int do_step(trainer *t, step_out *so, dsv3_err *e)
 {
     const train_opts *o = t->o;
@@ -756,12 +784,13 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     double t0 = progress_now();
     model_zero_grad(&t->m);
     accum a = {0};
-    int rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
-    int64_t local_n = a.n;
+    if (load_step(t, so->seqs / (uint64_t)t->dp.world, e))
+        return -1;
+    int rc = run_records(t, t->train, 0, &a, 1, e);
+    t->m.norm_main = t->m.norm_seqs = 0;  /* evaluation: each forward its own */
+    t->m.norm_mtp = NULL;
     if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
-    if (a.n && local_n && a.prev_n != a.n)
-        scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
     if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
         return -1;

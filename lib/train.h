@@ -2,10 +2,11 @@
  *
  * Owns one run: the model (fresh, --init-from a converted HF folder, or a run's checkpoint),
  * the optimizer, the data order, and the loop of updates: micro-batches of B sequences,
- * gradient accumulation to the global batch (weighted by loss tokens, so an update's loss is
- * the mean over every counted target of the global batch), clipping, the schedules of
- * lib/sched, the AdamW update, the auxiliary-loss-free bias update over the whole step's
- * routing, evaluation on the val split, checkpoints (lib/trainckpt) and metrics.jsonl
+ * gradient accumulation to the global batch (every loss normalised by the whole step's
+ * counts on all ranks, so an update's loss, its MTP and balance parts included, is the
+ * same however the batch is grouped into micro-batches and ranks: docs/train-format.md),
+ * clipping, the schedules of lib/sched, the AdamW update, the auxiliary-loss-free bias
+ * update over the whole step's routing (the MTP blocks' included), evaluation on the val split, checkpoints (lib/trainckpt) and metrics.jsonl
  * (lib/metrics). Resuming from a checkpoint continues bit for bit: the loss of every later
  * step equals the uninterrupted run's.
  *

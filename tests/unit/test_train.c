@@ -314,6 +314,75 @@ static void test_sft_packed_matches_unpacked(void)
     }
 }
 
+/* The step's normalisers (model_count_targets summed, the sequences): R rows run as R
+ * forwards of one row add up to the gradient and losses of one forward over all R, with
+ * the MTP loss (two modules, documents packed) and the balance loss on; without them the
+ * sum of per-forward means would not. */
+static void test_step_normalisers(void)
+{
+    enum { R = 4, L = 12 };
+    dsv3_model m;
+    REQUIRE(small_model_mtp(&m, 2) == 0);
+    m.mtp_lambda = 0.3f;
+    m.balance_alpha = 0.05f;
+    int V = m.cfg.vocab_size;
+    int32_t ids[R * L], tg[R * L], seg[R * L];
+    for (int i = 0; i < R * L; i++) {
+        ids[i] = (int32_t)(test_rand() % (uint64_t)V);
+        tg[i] = test_rand() % 4 == 0 ? -1 : (int32_t)(test_rand() % (uint64_t)V);
+        seg[i] = i % L < 2 + i / L ? 0 : 1;  /* rows of different splits */
+    }
+    tg[L + 3] = tg[L + 4] = tg[L + 5] = -1;
+    dsv3_err e;
+    model_acts *all = model_acts_new(&m, R, L, &e), *one = model_acts_new(&m, 1, L, &e);
+    REQUIRE(all && one);
+    REQUIRE(model_acts_set_segments(all, seg, NULL) == 0);
+    model_zero_grad(&m);
+    REQUIRE(model_forward(&m, all, ids, tg, NULL, &e) == 0);
+    REQUIRE(model_backward(&m, all, ids, tg, &e) == 0);
+    model_losses want;
+    model_acts_losses(all, &want);
+    float *g = malloc(m.n_params * sizeof *g);
+    memcpy(g, m.grads, m.n_params * sizeof *g);
+    int64_t main = 0, mtp[2] = {0, 0}, rm, rmtp[2];
+    for (int r = 0; r < R; r++) {
+        model_count_targets(&m, tg + r * L, seg + r * L, 1, L, &rm, rmtp);
+        main += rm;
+        mtp[0] += rmtp[0];
+        mtp[1] += rmtp[1];
+    }
+    m.norm_main = main;
+    m.norm_mtp = mtp;
+    m.norm_seqs = R;
+    model_zero_grad(&m);
+    double total = 0, parts[2] = {0, 0};
+    for (int r = 0; r < R; r++) {
+        REQUIRE(model_acts_set_segments(one, seg + r * L, NULL) == 0);
+        REQUIRE(model_forward(&m, one, ids + r * L, tg + r * L, NULL, &e) == 0);
+        REQUIRE(model_backward(&m, one, ids + r * L, tg + r * L, &e) == 0);
+        model_losses l;
+        model_acts_losses(one, &l);
+        total += l.total;
+        parts[0] += l.mtp;
+        parts[1] += l.balance;
+    }
+    CHECKF(fabs(total - want.total) <= 1e-6 * want.total && want.mtp > 0 && want.balance > 0 &&
+           fabs(parts[0] - want.mtp) <= 1e-6 * want.mtp &&
+           fabs(parts[1] - want.balance) <= 1e-6 * want.balance,
+           "total %.9g vs %.9g, mtp %.9g vs %.9g, balance %.9g vs %.9g", total, want.total,
+           parts[0], want.mtp, parts[1], want.balance);
+    double mx = 0, worst = 0;
+    for (size_t i = 0; i < m.n_params; i++) {
+        mx = fmax(mx, fabs(g[i]));
+        worst = fmax(worst, fabs(g[i] - m.grads[i]));
+    }
+    CHECKF(mx > 0 && worst <= 1e-5 * mx, "gradients differ by %g (largest %g)", worst, mx);
+    free(g);
+    model_acts_free(all);
+    model_acts_free(one);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -321,5 +390,6 @@ int main(void)
     RUN(test_balance_moves_toward_balance);
     RUN(test_sft_unpack);
     RUN(test_sft_packed_matches_unpacked);
+    RUN(test_step_normalisers);
     TEST_EXIT();
 }
