@@ -71,6 +71,8 @@ static const cli_program PROG = {
     "                           attention across the documents packed in a record\n"
     "      --sft-assistant-id=N token that starts a response (required with --sft)\n"
     "      --sft-user-id=N      token that starts a user turn (ends a response)\n"
+    "      --doc-mask           pre-training too: no attention (and no target) across the\n"
+    "                           documents packed in a record (V3 does not; SFT always does)\n"
     "\n"
     "      --quiet              no per-step lines\n"
     "      --help, --version\n"
@@ -92,7 +94,7 @@ enum {
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
     OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_SKIP, OPT_EVAL_EVERY,
     OPT_EVAL_BATCHES, OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_FORCE, OPT_SFT, OPT_SFT_ASSIST,
-    OPT_SFT_USER,
+    OPT_SFT_USER, OPT_DOC_MASK,
 };
 
 /* Set by SIGTERM/SIGUSR1; the trainer checks it after each update. */
@@ -191,6 +193,7 @@ int main(int argc, char **argv)
         {"sft", no_argument, NULL, OPT_SFT},
         {"sft-assistant-id", required_argument, NULL, OPT_SFT_ASSIST},
         {"sft-user-id", required_argument, NULL, OPT_SFT_USER},
+        {"doc-mask", no_argument, NULL, OPT_DOC_MASK},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -277,6 +280,7 @@ int main(int argc, char **argv)
         case OPT_RESUME: o.resume = 1; break;
         case OPT_FORCE: o.force = 1; break;
         case OPT_SFT: o.sft = 1; break;
+        case OPT_DOC_MASK: o.doc_mask = 1; break;
         case OPT_SFT_ASSIST:
             o.sft_assistant_id = (int64_t)parse_u64("--sft-assistant-id", optarg, 0, UINT32_MAX);
             break;

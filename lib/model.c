@@ -522,14 +522,16 @@ typedef struct layer_acts {
     int *idx;                  /* [N,K] */
     float *eg, *eu, *eh, *ey;  /* per routed slot (token, k): [N*K, mi] x3, [N*K, H] */
     int routed;                /* idx holds a routing (frozen routing may reuse it) */
-    int tail;                  /* MTP module k's block: its last k rows of each sequence
-                                * are placeholders, left out of the balance loss and load */
+    const uint8_t *valid;      /* [N] or NULL (all): MTP module k's block has placeholder
+                                * rows (no t_{i+k} in the sequence or its document), left
+                                * out of the balance loss and the load */
 } layer_acts;
 
 /* One MTP module's activations. */
 typedef struct mtp_acts {
     int32_t *eid;              /* [N] id embedded at position i: t_{i+k}, 0 past the end */
     int32_t *tg;               /* [N] target t_{i+k+1} (targets shifted by k), -1 past the end */
+    uint8_t *in;               /* [N] 1 where t_{i+k} lies in the row and row i's document */
     float *e, *en, *rstde;     /* embedding, enorm */
     float *hn, *rstdh;         /* hnorm of the previous depth's hidden state */
     float *cat;                /* [N, 2H] = [en; hn] */
@@ -544,7 +546,9 @@ struct model_acts {
     int B, T, N, n_layers;
     int freeze;
     int have_routing;
-    int *pos;
+    int *pos;               /* [N] RoPE position of each row (0..T-1 unless set) */
+    int32_t *seg;           /* [N] document of each row, NULL: one per sequence */
+    int32_t *seg_buf;       /* storage behind seg */
     float *cos_t, *sin_t;
     layer_acts *l;
     float *hfinal, *xf, *rstdf, *logits;
@@ -553,6 +557,9 @@ struct model_acts {
     float mtp_lambda, balance_alpha;  /* the options the last forward used */
     double ce_sum;          /* main cross-entropy sum and count of the last forward */
     int ce_count;
+    int64_t ce_norm;        /* what the main sum is divided by (norm_main or ce_count) */
+    int64_t *mtp_norm;      /* [n_mtp]: the same for each MTP module */
+    int64_t seq_norm;       /* what the balance loss's sum over sequences is divided by */
     double balance;         /* alpha-weighted balance loss of the last forward */
     float **all;   /* every allocation, for freeing */
     int n_all, cap_all;
@@ -639,6 +646,7 @@ static int alloc_mtp(model_acts *a, const dsv3_config *c)
         mtp_acts *M = &mt[k];
         M->eid = acts_alloc(a, (size_t)N, sizeof(int32_t));
         M->tg = acts_alloc(a, (size_t)N, sizeof(int32_t));
+        M->in = acts_alloc(a, (size_t)N, 1);
         M->e = FL(N * H);
         M->en = FL(N * H);
         M->rstde = FL(N);
@@ -646,15 +654,17 @@ static int alloc_mtp(model_acts *a, const dsv3_config *c)
         M->rstdh = FL(N);
         M->cat = FL(N * 2 * H);
         alloc_layer(a, c, &M->blk, c->num_hidden_layers + k);
-        M->blk.tail = k + 1;
+        M->blk.valid = M->in;
         M->hout = FL(N * H);
         M->xf = FL(N * H);
         M->rstdf = FL(N);
         M->logits = FL(N * V);
     }
+    int64_t *mn = acts_alloc(a, (size_t)D, sizeof *mn);
     if (a->failed)
         return -1;
     a->mtp = mt;
+    a->mtp_norm = mn;
     a->n_mtp = D;
     return 0;
 }
@@ -674,6 +684,7 @@ model_acts *model_acts_new(const dsv3_model *m, int B, int T, dsv3_err *e)
     a->n_layers = c->num_hidden_layers;
     int64_t H = c->hidden_size, rope = c->qk_rope_head_dim;
     a->pos = acts_alloc(a, (size_t)N, sizeof(int));
+    a->seg_buf = acts_alloc(a, (size_t)N, sizeof(int32_t));
     a->cos_t = FL(T * rope / 2);
     a->sin_t = FL(T * rope / 2);
     a->l = acts_alloc(a, (size_t)c->num_hidden_layers, sizeof(layer_acts));
@@ -719,6 +730,23 @@ const float *model_acts_hidden(const model_acts *a, int l)
     return l < a->n_layers ? a->l[l].x : a->hfinal;
 }
 
+int model_acts_set_segments(model_acts *a, const int32_t *segment, const int32_t *position)
+{
+    int T = a->T;
+    for (int n = 0; n < a->N; n++) {
+        if (position && (position[n] < 0 || position[n] >= T))
+            return -1;
+        if (segment && n % T && segment[n] < segment[n - 1])
+            return -1;
+    }
+    for (int n = 0; n < a->N; n++)
+        a->pos[n] = position ? position[n] : n % T;
+    if (segment)
+        memcpy(a->seg_buf, segment, (size_t)a->N * sizeof *segment);
+    a->seg = segment ? a->seg_buf : NULL;
+    return 0;
+}
+
 void model_acts_freeze_routing(model_acts *a, int on)
 {
     a->freeze = on;
@@ -732,11 +760,11 @@ const float *model_acts_mtp_logits(const model_acts *a, int k)
 void model_acts_losses(const model_acts *a, model_losses *out)
 {
     memset(out, 0, sizeof *out);
-    out->main = a->ce_count ? a->ce_sum / a->ce_count : 0;
+    out->main = a->ce_count ? a->ce_sum / (double)a->ce_norm : 0;
     if (a->mtp_ran) {
         double sum = 0;
         for (int k = 0; k < a->n_mtp; k++) {
-            double lk = a->mtp[k].count ? a->mtp[k].sum / a->mtp[k].count : 0;
+            double lk = a->mtp[k].count ? a->mtp[k].sum / (double)a->mtp_norm[k] : 0;
             if (k < 8)
                 out->mtp_k[k] = lk;
             sum += lk;
@@ -801,25 +829,47 @@ static void mla_forward(const dsv3_model *m, model_acts *a, const model_layer *W
             memcpy(kd + nope, kpe + (int64_t)n * rope, (size_t)rope * 4);
             memcpy(L->v + ((int64_t)n * nh + h) * dv, src + nope, (size_t)dv * 4);
         }
-    attention_forward(L->ao, L->att, L->q, L->k, L->v, a->B, a->T, nh, qk, dv,
-                      (float)config_softmax_scale(c));
+    attention_forward_seg(L->ao, L->att, L->q, L->k, L->v, a->seg, a->B, a->T, nh, qk, dv,
+                          (float)config_softmax_scale(c));
     matmul_forward(out, L->ao, W->o_proj, N, nh * dv, H);
+}
+
+/* Rows of sequence b that count in MTP block L's balance loss and load (all for a main
+ * layer). */
+static int row_valid(const layer_acts *L, int64_t n)
+{
+    return !L->valid || L->valid[n];
+}
+
+static int valid_rows(const model_acts *a, const layer_acts *L, int b)
+{
+    int T = 0;
+    for (int t = 0; t < a->T; t++)
+        T += row_valid(L, (int64_t)b * a->T + t);
+    return T;
 }
 
 /* The sequence-wise balance loss of one MoE block (V3 report eq. 17-20), without alpha and
  * averaged over the B sequences: per sequence sum_i f_i P_i with f_i = E/(K T) * (tokens
  * that chose i) and P_i = mean over tokens of s'_i = s_i / sum_j s_j (unbiased affinities
  * of all routed experts). T counts the rows that are tokens: in MTP module k's block the
- * sequence is T - k long (report eq. 22), the rest placeholders. */
+ * sequence is T - k long (report eq. 22), the rest placeholders; with documents packed in
+ * a sequence, also the last k rows of each document. The sequence stays the unit (a packed
+ * row, documents and all), as in V3's pre-training. */
 static double balance_loss(const dsv3_config *c, const model_acts *a, const layer_acts *L)
 {
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T - L->tail;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok;
     double total = 0, f[E], P[E];
-    for (int b = 0; b < a->B && T > 0; b++) {
+    for (int b = 0; b < a->B; b++) {
+        int T = valid_rows(a, L, b);
+        if (!T)
+            continue;
         memset(f, 0, sizeof f);
         memset(P, 0, sizeof P);
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < a->T; t++) {
             int64_t n = (int64_t)b * a->T + t;
+            if (!row_valid(L, n))
+                continue;
             const float *s = L->s + n * E;
             double S = 0;
             for (int i = 0; i < E; i++)
@@ -832,7 +882,7 @@ static double balance_loss(const dsv3_config *c, const model_acts *a, const laye
         for (int i = 0; i < E; i++)
             total += (f[i] * E / ((double)K * T)) * (P[i] / T);
     }
-    return total / a->B;
+    return total / (double)a->seq_norm;
 }
 
 /* Adds d(alpha * balance_loss)/d(router logits) into dlogits [N,E]; f is a constant (the
@@ -841,17 +891,23 @@ static double balance_loss(const dsv3_config *c, const model_acts *a, const laye
 static void balance_backward(const dsv3_config *c, const model_acts *a, const layer_acts *L,
                              float alpha, float *dlogits)
 {
-    int E = c->n_routed_experts, K = c->num_experts_per_tok, T = a->T - L->tail;
+    int E = c->n_routed_experts, K = c->num_experts_per_tok;
     double f[E], g[E];
-    for (int b = 0; b < a->B && T > 0; b++) {
+    for (int b = 0; b < a->B; b++) {
+        int T = valid_rows(a, L, b);
+        if (!T)
+            continue;
         memset(f, 0, sizeof f);
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++)
-                f[L->idx[((int64_t)b * a->T + t) * K + k]] += 1;
+        for (int t = 0; t < a->T; t++)
+            if (row_valid(L, (int64_t)b * a->T + t))
+                for (int k = 0; k < K; k++)
+                    f[L->idx[((int64_t)b * a->T + t) * K + k]] += 1;
         for (int i = 0; i < E; i++)
-            g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * a->B);
-        for (int t = 0; t < T; t++) {
+            g[i] = alpha * (f[i] * E / ((double)K * T)) / ((double)T * (double)a->seq_norm);
+        for (int t = 0; t < a->T; t++) {
             int64_t n = (int64_t)b * a->T + t;
+            if (!row_valid(L, n))
+                continue;
             const float *s = L->s + n * E;
             double S = 0, dot = 0;
             for (int i = 0; i < E; i++)
@@ -1015,11 +1071,15 @@ static void mtp_forward(const dsv3_model *m, model_acts *a, const int32_t *ids,
         mtp_acts *M = &a->mtp[k - 1];
         const model_mtp *W = &m->w.mtp[k - 1];
         /* Past the sequence's end there is no t_{i+k}: the module sees T - k tokens (report
-         * eq. 22). The other rows embed token 0 as placeholders: ignored by the
-         * cross-entropy, left out of the balance loss and the load, and attention is
-         * causal, so they reach no used row (their gradients are exactly zero). */
+         * eq. 22); with documents packed in the sequence, past the end of row i's document
+         * neither (t_{i+k} belongs to another document: its target is ignored, as in a
+         * document run alone and padded). The other rows embed token 0 as placeholders:
+         * ignored by the cross-entropy, left out of the balance loss and the load; they
+         * are the last rows of their document and attention stays inside it and causal,
+         * so they reach no used row (their gradients are exactly zero). */
         for (int n = 0; n < N; n++) {
-            int inside = n % T + k < T;
+            int inside = n % T + k < T && (!a->seg || a->seg[n + k] == a->seg[n]);
+            M->in[n] = (uint8_t)inside;
             M->eid[n] = inside ? ids[n + k] : 0;
             M->tg[n] = inside ? targets[n + k] : -1;
         }
@@ -1035,6 +1095,8 @@ static void mtp_forward(const dsv3_model *m, model_acts *a, const int32_t *ids,
         rmsnorm_forward(M->xf, M->rstdf, M->hout, W->head_norm, N, H, eps);
         matmul_forward(M->logits, M->xf, m->w.lm_head, N, H, V);
         crossentropy_forward(&M->sum, &M->count, NULL, M->logits, M->tg, N, V);
+        a->mtp_norm[k - 1] = m->norm_mtp && m->norm_mtp[k - 1] > 0 ? m->norm_mtp[k - 1]
+                                                                     : M->count;
         prev = M->hout;
     }
 }
@@ -1061,6 +1123,7 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
         return err_set(e, "model: out of memory for scratch");
     a->balance = 0;
     a->balance_alpha = m->balance_alpha;
+    a->seq_norm = m->norm_seqs > 0 ? m->norm_seqs : a->B;
     a->ce_sum = 0;
     a->ce_count = 0;
     embedding_forward(a->l[0].x, m->w.embed, ids, N, H);
@@ -1078,10 +1141,30 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
     free(scratch);
     if (targets) {
         crossentropy_forward(&a->ce_sum, &a->ce_count, NULL, a->logits, targets, N, V);
+        a->ce_norm = m->norm_main > 0 ? m->norm_main : a->ce_count;
         if (loss)
             *loss = a->ce_count ? (float)(a->ce_sum / a->ce_count) : 0.0f;
     }
     return 0;
+}
+
+void model_count_targets(const dsv3_model *m, const int32_t *targets, const int32_t *segment,
+                         int B, int T, int64_t *main, int64_t *mtp)
+{
+    int D = m->cfg.num_nextn_predict_layers;
+    int64_t N = (int64_t)B * T;
+    *main = 0;
+    for (int64_t n = 0; n < N; n++)
+        *main += targets[n] >= 0;
+    /* module k's target at row n: targets[n + k], with t_{n+k} in the row and document
+     * (mtp_forward's rule) */
+    for (int k = 1; k <= D; k++) {
+        int64_t c = 0;
+        for (int64_t n = 0; n < N; n++)
+            c += n % T + k < T && (!segment || segment[n + k] == segment[n]) &&
+                 targets[n + k] >= 0;
+        mtp[k - 1] = c;
+    }
 }
 
 /* ---- backward ---- */
@@ -1182,8 +1265,8 @@ static void mla_backward(const dsv3_model *m, model_acts *a, const model_layer *
     size_t total = (size_t)(dqan + (int64_t)N * c->q_lora_rank - tmp);
     memset(tmp, 0, total * 4);
     matmul_backward(dao, G->o_proj, dout, L->ao, W->o_proj, N, nh * dv, H);
-    attention_backward(dq, dk, dvv, dao, L->att, L->q, L->k, L->v, a->B, a->T, nh, qk, dv,
-                       (float)config_softmax_scale(c));
+    attention_backward_seg(dq, dk, dvv, dao, L->att, L->q, L->k, L->v, a->seg, a->B, a->T, nh,
+                           qk, dv, (float)config_softmax_scale(c));
     /* Split dK back into k_nope (per head, into kv_b's output) and k_pe (summed over heads:
      * one vector serves them all). */
     for (int n = 0; n < N; n++)
@@ -1255,7 +1338,7 @@ static void mtp_backward(dsv3_model *m, model_acts *a, float *dlogits, float *dx
         memcpy(dx, dcarry, (size_t)N * H * 4);
         if (M->count) {
             crossentropy_backward(dlogits, M->logits, M->tg, N, V,
-                                  a->mtp_lambda / D / (float)M->count);
+                                  a->mtp_lambda / D / (float)a->mtp_norm[k - 1]);
             memset(dn, 0, (size_t)N * H * 4);
             matmul_backward(dn, m->g.lm_head, dlogits, M->xf, m->w.lm_head, N, H, V);
             rmsnorm_backward(dx, G->head_norm, dn, M->hout, W->head_norm, M->rstdf, N, H);
@@ -1301,7 +1384,7 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
         memcpy(dx, dc, (size_t)N * H * 4);
     }
     if (count) {
-        crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / count);
+        crossentropy_backward(dlogits, a->logits, targets, N, V, 1.0f / (float)a->ce_norm);
         memset(dn, 0, (size_t)N * H * 4);
         matmul_backward(dn, m->g.lm_head, dlogits, a->xf, m->w.lm_head, N, H, V);
         rmsnorm_backward(dx, m->g.final_norm, dn, a->hfinal, m->w.final_norm, a->rstdf, N, H);
@@ -1366,9 +1449,9 @@ int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64
     const layer_acts *L = &a->mtp[k].blk;
     memset(counts, 0, (size_t)c->n_routed_experts * sizeof *counts);
     int64_t used = 0, K = c->num_experts_per_tok;
-    /* only the T-k positions with a real next-next token route (report eq. 22) */
+    /* only the positions with a real t_{i+k} route (report eq. 22) */
     for (int64_t n = 0; n < a->N; n++)
-        if (n % a->T < a->T - L->tail) {
+        if (row_valid(L, n)) {
             for (int64_t j = 0; j < K; j++)
                 counts[L->idx[n * K + j]]++;
             used += K;

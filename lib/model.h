@@ -27,8 +27,10 @@
  * Auxiliary losses are options of the model (fields below, zero = off): the MTP loss
  * lambda/D * sum_k CE_k, and the sequence-wise balance loss alpha * sum_i f_i P_i (report
  * eq. 17-20) of every MoE block that runs (MTP module k's over the T - k tokens it sees),
- * averaged over the B sequences and summed over blocks. model_forward's *loss stays the main cross-entropy; model_acts_losses gives the
- * parts and the total, which model_backward differentiates.
+ * averaged over the B sequences and summed over blocks. model_forward's *loss stays the main
+ * cross-entropy; model_acts_losses gives the parts and the total, which model_backward
+ * differentiates. A trainer that accumulates forwards sets the norm_* fields so that each
+ * forward's parts are sums divided by the whole step's counts instead of its own means.
  *
  * The matmuls, attention heads and cross-entropy rows run on OpenMP threads; every output
  * element is summed in the same order whatever the thread count, so results are bitwise
@@ -86,6 +88,13 @@ typedef struct dsv3_model {
     /* Options, zero = off; set after model_init/model_load, read by forward and backward. */
     float mtp_lambda;     /* weight of the MTP loss (V3: 0.3, later 0.1); needs D > 0 */
     float balance_alpha;  /* weight of the sequence-wise balance loss (V3: 0.0001) */
+    /* The normalisers of an accumulated step (0 / NULL = those of the forward itself): with
+     * them, each forward's losses are sums over its part divided by counts of the whole
+     * step, so the gradients of a step's forwards add up to the gradient of the step's
+     * loss however it is grouped into forwards and ranks (model_count_targets). */
+    int64_t norm_main;          /* main counted targets of the step */
+    const int64_t *norm_mtp;    /* [D]: MTP module k's counted targets of the step */
+    int64_t norm_seqs;          /* sequences of the step (the balance loss's mean) */
 } dsv3_model;
 
 /* Lays out the parameters of c (with its MTP modules) and allocates them: linear
@@ -140,6 +149,18 @@ const float *model_acts_logits(const model_acts *a);
  * the final norm): [B*T, hidden]. */
 const float *model_acts_hidden(const model_acts *a, int l);
 
+/* Documents packed in each sequence, for the next forwards (until set again): segment[N]
+ * numbers the document of every row (non-decreasing along a sequence; NULL: the whole
+ * sequence is one document), position[N] its RoPE position (0 <= position < T; NULL:
+ * 0..T-1 in every sequence). Attention from row i to row j then needs j <= i and
+ * segment[j] == segment[i], in forward and backward, so each document computes what it
+ * would compute as a sequence of its own when its positions restart at 0. MTP module k
+ * treats t_{i+k} of another document like a position past the sequence's end: row i is a
+ * placeholder, its target ignored, left out of the balance loss and the load. The
+ * balance loss stays per sequence (packed row). Returns -1 (nothing changed) when a
+ * position is out of range or a segment number decreases inside a sequence. */
+int model_acts_set_segments(model_acts *a, const int32_t *segment, const int32_t *position);
+
 /* When set, the next forwards reuse the expert choices of the last one (weights are still
  * recomputed): makes the loss a smooth function of the parameters for gradient checks. */
 void model_acts_freeze_routing(model_acts *a, int on);
@@ -149,10 +170,18 @@ void model_acts_freeze_routing(model_acts *a, int on);
 int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_t *targets,
                   float *loss, dsv3_err *e);
 
-/* The losses of the last forward with targets. total = main + mtp + balance is what
+/* Counted targets of a forward over ids [B*T] with these targets and documents (segment
+ * NULL: none): *main of the next token, mtp[k] of MTP module k (D entries; what
+ * model_forward counts). Summed over a step's forwards and ranks: the norm_* fields. */
+void model_count_targets(const dsv3_model *m, const int32_t *targets, const int32_t *segment,
+                         int B, int T, int64_t *main, int64_t *mtp);
+
+/* The losses of the last forward with targets (with the norm_* fields set: its share of
+ * the step's losses, the sums over its part divided by the step's counts). total = main + mtp + balance is what
  * model_backward differentiates. */
 typedef struct model_losses {
-    double main;      /* mean cross-entropy of the next token (model_forward's *loss) */
+    double main;      /* mean cross-entropy of the next token (model_forward's *loss, unless
+                         norm_main is set) */
     double mtp;       /* lambda/D * sum of mtp_k; 0 when off */
     double mtp_k[8];  /* module k's mean cross-entropy (k < 8 reported) */
     double balance;   /* alpha * sum over MoE blocks of the mean over sequences; 0 when off */
@@ -174,7 +203,8 @@ int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *
 
 /* The same for the block of MTP module k (0-based) when the last forward ran it: counts[E],
  * and *slots = tokens routed there times num_experts_per_tok (its last k+1 positions of a
- * sequence do not route). Returns -1 when the module did not run or its block is dense. */
+ * sequence, or of a document when segments are set, are placeholders and do not count).
+ * Returns -1 when the module did not run or its block is dense. */
 int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64_t *counts,
                           int64_t *slots);
 

@@ -227,6 +227,19 @@ void swiglu_backward(float *d_g, float *d_u, const float *d_h, const float *g, c
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int T, int nh, int dk, int dv, float scale)
 {
+    attention_forward_seg(out, att, q, k, v, NULL, B, T, nh, dk, dv, scale);
+}
+
+/* Key j is visible to query i of the same sequence: j <= i and, with seg, the same segment.
+ * Masked keys are skipped (never summed as zeros), so a document's rows see exactly the
+ * sums they would see as a sequence of their own. */
+#define ATT_SEES(seg, b, T, i, j) \
+    (!(seg) || (seg)[(int64_t)(b) * (T) + (j)] == (seg)[(int64_t)(b) * (T) + (i)])
+
+void attention_forward_seg(float *out, float *att, const float *q, const float *k,
+                           const float *v, const int32_t *seg, int B, int T, int nh, int dk,
+                           int dv, float scale)
+{
 #pragma omp parallel for collapse(2) schedule(static) \
     if ((int64_t)B * nh * T * T * (dk + dv) > PAR_MIN_WORK)
     for (int b = 0; b < B; b++)
@@ -236,6 +249,10 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
                 float *p = att + (((int64_t)b * nh + h) * T + i) * T;
                 float mx = -INFINITY;
                 for (int j = 0; j <= i; j++) {
+                    if (!ATT_SEES(seg, b, T, i, j)) {
+                        p[j] = 0;
+                        continue;
+                    }
                     const float *kj = k + (((int64_t)b * T + j) * nh + h) * dk;
                     double s = 0;
                     for (int d = 0; d < dk; d++)
@@ -245,18 +262,22 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
                         mx = p[j];
                 }
                 double sum = 0;
-                for (int j = 0; j <= i; j++) {
-                    p[j] = expf(p[j] - mx);
-                    sum += p[j];
-                }
                 for (int j = 0; j <= i; j++)
-                    p[j] = (float)(p[j] / sum);
+                    if (ATT_SEES(seg, b, T, i, j)) {
+                        p[j] = expf(p[j] - mx);
+                        sum += p[j];
+                    }
+                for (int j = 0; j <= i; j++)
+                    if (ATT_SEES(seg, b, T, i, j))
+                        p[j] = (float)(p[j] / sum);
                 for (int j = i + 1; j < T; j++)
                     p[j] = 0;
                 float *o = out + (((int64_t)b * T + i) * nh + h) * dv;
                 for (int d = 0; d < dv; d++)
                     o[d] = 0;
                 for (int j = 0; j <= i; j++) {
+                    if (!ATT_SEES(seg, b, T, i, j))
+                        continue;
                     const float *vj = v + (((int64_t)b * T + j) * nh + h) * dv;
                     for (int d = 0; d < dv; d++)
                         o[d] += p[j] * vj[d];
@@ -269,6 +290,14 @@ void attention_backward(float *d_q, float *d_k, float *d_v, const float *d_out,
                         const float *att, const float *q, const float *k, const float *v,
                         int B, int T, int nh, int dk, int dv, float scale)
 {
+    attention_backward_seg(d_q, d_k, d_v, d_out, att, q, k, v, NULL, B, T, nh, dk, dv, scale);
+}
+
+void attention_backward_seg(float *d_q, float *d_k, float *d_v, const float *d_out,
+                            const float *att, const float *q, const float *k, const float *v,
+                            const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                            float scale)
+{
     /* d_k and d_v of head (b, h) collect only from queries of the same head. */
 #pragma omp parallel for collapse(2) schedule(static) \
     if ((int64_t)B * nh * T * T * (dk + dv) > PAR_MIN_WORK)
@@ -280,6 +309,10 @@ void attention_backward(float *d_q, float *d_k, float *d_v, const float *d_out,
                 float dp[T > 0 ? T : 1];
                 double dot = 0;
                 for (int j = 0; j <= i; j++) {
+                    if (!ATT_SEES(seg, b, T, i, j)) {
+                        dp[j] = 0;
+                        continue;
+                    }
                     const float *vj = v + (((int64_t)b * T + j) * nh + h) * dv;
                     float *dvj = d_v + (((int64_t)b * T + j) * nh + h) * dv;
                     double s = 0;
@@ -293,6 +326,8 @@ void attention_backward(float *d_q, float *d_k, float *d_v, const float *d_out,
                 const float *qi = q + (((int64_t)b * T + i) * nh + h) * dk;
                 float *dqi = d_q + (((int64_t)b * T + i) * nh + h) * dk;
                 for (int j = 0; j <= i; j++) {
+                    if (!ATT_SEES(seg, b, T, i, j))
+                        continue;
                     float ds = p[j] * (dp[j] - (float)dot) * scale;
                     if (ds == 0)
                         continue;

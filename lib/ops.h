@@ -59,6 +59,17 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
 void attention_backward(float *d_q, float *d_k, float *d_v, const float *d_out,
                         const float *att, const float *q, const float *k, const float *v,
                         int B, int T, int nh, int dk, int dv, float scale);
+/* The same with document masking: seg [B*T] (NULL: none) numbers the documents packed in
+ * each sequence, and query i sees key j only when j <= i and seg[j] == seg[i]. Masked
+ * entries of att are 0 and are skipped in every sum, so a document gets bit for bit what
+ * it would get as a sequence of its own (at the same positions' inputs). */
+void attention_forward_seg(float *out, float *att, const float *q, const float *k,
+                           const float *v, const int32_t *seg, int B, int T, int nh, int dk,
+                           int dv, float scale);
+void attention_backward_seg(float *d_q, float *d_k, float *d_v, const float *d_out,
+                            const float *att, const float *q, const float *k, const float *v,
+                            const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                            float scale);
 
 /* The DeepSeek-V3 router for one token: s = sigmoid(logits[E]); choose with s + bias:
  * n_group groups scored by the sum of their top-2, the topk_group best kept, the top k

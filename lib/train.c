@@ -37,32 +37,37 @@ void train_opts_default(train_opts *o)
 
 /* ---- pieces with their own tests ---- */
 
-void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma)
+/* As model_balance_update: mean load = total/E (total: routed slots), compared as load_i*E
+ * vs total to stay in integers. */
+static void bias_step(float *b, const int64_t *load, int E, int64_t total, float gamma)
 {
-    const dsv3_config *c = &m->cfg;
-    int E = c->n_routed_experts;
-    /* As model_balance_update: mean load = tokens*K/E, compared as load_i*E vs tokens*K. */
-    int64_t total = tokens * c->num_experts_per_tok;
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        if (!config_layer_is_moe(c, l))
-            continue;
-        float *b = m->w.layers[l].router_bias;
-        const int64_t *load = counts + (size_t)l * E;
-        for (int i = 0; i < E; i++) {
-            int64_t d = total - load[i] * E;
-            b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
-        }
+    for (int i = 0; i < E; i++) {
+        int64_t d = total - load[i] * E;
+        b[i] += d > 0 ? gamma : d < 0 ? -gamma : 0.0f;
     }
 }
 
-int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
-                     const uint32_t *segment, uint32_t L, int64_t user_id,
-                     int64_t assistant_id, int32_t *ids, int32_t *tgt)
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens,
+                          const int64_t *mtp_slots, float gamma)
 {
-    /* resp[j]: token j (j = L: the last target) is a response token. */
-    uint8_t *resp = malloc((size_t)L + 1);
-    if (!resp)
-        return -1;
+    const dsv3_config *c = &m->cfg;
+    int E = c->n_routed_experts, nl = c->num_hidden_layers;
+    for (int l = 0; l < nl; l++)
+        if (config_layer_is_moe(c, l))
+            bias_step(m->w.layers[l].router_bias, counts + (size_t)l * E, E,
+                      tokens * c->num_experts_per_tok, gamma);
+    /* A module that routed nothing (the MTP loss off) has all loads 0 = the mean: no move. */
+    for (int k = 0; mtp_slots && k < c->num_nextn_predict_layers; k++)
+        if (config_layer_is_moe(c, nl + k))
+            bias_step(m->w.mtp[k].block.router_bias, counts + (size_t)(nl + k) * E, E,
+                      mtp_slots[k], gamma);
+}
+
+/* resp[j] (L + 1 entries): token j (j = L: the last target) is a response token. */
+static void sft_response(const uint32_t *tokens, const uint32_t *targets,
+                         const uint32_t *segment, uint32_t L, int64_t user_id,
+                         int64_t assistant_id, uint8_t *resp)
+{
     int in_resp = 0;
     for (uint32_t j = 0; j <= L; j++) {
         if (j < L && (j == 0 || segment[j] != segment[j - 1]))
@@ -77,6 +82,47 @@ int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint
         } else
             resp[j] = (uint8_t)in_resp;
     }
+}
+
+int train_sft_row(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                  const uint32_t *segment, uint32_t L, int64_t user_id, int64_t assistant_id,
+                  int32_t *ids, int32_t *tgt, int32_t *seg, int32_t *pos)
+{
+    uint8_t *resp = malloc((size_t)L + 1);
+    if (!resp)
+        return -1;
+    sft_response(tokens, targets, segment, L, user_id, assistant_id, resp);
+    int counted = 0;
+    for (uint32_t i = 0; i < L; i++) {
+        int first = i == 0 || segment[i] != segment[i - 1];
+        int same_doc = i + 1 == L || segment[i + 1] == segment[i];
+        int use = mask[i] && same_doc && resp[i + 1];
+        ids[i] = (int32_t)tokens[i];
+        tgt[i] = use ? (int32_t)targets[i] : -1;
+        seg[i] = (int32_t)segment[i];
+        pos[i] = first ? 0 : pos[i - 1] + 1;
+        counted += use;
+    }
+    free(resp);
+    return counted;
+}
+
+void train_doc_positions(const uint32_t *segment, uint32_t L, int32_t *seg, int32_t *pos)
+{
+    for (uint32_t i = 0; i < L; i++) {
+        seg[i] = (int32_t)segment[i];
+        pos[i] = i == 0 || segment[i] != segment[i - 1] ? 0 : pos[i - 1] + 1;
+    }
+}
+
+int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                     const uint32_t *segment, uint32_t L, int64_t user_id,
+                     int64_t assistant_id, int32_t *ids, int32_t *tgt)
+{
+    uint8_t *resp = malloc((size_t)L + 1);
+    if (!resp)
+        return -1;
+    sft_response(tokens, targets, segment, L, user_id, assistant_id, resp);
     int rows = 0;
     for (uint32_t a = 0; a < L;) {
         uint32_t end = a + 1;
@@ -107,6 +153,7 @@ int train_sft_unpack(const uint32_t *tokens, const uint32_t *targets, const uint
 /* Rows waiting to be run: B at a time go into a forward. */
 typedef struct rowq {
     int32_t *ids, *tgt;
+    int32_t *seg, *pos;  /* document numbers and positions (used with document masking) */
     size_t n, cap;  /* rows */
 } rowq;
 
@@ -114,7 +161,6 @@ typedef struct rowq {
 typedef struct accum {
     double loss_sum;   /* sum over forwards of mean loss * counted targets */
     int64_t n;         /* counted targets */
-    int64_t prev_n;    /* counted targets of the last backward: the scale grads carry */
     int64_t routed;    /* tokens through the router (every position of every forward) */
 } accum;
 
@@ -131,15 +177,20 @@ typedef struct trainer {
     uint64_t seqs;        /* the global batch in sequences (after the ramp: its final value) */
     sched_ramp ramp;
     int32_t *ids, *tgt;   /* one forward: B x L */
+    int32_t *seg, *pos;   /* its documents and positions, when doc_mask */
+    int doc_mask;         /* attention masked by document (SFT, or --doc-mask) */
     rowq q;
-    int64_t *counts, *tmp_counts;  /* [layers][E] */
+    int64_t *counts, *tmp_counts;  /* [layers + MTP modules][E] */
+    int64_t *mtp_slots;   /* [MTP modules]: routed slots of their blocks this step */
+    int n_mtp;
     int n_saves;
     char tokenizer_id[17];
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
     FILE *log;            /* o->log on rank 0, else NULL */
     size_t nc;            /* entries of counts */
-    int64_t *sync;        /* [2 + nc]: the integer sums of a step */
+    int64_t *sync;        /* [2 + nc + n_mtp]: the integer sums of a step */
+    int64_t *norms;       /* [2 + n_mtp]: the step's main targets, sequences, MTP targets */
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
 } trainer;
 
@@ -158,38 +209,49 @@ static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
     if (!b)
         return -1;
     q->tgt = b;
+    int32_t *c = realloc(q->seg, cap * L * sizeof *c);
+    if (!c)
+        return -1;
+    q->seg = c;
+    int32_t *d = realloc(q->pos, cap * L * sizeof *d);
+    if (!d)
+        return -1;
+    q->pos = d;
     q->cap = cap;
     return 0;
 }
 
-/* One loader batch into the queue: as is (targets -1 where the mask is 0), or as SFT rows. */
+/* One loader batch into the queue: as is (targets -1 where the mask is 0), or as SFT rows
+ * (a record stays whole, its documents masked from each other; a record without a counted
+ * target is left out). With document masking, each row's documents and positions too. */
 static int enqueue(trainer *t, const loader_batch *b, dsv3_err *e)
 {
     uint32_t L = t->L;
-    size_t need = b->rows;
-    if (t->o->sft)   /* one row per segment at most: segments are numbered from 0 per row */
-        for (uint32_t r = 0; r < b->rows; r++)
-            need += b->segment[(size_t)r * L + L - 1];
-    if (rowq_reserve(&t->q, need, L))
+    if (rowq_reserve(&t->q, b->rows, L))
         return err_set(e, "out of memory for batch rows");
     for (uint32_t r = 0; r < b->rows; r++) {
         size_t off = (size_t)r * L;
         int32_t *ids = t->q.ids + t->q.n * L, *tgt = t->q.tgt + t->q.n * L;
+        int32_t *seg = t->q.seg + t->q.n * L, *pos = t->q.pos + t->q.n * L;
         if (t->o->sft) {
-            /* HOOK(model-segments): once model_forward masks attention by segment and takes
-             * per-token positions, the row can stay whole (segments and positions restarting
-             * per document from b->segment) instead of one padded row per document. */
-            int n = train_sft_unpack(b->tokens + off, b->targets + off, b->mask + off,
-                                     b->segment + off, L, t->o->sft_user_id,
-                                     t->o->sft_assistant_id, ids, tgt);
+            int n = train_sft_row(b->tokens + off, b->targets + off, b->mask + off,
+                                  b->segment + off, L, t->o->sft_user_id,
+                                  t->o->sft_assistant_id, ids, tgt, seg, pos);
             if (n < 0)
                 return err_set(e, "out of memory");
-            t->q.n += (size_t)n;
+            t->q.n += n > 0;
             continue;
         }
         for (uint32_t i = 0; i < L; i++) {
             ids[i] = (int32_t)b->tokens[off + i];
             tgt[i] = b->mask[off + i] ? (int32_t)b->targets[off + i] : -1;
+        }
+        if (t->doc_mask) {
+            train_doc_positions(b->segment + off, L, seg, pos);
+            /* the last target of a document is the next one's first token */
+            for (uint32_t i = 0; i + 1 < L; i++)
+                if (seg[i + 1] != seg[i])
+                    tgt[i] = -1;
         }
         t->q.n++;
     }
@@ -202,25 +264,24 @@ static void dequeue(trainer *t)
     size_t L = t->L, take = t->q.n < t->B ? t->q.n : t->B;
     memcpy(t->ids, t->q.ids, take * L * sizeof *t->ids);
     memcpy(t->tgt, t->q.tgt, take * L * sizeof *t->tgt);
+    memcpy(t->seg, t->q.seg, take * L * sizeof *t->seg);
+    memcpy(t->pos, t->q.pos, take * L * sizeof *t->pos);
     for (size_t i = take * L; i < (size_t)t->B * L; i++) {
         t->ids[i] = 0;
         t->tgt[i] = -1;
+        t->seg[i] = 0;
+        t->pos[i] = (int32_t)(i % L);
     }
     memmove(t->q.ids, t->q.ids + take * L, (t->q.n - take) * L * sizeof *t->ids);
     memmove(t->q.tgt, t->q.tgt + take * L, (t->q.n - take) * L * sizeof *t->tgt);
+    memmove(t->q.seg, t->q.seg + take * L, (t->q.n - take) * L * sizeof *t->seg);
+    memmove(t->q.pos, t->q.pos + take * L, (t->q.n - take) * L * sizeof *t->pos);
     t->q.n -= take;
 }
 
-static void scale_grads(dsv3_model *m, float f)
-{
-    for (size_t i = 0; i < m->n_params; i++)
-        m->grads[i] *= f;
-}
-
-/* One forward (and backward) of the B rows in t->ids/t->tgt. The gradient of an update is
- * sum_i (n_i/N) g_i over its forwards (g_i: the gradient of forward i's mean loss, n_i its
- * counted targets); model_backward adds plain g_i, so before each backward the sum so far
- * is rescaled by n_prev/n_i and at the end by n_last/N (finish). */
+/* One forward (and backward) of the B rows in t->ids/t->tgt. In a step the model divides
+ * each forward's loss sums by the step's counts (load_step), so the backwards simply add
+ * up the gradient of the step's loss. A forward without a counted target is skipped. */
 static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
 {
     int64_t n = 0;
@@ -229,6 +290,9 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     if (!n)
         return 0;
     float loss;
+    if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
+                                t->doc_mask ? t->pos : NULL))
+        return err_set(e, "bad document numbers in a packed record");
     if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
         return -1;
     a->loss_sum += (double)loss * (double)n;
@@ -241,12 +305,17 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         if (model_expert_load(&t->m, t->acts, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
+    for (int k = 0; k < t->n_mtp; k++) {
+        int64_t slots;
+        if (model_mtp_expert_load(&t->m, t->acts, k, t->tmp_counts, &slots) == 0) {
+            for (int i = 0; i < E; i++)
+                t->counts[(size_t)(c->num_hidden_layers + k) * E + i] += t->tmp_counts[i];
+            t->mtp_slots[k] += slots;
+        }
+    }
     a->routed += (int64_t)t->B * t->L;
-    if (a->prev_n && a->prev_n != n)
-        scale_grads(&t->m, (float)((double)a->prev_n / (double)n));
     if (model_backward(&t->m, t->acts, t->ids, t->tgt, e))
         return -1;
-    a->prev_n = n;
     return 0;
 }
 
@@ -268,10 +337,45 @@ static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int ba
     return 0;
 }
 
+/* Reads this rank's `records` of a step into the queue and sets the model's normalisers to
+ * the step's counts over all ranks: main targets, sequences of the forwards that will run
+ * (B each, as the balance loss averages over a forward's rows), and each MTP module's
+ * targets. Each forward's losses are then its sums over the step's counts: the step's
+ * gradient does not depend on how its sequences fall into micro-batches and ranks. */
+static int load_step(trainer *t, uint64_t records, dsv3_err *e)
+{
+    int rc = 0;
+    while (!rc && records > 0) {
+        const loader_batch *b;
+        rc = loader_next(t->train, &b, e) || enqueue(t, b, e) ? -1 : 0;
+        records -= t->B;
+    }
+    int64_t *v = t->norms, *mtp = t->tmp_counts;  /* tmp_counts holds >= n_mtp entries */
+    memset(v, 0, (2 + (size_t)t->n_mtp) * sizeof *v);
+    size_t L = t->L;
+    for (size_t r = 0; !rc && r < t->q.n; r += t->B) {  /* the forwards dequeue will make */
+        size_t rows = t->q.n - r < t->B ? t->q.n - r : t->B;
+        int64_t main;
+        model_count_targets(&t->m, t->q.tgt + r * L, t->doc_mask ? t->q.seg + r * L : NULL,
+                            (int)rows, (int)L, &main, mtp);
+        if (!main)
+            continue;
+        v[0] += main;
+        v[1] += t->B;
+        for (int k = 0; k < t->n_mtp; k++)
+            v[2 + k] += mtp[k];
+    }
+    if (dp_agree(&t->dp, rc, NULL, e) || dp_sum_i64(&t->dp, v, 2 + (size_t)t->n_mtp, e))
+        return -1;
+    t->m.norm_main = v[0];
+    t->m.norm_seqs = v[1];
+    t->m.norm_mtp = v + 2;
+    return 0;
+}
+
 /* The MTP loss weight lambda (scheduled) and the sequence-wise balance loss weight alpha of
- * this step. The model adds both to the loss it differentiates; the logged loss stays the
- * main cross-entropy, and accumulation weights a forward by its main counted targets (the
- * MTP losses count a few fewer per sequence: a difference of k/T in their weight). */
+ * this step. The model adds both to the loss it differentiates (each normalised over the
+ * whole step: load_step); the logged loss stays the main cross-entropy. */
 static void set_loss_weights(dsv3_model *m, double mtp_weight, double alpha)
 {
     m->mtp_lambda = m->cfg.num_nextn_predict_layers > 0 ? (float)mtp_weight : 0.0f;
@@ -568,13 +672,21 @@ static int setup_rest(trainer *t, dsv3_err *e)
     if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
         return -1;
     const dsv3_config *c = &t->m.cfg;
-    t->nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
+    t->n_mtp = c->num_nextn_predict_layers;
+    t->nc = (size_t)(c->num_hidden_layers + t->n_mtp) *
+            (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
     t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
     t->tgt = malloc((size_t)t->B * t->L * sizeof *t->tgt);
+    t->seg = malloc((size_t)t->B * t->L * sizeof *t->seg);
+    t->pos = malloc((size_t)t->B * t->L * sizeof *t->pos);
+    t->doc_mask = o->sft || o->doc_mask;
     t->counts = calloc(t->nc, sizeof *t->counts);
     t->tmp_counts = calloc(t->nc, sizeof *t->tmp_counts);
-    t->sync = calloc(t->nc + 2, sizeof *t->sync);
-    if (!t->ids || !t->tgt || !t->counts || !t->tmp_counts || !t->sync)
+    t->sync = calloc(t->nc + 2 + (size_t)t->n_mtp, sizeof *t->sync);
+    t->norms = calloc(2 + (size_t)t->n_mtp, sizeof *t->norms);
+    t->mtp_slots = calloc((size_t)t->n_mtp + 1, sizeof *t->mtp_slots);
+    if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync ||
+        !t->mtp_slots || !t->norms)
         return err_set(e, "out of memory");
     return 0;
 }
@@ -616,9 +728,15 @@ static void teardown(trainer *t)
     free(t->counts);
     free(t->tmp_counts);
     free(t->sync);
+    free(t->mtp_slots);
+    free(t->norms);
     dp_free(&t->dp);
     free(t->q.ids);
     free(t->q.tgt);
+    free(t->q.seg);
+    free(t->q.pos);
+    free(t->seg);
+    free(t->pos);
 }
 
 /* ---- one update, evaluation, logging ---- */
@@ -630,23 +748,27 @@ typedef struct step_out {
     int skipped;
 } step_out;
 
-/* Sums over the ranks of a step's loss, counted targets, routed tokens and expert loads. */
+/* Sums over the ranks of a step's loss, counted targets, routed tokens and expert loads
+ * (the MTP blocks' with their routed slots). */
 static int sum_stats(trainer *t, accum *a, dsv3_err *e)
 {
+    size_t n = t->nc + 2 + (size_t)t->n_mtp;
     t->sync[0] = a->n;
     t->sync[1] = a->routed;
     memcpy(t->sync + 2, t->counts, t->nc * sizeof *t->counts);
-    if (dp_sum_i64(&t->dp, t->sync, t->nc + 2, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
+    memcpy(t->sync + 2 + t->nc, t->mtp_slots, (size_t)t->n_mtp * sizeof *t->mtp_slots);
+    if (dp_sum_i64(&t->dp, t->sync, n, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
         return -1;
     a->n = t->sync[0];
     a->routed = t->sync[1];
     memcpy(t->counts, t->sync + 2, t->nc * sizeof *t->counts);
+    memcpy(t->mtp_slots, t->sync + 2 + t->nc, (size_t)t->n_mtp * sizeof *t->mtp_slots);
     return 0;
 }
 
-/* One update. Each rank's accumulated gradient is the mean over its own n_r counted targets
- * until it is rescaled by n_r/N (N: all ranks' targets), so the sum over the ranks is the
- * gradient of the whole global batch's mean loss, as one process would compute it. */
+/* One update. Each rank's accumulated gradient is its part of the gradient of the whole
+ * global batch's loss (the model normalises by the step's counts over all ranks), so the
+ * sum over the ranks is that gradient, as one process would compute it. */
 static int do_step(trainer *t, step_out *so, dsv3_err *e)
 {
     const train_opts *o = t->o;
@@ -658,15 +780,17 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     so->mtp_weight = sched_switch_at(&o->mtp_weight, p);
     set_loss_weights(&t->m, so->mtp_weight, o->alpha);
     memset(t->counts, 0, t->nc * sizeof *t->counts);
+    memset(t->mtp_slots, 0, (size_t)t->n_mtp * sizeof *t->mtp_slots);
     double t0 = progress_now();
     model_zero_grad(&t->m);
     accum a = {0};
-    int rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
-    int64_t local_n = a.n;
+    if (load_step(t, so->seqs / (uint64_t)t->dp.world, e))
+        return -1;
+    int rc = run_records(t, t->train, 0, &a, 1, e);
+    t->m.norm_main = t->m.norm_seqs = 0;  /* evaluation: each forward its own */
+    t->m.norm_mtp = NULL;
     if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
-    if (a.n && local_n && a.prev_n != a.n)
-        scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
     if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
         return -1;
@@ -691,7 +815,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
             return -1;
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
-        train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
+        train_balance_update(&t->m, t->counts, a.routed, t->mtp_slots, (float)so->gamma);
     }
     t->st.step++;
     t->st.tokens += so->seqs * t->L;

@@ -2,16 +2,20 @@
  *
  * Owns one run: the model (fresh, --init-from a converted HF folder, or a run's checkpoint),
  * the optimizer, the data order, and the loop of updates: micro-batches of B sequences,
- * gradient accumulation to the global batch (weighted by loss tokens, so an update's loss is
- * the mean over every counted target of the global batch), clipping, the schedules of
- * lib/sched, the AdamW update, the auxiliary-loss-free bias update over the whole step's
- * routing, evaluation on the val split, checkpoints (lib/trainckpt) and metrics.jsonl
+ * gradient accumulation to the global batch (every loss normalised by the whole step's
+ * counts on all ranks, so an update's loss, its MTP and balance parts included, is the
+ * same however the batch is grouped into micro-batches and ranks: docs/train-format.md),
+ * clipping, the schedules of lib/sched, the AdamW update, the auxiliary-loss-free bias
+ * update over the whole step's routing (the MTP blocks' included), evaluation on the val split, checkpoints (lib/trainckpt) and metrics.jsonl
  * (lib/metrics). Resuming from a checkpoint continues bit for bit: the loss of every later
  * step equals the uninterrupted run's.
  *
  * SFT mode: the loss counts only response tokens (those after an assistant-marker token,
  * up to a user-marker token), and no token attends across the documents packed in a record:
- * each document is run as its own row starting at position 0 (see train_sft_unpack).
+ * the record stays one row, its documents masked from each other and their positions
+ * restarting at 0 (model_acts_set_segments; see train_sft_row). Pre-training runs the
+ * records unmasked, as V3's recipe does, unless doc_mask is set (then also no target
+ * crosses from one document into the next).
  *
  * Data parallelism (opts.comm with several ranks, lib/dp): each rank reads its share of
  * every global batch (the loader's rank split), the statistics of a step are summed over
@@ -59,6 +63,7 @@ typedef struct train_opts {
     uint64_t seed;
     int skip_nonfinite;     /* 1: skip an update whose loss or gradient is not finite */
     int sft;
+    int doc_mask;           /* pre-training: mask attention by document (SFT always does) */
     int64_t sft_user_id, sft_assistant_id;  /* -1: none */
     const char *command;    /* the command line, appended to RUN/command.txt */
     FILE *log;              /* one line per step (NULL: none); rank 0 only writes it */
@@ -78,12 +83,28 @@ typedef struct train_result {
 
 int train_run(const train_opts *o, train_result *r, dsv3_err *e);
 
-/* b_i += gamma * sign(mean load - load_i) per MoE layer, from counts [layers][E] summed over
- * all forwards of a step that together routed `tokens` tokens: the rule of
- * model_balance_update applied to a whole accumulated step rather than its last forward. */
-void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens, float gamma);
+/* b_i += gamma * sign(mean load - load_i) per MoE layer, from counts summed over all
+ * forwards of a step: the rule of model_balance_update applied to a whole accumulated step
+ * rather than its last forward. counts is [num_hidden_layers + D][E] (D: the config's MTP
+ * modules); the main layers together routed `tokens` tokens, MTP module k's block
+ * mtp_slots[k] slots (model_mtp_expert_load's, summed). mtp_slots NULL: the MTP blocks'
+ * biases stay (and their rows of counts are not read). */
+void train_balance_update(dsv3_model *m, const int64_t *counts, int64_t tokens,
+                          const int64_t *mtp_slots, float gamma);
 
-/* SFT rows of one loader row (tokens, targets, mask, segment of L positions): one output
+/* The SFT row of one loader row (tokens, targets, mask, segment of L positions): ids, the
+ * targets that count (as train_sft_unpack: mask set, same document, response token; -1
+ * elsewhere), and seg/pos for model_acts_set_segments (positions restarting at 0 in each
+ * document). Returns the number of counted targets, -1 when out of memory. */
+int train_sft_row(const uint32_t *tokens, const uint32_t *targets, const uint8_t *mask,
+                  const uint32_t *segment, uint32_t L, int64_t user_id, int64_t assistant_id,
+                  int32_t *ids, int32_t *tgt, int32_t *seg, int32_t *pos);
+
+/* seg/pos [L] for model_acts_set_segments from a loader row's segment numbers. */
+void train_doc_positions(const uint32_t *segment, uint32_t L, int32_t *seg, int32_t *pos);
+
+/* The SFT trainer's former method, kept as the reference train_sft_row is tested against:
+ * SFT rows of one loader row (tokens, targets, mask, segment of L positions): one output
  * row of L ids/targets per document segment, the segment moved to position 0 and the rest
  * padded (id 0, target -1); a target counts only where mask is set, it lies in the same
  * segment (at the last position of the record: assumed so) and it is a response token.

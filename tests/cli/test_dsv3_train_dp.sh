@@ -19,13 +19,13 @@ awk -v seed="$$" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(r
      s = ""; for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 500); print s } }' >"$T/ids.txt"
 dsv3-shard make --vocab-size 512 -o "$T/a.shard" "$T/ids.txt"
 dsv3-pack --quiet -o "$T/data" --eos-id 1 -L 32 --val 0.1 -s 1 "$T/a.shard"
-# The MTP and sequence-wise balance losses are means over one micro-batch (its MTP targets,
-# its sequences), so their gradient depends on how the global batch is grouped into
-# micro-batches, and N ranks group it differently from one process (seen: up to 4e-5 in
-# the gradient norm at lr 0). The main cross-entropy is weighted by counted targets and is
-# grouping-free: the comparisons with one process run without the two auxiliary losses.
-NOAUX="--mtp-weight 0 --balance-alpha 0"
-A="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet $NOAUX"
+# Every loss is normalised over the whole step (the main and MTP cross-entropies by the
+# step's counted targets on all ranks, the balance loss by its sequences), so the gradient
+# does not depend on how the global batch is grouped into micro-batches and ranks: the
+# comparisons with one process run with the MTP loss on (tiny.json has one module) and the
+# balance loss weighted 100x V3's, so that both show in the gradient.
+AUX="--mtp-weight 0.3 --balance-alpha 0.01"
+A="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet $AUX"
 
 # tcp N ARGS...: N torchrun-style ranks of dsv3-train ARGS on a fresh port; stderr of rank R
 # in $T/err.R; status: the highest of the ranks'.
@@ -78,7 +78,7 @@ close_weights() {
 # expert choice (seen over 3 steps: 1e-8 to 3e-5; over 6: up to ~3e-4 once a routing
 # decision flips), so learning runs are compared over 3 steps at 1e-3 and the weights
 # loosely; the exact check is the one at learning rate 0.
-G="-c $CFG -d $T/data -b 2 -g 8 --lr 0 --gamma 0 --quiet $NOAUX --steps 6 --eval-every 3 --eval-batches 2"
+G="-c $CFG -d $T/data -b 2 -g 8 --lr 0 --gamma 0 --quiet $AUX --steps 6 --eval-every 3 --eval-batches 2"
 dsv3-train $G -o "$T/one0"
 dsv3-train $A -o "$T/one" --steps 3 --eval-every 3 --eval-batches 2
 if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
@@ -112,8 +112,8 @@ check tcp_same_tokens test "$(field tokens "$T/tcp/metrics.jsonl" | tail -n 1)" 
 # 3 ranks (the parameter count is then not a multiple of the world: the padded shards) and
 # 4 ranks, the gradient compared as above on a global batch of 12 / 8 one-sequence
 # micro-batches, and 2 learning steps.
-G1="-c $CFG -d $T/data -b 1 --lr 0 --gamma 0 --quiet $NOAUX --steps 3"
-L1="-c $CFG -d $T/data -b 1 --lr 3e-3 --quiet $NOAUX --steps 2"
+G1="-c $CFG -d $T/data -b 1 --lr 0 --gamma 0 --quiet $AUX --steps 3"
+L1="-c $CFG -d $T/data -b 1 --lr 3e-3 --quiet $AUX --steps 2"
 dsv3-train $G1 -g 12 -o "$T/one12"
 dsv3-train $L1 -g 12 -o "$T/one12l"
 tcp 3 $G1 -g 12 -o "$T/tcp3"
@@ -194,7 +194,7 @@ while :; do
     [ $((n % 2)) -eq 1 ] || [ $k -gt 60 ] && break
     k=$((k + 1))
 done
-O="-c $CFG -d $T/odd -b 1 --quiet $NOAUX"
+O="-c $CFG -d $T/odd -b 1 --quiet $AUX"
 dsv3-train $O -g 1 -o "$T/eoe" --steps $((n - 1))
 tcp 2 $O -g 2 -o "$T/eoe" --steps $((n + 1)) --resume
 check resume_end_of_epoch test $? -eq 0

@@ -81,11 +81,13 @@ static double loss_of(dsv3_model *m, model_acts *a, const int32_t *ids, const in
 static void test_gradient_finite_differences(void)
 {
     /* Trial 0: the plain model; 1 and 2: with 1 or 2 MTP modules and the balance loss,
-     * weighted far above V3's values so their gradients are not lost in the main one's. */
-    for (int trial = 0; trial < 3; trial++) {
+     * weighted far above V3's values so their gradients are not lost in the main one's;
+     * 3: as 2 with documents packed in each sequence (attention masked by document,
+     * positions restarting at each). */
+    for (int trial = 0; trial < 4; trial++) {
         dsv3_config c;
         random_config(&c);
-        c.num_nextn_predict_layers = trial;
+        c.num_nextn_predict_layers = trial < 3 ? trial : 2;
         dsv3_model m;
         dsv3_err e;
         REQUIRE(model_init(&m, &c, &e) == 0);
@@ -99,14 +101,21 @@ static void test_gradient_finite_differences(void)
                 for (int64_t j = 0; j < t->numel; j++)
                     m.params[t->off + j] += (float)(0.2 * (urand() - 0.5));
         }
-        int B = 2, T = 3 + (int)(test_rand() % 4), N = B * T;
-        int32_t ids[64], tg[64];
+        int B = 2, T = trial == 3 ? 8 + (int)(test_rand() % 5) : 3 + (int)(test_rand() % 4);
+        int N = B * T;
+        int32_t ids[64], tg[64], seg[64], pos[64];
         for (int n = 0; n < N; n++) {
             ids[n] = (int32_t)(test_rand() % c.vocab_size);
             tg[n] = n % 5 == 4 ? -100 : (int32_t)(test_rand() % c.vocab_size);
+            /* documents of 1 to 5 tokens */
+            int start = n % T == 0 || (pos[n - 1] >= 4 || test_rand() % 3 == 0);
+            seg[n] = n % T == 0 ? 0 : seg[n - 1] + start;
+            pos[n] = start && n % T ? 0 : n % T ? pos[n - 1] + 1 : 0;
         }
         model_acts *a = model_acts_new(&m, B, T, &e);
         REQUIRE(a);
+        if (trial == 3)
+            REQUIRE(model_acts_set_segments(a, seg, pos) == 0);
         loss_of(&m, a, ids, tg, N);
         model_acts_freeze_routing(a, 1);
         model_zero_grad(&m);
@@ -141,8 +150,8 @@ static void test_gradient_finite_differences(void)
             }
         }
         CHECKF(bad == 0,
-               "%d of %d gradient entries off (q_lora %d, yarn %d, interleave %d, mtp %d)", bad,
-               checked, c.q_lora_rank, c.rope_yarn, c.rope_interleave, trial);
+               "%d of %d gradient entries off (q_lora %d, yarn %d, interleave %d, trial %d)",
+               bad, checked, c.q_lora_rank, c.rope_yarn, c.rope_interleave, trial);
         if (trial) {
             model_losses ls;
             model_acts_losses(a, &ls);
@@ -483,6 +492,95 @@ static void test_mtp_reads_shifted_tokens(void)
     model_free(&m);
 }
 
+/* Documents packed in a sequence with model_acts_set_segments against the same documents
+ * each run as a sequence of their own (padded to T with id 0, target -1: the SFT trainer's
+ * old method), with two MTP modules on: every main and MTP logit of a document's rows is
+ * bit for bit the same, the losses agree, and so do the gradients up to float rounding
+ * (rows are summed in another order). A target that crosses into the next document is
+ * ignored in both. Bad segments and positions are refused. */
+static void test_segments_match_separate_rows(void)
+{
+    dsv3_config c;
+    random_config(&c);
+    c.num_nextn_predict_layers = 2;
+    dsv3_model m;
+    dsv3_err e;
+    REQUIRE(model_init(&m, &c, &e) == 0);
+    model_init_random(&m, test_rand(), 0.2);
+    m.mtp_lambda = 0.5f;
+    int B = 2, T = 12, N = B * T, V = c.vocab_size;
+    int32_t ids[24], tg[24], seg[24], pos[24];
+    int rows = 0;
+    for (int n = 0; n < N; n++) {
+        int start = n % T == 0 || test_rand() % 4 == 0;
+        if (start)
+            rows++;
+        seg[n] = n % T == 0 ? 0 : seg[n - 1] + start;
+        pos[n] = start ? 0 : pos[n - 1] + 1;
+        ids[n] = (int32_t)(test_rand() % V);
+        tg[n] = (int32_t)(test_rand() % V);
+    }
+    for (int n = 0; n < N; n++)   /* never across documents (nor at a row's end) */
+        if (n % T == T - 1 || seg[n + 1] != seg[n] || test_rand() % 7 == 0)
+            tg[n] = -1;
+    /* the unpacked rows: document d at row d, positions 0.. */
+    int32_t *uid = calloc((size_t)rows * T, 4), *utg = malloc((size_t)rows * T * 4);
+    int *row_of = malloc((size_t)N * sizeof *row_of);
+    for (int i = 0; i < rows * T; i++)
+        utg[i] = -1;
+    for (int n = 0, r = -1; n < N; n++) {
+        r += pos[n] == 0;
+        row_of[n] = r * T + pos[n];
+        uid[row_of[n]] = ids[n];
+        utg[row_of[n]] = tg[n];
+    }
+    model_acts *a = model_acts_new(&m, B, T, &e), *u = model_acts_new(&m, rows, T, &e);
+    REQUIRE(a && u);
+    REQUIRE(model_acts_set_segments(a, seg, pos) == 0);
+    float lp, lu;
+    model_zero_grad(&m);
+    REQUIRE(model_forward(&m, a, ids, tg, &lp, &e) == 0);
+    REQUIRE(model_backward(&m, a, ids, tg, &e) == 0);
+    float *gp = malloc(m.n_params * 4);
+    memcpy(gp, m.grads, m.n_params * 4);
+    model_zero_grad(&m);
+    REQUIRE(model_forward(&m, u, uid, utg, &lu, &e) == 0);
+    REQUIRE(model_backward(&m, u, uid, utg, &e) == 0);
+    int diff = 0;
+    for (int k = 0; k <= 2; k++) {
+        const float *P = k ? model_acts_mtp_logits(a, k - 1) : model_acts_logits(a);
+        const float *U = k ? model_acts_mtp_logits(u, k - 1) : model_acts_logits(u);
+        for (int n = 0; n < N; n++)
+            diff += memcmp(P + (size_t)n * V, U + (size_t)row_of[n] * V, (size_t)V * 4) != 0;
+    }
+    CHECKF(diff == 0, "%d logit rows differ", diff);
+    model_losses la, lb;
+    model_acts_losses(a, &la);
+    model_acts_losses(u, &lb);
+    CHECKF(fabs(la.total - lb.total) <= 1e-6 * fabs(lb.total) && la.mtp > 0,
+           "total loss %.9g packed, %.9g unpacked", la.total, lb.total);
+    double mx = 0, worst = 0;
+    for (size_t i = 0; i < m.n_params; i++)
+        mx = fmax(mx, fabs(m.grads[i]));
+    for (size_t i = 0; i < m.n_params; i++)
+        worst = fmax(worst, fabs(gp[i] - m.grads[i]));
+    CHECKF(mx > 0 && worst <= 1e-5 * mx, "gradients differ by %g (largest %g)", worst, mx);
+    /* refused: a position past T, a segment number going down */
+    int32_t bad[24];
+    memcpy(bad, pos, sizeof bad);
+    bad[3] = T;
+    CHECK(model_acts_set_segments(a, seg, bad) == -1);
+    memcpy(bad, seg, sizeof bad);
+    bad[T + 1] = bad[T] + 1;
+    bad[T + 2] = bad[T];
+    CHECK(model_acts_set_segments(a, bad, NULL) == -1);
+    CHECK(model_acts_set_segments(a, NULL, NULL) == 0);
+    free(gp), free(uid), free(utg), free(row_of);
+    model_acts_free(a);
+    model_acts_free(u);
+    model_free(&m);
+}
+
 /* Threads: forward and backward of a model big enough that every parallel loop splits
  * (hidden 64, 4 heads, T 32, experts on threads) give bitwise the same logits, losses and
  * gradients on 1, 2 and 3 threads (3: uneven splits). */
@@ -558,6 +656,7 @@ int main(void)
     RUN(test_balance_update);
     RUN(test_balance_loss_hand_worked);
     RUN(test_mtp_reads_shifted_tokens);
+    RUN(test_segments_match_separate_rows);
     RUN(test_threads_bitwise);
     RUN(test_bad_checkpoints);
     RUN(test_safetensors_damage);

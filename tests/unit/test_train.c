@@ -11,7 +11,7 @@ static double urand(void)
     return (test_rand() >> 11) * 0x1p-53;
 }
 
-static int small_model(dsv3_model *m)
+static int small_model_mtp(dsv3_model *m, int D)
 {
     dsv3_config c;
     memset(&c, 0, sizeof c);
@@ -40,6 +40,7 @@ static int small_model(dsv3_model *m)
     c.rope_theta = 10000;
     c.rope_interleave = 1;
     c.bos_token_id = c.eos_token_id = -1;
+    c.num_nextn_predict_layers = D;
     dsv3_err e;
     if (model_init(m, &c, &e)) {
         fprintf(stderr, "    %s\n", e.msg);
@@ -49,47 +50,79 @@ static int small_model(dsv3_model *m)
     return 0;
 }
 
+static int small_model(dsv3_model *m)
+{
+    return small_model_mtp(m, 0);
+}
+
 /* One forward's counts through train_balance_update give the biases model_balance_update
- * gives, bit for bit. */
+ * gives, bit for bit: the main layers' and, with two MTP modules run (targets given,
+ * lambda on; documents packed so some rows of their blocks are placeholders), the MTP
+ * blocks' from model_mtp_expert_load's counts and slots. */
 static void test_balance_matches_model(void)
 {
-    dsv3_model m;
-    REQUIRE(small_model(&m) == 0);
-    const int B = 2, T = 12, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
-    dsv3_err e;
-    model_acts *a = model_acts_new(&m, B, T, &e);
-    REQUIRE(a != NULL);
-    int32_t ids[24];
-    for (int i = 0; i < B * T; i++)
-        ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
-    REQUIRE(model_forward(&m, a, ids, NULL, NULL, &e) == 0);
-    int64_t *counts = calloc((size_t)L * E, sizeof *counts);
-    for (int l = 0; l < L; l++)
-        model_expert_load(&m, a, l, counts + (size_t)l * E);
-    float *bias0 = malloc((size_t)L * E * sizeof *bias0);
-    for (int l = 1; l < L; l++)
-        for (int i = 0; i < E; i++)
-            bias0[l * E + i] = m.w.layers[l].router_bias[i] = (float)(urand() * 0.01);
-    float gamma = (float)(0.001 + urand() * 0.01);
-    model_balance_update(&m, a, gamma);
-    float *want = malloc((size_t)L * E * sizeof *want);
-    for (int l = 1; l < L; l++) {
-        memcpy(want + l * E, m.w.layers[l].router_bias, (size_t)E * sizeof *want);
-        memcpy(m.w.layers[l].router_bias, bias0 + l * E, (size_t)E * sizeof *want);
-    }
-    train_balance_update(&m, counts, B * T, gamma);
-    int moved = 0;
-    for (int l = 1; l < L; l++)
-        for (int i = 0; i < E; i++) {
-            CHECK(m.w.layers[l].router_bias[i] == want[l * E + i]);
-            moved += m.w.layers[l].router_bias[i] != bias0[l * E + i];
+    for (int D = 0; D <= 2; D += 2) {
+        dsv3_model m;
+        REQUIRE(small_model_mtp(&m, D) == 0);
+        m.mtp_lambda = D ? 0.3f : 0.0f;
+        const int B = 2, T = 12, L = m.cfg.num_hidden_layers, E = m.cfg.n_routed_experts;
+        const int NL = L + D;
+        dsv3_err e;
+        model_acts *a = model_acts_new(&m, B, T, &e);
+        REQUIRE(a != NULL);
+        int32_t ids[24], tg[24], seg[24];
+        for (int i = 0; i < B * T; i++) {
+            ids[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+            tg[i] = (int32_t)(test_rand() % (uint64_t)m.cfg.vocab_size);
+            seg[i] = i % T < 7 ? 0 : 1;
         }
-    CHECK(moved > 0);
-    free(counts);
-    free(bias0);
-    free(want);
-    model_acts_free(a);
-    model_free(&m);
+        REQUIRE(model_acts_set_segments(a, seg, NULL) == 0);
+        REQUIRE(model_forward(&m, a, ids, D ? tg : NULL, NULL, &e) == 0);
+        int64_t *counts = calloc((size_t)NL * E, sizeof *counts), slots[2] = {0, 0};
+        for (int l = 0; l < L; l++)
+            model_expert_load(&m, a, l, counts + (size_t)l * E);
+        for (int k = 0; k < D; k++)
+            REQUIRE(model_mtp_expert_load(&m, a, k, counts + (size_t)(L + k) * E, &slots[k]) == 0);
+        /* module k+1 skips the last k+1 rows of each document: 2 documents per sequence */
+        for (int k = 0; k < D; k++)
+            CHECK(slots[k] == (int64_t)(B * (T - 2 * (k + 1))) * m.cfg.num_experts_per_tok);
+        float **bias = malloc((size_t)NL * sizeof *bias);
+        for (int l = 0; l < NL; l++)
+            bias[l] = l < L ? m.w.layers[l].router_bias : m.w.mtp[l - L].block.router_bias;
+        float *bias0 = calloc((size_t)NL * E, sizeof *bias0);
+        for (int l = 1; l < NL; l++)
+            for (int i = 0; i < E; i++)
+                bias0[l * E + i] = bias[l][i] = (float)(urand() * 0.01);
+        float gamma = (float)(0.001 + urand() * 0.01);
+        model_balance_update(&m, a, gamma);
+        float *want = malloc((size_t)NL * E * sizeof *want);
+        for (int l = 1; l < NL; l++) {
+            memcpy(want + l * E, bias[l], (size_t)E * sizeof *want);
+            memcpy(bias[l], bias0 + l * E, (size_t)E * sizeof *want);
+        }
+        train_balance_update(&m, counts, B * T, slots, gamma);
+        int moved = 0, mtp_moved = 0;
+        for (int l = 1; l < NL; l++)
+            for (int i = 0; i < E; i++) {
+                CHECK(bias[l][i] == want[l * E + i]);
+                moved += bias[l][i] != bias0[l * E + i];
+                mtp_moved += l >= L && bias[l][i] != bias0[l * E + i];
+            }
+        CHECK(moved > 0);
+        CHECK(mtp_moved > 0 || D == 0);
+        /* Without the MTP slots the MTP biases stay. */
+        for (int l = 1; l < NL; l++)
+            memcpy(bias[l], bias0 + l * E, (size_t)E * sizeof *want);
+        train_balance_update(&m, counts, B * T, NULL, gamma);
+        for (int l = L; l < NL; l++)
+            CHECK(memcmp(bias[l], bias0 + l * E, (size_t)E * sizeof *want) == 0);
+        free(counts);
+        free(bias);
+        free(bias0);
+        free(want);
+        model_acts_free(a);
+        model_free(&m);
+    }
 }
 
 /* A router planted to prefer experts 0 and 1 of every layer: repeated updates over accumulated
@@ -132,7 +165,7 @@ static void test_balance_moves_toward_balance(void)
             first = worst;
         if (step >= 80)
             last += worst / 20;  /* the mean of the last 20: the biases settle and dither */
-        train_balance_update(&m, counts, 2 * B * T, 0.02f);
+        train_balance_update(&m, counts, 2 * B * T, NULL, 0.02f);
     }
     CHECKF(first > 3 && last < first * 0.6, "max/mean load %.2f -> %.2f", first, last);
     free(counts);
@@ -186,11 +219,177 @@ static void test_sft_unpack(void)
     CHECK(memcmp(out, want_t2, sizeof want_t2) == 0);
 }
 
+/* Random SFT records: documents of 1 to 9 tokens, markers user 3 and assistant 4 placed at
+ * random among ordinary tokens, padding at the end of some records (mask 0). */
+static void random_sft_records(uint32_t *tok, uint32_t *tgt, uint8_t *mask, uint32_t *seg,
+                               int R, int L, int V)
+{
+    for (int r = 0; r < R; r++) {
+        uint32_t s = 0, left = 1 + (uint32_t)(test_rand() % 9);
+        int pad_from = test_rand() % 2 ? L - (int)(test_rand() % 4) : L;
+        for (int i = 0; i < L; i++) {
+            size_t n = (size_t)r * L + i;
+            if (!left) {
+                s++;
+                left = 1 + (uint32_t)(test_rand() % 9);
+            }
+            left--;
+            uint64_t x = test_rand() % 10;
+            tok[n] = x == 0 ? 3 : x < 3 ? 4 : 5 + (uint32_t)(test_rand() % (uint64_t)(V - 5));
+            seg[n] = s;
+            mask[n] = i < pad_from - 1;
+        }
+        for (int i = 0; i < L; i++) {
+            size_t n = (size_t)r * L + i;
+            tgt[n] = i + 1 < L ? tok[n + 1] : 5;
+        }
+    }
+}
+
+/* SFT: records kept whole with attention masked by document (train_sft_row and
+ * model_acts_set_segments) give the loss and the gradients of the former method, one
+ * padded row per document (train_sft_unpack), up to float rounding; MTP on (two modules),
+ * the balance loss off (it is per sequence, and the sequences differ). */
+static void test_sft_packed_matches_unpacked(void)
+{
+    enum { R = 3, L = 16 };
+    for (int trial = 0; trial < 3; trial++) {
+        dsv3_model m;
+        REQUIRE(small_model_mtp(&m, 2) == 0);
+        m.mtp_lambda = 0.3f;
+        int V = m.cfg.vocab_size;
+        uint32_t tok[R * L], tgt[R * L], seg[R * L];
+        uint8_t mask[R * L];
+        random_sft_records(tok, tgt, mask, seg, R, L, V);
+        int32_t ids[R * L], t1[R * L], sg[R * L], ps[R * L];
+        int32_t uid[R * L * L], ut[R * L * L];
+        int rows = 0, prow = 0, counted = 0;
+        for (int r = 0; r < R; r++) {
+            int n = train_sft_row(tok + r * L, tgt + r * L, mask + r * L, seg + r * L, L, 3, 4,
+                                  ids + prow * L, t1 + prow * L, sg + prow * L, ps + prow * L);
+            REQUIRE(n >= 0);
+            counted += n;
+            prow += n > 0;
+            int u = train_sft_unpack(tok + r * L, tgt + r * L, mask + r * L, seg + r * L, L, 3,
+                                     4, uid + rows * L, ut + rows * L);
+            REQUIRE(u >= 0);
+            rows += u;
+        }
+        int ucount = 0;
+        for (int i = 0; i < rows * L; i++)
+            ucount += ut[i] >= 0;
+        CHECKF(counted == ucount, "%d targets packed, %d unpacked", counted, ucount);
+        if (!counted || !rows) {
+            model_free(&m);
+            continue;
+        }
+        dsv3_err e;
+        model_acts *a = model_acts_new(&m, prow, L, &e), *u = model_acts_new(&m, rows, L, &e);
+        REQUIRE(a && u);
+        REQUIRE(model_acts_set_segments(a, sg, ps) == 0);
+        float lp, lu;
+        model_zero_grad(&m);
+        REQUIRE(model_forward(&m, a, ids, t1, &lp, &e) == 0);
+        REQUIRE(model_backward(&m, a, ids, t1, &e) == 0);
+        float *g = malloc(m.n_params * sizeof *g);
+        memcpy(g, m.grads, m.n_params * sizeof *g);
+        model_zero_grad(&m);
+        REQUIRE(model_forward(&m, u, uid, ut, &lu, &e) == 0);
+        REQUIRE(model_backward(&m, u, uid, ut, &e) == 0);
+        model_losses la, lb;
+        model_acts_losses(a, &la);
+        model_acts_losses(u, &lb);
+        CHECKF(fabs(la.main - lb.main) <= 1e-6 * lb.main && fabs(la.mtp - lb.mtp) <= 1e-6 * lb.mtp,
+               "loss %.9g/%.9g, mtp %.9g/%.9g", la.main, lb.main, la.mtp, lb.mtp);
+        double mx = 0, worst = 0;
+        for (size_t i = 0; i < m.n_params; i++) {
+            mx = fmax(mx, fabs(m.grads[i]));
+            worst = fmax(worst, fabs(g[i] - m.grads[i]));
+        }
+        CHECKF(mx > 0 && worst <= 1e-5 * mx, "gradients differ by %g (largest %g)", worst, mx);
+        free(g);
+        model_acts_free(a);
+        model_acts_free(u);
+        model_free(&m);
+    }
+}
+
+/* The step's normalisers (model_count_targets summed, the sequences): R rows run as R
+ * forwards of one row add up to the gradient and losses of one forward over all R, with
+ * the MTP loss (two modules, documents packed) and the balance loss on; without them the
+ * sum of per-forward means would not. */
+static void test_step_normalisers(void)
+{
+    enum { R = 4, L = 12 };
+    dsv3_model m;
+    REQUIRE(small_model_mtp(&m, 2) == 0);
+    m.mtp_lambda = 0.3f;
+    m.balance_alpha = 0.05f;
+    int V = m.cfg.vocab_size;
+    int32_t ids[R * L], tg[R * L], seg[R * L];
+    for (int i = 0; i < R * L; i++) {
+        ids[i] = (int32_t)(test_rand() % (uint64_t)V);
+        tg[i] = test_rand() % 4 == 0 ? -1 : (int32_t)(test_rand() % (uint64_t)V);
+        seg[i] = i % L < 2 + i / L ? 0 : 1;  /* rows of different splits */
+    }
+    tg[L + 3] = tg[L + 4] = tg[L + 5] = -1;
+    dsv3_err e;
+    model_acts *all = model_acts_new(&m, R, L, &e), *one = model_acts_new(&m, 1, L, &e);
+    REQUIRE(all && one);
+    REQUIRE(model_acts_set_segments(all, seg, NULL) == 0);
+    model_zero_grad(&m);
+    REQUIRE(model_forward(&m, all, ids, tg, NULL, &e) == 0);
+    REQUIRE(model_backward(&m, all, ids, tg, &e) == 0);
+    model_losses want;
+    model_acts_losses(all, &want);
+    float *g = malloc(m.n_params * sizeof *g);
+    memcpy(g, m.grads, m.n_params * sizeof *g);
+    int64_t main = 0, mtp[2] = {0, 0}, rm, rmtp[2];
+    for (int r = 0; r < R; r++) {
+        model_count_targets(&m, tg + r * L, seg + r * L, 1, L, &rm, rmtp);
+        main += rm;
+        mtp[0] += rmtp[0];
+        mtp[1] += rmtp[1];
+    }
+    m.norm_main = main;
+    m.norm_mtp = mtp;
+    m.norm_seqs = R;
+    model_zero_grad(&m);
+    double total = 0, parts[2] = {0, 0};
+    for (int r = 0; r < R; r++) {
+        REQUIRE(model_acts_set_segments(one, seg + r * L, NULL) == 0);
+        REQUIRE(model_forward(&m, one, ids + r * L, tg + r * L, NULL, &e) == 0);
+        REQUIRE(model_backward(&m, one, ids + r * L, tg + r * L, &e) == 0);
+        model_losses l;
+        model_acts_losses(one, &l);
+        total += l.total;
+        parts[0] += l.mtp;
+        parts[1] += l.balance;
+    }
+    CHECKF(fabs(total - want.total) <= 1e-6 * want.total && want.mtp > 0 && want.balance > 0 &&
+           fabs(parts[0] - want.mtp) <= 1e-6 * want.mtp &&
+           fabs(parts[1] - want.balance) <= 1e-6 * want.balance,
+           "total %.9g vs %.9g, mtp %.9g vs %.9g, balance %.9g vs %.9g", total, want.total,
+           parts[0], want.mtp, parts[1], want.balance);
+    double mx = 0, worst = 0;
+    for (size_t i = 0; i < m.n_params; i++) {
+        mx = fmax(mx, fabs(g[i]));
+        worst = fmax(worst, fabs(g[i] - m.grads[i]));
+    }
+    CHECKF(mx > 0 && worst <= 1e-5 * mx, "gradients differ by %g (largest %g)", worst, mx);
+    free(g);
+    model_acts_free(all);
+    model_acts_free(one);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_balance_matches_model);
     RUN(test_balance_moves_toward_balance);
     RUN(test_sft_unpack);
+    RUN(test_sft_packed_matches_unpacked);
+    RUN(test_step_normalisers);
     TEST_EXIT();
 }
