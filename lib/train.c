@@ -18,6 +18,8 @@
 #include "metrics.h"
 #include "progress.h"
 #include "trainckpt.h"
+#include "../kernels/gmodel.h"
+#include "../kernels/gpu.h"
 
 void train_opts_default(train_opts *o)
 {
@@ -141,6 +143,8 @@ typedef struct trainer {
     size_t nc;            /* entries of counts */
     int64_t *sync;        /* [2 + nc]: the integer sums of a step */
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
+    gmodel *gm;           /* the GPU backend (o->cuda), else NULL */
+    int gm_dirty;         /* the host parameters changed since the last upload */
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -217,6 +221,52 @@ static void scale_grads(dsv3_model *m, float f)
         m->grads[i] *= f;
 }
 
+/* ---- backend: where forward and backward run ----
+ * The CPU model (lib/model) or the GPU one (kernels/gmodel), behind the same calls. On the
+ * GPU the gradients accumulate on the device over a step's forwards and are fetched into
+ * m.grads once (be_fetch_grads); the parameters are uploaded before the first forward
+ * after they change (gm_dirty). Everything after the fetch is the same code for both. */
+
+static int be_forward(trainer *t, int grad, float *loss, dsv3_err *e)
+{
+    if (!t->gm)
+        return model_forward(&t->m, t->acts, t->ids, t->tgt, loss, e);
+    if (t->gm_dirty && gmodel_set_params(t->gm, t->m.params, e))
+        return -1;
+    t->gm_dirty = 0;
+    return gmodel_forward(t->gm, t->ids, t->tgt, grad, loss, e);
+}
+
+static int be_backward(trainer *t, dsv3_err *e)
+{
+    return t->gm ? gmodel_backward(t->gm, e) : model_backward(&t->m, t->acts, t->ids, t->tgt, e);
+}
+
+static int be_expert_load(trainer *t, int l, int64_t *counts)
+{
+    return t->gm ? gmodel_expert_load(t->gm, l, counts)
+                 : model_expert_load(&t->m, t->acts, l, counts);
+}
+
+static int be_scale_grads(trainer *t, float f, dsv3_err *e)
+{
+    if (t->gm)
+        return gmodel_scale_grads(t->gm, f, e);
+    scale_grads(&t->m, f);
+    return 0;
+}
+
+static int be_zero_grad(trainer *t, dsv3_err *e)
+{
+    model_zero_grad(&t->m);
+    return t->gm ? gmodel_zero_grad(t->gm, e) : 0;
+}
+
+static int be_fetch_grads(trainer *t, dsv3_err *e)
+{
+    return t->gm ? gmodel_get_grads(t->gm, t->m.grads, e) : 0;
+}
+
 /* One forward (and backward) of the B rows in t->ids/t->tgt. The gradient of an update is
  * sum_i (n_i/N) g_i over its forwards (g_i: the gradient of forward i's mean loss, n_i its
  * counted targets); model_backward adds plain g_i, so before each backward the sum so far
@@ -229,7 +279,7 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     if (!n)
         return 0;
     float loss;
-    if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
+    if (be_forward(t, backward, &loss, e))
         return -1;
     a->loss_sum += (double)loss * (double)n;
     a->n += n;
@@ -238,13 +288,14 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     const dsv3_config *c = &t->m.cfg;
     int E = c->n_routed_experts;
     for (int l = 0; l < c->num_hidden_layers; l++)
-        if (model_expert_load(&t->m, t->acts, l, t->tmp_counts) == 0)
+        if (be_expert_load(t, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
     a->routed += (int64_t)t->B * t->L;
-    if (a->prev_n && a->prev_n != n)
-        scale_grads(&t->m, (float)((double)a->prev_n / (double)n));
-    if (model_backward(&t->m, t->acts, t->ids, t->tgt, e))
+    if (a->prev_n && a->prev_n != n &&
+        be_scale_grads(t, (float)((double)a->prev_n / (double)n), e))
+        return -1;
+    if (be_backward(t, e))
         return -1;
     a->prev_n = n;
     return 0;
@@ -565,8 +616,16 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (loader_open(&t->val, o->data, &vp, e))
             return -1;
     }
-    if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
+    if (o->cuda) {
+        int ngpu = gpu_count();
+        if (ngpu <= 0)
+            return err_set(e, "--device cuda: no GPU found%s",
+                           gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
+        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e))
+            return -1;
+    } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
         return -1;
+    }
     const dsv3_config *c = &t->m.cfg;
     t->nc = (size_t)c->num_hidden_layers * (c->n_routed_experts > 0 ? c->n_routed_experts : 1);
     t->ids = malloc((size_t)t->B * t->L * sizeof *t->ids);
@@ -604,6 +663,7 @@ static void teardown(trainer *t)
 {
     metrics_close(&t->met);
     model_acts_free(t->acts);
+    gmodel_destroy(t->gm);
     if (t->train)
         loader_close(t->train);
     if (t->val)
@@ -659,9 +719,12 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     set_loss_weights(&t->m, so->mtp_weight, o->alpha);
     memset(t->counts, 0, t->nc * sizeof *t->counts);
     double t0 = progress_now();
-    model_zero_grad(&t->m);
     accum a = {0};
-    int rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
+    int rc = be_zero_grad(t, e);
+    if (!rc)
+        rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
+    if (!rc)
+        rc = be_fetch_grads(t, e);
     int64_t local_n = a.n;
     if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
@@ -692,6 +755,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
         train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
+        t->gm_dirty = 1;
     }
     t->st.step++;
     t->st.tokens += so->seqs * t->L;
