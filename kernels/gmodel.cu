@@ -18,6 +18,7 @@ extern "C" {
 #include "layers.h"
 #include "loss.h"
 #include "moe.h"
+#include "optim.h"
 
 #define NONE SIZE_MAX
 
@@ -61,6 +62,11 @@ struct gmodel {
     size_t acts_mark;
     int count, grad_ready, routed;
     int chunk_rows;
+    /* device AdamW (gmodel_optim_init): bf16 moments in the device layout, the list of
+     * trainable spans, the last gradient norm */
+    bf16 *mom_m, *mom_v;
+    gpu_tensor_list *tl;
+    float *d_norm;
 };
 
 /* ---- small kernels ---- */
@@ -307,58 +313,165 @@ static int cmp_size(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Expert region r from flat order in src to grouped order in dst (to_grouped) or back. */
-static int regroup(gmodel *g, float *dst, const float *src, int to_grouped, dsv3_err *e)
+/* An expert region of elements of es bytes from flat order in src to grouped order in dst
+ * (to_grouped) or back. */
+static int regroup(gmodel *g, void *dst, const void *src, int to_grouped, size_t es,
+                   dsv3_err *e)
 {
     const dsv3_config *c = &g->m->cfg;
-    size_t E = c->n_routed_experts, w1 = 2 * (size_t)c->moe_intermediate_size * c->hidden_size;
+    size_t E = c->n_routed_experts;
+    size_t w1 = 2 * (size_t)c->moe_intermediate_size * c->hidden_size * es;
     size_t w2 = w1 / 2, blk = w1 + w2;
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
     for (size_t x = 0; x < E; x++) {
-        const float *s1 = to_grouped ? src + x * blk : src + x * w1;
-        const float *s2 = to_grouped ? src + x * blk + w1 : src + E * w1 + x * w2;
-        float *d1 = to_grouped ? dst + x * w1 : dst + x * blk;
-        float *d2 = to_grouped ? dst + E * w1 + x * w2 : dst + x * blk + w1;
-        CUDA_TRY(cudaMemcpyAsync(d1, s1, w1 * 4, cudaMemcpyDeviceToDevice, ST(g)), e);
-        CUDA_TRY(cudaMemcpyAsync(d2, s2, w2 * 4, cudaMemcpyDeviceToDevice, ST(g)), e);
+        const char *s1 = to_grouped ? s + x * blk : s + x * w1;
+        const char *s2 = to_grouped ? s + x * blk + w1 : s + E * w1 + x * w2;
+        char *d1 = to_grouped ? d + x * w1 : d + x * blk;
+        char *d2 = to_grouped ? d + E * w1 + x * w2 : d + x * blk + w1;
+        CUDA_TRY(cudaMemcpyAsync(d1, s1, w1, cudaMemcpyDeviceToDevice, ST(g)), e);
+        CUDA_TRY(cudaMemcpyAsync(d2, s2, w2, cudaMemcpyDeviceToDevice, ST(g)), e);
+    }
+    return 0;
+}
+
+/* Every expert region of a device buffer (elements of es bytes) from flat to grouped order,
+ * in place (through region_tmp). */
+static int group_all(gmodel *g, void *buf, size_t es, dsv3_err *e)
+{
+    for (int r = 0; r < g->n_regions; r++) {
+        char *at = (char *)buf + g->regions[r] * es;
+        if (regroup(g, g->region_tmp, at, 1, es, e))
+            return -1;
+        CUDA_TRY(cudaMemcpyAsync(at, g->region_tmp, g->region_floats * es,
+                                 cudaMemcpyDeviceToDevice, ST(g)),
+                 e);
+    }
+    return 0;
+}
+
+/* A device buffer in the device layout to the host in the flat layout. */
+static int download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3_err *e)
+{
+    size_t at = 0;
+    char *h = (char *)host;
+    const char *d = (const char *)dev;
+    for (int r = 0; r <= g->n_regions; r++) {
+        size_t end = r < g->n_regions ? g->regions[r] : g->n_params;
+        if (end > at && gpu_download(g->c, h + at * es, d + at * es, (end - at) * es, e))
+            return -1;
+        if (r == g->n_regions)
+            break;
+        if (regroup(g, g->region_tmp, d + end * es, 0, es, e) ||
+            gpu_download(g->c, h + end * es, g->region_tmp, g->region_floats * es, e))
+            return -1;
+        at = end + g->region_floats;
     }
     return 0;
 }
 
 extern "C" int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e)
 {
-    if (gpu_upload(g->c, g->master, params, g->n_params * 4, e))
+    if (gpu_upload(g->c, g->master, params, g->n_params * 4, e) || group_all(g, g->master, 4, e) ||
+        gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e))
         return -1;
-    size_t at = 0;
-    for (int r = 0; r <= g->n_regions; r++) {
-        size_t end = r < g->n_regions ? g->regions[r] : g->n_params;
-        if (end > at && gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + at, g->master + at,
-                                        (int64_t)(end - at), e))
-            return -1;
-        if (r == g->n_regions)
-            break;
-        if (regroup(g, g->region_tmp, g->master + end, 1, e) ||
-            gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + end, g->region_tmp,
-                            (int64_t)g->region_floats, e))
-            return -1;
-        at = end + g->region_floats;
-    }
     return gpu_sync(g->c, e);
 }
 
 extern "C" int gmodel_get_grads(gmodel *g, float *grads, dsv3_err *e)
 {
-    size_t at = 0;
-    for (int r = 0; r <= g->n_regions; r++) {
-        size_t end = r < g->n_regions ? g->regions[r] : g->n_params;
-        if (end > at && gpu_download(g->c, grads + at, g->grads + at, (end - at) * 4, e))
-            return -1;
-        if (r == g->n_regions)
-            break;
-        if (regroup(g, g->region_tmp, g->grads + end, 0, e) ||
-            gpu_download(g->c, grads + end, g->region_tmp, g->region_floats * 4, e))
-            return -1;
-        at = end + g->region_floats;
+    return download_flat(g, grads, g->grads, 4, e);
+}
+
+extern "C" int gmodel_set_range(gmodel *g, const float *params, size_t off, size_t n,
+                                dsv3_err *e)
+{
+    for (int r = 0; r < g->n_regions; r++)
+        if (off < g->regions[r] + g->region_floats && off + n > g->regions[r])
+            return err_set(e, "gmodel_set_range: [%zu, +%zu) overlaps an expert region", off, n);
+    return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
+                   gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off, (int64_t)n, e)
+               ? -1
+               : 0;
+}
+
+/* ---- device AdamW ---- */
+
+static int is_in_region(const gmodel *g, size_t off)
+{
+    for (int r = 0; r < g->n_regions; r++)
+        if (off >= g->regions[r] && off < g->regions[r] + g->region_floats)
+            return 1;
+    return 0;
+}
+
+extern "C" int gmodel_optim_init(gmodel *g, const uint16_t *m, const uint16_t *v, dsv3_err *e)
+{
+    const dsv3_model *mo = g->m;
+    size_t nb = g->n_params * 2;
+    if (!(g->mom_m = (bf16 *)gpu_malloc(nb, e)) || !(g->mom_v = (bf16 *)gpu_malloc(nb, e)) ||
+        !(g->d_norm = (float *)gpu_malloc(4, e)) || gpu_upload(g->c, g->mom_m, m, nb, e) ||
+        gpu_upload(g->c, g->mom_v, v, nb, e) || group_all(g, g->mom_m, 2, e) ||
+        group_all(g, g->mom_v, 2, e))
+        return -1;
+    /* one span per trainable tensor outside the expert regions, one per region (all its
+     * tensors are 2-D expert weights: decaying) */
+    int cap = mo->n_t + g->n_regions;
+    float **P = (float **)calloc((size_t)cap, sizeof *P), **Gr = (float **)calloc((size_t)cap, sizeof *Gr);
+    gpu_bf16 **M = (gpu_bf16 **)calloc((size_t)cap, sizeof *M), **Vv = (gpu_bf16 **)calloc((size_t)cap, sizeof *Vv);
+    gpu_bf16 **Wb = (gpu_bf16 **)calloc((size_t)cap, sizeof *Wb);
+    int64_t *n = (int64_t *)calloc((size_t)cap, sizeof *n);
+    int *dec = (int *)calloc((size_t)cap, sizeof *dec);
+    int k = 0, rc = -1;
+    if (P && Gr && M && Vv && Wb && n && dec) {
+        for (int i = 0; i < mo->n_t; i++) {
+            const model_tensor *t = &mo->t[i];
+            if (!t->trainable || is_in_region(g, t->off))
+                continue;
+            P[k] = g->master + t->off, Gr[k] = g->grads + t->off;
+            M[k] = (gpu_bf16 *)g->mom_m + t->off, Vv[k] = (gpu_bf16 *)g->mom_v + t->off;
+            Wb[k] = (gpu_bf16 *)g->wbf + t->off, n[k] = t->numel, dec[k] = t->ndim == 2;
+            k++;
+        }
+        for (int r = 0; r < g->n_regions; r++) {
+            size_t o = g->regions[r];
+            P[k] = g->master + o, Gr[k] = g->grads + o;
+            M[k] = (gpu_bf16 *)g->mom_m + o, Vv[k] = (gpu_bf16 *)g->mom_v + o;
+            Wb[k] = (gpu_bf16 *)g->wbf + o, n[k] = (int64_t)g->region_floats, dec[k] = 1;
+            k++;
+        }
+        rc = gpu_tensor_list_create(g->c, &g->tl, k, P, Gr, M, Vv, Wb, n, dec, e);
+    } else {
+        err_set(e, "gmodel: out of memory");
     }
+    free(P), free(Gr), free(M), free(Vv), free(Wb), free(n), free(dec);
+    return rc;
+}
+
+extern "C" int gmodel_grad_norm(gmodel *g, float *norm, dsv3_err *e)
+{
+    if (!g->tl)
+        return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
+    return gpu_grad_norm(g->c, g->tl, g->d_norm, e) || gpu_download(g->c, norm, g->d_norm, 4, e)
+               ? -1
+               : 0;
+}
+
+extern "C" int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps,
+                            float weight_decay, float clip, int step, dsv3_err *e)
+{
+    if (!g->tl)
+        return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
+    gpu_adamw_hp hp = {lr, beta1, beta2, eps, weight_decay, clip, step};
+    return gpu_adamw_step(g->c, g->tl, &hp, clip > 0 ? g->d_norm : NULL, e);
+}
+
+extern "C" int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e)
+{
+    if (download_flat(g, params, g->master, 4, e))
+        return -1;
+    if (g->tl && (download_flat(g, m, g->mom_m, 2, e) || download_flat(g, v, g->mom_v, 2, e)))
+        return -1;
     return 0;
 }
 
@@ -388,6 +501,10 @@ extern "C" void gmodel_destroy(gmodel *g)
     gpu_free(g->wbf);
     gpu_free(g->region_tmp);
     gpu_free(g->head_pend);
+    gpu_free(g->mom_m);
+    gpu_free(g->mom_v);
+    gpu_free(g->d_norm);
+    gpu_tensor_list_destroy(g->tl);
     if (g->c)
         gpu_ctx_destroy(g->c);
     free(g->blk);

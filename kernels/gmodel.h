@@ -60,6 +60,26 @@ int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e);
 /* Writes the device gradients into grads (host, m->grads' layout). */
 int gmodel_get_grads(gmodel *g, float *grads, dsv3_err *e);
 
+/* Uploads params[off, off+n) (host, flat layout) into the master and compute copies: for
+ * tensors outside the expert regions (the correction biases the balance rule moves). */
+int gmodel_set_range(gmodel *g, const float *params, size_t off, size_t n, dsv3_err *e);
+
+/* The optimizer on the device, for one process: AdamW over the fp32 master weights on the
+ * device with bf16 moments (lib/optim's m and v, flat layout [n_params], uploaded here),
+ * refreshing the bf16 compute copy in the same pass (optim.h). Decay: 2-D tensors, as
+ * optim_decays. After gmodel_optim_init the device holds the training state; the host
+ * arrays are brought up to date only by gmodel_sync_host (checkpoints). */
+int gmodel_optim_init(gmodel *g, const uint16_t *m, const uint16_t *v, dsv3_err *e);
+/* *norm = the L2 norm of the trainable gradients (kept on the device for clipping). */
+int gmodel_grad_norm(gmodel *g, float *norm, dsv3_err *e);
+/* One AdamW step, step counting from 1 (clip > 0: gradients scaled by
+ * min(1, clip/(norm + 1e-6)) with the norm of the last gmodel_grad_norm). (kernels/optim.h
+ * is not included here: its guard name is lib/optim.h's.) */
+int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float clip, int step, dsv3_err *e);
+/* Master weights and moments (when the device optimizer is on) to the host arrays. */
+int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e);
+
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's
  * model_expert_load); -1 for a dense layer or before a forward. */
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts);

@@ -238,3 +238,29 @@ size_t gmodel_arena_peak(const gmodel *g)
 {
     return 0;
 }
+
+int gmodel_set_range(gmodel *g, const float *params, size_t off, size_t n, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_optim_init(gmodel *g, const uint16_t *m, const uint16_t *v, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_grad_norm(gmodel *g, float *norm, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float clip, int step, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e)
+{
+    return no_cuda(e);
+}

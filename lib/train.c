@@ -145,6 +145,8 @@ typedef struct trainer {
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
     gmodel *gm;           /* the GPU backend (o->cuda), else NULL */
     int gm_dirty;         /* the host parameters changed since the last upload */
+    int gm_opt;           /* the optimizer runs on the GPU too (one process): the device
+                             holds the weights and moments, synced to the host to save */
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -623,6 +625,13 @@ static int setup_rest(trainer *t, dsv3_err *e)
                            gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
         if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e))
             return -1;
+        /* One process: AdamW on the device as well; with ZeRO ranks it stays on the host
+         * shards (the gradients are fetched for the reduce-scatter). */
+        if (t->dp.world == 1) {
+            if (gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
+                return -1;
+            t->gm_opt = 1;
+        }
     } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
         return -1;
     }
@@ -704,6 +713,59 @@ static int sum_stats(trainer *t, accum *a, dsv3_err *e)
     return 0;
 }
 
+/* The step's bookkeeping after its update (or skip). */
+static void end_step(trainer *t, step_out *so, double t0)
+{
+    t->st.step++;
+    t->st.tokens += so->seqs * t->L;
+    splitmix(&t->st.rng);
+    t->st.data = loader_tell(t->train);
+    so->seconds = progress_now() - t0;
+}
+
+/* do_step's update with the optimizer on the GPU (one process, t->gm_opt): the same rules
+ * as the host path below (final rescale, norm, non-finite stop or skip, clipping, AdamW with
+ * lib/optim's step count, the bias update on the host's biases, then uploaded). */
+static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    if (a->n && a->prev_n != a->n &&
+        gmodel_scale_grads(t->gm, (float)((double)a->prev_n / (double)a->n), e))
+        return -1;
+    so->targets = a->n;
+    so->loss = a->n ? a->loss_sum / (double)a->n : 0;
+    float norm = 0;
+    if (gmodel_grad_norm(t->gm, &norm, e))
+        return -1;
+    so->norm = norm;
+    if (!isfinite(so->loss) || !isfinite(so->norm)) {
+        if (!o->skip_nonfinite)
+            return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
+                           "stopping without saving (the last checkpoint is untouched; "
+                           "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss,
+                           so->norm);
+        so->skipped = 1;
+        t->st.skipped++;
+    } else if (a->n) {
+        t->opt.t++;
+        const optim_params *p = &t->opt.p;
+        if (gmodel_adamw(t->gm, (float)so->lr, (float)p->beta1, (float)p->beta2, (float)p->eps,
+                         (float)p->weight_decay, o->clip > 0 ? (float)o->clip : 0.0f,
+                         (int)t->opt.t, e))
+            return -1;
+        train_balance_update(&t->m, t->counts, a->routed, (float)so->gamma);
+        const dsv3_config *c = &t->m.cfg;
+        for (int l = 0; l < c->num_hidden_layers; l++) {
+            const float *b = t->m.w.layers[l].router_bias;
+            if (b && gmodel_set_range(t->gm, t->m.params, (size_t)(b - t->m.params),
+                                      (size_t)c->n_routed_experts, e))
+                return -1;
+        }
+    }
+    end_step(t, so, t0);
+    return 0;
+}
+
 /* One update. Each rank's accumulated gradient is the mean over its own n_r counted targets
  * until it is rescaled by n_r/N (N: all ranks' targets), so the sum over the ranks is the
  * gradient of the whole global batch's mean loss, as one process would compute it. */
@@ -723,11 +785,13 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     int rc = be_zero_grad(t, e);
     if (!rc)
         rc = run_records(t, t->train, so->seqs / (uint64_t)t->dp.world, &a, 1, e);
-    if (!rc)
+    if (!rc && !t->gm_opt)
         rc = be_fetch_grads(t, e);
     int64_t local_n = a.n;
     if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
+    if (t->gm_opt)
+        return gpu_update(t, so, &a, t0, e);
     if (a.n && local_n && a.prev_n != a.n)
         scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
@@ -757,11 +821,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
         train_balance_update(&t->m, t->counts, a.routed, (float)so->gamma);
         t->gm_dirty = 1;
     }
-    t->st.step++;
-    t->st.tokens += so->seqs * t->L;
-    splitmix(&t->st.rng);
-    t->st.data = loader_tell(t->train);
-    so->seconds = progress_now() - t0;
+    end_step(t, so, t0);
     return 0;
 }
 
@@ -907,6 +967,8 @@ static int save_dp(trainer *t, dsv3_err *e)
 static int save(trainer *t, train_result *r, dsv3_err *e)
 {
     int crash = t->o->crash_in_save && ++t->n_saves == t->o->crash_in_save;
+    if (t->gm_opt && gmodel_sync_host(t->gm, t->m.params, t->opt.m, t->opt.v, e))
+        return -1;
     if (t->dp.world > 1 ? save_dp(t, e)
                         : trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
         return -1;

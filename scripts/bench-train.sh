@@ -17,7 +17,7 @@ B=${1:-4} GB=${2:-16} steps=${3:-3} L=4096
 bin=$(cd "$BUILD/bin" && pwd)
 T=$(mktemp -d /tmp/dsv3-bench-train-XXXXXX)
 trap 'rm -rf "$T"' EXIT
-echo "# $(date -u '+%F %H:%M UTC') $(hostname) $(nproc) cores commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+echo "# $(date -u '+%F %H:%M UTC') $(hostname) $(nproc) cores commit ${DSV3_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo ?)}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/# /' || true
 
 echo "== 1. GPU model forward + backward (test_gmodel bench, B=$B T=$L)"
