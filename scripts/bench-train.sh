@@ -6,8 +6,10 @@
 #     cuBLASLt product measured in the same process;
 #  2. dsv3-train --device cuda end to end (global batch GB sequences as micro-batches of B),
 #     the median tokens/s of the steps after the first from metrics.jsonl, and its MFU on the
-#     same floor. This includes what the GPU model leaves on the host for now: the fetch of
-#     the fp32 gradients, the AdamW update over the host arrays and the parameter upload.
+#     same floor (everything a step does: loader, forwards and backwards, gradient norm and
+#     AdamW on the device, the bias update and its upload);
+#  3. the PyTorch peer (scripts/bench-train-torch.py: HF transformers DeepseekV3ForCausalLM,
+#     bf16, fused AdamW, same config, micro-batch and global batch) when torch is there.
 # FLOPs per token: 6 * activated parameters (config_count_params: the head and one
 # embedding row included, MTP off) + causal attention 3 * 2 * nh * (T+1)/2 * (dk + dv).
 # Usage: scripts/bench-train.sh [B] [GB] [STEPS]   (defaults 4 16 3). For docs/PERF.md.
@@ -42,4 +44,12 @@ tps=$(sed -n 's/.*"tokens_per_s":\([^,]*\).*/\1/p' "$T/run/metrics.jsonl" | tail
       awk '{ v[NR] = $1 } END { if (NR) printf "%.0f\n", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')
 if [ -n "$tps" ] && [ -n "$fpt" ]; then
     awk -v t="$tps" -v f="$fpt" -v c="$ceil" 'BEGIN { printf "dsv3-train end to end: %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f TFLOP/s\n", t, t * f / 1e12, 100 * t * f / (c * 1e12), c }'
+fi
+
+echo "== 3. PyTorch peer: HF transformers DeepseekV3ForCausalLM, same config, B=$B, global $GB"
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+    timeout "${TORCH_TIMEOUT:-240}" python3 scripts/bench-train-torch.py "$B" "$GB" "$steps" "$fpt" "$ceil" 2>&1 |
+        grep -v Warning || echo "# the PyTorch peer failed or timed out"
+else
+    echo "# no torch/transformers here: peer skipped"
 fi
