@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/gpu.h"
 #include "../lib/bpe.h"
 #include "../lib/cli.h"
 #include "../lib/docin.h"
@@ -38,6 +39,7 @@ static const cli_program PROG = {
     "                        max_position_embeddings)\n"
     "  -o, --output=FILE     write the JSONL there (atomically) instead of standard output\n"
     "      --threads=N       CPU threads (default: all; results do not depend on it)\n"
+    "      --device=cpu|cuda where the model runs (default cpu; cuda: bf16 on GPU 0)\n"
     "      --quiet           no summary on standard error\n"
     "      --progress        show progress even when standard error is not a terminal\n"
     "      --help            this help\n"
@@ -47,11 +49,11 @@ static const cli_program PROG = {
     "vocabulary), 2 usage error.\n",
 };
 
-enum { OPT_SCORE = 0x100, OPT_BOS, OPT_THREADS };
+enum { OPT_SCORE = 0x100, OPT_BOS, OPT_THREADS, OPT_DEVICE };
 
 typedef struct options {
     cli_common common;
-    int score, bos;
+    int score, bos, cuda;
     const char *model, *tok, *output, *field;
     docin_mode mode;
     uint64_t window, threads;
@@ -151,6 +153,7 @@ static void parse(int argc, char **argv, options *o)
         {"window", required_argument, NULL, 'L'},
         {"output", required_argument, NULL, 'o'},
         {"threads", required_argument, NULL, OPT_THREADS},
+        {"device", required_argument, NULL, OPT_DEVICE},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -181,6 +184,11 @@ static void parse(int argc, char **argv, options *o)
             if (cli_parse_u64("--threads", optarg, 1, 1024, &o->threads, &e))
                 cli_usage(&PROG, "%s", e.msg);
             break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda"))
+                cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+            o->cuda = !strcmp(optarg, "cuda");
+            break;
         default: cli_usage(&PROG, "unexpected option");
         }
     }
@@ -205,6 +213,11 @@ int main(int argc, char **argv)
         cli_fail(&PROG, &e);
     run r = {0};
     if (sample_scorer_new(&r.sc, &m, (int)o.window, &e))
+        cli_fail(&PROG, &e);
+    if (o.cuda && gpu_count() <= 0)
+        cli_failf(&PROG, "--device cuda: no GPU found%s; use --device cpu",
+                  gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
+    if (o.cuda && sample_scorer_use_gpu(r.sc, 0, &e))
         cli_fail(&PROG, &e);
     outfile of;
     if (outfile_open(&of, o.output ? o.output : "-", &e))

@@ -59,6 +59,7 @@ struct gmodel {
     float *rstdf, *losses, *cos_t, *sin_t;
     int32_t *ids, *tgt, *pos;
     int32_t *h_tgt;              /* host copy of the last targets */
+    float *h_loss;               /* host copy of the last forward's per-row losses */
     size_t acts_mark;
     int count, grad_ready, routed;
     int chunk_rows;
@@ -511,6 +512,7 @@ extern "C" void gmodel_destroy(gmodel *g)
     free(g->regions);
     free(g->a);
     free(g->h_tgt);
+    free(g->h_loss);
     free(g);
 }
 
@@ -563,7 +565,8 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
     int D = c->num_nextn_predict_layers;
     g->regions = (size_t *)calloc((size_t)(g->nl + D + 1), sizeof *g->regions);
     g->h_tgt = (int32_t *)malloc((size_t)g->N * 4);
-    if (!g->blk || !g->a || !g->regions || !g->h_tgt) {
+    g->h_loss = (float *)malloc((size_t)g->N * 4);
+    if (!g->blk || !g->a || !g->regions || !g->h_tgt || !g->h_loss) {
         gmodel_destroy(g);
         return err_set(e, "gmodel: out of memory");
     }
@@ -771,9 +774,7 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
     g->count = count;
     if (grad && gpu_memset(g->c, g->head_pend, 0, (size_t)V * H * 4, e))
         return -1;
-    float *hl = (float *)malloc((size_t)N * 4);
-    if (!hl)
-        return err_set(e, "gmodel: out of memory");
+    float *hl = g->h_loss;
     int rc = gpu_upload(g->c, g->tgt, targets, (size_t)N * 4, e) ||
              gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
                               grad ? g->head_pend : NULL, B16(g->xf),
@@ -783,7 +784,6 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
     double sum = 0;
     for (int n = 0; !rc && n < N; n++)
         sum += hl[n];
-    free(hl);
     if (rc)
         return -1;
     if (loss)
@@ -967,5 +967,13 @@ extern "C" int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
     const int *off = g->a[l].plan.offsets_host;
     for (int x = 0; x < E; x++)
         counts[x] = off[x + 1] - off[x];
+    return 0;
+}
+
+extern "C" int gmodel_row_losses(const gmodel *g, float *out)
+{
+    if (!g->h_tgt || !g->routed)
+        return -1;
+    memcpy(out, g->h_loss, (size_t)g->N * 4);
     return 0;
 }

@@ -84,6 +84,10 @@ int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_er
  * model_expert_load); -1 for a dense layer or before a forward. */
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts);
 
+/* The last forward's per-token cross-entropy (-log p(target); 0 where target < 0), [B*T],
+ * as gmodel_forward read it back. -1 before a forward with targets. */
+int gmodel_row_losses(const gmodel *g, float *out);
+
 /* Bytes of the arena the last step reached (activation memory). */
 size_t gmodel_arena_peak(const gmodel *g);
 
