@@ -1,6 +1,7 @@
 # CLI tests of dsv3-train --device cuda (kernels/gmodel through lib/train's backend switch):
 # 20 steps of the tiny config on the GPU against the same 20 steps on the CPU (losses
-# within bf16 rounding), the loss falling, and an exact resume on the GPU. Without a GPU
+# within bf16 rounding), the loss falling, an exact resume on the GPU, and dsv3-sample
+# --score on the GPU against the CPU. Without a GPU
 # the option must fail with a clear message (exit 1), and the rest is skipped.
 . "$(dirname "$0")/lib.sh"
 CFG=configs/tiny.json
@@ -49,7 +50,8 @@ check gpu_resume_same_losses test "$h" = "$g"
 check gpu_resume_same_weights cmp -s "$T/gpu/step-000020/model.safetensors" "$T/half/step-000020/model.safetensors"
 
 # dsv3-sample --score on the GPU against the CPU, same checkpoint and documents: the same
-# lines and tokens, the mean loss within 1e-2, every log-probability within 0.2 (bf16 logits of a 20-step model).
+# lines and tokens, the mean loss within 1e-2, every log-probability within 0.2 (bf16;
+# measured on an H200: mean loss 4.3555 vs 4.3567, largest difference 0.049 of 3800).
 ck="$T/gpu/step-000020"
 expect score_cpu 0 dsv3-sample --score -m "$ck" -L 32 -o "$T/s_cpu.jsonl" "$T/a.shard"
 cp "$T/err" "$T/s_cpu.err"
