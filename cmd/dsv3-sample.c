@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/gpu.h"
 #include "../lib/bpe.h"
 #include "../lib/cli.h"
 #include "../lib/docin.h"
@@ -72,6 +73,8 @@ static const cli_program PROG = {
     "                        max_position_embeddings)\n"
     "  -o, --output=FILE     --score: write the JSONL there (atomically)\n"
     "      --threads=N       CPU threads (default: all; results do not depend on it)\n"
+    "      --device=cpu|cuda where --score runs (default cpu; cuda: bf16 on GPU 0; generation\n"
+    "                        runs on the CPU)\n"
     "      --quiet           no statistics on standard error\n"
     "      --progress        show progress even when standard error is not a terminal\n"
     "      --help            this help\n"
@@ -84,12 +87,12 @@ static const cli_program PROG = {
 enum {
     OPT_SCORE = 0x100, OPT_BOS, OPT_THREADS, OPT_FIELD, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP,
     OPT_RPEN, OPT_RLAST, OPT_SEED, OPT_STOP, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_BATCH,
-    OPT_PARALLEL, OPT_IGNORE_EOS,
+    OPT_PARALLEL, OPT_IGNORE_EOS, OPT_DEVICE,
 };
 
 typedef struct options {
     cli_common common;
-    int score, bos, chat, batch, no_bos, have_seed, ignore_eos;
+    int score, bos, chat, batch, no_bos, have_seed, ignore_eos, cuda;
     const char *model, *tok, *output, *field, *prompt, *file, *system;
     docin_mode mode;
     uint64_t window, threads, ctx, parallel;
@@ -239,6 +242,7 @@ static void parse(int argc, char **argv, options *o)
         {"window", required_argument, NULL, 'L'},
         {"output", required_argument, NULL, 'o'},
         {"threads", required_argument, NULL, OPT_THREADS},
+        {"device", required_argument, NULL, OPT_DEVICE},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -306,6 +310,11 @@ static void parse(int argc, char **argv, options *o)
         case OPT_THREADS:
             if (cli_parse_u64("--threads", optarg, 1, 1024, &o->threads, &e))
                 cli_usage(&PROG, "%s", e.msg);
+            break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda"))
+                cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+            o->cuda = !strcmp(optarg, "cuda");
             break;
         default: cli_usage(&PROG, "unexpected option");
         }
@@ -431,6 +440,9 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    if (o.cuda && !o.score)
+        cli_usage(&PROG, "--device cuda: only --score runs on the GPU so far; generation runs "
+                  "on the CPU (leave --device out)");
     if (o.threads)
         ops_set_threads((int)o.threads);
     dsv3_err e;
@@ -448,6 +460,11 @@ int main(int argc, char **argv)
     }
     run r = {0};
     if (sample_scorer_new(&r.sc, &m, (int)o.window, &e))
+        cli_fail(&PROG, &e);
+    if (o.cuda && gpu_count() <= 0)
+        cli_failf(&PROG, "--device cuda: no GPU found%s; use --device cpu",
+                  gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
+    if (o.cuda && sample_scorer_use_gpu(r.sc, 0, &e))
         cli_fail(&PROG, &e);
     outfile of;
     if (outfile_open(&of, o.output ? o.output : "-", &e))

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/gpu.h"
 #include "../lib/cli.h"
 #include "../lib/comm.h"
 #include "../lib/train.h"
@@ -25,7 +26,8 @@ static const cli_program PROG = {
     "                           model.safetensors) instead of a random initialisation\n"
     "      --init-std=X         std of the random initialisation (default: the config's\n"
     "                           initializer_range; DeepSeek-V3 used 0.006)\n"
-    "      --device=cpu         where the math runs (cpu: the only backend built so far)\n"
+    "      --device=cpu|cuda    where forward and backward run (default cpu; cuda needs\n"
+    "                           --mtp-weight 0 and --balance-alpha 0 for now)\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -216,9 +218,10 @@ int main(int argc, char **argv)
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") == 0)
                 break;
-            if (strcmp(optarg, "cuda") == 0)
-                cli_failf(&PROG, "--device cuda: the GPU backend is not built yet; use "
-                          "--device cpu");
+            if (strcmp(optarg, "cuda") == 0) {
+                o.cuda = 1;
+                break;
+            }
             cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
@@ -299,6 +302,9 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!o.config && !o.init_from && !o.resume)
         cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    if (o.cuda && gpu_count() <= 0)
+        cli_failf(&PROG, "--device cuda: no GPU found for the GPU backend%s; use --device cpu",
+                  gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
     if (!o.max_steps && !o.max_tokens)
         cli_usage(&PROG, "missing --steps N or --tokens N");
     if (o.global_batch && o.global_tokens)

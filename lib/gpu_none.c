@@ -179,3 +179,93 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e) { return no_cuda(e); }
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant) {}
+
+/* kernels/gmodel.h */
+#include "../kernels/gmodel.h"
+
+int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+
+void gmodel_destroy(gmodel *g)
+{
+}
+
+gpu_ctx *gmodel_ctx(gmodel *g)
+{
+    return NULL;
+}
+
+int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
+                   float *loss, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_backward(gmodel *g, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_zero_grad(gmodel *g, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_get_grads(gmodel *g, float *grads, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
+{
+    return -1;
+}
+
+size_t gmodel_arena_peak(const gmodel *g)
+{
+    return 0;
+}
+
+int gmodel_set_range(gmodel *g, const float *params, size_t off, size_t n, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_optim_init(gmodel *g, const uint16_t *m, const uint16_t *v, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_grad_norm(gmodel *g, float *norm, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float clip, int step, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_row_losses(const gmodel *g, float *out)
+{
+    return -1;
+}

@@ -4,12 +4,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/gmodel.h"
+
 struct sample_scorer {
     dsv3_model *m;
     int window;
     model_acts *acts;  /* for the last window length */
     int acts_T;
     int32_t *ids, *tg;
+    int gpu, dev;      /* sample_scorer_use_gpu */
+    gmodel *gm;        /* for a full window */
+    float *rowloss;    /* [window] */
 };
 
 int sample_scorer_new(sample_scorer **out, dsv3_model *m, int window, dsv3_err *e)
@@ -36,9 +41,36 @@ void sample_scorer_free(sample_scorer *s)
     if (!s)
         return;
     model_acts_free(s->acts);
+    gmodel_destroy(s->gm);
+    free(s->rowloss);
     free(s->ids);
     free(s->tg);
     free(s);
+}
+
+int sample_scorer_use_gpu(sample_scorer *s, int dev, dsv3_err *e)
+{
+    if (!(s->rowloss = malloc((size_t)s->window * sizeof *s->rowloss)))
+        return err_set(e, "out of memory");
+    s->gpu = 1;
+    s->dev = dev;
+    return 0;
+}
+
+/* The forward of one window of T tokens (ids/tg set) on the GPU: *loss and rowloss[T].
+ * The GPU model is made once for a full window; a shorter one is padded at its end (id 0,
+ * no target), which causal attention keeps from the rows before it. */
+static int gpu_window(sample_scorer *s, int T, float *loss, dsv3_err *e)
+{
+    if (!s->gm && gmodel_create(&s->gm, s->m, 1, s->window, s->dev, e))
+        return -1;
+    for (int i = T; i < s->window; i++) {
+        s->ids[i] = 0;
+        s->tg[i] = -1;
+    }
+    if (gmodel_forward(s->gm, s->ids, s->tg, 0, loss, e))
+        return -1;
+    return gmodel_row_losses(s->gm, s->rowloss) ? err_set(e, "no losses from the GPU") : 0;
 }
 
 /* log softmax(row)[t] in double. */
@@ -75,24 +107,27 @@ static int score_window(sample_scorer *s, uint64_t doc, uint64_t off, const uint
         fputs("],\"logprobs\":[],\"loss\":null,\"n\":0}\n", f);
         return 0;
     }
-    if (!s->acts || s->acts_T != T) {
+    float loss = 0;
+    if (s->gpu && gpu_window(s, T, &loss, e))
+        return -1;
+    if (!s->gpu && (!s->acts || s->acts_T != T)) {
         model_acts_free(s->acts);
         s->acts_T = 0;
         if (!(s->acts = model_acts_new(m, 1, T, e)))
             return -1;
         s->acts_T = T;
     }
-    float loss = 0;
-    if (model_forward(m, s->acts, s->ids, s->tg, &loss, e))
+    if (!s->gpu && model_forward(m, s->acts, s->ids, s->tg, &loss, e))
         return -1;
-    const float *logits = model_acts_logits(s->acts);
+    const float *logits = s->gpu ? NULL : model_acts_logits(s->acts);
     fprintf(f, "{\"doc\":%llu,\"offset\":%llu,\"tokens\":[", (unsigned long long)doc,
             (unsigned long long)off);
     for (int i = 0; i < T; i++)
         fprintf(f, "%s%u", i ? "," : "", ids[i]);
     fputs("],\"logprobs\":[", f);
     for (int i = 0; i + 1 < T; i++) {
-        double lp = logprob(logits + (int64_t)i * V, V, s->tg[i]);
+        double lp = s->gpu ? -(double)s->rowloss[i]
+                           : logprob(logits + (int64_t)i * V, V, s->tg[i]);
         *sum -= lp;
         fprintf(f, "%s%.7g", i ? "," : "", lp);
     }

@@ -24,6 +24,11 @@ typedef struct sample_scorer sample_scorer;
 int sample_scorer_new(sample_scorer **s, dsv3_model *m, int window, dsv3_err *e);
 void sample_scorer_free(sample_scorer *s);
 
+/* Runs the forwards on GPU dev (kernels/gmodel, bf16) instead of lib/model: a token's
+ * log-probability is then minus the GPU head's cross-entropy of its row, fp32 from bf16
+ * hidden states and weights. */
+int sample_scorer_use_gpu(sample_scorer *s, int dev, dsv3_err *e);
+
 /* Scores document `doc` (ids[0..n)) and writes one JSON object a window to f:
  * {"doc":D,"offset":O,"tokens":[...],"logprobs":[...],"loss":X,"n":K} with K = window
  * length - 1 predictions (loss null when K = 0). Adds the predictions' summed loss and count

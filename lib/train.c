@@ -18,6 +18,8 @@
 #include "metrics.h"
 #include "progress.h"
 #include "trainckpt.h"
+#include "../kernels/gmodel.h"
+#include "../kernels/gpu.h"
 
 void train_opts_default(train_opts *o)
 {
@@ -162,6 +164,7 @@ typedef struct accum {
     double loss_sum;   /* sum over forwards of mean loss * counted targets */
     int64_t n;         /* counted targets */
     int64_t routed;    /* tokens through the router (every position of every forward) */
+    int64_t prev_n;    /* GPU: counted targets of the last backward (see forward) */
 } accum;
 
 typedef struct trainer {
@@ -192,6 +195,10 @@ typedef struct trainer {
     int64_t *sync;        /* [2 + nc + n_mtp]: the integer sums of a step */
     int64_t *norms;       /* [2 + n_mtp]: the step's main targets, sequences, MTP targets */
     long ckpt_id;         /* rank 0's pid: names the checkpoint's temporary folder */
+    gmodel *gm;           /* the GPU backend (o->cuda), else NULL */
+    int gm_dirty;         /* the host parameters changed since the last upload */
+    int gm_opt;           /* the optimizer runs on the GPU too (one process): the device
+                             holds the weights and moments, synced to the host to save */
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -279,9 +286,64 @@ static void dequeue(trainer *t)
     t->q.n -= take;
 }
 
-/* One forward (and backward) of the B rows in t->ids/t->tgt. In a step the model divides
- * each forward's loss sums by the step's counts (load_step), so the backwards simply add
- * up the gradient of the step's loss. A forward without a counted target is skipped. */
+static void scale_grads(dsv3_model *m, float f)
+{
+    for (size_t i = 0; i < m->n_params; i++)
+        m->grads[i] *= f;
+}
+
+/* ---- backend: where forward and backward run ----
+ * The CPU model (lib/model) or the GPU one (kernels/gmodel), behind the same calls. On the
+ * GPU the gradients accumulate on the device over a step's forwards and are fetched into
+ * m.grads once (be_fetch_grads); the parameters are uploaded before the first forward
+ * after they change (gm_dirty). Everything after the fetch is the same code for both. */
+
+static int be_forward(trainer *t, int grad, float *loss, dsv3_err *e)
+{
+    if (!t->gm)
+        return model_forward(&t->m, t->acts, t->ids, t->tgt, loss, e);
+    if (t->gm_dirty && gmodel_set_params(t->gm, t->m.params, e))
+        return -1;
+    t->gm_dirty = 0;
+    return gmodel_forward(t->gm, t->ids, t->tgt, grad, loss, e);
+}
+
+static int be_backward(trainer *t, dsv3_err *e)
+{
+    return t->gm ? gmodel_backward(t->gm, e) : model_backward(&t->m, t->acts, t->ids, t->tgt, e);
+}
+
+static int be_expert_load(trainer *t, int l, int64_t *counts)
+{
+    return t->gm ? gmodel_expert_load(t->gm, l, counts)
+                 : model_expert_load(&t->m, t->acts, l, counts);
+}
+
+static int be_scale_grads(trainer *t, float f, dsv3_err *e)
+{
+    if (t->gm)
+        return gmodel_scale_grads(t->gm, f, e);
+    scale_grads(&t->m, f);
+    return 0;
+}
+
+static int be_zero_grad(trainer *t, dsv3_err *e)
+{
+    model_zero_grad(&t->m);
+    return t->gm ? gmodel_zero_grad(t->gm, e) : 0;
+}
+
+static int be_fetch_grads(trainer *t, dsv3_err *e)
+{
+    return t->gm ? gmodel_get_grads(t->gm, t->m.grads, e) : 0;
+}
+
+/* One forward (and backward) of the B rows in t->ids/t->tgt. On the CPU the model divides
+ * each forward's loss sums by the step's counts (load_step), so the backwards simply add up
+ * the gradient of the step's loss. The GPU model's gradient is of one forward's mean loss
+ * (g_i over its n_i targets): there the sum so far is rescaled by n_prev/n_i before each
+ * backward and by n_last/N at the end of the step, which gives the same sum_i (n_i/N) g_i.
+ * A forward without a counted target is skipped. */
 static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
 {
     int64_t n = 0;
@@ -290,11 +352,16 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     if (!n)
         return 0;
     float loss;
-    if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
-                                t->doc_mask ? t->pos : NULL))
-        return err_set(e, "bad document numbers in a packed record");
-    if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
-        return -1;
+    if (t->gm) {
+        if (be_forward(t, backward, &loss, e))
+            return -1;
+    } else {
+        if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
+                                    t->doc_mask ? t->pos : NULL))
+            return err_set(e, "bad document numbers in a packed record");
+        if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
+            return -1;
+    }
     a->loss_sum += (double)loss * (double)n;
     a->n += n;
     if (!backward)
@@ -302,10 +369,10 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     const dsv3_config *c = &t->m.cfg;
     int E = c->n_routed_experts;
     for (int l = 0; l < c->num_hidden_layers; l++)
-        if (model_expert_load(&t->m, t->acts, l, t->tmp_counts) == 0)
+        if (be_expert_load(t, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
-    for (int k = 0; k < t->n_mtp; k++) {
+    for (int k = 0; !t->gm && k < t->n_mtp; k++) {  /* the GPU model has no MTP yet */
         int64_t slots;
         if (model_mtp_expert_load(&t->m, t->acts, k, t->tmp_counts, &slots) == 0) {
             for (int i = 0; i < E; i++)
@@ -314,8 +381,16 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         }
     }
     a->routed += (int64_t)t->B * t->L;
-    if (model_backward(&t->m, t->acts, t->ids, t->tgt, e))
+    if (t->gm) {
+        if (a->prev_n && a->prev_n != n &&
+            be_scale_grads(t, (float)((double)a->prev_n / (double)n), e))
+            return -1;
+        if (be_backward(t, e))
+            return -1;
+        a->prev_n = n;
+    } else if (model_backward(&t->m, t->acts, t->ids, t->tgt, e)) {
         return -1;
+    }
     return 0;
 }
 
@@ -669,8 +744,26 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (loader_open(&t->val, o->data, &vp, e))
             return -1;
     }
-    if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
+    if (o->cuda) {
+        int ngpu = gpu_count();
+        if (ngpu <= 0)
+            return err_set(e, "--device cuda: no GPU found%s",
+                           gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
+        if (o->sft || o->doc_mask)
+            return err_set(e, "--device cuda: attention masked by document (--sft, --doc-mask) "
+                           "is not on the GPU yet; use --device cpu");
+        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e))
+            return -1;
+        /* One process: AdamW on the device as well; with ZeRO ranks it stays on the host
+         * shards (the gradients are fetched for the reduce-scatter). */
+        if (t->dp.world == 1) {
+            if (gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
+                return -1;
+            t->gm_opt = 1;
+        }
+    } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
         return -1;
+    }
     const dsv3_config *c = &t->m.cfg;
     t->n_mtp = c->num_nextn_predict_layers;
     t->nc = (size_t)(c->num_hidden_layers + t->n_mtp) *
@@ -716,6 +809,7 @@ static void teardown(trainer *t)
 {
     metrics_close(&t->met);
     model_acts_free(t->acts);
+    gmodel_destroy(t->gm);
     if (t->train)
         loader_close(t->train);
     if (t->val)
@@ -766,6 +860,59 @@ static int sum_stats(trainer *t, accum *a, dsv3_err *e)
     return 0;
 }
 
+/* The step's bookkeeping after its update (or skip). */
+static void end_step(trainer *t, step_out *so, double t0)
+{
+    t->st.step++;
+    t->st.tokens += so->seqs * t->L;
+    splitmix(&t->st.rng);
+    t->st.data = loader_tell(t->train);
+    so->seconds = progress_now() - t0;
+}
+
+/* do_step's update with the optimizer on the GPU (one process, t->gm_opt): the same rules
+ * as the host path below (final rescale, norm, non-finite stop or skip, clipping, AdamW with
+ * lib/optim's step count, the bias update on the host's biases, then uploaded). */
+static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    if (a->n && a->prev_n != a->n &&
+        gmodel_scale_grads(t->gm, (float)((double)a->prev_n / (double)a->n), e))
+        return -1;
+    so->targets = a->n;
+    so->loss = a->n ? a->loss_sum / (double)a->n : 0;
+    float norm = 0;
+    if (gmodel_grad_norm(t->gm, &norm, e))
+        return -1;
+    so->norm = norm;
+    if (!isfinite(so->loss) || !isfinite(so->norm)) {
+        if (!o->skip_nonfinite)
+            return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
+                           "stopping without saving (the last checkpoint is untouched; "
+                           "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss,
+                           so->norm);
+        so->skipped = 1;
+        t->st.skipped++;
+    } else if (a->n) {
+        t->opt.t++;
+        const optim_params *p = &t->opt.p;
+        if (gmodel_adamw(t->gm, (float)so->lr, (float)p->beta1, (float)p->beta2, (float)p->eps,
+                         (float)p->weight_decay, o->clip > 0 ? (float)o->clip : 0.0f,
+                         (int)t->opt.t, e))
+            return -1;
+        train_balance_update(&t->m, t->counts, a->routed, NULL, (float)so->gamma);
+        const dsv3_config *c = &t->m.cfg;
+        for (int l = 0; l < c->num_hidden_layers; l++) {
+            const float *b = t->m.w.layers[l].router_bias;
+            if (b && gmodel_set_range(t->gm, t->m.params, (size_t)(b - t->m.params),
+                                      (size_t)c->n_routed_experts, e))
+                return -1;
+        }
+    }
+    end_step(t, so, t0);
+    return 0;
+}
+
 /* One update. Each rank's accumulated gradient is its part of the gradient of the whole
  * global batch's loss (the model normalises by the step's counts over all ranks), so the
  * sum over the ranks is that gradient, as one process would compute it. */
@@ -782,15 +929,23 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     memset(t->counts, 0, t->nc * sizeof *t->counts);
     memset(t->mtp_slots, 0, (size_t)t->n_mtp * sizeof *t->mtp_slots);
     double t0 = progress_now();
-    model_zero_grad(&t->m);
     accum a = {0};
     if (load_step(t, so->seqs / (uint64_t)t->dp.world, e))
         return -1;
-    int rc = run_records(t, t->train, 0, &a, 1, e);
+    int rc = be_zero_grad(t, e);
+    if (!rc)
+        rc = run_records(t, t->train, 0, &a, 1, e);
     t->m.norm_main = t->m.norm_seqs = 0;  /* evaluation: each forward its own */
     t->m.norm_mtp = NULL;
+    if (!rc && !t->gm_opt)
+        rc = be_fetch_grads(t, e);
+    int64_t local_n = a.n;
     if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
         return -1;
+    if (t->gm_opt)
+        return gpu_update(t, so, &a, t0, e);
+    if (t->gm && a.n && local_n && a.prev_n != a.n)  /* the GPU's last rescale: n_last/N */
+        scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
     if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
         return -1;
@@ -816,12 +971,9 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
         train_balance_update(&t->m, t->counts, a.routed, t->mtp_slots, (float)so->gamma);
+        t->gm_dirty = 1;
     }
-    t->st.step++;
-    t->st.tokens += so->seqs * t->L;
-    splitmix(&t->st.rng);
-    t->st.data = loader_tell(t->train);
-    so->seconds = progress_now() - t0;
+    end_step(t, so, t0);
     return 0;
 }
 
@@ -967,6 +1119,8 @@ static int save_dp(trainer *t, dsv3_err *e)
 static int save(trainer *t, train_result *r, dsv3_err *e)
 {
     int crash = t->o->crash_in_save && ++t->n_saves == t->o->crash_in_save;
+    if (t->gm_opt && gmodel_sync_host(t->gm, t->m.params, t->opt.m, t->opt.v, e))
+        return -1;
     if (t->dp.world > 1 ? save_dp(t, e)
                         : trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
         return -1;

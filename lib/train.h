@@ -70,6 +70,8 @@ typedef struct train_opts {
     comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
+    int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel); the
+                               optimizer, ZeRO and balance update stay on the host arrays */
 } train_opts;
 
 void train_opts_default(train_opts *o);

@@ -1,0 +1,979 @@
+/* gmodel: lib/model's forward and backward on the GPU (see gmodel.h). The order of the
+ * operations, and every equation, follow lib/model.c block by block; the comments name
+ * the CPU function each part mirrors. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* lib/ headers are plain C without extern "C" guards */
+extern "C" {
+#include "../lib/model.h"
+#include "../lib/ops.h"
+}
+#include "attention.h"
+#include "cuda_util.cuh"
+#include "gemm.h"
+#include "gmodel.h"
+#include "layers.h"
+#include "loss.h"
+#include "moe.h"
+#include "optim.h"
+
+#define NONE SIZE_MAX
+
+/* Offsets (floats, device layout) of one block's tensors; NONE when absent. */
+typedef struct gm_block {
+    int moe;
+    size_t ln1, qa, qaln, qb, q, kva, kvaln, kvb, o, ln2;
+    size_t w1, w2;               /* dense gate|up [2I,H], down [H,I] */
+    size_t router, rbias;
+    size_t ew1, ew2;             /* routed experts, regrouped: [E,2mi,H], [E,H,mi] */
+    size_t sw1, sw2;             /* shared experts gate|up, down */
+    size_t region;               /* start of the routed experts' region (flat = device) */
+} gm_block;
+
+/* Activations of one block (device, arena). */
+typedef struct gm_acts {
+    bf16 *x, *xn, *qa, *qan, *q, *kva, *ckv, *ckvn, *kvb, *k, *v, *ao, *x2, *x2n;
+    bf16 *gu, *h;                /* dense MLP or shared experts */
+    bf16 *xp, *egu, *eh, *yp;    /* routed experts, rows in expert order */
+    float *rstd1, *rstdq, *rstdkv, *rstd2, *lse, *logits, *s, *w;
+    int32_t *idx;
+    gpu_moe_plan plan;
+    int have_plan;
+} gm_acts;
+
+struct gmodel {
+    const dsv3_model *m;
+    gpu_ctx *c;
+    int B, T, N, nl;
+    float *master, *grads, *region_tmp, *head_pend;
+    bf16 *wbf;
+    size_t n_params, region_floats;
+    gm_block *blk;               /* num_hidden_layers (MTP blocks only in conversions) */
+    size_t *regions;             /* starts of every MoE block's expert region, MTP included */
+    int n_regions;
+    gm_acts *a;
+    bf16 *hfinal, *xf, *d_xf, *dx, *dn;
+    float *rstdf, *losses, *cos_t, *sin_t;
+    int32_t *ids, *tgt, *pos;
+    int32_t *h_tgt;              /* host copy of the last targets */
+    float *h_loss;               /* host copy of the last forward's per-row losses */
+    size_t acts_mark;
+    int count, grad_ready, routed;
+    int chunk_rows;
+    /* device AdamW (gmodel_optim_init): bf16 moments in the device layout, the list of
+     * trainable spans, the last gradient norm */
+    bf16 *mom_m, *mom_v;
+    gpu_tensor_list *tl;
+    float *d_norm;
+};
+
+/* ---- small kernels ---- */
+
+__global__ void k_add(bf16 *out, const bf16 *a, const bf16 *b, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        out[i] = f2b(b2f(a[i]) + b2f(b[i]));
+}
+
+__global__ void k_axpy(float *y, const float *x, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        y[i] += x[i];
+}
+
+__global__ void k_scale(float *y, float f, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        y[i] *= f;
+}
+
+/* k[n,h] = [kvb[n,h,:nope], kpe[n]], v[n,h] = kvb[n,h,nope:] (mla_forward's assembly);
+ * kpe is kva[n, kv:] after RoPE. */
+__global__ void k_mla_assemble(bf16 *k, bf16 *v, const bf16 *kvb, const bf16 *kva, int N,
+                               int nh, int nope, int rope, int dv, int kv)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int qk = nope + rope, w = qk + dv;
+    if (i >= (int64_t)N * nh * w)
+        return;
+    int j = (int)(i % w);
+    int64_t nhh = i / w, n = nhh / nh;
+    const bf16 *src = kvb + nhh * (nope + dv);
+    if (j < nope)
+        k[nhh * qk + j] = src[j];
+    else if (j < qk)
+        k[nhh * qk + j] = kva[n * (kv + rope) + kv + (j - nope)];
+    else
+        v[nhh * dv + (j - qk)] = src[nope + (j - qk)];
+}
+
+/* The transpose: dkvb[n,h] = [dk[n,h,:nope], dv[n,h]]; dkva[n, kv + r] = sum over heads of
+ * dk[n,h,nope+r] (one k_pe serves every head). */
+__global__ void k_mla_assemble_bwd(bf16 *dkvb, bf16 *dkva, const bf16 *dk, const bf16 *dv_,
+                                   int N, int nh, int nope, int rope, int dv, int kv)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int qk = nope + rope, w = nope + dv;
+    int64_t n1 = (int64_t)N * nh * w;
+    if (i < n1) {
+        int j = (int)(i % w);
+        int64_t nhh = i / w;
+        dkvb[i] = j < nope ? dk[nhh * qk + j] : dv_[nhh * dv + (j - nope)];
+        return;
+    }
+    i -= n1;
+    if (i >= (int64_t)N * rope)
+        return;
+    int64_t n = i / rope;
+    int r = (int)(i % rope);
+    float s = 0;
+    for (int h = 0; h < nh; h++)
+        s += b2f(dk[(n * nh + h) * qk + nope + r]);
+    dkva[n * (kv + rope) + kv + r] = f2b(s);
+}
+
+static unsigned blocks(int64_t n)
+{
+    return (unsigned)((n + 255) / 256);
+}
+
+#define ST(g) ((cudaStream_t)gpu_ctx_stream((g)->c))
+
+/* dst[rows, w] (row pitch dld) = src[rows, w] (row pitch sld), bf16. */
+static int copy_cols(gmodel *g, bf16 *dst, int dld, const bf16 *src, int sld, int rows, int w,
+                     dsv3_err *e)
+{
+    CUDA_TRY(cudaMemcpy2DAsync(dst, (size_t)dld * 2, src, (size_t)sld * 2, (size_t)w * 2,
+                               (size_t)rows, cudaMemcpyDeviceToDevice, ST(g)),
+             e);
+    return 0;
+}
+
+static int add(gmodel *g, bf16 *out, const bf16 *a, const bf16 *b, int64_t n, dsv3_err *e)
+{
+    k_add<<<blocks(n), 256, 0, ST(g)>>>(out, a, b, n);
+    LAUNCH_CHECK("k_add", e);
+    return 0;
+}
+
+/* ---- layout ---- */
+
+static size_t off_of(const dsv3_model *m, const float *p)
+{
+    return p ? (size_t)(p - m->params) : NONE;
+}
+
+static void block_offsets(const dsv3_model *m, const model_layer *L, int moe, gm_block *b)
+{
+    const dsv3_config *c = &m->cfg;
+    b->moe = moe;
+    b->ln1 = off_of(m, L->input_layernorm);
+    b->qa = off_of(m, L->q_a_proj);
+    b->qaln = off_of(m, L->q_a_layernorm);
+    b->qb = off_of(m, L->q_b_proj);
+    b->q = off_of(m, L->q_proj);
+    b->kva = off_of(m, L->kv_a_proj);
+    b->kvaln = off_of(m, L->kv_a_layernorm);
+    b->kvb = off_of(m, L->kv_b_proj);
+    b->o = off_of(m, L->o_proj);
+    b->ln2 = off_of(m, L->post_attention_layernorm);
+    b->w1 = off_of(m, L->gate_proj);  /* up_proj follows gate_proj in the layout */
+    b->w2 = off_of(m, L->down_proj);
+    b->router = off_of(m, L->router);
+    b->rbias = off_of(m, L->router_bias);
+    b->sw1 = off_of(m, L->s_gate);
+    b->sw2 = off_of(m, L->s_down);
+    b->region = b->ew1 = b->ew2 = NONE;
+    if (moe) {
+        size_t E = (size_t)c->n_routed_experts, mi = (size_t)c->moe_intermediate_size;
+        b->region = off_of(m, L->e_gate[0]);
+        b->ew1 = b->region;
+        b->ew2 = b->region + E * 2 * mi * (size_t)c->hidden_size;
+    }
+}
+
+/* ---- activations ---- */
+
+typedef struct carve {
+    gmodel *g;
+    int measure;
+    size_t bytes;
+    int failed;
+    dsv3_err *e;
+} carve;
+
+static void *take(carve *k, size_t bytes)
+{
+    size_t b = (bytes + 255) & ~(size_t)255;
+    k->bytes += b;
+    if (k->measure || k->failed)
+        return NULL;
+    void *p = gpu_arena_alloc(k->g->c, bytes ? bytes : 1, k->e);
+    if (!p)
+        k->failed = 1;
+    return p;
+}
+
+#define TB(n) (bf16 *)take(k, (size_t)(n) * 2)
+#define TF(n) (float *)take(k, (size_t)(n) * 4)
+
+static void carve_acts(carve *k)
+{
+    gmodel *g = k->g;
+    const dsv3_config *c = &g->m->cfg;
+    int64_t N = g->N, H = c->hidden_size, nh = c->num_attention_heads;
+    int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
+    int64_t dv = c->v_head_dim, K = c->num_experts_per_tok, E = c->n_routed_experts;
+    int64_t mi = c->moe_intermediate_size, ql = c->q_lora_rank;
+    for (int l = 0; l < g->nl; l++) {
+        gm_acts *A = &g->a[l];
+        int moe = g->blk[l].moe;
+        A->x = TB(N * H);
+        A->xn = TB(N * H);
+        A->rstd1 = TF(N);
+        if (ql) {
+            A->qa = TB(N * ql);
+            A->qan = TB(N * ql);
+            A->rstdq = TF(N);
+        }
+        A->q = TB(N * nh * qk);
+        A->kva = TB(N * (kv + rope));
+        A->ckv = TB(N * kv);
+        A->ckvn = TB(N * kv);
+        A->rstdkv = TF(N);
+        A->kvb = TB(N * nh * (c->qk_nope_head_dim + dv));
+        A->k = TB(N * nh * qk);
+        A->v = TB(N * nh * dv);
+        A->ao = TB(N * nh * dv);
+        A->lse = TF(N * nh);
+        A->x2 = TB(N * H);
+        A->x2n = TB(N * H);
+        A->rstd2 = TF(N);
+        int64_t inter = moe ? mi * c->n_shared_experts : c->intermediate_size;
+        if (inter) {
+            A->gu = TB(N * 2 * inter);
+            A->h = TB(N * inter);
+        }
+        if (moe) {
+            A->logits = TF(N * E);
+            A->s = TF(N * E);
+            A->w = TF(N * K);
+            A->idx = (int32_t *)take(k, (size_t)(N * K) * 4);
+            A->xp = TB(N * K * H);
+            A->egu = TB(N * K * 2 * mi);
+            A->eh = TB(N * K * mi);
+            A->yp = TB(N * K * H);
+        }
+    }
+    g->hfinal = TB(N * H);
+    g->xf = TB(N * H);
+    g->d_xf = TB(N * H);
+    g->dx = TB(N * H);
+    g->dn = TB(N * H);
+    g->rstdf = TF(N);
+    g->losses = TF(N);
+    g->cos_t = TF(g->T * (rope / 2 > 0 ? rope / 2 : 1));
+    g->sin_t = TF(g->T * (rope / 2 > 0 ? rope / 2 : 1));
+    g->ids = (int32_t *)take(k, (size_t)N * 4);
+    g->tgt = (int32_t *)take(k, (size_t)N * 4);
+    g->pos = (int32_t *)take(k, (size_t)N * 4);
+}
+
+/* Scratch above the activations: the larger of the head's chunks and one block's backward
+ * temporaries, plus the MoE plans that live from forward to backward. */
+static size_t scratch_bytes(const gmodel *g)
+{
+    const dsv3_config *c = &g->m->cfg;
+    size_t N = (size_t)g->N, H = c->hidden_size, nh = c->num_attention_heads;
+    size_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
+    size_t dv = c->v_head_dim, K = c->num_experts_per_tok, E = c->n_routed_experts;
+    size_t mi = c->moe_intermediate_size, ql = c->q_lora_rank, I = c->intermediate_size;
+    size_t si = mi * c->n_shared_experts, V = c->vocab_size;
+    size_t head = (size_t)g->chunk_rows * V * 6 + N * 16;
+    size_t per_tok = 2 * (nh * dv + 2 * nh * qk + nh * dv + nh * (qk + dv) + 2 * (kv + rope) +
+                          2 * kv + 2 * ql + H) +
+                     2 * (2 * K * H + 3 * K * mi + 3 * (si > I ? si : I)) + 4 * K + 6 * E +
+                     4 * nh + 64;
+    size_t w = E * 2 * mi * H * 2 + E * H * mi * 2;
+    size_t bwd = N * per_tok + w + N * 64 + ((size_t)64 << 20);
+    size_t plans = (size_t)g->nl * (N * K * 8 + 4096);
+    return (head > bwd ? head : bwd) + plans + ((size_t)16 << 20);
+}
+
+/* ---- parameters and gradients ---- */
+
+static int cmp_size(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* An expert region of elements of es bytes from flat order in src to grouped order in dst
+ * (to_grouped) or back. */
+static int regroup(gmodel *g, void *dst, const void *src, int to_grouped, size_t es,
+                   dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    size_t E = c->n_routed_experts;
+    size_t w1 = 2 * (size_t)c->moe_intermediate_size * c->hidden_size * es;
+    size_t w2 = w1 / 2, blk = w1 + w2;
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+    for (size_t x = 0; x < E; x++) {
+        const char *s1 = to_grouped ? s + x * blk : s + x * w1;
+        const char *s2 = to_grouped ? s + x * blk + w1 : s + E * w1 + x * w2;
+        char *d1 = to_grouped ? d + x * w1 : d + x * blk;
+        char *d2 = to_grouped ? d + E * w1 + x * w2 : d + x * blk + w1;
+        CUDA_TRY(cudaMemcpyAsync(d1, s1, w1, cudaMemcpyDeviceToDevice, ST(g)), e);
+        CUDA_TRY(cudaMemcpyAsync(d2, s2, w2, cudaMemcpyDeviceToDevice, ST(g)), e);
+    }
+    return 0;
+}
+
+/* Every expert region of a device buffer (elements of es bytes) from flat to grouped order,
+ * in place (through region_tmp). */
+static int group_all(gmodel *g, void *buf, size_t es, dsv3_err *e)
+{
+    for (int r = 0; r < g->n_regions; r++) {
+        char *at = (char *)buf + g->regions[r] * es;
+        if (regroup(g, g->region_tmp, at, 1, es, e))
+            return -1;
+        CUDA_TRY(cudaMemcpyAsync(at, g->region_tmp, g->region_floats * es,
+                                 cudaMemcpyDeviceToDevice, ST(g)),
+                 e);
+    }
+    return 0;
+}
+
+/* A device buffer in the device layout to the host in the flat layout. */
+static int download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3_err *e)
+{
+    size_t at = 0;
+    char *h = (char *)host;
+    const char *d = (const char *)dev;
+    for (int r = 0; r <= g->n_regions; r++) {
+        size_t end = r < g->n_regions ? g->regions[r] : g->n_params;
+        if (end > at && gpu_download(g->c, h + at * es, d + at * es, (end - at) * es, e))
+            return -1;
+        if (r == g->n_regions)
+            break;
+        if (regroup(g, g->region_tmp, d + end * es, 0, es, e) ||
+            gpu_download(g->c, h + end * es, g->region_tmp, g->region_floats * es, e))
+            return -1;
+        at = end + g->region_floats;
+    }
+    return 0;
+}
+
+extern "C" int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e)
+{
+    if (gpu_upload(g->c, g->master, params, g->n_params * 4, e) || group_all(g, g->master, 4, e) ||
+        gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e))
+        return -1;
+    return gpu_sync(g->c, e);
+}
+
+extern "C" int gmodel_get_grads(gmodel *g, float *grads, dsv3_err *e)
+{
+    return download_flat(g, grads, g->grads, 4, e);
+}
+
+extern "C" int gmodel_set_range(gmodel *g, const float *params, size_t off, size_t n,
+                                dsv3_err *e)
+{
+    for (int r = 0; r < g->n_regions; r++)
+        if (off < g->regions[r] + g->region_floats && off + n > g->regions[r])
+            return err_set(e, "gmodel_set_range: [%zu, +%zu) overlaps an expert region", off, n);
+    return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
+                   gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off, (int64_t)n, e)
+               ? -1
+               : 0;
+}
+
+/* ---- device AdamW ---- */
+
+static int is_in_region(const gmodel *g, size_t off)
+{
+    for (int r = 0; r < g->n_regions; r++)
+        if (off >= g->regions[r] && off < g->regions[r] + g->region_floats)
+            return 1;
+    return 0;
+}
+
+extern "C" int gmodel_optim_init(gmodel *g, const uint16_t *m, const uint16_t *v, dsv3_err *e)
+{
+    const dsv3_model *mo = g->m;
+    size_t nb = g->n_params * 2;
+    if (!(g->mom_m = (bf16 *)gpu_malloc(nb, e)) || !(g->mom_v = (bf16 *)gpu_malloc(nb, e)) ||
+        !(g->d_norm = (float *)gpu_malloc(4, e)) || gpu_upload(g->c, g->mom_m, m, nb, e) ||
+        gpu_upload(g->c, g->mom_v, v, nb, e) || group_all(g, g->mom_m, 2, e) ||
+        group_all(g, g->mom_v, 2, e))
+        return -1;
+    /* one span per trainable tensor outside the expert regions, one per region (all its
+     * tensors are 2-D expert weights: decaying) */
+    int cap = mo->n_t + g->n_regions;
+    float **P = (float **)calloc((size_t)cap, sizeof *P), **Gr = (float **)calloc((size_t)cap, sizeof *Gr);
+    gpu_bf16 **M = (gpu_bf16 **)calloc((size_t)cap, sizeof *M), **Vv = (gpu_bf16 **)calloc((size_t)cap, sizeof *Vv);
+    gpu_bf16 **Wb = (gpu_bf16 **)calloc((size_t)cap, sizeof *Wb);
+    int64_t *n = (int64_t *)calloc((size_t)cap, sizeof *n);
+    int *dec = (int *)calloc((size_t)cap, sizeof *dec);
+    int k = 0, rc = -1;
+    if (P && Gr && M && Vv && Wb && n && dec) {
+        for (int i = 0; i < mo->n_t; i++) {
+            const model_tensor *t = &mo->t[i];
+            if (!t->trainable || is_in_region(g, t->off))
+                continue;
+            P[k] = g->master + t->off, Gr[k] = g->grads + t->off;
+            M[k] = (gpu_bf16 *)g->mom_m + t->off, Vv[k] = (gpu_bf16 *)g->mom_v + t->off;
+            Wb[k] = (gpu_bf16 *)g->wbf + t->off, n[k] = t->numel, dec[k] = t->ndim == 2;
+            k++;
+        }
+        for (int r = 0; r < g->n_regions; r++) {
+            size_t o = g->regions[r];
+            P[k] = g->master + o, Gr[k] = g->grads + o;
+            M[k] = (gpu_bf16 *)g->mom_m + o, Vv[k] = (gpu_bf16 *)g->mom_v + o;
+            Wb[k] = (gpu_bf16 *)g->wbf + o, n[k] = (int64_t)g->region_floats, dec[k] = 1;
+            k++;
+        }
+        rc = gpu_tensor_list_create(g->c, &g->tl, k, P, Gr, M, Vv, Wb, n, dec, e);
+    } else {
+        err_set(e, "gmodel: out of memory");
+    }
+    free(P), free(Gr), free(M), free(Vv), free(Wb), free(n), free(dec);
+    return rc;
+}
+
+extern "C" int gmodel_grad_norm(gmodel *g, float *norm, dsv3_err *e)
+{
+    if (!g->tl)
+        return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
+    return gpu_grad_norm(g->c, g->tl, g->d_norm, e) || gpu_download(g->c, norm, g->d_norm, 4, e)
+               ? -1
+               : 0;
+}
+
+extern "C" int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps,
+                            float weight_decay, float clip, int step, dsv3_err *e)
+{
+    if (!g->tl)
+        return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
+    gpu_adamw_hp hp = {lr, beta1, beta2, eps, weight_decay, clip, step};
+    return gpu_adamw_step(g->c, g->tl, &hp, clip > 0 ? g->d_norm : NULL, e);
+}
+
+extern "C" int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e)
+{
+    if (download_flat(g, params, g->master, 4, e))
+        return -1;
+    if (g->tl && (download_flat(g, m, g->mom_m, 2, e) || download_flat(g, v, g->mom_v, 2, e)))
+        return -1;
+    return 0;
+}
+
+extern "C" int gmodel_zero_grad(gmodel *g, dsv3_err *e)
+{
+    return gpu_memset(g->c, g->grads, 0, g->n_params * 4, e);
+}
+
+extern "C" int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e)
+{
+    k_scale<<<blocks((int64_t)g->n_params), 256, 0, ST(g)>>>(g->grads, f, (int64_t)g->n_params);
+    LAUNCH_CHECK("k_scale", e);
+    return 0;
+}
+
+/* ---- create ---- */
+
+extern "C" void gmodel_destroy(gmodel *g)
+{
+    if (!g)
+        return;
+    for (int l = 0; g->a && l < g->nl; l++)
+        if (g->a[l].have_plan)
+            gpu_moe_plan_free(&g->a[l].plan);
+    gpu_free(g->master);
+    gpu_free(g->grads);
+    gpu_free(g->wbf);
+    gpu_free(g->region_tmp);
+    gpu_free(g->head_pend);
+    gpu_free(g->mom_m);
+    gpu_free(g->mom_v);
+    gpu_free(g->d_norm);
+    gpu_tensor_list_destroy(g->tl);
+    if (g->c)
+        gpu_ctx_destroy(g->c);
+    free(g->blk);
+    free(g->regions);
+    free(g->a);
+    free(g->h_tgt);
+    free(g->h_loss);
+    free(g);
+}
+
+extern "C" gpu_ctx *gmodel_ctx(gmodel *g)
+{
+    return g->c;
+}
+
+extern "C" size_t gmodel_arena_peak(const gmodel *g)
+{
+    return gpu_arena_peak(g->c);
+}
+
+static int check_shapes(const dsv3_config *c, dsv3_err *e)
+{
+    int qk = config_qk_head_dim(c), dv = c->v_head_dim;
+    if (qk % 8 || dv % 8 || qk > 192 || dv > 128)
+        return err_set(e, "gmodel: head dims %d/%d unsupported by the attention kernel "
+                       "(multiples of 8, at most 192/128)", qk, dv);
+    if (c->n_routed_experts > 1024 || c->num_experts_per_tok > 32)
+        return err_set(e, "gmodel: at most 1024 experts and 32 per token on the GPU");
+    if (c->hidden_size % 8 || c->moe_intermediate_size % 8 || c->intermediate_size % 8)
+        return err_set(e, "gmodel: hidden and intermediate sizes must be multiples of 8");
+    return 0;
+}
+
+extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev,
+                             dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    *out = NULL;
+    if (check_shapes(c, e))
+        return -1;
+    gmodel *g = (gmodel *)calloc(1, sizeof *g);
+    if (!g)
+        return err_set(e, "gmodel: out of memory");
+    g->m = m;
+    g->B = B;
+    g->T = T;
+    g->N = B * T;
+    g->nl = c->num_hidden_layers;
+    g->n_params = m->n_params;
+    int V = c->vocab_size;
+    g->chunk_rows = (int)(((size_t)512 << 20) / ((size_t)V * 6));
+    g->chunk_rows = g->chunk_rows < 64 ? 64 : g->chunk_rows / 64 * 64;
+    if (g->chunk_rows > g->N)
+        g->chunk_rows = g->N;
+    g->blk = (gm_block *)calloc((size_t)g->nl, sizeof *g->blk);
+    g->a = (gm_acts *)calloc((size_t)g->nl, sizeof *g->a);
+    int D = c->num_nextn_predict_layers;
+    g->regions = (size_t *)calloc((size_t)(g->nl + D + 1), sizeof *g->regions);
+    g->h_tgt = (int32_t *)malloc((size_t)g->N * 4);
+    g->h_loss = (float *)malloc((size_t)g->N * 4);
+    if (!g->blk || !g->a || !g->regions || !g->h_tgt || !g->h_loss) {
+        gmodel_destroy(g);
+        return err_set(e, "gmodel: out of memory");
+    }
+    for (int l = 0; l < g->nl; l++) {
+        block_offsets(m, &m->w.layers[l], config_layer_is_moe(c, l), &g->blk[l]);
+        if (g->blk[l].moe)
+            g->regions[g->n_regions++] = g->blk[l].region;
+    }
+    for (int k = 0; k < D; k++)
+        if (config_layer_is_moe(c, g->nl + k))
+            g->regions[g->n_regions++] = off_of(m, m->w.mtp[k].block.e_gate[0]);
+    qsort(g->regions, (size_t)g->n_regions, sizeof *g->regions, cmp_size);
+    g->region_floats = (size_t)c->n_routed_experts * 3 * c->moe_intermediate_size *
+                       (size_t)c->hidden_size;
+    carve k = {g, 1, 0, 0, e};
+    carve_acts(&k);
+    size_t arena = k.bytes + scratch_bytes(g);
+    size_t VH = (size_t)V * c->hidden_size;
+    if (gpu_ctx_create(&g->c, dev, arena, e) ||
+        !(g->master = (float *)gpu_malloc(g->n_params * 4, e)) ||
+        !(g->grads = (float *)gpu_malloc(g->n_params * 4, e)) ||
+        !(g->wbf = (bf16 *)gpu_malloc(g->n_params * 2, e)) ||
+        !(g->region_tmp = (float *)gpu_malloc((g->region_floats ? g->region_floats : 1) * 4, e)) ||
+        !(g->head_pend = (float *)gpu_malloc(VH * 4, e))) {
+        gmodel_destroy(g);
+        return err_prefix(e, "gmodel");
+    }
+    carve k2 = {g, 0, 0, 0, e};
+    carve_acts(&k2);
+    if (k2.failed) {
+        gmodel_destroy(g);
+        return -1;
+    }
+    g->acts_mark = gpu_arena_mark(g->c);
+    /* positions and RoPE tables, as model_acts_new */
+    int half = c->qk_rope_head_dim / 2;
+    int32_t *pos = (int32_t *)malloc((size_t)g->N * 4);
+    float *ct = (float *)malloc((size_t)T * (half ? half : 1) * 4);
+    float *st = (float *)malloc((size_t)T * (half ? half : 1) * 4);
+    double *inv = (double *)malloc((size_t)(half ? half : 1) * sizeof(double));
+    int rc = -1;
+    if (pos && ct && st && inv) {
+        for (int i = 0; i < g->N; i++)
+            pos[i] = i % T;
+        config_rope_inv_freq(c, inv);
+        rope_tables(ct, st, inv, T, half, config_rope_attention_factor(c));
+        rc = gpu_upload(g->c, g->pos, pos, (size_t)g->N * 4, e) ||
+             gpu_upload(g->c, g->cos_t, ct, (size_t)T * half * 4, e) ||
+             gpu_upload(g->c, g->sin_t, st, (size_t)T * half * 4, e) ||
+             gmodel_set_params(g, m->params, e) || gmodel_zero_grad(g, e);
+    } else {
+        err_set(e, "gmodel: out of memory");
+    }
+    free(pos);
+    free(ct);
+    free(st);
+    free(inv);
+    if (rc) {
+        gmodel_destroy(g);
+        return -1;
+    }
+    *out = g;
+    return 0;
+}
+
+/* ---- forward ---- */
+
+#define W(o) ((gpu_bf16 *)g->wbf + (o))
+#define G(o) (g->grads + (o))
+#define B16(p) ((gpu_bf16 *)(p))
+
+/* mla_forward: A->xn in, out [N,H]. */
+static int mla_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2, ql = c->q_lora_rank;
+    if (ql) {
+        if (gpu_linear_fwd(x, B16(A->qa), B16(A->xn), W(b->qa), N, H, ql, 0, e) ||
+            gpu_rmsnorm_fwd(x, B16(A->qan), A->rstdq, B16(A->qa), W(b->qaln), N, ql, 1e-6f, e) ||
+            gpu_linear_fwd(x, B16(A->q), B16(A->qan), W(b->qb), N, ql, nh * qk, 0, e))
+            return -1;
+    } else if (gpu_linear_fwd(x, B16(A->q), B16(A->xn), W(b->q), N, H, nh * qk, 0, e)) {
+        return -1;
+    }
+    if (half && gpu_rope_fwd(x, B16(A->q + nope), N * nh, qk, nh, g->pos, g->cos_t, g->sin_t,
+                             half, c->rope_interleave, e))
+        return -1;
+    if (gpu_linear_fwd(x, B16(A->kva), B16(A->xn), W(b->kva), N, H, kv + rope, 0, e) ||
+        copy_cols(g, A->ckv, kv, A->kva, kv + rope, N, kv, e) ||
+        gpu_rmsnorm_fwd(x, B16(A->ckvn), A->rstdkv, B16(A->ckv), W(b->kvaln), N, kv, 1e-6f, e) ||
+        gpu_linear_fwd(x, B16(A->kvb), B16(A->ckvn), W(b->kvb), N, kv, nh * (nope + dv), 0, e))
+        return -1;
+    if (half && gpu_rope_fwd(x, B16(A->kva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
+                             half, c->rope_interleave, e))
+        return -1;
+    int64_t n = (int64_t)N * nh * (qk + dv);
+    k_mla_assemble<<<blocks(n), 256, 0, ST(g)>>>(A->k, A->v, A->kvb, A->kva, N, nh, nope, rope,
+                                                 dv, kv);
+    LAUNCH_CHECK("k_mla_assemble", e);
+    return gpu_attention_fwd(x, B16(A->ao), A->lse, B16(A->q), B16(A->k), B16(A->v), g->B, g->T,
+                             nh, qk, dv, (float)config_softmax_scale(c), e) ||
+           gpu_linear_fwd(x, B16(out), B16(A->ao), W(b->o), N, nh * dv, H, 0, e);
+}
+
+/* moe_forward (routed experts and shared experts) into out [N,H]. */
+static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int mi = c->moe_intermediate_size, si = mi * c->n_shared_experts, nk = N * K;
+    if (A->have_plan) {
+        gpu_moe_plan_free(&A->plan);
+        A->have_plan = 0;
+    }
+    if (gpu_gemm(x, 0, 1, N, E, H, 1.0f, B16(A->x2n), H, W(b->router), H, 0.0f, A->logits, E, 1,
+                 e) ||
+        gpu_router_fwd(x, A->idx, A->w, A->s, A->logits, g->master + b->rbias, N, E, c->n_group,
+                       c->topk_group, K, c->norm_topk_prob, (float)c->routed_scaling_factor, e) ||
+        gpu_moe_plan_make(x, &A->plan, A->idx, N, K, E, e))
+        return -1;
+    A->have_plan = 1;
+    if (gpu_moe_gather(x, &A->plan, B16(A->xp), B16(A->x2n), H, e) ||
+        gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi, e) ||
+        gpu_swiglu_fwd(x, B16(A->eh), B16(A->egu), B16(A->egu + mi), nk, mi, 2 * mi, e) ||
+        gpu_moe_linear_fwd(x, &A->plan, B16(A->yp), B16(A->eh), W(b->ew2), mi, H, e) ||
+        gpu_moe_combine(x, &A->plan, B16(out), 0.0f, B16(A->yp), A->w, H, e))
+        return -1;
+    if (!si)
+        return 0;
+    return gpu_linear_fwd(x, B16(A->gu), B16(A->x2n), W(b->sw1), N, H, 2 * si, 0, e) ||
+           gpu_swiglu_fwd(x, B16(A->h), B16(A->gu), B16(A->gu + si), N, si, 2 * si, e) ||
+           gpu_linear_fwd(x, B16(out), B16(A->h), W(b->sw2), N, si, H, 1.0f, e);
+}
+
+static int mlp_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    int N = g->N, H = c->hidden_size, I = c->intermediate_size;
+    return gpu_linear_fwd(g->c, B16(A->gu), B16(A->x2n), W(b->w1), N, H, 2 * I, 0, e) ||
+           gpu_swiglu_fwd(g->c, B16(A->h), B16(A->gu), B16(A->gu + I), N, I, 2 * I, e) ||
+           gpu_linear_fwd(g->c, B16(out), B16(A->h), W(b->w2), N, I, H, 0, e);
+}
+
+/* block_forward: A->x in, next [N,H] out. */
+static int block_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *next, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    int N = g->N, H = c->hidden_size;
+    float eps = (float)c->rms_norm_eps;
+    bf16 *out = g->dn;  /* free during the forward */
+    int rc = gpu_rmsnorm_fwd(g->c, B16(A->xn), A->rstd1, B16(A->x), W(b->ln1), N, H, eps, e) ||
+             mla_fwd(g, b, A, out, e) || add(g, A->x2, A->x, out, (int64_t)N * H, e) ||
+             gpu_rmsnorm_fwd(g->c, B16(A->x2n), A->rstd2, B16(A->x2), W(b->ln2), N, H, eps, e) ||
+             (b->moe ? moe_fwd(g, b, A, out, e) : mlp_fwd(g, b, A, out, e)) ||
+             add(g, next, A->x2, out, (int64_t)N * H, e);
+    return rc ? -1 : 0;
+}
+
+extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
+                              float *loss, dsv3_err *e)
+{
+    const dsv3_model *m = g->m;
+    const dsv3_config *c = &m->cfg;
+    int N = g->N, H = c->hidden_size, V = c->vocab_size;
+    if (targets && m->mtp_lambda > 0 && c->num_nextn_predict_layers > 0)
+        return err_set(e, "the GPU backend does not run the MTP loss yet (MTP weight %g): use "
+                       "--mtp-weight 0 or --device cpu", m->mtp_lambda);
+    if (m->balance_alpha > 0)
+        return err_set(e, "the GPU backend does not compute the sequence-wise balance loss "
+                       "yet (alpha %g): use --balance-alpha 0 or --device cpu",
+                       m->balance_alpha);
+    for (int n = 0; n < N; n++)
+        if (ids[n] < 0 || ids[n] >= V || (targets && targets[n] >= V))
+            return err_set(e, "gmodel: token id or target at position %d outside the "
+                           "vocabulary (vocab_size %d)", n, V);
+    g->grad_ready = 0;
+    for (int l = 0; l < g->nl; l++)
+        if (g->a[l].have_plan) {
+            gpu_moe_plan_free(&g->a[l].plan);
+            g->a[l].have_plan = 0;
+        }
+    gpu_arena_reset(g->c, g->acts_mark);
+    if (gpu_upload(g->c, g->ids, ids, (size_t)N * 4, e) ||
+        gpu_embedding_fwd(g->c, B16(g->a[0].x), W(off_of(m, m->w.embed)), g->ids, N, H, e))
+        return -1;
+    for (int l = 0; l < g->nl; l++) {
+        bf16 *next = l + 1 < g->nl ? g->a[l + 1].x : g->hfinal;
+        if (block_fwd(g, &g->blk[l], &g->a[l], next, e))
+            return -1;
+    }
+    g->routed = 1;
+    if (gpu_rmsnorm_fwd(g->c, B16(g->xf), g->rstdf, B16(g->hfinal), W(off_of(m, m->w.final_norm)),
+                        N, H, (float)c->rms_norm_eps, e))
+        return -1;
+    if (!targets)
+        return gpu_sync(g->c, e);
+    int count = 0;
+    for (int n = 0; n < N; n++)
+        count += targets[n] >= 0;
+    memcpy(g->h_tgt, targets, (size_t)N * 4);
+    g->count = count;
+    if (grad && gpu_memset(g->c, g->head_pend, 0, (size_t)V * H * 4, e))
+        return -1;
+    float *hl = g->h_loss;
+    int rc = gpu_upload(g->c, g->tgt, targets, (size_t)N * 4, e) ||
+             gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
+                              grad ? g->head_pend : NULL, B16(g->xf),
+                              W(off_of(m, m->w.lm_head)), g->tgt, N, H, V,
+                              count ? 1.0f / (float)count : 0.0f, g->chunk_rows, e) ||
+             gpu_download(g->c, hl, g->losses, (size_t)N * 4, e);
+    double sum = 0;
+    for (int n = 0; !rc && n < N; n++)
+        sum += hl[n];
+    if (rc)
+        return -1;
+    if (loss)
+        *loss = count ? (float)(sum / count) : 0.0f;
+    g->grad_ready = grad;
+    return 0;
+}
+
+/* ---- backward ---- */
+
+/* mlp_backward of a SwiGLU MLP (dense or shared experts): dy [N,H] in, d(x2n) into dn
+ * (beta: 0 writes, 1 adds). */
+static int mlp_bwd(gmodel *g, bf16 *dn, float beta, const bf16 *dy, const bf16 *x2n,
+                   const bf16 *gu, const bf16 *h, size_t w1, size_t w2, int I, dsv3_err *e)
+{
+    gpu_ctx *x = g->c;
+    int N = g->N, H = g->m->cfg.hidden_size;
+    size_t mark = gpu_arena_mark(x);
+    bf16 *dh = (bf16 *)gpu_arena_alloc(x, (size_t)N * I * 2, e);
+    bf16 *dgu = dh ? (bf16 *)gpu_arena_alloc(x, (size_t)N * 2 * I * 2, e) : NULL;
+    int rc = !dgu ||
+             gpu_linear_dgrad(x, B16(dh), B16(dy), W(w2), N, I, H, 0, e) ||
+             gpu_linear_wgrad(x, G(w2), B16(dy), B16(h), N, I, H, 1.0f, e) ||
+             gpu_swiglu_bwd(x, B16(dgu), B16(dgu + I), B16(dh), B16(gu), B16(gu + I), N, I,
+                            2 * I, e) ||
+             gpu_linear_dgrad(x, B16(dn), B16(dgu), W(w1), N, H, 2 * I, beta, e) ||
+             gpu_linear_wgrad(x, G(w1), B16(dgu), B16(x2n), N, H, 2 * I, 1.0f, e);
+    gpu_arena_reset(x, mark);
+    return rc ? -1 : 0;
+}
+
+/* moe_backward: dy in, d(x2n) written into dn. */
+static int moe_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dy, bf16 *dn,
+                   dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int mi = c->moe_intermediate_size, si = mi * c->n_shared_experts, nk = N * K;
+    const gpu_moe_plan *p = &A->plan;
+    size_t mark = gpu_arena_mark(x);
+    bf16 *dyp = (bf16 *)gpu_arena_alloc(x, (size_t)nk * H * 2, e);
+    bf16 *dh = dyp ? (bf16 *)gpu_arena_alloc(x, (size_t)nk * mi * 2, e) : NULL;
+    bf16 *dgu = dh ? (bf16 *)gpu_arena_alloc(x, (size_t)nk * 2 * mi * 2, e) : NULL;
+    float *dw = dgu ? (float *)gpu_arena_alloc(x, (size_t)nk * 4, e) : NULL;
+    float *dlog = dw ? (float *)gpu_arena_alloc(x, (size_t)N * E * 4, e) : NULL;
+    bf16 *dlogb = dlog ? (bf16 *)gpu_arena_alloc(x, (size_t)N * E * 2, e) : NULL;
+    int rc = !dlogb ||
+             gpu_moe_combine_bwd(x, p, B16(dyp), dw, B16(dy), B16(A->yp), A->w, H, e) ||
+             gpu_moe_linear_dgrad(x, p, B16(dh), B16(dyp), W(b->ew2), mi, H, e) ||
+             gpu_moe_linear_wgrad(x, p, G(b->ew2), B16(dyp), B16(A->eh), mi, H, e) ||
+             gpu_swiglu_bwd(x, B16(dgu), B16(dgu + mi), B16(dh), B16(A->egu), B16(A->egu + mi),
+                            nk, mi, 2 * mi, e) ||
+             /* dyp's rows are free again: d(xp) goes there */
+             gpu_moe_linear_dgrad(x, p, B16(dyp), B16(dgu), W(b->ew1), H, 2 * mi, e) ||
+             gpu_moe_linear_wgrad(x, p, G(b->ew1), B16(dgu), B16(A->xp), H, 2 * mi, e) ||
+             gpu_moe_gather_bwd(x, p, B16(dn), 0.0f, B16(dyp), H, e) ||
+             (si && mlp_bwd(g, dn, 1.0f, dy, A->x2n, A->gu, A->h, b->sw1, b->sw2, si, e)) ||
+             gpu_memset(x, dlog, 0, (size_t)N * E * 4, e) ||
+             gpu_router_bwd(x, dlog, dw, A->idx, A->s, N, E, K, c->norm_topk_prob,
+                            (float)c->routed_scaling_factor, e) ||
+             gpu_f32_to_bf16(x, B16(dlogb), dlog, (int64_t)N * E, e) ||
+             gpu_linear_wgrad(x, G(b->router), B16(dlogb), B16(A->x2n), N, H, E, 1.0f, e) ||
+             gpu_linear_dgrad(x, B16(dn), B16(dlogb), W(b->router), N, H, E, 1.0f, e);
+    gpu_arena_reset(x, mark);
+    return rc ? -1 : 0;
+}
+
+/* mla_backward: dout [N,H] in, d(xn) written into dxn. */
+static int mla_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dout, bf16 *dxn,
+                   dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2, ql = c->q_lora_rank;
+    size_t mark = gpu_arena_mark(x);
+    size_t n_ao = (size_t)N * nh * dv, n_q = (size_t)N * nh * qk;
+    bf16 *dao = (bf16 *)gpu_arena_alloc(x, n_ao * 2, e);
+    bf16 *dq = dao ? (bf16 *)gpu_arena_alloc(x, n_q * 2, e) : NULL;
+    bf16 *dk = dq ? (bf16 *)gpu_arena_alloc(x, n_q * 2, e) : NULL;
+    bf16 *dvv = dk ? (bf16 *)gpu_arena_alloc(x, n_ao * 2, e) : NULL;
+    bf16 *dkvb = dvv ? (bf16 *)gpu_arena_alloc(x, (size_t)N * nh * (nope + dv) * 2, e) : NULL;
+    bf16 *dkva = dkvb ? (bf16 *)gpu_arena_alloc(x, (size_t)N * (kv + rope) * 2, e) : NULL;
+    bf16 *dckvn = dkva ? (bf16 *)gpu_arena_alloc(x, (size_t)N * kv * 2, e) : NULL;
+    bf16 *dckv = dckvn ? (bf16 *)gpu_arena_alloc(x, (size_t)N * kv * 2, e) : NULL;
+    bf16 *dqan = dckv && ql ? (bf16 *)gpu_arena_alloc(x, (size_t)N * ql * 2, e) : NULL;
+    bf16 *dqa = dqan ? (bf16 *)gpu_arena_alloc(x, (size_t)N * ql * 2, e) : NULL;
+    float scale = (float)config_softmax_scale(c);
+    int rc = !dckv || (ql && !dqa) ||
+             gpu_linear_dgrad(x, B16(dao), B16(dout), W(b->o), N, nh * dv, H, 0, e) ||
+             gpu_linear_wgrad(x, G(b->o), B16(dout), B16(A->ao), N, nh * dv, H, 1.0f, e) ||
+             gpu_attention_bwd(x, B16(dq), B16(dk), B16(dvv), B16(dao), B16(A->ao), A->lse,
+                               B16(A->q), B16(A->k), B16(A->v), g->B, g->T, nh, qk, dv, scale, e);
+    if (rc) {
+        gpu_arena_reset(x, mark);
+        return -1;
+    }
+    int64_t n = (int64_t)N * nh * (nope + dv) + (int64_t)N * rope;
+    k_mla_assemble_bwd<<<blocks(n), 256, 0, ST(g)>>>(dkvb, dkva, dk, dvv, N, nh, nope, rope, dv,
+                                                     kv);
+    LAUNCH_CHECK("k_mla_assemble_bwd", e);
+    rc = (half && gpu_rope_bwd(x, B16(dkva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
+                               half, c->rope_interleave, e)) ||
+         gpu_linear_dgrad(x, B16(dckvn), B16(dkvb), W(b->kvb), N, kv, nh * (nope + dv), 0, e) ||
+         gpu_linear_wgrad(x, G(b->kvb), B16(dkvb), B16(A->ckvn), N, kv, nh * (nope + dv), 1.0f,
+                          e) ||
+         gpu_rmsnorm_bwd(x, B16(dckv), 0.0f, G(b->kvaln), B16(dckvn), B16(A->ckv), W(b->kvaln),
+                         A->rstdkv, N, kv, 1e-6f, e) ||
+         copy_cols(g, dkva, kv + rope, dckv, kv, N, kv, e) ||
+         gpu_linear_dgrad(x, B16(dxn), B16(dkva), W(b->kva), N, H, kv + rope, 0, e) ||
+         gpu_linear_wgrad(x, G(b->kva), B16(dkva), B16(A->xn), N, H, kv + rope, 1.0f, e) ||
+         (half && gpu_rope_bwd(x, B16(dq + nope), N * nh, qk, nh, g->pos, g->cos_t, g->sin_t,
+                               half, c->rope_interleave, e));
+    if (!rc && ql)
+        rc = gpu_linear_dgrad(x, B16(dqan), B16(dq), W(b->qb), N, ql, nh * qk, 0, e) ||
+             gpu_linear_wgrad(x, G(b->qb), B16(dq), B16(A->qan), N, ql, nh * qk, 1.0f, e) ||
+             gpu_rmsnorm_bwd(x, B16(dqa), 0.0f, G(b->qaln), B16(dqan), B16(A->qa), W(b->qaln),
+                             A->rstdq, N, ql, 1e-6f, e) ||
+             gpu_linear_dgrad(x, B16(dxn), B16(dqa), W(b->qa), N, H, ql, 1.0f, e) ||
+             gpu_linear_wgrad(x, G(b->qa), B16(dqa), B16(A->xn), N, H, ql, 1.0f, e);
+    else if (!rc)
+        rc = gpu_linear_dgrad(x, B16(dxn), B16(dq), W(b->q), N, H, nh * qk, 1.0f, e) ||
+             gpu_linear_wgrad(x, G(b->q), B16(dq), B16(A->xn), N, H, nh * qk, 1.0f, e);
+    gpu_arena_reset(x, mark);
+    return rc ? -1 : 0;
+}
+
+/* block_backward: g->dx holds d(block output) on entry, d(block input) on return. */
+static int block_bwd(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    int N = g->N, H = c->hidden_size;
+    float eps = (float)c->rms_norm_eps;
+    gpu_ctx *x = g->c;
+    int rc = b->moe ? moe_bwd(g, b, A, g->dx, g->dn, e)
+                    : mlp_bwd(g, g->dn, 0.0f, g->dx, A->x2n, A->gu, A->h, b->w1, b->w2,
+                              c->intermediate_size, e);
+    return rc ||
+           gpu_rmsnorm_bwd(x, B16(g->dx), 1.0f, G(b->ln2), B16(g->dn), B16(A->x2), W(b->ln2),
+                           A->rstd2, N, H, eps, e) ||
+           mla_bwd(g, b, A, g->dx, g->dn, e) ||
+           gpu_rmsnorm_bwd(x, B16(g->dx), 1.0f, G(b->ln1), B16(g->dn), B16(A->x), W(b->ln1),
+                           A->rstd1, N, H, eps, e)
+               ? -1
+               : 0;
+}
+
+extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
+{
+    const dsv3_model *m = g->m;
+    const dsv3_config *c = &m->cfg;
+    int N = g->N, H = c->hidden_size, V = c->vocab_size;
+    if (!g->grad_ready)
+        return err_set(e, "gmodel: backward without a forward with targets and grad");
+    g->grad_ready = 0;
+    if (!g->count)
+        return 0;  /* the loss is a constant 0 */
+    int64_t vh = (int64_t)V * H;
+    k_axpy<<<blocks(vh), 256, 0, ST(g)>>>(G(off_of(m, m->w.lm_head)), g->head_pend, vh);
+    LAUNCH_CHECK("k_axpy", e);
+    if (gpu_rmsnorm_bwd(g->c, B16(g->dx), 0.0f, G(off_of(m, m->w.final_norm)), B16(g->d_xf),
+                        B16(g->hfinal), W(off_of(m, m->w.final_norm)), g->rstdf, N, H,
+                        (float)c->rms_norm_eps, e))
+        return -1;
+    for (int l = g->nl - 1; l >= 0; l--)
+        if (block_bwd(g, &g->blk[l], &g->a[l], e))
+            return -1;
+    return gpu_embedding_bwd(g->c, G(off_of(m, m->w.embed)), B16(g->dx), g->ids, N, H, V, e) ||
+                   gpu_sync(g->c, e)
+               ? -1
+               : 0;
+}
+
+extern "C" int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
+{
+    if (l < 0 || l >= g->nl || !g->blk[l].moe || !g->a[l].have_plan)
+        return -1;
+    int E = g->m->cfg.n_routed_experts;
+    const int *off = g->a[l].plan.offsets_host;
+    for (int x = 0; x < E; x++)
+        counts[x] = off[x + 1] - off[x];
+    return 0;
+}
+
+extern "C" int gmodel_row_losses(const gmodel *g, float *out)
+{
+    if (!g->h_tgt || !g->routed)
+        return -1;
+    memcpy(out, g->h_loss, (size_t)g->N * 4);
+    return 0;
+}
