@@ -55,6 +55,8 @@ static const cli_program PROG = {
     "      --mtp-weight=A[,B]   MTP loss weight lambda, B from --mtp-switch on (0.3,0.1)\n"
     "      --mtp-switch=N       where lambda changes to B (default: never)\n"
     "      --balance-alpha=X    sequence-wise balance loss weight (default 0.0001)\n"
+    "      --peak-tflops=R      the GPU's BF16 peak for the MFU column (default: 989.4 on an\n"
+    "                           H100 or H200, else no MFU)\n"
     "      --skip-nonfinite     skip an update whose loss or gradient is NaN or infinite\n"
     "                           (counted) instead of stopping with status 1\n"
     "\n"
@@ -94,7 +96,7 @@ enum {
     OPT_DEVICE = 0x2000, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
-    OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_SKIP, OPT_EVAL_EVERY,
+    OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_PEAK, OPT_SKIP, OPT_EVAL_EVERY,
     OPT_EVAL_BATCHES, OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_FORCE, OPT_SFT, OPT_SFT_ASSIST,
     OPT_SFT_USER, OPT_DOC_MASK,
 };
@@ -185,6 +187,7 @@ int main(int argc, char **argv)
         {"mtp-weight", required_argument, NULL, OPT_MTP},
         {"mtp-switch", required_argument, NULL, OPT_MTP_SWITCH},
         {"balance-alpha", required_argument, NULL, OPT_ALPHA},
+        {"peak-tflops", required_argument, NULL, OPT_PEAK},
         {"skip-nonfinite", no_argument, NULL, OPT_SKIP},
         {"eval-every", required_argument, NULL, OPT_EVAL_EVERY},
         {"eval-batches", required_argument, NULL, OPT_EVAL_BATCHES},
@@ -273,6 +276,7 @@ int main(int argc, char **argv)
             o.mtp_weight.at = (double)parse_u64("--mtp-switch", optarg, 1, INT64_MAX);
             break;
         case OPT_ALPHA: o.alpha = parse_double("--balance-alpha", optarg, 0, 100); break;
+        case OPT_PEAK: o.peak_tflops = parse_double("--peak-tflops", optarg, 0, 1e6); break;
         case OPT_SKIP: o.skip_nonfinite = 1; break;
         case OPT_EVAL_EVERY: o.eval_every = parse_u64("--eval-every", optarg, 1, INT64_MAX); break;
         case OPT_EVAL_BATCHES:
@@ -349,6 +353,7 @@ int main(int argc, char **argv)
     int rank = comm_rank(job), world = comm_world(job);
     o.comm = job;
     o.log = common.quiet ? NULL : stderr;
+    o.out = common.quiet ? NULL : stdout;
     char *command = join_args(argc, argv);
     o.command = command;
     struct sigaction sa;

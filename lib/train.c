@@ -165,6 +165,8 @@ typedef struct accum {
     int64_t n;         /* counted targets */
     int64_t routed;    /* tokens through the router (every position of every forward) */
     int64_t prev_n;    /* GPU: counted targets of the last backward (see forward) */
+    double mtp[8];     /* MTP module k's cross-entropy, each forward's share of the step's
+                          mean (the model divides by the step's counts) */
 } accum;
 
 typedef struct trainer {
@@ -191,6 +193,9 @@ typedef struct trainer {
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
     FILE *log;            /* o->log on rank 0, else NULL */
+    FILE *out;            /* o->out on rank 0, else NULL */
+    double flops_token;   /* training FLOPs per token (MFU); 0 when not on a GPU */
+    double peak;          /* the GPU's BF16 peak FLOP/s for MFU; 0: no MFU shown */
     size_t nc;            /* entries of counts */
     int64_t *sync;        /* [2 + nc + n_mtp]: the integer sums of a step */
     int64_t *norms;       /* [2 + n_mtp]: the step's main targets, sequences, MTP targets */
@@ -361,6 +366,12 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
             return err_set(e, "bad document numbers in a packed record");
         if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
             return -1;
+        if (backward && t->n_mtp > 0 && t->m.mtp_lambda > 0) {
+            model_losses ls;
+            model_acts_losses(t->acts, &ls);
+            for (int k = 0; k < t->n_mtp && k < 8; k++)
+                a->mtp[k] += ls.mtp_k[k];
+        }
     }
     a->loss_sum += (double)loss * (double)n;
     a->n += n;
@@ -466,6 +477,25 @@ static uint64_t splitmix(uint64_t *s)
 }
 
 /* ---- setup ---- */
+
+/* What the step line's MFU divides by: training FLOPs per token (6 x activated parameters,
+ * plus causal attention 3 x 2 x heads x (L+1)/2 x (qk + v head dims) per layer, as
+ * scripts/bench-train.sh counts them) and the GPU's dense BF16 peak: --peak-tflops, or the
+ * datasheet's 989.4 TFLOP/s for an H100 or H200 (SXM); another GPU shows no MFU. */
+static void set_mfu_basis(trainer *t, int dev)
+{
+    const dsv3_config *c = &t->m.cfg;
+    config_counts cn;
+    config_count_params(c, &cn);
+    double dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dv = c->v_head_dim;
+    t->flops_token = 6.0 * (double)cn.active + 3.0 * c->num_attention_heads *
+                     ((double)t->L + 1) * (dqk + dv) * c->num_hidden_layers;
+    t->peak = t->o->peak_tflops > 0 ? t->o->peak_tflops * 1e12 : 0;
+    gpu_props p;
+    if (t->peak <= 0 && gpu_describe(dev, &p, NULL) == 0 &&
+        (strstr(p.name, "H100") || strstr(p.name, "H200")))
+        t->peak = 989.4e12;
+}
 
 static int read_manifest(trainer *t, dsv3_err *e)
 {
@@ -761,6 +791,7 @@ static int setup_rest(trainer *t, dsv3_err *e)
                 return -1;
             t->gm_opt = 1;
         }
+        set_mfu_basis(t, t->dp.rank % ngpu);
     } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
         return -1;
     }
@@ -837,6 +868,7 @@ static void teardown(trainer *t)
 
 typedef struct step_out {
     double loss, lr, norm, seconds, gamma, mtp_weight;
+    double mtp_loss;        /* mean over the MTP modules of their cross-entropy; < 0: none */
     uint64_t seqs;
     int64_t targets;
     int skipped;
@@ -851,7 +883,8 @@ static int sum_stats(trainer *t, accum *a, dsv3_err *e)
     t->sync[1] = a->routed;
     memcpy(t->sync + 2, t->counts, t->nc * sizeof *t->counts);
     memcpy(t->sync + 2 + t->nc, t->mtp_slots, (size_t)t->n_mtp * sizeof *t->mtp_slots);
-    if (dp_sum_i64(&t->dp, t->sync, n, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e))
+    if (dp_sum_i64(&t->dp, t->sync, n, e) || dp_sum_f64(&t->dp, &a->loss_sum, 1, e) ||
+        dp_sum_f64(&t->dp, a->mtp, 8, e))
         return -1;
     a->n = t->sync[0];
     a->routed = t->sync[1];
@@ -921,6 +954,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     const train_opts *o = t->o;
     sched_pos p = {t->st.step, t->st.tokens};
     memset(so, 0, sizeof *so);
+    so->mtp_loss = -1;
     so->seqs = sched_batch_at(&t->ramp, p);
     so->lr = sched_lr_at(&o->lr, p, so->seqs * t->L);
     so->gamma = sched_switch_at(&o->gamma, p);
@@ -950,6 +984,13 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
         return -1;
     so->targets = a.n;
+    if (t->n_mtp > 0 && t->m.mtp_lambda > 0 && !t->gm) {
+        double sum = 0;
+        int D = t->n_mtp < 8 ? t->n_mtp : 8;
+        for (int k = 0; k < D; k++)
+            sum += a.mtp[k];
+        so->mtp_loss = sum / D;
+    }
     so->loss = a.n ? a.loss_sum / (double)a.n : 0;
     double sumsq = optim_grad_sumsq(&t->m, g, t->dp.lo, t->dp.hi);
     if (dp_sum_f64(&t->dp, &sumsq, 1, e))
@@ -1059,19 +1100,30 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     double tps = so->seconds > 0 ? (double)(so->seqs * t->L) / so->seconds : 0, worst;
     double rss = peak_rss_mib();
     json_t *load = load_stats(t, &worst);
-    if (t->log) {
-        char rate[32], total[48] = "";
+    double mfu = t->peak > 0 ? tps * t->flops_token / t->peak : -1;
+    if (t->out) {
+        char rate[32], total[48] = "", mtp[32] = "", mfus[32] = "";
         progress_human(rate, sizeof rate, tps);
         if (o->max_steps)
             snprintf(total, sizeof total, "/%" PRIu64, o->max_steps);
-        fprintf(t->log, "step %" PRIu64 "%s  loss %.6f  lr %.3e  gnorm %.4f  tok/s %s  "
-                "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, so->lr,
-                so->norm, rate, worst, rss, so->skipped ? "  SKIPPED (non-finite)" : "");
+        if (so->mtp_loss >= 0)
+            snprintf(mtp, sizeof mtp, "  mtp %.4f", so->mtp_loss);
+        if (mfu >= 0)
+            snprintf(mfus, sizeof mfus, "  MFU %.1f%%", 100 * mfu);
+        fprintf(t->out, "step %" PRIu64 "%s  loss %.6f%s  lr %.3e  gnorm %.4f  tok/s %s%s  "
+                "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, mtp,
+                so->lr, so->norm, rate, mfus, worst, rss,
+                so->skipped ? "  SKIPPED (non-finite)" : "");
+        fflush(t->out);
     }
     json_t *j = json_object();
     json_object_set_new(j, "step", json_integer((json_int_t)t->st.step));
     json_object_set_new(j, "tokens", json_integer((json_int_t)t->st.tokens));
     json_object_set_new(j, "loss", real_or_null(so->loss));
+    if (so->mtp_loss >= 0)
+        json_object_set_new(j, "mtp_loss", real_or_null(so->mtp_loss));
+    if (mfu >= 0)
+        json_object_set_new(j, "mfu", json_real(mfu));
     json_object_set_new(j, "lr", json_real(so->lr));
     json_object_set_new(j, "grad_norm", real_or_null(so->norm));
     json_object_set_new(j, "tokens_per_s", json_real(tps));
@@ -1141,9 +1193,11 @@ static int after_step(trainer *t, const step_out *so, int *stop, dsv3_err *e)
         int64_t vn;
         if (evaluate(t, &vl, &vn, e))
             return -1;
-        if (t->log)
-            fprintf(t->log, "eval step %" PRIu64 "  val_loss %.6f  (%" PRId64 " tokens)\n",
+        if (t->out) {
+            fprintf(t->out, "eval step %" PRIu64 "  val_loss %.6f  (%" PRId64 " tokens)\n",
                     t->st.step, vl, vn);
+            fflush(t->out);
+        }
         if (t->dp.rank == 0) {
             json_t *j = json_pack("{s:I, s:I, s:f, s:I}", "step", (json_int_t)t->st.step,
                                   "tokens", (json_int_t)t->st.tokens, "val_loss", vl,
@@ -1190,6 +1244,7 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
     t->o = o;
     dp_open(&t->dp, o->comm);
     t->log = t->dp.rank == 0 ? o->log : NULL;
+    t->out = t->dp.rank == 0 ? o->out : NULL;
     int rc = setup(t, r, e);
     if (!rc)
         rc = loop(t, r, e);

@@ -66,7 +66,10 @@ typedef struct train_opts {
     int doc_mask;           /* pre-training: mask attention by document (SFT always does) */
     int64_t sft_user_id, sft_assistant_id;  /* -1: none */
     const char *command;    /* the command line, appended to RUN/command.txt */
-    FILE *log;              /* one line per step (NULL: none); rank 0 only writes it */
+    FILE *log;              /* notes and errors of the run (NULL: none); rank 0 only */
+    FILE *out;              /* one line per update and per evaluation (NULL: none); rank 0 */
+    double peak_tflops;     /* the GPU's BF16 peak for the MFU column (<= 0: from the GPU's
+                               name for H100/H200, else no MFU) */
     comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
