@@ -35,7 +35,8 @@ typedef struct shard_params {
     uint32_t chunk_tokens;  /* tokens per chunk before compression (default 1 Mi) */
     int level;              /* zstd level (default 3) */
     int shuffle;            /* byte-plane shuffle of tokens before compression (default 0) */
-    int threads;            /* zstd worker threads for compression (0: in the caller's thread) */
+    int threads;            /* chunks compressed in parallel on this many threads (0: in the
+                               caller's thread); the file's bytes are the same for any count */
 } shard_params;
 
 void shard_params_default(shard_params *p, shard_kind kind);
