@@ -1,6 +1,5 @@
 /* dsv3-tok: byte-level BPE from the shell: train, encode, decode, import, export, info. */
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -386,8 +385,12 @@ static int cmd_encode(int nfiles, char **files, options *o)
         shard_writer_abort(w);
         cli_fail(&PROG, &e);
     }
-    if (w && shard_writer_close(w, &e))
-        cli_fail(&PROG, &e);
+    double compress_s = 0;
+    if (w) {   /* the last chunk is compressed by close: its time is not in the stats */
+        compress_s = shard_writer_compress_seconds(w);
+        if (shard_writer_close(w, &e))
+            cli_fail(&PROG, &e);
+    }
     if (o->ids && fflush(stdout) != 0)
         cli_failf(&PROG, "<stdout>: write failed");
     if (!o->common.quiet && !o->ids)
@@ -398,8 +401,9 @@ static int cmd_encode(int nfiles, char **files, options *o)
     if (o->stats)   /* where the time went: thread-seconds of each stage */
         fprintf(stderr, "%s: stats: wall %.3f s; read %.3f s (waiting for a free slot %.3f s); "
                 "encode %.3f s on %d threads (idle %.3f s); write %.3f s (waiting for "
-                "encoded slots %.3f s)\n", PROG.name, st.wall, st.read, st.read_wait,
-                st.encode, threads, st.encode_wait, st.sink, st.sink_wait);
+                "encoded slots %.3f s); compress %.3f s on %d threads\n", PROG.name, st.wall,
+                st.read, st.read_wait, st.encode, threads, st.encode_wait, st.sink,
+                st.sink_wait, compress_s, o->ids ? 0 : threads < 4 ? 1 : threads / 4);
     if (docin_skipped(d) && !o->common.quiet)
         fprintf(stderr, "%s: skipped %" PRIu64 " bad records\n", PROG.name, docin_skipped(d));
     docin_close(d);

@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -207,7 +208,15 @@ struct shard_writer {
     uint64_t next_queue, next_take, next_write;   /* chunk sequence numbers */
     int writing, quit, broken, sync_ready;
     dsv3_err async_err;        /* the first failure of a compressor (broken) */
+    double compress_s;         /* thread-seconds spent compressing (under mu with threads) */
 };
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
 
 static int write_bytes(shard_writer *w, const void *p, size_t n, dsv3_err *e)
 {
@@ -383,10 +392,13 @@ static void *compressor_main(void *arg)
         s->state = SLOT_BUSY;
         pthread_mutex_unlock(&w->mu);
         dsv3_err e;
+        double t0 = now_s();
         int rc = compress_chunk(&w->p, cctx, s->tok, s->n_tok, s->ends, s->n_ends,
                                 s->first_record, s->first_token, &raw, &raw_cap, &s->zbuf,
                                 &s->zcap, s->head, &s->z, outfile_name(&w->out), &e);
+        double t1 = now_s();
         pthread_mutex_lock(&w->mu);
+        w->compress_s += t1 - t0;
         if (rc) {
             fail_async(w, &e);
             break;
@@ -547,10 +559,12 @@ static int flush_chunk(shard_writer *w, dsv3_err *e)
     } else {
         uint8_t h[CHUNK_HEADER_BYTES];
         size_t z;
-        if (compress_chunk(&w->p, w->cctx, w->tok, w->n_tok, w->ends, w->n_ends,
+        double t0 = now_s();
+        int rc = compress_chunk(&w->p, w->cctx, w->tok, w->n_tok, w->ends, w->n_ends,
                            w->chunk_first_record, w->chunk_first_token, &w->raw, &w->raw_cap,
-                           &w->zbuf, &w->zcap, h, &z, name, e) ||
-            append_chunk(w, h, w->zbuf, z, w->chunk_first_record, w->chunk_first_token, e))
+                           &w->zbuf, &w->zcap, h, &z, name, e);
+        w->compress_s += now_s() - t0;
+        if (rc || append_chunk(w, h, w->zbuf, z, w->chunk_first_record, w->chunk_first_token, e))
             return -1;
     }
     w->chunk_first_record = w->n_records;
@@ -691,6 +705,16 @@ int shard_writer_close(shard_writer *w, dsv3_err *e)
         outfile_abort(&w->out);
     writer_free(w);
     return rc;
+}
+
+double shard_writer_compress_seconds(shard_writer *w)
+{
+    if (!w->sync_ready)
+        return w->compress_s;
+    pthread_mutex_lock(&w->mu);
+    double s = w->compress_s;
+    pthread_mutex_unlock(&w->mu);
+    return s;
 }
 
 void shard_writer_abort(shard_writer *w)

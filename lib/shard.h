@@ -54,6 +54,8 @@ int shard_write_record(shard_writer *w, const uint32_t *tokens, size_t n, uint32
                        dsv3_err *e);
 /* Writes the index and footer and commits the file; frees w whatever the outcome. */
 int shard_writer_close(shard_writer *w, dsv3_err *e);
+/* Seconds spent compressing so far, summed over threads (for reports of where time went). */
+double shard_writer_compress_seconds(shard_writer *w);
 /* Discards everything: the named output never appears. Frees w. */
 void shard_writer_abort(shard_writer *w);
 
