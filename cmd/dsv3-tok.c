@@ -1,6 +1,5 @@
 /* dsv3-tok: byte-level BPE from the shell: train, encode, decode, import, export, info. */
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +13,7 @@
 #include "../lib/docin.h"
 #include "../lib/progress.h"
 #include "../lib/shard.h"
+#include "../lib/tokenc.h"
 
 static const cli_program PROG = {
     "dsv3-tok",
@@ -57,6 +57,7 @@ static const cli_program PROG = {
     "      --seed=N           seed for --split-combined (default 0)\n"
     "      --ids              print each document's ids as a line of text instead\n"
     "  -e, --text=STRING      encode STRING as the only document\n"
+    "      --stats            after encoding, the seconds each stage worked and waited\n"
     "\n"
     "decode:\n"
     "      --from=KIND        auto (default), shard or ids (whitespace-separated, a line\n"
@@ -85,7 +86,7 @@ static const cli_program PROG = {
 enum {
     OPT_MERGES = 0x2000, OPT_SPECIAL, OPT_NO_DEFAULT_SPECIALS, OPT_MAX_WORDS, OPT_MIN_FREQ,
     OPT_BOS, OPT_EOS, OPT_ALLOW_SPECIAL, OPT_SPLIT_COMBINED, OPT_SEED, OPT_IDS, OPT_FROM,
-    OPT_TO, OPT_SEP, OPT_SKIP_SPECIAL, OPT_SKIP_BAD, OPT_PAD,
+    OPT_TO, OPT_SEP, OPT_SKIP_SPECIAL, OPT_SKIP_BAD, OPT_PAD, OPT_STATS,
 };
 
 typedef struct options {
@@ -94,6 +95,7 @@ typedef struct options {
     const char *bos_s, *eos_s, *pad_s;
     docin_mode input;
     int threads, bos, eos, min_freq_set, allow_special, ids, skip_special, skip_bad, no_default_specials;
+    int stats;
     uint64_t vocab, merges, max_words, min_freq, seed;
     double split_combined;
     const char *patterns[PRETOK_MAX_PATTERNS];
@@ -130,6 +132,7 @@ static void parse_options(int argc, char **argv, options *o)
         {"to", required_argument, NULL, OPT_TO},
         {"sep", required_argument, NULL, OPT_SEP},
         {"skip-special", no_argument, NULL, OPT_SKIP_SPECIAL},
+        {"stats", no_argument, NULL, OPT_STATS},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -201,6 +204,7 @@ static void parse_options(int argc, char **argv, options *o)
         case OPT_TO: o->to = optarg; break;
         case OPT_SEP: o->sep = optarg; break;
         case OPT_SKIP_SPECIAL: o->skip_special = 1; break;
+        case OPT_STATS: o->stats = 1; break;
         default: cli_usage(&PROG, "unexpected option");
         }
     }
@@ -342,79 +346,6 @@ static int cmd_train(int nfiles, char **files, options *o)
 
 /* ---- encode ---- */
 
-/* Shard writing (zstd) runs in its own thread, one batch behind the encoder, so compression
- * overlaps encoding instead of adding to it. */
-typedef struct out_batch {
-    uint32_t *ids;
-    size_t n, cap;
-    size_t *len;   /* ids per document */
-    size_t ndocs, cap_docs;
-} out_batch;
-
-typedef struct writer_ctx {
-    shard_writer *w;
-    out_batch *b;
-    int rc;
-    dsv3_err err;
-} writer_ctx;
-
-static void *writer_main(void *arg)
-{
-    writer_ctx *c = arg;
-    size_t at = 0;
-    for (size_t i = 0; i < c->b->ndocs && c->rc == 0; i++) {
-        c->rc = shard_write_record(c->w, c->b->ids + at, c->b->len[i], 0, &c->err);
-        at += c->b->len[i];
-    }
-    return NULL;
-}
-
-static int batch_add(out_batch *b, const uint32_t *bos, const uint32_t *ids, size_t n,
-                     const uint32_t *eos)
-{
-    size_t need = n + (bos != NULL) + (eos != NULL);
-    if (b->cap - b->n < need) {
-        size_t nc = b->cap ? b->cap : 1 << 20;
-        while (nc - b->n < need)
-            nc *= 2;
-        uint32_t *q = realloc(b->ids, nc * sizeof *q);
-        if (!q)
-            return -1;
-        b->ids = q;
-        b->cap = nc;
-    }
-    if (b->ndocs == b->cap_docs) {
-        size_t nc = b->cap_docs ? 2 * b->cap_docs : 1024;
-        size_t *q = realloc(b->len, nc * sizeof *q);
-        if (!q)
-            return -1;
-        b->len = q;
-        b->cap_docs = nc;
-    }
-    if (bos)
-        b->ids[b->n++] = *bos;
-    if (n)
-        memcpy(b->ids + b->n, ids, n * sizeof *ids);
-    b->n += n;
-    if (eos)
-        b->ids[b->n++] = *eos;
-    b->len[b->ndocs++] = need;
-    return 0;
-}
-
-static int write_ids_line(const uint32_t *bos, const uint32_t *ids, size_t n,
-                          const uint32_t *eos)
-{
-    const char *sp = "";
-    if (bos)
-        printf("%u", *bos), sp = " ";
-    for (size_t i = 0; i < n; i++, sp = " ")
-        printf("%s%u", sp, ids[i]);
-    if (eos)
-        printf("%s%u", sp, *eos);
-    return putchar('\n') == EOF ? -1 : 0;
-}
-
 static int cmd_encode(int nfiles, char **files, options *o)
 {
     if (o->ids && o->output && strcmp(o->output, "-") != 0)
@@ -425,11 +356,7 @@ static int cmd_encode(int nfiles, char **files, options *o)
         cli_failf(&PROG, "%s: the tokenizer has no BOS token", o->tok);
     if (o->eos && bpe_eos(b) == BPE_NONE)
         cli_failf(&PROG, "%s: the tokenizer has no EOS token", o->tok);
-    bpe_pool *pool;
-    if (bpe_pool_new(&pool, b, default_threads(o), &e))
-        cli_fail(&PROG, &e);
-    bpe_encode_opts eo = {o->allow_special, o->split_combined, o->seed};
-    uint32_t bos = bpe_bos(b), eos = bpe_eos(b);
+    int threads = default_threads(o);
     shard_writer *w = NULL;
     if (!o->ids) {
         if (!o->output && isatty(1))
@@ -438,104 +365,48 @@ static int cmd_encode(int nfiles, char **files, options *o)
         shard_params_default(&sp, SHARD_DOCS);
         sp.vocab_size = bpe_vocab_size(b);
         sp.tokenizer_id = bpe_id(b);
+        /* compression is about a tenth of encoding's work (docs/PERF.md) */
+        sp.threads = threads < 4 ? 1 : threads / 4;
         if (shard_writer_open(&w, o->output ? o->output : "-", &sp, &e))
             cli_fail(&PROG, &e);
     }
-    docin *d = NULL;
-    if (!o->text && docin_open(&d, files, (size_t)nfiles, o->input, o->field, o->skip_bad, &e))
+    docin *d;
+    if ((o->text ? docin_open_mem(&d, o->text, strlen(o->text), &e)
+                 : docin_open(&d, files, (size_t)nfiles, o->input, o->field, o->skip_bad, &e)))
         cli_fail(&PROG, &e);
-    if (d)
-        docin_set_threads(d, default_threads(o));
+    tokenc_opts to = {.threads = threads, .enc = {o->allow_special, o->split_combined, o->seed},
+                      .bos = o->bos, .eos = o->eos, .skip_bad = o->skip_bad};
     progress pr;
     progress_start(&pr, o->common.progress, "encode", "B", 0);
-    const uint8_t *const *docs;
-    const size_t *lens;
-    const uint8_t *one_doc[1];
-    size_t one_len[1];
-    long n;
-    uint64_t ndocs = 0, ntok = 0, nbytes = 0;
-    int rc = 0;
-    out_batch ob[2] = {{0}};
-    writer_ctx wc = {.w = w};
-    pthread_t wt;
-    int writing = 0, cur = 0;
-    double t0 = progress_now();
-    for (;;) {
-        if (o->text) {
-            if (ndocs)
-                break;
-            one_doc[0] = (const uint8_t *)o->text;
-            one_len[0] = strlen(o->text);
-            docs = one_doc;
-            lens = one_len;
-            n = 1;
-        } else if ((n = docin_next(d, 16u << 20, &docs, &lens, &e)) <= 0) {
-            rc = (int)n;
-            break;
-        }
-        if ((rc = bpe_pool_encode(pool, docs, lens, (size_t)n, &eo, ndocs, &e)))
-            break;
-        for (long i = 0; i < n && rc == 0; i++) {
-            size_t k;
-            const uint32_t *ids = bpe_pool_doc(pool, (size_t)i, &k);
-            nbytes += lens[i];
-            ntok += k + (size_t)o->bos + (size_t)o->eos;
-            if (o->ids) {
-                if (write_ids_line(o->bos ? &bos : NULL, ids, k, o->eos ? &eos : NULL))
-                    rc = err_set(&e, "<stdout>: write failed");
-                continue;
-            }
-            if (batch_add(&ob[cur], o->bos ? &bos : NULL, ids, k, o->eos ? &eos : NULL))
-                rc = err_set(&e, "out of memory");
-        }
-        if (writing) {   /* the previous batch must be out before its buffer is reused */
-            pthread_join(wt, NULL);
-            writing = 0;
-            if (wc.rc && rc == 0)
-                rc = -1, e = wc.err;
-        }
-        if (w && rc == 0) {
-            wc.b = &ob[cur];
-            if (pthread_create(&wt, NULL, writer_main, &wc) == 0)
-                writing = 1;
-            else
-                writer_main(&wc);
-            cur = 1 - cur;
-            ob[cur].n = ob[cur].ndocs = 0;
-            if (!writing && wc.rc)
-                rc = -1, e = wc.err;
-        }
-        ndocs += (uint64_t)n;
-        progress_update(&pr, nbytes);
-    }
-    if (writing) {
-        pthread_join(wt, NULL);
-        if (wc.rc && rc == 0)
-            rc = -1, e = wc.err;
-    }
-    for (int i = 0; i < 2; i++) {
-        free(ob[i].ids);
-        free(ob[i].len);
-    }
+    tokenc_stats st;
+    int rc = tokenc_run(b, d, &to, w, stdout, &pr, &st, &e);
     progress_finish(&pr);
     if (rc) {
-        if (w)
-            shard_writer_abort(w);
+        shard_writer_abort(w);
         cli_fail(&PROG, &e);
     }
-    if (w && shard_writer_close(w, &e))
-        cli_fail(&PROG, &e);
+    double compress_s = 0;
+    if (w) {   /* the last chunk is compressed by close: its time is not in the stats */
+        compress_s = shard_writer_compress_seconds(w);
+        if (shard_writer_close(w, &e))
+            cli_fail(&PROG, &e);
+    }
     if (o->ids && fflush(stdout) != 0)
         cli_failf(&PROG, "<stdout>: write failed");
-    double t = progress_now() - t0;
     if (!o->common.quiet && !o->ids)
         fprintf(stderr, "%s: %" PRIu64 " documents, %" PRIu64 " bytes, %" PRIu64
-                " tokens (%.2f bytes/token), %.1f MB/s\n", PROG.name, ndocs, nbytes, ntok,
-                ntok ? (double)nbytes / (double)ntok : 0.0, t > 0 ? nbytes / 1e6 / t : 0.0);
-    if (d && docin_skipped(d) && !o->common.quiet)
+                " tokens (%.2f bytes/token), %.1f MB/s\n", PROG.name, st.docs, st.bytes,
+                st.tokens, st.tokens ? (double)st.bytes / (double)st.tokens : 0.0,
+                st.wall > 0 ? st.bytes / 1e6 / st.wall : 0.0);
+    if (o->stats)   /* where the time went: thread-seconds of each stage */
+        fprintf(stderr, "%s: stats: wall %.3f s; read %.3f s (waiting for a free slot %.3f s); "
+                "encode %.3f s on %d threads (idle %.3f s); write %.3f s (waiting for "
+                "encoded slots %.3f s); compress %.3f s on %d threads\n", PROG.name, st.wall,
+                st.read, st.read_wait, st.encode, threads, st.encode_wait, st.sink,
+                st.sink_wait, compress_s, o->ids ? 0 : threads < 4 ? 1 : threads / 4);
+    if (docin_skipped(d) && !o->common.quiet)
         fprintf(stderr, "%s: skipped %" PRIu64 " bad records\n", PROG.name, docin_skipped(d));
     docin_close(d);
-    bpe_pool_free(pool);
     bpe_free(b);
     return 0;
 }

@@ -123,18 +123,8 @@ int bpe_decode(const bpe *b, const uint32_t *ids, size_t n, int skip_special, bp
 int bpe_bytes_append(bpe_bytes *o, const void *s, size_t n);
 void bpe_bytes_free(bpe_bytes *o);
 
+/* The seed of document doc (counted from 0 in the input) for a run seeded with seed: the
+ * output of a multi-threaded encoder must not depend on which thread took the document. */
+uint64_t bpe_doc_seed(uint64_t seed, uint64_t doc);
+
 #endif
-
-/* ---- many documents on many threads ---- */
-
-/* Encodes a batch of documents on a fixed set of threads, each with its own bpe_encoder;
- * the results come back in document order. Document i of the batch is encoded with seed
- * o->seed mixed with (first + i), so the output does not depend on the thread count. */
-typedef struct bpe_pool bpe_pool;
-
-int bpe_pool_new(bpe_pool **p, const bpe *b, int threads, dsv3_err *e);
-void bpe_pool_free(bpe_pool *p);
-int bpe_pool_encode(bpe_pool *p, const uint8_t *const *docs, const size_t *lens, size_t n,
-                    const bpe_encode_opts *o, uint64_t first, dsv3_err *e);
-/* The ids of document i of the last batch. */
-const uint32_t *bpe_pool_doc(const bpe_pool *p, size_t i, size_t *n);

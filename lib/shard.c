@@ -1,9 +1,11 @@
 #include "shard.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -151,6 +153,30 @@ void shard_params_default(shard_params *p, shard_kind kind)
 
 /* ======================================================================== writer ==== */
 
+/* With p->threads > 0 a full chunk goes to a ring of slots that compressor threads take in
+ * order; each compresses its chunk alone, as the caller's thread would (a chunk is its own
+ * zstd frame), and the chunks reach the file in order, so the bytes do not depend on the
+ * thread count. Whichever thread finishes the chunk that is next to be written writes it,
+ * and any finished ones after it. */
+enum { SLOT_FREE, SLOT_QUEUED, SLOT_BUSY, SLOT_DONE };
+
+typedef struct chunk_slot {
+    int state;
+    uint32_t *tok, *ends;      /* the chunk, handed over by the filling side */
+    uint32_t n_tok, n_ends;
+    size_t cap_ends;
+    uint64_t first_record, first_token;
+    uint8_t head[CHUNK_HEADER_BYTES];
+    uint8_t *zbuf;             /* the compressed payload, until written */
+    size_t zcap, z;
+} chunk_slot;
+
+typedef struct compressor {
+    struct shard_writer *w;
+    pthread_t tid;
+    int started;
+} compressor;
+
 struct shard_writer {
     outfile out;
     shard_params p;
@@ -164,7 +190,7 @@ struct shard_writer {
     uint32_t n_ends;
     size_t cap_ends;
     uint64_t chunk_first_record, chunk_first_token;
-    /* scratch */
+    /* scratch (the caller's thread compresses when p.threads == 0) */
     uint8_t *raw, *zbuf;
     size_t raw_cap, zcap;
     ZSTD_CCtx *cctx;
@@ -172,7 +198,25 @@ struct shard_writer {
     uint64_t n_index;
     size_t cap_index;
     int failed;
+    /* p.threads > 0: the compressors and the ring of chunks between them and the file */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    compressor *comp;
+    int n_comp;
+    chunk_slot *slot;
+    size_t n_slot;
+    uint64_t next_queue, next_take, next_write;   /* chunk sequence numbers */
+    int writing, quit, broken, sync_ready;
+    dsv3_err async_err;        /* the first failure of a compressor (broken) */
+    double compress_s;         /* thread-seconds spent compressing (under mu with threads) */
 };
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
 
 static int write_bytes(shard_writer *w, const void *p, size_t n, dsv3_err *e)
 {
@@ -229,11 +273,242 @@ static int check_params(const shard_params *p, const char *path, dsv3_err *e)
     if (p->level < ZSTD_minCLevel() || p->level > ZSTD_maxCLevel())
         return err_set(e, "%s: zstd level %d is out of range [%d, %d]", path, p->level,
                        ZSTD_minCLevel(), ZSTD_maxCLevel());
+    if (p->threads < 0 || p->threads > 256)
+        return err_set(e, "%s: %d compression threads is out of range [0, 256]", path,
+                       p->threads);
     return 0;
+}
+
+static ZSTD_CCtx *new_cctx(int level)
+{
+    ZSTD_CCtx *c = ZSTD_createCCtx();
+    if (c) {
+        ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel, level);
+        ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1);
+    }
+    return c;
+}
+
+/* Compresses one chunk: its header into head, its payload into *zbuf (*z bytes). Touches
+ * nothing of the writer but the parameters, so any thread may run it. */
+static int compress_chunk(const shard_params *p, ZSTD_CCtx *cctx, const uint32_t *tok,
+                          uint32_t n_tok, const uint32_t *ends, uint32_t n_ends,
+                          uint64_t first_record, uint64_t first_token, uint8_t **raw,
+                          size_t *raw_cap, uint8_t **zbuf, size_t *zcap,
+                          uint8_t head[CHUNK_HEADER_BYTES], size_t *z, const char *name,
+                          dsv3_err *e)
+{
+    size_t tok_bytes = (size_t)n_tok * 4, raw_bytes = tok_bytes + (size_t)n_ends * 8;
+    if (grow((void **)raw, raw_cap, raw_bytes, 1) ||
+        grow((void **)zbuf, zcap, ZSTD_compressBound(raw_bytes), 1))
+        return err_set(e, "%s: out of memory", name);
+    if (p->shuffle)
+        shuffle_tokens(*raw, tok, n_tok);
+    else
+        tokens_to_le(*raw, tok, n_tok);
+    for (uint32_t i = 0; i < 2 * n_ends; i++)
+        put32(*raw + tok_bytes + 4 * (size_t)i, ends[i]);
+    *z = ZSTD_compress2(cctx, *zbuf, *zcap, *raw, raw_bytes);
+    if (ZSTD_isError(*z))
+        return err_set(e, "%s: zstd: %s", name, ZSTD_getErrorName(*z));
+    memset(head, 0, CHUNK_HEADER_BYTES);
+    put32(head, CHUNK_MAGIC);
+    put32(head + 4, p->shuffle ? CHUNK_SHUFFLED : 0);
+    put32(head + 8, n_tok);
+    put32(head + 12, n_ends);
+    put32(head + 16, (uint32_t)raw_bytes);
+    put32(head + 20, (uint32_t)*z);
+    put64(head + 24, first_record);
+    put64(head + 32, first_token);
+    put64(head + 40, XXH3_64bits(*zbuf, *z));
+    put64(head + 56, XXH3_64bits(head, 56));
+    return 0;
+}
+
+/* Appends a compressed chunk at the current offset and indexes it. One thread at a time. */
+static int append_chunk(shard_writer *w, const uint8_t head[CHUNK_HEADER_BYTES],
+                        const uint8_t *zbuf, size_t z, uint64_t first_record,
+                        uint64_t first_token, dsv3_err *e)
+{
+    if (grow((void **)&w->index, &w->cap_index, w->n_index + 1, sizeof *w->index))
+        return err_set(e, "%s: out of memory", outfile_name(&w->out));
+    w->index[w->n_index++] = (shard_chunk_entry){w->pos, first_record, first_token};
+    return write_bytes(w, head, CHUNK_HEADER_BYTES, e) || write_bytes(w, zbuf, z, e) ? -1 : 0;
+}
+
+/* ---- the compressor threads ---- */
+
+static void fail_async(shard_writer *w, const dsv3_err *e)   /* with w->mu held */
+{
+    if (!w->broken)
+        w->async_err = *e;
+    w->broken = 1;
+    pthread_cond_broadcast(&w->cv);
+}
+
+/* With w->mu held: writes the finished chunks that are next in order, unless another
+ * thread is already doing so. The lock is dropped around the writes. */
+static void write_ready(shard_writer *w)
+{
+    while (!w->writing && !w->broken && w->next_write < w->next_take) {
+        chunk_slot *s = &w->slot[w->next_write % w->n_slot];
+        if (s->state != SLOT_DONE)
+            break;
+        w->writing = 1;
+        pthread_mutex_unlock(&w->mu);
+        dsv3_err e;
+        int rc = append_chunk(w, s->head, s->zbuf, s->z, s->first_record, s->first_token, &e);
+        pthread_mutex_lock(&w->mu);
+        w->writing = 0;
+        if (rc) {
+            fail_async(w, &e);
+            break;
+        }
+        s->state = SLOT_FREE;
+        w->next_write++;
+        pthread_cond_broadcast(&w->cv);
+    }
+}
+
+static void *compressor_main(void *arg)
+{
+    compressor *c = arg;
+    shard_writer *w = c->w;
+    ZSTD_CCtx *cctx = new_cctx(w->p.level);
+    uint8_t *raw = NULL;
+    size_t raw_cap = 0;
+    pthread_mutex_lock(&w->mu);
+    if (!cctx) {
+        dsv3_err e;
+        err_set(&e, "%s: out of memory", outfile_name(&w->out));
+        fail_async(w, &e);
+    }
+    for (;;) {
+        while (!w->quit && !w->broken && w->next_take == w->next_queue)
+            pthread_cond_wait(&w->cv, &w->mu);
+        if (w->quit || w->broken)
+            break;
+        chunk_slot *s = &w->slot[w->next_take++ % w->n_slot];
+        s->state = SLOT_BUSY;
+        pthread_mutex_unlock(&w->mu);
+        dsv3_err e;
+        double t0 = now_s();
+        int rc = compress_chunk(&w->p, cctx, s->tok, s->n_tok, s->ends, s->n_ends,
+                                s->first_record, s->first_token, &raw, &raw_cap, &s->zbuf,
+                                &s->zcap, s->head, &s->z, outfile_name(&w->out), &e);
+        double t1 = now_s();
+        pthread_mutex_lock(&w->mu);
+        w->compress_s += t1 - t0;
+        if (rc) {
+            fail_async(w, &e);
+            break;
+        }
+        s->state = SLOT_DONE;
+        write_ready(w);
+    }
+    pthread_mutex_unlock(&w->mu);
+    ZSTD_freeCCtx(cctx);
+    free(raw);
+    return NULL;
+}
+
+/* Stops and joins the compressors (after close has drained them, or to abort). */
+static void stop_compressors(shard_writer *w)
+{
+    if (!w->comp || !w->sync_ready)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->quit = 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < w->n_comp; i++)
+        if (w->comp[i].started)
+            pthread_join(w->comp[i].tid, NULL);
+    free(w->comp);
+    w->comp = NULL;
+}
+
+static int start_compressors(shard_writer *w, const char *path, dsv3_err *e)
+{
+    w->n_comp = w->p.threads;
+    w->n_slot = (size_t)w->n_comp + 2;   /* one per compressor, one done, one queued */
+    w->slot = calloc(w->n_slot, sizeof *w->slot);
+    w->comp = calloc((size_t)w->n_comp, sizeof *w->comp);
+    if (!w->slot || !w->comp || pthread_mutex_init(&w->mu, NULL) != 0)
+        return err_set(e, "%s: out of memory", path);
+    if (pthread_cond_init(&w->cv, NULL) != 0) {
+        pthread_mutex_destroy(&w->mu);
+        return err_set(e, "%s: out of memory", path);
+    }
+    w->sync_ready = 1;
+    for (int i = 0; i < w->n_comp; i++) {
+        w->comp[i].w = w;
+        if (pthread_create(&w->comp[i].tid, NULL, compressor_main, &w->comp[i]) != 0)
+            return err_set(e, "%s: cannot start a compression thread", path);
+        w->comp[i].started = 1;
+    }
+    return 0;
+}
+
+/* Hands the filled chunk to the compressors: it swaps buffers with a free slot. */
+static int queue_chunk(shard_writer *w, dsv3_err *e)
+{
+    pthread_mutex_lock(&w->mu);
+    chunk_slot *s = &w->slot[w->next_queue % w->n_slot];
+    while (!w->broken && s->state != SLOT_FREE)
+        pthread_cond_wait(&w->cv, &w->mu);
+    if (w->broken) {
+        *e = w->async_err;
+        pthread_mutex_unlock(&w->mu);
+        return -1;
+    }
+    pthread_mutex_unlock(&w->mu);
+    if (!s->tok && !(s->tok = malloc((size_t)w->p.chunk_tokens * sizeof *s->tok)))
+        return err_set(e, "%s: out of memory", outfile_name(&w->out));
+    uint32_t *t = s->tok, *en = s->ends;
+    size_t ce = s->cap_ends;
+    s->tok = w->tok, s->n_tok = w->n_tok;
+    s->ends = w->ends, s->n_ends = w->n_ends, s->cap_ends = w->cap_ends;
+    s->first_record = w->chunk_first_record;
+    s->first_token = w->chunk_first_token;
+    w->tok = t, w->ends = en, w->cap_ends = ce;
+    pthread_mutex_lock(&w->mu);
+    s->state = SLOT_QUEUED;
+    w->next_queue++;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return 0;
+}
+
+/* Waits until every queued chunk is in the file. */
+static int drain(shard_writer *w, dsv3_err *e)
+{
+    if (!w->comp)
+        return 0;
+    pthread_mutex_lock(&w->mu);
+    while (!w->broken && w->next_write < w->next_queue)
+        pthread_cond_wait(&w->cv, &w->mu);
+    int rc = w->broken ? -1 : 0;
+    if (rc)
+        *e = w->async_err;
+    pthread_mutex_unlock(&w->mu);
+    return rc;
 }
 
 static void writer_free(shard_writer *w)
 {
+    stop_compressors(w);
+    free(w->comp);
+    for (size_t i = 0; w->slot && i < w->n_slot; i++) {
+        free(w->slot[i].tok);
+        free(w->slot[i].ends);
+        free(w->slot[i].zbuf);
+    }
+    free(w->slot);
+    if (w->sync_ready) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+    }
     free(w->tok);
     free(w->ends);
     free(w->raw);
@@ -253,17 +528,10 @@ int shard_writer_open(shard_writer **wp, const char *path, const shard_params *p
         return err_set(e, "%s: out of memory", path);
     w->p = *p;
     w->tok = malloc((size_t)p->chunk_tokens * sizeof *w->tok);
-    w->cctx = ZSTD_createCCtx();
-    if (!w->tok || !w->cctx) {
+    w->cctx = p->threads > 0 ? NULL : new_cctx(p->level);
+    if (!w->tok || (p->threads == 0 && !w->cctx)) {
         writer_free(w);
         return err_set(e, "%s: out of memory for a chunk of %u tokens", path, p->chunk_tokens);
-    }
-    ZSTD_CCtx_setParameter(w->cctx, ZSTD_c_compressionLevel, p->level);
-    ZSTD_CCtx_setParameter(w->cctx, ZSTD_c_checksumFlag, 1);
-    if (p->threads > 0 && ZSTD_isError(ZSTD_CCtx_setParameter(w->cctx, ZSTD_c_nbWorkers,
-                                                                p->threads))) {
-        writer_free(w);
-        return err_set(e, "%s: this zstd library cannot compress with threads", path);
     }
     if (outfile_open(&w->out, path, e)) {
         writer_free(w);
@@ -272,7 +540,7 @@ int shard_writer_open(shard_writer **wp, const char *path, const shard_params *p
     setvbuf(w->out.f, NULL, _IOFBF, 1 << 20);
     uint8_t h[HEADER_BYTES];
     encode_header(h, p, 0, 0, 0);
-    if (write_bytes(w, h, sizeof h, e)) {
+    if (write_bytes(w, h, sizeof h, e) || (p->threads > 0 && start_compressors(w, path, e))) {
         shard_writer_abort(w);
         return -1;
     }
@@ -285,37 +553,20 @@ static int flush_chunk(shard_writer *w, dsv3_err *e)
     const char *name = outfile_name(&w->out);
     if (w->n_tok == 0 && w->n_ends == 0)
         return 0;
-    size_t tok_bytes = (size_t)w->n_tok * 4, raw_bytes = tok_bytes + (size_t)w->n_ends * 8;
-    if (grow((void **)&w->raw, &w->raw_cap, raw_bytes, 1) ||
-        grow((void **)&w->zbuf, &w->zcap, ZSTD_compressBound(raw_bytes), 1) ||
-        grow((void **)&w->index, &w->cap_index, w->n_index + 1, sizeof *w->index))
-        return err_set(e, "%s: out of memory", name);
-    if (w->p.shuffle) {
-        shuffle_tokens(w->raw, w->tok, w->n_tok);
+    if (w->comp) {
+        if (queue_chunk(w, e))
+            return -1;
     } else {
-        tokens_to_le(w->raw, w->tok, w->n_tok);
+        uint8_t h[CHUNK_HEADER_BYTES];
+        size_t z;
+        double t0 = now_s();
+        int rc = compress_chunk(&w->p, w->cctx, w->tok, w->n_tok, w->ends, w->n_ends,
+                           w->chunk_first_record, w->chunk_first_token, &w->raw, &w->raw_cap,
+                           &w->zbuf, &w->zcap, h, &z, name, e);
+        w->compress_s += now_s() - t0;
+        if (rc || append_chunk(w, h, w->zbuf, z, w->chunk_first_record, w->chunk_first_token, e))
+            return -1;
     }
-    for (uint32_t i = 0; i < 2 * w->n_ends; i++)
-        put32(w->raw + tok_bytes + 4 * (size_t)i, w->ends[i]);
-    size_t z = ZSTD_compress2(w->cctx, w->zbuf, w->zcap, w->raw, raw_bytes);
-    if (ZSTD_isError(z))
-        return err_set(e, "%s: zstd: %s", name, ZSTD_getErrorName(z));
-
-    uint8_t h[CHUNK_HEADER_BYTES] = {0};
-    put32(h, CHUNK_MAGIC);
-    put32(h + 4, w->p.shuffle ? CHUNK_SHUFFLED : 0);
-    put32(h + 8, w->n_tok);
-    put32(h + 12, w->n_ends);
-    put32(h + 16, (uint32_t)raw_bytes);
-    put32(h + 20, (uint32_t)z);
-    put64(h + 24, w->chunk_first_record);
-    put64(h + 32, w->chunk_first_token);
-    put64(h + 40, XXH3_64bits(w->zbuf, z));
-    put64(h + 56, XXH3_64bits(h, 56));
-    w->index[w->n_index++] = (shard_chunk_entry){w->pos, w->chunk_first_record,
-                                                 w->chunk_first_token};
-    if (write_bytes(w, h, sizeof h, e) || write_bytes(w, w->zbuf, z, e))
-        return -1;
     w->chunk_first_record = w->n_records;
     w->chunk_first_token = w->n_tokens;
     w->n_tok = 0;
@@ -442,6 +693,9 @@ int shard_writer_close(shard_writer *w, dsv3_err *e)
     if (rc == 0)
         rc = flush_chunk(w, e);
     if (rc == 0)
+        rc = drain(w, e);
+    stop_compressors(w);
+    if (rc == 0)
         rc = write_index_and_footer(w, e);
     if (rc == 0 && w->out.seekable)
         rc = patch_header(w, e);
@@ -453,10 +707,21 @@ int shard_writer_close(shard_writer *w, dsv3_err *e)
     return rc;
 }
 
+double shard_writer_compress_seconds(shard_writer *w)
+{
+    if (!w->sync_ready)
+        return w->compress_s;
+    pthread_mutex_lock(&w->mu);
+    double s = w->compress_s;
+    pthread_mutex_unlock(&w->mu);
+    return s;
+}
+
 void shard_writer_abort(shard_writer *w)
 {
     if (!w)
         return;
+    stop_compressors(w);   /* before the file goes: a compressor may be writing to it */
     outfile_abort(&w->out);
     writer_free(w);
 }

@@ -35,7 +35,8 @@ typedef struct shard_params {
     uint32_t chunk_tokens;  /* tokens per chunk before compression (default 1 Mi) */
     int level;              /* zstd level (default 3) */
     int shuffle;            /* byte-plane shuffle of tokens before compression (default 0) */
-    int threads;            /* zstd worker threads for compression (0: in the caller's thread) */
+    int threads;            /* chunks compressed in parallel on this many threads (0: in the
+                               caller's thread); the file's bytes are the same for any count */
 } shard_params;
 
 void shard_params_default(shard_params *p, shard_kind kind);
@@ -53,6 +54,8 @@ int shard_write_record(shard_writer *w, const uint32_t *tokens, size_t n, uint32
                        dsv3_err *e);
 /* Writes the index and footer and commits the file; frees w whatever the outcome. */
 int shard_writer_close(shard_writer *w, dsv3_err *e);
+/* Seconds spent compressing so far, summed over threads (for reports of where time went). */
+double shard_writer_compress_seconds(shard_writer *w);
 /* Discards everything: the named output never appears. Frees w. */
 void shard_writer_abort(shard_writer *w);
 

@@ -21,6 +21,10 @@
 #                       shard (for scripts/bench-shard.sh PATH: the ratio on real tokens)
 #   WORK=DIR            keep the corpus and vocabularies there (default: a temporary folder)
 #   BUILD=build         where bin/dsv3-tok is
+#   OLD=PATH            speed: also time this other dsv3-tok binary (e.g. an older build) on
+#                       the one-file-per-document row, for a before/after comparison
+#   STATS=1             speed: print dsv3-tok's --stats line (seconds per stage) for each cell
+#   PEERS="hf tiktoken" speed: which Python rows to time (PEERS= none: only dsv3-tok)
 set -eu
 PY=${PYTHON:-python3}
 MB=${CORPUS_MB:-100}
@@ -103,21 +107,31 @@ for i, l in enumerate(open(sys.argv[1], encoding="utf-8")):
     open("%s/%06d.txt" % (sys.argv[2], i), "w", encoding="utf-8", newline="").write(json.loads(l)["text"])' "$W/speed.jsonl" "$W/speed-docs"
     printf '%-38s' "encode MB/s (MB/CPU-s), threads:"; for t in $THREADS; do printf '%16s' "$t"; done; echo
     cell() { printf '%16s' "$(echo "$1 $2" | awk '{ printf "%.1f (%.1f)", $1, $2 }')"; }
-    for k in "hf.tok DeepSeek-V3 jsonl" "hf.tok DeepSeek-V3 files" "cl100k.tok cl100k files"; do
-        set -- $k
-        printf '%-38s' "dsv3-tok ($2 pattern, $3)"
+    rows="$T|hf.tok|DeepSeek-V3|jsonl $T|hf.tok|DeepSeek-V3|files $T|cl100k.tok|cl100k|files"
+    [ -n "${OLD:-}" ] && rows="$rows $OLD|hf.tok|DeepSeek-V3|files-OLD"
+    : > "$W/stats.txt"
+    for k in $rows; do
+        IFS='|'; set -- $k; unset IFS
+        printf '%-38s' "dsv3-tok ($3 pattern, $4)"
         for t in $THREADS; do
-            if [ "$3" = jsonl ]; then
-                timed "$T" encode --quiet -i jsonl -j "$t" -t "$W/$1" -o - "$W/speed.jsonl"
+            st=; [ -n "${STATS:-}" ] && [ "$4" != files-OLD ] && st=--stats
+            if [ "$4" = jsonl ]; then
+                timed "$1" encode --quiet $st -i jsonl -j "$t" -t "$W/$2" -o - "$W/speed.jsonl"
             else
-                timed "$T" encode --quiet -i text -j "$t" -t "$W/$1" -o - "$W"/speed-docs/*
+                timed "$1" encode --quiet $st -i text -j "$t" -t "$W/$2" -o - "$W"/speed-docs/*
             fi
             cell $(echo "$bytes $wall $cpu" | awk '{ print $1 / 1e6 / $2, $1 / 1e6 / $3 }')
+            [ -n "$st" ] && sed -n "s/^dsv3-tok: stats: /  $3 $4 -j $t: /p" "$W/time.txt" >> "$W/stats.txt"
         done; echo
     done
-    printf '%-38s' "HF tokenizers (DeepSeek-V3 pattern)"
-    for t in $THREADS; do cell $(RAYON_NUM_THREADS=$t "$PY" "$BT" speed hf "$W/hf.json" "$W/speed.jsonl" "$t"); done; echo
-    printf '%-38s' "tiktoken (cl100k pattern)"
-    for t in $THREADS; do cell $("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/speed.jsonl" "$t"); done; echo
+    cat "$W/stats.txt"
+    case " ${PEERS-hf tiktoken} " in *" hf "*)
+        printf '%-38s' "HF tokenizers (DeepSeek-V3 pattern)"
+        for t in $THREADS; do cell $(RAYON_NUM_THREADS=$t "$PY" "$BT" speed hf "$W/hf.json" "$W/speed.jsonl" "$t"); done; echo
+    esac
+    case " ${PEERS-hf tiktoken} " in *" tiktoken "*)
+        printf '%-38s' "tiktoken (cl100k pattern)"
+        for t in $THREADS; do cell $("$PY" "$BT" speed tiktoken-cl100k "$W/tt.tiktoken" "$W/speed.jsonl" "$t"); done; echo
+    esac
 fi
 [ "${fail:-0}" -eq 0 ]

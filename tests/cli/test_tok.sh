@@ -162,3 +162,27 @@ grep -q 'bad JSON: .*<stdin>, line 16999)' err.txt && ok jsonl_bad_json_message 
 # --ids goes to standard output only: -o FILE with it is a usage error, and nothing is written
 "$T" encode -t tok1.tok --ids -e hi -o ids.out >/dev/null 2>&1; rc=$?
 [ $rc -eq 2 ] && [ ! -e ids.out ] && ok ids_with_output_is_usage_error || no ids_with_output_is_usage_error "rc=$rc"
+
+# The output of the encode pipeline is the same bytes as before it (SHA-256 of what commit
+# 80b737e's dsv3-tok wrote for these inputs), for any thread count: 3.5 MB (fixture cases
+# eight times: more batches than threads), JSONL with split-combined; lines; --ids; and bad
+# records skipped before split-combined documents (their seeds count written documents).
+"$T" import --quiet -o g.tok "$FIX/hf-deepseek.json"
+for i in 1 2 3 4 5 6 7 8; do cat "$FIX/cases.jsonl"; done > g.jsonl
+awk 'NR%97==5{print "{bad json"} NR%89==3{print "{\"x\": 1}"} {print}' g.jsonl > gb.jsonl
+golden() {   # name sha256 encode-arguments...
+    name=$1 want=$2; shift 2
+    for j in 1 3 7; do
+        got=$("$T" encode --quiet -j $j -t g.tok "$@" | sha256sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || { no "$name" "-j $j: $got"; return; }
+    done
+    ok "$name"
+}
+golden golden_jsonl_split d9e6996b480ad866f4a1cc7df5546c0a06172a944021e345a6afc8cb7353c699 \
+    -i jsonl --split-combined 0.3 --seed 5 -o - g.jsonl
+golden golden_lines 1f0fcb148e43e29ae352f10dbd5d1897ead4575f03756fd18d7c63e0badd6e18 -i lines -o - g.jsonl
+golden golden_ids c4477c21d5dd4e7b5304a56e08f06b65a67ab5daa21edc815399d329ee5a1b4b -i jsonl --ids g.jsonl
+golden golden_skip_bad_split 604cf4fa484248eec88c843bfea844cd2d546d8358049ff1c251d9b7e6a84319 \
+    -i jsonl --skip-bad --split-combined 0.4 --seed 9 -o - gb.jsonl
+"$T" encode --stats -j 3 -t g.tok -o /dev/null g.jsonl 2> err.txt
+grep -q 'stats: wall .* encode .* on 3 threads' err.txt && ok encode_stats || no encode_stats "$(cat err.txt)"

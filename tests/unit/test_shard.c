@@ -494,6 +494,111 @@ static void deterministic_bytes(void)
     corpus_free(&c);
 }
 
+/* Chunks compressed on threads: the same bytes as in the caller's thread for any count,
+ * in a file and down a pipe, with many small chunks so several are in flight at once. */
+static int same_file(const char *a, const char *b)
+{
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "cmp -s %s %s", a, b);
+    return system(cmd) == 0;
+}
+
+static void threads_same_bytes(void)
+{
+    for (int trial = 0; trial < 4; trial++) {
+        corpus c = {0};
+        corpus_random(&c, 300 + test_rand() % 700, 5000, 129280);
+        shard_params p;
+        random_params(&p);
+        if (p.chunk_tokens == 1u << 16)
+            p.chunk_tokens = 2000;   /* many chunks */
+        dsv3_err e;
+        char ref[512];
+        snprintf(ref, sizeof ref, "%s", tmp_path("t0.shard"));
+        REQUIRE(write_corpus(ref, &c, &p, &e) == 0);
+        for (int t = 1; t <= 5; t++) {
+            p.threads = t;
+            REQUIRE(write_corpus(tmp_path("tn.shard"), &c, &p, &e) == 0);
+            CHECKF(same_file(ref, tmp_path("tn.shard")), "trial %d threads %d chunk %u", trial,
+                   t, p.chunk_tokens);
+            CHECKF(file_matches(tmp_path("tn.shard"), &c), "trial %d threads %d", trial, t);
+        }
+        /* standard output (a pipe, so no header patch): against threads 0 down the same */
+        char cmd[1600];
+        snprintf(cmd, sizeof cmd, "cat > %s", tmp_path("p0.shard"));
+        for (int t = 0; t <= 3; t += 3) {
+            p.threads = t;
+            fflush(stdout);
+            FILE *pp = popen(cmd, "w");
+            REQUIRE(pp != NULL);
+            int saved = dup(STDOUT_FILENO);
+            dup2(fileno(pp), STDOUT_FILENO);
+            int rc = write_corpus("-", &c, &p, &e);
+            fflush(stdout);
+            dup2(saved, STDOUT_FILENO);
+            close(saved);
+            CHECK(pclose(pp) == 0 && rc == 0);
+            if (t == 0)
+                snprintf(cmd, sizeof cmd, "cat > %s", tmp_path("p3.shard"));
+        }
+        CHECK(same_file(tmp_path("p0.shard"), tmp_path("p3.shard")));
+        CHECK(stream_matches(tmp_path("p3.shard"), &c));
+        corpus_free(&c);
+    }
+}
+
+/* A writer with compression threads fails and aborts as cleanly as one without. */
+static void threads_errors_and_abort(void)
+{
+    shard_params p;
+    shard_params_default(&p, SHARD_DOCS);
+    p.chunk_tokens = 16;
+    p.vocab_size = 1000;
+    p.threads = 3;
+    shard_writer *w;
+    dsv3_err e;
+    const char *path = tmp_path("tab.shard");
+    uint32_t t[100];
+    for (int i = 0; i < 100; i++)
+        t[i] = (uint32_t)(test_rand() % 1000);
+    REQUIRE(shard_writer_open(&w, path, &p, &e) == 0);
+    for (int i = 0; i < 50; i++)
+        CHECK(shard_write_record(w, t, 100, 0, &e) == 0);
+    shard_writer_abort(w);   /* with chunks in flight */
+    CHECK(access(path, F_OK) != 0);
+    REQUIRE(shard_writer_open(&w, path, &p, &e) == 0);
+    for (int i = 0; i < 20; i++)
+        CHECK(shard_write_record(w, t, 100, 0, &e) == 0);
+    t[7] = 1000;
+    CHECK(shard_write_record(w, t, 100, 0, &e) == -1);
+    CHECK(strstr(e.msg, "id 1000") != NULL);
+    CHECK(shard_writer_close(w, &e) == -1);
+    CHECK(access(path, F_OK) != 0);
+    p.threads = 257;
+    CHECK(shard_writer_open(&w, path, &p, &e) == -1);
+    /* a full disk: /dev/full takes no bytes, and the failure comes from a compressor */
+    p.threads = 2;
+    t[7] = 999;
+    if (access("/dev/full", W_OK) == 0) {
+        FILE *saved = fopen("/dev/full", "w");
+        REQUIRE(saved != NULL);
+        int fd = dup(STDOUT_FILENO);
+        dup2(fileno(saved), STDOUT_FILENO);
+        int rc = shard_writer_open(&w, "-", &p, &e);
+        for (int i = 0; rc == 0 && i < 20000; i++)
+            rc = shard_write_record(w, t, 50, 0, &e);
+        if (rc == 0)
+            rc = shard_writer_close(w, &e);
+        else
+            shard_writer_abort(w);
+        dup2(fd, STDOUT_FILENO);
+        close(fd);
+        fclose(saved);
+        CHECK(rc == -1);
+        CHECKF(strstr(e.msg, "write failed") != NULL, "%s", e.msg);
+    }
+}
+
 /* ---- damage ---- */
 
 static uint8_t *slurp(const char *path, size_t *n)
@@ -734,6 +839,8 @@ int main(void)
     RUN(output_is_complete_or_absent);
     RUN(bad_parameters);
     RUN(deterministic_bytes);
+    RUN(threads_same_bytes);
+    RUN(threads_errors_and_abort);
     RUN(damage_truncated_anywhere);
     RUN(damage_any_flipped_byte);
     RUN(damage_counts_that_lie);
