@@ -333,33 +333,44 @@ void st_add(st_writer *w, const char *name, st_dtype dtype, int ndim, const int6
     w->n++;
 }
 
-int st_write(const st_writer *w, const char *path, dsv3_err *e)
+char *st_header_json(const st_tensor *t, int n, int *bad)
 {
-    if (w->failed)
-        return err_set(e, "%s: out of memory while collecting tensors", path);
     json_t *h = json_object();
     json_t *meta = json_object();
     json_object_set_new(meta, "format", json_string("pt"));
     json_object_set_new(h, "__metadata__", meta);
     uint64_t off = 0;
-    for (int i = 0; i < w->n; i++) {
-        const st_tensor *t = &w->t[i];
+    *bad = -1;
+    for (int i = 0; i < n; i++) {
         json_t *o = json_object(), *sh = json_array(), *of = json_array();
-        json_object_set_new(o, "dtype", json_string(st_dtype_name(t->dtype)));
-        for (int d = 0; d < t->ndim; d++)
-            json_array_append_new(sh, json_integer(t->shape[d]));
+        json_object_set_new(o, "dtype", json_string(st_dtype_name(t[i].dtype)));
+        for (int d = 0; d < t[i].ndim; d++)
+            json_array_append_new(sh, json_integer(t[i].shape[d]));
         json_object_set_new(o, "shape", sh);
         json_array_append_new(of, json_integer((json_int_t)off));
-        json_array_append_new(of, json_integer((json_int_t)(off + t->nbytes)));
+        json_array_append_new(of, json_integer((json_int_t)(off + t[i].nbytes)));
         json_object_set_new(o, "data_offsets", of);
-        if (json_object_set_new(h, t->name, o)) {
+        if (json_object_get(h, t[i].name) || json_object_set_new(h, t[i].name, o)) {
             json_decref(h);
-            return err_set(e, "%s: cannot add tensor \"%s\" to the header", path, t->name);
+            *bad = i;
+            return NULL;
         }
-        off += t->nbytes;
+        off += t[i].nbytes;
     }
     char *s = json_dumps(h, JSON_COMPACT);
     json_decref(h);
+    return s;
+}
+
+int st_write(const st_writer *w, const char *path, dsv3_err *e)
+{
+    if (w->failed)
+        return err_set(e, "%s: out of memory while collecting tensors", path);
+    int bad_i;
+    char *s = st_header_json(w->t, w->n, &bad_i);
+    if (!s && bad_i >= 0)
+        return err_set(e, "%s: cannot add tensor \"%s\" to the header (a second one of that "
+                       "name?)", path, w->t[bad_i].name);
     if (!s)
         return err_set(e, "%s: out of memory", path);
     size_t sl = strlen(s), padded = (sl + 7) / 8 * 8;

@@ -72,6 +72,11 @@ typedef struct st_writer {
 void st_add(st_writer *w, const char *name, st_dtype dtype, int ndim, const int64_t *shape,
             const void *data);
 
+/* The header JSON of tensors t[0..n) laid out in that order (malloc'd; the caller frees),
+ * with __metadata__ {"format": "pt"}: what st_write writes, and lib/ststream too. NULL when
+ * out of memory, or with *bad = i when tensor i's name repeats an earlier one. */
+char *st_header_json(const st_tensor *t, int n, int *bad);
+
 /* Writes all added tensors to path ("-" for stdout), with __metadata__ {"format": "pt"}. */
 int st_write(const st_writer *w, const char *path, dsv3_err *e);
 

@@ -1,7 +1,6 @@
 /* ststream: streaming safetensors writer. See ststream.h. */
 #include "ststream.h"
 
-#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -41,31 +40,22 @@ void sts_declare(ststream *s, const char *name, st_dtype dtype, int ndim, const 
     s->n++;
 }
 
-/* The header JSON (malloc'd), the same text st_write produces for the same tensors. */
+/* The header JSON (malloc'd): st_write's, built from the declarations. */
 static char *header_json(const ststream *s)
 {
-    json_t *h = json_object(), *meta = json_object();
-    json_object_set_new(meta, "format", json_string("pt"));
-    json_object_set_new(h, "__metadata__", meta);
-    uint64_t off = 0;
+    st_tensor *t = calloc((size_t)(s->n > 0 ? s->n : 1), sizeof *t);
+    if (!t)
+        return NULL;
     for (int i = 0; i < s->n; i++) {
-        const sts_entry *t = &s->t[i];
-        json_t *o = json_object(), *sh = json_array(), *of = json_array();
-        json_object_set_new(o, "dtype", json_string(st_dtype_name(t->dtype)));
-        for (int d = 0; d < t->ndim; d++)
-            json_array_append_new(sh, json_integer(t->shape[d]));
-        json_object_set_new(o, "shape", sh);
-        json_array_append_new(of, json_integer((json_int_t)off));
-        json_array_append_new(of, json_integer((json_int_t)(off + t->nbytes)));
-        json_object_set_new(o, "data_offsets", of);
-        if (json_object_get(h, t->name) || json_object_set_new(h, t->name, o)) {
-            json_decref(h);
-            return NULL;
-        }
-        off += t->nbytes;
+        t[i].name = s->t[i].name;
+        t[i].dtype = s->t[i].dtype;
+        t[i].ndim = s->t[i].ndim;
+        memcpy(t[i].shape, s->t[i].shape, sizeof t[i].shape);
+        t[i].nbytes = s->t[i].nbytes;
     }
-    char *text = json_dumps(h, JSON_COMPACT);
-    json_decref(h);
+    int bad;
+    char *text = st_header_json(t, s->n, &bad);
+    free(t);
     return text;
 }
 
