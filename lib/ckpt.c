@@ -1,16 +1,14 @@
 #include "ckpt.h"
 
-#include <ftw.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "outdir.h"
 #include "outfile.h"
 
 /* The tensors to write, in order, with their converted data. */
@@ -86,30 +84,6 @@ static void collect_free(collect *c)
     free(c->it);
 }
 
-static int fsync_path(const char *path, int dir)
-{
-    int fd = open(path, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
-
-static int remove_one(const char *path, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)ftw;
-    return type == FTW_DP ? rmdir(path) : unlink(path);
-}
-
-/* Deletes a folder: our temporary one, or the checkpoint it replaced (with whatever a
- * trainer had put inside it). Links are removed, not followed. */
-static void remove_tree(const char *dir)
-{
-    nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS);
-}
-
 static int write_index(const collect *c, const int *shard_of, int n_shards, const char *tmp,
                        dsv3_err *e)
 {
@@ -181,84 +155,30 @@ static int write_tensors(const collect *c, const char *tmp, uint64_t max, dsv3_e
     return rc;
 }
 
-/* Puts the finished folder tmp at dir, swapping out any folder already there. */
-static int commit_dir(const char *tmp, const char *dir, dsv3_err *e)
-{
-    if (fsync_path(tmp, 1))
-        return err_errno(e, "%s: cannot sync", tmp);
-    struct stat sb;
-    if (stat(dir, &sb) != 0) {
-        if (rename(tmp, dir))
-            return err_errno(e, "%s: cannot rename %s into place", dir, tmp);
-        return 0;
-    }
-    if (!S_ISDIR(sb.st_mode))
-        return err_set(e, "%s: exists and is not a folder", dir);
-    if (renameat2(AT_FDCWD, tmp, AT_FDCWD, dir, RENAME_EXCHANGE) == 0) {
-        remove_tree(tmp);  /* now the old checkpoint */
-        return 0;
-    }
-    /* No atomic exchange here: move the old folder aside first. */
-    char old[4200];
-    snprintf(old, sizeof old, "%s.old.%ld", tmp, (long)getpid());
-    if (rename(dir, old))
-        return err_errno(e, "%s: cannot move the old checkpoint aside", dir);
-    if (rename(tmp, dir)) {
-        int saved = errno;
-        rename(old, dir);
-        errno = saved;
-        return err_errno(e, "%s: cannot rename %s into place", dir, tmp);
-    }
-    remove_tree(old);
-    return 0;
-}
-
 int ckpt_save(const dsv3_model *m, const char *dir, const ckpt_opts *opts, dsv3_err *e)
 {
     ckpt_opts o = opts ? *opts : (ckpt_opts){0};
     if (o.dtype != ST_F32 && o.dtype != ST_BF16)
         return err_set(e, "%s: checkpoints are written in F32 or BF16, not %s", dir,
                        st_dtype_name(o.dtype));
-    char *c1 = strdup(dir), *c2 = strdup(dir);
-    char tmp[4096];
-    int oom = !c1 || !c2;
-    if (!oom) {
-        /* strip trailing slashes so basename names the folder */
-        size_t l = strlen(c2);
-        while (l > 1 && c2[l - 1] == '/')
-            c2[--l] = 0;
-        snprintf(tmp, sizeof tmp, "%s/.%s.tmp.%ld", dirname(c1), basename(c2), (long)getpid());
-    }
-    free(c1);
-    free(c2);
-    if (oom)
-        return err_set(e, "%s: out of memory", dir);
-    remove_tree(tmp);  /* a leftover of an earlier crash with our pid */
-    if (mkdir(tmp, 0777))
-        return err_errno(e, "%s: cannot create %s", dir, tmp);
+    outdir d;
+    if (outdir_open(&d, dir, 1, e))  /* an existing checkpoint folder is replaced whole */
+        return -1;
     collect c = {.dtype = o.dtype};
     model_each_saved(m, collect_one, &c);
     int rc = c.failed ? err_set(e, "%s: out of memory", dir) : 0;
     char path[4200];
-    snprintf(path, sizeof path, "%s/config.json", tmp);
+    snprintf(path, sizeof path, "%s/config.json", d.tmp);
     if (!rc)
         rc = config_save(&m->cfg, path, e);
     if (!rc)
-        rc = write_tensors(&c, tmp, o.max_shard_bytes, e);
+        rc = write_tensors(&c, d.tmp, o.max_shard_bytes, e);
     collect_free(&c);
-    if (!rc)
-        rc = commit_dir(tmp, dir, e);
     if (rc) {
-        remove_tree(tmp);
+        outdir_abort(&d);
         return -1;
     }
-    /* The rename itself is durable once the parent folder is synced. */
-    char *c3 = strdup(dir);
-    if (c3) {
-        fsync_path(dirname(c3), 1);
-        free(c3);
-    }
-    return 0;
+    return outdir_commit(&d, e);
 }
 
 int ckpt_load(dsv3_model *m, const char *dir, int flags, dsv3_err *e)

@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <libgen.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,21 +15,16 @@
 
 #include "outfile.h"
 
-/* Deletes a folder we wrote (plain files, one level). */
-static void remove_tree(const char *dir)
+static int remove_one(const char *path, const struct stat *sb, int type, struct FTW *ftw)
 {
-    DIR *dd = opendir(dir);
-    if (dd) {
-        struct dirent *de;
-        char p[4400];
-        while ((de = readdir(dd)))
-            if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
-                snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
-                unlink(p);
-            }
-        closedir(dd);
-    }
-    rmdir(dir);
+    (void)sb;
+    (void)ftw;
+    return type == FTW_DP ? rmdir(path) : unlink(path);
+}
+
+void outdir_remove_tree(const char *dir)
+{
+    nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static int fsync_dir(const char *path)
@@ -71,7 +67,7 @@ static void remove_stale(const char *parent, const char *base)
             continue;
         if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) {
             snprintf(p, sizeof p, "%s/%s", parent, de->d_name);
-            remove_tree(p);
+            outdir_remove_tree(p);
         }
     }
     closedir(dd);
@@ -105,7 +101,7 @@ int outdir_open(outdir *d, const char *dir, int force, dsv3_err *e)
     snprintf(d->tmp, need, "%s/.%s.tmp.%ld", parent, base, (long)getpid());
     free(c1);
     free(c2);
-    remove_tree(d->tmp);  /* a leftover of an earlier crash with our pid */
+    outdir_remove_tree(d->tmp);  /* a leftover of an earlier crash with our pid */
     if (mkdir(d->tmp, 0777)) {
         int rc = err_errno(e, "%s: cannot create %s", dir, d->tmp);
         free(d->tmp);
@@ -159,7 +155,7 @@ static int swap_in(const outdir *d, dsv3_err *e)
     if (!S_ISDIR(sb.st_mode))
         return err_set(e, "%s: exists and is not a folder", d->final);
     if (renameat2(AT_FDCWD, d->tmp, AT_FDCWD, d->final, RENAME_EXCHANGE) == 0) {
-        remove_tree(d->tmp);  /* now the old folder */
+        outdir_remove_tree(d->tmp);  /* now the old folder */
         return 0;
     }
     char old[4400];
@@ -172,7 +168,7 @@ static int swap_in(const outdir *d, dsv3_err *e)
         errno = saved;
         return err_errno(e, "%s: cannot rename %s into place", d->final, d->tmp);
     }
-    remove_tree(old);
+    outdir_remove_tree(old);
     return 0;
 }
 
@@ -199,7 +195,7 @@ int outdir_commit(outdir *d, dsv3_err *e)
 void outdir_abort(outdir *d)
 {
     if (d->tmp)
-        remove_tree(d->tmp);
+        outdir_remove_tree(d->tmp);
     free(d->tmp);
     free(d->final);
     memset(d, 0, sizeof *d);

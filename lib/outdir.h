@@ -6,8 +6,7 @@
  * An existing NAME is refused unless force is set; then it is swapped out in one step
  * (renameat2 RENAME_EXCHANGE, or two renames where the filesystem lacks it) and deleted.
  * Opening also deletes hidden folders for NAME that killed runs left (their PID is gone).
- * (lib/ckpt does the same for whole models held in memory; this is the streaming
- * converters' version.) */
+ * lib/ckpt (whole models), dsv3-convert and dsv3-quant write their folders through it. */
 #ifndef DSV3_OUTDIR_H
 #define DSV3_OUTDIR_H
 
@@ -29,5 +28,8 @@ int outdir_commit(outdir *d, dsv3_err *e);
 
 /* Removes the hidden folder and what is in it. */
 void outdir_abort(outdir *d);
+
+/* Deletes a folder and everything below it; links are removed, not followed. */
+void outdir_remove_tree(const char *dir);
 
 #endif

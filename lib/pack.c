@@ -17,6 +17,7 @@
 #include "bpe.h"
 #include "cli.h"
 #include "fim.h"
+#include "outdir.h"
 #include "outfile.h"
 #include "shard.h"
 
@@ -758,20 +759,7 @@ static char *path_join(const char *dir, const char *name)
 /* Removes the temporary folder we made (and everything in it: only our files). */
 static void remove_tmp_dir(const char *dir)
 {
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *de;
-        while ((de = readdir(d))) {
-            if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
-                continue;
-            char *f = path_join(dir, de->d_name);
-            if (f)
-                unlink(f);
-            free(f);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
+    outdir_remove_tree(dir);
 }
 
 static int fsync_path(const char *path)
