@@ -9,8 +9,8 @@
  * in that order. Output in F32 or BF16 (round to nearest even).
  *
  * Atomic, through lib/outdir: everything is written into a hidden sibling folder
- * (.NAME.tmp.PID), each file
- * synced, the folder synced, then renamed into place; an existing folder of that name is
+ * (.NAME.tmp.PID), each file synced, the folder synced, then renamed into place; an
+ * existing folder of that name is
  * swapped out in one step (renameat2 RENAME_EXCHANGE, or two renames where the filesystem
  * lacks it) and then deleted, so a reader sees the old checkpoint or the new one, never a
  * mixture. Reading is model_load (index or single file). */
