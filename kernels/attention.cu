@@ -1,15 +1,22 @@
-/* attention: causal flash attention, forward and backward, on mma.sync bf16 tensor-core
- * instructions (m16n8k16, fp32 accumulators) fed by ldmatrix from cp.async-loaded tiles.
+/* attention: causal flash attention, forward and backward, in two implementations.
  *
- * Tiles of 64 queries x 64 keys; 4 warps, each owning 16 rows. Forward: for each key tile up
+ * Hopper (sm_90a, the default on compute capability 9.x; head dims above 32): wgmma
+ * warpgroup products with both operands in 128B-swizzled shared memory (or P / dS from
+ * registers), FlashAttention-3's data flow without its warp specialisation; see the
+ * section "Hopper" below.
+ *
+ * mma.sync (sm_80+, and head dims up to 32): m16n8k16 bf16 instructions (fp32 accumulators)
+ * fed by ldmatrix from cp.async-loaded tiles. Tiles of 64 queries x 64 keys; 4 warps, each
+ * owning 16 rows. Forward: for each key tile up
  * to the diagonal (double-buffered), S = Q K^T in registers, an online softmax on the
  * accumulators (a row spread over a quad of lanes), P reused in registers as the A operand
  * of P V (FlashAttention-2). Backward: D = rowsum(dO * O); one kernel per key tile
  * accumulates dK, dV over the query tiles; another per query tile accumulates dQ over the
- * key tiles; no atomics, so results are reproducible. Head dims are padded with zeros to
- * the instantiation's DKP / DVP. */
+ * key tiles; no atomics, so results are reproducible (both implementations). Head dims are
+ * padded with zeros to the instantiation's DKP / DVP. */
 #include "attention.h"
 #include "gpuctx_internal.cuh"
+#include "wgmma.cuh"
 
 #define BM 64
 #define BN 64
@@ -559,6 +566,534 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
+/* ---- Hopper (sm_90a): the same algorithm on wgmma, FlashAttention-3 style ----
+ *
+ * A warpgroup (4 warps) owns 64 rows of the product; its operands come straight from shared
+ * memory through matrix descriptors (tiles stored 128-byte swizzled: [d/64][rows][64]), so
+ * no ldmatrix traffic goes through the register file and a 64-row tile's B operand is read
+ * once per warpgroup instead of once per warp. S and dP accumulate in registers in the
+ * m16n8 layout of the mma.sync kernels above, so the softmax code is the same; P and dS
+ * feed the next product from registers (wgmma's A-in-registers form), and the B operand of
+ * those products (V, dO, Q, K with the head dim contiguous) is read MN-major from the same
+ * swizzled tiles. Tiles arrive by cp.async, double-buffered, issued by all threads.
+ * Head dims are zero-padded to multiples of 64. */
+
+/* Byte offset of the 16-byte chunk g (columns 8g..8g+7) of row r in a 128B-swizzled tile of
+ * ROWS rows: [g/8][ROWS][8 chunks], chunk index xor row % 8. */
+__device__ __forceinline__ int swz(int r, int g, int rows)
+{
+    return ((g >> 3) * rows + r) * 128 + (((g & 7) ^ (r & 7)) << 4);
+}
+
+/* Rows [r0, r0+ROWS) of head h of sequence b of a [B,T,nh,d] tensor into a swizzled tile,
+ * zeros past T and past d. Thread t copies chunk t % 8 of rows t / 8 + 32 p of every 64-
+ * column atom: its swizzled column (row % 8 is the same on every pass) and both addresses
+ * are fixed strides from one base, so a copy costs an add, not an index computation. */
+template <int DP, int ROWS, int NT>
+__device__ __forceinline__ void swz_tile(unsigned char *sm, const bf16 *g, int b, int h, int r0,
+                                         int T, int nh, int d)
+{
+    static_assert(NT % 64 == 0 && ROWS % (NT / 8) == 0, "tile rows per pass");
+    const int gc = threadIdx.x & 7, rg = (threadIdx.x % NT) >> 3;
+    const int64_t rs = (int64_t)nh * d;
+    const bf16 *base = g + ((int64_t)b * T + r0 + rg) * rs + (int64_t)h * d + gc * 8;
+    unsigned char *sb = sm + rg * 128 + ((gc ^ (rg & 7)) << 4);
+#pragma unroll
+    for (int p = 0; p < ROWS / (NT / 8); p++) {
+        const int r = p * (NT / 8);
+        const bool rin = r0 + rg + r < T;
+#pragma unroll
+        for (int c = 0; c < DP / 64; c++) {
+            const bool in = rin && c * 64 + gc * 8 < d;
+            cp_async16(sb + (c * ROWS + r) * 128, in ? base + r * rs + c * 64 : g, in ? 16 : 0);
+        }
+    }
+}
+
+__device__ __forceinline__ unsigned char *align1024(unsigned char *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return p + ((1024 - (a & 1023)) & 1023);
+}
+
+/* K-major operand rows [row, row+64 or N) at k-step kk (16 columns) of a swizzled tile of
+ * `rows` rows: the chunk of 64 columns, then 32 bytes a k-step inside the 128-byte line. */
+__device__ __forceinline__ uint64_t kmaj(const unsigned char *t, int rows, int row, int kk)
+{
+    return wg_desc(t + ((kk >> 2) * rows + row) * 128 + (kk & 3) * 32, 16, 1024);
+}
+
+/* MN-major B operand: k rows [k0, k0+16) of a swizzled tile of `rows` rows (the head dim
+ * is N: 64 columns an atom, atoms `rows`*128 bytes apart). */
+__device__ __forceinline__ uint64_t mnmaj(const unsigned char *t, int rows, int k0)
+{
+    return wg_desc(t + k0 * 128, rows * 128, 1024);
+}
+
+template <int DKP, int DVP>
+struct f3_smem {
+    static const int TM = 128, TN = 128;
+    static const int QB = TM * DKP * 2, KB = TN * DKP * 2, VB = TN * DVP * 2;
+    static const size_t bytes = (size_t)QB + 2 * KB + 2 * VB + 1024;
+};
+
+/* Forward: block = 128 queries of one (b, h), two warpgroups of 64; key tiles of 128. */
+template <int DKP, int DVP>
+__global__ void __launch_bounds__(256, 1)
+    f3_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
+                  int nh, int dk, int dv, float scale)
+{
+    typedef f3_smem<DKP, DVP> L;
+    const int TM = L::TM, TN = L::TN;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *Qs = align1024(smem_raw), *Ks = Qs + L::QB, *Vs = Ks + 2 * L::KB;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
+    int ntiles = (q0 + TM - 1) / TN + 1;
+    if (ntiles * TN > T)
+        ntiles = (T + TN - 1) / TN;
+    swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
+    swz_tile<DKP, TN, 256>(Ks, k, b, h, 0, T, nh, dk);
+    swz_tile<DVP, TN, 256>(Vs, v, b, h, 0, T, nh, dv);
+    cp_async_commit();
+
+    float o[DVP / 2];
+#pragma unroll
+    for (int j = 0; j < DVP / 2; j++)
+        o[j] = 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
+    const float sl2 = scale * LOG2E;
+    const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;
+
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int buf = kt & 1, k0 = kt * TN;
+        if (kt + 1 < ntiles) {
+            swz_tile<DKP, TN, 256>(Ks + (buf ^ 1) * L::KB, k, b, h, k0 + TN, T, nh, dk);
+            swz_tile<DVP, TN, 256>(Vs + (buf ^ 1) * L::VB, v, b, h, k0 + TN, T, nh, dv);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
+        float s[TN / 2];
+#pragma unroll
+        for (int j = 0; j < TN / 2; j++)
+            s[j] = 0;
+        wg_regs(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; kk++)
+            wg_mma<TN>::ss(s, kmaj(Qs, TM, wg * 64, kk), kmaj(Kb, TN, 0, kk));
+        wg_commit();
+        wg_wait<0>();
+        wg_regs(s);
+        /* mask the causal triangle and keys past T (diagonal and last tiles only); the
+         * running max m is in log2 units, the raw scores are scaled inside the exp's FMA */
+        if (k0 + TN - 1 > wrow || k0 + TN > T) {
+#pragma unroll
+            for (int j = 0; j < TN / 8; j++) {
+                int col = k0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
+                    if (cc > rr || cc >= T)
+                        s[4 * j + x] = -INFINITY;
+                }
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < TN / 8; j++) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+        float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
+        float a1 = mn1 == -INFINITY ? 1.0f : exp2f(m1 - mn1);
+        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float rs0 = 0, rs1 = 0;
+#pragma unroll
+        for (int j = 0; j < TN / 8; j++) {
+            s[4 * j] = exp2f(fmaf(s[4 * j], sl2, -base0));
+            s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], sl2, -base0));
+            s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], sl2, -base1));
+            s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], sl2, -base1));
+            rs0 += s[4 * j] + s[4 * j + 1];
+            rs1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        l0 = l0 * a0 + rs0;
+        l1 = l1 * a1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int j = 0; j < DVP / 8; j++) {
+            o[4 * j] *= a0;
+            o[4 * j + 1] *= a0;
+            o[4 * j + 2] *= a1;
+            o[4 * j + 3] *= a1;
+        }
+        /* O += P V: the S accumulators of keys 16kk .. 16kk+15 are P's A fragment */
+        uint32_t pa[TN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < TN / 16; kk++)
+#pragma unroll
+            for (int x = 0; x < 4; x++)
+                pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+        wg_regs(o);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < TN / 16; kk++)
+            wg_mma<DVP>::rs(o, pa[kk], mnmaj(Vb, TN, kk * 16));
+        wg_commit();
+        wg_wait<0>();
+        wg_regs(o);
+        __syncthreads(); /* the next prefetch overwrites the buffer just read */
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (row0 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
+                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
+            if (row1 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
+                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+        }
+    }
+    if ((lane & 3) == 0) {
+        if (row0 < T)
+            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
+        if (row1 < T)
+            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
+    }
+}
+
+template <int DKP, int DVP>
+struct f3b_smem {
+    static const int TK = 128, TQ = 64;
+    static const int KB = TK * DKP * 2, VB = TK * DVP * 2, QB = TQ * DKP * 2, OB = TQ * DVP * 2;
+    static const size_t bytes = (size_t)KB + VB + 2 * QB + 2 * OB + 2 * 2 * TQ * 4 + 1024;
+};
+
+/* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
+ * (64, double-buffered) at and below the diagonal, 32 queries a step: S^T = K Q^T,
+ * dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) scale; dV += P^T dO,
+ * dK += dS^T Q. */
+template <int DKP, int DVP>
+__global__ void __launch_bounds__(256, 1)
+    f3_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
+                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v, int T,
+                       int nh, int dk, int dv, float scale)
+{
+    typedef f3b_smem<DKP, DVP> L;
+    const int TK = L::TK, TQ = L::TQ;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *Ks = align1024(smem_raw), *Vs = Ks + L::KB, *Qs = Vs + L::VB;
+    unsigned char *dOs = Qs + 2 * L::QB;
+    float *lse_s = (float *)(dOs + 2 * L::OB), *D_s = lse_s + 2 * TQ;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int h = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * TK;
+    const float sl2 = scale * LOG2E;
+    const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
+    const int nq = (T + TQ - 1) / TQ, qt0 = k0 / TQ;
+    swz_tile<DKP, TK, 256>(Ks, k, b, h, k0, T, nh, dk);
+    swz_tile<DVP, TK, 256>(Vs, v, b, h, k0, T, nh, dv);
+    swz_tile<DKP, TQ, 256>(Qs, q, b, h, qt0 * TQ, T, nh, dk);
+    swz_tile<DVP, TQ, 256>(dOs, d_out, b, h, qt0 * TQ, T, nh, dv);
+    cp_async_commit();
+    if (threadIdx.x < TQ) {
+        int qi = qt0 * TQ + threadIdx.x;
+        lse_s[threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
+        D_s[threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
+    }
+    float dK[DKP / 2], dV[DVP / 2];
+#pragma unroll
+    for (int j = 0; j < DKP / 2; j++)
+        dK[j] = 0;
+#pragma unroll
+    for (int j = 0; j < DVP / 2; j++)
+        dV[j] = 0;
+    const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
+    for (int qt = qt0; qt < nq; qt++) {
+        const int buf = (qt - qt0) & 1, q0 = qt * TQ;
+        if (qt + 1 < nq) {
+            swz_tile<DKP, TQ, 256>(Qs + (buf ^ 1) * L::QB, q, b, h, q0 + TQ, T, nh, dk);
+            swz_tile<DVP, TQ, 256>(dOs + (buf ^ 1) * L::OB, d_out, b, h, q0 + TQ, T, nh, dv);
+            cp_async_commit();
+            if (threadIdx.x < TQ) {
+                int qi = q0 + TQ + threadIdx.x;
+                lse_s[(buf ^ 1) * TQ + threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
+                D_s[(buf ^ 1) * TQ + threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
+            }
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned char *Qb = Qs + buf * L::QB, *dOb = dOs + buf * L::OB;
+        const float *ls = lse_s + buf * TQ, *Ds = D_s + buf * TQ;
+        /* a warpgroup whose keys all lie past this tile's last query skips it */
+        const bool live = k0 + wg * 64 <= q0 + TQ - 1;
+#pragma unroll
+        for (int hs = 0; hs < TQ; hs += 32) {
+            if (!live)
+                break;
+            float st[16], dp[16];
+#pragma unroll
+            for (int j = 0; j < 16; j++)
+                st[j] = dp[j] = 0;
+            wg_regs(st);
+            wg_regs(dp);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < DKP / 16; kk++)
+                wg_mma<32>::ss(st, kmaj(Ks, TK, wg * 64, kk), kmaj(Qb, TQ, hs, kk));
+#pragma unroll
+            for (int kk = 0; kk < DVP / 16; kk++)
+                wg_mma<32>::ss(dp, kmaj(Vs, TK, wg * 64, kk), kmaj(dOb, TQ, hs, kk));
+            wg_commit();
+            wg_wait<0>();
+            wg_regs(st);
+            wg_regs(dp);
+            /* P^T and dS^T / scale (scale goes on dK at the end); the mask only where a
+             * key of this warpgroup can pass a query of this step, or past T */
+            const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + 32 > T;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                    float p = exp2f(fmaf(st[4 * j + x], sl2, -ls[ql]));
+                    float ds = p * (dp[4 * j + x] - Ds[ql]);
+                    if (edge) {
+                        int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
+                        if (!(qc < T && kr <= qc))
+                            p = 0, ds = 0;
+                    }
+                    st[4 * j + x] = p;
+                    dp[4 * j + x] = ds;
+                }
+            uint32_t pa[2][4], da[2][4];
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                }
+            wg_regs(dV);
+            wg_regs(dK);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++) {
+                wg_mma<DVP>::rs(dV, pa[kk], mnmaj(dOb, TQ, hs + kk * 16));
+                wg_mma<DKP>::rs(dK, da[kk], mnmaj(Qb, TQ, hs + kk * 16));
+            }
+            wg_commit();
+            wg_wait<0>();
+            wg_regs(dV);
+            wg_regs(dK);
+        }
+        __syncthreads(); /* the next prefetch overwrites the buffers just read */
+    }
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (kr0 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j] * scale, dK[4 * j + 1] * scale);
+            if (kr1 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j + 2] * scale, dK[4 * j + 3] * scale);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (kr0 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
+                    pack_bf2(dV[4 * j], dV[4 * j + 1]);
+            if (kr1 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
+                    pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
+        }
+    }
+}
+
+template <int DKP, int DVP>
+struct f3q_smem {
+    static const int TM = 128, TN = 64;
+    static const int QB = TM * DKP * 2, OB = TM * DVP * 2, KB = TN * DKP * 2, VB = TN * DVP * 2;
+    static const size_t bytes = (size_t)QB + OB + 2 * KB + 2 * VB + 1024;
+};
+
+/* dQ: block = 128 queries, two warpgroups of 64, over the key tiles (64, double-buffered)
+ * up to the diagonal: S = Q K^T, dP = dO V^T, dS = P (dP - D) scale, dQ += dS K. */
+template <int DKP, int DVP>
+__global__ void __launch_bounds__(256, 1)
+    f3_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
+                     const bf16 *q, const bf16 *k, const bf16 *v, int T, int nh, int dk, int dv,
+                     float scale)
+{
+    typedef f3q_smem<DKP, DVP> L;
+    const int TM = L::TM, TN = L::TN;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *Qs = align1024(smem_raw), *dOs = Qs + L::QB, *Ks = dOs + L::OB;
+    unsigned char *Vs = Ks + 2 * L::KB;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
+    const float sl2 = scale * LOG2E;
+    const int wrow = q0 + wg * 64, qr0 = wrow + warp * 16 + (lane >> 2), qr1 = qr0 + 8;
+    const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
+    const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f;
+    const float lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
+    const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
+    int ntiles = (q0 + TM - 1) / TN + 1;
+    if (ntiles * TN > T)
+        ntiles = (T + TN - 1) / TN;
+    swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
+    swz_tile<DVP, TM, 256>(dOs, d_out, b, h, q0, T, nh, dv);
+    swz_tile<DKP, TN, 256>(Ks, k, b, h, 0, T, nh, dk);
+    swz_tile<DVP, TN, 256>(Vs, v, b, h, 0, T, nh, dv);
+    cp_async_commit();
+    float dQ[DKP / 2];
+#pragma unroll
+    for (int j = 0; j < DKP / 2; j++)
+        dQ[j] = 0;
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int buf = kt & 1, k0 = kt * TN;
+        if (kt + 1 < ntiles) {
+            swz_tile<DKP, TN, 256>(Ks + (buf ^ 1) * L::KB, k, b, h, k0 + TN, T, nh, dk);
+            swz_tile<DVP, TN, 256>(Vs + (buf ^ 1) * L::VB, v, b, h, k0 + TN, T, nh, dv);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
+        /* a warpgroup whose queries all precede this tile's first key skips it */
+        if (k0 <= wrow + 63) {
+            float sc[TN / 2], dp[TN / 2];
+#pragma unroll
+            for (int j = 0; j < TN / 2; j++)
+                sc[j] = dp[j] = 0;
+            wg_regs(sc);
+            wg_regs(dp);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < DKP / 16; kk++)
+                wg_mma<TN>::ss(sc, kmaj(Qs, TM, wg * 64, kk), kmaj(Kb, TN, 0, kk));
+#pragma unroll
+            for (int kk = 0; kk < DVP / 16; kk++)
+                wg_mma<TN>::ss(dp, kmaj(dOs, TM, wg * 64, kk), kmaj(Vb, TN, 0, kk));
+            wg_commit();
+            wg_wait<0>();
+            wg_regs(sc);
+            wg_regs(dp);
+            /* dS / scale (scale goes on dQ at the end), masked on the diagonal tiles */
+            const bool edge = k0 + TN - 1 > wrow || k0 + TN > T;
+#pragma unroll
+            for (int j = 0; j < TN / 8; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    float p = exp2f(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
+                    float ds = p * (dp[4 * j + x] - (x < 2 ? D0 : D1));
+                    if (edge) {
+                        int kc = k0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
+                        if (!(qr < T && kc <= qr))
+                            ds = 0;
+                    }
+                    dp[4 * j + x] = ds;
+                }
+            uint32_t da[TN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < TN / 16; kk++)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+            wg_regs(dQ);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < TN / 16; kk++)
+                wg_mma<DKP>::rs(dQ, da[kk], mnmaj(Kb, TN, kk * 16));
+            wg_commit();
+            wg_wait<0>();
+            wg_regs(dQ);
+        }
+        __syncthreads(); /* the next prefetch overwrites the buffers just read */
+    }
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (qr0 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
+                    pack_bf2(dQ[4 * j] * scale, dQ[4 * j + 1] * scale);
+            if (qr1 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
+                    pack_bf2(dQ[4 * j + 2] * scale, dQ[4 * j + 3] * scale);
+        }
+    }
+}
+
+template <int DKP, int DVP>
+static int f3_fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                         const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
+                         dsv3_err *e)
+{
+    typedef f3_smem<DKP, DVP> L;
+    CUDA_TRY(cudaFuncSetAttribute(f3_fwd_kernel<DKP, DVP>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes),
+             e);
+    dim3 grid((T + L::TM - 1) / L::TM, nh, B);
+    f3_fwd_kernel<DKP, DVP><<<grid, 256, L::bytes, c->stream>>>(out, lse, q, k, v, T, nh, dk,
+                                                                  dv, scale);
+    LAUNCH_CHECK("attention_fwd (sm90)", e);
+    return 0;
+}
+
+template <int DKP, int DVP>
+static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
+                         const float *lse, const float *D, const bf16 *q, const bf16 *k,
+                         const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
+                         dsv3_err *e)
+{
+    typedef f3b_smem<DKP, DVP> LB;
+    typedef f3q_smem<DKP, DVP> LQ;
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
+             e);
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
+             e);
+    dim3 gk((T + LB::TK - 1) / LB::TK, nh, B), gq((T + LQ::TM - 1) / LQ::TM, nh, B);
+    f3_bwd_dkdv_kernel<DKP, DVP><<<gk, 256, LB::bytes, c->stream>>>(
+        d_k, d_v, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
+    LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
+    f3_bwd_dq_kernel<DKP, DVP><<<gq, 256, LQ::bytes, c->stream>>>(d_q, d_out, lse, D, q, k, v,
+                                                                    T, nh, dk, dv, scale);
+    LAUNCH_CHECK("attention_bwd dq (sm90)", e);
+    return 0;
+}
+
 /* ---- dispatch over the instantiated head dims ---- */
 
 template <int DKP, int DVP, int W, bool QREG, int STAGES, int MINB>
@@ -601,6 +1136,15 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
     return 0;
 }
 
+/* The wgmma kernels exist in the sm_90a build only: use them on compute capability 9.x. */
+static bool use_sm90(gpu_ctx *c)
+{
+    int major = 0;
+    return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->dev) ==
+               cudaSuccess &&
+           major == 9;
+}
+
 static int check_dims(int dk, int dv, dsv3_err *e)
 {
     if (dk % 8 || dv % 8 || dk <= 0 || dv <= 0 || dk > 192 || dv > 128)
@@ -619,23 +1163,27 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
         return 0;
     bf16 *o = (bf16 *)out;
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
+    const int var = c->attn_fwd_variant;
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    if (var == 0 && use_sm90(c)) {
+        if (dk <= 128 && dv <= 64)
+            return f3_fwd_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+        return f3_fwd_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    }
     if (dk <= 96 && dv <= 64) {
-        if (c->attn_fwd_variant != 0) /* one 4-warp block per 64 queries, up to 3 an SM */
+        if (var == 2) /* one 4-warp block per 64 queries, up to 3 an SM */
             return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv,
                                                      scale, e);
         /* two 8-warp blocks an SM: 16 warps, Q in registers, K/V double-buffered */
         return fwd_launch<96, 64, 8, true, 2, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     }
-    if (c->attn_fwd_variant == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
+    if (var == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
         return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
                                                    e);
-    if (c->attn_fwd_variant == 1) /* 1 block of 8 warps an SM: Q in registers, 2 stages */
-        return fwd_launch<192, 128, 8, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
-                                                   e);
-    /* the fastest measured (docs/KERNELS.md): 2 blocks of 8 warps an SM, Q re-read from
-     * shared memory to fit 128 registers, one K/V stage to fit two blocks' shared memory */
+    /* the fastest mma.sync variant measured (docs/KERNELS.md): 2 blocks of 8 warps an SM, Q
+     * re-read from shared memory to fit 128 registers, one K/V stage to fit two blocks'
+     * shared memory */
     return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
 }
 
@@ -662,6 +1210,12 @@ extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_b
     int rc;
     if (dk <= 32 && dv <= 32)
         rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv, scale, e);
+    else if (c->attn_fwd_variant == 0 && use_sm90(c) && dk <= 128 && dv <= 64)
+        rc = f3_bwd_launch<128, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
+                                    scale, e);
+    else if (c->attn_fwd_variant == 0 && use_sm90(c))
+        rc = f3_bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
+                                     scale, e);
     else if (dk <= 96 && dv <= 64)
         rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv, scale, e);
     else

@@ -24,11 +24,11 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e);
 
-/* Benchmarks only: picks the forward kernel variant. Head dim 192: 0, the default: two
- * 8-warp blocks an SM, Q re-read from shared memory, one K/V stage; 1: one 8-warp block an
- * SM, Q in registers, K/V double-buffered; 2: three 4-warp blocks an SM, Q in registers,
- * one K/V stage. Head dim 96: 0, the default: two 8-warp blocks an SM; 1 and 2: 4-warp
- * blocks, up to three an SM. */
+/* Benchmarks and tests only: picks the kernels. 0, the default: on compute capability 9.x
+ * the wgmma (sm_90a) forward and backward for head dims above 32, elsewhere as 1. 1: the
+ * mma.sync kernels (head dim 192: two 8-warp blocks an SM, Q re-read from shared memory;
+ * 96: two 8-warp blocks an SM). 2: mma.sync forward with 4-warp blocks (three an SM), the
+ * mma.sync backward. Head dims up to 32 always take the mma.sync kernels. */
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant);
 
 #ifdef __cplusplus

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Attention benchmark on the GPU, ours and torch's in one run on the same card:
+#   build here (make), carry build/, run `scripts/bench-attn.sh` on the device machine.
+# Prints tests/gpu/test_attention's '# bench' rows (forward and backward of the default
+# kernels and of the mma.sync ones, V3 MLA shape B=1 T=4096 nh=128 dk/dv 192/128 and the
+# 1B-MoE shape B=8 T=4096 nh=16 96/64) and torch SDPA's on the same shapes
+# (scripts/bench-attn-torch.py). Logs go to $OUT (the device tool's folder) or build/bench-attn.
+# FLOPs: forward 2 * B * nh * T(T+1)/2 * (dk + dv) (causal pairs, QK^T and PV);
+# backward counted as 2.5 x forward (FlashAttention-2's convention), for both sides.
+set -u
+BUILD=${BUILD:-build}
+LOG=${OUT:-$BUILD/bench-attn}
+mkdir -p "$LOG"
+st=0
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
+DSV3_GPU_BENCH=1 "$BUILD/tests/gpu/test_attention" >"$LOG/test_attention.log" 2>&1 || st=1
+grep -v '^ok \|^# SEED' "$LOG/test_attention.log"
+if command -v python3 >/dev/null 2>&1; then
+    python3 scripts/bench-attn-torch.py 2>&1 | tee "$LOG/torch.log"
+fi
+echo "# flop: fwd = 2 B nh T(T+1)/2 (dk+dv); bwd = 2.5 x fwd"
+exit $st
