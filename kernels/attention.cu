@@ -785,7 +785,8 @@ template <int DKP, int DVP>
 struct f3b_smem {
     static const int TK = 128, TQ = 64;
     static const int KB = TK * DKP * 2, VB = TK * DVP * 2, QB = TQ * DKP * 2, OB = TQ * DVP * 2;
-    static const size_t bytes = (size_t)KB + VB + 2 * QB + 2 * OB + 2 * 2 * TQ * 4 + 1024;
+    static const int STAGES = 3;
+    static const size_t bytes = (size_t)KB + VB + STAGES * (QB + OB + 2 * TQ * 4) + 1024;
 };
 
 /* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
@@ -802,23 +803,32 @@ __global__ void __launch_bounds__(256, 1)
     const int TK = L::TK, TQ = L::TQ;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *Ks = align1024(smem_raw), *Vs = Ks + L::KB, *Qs = Vs + L::VB;
-    unsigned char *dOs = Qs + 2 * L::QB;
-    float *lse_s = (float *)(dOs + 2 * L::OB), *D_s = lse_s + 2 * TQ;
+    unsigned char *dOs = Qs + L::STAGES * L::QB;
+    float *lse_s = (float *)(dOs + L::STAGES * L::OB), *D_s = lse_s + L::STAGES * TQ;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int h = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * TK;
     const float sl2 = scale * LOG2E;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
     const int nq = (T + TQ - 1) / TQ, qt0 = k0 / TQ;
+    /* query tile qt goes to stage (qt - qt0) % 3, two tiles ahead of its use; every tile
+     * (also past the last) commits one cp.async group, so the counts stay uniform */
+    auto prefetch = [&](int qt) {
+        const int st = (qt - qt0) % L::STAGES, q0 = qt * TQ;
+        if (qt < nq) {
+            swz_tile<DKP, TQ, 256>(Qs + st * L::QB, q, b, h, q0, T, nh, dk);
+            swz_tile<DVP, TQ, 256>(dOs + st * L::OB, d_out, b, h, q0, T, nh, dv);
+            if (threadIdx.x < TQ) {
+                int qi = q0 + threadIdx.x;
+                lse_s[st * TQ + threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
+                D_s[st * TQ + threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
+            }
+        }
+        cp_async_commit();
+    };
     swz_tile<DKP, TK, 256>(Ks, k, b, h, k0, T, nh, dk);
     swz_tile<DVP, TK, 256>(Vs, v, b, h, k0, T, nh, dv);
-    swz_tile<DKP, TQ, 256>(Qs, q, b, h, qt0 * TQ, T, nh, dk);
-    swz_tile<DVP, TQ, 256>(dOs, d_out, b, h, qt0 * TQ, T, nh, dv);
-    cp_async_commit();
-    if (threadIdx.x < TQ) {
-        int qi = qt0 * TQ + threadIdx.x;
-        lse_s[threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
-        D_s[threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
-    }
+    prefetch(qt0);
+    prefetch(qt0 + 1);
     float dK[DKP / 2], dV[DVP / 2];
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
@@ -828,26 +838,18 @@ __global__ void __launch_bounds__(256, 1)
         dV[j] = 0;
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     for (int qt = qt0; qt < nq; qt++) {
-        const int buf = (qt - qt0) & 1, q0 = qt * TQ;
-        if (qt + 1 < nq) {
-            swz_tile<DKP, TQ, 256>(Qs + (buf ^ 1) * L::QB, q, b, h, q0 + TQ, T, nh, dk);
-            swz_tile<DVP, TQ, 256>(dOs + (buf ^ 1) * L::OB, d_out, b, h, q0 + TQ, T, nh, dv);
-            cp_async_commit();
-            if (threadIdx.x < TQ) {
-                int qi = q0 + TQ + threadIdx.x;
-                lse_s[(buf ^ 1) * TQ + threadIdx.x] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
-                D_s[(buf ^ 1) * TQ + threadIdx.x] = qi < T ? D_bh[qi] : 0.0f;
-            }
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        const int buf = (qt - qt0) % L::STAGES, q0 = qt * TQ;
+        prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
+        cp_async_wait<2>();
         fence_proxy_async();
         __syncthreads();
         const unsigned char *Qb = Qs + buf * L::QB, *dOb = dOs + buf * L::OB;
         const float *ls = lse_s + buf * TQ, *Ds = D_s + buf * TQ;
         /* a warpgroup whose keys all lie past this tile's last query skips it */
         const bool live = k0 + wg * 64 <= q0 + TQ - 1;
+        /* 32 queries a step; the groups S^T, dP^T, dV, dK are in flight together: P is
+         * computed while dP^T runs, dS while dV runs, and the next step's S^T and dP^T
+         * queue behind dK */
 #pragma unroll
         for (int hs = 0; hs < TQ; hs += 32) {
             if (!live)
@@ -862,15 +864,17 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
             for (int kk = 0; kk < DKP / 16; kk++)
                 wg_mma<32>::ss(st, kmaj(Ks, TK, wg * 64, kk), kmaj(Qb, TQ, hs, kk));
+            wg_commit();
 #pragma unroll
             for (int kk = 0; kk < DVP / 16; kk++)
                 wg_mma<32>::ss(dp, kmaj(Vs, TK, wg * 64, kk), kmaj(dOb, TQ, hs, kk));
             wg_commit();
-            wg_wait<0>();
+            wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
             wg_regs(st);
-            wg_regs(dp);
-            /* P^T and dS^T / scale (scale goes on dK at the end); the mask only where a
-             * key of this warpgroup can pass a query of this step, or past T */
+            wg_regs(dV);
+            wg_regs(dK);
+            /* P^T, masked only where a key of this warpgroup can pass a query of this
+             * step, or past T */
             const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + 32 > T;
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -878,37 +882,49 @@ __global__ void __launch_bounds__(256, 1)
                 for (int x = 0; x < 4; x++) {
                     int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
                     float p = exp2f(fmaf(st[4 * j + x], sl2, -ls[ql]));
-                    float ds = p * (dp[4 * j + x] - Ds[ql]);
                     if (edge) {
                         int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
                         if (!(qc < T && kr <= qc))
-                            p = 0, ds = 0;
+                            p = 0;
                     }
                     st[4 * j + x] = p;
-                    dp[4 * j + x] = ds;
                 }
             uint32_t pa[2][4], da[2][4];
 #pragma unroll
             for (int kk = 0; kk < 2; kk++)
 #pragma unroll
-                for (int x = 0; x < 4; x++) {
+                for (int x = 0; x < 4; x++)
                     pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
-                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
-                }
-            wg_regs(dV);
-            wg_regs(dK);
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < 2; kk++) {
+            for (int kk = 0; kk < 2; kk++)
                 wg_mma<DVP>::rs(dV, pa[kk], mnmaj(dOb, TQ, hs + kk * 16));
-                wg_mma<DKP>::rs(dK, da[kk], mnmaj(Qb, TQ, hs + kk * 16));
-            }
             wg_commit();
-            wg_wait<0>();
-            wg_regs(dV);
-            wg_regs(dK);
+            wg_wait<1>(); /* dP^T is done */
+            wg_regs(dp);
+            /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                    dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+                }
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+                wg_mma<DKP>::rs(dK, da[kk], mnmaj(Qb, TQ, hs + kk * 16));
+            wg_commit();
         }
-        __syncthreads(); /* the next prefetch overwrites the buffers just read */
+        wg_wait<0>();
+        wg_regs(dV);
+        wg_regs(dK);
+        __syncthreads(); /* a later prefetch overwrites the stage just read */
     }
 #pragma unroll
     for (int j = 0; j < DKP / 8; j++) {
@@ -940,7 +956,8 @@ template <int DKP, int DVP>
 struct f3q_smem {
     static const int TM = 128, TN = 64;
     static const int QB = TM * DKP * 2, OB = TM * DVP * 2, KB = TN * DKP * 2, VB = TN * DVP * 2;
-    static const size_t bytes = (size_t)QB + OB + 2 * KB + 2 * VB + 1024;
+    static const int STAGES = 3;
+    static const size_t bytes = (size_t)QB + OB + STAGES * (KB + VB) + 1024;
 };
 
 /* dQ: block = 128 queries, two warpgroups of 64, over the key tiles (64, double-buffered)
@@ -955,7 +972,7 @@ __global__ void __launch_bounds__(256, 1)
     const int TM = L::TM, TN = L::TN;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *Qs = align1024(smem_raw), *dOs = Qs + L::QB, *Ks = dOs + L::OB;
-    unsigned char *Vs = Ks + 2 * L::KB;
+    unsigned char *Vs = Ks + L::STAGES * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
     const float sl2 = scale * LOG2E;
@@ -967,68 +984,76 @@ __global__ void __launch_bounds__(256, 1)
     int ntiles = (q0 + TM - 1) / TN + 1;
     if (ntiles * TN > T)
         ntiles = (T + TN - 1) / TN;
+    /* key tile kt goes to stage kt % 3, two tiles ahead of its use; every tile (also past
+     * the last) commits one cp.async group, so the counts stay uniform */
+    auto prefetch = [&](int kt) {
+        const int st = kt % L::STAGES;
+        if (kt < ntiles) {
+            swz_tile<DKP, TN, 256>(Ks + st * L::KB, k, b, h, kt * TN, T, nh, dk);
+            swz_tile<DVP, TN, 256>(Vs + st * L::VB, v, b, h, kt * TN, T, nh, dv);
+        }
+        cp_async_commit();
+    };
     swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
     swz_tile<DVP, TM, 256>(dOs, d_out, b, h, q0, T, nh, dv);
-    swz_tile<DKP, TN, 256>(Ks, k, b, h, 0, T, nh, dk);
-    swz_tile<DVP, TN, 256>(Vs, v, b, h, 0, T, nh, dv);
-    cp_async_commit();
+    prefetch(0);
+    prefetch(1);
     float dQ[DKP / 2];
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
         dQ[j] = 0;
     for (int kt = 0; kt < ntiles; kt++) {
-        const int buf = kt & 1, k0 = kt * TN;
-        if (kt + 1 < ntiles) {
-            swz_tile<DKP, TN, 256>(Ks + (buf ^ 1) * L::KB, k, b, h, k0 + TN, T, nh, dk);
-            swz_tile<DVP, TN, 256>(Vs + (buf ^ 1) * L::VB, v, b, h, k0 + TN, T, nh, dv);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        const int buf = kt % L::STAGES, k0 = kt * TN;
+        cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
         fence_proxy_async();
         __syncthreads();
+        /* every warpgroup is done with tile kt - 1's stage: refill it with tile kt + 2 */
+        prefetch(kt + 2);
         const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
-        /* a warpgroup whose queries all precede this tile's first key skips it */
-        if (k0 <= wrow + 63) {
-            float sc[TN / 2], dp[TN / 2];
-#pragma unroll
-            for (int j = 0; j < TN / 2; j++)
-                sc[j] = dp[j] = 0;
-            wg_regs(sc);
-            wg_regs(dp);
+        /* (a warpgroup whose queries all precede this tile's keys, warpgroup 0 on the last
+         * tile, computes it anyway, all masked: one code path keeps the pipeline whole) */
+        float sc[TN / 2], dp[TN / 2]; /* the first k-step overwrites them */
+        {
             wg_fence();
+            wg_mma<TN>::ss<0>(sc, kmaj(Qs, TM, wg * 64, 0), kmaj(Kb, TN, 0, 0));
 #pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++)
+            for (int kk = 1; kk < DKP / 16; kk++)
                 wg_mma<TN>::ss(sc, kmaj(Qs, TM, wg * 64, kk), kmaj(Kb, TN, 0, kk));
+            wg_commit();
+            wg_mma<TN>::ss<0>(dp, kmaj(dOs, TM, wg * 64, 0), kmaj(Vb, TN, 0, 0));
 #pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++)
+            for (int kk = 1; kk < DVP / 16; kk++)
                 wg_mma<TN>::ss(dp, kmaj(dOs, TM, wg * 64, kk), kmaj(Vb, TN, 0, kk));
             wg_commit();
-            wg_wait<0>();
+        }
+        {
+            wg_wait<1>(); /* S is done; dP may still run */
             wg_regs(sc);
-            wg_regs(dp);
-            /* dS / scale (scale goes on dQ at the end), masked on the diagonal tiles */
             const bool edge = k0 + TN - 1 > wrow || k0 + TN > T;
 #pragma unroll
             for (int j = 0; j < TN / 8; j++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) {
                     float p = exp2f(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
-                    float ds = p * (dp[4 * j + x] - (x < 2 ? D0 : D1));
                     if (edge) {
                         int kc = k0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
                         if (!(qr < T && kc <= qr))
-                            ds = 0;
+                            p = 0;
                     }
-                    dp[4 * j + x] = ds;
+                    sc[4 * j + x] = p;
                 }
+            wg_wait<0>();
+            wg_regs(dp);
+            /* dS / scale (scale goes on dQ at the end); masked entries have P = 0 */
             uint32_t da[TN / 16][4];
 #pragma unroll
             for (int kk = 0; kk < TN / 16; kk++)
 #pragma unroll
-                for (int x = 0; x < 4; x++)
-                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                for (int x = 0; x < 4; x++) {
+                    const int j0 = 8 * kk + 2 * x;
+                    const float d = x & 1 ? D1 : D0;
+                    da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
+                }
             wg_regs(dQ);
             wg_fence();
 #pragma unroll
@@ -1038,7 +1063,6 @@ __global__ void __launch_bounds__(256, 1)
             wg_wait<0>();
             wg_regs(dQ);
         }
-        __syncthreads(); /* the next prefetch overwrites the buffers just read */
     }
 #pragma unroll
     for (int j = 0; j < DKP / 8; j++) {

@@ -77,6 +77,7 @@ for N in (32, 64, 128, 192):
     outs = ", ".join('"+f"(d[%d])' % i for i in range(R))
     # ss
     out.append('''
+template <int ACC>
 __device__ __forceinline__ void wg_ss_n%d(float (&d)[%d], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
@@ -84,7 +85,7 @@ __device__ __forceinline__ void wg_ss_n%d(float (&d)[%d], uint64_t da, uint64_t 
                  "wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16 "
                  "{%s}, %%%d, %%%d, p, 1, 1, 0, 0;\\n}\\n"
                  : %s
-                 : "l"(da), "l"(db), "n"(1));
+                 : "l"(da), "l"(db), "n"(ACC));
 #else
     (void)d, (void)da, (void)db;
     __trap();
@@ -111,7 +112,9 @@ template <int N> struct wg_mma;
 ''')
 for N in (32, 64, 128, 192):
     out.append('''template <> struct wg_mma<%d> {
-    static __device__ __forceinline__ void ss(float (&d)[%d], uint64_t a, uint64_t b) { wg_ss_n%d(d, a, b); }
+    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
+    template <int ACC = 1>
+    static __device__ __forceinline__ void ss(float (&d)[%d], uint64_t a, uint64_t b) { wg_ss_n%d<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rs_n%d(d, a, b); }
 };
 ''' % (N, N // 2, N, N // 2, N))
