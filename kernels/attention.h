@@ -28,7 +28,9 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
  * the wgmma (sm_90a) forward and backward for head dims above 32, elsewhere as 1. 1: the
  * mma.sync kernels (head dim 192: two 8-warp blocks an SM, Q re-read from shared memory;
  * 96: two 8-warp blocks an SM). 2: mma.sync forward with 4-warp blocks (three an SM), the
- * mma.sync backward. Head dims up to 32 always take the mma.sync kernels. */
+ * mma.sync backward. 3: on 9.x, the pipelined wgmma forward (key tiles of 64, the next
+ * tile's S issued before this tile's softmax) with the wgmma backward. Head dims up to 32
+ * always take the mma.sync kernels. */
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant);
 
 #ifdef __cplusplus

@@ -13,14 +13,15 @@ static void attention_matches_cpu(void)
     GT_NEED_GPU();
     dsv3_err e;
     /* ragged T (not multiples of the 64- and 128-row tiles), head dims below the padded
-     * instantiation (160/120 in 192/128, 96/64 in 128/64 on sm_90) */
+     * instantiation (160/120 in 192/128, 80/48 in 96/64) */
     static const int sh[][5] = {{1, 1, 1, 192, 128},  {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
                                 {2, 37, 4, 24, 16},   {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32},
-                                {1, 257, 2, 192, 128}, {2, 190, 3, 96, 64},  {1, 129, 2, 160, 120}};
+                                {1, 257, 2, 192, 128}, {2, 190, 3, 96, 64},  {1, 129, 2, 160, 120},
+                                {1, 150, 2, 80, 48}};
     double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
     double w0[5] = {0, 0, 0, 0, 0}; /* variant 0 alone: the default kernels */
-    for (size_t s = 0; s < 3 * (sizeof sh / sizeof sh[0]); s++) {
-        /* every shape under each forward variant (they differ for head dim 192 only) */
+    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+        /* every shape under each kernel variant (gpu_attention_set_variant) */
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
         size_t si = s % (sizeof sh / sizeof sh[0]);
@@ -89,7 +90,7 @@ static void attention_matches_cpu(void)
     gt_stat("attention default (sm90 wgmma) bwd dq", w0[2], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dk", w0[3], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dv", w0[4], BF16_BOUND);
-    gt_stat("attention fwd out (3 fwd variants)", wo, BF16_BOUND);
+    gt_stat("attention fwd out (4 variants)", wo, BF16_BOUND);
     gt_stat("attention fwd lse", wl, F32_BOUND);
     gt_stat("attention bwd dq", wq, BF16_BOUND);
     gt_stat("attention bwd dk", wk, BF16_BOUND);
@@ -162,15 +163,18 @@ static void bench_attention(void)
             gpu_free(j.dq), gpu_free(j.dk_), gpu_free(j.dv_), gpu_free(j.lse);
             continue;
         }
-        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels, for comparison */
-        for (int var = 1; var >= 0; var--) {
+        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels and 3: the
+         * pipelined wgmma forward, for comparison */
+        static const int vars[] = {1, 3, 0};
+        for (int vi = 0; vi < 3; vi++) {
+            const int var = vars[vi];
             gpu_attention_set_variant(gt_ctx_, var);
             j.bwd = 0;
             float ms = gb_time(att_run, &j, 10);
             j.bwd = 1;
             float bms = gb_time(att_run, &j, 10);
             CHECK(ms > 0 && bms > 0);
-            const char *tag = var ? "mma.sync " : "";
+            const char *tag = var == 1 ? "mma.sync " : var == 3 ? "variant 3 " : "";
             printf("# bench attn fwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
                    sh[s].name, ms, fwd / (ms * 1e-3) / 1e12, 100 * fwd / (ms * 1e-3) / 1e12 / ceil);
             printf("# bench attn bwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
