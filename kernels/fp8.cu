@@ -76,34 +76,146 @@ __global__ void quant_act_kernel(uint8_t *q, float *s, const bf16 *x, int rows, 
     }
 }
 
-/* ---- activations transposed: 1x128 tiles down a column --------------------------------- */
-
-#define QT_ROWS 128
-#define QT_COLS 64
-
-/* A block takes 128 rows x 64 columns of x into shared memory (stride 65: the column reads
- * below hit 32 different banks), then each of its 8 warps quantises 8 columns: lane l holds
- * rows l, l+32, l+64, l+96 of the column, so the codes of a warp's store are 32 consecutive
- * bytes of a row of qt. */
-__global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *qt, float *st, const bf16 *x,
-                                                          int rows, int cols)
+/* 16-byte version: cols % 8 == 0, x 16-byte and q 8-byte aligned. A half-warp per tile, eight
+ * values a lane (one 16-byte load), two tiles in flight per half-warp; the loop bound is
+ * the same for the whole warp, so the shuffles never diverge. */
+#define QA_UNROLL 2
+__global__ void quant_act_vec8_kernel(uint8_t *q, float *s, const bf16 *x, int rows, int cols)
 {
-    __shared__ float tile[QT_ROWS][QT_COLS + 1];
-    int64_t r0 = (int64_t)blockIdx.y * QT_ROWS;
-    int c0 = blockIdx.x * QT_COLS, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    for (int i = tid; i < QT_ROWS * QT_COLS; i += 256) {
-        int r = i / QT_COLS, c = i % QT_COLS;
-        tile[r][c] = (r0 + r < rows && c0 + c < cols) ? b2f(x[(r0 + r) * cols + c0 + c]) : 0.0f;
+    int lane = threadIdx.x & 31, half = lane >> 4, hl = lane & 15;
+    int nb = (cols + FP8_BLOCK - 1) / FP8_BLOCK;
+    int64_t tiles = (int64_t)rows * nb;
+    int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t base = warp * 2 * QA_UNROLL; base < tiles; base += nwarps * 2 * QA_UNROLL) {
+        float v[QA_UNROLL][8];
+        int64_t t[QA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < QA_UNROLL; u++) {
+            t[u] = base + 2 * u + half;
+            int64_t r = t[u] / nb;
+            int c = (int)(t[u] % nb) * FP8_BLOCK + hl * 8;
+            if (t[u] < tiles && c < cols) {
+                uint4 w = *(const uint4 *)(x + r * cols + c);
+                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&w;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float2 f = __bfloat1622float2(h[i]);
+                    v[u][2 * i] = f.x, v[u][2 * i + 1] = f.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[u][i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < QA_UNROLL; u++) {
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                amax = fmaxf(amax, fabsf(v[u][i]));
+            for (int o = 8; o > 0; o >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float sc = tile_scale(amax);
+            int64_t r = t[u] / nb;
+            int cb = (int)(t[u] % nb), c = cb * FP8_BLOCK + hl * 8;
+            if (t[u] < tiles && c < cols) {
+                uint2 out;
+                out.x = (uint32_t)to_e4m3x2(v[u][0], v[u][1], sc) |
+                        ((uint32_t)to_e4m3x2(v[u][2], v[u][3], sc) << 16);
+                out.y = (uint32_t)to_e4m3x2(v[u][4], v[u][5], sc) |
+                        ((uint32_t)to_e4m3x2(v[u][6], v[u][7], sc) << 16);
+                *(uint2 *)(q + r * cols + c) = out;
+            }
+            if (t[u] < tiles && hl == 0)
+                s[(int64_t)cb * rows + r] = sc;
+        }
+    }
+}
+
+/* ---- activations transposed (and, fused, row-wise): one 128x128 tile a block ----------- */
+
+/* The tile goes to shared memory as bf16 pairs, rows 65 words apart (column reads below hit
+ * 32 banks). While loading, each half-warp holds one row of the tile (eight values a lane),
+ * which is a row-wise 1x128 tile: with q given, it is quantised there and then (the fused
+ * form: x read once for both layouts). Then each warp quantises 16 columns: lane l holds
+ * rows l, l+32, l+64, l+96 of a column, so a warp's store is 32 consecutive bytes of qt. */
+#define QT_STRIDE 65 /* words (bf16 pairs) per shared row */
+template <bool vec>
+__global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, uint8_t *qt,
+                                                          float *st, const bf16 *x, int rows,
+                                                          int cols)
+{
+    __shared__ uint32_t tile[FP8_BLOCK * QT_STRIDE];
+    int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
+    int c0 = blockIdx.x * FP8_BLOCK, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    int hl = tid & 15;
+    for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
+        int r = pass * 16 + (tid >> 4), c = hl * 8;
+        float v[8];
+        bool in_row = r0 + r < rows;
+        if (vec) {
+            if (in_row && c0 + c < cols) {
+                uint4 u = *(const uint4 *)(x + (r0 + r) * cols + c0 + c);
+                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float2 f = __bfloat1622float2(h[i]);
+                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[i] = 0.0f;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = in_row && c0 + c + i < cols ? b2f(x[(r0 + r) * cols + c0 + c + i]) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]); /* exact */
+            tile[r * QT_STRIDE + hl * 4 + i] = *(uint32_t *)&p;
+        }
+        if (q) {
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                amax = fmaxf(amax, fabsf(v[i]));
+            for (int o = 8; o > 0; o >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float sc = tile_scale(amax);
+            uint8_t *qr = q + (r0 + r) * cols + c0;
+            if (in_row) {
+                if (vec && c0 + c < cols) {
+                    uint2 out;
+                    out.x = (uint32_t)to_e4m3x2(v[0], v[1], sc) |
+                            ((uint32_t)to_e4m3x2(v[2], v[3], sc) << 16);
+                    out.y = (uint32_t)to_e4m3x2(v[4], v[5], sc) |
+                            ((uint32_t)to_e4m3x2(v[6], v[7], sc) << 16);
+                    *(uint2 *)(qr + c) = out;
+                } else if (!vec) {
+                    for (int i = 0; i < 8; i++)
+                        if (c0 + c + i < cols)
+                            qr[c + i] = to_e4m3(v[i], sc);
+                }
+                if (hl == 0)
+                    s[(int64_t)blockIdx.x * rows + r0 + r] = sc;
+            }
+        }
     }
     __syncthreads();
-    for (int k = 0; k < QT_COLS / 8; k++) {
-        int c = w * (QT_COLS / 8) + k;
+    const __nv_bfloat16 *tb = (const __nv_bfloat16 *)tile;
+    for (int k = 0; k < FP8_BLOCK / 8; k++) {
+        int c = w * (FP8_BLOCK / 8) + k;
         if (c0 + c >= cols)
             break;
         float v[4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            v[j] = tile[lane + 32 * j][c];
+            v[j] = b2f(tb[(lane + 32 * j) * QT_STRIDE * 2 + c]);
         float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
         float sc = tile_scale(warp_max(amax));
         uint8_t *qr = qt + (int64_t)(c0 + c) * rows;
@@ -178,27 +290,42 @@ extern "C" int gpu_fp8_quant_act(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf1
     if (rows <= 0 || cols <= 0)
         return 0;
     int64_t tiles = (int64_t)rows * fp8_blocks(cols);
-    unsigned grid = grid_for(tiles * 32, 256);
     const bf16 *xb = (const bf16 *)x;
-    if (cols % 4 == 0 && ((uintptr_t)x & 7) == 0 && ((uintptr_t)q & 3) == 0)
-        quant_act_kernel<true><<<grid, 256, 0, c->stream>>>(q, s, xb, rows, cols);
-    else
-        quant_act_kernel<false><<<grid, 256, 0, c->stream>>>(q, s, xb, rows, cols);
+    if (cols % 8 == 0 && aligned16(x) && ((uintptr_t)q & 7) == 0) {
+        unsigned grid = grid_for(tiles * 16 / QA_UNROLL, 256);
+        quant_act_vec8_kernel<<<grid, 256, 0, c->stream>>>(q, s, xb, rows, cols);
+    } else if (cols % 4 == 0 && ((uintptr_t)x & 7) == 0 && ((uintptr_t)q & 3) == 0) {
+        quant_act_kernel<true><<<grid_for(tiles * 32, 256), 256, 0, c->stream>>>(q, s, xb, rows,
+                                                                                  cols);
+    } else {
+        quant_act_kernel<false><<<grid_for(tiles * 32, 256), 256, 0, c->stream>>>(q, s, xb, rows,
+                                                                                   cols);
+    }
     LAUNCH_CHECK("quant_act_kernel", e);
+    return 0;
+}
+
+extern "C" int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                                      const gpu_bf16 *x, int rows, int cols, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    if (fp8_blocks(rows) > 65535)
+        return err_set(e, "fp8: %d rows are too many for one transposed quantisation", rows);
+    dim3 grid((unsigned)fp8_blocks(cols), (unsigned)fp8_blocks(rows));
+    const bf16 *xb = (const bf16 *)x;
+    if (cols % 8 == 0 && aligned16(x) && (!q || ((uintptr_t)q & 7) == 0))
+        quant_act_t_kernel<true><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+    else
+        quant_act_t_kernel<false><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+    LAUNCH_CHECK("quant_act_t_kernel", e);
     return 0;
 }
 
 extern "C" int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x,
                                    int rows, int cols, dsv3_err *e)
 {
-    if (rows <= 0 || cols <= 0)
-        return 0;
-    if (fp8_blocks(rows) > 65535)
-        return err_set(e, "fp8: %d rows are too many for one transposed quantisation", rows);
-    dim3 grid((cols + QT_COLS - 1) / QT_COLS, (unsigned)fp8_blocks(rows));
-    quant_act_t_kernel<<<grid, 256, 0, c->stream>>>(qt, st, (const bf16 *)x, rows, cols);
-    LAUNCH_CHECK("quant_act_t_kernel", e);
-    return 0;
+    return gpu_fp8_quant_act_both(c, NULL, NULL, qt, st, x, rows, cols, e);
 }
 
 template <typename T>

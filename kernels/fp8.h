@@ -35,6 +35,9 @@ int gpu_fp8_quant_act(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x, int r
                       dsv3_err *e);
 int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x, int rows,
                         int cols, dsv3_err *e);
+/* Both at once, x read once (a gradient feeds dgrad row-wise and wgrad transposed). */
+int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                           const gpu_bf16 *x, int rows, int cols, dsv3_err *e);
 /* qt/st may be NULL (no transpose); q/s may be NULL (transpose only). */
 int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
                          const float *w, int rows, int cols, dsv3_err *e);

@@ -1,6 +1,7 @@
 /* The GPU modules of a build without nvcc: no devices, and a clear message for any use.
  * Every function of kernels/*.h is here, so programs and tests link either way. */
 #include "../kernels/fp8gemm.h"
+#include "../kernels/fp8lin.h"
 #include "../kernels/gemm.h"
 #include "../kernels/gpu.h"
 #include "../kernels/gpuctx.h"
@@ -321,6 +322,38 @@ int gpu_fp8_linear_dgrad(gpu_ctx *c, gpu_bf16 *d_in, const uint8_t *dyq, const f
 int gpu_fp8_linear_wgrad(gpu_ctx *c, float *d_w, const uint8_t *dytq, const float *dyts,
                          const uint8_t *xtq, const float *xts, int N, int I, int O, float beta,
                          dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+void gpu_lin_free(gpu_lin *L)
+{
+}
+
+int gpu_lin_fwd(gpu_lin *L, gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *w, int N, int I,
+                int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_dgrad(gpu_lin *L, gpu_bf16 *d_in, const gpu_bf16 *d_out, const gpu_bf16 *w, int N,
+                  int I, int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_wgrad(gpu_lin *L, float *d_w, const gpu_bf16 *d_out, const gpu_bf16 *in, int N,
+                  int I, int O, float beta, dsv3_err *e)
 {
     return no_cuda(e);
 }
