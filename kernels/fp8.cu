@@ -151,28 +151,23 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
     int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
     int c0 = blockIdx.x * FP8_BLOCK, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     int hl = tid & 15;
-    /* all eight 16-byte loads of a thread in flight before any is used */
-    uint4 raw[FP8_BLOCK / 16];
-    if (vec) {
-#pragma unroll
-        for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
-            int r = pass * 16 + (tid >> 4), c = hl * 8;
-            raw[pass] = r0 + r < rows && c0 + c < cols
-                            ? *(const uint4 *)(x + (r0 + r) * cols + c0 + c)
-                            : make_uint4(0, 0, 0, 0);
-        }
-    }
-#pragma unroll
     for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
         int r = pass * 16 + (tid >> 4), c = hl * 8;
         float v[8];
         bool in_row = r0 + r < rows;
         if (vec) {
-            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&raw[pass];
+            if (in_row && c0 + c < cols) {
+                uint4 u = *(const uint4 *)(x + (r0 + r) * cols + c0 + c);
+                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float2 f = __bfloat1622float2(h[i]);
-                v[2 * i] = f.x, v[2 * i + 1] = f.y;
+                for (int i = 0; i < 4; i++) {
+                    float2 f = __bfloat1622float2(h[i]);
+                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[i] = 0.0f;
             }
         } else {
 #pragma unroll
@@ -213,13 +208,10 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
     }
     __syncthreads();
     const __nv_bfloat16 *tb = (const __nv_bfloat16 *)tile;
-    /* unrolled so that several columns' reductions overlap; c0 + c < cols is the same for
-     * the whole warp */
-#pragma unroll 4
     for (int k = 0; k < FP8_BLOCK / 8; k++) {
         int c = w * (FP8_BLOCK / 8) + k;
         if (c0 + c >= cols)
-            continue;
+            break;
         float v[4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
