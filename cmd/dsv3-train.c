@@ -311,6 +311,8 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!o.config && !o.init_from && !o.resume)
         cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    if (o.fp8 && !o.cuda)
+        cli_usage(&PROG, "--fp8 needs --device cuda");
     if (o.cuda && gpu_count() <= 0)
         cli_failf(&PROG, "--device cuda: no GPU found for the GPU backend%s; use --device cpu",
                   gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
