@@ -28,6 +28,9 @@ static const cli_program PROG = {
     "                           initializer_range; DeepSeek-V3 used 0.006)\n"
     "      --device=cpu|cuda    where forward and backward run (default cpu; cuda needs\n"
     "                           --mtp-weight 0 and --balance-alpha 0 for now)\n"
+    "      --fp8                with --device cuda: attention projections, dense MLPs and\n"
+    "                           shared experts in FP8 as DeepSeek-V3 (1x128 / 128x128\n"
+    "                           block scales, fp32 accumulation); the step line says fp8\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -93,7 +96,7 @@ static const cli_program PROG = {
 };
 
 enum {
-    OPT_DEVICE = 0x2000, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
+    OPT_DEVICE = 0x2000, OPT_FP8, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
     OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_PEAK, OPT_SKIP, OPT_EVAL_EVERY,
@@ -164,6 +167,7 @@ int main(int argc, char **argv)
         {"global-batch", required_argument, NULL, 'g'},
         {"seed", required_argument, NULL, 's'},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"fp8", no_argument, NULL, OPT_FP8},
         {"init-from", required_argument, NULL, OPT_INIT_FROM},
         {"init-std", required_argument, NULL, OPT_INIT_STD},
         {"global-batch-tokens", required_argument, NULL, OPT_GB_TOKENS},
@@ -226,6 +230,7 @@ int main(int argc, char **argv)
                 break;
             }
             cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+        case OPT_FP8: o.fp8 = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
         case OPT_GB_TOKENS:
@@ -306,6 +311,8 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!o.config && !o.init_from && !o.resume)
         cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    if (o.fp8 && !o.cuda)
+        cli_usage(&PROG, "--fp8 needs --device cuda");
     if (o.cuda && gpu_count() <= 0)
         cli_failf(&PROG, "--device cuda: no GPU found for the GPU backend%s; use --device cpu",
                   gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");

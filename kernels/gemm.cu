@@ -3,12 +3,12 @@
  * A row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, so each call
  * hands cuBLASLt the operands swapped; no data moves. */
 #include "gemm.h"
+#include "gemm_internal.cuh"
 #include "gpuctx_internal.cuh"
 
-
-static int find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
-                     cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc, const algo_entry *key,
-                     cublasLtMatmulAlgo_t *algo, dsv3_err *e)
+int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
+                   cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc, const algo_entry *key,
+                   cublasLtMatmulAlgo_t *algo, dsv3_err *e)
 {
     for (int i = 0; i < c->algos_used; i++) {
         const algo_entry *x = &c->algos[i];
@@ -75,7 +75,7 @@ extern "C" int gpu_gemm(gpu_ctx *c, int ta, int tb, int M, int N, int K, float a
         }
         algo_entry key = {ta, tb, m, n, k, lda, ldb, ldc, c_f32, beta == 0.0f, {}};
         cublasLtMatmulAlgo_t algo;
-        if (find_algo(c, op, la, lb, lc, &key, &algo, e))
+        if (gemm_find_algo(c, op, la, lb, lc, &key, &algo, e))
             break;
         cublasStatus_t st = cublasLtMatmul(c->lt, op, &alpha, B, la, A, lb, &beta, C, lc, C, lc,
                                            &algo, c->workspace, c->workspace_bytes, c->stream);

@@ -13,6 +13,7 @@ extern "C" {
 }
 #include "attention.h"
 #include "cuda_util.cuh"
+#include "fp8lin.h"
 #include "gemm.h"
 #include "gmodel.h"
 #include "layers.h"
@@ -68,6 +69,7 @@ struct gmodel {
     bf16 *mom_m, *mom_v;
     gpu_tensor_list *tl;
     float *d_norm;
+    gpu_lin lin;                 /* dense linear layers: bf16, or FP8 (gmodel_set_fp8) */
 };
 
 /* ---- small kernels ---- */
@@ -497,6 +499,7 @@ extern "C" void gmodel_destroy(gmodel *g)
     for (int l = 0; g->a && l < g->nl; l++)
         if (g->a[l].have_plan)
             gpu_moe_plan_free(&g->a[l].plan);
+    gpu_lin_free(&g->lin);
     gpu_free(g->master);
     gpu_free(g->grads);
     gpu_free(g->wbf);
@@ -524,6 +527,24 @@ extern "C" gpu_ctx *gmodel_ctx(gmodel *g)
 extern "C" size_t gmodel_arena_peak(const gmodel *g)
 {
     return gpu_arena_peak(g->c);
+}
+
+extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
+{
+    if (!on) {
+        g->lin.fp8 = 0;
+        return 0;
+    }
+    const dsv3_config *c = &g->m->cfg;
+    int64_t nh = c->num_attention_heads, si = (int64_t)c->moe_intermediate_size * c->n_shared_experts;
+    int64_t dims[] = {c->hidden_size, c->q_lora_rank, nh * config_qk_head_dim(c),
+                      (int64_t)c->kv_lora_rank + c->qk_rope_head_dim,
+                      nh * (c->qk_nope_head_dim + c->v_head_dim), nh * c->v_head_dim,
+                      2 * (int64_t)c->intermediate_size, 2 * si};
+    int64_t D = 0;
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        D = dims[i] > D ? dims[i] : D;
+    return gpu_lin_fp8_on(&g->lin, g->N, D, e);
 }
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
@@ -594,6 +615,7 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
         gmodel_destroy(g);
         return err_prefix(e, "gmodel");
     }
+    g->lin.c = g->c;
     carve k2 = {g, 0, 0, 0, e};
     carve_acts(&k2);
     if (k2.failed) {
@@ -647,20 +669,20 @@ static int mla_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
     int dv = c->v_head_dim, half = rope / 2, ql = c->q_lora_rank;
     if (ql) {
-        if (gpu_linear_fwd(x, B16(A->qa), B16(A->xn), W(b->qa), N, H, ql, 0, e) ||
+        if (gpu_lin_fwd(&g->lin, B16(A->qa), B16(A->xn), W(b->qa), N, H, ql, 0, e) ||
             gpu_rmsnorm_fwd(x, B16(A->qan), A->rstdq, B16(A->qa), W(b->qaln), N, ql, 1e-6f, e) ||
-            gpu_linear_fwd(x, B16(A->q), B16(A->qan), W(b->qb), N, ql, nh * qk, 0, e))
+            gpu_lin_fwd(&g->lin, B16(A->q), B16(A->qan), W(b->qb), N, ql, nh * qk, 0, e))
             return -1;
-    } else if (gpu_linear_fwd(x, B16(A->q), B16(A->xn), W(b->q), N, H, nh * qk, 0, e)) {
+    } else if (gpu_lin_fwd(&g->lin, B16(A->q), B16(A->xn), W(b->q), N, H, nh * qk, 0, e)) {
         return -1;
     }
     if (half && gpu_rope_fwd(x, B16(A->q + nope), N * nh, qk, nh, g->pos, g->cos_t, g->sin_t,
                              half, c->rope_interleave, e))
         return -1;
-    if (gpu_linear_fwd(x, B16(A->kva), B16(A->xn), W(b->kva), N, H, kv + rope, 0, e) ||
+    if (gpu_lin_fwd(&g->lin, B16(A->kva), B16(A->xn), W(b->kva), N, H, kv + rope, 0, e) ||
         copy_cols(g, A->ckv, kv, A->kva, kv + rope, N, kv, e) ||
         gpu_rmsnorm_fwd(x, B16(A->ckvn), A->rstdkv, B16(A->ckv), W(b->kvaln), N, kv, 1e-6f, e) ||
-        gpu_linear_fwd(x, B16(A->kvb), B16(A->ckvn), W(b->kvb), N, kv, nh * (nope + dv), 0, e))
+        gpu_lin_fwd(&g->lin, B16(A->kvb), B16(A->ckvn), W(b->kvb), N, kv, nh * (nope + dv), 0, e))
         return -1;
     if (half && gpu_rope_fwd(x, B16(A->kva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
                              half, c->rope_interleave, e))
@@ -671,7 +693,7 @@ static int mla_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     LAUNCH_CHECK("k_mla_assemble", e);
     return gpu_attention_fwd(x, B16(A->ao), A->lse, B16(A->q), B16(A->k), B16(A->v), g->B, g->T,
                              nh, qk, dv, (float)config_softmax_scale(c), e) ||
-           gpu_linear_fwd(x, B16(out), B16(A->ao), W(b->o), N, nh * dv, H, 0, e);
+           gpu_lin_fwd(&g->lin, B16(out), B16(A->ao), W(b->o), N, nh * dv, H, 0, e);
 }
 
 /* moe_forward (routed experts and shared experts) into out [N,H]. */
@@ -700,18 +722,18 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
         return -1;
     if (!si)
         return 0;
-    return gpu_linear_fwd(x, B16(A->gu), B16(A->x2n), W(b->sw1), N, H, 2 * si, 0, e) ||
+    return gpu_lin_fwd(&g->lin, B16(A->gu), B16(A->x2n), W(b->sw1), N, H, 2 * si, 0, e) ||
            gpu_swiglu_fwd(x, B16(A->h), B16(A->gu), B16(A->gu + si), N, si, 2 * si, e) ||
-           gpu_linear_fwd(x, B16(out), B16(A->h), W(b->sw2), N, si, H, 1.0f, e);
+           gpu_lin_fwd(&g->lin, B16(out), B16(A->h), W(b->sw2), N, si, H, 1.0f, e);
 }
 
 static int mlp_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err *e)
 {
     const dsv3_config *c = &g->m->cfg;
     int N = g->N, H = c->hidden_size, I = c->intermediate_size;
-    return gpu_linear_fwd(g->c, B16(A->gu), B16(A->x2n), W(b->w1), N, H, 2 * I, 0, e) ||
+    return gpu_lin_fwd(&g->lin, B16(A->gu), B16(A->x2n), W(b->w1), N, H, 2 * I, 0, e) ||
            gpu_swiglu_fwd(g->c, B16(A->h), B16(A->gu), B16(A->gu + I), N, I, 2 * I, e) ||
-           gpu_linear_fwd(g->c, B16(out), B16(A->h), W(b->w2), N, I, H, 0, e);
+           gpu_lin_fwd(&g->lin, B16(out), B16(A->h), W(b->w2), N, I, H, 0, e);
 }
 
 /* block_forward: A->x in, next [N,H] out. */
@@ -805,12 +827,12 @@ static int mlp_bwd(gmodel *g, bf16 *dn, float beta, const bf16 *dy, const bf16 *
     bf16 *dh = (bf16 *)gpu_arena_alloc(x, (size_t)N * I * 2, e);
     bf16 *dgu = dh ? (bf16 *)gpu_arena_alloc(x, (size_t)N * 2 * I * 2, e) : NULL;
     int rc = !dgu ||
-             gpu_linear_dgrad(x, B16(dh), B16(dy), W(w2), N, I, H, 0, e) ||
-             gpu_linear_wgrad(x, G(w2), B16(dy), B16(h), N, I, H, 1.0f, e) ||
+             gpu_lin_dgrad(&g->lin, B16(dh), B16(dy), W(w2), N, I, H, 0, e) ||
+             gpu_lin_wgrad(&g->lin, G(w2), B16(dy), B16(h), N, I, H, 1.0f, e) ||
              gpu_swiglu_bwd(x, B16(dgu), B16(dgu + I), B16(dh), B16(gu), B16(gu + I), N, I,
                             2 * I, e) ||
-             gpu_linear_dgrad(x, B16(dn), B16(dgu), W(w1), N, H, 2 * I, beta, e) ||
-             gpu_linear_wgrad(x, G(w1), B16(dgu), B16(x2n), N, H, 2 * I, 1.0f, e);
+             gpu_lin_dgrad(&g->lin, B16(dn), B16(dgu), W(w1), N, H, 2 * I, beta, e) ||
+             gpu_lin_wgrad(&g->lin, G(w1), B16(dgu), B16(x2n), N, H, 2 * I, 1.0f, e);
     gpu_arena_reset(x, mark);
     return rc ? -1 : 0;
 }
@@ -875,8 +897,8 @@ static int mla_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dout, b
     bf16 *dqa = dqan ? (bf16 *)gpu_arena_alloc(x, (size_t)N * ql * 2, e) : NULL;
     float scale = (float)config_softmax_scale(c);
     int rc = !dckv || (ql && !dqa) ||
-             gpu_linear_dgrad(x, B16(dao), B16(dout), W(b->o), N, nh * dv, H, 0, e) ||
-             gpu_linear_wgrad(x, G(b->o), B16(dout), B16(A->ao), N, nh * dv, H, 1.0f, e) ||
+             gpu_lin_dgrad(&g->lin, B16(dao), B16(dout), W(b->o), N, nh * dv, H, 0, e) ||
+             gpu_lin_wgrad(&g->lin, G(b->o), B16(dout), B16(A->ao), N, nh * dv, H, 1.0f, e) ||
              gpu_attention_bwd(x, B16(dq), B16(dk), B16(dvv), B16(dao), B16(A->ao), A->lse,
                                B16(A->q), B16(A->k), B16(A->v), g->B, g->T, nh, qk, dv, scale, e);
     if (rc) {
@@ -889,26 +911,26 @@ static int mla_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dout, b
     LAUNCH_CHECK("k_mla_assemble_bwd", e);
     rc = (half && gpu_rope_bwd(x, B16(dkva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
                                half, c->rope_interleave, e)) ||
-         gpu_linear_dgrad(x, B16(dckvn), B16(dkvb), W(b->kvb), N, kv, nh * (nope + dv), 0, e) ||
-         gpu_linear_wgrad(x, G(b->kvb), B16(dkvb), B16(A->ckvn), N, kv, nh * (nope + dv), 1.0f,
+         gpu_lin_dgrad(&g->lin, B16(dckvn), B16(dkvb), W(b->kvb), N, kv, nh * (nope + dv), 0, e) ||
+         gpu_lin_wgrad(&g->lin, G(b->kvb), B16(dkvb), B16(A->ckvn), N, kv, nh * (nope + dv), 1.0f,
                           e) ||
          gpu_rmsnorm_bwd(x, B16(dckv), 0.0f, G(b->kvaln), B16(dckvn), B16(A->ckv), W(b->kvaln),
                          A->rstdkv, N, kv, 1e-6f, e) ||
          copy_cols(g, dkva, kv + rope, dckv, kv, N, kv, e) ||
-         gpu_linear_dgrad(x, B16(dxn), B16(dkva), W(b->kva), N, H, kv + rope, 0, e) ||
-         gpu_linear_wgrad(x, G(b->kva), B16(dkva), B16(A->xn), N, H, kv + rope, 1.0f, e) ||
+         gpu_lin_dgrad(&g->lin, B16(dxn), B16(dkva), W(b->kva), N, H, kv + rope, 0, e) ||
+         gpu_lin_wgrad(&g->lin, G(b->kva), B16(dkva), B16(A->xn), N, H, kv + rope, 1.0f, e) ||
          (half && gpu_rope_bwd(x, B16(dq + nope), N * nh, qk, nh, g->pos, g->cos_t, g->sin_t,
                                half, c->rope_interleave, e));
     if (!rc && ql)
-        rc = gpu_linear_dgrad(x, B16(dqan), B16(dq), W(b->qb), N, ql, nh * qk, 0, e) ||
-             gpu_linear_wgrad(x, G(b->qb), B16(dq), B16(A->qan), N, ql, nh * qk, 1.0f, e) ||
+        rc = gpu_lin_dgrad(&g->lin, B16(dqan), B16(dq), W(b->qb), N, ql, nh * qk, 0, e) ||
+             gpu_lin_wgrad(&g->lin, G(b->qb), B16(dq), B16(A->qan), N, ql, nh * qk, 1.0f, e) ||
              gpu_rmsnorm_bwd(x, B16(dqa), 0.0f, G(b->qaln), B16(dqan), B16(A->qa), W(b->qaln),
                              A->rstdq, N, ql, 1e-6f, e) ||
-             gpu_linear_dgrad(x, B16(dxn), B16(dqa), W(b->qa), N, H, ql, 1.0f, e) ||
-             gpu_linear_wgrad(x, G(b->qa), B16(dqa), B16(A->xn), N, H, ql, 1.0f, e);
+             gpu_lin_dgrad(&g->lin, B16(dxn), B16(dqa), W(b->qa), N, H, ql, 1.0f, e) ||
+             gpu_lin_wgrad(&g->lin, G(b->qa), B16(dqa), B16(A->xn), N, H, ql, 1.0f, e);
     else if (!rc)
-        rc = gpu_linear_dgrad(x, B16(dxn), B16(dq), W(b->q), N, H, nh * qk, 1.0f, e) ||
-             gpu_linear_wgrad(x, G(b->q), B16(dq), B16(A->xn), N, H, nh * qk, 1.0f, e);
+        rc = gpu_lin_dgrad(&g->lin, B16(dxn), B16(dq), W(b->q), N, H, nh * qk, 1.0f, e) ||
+             gpu_lin_wgrad(&g->lin, G(b->q), B16(dq), B16(A->xn), N, H, nh * qk, 1.0f, e);
     gpu_arena_reset(x, mark);
     return rc ? -1 : 0;
 }

@@ -1,5 +1,7 @@
 /* The GPU modules of a build without nvcc: no devices, and a clear message for any use.
  * Every function of kernels/*.h is here, so programs and tests link either way. */
+#include "../kernels/fp8gemm.h"
+#include "../kernels/fp8lin.h"
 #include "../kernels/gemm.h"
 #include "../kernels/gpu.h"
 #include "../kernels/gpuctx.h"
@@ -268,4 +270,90 @@ int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_er
 int gmodel_row_losses(const gmodel *g, float *out)
 {
     return -1;
+}
+
+/* ---- fp8, fp8gemm ---- */
+
+int gpu_fp8_quant_act(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x, int rows, int cols,
+                      dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x, int rows,
+                        int cols, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                         const float *w, int rows, int cols, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_quant_weight_bf16(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                              const gpu_bf16 *w, int rows, int cols, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_gemm(gpu_ctx *c, int M, int N, int K, const uint8_t *A, const float *sa, int a_mode,
+                 const uint8_t *B, const float *sb, int b_mode, float beta, void *C, int c_f32,
+                 int flags, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_linear_fwd(gpu_ctx *c, gpu_bf16 *out, const uint8_t *xq, const float *xs,
+                       const uint8_t *wq, const float *ws, int N, int I, int O, float beta,
+                       dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_linear_dgrad(gpu_ctx *c, gpu_bf16 *d_in, const uint8_t *dyq, const float *dys,
+                         const uint8_t *wtq, const float *wts, int N, int I, int O, float beta,
+                         dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_fp8_linear_wgrad(gpu_ctx *c, float *d_w, const uint8_t *dytq, const float *dyts,
+                         const uint8_t *xtq, const float *xts, int N, int I, int O, float beta,
+                         dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+void gpu_lin_free(gpu_lin *L)
+{
+}
+
+int gpu_lin_fwd(gpu_lin *L, gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *w, int N, int I,
+                int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_dgrad(gpu_lin *L, gpu_bf16 *d_in, const gpu_bf16 *d_out, const gpu_bf16 *w, int N,
+                  int I, int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gpu_lin_wgrad(gpu_lin *L, float *d_w, const gpu_bf16 *d_out, const gpu_bf16 *in, int N,
+                  int I, int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
 }

@@ -774,6 +774,8 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (loader_open(&t->val, o->data, &vp, e))
             return -1;
     }
+    if (o->fp8 && !o->cuda)
+        return err_set(e, "--fp8 needs --device cuda");
     if (o->cuda) {
         int ngpu = gpu_count();
         if (ngpu <= 0)
@@ -782,7 +784,8 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (o->sft || o->doc_mask)
             return err_set(e, "--device cuda: attention masked by document (--sft, --doc-mask) "
                            "is not on the GPU yet; use --device cpu");
-        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e))
+        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e) ||
+            (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
             return -1;
         /* One process: AdamW on the device as well; with ZeRO ranks it stays on the host
          * shards (the gradients are fetched for the reduce-scatter). */
@@ -1111,8 +1114,8 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
         if (mfu >= 0)
             snprintf(mfus, sizeof mfus, "  MFU %.1f%%", 100 * mfu);
         fprintf(t->out, "step %" PRIu64 "%s  loss %.6f%s  lr %.3e  gnorm %.4f  tok/s %s%s  "
-                "load max/mean %.2f  mem %.0f MiB%s\n", t->st.step, total, so->loss, mtp,
-                so->lr, so->norm, rate, mfus, worst, rss,
+                "load max/mean %.2f  mem %.0f MiB%s%s\n", t->st.step, total, so->loss, mtp,
+                so->lr, so->norm, rate, mfus, worst, rss, o->fp8 ? "  fp8" : "",
                 so->skipped ? "  SKIPPED (non-finite)" : "");
         fflush(t->out);
     }

@@ -75,6 +75,7 @@ typedef struct train_opts {
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
     int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel); the
                                optimizer, ZeRO and balance update stay on the host arrays */
+    int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
 } train_opts;
 
 void train_opts_default(train_opts *o);

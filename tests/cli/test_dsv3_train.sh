@@ -21,6 +21,7 @@ expect_err bad_unit 2 "unit" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --
 expect_err bad_schedule 2 "before it starts" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --decay-start 10 --decay-end 5
 expect_err sft_needs_id 2 "sft-assistant-id" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --sft
 expect_err cuda_no_gpu_or_data 1 "GPU backend\|cannot open the data folder" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --device cuda
+expect_err fp8_needs_cuda 2 "--fp8 needs --device cuda" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --fp8
 expect_err unknown_option 2 "Try 'dsv3-train --help'" dsv3-train --bogus
 check usage_no_output test ! -e "$T/x"
 

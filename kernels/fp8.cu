@@ -1,0 +1,357 @@
+/* fp8: block-scaled E4M3 quantisation kernels. See fp8.h.
+ *
+ * Bit-exactness with lib/fp8 rests on three things: the amax is exact (a max of absolute
+ * values), s = amax / 448 and x / s are IEEE float divisions (no fast math here: __fdiv_rn
+ * spells it out), and the hardware conversion cvt.rn.satfinite.e4m3x2.f32 rounds to nearest
+ * even and saturates at 448 like fp8_e4m3_from_f32. */
+#include <cuda_fp8.h>
+
+#include "fp8.h"
+#include "gpuctx_internal.cuh"
+
+__device__ __forceinline__ float tile_scale(float amax)
+{
+    return amax > 0.0f ? __fdiv_rn(amax, FP8_E4M3_MAX) : 1.0f;
+}
+
+__device__ __forceinline__ uint8_t to_e4m3(float x, float s)
+{
+    return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(x, s), __NV_SATFINITE, __NV_E4M3);
+}
+
+/* Two codes at once, a in the low byte. */
+__device__ __forceinline__ uint16_t to_e4m3x2(float a, float b, float s)
+{
+    return (uint16_t)__nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)),
+                                              __NV_SATFINITE, __NV_E4M3);
+}
+
+__device__ __forceinline__ float ld(const float *p) { return *p; }
+__device__ __forceinline__ float ld(const bf16 *p) { return b2f(*p); }
+
+/* ---- activations, 1x128 along a row ---------------------------------------------------- */
+
+/* One warp per 1x128 tile, four elements a lane. vec: cols % 4 == 0 and x 8-byte aligned,
+ * so a lane's four values are one 8-byte load and its four codes one 4-byte store. */
+template <bool vec>
+__global__ void quant_act_kernel(uint8_t *q, float *s, const bf16 *x, int rows, int cols)
+{
+    int lane = threadIdx.x & 31, nb = (cols + FP8_BLOCK - 1) / FP8_BLOCK;
+    int64_t tiles = (int64_t)rows * nb;
+    int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t t = warp; t < tiles; t += nwarps) {
+        int64_t r = t / nb;
+        int cb = (int)(t % nb), c = cb * FP8_BLOCK + lane * 4;
+        const bf16 *xr = x + r * cols;
+        float v[4] = {0, 0, 0, 0};
+        if (vec) {
+            if (c < cols) {
+                uint2 u = *(const uint2 *)(xr + c);
+                float2 a = __bfloat1622float2(*(__nv_bfloat162 *)&u.x);
+                float2 b = __bfloat1622float2(*(__nv_bfloat162 *)&u.y);
+                v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (c + j < cols)
+                    v[j] = b2f(xr[c + j]);
+        }
+        float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+        float sc = tile_scale(warp_max(amax));
+        uint8_t *qr = q + r * cols;
+        if (vec) {
+            if (c < cols)
+                *(uint32_t *)(qr + c) = (uint32_t)to_e4m3x2(v[0], v[1], sc) |
+                                        ((uint32_t)to_e4m3x2(v[2], v[3], sc) << 16);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (c + j < cols)
+                    qr[c + j] = to_e4m3(v[j], sc);
+        }
+        if (lane == 0)
+            s[(int64_t)cb * rows + r] = sc;
+    }
+}
+
+/* 16-byte version: cols % 8 == 0, x 16-byte and q 8-byte aligned. A half-warp per tile, eight
+ * values a lane (one 16-byte load), two tiles in flight per half-warp; the loop bound is
+ * the same for the whole warp, so the shuffles never diverge. */
+#define QA_UNROLL 2
+__global__ void quant_act_vec8_kernel(uint8_t *q, float *s, const bf16 *x, int rows, int cols)
+{
+    int lane = threadIdx.x & 31, half = lane >> 4, hl = lane & 15;
+    int nb = (cols + FP8_BLOCK - 1) / FP8_BLOCK;
+    int64_t tiles = (int64_t)rows * nb;
+    int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t base = warp * 2 * QA_UNROLL; base < tiles; base += nwarps * 2 * QA_UNROLL) {
+        float v[QA_UNROLL][8];
+        int64_t t[QA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < QA_UNROLL; u++) {
+            t[u] = base + 2 * u + half;
+            int64_t r = t[u] / nb;
+            int c = (int)(t[u] % nb) * FP8_BLOCK + hl * 8;
+            if (t[u] < tiles && c < cols) {
+                uint4 w = *(const uint4 *)(x + r * cols + c);
+                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&w;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float2 f = __bfloat1622float2(h[i]);
+                    v[u][2 * i] = f.x, v[u][2 * i + 1] = f.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[u][i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < QA_UNROLL; u++) {
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                amax = fmaxf(amax, fabsf(v[u][i]));
+            for (int o = 8; o > 0; o >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float sc = tile_scale(amax);
+            int64_t r = t[u] / nb;
+            int cb = (int)(t[u] % nb), c = cb * FP8_BLOCK + hl * 8;
+            if (t[u] < tiles && c < cols) {
+                uint2 out;
+                out.x = (uint32_t)to_e4m3x2(v[u][0], v[u][1], sc) |
+                        ((uint32_t)to_e4m3x2(v[u][2], v[u][3], sc) << 16);
+                out.y = (uint32_t)to_e4m3x2(v[u][4], v[u][5], sc) |
+                        ((uint32_t)to_e4m3x2(v[u][6], v[u][7], sc) << 16);
+                *(uint2 *)(q + r * cols + c) = out;
+            }
+            if (t[u] < tiles && hl == 0)
+                s[(int64_t)cb * rows + r] = sc;
+        }
+    }
+}
+
+/* ---- activations transposed (and, fused, row-wise): one 128x128 tile a block ----------- */
+
+/* The tile goes to shared memory as bf16 pairs, rows 65 words apart (column reads below hit
+ * 32 banks). While loading, each half-warp holds one row of the tile (eight values a lane),
+ * which is a row-wise 1x128 tile: with q given, it is quantised there and then (the fused
+ * form: x read once for both layouts). Then each warp quantises 16 columns: lane l holds
+ * rows l, l+32, l+64, l+96 of a column, so a warp's store is 32 consecutive bytes of qt. */
+#define QT_STRIDE 65 /* words (bf16 pairs) per shared row */
+template <bool vec>
+__global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, uint8_t *qt,
+                                                          float *st, const bf16 *x, int rows,
+                                                          int cols)
+{
+    __shared__ uint32_t tile[FP8_BLOCK * QT_STRIDE];
+    int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
+    int c0 = blockIdx.x * FP8_BLOCK, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    int hl = tid & 15;
+    for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
+        int r = pass * 16 + (tid >> 4), c = hl * 8;
+        float v[8];
+        bool in_row = r0 + r < rows;
+        if (vec) {
+            if (in_row && c0 + c < cols) {
+                uint4 u = *(const uint4 *)(x + (r0 + r) * cols + c0 + c);
+                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float2 f = __bfloat1622float2(h[i]);
+                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    v[i] = 0.0f;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = in_row && c0 + c + i < cols ? b2f(x[(r0 + r) * cols + c0 + c + i]) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]); /* exact */
+            tile[r * QT_STRIDE + hl * 4 + i] = *(uint32_t *)&p;
+        }
+        if (q) {
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                amax = fmaxf(amax, fabsf(v[i]));
+            for (int o = 8; o > 0; o >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float sc = tile_scale(amax);
+            uint8_t *qr = q + (r0 + r) * cols + c0;
+            if (in_row) {
+                if (vec && c0 + c < cols) {
+                    uint2 out;
+                    out.x = (uint32_t)to_e4m3x2(v[0], v[1], sc) |
+                            ((uint32_t)to_e4m3x2(v[2], v[3], sc) << 16);
+                    out.y = (uint32_t)to_e4m3x2(v[4], v[5], sc) |
+                            ((uint32_t)to_e4m3x2(v[6], v[7], sc) << 16);
+                    *(uint2 *)(qr + c) = out;
+                } else if (!vec) {
+                    for (int i = 0; i < 8; i++)
+                        if (c0 + c + i < cols)
+                            qr[c + i] = to_e4m3(v[i], sc);
+                }
+                if (hl == 0)
+                    s[(int64_t)blockIdx.x * rows + r0 + r] = sc;
+            }
+        }
+    }
+    __syncthreads();
+    const __nv_bfloat16 *tb = (const __nv_bfloat16 *)tile;
+    for (int k = 0; k < FP8_BLOCK / 8; k++) {
+        int c = w * (FP8_BLOCK / 8) + k;
+        if (c0 + c >= cols)
+            break;
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            v[j] = b2f(tb[(lane + 32 * j) * QT_STRIDE * 2 + c]);
+        float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+        float sc = tile_scale(warp_max(amax));
+        uint8_t *qr = qt + (int64_t)(c0 + c) * rows;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (r0 + lane + 32 * j < rows)
+                qr[r0 + lane + 32 * j] = to_e4m3(v[j], sc);
+        if (lane == 0)
+            st[(int64_t)blockIdx.y * cols + c0 + c] = sc;
+    }
+}
+
+/* ---- weights, 128x128 blocks ----------------------------------------------------------- */
+
+/* One block of 512 threads per 128x128 tile: thread t holds column t % 128 of rows t / 128,
+ * +4, +8, ... (32 values in registers: the tile is read once), the block's amax gives the
+ * scale, codes go out row-major and, through a shared byte tile, transposed. */
+#define QW_THREADS 512
+#define QW_PER (FP8_BLOCK * FP8_BLOCK / QW_THREADS)
+template <typename T>
+__global__ void __launch_bounds__(QW_THREADS) quant_weight_kernel(uint8_t *q, float *s,
+                                                                  uint8_t *qt, float *st,
+                                                                  const T *w, int rows,
+                                                                  int cols, int ld_s, int ld_st)
+{
+    __shared__ uint8_t tq[FP8_BLOCK][FP8_BLOCK + 4];
+    __shared__ float scratch[32];
+    const int step = QW_THREADS / FP8_BLOCK;
+    int tid = threadIdx.x, c = tid % FP8_BLOCK, rr = tid / FP8_BLOCK;
+    int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
+    int c0 = blockIdx.x * FP8_BLOCK;
+    int nr = rows - r0 < FP8_BLOCK ? (int)(rows - r0) : FP8_BLOCK;
+    bool col_ok = c0 + c < cols;
+    const T *wp = w + (r0 + rr) * cols + c0 + c;
+    float v[QW_PER];
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < QW_PER; i++) {
+        v[i] = (col_ok && rr + step * i < nr) ? ld(wp + (int64_t)step * i * cols) : 0.0f;
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    float sc = tile_scale(block_max(amax, scratch));
+    uint8_t *qp = q ? q + (r0 + rr) * cols + c0 + c : NULL;
+#pragma unroll
+    for (int i = 0; i < QW_PER; i++) {
+        uint8_t code = to_e4m3(v[i], sc);
+        if (qp && col_ok && rr + step * i < nr)
+            qp[(int64_t)step * i * cols] = code;
+        tq[c][rr + step * i] = code;
+    }
+    if (tid == 0) {
+        if (s)
+            s[(int64_t)blockIdx.y * ld_s + blockIdx.x] = sc;
+        if (st)
+            st[(int64_t)blockIdx.x * ld_st + blockIdx.y] = sc;
+    }
+    if (!qt)
+        return;
+    __syncthreads();
+    for (int idx = tid; idx < FP8_BLOCK * FP8_BLOCK; idx += QW_THREADS) {
+        int cc = idx / FP8_BLOCK, r = idx % FP8_BLOCK;
+        if (c0 + cc < cols && r < nr)
+            qt[(int64_t)(c0 + cc) * rows + r0 + r] = tq[cc][r];
+    }
+}
+
+/* ---- entry points ---------------------------------------------------------------------- */
+
+extern "C" int gpu_fp8_quant_act(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x, int rows,
+                                 int cols, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    int64_t tiles = (int64_t)rows * fp8_blocks(cols);
+    const bf16 *xb = (const bf16 *)x;
+    if (cols % 8 == 0 && aligned16(x) && ((uintptr_t)q & 7) == 0) {
+        unsigned grid = grid_for(tiles * 16 / QA_UNROLL, 256);
+        quant_act_vec8_kernel<<<grid, 256, 0, c->stream>>>(q, s, xb, rows, cols);
+    } else if (cols % 4 == 0 && ((uintptr_t)x & 7) == 0 && ((uintptr_t)q & 3) == 0) {
+        quant_act_kernel<true><<<grid_for(tiles * 32, 256), 256, 0, c->stream>>>(q, s, xb, rows,
+                                                                                  cols);
+    } else {
+        quant_act_kernel<false><<<grid_for(tiles * 32, 256), 256, 0, c->stream>>>(q, s, xb, rows,
+                                                                                   cols);
+    }
+    LAUNCH_CHECK("quant_act_kernel", e);
+    return 0;
+}
+
+extern "C" int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                                      const gpu_bf16 *x, int rows, int cols, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    if (fp8_blocks(rows) > 65535)
+        return err_set(e, "fp8: %d rows are too many for one transposed quantisation", rows);
+    dim3 grid((unsigned)fp8_blocks(cols), (unsigned)fp8_blocks(rows));
+    const bf16 *xb = (const bf16 *)x;
+    if (cols % 8 == 0 && aligned16(x) && (!q || ((uintptr_t)q & 7) == 0))
+        quant_act_t_kernel<true><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+    else
+        quant_act_t_kernel<false><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+    LAUNCH_CHECK("quant_act_t_kernel", e);
+    return 0;
+}
+
+extern "C" int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x,
+                                   int rows, int cols, dsv3_err *e)
+{
+    return gpu_fp8_quant_act_both(c, NULL, NULL, qt, st, x, rows, cols, e);
+}
+
+template <typename T>
+static int quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st, const T *w,
+                        int rows, int cols, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    if (fp8_blocks(rows) > 65535)
+        return err_set(e, "fp8: %d weight rows are too many", rows);
+    dim3 grid((unsigned)fp8_blocks(cols), (unsigned)fp8_blocks(rows));
+    quant_weight_kernel<T><<<grid, QW_THREADS, 0, c->stream>>>(
+        q, s, qt, st, w, rows, cols, (int)gpu_fp8_ld(cols), (int)gpu_fp8_ld(rows));
+    LAUNCH_CHECK("quant_weight_kernel", e);
+    return 0;
+}
+
+extern "C" int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                                    const float *w, int rows, int cols, dsv3_err *e)
+{
+    return quant_weight<float>(c, q, s, qt, st, w, rows, cols, e);
+}
+
+extern "C" int gpu_fp8_quant_weight_bf16(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt,
+                                         float *st, const gpu_bf16 *w, int rows, int cols,
+                                         dsv3_err *e)
+{
+    return quant_weight<bf16>(c, q, s, qt, st, (const bf16 *)w, rows, cols, e);
+}
