@@ -127,7 +127,7 @@ int dp_gather_params(dp *d, float *params, dsv3_err *e)
 int dp_plan_buckets(dp *d, comm *dc, const size_t *ready, int n_ready, size_t target,
                     dsv3_err *e)
 {
-    size_t w = (size_t)d->world;
+    size_t w = (size_t)d->world, u = 4 * w;
     if (n_ready < 1 || ready[n_ready - 1] != 0)
         return err_set(e, "dp_plan_buckets: the last ready point must be 0");
     for (int k = 1; k < n_ready; k++)
@@ -139,9 +139,10 @@ int dp_plan_buckets(dp *d, comm *dc, const size_t *ready, int n_ready, size_t ta
         return err_set(e, "out of memory");
     d->dc = dc;
     d->nbk = 0;
-    size_t hi = d->n_pad;
+    d->dn_pad = (d->n + u - 1) / u * u;
+    size_t hi = d->dn_pad;
     for (int k = 0; k < n_ready && hi > 0; k++) {
-        size_t lo = (ready[k] + w - 1) / w * w;   /* at or above the point: all final */
+        size_t lo = (ready[k] + u - 1) / u * u;   /* at or above the point: all final */
         if (lo >= hi || (hi - lo < target && k < n_ready - 1))
             continue;
         dp_bucket *b = &d->bk[d->nbk++];

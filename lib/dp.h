@@ -36,11 +36,12 @@ typedef struct dp {
     comm *dc;             /* the device comm (NCCL) the bucket collectives run on */
     struct dp_bucket *bk; /* [nbk], from the top of the array down */
     int nbk;
-    size_t bshard;        /* elements of this rank's bucketed shard: n_pad / world */
+    size_t dn_pad;        /* n rounded up to a multiple of 4 x world: the device arrays */
+    size_t bshard;        /* elements of this rank's bucketed shard: dn_pad / world */
 } dp;
 
-/* A bucket of the device layout: the elements [lo, hi) of the padded array (hi - lo a
- * multiple of world), reduce-scattered as one call once the backward has passed ready
+/* A bucket of the device layout: the elements [lo, hi) of the padded array (lo, hi
+ * multiples of 4 x world, so every piece starts at a 16-byte boundary for vector loads), reduce-scattered as one call once the backward has passed ready
  * point `ready`; rank r owns [lo + r*piece, lo + (r+1)*piece), stored at shard_off of its
  * shard. */
 typedef struct dp_bucket {
@@ -78,10 +79,10 @@ int dp_gather_params(dp *d, float *params, dsv3_err *e);
 /* ---- data parallelism on device buffers (bucketed for overlap with the backward) ----
  *
  * ready[0..n_ready) are offsets, descending, ending at 0: once the backward has passed
- * point k, the gradients of [ready[k], n) are final. Buckets are cut at multiples of world
- * at or above a ready point, from the top (n_pad) down, each closed when it holds at least
+ * point k, the gradients of [ready[k], n) are final. Buckets are cut at multiples of
+ * 4 x world at or above a ready point, from the top (dn_pad) down, each closed when it holds at least
  * `target` elements or at point 0, so bucket b can be reduce-scattered as soon as point
- * bk[b].ready is passed. The padded tail [n, n_pad) sits in the top bucket. Also sets d->dc. */
+ * bk[b].ready is passed. The padded tail [n, dn_pad) sits in the top bucket. Also sets d->dc. */
 int dp_plan_buckets(dp *d, comm *dc, const size_t *ready, int n_ready, size_t target,
                     dsv3_err *e);
 /* The pieces of this rank's bucketed shard inside the real parameters [0, n): span i is
@@ -89,10 +90,10 @@ int dp_plan_buckets(dp *d, comm *dc, const size_t *ready, int n_ready, size_t ta
  * entries; returns the number of spans (empty ones left out). */
 int dp_shard_spans(const dp *d, size_t *dev, size_t *sh, size_t *len);
 /* Reduce-scatter (sum, F32) of bucket b of the device gradients grads ([n_pad]) into this
- * rank's shard gshard, queued on `stream`. */
+ * rank's shard gshard, queued on `stream`. Device arrays hold dn_pad elements. */
 int dp_dev_reduce_bucket(dp *d, int b, const float *grads, float *gshard, void *stream,
                          dsv3_err *e);
-/* All-gather of every bucket into full ([n_pad] elements of `type`): from the shard
+/* All-gather of every bucket into full ([dn_pad] elements of `type`): from the shard
  * `shard` (bucketed, NULL: full itself holds each rank's pieces in place), on `stream`. */
 int dp_dev_gather(dp *d, const void *shard, void *full, int type, void *stream, dsv3_err *e);
 

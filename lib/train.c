@@ -417,7 +417,7 @@ static int gdp_setup(trainer *t, dsv3_err *e)
     if (dp_plan_buckets(d, t->dcomm, pts, np, (size_t)(mb > 0 ? mb * 262144.0 : 1), e))
         goto out;
     int ns = dp_shard_spans(d, dev, sh, len);
-    if (gmodel_dp_init(t->gm, d->n_pad, d->bshard, ns, dev, sh, len, t->opt.m, t->opt.v, e))
+    if (gmodel_dp_init(t->gm, d->dn_pad, d->bshard, ns, dev, sh, len, t->opt.m, t->opt.v, e))
         goto out;
     uint64_t steps = t->opt.t;
     optim_free(&t->opt);
@@ -440,7 +440,7 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
         return -1;
     if (!t->hbuf && !(t->hbuf = malloc(d->n * sizeof *t->hbuf)))
         return err_set(e, "out of memory for the checkpoint's moments");
-    void *full = gmodel_dev_alloc(d->n_pad * 2, e);
+    void *full = gmodel_dev_alloc(d->dn_pad * 2, e);
     int rc = full ? 0 : -1;
     for (int w = 0; w < 2 && !rc; w++) {
         rc = dp_dev_gather(d, gmodel_dp_moment(t->gm, w), full, COMM_BF16,

@@ -30,8 +30,9 @@ static void make_points(size_t n, size_t *pts, int k)
 }
 
 /* The plan's rules: buckets tile [0, n_pad) from the top down, each a multiple of world,
- * starting at or above its ready point (every gradient in it final by then), ready points
- * in launch order, all but the lowest at least the target; shards tile n_pad / world. */
+ * starting at or above its ready point (every gradient in it final by then), on 16-byte
+ * boundaries, ready points in launch order, all but the lowest at least the target;
+ * shards tile dn_pad / world. */
 static void plan_rules(void)
 {
     const int worlds[] = {1, 2, 3, 4, 7, 8};
@@ -51,12 +52,13 @@ static void plan_rules(void)
             d.n_pad = d.shard * W;
             REQUIRE(dp_plan_buckets(&d, NULL, pts, k, target, &e) == 0);
             REQUIRE(d.nbk >= 1);
-            CHECK(d.bk[0].hi == d.n_pad && d.bk[d.nbk - 1].lo == 0);
-            CHECK(d.bshard * (size_t)W == d.n_pad);
+            CHECK(d.bk[0].hi == d.dn_pad && d.bk[d.nbk - 1].lo == 0);
+            CHECK(d.dn_pad >= n && d.dn_pad < n + 4 * (size_t)W && d.dn_pad % (4 * (size_t)W) == 0);
+            CHECK(d.bshard * (size_t)W == d.dn_pad);
             size_t sum = 0;
             for (int b = 0; b < d.nbk; b++) {
                 const dp_bucket *x = &d.bk[b];
-                CHECKF(x->hi > x->lo && (x->hi - x->lo) % (size_t)W == 0, "W %d bucket %d", W, b);
+                CHECKF(x->hi > x->lo && x->lo % (4 * (size_t)W) == 0 && x->piece % 4 == 0, "W %d bucket %d", W, b);
                 CHECK(x->piece * (size_t)W == x->hi - x->lo);
                 CHECKF(x->lo >= pts[x->ready], "bucket %d starts below its ready point", b);
                 if (b > 0) {
@@ -151,9 +153,9 @@ static void *run_rank(void *arg)
     if (dp_layout(&d, j->n, &e) || dp_plan_buckets(&d, c, j->pts, j->k, j->target, &e))
         FAIL("layout: %s", e.msg);
     int W = d.world, r = d.rank;
-    g = calloc(d.n_pad, sizeof *g), gs = calloc(d.bshard, sizeof *gs);
-    full = calloc(d.n_pad, sizeof *full);
-    ms = calloc(d.bshard, sizeof *ms), mf = calloc(d.n_pad, sizeof *mf);
+    g = calloc(d.dn_pad, sizeof *g), gs = calloc(d.bshard, sizeof *gs);
+    full = calloc(d.dn_pad, sizeof *full);
+    ms = calloc(d.bshard, sizeof *ms), mf = calloc(d.dn_pad, sizeof *mf);
     if (!g || !gs || !full || !ms || !mf)
         FAIL("out of memory");
     for (size_t i = 0; i < d.n; i++)
