@@ -88,9 +88,8 @@ int dp_broadcast_bytes(dp *d, void *buf, size_t n, int root, dsv3_err *e)
     return d->world == 1 ? 0 : comm_broadcast(d->c, buf, n, COMM_U8, root, e);
 }
 
-/* HOOK(dp-overlap): on the GPU the reduce-scatter goes per bucket of layers as the backward
- * finishes them (the backward runs from the last layer to the first), so the
- * communication hides behind the remaining backward; on the CPU one call per update. */
+/* The host path: one call per update after the backward. On GPUs the reduce-scatter goes
+ * per bucket as the backward finishes them (dp_dev_reduce_bucket below). */
 int dp_reduce_grads(dp *d, const float *grads, float **g, dsv3_err *e)
 {
     if (d->world == 1) {

@@ -9,8 +9,8 @@
  *
  * A single process (no comm, or a world of 1) owns the whole array: every call is then a
  * no-op that touches no buffer, so one process computes exactly what it did without this
- * module. The calls take plain pointers so that a device backend can pass device memory
- * through the same calls once the collectives run on it (lib/comm's NCCL backend). */
+ * module. On GPUs (dsv3-train --device cuda) it also owns the bucketed device layout and
+ * its collectives on device buffers over lib/comm's NCCL backend (the dp_dev_* calls). */
 #ifndef DSV3_DP_H
 #define DSV3_DP_H
 

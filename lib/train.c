@@ -424,6 +424,10 @@ static int gdp_setup(trainer *t, dsv3_err *e)
     if (optim_init_range(&t->opt, &t->m, &t->o->adam, d->lo, d->hi, e))
         goto out;
     t->opt.t = steps;
+    if (t->log)
+        fprintf(t->log, "dsv3-train: data parallel on device buffers: %d rank%s over NCCL, %d "
+                "gradient buckets, overlap %s, shard of %zu of %zu parameters\n", d->world,
+                d->world > 1 ? "s" : "", d->nbk, t->overlap ? "on" : "off", d->bshard, d->n);
     rc = 0;
 out:
     free(pts), free(dev), free(sh), free(len);

@@ -60,6 +60,7 @@ ranks() {
     st=0
     for p in $pids; do wait "$p" || st=1; done
     cp "$run.rank0.log" "$LOG/${run##*/}.log" 2>/dev/null
+    grep -m1 "data parallel on device" "$run.rank0.log" | sed "s|^dsv3-train|  ${run##*/}|" | tee -a "$S"
     [ $st -eq 0 ] || { say "FAILED: $run ($n ranks): $(tail -n 2 "$run".rank*.log | tr '\n' ' ')"; }
     return $st
 }
@@ -137,7 +138,7 @@ sigterm_run() {
 # configs/small.json with 16 routed experts instead of 20: the GPU path needs every tensor
 # at a 16-byte boundary for cuBLASLt, and 20 router biases would break it
 sed 's/"n_routed_experts": 20/"n_routed_experts": 16/' configs/small.json >"$T/small16.json"
-SMALL="-c $T/small16.json -b 4 -g 16 --steps 20 --mtp-weight 0 --balance-alpha 0 --device cuda --quiet --keep 0"
+SMALL="-c $T/small16.json -b 4 -g 16 --steps 20 --mtp-weight 0 --balance-alpha 0 --device cuda --keep 0"
 mkdata "$T/dsmall" 32768 256 400 8 >/dev/null || say "FAILED: small data"
 
 if [ "$mode" = one ]; then
@@ -170,7 +171,7 @@ say "  $(same_ckpt "$T/dpN" "$T/termN" 20)"
 
 say "== (b) tokens/s, configs/1b-moe.json, seq 4096, B $B, global batch $GB x 4096, $STEPS steps (median of steps 2..)"
 mkdata "$T/dbig" 129280 4096 $((GB * STEPS + GB)) 0 >/dev/null || say "FAILED: 1b data"
-BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --quiet --keep 1"
+BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --keep 1"
 single "$T/big1" $BIG
 t1=$(median "$T/big1")
 rm -rf "$T/big1"
