@@ -70,6 +70,15 @@ struct gmodel {
     gpu_tensor_list *tl;
     float *d_norm;
     gpu_lin lin;                 /* dense linear layers: bf16, or FP8 (gmodel_set_fp8) */
+    /* data parallelism on device buffers (gmodel_dp_init): arrays padded to n_alloc, the
+     * moments and summed gradient of this rank's shard only, the communication stream */
+    size_t n_alloc;
+    int dp_on;
+    float *gshard;
+    cudaStream_t cstream;
+    cudaEvent_t ev_fence, ev_join;
+    gmodel_bwd_hook hook;
+    void *hook_ctx;
 };
 
 /* ---- small kernels ---- */
@@ -473,14 +482,15 @@ extern "C" int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t 
 {
     if (download_flat(g, params, g->master, 4, e))
         return -1;
-    if (g->tl && (download_flat(g, m, g->mom_m, 2, e) || download_flat(g, v, g->mom_v, 2, e)))
+    if (g->tl && !g->dp_on &&
+        (download_flat(g, m, g->mom_m, 2, e) || download_flat(g, v, g->mom_v, 2, e)))
         return -1;
     return 0;
 }
 
 extern "C" int gmodel_zero_grad(gmodel *g, dsv3_err *e)
 {
-    return gpu_memset(g->c, g->grads, 0, g->n_params * 4, e);
+    return gpu_memset(g->c, g->grads, 0, g->n_alloc * 4, e);
 }
 
 extern "C" int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e)
@@ -488,6 +498,199 @@ extern "C" int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e)
     k_scale<<<blocks((int64_t)g->n_params), 256, 0, ST(g)>>>(g->grads, f, (int64_t)g->n_params);
     LAUNCH_CHECK("k_scale", e);
     return 0;
+}
+
+/* ---- data parallelism on device buffers ---- */
+
+extern "C" void gmodel_set_bwd_hook(gmodel *g, gmodel_bwd_hook fn, void *ctx)
+{
+    g->hook = fn;
+    g->hook_ctx = ctx;
+}
+
+/* The lowest offset of block b's tensors: where its part of the flat array starts. */
+static size_t block_lo(const gm_block *b)
+{
+    size_t v[] = {b->ln1, b->qa, b->qaln, b->qb, b->q, b->kva, b->kvaln, b->kvb, b->o,
+                  b->ln2, b->w1, b->w2, b->router, b->rbias, b->sw1, b->sw2, b->region};
+    size_t lo = NONE;
+    for (size_t i = 0; i < sizeof v / sizeof *v; i++)
+        lo = v[i] < lo ? v[i] : lo;
+    return lo;
+}
+
+extern "C" int gmodel_ready_points(const gmodel *g, size_t *pts)
+{
+    /* the MTP modules follow the head in the layout and keep zero gradients here */
+    pts[0] = off_of(g->m, g->m->w.final_norm);
+    for (int l = g->nl - 1; l >= 0; l--)
+        pts[g->nl - l] = block_lo(&g->blk[l]);
+    pts[g->nl + 1] = 0;
+    return g->nl + 2;
+}
+
+/* A device buffer of n floats grown to n_alloc, the tail zero. */
+static int grow(gmodel *g, float **p, size_t n, size_t n_alloc, dsv3_err *e)
+{
+    float *q = (float *)gpu_malloc(n_alloc * 4, e);
+    if (!q)
+        return -1;
+    CUDA_TRY(cudaMemcpyAsync(q, *p, n * 4, cudaMemcpyDeviceToDevice, ST(g)), e);
+    CUDA_TRY(cudaMemsetAsync(q + n, 0, (n_alloc - n) * 4, ST(g)), e);
+    CUDA_TRY(cudaStreamSynchronize(ST(g)), e);
+    gpu_free(*p);
+    *p = q;
+    return 0;
+}
+
+typedef struct unit { size_t off, n; int decay; } unit;
+
+static int cmp_unit(const void *a, const void *b)
+{
+    size_t x = ((const unit *)a)->off, y = ((const unit *)b)->off;
+    return x < y ? -1 : x > y;
+}
+
+/* The optimizer's list over the shard: every trainable tensor (or expert region) cut by
+ * the spans, master and compute copy at the device offset, gradient and moments at the
+ * shard offset. */
+static int shard_list(gmodel *g, int ns, const size_t *dev, const size_t *sh, const size_t *len,
+                      dsv3_err *e)
+{
+    const dsv3_model *mo = g->m;
+    int nu = 0, cap = mo->n_t + g->n_regions;
+    unit *u = (unit *)calloc((size_t)cap, sizeof *u);
+    if (!u)
+        return err_set(e, "gmodel: out of memory");
+    for (int i = 0; i < mo->n_t; i++)
+        if (mo->t[i].trainable && !is_in_region(g, mo->t[i].off))
+            u[nu++] = (unit){mo->t[i].off, (size_t)mo->t[i].numel, mo->t[i].ndim == 2};
+    for (int r = 0; r < g->n_regions; r++)
+        u[nu++] = (unit){g->regions[r], g->region_floats, 1};
+    qsort(u, (size_t)nu, sizeof *u, cmp_unit);
+    int k = 0, kcap = nu + 2 * ns + 8, rc = -1;
+    float **P = (float **)calloc((size_t)kcap, sizeof *P), **Gr = (float **)calloc((size_t)kcap, sizeof *Gr);
+    gpu_bf16 **M = (gpu_bf16 **)calloc((size_t)kcap, sizeof *M), **Vv = (gpu_bf16 **)calloc((size_t)kcap, sizeof *Vv);
+    gpu_bf16 **Wb = (gpu_bf16 **)calloc((size_t)kcap, sizeof *Wb);
+    int64_t *n = (int64_t *)calloc((size_t)kcap, sizeof *n);
+    int *dec = (int *)calloc((size_t)kcap, sizeof *dec);
+    if (P && Gr && M && Vv && Wb && n && dec) {
+        for (int s = 0; s < ns; s++)
+            for (int i = 0; i < nu; i++) {
+                size_t lo = u[i].off > dev[s] ? u[i].off : dev[s];
+                size_t hi = u[i].off + u[i].n < dev[s] + len[s] ? u[i].off + u[i].n
+                                                                : dev[s] + len[s];
+                if (lo >= hi)
+                    continue;
+                size_t so = sh[s] + (lo - dev[s]);
+                P[k] = g->master + lo, Gr[k] = g->gshard + so;
+                M[k] = (gpu_bf16 *)g->mom_m + so, Vv[k] = (gpu_bf16 *)g->mom_v + so;
+                Wb[k] = (gpu_bf16 *)g->wbf + lo, n[k] = (int64_t)(hi - lo), dec[k] = u[i].decay;
+                k++;
+            }
+        rc = gpu_tensor_list_create(g->c, &g->tl, k, P, Gr, M, Vv, Wb, n, dec, e);
+    } else {
+        err_set(e, "gmodel: out of memory");
+    }
+    free(u), free(P), free(Gr), free(M), free(Vv), free(Wb), free(n), free(dec);
+    return rc;
+}
+
+/* Moments of the whole array (flat layout, host) into the shard: grouped on the device
+ * through tmp, then each span copied out. */
+static int shard_moments(gmodel *g, bf16 *dst, const uint16_t *src, bf16 *tmp, int ns,
+                         const size_t *dev, const size_t *sh, const size_t *len, dsv3_err *e)
+{
+    if (gpu_upload(g->c, tmp, src, g->n_params * 2, e) || group_all(g, tmp, 2, e))
+        return -1;
+    for (int s = 0; s < ns; s++)
+        CUDA_TRY(cudaMemcpyAsync(dst + sh[s], tmp + dev[s], len[s] * 2,
+                                 cudaMemcpyDeviceToDevice, ST(g)),
+                 e);
+    return gpu_sync(g->c, e);
+}
+
+extern "C" int gmodel_dp_init(gmodel *g, size_t n_pad, size_t shard, int ns, const size_t *dev,
+                              const size_t *sh, const size_t *len, const uint16_t *m,
+                              const uint16_t *v, dsv3_err *e)
+{
+    if (g->tl || g->dp_on)
+        return err_set(e, "gmodel_dp_init: the device optimizer is already set up");
+    if (grow(g, &g->master, g->n_params, n_pad, e) || grow(g, &g->grads, g->n_params, n_pad, e))
+        return -1;
+    g->n_alloc = n_pad;
+    size_t sb = (shard ? shard : 1) * 2;
+    if (!(g->gshard = (float *)gpu_malloc(sb * 2, e)) ||
+        !(g->mom_m = (bf16 *)gpu_malloc(sb, e)) || !(g->mom_v = (bf16 *)gpu_malloc(sb, e)) ||
+        !(g->d_norm = (float *)gpu_malloc(4, e)) ||
+        gpu_memset(g->c, g->gshard, 0, sb * 2, e) || gpu_memset(g->c, g->mom_m, 0, sb, e) ||
+        gpu_memset(g->c, g->mom_v, 0, sb, e))
+        return -1;
+    if (m && v) {
+        bf16 *tmp = (bf16 *)gpu_malloc(g->n_params * 2, e);
+        int rc = !tmp || shard_moments(g, g->mom_m, m, tmp, ns, dev, sh, len, e) ||
+                 shard_moments(g, g->mom_v, v, tmp, ns, dev, sh, len, e);
+        gpu_free(tmp);
+        if (rc)
+            return -1;
+    }
+    CUDA_TRY(cudaStreamCreateWithFlags(&g->cstream, cudaStreamNonBlocking), e);
+    CUDA_TRY(cudaEventCreateWithFlags(&g->ev_fence, cudaEventDisableTiming), e);
+    CUDA_TRY(cudaEventCreateWithFlags(&g->ev_join, cudaEventDisableTiming), e);
+    g->dp_on = 1;
+    return shard_list(g, ns, dev, sh, len, e);
+}
+
+extern "C" void *gmodel_dp_stream(gmodel *g) { return g->cstream; }
+extern "C" void *gmodel_stream(gmodel *g) { return gpu_ctx_stream(g->c); }
+extern "C" float *gmodel_dev_grads(gmodel *g) { return g->grads; }
+extern "C" float *gmodel_dev_master(gmodel *g) { return g->master; }
+extern "C" float *gmodel_dp_gshard(gmodel *g) { return g->gshard; }
+extern "C" void *gmodel_dp_moment(gmodel *g, int which) { return which ? g->mom_v : g->mom_m; }
+
+extern "C" int gmodel_scale_range(gmodel *g, size_t lo, size_t hi, float f, dsv3_err *e)
+{
+    if (hi <= lo || f == 1.0f)
+        return 0;
+    int64_t n = (int64_t)(hi - lo);
+    k_scale<<<blocks(n), 256, 0, ST(g)>>>(g->grads + lo, f, n);
+    LAUNCH_CHECK("k_scale", e);
+    return 0;
+}
+
+extern "C" int gmodel_dp_fence(gmodel *g, dsv3_err *e)
+{
+    CUDA_TRY(cudaEventRecord(g->ev_fence, ST(g)), e);
+    CUDA_TRY(cudaStreamWaitEvent(g->cstream, g->ev_fence, 0), e);
+    return 0;
+}
+
+extern "C" int gmodel_dp_join(gmodel *g, dsv3_err *e)
+{
+    CUDA_TRY(cudaEventRecord(g->ev_join, g->cstream), e);
+    CUDA_TRY(cudaStreamWaitEvent(ST(g), g->ev_join, 0), e);
+    return 0;
+}
+
+extern "C" int gmodel_set_grad_norm(gmodel *g, float norm, dsv3_err *e)
+{
+    return gpu_upload(g->c, g->d_norm, &norm, 4, e);
+}
+
+extern "C" int gmodel_refresh_bf16(gmodel *g, dsv3_err *e)
+{
+    return gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e);
+}
+
+extern "C" int gmodel_download_flat(gmodel *g, void *host, const void *dev, size_t es,
+                                    dsv3_err *e)
+{
+    return download_flat(g, host, dev, es, e);
+}
+
+extern "C" void *gmodel_dev_alloc(size_t bytes, dsv3_err *e)
+{
+    return gpu_malloc(bytes, e);
 }
 
 /* ---- create ---- */
@@ -509,6 +712,12 @@ extern "C" void gmodel_destroy(gmodel *g)
     gpu_free(g->mom_v);
     gpu_free(g->d_norm);
     gpu_tensor_list_destroy(g->tl);
+    gpu_free(g->gshard);
+    if (g->cstream) {
+        cudaStreamDestroy(g->cstream);
+        cudaEventDestroy(g->ev_fence);
+        cudaEventDestroy(g->ev_join);
+    }
     if (g->c)
         gpu_ctx_destroy(g->c);
     free(g->blk);
@@ -575,7 +784,7 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
     g->T = T;
     g->N = B * T;
     g->nl = c->num_hidden_layers;
-    g->n_params = m->n_params;
+    g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
     g->chunk_rows = (int)(((size_t)512 << 20) / ((size_t)V * 6));
     g->chunk_rows = g->chunk_rows < 64 ? 64 : g->chunk_rows / 64 * 64;
@@ -972,13 +1181,16 @@ extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
                         B16(g->hfinal), W(off_of(m, m->w.final_norm)), g->rstdf, N, H,
                         (float)c->rms_norm_eps, e))
         return -1;
+    if (g->hook && g->hook(g->hook_ctx, 0, e))
+        return -1;
     for (int l = g->nl - 1; l >= 0; l--)
-        if (block_bwd(g, &g->blk[l], &g->a[l], e))
+        if (block_bwd(g, &g->blk[l], &g->a[l], e) ||
+            (g->hook && g->hook(g->hook_ctx, g->nl - l, e)))
             return -1;
-    return gpu_embedding_bwd(g->c, G(off_of(m, m->w.embed)), B16(g->dx), g->ids, N, H, V, e) ||
-                   gpu_sync(g->c, e)
-               ? -1
-               : 0;
+    if (gpu_embedding_bwd(g->c, G(off_of(m, m->w.embed)), B16(g->dx), g->ids, N, H, V, e) ||
+        (g->hook && g->hook(g->hook_ctx, g->nl + 1, e)))
+        return -1;
+    return gpu_sync(g->c, e);
 }
 
 extern "C" int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)

@@ -85,6 +85,45 @@ int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float eps, float
 /* Master weights and moments (when the device optimizer is on) to the host arrays. */
 int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_err *e);
 
+/* ---- data parallelism on device buffers (lib/dp's bucketed layout; lib/train.c) ----
+ * The trainer reduce-scatters each bucket of gradients on a communication stream as soon as
+ * the backward has finished it, AdamW runs over this rank's shard, the master weights are
+ * all-gathered in place and the compute copy refreshed. */
+
+/* Called by gmodel_backward (when set) after the head and final norm (point 0), after
+ * block l (point nl - l) and after the embedding (point nl + 1), with the work queued on
+ * the compute stream; the gradients of [pts[point], n) are then final once that work runs. */
+typedef int (*gmodel_bwd_hook)(void *ctx, int point, dsv3_err *e);
+void gmodel_set_bwd_hook(gmodel *g, gmodel_bwd_hook fn, void *ctx);
+/* The nl + 2 ready points of the hook, descending offsets ending with 0; returns nl + 2. */
+int gmodel_ready_points(const gmodel *g, size_t *pts);
+/* The sharded device optimizer (instead of gmodel_optim_init): master and gradients padded
+ * to n_pad; the shard's summed gradient and bf16 moments ([shard]); span i holds device
+ * elements [dev[i], dev[i]+len[i]) at shard offset sh[i]; moments taken from m, v (flat
+ * layout, whole array; NULL: zero). gmodel_grad_norm then gives the shard's norm and
+ * gmodel_adamw updates the shard (clipping by the norm set with gmodel_set_grad_norm). */
+int gmodel_dp_init(gmodel *g, size_t n_pad, size_t shard, int ns, const size_t *dev,
+                   const size_t *sh, const size_t *len, const uint16_t *m, const uint16_t *v,
+                   dsv3_err *e);
+void *gmodel_stream(gmodel *g);       /* the compute stream (cudaStream_t) */
+void *gmodel_dp_stream(gmodel *g);    /* the communication stream */
+float *gmodel_dev_grads(gmodel *g);   /* [n_pad], device layout */
+float *gmodel_dev_master(gmodel *g);  /* [n_pad], device layout */
+float *gmodel_dp_gshard(gmodel *g);   /* [shard] */
+void *gmodel_dp_moment(gmodel *g, int which);  /* 0: m, 1: v; bf16 [shard] */
+/* Scales the device gradients [lo, hi) on the compute stream. */
+int gmodel_scale_range(gmodel *g, size_t lo, size_t hi, float f, dsv3_err *e);
+/* The communication stream waits for the compute stream's work so far (fence), or the
+ * compute stream for the communication stream's (join). */
+int gmodel_dp_fence(gmodel *g, dsv3_err *e);
+int gmodel_dp_join(gmodel *g, dsv3_err *e);
+int gmodel_set_grad_norm(gmodel *g, float norm, dsv3_err *e);
+/* The bf16 compute copy from the master weights (after their all-gather). */
+int gmodel_refresh_bf16(gmodel *g, dsv3_err *e);
+/* A device buffer in the device layout to the host in the flat layout (es: 2 or 4). */
+int gmodel_download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3_err *e);
+void *gmodel_dev_alloc(size_t bytes, dsv3_err *e);
+
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's
  * model_expert_load); -1 for a dense layer or before a forward. */
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts);

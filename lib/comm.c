@@ -267,6 +267,33 @@ int comm_open(comm **c, comm_device dev, dsv3_err *e)
     return comm_open_launch(c, dev, &l, e);
 }
 
+int comm_open_device(comm **out, comm *host, dsv3_err *e)
+{
+    *out = NULL;
+    comm_launch l;
+    if (!host && comm_detect_launch(&l, e) < 0)
+        return -1;
+    comm *c = calloc(1, sizeof *c);
+    if (!c)
+        return err_set(e, "out of memory");
+    c->launch = host ? host->launch : l;
+    c->dev = COMM_GPU;
+    comm_backend *boot = host && host->b.world > 1 ? &host->b : NULL;
+    if (!host && c->launch.world > 1) {
+        int w = c->launch.world;
+        free(c);
+        return err_set(e, "comm_open_device: a job of %d ranks needs the CPU comm to join", w);
+    }
+    if (comm_nccl_open(&c->b, &c->launch, boot) < 0) {
+        err_set(e, "rank %d of %d (%s): %s", c->launch.rank, c->launch.world,
+                c->launch.launcher, c->b.err);
+        free(c);
+        return -1;
+    }
+    *out = c;
+    return 0;
+}
+
 void comm_close(comm *c)
 {
     if (!c)

@@ -45,6 +45,9 @@ typedef struct comm comm;
 int comm_open(comm **c, comm_device dev, dsv3_err *e);
 /* As comm_open with a launch the caller filled (tests, programs that take --rank). */
 int comm_open_launch(comm **c, comm_device dev, const comm_launch *l, dsv3_err *e);
+/* A GPU (NCCL) comm beside the CPU one `host` of the same job (NULL: this process alone):
+ * NCCL's unique id goes through host, which must outlive the new comm. */
+int comm_open_device(comm **c, comm *host, dsv3_err *e);
 void comm_close(comm *c);
 
 int comm_rank(const comm *c);

@@ -357,3 +357,33 @@ int gpu_lin_wgrad(gpu_lin *L, float *d_w, const gpu_bf16 *d_out, const gpu_bf16 
 {
     return no_cuda(e);
 }
+
+/* kernels/gmodel.h: data parallelism on device buffers */
+void gmodel_set_bwd_hook(gmodel *g, gmodel_bwd_hook fn, void *ctx) {}
+int gmodel_ready_points(const gmodel *g, size_t *pts) { return 0; }
+int gmodel_dp_init(gmodel *g, size_t n_pad, size_t shard, int ns, const size_t *dev,
+                   const size_t *sh, const size_t *len, const uint16_t *m, const uint16_t *v,
+                   dsv3_err *e)
+{
+    return no_cuda(e);
+}
+void *gmodel_stream(gmodel *g) { return NULL; }
+void *gmodel_dp_stream(gmodel *g) { return NULL; }
+float *gmodel_dev_grads(gmodel *g) { return NULL; }
+float *gmodel_dev_master(gmodel *g) { return NULL; }
+float *gmodel_dp_gshard(gmodel *g) { return NULL; }
+void *gmodel_dp_moment(gmodel *g, int which) { return NULL; }
+int gmodel_scale_range(gmodel *g, size_t lo, size_t hi, float f, dsv3_err *e) { return no_cuda(e); }
+int gmodel_dp_fence(gmodel *g, dsv3_err *e) { return no_cuda(e); }
+int gmodel_dp_join(gmodel *g, dsv3_err *e) { return no_cuda(e); }
+int gmodel_set_grad_norm(gmodel *g, float norm, dsv3_err *e) { return no_cuda(e); }
+int gmodel_refresh_bf16(gmodel *g, dsv3_err *e) { return no_cuda(e); }
+int gmodel_download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+void *gmodel_dev_alloc(size_t bytes, dsv3_err *e)
+{
+    no_cuda(e);
+    return NULL;
+}

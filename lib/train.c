@@ -204,6 +204,16 @@ typedef struct trainer {
     int gm_dirty;         /* the host parameters changed since the last upload */
     int gm_opt;           /* the optimizer runs on the GPU too (one process): the device
                              holds the weights and moments, synced to the host to save */
+    /* Data parallelism on device buffers (--device cuda with several ranks, or one rank
+     * with DSV3_DP_NCCL=1): gradients reduce-scattered per bucket over NCCL, AdamW on this
+     * rank's shard on the device, master weights all-gathered (lib/dp's bucketed layout). */
+    int gdp;
+    int overlap;          /* buckets launched during the last backward (DSV3_DP_OVERLAP=0: at
+                             its end, for measuring) */
+    comm *dcomm;          /* the NCCL comm beside o->comm */
+    int next_bk;          /* the next bucket to reduce-scatter this step */
+    float bk_scale;       /* the step's final gradient scale, applied per bucket */
+    uint16_t *hbuf;       /* [n_params]: a moment in the flat layout, for checkpoints */
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -332,15 +342,123 @@ static int be_scale_grads(trainer *t, float f, dsv3_err *e)
     return 0;
 }
 
+/* On the GPU the host gradients are either unused (the optimizer on the device) or
+ * overwritten whole by be_fetch_grads: clearing them (a host memset of 4.6 GB a step for
+ * 1.1B parameters) is left out. */
 static int be_zero_grad(trainer *t, dsv3_err *e)
 {
-    model_zero_grad(&t->m);
+    if (!t->gm)
+        model_zero_grad(&t->m);
     return t->gm ? gmodel_zero_grad(t->gm, e) : 0;
 }
 
 static int be_fetch_grads(trainer *t, dsv3_err *e)
 {
     return t->gm ? gmodel_get_grads(t->gm, t->m.grads, e) : 0;
+}
+
+/* ---- data parallelism on device buffers ---- */
+
+/* Reduce-scatters, on the communication stream, every bucket not yet sent whose gradients
+ * are final once the backward has passed ready point `point`, each scaled by f first (the
+ * step's final rescale, n_last / N) on the compute stream, which the communication stream
+ * waits for. */
+static int gdp_launch(trainer *t, int point, float f, dsv3_err *e)
+{
+    dp *d = &t->dp;
+    int first = t->next_bk;
+    for (; t->next_bk < d->nbk && d->bk[t->next_bk].ready <= point; t->next_bk++) {
+        const dp_bucket *b = &d->bk[t->next_bk];
+        if (gmodel_scale_range(t->gm, b->lo, b->hi < d->n ? b->hi : d->n, f, e))
+            return -1;
+    }
+    if (t->next_bk == first)
+        return 0;
+    if (gmodel_dp_fence(t->gm, e))
+        return -1;
+    for (int i = first; i < t->next_bk; i++)
+        if (dp_dev_reduce_bucket(d, i, gmodel_dev_grads(t->gm), gmodel_dp_gshard(t->gm),
+                                 gmodel_dp_stream(t->gm), e))
+            return -1;
+    return 0;
+}
+
+static int gdp_hook(void *ctx, int point, dsv3_err *e)
+{
+    trainer *t = ctx;
+    return gdp_launch(t, point, t->bk_scale, e);
+}
+
+/* After the step's backwards: the buckets not sent yet (all of them without overlap, or
+ * when the last forward had no target), then the compute stream waits for them all. */
+static int gdp_finish(trainer *t, int64_t last_n, int64_t n_all, dsv3_err *e)
+{
+    float f = last_n && n_all ? (float)((double)last_n / (double)n_all) : 1.0f;
+    return gdp_launch(t, INT32_MAX, f, e) || gmodel_dp_join(t->gm, e) ? -1 : 0;
+}
+
+/* Joins NCCL beside the job's CPU comm, cuts the device layout into buckets at the
+ * backward's ready points and moves the optimizer to the device shard. The moments come
+ * from t->opt, loaded for the whole array (setup_model); t->opt is then cut to the host
+ * shard [lo, hi) that checkpoints hold. */
+static int gdp_setup(trainer *t, dsv3_err *e)
+{
+    dp *d = &t->dp;
+    int nl = t->m.cfg.num_hidden_layers, rc = -1;
+    const char *s = getenv("DSV3_DP_BUCKET_MB");
+    double mb = s && *s ? atof(s) : 64;
+    const char *ov = getenv("DSV3_DP_OVERLAP");
+    t->overlap = !(ov && !strcmp(ov, "0"));
+    size_t *pts = calloc((size_t)nl + 2, sizeof *pts), *dev = calloc((size_t)nl + 2, sizeof *dev);
+    size_t *sh = calloc((size_t)nl + 2, sizeof *sh), *len = calloc((size_t)nl + 2, sizeof *len);
+    if (!pts || !dev || !sh || !len) {
+        err_set(e, "out of memory");
+        goto out;
+    }
+    if (comm_open_device(&t->dcomm, t->o->comm, e))
+        goto out;
+    int np = gmodel_ready_points(t->gm, pts);
+    if (dp_plan_buckets(d, t->dcomm, pts, np, (size_t)(mb > 0 ? mb * 262144.0 : 1), e))
+        goto out;
+    int ns = dp_shard_spans(d, dev, sh, len);
+    if (gmodel_dp_init(t->gm, d->dn_pad, d->bshard, ns, dev, sh, len, t->opt.m, t->opt.v, e))
+        goto out;
+    uint64_t steps = t->opt.t;
+    optim_free(&t->opt);
+    if (optim_init_range(&t->opt, &t->m, &t->o->adam, d->lo, d->hi, e))
+        goto out;
+    t->opt.t = steps;
+    if (t->log)
+        fprintf(t->log, "dsv3-train: data parallel on device buffers: %d rank%s over NCCL, %d "
+                "gradient buckets, overlap %s, shard of %zu of %zu parameters\n", d->world,
+                d->world > 1 ? "s" : "", d->nbk, t->overlap ? "on" : "off", d->bshard, d->n);
+    rc = 0;
+out:
+    free(pts), free(dev), free(sh), free(len);
+    return rc;
+}
+
+/* The device state to the host for a checkpoint: the master weights (whole on every rank)
+ * and the moments, all-gathered from the bucketed shards, put in the flat layout and cut
+ * to this rank's shard of lib/dp's flat layout, which the checkpoint files hold. */
+static int gdp_sync_host(trainer *t, dsv3_err *e)
+{
+    dp *d = &t->dp;
+    if (gmodel_sync_host(t->gm, t->m.params, NULL, NULL, e))
+        return -1;
+    if (!t->hbuf && !(t->hbuf = malloc(d->n * sizeof *t->hbuf)))
+        return err_set(e, "out of memory for the checkpoint's moments");
+    void *full = gmodel_dev_alloc(d->dn_pad * 2, e);
+    int rc = full ? 0 : -1;
+    for (int w = 0; w < 2 && !rc; w++) {
+        rc = dp_dev_gather(d, gmodel_dp_moment(t->gm, w), full, COMM_BF16,
+                           gmodel_stream(t->gm), e) ||
+             gmodel_download_flat(t->gm, t->hbuf, full, 2, e);
+        if (!rc)
+            memcpy(w ? t->opt.v : t->opt.m, t->hbuf + d->lo, (d->hi - d->lo) * 2);
+    }
+    gpu_free(full);
+    return rc ? -1 : 0;
 }
 
 /* One forward (and backward) of the B rows in t->ids/t->tgt. On the CPU the model divides
@@ -396,7 +514,17 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         if (a->prev_n && a->prev_n != n &&
             be_scale_grads(t, (float)((double)a->prev_n / (double)n), e))
             return -1;
-        if (be_backward(t, e))
+        /* The step's last backward: each bucket of gradients leaves as soon as it is final
+         * (norm_main: the step's targets over all ranks, as the final rescale below). */
+        int hook = t->gdp && t->overlap && t->q.n == 0;
+        if (hook) {
+            t->bk_scale = (float)((double)n / (double)t->m.norm_main);
+            gmodel_set_bwd_hook(t->gm, gdp_hook, t);
+        }
+        int rc = be_backward(t, e);
+        if (hook)
+            gmodel_set_bwd_hook(t->gm, NULL, NULL);
+        if (rc)
             return -1;
         a->prev_n = n;
     } else if (model_backward(&t->m, t->acts, t->ids, t->tgt, e)) {
@@ -698,8 +826,10 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
         return err_set(e, "%s: the data's vocabulary (%" PRIu64 " tokens) does not fit the "
                        "model's vocab_size %d (%s)", o->data, t->data_vocab,
                        t->m.cfg.vocab_size, o->config ? o->config : "the model's config.json");
+    /* on device buffers the moments are read whole and cut to the device shard (gdp_setup) */
     if (dp_layout(&t->dp, t->m.n_params, e) ||
-        optim_init_range(&t->opt, &t->m, &o->adam, t->dp.lo, t->dp.hi, e))
+        optim_init_range(&t->opt, &t->m, &o->adam, t->gdp ? 0 : t->dp.lo,
+                         t->gdp ? t->m.n_params : t->dp.hi, e))
         return -1;
     if (found) {
         if (trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
@@ -784,17 +914,18 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (o->sft || o->doc_mask)
             return err_set(e, "--device cuda: attention masked by document (--sft, --doc-mask) "
                            "is not on the GPU yet; use --device cpu");
-        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, t->dp.rank % ngpu, e) ||
+        /* one GPU per rank of a node: the local rank picks it */
+        const comm_launch *cl = o->comm ? comm_launch_info(o->comm) : NULL;
+        int dev = (cl && cl->local_world > 0 ? cl->local_rank : t->dp.rank) % ngpu;
+        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, dev, e) ||
             (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
             return -1;
-        /* One process: AdamW on the device as well; with ZeRO ranks it stays on the host
-         * shards (the gradients are fetched for the reduce-scatter). */
-        if (t->dp.world == 1) {
-            if (gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
-                return -1;
-            t->gm_opt = 1;
-        }
-        set_mfu_basis(t, t->dp.rank % ngpu);
+        /* AdamW on the device: the whole array for one process, this rank's shard with
+         * several (gradients reduce-scattered over NCCL) */
+        if (t->gdp ? gdp_setup(t, e) : gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
+            return -1;
+        t->gm_opt = 1;
+        set_mfu_basis(t, dev);
     } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
         return -1;
     }
@@ -844,6 +975,8 @@ static void teardown(trainer *t)
     metrics_close(&t->met);
     model_acts_free(t->acts);
     gmodel_destroy(t->gm);
+    comm_close(t->dcomm);
+    free(t->hbuf);
     if (t->train)
         loader_close(t->train);
     if (t->val)
@@ -912,7 +1045,7 @@ static void end_step(trainer *t, step_out *so, double t0)
 static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_err *e)
 {
     const train_opts *o = t->o;
-    if (a->n && a->prev_n != a->n &&
+    if (!t->gdp && a->n && a->prev_n != a->n &&
         gmodel_scale_grads(t->gm, (float)((double)a->prev_n / (double)a->n), e))
         return -1;
     so->targets = a->n;
@@ -921,6 +1054,12 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
     if (gmodel_grad_norm(t->gm, &norm, e))
         return -1;
     so->norm = norm;
+    if (t->gdp) {  /* the shards' squared sums over the ranks: the global norm, for clipping */
+        double sq = (double)norm * norm;
+        if (dp_sum_f64(&t->dp, &sq, 1, e) || gmodel_set_grad_norm(t->gm, (float)sqrt(sq), e))
+            return -1;
+        so->norm = sqrt(sq);
+    }
     if (!isfinite(so->loss) || !isfinite(so->norm)) {
         if (!o->skip_nonfinite)
             return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
@@ -935,6 +1074,10 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
         if (gmodel_adamw(t->gm, (float)so->lr, (float)p->beta1, (float)p->beta2, (float)p->eps,
                          (float)p->weight_decay, o->clip > 0 ? (float)o->clip : 0.0f,
                          (int)t->opt.t, e))
+            return -1;
+        if (t->gdp && (dp_dev_gather(&t->dp, NULL, gmodel_dev_master(t->gm), COMM_F32,
+                                     gmodel_stream(t->gm), e) ||
+                       gmodel_refresh_bf16(t->gm, e)))
             return -1;
         train_balance_update(&t->m, t->counts, a->routed, NULL, (float)so->gamma);
         const dsv3_config *c = &t->m.cfg;
@@ -970,14 +1113,17 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     if (load_step(t, so->seqs / (uint64_t)t->dp.world, e))
         return -1;
     int rc = be_zero_grad(t, e);
+    t->next_bk = 0;
     if (!rc)
         rc = run_records(t, t->train, 0, &a, 1, e);
+    int64_t n_all = t->m.norm_main;
     t->m.norm_main = t->m.norm_seqs = 0;  /* evaluation: each forward its own */
     t->m.norm_mtp = NULL;
     if (!rc && !t->gm_opt)
         rc = be_fetch_grads(t, e);
     int64_t local_n = a.n;
-    if (dp_agree(&t->dp, rc, NULL, e) || sum_stats(t, &a, e))
+    if (dp_agree(&t->dp, rc, NULL, e) || (t->gdp && gdp_finish(t, a.prev_n, n_all, e)) ||
+        sum_stats(t, &a, e))
         return -1;
     if (t->gm_opt)
         return gpu_update(t, so, &a, t0, e);
@@ -1174,7 +1320,8 @@ static int save_dp(trainer *t, dsv3_err *e)
 static int save(trainer *t, train_result *r, dsv3_err *e)
 {
     int crash = t->o->crash_in_save && ++t->n_saves == t->o->crash_in_save;
-    if (t->gm_opt && gmodel_sync_host(t->gm, t->m.params, t->opt.m, t->opt.v, e))
+    if (t->gdp ? gdp_sync_host(t, e)
+               : t->gm_opt && gmodel_sync_host(t->gm, t->m.params, t->opt.m, t->opt.v, e))
         return -1;
     if (t->dp.world > 1 ? save_dp(t, e)
                         : trainckpt_save(t->o->run, &t->m, &t->opt, &t->st, t->o->keep, crash, e))
@@ -1246,6 +1393,8 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
     memset(r, 0, sizeof *r);
     t->o = o;
     dp_open(&t->dp, o->comm);
+    const char *nccl = getenv("DSV3_DP_NCCL");
+    t->gdp = o->cuda && (t->dp.world > 1 || (nccl && !strcmp(nccl, "1")));
     t->log = t->dp.rank == 0 ? o->log : NULL;
     t->out = t->dp.rank == 0 ? o->out : NULL;
     int rc = setup(t, r, e);

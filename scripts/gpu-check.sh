@@ -36,6 +36,18 @@ for t in "$BUILD"/tests/gpu/test_*; do
     rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' "$name" "$p" "$f" "$s" "$secs")\n"
     grep '^# ' "$LOG/$name.log" | grep -v SEED >>"$LOG/notes.txt"
 done
+# dsv3-train's data parallelism on device buffers (tests/cli: NCCL at world size 1; two
+# ranks when there are two GPUs)
+if [ -f tests/cli/test_dsv3_train_gpudp.sh ]; then
+    start=$(date +%s)
+    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh tests/cli/test_dsv3_train_gpudp.sh >"$LOG/train_gpudp.log" 2>&1
+    st=$?
+    p=$(grep -c '^ok ' "$LOG/train_gpudp.log"); f=$(grep -c '^not ok ' "$LOG/train_gpudp.log")
+    s=$(grep -c '^skip ' "$LOG/train_gpudp.log")
+    [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    [ "$f" -ne 0 ] && all=1
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpudp "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
+fi
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
