@@ -1,5 +1,5 @@
 /* The GPU modules of a build without nvcc: no devices, and a clear message for any use.
- * Every function of kernels/*.h is here, so programs and tests link either way. */
+ * Every function of the kernels/ headers is here, so programs and tests link either way. */
 #include "../kernels/fp8gemm.h"
 #include "../kernels/fp8lin.h"
 #include "../kernels/gemm.h"
