@@ -2,7 +2,7 @@
 # dsv3-train with expert parallelism on the CPU (--ep, lib/ep): 2 ranks holding half the
 # experts each, and 4 ranks as 2 expert groups x 2 replicas, follow the single-process run
 # of the same global batch within float reassociation (losses, gradient norms, weights);
-# the checkpoint is one complete HF folder (a model shard per expert group) that resumes
+# over MPI and TCP alike; the checkpoint is one complete HF folder (a model shard per expert group) that resumes
 # exactly on the same ranks and is refused on others; bad --ep values are usage errors;
 # node-limited routing (--route-nodes) gives the same results on 1 and 2 ranks; the
 # metrics carry the rows each rank's experts received.
@@ -71,6 +71,18 @@ check ep2_folder_is_complete sh -c "dsv3-convert --verify '$S' >/dev/null 2>&1"
 # step (8 sequences x 32 tokens x 2 experts)
 rows=$(sed -n 's/.*"rows_per_rank":\[\[\([0-9]*\),\([0-9]*\)\].*/\1 \2/p' "$T/ep/metrics.jsonl" | head -n 1)
 check ep2_rows_per_rank test "$(echo $rows | awk '{ print $1 + $2 }')" = 512
+
+# The same exchange over the TCP backend (2 torchrun-style processes): the same bits as
+# under mpirun.
+export DSV3_COMM_TIMEOUT=20
+port=$((10000 + $$ % 19000))
+for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        dsv3-train $G --ep 2 -o "$T/tcp0" 2>"$T/tcp.$r" &
+done
+wait
+for f in loss grad_norm; do field $f "$T/ep0/metrics.jsonl"; field $f "$T/tcp0/metrics.jsonl"; done >"$T/l1"
+check ep2_tcp_same_as_mpi sh -c "[ \$(wc -l <'$T/l1') -eq 12 ] && [ \"\$(sed -n '1,3p;7,9p' '$T/l1')\" = \"\$(sed -n '4,6p;10,12p' '$T/l1')\" ]"
 
 # (b) 4 ranks as 2 expert groups x 2 replicas (their expert gradients summed), one-sequence
 # micro-batches, against one process.
