@@ -32,6 +32,10 @@
  * differentiates. A trainer that accumulates forwards sets the norm_* fields so that each
  * forward's parts are sums divided by the whole step's counts instead of its own means.
  *
+ * Expert parallelism (model_init_ep, the ep_* fields): a model may hold one group of every
+ * MoE block's routed experts; its forward and backward then exchange the routed rows with
+ * the ranks holding the others (lib/ep), computing the same function as the whole model.
+ *
  * The matmuls, attention heads and cross-entropy rows run on OpenMP threads; every output
  * element is summed in the same order whatever the thread count, so results are bitwise
  * the same as on one thread (tests/unit/test_model.c checks it). */
