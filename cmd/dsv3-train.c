@@ -8,6 +8,7 @@
 #include "../kernels/gpu.h"
 #include "../lib/cli.h"
 #include "../lib/comm.h"
+#include "../lib/config.h"
 #include "../lib/train.h"
 
 static const cli_program PROG = {
@@ -91,6 +92,15 @@ static const cli_program PROG = {
     "ranks train with data parallelism: each reads its share of the global batch, the\n"
     "optimizer state is sharded (ZeRO-1), rank 0 logs and writes the model; a signal to any\n"
     "rank stops them all with a checkpoint. See docs/DISTRIBUTED.md.\n"
+    "\n"
+    "Expert parallelism (docs/cluster.md):\n"
+    "      --ep=N               spread every MoE layer's routed experts over N ranks (N\n"
+    "                           divides the ranks and the experts; rank r holds group r mod\n"
+    "                           N); the rest stays data-parallel (default 1: off)\n"
+    "      --route-nodes=M      node-limited routing: a token's experts on at most M nodes\n"
+    "                           (V3: 4), nodes scored by their top k/M affinities\n"
+    "      --route-groups=G     the nodes the experts are cut into for --route-nodes\n"
+    "                           (default: the EP layout, N over the launcher's ranks a node)\n"
     "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
     "See dsv3-train(1).\n",
 };
@@ -101,7 +111,7 @@ enum {
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
     OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_PEAK, OPT_SKIP, OPT_EVAL_EVERY,
     OPT_EVAL_BATCHES, OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_FORCE, OPT_SFT, OPT_SFT_ASSIST,
-    OPT_SFT_USER, OPT_DOC_MASK,
+    OPT_SFT_USER, OPT_DOC_MASK, OPT_EP, OPT_ROUTE_NODES, OPT_ROUTE_GROUPS,
 };
 
 /* Set by SIGTERM/SIGUSR1; the trainer checks it after each update. */
@@ -129,6 +139,29 @@ static double parse_double(const char *opt, const char *s, double min, double ma
     if (cli_parse_double(opt, s, min, max, &v, &e))
         cli_usage(&PROG, "%s", e.msg);
     return v;
+}
+
+/* --ep against the job and the config (a usage error, exit 2, on every rank alike);
+ * with --init-from or --resume alone the expert count is checked once the model is read. */
+static void check_ep(const train_opts *o, int world)
+{
+    if (o->route_groups && !o->route_nodes)
+        cli_usage(&PROG, "--route-groups needs --route-nodes");
+    if (o->ep <= 1)
+        return;
+    if (world % o->ep)
+        cli_usage(&PROG, "--ep %d does not divide the %d ranks of the job", o->ep, world);
+    if (o->cuda)
+        cli_usage(&PROG, "--ep: expert parallelism runs on --device cpu only for now");
+    dsv3_config c;
+    dsv3_err e;
+    if (!o->config || config_load(&c, o->config, &e))
+        return;  /* a bad config is reported where it is read */
+    int E = c.n_routed_experts;
+    config_free(&c);
+    if (E <= 0 || E % o->ep)
+        cli_usage(&PROG, "--ep %d does not divide the %d routed experts of %s", o->ep, E,
+                  o->config);
 }
 
 /* The command line as one shell-readable line, for RUN/command.txt. */
@@ -203,6 +236,9 @@ int main(int argc, char **argv)
         {"sft-assistant-id", required_argument, NULL, OPT_SFT_ASSIST},
         {"sft-user-id", required_argument, NULL, OPT_SFT_USER},
         {"doc-mask", no_argument, NULL, OPT_DOC_MASK},
+        {"ep", required_argument, NULL, OPT_EP},
+        {"route-nodes", required_argument, NULL, OPT_ROUTE_NODES},
+        {"route-groups", required_argument, NULL, OPT_ROUTE_GROUPS},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -293,6 +329,13 @@ int main(int argc, char **argv)
         case OPT_FORCE: o.force = 1; break;
         case OPT_SFT: o.sft = 1; break;
         case OPT_DOC_MASK: o.doc_mask = 1; break;
+        case OPT_EP: o.ep = (int)parse_u64("--ep", optarg, 1, 1u << 20); break;
+        case OPT_ROUTE_NODES:
+            o.route_nodes = (int)parse_u64("--route-nodes", optarg, 1, 1u << 20);
+            break;
+        case OPT_ROUTE_GROUPS:
+            o.route_groups = (int)parse_u64("--route-groups", optarg, 1, 1u << 20);
+            break;
         case OPT_SFT_ASSIST:
             o.sft_assistant_id = (int64_t)parse_u64("--sft-assistant-id", optarg, 0, UINT32_MAX);
             break;
@@ -358,6 +401,7 @@ int main(int argc, char **argv)
     if (comm_open(&job, COMM_CPU, &e))
         cli_fail(&PROG, &e);
     int rank = comm_rank(job), world = comm_world(job);
+    check_ep(&o, world);
     o.comm = job;
     o.log = common.quiet ? NULL : stderr;
     o.out = common.quiet ? NULL : stdout;

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ep.h"
 #include "ops.h"
 #include "safetensors.h"
 
@@ -20,16 +21,32 @@ typedef struct walk {
     dsv3_model *m;
     float *base;
     int record;
-    size_t off;
+    size_t off;        /* next offset of a replicated tensor */
+    size_t eoff;       /* expert parallelism: next offset among the held experts ... */
+    size_t ebase;      /* ... which start here (n_dense) */
+    uint64_t draws;    /* normals model_init_random draws before the next tensor */
     int failed;
 } walk;
 
-static float *add(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, int trainable)
+static int is_norm(const char *name);
+
+/* expert: the routed expert a tensor belongs to (-1: none). Under expert parallelism the
+ * tensors of experts outside the held group are neither stored nor listed (NULL), but
+ * still counted in draws, so every layout initialises a held tensor alike. */
+static float *add_x(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, int trainable,
+                    int expert)
 {
+    dsv3_model *m = w->m;
     int64_t numel = ndim == 1 ? d0 : d0 * d1;
-    float *p = w->base ? w->base + w->off : NULL;
+    uint64_t draw0 = w->draws;
+    if (trainable && !is_norm(name))
+        w->draws += (uint64_t)numel;
+    int split = m->ep_size > 1 && expert >= 0;
+    if (split && expert / (m->cfg.n_routed_experts / m->ep_size) != m->ep_group)
+        return NULL;
+    size_t off = split ? w->ebase + w->eoff : w->off;
+    float *p = w->base ? w->base + off : NULL;
     if (w->record) {
-        dsv3_model *m = w->m;
         if (!(m->n_t & (m->n_t - 1))) {  /* grow at powers of two */
             model_tensor *t = realloc(m->t, (size_t)(m->n_t ? 2 * m->n_t : 1) * sizeof *t);
             if (!t) {
@@ -44,12 +61,22 @@ static float *add(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, i
         t->ndim = ndim;
         t->shape[0] = d0;
         t->shape[1] = ndim == 2 ? d1 : 0;
-        t->off = w->off;
+        t->off = off;
         t->numel = numel;
         t->trainable = trainable;
+        t->expert = expert;
+        t->draw0 = draw0;
     }
-    w->off += (size_t)numel;
+    if (split)
+        w->eoff += (size_t)numel;
+    else
+        w->off += (size_t)numel;
     return p;
+}
+
+static float *add(walk *w, const char *name, int ndim, int64_t d0, int64_t d1, int trainable)
+{
+    return add_x(w, name, ndim, d0, d1, trainable, -1);
 }
 
 #define ADD(field, nd, a, b, tr, ...)                                                      \
@@ -104,12 +131,12 @@ static int layout_block(walk *w, model_layer *L, int l)
             return -1;
     }
     for (int x = 0; x < E; x++) {
-        float *pg = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.gate_proj.weight", p, l,
-                                     x), n), 2, mi, H, 1);
-        float *pu = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.up_proj.weight", p, l,
-                                     x), n), 2, mi, H, 1);
-        float *pd = add(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.down_proj.weight", p, l,
-                                     x), n), 2, H, mi, 1);
+        float *pg = add_x(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.gate_proj.weight", p,
+                                       l, x), n), 2, mi, H, 1, x);
+        float *pu = add_x(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.up_proj.weight", p, l,
+                                       x), n), 2, mi, H, 1, x);
+        float *pd = add_x(w, (snprintf(n, sizeof n, "%s.%d.mlp.experts.%d.down_proj.weight", p,
+                                       l, x), n), 2, H, mi, 1, x);
         if (L) {
             L->e_gate[x] = pg;
             L->e_up[x] = pu;
@@ -207,18 +234,31 @@ static int is_norm(const char *name)
 
 int model_init(dsv3_model *m, const dsv3_config *c, dsv3_err *e)
 {
+    return model_init_ep(m, c, 1, 0, e);
+}
+
+int model_init_ep(dsv3_model *m, const dsv3_config *c, int size, int group, dsv3_err *e)
+{
     memset(m, 0, sizeof *m);
     if (config_check(c, "config", e))
         return -1;
+    if (size < 1 || group < 0 || group >= size || (size > 1 && c->n_routed_experts % size))
+        return err_set(e, "model: expert group %d of %d does not split %d routed experts",
+                       group, size, c->n_routed_experts);
     m->cfg = *c;
+    m->ep_size = size;
+    m->ep_group = group;
     if (c->json)
         json_incref(c->json);
-    walk w = {.m = m, .record = 1};
+    walk count = {.m = m};  /* sizes the replicated part: the held experts go after it */
+    layout(&count, NULL);
+    walk w = {.m = m, .record = 1, .ebase = count.off};
     if (layout(&w, NULL) || w.failed) {
         model_free(m);
         return err_set(e, "model: out of memory for the parameter table");
     }
-    m->n_params = w.off;
+    m->n_params = w.off + w.eoff;
+    m->n_dense = size > 1 ? w.off : m->n_params;
     m->params = malloc(m->n_params * sizeof(float));
     m->grads = calloc(m->n_params, sizeof(float));
     if (!m->params || !m->grads) {
@@ -226,7 +266,8 @@ int model_init(dsv3_model *m, const dsv3_config *c, dsv3_err *e)
         model_free(m);
         return err_set(e, "model: cannot allocate %zu GiB for parameters and gradients", gib);
     }
-    walk wp = {.m = m, .base = m->params}, wg = {.m = m, .base = m->grads};
+    walk wp = {.m = m, .base = m->params, .ebase = count.off};
+    walk wg = {.m = m, .base = m->grads, .ebase = count.off};
     if (layout(&wp, &m->w) || layout(&wg, &m->g)) {
         model_free(m);
         return err_set(e, "model: out of memory");
@@ -272,10 +313,11 @@ void model_init_random(dsv3_model *m, uint64_t seed, double std)
 {
     if (std <= 0)
         std = m->cfg.initializer_range;
-    uint64_t s = seed;
     for (int i = 0; i < m->n_t; i++) {
         float *p = m->params + m->t[i].off;
         int norm = is_norm(m->t[i].name), bias = !m->t[i].trainable;
+        /* the stream as if every earlier tensor had drawn: two mix() a normal */
+        uint64_t s = seed + 2 * m->t[i].draw0 * 0x9e3779b97f4a7c15ULL;
         for (int64_t j = 0; j < m->t[i].numel; j++)
             p[j] = norm ? 1.0f : bias ? 0.0f : (float)(std * normal(&s));
     }
@@ -304,6 +346,17 @@ static int is_mtp_copy(const dsv3_config *c, const char *name)
            !strcmp(name + end, "shared_head.head.weight");
 }
 
+/* Under expert parallelism: a routed expert's tensor of a group this model does not hold. */
+static int other_group(const dsv3_model *m, const char *name)
+{
+    int l, x, end = 0;
+    if (m->ep_size <= 1 ||
+        sscanf(name, "model.layers.%d.mlp.experts.%d.%n", &l, &x, &end) != 2 || !end)
+        return 0;
+    int per = m->cfg.n_routed_experts / m->ep_size;
+    return x >= 0 && x < m->cfg.n_routed_experts && x / per != m->ep_group;
+}
+
 static int load_file(dsv3_model *m, const st_file *f, unsigned char *seen, int flags,
                      dsv3_err *e)
 {
@@ -311,6 +364,8 @@ static int load_file(dsv3_model *m, const st_file *f, unsigned char *seen, int f
     for (int i = 0; i < f->n; i++) {
         const st_tensor *s = &f->t[i];
         const model_tensor *t = model_find(m, s->name);
+        if (!t && other_group(m, s->name))
+            continue;
         if (!t && is_mtp_copy(&m->cfg, s->name)) {
             if (s->ndim != 2 || s->shape[0] != m->cfg.vocab_size ||
                 s->shape[1] != m->cfg.hidden_size)
@@ -409,6 +464,12 @@ int model_load(dsv3_model *m, const char *dir, dsv3_err *e)
 
 int model_load_flags(dsv3_model *m, const char *dir, int flags, dsv3_err *e)
 {
+    return model_load_ep(m, dir, flags, 1, 0, e);
+}
+
+int model_load_ep(dsv3_model *m, const char *dir, int flags, int size, int group,
+                  dsv3_err *e)
+{
     char path[4096];
     dsv3_config c;
     memset(m, 0, sizeof *m);
@@ -429,7 +490,7 @@ int model_load_flags(dsv3_model *m, const char *dir, int flags, dsv3_err *e)
             any_mtp |= is_mtp_name(&c, fs[i].t[j].name);
     if ((flags & MODEL_LOAD_NO_MTP) || !any_mtp)
         c.num_nextn_predict_layers = 0;
-    int rc = model_init(m, &c, e);
+    int rc = model_init_ep(m, &c, size, group, e);
     config_free(&c);
     unsigned char *seen = rc ? NULL : calloc((size_t)m->n_t, 1);
     if (!rc && !seen)
@@ -522,6 +583,12 @@ typedef struct layer_acts {
     int *idx;                  /* [N,K] */
     float *eg, *eu, *eh, *ey;  /* per routed slot (token, k): [N*K, mi] x3, [N*K, H] */
     int routed;                /* idx holds a routing (frozen routing may reuse it) */
+    /* Expert parallelism, the holder's side of the last forward: rows received for this
+     * rank's experts, kept for the backward. */
+    int64_t *ep_cnt;           /* [ep size * per]: rows from block member g for held expert j */
+    float *ep_buf;             /* x [R,H] then g, u, h [R,mi], rows expert by expert */
+    size_t ep_cap;             /* floats ep_buf holds */
+    int64_t ep_rows;           /* R */
     const uint8_t *valid;      /* [N] or NULL (all): MTP module k's block has placeholder
                                 * rows (no t_{i+k} in the sequence or its document), left
                                 * out of the balance loss and the load */
@@ -560,6 +627,8 @@ struct model_acts {
     int64_t ce_norm;        /* what the main sum is divided by (norm_main or ce_count) */
     int64_t *mtp_norm;      /* [n_mtp]: the same for each MTP module */
     int64_t seq_norm;       /* what the balance loss's sum over sequences is divided by */
+    int ep_failed;          /* an expert-parallel exchange failed in this pass: ep_err */
+    dsv3_err ep_err;
     double balance;         /* alpha-weighted balance loss of the last forward */
     float **all;   /* every allocation, for freeing */
     int n_all, cap_all;
@@ -708,10 +777,20 @@ model_acts *model_acts_new(const dsv3_model *m, int B, int T, dsv3_err *e)
     return a;
 }
 
+static void free_ep(layer_acts *L)
+{
+    free(L->ep_cnt);
+    free(L->ep_buf);
+}
+
 void model_acts_free(model_acts *a)
 {
     if (!a)
         return;
+    for (int l = 0; a->l && l < a->n_layers; l++)
+        free_ep(&a->l[l]);
+    for (int k = 0; a->mtp && k < a->n_mtp; k++)
+        free_ep(&a->mtp[k].blk);
     for (int i = 0; i < a->n_all; i++)
         free(a->all[i]);
     free(a->all);
@@ -946,6 +1025,185 @@ static int experts_parallel(const dsv3_config *c, int N)
            (1 << 18);
 }
 
+static void mlp_backward(float *dx, const float *dy, const float *x, const float *g,
+                         const float *u, const float *h, const float *wg, const float *wu,
+                         const float *wd, float *dwg, float *dwu, float *dwd, int N, int H,
+                         int I, float *tmp);
+
+/* ---- expert parallelism: the holder's side ---- */
+
+static int ep_fail(model_acts *a, dsv3_err *e)
+{
+    a->ep_failed = 1;
+    a->ep_err = *e;
+    return -1;
+}
+
+/* Where the rows of (block member g, held expert j) sit: src[g * per + j] in the order they
+ * arrive (member by member, expert by expert within), dst[...] in expert-major order
+ * (expert by expert, member by member within), which the expert MLPs run on. */
+static void ep_offsets(const int64_t *cnt, int S, int per, int64_t *src, int64_t *dst,
+                       int64_t *from, int64_t *R)
+{
+    int64_t o = 0;
+    for (int g = 0; g < S; g++) {
+        from[g] = 0;
+        for (int j = 0; j < per; j++) {
+            src[g * per + j] = o;
+            o += cnt[g * per + j];
+            from[g] += cnt[g * per + j];
+        }
+    }
+    *R = o;
+    o = 0;
+    for (int j = 0; j < per; j++)
+        for (int g = 0; g < S; g++) {
+            dst[g * per + j] = o;
+            o += cnt[g * per + j];
+        }
+}
+
+/* Rows of width w between arrival order and expert-major order (to_expert: arrival ->
+ * expert-major). */
+static void ep_permute(const int64_t *cnt, const int64_t *src, const int64_t *dst, int n,
+                       float *out, const float *in, size_t w, int to_expert)
+{
+    for (int i = 0; i < n; i++) {
+        const float *f = in + (to_expert ? src[i] : dst[i]) * (int64_t)w;
+        float *t = out + (to_expert ? dst[i] : src[i]) * (int64_t)w;
+        memcpy(t, f, (size_t)cnt[i] * w * sizeof *t);
+    }
+}
+
+/* Rows routed on this rank to expert x: cnt_to[x], in xs [sum, H] sorted by expert. They go
+ * to the ranks holding the experts, which run them and return ys [sum, H] in the same order.
+ * The rows received for the held experts stay in L for the backward. A rank with nothing to
+ * send passes zero counts (xs, ys unused). */
+static int ep_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
+                      const int64_t *cnt_to, const float *xs, float *ys, dsv3_err *e)
+{
+    ep *p = m->ep;
+    const dsv3_config *c = &m->cfg;
+    int S = p->size, per = p->per, H = c->hidden_size, mi = c->moe_intermediate_size;
+    int64_t to[S], from[S], src[S * per], dst[S * per], R;
+    if (!L->ep_cnt && !(L->ep_cnt = malloc((size_t)S * per * sizeof *L->ep_cnt)))
+        return ep_fail(a, (err_set(e, "model: out of memory"), e));
+    if (ep_exchange_counts(p, cnt_to, L->ep_cnt, e))
+        return ep_fail(a, e);
+    for (int g = 0; g < S; g++) {
+        to[g] = 0;
+        for (int j = 0; j < per; j++)
+            to[g] += cnt_to[g * per + j];
+    }
+    ep_offsets(L->ep_cnt, S, per, src, dst, from, &R);
+    size_t need = (size_t)R * (H + 3 * (size_t)mi) + 1;
+    if (need > L->ep_cap) {
+        float *b = realloc(L->ep_buf, need * sizeof *b);
+        if (!b)
+            return ep_fail(a, (err_set(e, "model: out of memory for %lld expert rows",
+                                       (long long)R), e));
+        L->ep_buf = b;
+        L->ep_cap = need;
+    }
+    L->ep_rows = R;
+    float *x = L->ep_buf, *g = x + R * H, *u = g + R * mi, *h = u + R * mi;
+    float *io = malloc(((size_t)R * H + 1) * sizeof *io), *y = malloc(((size_t)R * H + 1) * 4);
+    int rc = !io || !y ? err_set(e, "model: out of memory for %lld expert rows", (long long)R)
+                       : ep_exchange_rows(p, xs, to, io, from, (size_t)H, e);
+    if (!rc) {
+        ep_permute(L->ep_cnt, src, dst, S * per, x, io, (size_t)H, 1);
+#pragma omp parallel for schedule(dynamic) if (R * H * mi > (1 << 18))
+        for (int j = 0; j < per; j++) {
+            int64_t o = dst[j], n = 0;
+            for (int q = 0; q < S; q++)
+                n += L->ep_cnt[q * per + j];
+            if (n)
+                mlp_forward(y + o * H, g + o * mi, u + o * mi, h + o * mi, x + o * H,
+                            W->e_gate[p->group * per + j], W->e_up[p->group * per + j],
+                            W->e_down[p->group * per + j], (int)n, H, mi);
+        }
+        ep_permute(L->ep_cnt, src, dst, S * per, io, y, (size_t)H, 0);
+        rc = ep_exchange_rows(p, io, from, ys, to, (size_t)H, e);
+    }
+    free(io);
+    free(y);
+    return rc ? ep_fail(a, e) : 0;
+}
+
+/* The backward of ep_forward: dys [sum, H] (the routing weight applied) for the rows this
+ * rank routed, in the forward's order, go to the experts' ranks; those add their experts'
+ * weight gradients and return the rows' input gradients into dxs [sum, H]. */
+static int ep_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
+                       const model_layer *G, layer_acts *L, const int64_t *cnt_to,
+                       const float *dys, float *dxs, dsv3_err *e)
+{
+    ep *p = m->ep;
+    const dsv3_config *c = &m->cfg;
+    int S = p->size, per = p->per, H = c->hidden_size, mi = c->moe_intermediate_size;
+    int64_t to[S], from[S], src[S * per], dst[S * per], R;
+    for (int g = 0; g < S; g++) {
+        to[g] = 0;
+        for (int j = 0; j < per; j++)
+            to[g] += cnt_to[g * per + j];
+    }
+    ep_offsets(L->ep_cnt, S, per, src, dst, from, &R);
+    float *x = L->ep_buf, *g = x + R * H, *u = g + R * mi, *h = u + R * mi;
+    float *io = malloc(((size_t)R * H + 1) * sizeof *io);
+    float *dy = malloc(((size_t)R * H + 1) * sizeof *dy);
+    float *dx = calloc((size_t)R * H + 1, sizeof *dx);
+    float *tmp = malloc(((size_t)R * 3 * mi + 1) * sizeof *tmp);
+    int rc = !io || !dy || !dx || !tmp
+                 ? err_set(e, "model: out of memory for %lld expert rows", (long long)R)
+                 : ep_exchange_rows(p, dys, to, io, from, (size_t)H, e);
+    if (!rc) {
+        ep_permute(L->ep_cnt, src, dst, S * per, dy, io, (size_t)H, 1);
+#pragma omp parallel for schedule(dynamic) if (R * H * mi > (1 << 18))
+        for (int j = 0; j < per; j++) {
+            int64_t o = dst[j], n = 0;
+            int xi = p->group * per + j;
+            for (int q = 0; q < S; q++)
+                n += L->ep_cnt[q * per + j];
+            if (n)
+                mlp_backward(dx + o * H, dy + o * H, x + o * H, g + o * mi, u + o * mi,
+                             h + o * mi, W->e_gate[xi], W->e_up[xi], W->e_down[xi],
+                             G->e_gate[xi], G->e_up[xi], G->e_down[xi], (int)n, H, mi,
+                             tmp + 3 * o * mi);
+        }
+        ep_permute(L->ep_cnt, src, dst, S * per, io, dx, (size_t)H, 0);
+        rc = ep_exchange_rows(p, io, from, dxs, to, (size_t)H, e);
+    }
+    free(io);
+    free(dy);
+    free(dx);
+    free(tmp);
+    return rc ? ep_fail(a, e) : 0;
+}
+
+static int ep_on(const dsv3_model *m)
+{
+    return m->ep && m->ep->size > 1;
+}
+
+/* The routed experts of one MoE block under expert parallelism: the rows go out sorted by
+ * expert (slots, off), come back into L->ey. xs and ys: scratch of N*K rows. */
+static void moe_experts_ep(const dsv3_model *m, model_acts *a, const model_layer *W,
+                           layer_acts *L, const int *slots, const int *off, float *xs,
+                           float *ys)
+{
+    const dsv3_config *c = &m->cfg;
+    int N = a->N, H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+    int64_t cnt[E];
+    for (int x = 0; x < E; x++)
+        cnt[x] = off[x + 1] - off[x];
+    for (int64_t r = 0; r < (int64_t)N * K; r++)
+        memcpy(xs + r * H, L->x2n + (int64_t)(slots[r] / K) * H, (size_t)H * 4);
+    dsv3_err e;
+    if (a->ep_failed || ep_forward(m, a, W, L, cnt, xs, ys, &e))
+        return;
+    for (int64_t r = 0; r < (int64_t)N * K; r++)
+        memcpy(L->ey + (int64_t)slots[r] * H, ys + r * H, (size_t)H * 4);
+}
+
 /* DeepSeekMoE: routed experts weighted by the router plus the shared experts. */
 static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W, layer_acts *L,
                         float *out, float *xs, float *ys)
@@ -960,9 +1218,16 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
         int reuse = a->freeze && L->routed;
         if (reuse)
             memcpy(frozen, idx, sizeof frozen);
-        router_forward(idx, L->w + (int64_t)n * K, L->s + (int64_t)n * E,
-                       L->logits + (int64_t)n * E, W->router_bias, E, c->n_group,
-                       c->topk_group, K, c->norm_topk_prob, (float)c->routed_scaling_factor);
+        if (m->route_nodes > 0)
+            router_forward_limited(idx, L->w + (int64_t)n * K, L->s + (int64_t)n * E,
+                                   L->logits + (int64_t)n * E, W->router_bias, E,
+                                   m->route_nodes, m->route_limit, K / m->route_limit, K,
+                                   c->norm_topk_prob, (float)c->routed_scaling_factor);
+        else
+            router_forward(idx, L->w + (int64_t)n * K, L->s + (int64_t)n * E,
+                           L->logits + (int64_t)n * E, W->router_bias, E, c->n_group,
+                           c->topk_group, K, c->norm_topk_prob,
+                           (float)c->routed_scaling_factor);
         if (reuse) {
             /* Same experts as before, weights from this forward's affinities. */
             const float *s = L->s + (int64_t)n * E;
@@ -981,8 +1246,10 @@ static void moe_forward(const dsv3_model *m, model_acts *a, const model_layer *W
      * in its own rows of the scratch (slots sorted by expert), writing only its slots. */
     int *off = malloc((size_t)(E + 1) * sizeof *off);
     int *slots = sort_slots(L->idx, N * K, E, off);
+    if (ep_on(m))
+        moe_experts_ep(m, a, W, L, slots, off, xs, ys);
 #pragma omp parallel for schedule(dynamic) if (experts_parallel(c, N))
-    for (int x = 0; x < E; x++) {
+    for (int x = 0; x < (ep_on(m) ? 0 : E); x++) {
         int cnt = off[x + 1] - off[x];
         if (!cnt)
             continue;
@@ -1122,6 +1389,7 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
     if (!scratch)
         return err_set(e, "model: out of memory for scratch");
     a->balance = 0;
+    a->ep_failed = 0;
     a->balance_alpha = m->balance_alpha;
     a->seq_norm = m->norm_seqs > 0 ? m->norm_seqs : a->B;
     a->ce_sum = 0;
@@ -1139,6 +1407,10 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
         mtp_forward(m, a, ids, targets, scratch);
     a->have_routing = 1;
     free(scratch);
+    if (a->ep_failed) {
+        *e = a->ep_err;
+        return -1;
+    }
     if (targets) {
         crossentropy_forward(&a->ce_sum, &a->ce_count, NULL, a->logits, targets, N, V);
         a->ce_norm = m->norm_main > 0 ? m->norm_main : a->ce_count;
@@ -1216,10 +1488,23 @@ static void moe_backward(const dsv3_model *m, model_acts *a, const model_layer *
     float *xs = tmp, *dys = xs + (int64_t)N * K * H, *g = dys + (int64_t)N * K * H;
     float *u = g + (int64_t)N * K * mi, *h = u + (int64_t)N * K * mi;
     float *dxs = h + (int64_t)N * K * mi, *t2 = dxs + (int64_t)N * K * H;
+    if (ep_on(m)) {  /* the experts' ranks return the rows' input gradients in dxs */
+        int64_t cnt[E];
+        for (int x = 0; x < E; x++)
+            cnt[x] = off[x + 1] - off[x];
+        for (int64_t r = 0; r < (int64_t)N * K; r++) {
+            int64_t sl = slots[r], n = sl / K;
+            for (int j = 0; j < H; j++)
+                dys[r * H + j] = L->w[sl] * dy[n * H + j];
+        }
+        dsv3_err e;
+        if (a->ep_failed || ep_backward(m, a, W, G, L, cnt, dys, dxs, &e))
+            memset(dxs, 0, (size_t)N * K * H * 4);
+    }
     /* Experts on threads, each in its own rows (its weight gradients are its own); the
      * input gradients are summed into dx2n afterwards, in the serial order. */
 #pragma omp parallel for schedule(dynamic) if (experts_parallel(c, N))
-    for (int x = 0; x < E; x++) {
+    for (int x = 0; x < (ep_on(m) ? 0 : E); x++) {
         int cnt = off[x + 1] - off[x];
         if (!cnt)
             continue;
@@ -1369,8 +1654,9 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
     int count = 0;
     for (int n = 0; n < N; n++)
         count += targets[n] >= 0;
-    if (!count && !a->mtp_ran && a->balance_alpha <= 0)
-        return 0;  /* the loss is a constant 0 */
+    if (!count && !a->mtp_ran && a->balance_alpha <= 0 && !ep_on(m))
+        return 0;  /* the loss is a constant 0 (with experts on other ranks: still serve) */
+    a->ep_failed = 0;
     size_t sf = scratch_floats(c, N);
     float *buf = malloc((sf + (size_t)N * V + 7 * (size_t)N * H) * sizeof(float));
     if (!buf)
@@ -1393,7 +1679,53 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
         block_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], l, dx, dn, tmp);
     embedding_backward(m->g.embed, dx, ids, N, H);
     free(buf);
+    if (a->ep_failed) {
+        *e = a->ep_err;
+        return -1;
+    }
     return 0;
+}
+
+int model_ep_idle(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e)
+{
+    const dsv3_config *c = &m->cfg;
+    int nl = c->num_hidden_layers, D = c->num_nextn_predict_layers;
+    if (!ep_on(m))
+        return 0;
+    mtp = mtp && D > 0;
+    if (mtp && alloc_mtp(a, c))
+        return err_set(e, "model: out of memory for the MTP modules' activations");
+    int64_t zero[c->n_routed_experts > 0 ? c->n_routed_experts : 1];
+    memset(zero, 0, sizeof zero);
+    /* the forward's blocks in order, then the backward's in reverse */
+    for (int l = 0; l < nl; l++)
+        if (config_layer_is_moe(c, l) &&
+            ep_forward(m, a, &m->w.layers[l], &a->l[l], zero, NULL, NULL, e))
+            return -1;
+    for (int k = 0; mtp && k < D; k++)
+        if (config_layer_is_moe(c, nl + k) &&
+            ep_forward(m, a, &m->w.mtp[k].block, &a->mtp[k].blk, zero, NULL, NULL, e))
+            return -1;
+    if (!backward)
+        return 0;
+    for (int k = D - 1; mtp && k >= 0; k--)
+        if (config_layer_is_moe(c, nl + k) &&
+            ep_backward(m, a, &m->w.mtp[k].block, &m->g.mtp[k].block, &a->mtp[k].blk, zero,
+                        NULL, NULL, e))
+            return -1;
+    for (int l = nl - 1; l >= 0; l--)
+        if (config_layer_is_moe(c, l) &&
+            ep_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], zero, NULL, NULL, e))
+            return -1;
+    return 0;
+}
+
+int64_t model_ep_rows(const model_acts *a, int l)
+{
+    if (l >= 0 && l < a->n_layers)
+        return a->l[l].ep_rows;
+    l -= a->n_layers;
+    return a->mtp && l >= 0 && l < a->n_mtp ? a->mtp[l].blk.ep_rows : 0;
 }
 
 /* ---- load balancing ---- */

@@ -32,6 +32,10 @@
  * differentiates. A trainer that accumulates forwards sets the norm_* fields so that each
  * forward's parts are sums divided by the whole step's counts instead of its own means.
  *
+ * Expert parallelism (model_init_ep, the ep_* fields): a model may hold one group of every
+ * MoE block's routed experts; its forward and backward then exchange the routed rows with
+ * the ranks holding the others (lib/ep), computing the same function as the whole model.
+ *
  * The matmuls, attention heads and cross-entropy rows run on OpenMP threads; every output
  * element is summed in the same order whatever the thread count, so results are bitwise
  * the same as on one thread (tests/unit/test_model.c checks it). */
@@ -51,6 +55,9 @@ typedef struct model_tensor {
     size_t off;        /* into params / grads, in floats */
     int64_t numel;
     int trainable;     /* 0 for e_score_correction_bias, which the balance rule updates */
+    int expert;        /* routed expert index of an expert's tensor, else -1 */
+    uint64_t draw0;    /* normals model_init_random draws before this tensor in the whole
+                          model's order (the same for every expert-parallel layout) */
 } model_tensor;
 
 /* Pointers into params (or grads) for one decoder layer; unused ones are NULL. */
@@ -95,11 +102,29 @@ typedef struct dsv3_model {
     int64_t norm_main;          /* main counted targets of the step */
     const int64_t *norm_mtp;    /* [D]: MTP module k's counted targets of the step */
     int64_t norm_seqs;          /* sequences of the step (the balance loss's mean) */
+    /* Expert parallelism (lib/ep, model_init_ep): with ep_size > 1 the model holds only
+     * expert group ep_group (experts [ep_group * E/ep_size, ...)) of every MoE layer; its
+     * parameter array is then the replicated part [0, n_dense) (every tensor but the routed
+     * experts, in checkpoint order) followed by the group's experts [n_dense, n_params).
+     * The tensor table lists the held tensors only. ep (set by the trainer) exchanges the
+     * routed rows with the ranks holding the other groups; forwards and backwards are then
+     * collective over the job. ep_size 1: everything held, n_dense = n_params. */
+    int ep_size, ep_group;
+    size_t n_dense;
+    struct ep *ep;
+    /* Node-limited routing (0 = off, the config's group rule): experts cut into route_nodes
+     * contiguous groups ("nodes"), a token's experts within the route_limit best nodes, a
+     * node scored by the sum of its k / route_limit best biased affinities (V3, M = 4).
+     * Replaces the config's n_group/topk_group rule, which is this rule with a top of 2. */
+    int route_nodes, route_limit;
 } dsv3_model;
 
 /* Lays out the parameters of c (with its MTP modules) and allocates them: linear
  * weights zero, norm weights one. grads are allocated too, zero. */
 int model_init(dsv3_model *m, const dsv3_config *c, dsv3_err *e);
+
+/* model_init holding only expert group `group` of `size` (see ep_size above). */
+int model_init_ep(dsv3_model *m, const dsv3_config *c, int size, int group, dsv3_err *e);
 
 /* Seeded normal initialisation of every linear weight and the embedding with std (the
  * config's initializer_range when std <= 0); norms one, correction biases zero. */
@@ -117,6 +142,11 @@ enum {
 };
 /* model_load with MODEL_LOAD_* flags. */
 int model_load_flags(dsv3_model *m, const char *dir, int flags, dsv3_err *e);
+
+/* model_load_flags holding expert group `group` of `size`: the other groups' tensors in
+ * DIR are skipped (shape unchecked). */
+int model_load_ep(dsv3_model *m, const char *dir, int flags, int size, int group,
+                  dsv3_err *e);
 
 /* Writes DIR/config.json and DIR/model.safetensors (F32). DIR is created if missing; a
  * stale model.safetensors.index.json there is removed. lib/ckpt writes sharded, BF16 and
@@ -207,6 +237,17 @@ int model_expert_load(const dsv3_model *m, const model_acts *a, int l, int64_t *
  * Returns -1 when the module did not run or its block is dense. */
 int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64_t *counts,
                           int64_t *slots);
+
+/* Expert parallelism: a rank with no rows for a forward (its share ran out, or a forward
+ * without targets) still serves its experts to the others: the exchanges of one forward
+ * (mtp: the MTP modules ran, as on the ranks with rows), and of its backward when
+ * backward is set. Collective like model_forward with m->ep set. */
+int model_ep_idle(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e);
+
+/* Rows this rank's experts received in the last forward at block l (l < num_hidden_layers:
+ * a main layer, num_hidden_layers + k: MTP module k's block); 0 for a dense block or
+ * without expert parallelism. */
+int64_t model_ep_rows(const model_acts *a, int l);
 
 /* Auxiliary-loss-free balancing (V3 report, section 2.1.2): after a step, every MoE layer's
  * correction bias moves by gamma against its load, b_i += gamma * sign(mean load - load_i).

@@ -346,25 +346,50 @@ void attention_backward_seg(float *d_q, float *d_k, float *d_v, const float *d_o
 void router_forward(int *idx, float *w, float *s, const float *logits, const float *bias,
                     int E, int n_group, int topk_group, int k, int norm, float scale)
 {
+    router_forward_limited(idx, w, s, logits, bias, E, n_group, topk_group, 2, k, norm, scale);
+}
+
+/* The sum of the `top` largest of v[0 .. n) (top <= n), added largest first. */
+static float sum_top(const float *v, int n, int top)
+{
+    float best[top];
+    for (int j = 0; j < top; j++)
+        best[j] = -INFINITY;
+    for (int e = 0; e < n; e++) {
+        float x = v[e];
+        for (int j = 0; j < top; j++)
+            if (x > best[j]) {
+                float t = best[j];
+                best[j] = x;
+                x = t;
+            }
+    }
+    float sum = 0;
+    for (int j = 0; j < top; j++)
+        sum += best[j];
+    return sum;
+}
+
+void router_forward_limited(int *idx, float *w, float *s, const float *logits,
+                            const float *bias, int E, int n_group, int topk_group, int group_top,
+                            int k, int norm, float scale)
+{
     int per = E / n_group;
+    if (group_top > per)
+        group_top = per;
+    if (group_top < 1)
+        group_top = 1;
     float choice[E], gscore[n_group];
     unsigned char keep[n_group];
     for (int e = 0; e < E; e++) {
         s[e] = sigmoidf_(logits[e]);
         choice[e] = s[e] + (bias ? bias[e] : 0);
     }
-    /* A group's score is the sum of its two best biased affinities. */
+    /* A group's score is the sum of its group_top best biased affinities (2 in V3's
+     * group-limited routing; K/M for node-limited routing to M nodes). With 2 this adds
+     * the best and the second best, as before. */
     for (int g = 0; g < n_group; g++) {
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int e = g * per; e < (g + 1) * per; e++) {
-            if (choice[e] > b1) {
-                b2 = b1;
-                b1 = choice[e];
-            } else if (choice[e] > b2) {
-                b2 = choice[e];
-            }
-        }
-        gscore[g] = b1 + b2;
+        gscore[g] = sum_top(choice + g * per, per, group_top);
         keep[g] = 0;
     }
     for (int r = 0; r < topk_group; r++) {

@@ -77,6 +77,14 @@ void attention_backward_seg(float *d_q, float *d_k, float *d_v, const float *d_o
  * scale. idx[k], w[k]; s[E] returned for backward. Ties go to the lower index. */
 void router_forward(int *idx, float *w, float *s, const float *logits, const float *bias,
                     int E, int n_group, int topk_group, int k, int norm, float scale);
+/* router_forward with each group scored by the sum of its group_top best biased affinities
+ * (clamped to [1, experts per group]): DeepSeek-V3's node-limited routing when the groups
+ * are the nodes of expert parallelism, topk_group = M nodes a token may reach and
+ * group_top = k / M (report section 2.1.2: "the sum of the highest K_r/M affinity scores
+ * of the experts distributed on each node"). group_top 2 is router_forward. */
+void router_forward_limited(int *idx, float *w, float *s, const float *logits,
+                            const float *bias, int E, int n_group, int topk_group, int group_top,
+                            int k, int norm, float scale);
 /* d_logits[E] += from d_w[k], routing held fixed. */
 void router_backward(float *d_logits, const float *d_w, const int *idx, const float *s, int E,
                      int k, int norm, float scale);

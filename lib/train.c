@@ -15,6 +15,8 @@
 
 #include "config.h"
 #include "dp.h"
+#include "ep.h"
+#include "epckpt.h"
 #include "metrics.h"
 #include "progress.h"
 #include "trainckpt.h"
@@ -192,6 +194,10 @@ typedef struct trainer {
     char tokenizer_id[17];
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
+    ep ep;                /* expert parallelism (ep.size 1: off) */
+    optim eopt;           /* ep.size > 1: the moments of the held experts, whole */
+    int64_t *ep_rows;     /* [world][layers + MTP modules]: rows each rank's experts
+                             received this step (ep.size > 1) */
     FILE *log;            /* o->log on rank 0, else NULL */
     FILE *out;            /* o->out on rank 0, else NULL */
     double flops_token;   /* training FLOPs per token (MFU); 0 when not on a GPU */
@@ -461,6 +467,55 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
     return rc ? -1 : 0;
 }
 
+/* ---- expert parallelism ---- */
+
+/* Entries of ep_rows. */
+static size_t ep_rows_n(const trainer *t)
+{
+    return (size_t)t->ep.world * ((size_t)t->m.cfg.num_hidden_layers + (size_t)t->n_mtp);
+}
+
+/* Rows the held experts received in the last forward, per block, into this rank's row. */
+static void ep_count_rows(trainer *t)
+{
+    if (t->ep.size <= 1 || t->gm)
+        return;
+    size_t nb = (size_t)t->m.cfg.num_hidden_layers + (size_t)t->n_mtp;
+    for (size_t l = 0; l < nb; l++)
+        t->ep_rows[(size_t)t->ep.rank * nb + l] += model_ep_rows(t->acts, (int)l);
+}
+
+/* A forward (and backward) that serves the held experts without rows of this rank's own. */
+static int ep_idle(trainer *t, int backward, dsv3_err *e)
+{
+    if (t->ep.size <= 1)
+        return 0;
+    if (model_ep_idle(&t->m, t->acts, t->m.mtp_lambda > 0, backward, e))
+        return -1;
+    if (backward)
+        ep_count_rows(t);
+    return 0;
+}
+
+/* Before each forward under expert parallelism: whether any rank still has rows (*more:
+ * this rank's) and none failed reading them (rc). Returns 1: a forward follows (an idle
+ * one where *more is 0), 0: all done, -1: a rank failed. */
+static int ep_agree_more(trainer *t, int *more, int rc, dsv3_err *e)
+{
+    int64_t v[2] = {*more, rc != 0};
+    dsv3_err ce;
+    if (ep_max(&t->ep, v, 2, &ce)) {
+        if (!rc)
+            *e = ce;
+        return -1;
+    }
+    if (v[1])
+        return rc ? -1 : err_set(e, "stopping: another rank failed (its message says why)");
+    if (!v[0])
+        return 0;
+    return 1;
+}
+
 /* One forward (and backward) of the B rows in t->ids/t->tgt. On the CPU the model divides
  * each forward's loss sums by the step's counts (load_step), so the backwards simply add up
  * the gradient of the step's loss. The GPU model's gradient is of one forward's mean loss
@@ -472,8 +527,8 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     int64_t n = 0;
     for (size_t i = 0; i < (size_t)t->B * t->L; i++)
         n += t->tgt[i] >= 0;
-    if (!n)
-        return 0;
+    if (!n)  /* skipped; with experts held here, still served to the other ranks */
+        return ep_idle(t, backward, e);
     float loss;
     if (t->gm) {
         if (be_forward(t, backward, &loss, e))
@@ -510,6 +565,7 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         }
     }
     a->routed += (int64_t)t->B * t->L;
+    ep_count_rows(t);
     if (t->gm) {
         if (a->prev_n && a->prev_n != n &&
             be_scale_grads(t, (float)((double)a->prev_n / (double)n), e))
@@ -537,18 +593,30 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
 static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int backward,
                        dsv3_err *e)
 {
-    while (records > 0 || t->q.n > 0) {
-        while (t->q.n < t->B && records > 0) {
+    for (;;) {
+        int more = records > 0 || t->q.n > 0, rc = 0;
+        while (more && !rc && t->q.n < t->B && records > 0) {
             const loader_batch *b;
-            if (loader_next(l, &b, e) || enqueue(t, b, e))
-                return -1;
+            rc = loader_next(l, &b, e) || enqueue(t, b, e) ? -1 : 0;
             records -= t->B;
         }
-        dequeue(t);
+        if (more && !rc)
+            dequeue(t);
+        if (t->ep.size > 1) {  /* the forwards are collective: the ranks agree first */
+            int agreed = ep_agree_more(t, &more, rc, e);
+            if (agreed <= 0)
+                return agreed;
+            if (!more) {
+                if (ep_idle(t, backward, e))
+                    return -1;
+                continue;
+            }
+        } else if (rc || !more) {
+            return rc;
+        }
         if (forward(t, a, backward, e))
             return -1;
     }
-    return 0;
 }
 
 /* Reads this rank's `records` of a step into the queue and sets the model's normalisers to
@@ -770,6 +838,90 @@ static loader_pos rescale_pos(loader_pos p, uint32_t world, int now, uint64_t pe
     return p;
 }
 
+/* --ep as given (1 when off). */
+static int ep_size(const trainer *t)
+{
+    return t->o->ep > 1 ? t->o->ep : 1;
+}
+
+/* Node-limited routing (--route-nodes M): the experts cut into nodes (--route-groups, or
+ * the EP layout: a node holds the groups of its ranks, as many as the launcher's ranks per
+ * node, at most the EP size), a token's experts within its M best nodes. */
+static int setup_routing(trainer *t, dsv3_err *e)
+{
+    const train_opts *o = t->o;
+    const dsv3_config *c = &t->m.cfg;
+    int E = c->n_routed_experts, nodes = o->route_groups;
+    if (!o->route_nodes)
+        return 0;
+    if (E <= 0)
+        return err_set(e, "--route-nodes: the model has no routed experts");
+    if (c->n_group > 1)
+        return err_set(e, "--route-nodes: the config already limits routing to topk_group %d of "
+                       "n_group %d expert groups (DeepSeek-V3's own node limit); set n_group 1 "
+                       "to route by nodes instead", c->topk_group, c->n_group);
+    if (!nodes) {
+        const comm_launch *l = t->o->comm ? comm_launch_info(t->o->comm) : NULL;
+        int per_node = l && l->local_world > 0 ? l->local_world : t->dp.world;
+        int held = per_node < t->ep.size ? per_node : t->ep.size;
+        if (t->ep.size % held)
+            return err_set(e, "--route-nodes: %d ranks a node do not split --ep %d evenly; give "
+                           "--route-groups", per_node, t->ep.size);
+        nodes = t->ep.size / held;
+    }
+    if (nodes < 1 || E % nodes)
+        return err_set(e, "--route-groups %d does not divide the %d routed experts", nodes, E);
+    t->m.route_nodes = nodes;
+    t->m.route_limit = o->route_nodes < nodes ? o->route_nodes : nodes;
+    if (t->log)
+        fprintf(t->log, "dsv3-train: node-limited routing: %d experts in %d nodes of %d, a "
+                "token's %d experts on at most %d nodes (a node scored by its top %d)\n", E,
+                nodes, E / nodes, c->num_experts_per_tok, t->m.route_limit,
+                c->num_experts_per_tok / t->m.route_limit > 0
+                    ? c->num_experts_per_tok / t->m.route_limit : 1);
+    return 0;
+}
+
+/* Expert parallelism once the model is there: the layout, the checks of a resume (same
+ * world size and --ep: the checkpoint's shards are cut for them), the routing option. */
+static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
+{
+    if (t->o->ep > 1 && t->o->cuda)
+        return err_set(e, "--ep: expert parallelism runs on the CPU backend only for now "
+                       "(--device cpu)");
+    if (ep_open(&t->ep, t->o->comm, ep_size(t), t->m.cfg.n_routed_experts, e))
+        return -1;
+    t->m.ep = t->ep.size > 1 ? &t->ep : NULL;
+    if (dir && (t->st.ep != (uint32_t)t->ep.size ||
+                (t->ep.size > 1 && t->st.world != (uint32_t)t->dp.world)))
+        return err_set(e, "%s was written with --ep %u on %u ranks; it resumes only with the "
+                       "same --ep and world size (this job: --ep %d on %d ranks). Its model "
+                       "folder is a complete HF checkpoint: --init-from it to go on with "
+                       "other ranks (fresh optimizer state)", dir, t->st.ep, t->st.world,
+                       t->ep.size, t->dp.world);
+    return setup_routing(t, e);
+}
+
+/* The optimizer of an expert-parallel checkpoint (same world and --ep): this rank's
+ * ZeRO-1 shard of the replicated part and its group's expert moments. */
+static int load_optim_ep(trainer *t, const char *dir, dsv3_err *e)
+{
+    char path[4300], name[64];
+    int64_t step = -1;
+    size_t a = 0, b = 0;
+    trainckpt_shard_name(name, sizeof name, t->dp.rank, t->dp.world);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (optim_load_shard(&t->opt, &t->m, path, t->dp.rank, t->dp.world, &step, &a, e))
+        return -1;
+    epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (optim_load_shard(&t->eopt, &t->m, path, t->ep.group, t->ep.size, &step, &b, e))
+        return -1;
+    if (a != t->opt.n || b != t->eopt.n)
+        return err_set(e, "%s: the optimizer files do not cover this rank's parameters", dir);
+    return 0;
+}
+
 /* The model, optimizer and state: from checkpoint `name` when found, else fresh
  * (--init-from or a random initialisation of -c). */
 static int setup_model(trainer *t, const char *name, int found, train_result *r, dsv3_err *e)
@@ -778,7 +930,7 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
     char dir[4200];
     if (found) {
         snprintf(dir, sizeof dir, "%s/%s", o->run, name);
-        if (model_load(&t->m, dir, e))
+        if (model_load_ep(&t->m, dir, 0, ep_size(t), t->dp.rank % ep_size(t), e))
             return -1;
         t->have_model = 1;
         if (check_config_arg(t, dir, e) || trainckpt_read_state(dir, &t->st, e))
@@ -798,7 +950,7 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
                     "%d: optimizer shards re-sliced; the rest of the data comes in another "
                     "order\n", t->st.world, t->dp.world);
     } else if (o->init_from) {
-        if (model_load(&t->m, o->init_from, e))
+        if (model_load_ep(&t->m, o->init_from, 0, ep_size(t), t->dp.rank % ep_size(t), e))
             return -1;
         t->have_model = 1;
         if (check_config_arg(t, o->init_from, e))
@@ -809,7 +961,7 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
             return err_set(e, "no model: give -c CONFIG, --init-from DIR or --resume");
         if (config_load(&c, o->config, e))
             return -1;
-        int rc = model_init(&t->m, &c, e);
+        int rc = model_init_ep(&t->m, &c, ep_size(t), t->dp.rank % ep_size(t), e);
         config_free(&c);
         if (rc)
             return -1;
@@ -827,18 +979,23 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
                        "model's vocab_size %d (%s)", o->data, t->data_vocab,
                        t->m.cfg.vocab_size, o->config ? o->config : "the model's config.json");
     /* on device buffers the moments are read whole and cut to the device shard (gdp_setup) */
-    if (dp_layout(&t->dp, t->m.n_params, e) ||
+    if (setup_ep(t, found ? dir : NULL, e) || dp_layout(&t->dp, t->m.n_dense, e) ||
         optim_init_range(&t->opt, &t->m, &o->adam, t->gdp ? 0 : t->dp.lo,
                          t->gdp ? t->m.n_params : t->dp.hi, e))
         return -1;
+    if (t->ep.size > 1 && optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense,
+                                           t->m.n_params, e))
+        return -1;
     if (found) {
-        if (trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
+        if (t->ep.size > 1 ? load_optim_ep(t, dir, e)
+                           : trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
             return -1;
         if (loader_seek(t->train, rescale_pos(t->st.data, t->st.world, t->dp.world,
                                                   loader_records_per_rank(t->train)), e))
             return err_prefix(e, "%s/%s: data position", o->run, name);
     }
     t->st.world = (uint32_t)t->dp.world;
+    t->st.ep = (uint32_t)t->ep.size;
     return 0;
 }
 
@@ -943,6 +1100,8 @@ static int setup_rest(trainer *t, dsv3_err *e)
     t->sync = calloc(t->nc + 2 + (size_t)t->n_mtp, sizeof *t->sync);
     t->norms = calloc(2 + (size_t)t->n_mtp, sizeof *t->norms);
     t->mtp_slots = calloc((size_t)t->n_mtp + 1, sizeof *t->mtp_slots);
+    if (t->ep.size > 1 && !(t->ep_rows = calloc(ep_rows_n(t), sizeof *t->ep_rows)))
+        return err_set(e, "out of memory");
     if (!t->ids || !t->tgt || !t->seg || !t->pos || !t->counts || !t->tmp_counts || !t->sync ||
         !t->mtp_slots || !t->norms)
         return err_set(e, "out of memory");
@@ -982,6 +1141,9 @@ static void teardown(trainer *t)
     if (t->val)
         loader_close(t->val);
     optim_free(&t->opt);
+    optim_free(&t->eopt);
+    ep_free(&t->ep);
+    free(t->ep_rows);
     if (t->have_model)
         model_free(&t->m);
     free(t->ids);
@@ -1092,6 +1254,35 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
     return 0;
 }
 
+/* Expert parallelism in the update: the held experts' part of the parameter array,
+ * [n_dense, n_params), is not sharded. Its gradient is summed over the group's replicas
+ * (and the rows received on each rank summed for the metrics); its squares count once in
+ * the global norm (on the first replica); each replica clips and updates it whole, with
+ * the same result. */
+static int ep_reduce(trainer *t, dsv3_err *e)
+{
+    if (t->ep.size <= 1)
+        return 0;
+    return ep_reduce_experts(&t->ep, t->m.grads + t->m.n_dense, t->m.n_params - t->m.n_dense,
+                             e) || dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e) ? -1 : 0;
+}
+
+static double ep_sumsq(const trainer *t)
+{
+    if (t->ep.size <= 1 || t->ep.rank >= t->ep.size)
+        return 0;
+    return optim_grad_sumsq(&t->m, t->m.grads + t->m.n_dense, t->m.n_dense, t->m.n_params);
+}
+
+static void ep_update(trainer *t, double norm, double lr)
+{
+    if (t->ep.size <= 1)
+        return;
+    float *g = t->m.grads + t->m.n_dense;
+    optim_clip_range(&t->m, g, t->m.n_dense, t->m.n_params, norm, t->o->clip);
+    optim_step_grads(&t->eopt, &t->m, g, lr);
+}
+
 /* One update. Each rank's accumulated gradient is its part of the gradient of the whole
  * global batch's loss (the model normalises by the step's counts over all ranks), so the
  * sum over the ranks is that gradient, as one process would compute it. */
@@ -1108,6 +1299,8 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     set_loss_weights(&t->m, so->mtp_weight, o->alpha);
     memset(t->counts, 0, t->nc * sizeof *t->counts);
     memset(t->mtp_slots, 0, (size_t)t->n_mtp * sizeof *t->mtp_slots);
+    if (t->ep_rows)
+        memset(t->ep_rows, 0, ep_rows_n(t) * sizeof *t->ep_rows);
     double t0 = progress_now();
     accum a = {0};
     if (load_step(t, so->seqs / (uint64_t)t->dp.world, e))
@@ -1130,7 +1323,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     if (t->gm && a.n && local_n && a.prev_n != a.n)  /* the GPU's last rescale: n_last/N */
         scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
-    if (dp_reduce_grads(&t->dp, t->m.grads, &g, e))
+    if (dp_reduce_grads(&t->dp, t->m.grads, &g, e) || ep_reduce(t, e))
         return -1;
     so->targets = a.n;
     if (t->n_mtp > 0 && t->m.mtp_lambda > 0 && !t->gm) {
@@ -1141,7 +1334,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
         so->mtp_loss = sum / D;
     }
     so->loss = a.n ? a.loss_sum / (double)a.n : 0;
-    double sumsq = optim_grad_sumsq(&t->m, g, t->dp.lo, t->dp.hi);
+    double sumsq = optim_grad_sumsq(&t->m, g, t->dp.lo, t->dp.hi) + ep_sumsq(t);
     if (dp_sum_f64(&t->dp, &sumsq, 1, e))
         return -1;
     so->norm = sqrt(sumsq);
@@ -1156,6 +1349,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     } else if (a.n) {
         optim_clip_range(&t->m, g, t->dp.lo, t->dp.hi, so->norm, o->clip);
         optim_step_grads(&t->opt, &t->m, g, so->lr);
+        ep_update(t, so->norm, so->lr);
         if (dp_gather_params(&t->dp, t->m.params, e))
             return -1;
         /* The summed counts are the same on every rank, and so is the bias each computes
@@ -1228,6 +1422,44 @@ static json_t *load_stats(const trainer *t, double *worst)
     return o;
 }
 
+/* Expert parallelism: rows each rank's experts received this step, per MoE block (main
+ * layers, then MTP blocks at num_hidden_layers + k), and per block the most loaded rank
+ * over the mean; *worst: the largest of those. */
+static json_t *ep_load_stats(const trainer *t, double *worst)
+{
+    const dsv3_config *c = &t->m.cfg;
+    size_t nb = (size_t)c->num_hidden_layers + (size_t)t->n_mtp;
+    int W = t->ep.world;
+    json_t *layers = json_array(), *rows = json_array(), *mx = json_array();
+    *worst = 0;
+    for (size_t l = 0; l < nb; l++) {
+        if (!config_layer_is_moe(c, (int)l))
+            continue;
+        int64_t sum = 0, hi = 0;
+        json_t *row = json_array();
+        for (int r = 0; r < W; r++) {
+            int64_t v = t->ep_rows[(size_t)r * nb + l];
+            sum += v;
+            hi = v > hi ? v : hi;
+            json_array_append_new(row, json_integer(v));
+        }
+        if (!sum) {  /* an MTP block that did not run */
+            json_decref(row);
+            continue;
+        }
+        double ratio = (double)hi * W / (double)sum;
+        *worst = ratio > *worst ? ratio : *worst;
+        json_array_append_new(layers, json_integer((json_int_t)l));
+        json_array_append_new(rows, row);
+        json_array_append_new(mx, json_real(ratio));
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "layers", layers);
+    json_object_set_new(o, "rows_per_rank", rows);
+    json_object_set_new(o, "max_over_mean", mx);
+    return o;
+}
+
 /* JSON has no NaN or infinity: a skipped update's loss is written as null. */
 static json_t *real_or_null(double x)
 {
@@ -1249,9 +1481,11 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     double tps = so->seconds > 0 ? (double)(so->seqs * t->L) / so->seconds : 0, worst;
     double rss = peak_rss_mib();
     json_t *load = load_stats(t, &worst);
+    double ep_worst = 0;
+    json_t *ep_load = t->ep.size > 1 ? ep_load_stats(t, &ep_worst) : NULL;
     double mfu = t->peak > 0 ? tps * t->flops_token / t->peak : -1;
     if (t->out) {
-        char rate[32], total[48] = "", mtp[32] = "", mfus[32] = "";
+        char rate[32], total[48] = "", mtp[32] = "", mfus[32] = "", eps[40] = "";
         progress_human(rate, sizeof rate, tps);
         if (o->max_steps)
             snprintf(total, sizeof total, "/%" PRIu64, o->max_steps);
@@ -1259,9 +1493,11 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
             snprintf(mtp, sizeof mtp, "  mtp %.4f", so->mtp_loss);
         if (mfu >= 0)
             snprintf(mfus, sizeof mfus, "  MFU %.1f%%", 100 * mfu);
+        if (ep_load)
+            snprintf(eps, sizeof eps, "  ep rows max/mean %.2f", ep_worst);
         fprintf(t->out, "step %" PRIu64 "%s  loss %.6f%s  lr %.3e  gnorm %.4f  tok/s %s%s  "
-                "load max/mean %.2f  mem %.0f MiB%s%s\n", t->st.step, total, so->loss, mtp,
-                so->lr, so->norm, rate, mfus, worst, rss, o->fp8 ? "  fp8" : "",
+                "load max/mean %.2f%s  mem %.0f MiB%s%s\n", t->st.step, total, so->loss, mtp,
+                so->lr, so->norm, rate, mfus, worst, eps, rss, o->fp8 ? "  fp8" : "",
                 so->skipped ? "  SKIPPED (non-finite)" : "");
         fflush(t->out);
     }
@@ -1285,6 +1521,8 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_object_set_new(j, "skipped", json_boolean(so->skipped));
     json_object_set_new(j, "max_rss_mib", json_real(rss));
     json_object_set_new(j, "expert_load", load);
+    if (ep_load)
+        json_object_set_new(j, "ep_load", ep_load);
     return metrics_write(&t->met, j, e);
 }
 
@@ -1299,11 +1537,19 @@ static int save_dp(trainer *t, dsv3_err *e)
                                             e) : 0;
     if (dp_agree(d, rc, NULL, e) || dp_broadcast_bytes(d, tmp, sizeof tmp, 0, e))
         return -1;
-    rc = d->rank == 0 ? model_save(&t->m, tmp, e) : 0;
+    if (t->ep.size > 1)
+        rc = epckpt_save_model(&t->m, &t->ep, tmp, e);
+    else
+        rc = d->rank == 0 ? model_save(&t->m, tmp, e) : 0;
     if (!rc) {
         trainckpt_shard_name(name, sizeof name, d->rank, d->world);
         snprintf(path, sizeof path, "%s/%s", tmp, name);
         rc = optim_save_shard(&t->opt, &t->m, d->rank, d->world, path, e);
+    }
+    if (!rc && t->ep.size > 1 && t->ep.rank < t->ep.size) {
+        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+        snprintf(path, sizeof path, "%s/%s", tmp, name);
+        rc = optim_save_shard(&t->eopt, &t->m, t->ep.group, t->ep.size, path, e);
     }
     if (!rc && t->o->crash_in_save && t->n_saves == t->o->crash_in_save && d->rank == 0)
         raise(SIGKILL);

@@ -24,7 +24,16 @@
  * parameters all-gathered. Rank 0 alone logs, writes metrics.jsonl and the model files;
  * each rank writes its optimizer shard into the same checkpoint. A failure on any rank
  * stops every rank (each returns -1); a stop request on any rank stops all after the
- * step, with a checkpoint. */
+ * step, with a checkpoint.
+ *
+ * Expert parallelism (opts.ep = N > 1, lib/ep): each rank holds one group of every MoE
+ * layer's routed experts (parameters, gradients, moments); the routed rows travel to the
+ * holders and back inside the forward and backward (model_forward with m.ep set), so
+ * every rank runs the same number of forwards (a rank out of rows serves idle). The
+ * replicated part is ZeRO-1 over all ranks as above; the expert part is summed over the
+ * world / N replicas of each group and updated whole on each. Checkpoints stay one full
+ * HF folder (one model shard per expert group, with an index), resumable on the same world
+ * size and N only. */
 #ifndef DSV3_TRAIN_H
 #define DSV3_TRAIN_H
 
@@ -76,6 +85,12 @@ typedef struct train_opts {
     int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel); the
                                optimizer, ZeRO and balance update stay on the host arrays */
     int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
+    int ep;                 /* expert parallelism over this many ranks (0/1: off; lib/ep):
+                               rank r holds routed-expert group r mod ep only */
+    int route_nodes;        /* node-limited routing: a token's experts on at most this many
+                               nodes (0: off, the config's group rule) */
+    int route_groups;       /* ... the number of nodes the experts are cut into (0: from the
+                               EP layout and the launcher's ranks per node) */
 } train_opts;
 
 void train_opts_default(train_opts *o);

@@ -51,6 +51,9 @@ static int write_state(const char *path, const train_state *st, dsv3_err *e)
                           "tokenizer_id", st->tokenizer_id, "seq_len", (json_int_t)st->seq_len,
                           "seed", (json_int_t)st->seed, "rng", rng,
                           "world", (json_int_t)(st->world ? st->world : 1));
+    /* "ep" only when expert-parallel: other states stay as they were */
+    if (j && st->ep > 1)
+        json_object_set_new(j, "ep", json_integer((json_int_t)st->ep));
     char *text = j ? json_dumps(j, JSON_INDENT(2)) : NULL;
     json_decref(j);
     if (!text)
@@ -103,6 +106,13 @@ int trainckpt_read_state(const char *dir, train_state *st, dsv3_err *e)
         return err_set(e, "%s: \"world\" is not a rank count", path);
     }
     st->world = (uint32_t)world;
+    json_t *ep = json_object_get(j, "ep");
+    json_int_t epn = ep ? (json_is_integer(ep) ? json_integer_value(ep) : -1) : 1;
+    if (epn < 1 || epn > world) {
+        json_decref(j);
+        return err_set(e, "%s: \"ep\" is not an expert-parallel rank count", path);
+    }
+    st->ep = (uint32_t)epn;
     st->step = (uint64_t)step;
     st->tokens = (uint64_t)tokens;
     st->skipped = (uint64_t)skipped;

@@ -35,6 +35,7 @@ typedef struct train_state {
     char tokenizer_id[17];  /* the data's, from its manifest (16 hex digits) */
     uint32_t seq_len;       /* the data's L */
     uint32_t world;         /* data-parallel ranks of the job that wrote it (1 if absent) */
+    uint32_t ep;            /* its expert-parallel ranks, --ep (1 if absent) */
 } train_state;
 
 /* Writes RUN/step-NNNNNN (NNNNNN = st->step, 6 digits or more) and points `latest` at it;

@@ -4,6 +4,17 @@ and the time that takes at a given link rate against the step's compute time.
 
     scripts/comm-volume.py CONFIG.json --gpus N [--ep E] [--tokens T] [--nodes-limit M]
         [--gpus-per-node G] [--link GBPS] [--ib GBPS] [--tflops R]
+    scripts/comm-volume.py CONFIG.json --cpu --gpus N --ep E --tokens T [--mtp]
+
+--cpu: the bytes each rank sends per step in dsv3-train's CPU backend as built (lib/dp,
+lib/ep: everything in FP32, MPI/TCP): ZeRO-1 of the replicated part over all N ranks
+(reduce-scatter + all-gather, 2 x 4 x (N-1)/N per parameter), the expert gradients summed
+over the N/E replicas of each group (reduce-scatter + all-gather as two alltoallv, 2 x 4 x
+(R-1)/R per held expert parameter), and per MoE block (with --mtp the MTP modules' blocks
+too) and routed slot whose expert is on another rank four rows of hidden x 4 bytes (the
+token out and its output back in the forward, the output's gradient out and the input's
+gradient back in the backward); uniform routing puts (E-1)/E of the K slots on other ranks.
+Per forward also E counts of 8 bytes out per MoE block, and one 16-byte agreement.
 
 The model (docs/cluster.md says why each term is what it is):
   - Parameters split into routed-expert parameters (W1, W3, W2 of every routed expert of
@@ -58,9 +69,14 @@ def main():
     ap.add_argument("--link", type=float, default=290.0, help="intra-node GB/s per GPU (NVLink bus bandwidth)")
     ap.add_argument("--ib", type=float, default=50.0, help="inter-node GB/s per GPU (400 Gb/s IB)")
     ap.add_argument("--tflops", type=float, default=800.0, help="measured BF16 GEMM TFLOP/s")
+    ap.add_argument("--cpu", action="store_true", help="dsv3-train's CPU backend as built (FP32)")
+    ap.add_argument("--mtp", action="store_true", help="--cpu: the MTP modules' blocks run too")
+    ap.add_argument("--forwards", type=int, default=1, help="--cpu: micro-batches per step")
     a = ap.parse_args()
     c = json.load(open(a.config))
     p = counts(c)
+    if a.cpu:
+        return cpu(a, c, p)
     N, EP, T = a.gpus, a.ep, a.tokens
     if N % EP:
         sys.exit("comm-volume: --gpus must be a multiple of --ep")
@@ -94,6 +110,28 @@ def main():
     print(f"  EP all-to-all, NVLink   {ep_nv/1e9:9.2f} GB/GPU/step  {ep_nv/(a.link*1e9)*1e3:9.1f} ms at {a.link:.0f} GB/s")
     print(f"  EP all-to-all, IB       {ep_ib/1e9:9.2f} GB/GPU/step  {ep_ib/(a.ib*1e9)*1e3:9.1f} ms at {a.ib:.0f} GB/s")
     print(f"  compute (6 x active x T){'':11s}{compute*1e3:9.1f} ms at {a.tflops:.0f} TFLOP/s")
+
+def cpu(a, c, p):
+    N, EP, T = a.gpus, a.ep, a.tokens
+    if N % EP or (EP > 1 and p["E"] % EP):
+        sys.exit("comm-volume: --ep must divide --gpus and the routed experts")
+    ring = lambda n: (n - 1) / n if n > 1 else 0.0
+    R = N // EP
+    blocks = p["moe_layers"] + (c.get("num_nextn_predict_layers", 0) if a.mtp else 0)
+    held = p["routed"] / EP        # parameters left out of counts(): the MTP modules'
+    zero = 8 * (p["total"] - (p["routed"] if EP > 1 else 0)) * ring(N)
+    exp = 8 * held * ring(R) if EP > 1 else 0.0
+    rows = 4 * 4 * p["h"] * T * p["K"] * ring(EP) * blocks
+    counts_b = 8 * p["E"] * (EP - 1) / EP * blocks * a.forwards if EP > 1 else 0
+    print(f"{a.config}: total {p['total']/1e6:.3f}M parameters (routed experts "
+          f"{p['routed']/1e6:.3f}M), {blocks} MoE blocks")
+    print(f"CPU backend, {N} ranks, --ep {EP} ({R} replicas a group), {T:.0f} tokens a rank a step")
+    print(f"  ZeRO-1 replicated part   {zero/1e6:10.3f} MB/rank/step")
+    print(f"  expert gradients, sum    {exp/1e6:10.3f} MB/rank/step")
+    print(f"  EP rows (4 passes, F32)  {rows/1e6:10.3f} MB/rank/step (uniform routing)")
+    print(f"  EP counts                {counts_b/1e6:10.6f} MB/rank/step")
+    print(f"  memory a rank: parameters + gradients {8*(p['total'] - p['routed'] + held)/1e6:.3f} MB "
+          f"(of {8*p['total']/1e6:.3f} MB whole)")
 
 if __name__ == "__main__":
     main()

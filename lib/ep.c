@@ -1,0 +1,122 @@
+/* ep: expert-parallel layout and exchanges (see ep.h). */
+#include "ep.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int ep_open(ep *p, comm *c, int size, int E, dsv3_err *e)
+{
+    memset(p, 0, sizeof *p);
+    p->c = c;
+    p->rank = c ? comm_rank(c) : 0;
+    p->world = c ? comm_world(c) : 1;
+    if (size < 1 || p->world % size)
+        return err_set(e, "--ep %d does not divide the %d ranks of the job", size, p->world);
+    if (E > 0 ? E % size : size > 1)
+        return err_set(e, "--ep %d does not divide the model's %d routed experts", size, E);
+    p->size = size;
+    p->group = p->rank % size;
+    p->base = p->rank - p->group;
+    p->replicas = p->world / size;
+    p->E = E;
+    p->per = E > 0 ? E / size : 0;
+    size_t w = (size_t)p->world;
+    p->sn = calloc(4 * w, sizeof *p->sn);
+    if (!p->sn)
+        return err_set(e, "out of memory");
+    p->so = p->sn + w;
+    p->rn = p->so + w;
+    p->ro = p->rn + w;
+    return 0;
+}
+
+void ep_free(ep *p)
+{
+    free(p->sn);
+    p->sn = p->so = p->rn = p->ro = NULL;
+}
+
+/* Counts and offsets for values to and from the members of the block (others 0). */
+static void block_layout(ep *p, const int64_t *to, const int64_t *from, size_t width)
+{
+    memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
+    size_t so = 0, ro = 0;
+    for (int g = 0; g < p->size; g++) {
+        int r = p->base + g;
+        p->sn[r] = (size_t)to[g] * width;
+        p->so[r] = so;
+        so += p->sn[r];
+        p->rn[r] = (size_t)from[g] * width;
+        p->ro[r] = ro;
+        ro += p->rn[r];
+    }
+}
+
+int ep_exchange_counts(ep *p, const int64_t *cnt_to, int64_t *cnt_from, dsv3_err *e)
+{
+    int64_t ones[p->size];
+    for (int g = 0; g < p->size; g++)
+        ones[g] = 1;
+    block_layout(p, ones, ones, (size_t)p->per);
+    return comm_alltoallv(p->c, cnt_to, p->sn, p->so, cnt_from, p->rn, p->ro, COMM_I64, e);
+}
+
+int ep_exchange_rows(ep *p, const float *send, const int64_t *rows_to, float *recv,
+                     const int64_t *rows_from, size_t width, dsv3_err *e)
+{
+    block_layout(p, rows_to, rows_from, width);
+    return comm_alltoallv(p->c, send, p->sn, p->so, recv, p->rn, p->ro, COMM_F32, e);
+}
+
+int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e)
+{
+    int R = p->replicas;
+    if (R <= 1 || !n)
+        return 0;
+    size_t S = (n + (size_t)R - 1) / (size_t)R, lo[R + 1];
+    for (int i = 0; i <= R; i++)
+        lo[i] = (size_t)i * S < n ? (size_t)i * S : n;
+    int me = p->rank / p->size;
+    size_t mine = lo[me + 1] - lo[me];
+    float *tmp = malloc(((size_t)R * mine + 1) * sizeof *tmp);
+    if (!tmp)
+        return err_set(e, "out of memory for the expert gradients' sum");
+    /* reduce-scatter: piece i of every replica to replica i */
+    memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
+    for (int i = 0; i < R; i++) {
+        int r = p->group + i * p->size;
+        p->sn[r] = lo[i + 1] - lo[i];
+        p->so[r] = lo[i];
+        p->rn[r] = mine;
+        p->ro[r] = (size_t)i * mine;
+    }
+    int rc = comm_alltoallv(p->c, g, p->sn, p->so, tmp, p->rn, p->ro, COMM_F32, e);
+    if (!rc) {
+        for (size_t j = 0; j < mine; j++) {
+            float s = tmp[j];
+            for (int i = 1; i < R; i++)
+                s += tmp[(size_t)i * mine + j];
+            g[lo[me] + j] = s;
+        }
+        /* all-gather: my summed piece to every replica, theirs into place */
+        for (int i = 0; i < R; i++) {
+            int r = p->group + i * p->size;
+            p->sn[r] = mine;
+            p->so[r] = lo[me];
+            p->rn[r] = lo[i + 1] - lo[i];
+            p->ro[r] = lo[i];
+        }
+        memcpy(tmp, g + lo[me], mine * sizeof *tmp);
+        /* send from a copy: recv overlaps send's piece in g */
+        for (int i = 0; i < R; i++)
+            p->so[p->group + i * p->size] = 0;
+        rc = comm_alltoallv(p->c, tmp, p->sn, p->so, g, p->rn, p->ro, COMM_F32, e);
+    }
+    free(tmp);
+    return rc;
+}
+
+int ep_max(ep *p, int64_t *v, size_t n, dsv3_err *e)
+{
+    return p->world == 1 ? 0 : comm_allreduce(p->c, v, n, COMM_I64, COMM_MAX, e);
+}

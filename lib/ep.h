@@ -1,0 +1,62 @@
+/* ep: expert parallelism on lib/comm: which rank holds which routed experts, and the
+ * exchanges of rows between the ranks that route tokens and those that hold the experts.
+ *
+ * Owns the layout: with --ep N, every MoE layer's E routed experts are cut into N contiguous
+ * groups of E/N; rank r holds group r mod N only. The ranks [b, b + N) with b = r - r mod N
+ * form r's EP block: a token routed on rank r goes to the rank of that block holding its
+ * expert. A world of W = D x N ranks holds D replicas of every group (ranks g, g + N, ...):
+ * data parallelism over them, their expert gradients summed by ep_reduce_experts.
+ *
+ * Every call here is collective over the whole world (lib/comm has no sub-communicators):
+ * alltoallv with no values to ranks outside the block or the replica set, which every
+ * backend (MPI, TCP, NCCL) carries as empty messages. A single process (no comm, or N 1)
+ * never calls them. */
+#ifndef DSV3_EP_H
+#define DSV3_EP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "err.h"
+
+typedef struct ep {
+    comm *c;          /* NULL: one process */
+    int rank, world;
+    int size;         /* N: the ranks an MoE layer's experts are spread over (1: off) */
+    int group;        /* rank mod N: the expert group this rank holds */
+    int base;         /* rank - group: the first rank of this rank's EP block */
+    int replicas;     /* world / N: copies of each group */
+    int E, per;       /* routed experts, experts per group (E / N) */
+    size_t *sn, *so, *rn, *ro;  /* [world]: alltoallv counts and offsets (scratch) */
+} ep;
+
+/* This rank's place with N = size (1 <= size, size divides the world and E); messages
+ * say which does not. c NULL: a single process (size must be 1). */
+int ep_open(ep *p, comm *c, int size, int E, dsv3_err *e);
+void ep_free(ep *p);
+
+/* The rank holding expert x in this rank's block. */
+static inline int ep_owner(const ep *p, int x)
+{
+    return p->base + x / p->per;
+}
+
+/* Counts: cnt_to[x] (x < E) rows this rank sends for expert x; cnt_from[g * per + j] gets
+ * the rows block member g sends for this rank's j-th expert. */
+int ep_exchange_counts(ep *p, const int64_t *cnt_to, int64_t *cnt_from, dsv3_err *e);
+
+/* Rows of `width` floats: rows_to[g] rows for block member g, packed in send in member
+ * order; rows_from[g] rows from member g land in recv in member order. */
+int ep_exchange_rows(ep *p, const float *send, const int64_t *rows_to, float *recv,
+                     const int64_t *rows_from, size_t width, dsv3_err *e);
+
+/* The expert gradients of this rank's group, g[n], summed over the group's replicas (a
+ * reduce-scatter and an all-gather, each as one alltoallv: replica i sums piece i in
+ * replica order, so every replica ends with the same bits). No-op with one replica. */
+int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e);
+
+/* Any rank's flag: an all-reduce MAX over the world of v (one process: v itself). */
+int ep_max(ep *p, int64_t *v, size_t n, dsv3_err *e);
+
+#endif
