@@ -193,7 +193,7 @@ extern "C" int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx
                                                         E);
     LAUNCH_CHECK("moe plan", e);
     gpu_arena_reset(c, mark);
-    if (c->moe_gemm_cublas) { /* the earlier path: one read of the offsets per layer */
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS) { /* the earlier path: one read of the offsets per layer */
         p->offsets_host = (int *)malloc(((size_t)E + 1) * sizeof(int));
         if (!p->offsets_host)
             return err_set(e, "moe: out of host memory");

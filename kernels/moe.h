@@ -71,10 +71,16 @@ int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
                          const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O, dsv3_err *e);
 int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W, const gpu_bf16 *d_out,
                          const gpu_bf16 *in, int I, int O, dsv3_err *e);
-/* For comparison: 1 selects cuBLAS's grouped batched GEMM (host-side sizes: one
- * synchronising read of the offsets per call; wgrad's increment rounded to bf16 once, since
- * it has no fp32 output for bf16 operands; arena E*O*I*2 bytes), 0 (default) our kernel. */
-void gpu_moe_set_gemm(gpu_ctx *c, int cublas);
+/* The grouped GEMM's implementation, for comparison (a context starts with DEFAULT, or
+ * with the number in the environment variable DSV3_MOE_GEMM):
+ * DEFAULT: WGMMA on Hopper, MMA elsewhere; WGMMA: our Hopper kernel (wgmma); MMA: our
+ * mma.sync kernel; CUBLAS: cuBLAS's grouped batched GEMM (host-side sizes: one synchronising
+ * read of the offsets per layer; wgrad's increment rounded to bf16 once, since it has no
+ * fp32 output for bf16 operands; arena E*O*I*2 bytes); PROBE: the wgmma kernel with the
+ * MN-major descriptor offsets exchanged (a layout check for the tests, wrong results). */
+enum { GPU_MOE_GEMM_DEFAULT = 0, GPU_MOE_GEMM_CUBLAS = 1, GPU_MOE_GEMM_MMA = 2,
+       GPU_MOE_GEMM_WGMMA = 3, GPU_MOE_GEMM_PROBE = 4 };
+void gpu_moe_set_gemm(gpu_ctx *c, int variant);
 
 #ifdef __cplusplus
 }

@@ -295,6 +295,236 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_kernel(const mg_args p
         }
 }
 
+/* d[128] += A . B (shared-memory descriptors), m64n256k16, fp32 accumulators; TA / TB: the
+ * operand is stored MN-major (transposed). sm_90a only (the compute_90 PTX pass traps). */
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_256(float *d, uint64_t da, uint64_t db)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "setp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, %131, %132;\n"
+                 "}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
+#else
+    (void)d, (void)da, (void)db;
+    __trap();
+#endif
+}
+
+/* The wgmma kernel's tiles, in the canonical no-swizzle layouts wgmma reads: 8 x 16-byte
+ * "core matrices" of 128 contiguous bytes. K-major (R rows x 64 k): core (r/8, k/8) at
+ * (r/8)*1024 + (k/8)*128. MN-major (64 k-rows x R values): core (x/8, k/8) at
+ * (k/8)*(R*16) + (x/8)*128. In both, 8 consecutive threads fill one core matrix. */
+template <int R>
+__device__ __forceinline__ void wg_load_km(uint32_t sbase, const bf16 *g, int ld, int row0,
+                                           int rend, int k0, int kend)
+{
+#pragma unroll
+    for (int i = 0; i < R * 8 / MG_THREADS; i++) {
+        int id = threadIdx.x + i * MG_THREADS;
+        int r = (id >> 6) * 8 + (id & 7), c = (id >> 3) & 7;
+        int row = row0 + r, k = k0 + c * 8;
+        bool ok = row < rend && k < kend;
+        const bf16 *src = ok ? g + (int64_t)row * ld + k : g;
+        cp_async16(sbase + (uint32_t)((r >> 3) * 1024 + c * 128 + (r & 7) * 16), src, ok);
+    }
+}
+
+template <int R>
+__device__ __forceinline__ void wg_load_mn(uint32_t sbase, const bf16 *g, int ld, int k0,
+                                           int kend, int x0, int xend)
+{
+    constexpr int CH = R / 8;
+#pragma unroll
+    for (int i = 0; i < MG_BK * CH / MG_THREADS; i++) {
+        int id = threadIdx.x + i * MG_THREADS;
+        int c = (id >> 3) % CH, k = ((id >> 3) / CH) * 8 + (id & 7);
+        int row = k0 + k, x = x0 + c * 8;
+        bool ok = row < kend && x < xend;
+        const bf16 *src = ok ? g + (int64_t)row * ld + x : g;
+        cp_async16(sbase + (uint32_t)((k >> 3) * (R * 16) + c * 128 + (k & 7) * 16), src, ok);
+    }
+}
+
+/* Shared-memory matrix descriptor, no swizzle: start, leading (K-direction) and stride
+ * (M/N-direction) byte offsets between core matrices. */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+           ((uint64_t)(sbo >> 4) << 32);
+}
+
+/* Block b of forward/dgrad: which expert's row tile (rows [*r0, *r1) of it from *r0 on).
+ * blockIdx.y counts the row tiles of MG_BM over the experts in order; false past the last. */
+__device__ __forceinline__ bool find_row_tile(const mg_args &p, int *e, int *r0, int *r1)
+{
+    __shared__ int s_e, s_r0, s_r1;
+    int lane = threadIdx.x & 31;
+    if (threadIdx.x < 32) {
+        if (lane == 0)
+            s_e = -1;
+        __syncwarp();
+        int t = blockIdx.y, base = 0;
+        for (int e0 = 0; e0 < p.E; e0 += 32) {
+            int x = e0 + lane;
+            int cnt = x < p.E ? p.off[x + 1] - p.off[x] : 0;
+            int nt = (cnt + MG_BM - 1) / MG_BM, inc = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o)
+                    inc += v;
+            }
+            int start = base + inc - nt;
+            if (x < p.E && t >= start && t < start + nt) {
+                s_e = x;
+                s_r0 = p.off[x] + (t - start) * MG_BM;
+                s_r1 = p.off[x + 1];
+            }
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+    }
+    __syncthreads();
+    *e = s_e, *r0 = s_r0, *r1 = s_r1;
+    return s_e >= 0;
+}
+
+/* The Hopper kernel: the same tiles, pipeline and epilogue as moe_gemm_kernel, the
+ * products by wgmma (two warpgroups of 64 rows x 256 columns, four k16 steps a stage).
+ * MNSWAP exchanges the two offsets of the MN-major descriptors (a check of the layout). */
+template <int FORM, int MNSWAP>
+__global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args p)
+{
+    constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    int e, m0, n0, kbeg, kend, rbeg, rend;
+    if (FORM == FORM_WGRAD) {
+        int ntn = (p.N + MG_BN - 1) / MG_BN;
+        e = blockIdx.y;
+        m0 = (blockIdx.x / ntn) * MG_BM;
+        n0 = (blockIdx.x % ntn) * MG_BN;
+        kbeg = p.off[e];
+        kend = p.off[e + 1];
+        if (kbeg == kend)
+            return;
+        rbeg = 0, rend = p.M;
+    } else {
+        if (!find_row_tile(p, &e, &rbeg, &rend))
+            return;
+        m0 = 0;
+        n0 = blockIdx.x * MG_BN;
+        kbeg = 0, kend = p.K;
+    }
+    const bf16 *Ag = p.A, *Bg;
+    int lda, ldb;
+    if (FORM == FORM_FWD) {
+        lda = p.K, ldb = p.K;
+        Bg = p.B + (int64_t)e * p.N * p.K;
+    } else if (FORM == FORM_DGRAD) {
+        lda = p.K, ldb = p.N;
+        Bg = p.B + (int64_t)e * p.N * p.K;
+    } else {
+        lda = p.M, ldb = p.N;
+        Bg = p.B;
+    }
+    uint32_t sb = (uint32_t)__cvta_generic_to_shared(smem);
+    constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = (MG_BM + MG_BN) * MG_BK * 2;
+    int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+    auto load_stage = [&](int s, int kt) {
+        uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+        int k0 = kbeg + kt * MG_BK;
+        if (A_KMAJ)
+            wg_load_km<MG_BM>(sa, Ag, lda, rbeg, rend, k0, kend);
+        else
+            wg_load_mn<MG_BM>(sa, Ag, lda, k0, kend, m0, p.M);
+        if (B_KMAJ)
+            wg_load_km<MG_BN>(sbb, Bg, ldb, n0, p.N, k0, kend);
+        else
+            wg_load_mn<MG_BN>(sbb, Bg, ldb, k0, kend, n0, p.N);
+    };
+    /* core-matrix offsets (K direction, M/N direction) and the step of one k16 */
+    constexpr uint32_t A_LBO = A_KMAJ ? 128 : (MNSWAP ? 128 : MG_BM * 16);
+    constexpr uint32_t A_SBO = A_KMAJ ? 1024 : (MNSWAP ? MG_BM * 16 : 128);
+    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : 8 * 128, A_K16 = A_KMAJ ? 256 : 2 * MG_BM * 16;
+    constexpr uint32_t B_LBO = B_KMAJ ? 128 : (MNSWAP ? 128 : MG_BN * 16);
+    constexpr uint32_t B_SBO = B_KMAJ ? 1024 : (MNSWAP ? MG_BN * 16 : 128);
+    constexpr uint32_t B_K16 = B_KMAJ ? 256 : 2 * MG_BN * 16;
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++)
+        acc[i] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < MG_STAGES - 1; s++) {
+        if (s < KT)
+            load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        cp_async_wait<MG_STAGES - 2>();
+        /* cp.async wrote through the generic proxy; wgmma reads through the async one */
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        int nx = kt + MG_STAGES - 1;
+        if (nx < KT)
+            load_stage(nx % MG_STAGES, nx);
+        cp_async_commit();
+        uint32_t sa = sb + (kt % MG_STAGES) * STAGE, sbb = sa + A_BYTES;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+#pragma unroll
+        for (int kk = 0; kk < MG_BK / 16; kk++)
+            wgmma_256<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
+                acc, wg_desc(sa + wg * A_WG + kk * A_K16, A_LBO, A_SBO),
+                wg_desc(sbb + kk * B_K16, B_LBO, B_SBO));
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+    }
+    cp_async_wait<0>();
+
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = wg * 64 + (warp & 3) * 16 + g + h * 8;
+        if (FORM == FORM_WGRAD) {
+            int m = m0 + r;
+            if (m >= p.M)
+                continue;
+            float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                int n = n0 + j * 8 + 2 * t;
+                if (n < p.N) {
+                    float2 v = *(float2 *)(row + n);
+                    v.x += acc[4 * j + 2 * h];
+                    v.y += acc[4 * j + 2 * h + 1];
+                    *(float2 *)(row + n) = v;
+                }
+            }
+        } else {
+            int row = rbeg + r;
+            if (row >= rend)
+                continue;
+            bf16 *out = (bf16 *)p.C + (int64_t)row * p.N;
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                int n = n0 + j * 8 + 2 * t;
+                if (n < p.N)
+                    *(__nv_bfloat162 *)(out + n) =
+                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+}
+
 static int aligned16p(const void *p)
 {
     return ((uintptr_t)p & 15) == 0;
@@ -308,8 +538,16 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int nk = pl->N * pl->k, E = pl->E;
     if (nk == 0 || N <= 0 || (FORM == FORM_WGRAD ? M <= 0 : K <= 0))
         return 0;
-    CUDA_TRY(cudaFuncSetAttribute(moe_gemm_kernel<FORM>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
+    int major = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->dev), e);
+    /* wgmma needs the sm_90a machine code: Hopper itself, not a later GPU running PTX */
+    int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA
+                                                              : GPU_MOE_GEMM_MMA)
+                                                : c->moe_gemm;
+    void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA    ? moe_wgmma_kernel<FORM, 0>
+                                  : v == GPU_MOE_GEMM_PROBE ? moe_wgmma_kernel<FORM, 1>
+                                                             : moe_gemm_kernel<FORM>;
+    CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
              e);
     mg_args a = {A, B, C, pl->offsets, E, M, N, K};
     dim3 grid;
@@ -317,7 +555,7 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
         grid = dim3(((M + MG_BM - 1) / MG_BM) * ((N + MG_BN - 1) / MG_BN), E);
     else
         grid = dim3((N + MG_BN - 1) / MG_BN, (nk + MG_BM - 1) / MG_BM + E);
-    moe_gemm_kernel<FORM><<<grid, MG_THREADS, MG_SMEM, c->stream>>>(a);
+    kern<<<grid, MG_THREADS, MG_SMEM, c->stream>>>(a);
     LAUNCH_CHECK("moe_gemm", e);
     return 0;
 }
@@ -440,7 +678,7 @@ extern "C" int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *o
                                   const gpu_bf16 *in, const gpu_bf16 *W, int I, int O,
                                   dsv3_err *e)
 {
-    if (c->moe_gemm_cublas || !kernel_fits(0, O, I, in, W, out)) {
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, O, I, in, W, out)) {
         grouped_args g = {0, 1, 0, O, I, 0, I, I, O, 0, 0.0f, (const bf16 *)in,
                           (const bf16 *)W, out, I, 0, 0, (int64_t)O * I, O, 0};
         return cublas_path(c, p, &g, e);
@@ -452,7 +690,7 @@ extern "C" int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 
                                     const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O,
                                     dsv3_err *e)
 {
-    if (c->moe_gemm_cublas || !kernel_fits(0, I, O, d_out, W, d_in)) {
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, I, O, d_out, W, d_in)) {
         grouped_args g = {0, 0, 0, I, O, 0, O, I, I, 0, 0.0f, (const bf16 *)d_out,
                           (const bf16 *)W, d_in, O, 0, 0, (int64_t)O * I, I, 0};
         return cublas_path(c, p, &g, e);
@@ -502,13 +740,13 @@ extern "C" int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_
                                     const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
                                     dsv3_err *e)
 {
-    if (c->moe_gemm_cublas || !kernel_fits(O, I, 0, d_out, in, d_W))
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(O, I, 0, d_out, in, d_W))
         return wgrad_cublas(c, p, d_W, d_out, in, I, O, e);
     return moe_gemm_run<FORM_WGRAD>(c, p, (const bf16 *)d_out, (const bf16 *)in, d_W, O, I, 0,
                                     e);
 }
 
-extern "C" void gpu_moe_set_gemm(gpu_ctx *c, int cublas)
+extern "C" void gpu_moe_set_gemm(gpu_ctx *c, int variant)
 {
-    c->moe_gemm_cublas = cublas;
+    c->moe_gemm = variant;
 }

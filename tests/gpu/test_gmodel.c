@@ -324,7 +324,7 @@ static void bench_1b_moe(void)
      * device until the step's sums are read); each iteration ends with a sync. host_ms: how
      * long the host took to queue the default's forward + backward. */
     for (int variant = 1; variant >= 0 && g && !test_failed_; variant--) {
-        gpu_moe_set_gemm(gmodel_ctx(g), variant);
+        gpu_moe_set_gemm(gmodel_ctx(g), variant ? GPU_MOE_GEMM_CUBLAS : GPU_MOE_GEMM_DEFAULT);
         double tq[4] = {0};
         for (int it = 0; it < 4 && !test_failed_; it++) {
             double sum = 0;
