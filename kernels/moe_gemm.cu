@@ -393,10 +393,11 @@ __device__ __forceinline__ bool find_row_tile(const mg_args &p, int *e, int *r0,
     return s_e >= 0;
 }
 
-/* The Hopper kernel: the same tiles, pipeline and epilogue as moe_gemm_kernel, the
- * products by wgmma (two warpgroups of 64 rows x 256 columns, four k16 steps a stage).
- * MNSWAP exchanges the two offsets of the MN-major descriptors (a check of the layout). */
-template <int FORM, int MNSWAP>
+/* The Hopper kernel: the same tiles and epilogue as moe_gemm_kernel, the products by
+ * wgmma (two warpgroups of 64 rows x 256 columns, four k16 steps a stage). PIPE 0: loads
+ * 3 stages ahead and every stage's wgmma finished before the next barrier; PIPE 1: loads 2
+ * stages ahead and one stage's wgmma left in flight across the barrier. */
+template <int FORM, int PIPE>
 __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args p)
 {
     constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
@@ -448,29 +449,28 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
             wg_load_mn<MG_BN>(sbb, Bg, ldb, k0, kend, n0, p.N);
     };
     /* core-matrix offsets (K direction, M/N direction) and the step of one k16 */
-    constexpr uint32_t A_LBO = A_KMAJ ? 128 : (MNSWAP ? 128 : MG_BM * 16);
-    constexpr uint32_t A_SBO = A_KMAJ ? 1024 : (MNSWAP ? MG_BM * 16 : 128);
+    constexpr uint32_t A_LBO = A_KMAJ ? 128 : MG_BM * 16, A_SBO = A_KMAJ ? 1024 : 128;
     constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : 8 * 128, A_K16 = A_KMAJ ? 256 : 2 * MG_BM * 16;
-    constexpr uint32_t B_LBO = B_KMAJ ? 128 : (MNSWAP ? 128 : MG_BN * 16);
-    constexpr uint32_t B_SBO = B_KMAJ ? 1024 : (MNSWAP ? MG_BN * 16 : 128);
+    constexpr uint32_t B_LBO = B_KMAJ ? 128 : MG_BN * 16, B_SBO = B_KMAJ ? 1024 : 128;
     constexpr uint32_t B_K16 = B_KMAJ ? 256 : 2 * MG_BN * 16;
 
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; i++)
         acc[i] = 0.0f;
+    constexpr int AHEAD = PIPE ? MG_STAGES - 2 : MG_STAGES - 1;
 #pragma unroll
-    for (int s = 0; s < MG_STAGES - 1; s++) {
+    for (int s = 0; s < AHEAD; s++) {
         if (s < KT)
             load_stage(s, s);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; kt++) {
-        cp_async_wait<MG_STAGES - 2>();
+        cp_async_wait<AHEAD - 1>();
         /* cp.async wrote through the generic proxy; wgmma reads through the async one */
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        int nx = kt + MG_STAGES - 1;
+        __syncthreads(); /* PIPE: also every warpgroup's wgmma of stage kt-2 is done */
+        int nx = kt + AHEAD;
         if (nx < KT)
             load_stage(nx % MG_STAGES, nx);
         cp_async_commit();
@@ -485,9 +485,15 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
                 wg_desc(sbb + kk * B_K16, B_LBO, B_SBO));
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (PIPE)
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        else
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
     }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
     cp_async_wait<0>();
 
     int g = lane >> 2, t = lane & 3;
@@ -544,9 +550,9 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
-    void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA    ? moe_wgmma_kernel<FORM, 0>
-                                  : v == GPU_MOE_GEMM_PROBE ? moe_wgmma_kernel<FORM, 1>
-                                                             : moe_gemm_kernel<FORM>;
+    void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA        ? moe_wgmma_kernel<FORM, 0>
+                                  : v == GPU_MOE_GEMM_WGMMA_PIPE ? moe_wgmma_kernel<FORM, 1>
+                                                                 : moe_gemm_kernel<FORM>;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
              e);
     mg_args a = {A, B, C, pl->offsets, E, M, N, K};

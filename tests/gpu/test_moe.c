@@ -197,10 +197,7 @@ static void expert_layer_check(int variant)
         double d = gt_relerr(o_dW2, r_dW2, (size_t)E * H * F), f = gt_relerr(o_dw, r_dw, (size_t)nk);
         wo = a > wo ? a : wo, wx = b > wx ? b : wx, ww1 = c > ww1 ? c : ww1;
         ww2 = d > ww2 ? d : ww2, wdw = f > wdw ? f : wdw;
-        if (variant == GPU_MOE_GEMM_PROBE) /* a layout probe: reported, expected to fail */
-            printf("# probe N=%d: out %.2e dx %.2e dW1 %.2e dW2 %.2e\n", N, a, b, c, d);
-        else
-            CHECKF(a <= BF16_BOUND && b <= BF16_BOUND && c <= BF16_BOUND && d <= BF16_BOUND &&
+        CHECKF(a <= BF16_BOUND && b <= BF16_BOUND && c <= BF16_BOUND && d <= BF16_BOUND &&
                    f <= BF16_BOUND,
                "N=%d H=%d E=%d k=%d F=%d: out %.2e dx %.2e dW1 %.2e dW2 %.2e dw %.2e", N, H, E, K,
                F, a, b, c, d, f);
@@ -212,11 +209,11 @@ static void expert_layer_check(int variant)
         gt_reset(mark);
     }
     gpu_moe_set_gemm(gt_ctx_, GPU_MOE_GEMM_DEFAULT);
-    if (variant == GPU_MOE_GEMM_PROBE)
-        return;
-    const char *v = variant == GPU_MOE_GEMM_CUBLAS ? " [cuBLAS grouped]"
-                    : variant == GPU_MOE_GEMM_MMA  ? " [mma.sync kernel]"
-                                                   : "";
+    const char *v = variant == GPU_MOE_GEMM_CUBLAS       ? " [cuBLAS grouped]"
+                    : variant == GPU_MOE_GEMM_MMA        ? " [mma.sync kernel]"
+                    : variant == GPU_MOE_GEMM_WGMMA      ? " [wgmma kernel]"
+                    : variant == GPU_MOE_GEMM_WGMMA_PIPE ? " [wgmma, pipelined]"
+                                                         : "";
     char name[96];
     snprintf(name, sizeof name, "moe layer fwd out%s", v);
     gt_stat(name, wo, BF16_BOUND);
@@ -243,8 +240,12 @@ static void expert_layer_mma_matches_cpu(void)
 static void expert_layer_cublas_matches_cpu(void)
 {
     expert_layer_check(GPU_MOE_GEMM_CUBLAS);
-    if (getenv("DSV3_MOE_PROBE"))
-        expert_layer_check(GPU_MOE_GEMM_PROBE);
+}
+
+static void expert_layer_wgmma_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WGMMA);
+    expert_layer_check(GPU_MOE_GEMM_WGMMA_PIPE);
 }
 
 /* One grouped linear of the benchmark: kind 0 fwd, 1 dgrad, 2 wgrad; I -> O per expert;
@@ -331,12 +332,14 @@ static void bench_grouped_gemm(void)
             double fl = 2.0 * nk * j.I * j.O;
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
-                float ms[4]; /* default (wgmma), mma.sync, cuBLAS grouped, dense same shape */
-                static const int var[4] = {GPU_MOE_GEMM_DEFAULT, GPU_MOE_GEMM_MMA,
-                                           GPU_MOE_GEMM_CUBLAS, GPU_MOE_GEMM_DEFAULT};
-                for (int v = 0; v < 4; v++) {
-                    j.dense = v == 3;
-                    if (routing == 1 && v == 3) {
+                /* default, wgmma, wgmma pipelined, mma.sync, cuBLAS grouped, dense same shape */
+                float ms[6];
+                static const int var[6] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
+                                           GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
+                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_DEFAULT};
+                for (int v = 0; v < 6; v++) {
+                    j.dense = v == 5;
+                    if (routing == 1 && v == 5) {
                         ms[v] = 0;
                         continue;
                     }
@@ -349,13 +352,14 @@ static void bench_grouped_gemm(void)
                 snprintf(name, sizeof name, "moe %s %s %s %dx%d->%d", kinds[k],
                          shape ? "down" : "gate-up", routing ? "random" : "balanced", nk, j.I,
                          j.O);
-                printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | mma.sync "
-                       "%6.1f | cuBLAS grouped %6.1f",
-                       name, ms[0], fl / (ms[0] * 1e-3) / 1e12,
-                       100.0 * fl / (ms[0] * 1e-3) / 1e12 / ceil, fl / (ms[1] * 1e-3) / 1e12,
-                       fl / (ms[2] * 1e-3) / 1e12);
-                if (ms[3] > 0)
-                    printf(" | dense same shape %6.1f", fl / (ms[3] * 1e-3) / 1e12);
+#define TF(x) (fl / ((x) * 1e-3) / 1e12)
+                printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
+                       "wgmma pipelined %6.1f | mma.sync %6.1f | cuBLAS grouped %6.1f",
+                       name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
+                       TF(ms[3]), TF(ms[4]));
+                if (ms[5] > 0)
+                    printf(" | dense same shape %6.1f", TF(ms[5]));
+#undef TF
                 printf(" TFLOP/s\n");
             }
         }
@@ -374,6 +378,7 @@ int main(void)
     RUN(expert_layer_matches_cpu);
     RUN(expert_layer_mma_matches_cpu);
     RUN(expert_layer_cublas_matches_cpu);
+    RUN(expert_layer_wgmma_matches_cpu);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
