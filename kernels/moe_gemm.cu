@@ -23,7 +23,7 @@
 #define MG_BK 64
 #define MG_STAGES 4
 #define MG_THREADS 256
-#define MG_SMEM (MG_STAGES * (MG_BM + MG_BN) * MG_BK * 2)
+#define MG_SMEM (MG_STAGES * (MG_BM + MG_BN) * MG_BK * 2 + 1024)
 
 enum { FORM_FWD = 0, FORM_DGRAD = 1, FORM_WGRAD = 2 };
 
@@ -350,12 +350,35 @@ __device__ __forceinline__ void wg_load_mn(uint32_t sbase, const bf16 *g, int ld
     }
 }
 
-/* Shared-memory matrix descriptor, no swizzle: start, leading (K-direction) and stride
- * (M/N-direction) byte offsets between core matrices. */
-__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
+/* 128-byte swizzled MN-major tile (64 k-rows x R values): atoms of 8 k-rows x 64 values
+ * (1 KB), 16-byte chunk c of a 128-byte atom row k at c ^ (k & 7); atoms along MN 1 KB
+ * apart, groups of 8 k-rows R*16 bytes apart. (The K-major swizzled tile is km_off's.) */
+template <int R>
+__device__ __forceinline__ void sw_load_mn(uint32_t sbase, const bf16 *g, int ld, int k0,
+                                           int kend, int x0, int xend)
+{
+    constexpr int CH = R / 8;
+#pragma unroll
+    for (int i = 0; i < MG_BK * CH / MG_THREADS; i++) {
+        int id = threadIdx.x + i * MG_THREADS, k = id / CH, c = id % CH;
+        int row = k0 + k, x = x0 + c * 8;
+        bool ok = row < kend && x < xend;
+        const bf16 *src = ok ? g + (int64_t)row * ld + x : g;
+        cp_async16(sbase + (uint32_t)((k >> 3) * (R * 16) + (c >> 3) * 1024 + (k & 7) * 128 +
+                                      (((c & 7) ^ (k & 7)) << 4)),
+                   src, ok);
+    }
+}
+
+/* Shared-memory matrix descriptor: start, leading and stride byte offsets, layout (0: no
+ * swizzle, 1: 128-byte swizzle). No swizzle: LBO between core matrices along K, SBO along
+ * M/N. 128-byte swizzle: K-major SBO between 8-row groups (LBO unused); MN-major LBO
+ * between 64-value atoms along M/N, SBO between 8-row groups along K. */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo,
+                                            int sw = 0)
 {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
-           ((uint64_t)(sbo >> 4) << 32);
+           ((uint64_t)(sbo >> 4) << 32) | ((uint64_t)sw << 62);
 }
 
 /* Block b of forward/dgrad: which expert's row tile (rows [*r0, *r1) of it from *r0 on).
@@ -397,7 +420,7 @@ __device__ __forceinline__ bool find_row_tile(const mg_args &p, int *e, int *r0,
  * wgmma (two warpgroups of 64 rows x 256 columns, four k16 steps a stage). PIPE 0: loads
  * 3 stages ahead and every stage's wgmma finished before the next barrier; PIPE 1: loads 2
  * stages ahead and one stage's wgmma left in flight across the barrier. */
-template <int FORM, int PIPE>
+template <int FORM, int PIPE, int SW>
 __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args p)
 {
     constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
@@ -433,12 +456,24 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
         lda = p.M, ldb = p.N;
         Bg = p.B;
     }
-    uint32_t sb = (uint32_t)__cvta_generic_to_shared(smem);
+    /* the swizzle repeats every 1 KB: stage bases 1 KB-aligned (MG_SMEM has 1 KB spare) */
+    uint32_t sb = ((uint32_t)__cvta_generic_to_shared(smem) + 1023) & ~1023u;
     constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = (MG_BM + MG_BN) * MG_BK * 2;
     int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
     auto load_stage = [&](int s, int kt) {
         uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
         int k0 = kbeg + kt * MG_BK;
+        if (SW) {
+            if (A_KMAJ)
+                load_tile<MG_BM, true>(sa, Ag, lda, rbeg, rend, k0, kend, 0, 0);
+            else
+                sw_load_mn<MG_BM>(sa, Ag, lda, k0, kend, m0, p.M);
+            if (B_KMAJ)
+                load_tile<MG_BN, true>(sbb, Bg, ldb, n0, p.N, k0, kend, 0, 0);
+            else
+                sw_load_mn<MG_BN>(sbb, Bg, ldb, k0, kend, n0, p.N);
+            return;
+        }
         if (A_KMAJ)
             wg_load_km<MG_BM>(sa, Ag, lda, rbeg, rend, k0, kend);
         else
@@ -449,10 +484,15 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
             wg_load_mn<MG_BN>(sbb, Bg, ldb, k0, kend, n0, p.N);
     };
     /* core-matrix offsets (K direction, M/N direction) and the step of one k16 */
-    constexpr uint32_t A_LBO = A_KMAJ ? 128 : MG_BM * 16, A_SBO = A_KMAJ ? 1024 : 128;
-    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : 8 * 128, A_K16 = A_KMAJ ? 256 : 2 * MG_BM * 16;
-    constexpr uint32_t B_LBO = B_KMAJ ? 128 : MG_BN * 16, B_SBO = B_KMAJ ? 1024 : 128;
-    constexpr uint32_t B_K16 = B_KMAJ ? 256 : 2 * MG_BN * 16;
+    constexpr uint32_t A_LBO = SW ? (A_KMAJ ? 16 : 1024) : (A_KMAJ ? 128 : MG_BM * 16);
+    constexpr uint32_t A_SBO = SW ? (A_KMAJ ? 1024 : MG_BM * 16) : (A_KMAJ ? 1024 : 128);
+    constexpr uint32_t A_WG = SW ? (A_KMAJ ? 8 * 1024 : 1024) : (A_KMAJ ? 8 * 1024 : 8 * 128);
+    constexpr uint32_t A_K16 = SW ? (A_KMAJ ? 32 : 2 * MG_BM * 16)
+                                  : (A_KMAJ ? 256 : 2 * MG_BM * 16);
+    constexpr uint32_t B_LBO = SW ? (B_KMAJ ? 16 : 1024) : (B_KMAJ ? 128 : MG_BN * 16);
+    constexpr uint32_t B_SBO = SW ? (B_KMAJ ? 1024 : MG_BN * 16) : (B_KMAJ ? 1024 : 128);
+    constexpr uint32_t B_K16 = SW ? (B_KMAJ ? 32 : 2 * MG_BN * 16)
+                                  : (B_KMAJ ? 256 : 2 * MG_BN * 16);
 
     float acc[128];
 #pragma unroll
@@ -481,8 +521,8 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
 #pragma unroll
         for (int kk = 0; kk < MG_BK / 16; kk++)
             wgmma_256<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
-                acc, wg_desc(sa + wg * A_WG + kk * A_K16, A_LBO, A_SBO),
-                wg_desc(sbb + kk * B_K16, B_LBO, B_SBO));
+                acc, wg_desc(sa + wg * A_WG + kk * A_K16, A_LBO, A_SBO, SW),
+                wg_desc(sbb + kk * B_K16, B_LBO, B_SBO, SW));
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         if (PIPE)
@@ -550,8 +590,9 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
-    void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA        ? moe_wgmma_kernel<FORM, 0>
-                                  : v == GPU_MOE_GEMM_WGMMA_PIPE ? moe_wgmma_kernel<FORM, 1>
+    void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA        ? moe_wgmma_kernel<FORM, 0, 0>
+                                  : v == GPU_MOE_GEMM_WGMMA_PIPE ? moe_wgmma_kernel<FORM, 1, 0>
+                                  : v == GPU_MOE_GEMM_WGMMA_SW   ? moe_wgmma_kernel<FORM, 1, 1>
                                                                  : moe_gemm_kernel<FORM>;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
              e);

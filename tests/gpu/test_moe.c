@@ -213,6 +213,7 @@ static void expert_layer_check(int variant)
                     : variant == GPU_MOE_GEMM_MMA        ? " [mma.sync kernel]"
                     : variant == GPU_MOE_GEMM_WGMMA      ? " [wgmma kernel]"
                     : variant == GPU_MOE_GEMM_WGMMA_PIPE ? " [wgmma, pipelined]"
+                    : variant == GPU_MOE_GEMM_WGMMA_SW   ? " [wgmma, swizzled]"
                                                          : "";
     char name[96];
     snprintf(name, sizeof name, "moe layer fwd out%s", v);
@@ -246,6 +247,11 @@ static void expert_layer_wgmma_matches_cpu(void)
 {
     expert_layer_check(GPU_MOE_GEMM_WGMMA);
     expert_layer_check(GPU_MOE_GEMM_WGMMA_PIPE);
+}
+
+static void expert_layer_wgmma_sw_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WGMMA_SW);
 }
 
 /* One grouped linear of the benchmark: kind 0 fwd, 1 dgrad, 2 wgrad; I -> O per expert;
@@ -332,14 +338,16 @@ static void bench_grouped_gemm(void)
             double fl = 2.0 * nk * j.I * j.O;
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
-                /* default, wgmma, wgmma pipelined, mma.sync, cuBLAS grouped, dense same shape */
-                float ms[6];
-                static const int var[6] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
+                /* default, wgmma, wgmma pipelined, mma.sync, cuBLAS grouped, wgmma swizzled,
+                 * dense same shape */
+                float ms[7];
+                static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
                                            GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
-                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_DEFAULT};
-                for (int v = 0; v < 6; v++) {
-                    j.dense = v == 5;
-                    if (routing == 1 && v == 5) {
+                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WGMMA_SW,
+                                           GPU_MOE_GEMM_DEFAULT};
+                for (int v = 0; v < 7; v++) {
+                    j.dense = v == 6;
+                    if (routing == 1 && v == 6) {
                         ms[v] = 0;
                         continue;
                     }
@@ -354,11 +362,12 @@ static void bench_grouped_gemm(void)
                          j.O);
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
                 printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
-                       "wgmma pipelined %6.1f | mma.sync %6.1f | cuBLAS grouped %6.1f",
+                       "wgmma pipelined %6.1f | wgmma swizzled %6.1f | mma.sync %6.1f | cuBLAS "
+                       "grouped %6.1f",
                        name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
-                       TF(ms[3]), TF(ms[4]));
-                if (ms[5] > 0)
-                    printf(" | dense same shape %6.1f", TF(ms[5]));
+                       TF(ms[5]), TF(ms[3]), TF(ms[4]));
+                if (ms[6] > 0)
+                    printf(" | dense same shape %6.1f", TF(ms[6]));
 #undef TF
                 printf(" TFLOP/s\n");
             }
@@ -379,6 +388,7 @@ int main(void)
     RUN(expert_layer_mma_matches_cpu);
     RUN(expert_layer_cublas_matches_cpu);
     RUN(expert_layer_wgmma_matches_cpu);
+    RUN(expert_layer_wgmma_sw_matches_cpu);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
