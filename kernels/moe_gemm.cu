@@ -5,10 +5,12 @@
  * expert; forward and dgrad launch the worst-case number of row tiles (N*k/128 + E), and a
  * block finds its expert by a prefix sum of the per-expert tile counts (blocks past the
  * last tile exit). Tiles: cp.async (zero-filling rows outside the expert and columns past
- * the edge) into a 4-stage shared-memory ring, XOR-swizzled by 16-byte chunks, ldmatrix
- * (.trans for operands stored with M or N contiguous), mma.sync m16n8k16 bf16 with fp32
- * accumulators, 8 warps of 64 x 64. wgrad adds the fp32 tile straight into d_W: one owner
- * per (expert, tile), no atomics, no bf16 rounding of the increment.
+ * the edge) into a 4-stage shared-memory ring. On Hopper the products are wgmma
+ * m64n256k16 from 128-byte-swizzled shared memory (two warpgroups, operands stored with M
+ * or N contiguous through wgmma's transpose bits); elsewhere ldmatrix + mma.sync m16n8k16
+ * (8 warps of 64 x 64). wgrad adds the fp32 tile straight into d_W: one owner per (expert,
+ * tile), no atomics, no bf16 rounding of the increment. The wgmma kernel on unswizzled
+ * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md).
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
@@ -587,7 +589,7 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int major = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->dev), e);
     /* wgmma needs the sm_90a machine code: Hopper itself, not a later GPU running PTX */
-    int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA
+    int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA_SW
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
     void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA        ? moe_wgmma_kernel<FORM, 0, 0>

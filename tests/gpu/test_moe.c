@@ -338,8 +338,8 @@ static void bench_grouped_gemm(void)
             double fl = 2.0 * nk * j.I * j.O;
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
-                /* default, wgmma, wgmma pipelined, mma.sync, cuBLAS grouped, wgmma swizzled,
-                 * dense same shape */
+                /* default (wgmma swizzled on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
+                 * grouped, wgmma swizzled, dense same shape */
                 float ms[7];
                 static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
                                            GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
