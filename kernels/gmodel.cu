@@ -79,6 +79,16 @@ struct gmodel {
     cudaEvent_t ev_fence, ev_join;
     gmodel_bwd_hook hook;
     void *hook_ctx;
+    /* Sums over a step kept on the device, read once by gmodel_take_stats: the per-row
+     * losses of the forwards asked for no loss, and the expert loads [nl][E] of the
+     * forwards with grad (count_loads). Token ids and targets go up through two pinned
+     * staging buffers, used in turn; staged[i] marks the copy out of buffer i. */
+    double *d_loss_acc;
+    long long *d_load_acc;
+    int count_loads, rows_on_host;
+    int32_t *h_stage[2];
+    cudaEvent_t staged[2];
+    int stage_next;
 };
 
 /* ---- small kernels ---- */
@@ -693,6 +703,86 @@ extern "C" void *gmodel_dev_alloc(size_t bytes, dsv3_err *e)
     return gpu_malloc(bytes, e);
 }
 
+/* ---- per-step sums on the device, staged uploads ---- */
+
+/* acc += sum of x[0..n) in double, one block, fixed order: the same on every run. */
+__global__ void k_sum_into(double *acc, const float *x, int n)
+{
+    __shared__ double red[1024];
+    double s = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        s += x[i];
+    red[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o)
+            red[threadIdx.x] += red[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        *acc += red[0];
+}
+
+/* load[x] += rows of expert x in a dispatch plan (offsets[E+1]). */
+__global__ void k_add_loads(long long *load, const int *off, int E)
+{
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    if (x < E)
+        load[x] += off[x + 1] - off[x];
+}
+
+static int stats_zero(gmodel *g, dsv3_err *e)
+{
+    int E = g->m->cfg.n_routed_experts;
+    return gpu_memset(g->c, g->d_loss_acc, 0, sizeof(double), e) ||
+           gpu_memset(g->c, g->d_load_acc, 0, (size_t)g->nl * (E ? E : 1) * 8, e);
+}
+
+static int stage_init(gmodel *g, dsv3_err *e)
+{
+    for (int i = 0; i < 2; i++) {
+        CUDA_TRY(cudaHostAlloc((void **)&g->h_stage[i], (size_t)g->N * 4, cudaHostAllocDefault),
+                 e);
+        CUDA_TRY(cudaEventCreateWithFlags(&g->staged[i], cudaEventDisableTiming), e);
+    }
+    return stats_zero(g, e);
+}
+
+/* dst[0..N) = src through the next pinned buffer, queued on the stream: the host waits
+ * only for the copy that used that buffer two uploads ago (long done when the host runs
+ * ahead of the device by less than that), never for the device's queue. */
+static int upload_ids(gmodel *g, int32_t *dst, const int32_t *src, dsv3_err *e)
+{
+    int i = g->stage_next;
+    g->stage_next ^= 1;
+    CUDA_TRY(cudaEventSynchronize(g->staged[i]), e);
+    memcpy(g->h_stage[i], src, (size_t)g->N * 4);
+    CUDA_TRY(cudaMemcpyAsync(dst, g->h_stage[i], (size_t)g->N * 4, cudaMemcpyHostToDevice, ST(g)),
+             e);
+    CUDA_TRY(cudaEventRecord(g->staged[i], ST(g)), e);
+    return 0;
+}
+
+extern "C" int gmodel_take_stats(gmodel *g, double *loss_sum, int64_t *loads, dsv3_err *e)
+{
+    int E = g->m->cfg.n_routed_experts;
+    size_t nl = (size_t)g->nl * (E ? E : 1);
+    if (gpu_download(g->c, loss_sum, g->d_loss_acc, sizeof(double), e))
+        return -1;
+    if (loads && E) {
+        long long *h = (long long *)malloc(nl * 8);
+        if (!h)
+            return err_set(e, "gmodel: out of memory");
+        int rc = gpu_download(g->c, h, g->d_load_acc, nl * 8, e);
+        for (size_t i = 0; !rc && i < nl; i++)
+            loads[i] = h[i];
+        free(h);
+        if (rc)
+            return -1;
+    }
+    return stats_zero(g, e);
+}
+
 /* ---- create ---- */
 
 extern "C" void gmodel_destroy(gmodel *g)
@@ -711,6 +801,14 @@ extern "C" void gmodel_destroy(gmodel *g)
     gpu_free(g->mom_m);
     gpu_free(g->mom_v);
     gpu_free(g->d_norm);
+    gpu_free(g->d_loss_acc);
+    gpu_free(g->d_load_acc);
+    for (int i = 0; i < 2; i++) {
+        if (g->staged[i])
+            cudaEventDestroy(g->staged[i]);
+        if (g->h_stage[i])
+            cudaFreeHost(g->h_stage[i]);
+    }
     gpu_tensor_list_destroy(g->tl);
     gpu_free(g->gshard);
     if (g->cstream) {
@@ -820,7 +918,11 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
         !(g->grads = (float *)gpu_malloc(g->n_params * 4, e)) ||
         !(g->wbf = (bf16 *)gpu_malloc(g->n_params * 2, e)) ||
         !(g->region_tmp = (float *)gpu_malloc((g->region_floats ? g->region_floats : 1) * 4, e)) ||
-        !(g->head_pend = (float *)gpu_malloc(VH * 4, e))) {
+        !(g->head_pend = (float *)gpu_malloc(VH * 4, e)) ||
+        !(g->d_loss_acc = (double *)gpu_malloc(sizeof(double), e)) ||
+        !(g->d_load_acc = (long long *)gpu_malloc(
+              (size_t)g->nl * (c->n_routed_experts ? c->n_routed_experts : 1) * 8, e)) ||
+        stage_init(g, e)) {
         gmodel_destroy(g);
         return err_prefix(e, "gmodel");
     }
@@ -923,6 +1025,11 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
         gpu_moe_plan_make(x, &A->plan, A->idx, N, K, E, e))
         return -1;
     A->have_plan = 1;
+    if (g->count_loads && nk) {
+        k_add_loads<<<(E + 255) / 256, 256, 0, ST(g)>>>(g->d_load_acc + (A - g->a) * E,
+                                                        A->plan.offsets, E);
+        LAUNCH_CHECK("k_add_loads", e);
+    }
     if (gpu_moe_gather(x, &A->plan, B16(A->xp), B16(A->x2n), H, e) ||
         gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi, e) ||
         gpu_swiglu_fwd(x, B16(A->eh), B16(A->egu), B16(A->egu + mi), nk, mi, 2 * mi, e) ||
@@ -984,7 +1091,8 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
             g->a[l].have_plan = 0;
         }
     gpu_arena_reset(g->c, g->acts_mark);
-    if (gpu_upload(g->c, g->ids, ids, (size_t)N * 4, e) ||
+    g->count_loads = grad && targets;
+    if (upload_ids(g, g->ids, ids, e) ||
         gpu_embedding_fwd(g->c, B16(g->a[0].x), W(off_of(m, m->w.embed)), g->ids, N, H, e))
         return -1;
     for (int l = 0; l < g->nl; l++) {
@@ -1006,14 +1114,20 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
     if (grad && gpu_memset(g->c, g->head_pend, 0, (size_t)V * H * 4, e))
         return -1;
     float *hl = g->h_loss;
-    int rc = gpu_upload(g->c, g->tgt, targets, (size_t)N * 4, e) ||
+    int rc = upload_ids(g, g->tgt, targets, e) ||
              gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
                               grad ? g->head_pend : NULL, B16(g->xf),
                               W(off_of(m, m->w.lm_head)), g->tgt, N, H, V,
-                              count ? 1.0f / (float)count : 0.0f, g->chunk_rows, e) ||
-             gpu_download(g->c, hl, g->losses, (size_t)N * 4, e);
+                              count ? 1.0f / (float)count : 0.0f, g->chunk_rows, e);
+    if (!rc && !loss) { /* summed on the device; gmodel_take_stats reads it */
+        k_sum_into<<<1, 1024, 0, ST(g)>>>(g->d_loss_acc, g->losses, N);
+        LAUNCH_CHECK("k_sum_into", e);
+    }
+    g->rows_on_host = !rc && loss;
+    if (g->rows_on_host)
+        rc = gpu_download(g->c, hl, g->losses, (size_t)N * 4, e);
     double sum = 0;
-    for (int n = 0; !rc && n < N; n++)
+    for (int n = 0; !rc && loss && n < N; n++)
         sum += hl[n];
     if (rc)
         return -1;
@@ -1190,7 +1304,8 @@ extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
     if (gpu_embedding_bwd(g->c, G(off_of(m, m->w.embed)), B16(g->dx), g->ids, N, H, V, e) ||
         (g->hook && g->hook(g->hook_ctx, g->nl + 1, e)))
         return -1;
-    return gpu_sync(g->c, e);
+    /* no wait for the device: a fault shows at the next synchronising call */
+    return 0;
 }
 
 extern "C" int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
@@ -1198,15 +1313,21 @@ extern "C" int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
     if (l < 0 || l >= g->nl || !g->blk[l].moe || !g->a[l].have_plan)
         return -1;
     int E = g->m->cfg.n_routed_experts;
-    const int *off = g->a[l].plan.offsets_host;
+    int *off = (int *)malloc(((size_t)E + 1) * sizeof(int));
+    dsv3_err e;
+    if (!off || gpu_moe_plan_offsets(g->c, &g->a[l].plan, off, &e)) {
+        free(off);
+        return -1;
+    }
     for (int x = 0; x < E; x++)
         counts[x] = off[x + 1] - off[x];
+    free(off);
     return 0;
 }
 
 extern "C" int gmodel_row_losses(const gmodel *g, float *out)
 {
-    if (!g->h_tgt || !g->routed)
+    if (!g->h_tgt || !g->routed || !g->rows_on_host)
         return -1;
     memcpy(out, g->h_loss, (size_t)g->N * 4);
     return 0;

@@ -53,12 +53,18 @@ int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e);
 
 /* Forward over ids [B*T] (host); with targets (host, < 0 ignored) *loss is the mean
  * cross-entropy. grad: keep what gmodel_backward needs (the head's gradient is formed
- * here). */
+ * here). With loss NULL nothing waits for the device: the per-row losses are summed on
+ * the device instead (and, with grad, the expert loads), for gmodel_take_stats. */
 int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
                    float *loss, dsv3_err *e);
 /* Adds d(loss)/d(params) of the last forward (which had targets and grad) into the device
- * gradients. */
+ * gradients. Queued only: a fault shows at the next synchronising call. */
 int gmodel_backward(gmodel *g, dsv3_err *e);
+/* Reads and clears the sums since the last call (one synchronising read): *loss_sum, the
+ * sum of the per-row cross-entropies of the forwards given no loss pointer; loads (NULL to
+ * skip) [num_hidden_layers][n_routed_experts], the tokens each expert took in the forwards
+ * with grad (0 for dense layers). */
+int gmodel_take_stats(gmodel *g, double *loss_sum, int64_t *loads, dsv3_err *e);
 
 int gmodel_zero_grad(gmodel *g, dsv3_err *e);
 int gmodel_scale_grads(gmodel *g, float f, dsv3_err *e);
@@ -129,7 +135,7 @@ void *gmodel_dev_alloc(size_t bytes, dsv3_err *e);
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts);
 
 /* The last forward's per-token cross-entropy (-log p(target); 0 where target < 0), [B*T],
- * as gmodel_forward read it back. -1 before a forward with targets. */
+ * as gmodel_forward read it back. -1 before a forward with targets and a loss pointer. */
 int gmodel_row_losses(const gmodel *g, float *out);
 
 /* Bytes of the arena the last step reached (activation memory). */

@@ -46,6 +46,8 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, int dev, size_t arena_bytes, dsv3_e
             break;
         }
         c->arena_bytes = arena_bytes;
+        const char *mg = getenv("DSV3_MOE_GEMM"); /* moe.h gpu_moe_set_gemm, for benchmarks */
+        c->moe_gemm = mg ? atoi(mg) : 0;
         rc = 0;
     } while (0);
     cudaGetLastError();

@@ -1,5 +1,5 @@
 /* moe: router kernel (one warp per token), dispatch order by stable sort, gather/combine
- * kernels (one block per row) and grouped GEMMs through cublasGemmGroupedBatchedEx. */
+ * kernels (one block per row). The grouped GEMMs are in moe_gemm.cu. */
 #include "gpuctx_internal.cuh"
 #include "moe.h"
 #include "sort.h"
@@ -173,31 +173,43 @@ extern "C" int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx
     p->N = N;
     p->k = k;
     p->E = E;
-    p->offsets_host = (int *)calloc((size_t)E + 1, sizeof(int));
-    if (!p->offsets_host)
-        return err_set(e, "moe: out of host memory");
     if (n == 0)
         return 0;
     p->order = (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e);
     p->pos = p->order ? (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e) : NULL;
-    if (!p->pos)
+    p->offsets = p->pos ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * 4, e) : NULL;
+    if (!p->offsets)
         return -1;
     size_t mark = gpu_arena_mark(c);
     int32_t *vals = (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e);
     int32_t *keys = vals ? (int32_t *)gpu_arena_alloc(c, (size_t)n * 4, e) : NULL;
-    int *off = keys ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * 4, e) : NULL;
-    if (!off)
+    if (!keys)
         return -1;
     iota32_kernel<<<(n + 255) / 256, 256, 0, c->stream>>>(vals, n);
     LAUNCH_CHECK("iota", e);
     if (gpu_sort_pairs(c, keys, p->order, idx, vals, n, E, e))
         return -1;
-    plan_kernel<<<(n + 255) / 256, 256, 0, c->stream>>>(p->pos, off, keys, p->order, n, E);
+    plan_kernel<<<(n + 255) / 256, 256, 0, c->stream>>>(p->pos, p->offsets, keys, p->order, n,
+                                                        E);
     LAUNCH_CHECK("moe plan", e);
-    if (gpu_download(c, p->offsets_host, off, ((size_t)E + 1) * 4, e))
-        return -1;
     gpu_arena_reset(c, mark);
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS) { /* the earlier path: one read of the offsets per layer */
+        p->offsets_host = (int *)malloc(((size_t)E + 1) * sizeof(int));
+        if (!p->offsets_host)
+            return err_set(e, "moe: out of host memory");
+        return gpu_moe_plan_offsets(c, p, p->offsets_host, e);
+    }
     return 0;
+}
+
+extern "C" int gpu_moe_plan_offsets(gpu_ctx *c, const gpu_moe_plan *p, int *offsets,
+                                    dsv3_err *e)
+{
+    if (p->N * p->k == 0) {
+        memset(offsets, 0, ((size_t)p->E + 1) * sizeof(int));
+        return 0;
+    }
+    return gpu_download(c, offsets, p->offsets, ((size_t)p->E + 1) * sizeof(int), e);
 }
 
 extern "C" void gpu_moe_plan_free(gpu_moe_plan *p)
@@ -335,142 +347,5 @@ extern "C" int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *
     combine_bwd_kernel<<<n, 256, 0, c->stream>>>((bf16 *)d_y_perm, d_w, (const bf16 *)d_out,
                                                  (const bf16 *)y_perm, w, p->order, p->k, H);
     LAUNCH_CHECK("moe_combine_bwd", e);
-    return 0;
-}
-
-/* ---- grouped GEMM ---- */
-
-/* Row-major C_g[M_g, Nn_g] = op(A_g) op(B_g) (+ beta C_g) for the non-empty experts, in one
- * cuBLAS call; `rows_dim` says which of M (0), N (1) or K (2) is the expert's row count.
- * Each expert's matrices: A at a_base + a_row_stride * r0 + a_exp_stride * g, likewise B, C. */
-struct grouped_args {
-    int ta, tb, M, N, K, rows_dim, lda, ldb, ldc, c_f32;
-    float beta;
-    const bf16 *A, *B;
-    void *C;
-    int64_t a_row, a_exp, b_row, b_exp, c_row, c_exp; /* element strides */
-};
-
-static int grouped_gemm(gpu_ctx *c, const gpu_moe_plan *p, const grouped_args *g, dsv3_err *e)
-{
-    int E = p->E, ng = 0;
-    size_t bytes = (size_t)E * (3 * sizeof(void *) + 9 * sizeof(int) + 2 * sizeof(float));
-    char *host = (char *)malloc(bytes);
-    if (!host)
-        return err_set(e, "moe: out of host memory");
-    const void **pa = (const void **)host, **pb = pa + E;
-    void **pc = (void **)(pb + E);
-    cublasOperation_t *tra = (cublasOperation_t *)(pc + E), *trb = tra + E;
-    int *m = (int *)(trb + E), *n = m + E, *k = n + E, *lda = k + E, *ldb = lda + E,
-        *ldc = ldb + E, *gsize = ldc + E;
-    float *alpha = (float *)(gsize + E), *beta = alpha + E;
-    size_t esz = g->c_f32 ? 4 : 2;
-    for (int x = 0; x < E; x++) {
-        int r0 = p->offsets_host[x], rows = p->offsets_host[x + 1] - r0;
-        if (rows == 0)
-            continue;
-        int M = g->rows_dim == 0 ? rows : g->M, N = g->rows_dim == 1 ? rows : g->N,
-            K = g->rows_dim == 2 ? rows : g->K;
-        /* column-major: C^T = op(B)^T op(A)^T, first operand B */
-        pa[ng] = g->B + g->b_row * r0 + g->b_exp * x;
-        pb[ng] = g->A + g->a_row * r0 + g->a_exp * x;
-        pc[ng] = (char *)g->C + (g->c_row * r0 + g->c_exp * x) * esz;
-        tra[ng] = g->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-        trb[ng] = g->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-        m[ng] = N;
-        n[ng] = M;
-        k[ng] = K;
-        lda[ng] = g->ldb;
-        ldb[ng] = g->lda;
-        ldc[ng] = g->ldc;
-        gsize[ng] = 1;
-        alpha[ng] = 1.0f;
-        beta[ng] = g->beta;
-        ng++;
-    }
-    int rc = 0;
-    if (ng > 0) {
-        size_t mark = gpu_arena_mark(c);
-        void **dptr = (void **)gpu_arena_alloc(c, 3 * (size_t)E * sizeof(void *), e);
-        if (!dptr) {
-            free(host);
-            return -1;
-        }
-        /* A pageable source is staged before cudaMemcpyAsync returns: host may be freed. */
-        cudaError_t st = cudaMemcpyAsync(dptr, host, 3 * (size_t)E * sizeof(void *),
-                                         cudaMemcpyHostToDevice, c->stream);
-        if (st != cudaSuccess)
-            rc = err_set(e, "moe: pointer upload failed: %s", cudaGetErrorString(st));
-        if (rc == 0) {
-            cublasStatus_t bs = cublasGemmGroupedBatchedEx(
-                c->blas, tra, trb, m, n, k, alpha, (const void *const *)dptr, CUDA_R_16BF, lda,
-                (const void *const *)(dptr + E), CUDA_R_16BF, ldb, beta, dptr + 2 * E,
-                g->c_f32 ? CUDA_R_32F : CUDA_R_16BF, ldc, ng, gsize, CUBLAS_COMPUTE_32F);
-            if (bs != CUBLAS_STATUS_SUCCESS)
-                rc = err_set(e, "moe: cublasGemmGroupedBatchedEx failed: status %d", (int)bs);
-        }
-        if (rc == 0 && cudaGetLastError() != cudaSuccess)
-            rc = err_set(e, "moe: grouped GEMM launch failed");
-        gpu_arena_reset(c, mark);
-    }
-    free(host);
-    return rc;
-}
-
-extern "C" int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
-                                  const gpu_bf16 *in, const gpu_bf16 *W, int I, int O,
-                                  dsv3_err *e)
-{
-    grouped_args g = {0, 1, 0, O, I, 0, I, I, O, 0, 0.0f, (const bf16 *)in, (const bf16 *)W,
-                      out, I, 0, 0, (int64_t)O * I, O, 0};
-    return grouped_gemm(c, p, &g, e);
-}
-
-extern "C" int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
-                                    const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O,
-                                    dsv3_err *e)
-{
-    grouped_args g = {0, 0, 0, I, O, 0, O, I, I, 0, 0.0f, (const bf16 *)d_out, (const bf16 *)W,
-                      d_in, O, 0, 0, (int64_t)O * I, I, 0};
-    return grouped_gemm(c, p, &g, e);
-}
-
-/* d_W[e] += part[e] for the experts that had rows (the others' part was never written). */
-__global__ void add_bf16_to_f32_kernel(float *dst, const bf16 *src, const int *offsets_dev,
-                                       int64_t per_expert)
-{
-    int x = blockIdx.y;
-    if (offsets_dev[x + 1] == offsets_dev[x])
-        return;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < per_expert;
-         i += (int64_t)gridDim.x * blockDim.x)
-        dst[x * per_expert + i] += b2f(src[x * per_expert + i]);
-}
-
-/* cuBLAS's grouped GEMM refuses an fp32 C with bf16 operands (status 15, seen on an H200
- * with CUDA 13.0), so each expert's weight gradient of this call is formed in bf16 and
- * then added into the fp32 accumulator: one bf16 rounding per call and expert. */
-extern "C" int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W,
-                                    const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
-                                    dsv3_err *e)
-{
-    int E = p->E;
-    int64_t per = (int64_t)O * I;
-    size_t mark = gpu_arena_mark(c);
-    bf16 *part = (bf16 *)gpu_arena_alloc(c, (size_t)E * per * 2, e);
-    int *off = part ? (int *)gpu_arena_alloc(c, ((size_t)E + 1) * sizeof(int), e) : NULL;
-    if (!off)
-        return -1;
-    grouped_args g = {1, 0, O, I, 0, 2, O, I, I, 0, 0.0f, (const bf16 *)d_out, (const bf16 *)in,
-                      part, O, 0, I, 0, 0, per};
-    if (grouped_gemm(c, p, &g, e))
-        return -1;
-    CUDA_TRY(cudaMemcpyAsync(off, p->offsets_host, ((size_t)E + 1) * sizeof(int),
-                             cudaMemcpyHostToDevice, c->stream),
-             e);
-    dim3 grid(grid_for(per, 256, 1024), E);
-    add_bf16_to_f32_kernel<<<grid, 256, 0, c->stream>>>(d_W, part, off, per);
-    LAUNCH_CHECK("moe wgrad add", e);
-    gpu_arena_reset(c, mark);
     return 0;
 }

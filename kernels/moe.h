@@ -3,13 +3,13 @@
  * Router (one kernel): lib/ops router_forward for every token. Dispatch: the N*k
  * (token, slot) assignments are sorted by expert (stable, so each expert's rows keep token
  * order), rows gathered into that order, each expert's contiguous rows multiplied by its
- * weights in one grouped GEMM launch (cuBLAS grouped batched GEMM, one group per non-empty
- * expert: never one launch per expert), and the outputs combined back per token with the
- * router weights in slot order (no atomics: bitwise reproducible).
+ * weights in one grouped GEMM launch (kernels/moe_gemm.cu: never one launch per expert), and
+ * the outputs combined back per token with the router weights in slot order (no atomics:
+ * bitwise reproducible).
  *
- * The grouped GEMM needs each expert's row count on the host, so gpu_moe_plan copies E+1
- * offsets back once per layer (one small synchronising copy); backward reuses the plan.
- * All other pointers are device memory. */
+ * The grouped GEMM reads each expert's row offsets on the device: nothing in the layer waits
+ * for the host (gpu_moe_plan_offsets reads them back when the host wants them); backward
+ * reuses the plan. */
 #ifndef DSV3_MOE_H
 #define DSV3_MOE_H
 
@@ -29,17 +29,21 @@ int gpu_router_bwd(gpu_ctx *c, float *d_logits, const float *d_w, const int32_t 
                    const float *s, int N, int E, int k, int norm, float scale, dsv3_err *e);
 
 /* The dispatch order of one layer's N*k assignments. Device arrays from the arena of the
- * caller's step; offsets also on the host. */
+ * caller's step. */
 typedef struct gpu_moe_plan {
     int N, k, E;
     int32_t *order; /* [N*k] sorted position -> assignment a = n*k + slot */
     int32_t *pos;   /* [N*k] assignment -> sorted position */
-    int *offsets_host; /* [E+1] expert e owns sorted rows offsets[e] .. offsets[e+1]-1 */
+    int *offsets;   /* [E+1] expert e owns sorted rows offsets[e] .. offsets[e+1]-1 */
+    int *offsets_host; /* a host copy, made (synchronising) only for the cuBLAS path */
 } gpu_moe_plan;
 
-/* Fills p (host offsets malloc'ed: free with gpu_moe_plan_free) from idx[N,k]. */
+/* Fills p from idx[N,k], queued on the stream (no wait for the host, unless the cuBLAS
+ * path is selected: gpu_moe_set_gemm). */
 int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx, int N, int k, int E,
                       dsv3_err *e);
+/* Copies the E+1 offsets to the host (synchronising). */
+int gpu_moe_plan_offsets(gpu_ctx *c, const gpu_moe_plan *p, int *offsets, dsv3_err *e);
 void gpu_moe_plan_free(gpu_moe_plan *p);
 
 /* x_perm[N*k, H] = x[order[i] / k]: each token's row once per chosen expert. */
@@ -58,15 +62,26 @@ int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_y_perm, f
 
 /* Grouped linear over the sorted rows, expert weights W[E, O, I] (row-major per expert):
  * fwd: out[rows_e, O] = in[rows_e, I] . W_e^T;  dgrad: d_in = d_out . W_e;
- * wgrad: d_W_e (fp32) += d_out^T . in (experts with no rows are left as they are); the
- * increment is rounded to bf16 once before it is added (cuBLAS's grouped GEMM has no fp32
- * output for bf16 operands). Arena use: E*O*I*2 bytes. */
+ * wgrad: d_W_e (fp32) += d_out^T . in (experts with no rows are left as they are), the fp32
+ * sum added as it is. Our kernel needs I and O multiples of 8 and 16-byte aligned bases;
+ * other shapes go through the cuBLAS path below. */
 int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, const gpu_bf16 *in,
                        const gpu_bf16 *W, int I, int O, dsv3_err *e);
 int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
                          const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O, dsv3_err *e);
 int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W, const gpu_bf16 *d_out,
                          const gpu_bf16 *in, int I, int O, dsv3_err *e);
+/* The grouped GEMM's implementation, for comparison (a context starts with DEFAULT, or
+ * with the number in the environment variable DSV3_MOE_GEMM):
+ * DEFAULT: WGMMA_SW on Hopper, MMA elsewhere; WGMMA: our Hopper kernel (wgmma) on
+ * unswizzled tiles; MMA: our mma.sync kernel; CUBLAS: cuBLAS's grouped batched GEMM (host-side sizes: one synchronising
+ * read of the offsets per layer; wgrad's increment rounded to bf16 once, since it has no
+ * fp32 output for bf16 operands; arena E*O*I*2 bytes); WGMMA_PIPE: the wgmma kernel with
+ * one stage's products left in flight across the next barrier; WGMMA_SW: that with
+ * 128-byte swizzled tiles. */
+enum { GPU_MOE_GEMM_DEFAULT = 0, GPU_MOE_GEMM_CUBLAS = 1, GPU_MOE_GEMM_MMA = 2,
+       GPU_MOE_GEMM_WGMMA = 3, GPU_MOE_GEMM_WGMMA_PIPE = 4, GPU_MOE_GEMM_WGMMA_SW = 5 };
+void gpu_moe_set_gemm(gpu_ctx *c, int variant);
 
 #ifdef __cplusplus
 }

@@ -155,7 +155,9 @@ int gpu_moe_plan_make(gpu_ctx *c, gpu_moe_plan *p, const int32_t *idx, int N, in
     memset(p, 0, sizeof *p);
     return no_cuda(e);
 }
+int gpu_moe_plan_offsets(gpu_ctx *c, const gpu_moe_plan *p, int *offsets, dsv3_err *e) { return no_cuda(e); }
 void gpu_moe_plan_free(gpu_moe_plan *p) {}
+void gpu_moe_set_gemm(gpu_ctx *c, int variant) {}
 int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_perm, const gpu_bf16 *x,
                    int H, dsv3_err *e) { return no_cuda(e); }
 int gpu_moe_gather_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_x, float beta,
@@ -234,6 +236,10 @@ int gmodel_get_grads(gmodel *g, float *grads, dsv3_err *e)
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts)
 {
     return -1;
+}
+int gmodel_take_stats(gmodel *g, double *loss_sum, int64_t *loads, dsv3_err *e)
+{
+    return no_cuda(e);
 }
 
 size_t gmodel_arena_peak(const gmodel *g)

@@ -529,9 +529,9 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         n += t->tgt[i] >= 0;
     if (!n)  /* skipped; with experts held here, still served to the other ranks */
         return ep_idle(t, backward, e);
-    float loss;
-    if (t->gm) {
-        if (be_forward(t, backward, &loss, e))
+    float loss = 0;
+    if (t->gm) { /* loss and expert loads summed on the device: run_records reads them */
+        if (be_forward(t, backward, NULL, e))
             return -1;
     } else {
         if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
@@ -546,13 +546,14 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
                 a->mtp[k] += ls.mtp_k[k];
         }
     }
-    a->loss_sum += (double)loss * (double)n;
+    if (!t->gm)
+        a->loss_sum += (double)loss * (double)n;
     a->n += n;
     if (!backward)
         return 0;
     const dsv3_config *c = &t->m.cfg;
     int E = c->n_routed_experts;
-    for (int l = 0; l < c->num_hidden_layers; l++)
+    for (int l = 0; !t->gm && l < c->num_hidden_layers; l++)
         if (be_expert_load(t, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
@@ -589,6 +590,21 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     return 0;
 }
 
+/* The GPU's sums over the forwards just run (one read for them all): the loss, and with
+ * backward the expert loads of the main layers. */
+static int gpu_stats(trainer *t, accum *a, int backward, dsv3_err *e)
+{
+    const dsv3_config *c = &t->m.cfg;
+    double sum = 0;
+    int64_t *loads = backward && c->n_routed_experts ? t->tmp_counts : NULL;
+    if (gmodel_take_stats(t->gm, &sum, loads, e))
+        return -1;
+    a->loss_sum += sum;
+    for (size_t i = 0; loads && i < (size_t)c->num_hidden_layers * c->n_routed_experts; i++)
+        t->counts[i] += loads[i];
+    return 0;
+}
+
 /* Runs `records` records of loader l (a multiple of B) through forwards. */
 static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int backward,
                        dsv3_err *e)
@@ -612,7 +628,7 @@ static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int ba
                 continue;
             }
         } else if (rc || !more) {
-            return rc;
+            return rc ? rc : t->gm ? gpu_stats(t, a, backward, e) : 0;
         }
         if (forward(t, a, backward, e))
             return -1;

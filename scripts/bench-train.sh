@@ -13,6 +13,7 @@
 # FLOPs per token: 6 * activated parameters (config_count_params: the head and one
 # embedding row included, MTP off) + causal attention 3 * 2 * nh * (T+1)/2 * (dk + dv).
 # Usage: scripts/bench-train.sh [B] [GB] [STEPS]   (defaults 4 16 3). For docs/PERF.md.
+# BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train (an earlier commit's build) on the same data.
 set -eu
 BUILD=${BUILD:-build}
 B=${1:-4} GB=${2:-16} steps=${3:-3} L=4096
@@ -44,6 +45,15 @@ tps=$(sed -n 's/.*"tokens_per_s":\([^,]*\).*/\1/p' "$T/run/metrics.jsonl" | tail
       awk '{ v[NR] = $1 } END { if (NR) printf "%.0f\n", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')
 if [ -n "$tps" ] && [ -n "$fpt" ]; then
     awk -v t="$tps" -v f="$fpt" -v c="$ceil" 'BEGIN { printf "dsv3-train end to end: %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f TFLOP/s\n", t, t * f / 1e12, 100 * t * f / (c * 1e12), c }'
+fi
+
+if [ -n "${BEFORE_BUILD:-}" ]; then  # an earlier build's dsv3-train on the same data: before/after
+    echo "== 2b. the same with $BEFORE_BUILD/bin/dsv3-train (an earlier commit)"
+    "$BEFORE_BUILD/bin/dsv3-train" -c configs/1b-moe.json -d "$T/data" -o "$T/run0" -b "$B" -g "$GB" \
+        --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda --quiet 2>&1 | tail -n 2
+    sed -n 's/.*"tokens_per_s":\([^,]*\).*/\1/p' "$T/run0/metrics.jsonl" | tail -n +2 | sort -g |
+        awk -v f="$fpt" -v c="$ceil" '{ v[NR] = $1 } END { if (NR) { t = (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2);
+            printf "before: dsv3-train end to end: %.0f tokens/s, MFU %.1f%% of %.0f TFLOP/s\n", t, 100 * t * f / (c * 1e12), c } }'
 fi
 
 echo "== 3. PyTorch peer: HF transformers DeepseekV3ForCausalLM, same config, B=$B, global $GB"

@@ -3,6 +3,7 @@
  * counting sort; and a whole routed-expert layer (gather, grouped gate-up GEMM, SwiGLU,
  * grouped down GEMM, weighted combine) forward and backward against a per-assignment CPU
  * composition of lib/ops, with empty experts. */
+#include "../../kernels/gemm.h"
 #include "../../kernels/layers.h"
 #include "../../kernels/moe.h"
 #include "../../lib/ops.h"
@@ -81,13 +82,18 @@ static void round_all(float *x, size_t n)
         x[i] = rb(x[i]);
 }
 
-/* One routed-expert layer, forward and backward, GPU vs CPU. */
-static void expert_layer_matches_cpu(void)
+/* One routed-expert layer, forward and backward, GPU vs CPU, through one grouped GEMM
+ * implementation (moe.h GPU_MOE_GEMM_*). Ragged counts: the last experts stay
+ * empty, expert 0 takes about a third of the choices, counts are not multiples of the tile
+ * (128 rows), and the 600-token shape spans several row tiles and k-steps per expert. */
+static void expert_layer_check(int variant)
 {
     GT_NEED_GPU();
     dsv3_err e;
-    static const int sh[][5] = {{100, 64, 8, 2, 48}, {37, 128, 16, 4, 96}, {1, 32, 4, 1, 16}};
+    static const int sh[][5] = {{100, 64, 8, 2, 48}, {37, 128, 16, 4, 96}, {1, 32, 4, 1, 16},
+                                {600, 128, 12, 3, 136}};
     double wo = 0, wx = 0, ww1 = 0, ww2 = 0, wdw = 0;
+    gpu_moe_set_gemm(gt_ctx_, variant);
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
         int N = sh[s][0], H = sh[s][1], E = sh[s][2], K = sh[s][3], F = sh[s][4];
         int used = E - 2 > K ? E - 2 : K; /* the last experts stay empty */
@@ -97,7 +103,7 @@ static void expert_layer_matches_cpu(void)
             for (int r = 0; r < K; r++) {
                 int x, dup;
                 do {
-                    x = (int)(test_rand() % (uint64_t)used);
+                    x = test_rand() % 3 == 0 ? 0 : (int)(test_rand() % (uint64_t)used);
                     dup = 0;
                     for (int q = 0; q < r; q++)
                         dup |= idx[n * K + q] == x;
@@ -139,12 +145,12 @@ static void expert_layer_matches_cpu(void)
                  gpu_moe_gather_bwd(gt_ctx_, &p, dx, 0.0f, dxp, H, &e) == 0;
         CHECKF(ok, "%s", e.msg);
         /* offsets are a counting sort of idx */
-        int cnt[64] = {0};
+        int cnt[64] = {0}, offs[65];
         for (int i = 0; i < nk; i++)
             cnt[idx[i]]++;
+        REQUIRE(gpu_moe_plan_offsets(gt_ctx_, &p, offs, &e) == 0);
         for (int x2 = 0, acc = 0; x2 <= E; acc += x2 < E ? cnt[x2] : 0, x2++)
-            CHECKF(p.offsets_host[x2] == acc, "offsets[%d] = %d, want %d", x2, p.offsets_host[x2],
-                   acc);
+            CHECKF(offs[x2] == acc, "offsets[%d] = %d, want %d", x2, offs[x2], acc);
         float *o_out = gt_down_bf(out, (size_t)N * H), *o_dx = gt_down_bf(dx, (size_t)N * H);
         float *o_dW1 = gt_down_f(dW1, (size_t)E * 2 * F * H), *o_dW2 = gt_down_f(dW2, (size_t)E * H * F);
         float *o_dw = gt_down_f(gdw, (size_t)nk);
@@ -202,67 +208,174 @@ static void expert_layer_matches_cpu(void)
             free(dg2);
         gt_reset(mark);
     }
-    gt_stat("moe layer fwd out", wo, BF16_BOUND);
-    gt_stat("moe layer bwd d_x", wx, BF16_BOUND);
-    gt_stat("moe layer bwd d_W1 (grouped wgrad)", ww1, BF16_BOUND);
-    gt_stat("moe layer bwd d_W2 (grouped wgrad)", ww2, BF16_BOUND);
-    gt_stat("moe layer bwd d_router_w", wdw, BF16_BOUND);
+    gpu_moe_set_gemm(gt_ctx_, GPU_MOE_GEMM_DEFAULT);
+    const char *v = variant == GPU_MOE_GEMM_CUBLAS       ? " [cuBLAS grouped]"
+                    : variant == GPU_MOE_GEMM_MMA        ? " [mma.sync kernel]"
+                    : variant == GPU_MOE_GEMM_WGMMA      ? " [wgmma kernel]"
+                    : variant == GPU_MOE_GEMM_WGMMA_PIPE ? " [wgmma, pipelined]"
+                    : variant == GPU_MOE_GEMM_WGMMA_SW   ? " [wgmma, swizzled]"
+                                                         : "";
+    char name[96];
+    snprintf(name, sizeof name, "moe layer fwd out%s", v);
+    gt_stat(name, wo, BF16_BOUND);
+    snprintf(name, sizeof name, "moe layer bwd d_x%s", v);
+    gt_stat(name, wx, BF16_BOUND);
+    snprintf(name, sizeof name, "moe layer bwd d_W1 (grouped wgrad)%s", v);
+    gt_stat(name, ww1, BF16_BOUND);
+    snprintf(name, sizeof name, "moe layer bwd d_W2 (grouped wgrad)%s", v);
+    gt_stat(name, ww2, BF16_BOUND);
+    snprintf(name, sizeof name, "moe layer bwd d_router_w%s", v);
+    gt_stat(name, wdw, BF16_BOUND);
 }
 
+static void expert_layer_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_DEFAULT);
+}
+
+static void expert_layer_mma_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_MMA);
+}
+
+static void expert_layer_cublas_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_CUBLAS);
+}
+
+static void expert_layer_wgmma_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WGMMA);
+    expert_layer_check(GPU_MOE_GEMM_WGMMA_PIPE);
+}
+
+static void expert_layer_wgmma_sw_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WGMMA_SW);
+}
+
+/* One grouped linear of the benchmark: kind 0 fwd, 1 dgrad, 2 wgrad; I -> O per expert;
+ * dense: the same total shape as one cuBLASLt GEMM (nk rows, no experts), for reference. */
 struct moe_job {
-    int kind, N, H, E, K, F;
+    int kind, dense, nk, I, O;
     gpu_moe_plan *p;
-    gpu_bf16 *x, *xp, *W1, *gu, *dgu, *dxp;
-    float *dW1;
+    gpu_bf16 *in, *W, *out, *dout, *din;
+    float *dW;
 };
 
 static int moe_run(void *arg, dsv3_err *e)
 {
     struct moe_job *j = arg;
+    if (j->dense)
+        switch (j->kind) {
+        case 0: return gpu_linear_fwd(gt_ctx_, j->out, j->in, j->W, j->nk, j->I, j->O, 0.0f, e);
+        case 1: return gpu_linear_dgrad(gt_ctx_, j->din, j->dout, j->W, j->nk, j->I, j->O, 0.0f, e);
+        default: return gpu_linear_wgrad(gt_ctx_, j->dW, j->dout, j->in, j->nk, j->I, j->O, 1.0f, e);
+        }
     switch (j->kind) {
-    case 0: return gpu_moe_linear_fwd(gt_ctx_, j->p, j->gu, j->xp, j->W1, j->H, 2 * j->F, e);
-    case 1: return gpu_moe_linear_dgrad(gt_ctx_, j->p, j->dxp, j->dgu, j->W1, j->H, 2 * j->F, e);
-    default: return gpu_moe_linear_wgrad(gt_ctx_, j->p, j->dW1, j->dgu, j->xp, j->H, 2 * j->F, e);
+    case 0: return gpu_moe_linear_fwd(gt_ctx_, j->p, j->out, j->in, j->W, j->I, j->O, e);
+    case 1: return gpu_moe_linear_dgrad(gt_ctx_, j->p, j->din, j->dout, j->W, j->I, j->O, e);
+    default: return gpu_moe_linear_wgrad(gt_ctx_, j->p, j->dW, j->dout, j->in, j->I, j->O, e);
     }
 }
 
-/* The gate-up grouped GEMM of the 1B-class MoE (configs/1b-moe.json: 32 experts, 4 a token,
- * hidden 1024, expert width 512) for 16384 tokens, against the dense 8192^3 rate. */
+static int ceiling_run(void *arg, dsv3_err *e)
+{
+    gpu_bf16 **b = arg;
+    return gpu_linear_fwd(gt_ctx_, b[2], b[0], b[1], 8192, 8192, 8192, 0.0f, e);
+}
+
+/* The routed-expert GEMMs of the 1B-class MoE (configs/1b-moe.json: 32 experts, 4 a token,
+ * hidden 1024, expert width 512) for 16384 tokens: gate-up 1024 -> 1024 and down 512 ->
+ * 1024, forward, dgrad and wgrad, with balanced routing (2048 rows an expert) and random
+ * top-4 routing (ragged), through our kernels (wgmma, mma.sync) and cuBLAS's grouped GEMM; against the
+ * dense 8192^3 rate and one dense GEMM of the same total shape, measured in the same run. */
 static void bench_grouped_gemm(void)
 {
     GT_NEED_GPU();
     if (!gt_bench())
         SKIP("set DSV3_GPU_BENCH=1");
     dsv3_err e;
-    struct moe_job j = {0, 16384, 1024, 32, 4, 512, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
-    int nk = j.N * j.K;
+    int N = 16384, K = 4, E = 32, H = 1024, F = 512, nk = N * K;
+    size_t n8 = (size_t)8192 * 8192;
+    gpu_bf16 *cb[3] = {gb_random_bf(n8, 1), gb_random_bf(n8, 1), gb_random_bf(n8, 1)};
+    REQUIRE(cb[0] && cb[1] && cb[2]);
+    float cms = gb_time(ceiling_run, cb, 10);
+    double ceil = 2.0 * n8 * 8192 / (cms * 1e-3) / 1e12;
+    printf("# bench %-44s %8.3f ms %7.1f TFLOP/s (the ceiling)\n", "gemm 8192^3 bf16", cms, ceil);
+    gpu_free(cb[0]), gpu_free(cb[1]), gpu_free(cb[2]);
     int32_t *idx = malloc((size_t)nk * 4);
-    for (int n = 0; n < j.N; n++) /* balanced: distinct experts, 2048 rows each */
-        for (int r = 0; r < j.K; r++)
-            idx[n * j.K + r] = (int32_t)((n % 8) + 8 * r);
     size_t mark = gpu_arena_mark(gt_ctx_);
     int32_t *gidx = gt_up(idx, (size_t)nk * 4);
-    gpu_moe_plan p;
-    REQUIRE(gidx && gpu_moe_plan_make(gt_ctx_, &p, gidx, j.N, j.K, j.E, &e) == 0);
-    j.p = &p;
-    j.xp = gb_random_bf((size_t)nk * j.H, 1), j.W1 = gb_random_bf((size_t)j.E * 2 * j.F * j.H, 0.1f);
-    j.gu = gpu_malloc((size_t)nk * 2 * j.F * 2, &e), j.dgu = gb_random_bf((size_t)nk * 2 * j.F, 1);
-    j.dxp = gpu_malloc((size_t)nk * j.H * 2, &e), j.dW1 = gpu_malloc((size_t)j.E * 2 * j.F * j.H * 4, &e);
-    REQUIRE(j.xp && j.W1 && j.gu && j.dgu && j.dxp && j.dW1);
-    gpu_memset(gt_ctx_, j.dW1, 0, (size_t)j.E * 2 * j.F * j.H * 4, &e);
-    static const char *names[] = {"fwd", "dgrad", "wgrad"};
-    double fl = 2.0 * nk * j.H * 2.0 * j.F;
-    for (int k = 0; k < 3; k++) {
-        j.kind = k;
-        float ms = gb_time(moe_run, &j, 20);
-        CHECK(ms > 0);
-        char name[80];
-        snprintf(name, sizeof name, "moe grouped %s 1B-MoE 65536x1024->1024", names[k]);
-        printf("# bench %-36s %8.3f ms %7.1f TFLOP/s (32 experts, one launch)\n", name, ms,
-               fl / (ms * 1e-3) / 1e12);
+    struct moe_job j = {0};
+    j.nk = nk;
+    j.in = gb_random_bf((size_t)nk * H, 1), j.W = gb_random_bf((size_t)E * H * H, 0.1f);
+    j.out = gpu_malloc((size_t)nk * H * 2, &e), j.dout = gb_random_bf((size_t)nk * H, 1);
+    j.din = gpu_malloc((size_t)nk * H * 2, &e), j.dW = gpu_malloc((size_t)E * H * H * 4, &e);
+    REQUIRE(gidx && j.in && j.W && j.out && j.dout && j.din && j.dW);
+    gpu_memset(gt_ctx_, j.dW, 0, (size_t)E * H * H * 4, &e);
+    static const char *kinds[] = {"fwd", "dgrad", "wgrad"};
+    for (int routing = 0; routing < 2; routing++) {
+        for (int n = 0; n < N; n++) /* balanced: 2048 rows an expert; random: distinct top-4 */
+            for (int r = 0; r < K; r++) {
+                int x, dup;
+                do {
+                    x = routing == 0 ? (n % 8) + 8 * r : (int)(test_rand() % (uint64_t)E);
+                    dup = 0;
+                    for (int q = 0; q < r; q++)
+                        dup |= idx[n * K + q] == x;
+                } while (dup);
+                idx[n * K + r] = x;
+            }
+        REQUIRE(gpu_upload(gt_ctx_, gidx, idx, (size_t)nk * 4, &e) == 0);
+        gpu_moe_plan p; /* made on the cuBLAS setting: the host offsets read once, here */
+        gpu_moe_set_gemm(gt_ctx_, GPU_MOE_GEMM_CUBLAS);
+        REQUIRE(gpu_moe_plan_make(gt_ctx_, &p, gidx, N, K, E, &e) == 0);
+        gpu_moe_set_gemm(gt_ctx_, GPU_MOE_GEMM_DEFAULT);
+        j.p = &p;
+        for (int shape = 0; shape < 2; shape++) {
+            j.I = shape == 0 ? H : F, j.O = shape == 0 ? 2 * F : H;
+            double fl = 2.0 * nk * j.I * j.O;
+            for (int k = 0; k < 3; k++) {
+                j.kind = k;
+                /* default (wgmma swizzled on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
+                 * grouped, wgmma swizzled, dense same shape */
+                float ms[7];
+                static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
+                                           GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
+                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WGMMA_SW,
+                                           GPU_MOE_GEMM_DEFAULT};
+                for (int v = 0; v < 7; v++) {
+                    j.dense = v == 6;
+                    if (routing == 1 && v == 6) {
+                        ms[v] = 0;
+                        continue;
+                    }
+                    gpu_moe_set_gemm(gt_ctx_, var[v]);
+                    ms[v] = gb_time(moe_run, &j, 20);
+                    CHECK(ms[v] > 0);
+                }
+                gpu_moe_set_gemm(gt_ctx_, GPU_MOE_GEMM_DEFAULT);
+                char name[96];
+                snprintf(name, sizeof name, "moe %s %s %s %dx%d->%d", kinds[k],
+                         shape ? "down" : "gate-up", routing ? "random" : "balanced", nk, j.I,
+                         j.O);
+#define TF(x) (fl / ((x) * 1e-3) / 1e12)
+                printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
+                       "wgmma pipelined %6.1f | wgmma swizzled %6.1f | mma.sync %6.1f | cuBLAS "
+                       "grouped %6.1f",
+                       name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
+                       TF(ms[5]), TF(ms[3]), TF(ms[4]));
+                if (ms[6] > 0)
+                    printf(" | dense same shape %6.1f", TF(ms[6]));
+#undef TF
+                printf(" TFLOP/s\n");
+            }
+        }
+        gpu_moe_plan_free(&p);
     }
-    gpu_moe_plan_free(&p);
-    gpu_free(j.xp), gpu_free(j.W1), gpu_free(j.gu), gpu_free(j.dgu), gpu_free(j.dxp), gpu_free(j.dW1);
+    gpu_free(j.in), gpu_free(j.W), gpu_free(j.out), gpu_free(j.dout), gpu_free(j.din);
+    gpu_free(j.dW);
     free(idx);
     gt_reset(mark);
 }
@@ -272,6 +385,10 @@ int main(void)
     test_seed();
     RUN(router_matches_cpu);
     RUN(expert_layer_matches_cpu);
+    RUN(expert_layer_mma_matches_cpu);
+    RUN(expert_layer_cublas_matches_cpu);
+    RUN(expert_layer_wgmma_matches_cpu);
+    RUN(expert_layer_wgmma_sw_matches_cpu);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
