@@ -385,6 +385,10 @@ static void stats(const options *o, const sample_stats *st, const infer *f)
             infer_cache_bytes(f) / 1048576.0, infer_n_slots(f), infer_n_ctx(f),
             infer_cache_bytes_per_token(f) / 1024.0, infer_device(f),
             (unsigned long long)o->d.sp.seed);
+    if (infer_graph_replays(f))
+        fprintf(stderr, "dsv3-sample: %ld decode steps from CUDA graphs, %.3f s of device time "
+                "(%.1f us a step)\n", infer_graph_replays(f), infer_graph_seconds(f),
+                1e6 * infer_graph_seconds(f) / infer_graph_replays(f));
 }
 
 /* m: the model on the CPU; NULL: the GPU engine reads the folder itself (memory-mapped). */

@@ -69,6 +69,9 @@ int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int3
 
 /* Decode steps replayed from CUDA graphs so far (for tests and statistics). */
 long ginfer_graph_replays(const ginfer *g);
+/* Their device time (events around each replay), seconds: a decode step's time less the
+ * host's part (copying the logits out, sampling). */
+double ginfer_graph_seconds(const ginfer *g);
 
 #ifdef __cplusplus
 }

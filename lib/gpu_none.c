@@ -296,3 +296,4 @@ int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int3
     return no_cuda(e);
 }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
+double ginfer_graph_seconds(const ginfer *g) { return 0; }

@@ -170,6 +170,11 @@ long infer_graph_replays(const infer *f)
     return f->g ? ginfer_graph_replays(f->g) : 0;
 }
 
+double infer_graph_seconds(const infer *f)
+{
+    return f->g ? ginfer_graph_seconds(f->g) : 0;
+}
+
 void infer_free(infer *f)
 {
     if (!f)

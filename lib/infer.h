@@ -44,6 +44,8 @@ void infer_free(infer *f);
 const char *infer_device(const infer *f);
 /* Decode steps replayed from CUDA graphs (0 on the CPU). */
 long infer_graph_replays(const infer *f);
+/* The device time of those replays, seconds (0 on the CPU). */
+double infer_graph_seconds(const infer *f);
 
 int infer_n_ctx(const infer *f);
 int infer_n_slots(const infer *f);

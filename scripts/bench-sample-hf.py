@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """bench-sample-hf.py: the peer of scripts/bench-sample.sh's GPU runs: transformers'
 DeepseekV3ForCausalLM.generate() on the same checkpoint folder (bf16 on cuda:0), greedy,
-N new tokens (EOS off) after the same prompt ids, batch B. Prints the prefill time (the
-first token) and the decode tokens/s of the rest, timed after a warm-up run.
-Run: python3 scripts/bench-sample-hf.py MODEL_DIR N B ID..."""
+N new tokens (EOS off) after the same prompt ids, at each batch size of B (comma-separated).
+Prints the prefill time (the first token) and the decode tokens/s of the rest, timed after a
+warm-up run. Run: python3 scripts/bench-sample-hf.py MODEL_DIR N B[,B...] ID..."""
 import sys
 import time
 
@@ -26,15 +26,19 @@ def run(model, ids, n):
 
 
 def main():
-    d, n, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    d, n = sys.argv[1], int(sys.argv[2])
+    batches = [int(b) for b in sys.argv[3].split(",")]
     prompt = [int(x) for x in sys.argv[4:]]
     model = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to("cuda").eval()
-    ids = torch.tensor([prompt] * b, device="cuda")
-    with torch.no_grad():
-        run(model, ids, 4)  # warm-up
-        pre, dec = run(model, ids, n)
-    print(f"hf transformers generate: batch {b}, prompt {len(prompt)} tokens, prefill "
-          f"{pre * 1e3:.1f} ms, decode {(n - 1) * b / dec:.1f} tokens/s ({n - 1} steps)")
+    print(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}")
+    for b in batches:
+        ids = torch.tensor([prompt] * b, device="cuda")
+        with torch.no_grad():
+            run(model, ids, 4)  # warm-up
+            pre, dec = run(model, ids, n)
+        print(f"hf transformers generate: batch {b}, prompt {len(prompt)} tokens, prefill "
+              f"{pre * 1e3:.1f} ms, decode {(n - 1) * b / dec:.1f} tokens/s ({n - 1} steps)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@
 #   batch 8 and 64: as many requests of a 32-token prompt decoded together (--batch
 #     --parallel B), decode tokens/s (rows a second) and the floor for that batch;
 #   transformers' generate() on the same folder (bf16, cuda, batch 1 and 8, N new tokens after
-#     a 32-token prompt), when python3 has torch and transformers.
+#     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
@@ -25,7 +25,7 @@ THREADS=${THREADS:-1}  # the dev VM's 2 cores are shared: 2 OpenMP threads wait 
 BIN=$BUILD/bin
 W=$(mktemp -d /tmp/dsv3-bench-sample-XXXXXX)
 trap 'rm -rf "$W"' EXIT
-echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit $(git rev-parse --short HEAD), load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
+echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit ${COMMIT:-$(git rev-parse --short HEAD)}, load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
 awk 'BEGIN { for (i = 0; i < 500; i++) print "the cat sat on the mat number " i " and then ran home" }' >"$W/corpus.txt"
 "$BIN/dsv3-tok" train -v 400 -o "$W/tok.bpe" "$W/corpus.txt" 2>/dev/null
 "$BIN/dsv3-config" --quiet --init "$W/model" --seed 1 "$CONFIG"
@@ -66,11 +66,9 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
             echo "$name batch $B: decode $rate tokens/s (all rows); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         done
-        if python3 -c 'import torch, transformers' 2>/dev/null; then
-            for B in 1 8; do
-                python3 scripts/bench-sample-hf.py "$W/$name" "$N" $B $(seq 2 33) 2>"$W/hf.err" |
-                    sed "s/^/$name /" || tail -3 "$W/hf.err"
-            done
+        if [ "${HF:-1}" = 1 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+            python3 scripts/bench-sample-hf.py "$W/$name" "$N" 1,8 $(seq 2 33) 2>"$W/hf.err" |
+                sed "s/^/$name /" || tail -3 "$W/hf.err"
         fi
         rm -rf "${W:?}/$name"
     done
