@@ -52,6 +52,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name: $(sed -n 's/.*device \(.*\), seed.*/\1/p' "$W/err")"
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+        sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         for B in 8 64; do
             : >"$W/req.jsonl"
             i=0
@@ -65,6 +66,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" $B $((ptok / B + N / 2)) gpu)
             fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
             echo "$name batch $B: decode $rate tokens/s (all rows); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+            sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         done
         if [ "${HF:-1}" = 1 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
             python3 scripts/bench-sample-hf.py "$W/$name" "$N" 1,8 $(seq 2 33) 2>"$W/hf.err" |
