@@ -406,7 +406,8 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
     infer *f = NULL;
     sample_stats st = {0};
     int slots = o->batch ? (int)o->parallel : 1;
-    int rc = m ? infer_new(&f, m, ctx, slots, e) : infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
+    int rc = m ? infer_new(&f, m, ctx, slots, e)
+               : infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
     if (!rc && o->batch) {
         FILE *in = o->file ? fopen(o->file, "r") : stdin;
         if (!in)

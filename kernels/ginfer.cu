@@ -386,8 +386,9 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     }
     size_t VH = (size_t)g->V * g->H;
     if (!rc && (!(g->embed = get(g, src, "model.embed_tokens.weight", VH, g->wsz, e)) ||
-                !(g->head = c->tie_word_embeddings ? g->embed
-                                                   : get(g, src, "lm_head.weight", VH, g->wsz, e)) ||
+                !(g->head = c->tie_word_embeddings
+                                ? g->embed
+                                : get(g, src, "lm_head.weight", VH, g->wsz, e)) ||
                 !(g->fnorm = (float *)get(g, src, "model.norm.weight", g->H, 4, e))))
         rc = -1;
     for (int l = 0; l < g->L && !rc; l++)
@@ -402,8 +403,10 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         } else {
             config_rope_inv_freq(c, inv);
             rope_tables(ct, st, inv, n_ctx, half, config_rope_attention_factor(c));
-            if (!(g->cos_t = (float *)dal(g, nt * 4, e)) || !(g->sin_t = (float *)dal(g, nt * 4, e)) ||
-                gpu_upload(g->c, g->cos_t, ct, nt * 4, e) || gpu_upload(g->c, g->sin_t, st, nt * 4, e))
+            if (!(g->cos_t = (float *)dal(g, nt * 4, e)) ||
+                !(g->sin_t = (float *)dal(g, nt * 4, e)) ||
+                gpu_upload(g->c, g->cos_t, ct, nt * 4, e) ||
+                gpu_upload(g->c, g->sin_t, st, nt * 4, e))
                 rc = -1;
         }
         free(ct);

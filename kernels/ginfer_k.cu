@@ -333,11 +333,14 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, groups);
     if (rows_hint <= 1)
-        grouped_k<W, 1, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N, I, O);
+        grouped_k<W, 1, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
     else if (rows_hint <= 4)
-        grouped_k<W, 4, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N, I, O);
+        grouped_k<W, 4, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
     else
-        grouped_k<W, 8, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N, I, O);
+        grouped_k<W, 8, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
 }
 
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,

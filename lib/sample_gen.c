@@ -151,7 +151,8 @@ static int banned_make(banned *bn, const bpe *b, int V, dsv3_err *e)
             continue;
         }
         int w = v + 1;
-        while (w < V && (w >= (int)bpe_vocab_size(b) || bpe_token_kind(b, (uint32_t)w) == BPE_UNUSED))
+        while (w < V && ((uint32_t)w >= bpe_vocab_size(b) ||
+                         bpe_token_kind(b, (uint32_t)w) == BPE_UNUSED))
             w++;
         int32_t *f2 = realloc(bn->from, (size_t)(bn->n + 1) * sizeof *f2);
         if (f2)

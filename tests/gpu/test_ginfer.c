@@ -407,7 +407,8 @@ static void test_folders_fp8_bf16(void)
     float *l_mem = malloc(bytes), *l_fp8 = malloc(bytes), *l_bf = malloc(bytes),
           *l_cpu = malloc(bytes);
     infer *f[4] = {0};
-    ok = ok && infer_new_gpu(&f[0], &md, 32, 1, 0, 0, &e) == 0 && run_seq(f[0], ids, P, l_mem, &e) == 0 &&
+    ok = ok && infer_new_gpu(&f[0], &md, 32, 1, 0, 0, &e) == 0 &&
+         run_seq(f[0], ids, P, l_mem, &e) == 0 &&
          infer_new_gpu_dir(&f[1], q, 32, 1, 0, &e) == 0 && run_seq(f[1], ids, P, l_fp8, &e) == 0 &&
          infer_new_gpu_dir(&f[2], d, 32, 1, 0, &e) == 0 && run_seq(f[2], ids, P, l_bf, &e) == 0 &&
          infer_new(&f[3], &md, 32, 1, &e) == 0 && run_seq(f[3], ids, P, l_cpu, &e) == 0;
