@@ -27,7 +27,7 @@ static const cli_program PROG = {
     "  or:  dsv3-sample --chat -m DIR -t TOKENIZER [OPTION]...\n"
     "  or:  dsv3-sample --batch -m DIR -t TOKENIZER [OPTION]... < requests.jsonl\n"
     "  or:  dsv3-sample --score -m DIR [OPTION]... [FILE]...\n"
-    "Generate text with a model on the CPU. The prompt (-p, -f, or standard input) is\n"
+    "Generate text with a model, on the GPU when there is one (else the CPU). The prompt (-p, -f, or standard input) is\n"
     "processed in one pass, then tokens are sampled one at a time and the text streams to\n"
     "standard output; statistics go to standard error at the end.\n"
     "--chat: DeepSeek-V3's chat template; each line of standard input is a user turn, each\n"
@@ -73,8 +73,9 @@ static const cli_program PROG = {
     "                        max_position_embeddings)\n"
     "  -o, --output=FILE     --score: write the JSONL there (atomically)\n"
     "      --threads=N       CPU threads (default: all; results do not depend on it)\n"
-    "      --device=cpu|cuda where --score runs (default cpu; cuda: bf16 on GPU 0; generation\n"
-    "                        runs on the CPU)\n"
+    "      --device=cpu|cuda where to run: generation defaults to cuda (bf16 on GPU 0)\n"
+    "                        when a GPU is present and this build has CUDA, else cpu;\n"
+    "                        --score defaults to cpu\n"
     "      --quiet           no statistics on standard error\n"
     "      --progress        show progress even when standard error is not a terminal\n"
     "      --help            this help\n"
@@ -92,7 +93,8 @@ enum {
 
 typedef struct options {
     cli_common common;
-    int score, bos, chat, batch, no_bos, have_seed, ignore_eos, cuda;
+    int score, bos, chat, batch, no_bos, have_seed, ignore_eos;
+    int device;  /* -1: not given, 0: cpu, 1: cuda */
     const char *model, *tok, *output, *field, *prompt, *file, *system;
     docin_mode mode;
     uint64_t window, threads, ctx, parallel;
@@ -247,6 +249,7 @@ static void parse(int argc, char **argv, options *o)
         {NULL, 0, NULL, 0},
     };
     memset(o, 0, sizeof *o);
+    o->device = -1;
     o->field = "text";
     o->mode = DOCIN_AUTO;
     o->parallel = 8;
@@ -314,7 +317,7 @@ static void parse(int argc, char **argv, options *o)
         case OPT_DEVICE:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda"))
                 cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
-            o->cuda = !strcmp(optarg, "cuda");
+            o->device = !strcmp(optarg, "cuda");
             break;
         default: cli_usage(&PROG, "unexpected option");
         }
@@ -375,28 +378,36 @@ static void stats(const options *o, const sample_stats *st, const infer *f)
         return;
     fprintf(stderr, "\ndsv3-sample: prompt %llu tokens in %.3f s (%.1f tokens/s), generated %llu "
             "tokens, decode %.3f s (%.2f tokens/s), cache %.1f MiB (%d slots x %d tokens, "
-            "%.1f KiB a token), seed %llu\n", (unsigned long long)st->prompt_tokens,
+            "%.1f KiB a token), device %s, seed %llu\n", (unsigned long long)st->prompt_tokens,
             st->prefill_s, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0,
             (unsigned long long)st->gen_tokens, st->decode_s,
             st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0,
             infer_cache_bytes(f) / 1048576.0, infer_n_slots(f), infer_n_ctx(f),
-            infer_cache_bytes_per_token(f) / 1024.0, (unsigned long long)o->d.sp.seed);
+            infer_cache_bytes_per_token(f) / 1024.0, infer_device(f),
+            (unsigned long long)o->d.sp.seed);
+    if (infer_graph_replays(f))
+        fprintf(stderr, "dsv3-sample: %ld decode steps from CUDA graphs, %.3f s of device time "
+                "(%.1f us a step)\n", infer_graph_replays(f), infer_graph_seconds(f),
+                1e6 * infer_graph_seconds(f) / infer_graph_replays(f));
 }
 
-static int generate(const options *o, dsv3_model *m, dsv3_err *e)
+/* m: the model on the CPU; NULL: the GPU engine reads the folder itself (memory-mapped). */
+static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv3_err *e)
 {
     bpe *b;
     if (bpe_load(&b, o->tok, e))
         return -1;
-    int ctx = o->ctx ? (int)o->ctx : m->cfg.max_position_embeddings;
+    int ctx = o->ctx ? (int)o->ctx : cfg->max_position_embeddings;
     if (!o->ctx && (ctx > 4096 || ctx < 1))
         ctx = 4096;
-    int32_t eos = bpe_eos(b) != BPE_NONE ? (int32_t)bpe_eos(b) : m->cfg.eos_token_id;
+    int32_t eos = bpe_eos(b) != BPE_NONE ? (int32_t)bpe_eos(b) : cfg->eos_token_id;
     if (o->ignore_eos)
         eos = -1;
     infer *f = NULL;
     sample_stats st = {0};
-    int rc = infer_new(&f, m, ctx, o->batch ? (int)o->parallel : 1, e);
+    int slots = o->batch ? (int)o->parallel : 1;
+    int rc = m ? infer_new(&f, m, ctx, slots, e)
+               : infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
     if (!rc && o->batch) {
         FILE *in = o->file ? fopen(o->file, "r") : stdin;
         if (!in)
@@ -440,18 +451,33 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
-    if (o.cuda && !o.score)
-        cli_usage(&PROG, "--device cuda: only --score runs on the GPU so far; generation runs "
-                  "on the CPU (leave --device out)");
+    if (o.device < 0)
+        o.device = !o.score && gpu_count() > 0;
+    if (o.device == 1 && gpu_count() <= 0)
+        cli_failf(&PROG, "--device cuda: no GPU found%s; use --device cpu",
+                  gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
     if (o.threads)
         ops_set_threads((int)o.threads);
     dsv3_err e;
+    if (!o.score && o.device == 1) {
+        dsv3_config cfg;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/config.json", o.model);
+        if (config_load(&cfg, path, &e))
+            cli_fail(&PROG, &e);
+        int rc = generate(&o, &cfg, NULL, &e);
+        config_free(&cfg);
+        free(o.stops);
+        if (rc)
+            cli_fail(&PROG, &e);
+        return 0;
+    }
     dsv3_model m;
     /* Scoring and generation need only the main model: the MTP modules are not loaded. */
     if (model_load_flags(&m, o.model, MODEL_LOAD_NO_MTP, &e))
         cli_fail(&PROG, &e);
     if (!o.score) {
-        int rc = generate(&o, &m, &e);
+        int rc = generate(&o, &m.cfg, &m, &e);
         model_free(&m);
         free(o.stops);
         if (rc)
@@ -461,10 +487,7 @@ int main(int argc, char **argv)
     run r = {0};
     if (sample_scorer_new(&r.sc, &m, (int)o.window, &e))
         cli_fail(&PROG, &e);
-    if (o.cuda && gpu_count() <= 0)
-        cli_failf(&PROG, "--device cuda: no GPU found%s; use --device cpu",
-                  gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
-    if (o.cuda && sample_scorer_use_gpu(r.sc, 0, &e))
+    if (o.device == 1 && sample_scorer_use_gpu(r.sc, 0, &e))
         cli_fail(&PROG, &e);
     outfile of;
     if (outfile_open(&of, o.output ? o.output : "-", &e))

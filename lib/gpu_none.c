@@ -11,6 +11,7 @@
 #include "../kernels/optim.h"
 #include "../kernels/attention.h"
 #include "../kernels/sort.h"
+#include "../kernels/ginfer.h"
 
 #include <stdlib.h>
 
@@ -393,3 +394,30 @@ void *gmodel_dev_alloc(size_t bytes, dsv3_err *e)
     no_cuda(e);
     return NULL;
 }
+
+/* ginfer */
+int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
+                  dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n_slots, int dev,
+                      dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+void ginfer_destroy(ginfer *g) {}
+void ginfer_dims(const ginfer *g, int *vocab, int *layers, int *width) {}
+size_t ginfer_cache_bytes(const ginfer *g) { return 0; }
+size_t ginfer_cache_bytes_per_token(const ginfer *g) { return 0; }
+size_t ginfer_weight_bytes(const ginfer *g) { return 0; }
+const char *ginfer_describe(const ginfer *g) { return "none"; }
+int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                   const uint8_t *want, float *logits, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+long ginfer_graph_replays(const ginfer *g) { return 0; }
+double ginfer_graph_seconds(const ginfer *g) { return 0; }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "ops.h"
+#include "../kernels/ginfer.h"
 
 /* ---- linear layers for decoding ----
  * lib/ops' matmul_forward walks rows outside and weights inside, so a call of B rows streams
@@ -66,6 +67,10 @@ typedef struct scratch {
 
 struct infer {
     const dsv3_model *m;
+    ginfer *g;                  /* the GPU engine, or NULL: the CPU path below */
+    int vocab, layers;
+    int *gpos;                  /* [gpos_n] positions of a GPU call's rows */
+    int gpos_n;
     int n_ctx, n_slots, width;  /* width = kv_lora_rank + qk_rope_head_dim */
     float *cache;               /* [layers][slots][n_ctx][width] */
     int *len;                   /* [slots] */
@@ -89,6 +94,8 @@ int infer_new(infer **out, const dsv3_model *m, int n_ctx, int n_slots, dsv3_err
     f->m = m;
     f->n_ctx = n_ctx;
     f->n_slots = n_slots;
+    f->vocab = c->vocab_size;
+    f->layers = c->num_hidden_layers;
     f->width = c->kv_lora_rank + c->qk_rope_head_dim;
     size_t cache = (size_t)c->num_hidden_layers * n_slots * n_ctx * f->width;
     int half = c->qk_rope_head_dim / 2;
@@ -118,10 +125,62 @@ static void scratch_free(scratch *s)
     memset(s, 0, sizeof *s);
 }
 
+/* The GPU engine from a model (m) or a folder (dir). */
+static int new_gpu(infer **out, const dsv3_model *m, const char *dir, int n_ctx, int n_slots,
+                   int dev, int exact, dsv3_err *e)
+{
+    if (n_ctx < 1 || n_slots < 1)
+        return err_set(e, "infer: a context of %d tokens and %d slots", n_ctx, n_slots);
+    infer *f = calloc(1, sizeof *f);
+    if (!f || !(f->len = calloc((size_t)n_slots, sizeof *f->len))) {
+        free(f);
+        return err_set(e, "infer: out of memory");
+    }
+    f->n_ctx = n_ctx;
+    f->n_slots = n_slots;
+    if (m ? ginfer_create(&f->g, m, n_ctx, n_slots, dev, exact, e)
+          : ginfer_create_dir(&f->g, dir, n_ctx, n_slots, dev, e)) {
+        infer_free(f);
+        return -1;
+    }
+    ginfer_dims(f->g, &f->vocab, &f->layers, &f->width);
+    *out = f;
+    return 0;
+}
+
+int infer_new_gpu(infer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
+                  dsv3_err *e)
+{
+    return new_gpu(out, m, NULL, n_ctx, n_slots, dev, exact, e);
+}
+
+int infer_new_gpu_dir(infer **out, const char *dir, int n_ctx, int n_slots, int dev,
+                      dsv3_err *e)
+{
+    return new_gpu(out, NULL, dir, n_ctx, n_slots, dev, 0, e);
+}
+
+const char *infer_device(const infer *f)
+{
+    return f->g ? ginfer_describe(f->g) : "cpu";
+}
+
+long infer_graph_replays(const infer *f)
+{
+    return f->g ? ginfer_graph_replays(f->g) : 0;
+}
+
+double infer_graph_seconds(const infer *f)
+{
+    return f->g ? ginfer_graph_seconds(f->g) : 0;
+}
+
 void infer_free(infer *f)
 {
     if (!f)
         return;
+    ginfer_destroy(f->g);
+    free(f->gpos);
     scratch_free(&f->s);
     free(f->cache);
     free(f->len);
@@ -132,16 +191,20 @@ void infer_free(infer *f)
 
 int infer_n_ctx(const infer *f) { return f->n_ctx; }
 int infer_n_slots(const infer *f) { return f->n_slots; }
-int infer_vocab(const infer *f) { return f->m->cfg.vocab_size; }
+int infer_vocab(const infer *f) { return f->vocab; }
 
 size_t infer_cache_bytes(const infer *f)
 {
-    return (size_t)f->m->cfg.num_hidden_layers * f->n_slots * f->n_ctx * f->width * 4;
+    if (f->g)
+        return ginfer_cache_bytes(f->g);
+    return (size_t)f->layers * f->n_slots * f->n_ctx * f->width * 4;
 }
 
 size_t infer_cache_bytes_per_token(const infer *f)
 {
-    return (size_t)f->m->cfg.num_hidden_layers * f->width * 4;
+    if (f->g)
+        return ginfer_cache_bytes_per_token(f->g);
+    return (size_t)f->layers * f->width * 4;
 }
 
 int infer_slot_len(const infer *f, int slot) { return f->len[slot]; }
@@ -351,29 +414,60 @@ static void moe(infer *f, const model_layer *W, int R)
     }
 }
 
-int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
-                  float *logits, dsv3_err *e)
+/* Each row's position in its slot; fails, changing nothing, on a bad slot, id or a full
+ * context. */
+static int positions(const infer *f, int n, const int *slot, const int32_t *ids, int *pos,
+                     dsv3_err *e)
 {
-    const dsv3_model *m = f->m;
-    const dsv3_config *c = &m->cfg;
-    int H = c->hidden_size, V = c->vocab_size;
-    float eps = (float)c->rms_norm_eps;
-    if (n <= 0)
-        return 0;
-    if (scratch_grow(&f->s, c, n))
-        return err_set(e, "infer: out of memory for %d rows", n);
-    scratch *s = &f->s;
     int grow[f->n_slots];
     memset(grow, 0, sizeof grow);
     for (int r = 0; r < n; r++) {
         if (slot[r] < 0 || slot[r] >= f->n_slots)
             return err_set(e, "infer: slot %d outside 0..%d", slot[r], f->n_slots - 1);
-        if (ids[r] < 0 || ids[r] >= V)
-            return err_set(e, "token id %d outside the vocabulary (vocab_size %d)", ids[r], V);
-        s->pos[r] = f->len[slot[r]] + grow[slot[r]]++;
-        if (s->pos[r] >= f->n_ctx)
+        if (ids[r] < 0 || ids[r] >= f->vocab)
+            return err_set(e, "token id %d outside the vocabulary (vocab_size %d)", ids[r],
+                           f->vocab);
+        pos[r] = f->len[slot[r]] + grow[slot[r]]++;
+        if (pos[r] >= f->n_ctx)
             return err_set(e, "the context is full: %d tokens (--ctx)", f->n_ctx);
     }
+    return 0;
+}
+
+static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
+                       const uint8_t *want, float *logits, dsv3_err *e)
+{
+    if (n > f->gpos_n) {
+        int *p = realloc(f->gpos, (size_t)n * sizeof *p);
+        if (!p)
+            return err_set(e, "infer: out of memory for %d rows", n);
+        f->gpos = p;
+        f->gpos_n = n;
+    }
+    if (positions(f, n, slot, ids, f->gpos, e) ||
+        ginfer_forward(f->g, n, slot, f->gpos, ids, want, logits, e))
+        return -1;
+    for (int r = 0; r < n; r++)
+        f->len[slot[r]]++;
+    return 0;
+}
+
+int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
+                  float *logits, dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (f->g)
+        return forward_gpu(f, n, slot, ids, want, logits, e);
+    const dsv3_model *m = f->m;
+    const dsv3_config *c = &m->cfg;
+    int H = c->hidden_size, V = c->vocab_size;
+    float eps = (float)c->rms_norm_eps;
+    if (scratch_grow(&f->s, c, n))
+        return err_set(e, "infer: out of memory for %d rows", n);
+    scratch *s = &f->s;
+    if (positions(f, n, slot, ids, s->pos, e))
+        return -1;
     embedding_forward(s->x, m->w.embed, ids, n, H);
     for (int l = 0; l < c->num_hidden_layers; l++) {
         const model_layer *W = &m->w.layers[l];

@@ -29,12 +29,29 @@ typedef struct infer infer;
 
 /* A cache of n_slots sequences of up to n_ctx tokens each. */
 int infer_new(infer **out, const dsv3_model *m, int n_ctx, int n_slots, dsv3_err *e);
+/* The same on GPU dev (kernels/ginfer: bf16 weights and cache, fp32 sums; exact: fp32
+ * weights and cache, for tests). The weights are copied to the device: m may be freed after
+ * (infer_vocab etc. keep working). */
+int infer_new_gpu(infer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
+                  dsv3_err *e);
+/* The GPU engine straight from a checkpoint folder (bf16; memory-mapped shards, FP8
+ * dequantised: ginfer_create_dir), without a host copy of the model. */
+int infer_new_gpu_dir(infer **out, const char *dir, int n_ctx, int n_slots, int dev,
+                      dsv3_err *e);
 void infer_free(infer *f);
+
+/* "cpu" or the GPU engine's description ("cuda:0 (NVIDIA H200, bf16)"). */
+const char *infer_device(const infer *f);
+/* Decode steps replayed from CUDA graphs (0 on the CPU). */
+long infer_graph_replays(const infer *f);
+/* The device time of those replays, seconds (0 on the CPU). */
+double infer_graph_seconds(const infer *f);
 
 int infer_n_ctx(const infer *f);
 int infer_n_slots(const infer *f);
 int infer_vocab(const infer *f);
-/* Bytes of the latent cache: layers x slots x n_ctx x (kv_lora_rank + qk_rope_head_dim) x 4. */
+/* Bytes of the latent cache: layers x slots x n_ctx x (kv_lora_rank + qk_rope_head_dim) x 4
+ * (on the GPU: x 2 in bf16, and one spare slot that padding rows of a graph write to). */
 size_t infer_cache_bytes(const infer *f);
 /* Bytes of cache one token adds (all layers). */
 size_t infer_cache_bytes_per_token(const infer *f);

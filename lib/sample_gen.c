@@ -134,16 +134,53 @@ static int emit(FILE *f, const uint8_t *s, size_t n, dsv3_err *e)
     return 0;
 }
 
+/* Ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's, holes): never
+ * chosen. Listed once a run, as runs of ids [from, to), so a step does not ask the tokenizer
+ * about every id of a large vocabulary. */
+typedef struct banned {
+    int32_t *from, *to;
+    int n;
+} banned;
+
+static int banned_make(banned *bn, const bpe *b, int V, dsv3_err *e)
+{
+    memset(bn, 0, sizeof *bn);
+    for (int v = 0; v < V;) {
+        if ((uint32_t)v < bpe_vocab_size(b) && bpe_token_kind(b, (uint32_t)v) != BPE_UNUSED) {
+            v++;
+            continue;
+        }
+        int w = v + 1;
+        while (w < V && ((uint32_t)w >= bpe_vocab_size(b) ||
+                         bpe_token_kind(b, (uint32_t)w) == BPE_UNUSED))
+            w++;
+        int32_t *f2 = realloc(bn->from, (size_t)(bn->n + 1) * sizeof *f2);
+        if (f2)
+            bn->from = f2;
+        int32_t *t2 = realloc(bn->to, (size_t)(bn->n + 1) * sizeof *t2);
+        if (t2)
+            bn->to = t2;
+        if (!f2 || !t2)
+            return err_set(e, "out of memory");
+        bn->from[bn->n] = v;
+        bn->to[bn->n++] = w;
+        v = w;
+    }
+    return 0;
+}
+
+static void banned_free(banned *bn)
+{
+    free(bn->from);
+    free(bn->to);
+}
+
 /* Takes the sequence's next token from its logits; finishes the request when it ends. */
 static int take(infer *f, int slot, seq *q, sample_request *r, float *logits,
-                const sample_run_opts *o, dsv3_err *e)
+                const sample_run_opts *o, const banned *bn, dsv3_err *e)
 {
-    /* Ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's, holes)
-     * are never chosen. */
-    const bpe *b = q->txt.b;
-    int V = infer_vocab(f);
-    for (int v = 0; v < V; v++)
-        if ((uint32_t)v >= bpe_vocab_size(b) || bpe_token_kind(b, (uint32_t)v) == BPE_UNUSED)
+    for (int i = 0; i < bn->n; i++)
+        for (int v = bn->from[i]; v < bn->to[i]; v++)
             logits[v] = -INFINITY;
     int32_t tok = sampler_sample(&q->smp, logits, q->hist, q->n_hist);
     if (tok == o->eos) {
@@ -172,7 +209,8 @@ static int take(infer *f, int slot, seq *q, sample_request *r, float *logits,
 /* Puts request i into slot s: the sequence's state, then its prompt in one pass (prefill)
  * and its first token. */
 static int start(infer *f, const bpe *b, int s, seq *q, sample_request *reqs, int i,
-                 float *logits, const sample_run_opts *o, sample_stats *st, dsv3_err *e)
+                 float *logits, const sample_run_opts *o, const banned *bn, sample_stats *st,
+                 dsv3_err *e)
 {
     sample_request *r = &reqs[i];
     if (!o->keep_slot)
@@ -206,7 +244,7 @@ static int start(infer *f, const bpe *b, int s, seq *q, sample_request *reqs, in
     int rc = infer_prefill(f, s, r->ids, r->n_ids, logits, e);
     st->prefill_s += now() - t0;
     st->prompt_tokens += (uint64_t)r->n_ids;
-    return rc ? rc : take(f, s, q, r, logits, o, e);
+    return rc ? rc : take(f, s, q, r, logits, o, bn, e);
 }
 
 /* Hands a finished request its text and frees the slot. */
@@ -232,8 +270,9 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     int *slot = malloc((size_t)S * sizeof *slot);
     int32_t *ids = malloc((size_t)S * sizeof *ids);
     float *logits = malloc((size_t)S * V * sizeof *logits);
-    int rc = 0;
-    if (!q || !slot || !ids || !logits)
+    banned bn;
+    int rc = banned_make(&bn, b, V, e);
+    if (!rc && (!q || !slot || !ids || !logits))
         rc = err_set(e, "out of memory");
     for (int s = 0; s < S && q; s++)
         q[s].req = -1;
@@ -242,7 +281,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         for (int s = 0; s < S && !rc; s++)
             while (q[s].req < 0 && next_req < n && !rc) {
                 int i = next_req++;
-                rc = start(f, b, s, &q[s], reqs, i, logits, o, st, e);
+                rc = start(f, b, s, &q[s], reqs, i, logits, o, &bn, st, e);
                 if (q[s].req >= 0 && reqs[i].why)
                     finish(&q[s], &reqs[i]);
             }
@@ -268,7 +307,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         for (int k = 0; k < R && !rc; k++) {
             seq *z = &q[slot[k]];
             sample_request *r = &reqs[z->req];
-            rc = take(f, slot[k], z, r, logits + (size_t)k * V, o, e);
+            rc = take(f, slot[k], z, r, logits + (size_t)k * V, o, &bn, e);
             if (!rc && r->why)
                 finish(z, r);
         }
@@ -282,5 +321,6 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     free(slot);
     free(ids);
     free(logits);
+    banned_free(&bn);
     return rc;
 }

@@ -4,21 +4,78 @@
 # requests), greedy, 64 new tokens after a 32-token prompt, against the memory-bandwidth
 # floor of this machine (tests/bench/bench_sample_floor: activated float32 weights plus
 # latent cache read per step over the measured memcpy bandwidth). For docs/PERF.md.
+#
+# DEVICE=cuda: the GPU engine (kernels/ginfer) instead, for the lent device machine (NOMAKE=1:
+# use the build carried there), on each of CONFIGS (default configs/small.json and
+# configs/1b-moe.json, BF16 random weights from dsv3-config --init --bf16):
+#   prefill: a prompt of about 1000 tokens, tokens/s of the one pass;
+#   batch 1: N new tokens after it, decode tokens/s against the roofline (bench_sample_floor
+#     ... gpu: bf16 activated weights + the cache read a step, over the device-to-device copy
+#     bandwidth measured in the same run) and the fraction reached;
+#   batch 8 and 64: as many requests of a 32-token prompt decoded together (--batch
+#     --parallel B), decode tokens/s (rows a second) and the floor for that batch;
+#   transformers' generate() on the same folder (bf16, cuda, batch 1 and 8, N new tokens after
+#     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
 N=${N:-64}
 THREADS=${THREADS:-1}  # the dev VM's 2 cores are shared: 2 OpenMP threads wait on each other
-make --no-print-directory all "$BUILD/tests/bench/bench_sample_floor" >/dev/null
+[ -n "${NOMAKE:-}" ] || make --no-print-directory all "$BUILD/tests/bench/bench_sample_floor" >/dev/null
 BIN=$BUILD/bin
 W=$(mktemp -d /tmp/dsv3-bench-sample-XXXXXX)
 trap 'rm -rf "$W"' EXIT
-echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit $(git rev-parse --short HEAD), load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
+echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit ${COMMIT:-$(git rev-parse --short HEAD)}, load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
 awk 'BEGIN { for (i = 0; i < 500; i++) print "the cat sat on the mat number " i " and then ran home" }' >"$W/corpus.txt"
 "$BIN/dsv3-tok" train -v 400 -o "$W/tok.bpe" "$W/corpus.txt" 2>/dev/null
 "$BIN/dsv3-config" --quiet --init "$W/model" --seed 1 "$CONFIG"
 # A prompt of 32 tokens (with BOS): words the tokenizer knows.
 P="the cat sat on the mat number 1 and then ran home the cat sat on the mat number 2 and"
+# one line of stats: "prefill R tokens/s (T tokens), decode D tokens/s"
+rates() {
+    line=$(grep "dsv3-sample: prompt" "$1")
+    ptok=$(echo "$line" | sed 's/.*prompt \([0-9]*\) tokens.*/\1/')
+    pre=$(echo "$line" | sed 's/.*prompt [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/')
+    rate=$(echo "$line" | sed 's/.*decode [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/')
+}
+if [ "${DEVICE:-cpu}" = cuda ]; then
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
+    awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$W/long.txt"
+    for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
+        name=$(basename "$CFG" .json)
+        "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"
+        "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
+            -n "$N" --temp 0 --ignore-eos -c 2048 >/dev/null 2>"$W/err"
+        rates "$W/err"
+        floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" 1 $((ptok + N / 2)) gpu)
+        fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
+        echo "$name: $(sed -n 's/.*device \(.*\), seed.*/\1/p' "$W/err")"
+        echo "$name prefill: $ptok tokens at $pre tokens/s"
+        echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+        sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
+        for B in 8 64; do
+            : >"$W/req.jsonl"
+            i=0
+            while [ $i -lt $B ]; do
+                printf '{"prompt": "%s %d", "n_predict": %d, "temperature": 0}\n' "$P" $i "$N" >>"$W/req.jsonl"
+                i=$((i + 1))
+            done
+            "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda --batch --parallel $B \
+                --ignore-eos -c 256 <"$W/req.jsonl" >"$W/out.jsonl" 2>"$W/err"
+            rates "$W/err"
+            floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" $B $((ptok / B + N / 2)) gpu)
+            fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
+            echo "$name batch $B: decode $rate tokens/s (all rows); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+            sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
+        done
+        if [ "${HF:-1}" = 1 ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+            python3 scripts/bench-sample-hf.py "$W/$name" "$N" 1,8 $(seq 2 33) 2>"$W/hf.err" |
+                sed "s/^/$name /" || tail -3 "$W/hf.err"
+        fi
+        rm -rf "${W:?}/$name"
+    done
+    exit 0
+fi
 for B in 1 8; do
     : >"$W/req.jsonl"
     i=0

@@ -71,6 +71,11 @@ if command -v python3 >/dev/null 2>&1; then
     python3 scripts/bench-attn-torch.py >"$LOG/torch.log" 2>&1
     grep '^# ' "$LOG/torch.log" >>"$LOG/notes.txt"
 fi
+# dsv3's greedy generation (CPU, GPU fp32 and bf16) against transformers' generate()
+if python3 -c 'import torch, transformers' 2>/dev/null && [ -x "$BUILD/tests/bench/greedy_ids" ]; then
+    python3 scripts/ref-hf-generate.py "$BUILD" >"$LOG/hf_generate.log" 2>&1 || all=1
+    grep -v '^RESULT' "$LOG/hf_generate.log" | sed 's/^/# hf generate: /' >>"$LOG/notes.txt"
+fi
 cat "$LOG"/test_*.log | grep -v '^# ' | grep -v '^ok ' | head -100
 echo
 echo "== $(cat "$LOG/gpu.txt"), $(date -u '+%Y-%m-%d %H:%M UTC')"

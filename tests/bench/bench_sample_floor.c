@@ -5,13 +5,17 @@
  * once, plus the routed experts B rows are expected to touch under uniform routing,
  * E (1 - (1 - K/E)^B) per MoE layer; plus every row's latent cache up to P) and the tokens/s
  * that reading them at the measured bandwidth allows. Run by scripts/bench-sample.sh.
- * Usage: bench_sample_floor CONFIG.json B P. */
+ * With a fourth argument "gpu": the floor of kernels/ginfer on GPU 0 instead: bf16 weights
+ * (the routers fp32) and bf16 cache, over the device-to-device copy bandwidth measured
+ * here (kernels/gpu: 1 GiB, read + written, median of 20).
+ * Usage: bench_sample_floor CONFIG.json B P [gpu]. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "../../kernels/gpu.h"
 #include "../../lib/config.h"
 
 static double now(void)
@@ -44,10 +48,37 @@ static double copy_bw(char *dst, const char *src, size_t n, int threaded)
     return 2.0 * n / best;  /* bytes read plus bytes written, as STREAM's Copy counts */
 }
 
+/* The bytes one decode step of kernels/ginfer reads: bf16 weights but the fp32 routers. */
+static int gpu_floor(dsv3_config *c, double B, double P)
+{
+    dsv3_err e;
+    double gbs;
+    if (gpu_copy_bandwidth(0, (size_t)1 << 30, 20, &gbs, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 1;
+    }
+    config_counts k;
+    config_count_params(c, &k);
+    double E = c->n_routed_experts, K = c->num_experts_per_tok;
+    double expert = 3.0 * c->hidden_size * c->moe_intermediate_size;
+    int moe_layers = c->num_hidden_layers - c->first_k_dense_replace;
+    double routed_one = moe_layers * K * expert;
+    double touched = E > 0 ? E * (1 - pow(1 - K / E, B)) : 0;
+    double routers = (double)moe_layers * E * c->hidden_size;
+    double weights = 2 * ((double)k.active - routed_one + moe_layers * touched * expert) +
+                     2 * routers;
+    double cache = B * P * c->num_hidden_layers * (c->kv_lora_rank + c->qk_rope_head_dim) * 2.0;
+    double step = (weights + cache) / (gbs * 1e9);
+    printf("device copy %.1f GB/s; batch %.0f at position %.0f: weights %.1f MB + cache %.2f MB "
+           "a step, floor %.1f tokens/s\n", gbs, B, P, weights / 1e6, cache / 1e6, B / step);
+    config_free(c);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4) {
-        fprintf(stderr, "usage: bench_sample_floor CONFIG.json B P\n");
+        fprintf(stderr, "usage: bench_sample_floor CONFIG.json B P [gpu]\n");
         return 2;
     }
     dsv3_config c;
@@ -57,6 +88,8 @@ int main(int argc, char **argv)
         return 1;
     }
     double B = atof(argv[2]), P = atof(argv[3]);
+    if (argc > 4 && !strcmp(argv[4], "gpu"))
+        return gpu_floor(&c, B, P);
     size_t n = (size_t)256 << 20;
     char *a = malloc(n), *b = malloc(n);
     if (!a || !b)

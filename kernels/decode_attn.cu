@@ -1,0 +1,173 @@
+/* decode_attn: MLA attention over the latent cache for kernels/ginfer (see ginfer_k.cuh).
+ *
+ * The absorbed form: a head's score against cached token t is q_lat . c_kv_t + q_pe . k_pe_t,
+ * one dot over the cache row's kv + rope values, and its output is the softmax-weighted sum of
+ * the c_kv_t (mapped out through W_uv by the caller). The cache row is shared by all heads, so
+ * a block takes one query row, a group of HG heads and one part of the sequence
+ * (flash-decoding): it stages CH cache rows at a time in shared memory (read from device
+ * memory once for the HG heads), keeps a running max, sum and weighted latent per head
+ * (online softmax), and writes them as the part's result; a second kernel combines the parts.
+ * With nsplit parts even one sequence at batch 1 spreads over many SMs. */
+#include <stdint.h>
+
+#include "cuda_util.cuh"
+#include "ginfer_k.cuh"
+
+#define ATT_HG 8       /* heads a block */
+#define ATT_CH 16      /* cache rows staged at a time */
+#define ATT_THREADS 256
+
+static size_t attn_smem(int kv, int rope)
+{
+    int W = kv + rope;
+    return (size_t)(ATT_HG * W + ATT_CH * (W + 1) + ATT_HG * ATT_CH + ATT_HG * kv +
+                    3 * ATT_HG) * sizeof(float);
+}
+
+template <typename C>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_split_k(float *pm, float *pl, float *pacc, const float *qlat, const float *q, int qk,
+                 int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
+                 int rope, int n_ctx, int nsplit, float scale)
+{
+    extern __shared__ float sm[];
+    const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
+    float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
+    float *mh = acc + ATT_HG * kv, *lh = mh + ATT_HG, *al = lh + ATT_HG;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const int r = blockIdx.x, h0 = blockIdx.y * ATT_HG, sp = blockIdx.z;
+    const int hn = min(ATT_HG, nh - h0);
+    const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
+    const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
+    const C *cb = cache + (long)slot[r] * n_ctx * W;
+    for (int i = tid; i < ATT_HG * W; i += blockDim.x) {
+        int h = i / W, j = i % W;
+        float v = 0;
+        if (h < hn)
+            v = j < kv ? qlat[((long)r * nh + h0 + h) * kv + j]
+                       : q[((long)r * nh + h0 + h) * qk + nope + (j - kv)];
+        qs[i] = v;
+    }
+    for (int i = tid; i < ATT_HG * kv; i += blockDim.x)
+        acc[i] = 0;
+    if (tid < ATT_HG) {
+        mh[tid] = -INFINITY;
+        lh[tid] = 0;
+    }
+    __syncthreads();
+    for (int tc = t0; tc < t1; tc += ATT_CH) {
+        int nt = min(ATT_CH, t1 - tc);
+        for (int i = tid; i < nt * W; i += blockDim.x) {
+            int t = i / W, j = i % W;
+            cs[t * WP + j] = (float)cb[(long)(tc + t) * W + j];
+        }
+        __syncthreads();
+        for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
+            int h = i / ATT_CH, t = i % ATT_CH;
+            float sc = -INFINITY;
+            if (h < hn && t < nt) {
+                float d = 0;
+                const float *qh = qs + h * W, *ct = cs + t * WP;
+                for (int j = 0; j < W; j++)
+                    d = fmaf(qh[j], ct[j], d);
+                sc = d * scale;
+            }
+            ps[i] = sc;
+        }
+        __syncthreads();
+        for (int h = warp; h < ATT_HG; h += nw) {
+            float mx = -INFINITY;
+            for (int t = lane; t < ATT_CH; t += 32)
+                mx = fmaxf(mx, ps[h * ATT_CH + t]);
+            mx = warp_max(mx);
+            float mold = mh[h], mnew = fmaxf(mold, mx), sum = 0;
+            for (int t = lane; t < ATT_CH; t += 32) {
+                float p = mnew == -INFINITY ? 0.0f : expf(ps[h * ATT_CH + t] - mnew);
+                ps[h * ATT_CH + t] = p;
+                sum += p;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                float a = mold == -INFINITY ? 0.0f : expf(mold - mnew);
+                al[h] = a;
+                lh[h] = lh[h] * a + sum;
+                mh[h] = mnew;
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < ATT_HG * kv; i += blockDim.x) {
+            int h = i / kv, j = i % kv;
+            float a = acc[i] * al[h];
+            for (int t = 0; t < nt; t++)
+                a = fmaf(ps[h * ATT_CH + t], cs[t * WP + j], a);
+            acc[i] = a;
+        }
+        __syncthreads();
+    }
+    for (int i = tid; i < hn * kv; i += blockDim.x) {
+        int h = i / kv, j = i % kv;
+        long b = ((long)r * nh + h0 + h) * nsplit + sp;
+        pacc[b * kv + j] = acc[i];
+    }
+    if (tid < hn) {
+        long b = ((long)r * nh + h0 + tid) * nsplit + sp;
+        pm[b] = mh[tid];
+        pl[b] = lh[tid];
+    }
+}
+
+/* One block a (row, head): the parts' sums rescaled to the common max. */
+__global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
+                               int kv, int nsplit)
+{
+    long v = blockIdx.x, b = v * nsplit;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++)
+        M = fmaxf(M, pm[b + s]);
+    float L = 0;
+    for (int s = 0; s < nsplit; s++)
+        L += pm[b + s] == -INFINITY ? 0.0f : pl[b + s] * expf(pm[b + s] - M);
+    for (int j = threadIdx.x; j < kv; j += blockDim.x) {
+        float a = 0;
+        for (int s = 0; s < nsplit; s++)
+            if (pm[b + s] != -INFINITY)
+                a += expf(pm[b + s] - M) * pacc[(b + s) * kv + j];
+        olat[v * kv + j] = a / L;
+    }
+}
+
+int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
+{
+    (void)nh;
+    int smem = (int)attn_smem(kv, rope);
+    if (cf32)
+        CUDA_TRY(cudaFuncSetAttribute(attn_split_k<float>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
+    else
+        CUDA_TRY(cudaFuncSetAttribute(attn_split_k<bf16>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
+    return 0;
+}
+
+int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, const float *qlat,
+            const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
+            const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit, float scale,
+            dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
+    size_t smem = attn_smem(kv, rope);
+    if (cf32)
+        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
+                                                     (const float *)cache, slot, pos, nh, kv,
+                                                     rope, n_ctx, nsplit, scale);
+    else
+        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
+                                                     (const bf16 *)cache, slot, pos, nh, kv,
+                                                     rope, n_ctx, nsplit, scale);
+    LAUNCH_CHECK("attn_split", e);
+    attn_combine_k<<<N * nh, 128, 0, s>>>(olat, pm, pl, pacc, kv, nsplit);
+    LAUNCH_CHECK("attn_combine", e);
+    return 0;
+}

@@ -1,0 +1,698 @@
+/* ginfer: the GPU inference engine (see ginfer.h): weights and cache on the device, one
+ * forward over a call's rows, decode steps replayed from CUDA graphs. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <stdint.h>
+#include "cuda_util.cuh"
+#include "ginfer.h"
+#include "ginfer_k.cuh"
+#include "gpu.h"
+#include "gpuctx.h"
+#include "moe.h"
+
+extern "C" {
+#include "../lib/config.h"
+#include "../lib/fp8.h"
+#include "../lib/hfdir.h"
+#include "../lib/ops.h"
+}
+
+enum {
+    PCHUNK = 256,     /* rows of one direct (prefill) pass */
+    MAX_BUCKETS = 16, /* graphs for 1, 2, 4, ... rows */
+    STAGE = 1 << 22,  /* host conversion buffer, values */
+};
+
+struct glayer {
+    float *in_norm, *post_norm, *q_a_norm, *kv_a_norm;
+    void *q_a, *q_b, *q, *kv_a, *ukT, *kvb, *o;
+    int moe, F;        /* F: width of the dense MLP or of the shared experts (0: none) */
+    void *w1, *w2;     /* dense MLP or shared experts: [2F, H] (gate rows, up rows), [H, F] */
+    float *router, *bias;
+    void *ew1, *ew2;   /* routed experts: [E][2mi][H], [E][H][mi] */
+};
+
+struct ginfer {
+    gpu_ctx *c;
+    cudaStream_t s;
+    int exact, wsz;
+    int L, H, nh, qk, nope, rope, kv, dv, qr, E, K, mi, V, inter, n_group, topk_group, norm_topk;
+    int interleave;
+    float scale, eps, route_scale;
+    int n_ctx, n_slots, W, nsplit, bucket_max, rmax;
+    glayer *ly;
+    void *embed, *head;
+    float *fnorm, *cos_t, *sin_t;
+    void *cache;
+    size_t cache_bytes, weight_bytes;
+    int *d_in;          /* [3][rmax]: ids, slots, positions */
+    int *d_rows;
+    float *x, *xn, *delta, *qa, *qan, *q, *kva, *qlat, *olat, *ao, *pm, *pl, *pacc;
+    float *rl, *rs, *rw, *h, *ye, *ys, *xl, *logits;
+    int32_t *idx;
+    int *off, *order, *spos;
+    int *h_in;          /* host [3][rmax] */
+    uint16_t *stage;
+    gpu_graph *graph[MAX_BUCKETS];
+    long replays;
+    float *h_logits;    /* pinned host copy of a decode step's logits */
+    cudaEvent_t ev[2];  /* around each graph replay */
+    int have_ev;
+    double graph_s;     /* device time of the replays */
+    void **allocs;
+    int n_allocs, cap_allocs;
+    char desc[320];
+};
+
+static void *dal(ginfer *g, size_t bytes, dsv3_err *e)
+{
+    if (g->n_allocs == g->cap_allocs) {
+        int cap = g->cap_allocs ? 2 * g->cap_allocs : 64;
+        void **a = (void **)realloc(g->allocs, (size_t)cap * sizeof *a);
+        if (!a) {
+            err_set(e, "ginfer: out of host memory");
+            return NULL;
+        }
+        g->allocs = a;
+        g->cap_allocs = cap;
+    }
+    void *p = gpu_malloc(bytes ? bytes : 16, e);
+    if (p)
+        g->allocs[g->n_allocs++] = p;
+    return p;
+}
+
+/* n fp32 values into device dst at element off: as they are (wsz 4) or as bf16 (wsz 2). */
+static int put(ginfer *g, void *dst, size_t off, const float *src, size_t n, int wsz,
+               dsv3_err *e)
+{
+    if (wsz == 4)
+        return gpu_upload(g->c, (float *)dst + off, src, n * 4, e);
+    for (size_t i = 0; i < n; i += STAGE) {
+        size_t k = n - i < (size_t)STAGE ? n - i : (size_t)STAGE;
+        for (size_t j = 0; j < k; j++)
+            g->stage[j] = gpu_f2bf(src[i + j]);
+        if (gpu_upload(g->c, (uint16_t *)dst + off + i, g->stage, k * 2, e))
+            return -1;
+    }
+    return 0;
+}
+
+/* Where the weights come from: a model in host memory (fp32), or a checkpoint folder whose
+ * shards are memory-mapped (BF16 tensors go to the device straight from the mapping; F32,
+ * F16 and FP8 E4M3 with 128x128 block scales are converted on the way). */
+typedef struct wsrc {
+    const dsv3_model *m;
+    const hfdir *h;
+} wsrc;
+
+/* Tensor `name` (n values) as fp32: *out points at it; *own is a buffer to free (or NULL). */
+static int src_f32(const wsrc *src, const char *name, size_t n, const float **out, float **own,
+                   dsv3_err *e)
+{
+    *own = NULL;
+    if (src->m) {
+        const model_tensor *t = model_find(src->m, name);
+        if (!t || (size_t)t->numel != n)
+            return err_set(e, "ginfer: the model has no tensor %s of %zu values", name, n);
+        *out = src->m->params + t->off;
+        return 0;
+    }
+    const st_tensor *t = hfdir_find(src->h, name, NULL);
+    if (!t)
+        return err_set(e, "%s: no tensor %s", src->h->dir, name);
+    if ((size_t)t->numel != n)
+        return err_set(e, "%s: tensor %s has %lld values, the config wants %zu", src->h->dir,
+                       name, (long long)t->numel, n);
+    float *b = (float *)malloc(n * sizeof *b);
+    if (!b)
+        return err_set(e, "ginfer: out of host memory for %s", name);
+    *own = b;
+    *out = b;
+    if (t->dtype != ST_F8_E4M3)
+        return st_to_f32(t, b, (int64_t)n, e);
+    /* DeepSeek's FP8: w = e4m3(q) * scale_inv[row / 128][col / 128] */
+    char sn[300];
+    snprintf(sn, sizeof sn, "%s_scale_inv", name);
+    const st_tensor *st = hfdir_find(src->h, sn, NULL);
+    int64_t rows = t->ndim == 2 ? t->shape[0] : 1, cols = t->ndim == 2 ? t->shape[1] : t->numel;
+    int64_t bc = fp8_blocks(cols);
+    if (!st || st->dtype != ST_F32 || st->numel != fp8_blocks(rows) * bc)
+        return err_set(e, "%s: FP8 tensor %s without its F32 %s of %lld x %lld block scales",
+                       src->h->dir, name, sn, (long long)fp8_blocks(rows), (long long)bc);
+    const uint8_t *q = (const uint8_t *)t->data;
+    const float *sc = (const float *)st->data;
+    float lut[256];
+    for (int i = 0; i < 256; i++)
+        lut[i] = fp8_e4m3_to_f32((uint8_t)i);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            b[r * cols + c] = lut[q[r * cols + c]] * sc[(r / FP8_BLOCK) * bc + c / FP8_BLOCK];
+    return 0;
+}
+
+/* Tensor `name` (n values) into device dst at element off, in wsz-byte values. */
+static int fetch(ginfer *g, const wsrc *src, const char *name, void *dst, size_t off, size_t n,
+                 int wsz, dsv3_err *e)
+{
+    if (src->h && wsz == 2) {
+        const st_tensor *t = hfdir_find(src->h, name, NULL);
+        if (t && t->dtype == ST_BF16 && (size_t)t->numel == n)  /* from the mapping */
+            return gpu_upload(g->c, (uint16_t *)dst + off, t->data, n * 2, e);
+    }
+    const float *p;
+    float *own;
+    int rc = src_f32(src, name, n, &p, &own, e) || put(g, dst, off, p, n, wsz, e);
+    free(own);
+    return rc;
+}
+
+/* A weight tensor (compute dtype) or an fp32 one (norms, router), its own allocation. */
+static void *get(ginfer *g, const wsrc *src, const char *name, size_t n, int wsz, dsv3_err *e)
+{
+    void *d = dal(g, n * wsz, e);
+    if (!d || fetch(g, src, name, d, 0, n, wsz, e))
+        return NULL;
+    g->weight_bytes += n * wsz;
+    return d;
+}
+
+/* Gate and up [F, H] each as one [2F, H] tensor (at element offset off of w1, whose
+ * allocation the caller made), down [H, F] at off of w2. */
+static int get_mlp(ginfer *g, const wsrc *src, const char *pre, void *w1, void *w2, size_t off,
+                   int F, dsv3_err *e)
+{
+    size_t n = (size_t)F * g->H;
+    char nm[300];
+    snprintf(nm, sizeof nm, "%s.gate_proj.weight", pre);
+    if (fetch(g, src, nm, w1, 2 * off, n, g->wsz, e))
+        return -1;
+    snprintf(nm, sizeof nm, "%s.up_proj.weight", pre);
+    if (fetch(g, src, nm, w1, 2 * off + n, n, g->wsz, e))
+        return -1;
+    snprintf(nm, sizeof nm, "%s.down_proj.weight", pre);
+    if (fetch(g, src, nm, w2, off, n, g->wsz, e))
+        return -1;
+    g->weight_bytes += 3 * n * g->wsz;
+    return 0;
+}
+
+static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, glayer *y,
+                    dsv3_err *e)
+{
+    int H = g->H, nh = g->nh, kv = g->kv, nope = g->nope, dv = g->dv, qk = g->qk, w = g->wsz;
+    char nm[300];
+#define NAME(...) (snprintf(nm, sizeof nm, __VA_ARGS__), nm)
+    const char *a = "model.layers";
+    if (!(y->in_norm = (float *)get(g, src, NAME("%s.%d.input_layernorm.weight", a, l), H, 4, e)) ||
+        !(y->post_norm = (float *)get(g, src, NAME("%s.%d.post_attention_layernorm.weight", a, l),
+                                      H, 4, e)) ||
+        !(y->kv_a_norm = (float *)get(g, src, NAME("%s.%d.self_attn.kv_a_layernorm.weight", a, l),
+                                      kv, 4, e)) ||
+        !(y->kv_a = get(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
+                        (size_t)(kv + g->rope) * H, w, e)) ||
+        !(y->kvb = get(g, src, NAME("%s.%d.self_attn.kv_b_proj.weight", a, l),
+                       (size_t)nh * (nope + dv) * kv, w, e)) ||
+        !(y->o = get(g, src, NAME("%s.%d.self_attn.o_proj.weight", a, l), (size_t)H * nh * dv, w,
+                     e)))
+        return -1;
+    if (g->qr) {
+        if (!(y->q_a_norm = (float *)get(g, src, NAME("%s.%d.self_attn.q_a_layernorm.weight", a, l),
+                                         g->qr, 4, e)) ||
+            !(y->q_a = get(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l),
+                           (size_t)g->qr * H, w, e)) ||
+            !(y->q_b = get(g, src, NAME("%s.%d.self_attn.q_b_proj.weight", a, l),
+                           (size_t)nh * qk * g->qr, w, e)))
+            return -1;
+    } else if (!(y->q = get(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l),
+                            (size_t)nh * qk * H, w, e))) {
+        return -1;
+    }
+    /* W_uk^T per head: ukT[h][j][d] = kv_b[h (nope + dv) + d][j], rows of the q_lat product */
+    size_t nu = (size_t)nh * kv * nope;
+    const float *kvb;
+    float *own, *t = (float *)malloc(nu * sizeof *t);
+    if (!t)
+        return err_set(e, "ginfer: out of host memory");
+    if (src_f32(src, NAME("%s.%d.self_attn.kv_b_proj.weight", a, l), (size_t)nh * (nope + dv) * kv,
+                &kvb, &own, e)) {
+        free(t);
+        free(own);
+        return -1;
+    }
+    for (int h = 0; h < nh; h++)
+        for (int j = 0; j < kv; j++)
+            for (int d = 0; d < nope; d++)
+                t[((size_t)h * kv + j) * nope + d] = kvb[((size_t)h * (nope + dv) + d) * kv + j];
+    free(own);
+    y->ukT = dal(g, nu * w, e);
+    int rc = !y->ukT || put(g, y->ukT, 0, t, nu, w, e);
+    free(t);
+    if (rc)
+        return -1;
+    g->weight_bytes += nu * w;
+    y->moe = config_layer_is_moe(c, l);
+    if (!y->moe) {
+        y->F = g->inter;
+        size_t n = (size_t)y->F * H;
+        return !(y->w1 = dal(g, 2 * n * w, e)) || !(y->w2 = dal(g, n * w, e)) ||
+               get_mlp(g, src, NAME("%s.%d.mlp", a, l), y->w1, y->w2, 0, y->F, e);
+    }
+    size_t ne = (size_t)g->mi * H;
+    if (!(y->router = (float *)get(g, src, NAME("%s.%d.mlp.gate.weight", a, l), (size_t)g->E * H,
+                                   4, e)) ||
+        !(y->bias = (float *)get(g, src, NAME("%s.%d.mlp.gate.e_score_correction_bias", a, l),
+                                 g->E, 4, e)) ||
+        !(y->ew1 = dal(g, (size_t)g->E * 2 * ne * w, e)) ||
+        !(y->ew2 = dal(g, (size_t)g->E * ne * w, e)))
+        return -1;
+    for (int x = 0; x < g->E; x++) {
+        char pre[200];
+        snprintf(pre, sizeof pre, "%s.%d.mlp.experts.%d", a, l, x);
+        if (get_mlp(g, src, pre, y->ew1, y->ew2, ne * x, g->mi, e))
+            return -1;
+    }
+    y->F = g->mi * c->n_shared_experts;
+    if (!y->F)
+        return 0;
+    size_t n = (size_t)y->F * H;
+    return !(y->w1 = dal(g, 2 * n * w, e)) || !(y->w2 = dal(g, n * w, e)) ||
+           get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->w1, y->w2, 0, y->F, e);
+#undef NAME
+}
+
+static int capture_all(ginfer *g, dsv3_err *e);
+
+static int check_shapes(const dsv3_config *c, dsv3_err *e)
+{
+    int dims[] = {c->hidden_size, c->q_lora_rank, c->kv_lora_rank, c->qk_nope_head_dim,
+                  c->qk_rope_head_dim, c->v_head_dim, c->moe_intermediate_size,
+                  c->intermediate_size, c->moe_intermediate_size * c->n_shared_experts};
+    const char *names[] = {"hidden_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                           "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
+                           "intermediate_size", "shared experts' width"};
+    for (size_t i = 0; i < sizeof dims / sizeof *dims; i++)
+        if (dims[i] % 8)
+            return err_set(e, "ginfer: %s %d is not a multiple of 8 (the GPU kernels read 8 "
+                           "values at a time; use --device cpu)", names[i], dims[i]);
+    if (c->qk_rope_head_dim > 256 || c->n_routed_experts > 1024)
+        return err_set(e, "ginfer: qk_rope_head_dim %d or %d routed experts too large",
+                       c->qk_rope_head_dim, c->n_routed_experts);
+    return 0;
+}
+
+static int alloc_acts(ginfer *g, dsv3_err *e)
+{
+    size_t R = (size_t)g->rmax, H = g->H, nh = g->nh, K = g->K ? g->K : 1, E = g->E ? g->E : 1;
+    size_t parts = (size_t)g->bucket_max * g->nsplit > R ? (size_t)g->bucket_max * g->nsplit : R;
+    size_t hw = R * K * g->mi;
+    if (R * g->inter > hw)
+        hw = R * g->inter;
+    for (int l = 0; l < g->L; l++)
+        if (R * g->ly[l].F > hw)
+            hw = R * g->ly[l].F;
+#define F32(p, n) (((p) = (float *)dal(g, (size_t)(n) * 4, e)) == NULL)
+#define I32(p, n) (((p) = (decltype(p))dal(g, (size_t)(n) * 4, e)) == NULL)
+    if (I32(g->d_in, 3 * R) || I32(g->d_rows, R) || F32(g->x, R * H) || F32(g->xn, R * H) ||
+        F32(g->delta, R * H) || F32(g->qa, R * (g->qr ? g->qr : 8)) ||
+        F32(g->qan, R * (g->qr ? g->qr : 8)) || F32(g->q, R * nh * g->qk) ||
+        F32(g->kva, R * g->W) || F32(g->qlat, R * nh * g->kv) || F32(g->olat, R * nh * g->kv) ||
+        F32(g->ao, R * nh * g->dv) || F32(g->pm, parts * nh) || F32(g->pl, parts * nh) ||
+        F32(g->pacc, parts * nh * g->kv) || F32(g->rl, R * E) || F32(g->rs, R * E) ||
+        F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, E + 1) || I32(g->order, R * K) ||
+        I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * K * H) || F32(g->ys, R * H) ||
+        F32(g->xl, (size_t)g->bucket_max * H) ||
+        F32(g->logits, (size_t)g->bucket_max * g->V))
+        return -1;
+#undef F32
+#undef I32
+    return 0;
+}
+
+static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
+                  int dev, int exact, dsv3_err *e)
+{
+    *out = NULL;
+    if (n_ctx < 1 || n_slots < 1)
+        return err_set(e, "ginfer: a context of %d tokens and %d slots", n_ctx, n_slots);
+    if (check_shapes(c, e))
+        return -1;
+    ginfer *g = (ginfer *)calloc(1, sizeof *g);
+    if (!g)
+        return err_set(e, "ginfer: out of host memory");
+    g->exact = exact;
+    g->wsz = exact ? 4 : 2;
+    g->L = c->num_hidden_layers;
+    g->H = c->hidden_size;
+    g->nh = c->num_attention_heads;
+    g->qk = config_qk_head_dim(c);
+    g->nope = c->qk_nope_head_dim;
+    g->rope = c->qk_rope_head_dim;
+    g->kv = c->kv_lora_rank;
+    g->dv = c->v_head_dim;
+    g->qr = c->q_lora_rank;
+    g->E = c->n_routed_experts;
+    g->K = c->num_experts_per_tok;
+    g->mi = c->moe_intermediate_size;
+    g->V = c->vocab_size;
+    g->inter = c->intermediate_size;
+    g->n_group = c->n_group;
+    g->topk_group = c->topk_group;
+    g->norm_topk = c->norm_topk_prob;
+    g->interleave = c->rope_interleave;
+    g->route_scale = (float)c->routed_scaling_factor;
+    g->scale = (float)config_softmax_scale(c);
+    g->eps = (float)c->rms_norm_eps;
+    g->n_ctx = n_ctx;
+    g->n_slots = n_slots;
+    g->W = g->kv + g->rope;
+    /* parts of about 32 positions at full context: one sequence fills many SMs */
+    g->nsplit = n_ctx / 32 < 1 ? 1 : n_ctx / 32 > 64 ? 64 : n_ctx / 32;
+    g->bucket_max = 1;
+    while (g->bucket_max < n_slots)
+        g->bucket_max *= 2;
+    g->rmax = g->bucket_max > PCHUNK ? g->bucket_max : PCHUNK;
+    int rc = gpu_ctx_create(&g->c, dev, 0, e);
+    if (!rc) {
+        g->s = (cudaStream_t)gpu_ctx_stream(g->c);
+        g->stage = (uint16_t *)malloc((size_t)STAGE * 2);
+        g->h_in = (int *)malloc((size_t)3 * g->rmax * sizeof(int));
+        g->ly = (glayer *)calloc((size_t)g->L, sizeof *g->ly);
+        if (!g->stage || !g->h_in || !g->ly)
+            rc = err_set(e, "ginfer: out of host memory");
+    }
+    size_t VH = (size_t)g->V * g->H;
+    if (!rc && (!(g->embed = get(g, src, "model.embed_tokens.weight", VH, g->wsz, e)) ||
+                !(g->head = c->tie_word_embeddings
+                                ? g->embed
+                                : get(g, src, "lm_head.weight", VH, g->wsz, e)) ||
+                !(g->fnorm = (float *)get(g, src, "model.norm.weight", g->H, 4, e))))
+        rc = -1;
+    for (int l = 0; l < g->L && !rc; l++)
+        rc = up_layer(g, src, c, l, &g->ly[l], e);
+    int half = g->rope / 2;
+    if (!rc) {
+        size_t nt = (size_t)n_ctx * (half ? half : 1);
+        float *ct = (float *)malloc(nt * 4), *st = (float *)malloc(nt * 4);
+        double *inv = (double *)malloc((half ? half : 1) * sizeof(double));
+        if (!ct || !st || !inv) {
+            rc = err_set(e, "ginfer: out of host memory");
+        } else {
+            config_rope_inv_freq(c, inv);
+            rope_tables(ct, st, inv, n_ctx, half, config_rope_attention_factor(c));
+            if (!(g->cos_t = (float *)dal(g, nt * 4, e)) ||
+                !(g->sin_t = (float *)dal(g, nt * 4, e)) ||
+                gpu_upload(g->c, g->cos_t, ct, nt * 4, e) ||
+                gpu_upload(g->c, g->sin_t, st, nt * 4, e))
+                rc = -1;
+        }
+        free(ct);
+        free(st);
+        free(inv);
+    }
+    /* the cache: layers x (slots + the spare slot padding rows write to) x n_ctx x W */
+    g->cache_bytes = (size_t)g->L * (n_slots + 1) * n_ctx * g->W * g->wsz;
+    if (!rc && !(g->cache = dal(g, g->cache_bytes, e))) {
+        rc = err_set(e, "ginfer: no device memory for a cache of %d slots x %d tokens "
+                     "(%.1f MiB; lower --ctx or --parallel)", n_slots, n_ctx,
+                     g->cache_bytes / 1048576.0);
+    }
+    if (!rc)
+        rc = alloc_acts(g, e) || gk_attn_setup(exact, g->nh, g->kv, g->rope, e);
+    gpu_props p;
+    snprintf(g->desc, sizeof g->desc, "cuda:%d (%s)", dev, exact ? "fp32" : "bf16");
+    if (!rc && !gpu_describe(dev, &p, e))
+        snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name,
+                 exact ? "fp32" : "bf16");
+    if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
+                   cudaSuccess) {
+        g->h_logits = NULL;
+        rc = err_set(e, "ginfer: no pinned host memory for %d rows of logits", g->bucket_max);
+    }
+    if (!rc && cudaEventCreate(&g->ev[0]) == cudaSuccess) {
+        if (cudaEventCreate(&g->ev[1]) == cudaSuccess)
+            g->have_ev = 1;
+        else
+            cudaEventDestroy(g->ev[0]);
+    }
+    if (!rc)
+        rc = capture_all(g, e);
+    if (rc) {
+        ginfer_destroy(g);
+        return -1;
+    }
+    *out = g;
+    return 0;
+}
+
+extern "C" int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev,
+                             int exact, dsv3_err *e)
+{
+    wsrc src = {m, NULL};
+    return create(out, &src, &m->cfg, n_ctx, n_slots, dev, exact, e);
+}
+
+extern "C" int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n_slots, int dev,
+                                 dsv3_err *e)
+{
+    hfdir h;
+    *out = NULL;
+    if (hfdir_open(&h, dir, e))
+        return -1;
+    wsrc src = {NULL, &h};
+    int rc = create(out, &src, &h.cfg, n_ctx, n_slots, dev, 0, e);
+    hfdir_close(&h);
+    return rc;
+}
+
+extern "C" void ginfer_destroy(ginfer *g)
+{
+    if (!g)
+        return;
+    for (int b = 0; b < MAX_BUCKETS; b++)
+        gpu_graph_destroy(g->graph[b]);
+    if (g->h_logits)
+        cudaFreeHost(g->h_logits);
+    if (g->have_ev) {
+        cudaEventDestroy(g->ev[0]);
+        cudaEventDestroy(g->ev[1]);
+    }
+    for (int i = 0; i < g->n_allocs; i++)
+        gpu_free(g->allocs[i]);
+    free(g->allocs);
+    gpu_ctx_destroy(g->c);
+    free(g->ly);
+    free(g->stage);
+    free(g->h_in);
+    free(g);
+}
+
+extern "C" void ginfer_dims(const ginfer *g, int *vocab, int *layers, int *width)
+{
+    *vocab = g->V;
+    *layers = g->L;
+    *width = g->W;
+}
+extern "C" size_t ginfer_cache_bytes(const ginfer *g) { return g->cache_bytes; }
+extern "C" size_t ginfer_cache_bytes_per_token(const ginfer *g)
+{
+    return (size_t)g->L * g->W * g->wsz;
+}
+extern "C" size_t ginfer_weight_bytes(const ginfer *g) { return g->weight_bytes; }
+extern "C" const char *ginfer_describe(const ginfer *g) { return g->desc; }
+extern "C" long ginfer_graph_replays(const ginfer *g) { return g->replays; }
+extern "C" double ginfer_graph_seconds(const ginfer *g) { return g->graph_s; }
+
+static const void *wofs(const void *w, size_t elems, int wsz)
+{
+    return (const char *)w + elems * wsz;
+}
+
+/* MLA of layer l over n rows: xn in, delta out. */
+static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
+{
+    const glayer *y = &g->ly[l];
+    int H = g->H, nh = g->nh, qk = g->qk, kv = g->kv, wf = g->exact;
+    const int *slot = g->d_in + g->rmax, *pos = g->d_in + 2 * g->rmax;
+    void *cache = (char *)g->cache + (size_t)l * (g->n_slots + 1) * g->n_ctx * g->W * g->wsz;
+    if (g->qr) {
+        if (gk_gemv(g->s, g->xn, H, 0, y->q_a, wf, 0, g->qa, g->qr, 0, n, H, g->qr, 1, e) ||
+            gk_add_norm(g->s, g->qa, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e) ||
+            gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr, nh * qk,
+                    1, e))
+            return -1;
+    } else if (gk_gemv(g->s, g->xn, H, 0, y->q, wf, 0, g->q, nh * qk, 0, n, H, nh * qk, 1, e)) {
+        return -1;
+    }
+    return gk_gemv(g->s, g->xn, H, 0, y->kv_a, wf, 0, g->kva, g->W, 0, n, H, g->W, 1, e) ||
+           gk_kv_write(g->s, g->kva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
+                       g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk,
+                       g->nope, e) ||
+           /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
+           gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                   (long)nh * kv, kv, n, g->nope, kv, nh, e) ||
+           gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
+                   slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e) ||
+           /* ao[n, h] = W_uv_h o_lat[n, h] */
+           gk_gemv(g->s, g->olat, (long)nh * kv, kv, wofs(y->kvb, (size_t)g->nope * kv, g->wsz),
+                   wf, (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n, kv,
+                   g->dv, nh, e) ||
+           gk_gemv(g->s, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n,
+                   nh * g->dv, H, 1, e);
+}
+
+/* The MLP or MoE of layer l over n rows: xn in, delta out. */
+static int ffn(ginfer *g, int l, int n, dsv3_err *e)
+{
+    const glayer *y = &g->ly[l];
+    int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi;
+    if (!y->moe)
+        return gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e) ||
+               gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, n, n, y->F, H, e);
+    if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e) ||
+        gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
+                       g->topk_group, K, g->norm_topk, g->route_scale, e) ||
+        gk_moe_bucket(g->s, g->idx, n * K, E, g->off, g->order, g->spos, e) ||
+        gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E, n, n, H, mi,
+                  e) ||
+        gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E, n, n, mi, H, e))
+        return -1;
+    if (y->F && (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e) ||
+                 gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, n, n, y->F, H, e)))
+        return -1;
+    return gk_moe_combine(g->s, g->delta, g->ye, g->rw, g->spos, y->F ? g->ys : NULL, n, K, H, e);
+}
+
+/* The layers over the n rows in d_in; g->xn ends as the final-normed hidden states. */
+static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
+{
+    if (gk_embed(g->s, g->x, g->embed, g->exact, g->d_in, n, g->H, e))
+        return -1;
+    for (int l = 0; l < g->L; l++)
+        if (gk_add_norm(g->s, g->x, l ? g->delta : NULL, g->ly[l].in_norm, g->xn, n, g->H, g->eps,
+                        e) ||
+            mla(g, l, n, nsplit, e) ||
+            gk_add_norm(g->s, g->x, g->delta, g->ly[l].post_norm, g->xn, n, g->H, g->eps, e) ||
+            ffn(g, l, n, e))
+            return -1;
+    return gk_add_norm(g->s, g->x, g->delta, g->fnorm, g->xn, n, g->H, g->eps, e);
+}
+
+/* Packs rows [r0, r0+n) into the host input block (padding up to pad rows) and uploads it. */
+static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const int *pos,
+                       const int32_t *ids, dsv3_err *e)
+{
+    int R = g->rmax;
+    for (int i = 0; i < pad; i++) {
+        int in = i < n;
+        g->h_in[i] = in ? ids[r0 + i] : 0;
+        g->h_in[R + i] = in ? slot[r0 + i] : g->n_slots;
+        g->h_in[2 * R + i] = in ? pos[r0 + i] : 0;
+    }
+    return gpu_upload(g->c, g->d_in, g->h_in, (size_t)3 * R * sizeof(int), e);
+}
+
+/* Captures the decode step of B rows (bucket b). */
+static int capture(ginfer *g, int b, int B, dsv3_err *e)
+{
+    if (gpu_capture_begin(g->c, e))
+        return -1;
+    int rc = layers(g, B, g->nsplit, e) ||
+             gk_gemv(g->s, g->xn, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, B, g->H,
+                     g->V, 1, e);
+    dsv3_err e2;
+    return gpu_capture_end(g->c, &g->graph[b], rc ? &e2 : e) || rc ? -1 : 0;
+}
+
+/* Every bucket's graph, captured and run once on padding rows (which write only the spare
+ * slot), so that no decode step pays for a capture or a first launch. */
+static int capture_all(ginfer *g, dsv3_err *e)
+{
+    for (int b = 0, B = 1; B <= g->bucket_max; b++, B *= 2)
+        if (upload_rows(g, 0, 0, B, NULL, NULL, NULL, e) || capture(g, b, B, e) ||
+            gpu_graph_launch(g->c, g->graph[b], e))
+            return -1;
+    return gpu_sync(g->c, e);
+}
+
+/* A decode step of n rows through the graph of its bucket. */
+static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                  float *logits, dsv3_err *e)
+{
+    int b = 0, B = 1;
+    while (B < n) {
+        B *= 2;
+        b++;
+    }
+    if (upload_rows(g, 0, n, B, slot, pos, ids, e) || (!g->graph[b] && capture(g, b, B, e)))
+        return -1;
+    if (g->have_ev)
+        CUDA_TRY(cudaEventRecord(g->ev[0], g->s), e);
+    if (gpu_graph_launch(g->c, g->graph[b], e))
+        return -1;
+    if (g->have_ev)
+        CUDA_TRY(cudaEventRecord(g->ev[1], g->s), e);
+    g->replays++;
+    /* through pinned memory: a direct copy to pageable memory is staged by the driver */
+    size_t bytes = (size_t)n * g->V * 4;
+    CUDA_TRY(cudaMemcpyAsync(g->h_logits, g->logits, bytes, cudaMemcpyDeviceToHost, g->s), e);
+    CUDA_TRY(cudaStreamSynchronize(g->s), e);
+    float ms = 0;
+    if (g->have_ev && cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]) == cudaSuccess)
+        g->graph_s += ms * 1e-3;
+    memcpy(logits, g->h_logits, bytes);
+    return 0;
+}
+
+/* Logits of the wanted rows of the last pass (rows of g->xn) to out; returns how many. */
+static int head_rows(ginfer *g, int n, const uint8_t *want, float *out, int *written,
+                     dsv3_err *e)
+{
+    int k = 0;
+    *written = 0;
+    for (int r = 0; r <= n; r++) {
+        if (r < n && (want && !want[r]))
+            continue;
+        if (r < n)
+            g->h_in[k++] = r;  /* h_in is free again once the pass is queued */
+        if (k == g->bucket_max || (r == n && k)) {
+            if (gpu_upload(g->c, g->d_rows, g->h_in, (size_t)k * sizeof(int), e) ||
+                gk_gather_rows(g->s, g->xl, g->xn, g->d_rows, k, g->H, e) ||
+                gk_gemv(g->s, g->xl, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, k, g->H,
+                        g->V, 1, e) ||
+                gpu_download(g->c, out + (size_t)*written * g->V, g->logits,
+                             (size_t)k * g->V * 4, e))
+                return -1;
+            *written += k;
+            k = 0;
+        }
+    }
+    return 0;
+}
+
+extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
+                              const int32_t *ids, const uint8_t *want, float *logits,
+                              dsv3_err *e)
+{
+    int all = 1;
+    for (int r = 0; r < n && want; r++)
+        all &= want[r] != 0;
+    if (n <= 0)
+        return 0;
+    if (all && n <= g->n_slots)
+        return decode(g, n, slot, pos, ids, logits, e);
+    /* direct passes of at most PCHUNK rows; a slot's rows stay in order, so a later chunk
+     * sees the cache an earlier one wrote */
+    size_t done = 0;
+    for (int r0 = 0; r0 < n; r0 += PCHUNK) {
+        int cn = n - r0 < PCHUNK ? n - r0 : PCHUNK, wrote;
+        if (upload_rows(g, r0, cn, cn, slot, pos, ids, e) || layers(g, cn, 1, e) ||
+            head_rows(g, cn, want ? want + r0 : NULL, logits + done * g->V, &wrote, e))
+            return -1;
+        done += (size_t)wrote;
+    }
+    return 0;
+}

@@ -1,0 +1,80 @@
+/* ginfer: lib/infer's inference engine on the GPU (what sits behind infer_new_gpu).
+ *
+ * The same model and the same algorithm as lib/infer: per layer and token the cache holds only
+ * the normalised latent c_kv (kv_lora_rank) and the rotated k_pe (qk_rope_head_dim); W_kvb is
+ * absorbed into the query side (q_nope -> latent space, per head) and the output side (the
+ * softmax-weighted latent through W_uv). Weights are bf16 on the device (fp32 with exact, for
+ * tests) and every product accumulates in fp32; activations and the residual stream are fp32,
+ * the cache bf16 (fp32 with exact). Norm weights and the router stay fp32 so that expert
+ * choices match lib/infer's.
+ *
+ * Kernels (kernels/ginfer_k.cu, kernels/decode_attn.cu): the linear layers of a decode step
+ * are warp-per-output-row GEMVs that read each weight row once for all the call's rows (bf16
+ * 16-byte loads, fp32 sums); the MoE buckets the (row, k) assignments by expert on the device
+ * and runs grouped GEMVs over the experts that have rows, so a step reads only the activated
+ * experts' weights and never waits for the host; attention over the latent cache is split
+ * over the sequence (flash-decoding: partial softmax per split, then a combine), all heads of
+ * a group reading each cached latent once. Every output element is summed in an order that
+ * does not depend on the other rows of the call or on the batch size, so a sequence's logits
+ * are bitwise the same alone or batched.
+ *
+ * A call's rows are (slot, pos, token); the caller (lib/infer) keeps the slot lengths. A call
+ * of at most `max_batch` rows that wants every row's logits (a decode step) replays a CUDA
+ * graph captured once per batch-size bucket (1, 2, 4, ... rows; the padding rows write into a
+ * spare slot); other calls (prefill) run the kernels directly, in chunks of rows. */
+#ifndef DSV3_GINFER_H
+#define DSV3_GINFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../lib/err.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "../lib/model.h"
+
+typedef struct ginfer ginfer;
+
+/* An engine for model m (read at creation only) on device dev: n_slots sequences of up to
+ * n_ctx tokens. exact: fp32 weights and cache (tests), else bf16. */
+int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
+                  dsv3_err *e);
+/* The same from a checkpoint folder (lib/hfdir: config.json, safetensors, sharded or not),
+ * bf16: the shards are memory-mapped and BF16 tensors copied to the device straight from the
+ * mapping; F32 and F16 tensors are rounded to bf16, FP8 E4M3 ones with 128x128 block scales
+ * (weight_scale_inv, as DeepSeek releases them and dsv3-quant writes them) dequantised to
+ * bf16 on the way. MTP layers and other extra tensors are not read. */
+int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n_slots, int dev,
+                      dsv3_err *e);
+void ginfer_destroy(ginfer *g);
+
+/* The model's vocabulary size, layer count and cache width (kv_lora_rank + rope). */
+void ginfer_dims(const ginfer *g, int *vocab, int *layers, int *width);
+/* Bytes of the cache of the n_slots sequences, and one token's (all layers). */
+size_t ginfer_cache_bytes(const ginfer *g);
+size_t ginfer_cache_bytes_per_token(const ginfer *g);
+/* Bytes of the weights on the device. */
+size_t ginfer_weight_bytes(const ginfer *g);
+/* "cuda:0 (NVIDIA H200, bf16)". */
+const char *ginfer_describe(const ginfer *g);
+
+/* n rows: row r appends ids[r] at position pos[r] of slot[r] (checked by the caller: slots in
+ * range, positions < n_ctx and consecutive per slot, ids in the vocabulary). For each row with
+ * want[r] (want NULL: all) one row of vocab_size fp32 logits goes to logits, in row order. */
+int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                   const uint8_t *want, float *logits, dsv3_err *e);
+
+/* Decode steps replayed from CUDA graphs so far (for tests and statistics). */
+long ginfer_graph_replays(const ginfer *g);
+/* Their device time (events around each replay), seconds: a decode step's time less the
+ * host's part (copying the logits out, sampling). */
+double ginfer_graph_seconds(const ginfer *g);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

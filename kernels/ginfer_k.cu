@@ -1,0 +1,422 @@
+/* ginfer_k: the inference kernels of kernels/ginfer but attention (see ginfer_k.cuh): GEMVs for
+ * decode-sized row counts, the norms and rotations of MLA, and the grouped MoE. */
+#include <stdint.h>
+
+#include "cuda_util.cuh"
+#include "ginfer_k.cuh"
+
+#define GK_WARPS 8  /* warps a block: one output row each */
+
+/* Eight weights from a 16-byte aligned row (bf16) or two 16-byte loads (fp32). */
+__device__ __forceinline__ void ldw8(const bf16 *p, float (&f)[8])
+{
+    load8(p, f);
+}
+
+__device__ __forceinline__ void ldw8(const float *p, float (&f)[8])
+{
+    float4 a = __ldg((const float4 *)p), b = __ldg((const float4 *)p + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+__device__ __forceinline__ void ldx8(const float *p, float (&f)[8])
+{
+    float4 a = *(const float4 *)p, b = *((const float4 *)p + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+/* The warp's dot products of NW weight rows with nv (<= NT) input rows over I values: each
+ * lane sums its 8-value pieces in order, then the warp sums the lanes (fixed tree), so a
+ * row's result does not depend on NT, nv or the other rows. acc is the same in all lanes. */
+template <typename W, int NT, int NW>
+__device__ __forceinline__ void warp_dots(const W *const *w, const float *const *x, int nv, int I,
+                                          float (&acc)[NW][NT])
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int a = 0; a < NW; a++)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            acc[a][t] = 0.0f;
+#pragma unroll 2
+    for (int i = lane * 8; i < I; i += 256) {
+        float wf[NW][8];
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            ldw8(w[a] + i, wf[a]);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nv) {
+                float xf[8];
+                ldx8(x[t] + i, xf);
+#pragma unroll
+                for (int a = 0; a < NW; a++)
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        acc[a][t] = fmaf(wf[a][k], xf[k], acc[a][t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < NW; a++)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            acc[a][t] = warp_sum(acc[a][t]);
+}
+
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
+           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (o >= O)
+        return;
+    int b = blockIdx.y;
+    const W *wr[1] = {w + b * wbs + (long)o * I};
+    const float *xb = x + b * xbs;
+    for (int n0 = 0; n0 < N; n0 += NT) {
+        int nv = min(NT, N - n0);
+        const float *xs[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            xs[t] = xb + (long)(n0 + (t < nv ? t : 0)) * ldx;
+        float acc[1][NT];
+        warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            if (lane == t && t < nv)
+                y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
+    }
+}
+
+template <typename W>
+static void gemv_launch(cudaStream_t s, const float *x, long ldx, long xbs, const W *w, long wbs,
+                        float *y, long ldy, long ybs, int N, int I, int O, int batch)
+{
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
+    if (N == 1)
+        gemv_k<W, 1><<<grid, GK_WARPS * 32, 0, s>>>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
+    else if (N <= 4)
+        gemv_k<W, 4><<<grid, GK_WARPS * 32, 0, s>>>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
+    else
+        gemv_k<W, 8><<<grid, GK_WARPS * 32, 0, s>>>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
+}
+
+int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
+            float *y, long ldy, long ybs, int N, int I, int O, int batch, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0 || batch <= 0)
+        return 0;
+    if (I % 8)
+        return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
+    if (wf32)
+        gemv_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch);
+    else
+        gemv_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch);
+    LAUNCH_CHECK("gemv", e);
+    return 0;
+}
+
+/* ---- embedding, norms, rotations ---- */
+
+template <typename W>
+__global__ void embed_k(float *x, const W *table, const int32_t *ids, int N, int H)
+{
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= (long)N * H)
+        return;
+    int n = (int)(i / H), j = (int)(i % H);
+    x[i] = (float)table[(long)ids[n] * H + j];
+}
+
+int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_t *ids, int N,
+             int H, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    unsigned g = (unsigned)(((long)N * H + 255) / 256);
+    if (wf32)
+        embed_k<<<g, 256, 0, s>>>(x, (const float *)table, ids, N, H);
+    else
+        embed_k<<<g, 256, 0, s>>>(x, (const bf16 *)table, ids, N, H);
+    LAUNCH_CHECK("embed", e);
+    return 0;
+}
+
+/* One block a row. */
+__global__ void add_norm_k(float *x, const float *delta, const float *w, float *out, int D,
+                           float eps)
+{
+    __shared__ float red[32];
+    float *xr = x + (long)blockIdx.x * D, *yr = out + (long)blockIdx.x * D;
+    const float *dr = delta ? delta + (long)blockIdx.x * D : NULL;
+    float ss = 0;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = xr[i];
+        if (dr) {
+            v += dr[i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    float r = rsqrtf(ss / D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        yr[i] = w[i] * (xr[i] * r);
+}
+
+int gk_add_norm(cudaStream_t s, float *x, const float *delta, const float *w, float *out, int N,
+                int D, float eps, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    add_norm_k<<<N, 256, 0, s>>>(x, delta, w, out, D, eps);
+    LAUNCH_CHECK("add_norm", e);
+    return 0;
+}
+
+/* lib/ops rope_forward on one vector v of 2*half values with table row t. */
+__device__ __forceinline__ void rope_pair(float *v, int j, int half, int interleave,
+                                          const float *c, const float *sn)
+{
+    float *a = interleave ? &v[2 * j] : &v[j];
+    float *b = interleave ? &v[2 * j + 1] : &v[j + half];
+    float x0 = *a, x1 = *b;
+    *a = x0 * c[j] - x1 * sn[j];
+    *b = x1 * c[j] + x0 * sn[j];
+}
+
+/* One block a row; the row's kv + rope values staged in shared memory. The row's query
+ * heads are rotated here too (one launch fewer a layer). */
+template <typename C>
+__global__ void kv_write_k(const float *kva, const float *w, C *cache, const int *slot,
+                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                           const float *sin_t, int interleave, float eps, float *q, int nh,
+                           int qk, int nope)
+{
+    extern __shared__ float row[];
+    __shared__ float red[32];
+    int n = blockIdx.x, W = kv + rope, half = rope / 2;
+    const float *src = kva + (long)n * W;
+    float ss = 0;
+    for (int i = threadIdx.x; i < W; i += blockDim.x) {
+        float v = src[i];
+        row[i] = v;
+        if (i < kv)
+            ss += v * v;
+    }
+    ss = block_sum(ss, red);  /* its barriers also order the row's stores */
+    float r = rsqrtf(ss / kv + eps);
+    long t = pos[n];
+    if (threadIdx.x < half)
+        rope_pair(row + kv, threadIdx.x, half, interleave, cos_t + t * half, sin_t + t * half);
+    for (int i = threadIdx.x; i < nh * half; i += blockDim.x)
+        rope_pair(q + ((long)n * nh + i / half) * qk + nope, i % half, half, interleave,
+                  cos_t + t * half, sin_t + t * half);
+    __syncthreads();
+    C *dst = cache + ((long)slot[n] * n_ctx + t) * W;
+    for (int i = threadIdx.x; i < W; i += blockDim.x)
+        dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
+}
+
+int gk_kv_write(cudaStream_t s, const float *kva, const float *w, void *cache, int cf32,
+                const int *slot, const int *pos, int N, int kv, int rope, int n_ctx,
+                const float *cos_t, const float *sin_t, int interleave, float eps, float *q,
+                int nh, int qk, int nope, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    size_t smem = (size_t)(kv + rope) * sizeof(float);
+    if (cf32)
+        kv_write_k<<<N, 128, smem, s>>>(kva, w, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t,
+                                        sin_t, interleave, eps, q, nh, qk, nope);
+    else
+        kv_write_k<<<N, 128, smem, s>>>(kva, w, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t,
+                                        sin_t, interleave, eps, q, nh, qk, nope);
+    LAUNCH_CHECK("kv_write", e);
+    return 0;
+}
+
+/* ---- MoE ---- */
+
+/* One block: thread e counts expert e's choices, a serial prefix sum, then each expert's
+ * choices in assignment order (stable). */
+__global__ void moe_bucket_k(const int32_t *idx, int NK, int E, int *off, int *order, int *spos)
+{
+    __shared__ int cnt[1025];
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+        int c = 0;
+        for (int a = 0; a < NK; a++)
+            c += idx[a] == x;
+        cnt[x] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int x = 0; x < E; x++) {
+            int c = cnt[x];
+            cnt[x] = acc;
+            off[x] = acc;
+            acc += c;
+        }
+        off[E] = acc;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+        int p = cnt[x];
+        for (int a = 0; a < NK; a++)
+            if (idx[a] == x) {
+                order[p] = a;
+                spos[a] = p++;
+            }
+    }
+}
+
+int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int E, int *off, int *order,
+                  int *spos, dsv3_err *e)
+{
+    if (E > 1024)
+        return err_set(e, "ginfer: %d routed experts (at most 1024)", E);
+    moe_bucket_k<<<1, 256, 0, s>>>(idx, NK, E, off, order, spos);
+    LAUNCH_CHECK("moe_bucket", e);
+    return 0;
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u)
+{
+    return g * (1.0f / (1.0f + expf(-g))) * u;
+}
+
+/* Group g = blockIdx.y; each warp one output column o < F (UP: gate row o and up row F + o of
+ * w1_g [2F, H]; else row o of w2_g [Hout = F here, I]). */
+template <typename W, int NT, bool UP>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    grouped_k(const float *__restrict__ x, const W *__restrict__ w, long wstride,
+              float *__restrict__ y, const int *order, const int *off, int K, int N, int I,
+              int O)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int g = blockIdx.y;
+    int base = off ? off[g] : 0, cnt = off ? off[g + 1] - base : N;
+    if (o >= O || cnt <= 0)
+        return;
+    const W *wg = w + g * wstride;
+    constexpr int NW = UP ? 2 : 1;
+    const W *wr[NW];
+    wr[0] = wg + (long)o * I;
+    if (UP)
+        wr[NW - 1] = wg + (long)(O + o) * I;
+    for (int j0 = 0; j0 < cnt; j0 += NT) {
+        int nv = min(NT, cnt - j0);
+        const float *xs[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            int j = base + j0 + (t < nv ? t : 0);
+            long src = UP && order ? order[j] / K : j;
+            xs[t] = x + src * I;
+        }
+        float acc[NW][NT];
+        warp_dots<W, NT, NW>(wr, xs, nv, I, acc);
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            if (lane == t && t < nv)
+                y[(long)(base + j0 + t) * O + o] =
+                    UP ? silu_mul(acc[0][t], acc[NW - 1][t]) : acc[0][t];
+    }
+}
+
+template <typename W, bool UP>
+static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstride, float *y,
+                           const int *order, const int *off, int K, int groups, int N,
+                           int rows_hint, int I, int O)
+{
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, groups);
+    if (rows_hint <= 1)
+        grouped_k<W, 1, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
+    else if (rows_hint <= 4)
+        grouped_k<W, 4, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
+    else
+        grouped_k<W, 8, UP><<<grid, GK_WARPS * 32, 0, s>>>(x, w, wstride, y, order, off, K, N,
+                                                           I, O);
+}
+
+int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,
+              const int *order, const int *off, int K, int groups, int N, int rows_hint, int H,
+              int F, dsv3_err *e)
+{
+    if (H % 8)
+        return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
+    if (wf32)
+        grouped_launch<float, true>(s, x, (const float *)w1, w1_stride, h, order, off, K, groups,
+                                    N, rows_hint, H, F);
+    else
+        grouped_launch<bf16, true>(s, x, (const bf16 *)w1, w1_stride, h, order, off, K, groups, N,
+                                   rows_hint, H, F);
+    LAUNCH_CHECK("ffn_up", e);
+    return 0;
+}
+
+int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
+                float *y, const int *off, int groups, int N, int rows_hint, int F, int H,
+                dsv3_err *e)
+{
+    if (F % 8)
+        return err_set(e, "ginfer: expert width %d (a multiple of 8 is needed)", F);
+    if (wf32)
+        grouped_launch<float, false>(s, h, (const float *)w2, w2_stride, y, NULL, off, 1, groups,
+                                     N, rows_hint, F, H);
+    else
+        grouped_launch<bf16, false>(s, h, (const bf16 *)w2, w2_stride, y, NULL, off, 1, groups, N,
+                                    rows_hint, F, H);
+    LAUNCH_CHECK("ffn_down", e);
+    return 0;
+}
+
+__global__ void moe_combine_k(float *out, const float *ye, const float *rw, const int *spos,
+                              const float *ys, int N, int K, int H)
+{
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= (long)N * H)
+        return;
+    int n = (int)(i / H), j = (int)(i % H);
+    float acc = 0;
+    for (int k = 0; k < K; k++)
+        acc += rw[n * K + k] * ye[(long)spos[n * K + k] * H + j];
+    if (ys)
+        acc += ys[i];
+    out[i] = acc;
+}
+
+int gk_moe_combine(cudaStream_t s, float *out, const float *ye, const float *rw,
+                   const int *spos, const float *ys, int N, int K, int H, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    long n = (long)N * H;
+    moe_combine_k<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(out, ye, rw, spos, ys, N, K, H);
+    LAUNCH_CHECK("moe_combine", e);
+    return 0;
+}
+
+__global__ void gather_rows_k(float *out, const float *x, const int *rows, int n, int D)
+{
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= (long)n * D)
+        return;
+    int k = (int)(i / D), j = (int)(i % D);
+    out[i] = x[(long)rows[k] * D + j];
+}
+
+int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, int n, int D,
+                   dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    long m = (long)n * D;
+    gather_rows_k<<<(unsigned)((m + 255) / 256), 256, 0, s>>>(out, x, rows, n, D);
+    LAUNCH_CHECK("gather_rows", e);
+    return 0;
+}

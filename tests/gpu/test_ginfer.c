@@ -1,0 +1,446 @@
+/* GPU test of kernels/ginfer behind lib/infer (infer_new_gpu) against lib/infer on the CPU, on
+ * fresh random tiny models (q_lora_rank set or not, YaRN or plain RoPE, interleaved or not):
+ * - teacher-forced decoding: the CPU's greedy tokens fed to both, logits at the prompt's last
+ *   row and at every one of 64 decode steps: the fp32 "exact" engine within 1e-4 of the CPU
+ *   at every step; the bf16 engine against the CPU running the same bf16-rounded weights
+ *   (so what is left is the bf16 cache and the order of sums; weights of std 0.1), median
+ *   step within 1e-2
+ *   (single steps go further where a near tie flips an expert choice of these random,
+ *   chaotic models: the worst is reported, not bounded);
+ * - greedy generation of 64 tokens: the fp32 engine's tokens equal the CPU's; for the bf16
+ *   engine the first step where they part is reported;
+ * - a prompt longer than one prefill pass (300 rows, every row's logits) against the CPU;
+ * - continuous batching: sequences decoded together (4 slots, one refilled mid-run, some
+ *   steps with a padding row) give bitwise the logits of each sequence alone, and the decode
+ *   steps ran from CUDA graphs;
+ * - a full context refused;
+ * - weights read from checkpoint folders (infer_new_gpu_dir): an FP8 folder (dsv3-quant's
+ *   lib/quant, 128x128 block scales, dequantised to bf16 on load) and the BF16 folder its
+ *   dequantisation writes (copied to the device from the memory-mapped file) give bitwise the
+ *   logits of the engine made from that BF16 model in memory, and within the bf16 bound of
+ *   the CPU's. */
+#include <math.h>
+
+#include <stdlib.h>
+
+#include "../../lib/infer.h"
+#include "../../lib/model.h"
+#include "../../lib/quant.h"
+#include "gpu_test.h"
+
+enum { STEPS = 64 };
+
+static double urand(void)
+{
+    return (test_rand() >> 11) * 0x1p-53;
+}
+
+/* Dimensions the GPU kernels take (multiples of 8). */
+static void random_config(dsv3_config *c, int q, int yarn)
+{
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 256 + 8 * (int)(test_rand() % 32);
+    c->hidden_size = 64;
+    c->intermediate_size = 96;
+    c->moe_intermediate_size = 32;
+    c->num_hidden_layers = 3;
+    c->first_k_dense_replace = 1;
+    c->num_attention_heads = 4 + 4 * (int)(test_rand() % 3);
+    c->q_lora_rank = q ? 48 : 0;
+    c->kv_lora_rank = 32;
+    c->qk_nope_head_dim = 16;
+    c->qk_rope_head_dim = 8;
+    c->v_head_dim = 16;
+    c->n_shared_experts = (int)(test_rand() % 2);
+    c->n_group = 4;
+    c->n_routed_experts = 16;
+    c->topk_group = 2;
+    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
+    c->routed_scaling_factor = 1 + 2 * urand();
+    c->norm_topk_prob = (int)(test_rand() & 1);
+    c->rms_norm_eps = 1e-6;
+    c->max_position_embeddings = 512;
+    c->initializer_range = 0.02;
+    c->rope_theta = 10000;
+    c->rope_interleave = (int)(test_rand() & 1);
+    c->bos_token_id = c->eos_token_id = -1;
+    if (yarn) {
+        c->rope_yarn = 1;
+        c->yarn_factor = 4;
+        c->yarn_original_max_position_embeddings = 32;
+        c->yarn_beta_fast = 32;
+        c->yarn_beta_slow = 1;
+        c->yarn_mscale = 0.9;
+        c->yarn_mscale_all_dim = 0.7;
+        c->yarn_attention_factor = -1;
+        c->yarn_truncate = 1;
+    }
+}
+
+/* std: of the weights; the larger, the further from uniform routing and attention (and the
+ * more a small change moves the logits). */
+static int random_model_std(dsv3_model *m, int q, int yarn, double std)
+{
+    dsv3_config c;
+    random_config(&c, q, yarn);
+    dsv3_err e;
+    if (model_init(m, &c, &e)) {
+        CHECKF(0, "%s", e.msg);
+        return -1;
+    }
+    model_init_random(m, test_rand(), std);
+    return 0;
+}
+
+/* a larger std than training's: routing and attention far from uniform */
+static int random_model(dsv3_model *m, int q, int yarn)
+{
+    return random_model_std(m, q, yarn, 0.3);
+}
+
+/* ||a - b|| / ||b|| over one row. */
+static double rel(const float *a, const float *b, int V)
+{
+    double d = 0, s = 0;
+    for (int v = 0; v < V; v++) {
+        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
+        s += (double)b[v] * b[v];
+    }
+    return s > 0 ? sqrt(d / s) : sqrt(d);
+}
+
+static int argmax(const float *x, int V)
+{
+    int b = 0;
+    for (int v = 1; v < V; v++)
+        if (x[v] > x[b])
+            b = v;
+    return b;
+}
+
+/* The gap between the two largest values of a row. */
+static double top2_gap(const float *x, int V)
+{
+    float a = -INFINITY, b = -INFINITY;
+    for (int v = 0; v < V; v++)
+        if (x[v] > a) {
+            b = a;
+            a = x[v];
+        } else if (x[v] > b) {
+            b = x[v];
+        }
+    return (double)a - b;
+}
+
+/* Greedy generation of STEPS tokens after prompt[0..P) with engine f (slot 0); logits of the
+ * prompt's last row and of every step into lg [(STEPS+1) V]; tokens into out. forced: feed
+ * forced[] instead of the engine's own choices (teacher forcing). */
+static int greedy(infer *f, const int32_t *prompt, int P, const int32_t *forced, int32_t *out,
+                  float *lg, dsv3_err *e)
+{
+    int V = infer_vocab(f), z = 0;
+    infer_slot_clear(f, 0);
+    if (infer_prefill(f, 0, prompt, P, lg, e))
+        return -1;
+    for (int s = 0; s < STEPS; s++) {
+        out[s] = argmax(lg + (size_t)s * V, V);
+        int32_t next = forced ? forced[s] : out[s];
+        if (s + 1 < STEPS + 1 && infer_forward(f, 1, &z, &next, NULL, lg + (size_t)(s + 1) * V, e))
+            return -1;
+    }
+    return 0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void check_engine(int exact)
+{
+    GT_NEED_GPU();
+    double worst = 0, sum = 0, bound = exact ? 1e-4 : 3e-2;
+    double errs[4 * (STEPS + 1)];
+    int rows = 0, same_total = 0, models = 4;
+    for (int i = 0; i < models; i++) {
+        dsv3_model m;
+        /* bf16: std 0.1 (scripts/ref-hf.py's), less chaotic than 0.3, whose logits move by
+         * percents under a bf16 rounding of the cache */
+        if (random_model_std(&m, i & 1, (i >> 1) & 1, exact ? 0.3 : 0.1))
+            return;
+        if (!exact)  /* the CPU reference holds the weights the bf16 engine holds */
+            for (size_t k = 0; k < m.n_params; k++)
+                m.params[k] = gpu_bf2f(gpu_f2bf(m.params[k]));
+        int V = m.cfg.vocab_size, P = 3 + (int)(test_rand() % 12), ctx = P + STEPS + 8;
+        int32_t prompt[16], cpu_tok[STEPS], gpu_tok[STEPS], forced_tok[STEPS];
+        for (int t = 0; t < P; t++)
+            prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
+        size_t nl = (size_t)(STEPS + 1) * V;
+        float *lc = malloc(nl * 4), *lgf = malloc(nl * 4), *lgg = malloc(nl * 4);
+        infer *cpu = NULL, *gpu = NULL;
+        dsv3_err e;
+        int ok = infer_new(&cpu, &m, ctx, 1, &e) == 0 &&
+                 infer_new_gpu(&gpu, &m, ctx, 1, 0, exact, &e) == 0 &&
+                 greedy(cpu, prompt, P, NULL, cpu_tok, lc, &e) == 0 &&
+                 greedy(gpu, prompt, P, cpu_tok, forced_tok, lgf, &e) == 0 &&
+                 greedy(gpu, prompt, P, NULL, gpu_tok, lgg, &e) == 0;
+        CHECKF(ok, "%s", e.msg);
+        double mine[STEPS + 1];
+        for (int s = 0; ok && s <= STEPS; s++) {
+            double r = rel(lgf + (size_t)s * V, lc + (size_t)s * V, V);
+            CHECKF(!exact || r <= bound, "model %d (fp32), step %d: logits rel err %.3g > %.3g",
+                   i, s, r, bound);
+            worst = r > worst ? r : worst;
+            sum += r;
+            mine[s] = errs[rows++] = r;
+        }
+        if (ok && !exact) {
+            qsort(mine, STEPS + 1, sizeof *mine, cmp_double);
+            CHECKF(mine[STEPS / 2] <= 1e-2, "model %d (bf16): median step rel err %.3g > 1e-2",
+                   i, mine[STEPS / 2]);
+            printf("# bf16 model %d: step rel err median %.3g, worst %.3g\n", i,
+                   mine[STEPS / 2], mine[STEPS]);
+        }
+        int same = 0;
+        while (ok && same < STEPS && gpu_tok[same] == cpu_tok[same])
+            same++;
+        same_total += same;
+        if (ok && same < STEPS) {
+            /* the engines agree up to a step where the CPU's choice is a near tie */
+            double gap = top2_gap(lc + (size_t)same * V, V);
+            double scale = 0;
+            for (int v = 0; v < V; v++)
+                scale = fmax(scale, fabs(lc[(size_t)same * V + v]));
+            printf("# %s model %d: greedy tokens equal for %d of %d steps; at step %d the "
+                   "CPU's top-2 gap is %.3g (max |logit| %.3g)\n", exact ? "fp32" : "bf16", i,
+                   same, STEPS, same, gap, scale);
+            /* bf16: reported only. A free-running greedy path parts at the first step whose
+             * logits move past the top-2 gap, which a flipped expert choice (the router's
+             * near tie, not the head's) does whatever the gap (seen on the device: gap 0.207
+             * of max |logit| 2.55, that step's teacher-forced error a spike of 0.65). */
+            CHECKF(!exact, "fp32 engine: greedy tokens differ from the CPU's at step %d", same);
+        }
+        infer_free(cpu);
+        infer_free(gpu);
+        free(lc);
+        free(lgf);
+        free(lgg);
+        model_free(&m);
+        if (test_failed_)
+            return;
+    }
+    qsort(errs, rows, sizeof *errs, cmp_double);
+    double med = errs[rows / 2], p90 = errs[rows * 9 / 10];
+    if (exact)
+        printf("# stat ginfer_fp32_logits %.3g (mean %.3g over %d rows) bound %.0e %s\n", worst,
+               sum / rows, rows, bound, worst <= bound ? "ok" : "FAIL");
+    else
+        printf("# stat ginfer_bf16_logits_median %.3g (90th percentile %.3g, worst %.3g over %d "
+               "rows) bound 1e-02 %s\n", med, p90, worst, rows, med <= 1e-2 ? "ok" : "FAIL");
+    printf("# ginfer %s: greedy tokens equal to the CPU's for %d of %d steps over %d models\n",
+           exact ? "fp32" : "bf16", same_total, models * STEPS, models);
+}
+
+static void test_bf16_vs_cpu(void) { check_engine(0); }
+static void test_fp32_vs_cpu(void) { check_engine(1); }
+
+/* A 300-token prompt (two prefill passes), every row's logits, against the CPU. */
+static void test_long_prefill(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m;
+    if (random_model(&m, 1, 1))
+        return;
+    int V = m.cfg.vocab_size, T = 300;
+    int32_t *ids = malloc(T * sizeof *ids);
+    int *slot = calloc(T, sizeof *slot);
+    for (int t = 0; t < T; t++)
+        ids[t] = (int32_t)(test_rand() % (uint64_t)V);
+    float *lc = malloc((size_t)T * V * 4), *lg = malloc((size_t)T * V * 4);
+    infer *cpu = NULL, *gpu = NULL;
+    dsv3_err e;
+    int ok = infer_new(&cpu, &m, T + 4, 1, &e) == 0 &&
+             infer_new_gpu(&gpu, &m, T + 4, 1, 0, 1, &e) == 0 &&
+             infer_forward(cpu, T, slot, ids, NULL, lc, &e) == 0 &&
+             infer_forward(gpu, T, slot, ids, NULL, lg, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    double worst = 0;
+    for (int t = 0; ok && t < T; t++)
+        worst = fmax(worst, rel(lg + (size_t)t * V, lc + (size_t)t * V, V));
+    CHECKF(worst <= 1e-4, "prefill of %d rows: worst rel err %.3g", T, worst);
+    printf("# stat ginfer_prefill300 %.3g bound 1e-04 %s\n", worst, worst <= 1e-4 ? "ok" : "FAIL");
+    /* the context: T + 4; a 5-token call is refused and changes nothing */
+    int32_t five[5] = {0, 0, 0, 0, 0};
+    CHECK(ok && infer_forward(gpu, 5, slot, five, NULL, lg, &e) != 0 &&
+          strstr(e.msg, "context is full") && infer_slot_len(gpu, 0) == T);
+    infer_free(cpu);
+    infer_free(gpu);
+    free(ids);
+    free(slot);
+    free(lc);
+    free(lg);
+    model_free(&m);
+}
+
+/* Five sequences through 4 slots (the fifth takes slot 2 once its first sequence stops),
+ * against each alone in a one-slot engine: bitwise equal logits at every step. */
+static void test_batch_equals_alone(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m;
+    if (random_model(&m, 1, 0))
+        return;
+    enum { S = 5, T = 40 };
+    int V = m.cfg.vocab_size, plen[S] = {5, 1, 9, 3, 7}, steps[S] = {30, 25, 8, 28, 20};
+    int32_t ids[S][T];
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < T; t++)
+            ids[s][t] = (int32_t)(test_rand() % (uint64_t)V);
+    size_t per = (size_t)T * V;
+    float *alone = calloc((size_t)S * per, 4), *tog = calloc((size_t)S * per, 4);
+    float *lg = malloc((size_t)4 * V * 4);
+    dsv3_err e;
+    int ok = 1;
+    /* alone: prefill, then steps[s] decode rows; logits of row t at alone[s][t] */
+    for (int s = 0; s < S && ok; s++) {
+        infer *f;
+        ok = infer_new_gpu(&f, &m, T + 8, 1, 0, 0, &e) == 0;
+        float *o = alone + s * per;
+        ok = ok && infer_prefill(f, 0, ids[s], plen[s], o + (size_t)(plen[s] - 1) * V, &e) == 0;
+        int z = 0;
+        for (int t = plen[s]; ok && t < plen[s] + steps[s]; t++)
+            ok = infer_forward(f, 1, &z, &ids[s][t], NULL, o + (size_t)t * V, &e) == 0;
+        infer_free(f);
+    }
+    CHECKF(ok, "%s", e.msg);
+    infer *f = NULL;
+    ok = ok && infer_new_gpu(&f, &m, T + 8, 4, 0, 0, &e) == 0;
+    int seq[4] = {0, 1, 2, 3}, at[4], next_seq = 4;
+    for (int k = 0; k < 4 && ok; k++) {
+        int s = seq[k];
+        ok = infer_prefill(f, k, ids[s], plen[s], tog + s * per + (size_t)(plen[s] - 1) * V,
+                           &e) == 0;
+        at[k] = plen[s];
+    }
+    while (ok) {
+        int slot[4], R = 0, who[4];
+        int32_t in[4];
+        for (int k = 0; k < 4; k++) {
+            if (seq[k] < 0)
+                continue;
+            int s = seq[k];
+            if (at[k] >= plen[s] + steps[s]) {  /* finished: refill the slot at once */
+                seq[k] = -1;
+                if (next_seq < S) {
+                    s = seq[k] = next_seq++;
+                    infer_slot_clear(f, k);
+                    ok = infer_prefill(f, k, ids[s], plen[s],
+                                       tog + s * per + (size_t)(plen[s] - 1) * V, &e) == 0;
+                    at[k] = plen[s];
+                } else {
+                    continue;
+                }
+            }
+            slot[R] = k;
+            who[R] = k;
+            in[R++] = ids[s][at[k]];
+        }
+        if (!ok || !R)
+            break;
+        ok = infer_forward(f, R, slot, in, NULL, lg, &e) == 0;
+        for (int r = 0; ok && r < R; r++) {
+            int k = who[r];
+            memcpy(tog + seq[k] * per + (size_t)at[k] * V, lg + (size_t)r * V, (size_t)V * 4);
+            at[k]++;
+        }
+    }
+    CHECKF(ok, "%s", e.msg);
+    CHECK(ok && memcmp(alone, tog, (size_t)S * per * 4) == 0);
+    long replays = ok ? infer_graph_replays(f) : 0;
+    CHECKF(replays > 0, "no decode step ran from a graph");
+    printf("# ginfer batch: 5 sequences through 4 slots bitwise equal to each alone, %ld graph "
+           "replays\n", replays);
+    infer_free(f);
+    free(alone);
+    free(tog);
+    free(lg);
+    model_free(&m);
+}
+
+/* Logits of a prompt and 8 decode steps through engine f. */
+static int run_seq(infer *f, const int32_t *ids, int P, float *lg, dsv3_err *e)
+{
+    int V = infer_vocab(f), z = 0;
+    if (infer_prefill(f, 0, ids, P, lg, e))
+        return -1;
+    for (int t = P; t < P + 8; t++)
+        if (infer_forward(f, 1, &z, &ids[t], NULL, lg + (size_t)(t - P + 1) * V, e))
+            return -1;
+    return 0;
+}
+
+static void test_folders_fp8_bf16(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m, md;
+    if (random_model(&m, 1, 1))
+        return;
+    char root[] = "/tmp/dsv3-ginfer-XXXXXX", a[64], q[64], d[64], cmd[128];
+    REQUIRE(mkdtemp(root) != NULL);
+    snprintf(a, sizeof a, "%s/f32", root);
+    snprintf(q, sizeof q, "%s/fp8", root);
+    snprintf(d, sizeof d, "%s/bf16", root);
+    dsv3_err e;
+    quant_opts qo = {.threads = 1, .progress = PROGRESS_OFF}, dq = qo;
+    dq.dequant = 1;
+    quant_stats qs;
+    int ok = model_save(&m, a, &e) == 0 && quant_folder(a, q, &qo, &qs, &e) == 0 &&
+             quant_folder(q, d, &dq, &qs, &e) == 0 &&
+             model_load_flags(&md, d, MODEL_LOAD_NO_MTP, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    int V = m.cfg.vocab_size, P = 6, n = 9;
+    int32_t ids[16];
+    for (int t = 0; t < 16; t++)
+        ids[t] = (int32_t)(test_rand() % (uint64_t)V);
+    size_t bytes = (size_t)n * V * 4;
+    float *l_mem = malloc(bytes), *l_fp8 = malloc(bytes), *l_bf = malloc(bytes),
+          *l_cpu = malloc(bytes);
+    infer *f[4] = {0};
+    ok = ok && infer_new_gpu(&f[0], &md, 32, 1, 0, 0, &e) == 0 &&
+         run_seq(f[0], ids, P, l_mem, &e) == 0 &&
+         infer_new_gpu_dir(&f[1], q, 32, 1, 0, &e) == 0 && run_seq(f[1], ids, P, l_fp8, &e) == 0 &&
+         infer_new_gpu_dir(&f[2], d, 32, 1, 0, &e) == 0 && run_seq(f[2], ids, P, l_bf, &e) == 0 &&
+         infer_new(&f[3], &md, 32, 1, &e) == 0 && run_seq(f[3], ids, P, l_cpu, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    CHECK(ok && memcmp(l_mem, l_fp8, bytes) == 0);
+    CHECK(ok && memcmp(l_mem, l_bf, bytes) == 0);
+    double worst = 0;
+    for (int s = 0; ok && s < n; s++)
+        worst = fmax(worst, rel(l_bf + (size_t)s * V, l_cpu + (size_t)s * V, V));
+    CHECKF(worst <= 3e-2, "BF16 folder on the GPU against the CPU: rel err %.3g", worst);
+    printf("# ginfer folders: FP8 (%d weights quantised) and BF16 folders bitwise equal to the "
+           "model in memory; against the CPU %.3g\n", qs.n_quant, worst);
+    for (int i = 0; i < 4; i++)
+        infer_free(f[i]);
+    free(l_mem);
+    free(l_fp8);
+    free(l_bf);
+    free(l_cpu);
+    if (ok)
+        model_free(&md);
+    model_free(&m);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", root);
+    CHECK(system(cmd) == 0);
+}
+
+int main(void)
+{
+    test_seed();
+    RUN(test_fp32_vs_cpu);
+    RUN(test_bf16_vs_cpu);
+    RUN(test_long_prefill);
+    RUN(test_batch_equals_alone);
+    RUN(test_folders_fp8_bf16);
+    TEST_EXIT();
+}
