@@ -293,6 +293,12 @@ int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x, i
     return no_cuda(e);
 }
 
+int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
+                           const gpu_bf16 *x, int rows, int cols, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
 int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
                          const float *w, int rows, int cols, dsv3_err *e)
 {
