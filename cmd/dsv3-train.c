@@ -26,8 +26,8 @@ static const cli_program PROG = {
     "                           model.safetensors) instead of a random initialisation\n"
     "      --init-std=X         std of the random initialisation (default: the config's\n"
     "                           initializer_range; DeepSeek-V3 used 0.006)\n"
-    "      --device=cpu|cuda    where forward and backward run (default cpu; cuda needs\n"
-    "                           --mtp-weight 0 and --balance-alpha 0 for now)\n"
+    "      --device=cpu|cuda    where forward and backward run (default: cuda when this\n"
+    "                           build has CUDA and a GPU is present, else cpu)\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -205,7 +205,7 @@ int main(int argc, char **argv)
     train_opts o;
     train_opts_default(&o);
     cli_common common = {PROGRESS_AUTO, 0};
-    int have_final_lr = 0, unit_tokens = 0;
+    int have_final_lr = 0, unit_tokens = 0, device = -1;  /* -1: cuda if a GPU is there */
     const char *ramp = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "c:d:o:b:g:s:", longopts, NULL)) != -1) {
@@ -219,10 +219,12 @@ int main(int argc, char **argv)
         case 'g': o.global_batch = parse_u64("--global-batch", optarg, 1, 1ull << 40); break;
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") == 0)
+            if (strcmp(optarg, "cpu") == 0) {
+                device = 0;
                 break;
+            }
             if (strcmp(optarg, "cuda") == 0) {
-                o.cuda = 1;
+                device = 1;
                 break;
             }
             cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
@@ -306,6 +308,7 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!o.config && !o.init_from && !o.resume)
         cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    o.cuda = device < 0 ? gpu_count() > 0 : device;
     if (o.cuda && gpu_count() <= 0)
         cli_failf(&PROG, "--device cuda: no GPU found for the GPU backend%s; use --device cpu",
                   gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");

@@ -24,6 +24,19 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e);
 
+/* Attention masked by document: seg[B*T] (device, int32) numbers the document of each
+ * token, non-decreasing along a sequence; query i then sees key j only when j <= i and
+ * seg[j] == seg[i] (lib/ops attention_forward_seg / attention_backward_seg). seg NULL: the
+ * plain causal kernels above, which call these. */
+int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
+                          const gpu_bf16 *k, const gpu_bf16 *v, const int32_t *seg, int B,
+                          int T, int nh, int dk, int dv, float scale, dsv3_err *e);
+int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
+                          const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
+                          const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v,
+                          const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale,
+                          dsv3_err *e);
+
 /* Benchmarks only: picks the forward kernel variant. Head dim 192: 0, the default: two
  * 8-warp blocks an SM, Q re-read from shared memory, one K/V stage; 1: one 8-warp block an
  * SM, Q in registers, K/V double-buffered; 2: three 4-warp blocks an SM, Q in registers,

@@ -3,6 +3,7 @@
 # write), gradient accumulation, checkpoints kept, loss falling on a repetitive corpus,
 # SFT masking, --doc-mask, and bad input refused before any step with nothing left behind.
 . "$(dirname "$0")/lib.sh"
+train_on_cpu
 CFG=configs/tiny.json
 
 # The value of "key" in each line of a metrics.jsonl (the loss printed with 17 digits, so
