@@ -14,10 +14,13 @@
 #
 # Four runs: dsv3 on the GPU (bf16 compute, fp32 master weights, bf16 moments), dsv3 on
 # the CPU (fp32, bf16 moments), torch fp32, torch bf16 (autocast, fp32 master weights and
-# moments). Prints a table of the losses and the largest relative differences; exits 1 when
-# dsv3-gpu and torch-bf16 differ by more than 3e-2 at some step or dsv3-cpu and torch-fp32
-# by more than 1e-2 (bf16 noise: the table shows torch bf16 vs fp32 and dsv3 gpu vs cpu
-# for scale). Logs go to $OUT (the device tool's folder) or build/parity-train.
+# moments). Prints a table of the losses and the largest differences. "Within bf16 noise":
+# the largest |loss difference| of dsv3-gpu vs torch-bf16 (and of dsv3-cpu vs torch-fp32)
+# over the steps is at most twice the noise, the larger of torch's own bf16-vs-fp32 and
+# dsv3's own gpu-vs-cpu difference; and at step 1 (the same weights) dsv3-gpu and torch-bf16
+# agree within 1e-3 relative, dsv3-cpu and torch-fp32 within 1e-5; else exit 1. (Relative
+# differences grow as the loss falls towards 0.2 on this memorised batch, so the rule is in
+# nats.) Logs go to $OUT (the device tool's folder) or build/parity-train.
 set -eu
 STEPS=${1:-50}
 BIN=${BIN:-build/bin}
@@ -30,8 +33,10 @@ L=64 B=8 GB=16 LR=3e-3 CLIP=1.0 EOS=1
 sed 's/"num_nextn_predict_layers": *[0-9]*/"num_nextn_predict_layers": 0/' configs/tiny.json \
     >"$R/config.json"
 "$BIN/dsv3-config" --quiet --init "$R/init" --seed 11 "$R/config.json"
-awk 'BEGIN { srand(7); for (d = 0; d < 25; d++) { s = ""; for (j = 0; j < 40; j++) {
-     t = (j % 4 == 3) ? 2 + int(rand() * 498) : 2 + (d * 7 + j * 13) % 61;
+# Park-Miller's generator (exact in awk's doubles): the same corpus with any awk
+awk 'BEGIN { x = 7; for (d = 0; d < 25; d++) { s = ""; for (j = 0; j < 40; j++) {
+     x = (x * 16807) % 2147483647
+     t = (j % 4 == 3) ? 2 + x % 498 : 2 + (d * 7 + j * 13) % 61
      s = s (j ? " " : "") t } print s } }' >"$R/ids.txt"
 "$BIN/dsv3-shard" make --vocab-size 512 -o "$R/a.shard" "$R/ids.txt"
 "$BIN/dsv3-pack" --quiet -o "$R/data" --eos-id $EOS -L $L --val 0 -s 1 "$R/a.shard"
@@ -54,7 +59,7 @@ paste "$W/dsv3-gpu.loss" "$W/torch-bf16.loss" "$W/dsv3-cpu.loss" "$W/torch-fp32.
 grep '^#' "$W/torch.log" || true
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/^/# GPU /'
 awk -v steps="$STEPS" '
-function rel(a, b) { d = (a - b) / b; return d < 0 ? -d : d }
+function ab(x) { return x < 0 ? -x : x }
 { n++; g[n] = $1; tb[n] = $2; c[n] = $3; tf[n] = $4 }
 END {
     printf "%5s %12s %12s %12s %12s\n", "step", "dsv3-gpu", "torch-bf16", "dsv3-cpu", "torch-fp32"
@@ -62,13 +67,18 @@ END {
         if (i == 1 || i % 5 == 0 || i == n)
             printf "%5d %12.6f %12.6f %12.6f %12.6f\n", i, g[i], tb[i], c[i], tf[i]
     for (i = 1; i <= n; i++) {
-        a = rel(g[i], tb[i]); if (a > ga) ga = a
-        b = rel(c[i], tf[i]); if (b > cb) cb = b
-        x = rel(tb[i], tf[i]); if (x > tx) tx = x
-        y = rel(g[i], c[i]); if (y > gy) gy = y
+        a = ab(g[i] - tb[i]); if (a > ga) { ga = a; gs = i }
+        b = ab(c[i] - tf[i]); if (b > cb) { cb = b; cs = i }
+        x = ab(tb[i] - tf[i]); if (x > tx) tx = x
+        y = ab(g[i] - c[i]); if (y > gy) gy = y
     }
-    printf "max relative difference over %d steps: dsv3-gpu vs torch-bf16 %.2e, dsv3-cpu vs " \
-           "torch-fp32 %.2e; bf16 noise: torch-bf16 vs torch-fp32 %.2e, dsv3-gpu vs dsv3-cpu " \
-           "%.2e\n", n, ga, cb, tx, gy
-    exit !(n == steps && ga <= 3e-2 && cb <= 1e-2)
+    noise = tx > gy ? tx : gy
+    first = ab(g[1] - tb[1]) / tb[1]
+    printf "largest |loss difference| over %d steps (nats): dsv3-gpu vs torch-bf16 %.4f (step " \
+           "%d), dsv3-cpu vs torch-fp32 %.4f (step %d); bf16 noise: torch-bf16 vs torch-fp32 " \
+           "%.4f, dsv3-gpu vs dsv3-cpu %.4f; step 1 dsv3-gpu vs torch-bf16 relative %.1e, " \
+           "dsv3-cpu vs torch-fp32 relative %.1e\n", n, ga, gs, cb, cs, tx, gy, first,
+           ab(c[1] - tf[1]) / tf[1]
+    exit !(n == steps && first < 1e-3 && ab(c[1] - tf[1]) / tf[1] < 1e-5 && ga <= 2 * noise &&
+           cb <= 2 * noise)
 }' "$W/losses.tsv"

@@ -54,8 +54,21 @@ expect cpu_doc_mask 0 dsv3-train $F -o "$T/dcpu10" --doc-mask --device cpu
 expect gpu_doc_mask 0 dsv3-train $F -o "$T/dgpu10" --doc-mask --device cuda
 check gpu_doc_mask_close close loss "$T/dcpu10/metrics.jsonl" "$T/dgpu10/metrics.jsonl" 10 3e-2 5e-3
 check gpu_doc_mask_differs test "$(field loss "$T/dgpu10/metrics.jsonl")" != "$(field loss "$T/fgpu10/metrics.jsonl")"
+# ZeRO ranks on the GPU (gradients fetched to the host, AdamW on the host shards): two
+# torchrun-style ranks sharing the GPU follow one process (AdamW on the device), with the
+# MTP and balance losses normalised over both ranks' forwards.
+port=$((20000 + $$ % 9000))
+Z="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet --steps 4 --device cuda --balance-alpha 0.01"
+expect zero_one 0 dsv3-train $Z -o "$T/z1"
+for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        dsv3-train $Z -o "$T/z2" 2>"$T/z2err.$r" &
+done
+wait
+check gpu_zero_2_ranks close loss "$T/z1/metrics.jsonl" "$T/z2/metrics.jsonl" 4 1e-2 1e-4
+check gpu_zero_2_ranks_mtp close mtp_loss "$T/z1/metrics.jsonl" "$T/z2/metrics.jsonl" 4 1e-2 1e-4
 
-expect cpu_run 0 dsv3-train $A -o "$T/cpu" --steps 20
+expect cpu_run 0 dsv3-train $A -o "$T/cpu" --steps 20 --device cpu
 expect gpu_run 0 dsv3-train $A -o "$T/gpu" --steps 20 --device cuda
 c=$(field loss "$T/cpu/metrics.jsonl" | tr '\n' ' '); g=$(field loss "$T/gpu/metrics.jsonl" | tr '\n' ' ')
 echo "# cpu losses: $c"
