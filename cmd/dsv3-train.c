@@ -26,8 +26,9 @@ static const cli_program PROG = {
     "                           model.safetensors) instead of a random initialisation\n"
     "      --init-std=X         std of the random initialisation (default: the config's\n"
     "                           initializer_range; DeepSeek-V3 used 0.006)\n"
-    "      --device=cpu|cuda    where forward and backward run (default: cuda when this\n"
-    "                           build has CUDA and a GPU is present, else cpu)\n"
+    "      --device=cpu|cuda    where forward and backward run (default: $DSV3_DEVICE if\n"
+    "                           set, else cuda when this build has CUDA and a GPU is\n"
+    "                           present, else cpu)\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -129,6 +130,19 @@ static double parse_double(const char *opt, const char *s, double min, double ma
 }
 
 /* The command line as one shell-readable line, for RUN/command.txt. */
+/* 0 cpu, 1 cuda, -1 for NULL (not given: cuda when a GPU is present). */
+static int parse_device(const char *s, const char *what)
+{
+    if (!s)
+        return -1;
+    if (strcmp(s, "cpu") == 0)
+        return 0;
+    if (strcmp(s, "cuda") == 0)
+        return 1;
+    cli_usage(&PROG, "%s: expected cpu or cuda, got '%s'", what, s);
+    return -1;
+}
+
 static char *join_args(int argc, char **argv)
 {
     size_t n = 1;
@@ -205,7 +219,8 @@ int main(int argc, char **argv)
     train_opts o;
     train_opts_default(&o);
     cli_common common = {PROGRESS_AUTO, 0};
-    int have_final_lr = 0, unit_tokens = 0, device = -1;  /* -1: cuda if a GPU is there */
+    int have_final_lr = 0, unit_tokens = 0;
+    int device = parse_device(getenv("DSV3_DEVICE"), "DSV3_DEVICE");  /* -1: cuda if a GPU */
     const char *ramp = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "c:d:o:b:g:s:", longopts, NULL)) != -1) {
@@ -218,16 +233,7 @@ int main(int argc, char **argv)
         case 'b': o.micro_batch = (uint32_t)parse_u64("--batch", optarg, 1, 1u << 20); break;
         case 'g': o.global_batch = parse_u64("--global-batch", optarg, 1, 1ull << 40); break;
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
-        case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") == 0) {
-                device = 0;
-                break;
-            }
-            if (strcmp(optarg, "cuda") == 0) {
-                device = 1;
-                break;
-            }
-            cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+        case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
         case OPT_GB_TOKENS:

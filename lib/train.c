@@ -912,8 +912,9 @@ static void mtp_mean(const trainer *t, step_out *so, const accum *a)
 }
 
 /* do_step's update with the optimizer on the GPU (one process, t->gm_opt): the same rules
- * as the host path below (final rescale, norm, non-finite stop or skip, clipping, AdamW with
- * lib/optim's step count, the bias update on the host's biases, then uploaded). */
+ * as the host path below (norm, non-finite stop or skip, clipping, AdamW with lib/optim's
+ * step count, the bias update on the host's biases of the main and MTP blocks, then
+ * uploaded). */
 static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_err *e)
 {
     const train_opts *o = t->o;

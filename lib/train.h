@@ -73,8 +73,10 @@ typedef struct train_opts {
     comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
-    int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel); the
-                               optimizer, ZeRO and balance update stay on the host arrays */
+    int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel), AdamW
+                               too with one process; ZeRO's optimizer shards and the
+                               balance update stay on the host arrays (dsv3-train sets it
+                               when a GPU is present unless --device cpu) */
 } train_opts;
 
 void train_opts_default(train_opts *o);

@@ -32,14 +32,3 @@ check() {
     name=$1; shift
     if "$@"; then ok "$name"; else not_ok "$name" "failed: $*"; fi
 }
-
-# train_on_cpu: dsv3-train (on PATH, and as $TRAIN) always given --device cpu first, for the
-# tests of the CPU backend (its default is cuda where there is a GPU); a later --device on
-# the command line still wins.
-train_on_cpu() {
-    mkdir -p "$T/cpu"
-    printf '#!/bin/sh\nexec "%s/dsv3-train" --device cpu "$@"\n' "$DSV3_BIN" >"$T/cpu/dsv3-train"
-    chmod +x "$T/cpu/dsv3-train"
-    PATH="$T/cpu:$PATH"
-    TRAIN="$T/cpu/dsv3-train"
-}

@@ -21,16 +21,21 @@ dsv3-train $A -o "$T/probe" --steps 1 --device cuda >"$T/out" 2>"$T/err"
 if [ $? -ne 0 ] && grep -q "no GPU found" "$T/err"; then
     check no_gpu_message grep -q -- "--device cuda: no GPU found" "$T/err"
     check no_gpu_nothing_written test ! -e "$T/probe"
+    # without a GPU the default device is the CPU, and the start line says so
+    expect default_cpu 0 env -u DSV3_DEVICE dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/dflt" --steps 1
+    check default_cpu_said grep -q "device cpu" "$T/err"
     echo "skip cuda_training: no GPU"
     exit 0
 fi
 
 # With a GPU, cuda is the default device, and the start line says so; --device cpu forces
 # the CPU.
-expect default_cuda 0 dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/dflt" --steps 1
+expect default_cuda 0 env -u DSV3_DEVICE dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/dflt" --steps 1
 check default_cuda_said grep -q "device cuda" "$T/err"
 expect forced_cpu 0 dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/fcpu" --steps 1 --device cpu
 check forced_cpu_said grep -q "device cpu" "$T/err"
+expect env_cpu 0 env DSV3_DEVICE=cpu dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/ecpu" --steps 1
+check env_cpu_said grep -q "device cpu" "$T/err"
 
 # closeness CPU GPU N BOUND FIRST_BOUND: losses of two runs' metrics (fields loss or
 # mtp_loss) within BOUND relative at every step, the first within FIRST_BOUND.

@@ -7,7 +7,8 @@
 # re-sliced); a global batch that does not split is refused; a failure on one rank stops
 # every rank with a message naming it; the launch scripts run.
 . "$(dirname "$0")/lib.sh"
-train_on_cpu
+# The CPU backend's tests: its default is cuda where there is a GPU.
+export DSV3_DEVICE=cpu
 BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
 CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp
@@ -83,11 +84,11 @@ G="-c $CFG -d $T/data -b 2 -g 8 --lr 0 --gamma 0 --quiet $AUX --steps 6 --eval-e
 dsv3-train $G -o "$T/one0"
 dsv3-train $A -o "$T/one" --steps 3 --eval-every 3 --eval-batches 2
 if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
-    expect mpirun_np2_gradient 0 mpirun --oversubscribe -np 2 "$TRAIN" $G -o "$T/mpi0"
+    expect mpirun_np2_gradient 0 mpirun --oversubscribe -np 2 "$DSV3_BIN/dsv3-train" $G -o "$T/mpi0"
     check mpirun_gradient_losses close_losses "$T/one0/metrics.jsonl" "$T/mpi0/metrics.jsonl" 1e-6
     check mpirun_gradient_norms close_losses "$T/one0/metrics.jsonl" "$T/mpi0/metrics.jsonl" 1e-6 grad_norm
     echo "# mpirun -np 2 vs 1 process, lr 0: largest relative grad-norm difference $(cat "$T/diff")"
-    expect mpirun_np2 0 mpirun --oversubscribe -np 2 "$TRAIN" $A -o "$T/mpi" --steps 3 --eval-every 3 --eval-batches 2
+    expect mpirun_np2 0 mpirun --oversubscribe -np 2 "$DSV3_BIN/dsv3-train" $A -o "$T/mpi" --steps 3 --eval-every 3 --eval-batches 2
     check mpirun_losses close_losses "$T/one/metrics.jsonl" "$T/mpi/metrics.jsonl" 1e-3
     echo "# mpirun -np 2 vs 1 process: largest relative loss difference $(cat "$T/diff")"
     check mpirun_weights close_weights "$T/one/step-000003/model.safetensors" "$T/mpi/step-000003/model.safetensors" 1e-2
@@ -125,7 +126,7 @@ check tcp3_losses close_losses "$T/one12l/metrics.jsonl" "$T/tcp3l/metrics.jsonl
 check tcp3_padded_shards sh -c "ls '$T/tcp3l/step-000002' | grep -c 'optim-rank0000[0-2]-of-00003' | grep -qx 3"
 if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
     dsv3-train $G1 -g 8 -o "$T/one8"
-    expect mpirun_np4 0 mpirun --oversubscribe -np 4 "$TRAIN" $G1 -g 8 -o "$T/mpi4"
+    expect mpirun_np4 0 mpirun --oversubscribe -np 4 "$DSV3_BIN/dsv3-train" $G1 -g 8 -o "$T/mpi4"
     check mpirun_np4_gradient_norms close_losses "$T/one8/metrics.jsonl" "$T/mpi4/metrics.jsonl" 1e-6 grad_norm
     check mpirun_np4_losses close_losses "$T/one8/metrics.jsonl" "$T/mpi4/metrics.jsonl" 1e-6
 fi
@@ -151,7 +152,7 @@ check sigterm_resume_same_weights cmp -s "$T/sig/$last/model.safetensors" "$T/no
 check sigterm_resume_same_shards cmp -s "$T/sig/$last/optim-rank00001-of-00002.safetensors" "$T/nosig/$last/optim-rank00001-of-00002.safetensors"
 if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
     # Under mpirun: SIGUSR1 to mpirun, which Open MPI forwards to every rank.
-    mpirun --oversubscribe -np 2 "$TRAIN" $A -o "$T/musr1" --steps 100000 2>/dev/null &
+    mpirun --oversubscribe -np 2 "$DSV3_BIN/dsv3-train" $A -o "$T/musr1" --steps 100000 2>/dev/null &
     mpid=$!
     sleep 1.$(( $$ % 5 ))
     kill -USR1 $mpid
@@ -225,7 +226,7 @@ check one_rank_fails_others_say_which grep -q "^dsv3-train: rank 0 of 2: stoppin
 SCRIPTS=$(cd "$(dirname "$0")/../../scripts" && pwd)
 if command -v mpirun >/dev/null && [ -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
     echo "localhost slots=2" >"$T/hosts"
-    expect mpirun_script 0 env MPIRUN_ARGS=--oversubscribe DSV3_TRAIN="$TRAIN" \
+    expect mpirun_script 0 env MPIRUN_ARGS=--oversubscribe DSV3_TRAIN="$DSV3_BIN/dsv3-train" \
         "$SCRIPTS/mpirun-train.sh" "$T/hosts" 2 $A -o "$T/mscript" --steps 2
     check mpirun_script_two_ranks grep -q '"world": 2' "$T/mscript/step-000002/state.json"
     check mpirun_script_losses close_losses "$T/one/metrics.jsonl" "$T/mscript/metrics.jsonl" 1e-3
