@@ -216,6 +216,15 @@ int main(int argc, char **argv)
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
+    /* First thing: a SIGTERM or SIGUSR1 that comes while the job starts (loading the GPU
+     * runtime, joining the other ranks) still ends in a checkpoint after the first step. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sa.sa_flags = SA_RESTART;  /* I/O in progress completes; the flag is read after the step */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
     train_opts o;
     train_opts_default(&o);
     cli_common common = {PROGRESS_AUTO, 0};
@@ -365,13 +374,6 @@ int main(int argc, char **argv)
     o.out = common.quiet ? NULL : stdout;
     char *command = join_args(argc, argv);
     o.command = command;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop;
-    sa.sa_flags = SA_RESTART;  /* I/O in progress completes; the flag is read after the step */
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
     o.stop = &stop_requested;
 
     train_result r;
