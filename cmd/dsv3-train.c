@@ -27,8 +27,9 @@ static const cli_program PROG = {
     "                           model.safetensors) instead of a random initialisation\n"
     "      --init-std=X         std of the random initialisation (default: the config's\n"
     "                           initializer_range; DeepSeek-V3 used 0.006)\n"
-    "      --device=cpu|cuda    where forward and backward run (default cpu; cuda needs\n"
-    "                           --mtp-weight 0 and --balance-alpha 0 for now)\n"
+    "      --device=cpu|cuda    where forward and backward run (default: $DSV3_DEVICE if\n"
+    "                           set, else cuda when this build has CUDA and a GPU is\n"
+    "                           present, else cpu)\n"
     "      --fp8                with --device cuda: attention projections, dense MLPs and\n"
     "                           shared experts in FP8 as DeepSeek-V3 (1x128 / 128x128\n"
     "                           block scales, fp32 accumulation); the step line says fp8\n"
@@ -165,6 +166,19 @@ static void check_ep(const train_opts *o, int world)
 }
 
 /* The command line as one shell-readable line, for RUN/command.txt. */
+/* 0 cpu, 1 cuda, -1 for NULL (not given: cuda when a GPU is present). */
+static int parse_device(const char *s, const char *what)
+{
+    if (!s)
+        return -1;
+    if (strcmp(s, "cpu") == 0)
+        return 0;
+    if (strcmp(s, "cuda") == 0)
+        return 1;
+    cli_usage(&PROG, "%s: expected cpu or cuda, got '%s'", what, s);
+    return -1;
+}
+
 static char *join_args(int argc, char **argv)
 {
     size_t n = 1;
@@ -242,10 +256,20 @@ int main(int argc, char **argv)
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
+    /* First thing: a SIGTERM or SIGUSR1 that comes while the job starts (loading the GPU
+     * runtime, joining the other ranks) still ends in a checkpoint after the first step. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sa.sa_flags = SA_RESTART;  /* I/O in progress completes; the flag is read after the step */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
     train_opts o;
     train_opts_default(&o);
     cli_common common = {PROGRESS_AUTO, 0};
     int have_final_lr = 0, unit_tokens = 0;
+    int device = parse_device(getenv("DSV3_DEVICE"), "DSV3_DEVICE");  /* -1: cuda if a GPU */
     const char *ramp = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "c:d:o:b:g:s:", longopts, NULL)) != -1) {
@@ -258,14 +282,7 @@ int main(int argc, char **argv)
         case 'b': o.micro_batch = (uint32_t)parse_u64("--batch", optarg, 1, 1u << 20); break;
         case 'g': o.global_batch = parse_u64("--global-batch", optarg, 1, 1ull << 40); break;
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
-        case OPT_DEVICE:
-            if (strcmp(optarg, "cpu") == 0)
-                break;
-            if (strcmp(optarg, "cuda") == 0) {
-                o.cuda = 1;
-                break;
-            }
-            cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
+        case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_FP8: o.fp8 = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
@@ -354,6 +371,7 @@ int main(int argc, char **argv)
         cli_usage(&PROG, "missing --output DIR");
     if (!o.config && !o.init_from && !o.resume)
         cli_usage(&PROG, "missing --config FILE (or --init-from DIR, or --resume)");
+    o.cuda = device < 0 ? gpu_count() > 0 : device;
     if (o.fp8 && !o.cuda)
         cli_usage(&PROG, "--fp8 needs --device cuda");
     if (o.cuda && gpu_count() <= 0)
@@ -407,13 +425,6 @@ int main(int argc, char **argv)
     o.out = common.quiet ? NULL : stdout;
     char *command = join_args(argc, argv);
     o.command = command;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop;
-    sa.sa_flags = SA_RESTART;  /* I/O in progress completes; the flag is read after the step */
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
     o.stop = &stop_requested;
 
     train_result r;

@@ -109,10 +109,10 @@ struct fa_smem {
 /* QREG: Q's fragments stay in registers (else re-read from shared memory each tile, which
  * frees 48 registers at head dim 192); STAGES: K/V buffers (2: the next tile loads while
  * this one is used); MINB: blocks per SM the register allocation must allow. */
-template <int DKP, int DVP, int WARPS, bool QREG, int STAGES, int MINB>
+template <int DKP, int DVP, int WARPS, bool QREG, int STAGES, int MINB, bool SEG>
 __global__ void __launch_bounds__(32 * WARPS, MINB)
-    fa_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                  int nh, int dk, int dv, float scale)
+    fa_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                  const int32_t *seg, int T, int nh, int dk, int dv, float scale)
 {
     typedef fa_smem<DKP, DVP, WARPS, STAGES> L;
     const int QM = L::QM;
@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     int ntiles = (q0 + QM - 1) / BN + 1;
     if (ntiles * BN > T)
         ntiles = (T + BN - 1) / BN;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     async_tile<DKP, QM>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
     async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
     async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
@@ -136,6 +137,8 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int row0 = q0 + warp * 16 + (lane >> 2), row1 = row0 + 8;
+    /* documents (seg): a key of another document is masked like one past the diagonal */
+    const int sr0 = SEG && row0 < T ? sg[row0] : 0, sr1 = SEG && row1 < T ? sg[row1] : 0;
 
     for (int kt = 0; kt < ntiles; kt++) {
         const int buf = STAGES == 2 ? kt & 1 : 0, k0 = kt * BN;
@@ -183,7 +186,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
             }
         }
         /* scale to log2 units; mask the causal triangle and keys past T */
-        const bool edge = k0 + BN > q0 || k0 + BN > T;
+        const bool edge = SEG || k0 + BN > q0 || k0 + BN > T;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) {
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
             for (int x = 0; x < 4; x++) {
                 int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
                 float val = s[j][x] * sl2;
-                if (edge && (cc > rr || cc >= T))
+                if (edge && (cc > rr || cc >= T || (SEG && sg[cc] != (x < 2 ? sr0 : sr1))))
                     val = -INFINITY;
                 s[j][x] = val;
             }
@@ -304,11 +307,11 @@ struct fb_smem {
 /* dK, dV: block = 64 keys of one (b, h), 4 warps x 16 keys, over the query tiles at and
  * below the diagonal, 32 queries at a time: S^T = K Q^T, dP^T = V dO^T in registers,
  * P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) * scale; dV += P^T dO, dK += dS^T Q. */
-template <int DKP, int DVP>
+template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(ATT_THREADS)
     fa_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
-                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                       int nh, int dk, int dv, float scale)
+                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
+                       const int32_t *seg, int T, int nh, int dk, int dv, float scale)
 {
     typedef fb_smem<DKP, DVP> L;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -328,6 +331,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int j = 0; j < DVP / 8; j++)
         dV[j][0] = dV[j][1] = dV[j][2] = dV[j][3] = 0;
     const int kr0 = k0 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int nq = (T + BM - 1) / BM;
     for (int qt = k0 / BM; qt < nq; qt++) {
         const int q0 = qt * BM;
@@ -388,7 +393,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                     int ql = qs + j * 8 + (lane & 3) * 2 + (x & 1), qc = q0 + ql;
                     int kr = x < 2 ? kr0 : kr1;
                     float p = 0, ds = 0;
-                    if (qc < T && kr <= qc) {
+                    if (qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))) {
                         p = exp2f(st[j][x] * sl2 - lse_s[ql]);
                         ds = p * (dp[j][x] - D_s[ql]) * scale;
                     }
@@ -451,11 +456,11 @@ __global__ void __launch_bounds__(ATT_THREADS)
 
 /* dQ: block = 64 queries, 4 warps x 16 queries, over the key tiles up to the diagonal, 32
  * keys at a time: S = Q K^T, dP = dO V^T, dS = P (dP - D) * scale, dQ += dS K. */
-template <int DKP, int DVP>
+template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(ATT_THREADS)
     fa_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
-                     const bf16 *q, const bf16 *k, const bf16 *v, int T, int nh, int dk, int dv,
-                     float scale)
+                     const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *seg, int T,
+                     int nh, int dk, int dv, float scale)
 {
     typedef fb_smem<DKP, DVP> L;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -467,6 +472,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
     const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f, lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
     const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
     async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
     async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
     float dQ[DKP / 8][4];
@@ -529,7 +536,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                     int kc = k0 + ks + j * 8 + (lane & 3) * 2 + (x & 1);
                     int qr = x < 2 ? qr0 : qr1;
                     float ds = 0;
-                    if (qr < T && kc <= qr) {
+                    if (qr < T && kc <= qr && (!SEG || sg[kc] == (x < 2 ? sq0 : sq1))) {
                         float p = exp2f(sc[j][x] * sl2 - (x < 2 ? lse0 : lse1));
                         ds = p * (dp[j][x] - (x < 2 ? D0 : D1)) * scale;
                     }
@@ -1318,44 +1325,71 @@ static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16
 
 /* ---- dispatch over the instantiated head dims ---- */
 
-template <int DKP, int DVP, int W, bool QREG, int STAGES, int MINB>
-static int fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
-                      const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
-                      dsv3_err *e)
+template <int DKP, int DVP, int W, bool QREG, int STAGES, int MINB, bool SEG>
+static int fwd_launch_t(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                      const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                      float scale, dsv3_err *e)
 {
     const int QM = 16 * W;
     size_t smem = fa_smem<DKP, DVP, W, STAGES>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB>,
+    CUDA_TRY(cudaFuncSetAttribute(fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB, SEG>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
              e);
     dim3 grid((T + QM - 1) / QM, nh, B);
-    fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB><<<grid, 32 * W, smem, c->stream>>>(
-        out, lse, q, k, v, T, nh, dk, dv, scale);
+    fa_fwd_kernel<DKP, DVP, W, QREG, STAGES, MINB, SEG><<<grid, 32 * W, smem, c->stream>>>(
+        out, lse, q, k, v, seg, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_fwd", e);
+    return 0;
+}
+
+/* Documents (seg) get kernels of their own: the extra registers of the mask would make the
+ * plain causal kernels spill. */
+template <int DKP, int DVP, int W, bool QREG, int STAGES, int MINB>
+static int fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                      const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                      float scale, dsv3_err *e)
+{
+    if (seg)
+        return fwd_launch_t<DKP, DVP, W, QREG, STAGES, MINB, true>(c, out, lse, q, k, v, seg, B,
+                                                                   T, nh, dk, dv, scale, e);
+    return fwd_launch_t<DKP, DVP, W, QREG, STAGES, MINB, false>(c, out, lse, q, k, v, seg, B, T,
+                                                                nh, dk, dv, scale, e);
+}
+
+template <int DKP, int DVP, bool SEG>
+static int bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
+                      const float *lse, const float *D, const bf16 *q, const bf16 *k,
+                      const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                      float scale, dsv3_err *e)
+{
+    size_t smem = fb_smem<DKP, DVP>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dkdv_kernel<DKP, DVP, SEG>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+             e);
+    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dq_kernel<DKP, DVP, SEG>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+             e);
+    dim3 grid((T + BM - 1) / BM, nh, B);
+    fa_bwd_dkdv_kernel<DKP, DVP, SEG><<<grid, ATT_THREADS, smem, c->stream>>>(
+        d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
+    LAUNCH_CHECK("attention_bwd dk dv", e);
+    fa_bwd_dq_kernel<DKP, DVP, SEG><<<grid, ATT_THREADS, smem, c->stream>>>(
+        d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
+    LAUNCH_CHECK("attention_bwd dq", e);
     return 0;
 }
 
 template <int DKP, int DVP>
 static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                       const float *lse, const float *D, const bf16 *q, const bf16 *k,
-                      const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
-                      dsv3_err *e)
+                      const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                      float scale, dsv3_err *e)
 {
-    size_t smem = fb_smem<DKP, DVP>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dkdv_kernel<DKP, DVP>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-             e);
-    CUDA_TRY(cudaFuncSetAttribute(fa_bwd_dq_kernel<DKP, DVP>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-             e);
-    dim3 grid((T + BM - 1) / BM, nh, B);
-    fa_bwd_dkdv_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
-        d_k, d_v, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
-    LAUNCH_CHECK("attention_bwd dk dv", e);
-    fa_bwd_dq_kernel<DKP, DVP><<<grid, ATT_THREADS, smem, c->stream>>>(
-        d_q, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
-    LAUNCH_CHECK("attention_bwd dq", e);
-    return 0;
+    if (seg)
+        return bwd_launch_t<DKP, DVP, true>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T,
+                                            nh, dk, dv, scale, e);
+    return bwd_launch_t<DKP, DVP, false>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh,
+                                         dk, dv, scale, e);
 }
 
 /* The wgmma kernels exist in the sm_90a build only: use them on compute capability 9.x. */
@@ -1379,6 +1413,23 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
                                  const gpu_bf16 *k, const gpu_bf16 *v, int B, int T, int nh,
                                  int dk, int dv, float scale, dsv3_err *e)
 {
+    return gpu_attention_fwd_seg(c, out, lse, q, k, v, NULL, B, T, nh, dk, dv, scale, e);
+}
+
+extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
+                                 const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
+                                 const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B,
+                                 int T, int nh, int dk, int dv, float scale, dsv3_err *e)
+{
+    return gpu_attention_bwd_seg(c, d_q, d_k, d_v, d_out, out, lse, q, k, v, NULL, B, T, nh, dk,
+                                 dv, scale, e);
+}
+
+extern "C" int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
+                                     const gpu_bf16 *k, const gpu_bf16 *v, const int32_t *seg,
+                                     int B, int T, int nh, int dk, int dv, float scale,
+                                     dsv3_err *e)
+{
     if (check_dims(dk, dv, e))
         return -1;
     if (B <= 0 || T <= 0 || nh <= 0)
@@ -1387,13 +1438,14 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
     const int var = c->attn_fwd_variant;
     if (dk <= 32 && dv <= 32)
-        return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
-    if (var == 3 && use_sm90(c)) {
+        return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
+    /* the wgmma kernels have no document mask yet: masked attention takes mma.sync */
+    if (var == 3 && use_sm90(c) && !seg) {
         if (dk <= 128 && dv <= 64)
             return f3_fwdp_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
         return f3_fwdp_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     }
-    if (var == 0 && use_sm90(c)) {
+    if (var == 0 && use_sm90(c) && !seg) {
         /* 96/64 runs padded to 128/64: the 64-byte-swizzled 96 measured slower here
          * (1B-MoE shape, H200: 1.36 ms against 1.18), unlike in the backward */
         if (dk <= 128 && dv <= 64)
@@ -1402,24 +1454,26 @@ extern "C" int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gp
     }
     if (dk <= 96 && dv <= 64) {
         if (var == 2) /* one 4-warp block per 64 queries, up to 3 an SM */
-            return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, B, T, nh, dk, dv,
+            return fwd_launch<96, 64, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv,
                                                      scale, e);
         /* two 8-warp blocks an SM: 16 warps, Q in registers, K/V double-buffered */
-        return fwd_launch<96, 64, 8, true, 2, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+        return fwd_launch<96, 64, 8, true, 2, 2>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     }
     if (var == 2) /* 3 blocks of 4 warps an SM: Q in registers, 1 stage */
-        return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale,
-                                                   e);
+        return fwd_launch<192, 128, 4, true, 1, 3>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv,
+                                                   scale, e);
     /* the fastest mma.sync variant measured (docs/KERNELS.md): 2 blocks of 8 warps an SM, Q
      * re-read from shared memory to fit 128 registers, one K/V stage to fit two blocks'
      * shared memory */
-    return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+    return fwd_launch<192, 128, 8, false, 1, 2>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale,
+                                                e);
 }
 
-extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
-                                 const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
-                                 const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B,
-                                 int T, int nh, int dk, int dv, float scale, dsv3_err *e)
+extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
+                                     const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
+                                     const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v,
+                                     const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                                     float scale, dsv3_err *e)
 {
     if (check_dims(dk, dv, e))
         return -1;
@@ -1438,18 +1492,19 @@ extern "C" int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_b
                *V = (const bf16 *)v;
     int rc;
     if (dk <= 32 && dv <= 32)
-        rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv, scale, e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) && dk <= 96 &&
-             dv <= 64)
+        rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
+                                e);
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) && !seg &&
+             dk <= 96 && dv <= 64)
         rc = f3_bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
                                     scale, e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c))
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) && !seg)
         rc = f3_bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
                                      scale, e);
     else if (dk <= 96 && dv <= 64)
-        rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv, scale, e);
+        rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     else
-        rc = bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv, scale,
+        rc = bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
                                   e);
     gpu_arena_reset(c, mark);
     return rc;

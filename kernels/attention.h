@@ -24,6 +24,19 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e);
 
+/* Attention masked by document: seg[B*T] (device, int32) numbers the document of each
+ * token, non-decreasing along a sequence; query i then sees key j only when j <= i and
+ * seg[j] == seg[i] (lib/ops attention_forward_seg / attention_backward_seg). seg NULL: the
+ * plain causal kernels above, which call these. */
+int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
+                          const gpu_bf16 *k, const gpu_bf16 *v, const int32_t *seg, int B,
+                          int T, int nh, int dk, int dv, float scale, dsv3_err *e);
+int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
+                          const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
+                          const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v,
+                          const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale,
+                          dsv3_err *e);
+
 /* Benchmarks and tests only: picks the kernels. 0, the default: on compute capability 9.x
  * the wgmma (sm_90a) forward and backward for head dims above 32, elsewhere as 1. 1: the
  * mma.sync kernels (head dim 192: two 8-warp blocks an SM, Q re-read from shared memory;

@@ -26,6 +26,7 @@ extern "C" {
 /* Offsets (floats, device layout) of one block's tensors; NONE when absent. */
 typedef struct gm_block {
     int moe;
+    int index;                   /* layer index: main layers, then MTP module k at nl + k - 1 */
     size_t ln1, qa, qaln, qb, q, kva, kvaln, kvb, o, ln2;
     size_t w1, w2;               /* dense gate|up [2I,H], down [H,I] */
     size_t router, rbias;
@@ -43,7 +44,22 @@ typedef struct gm_acts {
     int32_t *idx;
     gpu_moe_plan plan;
     int have_plan;
+    const int32_t *valid;        /* [N] device, MTP blocks: rows that count in the balance
+                                  * loss (a real t_{i+k}); NULL: all */
+    float *bal_g;                /* [B,E]: d(balance loss)/d(s'_i) per sequence (forward) */
 } gm_acts;
+
+/* One MTP module (lib/model's mtp_acts): module k's block is blk/a[nl + k - 1]. */
+typedef struct gm_mtp {
+    size_t enorm, hnorm, eh, head_norm;
+    int32_t *eid, *tg, *valid;   /* device [N]: embedded id t_{i+k}, target, row in its doc */
+    int32_t *h_eid, *h_tg, *h_valid;  /* host copies */
+    bf16 *e, *en, *hn, *cat, *hout, *xf, *d_xf;
+    float *rstde, *rstdh, *rstdf;
+    double sum;                  /* cross-entropy sum over count used rows */
+    int count;
+    int64_t norm;                /* what the sum is divided by (norm_mtp[k] or count) */
+} gm_mtp;
 
 struct gmodel {
     const dsv3_model *m;
@@ -52,10 +68,29 @@ struct gmodel {
     float *master, *grads, *region_tmp, *head_pend;
     bf16 *wbf;
     size_t n_params, region_floats;
-    gm_block *blk;               /* num_hidden_layers (MTP blocks only in conversions) */
+    gm_block *blk;               /* num_hidden_layers, then the D MTP modules' blocks */
     size_t *regions;             /* starts of every MoE block's expert region, MTP included */
     int n_regions;
-    gm_acts *a;
+    gm_acts *a;                  /* nl + D, as blk */
+    int D;                       /* MTP modules of the config */
+    gm_mtp *mt;                  /* [D] */
+    bf16 *dcarry, *dcat, *dsplit;/* MTP backward (D > 0) */
+    int mtp_ran;                 /* the last forward ran the MTP modules ... */
+    float mtp_lambda;            /* ... with this weight */
+    double ce_sum;               /* main cross-entropy sum of the last forward */
+    int64_t ce_norm;             /* what it is divided by (norm_main or count) */
+    float *h_mtp_loss;           /* host [N], an MTP module's row losses */
+    /* sequence-wise balance loss of the last forward: per-block, per-sequence sums */
+    int bal_on;
+    float bal_alpha;
+    int64_t seq_norm;
+    double balance;              /* alpha-weighted total (model_losses.balance) */
+    float *bal_S, *bal_loss, *h_bal;  /* [N] row sums of s; [(nl+D)*B] device and host */
+    uint8_t *bal_ran;            /* [nl+D]: the block ran and wrote its bal_loss row */
+    /* documents (gmodel_set_segments) */
+    int32_t *seg, *h_seg;        /* [N] device, host */
+    int has_seg;
+    int pos_custom;              /* g->pos holds positions other than 0..T-1 */
     bf16 *hfinal, *xf, *d_xf, *dx, *dn;
     float *rstdf, *losses, *cos_t, *sin_t;
     int32_t *ids, *tgt, *pos;
@@ -159,6 +194,87 @@ __global__ void k_mla_assemble_bwd(bf16 *dkvb, bf16 *dkva, const bf16 *dk, const
     dkva[n * (kv + rope) + kv + r] = f2b(s);
 }
 
+/* S[n] = sum over the experts of s[n,:] (the router's sigmoid affinities), a warp a row. */
+__global__ void k_row_sum(float *S, const float *s, int N, int E)
+{
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (n >= N)
+        return;
+    float v = 0;
+    for (int i = lane; i < E; i += 32)
+        v += s[(int64_t)n * E + i];
+    v = warp_sum(v);
+    if (lane == 0)
+        S[n] = v;
+}
+
+/* lib/model's balance_loss for sequence b = blockIdx.x, over its valid rows (Tb of T):
+ * f_i = E/(K Tb) * (slots that chose i), P_i = mean of s'_i = s_i / S; out[b] = sum_i f_i
+ * P_i (0 when Tb = 0), and G[b,i] = alpha f_i / (Tb * seq_norm), the gradient of alpha *
+ * out[b] / seq_norm with respect to each row's s'_i (balance_backward's g). Shared memory:
+ * E ints and 32 floats. Integer counts and fixed-order sums: the same on every run. */
+__global__ void k_balance_fwd(float *out, float *G, const float *s, const float *S,
+                              const int32_t *idx, const int32_t *valid, int T, int E, int K,
+                              float alpha, float seq_norm)
+{
+    extern __shared__ int bal_sh[];
+    int *f = bal_sh;
+    float *red = (float *)(bal_sh + E);
+    __shared__ int Tb;
+    const int b = blockIdx.x;
+    const int64_t r0 = (int64_t)b * T;
+    for (int i = threadIdx.x; i < E; i += blockDim.x)
+        f[i] = 0;
+    if (threadIdx.x == 0)
+        Tb = 0;
+    __syncthreads();
+    int mine = 0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x)
+        mine += !valid || valid[r0 + t];
+    if (mine)
+        atomicAdd(&Tb, mine);
+    for (int j = threadIdx.x; j < T * K; j += blockDim.x) {
+        int t = j / K;
+        if (!valid || valid[r0 + t])
+            atomicAdd(&f[idx[(r0 + t) * K + j % K]], 1);
+    }
+    __syncthreads();
+    const int tb = Tb;
+    float part = 0;
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+        float P = 0;
+        for (int t = 0; t < T && tb; t++)
+            if (!valid || valid[r0 + t])
+                P += s[(r0 + t) * E + i] / S[r0 + t];
+        float fi = tb ? (float)f[i] * E / ((float)K * tb) : 0.0f;
+        part += fi * (tb ? P / tb : 0.0f);
+        G[(int64_t)b * E + i] = tb ? alpha * fi / ((float)tb * seq_norm) : 0.0f;
+    }
+    float tot = block_sum(part, red);
+    if (threadIdx.x == 0)
+        out[b] = tot;
+}
+
+/* balance_backward: dlogits[n,j] += (G_j - sum_i G_i s'_i) / S * s_j (1 - s_j) for the
+ * valid rows n of sequence n / T, a warp a row. */
+__global__ void k_balance_bwd(float *dlog, const float *G, const float *s, const int32_t *valid,
+                              int N, int T, int E)
+{
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (n >= N || (valid && !valid[n]))
+        return;
+    const float *sn = s + (int64_t)n * E, *Gb = G + (int64_t)(n / T) * E;
+    float S = 0, dot = 0;
+    for (int i = lane; i < E; i += 32) {
+        S += sn[i];
+        dot += Gb[i] * sn[i];
+    }
+    S = warp_sum(S);
+    dot = warp_sum(dot) / S;
+    for (int j = lane; j < E; j += 32)
+        dlog[(int64_t)n * E + j] += (Gb[j] - dot) / S * sn[j] * (1 - sn[j]);
+}
+
 static unsigned blocks(int64_t n)
 {
     return (unsigned)((n + 255) / 256);
@@ -190,10 +306,12 @@ static size_t off_of(const dsv3_model *m, const float *p)
     return p ? (size_t)(p - m->params) : NONE;
 }
 
-static void block_offsets(const dsv3_model *m, const model_layer *L, int moe, gm_block *b)
+static void block_offsets(const dsv3_model *m, const model_layer *L, int moe, int index,
+                          gm_block *b)
 {
     const dsv3_config *c = &m->cfg;
     b->moe = moe;
+    b->index = index;
     b->ln1 = off_of(m, L->input_layernorm);
     b->qa = off_of(m, L->q_a_proj);
     b->qaln = off_of(m, L->q_a_layernorm);
@@ -252,7 +370,7 @@ static void carve_acts(carve *k)
     int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
     int64_t dv = c->v_head_dim, K = c->num_experts_per_tok, E = c->n_routed_experts;
     int64_t mi = c->moe_intermediate_size, ql = c->q_lora_rank;
-    for (int l = 0; l < g->nl; l++) {
+    for (int l = 0; l < g->nl + g->D; l++) {
         gm_acts *A = &g->a[l];
         int moe = g->blk[l].moe;
         A->x = TB(N * H);
@@ -290,8 +408,34 @@ static void carve_acts(carve *k)
             A->egu = TB(N * K * 2 * mi);
             A->eh = TB(N * K * mi);
             A->yp = TB(N * K * H);
+            A->bal_g = TF(g->B * E);
         }
     }
+    for (int d = 0; d < g->D; d++) {
+        gm_mtp *M = &g->mt[d];
+        M->eid = (int32_t *)take(k, (size_t)N * 4);
+        M->tg = (int32_t *)take(k, (size_t)N * 4);
+        M->valid = (int32_t *)take(k, (size_t)N * 4);
+        g->a[g->nl + d].valid = M->valid;
+        M->e = TB(N * H);
+        M->en = TB(N * H);
+        M->hn = TB(N * H);
+        M->cat = TB(N * 2 * H);
+        M->hout = TB(N * H);
+        M->xf = TB(N * H);
+        M->d_xf = TB(N * H);
+        M->rstde = TF(N);
+        M->rstdh = TF(N);
+        M->rstdf = TF(N);
+    }
+    if (g->D) {
+        g->dcarry = TB(N * H);
+        g->dcat = TB(N * 2 * H);
+        g->dsplit = TB(N * H);
+    }
+    g->bal_S = TF(N);
+    g->bal_loss = TF((int64_t)(g->nl + g->D) * g->B);
+    g->seg = (int32_t *)take(k, (size_t)N * 4);
     g->hfinal = TB(N * H);
     g->xf = TB(N * H);
     g->d_xf = TB(N * H);
@@ -323,7 +467,7 @@ static size_t scratch_bytes(const gmodel *g)
                      4 * nh + 64;
     size_t w = E * 2 * mi * H * 2 + E * H * mi * 2;
     size_t bwd = N * per_tok + w + N * 64 + ((size_t)64 << 20);
-    size_t plans = (size_t)g->nl * (N * K * 8 + 4096);
+    size_t plans = (size_t)(g->nl + g->D) * (N * K * 8 + 4096);
     return (head > bwd ? head : bwd) + plans + ((size_t)16 << 20);
 }
 
@@ -789,10 +933,20 @@ extern "C" void gmodel_destroy(gmodel *g)
 {
     if (!g)
         return;
-    for (int l = 0; g->a && l < g->nl; l++)
+    for (int l = 0; g->a && l < g->nl + g->D; l++)
         if (g->a[l].have_plan)
             gpu_moe_plan_free(&g->a[l].plan);
     gpu_lin_free(&g->lin);
+    for (int k = 0; g->mt && k < g->D; k++) {
+        free(g->mt[k].h_eid);
+        free(g->mt[k].h_tg);
+        free(g->mt[k].h_valid);
+    }
+    free(g->mt);
+    free(g->h_mtp_loss);
+    free(g->h_bal);
+    free(g->bal_ran);
+    free(g->h_seg);
     gpu_free(g->master);
     gpu_free(g->grads);
     gpu_free(g->wbf);
@@ -888,24 +1042,47 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
     g->chunk_rows = g->chunk_rows < 64 ? 64 : g->chunk_rows / 64 * 64;
     if (g->chunk_rows > g->N)
         g->chunk_rows = g->N;
-    g->blk = (gm_block *)calloc((size_t)g->nl, sizeof *g->blk);
-    g->a = (gm_acts *)calloc((size_t)g->nl, sizeof *g->a);
     int D = c->num_nextn_predict_layers;
+    g->D = D;
+    g->blk = (gm_block *)calloc((size_t)(g->nl + D), sizeof *g->blk);
+    g->a = (gm_acts *)calloc((size_t)(g->nl + D), sizeof *g->a);
+    g->mt = (gm_mtp *)calloc((size_t)(D ? D : 1), sizeof *g->mt);
     g->regions = (size_t *)calloc((size_t)(g->nl + D + 1), sizeof *g->regions);
     g->h_tgt = (int32_t *)malloc((size_t)g->N * 4);
     g->h_loss = (float *)malloc((size_t)g->N * 4);
-    if (!g->blk || !g->a || !g->regions || !g->h_tgt || !g->h_loss) {
+    g->h_mtp_loss = (float *)malloc((size_t)g->N * 4);
+    g->h_seg = (int32_t *)malloc((size_t)g->N * 4);
+    g->h_bal = (float *)malloc((size_t)(g->nl + D) * B * 4);
+    g->bal_ran = (uint8_t *)calloc((size_t)(g->nl + D), 1);
+    int ok = g->blk && g->a && g->mt && g->regions && g->h_tgt && g->h_loss && g->h_mtp_loss &&
+             g->h_seg && g->h_bal && g->bal_ran;
+    for (int k = 0; ok && k < D; k++) {
+        gm_mtp *M = &g->mt[k];
+        M->h_eid = (int32_t *)malloc((size_t)g->N * 4);
+        M->h_tg = (int32_t *)malloc((size_t)g->N * 4);
+        M->h_valid = (int32_t *)malloc((size_t)g->N * 4);
+        ok = M->h_eid && M->h_tg && M->h_valid;
+    }
+    if (!ok) {
         gmodel_destroy(g);
         return err_set(e, "gmodel: out of memory");
     }
     for (int l = 0; l < g->nl; l++) {
-        block_offsets(m, &m->w.layers[l], config_layer_is_moe(c, l), &g->blk[l]);
+        block_offsets(m, &m->w.layers[l], config_layer_is_moe(c, l), l, &g->blk[l]);
         if (g->blk[l].moe)
             g->regions[g->n_regions++] = g->blk[l].region;
     }
-    for (int k = 0; k < D; k++)
-        if (config_layer_is_moe(c, g->nl + k))
-            g->regions[g->n_regions++] = off_of(m, m->w.mtp[k].block.e_gate[0]);
+    for (int k = 0; k < D; k++) {
+        const model_mtp *W = &m->w.mtp[k];
+        gm_block *b = &g->blk[g->nl + k];
+        block_offsets(m, &W->block, config_layer_is_moe(c, g->nl + k), g->nl + k, b);
+        if (b->moe)
+            g->regions[g->n_regions++] = b->region;
+        g->mt[k].enorm = off_of(m, W->enorm);
+        g->mt[k].hnorm = off_of(m, W->hnorm);
+        g->mt[k].eh = off_of(m, W->eh_proj);
+        g->mt[k].head_norm = off_of(m, W->head_norm);
+    }
     qsort(g->regions, (size_t)g->n_regions, sizeof *g->regions, cmp_size);
     g->region_floats = (size_t)c->n_routed_experts * 3 * c->moe_intermediate_size *
                        (size_t)c->hidden_size;
@@ -1002,8 +1179,9 @@ static int mla_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     k_mla_assemble<<<blocks(n), 256, 0, ST(g)>>>(A->k, A->v, A->kvb, A->kva, N, nh, nope, rope,
                                                  dv, kv);
     LAUNCH_CHECK("k_mla_assemble", e);
-    return gpu_attention_fwd(x, B16(A->ao), A->lse, B16(A->q), B16(A->k), B16(A->v), g->B, g->T,
-                             nh, qk, dv, (float)config_softmax_scale(c), e) ||
+    return gpu_attention_fwd_seg(x, B16(A->ao), A->lse, B16(A->q), B16(A->k), B16(A->v),
+                                 g->has_seg ? g->seg : NULL, g->B, g->T, nh, qk, dv,
+                                 (float)config_softmax_scale(c), e) ||
            gpu_lin_fwd(&g->lin, B16(out), B16(A->ao), W(b->o), N, nh * dv, H, 0, e);
 }
 
@@ -1025,10 +1203,19 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
         gpu_moe_plan_make(x, &A->plan, A->idx, N, K, E, e))
         return -1;
     A->have_plan = 1;
-    if (g->count_loads && nk) {
+    if (g->count_loads && nk && A - g->a < g->nl) { /* main layers; MTP loads apart */
         k_add_loads<<<(E + 255) / 256, 256, 0, ST(g)>>>(g->d_load_acc + (A - g->a) * E,
                                                         A->plan.offsets, E);
         LAUNCH_CHECK("k_add_loads", e);
+    }
+    if (g->bal_on) {  /* moe_forward's balance_loss */
+        k_row_sum<<<blocks((int64_t)N * 32), 256, 0, ST(g)>>>(g->bal_S, A->s, N, E);
+        LAUNCH_CHECK("k_row_sum", e);
+        k_balance_fwd<<<g->B, 256, (size_t)E * 4 + 32 * 4, ST(g)>>>(
+            g->bal_loss + (size_t)b->index * g->B, A->bal_g, A->s, g->bal_S, A->idx, A->valid,
+            g->T, E, K, g->bal_alpha, (float)g->seq_norm);
+        LAUNCH_CHECK("k_balance_fwd", e);
+        g->bal_ran[b->index] = 1;
     }
     if (gpu_moe_gather(x, &A->plan, B16(A->xp), B16(A->x2n), H, e) ||
         gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi, e) ||
@@ -1067,25 +1254,109 @@ static int block_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *next, dsv3_
     return rc ? -1 : 0;
 }
 
+/* The row losses of a head pass (g->losses) summed on the host into *sum; buf [N]. */
+static int sum_losses(gmodel *g, float *buf, double *sum, dsv3_err *e)
+{
+    if (gpu_download(g->c, buf, g->losses, (size_t)g->N * 4, e))
+        return -1;
+    double s = 0;
+    for (int n = 0; n < g->N; n++)
+        s += buf[n];
+    *sum = s;
+    return 0;
+}
+
+/* mtp_forward: the D modules over the main model's last hidden state (lib/model.h). Row i
+ * of module k embeds t_{i+k} and predicts t_{i+k+1} when t_{i+k} lies in the row and in
+ * row i's document; else it is a placeholder (token 0, target ignored, out of the
+ * balance loss and the load). The head's gradient is formed here as for the main head,
+ * scaled by lambda / D / (the step's count of module k's targets). */
+static int mtp_fwd(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
+                   dsv3_err *e)
+{
+    const dsv3_model *m = g->m;
+    const dsv3_config *c = &m->cfg;
+    int N = g->N, T = g->T, H = c->hidden_size, V = c->vocab_size, D = g->D;
+    float eps = (float)c->rms_norm_eps;
+    const bf16 *prev = g->hfinal;
+    for (int k = 1; k <= D; k++) {
+        gm_mtp *M = &g->mt[k - 1];
+        gm_acts *A = &g->a[g->nl + k - 1];
+        int count = 0;
+        for (int n = 0; n < N; n++) {
+            int in = n % T + k < T && (!g->has_seg || g->h_seg[n + k] == g->h_seg[n]);
+            M->h_valid[n] = in;
+            M->h_eid[n] = in ? ids[n + k] : 0;
+            M->h_tg[n] = in ? targets[n + k] : -1;
+            count += M->h_tg[n] >= 0;
+        }
+        M->count = count;
+        M->norm = m->norm_mtp && m->norm_mtp[k - 1] > 0 ? m->norm_mtp[k - 1] : count;
+        float scale = M->norm ? g->mtp_lambda / (float)D / (float)M->norm : 0.0f;
+        if (gpu_upload(g->c, M->eid, M->h_eid, (size_t)N * 4, e) ||
+            gpu_upload(g->c, M->tg, M->h_tg, (size_t)N * 4, e) ||
+            gpu_upload(g->c, M->valid, M->h_valid, (size_t)N * 4, e) ||
+            gpu_embedding_fwd(g->c, B16(M->e), W(off_of(m, m->w.embed)), M->eid, N, H, e) ||
+            gpu_rmsnorm_fwd(g->c, B16(M->en), M->rstde, B16(M->e), W(M->enorm), N, H, eps, e) ||
+            gpu_rmsnorm_fwd(g->c, B16(M->hn), M->rstdh, B16(prev), W(M->hnorm), N, H, eps, e) ||
+            copy_cols(g, M->cat, 2 * H, M->en, H, N, H, e) ||
+            copy_cols(g, M->cat + H, 2 * H, M->hn, H, N, H, e) ||
+            gpu_linear_fwd(g->c, B16(A->x), B16(M->cat), W(M->eh), N, 2 * H, H, 0, e) ||
+            block_fwd(g, &g->blk[g->nl + k - 1], A, M->hout, e) ||
+            gpu_rmsnorm_fwd(g->c, B16(M->xf), M->rstdf, B16(M->hout), W(M->head_norm), N, H, eps,
+                            e) ||
+            gpu_lm_head_loss(g->c, g->losses, grad ? B16(M->d_xf) : NULL,
+                             grad ? g->head_pend : NULL, B16(M->xf), W(off_of(m, m->w.lm_head)),
+                             M->tg, N, H, V, scale, g->chunk_rows, e) ||
+            sum_losses(g, g->h_mtp_loss, &M->sum, e))
+            return -1;
+        prev = M->hout;
+    }
+    return 0;
+}
+
+/* The balance loss of the last forward from the per-block, per-sequence sums. */
+static int balance_total(gmodel *g, dsv3_err *e)
+{
+    int nb = g->nl + g->D, B = g->B;
+    g->balance = 0;
+    if (!g->bal_on)
+        return 0;
+    if (gpu_download(g->c, g->h_bal, g->bal_loss, (size_t)nb * B * 4, e))
+        return -1;
+    for (int l = 0; l < nb; l++) {
+        if (!g->bal_ran[l])
+            continue;
+        double t = 0;
+        for (int b = 0; b < B; b++)
+            t += g->h_bal[(size_t)l * B + b];
+        g->balance += g->bal_alpha * (t / (double)g->seq_norm);
+    }
+    return 0;
+}
+
 extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
                               float *loss, dsv3_err *e)
 {
     const dsv3_model *m = g->m;
     const dsv3_config *c = &m->cfg;
     int N = g->N, H = c->hidden_size, V = c->vocab_size;
-    if (targets && m->mtp_lambda > 0 && c->num_nextn_predict_layers > 0)
-        return err_set(e, "the GPU backend does not run the MTP loss yet (MTP weight %g): use "
-                       "--mtp-weight 0 or --device cpu", m->mtp_lambda);
-    if (m->balance_alpha > 0)
-        return err_set(e, "the GPU backend does not compute the sequence-wise balance loss "
-                       "yet (alpha %g): use --balance-alpha 0 or --device cpu",
-                       m->balance_alpha);
     for (int n = 0; n < N; n++)
         if (ids[n] < 0 || ids[n] >= V || (targets && targets[n] >= V))
             return err_set(e, "gmodel: token id or target at position %d outside the "
                            "vocabulary (vocab_size %d)", n, V);
+    int run_mtp = targets && m->mtp_lambda > 0 && g->D > 0;
     g->grad_ready = 0;
-    for (int l = 0; l < g->nl; l++)
+    g->mtp_ran = 0;
+    g->mtp_lambda = run_mtp ? m->mtp_lambda : 0.0f;
+    g->bal_on = m->balance_alpha > 0;
+    g->bal_alpha = m->balance_alpha;
+    g->seq_norm = m->norm_seqs > 0 ? m->norm_seqs : g->B;
+    g->balance = 0;
+    g->ce_sum = 0;
+    g->count = 0;
+    memset(g->bal_ran, 0, (size_t)(g->nl + g->D));
+    for (int l = 0; l < g->nl + g->D; l++)
         if (g->a[l].have_plan) {
             gpu_moe_plan_free(&g->a[l].plan);
             g->a[l].have_plan = 0;
@@ -1105,35 +1376,120 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
                         N, H, (float)c->rms_norm_eps, e))
         return -1;
     if (!targets)
-        return gpu_sync(g->c, e);
+        return balance_total(g, e) || gpu_sync(g->c, e) ? -1 : 0;
     int count = 0;
     for (int n = 0; n < N; n++)
         count += targets[n] >= 0;
     memcpy(g->h_tgt, targets, (size_t)N * 4);
     g->count = count;
+    g->ce_norm = m->norm_main > 0 ? m->norm_main : count;
     if (grad && gpu_memset(g->c, g->head_pend, 0, (size_t)V * H * 4, e))
         return -1;
-    float *hl = g->h_loss;
-    int rc = upload_ids(g, g->tgt, targets, e) ||
-             gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
-                              grad ? g->head_pend : NULL, B16(g->xf),
-                              W(off_of(m, m->w.lm_head)), g->tgt, N, H, V,
-                              count ? 1.0f / (float)count : 0.0f, g->chunk_rows, e);
-    if (!rc && !loss) { /* summed on the device; gmodel_take_stats reads it */
+    /* the per-forward sums on the host only where wanted: a caller's loss, or the MTP and
+     * balance losses' report; otherwise the loss is summed on the device and read once per
+     * step (gmodel_take_stats) */
+    int host_sums = loss || run_mtp || g->bal_on;
+    if (upload_ids(g, g->tgt, targets, e) ||
+        gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
+                         grad ? g->head_pend : NULL, B16(g->xf), W(off_of(m, m->w.lm_head)),
+                         g->tgt, N, H, V, g->ce_norm ? 1.0f / (float)g->ce_norm : 0.0f,
+                         g->chunk_rows, e))
+        return -1;
+    if (!loss) {
         k_sum_into<<<1, 1024, 0, ST(g)>>>(g->d_loss_acc, g->losses, N);
         LAUNCH_CHECK("k_sum_into", e);
     }
-    g->rows_on_host = !rc && loss;
-    if (g->rows_on_host)
-        rc = gpu_download(g->c, hl, g->losses, (size_t)N * 4, e);
-    double sum = 0;
-    for (int n = 0; !rc && loss && n < N; n++)
-        sum += hl[n];
-    if (rc)
+    g->rows_on_host = host_sums;
+    if (host_sums && sum_losses(g, g->h_loss, &g->ce_sum, e))
+        return -1;
+    if (run_mtp) {
+        if (mtp_fwd(g, ids, targets, grad, e))
+            return -1;
+        g->mtp_ran = 1;
+    }
+    if (balance_total(g, e))
         return -1;
     if (loss)
-        *loss = count ? (float)(sum / count) : 0.0f;
+        *loss = count ? (float)(g->ce_sum / count) : 0.0f;
     g->grad_ready = grad;
+    return 0;
+}
+
+extern "C" int gmodel_set_segments(gmodel *g, const int32_t *segment, const int32_t *position,
+                                   dsv3_err *e)
+{
+    int T = g->T, N = g->N;
+    if (!segment && !position && !g->has_seg && !g->pos_custom)
+        return 0;  /* as it is */
+    for (int n = 0; n < N; n++) {
+        if (position && (position[n] < 0 || position[n] >= T))
+            return err_set(e, "gmodel: position %d of row %d outside 0..%d", position[n], n,
+                           T - 1);
+        if (segment && n % T && segment[n] < segment[n - 1])
+            return err_set(e, "gmodel: document numbers decrease at row %d", n);
+    }
+    int32_t *pos = (int32_t *)malloc((size_t)N * 4);
+    if (!pos)
+        return err_set(e, "gmodel: out of memory");
+    for (int n = 0; n < N; n++)
+        pos[n] = position ? position[n] : n % T;
+    int rc = gpu_upload(g->c, g->pos, pos, (size_t)N * 4, e);
+    free(pos);
+    if (rc)
+        return -1;
+    g->pos_custom = position != NULL;
+    g->has_seg = segment != NULL;
+    if (segment) {
+        memcpy(g->h_seg, segment, (size_t)N * 4);
+        return gpu_upload(g->c, g->seg, segment, (size_t)N * 4, e);
+    }
+    return 0;
+}
+
+extern "C" void gmodel_losses(const gmodel *g, model_losses *out)
+{
+    memset(out, 0, sizeof *out);
+    out->main = g->count && g->ce_norm ? g->ce_sum / (double)g->ce_norm : 0;
+    if (g->mtp_ran) {
+        double sum = 0;
+        for (int k = 0; k < g->D; k++) {
+            const gm_mtp *M = &g->mt[k];
+            double lk = M->count ? M->sum / (double)M->norm : 0;
+            if (k < 8)
+                out->mtp_k[k] = lk;
+            sum += lk;
+        }
+        out->mtp = g->mtp_lambda / g->D * sum;
+    }
+    out->balance = g->balance;
+    out->total = out->main + out->mtp + out->balance;
+}
+
+extern "C" int gmodel_mtp_expert_load(gmodel *g, int k, int64_t *counts, int64_t *slots,
+                                      dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    if (k < 0 || k >= g->D || !g->mtp_ran || !g->blk[g->nl + k].moe)
+        return 1;
+    int N = g->N, K = c->num_experts_per_tok;
+    int32_t *idx = (int32_t *)malloc((size_t)N * K * 4);
+    if (!idx)
+        return err_set(e, "gmodel: out of memory");
+    if (gpu_download(g->c, idx, g->a[g->nl + k].idx, (size_t)N * K * 4, e)) {
+        free(idx);
+        return -1;
+    }
+    memset(counts, 0, (size_t)c->n_routed_experts * sizeof *counts);
+    int64_t used = 0;
+    const int32_t *valid = g->mt[k].h_valid;
+    for (int n = 0; n < N; n++)
+        if (valid[n]) {
+            for (int j = 0; j < K; j++)
+                counts[idx[(size_t)n * K + j]]++;
+            used += K;
+        }
+    *slots = used;
+    free(idx);
     return 0;
 }
 
@@ -1158,6 +1514,16 @@ static int mlp_bwd(gmodel *g, bf16 *dn, float beta, const bf16 *dy, const bf16 *
              gpu_lin_wgrad(&g->lin, G(w1), B16(dgu), B16(x2n), N, H, 2 * I, 1.0f, e);
     gpu_arena_reset(x, mark);
     return rc ? -1 : 0;
+}
+
+/* balance_backward into dlog [N,E] (fp32) from the forward's G. */
+static int balance_bwd(gmodel *g, const gm_acts *A, float *dlog, dsv3_err *e)
+{
+    int N = g->N, E = g->m->cfg.n_routed_experts;
+    k_balance_bwd<<<blocks((int64_t)N * 32), 256, 0, ST(g)>>>(dlog, A->bal_g, A->s, A->valid, N,
+                                                             g->T, E);
+    LAUNCH_CHECK("k_balance_bwd", e);
+    return 0;
 }
 
 /* moe_backward: dy in, d(x2n) written into dn. */
@@ -1190,6 +1556,7 @@ static int moe_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dy, bf1
              gpu_memset(x, dlog, 0, (size_t)N * E * 4, e) ||
              gpu_router_bwd(x, dlog, dw, A->idx, A->s, N, E, K, c->norm_topk_prob,
                             (float)c->routed_scaling_factor, e) ||
+             (g->bal_on && balance_bwd(g, A, dlog, e)) ||
              gpu_f32_to_bf16(x, B16(dlogb), dlog, (int64_t)N * E, e) ||
              gpu_linear_wgrad(x, G(b->router), B16(dlogb), B16(A->x2n), N, H, E, 1.0f, e) ||
              gpu_linear_dgrad(x, B16(dn), B16(dlogb), W(b->router), N, H, E, 1.0f, e);
@@ -1222,8 +1589,9 @@ static int mla_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dout, b
     int rc = !dckv || (ql && !dqa) ||
              gpu_lin_dgrad(&g->lin, B16(dao), B16(dout), W(b->o), N, nh * dv, H, 0, e) ||
              gpu_lin_wgrad(&g->lin, G(b->o), B16(dout), B16(A->ao), N, nh * dv, H, 1.0f, e) ||
-             gpu_attention_bwd(x, B16(dq), B16(dk), B16(dvv), B16(dao), B16(A->ao), A->lse,
-                               B16(A->q), B16(A->k), B16(A->v), g->B, g->T, nh, qk, dv, scale, e);
+             gpu_attention_bwd_seg(x, B16(dq), B16(dk), B16(dvv), B16(dao), B16(A->ao), A->lse,
+                                   B16(A->q), B16(A->k), B16(A->v), g->has_seg ? g->seg : NULL,
+                                   g->B, g->T, nh, qk, dv, scale, e);
     if (rc) {
         gpu_arena_reset(x, mark);
         return -1;
@@ -1278,6 +1646,40 @@ static int block_bwd(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *e)
                : 0;
 }
 
+/* mtp_backward: the modules last depth first; leaves in g->dcarry d(loss)/d(the main model's
+ * last hidden state) through module 1's hnorm. */
+static int mtp_bwd(gmodel *g, dsv3_err *e)
+{
+    const dsv3_model *m = g->m;
+    const dsv3_config *c = &m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, V = c->vocab_size;
+    float eps = (float)c->rms_norm_eps;
+    size_t nh = (size_t)N * H * 2;
+    if (gpu_memset(x, g->dcarry, 0, nh, e))
+        return -1;
+    for (int k = g->D; k >= 1; k--) {
+        gm_mtp *M = &g->mt[k - 1];
+        const bf16 *prev = k > 1 ? g->mt[k - 2].hout : g->hfinal;
+        CUDA_TRY(cudaMemcpyAsync(g->dx, g->dcarry, nh, cudaMemcpyDeviceToDevice, ST(g)), e);
+        if (M->count && gpu_rmsnorm_bwd(x, B16(g->dx), 1.0f, G(M->head_norm), B16(M->d_xf),
+                                        B16(M->hout), W(M->head_norm), M->rstdf, N, H, eps, e))
+            return -1;
+        if (block_bwd(g, &g->blk[g->nl + k - 1], &g->a[g->nl + k - 1], e) ||
+            gpu_linear_dgrad(x, B16(g->dcat), B16(g->dx), W(M->eh), N, 2 * H, H, 0, e) ||
+            gpu_linear_wgrad(x, G(M->eh), B16(g->dx), B16(M->cat), N, 2 * H, H, 1.0f, e) ||
+            copy_cols(g, g->dsplit, H, g->dcat, 2 * H, N, H, e) ||
+            gpu_rmsnorm_bwd(x, B16(g->dx), 0.0f, G(M->enorm), B16(g->dsplit), B16(M->e),
+                            W(M->enorm), M->rstde, N, H, eps, e) ||
+            gpu_embedding_bwd(x, G(off_of(m, m->w.embed)), B16(g->dx), M->eid, N, H, V, e) ||
+            copy_cols(g, g->dsplit, H, g->dcat + H, 2 * H, N, H, e) ||
+            gpu_rmsnorm_bwd(x, B16(g->dcarry), 0.0f, G(M->hnorm), B16(g->dsplit), B16(prev),
+                            W(M->hnorm), M->rstdh, N, H, eps, e))
+            return -1;
+    }
+    return 0;
+}
+
 extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
 {
     const dsv3_model *m = g->m;
@@ -1286,14 +1688,23 @@ extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
     if (!g->grad_ready)
         return err_set(e, "gmodel: backward without a forward with targets and grad");
     g->grad_ready = 0;
-    if (!g->count)
+    if (!g->count && !g->mtp_ran && !g->bal_on)
         return 0;  /* the loss is a constant 0 */
     int64_t vh = (int64_t)V * H;
     k_axpy<<<blocks(vh), 256, 0, ST(g)>>>(G(off_of(m, m->w.lm_head)), g->head_pend, vh);
     LAUNCH_CHECK("k_axpy", e);
-    if (gpu_rmsnorm_bwd(g->c, B16(g->dx), 0.0f, G(off_of(m, m->w.final_norm)), B16(g->d_xf),
-                        B16(g->hfinal), W(off_of(m, m->w.final_norm)), g->rstdf, N, H,
-                        (float)c->rms_norm_eps, e))
+    size_t nh = (size_t)N * H * 2;
+    if (g->mtp_ran) {
+        if (mtp_bwd(g, e))
+            return -1;
+        CUDA_TRY(cudaMemcpyAsync(g->dx, g->dcarry, nh, cudaMemcpyDeviceToDevice, ST(g)), e);
+    } else if (!g->count && gpu_memset(g->c, g->dx, 0, nh, e)) {
+        return -1;
+    }
+    if (g->count && gpu_rmsnorm_bwd(g->c, B16(g->dx), g->mtp_ran ? 1.0f : 0.0f,
+                                    G(off_of(m, m->w.final_norm)), B16(g->d_xf), B16(g->hfinal),
+                                    W(off_of(m, m->w.final_norm)), g->rstdf, N, H,
+                                    (float)c->rms_norm_eps, e))
         return -1;
     if (g->hook && g->hook(g->hook_ctx, 0, e))
         return -1;

@@ -19,9 +19,12 @@
  * one chunked pass during the forward (loss.h), its weight gradient held apart until
  * backward adds it (the trainer rescales accumulated gradients between the two).
  *
- * Not supported yet: the MTP modules' loss (mtp_lambda > 0) and the sequence-wise balance
- * loss (balance_alpha > 0): gmodel_forward refuses them with a message. The MTP modules'
- * parameters are carried (their gradients stay zero, as on the CPU with lambda 0). */
+ * The whole loss of lib/model: the MTP modules' loss (mtp_lambda > 0: D modules, their
+ * heads' gradients formed in the forward too), the sequence-wise balance loss
+ * (balance_alpha > 0) of every MoE block that runs, documents packed in a sequence
+ * (gmodel_set_segments: attention masked by document, positions restarting), and the
+ * step's normalisers m->norm_main / norm_mtp / norm_seqs read at each forward, so the
+ * gradients of a step's forwards add up exactly as lib/model's do. */
 #ifndef DSV3_GMODEL_H
 #define DSV3_GMODEL_H
 
@@ -57,8 +60,23 @@ int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e);
  * the device instead (and, with grad, the expert loads), for gmodel_take_stats. */
 int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targets, int grad,
                    float *loss, dsv3_err *e);
-/* Adds d(loss)/d(params) of the last forward (which had targets and grad) into the device
- * gradients. Queued only: a fault shows at the next synchronising call. */
+/* Documents packed in each sequence for the next forwards, as model_acts_set_segments
+ * (segment[N] non-decreasing along a sequence, NULL: one document; position[N] in 0..T-1,
+ * NULL: 0..T-1). Error (nothing changed) on a bad position or a decreasing number. */
+int gmodel_set_segments(gmodel *g, const int32_t *segment, const int32_t *position,
+                        dsv3_err *e);
+
+/* The losses of the last forward with targets, as model_acts_losses (main, mtp, mtp_k,
+ * balance, total = what gmodel_backward differentiates). */
+void gmodel_losses(const gmodel *g, model_losses *out);
+
+/* MTP module k's block's load in the last forward (model_mtp_expert_load): counts[E] and
+ * *slots over its rows with a real t_{i+k}. Returns 1 when the module did not run or its
+ * block is dense, -1 on a device error. */
+int gmodel_mtp_expert_load(gmodel *g, int k, int64_t *counts, int64_t *slots, dsv3_err *e);
+
+/* Adds d(total loss)/d(params) of the last forward (which had targets and grad) into the
+ * device gradients. Queued only: a fault shows at the next synchronising call. */
 int gmodel_backward(gmodel *g, dsv3_err *e);
 /* Reads and clears the sums since the last call (one synchronising read): *loss_sum, the
  * sum of the per-row cross-entropies of the forwards given no loss pointer; loads (NULL to

@@ -183,6 +183,20 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
                       int nh, int dk, int dv, float scale, dsv3_err *e) { return no_cuda(e); }
+int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
+                          const gpu_bf16 *k, const gpu_bf16 *v, const int32_t *seg, int B,
+                          int T, int nh, int dk, int dv, float scale, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
+                          const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
+                          const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v,
+                          const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale,
+                          dsv3_err *e)
+{
+    return no_cuda(e);
+}
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant) {}
 
 /* kernels/gmodel.h */
@@ -427,3 +441,19 @@ int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int3
 }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
 double ginfer_graph_seconds(const ginfer *g) { return 0; }
+
+int gmodel_set_segments(gmodel *g, const int32_t *segment, const int32_t *position,
+                        dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+void gmodel_losses(const gmodel *g, model_losses *out)
+{
+    memset(out, 0, sizeof *out);
+}
+
+int gmodel_mtp_expert_load(gmodel *g, int k, int64_t *counts, int64_t *slots, dsv3_err *e)
+{
+    return 1;
+}

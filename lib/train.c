@@ -166,7 +166,6 @@ typedef struct accum {
     double loss_sum;   /* sum over forwards of mean loss * counted targets */
     int64_t n;         /* counted targets */
     int64_t routed;    /* tokens through the router (every position of every forward) */
-    int64_t prev_n;    /* GPU: counted targets of the last backward (see forward) */
     double mtp[8];     /* MTP module k's cross-entropy, each forward's share of the step's
                           mean (the model divides by the step's counts) */
 } accum;
@@ -218,7 +217,6 @@ typedef struct trainer {
                              its end, for measuring) */
     comm *dcomm;          /* the NCCL comm beside o->comm */
     int next_bk;          /* the next bucket to reduce-scatter this step */
-    float bk_scale;       /* the step's final gradient scale, applied per bucket */
     uint16_t *hbuf;       /* [n_params]: a moment in the flat layout, for checkpoints */
 } trainer;
 
@@ -307,26 +305,44 @@ static void dequeue(trainer *t)
     t->q.n -= take;
 }
 
-static void scale_grads(dsv3_model *m, float f)
-{
-    for (size_t i = 0; i < m->n_params; i++)
-        m->grads[i] *= f;
-}
-
 /* ---- backend: where forward and backward run ----
- * The CPU model (lib/model) or the GPU one (kernels/gmodel), behind the same calls. On the
- * GPU the gradients accumulate on the device over a step's forwards and are fetched into
- * m.grads once (be_fetch_grads); the parameters are uploaded before the first forward
- * after they change (gm_dirty). Everything after the fetch is the same code for both. */
+ * The CPU model (lib/model) or the GPU one (kernels/gmodel), behind the same calls, both
+ * reading the step's normalisers (m.norm_*) and the documents of the rows. On the GPU the
+ * gradients accumulate on the device over a step's forwards and are fetched into m.grads
+ * once (be_fetch_grads) unless the optimizer runs there too; the parameters are uploaded
+ * before the first forward after they change (gm_dirty). */
 
 static int be_forward(trainer *t, int grad, float *loss, dsv3_err *e)
 {
-    if (!t->gm)
+    const int32_t *seg = t->doc_mask ? t->seg : NULL, *pos = t->doc_mask ? t->pos : NULL;
+    if (!t->gm) {
+        if (model_acts_set_segments(t->acts, seg, pos))
+            return err_set(e, "bad document numbers in a packed record");
         return model_forward(&t->m, t->acts, t->ids, t->tgt, loss, e);
+    }
     if (t->gm_dirty && gmodel_set_params(t->gm, t->m.params, e))
         return -1;
     t->gm_dirty = 0;
-    return gmodel_forward(t->gm, t->ids, t->tgt, grad, loss, e);
+    return gmodel_set_segments(t->gm, seg, pos, e) ||
+                   gmodel_forward(t->gm, t->ids, t->tgt, grad, loss, e)
+               ? -1
+               : 0;
+}
+
+static void be_losses(trainer *t, model_losses *ls)
+{
+    if (t->gm)
+        gmodel_losses(t->gm, ls);
+    else
+        model_acts_losses(t->acts, ls);
+}
+
+/* MTP module k's block's load: 0 done, 1 none (not run or dense), -1 error. */
+static int be_mtp_expert_load(trainer *t, int k, int64_t *counts, int64_t *slots, dsv3_err *e)
+{
+    if (t->gm)
+        return gmodel_mtp_expert_load(t->gm, k, counts, slots, e);
+    return model_mtp_expert_load(&t->m, t->acts, k, counts, slots) ? 1 : 0;
 }
 
 static int be_backward(trainer *t, dsv3_err *e)
@@ -338,14 +354,6 @@ static int be_expert_load(trainer *t, int l, int64_t *counts)
 {
     return t->gm ? gmodel_expert_load(t->gm, l, counts)
                  : model_expert_load(&t->m, t->acts, l, counts);
-}
-
-static int be_scale_grads(trainer *t, float f, dsv3_err *e)
-{
-    if (t->gm)
-        return gmodel_scale_grads(t->gm, f, e);
-    scale_grads(&t->m, f);
-    return 0;
 }
 
 /* On the GPU the host gradients are either unused (the optimizer on the device) or
@@ -366,18 +374,14 @@ static int be_fetch_grads(trainer *t, dsv3_err *e)
 /* ---- data parallelism on device buffers ---- */
 
 /* Reduce-scatters, on the communication stream, every bucket not yet sent whose gradients
- * are final once the backward has passed ready point `point`, each scaled by f first (the
- * step's final rescale, n_last / N) on the compute stream, which the communication stream
- * waits for. */
-static int gdp_launch(trainer *t, int point, float f, dsv3_err *e)
+ * are final once the backward has passed ready point `point` (the model's gradient is
+ * already that of the step's loss: no rescale), after the compute stream's work so far. */
+static int gdp_launch(trainer *t, int point, dsv3_err *e)
 {
     dp *d = &t->dp;
     int first = t->next_bk;
-    for (; t->next_bk < d->nbk && d->bk[t->next_bk].ready <= point; t->next_bk++) {
-        const dp_bucket *b = &d->bk[t->next_bk];
-        if (gmodel_scale_range(t->gm, b->lo, b->hi < d->n ? b->hi : d->n, f, e))
-            return -1;
-    }
+    while (t->next_bk < d->nbk && d->bk[t->next_bk].ready <= point)
+        t->next_bk++;
     if (t->next_bk == first)
         return 0;
     if (gmodel_dp_fence(t->gm, e))
@@ -391,16 +395,14 @@ static int gdp_launch(trainer *t, int point, float f, dsv3_err *e)
 
 static int gdp_hook(void *ctx, int point, dsv3_err *e)
 {
-    trainer *t = ctx;
-    return gdp_launch(t, point, t->bk_scale, e);
+    return gdp_launch(ctx, point, e);
 }
 
 /* After the step's backwards: the buckets not sent yet (all of them without overlap, or
  * when the last forward had no target), then the compute stream waits for them all. */
-static int gdp_finish(trainer *t, int64_t last_n, int64_t n_all, dsv3_err *e)
+static int gdp_finish(trainer *t, dsv3_err *e)
 {
-    float f = last_n && n_all ? (float)((double)last_n / (double)n_all) : 1.0f;
-    return gdp_launch(t, INT32_MAX, f, e) || gmodel_dp_join(t->gm, e) ? -1 : 0;
+    return gdp_launch(t, INT32_MAX, e) || gmodel_dp_join(t->gm, e) ? -1 : 0;
 }
 
 /* Joins NCCL beside the job's CPU comm, cuts the device layout into buckets at the
@@ -516,12 +518,10 @@ static int ep_agree_more(trainer *t, int *more, int rc, dsv3_err *e)
     return 1;
 }
 
-/* One forward (and backward) of the B rows in t->ids/t->tgt. On the CPU the model divides
- * each forward's loss sums by the step's counts (load_step), so the backwards simply add up
- * the gradient of the step's loss. The GPU model's gradient is of one forward's mean loss
- * (g_i over its n_i targets): there the sum so far is rescaled by n_prev/n_i before each
- * backward and by n_last/N at the end of the step, which gives the same sum_i (n_i/N) g_i.
- * A forward without a counted target is skipped. */
+/* One forward (and backward) of the B rows in t->ids/t->tgt. The model (CPU or GPU)
+ * divides each forward's loss sums by the step's counts (load_step), so the backwards
+ * simply add up the gradient of the step's loss. A forward without a counted target is
+ * skipped. */
 static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
 {
     int64_t n = 0;
@@ -530,21 +530,15 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     if (!n)  /* skipped; with experts held here, still served to the other ranks */
         return ep_idle(t, backward, e);
     float loss = 0;
-    if (t->gm) { /* loss and expert loads summed on the device: run_records reads them */
-        if (be_forward(t, backward, NULL, e))
-            return -1;
-    } else {
-        if (model_acts_set_segments(t->acts, t->doc_mask ? t->seg : NULL,
-                                    t->doc_mask ? t->pos : NULL))
-            return err_set(e, "bad document numbers in a packed record");
-        if (model_forward(&t->m, t->acts, t->ids, t->tgt, &loss, e))
-            return -1;
-        if (backward && t->n_mtp > 0 && t->m.mtp_lambda > 0) {
-            model_losses ls;
-            model_acts_losses(t->acts, &ls);
-            for (int k = 0; k < t->n_mtp && k < 8; k++)
-                a->mtp[k] += ls.mtp_k[k];
-        }
+    /* on the GPU the loss and the main layers' expert loads are summed on the device, and
+     * run_records reads them once (gpu_stats) */
+    if (be_forward(t, backward, t->gm ? NULL : &loss, e))
+        return -1;
+    if (backward && t->n_mtp > 0 && t->m.mtp_lambda > 0) {
+        model_losses ls;
+        be_losses(t, &ls);
+        for (int k = 0; k < t->n_mtp && k < 8; k++)
+            a->mtp[k] += ls.mtp_k[k];
     }
     if (!t->gm)
         a->loss_sum += (double)loss * (double)n;
@@ -557,9 +551,12 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         if (be_expert_load(t, l, t->tmp_counts) == 0)
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)l * E + i] += t->tmp_counts[i];
-    for (int k = 0; !t->gm && k < t->n_mtp; k++) {  /* the GPU model has no MTP yet */
+    for (int k = 0; k < t->n_mtp; k++) {
         int64_t slots;
-        if (model_mtp_expert_load(&t->m, t->acts, k, t->tmp_counts, &slots) == 0) {
+        int rc = be_mtp_expert_load(t, k, t->tmp_counts, &slots, e);
+        if (rc < 0)
+            return -1;
+        if (rc == 0) {
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)(c->num_hidden_layers + k) * E + i] += t->tmp_counts[i];
             t->mtp_slots[k] += slots;
@@ -567,27 +564,15 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     }
     a->routed += (int64_t)t->B * t->L;
     ep_count_rows(t);
-    if (t->gm) {
-        if (a->prev_n && a->prev_n != n &&
-            be_scale_grads(t, (float)((double)a->prev_n / (double)n), e))
-            return -1;
-        /* The step's last backward: each bucket of gradients leaves as soon as it is final
-         * (norm_main: the step's targets over all ranks, as the final rescale below). */
-        int hook = t->gdp && t->overlap && t->q.n == 0;
-        if (hook) {
-            t->bk_scale = (float)((double)n / (double)t->m.norm_main);
-            gmodel_set_bwd_hook(t->gm, gdp_hook, t);
-        }
-        int rc = be_backward(t, e);
-        if (hook)
-            gmodel_set_bwd_hook(t->gm, NULL, NULL);
-        if (rc)
-            return -1;
-        a->prev_n = n;
-    } else if (model_backward(&t->m, t->acts, t->ids, t->tgt, e)) {
-        return -1;
-    }
-    return 0;
+    /* The step's last backward on device buffers: each bucket of gradients leaves for its
+     * reduce-scatter as soon as it is final. */
+    int hook = t->gm && t->gdp && t->overlap && t->q.n == 0;
+    if (hook)
+        gmodel_set_bwd_hook(t->gm, gdp_hook, t);
+    int rc = be_backward(t, e);
+    if (hook)
+        gmodel_set_bwd_hook(t->gm, NULL, NULL);
+    return rc;
 }
 
 /* The GPU's sums over the forwards just run (one read for them all): the loss, and with
@@ -1084,9 +1069,6 @@ static int setup_rest(trainer *t, dsv3_err *e)
         if (ngpu <= 0)
             return err_set(e, "--device cuda: no GPU found%s",
                            gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");
-        if (o->sft || o->doc_mask)
-            return err_set(e, "--device cuda: attention masked by document (--sft, --doc-mask) "
-                           "is not on the GPU yet; use --device cpu");
         /* one GPU per rank of a node: the local rank picks it */
         const comm_launch *cl = o->comm ? comm_launch_info(o->comm) : NULL;
         int dev = (cl && cl->local_world > 0 ? cl->local_rank : t->dp.rank) % ngpu;
@@ -1099,8 +1081,15 @@ static int setup_rest(trainer *t, dsv3_err *e)
             return -1;
         t->gm_opt = 1;
         set_mfu_basis(t, dev);
-    } else if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e))) {
-        return -1;
+        gpu_props p;
+        char what[300];
+        snprintf(what, sizeof what, "cuda (GPU %d: %s)", dev,
+                 gpu_describe(dev, &p, NULL) == 0 ? p.name : "?");
+        note(t, "dsv3-train: device %s", what);
+    } else {
+        if (!(t->acts = model_acts_new(&t->m, (int)t->B, (int)t->L, e)))
+            return -1;
+        note(t, "dsv3-train: device %s", "cpu");
     }
     const dsv3_config *c = &t->m.cfg;
     t->n_mtp = c->num_nextn_predict_layers;
@@ -1217,16 +1206,27 @@ static void end_step(trainer *t, step_out *so, double t0)
     so->seconds = progress_now() - t0;
 }
 
+/* The step line's MTP loss: the mean over the modules of their cross-entropy. */
+static void mtp_mean(const trainer *t, step_out *so, const accum *a)
+{
+    if (t->n_mtp > 0 && t->m.mtp_lambda > 0) {
+        double sum = 0;
+        int D = t->n_mtp < 8 ? t->n_mtp : 8;
+        for (int k = 0; k < D; k++)
+            sum += a->mtp[k];
+        so->mtp_loss = sum / D;
+    }
+}
+
 /* do_step's update with the optimizer on the GPU (one process, t->gm_opt): the same rules
- * as the host path below (final rescale, norm, non-finite stop or skip, clipping, AdamW with
- * lib/optim's step count, the bias update on the host's biases, then uploaded). */
+ * as the host path below (norm, non-finite stop or skip, clipping, AdamW with lib/optim's
+ * step count, the bias update on the host's biases of the main and MTP blocks, then
+ * uploaded). */
 static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_err *e)
 {
     const train_opts *o = t->o;
-    if (!t->gdp && a->n && a->prev_n != a->n &&
-        gmodel_scale_grads(t->gm, (float)((double)a->prev_n / (double)a->n), e))
-        return -1;
     so->targets = a->n;
+    mtp_mean(t, so, a);
     so->loss = a->n ? a->loss_sum / (double)a->n : 0;
     float norm = 0;
     if (gmodel_grad_norm(t->gm, &norm, e))
@@ -1257,10 +1257,12 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
                                      gmodel_stream(t->gm), e) ||
                        gmodel_refresh_bf16(t->gm, e)))
             return -1;
-        train_balance_update(&t->m, t->counts, a->routed, NULL, (float)so->gamma);
+        train_balance_update(&t->m, t->counts, a->routed, t->mtp_slots, (float)so->gamma);
         const dsv3_config *c = &t->m.cfg;
-        for (int l = 0; l < c->num_hidden_layers; l++) {
-            const float *b = t->m.w.layers[l].router_bias;
+        for (int l = 0; l < c->num_hidden_layers + t->n_mtp; l++) {
+            const float *b = l < c->num_hidden_layers
+                                 ? t->m.w.layers[l].router_bias
+                                 : t->m.w.mtp[l - c->num_hidden_layers].block.router_bias;
             if (b && gmodel_set_range(t->gm, t->m.params, (size_t)(b - t->m.params),
                                       (size_t)c->n_routed_experts, e))
                 return -1;
@@ -1325,30 +1327,19 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     t->next_bk = 0;
     if (!rc)
         rc = run_records(t, t->train, 0, &a, 1, e);
-    int64_t n_all = t->m.norm_main;
     t->m.norm_main = t->m.norm_seqs = 0;  /* evaluation: each forward its own */
     t->m.norm_mtp = NULL;
     if (!rc && !t->gm_opt)
         rc = be_fetch_grads(t, e);
-    int64_t local_n = a.n;
-    if (dp_agree(&t->dp, rc, NULL, e) || (t->gdp && gdp_finish(t, a.prev_n, n_all, e)) ||
-        sum_stats(t, &a, e))
+    if (dp_agree(&t->dp, rc, NULL, e) || (t->gdp && gdp_finish(t, e)) || sum_stats(t, &a, e))
         return -1;
     if (t->gm_opt)
         return gpu_update(t, so, &a, t0, e);
-    if (t->gm && a.n && local_n && a.prev_n != a.n)  /* the GPU's last rescale: n_last/N */
-        scale_grads(&t->m, (float)((double)a.prev_n / (double)a.n));
     float *g;
     if (dp_reduce_grads(&t->dp, t->m.grads, &g, e) || ep_reduce(t, e))
         return -1;
     so->targets = a.n;
-    if (t->n_mtp > 0 && t->m.mtp_lambda > 0 && !t->gm) {
-        double sum = 0;
-        int D = t->n_mtp < 8 ? t->n_mtp : 8;
-        for (int k = 0; k < D; k++)
-            sum += a.mtp[k];
-        so->mtp_loss = sum / D;
-    }
+    mtp_mean(t, so, &a);
     so->loss = a.n ? a.loss_sum / (double)a.n : 0;
     double sumsq = optim_grad_sumsq(&t->m, g, t->dp.lo, t->dp.hi) + ep_sumsq(t);
     if (dp_sum_f64(&t->dp, &sumsq, 1, e))

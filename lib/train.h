@@ -82,8 +82,10 @@ typedef struct train_opts {
     comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
-    int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel); the
-                               optimizer, ZeRO and balance update stay on the host arrays */
+    int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel), AdamW
+                               too (on each rank's shard under ZeRO); the balance update
+                               stays on the host arrays (dsv3-train sets it
+                               when a GPU is present unless --device cpu) */
     int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
     int ep;                 /* expert parallelism over this many ranks (0/1: off; lib/ep):
                                rank r holds routed-expert group r mod ep only */

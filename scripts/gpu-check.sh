@@ -70,6 +70,10 @@ fi
 if command -v python3 >/dev/null 2>&1; then
     python3 scripts/bench-attn-torch.py >"$LOG/torch.log" 2>&1
     grep '^# ' "$LOG/torch.log" >>"$LOG/notes.txt"
+    # 50 training steps against HF transformers (docs/PARITY.md); its files in $LOG/parity
+    OUT="$LOG/parity" BIN="$BUILD/bin" sh scripts/parity-train-torch.sh 50 >"$LOG/parity.log" 2>&1 ||
+        { all=1; echo "parity-train-torch.sh failed" >>"$LOG/notes.txt"; }
+    grep '^largest' "$LOG/parity.log" | sed 's/^/# /' >>"$LOG/notes.txt"
 fi
 # dsv3's greedy generation (CPU, GPU fp32 and bf16) against transformers' generate()
 if python3 -c 'import torch, transformers' 2>/dev/null && [ -x "$BUILD/tests/bench/greedy_ids" ]; then

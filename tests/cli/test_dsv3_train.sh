@@ -3,6 +3,8 @@
 # write), gradient accumulation, checkpoints kept, loss falling on a repetitive corpus,
 # SFT masking, --doc-mask, and bad input refused before any step with nothing left behind.
 . "$(dirname "$0")/lib.sh"
+# The CPU backend's tests: its default is cuda where there is a GPU (--device still wins).
+export DSV3_DEVICE=cpu
 CFG=configs/tiny.json
 
 # The value of "key" in each line of a metrics.jsonl (the loss printed with 17 digits, so
@@ -22,6 +24,8 @@ expect_err bad_schedule 2 "before it starts" dsv3-train -c $CFG -d "$T/x" -o "$T
 expect_err sft_needs_id 2 "sft-assistant-id" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --sft
 expect_err cuda_no_gpu_or_data 1 "GPU backend\|cannot open the data folder" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --device cuda
 expect_err fp8_needs_cuda 2 "--fp8 needs --device cuda" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --fp8
+expect_err bad_device_env 2 "DSV3_DEVICE: expected cpu or cuda" env DSV3_DEVICE=tpu dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1
+expect_err bad_device 2 "device: expected cpu or cuda" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --device tpu
 expect_err unknown_option 2 "Try 'dsv3-train --help'" dsv3-train --bogus
 check usage_no_output test ! -e "$T/x"
 

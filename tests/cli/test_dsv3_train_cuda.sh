@@ -1,8 +1,10 @@
 # CLI tests of dsv3-train --device cuda (kernels/gmodel through lib/train's backend switch):
 # 20 steps of the tiny config on the GPU against the same 20 steps on the CPU (losses
-# within bf16 rounding), the loss falling, an exact resume on the GPU, and dsv3-sample
-# --score on the GPU against the CPU. Without a GPU
-# the option must fail with a clear message (exit 1), and the rest is skipped.
+# within bf16 rounding), the loss falling, an exact resume on the GPU, the whole V3 loss
+# (MTP and balance loss at their defaults) and document masking (--doc-mask) on the GPU
+# against the CPU, cuda as the default device, and dsv3-sample --score on the GPU against
+# the CPU. Without a GPU the option must fail with a clear message (exit 1), and the rest
+# is skipped.
 . "$(dirname "$0")/lib.sh"
 CFG=configs/tiny.json
 
@@ -19,14 +21,59 @@ dsv3-train $A -o "$T/probe" --steps 1 --device cuda >"$T/out" 2>"$T/err"
 if [ $? -ne 0 ] && grep -q "no GPU found" "$T/err"; then
     check no_gpu_message grep -q -- "--device cuda: no GPU found" "$T/err"
     check no_gpu_nothing_written test ! -e "$T/probe"
+    # without a GPU the default device is the CPU, and the start line says so
+    expect default_cpu 0 env -u DSV3_DEVICE dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/dflt" --steps 1
+    check default_cpu_said grep -q "device cpu" "$T/err"
     echo "skip cuda_training: no GPU"
     exit 0
 fi
 
-# MTP and the balance loss are refused on the GPU, before any step.
-expect_err cuda_refuses_mtp 1 "MTP" dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/mtp" --steps 1 --balance-alpha 0 --device cuda --quiet
+# With a GPU, cuda is the default device, and the start line says so; --device cpu forces
+# the CPU.
+expect default_cuda 0 env -u DSV3_DEVICE dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/dflt" --steps 1
+check default_cuda_said grep -q "device cuda" "$T/err"
+expect forced_cpu 0 dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/fcpu" --steps 1 --device cpu
+check forced_cpu_said grep -q "device cpu" "$T/err"
+expect env_cpu 0 env DSV3_DEVICE=cpu dsv3-train -c $CFG -d "$T/data" -b 4 -o "$T/ecpu" --steps 1
+check env_cpu_said grep -q "device cpu" "$T/err"
 
-expect cpu_run 0 dsv3-train $A -o "$T/cpu" --steps 20
+# closeness CPU GPU N BOUND FIRST_BOUND: losses of two runs' metrics (fields loss or
+# mtp_loss) within BOUND relative at every step, the first within FIRST_BOUND.
+close() {
+    awk -v c="$(field "$1" "$2" | tr '\n' ' ')" -v g="$(field "$1" "$3" | tr '\n' ' ')" -v want="$4" \
+        -v b="$5" -v f="$6" -v what="$1 $2" 'BEGIN { n = split(c, a, " "); m = split(g, x, " "); w = 0;
+        for (i = 1; i <= n; i++) { d = (a[i] - x[i]) / a[i]; if (d < 0) d = -d; if (d > w) w = d;
+        if (i == 1) d1 = d }
+        printf "# max relative %s difference gpu vs cpu: %.3e (first step %.3e)\n", what, w, d1;
+        exit !(n == want && m == want && w < b && d1 < f) }'
+}
+# The whole V3 loss on the GPU: MTP (lambda 0.3) and the balance loss (alpha 1e-4, the
+# defaults) with their step normalisation, against the CPU.
+F="-c $CFG -d $T/data -b 4 -g 8 --lr 3e-3 --warmup 2 --decay-end 20 --quiet --steps 10"
+expect cpu_full_loss 0 dsv3-train $F -o "$T/fcpu10" --device cpu
+expect gpu_full_loss 0 dsv3-train $F -o "$T/fgpu10" --device cuda
+check gpu_full_loss_close close loss "$T/fcpu10/metrics.jsonl" "$T/fgpu10/metrics.jsonl" 10 3e-2 5e-3
+check gpu_mtp_loss_close close mtp_loss "$T/fcpu10/metrics.jsonl" "$T/fgpu10/metrics.jsonl" 10 3e-2 5e-3
+# Document masking on the GPU (attention and MTP inside each document), against the CPU.
+expect cpu_doc_mask 0 dsv3-train $F -o "$T/dcpu10" --doc-mask --device cpu
+expect gpu_doc_mask 0 dsv3-train $F -o "$T/dgpu10" --doc-mask --device cuda
+check gpu_doc_mask_close close loss "$T/dcpu10/metrics.jsonl" "$T/dgpu10/metrics.jsonl" 10 3e-2 5e-3
+check gpu_doc_mask_differs test "$(field loss "$T/dgpu10/metrics.jsonl")" != "$(field loss "$T/fgpu10/metrics.jsonl")"
+# ZeRO ranks on the GPU (gradients fetched to the host, AdamW on the host shards): two
+# torchrun-style ranks sharing the GPU follow one process (AdamW on the device), with the
+# MTP and balance losses normalised over both ranks' forwards.
+port=$((20000 + $$ % 9000))
+Z="-c $CFG -d $T/data -b 2 -g 8 --lr 3e-3 --warmup 2 --quiet --steps 4 --device cuda --balance-alpha 0.01"
+expect zero_one 0 dsv3-train $Z -o "$T/z1"
+for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        dsv3-train $Z -o "$T/z2" 2>"$T/z2err.$r" &
+done
+wait
+check gpu_zero_2_ranks close loss "$T/z1/metrics.jsonl" "$T/z2/metrics.jsonl" 4 1e-2 1e-4
+check gpu_zero_2_ranks_mtp close mtp_loss "$T/z1/metrics.jsonl" "$T/z2/metrics.jsonl" 4 1e-2 1e-4
+
+expect cpu_run 0 dsv3-train $A -o "$T/cpu" --steps 20 --device cpu
 expect gpu_run 0 dsv3-train $A -o "$T/gpu" --steps 20 --device cuda
 c=$(field loss "$T/cpu/metrics.jsonl" | tr '\n' ' '); g=$(field loss "$T/gpu/metrics.jsonl" | tr '\n' ' ')
 echo "# cpu losses: $c"

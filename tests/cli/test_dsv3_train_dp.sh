@@ -7,6 +7,8 @@
 # re-sliced); a global batch that does not split is refused; a failure on one rank stops
 # every rank with a message naming it; the launch scripts run.
 . "$(dirname "$0")/lib.sh"
+# The CPU backend's tests: its default is cuda where there is a GPU.
+export DSV3_DEVICE=cpu
 BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
 CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp

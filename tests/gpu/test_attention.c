@@ -1,7 +1,8 @@
 /* GPU test of kernels/attention: the fused causal attention, forward (output and log-sum-
  * exp) and backward (dq, dk, dv), against lib/ops attention_forward/backward on fresh
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
- * lengths that are not multiples of the 64-row tile. With DSV3_GPU_BENCH=1 also timings on
+ * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
+ * documents) against lib/ops attention_*_seg. With DSV3_GPU_BENCH=1 also timings on
  * V3 and 1B-MoE shapes against the measured matrix rate. */
 #include "../../kernels/attention.h"
 #include "../../kernels/gemm.h"
@@ -97,6 +98,76 @@ static void attention_matches_cpu(void)
     gt_stat("attention bwd dv", wv, BF16_BOUND);
 }
 
+/* Attention masked by document (gpu_attention_*_seg) against lib/ops attention_*_seg:
+ * ragged documents (1 to 70 tokens, numbers going on across sequences; some length-1)
+ * crossing the 64-row tiles, under each forward variant. */
+static void attention_segments_match_cpu(void)
+{
+    GT_NEED_GPU();
+    dsv3_err e;
+    static const int sh[][5] = {{2, 150, 2, 192, 128}, {1, 200, 2, 96, 64}, {3, 37, 4, 24, 16},
+                                {1, 130, 1, 32, 32}};
+    double wo = 0, wq = 0, wk = 0, wv = 0;
+    for (size_t s = 0; s < 3 * (sizeof sh / sizeof sh[0]); s++) {
+        int variant = (int)(s / (sizeof sh / sizeof sh[0]));
+        gpu_attention_set_variant(gt_ctx_, variant);
+        size_t si = s % (sizeof sh / sizeof sh[0]);
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        if (variant > 0 && dk <= 32)
+            continue;
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        int32_t doc = (int32_t)(test_rand() % 5);
+        for (int b = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0) {
+                    doc++;
+                    left = test_rand() % 4 == 0 ? 1 : 1 + (int)(test_rand() % 70);
+                }
+                seg[(size_t)b * T + t] = doc;
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        float *dout = gt_rand_bf(nv, 1);
+        gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+        gpu_bf16 *gdo = gt_up_bf(dout, nv), *go = gt_poisoned(nv * 2);
+        gpu_bf16 *gdq = gt_poisoned(nq * 2), *gdk = gt_poisoned(nq * 2), *gdv = gt_poisoned(nv * 2);
+        float *glse = gt_poisoned(nl * 4);
+        int32_t *gseg = gt_up(seg, (size_t)B * T * 4);
+        REQUIRE(gq && gk && gv && gdo && go && gdq && gdk && gdv && glse && gseg);
+        CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv, scale,
+                                     &e) == 0,
+               "%s", e.msg);
+        CHECKF(gpu_attention_bwd_seg(gt_ctx_, gdq, gdk, gdv, gdo, go, glse, gq, gk, gv, gseg, B,
+                                     T, nh, dk, dv, scale, &e) == 0,
+               "%s", e.msg);
+        float *o = gt_down_bf(go, nv);
+        float *dq = gt_down_bf(gdq, nq), *dk_ = gt_down_bf(gdk, nq), *dv_ = gt_down_bf(gdv, nv);
+        float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T);
+        float *rdq = gt_zeros(nq), *rdk = gt_zeros(nq), *rdv = gt_zeros(nv);
+        attention_forward_seg(ro, att, q, k, v, seg, B, T, nh, dk, dv, scale);
+        attention_backward_seg(rdq, rdk, rdv, dout, att, q, k, v, seg, B, T, nh, dk, dv, scale);
+        double a = gt_relerr(o, ro, nv), c = gt_relerr(dq, rdq, nq);
+        double d = gt_relerr(dk_, rdk, nq), f = gt_relerr(dv_, rdv, nv);
+        wo = a > wo ? a : wo, wq = c > wq ? c : wq, wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+        CHECKF(a <= BF16_BOUND && c <= BF16_BOUND && d <= BF16_BOUND && f <= BF16_BOUND,
+               "documents, variant %d B=%d T=%d nh=%d dk=%d dv=%d: out %.2e dq %.2e dk %.2e "
+               "dv %.2e",
+               variant, B, T, nh, dk, dv, a, c, d, f);
+        free(q), free(k), free(v), free(dout), free(o), free(dq), free(dk_), free(dv_);
+        free(ro), free(att), free(rdq), free(rdk), free(rdv), free(seg);
+        gt_reset(mark);
+    }
+    gpu_attention_set_variant(gt_ctx_, 0);
+    gt_stat("attention documents fwd out", wo, BF16_BOUND);
+    gt_stat("attention documents bwd dq", wq, BF16_BOUND);
+    gt_stat("attention documents bwd dk", wk, BF16_BOUND);
+    gt_stat("attention documents bwd dv", wv, BF16_BOUND);
+}
+
 struct att_job {
     int B, T, nh, dk, dv, bwd;
     gpu_bf16 *q, *k, *v, *o, *dout, *dq, *dk_, *dv_;
@@ -190,8 +261,10 @@ static void bench_attention(void)
 int main(void)
 {
     test_seed();
-    if (!getenv("DSV3_ATTN_ONCE"))
+    if (!getenv("DSV3_ATTN_ONCE")) {
         RUN(attention_matches_cpu);
+        RUN(attention_segments_match_cpu);
+    }
     RUN(bench_attention);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);

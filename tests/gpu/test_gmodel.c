@@ -17,8 +17,17 @@
  * through a dozen such roundings between the loss and itself: measured on an H200 (3 runs),
  * 0.9e-2 .. 1.2e-2 over all and 1.4e-2 .. 1.8e-2 for the worst tensor (a q_a_proj or
  * q_a_layernorm, at the end of the longest chain), while the losses agree to 1e-4.
- * Tensors with no gradient on the CPU (MTP modules, correction biases) must have none on
- * the GPU. */
+ * Tensors with no gradient on the CPU (MTP modules when off, correction biases) must have
+ * none on the GPU.
+ *
+ * The whole loss: cases with the MTP modules (lambda 0.3, depth 1 and 2), the sequence-wise
+ * balance loss (alpha 0.1, large enough that its share of the router's gradient shows; it
+ * is exercised by the sparse forced routing only: with K = E every f_i is 1 and its
+ * gradient vanishes), ragged packed documents (gmodel_set_segments vs
+ * model_acts_set_segments: attention masked by document, positions restarting, MTP
+ * placeholders at each document's end), and step normalisers (norm_main, norm_mtp,
+ * norm_seqs) other than the forward's own counts. Each part of the loss (main, MTP per
+ * module, balance) is compared, and the MTP blocks' expert loads. */
 #include <math.h>
 
 #include "../../kernels/gemm.h"
@@ -35,6 +44,11 @@ typedef struct gm_case {
     int all_experts;      /* K = E, all groups */
     int forced;           /* sparse, biased towards experts 0 and 5 */
     int big;              /* wider model: head dims 96/64, 16 experts, vocab 1000 */
+    float mtp;            /* MTP loss weight (0: off) */
+    int depth;            /* MTP modules (0: the config's) */
+    float alpha;          /* balance loss weight (0: off) */
+    int docs;             /* ragged packed documents */
+    int norms;            /* step normalisers larger than this forward's counts */
 } gm_case;
 
 static int load_cfg(dsv3_config *c, const gm_case *k, dsv3_err *e)
@@ -58,6 +72,8 @@ static int load_cfg(dsv3_config *c, const gm_case *k, dsv3_err *e)
         c->num_experts_per_tok = c->n_routed_experts;
         c->topk_group = c->n_group;
     }
+    if (k->depth)
+        c->num_nextn_predict_layers = k->depth;
     return 0;
 }
 
@@ -75,8 +91,10 @@ static void run_case(const gm_case *k)
     for (size_t i = 0; i < m.n_params; i++)
         m.params[i] = gpu_bf2f(gpu_f2bf(m.params[i]));
     const dsv3_config *cf = &m.cfg;
-    for (int l = 0; l < cf->num_hidden_layers; l++) {
-        model_layer *L = &m.w.layers[l];
+    int D = cf->num_nextn_predict_layers;
+    for (int l = 0; l < cf->num_hidden_layers + D; l++) {
+        model_layer *L = l < cf->num_hidden_layers ? &m.w.layers[l]
+                                                   : &m.w.mtp[l - cf->num_hidden_layers].block;
         if (!L->router)
             continue;
         if (k->forced) {
@@ -89,24 +107,57 @@ static void run_case(const gm_case *k)
     }
     int B = k->B, T = k->T, N = B * T, V = cf->vocab_size;
     int32_t *ids = malloc((size_t)N * 4), *tg = malloc((size_t)N * 4);
+    int32_t *seg = malloc((size_t)N * 4), *pos = malloc((size_t)N * 4);
     for (int i = 0; i < N; i++) {
         ids[i] = (int32_t)(test_rand() % (uint64_t)V);
         tg[i] = test_rand() % 9 == 0 ? -1 : (int32_t)(test_rand() % (uint64_t)V);
     }
+    /* ragged documents (1 to 30 tokens, some of one token), numbered on across rows;
+     * a document's last target is the next one's first token: ignored, as lib/train does */
+    int32_t doc = 3;
+    for (int b = 0; b < B; b++)
+        for (int t = 0, left = 0; t < T; t++) {
+            if (!left) {
+                doc++;
+                left = test_rand() % 5 == 0 ? 1 : 1 + (int)(test_rand() % 30);
+            }
+            seg[b * T + t] = doc;
+            pos[b * T + t] = t && seg[b * T + t - 1] == doc ? pos[b * T + t - 1] + 1 : 0;
+            left--;
+        }
+    for (int i = 0; k->docs && i + 1 < N; i++)
+        if ((i + 1) % T && seg[i + 1] != seg[i])
+            tg[i] = -1;
+    int64_t nmain, nmtp[8];
+    model_count_targets(&m, tg, k->docs ? seg : NULL, B, T, &nmain, nmtp);
+    if (k->norms) {
+        m.norm_main = nmain + 17;
+        for (int d = 0; d < D && d < 8; d++)
+            nmtp[d] += 5 + d;
+        m.norm_mtp = nmtp;
+        m.norm_seqs = B + 2;
+    }
+    m.mtp_lambda = k->mtp;
+    m.balance_alpha = k->alpha;
     /* CPU reference */
     model_acts *a = model_acts_new(&m, B, T, &e);
     float cl = 0, gl = 0;
     REQUIRE(a);
+    CHECK(model_acts_set_segments(a, k->docs ? seg : NULL, k->docs ? pos : NULL) == 0);
     CHECKF(model_forward(&m, a, ids, tg, &cl, &e) == 0 && model_backward(&m, a, ids, tg, &e) == 0,
            "%s", e.msg);
+    model_losses lc, lg;
+    model_acts_losses(a, &lc);
     /* GPU */
     gmodel *g = NULL;
     float *gg = malloc(m.n_params * 4);
     CHECKF(gmodel_create(&g, &m, B, T, 0, &e) == 0, "%s", e.msg);
     if (g) {
-        CHECKF(gmodel_forward(g, ids, tg, 1, &gl, &e) == 0 && gmodel_backward(g, &e) == 0 &&
+        CHECKF(gmodel_set_segments(g, k->docs ? seg : NULL, k->docs ? pos : NULL, &e) == 0 &&
+                   gmodel_forward(g, ids, tg, 1, &gl, &e) == 0 && gmodel_backward(g, &e) == 0 &&
                    gmodel_get_grads(g, gg, &e) == 0,
                "%s", e.msg);
+        gmodel_losses(g, &lg);
     }
     if (!test_failed_) {
         double dl = fabs(gl - cl) / fabs(cl);
@@ -116,6 +167,25 @@ static void run_case(const gm_case *k)
         snprintf(nm, sizeof nm, "gmodel %s loss", k->name);
         gt_stat(nm, dl, 1e-2);
         CHECK(dl <= 1e-2);
+        /* the parts of the loss */
+        double parts[][2] = {{lc.main, lg.main}, {lc.mtp, lg.mtp}, {lc.balance, lg.balance},
+                             {lc.total, lg.total}};
+        const char *pn[] = {"main", "mtp", "balance", "total"};
+        for (int i = 0; i < 4; i++) {
+            double r = parts[i][0], d = parts[i][1];
+            double rel = r != 0 ? fabs(d - r) / fabs(r) : fabs(d);
+            printf("# %s: loss %s cpu %.6g gpu %.6g rel %.2e\n", k->name, pn[i], r, d, rel);
+            CHECKF(rel <= 1e-2, "%s loss %s: cpu %g gpu %g", k->name, pn[i], r, d);
+            if (i > 0 && i < 3 && r != 0) {
+                snprintf(nm, sizeof nm, "gmodel %s loss %s", k->name, pn[i]);
+                gt_stat(nm, rel, 1e-2);
+            }
+        }
+        CHECKF((lc.mtp != 0) == (k->mtp > 0) && (lc.balance != 0) == (k->alpha > 0),
+               "loss parts on/off: mtp %g balance %g", lc.mtp, lc.balance);
+        for (int d = 0; d < D && d < 8; d++)
+            CHECKF(fabs(lg.mtp_k[d] - lc.mtp_k[d]) <= 1e-2 * fabs(lc.mtp_k[d]),
+                   "MTP module %d loss cpu %g gpu %g", d, lc.mtp_k[d], lg.mtp_k[d]);
         /* expert loads */
         int64_t *c1 = calloc((size_t)cf->n_routed_experts, 8);
         int64_t *c2 = calloc((size_t)cf->n_routed_experts, 8);
@@ -125,6 +195,17 @@ static void run_case(const gm_case *k)
             CHECK(r1 == r2);
             for (int x = 0; r1 == 0 && r2 == 0 && x < cf->n_routed_experts; x++)
                 mism += c1[x] != c2[x];
+        }
+        for (int d = 0; d < D; d++) {
+            int64_t s1 = -1, s2 = -2;
+            int r1 = model_mtp_expert_load(&m, a, d, c1, &s1);
+            int r2 = gmodel_mtp_expert_load(g, d, c2, &s2, &e);
+            CHECKF((r1 == 0) == (r2 == 0) && r2 >= 0, "MTP %d load: cpu %d gpu %d", d, r1, r2);
+            if (r1 == 0 && r2 == 0) {
+                mism += s1 != s2;
+                for (int x = 0; x < cf->n_routed_experts; x++)
+                    mism += c1[x] != c2[x];
+            }
         }
         free(c1);
         free(c2);
@@ -171,13 +252,15 @@ static void run_case(const gm_case *k)
     free(gg);
     free(ids);
     free(tg);
+    free(seg);
+    free(pos);
 }
 
 static void tiny_all_experts(void)
 {
     if (gpu_count() == 0)
         SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
-    gm_case k = {"tiny K=E", 2, 37, 1, 0, 0};
+    gm_case k = {"tiny K=E", 2, 37, 1, 0, 0, 0, 0, 0, 0, 0};
     run_case(&k);
 }
 
@@ -185,7 +268,7 @@ static void tiny_sparse_forced(void)
 {
     if (gpu_count() == 0)
         SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
-    gm_case k = {"tiny top-2 forced", 3, 20, 0, 1, 0};
+    gm_case k = {"tiny top-2 forced", 3, 20, 0, 1, 0, 0, 0, 0, 0, 0};
     run_case(&k);
 }
 
@@ -193,18 +276,45 @@ static void bigger_all_experts(void)
 {
     if (gpu_count() == 0)
         SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
-    gm_case k = {"wide K=E", 3, 100, 1, 0, 1};
+    gm_case k = {"wide K=E", 3, 100, 1, 0, 1, 0, 0, 0, 0, 0};
     run_case(&k);
 }
 
-/* Bad input: an id outside the vocabulary and the losses the GPU path does not run. */
+/* The whole loss: MTP, balance loss, documents, step normalisers. */
+static void tiny_forced_all_losses(void)
+{
+    if (gpu_count() == 0)
+        SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
+    gm_case k = {"tiny forced MTP+bal+docs", 3, 40, 0, 1, 0, 0.3f, 0, 0.1f, 1, 1};
+    run_case(&k);
+    gm_case k2 = {"tiny forced MTP D=2+bal", 2, 33, 0, 1, 0, 0.3f, 2, 0.1f, 0, 0};
+    run_case(&k2);
+}
+
+static void tiny_all_experts_mtp_docs(void)
+{
+    if (gpu_count() == 0)
+        SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
+    gm_case k = {"tiny K=E MTP D=2+docs", 2, 70, 1, 0, 0, 0.3f, 2, 0.0f, 1, 1};
+    run_case(&k);
+}
+
+static void wide_mtp_docs(void)
+{
+    if (gpu_count() == 0)
+        SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
+    gm_case k = {"wide K=E MTP+docs", 2, 150, 1, 0, 1, 0.3f, 0, 0.0f, 1, 1};
+    run_case(&k);
+}
+
+/* Bad input: an id outside the vocabulary, bad documents; backward without a forward. */
 static void refuses(void)
 {
     if (gpu_count() == 0)
         SKIP("no GPU%s", gpu_compiled() ? "" : " (CPU-only build)");
     dsv3_err e;
     dsv3_config c;
-    gm_case k = {"tiny", 1, 8, 0, 0, 0};
+    gm_case k = {"tiny", 1, 8, 0, 0, 0, 0, 0, 0, 0, 0};
     REQUIRE(load_cfg(&c, &k, &e) == 0);
     dsv3_model m;
     REQUIRE(model_init(&m, &c, &e) == 0);
@@ -217,12 +327,9 @@ static void refuses(void)
         ids[3] = m.cfg.vocab_size;
         CHECK(gmodel_forward(g, ids, tg, 1, &loss, &e) != 0 && strstr(e.msg, "vocabulary"));
         ids[3] = 4;
-        m.mtp_lambda = 0.3f;
-        CHECK(gmodel_forward(g, ids, tg, 1, &loss, &e) != 0 && strstr(e.msg, "MTP"));
-        m.mtp_lambda = 0;
-        m.balance_alpha = 1e-4f;
-        CHECK(gmodel_forward(g, ids, tg, 1, &loss, &e) != 0 && strstr(e.msg, "balance"));
-        m.balance_alpha = 0;
+        int32_t seg[8] = {0, 0, 1, 1, 0, 2, 2, 2}, pos[8] = {0, 1, 0, 1, 0, 0, 1, 8};
+        CHECK(gmodel_set_segments(g, seg, NULL, &e) != 0 && strstr(e.msg, "decrease"));
+        CHECK(gmodel_set_segments(g, NULL, pos, &e) != 0 && strstr(e.msg, "position"));
         CHECK(gmodel_backward(g, &e) != 0);
         CHECKF(gmodel_forward(g, ids, tg, 1, &loss, &e) == 0, "%s", e.msg);
         CHECK(fabsf(loss - logf((float)m.cfg.vocab_size)) < 1e-3f);  /* zero weights */
@@ -388,6 +495,9 @@ int main(void)
     RUN(tiny_all_experts);
     RUN(tiny_sparse_forced);
     RUN(bigger_all_experts);
+    RUN(tiny_forced_all_losses);
+    RUN(tiny_all_experts_mtp_docs);
+    RUN(wide_mtp_docs);
     RUN(refuses);
     RUN(bench_1b_moe);
     if (gt_ctx_)
