@@ -1076,10 +1076,14 @@ static int setup_rest(trainer *t, dsv3_err *e)
             (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
             return -1;
         /* AdamW on the device: the whole array for one process, this rank's shard with
-         * several (gradients reduce-scattered over NCCL) */
-        if (t->gdp ? gdp_setup(t, e) : gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
+         * several (gradients reduce-scattered over NCCL). Ranks sharing a GPU (NCCL takes
+         * one rank a GPU) keep ZeRO on the host: gradients fetched, AdamW on the shards. */
+        if (t->gdp ? gdp_setup(t, e)
+                   : t->dp.world == 1 && gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
             return -1;
-        t->gm_opt = 1;
+        t->gm_opt = t->gdp || t->dp.world == 1;
+        if (!t->gm_opt)
+            note(t, "dsv3-train: %s", "ranks share GPUs: gradients reduced through host buffers");
         set_mfu_basis(t, dev);
         gpu_props p;
         char what[300];
@@ -1637,6 +1641,15 @@ static int loop(trainer *t, train_result *r, dsv3_err *e)
     }
     return 0;
 }
+/* Whether each rank of this node has a GPU of its own (NCCL's data parallelism needs
+ * that; ranks sharing GPUs take the host path). Every rank of a node sees the same. */
+static int rank_has_own_gpu(const train_opts *o)
+{
+    const comm_launch *cl = o->comm ? comm_launch_info(o->comm) : NULL;
+    int local = cl && cl->local_world > 0 ? cl->local_world : o->comm ? comm_world(o->comm) : 1;
+    return gpu_count() >= local;
+}
+
 
 int train_run(const train_opts *o, train_result *r, dsv3_err *e)
 {
@@ -1647,7 +1660,7 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
     t->o = o;
     dp_open(&t->dp, o->comm);
     const char *nccl = getenv("DSV3_DP_NCCL");
-    t->gdp = o->cuda && (t->dp.world > 1 || (nccl && !strcmp(nccl, "1")));
+    t->gdp = o->cuda && ((t->dp.world > 1 && rank_has_own_gpu(o)) || (nccl && !strcmp(nccl, "1")));
     t->log = t->dp.rank == 0 ? o->log : NULL;
     t->out = t->dp.rank == 0 ? o->out : NULL;
     int rc = setup(t, r, e);
