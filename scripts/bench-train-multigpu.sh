@@ -12,7 +12,8 @@
 #                    (d) NCCL all-reduce bus bandwidth of a 1 GiB buffer (scripts/bench-comm.sh).
 # Ranks are started from a shell loop with torchrun-style variables (no MPI needed).
 # Logs and a summary go to $OUT (the device tool's folder) or /tmp/dsv3-mgpu.
-# Usage: scripts/bench-train-multigpu.sh one|multi [B] [GB] [STEPS]  (1b-moe: 4 32 4)
+#   scaling (2+ GPUs) (b) only, overlap on: 1 GPU and N GPUs (a shorter call).
+# Usage: scripts/bench-train-multigpu.sh one|multi|scaling [B] [GB] [STEPS]  (1b-moe: 4 32 4)
 set -u
 BUILD=${BUILD:-build}
 mode=${1:-multi} B=${2:-4} GB=${3:-32} STEPS=${4:-4}
@@ -156,6 +157,7 @@ if [ "$mode" = one ]; then
     exit 0
 fi
 
+if [ "$mode" != scaling ]; then
 say "== (a) 1 GPU vs $N GPUs, same global batch (configs/small.json with 16 experts, B 4, global 16 x 256, 20 steps)"
 single "$T/one" $SMALL -d "$T/dsmall"
 ranks "$N" "$T/dpN" $SMALL -d "$T/dsmall"
@@ -169,6 +171,8 @@ sigterm_run "$N" "$T/termN" 8 $SMALL -d "$T/dsmall"
 say "  resumed vs uninterrupted: $(compare "$T/dpN" "$T/termN")"
 say "  $(same_ckpt "$T/dpN" "$T/termN" 20)"
 
+fi
+
 say "== (b) tokens/s, configs/1b-moe.json, seq 4096, B $B, global batch $GB x 4096, $STEPS steps (median of steps 2..)"
 mkdata "$T/dbig" 129280 4096 $((GB * STEPS + GB)) 0 >/dev/null || say "FAILED: 1b data"
 BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --keep 1"
@@ -178,15 +182,19 @@ rm -rf "$T/big1"
 ranks "$N" "$T/bigN" $BIG
 tn=$(median "$T/bigN")
 rm -rf "$T/bigN"
-ENV_EXTRA="DSV3_DP_OVERLAP=0" ranks "$N" "$T/bigN-noov" $BIG
-tno=$(median "$T/bigN-noov")
-rm -rf "$T/bigN-noov"
+tno=$tn
+if [ "$mode" != scaling ]; then
+    ENV_EXTRA="DSV3_DP_OVERLAP=0" ranks "$N" "$T/bigN-noov" $BIG
+    tno=$(median "$T/bigN-noov")
+    rm -rf "$T/bigN-noov"
+fi
 say "  1 GPU: $t1 tokens/s; $N GPUs overlap on: $tn tokens/s, off: $tno tokens/s"
 python3 -c "
 t1, tn, tno, n = $t1, $tn, $tno, $N
 print('  scaling efficiency (N-GPU tokens/s over N x 1-GPU): overlap on %.1f%%, off %.1f%%; overlap gain %.1f%%'
       % (100 * tn / (n * t1), 100 * tno / (n * t1), 100 * (tn / tno - 1)))" | tee -a "$S"
 
+[ "$mode" = scaling ] && exit 0
 say "== (d) NCCL all-reduce of 1 GiB (scripts/bench-comm.sh $N 1024)"
 timeout 120 sh scripts/bench-comm.sh "$N" 1024 >"$LOG/comm.log" 2>&1
 grep -i -E "allreduce|all-reduce|bus|torch" "$LOG/comm.log" | head -8 | tee -a "$S"
