@@ -188,13 +188,17 @@ if [ "$mode" != scaling ]; then
     tno=$(median "$T/bigN-noov")
     rm -rf "$T/bigN-noov"
 fi
+if [ "$mode" = scaling ]; then
+    say "  1 GPU: $t1 tokens/s; $N GPUs (overlap on): $tn tokens/s"
+    python3 -c "print('  scaling efficiency (N-GPU tokens/s over N x 1-GPU): %.1f%%' % (100 * $tn / ($N * $t1)))" | tee -a "$S"
+    exit 0
+fi
 say "  1 GPU: $t1 tokens/s; $N GPUs overlap on: $tn tokens/s, off: $tno tokens/s"
 python3 -c "
 t1, tn, tno, n = $t1, $tn, $tno, $N
 print('  scaling efficiency (N-GPU tokens/s over N x 1-GPU): overlap on %.1f%%, off %.1f%%; overlap gain %.1f%%'
       % (100 * tn / (n * t1), 100 * tno / (n * t1), 100 * (tn / tno - 1)))" | tee -a "$S"
 
-[ "$mode" = scaling ] && exit 0
 say "== (d) NCCL all-reduce of 1 GiB (scripts/bench-comm.sh $N 1024)"
 timeout 120 sh scripts/bench-comm.sh "$N" 1024 >"$LOG/comm.log" 2>&1
 grep -i -E "allreduce|all-reduce|bus|torch" "$LOG/comm.log" | head -8 | tee -a "$S"
