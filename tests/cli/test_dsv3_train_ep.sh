@@ -8,6 +8,8 @@
 # errors; node-limited routing (--route-nodes) gives the same results on 1 and 2 ranks;
 # the metrics carry the rows each rank's experts received.
 . "$(dirname "$0")/lib.sh"
+# the CPU backend even where a GPU is present (EP runs on the CPU only for now)
+export DSV3_DEVICE=cpu
 BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
 CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
 if ! command -v mpirun >/dev/null || [ ! -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
