@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "ep.h"
+#include "fp8.h"
 #include "ops.h"
 #include "safetensors.h"
 
@@ -357,13 +358,78 @@ static int other_group(const dsv3_model *m, const char *name)
     return x >= 0 && x < m->cfg.n_routed_experts && x / per != m->ep_group;
 }
 
-static int load_file(dsv3_model *m, const st_file *f, unsigned char *seen, int flags,
-                     dsv3_err *e)
+/* The folder's tensor of that name in any of its files (the file in *file), or NULL. */
+static const st_tensor *find_any(const st_file *fs, int nf, const char *name, int *file)
 {
+    for (int i = 0; i < nf; i++) {
+        const st_tensor *t = st_find(&fs[i], name);
+        if (t) {
+            if (file)
+                *file = i;
+            return t;
+        }
+    }
+    return NULL;
+}
+
+/* NAME_scale_inv of an F8_E4M3 tensor NAME of the folder: read with NAME, not a tensor of
+ * its own. */
+static int is_fp8_scale(const st_file *fs, int nf, const char *name)
+{
+    size_t n = strlen(name), k = strlen("_scale_inv");
+    char base[256];
+    if (n <= k || n - k >= sizeof base || strcmp(name + n - k, "_scale_inv"))
+        return 0;
+    memcpy(base, name, n - k);
+    base[n - k] = 0;
+    const st_tensor *b = find_any(fs, nf, base, NULL);
+    return b && b->dtype == ST_F8_E4M3;
+}
+
+/* FP8 tensor s (in file path) into out as DeepSeek's release defines it: each element
+ * f32(q) * the F32 scale of its 128x128 block (lib/fp8, ragged edge blocks), the scales in
+ * s's NAME_scale_inv, which may lie in another shard. */
+static int load_fp8(const st_file *fs, int nf, const char *path, const st_tensor *s,
+                    float *out, dsv3_err *e)
+{
+    if (s->ndim != 2)
+        return err_set(e, "%s: FP8 tensor \"%s\" is not 2-D (block scales need rows and "
+                       "columns)", path, s->name);
+    char sn[300];
+    snprintf(sn, sizeof sn, "%s_scale_inv", s->name);
+    int f = 0;
+    const st_tensor *sc = find_any(fs, nf, sn, &f);
+    int64_t br = fp8_blocks(s->shape[0]), bc = fp8_blocks(s->shape[1]);
+    if (!sc)
+        return err_set(e, "%s: FP8 tensor \"%s\" has no %s", path, s->name, sn);
+    if (sc->dtype != ST_F32 || sc->ndim != 2 || sc->shape[0] != br || sc->shape[1] != bc) {
+        char got[64] = "";
+        for (int d = 0; d < sc->ndim && d < 4; d++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
+                     (long long)sc->shape[d]);
+        return err_set(e, "%s: \"%s\" is %s [%s], the 128x128 blocks of \"%s\" need F32 "
+                       "[%lld,%lld]", fs[f].path, sn, st_dtype_name(sc->dtype), got, s->name,
+                       (long long)br, (long long)bc);
+    }
+    float *scale = malloc((size_t)(br * bc) * sizeof *scale);  /* the mapping may be unaligned */
+    if (!scale)
+        return err_set(e, "%s: out of memory", path);
+    memcpy(scale, sc->data, (size_t)(br * bc) * sizeof *scale);
+    fp8_dequant_weight(s->data, scale, s->shape[0], s->shape[1], out, 0);
+    free(scale);
+    return 0;
+}
+
+static int load_file(dsv3_model *m, const st_file *fs, int nf, int fi, unsigned char *seen,
+                     int flags, dsv3_err *e)
+{
+    const st_file *f = &fs[fi];
     const char *path = f->path;
     for (int i = 0; i < f->n; i++) {
         const st_tensor *s = &f->t[i];
         const model_tensor *t = model_find(m, s->name);
+        if (!t && is_fp8_scale(fs, nf, s->name))
+            continue;
         if (!t && other_group(m, s->name))
             continue;
         if (!t && is_mtp_copy(&m->cfg, s->name)) {
@@ -390,8 +456,12 @@ static int load_file(dsv3_model *m, const st_file *f, unsigned char *seen, int f
                            path, s->name, got, (long long)t->shape[0], t->ndim == 2 ? "," : "",
                            (long long)t->shape[1]);
         }
-        if (st_to_f32(s, m->params + t->off, t->numel, e))
+        if (s->dtype == ST_F8_E4M3) {
+            if (load_fp8(fs, nf, path, s, m->params + t->off, e))
+                return -1;
+        } else if (st_to_f32(s, m->params + t->off, t->numel, e)) {
             return err_prefix(e, "%s", path);
+        }
         seen[t - m->t] = 1;
     }
     return 0;
@@ -496,7 +566,7 @@ int model_load_ep(dsv3_model *m, const char *dir, int flags, int size, int group
     if (!rc && !seen)
         rc = err_set(e, "%s: out of memory", dir);
     for (int i = 0; i < nf && !rc; i++)
-        rc = load_file(m, &fs[i], seen, flags | MODEL_LOAD_NO_MTP * !any_mtp, e);
+        rc = load_file(m, fs, nf, i, seen, flags | MODEL_LOAD_NO_MTP * !any_mtp, e);
     for (int i = 0; i < m->n_t && !rc; i++)
         if (!seen[i])
             rc = err_set(e, "%s: tensor \"%s\" is missing", dir, m->t[i].name);

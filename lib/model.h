@@ -132,9 +132,12 @@ void model_init_random(dsv3_model *m, uint64_t seed, double std);
 
 /* Reads DIR/config.json and DIR/model.safetensors (or the shards listed in
  * DIR/model.safetensors.index.json). Every tensor of the layout must be present with its
- * shape (F32, BF16 or F16), the MTP modules' included when the config has them; the MTP
- * layers' copies of the embedding and head are checked for shape and otherwise ignored.
- * Any other unknown tensor is an error. */
+ * shape (F32, BF16 or F16, or FP8 E4M3 as DeepSeek releases and dsv3-quant writes: a 2-D
+ * F8_E4M3 tensor NAME with an F32 NAME_scale_inv of one scale per 128x128 block, in any
+ * of the folder's files, dequantized to f32(q) * scale by lib/fp8), the MTP modules'
+ * included when the config has them; the MTP layers' copies of the embedding and head are
+ * checked for shape and otherwise ignored. Any other unknown tensor (a NAME_scale_inv
+ * without an FP8 NAME included) is an error, as is a missing or misshaped scale. */
 int model_load(dsv3_model *m, const char *dir, dsv3_err *e);
 
 enum {
