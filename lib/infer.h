@@ -84,7 +84,8 @@ int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float
 /* Runs n new rows: row r appends token ids[r] to slot[r] (rows of one slot in order, at
  * consecutive positions). For each row with want[r] != 0 (want NULL: every row) one row of
  * vocab_size logits is written to logits, in row order. Fails, changing nothing, when a slot
- * would pass n_ctx or an id is outside the vocabulary. */
+ * would pass n_ctx or an id is outside the vocabulary. With the MTP stream on, every row's
+ * hidden state (before the final norm) and id wait there for the stream's next draft. */
 int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
                   float *logits, dsv3_err *e);
 

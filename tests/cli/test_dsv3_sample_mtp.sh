@@ -14,7 +14,9 @@ $G --quiet -p "the cat" -n 70 --temp 0 >"$T/g0"
 expect mtp_greedy_runs 0 $G -p "the cat" -n 70 --temp 0 --mtp
 cp "$T/out" "$T/g1"
 check mtp_greedy_same cmp -s "$T/g0" "$T/g1"
-check mtp_stats grep -q "mtp: [0-9]* drafts checked, [0-9]* accepted (acceptance rate [0-9.]*%), [0-9.]* tokens a main forward" "$T/err"
+check mtp_stats grep -q \
+    "mtp: [0-9]* drafts checked, [0-9]* accepted (acceptance rate [0-9.]*%), [0-9.]* tokens a main forward" \
+    "$T/err"
 check mtp_generated_70 grep -q "generated 70 tokens" "$T/err"
 same_n=1
 for n in 1 2 3 4 5 6 7 8 9; do
