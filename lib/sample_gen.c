@@ -1,5 +1,6 @@
 /* sample_gen: the generation loop of lib/sample (see sample.h): stop strings and UTF-8 in
- * the text stream, sequences in cache slots, prefill, batched decode, continuous batching. */
+ * the text stream, sequences in cache slots, prefill, batched decode, continuous batching,
+ * speculative decoding with the MTP module's drafts. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
