@@ -61,6 +61,10 @@ static const cli_program PROG = {
     "      --stop=STRING     stop when STRING appears; it is not printed (repeatable)\n"
     "      --no-bos          do not begin prompts with the tokenizer's BOS token\n"
     "      --ignore-eos      go on past the end-of-sequence token (for benchmarks)\n"
+    "      --mtp             speculative decoding with the model's MTP module (CPU only):\n"
+    "                        it drafts the next token, the main model checks it in the same\n"
+    "                        forward; the output is the same as without --mtp; acceptance\n"
+    "                        rate in the statistics"
     "      --chat            chat: lines of standard input are user turns\n"
     "      --system=TEXT     with --chat: the system prompt\n"
     "      --batch           JSONL requests on standard input (or -f), JSONL results out\n"
@@ -88,7 +92,7 @@ static const cli_program PROG = {
 enum {
     OPT_SCORE = 0x100, OPT_BOS, OPT_THREADS, OPT_FIELD, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP,
     OPT_RPEN, OPT_RLAST, OPT_SEED, OPT_STOP, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_BATCH,
-    OPT_PARALLEL, OPT_IGNORE_EOS, OPT_DEVICE,
+    OPT_PARALLEL, OPT_IGNORE_EOS, OPT_DEVICE, OPT_MTP,
 };
 
 typedef struct options {
@@ -245,6 +249,7 @@ static void parse(int argc, char **argv, options *o)
         {"output", required_argument, NULL, 'o'},
         {"threads", required_argument, NULL, OPT_THREADS},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"mtp", no_argument, NULL, OPT_MTP},
         CLI_COMMON_OPTIONS,
         {NULL, 0, NULL, 0},
     };
@@ -319,6 +324,7 @@ static void parse(int argc, char **argv, options *o)
                 cli_usage(&PROG, "--device: expected cpu or cuda, got '%s'", optarg);
             o->device = !strcmp(optarg, "cuda");
             break;
+        case OPT_MTP: o->d.mtp = 1; break;
         default: cli_usage(&PROG, "unexpected option");
         }
     }
@@ -326,6 +332,12 @@ static void parse(int argc, char **argv, options *o)
         cli_usage(&PROG, "--score, --chat and --batch are different modes: choose one");
     if (!o->model)
         cli_usage(&PROG, "%s needs a model (-m DIR)", o->score ? "--score" : "generation");
+    if (o->d.mtp && o->score)
+        cli_usage(&PROG, "--mtp is for generation, not --score");
+    if (o->d.mtp && o->device == 1)
+        cli_usage(&PROG, "--mtp runs on the CPU only: use --device cpu");
+    if (o->d.mtp)
+        o->device = 0;  /* not the GPU default */
     if (o->score) {
         if (!o->tok && (o->bos || o->mode != DOCIN_AUTO))
             cli_usage(&PROG, "--bos and --input need a tokenizer (-t)");
@@ -385,6 +397,12 @@ static void stats(const options *o, const sample_stats *st, const infer *f)
             infer_cache_bytes(f) / 1048576.0, infer_n_slots(f), infer_n_ctx(f),
             infer_cache_bytes_per_token(f) / 1024.0, infer_device(f),
             (unsigned long long)o->d.sp.seed);
+    if (o->d.mtp)
+        fprintf(stderr, "dsv3-sample: mtp: %llu drafts checked, %llu accepted (acceptance rate "
+                "%.1f%%), %.3f tokens a main forward\n", (unsigned long long)st->drafts,
+                (unsigned long long)st->accepted,
+                st->drafts ? 100.0 * st->accepted / st->drafts : 0.0,
+                st->main_steps ? (double)st->decode_tokens / st->main_steps : 0.0);
     if (infer_graph_replays(f))
         fprintf(stderr, "dsv3-sample: %ld decode steps from CUDA graphs, %.3f s of device time "
                 "(%.1f us a step)\n", infer_graph_replays(f), infer_graph_seconds(f),
@@ -408,6 +426,8 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
     int slots = o->batch ? (int)o->parallel : 1;
     int rc = m ? infer_new(&f, m, ctx, slots, e)
                : infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
+    if (!rc && o->d.mtp && infer_use_mtp(f, e))
+        rc = err_prefix(e, "--mtp");
     if (!rc && o->batch) {
         FILE *in = o->file ? fopen(o->file, "r") : stdin;
         if (!in)
@@ -431,7 +451,7 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
         sample_request r = {.ids = (int32_t *)ids.v, .n_ids = (int)ids.n, .sp = o->d.sp,
                             .n_predict = o->d.n_predict, .stops = o->d.stops,
                             .n_stops = o->d.n_stops};
-        sample_run_opts ro = {.eos = eos, .stream = stdout};
+        sample_run_opts ro = {.eos = eos, .stream = stdout, .mtp = o->d.mtp};
         if (!rc && !ids.n)
             rc = err_set(e, "an empty prompt");
         if (!rc)
@@ -473,8 +493,9 @@ int main(int argc, char **argv)
         return 0;
     }
     dsv3_model m;
-    /* Scoring and generation need only the main model: the MTP modules are not loaded. */
-    if (model_load_flags(&m, o.model, MODEL_LOAD_NO_MTP, &e))
+    /* Scoring and generation need only the main model: the MTP modules are loaded for --mtp
+     * only. */
+    if (model_load_flags(&m, o.model, o.d.mtp ? 0 : MODEL_LOAD_NO_MTP, &e))
         cli_fail(&PROG, &e);
     if (!o.score) {
         int rc = generate(&o, &m.cfg, &m, &e);

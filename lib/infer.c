@@ -63,6 +63,8 @@ typedef struct scratch {
     float *rl, *rs, *rw;                   /* router logits, affinities [R,E], weights [R,K] */
     int *idx, *off, *sl;                   /* [R,K], [E+1], [R,K] */
     float *xe, *ye, *ey;                   /* expert inputs, work, outputs per slot */
+    float *cat;                            /* MTP: [R, 2H] embedding and hidden, normed */
+    int *sl2;                              /* MTP: [R] each row's slot */
 } scratch;
 
 struct infer {
@@ -76,6 +78,14 @@ struct infer {
     int *len;                   /* [slots] */
     float *cos_t, *sin_t;       /* [n_ctx, rope/2] */
     scratch s;
+    /* The MTP stream (infer_use_mtp): module 1's block caches its latents as layer `layers`
+     * of cache. mlen[slot] positions of the stream are cached; the main model's hidden
+     * states (before the final norm) and ids of positions mlen..len-1 wait in ph / pid
+     * until the token after each is known. */
+    int mtp;
+    int *mlen, *pcap;           /* [slots] */
+    float **ph;                 /* [slots][pcap * hidden] */
+    int32_t **pid;              /* [slots][pcap] */
 };
 
 static float *cache_at(const infer *f, int l, int slot, int pos)
@@ -119,7 +129,7 @@ static void scratch_free(scratch *s)
 {
     void *p[] = {s->pos, s->x, s->xn, s->x2, s->x2n, s->out, s->rstd, s->qa, s->qan, s->q,
                  s->kva, s->ckv, s->ckvn, s->kpe, s->ao, s->g, s->u, s->h, s->rl, s->rs,
-                 s->rw, s->idx, s->off, s->sl, s->xe, s->ye, s->ey};
+                 s->rw, s->idx, s->off, s->sl, s->xe, s->ye, s->ey, s->cat, s->sl2};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++)
         free(p[i]);
     memset(s, 0, sizeof *s);
@@ -186,6 +196,14 @@ void infer_free(infer *f)
     free(f->len);
     free(f->cos_t);
     free(f->sin_t);
+    for (int i = 0; f->mtp && i < f->n_slots; i++) {
+        free(f->ph[i]);
+        free(f->pid[i]);
+    }
+    free(f->mlen);
+    free(f->pcap);
+    free(f->ph);
+    free(f->pid);
     free(f);
 }
 
@@ -197,18 +215,67 @@ size_t infer_cache_bytes(const infer *f)
 {
     if (f->g)
         return ginfer_cache_bytes(f->g);
-    return (size_t)f->layers * f->n_slots * f->n_ctx * f->width * 4;
+    return (size_t)(f->layers + f->mtp) * f->n_slots * f->n_ctx * f->width * 4;
 }
 
 size_t infer_cache_bytes_per_token(const infer *f)
 {
     if (f->g)
         return ginfer_cache_bytes_per_token(f->g);
-    return (size_t)f->layers * f->width * 4;
+    return (size_t)(f->layers + f->mtp) * f->width * 4;
 }
 
 int infer_slot_len(const infer *f, int slot) { return f->len[slot]; }
-void infer_slot_clear(infer *f, int slot) { f->len[slot] = 0; }
+
+void infer_slot_clear(infer *f, int slot)
+{
+    f->len[slot] = 0;
+    if (f->mtp)
+        f->mlen[slot] = 0;
+}
+
+int infer_slot_truncate(infer *f, int slot, int n, dsv3_err *e)
+{
+    if (slot < 0 || slot >= f->n_slots || n < 0 || n > f->len[slot])
+        return err_set(e, "infer: cannot cut slot %d to %d tokens", slot, n);
+    /* The MTP stream's position n-1 needs the hidden state of main position n-1 and the
+     * token after it, which must not be one that is cut. */
+    if (f->mtp && n > 0 && n <= f->mlen[slot])
+        return err_set(e, "infer: slot %d: the MTP stream has passed position %d", slot, n - 1);
+    f->len[slot] = n;
+    if (f->mtp && !n)
+        f->mlen[slot] = 0;
+    return 0;
+}
+
+int infer_use_mtp(infer *f, dsv3_err *e)
+{
+    if (f->g)
+        return err_set(e, "infer: the MTP module runs on the CPU engine only");
+    if (f->mtp)
+        return 0;
+    if (f->m->cfg.num_nextn_predict_layers < 1 || !f->m->w.mtp)
+        return err_set(e, "the model has no MTP module (num_nextn_predict_layers is 0, or the "
+                       "checkpoint holds no MTP tensors)");
+    size_t per = (size_t)f->n_slots * f->n_ctx * f->width;
+    float *c = realloc(f->cache, (f->layers + 1) * per * sizeof(float));
+    if (!c)
+        return err_set(e, "infer: out of memory for the MTP module's cache");
+    f->cache = c;
+    f->mlen = calloc((size_t)f->n_slots, sizeof *f->mlen);
+    f->pcap = calloc((size_t)f->n_slots, sizeof *f->pcap);
+    f->ph = calloc((size_t)f->n_slots, sizeof *f->ph);
+    f->pid = calloc((size_t)f->n_slots, sizeof *f->pid);
+    if (!f->mlen || !f->pcap || !f->ph || !f->pid)
+        return err_set(e, "infer: out of memory");
+    f->mtp = 1;
+    /* Sequences already cached have no waiting hidden states: the stream starts over. */
+    for (int i = 0; i < f->n_slots; i++)
+        f->len[i] = 0;
+    return 0;
+}
+
+int infer_mtp_on(const infer *f) { return f->mtp; }
 
 static int scratch_grow(scratch *s, const dsv3_config *c, int R)
 {
@@ -232,7 +299,8 @@ static int scratch_grow(scratch *s, const dsv3_config *c, int R)
               !A(s->ao, r * nh * dv) | !A(s->g, r * inter) | !A(s->u, r * inter) |
               !A(s->h, r * inter) | !A(s->rl, r * E) | !A(s->rs, r * E) | !A(s->rw, r * K) |
               !A(s->idx, r * K) | !A(s->off, E + 1) | !A(s->sl, r * K) |
-              !A(s->xe, r * K * H) | !A(s->ye, r * K * (3 * mi + H)) | !A(s->ey, r * K * H);
+              !A(s->xe, r * K * H) | !A(s->ye, r * K * (3 * mi + H)) | !A(s->ey, r * K * H) |
+              !A(s->cat, r * 2 * H) | !A(s->sl2, r);
 #undef A
     if (bad) {
         scratch_free(s);
@@ -452,6 +520,62 @@ static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
     return 0;
 }
 
+/* One transformer block (cache layer l, is-MoE by block index l) over s->x in place. */
+static void block(infer *f, const model_layer *W, int l, int n, const int *slot)
+{
+    const dsv3_config *c = &f->m->cfg;
+    scratch *s = &f->s;
+    int H = c->hidden_size;
+    float eps = (float)c->rms_norm_eps;
+    rmsnorm_forward(s->xn, s->rstd, s->x, W->input_layernorm, n, H, eps);
+    mla(f, W, l, n, slot);
+    for (size_t i = 0; i < (size_t)n * H; i++)
+        s->x2[i] = s->x[i] + s->out[i];
+    rmsnorm_forward(s->x2n, s->rstd, s->x2, W->post_attention_layernorm, n, H, eps);
+    if (config_layer_is_moe(c, l))
+        moe(f, W, n);
+    else
+        mlp(s->out, s->g, s->u, s->h, s->x2n, W->gate_proj, W->up_proj, W->down_proj, n, H,
+            c->intermediate_size);
+    for (size_t i = 0; i < (size_t)n * H; i++)
+        s->x[i] = s->x2[i] + s->out[i];
+}
+
+/* Room in each slot's waiting MTP rows for a call's rows (before anything changes). */
+static int pending_reserve(infer *f, int n, const int *slot, const int *pos)
+{
+    int H = f->m->cfg.hidden_size;
+    for (int r = 0; r < n; r++) {
+        int sl = slot[r], need = pos[r] - f->mlen[sl] + 1;
+        if (need <= f->pcap[sl])
+            continue;
+        int cap = need > 2 * f->pcap[sl] ? need : 2 * f->pcap[sl];
+        float *h = realloc(f->ph[sl], (size_t)cap * H * sizeof *h);
+        if (h)
+            f->ph[sl] = h;
+        int32_t *id = realloc(f->pid[sl], (size_t)cap * sizeof *id);
+        if (id)
+            f->pid[sl] = id;
+        if (!h || !id)
+            return -1;
+        f->pcap[sl] = cap;
+    }
+    return 0;
+}
+
+/* Head over the wanted rows of s->x: norm (weight nw), lm_head, into logits. */
+static void head(infer *f, int n, const uint8_t *want, const float *nw, float *logits)
+{
+    const dsv3_config *c = &f->m->cfg;
+    scratch *s = &f->s;
+    int H = c->hidden_size, k = 0;
+    for (int r = 0; r < n; r++)
+        if (!want || want[r])
+            memcpy(s->xn + (size_t)k++ * H, s->x + (size_t)r * H, (size_t)H * 4);
+    rmsnorm_forward(s->x2n, s->rstd, s->xn, nw, k, H, (float)c->rms_norm_eps);
+    linear(logits, s->x2n, f->m->w.lm_head, k, H, c->vocab_size);
+}
+
 int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
                   float *logits, dsv3_err *e)
 {
@@ -461,38 +585,92 @@ int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const ui
         return forward_gpu(f, n, slot, ids, want, logits, e);
     const dsv3_model *m = f->m;
     const dsv3_config *c = &m->cfg;
-    int H = c->hidden_size, V = c->vocab_size;
-    float eps = (float)c->rms_norm_eps;
+    int H = c->hidden_size;
     if (scratch_grow(&f->s, c, n))
         return err_set(e, "infer: out of memory for %d rows", n);
     scratch *s = &f->s;
     if (positions(f, n, slot, ids, s->pos, e))
         return -1;
+    if (f->mtp && pending_reserve(f, n, slot, s->pos))
+        return err_set(e, "infer: out of memory for %d rows", n);
     embedding_forward(s->x, m->w.embed, ids, n, H);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const model_layer *W = &m->w.layers[l];
-        rmsnorm_forward(s->xn, s->rstd, s->x, W->input_layernorm, n, H, eps);
-        mla(f, W, l, n, slot);
-        for (size_t i = 0; i < (size_t)n * H; i++)
-            s->x2[i] = s->x[i] + s->out[i];
-        rmsnorm_forward(s->x2n, s->rstd, s->x2, W->post_attention_layernorm, n, H, eps);
-        if (config_layer_is_moe(c, l))
-            moe(f, W, n);
-        else
-            mlp(s->out, s->g, s->u, s->h, s->x2n, W->gate_proj, W->up_proj, W->down_proj, n, H,
-                c->intermediate_size);
-        for (size_t i = 0; i < (size_t)n * H; i++)
-            s->x[i] = s->x2[i] + s->out[i];
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        block(f, &m->w.layers[l], l, n, slot);
+    /* The MTP stream takes each row's hidden state before the final norm, once the token
+     * after it is known. */
+    for (int r = 0; f->mtp && r < n; r++) {
+        int j = s->pos[r] - f->mlen[slot[r]];
+        memcpy(f->ph[slot[r]] + (size_t)j * H, s->x + (size_t)r * H, (size_t)H * 4);
+        f->pid[slot[r]][j] = ids[r];
     }
     /* Only the wanted rows go through the final norm and the head. */
-    int k = 0;
-    for (int r = 0; r < n; r++)
-        if (!want || want[r])
-            memcpy(s->xn + (size_t)k++ * H, s->x + (size_t)r * H, (size_t)H * 4);
-    rmsnorm_forward(s->x2n, s->rstd, s->xn, m->w.final_norm, k, H, eps);
-    linear(logits, s->x2n, m->w.lm_head, k, H, V);
+    head(f, n, want, m->w.final_norm, logits);
     for (int r = 0; r < n; r++)
         f->len[slot[r]]++;
+    return 0;
+}
+
+int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float *logits,
+                    dsv3_err *e)
+{
+    if (!f->mtp)
+        return err_set(e, "infer: the MTP module is off (infer_use_mtp)");
+    const dsv3_model *m = f->m;
+    const dsv3_config *c = &m->cfg;
+    const model_mtp *W = &m->w.mtp[0];
+    int H = c->hidden_size, R = 0;
+    for (int i = 0; i < n; i++) {
+        int sl = slot[i];
+        if (sl < 0 || sl >= f->n_slots || f->len[sl] <= f->mlen[sl])
+            return err_set(e, "infer: slot %d has no position waiting for the MTP module", sl);
+        if (next[i] < 0 || next[i] >= f->vocab)
+            return err_set(e, "token id %d outside the vocabulary (vocab_size %d)", next[i],
+                           f->vocab);
+        for (int j = 0; j < i; j++)
+            if (slot[j] == sl)
+                return err_set(e, "infer: slot %d twice in one MTP call", sl);
+        R += f->len[sl] - f->mlen[sl];
+    }
+    if (scratch_grow(&f->s, c, R))
+        return err_set(e, "infer: out of memory for %d rows", R);
+    scratch *s = &f->s;
+    /* Row of stream position p: the main model's hidden state at p and the token at p + 1
+     * (the one fed at p + 1, or next for the newest). s->x2 holds the hidden states,
+     * s->out the embeddings; the last row of each slot is wanted. */
+    int r = 0;
+    int32_t *rid = malloc((size_t)R * sizeof *rid);
+    uint8_t *rw = malloc((size_t)R);
+    if (!rid || !rw) {
+        free(rid);
+        free(rw);
+        return err_set(e, "infer: out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        int sl = slot[i], w = f->len[sl] - f->mlen[sl];
+        for (int j = 0; j < w; j++, r++) {
+            s->sl2[r] = sl;
+            s->pos[r] = f->mlen[sl] + j;
+            rid[r] = j + 1 < w ? f->pid[sl][j + 1] : next[i];
+            rw[r] = j + 1 == w;
+            memcpy(s->x2 + (size_t)r * H, f->ph[sl] + (size_t)j * H, (size_t)H * 4);
+        }
+    }
+    float eps = (float)c->rms_norm_eps;
+    embedding_forward(s->out, m->w.embed, rid, R, H);
+    rmsnorm_forward(s->xn, s->rstd, s->out, W->enorm, R, H, eps);
+    rmsnorm_forward(s->x2n, s->rstd, s->x2, W->hnorm, R, H, eps);
+    for (int k = 0; k < R; k++) {
+        memcpy(s->cat + (size_t)k * 2 * H, s->xn + (size_t)k * H, (size_t)H * 4);
+        memcpy(s->cat + (size_t)k * 2 * H + H, s->x2n + (size_t)k * H, (size_t)H * 4);
+    }
+    linear(s->x, s->cat, W->eh_proj, R, 2 * H, H);
+    /* sl2 is overwritten by nothing below: mla and moe use their own buffers. */
+    block(f, &W->block, c->num_hidden_layers, R, s->sl2);
+    head(f, R, rw, W->head_norm, logits);
+    for (int i = 0; i < n; i++)
+        f->mlen[slot[i]] = f->len[slot[i]];
+    free(rid);
+    free(rw);
     return 0;
 }
 

@@ -7,8 +7,13 @@
  * (qk_rope_head_dim values), never per-head keys or values. W_kvb is absorbed on both sides:
  * each head's q_nope is mapped into latent space (q_nope . W_uk), scores are taken against
  * the cached latents (plus q_pe . k_pe), the softmax-weighted sum of latents is mapped out
- * through W_uv, then o_proj. Routing is the model's (correction bias for selection only);
- * the MTP modules are not used.
+ * through W_uv, then o_proj. Routing is the model's (correction bias for selection only).
+ *
+ * MTP module 1 drafts tokens for speculative decoding (infer_use_mtp): it runs as a second
+ * stream over the same positions, with its own latent cache (one more layer). Stream
+ * position p takes the main model's hidden state at p (before the final norm) and the token
+ * at p + 1 and predicts the token at p + 2, as lib/model's MTP forward does in training; its
+ * block attends over the stream's positions 0..p.
  *
  * The weights are the dsv3_model's (read, never written). A sequence lives in a slot of the
  * cache; rows of one call are (slot, token) pairs, each at the slot's next position, so a
@@ -60,10 +65,27 @@ int infer_slot_len(const infer *f, int slot);
 /* Empties a slot (its next token is at position 0). */
 void infer_slot_clear(infer *f, int slot);
 
+/* Cuts slot to its first n tokens (n <= its length), as when a drafted token is rejected.
+ * With the MTP stream on, n must be 0 or pass the stream's cached positions. */
+int infer_slot_truncate(infer *f, int slot, int n, dsv3_err *e);
+
+/* Turns the MTP stream on (CPU engine; the model loaded with its MTP modules, of which the
+ * first is used); empties every slot. Fails when the model has none. */
+int infer_use_mtp(infer *f, dsv3_err *e);
+int infer_mtp_on(const infer *f);
+
+/* The MTP module's draft for each of n distinct slots: runs the stream over every position
+ * of the slot it has not seen (those infer_forward cached since), the newest with next[i]
+ * (the token sampled there, not yet fed) as the token after it, and writes the newest row's
+ * vocab_size logits, which predict the token after next[i], to logits + i * vocab. */
+int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float *logits,
+                    dsv3_err *e);
+
 /* Runs n new rows: row r appends token ids[r] to slot[r] (rows of one slot in order, at
  * consecutive positions). For each row with want[r] != 0 (want NULL: every row) one row of
  * vocab_size logits is written to logits, in row order. Fails, changing nothing, when a slot
- * would pass n_ctx or an id is outside the vocabulary. */
+ * would pass n_ctx or an id is outside the vocabulary. With the MTP stream on, every row's
+ * hidden state (before the final norm) and id wait there for the stream's next draft. */
 int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
                   float *logits, dsv3_err *e);
 

@@ -45,6 +45,14 @@ int sample_score_doc(sample_scorer *s, uint64_t doc, const uint32_t *ids, uint64
  * (continuous batching). Since infer's rows do not depend on each other and each sequence
  * samples with its own seeded sampler, a request gives the same tokens alone or batched.
  *
+ * Speculative decoding (opts mtp): before a decode step, the MTP module drafts the token
+ * after the one being fed (the most likely one, banned ids left out); the step feeds both
+ * (two rows of the slot). The main model's token at the first row is sampled as always; the
+ * draft is accepted only when that token equals it, and then the second row's logits give
+ * the next token at once; otherwise the draft's cache entry is cut. Every token is thus
+ * sampled from the main model's logits, with the same sampler calls in the same order, so
+ * the output is the same as without drafts (greedy or not, given the seed).
+ *
  * Text: generated tokens are decoded (special tokens left out) and given out as soon as no
  * stop string can still begin in them and they end on a whole UTF-8 character; a stop
  * string ends generation and neither it nor anything after it is given out. */
@@ -97,8 +105,12 @@ void sample_request_free(sample_request *r);
 
 typedef struct sample_stats {
     uint64_t prompt_tokens, gen_tokens;
-    uint64_t decode_tokens;    /* rows of decode steps (the first token comes from prefill) */
+    uint64_t decode_tokens;    /* tokens sampled from decode steps (the first comes from
+                                  prefill) */
     double prefill_s, decode_s;
+    /* Speculative decoding (--mtp): main forwards of a sequence in decode steps, drafts
+     * checked against the main model, drafts accepted. */
+    uint64_t main_steps, drafts, accepted;
 } sample_stats;
 
 /* Options of a run of requests. */
@@ -106,6 +118,7 @@ typedef struct sample_run_opts {
     int32_t eos;               /* -1: none */
     FILE *stream;              /* with one request: its text as produced (NULL: none) */
     int keep_slot;             /* requests continue slot 0's sequence (chat) */
+    int mtp;                   /* speculative decoding with the MTP module (infer_use_mtp) */
     /* Called when request i (in order) is complete; may be NULL. */
     int (*done)(void *ctx, int i, sample_request *r, dsv3_err *e);
     void *ctx;
@@ -127,6 +140,7 @@ typedef struct sample_defaults {
     char **stops;
     int n_stops;
     int bos;                   /* begin each prompt with the tokenizer's BOS token */
+    int mtp;                   /* sample_run_opts.mtp */
 } sample_defaults;
 
 /* Reads every line of in (name for messages) into requests (a bad line is an error naming

@@ -1,5 +1,6 @@
 /* sample_gen: the generation loop of lib/sample (see sample.h): stop strings and UTF-8 in
- * the text stream, sequences in cache slots, prefill, batched decode, continuous batching. */
+ * the text stream, sequences in cache slots, prefill, batched decode, continuous batching,
+ * speculative decoding with the MTP module's drafts. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,13 +176,19 @@ static void banned_free(banned *bn)
     free(bn->to);
 }
 
-/* Takes the sequence's next token from its logits; finishes the request when it ends. */
-static int take(infer *f, int slot, seq *q, sample_request *r, float *logits,
-                const sample_run_opts *o, const banned *bn, dsv3_err *e)
+static void ban(const banned *bn, float *logits)
 {
     for (int i = 0; i < bn->n; i++)
         for (int v = bn->from[i]; v < bn->to[i]; v++)
             logits[v] = -INFINITY;
+}
+
+/* Takes the sequence's next token from its logits (those of cached position len - 1);
+ * finishes the request when it ends. */
+static int take(infer *f, int len, seq *q, sample_request *r, float *logits,
+                const sample_run_opts *o, const banned *bn, dsv3_err *e)
+{
+    ban(bn, logits);
     int32_t tok = sampler_sample(&q->smp, logits, q->hist, q->n_hist);
     if (tok == o->eos) {
         r->why = SAMPLE_STOP_EOS;
@@ -200,7 +207,7 @@ static int take(infer *f, int slot, seq *q, sample_request *r, float *logits,
         r->why = SAMPLE_STOP_STRING;
     else if (r->n_predict >= 0 && r->n_gen >= r->n_predict)
         r->why = SAMPLE_STOP_LENGTH;
-    else if (infer_slot_len(f, slot) >= infer_n_ctx(f))
+    else if (len >= infer_n_ctx(f))
         r->why = SAMPLE_STOP_CTX;
     q->next = tok;
     return 0;
@@ -244,7 +251,7 @@ static int start(infer *f, const bpe *b, int s, seq *q, sample_request *reqs, in
     int rc = infer_prefill(f, s, r->ids, r->n_ids, logits, e);
     st->prefill_s += now() - t0;
     st->prompt_tokens += (uint64_t)r->n_ids;
-    return rc ? rc : take(f, s, q, r, logits, o, bn, e);
+    return rc ? rc : take(f, infer_slot_len(f, s), q, r, logits, o, bn, e);
 }
 
 /* Hands a finished request its text and frees the slot. */
@@ -262,18 +269,81 @@ static void finish(seq *q, sample_request *r)
     q->req = -1;
 }
 
+/* The most likely id of logits (banned ones left out; ties: the lowest). */
+static int32_t argmax(float *logits, int V, const banned *bn)
+{
+    ban(bn, logits);
+    int32_t best = 0;
+    for (int v = 1; v < V; v++)
+        if (logits[v] > logits[best])
+            best = v;
+    return best;
+}
+
+/* Drafts for the running sequences that can take two rows this step (room in the context
+ * and in -n): draft[s] the MTP module's token, -1 for the others. */
+static int drafts(infer *f, seq *q, const sample_request *reqs, int S, int32_t *draft,
+                  int *dslot, int32_t *dnext, float *dlogits, const banned *bn, dsv3_err *e)
+{
+    int D = 0, V = infer_vocab(f);
+    for (int s = 0; s < S; s++) {
+        draft[s] = -1;
+        if (q[s].req < 0)
+            continue;
+        const sample_request *r = &reqs[q[s].req];
+        if (infer_slot_len(f, s) + 2 > infer_n_ctx(f) ||
+            (r->n_predict >= 0 && r->n_predict - r->n_gen < 2))
+            continue;
+        dslot[D] = s;
+        dnext[D++] = q[s].next;
+    }
+    if (!D)
+        return 0;
+    if (infer_mtp_draft(f, D, dslot, dnext, dlogits, e))
+        return -1;
+    for (int i = 0; i < D; i++)
+        draft[dslot[i]] = argmax(dlogits + (size_t)i * V, V, bn);
+    return 0;
+}
+
+/* Takes a sequence's tokens from a decode step: row k (and k + 1 with a draft). */
+static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, int V,
+                  int32_t draft, const sample_run_opts *o, const banned *bn, sample_stats *st,
+                  dsv3_err *e)
+{
+    int len = infer_slot_len(f, s) - (draft >= 0);  /* as without the draft row */
+    st->main_steps++;
+    st->decode_tokens++;
+    if (take(f, len, z, r, logits, o, bn, e))
+        return -1;
+    if (draft < 0)
+        return 0;
+    if (!r->why) {
+        st->drafts++;
+        if (z->next == draft) {
+            st->accepted++;
+            st->decode_tokens++;
+            return take(f, len + 1, z, r, logits + V, o, bn, e);
+        }
+    }
+    return infer_slot_truncate(f, s, len, e);
+}
+
 int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample_run_opts *o,
                sample_stats *st, dsv3_err *e)
 {
     int S = infer_n_slots(f), V = infer_vocab(f), next_req = 0, next_done = 0;
     seq *q = calloc((size_t)S, sizeof *q);
-    int *slot = malloc((size_t)S * sizeof *slot);
-    int32_t *ids = malloc((size_t)S * sizeof *ids);
-    float *logits = malloc((size_t)S * V * sizeof *logits);
+    int *slot = malloc((size_t)2 * S * sizeof *slot), *dslot = malloc((size_t)S * sizeof *dslot);
+    int32_t *ids = malloc((size_t)2 * S * sizeof *ids), *draft = malloc((size_t)S * sizeof *draft);
+    int32_t *dnext = malloc((size_t)S * sizeof *dnext);
+    float *logits = malloc((size_t)2 * S * V * sizeof *logits);
     banned bn;
     int rc = banned_make(&bn, b, V, e);
-    if (!rc && (!q || !slot || !ids || !logits))
+    if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext))
         rc = err_set(e, "out of memory");
+    if (!rc && o->mtp && !infer_mtp_on(f))
+        rc = err_set(e, "speculative decoding needs the MTP stream on (infer_use_mtp)");
     for (int s = 0; s < S && q; s++)
         q[s].req = -1;
     while (!rc) {
@@ -291,23 +361,36 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
                 rc = o->done(o->ctx, next_done, &reqs[next_done], e);
             next_done++;
         }
-        int R = 0;
+        int R = 0, any = 0;
+        for (int s = 0; s < S && !rc; s++)
+            any |= q[s].req >= 0;
+        if (rc || (!any && next_req >= n))
+            break;
+        double t0 = now();
+        if (o->mtp)
+            rc = drafts(f, q, reqs, S, draft, dslot, dnext, logits, &bn, e);
+        else
+            for (int s = 0; s < S; s++)
+                draft[s] = -1;
+        /* One decode step: a row per running sequence, and one more for its draft. */
         for (int s = 0; s < S && !rc; s++)
             if (q[s].req >= 0) {
                 slot[R] = s;
                 ids[R++] = q[s].next;
+                if (draft[s] >= 0) {
+                    slot[R] = s;
+                    ids[R++] = draft[s];
+                }
             }
-        if (rc || (!R && next_req >= n))
-            break;
-        /* One decode step: a row per running sequence. */
-        double t0 = now();
-        rc = infer_forward(f, R, slot, ids, NULL, logits, e);
+        if (!rc)
+            rc = infer_forward(f, R, slot, ids, NULL, logits, e);
         st->decode_s += now() - t0;
-        st->decode_tokens += (uint64_t)R;
         for (int k = 0; k < R && !rc; k++) {
-            seq *z = &q[slot[k]];
+            int s = slot[k];
+            seq *z = &q[s];
             sample_request *r = &reqs[z->req];
-            rc = take(f, slot[k], z, r, logits + (size_t)k * V, o, &bn, e);
+            rc = verify(f, s, z, r, logits + (size_t)k * V, V, draft[s], o, &bn, st, e);
+            k += draft[s] >= 0;
             if (!rc && r->why)
                 finish(z, r);
         }
@@ -319,7 +402,10 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
             finish(&q[s], &reqs[q[s].req]);
     free(q);
     free(slot);
+    free(dslot);
     free(ids);
+    free(draft);
+    free(dnext);
     free(logits);
     banned_free(&bn);
     return rc;
