@@ -102,6 +102,7 @@ static const cli_program PROG = {
     "                           (V3: 4), nodes scored by their top k/M affinities\n"
     "      --route-groups=G     the nodes the experts are cut into for --route-nodes\n"
     "                           (default: the EP layout, N over the launcher's ranks a node)\n"
+    "                           --resume takes both from the checkpoint (others refused)\n"
     "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
     "See dsv3-train(1).\n",
 };

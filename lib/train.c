@@ -848,12 +848,42 @@ static int ep_size(const trainer *t)
 /* Node-limited routing (--route-nodes M): the experts cut into nodes (--route-groups, or
  * the EP layout: a node holds the groups of its ranks, as many as the launcher's ranks per
  * node, at most the EP size), a token's experts within its M best nodes. */
-static int setup_routing(trainer *t, dsv3_err *e)
+/* A resume (dir) routes as its checkpoint recorded: the saved --route-nodes and node count
+ * where the options are not given; options that differ are refused, since the run would
+ * silently change its routing (and its balance biases' meaning) mid-way. A state without
+ * the record (written before it existed) takes the options as given. */
+static int resume_routing(trainer *t, const char *dir, int *M, int *G, dsv3_err *e)
+{
+    const train_state *s = &t->st;
+    if (!dir || !s->route_known)
+        return 0;
+    if (!s->route_nodes && *M)
+        return err_set(e, "%s was trained without node-limited routing; resuming it with "
+                       "--route-nodes %d would route its tokens differently (leave the option "
+                       "out, or --init-from the checkpoint's model to start a new run)", dir, *M);
+    if (s->route_nodes && ((*M && (uint32_t)*M != s->route_nodes) ||
+                           (*G && (uint32_t)*G != s->route_groups)))
+        return err_set(e, "%s was trained with --route-nodes %u --route-groups %u; this job "
+                       "gives --route-nodes %d --route-groups %d (0: not given) and would route "
+                       "differently: give the checkpoint's values or leave the options out",
+                       dir, s->route_nodes, s->route_groups, *M, *G);
+    *M = (int)s->route_nodes;
+    *G = (int)s->route_groups;
+    return 0;
+}
+
+static int setup_routing(trainer *t, const char *dir, dsv3_err *e)
 {
     const train_opts *o = t->o;
     const dsv3_config *c = &t->m.cfg;
-    int E = c->n_routed_experts, nodes = o->route_groups;
-    if (!o->route_nodes)
+    int M = o->route_nodes, nodes = o->route_groups;
+    if (resume_routing(t, dir, &M, &nodes, e))
+        return -1;
+    int saved = M != o->route_nodes || nodes != o->route_groups;
+    int E = c->n_routed_experts;
+    t->st.route_known = 1;
+    t->st.route_nodes = t->st.route_groups = 0;
+    if (!M)
         return 0;
     if (E <= 0)
         return err_set(e, "--route-nodes: the model has no routed experts");
@@ -873,11 +903,15 @@ static int setup_routing(trainer *t, dsv3_err *e)
     if (nodes < 1 || E % nodes)
         return err_set(e, "--route-groups %d does not divide the %d routed experts", nodes, E);
     t->m.route_nodes = nodes;
-    t->m.route_limit = o->route_nodes < nodes ? o->route_nodes : nodes;
+    t->m.route_limit = M < nodes ? M : nodes;
+    t->st.route_nodes = (uint32_t)M;
+    t->st.route_groups = (uint32_t)nodes;
     if (t->log)
-        fprintf(t->log, "dsv3-train: node-limited routing: %d experts in %d nodes of %d, a "
-                "token's %d experts on at most %d nodes (a node scored by its top %d)\n", E,
-                nodes, E / nodes, c->num_experts_per_tok, t->m.route_limit,
+        fprintf(t->log, "dsv3-train: node-limited routing (--route-nodes %d --route-groups %d%s): "
+                "%d experts in %d nodes of %d, a token's %d experts on at most %d nodes (a node "
+                "scored by its top %d)\n", M, nodes,
+                saved ? ", from the checkpoint" : "", E, nodes, E / nodes,
+                c->num_experts_per_tok, t->m.route_limit,
                 c->num_experts_per_tok / t->m.route_limit > 0
                     ? c->num_experts_per_tok / t->m.route_limit : 1);
     return 0;
@@ -900,7 +934,7 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
                        "folder is a complete HF checkpoint: --init-from it to go on with "
                        "other ranks (fresh optimizer state)", dir, t->st.ep, t->st.world,
                        t->ep.size, t->dp.world);
-    return setup_routing(t, e);
+    return setup_routing(t, dir, e);
 }
 
 /* The optimizer of an expert-parallel checkpoint (same world and --ep): this rank's
@@ -1534,6 +1568,10 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_object_set_new(j, "expert_load", load);
     if (ep_load)
         json_object_set_new(j, "ep_load", ep_load);
+    if (t->st.route_nodes)  /* node-limited routing: what the step routed under */
+        json_object_set_new(j, "route", json_pack("{s:i, s:i}", "nodes",
+                                                  (int)t->st.route_nodes, "groups",
+                                                  (int)t->st.route_groups));
     return metrics_write(&t->met, j, e);
 }
 

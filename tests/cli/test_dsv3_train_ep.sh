@@ -143,6 +143,33 @@ expect_err route_nodes_vs_n_group 1 "already limits routing" \
     dsv3-train $G --route-nodes 2 -o "$T/bad5"
 expect_err route_groups_needs_nodes 2 "needs --route-nodes" dsv3-train $G --route-groups 2 -o "$T/bad6"
 
+# (e2) the routing is part of the checkpoint: a resume without the options routes as the run
+# did (the losses of the uninterrupted run, bit for bit), other values are refused (exit 1,
+# nothing written), a run without routing cannot gain it on resume, and a state written
+# before the record existed still resumes with the options as given.
+dsv3-train $R --quiet --route-nodes 1 --route-groups 2 --steps 1 -o "$T/nres" 2>/dev/null
+check route_saved_in_state grep -q '"route_groups": 2' "$T/nres/step-000001/state.json"
+check route_in_metrics grep -q '"route":{"nodes":1,"groups":2}' "$T/nres/metrics.jsonl"
+expect route_resume_without_options 0 dsv3-train $R --resume -o "$T/nres"
+check route_resume_note grep -q 'route-groups 2, from the checkpoint' "$T/err"
+field loss "$T/nres/metrics.jsonl" >"$T/l2"
+field loss "$T/node1/metrics.jsonl" >"$T/l1"
+check route_resume_same_routing sh -c "[ \$(wc -l <'$T/l2') -eq 2 ] && cmp -s '$T/l1' '$T/l2'"
+expect_err route_resume_other_nodes 1 "would route differently" \
+    dsv3-train $R --steps 3 --route-nodes 2 --resume -o "$T/nres"
+expect_err route_resume_other_groups 1 "trained with --route-nodes 1 --route-groups 2" \
+    dsv3-train $R --steps 3 --route-nodes 1 --route-groups 4 --resume -o "$T/nres"
+check route_refused_wrote_nothing test ! -e "$T/nres/step-000003"
+expect route_resume_same_options 0 dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/nres"
+expect_err route_resume_gaining_routing 1 "trained without node-limited routing" \
+    dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/flat1"
+check route_off_saved grep -q '"route_nodes": 0' "$T/flat1/step-000002/state.json"
+cp -r "$T/flat1" "$T/old"
+sed -i '/"route_nodes"/d' "$T/old/step-000002/state.json"
+sed -i 's/\("world": [0-9]*\),$/\1/' "$T/old/step-000002/state.json"
+expect route_old_state_resumes 0 dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/old"
+check route_old_state_recorded grep -q '"route_groups": 2' "$T/old/step-000003/state.json"
+
 # (f) SFT: half the documents are long prompts without a response, so many records have no
 # counted target and are dropped, and a rank often runs fewer forwards than the other (or
 # none): it serves its experts idle. The same losses and gradient norms as one process.
