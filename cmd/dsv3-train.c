@@ -409,6 +409,9 @@ int main(int argc, char **argv)
         o.ramp_first = parse_u64("--batch-ramp", ramp, 1, 1ull << 40);
         o.ramp_span = (double)parse_u64("--batch-ramp", colon + 1, 1, INT64_MAX);
     }
+    const char *epfail = getenv("DSV3_TRAIN_EP_FAIL");  /* test aid "RANK:N", see train.h */
+    if (epfail && sscanf(epfail, "%d:%d", &o.ep_fail_rank, &o.ep_fail_at) != 2)
+        o.ep_fail_at = 0;
     const char *crash = getenv("DSV3_TRAIN_CRASH_IN_SAVE");  /* test aid, see train.h */
     if (crash)
         o.crash_in_save = atoi(crash);

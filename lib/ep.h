@@ -29,6 +29,10 @@ typedef struct ep {
     int replicas;     /* world / N: copies of each group */
     int E, per;       /* routed experts, experts per group (E / N) */
     size_t *sn, *so, *rn, *ro;  /* [world]: alltoallv counts and offsets (scratch) */
+    int fail_rank, fail_at;     /* test aid: rank fail_rank's fail_at-th buffer for received
+                                   expert rows (forward and backward blocks alike) fails as
+                                   if out of memory (0: never; lib/model) */
+    int n_allocs;               /* ... those buffers counted so far */
 } ep;
 
 /* This rank's place with N = size (1 <= size, size divides the world and E); messages

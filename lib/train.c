@@ -554,8 +554,9 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     for (int k = 0; k < t->n_mtp; k++) {
         int64_t slots;
         int rc = be_mtp_expert_load(t, k, t->tmp_counts, &slots, e);
-        if (rc < 0)
-            return -1;
+        if (rc < 0)  /* the backward's exchanges still run, empty, on every rank */
+            return t->ep.size > 1 ? model_ep_fail(&t->m, t->acts, t->m.mtp_lambda > 0, 1, e)
+                                  : -1;
         if (rc == 0) {
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)(c->num_hidden_layers + k) * E + i] += t->tmp_counts[i];
@@ -927,6 +928,8 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
     if (ep_open(&t->ep, t->o->comm, ep_size(t), t->m.cfg.n_routed_experts, e))
         return -1;
     t->m.ep = t->ep.size > 1 ? &t->ep : NULL;
+    t->ep.fail_rank = t->o->ep_fail_rank;
+    t->ep.fail_at = t->o->ep_fail_at;
     if (dir && (t->st.ep != (uint32_t)t->ep.size ||
                 (t->ep.size > 1 && t->st.world != (uint32_t)t->dp.world)))
         return err_set(e, "%s was written with --ep %u on %u ranks; it resumes only with the "

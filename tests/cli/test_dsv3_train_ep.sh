@@ -6,7 +6,8 @@
 # idle; the checkpoint is one complete HF folder (a model shard per expert group) that
 # resumes exactly on the same ranks and is refused on others; bad --ep values are usage
 # errors; node-limited routing (--route-nodes) gives the same results on 1 and 2 ranks;
-# the metrics carry the rows each rank's experts received.
+# the metrics carry the rows each rank's experts received; a rank failing inside a pass
+# stops every rank instead of leaving them waiting in an exchange.
 . "$(dirname "$0")/lib.sh"
 # the CPU backend even where a GPU is present (EP runs on the CPU only for now)
 export DSV3_DEVICE=cpu
@@ -185,3 +186,19 @@ dsv3-train $F -o "$T/sft1"
 expect ep2_sft_exit_0 0 mpi 2 "$DSV3_BIN/dsv3-train" $F --ep 2 -o "$T/sft2"
 check ep2_sft_losses close_losses "$T/sft1/metrics.jsonl" "$T/sft2/metrics.jsonl" 1e-6
 check ep2_sft_norms close_losses "$T/sft1/metrics.jsonl" "$T/sft2/metrics.jsonl" 1e-6 grad_norm
+
+# (g) a rank that fails inside an expert-parallel pass (after the ranks agreed to run it:
+# here out of memory for the rows it is to receive, DSV3_TRAIN_EP_FAIL=RANK:N failing its
+# N-th such buffer) still takes part in the exchanges, empty, until the ranks agree before
+# the next rows move; every rank then stops with exit 1 (the failing one with its own
+# message) instead of waiting in an all-to-all for ever (timeout: 124). N counts the MoE
+# blocks of forwards and backwards (tiny: 3 a pass with MTP): 2 fails in the first forward,
+# 5 in its backward; 4 ranks as 2 x 2 fail in another replica's block too.
+epfail() { DSV3_TRAIN_EP_FAIL=$1 timeout 60 mpirun --oversubscribe -x DSV3_TRAIN_EP_FAIL -np "$2" \
+    "$DSV3_BIN/dsv3-train" $A --ep 2 -o "$T/fail$1"; }
+for c in 1:2:2 1:5:2 3:2:4 0:7:4; do
+    f=${c%:*} n=${c##*:} r=${c%%:*}
+    expect_err "ep_fail_${f}_np${n}_stops_all" 1 "rank $r of $n: model: out of memory for" epfail "$f" "$n"
+    check "ep_fail_${f}_np${n}_others_told" grep -q "another rank failed in an expert-parallel exchange" "$T/err"
+    check "ep_fail_${f}_np${n}_no_checkpoint" test ! -e "$T/fail$f/latest"
+done
