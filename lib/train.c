@@ -194,7 +194,9 @@ typedef struct trainer {
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
     ep ep;                /* expert parallelism (ep.size 1: off) */
-    optim eopt;           /* ep.size > 1: the moments of the held experts, whole */
+    optim eopt;           /* ep.size > 1: the moments of this replica's piece of the held
+                             experts (ep_piece: the whole group with one replica) */
+    size_t ep_lo, ep_hi;  /* that piece, relative to n_dense */
     int64_t *ep_rows;     /* [world][layers + MTP modules]: rows each rank's experts
                              received this step (ep.size > 1) */
     FILE *log;            /* o->log on rank 0, else NULL */
@@ -951,9 +953,19 @@ static int load_optim_ep(trainer *t, const char *dir, dsv3_err *e)
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (optim_load_shard(&t->opt, &t->m, path, t->dp.rank, t->dp.world, &step, &a, e))
         return -1;
-    epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    /* this replica's piece; a checkpoint from before the moments were sharded holds the
+     * group's whole moments, re-sliced here */
+    int D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+    epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, me, D);
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    if (optim_load_shard(&t->eopt, &t->m, path, t->ep.group, t->ep.size, &step, &b, e))
+    int whole = D > 1 && access(path, F_OK) != 0;
+    if (whole) {
+        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+    }
+    int r = D > 1 && !whole ? t->ep.group * D + me : t->ep.group;
+    int w = D > 1 && !whole ? t->ep.size * D : t->ep.size;
+    if (optim_load_shard(&t->eopt, &t->m, path, r, w, &step, &b, e))
         return -1;
     if (a != t->opt.n || b != t->eopt.n)
         return err_set(e, "%s: the optimizer files do not cover this rank's parameters", dir);
@@ -1021,9 +1033,13 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
         optim_init_range(&t->opt, &t->m, &o->adam, t->gdp ? 0 : t->dp.lo,
                          t->gdp ? t->m.n_params : t->dp.hi, e))
         return -1;
-    if (t->ep.size > 1 && optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense,
-                                           t->m.n_params, e))
-        return -1;
+    if (t->ep.size > 1) {
+        ep_piece(&t->ep, t->m.n_params - t->m.n_dense, t->ep.rank / t->ep.size, &t->ep_lo,
+                 &t->ep_hi);
+        if (optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense + t->ep_lo,
+                             t->m.n_dense + t->ep_hi, e))
+            return -1;
+    }
     if (found) {
         if (t->ep.size > 1 ? load_optim_ep(t, dir, e)
                            : trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
@@ -1322,24 +1338,30 @@ static int ep_reduce(trainer *t, dsv3_err *e)
 {
     if (t->ep.size <= 1)
         return 0;
-    return ep_reduce_experts(&t->ep, t->m.grads + t->m.n_dense, t->m.n_params - t->m.n_dense,
-                             e) || dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e) ? -1 : 0;
+    return ep_scatter_experts(&t->ep, t->m.grads + t->m.n_dense, t->m.n_params - t->m.n_dense,
+                              e) || dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e) ? -1 : 0;
 }
 
 static double ep_sumsq(const trainer *t)
 {
-    if (t->ep.size <= 1 || t->ep.rank >= t->ep.size)
+    if (t->ep.size <= 1)
         return 0;
-    return optim_grad_sumsq(&t->m, t->m.grads + t->m.n_dense, t->m.n_dense, t->m.n_params);
+    size_t lo = t->m.n_dense + t->ep_lo, hi = t->m.n_dense + t->ep_hi;
+    return optim_grad_sumsq(&t->m, t->m.grads + lo, lo, hi);
 }
 
-static void ep_update(trainer *t, double norm, double lr)
+/* The held experts: each replica clips and steps its piece (its moments' range), then the
+ * pieces of the parameters are gathered on every replica (ZeRO-1 over the replicas). */
+static int ep_update(trainer *t, double norm, double lr, dsv3_err *e)
 {
     if (t->ep.size <= 1)
-        return;
-    float *g = t->m.grads + t->m.n_dense;
-    optim_clip_range(&t->m, g, t->m.n_dense, t->m.n_params, norm, t->o->clip);
+        return 0;
+    size_t lo = t->m.n_dense + t->ep_lo, hi = t->m.n_dense + t->ep_hi;
+    float *g = t->m.grads + lo;
+    optim_clip_range(&t->m, g, lo, hi, norm, t->o->clip);
     optim_step_grads(&t->eopt, &t->m, g, lr);
+    return ep_gather_experts(&t->ep, t->m.params + t->m.n_dense, t->m.n_params - t->m.n_dense,
+                             e);
 }
 
 /* One update. Each rank's accumulated gradient is its part of the gradient of the whole
@@ -1397,8 +1419,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     } else if (a.n) {
         optim_clip_range(&t->m, g, t->dp.lo, t->dp.hi, so->norm, o->clip);
         optim_step_grads(&t->opt, &t->m, g, so->lr);
-        ep_update(t, so->norm, so->lr);
-        if (dp_gather_params(&t->dp, t->m.params, e))
+        if (ep_update(t, so->norm, so->lr, e) || dp_gather_params(&t->dp, t->m.params, e))
             return -1;
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
@@ -1598,10 +1619,12 @@ static int save_dp(trainer *t, dsv3_err *e)
         snprintf(path, sizeof path, "%s/%s", tmp, name);
         rc = optim_save_shard(&t->opt, &t->m, d->rank, d->world, path, e);
     }
-    if (!rc && t->ep.size > 1 && t->ep.rank < t->ep.size) {
-        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    if (!rc && t->ep.size > 1) {  /* every replica its piece of its group's moments */
+        int D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+        epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, me, D);
         snprintf(path, sizeof path, "%s/%s", tmp, name);
-        rc = optim_save_shard(&t->eopt, &t->m, t->ep.group, t->ep.size, path, e);
+        rc = optim_save_shard(&t->eopt, &t->m, D > 1 ? t->ep.group * D + me : t->ep.group,
+                              D > 1 ? t->ep.size * D : t->ep.size, path, e);
     }
     if (!rc && t->o->crash_in_save && t->n_saves == t->o->crash_in_save && d->rank == 0)
         raise(SIGKILL);

@@ -30,8 +30,9 @@
  * layer's routed experts (parameters, gradients, moments); the routed rows travel to the
  * holders and back inside the forward and backward (model_forward with m.ep set), so
  * every rank runs the same number of forwards (a rank out of rows serves idle). The
- * replicated part is ZeRO-1 over all ranks as above; the expert part is summed over the
- * world / N replicas of each group and updated whole on each. Checkpoints stay one full
+ * replicated part is ZeRO-1 over all ranks as above; the expert part is ZeRO-1 over the
+ * world / N replicas of each group (gradients reduce-scattered, each replica updating its
+ * piece with that piece's moments, parameters all-gathered). Checkpoints stay one full
  * HF folder (one model shard per expert group, with an index), resumable on the same world
  * size and N only. A rank failing inside a pass still takes part in its exchanges until
  * the ranks agree it failed (lib/model: model_ep_fail): every rank then returns -1. */

@@ -7,7 +7,8 @@
 # resumes exactly on the same ranks and is refused on others; bad --ep values are usage
 # errors; node-limited routing (--route-nodes) gives the same results on 1 and 2 ranks;
 # the metrics carry the rows each rank's experts received; a rank failing inside a pass
-# stops every rank instead of leaving them waiting in an exchange.
+# stops every rank instead of leaving them waiting in an exchange; with replicas the expert
+# moments are sharded over them (a piece file each) and resume exactly.
 . "$(dirname "$0")/lib.sh"
 # the CPU backend even where a GPU is present (EP runs on the CPU only for now)
 export DSV3_DEVICE=cpu
@@ -202,3 +203,27 @@ for c in 1:2:2 1:5:2 3:2:4 0:7:4; do
     check "ep_fail_${f}_np${n}_others_told" grep -q "another rank failed in an expert-parallel exchange" "$T/err"
     check "ep_fail_${f}_np${n}_no_checkpoint" test ! -e "$T/fail$f/latest"
 done
+
+# (h) the expert moments are sharded over the replicas of a group (4 ranks as 2 x 2): each
+# replica writes its piece (the two pieces of a group hold its moments once: their sizes
+# add up to the one-replica file's of (a), plus one more step and shard header of 48
+# bytes), and a resume on the same 4 ranks is exact.
+mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 -o "$T/sh4" 2>/dev/null
+mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --steps 2 -o "$T/shr" 2>/dev/null
+expect ep2dp2_resume_exit_0 0 mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --resume -o "$T/shr"
+field loss "$T/sh4/metrics.jsonl" >"$T/l1"
+field loss "$T/shr/metrics.jsonl" >"$T/l2"
+check ep2dp2_resume_losses_exact sh -c "[ \$(wc -l <'$T/l2') -eq 3 ] && cmp -s '$T/l1' '$T/l2'"
+check ep2dp2_resume_weights_exact sh -c "cd '$T/sh4/step-000003' && for f in model-0000*.safetensors optim-*.safetensors; do cmp -s \$f '$T/shr/step-000003/'\$f || exit 1; done"
+moments() { od -An -tu8 -N8 "$1" | awk -v s="$(stat -c %s "$1")" '{ print s - 8 - $1 }'; }
+S4="$T/sh4/step-000003"
+m0=$(moments "$S4/optim-experts-00000-of-00002-part00000-of-00002.safetensors")
+m1=$(moments "$S4/optim-experts-00000-of-00002-part00001-of-00002.safetensors")
+mw=$(moments "$S/optim-experts-00000-of-00002.safetensors")
+check ep2dp2_moments_sharded sh -c "[ ! -e '$S4/optim-experts-00000-of-00002.safetensors' ] && [ $((m0 + m1)) -eq $((mw + 48)) ] && [ $m0 -gt 48 ]"
+# a 4-rank checkpoint whose expert moments are whole-group files (as before the sharding:
+# here those of the 2-rank run's step 2) still resumes, each replica taking its piece
+rm -rf "$T/old4" && cp -r "$T/shr" "$T/old4" && echo step-000002 >"$T/old4/latest" && rm -rf "$T/old4/step-000003"
+rm "$T/old4/step-000002/"optim-experts-*-part*.safetensors
+cp "$T/res/step-000002/"optim-experts-*.safetensors "$T/old4/step-000002/"
+expect ep2dp2_whole_moments_resume 0 mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --resume -o "$T/old4"
