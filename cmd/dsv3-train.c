@@ -102,6 +102,7 @@ static const cli_program PROG = {
     "                           (V3: 4), nodes scored by their top k/M affinities\n"
     "      --route-groups=G     the nodes the experts are cut into for --route-nodes\n"
     "                           (default: the EP layout, N over the launcher's ranks a node)\n"
+    "                           --resume takes both from the checkpoint (others refused)\n"
     "Numbers take k, M, G (1000s). Exit status: 0 ok, 1 failure, 2 usage error.\n"
     "See dsv3-train(1).\n",
 };
@@ -408,6 +409,9 @@ int main(int argc, char **argv)
         o.ramp_first = parse_u64("--batch-ramp", ramp, 1, 1ull << 40);
         o.ramp_span = (double)parse_u64("--batch-ramp", colon + 1, 1, INT64_MAX);
     }
+    const char *epfail = getenv("DSV3_TRAIN_EP_FAIL");  /* test aid "RANK:N", see train.h */
+    if (epfail && sscanf(epfail, "%d:%d", &o.ep_fail_rank, &o.ep_fail_at) != 2)
+        o.ep_fail_at = 0;
     const char *crash = getenv("DSV3_TRAIN_CRASH_IN_SAVE");  /* test aid, see train.h */
     if (crash)
         o.crash_in_save = atoi(crash);

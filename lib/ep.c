@@ -68,52 +68,74 @@ int ep_exchange_rows(ep *p, const float *send, const int64_t *rows_to, float *re
     return comm_alltoallv(p->c, send, p->sn, p->so, recv, p->rn, p->ro, COMM_F32, e);
 }
 
-int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e)
+void ep_piece(const ep *p, size_t n, int i, size_t *lo, size_t *hi)
 {
-    int R = p->replicas;
+    size_t R = (size_t)p->replicas, S = (n + R - 1) / R;
+    *lo = (size_t)i * S < n ? (size_t)i * S : n;
+    *hi = (size_t)(i + 1) * S < n ? (size_t)(i + 1) * S : n;
+}
+
+int ep_scatter_experts(ep *p, float *g, size_t n, dsv3_err *e)
+{
+    int R = p->replicas, me = p->rank / p->size;
     if (R <= 1 || !n)
         return 0;
-    size_t S = (n + (size_t)R - 1) / (size_t)R, lo[R + 1];
-    for (int i = 0; i <= R; i++)
-        lo[i] = (size_t)i * S < n ? (size_t)i * S : n;
-    int me = p->rank / p->size;
-    size_t mine = lo[me + 1] - lo[me];
+    size_t lo, hi, a, b;
+    ep_piece(p, n, me, &lo, &hi);
+    size_t mine = hi - lo;
     float *tmp = malloc(((size_t)R * mine + 1) * sizeof *tmp);
     if (!tmp)
         return err_set(e, "out of memory for the expert gradients' sum");
-    /* reduce-scatter: piece i of every replica to replica i */
+    /* piece i of every replica to replica i */
     memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
     for (int i = 0; i < R; i++) {
         int r = p->group + i * p->size;
-        p->sn[r] = lo[i + 1] - lo[i];
-        p->so[r] = lo[i];
+        ep_piece(p, n, i, &a, &b);
+        p->sn[r] = b - a;
+        p->so[r] = a;
         p->rn[r] = mine;
         p->ro[r] = (size_t)i * mine;
     }
     int rc = comm_alltoallv(p->c, g, p->sn, p->so, tmp, p->rn, p->ro, COMM_F32, e);
-    if (!rc) {
-        for (size_t j = 0; j < mine; j++) {
-            float s = tmp[j];
-            for (int i = 1; i < R; i++)
-                s += tmp[(size_t)i * mine + j];
-            g[lo[me] + j] = s;
-        }
-        /* all-gather: my summed piece to every replica, theirs into place */
-        for (int i = 0; i < R; i++) {
-            int r = p->group + i * p->size;
-            p->sn[r] = mine;
-            p->so[r] = lo[me];
-            p->rn[r] = lo[i + 1] - lo[i];
-            p->ro[r] = lo[i];
-        }
-        memcpy(tmp, g + lo[me], mine * sizeof *tmp);
-        /* send from a copy: recv overlaps send's piece in g */
-        for (int i = 0; i < R; i++)
-            p->so[p->group + i * p->size] = 0;
-        rc = comm_alltoallv(p->c, tmp, p->sn, p->so, g, p->rn, p->ro, COMM_F32, e);
+    for (size_t j = 0; !rc && j < mine; j++) {  /* summed in replica order: same bits */
+        float s = tmp[j];
+        for (int i = 1; i < R; i++)
+            s += tmp[(size_t)i * mine + j];
+        g[lo + j] = s;
     }
     free(tmp);
     return rc;
+}
+
+int ep_gather_experts(ep *p, float *x, size_t n, dsv3_err *e)
+{
+    int R = p->replicas, me = p->rank / p->size;
+    if (R <= 1 || !n)
+        return 0;
+    size_t lo, hi, a, b;
+    ep_piece(p, n, me, &lo, &hi);
+    size_t mine = hi - lo;
+    float *tmp = malloc((mine + 1) * sizeof *tmp);
+    if (!tmp)
+        return err_set(e, "out of memory for the expert pieces' gather");
+    memcpy(tmp, x + lo, mine * sizeof *tmp);  /* send from a copy: recv overlaps it in x */
+    memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
+    for (int i = 0; i < R; i++) {
+        int r = p->group + i * p->size;
+        ep_piece(p, n, i, &a, &b);
+        p->sn[r] = mine;
+        p->so[r] = 0;
+        p->rn[r] = b - a;
+        p->ro[r] = a;
+    }
+    int rc = comm_alltoallv(p->c, tmp, p->sn, p->so, x, p->rn, p->ro, COMM_F32, e);
+    free(tmp);
+    return rc;
+}
+
+int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e)
+{
+    return ep_scatter_experts(p, g, n, e) || ep_gather_experts(p, g, n, e) ? -1 : 0;
 }
 
 int ep_max(ep *p, int64_t *v, size_t n, dsv3_err *e)

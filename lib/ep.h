@@ -5,7 +5,8 @@
  * groups of E/N; rank r holds group r mod N only. The ranks [b, b + N) with b = r - r mod N
  * form r's EP block: a token routed on rank r goes to the rank of that block holding its
  * expert. A world of W = D x N ranks holds D replicas of every group (ranks g, g + N, ...):
- * data parallelism over them, their expert gradients summed by ep_reduce_experts.
+ * data parallelism over them, ZeRO-1 style: ep_scatter_experts sums each replica's piece
+ * of the expert gradients onto it, ep_gather_experts spreads the updated pieces.
  *
  * Every call here is collective over the whole world (lib/comm has no sub-communicators):
  * alltoallv with no values to ranks outside the block or the replica set, which every
@@ -29,6 +30,10 @@ typedef struct ep {
     int replicas;     /* world / N: copies of each group */
     int E, per;       /* routed experts, experts per group (E / N) */
     size_t *sn, *so, *rn, *ro;  /* [world]: alltoallv counts and offsets (scratch) */
+    int fail_rank, fail_at;     /* test aid: rank fail_rank's fail_at-th buffer for received
+                                   expert rows (forward and backward blocks alike) fails as
+                                   if out of memory (0: never; lib/model) */
+    int n_allocs;               /* ... those buffers counted so far */
 } ep;
 
 /* This rank's place with N = size (1 <= size, size divides the world and E); messages
@@ -51,9 +56,21 @@ int ep_exchange_counts(ep *p, const int64_t *cnt_to, int64_t *cnt_from, dsv3_err
 int ep_exchange_rows(ep *p, const float *send, const int64_t *rows_to, float *recv,
                      const int64_t *rows_from, size_t width, dsv3_err *e);
 
-/* The expert gradients of this rank's group, g[n], summed over the group's replicas (a
- * reduce-scatter and an all-gather, each as one alltoallv: replica i sums piece i in
- * replica order, so every replica ends with the same bits). No-op with one replica. */
+/* Replica i's piece [lo, hi) of an array of n elements of the group (n cut into replicas
+ * pieces of ceil(n / replicas)). */
+void ep_piece(const ep *p, size_t n, int i, size_t *lo, size_t *hi);
+
+/* The expert gradients of this rank's group, g[n], summed over the group's replicas on
+ * this replica's piece (ep_piece of replica rank / size; one alltoallv, a reduce-scatter:
+ * each piece summed in replica order). The rest of g is left as it was. No-op with one
+ * replica. */
+int ep_scatter_experts(ep *p, float *g, size_t n, dsv3_err *e);
+
+/* Every replica's piece of x[n] from its holder into x (an all-gather, one alltoallv). */
+int ep_gather_experts(ep *p, float *x, size_t n, dsv3_err *e);
+
+/* ep_scatter_experts then ep_gather_experts on g: the whole sum on every replica, the same
+ * bits everywhere. */
 int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e);
 
 /* Any rank's flag: an all-reduce MAX over the world of v (one process: v itself). */

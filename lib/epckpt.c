@@ -14,6 +14,16 @@ void epckpt_optim_name(char *buf, size_t n, int group, int groups)
     snprintf(buf, n, "optim-experts-%05d-of-%05d.safetensors", group, groups);
 }
 
+void epckpt_optim_piece_name(char *buf, size_t n, int group, int groups, int replica,
+                             int replicas)
+{
+    if (replicas <= 1)
+        epckpt_optim_name(buf, n, group, groups);
+    else
+        snprintf(buf, n, "optim-experts-%05d-of-%05d-part%05d-of-%05d.safetensors", group,
+                 groups, replica, replicas);
+}
+
 static void shard_name(char *buf, size_t n, int group, int groups)
 {
     snprintf(buf, n, "model-%05d-of-%05d.safetensors", group + 1, groups);

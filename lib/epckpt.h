@@ -8,7 +8,9 @@
  * model_load reads the folder whole (any process) or one group of it (model_load_ep). The
  * optimizer: each rank's ZeRO-1 shard of the replicated part under lib/trainckpt's name
  * optim-rankRRRRR-of-WWWWW.safetensors, and the moments of expert group g in
- * optim-experts-GGGGG-of-NNNNN.safetensors (written by rank g, read by every replica). */
+ * optim-experts-GGGGG-of-NNNNN.safetensors (one replica), or with D replicas each
+ * replica's piece of them in optim-experts-GGGGG-of-NNNNN-partRRRRR-of-DDDDD.safetensors
+ * (the moments are sharded over the replicas, lib/train). */
 #ifndef DSV3_EPCKPT_H
 #define DSV3_EPCKPT_H
 
@@ -23,5 +25,10 @@ int epckpt_save_model(const dsv3_model *m, const ep *p, const char *dir, dsv3_er
 
 /* The name of expert group g's optimizer file among n groups. */
 void epckpt_optim_name(char *buf, size_t n, int group, int groups);
+
+/* The name of replica r's piece of group g's moments among `replicas` (ep_piece): the
+ * group's name when replicas is 1, else optim-experts-GGGGG-of-NNNNN-partRRRRR-of-DDDDD. */
+void epckpt_optim_piece_name(char *buf, size_t n, int group, int groups, int replica,
+                             int replicas);
 
 #endif

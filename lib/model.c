@@ -697,7 +697,8 @@ struct model_acts {
     int64_t ce_norm;        /* what the main sum is divided by (norm_main or ce_count) */
     int64_t *mtp_norm;      /* [n_mtp]: the same for each MTP module */
     int64_t seq_norm;       /* what the balance loss's sum over sequences is divided by */
-    int ep_failed;          /* an expert-parallel exchange failed in this pass: ep_err */
+    int ep_failed;          /* this pass failed on this rank (or, ep_down, on another): ep_err */
+    int ep_down;            /* the ranks agreed that the pass failed: no more exchanges */
     dsv3_err ep_err;
     double balance;         /* alpha-weighted balance loss of the last forward */
     float **all;   /* every allocation, for freeing */
@@ -1102,11 +1103,62 @@ static void mlp_backward(float *dx, const float *dy, const float *x, const float
 
 /* ---- expert parallelism: the holder's side ---- */
 
+/* A failure of this rank's: kept (the first) for the end of the pass. */
 static int ep_fail(model_acts *a, dsv3_err *e)
 {
-    a->ep_failed = 1;
-    a->ep_err = *e;
+    if (!a->ep_failed) {
+        a->ep_failed = 1;
+        a->ep_err = *e;
+    }
     return -1;
+}
+
+/* The end of a pass under expert parallelism: its first failure, if any. */
+static int ep_result(model_acts *a, dsv3_err *e)
+{
+    if (!a->ep_failed)
+        return 0;
+    *e = a->ep_err;
+    return -1;
+}
+
+/* A broken exchange: the communicator is of no more use in this pass. */
+static int ep_broken(model_acts *a, dsv3_err *e)
+{
+    a->ep_down = 1;
+    return ep_fail(a, e);
+}
+
+/* Before a block's rows move, the ranks agree (a MAX over the world) whether any failed in
+ * this pass so far: a rank that failed after the forward's agreement (out of memory for
+ * the rows it is to receive) still calls every collective up to here, with nothing to
+ * send, so none waits in an exchange; then every rank stops exchanging for the rest of the
+ * pass and returns -1 from it, the failing rank with its own message. Returns 1 when the
+ * pass failed. */
+static int ep_agree_ok(const dsv3_model *m, model_acts *a)
+{
+    int64_t v = a->ep_failed;
+    dsv3_err ce;
+    if (ep_max(m->ep, &v, 1, &ce)) {
+        ep_broken(a, &ce);
+        return 1;
+    }
+    if (!v)
+        return 0;
+    a->ep_down = 1;
+    if (!a->ep_failed) {
+        err_set(&ce, "stopping: another rank failed in an expert-parallel exchange (its "
+                "message says why)");
+        ep_fail(a, &ce);
+    }
+    return 1;
+}
+
+/* Test aid (ep.fail_rank, ep.fail_at): this rank's fail_at-th buffer for received expert
+ * rows (forward and backward blocks counted alike) fails as if memory ran out. */
+static int ep_test_fail(ep *p)
+{
+    return p->fail_at > 0 && p->rank == p->fail_rank && ++p->n_allocs == p->fail_at;
 }
 
 /* Where the rows of (block member g, held expert j) sit: src[g * per + j] in the order they
@@ -1155,31 +1207,49 @@ static int ep_forward(const dsv3_model *m, model_acts *a, const model_layer *W, 
     ep *p = m->ep;
     const dsv3_config *c = &m->cfg;
     int S = p->size, per = p->per, H = c->hidden_size, mi = c->moe_intermediate_size;
-    int64_t to[S], from[S], src[S * per], dst[S * per], R;
+    int64_t to[S], from[S], src[S * per], dst[S * per], R, cnt_tmp[S * per];
+    if (a->ep_down)
+        return -1;
+    /* every failure from here to the rows' exchange is reported at ep_agree_ok: the
+     * counts exchange still runs (into cnt_tmp where ep_cnt is missing) */
     if (!L->ep_cnt && !(L->ep_cnt = malloc((size_t)S * per * sizeof *L->ep_cnt)))
-        return ep_fail(a, (err_set(e, "model: out of memory"), e));
-    if (ep_exchange_counts(p, cnt_to, L->ep_cnt, e))
-        return ep_fail(a, e);
+        ep_fail(a, (err_set(e, "model: out of memory"), e));
+    int64_t *cnt = L->ep_cnt ? L->ep_cnt : cnt_tmp;
+    if (ep_exchange_counts(p, cnt_to, cnt, e))
+        return ep_broken(a, e);
     for (int g = 0; g < S; g++) {
         to[g] = 0;
         for (int j = 0; j < per; j++)
             to[g] += cnt_to[g * per + j];
     }
-    ep_offsets(L->ep_cnt, S, per, src, dst, from, &R);
+    ep_offsets(cnt, S, per, src, dst, from, &R);
+    L->ep_rows = a->ep_failed ? 0 : R;
     size_t need = (size_t)R * (H + 3 * (size_t)mi) + 1;
-    if (need > L->ep_cap) {
+    if (!a->ep_failed && need > L->ep_cap) {
         float *b = realloc(L->ep_buf, need * sizeof *b);
         if (!b)
-            return ep_fail(a, (err_set(e, "model: out of memory for %lld expert rows",
-                                       (long long)R), e));
-        L->ep_buf = b;
-        L->ep_cap = need;
+            ep_fail(a, (err_set(e, "model: out of memory for %lld expert rows", (long long)R),
+                        e));
+        else {
+            L->ep_buf = b;
+            L->ep_cap = need;
+        }
     }
-    L->ep_rows = R;
+    float *io = NULL, *y = NULL;
+    if (!a->ep_failed) {
+        io = ep_test_fail(p) ? NULL : malloc(((size_t)R * H + 1) * sizeof *io);
+        y = malloc(((size_t)R * H + 1) * sizeof *y);
+        if (!io || !y)
+            ep_fail(a, (err_set(e, "model: out of memory for %lld expert rows", (long long)R),
+                        e));
+    }
+    if (ep_agree_ok(m, a)) {
+        free(io);
+        free(y);
+        return -1;
+    }
     float *x = L->ep_buf, *g = x + R * H, *u = g + R * mi, *h = u + R * mi;
-    float *io = malloc(((size_t)R * H + 1) * sizeof *io), *y = malloc(((size_t)R * H + 1) * 4);
-    int rc = !io || !y ? err_set(e, "model: out of memory for %lld expert rows", (long long)R)
-                       : ep_exchange_rows(p, xs, to, io, from, (size_t)H, e);
+    int rc = ep_exchange_rows(p, xs, to, io, from, (size_t)H, e);
     if (!rc) {
         ep_permute(L->ep_cnt, src, dst, S * per, x, io, (size_t)H, 1);
 #pragma omp parallel for schedule(dynamic) if (R * H * mi > (1 << 18))
@@ -1197,7 +1267,7 @@ static int ep_forward(const dsv3_model *m, model_acts *a, const model_layer *W, 
     }
     free(io);
     free(y);
-    return rc ? ep_fail(a, e) : 0;
+    return rc ? ep_broken(a, e) : 0;
 }
 
 /* The backward of ep_forward: dys [sum, H] (the routing weight applied) for the rows this
@@ -1211,6 +1281,8 @@ static int ep_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
     const dsv3_config *c = &m->cfg;
     int S = p->size, per = p->per, H = c->hidden_size, mi = c->moe_intermediate_size;
     int64_t to[S], from[S], src[S * per], dst[S * per], R;
+    if (a->ep_down)
+        return -1;
     for (int g = 0; g < S; g++) {
         to[g] = 0;
         for (int j = 0; j < per; j++)
@@ -1218,13 +1290,17 @@ static int ep_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
     }
     ep_offsets(L->ep_cnt, S, per, src, dst, from, &R);
     float *x = L->ep_buf, *g = x + R * H, *u = g + R * mi, *h = u + R * mi;
-    float *io = malloc(((size_t)R * H + 1) * sizeof *io);
-    float *dy = malloc(((size_t)R * H + 1) * sizeof *dy);
-    float *dx = calloc((size_t)R * H + 1, sizeof *dx);
-    float *tmp = malloc(((size_t)R * 3 * mi + 1) * sizeof *tmp);
-    int rc = !io || !dy || !dx || !tmp
-                 ? err_set(e, "model: out of memory for %lld expert rows", (long long)R)
-                 : ep_exchange_rows(p, dys, to, io, from, (size_t)H, e);
+    float *io = NULL, *dy = NULL, *dx = NULL, *tmp = NULL;
+    if (!a->ep_failed) {
+        io = ep_test_fail(p) ? NULL : malloc(((size_t)R * H + 1) * sizeof *io);
+        dy = malloc(((size_t)R * H + 1) * sizeof *dy);
+        dx = calloc((size_t)R * H + 1, sizeof *dx);
+        tmp = malloc(((size_t)R * 3 * mi + 1) * sizeof *tmp);
+        if (!io || !dy || !dx || !tmp)
+            ep_fail(a, (err_set(e, "model: out of memory for %lld expert rows", (long long)R),
+                        e));
+    }
+    int rc = ep_agree_ok(m, a) ? -1 : ep_exchange_rows(p, dys, to, io, from, (size_t)H, e);
     if (!rc) {
         ep_permute(L->ep_cnt, src, dst, S * per, dy, io, (size_t)H, 1);
 #pragma omp parallel for schedule(dynamic) if (R * H * mi > (1 << 18))
@@ -1246,7 +1322,7 @@ static int ep_backward(const dsv3_model *m, model_acts *a, const model_layer *W,
     free(dy);
     free(dx);
     free(tmp);
-    return rc ? ep_fail(a, e) : 0;
+    return rc && !a->ep_down ? ep_broken(a, e) : rc;
 }
 
 static int ep_on(const dsv3_model *m)
@@ -1268,7 +1344,7 @@ static void moe_experts_ep(const dsv3_model *m, model_acts *a, const model_layer
     for (int64_t r = 0; r < (int64_t)N * K; r++)
         memcpy(xs + r * H, L->x2n + (int64_t)(slots[r] / K) * H, (size_t)H * 4);
     dsv3_err e;
-    if (a->ep_failed || ep_forward(m, a, W, L, cnt, xs, ys, &e))
+    if (ep_forward(m, a, W, L, cnt, xs, ys, &e))
         return;
     for (int64_t r = 0; r < (int64_t)N * K; r++)
         memcpy(L->ey + (int64_t)slots[r] * H, ys + r * H, (size_t)H * 4);
@@ -1443,23 +1519,26 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
 {
     const dsv3_config *c = &m->cfg;
     int N = a->N, H = c->hidden_size, V = c->vocab_size;
+    int run_mtp = targets && m->mtp_lambda > 0 && c->num_nextn_predict_layers > 0;
+    /* under expert parallelism a failure here still takes part in the pass's exchanges
+     * (model_ep_fail), so no other rank waits in one */
     for (int n = 0; n < N; n++)
         if (ids[n] < 0 || ids[n] >= V)
-            return err_set(e, "model: token id %d at position %d outside the vocabulary "
-                           "(vocab_size %d)", ids[n], n, V);
+            return model_ep_fail(m, a, run_mtp, 0, (err_set(e, "model: token id %d at position %d "
+                                "outside the vocabulary (vocab_size %d)", ids[n], n, V), e));
     if (targets)
         for (int n = 0; n < N; n++)
             if (targets[n] >= V)
-                return err_set(e, "model: target %d at position %d outside the vocabulary",
-                               targets[n], n);
-    int run_mtp = targets && m->mtp_lambda > 0 && c->num_nextn_predict_layers > 0;
+                return model_ep_fail(m, a, run_mtp, 0, (err_set(e, "model: target %d at position "
+                                    "%d outside the vocabulary", targets[n], n), e));
     if (run_mtp && alloc_mtp(a, c))
-        return err_set(e, "model: out of memory for the MTP modules' activations");
+        return model_ep_fail(m, a, run_mtp, 0, (err_set(e, "model: out of memory for the MTP "
+                                                     "modules' activations"), e));
     float *scratch = malloc(scratch_floats(c, N) * sizeof(float));
     if (!scratch)
-        return err_set(e, "model: out of memory for scratch");
+        return model_ep_fail(m, a, run_mtp, 0, (err_set(e, "model: out of memory for scratch"), e));
     a->balance = 0;
-    a->ep_failed = 0;
+    a->ep_failed = a->ep_down = 0;
     a->balance_alpha = m->balance_alpha;
     a->seq_norm = m->norm_seqs > 0 ? m->norm_seqs : a->B;
     a->ce_sum = 0;
@@ -1477,10 +1556,8 @@ int model_forward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32_
         mtp_forward(m, a, ids, targets, scratch);
     a->have_routing = 1;
     free(scratch);
-    if (a->ep_failed) {
-        *e = a->ep_err;
+    if (ep_result(a, e))
         return -1;
-    }
     if (targets) {
         crossentropy_forward(&a->ce_sum, &a->ce_count, NULL, a->logits, targets, N, V);
         a->ce_norm = m->norm_main > 0 ? m->norm_main : a->ce_count;
@@ -1568,7 +1645,7 @@ static void moe_backward(const dsv3_model *m, model_acts *a, const model_layer *
                 dys[r * H + j] = L->w[sl] * dy[n * H + j];
         }
         dsv3_err e;
-        if (a->ep_failed || ep_backward(m, a, W, G, L, cnt, dys, dxs, &e))
+        if (ep_backward(m, a, W, G, L, cnt, dys, dxs, &e))
             memset(dxs, 0, (size_t)N * K * H * 4);
     }
     /* Experts on threads, each in its own rows (its weight gradients are its own); the
@@ -1720,17 +1797,18 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
     const dsv3_config *c = &m->cfg;
     int N = a->N, H = c->hidden_size, V = c->vocab_size;
     if (!a->have_routing)
-        return err_set(e, "model: backward without a forward");
+        return err_set(e, "model: backward without a forward");  /* a caller's bug */
     int count = 0;
     for (int n = 0; n < N; n++)
         count += targets[n] >= 0;
     if (!count && !a->mtp_ran && a->balance_alpha <= 0 && !ep_on(m))
         return 0;  /* the loss is a constant 0 (with experts on other ranks: still serve) */
-    a->ep_failed = 0;
+    a->ep_failed = a->ep_down = 0;
     size_t sf = scratch_floats(c, N);
     float *buf = malloc((sf + (size_t)N * V + 7 * (size_t)N * H) * sizeof(float));
     if (!buf)
-        return err_set(e, "model: out of memory for backward");
+        return model_ep_fail(m, a, a->mtp_ran, 1,
+                             (err_set(e, "model: out of memory for backward"), e));
     float *dlogits = buf, *dx = dlogits + (int64_t)N * V, *dn = dx + (int64_t)N * H;
     float *dy = dn + (int64_t)N * H, *dc = dy + (int64_t)N * H, *dcat = dc + (int64_t)N * H;
     float *tmp = dcat + 2 * (int64_t)N * H;
@@ -1749,45 +1827,66 @@ int model_backward(dsv3_model *m, model_acts *a, const int32_t *ids, const int32
         block_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], l, dx, dn, tmp);
     embedding_backward(m->g.embed, dx, ids, N, H);
     free(buf);
-    if (a->ep_failed) {
-        *e = a->ep_err;
-        return -1;
-    }
-    return 0;
+    return ep_result(a, e);
+}
+
+/* The exchanges of a pass with no rows of this rank's: the forward's blocks in order
+ * (fwd), then the backward's in reverse (bwd). A module whose activations are missing (their
+ * allocation failed: a->ep_failed) exchanges through a scratch block. */
+static void ep_walk(dsv3_model *m, model_acts *a, int mtp, int fwd, int bwd)
+{
+    const dsv3_config *c = &m->cfg;
+    int nl = c->num_hidden_layers, D = c->num_nextn_predict_layers;
+    int64_t zero[c->n_routed_experts > 0 ? c->n_routed_experts : 1];
+    memset(zero, 0, sizeof zero);
+    layer_acts none;
+    memset(&none, 0, sizeof none);
+    dsv3_err e;
+    for (int l = 0; fwd && l < nl; l++)
+        if (config_layer_is_moe(c, l))
+            ep_forward(m, a, &m->w.layers[l], &a->l[l], zero, NULL, NULL, &e);
+    for (int k = 0; fwd && mtp && k < D; k++)
+        if (config_layer_is_moe(c, nl + k))
+            ep_forward(m, a, &m->w.mtp[k].block, a->mtp ? &a->mtp[k].blk : &none, zero, NULL,
+                       NULL, &e);
+    for (int k = D - 1; bwd && mtp && k >= 0; k--)
+        if (config_layer_is_moe(c, nl + k))
+            ep_backward(m, a, &m->w.mtp[k].block, &m->g.mtp[k].block,
+                        a->mtp ? &a->mtp[k].blk : &none, zero, NULL, NULL, &e);
+    for (int l = nl - 1; bwd && l >= 0; l--)
+        if (config_layer_is_moe(c, l))
+            ep_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], zero, NULL, NULL, &e);
+    free(none.ep_cnt);
+    free(none.ep_buf);
 }
 
 int model_ep_idle(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e)
 {
     const dsv3_config *c = &m->cfg;
-    int nl = c->num_hidden_layers, D = c->num_nextn_predict_layers;
     if (!ep_on(m))
         return 0;
-    mtp = mtp && D > 0;
+    a->ep_failed = a->ep_down = 0;
+    mtp = mtp && c->num_nextn_predict_layers > 0;
     if (mtp && alloc_mtp(a, c))
-        return err_set(e, "model: out of memory for the MTP modules' activations");
-    int64_t zero[c->n_routed_experts > 0 ? c->n_routed_experts : 1];
-    memset(zero, 0, sizeof zero);
-    /* the forward's blocks in order, then the backward's in reverse */
-    for (int l = 0; l < nl; l++)
-        if (config_layer_is_moe(c, l) &&
-            ep_forward(m, a, &m->w.layers[l], &a->l[l], zero, NULL, NULL, e))
-            return -1;
-    for (int k = 0; mtp && k < D; k++)
-        if (config_layer_is_moe(c, nl + k) &&
-            ep_forward(m, a, &m->w.mtp[k].block, &a->mtp[k].blk, zero, NULL, NULL, e))
-            return -1;
-    if (!backward)
-        return 0;
-    for (int k = D - 1; mtp && k >= 0; k--)
-        if (config_layer_is_moe(c, nl + k) &&
-            ep_backward(m, a, &m->w.mtp[k].block, &m->g.mtp[k].block, &a->mtp[k].blk, zero,
-                        NULL, NULL, e))
-            return -1;
-    for (int l = nl - 1; l >= 0; l--)
-        if (config_layer_is_moe(c, l) &&
-            ep_backward(m, a, &m->w.layers[l], &m->g.layers[l], &a->l[l], zero, NULL, NULL, e))
-            return -1;
-    return 0;
+        ep_fail(a, (err_set(e, "model: out of memory for the MTP modules' activations"), e));
+    ep_walk(m, a, mtp, 1, 0);
+    /* the backward's exchanges run only where the forward's all did (its ranks agreed) */
+    if (backward && !a->ep_down) {
+        a->ep_failed = 0;
+        ep_walk(m, a, mtp, 0, 1);
+    }
+    return ep_result(a, e);
+}
+
+int model_ep_fail(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e)
+{
+    if (!ep_on(m))
+        return -1;
+    a->ep_failed = a->ep_down = 0;
+    ep_fail(a, e);
+    ep_walk(m, a, mtp && m->cfg.num_nextn_predict_layers > 0, !backward, backward);
+    *e = a->ep_err;
+    return -1;
 }
 
 int64_t model_ep_rows(const model_acts *a, int l)

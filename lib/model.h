@@ -247,6 +247,15 @@ int model_mtp_expert_load(const dsv3_model *m, const model_acts *a, int k, int64
  * backward is set. Collective like model_forward with m->ep set. */
 int model_ep_idle(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e);
 
+/* A failure of this rank in a pass under expert parallelism (e says why): the rank still
+ * takes part in the pass's exchanges, the forward's (backward 0) or, after a forward that
+ * succeeded, its backward's (1), sending nothing, until the ranks agree that the pass
+ * failed (before the first block's rows move, a MAX over the world), so no rank waits in
+ * an exchange; every rank's pass then returns -1, the others with "another rank failed".
+ * Returns -1 (e kept). Without expert parallelism it only returns -1. mtp: as for
+ * model_ep_idle. */
+int model_ep_fail(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e);
+
 /* Rows this rank's experts received in the last forward at block l (l < num_hidden_layers:
  * a main layer, num_hidden_layers + k: MTP module k's block); 0 for a dense block or
  * without expert parallelism. */

@@ -194,7 +194,9 @@ typedef struct trainer {
     uint64_t data_vocab, val_records;
     dp dp;                /* this rank's place in the job and the shard it updates */
     ep ep;                /* expert parallelism (ep.size 1: off) */
-    optim eopt;           /* ep.size > 1: the moments of the held experts, whole */
+    optim eopt;           /* ep.size > 1: the moments of this replica's piece of the held
+                             experts (ep_piece: the whole group with one replica) */
+    size_t ep_lo, ep_hi;  /* that piece, relative to n_dense */
     int64_t *ep_rows;     /* [world][layers + MTP modules]: rows each rank's experts
                              received this step (ep.size > 1) */
     FILE *log;            /* o->log on rank 0, else NULL */
@@ -554,8 +556,9 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
     for (int k = 0; k < t->n_mtp; k++) {
         int64_t slots;
         int rc = be_mtp_expert_load(t, k, t->tmp_counts, &slots, e);
-        if (rc < 0)
-            return -1;
+        if (rc < 0)  /* the backward's exchanges still run, empty, on every rank */
+            return t->ep.size > 1 ? model_ep_fail(&t->m, t->acts, t->m.mtp_lambda > 0, 1, e)
+                                  : -1;
         if (rc == 0) {
             for (int i = 0; i < E; i++)
                 t->counts[(size_t)(c->num_hidden_layers + k) * E + i] += t->tmp_counts[i];
@@ -848,12 +851,42 @@ static int ep_size(const trainer *t)
 /* Node-limited routing (--route-nodes M): the experts cut into nodes (--route-groups, or
  * the EP layout: a node holds the groups of its ranks, as many as the launcher's ranks per
  * node, at most the EP size), a token's experts within its M best nodes. */
-static int setup_routing(trainer *t, dsv3_err *e)
+/* A resume (dir) routes as its checkpoint recorded: the saved --route-nodes and node count
+ * where the options are not given; options that differ are refused, since the run would
+ * silently change its routing (and its balance biases' meaning) mid-way. A state without
+ * the record (written before it existed) takes the options as given. */
+static int resume_routing(trainer *t, const char *dir, int *M, int *G, dsv3_err *e)
+{
+    const train_state *s = &t->st;
+    if (!dir || !s->route_known)
+        return 0;
+    if (!s->route_nodes && *M)
+        return err_set(e, "%s was trained without node-limited routing; resuming it with "
+                       "--route-nodes %d would route its tokens differently (leave the option "
+                       "out, or --init-from the checkpoint's model to start a new run)", dir, *M);
+    if (s->route_nodes && ((*M && (uint32_t)*M != s->route_nodes) ||
+                           (*G && (uint32_t)*G != s->route_groups)))
+        return err_set(e, "%s was trained with --route-nodes %u --route-groups %u; this job "
+                       "gives --route-nodes %d --route-groups %d (0: not given) and would route "
+                       "differently: give the checkpoint's values or leave the options out",
+                       dir, s->route_nodes, s->route_groups, *M, *G);
+    *M = (int)s->route_nodes;
+    *G = (int)s->route_groups;
+    return 0;
+}
+
+static int setup_routing(trainer *t, const char *dir, dsv3_err *e)
 {
     const train_opts *o = t->o;
     const dsv3_config *c = &t->m.cfg;
-    int E = c->n_routed_experts, nodes = o->route_groups;
-    if (!o->route_nodes)
+    int M = o->route_nodes, nodes = o->route_groups;
+    if (resume_routing(t, dir, &M, &nodes, e))
+        return -1;
+    int saved = M != o->route_nodes || nodes != o->route_groups;
+    int E = c->n_routed_experts;
+    t->st.route_known = 1;
+    t->st.route_nodes = t->st.route_groups = 0;
+    if (!M)
         return 0;
     if (E <= 0)
         return err_set(e, "--route-nodes: the model has no routed experts");
@@ -873,11 +906,15 @@ static int setup_routing(trainer *t, dsv3_err *e)
     if (nodes < 1 || E % nodes)
         return err_set(e, "--route-groups %d does not divide the %d routed experts", nodes, E);
     t->m.route_nodes = nodes;
-    t->m.route_limit = o->route_nodes < nodes ? o->route_nodes : nodes;
+    t->m.route_limit = M < nodes ? M : nodes;
+    t->st.route_nodes = (uint32_t)M;
+    t->st.route_groups = (uint32_t)nodes;
     if (t->log)
-        fprintf(t->log, "dsv3-train: node-limited routing: %d experts in %d nodes of %d, a "
-                "token's %d experts on at most %d nodes (a node scored by its top %d)\n", E,
-                nodes, E / nodes, c->num_experts_per_tok, t->m.route_limit,
+        fprintf(t->log, "dsv3-train: node-limited routing (--route-nodes %d --route-groups %d%s): "
+                "%d experts in %d nodes of %d, a token's %d experts on at most %d nodes (a node "
+                "scored by its top %d)\n", M, nodes,
+                saved ? ", from the checkpoint" : "", E, nodes, E / nodes,
+                c->num_experts_per_tok, t->m.route_limit,
                 c->num_experts_per_tok / t->m.route_limit > 0
                     ? c->num_experts_per_tok / t->m.route_limit : 1);
     return 0;
@@ -893,6 +930,8 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
     if (ep_open(&t->ep, t->o->comm, ep_size(t), t->m.cfg.n_routed_experts, e))
         return -1;
     t->m.ep = t->ep.size > 1 ? &t->ep : NULL;
+    t->ep.fail_rank = t->o->ep_fail_rank;
+    t->ep.fail_at = t->o->ep_fail_at;
     if (dir && (t->st.ep != (uint32_t)t->ep.size ||
                 (t->ep.size > 1 && t->st.world != (uint32_t)t->dp.world)))
         return err_set(e, "%s was written with --ep %u on %u ranks; it resumes only with the "
@@ -900,7 +939,7 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
                        "folder is a complete HF checkpoint: --init-from it to go on with "
                        "other ranks (fresh optimizer state)", dir, t->st.ep, t->st.world,
                        t->ep.size, t->dp.world);
-    return setup_routing(t, e);
+    return setup_routing(t, dir, e);
 }
 
 /* The optimizer of an expert-parallel checkpoint (same world and --ep): this rank's
@@ -914,9 +953,19 @@ static int load_optim_ep(trainer *t, const char *dir, dsv3_err *e)
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (optim_load_shard(&t->opt, &t->m, path, t->dp.rank, t->dp.world, &step, &a, e))
         return -1;
-    epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    /* this replica's piece; a checkpoint from before the moments were sharded holds the
+     * group's whole moments, re-sliced here */
+    int D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+    epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, me, D);
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    if (optim_load_shard(&t->eopt, &t->m, path, t->ep.group, t->ep.size, &step, &b, e))
+    int whole = D > 1 && access(path, F_OK) != 0;
+    if (whole) {
+        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+    }
+    int r = D > 1 && !whole ? t->ep.group * D + me : t->ep.group;
+    int w = D > 1 && !whole ? t->ep.size * D : t->ep.size;
+    if (optim_load_shard(&t->eopt, &t->m, path, r, w, &step, &b, e))
         return -1;
     if (a != t->opt.n || b != t->eopt.n)
         return err_set(e, "%s: the optimizer files do not cover this rank's parameters", dir);
@@ -984,9 +1033,13 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
         optim_init_range(&t->opt, &t->m, &o->adam, t->gdp ? 0 : t->dp.lo,
                          t->gdp ? t->m.n_params : t->dp.hi, e))
         return -1;
-    if (t->ep.size > 1 && optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense,
-                                           t->m.n_params, e))
-        return -1;
+    if (t->ep.size > 1) {
+        ep_piece(&t->ep, t->m.n_params - t->m.n_dense, t->ep.rank / t->ep.size, &t->ep_lo,
+                 &t->ep_hi);
+        if (optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense + t->ep_lo,
+                             t->m.n_dense + t->ep_hi, e))
+            return -1;
+    }
     if (found) {
         if (t->ep.size > 1 ? load_optim_ep(t, dir, e)
                            : trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
@@ -1285,24 +1338,30 @@ static int ep_reduce(trainer *t, dsv3_err *e)
 {
     if (t->ep.size <= 1)
         return 0;
-    return ep_reduce_experts(&t->ep, t->m.grads + t->m.n_dense, t->m.n_params - t->m.n_dense,
-                             e) || dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e) ? -1 : 0;
+    return ep_scatter_experts(&t->ep, t->m.grads + t->m.n_dense, t->m.n_params - t->m.n_dense,
+                              e) || dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e) ? -1 : 0;
 }
 
 static double ep_sumsq(const trainer *t)
 {
-    if (t->ep.size <= 1 || t->ep.rank >= t->ep.size)
+    if (t->ep.size <= 1)
         return 0;
-    return optim_grad_sumsq(&t->m, t->m.grads + t->m.n_dense, t->m.n_dense, t->m.n_params);
+    size_t lo = t->m.n_dense + t->ep_lo, hi = t->m.n_dense + t->ep_hi;
+    return optim_grad_sumsq(&t->m, t->m.grads + lo, lo, hi);
 }
 
-static void ep_update(trainer *t, double norm, double lr)
+/* The held experts: each replica clips and steps its piece (its moments' range), then the
+ * pieces of the parameters are gathered on every replica (ZeRO-1 over the replicas). */
+static int ep_update(trainer *t, double norm, double lr, dsv3_err *e)
 {
     if (t->ep.size <= 1)
-        return;
-    float *g = t->m.grads + t->m.n_dense;
-    optim_clip_range(&t->m, g, t->m.n_dense, t->m.n_params, norm, t->o->clip);
+        return 0;
+    size_t lo = t->m.n_dense + t->ep_lo, hi = t->m.n_dense + t->ep_hi;
+    float *g = t->m.grads + lo;
+    optim_clip_range(&t->m, g, lo, hi, norm, t->o->clip);
     optim_step_grads(&t->eopt, &t->m, g, lr);
+    return ep_gather_experts(&t->ep, t->m.params + t->m.n_dense, t->m.n_params - t->m.n_dense,
+                             e);
 }
 
 /* One update. Each rank's accumulated gradient is its part of the gradient of the whole
@@ -1360,8 +1419,7 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     } else if (a.n) {
         optim_clip_range(&t->m, g, t->dp.lo, t->dp.hi, so->norm, o->clip);
         optim_step_grads(&t->opt, &t->m, g, so->lr);
-        ep_update(t, so->norm, so->lr);
-        if (dp_gather_params(&t->dp, t->m.params, e))
+        if (ep_update(t, so->norm, so->lr, e) || dp_gather_params(&t->dp, t->m.params, e))
             return -1;
         /* The summed counts are the same on every rank, and so is the bias each computes
          * from them: nothing to communicate. */
@@ -1534,6 +1592,10 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_object_set_new(j, "expert_load", load);
     if (ep_load)
         json_object_set_new(j, "ep_load", ep_load);
+    if (t->st.route_nodes)  /* node-limited routing: what the step routed under */
+        json_object_set_new(j, "route", json_pack("{s:i, s:i}", "nodes",
+                                                  (int)t->st.route_nodes, "groups",
+                                                  (int)t->st.route_groups));
     return metrics_write(&t->met, j, e);
 }
 
@@ -1557,10 +1619,12 @@ static int save_dp(trainer *t, dsv3_err *e)
         snprintf(path, sizeof path, "%s/%s", tmp, name);
         rc = optim_save_shard(&t->opt, &t->m, d->rank, d->world, path, e);
     }
-    if (!rc && t->ep.size > 1 && t->ep.rank < t->ep.size) {
-        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    if (!rc && t->ep.size > 1) {  /* every replica its piece of its group's moments */
+        int D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+        epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, me, D);
         snprintf(path, sizeof path, "%s/%s", tmp, name);
-        rc = optim_save_shard(&t->eopt, &t->m, t->ep.group, t->ep.size, path, e);
+        rc = optim_save_shard(&t->eopt, &t->m, D > 1 ? t->ep.group * D + me : t->ep.group,
+                              D > 1 ? t->ep.size * D : t->ep.size, path, e);
     }
     if (!rc && t->o->crash_in_save && t->n_saves == t->o->crash_in_save && d->rank == 0)
         raise(SIGKILL);

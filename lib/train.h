@@ -30,10 +30,12 @@
  * layer's routed experts (parameters, gradients, moments); the routed rows travel to the
  * holders and back inside the forward and backward (model_forward with m.ep set), so
  * every rank runs the same number of forwards (a rank out of rows serves idle). The
- * replicated part is ZeRO-1 over all ranks as above; the expert part is summed over the
- * world / N replicas of each group and updated whole on each. Checkpoints stay one full
+ * replicated part is ZeRO-1 over all ranks as above; the expert part is ZeRO-1 over the
+ * world / N replicas of each group (gradients reduce-scattered, each replica updating its
+ * piece with that piece's moments, parameters all-gathered). Checkpoints stay one full
  * HF folder (one model shard per expert group, with an index), resumable on the same world
- * size and N only. */
+ * size and N only. A rank failing inside a pass still takes part in its exchanges until
+ * the ranks agree it failed (lib/model: model_ep_fail): every rank then returns -1. */
 #ifndef DSV3_TRAIN_H
 #define DSV3_TRAIN_H
 
@@ -82,6 +84,9 @@ typedef struct train_opts {
     comm *comm;             /* the job (NULL: one process) */
     volatile sig_atomic_t *stop;  /* set by a signal: checkpoint after this step and return */
     int crash_in_save;      /* test aid: SIGKILL inside the N-th checkpoint write (0: never) */
+    int ep_fail_rank, ep_fail_at;  /* test aid: under --ep, rank ep_fail_rank runs out of
+                               memory for the ep_fail_at-th block of expert rows it is to
+                               receive (0: never): the job must stop on every rank */
     int cuda;               /* 1: forward and backward on the GPU (kernels/gmodel), AdamW
                                too (on each rank's shard under ZeRO); the balance update
                                stays on the host arrays (dsv3-train sets it

@@ -54,6 +54,13 @@ static int write_state(const char *path, const train_state *st, dsv3_err *e)
     /* "ep" only when expert-parallel: other states stay as they were */
     if (j && st->ep > 1)
         json_object_set_new(j, "ep", json_integer((json_int_t)st->ep));
+    /* the routing always: a resume must route as the run did (0: off); the node count
+     * resolved, as the launcher's ranks per node may differ on the resuming job */
+    if (j) {
+        json_object_set_new(j, "route_nodes", json_integer((json_int_t)st->route_nodes));
+        if (st->route_nodes)
+            json_object_set_new(j, "route_groups", json_integer((json_int_t)st->route_groups));
+    }
     char *text = j ? json_dumps(j, JSON_INDENT(2)) : NULL;
     json_decref(j);
     if (!text)
@@ -113,6 +120,18 @@ int trainckpt_read_state(const char *dir, train_state *st, dsv3_err *e)
         return err_set(e, "%s: \"ep\" is not an expert-parallel rank count", path);
     }
     st->ep = (uint32_t)epn;
+    /* "route_nodes" came with node-limited routing: without it the routing is unknown */
+    json_t *rn = json_object_get(j, "route_nodes"), *rg = json_object_get(j, "route_groups");
+    json_int_t M = rn ? (json_is_integer(rn) ? json_integer_value(rn) : -1) : 0;
+    json_int_t G = rg ? (json_is_integer(rg) ? json_integer_value(rg) : -1) : 0;
+    if (M < 0 || M > INT32_MAX || G < 0 || G > INT32_MAX || (M > 0) != (G > 0)) {
+        json_decref(j);
+        return err_set(e, "%s: \"route_nodes\"/\"route_groups\" are not a routing (node "
+                       "limit and node count, both set or both absent)", path);
+    }
+    st->route_known = rn != NULL;
+    st->route_nodes = (uint32_t)M;
+    st->route_groups = (uint32_t)G;
     st->step = (uint64_t)step;
     st->tokens = (uint64_t)tokens;
     st->skipped = (uint64_t)skipped;

@@ -36,6 +36,10 @@ typedef struct train_state {
     uint32_t seq_len;       /* the data's L */
     uint32_t world;         /* data-parallel ranks of the job that wrote it (1 if absent) */
     uint32_t ep;            /* its expert-parallel ranks, --ep (1 if absent) */
+    int route_known;        /* 1: the routing below was recorded (states written before
+                               "route_nodes" existed leave it 0: routing unknown) */
+    uint32_t route_nodes;   /* --route-nodes M of the run (0: off) */
+    uint32_t route_groups;  /* the nodes the experts were cut into (resolved, M > 0 only) */
 } train_state;
 
 /* Writes RUN/step-NNNNNN (NNNNNN = st->step, 6 digits or more) and points `latest` at it;

@@ -6,7 +6,9 @@
 # idle; the checkpoint is one complete HF folder (a model shard per expert group) that
 # resumes exactly on the same ranks and is refused on others; bad --ep values are usage
 # errors; node-limited routing (--route-nodes) gives the same results on 1 and 2 ranks;
-# the metrics carry the rows each rank's experts received.
+# the metrics carry the rows each rank's experts received; a rank failing inside a pass
+# stops every rank instead of leaving them waiting in an exchange; with replicas the expert
+# moments are sharded over them (a piece file each) and resume exactly.
 . "$(dirname "$0")/lib.sh"
 # the CPU backend even where a GPU is present (EP runs on the CPU only for now)
 export DSV3_DEVICE=cpu
@@ -143,6 +145,33 @@ expect_err route_nodes_vs_n_group 1 "already limits routing" \
     dsv3-train $G --route-nodes 2 -o "$T/bad5"
 expect_err route_groups_needs_nodes 2 "needs --route-nodes" dsv3-train $G --route-groups 2 -o "$T/bad6"
 
+# (e2) the routing is part of the checkpoint: a resume without the options routes as the run
+# did (the losses of the uninterrupted run, bit for bit), other values are refused (exit 1,
+# nothing written), a run without routing cannot gain it on resume, and a state written
+# before the record existed still resumes with the options as given.
+dsv3-train $R --quiet --route-nodes 1 --route-groups 2 --steps 1 -o "$T/nres" 2>/dev/null
+check route_saved_in_state grep -q '"route_groups": 2' "$T/nres/step-000001/state.json"
+check route_in_metrics grep -q '"route":{"nodes":1,"groups":2}' "$T/nres/metrics.jsonl"
+expect route_resume_without_options 0 dsv3-train $R --resume -o "$T/nres"
+check route_resume_note grep -q 'route-groups 2, from the checkpoint' "$T/err"
+field loss "$T/nres/metrics.jsonl" >"$T/l2"
+field loss "$T/node1/metrics.jsonl" >"$T/l1"
+check route_resume_same_routing sh -c "[ \$(wc -l <'$T/l2') -eq 2 ] && cmp -s '$T/l1' '$T/l2'"
+expect_err route_resume_other_nodes 1 "would route differently" \
+    dsv3-train $R --steps 3 --route-nodes 2 --resume -o "$T/nres"
+expect_err route_resume_other_groups 1 "trained with --route-nodes 1 --route-groups 2" \
+    dsv3-train $R --steps 3 --route-nodes 1 --route-groups 4 --resume -o "$T/nres"
+check route_refused_wrote_nothing test ! -e "$T/nres/step-000003"
+expect route_resume_same_options 0 dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/nres"
+expect_err route_resume_gaining_routing 1 "trained without node-limited routing" \
+    dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/flat1"
+check route_off_saved grep -q '"route_nodes": 0' "$T/flat1/step-000002/state.json"
+cp -r "$T/flat1" "$T/old"
+sed -i '/"route_nodes"/d' "$T/old/step-000002/state.json"
+sed -i 's/\("world": [0-9]*\),$/\1/' "$T/old/step-000002/state.json"
+expect route_old_state_resumes 0 dsv3-train $R --steps 3 --route-nodes 1 --route-groups 2 --resume -o "$T/old"
+check route_old_state_recorded grep -q '"route_groups": 2' "$T/old/step-000003/state.json"
+
 # (f) SFT: half the documents are long prompts without a response, so many records have no
 # counted target and are dropped, and a rank often runs fewer forwards than the other (or
 # none): it serves its experts idle. The same losses and gradient norms as one process.
@@ -158,3 +187,43 @@ dsv3-train $F -o "$T/sft1"
 expect ep2_sft_exit_0 0 mpi 2 "$DSV3_BIN/dsv3-train" $F --ep 2 -o "$T/sft2"
 check ep2_sft_losses close_losses "$T/sft1/metrics.jsonl" "$T/sft2/metrics.jsonl" 1e-6
 check ep2_sft_norms close_losses "$T/sft1/metrics.jsonl" "$T/sft2/metrics.jsonl" 1e-6 grad_norm
+
+# (g) a rank that fails inside an expert-parallel pass (after the ranks agreed to run it:
+# here out of memory for the rows it is to receive, DSV3_TRAIN_EP_FAIL=RANK:N failing its
+# N-th such buffer) still takes part in the exchanges, empty, until the ranks agree before
+# the next rows move; every rank then stops with exit 1 (the failing one with its own
+# message) instead of waiting in an all-to-all for ever (timeout: 124). N counts the MoE
+# blocks of forwards and backwards (tiny: 3 a pass with MTP): 2 fails in the first forward,
+# 5 in its backward; 4 ranks as 2 x 2 fail in another replica's block too.
+epfail() { DSV3_TRAIN_EP_FAIL=$1 timeout 60 mpirun --oversubscribe -x DSV3_TRAIN_EP_FAIL -np "$2" \
+    "$DSV3_BIN/dsv3-train" $A --ep 2 -o "$T/fail$1"; }
+for c in 1:2:2 1:5:2 3:2:4 0:7:4; do
+    f=${c%:*} n=${c##*:} r=${c%%:*}
+    expect_err "ep_fail_${f}_np${n}_stops_all" 1 "rank $r of $n: model: out of memory for" epfail "$f" "$n"
+    check "ep_fail_${f}_np${n}_others_told" grep -q "another rank failed in an expert-parallel exchange" "$T/err"
+    check "ep_fail_${f}_np${n}_no_checkpoint" test ! -e "$T/fail$f/latest"
+done
+
+# (h) the expert moments are sharded over the replicas of a group (4 ranks as 2 x 2): each
+# replica writes its piece (the two pieces of a group hold its moments once: their sizes
+# add up to the one-replica file's of (a), plus one more step and shard header of 48
+# bytes), and a resume on the same 4 ranks is exact.
+mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 -o "$T/sh4" 2>/dev/null
+mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --steps 2 -o "$T/shr" 2>/dev/null
+expect ep2dp2_resume_exit_0 0 mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --resume -o "$T/shr"
+field loss "$T/sh4/metrics.jsonl" >"$T/l1"
+field loss "$T/shr/metrics.jsonl" >"$T/l2"
+check ep2dp2_resume_losses_exact sh -c "[ \$(wc -l <'$T/l2') -eq 3 ] && cmp -s '$T/l1' '$T/l2'"
+check ep2dp2_resume_weights_exact sh -c "cd '$T/sh4/step-000003' && for f in model-0000*.safetensors optim-*.safetensors; do cmp -s \$f '$T/shr/step-000003/'\$f || exit 1; done"
+moments() { od -An -tu8 -N8 "$1" | awk -v s="$(stat -c %s "$1")" '{ print s - 8 - $1 }'; }
+S4="$T/sh4/step-000003"
+m0=$(moments "$S4/optim-experts-00000-of-00002-part00000-of-00002.safetensors")
+m1=$(moments "$S4/optim-experts-00000-of-00002-part00001-of-00002.safetensors")
+mw=$(moments "$S/optim-experts-00000-of-00002.safetensors")
+check ep2dp2_moments_sharded sh -c "[ ! -e '$S4/optim-experts-00000-of-00002.safetensors' ] && [ $((m0 + m1)) -eq $((mw + 48)) ] && [ $m0 -gt 48 ]"
+# a 4-rank checkpoint whose expert moments are whole-group files (as before the sharding:
+# here those of the 2-rank run's step 2) still resumes, each replica taking its piece
+rm -rf "$T/old4" && cp -r "$T/shr" "$T/old4" && echo step-000002 >"$T/old4/latest" && rm -rf "$T/old4/step-000003"
+rm "$T/old4/step-000002/"optim-experts-*-part*.safetensors
+cp "$T/res/step-000002/"optim-experts-*.safetensors "$T/old4/step-000002/"
+expect ep2dp2_whole_moments_resume 0 mpi 4 "$DSV3_BIN/dsv3-train" $A --ep 2 --resume -o "$T/old4"
