@@ -4,6 +4,7 @@
 #include <math.h>
 
 #include "../../lib/sample.h"
+#include "../eos_tokenizer.h"
 #include "../test.h"
 
 static bpe *byte_tokenizer(void)
@@ -93,32 +94,6 @@ static void test_stop_across_tokens(void)
     bpe_bytes_free(&got);
     sample_text_free(&t);
     bpe_free(b);
-}
-
-/* A tokenizer whose id 0 is a special end-of-sequence token, then the 256 bytes. */
-static bpe *eos_tokenizer(void)
-{
-    static uint8_t bytes[256], kind[257];
-    static const uint8_t *tok[257];
-    static uint32_t len[257];
-    static const char eos[] = "<eos>";
-    tok[0] = (const uint8_t *)eos;
-    len[0] = 5;
-    kind[0] = BPE_SPECIAL;
-    for (int i = 0; i < 256; i++) {
-        bytes[i] = (uint8_t)i;
-        tok[i + 1] = &bytes[i];
-        len[i + 1] = 1;
-        kind[i + 1] = BPE_BYTE;
-    }
-    const char *pat[] = {"[\\s\\S]"};
-    bpe_spec s = {.vocab_size = 257, .kind = kind, .tok = tok, .len = len, .patterns = pat,
-                  .n_patterns = 1, .bos = BPE_NONE, .eos = 0, .pad = BPE_NONE};
-    bpe *b = NULL;
-    dsv3_err e;
-    if (bpe_build(&b, &s, &e))
-        fprintf(stderr, "    %s\n", e.msg);
-    return b;
 }
 
 /* A one-layer model whose head is zero: every logit 0, so greedy takes the lowest id (the
