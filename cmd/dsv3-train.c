@@ -33,6 +33,9 @@ static const cli_program PROG = {
     "      --fp8                with --device cuda: attention projections, dense MLPs and\n"
     "                           shared experts in FP8 as DeepSeek-V3 (1x128 / 128x128\n"
     "                           block scales, fp32 accumulation); the step line says fp8\n"
+    "      --recompute          with --device cuda: keep no RMSNorm outputs or MLA\n"
+    "                           up-projections for backward, make them again there (less\n"
+    "                           activation memory, the same gradients, a little slower)\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -108,7 +111,7 @@ static const cli_program PROG = {
 };
 
 enum {
-    OPT_DEVICE = 0x2000, OPT_FP8, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
+    OPT_DEVICE = 0x2000, OPT_FP8, OPT_RECOMPUTE, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
     OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_PEAK, OPT_SKIP, OPT_EVAL_EVERY,
@@ -216,6 +219,7 @@ int main(int argc, char **argv)
         {"seed", required_argument, NULL, 's'},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"fp8", no_argument, NULL, OPT_FP8},
+        {"recompute", no_argument, NULL, OPT_RECOMPUTE},
         {"init-from", required_argument, NULL, OPT_INIT_FROM},
         {"init-std", required_argument, NULL, OPT_INIT_STD},
         {"global-batch-tokens", required_argument, NULL, OPT_GB_TOKENS},
@@ -285,6 +289,7 @@ int main(int argc, char **argv)
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
         case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_FP8: o.fp8 = 1; break;
+        case OPT_RECOMPUTE: o.recompute = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
         case OPT_GB_TOKENS:
@@ -375,6 +380,9 @@ int main(int argc, char **argv)
     o.cuda = device < 0 ? gpu_count() > 0 : device;
     if (o.fp8 && !o.cuda)
         cli_usage(&PROG, "--fp8 needs --device cuda");
+    if (o.recompute && !o.cuda)
+        cli_usage(&PROG, "--recompute needs --device cuda (the CPU backend keeps every "
+                         "activation)");
     if (o.cuda && gpu_count() <= 0)
         cli_failf(&PROG, "--device cuda: no GPU found for the GPU backend%s; use --device cpu",
                   gpu_compiled() ? "" : " (this dsv3 was built without CUDA)");

@@ -97,6 +97,7 @@ struct gmodel {
     int32_t *h_tgt;              /* host copy of the last targets */
     float *h_loss;               /* host copy of the last forward's per-row losses */
     size_t acts_mark;
+    int recompute;               /* GMODEL_RECOMPUTE: see "recomputation" below */
     int count, grad_ready, routed;
     int chunk_rows;
     /* device AdamW (gmodel_optim_init): bf16 moments in the device layout, the list of
@@ -362,6 +363,34 @@ static void *take(carve *k, size_t bytes)
 #define TB(n) (bf16 *)take(k, (size_t)(n) * 2)
 #define TF(n) (float *)take(k, (size_t)(n) * 4)
 
+/* ---- recomputation (GMODEL_RECOMPUTE) ----
+ * DeepSeek-V3's memory saving: instead of keeping each block's normalised activations
+ * (xn, qan, ckvn, x2n and x2n's expert-order copy xp) and MLA's up-projections (q after
+ * RoPE, kvb and the assembled k, v) until backward, one set of these buffers serves every
+ * block: the forward writes them and moves on, and backward makes a block's set again from
+ * what stays (x, qa, ckv, kva after RoPE, x2 and the rstds) just before it needs them. The
+ * same kernels on the same inputs give the same bits, so the gradients are those of the
+ * run that keeps everything; the cost is three RMSNorms, two GEMMs, RoPE, the k/v assembly
+ * and the expert gather again per block. */
+
+static void recompute_carve(carve *k, gm_acts *S, int any_moe)
+{
+    const dsv3_config *c = &k->g->m->cfg;
+    int64_t N = k->g->N, H = c->hidden_size, nh = c->num_attention_heads;
+    int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, ql = c->q_lora_rank;
+    S->xn = TB(N * H);
+    if (ql)
+        S->qan = TB(N * ql);
+    S->q = TB(N * nh * qk);
+    S->ckvn = TB(N * kv);
+    S->kvb = TB(N * nh * (c->qk_nope_head_dim + c->v_head_dim));
+    S->k = TB(N * nh * qk);
+    S->v = TB(N * nh * c->v_head_dim);
+    S->x2n = TB(N * H);
+    if (any_moe)
+        S->xp = TB(N * c->num_experts_per_tok * H);
+}
+
 static void carve_acts(carve *k)
 {
     gmodel *g = k->g;
@@ -370,29 +399,38 @@ static void carve_acts(carve *k)
     int64_t qk = config_qk_head_dim(c), kv = c->kv_lora_rank, rope = c->qk_rope_head_dim;
     int64_t dv = c->v_head_dim, K = c->num_experts_per_tok, E = c->n_routed_experts;
     int64_t mi = c->moe_intermediate_size, ql = c->q_lora_rank;
+    /* recomputation: the tensors backward makes again live once, shared by all blocks */
+    gm_acts S;
+    memset(&S, 0, sizeof S);
+    int any_moe = 0;
+    for (int l = 0; l < g->nl + g->D; l++)
+        any_moe |= g->blk[l].moe;
+    if (g->recompute)
+        recompute_carve(k, &S, any_moe);
     for (int l = 0; l < g->nl + g->D; l++) {
         gm_acts *A = &g->a[l];
         int moe = g->blk[l].moe;
+        int rc = g->recompute;
         A->x = TB(N * H);
-        A->xn = TB(N * H);
+        A->xn = rc ? S.xn : TB(N * H);
         A->rstd1 = TF(N);
         if (ql) {
             A->qa = TB(N * ql);
-            A->qan = TB(N * ql);
+            A->qan = rc ? S.qan : TB(N * ql);
             A->rstdq = TF(N);
         }
-        A->q = TB(N * nh * qk);
+        A->q = rc ? S.q : TB(N * nh * qk);
         A->kva = TB(N * (kv + rope));
         A->ckv = TB(N * kv);
-        A->ckvn = TB(N * kv);
+        A->ckvn = rc ? S.ckvn : TB(N * kv);
         A->rstdkv = TF(N);
-        A->kvb = TB(N * nh * (c->qk_nope_head_dim + dv));
-        A->k = TB(N * nh * qk);
-        A->v = TB(N * nh * dv);
+        A->kvb = rc ? S.kvb : TB(N * nh * (c->qk_nope_head_dim + dv));
+        A->k = rc ? S.k : TB(N * nh * qk);
+        A->v = rc ? S.v : TB(N * nh * dv);
         A->ao = TB(N * nh * dv);
         A->lse = TF(N * nh);
         A->x2 = TB(N * H);
-        A->x2n = TB(N * H);
+        A->x2n = rc ? S.x2n : TB(N * H);
         A->rstd2 = TF(N);
         int64_t inter = moe ? mi * c->n_shared_experts : c->intermediate_size;
         if (inter) {
@@ -404,7 +442,7 @@ static void carve_acts(carve *k)
             A->s = TF(N * E);
             A->w = TF(N * K);
             A->idx = (int32_t *)take(k, (size_t)(N * K) * 4);
-            A->xp = TB(N * K * H);
+            A->xp = rc ? S.xp : TB(N * K * H);
             A->egu = TB(N * K * 2 * mi);
             A->eh = TB(N * K * mi);
             A->yp = TB(N * K * H);
@@ -1024,6 +1062,12 @@ static int check_shapes(const dsv3_config *c, dsv3_err *e)
 extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev,
                              dsv3_err *e)
 {
+    return gmodel_create_opt(out, m, B, T, dev, 0, e);
+}
+
+extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev,
+                                 unsigned flags, dsv3_err *e)
+{
     const dsv3_config *c = &m->cfg;
     *out = NULL;
     if (check_shapes(c, e))
@@ -1035,6 +1079,7 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
     g->B = B;
     g->T = T;
     g->N = B * T;
+    g->recompute = (flags & GMODEL_RECOMPUTE) != 0;
     g->nl = c->num_hidden_layers;
     g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
@@ -1495,6 +1540,50 @@ extern "C" int gmodel_mtp_expert_load(gmodel *g, int k, int64_t *counts, int64_t
 
 /* ---- backward ---- */
 
+/* The block's FFN input again: x2n = RMSNorm(x2) and, for MoE, its expert-order copy xp
+ * (the plan and rstd2 of the forward stay). */
+static int recompute_ffn_in(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    int N = g->N, H = c->hidden_size;
+    return gpu_rmsnorm_fwd(g->c, B16(A->x2n), A->rstd2, B16(A->x2), W(b->ln2), N, H,
+                           (float)c->rms_norm_eps, e) ||
+                   (b->moe && gpu_moe_gather(g->c, &A->plan, B16(A->xp), B16(A->x2n), H, e))
+               ? -1
+               : 0;
+}
+
+/* MLA's inputs to backward again, as mla_fwd made them: xn, qan, q (after RoPE), ckvn, kvb,
+ * k and v, from x, qa, ckv and kva (whose k_pe the forward already rotated). */
+static int recompute_mla_in(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    gpu_ctx *x = g->c;
+    int N = g->N, H = c->hidden_size, nh = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kv = c->kv_lora_rank;
+    int dv = c->v_head_dim, half = rope / 2, ql = c->q_lora_rank;
+    if (gpu_rmsnorm_fwd(x, B16(A->xn), A->rstd1, B16(A->x), W(b->ln1), N, H,
+                        (float)c->rms_norm_eps, e))
+        return -1;
+    if (ql) {
+        if (gpu_rmsnorm_fwd(x, B16(A->qan), A->rstdq, B16(A->qa), W(b->qaln), N, ql, 1e-6f, e) ||
+            gpu_lin_fwd(&g->lin, B16(A->q), B16(A->qan), W(b->qb), N, ql, nh * qk, 0, e))
+            return -1;
+    } else if (gpu_lin_fwd(&g->lin, B16(A->q), B16(A->xn), W(b->q), N, H, nh * qk, 0, e)) {
+        return -1;
+    }
+    if ((half && gpu_rope_fwd(x, B16(A->q + nope), N * nh, qk, nh, g->pos, g->cos_t, g->sin_t,
+                              half, c->rope_interleave, e)) ||
+        gpu_rmsnorm_fwd(x, B16(A->ckvn), A->rstdkv, B16(A->ckv), W(b->kvaln), N, kv, 1e-6f, e) ||
+        gpu_lin_fwd(&g->lin, B16(A->kvb), B16(A->ckvn), W(b->kvb), N, kv, nh * (nope + dv), 0, e))
+        return -1;
+    int64_t n = (int64_t)N * nh * (qk + dv);
+    k_mla_assemble<<<blocks(n), 256, 0, ST(g)>>>(A->k, A->v, A->kvb, A->kva, N, nh, nope, rope,
+                                                 dv, kv);
+    LAUNCH_CHECK("k_mla_assemble", e);
+    return 0;
+}
+
 /* mlp_backward of a SwiGLU MLP (dense or shared experts): dy [N,H] in, d(x2n) into dn
  * (beta: 0 writes, 1 adds). */
 static int mlp_bwd(gmodel *g, bf16 *dn, float beta, const bf16 *dy, const bf16 *x2n,
@@ -1633,12 +1722,15 @@ static int block_bwd(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *e)
     int N = g->N, H = c->hidden_size;
     float eps = (float)c->rms_norm_eps;
     gpu_ctx *x = g->c;
+    if (g->recompute && recompute_ffn_in(g, b, A, e))
+        return -1;
     int rc = b->moe ? moe_bwd(g, b, A, g->dx, g->dn, e)
                     : mlp_bwd(g, g->dn, 0.0f, g->dx, A->x2n, A->gu, A->h, b->w1, b->w2,
                               c->intermediate_size, e);
     return rc ||
            gpu_rmsnorm_bwd(x, B16(g->dx), 1.0f, G(b->ln2), B16(g->dn), B16(A->x2), W(b->ln2),
                            A->rstd2, N, H, eps, e) ||
+           (g->recompute && recompute_mla_in(g, b, A, e)) ||
            mla_bwd(g, b, A, g->dx, g->dn, e) ||
            gpu_rmsnorm_bwd(x, B16(g->dx), 1.0f, G(b->ln1), B16(g->dn), B16(A->x), W(b->ln1),
                            A->rstd1, N, H, eps, e)

@@ -43,6 +43,12 @@ typedef struct gmodel gmodel;
 /* Device state for model m (which must outlive it) and B sequences of T tokens on device
  * dev; makes its own context with an arena sized for the step. Parameters are uploaded. */
 int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3_err *e);
+/* gmodel_create with options (flags: GMODEL_* or'ed; 0 is gmodel_create). */
+#define GMODEL_RECOMPUTE 1u /* RMSNorm outputs and MLA up-projections (q, kvb, k, v) are not
+                             * kept per block but made again in backward (one shared set in
+                             * the arena): less activation memory, the same gradients */
+int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, unsigned flags,
+                      dsv3_err *e);
 void gmodel_destroy(gmodel *g);
 gpu_ctx *gmodel_ctx(gmodel *g);
 

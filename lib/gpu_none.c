@@ -208,6 +208,13 @@ int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3
     return no_cuda(e);
 }
 
+int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, unsigned flags,
+                      dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+
 void gmodel_destroy(gmodel *g)
 {
 }

@@ -1117,6 +1117,9 @@ static int setup_rest(trainer *t, dsv3_err *e)
     }
     if (o->fp8 && !o->cuda)
         return err_set(e, "--fp8 needs --device cuda");
+    if (o->recompute && !o->cuda)
+        return err_set(e, "--recompute needs --device cuda (the CPU backend keeps every "
+                       "activation)");
     if (o->cuda) {
         int ngpu = gpu_count();
         if (ngpu <= 0)
@@ -1125,9 +1128,14 @@ static int setup_rest(trainer *t, dsv3_err *e)
         /* one GPU per rank of a node: the local rank picks it */
         const comm_launch *cl = o->comm ? comm_launch_info(o->comm) : NULL;
         int dev = (cl && cl->local_world > 0 ? cl->local_rank : t->dp.rank) % ngpu;
-        if (gmodel_create(&t->gm, &t->m, (int)t->B, (int)t->L, dev, e) ||
+        if (gmodel_create_opt(&t->gm, &t->m, (int)t->B, (int)t->L, dev,
+                              o->recompute ? GMODEL_RECOMPUTE : 0, e) ||
             (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
             return -1;
+        char act[64];
+        snprintf(act, sizeof act, "%.1f MiB%s", (double)gmodel_arena_peak(t->gm) / 1048576.0,
+                 o->recompute ? " (--recompute)" : "");
+        note(t, "dsv3-train: activations kept for backward %s", act);
         /* AdamW on the device: the whole array for one process, this rank's shard with
          * several (gradients reduce-scattered over NCCL). Ranks sharing a GPU (NCCL takes
          * one rank a GPU) keep ZeRO on the host: gradients fetched, AdamW on the shards. */

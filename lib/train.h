@@ -92,6 +92,8 @@ typedef struct train_opts {
                                stays on the host arrays (dsv3-train sets it
                                when a GPU is present unless --device cpu) */
     int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
+    int recompute;          /* 1 (with cuda): RMSNorm outputs and MLA up-projections made
+                               again in backward, not kept (GMODEL_RECOMPUTE) */
     int ep;                 /* expert parallelism over this many ranks (0/1: off; lib/ep):
                                rank r holds routed-expert group r mod ep only */
     int route_nodes;        /* node-limited routing: a token's experts on at most this many
