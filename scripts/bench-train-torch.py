@@ -2,7 +2,7 @@
 """bench-train-torch.py: the PyTorch peer of scripts/bench-train.sh.
 
 Training steps of HF transformers' DeepseekV3ForCausalLM on the same config
-(configs/1b-moe.json, MTP off), the same micro-batch (B x 4096 random tokens) and global
+($BENCH_CONFIG, default configs/1b-moe.json; MTP off), the same micro-batch (B x 4096 random tokens) and global
 batch (GB sequences, gradient accumulation), on the same GPU: bf16 weights, torch's fused
 AdamW (betas 0.9/0.95, weight decay 0.1), clipping to 1.0. Prints each step's tokens/s and
 the median over the steps after the first, with the same FLOP count as bench-train.sh when
@@ -12,6 +12,7 @@ Usage: python3 scripts/bench-train-torch.py B GB STEPS [FLOPS_PER_TOKEN CEILING_
 Needs torch and transformers (5.x).
 """
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 
 def build(attn):
-    cfg = json.load(open("configs/1b-moe.json"))
+    cfg = json.load(open(os.environ.get("BENCH_CONFIG", "configs/1b-moe.json")))
     cfg["num_nextn_predict_layers"] = 0
     cfg.pop("architectures", None)
     config = DeepseekV3Config(**cfg)
@@ -65,7 +66,8 @@ def main():
             med = statistics.median(tps[1:] if len(tps) > 1 else tps)
             mem = torch.cuda.max_memory_allocated() / 2**30
             mfu = f", MFU {100 * med * fpt / (ceil * 1e12):.1f}% of {ceil:.0f} TFLOP/s" if fpt else ""
-            print(f"PyTorch HF DeepseekV3 ({attn} attention, bf16, B={B}, global {GB} x {T}): "
+            name = os.path.basename(os.environ.get("BENCH_CONFIG", "configs/1b-moe.json"))
+            print(f"PyTorch HF DeepseekV3 {name} ({attn} attention, bf16, B={B}, global {GB} x {T}): "
                   f"{med:.0f} tokens/s{mfu}, peak memory {mem:.1f} GiB", flush=True)
             return
         except Exception as ex:  # noqa: BLE001 - report and try the next attention
