@@ -652,6 +652,39 @@ __device__ __forceinline__ uint64_t mnmaj(const unsigned char *t, int rows, int 
     return wg_desc(t + k0 * S::SW, rows * S::SW, 8 * S::SW, S::MODE);
 }
 
+/* Documents (seg, non-decreasing along a sequence): the first position of i's document, and
+ * one past its last, by binary search (every thread alike; a dozen cached loads). Key tiles
+ * before a query tile's first document, and query tiles after a key tile's last one, hold
+ * no visible pair and are skipped; a tile whose first key and last query share a document
+ * needs only the causal mask (everything between them is that document too). */
+__device__ __forceinline__ int doc_first(const int32_t *sg, int i)
+{
+    const int d = sg[i];
+    int lo = 0, hi = i;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (sg[mid] < d)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
+{
+    const int d = sg[i];
+    int lo = i + 1, hi = T;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (sg[mid] <= d)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 template <int DKP, int DVP>
 struct f3_smem {
     static const int TM = 128, TN = 128;
@@ -659,11 +692,12 @@ struct f3_smem {
     static const size_t bytes = (size_t)QB + 2 * KB + 2 * VB + 1024;
 };
 
-/* Forward: block = 128 queries of one (b, h), two warpgroups of 64; key tiles of 128. */
-template <int DKP, int DVP>
+/* Forward: block = 128 queries of one (b, h), two warpgroups of 64; key tiles of 128.
+ * SEG: masked by document (seg [B,T]); the key tiles start at the block's first document. */
+template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(256, 1)
-    f3_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                  int nh, int dk, int dv, float scale)
+    f3_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                  const int32_t *seg, int T, int nh, int dk, int dv, float scale)
 {
     typedef f3_smem<DKP, DVP> L;
     const int TM = L::TM, TN = L::TN;
@@ -674,9 +708,11 @@ __global__ void __launch_bounds__(256, 1)
     int ntiles = (q0 + TM - 1) / TN + 1;
     if (ntiles * TN > T)
         ntiles = (T + TN - 1) / TN;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    const int kt0 = SEG ? doc_first(sg, q0) / TN : 0;
     swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
-    swz_tile<DKP, TN, 256>(Ks, k, b, h, 0, T, nh, dk);
-    swz_tile<DVP, TN, 256>(Vs, v, b, h, 0, T, nh, dv);
+    swz_tile<DKP, TN, 256>(Ks, k, b, h, kt0 * TN, T, nh, dk);
+    swz_tile<DVP, TN, 256>(Vs, v, b, h, kt0 * TN, T, nh, dv);
     cp_async_commit();
 
     float o[DVP / 2];
@@ -686,9 +722,11 @@ __global__ void __launch_bounds__(256, 1)
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;
+    const int sr0 = SEG && row0 < T ? sg[row0] : 0, sr1 = SEG && row1 < T ? sg[row1] : 0;
+    const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
 
-    for (int kt = 0; kt < ntiles; kt++) {
-        const int buf = kt & 1, k0 = kt * TN;
+    for (int kt = kt0; kt < ntiles; kt++) {
+        const int buf = (kt - kt0) & 1, k0 = kt * TN;
         if (kt + 1 < ntiles) {
             swz_tile<DKP, TN, 256>(Ks + (buf ^ 1) * L::KB, k, b, h, k0 + TN, T, nh, dk);
             swz_tile<DVP, TN, 256>(Vs + (buf ^ 1) * L::VB, v, b, h, k0 + TN, T, nh, dv);
@@ -712,16 +750,17 @@ __global__ void __launch_bounds__(256, 1)
         wg_commit();
         wg_wait<0>();
         wg_regs(s);
-        /* mask the causal triangle and keys past T (diagonal and last tiles only); the
-         * running max m is in log2 units, the raw scores are scaled inside the exp's FMA */
-        if (k0 + TN - 1 > wrow || k0 + TN > T) {
+        /* mask the causal triangle and keys past T (diagonal and last tiles only), and keys
+         * of other documents (tiles that reach across a document boundary); the running max
+         * m is in log2 units, the raw scores are scaled inside the exp's FMA */
+        if (k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast)) {
 #pragma unroll
             for (int j = 0; j < TN / 8; j++) {
                 int col = k0 + j * 8 + (lane & 3) * 2;
 #pragma unroll
                 for (int x = 0; x < 4; x++) {
                     int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
-                    if (cc > rr || cc >= T)
+                    if (cc > rr || cc >= T || (SEG && sg[cc] != (x < 2 ? sr0 : sr1)))
                         s[4 * j + x] = -INFINITY;
                 }
             }
@@ -815,11 +854,11 @@ struct f3b_smem {
  * (64, double-buffered) at and below the diagonal, 32 queries a step: S^T = K Q^T,
  * dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) scale; dV += P^T dO,
  * dK += dS^T Q. */
-template <int DKP, int DVP>
+template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(256, 1)
     f3_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
-                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v, int T,
-                       int nh, int dk, int dv, float scale)
+                       const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
+                       const int32_t *seg, int T, int nh, int dk, int dv, float scale)
 {
     typedef f3b_smem<DKP, DVP> L;
     const int TK = L::TK, TQ = L::TQ;
@@ -831,7 +870,11 @@ __global__ void __launch_bounds__(256, 1)
     const int h = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * TK;
     const float sl2 = scale * LOG2E;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
-    const int nq = (T + TQ - 1) / TQ, qt0 = k0 / TQ;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    /* documents: no query past the end of the block's last key's document sees its keys */
+    const int nq = SEG ? (doc_end(sg, min(k0 + TK - 1, T - 1), T) + TQ - 1) / TQ
+                       : (T + TQ - 1) / TQ,
+              qt0 = k0 / TQ;
     /* query tile qt goes to stage (qt - qt0) % 3, two tiles ahead of its use; every tile
      * (also past the last) commits one cp.async group, so the counts stay uniform */
     auto prefetch = [&](int qt) {
@@ -859,6 +902,9 @@ __global__ void __launch_bounds__(256, 1)
     for (int j = 0; j < DVP / 2; j++)
         dV[j] = 0;
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
+    const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
+    const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
+    const int skl = SEG ? sg[min(k0 + wg * 64 + 63, T - 1)] : 0;
     for (int qt = qt0; qt < nq; qt++) {
         const int buf = (qt - qt0) % L::STAGES, q0 = qt * TQ;
         prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
@@ -867,8 +913,9 @@ __global__ void __launch_bounds__(256, 1)
         __syncthreads();
         const unsigned char *Qb = Qs + buf * L::QB, *dOb = dOs + buf * L::OB;
         const float *ls = lse_s + buf * TQ, *Ds = D_s + buf * TQ;
-        /* a warpgroup whose keys all lie past this tile's last query skips it */
-        const bool live = k0 + wg * 64 <= q0 + TQ - 1;
+        /* a warpgroup whose keys all lie past this tile's last query skips it, and one whose
+         * keys all belong to documents before this tile's first query's */
+        const bool live = k0 + wg * 64 <= q0 + TQ - 1 && (!SEG || skl >= sg[q0]);
         /* 32 queries a step; the groups S^T, dP^T, dV, dK are in flight together: P is
          * computed while dP^T runs, dS while dV runs, and the next step's S^T and dP^T
          * queue behind dK */
@@ -897,7 +944,8 @@ __global__ void __launch_bounds__(256, 1)
             wg_regs(dK);
             /* P^T, masked only where a key of this warpgroup can pass a query of this
              * step, or past T */
-            const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + 32 > T;
+            const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + 32 > T ||
+                              (SEG && skf != sg[min(q0 + hs + 31, T - 1)]);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -906,7 +954,7 @@ __global__ void __launch_bounds__(256, 1)
                     float p = exp2f(fmaf(st[4 * j + x], sl2, -ls[ql]));
                     if (edge) {
                         int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
-                        if (!(qc < T && kr <= qc))
+                        if (!(qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))))
                             p = 0;
                     }
                     st[4 * j + x] = p;
@@ -984,11 +1032,11 @@ struct f3q_smem {
 
 /* dQ: block = 128 queries, two warpgroups of 64, over the key tiles (64, double-buffered)
  * up to the diagonal: S = Q K^T, dP = dO V^T, dS = P (dP - D) scale, dQ += dS K. */
-template <int DKP, int DVP>
+template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(256, 1)
     f3_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
-                     const bf16 *q, const bf16 *k, const bf16 *v, int T, int nh, int dk, int dv,
-                     float scale)
+                     const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *seg, int T,
+                     int nh, int dk, int dv, float scale)
 {
     typedef f3q_smem<DKP, DVP> L;
     const int TM = L::TM, TN = L::TN;
@@ -1006,10 +1054,14 @@ __global__ void __launch_bounds__(256, 1)
     int ntiles = (q0 + TM - 1) / TN + 1;
     if (ntiles * TN > T)
         ntiles = (T + TN - 1) / TN;
-    /* key tile kt goes to stage kt % 3, two tiles ahead of its use; every tile (also past
-     * the last) commits one cp.async group, so the counts stay uniform */
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    const int kt0 = SEG ? doc_first(sg, q0) / TN : 0; /* documents: the first visible tile */
+    const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
+    const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
+    /* key tile kt goes to stage (kt - kt0) % 3, two tiles ahead of its use; every tile (also
+     * past the last) commits one cp.async group, so the counts stay uniform */
     auto prefetch = [&](int kt) {
-        const int st = kt % L::STAGES;
+        const int st = (kt - kt0) % L::STAGES;
         if (kt < ntiles) {
             swz_tile<DKP, TN, 256>(Ks + st * L::KB, k, b, h, kt * TN, T, nh, dk);
             swz_tile<DVP, TN, 256>(Vs + st * L::VB, v, b, h, kt * TN, T, nh, dv);
@@ -1018,14 +1070,14 @@ __global__ void __launch_bounds__(256, 1)
     };
     swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
     swz_tile<DVP, TM, 256>(dOs, d_out, b, h, q0, T, nh, dv);
-    prefetch(0);
-    prefetch(1);
+    prefetch(kt0);
+    prefetch(kt0 + 1);
     float dQ[DKP / 2];
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
         dQ[j] = 0;
-    for (int kt = 0; kt < ntiles; kt++) {
-        const int buf = kt % L::STAGES, k0 = kt * TN;
+    for (int kt = kt0; kt < ntiles; kt++) {
+        const int buf = (kt - kt0) % L::STAGES, k0 = kt * TN;
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
         fence_proxy_async();
         __syncthreads();
@@ -1051,7 +1103,7 @@ __global__ void __launch_bounds__(256, 1)
         {
             wg_wait<1>(); /* S is done; dP may still run */
             wg_regs(sc);
-            const bool edge = k0 + TN - 1 > wrow || k0 + TN > T;
+            const bool edge = k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast);
 #pragma unroll
             for (int j = 0; j < TN / 8; j++)
 #pragma unroll
@@ -1059,7 +1111,7 @@ __global__ void __launch_bounds__(256, 1)
                     float p = exp2f(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
                     if (edge) {
                         int kc = k0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
-                        if (!(qr < T && kc <= qr))
+                        if (!(qr < T && kc <= qr && (!SEG || sg[kc] == (x < 2 ? sq0 : sq1))))
                             p = 0;
                     }
                     sc[4 * j + x] = p;
@@ -1100,20 +1152,32 @@ __global__ void __launch_bounds__(256, 1)
     }
 }
 
-template <int DKP, int DVP>
-static int f3_fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
-                         const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
-                         dsv3_err *e)
+template <int DKP, int DVP, bool SEG>
+static int f3_fwd_launch_t(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                           const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
+                           int dv, float scale, dsv3_err *e)
 {
     typedef f3_smem<DKP, DVP> L;
-    CUDA_TRY(cudaFuncSetAttribute(f3_fwd_kernel<DKP, DVP>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_fwd_kernel<DKP, DVP, SEG>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes),
              e);
     dim3 grid((T + L::TM - 1) / L::TM, nh, B);
-    f3_fwd_kernel<DKP, DVP><<<grid, 256, L::bytes, c->stream>>>(out, lse, q, k, v, T, nh, dk,
-                                                                  dv, scale);
+    f3_fwd_kernel<DKP, DVP, SEG><<<grid, 256, L::bytes, c->stream>>>(out, lse, q, k, v, seg, T,
+                                                                       nh, dk, dv, scale);
     LAUNCH_CHECK("attention_fwd (sm90)", e);
     return 0;
+}
+
+template <int DKP, int DVP>
+static int f3_fwd_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                         const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                         float scale, dsv3_err *e)
+{
+    if (seg)
+        return f3_fwd_launch_t<DKP, DVP, true>(c, out, lse, q, k, v, seg, B, T, nh, dk, dv,
+                                               scale, e);
+    return f3_fwd_launch_t<DKP, DVP, false>(c, out, lse, q, k, v, seg, B, T, nh, dk, dv, scale,
+                                            e);
 }
 
 template <int DKP, int DVP>
@@ -1299,28 +1363,41 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
     return 0;
 }
 
-template <int DKP, int DVP>
-static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
-                         const float *lse, const float *D, const bf16 *q, const bf16 *k,
-                         const bf16 *v, int B, int T, int nh, int dk, int dv, float scale,
-                         dsv3_err *e)
+template <int DKP, int DVP, bool SEG>
+static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
+                           const float *lse, const float *D, const bf16 *q, const bf16 *k,
+                           const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
+                           int dv, float scale, dsv3_err *e)
 {
     typedef f3b_smem<DKP, DVP> LB;
     typedef f3q_smem<DKP, DVP> LQ;
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
     dim3 gk((T + LB::TK - 1) / LB::TK, nh, B), gq((T + LQ::TM - 1) / LQ::TM, nh, B);
-    f3_bwd_dkdv_kernel<DKP, DVP><<<gk, 256, LB::bytes, c->stream>>>(
-        d_k, d_v, d_out, lse, D, q, k, v, T, nh, dk, dv, scale);
+    f3_bwd_dkdv_kernel<DKP, DVP, SEG><<<gk, 256, LB::bytes, c->stream>>>(
+        d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP><<<gq, 256, LQ::bytes, c->stream>>>(d_q, d_out, lse, D, q, k, v,
-                                                                    T, nh, dk, dv, scale);
+    f3_bwd_dq_kernel<DKP, DVP, SEG><<<gq, 256, LQ::bytes, c->stream>>>(
+        d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
     LAUNCH_CHECK("attention_bwd dq (sm90)", e);
     return 0;
+}
+
+template <int DKP, int DVP>
+static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
+                         const float *lse, const float *D, const bf16 *q, const bf16 *k,
+                         const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                         float scale, dsv3_err *e)
+{
+    if (seg)
+        return f3_bwd_launch_t<DKP, DVP, true>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B,
+                                               T, nh, dk, dv, scale, e);
+    return f3_bwd_launch_t<DKP, DVP, false>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T,
+                                            nh, dk, dv, scale, e);
 }
 
 /* ---- dispatch over the instantiated head dims ---- */
@@ -1439,18 +1516,18 @@ extern "C" int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, cons
     const int var = c->attn_fwd_variant;
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-    /* the wgmma kernels have no document mask yet: masked attention takes mma.sync */
+    /* documents (seg): the wgmma forward of variant 0 (the pipelined one has no mask) */
     if (var == 3 && use_sm90(c) && !seg) {
         if (dk <= 128 && dv <= 64)
             return f3_fwdp_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
         return f3_fwdp_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     }
-    if (var == 0 && use_sm90(c) && !seg) {
+    if ((var == 0 || (var == 3 && seg)) && use_sm90(c)) {
         /* 96/64 runs padded to 128/64: the 64-byte-swizzled 96 measured slower here
          * (1B-MoE shape, H200: 1.36 ms against 1.18), unlike in the backward */
         if (dk <= 128 && dv <= 64)
-            return f3_fwd_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
-        return f3_fwd_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
+            return f3_fwd_launch<128, 64>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
+        return f3_fwd_launch<192, 128>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     }
     if (dk <= 96 && dv <= 64) {
         if (var == 2) /* one 4-warp block per 64 queries, up to 3 an SM */
@@ -1494,12 +1571,12 @@ extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, g
     if (dk <= 32 && dv <= 32)
         rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
                                 e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) && !seg &&
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) &&
              dk <= 96 && dv <= 64)
-        rc = f3_bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
+        rc = f3_bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv,
                                     scale, e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) && !seg)
-        rc = f3_bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, B, T, nh, dk, dv,
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c))
+        rc = f3_bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv,
                                      scale, e);
     else if (dk <= 96 && dv <= 64)
         rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);

@@ -27,7 +27,10 @@ int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
 /* Attention masked by document: seg[B*T] (device, int32) numbers the document of each
  * token, non-decreasing along a sequence; query i then sees key j only when j <= i and
  * seg[j] == seg[i] (lib/ops attention_forward_seg / attention_backward_seg). seg NULL: the
- * plain causal kernels above, which call these. */
+ * plain causal kernels above, which call these. The same kernels as without seg (wgmma on
+ * Hopper, variant 3's forward then variant 0's), with the mask added: key tiles before a
+ * query tile's first document and query tiles past a key tile's last one are skipped, and
+ * tiles that lie in one document take only the causal mask. */
 int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
                           const gpu_bf16 *k, const gpu_bf16 *v, const int32_t *seg, int B,
                           int T, int nh, int dk, int dv, float scale, dsv3_err *e);

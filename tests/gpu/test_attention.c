@@ -100,15 +100,20 @@ static void attention_matches_cpu(void)
 
 /* Attention masked by document (gpu_attention_*_seg) against lib/ops attention_*_seg:
  * ragged documents (1 to 70 tokens, numbers going on across sequences; some length-1)
- * crossing the 64-row tiles, under each forward variant. */
+ * crossing the 64-row tiles, under each forward variant (0 and 3 on Hopper: the wgmma
+ * kernels). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
+ * 64- and 128-row tiles lie inside one document (only the causal mask) and tiles lie before
+ * a query tile's document (skipped). */
 static void attention_segments_match_cpu(void)
 {
     GT_NEED_GPU();
     dsv3_err e;
-    static const int sh[][5] = {{2, 150, 2, 192, 128}, {1, 200, 2, 96, 64}, {3, 37, 4, 24, 16},
-                                {1, 130, 1, 32, 32}};
+    static const int sh[][6] = {{2, 150, 2, 192, 128, 0}, {1, 200, 2, 96, 64, 0},
+                                {3, 37, 4, 24, 16, 0},    {1, 130, 1, 32, 32, 0},
+                                {2, 517, 2, 192, 128, 1}, {2, 450, 2, 96, 64, 1},
+                                {1, 300, 1, 160, 120, 1}};
     double wo = 0, wq = 0, wk = 0, wv = 0;
-    for (size_t s = 0; s < 3 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
         size_t si = s % (sizeof sh / sizeof sh[0]);
@@ -120,11 +125,12 @@ static void attention_segments_match_cpu(void)
         int32_t *seg = malloc((size_t)B * T * 4);
         REQUIRE(seg);
         int32_t doc = (int32_t)(test_rand() % 5);
+        const int longest = sh[si][5] ? 300 : 70;
         for (int b = 0; b < B; b++)
             for (int t = 0, left = 0; t < T; t++) {
                 if (left == 0) {
                     doc++;
-                    left = test_rand() % 4 == 0 ? 1 : 1 + (int)(test_rand() % 70);
+                    left = test_rand() % 4 == 0 ? 1 : 1 + (int)(test_rand() % longest);
                 }
                 seg[(size_t)b * T + t] = doc;
                 left--;
@@ -172,6 +178,7 @@ struct att_job {
     int B, T, nh, dk, dv, bwd;
     gpu_bf16 *q, *k, *v, *o, *dout, *dq, *dk_, *dv_;
     float *lse;
+    int32_t *seg; /* documents (device), NULL: causal only */
 };
 
 static int att_run(void *arg, dsv3_err *e)
@@ -179,10 +186,10 @@ static int att_run(void *arg, dsv3_err *e)
     struct att_job *j = arg;
     float scale = 1.0f / sqrtf((float)j->dk);
     if (!j->bwd)
-        return gpu_attention_fwd(gt_ctx_, j->o, j->lse, j->q, j->k, j->v, j->B, j->T, j->nh,
-                                 j->dk, j->dv, scale, e);
-    return gpu_attention_bwd(gt_ctx_, j->dq, j->dk_, j->dv_, j->dout, j->o, j->lse, j->q, j->k,
-                             j->v, j->B, j->T, j->nh, j->dk, j->dv, scale, e);
+        return gpu_attention_fwd_seg(gt_ctx_, j->o, j->lse, j->q, j->k, j->v, j->seg, j->B,
+                                     j->T, j->nh, j->dk, j->dv, scale, e);
+    return gpu_attention_bwd_seg(gt_ctx_, j->dq, j->dk_, j->dv_, j->dout, j->o, j->lse, j->q,
+                                 j->k, j->v, j->seg, j->B, j->T, j->nh, j->dk, j->dv, scale, e);
 }
 
 struct gemm_ceiling {
@@ -209,13 +216,16 @@ static void bench_attention(void)
     float cms = once ? 1.0f : gb_time(ceiling_run, &g, 10);
     double ceil = 2.0 * n8 * 8192 / (cms * 1e-3) / 1e12;
     gpu_free(g.a), gpu_free(g.b), gpu_free(g.c);
-    static const struct { const char *name; int B, T, nh, dk, dv; } sh[] = {
-        {"V3 MLA B=1 T=4096 nh=128 192/128", 1, 4096, 128, 192, 128},
-        {"1B-MoE B=8 T=4096 nh=16 96/64", 8, 4096, 16, 96, 64},
+    /* docs: packed documents of 1 to 2048 tokens (uniform; mean ~1000, about four a
+     * sequence), the FLOPs then those of the visible pairs only */
+    static const struct { const char *name; int B, T, nh, dk, dv, docs; } sh[] = {
+        {"V3 MLA B=1 T=4096 nh=128 192/128", 1, 4096, 128, 192, 128, 0},
+        {"1B-MoE B=8 T=4096 nh=16 96/64", 8, 4096, 16, 96, 64, 0},
+        {"1B-MoE docs B=8 T=4096 nh=16 96/64", 8, 4096, 16, 96, 64, 1},
     };
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
         struct att_job j = {.B = sh[s].B, .T = sh[s].T, .nh = sh[s].nh, .dk = sh[s].dk,
-                            .dv = sh[s].dv, .bwd = 0};
+                            .dv = sh[s].dv, .bwd = 0, .seg = NULL};
         size_t nq = (size_t)j.B * j.T * j.nh * j.dk, nv = (size_t)j.B * j.T * j.nh * j.dv;
         j.q = gb_random_bf(nq, 1), j.k = gb_random_bf(nq, 1), j.v = gb_random_bf(nv, 1);
         j.dout = gb_random_bf(nv, 1), j.o = gb_random_bf(nv, 1);
@@ -224,7 +234,30 @@ static void bench_attention(void)
         REQUIRE(j.q && j.k && j.v && j.dout && j.o && j.dq && j.dk_ && j.dv_ && j.lse);
         /* causal: T(T+1)/2 score pairs, 2 FLOPs per multiply-add, dk for QK^T, dv for PV;
          * backward counted as 2.5 x forward (FlashAttention-2's convention) */
-        double fwd = 2.0 * j.B * j.nh * (j.T * (j.T + 1.0) / 2) * (j.dk + j.dv);
+        double pairs = j.B * (j.T * (j.T + 1.0) / 2);
+        if (sh[s].docs) {
+            int32_t *hs = malloc((size_t)j.B * j.T * 4);
+            REQUIRE(hs);
+            pairs = 0;
+            int32_t doc = 0;
+            for (int b = 0; b < j.B; b++)
+                for (int t = 0, left = 0, len = 0; t <= j.T; t++) {
+                    if (t == j.T || left == 0) { /* a document of len tokens ends */
+                        pairs += len * (len + 1.0) / 2;
+                        if (t == j.T)
+                            break;
+                        doc++;
+                        left = 1 + (int)(test_rand() % 2048);
+                        len = 0;
+                    }
+                    hs[(size_t)b * j.T + t] = doc;
+                    left--, len++;
+                }
+            j.seg = gt_up(hs, (size_t)j.B * j.T * 4);
+            free(hs);
+            REQUIRE(j.seg);
+        }
+        double fwd = 2.0 * j.nh * pairs * (j.dk + j.dv);
         if (once) { /* one launch of each default kernel, for a profiler */
             j.bwd = 0;
             CHECKF(att_run(&j, &e) == 0, "%s", e.msg);
