@@ -16,7 +16,7 @@ st=0
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
 DSV3_GPU_BENCH=1 "$BUILD/tests/gpu/test_attention" >"$LOG/test_attention.log" 2>&1 || st=1
 grep -v '^ok \|^# SEED' "$LOG/test_attention.log"
-if command -v python3 >/dev/null 2>&1; then
+if [ "${PEER:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then  # PEER=0: ours only
     python3 scripts/bench-attn-torch.py 2>&1 | tee "$LOG/torch.log"
 fi
 echo "# flop: fwd = 2 B nh T(T+1)/2 (dk+dv); bwd = 2.5 x fwd"
