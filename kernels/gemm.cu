@@ -24,6 +24,17 @@ int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t l
     size_t ws = c->workspace_bytes;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                          sizeof ws);
+    if (key->ta >= 2 && key->ta < 16) { /* a bf16 GEMM on operands below 16-byte alignment */
+        uint32_t al = 16u >> (key->ta >> 1);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                             &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                             &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                             &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                             &al, sizeof al);
+    }
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     cublasStatus_t st =
@@ -42,6 +53,19 @@ int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t l
         c->algos_next = (c->algos_next + 1) % GPU_ALGO_CACHE;
     }
     return 0;
+}
+
+/* cuBLASLt's heuristic assumes 256-byte aligned operands unless told otherwise, and its
+ * kernels then fault ("misaligned address") on pointers that are not 16-byte aligned. The
+ * flat parameter layout puts tensors at any 4-byte float offset, so a bf16 weight can sit at
+ * an 8-byte boundary (configs/small: 20 routed experts, so every tensor after a router bias
+ * of 20 floats). The alignment class of a call (0: all operands 16-byte aligned, as before;
+ * 1, 2, 3: 8, 4, 2 bytes) goes into its cache key's ta (ta + 2 * class, below 16, apart
+ * from fp8gemm's keys) and, when not 0, into the heuristic's minimum alignments. */
+static int align_class(const void *a, const void *b, const void *c)
+{
+    uintptr_t x = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
+    return !(x & 15) ? 0 : !(x & 7) ? 1 : !(x & 3) ? 2 : 3;
 }
 
 extern "C" int gpu_gemm(gpu_ctx *c, int ta, int tb, int M, int N, int K, float alpha,
@@ -73,7 +97,8 @@ extern "C" int gpu_gemm(gpu_ctx *c, int ta, int tb, int M, int N, int K, float a
             err_set(e, "gemm: cannot describe m=%d n=%d k=%d to cuBLASLt", m, n, k);
             break;
         }
-        algo_entry key = {ta, tb, m, n, k, lda, ldb, ldc, c_f32, beta == 0.0f, {}};
+        algo_entry key = {ta + 2 * align_class(A, B, C), tb, m, n, k, lda, ldb, ldc, c_f32,
+                          beta == 0.0f, {}};
         cublasLtMatmulAlgo_t algo;
         if (gemm_find_algo(c, op, la, lb, lc, &key, &algo, e))
             break;

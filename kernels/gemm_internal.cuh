@@ -5,8 +5,9 @@
 #include "gpuctx_internal.cuh"
 
 /* The algorithm for a described matmul: from the context's cache by key, or from the
- * heuristic (then cached). D is described like C. Keys of bf16 GEMMs have ta, tb in {0, 1};
- * other callers use other values so the entries never mix. */
+ * heuristic (then cached). D is described like C. Keys of bf16 GEMMs have ta in 0..7 (the
+ * transpose plus twice the operands' alignment class, gemm.cu) and tb in {0, 1}; other
+ * callers use values from 16 so the entries never mix. */
 int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
                    cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc, const algo_entry *key,
                    cublasLtMatmulAlgo_t *algo, dsv3_err *e);
