@@ -5,7 +5,8 @@
 # kernels and of the mma.sync ones, V3 MLA shape B=1 T=4096 nh=128 dk/dv 192/128 and the
 # 1B-MoE shape B=8 T=4096 nh=16 96/64, and that shape masked by document: packed documents
 # of 1-2048 tokens, FLOPs of the visible pairs only) and torch SDPA's on the causal shapes
-# (scripts/bench-attn-torch.py; no document-masked peer). Logs go to $OUT (the device tool's folder) or build/bench-attn.
+# (scripts/bench-attn-torch.py; no document-masked peer; PEER=0 skips it). Logs go to
+# $OUT (the device tool's folder) or build/bench-attn.
 # FLOPs: forward 2 * B * nh * T(T+1)/2 * (dk + dv) (causal pairs, QK^T and PV);
 # backward counted as 2.5 x forward (FlashAttention-2's convention), for both sides.
 set -u
