@@ -1038,10 +1038,7 @@ extern "C" int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, in
     g->nl = c->num_hidden_layers;
     g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
-    g->chunk_rows = (int)(((size_t)512 << 20) / ((size_t)V * 6));
-    g->chunk_rows = g->chunk_rows < 64 ? 64 : g->chunk_rows / 64 * 64;
-    if (g->chunk_rows > g->N)
-        g->chunk_rows = g->N;
+    g->chunk_rows = gpu_lm_head_chunk_rows(g->N, V);
     int D = c->num_nextn_predict_layers;
     g->D = D;
     g->blk = (gm_block *)calloc((size_t)(g->nl + D), sizeof *g->blk);
