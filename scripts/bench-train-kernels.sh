@@ -7,7 +7,8 @@
 # group's distance from its floor. For docs/PERF.md.
 # Usage: scripts/bench-train-kernels.sh [B] [T]   (defaults 4 4096)
 # BEFORE="VAR=value ..." runs it a second time first with those variables (e.g. the earlier
-# head: BEFORE="DSV3_HEAD_CHUNK=640 DSV3_CE_KERNEL=1") and prints the groups side by side.
+# head: BEFORE="DSV3_HEAD_CHUNK=640 DSV3_CE_KERNEL=1") and prints the groups side by side;
+# BEFORE_BIN=path runs that first pass with another build's bench_train_kernels.
 # DSV3_CUPTI_LIB=path/libcupti.so.13 where libcupti is not on the loader's path.
 set -eu
 BUILD=${BUILD:-build}
@@ -18,18 +19,17 @@ echo "# $(date -u '+%F %H:%M UTC') $(hostname) commit ${DSV3_COMMIT:-$(git rev-p
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/# /' || true
 tmp=$(mktemp -d /tmp/dsv3-bench-kernels-XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-if [ -n "${BEFORE:-}" ]; then
-    echo "== before: $BEFORE"
-    env $BEFORE "$bin" "$B" "$T" | tee "$tmp/before.txt"
+if [ -n "${BEFORE:-}${BEFORE_BIN:-}" ]; then
+    echo "== before: ${BEFORE_BIN:-} ${BEFORE:-}"
+    env ${BEFORE:-} "${BEFORE_BIN:-$bin}" "$B" "$T" | tee "$tmp/before.txt"
 fi
 echo "== now"
 "$bin" "$B" "$T" | tee "$tmp/now.txt"
-if [ -n "${BEFORE:-}" ]; then
+if [ -n "${BEFORE:-}${BEFORE_BIN:-}" ]; then
     echo "== groups, before -> now (ms)"
-    grep '^g ' "$tmp/before.txt" | cut -c3-52 | sed 's/ *$//' >"$tmp/names"
-    grep '^g ' "$tmp/before.txt" | awk '{ print $(NF-4) }' >"$tmp/b"
-    grep '^g ' "$tmp/now.txt" | awk '{ print $(NF-4) }' >"$tmp/n"
-    paste -d'|' "$tmp/names" "$tmp/b" "$tmp/n" |
-        awk -F'|' '{ printf "%-50s %9.3f %9.3f %+9.3f\n", $1, $2, $3, $3 - $2 }'
+    grep '^g ' "$tmp/before.txt" | cut -c3- | awk -F'|' '{ print $1 "|" $3 }' >"$tmp/b"
+    grep '^g ' "$tmp/now.txt" | cut -c3- | awk -F'|' '{ print $3 }' >"$tmp/n"
+    paste -d'|' "$tmp/b" "$tmp/n" |
+        awk -F'|' '{ printf "%s %9.3f %9.3f %+9.3f\n", $1, $2, $3, $3 - $2 }'
     grep '^# kernels' "$tmp/before.txt" "$tmp/now.txt" | sed 's/.*traced fwd+bwd \([^ ]*\) ms.*/traced step \1 ms/'
 fi

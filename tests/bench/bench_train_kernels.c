@@ -243,18 +243,18 @@ static int has(const char *s, const char *sub) { return strstr(s, sub) != NULL; 
 /* Kernel groups, each with a floor: FLOPs (matrix-bound) or bytes (memory-bound) of one
  * forward + backward of this config; 0 where no simple count is stated. */
 enum { G_HEAD_GEMM, G_CE, G_ATT_F, G_ATT_B, G_MOE_F, G_MOE_D, G_MOE_W, G_DENSE, G_NORM,
-       G_SWIGLU, G_MOE_MOVE, G_ROUTER, G_EMBED, G_ROPE, G_OTHER, G_N };
+       G_SWIGLU, G_MOE_MOVE, G_ROUTER, G_EMBED, G_ROPE, G_MLA, G_OTHER, G_N };
 static const char *gname_[G_N] = {
     "head GEMMs (logits, d_hidden, d_W; cuBLASLt)", "cross-entropy rows (head)",
     "attention fwd", "attention bwd (dot, dK/dV, dQ)", "MoE grouped GEMM fwd",
     "MoE grouped GEMM dgrad", "MoE grouped GEMM wgrad", "dense GEMMs (cuBLASLt, layers)",
     "RMSNorm fwd+bwd", "SwiGLU fwd+bwd", "MoE gather/combine (+bwd)",
     "router, plan, sort", "embedding fwd+bwd", "RoPE fwd+bwd",
-    "other (adds, copies, memsets, MLA assemble, ...)"};
+    "MLA k/v assembly (+bwd), residual adds", "other (copies, memsets, axpy, ...)"};
 
 static int group_of(const char *phase, const char *n)
 {
-    if (has(n, "ce_rows"))
+    if (has(n, "ce_rows") || has(n, "ce_cluster"))
         return G_CE;
     if (!strcmp(phase, "head") && !has(n, "memset") && !has(n, "k_"))
         return G_HEAD_GEMM;
@@ -277,6 +277,8 @@ static int group_of(const char *phase, const char *n)
         return G_EMBED;
     if (has(n, "rope"))
         return G_ROPE;
+    if (has(n, "mla_assemble") || has(n, "add_bf16") || !strcmp(n, "k_add"))
+        return G_MLA;
     if (has(n, "nvjet") || has(n, "gemm") || has(n, "sm90") || has(n, "cutlass") ||
         has(n, "xmma") || has(n, "splitKreduce"))
         return G_DENSE;
@@ -365,7 +367,7 @@ int main(int argc, char **argv)
     /* the head: from the GEMM before the first cross-entropy to the wgrad after the last */
     size_t first_ce = n, last_ce = 0;
     for (size_t i = 0; i < n; i++)
-        if (tr_.r[i].end <= t_fwd_end && has(tr_.r[i].name, "ce_rows")) {
+        if (tr_.r[i].end <= t_fwd_end && group_of("", tr_.r[i].name) == G_CE) {
             if (first_ce == n)
                 first_ce = i;
             last_ce = i;
@@ -421,7 +423,8 @@ int main(int argc, char **argv)
     double fl[G_N] = {0}, by[G_N] = {0};
     fl[G_HEAD_GEMM] = 3 * 2.0 * N * H * Vd;
     by[G_CE] = (double)N * Vd * (4 + 2); /* fp32 logits read once, bf16 gradient written */
-    double att = 2.0 * B * nh * (double)T * (T + 1) / 2 * (dq + dv);
+    /* causal attention of every layer (fwd 2 B nh T(T+1)/2 (dq + dv), bwd 2.5x) */
+    double att = 2.0 * B * nh * (double)T * (T + 1) / 2 * (dq + dv) * nl;
     fl[G_ATT_F] = att, fl[G_ATT_B] = 2.5 * att;
     double moe = 2.0 * N * K * 3 * mi * H * nm; /* gate-up + down, one pass */
     fl[G_MOE_F] = fl[G_MOE_D] = fl[G_MOE_W] = moe;
@@ -437,6 +440,13 @@ int main(int argc, char **argv)
     by[G_MOE_MOVE] = (double)N * H * 2 * 2 * 2 * (1 + K) * nm;
     /* embedding fwd: rows written and read; bwd: d rows read, fp32 rows read and written */
     by[G_EMBED] = (double)N * H * (2 + 2 + 2 + 8);
+    /* MLA assembly: kvb (nope + dv a head) and the rope key read, k (qk) and v (dv) written;
+     * the transpose the other way; each residual add reads two N x H rows, writes one */
+    double rope = cf->qk_rope_head_dim, nope = cf->qk_nope_head_dim;
+    int adds = 0;
+    for (size_t i = 0; i < n; i++)
+        adds += has(tr_.r[i].name, "add_bf16") || !strcmp(tr_.r[i].name, "k_add");
+    by[G_MLA] = nl * 2.0 * 2 * N * (nh * (nope + dv + dq + dv) + rope) + adds * 6.0 * N * H;
     printf("## per group (calls, ms, share of kernel time, floor: FLOPs or bytes, floor ms, "
            "floor/time)\n");
     for (int gi = 0; gi < G_N; gi++) {
@@ -446,12 +456,16 @@ int main(int argc, char **argv)
             snprintf(fb, sizeof fb, "%.2f TFLOP", fl[gi] / 1e12);
         else if (by[gi])
             snprintf(fb, sizeof fb, "%.2f GB", by[gi] / 1e9);
-        printf("g %-50s %5d %9.3f %6.2f%% %14s %8.3f %6.1f%%\n", gname_[gi], gcalls[gi], ms,
+        printf("g %-50s|%5d|%9.3f|%6.2f%%|%14s|%8.3f|%6.1f%%\n", gname_[gi], gcalls[gi], ms,
                100 * gus[gi] / busy, fb, fms, ms > 0 && fms > 0 ? 100 * fms / ms : 0.0);
     }
-    double tot = 6.0 * cn.active * N + 3 * att;
-    printf("# model FLOPs of the step %.2f TFLOP (6 x %.1fM activated x N + attention): at the "
-           "traced span %.1f%% MFU\n", tot / 1e12, cn.active / 1e6, 100 * tot / (span * 1e-6) / ceil);
+    /* test_gmodel's and bench-train.sh's formula counts one layer's attention; both here */
+    double tot = 6.0 * cn.active * N + 3 * att, tot1 = 6.0 * cn.active * N + 3 * att / nl;
+    printf("# model FLOPs of the step %.2f TFLOP (6 x %.1fM activated x N + 3 x attention of "
+           "%d layers): %.1f%% MFU over the traced span; with bench-train.sh's formula (one "
+           "layer's attention, %.2f TFLOP) %.1f%%\n",
+           tot / 1e12, cn.active / 1e6, nl, 100 * tot / (span * 1e-6) / ceil, tot1 / 1e12,
+           100 * tot1 / (span * 1e-6) / ceil);
     gmodel_destroy(g);
     model_free(&m);
     free(ids), free(tg), free(a), free(tr_.r);
