@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(256) rmsnorm_fwd_warp_kernel(bf16 *out, float 
  * rmsnorm_dx_kernel (added to beta * dx), and with part non-NULL part[blockIdx.x][i] = the
  * block's sum of dy * x * rstd (rstd recomputed when NULL). */
 template <int NC>
-__global__ void __launch_bounds__(256) rmsnorm_bwd_warp_kernel(bf16 *d_in, float beta,
+__global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, float beta,
                                                                float *part, const bf16 *d_out,
                                                                const bf16 *in, const bf16 *w,
                                                                const float *rstd, int N, int D,
@@ -87,16 +87,14 @@ __global__ void __launch_bounds__(256) rmsnorm_bwd_warp_kernel(bf16 *d_in, float
 {
     __shared__ float sh[8 * NORM_WARP_MAXD];
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nch = D / 8;
-    float acc[NC][8], wf[NC][8];
+    /* w is read again for each row (L1-resident): kept in registers it cost 32 of them and
+     * left one block an SM */
+    float acc[NC][8];
 #pragma unroll
-    for (int j = 0; j < NC; j++) {
-        int c = lane + 32 * j;
-        if (c < nch)
-            unpack8(((const uint4 *)w)[c], wf[j]);
+    for (int j = 0; j < NC; j++)
 #pragma unroll
         for (int q = 0; q < 8; q++)
             acc[j][q] = 0;
-    }
     for (int row = blockIdx.x * 8 + wp; row < N; row += gridDim.x * 8) {
         const uint4 *x = (const uint4 *)(in + (int64_t)row * D),
                     *dy = (const uint4 *)(d_out + (int64_t)row * D);
@@ -106,15 +104,16 @@ __global__ void __launch_bounds__(256) rmsnorm_bwd_warp_kernel(bf16 *d_in, float
         for (int j = 0; j < NC; j++) {
             int c = lane + 32 * j;
             if (c < nch) {
-                float f[8], g[8];
+                float f[8], g[8], wf[8];
                 xv[j] = x[c];
                 gv[j] = dy[c];
                 unpack8(xv[j], f);
                 unpack8(gv[j], g);
+                unpack8(__ldg((const uint4 *)w + c), wf);
 #pragma unroll
                 for (int q = 0; q < 8; q++) {
                     ss += f[q] * f[q];
-                    dot += g[q] * wf[j][q] * f[q];
+                    dot += g[q] * wf[q] * f[q];
                 }
             }
         }
@@ -129,11 +128,13 @@ __global__ void __launch_bounds__(256) rmsnorm_bwd_warp_kernel(bf16 *d_in, float
                 unpack8(xv[j], f);
                 unpack8(gv[j], g);
                 if (dx) {
+                    float wf[8];
+                    unpack8(__ldg((const uint4 *)w + c), wf);
                     if (beta != 0.0f)
                         load8(dx + 8 * c, o);
 #pragma unroll
                     for (int q = 0; q < 8; q++) {
-                        float v = r * (g[q] * wf[j][q] - f[q] * r * m);
+                        float v = r * (g[q] * wf[q] - f[q] * r * m);
                         o[q] = beta != 0.0f ? beta * o[q] + v : v;
                     }
                     store8(dx + 8 * c, o);

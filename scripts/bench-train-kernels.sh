@@ -27,9 +27,15 @@ echo "== now"
 "$bin" "$B" "$T" | tee "$tmp/now.txt"
 if [ -n "${BEFORE:-}${BEFORE_BIN:-}" ]; then
     echo "== groups, before -> now (ms)"
-    grep '^g ' "$tmp/before.txt" | cut -c3- | awk -F'|' '{ print $1 "|" $3 }' >"$tmp/b"
-    grep '^g ' "$tmp/now.txt" | cut -c3- | awk -F'|' '{ print $3 }' >"$tmp/n"
-    paste -d'|' "$tmp/b" "$tmp/n" |
-        awk -F'|' '{ printf "%s %9.3f %9.3f %+9.3f\n", $1, $2, $3, $3 - $2 }'
+    # group rows: "g name|calls|ms|..." (older builds: "g name calls ms ..."); joined by name
+    norm='/^g / { s = substr($0, 3); if (index(s, "|")) { split(s, f, "|"); n = f[1]; ms = f[3] }
+           else { match(s, / +[0-9]+ +[0-9.]+ +[0-9.]+%/); n = substr(s, 1, RSTART - 1);
+                  split(substr(s, RSTART), f, " "); ms = f[2] }
+           sub(/ +$/, "", n); print n "|" ms }'
+    awk "$norm" "$tmp/before.txt" >"$tmp/b"
+    awk "$norm" "$tmp/now.txt" >"$tmp/n"
+    awk -F'|' 'NR == FNR { b[$1] = $2; next }
+        { printf "%-50s %9s %9.3f\n", $1, ($1 in b) ? sprintf("%.3f", b[$1]) : "-", $2; seen[$1] = 1 }
+        END { for (k in b) if (!(k in seen)) printf "%-50s %9.3f %9s\n", k, b[k], "-" }' "$tmp/b" "$tmp/n"
     grep '^# kernels' "$tmp/before.txt" "$tmp/now.txt" | sed 's/.*traced fwd+bwd \([^ ]*\) ms.*/traced step \1 ms/'
 fi

@@ -256,7 +256,9 @@ static int group_of(const char *phase, const char *n)
 {
     if (has(n, "ce_rows") || has(n, "ce_cluster"))
         return G_CE;
-    if (!strcmp(phase, "head") && !has(n, "memset") && !has(n, "k_"))
+    /* the head's last wgrad can start after the head's index window: fwd-tail */
+    if ((!strcmp(phase, "head") || !strcmp(phase, "fwd-tail")) && !has(n, "memset") &&
+        !has(n, "k_"))
         return G_HEAD_GEMM;
     if (has(n, "fwd_kernel") || has(n, "fwd_pipe"))
         return G_ATT_F;
