@@ -1,6 +1,6 @@
 /* loss: cross-entropy rows and the chunked output head.
  * Two row kernels: (1) the cluster kernel (default where V is even and at most
- * CEC_CLUSTER * CEC_THREADS * CEC_VALS): one cluster of 8 blocks a row, each block holding
+ * CEC_MAXV = 131072): one cluster of 8 blocks a row, each block holding
  * its eighth of the row in registers, the blocks' (max, sum) exchanged through distributed
  * shared memory, so the fp32 logits are read once and the bf16 gradient written once (the
  * floor: 6 bytes a logit); (2) the general kernel: one block a row, a single pass for the
