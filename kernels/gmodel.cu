@@ -18,6 +18,7 @@ extern "C" {
 #include "gmodel.h"
 #include "layers.h"
 #include "loss.h"
+#include "mla.h"
 #include "moe.h"
 #include "optim.h"
 
@@ -129,13 +130,6 @@ struct gmodel {
 
 /* ---- small kernels ---- */
 
-__global__ void k_add(bf16 *out, const bf16 *a, const bf16 *b, int64_t n)
-{
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n)
-        out[i] = f2b(b2f(a[i]) + b2f(b[i]));
-}
-
 __global__ void k_axpy(float *y, const float *x, int64_t n)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -148,51 +142,6 @@ __global__ void k_scale(float *y, float f, int64_t n)
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n)
         y[i] *= f;
-}
-
-/* k[n,h] = [kvb[n,h,:nope], kpe[n]], v[n,h] = kvb[n,h,nope:] (mla_forward's assembly);
- * kpe is kva[n, kv:] after RoPE. */
-__global__ void k_mla_assemble(bf16 *k, bf16 *v, const bf16 *kvb, const bf16 *kva, int N,
-                               int nh, int nope, int rope, int dv, int kv)
-{
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    int qk = nope + rope, w = qk + dv;
-    if (i >= (int64_t)N * nh * w)
-        return;
-    int j = (int)(i % w);
-    int64_t nhh = i / w, n = nhh / nh;
-    const bf16 *src = kvb + nhh * (nope + dv);
-    if (j < nope)
-        k[nhh * qk + j] = src[j];
-    else if (j < qk)
-        k[nhh * qk + j] = kva[n * (kv + rope) + kv + (j - nope)];
-    else
-        v[nhh * dv + (j - qk)] = src[nope + (j - qk)];
-}
-
-/* The transpose: dkvb[n,h] = [dk[n,h,:nope], dv[n,h]]; dkva[n, kv + r] = sum over heads of
- * dk[n,h,nope+r] (one k_pe serves every head). */
-__global__ void k_mla_assemble_bwd(bf16 *dkvb, bf16 *dkva, const bf16 *dk, const bf16 *dv_,
-                                   int N, int nh, int nope, int rope, int dv, int kv)
-{
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    int qk = nope + rope, w = nope + dv;
-    int64_t n1 = (int64_t)N * nh * w;
-    if (i < n1) {
-        int j = (int)(i % w);
-        int64_t nhh = i / w;
-        dkvb[i] = j < nope ? dk[nhh * qk + j] : dv_[nhh * dv + (j - nope)];
-        return;
-    }
-    i -= n1;
-    if (i >= (int64_t)N * rope)
-        return;
-    int64_t n = i / rope;
-    int r = (int)(i % rope);
-    float s = 0;
-    for (int h = 0; h < nh; h++)
-        s += b2f(dk[(n * nh + h) * qk + nope + r]);
-    dkva[n * (kv + rope) + kv + r] = f2b(s);
 }
 
 /* S[n] = sum over the experts of s[n,:] (the router's sigmoid affinities), a warp a row. */
@@ -295,9 +244,7 @@ static int copy_cols(gmodel *g, bf16 *dst, int dld, const bf16 *src, int sld, in
 
 static int add(gmodel *g, bf16 *out, const bf16 *a, const bf16 *b, int64_t n, dsv3_err *e)
 {
-    k_add<<<blocks(n), 256, 0, ST(g)>>>(out, a, b, n);
-    LAUNCH_CHECK("k_add", e);
-    return 0;
+    return gpu_add_bf16(g->c, (gpu_bf16 *)out, (const gpu_bf16 *)a, (const gpu_bf16 *)b, n, e);
 }
 
 /* ---- layout ---- */
@@ -1083,10 +1030,7 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
     g->nl = c->num_hidden_layers;
     g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
-    g->chunk_rows = (int)(((size_t)512 << 20) / ((size_t)V * 6));
-    g->chunk_rows = g->chunk_rows < 64 ? 64 : g->chunk_rows / 64 * 64;
-    if (g->chunk_rows > g->N)
-        g->chunk_rows = g->N;
+    g->chunk_rows = gpu_lm_head_chunk_rows(g->N, V);
     int D = c->num_nextn_predict_layers;
     g->D = D;
     g->blk = (gm_block *)calloc((size_t)(g->nl + D), sizeof *g->blk);
@@ -1220,10 +1164,9 @@ static int mla_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     if (half && gpu_rope_fwd(x, B16(A->kva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
                              half, c->rope_interleave, e))
         return -1;
-    int64_t n = (int64_t)N * nh * (qk + dv);
-    k_mla_assemble<<<blocks(n), 256, 0, ST(g)>>>(A->k, A->v, A->kvb, A->kva, N, nh, nope, rope,
-                                                 dv, kv);
-    LAUNCH_CHECK("k_mla_assemble", e);
+    if (gpu_mla_assemble(x, B16(A->k), B16(A->v), B16(A->kvb), B16(A->kva), N, nh, nope, rope,
+                         dv, kv, e))
+        return -1;
     return gpu_attention_fwd_seg(x, B16(A->ao), A->lse, B16(A->q), B16(A->k), B16(A->v),
                                  g->has_seg ? g->seg : NULL, g->B, g->T, nh, qk, dv,
                                  (float)config_softmax_scale(c), e) ||
@@ -1685,10 +1628,11 @@ static int mla_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dout, b
         gpu_arena_reset(x, mark);
         return -1;
     }
-    int64_t n = (int64_t)N * nh * (nope + dv) + (int64_t)N * rope;
-    k_mla_assemble_bwd<<<blocks(n), 256, 0, ST(g)>>>(dkvb, dkva, dk, dvv, N, nh, nope, rope, dv,
-                                                     kv);
-    LAUNCH_CHECK("k_mla_assemble_bwd", e);
+    if (gpu_mla_assemble_bwd(x, B16(dkvb), B16(dkva), B16(dk), B16(dvv), N, nh, nope, rope, dv,
+                             kv, e)) {
+        gpu_arena_reset(x, mark);
+        return -1;
+    }
     rc = (half && gpu_rope_bwd(x, B16(dkva + kv), N, kv + rope, 1, g->pos, g->cos_t, g->sin_t,
                                half, c->rope_interleave, e)) ||
          gpu_lin_dgrad(&g->lin, B16(dckvn), B16(dkvb), W(b->kvb), N, kv, nh * (nope + dv), 0, e) ||

@@ -300,6 +300,83 @@ __global__ void combine_bwd_kernel(bf16 *d_y_perm, float *d_w, const bf16 *d_out
         d_w[a] = dot;
 }
 
+/* The same three with one warp a row (8 rows a block) and 16-byte accesses, for H % 8 == 0
+ * and 16-byte aligned bases: a block a row left most threads idle at H = 1024 (128 of 256
+ * busy) and the backwards moved 2 bytes a thread. */
+__global__ void gather_warp_kernel(bf16 *x_perm, const bf16 *x, const int32_t *order, int n,
+                                   int k, int H)
+{
+    int lane = threadIdx.x & 31, i = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (i >= n)
+        return;
+    const uint4 *src = (const uint4 *)(x + (int64_t)(order[i] / k) * H);
+    uint4 *dst = (uint4 *)(x_perm + (int64_t)i * H);
+    for (int c = lane; c < H / 8; c += 32)
+        dst[c] = src[c];
+}
+
+__global__ void gather_bwd_warp_kernel(bf16 *d_x, float beta, const bf16 *d_x_perm,
+                                       const int32_t *pos, int N, int k, int H)
+{
+    int lane = threadIdx.x & 31, n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n >= N)
+        return;
+    for (int c = lane * 8; c < H; c += 256) {
+        float s[8], t[8];
+        if (beta != 0.0f) {
+            load8(d_x + (int64_t)n * H + c, s);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                s[j] *= beta;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                s[j] = 0;
+        }
+        for (int r = 0; r < k; r++) {
+            load8(d_x_perm + (int64_t)pos[n * k + r] * H + c, t);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                s[j] += t[j];
+        }
+        store8(d_x + (int64_t)n * H + c, s);
+    }
+}
+
+__global__ void combine_bwd_warp_kernel(bf16 *d_y_perm, float *d_w, const bf16 *d_out,
+                                        const bf16 *y_perm, const float *w,
+                                        const int32_t *order, int n, int k, int H)
+{
+    int lane = threadIdx.x & 31, i = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (i >= n)
+        return;
+    int a = order[i];
+    const bf16 *dy = d_out + (int64_t)(a / k) * H, *y = y_perm + (int64_t)i * H;
+    bf16 *dyp = d_y_perm + (int64_t)i * H;
+    float wa = w[a], dot = 0;
+    for (int c = lane * 8; c < H; c += 256) {
+        float g[8], t[8];
+        load8(dy + c, g);
+        load8(y + c, t);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            dot += g[j] * t[j];
+            g[j] *= wa;
+        }
+        store8(dyp + c, g);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0)
+        d_w[a] = dot;
+}
+
+/* DSV3_MOE_WARP=0 keeps the block-a-row kernels, for before/after timings */
+static bool warp_rows(void)
+{
+    const char *s = getenv("DSV3_MOE_WARP");
+    return !(s && *s == '0');
+}
+
 extern "C" int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_perm,
                               const gpu_bf16 *x, int H, dsv3_err *e)
 {
@@ -308,7 +385,12 @@ extern "C" int gpu_moe_gather(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *x_per
         return 0;
     if (H % 8 == 0 && !(aligned16(x_perm) && aligned16(x)))
         return err_set(e, "moe_gather: rows of %d values need 16-byte aligned bases", H);
-    gather_kernel<<<n, 256, 0, c->stream>>>((bf16 *)x_perm, (const bf16 *)x, p->order, p->k, H);
+    if (H % 8 == 0 && warp_rows())
+        gather_warp_kernel<<<(n + 7) / 8, 256, 0, c->stream>>>((bf16 *)x_perm, (const bf16 *)x,
+                                                              p->order, n, p->k, H);
+    else
+        gather_kernel<<<n, 256, 0, c->stream>>>((bf16 *)x_perm, (const bf16 *)x, p->order, p->k,
+                                                H);
     LAUNCH_CHECK("moe_gather", e);
     return 0;
 }
@@ -318,8 +400,12 @@ extern "C" int gpu_moe_gather_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d
 {
     if (p->N == 0)
         return 0;
-    gather_bwd_kernel<<<p->N, 256, 0, c->stream>>>((bf16 *)d_x, beta, (const bf16 *)d_x_perm,
-                                                   p->pos, p->k, H);
+    if (H % 8 == 0 && aligned16(d_x) && aligned16(d_x_perm) && warp_rows())
+        gather_bwd_warp_kernel<<<(p->N + 7) / 8, 256, 0, c->stream>>>(
+            (bf16 *)d_x, beta, (const bf16 *)d_x_perm, p->pos, p->N, p->k, H);
+    else
+        gather_bwd_kernel<<<p->N, 256, 0, c->stream>>>((bf16 *)d_x, beta,
+                                                       (const bf16 *)d_x_perm, p->pos, p->k, H);
     LAUNCH_CHECK("moe_gather_bwd", e);
     return 0;
 }
@@ -344,8 +430,13 @@ extern "C" int gpu_moe_combine_bwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *
     int n = p->N * p->k;
     if (n == 0)
         return 0;
-    combine_bwd_kernel<<<n, 256, 0, c->stream>>>((bf16 *)d_y_perm, d_w, (const bf16 *)d_out,
-                                                 (const bf16 *)y_perm, w, p->order, p->k, H);
+    if (H % 8 == 0 && aligned16(d_y_perm) && aligned16(d_out) && aligned16(y_perm) && warp_rows())
+        combine_bwd_warp_kernel<<<(n + 7) / 8, 256, 0, c->stream>>>(
+            (bf16 *)d_y_perm, d_w, (const bf16 *)d_out, (const bf16 *)y_perm, w, p->order, n, p->k,
+            H);
+    else
+        combine_bwd_kernel<<<n, 256, 0, c->stream>>>((bf16 *)d_y_perm, d_w, (const bf16 *)d_out,
+                                                     (const bf16 *)y_perm, w, p->order, p->k, H);
     LAUNCH_CHECK("moe_combine_bwd", e);
     return 0;
 }

@@ -39,6 +39,7 @@ struct mg_args {
     void *C;
     const int *off; /* [E+1] device */
     int E, M, N, K;
+    int red; /* wgrad (wgmma kernel): add into d_W by fire-and-forget reductions */
 };
 
 __device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, bool pred)
@@ -547,6 +548,20 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
             if (m >= p.M)
                 continue;
             float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
+            /* red: the adds go to L2 without a round trip, so the block can leave while they
+             * land (the read-modify-write held every SM's tensor cores idle for its length);
+             * each element gets one add per call, so the result is the same either way */
+            if (p.red) {
+#pragma unroll
+                for (int j = 0; j < 32; j++) {
+                    int n = n0 + j * 8 + 2 * t;
+                    if (n < p.N)
+                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + n),
+                                     "f"(acc[4 * j + 2 * h]), "f"(acc[4 * j + 2 * h + 1])
+                                     : "memory");
+                }
+                continue;
+            }
 #pragma unroll
             for (int j = 0; j < 32; j++) {
                 int n = n0 + j * 8 + 2 * t;
@@ -598,7 +613,8 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
                                                                  : moe_gemm_kernel<FORM>;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
              e);
-    mg_args a = {A, B, C, pl->offsets, E, M, N, K};
+    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
+    mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0')};
     dim3 grid;
     if (FORM == FORM_WGRAD)
         grid = dim3(((M + MG_BM - 1) / MG_BM) * ((N + MG_BN - 1) / MG_BN), E);

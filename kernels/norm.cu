@@ -1,9 +1,169 @@
-/* norm: RMSNorm forward and backward, one block per row; the weight gradient is summed by
- * row-slab blocks into an arena scratch and then over slabs in a fixed order. */
+/* norm: RMSNorm forward and backward.
+ * Rows of at most NORM_WARP_MAXD values (D % 8 == 0, 16-byte aligned): one warp a row, the
+ * row in registers (16-byte accesses), 8 rows a block; the backward is one kernel that also
+ * sums the weight gradient in registers over the rows its warps walk (each input read once),
+ * the 8 warps' sums then added in shared memory into one partial row a block, and the
+ * partials over blocks in a fixed order (deterministic, no atomics).
+ * Other rows: one block a row; the weight gradient summed by row-slab blocks into an arena
+ * scratch and then over slabs in a fixed order. */
 #include "gpuctx_internal.cuh"
 #include "layers.h"
 
+#include <stdlib.h>
+
 #define NORM_THREADS 256
+#define NORM_WARP_MAXD 1024 /* 4 chunks of 8 values a lane */
+
+/* DSV3_NORM_WARP=0 keeps the block-a-row kernels, for before/after timings */
+static bool warp_ok(void)
+{
+    const char *s = getenv("DSV3_NORM_WARP");
+    return !(s && *s == '0');
+}
+
+__device__ __forceinline__ void unpack8(uint4 u, float (&f)[8])
+{
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+/* Forward, one warp a row: chunk c = lane + 32 j of the row's D / 8 chunks. */
+template <int NC>
+__global__ void __launch_bounds__(256) rmsnorm_fwd_warp_kernel(bf16 *out, float *rstd,
+                                                               const bf16 *in, const bf16 *w,
+                                                               int N, int D, float eps)
+{
+    int lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5), nch = D / 8;
+    if (row >= N)
+        return;
+    const uint4 *x = (const uint4 *)(in + (int64_t)row * D);
+    uint4 xv[NC];
+    float ss = 0;
+#pragma unroll
+    for (int j = 0; j < NC; j++) {
+        int c = lane + 32 * j;
+        if (c < nch) {
+            float f[8];
+            xv[j] = x[c];
+            unpack8(xv[j], f);
+#pragma unroll
+            for (int q = 0; q < 8; q++)
+                ss += f[q] * f[q];
+        }
+    }
+    float r = rsqrtf(warp_sum(ss) / D + eps);
+    if (rstd && lane == 0)
+        rstd[row] = r;
+    bf16 *y = out + (int64_t)row * D;
+#pragma unroll
+    for (int j = 0; j < NC; j++) {
+        int c = lane + 32 * j;
+        if (c < nch) {
+            float f[8], g[8];
+            unpack8(xv[j], f);
+            unpack8(((const uint4 *)w)[c], g);
+#pragma unroll
+            for (int q = 0; q < 8; q++)
+                f[q] = g[q] * (f[q] * r);
+            store8(y + 8 * c, f);
+        }
+    }
+}
+
+/* Backward, one warp a row, the rows blockIdx.x * 8 + warp + k * gridDim.x * 8: dx as in
+ * rmsnorm_dx_kernel (added to beta * dx), and with part non-NULL part[blockIdx.x][i] = the
+ * block's sum of dy * x * rstd (rstd recomputed when NULL). */
+template <int NC>
+__global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, float beta,
+                                                               float *part, const bf16 *d_out,
+                                                               const bf16 *in, const bf16 *w,
+                                                               const float *rstd, int N, int D,
+                                                               float eps)
+{
+    __shared__ float sh[8 * NORM_WARP_MAXD];
+    int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nch = D / 8;
+    /* w is read again for each row (L1-resident): kept in registers it cost 32 of them and
+     * left one block an SM */
+    float acc[NC][8];
+#pragma unroll
+    for (int j = 0; j < NC; j++)
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+            acc[j][q] = 0;
+    for (int row = blockIdx.x * 8 + wp; row < N; row += gridDim.x * 8) {
+        const uint4 *x = (const uint4 *)(in + (int64_t)row * D),
+                    *dy = (const uint4 *)(d_out + (int64_t)row * D);
+        uint4 xv[NC], gv[NC];
+        float ss = 0, dot = 0;
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            int c = lane + 32 * j;
+            if (c < nch) {
+                float f[8], g[8], wf[8];
+                xv[j] = x[c];
+                gv[j] = dy[c];
+                unpack8(xv[j], f);
+                unpack8(gv[j], g);
+                unpack8(__ldg((const uint4 *)w + c), wf);
+#pragma unroll
+                for (int q = 0; q < 8; q++) {
+                    ss += f[q] * f[q];
+                    dot += g[q] * wf[q] * f[q];
+                }
+            }
+        }
+        float r = rstd ? rstd[row] : rsqrtf(warp_sum(ss) / D + eps);
+        float m = warp_sum(dot) * r / D;
+        bf16 *dx = d_in ? d_in + (int64_t)row * D : NULL;
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            int c = lane + 32 * j;
+            if (c < nch) {
+                float f[8], g[8], o[8];
+                unpack8(xv[j], f);
+                unpack8(gv[j], g);
+                if (dx) {
+                    float wf[8];
+                    unpack8(__ldg((const uint4 *)w + c), wf);
+                    if (beta != 0.0f)
+                        load8(dx + 8 * c, o);
+#pragma unroll
+                    for (int q = 0; q < 8; q++) {
+                        float v = r * (g[q] * wf[q] - f[q] * r * m);
+                        o[q] = beta != 0.0f ? beta * o[q] + v : v;
+                    }
+                    store8(dx + 8 * c, o);
+                }
+#pragma unroll
+                for (int q = 0; q < 8; q++)
+                    acc[j][q] += g[q] * f[q] * r;
+            }
+        }
+    }
+    if (!part)
+        return;
+#pragma unroll
+    for (int j = 0; j < NC; j++) {
+        int c = lane + 32 * j;
+        if (c < nch)
+#pragma unroll
+            for (int q = 0; q < 8; q++)
+                sh[wp * NORM_WARP_MAXD + 8 * c + q] = acc[j][q];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float t = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            t += sh[k * NORM_WARP_MAXD + i];
+        part[(int64_t)blockIdx.x * D + i] = t;
+    }
+}
 
 __global__ void rmsnorm_fwd_kernel(bf16 *out, float *rstd, const bf16 *in, const bf16 *w,
                                    int D, float eps)
@@ -156,7 +316,20 @@ extern "C" int gpu_rmsnorm_fwd(gpu_ctx *c, gpu_bf16 *out, float *rstd, const gpu
 {
     if (N <= 0)
         return 0;
-    if (D % 8 == 0 && aligned16(out) && aligned16(in) && aligned16(w))
+    if (D % 8 == 0 && D <= NORM_WARP_MAXD && aligned16(out) && aligned16(in) && aligned16(w) &&
+        warp_ok()) {
+        unsigned blocks = (unsigned)((N + 7) / 8);
+        int nc = (D / 8 + 31) / 32;
+        if (nc <= 1)
+            rmsnorm_fwd_warp_kernel<1><<<blocks, 256, 0, c->stream>>>(
+                (bf16 *)out, rstd, (const bf16 *)in, (const bf16 *)w, N, D, eps);
+        else if (nc <= 2)
+            rmsnorm_fwd_warp_kernel<2><<<blocks, 256, 0, c->stream>>>(
+                (bf16 *)out, rstd, (const bf16 *)in, (const bf16 *)w, N, D, eps);
+        else
+            rmsnorm_fwd_warp_kernel<4><<<blocks, 256, 0, c->stream>>>(
+                (bf16 *)out, rstd, (const bf16 *)in, (const bf16 *)w, N, D, eps);
+    } else if (D % 8 == 0 && aligned16(out) && aligned16(in) && aligned16(w))
         rmsnorm_fwd_vec_kernel<<<N, NORM_THREADS, 0, c->stream>>>(
             (bf16 *)out, rstd, (const bf16 *)in, (const bf16 *)w, D, eps);
     else
@@ -173,6 +346,33 @@ extern "C" int gpu_rmsnorm_bwd(gpu_ctx *c, gpu_bf16 *d_in, float beta, float *d_
     if (N <= 0)
         return 0;
     size_t mark = gpu_arena_mark(c);
+    if (D % 8 == 0 && D <= NORM_WARP_MAXD && aligned16(d_out) && aligned16(in) && aligned16(w) &&
+        (!d_in || aligned16(d_in)) && warp_ok()) {
+        int blocks = (N + 7) / 8, cap = 2 * c->sm_count;
+        blocks = blocks < cap ? blocks : cap;
+        float *part = NULL;
+        if (d_w && !(part = (float *)gpu_arena_alloc(c, (size_t)blocks * D * sizeof(float), e)))
+            return -1;
+        int nc = (D / 8 + 31) / 32;
+#define NORM_BWD_WARP(NC)                                                                      \
+    rmsnorm_bwd_warp_kernel<NC><<<blocks, 256, 0, c->stream>>>(                                \
+        (bf16 *)d_in, beta, part, (const bf16 *)d_out, (const bf16 *)in, (const bf16 *)w, rstd, \
+        N, D, eps)
+        if (nc <= 1)
+            NORM_BWD_WARP(1);
+        else if (nc <= 2)
+            NORM_BWD_WARP(2);
+        else
+            NORM_BWD_WARP(4);
+#undef NORM_BWD_WARP
+        LAUNCH_CHECK("rmsnorm_bwd (warp)", e);
+        if (d_w) {
+            sum_parts_kernel<<<(D + 255) / 256, 256, 0, c->stream>>>(d_w, part, blocks, D);
+            LAUNCH_CHECK("rmsnorm_bwd sum", e);
+        }
+        gpu_arena_reset(c, mark);
+        return 0;
+    }
     int slabs = N < 64 ? N : 64;
     float *part = NULL, *rs = NULL;
     if (d_w && !(part = (float *)gpu_arena_alloc(c, (size_t)slabs * D * sizeof(float), e)))

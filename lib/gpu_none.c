@@ -7,6 +7,7 @@
 #include "../kernels/gpuctx.h"
 #include "../kernels/layers.h"
 #include "../kernels/loss.h"
+#include "../kernels/mla.h"
 #include "../kernels/moe.h"
 #include "../kernels/optim.h"
 #include "../kernels/attention.h"
@@ -129,6 +130,20 @@ int gpu_crossentropy_rows(gpu_ctx *c, float *losses, gpu_bf16 *d_logits, const f
 int gpu_lm_head_loss(gpu_ctx *c, float *losses, gpu_bf16 *d_hidden, float *d_w,
                      const gpu_bf16 *hidden, const gpu_bf16 *w, const int32_t *targets, int N,
                      int H, int V, float scale, int chunk_rows, dsv3_err *e) { return no_cuda(e); }
+int gpu_crossentropy_rows_variant(gpu_ctx *c, int variant, float *losses, gpu_bf16 *d_logits,
+                                  const float *logits, const int32_t *targets, int R, int V,
+                                  float scale, dsv3_err *e) { return no_cuda(e); }
+int gpu_lm_head_chunk_rows(int N, int V) { return N < 64 ? N : 64; }
+
+/* mla */
+int gpu_add_bf16(gpu_ctx *c, gpu_bf16 *out, const gpu_bf16 *a, const gpu_bf16 *b, int64_t n,
+                 dsv3_err *e) { return no_cuda(e); }
+int gpu_mla_assemble(gpu_ctx *c, gpu_bf16 *k, gpu_bf16 *v, const gpu_bf16 *kvb,
+                     const gpu_bf16 *kva, int N, int nh, int nope, int rope, int dv, int kv,
+                     dsv3_err *e) { return no_cuda(e); }
+int gpu_mla_assemble_bwd(gpu_ctx *c, gpu_bf16 *dkvb, gpu_bf16 *dkva, const gpu_bf16 *dk,
+                         const gpu_bf16 *dv, int N, int nh, int nope, int rope, int dvd, int kv,
+                         dsv3_err *e) { return no_cuda(e); }
 
 /* optim */
 int gpu_tensor_list_create(gpu_ctx *c, gpu_tensor_list **out, int n, float *const *param,

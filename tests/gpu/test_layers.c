@@ -1,7 +1,10 @@
 /* GPU test of kernels/layers: RMSNorm, RoPE, SwiGLU and embedding, forward and backward,
+ * and kernels/mla (the bf16 add, MLA's key/value assembly and its transpose: exact, against
+ * a CPU composition with the same fp32 sum order),
  * against lib/ops on fresh random inputs of ragged shapes; the embedding gradient also
  * bitwise equal across two runs (no atomics). */
 #include "../../kernels/layers.h"
+#include "../../kernels/mla.h"
 #include "../../lib/ops.h"
 #include "gpu_test.h"
 
@@ -9,7 +12,11 @@ static void rmsnorm_matches_cpu(void)
 {
     GT_NEED_GPU();
     dsv3_err e;
-    static const int sh[][2] = {{1, 8}, {7, 100}, {130, 1024}, {33, 7168}, {300, 64}};
+    /* D <= 1024 and D % 8 == 0 take the warp-a-row kernels (one, two and four 8-value chunks
+     * a lane; rows not multiples of the 8-row block, more rows than the backward's grid
+     * holds), the others the block-a-row kernels */
+    static const int sh[][2] = {{1, 8},    {7, 100},   {130, 1024}, {33, 7168}, {300, 64},
+                                {517, 256}, {1000, 384}, {2500, 1024}, {9, 2048}};
     double wf = 0, wr = 0, wdx = 0, wdw = 0, wdx_re = 0;
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
         int N = sh[s][0], D = sh[s][1];
@@ -23,9 +30,14 @@ static void rmsnorm_matches_cpu(void)
         CHECKF(gpu_rmsnorm_fwd(gt_ctx_, gout, grstd, gx, gw, N, D, 1e-6f, &e) == 0, "%s", e.msg);
         CHECKF(gpu_rmsnorm_bwd(gt_ctx_, gdx, 0.0f, gdw, gdy, gx, gw, grstd, N, D, 1e-6f, &e) == 0,
                "%s", e.msg);
-        /* recomputing rstd, adding into an existing gradient */
-        CHECKF(gpu_rmsnorm_bwd(gt_ctx_, gdx2, 1.0f, NULL, gdy, gx, gw, NULL, N, D, 1e-6f, &e) == 0,
+        /* recomputing rstd, adding into an existing gradient; the weight gradient from the
+         * recomputed rstd too (gdw2: from zero, compared with gdw's increment below) */
+        float *z = gt_zeros((size_t)D), *gdw2 = gt_up(z, (size_t)D * 4);
+        free(z);
+        REQUIRE(gdw2);
+        CHECKF(gpu_rmsnorm_bwd(gt_ctx_, gdx2, 1.0f, gdw2, gdy, gx, gw, NULL, N, D, 1e-6f, &e) == 0,
                "%s", e.msg);
+        float *dw2 = gt_down_f(gdw2, (size_t)D);
         float *out = gt_down_bf(gout, n), *rstd = gt_down_f(grstd, (size_t)N);
         float *dx = gt_down_bf(gdx, n), *dx2 = gt_down_bf(gdx2, n);
         float *dw = gt_down_f(gdw, (size_t)D);
@@ -39,6 +51,11 @@ static void rmsnorm_matches_cpu(void)
         double a = gt_relerr(out, rout, n), b = gt_relerr(rstd, rrstd, (size_t)N);
         double c = gt_relerr(dx, rdx, n), d = gt_relerr(dw, rdw, (size_t)D);
         double f = gt_relerr(dx2, rdx2, n);
+        for (int i = 0; i < D; i++)
+            dw2[i] += dw0[i];
+        double d2 = gt_relerr(dw2, rdw, (size_t)D);
+        d = d2 > d ? d2 : d;
+        free(dw2);
         wf = a > wf ? a : wf, wr = b > wr ? b : wr, wdx = c > wdx ? c : wdx;
         wdw = d > wdw ? d : wdw, wdx_re = f > wdx_re ? f : wdx_re;
         CHECKF(a <= BF16_BOUND && b <= F32_BOUND && c <= BF16_BOUND && d <= F32_BOUND &&
@@ -193,6 +210,94 @@ static void embedding_matches_cpu(void)
     gt_stat("embedding bwd (fp32 +=, determ.)", worst_b, F32_BOUND);
 }
 
+/* Mismatching elements of two float arrays (NaN from a poisoned, unwritten element counts). */
+static size_t mismatches(const float *a, const float *b, size_t n)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += !(a[i] == b[i]);
+    return bad;
+}
+
+static void mla_moves_match_cpu(void)
+{
+    GT_NEED_GPU();
+    dsv3_err e;
+    size_t bad_add = 0, bad_fwd = 0, bad_bwd = 0;
+    /* the add: 8-value chunks, a ragged length, a base off the 16-byte grid */
+    static const int64_t an[] = {1000, 1003, 8, 1};
+    for (size_t s = 0; s < 2 * sizeof an / sizeof an[0]; s++) {
+        int64_t n = an[s / 2];
+        int off = (int)(s & 1);
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *a = gt_rand_bf((size_t)n + 1, 2), *b = gt_rand_bf((size_t)n + 1, 2);
+        gpu_bf16 *ga = gt_up_bf(a, (size_t)n + 1), *gb = gt_up_bf(b, (size_t)n + 1),
+                 *go = gt_poisoned(((size_t)n + 1) * 2);
+        REQUIRE(ga && gb && go);
+        CHECKF(gpu_add_bf16(gt_ctx_, go + off, ga + off, gb + off, n, &e) == 0, "%s", e.msg);
+        float *o = gt_down_bf(go + off, (size_t)n), *r = malloc((size_t)n * 4);
+        for (int64_t i = 0; i < n; i++)
+            r[i] = gpu_bf2f(gpu_f2bf(a[i + off] + b[i + off]));
+        bad_add += mismatches(o, r, (size_t)n);
+        free(a), free(b), free(o), free(r);
+        gt_reset(mark);
+    }
+    /* N, nh, nope, rope, dv, kv: 8-value segments (the 1B-MoE's), and ragged ones */
+    static const int sh[][6] = {{64, 16, 64, 32, 64, 256}, {37, 3, 16, 8, 24, 32},
+                                {5, 2, 6, 4, 5, 7}, {1, 1, 8, 8, 8, 8}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int N = sh[s][0], nh = sh[s][1], nope = sh[s][2], rope = sh[s][3], dv = sh[s][4],
+            kv = sh[s][5], qk = nope + rope;
+        size_t nkvb = (size_t)N * nh * (nope + dv), nkva = (size_t)N * (kv + rope);
+        size_t nk = (size_t)N * nh * qk, nv = (size_t)N * nh * dv;
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *kvb = gt_rand_bf(nkvb, 1), *kva = gt_rand_bf(nkva, 1), *dk = gt_rand_bf(nk, 1),
+              *dv_ = gt_rand_bf(nv, 1);
+        gpu_bf16 *gkvb = gt_up_bf(kvb, nkvb), *gkva = gt_up_bf(kva, nkva),
+                 *gdk = gt_up_bf(dk, nk), *gdv = gt_up_bf(dv_, nv);
+        gpu_bf16 *gk = gt_poisoned(nk * 2), *gv = gt_poisoned(nv * 2),
+                 *gdkvb = gt_poisoned(nkvb * 2), *gdkva = gt_poisoned(nkva * 2);
+        REQUIRE(gkvb && gkva && gdk && gdv && gk && gv && gdkvb && gdkva);
+        CHECKF(gpu_mla_assemble(gt_ctx_, gk, gv, gkvb, gkva, N, nh, nope, rope, dv, kv, &e) == 0 &&
+                   gpu_mla_assemble_bwd(gt_ctx_, gdkvb, gdkva, gdk, gdv, N, nh, nope, rope, dv,
+                                        kv, &e) == 0,
+               "%s", e.msg);
+        float *k = gt_down_bf(gk, nk), *v = gt_down_bf(gv, nv), *dkvb = gt_down_bf(gdkvb, nkvb),
+              *dkva = gt_down_bf(gdkva, nkva);
+        float *rk = malloc(nk * 4), *rv = malloc(nv * 4), *rdkvb = malloc(nkvb * 4);
+        for (int n = 0; n < N; n++)
+            for (int h = 0; h < nh; h++) {
+                size_t t = (size_t)n * nh + h;
+                for (int j = 0; j < qk; j++)
+                    rk[t * qk + j] = j < nope ? kvb[t * (nope + dv) + j]
+                                              : kva[(size_t)n * (kv + rope) + kv + j - nope];
+                for (int j = 0; j < dv; j++)
+                    rv[t * dv + j] = kvb[t * (nope + dv) + nope + j];
+                for (int j = 0; j < nope + dv; j++)
+                    rdkvb[t * (nope + dv) + j] = j < nope ? dk[t * qk + j] : dv_[t * dv + j - nope];
+            }
+        bad_fwd += mismatches(k, rk, nk) + mismatches(v, rv, nv);
+        bad_bwd += mismatches(dkvb, rdkvb, nkvb);
+        for (int n = 0; n < N; n++)
+            for (int r = 0; r < rope; r++) {
+                float sum = 0;
+                for (int h = 0; h < nh; h++)
+                    sum += dk[((size_t)n * nh + h) * qk + nope + r];
+                float want = gpu_bf2f(gpu_f2bf(sum)), got = dkva[(size_t)n * (kv + rope) + kv + r];
+                bad_bwd += !(want == got);
+            }
+        CHECKF(bad_fwd == 0 && bad_bwd == 0, "N=%d nh=%d %d/%d/%d kv %d: %zu fwd, %zu bwd mismatches",
+               N, nh, nope, rope, dv, kv, bad_fwd, bad_bwd);
+        free(kvb), free(kva), free(dk), free(dv_), free(k), free(v), free(dkvb), free(dkva);
+        free(rk), free(rv), free(rdkvb);
+        gt_reset(mark);
+    }
+    CHECKF(bad_add == 0, "add: %zu mismatches", bad_add);
+    gt_stat("bf16 add (exact)", (double)bad_add, 0);
+    gt_stat("mla assemble k, v (exact)", (double)bad_fwd, 0);
+    gt_stat("mla assemble bwd (exact)", (double)bad_bwd, 0);
+}
+
 int main(void)
 {
     test_seed();
@@ -200,6 +305,7 @@ int main(void)
     RUN(rope_matches_cpu);
     RUN(swiglu_matches_cpu);
     RUN(embedding_matches_cpu);
+    RUN(mla_moves_match_cpu);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
     TEST_EXIT();
