@@ -1520,11 +1520,8 @@ static int recompute_mla_in(gmodel *g, const gm_block *b, gm_acts *A, dsv3_err *
         gpu_rmsnorm_fwd(x, B16(A->ckvn), A->rstdkv, B16(A->ckv), W(b->kvaln), N, kv, 1e-6f, e) ||
         gpu_lin_fwd(&g->lin, B16(A->kvb), B16(A->ckvn), W(b->kvb), N, kv, nh * (nope + dv), 0, e))
         return -1;
-    int64_t n = (int64_t)N * nh * (qk + dv);
-    k_mla_assemble<<<blocks(n), 256, 0, ST(g)>>>(A->k, A->v, A->kvb, A->kva, N, nh, nope, rope,
-                                                 dv, kv);
-    LAUNCH_CHECK("k_mla_assemble", e);
-    return 0;
+    return gpu_mla_assemble(x, B16(A->k), B16(A->v), B16(A->kvb), B16(A->kva), N, nh, nope,
+                            rope, dv, kv, e);
 }
 
 /* mlp_backward of a SwiGLU MLP (dense or shared experts): dy [N,H] in, d(x2n) into dn
