@@ -39,6 +39,7 @@ say "  status $?, $(grep -c '^ok ' "$LOG/test_gpuep.log") ok, $(grep -c '^not ok
 grep -E '^not ok|^# ' "$LOG/test_gpuep.log" | tee -a "$S"
 
 [ "$ngpu" -ge 2 ] || { say "one GPU: (b) and (c) need two"; exit 0; }
+grep -q '^ok ep2_runs' "$LOG/test_gpuep.log" || { say "--ep 2 failed in the test: (b) skipped"; B=0; }
 
 mkdata() {
     awk -v n="$4" -v L="$3" -v V="$2" 'BEGIN { srand(7); for (i = 0; i < n; i++) {
@@ -54,7 +55,7 @@ ranks() {   # ranks RUN ARGS...: 2 ranks, one GPU each
     port=$((port + 1)) pids=""
     for r in 0 1; do
         env RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 \
-            MASTER_PORT=$port timeout 200 "$bin/dsv3-train" -o "$run" "$@" >"$run.rank$r.log" 2>&1 &
+            MASTER_PORT=$port timeout 150 "$bin/dsv3-train" -o "$run" "$@" >"$run.rank$r.log" 2>&1 &
         pids="$pids $!"
     done
     st=0
@@ -68,6 +69,7 @@ import json, sys
 v = sorted(json.loads(l)["tokens_per_s"] for l in list(open(sys.argv[1]))[1:] if "tokens_per_s" in l)
 print("%.0f" % ((v[len(v)//2] + v[(len(v)-1)//2]) / 2) if v else "0")' "$1/metrics.jsonl"
 }
+if [ "$B" -gt 0 ]; then
 say "== (b) tokens/s, configs/1b-moe.json, seq 4096, B $B a GPU, global batch $GB x 4096, $STEPS steps (median of steps 2..)"
 mkdata "$T/dbig" 129280 4096 $((GB * STEPS + GB)) >/dev/null || say "FAILED: data"
 BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --keep 1 --save-every 0"
@@ -80,6 +82,7 @@ say "  data parallel, 2 GPUs: $tdp tokens/s; --ep 2, 2 GPUs: $tep tokens/s"
 grep "expert-parallel row exchanges\|expert parallel on the GPU" "$T/ep2.rank0.log" | sed 's/^/  /' | tee -a "$S"
 grep -o '"ep_load":{[^}]*}' "$T/ep2/metrics.jsonl" | tail -1 | cut -c1-300 | sed 's/^/  last step /' | tee -a "$S"
 rm -rf "$T/ep2"
+fi
 
 say "== (c) lib/comm on NCCL, 2 ranks (scripts/bench-comm.sh 2 64 and 2 1024)"
 for mib in 64 1024; do
