@@ -72,7 +72,7 @@ print("%.0f" % ((v[len(v)//2] + v[(len(v)-1)//2]) / 2) if v else "0")' "$1/metri
 if [ "$B" -gt 0 ]; then
 say "== (b) tokens/s, configs/1b-moe.json, seq 4096, B $B a GPU, global batch $GB x 4096, $STEPS steps (median of steps 2..)"
 mkdata "$T/dbig" 129280 4096 $((GB * STEPS + GB)) >/dev/null || say "FAILED: data"
-BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --keep 1 --save-every 0"
+BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 0 --balance-alpha 0 --device cuda --keep 1"
 ranks "$T/dp2" $BIG
 tdp=$(median "$T/dp2")
 rm -rf "$T/dp2"

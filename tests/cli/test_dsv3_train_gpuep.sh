@@ -16,34 +16,37 @@ if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && [ -z "${DSV3_NCCL:-}" ]; 
 fi
 
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" "$2"; }
-# rel A B FIELD TOL: the largest relative difference of FIELD over the common steps
-rel() {
-    python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4" <<'PY'
+# relv A B FIELD: the largest relative difference of FIELD over the common steps of two
+# runs (at least 5; else 1)
+relv() {
+    python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" <<'PY'
 import json, sys
 def rd(p):
-    return {j["step"]: j[sys.argv[3]] for j in map(json.loads, open(p)) if sys.argv[3] in j}
+    try:
+        return {j["step"]: j[sys.argv[3]] for j in map(json.loads, open(p)) if sys.argv[3] in j}
+    except OSError:
+        return {}
 a, b = rd(sys.argv[1]), rd(sys.argv[2])
 s = sorted(set(a) & set(b))
-m = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in s) if s else 1
-print("# %s: %d steps, max relative difference %.3e" % (sys.argv[3], len(s), m))
-sys.exit(not (len(s) >= 10 and m <= float(sys.argv[4])))
+print("%.3e" % (max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in s) if len(s) >= 5 else 1))
 PY
 }
-# wrel DIR_A DIR_B TOL: ||a - b|| / ||a|| of the weights (checkpoints converted to F32)
-wrel() {
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 <= b + 0) }'; }
+# wrelv DIR_A DIR_B: ||a - b|| / ||a|| of the weights (checkpoints converted to F32; 1
+# when either is missing)
+wrelv() {
     for d in "$1" "$2"; do
         rm -rf "$d.f32"
-        dsv3-convert --quiet --dtype f32 --max-shard-size 0 "$d" -o "$d.f32" || return 1
+        dsv3-convert --quiet --dtype f32 --max-shard-size 0 "$d" -o "$d.f32" 2>/dev/null || { echo 1; return; }
     done
-    python3 - "$1.f32/model.safetensors" "$2.f32/model.safetensors" "$3" <<'PY'
-import json, struct, sys, array, math
+    python3 - "$1.f32/model.safetensors" "$2.f32/model.safetensors" <<'PY'
+import struct, sys, array, math
 def rd(p):
     f = open(p, "rb"); n = struct.unpack("<Q", f.read(8))[0]; f.read(n)
     a = array.array("f"); a.frombytes(f.read()); return a
 a, b = rd(sys.argv[1]), rd(sys.argv[2])
 d = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))); n = math.sqrt(sum(x * x for x in a))
-print("# weights: relative L2 difference %.3e over %d values" % (d / n, len(a)))
-sys.exit(not (len(a) == len(b) and len(a) > 1000 and d / n <= float(sys.argv[3])))
+print("%.3e" % (d / n if len(a) == len(b) and len(a) > 1000 else 1))
 PY
 }
 
@@ -82,6 +85,7 @@ ranks() {
     done
     s=0
     for p in $(cat "$T/pids"); do wait "$p" || s=1; done
+    [ $s -eq 0 ] || for e in "$run".err*; do echo "# ${e##*/}: $(tail -c 300 "$e" | tr '\n' ' ')"; done
     return $s
 }
 
@@ -91,10 +95,32 @@ if [ "$ngpu" -ge 2 ] && ! grep -q "NCCL not found" "$T/ep2.err0"; then via=NCCL;
 check ep2_says_so grep -q "expert parallel on the GPU: --ep 2 on 2 ranks, expert rows over $via" "$T/ep2.err0"
 echo "# 1 GPU losses:       $(field loss "$T/one/metrics.jsonl" | tr '\n' ' ')"
 echo "# --ep 2 losses ($via): $(field loss "$T/ep2/metrics.jsonl" | tr '\n' ' ')"
-# bf16 compute; the held experts' GEMMs see the same rows, the sums grouped otherwise
-check ep2_losses_close rel "$T/one" "$T/ep2" loss 2e-2
-check ep2_norms_close rel "$T/one" "$T/ep2" grad_norm 5e-2
-check ep2_weights_close wrel "$T/one/step-000020" "$T/ep2/step-000020" 2e-2
+echo "# 1 GPU grad norms:   $(field grad_norm "$T/one/metrics.jsonl" | tr '\n' ' ')"
+echo "# --ep 2 grad norms:  $(field grad_norm "$T/ep2/metrics.jsonl" | tr '\n' ' ')"
+# The yardstick of bf16 bounds: data parallelism on the same GPUs, same global batch (its
+# gradients summed in another order, as --ep's). Learning at 3e-3 with AdamW, whose
+# normalised updates turn rounding differences of small gradients into whole steps, the
+# runs drift apart as any two bf16 runs do; --ep 2 may differ from one GPU by up to 3 times
+# what data parallelism does (or 1e-2 for the losses, the weights and gradient norms 2e-2).
+ranks 2 "$T/dp2" -- --steps 20
+check dp2_runs test $? -eq 0
+for f in loss grad_norm; do
+    e=$(relv "$T/one" "$T/ep2" $f) d=$(relv "$T/one" "$T/dp2" $f)
+    echo "# $f, 20 steps at lr 3e-3: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU $d"
+    check "ep2_${f}_close" le "$e" "$(awk -v d="$d" -v f=$([ $f = loss ] && echo 1e-2 || echo 2e-2) 'BEGIN { m = 3 * d; print (m > f ? m : f) }')"
+done
+e=$(wrelv "$T/one/step-000020" "$T/ep2/step-000020") d=$(wrelv "$T/one/step-000020" "$T/dp2/step-000020")
+echo "# weights after 20 steps (relative L2): --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU $d"
+check ep2_weights_close le "$e" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
+# at learning rate 0 (and no bias update) every step runs the same weights on other rows:
+# the forward and backward compared directly, step by step
+Z="--lr 0 --gamma 0 --steps 6"
+dsv3-train $A -o "$T/one0" $Z >/dev/null 2>&1
+ranks 2 "$T/ep0" -- $Z --ep 2
+e=$(relv "$T/one0" "$T/ep0" loss) g=$(relv "$T/one0" "$T/ep0" grad_norm)
+echo "# lr 0, 6 steps, --ep 2 vs 1 GPU: losses $e, gradient norms $g"
+check ep2_lr0_losses le "$e" 5e-3
+check ep2_lr0_grad_norms le "$g" 2e-2
 check ep2_rows_metric grep -q '"ep_load"' "$T/ep2/metrics.jsonl"
 check ep2_checkpoint_verifies dsv3-convert --verify "$T/ep2/step-000020"
 check ep2_model_shards test -f "$T/ep2/step-000020/model-00002-of-00002.safetensors"
@@ -140,8 +166,10 @@ check cpu_resumes_gpu_checkpoint test $? -eq 0
 check cpu_resume_one_step test "$(field step "$T/ep2/metrics.jsonl" | tail -n 1)" = 21
 
 # 4 ranks: 2 expert groups x 2 replicas (ranks share GPUs where fewer than 4: host path)
-ranks 4 "$T/ep22" -- --steps 20 --ep 2
+ranks 4 "$T/ep22" -- --steps 20 --ep 2 -b 2
 check ep2x2_runs test $? -eq 0
-check ep2x2_losses_close rel "$T/one" "$T/ep22" loss 2e-2
-check ep2x2_weights_close wrel "$T/one/step-000020" "$T/ep22/step-000020" 2e-2
+e=$(relv "$T/one" "$T/ep22" loss) w=$(wrelv "$T/one/step-000020" "$T/ep22/step-000020")
+echo "# 2 x 2 ranks vs 1 GPU: losses $e, weights $w"
+check ep2x2_losses_close le "$e" 2e-2
+check ep2x2_weights_close le "$w" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
 check ep2x2_piece_files test -f "$T/ep22/step-000020/optim-experts-00001-of-00002-part00001-of-00002.safetensors"
