@@ -102,6 +102,8 @@ echo "# --ep 2 grad norms:  $(field grad_norm "$T/ep2/metrics.jsonl" | tr '\n' '
 # normalised updates turn rounding differences of small gradients into whole steps, the
 # runs drift apart as any two bf16 runs do; --ep 2 may differ from one GPU by up to 3 times
 # what data parallelism does (or 1e-2 for the losses, the weights and gradient norms 2e-2).
+# (2x H200, 2026-11-27: --ep 2 losses 9.2e-4, norms 2.4e-2, weights 2.5e-2; data parallel
+# 1.1e-3, 2.3e-2, 1.8e-2)
 ranks 2 "$T/dp2" -- --steps 20
 check dp2_runs test $? -eq 0
 for f in loss grad_norm; do
@@ -119,8 +121,10 @@ dsv3-train $A -o "$T/one0" $Z >/dev/null 2>&1
 ranks 2 "$T/ep0" -- $Z --ep 2
 e=$(relv "$T/one0" "$T/ep0" loss) g=$(relv "$T/one0" "$T/ep0" grad_norm)
 echo "# lr 0, 6 steps, --ep 2 vs 1 GPU: losses $e, gradient norms $g"
-check ep2_lr0_losses le "$e" 5e-3
-check ep2_lr0_grad_norms le "$g" 2e-2
+# (2x H200, 2026-11-27: losses bit-identical, gradient norms 4.5e-8: the rows meet the
+# same weights and kernels; only the gradient sums are grouped by rank)
+check ep2_lr0_losses le "$e" 1e-6
+check ep2_lr0_grad_norms le "$g" 1e-5
 check ep2_rows_metric grep -q '"ep_load"' "$T/ep2/metrics.jsonl"
 check ep2_checkpoint_verifies dsv3-convert --verify "$T/ep2/step-000020"
 check ep2_model_shards test -f "$T/ep2/step-000020/model-00002-of-00002.safetensors"
