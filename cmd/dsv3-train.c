@@ -157,8 +157,6 @@ static void check_ep(const train_opts *o, int world)
         return;
     if (world % o->ep)
         cli_usage(&PROG, "--ep %d does not divide the %d ranks of the job", o->ep, world);
-    if (o->cuda)
-        cli_usage(&PROG, "--ep: expert parallelism runs on --device cpu only for now");
     dsv3_config c;
     dsv3_err e;
     if (!o->config || config_load(&c, o->config, &e))

@@ -8,6 +8,7 @@
 
 /* lib/ headers are plain C without extern "C" guards */
 extern "C" {
+#include "../lib/ep.h"
 #include "../lib/model.h"
 #include "../lib/ops.h"
 }
@@ -15,6 +16,7 @@ extern "C" {
 #include "cuda_util.cuh"
 #include "fp8lin.h"
 #include "gemm.h"
+#include "gep.h"
 #include "gmodel.h"
 #include "layers.h"
 #include "loss.h"
@@ -126,6 +128,7 @@ struct gmodel {
     int32_t *h_stage[2];
     cudaEvent_t staged[2];
     int stage_next;
+    gep *ep;                     /* expert parallelism (gmodel_ep_attach), else NULL */
 };
 
 /* ---- small kernels ---- */
@@ -254,6 +257,14 @@ static size_t off_of(const dsv3_model *m, const float *p)
     return p ? (size_t)(p - m->params) : NONE;
 }
 
+/* The routed experts of a MoE block this model holds: all, or one group under expert
+ * parallelism (lib/model's ep_size; their region then holds that group only). */
+static int held_experts(const dsv3_model *m)
+{
+    int E = m->cfg.n_routed_experts;
+    return m->ep_size > 1 ? E / m->ep_size : E;
+}
+
 static void block_offsets(const dsv3_model *m, const model_layer *L, int moe, int index,
                           gm_block *b)
 {
@@ -278,8 +289,8 @@ static void block_offsets(const dsv3_model *m, const model_layer *L, int moe, in
     b->sw2 = off_of(m, L->s_down);
     b->region = b->ew1 = b->ew2 = NONE;
     if (moe) {
-        size_t E = (size_t)c->n_routed_experts, mi = (size_t)c->moe_intermediate_size;
-        b->region = off_of(m, L->e_gate[0]);
+        size_t E = (size_t)held_experts(m), mi = (size_t)c->moe_intermediate_size;
+        b->region = off_of(m, L->e_gate[m->ep_size > 1 ? m->ep_group * E : 0]);
         b->ew1 = b->region;
         b->ew2 = b->region + E * 2 * mi * (size_t)c->hidden_size;
     }
@@ -456,6 +467,8 @@ static size_t scratch_bytes(const gmodel *g)
     return (head > bwd ? head : bwd) + plans + ((size_t)16 << 20);
 }
 
+static size_t gmodel_ep_arena(const gmodel *g);
+
 /* ---- parameters and gradients ---- */
 
 static int cmp_size(const void *a, const void *b)
@@ -470,7 +483,7 @@ static int regroup(gmodel *g, void *dst, const void *src, int to_grouped, size_t
                    dsv3_err *e)
 {
     const dsv3_config *c = &g->m->cfg;
-    size_t E = c->n_routed_experts;
+    size_t E = (size_t)held_experts(g->m);
     size_t w1 = 2 * (size_t)c->moe_intermediate_size * c->hidden_size * es;
     size_t w2 = w1 / 2, blk = w1 + w2;
     const char *s = (const char *)src;
@@ -921,6 +934,7 @@ extern "C" void gmodel_destroy(gmodel *g)
     for (int l = 0; g->a && l < g->nl + g->D; l++)
         if (g->a[l].have_plan)
             gpu_moe_plan_free(&g->a[l].plan);
+    gep_destroy(g->ep);
     gpu_lin_free(&g->lin);
     for (int k = 0; g->mt && k < g->D; k++) {
         free(g->mt[k].h_eid);
@@ -1073,11 +1087,11 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
         g->mt[k].head_norm = off_of(m, W->head_norm);
     }
     qsort(g->regions, (size_t)g->n_regions, sizeof *g->regions, cmp_size);
-    g->region_floats = (size_t)c->n_routed_experts * 3 * c->moe_intermediate_size *
+    g->region_floats = (size_t)held_experts(m) * 3 * c->moe_intermediate_size *
                        (size_t)c->hidden_size;
     carve k = {g, 1, 0, 0, e};
     carve_acts(&k);
-    size_t arena = k.bytes + scratch_bytes(g);
+    size_t arena = k.bytes + scratch_bytes(g) + gmodel_ep_arena(g);
     size_t VH = (size_t)V * c->hidden_size;
     if (gpu_ctx_create(&g->c, dev, arena, e) ||
         !(g->master = (float *)gpu_malloc(g->n_params * 4, e)) ||
@@ -1206,9 +1220,14 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
         g->bal_ran[b->index] = 1;
     }
     if (gpu_moe_gather(x, &A->plan, B16(A->xp), B16(A->x2n), H, e) ||
-        gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi, e) ||
-        gpu_swiglu_fwd(x, B16(A->eh), B16(A->egu), B16(A->egu + mi), nk, mi, 2 * mi, e) ||
-        gpu_moe_linear_fwd(x, &A->plan, B16(A->yp), B16(A->eh), W(b->ew2), mi, H, e) ||
+        (g->ep ? gep_forward(g->ep, b->index, &A->plan, B16(A->xp), B16(A->yp), W(b->ew1),
+                             W(b->ew2), e)
+               : gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi,
+                                    e) ||
+                     gpu_swiglu_fwd(x, B16(A->eh), B16(A->egu), B16(A->egu + mi), nk, mi,
+                                    2 * mi, e) ||
+                     gpu_moe_linear_fwd(x, &A->plan, B16(A->yp), B16(A->eh), W(b->ew2), mi, H,
+                                        e)) ||
         gpu_moe_combine(x, &A->plan, B16(out), 0.0f, B16(A->yp), A->w, H, e))
         return -1;
     if (!si)
@@ -1573,13 +1592,15 @@ static int moe_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dy, bf1
     bf16 *dlogb = dlog ? (bf16 *)gpu_arena_alloc(x, (size_t)N * E * 2, e) : NULL;
     int rc = !dlogb ||
              gpu_moe_combine_bwd(x, p, B16(dyp), dw, B16(dy), B16(A->yp), A->w, H, e) ||
-             gpu_moe_linear_dgrad(x, p, B16(dh), B16(dyp), W(b->ew2), mi, H, e) ||
+             (g->ep ? gep_backward(g->ep, b->index, B16(dyp), B16(dyp), W(b->ew1), W(b->ew2),
+                                   G(b->ew1), G(b->ew2), e)
+                    : gpu_moe_linear_dgrad(x, p, B16(dh), B16(dyp), W(b->ew2), mi, H, e) ||
              gpu_moe_linear_wgrad(x, p, G(b->ew2), B16(dyp), B16(A->eh), mi, H, e) ||
              gpu_swiglu_bwd(x, B16(dgu), B16(dgu + mi), B16(dh), B16(A->egu), B16(A->egu + mi),
                             nk, mi, 2 * mi, e) ||
              /* dyp's rows are free again: d(xp) goes there */
              gpu_moe_linear_dgrad(x, p, B16(dyp), B16(dgu), W(b->ew1), H, 2 * mi, e) ||
-             gpu_moe_linear_wgrad(x, p, G(b->ew1), B16(dgu), B16(A->xp), H, 2 * mi, e) ||
+             gpu_moe_linear_wgrad(x, p, G(b->ew1), B16(dgu), B16(A->xp), H, 2 * mi, e)) ||
              gpu_moe_gather_bwd(x, p, B16(dn), 0.0f, B16(dyp), H, e) ||
              (si && mlp_bwd(g, dn, 1.0f, dy, A->x2n, A->gu, A->h, b->sw1, b->sw2, si, e)) ||
              gpu_memset(x, dlog, 0, (size_t)N * E * 4, e) ||
@@ -1721,8 +1742,8 @@ extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
     if (!g->grad_ready)
         return err_set(e, "gmodel: backward without a forward with targets and grad");
     g->grad_ready = 0;
-    if (!g->count && !g->mtp_ran && !g->bal_on)
-        return 0;  /* the loss is a constant 0 */
+    if (!g->count && !g->mtp_ran && !g->bal_on && !g->ep)
+        return 0;  /* the loss is a constant 0 (under expert parallelism the rows still move) */
     int64_t vh = (int64_t)V * H;
     k_axpy<<<blocks(vh), 256, 0, ST(g)>>>(G(off_of(m, m->w.lm_head)), g->head_pend, vh);
     LAUNCH_CHECK("k_axpy", e);
@@ -1775,4 +1796,81 @@ extern "C" int gmodel_row_losses(const gmodel *g, float *out)
         return -1;
     memcpy(out, g->h_loss, (size_t)g->N * 4);
     return 0;
+}
+
+/* ---- expert parallelism (kernels/gep.h) ---- */
+
+/* The arena above a one-GPU model's: per MoE block the received rows and their SwiGLU
+ * activations (kept to the backward), and one block's exchange temporaries, for up to
+ * twice the average load (N x K rows a block: with --ep 2 every case). */
+static size_t gmodel_ep_arena(const gmodel *g)
+{
+    const dsv3_config *c = &g->m->cfg;
+    if (g->m->ep_size <= 1)
+        return 0;
+    size_t rows = 2 * (size_t)g->N * c->num_experts_per_tok, H = c->hidden_size;
+    size_t mi = c->moe_intermediate_size, E = c->n_routed_experts;
+    size_t kept = rows * (H + 3 * mi) * 2 + E * 20 + 2048;
+    return (size_t)g->n_regions * kept + rows * (2 * H + 3 * mi) * 2 + 4096;
+}
+
+extern "C" int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    if (g->m->ep_size != p->size || g->m->ep_group != p->group)
+        return err_set(e, "gmodel: the model holds expert group %d of %d, the job's layout "
+                       "gives this rank group %d of %d", g->m->ep_group, g->m->ep_size,
+                       p->group, p->size);
+    gep_destroy(g->ep);
+    g->ep = NULL;
+    return gep_create(&g->ep, p, dev, g->c, g->nl + g->D, c->hidden_size,
+                      c->moe_intermediate_size, e);
+}
+
+/* lib/model's model_ep_idle on the GPU: every MoE block's exchanges with no rows of this
+ * rank's own, in the order a forward (with the MTP modules when mtp) and a backward run
+ * them, the held experts serving the other ranks' rows (their weight gradients added). */
+extern "C" int gmodel_ep_idle(gmodel *g, int mtp, int backward, dsv3_err *e)
+{
+    const dsv3_config *c = &g->m->cfg;
+    if (!g->ep)
+        return 0;
+    int nb = g->nl + (mtp ? g->D : 0);
+    gpu_moe_plan none;
+    memset(&none, 0, sizeof none);
+    none.k = c->num_experts_per_tok;
+    none.E = c->n_routed_experts;
+    for (int l = 0; l < g->nl + g->D; l++)
+        if (g->a[l].have_plan) {
+            gpu_moe_plan_free(&g->a[l].plan);
+            g->a[l].have_plan = 0;
+        }
+    gpu_arena_reset(g->c, g->acts_mark);
+    g->grad_ready = 0;
+    for (int l = 0; l < nb; l++) {
+        const gm_block *b = &g->blk[l];
+        if (b->moe && gep_forward(g->ep, l, &none, NULL, NULL, W(b->ew1), W(b->ew2), e))
+            return -1;
+    }
+    /* the backward's order: the MTP modules last first, then the main layers */
+    for (int i = 0; backward && i < nb; i++) {
+        int l = i < nb - g->nl ? nb - 1 - i : g->nl - 1 - (i - (nb - g->nl));
+        const gm_block *b = &g->blk[l];
+        if (b->moe && gep_backward(g->ep, l, NULL, NULL, W(b->ew1), W(b->ew2), G(b->ew1),
+                                   G(b->ew2), e))
+            return -1;
+    }
+    return 0;
+}
+
+extern "C" int64_t gmodel_ep_rows(const gmodel *g, int blk)
+{
+    return g->ep ? gep_rows(g->ep, blk) : 0;
+}
+
+extern "C" int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes,
+                                   dsv3_err *e)
+{
+    *n = 0, *ms = *bytes = 0;
+    return g->ep ? gep_take_time(g->ep, n, ms, bytes, e) : 0;
 }

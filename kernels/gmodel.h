@@ -154,6 +154,21 @@ int gmodel_refresh_bf16(gmodel *g, dsv3_err *e);
 int gmodel_download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3_err *e);
 void *gmodel_dev_alloc(size_t bytes, dsv3_err *e);
 
+/* ---- expert parallelism (kernels/gep.h): m holds one expert group (model_init_ep) ----
+ * gmodel_ep_attach gives the MoE blocks the job's layout p (lib/ep, its host comm carries
+ * the counts) and a NCCL comm dev for the rows (NULL: through host buffers on p's comm);
+ * every forward and backward is then collective over the job. */
+struct ep;
+struct comm;
+int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_err *e);
+/* model_ep_idle: a forward (and backward) serving the held experts without rows of this
+ * rank's own; mtp: the MTP modules run in the other ranks' forwards. */
+int gmodel_ep_idle(gmodel *g, int mtp, int backward, dsv3_err *e);
+/* Rows block blk's held experts received in the last forward (0 without --ep). */
+int64_t gmodel_ep_rows(const gmodel *g, int blk);
+/* The row exchanges since the last call: count, stream milliseconds, bytes to other ranks. */
+int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_err *e);
+
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's
  * model_expert_load); -1 for a dense layer or before a forward. */
 int gmodel_expert_load(const gmodel *g, int l, int64_t *counts);

@@ -3,6 +3,7 @@
 #include "../kernels/fp8gemm.h"
 #include "../kernels/fp8lin.h"
 #include "../kernels/gemm.h"
+#include "../kernels/gep.h"
 #include "../kernels/gpu.h"
 #include "../kernels/gpuctx.h"
 #include "../kernels/layers.h"
@@ -313,6 +314,61 @@ int gmodel_sync_host(gmodel *g, float *params, uint16_t *m, uint16_t *v, dsv3_er
 int gmodel_row_losses(const gmodel *g, float *out)
 {
     return -1;
+}
+
+int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gmodel_ep_idle(gmodel *g, int mtp, int backward, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int64_t gmodel_ep_rows(const gmodel *g, int blk)
+{
+    return 0;
+}
+
+int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+/* ---- gep ---- */
+
+int gep_create(gep **out, struct ep *p, struct comm *dev, gpu_ctx *c, int n_blocks, int H,
+               int mi, dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+
+void gep_destroy(gep *q)
+{
+}
+
+int gep_forward(gep *q, int blk, const gpu_moe_plan *plan, const gpu_bf16 *xp, gpu_bf16 *yp,
+                const gpu_bf16 *W1, const gpu_bf16 *W2, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gep_backward(gep *q, int blk, const gpu_bf16 *dyp, gpu_bf16 *dxp, const gpu_bf16 *W1,
+                 const gpu_bf16 *W2, float *dW1, float *dW2, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int64_t gep_rows(const gep *q, int blk)
+{
+    return 0;
+}
+
+int gep_take_time(gep *q, int64_t *n, double *ms, double *bytes, dsv3_err *e)
+{
+    return no_cuda(e);
 }
 
 /* ---- fp8, fp8gemm ---- */

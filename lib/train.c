@@ -220,6 +220,14 @@ typedef struct trainer {
     comm *dcomm;          /* the NCCL comm beside o->comm */
     int next_bk;          /* the next bucket to reduce-scatter this step */
     uint16_t *hbuf;       /* [n_params]: a moment in the flat layout, for checkpoints */
+    /* Expert parallelism on the GPU (--ep with --device cuda, kernels/gep.h): the rows
+     * over a NCCL comm of their own (NULL: through host buffers where ranks share GPUs);
+     * the optimizer stays on the host, as for the CPU backend. The exchanges' time from
+     * the second step on, for the log's last line. */
+    comm *ecomm;
+    int64_t ep_nx;
+    double ep_ms, ep_bytes;
+    uint64_t ep_steps;
 } trainer;
 
 static int rowq_reserve(rowq *q, size_t rows, uint32_t L)
@@ -473,6 +481,46 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
 
 /* ---- expert parallelism ---- */
 
+static int rank_has_own_gpu(const train_opts *o);
+
+/* Expert parallelism on the GPU: the MoE blocks exchange rows over NCCL (one GPU a rank)
+ * or through host buffers (ranks sharing GPUs); the optimizer runs on the host. */
+static int gpu_ep_setup(trainer *t, dsv3_err *e)
+{
+    const char *h = getenv("DSV3_EP_HOST");  /* 1: rows through host buffers (tests) */
+    int nccl = rank_has_own_gpu(t->o) && !(h && !strcmp(h, "1"));
+    if (nccl && comm_open_device(&t->ecomm, t->o->comm, e))
+        return -1;
+    if (gmodel_ep_attach(t->gm, &t->ep, t->ecomm, e))
+        return -1;
+    if (t->log)
+        fprintf(t->log, "dsv3-train: expert parallel on the GPU: --ep %d on %d ranks, expert "
+                "rows over %s, optimizer on the host\n", t->ep.size, t->ep.world,
+                nccl ? "NCCL" : "host buffers (ranks share GPUs)");
+    return 0;
+}
+
+/* The row exchanges' time: the first step's (NCCL's connections) left out, the rest summed
+ * for the last line of the log. */
+static int gpu_ep_time(trainer *t, int last, dsv3_err *e)
+{
+    int64_t n;
+    double ms, bytes;
+    if (!t->gm || t->ep.size <= 1 || gmodel_ep_take_time(t->gm, &n, &ms, &bytes, e))
+        return t->gm && t->ep.size > 1 ? -1 : 0;
+    if (t->ep_steps++) {
+        t->ep_nx += n, t->ep_ms += ms, t->ep_bytes += bytes;
+    }
+    if (last && t->log && t->ep_steps > 1) {
+        double st = (double)(t->ep_steps - 1);
+        fprintf(t->log, "dsv3-train: expert-parallel row exchanges (rank 0, steps 2-%llu): "
+                "%.1f all-to-alls, %.2f ms, %.1f MB to other GPUs a step: %.1f GB/s\n",
+                (unsigned long long)t->ep_steps, (double)t->ep_nx / st, t->ep_ms / st,
+                t->ep_bytes / st / 1e6, t->ep_ms > 0 ? t->ep_bytes / t->ep_ms / 1e6 : 0.0);
+    }
+    return 0;
+}
+
 /* Entries of ep_rows. */
 static size_t ep_rows_n(const trainer *t)
 {
@@ -482,11 +530,12 @@ static size_t ep_rows_n(const trainer *t)
 /* Rows the held experts received in the last forward, per block, into this rank's row. */
 static void ep_count_rows(trainer *t)
 {
-    if (t->ep.size <= 1 || t->gm)
+    if (t->ep.size <= 1)
         return;
     size_t nb = (size_t)t->m.cfg.num_hidden_layers + (size_t)t->n_mtp;
     for (size_t l = 0; l < nb; l++)
-        t->ep_rows[(size_t)t->ep.rank * nb + l] += model_ep_rows(t->acts, (int)l);
+        t->ep_rows[(size_t)t->ep.rank * nb + l] +=
+            t->gm ? gmodel_ep_rows(t->gm, (int)l) : model_ep_rows(t->acts, (int)l);
 }
 
 /* A forward (and backward) that serves the held experts without rows of this rank's own. */
@@ -494,7 +543,8 @@ static int ep_idle(trainer *t, int backward, dsv3_err *e)
 {
     if (t->ep.size <= 1)
         return 0;
-    if (model_ep_idle(&t->m, t->acts, t->m.mtp_lambda > 0, backward, e))
+    if (t->gm ? gmodel_ep_idle(t->gm, t->m.mtp_lambda > 0, backward, e)
+              : model_ep_idle(&t->m, t->acts, t->m.mtp_lambda > 0, backward, e))
         return -1;
     if (backward)
         ep_count_rows(t);
@@ -557,7 +607,7 @@ static int forward(trainer *t, accum *a, int backward, dsv3_err *e)
         int64_t slots;
         int rc = be_mtp_expert_load(t, k, t->tmp_counts, &slots, e);
         if (rc < 0)  /* the backward's exchanges still run, empty, on every rank */
-            return t->ep.size > 1 ? model_ep_fail(&t->m, t->acts, t->m.mtp_lambda > 0, 1, e)
+            return t->ep.size > 1 && !t->gm ? model_ep_fail(&t->m, t->acts, t->m.mtp_lambda > 0, 1, e)
                                   : -1;
         if (rc == 0) {
             for (int i = 0; i < E; i++)
@@ -609,7 +659,7 @@ static int run_records(trainer *t, loader *l, uint64_t records, accum *a, int ba
         if (t->ep.size > 1) {  /* the forwards are collective: the ranks agree first */
             int agreed = ep_agree_more(t, &more, rc, e);
             if (agreed <= 0)
-                return agreed;
+                return agreed < 0 ? -1 : t->gm ? gpu_stats(t, a, backward, e) : 0;
             if (!more) {
                 if (ep_idle(t, backward, e))
                     return -1;
@@ -924,9 +974,6 @@ static int setup_routing(trainer *t, const char *dir, dsv3_err *e)
  * world size and --ep: the checkpoint's shards are cut for them), the routing option. */
 static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
 {
-    if (t->o->ep > 1 && t->o->cuda)
-        return err_set(e, "--ep: expert parallelism runs on the CPU backend only for now "
-                       "(--device cpu)");
     if (ep_open(&t->ep, t->o->comm, ep_size(t), t->m.cfg.n_routed_experts, e))
         return -1;
     t->m.ep = t->ep.size > 1 ? &t->ep : NULL;
@@ -1143,7 +1190,9 @@ static int setup_rest(trainer *t, dsv3_err *e)
                    : t->dp.world == 1 && gmodel_optim_init(t->gm, t->opt.m, t->opt.v, e))
             return -1;
         t->gm_opt = t->gdp || t->dp.world == 1;
-        if (!t->gm_opt)
+        if (t->ep.size > 1 && gpu_ep_setup(t, e))
+            return -1;
+        else if (!t->gm_opt && t->ep.size <= 1)
             note(t, "dsv3-train: %s", "ranks share GPUs: gradients reduced through host buffers");
         set_mfu_basis(t, dev);
         gpu_props p;
@@ -1204,6 +1253,7 @@ static void teardown(trainer *t)
     metrics_close(&t->met);
     model_acts_free(t->acts);
     gmodel_destroy(t->gm);
+    comm_close(t->ecomm);
     comm_close(t->dcomm);
     free(t->hbuf);
     if (t->train)
@@ -1703,6 +1753,8 @@ static int loop(trainer *t, train_result *r, dsv3_err *e)
         r->loss = so.loss;
         int last = (o->max_steps && t->st.step >= o->max_steps) ||
                    (o->max_tokens && t->st.tokens >= o->max_tokens);
+        if (gpu_ep_time(t, last || stop, e))
+            return -1;
         if ((o->save_every && t->st.step % o->save_every == 0) || stop || last)
             if (save(t, r, e))
                 return -1;
@@ -1732,7 +1784,7 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
     t->o = o;
     dp_open(&t->dp, o->comm);
     const char *nccl = getenv("DSV3_DP_NCCL");
-    t->gdp = o->cuda && ((t->dp.world > 1 && rank_has_own_gpu(o)) || (nccl && !strcmp(nccl, "1")));
+    t->gdp = o->cuda && o->ep <= 1 && ((t->dp.world > 1 && rank_has_own_gpu(o)) || (nccl && !strcmp(nccl, "1")));
     t->log = t->dp.rank == 0 ? o->log : NULL;
     t->out = t->dp.rank == 0 ? o->out : NULL;
     int rc = setup(t, r, e);

@@ -48,6 +48,18 @@ if [ -f tests/cli/test_dsv3_train_gpudp.sh ]; then
     [ "$f" -ne 0 ] && all=1
     rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpudp "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
 fi
+# dsv3-train's expert parallelism on the GPU (tests/cli: --ep 2 against one GPU; ranks
+# share the GPU, rows through host buffers, where there is one)
+if [ -f tests/cli/test_dsv3_train_gpuep.sh ]; then
+    start=$(date +%s)
+    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh tests/cli/test_dsv3_train_gpuep.sh >"$LOG/train_gpuep.log" 2>&1
+    st=$?
+    p=$(grep -c '^ok ' "$LOG/train_gpuep.log"); f=$(grep -c '^not ok ' "$LOG/train_gpuep.log")
+    s=$(grep -c '^skip ' "$LOG/train_gpuep.log")
+    [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    [ "$f" -ne 0 ] && all=1
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpuep "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
+fi
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
