@@ -15,6 +15,7 @@
  * B has one per column and token tile, so its promotion multiplies by a row and a column
  * scale. */
 #include <cuda_fp8.h>
+#include <stdlib.h>
 
 #include "../lib/fp8.h"
 #include "gpuctx_internal.cuh"
@@ -24,7 +25,7 @@
 #define MF_BM 128
 #define MF_BN 128
 #define MF_BK 128
-#define MF_STAGES 5
+#define MF_STAGES 6
 #define MF_THREADS 256
 #define MF_TILE (128 * 128)
 #define MF_STAGE (2 * MF_TILE)
@@ -108,7 +109,11 @@ __device__ __forceinline__ bool mf_find_row_tile(const int *off, int E, int *e, 
     return s_e >= 0;
 }
 
-template <int FORM>
+/* PIPE 0: each stage's products finished and promoted before the next barrier (loads 5
+ * stages ahead); PIPE 1: two partials in turn, stage kt's products left in flight while
+ * stage kt-1's are promoted (loads 4 stages ahead, so a slot is refilled only after every
+ * warpgroup's products on it are done). */
+template <int FORM, int PIPE>
 __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -183,23 +188,26 @@ __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
         }
     };
 
-    float acc[64], part[64];
+    float acc[64], pa[64], pb[64];
 #pragma unroll
     for (int i = 0; i < 64; i++)
-        acc[i] = 0.0f, part[i] = 0.0f;
+        acc[i] = 0.0f, pa[i] = 0.0f, pb[i] = 0.0f;
+    constexpr int AHEAD = PIPE ? MF_STAGES - 2 : MF_STAGES - 1;
 #pragma unroll
-    for (int s = 0; s < MF_STAGES - 1; s++) {
+    for (int s = 0; s < AHEAD; s++) {
         if (s < KT)
             load_stage(s, s);
         mf_commit();
     }
     int g = lane >> 2, t4 = lane & 3, rl = wg * 64 + (warp & 3) * 16 + g;
-    for (int kt = 0; kt < KT; kt++) {
-        mf_wait<MF_STAGES - 2>();
+    /* stage kt: wait for its tiles, refill the slot freed AHEAD stages back, issue the four
+     * k32 products into part (left in flight) */
+    auto issue = [&](float(&part)[64], int kt) {
+        mf_wait<AHEAD - 1>();
         /* cp.async wrote through the generic proxy; wgmma reads through the async one */
         fence_proxy_async();
-        __syncthreads(); /* also: every thread's promotion of stage kt-1 is done */
-        int nx = kt + MF_STAGES - 1;
+        __syncthreads(); /* also: every thread's reads of the slot refilled below are done */
+        int nx = kt + AHEAD;
         if (nx < KT)
             load_stage(nx % MF_STAGES, nx);
         mf_commit();
@@ -211,9 +219,11 @@ __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
         wg_ss_e4m3_n128<1>(part, mf_desc(sa + 64), mf_desc(sb + 64));
         wg_ss_e4m3_n128<1>(part, mf_desc(sa + 96), mf_desc(sb + 96));
         wg_commit();
-        wg_wait<0>();
+    };
+    /* acc += part x scales of stage kt (part's products complete) */
+    auto promote = [&](float(&part)[64], int kt) {
         wg_regs(part);
-        const float *sc = scl + s * 256;
+        const float *sc = scl + (kt % MF_STAGES) * 256;
         float a0 = sc[rl], a1 = sc[rl + 8];
         if (FORM == MF_WGRAD) {
 #pragma unroll
@@ -234,6 +244,31 @@ __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
                 acc[4 * j + 3] += part[4 * j + 3] * x1;
             }
         }
+    };
+    if (!PIPE) {
+        for (int kt = 0; kt < KT; kt++) {
+            issue(pa, kt);
+            wg_wait<0>();
+            promote(pa, kt);
+        }
+    } else {
+        for (int kt = 0; kt < KT; kt += 2) {
+            issue(pa, kt);
+            if (kt > 0) {
+                wg_wait<1>();
+                promote(pb, kt - 1);
+            }
+            if (kt + 1 < KT) {
+                issue(pb, kt + 1);
+                wg_wait<1>();
+                promote(pa, kt);
+            }
+        }
+        wg_wait<0>();
+        if ((KT - 1) % 2 == 0)
+            promote(pa, KT - 1);
+        else
+            promote(pb, KT - 1);
     }
     mf_wait<0>();
 
@@ -509,13 +544,22 @@ extern "C" int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, fl
     return 0;
 }
 
+/* The kernel variant: DSV3_MOE_FP8_PIPE=0 or 1 in the environment, for comparison; default
+ * MF_PIPE_DEFAULT. */
+#define MF_PIPE_DEFAULT 0
+static int mf_pipe(void)
+{
+    const char *v = getenv("DSV3_MOE_FP8_PIPE");
+    return v && *v ? *v != '0' : MF_PIPE_DEFAULT;
+}
+
 template <int FORM>
 static int mf_launch(gpu_ctx *c, const mf_args &a, dim3 grid, dsv3_err *e)
 {
-    CUDA_TRY(cudaFuncSetAttribute(moe_fp8_kernel<FORM>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, MF_SMEM),
+    void (*kern)(const mf_args) = mf_pipe() ? moe_fp8_kernel<FORM, 1> : moe_fp8_kernel<FORM, 0>;
+    CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MF_SMEM),
              e);
-    moe_fp8_kernel<FORM><<<grid, MF_THREADS, MF_SMEM, c->stream>>>(a);
+    kern<<<grid, MF_THREADS, MF_SMEM, c->stream>>>(a);
     LAUNCH_CHECK("moe_fp8_kernel", e);
     return 0;
 }
@@ -623,11 +667,19 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
     m->on = 0;
 }
 
-/* 1: FP8 path; 0: bf16 fallback; -1: error (the scratch is too small). */
-static int mf_use(gpu_ctx *c, const gpu_moe_fp8 *m, const gpu_moe_plan *p, int I, int O,
-                  dsv3_err *e)
+static int mf_aligned(const void *p, uintptr_t a)
 {
-    if (!m->on || !gpu_moe_fp8_fits(c, I, O))
+    return ((uintptr_t)p & (a - 1)) == 0;
+}
+
+/* 1: FP8 path; 0: bf16 fallback (off, a shape or an operand the kernels do not take: they
+ * read activations 16 bytes and write outputs 8 bytes at a time); -1: the scratch is too
+ * small. */
+static int mf_use(gpu_ctx *c, const gpu_moe_fp8 *m, const gpu_moe_plan *p, int I, int O,
+                  const void *act1, const void *act2, const void *out, dsv3_err *e)
+{
+    if (!m->on || !gpu_moe_fp8_fits(c, I, O) || !mf_aligned(act1, 16) ||
+        !mf_aligned(act2, 16) || !mf_aligned(out, 8))
         return 0;
     if ((int64_t)p->N * p->k > m->max_rows || p->E > m->E || I > m->max_dim || O > m->max_dim)
         return err_set(e, "moe fp8: rows %d, E %d, I %d, O %d beyond the scratch sized at "
@@ -639,7 +691,7 @@ extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p
                                gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *W, int I,
                                int O, dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, e);
+    int u = mf_use(c, m, p, I, O, in, in, out, e);
     if (u <= 0)
         return u < 0 ? -1 : gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
     int64_t nk = (int64_t)p->N * p->k;
@@ -659,7 +711,7 @@ extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
                                  gpu_bf16 *d_in, const gpu_bf16 *d_out, const gpu_bf16 *W,
                                  int I, int O, dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, e);
+    int u = mf_use(c, m, p, I, O, d_out, d_out, d_in, e);
     if (u <= 0)
         return u < 0 ? -1 : gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
     int64_t nk = (int64_t)p->N * p->k;
@@ -679,7 +731,7 @@ extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
                                  const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
                                  dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, e);
+    int u = mf_use(c, m, p, I, O, d_out, in, d_W, e);
     if (u <= 0)
         return u < 0 ? -1 : gpu_moe_linear_wgrad(c, p, d_W, d_out, in, I, O, e);
     int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);

@@ -292,12 +292,29 @@ static void fp8_grouped_gemms_match_reference(void)
         {4, 1024, 512, c3}, /* 1B-MoE's down width, tile-aligned experts */
         {3, 7168, 256, c4}, /* V3's hidden size as K: 56 promotions */
     };
-    double worst[3] = {0, 0, 0};
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !test_failed_; i++)
-        run_case(&cases[i], worst);
-    gt_stat("moe fp8 fprop (bf16 out)", worst[0], BF16_OUT_BOUND);
-    gt_stat("moe fp8 dgrad (bf16 out)", worst[1], BF16_OUT_BOUND);
-    gt_stat("moe fp8 wgrad (fp32 +=)", worst[2], F32_OUT_BOUND);
+    /* both kernel variants (DSV3_MOE_FP8_PIPE: promotion after each stage, or overlapped) */
+    const char *was = getenv("DSV3_MOE_FP8_PIPE");
+    char keep[16] = "";
+    if (was)
+        snprintf(keep, sizeof keep, "%s", was);
+    for (int pipe = 0; pipe < 2 && !test_failed_; pipe++) {
+        setenv("DSV3_MOE_FP8_PIPE", pipe ? "1" : "0", 1);
+        double worst[3] = {0, 0, 0};
+        printf("# kernel variant PIPE=%d\n", pipe);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !test_failed_; i++)
+            run_case(&cases[i], worst);
+        char n[64];
+        snprintf(n, sizeof n, "moe fp8 fprop (bf16 out) p%d", pipe);
+        gt_stat(n, worst[0], BF16_OUT_BOUND);
+        snprintf(n, sizeof n, "moe fp8 dgrad (bf16 out) p%d", pipe);
+        gt_stat(n, worst[1], BF16_OUT_BOUND);
+        snprintf(n, sizeof n, "moe fp8 wgrad (fp32 +=) p%d", pipe);
+        gt_stat(n, worst[2], F32_OUT_BOUND);
+    }
+    if (was)
+        setenv("DSV3_MOE_FP8_PIPE", keep, 1);
+    else
+        unsetenv("DSV3_MOE_FP8_PIPE");
     /* a shape the kernel does not take is refused by the GEMM itself */
     gpu_moe_plan p = {0};
     CHECK(gpu_moe_fp8_gemm_fwd(gt_ctx_, &p, NULL, NULL, NULL, NULL, NULL, 24, 64, &e) != 0);
@@ -425,19 +442,26 @@ static void bench_shape(const char *name, int N, int K, int E, int I, int O, int
     static const char *kinds[] = {"fprop", "dgrad", "wgrad"};
     double fl = 2.0 * nk * I * O;
     for (int k = 0; k < 3; k++) {
-        float ms[3];
+        float ms[3], alt;
         j.kind = k;
         for (int path = 0; path < 3; path++) {
             j.path = path;
             ms[path] = gb_time(mjob_run, &j, 10);
             CHECK(ms[path] > 0);
         }
+        /* the other kernel variant, FP8 GEMM alone */
+        const char *was = getenv("DSV3_MOE_FP8_PIPE");
+        int pipe = was && *was && *was != '0';
+        setenv("DSV3_MOE_FP8_PIPE", pipe ? "0" : "1", 1);
+        j.path = 0;
+        alt = gb_time(mjob_run, &j, 10);
+        setenv("DSV3_MOE_FP8_PIPE", pipe ? "1" : "0", 1);
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
         printf("# bench moe fp8 %-6s %-34s %7.3f ms %6.1f TFLOP/s %5.1f%% of fp8 ceiling | with "
                "quant %6.1f | bf16 grouped %6.1f (%4.1f%% of bf16 ceiling) | fp8/bf16 %.2fx, "
-               "with quant %.2fx\n",
+               "with quant %.2fx | PIPE=%d variant %6.1f\n",
                kinds[k], name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / c8, TF(ms[1]), TF(ms[2]),
-               100.0 * TF(ms[2]) / c16, ms[2] / ms[0], ms[2] / ms[1]);
+               100.0 * TF(ms[2]) / c16, ms[2] / ms[0], ms[2] / ms[1], !pipe, TF(alt));
 #undef TF
     }
     gpu_moe_plan_free(&p);
