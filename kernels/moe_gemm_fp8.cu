@@ -22,14 +22,16 @@
 #include "moe_fp8.h"
 #include "wgmma.cuh"
 
-#define MF_BM 128
 #define MF_BN 128
 #define MF_BK 128
-#define MF_STAGES 6
-#define MF_THREADS 256
 #define MF_TILE (128 * 128)
-#define MF_STAGE (2 * MF_TILE)
-#define MF_SMEM (MF_STAGES * MF_STAGE + MF_STAGES * 1024 + 1024)
+/* WGS warpgroups a block: BM = 64 WGS rows; 6 stages with two (one block an SM), 4 with one
+ * (two blocks an SM, so one's promotion and barriers overlap the other's products). */
+template <int WGS> struct mf_cfg {
+    static constexpr int BM = 64 * WGS, THREADS = 128 * WGS, STAGES = WGS == 2 ? 6 : 4;
+    static constexpr uint32_t ATILE = BM * 128, STAGE = ATILE + MF_TILE;
+    static constexpr int SMEM = STAGES * STAGE + STAGES * 1024 + 1024;
+};
 
 enum { MF_FWD = 0, MF_WGRAD = 1 };
 
@@ -76,6 +78,7 @@ __device__ __forceinline__ uint64_t mf_desc(uint32_t addr)
 }
 
 /* Row tile blockIdx.y of the experts' row tiles in order: expert, first row, expert's end. */
+template <int MF_BM>
 __device__ __forceinline__ bool mf_find_row_tile(const int *off, int E, int *e, int *r0, int *r1)
 {
     __shared__ int s_e, s_r0, s_r1;
@@ -113,9 +116,12 @@ __device__ __forceinline__ bool mf_find_row_tile(const int *off, int E, int *e, 
  * stages ahead); PIPE 1: two partials in turn, stage kt's products left in flight while
  * stage kt-1's are promoted (loads 4 stages ahead, so a slot is refilled only after every
  * warpgroup's products on it are done). */
-template <int FORM, int PIPE>
-__global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
+template <int FORM, int PIPE, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_args p)
 {
+    typedef mf_cfg<WGS> C;
+    constexpr int MF_BM = C::BM, MF_THREADS = C::THREADS, MF_STAGES = C::STAGES;
+    constexpr uint32_t MF_STAGE = C::STAGE;
     extern __shared__ __align__(1024) unsigned char smem[];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
     int e, m0 = 0, n0, rbeg = 0, rend = 0, kt0, KT;
@@ -129,62 +135,73 @@ __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
         if (KT == 0)
             return; /* no rows: d_W_e is left as it is */
     } else {
-        if (!mf_find_row_tile(p.off, p.E, &e, &rbeg, &rend))
+        if (!mf_find_row_tile<MF_BM>(p.off, p.E, &e, &rbeg, &rend))
             return;
         n0 = blockIdx.x * MF_BN;
         kt0 = 0;
         KT = (p.K + MF_BK - 1) / MF_BK;
     }
-    /* the swizzle repeats every 1 KB: stage bases 1 KB-aligned (MF_SMEM has 1 KB spare) */
+    /* the swizzle repeats every 1 KB: stage bases 1 KB-aligned (C::SMEM has 1 KB spare) */
     uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
     uint32_t sbase = (s0 + 1023) & ~1023u, sscale = sbase + MF_STAGES * MF_STAGE;
     const float *scl = (const float *)(smem + (sscale - s0));
     const uint8_t *Bg = FORM == MF_WGRAD ? p.B : p.B + (int64_t)e * p.b_es;
 
     auto load_stage = [&](int s, int kt) {
-        uint32_t sa = sbase + s * MF_STAGE, sb = sa + MF_TILE, ss = sscale + s * 1024;
+        uint32_t sa = sbase + s * MF_STAGE, sb = sa + C::ATILE, ss = sscale + s * 1024;
         int kb = kt0 + kt;
         int64_t k0 = (int64_t)kb * MF_BK;
 #pragma unroll
-        for (int i = 0; i < 128 * 8 / MF_THREADS; i++) {
+        for (int i = 0; i < MF_BM * 8 / MF_THREADS; i++) { /* A: BM rows of 8 chunks */
             int id = tid + i * MF_THREADS, r = id >> 3, c = id & 7;
             int64_t k = k0 + c * 16;
-            uint32_t so = (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4));
-            bool oka, okb;
-            const uint8_t *srca, *srcb;
+            bool ok;
+            const uint8_t *src;
             if (FORM == MF_WGRAD) {
-                oka = m0 + r < p.M;
-                srca = p.A + (int64_t)(m0 + r) * p.lda + k;
-                okb = n0 + r < p.N;
-                srcb = Bg + (int64_t)(n0 + r) * p.ldb + k;
+                ok = m0 + r < p.M;
+                src = p.A + (int64_t)(m0 + r) * p.lda + k;
             } else {
-                oka = rbeg + r < rend && k < p.K;
-                srca = p.A + (int64_t)(rbeg + r) * p.lda + k;
-                okb = n0 + r < p.N && k < p.K;
-                srcb = Bg + (int64_t)(n0 + r) * p.ldb + k;
+                ok = rbeg + r < rend && k < p.K;
+                src = p.A + (int64_t)(rbeg + r) * p.lda + k;
             }
-            mf_cp16(sa + so, oka ? srca : p.A, oka);
-            mf_cp16(sb + so, okb ? srcb : p.B, okb);
+            mf_cp16(sa + (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)), ok ? src : p.A, ok);
         }
-        if (tid < 128) { /* A scales of the tile's 128 rows */
+#pragma unroll
+        for (int i = 0; i < 128 * 8 / MF_THREADS; i++) { /* B: 128 rows of 8 chunks */
+            int id = tid + i * MF_THREADS, r = id >> 3, c = id & 7;
+            int64_t k = k0 + c * 16;
+            bool ok = n0 + r < p.N && (FORM == MF_WGRAD || k < p.K);
+            const uint8_t *src = Bg + (int64_t)(n0 + r) * p.ldb + k;
+            mf_cp16(sb + (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)), ok ? src : p.B, ok);
+        }
+        /* scales: BM of A's rows at ss, then B's (wgrad: 128 columns; else the one weight
+         * block this stage reads) at ss + 512 */
+        for (int i = tid; i < MF_BM + (FORM == MF_WGRAD ? 128 : 1); i += MF_THREADS) {
             bool ok;
             const float *src;
-            if (FORM == MF_WGRAD) {
-                ok = m0 + tid < p.M;
-                src = p.sa + (int64_t)kb * p.M + m0 + tid;
+            uint32_t dst;
+            if (i < MF_BM) {
+                dst = ss + i * 4;
+                if (FORM == MF_WGRAD) {
+                    ok = m0 + i < p.M;
+                    src = p.sa + (int64_t)kb * p.M + m0 + i;
+                } else {
+                    ok = rbeg + i < rend;
+                    src = p.sa + (int64_t)kb * p.rows + rbeg + i;
+                }
             } else {
-                ok = rbeg + tid < rend;
-                src = p.sa + (int64_t)kb * p.rows + rbeg + tid;
+                int n = i - MF_BM;
+                dst = ss + 512 + n * 4;
+                if (FORM == MF_WGRAD) {
+                    ok = n0 + n < p.N;
+                    src = p.sb + (int64_t)kb * p.N + n0 + n;
+                } else {
+                    ok = true;
+                    src = p.sb + (int64_t)e * p.sb_es + (n0 / 128) * p.sb_ns +
+                          (int64_t)kb * p.sb_ks;
+                }
             }
-            mf_cp4(ss + tid * 4, ok ? src : p.sa, ok);
-        } else if (FORM == MF_WGRAD) { /* B scales of the tile's 128 columns */
-            int n = tid - 128;
-            bool ok = n0 + n < p.N;
-            mf_cp4(ss + 512 + n * 4, ok ? p.sb + (int64_t)kb * p.N + n0 + n : p.sb, ok);
-        } else if (tid == 128) { /* the one weight block this stage reads */
-            mf_cp4(ss + 512,
-                   p.sb + (int64_t)e * p.sb_es + (n0 / 128) * p.sb_ns + (int64_t)kb * p.sb_ks,
-                   true);
+            mf_cp4(dst, ok ? src : p.sa, ok);
         }
     };
 
@@ -212,7 +229,7 @@ __global__ void __launch_bounds__(MF_THREADS, 1) moe_fp8_kernel(const mf_args p)
             load_stage(nx % MF_STAGES, nx);
         mf_commit();
         int s = kt % MF_STAGES;
-        uint32_t sa = sbase + s * MF_STAGE + wg * 64 * 128, sb = sbase + s * MF_STAGE + MF_TILE;
+        uint32_t sa = sbase + s * MF_STAGE + wg * 64 * 128, sb = sbase + s * MF_STAGE + C::ATILE;
         wg_fence();
         wg_ss_e4m3_n128<0>(part, mf_desc(sa), mf_desc(sb));
         wg_ss_e4m3_n128<1>(part, mf_desc(sa + 32), mf_desc(sb + 32));
@@ -544,22 +561,32 @@ extern "C" int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, fl
     return 0;
 }
 
-/* The kernel variant: DSV3_MOE_FP8_PIPE=0 or 1 in the environment, for comparison; default
- * MF_PIPE_DEFAULT. */
-#define MF_PIPE_DEFAULT 0
-static int mf_pipe(void)
+/* The kernel variant, DSV3_MOE_FP8_KERNEL in the environment (for comparison), else
+ * MF_KERNEL_DEFAULT: 0 two warpgroups (128 x 128 tiles), promotion after each stage; 1 the
+ * same with the promotion overlapped (PIPE); 2 one warpgroup (64 x 128 tiles, two blocks an
+ * SM). */
+#define MF_KERNEL_DEFAULT 0
+static int mf_variant(void)
 {
-    const char *v = getenv("DSV3_MOE_FP8_PIPE");
-    return v && *v ? *v != '0' : MF_PIPE_DEFAULT;
+    const char *v = getenv("DSV3_MOE_FP8_KERNEL");
+    return v && *v >= '0' && *v <= '2' ? *v - '0' : MF_KERNEL_DEFAULT;
+}
+
+static int mf_bm(void)
+{
+    return mf_variant() == 2 ? 64 : 128;
 }
 
 template <int FORM>
 static int mf_launch(gpu_ctx *c, const mf_args &a, dim3 grid, dsv3_err *e)
 {
-    void (*kern)(const mf_args) = mf_pipe() ? moe_fp8_kernel<FORM, 1> : moe_fp8_kernel<FORM, 0>;
-    CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MF_SMEM),
-             e);
-    kern<<<grid, MF_THREADS, MF_SMEM, c->stream>>>(a);
+    int v = mf_variant();
+    void (*kern)(const mf_args) = v == 1   ? moe_fp8_kernel<FORM, 1, 2>
+                                  : v == 2 ? moe_fp8_kernel<FORM, 0, 1>
+                                           : moe_fp8_kernel<FORM, 0, 2>;
+    int smem = v == 2 ? mf_cfg<1>::SMEM : mf_cfg<2>::SMEM, threads = v == 2 ? 128 : 256;
+    CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
+    kern<<<grid, threads, smem, c->stream>>>(a);
     LAUNCH_CHECK("moe_fp8_kernel", e);
     return 0;
 }
@@ -574,7 +601,8 @@ static int mf_rows_gemm(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *C, const ui
         return 0;
     mf_args a = {A, B, sa, sb, C, p->offsets, NULL, p->E, 0, N, K, nk,
                  K, K, (int64_t)N * K, sb_es, sb_ns, sb_ks};
-    dim3 grid((unsigned)((N + MF_BN - 1) / MF_BN), (unsigned)((nk + MF_BM - 1) / MF_BM + p->E));
+    int bm = mf_bm();
+    dim3 grid((unsigned)((N + MF_BN - 1) / MF_BN), (unsigned)((nk + bm - 1) / bm + p->E));
     return mf_launch<MF_FWD>(c, a, grid, e);
 }
 
@@ -610,7 +638,8 @@ extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const i
         return 0;
     mf_args a = {dytq, xtq, dyts, xts, d_W, p->offsets, tstart, p->E, O, I, 0, (int)nk,
                  ldk, ldk, 0, 0, 0, 0};
-    dim3 grid((unsigned)(((O + MF_BM - 1) / MF_BM) * ((I + MF_BN - 1) / MF_BN)), (unsigned)p->E);
+    int bm = mf_bm();
+    dim3 grid((unsigned)(((O + bm - 1) / bm) * ((I + MF_BN - 1) / MF_BN)), (unsigned)p->E);
     return mf_launch<MF_WGRAD>(c, a, grid, e);
 }
 

@@ -292,29 +292,31 @@ static void fp8_grouped_gemms_match_reference(void)
         {4, 1024, 512, c3}, /* 1B-MoE's down width, tile-aligned experts */
         {3, 7168, 256, c4}, /* V3's hidden size as K: 56 promotions */
     };
-    /* both kernel variants (DSV3_MOE_FP8_PIPE: promotion after each stage, or overlapped) */
-    const char *was = getenv("DSV3_MOE_FP8_PIPE");
+    /* every kernel variant (DSV3_MOE_FP8_KERNEL: 0 two warpgroups, 1 the same with the
+     * promotion overlapped, 2 one warpgroup) */
+    const char *was = getenv("DSV3_MOE_FP8_KERNEL");
     char keep[16] = "";
     if (was)
         snprintf(keep, sizeof keep, "%s", was);
-    for (int pipe = 0; pipe < 2 && !test_failed_; pipe++) {
-        setenv("DSV3_MOE_FP8_PIPE", pipe ? "1" : "0", 1);
+    for (int pipe = 0; pipe < 3 && !test_failed_; pipe++) {
+        char v[2] = {(char)('0' + pipe), 0};
+        setenv("DSV3_MOE_FP8_KERNEL", v, 1);
         double worst[3] = {0, 0, 0};
-        printf("# kernel variant PIPE=%d\n", pipe);
+        printf("# kernel variant %d\n", pipe);
         for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !test_failed_; i++)
             run_case(&cases[i], worst);
         char n[64];
-        snprintf(n, sizeof n, "moe fp8 fprop (bf16 out) p%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 fprop (bf16 out) v%d", pipe);
         gt_stat(n, worst[0], BF16_OUT_BOUND);
-        snprintf(n, sizeof n, "moe fp8 dgrad (bf16 out) p%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 dgrad (bf16 out) v%d", pipe);
         gt_stat(n, worst[1], BF16_OUT_BOUND);
-        snprintf(n, sizeof n, "moe fp8 wgrad (fp32 +=) p%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 wgrad (fp32 +=) v%d", pipe);
         gt_stat(n, worst[2], F32_OUT_BOUND);
     }
     if (was)
-        setenv("DSV3_MOE_FP8_PIPE", keep, 1);
+        setenv("DSV3_MOE_FP8_KERNEL", keep, 1);
     else
-        unsetenv("DSV3_MOE_FP8_PIPE");
+        unsetenv("DSV3_MOE_FP8_KERNEL");
     /* a shape the kernel does not take is refused by the GEMM itself */
     gpu_moe_plan p = {0};
     CHECK(gpu_moe_fp8_gemm_fwd(gt_ctx_, &p, NULL, NULL, NULL, NULL, NULL, 24, 64, &e) != 0);
@@ -442,26 +444,35 @@ static void bench_shape(const char *name, int N, int K, int E, int I, int O, int
     static const char *kinds[] = {"fprop", "dgrad", "wgrad"};
     double fl = 2.0 * nk * I * O;
     for (int k = 0; k < 3; k++) {
-        float ms[3], alt;
+        float ms[3], alt[3];
         j.kind = k;
         for (int path = 0; path < 3; path++) {
             j.path = path;
             ms[path] = gb_time(mjob_run, &j, 10);
             CHECK(ms[path] > 0);
         }
-        /* the other kernel variant, FP8 GEMM alone */
-        const char *was = getenv("DSV3_MOE_FP8_PIPE");
-        int pipe = was && *was && *was != '0';
-        setenv("DSV3_MOE_FP8_PIPE", pipe ? "0" : "1", 1);
+        /* every kernel variant, FP8 GEMM alone (DSV3_MOE_FP8_KERNEL) */
+        const char *was = getenv("DSV3_MOE_FP8_KERNEL");
+        char keep[16] = "";
+        if (was)
+            snprintf(keep, sizeof keep, "%s", was);
         j.path = 0;
-        alt = gb_time(mjob_run, &j, 10);
-        setenv("DSV3_MOE_FP8_PIPE", pipe ? "1" : "0", 1);
+        for (int v = 0; v < 3; v++) {
+            char vs[2] = {(char)('0' + v), 0};
+            setenv("DSV3_MOE_FP8_KERNEL", vs, 1);
+            alt[v] = gb_time(mjob_run, &j, 10);
+        }
+        if (was)
+            setenv("DSV3_MOE_FP8_KERNEL", keep, 1);
+        else
+            unsetenv("DSV3_MOE_FP8_KERNEL");
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
         printf("# bench moe fp8 %-6s %-34s %7.3f ms %6.1f TFLOP/s %5.1f%% of fp8 ceiling | with "
                "quant %6.1f | bf16 grouped %6.1f (%4.1f%% of bf16 ceiling) | fp8/bf16 %.2fx, "
-               "with quant %.2fx | PIPE=%d variant %6.1f\n",
+               "with quant %.2fx | kernels 0/1/2 %6.1f %6.1f %6.1f\n",
                kinds[k], name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / c8, TF(ms[1]), TF(ms[2]),
-               100.0 * TF(ms[2]) / c16, ms[2] / ms[0], ms[2] / ms[1], !pipe, TF(alt));
+               100.0 * TF(ms[2]) / c16, ms[2] / ms[0], ms[2] / ms[1], TF(alt[0]), TF(alt[1]),
+               TF(alt[2]));
 #undef TF
     }
     gpu_moe_plan_free(&p);

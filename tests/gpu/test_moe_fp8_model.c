@@ -2,8 +2,8 @@
  * of an all-MoE model with the routed experts' grouped GEMMs in FP8 (kernels/moe_fp8) against
  * the same step in bf16.
  *
- * The model (configs/tiny.json widened: hidden 256, 4 routed experts of width 128, every
- * token to all 4, so FP8's rounding cannot flip a top-k choice, which would change a token's
+ * The model (configs/tiny.json widened: hidden 256, 8 routed experts of width 128, every
+ * token to all 8, so FP8's rounding cannot flip a top-k choice, which would change a token's
  * expert outputs by O(1); test_gmodel_fp8 says why that matters) runs 3 x 50 = 150 tokens:
  * not a multiple of 16, so the dense FP8 path (kernels/fp8lin, which needs one) stays bf16
  * and only the routed experts change precision; each expert gets 150 rows, two token tiles,
@@ -33,8 +33,8 @@ static int make_model(dsv3_model *m, dsv3_err *e)
     c.v_head_dim = 64;
     c.kv_lora_rank = 128;
     c.q_lora_rank = 96;
-    c.n_routed_experts = 4;
-    c.num_experts_per_tok = 4;
+    c.n_routed_experts = 8;
+    c.num_experts_per_tok = 8;
     c.n_group = 1;
     c.topk_group = 1;
     c.vocab_size = 1000;
