@@ -48,8 +48,8 @@ gpu_ctx *gmodel_ctx(gmodel *g);
 
 /* FP8 on (1) or off (0) for the linear layers: attention projections, dense MLPs and
  * shared experts run their three products as DeepSeek-V3 does (kernels/fp8lin.h), the
- * routed experts their grouped GEMMs (kernels/moe_fp8.h); the router, the head and the
- * embedding stay bf16. */
+ * routed experts their grouped GEMMs (kernels/moe_fp8.h; DSV3_MOE_FP8=0 in the environment
+ * keeps these bf16); the router, the head and the embedding stay bf16. */
 int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e);
 
 /* Uploads params (m->params' layout, fp32) as master and bf16 compute copies. */

@@ -4,9 +4,10 @@
  * per 1x128 tile along the GEMM's reduction, expert weights one per 128x128 block; the
  * products accumulate each 128-long K block on the tensor cores and are promoted into fp32
  * accumulators with that block's scales (V3's "promotion every K block"). Our own Hopper
- * kernel (kernels/moe_gemm_fp8.cu: wgmma m64n128k32 e4m3, 128x128 tiles, one K block a
- * stage), grouped like kernels/moe_gemm's bf16 one: experts' row offsets read on the device,
- * worst-case grid, no host synchronisation.
+ * kernel (kernels/moe_gemm_fp8.cu: wgmma m64n128k32 e4m3, 64x128 tiles, one K block a
+ * stage; DSV3_MOE_FP8_KERNEL=0/1/2 picks a variant for comparison), grouped like
+ * kernels/moe_gemm's bf16 one: experts' row offsets read on the device, worst-case grid, no
+ * host synchronisation.
  *
  *   fprop  out[rows_e, O] = in[rows_e, I] . W_e^T   in 1x128 along I (quant_rows), W_e 128x128
  *   dgrad  d_in[rows_e, I] = d_out . W_e           d_out 1x128 along O, W_e^T 128x128 (qt)

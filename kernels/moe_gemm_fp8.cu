@@ -1,12 +1,15 @@
 /* moe_gemm_fp8: the routed experts' FP8 grouped GEMMs and their quantisers. See moe_fp8.h.
  *
- * GEMM: one block per 128 x 128 output tile of one expert, two warpgroups of 64 rows. A
- * stage holds one K block of 128 (the scaling granule): A and B tiles of 128 rows x 128
+ * GEMM: one block per BM x 128 output tile of one expert, one warpgroup per 64 rows (BM 64,
+ * two blocks an SM: the default; or BM 128 with two warpgroups, one block an SM). A stage
+ * holds one K block of 128 (the scaling granule): A and B tiles of BM and 128 rows x 128
  * E4M3 codes, K-major with the 128-byte swizzle (wgmma reads 8-bit operands K-major only),
  * and the stage's scales, all loaded with cp.async (rows outside the expert and columns past
- * the edge zero-filled) into a 5-stage ring. Per stage each warpgroup issues four wgmma
- * m64n128k32 into a fresh fp32 partial, waits, and adds partial x scale(A row) x scale(B)
- * into the fp32 accumulators: the promotion DeepSeek-V3 describes, once per 128 K. fprop and
+ * the edge zero-filled) into a ring of 4 or 6 stages. Per stage each warpgroup issues four
+ * wgmma m64n128k32 into a fresh fp32 partial, waits, and adds partial x scale(A row) x
+ * scale(B) into the fp32 accumulators: the promotion DeepSeek-V3 describes, once per 128 K.
+ * (Overlapping the promotion with the next stage's products, variant 1, measured no faster:
+ * ptxas serialises wgmma when other instructions read an accumulator set mid-pipeline.) fprop and
  * dgrad find their expert like kernels/moe_gemm (worst-case grid of row tiles, prefix sum of
  * per-expert tile counts); wgrad owns one (expert, tile) and runs over the expert's token
  * tiles, adding the fp32 result into d_W (one owner, no atomics).
@@ -565,7 +568,7 @@ extern "C" int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, fl
  * MF_KERNEL_DEFAULT: 0 two warpgroups (128 x 128 tiles), promotion after each stage; 1 the
  * same with the promotion overlapped (PIPE); 2 one warpgroup (64 x 128 tiles, two blocks an
  * SM). */
-#define MF_KERNEL_DEFAULT 0
+#define MF_KERNEL_DEFAULT 2
 static int mf_variant(void)
 {
     const char *v = getenv("DSV3_MOE_FP8_KERNEL");
