@@ -344,30 +344,48 @@ __device__ __forceinline__ uint8_t mf_e4m3(float a, float s)
     return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(a, s), __NV_SATFINITE, __NV_E4M3);
 }
 
-/* One warp per 1x128 tile of a row, four values a lane (cols % 16 == 0). */
+/* A half-warp per 1x128 tile of a row, eight values a lane: one 16-byte load, one 8-byte
+ * store of codes (cols % 16 == 0, so a lane's eight values are all in or all out). */
 __global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int rows, int cols)
 {
-    int lane = threadIdx.x & 31, nb = (cols + 127) / 128;
+    int lane = threadIdx.x & 31, hl = lane & 15, nb = (cols + 127) / 128;
     int64_t tiles = (int64_t)rows * nb;
-    int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-    int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
-    for (int64_t t = warp; t < tiles; t += nwarps) {
-        int64_t r = t / nb;
-        int cb = (int)(t % nb), c = cb * 128 + lane * 4;
-        float v[4] = {0, 0, 0, 0};
-        if (c < cols) {
-            uint2 u = *(const uint2 *)(x + r * cols + c);
-            float2 a = __bfloat1622float2(*(__nv_bfloat162 *)&u.x);
-            float2 b = __bfloat1622float2(*(__nv_bfloat162 *)&u.y);
-            v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    int64_t half = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 4);
+    int64_t nhalf = ((int64_t)gridDim.x * blockDim.x) >> 4;
+    /* the loop bound is the same for both halves of a warp: the shuffles never diverge */
+    for (int64_t t0 = half - (lane >> 4); t0 < tiles; t0 += nhalf) {
+        int64_t t = t0 + (lane >> 4), r = t / nb;
+        int cb = (int)(t % nb), c = cb * 128 + hl * 8;
+        bool ok = t < tiles && c < cols;
+        float v[8];
+        if (ok) {
+            uint4 u = *(const uint4 *)(x + r * cols + c);
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float2 f = __bfloat1622float2(h[i]);
+                v[2 * i] = f.x, v[2 * i + 1] = f.y;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = 0.0f;
         }
-        float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-        float sc = mf_scale(warp_max(amax));
-        if (c < cols)
-            *(uint32_t *)(q + r * cols + c) =
-                mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
-        if (lane == 0)
-            s[(int64_t)cb * rows + r] = sc;
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            amax = fmaxf(amax, fabsf(v[i]));
+        for (int o = 8; o > 0; o >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float sc = mf_scale(amax);
+        if (ok) {
+            uint2 w;
+            w.x = mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
+            w.y = mf_e4m3x2(v[4], v[5], sc) | (mf_e4m3x2(v[6], v[7], sc) << 16);
+            *(uint2 *)(q + r * cols + c) = w;
+            if (hl == 0)
+                s[(int64_t)cb * rows + r] = sc;
+        }
     }
 }
 
@@ -454,7 +472,8 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
 }
 
 /* Block (128x128 block, expert): the block in shared memory (rows padded to 130 values so the
- * transposed reads fall in distinct banks), its amax, then the codes row-wise and transposed. */
+ * transposed reads fall in distinct banks), its amax, then the codes row-wise and transposed,
+ * four a thread (O and I multiples of 16: a group of four is all in or all out). */
 __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt, float *s,
                                                          const bf16 *W, int O, int I)
 {
@@ -464,11 +483,19 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
     int nbo = (O + 127) / 128, nbi = (I + 127) / 128;
     int64_t base = (int64_t)ex * O * I;
     float amax = 0.0f;
-    for (int id = tid; id < 128 * 128; id += 256) {
-        int r = id >> 7, c = id & 127, o = ob * 128 + r, i = ib * 128 + c;
-        bf16 v = o < O && i < I ? W[base + (int64_t)o * I + i] : f2b(0.0f);
-        tile[r][c] = v;
-        amax = fmaxf(amax, fabsf(b2f(v)));
+    for (int id = tid; id < 128 * 32; id += 256) {
+        int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
+        __nv_bfloat162 v[2];
+        if (o < O && i < I) {
+            uint2 u = *(const uint2 *)(W + base + (int64_t)o * I + i);
+            v[0] = *(__nv_bfloat162 *)&u.x, v[1] = *(__nv_bfloat162 *)&u.y;
+        } else {
+            v[0] = v[1] = __floats2bfloat162_rn(0.0f, 0.0f);
+        }
+        tile[r][c] = v[0].x, tile[r][c + 1] = v[0].y, tile[r][c + 2] = v[1].x,
+        tile[r][c + 3] = v[1].y;
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(b2f(v[0].x)), fabsf(b2f(v[0].y))),
+                                 fmaxf(fabsf(b2f(v[1].x)), fabsf(b2f(v[1].y)))));
     }
     amax = warp_max(amax);
     if ((tid & 31) == 0)
@@ -481,16 +508,20 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
     if (tid == 0)
         s[((int64_t)ex * nbo + ob) * nbi + ib] = sc;
     if (q)
-        for (int id = tid; id < 128 * 128; id += 256) {
-            int r = id >> 7, c = id & 127, o = ob * 128 + r, i = ib * 128 + c;
+        for (int id = tid; id < 128 * 32; id += 256) {
+            int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
             if (o < O && i < I)
-                q[base + (int64_t)o * I + i] = mf_e4m3(b2f(tile[r][c]), sc);
+                *(uint32_t *)(q + base + (int64_t)o * I + i) =
+                    mf_e4m3x2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
+                    (mf_e4m3x2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
         }
-    if (qt)
-        for (int id = tid; id < 128 * 128; id += 256) {
-            int r = id >> 7, c = id & 127, i = ib * 128 + r, o = ob * 128 + c;
+    if (qt) /* a warp writes 128 contiguous bytes of one qt row (its column reads: 4-way) */
+        for (int id = tid; id < 128 * 32; id += 256) {
+            int r = id >> 5, c = (id & 31) * 4, i = ib * 128 + r, o = ob * 128 + c;
             if (o < O && i < I)
-                qt[base + (int64_t)i * O + o] = mf_e4m3(b2f(tile[c][r]), sc);
+                *(uint32_t *)(qt + base + (int64_t)i * O + o) =
+                    mf_e4m3x2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
+                    (mf_e4m3x2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
         }
 }
 
@@ -522,8 +553,8 @@ extern "C" int gpu_moe_fp8_quant_rows(gpu_ctx *c, uint8_t *q, float *s, const gp
         return 0;
     if (cols % 16)
         return err_set(e, "moe fp8 quant: cols %d not a multiple of 16", cols);
-    int64_t warps = (int64_t)rows * fp8_blocks(cols);
-    mf_quant_rows_kernel<<<grid_for(warps * 32, 256), 256, 0, c->stream>>>(
+    int64_t halves = (int64_t)rows * fp8_blocks(cols);
+    mf_quant_rows_kernel<<<grid_for(halves * 16, 256), 256, 0, c->stream>>>(
         q, s, (const bf16 *)x, rows, cols);
     LAUNCH_CHECK("mf_quant_rows", e);
     return 0;
