@@ -1013,6 +1013,7 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
     /* DSV3_MOE_FP8=0 keeps the routed experts in bf16 under FP8, for comparison */
     const char *mv = getenv("DSV3_MOE_FP8");
     int moe8 = c->n_routed_experts > 0 && !(mv && mv[0] == '0');
+    g->mfp8.on = 0;
     return gpu_lin_fp8_on(&g->lin, g->N, D, e) ||
            (moe8 &&
             gpu_moe_fp8_init(&g->mfp8, (int64_t)g->N * c->num_experts_per_tok,

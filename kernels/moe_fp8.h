@@ -64,7 +64,7 @@ int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
 /* The three products from bf16 operands, gpu_moe_linear_*'s arguments: each call quantises
  * what it reads into a scratch buffer of its own (sized by gpu_moe_fp8_init for up to
  * max_rows sorted rows, E experts and I, O up to max_dim) and runs the FP8 GEMM; shapes the
- * kernels do not take go to the bf16 grouped GEMM. */
+ * kernels or the scratch do not take go to the bf16 grouped GEMM. */
 typedef struct gpu_moe_fp8 {
     int on;
     uint8_t *buf;

@@ -736,27 +736,22 @@ static int mf_aligned(const void *p, uintptr_t a)
 }
 
 /* 1: FP8 path; 0: bf16 fallback (off, a shape or an operand the kernels do not take: they
- * read activations 16 bytes and write outputs 8 bytes at a time); -1: the scratch is too
- * small. */
+ * read activations 16 bytes and write outputs 8 bytes at a time; or more rows, experts or
+ * width than the scratch was sized for at gpu_moe_fp8_init). */
 static int mf_use(gpu_ctx *c, const gpu_moe_fp8 *m, const gpu_moe_plan *p, int I, int O,
-                  const void *act1, const void *act2, const void *out, dsv3_err *e)
+                  const void *act1, const void *act2, const void *out)
 {
-    if (!m->on || !gpu_moe_fp8_fits(c, I, O) || !mf_aligned(act1, 16) ||
-        !mf_aligned(act2, 16) || !mf_aligned(out, 8))
-        return 0;
-    if ((int64_t)p->N * p->k > m->max_rows || p->E > m->E || I > m->max_dim || O > m->max_dim)
-        return err_set(e, "moe fp8: rows %d, E %d, I %d, O %d beyond the scratch sized at "
-                       "gpu_moe_fp8_init", p->N * p->k, p->E, I, O);
-    return 1;
+    return m->on && gpu_moe_fp8_fits(c, I, O) && mf_aligned(act1, 16) &&
+           mf_aligned(act2, 16) && mf_aligned(out, 8) && (int64_t)p->N * p->k <= m->max_rows &&
+           p->E <= m->E && I <= m->max_dim && O <= m->max_dim;
 }
 
 extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p,
                                gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *W, int I,
                                int O, dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, in, in, out, e);
-    if (u <= 0)
-        return u < 0 ? -1 : gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
+    if (!mf_use(c, m, p, I, O, in, in, out))
+        return gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
     int64_t nk = (int64_t)p->N * p->k;
     mf_carver k = {m->buf, 0, m->bytes};
     uint8_t *xq = (uint8_t *)mf_carve(&k, nk * I);
@@ -774,9 +769,8 @@ extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
                                  gpu_bf16 *d_in, const gpu_bf16 *d_out, const gpu_bf16 *W,
                                  int I, int O, dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, d_out, d_out, d_in, e);
-    if (u <= 0)
-        return u < 0 ? -1 : gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
+    if (!mf_use(c, m, p, I, O, d_out, d_out, d_in))
+        return gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
     int64_t nk = (int64_t)p->N * p->k;
     mf_carver k = {m->buf, 0, m->bytes};
     uint8_t *dq = (uint8_t *)mf_carve(&k, nk * O);
@@ -794,9 +788,8 @@ extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
                                  const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
                                  dsv3_err *e)
 {
-    int u = mf_use(c, m, p, I, O, d_out, in, d_W, e);
-    if (u <= 0)
-        return u < 0 ? -1 : gpu_moe_linear_wgrad(c, p, d_W, d_out, in, I, O, e);
+    if (!mf_use(c, m, p, I, O, d_out, in, d_W))
+        return gpu_moe_linear_wgrad(c, p, d_W, d_out, in, I, O, e);
     int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
     mf_carver k = {m->buf, 0, m->bytes};
     int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
