@@ -22,6 +22,7 @@ extern "C" {
 #include "loss.h"
 #include "mla.h"
 #include "moe.h"
+#include "moe_fp8.h"
 #include "optim.h"
 
 #define NONE SIZE_MAX
@@ -109,6 +110,7 @@ struct gmodel {
     gpu_tensor_list *tl;
     float *d_norm;
     gpu_lin lin;                 /* dense linear layers: bf16, or FP8 (gmodel_set_fp8) */
+    gpu_moe_fp8 mfp8;            /* routed experts' grouped GEMMs in FP8 when .on */
     /* data parallelism on device buffers (gmodel_dp_init): arrays padded to n_alloc, the
      * moments and summed gradient of this rank's shard only, the communication stream */
     size_t n_alloc;
@@ -936,6 +938,7 @@ extern "C" void gmodel_destroy(gmodel *g)
             gpu_moe_plan_free(&g->a[l].plan);
     gep_destroy(g->ep);
     gpu_lin_free(&g->lin);
+    gpu_moe_fp8_free(&g->mfp8);
     for (int k = 0; g->mt && k < g->D; k++) {
         free(g->mt[k].h_eid);
         free(g->mt[k].h_tg);
@@ -993,6 +996,7 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
 {
     if (!on) {
         g->lin.fp8 = 0;
+        g->mfp8.on = 0;
         return 0;
     }
     const dsv3_config *c = &g->m->cfg;
@@ -1004,7 +1008,37 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
     int64_t D = 0;
     for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
         D = dims[i] > D ? dims[i] : D;
-    return gpu_lin_fp8_on(&g->lin, g->N, D, e);
+    int64_t mi = c->moe_intermediate_size, md = 2 * mi > c->hidden_size ? 2 * mi : c->hidden_size;
+    /* DSV3_MOE_FP8=0 keeps the routed experts in bf16 under FP8, for comparison */
+    const char *mv = getenv("DSV3_MOE_FP8");
+    int moe8 = c->n_routed_experts > 0 && !(mv && mv[0] == '0');
+    g->mfp8.on = 0;
+    return gpu_lin_fp8_on(&g->lin, g->N, D, e) ||
+           (moe8 &&
+            gpu_moe_fp8_init(&g->mfp8, (int64_t)g->N * c->num_experts_per_tok,
+                             c->n_routed_experts, md, e));
+}
+
+/* The routed experts' grouped linear products: bf16, or FP8 under gmodel_set_fp8. */
+static int moe_lin_fwd(gmodel *g, const gpu_moe_plan *p, gpu_bf16 *out, const gpu_bf16 *in,
+                       const gpu_bf16 *W, int I, int O, dsv3_err *e)
+{
+    return g->mfp8.on ? gpu_moe_fp8_fwd(g->c, &g->mfp8, p, out, in, W, I, O, e)
+                      : gpu_moe_linear_fwd(g->c, p, out, in, W, I, O, e);
+}
+
+static int moe_lin_dgrad(gmodel *g, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                         const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O, dsv3_err *e)
+{
+    return g->mfp8.on ? gpu_moe_fp8_dgrad(g->c, &g->mfp8, p, d_in, d_out, W, I, O, e)
+                      : gpu_moe_linear_dgrad(g->c, p, d_in, d_out, W, I, O, e);
+}
+
+static int moe_lin_wgrad(gmodel *g, const gpu_moe_plan *p, float *d_W, const gpu_bf16 *d_out,
+                         const gpu_bf16 *in, int I, int O, dsv3_err *e)
+{
+    return g->mfp8.on ? gpu_moe_fp8_wgrad(g->c, &g->mfp8, p, d_W, d_out, in, I, O, e)
+                      : gpu_moe_linear_wgrad(g->c, p, d_W, d_out, in, I, O, e);
 }
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
@@ -1222,12 +1256,10 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     if (gpu_moe_gather(x, &A->plan, B16(A->xp), B16(A->x2n), H, e) ||
         (g->ep ? gep_forward(g->ep, b->index, &A->plan, B16(A->xp), B16(A->yp), W(b->ew1),
                              W(b->ew2), e)
-               : gpu_moe_linear_fwd(x, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi,
-                                    e) ||
+               : moe_lin_fwd(g, &A->plan, B16(A->egu), B16(A->xp), W(b->ew1), H, 2 * mi, e) ||
                      gpu_swiglu_fwd(x, B16(A->eh), B16(A->egu), B16(A->egu + mi), nk, mi,
                                     2 * mi, e) ||
-                     gpu_moe_linear_fwd(x, &A->plan, B16(A->yp), B16(A->eh), W(b->ew2), mi, H,
-                                        e)) ||
+                     moe_lin_fwd(g, &A->plan, B16(A->yp), B16(A->eh), W(b->ew2), mi, H, e)) ||
         gpu_moe_combine(x, &A->plan, B16(out), 0.0f, B16(A->yp), A->w, H, e))
         return -1;
     if (!si)
@@ -1594,13 +1626,13 @@ static int moe_bwd(gmodel *g, const gm_block *b, gm_acts *A, const bf16 *dy, bf1
              gpu_moe_combine_bwd(x, p, B16(dyp), dw, B16(dy), B16(A->yp), A->w, H, e) ||
              (g->ep ? gep_backward(g->ep, b->index, B16(dyp), B16(dyp), W(b->ew1), W(b->ew2),
                                    G(b->ew1), G(b->ew2), e)
-                    : gpu_moe_linear_dgrad(x, p, B16(dh), B16(dyp), W(b->ew2), mi, H, e) ||
-             gpu_moe_linear_wgrad(x, p, G(b->ew2), B16(dyp), B16(A->eh), mi, H, e) ||
+                    : moe_lin_dgrad(g, p, B16(dh), B16(dyp), W(b->ew2), mi, H, e) ||
+             moe_lin_wgrad(g, p, G(b->ew2), B16(dyp), B16(A->eh), mi, H, e) ||
              gpu_swiglu_bwd(x, B16(dgu), B16(dgu + mi), B16(dh), B16(A->egu), B16(A->egu + mi),
                             nk, mi, 2 * mi, e) ||
              /* dyp's rows are free again: d(xp) goes there */
-             gpu_moe_linear_dgrad(x, p, B16(dyp), B16(dgu), W(b->ew1), H, 2 * mi, e) ||
-             gpu_moe_linear_wgrad(x, p, G(b->ew1), B16(dgu), B16(A->xp), H, 2 * mi, e)) ||
+             moe_lin_dgrad(g, p, B16(dyp), B16(dgu), W(b->ew1), H, 2 * mi, e) ||
+             moe_lin_wgrad(g, p, G(b->ew1), B16(dgu), B16(A->xp), H, 2 * mi, e)) ||
              gpu_moe_gather_bwd(x, p, B16(dn), 0.0f, B16(dyp), H, e) ||
              (si && mlp_bwd(g, dn, 1.0f, dy, A->x2n, A->gu, A->h, b->sw1, b->sw2, si, e)) ||
              gpu_memset(x, dlog, 0, (size_t)N * E * 4, e) ||

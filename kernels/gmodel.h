@@ -52,9 +52,10 @@ int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, 
 void gmodel_destroy(gmodel *g);
 gpu_ctx *gmodel_ctx(gmodel *g);
 
-/* FP8 on (1) or off (0) for the dense linear layers: attention projections, dense MLPs and
- * shared experts run their three products as DeepSeek-V3 does (kernels/fp8lin.h); the
- * router, the routed experts, the head and the embedding stay bf16. */
+/* FP8 on (1) or off (0) for the linear layers: attention projections, dense MLPs and
+ * shared experts run their three products as DeepSeek-V3 does (kernels/fp8lin.h), the
+ * routed experts their grouped GEMMs (kernels/moe_fp8.h; DSV3_MOE_FP8=0 in the environment
+ * keeps these bf16); the router, the head and the embedding stay bf16. */
 int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e);
 
 /* Uploads params (m->params' layout, fp32) as master and bf16 compute copies. */

@@ -119,6 +119,32 @@ for N in (32, 64, 96, 128, 192):
     static __device__ __forceinline__ void rs(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rs_n%d(d, a, b); }
 };
 ''' % (N, N // 2, N, N // 2, N))
+# FP8 (E4M3 x E4M3, fp32 accumulate, k32): both operands K-major in shared memory (wgmma
+# takes no transpose for 8-bit types); kernels/moe_gemm_fp8 uses them.
+out.append('''
+/* FP8: d (+)= A B with A, B E4M3 from shared memory, both K-major, m64nNk32; ACC 0 ignores
+ * d's old values (the first k32 step of a block-scaled chunk). */
+''')
+for N in (64, 128):
+    R = N // 2
+    regs = ", ".join("%%%d" % i for i in range(R))
+    outs = ", ".join('"+f"(d[%d])' % i for i in range(R))
+    out.append('''
+template <int ACC>
+__device__ __forceinline__ void wg_ss_e4m3_n%d(float (&d)[%d], uint64_t da, uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"
+                 "wgmma.mma_async.sync.aligned.m64n%dk32.f32.e4m3.e4m3 "
+                 "{%s}, %%%d, %%%d, p, 1, 1;\\n}\\n"
+                 : %s
+                 : "l"(da), "l"(db), "n"(ACC));
+#else
+    (void)d, (void)da, (void)db;
+    __trap();
+#endif
+}
+''' % (N, R, R + 2, N, regs, R, R + 1, outs))
 out.append('\n#endif\n')
 import sys
 open(sys.argv[1], 'w').write(''.join(out))

@@ -1,0 +1,806 @@
+/* moe_gemm_fp8: the routed experts' FP8 grouped GEMMs and their quantisers. See moe_fp8.h.
+ *
+ * GEMM: one block per BM x 128 output tile of one expert, one warpgroup per 64 rows (BM 64,
+ * two blocks an SM: the default; or BM 128 with two warpgroups, one block an SM). A stage
+ * holds one K block of 128 (the scaling granule): A and B tiles of BM and 128 rows x 128
+ * E4M3 codes, K-major with the 128-byte swizzle (wgmma reads 8-bit operands K-major only),
+ * and the stage's scales, all loaded with cp.async (rows outside the expert and columns past
+ * the edge zero-filled) into a ring of 4 or 6 stages. Per stage each warpgroup issues four
+ * wgmma m64n128k32 into a fresh fp32 partial, waits, and adds partial x scale(A row) x
+ * scale(B) into the fp32 accumulators: the promotion DeepSeek-V3 describes, once per 128 K.
+ * (Overlapping the promotion with the next stage's products, variant 1, measured no faster:
+ * ptxas serialises wgmma when other instructions read an accumulator set mid-pipeline.) fprop and
+ * dgrad find their expert like kernels/moe_gemm (worst-case grid of row tiles, prefix sum of
+ * per-expert tile counts); wgrad owns one (expert, tile) and runs over the expert's token
+ * tiles, adding the fp32 result into d_W (one owner, no atomics).
+ *
+ * The B operand of fprop/dgrad has one scale per stage (BN = 128 = the weight block); wgrad's
+ * B has one per column and token tile, so its promotion multiplies by a row and a column
+ * scale. */
+#include <cuda_fp8.h>
+#include <stdlib.h>
+
+#include "../lib/fp8.h"
+#include "gpuctx_internal.cuh"
+#include "moe_fp8.h"
+#include "wgmma.cuh"
+
+#define MF_BN 128
+#define MF_BK 128
+#define MF_TILE (128 * 128)
+/* WGS warpgroups a block: BM = 64 WGS rows; 6 stages with two (one block an SM), 4 with one
+ * (two blocks an SM, so one's promotion and barriers overlap the other's products). */
+template <int WGS> struct mf_cfg {
+    static constexpr int BM = 64 * WGS, THREADS = 128 * WGS, STAGES = WGS == 2 ? 6 : 4;
+    static constexpr uint32_t ATILE = BM * 128, STAGE = ATILE + MF_TILE;
+    static constexpr int SMEM = STAGES * STAGE + STAGES * 1024 + 1024;
+};
+
+enum { MF_FWD = 0, MF_WGRAD = 1 };
+
+/* fwd form (fprop, dgrad): A = activation codes [rows, K] (1x128 scales sa [K/128 x rows]),
+ * B = expert e's codes at B + e*b_es, [N, K], one scale a 128x128 block at
+ * sb[e*sb_es + nb*sb_ns + kb*sb_ks]; C bf16 [rows, N].
+ * wgrad form: A = [M, lda] token-tile codes, sa [tiles x M]; B = [N, ldb], sb [tiles x N];
+ * C fp32 [E, M, N] +=. */
+struct mf_args {
+    const uint8_t *A, *B;
+    const float *sa, *sb;
+    void *C;
+    const int *off, *tstart;
+    int E, M, N, K, rows;
+    int64_t lda, ldb, b_es;
+    int sb_es, sb_ns, sb_ks;
+};
+
+__device__ __forceinline__ void mf_cp16(uint32_t saddr, const void *g, bool pred)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g),
+                 "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void mf_cp4(uint32_t saddr, const void *g, bool pred)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr), "l"(g),
+                 "r"(pred ? 4 : 0));
+}
+__device__ __forceinline__ void mf_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> __device__ __forceinline__ void mf_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* K-major 128-byte-swizzled tile: row r at r*128, 16-byte chunk c at (c ^ (r & 7)). The
+ * descriptor: SBO 1024 between 8-row groups, LBO unused (16), swizzle mode 1. */
+__device__ __forceinline__ uint64_t mf_desc(uint32_t addr)
+{
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)64 << 32) |
+           ((uint64_t)1 << 62);
+}
+
+/* Row tile blockIdx.y of the experts' row tiles in order: expert, first row, expert's end. */
+template <int MF_BM>
+__device__ __forceinline__ bool mf_find_row_tile(const int *off, int E, int *e, int *r0, int *r1)
+{
+    __shared__ int s_e, s_r0, s_r1;
+    int lane = threadIdx.x & 31;
+    if (threadIdx.x < 32) {
+        if (lane == 0)
+            s_e = -1;
+        __syncwarp();
+        int t = blockIdx.y, base = 0;
+        for (int e0 = 0; e0 < E; e0 += 32) {
+            int x = e0 + lane;
+            int cnt = x < E ? off[x + 1] - off[x] : 0;
+            int nt = (cnt + MF_BM - 1) / MF_BM, inc = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o)
+                    inc += v;
+            }
+            int start = base + inc - nt;
+            if (x < E && t >= start && t < start + nt) {
+                s_e = x;
+                s_r0 = off[x] + (t - start) * MF_BM;
+                s_r1 = off[x + 1];
+            }
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+    }
+    __syncthreads();
+    *e = s_e, *r0 = s_r0, *r1 = s_r1;
+    return s_e >= 0;
+}
+
+/* PIPE 0: each stage's products finished and promoted before the next barrier (loads 5
+ * stages ahead); PIPE 1: two partials in turn, stage kt's products left in flight while
+ * stage kt-1's are promoted (loads 4 stages ahead, so a slot is refilled only after every
+ * warpgroup's products on it are done). */
+template <int FORM, int PIPE, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_args p)
+{
+    typedef mf_cfg<WGS> C;
+    constexpr int MF_BM = C::BM, MF_THREADS = C::THREADS, MF_STAGES = C::STAGES;
+    constexpr uint32_t MF_STAGE = C::STAGE;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    int e, m0 = 0, n0, rbeg = 0, rend = 0, kt0, KT;
+    if (FORM == MF_WGRAD) {
+        int ntn = (p.N + MF_BN - 1) / MF_BN;
+        e = blockIdx.y;
+        m0 = (blockIdx.x / ntn) * MF_BM;
+        n0 = (blockIdx.x % ntn) * MF_BN;
+        kt0 = p.tstart[e];
+        KT = p.tstart[e + 1] - kt0;
+        if (KT == 0)
+            return; /* no rows: d_W_e is left as it is */
+    } else {
+        if (!mf_find_row_tile<MF_BM>(p.off, p.E, &e, &rbeg, &rend))
+            return;
+        n0 = blockIdx.x * MF_BN;
+        kt0 = 0;
+        KT = (p.K + MF_BK - 1) / MF_BK;
+    }
+    /* the swizzle repeats every 1 KB: stage bases 1 KB-aligned (C::SMEM has 1 KB spare) */
+    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
+    uint32_t sbase = (s0 + 1023) & ~1023u, sscale = sbase + MF_STAGES * MF_STAGE;
+    const float *scl = (const float *)(smem + (sscale - s0));
+    const uint8_t *Bg = FORM == MF_WGRAD ? p.B : p.B + (int64_t)e * p.b_es;
+
+    auto load_stage = [&](int s, int kt) {
+        uint32_t sa = sbase + s * MF_STAGE, sb = sa + C::ATILE, ss = sscale + s * 1024;
+        int kb = kt0 + kt;
+        int64_t k0 = (int64_t)kb * MF_BK;
+#pragma unroll
+        for (int i = 0; i < MF_BM * 8 / MF_THREADS; i++) { /* A: BM rows of 8 chunks */
+            int id = tid + i * MF_THREADS, r = id >> 3, c = id & 7;
+            int64_t k = k0 + c * 16;
+            bool ok;
+            const uint8_t *src;
+            if (FORM == MF_WGRAD) {
+                ok = m0 + r < p.M;
+                src = p.A + (int64_t)(m0 + r) * p.lda + k;
+            } else {
+                ok = rbeg + r < rend && k < p.K;
+                src = p.A + (int64_t)(rbeg + r) * p.lda + k;
+            }
+            mf_cp16(sa + (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)), ok ? src : p.A, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < 128 * 8 / MF_THREADS; i++) { /* B: 128 rows of 8 chunks */
+            int id = tid + i * MF_THREADS, r = id >> 3, c = id & 7;
+            int64_t k = k0 + c * 16;
+            bool ok = n0 + r < p.N && (FORM == MF_WGRAD || k < p.K);
+            const uint8_t *src = Bg + (int64_t)(n0 + r) * p.ldb + k;
+            mf_cp16(sb + (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)), ok ? src : p.B, ok);
+        }
+        /* scales: BM of A's rows at ss, then B's (wgrad: 128 columns; else the one weight
+         * block this stage reads) at ss + 512 */
+        for (int i = tid; i < MF_BM + (FORM == MF_WGRAD ? 128 : 1); i += MF_THREADS) {
+            bool ok;
+            const float *src;
+            uint32_t dst;
+            if (i < MF_BM) {
+                dst = ss + i * 4;
+                if (FORM == MF_WGRAD) {
+                    ok = m0 + i < p.M;
+                    src = p.sa + (int64_t)kb * p.M + m0 + i;
+                } else {
+                    ok = rbeg + i < rend;
+                    src = p.sa + (int64_t)kb * p.rows + rbeg + i;
+                }
+            } else {
+                int n = i - MF_BM;
+                dst = ss + 512 + n * 4;
+                if (FORM == MF_WGRAD) {
+                    ok = n0 + n < p.N;
+                    src = p.sb + (int64_t)kb * p.N + n0 + n;
+                } else {
+                    ok = true;
+                    src = p.sb + (int64_t)e * p.sb_es + (n0 / 128) * p.sb_ns +
+                          (int64_t)kb * p.sb_ks;
+                }
+            }
+            mf_cp4(dst, ok ? src : p.sa, ok);
+        }
+    };
+
+    float acc[64], pa[64], pb[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++)
+        acc[i] = 0.0f, pa[i] = 0.0f, pb[i] = 0.0f;
+    constexpr int AHEAD = PIPE ? MF_STAGES - 2 : MF_STAGES - 1;
+#pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        if (s < KT)
+            load_stage(s, s);
+        mf_commit();
+    }
+    int g = lane >> 2, t4 = lane & 3, rl = wg * 64 + (warp & 3) * 16 + g;
+    /* stage kt: wait for its tiles, refill the slot freed AHEAD stages back, issue the four
+     * k32 products into part (left in flight) */
+    auto issue = [&](float(&part)[64], int kt) {
+        mf_wait<AHEAD - 1>();
+        /* cp.async wrote through the generic proxy; wgmma reads through the async one */
+        fence_proxy_async();
+        __syncthreads(); /* also: every thread's reads of the slot refilled below are done */
+        int nx = kt + AHEAD;
+        if (nx < KT)
+            load_stage(nx % MF_STAGES, nx);
+        mf_commit();
+        int s = kt % MF_STAGES;
+        uint32_t sa = sbase + s * MF_STAGE + wg * 64 * 128, sb = sbase + s * MF_STAGE + C::ATILE;
+        wg_fence();
+        wg_ss_e4m3_n128<0>(part, mf_desc(sa), mf_desc(sb));
+        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 32), mf_desc(sb + 32));
+        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 64), mf_desc(sb + 64));
+        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 96), mf_desc(sb + 96));
+        wg_commit();
+    };
+    /* acc += part x scales of stage kt (part's products complete) */
+    auto promote = [&](float(&part)[64], int kt) {
+        wg_regs(part);
+        const float *sc = scl + (kt % MF_STAGES) * 256;
+        float a0 = sc[rl], a1 = sc[rl + 8];
+        if (FORM == MF_WGRAD) {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float2 b = *(const float2 *)(sc + 128 + j * 8 + 2 * t4);
+                acc[4 * j] += part[4 * j] * (a0 * b.x);
+                acc[4 * j + 1] += part[4 * j + 1] * (a0 * b.y);
+                acc[4 * j + 2] += part[4 * j + 2] * (a1 * b.x);
+                acc[4 * j + 3] += part[4 * j + 3] * (a1 * b.y);
+            }
+        } else {
+            float b = sc[128], x0 = a0 * b, x1 = a1 * b;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                acc[4 * j] += part[4 * j] * x0;
+                acc[4 * j + 1] += part[4 * j + 1] * x0;
+                acc[4 * j + 2] += part[4 * j + 2] * x1;
+                acc[4 * j + 3] += part[4 * j + 3] * x1;
+            }
+        }
+    };
+    if (!PIPE) {
+        for (int kt = 0; kt < KT; kt++) {
+            issue(pa, kt);
+            wg_wait<0>();
+            promote(pa, kt);
+        }
+    } else {
+        for (int kt = 0; kt < KT; kt += 2) {
+            issue(pa, kt);
+            if (kt > 0) {
+                wg_wait<1>();
+                promote(pb, kt - 1);
+            }
+            if (kt + 1 < KT) {
+                issue(pb, kt + 1);
+                wg_wait<1>();
+                promote(pa, kt);
+            }
+        }
+        wg_wait<0>();
+        if ((KT - 1) % 2 == 0)
+            promote(pa, KT - 1);
+        else
+            promote(pb, KT - 1);
+    }
+    mf_wait<0>();
+
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = rl + h * 8;
+        if (FORM == MF_WGRAD) {
+            int m = m0 + r;
+            if (m >= p.M)
+                continue;
+            float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                int n = n0 + j * 8 + 2 * t4;
+                if (n < p.N) {
+                    float2 v = *(float2 *)(row + n);
+                    v.x += acc[4 * j + 2 * h];
+                    v.y += acc[4 * j + 2 * h + 1];
+                    *(float2 *)(row + n) = v;
+                }
+            }
+        } else {
+            int row = rbeg + r;
+            if (row >= rend)
+                continue;
+            bf16 *out = (bf16 *)p.C + (int64_t)row * p.N;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                int n = n0 + j * 8 + 2 * t4;
+                if (n < p.N)
+                    *(__nv_bfloat162 *)(out + n) =
+                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+}
+
+/* ---- quantisers (lib/fp8's rule: s = amax / 448, a zero tile 1; q = e4m3(x / s)) ---- */
+
+__device__ __forceinline__ float mf_scale(float amax)
+{
+    return amax > 0.0f ? __fdiv_rn(amax, FP8_E4M3_MAX) : 1.0f;
+}
+
+__device__ __forceinline__ uint32_t mf_e4m3x2(float a, float b, float s)
+{
+    return (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)),
+                                              __NV_SATFINITE, __NV_E4M3);
+}
+
+__device__ __forceinline__ uint8_t mf_e4m3(float a, float s)
+{
+    return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(a, s), __NV_SATFINITE, __NV_E4M3);
+}
+
+/* A half-warp per 1x128 tile of a row, eight values a lane: one 16-byte load, one 8-byte
+ * store of codes (cols % 16 == 0, so a lane's eight values are all in or all out). */
+__global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int rows, int cols)
+{
+    int lane = threadIdx.x & 31, hl = lane & 15, nb = (cols + 127) / 128;
+    int64_t tiles = (int64_t)rows * nb;
+    int64_t half = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 4);
+    int64_t nhalf = ((int64_t)gridDim.x * blockDim.x) >> 4;
+    /* the loop bound is the same for both halves of a warp: the shuffles never diverge */
+    for (int64_t t0 = half - (lane >> 4); t0 < tiles; t0 += nhalf) {
+        int64_t t = t0 + (lane >> 4), r = t / nb;
+        int cb = (int)(t % nb), c = cb * 128 + hl * 8;
+        bool ok = t < tiles && c < cols;
+        float v[8];
+        if (ok) {
+            uint4 u = *(const uint4 *)(x + r * cols + c);
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float2 f = __bfloat1622float2(h[i]);
+                v[2 * i] = f.x, v[2 * i + 1] = f.y;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = 0.0f;
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            amax = fmaxf(amax, fabsf(v[i]));
+        for (int o = 8; o > 0; o >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float sc = mf_scale(amax);
+        if (ok) {
+            uint2 w;
+            w.x = mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
+            w.y = mf_e4m3x2(v[4], v[5], sc) | (mf_e4m3x2(v[6], v[7], sc) << 16);
+            *(uint2 *)(q + r * cols + c) = w;
+            if (hl == 0)
+                s[(int64_t)cb * rows + r] = sc;
+        }
+    }
+}
+
+/* Prefix sum of the experts' token-tile counts (one warp). */
+__global__ void mf_tile_starts_kernel(int *ts, const int *off, int E)
+{
+    int lane = threadIdx.x, base = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int x = e0 + lane;
+        int nt = x < E ? (off[x + 1] - off[x] + 127) / 128 : 0, inc = nt;
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o)
+                inc += v;
+        }
+        if (x < E)
+            ts[x] = base + inc - nt;
+        base += __shfl_sync(0xffffffffu, inc, 31);
+    }
+    if (lane == 0)
+        ts[E] = base;
+}
+
+/* Block (token tile t, 64 columns): the tile's rows through shared memory, each column's
+ * 1x128 amax over four quarter-columns, codes written 32 bytes a thread down qt's row. */
+__global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, float *st,
+                                                                const bf16 *x, const int *off,
+                                                                const int *ts, int E, int cols,
+                                                                int64_t ldk)
+{
+    __shared__ __align__(16) bf16 tile[128][64];
+    __shared__ float red[4][64];
+    __shared__ int s_r0, s_r1;
+    int t = blockIdx.x, c0 = blockIdx.y * 64, tid = threadIdx.x;
+    if (tid == 0) {
+        s_r0 = -1;
+        if (t < ts[E]) { /* the expert whose tiles hold t: ts[lo] <= t < ts[hi] */
+            int lo = 0, hi = E;
+            while (hi - lo > 1) {
+                int mid = (lo + hi) / 2;
+                if (ts[mid] <= t)
+                    lo = mid;
+                else
+                    hi = mid;
+            }
+            s_r0 = off[lo] + (t - ts[lo]) * 128;
+            s_r1 = min(s_r0 + 128, off[lo + 1]);
+        }
+    }
+    __syncthreads();
+    int r0 = s_r0, r1 = s_r1;
+    if (r0 < 0)
+        return;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int id = tid + i * 256, r = id >> 3, ch = id & 7, col = c0 + ch * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < r1 && col < cols)
+            v = *(const uint4 *)(x + (int64_t)(r0 + r) * cols + col);
+        *(uint4 *)&tile[r][ch * 8] = v;
+    }
+    __syncthreads();
+    int col = tid & 63, q4 = tid >> 6;
+    float v[32], amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        v[i] = b2f(tile[q4 * 32 + i][col]);
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    red[q4][col] = amax;
+    __syncthreads();
+    float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+    if (c0 + col >= cols)
+        return;
+    if (q4 == 0)
+        st[(int64_t)t * cols + c0 + col] = sc;
+    uint32_t w[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) | (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
+    uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+/* Block (128x128 block, expert): the block in shared memory (rows padded to 130 values so the
+ * transposed reads fall in distinct banks), its amax, then the codes row-wise and transposed,
+ * four a thread (O and I multiples of 16: a group of four is all in or all out). */
+__global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt, float *s,
+                                                         const bf16 *W, int O, int I)
+{
+    __shared__ bf16 tile[128][130];
+    __shared__ float red[8];
+    int ib = blockIdx.x, ob = blockIdx.y, ex = blockIdx.z, tid = threadIdx.x;
+    int nbo = (O + 127) / 128, nbi = (I + 127) / 128;
+    int64_t base = (int64_t)ex * O * I;
+    float amax = 0.0f;
+    for (int id = tid; id < 128 * 32; id += 256) {
+        int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
+        __nv_bfloat162 v[2];
+        if (o < O && i < I) {
+            uint2 u = *(const uint2 *)(W + base + (int64_t)o * I + i);
+            v[0] = *(__nv_bfloat162 *)&u.x, v[1] = *(__nv_bfloat162 *)&u.y;
+        } else {
+            v[0] = v[1] = __floats2bfloat162_rn(0.0f, 0.0f);
+        }
+        tile[r][c] = v[0].x, tile[r][c + 1] = v[0].y, tile[r][c + 2] = v[1].x,
+        tile[r][c + 3] = v[1].y;
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(b2f(v[0].x)), fabsf(b2f(v[0].y))),
+                                 fmaxf(fabsf(b2f(v[1].x)), fabsf(b2f(v[1].y)))));
+    }
+    amax = warp_max(amax);
+    if ((tid & 31) == 0)
+        red[tid >> 5] = amax;
+    __syncthreads();
+    amax = red[0];
+    for (int i = 1; i < 8; i++)
+        amax = fmaxf(amax, red[i]);
+    float sc = mf_scale(amax);
+    if (tid == 0)
+        s[((int64_t)ex * nbo + ob) * nbi + ib] = sc;
+    if (q)
+        for (int id = tid; id < 128 * 32; id += 256) {
+            int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
+            if (o < O && i < I)
+                *(uint32_t *)(q + base + (int64_t)o * I + i) =
+                    mf_e4m3x2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
+                    (mf_e4m3x2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
+        }
+    if (qt) /* a warp writes 128 contiguous bytes of one qt row (its column reads: 4-way) */
+        for (int id = tid; id < 128 * 32; id += 256) {
+            int r = id >> 5, c = (id & 31) * 4, i = ib * 128 + r, o = ob * 128 + c;
+            if (o < O && i < I)
+                *(uint32_t *)(qt + base + (int64_t)i * O + o) =
+                    mf_e4m3x2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
+                    (mf_e4m3x2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
+        }
+}
+
+/* ---- host side ---- */
+
+static int hopper(gpu_ctx *c)
+{
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->dev) != cudaSuccess)
+        return 0;
+    return major == 9;
+}
+
+extern "C" int gpu_moe_fp8_fits(gpu_ctx *c, int I, int O)
+{
+    return I > 0 && O > 0 && I % 16 == 0 && O % 16 == 0 && hopper(c);
+}
+
+static int bad_shape(dsv3_err *e, const char *what, int I, int O)
+{
+    return err_set(e, "moe fp8 %s: I=%d O=%d not multiples of 16, or not a Hopper GPU", what,
+                   I, O);
+}
+
+extern "C" int gpu_moe_fp8_quant_rows(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x,
+                                      int rows, int cols, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    if (cols % 16)
+        return err_set(e, "moe fp8 quant: cols %d not a multiple of 16", cols);
+    int64_t halves = (int64_t)rows * fp8_blocks(cols);
+    mf_quant_rows_kernel<<<grid_for(halves * 16, 256), 256, 0, c->stream>>>(
+        q, s, (const bf16 *)x, rows, cols);
+    LAUNCH_CHECK("mf_quant_rows", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_fp8_tile_starts(gpu_ctx *c, const gpu_moe_plan *p, int *tstart,
+                                       dsv3_err *e)
+{
+    mf_tile_starts_kernel<<<1, 32, 0, c->stream>>>(tstart, p->offsets, p->E);
+    LAUNCH_CHECK("mf_tile_starts", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_fp8_quant_tokens_t(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
+                                          uint8_t *qt, float *st, const gpu_bf16 *x, int cols,
+                                          dsv3_err *e)
+{
+    int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
+    if (nk == 0 || cols <= 0)
+        return 0;
+    if (cols % 16)
+        return err_set(e, "moe fp8 quant: cols %d not a multiple of 16", cols);
+    dim3 grid((unsigned)T, (unsigned)((cols + 63) / 64));
+    mf_quant_tokens_t_kernel<<<grid, 256, 0, c->stream>>>(qt, st, (const bf16 *)x, p->offsets,
+                                                          tstart, p->E, cols, T * 128);
+    LAUNCH_CHECK("mf_quant_tokens_t", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, float *s,
+                                         const gpu_bf16 *W, int E, int O, int I, dsv3_err *e)
+{
+    if (E <= 0 || O <= 0 || I <= 0)
+        return 0;
+    dim3 grid((unsigned)fp8_blocks(I), (unsigned)fp8_blocks(O), (unsigned)E);
+    mf_quant_w_kernel<<<grid, 256, 0, c->stream>>>(q, qt, s, (const bf16 *)W, O, I);
+    LAUNCH_CHECK("mf_quant_w", e);
+    return 0;
+}
+
+/* The kernel variant, DSV3_MOE_FP8_KERNEL in the environment (for comparison), else
+ * MF_KERNEL_DEFAULT: 0 two warpgroups (128 x 128 tiles), promotion after each stage; 1 the
+ * same with the promotion overlapped (PIPE); 2 one warpgroup (64 x 128 tiles, two blocks an
+ * SM). */
+#define MF_KERNEL_DEFAULT 2
+static int mf_variant(void)
+{
+    const char *v = getenv("DSV3_MOE_FP8_KERNEL");
+    return v && *v >= '0' && *v <= '2' ? *v - '0' : MF_KERNEL_DEFAULT;
+}
+
+static int mf_bm(void)
+{
+    return mf_variant() == 2 ? 64 : 128;
+}
+
+template <int FORM>
+static int mf_launch(gpu_ctx *c, const mf_args &a, dim3 grid, dsv3_err *e)
+{
+    int v = mf_variant();
+    void (*kern)(const mf_args) = v == 1   ? moe_fp8_kernel<FORM, 1, 2>
+                                  : v == 2 ? moe_fp8_kernel<FORM, 0, 1>
+                                           : moe_fp8_kernel<FORM, 0, 2>;
+    int smem = v == 2 ? mf_cfg<1>::SMEM : mf_cfg<2>::SMEM, threads = v == 2 ? 128 : 256;
+    CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
+    kern<<<grid, threads, smem, c->stream>>>(a);
+    LAUNCH_CHECK("moe_fp8_kernel", e);
+    return 0;
+}
+
+/* fprop and dgrad: rows x K codes times expert blocks [N, K]. */
+static int mf_rows_gemm(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *C, const uint8_t *A,
+                        const float *sa, const uint8_t *B, const float *sb, int N, int K,
+                        int sb_ns, int sb_ks, int sb_es, dsv3_err *e)
+{
+    int nk = p->N * p->k;
+    if (nk == 0)
+        return 0;
+    mf_args a = {A, B, sa, sb, C, p->offsets, NULL, p->E, 0, N, K, nk,
+                 K, K, (int64_t)N * K, sb_es, sb_ns, sb_ks};
+    int bm = mf_bm();
+    dim3 grid((unsigned)((N + MF_BN - 1) / MF_BN), (unsigned)((nk + bm - 1) / bm + p->E));
+    return mf_launch<MF_FWD>(c, a, grid, e);
+}
+
+extern "C" int gpu_moe_fp8_gemm_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
+                                    const uint8_t *xq, const float *xs, const uint8_t *wq,
+                                    const float *ws, int I, int O, dsv3_err *e)
+{
+    if (!gpu_moe_fp8_fits(c, I, O))
+        return bad_shape(e, "fprop", I, O);
+    int nbi = (int)fp8_blocks(I), nbo = (int)fp8_blocks(O);
+    return mf_rows_gemm(c, p, out, xq, xs, wq, ws, O, I, nbi, 1, nbo * nbi, e);
+}
+
+extern "C" int gpu_moe_fp8_gemm_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                                      const uint8_t *dyq, const float *dys, const uint8_t *wtq,
+                                      const float *ws, int I, int O, dsv3_err *e)
+{
+    if (!gpu_moe_fp8_fits(c, I, O))
+        return bad_shape(e, "dgrad", I, O);
+    int nbi = (int)fp8_blocks(I), nbo = (int)fp8_blocks(O);
+    return mf_rows_gemm(c, p, d_in, dyq, dys, wtq, ws, I, O, 1, nbi, nbo * nbi, e);
+}
+
+extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
+                                      float *d_W, const uint8_t *dytq, const float *dyts,
+                                      const uint8_t *xtq, const float *xts, int I, int O,
+                                      dsv3_err *e)
+{
+    if (!gpu_moe_fp8_fits(c, I, O))
+        return bad_shape(e, "wgrad", I, O);
+    int64_t nk = (int64_t)p->N * p->k, ldk = 128 * gpu_moe_fp8_tiles(nk, p->E);
+    if (nk == 0)
+        return 0;
+    mf_args a = {dytq, xtq, dyts, xts, d_W, p->offsets, tstart, p->E, O, I, 0, (int)nk,
+                 ldk, ldk, 0, 0, 0, 0};
+    int bm = mf_bm();
+    dim3 grid((unsigned)(((O + bm - 1) / bm) * ((I + MF_BN - 1) / MF_BN)), (unsigned)p->E);
+    return mf_launch<MF_WGRAD>(c, a, grid, e);
+}
+
+/* ---- from bf16 operands, through the scratch buffer ---- */
+
+typedef struct mf_carver {
+    uint8_t *base;
+    size_t used, cap;
+} mf_carver;
+
+static void *mf_carve(mf_carver *k, size_t bytes)
+{
+    size_t at = (k->used + 255) / 256 * 256;
+    k->used = at + bytes;
+    return k->used <= k->cap ? k->base + at : NULL;
+}
+
+/* Activation codes + scales of rows x D, and the weights' codes + scales. */
+static size_t rows_need(int64_t rows, int E, int64_t D)
+{
+    return (size_t)(rows * D + fp8_blocks(D) * rows * 4 + (int64_t)E * D * D +
+                    (int64_t)E * fp8_blocks(D) * fp8_blocks(D) * 4 + 4 * 256);
+}
+
+/* Two token-tiled operands of up to D columns, and the tile starts. */
+static size_t tokens_need(int64_t rows, int E, int64_t D)
+{
+    int64_t T = gpu_moe_fp8_tiles(rows, E);
+    return (size_t)(2 * (D * T * 128 + T * D * 4) + (int64_t)(E + 1) * 4 + 5 * 256);
+}
+
+extern "C" int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim,
+                                dsv3_err *e)
+{
+    size_t a = rows_need(max_rows, E, max_dim), b = tokens_need(max_rows, E, max_dim);
+    size_t need = a > b ? a : b;
+    if (m->bytes < need) {
+        gpu_free(m->buf);
+        m->bytes = 0;
+        if (!(m->buf = (uint8_t *)gpu_malloc(need, e)))
+            return err_prefix(e, "moe fp8 scratch");
+        m->bytes = need;
+    }
+    m->max_rows = max_rows, m->max_dim = max_dim, m->E = E;
+    m->on = 1;
+    return 0;
+}
+
+extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
+{
+    gpu_free(m->buf);
+    m->buf = NULL;
+    m->bytes = 0;
+    m->on = 0;
+}
+
+static int mf_aligned(const void *p, uintptr_t a)
+{
+    return ((uintptr_t)p & (a - 1)) == 0;
+}
+
+/* 1: FP8 path; 0: bf16 fallback (off, a shape or an operand the kernels do not take: they
+ * read activations 16 bytes and write outputs 8 bytes at a time; or more rows, experts or
+ * width than the scratch was sized for at gpu_moe_fp8_init). */
+static int mf_use(gpu_ctx *c, const gpu_moe_fp8 *m, const gpu_moe_plan *p, int I, int O,
+                  const void *act1, const void *act2, const void *out)
+{
+    return m->on && gpu_moe_fp8_fits(c, I, O) && mf_aligned(act1, 16) &&
+           mf_aligned(act2, 16) && mf_aligned(out, 8) && (int64_t)p->N * p->k <= m->max_rows &&
+           p->E <= m->E && I <= m->max_dim && O <= m->max_dim;
+}
+
+extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p,
+                               gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *W, int I,
+                               int O, dsv3_err *e)
+{
+    if (!mf_use(c, m, p, I, O, in, in, out))
+        return gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
+    int64_t nk = (int64_t)p->N * p->k;
+    mf_carver k = {m->buf, 0, m->bytes};
+    uint8_t *xq = (uint8_t *)mf_carve(&k, nk * I);
+    float *xs = (float *)mf_carve(&k, fp8_blocks(I) * nk * 4);
+    uint8_t *wq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    if (!ws)
+        return err_set(e, "moe fp8 fprop: scratch too small");
+    return gpu_moe_fp8_quant_rows(c, xq, xs, in, (int)nk, I, e) ||
+           gpu_moe_fp8_quant_weights(c, wq, NULL, ws, W, p->E, O, I, e) ||
+           gpu_moe_fp8_gemm_fwd(c, p, out, xq, xs, wq, ws, I, O, e);
+}
+
+extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p,
+                                 gpu_bf16 *d_in, const gpu_bf16 *d_out, const gpu_bf16 *W,
+                                 int I, int O, dsv3_err *e)
+{
+    if (!mf_use(c, m, p, I, O, d_out, d_out, d_in))
+        return gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
+    int64_t nk = (int64_t)p->N * p->k;
+    mf_carver k = {m->buf, 0, m->bytes};
+    uint8_t *dq = (uint8_t *)mf_carve(&k, nk * O);
+    float *ds = (float *)mf_carve(&k, fp8_blocks(O) * nk * 4);
+    uint8_t *wtq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    if (!ws)
+        return err_set(e, "moe fp8 dgrad: scratch too small");
+    return gpu_moe_fp8_quant_rows(c, dq, ds, d_out, (int)nk, O, e) ||
+           gpu_moe_fp8_quant_weights(c, NULL, wtq, ws, W, p->E, O, I, e) ||
+           gpu_moe_fp8_gemm_dgrad(c, p, d_in, dq, ds, wtq, ws, I, O, e);
+}
+
+extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, float *d_W,
+                                 const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O,
+                                 dsv3_err *e)
+{
+    if (!mf_use(c, m, p, I, O, d_out, in, d_W))
+        return gpu_moe_linear_wgrad(c, p, d_W, d_out, in, I, O, e);
+    int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
+    mf_carver k = {m->buf, 0, m->bytes};
+    int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
+    uint8_t *dq = (uint8_t *)mf_carve(&k, (size_t)O * T * 128);
+    float *ds = (float *)mf_carve(&k, (size_t)T * O * 4);
+    uint8_t *xq = (uint8_t *)mf_carve(&k, (size_t)I * T * 128);
+    float *xs = (float *)mf_carve(&k, (size_t)T * I * 4);
+    if (!xs)
+        return err_set(e, "moe fp8 wgrad: scratch too small");
+    return gpu_moe_fp8_tile_starts(c, p, ts, e) ||
+           gpu_moe_fp8_quant_tokens_t(c, p, ts, dq, ds, d_out, O, e) ||
+           gpu_moe_fp8_quant_tokens_t(c, p, ts, xq, xs, in, I, e) ||
+           gpu_moe_fp8_gemm_wgrad(c, p, ts, d_W, dq, ds, xq, xs, I, O, e);
+}
