@@ -383,7 +383,8 @@ static int gemm_run(void *arg, dsv3_err *e)
  * over B x T tokens (DSV3_GMODEL_B, default 4; DSV3_GMODEL_T, default 4096) with random
  * weights; tokens/s and MFU against the bf16 GEMM rate of an 8192^3 product measured here.
  * FLOPs: 6 * activated parameters * tokens (config_count_params: the head included, one
- * embedding row) + causal attention 3 * 2 * B * nh * T(T+1)/2 * (dk + dv). */
+ * embedding row) + causal attention 3 * 2 * B * nh * T(T+1)/2 * (dk + dv) in every layer
+ * (before 2026-11-27 evening one layer's attention was counted: MFU figures read ~20% low). */
 static int cmp_d(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -470,7 +471,7 @@ static void bench_1b_moe(void)
         config_count_params(&m.cfg, &cn);
         const dsv3_config *cf = &m.cfg;
         double attn = 3.0 * 2 * B * cf->num_attention_heads * (double)T * (T + 1) / 2 *
-                      (config_qk_head_dim(cf) + cf->v_head_dim);
+                      (config_qk_head_dim(cf) + cf->v_head_dim) * cf->num_hidden_layers;
         double flops = 6.0 * (double)cn.active * N + attn;
         printf("# bench gmodel 1B-MoE B=%d T=%d: fwd+bwd %.1f ms (median of 3), %.0f tokens/s, "
                "%.1f TFLOP/s, MFU %.1f%% (activated %.1fM params, %.3g FLOP/token, attention "
