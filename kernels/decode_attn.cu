@@ -16,6 +16,7 @@
 #define ATT_HG 8       /* heads a block */
 #define ATT_CH 16      /* cache rows staged at a time */
 #define ATT_THREADS 256
+#define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
 
 static size_t attn_smem(int kv, int rope)
 {
@@ -30,6 +31,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                  int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale)
 {
+    gk_pdl_enter();
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
@@ -116,22 +118,35 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-/* One block a (row, head): the parts' sums rescaled to the common max. */
+/* One block a (row, head): the parts' sums rescaled to the common max. The max, the sum and
+ * the parts' weights are taken once (thread 0, then one thread a part) into shared memory,
+ * so the threads' loops over the parts are independent loads that overlap. */
 __global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
                                int kv, int nsplit)
 {
+    gk_pdl_enter();
+    __shared__ float ws[ATT_MAXSPLIT], ML[2];
     long v = blockIdx.x, b = v * nsplit;
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++)
-        M = fmaxf(M, pm[b + s]);
-    float L = 0;
-    for (int s = 0; s < nsplit; s++)
-        L += pm[b + s] == -INFINITY ? 0.0f : pl[b + s] * expf(pm[b + s] - M);
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int s = 0; s < nsplit; s++)
+            M = fmaxf(M, pm[b + s]);
+        float L = 0;
+        for (int s = 0; s < nsplit; s++)
+            L += pm[b + s] == -INFINITY ? 0.0f : pl[b + s] * expf(pm[b + s] - M);
+        ML[0] = M;
+        ML[1] = L;
+    }
+    __syncthreads();
+    float M = ML[0], L = ML[1];
+    for (int s = threadIdx.x; s < nsplit; s += blockDim.x)
+        ws[s] = pm[b + s] == -INFINITY ? 0.0f : expf(pm[b + s] - M);
+    __syncthreads();
     for (int j = threadIdx.x; j < kv; j += blockDim.x) {
         float a = 0;
+#pragma unroll 8
         for (int s = 0; s < nsplit; s++)
-            if (pm[b + s] != -INFINITY)
-                a += expf(pm[b + s] - M) * pacc[(b + s) * kv + j];
+            a += ws[s] * pacc[(b + s) * kv + j];  /* an empty part's pacc is 0 */
         olat[v * kv + j] = a / L;
     }
 }
@@ -156,18 +171,18 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
 {
     if (N <= 0)
         return 0;
+    if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
+        return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
-        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
-                                                     (const float *)cache, slot, pos, nh, kv,
-                                                     rope, n_ctx, nsplit, scale);
+        gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
     else
-        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
-                                                     (const bf16 *)cache, slot, pos, nh, kv,
-                                                     rope, n_ctx, nsplit, scale);
+        gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
     LAUNCH_CHECK("attn_split", e);
-    attn_combine_k<<<N * nh, 128, 0, s>>>(olat, pm, pl, pacc, kv, nsplit);
+    gk_launch(attn_combine_k, N * nh, 128, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
     return 0;
 }

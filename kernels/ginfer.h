@@ -67,6 +67,14 @@ const char *ginfer_describe(const ginfer *g);
 int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                    const uint8_t *want, float *logits, dsv3_err *e);
 
+/* A decode step as ginfer_forward with every row wanted (n <= n_slots rows) that returns
+ * only each row's greedy token: out[r] = the id of row r's largest logit, banned ids left
+ * out, ties to the lowest id (lib/sampler's greedy choice); the logits stay on the device. */
+int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
+                          const int32_t *ids, int32_t *out, dsv3_err *e);
+/* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
+int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
+
 /* Decode steps replayed from CUDA graphs so far (for tests and statistics). */
 long ginfer_graph_replays(const ginfer *g);
 /* Their device time (events around each replay), seconds: a decode step's time less the
