@@ -74,8 +74,8 @@ struct ginfer {
     int pend;
     gprof *prof;        /* NULL unless profiling */
     long replays;
-    float *h_logits;    /* pinned host copy of a decode step's logits (or greedy keys) */
-    unsigned long long *key;  /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
+    float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
+    int32_t *tok;       /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
     uint8_t *ban;       /* [V]: ids greedy choices leave out */
     cudaEvent_t ev[2];  /* around each graph replay */
     int have_ev;
@@ -361,7 +361,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
         I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * (K + 1) * H) || F32(g->ys, R * H) ||
         F32(g->xl, (size_t)g->bucket_max * H) ||
         F32(g->logits, (size_t)g->bucket_max * g->V) ||
-        !(g->key = (unsigned long long *)dal(g, (size_t)g->bucket_max * 8, e)) ||
+        !(g->tok = (int32_t *)dal(g, (size_t)g->bucket_max * 4, e)) ||
         !(g->ban = (uint8_t *)dal(g, (size_t)g->V, e)))
         return -1;
     CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
@@ -787,15 +787,13 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
         if (cudaEventRecordWithFlags(p->ev[0], g->s, cudaEventRecordExternal) != cudaSuccess)
             p->armed = 0;
     }
-    int rc = layers(g, B, g->nsplit, e);
-    if (!rc && cudaMemsetAsync(g->key, 0, (size_t)B * sizeof *g->key, g->s) != cudaSuccess)
-        rc = err_set(e, "ginfer: the greedy keys' reset failed in the capture");
-    rc = rc || gk_gemv(g->s, g->xn, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, B, g->H,
-                       g->V, 1, e);
+    int rc = layers(g, B, g->nsplit, e) ||
+             gk_gemv(g->s, g->xn, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, B, g->H,
+                     g->V, 1, e);
     mark(g, "gemv head", (double)g->V * g->H * g->wsz);
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
      * logits, to the host */
-    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->key, e);
+    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->tok, e);
     mark(g, "argmax", (double)B * g->V * 4);
     if (p)
         p->armed = 0;
@@ -834,8 +832,8 @@ static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32
         CUDA_TRY(cudaEventRecord(g->ev[1], g->s), e);
     g->replays++;
     /* through pinned memory: a direct copy to pageable memory is staged by the driver */
-    size_t bytes = logits ? (size_t)n * g->V * 4 : (size_t)n * sizeof *g->key;
-    CUDA_TRY(cudaMemcpyAsync(g->h_logits, logits ? (void *)g->logits : (void *)g->key, bytes,
+    size_t bytes = logits ? (size_t)n * g->V * 4 : (size_t)n * sizeof *tok;
+    CUDA_TRY(cudaMemcpyAsync(g->h_logits, logits ? (void *)g->logits : (void *)g->tok, bytes,
                              cudaMemcpyDeviceToHost, g->s), e);
     CUDA_TRY(cudaStreamSynchronize(g->s), e);
     float ms = 0;
@@ -848,10 +846,7 @@ static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32
                 p->ms[i] += ms;
         p->steps++;
     }
-    if (logits)
-        memcpy(logits, g->h_logits, bytes);
-    for (int r = 0; !logits && r < n; r++)
-        tok[r] = gk_argmax_id(((const unsigned long long *)g->h_logits)[r]);
+    memcpy(logits ? (void *)logits : (void *)tok, g->h_logits, bytes);
     return 0;
 }
 

@@ -426,16 +426,16 @@ __device__ __forceinline__ unsigned long long argmax_key(float x, int v)
     return ((unsigned long long)u << 32) | (0xFFFFFFFFu - (unsigned)v);
 }
 
-/* Grid (parts, N): each block the largest key of its part of row blockIdx.y, then one
- * atomicMax into key[row] (max is order-free, so the result does not depend on the parts). */
-__global__ void argmax_k(const float *x, int V, const uint8_t *ban, unsigned long long *key)
+/* One block a row (a step has few rows; a block streams a 129k-logit row in a few us): each
+ * thread the largest key of its values, then the block's, whose id goes to out. */
+__global__ void __launch_bounds__(1024)
+    argmax_k(const float *x, int V, const uint8_t *ban, int32_t *out)
 {
     gk_pdl_enter();
     __shared__ unsigned long long red[32];
-    const float *r = x + (long)blockIdx.y * V;
-    int per = (V + gridDim.x - 1) / gridDim.x, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
+    const float *r = x + (long)blockIdx.x * V;
     unsigned long long best = 0;
-    for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
         unsigned long long k = argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
         best = k > best ? k : best;
     }
@@ -450,18 +450,16 @@ __global__ void argmax_k(const float *x, int V, const uint8_t *ban, unsigned lon
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x >> 5); w++)
             best = red[w] > best ? red[w] : best;
-        atomicMax(key + blockIdx.y, best);
+        out[blockIdx.x] = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
     }
 }
 
-int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              unsigned long long *key, dsv3_err *e)
+int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int32_t *out,
+              dsv3_err *e)
 {
     if (N <= 0)
         return 0;
-    int parts = (V + 2047) / 2048;
-    parts = parts > 64 ? 64 : parts;
-    gk_launch(argmax_k, dim3(parts, N), 256, 0, s, logits, V, ban, key);
+    gk_launch(argmax_k, N, 1024, 0, s, logits, V, ban, out);
     LAUNCH_CHECK("argmax", e);
     return 0;
 }

@@ -101,16 +101,11 @@ int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w
 int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, int n, int D,
                    dsv3_err *e);
 
-/* Each row's greedy choice among logits[N, V]: key[n] = the largest (logit, lowest id) of row
- * n with ids where ban[v] != 0 (ban may be NULL) taken as -inf, as gk_argmax_id decodes it:
- * the id of the largest logit, ties to the lowest id, as a serial scan with ">" finds it.
- * key[0..N) must be zero before (a memset ahead of the kernel that writes the logits). */
-int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              unsigned long long *key, dsv3_err *e);
-static inline int32_t gk_argmax_id(unsigned long long key)
-{
-    return (int32_t)(0xFFFFFFFFu - (unsigned)(key & 0xFFFFFFFFu));
-}
+/* Each row's greedy choice among logits[N, V]: out[n] = the id of row n's largest logit, ids
+ * with ban[v] != 0 (ban may be NULL) taken as -inf, ties to the lowest id (as a serial scan
+ * with ">" from id 0 finds it; -0 equal to +0). */
+int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int32_t *out,
+              dsv3_err *e);
 
 /* decode_attn.cu: absorbed MLA attention over one layer's latent cache.
  * qlat[N, nh, kv] (q_nope through W_uk), q[N, nh, qk] (q_pe at nope..qk, rotated); row n

@@ -63,7 +63,10 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             env DSV3_GINFER_PDL=$([ $run = nopdl ] && echo 0 || echo 1) \
                 DSV3_GINFER_PROFILE=$([ $run = profile ] && echo 1 || echo 0) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
-                -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out2.txt" 2>"$W/err"
+                -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out2.txt" 2>"$W/err" || {
+                echo "$name batch 1 ($run): failed: $(tail -2 "$W/err")"
+                continue
+            }
             rates "$W/err"
             same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
             echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"
