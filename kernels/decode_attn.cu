@@ -14,7 +14,7 @@
 #include "ginfer_k.cuh"
 
 #define ATT_HG 8       /* heads a block */
-#define ATT_CH 16      /* cache rows staged at a time */
+#define ATT_CH 32      /* cache rows staged at a time (a part of ~20 rows in one pass) */
 #define ATT_THREADS 256
 #define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
 
@@ -118,33 +118,47 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-/* One block a (row, head): the parts' sums rescaled to the common max. The max, the sum and
- * the parts' weights are taken once (thread 0, then one thread a part) into shared memory,
- * so the threads' loops over the parts are independent loads that overlap. */
+/* One block a (row, head): the parts' sums rescaled to the common max. Every part's max and
+ * sum are loaded at once (a thread a part), the common max and the rescaled sum reduced in
+ * shared memory (a fixed order: the result does not depend on the batch), then each thread
+ * sums its latent values over the parts with independent loads. (A serial loop over the
+ * parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round trips.) */
 __global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
                                int kv, int nsplit)
 {
     gk_pdl_enter();
-    __shared__ float ws[ATT_MAXSPLIT], ML[2];
+    __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     long v = blockIdx.x, b = v * nsplit;
-    if (threadIdx.x == 0) {
+    int t = threadIdx.x;
+    float m = t < nsplit ? pm[b + t] : -INFINITY, l = t < nsplit ? pl[b + t] : 0.0f;
+    if (t < ATT_MAXSPLIT)
+        ws[t] = m;
+    __syncthreads();
+    if (t == 0) {
         float M = -INFINITY;
         for (int s = 0; s < nsplit; s++)
-            M = fmaxf(M, pm[b + s]);
+            M = fmaxf(M, ws[s]);
+        ML[0] = M;
+    }
+    __syncthreads();
+    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
+    __syncthreads();
+    if (t < ATT_MAXSPLIT) {
+        ws[t] = w;
+        ls[t] = l * w;
+    }
+    __syncthreads();
+    if (t == 0) {
         float L = 0;
         for (int s = 0; s < nsplit; s++)
-            L += pm[b + s] == -INFINITY ? 0.0f : pl[b + s] * expf(pm[b + s] - M);
-        ML[0] = M;
+            L += ls[s];
         ML[1] = L;
     }
     __syncthreads();
-    float M = ML[0], L = ML[1];
-    for (int s = threadIdx.x; s < nsplit; s += blockDim.x)
-        ws[s] = pm[b + s] == -INFINITY ? 0.0f : expf(pm[b + s] - M);
-    __syncthreads();
-    for (int j = threadIdx.x; j < kv; j += blockDim.x) {
+    float L = ML[1];
+    for (int j = t; j < kv; j += blockDim.x) {
         float a = 0;
-#pragma unroll 8
+#pragma unroll 16
         for (int s = 0; s < nsplit; s++)
             a += ws[s] * pacc[(b + s) * kv + j];  /* an empty part's pacc is 0 */
         olat[v * kv + j] = a / L;
@@ -182,7 +196,9 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
         gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
                   nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
     LAUNCH_CHECK("attn_split", e);
-    gk_launch(attn_combine_k, N * nh, 128, 0, s, olat, pm, pl, pacc, kv, nsplit);
+    /* a thread a latent value (and at least one a part) */
+    int ct = kv < ATT_MAXSPLIT ? ATT_MAXSPLIT : kv > 1024 ? 1024 : (kv + 31) / 32 * 32;
+    gk_launch(attn_combine_k, N * nh, ct, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
     return 0;
 }

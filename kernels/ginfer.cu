@@ -76,6 +76,7 @@ struct ginfer {
     long replays;
     float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
     int32_t *tok;       /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
+    void *argscr;       /* gk_argmax's scratch for bucket_max rows */
     uint8_t *ban;       /* [V]: ids greedy choices leave out */
     cudaEvent_t ev[2];  /* around each graph replay */
     int have_ev;
@@ -356,15 +357,17 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
         F32(g->kva, R * g->W) || F32(g->qlat, R * nh * g->kv) || F32(g->olat, R * nh * g->kv) ||
         F32(g->ao, R * nh * g->dv) || F32(g->pm, parts * nh) || F32(g->pl, parts * nh) ||
         F32(g->pacc, parts * nh * g->kv) || F32(g->rl, R * E) || F32(g->rs, R * E) ||
-        F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, E + 2) ||
+        F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, 2 * E + 4) ||
         I32(g->order, R * (K + 1)) ||
         I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * (K + 1) * H) || F32(g->ys, R * H) ||
         F32(g->xl, (size_t)g->bucket_max * H) ||
         F32(g->logits, (size_t)g->bucket_max * g->V) ||
         !(g->tok = (int32_t *)dal(g, (size_t)g->bucket_max * 4, e)) ||
+        !(g->argscr = dal(g, gk_argmax_scratch(g->bucket_max), e)) ||
         !(g->ban = (uint8_t *)dal(g, (size_t)g->V, e)))
         return -1;
     CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
+    CUDA_TRY(cudaMemsetAsync(g->argscr, 0, gk_argmax_scratch(g->bucket_max), g->s), e);
 #undef F32
 #undef I32
     return 0;
@@ -697,16 +700,17 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     const glayer *y = &g->ly[l];
     int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi, ws = g->wsz;
     if (!y->moe) {
-        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e))
+        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
             return -1;
         mark(g, "dense up", 2.0 * y->F * H * ws);
-        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, n, n, y->F, H, e))
+        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, 1, n, n, y->F, H, e))
             return -1;
         mark(g, "dense down", (double)y->F * H * ws);
         return 0;
     }
     /* the experts a step reads: at most n*K routed ones, and the shared one */
-    double act = (n * K < E ? n * K : E) + y->sh;
+    int maxact = (n * K < E ? n * K : E) + y->sh;
+    double act = maxact;
     if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
         return -1;
     mark(g, "gemv router", E * H * 4.0);
@@ -717,22 +721,22 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos, e))
         return -1;
     mark(g, "moe bucket", 0);
-    if (gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh, n,
-                  n, H, mi, e))
+    if (gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
+                  maxact, n, n, H, mi, e))
         return -1;
     mark(g, "experts up", act * 2 * mi * H * ws);
-    if (gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, n, n, mi, H,
-                    e))
+    if (gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
+                    n, mi, H, e))
         return -1;
     mark(g, "experts down", act * mi * H * ws);
     const float *ys = NULL;
     if (y->sh) {
         ys = g->ye + (size_t)n * K * H;  /* the shared group's rows follow the routed ones */
     } else if (y->F) {
-        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e))
+        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
             return -1;
         mark(g, "shared up", 2.0 * y->F * H * ws);
-        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, n, n, y->F, H, e))
+        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, 1, n, n, y->F, H, e))
             return -1;
         mark(g, "shared down", (double)y->F * H * ws);
         ys = g->ys;
@@ -793,7 +797,7 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
     mark(g, "gemv head", (double)g->V * g->H * g->wsz);
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
      * logits, to the host */
-    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->tok, e);
+    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok, e);
     mark(g, "argmax", (double)B * g->V * 4);
     if (p)
         p->armed = 0;

@@ -256,8 +256,9 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
 
 /* ---- MoE ---- */
 
-/* One block: thread e counts expert e's choices, a serial prefix sum, then each expert's
- * choices in assignment order (stable); then the ns rows of the shared group E. */
+/* One block: thread e counts expert e's choices, a serial prefix sum (and the list of the
+ * groups with rows), then each expert's choices in assignment order (stable); then the ns
+ * rows of the shared group E. */
 __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, int *off,
                              int *order, int *spos)
 {
@@ -271,16 +272,21 @@ __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, i
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        int acc = 0;
+        int acc = 0, G = E + (ns > 0), na = 0;
         for (int x = 0; x < E; x++) {
             int c = cnt[x];
             cnt[x] = acc;
             off[x] = acc;
             acc += c;
+            if (c)
+                off[G + 2 + na++] = x;
         }
         off[E] = acc;
-        if (ns)
+        if (ns) {
             off[E + 1] = acc + ns;
+            off[G + 2 + na++] = E;
+        }
+        off[G + 1] = na;
     }
     for (int n = threadIdx.x; n < ns; n += blockDim.x)
         order[NK + n] = n * K;
@@ -315,12 +321,17 @@ __device__ __forceinline__ float silu_mul(float g, float u)
 template <typename W, int NT, bool UP>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     grouped_k(const float *__restrict__ x, const W *__restrict__ w, long wstride,
-              float *__restrict__ y, const int *order, const int *off, int K, int N, int I,
+              float *__restrict__ y, const int *order, const int *off, int G, int K, int N, int I,
               int O)
 {
     gk_pdl_enter();
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int g = blockIdx.y;
+    if (off) {  /* blockIdx.y-th group with rows (gk_moe_bucket's list) */
+        if (g >= off[G + 1])
+            return;
+        g = off[G + 2 + g];
+    }
     int base = off ? off[g] : 0, cnt = off ? off[g + 1] - base : N;
     if (o >= O || cnt <= 0)
         return;
@@ -351,45 +362,45 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
 
 template <typename W, bool UP>
 static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstride, float *y,
-                           const int *order, const int *off, int K, int groups, int N,
-                           int rows_hint, int I, int O)
+                           const int *order, const int *off, int K, int groups, int maxact,
+                           int N, int rows_hint, int I, int O)
 {
-    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, groups);
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
     void (*k)(const float *, const W *, long, float *, const int *, const int *, int, int, int,
-              int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
-                     : rows_hint <= 4 ? grouped_k<W, 4, UP>
-                                      : grouped_k<W, 8, UP>;
-    gk_launch(k, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, order, off, K, N, I, O);
+              int, int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
+                          : rows_hint <= 4 ? grouped_k<W, 4, UP>
+                                           : grouped_k<W, 8, UP>;
+    gk_launch(k, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, order, off, groups, K, N, I, O);
 }
 
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,
-              const int *order, const int *off, int K, int groups, int N, int rows_hint, int H,
-              int F, dsv3_err *e)
+              const int *order, const int *off, int K, int groups, int maxact, int N,
+              int rows_hint, int H, int F, dsv3_err *e)
 {
     if (H % 8)
         return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
     if (wf32)
         grouped_launch<float, true>(s, x, (const float *)w1, w1_stride, h, order, off, K, groups,
-                                    N, rows_hint, H, F);
+                                    maxact, N, rows_hint, H, F);
     else
-        grouped_launch<bf16, true>(s, x, (const bf16 *)w1, w1_stride, h, order, off, K, groups, N,
-                                   rows_hint, H, F);
+        grouped_launch<bf16, true>(s, x, (const bf16 *)w1, w1_stride, h, order, off, K, groups,
+                                   maxact, N, rows_hint, H, F);
     LAUNCH_CHECK("ffn_up", e);
     return 0;
 }
 
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
-                float *y, const int *off, int groups, int N, int rows_hint, int F, int H,
-                dsv3_err *e)
+                float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
+                int H, dsv3_err *e)
 {
     if (F % 8)
         return err_set(e, "ginfer: expert width %d (a multiple of 8 is needed)", F);
     if (wf32)
         grouped_launch<float, false>(s, h, (const float *)w2, w2_stride, y, NULL, off, 1, groups,
-                                     N, rows_hint, F, H);
+                                     maxact, N, rows_hint, F, H);
     else
-        grouped_launch<bf16, false>(s, h, (const bf16 *)w2, w2_stride, y, NULL, off, 1, groups, N,
-                                    rows_hint, F, H);
+        grouped_launch<bf16, false>(s, h, (const bf16 *)w2, w2_stride, y, NULL, off, 1, groups,
+                                    maxact, N, rows_hint, F, H);
     LAUNCH_CHECK("ffn_down", e);
     return 0;
 }
@@ -426,16 +437,22 @@ __device__ __forceinline__ unsigned long long argmax_key(float x, int v)
     return ((unsigned long long)u << 32) | (0xFFFFFFFFu - (unsigned)v);
 }
 
-/* One block a row (a step has few rows; a block streams a 129k-logit row in a few us): each
- * thread the largest key of its values, then the block's, whose id goes to out. */
-__global__ void __launch_bounds__(1024)
-    argmax_k(const float *x, int V, const uint8_t *ban, int32_t *out)
+/* Grid (ARG_PARTS, N): each block the largest key of its part of row blockIdx.y into
+ * part[row][blockIdx.x]; the row's last block to finish (a counter, reset by that block for
+ * the next step) takes the largest of the parts and writes its id to out. Max is
+ * order-free, so the result does not depend on which block is last. (One block a row read
+ * the 129k logits at ~9 GB/s: 60 us a step.) */
+#define ARG_PARTS 64
+__global__ void argmax_k(const float *x, int V, const uint8_t *ban, unsigned long long *part,
+                         unsigned *count, int32_t *out)
 {
     gk_pdl_enter();
     __shared__ unsigned long long red[32];
-    const float *r = x + (long)blockIdx.x * V;
+    __shared__ unsigned last;
+    const float *r = x + (long)blockIdx.y * V;
+    int per = (V + ARG_PARTS - 1) / ARG_PARTS, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
     unsigned long long best = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         unsigned long long k = argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
         best = k > best ? k : best;
     }
@@ -450,16 +467,43 @@ __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x >> 5); w++)
             best = red[w] > best ? red[w] : best;
-        out[blockIdx.x] = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
+        part[(long)blockIdx.y * ARG_PARTS + blockIdx.x] = best;
+        __threadfence();
+        last = atomicAdd(count + blockIdx.y, 1u) == ARG_PARTS - 1;
     }
+    __syncthreads();
+    if (!last || threadIdx.x)
+        return;
+    __threadfence();
+    const volatile unsigned long long *p = part + (long)blockIdx.y * ARG_PARTS;
+    best = 0;
+    for (int i = 0; i < ARG_PARTS; i++)
+        best = p[i] > best ? p[i] : best;
+    out[blockIdx.y] = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
+    count[blockIdx.y] = 0;
 }
 
-int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int32_t *out,
-              dsv3_err *e)
+/* The counters first, then the parts: both at places that do not depend on N. */
+static size_t argmax_counts(int cap)
+{
+    return ((size_t)cap * 4 + 15) / 16 * 16;
+}
+
+size_t gk_argmax_scratch(int cap)
+{
+    return argmax_counts(cap) + (size_t)cap * ARG_PARTS * 8;
+}
+
+int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
+              void *scratch, int cap, int32_t *out, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
-    gk_launch(argmax_k, N, 1024, 0, s, logits, V, ban, out);
+    if (N > cap)
+        return err_set(e, "ginfer: greedy choices of %d rows (scratch for %d)", N, cap);
+    unsigned *count = (unsigned *)scratch;
+    unsigned long long *part = (unsigned long long *)((char *)scratch + argmax_counts(cap));
+    gk_launch(argmax_k, dim3(ARG_PARTS, N), 256, 0, s, logits, V, ban, part, count, out);
     LAUNCH_CHECK("argmax", e);
     return 0;
 }

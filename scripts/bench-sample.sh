@@ -18,7 +18,8 @@
 #     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
 # Also with DEVICE=cuda: BASE_BIN=DIR runs the batch-1 decode with DIR's dsv3-sample too (a
 # baseline build, same folder, same run); PROFILE=1 once more with DSV3_GINFER_PROFILE=1
-# (each launch kind's device time a step) and once with DSV3_GINFER_PDL=0 (plain launches);
+# (each launch kind's device time a step) and once with DSV3_GINFER_PDL=1 (programmatic
+# dependent launches);
 # BATCHES (default "8 64") the batch sizes of the batch runs.
 set -eu
 BUILD=${BUILD:-build}
@@ -57,10 +58,10 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for run in ${BASE_BIN:+base} ${PROFILE:+nopdl profile}; do
+        for run in ${BASE_BIN:+base} ${PROFILE:+pdl profile}; do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
-            env DSV3_GINFER_PDL=$([ $run = nopdl ] && echo 0 || echo 1) \
+            env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
                 DSV3_GINFER_PROFILE=$([ $run = profile ] && echo 1 || echo 0) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out2.txt" 2>"$W/err" || {
