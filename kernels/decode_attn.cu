@@ -25,6 +25,20 @@ static size_t attn_smem(int kv, int rope)
                     3 * ATT_HG) * sizeof(float);
 }
 
+/* Eight cache values from a 16-byte aligned place (bf16 or fp32). */
+__device__ __forceinline__ void att_ld8(const bf16 *p, float (&f)[8])
+{
+    load8(p, f);
+}
+
+__device__ __forceinline__ void att_ld8(const float *p, float (&f)[8])
+{
+    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+#define ATT_UNROLL 4  /* vectors a thread has in flight while staging */
+
 template <typename C>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(float *pm, float *pl, float *pacc, const float *qlat, const float *q, int qk,
@@ -42,13 +56,25 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
     const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
-    for (int i = tid; i < ATT_HG * W; i += blockDim.x) {
-        int h = i / W, j = i % W;
-        float v = 0;
-        if (h < hn)
-            v = j < kv ? qlat[((long)r * nh + h0 + h) * kv + j]
-                       : q[((long)r * nh + h0 + h) * qk + nope + (j - kv)];
-        qs[i] = v;
+    /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
+     * thread's loads issued before its stores: one round trip, not one a value */
+    const int W4 = W / 4;
+    for (int i0 = tid; i0 < ATT_HG * W4; i0 += ATT_UNROLL * blockDim.x) {
+        float4 v[ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int i = i0 + u * blockDim.x, h = i / W4, j = i % W4 * 4;
+            v[u] = make_float4(0, 0, 0, 0);
+            if (i < ATT_HG * W4 && h < hn)
+                v[u] = j < kv ? *(const float4 *)&qlat[((long)r * nh + h0 + h) * kv + j]
+                              : *(const float4 *)&q[((long)r * nh + h0 + h) * qk + nope + j - kv];
+        }
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int i = i0 + u * blockDim.x;
+            if (i < ATT_HG * W4)
+                *(float4 *)&qs[i * 4] = v[u];
+        }
     }
     for (int i = tid; i < ATT_HG * kv; i += blockDim.x)
         acc[i] = 0;
@@ -58,10 +84,28 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
     __syncthreads();
     for (int tc = t0; tc < t1; tc += ATT_CH) {
-        int nt = min(ATT_CH, t1 - tc);
-        for (int i = tid; i < nt * W; i += blockDim.x) {
-            int t = i / W, j = i % W;
-            cs[t * WP + j] = (float)cb[(long)(tc + t) * W + j];
+        int nt = min(ATT_CH, t1 - tc), W8 = W / 8;
+        /* the chunk's cache rows, 8 values (16 bytes of bf16) a load, up to ATT_UNROLL loads
+         * of a thread in flight (a value a load, each waited for before its store, took
+         * ~24 DRAM round trips a chunk) */
+        for (int i0 = tid; i0 < nt * W8; i0 += ATT_UNROLL * blockDim.x) {
+            float f[ATT_UNROLL][8];
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) {
+                int i = i0 + u * blockDim.x;
+                if (i < nt * W8)
+                    att_ld8(cb + (long)(tc + i / W8) * W + i % W8 * 8, f[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) {
+                int i = i0 + u * blockDim.x;
+                if (i < nt * W8) {
+                    float *d = cs + i / W8 * WP + i % W8 * 8;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        d[k] = f[u][k];
+                }
+            }
         }
         __syncthreads();
         for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
