@@ -18,6 +18,12 @@
  * does not depend on the other rows of the call or on the batch size, so a sequence's logits
  * are bitwise the same alone or batched.
  *
+ * Launches are few where that was measured to matter (docs/PERF.md, batch-1 decode): q_a and
+ * kv_a are one GEMV, a single shared expert is one more group of the grouped expert GEMVs
+ * (which run only over the groups that have rows), the MoE output is summed inside the next
+ * norm, and every decode graph ends with each row's greedy argmax (ginfer_forward_greedy
+ * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time.
+ *
  * A call's rows are (slot, pos, token); the caller (lib/infer) keeps the slot lengths. A call
  * of at most `max_batch` rows that wants every row's logits (a decode step) replays a CUDA
  * graph captured once per batch-size bucket (1, 2, 4, ... rows; the padding rows write into a
