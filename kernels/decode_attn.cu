@@ -14,8 +14,9 @@
 #include "ginfer_k.cuh"
 
 #define ATT_HG 8       /* heads a block */
-#define ATT_CH 16      /* cache rows staged at a time */
+#define ATT_CH 32      /* cache rows staged at a time (a part of ~20 rows in one pass) */
 #define ATT_THREADS 256
+#define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
 
 static size_t attn_smem(int kv, int rope)
 {
@@ -24,12 +25,27 @@ static size_t attn_smem(int kv, int rope)
                     3 * ATT_HG) * sizeof(float);
 }
 
+/* Eight cache values from a 16-byte aligned place (bf16 or fp32). */
+__device__ __forceinline__ void att_ld8(const bf16 *p, float (&f)[8])
+{
+    load8(p, f);
+}
+
+__device__ __forceinline__ void att_ld8(const float *p, float (&f)[8])
+{
+    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+#define ATT_UNROLL 4  /* vectors a thread has in flight while staging */
+
 template <typename C>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(float *pm, float *pl, float *pacc, const float *qlat, const float *q, int qk,
                  int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale)
 {
+    gk_pdl_enter();
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
@@ -40,13 +56,25 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
     const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
-    for (int i = tid; i < ATT_HG * W; i += blockDim.x) {
-        int h = i / W, j = i % W;
-        float v = 0;
-        if (h < hn)
-            v = j < kv ? qlat[((long)r * nh + h0 + h) * kv + j]
-                       : q[((long)r * nh + h0 + h) * qk + nope + (j - kv)];
-        qs[i] = v;
+    /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
+     * thread's loads issued before its stores: one round trip, not one a value */
+    const int W4 = W / 4;
+    for (int i0 = tid; i0 < ATT_HG * W4; i0 += ATT_UNROLL * blockDim.x) {
+        float4 v[ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int i = i0 + u * blockDim.x, h = i / W4, j = i % W4 * 4;
+            v[u] = make_float4(0, 0, 0, 0);
+            if (i < ATT_HG * W4 && h < hn)
+                v[u] = j < kv ? *(const float4 *)&qlat[((long)r * nh + h0 + h) * kv + j]
+                              : *(const float4 *)&q[((long)r * nh + h0 + h) * qk + nope + j - kv];
+        }
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int i = i0 + u * blockDim.x;
+            if (i < ATT_HG * W4)
+                *(float4 *)&qs[i * 4] = v[u];
+        }
     }
     for (int i = tid; i < ATT_HG * kv; i += blockDim.x)
         acc[i] = 0;
@@ -56,10 +84,28 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
     __syncthreads();
     for (int tc = t0; tc < t1; tc += ATT_CH) {
-        int nt = min(ATT_CH, t1 - tc);
-        for (int i = tid; i < nt * W; i += blockDim.x) {
-            int t = i / W, j = i % W;
-            cs[t * WP + j] = (float)cb[(long)(tc + t) * W + j];
+        int nt = min(ATT_CH, t1 - tc), W8 = W / 8;
+        /* the chunk's cache rows, 8 values (16 bytes of bf16) a load, up to ATT_UNROLL loads
+         * of a thread in flight (a value a load, each waited for before its store, took
+         * ~24 DRAM round trips a chunk) */
+        for (int i0 = tid; i0 < nt * W8; i0 += ATT_UNROLL * blockDim.x) {
+            float f[ATT_UNROLL][8];
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) {
+                int i = i0 + u * blockDim.x;
+                if (i < nt * W8)
+                    att_ld8(cb + (long)(tc + i / W8) * W + i % W8 * 8, f[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) {
+                int i = i0 + u * blockDim.x;
+                if (i < nt * W8) {
+                    float *d = cs + i / W8 * WP + i % W8 * 8;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        d[k] = f[u][k];
+                }
+            }
         }
         __syncthreads();
         for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
@@ -116,22 +162,49 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-/* One block a (row, head): the parts' sums rescaled to the common max. */
+/* One block a (row, head): the parts' sums rescaled to the common max. Every part's max and
+ * sum are loaded at once (a thread a part), the common max and the rescaled sum reduced in
+ * shared memory (a fixed order: the result does not depend on the batch), then each thread
+ * sums its latent values over the parts with independent loads. (A serial loop over the
+ * parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round trips.) */
 __global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
                                int kv, int nsplit)
 {
+    gk_pdl_enter();
+    __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     long v = blockIdx.x, b = v * nsplit;
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++)
-        M = fmaxf(M, pm[b + s]);
-    float L = 0;
-    for (int s = 0; s < nsplit; s++)
-        L += pm[b + s] == -INFINITY ? 0.0f : pl[b + s] * expf(pm[b + s] - M);
-    for (int j = threadIdx.x; j < kv; j += blockDim.x) {
-        float a = 0;
+    int t = threadIdx.x;
+    float m = t < nsplit ? pm[b + t] : -INFINITY, l = t < nsplit ? pl[b + t] : 0.0f;
+    if (t < ATT_MAXSPLIT)
+        ws[t] = m;
+    __syncthreads();
+    if (t == 0) {
+        float M = -INFINITY;
         for (int s = 0; s < nsplit; s++)
-            if (pm[b + s] != -INFINITY)
-                a += expf(pm[b + s] - M) * pacc[(b + s) * kv + j];
+            M = fmaxf(M, ws[s]);
+        ML[0] = M;
+    }
+    __syncthreads();
+    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
+    __syncthreads();
+    if (t < ATT_MAXSPLIT) {
+        ws[t] = w;
+        ls[t] = l * w;
+    }
+    __syncthreads();
+    if (t == 0) {
+        float L = 0;
+        for (int s = 0; s < nsplit; s++)
+            L += ls[s];
+        ML[1] = L;
+    }
+    __syncthreads();
+    float L = ML[1];
+    for (int j = t; j < kv; j += blockDim.x) {
+        float a = 0;
+#pragma unroll 16
+        for (int s = 0; s < nsplit; s++)
+            a += ws[s] * pacc[(b + s) * kv + j];  /* an empty part's pacc is 0 */
         olat[v * kv + j] = a / L;
     }
 }
@@ -156,18 +229,20 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
 {
     if (N <= 0)
         return 0;
+    if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
+        return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
-        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
-                                                     (const float *)cache, slot, pos, nh, kv,
-                                                     rope, n_ctx, nsplit, scale);
+        gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
     else
-        attn_split_k<<<grid, ATT_THREADS, smem, s>>>(pm, pl, pacc, qlat, q, qk, nope,
-                                                     (const bf16 *)cache, slot, pos, nh, kv,
-                                                     rope, n_ctx, nsplit, scale);
+        gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
     LAUNCH_CHECK("attn_split", e);
-    attn_combine_k<<<N * nh, 128, 0, s>>>(olat, pm, pl, pacc, kv, nsplit);
+    /* a thread a latent value (and at least one a part) */
+    int ct = kv < ATT_MAXSPLIT ? ATT_MAXSPLIT : kv > 1024 ? 1024 : (kv + 31) / 32 * 32;
+    gk_launch(attn_combine_k, N * nh, ct, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
     return 0;
 }

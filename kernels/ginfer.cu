@@ -30,9 +30,22 @@ struct glayer {
     float *in_norm, *post_norm, *q_a_norm, *kv_a_norm;
     void *q_a, *q_b, *q, *kv_a, *ukT, *kvb, *o;
     int moe, F;        /* F: width of the dense MLP or of the shared experts (0: none) */
+    int sh;            /* the shared expert is group E of ew1/ew2 (w1, w2 point there) */
     void *w1, *w2;     /* dense MLP or shared experts: [2F, H] (gate rows, up rows), [H, F] */
     float *router, *bias;
     void *ew1, *ew2;   /* routed experts: [E][2mi][H], [E][H][mi] */
+};
+
+enum { PROF_MAX = 1024 };  /* launches a profiled step can mark */
+
+/* Per-launch times of the decode step of one row (DSV3_GINFER_PROFILE; see mark). */
+struct gprof {
+    int armed, n;                 /* marks being captured; marks in the profiled graph */
+    long steps;                   /* replays summed */
+    cudaEvent_t ev[PROF_MAX + 1]; /* ev[0] before the first launch, ev[i + 1] after launch i */
+    int n_ev;                     /* events created */
+    const char *name[PROF_MAX];
+    double bytes[PROF_MAX], ms[PROF_MAX];
 };
 
 struct ginfer {
@@ -57,8 +70,14 @@ struct ginfer {
     int *h_in;          /* host [3][rmax] */
     uint16_t *stage;
     gpu_graph *graph[MAX_BUCKETS];
+    gk_moe_out mo;      /* a MoE layer's output, summed by the next add_norm when pend */
+    int pend;
+    gprof *prof;        /* NULL unless profiling */
     long replays;
-    float *h_logits;    /* pinned host copy of a decode step's logits */
+    float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
+    int32_t *tok;       /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
+    void *argscr;       /* gk_argmax's scratch for bucket_max rows */
+    uint8_t *ban;       /* [V]: ids greedy choices leave out */
     cudaEvent_t ev[2];  /* around each graph replay */
     int have_ev;
     double graph_s;     /* device time of the replays */
@@ -212,23 +231,29 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
                                       H, 4, e)) ||
         !(y->kv_a_norm = (float *)get(g, src, NAME("%s.%d.self_attn.kv_a_layernorm.weight", a, l),
                                       kv, 4, e)) ||
-        !(y->kv_a = get(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
-                        (size_t)(kv + g->rope) * H, w, e)) ||
         !(y->kvb = get(g, src, NAME("%s.%d.self_attn.kv_b_proj.weight", a, l),
                        (size_t)nh * (nope + dv) * kv, w, e)) ||
         !(y->o = get(g, src, NAME("%s.%d.self_attn.o_proj.weight", a, l), (size_t)H * nh * dv, w,
                      e)))
         return -1;
+    size_t nkva = (size_t)(kv + g->rope) * H, nqa = (size_t)g->qr * H;
     if (g->qr) {
+        /* q_a's rows then kv_a's: both read the normed input, so one GEMV a layer does both */
         if (!(y->q_a_norm = (float *)get(g, src, NAME("%s.%d.self_attn.q_a_layernorm.weight", a, l),
                                          g->qr, 4, e)) ||
-            !(y->q_a = get(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l),
-                           (size_t)g->qr * H, w, e)) ||
+            !(y->q_a = dal(g, (nqa + nkva) * w, e)) ||
+            fetch(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l), y->q_a, 0, nqa, w, e) ||
+            fetch(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l), y->q_a, nqa,
+                  nkva, w, e) ||
             !(y->q_b = get(g, src, NAME("%s.%d.self_attn.q_b_proj.weight", a, l),
                            (size_t)nh * qk * g->qr, w, e)))
             return -1;
+        y->kv_a = (char *)y->q_a + nqa * w;
+        g->weight_bytes += (nqa + nkva) * w;
     } else if (!(y->q = get(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l),
-                            (size_t)nh * qk * H, w, e))) {
+                            (size_t)nh * qk * H, w, e)) ||
+               !(y->kv_a = get(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
+                               nkva, w, e))) {
         return -1;
     }
     /* W_uk^T per head: ukT[h][j][d] = kv_b[h (nope + dv) + d][j], rows of the q_lat product */
@@ -266,8 +291,8 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
                                    4, e)) ||
         !(y->bias = (float *)get(g, src, NAME("%s.%d.mlp.gate.e_score_correction_bias", a, l),
                                  g->E, 4, e)) ||
-        !(y->ew1 = dal(g, (size_t)g->E * 2 * ne * w, e)) ||
-        !(y->ew2 = dal(g, (size_t)g->E * ne * w, e)))
+        !(y->ew1 = dal(g, (size_t)(g->E + 1) * 2 * ne * w, e)) ||
+        !(y->ew2 = dal(g, (size_t)(g->E + 1) * ne * w, e)))
         return -1;
     for (int x = 0; x < g->E; x++) {
         char pre[200];
@@ -278,6 +303,15 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
     y->F = g->mi * c->n_shared_experts;
     if (!y->F)
         return 0;
+    if (y->F == g->mi) {
+        /* one shared expert, as wide as a routed one: stored as expert E, run as one more
+         * group of the grouped GEMVs (two launches a layer fewer) */
+        y->sh = 1;
+        y->w1 = (char *)y->ew1 + (size_t)g->E * 2 * ne * w;
+        y->w2 = (char *)y->ew2 + (size_t)g->E * ne * w;
+        return get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->ew1, y->ew2,
+                       ne * g->E, g->mi, e);
+    }
     size_t n = (size_t)y->F * H;
     return !(y->w1 = dal(g, 2 * n * w, e)) || !(y->w2 = dal(g, n * w, e)) ||
            get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->w1, y->w2, 0, y->F, e);
@@ -285,6 +319,7 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
 }
 
 static int capture_all(ginfer *g, dsv3_err *e);
+static void prof_print(const ginfer *g);
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
 {
@@ -308,7 +343,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 {
     size_t R = (size_t)g->rmax, H = g->H, nh = g->nh, K = g->K ? g->K : 1, E = g->E ? g->E : 1;
     size_t parts = (size_t)g->bucket_max * g->nsplit > R ? (size_t)g->bucket_max * g->nsplit : R;
-    size_t hw = R * K * g->mi;
+    size_t hw = R * (K + 1) * g->mi;  /* routed rows and the shared group's */
     if (R * g->inter > hw)
         hw = R * g->inter;
     for (int l = 0; l < g->L; l++)
@@ -317,16 +352,22 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 #define F32(p, n) (((p) = (float *)dal(g, (size_t)(n) * 4, e)) == NULL)
 #define I32(p, n) (((p) = (decltype(p))dal(g, (size_t)(n) * 4, e)) == NULL)
     if (I32(g->d_in, 3 * R) || I32(g->d_rows, R) || F32(g->x, R * H) || F32(g->xn, R * H) ||
-        F32(g->delta, R * H) || F32(g->qa, R * (g->qr ? g->qr : 8)) ||
+        F32(g->delta, R * H) || F32(g->qa, R * (g->qr ? g->qr + g->W : 8)) ||
         F32(g->qan, R * (g->qr ? g->qr : 8)) || F32(g->q, R * nh * g->qk) ||
         F32(g->kva, R * g->W) || F32(g->qlat, R * nh * g->kv) || F32(g->olat, R * nh * g->kv) ||
         F32(g->ao, R * nh * g->dv) || F32(g->pm, parts * nh) || F32(g->pl, parts * nh) ||
         F32(g->pacc, parts * nh * g->kv) || F32(g->rl, R * E) || F32(g->rs, R * E) ||
-        F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, E + 1) || I32(g->order, R * K) ||
-        I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * K * H) || F32(g->ys, R * H) ||
+        F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, 2 * E + 4) ||
+        I32(g->order, R * (K + 1)) ||
+        I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * (K + 1) * H) || F32(g->ys, R * H) ||
         F32(g->xl, (size_t)g->bucket_max * H) ||
-        F32(g->logits, (size_t)g->bucket_max * g->V))
+        F32(g->logits, (size_t)g->bucket_max * g->V) ||
+        !(g->tok = (int32_t *)dal(g, (size_t)g->bucket_max * 4, e)) ||
+        !(g->argscr = dal(g, gk_argmax_scratch(g->bucket_max), e)) ||
+        !(g->ban = (uint8_t *)dal(g, (size_t)g->V, e)))
         return -1;
+    CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
+    CUDA_TRY(cudaMemsetAsync(g->argscr, 0, gk_argmax_scratch(g->bucket_max), g->s), e);
 #undef F32
 #undef I32
     return 0;
@@ -438,6 +479,14 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         else
             cudaEventDestroy(g->ev[0]);
     }
+    const char *pe = getenv("DSV3_GINFER_PROFILE");
+    if (!rc && pe && *pe && strcmp(pe, "0")) {
+        if (!(g->prof = (gprof *)calloc(1, sizeof *g->prof)))
+            rc = err_set(e, "ginfer: out of host memory");
+        for (int i = 0; !rc && i <= PROF_MAX; i++, g->prof->n_ev++)
+            if (cudaEventCreate(&g->prof->ev[i]) != cudaSuccess)
+                rc = err_set(e, "ginfer: cannot create the profile's events");
+    }
     if (!rc)
         rc = capture_all(g, e);
     if (rc) {
@@ -472,6 +521,12 @@ extern "C" void ginfer_destroy(ginfer *g)
 {
     if (!g)
         return;
+    if (g->prof) {
+        prof_print(g);
+        for (int i = 0; i < g->prof->n_ev; i++)
+            cudaEventDestroy(g->prof->ev[i]);
+        free(g->prof);
+    }
     for (int b = 0; b < MAX_BUCKETS; b++)
         gpu_graph_destroy(g->graph[b]);
     if (g->h_logits)
@@ -511,74 +566,203 @@ static const void *wofs(const void *w, size_t elems, int wsz)
     return (const char *)w + elems * wsz;
 }
 
+/* The profile (DSV3_GINFER_PROFILE set): the decode graph of one row is captured with an
+ * event after every launch (event record nodes, so without the launches' overlap), and each
+ * replay's times between the events are summed under the launch's name; printed to stderr
+ * by ginfer_destroy. bytes: the weights (and norms) the launch reads, for its GB/s. */
+static void mark(ginfer *g, const char *name, double bytes)
+{
+    gprof *p = g->prof;
+    if (!p || !p->armed || p->n >= PROF_MAX)
+        return;
+    if (cudaEventRecordWithFlags(p->ev[p->n + 1], g->s, cudaEventRecordExternal) ==
+        cudaSuccess) {
+        p->name[p->n] = name;
+        p->bytes[p->n++] = bytes;
+    }
+}
+
+static void prof_print(const ginfer *g)
+{
+    const gprof *p = g->prof;
+    if (!p || !p->steps)
+        return;
+    double tot = 0, totb = 0;
+    for (int i = 0; i < p->n; i++) {
+        tot += p->ms[i];
+        totb += p->bytes[i];
+    }
+    tot /= p->steps;
+    fprintf(stderr, "ginfer profile: %ld decode steps of 1 row, %.1f us a step (events between "
+            "the launches, no overlap)\n  %-18s %8s %9s %6s %9s %8s\n", p->steps, 1e3 * tot,
+            "launch", "a step", "us/step", "share", "MB/step", "GB/s");
+    for (int i = 0; i < p->n; i++) {
+        int first = 1;
+        for (int j = 0; j < i && first; j++)
+            first = strcmp(p->name[j], p->name[i]) != 0;
+        if (!first)
+            continue;
+        double ms = 0, by = 0;
+        int cnt = 0;
+        for (int j = i; j < p->n; j++)
+            if (!strcmp(p->name[j], p->name[i])) {
+                ms += p->ms[j] / p->steps;
+                by += p->bytes[j];
+                cnt++;
+            }
+        fprintf(stderr, "  %-18s %8d %9.1f %5.1f%% %9.2f %8.0f\n", p->name[i], cnt, 1e3 * ms,
+                100 * ms / tot, by / 1e6, ms > 0 ? by / (ms * 1e-3) / 1e9 : 0.0);
+    }
+    fprintf(stderr, "  %-18s %8d %9.1f %5.1f%% %9.2f %8.0f\n", "all", p->n, 1e3 * tot, 100.0,
+            totb / 1e6, totb / (tot * 1e-3) / 1e9);
+}
+
+/* The pending MoE output as add_norm's delta (see ffn). */
+static const gk_moe_out *pending(ginfer *g)
+{
+    if (!g->pend)
+        return NULL;
+    g->pend = 0;
+    return &g->mo;
+}
+
+/* x += delta (or the pending MoE output), xn = norm(x) with weight w. */
+static int add_norm(ginfer *g, int n, const float *delta, const float *w, const char *name,
+                    dsv3_err *e)
+{
+    if (gk_add_norm(g->s, g->x, g->H, delta, pending(g), w, g->xn, n, g->H, g->eps, e))
+        return -1;
+    mark(g, name, g->H * 4.0);
+    return 0;
+}
+
 /* MLA of layer l over n rows: xn in, delta out. */
 static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
 {
     const glayer *y = &g->ly[l];
-    int H = g->H, nh = g->nh, qk = g->qk, kv = g->kv, wf = g->exact;
+    int H = g->H, nh = g->nh, qk = g->qk, kv = g->kv, wf = g->exact, ws = g->wsz, W = g->W;
     const int *slot = g->d_in + g->rmax, *pos = g->d_in + 2 * g->rmax;
-    void *cache = (char *)g->cache + (size_t)l * (g->n_slots + 1) * g->n_ctx * g->W * g->wsz;
+    void *cache = (char *)g->cache + (size_t)l * (g->n_slots + 1) * g->n_ctx * W * ws;
+    const float *kva = g->kva;
+    int ldkva = W;
     if (g->qr) {
-        if (gk_gemv(g->s, g->xn, H, 0, y->q_a, wf, 0, g->qa, g->qr, 0, n, H, g->qr, 1, e) ||
-            gk_add_norm(g->s, g->qa, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e) ||
-            gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr, nh * qk,
+        int A = g->qr + W;  /* q_a's and kv_a's outputs side by side */
+        if (gk_gemv(g->s, g->xn, H, 0, y->q_a, wf, 0, g->qa, A, 0, n, H, A, 1, e))
+            return -1;
+        mark(g, "gemv q_a+kv_a", (double)A * H * ws);
+        if (gk_add_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e))
+            return -1;
+        mark(g, "norm q_a", g->qr * 4.0);
+        if (gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr, nh * qk,
                     1, e))
             return -1;
-    } else if (gk_gemv(g->s, g->xn, H, 0, y->q, wf, 0, g->q, nh * qk, 0, n, H, nh * qk, 1, e)) {
-        return -1;
+        mark(g, "gemv q_b", (double)nh * qk * g->qr * ws);
+        kva = g->qa + g->qr;
+        ldkva = A;
+    } else {
+        if (gk_gemv(g->s, g->xn, H, 0, y->q, wf, 0, g->q, nh * qk, 0, n, H, nh * qk, 1, e))
+            return -1;
+        mark(g, "gemv q", (double)nh * qk * H * ws);
+        if (gk_gemv(g->s, g->xn, H, 0, y->kv_a, wf, 0, g->kva, W, 0, n, H, W, 1, e))
+            return -1;
+        mark(g, "gemv kv_a", (double)W * H * ws);
     }
-    return gk_gemv(g->s, g->xn, H, 0, y->kv_a, wf, 0, g->kva, g->W, 0, n, H, g->W, 1, e) ||
-           gk_kv_write(g->s, g->kva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
-                       g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk,
-                       g->nope, e) ||
-           /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
-           gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
-                   (long)nh * kv, kv, n, g->nope, kv, nh, e) ||
-           gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
-                   slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e) ||
-           /* ao[n, h] = W_uv_h o_lat[n, h] */
-           gk_gemv(g->s, g->olat, (long)nh * kv, kv, wofs(y->kvb, (size_t)g->nope * kv, g->wsz),
-                   wf, (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n, kv,
-                   g->dv, nh, e) ||
-           gk_gemv(g->s, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n,
-                   nh * g->dv, H, 1, e);
+    if (gk_kv_write(g->s, kva, ldkva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
+                    g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk, g->nope, e))
+        return -1;
+    mark(g, "kv_write+rope", kv * 4.0);
+    /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
+    if (gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                (long)nh * kv, kv, n, g->nope, kv, nh, e))
+        return -1;
+    mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
+    if (gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
+                slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e))
+        return -1;
+    mark(g, "attention", 0);
+    /* ao[n, h] = W_uv_h o_lat[n, h] */
+    if (gk_gemv(g->s, g->olat, (long)nh * kv, kv, wofs(y->kvb, (size_t)g->nope * kv, ws), wf,
+                (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n, kv, g->dv, nh,
+                e))
+        return -1;
+    mark(g, "gemv uv", (double)nh * g->dv * kv * ws);
+    if (gk_gemv(g->s, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n, nh * g->dv,
+                H, 1, e))
+        return -1;
+    mark(g, "gemv o", (double)H * nh * g->dv * ws);
+    return 0;
 }
 
-/* The MLP or MoE of layer l over n rows: xn in, delta out. */
+/* The MLP or MoE of layer l over n rows: xn in, delta out (a dense MLP) or the MoE output
+ * left pending (g->mo) for the next add_norm to sum, which saves the combine a launch. */
 static int ffn(ginfer *g, int l, int n, dsv3_err *e)
 {
     const glayer *y = &g->ly[l];
-    int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi;
-    if (!y->moe)
-        return gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e) ||
-               gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, n, n, y->F, H, e);
-    if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e) ||
-        gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
-                       g->topk_group, K, g->norm_topk, g->route_scale, e) ||
-        gk_moe_bucket(g->s, g->idx, n * K, E, g->off, g->order, g->spos, e) ||
-        gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E, n, n, H, mi,
-                  e) ||
-        gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E, n, n, mi, H, e))
+    int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi, ws = g->wsz;
+    if (!y->moe) {
+        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+            return -1;
+        mark(g, "dense up", 2.0 * y->F * H * ws);
+        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, 1, n, n, y->F, H, e))
+            return -1;
+        mark(g, "dense down", (double)y->F * H * ws);
+        return 0;
+    }
+    /* the experts a step reads: at most n*K routed ones, and the shared one */
+    int maxact = (n * K < E ? n * K : E) + y->sh;
+    double act = maxact;
+    if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
         return -1;
-    if (y->F && (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, n, n, H, y->F, e) ||
-                 gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, n, n, y->F, H, e)))
+    mark(g, "gemv router", E * H * 4.0);
+    if (gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
+                       g->topk_group, K, g->norm_topk, g->route_scale, e))
         return -1;
-    return gk_moe_combine(g->s, g->delta, g->ye, g->rw, g->spos, y->F ? g->ys : NULL, n, K, H, e);
+    mark(g, "router top-k", E * 4.0);
+    if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos, e))
+        return -1;
+    mark(g, "moe bucket", 0);
+    if (gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
+                  maxact, n, n, H, mi, e))
+        return -1;
+    mark(g, "experts up", act * 2 * mi * H * ws);
+    if (gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
+                    n, mi, H, e))
+        return -1;
+    mark(g, "experts down", act * mi * H * ws);
+    const float *ys = NULL;
+    if (y->sh) {
+        ys = g->ye + (size_t)n * K * H;  /* the shared group's rows follow the routed ones */
+    } else if (y->F) {
+        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+            return -1;
+        mark(g, "shared up", 2.0 * y->F * H * ws);
+        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, 1, n, n, y->F, H, e))
+            return -1;
+        mark(g, "shared down", (double)y->F * H * ws);
+        ys = g->ys;
+    }
+    g->mo.ye = g->ye;
+    g->mo.rw = g->rw;
+    g->mo.ys = ys;
+    g->mo.spos = g->spos;
+    g->mo.K = K;
+    g->pend = 1;
+    return 0;
 }
 
 /* The layers over the n rows in d_in; g->xn ends as the final-normed hidden states. */
 static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
 {
+    g->pend = 0;
     if (gk_embed(g->s, g->x, g->embed, g->exact, g->d_in, n, g->H, e))
         return -1;
+    mark(g, "embed", (double)n * g->H * g->wsz);
     for (int l = 0; l < g->L; l++)
-        if (gk_add_norm(g->s, g->x, l ? g->delta : NULL, g->ly[l].in_norm, g->xn, n, g->H, g->eps,
-                        e) ||
+        if (add_norm(g, n, l ? g->delta : NULL, g->ly[l].in_norm, "norm in (+moe sum)", e) ||
             mla(g, l, n, nsplit, e) ||
-            gk_add_norm(g->s, g->x, g->delta, g->ly[l].post_norm, g->xn, n, g->H, g->eps, e) ||
-            ffn(g, l, n, e))
+            add_norm(g, n, g->delta, g->ly[l].post_norm, "norm post", e) || ffn(g, l, n, e))
             return -1;
-    return gk_add_norm(g->s, g->x, g->delta, g->fnorm, g->xn, n, g->H, g->eps, e);
+    return add_norm(g, n, g->delta, g->fnorm, "norm in (+moe sum)", e);
 }
 
 /* Packs rows [r0, r0+n) into the host input block (padding up to pad rows) and uploads it. */
@@ -600,9 +784,23 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
 {
     if (gpu_capture_begin(g->c, e))
         return -1;
+    gprof *p = b == 0 ? g->prof : NULL;  /* the one-row step is profiled */
+    if (p) {
+        p->armed = 1;
+        p->n = 0;
+        if (cudaEventRecordWithFlags(p->ev[0], g->s, cudaEventRecordExternal) != cudaSuccess)
+            p->armed = 0;
+    }
     int rc = layers(g, B, g->nsplit, e) ||
              gk_gemv(g->s, g->xn, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, B, g->H,
                      g->V, 1, e);
+    mark(g, "gemv head", (double)g->V * g->H * g->wsz);
+    /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
+     * logits, to the host */
+    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok, e);
+    mark(g, "argmax", (double)B * g->V * 4);
+    if (p)
+        p->armed = 0;
     dsv3_err e2;
     return gpu_capture_end(g->c, &g->graph[b], rc ? &e2 : e) || rc ? -1 : 0;
 }
@@ -618,9 +816,10 @@ static int capture_all(ginfer *g, dsv3_err *e)
     return gpu_sync(g->c, e);
 }
 
-/* A decode step of n rows through the graph of its bucket. */
+/* A decode step of n rows through the graph of its bucket: the logits to logits, or (logits
+ * NULL) the greedy choices to tok. */
 static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
-                  float *logits, dsv3_err *e)
+                  float *logits, int32_t *tok, dsv3_err *e)
 {
     int b = 0, B = 1;
     while (B < n) {
@@ -637,13 +836,21 @@ static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32
         CUDA_TRY(cudaEventRecord(g->ev[1], g->s), e);
     g->replays++;
     /* through pinned memory: a direct copy to pageable memory is staged by the driver */
-    size_t bytes = (size_t)n * g->V * 4;
-    CUDA_TRY(cudaMemcpyAsync(g->h_logits, g->logits, bytes, cudaMemcpyDeviceToHost, g->s), e);
+    size_t bytes = logits ? (size_t)n * g->V * 4 : (size_t)n * sizeof *tok;
+    CUDA_TRY(cudaMemcpyAsync(g->h_logits, logits ? (void *)g->logits : (void *)g->tok, bytes,
+                             cudaMemcpyDeviceToHost, g->s), e);
     CUDA_TRY(cudaStreamSynchronize(g->s), e);
     float ms = 0;
     if (g->have_ev && cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]) == cudaSuccess)
         g->graph_s += ms * 1e-3;
-    memcpy(logits, g->h_logits, bytes);
+    if (b == 0 && g->prof && g->prof->n) {
+        gprof *p = g->prof;
+        for (int i = 0; i < p->n; i++)
+            if (cudaEventElapsedTime(&ms, p->ev[i], p->ev[i + 1]) == cudaSuccess)
+                p->ms[i] += ms;
+        p->steps++;
+    }
+    memcpy(logits ? (void *)logits : (void *)tok, g->h_logits, bytes);
     return 0;
 }
 
@@ -683,7 +890,7 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
     if (n <= 0)
         return 0;
     if (all && n <= g->n_slots)
-        return decode(g, n, slot, pos, ids, logits, e);
+        return decode(g, n, slot, pos, ids, logits, NULL, e);
     /* direct passes of at most PCHUNK rows; a slot's rows stay in order, so a later chunk
      * sees the cache an earlier one wrote */
     size_t done = 0;
@@ -695,4 +902,23 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
         done += (size_t)wrote;
     }
     return 0;
+}
+
+extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
+                                     const int32_t *ids, int32_t *out, dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (n > g->n_slots)
+        return err_set(e, "ginfer: a greedy step of %d rows (at most %d)", n, g->n_slots);
+    return decode(g, n, slot, pos, ids, NULL, out, e);
+}
+
+extern "C" int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e)
+{
+    if (!ban)
+        CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
+    else if (gpu_upload(g->c, g->ban, ban, (size_t)g->V, e))
+        return -1;
+    return gpu_sync(g->c, e);
 }

@@ -18,6 +18,12 @@
  * does not depend on the other rows of the call or on the batch size, so a sequence's logits
  * are bitwise the same alone or batched.
  *
+ * Launches are few where that was measured to matter (docs/PERF.md, batch-1 decode): q_a and
+ * kv_a are one GEMV, a single shared expert is one more group of the grouped expert GEMVs
+ * (which run only over the groups that have rows), the MoE output is summed inside the next
+ * norm, and every decode graph ends with each row's greedy argmax (ginfer_forward_greedy
+ * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time.
+ *
  * A call's rows are (slot, pos, token); the caller (lib/infer) keeps the slot lengths. A call
  * of at most `max_batch` rows that wants every row's logits (a decode step) replays a CUDA
  * graph captured once per batch-size bucket (1, 2, 4, ... rows; the padding rows write into a
@@ -66,6 +72,14 @@ const char *ginfer_describe(const ginfer *g);
  * want[r] (want NULL: all) one row of vocab_size fp32 logits goes to logits, in row order. */
 int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                    const uint8_t *want, float *logits, dsv3_err *e);
+
+/* A decode step as ginfer_forward with every row wanted (n <= n_slots rows) that returns
+ * only each row's greedy token: out[r] = the id of row r's largest logit, banned ids left
+ * out, ties to the lowest id (lib/sampler's greedy choice); the logits stay on the device. */
+int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
+                          const int32_t *ids, int32_t *out, dsv3_err *e);
+/* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
+int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
 
 /* Decode steps replayed from CUDA graphs so far (for tests and statistics). */
 long ginfer_graph_replays(const ginfer *g);

@@ -7,48 +7,113 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "../lib/err.h"
+
+/* Programmatic dependent launch (Hopper), when on (gk_pdl_on): every kernel here is launched
+ * with gk_launch, which lets the driver start it while the kernel before it in the stream is
+ * still running; the kernel's first act is gk_pdl_enter: wait for that kernel to finish and its
+ * writes to be visible (griddepcontrol.wait), then let the next kernel be scheduled in turn
+ * (griddepcontrol.launch_dependents). So no kernel touches memory before its predecessor is
+ * done (the results are those of plain launches), but a step's chain of small kernels no
+ * longer pays a full launch latency between each two. Kernels launched the plain way (other
+ * modules') simply wait as usual; without PDL the two instructions do nothing. */
+__device__ __forceinline__ void gk_pdl_enter()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Only with DSV3_GINFER_PDL=1: measured on the H200 (2026-11-27, 1b-moe batch 1) a step
+ * of ~240 launches took 1797 us with PDL and 1461 us without, so plain launches are the
+ * default. */
+static inline int gk_pdl_on()
+{
+    const char *v = getenv("DSV3_GINFER_PDL");
+    return v && !strcmp(v, "1");
+}
+
+template <typename... KArgs, typename... Args>
+static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = gk_pdl_on();
+    cudaLaunchKernelEx(&cfg, k, (KArgs)args...);
+}
+
+/* A MoE layer's output not yet summed , for gk_add_norm to take
+ * as its delta: delta[n] = sum_k rw[n*K+k] * ye[spos[n*K+k]] (k in order), + ys[n] when ys. */
+typedef struct gk_moe_out {
+    const float *ye, *rw, *ys;
+    const int *spos;
+    int K;
+} gk_moe_out;
 
 /* x[N,H] = table[ids[n]]. */
 int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_t *ids, int N,
              int H, dsv3_err *e);
-/* x += delta (delta may be NULL), then out = w * x * rstd(x) per row of D. */
-int gk_add_norm(cudaStream_t s, float *x, const float *delta, const float *w, float *out, int N,
-                int D, float eps, dsv3_err *e);
+/* x += delta (delta may be NULL; with mo, the MoE output it describes is the delta, delta
+ * itself unused), then out = w * x * rstd(x) per row of D (rows of x ldx apart, of out and
+ * delta D apart). */
+int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_moe_out *mo,
+                const float *w, float *out, int N, int D, float eps, dsv3_err *e);
 /* For b < batch: y[b][n][o] = sum_i x[b][n][i] w[b][o][i], with row n of x at
  * x + b*xbs + n*ldx, weight row o at w + b*wbs + o*I, y at y + b*ybs + n*ldy + o.
  * I a multiple of 8; x rows 16-byte aligned. */
 int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
             float *y, long ldy, long ybs, int N, int I, int O, int batch, dsv3_err *e);
-/* From kva[N, kv+rope]: c_kv = norm(kva[:kv]) (weight w), k_pe = rope(kva[kv:]), stored at
- * cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's cache); and RoPE (lib/ops
- * rope_forward) on the q_pe part (from nope) of every head of q[N, nh, qk] in place. */
-int gk_kv_write(cudaStream_t s, const float *kva, const float *w, void *cache, int cf32,
+/* From kva[N, kv+rope] (rows ldkva apart): c_kv = norm(kva[:kv]) (weight w), k_pe =
+ * rope(kva[kv:]), stored at cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's
+ * cache); and RoPE (lib/ops rope_forward) on the q_pe part (from nope) of every head of
+ * q[N, nh, qk] in place. */
+int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, void *cache, int cf32,
                 const int *slot, const int *pos, int N, int kv, int rope, int n_ctx,
                 const float *cos_t, const float *sin_t, int interleave, float eps, float *q,
                 int nh, int qk, int nope, dsv3_err *e);
 /* Buckets the NK expert choices idx[NK] by expert (stable): off[E+1], order[sorted] = a,
- * spos[a] = sorted position. E <= 1024. */
-int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int E, int *off, int *order,
-                  int *spos, dsv3_err *e);
+ * spos[a] = sorted position. E <= 1024. With ns > 0 a group E follows (the shared expert run
+ * as one more group): off[E+1] = NK + ns, its rows NK + n take input row n (order = n*K).
+ * Then, G = E + (ns > 0) groups: off[G+1] = how many groups have rows, off[G+2..] which
+ * (off holds 2E + 4 values). */
+int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int K, int E, int ns, int *off,
+                  int *order, int *spos, dsv3_err *e);
 /* Gate-up-SwiGLU over groups: group g's weights w1 + g*w1_stride ([2F, H]: gate rows then up
  * rows). With order: group g owns sorted rows off[g]..off[g+1]-1, whose input is
- * x[order[j] / K]; h row j (sorted) = silu(gate) * up. Without: one group of N rows, h[n]
- * from x[n]. rows_hint: the most rows a group can have (picks the tile). */
+ * x[order[j] / K]; h row j (sorted) = silu(gate) * up; only the groups off lists as having
+ * rows run, at most maxact of them (blocks for the others would only exit). Without: one
+ * group of N rows, h[n] from x[n]. rows_hint: the most rows a group can have (the tile). */
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,
-              const int *order, const int *off, int K, int groups, int N, int rows_hint, int H,
-              int F, dsv3_err *e);
+              const int *order, const int *off, int K, int groups, int maxact, int N,
+              int rows_hint, int H, int F, dsv3_err *e);
 /* Down projection over the same groups: y row j = w2_g [H, F] . h row j. */
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
-                float *y, const int *off, int groups, int N, int rows_hint, int F, int H,
-                dsv3_err *e);
-/* out[n] = sum_k rw[n*K+k] * ye[spos[n*K+k]] (k in order), + ys[n] when ys. */
-int gk_moe_combine(cudaStream_t s, float *out, const float *ye, const float *rw,
-                   const int *spos, const float *ys, int N, int K, int H, dsv3_err *e);
+                float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
+                int H, dsv3_err *e);
 /* out[k] = x[rows[k]] for k < n (rows of D floats). */
 int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, int n, int D,
                    dsv3_err *e);
+
+/* Each row's greedy choice among logits[N, V]: out[n] = the id of row n's largest logit, ids
+ * with ban[v] != 0 (ban may be NULL) taken as -inf, ties to the lowest id (as a serial scan
+ * with ">" from id 0 finds it; -0 equal to +0). */
+int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
+              void *scratch, int cap, int32_t *out, dsv3_err *e);
+/* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each
+ * call leaves it ready for the next, whatever its N). */
+size_t gk_argmax_scratch(int cap);
 
 /* decode_attn.cu: absorbed MLA attention over one layer's latent cache.
  * qlat[N, nh, kv] (q_nope through W_uk), q[N, nh, qk] (q_pe at nope..qk, rotated); row n

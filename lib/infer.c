@@ -73,6 +73,9 @@ struct infer {
     int vocab, layers;
     int *gpos;                  /* [gpos_n] positions of a GPU call's rows */
     int gpos_n;
+    uint8_t *ban;               /* [vocab] or NULL: ids greedy steps leave out */
+    float *glog;                /* [glog_n * vocab]: the CPU's logits of a greedy step */
+    int glog_n;
     int n_ctx, n_slots, width;  /* width = kv_lora_rank + qk_rope_head_dim */
     float *cache;               /* [layers][slots][n_ctx][width] */
     int *len;                   /* [slots] */
@@ -191,6 +194,8 @@ void infer_free(infer *f)
         return;
     ginfer_destroy(f->g);
     free(f->gpos);
+    free(f->ban);
+    free(f->glog);
     scratch_free(&f->s);
     free(f->cache);
     free(f->len);
@@ -502,8 +507,8 @@ static int positions(const infer *f, int n, const int *slot, const int32_t *ids,
     return 0;
 }
 
-static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
-                       const uint8_t *want, float *logits, dsv3_err *e)
+/* Room for the positions of a GPU call's n rows. */
+static int gpos_reserve(infer *f, int n, dsv3_err *e)
 {
     if (n > f->gpos_n) {
         int *p = realloc(f->gpos, (size_t)n * sizeof *p);
@@ -512,7 +517,13 @@ static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
         f->gpos = p;
         f->gpos_n = n;
     }
-    if (positions(f, n, slot, ids, f->gpos, e) ||
+    return 0;
+}
+
+static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
+                       const uint8_t *want, float *logits, dsv3_err *e)
+{
+    if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
         ginfer_forward(f->g, n, slot, f->gpos, ids, want, logits, e))
         return -1;
     for (int r = 0; r < n; r++)
@@ -574,6 +585,58 @@ static void head(infer *f, int n, const uint8_t *want, const float *nw, float *l
             memcpy(s->xn + (size_t)k++ * H, s->x + (size_t)r * H, (size_t)H * 4);
     rmsnorm_forward(s->x2n, s->rstd, s->xn, nw, k, H, (float)c->rms_norm_eps);
     linear(logits, s->x2n, f->m->w.lm_head, k, H, c->vocab_size);
+}
+
+int infer_set_banned(infer *f, const uint8_t *ban, dsv3_err *e)
+{
+    if (f->g && ginfer_set_banned(f->g, ban, e))
+        return -1;
+    free(f->ban);
+    f->ban = NULL;
+    if (!ban)
+        return 0;
+    if (!(f->ban = malloc((size_t)f->vocab)))
+        return err_set(e, "infer: out of memory");
+    memcpy(f->ban, ban, (size_t)f->vocab);
+    return 0;
+}
+
+int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
+                         dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (f->g && n <= f->n_slots) {
+        if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
+            ginfer_forward_greedy(f->g, n, slot, f->gpos, ids, out, e))
+            return -1;
+        for (int r = 0; r < n; r++)
+            f->len[slot[r]]++;
+        return 0;
+    }
+    if (n > f->glog_n) {
+        float *p = realloc(f->glog, (size_t)n * f->vocab * sizeof *p);
+        if (!p)
+            return err_set(e, "infer: out of memory for %d rows", n);
+        f->glog = p;
+        f->glog_n = n;
+    }
+    if (infer_forward(f, n, slot, ids, NULL, f->glog, e))
+        return -1;
+    for (int r = 0; r < n; r++) {
+        const float *l = f->glog + (size_t)r * f->vocab;
+        int32_t best = 0;
+        float bv = f->ban && f->ban[0] ? -INFINITY : l[0];
+        for (int v = 1; v < f->vocab; v++) {
+            float x = f->ban && f->ban[v] ? -INFINITY : l[v];
+            if (x > bv) {
+                bv = x;
+                best = v;
+            }
+        }
+        out[r] = best;
+    }
+    return 0;
 }
 
 int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,

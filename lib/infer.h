@@ -89,6 +89,14 @@ int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float
 int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const uint8_t *want,
                   float *logits, dsv3_err *e);
 
+/* The ids greedy steps never choose (ban[v] != 0, vocab values, copied; NULL: none). */
+int infer_set_banned(infer *f, const uint8_t *ban, dsv3_err *e);
+/* A decode step as infer_forward with every row's logits wanted, that returns instead each
+ * row's greedy token: out[r] = the id of row r's largest logit, banned ids left out, ties to
+ * the lowest id (lib/sampler at temperature 0 without a penalty). On the GPU only the ids
+ * leave the device; on the CPU, infer_forward then the scan. */
+int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
+                         dsv3_err *e);
 /* The prompt ids[0..n) appended to slot in one pass; logits of its last token. */
 int infer_prefill(infer *f, int slot, const int32_t *ids, int n, float *logits, dsv3_err *e);
 

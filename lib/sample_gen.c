@@ -183,13 +183,37 @@ static void ban(const banned *bn, float *logits)
             logits[v] = -INFINITY;
 }
 
+/* The mask of the banned ids, for greedy steps on the device (infer_set_banned). */
+static int ban_mask(infer *f, const banned *bn, dsv3_err *e)
+{
+    if (!bn->n)
+        return infer_set_banned(f, NULL, e);
+    uint8_t *m = calloc((size_t)infer_vocab(f), 1);
+    if (!m)
+        return err_set(e, "out of memory");
+    for (int i = 0; i < bn->n; i++)
+        memset(m + bn->from[i], 1, (size_t)(bn->to[i] - bn->from[i]));
+    int rc = infer_set_banned(f, m, e);
+    free(m);
+    return rc;
+}
+
+static int accept(infer *f, int len, seq *q, sample_request *r, int32_t tok,
+                  const sample_run_opts *o, dsv3_err *e);
+
 /* Takes the sequence's next token from its logits (those of cached position len - 1);
  * finishes the request when it ends. */
 static int take(infer *f, int len, seq *q, sample_request *r, float *logits,
                 const sample_run_opts *o, const banned *bn, dsv3_err *e)
 {
     ban(bn, logits);
-    int32_t tok = sampler_sample(&q->smp, logits, q->hist, q->n_hist);
+    return accept(f, len, q, r, sampler_sample(&q->smp, logits, q->hist, q->n_hist), o, e);
+}
+
+/* The sequence's next token is tok (chosen at cached position len - 1). */
+static int accept(infer *f, int len, seq *q, sample_request *r, int32_t tok,
+                  const sample_run_opts *o, dsv3_err *e)
+{
     if (tok == o->eos) {
         r->why = SAMPLE_STOP_EOS;
         return 0;
@@ -337,10 +361,11 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     int *slot = malloc((size_t)2 * S * sizeof *slot), *dslot = malloc((size_t)S * sizeof *dslot);
     int32_t *ids = malloc((size_t)2 * S * sizeof *ids), *draft = malloc((size_t)S * sizeof *draft);
     int32_t *dnext = malloc((size_t)S * sizeof *dnext);
+    int32_t *next = malloc((size_t)2 * S * sizeof *next);  /* a greedy step's choices */
     float *logits = malloc((size_t)2 * S * V * sizeof *logits);
     banned bn;
-    int rc = banned_make(&bn, b, V, e);
-    if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext))
+    int rc = banned_make(&bn, b, V, e) || ban_mask(f, &bn, e);
+    if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext || !next))
         rc = err_set(e, "out of memory");
     if (!rc && o->mtp && !infer_mtp_on(f))
         rc = err_set(e, "speculative decoding needs the MTP stream on (infer_use_mtp)");
@@ -382,10 +407,25 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
                     ids[R++] = draft[s];
                 }
             }
-        if (!rc)
+        /* every row greedy (no drafts then): only the chosen ids come back */
+        int greedy = !o->mtp;
+        for (int s = 0; s < S && greedy; s++)
+            greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
+        if (!rc && greedy)
+            rc = infer_forward_greedy(f, R, slot, ids, next, e);
+        else if (!rc)
             rc = infer_forward(f, R, slot, ids, NULL, logits, e);
         st->decode_s += now() - t0;
-        for (int k = 0; k < R && !rc; k++) {
+        for (int k = 0; k < R && !rc && greedy; k++) {
+            seq *z = &q[slot[k]];
+            sample_request *r = &reqs[z->req];
+            st->main_steps++;
+            st->decode_tokens++;
+            rc = accept(f, infer_slot_len(f, slot[k]), z, r, next[k], o, e);
+            if (!rc && r->why)
+                finish(z, r);
+        }
+        for (int k = 0; k < R && !rc && !greedy; k++) {
             int s = slot[k];
             seq *z = &q[s];
             sample_request *r = &reqs[z->req];
@@ -406,6 +446,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     free(ids);
     free(draft);
     free(dnext);
+    free(next);
     free(logits);
     banned_free(&bn);
     return rc;

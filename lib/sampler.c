@@ -168,6 +168,11 @@ double sampler_uniform(sampler *s)
     return ((z ^ (z >> 31)) >> 11) * 0x1p-53;
 }
 
+int sampler_is_greedy(const sampler *s)
+{
+    return s->p.temp <= 0 && ((float)s->p.repeat_penalty == 1.0f || s->p.repeat_last_n == 0);
+}
+
 int32_t sampler_sample(sampler *s, const float *logits, const int32_t *hist, int n_hist)
 {
     sampler_cands c = {s->buf, s->V, 0};

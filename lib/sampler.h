@@ -65,6 +65,9 @@ int sampler_init(sampler *s, const sampler_params *p, int V, dsv3_err *e);
 void sampler_free(sampler *s);
 /* A uniform double in [0,1) from the sampler's state. */
 double sampler_uniform(sampler *s);
+/* Whether sampler_sample is the plain argmax (temperature <= 0, no penalty): the largest
+ * logit, ties to the lower id, whatever the history; a GPU can then choose on the device. */
+int sampler_is_greedy(const sampler *s);
 /* The next token from logits[V], hist[0..n_hist) being the tokens so far (prompt and
  * generated, for the penalty). */
 int32_t sampler_sample(sampler *s, const float *logits, const int32_t *hist, int n_hist);

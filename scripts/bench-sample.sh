@@ -16,6 +16,11 @@
 #     --parallel B), decode tokens/s (rows a second) and the floor for that batch;
 #   transformers' generate() on the same folder (bf16, cuda, batch 1 and 8, N new tokens after
 #     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
+# Also with DEVICE=cuda: BASE_BIN=DIR runs the batch-1 decode with DIR's dsv3-sample too (a
+# baseline build, same folder, same run); PROFILE=1 once more with DSV3_GINFER_PROFILE=1
+# (each launch kind's device time a step) and once with DSV3_GINFER_PDL=1 (programmatic
+# dependent launches);
+# BATCHES (default "8 64") the batch sizes of the batch runs.
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
@@ -45,7 +50,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         name=$(basename "$CFG" .json)
         "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"
         "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
-            -n "$N" --temp 0 --ignore-eos -c 2048 >/dev/null 2>"$W/err"
+            -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out1.txt" 2>"$W/err"
         rates "$W/err"
         floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" 1 $((ptok + N / 2)) gpu)
         fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
@@ -53,7 +58,23 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for B in 8 64; do
+        for run in ${BASE_BIN:+base} ${PROFILE:+pdl profile}; do
+            bin=$BIN/dsv3-sample
+            if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
+            env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
+                DSV3_GINFER_PROFILE=$([ $run = profile ] && echo 1 || echo 0) \
+                "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
+                -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out2.txt" 2>"$W/err" || {
+                echo "$name batch 1 ($run): failed: $(tail -2 "$W/err")"
+                continue
+            }
+            rates "$W/err"
+            same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
+            echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"
+            sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
+            if [ $run = profile ]; then sed -n '/^ginfer profile/,$p' "$W/err"; fi
+        done
+        for B in ${BATCHES:-8 64}; do
             : >"$W/req.jsonl"
             i=0
             while [ $i -lt $B ]; do
