@@ -1,8 +1,8 @@
 #!/bin/sh
 # Every GPU test and benchmark in one call, for the lent device machine:
 #   build here (make tests), carry build/, run `scripts/gpu-check.sh` there.
-# Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too), then the torch
-# attention peer (scripts/bench-attn-torch.py) if python3 has torch. Full logs go to $OUT
+# Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too; GPU_BENCH=0: tests
+# only, no torch peer), then the torch attention peer (scripts/bench-attn-torch.py) if python3 has torch. Full logs go to $OUT
 # (the device tool's folder) or build/gpu-check; the table is printed last: one row per
 # test program, then every '# stat' row (name, max relative error, bound, verdict) and every
 # '# bench' row (time, rate, share of the measured ceiling).
@@ -26,7 +26,7 @@ for t in "$BUILD"/tests/gpu/test_*; do
     [ -x "$t" ] || continue
     name=${t##*/}
     start=$(date +%s)
-    DSV3_GPU_BENCH=1 "$t" >"$LOG/$name.log" 2>&1
+    DSV3_GPU_BENCH=${GPU_BENCH:-1} "$t" >"$LOG/$name.log" 2>&1
     st=$?
     secs=$(( $(date +%s) - start ))
     p=$(grep -c '^ok ' "$LOG/$name.log"); f=$(grep -c '^not ok ' "$LOG/$name.log")
@@ -79,7 +79,7 @@ if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
     rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped' "comm_nccl x$ngpu" "$p" "$f" 0)\n"
     grep '^# ' "$LOG/comm_nccl_multi.log" | grep -v SEED >>"$LOG/notes.txt"
 fi
-if command -v python3 >/dev/null 2>&1; then
+if [ "${GPU_BENCH:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then
     python3 scripts/bench-attn-torch.py >"$LOG/torch.log" 2>&1
     grep '^# ' "$LOG/torch.log" >>"$LOG/notes.txt"
     # 50 training steps against HF transformers (docs/PARITY.md); its files in $LOG/parity
