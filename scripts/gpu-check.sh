@@ -3,9 +3,10 @@
 #   build here (make tests), carry build/, run `scripts/gpu-check.sh` there.
 # Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too; GPU_BENCH=0: tests
 # only, no torch peers), then the torch attention peer (scripts/bench-attn-torch.py) if
-# python3 has torch. Full logs go to $OUT (the device tool's folder) or build/gpu-check; the
-# table is printed last: one row per test program, then every '# stat' row (name, max relative error, bound, verdict) and every
-# '# bench' row (time, rate, share of the measured ceiling).
+# python3 has torch. Full logs go to $OUT (the device tool's folder) or build/gpu-check;
+# the table is printed last: one row per test program, then every '# stat' row (name, max
+# relative error, bound, verdict) and every '# bench' row (time, rate, share of the
+# measured ceiling).
 set -u
 BUILD=${BUILD:-build}
 LOG=${OUT:-$BUILD/gpu-check}
