@@ -70,10 +70,8 @@ set output "$d/fp8-vs-bf16.png"
 set multiplot layout 2,1 title "dsv3-train BF16 vs --fp8, same start and data (${W}-step moving means)"
 set grid
 set ylabel "training loss"
-set logscale y
 plot "$d/joined.txt" u 1:2 w l lc rgb "#c0c8f0" notitle, "$d/joined.txt" u 1:3 w l lc rgb "#f0c8c0" notitle, \
      "$d/joined.txt" u 1:4 w l lw 2 lc rgb "#1f4fbf" t "bf16", "$d/joined.txt" u 1:5 w l lw 2 lc rgb "#d0401f" t "fp8"
-unset logscale y
 set ylabel "(fp8 - bf16) / bf16, %"
 set xlabel "step"
 set yrange [-1:1]
@@ -114,6 +112,7 @@ files=$(find $CORPUS -type f | sort)
 "$bin/dsv3-pack" --quiet -t "$O/tok.bpe" -L "$L" --val 0.05 --seed 1 -o "$O/data" "$O/tokens.shard"
 sed -e 's/"vocab_size": [0-9]*/"vocab_size": 4096/' -e 's/"n_routed_experts": [0-9]*/"n_routed_experts": 16/' \
     -e 's/"num_nextn_predict_layers": [0-9]*/"num_nextn_predict_layers": 0/' "$CONFIG" >"$O/config.json"
+# shellcheck disable=SC2086
 echo "# corpus: $(echo "$files" | wc -l) files, $(cat $files | wc -c) bytes" | tee -a "$O/header.txt"
 echo "# $steps steps of $GB x $L tokens (micro-batch $B), lr $LR, seed $SEED, config $CONFIG (vocab 4096, 16 routed experts, no MTP)" | tee -a "$O/header.txt"
 
