@@ -5,7 +5,8 @@
 # (FP8 within 0.25% relative of BF16).
 #
 # Data: real text. CORPUS (files or folders; default the demo corpus, /usr/share/common-
-# licenses) is tokenised with a byte-level BPE of 4000 ids learned on it (dsv3-tok) and
+# licenses; docs/PARITY.md's runs used vim's help, /usr/share/vim/vim90/doc/*.txt, with the
+# licenses: 9.8 MB, copied next to the build for the device, which has no vim) is tokenised with a byte-level BPE of 4000 ids learned on it (dsv3-tok) and
 # packed into records of L+1 tokens with 5% validation (dsv3-pack). Model: CONFIG (default
 # configs/small.json: 8 layers, hidden 512, 1 dense + 7 MoE layers of 1 shared + top-4 of
 # routed experts of width 256) with vocab_size 4096, 16 routed experts (20 put later tensors
