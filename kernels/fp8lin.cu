@@ -38,10 +38,10 @@ static void *carve(carver *k, size_t bytes)
     return k->used <= k->cap ? k->base + at : NULL;
 }
 
-/* An activation [rows x K] 1x128-quantised along K: codes and scales [Kb x rows]. */
-static size_t act_bytes(int64_t rows, int64_t K)
+/* Both layouts of an activation [rows x K] 1x128-quantised (carve_act2), alignment included. */
+static size_t act2_bytes(int64_t rows, int64_t K)
 {
-    return (size_t)(rows * K + 256 + fp8_blocks(K) * rows * 4 + 256);
+    return (size_t)(2 * rows * K + (fp8_blocks(K) * rows + fp8_blocks(rows) * K) * 4 + 4 * 256);
 }
 
 /* Both layouts of an activation [rows x K]: q [rows x K] with s, qt [K x rows] with st. */
@@ -61,8 +61,8 @@ static int carve_act2(carver *k, act2 *a, int64_t rows, int64_t K)
 
 extern "C" int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
 {
-    /* dy in both layouts, and a transposed input quantised afresh */
-    size_t need = 3 * act_bytes(max_tokens, max_dim) + 4096;
+    /* dy in both layouts, and a transposed input quantised afresh (a subset of both) */
+    size_t need = 2 * act2_bytes(max_tokens, max_dim);
     if (L->bytes < need) {
         gpu_free(L->buf);
         L->bytes = 0;
@@ -166,7 +166,7 @@ static gpu_lin_ent *weight(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err
 /* Room in t for an input of N rows, both layouts. */
 static int input_room(gpu_lin_ent *t, int N, dsv3_err *e)
 {
-    size_t need = 2 * act_bytes(N, t->I) + 1024;
+    size_t need = act2_bytes(N, t->I);
     if (t->xcap < need) {
         gpu_free(t->xbuf);
         t->xcap = 0;
@@ -176,7 +176,8 @@ static int input_room(gpu_lin_ent *t, int N, dsv3_err *e)
     }
     carver k = {t->xbuf, 0, t->xcap};
     act2 a;
-    carve_act2(&k, &a, N, t->I);
+    if (carve_act2(&k, &a, N, t->I))
+        return err_set(e, "fp8 input codes: %d x %d do not fit", N, t->I); /* cannot happen */
     t->xq = a.q, t->xs = a.s, t->xtq = a.qt, t->xts = a.st;
     return 0;
 }
