@@ -142,22 +142,30 @@ __global__ void quant_act_vec8_kernel(uint8_t *q, float *s, const bf16 *x, int r
  * form: x read once for both layouts). Then each warp quantises 16 columns: lane l holds
  * rows l, l+32, l+64, l+96 of a column, so a warp's store is 32 consecutive bytes of qt. */
 #define QT_STRIDE 65 /* words (bf16 pairs) per shared row */
-template <bool vec>
-__global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, uint8_t *qt,
-                                                          float *st, const bf16 *x, int rows,
-                                                          int cols)
+/* SwiGLU's value as kernels/swiglu.cu computes it (same expression, same rounding). */
+__device__ __forceinline__ float swiglu_val(float gv, float uv)
 {
-    __shared__ uint32_t tile[FP8_BLOCK * QT_STRIDE];
-    int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
-    int c0 = blockIdx.x * FP8_BLOCK, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    int hl = tid & 15;
-    for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
-        int r = pass * 16 + (tid >> 4), c = hl * 8;
-        float v[8];
-        bool in_row = r0 + r < rows;
+    return b2f(f2b(gv * (1.0f / (1.0f + __expf(-gv))) * uv));
+}
+
+/* The tile's source: x [rows x cols] itself, or (swiglu) h = silu(g) * u computed here from
+ * g and u (row stride ld) and written to h [rows x cols] on the way. */
+struct act_src {
+    const bf16 *x;
+    const bf16 *g, *u;
+    bf16 *h;
+    int ld;
+};
+
+/* Eight values of row r from column c (all in range: vec), or those in range (scalar). */
+template <bool vec, bool swiglu>
+__device__ __forceinline__ void load_row8(const act_src &a, int64_t r, int c, int cols, bool ok,
+                                          float v[8])
+{
+    if (!swiglu) {
         if (vec) {
-            if (in_row && c0 + c < cols) {
-                uint4 u = *(const uint4 *)(x + (r0 + r) * cols + c0 + c);
+            if (ok && c < cols) {
+                uint4 u = *(const uint4 *)(a.x + r * cols + c);
                 const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
@@ -172,8 +180,54 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
         } else {
 #pragma unroll
             for (int i = 0; i < 8; i++)
-                v[i] = in_row && c0 + c + i < cols ? b2f(x[(r0 + r) * cols + c0 + c + i]) : 0.0f;
+                v[i] = ok && c + i < cols ? b2f(a.x[r * cols + c + i]) : 0.0f;
         }
+        return;
+    }
+    if (vec) {
+        if (ok && c < cols) {
+            uint4 gu = *(const uint4 *)(a.g + r * a.ld + c), uu = *(const uint4 *)(a.u + r * a.ld + c);
+            const __nv_bfloat162 *gh = (const __nv_bfloat162 *)&gu, *uh = (const __nv_bfloat162 *)&uu;
+            uint4 out;
+            __nv_bfloat162 *oh = (__nv_bfloat162 *)&out;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float2 gf = __bfloat1622float2(gh[i]), uf = __bfloat1622float2(uh[i]);
+                v[2 * i] = swiglu_val(gf.x, uf.x), v[2 * i + 1] = swiglu_val(gf.y, uf.y);
+                oh[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]); /* exact */
+            }
+            *(uint4 *)(a.h + r * cols + c) = out;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = 0.0f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            v[i] = 0.0f;
+            if (ok && c + i < cols) {
+                v[i] = swiglu_val(b2f(a.g[r * a.ld + c + i]), b2f(a.u[r * a.ld + c + i]));
+                a.h[r * cols + c + i] = f2b(v[i]);
+            }
+        }
+    }
+}
+
+template <bool vec, bool swiglu>
+__global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, uint8_t *qt,
+                                                          float *st, act_src src, int rows,
+                                                          int cols)
+{
+    __shared__ uint32_t tile[FP8_BLOCK * QT_STRIDE];
+    int64_t r0 = (int64_t)blockIdx.y * FP8_BLOCK;
+    int c0 = blockIdx.x * FP8_BLOCK, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    int hl = tid & 15;
+    for (int pass = 0; pass < FP8_BLOCK / 16; pass++) {
+        int r = pass * 16 + (tid >> 4), c = hl * 8;
+        float v[8];
+        bool in_row = r0 + r < rows;
+        load_row8<vec, swiglu>(src, r0 + r, c0 + c, cols, in_row, v);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]); /* exact */
@@ -313,12 +367,33 @@ extern "C" int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t 
     if (fp8_blocks(rows) > 65535)
         return err_set(e, "fp8: %d rows are too many for one transposed quantisation", rows);
     dim3 grid((unsigned)fp8_blocks(cols), (unsigned)fp8_blocks(rows));
-    const bf16 *xb = (const bf16 *)x;
+    act_src src = {(const bf16 *)x, NULL, NULL, NULL, 0};
     if (cols % 8 == 0 && aligned16(x) && (!q || ((uintptr_t)q & 7) == 0))
-        quant_act_t_kernel<true><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+        quant_act_t_kernel<true, false><<<grid, 256, 0, c->stream>>>(q, s, qt, st, src, rows, cols);
     else
-        quant_act_t_kernel<false><<<grid, 256, 0, c->stream>>>(q, s, qt, st, xb, rows, cols);
+        quant_act_t_kernel<false, false><<<grid, 256, 0, c->stream>>>(q, s, qt, st, src, rows, cols);
     LAUNCH_CHECK("quant_act_t_kernel", e);
+    return 0;
+}
+
+extern "C" int gpu_fp8_swiglu_quant(gpu_ctx *c, gpu_bf16 *h, uint8_t *q, float *s, uint8_t *qt,
+                                    float *st, const gpu_bf16 *g, const gpu_bf16 *u, int rows,
+                                    int cols, int ld, dsv3_err *e)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    if (fp8_blocks(rows) > 65535)
+        return err_set(e, "fp8: %d rows are too many for one transposed quantisation", rows);
+    if (!q || !qt)
+        return err_set(e, "fp8 swiglu: both layouts are written");
+    dim3 grid((unsigned)fp8_blocks(cols), (unsigned)fp8_blocks(rows));
+    act_src src = {NULL, (const bf16 *)g, (const bf16 *)u, (bf16 *)h, ld};
+    if (cols % 8 == 0 && ld % 8 == 0 && aligned16(g) && aligned16(u) && aligned16(h) &&
+        ((uintptr_t)q & 7) == 0)
+        quant_act_t_kernel<true, true><<<grid, 256, 0, c->stream>>>(q, s, qt, st, src, rows, cols);
+    else
+        quant_act_t_kernel<false, true><<<grid, 256, 0, c->stream>>>(q, s, qt, st, src, rows, cols);
+    LAUNCH_CHECK("quant_act_t_kernel (swiglu)", e);
     return 0;
 }
 

@@ -38,6 +38,13 @@ int gpu_fp8_quant_act_t(gpu_ctx *c, uint8_t *qt, float *st, const gpu_bf16 *x, i
 /* Both at once, x read once (a gradient feeds dgrad row-wise and wgrad transposed). */
 int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
                            const gpu_bf16 *x, int rows, int cols, dsv3_err *e);
+/* SwiGLU fused with the quantisation of its output: h [rows x cols] = silu(g) * u (g and u
+ * with row stride ld, as kernels/layers.h's gpu_swiglu_fwd, bit for bit), written in bf16 and
+ * quantised in both layouts as gpu_fp8_quant_act_both(h) would (the MLP down-projection's
+ * fprop and wgrad operands; h is read by nothing else in FP8). */
+int gpu_fp8_swiglu_quant(gpu_ctx *c, gpu_bf16 *h, uint8_t *q, float *s, uint8_t *qt, float *st,
+                         const gpu_bf16 *g, const gpu_bf16 *u, int rows, int cols, int ld,
+                         dsv3_err *e);
 /* qt/st may be NULL (no transpose); q/s may be NULL (transpose only). */
 int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
                          const float *w, int rows, int cols, dsv3_err *e);

@@ -1,10 +1,31 @@
-/* fp8lin: bf16-or-FP8 linear products. See fp8lin.h. */
+/* fp8lin: bf16-or-FP8 linear products, with the quantisations kept where they can be reused.
+ * See fp8lin.h. */
+#include <stdlib.h>
+
 #include "fp8gemm.h"
 #include "fp8lin.h"
 #include "gemm.h"
 #include "gpuctx_internal.cuh"
+#include "layers.h"
 
-/* Carves aligned pieces off the scratch buffer. */
+/* One weight's quantisations: w 128x128 both layouts (valid for generation wdone), and the
+ * last forward input x 1x128 both layouts (valid for pass xdone). */
+struct gpu_lin_ent {
+    const gpu_bf16 *w;
+    int O, I;
+    uint8_t *wbuf, *wq, *wtq;
+    float *ws, *wts;
+    unsigned wdone;
+    uint8_t *xbuf;
+    size_t xcap;
+    const gpu_bf16 *x;
+    int N;
+    uint8_t *xq, *xtq;
+    float *xs, *xts;
+    unsigned xdone;
+};
+
+/* Carves aligned pieces off a buffer. */
 typedef struct carver {
     uint8_t *base;
     size_t used, cap;
@@ -17,20 +38,31 @@ static void *carve(carver *k, size_t bytes)
     return k->used <= k->cap ? k->base + at : NULL;
 }
 
-/* An activation [rows x K] 1x128-quantised along K: codes and scales [Kb x rows]. */
-static size_t act_bytes(int64_t rows, int64_t K)
+/* Both layouts of an activation [rows x K] 1x128-quantised (carve_act2), alignment included. */
+static size_t act2_bytes(int64_t rows, int64_t K)
 {
-    return (size_t)(rows * K + 256 + fp8_blocks(K) * rows * 4 + 256);
+    return (size_t)(2 * rows * K + (fp8_blocks(K) * rows + fp8_blocks(rows) * K) * 4 + 4 * 256);
 }
 
-static size_t weight_bytes(int64_t rows, int64_t K)
+/* Both layouts of an activation [rows x K]: q [rows x K] with s, qt [K x rows] with st. */
+typedef struct act2 {
+    uint8_t *q, *qt;
+    float *s, *st;
+} act2;
+
+static int carve_act2(carver *k, act2 *a, int64_t rows, int64_t K)
 {
-    return (size_t)(rows * K + 256 + fp8_blocks(rows) * gpu_fp8_ld(K) * 4 + 256);
+    a->q = (uint8_t *)carve(k, (size_t)(rows * K));
+    a->s = (float *)carve(k, (size_t)(fp8_blocks(K) * rows * 4));
+    a->qt = (uint8_t *)carve(k, (size_t)(rows * K));
+    a->st = (float *)carve(k, (size_t)(fp8_blocks(rows) * K * 4));
+    return a->st ? 0 : -1;
 }
 
 extern "C" int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
 {
-    size_t need = 2 * act_bytes(max_tokens, max_dim) + weight_bytes(max_dim, max_dim) + 4096;
+    /* dy in both layouts, and a transposed input quantised afresh (a subset of both) */
+    size_t need = 2 * act2_bytes(max_tokens, max_dim);
     if (L->bytes < need) {
         gpu_free(L->buf);
         L->bytes = 0;
@@ -39,15 +71,38 @@ extern "C" int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, d
         L->bytes = need;
     }
     L->fp8 = 1;
+    gpu_lin_weights_changed(L);
+    gpu_lin_new_pass(L, 1);
     return 0;
 }
 
 extern "C" void gpu_lin_free(gpu_lin *L)
 {
+    for (int i = 0; i < L->n_ent; i++) {
+        gpu_free(L->ent[i].wbuf);
+        gpu_free(L->ent[i].xbuf);
+    }
+    free(L->ent);
+    L->ent = NULL;
+    L->n_ent = L->cap_ent = 0;
     gpu_free(L->buf);
     L->buf = NULL;
     L->bytes = 0;
     L->fp8 = 0;
+}
+
+extern "C" void gpu_lin_weights_changed(gpu_lin *L)
+{
+    if (++L->wgen == 0) /* 0 means "never quantised" */
+        L->wgen = 1;
+}
+
+extern "C" void gpu_lin_new_pass(gpu_lin *L, int backward)
+{
+    if (++L->pass == 0)
+        L->pass = 1;
+    L->keep_inputs = backward;
+    L->last_dy = NULL;
 }
 
 static int use_fp8(const gpu_lin *L, int N, int I, int O)
@@ -61,20 +116,111 @@ static int no_room(dsv3_err *e, int N, int I, int O)
                    "gpu_lin_fp8_on", N, I, O);
 }
 
+/* The entry of weight w [O x I], made on first use. */
+static gpu_lin_ent *entry(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err *e)
+{
+    for (int i = 0; i < L->n_ent; i++)
+        if (L->ent[i].w == w && L->ent[i].O == O && L->ent[i].I == I)
+            return &L->ent[i];
+    if (L->n_ent == L->cap_ent) {
+        int cap = L->cap_ent ? 2 * L->cap_ent : 64;
+        gpu_lin_ent *n = (gpu_lin_ent *)realloc(L->ent, (size_t)cap * sizeof *n);
+        if (!n) {
+            err_set(e, "fp8 linear: out of memory");
+            return NULL;
+        }
+        L->ent = n, L->cap_ent = cap;
+    }
+    gpu_lin_ent *t = &L->ent[L->n_ent];
+    memset(t, 0, sizeof *t);
+    t->w = w, t->O = O, t->I = I;
+    size_t bytes = 2 * ((size_t)O * I + 256) + 2 * (size_t)(fp8_blocks(O) * gpu_fp8_ld(I) +
+                                                            fp8_blocks(I) * gpu_fp8_ld(O)) * 4 + 1024;
+    if (!(t->wbuf = (uint8_t *)gpu_malloc(bytes, e))) {
+        err_prefix(e, "fp8 weight codes");
+        return NULL;
+    }
+    carver k = {t->wbuf, 0, bytes};
+    t->wq = (uint8_t *)carve(&k, (size_t)O * I);
+    t->wtq = (uint8_t *)carve(&k, (size_t)O * I);
+    t->ws = (float *)carve(&k, (size_t)(fp8_blocks(O) * gpu_fp8_ld(I) * 4));
+    t->wts = (float *)carve(&k, (size_t)(fp8_blocks(I) * gpu_fp8_ld(O) * 4));
+    L->n_ent++;
+    return t;
+}
+
+/* The entry of w with its codes of the current generation. */
+static gpu_lin_ent *weight(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err *e)
+{
+    gpu_lin_ent *t = entry(L, w, O, I, e);
+    if (!t)
+        return NULL;
+    if (t->wdone != L->wgen) {
+        if (gpu_fp8_quant_weight_bf16(L->c, t->wq, t->ws, t->wtq, t->wts, w, O, I, e))
+            return NULL;
+        t->wdone = L->wgen;
+    }
+    return t;
+}
+
+/* Room in t for an input of N rows, both layouts. */
+static int input_room(gpu_lin_ent *t, int N, dsv3_err *e)
+{
+    size_t need = act2_bytes(N, t->I);
+    if (t->xcap < need) {
+        gpu_free(t->xbuf);
+        t->xcap = 0;
+        if (!(t->xbuf = (uint8_t *)gpu_malloc(need, e)))
+            return err_prefix(e, "fp8 input codes");
+        t->xcap = need;
+    }
+    carver k = {t->xbuf, 0, t->xcap};
+    act2 a;
+    if (carve_act2(&k, &a, N, t->I))
+        return err_set(e, "fp8 input codes: %d x %d do not fit", N, t->I); /* cannot happen */
+    t->xq = a.q, t->xs = a.s, t->xtq = a.qt, t->xts = a.st;
+    return 0;
+}
+
 extern "C" int gpu_lin_fwd(gpu_lin *L, gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *w,
                            int N, int I, int O, float beta, dsv3_err *e)
 {
     if (!use_fp8(L, N, I, O))
         return gpu_linear_fwd(L->c, out, in, w, N, I, O, beta, e);
+    L->last_dy = NULL;
+    gpu_lin_ent *t = weight(L, w, O, I, e);
+    if (!t)
+        return -1;
+    if (L->keep_inputs) { /* both layouts, kept for wgrad */
+        if (input_room(t, N, e) ||
+            gpu_fp8_quant_act_both(L->c, t->xq, t->xs, t->xtq, t->xts, in, N, I, e))
+            return -1;
+        t->x = in, t->N = N, t->xdone = L->pass;
+        return gpu_fp8_linear_fwd(L->c, out, t->xq, t->xs, t->wq, t->ws, N, I, O, beta, e);
+    }
     carver k = {L->buf, 0, L->bytes};
-    uint8_t *xq = (uint8_t *)carve(&k, (size_t)N * I), *wq = (uint8_t *)carve(&k, (size_t)O * I);
+    uint8_t *xq = (uint8_t *)carve(&k, (size_t)N * I);
     float *xs = (float *)carve(&k, fp8_blocks(I) * N * 4);
-    float *ws = (float *)carve(&k, fp8_blocks(O) * gpu_fp8_ld(I) * 4);
-    if (!ws)
+    if (!xs)
         return no_room(e, N, I, O);
     return gpu_fp8_quant_act(L->c, xq, xs, in, N, I, e) ||
-           gpu_fp8_quant_weight_bf16(L->c, wq, ws, NULL, NULL, w, O, I, e) ||
-           gpu_fp8_linear_fwd(L->c, out, xq, xs, wq, ws, N, I, O, beta, e);
+           gpu_fp8_linear_fwd(L->c, out, xq, xs, t->wq, t->ws, N, I, O, beta, e);
+}
+
+extern "C" int gpu_lin_swiglu_fwd(gpu_lin *L, gpu_bf16 *out, gpu_bf16 *h, const gpu_bf16 *g,
+                                  const gpu_bf16 *u, int ld, const gpu_bf16 *w, int N, int I,
+                                  int O, float beta, dsv3_err *e)
+{
+    if (!use_fp8(L, N, I, O) || !L->keep_inputs)
+        return gpu_swiglu_fwd(L->c, h, g, u, N, I, ld, e) ||
+               gpu_lin_fwd(L, out, h, w, N, I, O, beta, e);
+    L->last_dy = NULL;
+    gpu_lin_ent *t = weight(L, w, O, I, e);
+    if (!t || input_room(t, N, e) ||
+        gpu_fp8_swiglu_quant(L->c, h, t->xq, t->xs, t->xtq, t->xts, g, u, N, I, ld, e))
+        return -1;
+    t->x = h, t->N = N, t->xdone = L->pass;
+    return gpu_fp8_linear_fwd(L->c, out, t->xq, t->xs, t->wq, t->ws, N, I, O, beta, e);
 }
 
 extern "C" int gpu_lin_dgrad(gpu_lin *L, gpu_bf16 *d_in, const gpu_bf16 *d_out,
@@ -82,15 +228,19 @@ extern "C" int gpu_lin_dgrad(gpu_lin *L, gpu_bf16 *d_in, const gpu_bf16 *d_out,
 {
     if (!use_fp8(L, N, I, O))
         return gpu_linear_dgrad(L->c, d_in, d_out, w, N, I, O, beta, e);
+    L->last_dy = NULL;
+    gpu_lin_ent *t = weight(L, w, O, I, e);
+    if (!t)
+        return -1;
     carver k = {L->buf, 0, L->bytes};
-    uint8_t *dyq = (uint8_t *)carve(&k, (size_t)N * O), *wtq = (uint8_t *)carve(&k, (size_t)O * I);
-    float *dys = (float *)carve(&k, fp8_blocks(O) * N * 4);
-    float *wts = (float *)carve(&k, fp8_blocks(I) * gpu_fp8_ld(O) * 4);
-    if (!wts)
+    act2 dy;
+    if (carve_act2(&k, &dy, N, O))
         return no_room(e, N, I, O);
-    return gpu_fp8_quant_act(L->c, dyq, dys, d_out, N, O, e) ||
-           gpu_fp8_quant_weight_bf16(L->c, NULL, NULL, wtq, wts, w, O, I, e) ||
-           gpu_fp8_linear_dgrad(L->c, d_in, dyq, dys, wtq, wts, N, I, O, beta, e);
+    if (gpu_fp8_quant_act_both(L->c, dy.q, dy.s, dy.qt, dy.st, d_out, N, O, e) ||
+        gpu_fp8_linear_dgrad(L->c, d_in, dy.q, dy.s, t->wtq, t->wts, N, I, O, beta, e))
+        return -1;
+    L->last_dy = d_out, L->last_rows = N, L->last_cols = O, L->last_ent = (int)(t - L->ent);
+    return 0;
 }
 
 extern "C" int gpu_lin_wgrad(gpu_lin *L, float *d_w, const gpu_bf16 *d_out, const gpu_bf16 *in,
@@ -98,13 +248,22 @@ extern "C" int gpu_lin_wgrad(gpu_lin *L, float *d_w, const gpu_bf16 *d_out, cons
 {
     if (!use_fp8(L, N, I, O))
         return gpu_linear_wgrad(L->c, d_w, d_out, in, N, I, O, beta, e);
+    int dy_kept = L->last_dy == d_out && L->last_rows == N && L->last_cols == O;
+    L->last_dy = NULL;
     carver k = {L->buf, 0, L->bytes};
-    uint8_t *dytq = (uint8_t *)carve(&k, (size_t)N * O), *xtq = (uint8_t *)carve(&k, (size_t)N * I);
-    float *dyts = (float *)carve(&k, fp8_blocks(N) * O * 4);
-    float *xts = (float *)carve(&k, fp8_blocks(N) * I * 4);
-    if (!xts)
+    act2 dy;
+    int fail = carve_act2(&k, &dy, N, O);
+    uint8_t *xtq = (uint8_t *)carve(&k, (size_t)N * I);
+    float *xts = (float *)carve(&k, (size_t)(fp8_blocks(N) * I * 4));
+    if (fail || !xts)
         return no_room(e, N, I, O);
-    return gpu_fp8_quant_act_t(L->c, dytq, dyts, d_out, N, O, e) ||
-           gpu_fp8_quant_act_t(L->c, xtq, xts, in, N, I, e) ||
-           gpu_fp8_linear_wgrad(L->c, d_w, dytq, dyts, xtq, xts, N, I, O, beta, e);
+    if (!dy_kept && gpu_fp8_quant_act_t(L->c, dy.qt, dy.st, d_out, N, O, e))
+        return -1;
+    /* the weight is the one of the dgrad just before, whose forward kept its input */
+    const gpu_lin_ent *t = dy_kept ? &L->ent[L->last_ent] : NULL;
+    if (t && t->x == in && t->N == N && t->I == I && t->xdone == L->pass)
+        xtq = t->xtq, xts = t->xts;
+    else if (gpu_fp8_quant_act_t(L->c, xtq, xts, in, N, I, e))
+        return -1;
+    return gpu_fp8_linear_wgrad(L->c, d_w, dy.qt, dy.st, xtq, xts, N, I, O, beta, e);
 }

@@ -538,6 +538,7 @@ static int download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3
 
 extern "C" int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e)
 {
+    gpu_lin_weights_changed(&g->lin); /* FP8 weight codes made afresh */
     if (gpu_upload(g->c, g->master, params, g->n_params * 4, e) || group_all(g, g->master, 4, e) ||
         gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e))
         return -1;
@@ -555,6 +556,7 @@ extern "C" int gmodel_set_range(gmodel *g, const float *params, size_t off, size
     for (int r = 0; r < g->n_regions; r++)
         if (off < g->regions[r] + g->region_floats && off + n > g->regions[r])
             return err_set(e, "gmodel_set_range: [%zu, +%zu) overlaps an expert region", off, n);
+    gpu_lin_weights_changed(&g->lin);
     return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
                    gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off, (int64_t)n, e)
                ? -1
@@ -629,6 +631,7 @@ extern "C" int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float
     if (!g->tl)
         return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
     gpu_adamw_hp hp = {lr, beta1, beta2, eps, weight_decay, clip, step};
+    gpu_lin_weights_changed(&g->lin);
     return gpu_adamw_step(g->c, g->tl, &hp, clip > 0 ? g->d_norm : NULL, e);
 }
 
@@ -833,6 +836,7 @@ extern "C" int gmodel_set_grad_norm(gmodel *g, float norm, dsv3_err *e)
 
 extern "C" int gmodel_refresh_bf16(gmodel *g, dsv3_err *e)
 {
+    gpu_lin_weights_changed(&g->lin);
     return gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e);
 }
 
@@ -1265,8 +1269,8 @@ static int moe_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     if (!si)
         return 0;
     return gpu_lin_fwd(&g->lin, B16(A->gu), B16(A->x2n), W(b->sw1), N, H, 2 * si, 0, e) ||
-           gpu_swiglu_fwd(x, B16(A->h), B16(A->gu), B16(A->gu + si), N, si, 2 * si, e) ||
-           gpu_lin_fwd(&g->lin, B16(out), B16(A->h), W(b->sw2), N, si, H, 1.0f, e);
+           gpu_lin_swiglu_fwd(&g->lin, B16(out), B16(A->h), B16(A->gu), B16(A->gu + si), 2 * si,
+                              W(b->sw2), N, si, H, 1.0f, e);
 }
 
 static int mlp_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err *e)
@@ -1274,8 +1278,8 @@ static int mlp_fwd(gmodel *g, const gm_block *b, gm_acts *A, bf16 *out, dsv3_err
     const dsv3_config *c = &g->m->cfg;
     int N = g->N, H = c->hidden_size, I = c->intermediate_size;
     return gpu_lin_fwd(&g->lin, B16(A->gu), B16(A->x2n), W(b->w1), N, H, 2 * I, 0, e) ||
-           gpu_swiglu_fwd(g->c, B16(A->h), B16(A->gu), B16(A->gu + I), N, I, 2 * I, e) ||
-           gpu_lin_fwd(&g->lin, B16(out), B16(A->h), W(b->w2), N, I, H, 0, e);
+           gpu_lin_swiglu_fwd(&g->lin, B16(out), B16(A->h), B16(A->gu), B16(A->gu + I), 2 * I,
+                              W(b->w2), N, I, H, 0, e);
 }
 
 /* block_forward: A->x in, next [N,H] out. */
@@ -1401,6 +1405,7 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
             g->a[l].have_plan = 0;
         }
     gpu_arena_reset(g->c, g->acts_mark);
+    gpu_lin_new_pass(&g->lin, grad && targets); /* FP8: new inputs; keep x^T for a backward */
     g->count_loads = grad && targets;
     if (upload_ids(g, g->ids, ids, e) ||
         gpu_embedding_fwd(g->c, B16(g->a[0].x), W(off_of(m, m->w.embed)), g->ids, N, H, e))

@@ -391,6 +391,13 @@ int gpu_fp8_quant_act_both(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float 
     return no_cuda(e);
 }
 
+int gpu_fp8_swiglu_quant(gpu_ctx *c, gpu_bf16 *h, uint8_t *q, float *s, uint8_t *qt, float *st,
+                         const gpu_bf16 *g, const gpu_bf16 *u, int rows, int cols, int ld,
+                         dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
 int gpu_fp8_quant_weight(gpu_ctx *c, uint8_t *q, float *s, uint8_t *qt, float *st,
                          const float *w, int rows, int cols, dsv3_err *e)
 {
@@ -447,6 +454,16 @@ void gpu_lin_free(gpu_lin *L)
 
 int gpu_lin_fwd(gpu_lin *L, gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *w, int N, int I,
                 int O, float beta, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+void gpu_lin_weights_changed(gpu_lin *L) {}
+void gpu_lin_new_pass(gpu_lin *L, int backward) {}
+
+int gpu_lin_swiglu_fwd(gpu_lin *L, gpu_bf16 *out, gpu_bf16 *h, const gpu_bf16 *g,
+                       const gpu_bf16 *u, int ld, const gpu_bf16 *w, int N, int I, int O,
+                       float beta, dsv3_err *e)
 {
     return no_cuda(e);
 }

@@ -1,6 +1,7 @@
 #!/bin/sh
 # dsv3-train --device cuda with and without --fp8 from the same start on the same data: the
-# short-run check of FP8 training (the 1000-step comparison of issue 10 is a longer run).
+# short-run check of FP8 training (the 1000-step comparison of issue 10, on real text, is
+# scripts/fp8-train-compare.sh).
 # Data: sequences that count up from a random start by a random stride (learnable, so the
 # loss falls); model: configs/1b-moe.json with LAYERS layers (default 4); B sequences of L
 # tokens a micro-batch, global batch GB, STEPS steps. Prints both runs' step lines and the
