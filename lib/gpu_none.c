@@ -10,6 +10,7 @@
 #include "../kernels/loss.h"
 #include "../kernels/mla.h"
 #include "../kernels/moe.h"
+#include "../kernels/moe_fp8.h"
 #include "../kernels/optim.h"
 #include "../kernels/attention.h"
 #include "../kernels/sort.h"
@@ -216,6 +217,52 @@ int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant) {}
 
 /* kernels/gmodel.h */
+/* FP8 grouped expert GEMMs (kernels/moe_fp8.h) */
+int gpu_moe_fp8_fits(gpu_ctx *c, int I, int O) { return 0; }
+int gpu_moe_fp8_quant_rows(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x, int rows,
+                           int cols, dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_tile_starts(gpu_ctx *c, const gpu_moe_plan *p, int *tstart, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int gpu_moe_fp8_quant_tokens_t(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
+                               uint8_t *qt, float *st, const gpu_bf16 *x, int cols,
+                               dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, float *s,
+                              const gpu_bf16 *W, int E, int O, int I, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int gpu_moe_fp8_gemm_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out, const uint8_t *xq,
+                         const float *xs, const uint8_t *wq, const float *ws, int I, int O,
+                         dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_gemm_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                           const uint8_t *dyq, const float *dys, const uint8_t *wtq,
+                           const float *ws, int I, int O, dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart, float *d_W,
+                           const uint8_t *dytq, const float *dyts, const uint8_t *xtq,
+                           const float *xts, int I, int O, dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+void gpu_moe_fp8_free(gpu_moe_fp8 *m) {}
+int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, gpu_bf16 *out,
+                    const gpu_bf16 *in, const gpu_bf16 *W, int I, int O, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, gpu_bf16 *d_in,
+                      const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, float *d_W,
+                      const gpu_bf16 *d_out, const gpu_bf16 *in, int I, int O, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
 #include "../kernels/gmodel.h"
 
 int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3_err *e)

@@ -47,7 +47,8 @@ static void cc_sync(const comm_mem *m)
     } while (0)
 
 /* Runs every collective on c; returns 0 or -1 with the first failure in why. */
-static int comm_check_all(comm *c, const comm_mem *m, uint64_t seed, char *why, size_t why_n)
+static inline int comm_check_all(comm *c, const comm_mem *m, uint64_t seed, char *why,
+                                 size_t why_n)
 {
     int R = comm_world(c), me = comm_rank(c), rc = -1;
     size_t n = 1000 + cc_mix(seed) % 3000;   /* ragged, the same on every rank */

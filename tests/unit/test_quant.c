@@ -259,7 +259,7 @@ static void test_dequant_table(void)
     float *s = malloc((size_t)(fp8_blocks(r) * fp8_blocks(c)) * 4);
     float *a = malloc((size_t)(r * c) * 4), *b = malloc((size_t)(r * c) * 4);
     for (int64_t i = 0; i < r * c; i++)
-        q[i] = (uint8_t)(i < 256 ? i : test_rand());
+        q[i] = (uint8_t)(i < 256 ? (uint64_t)i : test_rand());
     for (int64_t i = 0; i < fp8_blocks(r) * fp8_blocks(c); i++)
         s[i] = ldexpf(1.0f + (float)(test_rand() % 1000) / 1000, (int)(test_rand() % 40) - 30);
     fp8_dequant_weight(q, s, r, c, a, 1);
