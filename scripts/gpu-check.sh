@@ -37,30 +37,26 @@ for t in "$BUILD"/tests/gpu/test_*; do
     rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' "$name" "$p" "$f" "$s" "$secs")\n"
     grep '^# ' "$LOG/$name.log" | grep -v SEED >>"$LOG/notes.txt"
 done
-# dsv3-train's data parallelism on device buffers (tests/cli: NCCL at world size 1; two
-# ranks when there are two GPUs)
-if [ -f tests/cli/test_dsv3_train_gpudp.sh ]; then
+# cli_test NAME SCRIPT: a tests/cli script that skips without a GPU, run against this build
+cli_test() {
+    [ -f "$2" ] || return 0
     start=$(date +%s)
-    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh tests/cli/test_dsv3_train_gpudp.sh >"$LOG/train_gpudp.log" 2>&1
+    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh "$2" >"$LOG/$1.log" 2>&1
     st=$?
-    p=$(grep -c '^ok ' "$LOG/train_gpudp.log"); f=$(grep -c '^not ok ' "$LOG/train_gpudp.log")
-    s=$(grep -c '^skip ' "$LOG/train_gpudp.log")
+    p=$(grep -c '^ok ' "$LOG/$1.log"); f=$(grep -c '^not ok ' "$LOG/$1.log")
+    s=$(grep -c '^skip ' "$LOG/$1.log")
     [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
     [ "$f" -ne 0 ] && all=1
-    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpudp "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
-fi
-# dsv3-train's expert parallelism on the GPU (tests/cli: --ep 2 against one GPU; ranks
-# share the GPU, rows through host buffers, where there is one)
-if [ -f tests/cli/test_dsv3_train_gpuep.sh ]; then
-    start=$(date +%s)
-    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh tests/cli/test_dsv3_train_gpuep.sh >"$LOG/train_gpuep.log" 2>&1
-    st=$?
-    p=$(grep -c '^ok ' "$LOG/train_gpuep.log"); f=$(grep -c '^not ok ' "$LOG/train_gpuep.log")
-    s=$(grep -c '^skip ' "$LOG/train_gpuep.log")
-    [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    [ "$f" -ne 0 ] && all=1
-    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpuep "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
-fi
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' "$1" "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
+}
+# dsv3-train on the GPU: against the CPU backend, resume, recomputation; data parallelism
+# on device buffers (NCCL at world size 1; two ranks when there are two GPUs); expert
+# parallelism (--ep 2 against one GPU; ranks share the GPU, rows through host buffers,
+# where there is one)
+cli_test train_cuda tests/cli/test_dsv3_train_cuda.sh
+cli_test train_recompute tests/cli/test_dsv3_train_recompute.sh
+cli_test train_gpudp tests/cli/test_dsv3_train_gpudp.sh
+cli_test train_gpuep tests/cli/test_dsv3_train_gpuep.sh
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
