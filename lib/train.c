@@ -214,7 +214,9 @@ typedef struct trainer {
                              holds the weights and moments, synced to the host to save */
     /* Data parallelism on device buffers (--device cuda with several ranks, or one rank
      * with DSV3_DP_NCCL=1): gradients reduce-scattered per bucket over NCCL, AdamW on this
-     * rank's shard on the device, master weights all-gathered (lib/dp's bucketed layout). */
+     * rank's shard on the device, master weights all-gathered (lib/dp's bucketed layout).
+     * With --ep (one GPU a rank): lib/dp's layout over the replicated part, the held
+     * experts' piece after it in the device shard (lib/epdev, xd below). */
     int gdp;
     int overlap;          /* buckets launched during the last backward (DSV3_DP_OVERLAP=0: at
                              its end, for measuring) */
@@ -223,7 +225,8 @@ typedef struct trainer {
     uint16_t *hbuf;       /* [n_params]: a moment in the flat layout, for checkpoints */
     /* Expert parallelism on the GPU (--ep with --device cuda, kernels/gep.h): the rows
      * over a NCCL comm of their own (NULL: through host buffers where ranks share GPUs);
-     * the optimizer stays on the host, as for the CPU backend. The exchanges' time from
+     * the optimizer on the device (gdp, xd) with one GPU a rank, else on the host as for
+     * the CPU backend. The exchanges' time from
      * the second step on, for the log's last line. */
     comm *ecomm;
     epdev xd;             /* --ep with gdp: the held experts in the device optimizer */
@@ -533,7 +536,8 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
 static int rank_has_own_gpu(const train_opts *o);
 
 /* Expert parallelism on the GPU: the MoE blocks exchange rows over NCCL (one GPU a rank)
- * or through host buffers (ranks sharing GPUs); the optimizer runs on the host. */
+ * or through host buffers (ranks sharing GPUs); the optimizer runs on the device (gdp:
+ * gdp_setup and lib/epdev) or, where ranks share GPUs, on the host. */
 static int gpu_ep_setup(trainer *t, dsv3_err *e)
 {
     const char *h = getenv("DSV3_EP_HOST");  /* 1: rows through host buffers (tests) */

@@ -5,7 +5,9 @@
 #       GPU's checkpoint, 2 groups x 2 replicas on 4 ranks;
 #   (b) tokens/s on configs/1b-moe.json at sequence 4096, B per GPU, global batch GB x 4096:
 #       data parallel on 2 GPUs (NCCL, device optimizer) against --ep 2 (rows over NCCL,
-#       optimizer on the host), median of steps 2..; for --ep 2 the rows' all-to-alls per
+#       optimizer on the host: DSV3_EP_OPT=host) and --ep 2 with the optimizer on the device
+#       (lib/epdev; gradient buckets after the backward, then overlapping it:
+#       DSV3_DP_OVERLAP=1), median of steps 2..; for --ep 2 the rows' all-to-alls per
 #       step: count, time on the stream, bytes to the other GPU, bandwidth (the log's last
 #       line, rank 0);
 #   (c) lib/comm's NCCL all-to-all and all-reduce bandwidth at 64 MiB (about one MoE block's
@@ -34,7 +36,7 @@ say "# $(date -u '+%F %H:%M UTC') $(hostname) commit ${DSV3_COMMIT:-$(git rev-pa
 
 say "== (a) tests/cli/test_dsv3_train_gpuep.sh"
 start=$(date +%s)
-DSV3_BIN=$bin timeout 300 sh tests/cli/test_dsv3_train_gpuep.sh >"$LOG/test_gpuep.log" 2>&1
+DSV3_BIN=$bin timeout 360 sh tests/cli/test_dsv3_train_gpuep.sh >"$LOG/test_gpuep.log" 2>&1
 say "  status $?, $(grep -c '^ok ' "$LOG/test_gpuep.log") ok, $(grep -c '^not ok ' "$LOG/test_gpuep.log") not ok, $(( $(date +%s) - start )) s"
 grep -E '^not ok|^# ' "$LOG/test_gpuep.log" | tee -a "$S"
 
@@ -76,12 +78,26 @@ BIG="-c configs/1b-moe.json -d $T/dbig -b $B -g $GB --steps $STEPS --mtp-weight 
 ranks "$T/dp2" $BIG
 tdp=$(median "$T/dp2")
 rm -rf "$T/dp2"
+export DSV3_EP_OPT=host
 ranks "$T/ep2" $BIG --ep 2
+unset DSV3_EP_OPT
 tep=$(median "$T/ep2")
-say "  data parallel, 2 GPUs: $tdp tokens/s; --ep 2, 2 GPUs: $tep tokens/s"
+say "  data parallel, 2 GPUs: $tdp tokens/s; --ep 2, 2 GPUs, optimizer on the host (DSV3_EP_OPT=host): $tep tokens/s"
 grep "expert-parallel row exchanges\|expert parallel on the GPU" "$T/ep2.rank0.log" | sed 's/^/  /' | tee -a "$S"
 grep -o '"ep_load":{[^}]*}' "$T/ep2/metrics.jsonl" | tail -1 | cut -c1-300 | sed 's/^/  last step /' | tee -a "$S"
 rm -rf "$T/ep2"
+# the optimizer on the device (lib/epdev), gradient buckets after the backward (the
+# default under --ep) and overlapped with it (DSV3_DP_OVERLAP=1)
+ranks "$T/ep2d" $BIG --ep 2
+tdev=$(median "$T/ep2d")
+grep "expert-parallel row exchanges\|expert parallel on the GPU\|data parallel on device buffers" "$T/ep2d.rank0.log" | sed 's/^/  /' | tee -a "$S"
+rm -rf "$T/ep2d"
+export DSV3_DP_OVERLAP=1
+ranks "$T/ep2v" $BIG --ep 2
+unset DSV3_DP_OVERLAP
+tov=$(median "$T/ep2v")
+rm -rf "$T/ep2v"
+say "  --ep 2 tokens/s: optimizer on the host $tep, on the device $tdev, on the device with the buckets overlapping the backward $tov (data parallel $tdp)"
 fi
 
 say "== (c) lib/comm on NCCL, 2 ranks (scripts/bench-comm.sh 2 64 and 2 1024)"
