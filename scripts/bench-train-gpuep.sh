@@ -2,7 +2,9 @@
 # dsv3-train expert parallelism on 2 GPUs (issue 12, run 2), everything in one call:
 #   (a) tests/cli/test_dsv3_train_gpuep.sh: --ep 2 against one GPU at the same global batch,
 #       NCCL rows against host-buffer rows, SIGTERM + resume, the CPU backend resuming the
-#       GPU's checkpoint, 2 groups x 2 replicas on 4 ranks;
+#       GPU's checkpoint, 2 groups x 2 replicas on 4 ranks, the device optimizer under
+#       --ep against the host one (DSV3_EP_OPT=host), checkpoints resumed across them;
+#   (a2) tests/gpu/test_comm_nccl on 2 ranks (lib/ep's device pieces among its checks);
 #   (b) tokens/s on configs/1b-moe.json at sequence 4096, B per GPU, global batch GB x 4096:
 #       data parallel on 2 GPUs (NCCL, device optimizer) against --ep 2 (rows over NCCL,
 #       optimizer on the host: DSV3_EP_OPT=host) and --ep 2 with the optimizer on the device
@@ -41,6 +43,16 @@ say "  status $?, $(grep -c '^ok ' "$LOG/test_gpuep.log") ok, $(grep -c '^not ok
 grep -E '^not ok|^# ' "$LOG/test_gpuep.log" | tee -a "$S"
 
 [ "$ngpu" -ge 2 ] || { say "one GPU: (b) and (c) need two"; exit 0; }
+
+# lib/comm on NCCL and lib/ep's device pieces (the device optimizer's expert collectives,
+# with 2 replicas of one group and with --ep 2) on 2 ranks, one GPU each
+say "== (a2) tests/gpu/test_comm_nccl on 2 ranks"
+for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + $$ % 90)) \
+        timeout 120 "$BUILD/tests/gpu/test_comm_nccl" >"$LOG/comm_nccl_rank$r.log" 2>&1 &
+done
+wait
+cat "$LOG"/comm_nccl_rank*.log | grep -E '^(ok|not ok|skip)|^# nccl|CHECK' | cut -c1-400 | sed 's/^/  /' | tee -a "$S"
 grep -q '^ok ep2_runs' "$LOG/test_gpuep.log" || { say "--ep 2 failed in the test: (b) skipped"; B=0; }
 
 mkdata() {
