@@ -1676,7 +1676,8 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_t *load = load_stats(t, &worst);
     double ep_worst = 0;
     json_t *ep_load = t->ep.size > 1 ? ep_load_stats(t, &ep_worst) : NULL;
-    double mfu = t->peak > 0 ? tps * t->flops_token / t->peak : -1;
+    /* tokens/s is the whole job's: MFU is per GPU, one GPU a rank */
+    double mfu = t->peak > 0 ? tps * t->flops_token / (t->peak * t->dp.world) : -1;
     if (t->out) {
         char rate[32], total[48] = "", mtp[32] = "", mfus[32] = "", eps[40] = "";
         progress_human(rate, sizeof rate, tps);

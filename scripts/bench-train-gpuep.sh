@@ -50,7 +50,7 @@ grep -E '^not ok|^# ' "$LOG/test_gpuep.log" | tee -a "$S"
 # with 2 replicas of one group and with --ep 2) on 2 ranks, one GPU each
 say "== (a2) tests/gpu/test_comm_nccl on $NP ranks"
 for r in $(seq 0 $((NP - 1))); do
-    RANK=$r WORLD_SIZE=$NP LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + $$ % 90)) \
+    COMM_TEST_SEED=12345 RANK=$r WORLD_SIZE=$NP LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + $$ % 90)) \
         timeout 120 "$BUILD/tests/gpu/test_comm_nccl" >"$LOG/comm_nccl_rank$r.log" 2>&1 &
 done
 wait
