@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/gepopt.h"
+
 int ep_open(ep *p, comm *c, int size, int E, dsv3_err *e)
 {
     memset(p, 0, sizeof *p);
@@ -141,4 +143,52 @@ int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e)
 int ep_max(ep *p, int64_t *v, size_t n, dsv3_err *e)
 {
     return p->world == 1 ? 0 : comm_allreduce(p->c, v, n, COMM_I64, COMM_MAX, e);
+}
+
+/* ---- on device buffers ---- */
+
+int ep_dev_scatter_experts(ep *p, comm *dc, const float *g, size_t n, float *out, float *tmp,
+                           void *stream, dsv3_err *e)
+{
+    int R = p->replicas, me = p->rank / p->size;
+    size_t lo, hi, a, b;
+    ep_piece(p, n, me, &lo, &hi);
+    size_t mine = hi - lo;
+    if (R <= 1)
+        return gepopt_copy(out, g + lo, mine * sizeof *g, stream, e);
+    memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
+    for (int i = 0; i < R; i++) {  /* piece i of every replica to replica i */
+        int r = p->group + i * p->size;
+        ep_piece(p, n, i, &a, &b);
+        p->sn[r] = b - a;
+        p->so[r] = a;
+        p->rn[r] = mine;
+        p->ro[r] = (size_t)i * mine;
+    }
+    comm_set_stream(dc, stream);
+    if (comm_alltoallv(dc, g, p->sn, p->so, tmp, p->rn, p->ro, COMM_F32, e))
+        return -1;
+    return gepopt_sum_replicas(out, tmp, mine, R, stream, e);
+}
+
+int ep_dev_gather_experts(ep *p, comm *dc, const void *piece, void *x, size_t n, int type,
+                          void *stream, dsv3_err *e)
+{
+    int R = p->replicas, me = p->rank / p->size;
+    size_t lo, hi, a, b, es = comm_type_size(type);
+    ep_piece(p, n, me, &lo, &hi);
+    size_t mine = hi - lo;
+    if (R <= 1)
+        return gepopt_copy((char *)x + lo * es, piece, mine * es, stream, e);
+    memset(p->sn, 0, 4 * (size_t)p->world * sizeof *p->sn);
+    for (int i = 0; i < R; i++) {
+        int r = p->group + i * p->size;
+        ep_piece(p, n, i, &a, &b);
+        p->sn[r] = mine;
+        p->so[r] = 0;
+        p->rn[r] = b - a;
+        p->ro[r] = a;
+    }
+    comm_set_stream(dc, stream);
+    return comm_alltoallv(dc, piece, p->sn, p->so, x, p->rn, p->ro, type, e);
 }

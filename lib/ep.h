@@ -73,6 +73,22 @@ int ep_gather_experts(ep *p, float *x, size_t n, dsv3_err *e);
  * bits everywhere. */
 int ep_reduce_experts(ep *p, float *g, size_t n, dsv3_err *e);
 
+/* ---- the same pieces on device buffers (the device optimizer under --ep, lib/train) ----
+ * Over dc, a NCCL comm of the same job (lib/comm has no sub-communicators: one alltoallv,
+ * grouped ncclSend/ncclRecv, with no values to ranks outside the replica set), queued on
+ * `stream`. The pieces are ep_piece's, of whatever layout the caller's array has. */
+
+/* out[mine] (device) = this replica's piece of the sum over the group's replicas of g[n]
+ * (device), summed in replica order as ep_scatter_experts; tmp: device scratch of
+ * replicas x mine floats (unused with one replica: out = the piece, copied). */
+int ep_dev_scatter_experts(ep *p, comm *dc, const float *g, size_t n, float *out, float *tmp,
+                           void *stream, dsv3_err *e);
+
+/* Every replica's piece into x[n] (device, elements of `type`), this replica's sent from
+ * piece (device, its mine elements, not inside x). */
+int ep_dev_gather_experts(ep *p, comm *dc, const void *piece, void *x, size_t n, int type,
+                          void *stream, dsv3_err *e);
+
 /* Any rank's flag: an all-reduce MAX over the world of v (one process: v itself). */
 int ep_max(ep *p, int64_t *v, size_t n, dsv3_err *e);
 

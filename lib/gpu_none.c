@@ -4,6 +4,7 @@
 #include "../kernels/fp8lin.h"
 #include "../kernels/gemm.h"
 #include "../kernels/gep.h"
+#include "../kernels/gepopt.h"
 #include "../kernels/gpu.h"
 #include "../kernels/gpuctx.h"
 #include "../kernels/layers.h"
@@ -604,4 +605,17 @@ void gmodel_losses(const gmodel *g, model_losses *out)
 int gmodel_mtp_expert_load(gmodel *g, int k, int64_t *counts, int64_t *slots, dsv3_err *e)
 {
     return 1;
+}
+
+/* ---- gepopt ---- */
+
+int gepopt_sum_replicas(float *dst, const float *src, size_t n, int R, void *stream,
+                        dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+int gepopt_copy(void *dst, const void *src, size_t bytes, void *stream, dsv3_err *e)
+{
+    return no_cuda(e);
 }

@@ -17,6 +17,7 @@
 #include "dp.h"
 #include "ep.h"
 #include "epckpt.h"
+#include "epdev.h"
 #include "metrics.h"
 #include "progress.h"
 #include "trainckpt.h"
@@ -213,7 +214,9 @@ typedef struct trainer {
                              holds the weights and moments, synced to the host to save */
     /* Data parallelism on device buffers (--device cuda with several ranks, or one rank
      * with DSV3_DP_NCCL=1): gradients reduce-scattered per bucket over NCCL, AdamW on this
-     * rank's shard on the device, master weights all-gathered (lib/dp's bucketed layout). */
+     * rank's shard on the device, master weights all-gathered (lib/dp's bucketed layout).
+     * With --ep (one GPU a rank): lib/dp's layout over the replicated part, the held
+     * experts' piece after it in the device shard (lib/epdev, xd below). */
     int gdp;
     int overlap;          /* buckets launched during the last backward (DSV3_DP_OVERLAP=0: at
                              its end, for measuring) */
@@ -222,9 +225,11 @@ typedef struct trainer {
     uint16_t *hbuf;       /* [n_params]: a moment in the flat layout, for checkpoints */
     /* Expert parallelism on the GPU (--ep with --device cuda, kernels/gep.h): the rows
      * over a NCCL comm of their own (NULL: through host buffers where ranks share GPUs);
-     * the optimizer stays on the host, as for the CPU backend. The exchanges' time from
+     * the optimizer on the device (gdp, xd) with one GPU a rank, else on the host as for
+     * the CPU backend. The exchanges' time from
      * the second step on, for the log's last line. */
     comm *ecomm;
+    epdev xd;             /* --ep with gdp: the held experts in the device optimizer */
     int64_t ep_nx;
     double ep_ms, ep_bytes;
     uint64_t ep_steps;
@@ -408,11 +413,37 @@ static int gdp_hook(void *ctx, int point, dsv3_err *e)
     return gdp_launch(ctx, point, e);
 }
 
+static size_t ep_rows_n(const trainer *t);
+
 /* After the step's backwards: the buckets not sent yet (all of them without overlap, or
  * when the last forward had no target), then the compute stream waits for them all. */
 static int gdp_finish(trainer *t, dsv3_err *e)
 {
-    return gdp_launch(t, INT32_MAX, e) || gmodel_dp_join(t->gm, e) ? -1 : 0;
+    if (gdp_launch(t, INT32_MAX, e) || gmodel_dp_join(t->gm, e))
+        return -1;
+    return t->ep.size > 1 && (epdev_reduce(&t->xd, e) ||
+                              dp_sum_i64(&t->dp, t->ep_rows, ep_rows_n(t), e)) ? -1 : 0;
+}
+
+/* --ep: the device shard is lib/dp's buckets of the replicated part [0, n_dense), then
+ * this replica's piece of the held experts (device layout, span ns); the device arrays
+ * cover max(dn_pad, n_params). The moments, loaded whole in two parts (t->opt: the
+ * replicated part, t->eopt: the held experts), joined into mv[0], mv[1] [n_params]. */
+static int gdp_ep_layout(trainer *t, int *ns, size_t *dev, size_t *sh, size_t *len,
+                         size_t *n_pad, size_t *shard, uint16_t **mv, dsv3_err *e)
+{
+    size_t nd = t->m.n_dense, np = t->m.n_params;
+    dev[*ns] = nd + t->ep_lo, sh[*ns] = *shard, len[*ns] = t->ep_hi - t->ep_lo;
+    *ns += len[*ns] > 0;
+    *shard += t->ep_hi - t->ep_lo;
+    *n_pad = *n_pad > np ? *n_pad : np;
+    for (int w = 0; w < 2; w++) {
+        if (!(mv[w] = malloc(np * sizeof *mv[w])))
+            return err_set(e, "out of memory for the moments");
+        memcpy(mv[w], w ? t->opt.v : t->opt.m, nd * sizeof *mv[w]);
+        memcpy(mv[w] + nd, w ? t->eopt.v : t->eopt.m, (np - nd) * sizeof *mv[w]);
+    }
+    return 0;
 }
 
 /* Joins NCCL beside the job's CPU comm, cuts the device layout into buckets at the
@@ -426,9 +457,12 @@ static int gdp_setup(trainer *t, dsv3_err *e)
     const char *s = getenv("DSV3_DP_BUCKET_MB");
     double mb = s && *s ? atof(s) : 64;
     const char *ov = getenv("DSV3_DP_OVERLAP");
-    t->overlap = !(ov && !strcmp(ov, "0"));
-    size_t *pts = calloc((size_t)nl + 2, sizeof *pts), *dev = calloc((size_t)nl + 2, sizeof *dev);
-    size_t *sh = calloc((size_t)nl + 2, sizeof *sh), *len = calloc((size_t)nl + 2, sizeof *len);
+    /* under --ep the buckets' overlap with the backward's row exchanges (two NCCL comms
+     * at once) is asked for (DSV3_DP_OVERLAP=1) until measured */
+    t->overlap = t->ep.size > 1 ? ov && !strcmp(ov, "1") : !(ov && !strcmp(ov, "0"));
+    size_t *pts = calloc((size_t)nl + 3, sizeof *pts), *dev = calloc((size_t)nl + 3, sizeof *dev);
+    size_t *sh = calloc((size_t)nl + 3, sizeof *sh), *len = calloc((size_t)nl + 3, sizeof *len);
+    uint16_t *mv[2] = {NULL, NULL};
     if (!pts || !dev || !sh || !len) {
         err_set(e, "out of memory");
         goto out;
@@ -439,20 +473,33 @@ static int gdp_setup(trainer *t, dsv3_err *e)
     if (dp_plan_buckets(d, t->dcomm, pts, np, (size_t)(mb > 0 ? mb * 262144.0 : 1), e))
         goto out;
     int ns = dp_shard_spans(d, dev, sh, len);
-    if (gmodel_dp_init(t->gm, d->dn_pad, d->bshard, ns, dev, sh, len, t->opt.m, t->opt.v, e))
+    size_t n_pad = d->dn_pad, shard = d->bshard;
+    if (t->ep.size > 1 && gdp_ep_layout(t, &ns, dev, sh, len, &n_pad, &shard, mv, e))
+        goto out;
+    if (gmodel_dp_init(t->gm, n_pad, shard, ns, dev, sh, len, mv[0] ? mv[0] : t->opt.m,
+                       mv[1] ? mv[1] : t->opt.v, e) ||
+        (t->ep.size > 1 && epdev_open(&t->xd, &t->ep, t->dcomm, t->gm, t->m.n_dense,
+                                      t->m.n_params, d->dn_pad, d->bshard, e)))
         goto out;
     uint64_t steps = t->opt.t;
     optim_free(&t->opt);
     if (optim_init_range(&t->opt, &t->m, &t->o->adam, d->lo, d->hi, e))
         goto out;
     t->opt.t = steps;
+    if (t->ep.size > 1) {  /* the checkpoints' piece of the held experts (flat layout) */
+        optim_free(&t->eopt);
+        if (optim_init_range(&t->eopt, &t->m, &t->o->adam, t->m.n_dense + t->ep_lo,
+                             t->m.n_dense + t->ep_hi, e))
+            goto out;
+        t->eopt.t = steps;
+    }
     if (t->log)
         fprintf(t->log, "dsv3-train: data parallel on device buffers: %d rank%s over NCCL, %d "
                 "gradient buckets, overlap %s, shard of %zu of %zu parameters\n", d->world,
                 d->world > 1 ? "s" : "", d->nbk, t->overlap ? "on" : "off", d->bshard, d->n);
     rc = 0;
 out:
-    free(pts), free(dev), free(sh), free(len);
+    free(pts), free(dev), free(sh), free(len), free(mv[0]), free(mv[1]);
     return rc;
 }
 
@@ -464,16 +511,21 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
     dp *d = &t->dp;
     if (gmodel_sync_host(t->gm, t->m.params, NULL, NULL, e))
         return -1;
-    if (!t->hbuf && !(t->hbuf = malloc(d->n * sizeof *t->hbuf)))
+    size_t np = t->m.n_params, nd = t->m.n_dense;
+    if (!t->hbuf && !(t->hbuf = malloc(np * sizeof *t->hbuf)))
         return err_set(e, "out of memory for the checkpoint's moments");
-    void *full = gmodel_dev_alloc(d->dn_pad * 2, e);
+    void *full = gmodel_dev_alloc((d->dn_pad > np ? d->dn_pad : np) * 2, e);
     int rc = full ? 0 : -1;
     for (int w = 0; w < 2 && !rc; w++) {
-        rc = dp_dev_gather(d, gmodel_dp_moment(t->gm, w), full, COMM_BF16,
-                           gmodel_stream(t->gm), e) ||
+        rc = (t->ep.size > 1 ? epdev_gather_moment(&t->xd, d, w, full, e)
+                             : dp_dev_gather(d, gmodel_dp_moment(t->gm, w), full, COMM_BF16,
+                                             gmodel_stream(t->gm), e)) ||
              gmodel_download_flat(t->gm, t->hbuf, full, 2, e);
         if (!rc)
             memcpy(w ? t->opt.v : t->opt.m, t->hbuf + d->lo, (d->hi - d->lo) * 2);
+        if (!rc && t->ep.size > 1)  /* this replica's piece of the held experts */
+            memcpy(w ? t->eopt.v : t->eopt.m, t->hbuf + nd + t->ep_lo,
+                   (t->ep_hi - t->ep_lo) * 2);
     }
     gpu_free(full);
     return rc ? -1 : 0;
@@ -484,7 +536,8 @@ static int gdp_sync_host(trainer *t, dsv3_err *e)
 static int rank_has_own_gpu(const train_opts *o);
 
 /* Expert parallelism on the GPU: the MoE blocks exchange rows over NCCL (one GPU a rank)
- * or through host buffers (ranks sharing GPUs); the optimizer runs on the host. */
+ * or through host buffers (ranks sharing GPUs); the optimizer runs on the device (gdp:
+ * gdp_setup and lib/epdev) or, where ranks share GPUs, on the host. */
 static int gpu_ep_setup(trainer *t, dsv3_err *e)
 {
     const char *h = getenv("DSV3_EP_HOST");  /* 1: rows through host buffers (tests) */
@@ -495,8 +548,8 @@ static int gpu_ep_setup(trainer *t, dsv3_err *e)
         return -1;
     if (t->log)
         fprintf(t->log, "dsv3-train: expert parallel on the GPU: --ep %d on %d ranks, expert "
-                "rows over %s, optimizer on the host\n", t->ep.size, t->ep.world,
-                nccl ? "NCCL" : "host buffers (ranks share GPUs)");
+                "rows over %s, optimizer on the %s\n", t->ep.size, t->ep.world,
+                nccl ? "NCCL" : "host buffers (ranks share GPUs)", t->gdp ? "device" : "host");
     return 0;
 }
 
@@ -990,30 +1043,39 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
 }
 
 /* The optimizer of an expert-parallel checkpoint (same world and --ep): this rank's
- * ZeRO-1 shard of the replicated part and its group's expert moments. */
+ * ZeRO-1 shard of the replicated part and its replica's piece of its group's expert
+ * moments; on device buffers (gdp) every rank's shard and every replica's piece: the
+ * moments are read whole and cut to the device shard (gdp_setup). */
 static int load_optim_ep(trainer *t, const char *dir, dsv3_err *e)
 {
     char path[4300], name[64];
     int64_t step = -1;
-    size_t a = 0, b = 0;
-    trainckpt_shard_name(name, sizeof name, t->dp.rank, t->dp.world);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    if (optim_load_shard(&t->opt, &t->m, path, t->dp.rank, t->dp.world, &step, &a, e))
-        return -1;
-    /* this replica's piece; a checkpoint from before the moments were sharded holds the
-     * group's whole moments, re-sliced here */
-    int D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+    size_t a = 0, b = 0, c;
+    int W = t->dp.world, D = t->ep.replicas, me = t->ep.rank / t->ep.size;
+    for (int q = t->gdp ? 0 : t->dp.rank; q < (t->gdp ? W : t->dp.rank + 1); q++) {
+        trainckpt_shard_name(name, sizeof name, q, W);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (optim_load_shard(&t->opt, &t->m, path, q, W, &step, &c, e))
+            return -1;
+        a += c;
+    }
+    /* a checkpoint from before the moments were sharded holds the group's whole moments,
+     * re-sliced here */
     epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, me, D);
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    int whole = D > 1 && access(path, F_OK) != 0;
-    if (whole) {
-        epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+    int whole = D > 1 && access(path, F_OK) != 0, all = t->gdp && !whole;
+    for (int i = all ? 0 : me; i < (all ? D : me + 1); i++) {
+        if (whole)
+            epckpt_optim_name(name, sizeof name, t->ep.group, t->ep.size);
+        else
+            epckpt_optim_piece_name(name, sizeof name, t->ep.group, t->ep.size, i, D);
         snprintf(path, sizeof path, "%s/%s", dir, name);
+        int r = D > 1 && !whole ? t->ep.group * D + i : t->ep.group;
+        int w = D > 1 && !whole ? t->ep.size * D : t->ep.size;
+        if (optim_load_shard(&t->eopt, &t->m, path, r, w, &step, &c, e))
+            return -1;
+        b += c;
     }
-    int r = D > 1 && !whole ? t->ep.group * D + me : t->ep.group;
-    int w = D > 1 && !whole ? t->ep.size * D : t->ep.size;
-    if (optim_load_shard(&t->eopt, &t->m, path, r, w, &step, &b, e))
-        return -1;
     if (a != t->opt.n || b != t->eopt.n)
         return err_set(e, "%s: the optimizer files do not cover this rank's parameters", dir);
     return 0;
@@ -1078,13 +1140,14 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
     /* on device buffers the moments are read whole and cut to the device shard (gdp_setup) */
     if (setup_ep(t, found ? dir : NULL, e) || dp_layout(&t->dp, t->m.n_dense, e) ||
         optim_init_range(&t->opt, &t->m, &o->adam, t->gdp ? 0 : t->dp.lo,
-                         t->gdp ? t->m.n_params : t->dp.hi, e))
+                         t->gdp ? t->m.n_dense : t->dp.hi, e))
         return -1;
     if (t->ep.size > 1) {
         ep_piece(&t->ep, t->m.n_params - t->m.n_dense, t->ep.rank / t->ep.size, &t->ep_lo,
                  &t->ep_hi);
-        if (optim_init_range(&t->eopt, &t->m, &o->adam, t->m.n_dense + t->ep_lo,
-                             t->m.n_dense + t->ep_hi, e))
+        if (optim_init_range(&t->eopt, &t->m, &o->adam,
+                             t->m.n_dense + (t->gdp ? 0 : t->ep_lo),
+                             t->gdp ? t->m.n_params : t->m.n_dense + t->ep_hi, e))
             return -1;
     }
     if (found) {
@@ -1252,6 +1315,7 @@ static void teardown(trainer *t)
 {
     metrics_close(&t->met);
     model_acts_free(t->acts);
+    epdev_free(&t->xd);
     gmodel_destroy(t->gm);
     comm_close(t->ecomm);
     comm_close(t->dcomm);
@@ -1368,8 +1432,10 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
                          (float)p->weight_decay, o->clip > 0 ? (float)o->clip : 0.0f,
                          (int)t->opt.t, e))
             return -1;
-        if (t->gdp && (dp_dev_gather(&t->dp, NULL, gmodel_dev_master(t->gm), COMM_F32,
-                                     gmodel_stream(t->gm), e) ||
+        t->eopt.t = t->opt.t;
+        if (t->gdp && ((t->ep.size > 1 ? epdev_gather_master(&t->xd, &t->dp, e)
+                                       : dp_dev_gather(&t->dp, NULL, gmodel_dev_master(t->gm),
+                                                       COMM_F32, gmodel_stream(t->gm), e)) ||
                        gmodel_refresh_bf16(t->gm, e)))
             return -1;
         train_balance_update(&t->m, t->counts, a->routed, t->mtp_slots, (float)so->gamma);
@@ -1610,7 +1676,8 @@ static int report_step(trainer *t, const step_out *so, dsv3_err *e)
     json_t *load = load_stats(t, &worst);
     double ep_worst = 0;
     json_t *ep_load = t->ep.size > 1 ? ep_load_stats(t, &ep_worst) : NULL;
-    double mfu = t->peak > 0 ? tps * t->flops_token / t->peak : -1;
+    /* tokens/s is the whole job's: MFU is per GPU, one GPU a rank */
+    double mfu = t->peak > 0 ? tps * t->flops_token / (t->peak * t->dp.world) : -1;
     if (t->out) {
         char rate[32], total[48] = "", mtp[32] = "", mfus[32] = "", eps[40] = "";
         progress_human(rate, sizeof rate, tps);
@@ -1774,6 +1841,13 @@ static int rank_has_own_gpu(const train_opts *o)
     return gpu_count() >= local;
 }
 
+/* --ep on GPUs: the optimizer on the device (lib/epdev) where each rank has a GPU of its own
+ * and the rows go over NCCL; DSV3_EP_OPT=host keeps it on the host (for comparison). */
+static int ep_opt_on_device(const train_opts *o)
+{
+    const char *h = getenv("DSV3_EP_HOST"), *opt = getenv("DSV3_EP_OPT");
+    return rank_has_own_gpu(o) && !(h && !strcmp(h, "1")) && !(opt && !strcmp(opt, "host"));
+}
 
 int train_run(const train_opts *o, train_result *r, dsv3_err *e)
 {
@@ -1784,7 +1858,9 @@ int train_run(const train_opts *o, train_result *r, dsv3_err *e)
     t->o = o;
     dp_open(&t->dp, o->comm);
     const char *nccl = getenv("DSV3_DP_NCCL");
-    t->gdp = o->cuda && o->ep <= 1 && ((t->dp.world > 1 && rank_has_own_gpu(o)) || (nccl && !strcmp(nccl, "1")));
+    t->gdp = o->cuda && (o->ep > 1 ? ep_opt_on_device(o)
+                                   : (t->dp.world > 1 && rank_has_own_gpu(o)) ||
+                                         (nccl && !strcmp(nccl, "1")));
     t->log = t->dp.rank == 0 ? o->log : NULL;
     t->out = t->dp.rank == 0 ? o->out : NULL;
     int rc = setup(t, r, e);

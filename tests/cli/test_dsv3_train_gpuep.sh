@@ -4,7 +4,9 @@
 # and the balance loss on; the rows over NCCL (one GPU a rank) and through host buffers
 # give the same bits; a run stopped by SIGTERM resumes exactly (losses, checkpoint files);
 # the checkpoint is the CPU backend's (it verifies, and the CPU --ep run resumes it); 4
-# ranks as 2 expert groups x 2 replicas follow one GPU too. With one GPU the ranks share
+# ranks as 2 expert groups x 2 replicas follow one GPU too. With one GPU a rank the
+# optimizer runs on the device: it follows the host optimizer (DSV3_EP_OPT=host) within
+# the same bounds, and each resumes the other's checkpoints. With one GPU the ranks share
 # it (rows through host buffers); without a GPU the probe fails with a clear message and
 # the rest is skipped; without NCCL the NCCL runs are skipped.
 . "$(dirname "$0")/lib.sh"
@@ -130,10 +132,54 @@ check ep2_checkpoint_verifies dsv3-convert --verify "$T/ep2/step-000020"
 check ep2_model_shards test -f "$T/ep2/step-000020/model-00002-of-00002.safetensors"
 
 if [ "$via" = NCCL ]; then
+    # One GPU a rank: the optimizer runs on the device (lib/epdev); DSV3_EP_OPT=host keeps
+    # it on the host (rows still over NCCL), DSV3_EP_HOST=1 moves the rows to host buffers
+    # as well. Same optimizer: NCCL and host-buffer rows give the same bits.
+    check ep2_device_optimizer grep -q "expert rows over NCCL, optimizer on the device" "$T/ep2.err0"
+    ranks 2 "$T/ep2o" DSV3_EP_OPT=host -- --steps 20 --ep 2
+    check ep2_host_optimizer_runs test $? -eq 0
+    check ep2_host_optimizer_says_so grep -q "expert rows over NCCL, optimizer on the host" "$T/ep2o.err0"
     ranks 2 "$T/ep2h" DSV3_EP_HOST=1 -- --steps 20 --ep 2
     check ep2_host_rows_runs test $? -eq 0
-    check ep2_host_rows_same_losses test "$(field loss "$T/ep2/metrics.jsonl")" = "$(field loss "$T/ep2h/metrics.jsonl")"
-    check ep2_host_rows_same_weights cmp -s "$T/ep2/step-000020/model-00002-of-00002.safetensors" "$T/ep2h/step-000020/model-00002-of-00002.safetensors"
+    check ep2_host_rows_same_losses test "$(field loss "$T/ep2o/metrics.jsonl")" = "$(field loss "$T/ep2h/metrics.jsonl")"
+    check ep2_host_rows_same_weights cmp -s "$T/ep2o/step-000020/model-00002-of-00002.safetensors" "$T/ep2h/step-000020/model-00002-of-00002.safetensors"
+    # Device against host optimizer, 20 steps: the same gradients (two summands, either
+    # order), the norm summed in another order and AdamW in fp32 on the device: the first
+    # step's loss is the same bits, its norm within fp32 rounding; then the runs may drift
+    # as two bf16 runs do, within the yardstick above (data parallel against one GPU).
+    echo "# --ep 2 device optimizer losses: $(field loss "$T/ep2/metrics.jsonl" | tr '\n' ' ')"
+    echo "# --ep 2 host optimizer losses:   $(field loss "$T/ep2o/metrics.jsonl" | tr '\n' ' ')"
+    echo "# --ep 2 device optimizer norms:  $(field grad_norm "$T/ep2/metrics.jsonl" | tr '\n' ' ')"
+    echo "# --ep 2 host optimizer norms:    $(field grad_norm "$T/ep2o/metrics.jsonl" | tr '\n' ' ')"
+    check ep2_devopt_first_loss_same test "$(field loss "$T/ep2/metrics.jsonl" | head -n 1)" = "$(field loss "$T/ep2o/metrics.jsonl" | head -n 1)"
+    g1=$(python3 -c 'import sys, json
+a, b = (json.loads(open(p).readline())["grad_norm"] for p in sys.argv[1:])
+print("%.3e" % (abs(a - b) / max(abs(a), 1e-30)))' "$T/ep2/metrics.jsonl" "$T/ep2o/metrics.jsonl")
+    echo "# first step's gradient norm, device vs host optimizer: $g1"
+    check ep2_devopt_first_norm_close le "$g1" 1e-5
+    for f in loss grad_norm; do
+        e=$(relv "$T/ep2o" "$T/ep2" $f) d=$(relv "$T/one" "$T/dp2" $f)
+        echo "# $f, 20 steps: --ep 2 device vs host optimizer $e, data parallel 2 vs 1 GPU $d"
+        check "ep2_devopt_${f}_close" le "$e" "$(awk -v d="$d" -v f=$([ $f = loss ] && echo 1e-2 || echo 2e-2) 'BEGIN { m = 3 * d; print (m > f ? m : f) }')"
+    done
+    e=$(wrelv "$T/ep2o/step-000020" "$T/ep2/step-000020") d=$(wrelv "$T/one/step-000020" "$T/dp2/step-000020")
+    echo "# weights after 20 steps: --ep 2 device vs host optimizer $e, data parallel 2 vs 1 GPU $d"
+    check ep2_devopt_weights_close le "$e" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
+    # the checkpoints are interchangeable: from the host optimizer's step 20 one more step
+    # on the device and one on the host give the same loss (same weights, same forward),
+    # and the device optimizer's checkpoint holds every moment file the host path reads
+    cp -r "$T/ep2o" "$T/xo" && cp -r "$T/ep2o" "$T/xd"
+    ranks 2 "$T/xo" DSV3_EP_OPT=host -- --steps 21 --ep 2 --resume
+    check ep2_host_resumes_host test $? -eq 0
+    ranks 2 "$T/xd" -- --steps 21 --ep 2 --resume
+    check ep2_device_resumes_host test $? -eq 0
+    check ep2_device_resumes_host_same_loss test "$(field loss "$T/xo/metrics.jsonl" | tail -n 1)" = "$(field loss "$T/xd/metrics.jsonl" | tail -n 1)"
+    for f in "$T"/ep2o/step-000020/optim*.safetensors; do
+        check "ep2_devopt_has_${f##*/}" test -f "$T/ep2/step-000020/${f##*/}"
+    done
+    cp -r "$T/ep2" "$T/yd"
+    ranks 2 "$T/yd" DSV3_EP_OPT=host -- --steps 21 --ep 2 --resume
+    check ep2_host_resumes_device test $? -eq 0
 fi
 
 # SIGTERM to rank 1 mid-run: both ranks checkpoint the same step; resuming to step 20
@@ -177,3 +223,17 @@ echo "# 2 x 2 ranks vs 1 GPU: losses $e, weights $w"
 check ep2x2_losses_close le "$e" 2e-2
 check ep2x2_weights_close le "$w" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
 check ep2x2_piece_files test -f "$T/ep22/step-000020/optim-experts-00001-of-00002-part00001-of-00002.safetensors"
+if [ "$ngpu" -ge 4 ] && [ "$via" = NCCL ]; then
+    # one GPU a rank: the device optimizer with 2 replicas a group (the experts' pieces
+    # reduce-scattered and gathered over NCCL) against the host optimizer
+    check ep2x2_device_optimizer grep -q "optimizer on the device" "$T/ep22.err0"
+    ranks 4 "$T/ep22o" DSV3_EP_OPT=host -- --steps 20 --ep 2 -b 2
+    check ep2x2_host_optimizer_runs test $? -eq 0
+    check ep2x2_devopt_first_loss_same test "$(field loss "$T/ep22/metrics.jsonl" | head -n 1)" = "$(field loss "$T/ep22o/metrics.jsonl" | head -n 1)"
+    e=$(relv "$T/ep22o" "$T/ep22" loss) w=$(wrelv "$T/ep22o/step-000020" "$T/ep22/step-000020")
+    echo "# 2 x 2 ranks, device vs host optimizer: losses $e, weights $w"
+    check ep2x2_devopt_losses_close le "$e" 2e-2
+    check ep2x2_devopt_weights_close le "$w" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
+    ranks 4 "$T/ep22" -- --steps 21 --ep 2 -b 2 --resume
+    check ep2x2_device_resumes_device test $? -eq 0
+fi
