@@ -78,6 +78,7 @@ compare() { # DIR SEED VARIANT: one summary line; writes DIR/s<seed>/<variant>.j
     maxrel=$(awk -v n="$n" -v W="$W" 'NR > n / 2 && NR >= W { v = $6 < 0 ? -$6 : $6; if (v > m) m = v } END { printf "%.3f", m }' "$base/$v.joined")
     last=$(tail -1 "$base/$v.joined")
     val=$(tail -1 "$base/$v.valrel")
+    echo "$v $(echo "$val" | cut -d' ' -f4) $(echo "$last" | cut -d' ' -f6)" >>"$d/rel.txt"
     echo "$last" "$val" | awk -v s="$s" -v v="$v" -v W="$W" -v mx="$maxrel" '{
         printf "seed %-3s %-8s | train, mean of steps %d-%d: bf16 %.5f %s %.5f %+.3f%% | val at %d: bf16 %.5f %s %.5f %+.3f%% | max |rel| of %d-step means, 2nd half: %s%%\n",
             s, v, $1 - W + 1, $1, $4, v, $5, $6, $7, $8, v, $9, $10, W, mx }'
@@ -89,6 +90,7 @@ report() { # DIR: every DIR/s<seed>/<variant>/metrics.jsonl against DIR/s<seed>/
     [ -n "$seeds" ] || { echo "fp8-train-compare: $d: no s<seed> folders" >&2; exit 1; }
     {
         if [ -f "$d/header.txt" ]; then cat "$d/header.txt"; fi
+        rm -f "$d/rel.txt"
         for s in $seeds; do
             [ -f "$d/s$s/bf16/metrics.jsonl" ] || { echo "fp8-train-compare: $d/s$s/bf16/metrics.jsonl: no such file" >&2; exit 1; }
             for m in "$d/s$s"/*/metrics.jsonl; do
@@ -100,6 +102,12 @@ report() { # DIR: every DIR/s<seed>/<variant>/metrics.jsonl against DIR/s<seed>/
                 [ "$v" = bf16 ] || compare "$d" "$s" "$v"
             done
         done
+        # each variant over the seeds: mean, sample s.d. and mean magnitude of its differences
+        awk '{ n[$1]++; a[$1] += $2; q[$1] += $2 * $2; m[$1] += $2 < 0 ? -$2 : $2
+               b[$1] += $3; r[$1] += $3 * $3; k[$1] += $3 < 0 ? -$3 : $3 }
+             function sd(s, ss, c) { return c > 1 ? sqrt((ss - s * s / c) / (c - 1)) : 0 }
+             END { for (v in n) printf "%-8s over %d seeds: val rel. diff. mean %+.3f%% (s.d. %.3f%%, mean |.| %.3f%%); train %+.3f%% (s.d. %.3f%%, mean |.| %.3f%%)\n",
+                       v, n[v], a[v] / n[v], sd(a[v], q[v], n[v]), m[v] / n[v], b[v] / n[v], sd(b[v], r[v], n[v]), k[v] / n[v] }' "$d/rel.txt" | sort
         # the bf16 runs over the seeds: the spread a different initialisation and data order makes
         for s in $seeds; do
             echo "$s $(tail -1 "$d/s$s/bf16.val" | cut -d' ' -f2) $(tail -n "$W" "$d/s$s/bf16.loss" | awk '{ t += $2 } END { printf "%.6f", t / NR }')"
@@ -133,25 +141,27 @@ plot() { # DIR SEEDS...: the png, with gnuplot
             case $v in
             fp8) st="lw 2 lc rgb \"$c\"" ;;
             fp8dense) st="lw 1 dt 3 lc rgb \"$c\"" ;;
-            bf16alt) st="lw 1 dt 2 lc rgb \"#808080\"" ;;
+            bf16alt) st="lw 1 dt 2 lc rgb \"$c\"" ;;
             esac
             rel="$rel${rel:+, }\"$d/s$s/$v.joined\" u 1:(\$1 >= $W ? \$6 : 1/0) w l $st t \"$v, seed $s\""
             val="$val${val:+, }\"$d/s$s/$v.valrel\" u 1:4 w lp pt 7 ps 0.6 $st t \"$v, seed $s\""
         done
     done
     gnuplot <<EOF
-set terminal pngcairo size 900,1000 font ",10"
+set terminal pngcairo size 1000,1000 font ",10"
 set output "$d/fp8-vs-bf16.png"
 set multiplot layout 3,1 title "dsv3-train BF16 vs --fp8, same start and data per seed"
 set grid
 set xrange [0:*]
-set key top right
+set lmargin at screen 0.08
+set rmargin at screen 0.75
+set key outside right top vertical
 set ylabel "training loss, seed $s1"
 plot "$d/s$s1/fp8.joined" u 1:2 w l lc rgb "#c0c8f0" notitle, "$d/s$s1/fp8.joined" u 1:3 w l lc rgb "#f0c8c0" notitle, \
      "$d/s$s1/fp8.joined" u 1:4 w l lw 2 lc rgb "#1f4fbf" t "bf16 (${W}-step mean)", "$d/s$s1/fp8.joined" u 1:5 w l lw 2 lc rgb "#d0401f" t "fp8 (${W}-step mean)"
 set ylabel "train, ${W}-step means: (x - bf16) / bf16, %"
-set yrange [-1.5:1.5]
-set key bottom left maxrows 4
+set yrange [-2:2]
+set key outside right top vertical
 plot $rel, 0.25 w l dt 4 lc rgb "#20a020" t "+-0.25% (DeepSeek-V3)", -0.25 w l dt 4 lc rgb "#20a020" notitle
 set ylabel "validation loss: (x - bf16) / bf16, %"
 set xlabel "step"
