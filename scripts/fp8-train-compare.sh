@@ -43,7 +43,7 @@
 #                                  without the corpus)
 #        scripts/fp8-train-compare.sh --report DIR   (the comparison and plot again, from
 #                                  DIR/s<seed>/<variant>/metrics.jsonl of an earlier run)
-# Env: BUILD (default build), DSV3_COMMIT, CORPUS, CONFIG, VAL, LR, W, SEEDS (default 1),
+# Env: BUILD (default build), DSV3_COMMIT, CORPUS, CONFIG, VAL, LR, W, SEEDS (default $SEED or 1),
 # VARIANTS, JOBS, PREP, DEVICE (default cuda), EVAL_EVERY (default 100), OUT_DIR (default $BUILD/fp8-compare; replaced).
 set -eu
 W=${W:-50}
@@ -234,7 +234,7 @@ if [ "${1:-}" = --prep ]; then
 fi
 steps=${1:-1000} B=${2:-8} GB=${3:-8} L=${4:-512}
 LR=${LR:-1e-3}
-SEEDS=${SEEDS:-1}
+SEEDS=${SEEDS:-${SEED:-1}}
 VARIANTS=${VARIANTS:-bf16 fp8}
 JOBS=${JOBS:-1}
 O=${OUT_DIR:-$BUILD/fp8-compare}
