@@ -18,7 +18,7 @@
 #     steps after the first (metrics.jsonl). BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train
 #     --fp8 (an earlier commit's build) on the same data.
 # Usage: scripts/bench-fp8.sh [STEPS] [B] [GB]   (defaults 4 4 16; build first; BUILD=build).
-# SKIP_GEMM=1 leaves out part 1. For docs/PERF.md.
+# SKIP_GEMM=1 leaves out part 1, SKIP_LAYER=1 part 2. For docs/PERF.md.
 set -eu
 BUILD=${BUILD:-build}
 steps=${1:-4} B=${2:-4} GB=${3:-16} L=4096
@@ -28,8 +28,10 @@ if [ "${SKIP_GEMM:-0}" = 0 ]; then
     echo "== 1. GEMMs and quantisers (tests/gpu/test_fp8)"
     DSV3_GPU_BENCH=1 "$BUILD/tests/gpu/test_fp8"
 fi
-echo "== 2. a linear layer's step through kernels/fp8lin (tests/gpu/test_fp8lin)"
-DSV3_GPU_BENCH=1 "$BUILD/tests/gpu/test_fp8lin"
+if [ "${SKIP_LAYER:-0}" = 0 ]; then
+    echo "== 2. a linear layer's step through kernels/fp8lin (tests/gpu/test_fp8lin)"
+    DSV3_GPU_BENCH=1 "$BUILD/tests/gpu/test_fp8lin"
+fi
 [ "$steps" -gt 0 ] || exit 0
 
 echo "== 3. dsv3-train --device cuda, 1b-moe, B=$B, global batch $GB x $L tokens, $steps steps"
