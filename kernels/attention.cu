@@ -1135,7 +1135,9 @@ __global__ void __launch_bounds__(256, MINB)
 #pragma unroll
         for (int ks = 0; ks < TN; ks += KS) {
             const int s0 = k0 + ks; /* this step's first key */
-            if (s0 > wrow + 63 || s0 >= T) { /* every key follows every query: nothing */
+            /* (TN 128) every key follows every query, or lies past T: nothing to add; with
+             * TN 64, warpgroup 0's last tile is computed anyway, all masked, as before */
+            if (TN > KS && (s0 > wrow + 63 || s0 >= T)) {
                 wg_wait<0>();
                 wg_regs(dQ);
                 continue;
@@ -1424,7 +1426,7 @@ template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, i
 static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                            const float *lse, const float *D, const bf16 *q, const bf16 *k,
                            const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
-                           int dv, float scale, dsv3_err *e)
+                           int dv, float scale, int lpt, dsv3_err *e)
 {
     typedef f3b_smem<DKP, DVP, SK, TQ> LB;
     typedef f3q_smem<DKP, DVP, SQ, TN> LQ;
@@ -1436,8 +1438,6 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
     const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
-    const char *el = getenv("DSV3_ATTN_LPT");
-    const int lpt = el ? atoi(el) : 1;
     dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
     f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10><<<gk, 256, LB::bytes, c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
@@ -1454,13 +1454,13 @@ template <int DKP, int DVP, int HS, int SK, int SQ, bool FX, int TQ = 64, int TN
 static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                          const float *lse, const float *D, const bf16 *q, const bf16 *k,
                          const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
-                         float scale, dsv3_err *e)
+                         float scale, int lpt, dsv3_err *e)
 {
     if (seg)
         return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB>(
-            c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, e);
+            c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
     return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB>(
-        c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, e);
+        c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
 }
 
 /* ---- dispatch over the instantiated head dims ---- */
@@ -1532,51 +1532,41 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
                                          dk, dv, scale, e);
 }
 
-/* The Hopper backward's shape. DSV3_ATTN_BWD (measurement only, temporary) picks among
- * the candidates; 0 is the earlier kernels. */
+/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
+ * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
+ * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. 0, the
+ * default: the kernels measured in docs/PERF.md ("Attention on Hopper wgmma"). 96/64:
+ *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
+ *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
+ *   3  as 2, exp2f                                          7  as 4, two blocks an SM
+ *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
+ * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx. */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
                        float scale, dsv3_err *e)
 {
-    const char *ev = getenv("DSV3_ATTN_BWD");
-    const int bv = ev ? atoi(ev) : 2;
+    const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
+    const int bv = ev ? atoi(ev) : 0, lpt = el ? atoi(el) : 0;
+#define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
+                                            dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
         switch (bv) {
-        case 0:
-            return f3_bwd_launch<96, 64, 32, 3, 3, false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V,
-                                                          seg, B, T, nh, dk, dv, scale, e);
-        case 1:
-            return f3_bwd_launch<96, 64, 32, 4, 4, true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg,
-                                                         B, T, nh, dk, dv, scale, e);
-        case 3:
-            return f3_bwd_launch<96, 64, 64, 4, 4, false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V,
-                                                          seg, B, T, nh, dk, dv, scale, e);
-        case 4:
-            return f3_bwd_launch<96, 64, 32, 3, 3, true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg,
-                                                         B, T, nh, dk, dv, scale, e);
-        case 5:
-            return f3_bwd_launch<96, 64, 64, 4, 4, true, 128, 128>(
-                c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-        case 6:
-            return f3_bwd_launch<96, 64, 64, 3, 3, true, 128, 128>(
-                c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-        case 7: /* two blocks an SM: 128 registers */
-            return f3_bwd_launch<96, 64, 32, 3, 3, true, 64, 64, 22>(
-                c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-        case 8:
-            return f3_bwd_launch<96, 64, 64, 4, 3, true, 64, 64, 12>(
-                c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-        default:
-            return f3_bwd_launch<96, 64, 64, 4, 4, true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg,
-                                                         B, T, nh, dk, dv, scale, e);
+        case 1: return F3B(96, 64, 32, 4, 4, true);
+        case 2: return F3B(96, 64, 64, 4, 4, true);
+        case 3: return F3B(96, 64, 64, 4, 4, false);
+        case 4: return F3B(96, 64, 32, 3, 3, true);
+        case 5: return F3B(96, 64, 64, 4, 4, true, 128, 128);
+        case 6: return F3B(96, 64, 64, 3, 3, true, 128, 128);
+        case 7: return F3B(96, 64, 32, 3, 3, true, 64, 64, 22);
+        case 8: return F3B(96, 64, 64, 4, 3, true, 64, 64, 12);
+        default: return F3B(96, 64, 32, 3, 3, false);
         }
     }
-    if (bv == 0)
-        return f3_bwd_launch<192, 128, 32, 3, 3, false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg,
-                                                        B, T, nh, dk, dv, scale, e);
-    return f3_bwd_launch<192, 128, 32, 3, 3, true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B,
-                                                   T, nh, dk, dv, scale, e);
+    if (bv > 0)
+        return F3B(192, 128, 32, 3, 3, true);
+    return F3B(192, 128, 32, 3, 3, false);
+#undef F3B
 }
 
 /* The wgmma kernels exist in the sm_90a build only: use them on compute capability 9.x. */
