@@ -32,7 +32,10 @@ for c in ${BWD_SWEEP:-}; do
     [ "$c" != "$v" ] && l=${c#*:}
     DSV3_ATTN_BWD=$v DSV3_ATTN_LPT=$l DSV3_ATTN_BENCH_DEFAULT=1 DSV3_GPU_BENCH=1 \
         "$BUILD/tests/gpu/test_attention" >"$LOG/bwd$v-$l.log" 2>&1 || st=1
-    echo "# bwd=$v:$l: $(grep -c '^not ok' "$LOG/bwd$v-$l.log") failed checks"
+    f="$LOG/bwd$v-$l.log"
+    echo "# bwd=$v:$l: tests $(grep -c '^ok ' "$f") ok, $(grep -c '^not ok' "$f") failed," \
+        "$(grep -c '^skip ' "$f") skipped"
+    grep '^not ok\|FAIL\|fail' "$f" | head -5
     grep '^# bench attn bwd' "$LOG/bwd$v-$l.log" | sed "s/^# bench/# bwd=$v:$l/"
 done
 if [ "${PEER:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then  # PEER=0: ours only
