@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "gpuctx_internal.cuh"
 #include "wgmma.cuh"
+#include <stdlib.h>
 
 #define BM 64
 #define BN 64
@@ -60,6 +61,19 @@ __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
 {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *(uint32_t *)&v;
+}
+
+/* 2^x by the special-function unit alone (flush-to-zero: exp2f's extra instructions only
+ * keep results below 2^-126 denormal, and a probability that small is zero to bf16 and
+ * to the sums it enters). FX selects it in the Hopper backward, exp2f otherwise. */
+template <bool FX>
+__device__ __forceinline__ float exp2x(float x)
+{
+    if (!FX)
+        return exp2f(x);
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 /* 16-byte asynchronous copy global -> shared; src_bytes 0 fills zeros (rows past T). */
@@ -842,32 +856,40 @@ __global__ void __launch_bounds__(256, 1)
     }
 }
 
-template <int DKP, int DVP>
+template <int DKP, int DVP, int ST = 3, int TQ_ = 64>
 struct f3b_smem {
-    static const int TK = 128, TQ = 64;
+    static const int TK = 128, TQ = TQ_;
     static const int KB = TK * DKP * 2, VB = TK * DVP * 2, QB = TQ * DKP * 2, OB = TQ * DVP * 2;
-    static const int STAGES = 3;
+    static const int STAGES = ST;
     static const size_t bytes = (size_t)KB + VB + STAGES * (QB + OB + 2 * TQ * 4) + 1024;
 };
 
 /* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
- * (64, double-buffered) at and below the diagonal, 32 queries a step: S^T = K Q^T,
- * dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) scale; dV += P^T dO,
- * dK += dS^T Q. */
-template <int DKP, int DVP, bool SEG>
-__global__ void __launch_bounds__(256, 1)
+ * of TQ (64, or 128) at and below the diagonal, HS queries a step (32; 64 where the registers allow it,
+ * 96/64, for twice the work per product): S^T = K Q^T, dP^T = V dO^T,
+ * P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) scale; dV += P^T dO, dK += dS^T Q.
+ * ST stages of query tiles, loaded two tiles ahead: with 3 the stage refilled is the last
+ * tile's, so each tile's products drain before the barrier; with 4 (96/64) it is the tile
+ * two back, which every warpgroup has waited for before the barrier, so a tile's dV and dK
+ * run on across the next tile's barrier and loads. FX: exp by ex2.approx.ftz. */
+template <int DKP, int DVP, bool SEG, int HS, int ST, bool FX, int TQ_, int MINB>
+__global__ void __launch_bounds__(256, MINB)
     f3_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
                        const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
-                       const int32_t *seg, int T, int nh, int dk, int dv, float scale)
+                       const int32_t *seg, int T, int nh, int dk, int dv, float scale, int lpt)
 {
-    typedef f3b_smem<DKP, DVP> L;
+    typedef f3b_smem<DKP, DVP, ST, TQ_> L;
     const int TK = L::TK, TQ = L::TQ;
+    static_assert(TQ % HS == 0 && (ST == 3 || ST == 4), "steps and stages");
     extern __shared__ unsigned char smem_raw[];
     unsigned char *Ks = align1024(smem_raw), *Vs = Ks + L::KB, *Qs = Vs + L::VB;
     unsigned char *dOs = Qs + L::STAGES * L::QB;
     float *lse_s = (float *)(dOs + L::STAGES * L::OB), *D_s = lse_s + L::STAGES * TQ;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    const int h = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * TK;
+    /* lpt: grid (nh B, tiles), the costliest tiles (the first keys: the most queries) of
+     * every head first, so the cheap ones fill the last wave; else (tiles, nh, B) */
+    const int h = lpt ? blockIdx.x % nh : blockIdx.y, b = lpt ? blockIdx.x / nh : blockIdx.z;
+    const int k0 = (lpt ? blockIdx.y : blockIdx.x) * TK;
     const float sl2 = scale * LOG2E;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
@@ -875,7 +897,7 @@ __global__ void __launch_bounds__(256, 1)
     const int nq = SEG ? (doc_end(sg, min(k0 + TK - 1, T - 1), T) + TQ - 1) / TQ
                        : (T + TQ - 1) / TQ,
               qt0 = k0 / TQ;
-    /* query tile qt goes to stage (qt - qt0) % 3, two tiles ahead of its use; every tile
+    /* query tile qt goes to stage (qt - qt0) % ST, two tiles ahead of its use; every tile
      * (also past the last) commits one cp.async group, so the counts stay uniform */
     auto prefetch = [&](int qt) {
         const int st = (qt - qt0) % L::STAGES, q0 = qt * TQ;
@@ -907,95 +929,111 @@ __global__ void __launch_bounds__(256, 1)
     const int skl = SEG ? sg[min(k0 + wg * 64 + 63, T - 1)] : 0;
     for (int qt = qt0; qt < nq; qt++) {
         const int buf = (qt - qt0) % L::STAGES, q0 = qt * TQ;
-        prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
-        cp_async_wait<2>();
-        fence_proxy_async();
-        __syncthreads();
+        if (ST == 3) {
+            prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
+            cp_async_wait<2>();
+            fence_proxy_async();
+            __syncthreads();
+        } else {
+            cp_async_wait<1>(); /* tile qt has landed (qt + 1 may be in flight) */
+            fence_proxy_async();
+            __syncthreads();
+            /* into tile qt - 2's stage: each warpgroup waited for its products in tile
+             * qt - 1 (the first step's wait, or the wait of a skipped tile) */
+            prefetch(qt + 2);
+        }
         const unsigned char *Qb = Qs + buf * L::QB, *dOb = dOs + buf * L::OB;
         const float *ls = lse_s + buf * TQ, *Ds = D_s + buf * TQ;
         /* a warpgroup whose keys all lie past this tile's last query skips it, and one whose
          * keys all belong to documents before this tile's first query's */
         const bool live = k0 + wg * 64 <= q0 + TQ - 1 && (!SEG || skl >= sg[q0]);
-        /* 32 queries a step; the groups S^T, dP^T, dV, dK are in flight together: P is
-         * computed while dP^T runs, dS while dV runs, and the next step's S^T and dP^T
-         * queue behind dK */
+        /* the groups S^T, dP^T, dV, dK are in flight together: P is computed while dP^T
+         * runs, dS while dV runs, and the next step's S^T and dP^T queue behind dK */
+        if (live) {
 #pragma unroll
-        for (int hs = 0; hs < TQ; hs += 32) {
-            if (!live)
-                break;
-            float st[16], dp[16];
+            for (int hs = 0; hs < TQ; hs += HS) {
+                if (k0 + wg * 64 > q0 + hs + HS - 1)
+                    continue; /* (TQ 128) every key of the warpgroup follows every query */
+                float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
+                wg_fence();
+                wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0),
+                                           kmaj<DKP>(Qb, TQ, hs, 0));
 #pragma unroll
-            for (int j = 0; j < 16; j++)
-                st[j] = dp[j] = 0;
-            wg_regs(st);
-            wg_regs(dp);
-            wg_fence();
+                for (int kk = 1; kk < DKP / 16; kk++)
+                    wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
+                wg_commit();
+                wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0),
+                                           kmaj<DVP>(dOb, TQ, hs, 0));
 #pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++)
-                wg_mma<32>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
-            wg_commit();
+                for (int kk = 1; kk < DVP / 16; kk++)
+                    wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk),
+                                   kmaj<DVP>(dOb, TQ, hs, kk));
+                wg_commit();
+                wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
+                wg_regs(st);
+                wg_regs(dV);
+                wg_regs(dK);
+                /* P^T, masked only where a key of this warpgroup can pass a query of this
+                 * step, or past T */
+                const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + HS > T ||
+                                  (SEG && skf != sg[min(q0 + hs + HS - 1, T - 1)]);
 #pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++)
-                wg_mma<32>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk), kmaj<DVP>(dOb, TQ, hs, kk));
-            wg_commit();
-            wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
-            wg_regs(st);
+                for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                        float p = exp2x<FX>(fmaf(st[4 * j + x], sl2, -ls[ql]));
+                        if (edge) {
+                            int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
+                            if (!(qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))))
+                                p = 0;
+                        }
+                        st[4 * j + x] = p;
+                    }
+                uint32_t pa[HS / 16][4], da[HS / 16][4];
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++)
+                        pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+                    wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+                wg_commit();
+                wg_wait<1>(); /* dP^T is done */
+                wg_regs(dp);
+                /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
+#pragma unroll
+                for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                        dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+                    }
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++)
+                        da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+                    wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+                wg_commit();
+            }
+        }
+        if (ST == 3 || !live) {
+            wg_wait<0>();
             wg_regs(dV);
             wg_regs(dK);
-            /* P^T, masked only where a key of this warpgroup can pass a query of this
-             * step, or past T */
-            const bool edge = k0 + wg * 64 + 63 > q0 + hs || q0 + hs + 32 > T ||
-                              (SEG && skf != sg[min(q0 + hs + 31, T - 1)]);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                    float p = exp2f(fmaf(st[4 * j + x], sl2, -ls[ql]));
-                    if (edge) {
-                        int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
-                        if (!(qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))))
-                            p = 0;
-                    }
-                    st[4 * j + x] = p;
-                }
-            uint32_t pa[2][4], da[2][4];
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-                wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
-            wg_commit();
-            wg_wait<1>(); /* dP^T is done */
-            wg_regs(dp);
-            /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                    dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                }
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-                wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
-            wg_commit();
         }
-        wg_wait<0>();
-        wg_regs(dV);
-        wg_regs(dK);
-        __syncthreads(); /* a later prefetch overwrites the stage just read */
+        if (ST == 3)
+            __syncthreads(); /* a later prefetch overwrites the stage just read */
     }
+    wg_wait<0>();
+    wg_regs(dV);
+    wg_regs(dK);
 #pragma unroll
     for (int j = 0; j < DKP / 8; j++) {
         int col = j * 8 + (lane & 3) * 2;
@@ -1022,29 +1060,38 @@ __global__ void __launch_bounds__(256, 1)
     }
 }
 
-template <int DKP, int DVP>
+template <int DKP, int DVP, int ST = 3, int TN_ = 64>
 struct f3q_smem {
-    static const int TM = 128, TN = 64;
+    static const int TM = 128, TN = TN_;
     static const int QB = TM * DKP * 2, OB = TM * DVP * 2, KB = TN * DKP * 2, VB = TN * DVP * 2;
-    static const int STAGES = 3;
+    static const int STAGES = ST;
     static const size_t bytes = (size_t)QB + OB + STAGES * (KB + VB) + 1024;
 };
 
-/* dQ: block = 128 queries, two warpgroups of 64, over the key tiles (64, double-buffered)
- * up to the diagonal: S = Q K^T, dP = dO V^T, dS = P (dP - D) scale, dQ += dS K. */
-template <int DKP, int DVP, bool SEG>
-__global__ void __launch_bounds__(256, 1)
+/* dQ: block = 128 queries, two warpgroups of 64, over the key tiles (TN: 64, or 128;
+ * loaded two ahead) up to the diagonal, 64 keys a step: S = Q K^T, dP = dO V^T,
+ * dS = P (dP - D) scale, dQ += dS K; a warpgroup skips the steps whose keys all follow its
+ * queries. ST 3: each tile's last dQ product drains before the next tile's barrier (the
+ * next load refills the stage it reads); ST 4 (96/64): the refilled stage is two tiles
+ * back, so dQ runs on under the next tile's barrier, loads and S, and is waited for with
+ * S. FX: exp by ex2.approx. */
+template <int DKP, int DVP, bool SEG, int ST, bool FX, int TN_, int MINB>
+__global__ void __launch_bounds__(256, MINB)
     f3_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
                      const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *seg, int T,
-                     int nh, int dk, int dv, float scale)
+                     int nh, int dk, int dv, float scale, int lpt)
 {
-    typedef f3q_smem<DKP, DVP> L;
-    const int TM = L::TM, TN = L::TN;
+    typedef f3q_smem<DKP, DVP, ST, TN_> L;
+    const int TM = L::TM, TN = L::TN, KS = 64; /* keys a step */
+    static_assert(ST == 3 || ST == 4, "stages");
     extern __shared__ unsigned char smem_raw[];
     unsigned char *Qs = align1024(smem_raw), *dOs = Qs + L::QB, *Ks = dOs + L::OB;
     unsigned char *Vs = Ks + L::STAGES * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
+    /* lpt: as in the dK/dV kernel, the last queries (the most keys) of every head first */
+    const int qt = lpt ? gridDim.y - 1 - blockIdx.y : gridDim.x - 1 - blockIdx.x;
+    const int h = lpt ? blockIdx.x % nh : blockIdx.y, b = lpt ? blockIdx.x / nh : blockIdx.z;
+    const int q0 = qt * TM;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, qr0 = wrow + warp * 16 + (lane >> 2), qr1 = qr0 + 8;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
@@ -1058,8 +1105,8 @@ __global__ void __launch_bounds__(256, 1)
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0; /* documents: the first visible tile */
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
     const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
-    /* key tile kt goes to stage (kt - kt0) % 3, two tiles ahead of its use; every tile (also
-     * past the last) commits one cp.async group, so the counts stay uniform */
+    /* key tile kt goes to stage (kt - kt0) % ST, two tiles ahead of its use; every tile
+     * (also past the last) commits one cp.async group, so the counts stay uniform */
     auto prefetch = [&](int kt) {
         const int st = (kt - kt0) % L::STAGES;
         if (kt < ntiles) {
@@ -1081,36 +1128,42 @@ __global__ void __launch_bounds__(256, 1)
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
         fence_proxy_async();
         __syncthreads();
-        /* every warpgroup is done with tile kt - 1's stage: refill it with tile kt + 2 */
+        /* every warpgroup is done with the stage refilled here: tile kt - 1's (ST 3: its
+         * dQ was waited for at its end) or kt - 2's (ST 4: waited for with tile kt - 1's S) */
         prefetch(kt + 2);
         const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
-        /* (a warpgroup whose queries all precede this tile's keys, warpgroup 0 on the last
-         * tile, computes it anyway, all masked: one code path keeps the pipeline whole) */
-        float sc[TN / 2], dp[TN / 2]; /* the first k-step overwrites them */
-        {
+#pragma unroll
+        for (int ks = 0; ks < TN; ks += KS) {
+            const int s0 = k0 + ks; /* this step's first key */
+            /* (TN 128) every key follows every query, or lies past T: nothing to add; with
+             * TN 64, warpgroup 0's last tile is computed anyway, all masked, as before */
+            if (TN > KS && (s0 > wrow + 63 || s0 >= T)) {
+                wg_wait<0>();
+                wg_regs(dQ);
+                continue;
+            }
+            float sc[KS / 2], dp[KS / 2]; /* the first k-step overwrites them */
             wg_fence();
-            wg_mma<TN>::ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Kb, TN, 0, 0));
+            wg_mma<KS>::template ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Kb, TN, ks, 0));
 #pragma unroll
             for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<TN>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, 0, kk));
+                wg_mma<KS>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, ks, kk));
             wg_commit();
-            wg_mma<TN>::ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0), kmaj<DVP>(Vb, TN, 0, 0));
+            wg_mma<KS>::template ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0), kmaj<DVP>(Vb, TN, ks, 0));
 #pragma unroll
             for (int kk = 1; kk < DVP / 16; kk++)
-                wg_mma<TN>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, 0, kk));
+                wg_mma<KS>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, ks, kk));
             wg_commit();
-        }
-        {
-            wg_wait<1>(); /* S is done; dP may still run */
+            wg_wait<1>(); /* S is done (and the last step's dQ); dP may still run */
             wg_regs(sc);
-            const bool edge = k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast);
+            const bool edge = s0 + KS - 1 > wrow || s0 + KS > T || (SEG && sg[s0] != slast);
 #pragma unroll
-            for (int j = 0; j < TN / 8; j++)
+            for (int j = 0; j < KS / 8; j++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) {
-                    float p = exp2f(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
+                    float p = exp2x<FX>(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
                     if (edge) {
-                        int kc = k0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
+                        int kc = s0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
                         if (!(qr < T && kc <= qr && (!SEG || sg[kc] == (x < 2 ? sq0 : sq1))))
                             p = 0;
                     }
@@ -1119,9 +1172,9 @@ __global__ void __launch_bounds__(256, 1)
             wg_wait<0>();
             wg_regs(dp);
             /* dS / scale (scale goes on dQ at the end); masked entries have P = 0 */
-            uint32_t da[TN / 16][4];
+            uint32_t da[KS / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < TN / 16; kk++)
+            for (int kk = 0; kk < KS / 16; kk++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) {
                     const int j0 = 8 * kk + 2 * x;
@@ -1131,13 +1184,17 @@ __global__ void __launch_bounds__(256, 1)
             wg_regs(dQ);
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < TN / 16; kk++)
-                wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, kk * 16));
+            for (int kk = 0; kk < KS / 16; kk++)
+                wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, ks + kk * 16));
             wg_commit();
-            wg_wait<0>();
-            wg_regs(dQ);
+            if (ST == 3 && ks + KS == TN) { /* the next barrier frees this stage */
+                wg_wait<0>();
+                wg_regs(dQ);
+            }
         }
     }
+    wg_wait<0>();
+    wg_regs(dQ);
 #pragma unroll
     for (int j = 0; j < DKP / 8; j++) {
         int col = j * 8 + (lane & 3) * 2;
@@ -1363,41 +1420,47 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
     return 0;
 }
 
-template <int DKP, int DVP, bool SEG>
+/* Backward kernel shapes (f3_bwd_dkdv_kernel, f3_bwd_dq_kernel): HS queries a dK/dV step,
+ * SK and SQ stages of the two kernels, FX the ex2.approx exponential. */
+template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, int TN, int MB>
 static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                            const float *lse, const float *D, const bf16 *q, const bf16 *k,
                            const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
-                           int dv, float scale, dsv3_err *e)
+                           int dv, float scale, int lpt, dsv3_err *e)
 {
-    typedef f3b_smem<DKP, DVP> LB;
-    typedef f3q_smem<DKP, DVP> LQ;
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG>,
+    typedef f3b_smem<DKP, DVP, SK, TQ> LB;
+    typedef f3q_smem<DKP, DVP, SQ, TN> LQ;
+    static_assert(LB::bytes <= 227 * 1024 && LQ::bytes <= 227 * 1024, "shared memory");
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
-    dim3 gk((T + LB::TK - 1) / LB::TK, nh, B), gq((T + LQ::TM - 1) / LQ::TM, nh, B);
-    f3_bwd_dkdv_kernel<DKP, DVP, SEG><<<gk, 256, LB::bytes, c->stream>>>(
-        d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
+    const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
+    dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
+    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10><<<gk, 256, LB::bytes, c->stream>>>(
+        d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP, SEG><<<gq, 256, LQ::bytes, c->stream>>>(
-        d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale);
+    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10><<<gq, 256, LQ::bytes, c->stream>>>(
+        d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dq (sm90)", e);
     return 0;
 }
 
-template <int DKP, int DVP>
+/* MB: blocks an SM each kernel's registers must allow, 10 x dK/dV's + dQ's */
+template <int DKP, int DVP, int HS, int SK, int SQ, bool FX, int TQ = 64, int TN = 64,
+          int MB = 11>
 static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                          const float *lse, const float *D, const bf16 *q, const bf16 *k,
                          const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
-                         float scale, dsv3_err *e)
+                         float scale, int lpt, dsv3_err *e)
 {
     if (seg)
-        return f3_bwd_launch_t<DKP, DVP, true>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B,
-                                               T, nh, dk, dv, scale, e);
-    return f3_bwd_launch_t<DKP, DVP, false>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T,
-                                            nh, dk, dv, scale, e);
+        return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB>(
+            c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
+    return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB>(
+        c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
 }
 
 /* ---- dispatch over the instantiated head dims ---- */
@@ -1467,6 +1530,43 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
                                             nh, dk, dv, scale, e);
     return bwd_launch_t<DKP, DVP, false>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh,
                                          dk, dv, scale, e);
+}
+
+/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
+ * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
+ * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. 0, the
+ * default: the kernels measured in docs/PERF.md ("Attention on Hopper wgmma"). 96/64:
+ *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
+ *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
+ *   3  as 2, exp2f                                          7  as 4, two blocks an SM
+ *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
+ * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx. */
+static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
+                       const float *lse, const float *D, const bf16 *Q, const bf16 *K,
+                       const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
+                       float scale, dsv3_err *e)
+{
+    const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
+    const int bv = ev ? atoi(ev) : 0, lpt = el ? atoi(el) : 0;
+#define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
+                                            dk, dv, scale, lpt, e)
+    if (dk <= 96 && dv <= 64) {
+        switch (bv) {
+        case 1: return F3B(96, 64, 32, 4, 4, true);
+        case 2: return F3B(96, 64, 64, 4, 4, true);
+        case 3: return F3B(96, 64, 64, 4, 4, false);
+        case 4: return F3B(96, 64, 32, 3, 3, true);
+        case 5: return F3B(96, 64, 64, 4, 4, true, 128, 128);
+        case 6: return F3B(96, 64, 64, 3, 3, true, 128, 128);
+        case 7: return F3B(96, 64, 32, 3, 3, true, 64, 64, 22);
+        case 8: return F3B(96, 64, 64, 4, 3, true, 64, 64, 12);
+        default: return F3B(96, 64, 32, 3, 3, false);
+        }
+    }
+    if (bv > 0)
+        return F3B(192, 128, 32, 3, 3, true);
+    return F3B(192, 128, 32, 3, 3, false);
+#undef F3B
 }
 
 /* The wgmma kernels exist in the sm_90a build only: use them on compute capability 9.x. */
@@ -1571,13 +1671,8 @@ extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, g
     if (dk <= 32 && dv <= 32)
         rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
                                 e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c) &&
-             dk <= 96 && dv <= 64)
-        rc = f3_bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv,
-                                    scale, e);
     else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c))
-        rc = f3_bwd_launch<192, 128>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv,
-                                     scale, e);
+        rc = f3_bwd_pick(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     else if (dk <= 96 && dv <= 64)
         rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     else
