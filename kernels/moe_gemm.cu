@@ -602,9 +602,12 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
             kbeg = 0, kend = p.K;
         }
     };
+    /* registers: 168 a thread at launch (384 threads); the producer gives back 128 each,
+     * the consumers take 64 each: 40 x 128 + 232 x 256 = 168 x 384. (More than the pool
+     * holds and setmaxnreg.inc waits forever.) */
     if (wg == 0) { /* producer */
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 96;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
 #endif
         uint32_t it = 0;
         for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -632,7 +635,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 #endif
         int cw = wg - 1, warp = tid >> 5;
         uint32_t it = 0;
