@@ -10,7 +10,11 @@
  * or N contiguous through wgmma's transpose bits); elsewhere ldmatrix + mma.sync m16n8k16
  * (8 warps of 64 x 64). wgrad adds the fp32 tile straight into d_W: one owner per (expert,
  * tile), no atomics, no bf16 rounding of the increment. The wgmma kernel on unswizzled
- * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md).
+ * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md). A
+ * warp-specialised persistent version of the swizzled kernel (moe_ws_kernel: a loading
+ * warpgroup, two multiplying ones, an mbarrier ring, one block an SM looping over the
+ * tiles) is selectable as GPU_MOE_GEMM_WS. What it shares with kernels/moe_gemm_fp8
+ * (cp.async, mbarriers, row-tile lookup, epilogue) is in moe_gemm_common.cuh.
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
@@ -472,7 +476,8 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
     }
 }
 
-/* ---- the warp-specialised persistent kernel (GPU_MOE_GEMM_WS, the default on Hopper) ----
+/* ---- the warp-specialised persistent kernel (GPU_MOE_GEMM_WS; not yet the default: not
+ * yet run on a GPU, see docs/PERF.md "Warp-specialised grouped expert GEMM") ----
  *
  * The same 128 x 256 tiles, swizzled layouts and wgmma products as moe_wgmma_kernel<.., 1,
  * 1>, with the roles split: warpgroup 0 only loads (cp.async into a 4-stage ring, each
@@ -711,7 +716,7 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int major = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->dev), e);
     /* wgmma needs the sm_90a machine code: Hopper itself, not a later GPU running PTX */
-    int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WS
+    int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA_SW
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
     const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */

@@ -38,19 +38,31 @@ __device__ __forceinline__ void mbar_cp_async_arrive(uint32_t bar)
 {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-/* waits until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes) */
+/* waits until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
+ * A wait past 10 s of GPU time traps: a pipeline bug shows as a launch error, not a hung
+ * process (only waits that already failed read the timer). */
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
 {
-    asm volatile("{\n"
-                 ".reg .pred P1;\n"
-                 "MG_WAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-                 "@P1 bra MG_DONE;\n"
-                 "bra MG_WAIT;\n"
-                 "MG_DONE:\n"
-                 "}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
+    uint32_t done;
+    uint64_t t0 = 0;
+    for (;;) {
+        asm volatile("{\n"
+                     ".reg .pred P1;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, P1;\n"
+                     "}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+        if (done)
+            return;
+        uint64_t now;
+        asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+        if (t0 == 0)
+            t0 = now;
+        else if (now - t0 > 10000000000ull)
+            __trap();
+    }
 }
 
 /* Forward and dgrad grids count the experts' row tiles of BM in expert order. Which

@@ -352,12 +352,12 @@ static void bench_grouped_gemm(void)
             double fl = 2.0 * nk * j.I * j.O;
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
-                /* default (warp-specialised on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
-                 * grouped, wgmma swizzled, dense same shape */
+                /* default (wgmma swizzled on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
+                 * grouped, warp-specialised, dense same shape */
                 float ms[7];
                 static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
                                            GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
-                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WGMMA_SW,
+                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WS,
                                            GPU_MOE_GEMM_DEFAULT};
                 for (int v = 0; v < 7; v++) {
                     j.dense = v == 6;
@@ -376,7 +376,7 @@ static void bench_grouped_gemm(void)
                          j.O);
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
                 printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
-                       "wgmma pipelined %6.1f | wgmma swizzled %6.1f | mma.sync %6.1f | cuBLAS "
+                       "wgmma pipelined %6.1f | warp-specialised %6.1f | mma.sync %6.1f | cuBLAS "
                        "grouped %6.1f",
                        name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
                        TF(ms[5]), TF(ms[3]), TF(ms[4]));
