@@ -10,13 +10,18 @@
  * or N contiguous through wgmma's transpose bits); elsewhere ldmatrix + mma.sync m16n8k16
  * (8 warps of 64 x 64). wgrad adds the fp32 tile straight into d_W: one owner per (expert,
  * tile), no atomics, no bf16 rounding of the increment. The wgmma kernel on unswizzled
- * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md).
+ * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md). A
+ * warp-specialised persistent version of the swizzled kernel (moe_ws_kernel: a loading
+ * warpgroup, two multiplying ones, an mbarrier ring, one block an SM looping over the
+ * tiles) is selectable as GPU_MOE_GEMM_WS. What it shares with kernels/moe_gemm_fp8
+ * (cp.async, mbarriers, row-tile lookup, epilogue) is in moe_gemm_common.cuh.
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
  * shapes our kernel does not take (sizes not multiples of 8, bases not 16-byte aligned). */
 #include "gpuctx_internal.cuh"
 #include "moe.h"
+#include "moe_gemm_common.cuh"
 
 #include <stdlib.h>
 
@@ -44,16 +49,15 @@ struct mg_args {
 
 __device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, bool pred)
 {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g),
-                 "r"(pred ? 16 : 0));
+    mg_cp16(saddr, g, pred);
 }
 __device__ __forceinline__ void cp_async_commit()
 {
-    asm volatile("cp.async.commit_group;\n" ::);
+    mg_commit();
 }
 template <int N> __device__ __forceinline__ void cp_async_wait()
 {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    mg_wait<N>();
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t *r, uint32_t addr)
 {
@@ -123,7 +127,6 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_kernel(const mg_args p
 {
     constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
     extern __shared__ __align__(128) unsigned char smem[];
-    __shared__ int s_e, s_r0, s_r1;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int e, m0, n0, kbeg, kend, rbeg, rend;
     if (FORM == FORM_WGRAD) {
@@ -138,35 +141,8 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_kernel(const mg_args p
         rbeg = 0, rend = p.M;
     } else {
         /* blockIdx.y counts row tiles over the experts in order: find this one's */
-        if (warp == 0) {
-            if (lane == 0)
-                s_e = -1;
-            __syncwarp();
-            int t = blockIdx.y, base = 0;
-            for (int e0 = 0; e0 < p.E; e0 += 32) {
-                int x = e0 + lane;
-                int cnt = x < p.E ? p.off[x + 1] - p.off[x] : 0;
-                int nt = (cnt + MG_BM - 1) / MG_BM, inc = nt;
-#pragma unroll
-                for (int o = 1; o < 32; o <<= 1) {
-                    int v = __shfl_up_sync(0xffffffffu, inc, o);
-                    if (lane >= o)
-                        inc += v;
-                }
-                int start = base + inc - nt;
-                if (x < p.E && t >= start && t < start + nt) {
-                    s_e = x;
-                    s_r0 = p.off[x] + (t - start) * MG_BM;
-                    s_r1 = p.off[x + 1];
-                }
-                base += __shfl_sync(0xffffffffu, inc, 31);
-            }
-        }
-        __syncthreads();
-        if (s_e < 0)
+        if (!mg_find_row_tile<MG_BM>(p.off, p.E, blockIdx.y, &e, &rbeg, &rend))
             return;
-        e = s_e;
-        rbeg = s_r0, rend = s_r1;
         m0 = 0;
         n0 = blockIdx.x * MG_BN;
         kbeg = 0, kend = p.K;
@@ -261,41 +237,22 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_kernel(const mg_args p
     }
     cp_async_wait<0>();
 
-    int g = lane >> 2, t = lane & 3;
+    int g = lane >> 2;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
+        int r = wm + i * 16 + g;
+        float f[32];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int r = wm + i * 16 + g + h * 8;
-            if (FORM == FORM_WGRAD) {
-                int m = m0 + r;
-                if (m >= p.M)
-                    continue;
-                float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
+        for (int j = 0; j < 8; j++)
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    int n = n0 + wn + j * 8 + 2 * t;
-                    if (n < p.N) {
-                        float2 v = *(float2 *)(row + n);
-                        v.x += acc[i][j][2 * h];
-                        v.y += acc[i][j][2 * h + 1];
-                        *(float2 *)(row + n) = v;
-                    }
-                }
-            } else {
-                int row = rbeg + r;
-                if (row >= rend)
-                    continue;
-                bf16 *out = (bf16 *)p.C + (int64_t)row * p.N;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    int n = n0 + wn + j * 8 + 2 * t;
-                    if (n < p.N)
-                        *(__nv_bfloat162 *)(out + n) =
-                            __floats2bfloat162_rn(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-                }
-            }
-        }
+            for (int q = 0; q < 4; q++)
+                f[4 * j + q] = acc[i][j][q];
+        if (FORM == FORM_WGRAD)
+            mg_store_frag<8, MG_OUT_ADD>(f, (float *)p.C + (int64_t)e * p.M * p.N, p.N,
+                                         m0 + r, p.M, n0 + wn, p.N);
+        else
+            mg_store_frag<8, MG_OUT_BF16>(f, p.C, p.N, rbeg + r, rend, n0 + wn, p.N);
+    }
 }
 
 /* d[128] += A . B (shared-memory descriptors), m64n256k16, fp32 accumulators; TA / TB: the
@@ -384,41 +341,6 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_
            ((uint64_t)(sbo >> 4) << 32) | ((uint64_t)sw << 62);
 }
 
-/* Block b of forward/dgrad: which expert's row tile (rows [*r0, *r1) of it from *r0 on).
- * blockIdx.y counts the row tiles of MG_BM over the experts in order; false past the last. */
-__device__ __forceinline__ bool find_row_tile(const mg_args &p, int *e, int *r0, int *r1)
-{
-    __shared__ int s_e, s_r0, s_r1;
-    int lane = threadIdx.x & 31;
-    if (threadIdx.x < 32) {
-        if (lane == 0)
-            s_e = -1;
-        __syncwarp();
-        int t = blockIdx.y, base = 0;
-        for (int e0 = 0; e0 < p.E; e0 += 32) {
-            int x = e0 + lane;
-            int cnt = x < p.E ? p.off[x + 1] - p.off[x] : 0;
-            int nt = (cnt + MG_BM - 1) / MG_BM, inc = nt;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o)
-                    inc += v;
-            }
-            int start = base + inc - nt;
-            if (x < p.E && t >= start && t < start + nt) {
-                s_e = x;
-                s_r0 = p.off[x] + (t - start) * MG_BM;
-                s_r1 = p.off[x + 1];
-            }
-            base += __shfl_sync(0xffffffffu, inc, 31);
-        }
-    }
-    __syncthreads();
-    *e = s_e, *r0 = s_r0, *r1 = s_r1;
-    return s_e >= 0;
-}
-
 /* The Hopper kernel: the same tiles and epilogue as moe_gemm_kernel, the products by
  * wgmma (two warpgroups of 64 rows x 256 columns, four k16 steps a stage). PIPE 0: loads
  * 3 stages ahead and every stage's wgmma finished before the next barrier; PIPE 1: loads 2
@@ -441,7 +363,7 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
             return;
         rbeg = 0, rend = p.M;
     } else {
-        if (!find_row_tile(p, &e, &rbeg, &rend))
+        if (!mg_find_row_tile<MG_BM>(p.off, p.E, blockIdx.y, &e, &rbeg, &rend))
             return;
         m0 = 0;
         n0 = blockIdx.x * MG_BN;
@@ -539,50 +461,240 @@ __global__ void __launch_bounds__(MG_THREADS, 1) moe_wgmma_kernel(const mg_args 
 #endif
     cp_async_wait<0>();
 
-    int g = lane >> 2, t = lane & 3;
+    int r = wg * 64 + (warp & 3) * 16 + (lane >> 2);
+    if (FORM == FORM_WGRAD) {
+        float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
+        /* red: the adds go to L2 without a round trip, so the block can leave while they
+         * land (the read-modify-write held every SM's tensor cores idle for its length);
+         * each element gets one add per call, so the result is the same either way */
+        if (p.red)
+            mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+        else
+            mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+    } else {
+        mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
+    }
+}
+
+/* ---- the warp-specialised persistent kernel (GPU_MOE_GEMM_WS; not yet the default: not
+ * yet run on a GPU, see docs/PERF.md "Warp-specialised grouped expert GEMM") ----
+ *
+ * The same 128 x 256 tiles, swizzled layouts and wgmma products as moe_wgmma_kernel<.., 1,
+ * 1>, with the roles split: warpgroup 0 only loads (cp.async into a 4-stage ring, each
+ * thread's copies of a stage signalled on the stage's "full" mbarrier as they land), and
+ * warpgroups 1 and 2 only multiply (64 rows each) and write. Consumers release a stage on
+ * its "empty" mbarrier once their wgmma on it is complete, so no block-wide barrier stands
+ * between the loads and the products. One block an SM loops over the tiles (tile t, then
+ * t + grid): the loads of a block's next tile run while its consumers write the last one,
+ * and nobody pays a block's start (offsets scan, first loads) per tile. Forward/dgrad
+ * tiles are numbered by row tile, then column tile (neighbouring blocks share A rows and
+ * the expert's weights); wgrad tiles by expert, then tile of d_W_e. */
+#define WS_STAGES 4
+#define WS_THREADS 384
+#define WS_STAGE_BYTES ((MG_BM + MG_BN) * MG_BK * 2)
+
+static size_t ws_smem(int E)
+{
+    return 1024 + (size_t)WS_STAGES * WS_STAGE_BYTES + 2 * ((size_t)E + 1) * sizeof(int);
+}
+
+/* K-major swizzled tile of R rows x 64 k (layout of km_off), NT threads, thread tid */
+template <int R, int NT>
+__device__ __forceinline__ void ws_load_km(uint32_t sbase, const bf16 *g, int ld, int row0,
+                                           int rend, int k0, int kend, int tid)
+{
+    /* opaque per call: keeps ptxas from hoisting every chunk's address out of the k loop
+     * into registers the producer does not have (it spilled them) */
+    asm volatile("" : "+l"(g), "+r"(k0), "+r"(tid));
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        int r = wg * 64 + (warp & 3) * 16 + g + h * 8;
+    for (int i = 0; i < R * 8 / NT; i++) {
+        int id = tid + i * NT, r = id >> 3, c = id & 7;
+        int row = row0 + r, k = k0 + c * 8;
+        bool ok = row < rend && k < kend;
+        const bf16 *src = ok ? g + (int64_t)row * ld + k : g;
+        mg_cp16(sbase + km_off(r, c), src, ok);
+    }
+}
+
+/* MN-major swizzled tile of 64 k-rows x R values (layout of sw_load_mn) */
+template <int R, int NT>
+__device__ __forceinline__ void ws_load_mn(uint32_t sbase, const bf16 *g, int ld, int k0,
+                                           int kend, int x0, int xend, int tid)
+{
+    asm volatile("" : "+l"(g), "+r"(k0), "+r"(tid));
+    constexpr int CH = R / 8;
+#pragma unroll
+    for (int i = 0; i < MG_BK * CH / NT; i++) {
+        int id = tid + i * NT, k = id / CH, c = id % CH;
+        int row = k0 + k, x = x0 + c * 8;
+        bool ok = row < kend && x < xend;
+        const bf16 *src = ok ? g + (int64_t)row * ld + x : g;
+        mg_cp16(sbase + (uint32_t)((k >> 3) * (R * 16) + (c >> 3) * 1024 + (k & 7) * 128 +
+                                   (((c & 7) ^ (k & 7)) << 4)),
+                src, ok);
+    }
+}
+
+template <int FORM>
+__global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
+{
+    constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
+    constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = WS_STAGE_BYTES;
+    /* descriptors of the 128-byte swizzled tiles (as moe_wgmma_kernel with SW) */
+    constexpr uint32_t A_LBO = A_KMAJ ? 16 : 1024, A_SBO = A_KMAJ ? 1024 : MG_BM * 16;
+    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : 1024, A_K16 = A_KMAJ ? 32 : 2 * MG_BM * 16;
+    constexpr uint32_t B_LBO = B_KMAJ ? 16 : 1024, B_SBO = B_KMAJ ? 1024 : MG_BN * 16;
+    constexpr uint32_t B_K16 = B_KMAJ ? 32 : 2 * MG_BN * 16;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
+    int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
+    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
+    uint32_t sb = (s0 + 1023) & ~1023u; /* the swizzle repeats every 1 KB */
+    int *s_off = (int *)(smem + (sb - s0) + WS_STAGES * STAGE), *s_ts = s_off + p.E + 1;
+    uint32_t full0 = (uint32_t)__cvta_generic_to_shared(bars), empty0 = full0 + 8 * WS_STAGES;
+    if (tid == 0)
+        for (int s = 0; s < WS_STAGES; s++) {
+            mbar_init(full0 + 8 * s, 128); /* each producer thread's copies */
+            mbar_init(empty0 + 8 * s, 8);  /* each consumer warp */
+        }
+    /* the experts' offsets, and (forward, dgrad) the number of each one's first row tile */
+    if (tid < 32) {
+        for (int x = lane; x <= p.E; x += 32)
+            s_off[x] = p.off[x];
+        __syncwarp();
+        int base = 0;
+        for (int e0 = 0; e0 < p.E; e0 += 32) {
+            int x = e0 + lane;
+            int nt = x < p.E ? (s_off[x + 1] - s_off[x] + MG_BM - 1) / MG_BM : 0, inc = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o)
+                    inc += v;
+            }
+            if (x < p.E)
+                s_ts[x] = base + inc - nt;
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+        if (lane == 0)
+            s_ts[p.E] = base;
+    }
+    __syncthreads();
+    int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
+    int T = FORM == FORM_WGRAD ? p.E * ntm * ntn : s_ts[p.E] * ntn;
+    /* tile t: expert, its rows [rbeg, rend) from rbeg on (fwd/dgrad), output corner (m0, n0),
+     * reduction range [kbeg, kend) */
+    auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
+                    int &kend) {
         if (FORM == FORM_WGRAD) {
-            int m = m0 + r;
-            if (m >= p.M)
-                continue;
-            float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
-            /* red: the adds go to L2 without a round trip, so the block can leave while they
-             * land (the read-modify-write held every SM's tensor cores idle for its length);
-             * each element gets one add per call, so the result is the same either way */
-            if (p.red) {
-#pragma unroll
-                for (int j = 0; j < 32; j++) {
-                    int n = n0 + j * 8 + 2 * t;
-                    if (n < p.N)
-                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + n),
-                                     "f"(acc[4 * j + 2 * h]), "f"(acc[4 * j + 2 * h + 1])
-                                     : "memory");
-                }
-                continue;
-            }
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                int n = n0 + j * 8 + 2 * t;
-                if (n < p.N) {
-                    float2 v = *(float2 *)(row + n);
-                    v.x += acc[4 * j + 2 * h];
-                    v.y += acc[4 * j + 2 * h + 1];
-                    *(float2 *)(row + n) = v;
-                }
-            }
+            int per = ntm * ntn, r = t % per;
+            e = t / per;
+            m0 = (r / ntn) * MG_BM, n0 = (r % ntn) * MG_BN;
+            kbeg = s_off[e], kend = s_off[e + 1];
+            rbeg = 0, rend = p.M;
         } else {
-            int row = rbeg + r;
-            if (row >= rend)
-                continue;
-            bf16 *out = (bf16 *)p.C + (int64_t)row * p.N;
+            int rt = t / ntn, lo = 0, hi = p.E - 1;
+            while (lo < hi) { /* the last expert whose first row tile is <= rt: non-empty */
+                int mid = (lo + hi + 1) >> 1;
+                if (s_ts[mid] <= rt)
+                    lo = mid;
+                else
+                    hi = mid - 1;
+            }
+            e = lo;
+            rbeg = s_off[e] + (rt - s_ts[e]) * MG_BM, rend = s_off[e + 1];
+            m0 = 0, n0 = (t % ntn) * MG_BN;
+            kbeg = 0, kend = p.K;
+        }
+    };
+    /* registers: 168 a thread at launch (384 threads); the producer gives back 128 each,
+     * the consumers take 64 each: 40 x 128 + 232 x 256 = 168 x 384. (More than the pool
+     * holds and setmaxnreg.inc waits forever.) */
+    if (wg == 0) { /* producer */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+#endif
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int e, rbeg, rend, m0, n0, kbeg, kend;
+            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            const bf16 *Bg = FORM == FORM_WGRAD ? p.B : p.B + (int64_t)e * p.N * p.K;
+            int lda = FORM == FORM_WGRAD ? p.M : p.K, ldb = FORM == FORM_FWD ? p.K : p.N;
+            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % WS_STAGES;
+                mbar_wait(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+                int k0 = kbeg + kt * MG_BK;
+                if (A_KMAJ)
+                    ws_load_km<MG_BM, 128>(sa, p.A, lda, rbeg, rend, k0, kend, tid);
+                else
+                    ws_load_mn<MG_BM, 128>(sa, p.A, lda, k0, kend, m0, p.M, tid);
+                if (B_KMAJ)
+                    ws_load_km<MG_BN, 128>(sbb, Bg, ldb, n0, p.N, k0, kend, tid);
+                else
+                    ws_load_mn<MG_BN, 128>(sbb, Bg, ldb, k0, kend, n0, p.N, tid);
+                mbar_cp_async_arrive(full0 + 8 * s);
+            }
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+#endif
+        int cw = wg - 1, warp = tid >> 5;
+        uint32_t it = 0;
+        float acc[128];
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int e, rbeg, rend, m0, n0, kbeg, kend;
+            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+            if (KT == 0)
+                continue; /* wgrad of an expert without rows: d_W_e is left as it is */
 #pragma unroll
-            for (int j = 0; j < 32; j++) {
-                int n = n0 + j * 8 + 2 * t;
-                if (n < p.N)
-                    *(__nv_bfloat162 *)(out + n) =
-                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            for (int i = 0; i < 128; i++)
+                acc[i] = 0.0f;
+            int prev = 0;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % WS_STAGES;
+                mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
+                /* cp.async wrote through the generic proxy; wgmma reads through the async one */
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+#pragma unroll
+                for (int kk = 0; kk < MG_BK / 16; kk++)
+                    wgmma_256<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
+                        acc, wg_desc(sa + cw * A_WG + kk * A_K16, A_LBO, A_SBO, 1),
+                        wg_desc(sbb + kk * B_K16, B_LBO, B_SBO, 1));
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                /* the previous stage's products are done: its slot may be refilled */
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#endif
+                if (kt > 0 && lane == 0)
+                    mbar_arrive(empty0 + 8 * prev);
+                prev = s;
+            }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+#pragma unroll
+            for (int i = 0; i < 128; i++)
+                asm volatile("" : "+f"(acc[i])::"memory");
+            if (lane == 0)
+                mbar_arrive(empty0 + 8 * prev);
+            int r = cw * 64 + (warp & 3) * 16 + (lane >> 2);
+            if (FORM == FORM_WGRAD) {
+                float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
+                if (p.red)
+                    mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+                else
+                    mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+            } else {
+                mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
             }
         }
     }
@@ -607,14 +719,33 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
     int v = c->moe_gemm == GPU_MOE_GEMM_DEFAULT ? (major == 9 ? GPU_MOE_GEMM_WGMMA_SW
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
+    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
+    mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0')};
+    if (v == GPU_MOE_GEMM_WS) {
+        size_t smem = ws_smem(E);
+        CUDA_TRY(cudaFuncSetAttribute(moe_ws_kernel<FORM>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 e);
+        int64_t ntn = (N + MG_BN - 1) / MG_BN, tiles;
+        if (FORM == FORM_WGRAD)
+            tiles = (int64_t)E * ((M + MG_BM - 1) / MG_BM) * ntn;
+        else
+            tiles = ((int64_t)(nk + MG_BM - 1) / MG_BM + E) * ntn; /* at most */
+        int grid = c->sm_count > 0 && tiles > c->sm_count ? c->sm_count : (int)tiles;
+        /* DSV3_MOE_WS_GRID=n: at most n blocks (tests: many tiles a block on small shapes) */
+        const char *cap = getenv("DSV3_MOE_WS_GRID");
+        if (cap && atoi(cap) > 0 && atoi(cap) < grid)
+            grid = atoi(cap);
+        moe_ws_kernel<FORM><<<grid, WS_THREADS, smem, c->stream>>>(a);
+        LAUNCH_CHECK("moe_gemm", e);
+        return 0;
+    }
     void (*kern)(const mg_args) = v == GPU_MOE_GEMM_WGMMA        ? moe_wgmma_kernel<FORM, 0, 0>
                                   : v == GPU_MOE_GEMM_WGMMA_PIPE ? moe_wgmma_kernel<FORM, 1, 0>
                                   : v == GPU_MOE_GEMM_WGMMA_SW   ? moe_wgmma_kernel<FORM, 1, 1>
                                                                  : moe_gemm_kernel<FORM>;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, MG_SMEM),
              e);
-    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
-    mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0')};
     dim3 grid;
     if (FORM == FORM_WGRAD)
         grid = dim3(((M + MG_BM - 1) / MG_BM) * ((N + MG_BN - 1) / MG_BN), E);

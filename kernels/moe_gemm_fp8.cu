@@ -23,6 +23,7 @@
 #include "../lib/fp8.h"
 #include "gpuctx_internal.cuh"
 #include "moe_fp8.h"
+#include "moe_gemm_common.cuh"
 #include "wgmma.cuh"
 
 #define MF_BN 128
@@ -51,12 +52,12 @@ struct mf_args {
     int E, M, N, K, rows;
     int64_t lda, ldb, b_es;
     int sb_es, sb_ns, sb_ks;
+    int red; /* wgrad: add into d_W by red.global.add (DSV3_MOE_WGRAD_RED=0: read-add-write) */
 };
 
 __device__ __forceinline__ void mf_cp16(uint32_t saddr, const void *g, bool pred)
 {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g),
-                 "r"(pred ? 16 : 0));
+    mg_cp16(saddr, g, pred);
 }
 __device__ __forceinline__ void mf_cp4(uint32_t saddr, const void *g, bool pred)
 {
@@ -65,11 +66,11 @@ __device__ __forceinline__ void mf_cp4(uint32_t saddr, const void *g, bool pred)
 }
 __device__ __forceinline__ void mf_commit()
 {
-    asm volatile("cp.async.commit_group;\n" ::);
+    mg_commit();
 }
 template <int N> __device__ __forceinline__ void mf_wait()
 {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    mg_wait<N>();
 }
 
 /* K-major 128-byte-swizzled tile: row r at r*128, 16-byte chunk c at (c ^ (r & 7)). The
@@ -78,41 +79,6 @@ __device__ __forceinline__ uint64_t mf_desc(uint32_t addr)
 {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)64 << 32) |
            ((uint64_t)1 << 62);
-}
-
-/* Row tile blockIdx.y of the experts' row tiles in order: expert, first row, expert's end. */
-template <int MF_BM>
-__device__ __forceinline__ bool mf_find_row_tile(const int *off, int E, int *e, int *r0, int *r1)
-{
-    __shared__ int s_e, s_r0, s_r1;
-    int lane = threadIdx.x & 31;
-    if (threadIdx.x < 32) {
-        if (lane == 0)
-            s_e = -1;
-        __syncwarp();
-        int t = blockIdx.y, base = 0;
-        for (int e0 = 0; e0 < E; e0 += 32) {
-            int x = e0 + lane;
-            int cnt = x < E ? off[x + 1] - off[x] : 0;
-            int nt = (cnt + MF_BM - 1) / MF_BM, inc = nt;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o)
-                    inc += v;
-            }
-            int start = base + inc - nt;
-            if (x < E && t >= start && t < start + nt) {
-                s_e = x;
-                s_r0 = off[x] + (t - start) * MF_BM;
-                s_r1 = off[x + 1];
-            }
-            base += __shfl_sync(0xffffffffu, inc, 31);
-        }
-    }
-    __syncthreads();
-    *e = s_e, *r0 = s_r0, *r1 = s_r1;
-    return s_e >= 0;
 }
 
 /* PIPE 0: each stage's products finished and promoted before the next barrier (loads 5
@@ -138,7 +104,7 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_ar
         if (KT == 0)
             return; /* no rows: d_W_e is left as it is */
     } else {
-        if (!mf_find_row_tile<MF_BM>(p.off, p.E, &e, &rbeg, &rend))
+        if (!mg_find_row_tile<MF_BM>(p.off, p.E, blockIdx.y, &e, &rbeg, &rend))
             return;
         n0 = blockIdx.x * MF_BN;
         kt0 = 0;
@@ -292,37 +258,16 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_ar
     }
     mf_wait<0>();
 
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        int r = rl + h * 8;
-        if (FORM == MF_WGRAD) {
-            int m = m0 + r;
-            if (m >= p.M)
-                continue;
-            float *row = (float *)p.C + ((int64_t)e * p.M + m) * p.N;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                int n = n0 + j * 8 + 2 * t4;
-                if (n < p.N) {
-                    float2 v = *(float2 *)(row + n);
-                    v.x += acc[4 * j + 2 * h];
-                    v.y += acc[4 * j + 2 * h + 1];
-                    *(float2 *)(row + n) = v;
-                }
-            }
-        } else {
-            int row = rbeg + r;
-            if (row >= rend)
-                continue;
-            bf16 *out = (bf16 *)p.C + (int64_t)row * p.N;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                int n = n0 + j * 8 + 2 * t4;
-                if (n < p.N)
-                    *(__nv_bfloat162 *)(out + n) =
-                        __floats2bfloat162_rn(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            }
-        }
+    if (FORM == MF_WGRAD) {
+        /* red (default): the adds are performed in L2 and the block need not wait for them;
+         * one owner per element and call, so the same sums as a read-modify-write */
+        float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
+        if (p.red)
+            mg_store_frag<16, MG_OUT_RED>(acc, dw, p.N, m0 + rl, p.M, n0, p.N);
+        else
+            mg_store_frag<16, MG_OUT_ADD>(acc, dw, p.N, m0 + rl, p.M, n0, p.N);
+    } else {
+        mg_store_frag<16, MG_OUT_BF16>(acc, p.C, p.N, rbeg + rl, rend, n0, p.N);
     }
 }
 
@@ -620,7 +565,10 @@ static int mf_launch(gpu_ctx *c, const mf_args &a, dim3 grid, dsv3_err *e)
                                            : moe_fp8_kernel<FORM, 0, 2>;
     int smem = v == 2 ? mf_cfg<1>::SMEM : mf_cfg<2>::SMEM, threads = v == 2 ? 128 : 256;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
-    kern<<<grid, threads, smem, c->stream>>>(a);
+    mf_args b = a;
+    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
+    b.red = !(red && *red == '0');
+    kern<<<grid, threads, smem, c->stream>>>(b);
     LAUNCH_CHECK("moe_fp8_kernel", e);
     return 0;
 }
@@ -634,7 +582,7 @@ static int mf_rows_gemm(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *C, const ui
     if (nk == 0)
         return 0;
     mf_args a = {A, B, sa, sb, C, p->offsets, NULL, p->E, 0, N, K, nk,
-                 K, K, (int64_t)N * K, sb_es, sb_ns, sb_ks};
+                 K, K, (int64_t)N * K, sb_es, sb_ns, sb_ks, 0};
     int bm = mf_bm();
     dim3 grid((unsigned)((N + MF_BN - 1) / MF_BN), (unsigned)((nk + bm - 1) / bm + p->E));
     return mf_launch<MF_FWD>(c, a, grid, e);
@@ -671,7 +619,7 @@ extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const i
     if (nk == 0)
         return 0;
     mf_args a = {dytq, xtq, dyts, xts, d_W, p->offsets, tstart, p->E, O, I, 0, (int)nk,
-                 ldk, ldk, 0, 0, 0, 0};
+                 ldk, ldk, 0, 0, 0, 0, 0};
     int bm = mf_bm();
     dim3 grid((unsigned)(((O + bm - 1) / bm) * ((I + MF_BN - 1) / MF_BN)), (unsigned)p->E);
     return mf_launch<MF_WGRAD>(c, a, grid, e);

@@ -214,6 +214,9 @@ static void expert_layer_check(int variant)
                     : variant == GPU_MOE_GEMM_WGMMA      ? " [wgmma kernel]"
                     : variant == GPU_MOE_GEMM_WGMMA_PIPE ? " [wgmma, pipelined]"
                     : variant == GPU_MOE_GEMM_WGMMA_SW   ? " [wgmma, swizzled]"
+                    : variant == GPU_MOE_GEMM_WS         ? (getenv("DSV3_MOE_WS_GRID")
+                                                                ? " [warp-specialised, 3 blocks]"
+                                                                : " [warp-specialised]")
                                                          : "";
     char name[96];
     snprintf(name, sizeof name, "moe layer fwd out%s", v);
@@ -252,6 +255,17 @@ static void expert_layer_wgmma_matches_cpu(void)
 static void expert_layer_wgmma_sw_matches_cpu(void)
 {
     expert_layer_check(GPU_MOE_GEMM_WGMMA_SW);
+}
+
+/* The persistent kernel, with its grid as sized for the GPU and capped at 3 blocks: then
+ * each block runs many tiles (of several experts, wgrad's empty ones skipped) through one
+ * ring, so the stages' mbarrier phases wrap across tiles. */
+static void expert_layer_ws_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WS);
+    setenv("DSV3_MOE_WS_GRID", "3", 1);
+    expert_layer_check(GPU_MOE_GEMM_WS);
+    unsetenv("DSV3_MOE_WS_GRID");
 }
 
 /* One grouped linear of the benchmark: kind 0 fwd, 1 dgrad, 2 wgrad; I -> O per expert;
@@ -339,11 +353,11 @@ static void bench_grouped_gemm(void)
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
                 /* default (wgmma swizzled on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
-                 * grouped, wgmma swizzled, dense same shape */
+                 * grouped, warp-specialised, dense same shape */
                 float ms[7];
                 static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
                                            GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
-                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WGMMA_SW,
+                                           GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WS,
                                            GPU_MOE_GEMM_DEFAULT};
                 for (int v = 0; v < 7; v++) {
                     j.dense = v == 6;
@@ -362,7 +376,7 @@ static void bench_grouped_gemm(void)
                          j.O);
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
                 printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
-                       "wgmma pipelined %6.1f | wgmma swizzled %6.1f | mma.sync %6.1f | cuBLAS "
+                       "wgmma pipelined %6.1f | warp-specialised %6.1f | mma.sync %6.1f | cuBLAS "
                        "grouped %6.1f",
                        name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
                        TF(ms[5]), TF(ms[3]), TF(ms[4]));
@@ -389,6 +403,7 @@ int main(void)
     RUN(expert_layer_cublas_matches_cpu);
     RUN(expert_layer_wgmma_matches_cpu);
     RUN(expert_layer_wgmma_sw_matches_cpu);
+    RUN(expert_layer_ws_matches_cpu);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
