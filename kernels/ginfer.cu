@@ -74,8 +74,9 @@ struct ginfer {
     int pend;
     /* fusions (DSV3_GINFER_FUSE, read at creation; see fuse_flags): norms inside the GEMVs
      * that read them, the attention combine inside the split kernel, the router GEMV + top-k
-     * + bucketing in one launch; fin: the input norm is fused in the pass being queued */
-    int fz_norm, fz_attn, fz_route, fin;
+     * + bucketing in one launch, the cache write in the q_lat GEMV's launch; fin: the input
+     * norm is fused in the pass being queued */
+    int fz_norm, fz_attn, fz_route, fz_kvw, fin;
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
@@ -385,7 +386,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 
 /* DSV3_GINFER_FUSE: unset, empty or "1": every fusion; "0": none (the launches of before,
  * for comparisons in one process); else a comma-separated list of those wanted: "norm",
- * "attn", "router". */
+ * "attn", "router", "kvw". */
 static void fuse_flags(ginfer *g)
 {
     const char *v = getenv("DSV3_GINFER_FUSE");
@@ -393,6 +394,7 @@ static void fuse_flags(ginfer *g)
     g->fz_norm = all || (!none && strstr(v, "norm"));
     g->fz_attn = all || (!none && strstr(v, "attn"));
     g->fz_route = all || (!none && strstr(v, "router"));
+    g->fz_kvw = all || (!none && strstr(v, "kvw"));
 }
 
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
@@ -710,15 +712,26 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             return -1;
         mark(g, "gemv kv_a", (double)W * H * ws);
     }
-    if (gk_kv_write(g->s, kva, ldkva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
-                    g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk, g->nope, e))
-        return -1;
-    mark(g, "kv_write+rope", kv * 4.0);
-    /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
-    if (gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
-                (long)nh * kv, kv, n, g->nope, kv, nh, e))
-        return -1;
-    mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
+    if (g->fz_kvw && gk_gemv_kvw_fits(n, kv)) {
+        /* q_lat[n, h] = W_uk_h^T q_nope[n, h], and the cache row written, q_pe rotated */
+        if (gk_gemv_kvw(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                        (long)nh * kv, kv, n, g->nope, kv, nh, kva, ldkva, y->kv_a_norm, cache,
+                        slot, pos, kv, g->rope, g->n_ctx, g->cos_t, g->sin_t, g->interleave,
+                        1e-6f, g->q, nh, qk, g->nope, e))
+            return -1;
+        mark(g, "gemv q_lat+kv_write", (double)nh * kv * g->nope * ws);
+    } else {
+        if (gk_kv_write(g->s, kva, ldkva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
+                        g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk,
+                        g->nope, e))
+            return -1;
+        mark(g, "kv_write+rope", kv * 4.0);
+        /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
+        if (gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                    (long)nh * kv, kv, n, g->nope, kv, nh, e))
+            return -1;
+        mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
+    }
     if (gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
                 slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
                 g->fz_attn ? g->acnt : NULL, e))

@@ -64,16 +64,16 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
+/* gemv_k's work for block (blockIdx.x, b). */
 template <typename W, int NT>
-__global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
-           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+__device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx, long xbs,
+                                           const W *__restrict__ w, long wbs,
+                                           float *__restrict__ y, long ldy, long ybs, int N,
+                                           int I, int O, int b)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (o >= O)
         return;
-    int b = blockIdx.y;
     const W *wr[1] = {w + b * wbs + (long)o * I};
     const float *xb = x + b * xbs;
     for (int n0 = 0; n0 < N; n0 += NT) {
@@ -89,6 +89,15 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             if (lane == t && t < nv)
                 y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
     }
+}
+
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
+           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+{
+    gk_pdl_enter();
+    gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
 }
 
 template <typename W>
@@ -207,15 +216,13 @@ __device__ __forceinline__ void rope_pair(float *v, int j, int half, int interle
 /* One block a row; the row's kv + rope values staged in shared memory. The row's query
  * heads are rotated here too (one launch fewer a layer). */
 template <typename C>
-__global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
-                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
-                           const float *sin_t, int interleave, float eps, float *q, int nh,
-                           int qk, int nope)
+__device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const float *kva,
+                             int ldkva, const float *w, C *cache, const int *slot, const int *pos,
+                             int kv, int rope, int n_ctx, const float *cos_t, const float *sin_t,
+                             int interleave, float eps, float *q, int nh, int qk, int nope)
 {
-    gk_pdl_enter();
-    extern __shared__ float row[];
     __shared__ float red[32];
-    int n = blockIdx.x, W = kv + rope, half = rope / 2;
+    int W = kv + rope, half = rope / 2;
     const float *src = kva + (long)n * ldkva;
     float ss = 0;
     for (int i = threadIdx.x; i < W; i += blockDim.x) {
@@ -236,6 +243,89 @@ __global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache
     C *dst = cache + ((long)slot[n] * n_ctx + t) * W;
     for (int i = threadIdx.x; i < W; i += blockDim.x)
         dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
+}
+
+template <typename C>
+__global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
+                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                           const float *sin_t, int interleave, float eps, float *q, int nh,
+                           int qk, int nope)
+{
+    gk_pdl_enter();
+    extern __shared__ float row[];
+    kv_write_row<C>(row, blockIdx.x, kva, ldkva, w, cache, slot, pos, kv, rope, n_ctx, cos_t,
+                    sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+/* The batched GEMV (grid.y = batch) and, in one more row of blocks (blockIdx.y == batch,
+ * block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
+ * parts of q, kv_write rotates only the q_pe parts, so the two are independent and share a
+ * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_kvw_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
+               long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
+               const float *kva, int ldkva, const float *nw, W *cache, const int *slot,
+               const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+               const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
+{
+    gk_pdl_enter();
+    extern __shared__ float row[];
+    if (blockIdx.y < gridDim.y - 1) {
+        gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+        return;
+    }
+    if (blockIdx.x < N)
+        kv_write_row<W>(row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
+                        cos_t, sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+int gk_gemv_kvw_fits(int N, int O)
+{
+    return N <= (O + GK_WARPS - 1) / GK_WARPS;
+}
+
+template <typename W>
+static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, const W *w,
+                            long wbs, float *y, long ldy, long ybs, int N, int I, int O,
+                            int batch, const float *kva, int ldkva, const float *nw, W *cache,
+                            const int *slot, const int *pos, int kv, int rope, int n_ctx,
+                            const float *cos_t, const float *sin_t, int interleave, float eps,
+                            float *q, int nh, int qk, int nope)
+{
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
+    void (*k)(const float *, long, long, const W *, long, float *, long, long, int, int, int,
+              const float *, int, const float *, W *, const int *, const int *, int, int, int,
+              const float *, const float *, int, float, float *, int, int, int) =
+        N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
+    gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
+              y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
+              sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
+                long wbs, float *y, long ldy, long ybs, int N, int I, int O, int batch,
+                const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
+                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
+                int nope, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0 || batch <= 0)
+        return 0;
+    if (I % 8)
+        return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
+    if (!gk_gemv_kvw_fits(N, O))
+        return err_set(e, "ginfer: %d cache rows with a GEMV of %d outputs", N, O);
+    if (wf32)
+        gemv_kvw_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
+                        ldkva, nw, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
+                        interleave, eps, q, nh, qk, nope);
+    else
+        gemv_kvw_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
+                        ldkva, nw, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
+                        interleave, eps, q, nh, qk, nope);
+    LAUNCH_CHECK("gemv_kvw", e);
+    return 0;
 }
 
 int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, void *cache, int cf32,

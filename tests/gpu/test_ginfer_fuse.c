@@ -2,7 +2,8 @@
  * made): engines with every fusion, with none ("0", the kernels of before) and with each one
  * alone ("norm": the input and q_a norms inside the GEMVs that read them; "attn": the
  * attention combine in the split kernel's last block; "router": router GEMV + top-k +
- * bucketing in one launch), on fresh random tiny models (q_lora_rank set or not, shared
+ * bucketing in one launch; "kvw": the cache write and q_pe rotation as one more row of blocks
+ * of the q_lat GEMV), on fresh random tiny models (q_lora_rank set or not, shared
  * expert or not, 1-4 experts a token), fp32 ("exact") and bf16:
  * - the same teacher-forced run through each: three slots prefilled with prompts of 5, 20
  *   and 7 tokens (direct passes: 20 rows take the unfused norms, 5 and 7 the fused ones),
@@ -23,7 +24,7 @@
 
 enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
 
-static const char *variants[] = {"0", "1", "norm", "attn", "router"};
+static const char *variants[] = {"0", "1", "norm", "attn", "router", "kvw"};
 enum { NV = sizeof variants / sizeof *variants };
 
 static double urand(void)
