@@ -28,7 +28,7 @@
  * that read them (every block recomputes its rows' norm; the residual sum then happens in the
  * post-attention norm), the attention combine in the split kernel's last block, router GEMV +
  * top-k + bucketing in one launch (its last block), and the cache write in the q_lat GEMV's
- * launch: 16 launches a MoE layer become 10, each with the sums of before in their order. */
+ * launch: 16 launches a MoE layer become 10, each with the sums of before in their order.
  *
  * A call's rows are (slot, pos, token); the caller (lib/infer) keeps the slot lengths. A call
  * of at most `max_batch` rows that wants every row's logits (a decode step) replays a CUDA
