@@ -57,6 +57,7 @@ struct ginfer {
     float scale, eps, route_scale;
     int n_ctx, n_slots, W, nsplit, bucket_max, rmax;
     glayer *ly;
+    struct gmtp *mtp;   /* the MTP module (ginfer_mtp.cuh; its block is ly[L]), or NULL */
     void *embed, *head;
     float *fnorm, *cos_t, *sin_t;
     void *cache;
@@ -133,6 +134,7 @@ static int put(ginfer *g, void *dst, size_t off, const float *src, size_t n, int
 typedef struct wsrc {
     const dsv3_model *m;
     const hfdir *h;
+    int mtp;  /* load MTP module 1 too (ginfer_mtp.cuh) */
 } wsrc;
 
 /* Tensor `name` (n values) as fp32: *out points at it; *own is a buffer to free (or NULL). */
@@ -327,6 +329,9 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
 
 static int capture_all(ginfer *g, dsv3_err *e);
 static void prof_print(const ginfer *g);
+static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err *e);
+static int mtp_keep(ginfer *g, int n, dsv3_err *e);
+static int decode_rows(const ginfer *g);
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
 {
@@ -438,7 +443,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     /* parts of about 32 positions at full context: one sequence fills many SMs */
     g->nsplit = n_ctx / 32 < 1 ? 1 : n_ctx / 32 > 64 ? 64 : n_ctx / 32;
     g->bucket_max = 1;
-    while (g->bucket_max < n_slots)
+    while (g->bucket_max < n_slots * (src->mtp ? 2 : 1))  /* a slot's row and its draft's */
         g->bucket_max *= 2;
     g->rmax = g->bucket_max > PCHUNK ? g->bucket_max : PCHUNK;
     int rc = gpu_ctx_create(&g->c, dev, 0, e);
@@ -446,7 +451,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         g->s = (cudaStream_t)gpu_ctx_stream(g->c);
         g->stage = (uint16_t *)malloc((size_t)STAGE * 2);
         g->h_in = (int *)malloc((size_t)3 * g->rmax * sizeof(int));
-        g->ly = (glayer *)calloc((size_t)g->L, sizeof *g->ly);
+        g->ly = (glayer *)calloc((size_t)g->L + 1, sizeof *g->ly);  /* + the MTP block */
         if (!g->stage || !g->h_in || !g->ly)
             rc = err_set(e, "ginfer: out of host memory");
     }
@@ -459,6 +464,8 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         rc = -1;
     for (int l = 0; l < g->L && !rc; l++)
         rc = up_layer(g, src, c, l, &g->ly[l], e);
+    if (!rc && src->mtp)
+        rc = mtp_setup(g, src, c, e);
     int half = g->rope / 2;
     if (!rc) {
         size_t nt = (size_t)n_ctx * (half ? half : 1);
@@ -480,7 +487,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         free(inv);
     }
     /* the cache: layers x (slots + the spare slot padding rows write to) x n_ctx x W */
-    g->cache_bytes = (size_t)g->L * (n_slots + 1) * n_ctx * g->W * g->wsz;
+    g->cache_bytes = (size_t)(g->L + !!src->mtp) * (n_slots + 1) * n_ctx * g->W * g->wsz;
     if (!rc && !(g->cache = dal(g, g->cache_bytes, e))) {
         rc = err_set(e, "ginfer: no device memory for a cache of %d slots x %d tokens "
                      "(%.1f MiB; lower --ctx or --parallel)", n_slots, n_ctx,
@@ -525,7 +532,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
 extern "C" int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev,
                              int exact, dsv3_err *e)
 {
-    wsrc src = {m, NULL};
+    wsrc src = {m, NULL, 0};
     return create(out, &src, &m->cfg, n_ctx, n_slots, dev, exact, e);
 }
 
@@ -536,7 +543,7 @@ extern "C" int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n
     *out = NULL;
     if (hfdir_open(&h, dir, e))
         return -1;
-    wsrc src = {NULL, &h};
+    wsrc src = {NULL, &h, 0};
     int rc = create(out, &src, &h.cfg, n_ctx, n_slots, dev, 0, e);
     hfdir_close(&h);
     return rc;
@@ -565,6 +572,7 @@ extern "C" void ginfer_destroy(ginfer *g)
     free(g->allocs);
     gpu_ctx_destroy(g->c);
     free(g->ly);
+    free(g->mtp);
     free(g->stage);
     free(g->h_in);
     free(g);
@@ -579,7 +587,7 @@ extern "C" void ginfer_dims(const ginfer *g, int *vocab, int *layers, int *width
 extern "C" size_t ginfer_cache_bytes(const ginfer *g) { return g->cache_bytes; }
 extern "C" size_t ginfer_cache_bytes_per_token(const ginfer *g)
 {
-    return (size_t)g->L * g->W * g->wsz;
+    return (size_t)(g->L + !!g->mtp) * g->W * g->wsz;
 }
 extern "C" size_t ginfer_weight_bytes(const ginfer *g) { return g->weight_bytes; }
 extern "C" const char *ginfer_describe(const ginfer *g) { return g->desc; }
@@ -841,7 +849,8 @@ static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
                      g->fin ? "norm post (+moe sum)" : "norm post", e) ||
             ffn(g, l, n, e))
             return -1;
-    return add_norm(g, n, NULL, g->fnorm, "norm in (+moe sum)", e);
+    return add_norm(g, n, NULL, g->fnorm, "norm in (+moe sum)", e) ||
+           mtp_keep(g, n, e) ? -1 : 0;
 }
 
 /* Packs rows [r0, r0+n) into the host input block (padding up to pad rows) and uploads it. */
@@ -968,7 +977,7 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
         all &= want[r] != 0;
     if (n <= 0)
         return 0;
-    if (all && n <= g->n_slots)
+    if (all && n <= decode_rows(g))
         return decode(g, n, slot, pos, ids, logits, NULL, e);
     /* direct passes of at most PCHUNK rows; a slot's rows stay in order, so a later chunk
      * sees the cache an earlier one wrote */
@@ -988,8 +997,8 @@ extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const in
 {
     if (n <= 0)
         return 0;
-    if (n > g->n_slots)
-        return err_set(e, "ginfer: a greedy step of %d rows (at most %d)", n, g->n_slots);
+    if (n > decode_rows(g))
+        return err_set(e, "ginfer: a greedy step of %d rows (at most %d)", n, decode_rows(g));
     return decode(g, n, slot, pos, ids, NULL, out, e);
 }
 
@@ -1001,3 +1010,6 @@ extern "C" int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e)
         return -1;
     return gpu_sync(g->c, e);
 }
+
+/* speculative decoding with the MTP module: part of this translation unit */
+#include "ginfer_mtp.cuh"

@@ -61,6 +61,18 @@ if [ -f tests/cli/test_dsv3_train_gpuep.sh ]; then
     [ "$f" -ne 0 ] && all=1
     rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' train_gpuep "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
 fi
+# dsv3-sample --mtp on the GPU against the same without --mtp (tests/cli: greedy, sampled,
+# batch; kernels/ginfer_mtp)
+if [ -f tests/cli/test_dsv3_sample_mtp.sh ]; then
+    start=$(date +%s)
+    DSV3_BIN="$(cd "$BUILD/bin" && pwd)" sh tests/cli/test_dsv3_sample_mtp.sh >"$LOG/sample_mtp.log" 2>&1
+    st=$?
+    p=$(grep -c '^ok ' "$LOG/sample_mtp.log"); f=$(grep -c '^not ok ' "$LOG/sample_mtp.log")
+    s=$(grep -c '^skip ' "$LOG/sample_mtp.log")
+    [ $st -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    [ "$f" -ne 0 ] && all=1
+    rows="$rows$(printf '%-22s %3s ok %3s failed %3s skipped %4ss' sample_mtp "$p" "$f" "$s" "$(( $(date +%s) - start ))")\n"
+fi
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then
