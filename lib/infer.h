@@ -13,7 +13,8 @@
  * stream over the same positions, with its own latent cache (one more layer). Stream
  * position p takes the main model's hidden state at p (before the final norm) and the token
  * at p + 1 and predicts the token at p + 2, as lib/model's MTP forward does in training; its
- * block attends over the stream's positions 0..p.
+ * block attends over the stream's positions 0..p. The GPU engine runs the same stream
+ * (kernels/ginfer_mtp) when made by infer_new_gpu_mtp.
  *
  * The weights are the dsv3_model's (read, never written). A sequence lives in a slot of the
  * cache; rows of one call are (slot, token) pairs, each at the slot's next position, so a
