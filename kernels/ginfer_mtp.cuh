@@ -127,13 +127,33 @@ __global__ void mtp_in_k(float *cat, const W *table, const int32_t *ids, const f
     }
 }
 
-/* Logits (or, logits NULL, greedy ids) of the wanted rows of the pass just queued (rows of
- * g->xn), as head_rows does, at most bucket_max rows a head GEMV. */
+/* The head over k rows of x (H apart): their logits to logits or, logits NULL, their greedy
+ * ids to out. */
+static int mtp_out(ginfer *g, const float *x, int k, float *logits, int32_t *out, dsv3_err *e)
+{
+    if (gk_gemv(g->s, x, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, k, g->H, g->V, 1,
+                e))
+        return -1;
+    if (logits)
+        return gpu_download(g->c, logits, g->logits, (size_t)k * g->V * 4, e);
+    return gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max, g->tok, e) ||
+                   gpu_download(g->c, out, g->tok, (size_t)k * 4, e)
+               ? -1
+               : 0;
+}
+
+/* The head over the wanted rows of the pass just queued (rows of g->xn), as head_rows does:
+ * gathered, at most bucket_max rows a head GEMV; when every row of a decode-sized pass is
+ * wanted (a draft of one row a slot), straight from g->xn. */
 static int mtp_head(ginfer *g, int n, const uint8_t *want, float *logits, int32_t *out,
                     int *written, dsv3_err *e)
 {
-    int k = 0;
-    *written = 0;
+    int k = 0, all = n <= g->bucket_max;
+    for (int r = 0; r < n && want && all; r++)
+        all = want[r] != 0;
+    *written = all ? n : 0;
+    if (all)
+        return mtp_out(g, g->xn, n, logits, out, e);
     for (int r = 0; r <= n; r++) {
         if (r < n && want && !want[r])
             continue;
@@ -142,14 +162,8 @@ static int mtp_head(ginfer *g, int n, const uint8_t *want, float *logits, int32_
         if (k == g->bucket_max || (r == n && k)) {
             if (gpu_upload(g->c, g->d_rows, g->h_in, (size_t)k * sizeof(int), e) ||
                 gk_gather_rows(g->s, g->xl, g->xn, g->d_rows, k, g->H, e) ||
-                gk_gemv(g->s, g->xl, g->H, 0, g->head, g->exact, 0, g->logits, g->V, 0, k, g->H,
-                        g->V, 1, e))
-                return -1;
-            if (logits ? gpu_download(g->c, logits + (size_t)*written * g->V, g->logits,
-                                      (size_t)k * g->V * 4, e)
-                       : gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max,
-                                   g->tok, e) ||
-                             gpu_download(g->c, out + *written, g->tok, (size_t)k * 4, e))
+                mtp_out(g, g->xl, k, logits ? logits + (size_t)*written * g->V : NULL,
+                        logits ? NULL : out + *written, e))
                 return -1;
             *written += k;
             k = 0;
