@@ -61,10 +61,10 @@ static const cli_program PROG = {
     "      --stop=STRING     stop when STRING appears; it is not printed (repeatable)\n"
     "      --no-bos          do not begin prompts with the tokenizer's BOS token\n"
     "      --ignore-eos      go on past the end-of-sequence token (for benchmarks)\n"
-    "      --mtp             speculative decoding with the model's MTP module (CPU only):\n"
-    "                        it drafts the next token, the main model checks it in the same\n"
-    "                        forward; the output is the same as without --mtp; acceptance\n"
-    "                        rate in the statistics"
+    "      --mtp             speculative decoding with the model's MTP module (CPU and\n"
+    "                        GPU): it drafts the next token, the main model checks it in the\n"
+    "                        same forward; the output is the same as without --mtp;\n"
+    "                        acceptance rate in the statistics\n"
     "      --chat            chat: lines of standard input are user turns\n"
     "      --system=TEXT     with --chat: the system prompt\n"
     "      --batch           JSONL requests on standard input (or -f), JSONL results out\n"
@@ -334,10 +334,6 @@ static void parse(int argc, char **argv, options *o)
         cli_usage(&PROG, "%s needs a model (-m DIR)", o->score ? "--score" : "generation");
     if (o->d.mtp && o->score)
         cli_usage(&PROG, "--mtp is for generation, not --score");
-    if (o->d.mtp && o->device == 1)
-        cli_usage(&PROG, "--mtp runs on the CPU only: use --device cpu");
-    if (o->d.mtp)
-        o->device = 0;  /* not the GPU default */
     if (o->score) {
         if (!o->tok && (o->bos || o->mode != DOCIN_AUTO))
             cli_usage(&PROG, "--bos and --input need a tokenizer (-t)");
@@ -424,8 +420,14 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
     infer *f = NULL;
     sample_stats st = {0};
     int slots = o->batch ? (int)o->parallel : 1;
-    int rc = m ? infer_new(&f, m, ctx, slots, e)
-               : infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
+    int rc;
+    if (m)
+        rc = infer_new(&f, m, ctx, slots, e);
+    else if (o->d.mtp)  /* the GPU engine loads the MTP module for --mtp only */
+        rc = infer_new_gpu_mtp(&f, NULL, o->model, ctx, slots, 0, 0, e) ? err_prefix(e, "--mtp")
+                                                                         : 0;
+    else
+        rc = infer_new_gpu_dir(&f, o->model, ctx, slots, 0, e);
     if (!rc && o->d.mtp && infer_use_mtp(f, e))
         rc = err_prefix(e, "--mtp");
     if (!rc && o->batch) {

@@ -37,13 +37,73 @@ __device__ __forceinline__ void att_ld8(const float *p, float (&f)[8])
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
+/* One (row, head) v's parts combined by the calling block (at least min(nsplit, 64) threads;
+ * ws, ls [ATT_MAXSPLIT], ML [2] shared): the parts' sums rescaled to the common max. Every
+ * part's max and sum are loaded at once (a thread a part), the common max and the rescaled sum
+ * reduced in shared memory (a fixed order: the result does not depend on the batch), then
+ * each thread sums its latent values over the parts with independent loads. (A serial loop
+ * over the parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round
+ * trips.) The parts are read through L2 (__ldcg): with the split kernel's last block they
+ * were written by other blocks of the same grid. Ends with a barrier (ws reusable). */
+__device__ __forceinline__ void attn_combine_one(float *olat, const float *pm, const float *pl,
+                                                 const float *pacc, long v, int kv, int nsplit,
+                                                 float *ws, float *ls, float *ML)
+{
+    long b = v * nsplit;
+    int t = threadIdx.x;
+    float m = t < nsplit ? __ldcg(pm + b + t) : -INFINITY;
+    float l = t < nsplit ? __ldcg(pl + b + t) : 0.0f;
+    if (t < ATT_MAXSPLIT)
+        ws[t] = m;
+    __syncthreads();
+    if (t == 0) {
+        float M = -INFINITY;
+        for (int s = 0; s < nsplit; s++)
+            M = fmaxf(M, ws[s]);
+        ML[0] = M;
+    }
+    __syncthreads();
+    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
+    __syncthreads();
+    if (t < ATT_MAXSPLIT) {
+        ws[t] = w;
+        ls[t] = l * w;
+    }
+    __syncthreads();
+    if (t == 0) {
+        float L = 0;
+        for (int s = 0; s < nsplit; s++)
+            L += ls[s];
+        ML[1] = L;
+    }
+    __syncthreads();
+    float L = ML[1];
+    for (int j = t; j < kv; j += blockDim.x) {
+        float a = 0;
+#pragma unroll 16
+        for (int s = 0; s < nsplit; s++)
+            a += ws[s] * __ldcg(pacc + (b + s) * kv + j);  /* an empty part's pacc is 0 */
+        olat[v * kv + j] = a / L;
+    }
+    __syncthreads();
+}
+
+/* One block a (row, head). */
+__global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
+                               int kv, int nsplit)
+{
+    gk_pdl_enter();
+    __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
+    attn_combine_one(olat, pm, pl, pacc, blockIdx.x, kv, nsplit, ws, ls, ML);
+}
+
 #define ATT_UNROLL 4  /* vectors a thread has in flight while staging */
 
 template <typename C>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(float *pm, float *pl, float *pacc, const float *qlat, const float *q, int qk,
                  int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
-                 int rope, int n_ctx, int nsplit, float scale)
+                 int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count)
 {
     gk_pdl_enter();
     extern __shared__ float sm[];
@@ -160,53 +220,27 @@ __global__ void __launch_bounds__(ATT_THREADS)
         pm[b] = mh[tid];
         pl[b] = lh[tid];
     }
-}
-
-/* One block a (row, head): the parts' sums rescaled to the common max. Every part's max and
- * sum are loaded at once (a thread a part), the common max and the rescaled sum reduced in
- * shared memory (a fixed order: the result does not depend on the batch), then each thread
- * sums its latent values over the parts with independent loads. (A serial loop over the
- * parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round trips.) */
-__global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
-                               int kv, int nsplit)
-{
-    gk_pdl_enter();
+    if (!count)
+        return;
+    /* fused combine (count: a counter a (row, head group), zero between launches): the last
+     * of the nsplit blocks of this row and head group to finish combines the group's heads,
+     * which saves the combine's launch. Each thread's part results are made visible before
+     * the block counts itself; the last block resets the counter for the next launch. */
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
-    long v = blockIdx.x, b = v * nsplit;
-    int t = threadIdx.x;
-    float m = t < nsplit ? pm[b + t] : -INFINITY, l = t < nsplit ? pl[b + t] : 0.0f;
-    if (t < ATT_MAXSPLIT)
-        ws[t] = m;
+    __shared__ unsigned last;
+    __threadfence();
     __syncthreads();
-    if (t == 0) {
-        float M = -INFINITY;
-        for (int s = 0; s < nsplit; s++)
-            M = fmaxf(M, ws[s]);
-        ML[0] = M;
-    }
+    unsigned *cnt = count + (long)r * gridDim.y + blockIdx.y;
+    if (tid == 0)
+        last = atomicAdd(cnt, 1u) == (unsigned)nsplit - 1;
     __syncthreads();
-    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
-    __syncthreads();
-    if (t < ATT_MAXSPLIT) {
-        ws[t] = w;
-        ls[t] = l * w;
-    }
-    __syncthreads();
-    if (t == 0) {
-        float L = 0;
-        for (int s = 0; s < nsplit; s++)
-            L += ls[s];
-        ML[1] = L;
-    }
-    __syncthreads();
-    float L = ML[1];
-    for (int j = t; j < kv; j += blockDim.x) {
-        float a = 0;
-#pragma unroll 16
-        for (int s = 0; s < nsplit; s++)
-            a += ws[s] * pacc[(b + s) * kv + j];  /* an empty part's pacc is 0 */
-        olat[v * kv + j] = a / L;
-    }
+    if (!last)
+        return;
+    __threadfence();
+    for (int h = 0; h < hn; h++)
+        attn_combine_one(olat, pm, pl, pacc, (long)r * nh + h0 + h, kv, nsplit, ws, ls, ML);
+    if (tid == 0)
+        *cnt = 0;
 }
 
 int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
@@ -225,7 +259,7 @@ int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
 int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, const float *qlat,
             const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
             const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit, float scale,
-            dsv3_err *e)
+            unsigned *count, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
@@ -235,14 +269,23 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
     size_t smem = attn_smem(kv, rope);
     if (cf32)
         gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
+                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
+                  olat, count);
     else
         gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale);
+                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
+                  olat, count);
     LAUNCH_CHECK("attn_split", e);
+    if (count)
+        return 0;  /* combined by each row and head group's last block */
     /* a thread a latent value (and at least one a part) */
     int ct = kv < ATT_MAXSPLIT ? ATT_MAXSPLIT : kv > 1024 ? 1024 : (kv + 31) / 32 * 32;
     gk_launch(attn_combine_k, N * nh, ct, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
     return 0;
+}
+
+size_t gk_attn_counts(int N, int nh)
+{
+    return (size_t)N * ((nh + ATT_HG - 1) / ATT_HG) * sizeof(unsigned);
 }

@@ -57,6 +57,7 @@ struct ginfer {
     float scale, eps, route_scale;
     int n_ctx, n_slots, W, nsplit, bucket_max, rmax;
     glayer *ly;
+    struct gmtp *mtp;   /* the MTP module (ginfer_mtp.cuh; its block is ly[L]), or NULL */
     void *embed, *head;
     float *fnorm, *cos_t, *sin_t;
     void *cache;
@@ -70,8 +71,15 @@ struct ginfer {
     int *h_in;          /* host [3][rmax] */
     uint16_t *stage;
     gpu_graph *graph[MAX_BUCKETS];
-    gk_moe_out mo;      /* a MoE layer's output, summed by the next add_norm when pend */
+    gk_moe_out mo;      /* an MLP or MoE layer's output, summed by the next add_norm (pend) */
     int pend;
+    /* fusions (DSV3_GINFER_FUSE, read at creation; see fuse_flags): norms inside the GEMVs
+     * that read them, the attention combine inside the split kernel, the router GEMV + top-k
+     * + bucketing in one launch, the cache write in the q_lat GEMV's launch; fin: the input
+     * norm is fused in the pass being queued */
+    int fz_norm, fz_attn, fz_route, fz_kvw, fin;
+    unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
+    float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
     long replays;
     float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
@@ -126,6 +134,7 @@ static int put(ginfer *g, void *dst, size_t off, const float *src, size_t n, int
 typedef struct wsrc {
     const dsv3_model *m;
     const hfdir *h;
+    int mtp;  /* load MTP module 1 too (ginfer_mtp.cuh) */
 } wsrc;
 
 /* Tensor `name` (n values) as fp32: *out points at it; *own is a buffer to free (or NULL). */
@@ -320,6 +329,9 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
 
 static int capture_all(ginfer *g, dsv3_err *e);
 static void prof_print(const ginfer *g);
+static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err *e);
+static int mtp_keep(ginfer *g, int n, dsv3_err *e);
+static int decode_rows(const ginfer *g);
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
 {
@@ -360,7 +372,9 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
         F32(g->rw, R * K) || I32(g->idx, R * K) || I32(g->off, 2 * E + 4) ||
         I32(g->order, R * (K + 1)) ||
         I32(g->spos, R * K) || F32(g->h, hw) || F32(g->ye, R * (K + 1) * H) || F32(g->ys, R * H) ||
-        F32(g->xl, (size_t)g->bucket_max * H) ||
+        F32(g->xl, (size_t)g->bucket_max * H) || F32(g->dd, R * H) ||
+        !(g->acnt = (unsigned *)dal(g, gk_attn_counts(g->rmax, g->nh), e)) ||
+        !(g->rcnt = (unsigned *)dal(g, 16, e)) ||
         F32(g->logits, (size_t)g->bucket_max * g->V) ||
         !(g->tok = (int32_t *)dal(g, (size_t)g->bucket_max * 4, e)) ||
         !(g->argscr = dal(g, gk_argmax_scratch(g->bucket_max), e)) ||
@@ -368,9 +382,24 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
         return -1;
     CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
     CUDA_TRY(cudaMemsetAsync(g->argscr, 0, gk_argmax_scratch(g->bucket_max), g->s), e);
+    CUDA_TRY(cudaMemsetAsync(g->acnt, 0, gk_attn_counts(g->rmax, g->nh), g->s), e);
+    CUDA_TRY(cudaMemsetAsync(g->rcnt, 0, 16, g->s), e);
 #undef F32
 #undef I32
     return 0;
+}
+
+/* DSV3_GINFER_FUSE: unset, empty or "1": every fusion; "0": none (the launches of before,
+ * for comparisons in one process); else a comma-separated list of those wanted: "norm",
+ * "attn", "router", "kvw". */
+static void fuse_flags(ginfer *g)
+{
+    const char *v = getenv("DSV3_GINFER_FUSE");
+    int all = !v || !*v || !strcmp(v, "1"), none = v && !strcmp(v, "0");
+    g->fz_norm = all || (!none && strstr(v, "norm"));
+    g->fz_attn = all || (!none && strstr(v, "attn"));
+    g->fz_route = all || (!none && strstr(v, "router"));
+    g->fz_kvw = all || (!none && strstr(v, "kvw"));
 }
 
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
@@ -386,6 +415,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         return err_set(e, "ginfer: out of host memory");
     g->exact = exact;
     g->wsz = exact ? 4 : 2;
+    fuse_flags(g);
     g->L = c->num_hidden_layers;
     g->H = c->hidden_size;
     g->nh = c->num_attention_heads;
@@ -413,7 +443,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     /* parts of about 32 positions at full context: one sequence fills many SMs */
     g->nsplit = n_ctx / 32 < 1 ? 1 : n_ctx / 32 > 64 ? 64 : n_ctx / 32;
     g->bucket_max = 1;
-    while (g->bucket_max < n_slots)
+    while (g->bucket_max < n_slots * (src->mtp ? 2 : 1))  /* a slot's row and its draft's */
         g->bucket_max *= 2;
     g->rmax = g->bucket_max > PCHUNK ? g->bucket_max : PCHUNK;
     int rc = gpu_ctx_create(&g->c, dev, 0, e);
@@ -421,7 +451,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         g->s = (cudaStream_t)gpu_ctx_stream(g->c);
         g->stage = (uint16_t *)malloc((size_t)STAGE * 2);
         g->h_in = (int *)malloc((size_t)3 * g->rmax * sizeof(int));
-        g->ly = (glayer *)calloc((size_t)g->L, sizeof *g->ly);
+        g->ly = (glayer *)calloc((size_t)g->L + 1, sizeof *g->ly);  /* + the MTP block */
         if (!g->stage || !g->h_in || !g->ly)
             rc = err_set(e, "ginfer: out of host memory");
     }
@@ -434,6 +464,8 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         rc = -1;
     for (int l = 0; l < g->L && !rc; l++)
         rc = up_layer(g, src, c, l, &g->ly[l], e);
+    if (!rc && src->mtp)
+        rc = mtp_setup(g, src, c, e);
     int half = g->rope / 2;
     if (!rc) {
         size_t nt = (size_t)n_ctx * (half ? half : 1);
@@ -455,7 +487,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         free(inv);
     }
     /* the cache: layers x (slots + the spare slot padding rows write to) x n_ctx x W */
-    g->cache_bytes = (size_t)g->L * (n_slots + 1) * n_ctx * g->W * g->wsz;
+    g->cache_bytes = (size_t)(g->L + !!src->mtp) * (n_slots + 1) * n_ctx * g->W * g->wsz;
     if (!rc && !(g->cache = dal(g, g->cache_bytes, e))) {
         rc = err_set(e, "ginfer: no device memory for a cache of %d slots x %d tokens "
                      "(%.1f MiB; lower --ctx or --parallel)", n_slots, n_ctx,
@@ -500,7 +532,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
 extern "C" int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev,
                              int exact, dsv3_err *e)
 {
-    wsrc src = {m, NULL};
+    wsrc src = {m, NULL, 0};
     return create(out, &src, &m->cfg, n_ctx, n_slots, dev, exact, e);
 }
 
@@ -511,7 +543,7 @@ extern "C" int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n
     *out = NULL;
     if (hfdir_open(&h, dir, e))
         return -1;
-    wsrc src = {NULL, &h};
+    wsrc src = {NULL, &h, 0};
     int rc = create(out, &src, &h.cfg, n_ctx, n_slots, dev, 0, e);
     hfdir_close(&h);
     return rc;
@@ -540,6 +572,7 @@ extern "C" void ginfer_destroy(ginfer *g)
     free(g->allocs);
     gpu_ctx_destroy(g->c);
     free(g->ly);
+    free(g->mtp);
     free(g->stage);
     free(g->h_in);
     free(g);
@@ -554,7 +587,7 @@ extern "C" void ginfer_dims(const ginfer *g, int *vocab, int *layers, int *width
 extern "C" size_t ginfer_cache_bytes(const ginfer *g) { return g->cache_bytes; }
 extern "C" size_t ginfer_cache_bytes_per_token(const ginfer *g)
 {
-    return (size_t)g->L * g->W * g->wsz;
+    return (size_t)(g->L + !!g->mtp) * g->W * g->wsz;
 }
 extern "C" size_t ginfer_weight_bytes(const ginfer *g) { return g->weight_bytes; }
 extern "C" const char *ginfer_describe(const ginfer *g) { return g->desc; }
@@ -626,7 +659,7 @@ static const gk_moe_out *pending(ginfer *g)
     return &g->mo;
 }
 
-/* x += delta (or the pending MoE output), xn = norm(x) with weight w. */
+/* x += the pending MLP or MoE output, x += delta, xn = norm(x) with weight w. */
 static int add_norm(ginfer *g, int n, const float *delta, const float *w, const char *name,
                     dsv3_err *e)
 {
@@ -636,7 +669,19 @@ static int add_norm(ginfer *g, int n, const float *delta, const float *w, const 
     return 0;
 }
 
-/* MLA of layer l over n rows: xn in, delta out. */
+/* y[n, O] = W . (the input norm's output), W [O, H]: a GEMV of xn, or with g->fin one that
+ * normalises x plus the pending output itself (the norm's launch saved; x is updated by the
+ * post-attention add_norm, which adds the pending output and the attention's). */
+static int gemv_in(ginfer *g, const glayer *y, const void *w, float *out, long ldy, int n, int O,
+                   dsv3_err *e)
+{
+    if (!g->fin)
+        return gk_gemv(g->s, g->xn, g->H, 0, w, g->exact, 0, out, ldy, 0, n, g->H, O, 1, e);
+    return gk_gemv_norm(g->s, g->x, g->H, NULL, g->pend ? &g->mo : NULL, y->in_norm, g->eps, w,
+                        g->exact, out, ldy, n, g->H, O, e);
+}
+
+/* MLA of layer l over n rows: xn (or, with g->fin, x and the pending output) in, delta out. */
 static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
 {
     const glayer *y = &g->ly[l];
@@ -647,39 +692,59 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
     int ldkva = W;
     if (g->qr) {
         int A = g->qr + W;  /* q_a's and kv_a's outputs side by side */
-        if (gk_gemv(g->s, g->xn, H, 0, y->q_a, wf, 0, g->qa, A, 0, n, H, A, 1, e))
+        if (gemv_in(g, y, y->q_a, g->qa, A, n, A, e))
             return -1;
-        mark(g, "gemv q_a+kv_a", (double)A * H * ws);
-        if (gk_add_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e))
-            return -1;
-        mark(g, "norm q_a", g->qr * 4.0);
-        if (gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr, nh * qk,
-                    1, e))
-            return -1;
-        mark(g, "gemv q_b", (double)nh * qk * g->qr * ws);
+        mark(g, g->fin ? "gemv q_a+kv_a+norm" : "gemv q_a+kv_a", (double)A * H * ws);
+        if (g->fz_norm && gk_gemv_norm_fits(n, g->qr)) {
+            /* q_a's norm inside q_b's GEMV */
+            if (gk_gemv_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, 1e-6f, y->q_b, wf, g->q,
+                             nh * qk, n, g->qr, nh * qk, e))
+                return -1;
+            mark(g, "gemv q_b+norm", (double)nh * qk * g->qr * ws);
+        } else {
+            if (gk_add_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e))
+                return -1;
+            mark(g, "norm q_a", g->qr * 4.0);
+            if (gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr,
+                        nh * qk, 1, e))
+                return -1;
+            mark(g, "gemv q_b", (double)nh * qk * g->qr * ws);
+        }
         kva = g->qa + g->qr;
         ldkva = A;
     } else {
-        if (gk_gemv(g->s, g->xn, H, 0, y->q, wf, 0, g->q, nh * qk, 0, n, H, nh * qk, 1, e))
+        if (gemv_in(g, y, y->q, g->q, nh * qk, n, nh * qk, e))
             return -1;
         mark(g, "gemv q", (double)nh * qk * H * ws);
-        if (gk_gemv(g->s, g->xn, H, 0, y->kv_a, wf, 0, g->kva, W, 0, n, H, W, 1, e))
+        if (gemv_in(g, y, y->kv_a, g->kva, W, n, W, e))
             return -1;
         mark(g, "gemv kv_a", (double)W * H * ws);
     }
-    if (gk_kv_write(g->s, kva, ldkva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
-                    g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk, g->nope, e))
-        return -1;
-    mark(g, "kv_write+rope", kv * 4.0);
-    /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
-    if (gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
-                (long)nh * kv, kv, n, g->nope, kv, nh, e))
-        return -1;
-    mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
+    if (g->fz_kvw && gk_gemv_kvw_fits(n, kv)) {
+        /* q_lat[n, h] = W_uk_h^T q_nope[n, h], and the cache row written, q_pe rotated */
+        if (gk_gemv_kvw(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                        (long)nh * kv, kv, n, g->nope, kv, nh, kva, ldkva, y->kv_a_norm, cache,
+                        slot, pos, kv, g->rope, g->n_ctx, g->cos_t, g->sin_t, g->interleave,
+                        1e-6f, g->q, nh, qk, g->nope, e))
+            return -1;
+        mark(g, "gemv q_lat+kv_write", (double)nh * kv * g->nope * ws);
+    } else {
+        if (gk_kv_write(g->s, kva, ldkva, y->kv_a_norm, cache, wf, slot, pos, n, kv, g->rope,
+                        g->n_ctx, g->cos_t, g->sin_t, g->interleave, 1e-6f, g->q, nh, qk,
+                        g->nope, e))
+            return -1;
+        mark(g, "kv_write+rope", kv * 4.0);
+        /* q_lat[n, h] = W_uk_h^T q_nope[n, h] */
+        if (gk_gemv(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
+                    (long)nh * kv, kv, n, g->nope, kv, nh, e))
+            return -1;
+        mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
+    }
     if (gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
-                slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e))
+                slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
+                g->fz_attn ? g->acnt : NULL, e))
         return -1;
-    mark(g, "attention", 0);
+    mark(g, g->fz_attn ? "attention (fused)" : "attention", 0);
     /* ao[n, h] = W_uv_h o_lat[n, h] */
     if (gk_gemv(g->s, g->olat, (long)nh * kv, kv, wofs(y->kvb, (size_t)g->nope * kv, ws), wf,
                 (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n, kv, g->dv, nh,
@@ -703,24 +768,40 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
         if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
             return -1;
         mark(g, "dense up", 2.0 * y->F * H * ws);
-        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->delta, NULL, 1, 1, n, n, y->F, H, e))
+        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->dd, NULL, 1, 1, n, n, y->F, H, e))
             return -1;
         mark(g, "dense down", (double)y->F * H * ws);
+        /* pending as an output of no routed rows (add_norm adds 0 + dd[i]: dd[i]) */
+        g->mo.ye = g->dd;
+        g->mo.rw = NULL;
+        g->mo.ys = g->dd;
+        g->mo.spos = NULL;
+        g->mo.K = 0;
+        g->pend = 1;
         return 0;
     }
     /* the experts a step reads: at most n*K routed ones, and the shared one */
     int maxact = (n * K < E ? n * K : E) + y->sh;
     double act = maxact;
-    if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
-        return -1;
-    mark(g, "gemv router", E * H * 4.0);
-    if (gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
-                       g->topk_group, K, g->norm_topk, g->route_scale, e))
-        return -1;
-    mark(g, "router top-k", E * 4.0);
-    if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos, e))
-        return -1;
-    mark(g, "moe bucket", 0);
+    if (g->fz_route && n <= 64) {  /* decode-sized: the last block routes every row */
+        if (gk_route(g->s, g->xn, y->router, y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E,
+                     g->n_group, g->topk_group, K, g->norm_topk, g->route_scale, y->sh ? n : 0,
+                     g->off, g->order, g->spos, g->rcnt, e))
+            return -1;
+        mark(g, "router+top-k+bucket", E * H * 4.0);
+    } else {
+        if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
+            return -1;
+        mark(g, "gemv router", E * H * 4.0);
+        if (gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
+                           g->topk_group, K, g->norm_topk, g->route_scale, e))
+            return -1;
+        mark(g, "router top-k", E * 4.0);
+        if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos,
+                          e))
+            return -1;
+        mark(g, "moe bucket", 0);
+    }
     if (gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
                   maxact, n, n, H, mi, e))
         return -1;
@@ -750,19 +831,26 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     return 0;
 }
 
-/* The layers over the n rows in d_in; g->xn ends as the final-normed hidden states. */
+/* The layers over the n rows in d_in; g->xn ends as the final-normed hidden states. Each
+ * layer's input is x plus the layer before's pending output: summed and normed by the input
+ * add_norm, or (fused norms) normed inside the attention's first GEMVs and summed by the
+ * post-attention add_norm with the attention's output. */
 static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
 {
     g->pend = 0;
+    g->fin = g->fz_norm && gk_gemv_norm_fits(n, g->H);
     if (gk_embed(g->s, g->x, g->embed, g->exact, g->d_in, n, g->H, e))
         return -1;
     mark(g, "embed", (double)n * g->H * g->wsz);
     for (int l = 0; l < g->L; l++)
-        if (add_norm(g, n, l ? g->delta : NULL, g->ly[l].in_norm, "norm in (+moe sum)", e) ||
+        if ((!g->fin && add_norm(g, n, NULL, g->ly[l].in_norm, "norm in (+moe sum)", e)) ||
             mla(g, l, n, nsplit, e) ||
-            add_norm(g, n, g->delta, g->ly[l].post_norm, "norm post", e) || ffn(g, l, n, e))
+            add_norm(g, n, g->delta, g->ly[l].post_norm,
+                     g->fin ? "norm post (+moe sum)" : "norm post", e) ||
+            ffn(g, l, n, e))
             return -1;
-    return add_norm(g, n, g->delta, g->fnorm, "norm in (+moe sum)", e);
+    return add_norm(g, n, NULL, g->fnorm, "norm in (+moe sum)", e) ||
+           mtp_keep(g, n, e) ? -1 : 0;
 }
 
 /* Packs rows [r0, r0+n) into the host input block (padding up to pad rows) and uploads it. */
@@ -889,7 +977,7 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
         all &= want[r] != 0;
     if (n <= 0)
         return 0;
-    if (all && n <= g->n_slots)
+    if (all && n <= decode_rows(g))
         return decode(g, n, slot, pos, ids, logits, NULL, e);
     /* direct passes of at most PCHUNK rows; a slot's rows stay in order, so a later chunk
      * sees the cache an earlier one wrote */
@@ -909,8 +997,8 @@ extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const in
 {
     if (n <= 0)
         return 0;
-    if (n > g->n_slots)
-        return err_set(e, "ginfer: a greedy step of %d rows (at most %d)", n, g->n_slots);
+    if (n > decode_rows(g))
+        return err_set(e, "ginfer: a greedy step of %d rows (at most %d)", n, decode_rows(g));
     return decode(g, n, slot, pos, ids, NULL, out, e);
 }
 
@@ -922,3 +1010,6 @@ extern "C" int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e)
         return -1;
     return gpu_sync(g->c, e);
 }
+
+/* speculative decoding with the MTP module: part of this translation unit */
+#include "ginfer_mtp.cuh"

@@ -64,16 +64,16 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
+/* gemv_k's work for block (blockIdx.x, b). */
 template <typename W, int NT>
-__global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
-           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+__device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx, long xbs,
+                                           const W *__restrict__ w, long wbs,
+                                           float *__restrict__ y, long ldy, long ybs, int N,
+                                           int I, int O, int b)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (o >= O)
         return;
-    int b = blockIdx.y;
     const W *wr[1] = {w + b * wbs + (long)o * I};
     const float *xb = x + b * xbs;
     for (int n0 = 0; n0 < N; n0 += NT) {
@@ -89,6 +89,15 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             if (lane == t && t < nv)
                 y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
     }
+}
+
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
+           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+{
+    gk_pdl_enter();
+    gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
 }
 
 template <typename W>
@@ -143,8 +152,10 @@ int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_
     return 0;
 }
 
-/* One block a row. With mo the delta is the row's MoE output (its routed experts' rows
- * weighted in k order, plus the shared one's), so the combine costs no launch of its own. */
+/* One block a row. With mo the row's MoE output (its routed experts' rows weighted in k
+ * order, plus the shared one's) is added, so the combine costs no launch of its own; then
+ * delta (both with the fused norms: the MoE output of the layer before and this layer's
+ * attention output, in that order, as two unfused add_norms would add them). */
 __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo, const float *w,
                            float *out, int D, float eps)
 {
@@ -163,11 +174,11 @@ __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo,
             if (mo.ys)
                 acc += mo.ys[(long)n * D + i];
             v += acc;
-            xr[i] = v;
-        } else if (dr) {
-            v += dr[i];
-            xr[i] = v;
         }
+        if (dr)
+            v += dr[i];
+        if (mo.ye || dr)
+            xr[i] = v;
         ss += v * v;
     }
     ss = block_sum(ss, red);
@@ -205,15 +216,13 @@ __device__ __forceinline__ void rope_pair(float *v, int j, int half, int interle
 /* One block a row; the row's kv + rope values staged in shared memory. The row's query
  * heads are rotated here too (one launch fewer a layer). */
 template <typename C>
-__global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
-                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
-                           const float *sin_t, int interleave, float eps, float *q, int nh,
-                           int qk, int nope)
+__device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const float *kva,
+                             int ldkva, const float *w, C *cache, const int *slot, const int *pos,
+                             int kv, int rope, int n_ctx, const float *cos_t, const float *sin_t,
+                             int interleave, float eps, float *q, int nh, int qk, int nope)
 {
-    gk_pdl_enter();
-    extern __shared__ float row[];
     __shared__ float red[32];
-    int n = blockIdx.x, W = kv + rope, half = rope / 2;
+    int W = kv + rope, half = rope / 2;
     const float *src = kva + (long)n * ldkva;
     float ss = 0;
     for (int i = threadIdx.x; i < W; i += blockDim.x) {
@@ -236,6 +245,89 @@ __global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache
         dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
 }
 
+template <typename C>
+__global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
+                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                           const float *sin_t, int interleave, float eps, float *q, int nh,
+                           int qk, int nope)
+{
+    gk_pdl_enter();
+    extern __shared__ float row[];
+    kv_write_row<C>(row, blockIdx.x, kva, ldkva, w, cache, slot, pos, kv, rope, n_ctx, cos_t,
+                    sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+/* The batched GEMV (grid.y = batch) and, in one more row of blocks (blockIdx.y == batch,
+ * block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
+ * parts of q, kv_write rotates only the q_pe parts, so the two are independent and share a
+ * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_kvw_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
+               long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
+               const float *kva, int ldkva, const float *nw, W *cache, const int *slot,
+               const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+               const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
+{
+    gk_pdl_enter();
+    extern __shared__ float row[];
+    if (blockIdx.y < gridDim.y - 1) {
+        gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+        return;
+    }
+    if (blockIdx.x < N)
+        kv_write_row<W>(row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
+                        cos_t, sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+int gk_gemv_kvw_fits(int N, int O)
+{
+    return N <= (O + GK_WARPS - 1) / GK_WARPS;
+}
+
+template <typename W>
+static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, const W *w,
+                            long wbs, float *y, long ldy, long ybs, int N, int I, int O,
+                            int batch, const float *kva, int ldkva, const float *nw, W *cache,
+                            const int *slot, const int *pos, int kv, int rope, int n_ctx,
+                            const float *cos_t, const float *sin_t, int interleave, float eps,
+                            float *q, int nh, int qk, int nope)
+{
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
+    void (*k)(const float *, long, long, const W *, long, float *, long, long, int, int, int,
+              const float *, int, const float *, W *, const int *, const int *, int, int, int,
+              const float *, const float *, int, float, float *, int, int, int) =
+        N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
+    gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
+              y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
+              sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
+                long wbs, float *y, long ldy, long ybs, int N, int I, int O, int batch,
+                const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
+                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
+                int nope, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0 || batch <= 0)
+        return 0;
+    if (I % 8)
+        return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
+    if (!gk_gemv_kvw_fits(N, O))
+        return err_set(e, "ginfer: %d cache rows with a GEMV of %d outputs", N, O);
+    if (wf32)
+        gemv_kvw_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
+                        ldkva, nw, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
+                        interleave, eps, q, nh, qk, nope);
+    else
+        gemv_kvw_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
+                        ldkva, nw, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
+                        interleave, eps, q, nh, qk, nope);
+    LAUNCH_CHECK("gemv_kvw", e);
+    return 0;
+}
+
 int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, void *cache, int cf32,
                 const int *slot, const int *pos, int N, int kv, int rope, int n_ctx,
                 const float *cos_t, const float *sin_t, int interleave, float eps, float *q,
@@ -254,16 +346,149 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
     return 0;
 }
 
+/* ---- GEMVs that normalise their input rows themselves ---- */
+
+/* The threads gk_add_norm gives a row of D values (a thread a value, up to 1024). */
+static int norm_threads(int D)
+{
+    return D >= 1024 ? 1024 : (D + 31) / 32 * 32;
+}
+
+/* Row n of add_norm_k's output, computed by one block of any size into dst[D] (shared) with
+ * the same operations in the same order as add_norm_k run with T threads: v = x (+ the MoE
+ * output) (+ delta), each of the T threads' sum of squares over i = t, t + T, ..., the warp
+ * sums of those partials, then the sum of the warp sums (block_sum's tree): so the result is
+ * bitwise add_norm_k's. The sum v is not stored back (the caller's later add_norm does).
+ * Ends with a barrier. */
+__device__ void norm_row_to(float *dst, const float *x, int ldx, const float *delta,
+                            const gk_moe_out &mo, const float *w, int n, int D, int T, float eps,
+                            float *red)
+{
+    const float *xr = x + (long)n * ldx, *dr = delta ? delta + (long)n * D : NULL;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = xr[i];
+        if (mo.ye) {
+            float acc = 0;
+            for (int k = 0; k < mo.K; k++)
+                acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
+            if (mo.ys)
+                acc += mo.ys[(long)n * D + i];
+            v += acc;
+        }
+        if (dr)
+            v += dr[i];
+        dst[i] = v;
+    }
+    __syncthreads();
+    int lane = threadIdx.x & 31, nwv = T >> 5;
+    for (int vw = threadIdx.x >> 5; vw < nwv; vw += blockDim.x >> 5) {
+        float ss = 0;
+        for (int i = vw * 32 + lane; i < D; i += T) {
+            float v = dst[i];
+            ss += v * v;
+        }
+        ss = warp_sum(ss);
+        if (lane == 0)
+            red[vw] = ss;
+    }
+    __syncthreads();
+    float ss = lane < nwv ? red[lane] : 0.0f;
+    ss = warp_sum(ss);
+    float r = rsqrtf(ss / D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        dst[i] = w[i] * (dst[i] * r);
+    __syncthreads();
+}
+
+/* gemv_k (batch 1) over the rows add_norm_k would write: each block normalises the call's
+ * rows, NT at a time, into shared memory (a row of I values is a few KB at batch 1, read from
+ * L2 by every block) and takes its dot products from there: the norm's launch is saved. */
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_norm_k(const float *x, int ldx, const float *delta, gk_moe_out mo, const float *nw,
+                float eps, int T, const W *__restrict__ w, float *__restrict__ y, long ldy, int N,
+                int I, int O)
+{
+    gk_pdl_enter();
+    extern __shared__ float xs_sm[];  /* [NT][I] */
+    __shared__ float red[32];
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const W *wr[1] = {w + (long)(o < O ? o : O - 1) * I};
+    for (int n0 = 0; n0 < N; n0 += NT) {
+        int nv = min(NT, N - n0);
+        for (int t = 0; t < nv; t++)
+            norm_row_to(xs_sm + t * I, x, ldx, delta, mo, nw, n0 + t, I, T, eps, red);
+        if (o < O) {  /* no barrier inside: warps past O only skip their dots */
+            const float *xs[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                xs[t] = xs_sm + (t < nv ? t : 0) * I;
+            float acc[1][NT];
+            warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                if (lane == t && t < nv)
+                    y[(long)(n0 + t) * ldy + o] = acc[0][t];
+        }
+        __syncthreads();  /* the rows are read before the next chunk overwrites them */
+    }
+}
+
+static int gemv_norm_nt(int N)
+{
+    return N == 1 ? 1 : N <= 4 ? 4 : 8;
+}
+
+/* Decode-sized calls only: every block normalises every row, so a prefill chunk of 256 rows
+ * would read them ~100 times over from L2. */
+int gk_gemv_norm_fits(int N, int I)
+{
+    return N <= 8 && (size_t)gemv_norm_nt(N) * I * sizeof(float) <= 47 * 1024;  /* + static */
+}
+
+template <typename W>
+static void gemv_norm_launch(cudaStream_t s, const float *x, int ldx, const float *delta,
+                             const gk_moe_out &mo, const float *nw, float eps, const W *w,
+                             float *y, long ldy, int N, int I, int O)
+{
+    int nt = gemv_norm_nt(N);
+    void (*k)(const float *, int, const float *, gk_moe_out, const float *, float, int,
+              const W *, float *, long, int, int, int) =
+        nt == 1 ? gemv_norm_k<W, 1> : nt == 4 ? gemv_norm_k<W, 4> : gemv_norm_k<W, 8>;
+    gk_launch(k, (O + GK_WARPS - 1) / GK_WARPS, GK_WARPS * 32, (size_t)nt * I * sizeof(float), s,
+              x, ldx, delta, mo, nw, eps, norm_threads(I), w, y, ldy, N, I, O);
+}
+
+int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
+                 const gk_moe_out *mo, const float *nw, float eps, const void *w, int wf32,
+                 float *y, long ldy, int N, int I, int O, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0)
+        return 0;
+    if (I % 8)
+        return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
+    if (!gk_gemv_norm_fits(N, I))
+        return err_set(e, "ginfer: %d normalised rows of %d values do not fit shared memory",
+                       N, I);
+    gk_moe_out m = {};
+    if (mo)
+        m = *mo;
+    if (wf32)
+        gemv_norm_launch(s, x, ldx, delta, m, nw, eps, (const float *)w, y, ldy, N, I, O);
+    else
+        gemv_norm_launch(s, x, ldx, delta, m, nw, eps, (const bf16 *)w, y, ldy, N, I, O);
+    LAUNCH_CHECK("gemv_norm", e);
+    return 0;
+}
+
 /* ---- MoE ---- */
 
 /* One block: thread e counts expert e's choices, a serial prefix sum (and the list of the
  * groups with rows), then each expert's choices in assignment order (stable); then the ns
- * rows of the shared group E. */
-__global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, int *off,
-                             int *order, int *spos)
+ * rows of the shared group E. cnt: [E + 1] shared. */
+__device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns, int *off,
+                                int *order, int *spos, int *cnt)
 {
-    gk_pdl_enter();
-    __shared__ int cnt[1025];
     for (int x = threadIdx.x; x < E; x += blockDim.x) {
         int c = 0;
         for (int a = 0; a < NK; a++)
@@ -299,6 +524,169 @@ __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, i
                 spos[a] = p++;
             }
     }
+}
+
+__global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, int *off,
+                             int *order, int *spos)
+{
+    gk_pdl_enter();
+    __shared__ int cnt[1025];
+    moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
+}
+
+/* Warp-wide argmax over (valid, value, index) as kernels/moe.cu's: larger value wins, equal
+ * values go to the lower index, invalid entries lose; every lane gets the winner. */
+__device__ __forceinline__ void route_argmax(int &valid, float &v, int &i)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        int ov = __shfl_xor_sync(0xffffffffu, valid, o);
+        float ovl = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov && (!valid || ovl > v || (ovl == v && oi < i))) {
+            valid = 1;
+            v = ovl;
+            i = oi;
+        }
+    }
+}
+
+/* kernels/moe.cu's router_kernel for row n by one warp (choice, taken: the warp's [E] shared
+ * scratch), the same operations in the same order (so the same choices and weights); the
+ * logits read through L2 (other blocks of the grid wrote them). */
+__device__ void route_row(int32_t *idx, float *w, float *s, const float *logits,
+                          const float *bias, int n, int E, int G, int TG, int K, int norm,
+                          float scale, float *choice, unsigned char *taken)
+{
+    int lane = threadIdx.x & 31;
+    const float *l = logits + (long)n * E;
+    float *sr = s + (long)n * E;
+    for (int x = lane; x < E; x += 32) {
+        float sv = 1.0f / (1.0f + expf(-__ldcg(l + x)));
+        sr[x] = sv;
+        choice[x] = sv + (bias ? bias[x] : 0.0f);
+        taken[x] = 0;
+    }
+    __syncwarp();
+    int per = E / G;
+    float gs = 0;
+    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
+        float b1 = -INFINITY, b2 = -INFINITY;
+        for (int x = lane * per; x < (lane + 1) * per; x++) {
+            if (choice[x] > b1) {
+                b2 = b1;
+                b1 = choice[x];
+            } else if (choice[x] > b2) {
+                b2 = choice[x];
+            }
+        }
+        gs = b1 + b2;
+    }
+    unsigned keep = 0;
+    for (int r = 0; r < TG; r++) {
+        int valid = lane < G && !((keep >> lane) & 1);
+        float v = gs;
+        int i = lane;
+        route_argmax(valid, v, i);
+        keep |= 1u << i;
+    }
+    float wsum = 0, mine = 0;
+    for (int r = 0; r < K; r++) {
+        int valid = 0, i = 0;
+        float v = -INFINITY;
+        for (int x = lane; x < E; x += 32)
+            if (((keep >> (x / per)) & 1) && !taken[x] && (!valid || choice[x] > v)) {
+                valid = 1;
+                v = choice[x];
+                i = x;
+            }
+        route_argmax(valid, v, i);
+        if (lane == 0)
+            taken[i] = 1;
+        __syncwarp();
+        float sv = sr[i];
+        wsum += sv;
+        if (lane == r) {
+            mine = sv;
+            idx[(long)n * K + r] = i;
+        }
+    }
+    if (lane < K)
+        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    __syncwarp();
+}
+
+/* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
+ * to finish (a counter, reset by that block), every row's top-k (route_row, a warp a row) and
+ * the bucketing (moe_bucket_body): three launches in one. */
+template <int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    route_k(const float *__restrict__ x, const float *__restrict__ router, const float *bias,
+            float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+            int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+            unsigned *count)
+{
+    gk_pdl_enter();
+    extern __shared__ float rsm[];  /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags */
+    __shared__ int cnt[1025];
+    __shared__ unsigned last;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * GK_WARPS + warp;
+    if (o < E) {
+        const float *wr[1] = {router + (long)o * H};
+        for (int n0 = 0; n0 < N; n0 += NT) {
+            int nv = min(NT, N - n0);
+            const float *xs[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                xs[t] = x + (long)(n0 + (t < nv ? t : 0)) * H;
+            float acc[1][NT];
+            warp_dots<float, NT, 1>(wr, xs, nv, H, acc);
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                if (lane == t && t < nv)
+                    logits[(long)(n0 + t) * E + o] = acc[0][t];
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    float *choice = rsm + warp * E;
+    unsigned char *taken = (unsigned char *)(rsm + GK_WARPS * E) + warp * E;
+    for (int n = warp; n < N; n += GK_WARPS)
+        route_row(idx, rw, rs, logits, bias, n, E, G, TG, K, norm, scale, choice, taken);
+    __syncthreads();  /* the block's idx writes visible to the whole block */
+    moe_bucket_body(idx, N * K, K, E, ns, off, order, spos, cnt);
+    if (threadIdx.x == 0)
+        *count = 0;
+}
+
+int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
+             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+             unsigned *count, dsv3_err *e)
+{
+    if (E > 1024 || G < 1 || G > 32 || E % G || K < 1 || K > 32 || TG < 1 || TG > G ||
+        K > TG * (E / G))
+        return err_set(e, "router: unsupported shape E=%d n_group=%d topk_group=%d k=%d", E,
+                       G, TG, K);
+    if (H % 8)
+        return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
+    if (N <= 0)
+        return 0;
+    size_t smem = (size_t)GK_WARPS * E * (sizeof(float) + 1);
+    unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
+    void (*k)(const float *, const float *, const float *, float *, float *, float *, int32_t *,
+              int, int, int, int, int, int, int, float, int, int *, int *, int *, unsigned *) =
+        N == 1 ? route_k<1> : N <= 4 ? route_k<4> : route_k<8>;
+    gk_launch(k, grid, GK_WARPS * 32, smem, s, x, router, bias, logits, rs, rw, idx, N, H, E, G,
+              TG, K, norm, scale, ns, off, order, spos, count);
+    LAUNCH_CHECK("route", e);
+    return 0;
 }
 
 int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int K, int E, int ns, int *off,

@@ -65,9 +65,8 @@ typedef struct gk_moe_out {
 /* x[N,H] = table[ids[n]]. */
 int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_t *ids, int N,
              int H, dsv3_err *e);
-/* x += delta (delta may be NULL; with mo, the MoE output it describes is the delta, delta
- * itself unused), then out = w * x * rstd(x) per row of D (rows of x ldx apart, of out and
- * delta D apart). */
+/* x += the MoE output mo describes (mo or its ye may be NULL), then x += delta (may be NULL),
+ * then out = w * x * rstd(x) per row of D (rows of x ldx apart, of out and delta D apart). */
 int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_moe_out *mo,
                 const float *w, float *out, int N, int D, float eps, dsv3_err *e);
 /* For b < batch: y[b][n][o] = sum_i x[b][n][i] w[b][o][i], with row n of x at
@@ -75,6 +74,23 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
  * I a multiple of 8; x rows 16-byte aligned. */
 int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
             float *y, long ldy, long ybs, int N, int I, int O, int batch, dsv3_err *e);
+/* gk_gemv (batch 1) of the rows gk_add_norm(x, ldx, delta, mo, nw, eps) would write to its
+ * out (I = D values a row), without that launch: each block normalises the rows itself
+ * (bitwise gk_add_norm's values, its T-thread sums emulated); x is not updated (a later
+ * gk_add_norm adds delta and mo again). gk_gemv_norm_fits: whether it takes N rows of I
+ * values (decode-sized N, rows that fit its shared memory); else use gk_add_norm + gk_gemv. */
+int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
+                 const gk_moe_out *mo, const float *nw, float eps, const void *w, int wf32,
+                 float *y, long ldy, int N, int I, int O, dsv3_err *e);
+int gk_gemv_norm_fits(int N, int I);
+/* The router in one launch: logits[N, E] = x[N, H] . router[E, H] (fp32, gk_gemv's sums),
+ * then kernels/moe.cu's gpu_router_fwd (idx, rw, rs from the logits, the same operations)
+ * and gk_moe_bucket(idx, N*K, K, E, ns, ...) done by the grid's last block (count: one
+ * counter, zeroed once before the first call; each call leaves it zero). */
+int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
+             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+             unsigned *count, dsv3_err *e);
 /* From kva[N, kv+rope] (rows ldkva apart): c_kv = norm(kva[:kv]) (weight w), k_pe =
  * rope(kva[kv:]), stored at cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's
  * cache); and RoPE (lib/ops rope_forward) on the q_pe part (from nope) of every head of
@@ -83,6 +99,17 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
                 const int *slot, const int *pos, int N, int kv, int rope, int n_ctx,
                 const float *cos_t, const float *sin_t, int interleave, float eps, float *q,
                 int nh, int qk, int nope, dsv3_err *e);
+/* gk_gemv (batched) and gk_kv_write (kva ... nope; the cache of the weights' type) in one
+ * launch: the kv_write is one more row of blocks, so N <= the GEMV's blocks a batch entry,
+ * (O + 7) / 8 (gk_gemv_kvw_fits); x must not read what kv_write writes (the q_lat GEMV reads
+ * q's nope parts, kv_write rotates its pe parts). Results as the two launches'. */
+int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
+                long wbs, float *y, long ldy, long ybs, int N, int I, int O, int batch,
+                const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
+                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
+                const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
+                int nope, dsv3_err *e);
+int gk_gemv_kvw_fits(int N, int O);
 /* Buckets the NK expert choices idx[NK] by expert (stable): off[E+1], order[sorted] = a,
  * spos[a] = sorted position. E <= 1024. With ns > 0 a group E follows (the shared expert run
  * as one more group): off[E+1] = NK + ns, its rows NK + n take input row n (order = n*K).
@@ -125,6 +152,11 @@ int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e);
 int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, const float *qlat,
             const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
             const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit, float scale,
-            dsv3_err *e);
+            unsigned *count, dsv3_err *e);
+/* count NULL: the combine is a second launch; else the parts are combined inside the split
+ * kernel by each (row, head group)'s last block to finish (count: gk_attn_counts(N, nh)
+ * bytes of counters, zeroed once before the first call; each call leaves them zero), with
+ * the same sums in the same order. */
+size_t gk_attn_counts(int N, int nh);
 
 #endif

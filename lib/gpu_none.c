@@ -16,6 +16,7 @@
 #include "../kernels/attention.h"
 #include "../kernels/sort.h"
 #include "../kernels/ginfer.h"
+#include "../kernels/ginfer_mtp.h"
 
 #include <stdlib.h>
 
@@ -590,6 +591,21 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e) { return no_cuda(e); }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
 double ginfer_graph_seconds(const ginfer *g) { return 0; }
+
+/* ginfer_mtp */
+int ginfer_create_mtp(ginfer **out, const dsv3_model *m, const char *dir, int n_ctx,
+                      int n_slots, int dev, int exact, dsv3_err *e)
+{
+    *out = NULL;
+    return no_cuda(e);
+}
+int ginfer_has_mtp(const ginfer *g) { return 0; }
+int ginfer_decode_rows(const ginfer *g) { return 0; }
+int ginfer_mtp_forward(ginfer *g, int n, const int *slot, const int *pos, const int32_t *next,
+                       const uint8_t *want, float *logits, int32_t *out, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 
 int gmodel_set_segments(gmodel *g, const int32_t *segment, const int32_t *position,
                         dsv3_err *e)

@@ -6,6 +6,7 @@
 
 #include "ops.h"
 #include "../kernels/ginfer.h"
+#include "../kernels/ginfer_mtp.h"
 
 /* ---- linear layers for decoding ----
  * lib/ops' matmul_forward walks rows outside and weights inside, so a call of B rows streams
@@ -89,6 +90,9 @@ struct infer {
     int *mlen, *pcap;           /* [slots] */
     float **ph;                 /* [slots][pcap * hidden] */
     int32_t **pid;              /* [slots][pcap] */
+    /* On the GPU the hidden states stay on the device (kernels/ginfer_mtp); the ids fed at
+     * each position of each slot are kept here: [slots][n_ctx]. */
+    int32_t *gid;
 };
 
 static float *cache_at(const infer *f, int l, int slot, int pos)
@@ -138,9 +142,9 @@ static void scratch_free(scratch *s)
     memset(s, 0, sizeof *s);
 }
 
-/* The GPU engine from a model (m) or a folder (dir). */
+/* The GPU engine from a model (m) or a folder (dir); mtp: with the MTP module. */
 static int new_gpu(infer **out, const dsv3_model *m, const char *dir, int n_ctx, int n_slots,
-                   int dev, int exact, dsv3_err *e)
+                   int dev, int exact, int mtp, dsv3_err *e)
 {
     if (n_ctx < 1 || n_slots < 1)
         return err_set(e, "infer: a context of %d tokens and %d slots", n_ctx, n_slots);
@@ -151,8 +155,9 @@ static int new_gpu(infer **out, const dsv3_model *m, const char *dir, int n_ctx,
     }
     f->n_ctx = n_ctx;
     f->n_slots = n_slots;
-    if (m ? ginfer_create(&f->g, m, n_ctx, n_slots, dev, exact, e)
-          : ginfer_create_dir(&f->g, dir, n_ctx, n_slots, dev, e)) {
+    if (mtp ? ginfer_create_mtp(&f->g, m, dir, n_ctx, n_slots, dev, exact, e)
+        : m ? ginfer_create(&f->g, m, n_ctx, n_slots, dev, exact, e)
+            : ginfer_create_dir(&f->g, dir, n_ctx, n_slots, dev, e)) {
         infer_free(f);
         return -1;
     }
@@ -164,13 +169,19 @@ static int new_gpu(infer **out, const dsv3_model *m, const char *dir, int n_ctx,
 int infer_new_gpu(infer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
                   dsv3_err *e)
 {
-    return new_gpu(out, m, NULL, n_ctx, n_slots, dev, exact, e);
+    return new_gpu(out, m, NULL, n_ctx, n_slots, dev, exact, 0, e);
 }
 
 int infer_new_gpu_dir(infer **out, const char *dir, int n_ctx, int n_slots, int dev,
                       dsv3_err *e)
 {
-    return new_gpu(out, NULL, dir, n_ctx, n_slots, dev, 0, e);
+    return new_gpu(out, NULL, dir, n_ctx, n_slots, dev, 0, 0, e);
+}
+
+int infer_new_gpu_mtp(infer **out, const dsv3_model *m, const char *dir, int n_ctx, int n_slots,
+                      int dev, int exact, dsv3_err *e)
+{
+    return new_gpu(out, m, m ? NULL : dir, n_ctx, n_slots, dev, exact, 1, e);
 }
 
 const char *infer_device(const infer *f)
@@ -201,10 +212,11 @@ void infer_free(infer *f)
     free(f->len);
     free(f->cos_t);
     free(f->sin_t);
-    for (int i = 0; f->mtp && i < f->n_slots; i++) {
+    for (int i = 0; f->ph && i < f->n_slots; i++) {
         free(f->ph[i]);
         free(f->pid[i]);
     }
+    free(f->gid);
     free(f->mlen);
     free(f->pcap);
     free(f->ph);
@@ -253,12 +265,28 @@ int infer_slot_truncate(infer *f, int slot, int n, dsv3_err *e)
     return 0;
 }
 
+/* The GPU engine's stream: the module is on the device already (infer_new_gpu_mtp). */
+static int use_mtp_gpu(infer *f, dsv3_err *e)
+{
+    if (!ginfer_has_mtp(f->g))
+        return err_set(e, "infer: this GPU engine was made without the MTP module "
+                       "(infer_new_gpu_mtp)");
+    f->mlen = calloc((size_t)f->n_slots, sizeof *f->mlen);
+    f->gid = malloc((size_t)f->n_slots * f->n_ctx * sizeof *f->gid);
+    if (!f->mlen || !f->gid)
+        return err_set(e, "infer: out of memory");
+    f->mtp = 1;
+    for (int i = 0; i < f->n_slots; i++)
+        f->len[i] = 0;
+    return 0;
+}
+
 int infer_use_mtp(infer *f, dsv3_err *e)
 {
-    if (f->g)
-        return err_set(e, "infer: the MTP module runs on the CPU engine only");
     if (f->mtp)
         return 0;
+    if (f->g)
+        return use_mtp_gpu(f, e);
     if (f->m->cfg.num_nextn_predict_layers < 1 || !f->m->w.mtp)
         return err_set(e, "the model has no MTP module (num_nextn_predict_layers is 0, or the "
                        "checkpoint holds no MTP tensors)");
@@ -520,12 +548,20 @@ static int gpos_reserve(infer *f, int n, dsv3_err *e)
     return 0;
 }
 
+/* With the MTP stream on a GPU engine: the ids of a call's rows, for the stream's rows. */
+static void keep_ids(infer *f, int n, const int *slot, const int32_t *ids)
+{
+    for (int r = 0; f->gid && r < n; r++)
+        f->gid[(size_t)slot[r] * f->n_ctx + f->gpos[r]] = ids[r];
+}
+
 static int forward_gpu(infer *f, int n, const int *slot, const int32_t *ids,
                        const uint8_t *want, float *logits, dsv3_err *e)
 {
     if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
         ginfer_forward(f->g, n, slot, f->gpos, ids, want, logits, e))
         return -1;
+    keep_ids(f, n, slot, ids);
     for (int r = 0; r < n; r++)
         f->len[slot[r]]++;
     return 0;
@@ -601,19 +637,9 @@ int infer_set_banned(infer *f, const uint8_t *ban, dsv3_err *e)
     return 0;
 }
 
-int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
-                         dsv3_err *e)
+/* Room for n rows of logits in f->glog. */
+static int glog_reserve(infer *f, int n, dsv3_err *e)
 {
-    if (n <= 0)
-        return 0;
-    if (f->g && n <= f->n_slots) {
-        if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
-            ginfer_forward_greedy(f->g, n, slot, f->gpos, ids, out, e))
-            return -1;
-        for (int r = 0; r < n; r++)
-            f->len[slot[r]]++;
-        return 0;
-    }
     if (n > f->glog_n) {
         float *p = realloc(f->glog, (size_t)n * f->vocab * sizeof *p);
         if (!p)
@@ -621,21 +647,42 @@ int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, i
         f->glog = p;
         f->glog_n = n;
     }
-    if (infer_forward(f, n, slot, ids, NULL, f->glog, e))
-        return -1;
-    for (int r = 0; r < n; r++) {
-        const float *l = f->glog + (size_t)r * f->vocab;
-        int32_t best = 0;
-        float bv = f->ban && f->ban[0] ? -INFINITY : l[0];
-        for (int v = 1; v < f->vocab; v++) {
-            float x = f->ban && f->ban[v] ? -INFINITY : l[v];
-            if (x > bv) {
-                bv = x;
-                best = v;
-            }
+    return 0;
+}
+
+/* The id of the largest of a row of logits, banned ids left out, ties to the lowest. */
+static int32_t greedy_id(const infer *f, const float *l)
+{
+    int32_t best = 0;
+    float bv = f->ban && f->ban[0] ? -INFINITY : l[0];
+    for (int v = 1; v < f->vocab; v++) {
+        float x = f->ban && f->ban[v] ? -INFINITY : l[v];
+        if (x > bv) {
+            bv = x;
+            best = v;
         }
-        out[r] = best;
     }
+    return best;
+}
+
+int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
+                         dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (f->g && n <= ginfer_decode_rows(f->g)) {
+        if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
+            ginfer_forward_greedy(f->g, n, slot, f->gpos, ids, out, e))
+            return -1;
+        keep_ids(f, n, slot, ids);
+        for (int r = 0; r < n; r++)
+            f->len[slot[r]]++;
+        return 0;
+    }
+    if (glog_reserve(f, n, e) || infer_forward(f, n, slot, ids, NULL, f->glog, e))
+        return -1;
+    for (int r = 0; r < n; r++)
+        out[r] = greedy_id(f, f->glog + (size_t)r * f->vocab);
     return 0;
 }
 
@@ -673,15 +720,14 @@ int infer_forward(infer *f, int n, const int *slot, const int32_t *ids, const ui
     return 0;
 }
 
-int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float *logits,
-                    dsv3_err *e)
+/* The rows an MTP call of n slots runs (the positions each has waiting); -1 with a message
+ * on a bad call. */
+static int draft_rows(const infer *f, int n, const int *slot, const int32_t *next,
+                      dsv3_err *e)
 {
     if (!f->mtp)
         return err_set(e, "infer: the MTP module is off (infer_use_mtp)");
-    const dsv3_model *m = f->m;
-    const dsv3_config *c = &m->cfg;
-    const model_mtp *W = &m->w.mtp[0];
-    int H = c->hidden_size, R = 0;
+    int R = 0;
     for (int i = 0; i < n; i++) {
         int sl = slot[i];
         if (sl < 0 || sl >= f->n_slots || f->len[sl] <= f->mlen[sl])
@@ -694,6 +740,71 @@ int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float
                 return err_set(e, "infer: slot %d twice in one MTP call", sl);
         R += f->len[sl] - f->mlen[sl];
     }
+    return R;
+}
+
+/* The GPU stream over the R rows of an MTP call: logits of each slot's newest row, or
+ * (logits NULL) its greedy id to out. */
+static int draft_gpu(infer *f, int n, const int *slot, const int32_t *next, int R,
+                     float *logits, int32_t *out, dsv3_err *e)
+{
+    int *rs = calloc((size_t)R + 1, sizeof *rs), *rp = calloc((size_t)R + 1, sizeof *rp);
+    int32_t *rid = calloc((size_t)R + 1, sizeof *rid);
+    uint8_t *rw = calloc((size_t)R + 1, 1);
+    if (!rs || !rp || !rid || !rw) {
+        free(rs);
+        free(rp);
+        free(rid);
+        free(rw);
+        return err_set(e, "infer: out of memory");
+    }
+    for (int i = 0, r = 0; i < n; i++) {
+        int sl = slot[i], w = f->len[sl] - f->mlen[sl];
+        for (int j = 0; j < w; j++, r++) {
+            rs[r] = sl;
+            rp[r] = f->mlen[sl] + j;
+            rid[r] = j + 1 < w ? f->gid[(size_t)sl * f->n_ctx + rp[r] + 1] : next[i];
+            rw[r] = j + 1 == w;
+        }
+    }
+    int rc = ginfer_mtp_forward(f->g, R, rs, rp, rid, rw, logits, out, e);
+    for (int i = 0; i < n && !rc; i++)
+        f->mlen[slot[i]] = f->len[slot[i]];
+    free(rs);
+    free(rp);
+    free(rid);
+    free(rw);
+    return rc;
+}
+
+int infer_mtp_draft_greedy(infer *f, int n, const int *slot, const int32_t *next, int32_t *out,
+                           dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (f->g) {
+        int R = draft_rows(f, n, slot, next, e);
+        return R < 0 ? -1 : draft_gpu(f, n, slot, next, R, NULL, out, e);
+    }
+    if (glog_reserve(f, n, e) || infer_mtp_draft(f, n, slot, next, f->glog, e))
+        return -1;
+    for (int i = 0; i < n; i++)
+        out[i] = greedy_id(f, f->glog + (size_t)i * f->vocab);
+    return 0;
+}
+
+int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float *logits,
+                    dsv3_err *e)
+{
+    int R = draft_rows(f, n, slot, next, e);
+    if (R < 0)
+        return -1;
+    if (f->g)
+        return draft_gpu(f, n, slot, next, R, logits, NULL, e);
+    const dsv3_model *m = f->m;
+    const dsv3_config *c = &m->cfg;
+    const model_mtp *W = &m->w.mtp[0];
+    int H = c->hidden_size;
     if (scratch_grow(&f->s, c, R))
         return err_set(e, "infer: out of memory for %d rows", R);
     scratch *s = &f->s;

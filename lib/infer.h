@@ -13,7 +13,8 @@
  * stream over the same positions, with its own latent cache (one more layer). Stream
  * position p takes the main model's hidden state at p (before the final norm) and the token
  * at p + 1 and predicts the token at p + 2, as lib/model's MTP forward does in training; its
- * block attends over the stream's positions 0..p.
+ * block attends over the stream's positions 0..p. The GPU engine runs the same stream
+ * (kernels/ginfer_mtp) when made by infer_new_gpu_mtp.
  *
  * The weights are the dsv3_model's (read, never written). A sequence lives in a slot of the
  * cache; rows of one call are (slot, token) pairs, each at the slot's next position, so a
@@ -43,6 +44,12 @@ int infer_new_gpu(infer **out, const dsv3_model *m, int n_ctx, int n_slots, int 
  * dequantised: ginfer_create_dir), without a host copy of the model. */
 int infer_new_gpu_dir(infer **out, const char *dir, int n_ctx, int n_slots, int dev,
                       dsv3_err *e);
+/* A GPU engine with the MTP module on the device too, for infer_use_mtp (kernels/ginfer_mtp:
+ * one more cache layer, the main model's hidden states kept on the device, decode steps of up
+ * to two rows a slot): from m (loaded with its MTP modules) or, m NULL, from folder dir
+ * (bf16 then). Fails when the model has no MTP module. */
+int infer_new_gpu_mtp(infer **out, const dsv3_model *m, const char *dir, int n_ctx, int n_slots,
+                      int dev, int exact, dsv3_err *e);
 void infer_free(infer *f);
 
 /* "cpu" or the GPU engine's description ("cuda:0 (NVIDIA H200, bf16)"). */
@@ -69,8 +76,9 @@ void infer_slot_clear(infer *f, int slot);
  * With the MTP stream on, n must be 0 or pass the stream's cached positions. */
 int infer_slot_truncate(infer *f, int slot, int n, dsv3_err *e);
 
-/* Turns the MTP stream on (CPU engine; the model loaded with its MTP modules, of which the
- * first is used); empties every slot. Fails when the model has none. */
+/* Turns the MTP stream on (CPU engine: the model loaded with its MTP modules, of which the
+ * first is used; GPU engine: made by infer_new_gpu_mtp); empties every slot. Fails when the
+ * model has none. */
 int infer_use_mtp(infer *f, dsv3_err *e);
 int infer_mtp_on(const infer *f);
 
@@ -80,6 +88,11 @@ int infer_mtp_on(const infer *f);
  * vocab_size logits, which predict the token after next[i], to logits + i * vocab. */
 int infer_mtp_draft(infer *f, int n, const int *slot, const int32_t *next, float *logits,
                     dsv3_err *e);
+/* The same, giving each slot's greedy draft instead: out[i] = the id of the largest of those
+ * logits, banned ids left out, ties to the lowest (infer_forward_greedy's choice). On the
+ * GPU only the ids leave the device. */
+int infer_mtp_draft_greedy(infer *f, int n, const int *slot, const int32_t *next, int32_t *out,
+                           dsv3_err *e);
 
 /* Runs n new rows: row r appends token ids[r] to slot[r] (rows of one slot in order, at
  * consecutive positions). For each row with want[r] != 0 (want NULL: every row) one row of

@@ -293,23 +293,13 @@ static void finish(seq *q, sample_request *r)
     q->req = -1;
 }
 
-/* The most likely id of logits (banned ones left out; ties: the lowest). */
-static int32_t argmax(float *logits, int V, const banned *bn)
-{
-    ban(bn, logits);
-    int32_t best = 0;
-    for (int v = 1; v < V; v++)
-        if (logits[v] > logits[best])
-            best = v;
-    return best;
-}
-
 /* Drafts for the running sequences that can take two rows this step (room in the context
- * and in -n): draft[s] the MTP module's token, -1 for the others. */
+ * and in -n): draft[s] the MTP module's token (its most likely one, the banned ids left
+ * out: infer_set_banned), -1 for the others. */
 static int drafts(infer *f, seq *q, const sample_request *reqs, int S, int32_t *draft,
-                  int *dslot, int32_t *dnext, float *dlogits, const banned *bn, dsv3_err *e)
+                  int *dslot, int32_t *dnext, int32_t *dtok, dsv3_err *e)
 {
-    int D = 0, V = infer_vocab(f);
+    int D = 0;
     for (int s = 0; s < S; s++) {
         draft[s] = -1;
         if (q[s].req < 0)
@@ -323,22 +313,23 @@ static int drafts(infer *f, seq *q, const sample_request *reqs, int S, int32_t *
     }
     if (!D)
         return 0;
-    if (infer_mtp_draft(f, D, dslot, dnext, dlogits, e))
+    if (infer_mtp_draft_greedy(f, D, dslot, dnext, dtok, e))
         return -1;
     for (int i = 0; i < D; i++)
-        draft[dslot[i]] = argmax(dlogits + (size_t)i * V, V, bn);
+        draft[dslot[i]] = dtok[i];
     return 0;
 }
 
-/* Takes a sequence's tokens from a decode step: row k (and k + 1 with a draft). */
-static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, int V,
-                  int32_t draft, const sample_run_opts *o, const banned *bn, sample_stats *st,
-                  dsv3_err *e)
+/* Takes a sequence's tokens from a decode step: row k (and k + 1 with a draft), sampled from
+ * the rows' logits, or (logits NULL: a greedy step) the rows' greedy ids tok. */
+static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, const int32_t *tok,
+                  int V, int32_t draft, const sample_run_opts *o, const banned *bn,
+                  sample_stats *st, dsv3_err *e)
 {
     int len = infer_slot_len(f, s) - (draft >= 0);  /* as without the draft row */
     st->main_steps++;
     st->decode_tokens++;
-    if (take(f, len, z, r, logits, o, bn, e))
+    if (logits ? take(f, len, z, r, logits, o, bn, e) : accept(f, len, z, r, tok[0], o, e))
         return -1;
     if (draft < 0)
         return 0;
@@ -347,7 +338,8 @@ static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, int
         if (z->next == draft) {
             st->accepted++;
             st->decode_tokens++;
-            return take(f, len + 1, z, r, logits + V, o, bn, e);
+            return logits ? take(f, len + 1, z, r, logits + V, o, bn, e)
+                          : accept(f, len + 1, z, r, tok[1], o, e);
         }
     }
     return infer_slot_truncate(f, s, len, e);
@@ -393,7 +385,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
             break;
         double t0 = now();
         if (o->mtp)
-            rc = drafts(f, q, reqs, S, draft, dslot, dnext, logits, &bn, e);
+            rc = drafts(f, q, reqs, S, draft, dslot, dnext, next, e);
         else
             for (int s = 0; s < S; s++)
                 draft[s] = -1;
@@ -407,8 +399,8 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
                     ids[R++] = draft[s];
                 }
             }
-        /* every row greedy (no drafts then): only the chosen ids come back */
-        int greedy = !o->mtp;
+        /* every row greedy: only the chosen ids come back */
+        int greedy = 1;
         for (int s = 0; s < S && greedy; s++)
             greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
         if (!rc && greedy)
@@ -416,20 +408,12 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         else if (!rc)
             rc = infer_forward(f, R, slot, ids, NULL, logits, e);
         st->decode_s += now() - t0;
-        for (int k = 0; k < R && !rc && greedy; k++) {
-            seq *z = &q[slot[k]];
-            sample_request *r = &reqs[z->req];
-            st->main_steps++;
-            st->decode_tokens++;
-            rc = accept(f, infer_slot_len(f, slot[k]), z, r, next[k], o, e);
-            if (!rc && r->why)
-                finish(z, r);
-        }
-        for (int k = 0; k < R && !rc && !greedy; k++) {
+        for (int k = 0; k < R && !rc; k++) {
             int s = slot[k];
             seq *z = &q[s];
             sample_request *r = &reqs[z->req];
-            rc = verify(f, s, z, r, logits + (size_t)k * V, V, draft[s], o, &bn, st, e);
+            rc = verify(f, s, z, r, greedy ? NULL : logits + (size_t)k * V, next + k, V,
+                        draft[s], o, &bn, st, e);
             k += draft[s] >= 0;
             if (!rc && r->why)
                 finish(z, r);

@@ -20,6 +20,10 @@
 # baseline build, same folder, same run); PROFILE=1 once more with DSV3_GINFER_PROFILE=1
 # (each launch kind's device time a step) and once with DSV3_GINFER_PDL=1 (programmatic
 # dependent launches);
+# UNFUSED=1 once more with DSV3_GINFER_FUSE=0 (the launches before the fused decode kernels;
+# with PROFILE=1 its profile too, run "unfused-profile");
+# MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
+# tokens/s, the acceptance rate; random weights make its drafts rarely right);
 # BATCHES (default "8 64") the batch sizes of the batch runs.
 set -eu
 BUILD=${BUILD:-build}
@@ -58,13 +62,16 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for run in ${BASE_BIN:+base} ${PROFILE:+pdl profile}; do
+        for run in ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} ${PROFILE:+pdl profile} \
+            ${UNFUSED:+${PROFILE:+unfused-profile}}; do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
             env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
-                DSV3_GINFER_PROFILE=$([ $run = profile ] && echo 1 || echo 0) \
+                DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
+                DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; *) echo 1 ;; esac) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
-                -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out2.txt" 2>"$W/err" || {
+                -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
+                >"$W/out2.txt" 2>"$W/err" || {
                 echo "$name batch 1 ($run): failed: $(tail -2 "$W/err")"
                 continue
             }
@@ -72,7 +79,8 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
             echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"
             sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-            if [ $run = profile ]; then sed -n '/^ginfer profile/,$p' "$W/err"; fi
+            sed -n 's/^dsv3-sample: \(mtp: .*\)/  \1/p' "$W/err"
+            case $run in *profile) sed -n '/^ginfer profile/,$p' "$W/err" ;; esac
         done
         for B in ${BATCHES:-8 64}; do
             : >"$W/req.jsonl"

@@ -57,6 +57,8 @@ cli_test train_cuda tests/cli/test_dsv3_train_cuda.sh
 cli_test train_recompute tests/cli/test_dsv3_train_recompute.sh
 cli_test train_gpudp tests/cli/test_dsv3_train_gpudp.sh
 cli_test train_gpuep tests/cli/test_dsv3_train_gpuep.sh
+# dsv3-sample --mtp on the GPU against the same without --mtp (greedy, sampled, batch)
+cli_test sample_mtp tests/cli/test_dsv3_sample_mtp.sh
 # lib/comm on NCCL with one process per GPU (torchrun-style launch, TCP bootstrap)
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$ngpu" -ge 2 ] && [ -x "$BUILD/tests/gpu/test_comm_nccl" ]; then

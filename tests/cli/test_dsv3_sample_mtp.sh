@@ -1,7 +1,9 @@
 # dsv3-sample --mtp (speculative decoding with the MTP module, CPU): the output equals the
 # output without --mtp (greedy and sampled, -n ending inside a drafted pair, stop strings,
-# batch, chat); the statistics report the acceptance rate; a model without MTP module, a
-# GPU run and --score are refused.
+# batch, chat); the statistics report the acceptance rate; a model without MTP module and
+# --score are refused. On the GPU (kernels/ginfer_mtp; scripts/gpu-check.sh runs this file):
+# the same with --device cuda, and greedy drafts accepted as on the CPU; without a GPU,
+# --device cuda fails with a clear message.
 . "$(dirname "$0")/lib.sh"
 
 awk 'BEGIN { for (i = 0; i < 300; i++) print "the cat sat on the mat number " i " and then ran" }' >"$T/corpus.txt"
@@ -64,6 +66,34 @@ dsv3-config --quiet --init "$T/nomtp" --seed 3 "$T/nomtp.json"
 expect_err mtp_no_module 1 "mtp: the model has no MTP module" \
     dsv3-sample -m "$T/nomtp" -t "$T/tok.bpe" -p "the cat" -n 4 --mtp
 check mtp_no_module_no_output [ ! -s "$T/out" ]
-expect_err mtp_cuda_refused 2 "mtp runs on the CPU only" \
-    dsv3-sample -m "$T/tiny" -t "$T/tok.bpe" -p "the cat" --mtp --device cuda
 expect_err mtp_score_refused 2 "mtp is for generation" dsv3-sample --score -m "$T/tiny" --mtp
+
+# The GPU engine.
+C="dsv3-sample -m $T/tiny -t $T/tok.bpe --device cuda --ignore-eos"
+if ! $C --quiet -p "the cat" -n 2 --mtp >"$T/out" 2>"$T/err"; then
+    check mtp_cuda_no_gpu grep -q -- "--device cuda: no GPU found" "$T/err"
+    check mtp_cuda_no_gpu_no_output [ ! -s "$T/out" ]
+    echo "skip mtp_cuda: no GPU"
+    exit 0
+fi
+$C --quiet -p "the cat" -n 70 --temp 0 >"$T/cg0"
+expect mtp_cuda_greedy_runs 0 $C -p "the cat" -n 70 --temp 0 --mtp
+cp "$T/out" "$T/cg1"
+check mtp_cuda_greedy_same cmp -s "$T/cg0" "$T/cg1"
+check mtp_cuda_stats grep -q "mtp: [0-9]* drafts checked, [0-9]* accepted" "$T/err"
+check mtp_cuda_device grep -q "device cuda:0" "$T/err"
+same_n=1
+for n in 1 2 3 4 5; do
+    $C --quiet -p "number 5" -n $n --temp 0 >"$T/a"
+    $C --quiet -p "number 5" -n $n --temp 0 --mtp >"$T/b"
+    cmp -s "$T/a" "$T/b" || same_n=0
+done
+check mtp_cuda_n_limits_same [ $same_n = 1 ]
+$C --quiet -p "the cat" -n 64 --temp 0.9 --seed 4 >"$T/cs0"
+$C --quiet -p "the cat" -n 64 --temp 0.9 --seed 4 --mtp >"$T/cs1"
+check mtp_cuda_sampled_same cmp -s "$T/cs0" "$T/cs1"
+$C --quiet --batch --parallel 3 --seed 11 <"$T/req.jsonl" >"$T/cb0"
+$C --quiet --batch --parallel 3 --seed 11 --mtp <"$T/req.jsonl" >"$T/cb1"
+check mtp_cuda_batch_same cmp -s "$T/cb0" "$T/cb1"
+expect_err mtp_cuda_no_module 1 "mtp: the model has no MTP module" \
+    dsv3-sample -m "$T/nomtp" -t "$T/tok.bpe" -p "the cat" -n 4 --mtp --device cuda

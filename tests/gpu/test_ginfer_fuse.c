@@ -1,0 +1,249 @@
+/* GPU test of kernels/ginfer's fused decode launches (DSV3_GINFER_FUSE, read when an engine is
+ * made): engines with every fusion, with none ("0", the kernels of before) and with each one
+ * alone ("norm": the input and q_a norms inside the GEMVs that read them; "attn": the
+ * attention combine in the split kernel's last block; "router": router GEMV + top-k +
+ * bucketing in one launch; "kvw": the cache write and q_pe rotation as one more row of blocks
+ * of the q_lat GEMV), on fresh random tiny models (q_lora_rank set or not, shared
+ * expert or not, 1-4 experts a token), fp32 ("exact") and bf16:
+ * - the same teacher-forced run through each: three slots prefilled with prompts of 5, 20
+ *   and 7 tokens (direct passes: 20 rows take the unfused norms, 5 and 7 the fused ones),
+ *   then decode steps of one row (graph of 1) and of three rows (graph of 4, a padding row):
+ *   every row's logits within the bound of the unfused engine's (bf16 1e-2, fp32 1e-4); the
+ *   fusions compute the same sums in the same order, so the rows are expected bitwise equal
+ *   and how many are is reported;
+ * - greedy decoding on the device (infer_forward_greedy, 32 steps): the same tokens as the
+ *   unfused engine's wherever all logits above were bitwise equal;
+ * - the fused fp32 engine against the CPU engine (lib/infer) on the same run, within 1e-4
+ *   (test_ginfer checks the default engine, fused, against the CPU as well). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "../../lib/infer.h"
+#include "../../lib/model.h"
+#include "gpu_test.h"
+
+enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
+
+static const char *variants[] = {"0", "1", "norm", "attn", "router", "kvw"};
+enum { NV = sizeof variants / sizeof *variants };
+
+static double urand(void)
+{
+    return (test_rand() >> 11) * 0x1p-53;
+}
+
+static void random_config(dsv3_config *c, int q)
+{
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 256 + 8 * (int)(test_rand() % 32);
+    c->hidden_size = 64;
+    c->intermediate_size = 96;
+    c->moe_intermediate_size = 32;
+    c->num_hidden_layers = 3;
+    c->first_k_dense_replace = 1;
+    c->num_attention_heads = 4 + 4 * (int)(test_rand() % 3);
+    c->q_lora_rank = q ? 48 : 0;
+    c->kv_lora_rank = 32;
+    c->qk_nope_head_dim = 16;
+    c->qk_rope_head_dim = 8;
+    c->v_head_dim = 16;
+    c->n_shared_experts = (int)(test_rand() % 2);
+    c->n_group = 4;
+    c->n_routed_experts = 16;
+    c->topk_group = 2;
+    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
+    c->routed_scaling_factor = 1 + 2 * urand();
+    c->norm_topk_prob = (int)(test_rand() & 1);
+    c->rms_norm_eps = 1e-6;
+    c->max_position_embeddings = 512;
+    c->initializer_range = 0.02;
+    c->rope_theta = 10000;
+    c->rope_interleave = (int)(test_rand() & 1);
+    c->bos_token_id = c->eos_token_id = -1;
+}
+
+/* ||a - b|| / ||b|| over one row. */
+static double rel(const float *a, const float *b, int V)
+{
+    double d = 0, s = 0;
+    for (int v = 0; v < V; v++) {
+        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
+        s += (double)b[v] * b[v];
+    }
+    return s > 0 ? sqrt(d / s) : sqrt(d);
+}
+
+/* The run's rows: NS prefills' last rows, then per step slot 0 (and slots 1, 2 on odd
+ * steps). */
+static int run_rows(void)
+{
+    int r = NS;
+    for (int s = 0; s < STEPS; s++)
+        r += s & 1 ? NS : 1;
+    return r;
+}
+
+/* The teacher-forced run through engine f: every row's logits into lg [run_rows() V]. */
+static int run(infer *f, const int32_t (*prompt)[MAXP], const int *plen,
+               const int32_t (*toks)[STEPS], int V, float *lg, dsv3_err *e)
+{
+    int row = 0;
+    for (int k = 0; k < NS; k++) {
+        infer_slot_clear(f, k);
+        if (infer_prefill(f, k, prompt[k], plen[k], lg + (size_t)row++ * V, e))
+            return -1;
+    }
+    for (int s = 0; s < STEPS; s++) {
+        int n = s & 1 ? NS : 1, slot[NS];
+        int32_t in[NS];
+        for (int k = 0; k < n; k++) {
+            slot[k] = k;
+            in[k] = toks[k][s];
+        }
+        if (infer_forward(f, n, slot, in, NULL, lg + (size_t)row * V, e))
+            return -1;
+        row += n;
+    }
+    return 0;
+}
+
+/* Greedy tokens of slot 0 after prompt 0, chosen on the device. */
+static int run_greedy(infer *f, const int32_t *prompt, int P, int32_t *out, float *lg,
+                      dsv3_err *e)
+{
+    int z = 0;
+    infer_slot_clear(f, 0);
+    if (infer_prefill(f, 0, prompt, P - 1, lg, e))
+        return -1;
+    int32_t next = prompt[P - 1];
+    for (int s = 0; s < GSTEPS; s++) {
+        if (infer_forward_greedy(f, 1, &z, &next, &out[s], e))
+            return -1;
+        next = out[s];
+    }
+    return 0;
+}
+
+static void check_fused(int exact)
+{
+    GT_NEED_GPU();
+    double bound = exact ? F32_BOUND : BF16_BOUND, worst[NV] = {0}, worst_cpu = 0;
+    long same[NV] = {0}, rows_all = 0;
+    int models = 4, gsame = 0, gchecked = 0;
+    const char *keep = getenv("DSV3_GINFER_FUSE");
+    char *saved = keep ? strdup(keep) : NULL;
+    for (int i = 0; i < models && !test_failed_; i++) {
+        dsv3_config c;
+        random_config(&c, i & 1);
+        dsv3_model m;
+        dsv3_err e;
+        if (model_init(&m, &c, &e)) {
+            CHECKF(0, "%s", e.msg);
+            break;
+        }
+        model_init_random(&m, test_rand(), exact ? 0.3 : 0.1);
+        int V = c.vocab_size, plen[NS] = {5, 20, 7}, R = run_rows();
+        int ctx = MAXP + STEPS + GSTEPS + 8;
+        int32_t prompt[NS][MAXP], toks[NS][STEPS], gt[NV][GSTEPS];
+        for (int k = 0; k < NS; k++) {
+            for (int t = 0; t < MAXP; t++)
+                prompt[k][t] = (int32_t)(test_rand() % (uint64_t)V);
+            for (int t = 0; t < STEPS; t++)
+                toks[k][t] = (int32_t)(test_rand() % (uint64_t)V);
+        }
+        float *lg[NV], *scratch = malloc((size_t)V * 4);
+        int ok = scratch != NULL;
+        for (int v = 0; v < NV; v++)
+            ok &= (lg[v] = malloc((size_t)R * V * 4)) != NULL;
+        CHECK(ok);
+        for (int v = 0; v < NV && ok; v++) {
+            setenv("DSV3_GINFER_FUSE", variants[v], 1);
+            infer *f = NULL;
+            ok = infer_new_gpu(&f, &m, ctx, NS, 0, exact, &e) == 0 &&
+                 run(f, (const int32_t(*)[MAXP])prompt, plen, (const int32_t(*)[STEPS])toks, V,
+                     lg[v], &e) == 0 &&
+                 run_greedy(f, prompt[0], plen[0], gt[v], scratch, &e) == 0;
+            CHECKF(ok, "DSV3_GINFER_FUSE=%s: %s", variants[v], e.msg);
+            infer_free(f);
+        }
+        int bitwise = 1;
+        for (int v = 1; v < NV && ok; v++) {
+            int all = 1;
+            for (int r = 0; r < R; r++) {
+                const float *a = lg[v] + (size_t)r * V, *b = lg[0] + (size_t)r * V;
+                double d = rel(a, b, V);
+                CHECKF(d <= bound, "model %d, DSV3_GINFER_FUSE=%s, row %d: rel err %.3g > %.0e",
+                       i, variants[v], r, d, bound);
+                worst[v] = d > worst[v] ? d : worst[v];
+                int eq = memcmp(a, b, (size_t)V * 4) == 0;
+                same[v] += eq;
+                all &= eq;
+            }
+            bitwise &= all;
+            int g = 0;
+            while (g < GSTEPS && gt[v][g] == gt[0][g])
+                g++;
+            if (all) {  /* the same logits must choose the same tokens */
+                CHECKF(g == GSTEPS, "model %d, DSV3_GINFER_FUSE=%s: bitwise logits but greedy "
+                       "tokens part at step %d", i, variants[v], g);
+                gchecked++;
+                gsame += g == GSTEPS;
+            } else if (g < GSTEPS) {
+                printf("# model %d, DSV3_GINFER_FUSE=%s: greedy tokens part from the unfused "
+                       "engine's at step %d of %d (logits not bitwise equal)\n", i, variants[v],
+                       g, GSTEPS);
+            }
+        }
+        rows_all += R;
+        if (ok && exact) {  /* the fused engine against the CPU */
+            infer *cpu = NULL;
+            float *lc = malloc((size_t)R * V * 4);
+            ok = lc && infer_new(&cpu, &m, ctx, NS, &e) == 0 &&
+                 run(cpu, (const int32_t(*)[MAXP])prompt, plen, (const int32_t(*)[STEPS])toks,
+                     V, lc, &e) == 0;
+            CHECKF(ok, "cpu: %s", e.msg);
+            for (int r = 0; ok && r < R; r++) {
+                double d = rel(lg[1] + (size_t)r * V, lc + (size_t)r * V, V);
+                CHECKF(d <= F32_BOUND, "model %d, fused fp32 engine against the CPU, row %d: "
+                       "rel err %.3g > %.0e", i, r, d, F32_BOUND);
+                worst_cpu = d > worst_cpu ? d : worst_cpu;
+            }
+            infer_free(cpu);
+            free(lc);
+        }
+        printf("# ginfer fuse %s model %d (q_lora %d, %d shared, k %d): %d rows, %s\n",
+               exact ? "fp32" : "bf16", i, c.q_lora_rank, c.n_shared_experts,
+               c.num_experts_per_tok, R, bitwise ? "every variant bitwise equal to unfused"
+                                                 : "some rows not bitwise equal");
+        for (int v = 0; v < NV; v++)
+            free(lg[v]);
+        free(scratch);
+        model_free(&m);
+    }
+    if (saved) {
+        setenv("DSV3_GINFER_FUSE", saved, 1);
+        free(saved);
+    } else {
+        unsetenv("DSV3_GINFER_FUSE");
+    }
+    for (int v = 1; v < NV; v++)
+        printf("# stat ginfer_fuse_%s_%s %.3g (%ld of %ld rows bitwise equal to unfused) bound "
+               "%.0e %s\n", exact ? "fp32" : "bf16", variants[v], worst[v], same[v], rows_all,
+               bound, worst[v] <= bound ? "ok" : "FAIL");
+    printf("# ginfer fuse %s: greedy tokens equal to unfused in %d of %d bitwise-equal runs\n",
+           exact ? "fp32" : "bf16", gsame, gchecked);
+    if (exact)
+        printf("# stat ginfer_fuse_fp32_vs_cpu %.3g bound 1e-04 %s\n", worst_cpu,
+               worst_cpu <= F32_BOUND ? "ok" : "FAIL");
+}
+
+static void test_fused_fp32(void) { check_fused(1); }
+static void test_fused_bf16(void) { check_fused(0); }
+
+int main(void)
+{
+    test_seed();
+    RUN(test_fused_fp32);
+    RUN(test_fused_bf16);
+    TEST_EXIT();
+}
