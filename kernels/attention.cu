@@ -1534,8 +1534,9 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
 
 /* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
  * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
- * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. 0, the
- * default: the kernels measured in docs/PERF.md ("Attention on Hopper wgmma"). 96/64:
+ * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. 5, the
+ * default: the fastest of the sweep on an H200 (docs/PERF.md, "Attention backward
+ * candidates"); 0: the kernels measured in "Attention on Hopper wgmma". 96/64:
  *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
  *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
  *   3  as 2, exp2f                                          7  as 4, two blocks an SM
@@ -1547,7 +1548,7 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
                        float scale, dsv3_err *e)
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
-    const int bv = ev ? atoi(ev) : 0, lpt = el ? atoi(el) : 0;
+    const int bv = ev ? atoi(ev) : 5, lpt = el ? atoi(el) : 0;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
