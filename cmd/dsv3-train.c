@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../kernels/gpu.h"
 #include "../lib/cli.h"
@@ -444,6 +445,11 @@ int main(int argc, char **argv)
     free(command);
     comm_close(job);
     if (rc) {
+        /* Launchers (mpirun, srun, torchrun) kill the job at the first failed exit: the rank
+         * that only stopped for another's failure leaves last, so the failing rank's own
+         * message reaches the log. */
+        if (world > 1 && strstr(e.msg, MODEL_EP_PEER_FAILED))
+            sleep(3);
         if (world > 1)
             err_prefix(&e, "rank %d of %d", rank, world);
         cli_fail(&PROG, &e);

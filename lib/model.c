@@ -1147,8 +1147,7 @@ static int ep_agree_ok(const dsv3_model *m, model_acts *a)
         return 0;
     a->ep_down = 1;
     if (!a->ep_failed) {
-        err_set(&ce, "stopping: another rank failed in an expert-parallel exchange (its "
-                "message says why)");
+        err_set(&ce, "%s (its message says why)", MODEL_EP_PEER_FAILED);
         ep_fail(a, &ce);
     }
     return 1;

@@ -254,6 +254,7 @@ int model_ep_idle(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err 
  * an exchange; every rank's pass then returns -1, the others with "another rank failed".
  * Returns -1 (e kept). Without expert parallelism it only returns -1. mtp: as for
  * model_ep_idle. */
+#define MODEL_EP_PEER_FAILED "stopping: another rank failed in an expert-parallel exchange"
 int model_ep_fail(dsv3_model *m, model_acts *a, int mtp, int backward, dsv3_err *e);
 
 /* Rows this rank's experts received in the last forward at block l (l < num_hidden_layers:
