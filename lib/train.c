@@ -1023,8 +1023,8 @@ static int setup_routing(trainer *t, const char *dir, dsv3_err *e)
     return 0;
 }
 
-/* Expert parallelism once the model is there: the layout, the checks of a resume (same
- * world size and --ep: the checkpoint's shards are cut for them), the routing option. */
+/* Expert parallelism once the model is there: the layout and the routing option. A resume
+ * may change --ep and the world size: the optimizer state is then reassembled (load_optim). */
 static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
 {
     if (ep_open(&t->ep, t->o->comm, ep_size(t), t->m.cfg.n_routed_experts, e))
@@ -1032,13 +1032,6 @@ static int setup_ep(trainer *t, const char *dir, dsv3_err *e)
     t->m.ep = t->ep.size > 1 ? &t->ep : NULL;
     t->ep.fail_rank = t->o->ep_fail_rank;
     t->ep.fail_at = t->o->ep_fail_at;
-    if (dir && (t->st.ep != (uint32_t)t->ep.size ||
-                (t->ep.size > 1 && t->st.world != (uint32_t)t->dp.world)))
-        return err_set(e, "%s was written with --ep %u on %u ranks; it resumes only with the "
-                       "same --ep and world size (this job: --ep %d on %d ranks). Its model "
-                       "folder is a complete HF checkpoint: --init-from it to go on with "
-                       "other ranks (fresh optimizer state)", dir, t->st.ep, t->st.world,
-                       t->ep.size, t->dp.world);
     return setup_routing(t, dir, e);
 }
 
@@ -1079,6 +1072,24 @@ static int load_optim_ep(trainer *t, const char *dir, dsv3_err *e)
     if (a != t->opt.n || b != t->eopt.n)
         return err_set(e, "%s: the optimizer files do not cover this rank's parameters", dir);
     return 0;
+}
+
+/* The optimizer state of checkpoint DIR for this job's layout: as written when the layout
+ * is the same (data parallelism re-slices its flat shards for any world size); when --ep
+ * or, under --ep, the world size differs, every tensor's moments reassembled from the
+ * writing job's files (lib/epckpt), bits unchanged. */
+static int load_optim(trainer *t, const char *dir, dsv3_err *e)
+{
+    uint32_t W = t->st.world, N = t->st.ep;
+    if (N == (uint32_t)t->ep.size && (N == 1 || W == (uint32_t)t->dp.world))
+        return N > 1 ? load_optim_ep(t, dir, e)
+                     : trainckpt_load_optim(dir, W, &t->opt, &t->m, e);
+    if (t->log)
+        fprintf(t->log, "dsv3-train: the checkpoint was written with --ep %u on %u ranks, this "
+                "job has --ep %d on %d: optimizer moments reassembled for its layout\n", N, W,
+                t->ep.size, t->dp.world);
+    return epckpt_load_optim(dir, W, N, &t->opt, &t->m, e) ||
+           (t->ep.size > 1 && epckpt_load_optim(dir, W, N, &t->eopt, &t->m, e)) ? -1 : 0;
 }
 
 /* The model, optimizer and state: from checkpoint `name` when found, else fresh
@@ -1151,8 +1162,7 @@ static int setup_model(trainer *t, const char *name, int found, train_result *r,
             return -1;
     }
     if (found) {
-        if (t->ep.size > 1 ? load_optim_ep(t, dir, e)
-                           : trainckpt_load_optim(dir, t->st.world, &t->opt, &t->m, e))
+        if (load_optim(t, dir, e))
             return -1;
         if (loader_seek(t->train, rescale_pos(t->st.data, t->st.world, t->dp.world,
                                                   loader_records_per_rank(t->train)), e))
