@@ -1,6 +1,7 @@
 #!/bin/sh
 # Every GPU test and benchmark in one call, for the lent device machine:
-#   build here (make tests), carry build/, run `scripts/gpu-check.sh` there.
+#   build and pack here (scripts/stage-device.sh), carry .stage-pack, and run
+#   `sh scripts/stage-device.sh unpack && BUILD=.stage-lead/build sh scripts/gpu-check.sh` there.
 # Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too; GPU_BENCH=0: tests
 # only, no torch peers), then the torch attention peer (scripts/bench-attn-torch.py) if
 # python3 has torch. Full logs go to $OUT (the device tool's folder) or build/gpu-check;

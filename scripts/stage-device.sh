@@ -1,0 +1,31 @@
+#!/bin/sh
+# Packs this build for the lent GPU machine (the device tool copies the working tree and
+# the paths named in `carry`, 64 MiB in all): every program, test and bench binary, built
+# first (`make tests` alone leaves tests/bench out), debug info stripped, as one tarball
+# .stage-pack/build.tgz (about 35 MB). On the device:
+#   run(carry [".stage-pack"], command "sh scripts/stage-device.sh unpack && BUILD=.stage-lead/build sh scripts/gpu-check.sh")
+# Usage: scripts/stage-device.sh [pack|unpack]   (BUILD=build)
+set -eu
+BUILD=${BUILD:-build}
+case "${1:-pack}" in
+pack)
+    make --no-print-directory -j2 tests $(ls tests/bench/*.c | sed "s|^tests/bench/\(.*\)\.c$|$BUILD/tests/bench/\1|") >/dev/null
+    rm -rf .stage-lead .stage-pack
+    mkdir -p .stage-lead/build/tests .stage-pack
+    cp -a "$BUILD/bin" .stage-lead/build/
+    for d in lib gen; do [ -d "$BUILD/$d" ] && cp -a "$BUILD/$d" .stage-lead/build/; done
+    cp -a "$BUILD/tests/gpu" "$BUILD/tests/bench" .stage-lead/build/tests/
+    find .stage-lead \( -name '*.o' -o -name '*.d' \) -delete
+    find .stage-lead/build -type f -perm -u+x -exec strip --strip-debug {} + 2>/dev/null || true
+    tar -C .stage-lead -czf .stage-pack/build.tgz build
+    rm -rf .stage-lead
+    echo "staged: .stage-pack/build.tgz ($(du -m .stage-pack/build.tgz | cut -f1) MiB), commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+    ;;
+unpack)
+    mkdir -p .stage-lead && tar -C .stage-lead -xzf .stage-pack/build.tgz
+    ;;
+*)
+    echo "usage: scripts/stage-device.sh [pack|unpack]" >&2
+    exit 2
+    ;;
+esac
