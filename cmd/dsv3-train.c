@@ -445,13 +445,17 @@ int main(int argc, char **argv)
     free(command);
     comm_close(job);
     if (rc) {
-        /* Launchers (mpirun, srun, torchrun) kill the job at the first failed exit: the rank
-         * that only stopped for another's failure leaves last, so the failing rank's own
-         * message reaches the log. */
-        if (world > 1 && strstr(e.msg, MODEL_EP_PEER_FAILED))
-            sleep(3);
         if (world > 1)
             err_prefix(&e, "rank %d of %d", rank, world);
+        /* Launchers (mpirun, srun, torchrun) kill the job at the first failed exit: a rank
+         * that only stopped for another's failure says so at once, then leaves last, so
+         * the failing rank's own message reaches the log too. */
+        if (world > 1 && strstr(e.msg, MODEL_EP_PEER_FAILED)) {
+            fprintf(stderr, "%s: %s\n", PROG.name, e.msg);
+            fflush(stderr);
+            sleep(3);
+            return CLI_EXIT_FAILURE;
+        }
         cli_fail(&PROG, &e);
     }
     if (!common.quiet && rank == 0)
