@@ -403,6 +403,22 @@ static void fuse_flags(ginfer *g)
     g->fz_uvc = all || (!none && strstr(v, "uvc"));
 }
 
+/* The fusions on, appended to the description inside its parentheses ("cuda:0 (NVIDIA H200,
+ * bf16; fused decode: norm,attn)"): statistics and tests see which launches a step makes. */
+static void describe_fusions(ginfer *g)
+{
+    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc"};
+    int on[] = {g->fz_norm, g->fz_attn, g->fz_route, g->fz_kvw, g->fz_post, g->fz_uvc};
+    char list[64] = "";
+    for (int i = 0; i < 6; i++)
+        if (on[i])
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", *list ? "," : "",
+                     nm[i]);
+    size_t len = strlen(g->desc);
+    if (*list && len && g->desc[len - 1] == ')')
+        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; fused decode: %s)", list);
+}
+
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
                   int dev, int exact, dsv3_err *e)
 {
@@ -499,6 +515,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc && !gpu_describe(dev, &p, e))
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name,
                  exact ? "fp32" : "bf16");
+    describe_fusions(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;

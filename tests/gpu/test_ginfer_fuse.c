@@ -64,6 +64,22 @@ static void random_config(dsv3_config *c, int q)
     c->bos_token_id = c->eos_token_id = -1;
 }
 
+/* Whether an engine's description d names the fusions of DSV3_GINFER_FUSE=v: none for "0",
+ * all six for "1", else v's one. */
+static int fusions_named(const char *d, const char *v)
+{
+    static const char *all[] = {"norm", "attn", "router", "kvw", "post", "uvc"};
+    const char *f = strstr(d, "fused decode: ");
+    if (!strcmp(v, "0"))
+        return f == NULL;
+    if (!f)
+        return 0;
+    for (int i = 0; i < 6; i++)
+        if ((strstr(f, all[i]) != NULL) != (!strcmp(v, "1") || !strcmp(v, all[i])))
+            return 0;
+    return 1;
+}
+
 /* ||a - b|| / ||b|| over one row. */
 static double rel(const float *a, const float *b, int V)
 {
@@ -166,6 +182,10 @@ static void check_fused(int exact)
                      lg[v], &e) == 0 &&
                  run_greedy(f, prompt[0], plen[0], gt[v], scratch, &e) == 0;
             CHECKF(ok, "DSV3_GINFER_FUSE=%s: %s", variants[v], e.msg);
+            if (ok)  /* the engine names the fusions it runs (a stale library names none) */
+                CHECKF(fusions_named(infer_device(f), variants[v]),
+                       "DSV3_GINFER_FUSE=%s: the engine describes itself as \"%s\"",
+                       variants[v], infer_device(f));
             infer_free(f);
         }
         int bitwise = 1;
