@@ -11,12 +11,12 @@
 #include <stdint.h>
 
 #include "cuda_util.cuh"
+#include "ginfer_attn.cuh"
 #include "ginfer_k.cuh"
 
 #define ATT_HG 8       /* heads a block */
 #define ATT_CH 32      /* cache rows staged at a time (a part of ~20 rows in one pass) */
 #define ATT_THREADS 256
-#define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
 
 static size_t attn_smem(int kv, int rope)
 {
@@ -37,55 +37,12 @@ __device__ __forceinline__ void att_ld8(const float *p, float (&f)[8])
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
-/* One (row, head) v's parts combined by the calling block (at least min(nsplit, 64) threads;
- * ws, ls [ATT_MAXSPLIT], ML [2] shared): the parts' sums rescaled to the common max. Every
- * part's max and sum are loaded at once (a thread a part), the common max and the rescaled sum
- * reduced in shared memory (a fixed order: the result does not depend on the batch), then
- * each thread sums its latent values over the parts with independent loads. (A serial loop
- * over the parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round
- * trips.) The parts are read through L2 (__ldcg): with the split kernel's last block they
- * were written by other blocks of the same grid. Ends with a barrier (ws reusable). */
+/* One (row, head) v's parts combined into olat (ginfer_attn.cuh). */
 __device__ __forceinline__ void attn_combine_one(float *olat, const float *pm, const float *pl,
                                                  const float *pacc, long v, int kv, int nsplit,
                                                  float *ws, float *ls, float *ML)
 {
-    long b = v * nsplit;
-    int t = threadIdx.x;
-    float m = t < nsplit ? __ldcg(pm + b + t) : -INFINITY;
-    float l = t < nsplit ? __ldcg(pl + b + t) : 0.0f;
-    if (t < ATT_MAXSPLIT)
-        ws[t] = m;
-    __syncthreads();
-    if (t == 0) {
-        float M = -INFINITY;
-        for (int s = 0; s < nsplit; s++)
-            M = fmaxf(M, ws[s]);
-        ML[0] = M;
-    }
-    __syncthreads();
-    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
-    __syncthreads();
-    if (t < ATT_MAXSPLIT) {
-        ws[t] = w;
-        ls[t] = l * w;
-    }
-    __syncthreads();
-    if (t == 0) {
-        float L = 0;
-        for (int s = 0; s < nsplit; s++)
-            L += ls[s];
-        ML[1] = L;
-    }
-    __syncthreads();
-    float L = ML[1];
-    for (int j = t; j < kv; j += blockDim.x) {
-        float a = 0;
-#pragma unroll 16
-        for (int s = 0; s < nsplit; s++)
-            a += ws[s] * __ldcg(pacc + (b + s) * kv + j);  /* an empty part's pacc is 0 */
-        olat[v * kv + j] = a / L;
-    }
-    __syncthreads();
+    attn_combine_row(olat + v * kv, pm, pl, pacc, v, kv, nsplit, ws, ls, ML);
 }
 
 /* One block a (row, head). */
@@ -282,6 +239,29 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
     int ct = kv < ATT_MAXSPLIT ? ATT_MAXSPLIT : kv > 1024 ? 1024 : (kv + 31) / 32 * 32;
     gk_launch(attn_combine_k, N * nh, ct, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
+    return 0;
+}
+
+int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
+                  const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
+                  const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
+                  float scale, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
+        return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
+    dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
+    size_t smem = attn_smem(kv, rope);
+    if (cf32)
+        gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
+                  (float *)NULL, (unsigned *)NULL);
+    else
+        gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
+                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
+                  (float *)NULL, (unsigned *)NULL);
+    LAUNCH_CHECK("attn_split", e);
     return 0;
 }
 

@@ -78,6 +78,9 @@ struct ginfer {
      * + bucketing in one launch, the cache write in the q_lat GEMV's launch; fin: the input
      * norm is fused in the pass being queued */
     int fz_norm, fz_attn, fz_route, fz_kvw, fin;
+    /* more of them: the post-attention norm inside the router's launch (fpost: in this
+     * layer), the attention combine inside the uv GEMV */
+    int fz_post, fz_uvc, fpost;
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
@@ -389,17 +392,36 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
     return 0;
 }
 
-/* DSV3_GINFER_FUSE: unset, empty or "1": every fusion; "0": none (the launches of before,
- * for comparisons in one process); else a comma-separated list of those wanted: "norm",
- * "attn", "router", "kvw". */
+/* DSV3_GINFER_FUSE: "1": every fusion; unset, empty or "0": none (the launches of before;
+ * the default until a device run of tests/gpu/test_ginfer_fuse and test_ginfer passes with
+ * every fusion, see docs/PERF.md); else a comma-separated list of those wanted: "norm",
+ * "attn", "router", "kvw", "post", "uvc". */
 static void fuse_flags(ginfer *g)
 {
     const char *v = getenv("DSV3_GINFER_FUSE");
-    int all = !v || !*v || !strcmp(v, "1"), none = v && !strcmp(v, "0");
+    int all = v && !strcmp(v, "1"), none = !v || !*v || !strcmp(v, "0");
     g->fz_norm = all || (!none && strstr(v, "norm"));
     g->fz_attn = all || (!none && strstr(v, "attn"));
     g->fz_route = all || (!none && strstr(v, "router"));
     g->fz_kvw = all || (!none && strstr(v, "kvw"));
+    g->fz_post = all || (!none && strstr(v, "post"));
+    g->fz_uvc = all || (!none && strstr(v, "uvc"));
+}
+
+/* The fusions on, appended to the description inside its parentheses ("cuda:0 (NVIDIA H200,
+ * bf16; fused decode: norm,attn)"): statistics and tests see which launches a step makes. */
+static void describe_fusions(ginfer *g)
+{
+    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc"};
+    int on[] = {g->fz_norm, g->fz_attn, g->fz_route, g->fz_kvw, g->fz_post, g->fz_uvc};
+    char list[64] = "";
+    for (int i = 0; i < 6; i++)
+        if (on[i])
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", *list ? "," : "",
+                     nm[i]);
+    size_t len = strlen(g->desc);
+    if (*list && len && g->desc[len - 1] == ')')
+        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; fused decode: %s)", list);
 }
 
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
@@ -500,6 +522,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc && !gpu_describe(dev, &p, e))
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name,
                  exact ? "fp32" : "bf16");
+    describe_fusions(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;
@@ -740,6 +763,19 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             return -1;
         mark(g, "gemv q_lat", (double)nh * kv * g->nope * ws);
     }
+    if (g->fz_uvc && gk_gemv_uvc_fits(n, kv)) {
+        /* the parts, combined by the uv GEMV's blocks (each its head's) */
+        if (gk_attn_parts(g->s, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
+                          slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e))
+            return -1;
+        mark(g, "attention parts", 0);
+        if (gk_gemv_uvc(g->s, g->pm, g->pl, g->pacc, nsplit,
+                        wofs(y->kvb, (size_t)g->nope * kv, ws), wf, (long)(g->nope + g->dv) * kv,
+                        g->ao, (long)nh * g->dv, g->dv, n, kv, g->dv, nh, e))
+            return -1;
+        mark(g, "gemv uv+combine", (double)nh * g->dv * kv * ws);
+        goto o_proj;
+    }
     if (gk_attn(g->s, g->olat, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
                 slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
                 g->fz_attn ? g->acnt : NULL, e))
@@ -751,6 +787,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
                 e))
         return -1;
     mark(g, "gemv uv", (double)nh * g->dv * kv * ws);
+o_proj:
     if (gk_gemv(g->s, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n, nh * g->dv,
                 H, 1, e))
         return -1;
@@ -783,7 +820,15 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     /* the experts a step reads: at most n*K routed ones, and the shared one */
     int maxact = (n * K < E ? n * K : E) + y->sh;
     double act = maxact;
-    if (g->fz_route && n <= 64) {  /* decode-sized: the last block routes every row */
+    if (g->fpost) {  /* the post-attention norm too (layers() left it out) */
+        const gk_moe_out *mo = pending(g);
+        if (gk_route_norm(g->s, g->x, g->delta, mo, y->post_norm, g->eps, g->xn, y->router,
+                          y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E, g->n_group,
+                          g->topk_group, K, g->norm_topk, g->route_scale, y->sh ? n : 0, g->off,
+                          g->order, g->spos, g->rcnt, e))
+            return -1;
+        mark(g, "router+norm+top-k+bucket", E * H * 4.0);
+    } else if (g->fz_route && n <= 64) {  /* decode-sized: the last block routes every row */
         if (gk_route(g->s, g->xn, y->router, y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E,
                      g->n_group, g->topk_group, K, g->norm_topk, g->route_scale, y->sh ? n : 0,
                      g->off, g->order, g->spos, g->rcnt, e))
@@ -845,10 +890,12 @@ static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
     for (int l = 0; l < g->L; l++)
         if ((!g->fin && add_norm(g, n, NULL, g->ly[l].in_norm, "norm in (+moe sum)", e)) ||
             mla(g, l, n, nsplit, e) ||
-            add_norm(g, n, g->delta, g->ly[l].post_norm,
-                     g->fin ? "norm post (+moe sum)" : "norm post", e) ||
+            (!(g->fpost = g->fz_post && g->ly[l].moe && gk_route_norm_fits(n, g->H, g->E)) &&
+             add_norm(g, n, g->delta, g->ly[l].post_norm,
+                      g->fin ? "norm post (+moe sum)" : "norm post", e)) ||
             ffn(g, l, n, e))
             return -1;
+    g->fpost = 0;
     return add_norm(g, n, NULL, g->fnorm, "norm in (+moe sum)", e) ||
            mtp_keep(g, n, e) ? -1 : 0;
 }

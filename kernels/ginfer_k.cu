@@ -3,6 +3,7 @@
 #include <stdint.h>
 
 #include "cuda_util.cuh"
+#include "ginfer_attn.cuh"
 #include "ginfer_k.cuh"
 
 #define GK_WARPS 8  /* warps a block: one output row each */
@@ -481,6 +482,65 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
     return 0;
 }
 
+/* ---- the attention combine inside the uv GEMV ---- */
+
+/* gemv_k (batched, a head a batch entry) whose input rows are the attention's combined
+ * latents of head blockIdx.y: each block combines them for the N rows into shared memory
+ * (attn_combine_row, as gk_attn's combine computes olat) and takes its dot products from there.
+ * 8 blocks a head at dv = 64 recompute the same combine; it reads the head's parts from L2. */
+template <typename W, int NT>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_uvc_k(const float *pm, const float *pl, const float *pacc, int nsplit,
+               const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
+               int N, int I, int O)
+{
+    gk_pdl_enter();
+    extern __shared__ float lat_sm[];  /* [N][I] */
+    __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
+    int b = blockIdx.y;
+    for (int n = 0; n < N; n++)
+        attn_combine_row(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I, nsplit,
+                         ws, ls, ML);
+    gemv_block<W, NT>(lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
+}
+
+int gk_gemv_uvc_fits(int N, int I)
+{
+    return N <= 4 && (size_t)N * I * sizeof(float) <= 40 * 1024;
+}
+
+template <typename W>
+static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
+                            int nsplit, const W *w, long wbs, float *y, long ldy, long ybs, int N,
+                            int I, int O, int batch)
+{
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
+    gk_launch(N == 1 ? gemv_uvc_k<W, 1> : gemv_uvc_k<W, 4>, grid, GK_WARPS * 32,
+              (size_t)N * I * sizeof(float), s, pm, pl, pacc, nsplit, w, wbs, y, ldy, ybs, N, I,
+              O);
+}
+
+int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
+                int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
+                int N, int I, int O, int batch, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0 || batch <= 0)
+        return 0;
+    if (I % 8)
+        return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
+    if (!gk_gemv_uvc_fits(N, I) || nsplit < 1 || nsplit > ATT_MAXSPLIT)
+        return err_set(e, "ginfer: %d rows of %d latents in %d parts for the fused uv GEMV", N,
+                       I, nsplit);
+    if (wf32)
+        gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const float *)w, wbs, y, ldy, ybs, N, I, O,
+                        batch);
+    else
+        gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O,
+                        batch);
+    LAUNCH_CHECK("gemv_uvc", e);
+    return 0;
+}
+
 /* ---- MoE ---- */
 
 /* One block: thread e counts expert e's choices, a serial prefix sum (and the list of the
@@ -618,33 +678,49 @@ __device__ void route_row(int32_t *idx, float *w, float *s, const float *logits,
 /* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
  * to finish (a counter, reset by that block), every row's top-k (route_row, a warp a row) and
  * the bucketing (moe_bucket_body): three launches in one. */
-template <int NT>
+/* With NORM (the fused "post" launch, gk_route_norm): x is the residual stream and the rows
+ * routed are add_norm_k's output for (x, delta, mo, nw, eps) with T threads: every block
+ * normalises them, NT at a time, into shared memory (norm_row_to) and takes its dot products
+ * from there; the last block writes x's sums and the normed rows (xn) as add_norm_k does. */
+template <int NT, bool NORM>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     route_k(const float *__restrict__ x, const float *__restrict__ router, const float *bias,
             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-            unsigned *count)
+            unsigned *count, float *xres, const float *delta, gk_moe_out mo, const float *nw,
+            float eps, int T, float *xn)
 {
     gk_pdl_enter();
-    extern __shared__ float rsm[];  /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags */
+    /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags; with NORM the rows [NT][H] first */
+    extern __shared__ float rsm[];
     __shared__ int cnt[1025];
     __shared__ unsigned last;
+    __shared__ float red[32];
+    float *xs_sm = rsm, *csm = rsm + (NORM ? NT * H : 0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * GK_WARPS + warp;
-    if (o < E) {
-        const float *wr[1] = {router + (long)o * H};
+    if (o < E || NORM) {
+        const float *wr[1] = {router + (long)(o < E ? o : E - 1) * H};
         for (int n0 = 0; n0 < N; n0 += NT) {
             int nv = min(NT, N - n0);
+            if (NORM)
+                for (int t = 0; t < nv; t++)
+                    norm_row_to(xs_sm + t * H, xres, H, delta, mo, nw, n0 + t, H, T, eps, red);
             const float *xs[NT];
 #pragma unroll
             for (int t = 0; t < NT; t++)
-                xs[t] = x + (long)(n0 + (t < nv ? t : 0)) * H;
-            float acc[1][NT];
-            warp_dots<float, NT, 1>(wr, xs, nv, H, acc);
+                xs[t] = NORM ? xs_sm + (t < nv ? t : 0) * H
+                             : x + (long)(n0 + (t < nv ? t : 0)) * H;
+            if (o < E) {
+                float acc[1][NT];
+                warp_dots<float, NT, 1>(wr, xs, nv, H, acc);
 #pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (lane == t && t < nv)
-                    logits[(long)(n0 + t) * E + o] = acc[0][t];
+                for (int t = 0; t < NT; t++)
+                    if (lane == t && t < nv)
+                        logits[(long)(n0 + t) * E + o] = acc[0][t];
+            }
+            if (NORM)
+                __syncthreads();  /* the rows read before the next chunk overwrites them */
         }
     }
     __threadfence();
@@ -655,8 +731,35 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     if (!last)
         return;
     __threadfence();
-    float *choice = rsm + warp * E;
-    unsigned char *taken = (unsigned char *)(rsm + GK_WARPS * E) + warp * E;
+    if (NORM) {
+        /* every block has read x: the sums and the normed rows out, for the experts and
+         * the layers after (norm_row_to's values recomputed, the sums in add_norm_k's order).
+         * Before the routing below: mo.rw and mo.spos are the buffers route_row and the
+         * bucketing overwrite with this layer's weights and positions. */
+        for (int n = 0; n < N; n++) {
+            norm_row_to(xs_sm, xres, H, delta, mo, nw, n, H, T, eps, red);
+            float *xr = xres + (long)n * H;
+            const float *dr = delta ? delta + (long)n * H : NULL;
+            for (int i = threadIdx.x; i < H; i += blockDim.x) {
+                float v = xr[i];
+                if (mo.ye) {
+                    float acc = 0;
+                    for (int k = 0; k < mo.K; k++)
+                        acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * H + i];
+                    if (mo.ys)
+                        acc += mo.ys[(long)n * H + i];
+                    v += acc;
+                }
+                if (dr)
+                    v += dr[i];
+                xr[i] = v;
+                xn[(long)n * H + i] = xs_sm[i];
+            }
+            __syncthreads();  /* xs_sm read before the next row's norm */
+        }
+    }
+    float *choice = csm + warp * E;
+    unsigned char *taken = (unsigned char *)(csm + GK_WARPS * E) + warp * E;
     for (int n = warp; n < N; n += GK_WARPS)
         route_row(idx, rw, rs, logits, bias, n, E, G, TG, K, norm, scale, choice, taken);
     __syncthreads();  /* the block's idx writes visible to the whole block */
@@ -680,12 +783,52 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
         return 0;
     size_t smem = (size_t)GK_WARPS * E * (sizeof(float) + 1);
     unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
-    void (*k)(const float *, const float *, const float *, float *, float *, float *, int32_t *,
-              int, int, int, int, int, int, int, float, int, int *, int *, int *, unsigned *) =
-        N == 1 ? route_k<1> : N <= 4 ? route_k<4> : route_k<8>;
-    gk_launch(k, grid, GK_WARPS * 32, smem, s, x, router, bias, logits, rs, rw, idx, N, H, E, G,
-              TG, K, norm, scale, ns, off, order, spos, count);
+    gk_launch(N == 1 ? route_k<1, false> : N <= 4 ? route_k<4, false> : route_k<8, false>, grid,
+              GK_WARPS * 32, smem, s, x, router, bias, logits, rs, rw, idx, N, H, E, G, TG, K,
+              norm, scale, ns, off, order, spos, count, (float *)NULL, (const float *)NULL,
+              gk_moe_out{}, (const float *)NULL, 0.0f, 0, (float *)NULL);
     LAUNCH_CHECK("route", e);
+    return 0;
+}
+
+static int route_norm_nt(int N)
+{
+    return N == 1 ? 1 : N <= 4 ? 4 : 8;
+}
+
+int gk_route_norm_fits(int N, int H, int E)
+{
+    return N <= 8 && E <= 1024 &&
+           (size_t)route_norm_nt(N) * H * sizeof(float) + (size_t)GK_WARPS * E * 5 <= 40 * 1024;
+}
+
+int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out *mo,
+                  const float *nw, float eps, float *xn, const float *router, const float *bias,
+                  float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+                  int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+                  unsigned *count, dsv3_err *e)
+{
+    if (E > 1024 || G < 1 || G > 32 || E % G || K < 1 || K > 32 || TG < 1 || TG > G ||
+        K > TG * (E / G))
+        return err_set(e, "router: unsupported shape E=%d n_group=%d topk_group=%d k=%d", E,
+                       G, TG, K);
+    if (H % 8)
+        return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
+    if (N <= 0)
+        return 0;
+    if (!gk_route_norm_fits(N, H, E))
+        return err_set(e, "ginfer: %d normalised rows of %d values do not fit the router", N, H);
+    gk_moe_out m = {};
+    if (mo)
+        m = *mo;
+    int nt = route_norm_nt(N);
+    size_t smem = (size_t)nt * H * sizeof(float) + (size_t)GK_WARPS * E * (sizeof(float) + 1);
+    unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
+    gk_launch(nt == 1 ? route_k<1, true> : nt == 4 ? route_k<4, true> : route_k<8, true>, grid,
+              GK_WARPS * 32, smem, s, (const float *)NULL, router, bias, logits, rs, rw, idx, N, H,
+              E, G, TG, K, norm, scale, ns, off, order, spos, count, x, delta, m, nw, eps,
+              norm_threads(H), xn);
+    LAUNCH_CHECK("route_norm", e);
     return 0;
 }
 

@@ -158,5 +158,30 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
  * bytes of counters, zeroed once before the first call; each call leaves them zero), with
  * the same sums in the same order. */
 size_t gk_attn_counts(int N, int nh);
+/* gk_attn's parts only (pm, pl, pacc), left for gk_gemv_uvc to combine. */
+int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
+                  const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
+                  const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
+                  float scale, dsv3_err *e);
+/* The fused "uvc" decode launch: the batched GEMV y[n, b] = W_b . olat[n, b] (gk_gemv with
+ * x = olat: rows ldx apart, heads xbs = I apart; batch = heads) where each block first
+ * combines its head's attention parts (gk_attn_parts' pm, pl, pacc of nsplit parts) for the
+ * N rows into shared memory, as gk_attn's combine would write olat: the combine's launch is
+ * saved and no single block combines many heads. Decode-sized N only (gk_gemv_uvc_fits). */
+int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
+                int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
+                int N, int I, int O, int batch, dsv3_err *e);
+int gk_gemv_uvc_fits(int N, int I);
+/* gk_route with the post-attention norm inside (the fused "post" decode launch): the rows it
+ * routes are those gk_add_norm(x, H, delta, mo, nw, eps) would write to xn; every block
+ * normalises them itself, the last block also writes x (the sums) and xn (the normed rows)
+ * as that add_norm would, for the experts after it: the norm's launch is saved.
+ * gk_route_norm_fits: decode-sized N whose rows fit shared memory. */
+int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out *mo,
+                  const float *nw, float eps, float *xn, const float *router, const float *bias,
+                  float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+                  int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+                  unsigned *count, dsv3_err *e);
+int gk_route_norm_fits(int N, int H, int E);
 
 #endif

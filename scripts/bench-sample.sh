@@ -18,13 +18,14 @@
 #     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
 # Also with DEVICE=cuda: BASE_BIN=DIR runs the batch-1 decode with DIR's dsv3-sample too (a
 # baseline build, same folder, same run); PROFILE=1 once more with DSV3_GINFER_PROFILE=1
-# (each launch kind's device time a step) and once with DSV3_GINFER_PDL=1 (programmatic
-# dependent launches);
+# (each launch kind's device time a step) and, unless PDL=0, once with DSV3_GINFER_PDL=1
+# (programmatic dependent launches);
 # UNFUSED=1 once more with DSV3_GINFER_FUSE=0 (the launches before the fused decode kernels;
 # with PROFILE=1 its profile too, run "unfused-profile");
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
 # tokens/s, the acceptance rate; random weights make its drafts rarely right);
-# BATCHES (default "8 64") the batch sizes of the batch runs.
+# BATCHES (default "8 64") the batch sizes of the batch runs;
+# FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
@@ -48,6 +49,7 @@ rates() {
     rate=$(echo "$line" | sed 's/.*decode [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/')
 }
 if [ "${DEVICE:-cpu}" = cuda ]; then
+    export DSV3_GINFER_FUSE="${DSV3_GINFER_FUSE:-1}"  # the headline run: every decode fusion
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
     awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$W/long.txt"
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
@@ -62,13 +64,14 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for run in ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} ${PROFILE:+pdl profile} \
-            ${UNFUSED:+${PROFILE:+unfused-profile}}; do
+        for run in ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
+            ${PROFILE:+$([ "${PDL:-1}" = 0 ] || echo pdl) profile} \
+            ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done); do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
             env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
-                DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; *) echo 1 ;; esac) \
+                DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo 1 ;; esac) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {

@@ -3,18 +3,20 @@
  * alone ("norm": the input and q_a norms inside the GEMVs that read them; "attn": the
  * attention combine in the split kernel's last block; "router": router GEMV + top-k +
  * bucketing in one launch; "kvw": the cache write and q_pe rotation as one more row of blocks
- * of the q_lat GEMV), on fresh random tiny models (q_lora_rank set or not, shared
- * expert or not, 1-4 experts a token), fp32 ("exact") and bf16:
+ * of the q_lat GEMV; "post": the post-attention norm inside the router's launch; "uvc": the
+ * attention combine inside the uv GEMV's blocks), on fresh random tiny models (q_lora_rank
+ * set or not, shared expert or not, 1-4 experts a token), fp32 ("exact") and bf16:
  * - the same teacher-forced run through each: three slots prefilled with prompts of 5, 20
  *   and 7 tokens (direct passes: 20 rows take the unfused norms, 5 and 7 the fused ones),
- *   then decode steps of one row (graph of 1) and of three rows (graph of 4, a padding row):
+ *   then decode steps of one row (graph of 1) and of three rows (graph of 4, a padding row;
+ *   the prefills of 5 and 7 rows take "post" with 8-row tiles, the steps "uvc" as well):
  *   every row's logits within the bound of the unfused engine's (bf16 1e-2, fp32 1e-4); the
  *   fusions compute the same sums in the same order, so the rows are expected bitwise equal
  *   and how many are is reported;
  * - greedy decoding on the device (infer_forward_greedy, 32 steps): the same tokens as the
  *   unfused engine's wherever all logits above were bitwise equal;
  * - the fused fp32 engine against the CPU engine (lib/infer) on the same run, within 1e-4
- *   (test_ginfer checks the default engine, fused, against the CPU as well). */
+ *   (test_ginfer checks the default engine, unfused until fuse_flags' default changes). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -24,7 +26,7 @@
 
 enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
 
-static const char *variants[] = {"0", "1", "norm", "attn", "router", "kvw"};
+static const char *variants[] = {"0", "1", "norm", "attn", "router", "kvw", "post", "uvc"};
 enum { NV = sizeof variants / sizeof *variants };
 
 static double urand(void)
@@ -60,6 +62,22 @@ static void random_config(dsv3_config *c, int q)
     c->rope_theta = 10000;
     c->rope_interleave = (int)(test_rand() & 1);
     c->bos_token_id = c->eos_token_id = -1;
+}
+
+/* Whether an engine's description d names the fusions of DSV3_GINFER_FUSE=v: none for "0",
+ * all six for "1", else v's one. */
+static int fusions_named(const char *d, const char *v)
+{
+    static const char *all[] = {"norm", "attn", "router", "kvw", "post", "uvc"};
+    const char *f = strstr(d, "fused decode: ");
+    if (!strcmp(v, "0"))
+        return f == NULL;
+    if (!f)
+        return 0;
+    for (int i = 0; i < 6; i++)
+        if ((strstr(f, all[i]) != NULL) != (!strcmp(v, "1") || !strcmp(v, all[i])))
+            return 0;
+    return 1;
 }
 
 /* ||a - b|| / ||b|| over one row. */
@@ -164,6 +182,10 @@ static void check_fused(int exact)
                      lg[v], &e) == 0 &&
                  run_greedy(f, prompt[0], plen[0], gt[v], scratch, &e) == 0;
             CHECKF(ok, "DSV3_GINFER_FUSE=%s: %s", variants[v], e.msg);
+            if (ok)  /* the engine names the fusions it runs (a stale library names none) */
+                CHECKF(fusions_named(infer_device(f), variants[v]),
+                       "DSV3_GINFER_FUSE=%s: the engine describes itself as \"%s\"",
+                       variants[v], infer_device(f));
             infer_free(f);
         }
         int bitwise = 1;
