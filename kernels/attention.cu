@@ -12,7 +12,8 @@
  * accumulators (a row spread over a quad of lanes), P reused in registers as the A operand
  * of P V (FlashAttention-2). Backward: D = rowsum(dO * O); one kernel per key tile
  * accumulates dK, dV over the query tiles; another per query tile accumulates dQ over the
- * key tiles; no atomics, so results are reproducible (both implementations). Head dims are
+ * key tiles; no atomics, so results are reproducible (both implementations; the fused
+ * Hopper backward candidates DSV3_ATTN_BWD 9 and 10, attention_fa.cuh, excepted). Head dims are
  * padded with zeros to the instantiation's DKP / DVP. */
 #include "attention.h"
 #include "gpuctx_internal.cuh"
