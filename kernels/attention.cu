@@ -12,7 +12,8 @@
  * accumulators (a row spread over a quad of lanes), P reused in registers as the A operand
  * of P V (FlashAttention-2). Backward: D = rowsum(dO * O); one kernel per key tile
  * accumulates dK, dV over the query tiles; another per query tile accumulates dQ over the
- * key tiles; no atomics, so results are reproducible (both implementations). Head dims are
+ * key tiles; no atomics, so results are reproducible (both implementations; the fused
+ * Hopper backward candidates DSV3_ATTN_BWD 9 and 10, attention_fa.cuh, excepted). Head dims are
  * padded with zeros to the instantiation's DKP / DVP. */
 #include "attention.h"
 #include "gpuctx_internal.cuh"
@@ -1209,6 +1210,8 @@ __global__ void __launch_bounds__(256, MINB)
     }
 }
 
+#include "attention_fa.cuh" /* the fused backward, DSV3_ATTN_BWD 9 and 10 */
+
 template <int DKP, int DVP, bool SEG>
 static int f3_fwd_launch_t(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
                            const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
@@ -1541,7 +1544,10 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
  *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
  *   3  as 2, exp2f                                          7  as 4, two blocks an SM
  *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
- * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx. */
+ *   9  one fused kernel (dQ by fp32 reductions, attention_fa.cuh), dS by stmatrix
+ *  10  as 9, dS by 2-byte stores
+ * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx (also for
+ * 9 and 10: the fused kernel is 96/64 only). */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
@@ -1561,6 +1567,12 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
         case 6: return F3B(96, 64, 64, 3, 3, true, 128, 128);
         case 7: return F3B(96, 64, 32, 3, 3, true, 64, 64, 22);
         case 8: return F3B(96, 64, 64, 4, 3, true, 64, 64, 12);
+        case 9:
+            return f3_fused_launch<true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
+                                         dv, scale, lpt, e);
+        case 10:
+            return f3_fused_launch<false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
+                                          dv, scale, lpt, e);
         default: return F3B(96, 64, 32, 3, 3, false);
         }
     }

@@ -11,7 +11,9 @@
 # the same call, tagged "before"); DEFAULT_ONLY=1: time the default kernels only.
 # BWD_SWEEP="0 2 2:1 5 ...": then each Hopper backward candidate V (or V:L, with
 # DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them) through test_attention's
-# checks and the default kernels' timings, rows tagged "bwd=V:L".
+# checks and the default kernels' timings, rows tagged "bwd=V:L". 9 and 10 are the fused
+# backward (one kernel, dQ by fp32 reductions; 96/64 only, the V3 192/128 rows then time the
+# two-kernel ex2.approx path): e.g. BWD_SWEEP="5 9 10 9:1".
 # FLOPs: forward 2 * B * nh * T(T+1)/2 * (dk + dv) (causal pairs, QK^T and PV);
 # backward counted as 2.5 x forward (FlashAttention-2's convention), for both sides.
 set -u

@@ -2,7 +2,8 @@
  * exp) and backward (dq, dk, dv), against lib/ops attention_forward/backward on fresh
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
- * documents) against lib/ops attention_*_seg. With DSV3_GPU_BENCH=1 also timings on
+ * documents) against lib/ops attention_*_seg, and the fused backward candidates (DSV3_ATTN_BWD
+ * 9, 10) on both. With DSV3_GPU_BENCH=1 also timings on
  * V3 and 1B-MoE shapes against the measured matrix rate. */
 #include "../../kernels/attention.h"
 #include "../../kernels/gemm.h"
@@ -178,6 +179,89 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
 }
 
+/* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
+ * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
+ * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
+ * holds one key, its second warpgroup none), 700 and 900 (the three-stage query ring wraps
+ * around), short documents (1-70 tokens) and long ones (1-300: whole tiles inside one
+ * document, tiles before a query tile's document skipped). Run in every test_attention
+ * (the sweep's DSV3_ATTN_BWD=9 or 10 also sends the checks above through them); skipped
+ * when DSV3_ATTN_BWD is set (the sweep) or under DSV3_ATTN_QUICK. */
+static void attention_fused_bwd_match_cpu(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    dsv3_err e;
+    /* B, T, nh, dk, dv, documents (0 none, 1 short, 2 long) */
+    static const int sh[][6] = {{1, 200, 2, 96, 64, 0}, {2, 190, 3, 96, 64, 0},
+                                {1, 150, 2, 80, 48, 0}, {1, 257, 1, 96, 64, 0},
+                                {1, 700, 2, 96, 64, 0}, {1, 200, 2, 96, 64, 1},
+                                {2, 450, 2, 96, 64, 2}, {1, 900, 2, 96, 64, 2}};
+    static const char *cand[] = {"9", "10"};
+    double wq = 0, wk = 0, wv = 0;
+    gpu_attention_set_variant(gt_ctx_, 0);
+    for (size_t ci = 0; ci < sizeof cand / sizeof cand[0]; ci++)
+        for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+            int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+            float scale = 1.0f / sqrtf((float)dk);
+            size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
+            size_t nl = (size_t)B * nh * T;
+            int32_t *seg = malloc((size_t)B * T * 4);
+            REQUIRE(seg);
+            int32_t doc = (int32_t)(test_rand() % 5);
+            const int longest = sh[si][5] == 2 ? 300 : 70;
+            for (int b = 0; b < B; b++)
+                for (int t = 0, left = 0; t < T; t++) {
+                    if (left == 0) {
+                        doc++;
+                        left = test_rand() % 4 == 0 ? 1 : 1 + (int)(test_rand() % longest);
+                    }
+                    /* no documents: one per sequence (the CPU side), NULL on the GPU */
+                    seg[(size_t)b * T + t] = sh[si][5] ? doc : b;
+                    left--;
+                }
+            size_t mark = gpu_arena_mark(gt_ctx_);
+            float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+            float *dout = gt_rand_bf(nv, 1);
+            gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+            gpu_bf16 *gdo = gt_up_bf(dout, nv), *go = gt_poisoned(nv * 2);
+            gpu_bf16 *gdq = gt_poisoned(nq * 2), *gdk = gt_poisoned(nq * 2);
+            gpu_bf16 *gdv = gt_poisoned(nv * 2);
+            float *glse = gt_poisoned(nl * 4);
+            int32_t *gseg = sh[si][5] ? gt_up(seg, (size_t)B * T * 4) : NULL;
+            REQUIRE(gq && gk && gv && gdo && go && gdq && gdk && gdv && glse &&
+                    (gseg || !sh[si][5]));
+            CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv,
+                                         scale, &e) == 0,
+                   "%s", e.msg);
+            setenv("DSV3_ATTN_BWD", cand[ci], 1);
+            int rc = gpu_attention_bwd_seg(gt_ctx_, gdq, gdk, gdv, gdo, go, glse, gq, gk, gv,
+                                           gseg, B, T, nh, dk, dv, scale, &e);
+            unsetenv("DSV3_ATTN_BWD");
+            CHECKF(rc == 0, "%s", e.msg);
+            float *dq = gt_down_bf(gdq, nq), *dk_ = gt_down_bf(gdk, nq), *dv_ = gt_down_bf(gdv, nv);
+            float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T);
+            float *rdq = gt_zeros(nq), *rdk = gt_zeros(nq), *rdv = gt_zeros(nv);
+            attention_forward_seg(ro, att, q, k, v, seg, B, T, nh, dk, dv, scale);
+            attention_backward_seg(rdq, rdk, rdv, dout, att, q, k, v, seg, B, T, nh, dk, dv,
+                                   scale);
+            double c = gt_relerr(dq, rdq, nq), d = gt_relerr(dk_, rdk, nq);
+            double f = gt_relerr(dv_, rdv, nv);
+            wq = c > wq ? c : wq, wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+            CHECKF(c <= BF16_BOUND && d <= BF16_BOUND && f <= BF16_BOUND,
+                   "fused backward %s, documents %d, B=%d T=%d nh=%d dk=%d dv=%d: dq %.2e "
+                   "dk %.2e dv %.2e",
+                   cand[ci], sh[si][5], B, T, nh, dk, dv, c, d, f);
+            free(q), free(k), free(v), free(dout), free(dq), free(dk_), free(dv_);
+            free(ro), free(att), free(rdq), free(rdk), free(rdv), free(seg);
+            gt_reset(mark);
+        }
+    gt_stat("attention fused bwd (9, 10) dq", wq, BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dk", wk, BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dv", wv, BF16_BOUND);
+}
+
 struct att_job {
     int B, T, nh, dk, dv, bwd;
     gpu_bf16 *q, *k, *v, *o, *dout, *dq, *dk_, *dv_;
@@ -302,6 +386,7 @@ int main(void)
     if (!getenv("DSV3_ATTN_ONCE")) {
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
+        RUN(attention_fused_bwd_match_cpu);
     }
     RUN(bench_attention);
     if (gt_ctx_)
