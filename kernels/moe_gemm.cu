@@ -13,8 +13,10 @@
  * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md). A
  * warp-specialised persistent version of the swizzled kernel (moe_ws_kernel: a loading
  * warpgroup, two multiplying ones, an mbarrier ring, one block an SM looping over the
- * tiles) is selectable as GPU_MOE_GEMM_WS. What it shares with kernels/moe_gemm_fp8
- * (cp.async, mbarriers, row-tile lookup, epilogue) is in moe_gemm_common.cuh.
+ * tiles) is selectable as GPU_MOE_GEMM_WS, and the same with its loads issued by one thread
+ * to the copy engine (TMA; moe_wstma_kernel) as GPU_MOE_GEMM_WS_TMA. What they share with
+ * kernels/moe_gemm_fp8 (cp.async, mbarriers, TMA, row-tile lookup, epilogue) is in
+ * moe_gemm_common.cuh.
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
