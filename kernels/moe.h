@@ -79,10 +79,11 @@ int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W, const gp
  * fp32 output for bf16 operands; arena E*O*I*2 bytes); WGMMA_PIPE: the wgmma kernel with
  * one stage's products left in flight across the next barrier; WGMMA_SW: that with
  * 128-byte swizzled tiles; WS: those tiles in a persistent, warp-specialised kernel (a
- * loading warpgroup, two multiplying ones, mbarrier pipeline). */
+ * loading warpgroup, two multiplying ones, mbarrier pipeline); WS_TMA: that kernel with its
+ * loads issued by one thread to the copy engine (TMA, tensor maps made per call). */
 enum { GPU_MOE_GEMM_DEFAULT = 0, GPU_MOE_GEMM_CUBLAS = 1, GPU_MOE_GEMM_MMA = 2,
        GPU_MOE_GEMM_WGMMA = 3, GPU_MOE_GEMM_WGMMA_PIPE = 4, GPU_MOE_GEMM_WGMMA_SW = 5,
-       GPU_MOE_GEMM_WS = 6 };
+       GPU_MOE_GEMM_WS = 6, GPU_MOE_GEMM_WS_TMA = 7 };
 void gpu_moe_set_gemm(gpu_ctx *c, int variant);
 
 #ifdef __cplusplus

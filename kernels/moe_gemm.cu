@@ -13,8 +13,10 @@
  * core-matrix tiles is kept for comparison (half the speed: docs/KERNELS.md). A
  * warp-specialised persistent version of the swizzled kernel (moe_ws_kernel: a loading
  * warpgroup, two multiplying ones, an mbarrier ring, one block an SM looping over the
- * tiles) is selectable as GPU_MOE_GEMM_WS. What it shares with kernels/moe_gemm_fp8
- * (cp.async, mbarriers, row-tile lookup, epilogue) is in moe_gemm_common.cuh.
+ * tiles) is selectable as GPU_MOE_GEMM_WS, and the same with its loads issued by one thread
+ * to the copy engine (TMA; moe_wstma_kernel) as GPU_MOE_GEMM_WS_TMA. What they share with
+ * kernels/moe_gemm_fp8 (cp.async, mbarriers, TMA, row-tile lookup, epilogue) is in
+ * moe_gemm_common.cuh.
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
@@ -23,6 +25,7 @@
 #include "moe.h"
 #include "moe_gemm_common.cuh"
 
+#include <cuda.h> /* CUtensorMap and its encoder's types only: no libcuda link (see tma_encoder) */
 #include <stdlib.h>
 
 #define MG_BM 128
@@ -700,9 +703,285 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
     }
 }
 
+/* ---- the warp-specialised kernel with TMA loads (GPU_MOE_GEMM_WS_TMA) ----
+ *
+ * moe_ws_kernel's tiles, ring, roles and epilogue, with the producer's per-thread cp.async
+ * replaced by the copy engine: one thread of the loading warpgroup waits for a free slot,
+ * announces the stage's 48 KB on its "full" barrier and issues the bulk tensor copies
+ * (tensor maps made on the host, 128-byte swizzle; the other 127 loading threads leave).
+ * Layouts: a K-major box (R rows x 64 k, 128 bytes a row) lands exactly as km_off's tile;
+ * an MN-major operand comes as boxes of 64 values x 64 k-rows (8 KB each, a k-row 128
+ * bytes), so its 64-value atoms are 8 KB apart (descriptor LBO) and its groups of 8
+ * k-rows 1 KB apart (SBO): not sw_load_mn's order, the same swizzle.
+ * Ragged experts: the A map covers all nk rows; a forward/dgrad row tile that runs past its
+ * expert's end reads the next expert's rows (or zeros past nk) and those output rows are
+ * not written (rows of C depend only on their own row of A). Tails of K, N and M past the
+ * tensor's edge come zero-filled. wgrad reduces over an expert's rows, so there the rows
+ * past the expert's end in its last k-tile would add in: the consumers zero those rows of
+ * the stage (A and B) before multiplying (one tile an expert; a named barrier among the
+ * 256 multiplying threads and a proxy fence). */
+#define WT_BOX (64 * 64 * 2) /* bytes of one 64 x 64 box */
+
+/* wgrad's last k-tile of an expert holds only kv of its 64 k-rows: the 256 consumer threads
+ * (ct) zero k-rows kv..63 of the stage's six MN-major boxes (A's 2, then B's 4), make the
+ * stores visible to wgmma (async proxy) and wait for each other (named barrier 1). */
+__device__ __forceinline__ void wt_zero_tail(uint32_t sa, int kv, int ct)
+{
+    int n = (MG_BK - kv) * 8; /* 16-byte pieces a box */
+    for (int i = ct; i < (MG_BM + MG_BN) / 64 * n; i += 256) {
+        int j = i / n, q = i - j * n;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
+                         sa + (uint32_t)(j * WT_BOX + kv * 128 + q * 16)),
+                     "r"(0)
+                     : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+template <int FORM>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    moe_wstma_kernel(const mg_args p, const __grid_constant__ CUtensorMap ta,
+                     const __grid_constant__ CUtensorMap tb)
+{
+    constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
+    constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = WS_STAGE_BYTES;
+    constexpr uint32_t A_LBO = A_KMAJ ? 16 : WT_BOX, A_SBO = 1024;
+    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : WT_BOX, A_K16 = A_KMAJ ? 32 : 2 * 1024;
+    constexpr uint32_t B_LBO = B_KMAJ ? 16 : WT_BOX, B_SBO = 1024;
+    constexpr uint32_t B_K16 = B_KMAJ ? 32 : 2 * 1024;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
+    int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
+    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
+    uint32_t sb = (s0 + 1023) & ~1023u; /* the swizzle repeats every 1 KB */
+    int *s_off = (int *)(smem + (sb - s0) + WS_STAGES * STAGE), *s_ts = s_off + p.E + 1;
+    uint32_t full0 = (uint32_t)__cvta_generic_to_shared(bars), empty0 = full0 + 8 * WS_STAGES;
+    if (tid == 0) {
+        for (int s = 0; s < WS_STAGES; s++) {
+            mbar_init(full0 + 8 * s, 1);  /* the issuing thread's arrive (+ the bytes) */
+            mbar_init(empty0 + 8 * s, 8); /* each consumer warp */
+        }
+        mbar_init_fence();
+    }
+    if (tid < 32) { /* offsets and (forward, dgrad) each expert's first row tile */
+        for (int x = lane; x <= p.E; x += 32)
+            s_off[x] = p.off[x];
+        __syncwarp();
+        int base = 0;
+        for (int e0 = 0; e0 < p.E; e0 += 32) {
+            int x = e0 + lane;
+            int nt = x < p.E ? (s_off[x + 1] - s_off[x] + MG_BM - 1) / MG_BM : 0, inc = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o)
+                    inc += v;
+            }
+            if (x < p.E)
+                s_ts[x] = base + inc - nt;
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+        if (lane == 0)
+            s_ts[p.E] = base;
+    }
+    __syncthreads();
+    int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
+    int T = FORM == FORM_WGRAD ? p.E * ntm * ntn : s_ts[p.E] * ntn;
+    auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
+                    int &kend) { /* as moe_ws_kernel's */
+        if (FORM == FORM_WGRAD) {
+            int per = ntm * ntn, r = t % per;
+            e = t / per;
+            m0 = (r / ntn) * MG_BM, n0 = (r % ntn) * MG_BN;
+            kbeg = s_off[e], kend = s_off[e + 1];
+            rbeg = 0, rend = p.M;
+        } else {
+            int rt = t / ntn, lo = 0, hi = p.E - 1;
+            while (lo < hi) {
+                int mid = (lo + hi + 1) >> 1;
+                if (s_ts[mid] <= rt)
+                    lo = mid;
+                else
+                    hi = mid - 1;
+            }
+            e = lo;
+            rbeg = s_off[e] + (rt - s_ts[e]) * MG_BM, rend = s_off[e + 1];
+            m0 = 0, n0 = (t % ntn) * MG_BN;
+            kbeg = 0, kend = p.K;
+        }
+    };
+    if (wg == 0) { /* producer: register budget as moe_ws_kernel's */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+#endif
+        if (tid != 0)
+            return;
+        tma_prefetch(&ta);
+        tma_prefetch(&tb);
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int e, rbeg, rend, m0, n0, kbeg, kend;
+            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % WS_STAGES;
+                uint32_t full = full0 + 8 * s;
+                mbar_wait(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                mbar_arrive_tx(full, STAGE);
+                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+                int k0 = kbeg + kt * MG_BK;
+                if (FORM == FORM_FWD) { /* A in[nk, K]; B W[E][N, K] */
+                    tma_load_2d(sa, &ta, full, k0, rbeg);
+                    tma_load_3d(sbb, &tb, full, k0, n0, e);
+                } else if (FORM == FORM_DGRAD) { /* A d_out[nk, K]; B W[E][K, N] */
+                    tma_load_2d(sa, &ta, full, k0, rbeg);
+#pragma unroll
+                    for (int j = 0; j < MG_BN / 64; j++)
+                        tma_load_3d(sbb + j * WT_BOX, &tb, full, n0 + 64 * j, k0, e);
+                } else { /* A d_out[nk, M]; B in[nk, N]; k over the expert's rows */
+#pragma unroll
+                    for (int j = 0; j < MG_BM / 64; j++)
+                        tma_load_2d(sa + j * WT_BOX, &ta, full, m0 + 64 * j, k0);
+#pragma unroll
+                    for (int j = 0; j < MG_BN / 64; j++)
+                        tma_load_2d(sbb + j * WT_BOX, &tb, full, n0 + 64 * j, k0);
+                }
+            }
+        }
+    } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+#endif
+        int cw = wg - 1, warp = tid >> 5;
+        uint32_t it = 0;
+        float acc[128];
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int e, rbeg, rend, m0, n0, kbeg, kend;
+            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+            if (KT == 0)
+                continue; /* wgrad of an expert without rows: d_W_e is left as it is */
+#pragma unroll
+            for (int i = 0; i < 128; i++)
+                acc[i] = 0.0f;
+            int prev = 0;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % WS_STAGES;
+                mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
+                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+                if (FORM == FORM_WGRAD && kend - kbeg - kt * MG_BK < MG_BK)
+                    wt_zero_tail(sa, kend - kbeg - kt * MG_BK, tid - 128);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+#pragma unroll
+                for (int kk = 0; kk < MG_BK / 16; kk++)
+                    wgmma_256<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
+                        acc, wg_desc(sa + cw * A_WG + kk * A_K16, A_LBO, A_SBO, 1),
+                        wg_desc(sbb + kk * B_K16, B_LBO, B_SBO, 1));
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#endif
+                if (kt > 0 && lane == 0)
+                    mbar_arrive(empty0 + 8 * prev);
+                prev = s;
+            }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+#pragma unroll
+            for (int i = 0; i < 128; i++)
+                asm volatile("" : "+f"(acc[i])::"memory");
+            if (lane == 0)
+                mbar_arrive(empty0 + 8 * prev);
+            int r = cw * 64 + (warp & 3) * 16 + (lane >> 2);
+            if (FORM == FORM_WGRAD) {
+                float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
+                if (p.red)
+                    mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+                else
+                    mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+            } else {
+                mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
+            }
+        }
+    }
+}
+
 static int aligned16p(const void *p)
 {
     return ((uintptr_t)p & 15) == 0;
+}
+
+/* cuTensorMapEncodeTiled from the driver, through the runtime's entry-point lookup: the
+ * programs keep linking only the static runtime (no -lcuda). */
+typedef CUresult (*tma_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static int tma_encoder(tma_encode_fn *fn, dsv3_err *e)
+{
+    void *f = NULL;
+    cudaDriverEntryPointQueryResult q;
+    cudaError_t st = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                      cudaEnableDefault, &q);
+    if (st != cudaSuccess || q != cudaDriverEntryPointSuccess || !f)
+        return err_set(e, "moe: cuTensorMapEncodeTiled not available from the driver");
+    *fn = (tma_encode_fn)f;
+    return 0;
+}
+
+/* A bf16 tensor of rank 2 or 3 (dims innermost first, row strides in elements), 128-byte
+ * swizzled boxes of box0 x box1 (x 1), zero fill out of bounds. */
+static int tma_map(tma_encode_fn enc, CUtensorMap *m, const bf16 *base, int rank,
+                   const int64_t *dims, const int64_t *strides, int box0, int box1,
+                   dsv3_err *e)
+{
+    cuuint64_t gd[3], gs[2];
+    cuuint32_t bx[3] = {(cuuint32_t)box0, (cuuint32_t)box1, 1}, es[3] = {1, 1, 1};
+    for (int i = 0; i < rank; i++)
+        gd[i] = (cuuint64_t)dims[i];
+    for (int i = 0; i + 1 < rank; i++)
+        gs[i] = (cuuint64_t)strides[i] * 2;
+    CUresult r = enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank, (void *)base, gd,
+                     gs, bx, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+        return err_set(e, "moe: cuTensorMapEncodeTiled failed (%d): rank %d, dims %lld x %lld",
+                       (int)r, rank, (long long)dims[0], (long long)dims[1]);
+    return 0;
+}
+
+/* The two operands' maps of moe_wstma_kernel<FORM> (nk rows in all; see its comment). */
+static int wstma_maps(int form, const mg_args *a, int nk, CUtensorMap *ta, CUtensorMap *tb,
+                      dsv3_err *e)
+{
+    tma_encode_fn enc = NULL;
+    if (tma_encoder(&enc, e))
+        return -1;
+    int64_t M = a->M, N = a->N, K = a->K, E = a->E;
+    if (form == FORM_FWD) { /* A in[nk, K]; B W[E][N, K] */
+        int64_t da[2] = {K, nk}, sa[1] = {K}, db[3] = {K, N, E}, sbb[2] = {K, N * K};
+        return tma_map(enc, ta, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
+                       tma_map(enc, tb, a->B, 3, db, sbb, MG_BK, MG_BN, e)
+                   ? -1
+                   : 0;
+    }
+    if (form == FORM_DGRAD) { /* A d_out[nk, K]; B W[E][K, N] */
+        int64_t da[2] = {K, nk}, sa[1] = {K}, db[3] = {N, K, E}, sbb[2] = {N, N * K};
+        return tma_map(enc, ta, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
+                       tma_map(enc, tb, a->B, 3, db, sbb, 64, MG_BK, e)
+                   ? -1
+                   : 0;
+    }
+    int64_t da[2] = {M, nk}, sa[1] = {M}, db[2] = {N, nk}, sbb[1] = {N}; /* wgrad */
+    return tma_map(enc, ta, a->A, 2, da, sa, 64, MG_BK, e) ||
+                   tma_map(enc, tb, a->B, 2, db, sbb, 64, MG_BK, e)
+               ? -1
+               : 0;
 }
 
 /* fwd/dgrad: C[rows, N] per expert; wgrad: d_W[E, M, N] +=. */
@@ -721,9 +1000,13 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
                                                 : c->moe_gemm;
     const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
     mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0')};
-    if (v == GPU_MOE_GEMM_WS) {
+    if (v == GPU_MOE_GEMM_WS || v == GPU_MOE_GEMM_WS_TMA) {
         size_t smem = ws_smem(E);
-        CUDA_TRY(cudaFuncSetAttribute(moe_ws_kernel<FORM>,
+        CUtensorMap ta, tb;
+        if (v == GPU_MOE_GEMM_WS_TMA && wstma_maps(FORM, &a, nk, &ta, &tb, e))
+            return -1;
+        CUDA_TRY(cudaFuncSetAttribute(v == GPU_MOE_GEMM_WS ? (const void *)moe_ws_kernel<FORM>
+                                                           : (const void *)moe_wstma_kernel<FORM>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                  e);
         int64_t ntn = (N + MG_BN - 1) / MG_BN, tiles;
@@ -736,7 +1019,10 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
         const char *cap = getenv("DSV3_MOE_WS_GRID");
         if (cap && atoi(cap) > 0 && atoi(cap) < grid)
             grid = atoi(cap);
-        moe_ws_kernel<FORM><<<grid, WS_THREADS, smem, c->stream>>>(a);
+        if (v == GPU_MOE_GEMM_WS)
+            moe_ws_kernel<FORM><<<grid, WS_THREADS, smem, c->stream>>>(a);
+        else
+            moe_wstma_kernel<FORM><<<grid, WS_THREADS, smem, c->stream>>>(a, ta, tb);
         LAUNCH_CHECK("moe_gemm", e);
         return 0;
     }

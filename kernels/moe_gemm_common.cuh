@@ -1,8 +1,9 @@
 /* moe_gemm_common: what the grouped expert GEMMs of kernels/moe_gemm (bf16) and
- * kernels/moe_gemm_fp8 (E4M3) share: cp.async and mbarrier wrappers, the lookup of a row
- * tile among the experts' row tiles, and the epilogue that writes a warp's accumulators
- * (the m16n8 fragment layout wgmma and mma.sync both leave: 4 values a thread per 8
- * columns, rows g and g + 8 of the warp's 16) as bf16 rows or adds them into fp32 d_W. */
+ * kernels/moe_gemm_fp8 (E4M3) share: cp.async, mbarrier and TMA (bulk tensor copy)
+ * wrappers, the lookup of a row tile among the experts' row tiles, and the epilogue that
+ * writes a warp's accumulators (the m16n8 fragment layout wgmma and mma.sync both leave:
+ * 4 values a thread per 8 columns, rows g and g + 8 of the warp's 16) as bf16 rows or adds
+ * them into fp32 d_W. */
 #ifndef DSV3_MOE_GEMM_COMMON_CUH
 #define DSV3_MOE_GEMM_COMMON_CUH
 #include <stdint.h>
@@ -63,6 +64,44 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
         else if (now - t0 > 10000000000ull)
             __trap();
     }
+}
+
+/* The tensor-memory-accelerator (TMA) side of the pipeline (plain sm_90): one thread
+ * announces a stage's bytes on its "full" barrier (arrive + expect_tx), then issues the bulk
+ * tensor copies that complete those bytes on it; the consumers' wait on that barrier then
+ * also makes the copies' shared-memory writes visible to them (no proxy fence needed).
+ * Coordinates are in elements, innermost first; boxes out of the tensor are zero-filled
+ * and still count their full size. `map` is the generic address of a __grid_constant__
+ * CUtensorMap kernel parameter. */
+__device__ __forceinline__ void mbar_init_fence()
+{ /* makes the initialised barriers visible to the async proxy (the copy engine) */
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_prefetch(const void *map)
+{
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(map) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void *map, uint32_t bar, int c0,
+                                            int c1)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+                 "l"(map), "r"(bar), "r"(c0), "r"(c1)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void *map, uint32_t bar, int c0,
+                                            int c1, int c2)
+{
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+                 "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+                 : "memory");
 }
 
 /* Forward and dgrad grids count the experts' row tiles of BM in expert order. Which

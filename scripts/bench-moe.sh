@@ -5,7 +5,8 @@
 # and down (512 -> 1024) projections of 16384 tokens x top-4 over 32 experts, balanced and
 # random routing; our kernel's time, TFLOP/s and share of the 8192^3 cuBLASLt rate measured
 # in the same process, beside cuBLAS's grouped GEMM and one dense GEMM of the same total
-# shape; the other variants of our kernel in columns ("warp-specialised": GPU_MOE_GEMM_WS).
+# shape; the other variants of our kernel in columns ("warp-specialised": GPU_MOE_GEMM_WS;
+# "ws + TMA": GPU_MOE_GEMM_WS_TMA, its loads by the copy engine).
 # Usage: scripts/bench-moe.sh (BUILD=build). For docs/KERNELS.md and docs/PERF.md.
 set -eu
 BUILD=${BUILD:-build}

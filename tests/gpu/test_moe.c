@@ -217,6 +217,9 @@ static void expert_layer_check(int variant)
                     : variant == GPU_MOE_GEMM_WS         ? (getenv("DSV3_MOE_WS_GRID")
                                                                 ? " [warp-specialised, 3 blocks]"
                                                                 : " [warp-specialised]")
+                    : variant == GPU_MOE_GEMM_WS_TMA     ? (getenv("DSV3_MOE_WS_GRID")
+                                                                ? " [ws + TMA, 3 blocks]"
+                                                                : " [ws + TMA]")
                                                          : "";
     char name[96];
     snprintf(name, sizeof name, "moe layer fwd out%s", v);
@@ -265,6 +268,17 @@ static void expert_layer_ws_matches_cpu(void)
     expert_layer_check(GPU_MOE_GEMM_WS);
     setenv("DSV3_MOE_WS_GRID", "3", 1);
     expert_layer_check(GPU_MOE_GEMM_WS);
+    unsetenv("DSV3_MOE_WS_GRID");
+}
+
+/* The same with TMA loads (one thread issuing bulk tensor copies): A tiles that run past
+ * their expert's rows, boxes past the tensors' edges (K 16, 48, 136; N 96, 272), wgrad's
+ * zeroed tail rows, empty experts, and the ring wrapping on 3 blocks. */
+static void expert_layer_ws_tma_matches_cpu(void)
+{
+    expert_layer_check(GPU_MOE_GEMM_WS_TMA);
+    setenv("DSV3_MOE_WS_GRID", "3", 1);
+    expert_layer_check(GPU_MOE_GEMM_WS_TMA);
     unsetenv("DSV3_MOE_WS_GRID");
 }
 
@@ -353,13 +367,13 @@ static void bench_grouped_gemm(void)
             for (int k = 0; k < 3; k++) {
                 j.kind = k;
                 /* default (wgmma swizzled on Hopper), wgmma, wgmma pipelined, mma.sync, cuBLAS
-                 * grouped, warp-specialised, dense same shape */
-                float ms[7];
-                static const int var[7] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
+                 * grouped, warp-specialised, dense same shape, ws + TMA */
+                float ms[8];
+                static const int var[8] = {GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WGMMA,
                                            GPU_MOE_GEMM_WGMMA_PIPE, GPU_MOE_GEMM_MMA,
                                            GPU_MOE_GEMM_CUBLAS,     GPU_MOE_GEMM_WS,
-                                           GPU_MOE_GEMM_DEFAULT};
-                for (int v = 0; v < 7; v++) {
+                                           GPU_MOE_GEMM_DEFAULT,    GPU_MOE_GEMM_WS_TMA};
+                for (int v = 0; v < 8; v++) {
                     j.dense = v == 6;
                     if (routing == 1 && v == 6) {
                         ms[v] = 0;
@@ -376,10 +390,10 @@ static void bench_grouped_gemm(void)
                          j.O);
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
                 printf("# bench %-40s %7.3f ms %6.1f TFLOP/s %5.1f%% of ceiling | wgmma %6.1f | "
-                       "wgmma pipelined %6.1f | warp-specialised %6.1f | mma.sync %6.1f | cuBLAS "
-                       "grouped %6.1f",
+                       "wgmma pipelined %6.1f | warp-specialised %6.1f | ws + TMA %6.1f | "
+                       "mma.sync %6.1f | cuBLAS grouped %6.1f",
                        name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / ceil, TF(ms[1]), TF(ms[2]),
-                       TF(ms[5]), TF(ms[3]), TF(ms[4]));
+                       TF(ms[5]), TF(ms[7]), TF(ms[3]), TF(ms[4]));
                 if (ms[6] > 0)
                     printf(" | dense same shape %6.1f", TF(ms[6]));
 #undef TF
@@ -404,6 +418,7 @@ int main(void)
     RUN(expert_layer_wgmma_matches_cpu);
     RUN(expert_layer_wgmma_sw_matches_cpu);
     RUN(expert_layer_ws_matches_cpu);
+    RUN(expert_layer_ws_tma_matches_cpu);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
