@@ -339,6 +339,7 @@ static int pf_takes(const ginfer *g, int n, const int *slot, const int *pos);
 static int pf_forward(ginfer *g, int n, const int *slot, const int32_t *ids,
                       const uint8_t *want, float *logits, dsv3_err *e);
 static void pf_free(ginfer *g);
+static int pf_warm(ginfer *g, dsv3_err *e);
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
 {
@@ -528,7 +529,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
                 rc = err_set(e, "ginfer: cannot create the profile's events");
     }
     if (!rc)
-        rc = capture_all(g, e);
+        rc = capture_all(g, e) || pf_warm(g, e);
     if (rc) {
         ginfer_destroy(g);
         return -1;

@@ -305,11 +305,16 @@ static int pf_ffn(ginfer *g, pfbuf *b, int l, int T, dsv3_err *e)
     return rc ? -1 : 0;
 }
 
+/* Whether the engine has the pass: asked for, bf16, no MTP, head dims the attention takes. */
+static int pf_on(const ginfer *g)
+{
+    return g->pf_min && !g->exact && !g->mtp && g->qk <= 192 && g->dv <= 128;
+}
+
 /* Whether the call's n rows are a prompt the pass takes (see the header). */
 static int pf_takes(const ginfer *g, int n, const int *slot, const int *pos)
 {
-    if (!g->pf_min || n < g->pf_min || g->exact || g->mtp || g->qk > 192 || g->dv > 128 ||
-        n > g->n_ctx)
+    if (!pf_on(g) || n < g->pf_min || n > g->n_ctx)
         return 0;
     for (int r = 0; r < n; r++)
         if (slot[r] != slot[0] || pos[r] != r)
@@ -361,6 +366,30 @@ static int pf_forward(ginfer *g, int n, const int *slot, const int32_t *ids,
     g->xn = b.xn;
     rc = head_rows(g, n, want, logits, &wrote, e);
     g->xn = keep;
+    return rc;
+}
+
+/* At creation (as the decode graphs are run once there): the pass's context with an arena
+ * for prompts of up to 2048 rows (a longer one remakes it), and one pass of pf_min rows on
+ * the spare slot, so that a prompt's timing holds no set-up (cuBLAS handle, first launches). */
+static int pf_warm(ginfer *g, dsv3_err *e)
+{
+    if (!pf_on(g))
+        return 0;
+    int n = g->pf_min < g->n_ctx ? g->pf_min : g->n_ctx;
+    int *slot = (int *)malloc((size_t)n * sizeof *slot);
+    int32_t *ids = (int32_t *)calloc((size_t)n, sizeof *ids);
+    uint8_t *want = (uint8_t *)calloc((size_t)n, 1);
+    int rc = !slot || !ids || !want ? err_set(e, "ginfer: out of host memory") : 0;
+    for (int r = 0; !rc && r < n; r++)
+        slot[r] = g->n_slots;
+    rc = rc || pf_ready(g, g->n_ctx < 2048 ? g->n_ctx : 2048, e) ||
+         pf_forward(g, n, slot, ids, want, NULL, e);
+    if (!rc)
+        g->pf->passes = 0;
+    free(slot);
+    free(ids);
+    free(want);
     return rc;
 }
 
