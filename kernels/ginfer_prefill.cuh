@@ -275,8 +275,13 @@ static int pf_ffn(ginfer *g, pfbuf *b, int l, int T, dsv3_err *e)
         return pf_mlp(g, b, y->w1, y->w2, y->F, b->dd, T, e);
     gpu_ctx *c = g->pf->c;
     int H = g->H, E = g->E, K = g->K, mi = g->mi;
-    /* the router as the GEMV path computes it: the same expert choices */
-    if (gk_gemv(g->pf->s, b->xn, H, 0, y->router, 1, 0, b->rl, E, 0, T, H, E, 1, e) ||
+    /* the router as the GEMV path computes it (each logit summed in an order independent of
+     * the other rows): the same expert choices for the same rows. Its GEMV spreads over
+     * outputs only, so the rows go as a batch of 8-row pieces (and the rest) to fill the GPU */
+    int nb = T / 8, rest = T - 8 * nb;
+    if (gk_gemv(g->pf->s, b->xn, H, 8L * H, y->router, 1, 0, b->rl, E, 8L * E, 8, H, E, nb, e) ||
+        gk_gemv(g->pf->s, b->xn + (size_t)8 * nb * H, H, 0, y->router, 1, 0,
+                b->rl + (size_t)8 * nb * E, E, 0, rest, H, E, 1, e) ||
         gpu_router_fwd(c, b->idx, b->rw, b->rs, b->rl, y->bias, T, E, g->n_group, g->topk_group,
                        K, g->norm_topk, g->route_scale, e))
         return -1;
