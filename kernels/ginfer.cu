@@ -95,6 +95,8 @@ struct ginfer {
     void **allocs;
     int n_allocs, cap_allocs;
     char desc[320];
+    struct gpf *pf;     /* the tensor-core prefill (ginfer_prefill.cuh), made on first use */
+    int pf_min;         /* DSV3_GINFER_PREFILL=gemm: its least rows (0: off) */
 };
 
 static void *dal(ginfer *g, size_t bytes, dsv3_err *e)
@@ -335,6 +337,12 @@ static void prof_print(const ginfer *g);
 static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err *e);
 static int mtp_keep(ginfer *g, int n, dsv3_err *e);
 static int decode_rows(const ginfer *g);
+static int pf_threshold(void);
+static int pf_takes(const ginfer *g, int n, const int *slot, const int *pos);
+static int pf_forward(ginfer *g, int n, const int *slot, const int32_t *ids,
+                      const uint8_t *want, float *logits, dsv3_err *e);
+static void pf_free(ginfer *g);
+static int pf_warm(ginfer *g, dsv3_err *e);
 
 static int check_shapes(const dsv3_config *c, dsv3_err *e)
 {
@@ -438,6 +446,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     g->exact = exact;
     g->wsz = exact ? 4 : 2;
     fuse_flags(g);
+    g->pf_min = pf_threshold();
     g->L = c->num_hidden_layers;
     g->H = c->hidden_size;
     g->nh = c->num_attention_heads;
@@ -543,7 +552,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
                 rc = err_set(e, "ginfer: cannot create the profile's events");
     }
     if (!rc)
-        rc = capture_all(g, e);
+        rc = capture_all(g, e) || pf_warm(g, e);
     if (rc) {
         ginfer_destroy(g);
         return -1;
@@ -593,6 +602,7 @@ extern "C" void ginfer_destroy(ginfer *g)
     for (int i = 0; i < g->n_allocs; i++)
         gpu_free(g->allocs[i]);
     free(g->allocs);
+    pf_free(g);
     gpu_ctx_destroy(g->c);
     free(g->ly);
     free(g->mtp);
@@ -1024,6 +1034,8 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
         all &= want[r] != 0;
     if (n <= 0)
         return 0;
+    if (pf_takes(g, n, slot, pos))  /* a prompt: DSV3_GINFER_PREFILL=gemm */
+        return pf_forward(g, n, slot, ids, want, logits, e);
     if (all && n <= decode_rows(g))
         return decode(g, n, slot, pos, ids, logits, NULL, e);
     /* direct passes of at most PCHUNK rows; a slot's rows stay in order, so a later chunk
@@ -1060,3 +1072,5 @@ extern "C" int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e)
 
 /* speculative decoding with the MTP module: part of this translation unit */
 #include "ginfer_mtp.cuh"
+/* the prompt's prefill through the tensor cores: part of this translation unit too */
+#include "ginfer_prefill.cuh"

@@ -91,6 +91,14 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 /* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
 
+/* DSV3_GINFER_PREFILL=gemm (read at creation; "gemm:N" sets the least rows, 64 unless
+ * given): a ginfer_forward call of at least that many rows that are one slot's positions
+ * 0 .. n-1 (a prompt) on the bf16 engine without MTP runs in one pass on the tensor cores
+ * (kernels/ginfer_prefill.cuh), else as above. The passes run so (tests, statistics). */
+long ginfer_prefill_passes(const ginfer *g);
+/* Cache rows pos0 .. pos0+n-1 of a layer and slot as fp32 (n x width values; tests). */
+int ginfer_read_cache(ginfer *g, int layer, int slot, int pos0, int n, float *out, dsv3_err *e);
+
 /* Decode steps replayed from CUDA graphs so far (for tests and statistics). */
 long ginfer_graph_replays(const ginfer *g);
 /* Their device time (events around each replay), seconds: a decode step's time less the

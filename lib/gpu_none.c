@@ -591,6 +591,11 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e) { return no_cuda(e); }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
 double ginfer_graph_seconds(const ginfer *g) { return 0; }
+long ginfer_prefill_passes(const ginfer *g) { return 0; }
+int ginfer_read_cache(ginfer *g, int layer, int slot, int pos0, int n, float *out, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 
 /* ginfer_mtp */
 int ginfer_create_mtp(ginfer **out, const dsv3_model *m, const char *dir, int n_ctx,

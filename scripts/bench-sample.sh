@@ -26,6 +26,9 @@
 # tokens/s, the acceptance rate; random weights make its drafts rarely right);
 # BATCHES (default "8 64") the batch sizes of the batch runs;
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
+# PREFILL=gemm once more with DSV3_GINFER_PREFILL=gemm (the prompt in one pass on the tensor
+# cores, kernels/ginfer_prefill.cuh; run "prefill-gemm": its prefill tokens/s too, and whether
+# the greedy text equals the default path's). The other runs set DSV3_GINFER_PREFILL empty.
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
@@ -55,8 +58,8 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
         name=$(basename "$CFG" .json)
         "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"
-        "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
-            -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out1.txt" 2>"$W/err"
+        DSV3_GINFER_PREFILL= "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda \
+            -f "$W/long.txt" -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out1.txt" 2>"$W/err"
         rates "$W/err"
         floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" 1 $((ptok + N / 2)) gpu)
         fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
@@ -64,7 +67,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for run in ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
+        for run in ${PREFILL:+prefill-gemm} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
             ${PROFILE:+$([ "${PDL:-1}" = 0 ] || echo pdl) profile} \
             ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done); do
             bin=$BIN/dsv3-sample
@@ -72,6 +75,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo 1 ;; esac) \
+                DSV3_GINFER_PREFILL=$([ $run = prefill-gemm ] && echo "$PREFILL") \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {
@@ -80,6 +84,9 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             }
             rates "$W/err"
             same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
+            if [ $run = prefill-gemm ]; then
+                echo "$name prefill ($run): $ptok tokens at $pre tokens/s"
+            fi
             echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"
             sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
             sed -n 's/^dsv3-sample: \(mtp: .*\)/  \1/p' "$W/err"
