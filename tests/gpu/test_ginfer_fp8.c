@@ -12,9 +12,10 @@
  * (the same on both) and the order of the fp32 sums. B adds one bf16 rounding (relative
  * 2^-9) of every FP8 weight. Every expert is chosen for every token (num_experts_per_tok =
  * n_routed_experts), so no router near tie can flip a choice and the logits move smoothly
- * with these roundings: the bound is the bf16 engine's (BF16_BOUND per row, weights of std
- * 0.1), and greedy choices must agree wherever C's top-2 gap is over a tenth of its row's
- * rms. Also checked: A says fp8 in its description (B does not), a second run of A gives
+ * with these roundings: the bounds are the bf16 engine's (test_ginfer's check_engine: median
+ * row within BF16_BOUND, every row within 3 BF16_BOUND; weights of std 0.1; not yet measured
+ * for this test on a device), and greedy choices must agree wherever C's top-2 gap is over a
+ * quarter of its row's rms (well over the rows' allowed deviation). Also checked: A says fp8 in its description (B does not), a second run of A gives
  * bitwise the same logits, and on a folder without FP8 tensors the option changes nothing. */
 #include <math.h>
 #include <stdlib.h>
@@ -92,6 +93,12 @@ static double gap_rms(const float *x, int V)
     return ((double)a - b) / (sqrt(s / V) + 1e-30);
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* Logits of the prompt's last row and of STEPS decode steps (slot 0) into lg. */
 static int run_seq(infer *f, const int32_t *ids, float *lg, dsv3_err *e)
 {
@@ -152,7 +159,7 @@ static void check_model(int q, int shared)
         CHECKF(strstr(infer_device(f[0]), "fp8") != NULL, "FP8 engine: %s", infer_device(f[0]));
         CHECKF(strstr(infer_device(f[1]), "fp8") == NULL, "bf16 engine: %s", infer_device(f[1]));
         CHECK(memcmp(la, la2, bytes) == 0);
-        double wac = 0, wab = 0, wbc = 0;
+        double wac = 0, wab = 0, wbc = 0, rac[STEPS + 1], rab[STEPS + 1];
         int checked = 0;
         for (int s = 0; s < n; s++) {
             const float *ra = la + (size_t)s * V, *rb = lb + (size_t)s * V,
@@ -161,11 +168,13 @@ static void check_model(int q, int shared)
             wac = ac > wac ? ac : wac;
             wab = ab > wab ? ab : wab;
             wbc = bc > wbc ? bc : wbc;
-            CHECKF(ac <= BF16_BOUND, "q %d shared %d row %d: FP8 engine vs CPU rel err %.3g", q,
-                   shared, s, ac);
-            CHECKF(ab <= BF16_BOUND, "q %d shared %d row %d: FP8 vs bf16 engine rel err %.3g",
+            rac[s] = ac;
+            rab[s] = ab;
+            CHECKF(ac <= 3 * BF16_BOUND, "q %d shared %d row %d: FP8 engine vs CPU rel err %.3g",
+                   q, shared, s, ac);
+            CHECKF(ab <= 3 * BF16_BOUND, "q %d shared %d row %d: FP8 vs bf16 engine rel err %.3g",
                    q, shared, s, ab);
-            if (gap_rms(rc, V) > 0.1) {
+            if (gap_rms(rc, V) > 0.25) {
                 checked++;
                 CHECKF(argmax(ra, V) == argmax(rc, V), "row %d: FP8 greedy %d, CPU %d", s,
                        argmax(ra, V), argmax(rc, V));
@@ -173,6 +182,10 @@ static void check_model(int q, int shared)
                        argmax(ra, V), argmax(rb, V));
             }
         }
+        qsort(rac, n, sizeof *rac, cmp_double);
+        qsort(rab, n, sizeof *rab, cmp_double);
+        CHECKF(rac[n / 2] <= BF16_BOUND, "FP8 engine vs CPU: median rel err %.3g", rac[n / 2]);
+        CHECKF(rab[n / 2] <= BF16_BOUND, "FP8 vs bf16 engine: median rel err %.3g", rab[n / 2]);
         printf("# ginfer fp8 (q %d, shared %d, %d weights FP8): worst row rel err FP8-CPU %.3g, "
                "FP8-bf16 %.3g, bf16-CPU %.3g; greedy checked on %d/%d rows\n", q, shared,
                qs.n_quant, wac, wab, wbc, checked, n);
