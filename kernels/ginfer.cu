@@ -94,6 +94,9 @@ struct ginfer {
     double graph_s;     /* device time of the replays */
     void **allocs;
     int n_allocs, cap_allocs;
+    int fp8;            /* DSV3_GINFER_FP8=1: FP8 weight slots (ginfer_fp8.cuh) */
+    struct f8reg *f8;   /* those slots */
+    int n_f8, cap_f8;
     char desc[320];
     struct gpf *pf;     /* the tensor-core prefill (ginfer_prefill.cuh), made on first use */
     int pf_min;         /* DSV3_GINFER_PREFILL=gemm: its least rows (0: off) */
@@ -213,24 +216,46 @@ static void *get(ginfer *g, const wsrc *src, const char *name, size_t n, int wsz
     return d;
 }
 
+#include "ginfer_fp8.cuh"
+
 /* Gate and up [F, H] each as one [2F, H] tensor (at element offset off of w1, whose
- * allocation the caller made), down [H, F] at off of w2. */
+ * allocation the caller made), down [H, F] at off of w2; ws 1: FP8 slots (f8_alloc). */
 static int get_mlp(ginfer *g, const wsrc *src, const char *pre, void *w1, void *w2, size_t off,
-                   int F, dsv3_err *e)
+                   int F, int ws, dsv3_err *e)
 {
     size_t n = (size_t)F * g->H;
     char nm[300];
     snprintf(nm, sizeof nm, "%s.gate_proj.weight", pre);
-    if (fetch(g, src, nm, w1, 2 * off, n, g->wsz, e))
+    if (fetchw(g, src, nm, w1, 2 * off, F, g->H, ws, e))
         return -1;
     snprintf(nm, sizeof nm, "%s.up_proj.weight", pre);
-    if (fetch(g, src, nm, w1, 2 * off + n, n, g->wsz, e))
+    if (fetchw(g, src, nm, w1, 2 * off + n, F, g->H, ws, e))
         return -1;
     snprintf(nm, sizeof nm, "%s.down_proj.weight", pre);
-    if (fetch(g, src, nm, w2, off, n, g->wsz, e))
+    if (fetchw(g, src, nm, w2, off, g->H, F, ws, e))
         return -1;
-    g->weight_bytes += 3 * n * g->wsz;
+    if (ws != 1)
+        g->weight_bytes += 3 * n * ws;
     return 0;
+}
+
+/* Whether an MLP's three tensors can be FP8 slots. */
+static int mlp_f8(const ginfer *g, const wsrc *src, const char *pre, int F)
+{
+    char nm[300];
+    const char *part[3] = {"gate_proj", "up_proj", "down_proj"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(nm, sizeof nm, "%s.%s.weight", pre, part[i]);
+        if (!f8_ok(g, src, nm, i < 2 ? F : g->H, i < 2 ? g->H : F))
+            return 0;
+    }
+    return 1;
+}
+
+/* An MLP slot of n weights: FP8 (ws 1) or the compute dtype. */
+static void *mlp_alloc(ginfer *g, size_t n, int ws, dsv3_err *e)
+{
+    return ws == 1 ? f8_alloc(g, n, e) : dal(g, n * ws, e);
 }
 
 static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, glayer *y,
@@ -247,27 +272,33 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
                                       kv, 4, e)) ||
         !(y->kvb = get(g, src, NAME("%s.%d.self_attn.kv_b_proj.weight", a, l),
                        (size_t)nh * (nope + dv) * kv, w, e)) ||
-        !(y->o = get(g, src, NAME("%s.%d.self_attn.o_proj.weight", a, l), (size_t)H * nh * dv, w,
-                     e)))
+        !(y->o = getw(g, src, NAME("%s.%d.self_attn.o_proj.weight", a, l), H, (long)nh * dv, e)))
         return -1;
     size_t nkva = (size_t)(kv + g->rope) * H, nqa = (size_t)g->qr * H;
     if (g->qr) {
         /* q_a's rows then kv_a's: both read the normed input, so one GEMV a layer does both */
+        int wa = f8_ok(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l), g->qr, H) &&
+                         f8_ok(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
+                               kv + g->rope, H)
+                     ? 1
+                     : w;
         if (!(y->q_a_norm = (float *)get(g, src, NAME("%s.%d.self_attn.q_a_layernorm.weight", a, l),
                                          g->qr, 4, e)) ||
-            !(y->q_a = dal(g, (nqa + nkva) * w, e)) ||
-            fetch(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l), y->q_a, 0, nqa, w, e) ||
-            fetch(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l), y->q_a, nqa,
-                  nkva, w, e) ||
-            !(y->q_b = get(g, src, NAME("%s.%d.self_attn.q_b_proj.weight", a, l),
-                           (size_t)nh * qk * g->qr, w, e)))
+            !(y->q_a = mlp_alloc(g, nqa + nkva, wa, e)) ||
+            fetchw(g, src, NAME("%s.%d.self_attn.q_a_proj.weight", a, l), y->q_a, 0, g->qr, H,
+                   wa, e) ||
+            fetchw(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l), y->q_a, nqa,
+                   kv + g->rope, H, wa, e) ||
+            !(y->q_b = getw(g, src, NAME("%s.%d.self_attn.q_b_proj.weight", a, l),
+                            (long)nh * qk, g->qr, e)))
             return -1;
-        y->kv_a = (char *)y->q_a + nqa * w;
-        g->weight_bytes += (nqa + nkva) * w;
-    } else if (!(y->q = get(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l),
-                            (size_t)nh * qk * H, w, e)) ||
-               !(y->kv_a = get(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
-                               nkva, w, e))) {
+        y->kv_a = (char *)y->q_a + nqa * wa;
+        if (wa != 1)
+            g->weight_bytes += (nqa + nkva) * w;
+    } else if (!(y->q = getw(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l),
+                             (long)nh * qk, H, e)) ||
+               !(y->kv_a = getw(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
+                                kv + g->rope, H, e))) {
         return -1;
     }
     /* W_uk^T per head: ukT[h][j][d] = kv_b[h (nope + dv) + d][j], rows of the q_lat product */
@@ -297,21 +328,29 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
     if (!y->moe) {
         y->F = g->inter;
         size_t n = (size_t)y->F * H;
-        return !(y->w1 = dal(g, 2 * n * w, e)) || !(y->w2 = dal(g, n * w, e)) ||
-               get_mlp(g, src, NAME("%s.%d.mlp", a, l), y->w1, y->w2, 0, y->F, e);
+        int wm = mlp_f8(g, src, NAME("%s.%d.mlp", a, l), y->F) ? 1 : w;
+        return !(y->w1 = mlp_alloc(g, 2 * n, wm, e)) || !(y->w2 = mlp_alloc(g, n, wm, e)) ||
+               get_mlp(g, src, NAME("%s.%d.mlp", a, l), y->w1, y->w2, 0, y->F, wm, e);
     }
     size_t ne = (size_t)g->mi * H;
+    /* the routed experts (and a shared expert stored with them) FP8 only all together */
+    int we = g->fp8 ? 1 : w;
+    for (int x = 0; x < g->E && we == 1; x++)
+        we = mlp_f8(g, src, NAME("%s.%d.mlp.experts.%d", a, l, x), g->mi) ? 1 : w;
+    if (we == 1 && g->mi * c->n_shared_experts == g->mi &&
+        !mlp_f8(g, src, NAME("%s.%d.mlp.shared_experts", a, l), g->mi))
+        we = w;
     if (!(y->router = (float *)get(g, src, NAME("%s.%d.mlp.gate.weight", a, l), (size_t)g->E * H,
                                    4, e)) ||
         !(y->bias = (float *)get(g, src, NAME("%s.%d.mlp.gate.e_score_correction_bias", a, l),
                                  g->E, 4, e)) ||
-        !(y->ew1 = dal(g, (size_t)(g->E + 1) * 2 * ne * w, e)) ||
-        !(y->ew2 = dal(g, (size_t)(g->E + 1) * ne * w, e)))
+        !(y->ew1 = mlp_alloc(g, (size_t)(g->E + 1) * 2 * ne, we, e)) ||
+        !(y->ew2 = mlp_alloc(g, (size_t)(g->E + 1) * ne, we, e)))
         return -1;
     for (int x = 0; x < g->E; x++) {
         char pre[200];
         snprintf(pre, sizeof pre, "%s.%d.mlp.experts.%d", a, l, x);
-        if (get_mlp(g, src, pre, y->ew1, y->ew2, ne * x, g->mi, e))
+        if (get_mlp(g, src, pre, y->ew1, y->ew2, ne * x, g->mi, we, e))
             return -1;
     }
     y->F = g->mi * c->n_shared_experts;
@@ -321,14 +360,16 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
         /* one shared expert, as wide as a routed one: stored as expert E, run as one more
          * group of the grouped GEMVs (two launches a layer fewer) */
         y->sh = 1;
-        y->w1 = (char *)y->ew1 + (size_t)g->E * 2 * ne * w;
-        y->w2 = (char *)y->ew2 + (size_t)g->E * ne * w;
+        y->w1 = (char *)y->ew1 + (size_t)g->E * 2 * ne * we;
+        y->w2 = (char *)y->ew2 + (size_t)g->E * ne * we;
         return get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->ew1, y->ew2,
-                       ne * g->E, g->mi, e);
+                       ne * g->E, g->mi, we, e);
     }
     size_t n = (size_t)y->F * H;
-    return !(y->w1 = dal(g, 2 * n * w, e)) || !(y->w2 = dal(g, n * w, e)) ||
-           get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->w1, y->w2, 0, y->F, e);
+    int ws = mlp_f8(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->F) ? 1 : w;
+    return !(y->w1 = mlp_alloc(g, 2 * n, ws, e)) || !(y->w2 = mlp_alloc(g, n, ws, e)) ||
+           get_mlp(g, src, NAME("%s.%d.mlp.shared_experts", a, l), y->w1, y->w2, 0, y->F, ws,
+                   e);
 #undef NAME
 }
 
@@ -447,6 +488,8 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     g->wsz = exact ? 4 : 2;
     fuse_flags(g);
     g->pf_min = pf_threshold();
+    if ((g->fp8 = fp8_wanted(src, exact)))
+        g->fz_norm = 0;  /* the norm-fused GEMVs have no FP8 form */
     g->L = c->num_hidden_layers;
     g->H = c->hidden_size;
     g->nh = c->num_attention_heads;
@@ -527,10 +570,10 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc)
         rc = alloc_acts(g, e) || gk_attn_setup(exact, g->nh, g->kv, g->rope, e);
     gpu_props p;
-    snprintf(g->desc, sizeof g->desc, "cuda:%d (%s)", dev, exact ? "fp32" : "bf16");
+    const char *dt = exact ? "fp32" : g->n_f8 ? "fp8+bf16" : "bf16";
+    snprintf(g->desc, sizeof g->desc, "cuda:%d (%s)", dev, dt);
     if (!rc && !gpu_describe(dev, &p, e))
-        snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name,
-                 exact ? "fp32" : "bf16");
+        snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name, dt);
     describe_fusions(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
@@ -603,6 +646,7 @@ extern "C" void ginfer_destroy(ginfer *g)
         gpu_free(g->allocs[i]);
     free(g->allocs);
     pf_free(g);
+    free(g->f8);
     gpu_ctx_destroy(g->c);
     free(g->ly);
     free(g->mtp);
@@ -709,7 +753,7 @@ static int gemv_in(ginfer *g, const glayer *y, const void *w, float *out, long l
                    dsv3_err *e)
 {
     if (!g->fin)
-        return gk_gemv(g->s, g->xn, g->H, 0, w, g->exact, 0, out, ldy, 0, n, g->H, O, 1, e);
+        return gx_gemv(g, g->xn, g->H, 0, w, g->exact, 0, out, ldy, 0, n, g->H, O, 1, e);
     return gk_gemv_norm(g->s, g->x, g->H, NULL, g->pend ? &g->mo : NULL, y->in_norm, g->eps, w,
                         g->exact, out, ldy, n, g->H, O, e);
 }
@@ -738,7 +782,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             if (gk_add_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, g->qan, n, g->qr, 1e-6f, e))
                 return -1;
             mark(g, "norm q_a", g->qr * 4.0);
-            if (gk_gemv(g->s, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr,
+            if (gx_gemv(g, g->qan, g->qr, 0, y->q_b, wf, 0, g->q, nh * qk, 0, n, g->qr,
                         nh * qk, 1, e))
                 return -1;
             mark(g, "gemv q_b", (double)nh * qk * g->qr * ws);
@@ -798,7 +842,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         return -1;
     mark(g, "gemv uv", (double)nh * g->dv * kv * ws);
 o_proj:
-    if (gk_gemv(g->s, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n, nh * g->dv,
+    if (gx_gemv(g, g->ao, (long)nh * g->dv, 0, y->o, wf, 0, g->delta, H, 0, n, nh * g->dv,
                 H, 1, e))
         return -1;
     mark(g, "gemv o", (double)H * nh * g->dv * ws);
@@ -812,10 +856,10 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     const glayer *y = &g->ly[l];
     int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi, ws = g->wsz;
     if (!y->moe) {
-        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+        if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
             return -1;
         mark(g, "dense up", 2.0 * y->F * H * ws);
-        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->dd, NULL, 1, 1, n, n, y->F, H, e))
+        if (gx_ffn_down(g, g->h, y->w2, wf, 0, g->dd, NULL, 1, 1, n, n, y->F, H, e))
             return -1;
         mark(g, "dense down", (double)y->F * H * ws);
         /* pending as an output of no routed rows (add_norm adds 0 + dd[i]: dd[i]) */
@@ -857,11 +901,11 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
             return -1;
         mark(g, "moe bucket", 0);
     }
-    if (gk_ffn_up(g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
+    if (gx_ffn_up(g, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
                   maxact, n, n, H, mi, e))
         return -1;
     mark(g, "experts up", act * 2 * mi * H * ws);
-    if (gk_ffn_down(g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
+    if (gx_ffn_down(g, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
                     n, mi, H, e))
         return -1;
     mark(g, "experts down", act * mi * H * ws);
@@ -869,10 +913,10 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     if (y->sh) {
         ys = g->ye + (size_t)n * K * H;  /* the shared group's rows follow the routed ones */
     } else if (y->F) {
-        if (gk_ffn_up(g->s, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+        if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
             return -1;
         mark(g, "shared up", 2.0 * y->F * H * ws);
-        if (gk_ffn_down(g->s, g->h, y->w2, wf, 0, g->ys, NULL, 1, 1, n, n, y->F, H, e))
+        if (gx_ffn_down(g, g->h, y->w2, wf, 0, g->ys, NULL, 1, 1, n, n, y->F, H, e))
             return -1;
         mark(g, "shared down", (double)y->F * H * ws);
         ys = g->ys;

@@ -62,7 +62,9 @@ int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int
  * bf16: the shards are memory-mapped and BF16 tensors copied to the device straight from the
  * mapping; F32 and F16 tensors are rounded to bf16, FP8 E4M3 ones with 128x128 block scales
  * (weight_scale_inv, as DeepSeek releases them and dsv3-quant writes them) dequantised to
- * bf16 on the way. MTP layers and other extra tensors are not read. */
+ * bf16 on the way. MTP layers and other extra tensors are not read. With DSV3_GINFER_FP8=1 the
+ * FP8 ones stay FP8 on the device instead and the GEMVs dequantise them in registers
+ * (kernels/ginfer_fp8.cuh says which). */
 int ginfer_create_dir(ginfer **out, const char *dir, int n_ctx, int n_slots, int dev,
                       dsv3_err *e);
 void ginfer_destroy(ginfer *g);

@@ -29,6 +29,10 @@
 # PREFILL=gemm once more with DSV3_GINFER_PREFILL=gemm (the prompt in one pass on the tensor
 # cores, kernels/ginfer_prefill.cuh; run "prefill-gemm": its prefill tokens/s too, and whether
 # the greedy text equals the default path's). The other runs set DSV3_GINFER_PREFILL empty.
+# FP8=1: an FP8 copy of the folder (dsv3-quant: 128x128 block scales), batch-1 decode on it
+# twice: as bf16 (dequantised at load, the default) and with DSV3_GINFER_FP8=1 (e4m3 weights
+# read by the GEMVs, kernels/ginfer_fp8.cuh), each against its roofline (bench_sample_floor
+# ... gpu and ... gpu-fp8: 1 + 1/32 bytes a FP8 weight), and whether their texts agree.
 set -eu
 BUILD=${BUILD:-build}
 CONFIG=${CONFIG:-configs/small.json}
@@ -92,6 +96,27 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             sed -n 's/^dsv3-sample: \(mtp: .*\)/  \1/p' "$W/err"
             case $run in *profile) sed -n '/^ginfer profile/,$p' "$W/err" ;; esac
         done
+        if [ -n "${FP8:-}" ]; then
+            "$BIN/dsv3-quant" --quiet -j 8 "$W/$name" -o "$W/$name-fp8"
+            for run in fp8-as-bf16 fp8; do
+                env DSV3_GINFER_FP8=$([ $run = fp8 ] && echo 1 || echo 0) \
+                    "$BIN/dsv3-sample" -m "$W/$name-fp8" -t "$W/tok.bpe" --device cuda \
+                    -f "$W/long.txt" -n "$N" --temp 0 --ignore-eos -c 2048 \
+                    >"$W/out-$run.txt" 2>"$W/err" || {
+                    echo "$name batch 1 ($run): failed: $(tail -2 "$W/err")"
+                    continue
+                }
+                rates "$W/err"
+                mode=$([ $run = fp8 ] && echo gpu-fp8 || echo gpu)
+                floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" 1 $((ptok + N / 2)) $mode)
+                fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
+                echo "$name batch 1 ($run): $(sed -n 's/.*device \(.*\), seed.*/\1/p' "$W/err"); prefill $pre tokens/s; decode $rate tokens/s; $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+                sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
+            done
+            same=$(cmp -s "$W/out-fp8-as-bf16.txt" "$W/out-fp8.txt" && echo same || echo DIFFERENT)
+            echo "$name fp8 folder: text $same as bf16 and as fp8 (greedy; the weights differ by one bf16 rounding)"
+            rm -rf "${W:?}/$name-fp8"
+        fi
         for B in ${BATCHES:-8 64}; do
             : >"$W/req.jsonl"
             i=0

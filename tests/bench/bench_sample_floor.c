@@ -8,7 +8,11 @@
  * With a fourth argument "gpu": the floor of kernels/ginfer on GPU 0 instead: bf16 weights
  * (the routers fp32) and bf16 cache, over the device-to-device copy bandwidth measured
  * here (kernels/gpu: 1 GiB, read + written, median of 20).
- * Usage: bench_sample_floor CONFIG.json B P [gpu]. */
+ * With "gpu-fp8": the same for the engine under DSV3_GINFER_FP8=1 on an FP8 checkpoint
+ * (kernels/ginfer_fp8.cuh): the projections, dense MLPs and experts at 1 byte a weight plus
+ * their fp32 scales (one per 128 weights of a row: 1/32 byte a weight); kv_b, the embedding
+ * row and the head stay bf16, the routers fp32.
+ * Usage: bench_sample_floor CONFIG.json B P [gpu|gpu-fp8]. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,8 +52,9 @@ static double copy_bw(char *dst, const char *src, size_t n, int threaded)
     return 2.0 * n / best;  /* bytes read plus bytes written, as STREAM's Copy counts */
 }
 
-/* The bytes one decode step of kernels/ginfer reads: bf16 weights but the fp32 routers. */
-static int gpu_floor(dsv3_config *c, double B, double P)
+/* The bytes one decode step of kernels/ginfer reads: bf16 weights but the fp32 routers; fp8:
+ * the FP8 slots at 1 + 1/32 bytes a weight (see the header). */
+static int gpu_floor(dsv3_config *c, double B, double P, int fp8)
 {
     dsv3_err e;
     double gbs;
@@ -65,12 +70,22 @@ static int gpu_floor(dsv3_config *c, double B, double P)
     double routed_one = moe_layers * K * expert;
     double touched = E > 0 ? E * (1 - pow(1 - K / E, B)) : 0;
     double routers = (double)moe_layers * E * c->hidden_size;
-    double weights = 2 * ((double)k.active - routed_one + moe_layers * touched * expert) +
-                     2 * routers;
+    double params = (double)k.active - routed_one + moe_layers * touched * expert;
+    double weights = 2 * params + 2 * routers;
+    if (fp8) {
+        double kvb = (double)c->num_hidden_layers * c->num_attention_heads *
+                     (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank;
+        double keep = (double)k.lm_head + c->hidden_size + kvb;  /* bf16: head, embed row, kv_b */
+        if (c->q_lora_rank % 128)  /* q_b's rows not in 128s: the engine keeps it bf16 */
+            keep += (double)c->num_hidden_layers * c->num_attention_heads *
+                    (c->qk_nope_head_dim + c->qk_rope_head_dim) * c->q_lora_rank;
+        weights = (1 + 1.0 / 32) * (params - keep - routers) + 2 * keep + 4 * routers;
+    }
     double cache = B * P * c->num_hidden_layers * (c->kv_lora_rank + c->qk_rope_head_dim) * 2.0;
     double step = (weights + cache) / (gbs * 1e9);
-    printf("device copy %.1f GB/s; batch %.0f at position %.0f: weights %.1f MB + cache %.2f MB "
-           "a step, floor %.1f tokens/s\n", gbs, B, P, weights / 1e6, cache / 1e6, B / step);
+    printf("device copy %.1f GB/s%s; batch %.0f at position %.0f: weights %.1f MB + cache %.2f MB "
+           "a step, floor %.1f tokens/s\n", gbs, fp8 ? " (fp8 weights)" : "", B, P,
+           weights / 1e6, cache / 1e6, B / step);
     config_free(c);
     return 0;
 }
@@ -78,7 +93,7 @@ static int gpu_floor(dsv3_config *c, double B, double P)
 int main(int argc, char **argv)
 {
     if (argc < 4) {
-        fprintf(stderr, "usage: bench_sample_floor CONFIG.json B P [gpu]\n");
+        fprintf(stderr, "usage: bench_sample_floor CONFIG.json B P [gpu|gpu-fp8]\n");
         return 2;
     }
     dsv3_config c;
@@ -88,8 +103,8 @@ int main(int argc, char **argv)
         return 1;
     }
     double B = atof(argv[2]), P = atof(argv[3]);
-    if (argc > 4 && !strcmp(argv[4], "gpu"))
-        return gpu_floor(&c, B, P);
+    if (argc > 4 && (!strcmp(argv[4], "gpu") || !strcmp(argv[4], "gpu-fp8")))
+        return gpu_floor(&c, B, P, !strcmp(argv[4], "gpu-fp8"));
     size_t n = (size_t)256 << 20;
     char *a = malloc(n), *b = malloc(n);
     if (!a || !b)
