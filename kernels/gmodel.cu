@@ -1860,8 +1860,16 @@ extern "C" int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_
                        p->group, p->size);
     gep_destroy(g->ep);
     g->ep = NULL;
-    return gep_create(&g->ep, p, dev, g->c, g->nl + g->D, c->hidden_size,
-                      c->moe_intermediate_size, e);
+    if (gep_create(&g->ep, p, dev, g->c, g->nl + g->D, c->hidden_size,
+                   c->moe_intermediate_size, e))
+        return -1;
+    gep_set_fp8(g->ep, &g->mfp8);  /* the held experts follow gmodel_set_fp8, before or after */
+    return 0;
+}
+
+extern "C" int gmodel_moe_fp8(const gmodel *g)
+{
+    return g->mfp8.on;
 }
 
 /* lib/model's model_ep_idle on the GPU: every MoE block's exchanges with no rows of this

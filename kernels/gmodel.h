@@ -169,6 +169,9 @@ int gmodel_ep_idle(gmodel *g, int mtp, int backward, dsv3_err *e);
 int64_t gmodel_ep_rows(const gmodel *g, int blk);
 /* The row exchanges since the last call: count, stream milliseconds, bytes to other ranks. */
 int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_err *e);
+/* 1 when the routed experts' grouped GEMMs run in FP8 (gmodel_set_fp8 without
+ * DSV3_MOE_FP8=0), on one GPU and, under gmodel_ep_attach, on the holders. */
+int gmodel_moe_fp8(const gmodel *g);
 
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's
  * model_expert_load); -1 for a dense layer or before a forward. */
