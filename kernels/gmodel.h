@@ -47,6 +47,8 @@ int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3
 #define GMODEL_RECOMPUTE 1u /* RMSNorm outputs and MLA up-projections (q, kvb, k, v) are not
                              * kept per block but made again in backward (one shared set in
                              * the arena): less activation memory, the same gradients */
+#define GMODEL_EP_ARENA 2u  /* the arena gmodel_ep_attach needs, even for a model holding
+                             * every expert (one process, --ep 1: tests of kernels/gep) */
 int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, unsigned flags,
                       dsv3_err *e);
 void gmodel_destroy(gmodel *g);
