@@ -158,6 +158,7 @@ echo "# --fp8, lr 0, 6 steps, --ep 2 vs 1 GPU: losses $e, gradient norms $g"
 check ep2_fp8_lr0_losses le "$e" 1e-6
 check ep2_fp8_lr0_grad_norms le "$g" 1e-3
 env DSV3_MOE_FP8=0 dsv3-train $A -o "$T/onem0" $Z --fp8 >/dev/null 2>&1
+check fp8_moe_off_one_gpu_lr0_runs test $? -eq 0
 ranks 2 "$T/epm0" DSV3_MOE_FP8=0 -- $Z --ep 2 --fp8
 check ep2_moe_fp8_off_runs test $? -eq 0
 check ep2_moe_fp8_off_says_so sh -c "! grep -q 'GEMMs in FP8' '$T/epm0.err0'"
