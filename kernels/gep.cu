@@ -14,6 +14,7 @@ extern "C" {
 #include "gep.h"
 #include "layers.h"
 #include "moe.h"
+#include "moe_fp8.h"
 
 #define GEP_EVENTS 256
 #define B16_(p) ((gpu_bf16 *)(p))
@@ -46,6 +47,8 @@ struct gep {
     int n_ev;
     int64_t n_x;                 /* exchanges since gep_take_time */
     double ms, bytes;
+    gpu_moe_fp8 *f8;             /* the held experts' GEMMs: FP8 when f8->on (gep_set_fp8) */
+    gpu_moe_fp8 off;             /* f8 without gep_set_fp8: never on, bf16 GEMMs */
 };
 
 #define ST(q) ((cudaStream_t)gpu_ctx_stream((q)->c))
@@ -146,6 +149,7 @@ extern "C" int gep_create(gep **out, ep *p, comm *dev, gpu_ctx *c, int n_blocks,
             }
     if (dev)
         comm_set_stream(dev, gpu_ctx_stream(c));
+    q->f8 = &q->off;
     *out = q;
     return 0;
 }
@@ -264,6 +268,22 @@ static int agree(gep *q, int bad, dsv3_err *e)
     return -1;
 }
 
+extern "C" void gep_set_fp8(gep *q, gpu_moe_fp8 *m)
+{
+    q->f8 = m ? m : &q->off;
+}
+
+/* FP8 scratch for R received rows: the single-GPU size (its own rows) may be short of what
+ * the other ranks send, and a short scratch would quietly take the bf16 GEMMs. Grown with a
+ * quarter's headroom so that blocks' varying counts rarely reallocate. */
+static int fp8_room(gep *q, int64_t R, dsv3_err *e)
+{
+    gpu_moe_fp8 *m = q->f8;
+    if (!m->on || R <= m->max_rows)
+        return 0;
+    return gpu_moe_fp8_init(m, R + R / 4, m->E > q->per ? m->E : q->per, m->max_dim, e);
+}
+
 static gpu_moe_plan local_plan(const gep *q, const gep_blk *B)
 {
     gpu_moe_plan lp;
@@ -301,10 +321,13 @@ extern "C" int gep_forward(gep *q, int blk, const gpu_moe_plan *plan, const gpu_
     size_t mark = gpu_arena_mark(c);
     bf16 *io = B->loff ? TAKE(bf16, R * H) : NULL;
     bf16 *y = io ? TAKE(bf16, R * H) : NULL;
-    if (!y)
+    int bad = !y;
+    if (bad)
         err_set(e, "expert-parallel forward: no GPU memory for %lld received rows (%s)",
                 (long long)R, fe.msg);
-    if (agree(q, !y, e))
+    else
+        bad = fp8_room(q, R, e) != 0;
+    if (agree(q, bad, e))
         return -1;
     CUDA_TRY(cudaMemcpyAsync(B->seg, q->hseg, 2 * (size_t)S * per * sizeof(long long),
                              cudaMemcpyHostToDevice, ST(q)),
@@ -315,10 +338,11 @@ extern "C" int gep_forward(gep *q, int blk, const gpu_moe_plan *plan, const gpu_
     gpu_moe_plan lp = local_plan(q, B);
     int rc = xchg(q, (const bf16 *)xp, q->to, q->so, io, q->from, q->ro, e) ||
              permute(q, B, B->xr, io, 1, e) ||
-             (R && (gpu_moe_linear_fwd(c, &lp, B16_(B->egu), B16_(B->xr), W1, H, 2 * mi, e) ||
+             (R && (gpu_moe_fp8_fwd(c, q->f8, &lp, B16_(B->egu), B16_(B->xr), W1, H, 2 * mi,
+                                    e) ||
                     gpu_swiglu_fwd(c, B16_(B->eh), B16_(B->egu), B16_(B->egu + mi), (int)R, mi,
                                    2 * mi, e) ||
-                    gpu_moe_linear_fwd(c, &lp, B16_(y), B16_(B->eh), W2, mi, H, e))) ||
+                    gpu_moe_fp8_fwd(c, q->f8, &lp, B16_(y), B16_(B->eh), W2, mi, H, e))) ||
              permute(q, B, io, y, 0, e) ||
              xchg(q, io, q->from, q->ro, (bf16 *)yp, q->to, q->so, e);
     gpu_arena_reset(c, mark);
@@ -343,10 +367,13 @@ extern "C" int gep_backward(gep *q, int blk, const gpu_bf16 *dyp, gpu_bf16 *dxp,
     bf16 *dy = io ? TAKE(bf16, R * H) : NULL;
     bf16 *dh = dy ? TAKE(bf16, R * mi) : NULL;
     bf16 *dgu = dh ? TAKE(bf16, R * 2 * mi) : NULL;
-    if (!dgu)
+    int bad = !dgu;
+    if (bad)
         err_set(e, "expert-parallel backward: no GPU memory for %lld received rows (%s)",
                 (long long)R, fe.msg);
-    if (agree(q, !dgu, e)) {
+    else
+        bad = fp8_room(q, R, e) != 0;
+    if (agree(q, bad, e)) {
         gpu_arena_reset(c, mark);
         return -1;
     }
@@ -354,12 +381,13 @@ extern "C" int gep_backward(gep *q, int blk, const gpu_bf16 *dyp, gpu_bf16 *dxp,
     /* dy's rows are free after the first GEMM pair: the input gradients go there */
     int rc = xchg(q, (const bf16 *)dyp, q->to, q->so, io, q->from, q->ro, e) ||
              permute(q, B, dy, io, 1, e) ||
-             (R && (gpu_moe_linear_dgrad(c, &lp, B16_(dh), B16_(dy), W2, mi, H, e) ||
-                    gpu_moe_linear_wgrad(c, &lp, dW2, B16_(dy), B16_(B->eh), mi, H, e) ||
+             (R && (gpu_moe_fp8_dgrad(c, q->f8, &lp, B16_(dh), B16_(dy), W2, mi, H, e) ||
+                    gpu_moe_fp8_wgrad(c, q->f8, &lp, dW2, B16_(dy), B16_(B->eh), mi, H, e) ||
                     gpu_swiglu_bwd(c, B16_(dgu), B16_(dgu + mi), B16_(dh), B16_(B->egu),
                                    B16_(B->egu + mi), (int)R, mi, 2 * mi, e) ||
-                    gpu_moe_linear_dgrad(c, &lp, B16_(dy), B16_(dgu), W1, H, 2 * mi, e) ||
-                    gpu_moe_linear_wgrad(c, &lp, dW1, B16_(dgu), B16_(B->xr), H, 2 * mi, e))) ||
+                    gpu_moe_fp8_dgrad(c, q->f8, &lp, B16_(dy), B16_(dgu), W1, H, 2 * mi, e) ||
+                    gpu_moe_fp8_wgrad(c, q->f8, &lp, dW1, B16_(dgu), B16_(B->xr), H, 2 * mi,
+                                      e))) ||
              permute(q, B, io, dy, 0, e) ||
              xchg(q, io, q->from, q->ro, (bf16 *)dxp, q->to, q->so, e);
     gpu_arena_reset(c, mark);

@@ -18,7 +18,13 @@
  * Before rows move in each block and pass, the ranks agree (a MAX over the host comm) that
  * none failed to get its buffers, so a rank out of arena memory stops every rank with a
  * message instead of leaving them waiting. Every call is collective over the job, in the
- * same block order on every rank. */
+ * same block order on every rank.
+ *
+ * Under FP8 (gep_set_fp8) the held experts' products are moe_fp8's, quantised where the
+ * single-GPU block quantises: fprop and dgrad per row (1x128 along the reduction), so a row
+ * gives the same bits wherever it is computed; wgrad in 128-row token tiles from each held
+ * expert's first row, over the rows of every sender in sender order: the tiles one GPU
+ * makes for a micro-batch holding the senders' micro-batches one after the other. */
 #ifndef DSV3_GEP_H
 #define DSV3_GEP_H
 
@@ -33,6 +39,7 @@ extern "C" {
 
 struct ep;
 struct comm;
+struct gpu_moe_fp8;
 typedef struct gep gep;
 
 /* Exchange state for n_blocks MoE blocks (indexed like gmodel's blocks) of width H with
@@ -42,6 +49,11 @@ typedef struct gep gep;
 int gep_create(gep **out, struct ep *p, struct comm *dev, gpu_ctx *c, int n_blocks, int H,
                int mi, dsv3_err *e);
 void gep_destroy(gep *q);
+
+/* The held experts' grouped GEMMs through m (kernels/moe_fp8.h): FP8 while m->on, bf16
+ * otherwise, as the single-GPU MoE block runs them (gmodel passes its own; NULL: bf16).
+ * m's scratch grows to the rows received, collectively checked like the arena buffers. */
+void gep_set_fp8(gep *q, struct gpu_moe_fp8 *m);
 
 /* Block blk's routed experts: xp [plan rows, H] (sorted by expert, moe.h's plan over the
  * E routed experts) to the holders, their outputs back into yp [plan rows, H] in the same

@@ -102,6 +102,7 @@ struct gmodel {
     float *h_loss;               /* host copy of the last forward's per-row losses */
     size_t acts_mark;
     int recompute;               /* GMODEL_RECOMPUTE: see "recomputation" below */
+    int ep_arena;                /* GMODEL_EP_ARENA */
     int count, grad_ready, routed;
     int chunk_rows;
     /* device AdamW (gmodel_optim_init): bf16 moments in the device layout, the list of
@@ -1079,6 +1080,7 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
     g->T = T;
     g->N = B * T;
     g->recompute = (flags & GMODEL_RECOMPUTE) != 0;
+    g->ep_arena = (flags & GMODEL_EP_ARENA) != 0;
     g->nl = c->num_hidden_layers;
     g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
@@ -1843,7 +1845,7 @@ extern "C" int gmodel_row_losses(const gmodel *g, float *out)
 static size_t gmodel_ep_arena(const gmodel *g)
 {
     const dsv3_config *c = &g->m->cfg;
-    if (g->m->ep_size <= 1)
+    if (g->m->ep_size <= 1 && !g->ep_arena)
         return 0;
     size_t rows = 2 * (size_t)g->N * c->num_experts_per_tok, H = c->hidden_size;
     size_t mi = c->moe_intermediate_size, E = c->n_routed_experts;
@@ -1860,8 +1862,16 @@ extern "C" int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_
                        p->group, p->size);
     gep_destroy(g->ep);
     g->ep = NULL;
-    return gep_create(&g->ep, p, dev, g->c, g->nl + g->D, c->hidden_size,
-                      c->moe_intermediate_size, e);
+    if (gep_create(&g->ep, p, dev, g->c, g->nl + g->D, c->hidden_size,
+                   c->moe_intermediate_size, e))
+        return -1;
+    gep_set_fp8(g->ep, &g->mfp8);  /* the held experts follow gmodel_set_fp8, before or after */
+    return 0;
+}
+
+extern "C" int gmodel_moe_fp8(const gmodel *g)
+{
+    return g->mfp8.on;
 }
 
 /* lib/model's model_ep_idle on the GPU: every MoE block's exchanges with no rows of this

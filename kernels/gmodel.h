@@ -47,6 +47,8 @@ int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3
 #define GMODEL_RECOMPUTE 1u /* RMSNorm outputs and MLA up-projections (q, kvb, k, v) are not
                              * kept per block but made again in backward (one shared set in
                              * the arena): less activation memory, the same gradients */
+#define GMODEL_EP_ARENA 2u  /* the arena gmodel_ep_attach needs, even for a model holding
+                             * every expert (one process, --ep 1: tests of kernels/gep) */
 int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, unsigned flags,
                       dsv3_err *e);
 void gmodel_destroy(gmodel *g);
@@ -169,6 +171,9 @@ int gmodel_ep_idle(gmodel *g, int mtp, int backward, dsv3_err *e);
 int64_t gmodel_ep_rows(const gmodel *g, int blk);
 /* The row exchanges since the last call: count, stream milliseconds, bytes to other ranks. */
 int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_err *e);
+/* 1 when the routed experts' grouped GEMMs run in FP8 (gmodel_set_fp8 without
+ * DSV3_MOE_FP8=0), on one GPU and, under gmodel_ep_attach, on the holders. */
+int gmodel_moe_fp8(const gmodel *g);
 
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's
  * model_expert_load); -1 for a dense layer or before a forward. */

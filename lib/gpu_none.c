@@ -385,6 +385,11 @@ int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_e
     return no_cuda(e);
 }
 
+int gmodel_moe_fp8(const gmodel *g)
+{
+    return 0;
+}
+
 /* ---- gep ---- */
 
 int gep_create(gep **out, struct ep *p, struct comm *dev, gpu_ctx *c, int n_blocks, int H,
@@ -395,6 +400,10 @@ int gep_create(gep **out, struct ep *p, struct comm *dev, gpu_ctx *c, int n_bloc
 }
 
 void gep_destroy(gep *q)
+{
+}
+
+void gep_set_fp8(gep *q, struct gpu_moe_fp8 *m)
 {
 }
 

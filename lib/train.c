@@ -548,8 +548,9 @@ static int gpu_ep_setup(trainer *t, dsv3_err *e)
         return -1;
     if (t->log)
         fprintf(t->log, "dsv3-train: expert parallel on the GPU: --ep %d on %d ranks, expert "
-                "rows over %s, optimizer on the %s\n", t->ep.size, t->ep.world,
-                nccl ? "NCCL" : "host buffers (ranks share GPUs)", t->gdp ? "device" : "host");
+                "rows over %s, optimizer on the %s%s\n", t->ep.size, t->ep.world,
+                nccl ? "NCCL" : "host buffers (ranks share GPUs)", t->gdp ? "device" : "host",
+                gmodel_moe_fp8(t->gm) ? ", held experts' GEMMs in FP8" : "");
     return 0;
 }
 

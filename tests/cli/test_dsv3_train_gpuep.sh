@@ -3,7 +3,9 @@
 # global batch within bf16 bounds (losses, gradient norms, weights), with the MTP module
 # and the balance loss on; the rows over NCCL (one GPU a rank) and through host buffers
 # give the same bits; a run stopped by SIGTERM resumes exactly (losses, checkpoint files);
-# the checkpoint is the CPU backend's (it verifies, and the CPU --ep run resumes it); 4
+# the checkpoint is the CPU backend's (it verifies, and the CPU --ep run resumes it); with
+# --fp8 the held experts run the FP8 grouped GEMMs and follow one GPU's --fp8 (lr-0 losses
+# the same bits, gradient norms within FP8 rounding, learning within the yardstick); 4
 # ranks as 2 expert groups x 2 replicas follow one GPU too. With one GPU a rank the
 # optimizer runs on the device: it follows the host optimizer (DSV3_EP_OPT=host) within
 # the same bounds, and each resumes the other's checkpoints. With one GPU the ranks share
@@ -133,6 +135,51 @@ check ep2_lr0_grad_norms le "$g" 1e-5
 check ep2_rows_metric grep -q '"ep_load"' "$T/ep2/metrics.jsonl"
 check ep2_checkpoint_verifies dsv3-convert --verify "$T/ep2/step-000020"
 check ep2_model_shards test -f "$T/ep2/step-000020/model-00002-of-00002.safetensors"
+
+# --fp8: the held experts' grouped GEMMs run moe_fp8's kernels as one GPU's MoE block does.
+# The forward and the input gradients quantise each row on its own (1x128 tiles along the
+# reduction), so at lr 0 the losses are the one-GPU bits. The weight gradients quantise
+# 128-row token tiles from each expert's first row: one GPU's tiles hold one micro-batch
+# (-b 4: 4 sequences), the holder's the expert's rows from both senders (8 sequences, in
+# another order), so a tile's scale may be the larger of two and the experts' weight
+# gradients differ by E4M3 rounding (relative 2^-4 at most an element, zero-mean): the
+# norm, dominated by the other parameters and first-order insensitive to noise orthogonal
+# to the gradient, is held to 1e-3 (bf16's sum-order bound is 1e-5).
+# DSV3_MOE_FP8=0 keeps the routed experts bf16 under --ep as on one GPU.
+Z="--lr 0 --gamma 0 --steps 6"
+dsv3-train $A -o "$T/onef0" $Z --fp8 >/dev/null 2>&1
+check fp8_one_gpu_lr0_runs test $? -eq 0
+ranks 2 "$T/epf0" -- $Z --ep 2 --fp8
+check ep2_fp8_lr0_runs test $? -eq 0
+check ep2_fp8_says_so grep -q "expert rows over $via, .*held experts' GEMMs in FP8" "$T/epf0.err0"
+check ep2_fp8_step_line grep -q "ep rows max/mean .*  fp8$" "$T/epf0.out0"
+e=$(relv "$T/onef0" "$T/epf0" loss) g=$(relv "$T/onef0" "$T/epf0" grad_norm)
+echo "# --fp8, lr 0, 6 steps, --ep 2 vs 1 GPU: losses $e, gradient norms $g"
+check ep2_fp8_lr0_losses le "$e" 1e-6
+check ep2_fp8_lr0_grad_norms le "$g" 1e-3
+env DSV3_MOE_FP8=0 dsv3-train $A -o "$T/onem0" $Z --fp8 >/dev/null 2>&1
+check fp8_moe_off_one_gpu_lr0_runs test $? -eq 0
+ranks 2 "$T/epm0" DSV3_MOE_FP8=0 -- $Z --ep 2 --fp8
+check ep2_moe_fp8_off_runs test $? -eq 0
+check ep2_moe_fp8_off_says_so sh -c "! grep -q 'GEMMs in FP8' '$T/epm0.err0'"
+e=$(relv "$T/onem0" "$T/epm0" loss) f=$(relv "$T/onef0" "$T/onem0" loss)
+echo "# --fp8 DSV3_MOE_FP8=0, lr 0: --ep 2 vs 1 GPU losses $e; 1 GPU routed FP8 vs bf16 $f"
+check ep2_moe_fp8_off_losses le "$e" 1e-6
+# the routed experts' FP8 shows in the losses (else the lr-0 identity above proves little)
+check fp8_routed_experts_change_losses le 1e-7 "$f"
+# learning, 20 steps at 3e-3: within the bf16 yardstick (data parallel against one GPU)
+dsv3-train $A -o "$T/onef" --steps 20 --fp8 >/dev/null 2>&1
+check fp8_one_gpu_runs test $? -eq 0
+ranks 2 "$T/ep2f" -- --steps 20 --ep 2 --fp8
+check ep2_fp8_runs test $? -eq 0
+for f in loss grad_norm; do
+    e=$(relv "$T/onef" "$T/ep2f" $f) d=$(relv "$T/one" "$T/dp2" $f)
+    echo "# --fp8 $f, 20 steps: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU (bf16) $d"
+    check "ep2_fp8_${f}_close" le "$e" "$(awk -v d="$d" -v f=$([ $f = loss ] && echo 1e-2 || echo 2e-1) 'BEGIN { m = 3 * d; print (m > f ? m : f) }')"
+done
+e=$(wrelv "$T/onef/step-000020" "$T/ep2f/step-000020") d=$(wrelv "$T/one/step-000020" "$T/dp2/step-000020")
+echo "# --fp8 weights after 20 steps: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU (bf16) $d"
+check ep2_fp8_weights_close le "$e" "$(awk -v d="$d" 'BEGIN { m = 3 * d; print (m > 2e-2 ? m : 2e-2) }')"
 
 if [ "$via" = NCCL ]; then
     # One GPU a rank: the optimizer runs on the device (lib/epdev); DSV3_EP_OPT=host keeps
