@@ -441,14 +441,13 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
     return 0;
 }
 
-/* DSV3_GINFER_FUSE: "1": every fusion; unset, empty or "0": none (the launches of before;
- * the default until a device run of tests/gpu/test_ginfer_fuse and test_ginfer passes with
- * every fusion, see docs/PERF.md); else a comma-separated list of those wanted: "norm",
+/* DSV3_GINFER_FUSE: unset, empty or "1": every fusion; "0": none (the launches of before,
+ * for comparisons in one process); else a comma-separated list of those wanted: "norm",
  * "attn", "router", "kvw", "post", "uvc". */
 static void fuse_flags(ginfer *g)
 {
     const char *v = getenv("DSV3_GINFER_FUSE");
-    int all = v && !strcmp(v, "1"), none = !v || !*v || !strcmp(v, "0");
+    int all = !v || !*v || !strcmp(v, "1"), none = v && !strcmp(v, "0");
     g->fz_norm = all || (!none && strstr(v, "norm"));
     g->fz_attn = all || (!none && strstr(v, "attn"));
     g->fz_route = all || (!none && strstr(v, "router"));
