@@ -5,9 +5,9 @@
 # Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too; GPU_BENCH=0: tests
 # only, no torch peers), then the torch attention peer (scripts/bench-attn-torch.py) if
 # python3 has torch. Full logs go to $OUT (the device tool's folder) or build/gpu-check;
-# the table is printed last: one row per test program, then every '# stat' row (name, max
-# relative error, bound, verdict) and every '# bench' row (time, rate, share of the
-# measured ceiling).
+# every '# stat' row (name, max relative error, bound, verdict) and '# bench' row (time, rate,
+# share of the measured ceiling) is printed, then last the short table: one row per test
+# program and CLI test, and one line saying whether all passed.
 set -u
 BUILD=${BUILD:-build}
 LOG=${OUT:-$BUILD/gpu-check}
@@ -93,12 +93,14 @@ if python3 -c 'import torch, transformers' 2>/dev/null && [ -x "$BUILD/tests/ben
     grep -v '^RESULT' "$LOG/hf_generate.log" | sed 's/^/# hf generate: /' >>"$LOG/notes.txt"
 fi
 cat "$LOG"/test_*.log | grep -v '^# ' | grep -v '^ok ' | head -100
-echo
-echo "== $(cat "$LOG/gpu.txt"), $(date -u '+%Y-%m-%d %H:%M UTC')"
-printf "$rows"
 echo "-- accuracy: name, max ||out-ref||/||ref||, bound, verdict"
 grep '^# stat ' "$LOG/notes.txt" | sed 's/^# stat /  /'
 echo "-- benchmarks"
 grep '^# bench ' "$LOG/notes.txt" | sed 's/^# bench /  /'
 grep '^# ' "$LOG/notes.txt" | grep -v '^# stat ' | grep -v '^# bench ' | sed 's/^# /  /'
+# the short table last, so the tail of a long call's output always holds it
+echo
+echo "== $(cat "$LOG/gpu.txt"), $(date -u '+%Y-%m-%d %H:%M UTC')"
+printf "$rows"
+[ $all = 0 ] && echo "every GPU test passed" || echo "SOME GPU TESTS FAILED (logs in $LOG)"
 exit $all
