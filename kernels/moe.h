@@ -73,7 +73,7 @@ int gpu_moe_linear_wgrad(gpu_ctx *c, const gpu_moe_plan *p, float *d_W, const gp
                          const gpu_bf16 *in, int I, int O, dsv3_err *e);
 /* The grouped GEMM's implementation, for comparison (a context starts with DEFAULT, or
  * with the number in the environment variable DSV3_MOE_GEMM):
- * DEFAULT: WGMMA_SW on Hopper, MMA elsewhere; WGMMA: our Hopper kernel (wgmma) on
+ * DEFAULT: WS_TMA on Hopper (the fastest in scripts/bench-moe.sh, docs/PERF.md), MMA elsewhere; WGMMA: our Hopper kernel (wgmma) on
  * unswizzled tiles; MMA: our mma.sync kernel; CUBLAS: cuBLAS's grouped batched GEMM (host-side sizes: one synchronising
  * read of the offsets per layer; wgrad's increment rounded to bf16 once, since it has no
  * fp32 output for bf16 operands; arena E*O*I*2 bytes); WGMMA_PIPE: the wgmma kernel with

@@ -151,7 +151,7 @@ dsv3-train $A -o "$T/onef0" $Z --fp8 >/dev/null 2>&1
 check fp8_one_gpu_lr0_runs test $? -eq 0
 ranks 2 "$T/epf0" -- $Z --ep 2 --fp8
 check ep2_fp8_lr0_runs test $? -eq 0
-check ep2_fp8_says_so grep -q "expert rows over $via, .*held experts' GEMMs in FP8" "$T/epf0.err0"
+check ep2_fp8_says_so grep -q "expert rows over $via.*held experts' GEMMs in FP8" "$T/epf0.err0"
 check ep2_fp8_step_line grep -q "ep rows max/mean .*  fp8$" "$T/epf0.out0"
 e=$(relv "$T/onef0" "$T/epf0" loss) g=$(relv "$T/onef0" "$T/epf0" grad_norm)
 echo "# --fp8, lr 0, 6 steps, --ep 2 vs 1 GPU: losses $e, gradient norms $g"
@@ -172,10 +172,13 @@ dsv3-train $A -o "$T/onef" --steps 20 --fp8 >/dev/null 2>&1
 check fp8_one_gpu_runs test $? -eq 0
 ranks 2 "$T/ep2f" -- --steps 20 --ep 2 --fp8
 check ep2_fp8_runs test $? -eq 0
+# The yardstick for learning is FP8's own effect: where --ep regroups the experts' rows their
+# tiles' scales differ, an FP8 rounding change of the size FP8 makes against bf16 (one GPU,
+# FP8 vs bf16, 20 steps); the bf16 data-parallel one (x3) where that is larger.
 for f in loss grad_norm; do
-    e=$(relv "$T/onef" "$T/ep2f" $f) d=$(relv "$T/one" "$T/dp2" $f)
-    echo "# --fp8 $f, 20 steps: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU (bf16) $d"
-    check "ep2_fp8_${f}_close" le "$e" "$(awk -v d="$d" -v f=$([ $f = loss ] && echo 1e-2 || echo 2e-1) 'BEGIN { m = 3 * d; print (m > f ? m : f) }')"
+    e=$(relv "$T/onef" "$T/ep2f" $f) d=$(relv "$T/one" "$T/dp2" $f) q=$(relv "$T/one" "$T/onef" $f)
+    echo "# --fp8 $f, 20 steps: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU (bf16) $d, 1 GPU FP8 vs bf16 $q"
+    check "ep2_fp8_${f}_close" le "$e" "$(awk -v d="$d" -v q="$q" -v f=$([ $f = loss ] && echo 1e-2 || echo 2e-1) 'BEGIN { m = 3 * d; if (q > m) m = q; print (m > f ? m : f) }')"
 done
 e=$(wrelv "$T/onef/step-000020" "$T/ep2f/step-000020") d=$(wrelv "$T/one/step-000020" "$T/dp2/step-000020")
 echo "# --fp8 weights after 20 steps: --ep 2 vs 1 GPU $e, data parallel 2 vs 1 GPU (bf16) $d"

@@ -7,8 +7,9 @@
  * - every cache row of every layer: layer 0's rows (no routing upstream) each within 1e-2,
  *   every layer's median row within 1e-2, and at most 5% of a layer's rows past 3e-2;
  * - greedy decoding after the prompt (each engine feeding its own choices, the decode graphs
- *   reading the cache each prefill wrote): the same tokens for 8 steps wherever the GEMV
- *   path's top-2 gap exceeds 0.1 (a closer tie ends the comparison, reported);
+ *   reading the cache each prefill wrote): every step's logits within 1e-1 of each other (the
+ *   last prompt row's bound: the cache holds rows whose experts flipped) while the tokens
+ *   agree, for 8 steps; where the tokens part (a near tie, its gaps reported) it ends;
  * - calls the pass does not take keep the GEMV path: a prompt below the threshold, rows that
  *   continue a cache, the fp32 engine.
  * Bounds: both engines hold the same bf16 weights and a bf16 cache; the pass rounds the
@@ -161,11 +162,12 @@ static void check_greedy(ginfer *a, ginfer *b, const float *la, const float *lb,
     int one = 1, same = 0;
     dsv3_err e;
     for (int s = 0; s < STEPS; s++) {
-        double gap, gb;
+        double gap, gb, r = rel(xb, xa, V);
+        CHECKF(r <= 1e-1, "model %d, step %d: logits rel err %.3g > 1e-1", model, s, r);
         int32_t ta = argmax(xa, V, &gap), tb = argmax(xb, V, &gb);
         if (ta != tb) {
-            CHECKF(gap <= 0.1, "model %d, step %d: token %d != %d (top-2 gap %.3g)", model, s,
-                   tb, ta, gap);
+            printf("# model %d, step %d: greedy tokens part (%d, %d; logits rel err %.3g, "
+                   "top-2 gaps %.3g, %.3g)\n", model, s, tb, ta, r, gap, gb);
             break;
         }
         same++;
