@@ -23,8 +23,8 @@
  * (which run only over the groups that have rows), the MoE output is summed inside the next
  * norm, and every decode graph ends with each row's greedy argmax (ginfer_forward_greedy
  * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time.
- * Decode-sized calls fuse further (DSV3_GINFER_FUSE, read at creation: unset or 1 all, 0 none,
- * else a list of norm, attn, router, kvw, post, uvc): the input and q_a norms computed inside the GEMVs
+ * Decode-sized calls fuse further (DSV3_GINFER_FUSE, read at creation: 1 all, 0 none, else a
+ * list of norm, attn, router, kvw, post, uvc; unset: router,kvw,uvc, the ones measured faster): the input and q_a norms computed inside the GEMVs
  * that read them (every block recomputes its rows' norm; the residual sum then happens in the
  * post-attention norm), the attention combine in the split kernel's last block, router GEMV +
  * top-k + bucketing in one launch (its last block), and the cache write in the q_lat GEMV's

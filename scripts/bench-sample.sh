@@ -56,7 +56,7 @@ rates() {
     rate=$(echo "$line" | sed 's/.*decode [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/')
 }
 if [ "${DEVICE:-cpu}" = cuda ]; then
-    export DSV3_GINFER_FUSE="${DSV3_GINFER_FUSE:-1}"  # the headline run: every decode fusion
+    export DSV3_GINFER_FUSE="${DSV3_GINFER_FUSE:-}"  # the headline run: the default fusions
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
     awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$W/long.txt"
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
@@ -78,7 +78,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
             env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
-                DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo 1 ;; esac) \
+                DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
                 DSV3_GINFER_PREFILL=$([ $run = prefill-gemm ] && echo "$PREFILL") \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
