@@ -13,8 +13,9 @@
  * 2^-9) of every FP8 weight. Every expert is chosen for every token (num_experts_per_tok =
  * n_routed_experts), so no router near tie can flip a choice and the logits move smoothly
  * with these roundings: the bounds are the bf16 engine's (test_ginfer's check_engine: median
- * row within BF16_BOUND, every row within 3 BF16_BOUND; weights of std 0.1; not yet measured
- * for this test on a device), and greedy choices must agree wherever C's top-2 gap is over a
+ * row within BF16_BOUND, every row within 3 BF16_BOUND; weights of std 0.1) against the CPU,
+ * and twice that median between A and B (each that far from the CPU; 1.02e-2 was measured
+ * once on an H200 for the model without q_lora and two shared experts), and greedy choices must agree wherever C's top-2 gap is over a
  * quarter of its row's rms (well over the rows' allowed deviation). Also checked: A says fp8 in its description (B does not), a second run of A gives
  * bitwise the same logits, and on a folder without FP8 tensors the option changes nothing. */
 #include <math.h>
@@ -185,7 +186,9 @@ static void check_model(int q, int shared)
         qsort(rac, n, sizeof *rac, cmp_double);
         qsort(rab, n, sizeof *rab, cmp_double);
         CHECKF(rac[n / 2] <= BF16_BOUND, "FP8 engine vs CPU: median rel err %.3g", rac[n / 2]);
-        CHECKF(rab[n / 2] <= BF16_BOUND, "FP8 vs bf16 engine: median rel err %.3g", rab[n / 2]);
+        /* each engine within BF16_BOUND of the CPU: their distance within twice that */
+        CHECKF(rab[n / 2] <= 2 * BF16_BOUND, "FP8 vs bf16 engine: median rel err %.3g",
+               rab[n / 2]);
         printf("# ginfer fp8 (q %d, shared %d, %d weights FP8): worst row rel err FP8-CPU %.3g, "
                "FP8-bf16 %.3g, bf16-CPU %.3g; greedy checked on %d/%d rows\n", q, shared,
                qs.n_quant, wac, wab, wbc, checked, n);
