@@ -1156,29 +1156,59 @@ static int cublas_path(gpu_ctx *c, const gpu_moe_plan *p, const grouped_args *g,
     return rc;
 }
 
+/* Expert weights at an 8-byte boundary (a model whose flat layout puts a router bias of,
+ * say, 20 floats before them: configs/small) would send the call to cuBLAS's grouped GEMM,
+ * whose align8 kernels then fault on them (compute-sanitizer, H100): they are copied to an
+ * aligned arena buffer instead (E*O*I bf16, a few MB, microseconds at copy bandwidth; the
+ * arena keeps room for it, gmodel's scratch_bytes), freed by the caller at *mark. */
+static const bf16 *aligned_weights(gpu_ctx *c, const gpu_moe_plan *p, const gpu_bf16 *W,
+                                   int I, int O, size_t *mark, dsv3_err *e)
+{
+    *mark = gpu_arena_mark(c);
+    if (aligned16p(W))
+        return (const bf16 *)W;
+    size_t bytes = (size_t)p->E * (size_t)O * (size_t)I * 2;
+    bf16 *w = (bf16 *)gpu_arena_alloc(c, bytes, e);
+    if (w && cudaMemcpyAsync(w, W, bytes, cudaMemcpyDeviceToDevice, c->stream) != cudaSuccess) {
+        err_set(e, "moe: copying misaligned expert weights: %s",
+                cudaGetErrorString(cudaGetLastError()));
+        return NULL;
+    }
+    return w;
+}
+
 extern "C" int gpu_moe_linear_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
                                   const gpu_bf16 *in, const gpu_bf16 *W, int I, int O,
                                   dsv3_err *e)
 {
-    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, O, I, in, W, out)) {
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, O, I, in, in, out)) {
         grouped_args g = {0, 1, 0, O, I, 0, I, I, O, 0, 0.0f, (const bf16 *)in,
                           (const bf16 *)W, out, I, 0, 0, (int64_t)O * I, O, 0};
         return cublas_path(c, p, &g, e);
     }
-    return moe_gemm_run<FORM_FWD>(c, p, (const bf16 *)in, (const bf16 *)W, out, 0, O, I, e);
+    size_t mark;
+    const bf16 *w = aligned_weights(c, p, W, I, O, &mark, e);
+    int rc = !w || moe_gemm_run<FORM_FWD>(c, p, (const bf16 *)in, w, out, 0, O, I, e) ? -1 : 0;
+    gpu_arena_reset(c, mark);
+    return rc;
 }
 
 extern "C" int gpu_moe_linear_dgrad(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *d_in,
                                     const gpu_bf16 *d_out, const gpu_bf16 *W, int I, int O,
                                     dsv3_err *e)
 {
-    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, I, O, d_out, W, d_in)) {
+    if (c->moe_gemm == GPU_MOE_GEMM_CUBLAS || !kernel_fits(0, I, O, d_out, d_out, d_in)) {
         grouped_args g = {0, 0, 0, I, O, 0, O, I, I, 0, 0.0f, (const bf16 *)d_out,
                           (const bf16 *)W, d_in, O, 0, 0, (int64_t)O * I, I, 0};
         return cublas_path(c, p, &g, e);
     }
-    return moe_gemm_run<FORM_DGRAD>(c, p, (const bf16 *)d_out, (const bf16 *)W, d_in, 0, I, O,
-                                    e);
+    size_t mark;
+    const bf16 *w = aligned_weights(c, p, W, I, O, &mark, e);
+    int rc = !w || moe_gemm_run<FORM_DGRAD>(c, p, (const bf16 *)d_out, w, d_in, 0, I, O, e)
+                 ? -1
+                 : 0;
+    gpu_arena_reset(c, mark);
+    return rc;
 }
 
 /* d_W[e] += part[e] for the experts that had rows (the others' part was never written). */

@@ -291,6 +291,50 @@ struct moe_job {
     float *dW;
 };
 
+/* Expert weights 8 bytes off a 16-byte boundary (a flat layout with a 20-float router bias
+ * before them, configs/small): the grouped GEMMs give bitwise what they give on aligned
+ * weights (the call copies them to an aligned buffer rather than fall to cuBLAS's grouped
+ * GEMM, whose align8 kernels faulted on them). */
+static void misaligned_weights_same_bits(void)
+{
+    GT_NEED_GPU();
+    dsv3_err e;
+    int N = 200, H = 128, E = 20, K = 4, F = 64, nk = N * K;
+    size_t mark = gpu_arena_mark(gt_ctx_);
+    int32_t *idx = malloc((size_t)nk * 4);
+    for (int n = 0; n < N; n++)
+        for (int r = 0; r < K; r++)
+            idx[n * K + r] = (n + 5 * r) % E;  /* distinct within a token */
+    /* W holds 4 values, then the experts' weights: Wm + 4 is those at an 8-byte boundary */
+    float *x = gt_rand_bf((size_t)nk * H, 1), *W = gt_rand_bf((size_t)E * F * H + 4, 0.2f);
+    float *dy = gt_rand_bf((size_t)nk * F, 1);
+    gpu_bf16 *gx = gt_up_bf(x, (size_t)nk * H), *gdy = gt_up_bf(dy, (size_t)nk * F);
+    gpu_bf16 *Wa = gt_up_bf(W + 4, (size_t)E * F * H), *Wm = gt_up_bf(W, (size_t)E * F * H + 4);
+    int32_t *gidx = gt_up(idx, (size_t)nk * 4);
+    gpu_bf16 *ya = gt_poisoned((size_t)nk * F * 2), *ym = gt_poisoned((size_t)nk * F * 2);
+    gpu_bf16 *da = gt_poisoned((size_t)nk * H * 2), *dm = gt_poisoned((size_t)nk * H * 2);
+    REQUIRE(gx && gdy && Wa && Wm && gidx && ya && ym && da && dm);
+    gpu_bf16 *Wo = Wm + 4;
+    REQUIRE(((uintptr_t)Wo & 15) == 8);
+    gpu_moe_plan p;
+    REQUIRE(gpu_moe_plan_make(gt_ctx_, &p, gidx, N, K, E, &e) == 0);
+    int ok = gpu_moe_linear_fwd(gt_ctx_, &p, ya, gx, Wa, H, F, &e) == 0 &&
+             gpu_moe_linear_fwd(gt_ctx_, &p, ym, gx, Wo, H, F, &e) == 0 &&
+             gpu_moe_linear_dgrad(gt_ctx_, &p, da, gdy, Wa, H, F, &e) == 0 &&
+             gpu_moe_linear_dgrad(gt_ctx_, &p, dm, gdy, Wo, H, F, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    if (ok) {
+        float *a = gt_down_bf(ya, (size_t)nk * F), *m = gt_down_bf(ym, (size_t)nk * F);
+        float *b = gt_down_bf(da, (size_t)nk * H), *n = gt_down_bf(dm, (size_t)nk * H);
+        CHECK(a && m && !memcmp(a, m, (size_t)nk * F * 4));
+        CHECK(b && n && !memcmp(b, n, (size_t)nk * H * 4));
+        free(a), free(m), free(b), free(n);
+    }
+    gpu_moe_plan_free(&p);
+    free(idx), free(x), free(W), free(dy);
+    gt_reset(mark);
+}
+
 static int moe_run(void *arg, dsv3_err *e)
 {
     struct moe_job *j = arg;
@@ -419,6 +463,7 @@ int main(void)
     RUN(expert_layer_wgmma_sw_matches_cpu);
     RUN(expert_layer_ws_matches_cpu);
     RUN(expert_layer_ws_tma_matches_cpu);
+    RUN(misaligned_weights_same_bits);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
