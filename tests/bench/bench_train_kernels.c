@@ -264,7 +264,8 @@ static int group_of(const char *phase, const char *n)
         return G_ATT_F;
     if (has(n, "bwd_dkdv") || has(n, "bwd_dq") || has(n, "attn_bwd_dot"))
         return G_ATT_B;
-    if (has(n, "moe_wgmma_kernel") || has(n, "moe_gemm_kernel"))
+    if (has(n, "moe_wgmma_kernel") || has(n, "moe_gemm_kernel") || has(n, "moe_ws_kernel") ||
+        has(n, "moe_wstma_kernel"))
         return has(n, "<0>") ? G_MOE_F : has(n, "<1>") ? G_MOE_D : G_MOE_W;
     if (has(n, "rmsnorm") || has(n, "sum_parts"))
         return G_NORM;
