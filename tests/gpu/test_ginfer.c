@@ -26,44 +26,15 @@
 #include "../../lib/infer.h"
 #include "../../lib/model.h"
 #include "../../lib/quant.h"
+#include "ginfer_test.h"
 #include "gpu_test.h"
 
 enum { STEPS = 64 };
 
-static double urand(void)
-{
-    return (test_rand() >> 11) * 0x1p-53;
-}
-
 /* Dimensions the GPU kernels take (multiples of 8). */
 static void random_config(dsv3_config *c, int q, int yarn)
 {
-    memset(c, 0, sizeof *c);
-    c->vocab_size = 256 + 8 * (int)(test_rand() % 32);
-    c->hidden_size = 64;
-    c->intermediate_size = 96;
-    c->moe_intermediate_size = 32;
-    c->num_hidden_layers = 3;
-    c->first_k_dense_replace = 1;
-    c->num_attention_heads = 4 + 4 * (int)(test_rand() % 3);
-    c->q_lora_rank = q ? 48 : 0;
-    c->kv_lora_rank = 32;
-    c->qk_nope_head_dim = 16;
-    c->qk_rope_head_dim = 8;
-    c->v_head_dim = 16;
-    c->n_shared_experts = (int)(test_rand() % 2);
-    c->n_group = 4;
-    c->n_routed_experts = 16;
-    c->topk_group = 2;
-    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
-    c->routed_scaling_factor = 1 + 2 * urand();
-    c->norm_topk_prob = (int)(test_rand() & 1);
-    c->rms_norm_eps = 1e-6;
-    c->max_position_embeddings = 512;
-    c->initializer_range = 0.02;
-    c->rope_theta = 10000;
-    c->rope_interleave = (int)(test_rand() & 1);
-    c->bos_token_id = c->eos_token_id = -1;
+    ginfer_random_config(c, q);
     if (yarn) {
         c->rope_yarn = 1;
         c->yarn_factor = 4;
@@ -98,40 +69,6 @@ static int random_model(dsv3_model *m, int q, int yarn)
     return random_model_std(m, q, yarn, 0.3);
 }
 
-/* ||a - b|| / ||b|| over one row. */
-static double rel(const float *a, const float *b, int V)
-{
-    double d = 0, s = 0;
-    for (int v = 0; v < V; v++) {
-        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-        s += (double)b[v] * b[v];
-    }
-    return s > 0 ? sqrt(d / s) : sqrt(d);
-}
-
-static int argmax(const float *x, int V)
-{
-    int b = 0;
-    for (int v = 1; v < V; v++)
-        if (x[v] > x[b])
-            b = v;
-    return b;
-}
-
-/* The gap between the two largest values of a row. */
-static double top2_gap(const float *x, int V)
-{
-    float a = -INFINITY, b = -INFINITY;
-    for (int v = 0; v < V; v++)
-        if (x[v] > a) {
-            b = a;
-            a = x[v];
-        } else if (x[v] > b) {
-            b = x[v];
-        }
-    return (double)a - b;
-}
-
 /* Greedy generation of STEPS tokens after prompt[0..P) with engine f (slot 0); logits of the
  * prompt's last row and of every step into lg [(STEPS+1) V]; tokens into out. forced: feed
  * forced[] instead of the engine's own choices (teacher forcing). */
@@ -149,12 +86,6 @@ static int greedy(infer *f, const int32_t *prompt, int P, const int32_t *forced,
             return -1;
     }
     return 0;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 static void check_engine(int exact)

@@ -24,6 +24,7 @@
 #include "../../lib/infer.h"
 #include "../../lib/model.h"
 #include "../../lib/quant.h"
+#include "ginfer_test.h"
 #include "gpu_test.h"
 
 enum { P = 20, STEPS = 12 };
@@ -58,46 +59,13 @@ static void fp8_config(dsv3_config *c, int q, int shared)
     c->bos_token_id = c->eos_token_id = -1;
 }
 
-static double rel(const float *a, const float *b, int V)
-{
-    double d = 0, s = 0;
-    for (int v = 0; v < V; v++) {
-        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-        s += (double)b[v] * b[v];
-    }
-    return s > 0 ? sqrt(d / s) : sqrt(d);
-}
-
-static int argmax(const float *x, int V)
-{
-    int b = 0;
-    for (int v = 1; v < V; v++)
-        if (x[v] > x[b])
-            b = v;
-    return b;
-}
-
 /* top-2 gap of a row over its rms */
 static double gap_rms(const float *x, int V)
 {
-    float a = -INFINITY, b = -INFINITY;
     double s = 0;
-    for (int v = 0; v < V; v++) {
+    for (int v = 0; v < V; v++)
         s += (double)x[v] * x[v];
-        if (x[v] > a) {
-            b = a;
-            a = x[v];
-        } else if (x[v] > b) {
-            b = x[v];
-        }
-    }
-    return ((double)a - b) / (sqrt(s / V) + 1e-30);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+    return top2_gap(x, V) / (sqrt(s / V) + 1e-30);
 }
 
 /* Logits of the prompt's last row and of STEPS decode steps (slot 0) into lg. */

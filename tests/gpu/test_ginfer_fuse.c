@@ -22,47 +22,13 @@
 
 #include "../../lib/infer.h"
 #include "../../lib/model.h"
+#include "ginfer_test.h"
 #include "gpu_test.h"
 
 enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
 
 static const char *variants[] = {"0", "1", "norm", "attn", "router", "kvw", "post", "uvc"};
 enum { NV = sizeof variants / sizeof *variants };
-
-static double urand(void)
-{
-    return (test_rand() >> 11) * 0x1p-53;
-}
-
-static void random_config(dsv3_config *c, int q)
-{
-    memset(c, 0, sizeof *c);
-    c->vocab_size = 256 + 8 * (int)(test_rand() % 32);
-    c->hidden_size = 64;
-    c->intermediate_size = 96;
-    c->moe_intermediate_size = 32;
-    c->num_hidden_layers = 3;
-    c->first_k_dense_replace = 1;
-    c->num_attention_heads = 4 + 4 * (int)(test_rand() % 3);
-    c->q_lora_rank = q ? 48 : 0;
-    c->kv_lora_rank = 32;
-    c->qk_nope_head_dim = 16;
-    c->qk_rope_head_dim = 8;
-    c->v_head_dim = 16;
-    c->n_shared_experts = (int)(test_rand() % 2);
-    c->n_group = 4;
-    c->n_routed_experts = 16;
-    c->topk_group = 2;
-    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
-    c->routed_scaling_factor = 1 + 2 * urand();
-    c->norm_topk_prob = (int)(test_rand() & 1);
-    c->rms_norm_eps = 1e-6;
-    c->max_position_embeddings = 512;
-    c->initializer_range = 0.02;
-    c->rope_theta = 10000;
-    c->rope_interleave = (int)(test_rand() & 1);
-    c->bos_token_id = c->eos_token_id = -1;
-}
 
 /* Whether an engine's description d names the fusions of DSV3_GINFER_FUSE=v: none for "0",
  * all six for "1", else v's one. */
@@ -78,17 +44,6 @@ static int fusions_named(const char *d, const char *v)
         if ((strstr(f, all[i]) != NULL) != (!strcmp(v, "1") || !strcmp(v, all[i])))
             return 0;
     return 1;
-}
-
-/* ||a - b|| / ||b|| over one row. */
-static double rel(const float *a, const float *b, int V)
-{
-    double d = 0, s = 0;
-    for (int v = 0; v < V; v++) {
-        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-        s += (double)b[v] * b[v];
-    }
-    return s > 0 ? sqrt(d / s) : sqrt(d);
 }
 
 /* The run's rows: NS prefills' last rows, then per step slot 0 (and slots 1, 2 on odd
@@ -152,7 +107,7 @@ static void check_fused(int exact)
     char *saved = keep ? strdup(keep) : NULL;
     for (int i = 0; i < models && !test_failed_; i++) {
         dsv3_config c;
-        random_config(&c, i & 1);
+        ginfer_random_config(&c, i & 1);
         dsv3_model m;
         dsv3_err e;
         if (model_init(&m, &c, &e)) {

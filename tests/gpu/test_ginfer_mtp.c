@@ -20,44 +20,18 @@
 #include "../../lib/model.h"
 #include "../../lib/sample.h"
 #include "../eos_tokenizer.h"
+#include "ginfer_test.h"
 #include "gpu_test.h"
 
 enum { STEPS = 64 };
 
-static double urand(void)
-{
-    return (test_rand() >> 11) * 0x1p-53;
-}
-
 /* Dimensions the GPU kernels take (multiples of 8); D MTP modules. */
 static void random_config(dsv3_config *c, int V, int q, int D)
 {
-    memset(c, 0, sizeof *c);
+    ginfer_random_config(c, q);
     c->vocab_size = V;
-    c->hidden_size = 64;
-    c->intermediate_size = 96;
-    c->moe_intermediate_size = 32;
     c->num_hidden_layers = 2 + (int)(test_rand() % 2);
-    c->first_k_dense_replace = 1;
     c->num_attention_heads = 4 + 4 * (int)(test_rand() % 2);
-    c->q_lora_rank = q ? 48 : 0;
-    c->kv_lora_rank = 32;
-    c->qk_nope_head_dim = 16;
-    c->qk_rope_head_dim = 8;
-    c->v_head_dim = 16;
-    c->n_shared_experts = (int)(test_rand() % 2);
-    c->n_group = 4;
-    c->n_routed_experts = 16;
-    c->topk_group = 2;
-    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
-    c->routed_scaling_factor = 1 + 2 * urand();
-    c->norm_topk_prob = (int)(test_rand() & 1);
-    c->rms_norm_eps = 1e-6;
-    c->max_position_embeddings = 512;
-    c->initializer_range = 0.02;
-    c->rope_theta = 10000;
-    c->rope_interleave = (int)(test_rand() & 1);
-    c->bos_token_id = c->eos_token_id = -1;
     c->num_nextn_predict_layers = D;
 }
 
@@ -132,22 +106,6 @@ static int engine(infer **f, const dsv3_model *m, int dev, int mtp, int ctx, int
     return infer_new_gpu_mtp(f, m, NULL, ctx, slots, 0, dev == 1, e) || infer_use_mtp(*f, e)
                ? -1
                : 0;
-}
-
-static double rel(const float *a, const float *b, int V)
-{
-    double d = 0, s = 0;
-    for (int v = 0; v < V; v++) {
-        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-        s += (double)b[v] * b[v];
-    }
-    return s > 0 ? sqrt(d / s) : sqrt(d);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 /* The draft logits of the three engines at every stream position, fed the same rows. */

@@ -25,77 +25,17 @@
 
 #include "../../kernels/ginfer.h"
 #include "../../lib/model.h"
+#include "ginfer_test.h"
 #include "gpu_test.h"
 
 enum { T = 300, STEPS = 8 };
-
-static double urand(void)
-{
-    return (test_rand() >> 11) * 0x1p-53;
-}
 
 /* test_ginfer's random tiny config (dimensions the GPU kernels take), q_lora and shared
  * experts as asked. */
 static void random_config(dsv3_config *c, int q, int shared)
 {
-    memset(c, 0, sizeof *c);
-    c->vocab_size = 256 + 8 * (int)(test_rand() % 32);
-    c->hidden_size = 64;
-    c->intermediate_size = 96;
-    c->moe_intermediate_size = 32;
-    c->num_hidden_layers = 3;
-    c->first_k_dense_replace = 1;
-    c->num_attention_heads = 4 + 4 * (int)(test_rand() % 3);
-    c->q_lora_rank = q ? 48 : 0;
-    c->kv_lora_rank = 32;
-    c->qk_nope_head_dim = 16;
-    c->qk_rope_head_dim = 8;
-    c->v_head_dim = 16;
+    ginfer_random_config(c, q);
     c->n_shared_experts = shared;
-    c->n_group = 4;
-    c->n_routed_experts = 16;
-    c->topk_group = 2;
-    c->num_experts_per_tok = 1 + (int)(test_rand() % 4);
-    c->routed_scaling_factor = 1 + 2 * urand();
-    c->norm_topk_prob = (int)(test_rand() & 1);
-    c->rms_norm_eps = 1e-6;
-    c->max_position_embeddings = 512;
-    c->initializer_range = 0.02;
-    c->rope_theta = 10000;
-    c->rope_interleave = (int)(test_rand() & 1);
-    c->bos_token_id = c->eos_token_id = -1;
-}
-
-/* ||a - b|| / ||b|| over n values. */
-static double rel(const float *a, const float *b, int n)
-{
-    double d = 0, s = 0;
-    for (int v = 0; v < n; v++) {
-        d += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-        s += (double)b[v] * b[v];
-    }
-    return s > 0 ? sqrt(d / s) : sqrt(d);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static int argmax(const float *x, int V, double *gap)
-{
-    int b = 0;
-    float second = -INFINITY;
-    for (int v = 1; v < V; v++)
-        if (x[v] > x[b]) {
-            second = x[b];
-            b = v;
-        } else if (x[v] > second) {
-            second = x[v];
-        }
-    *gap = (double)x[b] - second;
-    return b;
 }
 
 /* An engine made with DSV3_GINFER_PREFILL as given (NULL: unset); it is read at creation. */
@@ -168,7 +108,8 @@ static void check_greedy(ginfer *a, ginfer *b, const float *la, const float *lb,
         double gap, gb;
         r[n] = rel(xb, xa, V);
         worst = fmax(worst, r[n++]);
-        int32_t ta = argmax(xa, V, &gap), tb = argmax(xb, V, &gb);
+        int32_t ta = argmax(xa, V), tb = argmax(xb, V);
+        gap = top2_gap(xa, V), gb = top2_gap(xb, V);
         if (ta != tb) {
             printf("# model %d, step %d: greedy tokens part (%d, %d; logits rel err %.3g, "
                    "top-2 gaps %.3g, %.3g)\n", model, s, tb, ta, r[n - 1], gap, gb);

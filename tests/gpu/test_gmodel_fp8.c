@@ -21,24 +21,14 @@
 
 #include "../../kernels/gmodel.h"
 #include "../../lib/model.h"
+#include "fp8_config.h"
 #include "gpu_test.h"
 
 static int make_model(dsv3_model *m, dsv3_err *e)
 {
     dsv3_config c;
-    if (config_load(&c, "configs/tiny.json", e))
+    if (fp8_sized_config(&c, e))
         return -1;
-    c.hidden_size = 256;
-    c.intermediate_size = 512;
-    c.moe_intermediate_size = 128;
-    c.num_attention_heads = 4;
-    c.qk_nope_head_dim = 64;
-    c.qk_rope_head_dim = 32;
-    c.v_head_dim = 64;
-    c.kv_lora_rank = 128;
-    c.q_lora_rank = 96;
-    c.n_routed_experts = 16;
-    c.vocab_size = 1000;
     /* dense layers only: a routed token whose top-k choice flips under FP8's rounding (near
      * ties abound at a random start) changes its expert outputs and their gradients by O(1),
      * which would swamp the comparison (measured: loss 7.5e-4 apart, gradients 0.45 with

@@ -17,27 +17,18 @@
 #include "../../kernels/gmodel.h"
 #include "../../kernels/moe_fp8.h"
 #include "../../lib/model.h"
+#include "fp8_config.h"
 #include "gpu_test.h"
 
 static int make_model(dsv3_model *m, dsv3_err *e)
 {
     dsv3_config c;
-    if (config_load(&c, "configs/tiny.json", e))
+    if (fp8_sized_config(&c, e))
         return -1;
-    c.hidden_size = 256;
-    c.intermediate_size = 512;
-    c.moe_intermediate_size = 128;
-    c.num_attention_heads = 4;
-    c.qk_nope_head_dim = 64;
-    c.qk_rope_head_dim = 32;
-    c.v_head_dim = 64;
-    c.kv_lora_rank = 128;
-    c.q_lora_rank = 96;
     c.n_routed_experts = 8;
     c.num_experts_per_tok = 8;
     c.n_group = 1;
     c.topk_group = 1;
-    c.vocab_size = 1000;
     c.first_k_dense_replace = 0;
     int rc = model_init(m, &c, e);
     config_free(&c);
