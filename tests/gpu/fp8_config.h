@@ -6,6 +6,8 @@
 #define DSV3_FP8_CONFIG_H
 
 #include "../../lib/config.h"
+#include "../../lib/model.h"
+#include "../test.h"
 
 static __attribute__((unused)) int fp8_sized_config(dsv3_config *c, dsv3_err *e)
 {
@@ -22,6 +24,26 @@ static __attribute__((unused)) int fp8_sized_config(dsv3_config *c, dsv3_err *e)
     c->q_lora_rank = 96;
     c->n_routed_experts = 16;
     c->vocab_size = 1000;
+    return 0;
+}
+
+/* That config with a MoE in every layer of 8 experts, every one chosen for every token (no
+ * router near tie can flip a choice between two runs), random weights of std 0.05. */
+static __attribute__((unused)) int fp8_all_experts_model(dsv3_model *m, dsv3_err *e)
+{
+    dsv3_config c;
+    if (fp8_sized_config(&c, e))
+        return -1;
+    c.n_routed_experts = 8;
+    c.num_experts_per_tok = 8;
+    c.n_group = 1;
+    c.topk_group = 1;
+    c.first_k_dense_replace = 0;
+    int rc = model_init(m, &c, e);
+    config_free(&c);
+    if (rc)
+        return -1;
+    model_init_random(m, test_rand(), 0.05);
     return 0;
 }
 

@@ -19,24 +19,6 @@
 #include "fp8_config.h"
 #include "gpu_test.h"
 
-static int make_model(dsv3_model *m, dsv3_err *e)
-{
-    dsv3_config c;
-    if (fp8_sized_config(&c, e))
-        return -1;
-    c.n_routed_experts = 8;
-    c.num_experts_per_tok = 8;
-    c.n_group = 1;
-    c.topk_group = 1;
-    c.first_k_dense_replace = 0;
-    int rc = model_init(m, &c, e);
-    config_free(&c);
-    if (rc)
-        return -1;
-    model_init_random(m, test_rand(), 0.05);
-    return 0;
-}
-
 static int step(gmodel *g, const int32_t *ids, const int32_t *tg, float *loss, float *grads,
                 dsv3_err *e)
 {
@@ -52,7 +34,7 @@ static void gep_fp8_step_is_single_gpu_bits(void)
     unsetenv("DSV3_MOE_FP8");
     dsv3_err e;
     dsv3_model m;
-    REQUIRE(make_model(&m, &e) == 0);
+    REQUIRE(fp8_all_experts_model(&m, &e) == 0);
     int B = 3, T = 50, N = B * T, V = m.cfg.vocab_size;
     int32_t *ids = malloc((size_t)N * 4), *tg = malloc((size_t)N * 4);
     for (int i = 0; i < N; i++)

@@ -20,24 +20,6 @@
 #include "fp8_config.h"
 #include "gpu_test.h"
 
-static int make_model(dsv3_model *m, dsv3_err *e)
-{
-    dsv3_config c;
-    if (fp8_sized_config(&c, e))
-        return -1;
-    c.n_routed_experts = 8;
-    c.num_experts_per_tok = 8;
-    c.n_group = 1;
-    c.topk_group = 1;
-    c.first_k_dense_replace = 0;
-    int rc = model_init(m, &c, e);
-    config_free(&c);
-    if (rc)
-        return -1;
-    model_init_random(m, test_rand(), 0.05);
-    return 0;
-}
-
 static double rel_l2(const float *a, const float *ref, size_t n)
 {
     double num = 0, den = 0;
@@ -57,7 +39,7 @@ static void routed_fp8_step_close_to_bf16(void)
         SKIP("the FP8 grouped GEMM needs a Hopper GPU");
     dsv3_err e;
     dsv3_model m;
-    REQUIRE(make_model(&m, &e) == 0);
+    REQUIRE(fp8_all_experts_model(&m, &e) == 0);
     int B = 3, T = 50, N = B * T, V = m.cfg.vocab_size;
     int32_t *ids = malloc((size_t)N * 4), *tg = malloc((size_t)N * 4);
     for (int i = 0; i < N; i++)
