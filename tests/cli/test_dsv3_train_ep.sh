@@ -10,28 +10,8 @@
 # stops every rank instead of leaving them waiting in an exchange; with replicas the expert
 # moments are sharded over them (a piece file each) and resume exactly.
 . "$(dirname "$0")/lib.sh"
-# the CPU backend even where a GPU is present (EP runs on the CPU only for now)
-export DSV3_DEVICE=cpu
-BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
-CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
-if ! command -v mpirun >/dev/null || [ ! -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
-    echo "skip expert_parallel: no mpirun or no comm-mpi.so (install libopenmpi-dev openmpi-bin)"
-    exit 0
-fi
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp
-# One thread a process: results do not depend on it, and the ranks share 2 cores.
-export OMP_NUM_THREADS=1
-mpi() { mpirun --oversubscribe -np "$@"; }
-
-# A fixed data seed (DSV3_TEST_SEED overrides it): the learning-rate comparisons after 3
-# steps agree to ~3e-5, but about one random draw in eight put a token at a router near tie,
-# where the ranks' reassociated sums pick another expert than one process does.
-SEED=${DSV3_TEST_SEED:-20261127}
-echo "# data seed $SEED"
-awk -v seed="$SEED" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
-     s = ""; for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 500); print s } }' >"$T/ids.txt"
-dsv3-shard make --vocab-size 512 -o "$T/a.shard" "$T/ids.txt"
-dsv3-pack --quiet -o "$T/data" --eos-id 1 -L 32 --val 0.1 -s 1 "$T/a.shard"
+EP_TEST=expert_parallel
+. "$(dirname "$0")/ep_setup.sh"
 AUX="--mtp-weight 0.3 --balance-alpha 0.01"
 
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" "$2"; }

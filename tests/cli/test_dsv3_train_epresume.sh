@@ -7,24 +7,8 @@
 # a single-process checkpoint continue under --ep; a checkpoint of pieces goes back to
 # another layout again; a missing piece file is named (exit 1, nothing written).
 . "$(dirname "$0")/lib.sh"
-export DSV3_DEVICE=cpu
-BUILD_DIR=$(cd "$DSV3_BIN/.." && pwd)
-CFG=$(cd "$(dirname "$0")/../.." && pwd)/configs/tiny.json
-if ! command -v mpirun >/dev/null || [ ! -f "$BUILD_DIR/lib/dsv3/comm-mpi.so" ]; then
-    echo "skip ep_resume: no mpirun or no comm-mpi.so (install libopenmpi-dev openmpi-bin)"
-    exit 0
-fi
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader,tcp
-export OMP_NUM_THREADS=1
-mpi() { mpirun --oversubscribe -np "$@"; }
-
-# The data seed of test_dsv3_train_ep.sh (a draw without a token at a router near tie).
-SEED=${DSV3_TEST_SEED:-20261127}
-echo "# data seed $SEED"
-awk -v seed="$SEED" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
-     s = ""; for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 500); print s } }' >"$T/ids.txt"
-dsv3-shard make --vocab-size 512 -o "$T/a.shard" "$T/ids.txt"
-dsv3-pack --quiet -o "$T/data" --eos-id 1 -L 32 --val 0.1 -s 1 "$T/a.shard"
+EP_TEST=ep_resume
+. "$(dirname "$0")/ep_setup.sh"
 
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" "$2"; }
 # close_losses A B TOL: B's losses (all its steps) against A's first as many, the largest
