@@ -5,6 +5,7 @@
 #include "cuda_util.cuh"
 #include "ginfer_attn.cuh"
 #include "ginfer_k.cuh"
+#include "route_row.cuh"
 
 #define GK_WARPS 8  /* warps a block: one output row each */
 
@@ -592,87 +593,6 @@ __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, i
     gk_pdl_enter();
     __shared__ int cnt[1025];
     moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
-}
-
-/* Warp-wide argmax over (valid, value, index) as kernels/moe.cu's: larger value wins, equal
- * values go to the lower index, invalid entries lose; every lane gets the winner. */
-__device__ __forceinline__ void route_argmax(int &valid, float &v, int &i)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        int ov = __shfl_xor_sync(0xffffffffu, valid, o);
-        float ovl = __shfl_xor_sync(0xffffffffu, v, o);
-        int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ov && (!valid || ovl > v || (ovl == v && oi < i))) {
-            valid = 1;
-            v = ovl;
-            i = oi;
-        }
-    }
-}
-
-/* kernels/moe.cu's router_kernel for row n by one warp (choice, taken: the warp's [E] shared
- * scratch), the same operations in the same order (so the same choices and weights); the
- * logits read through L2 (other blocks of the grid wrote them). */
-__device__ void route_row(int32_t *idx, float *w, float *s, const float *logits,
-                          const float *bias, int n, int E, int G, int TG, int K, int norm,
-                          float scale, float *choice, unsigned char *taken)
-{
-    int lane = threadIdx.x & 31;
-    const float *l = logits + (long)n * E;
-    float *sr = s + (long)n * E;
-    for (int x = lane; x < E; x += 32) {
-        float sv = 1.0f / (1.0f + expf(-__ldcg(l + x)));
-        sr[x] = sv;
-        choice[x] = sv + (bias ? bias[x] : 0.0f);
-        taken[x] = 0;
-    }
-    __syncwarp();
-    int per = E / G;
-    float gs = 0;
-    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int x = lane * per; x < (lane + 1) * per; x++) {
-            if (choice[x] > b1) {
-                b2 = b1;
-                b1 = choice[x];
-            } else if (choice[x] > b2) {
-                b2 = choice[x];
-            }
-        }
-        gs = b1 + b2;
-    }
-    unsigned keep = 0;
-    for (int r = 0; r < TG; r++) {
-        int valid = lane < G && !((keep >> lane) & 1);
-        float v = gs;
-        int i = lane;
-        route_argmax(valid, v, i);
-        keep |= 1u << i;
-    }
-    float wsum = 0, mine = 0;
-    for (int r = 0; r < K; r++) {
-        int valid = 0, i = 0;
-        float v = -INFINITY;
-        for (int x = lane; x < E; x += 32)
-            if (((keep >> (x / per)) & 1) && !taken[x] && (!valid || choice[x] > v)) {
-                valid = 1;
-                v = choice[x];
-                i = x;
-            }
-        route_argmax(valid, v, i);
-        if (lane == 0)
-            taken[i] = 1;
-        __syncwarp();
-        float sv = sr[i];
-        wsum += sv;
-        if (lane == r) {
-            mine = sv;
-            idx[(long)n * K + r] = i;
-        }
-    }
-    if (lane < K)
-        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
-    __syncwarp();
 }
 
 /* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
