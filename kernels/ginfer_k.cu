@@ -154,6 +154,25 @@ int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_
     return 0;
 }
 
+/* Element i of row n's residual sum as add_norm_k forms it: x (+ the pending MoE output: the
+ * weighted routed experts' rows, then the shared experts') (+ delta). */
+__device__ __forceinline__ float residual_sum(const float *xr, const float *dr,
+                                              const gk_moe_out &mo, int n, int D, int i)
+{
+    float v = xr[i];
+    if (mo.ye) {
+        float acc = 0;
+        for (int k = 0; k < mo.K; k++)
+            acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
+        if (mo.ys)
+            acc += mo.ys[(long)n * D + i];
+        v += acc;
+    }
+    if (dr)
+        v += dr[i];
+    return v;
+}
+
 /* One block a row. With mo the row's MoE output (its routed experts' rows weighted in k
  * order, plus the shared one's) is added, so the combine costs no launch of its own; then
  * delta (both with the fused norms: the MoE output of the layer before and this layer's
@@ -168,17 +187,7 @@ __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo,
     const float *dr = delta ? delta + (long)n * D : NULL;
     float ss = 0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = xr[i];
-        if (mo.ye) {
-            float acc = 0;
-            for (int k = 0; k < mo.K; k++)
-                acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
-            if (mo.ys)
-                acc += mo.ys[(long)n * D + i];
-            v += acc;
-        }
-        if (dr)
-            v += dr[i];
+        float v = residual_sum(xr, dr, mo, n, D, i);
         if (mo.ye || dr)
             xr[i] = v;
         ss += v * v;
@@ -367,20 +376,8 @@ __device__ void norm_row_to(float *dst, const float *x, int ldx, const float *de
                             float *red)
 {
     const float *xr = x + (long)n * ldx, *dr = delta ? delta + (long)n * D : NULL;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = xr[i];
-        if (mo.ye) {
-            float acc = 0;
-            for (int k = 0; k < mo.K; k++)
-                acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
-            if (mo.ys)
-                acc += mo.ys[(long)n * D + i];
-            v += acc;
-        }
-        if (dr)
-            v += dr[i];
-        dst[i] = v;
-    }
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        dst[i] = residual_sum(xr, dr, mo, n, D, i);
     __syncthreads();
     int lane = threadIdx.x & 31, nwv = T >> 5;
     for (int vw = threadIdx.x >> 5; vw < nwv; vw += blockDim.x >> 5) {
@@ -661,18 +658,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             float *xr = xres + (long)n * H;
             const float *dr = delta ? delta + (long)n * H : NULL;
             for (int i = threadIdx.x; i < H; i += blockDim.x) {
-                float v = xr[i];
-                if (mo.ye) {
-                    float acc = 0;
-                    for (int k = 0; k < mo.K; k++)
-                        acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * H + i];
-                    if (mo.ys)
-                        acc += mo.ys[(long)n * H + i];
-                    v += acc;
-                }
-                if (dr)
-                    v += dr[i];
-                xr[i] = v;
+                xr[i] = residual_sum(xr, dr, mo, n, H, i);
                 xn[(long)n * H + i] = xs_sm[i];
             }
             __syncthreads();  /* xs_sm read before the next row's norm */
