@@ -38,6 +38,10 @@ static const cli_program PROG = {
     "      --recompute          with --device cuda: keep no RMSNorm outputs or MLA\n"
     "                           up-projections for backward, make them again there (less\n"
     "                           activation memory, the same gradients, a little slower)\n"
+    "      --nondeterministic   with --device cuda and masked documents (--doc-mask,\n"
+    "                           --sft): faster kernels whose sums vary run to run (the\n"
+    "                           fused attention backward); runs and resumes then do not\n"
+    "                           repeat bit for bit (default: they do)\n"
     "\n"
     "Batch and length of the run:\n"
     "  -b, --batch=N            sequences per forward (micro-batch, default 4)\n"
@@ -113,8 +117,8 @@ static const cli_program PROG = {
 };
 
 enum {
-    OPT_DEVICE = 0x2000, OPT_FP8, OPT_RECOMPUTE, OPT_INIT_FROM, OPT_INIT_STD, OPT_GB_TOKENS,
-    OPT_RAMP, OPT_STEPS,
+    OPT_DEVICE = 0x2000, OPT_FP8, OPT_RECOMPUTE, OPT_NONDET, OPT_INIT_FROM, OPT_INIT_STD,
+    OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
     OPT_GAMMA_UNTIL, OPT_MTP, OPT_MTP_SWITCH, OPT_ALPHA, OPT_PEAK, OPT_SKIP, OPT_EVAL_EVERY,
@@ -221,6 +225,7 @@ int main(int argc, char **argv)
         {"device", required_argument, NULL, OPT_DEVICE},
         {"fp8", no_argument, NULL, OPT_FP8},
         {"recompute", no_argument, NULL, OPT_RECOMPUTE},
+        {"nondeterministic", no_argument, NULL, OPT_NONDET},
         {"init-from", required_argument, NULL, OPT_INIT_FROM},
         {"init-std", required_argument, NULL, OPT_INIT_STD},
         {"global-batch-tokens", required_argument, NULL, OPT_GB_TOKENS},
@@ -291,6 +296,7 @@ int main(int argc, char **argv)
         case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_FP8: o.fp8 = 1; break;
         case OPT_RECOMPUTE: o.recompute = 1; break;
+        case OPT_NONDET: o.nondet = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_INIT_STD: o.init_std = parse_double("--init-std", optarg, 0, 10); break;
         case OPT_GB_TOKENS:

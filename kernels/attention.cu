@@ -13,7 +13,8 @@
  * of P V (FlashAttention-2). Backward: D = rowsum(dO * O); one kernel per key tile
  * accumulates dK, dV over the query tiles; another per query tile accumulates dQ over the
  * key tiles; no atomics, so results are reproducible (both implementations; the fused
- * Hopper backward candidates DSV3_ATTN_BWD 9 and 10, attention_fa.cuh, excepted). Head dims are
+ * Hopper backward, attention_fa.cuh, excepted: taken only when asked for, by
+ * gpu_attention_set_nondet for documents or DSV3_ATTN_BWD 9 and 10). Head dims are
  * padded with zeros to the instantiation's DKP / DVP. */
 #include "attention.h"
 #include "gpuctx_internal.cuh"
@@ -1535,11 +1536,21 @@ static int bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d
                                          dk, dv, scale, e);
 }
 
+/* Head dims the fused backward (attention_fa.cuh, 96/64 tiles) takes: those above the
+ * mma.sync-only 32/32 that fit its tiles. */
+static bool fused_bwd_fits(int dk, int dv)
+{
+    return dk <= 96 && dv <= 64 && (dk > 32 || dv > 32);
+}
+
 /* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
  * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
- * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. 5, the
- * default: the fastest of the sweep on an H200 (docs/PERF.md, "Attention backward
- * candidates"); 0: the kernels measured in "Attention on Hopper wgmma". 96/64:
+ * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The
+ * default: 10 for document-masked calls on a context set nondet (gpu_attention_set_nondet:
+ * 2.165 ms against 5's 2.766 on the 1B-MoE shape with packed documents, but not
+ * bit-reproducible), else 5, the fastest deterministic one of the sweep on an H200
+ * (docs/PERF.md, "Attention backward candidates"; also on causal rows, where 10 takes
+ * 3.957 ms against 3.599); 0: the kernels measured in "Attention on Hopper wgmma". 96/64:
  *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
  *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
  *   3  as 2, exp2f                                          7  as 4, two blocks an SM
@@ -1554,7 +1565,8 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
                        float scale, dsv3_err *e)
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
-    const int bv = ev ? atoi(ev) : 5, lpt = el ? atoi(el) : 0;
+    const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
+    const int bv = ev ? atoi(ev) : fused ? 10 : 5, lpt = el ? atoi(el) : 0;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
@@ -1698,4 +1710,18 @@ extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, g
 extern "C" void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant)
 {
     c->attn_fwd_variant = fwd_variant;
+}
+
+extern "C" void gpu_attention_set_nondet(gpu_ctx *c, int nondet)
+{
+    c->attn_nondet = nondet;
+}
+
+extern "C" size_t gpu_attention_bwd_arena_bytes(int B, int T, int nh, int dk, int dv, int nondet)
+{
+    const size_t rows = (size_t)B * T * nh, pad = 255;
+    size_t bytes = (rows * sizeof(float) + pad) & ~pad; /* D */
+    if (nondet && fused_bwd_fits(dk, dv))
+        bytes += (rows * dk * sizeof(float) + pad) & ~pad; /* the fused dQ accumulator */
+    return bytes;
 }

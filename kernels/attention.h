@@ -18,7 +18,7 @@ extern "C" {
 int gpu_attention_fwd(gpu_ctx *c, gpu_bf16 *out, float *lse, const gpu_bf16 *q,
                       const gpu_bf16 *k, const gpu_bf16 *v, int B, int T, int nh, int dk,
                       int dv, float scale, dsv3_err *e);
-/* Writes d_q, d_k, d_v (overwrites). Scratch (B*nh*T floats) from the arena. */
+/* Writes d_q, d_k, d_v (overwrites). Scratch from the arena: gpu_attention_bwd_arena_bytes. */
 int gpu_attention_bwd(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_v,
                       const gpu_bf16 *d_out, const gpu_bf16 *out, const float *lse,
                       const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v, int B, int T,
@@ -39,6 +39,19 @@ int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_
                           const gpu_bf16 *q, const gpu_bf16 *k, const gpu_bf16 *v,
                           const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale,
                           dsv3_err *e);
+
+/* Reproducibility of the backward on ctx c. 0, the default: every kernel sums in a fixed
+ * order, so the same inputs give the same bits run after run. 1: document-masked calls (seg
+ * not NULL) of head dims above 32/32 up to 96/64 on compute capability 9.x take the fused
+ * backward (attention_fa.cuh: dQ summed by fp32 atomics in an arena buffer, so its last
+ * bits vary run to run), 22% faster than the two-kernel one on the 1B-class MoE's packed
+ * documents (H200, docs/PERF.md); causal calls keep the two-kernel backward, which is faster
+ * there. DSV3_ATTN_BWD in the environment overrides both (timings). */
+void gpu_attention_set_nondet(gpu_ctx *c, int nondet);
+/* The most arena gpu_attention_bwd_seg takes on a context set to nondet: a float per row
+ * (B*nh*T), and with nondet 1 and head dims the fused backward takes, its fp32 dQ
+ * accumulator (B*T*nh*dk floats), each rounded up to the arena's 256-byte pieces. */
+size_t gpu_attention_bwd_arena_bytes(int B, int T, int nh, int dk, int dv, int nondet);
 
 /* Benchmarks and tests only: picks the kernels. 0, the default: on compute capability 9.x
  * the wgmma (sm_90a) forward and backward for head dims above 32, elsewhere as 1. 1: the

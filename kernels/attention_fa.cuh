@@ -1,5 +1,6 @@
 /* attention_fa: the fused Hopper attention backward (DSV3_ATTN_BWD 9 and 10, head dims 96/64;
- * included by kernels/attention.cu after the two-kernel backward, whose pieces it reuses).
+ * included by kernels/attention.cu after the two-kernel backward, whose pieces it reuses;
+ * 10 is the default for document-masked calls on a context set nondet, f3_bwd_pick).
  *
  * FlashAttention-2/3's data flow: one block per 128 keys of one (b, h), two warpgroups of 64
  * keys, over the query tiles of 128 at and below the diagonal (three cp.async stages, two
@@ -17,7 +18,8 @@
  * two-kernel backward).
  * STSM: dS^T goes to shared memory by stmatrix.trans (candidate 9), else by 2-byte stores
  * (candidate 10; the same kernel otherwise, a check on the stmatrix layout).
- * Needs B*T*nh*dk*4 bytes of the context's arena for the accumulator. */
+ * Needs B*T*nh*dk*4 bytes of the context's arena for the accumulator
+ * (gpu_attention_bwd_arena_bytes counts them). */
 
 /* m64n96k16, A (K-major) and B (MN-major: tnspB = 1) both from shared memory */
 template <int ACC>

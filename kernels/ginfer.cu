@@ -99,7 +99,7 @@ struct ginfer {
     int n_f8, cap_f8;
     char desc[320];
     struct gpf *pf;     /* the tensor-core prefill (ginfer_prefill.cuh), made on first use */
-    int pf_min;         /* DSV3_GINFER_PREFILL=gemm: its least rows (0: off) */
+    int pf_min;         /* the tensor-core prefill's least rows (0: off; DSV3_GINFER_PREFILL) */
 };
 
 static void *dal(ginfer *g, size_t bytes, dsv3_err *e)
@@ -1081,7 +1081,7 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
         all &= want[r] != 0;
     if (n <= 0)
         return 0;
-    if (pf_takes(g, n, slot, pos))  /* a prompt: DSV3_GINFER_PREFILL=gemm */
+    if (pf_takes(g, n, slot, pos))  /* a prompt: the tensor-core pass */
         return pf_forward(g, n, slot, ids, want, logits, e);
     if (all && n <= decode_rows(g))
         return decode(g, n, slot, pos, ids, logits, NULL, e);

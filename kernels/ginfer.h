@@ -92,10 +92,10 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 /* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
 
-/* DSV3_GINFER_PREFILL=gemm (read at creation; "gemm:N" sets the least rows, 64 unless
- * given): a ginfer_forward call of at least that many rows that are one slot's positions
- * 0 .. n-1 (a prompt) on the bf16 engine without MTP runs in one pass on the tensor cores
- * (kernels/ginfer_prefill.cuh), else as above. The passes run so (tests, statistics). */
+/* A ginfer_forward call of at least 64 rows (DSV3_GINFER_PREFILL, read at creation:
+ * "gemm:N" N rows; "gemv" never) that are one slot's positions 0 .. n-1 (a prompt) on the
+ * bf16 engine without MTP runs in one pass on the tensor cores (kernels/ginfer_prefill.cuh),
+ * else as above. The passes run so (tests, statistics). */
 long ginfer_prefill_passes(const ginfer *g);
 /* Cache rows pos0 .. pos0+n-1 of a layer and slot as fp32 (n x width values; tests). */
 int ginfer_read_cache(ginfer *g, int layer, int slot, int pos0, int n, float *out, dsv3_err *e);

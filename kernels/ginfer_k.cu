@@ -5,6 +5,7 @@
 #include "cuda_util.cuh"
 #include "ginfer_attn.cuh"
 #include "ginfer_k.cuh"
+#include "route_row.cuh"
 
 #define GK_WARPS 8  /* warps a block: one output row each */
 
@@ -153,6 +154,25 @@ int gk_embed(cudaStream_t s, float *x, const void *table, int wf32, const int32_
     return 0;
 }
 
+/* Element i of row n's residual sum as add_norm_k forms it: x (+ the pending MoE output: the
+ * weighted routed experts' rows, then the shared experts') (+ delta). */
+__device__ __forceinline__ float residual_sum(const float *xr, const float *dr,
+                                              const gk_moe_out &mo, int n, int D, int i)
+{
+    float v = xr[i];
+    if (mo.ye) {
+        float acc = 0;
+        for (int k = 0; k < mo.K; k++)
+            acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
+        if (mo.ys)
+            acc += mo.ys[(long)n * D + i];
+        v += acc;
+    }
+    if (dr)
+        v += dr[i];
+    return v;
+}
+
 /* One block a row. With mo the row's MoE output (its routed experts' rows weighted in k
  * order, plus the shared one's) is added, so the combine costs no launch of its own; then
  * delta (both with the fused norms: the MoE output of the layer before and this layer's
@@ -167,17 +187,7 @@ __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo,
     const float *dr = delta ? delta + (long)n * D : NULL;
     float ss = 0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = xr[i];
-        if (mo.ye) {
-            float acc = 0;
-            for (int k = 0; k < mo.K; k++)
-                acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
-            if (mo.ys)
-                acc += mo.ys[(long)n * D + i];
-            v += acc;
-        }
-        if (dr)
-            v += dr[i];
+        float v = residual_sum(xr, dr, mo, n, D, i);
         if (mo.ye || dr)
             xr[i] = v;
         ss += v * v;
@@ -366,20 +376,8 @@ __device__ void norm_row_to(float *dst, const float *x, int ldx, const float *de
                             float *red)
 {
     const float *xr = x + (long)n * ldx, *dr = delta ? delta + (long)n * D : NULL;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = xr[i];
-        if (mo.ye) {
-            float acc = 0;
-            for (int k = 0; k < mo.K; k++)
-                acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * D + i];
-            if (mo.ys)
-                acc += mo.ys[(long)n * D + i];
-            v += acc;
-        }
-        if (dr)
-            v += dr[i];
-        dst[i] = v;
-    }
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        dst[i] = residual_sum(xr, dr, mo, n, D, i);
     __syncthreads();
     int lane = threadIdx.x & 31, nwv = T >> 5;
     for (int vw = threadIdx.x >> 5; vw < nwv; vw += blockDim.x >> 5) {
@@ -594,87 +592,6 @@ __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, i
     moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
 }
 
-/* Warp-wide argmax over (valid, value, index) as kernels/moe.cu's: larger value wins, equal
- * values go to the lower index, invalid entries lose; every lane gets the winner. */
-__device__ __forceinline__ void route_argmax(int &valid, float &v, int &i)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        int ov = __shfl_xor_sync(0xffffffffu, valid, o);
-        float ovl = __shfl_xor_sync(0xffffffffu, v, o);
-        int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ov && (!valid || ovl > v || (ovl == v && oi < i))) {
-            valid = 1;
-            v = ovl;
-            i = oi;
-        }
-    }
-}
-
-/* kernels/moe.cu's router_kernel for row n by one warp (choice, taken: the warp's [E] shared
- * scratch), the same operations in the same order (so the same choices and weights); the
- * logits read through L2 (other blocks of the grid wrote them). */
-__device__ void route_row(int32_t *idx, float *w, float *s, const float *logits,
-                          const float *bias, int n, int E, int G, int TG, int K, int norm,
-                          float scale, float *choice, unsigned char *taken)
-{
-    int lane = threadIdx.x & 31;
-    const float *l = logits + (long)n * E;
-    float *sr = s + (long)n * E;
-    for (int x = lane; x < E; x += 32) {
-        float sv = 1.0f / (1.0f + expf(-__ldcg(l + x)));
-        sr[x] = sv;
-        choice[x] = sv + (bias ? bias[x] : 0.0f);
-        taken[x] = 0;
-    }
-    __syncwarp();
-    int per = E / G;
-    float gs = 0;
-    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int x = lane * per; x < (lane + 1) * per; x++) {
-            if (choice[x] > b1) {
-                b2 = b1;
-                b1 = choice[x];
-            } else if (choice[x] > b2) {
-                b2 = choice[x];
-            }
-        }
-        gs = b1 + b2;
-    }
-    unsigned keep = 0;
-    for (int r = 0; r < TG; r++) {
-        int valid = lane < G && !((keep >> lane) & 1);
-        float v = gs;
-        int i = lane;
-        route_argmax(valid, v, i);
-        keep |= 1u << i;
-    }
-    float wsum = 0, mine = 0;
-    for (int r = 0; r < K; r++) {
-        int valid = 0, i = 0;
-        float v = -INFINITY;
-        for (int x = lane; x < E; x += 32)
-            if (((keep >> (x / per)) & 1) && !taken[x] && (!valid || choice[x] > v)) {
-                valid = 1;
-                v = choice[x];
-                i = x;
-            }
-        route_argmax(valid, v, i);
-        if (lane == 0)
-            taken[i] = 1;
-        __syncwarp();
-        float sv = sr[i];
-        wsum += sv;
-        if (lane == r) {
-            mine = sv;
-            idx[(long)n * K + r] = i;
-        }
-    }
-    if (lane < K)
-        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
-    __syncwarp();
-}
-
 /* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
  * to finish (a counter, reset by that block), every row's top-k (route_row, a warp a row) and
  * the bucketing (moe_bucket_body): three launches in one. */
@@ -741,18 +658,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             float *xr = xres + (long)n * H;
             const float *dr = delta ? delta + (long)n * H : NULL;
             for (int i = threadIdx.x; i < H; i += blockDim.x) {
-                float v = xr[i];
-                if (mo.ye) {
-                    float acc = 0;
-                    for (int k = 0; k < mo.K; k++)
-                        acc += mo.rw[n * mo.K + k] * mo.ye[(long)mo.spos[n * mo.K + k] * H + i];
-                    if (mo.ys)
-                        acc += mo.ys[(long)n * H + i];
-                    v += acc;
-                }
-                if (dr)
-                    v += dr[i];
-                xr[i] = v;
+                xr[i] = residual_sum(xr, dr, mo, n, H, i);
                 xn[(long)n * H + i] = xs_sm[i];
             }
             __syncthreads();  /* xs_sm read before the next row's norm */

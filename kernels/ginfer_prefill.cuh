@@ -1,4 +1,4 @@
-/* ginfer_prefill: the prompt's prefill on the tensor cores (DSV3_GINFER_PREFILL=gemm), part of
+/* ginfer_prefill: the prompt's prefill on the tensor cores (the default; DSV3_GINFER_PREFILL), part of
  * ginfer.cu's translation unit (as ginfer_mtp.cuh: it reads the engine's weights and cache).
  *
  * Taken by a ginfer_forward call of at least pf_min rows (64 unless "gemm:N") that are one
@@ -31,12 +31,15 @@ struct gpf {
     long passes;  /* prefill passes run this way */
 };
 
+/* DSV3_GINFER_PREFILL: unset, empty or "gemm": this pass for prompts of 64 rows or more;
+ * "gemm:N": of N or more; "gemv" (or "0"): never (every row through the GEMVs, fp32
+ * activations: for comparisons). */
 static int pf_threshold(void)
 {
     const char *v = getenv("DSV3_GINFER_PREFILL");
-    if (!v || strncmp(v, "gemm", 4))
+    if (v && (!strcmp(v, "gemv") || !strcmp(v, "0")))
         return 0;
-    int n = v[4] == ':' ? atoi(v + 5) : 64;
+    int n = v && !strncmp(v, "gemm:", 5) ? atoi(v + 5) : 64;
     return n < 1 ? 1 : n;
 }
 

@@ -103,6 +103,7 @@ struct gmodel {
     size_t acts_mark;
     int recompute;               /* GMODEL_RECOMPUTE: see "recomputation" below */
     int ep_arena;                /* GMODEL_EP_ARENA */
+    int nondet;                  /* GMODEL_NONDET */
     int count, grad_ready, routed;
     int chunk_rows;
     /* device AdamW (gmodel_optim_init): bf16 moments in the device layout, the list of
@@ -450,7 +451,9 @@ static void carve_acts(carve *k)
 }
 
 /* Scratch above the activations: the larger of the head's chunks and one block's backward
- * temporaries, plus the MoE plans that live from forward to backward. */
+ * temporaries (the attention backward's own from kernels/attention: with GMODEL_NONDET and
+ * head dims up to 96/64 its fused dQ accumulator too), plus the MoE plans that live from
+ * forward to backward. */
 static size_t scratch_bytes(const gmodel *g)
 {
     const dsv3_config *c = &g->m->cfg;
@@ -462,10 +465,10 @@ static size_t scratch_bytes(const gmodel *g)
     size_t head = (size_t)g->chunk_rows * V * 6 + N * 16;
     size_t per_tok = 2 * (nh * dv + 2 * nh * qk + nh * dv + nh * (qk + dv) + 2 * (kv + rope) +
                           2 * kv + 2 * ql + H) +
-                     2 * (2 * K * H + 3 * K * mi + 3 * (si > I ? si : I)) + 4 * K + 6 * E +
-                     4 * nh + 64;
+                     2 * (2 * K * H + 3 * K * mi + 3 * (si > I ? si : I)) + 4 * K + 6 * E + 64;
     size_t w = E * 2 * mi * H * 2 + E * H * mi * 2;
-    size_t bwd = N * per_tok + w + N * 64 + ((size_t)64 << 20);
+    size_t attn = gpu_attention_bwd_arena_bytes(g->B, g->T, (int)nh, (int)qk, (int)dv, g->nondet);
+    size_t bwd = N * per_tok + attn + w + N * 64 + ((size_t)64 << 20);
     size_t plans = (size_t)(g->nl + g->D) * (N * K * 8 + 4096);
     return (head > bwd ? head : bwd) + plans + ((size_t)16 << 20);
 }
@@ -1081,6 +1084,7 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
     g->N = B * T;
     g->recompute = (flags & GMODEL_RECOMPUTE) != 0;
     g->ep_arena = (flags & GMODEL_EP_ARENA) != 0;
+    g->nondet = (flags & GMODEL_NONDET) != 0;
     g->nl = c->num_hidden_layers;
     g->n_params = g->n_alloc = m->n_params;
     int V = c->vocab_size;
@@ -1147,6 +1151,7 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
         return err_prefix(e, "gmodel");
     }
     g->lin.c = g->c;
+    gpu_attention_set_nondet(g->c, g->nondet);
     carve k2 = {g, 0, 0, 0, e};
     carve_acts(&k2);
     if (k2.failed) {

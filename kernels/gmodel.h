@@ -49,6 +49,11 @@ int gmodel_create(gmodel **out, const dsv3_model *m, int B, int T, int dev, dsv3
                              * the arena): less activation memory, the same gradients */
 #define GMODEL_EP_ARENA 2u  /* the arena gmodel_ep_attach needs, even for a model holding
                              * every expert (one process, --ep 1: tests of kernels/gep) */
+#define GMODEL_NONDET 4u    /* kernels whose sums vary run to run where they are faster:
+                             * today the fused attention backward on document-masked
+                             * batches (gpu_attention_set_nondet; head dims up to 96/64),
+                             * its fp32 dQ accumulator reserved in the arena. Off: every
+                             * step's bits repeat (resume equality, recompute's same bits) */
 int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, unsigned flags,
                       dsv3_err *e);
 void gmodel_destroy(gmodel *g);

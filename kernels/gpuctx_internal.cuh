@@ -29,6 +29,7 @@ struct gpu_ctx {
     algo_entry algos[GPU_ALGO_CACHE];
     int algos_used, algos_next; /* filled, then replaced round-robin */
     int attn_fwd_variant;       /* gpu_attention_set_variant: kernel choice for timing */
+    int attn_nondet;            /* gpu_attention_set_nondet: the fused backward for documents */
     int moe_gemm;               /* gpu_moe_set_gemm: grouped GEMM kernel choice, for timing */
 };
 

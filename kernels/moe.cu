@@ -2,93 +2,24 @@
  * kernels (one block per row). The grouped GEMMs are in moe_gemm.cu. */
 #include "gpuctx_internal.cuh"
 #include "moe.h"
+#include "route_row.cuh"
 #include "sort.h"
 
 #include <stdlib.h>
 
 #define ROUTER_WARPS 4
 
-/* Warp-wide argmax over (valid, value, index): larger value wins, equal values go to the
- * lower index, invalid entries lose; every lane gets the winner. */
-__device__ __forceinline__ void warp_argmax(int &valid, float &v, int &i)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        int ov = __shfl_xor_sync(0xffffffffu, valid, o);
-        float ovl = __shfl_xor_sync(0xffffffffu, v, o);
-        int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ov && (!valid || ovl > v || (ovl == v && oi < i))) {
-            valid = 1;
-            v = ovl;
-            i = oi;
-        }
-    }
-}
-
 __global__ void router_kernel(int32_t *idx, float *w, float *s, const float *logits,
                               const float *bias, int N, int E, int G, int TG, int K, int norm,
                               float scale)
 {
     extern __shared__ float sh[];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5;
     int n = blockIdx.x * ROUTER_WARPS + warp;
     if (n >= N)
         return; /* the whole warp leaves; no block-wide barrier follows */
-    float *choice = sh + warp * E;
-    unsigned char *taken = (unsigned char *)(sh + ROUTER_WARPS * E) + warp * E;
-    const float *l = logits + (int64_t)n * E;
-    float *sr = s + (int64_t)n * E;
-    for (int x = lane; x < E; x += 32) {
-        float sv = 1.0f / (1.0f + expf(-l[x]));
-        sr[x] = sv;
-        choice[x] = sv + (bias ? bias[x] : 0.0f);
-        taken[x] = 0;
-    }
-    __syncwarp();
-    int per = E / G;
-    float gs = 0;
-    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int x = lane * per; x < (lane + 1) * per; x++) {
-            if (choice[x] > b1) {
-                b2 = b1;
-                b1 = choice[x];
-            } else if (choice[x] > b2) {
-                b2 = choice[x];
-            }
-        }
-        gs = b1 + b2;
-    }
-    unsigned keep = 0;
-    for (int r = 0; r < TG; r++) {
-        int valid = lane < G && !((keep >> lane) & 1);
-        float v = gs;
-        int i = lane;
-        warp_argmax(valid, v, i);
-        keep |= 1u << i;
-    }
-    float wsum = 0, mine = 0;
-    for (int r = 0; r < K; r++) {
-        int valid = 0, i = 0;
-        float v = -INFINITY;
-        for (int x = lane; x < E; x += 32)
-            if (((keep >> (x / per)) & 1) && !taken[x] && (!valid || choice[x] > v)) {
-                valid = 1;
-                v = choice[x];
-                i = x;
-            }
-        warp_argmax(valid, v, i);
-        if (lane == 0)
-            taken[i] = 1;
-        __syncwarp();
-        float sv = sr[i];
-        wsum += sv;
-        if (lane == r) {
-            mine = sv;
-            idx[(int64_t)n * K + r] = i;
-        }
-    }
-    if (lane < K)
-        w[(int64_t)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    route_row(idx, w, s, logits, bias, n, E, G, TG, K, norm, scale, sh + warp * E,
+              (unsigned char *)(sh + ROUTER_WARPS * E) + warp * E);
 }
 
 __global__ void router_bwd_kernel(float *d_logits, const float *d_w, const int32_t *idx,

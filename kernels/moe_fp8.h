@@ -5,7 +5,8 @@
  * products accumulate each 128-long K block on the tensor cores and are promoted into fp32
  * accumulators with that block's scales (V3's "promotion every K block"). Our own Hopper
  * kernel (kernels/moe_gemm_fp8.cu: wgmma m64n128k32 e4m3, 64x128 tiles, one K block a
- * stage; DSV3_MOE_FP8_KERNEL=0/1/2 picks a variant for comparison), grouped like
+ * stage; DSV3_MOE_FP8_KERNEL=0/1/2/3 picks a variant for comparison, 3 the warp-specialised
+ * persistent one with TMA loads), grouped like
  * kernels/moe_gemm's bf16 one: experts' row offsets read on the device, worst-case grid, no
  * host synchronisation.
  *

@@ -15,8 +15,8 @@
  * warpgroup, two multiplying ones, an mbarrier ring, one block an SM looping over the
  * tiles) is selectable as GPU_MOE_GEMM_WS, and the same with its loads issued by one thread
  * to the copy engine (TMA; moe_wstma_kernel) as GPU_MOE_GEMM_WS_TMA. What they share with
- * kernels/moe_gemm_fp8 (cp.async, mbarriers, TMA, row-tile lookup, epilogue) is in
- * moe_gemm_common.cuh.
+ * kernels/moe_gemm_fp8 (cp.async, mbarriers, TMA and its tensor maps, row-tile lookup, the
+ * persistent kernels' tile schedule, epilogue) is in moe_gemm_common.cuh.
  *
  * The previous path, cuBLAS's grouped batched GEMM with host-side sizes (a synchronising
  * read of the offsets), stays selectable for comparison (gpu_moe_set_gemm) and serves the
@@ -25,7 +25,6 @@
 #include "moe.h"
 #include "moe_gemm_common.cuh"
 
-#include <cuda.h> /* CUtensorMap and its encoder's types only: no libcuda link (see tma_encoder) */
 #include <stdlib.h>
 
 #define MG_BM 128
@@ -538,6 +537,21 @@ __device__ __forceinline__ void ws_load_mn(uint32_t sbase, const bf16 *g, int ld
     }
 }
 
+/* Tile t of the persistent kernels (mg_sched_tile): expert e, its rows [rbeg, rend) from
+ * rbeg on (fwd/dgrad; wgrad: 0, M), output corner (m0, n0), reduction range [kbeg, kend)
+ * (wgrad: the expert's rows). */
+template <int FORM>
+__device__ __forceinline__ void ws_tile(const mg_args &p, const int *s_off, const int *s_ts,
+                                        int ntm, int ntn, int t, int &e, int &rbeg, int &rend,
+                                        int &m0, int &n0, int &kbeg, int &kend)
+{
+    mg_tile x =
+        mg_sched_tile<MG_BM, MG_BN, FORM == FORM_WGRAD>(s_off, s_ts, p.E, ntm, ntn, t);
+    e = x.e, m0 = x.m0, n0 = x.n0;
+    rbeg = FORM == FORM_WGRAD ? 0 : x.r0, rend = FORM == FORM_WGRAD ? p.M : x.r1;
+    kbeg = FORM == FORM_WGRAD ? x.r0 : 0, kend = FORM == FORM_WGRAD ? x.r1 : p.K;
+}
+
 template <int FORM>
 __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
 {
@@ -551,72 +565,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
     int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
-    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
-    uint32_t sb = (s0 + 1023) & ~1023u; /* the swizzle repeats every 1 KB */
-    int *s_off = (int *)(smem + (sb - s0) + WS_STAGES * STAGE), *s_ts = s_off + p.E + 1;
-    uint32_t full0 = (uint32_t)__cvta_generic_to_shared(bars), empty0 = full0 + 8 * WS_STAGES;
-    if (tid == 0)
-        for (int s = 0; s < WS_STAGES; s++) {
-            mbar_init(full0 + 8 * s, 128); /* each producer thread's copies */
-            mbar_init(empty0 + 8 * s, 8);  /* each consumer warp */
-        }
-    /* the experts' offsets, and (forward, dgrad) the number of each one's first row tile */
-    if (tid < 32) {
-        for (int x = lane; x <= p.E; x += 32)
-            s_off[x] = p.off[x];
-        __syncwarp();
-        int base = 0;
-        for (int e0 = 0; e0 < p.E; e0 += 32) {
-            int x = e0 + lane;
-            int nt = x < p.E ? (s_off[x + 1] - s_off[x] + MG_BM - 1) / MG_BM : 0, inc = nt;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o)
-                    inc += v;
-            }
-            if (x < p.E)
-                s_ts[x] = base + inc - nt;
-            base += __shfl_sync(0xffffffffu, inc, 31);
-        }
-        if (lane == 0)
-            s_ts[p.E] = base;
-    }
-    __syncthreads();
+    /* full: each producer thread's copies */
+    mg_ring rg = mg_ring_init<WS_STAGES, MG_BM>(smem, bars, STAGE, 128, p.off, p.E);
+    uint32_t sb = rg.base, full0 = rg.full0, empty0 = rg.empty0;
+    const int *s_off = rg.s_off, *s_ts = rg.s_ts;
     int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
-    int T = FORM == FORM_WGRAD ? p.E * ntm * ntn : s_ts[p.E] * ntn;
-    /* tile t: expert, its rows [rbeg, rend) from rbeg on (fwd/dgrad), output corner (m0, n0),
-     * reduction range [kbeg, kend) */
+    int T = mg_sched_count<FORM == FORM_WGRAD>(s_ts, p.E, ntm, ntn);
     auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
                     int &kend) {
-        if (FORM == FORM_WGRAD) {
-            int per = ntm * ntn, r = t % per;
-            e = t / per;
-            m0 = (r / ntn) * MG_BM, n0 = (r % ntn) * MG_BN;
-            kbeg = s_off[e], kend = s_off[e + 1];
-            rbeg = 0, rend = p.M;
-        } else {
-            int rt = t / ntn, lo = 0, hi = p.E - 1;
-            while (lo < hi) { /* the last expert whose first row tile is <= rt: non-empty */
-                int mid = (lo + hi + 1) >> 1;
-                if (s_ts[mid] <= rt)
-                    lo = mid;
-                else
-                    hi = mid - 1;
-            }
-            e = lo;
-            rbeg = s_off[e] + (rt - s_ts[e]) * MG_BM, rend = s_off[e + 1];
-            m0 = 0, n0 = (t % ntn) * MG_BN;
-            kbeg = 0, kend = p.K;
-        }
+        ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
     };
-    /* registers: 168 a thread at launch (384 threads); the producer gives back 128 each,
-     * the consumers take 64 each: 40 x 128 + 232 x 256 = 168 x 384. (More than the pool
-     * holds and setmaxnreg.inc waits forever.) */
-    if (wg == 0) { /* producer */
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-#endif
+    if (wg == 0) { /* producer (registers: mg_regs_producer) */
+        mg_regs_producer();
         uint32_t it = 0;
         for (int t = blockIdx.x; t < T; t += gridDim.x) {
             int e, rbeg, rend, m0, n0, kbeg, kend;
@@ -642,9 +602,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-#endif
+        mg_regs_consumer();
         int cw = wg - 1, warp = tid >> 5;
         uint32_t it = 0;
         float acc[128];
@@ -753,72 +711,19 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
     int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
-    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
-    uint32_t sb = (s0 + 1023) & ~1023u; /* the swizzle repeats every 1 KB */
-    int *s_off = (int *)(smem + (sb - s0) + WS_STAGES * STAGE), *s_ts = s_off + p.E + 1;
-    uint32_t full0 = (uint32_t)__cvta_generic_to_shared(bars), empty0 = full0 + 8 * WS_STAGES;
-    if (tid == 0) {
-        for (int s = 0; s < WS_STAGES; s++) {
-            mbar_init(full0 + 8 * s, 1);  /* the issuing thread's arrive (+ the bytes) */
-            mbar_init(empty0 + 8 * s, 8); /* each consumer warp */
-        }
-        mbar_init_fence();
-    }
-    if (tid < 32) { /* offsets and (forward, dgrad) each expert's first row tile */
-        for (int x = lane; x <= p.E; x += 32)
-            s_off[x] = p.off[x];
-        __syncwarp();
-        int base = 0;
-        for (int e0 = 0; e0 < p.E; e0 += 32) {
-            int x = e0 + lane;
-            int nt = x < p.E ? (s_off[x + 1] - s_off[x] + MG_BM - 1) / MG_BM : 0, inc = nt;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o)
-                    inc += v;
-            }
-            if (x < p.E)
-                s_ts[x] = base + inc - nt;
-            base += __shfl_sync(0xffffffffu, inc, 31);
-        }
-        if (lane == 0)
-            s_ts[p.E] = base;
-    }
-    __syncthreads();
+    /* full: the issuing thread's arrive (+ the bytes) */
+    mg_ring rg = mg_ring_init<WS_STAGES, MG_BM>(smem, bars, STAGE, 1, p.off, p.E);
+    uint32_t sb = rg.base, full0 = rg.full0, empty0 = rg.empty0;
+    const int *s_off = rg.s_off, *s_ts = rg.s_ts;
     int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
-    int T = FORM == FORM_WGRAD ? p.E * ntm * ntn : s_ts[p.E] * ntn;
+    int T = mg_sched_count<FORM == FORM_WGRAD>(s_ts, p.E, ntm, ntn);
     auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
-                    int &kend) { /* as moe_ws_kernel's */
-        if (FORM == FORM_WGRAD) {
-            int per = ntm * ntn, r = t % per;
-            e = t / per;
-            m0 = (r / ntn) * MG_BM, n0 = (r % ntn) * MG_BN;
-            kbeg = s_off[e], kend = s_off[e + 1];
-            rbeg = 0, rend = p.M;
-        } else {
-            int rt = t / ntn, lo = 0, hi = p.E - 1;
-            while (lo < hi) {
-                int mid = (lo + hi + 1) >> 1;
-                if (s_ts[mid] <= rt)
-                    lo = mid;
-                else
-                    hi = mid - 1;
-            }
-            e = lo;
-            rbeg = s_off[e] + (rt - s_ts[e]) * MG_BM, rend = s_off[e + 1];
-            m0 = 0, n0 = (t % ntn) * MG_BN;
-            kbeg = 0, kend = p.K;
-        }
+                    int &kend) {
+        ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
     };
-    if (wg == 0) { /* producer: register budget as moe_ws_kernel's */
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-#endif
-        if (tid != 0)
+    if (wg == 0) { /* producer */
+        if (!mg_tma_producer(&ta, &tb))
             return;
-        tma_prefetch(&ta);
-        tma_prefetch(&tb);
         uint32_t it = 0;
         for (int t = blockIdx.x; t < T; t += gridDim.x) {
             int e, rbeg, rend, m0, n0, kbeg, kend;
@@ -850,9 +755,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             }
         }
     } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-#endif
+        mg_regs_consumer();
         int cw = wg - 1, warp = tid >> 5;
         uint32_t it = 0;
         float acc[128];
@@ -915,46 +818,6 @@ static int aligned16p(const void *p)
     return ((uintptr_t)p & 15) == 0;
 }
 
-/* cuTensorMapEncodeTiled from the driver, through the runtime's entry-point lookup: the
- * programs keep linking only the static runtime (no -lcuda). */
-typedef CUresult (*tma_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
-                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
-                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-static int tma_encoder(tma_encode_fn *fn, dsv3_err *e)
-{
-    void *f = NULL;
-    cudaDriverEntryPointQueryResult q;
-    cudaError_t st = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
-                                                      cudaEnableDefault, &q);
-    if (st != cudaSuccess || q != cudaDriverEntryPointSuccess || !f)
-        return err_set(e, "moe: cuTensorMapEncodeTiled not available from the driver");
-    *fn = (tma_encode_fn)f;
-    return 0;
-}
-
-/* A bf16 tensor of rank 2 or 3 (dims innermost first, row strides in elements), 128-byte
- * swizzled boxes of box0 x box1 (x 1), zero fill out of bounds. */
-static int tma_map(tma_encode_fn enc, CUtensorMap *m, const bf16 *base, int rank,
-                   const int64_t *dims, const int64_t *strides, int box0, int box1,
-                   dsv3_err *e)
-{
-    cuuint64_t gd[3], gs[2];
-    cuuint32_t bx[3] = {(cuuint32_t)box0, (cuuint32_t)box1, 1}, es[3] = {1, 1, 1};
-    for (int i = 0; i < rank; i++)
-        gd[i] = (cuuint64_t)dims[i];
-    for (int i = 0; i + 1 < rank; i++)
-        gs[i] = (cuuint64_t)strides[i] * 2;
-    CUresult r = enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank, (void *)base, gd,
-                     gs, bx, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS)
-        return err_set(e, "moe: cuTensorMapEncodeTiled failed (%d): rank %d, dims %lld x %lld",
-                       (int)r, rank, (long long)dims[0], (long long)dims[1]);
-    return 0;
-}
-
 /* The two operands' maps of moe_wstma_kernel<FORM> (nk rows in all; see its comment). */
 static int wstma_maps(int form, const mg_args *a, int nk, CUtensorMap *ta, CUtensorMap *tb,
                       dsv3_err *e)
@@ -962,24 +825,25 @@ static int wstma_maps(int form, const mg_args *a, int nk, CUtensorMap *ta, CUten
     tma_encode_fn enc = NULL;
     if (tma_encoder(&enc, e))
         return -1;
+    const CUtensorMapDataType BF = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
     int64_t M = a->M, N = a->N, K = a->K, E = a->E;
     if (form == FORM_FWD) { /* A in[nk, K]; B W[E][N, K] */
         int64_t da[2] = {K, nk}, sa[1] = {K}, db[3] = {K, N, E}, sbb[2] = {K, N * K};
-        return tma_map(enc, ta, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
-                       tma_map(enc, tb, a->B, 3, db, sbb, MG_BK, MG_BN, e)
+        return tma_map(enc, ta, BF, 2, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
+                       tma_map(enc, tb, BF, 2, a->B, 3, db, sbb, MG_BK, MG_BN, e)
                    ? -1
                    : 0;
     }
     if (form == FORM_DGRAD) { /* A d_out[nk, K]; B W[E][K, N] */
         int64_t da[2] = {K, nk}, sa[1] = {K}, db[3] = {N, K, E}, sbb[2] = {N, N * K};
-        return tma_map(enc, ta, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
-                       tma_map(enc, tb, a->B, 3, db, sbb, 64, MG_BK, e)
+        return tma_map(enc, ta, BF, 2, a->A, 2, da, sa, MG_BK, MG_BM, e) ||
+                       tma_map(enc, tb, BF, 2, a->B, 3, db, sbb, 64, MG_BK, e)
                    ? -1
                    : 0;
     }
     int64_t da[2] = {M, nk}, sa[1] = {M}, db[2] = {N, nk}, sbb[1] = {N}; /* wgrad */
-    return tma_map(enc, ta, a->A, 2, da, sa, 64, MG_BK, e) ||
-                   tma_map(enc, tb, a->B, 2, db, sbb, 64, MG_BK, e)
+    return tma_map(enc, ta, BF, 2, a->A, 2, da, sa, 64, MG_BK, e) ||
+                   tma_map(enc, tb, BF, 2, a->B, 2, db, sbb, 64, MG_BK, e)
                ? -1
                : 0;
 }

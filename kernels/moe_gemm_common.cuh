@@ -3,11 +3,16 @@
  * wrappers, the lookup of a row tile among the experts' row tiles, and the epilogue that
  * writes a warp's accumulators (the m16n8 fragment layout wgmma and mma.sync both leave:
  * 4 values a thread per 8 columns, rows g and g + 8 of the warp's 16) as bf16 rows or adds
- * them into fp32 d_W. */
+ * them into fp32 d_W; the persistent kernels' tile schedule; and, host side, the tensor maps
+ * of the TMA kernels (cuTensorMapEncodeTiled through the runtime). */
 #ifndef DSV3_MOE_GEMM_COMMON_CUH
 #define DSV3_MOE_GEMM_COMMON_CUH
 #include <stdint.h>
+#include <cuda.h> /* CUtensorMap and its encoder's types only: no libcuda link (see tma_encoder) */
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "../lib/err.h"
 
 /* 16 bytes global -> shared, zero-filled when !pred (src must still be a valid address) */
 __device__ __forceinline__ void mg_cp16(uint32_t saddr, const void *g, bool pred)
@@ -142,6 +147,134 @@ __device__ __forceinline__ bool mg_find_row_tile(const int *off, int E, int t, i
     return s_e >= 0;
 }
 
+/* ts[x] = the number of expert x's first row tile of BM, counting each expert's rows
+ * off[x + 1] - off[x] in tiles of BM; ts[E]: all of them (one warp, lane `lane`). With BM
+ * 128 these are the FP8 path's token-tile starts. */
+template <int BM>
+__device__ __forceinline__ void mg_tile_starts(int *ts, const int *off, int E, int lane)
+{
+    int base = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int x = e0 + lane;
+        int nt = x < E ? (off[x + 1] - off[x] + BM - 1) / BM : 0, inc = nt;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o)
+                inc += v;
+        }
+        if (x < E)
+            ts[x] = base + inc - nt;
+        base += __shfl_sync(0xffffffffu, inc, 31);
+    }
+    if (lane == 0)
+        ts[E] = base;
+}
+
+/* The persistent (one block an SM) warp-specialised kernels' shared memory and schedule:
+ * STAGES stages of stage_bytes from smem's first 1 KB boundary (the 128-byte swizzle repeats
+ * every 1 KB; smem needs 1 KB spare), then the experts' offsets s_off[E+1] and first row
+ * tiles s_ts[E+1] (mg_tile_starts<BM>); mbarriers full[s] (full_count arrivals) and empty[s]
+ * (8: each consumer warp) in bars[2 STAGES], made visible to the copy engine. Every thread
+ * calls; the block is synchronised on return. */
+struct mg_ring {
+    uint32_t base, full0, empty0; /* shared-memory addresses */
+    int *s_off, *s_ts;
+};
+template <int STAGES, int BM>
+__device__ __forceinline__ mg_ring mg_ring_init(unsigned char *smem, uint64_t *bars,
+                                                uint32_t stage_bytes, int full_count,
+                                                const int *off, int E)
+{
+    mg_ring r;
+    uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
+    r.base = (s0 + 1023) & ~1023u;
+    r.s_off = (int *)(smem + (r.base - s0) + STAGES * stage_bytes);
+    r.s_ts = r.s_off + E + 1;
+    r.full0 = (uint32_t)__cvta_generic_to_shared(bars), r.empty0 = r.full0 + 8 * STAGES;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(r.full0 + 8 * s, full_count);
+            mbar_init(r.empty0 + 8 * s, 8);
+        }
+        mbar_init_fence();
+    }
+    if (threadIdx.x < 32) {
+        for (int x = threadIdx.x; x <= E; x += 32)
+            r.s_off[x] = off[x];
+        __syncwarp();
+        mg_tile_starts<BM>(r.s_ts, r.s_off, E, threadIdx.x);
+    }
+    __syncthreads();
+    return r;
+}
+
+/* Their register split (384 threads at 168 registers each at launch): the loading
+ * warpgroup gives back down to 40 a thread, the two multiplying ones take 232: 40 x 128 +
+ * 232 x 256 = 168 x 384. (More than the pool holds and setmaxnreg.inc waits forever.) */
+__device__ __forceinline__ void mg_regs_producer()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mg_regs_consumer()
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+#endif
+}
+
+/* The loading warpgroup of a TMA kernel: gives back its registers; true for the one thread
+ * that issues the copies (thread 0), once it has prefetched the two tensor maps. */
+__device__ __forceinline__ bool mg_tma_producer(const void *ta, const void *tb)
+{
+    mg_regs_producer();
+    if (threadIdx.x != 0)
+        return false;
+    tma_prefetch(ta);
+    tma_prefetch(tb);
+    return true;
+}
+
+/* Tile t of the schedule. Forward/dgrad (!WGRAD): row tile t / ntn (neighbouring blocks
+ * share A rows and the expert's weights), column tile t % ntn; expert e, its rows [r0, r1)
+ * from r0 on, m0 = 0. wgrad: expert t / (ntm ntn), then tile (m0, n0) of d_W_e; [r0, r1) =
+ * the expert's rows (the reduction). The number of tiles: mg_sched_count. */
+struct mg_tile {
+    int e, r0, r1, m0, n0;
+};
+template <int BM, int BN, bool WGRAD>
+__device__ __forceinline__ mg_tile mg_sched_tile(const int *s_off, const int *s_ts, int E,
+                                                 int ntm, int ntn, int t)
+{
+    mg_tile x;
+    if (WGRAD) {
+        int per = ntm * ntn, r = t % per;
+        x.e = t / per;
+        x.m0 = (r / ntn) * BM, x.n0 = (r % ntn) * BN;
+        x.r0 = s_off[x.e], x.r1 = s_off[x.e + 1];
+    } else {
+        int rt = t / ntn, lo = 0, hi = E - 1;
+        while (lo < hi) { /* the last expert whose first row tile is <= rt: non-empty */
+            int mid = (lo + hi + 1) >> 1;
+            if (s_ts[mid] <= rt)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        x.e = lo;
+        x.r0 = s_off[lo] + (rt - s_ts[lo]) * BM, x.r1 = s_off[lo + 1];
+        x.m0 = 0, x.n0 = (t % ntn) * BN;
+    }
+    return x;
+}
+template <bool WGRAD>
+__device__ __forceinline__ int mg_sched_count(const int *s_ts, int E, int ntm, int ntn)
+{
+    return WGRAD ? E * ntm * ntn : s_ts[E] * ntn;
+}
+
 /* Writes one warp's 16 rows x 8 NJ columns of accumulators: tile rows `row` (fragment row
  * g) and row + 8, columns n0 + 8j + 2t, j < NJ; rows at or past rlim and columns at or past
  * N are left alone. C row-major with ldc elements a row. MODE 0: bf16 stores; 1: fp32
@@ -187,6 +320,49 @@ __device__ __forceinline__ void mg_store_frag(const float (&acc)[4 * NJ], void *
             }
         }
     }
+}
+
+/* ---- host side: the TMA kernels' tensor maps ---- */
+
+/* cuTensorMapEncodeTiled from the driver, through the runtime's entry-point lookup: the
+ * programs keep linking only the static runtime (no -lcuda). */
+typedef CUresult (*tma_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static inline int tma_encoder(tma_encode_fn *fn, dsv3_err *e)
+{
+    void *f = NULL;
+    cudaDriverEntryPointQueryResult q;
+    cudaError_t st = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                      cudaEnableDefault, &q);
+    if (st != cudaSuccess || q != cudaDriverEntryPointSuccess || !f)
+        return err_set(e, "moe: cuTensorMapEncodeTiled not available from the driver");
+    *fn = (tma_encode_fn)f;
+    return 0;
+}
+
+/* A tensor of rank 2 or 3 of `type` (esize bytes an element; dims innermost first, row
+ * strides in elements), 128-byte swizzled boxes of box0 x box1 (x 1), zero fill out of
+ * bounds. The swizzle wants box0 x esize = 128 bytes: one shared-memory row a box row. */
+static inline int tma_map(tma_encode_fn enc, CUtensorMap *m, CUtensorMapDataType type,
+                          int esize, const void *base, int rank, const int64_t *dims,
+                          const int64_t *strides, int box0, int box1, dsv3_err *e)
+{
+    cuuint64_t gd[3], gs[2];
+    cuuint32_t bx[3] = {(cuuint32_t)box0, (cuuint32_t)box1, 1}, es[3] = {1, 1, 1};
+    for (int i = 0; i < rank; i++)
+        gd[i] = (cuuint64_t)dims[i];
+    for (int i = 0; i + 1 < rank; i++)
+        gs[i] = (cuuint64_t)strides[i] * esize;
+    CUresult r = enc(m, type, (cuuint32_t)rank, (void *)base, gd, gs, bx, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+        return err_set(e, "moe: cuTensorMapEncodeTiled failed (%d): rank %d, dims %lld x %lld",
+                       (int)r, rank, (long long)dims[0], (long long)dims[1]);
+    return 0;
 }
 
 #endif

@@ -16,7 +16,14 @@
  *
  * The B operand of fprop/dgrad has one scale per stage (BN = 128 = the weight block); wgrad's
  * B has one per column and token tile, so its promotion multiplies by a row and a column
- * scale. */
+ * scale.
+ *
+ * Variant 3 (moe_fp8_tma_kernel, DSV3_MOE_FP8_KERNEL=3; not the default until measured on a
+ * GPU) is kernels/moe_gemm's warp-specialised TMA kernel for FP8: persistent (one block an
+ * SM over the 128 x 128 tiles), one thread issuing bulk tensor copies of the code tiles into
+ * a 6-stage mbarrier ring, two multiplying warpgroups that read their scales from global
+ * memory; the same products and promotions, so the same bits as variants 0 and 2. Its
+ * schedule and tensor maps are moe_gemm_common.cuh's, shared with the bf16 kernels. */
 #include <cuda_fp8.h>
 #include <stdlib.h>
 
@@ -79,6 +86,65 @@ __device__ __forceinline__ uint64_t mf_desc(uint32_t addr)
 {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)64 << 32) |
            ((uint64_t)1 << 62);
+}
+
+/* part = one stage's 64 x 128 product of a warpgroup (A's 64 rows at sa, B's 128 at sb, 128
+ * k each): four wgmma m64n128k32 issued and committed, left in flight. */
+__device__ __forceinline__ void mf_products(float (&part)[64], uint32_t sa, uint32_t sb)
+{
+    wg_fence();
+    wg_ss_e4m3_n128<0>(part, mf_desc(sa), mf_desc(sb));
+    wg_ss_e4m3_n128<1>(part, mf_desc(sa + 32), mf_desc(sb + 32));
+    wg_ss_e4m3_n128<1>(part, mf_desc(sa + 64), mf_desc(sb + 64));
+    wg_ss_e4m3_n128<1>(part, mf_desc(sa + 96), mf_desc(sb + 96));
+    wg_commit();
+}
+
+/* acc += part x scales, the promotion of one 128-K block: a0 and a1 the A scales of the
+ * thread's rows g and g + 8; B's scales: fprop/dgrad b[0].x, the stage's one weight block;
+ * wgrad b[j], those of the thread's columns 8j + 2t and + 1. */
+template <int FORM>
+__device__ __forceinline__ void mf_promote(float (&acc)[64], const float (&part)[64], float a0,
+                                           float a1, const float2 (&b)[16])
+{
+    if (FORM == MF_WGRAD) {
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            float2 bj = b[j];
+            acc[4 * j] += part[4 * j] * (a0 * bj.x);
+            acc[4 * j + 1] += part[4 * j + 1] * (a0 * bj.y);
+            acc[4 * j + 2] += part[4 * j + 2] * (a1 * bj.x);
+            acc[4 * j + 3] += part[4 * j + 3] * (a1 * bj.y);
+        }
+    } else {
+        float x0 = a0 * b[0].x, x1 = a1 * b[0].x;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            acc[4 * j] += part[4 * j] * x0;
+            acc[4 * j + 1] += part[4 * j + 1] * x0;
+            acc[4 * j + 2] += part[4 * j + 2] * x1;
+            acc[4 * j + 3] += part[4 * j + 3] * x1;
+        }
+    }
+}
+
+/* A warp's 16 rows x 128 columns of results at row `row` (fragment row g) and column n0:
+ * fprop/dgrad bf16 rows below rend; wgrad added into d_W_e (rows below M). red (default):
+ * the adds are performed in L2 and the block need not wait for them; one owner per element
+ * and call, so the same sums as a read-modify-write. */
+template <int FORM>
+__device__ __forceinline__ void mf_store(const mf_args &p, const float (&acc)[64], int e,
+                                         int row, int rend, int n0)
+{
+    if (FORM == MF_WGRAD) {
+        float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
+        if (p.red)
+            mg_store_frag<16, MG_OUT_RED>(acc, dw, p.N, row, p.M, n0, p.N);
+        else
+            mg_store_frag<16, MG_OUT_ADD>(acc, dw, p.N, row, p.M, n0, p.N);
+    } else {
+        mg_store_frag<16, MG_OUT_BF16>(acc, p.C, p.N, row, rend, n0, p.N);
+    }
 }
 
 /* PIPE 0: each stage's products finished and promoted before the next barrier (loads 5
@@ -199,37 +265,18 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_ar
         mf_commit();
         int s = kt % MF_STAGES;
         uint32_t sa = sbase + s * MF_STAGE + wg * 64 * 128, sb = sbase + s * MF_STAGE + C::ATILE;
-        wg_fence();
-        wg_ss_e4m3_n128<0>(part, mf_desc(sa), mf_desc(sb));
-        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 32), mf_desc(sb + 32));
-        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 64), mf_desc(sb + 64));
-        wg_ss_e4m3_n128<1>(part, mf_desc(sa + 96), mf_desc(sb + 96));
-        wg_commit();
+        mf_products(part, sa, sb);
     };
     /* acc += part x scales of stage kt (part's products complete) */
     auto promote = [&](float(&part)[64], int kt) {
         wg_regs(part);
         const float *sc = scl + (kt % MF_STAGES) * 256;
-        float a0 = sc[rl], a1 = sc[rl + 8];
-        if (FORM == MF_WGRAD) {
+        float2 b[16];
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                float2 b = *(const float2 *)(sc + 128 + j * 8 + 2 * t4);
-                acc[4 * j] += part[4 * j] * (a0 * b.x);
-                acc[4 * j + 1] += part[4 * j + 1] * (a0 * b.y);
-                acc[4 * j + 2] += part[4 * j + 2] * (a1 * b.x);
-                acc[4 * j + 3] += part[4 * j + 3] * (a1 * b.y);
-            }
-        } else {
-            float b = sc[128], x0 = a0 * b, x1 = a1 * b;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                acc[4 * j] += part[4 * j] * x0;
-                acc[4 * j + 1] += part[4 * j + 1] * x0;
-                acc[4 * j + 2] += part[4 * j + 2] * x1;
-                acc[4 * j + 3] += part[4 * j + 3] * x1;
-            }
-        }
+        for (int j = 0; j < (FORM == MF_WGRAD ? 16 : 1); j++)
+            b[j] = FORM == MF_WGRAD ? *(const float2 *)(sc + 128 + j * 8 + 2 * t4)
+                                    : make_float2(sc[128], 0.0f);
+        mf_promote<FORM>(acc, part, sc[rl], sc[rl + 8], b);
     };
     if (!PIPE) {
         for (int kt = 0; kt < KT; kt++) {
@@ -257,17 +304,125 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) moe_fp8_kernel(const mf_ar
             promote(pb, KT - 1);
     }
     mf_wait<0>();
+    mf_store<FORM>(p, acc, e, FORM == MF_WGRAD ? m0 + rl : rbeg + rl, rend, n0);
+}
 
-    if (FORM == MF_WGRAD) {
-        /* red (default): the adds are performed in L2 and the block need not wait for them;
-         * one owner per element and call, so the same sums as a read-modify-write */
-        float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
-        if (p.red)
-            mg_store_frag<16, MG_OUT_RED>(acc, dw, p.N, m0 + rl, p.M, n0, p.N);
-        else
-            mg_store_frag<16, MG_OUT_ADD>(acc, dw, p.N, m0 + rl, p.M, n0, p.N);
-    } else {
-        mg_store_frag<16, MG_OUT_BF16>(acc, p.C, p.N, rbeg + rl, rend, n0, p.N);
+/* ---- the warp-specialised persistent kernel with TMA loads (variant 3) ----
+ *
+ * kernels/moe_gemm's moe_wstma_kernel for FP8: one block an SM loops over the 128 x 128
+ * output tiles (tile t, t + grid, ...; mg_sched_tile's order, row tiles of 128). Thread 0 of
+ * warpgroup 0 waits for a free slot of a 6-stage ring, announces the stage's 32 KB on its
+ * "full" mbarrier and issues two bulk tensor copies (tensor maps made on the host, 128-byte
+ * swizzle): 128 rows of A and 128 rows of B, 128 E4M3 codes (128 bytes, the swizzle's row)
+ * a row, which land exactly as load_stage's cp.async writes them (row r at 128 r, 16-byte
+ * chunk c at c ^ (r & 7)). Warpgroups 1 and 2 multiply rows 0-63 and 64-127: per stage four
+ * wgmma m64n128k32 into a fresh partial, wait, release the slot ("empty", one arrival a
+ * warp), promote partial x scales into acc (mf_promote): moe_fp8_kernel's products in the
+ * same order, so the outputs are bitwise those of variants 0 and 2. While one warpgroup
+ * promotes, the other's products run.
+ * Scales are read by the consumers with plain loads from global memory, issued before the
+ * stage's barrier wait so their latency hides behind it: the activations' [blocks x rows]
+ * scales have a row stride of `rows` floats, in general no multiple of the 16 bytes a
+ * tensor map needs, and a thread needs few (its two rows' and fprop/dgrad's one weight
+ * block; wgrad's 16 column pairs, the same for the 8 threads of a column group, L1 hits).
+ * Ragged experts (as moe_wstma_kernel): A's map covers all rows; a fprop/dgrad row tile that
+ * runs past its expert's end reads the next expert's rows (or zeros past the last) and those
+ * output rows are not written; tails of K, N and M past the tensors' edges come zero-filled;
+ * wgrad's token tiles are zero codes past an expert's rows already. */
+#define MT_STAGES 6
+#define MT_THREADS 384
+#define MT_STAGE (2 * MF_TILE) /* A then B, 128 x 128 codes each */
+
+static size_t mt_smem(int E)
+{
+    return 1024 + (size_t)MT_STAGES * MT_STAGE + 2 * ((size_t)E + 1) * sizeof(int);
+}
+
+template <int FORM>
+__global__ void __launch_bounds__(MT_THREADS, 1)
+    moe_fp8_tma_kernel(const mf_args p, const __grid_constant__ CUtensorMap ta,
+                       const __grid_constant__ CUtensorMap tb)
+{
+    constexpr bool WGRAD = FORM == MF_WGRAD;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    __shared__ __align__(8) uint64_t bars[2 * MT_STAGES]; /* full[s], then empty[s] */
+    int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
+    /* full: the issuing thread's arrive (+ the bytes). With row tiles of 128, s_ts is also
+     * wgrad's token-tile starts (p.tstart). */
+    mg_ring rg = mg_ring_init<MT_STAGES, 128>(smem, bars, MT_STAGE, 1, p.off, p.E);
+    uint32_t sbase = rg.base, full0 = rg.full0, empty0 = rg.empty0;
+    const int *s_off = rg.s_off, *s_ts = rg.s_ts;
+    int ntn = (p.N + MF_BN - 1) / MF_BN, ntm = (p.M + 127) / 128;
+    int T = mg_sched_count<WGRAD>(s_ts, p.E, ntm, ntn);
+    /* tile t; its K blocks kb0 .. kb0 + KT - 1 (wgrad: the expert's token tiles) */
+    auto tile = [&](int t, int &kb0, int &KT) {
+        mg_tile x = mg_sched_tile<128, MF_BN, WGRAD>(s_off, s_ts, p.E, ntm, ntn, t);
+        kb0 = WGRAD ? s_ts[x.e] : 0;
+        KT = WGRAD ? s_ts[x.e + 1] - kb0 : (p.K + MF_BK - 1) / MF_BK;
+        return x;
+    };
+    if (wg == 0) { /* producer: thread 0 alone */
+        if (!mg_tma_producer(&ta, &tb))
+            return;
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int kb0, KT;
+            mg_tile x = tile(t, kb0, KT);
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % MT_STAGES;
+                uint32_t full = full0 + 8 * s, sa = sbase + s * MT_STAGE;
+                mbar_wait(empty0 + 8 * s, ((it / MT_STAGES) & 1) ^ 1);
+                mbar_arrive_tx(full, MT_STAGE);
+                int k0 = (kb0 + kt) * MF_BK;
+                /* A [rows, K] (wgrad [M, ldk]); B E x [N, K] (wgrad 1 x [N, ldk]) */
+                tma_load_2d(sa, &ta, full, k0, WGRAD ? x.m0 : x.r0);
+                tma_load_3d(sa + MF_TILE, &tb, full, k0, x.n0, WGRAD ? 0 : x.e);
+            }
+        }
+    } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
+        mg_regs_consumer();
+        int cw = wg - 1, warp = tid >> 5, t4 = lane & 3;
+        int rl = cw * 64 + (warp & 3) * 16 + (lane >> 2); /* fragment row g */
+        uint32_t it = 0;
+        float acc[64], part[64];
+#pragma unroll
+        for (int i = 0; i < 64; i++)
+            part[i] = 0.0f; /* each stage's first wgmma overwrites it (scale-d 0) */
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int kb0, KT;
+            mg_tile x = tile(t, kb0, KT);
+            if (KT == 0)
+                continue; /* wgrad of an expert without rows: d_W_e is left as it is */
+#pragma unroll
+            for (int i = 0; i < 64; i++)
+                acc[i] = 0.0f;
+            /* the thread's rows and their scales' row stride; past the end: scale 0 */
+            int ra = (WGRAD ? x.m0 : x.r0) + rl, rlim = WGRAD ? p.M : x.r1;
+            int64_t sld = WGRAD ? p.M : p.rows;
+            const float *sbw = p.sb + (int64_t)x.e * p.sb_es + (x.n0 / 128) * p.sb_ns;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % MT_STAGES, kb = kb0 + kt;
+                const float *sak = p.sa + (int64_t)kb * sld + ra;
+                float a0 = ra < rlim ? sak[0] : 0.0f, a1 = ra + 8 < rlim ? sak[8] : 0.0f;
+                float2 b[16];
+#pragma unroll
+                for (int j = 0; j < (WGRAD ? 16 : 1); j++) {
+                    int n = x.n0 + j * 8 + 2 * t4;
+                    b[j] = !WGRAD    ? make_float2(sbw[(int64_t)kb * p.sb_ks], 0.0f)
+                           : n < p.N ? *(const float2 *)(p.sb + (int64_t)kb * p.N + n)
+                                     : make_float2(0.0f, 0.0f);
+                }
+                mbar_wait(full0 + 8 * s, (it / MT_STAGES) & 1);
+                uint32_t st = sbase + s * MT_STAGE, sa = st + cw * 64 * 128, sb = st + MF_TILE;
+                mf_products(part, sa, sb);
+                wg_wait<0>();
+                wg_regs(part);
+                if (lane == 0)
+                    mbar_arrive(empty0 + 8 * s); /* this warp is done with the slot */
+                mf_promote<FORM>(acc, part, a0, a1, b);
+            }
+            mf_store<FORM>(p, acc, x.e, WGRAD ? x.m0 + rl : x.r0 + rl, x.r1, x.n0);
+        }
     }
 }
 
@@ -337,21 +492,7 @@ __global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int ro
 /* Prefix sum of the experts' token-tile counts (one warp). */
 __global__ void mf_tile_starts_kernel(int *ts, const int *off, int E)
 {
-    int lane = threadIdx.x, base = 0;
-    for (int e0 = 0; e0 < E; e0 += 32) {
-        int x = e0 + lane;
-        int nt = x < E ? (off[x + 1] - off[x] + 127) / 128 : 0, inc = nt;
-        for (int o = 1; o < 32; o <<= 1) {
-            int v = __shfl_up_sync(0xffffffffu, inc, o);
-            if (lane >= o)
-                inc += v;
-        }
-        if (x < E)
-            ts[x] = base + inc - nt;
-        base += __shfl_sync(0xffffffffu, inc, 31);
-    }
-    if (lane == 0)
-        ts[E] = base;
+    mg_tile_starts<128>(ts, off, E, threadIdx.x);
 }
 
 /* Block (token tile t, 64 columns): the tile's rows through shared memory, each column's
@@ -543,31 +684,81 @@ extern "C" int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, fl
 /* The kernel variant, DSV3_MOE_FP8_KERNEL in the environment (for comparison), else
  * MF_KERNEL_DEFAULT: 0 two warpgroups (128 x 128 tiles), promotion after each stage; 1 the
  * same with the promotion overlapped (PIPE); 2 one warpgroup (64 x 128 tiles, two blocks an
- * SM). */
+ * SM); 3 warp-specialised and persistent with TMA loads (moe_fp8_tma_kernel; operands whose
+ * bases are not 16-byte aligned, which a tensor map cannot take, run variant 2). */
 #define MF_KERNEL_DEFAULT 2
+#define MF_KERNEL_TMA 3
 static int mf_variant(void)
 {
     const char *v = getenv("DSV3_MOE_FP8_KERNEL");
-    return v && *v >= '0' && *v <= '2' ? *v - '0' : MF_KERNEL_DEFAULT;
+    return v && *v >= '0' && *v <= '3' ? *v - '0' : MF_KERNEL_DEFAULT;
 }
 
-static int mf_bm(void)
+static int mf_aligned(const void *p, uintptr_t a)
 {
-    return mf_variant() == 2 ? 64 : 128;
+    return ((uintptr_t)p & (a - 1)) == 0;
 }
 
+/* moe_fp8_tma_kernel's two maps: A [rows, K] (wgrad [M, ldk]), B E x [N, K] (wgrad 1 x [N,
+ * ldk]), boxes of 128 codes x 128 rows. Row strides K or ldk: multiples of 16 bytes. */
+static int mt_maps(int form, const mf_args *a, CUtensorMap *ta, CUtensorMap *tb, dsv3_err *e)
+{
+    tma_encode_fn enc = NULL;
+    if (tma_encoder(&enc, e))
+        return -1;
+    const CUtensorMapDataType U8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    int w = form == MF_WGRAD;
+    int64_t da[2] = {w ? a->lda : a->K, w ? a->M : a->rows}, sa[1] = {a->lda};
+    int64_t db[3] = {w ? a->ldb : a->K, a->N, w ? 1 : a->E};
+    int64_t sbb[2] = {a->ldb, w ? a->ldb * a->N : a->b_es};
+    return tma_map(enc, ta, U8, 1, a->A, 2, da, sa, MF_BK, 128, e) ||
+                   tma_map(enc, tb, U8, 1, a->B, 3, db, sbb, MF_BK, MF_BN, e)
+               ? -1
+               : 0;
+}
+
+/* Persistent: one block an SM at most (DSV3_MOE_WS_GRID=n: at most n, as kernels/moe_gemm,
+ * for tests of many tiles a block), over at most `tiles` tiles. */
 template <int FORM>
-static int mf_launch(gpu_ctx *c, const mf_args &a, dim3 grid, dsv3_err *e)
+static int mt_launch(gpu_ctx *c, const mf_args &a, int64_t tiles, dsv3_err *e)
+{
+    CUtensorMap ta, tb;
+    if (mt_maps(FORM, &a, &ta, &tb, e))
+        return -1;
+    size_t smem = mt_smem(a.E);
+    CUDA_TRY(cudaFuncSetAttribute(moe_fp8_tma_kernel<FORM>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+             e);
+    int grid = c->sm_count > 0 && tiles > c->sm_count ? c->sm_count : (int)tiles;
+    const char *cap = getenv("DSV3_MOE_WS_GRID");
+    if (cap && atoi(cap) > 0 && atoi(cap) < grid)
+        grid = atoi(cap);
+    moe_fp8_tma_kernel<FORM><<<grid, MT_THREADS, smem, c->stream>>>(a, ta, tb);
+    LAUNCH_CHECK("moe_fp8_tma_kernel", e);
+    return 0;
+}
+
+/* fwd form: a.rows rows over the experts; wgrad: a.M x a.N tiles per expert. */
+template <int FORM>
+static int mf_launch(gpu_ctx *c, const mf_args &a, dsv3_err *e)
 {
     int v = mf_variant();
+    mf_args b = a;
+    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
+    b.red = !(red && *red == '0');
+    if (v == MF_KERNEL_TMA && !(mf_aligned(a.A, 16) && mf_aligned(a.B, 16)))
+        v = MF_KERNEL_DEFAULT;
+    int bm = v == 2 ? 64 : 128, ntn = (a.N + MF_BN - 1) / MF_BN;
+    int rt = FORM == MF_WGRAD ? (a.M + bm - 1) / bm : (a.rows + bm - 1) / bm + a.E;
+    if (v == MF_KERNEL_TMA) /* fwd form: at most rt row tiles */
+        return mt_launch<FORM>(c, b, (int64_t)rt * ntn * (FORM == MF_WGRAD ? a.E : 1), e);
+    dim3 grid = FORM == MF_WGRAD ? dim3((unsigned)(rt * ntn), (unsigned)a.E)
+                                 : dim3((unsigned)ntn, (unsigned)rt);
     void (*kern)(const mf_args) = v == 1   ? moe_fp8_kernel<FORM, 1, 2>
                                   : v == 2 ? moe_fp8_kernel<FORM, 0, 1>
                                            : moe_fp8_kernel<FORM, 0, 2>;
     int smem = v == 2 ? mf_cfg<1>::SMEM : mf_cfg<2>::SMEM, threads = v == 2 ? 128 : 256;
     CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
-    mf_args b = a;
-    const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
-    b.red = !(red && *red == '0');
     kern<<<grid, threads, smem, c->stream>>>(b);
     LAUNCH_CHECK("moe_fp8_kernel", e);
     return 0;
@@ -583,9 +774,7 @@ static int mf_rows_gemm(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *C, const ui
         return 0;
     mf_args a = {A, B, sa, sb, C, p->offsets, NULL, p->E, 0, N, K, nk,
                  K, K, (int64_t)N * K, sb_es, sb_ns, sb_ks, 0};
-    int bm = mf_bm();
-    dim3 grid((unsigned)((N + MF_BN - 1) / MF_BN), (unsigned)((nk + bm - 1) / bm + p->E));
-    return mf_launch<MF_FWD>(c, a, grid, e);
+    return mf_launch<MF_FWD>(c, a, e);
 }
 
 extern "C" int gpu_moe_fp8_gemm_fwd(gpu_ctx *c, const gpu_moe_plan *p, gpu_bf16 *out,
@@ -620,9 +809,7 @@ extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const i
         return 0;
     mf_args a = {dytq, xtq, dyts, xts, d_W, p->offsets, tstart, p->E, O, I, 0, (int)nk,
                  ldk, ldk, 0, 0, 0, 0, 0};
-    int bm = mf_bm();
-    dim3 grid((unsigned)(((O + bm - 1) / bm) * ((I + MF_BN - 1) / MF_BN)), (unsigned)p->E);
-    return mf_launch<MF_WGRAD>(c, a, grid, e);
+    return mf_launch<MF_WGRAD>(c, a, e);
 }
 
 /* ---- from bf16 operands, through the scratch buffer ---- */
@@ -676,11 +863,6 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
     m->buf = NULL;
     m->bytes = 0;
     m->on = 0;
-}
-
-static int mf_aligned(const void *p, uintptr_t a)
-{
-    return ((uintptr_t)p & (a - 1)) == 0;
 }
 
 /* 1: FP8 path; 0: bf16 fallback (off, a shape or an operand the kernels do not take: they

@@ -217,6 +217,8 @@ int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, gpu_bf16 *d_
     return no_cuda(e);
 }
 void gpu_attention_set_variant(gpu_ctx *c, int fwd_variant) {}
+void gpu_attention_set_nondet(gpu_ctx *c, int nondet) {}
+size_t gpu_attention_bwd_arena_bytes(int B, int T, int nh, int dk, int dv, int nondet) { return 0; }
 
 /* kernels/gmodel.h */
 /* FP8 grouped expert GEMMs (kernels/moe_fp8.h) */

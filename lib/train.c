@@ -1249,10 +1249,17 @@ static int setup_rest(trainer *t, dsv3_err *e)
         /* one GPU per rank of a node: the local rank picks it */
         const comm_launch *cl = o->comm ? comm_launch_info(o->comm) : NULL;
         int dev = (cl && cl->local_world > 0 ? cl->local_rank : t->dp.rank) % ngpu;
+        /* GMODEL_NONDET only matters for masked documents (its arena share too) */
+        const int nondet = o->nondet && (o->sft || o->doc_mask);
         if (gmodel_create_opt(&t->gm, &t->m, (int)t->B, (int)t->L, dev,
-                              o->recompute ? GMODEL_RECOMPUTE : 0, e) ||
+                              (o->recompute ? GMODEL_RECOMPUTE : 0) |
+                                  (nondet ? GMODEL_NONDET : 0),
+                              e) ||
             (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
             return -1;
+        if (nondet)
+            note(t, "dsv3-train: %s", "--nondeterministic: the fused attention backward for "
+                 "documents where it applies; the run's bits do not repeat");
         char act[64];
         snprintf(act, sizeof act, "%.1f MiB%s", (double)gmodel_arena_peak(t->gm) / 1048576.0,
                  o->recompute ? " (--recompute)" : "");

@@ -94,6 +94,8 @@ typedef struct train_opts {
     int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
     int recompute;          /* 1 (with cuda): RMSNorm outputs and MLA up-projections made
                                again in backward, not kept (GMODEL_RECOMPUTE) */
+    int nondet;             /* 1 (with cuda and documents masked): kernels whose sums vary
+                               run to run where faster (GMODEL_NONDET); 0: bit-reproducible */
     int ep;                 /* expert parallelism over this many ranks (0/1: off; lib/ep):
                                rank r holds routed-expert group r mod ep only */
     int route_nodes;        /* node-limited routing: a token's experts on at most this many

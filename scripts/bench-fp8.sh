@@ -16,7 +16,8 @@
 #     random tokens, micro-batch B x 4096, global batch GB sequences, STEPS steps, MTP and
 #     balance loss off, in bf16 and with --fp8 on the same data; the median tokens/s of the
 #     steps after the first (metrics.jsonl). BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train
-#     --fp8 (an earlier commit's build) on the same data.
+#     --fp8 (an earlier commit's build) on the same data. FP8_KERNELS="3 ..." also runs --fp8
+#     with each of those grouped-GEMM variants (DSV3_MOE_FP8_KERNEL, kernels/moe_gemm_fp8).
 # Usage: scripts/bench-fp8.sh [STEPS] [B] [GB]   (defaults 4 4 16; build first; BUILD=build).
 # SKIP_GEMM=1 leaves out part 1, SKIP_LAYER=1 part 2. For docs/PERF.md.
 set -eu
@@ -58,4 +59,7 @@ run() { # NAME BINDIR FLAGS...
 run bf16 "$bin"
 run fp8 "$bin" --fp8
 [ -n "${BEFORE_BUILD:-}" ] && run fp8-before "$(cd "$BEFORE_BUILD/bin" && pwd)" --fp8
+for v in ${FP8_KERNELS:-}; do
+    (export DSV3_MOE_FP8_KERNEL="$v" && run "fp8-kernel$v" "$bin" --fp8)
+done
 exit 0

@@ -6,7 +6,9 @@
 # random routing) and of a V3 expert (7168 -> 4096 and 2048 -> 7168, 8 experts of 4096 rows):
 # the FP8 GEMM alone (operands quantised beforehand), with its quantisations (from bf16, as
 # gmodel runs it), and our bf16 grouped GEMM; TFLOP/s against the 8192^3 ceilings measured
-# in the same process (cuBLASLt bf16, cuBLASLt FP8 with 1x128 x 128x128 scaling).
+# in the same process (cuBLASLt bf16, cuBLASLt FP8 with 1x128 x 128x128 scaling); last, the
+# FP8 GEMM alone with each kernel variant (DSV3_MOE_FP8_KERNEL 0/1/2/3; 3 = warp-specialised,
+# persistent, TMA loads).
 # Usage: scripts/bench-moe-fp8.sh (BUILD=build). For docs/KERNELS.md and docs/PERF.md.
 set -eu
 BUILD=${BUILD:-build}

@@ -26,9 +26,10 @@
 # tokens/s, the acceptance rate; random weights make its drafts rarely right);
 # BATCHES (default "8 64") the batch sizes of the batch runs;
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
-# PREFILL=gemm once more with DSV3_GINFER_PREFILL=gemm (the prompt in one pass on the tensor
-# cores, kernels/ginfer_prefill.cuh; run "prefill-gemm": its prefill tokens/s too, and whether
-# the greedy text equals the default path's). The other runs set DSV3_GINFER_PREFILL empty.
+# PREFILL=VALUE once more with DSV3_GINFER_PREFILL=VALUE (e.g. gemv: every prompt row through
+# the GEMVs instead of the default tensor-core pass, kernels/ginfer_prefill.cuh; run
+# "prefill-VALUE": its prefill tokens/s too, and whether the greedy text equals the default
+# run's). The other runs leave DSV3_GINFER_PREFILL unset.
 # FP8=1: an FP8 copy of the folder (dsv3-quant: 128x128 block scales), batch-1 decode on it
 # twice: as bf16 (dequantised at load, the default) and with DSV3_GINFER_FP8=1 (e4m3 weights
 # read by the GEMVs, kernels/ginfer_fp8.cuh), each against its roofline (bench_sample_floor
@@ -62,7 +63,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
         name=$(basename "$CFG" .json)
         "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"
-        DSV3_GINFER_PREFILL= "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda \
+        env -u DSV3_GINFER_PREFILL "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda \
             -f "$W/long.txt" -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out1.txt" 2>"$W/err"
         rates "$W/err"
         floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" 1 $((ptok + N / 2)) gpu)
@@ -71,15 +72,16 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name prefill: $ptok tokens at $pre tokens/s"
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
-        for run in ${PREFILL:+prefill-gemm} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
+        for run in ${PREFILL:+prefill-$PREFILL} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
             ${PROFILE:+$([ "${PDL:-1}" = 0 ] || echo pdl) profile} \
             ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done); do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
-            env DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
+            env $([ $run = "prefill-${PREFILL:-}" ] && echo "DSV3_GINFER_PREFILL=$PREFILL" ||
+                    echo "-u DSV3_GINFER_PREFILL") \
+                DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
-                DSV3_GINFER_PREFILL=$([ $run = prefill-gemm ] && echo "$PREFILL") \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {
@@ -88,7 +90,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             }
             rates "$W/err"
             same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
-            if [ $run = prefill-gemm ]; then
+            if [ $run = "prefill-${PREFILL:-}" ]; then
                 echo "$name prefill ($run): $ptok tokens at $pre tokens/s"
             fi
             echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"

@@ -25,6 +25,11 @@
 # (1b-moe forward + backward with and without recomputation: time and activation arena) and
 # dsv3-train --recompute per config. For docs/PERF.md.
 # BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train (an earlier commit's build) on 1b-moe's data.
+# DOCMASK=1: packed documents of 1 to 2048 tokens (uniform, as tests/gpu/test_attention's
+# bench) trained with --doc-mask (every dsv3-train run, the PyTorch peer excepted: it does
+# not mask), and each config once more with --nondeterministic (the fused attention
+# backward for documents): its tokens/s against the deterministic run's. The FLOPs still
+# count causal attention over the whole sequence (more than masking computes).
 set -eu
 BUILD=${BUILD:-build}
 B=${1:-4} GB=${2:-16} steps=${3:-3} L=4096
@@ -82,23 +87,38 @@ for cfg in $CONFIGS; do
         printf "%.6g\n", 6 * a + 3 * c["num_attention_heads"] * (L + 1) * d * c["num_hidden_layers"] }')
     echo "== 2. dsv3-train --device cuda, $cfg, B=$cb, global batch $cg x $L tokens, $steps steps ($fpt FLOP/token)"
     recs=$((cg * steps + cg))
-    awk -v n="$recs" -v L="$L" -v V="$vocab" 'BEGIN { srand(7); for (i = 0; i < n; i++) { s = "";
-         for (j = 0; j < L + 8; j++) s = s (j ? " " : "") (2 + int(rand() * (V - 300))); print s } }' >"$T/ids.txt"
-    rm -rf "$T/a.shard" "$T/data" "$T/run" "$T/runrc"
+    # records of L + 8 tokens, or with DOCMASK=1 as many tokens in documents of 1..2048
+    awk -v n="$recs" -v L="$L" -v V="$vocab" -v dm="${DOCMASK:-0}" 'BEGIN { srand(7);
+         for (left = n * (L + 8); left > 0; left -= len) { len = dm == 1 ? 1 + int(rand() * 2048) : L + 8;
+         s = ""; for (j = 0; j < len; j++) s = s (j ? " " : "") (2 + int(rand() * (V - 300))); print s } }' >"$T/ids.txt"
+    dm=; [ "${DOCMASK:-0}" = 1 ] && dm=--doc-mask
+    rm -rf "$T/a.shard" "$T/data" "$T/run" "$T/runrc" "$T/runnd"
     "$bin/dsv3-shard" make --vocab-size "$vocab" -o "$T/a.shard" "$T/ids.txt"
     "$bin/dsv3-pack" --quiet -o "$T/data" --eos-id 1 -L $L -s 1 "$T/a.shard"
     t0=$(date +%s)
     memrun "$cfg" "$bin/dsv3-train" -c "$json" -d "$T/data" -o "$T/run" -b "$cb" -g "$cg" \
-        --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda >"$T/train.log" 2>&1 || true
+        --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda $dm >"$T/train.log" 2>&1 || true
     grep -E 'activations kept|^step' "$T/train.log" | tail -n "$((steps + 1))"
     [ -s "$T/run/metrics.jsonl" ] || { echo "# dsv3-train failed:"; tail -n 5 "$T/train.log"; }
     echo "# wall $(( $(date +%s) - t0 )) s for the run (setup, $steps steps, final checkpoint)"
     tps=$(median_tps "$T/run/metrics.jsonl")
     [ -n "$tps" ] && [ -n "$ceil" ] &&
         awk -v t="$tps" -v f="$fpt" -v c="$ceil" -v m="$(cat "$T/$cfg.mem")" -v n="$cfg" 'BEGIN { printf "dsv3-train %s end to end: %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f TFLOP/s, peak GPU memory %s GiB\n", n, t, t * f / 1e12, 100 * t * f / (c * 1e12), c, m }'
+    if [ -n "$dm" ]; then
+        memrun "$cfg-nd" "$bin/dsv3-train" -c "$json" -d "$T/data" -o "$T/runnd" -b "$cb" -g "$cg" \
+            --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda $dm --nondeterministic >"$T/trainnd.log" 2>&1 || true
+        grep -E 'activations kept|nondeterministic' "$T/trainnd.log" ||
+            { echo "# dsv3-train --nondeterministic failed:"; tail -n 5 "$T/trainnd.log"; }
+        tn=$(median_tps "$T/runnd/metrics.jsonl")
+        [ -n "$tn" ] && [ -n "$tps" ] && [ -n "$ceil" ] &&
+            awk -v t="$tn" -v t0="$tps" -v f="$fpt" -v c="$ceil" -v m="$(cat "$T/$cfg-nd.mem")" -v n="$cfg" 'BEGIN { printf "dsv3-train %s --doc-mask --nondeterministic: %.0f tokens/s (%+.1f%% against --doc-mask alone), MFU %.1f%%, peak GPU memory %s GiB\n", n, t, 100 * (t / t0 - 1), 100 * t * f / (c * 1e12), m }'
+        for r in run runnd; do
+            printf '# losses %s: %s\n' "$r" "$(sed -n 's/.*"loss":\([^,]*\).*/\1/p' "$T/$r/metrics.jsonl" | tr '\n' ' ')"
+        done
+    fi
     if [ "${RECOMPUTE:-0}" = 1 ]; then
         memrun "$cfg-rc" "$bin/dsv3-train" -c "$json" -d "$T/data" -o "$T/runrc" -b "$cb" -g "$cg" \
-            --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda --recompute >"$T/trainrc.log" 2>&1 || true
+            --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda --recompute $dm >"$T/trainrc.log" 2>&1 || true
         grep -E 'activations kept' "$T/trainrc.log" ||
             { echo "# dsv3-train --recompute failed:"; tail -n 5 "$T/trainrc.log"; }
         tr=$(median_tps "$T/runrc/metrics.jsonl")
@@ -113,7 +133,7 @@ for cfg in $CONFIGS; do
     if [ -n "${BEFORE_BUILD:-}" ] && [ "$cfg" = 1b-moe ]; then
         echo "== 2b. the same with $BEFORE_BUILD/bin/dsv3-train (an earlier commit)"
         "$BEFORE_BUILD/bin/dsv3-train" -c "$json" -d "$T/data" -o "$T/run0" -b "$cb" -g "$cg" \
-            --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda --quiet 2>&1 | tail -n 2
+            --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda --quiet $dm 2>&1 | tail -n 2
         t=$(median_tps "$T/run0/metrics.jsonl")
         [ -n "$t" ] && awk -v t="$t" -v f="$fpt" -v c="$ceil" 'BEGIN { printf "before: dsv3-train end to end: %.0f tokens/s, MFU %.1f%% of %.0f TFLOP/s\n", t, 100 * t * f / (c * 1e12), c }'
     fi

@@ -154,6 +154,11 @@ expect plain_run 0 dsv3-train -c $CFG -d "$T/sftd" -o "$T/pm0" -b 2 --steps 1 --
 expect doc_mask_run 0 dsv3-train -c $CFG -d "$T/sftd" -o "$T/pm1" -b 2 --steps 1 --doc-mask --quiet
 check doc_mask_fewer_targets test "$(field loss_tokens "$T/pm1/metrics.jsonl")" -lt "$(field loss_tokens "$T/pm0/metrics.jsonl")"
 check doc_mask_other_loss test "$(field loss "$T/pm1/metrics.jsonl")" != "$(field loss "$T/pm0/metrics.jsonl")"
+# --nondeterministic only permits faster GPU kernels: the CPU backend runs as without it
+# (the same loss to the last digit) and says nothing about it.
+expect doc_mask_nondet_cpu 0 dsv3-train -c $CFG -d "$T/sftd" -o "$T/pm2" -b 2 --steps 1 --doc-mask --nondeterministic
+check nondet_cpu_same_loss test "$(field loss "$T/pm2/metrics.jsonl")" = "$(field loss "$T/pm1/metrics.jsonl")"
+check nondet_cpu_no_note sh -c "grep -q 'device cpu' '$T/err' && ! grep -q nondeterministic '$T/err'"
 
 # Bad input: exit 1 with the reason, before any step, leaving no run folder.
 expect_err missing_data 1 "^dsv3-train: .*nope.*cannot open the data folder" dsv3-train -c $CFG -d "$T/nope" -o "$T/bad" --steps 1

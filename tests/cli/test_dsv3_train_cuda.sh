@@ -2,7 +2,8 @@
 # 20 steps of the tiny config on the GPU against the same 20 steps on the CPU (losses
 # within bf16 rounding), the loss falling, an exact resume on the GPU, the whole V3 loss
 # (MTP and balance loss at their defaults) and document masking (--doc-mask) on the GPU
-# against the CPU, cuda as the default device, and dsv3-sample --score on the GPU against
+# against the CPU, the same bits twice with documents at head dims 96/64 unless
+# --nondeterministic, cuda as the default device, and dsv3-sample --score on the GPU against
 # the CPU. Without a GPU the option must fail with a clear message (exit 1), and the rest
 # is skipped.
 . "$(dirname "$0")/lib.sh"
@@ -59,6 +60,20 @@ expect cpu_doc_mask 0 dsv3-train $F -o "$T/dcpu10" --doc-mask --device cpu
 expect gpu_doc_mask 0 dsv3-train $F -o "$T/dgpu10" --doc-mask --device cuda
 check gpu_doc_mask_close close loss "$T/dcpu10/metrics.jsonl" "$T/dgpu10/metrics.jsonl" 10 3e-2 5e-3
 check gpu_doc_mask_differs test "$(field loss "$T/dgpu10/metrics.jsonl")" != "$(field loss "$T/fgpu10/metrics.jsonl")"
+# Documents at head dims 96/64 (tiny with the 1B-class MoE's heads: the shape the fused
+# attention backward takes), sequences of 256 (two 128-key blocks). By default two runs give
+# the same bits; --nondeterministic says so at start-up and its losses stay within bf16 noise
+# of the deterministic run's (the first step's forward is the same kernels: equal).
+sed -e 's/"qk_nope_head_dim": 16/"qk_nope_head_dim": 64/' -e 's/"qk_rope_head_dim": 8/"qk_rope_head_dim": 32/' \
+    -e 's/"v_head_dim": 16/"v_head_dim": 64/' $CFG >"$T/hd96.json"
+dsv3-pack --quiet -o "$T/d256" --eos-id 1 -L 256 -s 1 "$T/a.shard"
+H="-c $T/hd96.json -d $T/d256 -b 2 -g 4 --lr 3e-3 --warmup 2 --steps 3 --doc-mask --device cuda --mtp-weight 0 --balance-alpha 0"
+expect gpu_docs96_a 0 dsv3-train $H -o "$T/d96a" --quiet
+expect gpu_docs96_b 0 dsv3-train $H -o "$T/d96b" --quiet
+check gpu_docs96_same_bits cmp -s "$T/d96a/step-000003/model.safetensors" "$T/d96b/step-000003/model.safetensors"
+expect gpu_docs96_nondet 0 dsv3-train $H -o "$T/d96n" --nondeterministic
+check gpu_nondet_note grep -q -- "--nondeterministic: the fused attention backward" "$T/err"
+check gpu_nondet_close close loss "$T/d96a/metrics.jsonl" "$T/d96n/metrics.jsonl" 3 1e-2 1e-6
 # ZeRO ranks on the GPU (gradients fetched to the host, AdamW on the host shards): two
 # torchrun-style ranks sharing the GPU follow one process (AdamW on the device), with the
 # MTP and balance losses normalised over both ranks' forwards.

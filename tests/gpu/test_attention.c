@@ -2,8 +2,10 @@
  * exp) and backward (dq, dk, dv), against lib/ops attention_forward/backward on fresh
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
- * documents) against lib/ops attention_*_seg, and the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) on both. With DSV3_GPU_BENCH=1 also timings on
+ * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
+ * 9, 10) on both, and the default pick by gpu_attention_set_nondet (the same bits run to
+ * run unless set; the fused backward for documents when set). With DSV3_GPU_BENCH=1 also
+ * timings on
  * V3 and 1B-MoE shapes against the measured matrix rate. */
 #include "../../kernels/attention.h"
 #include "../../kernels/gemm.h"
@@ -262,6 +264,112 @@ static void attention_fused_bwd_match_cpu(void)
     gt_stat("attention fused bwd (9, 10) dv", wv, BF16_BOUND);
 }
 
+/* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
+ * DSV3_ATTN_BWD set to cand for the call when cand is not NULL. */
+static void bwd_down(float *out[3], const char *cand, gpu_bf16 *const in[5], const float *lse,
+                     const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale)
+{
+    dsv3_err e;
+    size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
+    gpu_bf16 *d[3] = {gt_poisoned(nq * 2), gt_poisoned(nq * 2), gt_poisoned(nv * 2)};
+    out[0] = out[1] = out[2] = NULL;
+    REQUIRE(d[0] && d[1] && d[2]);
+    if (cand)
+        setenv("DSV3_ATTN_BWD", cand, 1);
+    int rc = gpu_attention_bwd_seg(gt_ctx_, d[0], d[1], d[2], in[3], in[4], lse, in[0], in[1],
+                                   in[2], seg, B, T, nh, dk, dv, scale, &e);
+    unsetenv("DSV3_ATTN_BWD");
+    CHECKF(rc == 0, "%s", e.msg);
+    out[0] = gt_down_bf(d[0], nq), out[1] = gt_down_bf(d[1], nq), out[2] = gt_down_bf(d[2], nv);
+}
+
+/* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
+ * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
+ * documents or not, and those of candidate 5 named; set nondet, a document-masked call of
+ * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
+ * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
+ * elsewhere, while causal calls and 192/128 keep the deterministic kernels (the same bits
+ * as before). Skipped when DSV3_ATTN_BWD is set (it overrides the pick). */
+static void attention_nondet_pick(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD"))
+        SKIP("DSV3_ATTN_BWD set");
+    dsv3_err e;
+    /* B, T, nh, dk, dv, documents */
+    static const int sh[][6] = {{2, 120, 2, 96, 64, 1}, {1, 900, 2, 96, 64, 1},
+                                {1, 100, 2, 96, 64, 0}, {1, 300, 2, 192, 128, 1}};
+    double wq = 0, wk = 0, wv = 0;
+    gpu_attention_set_variant(gt_ctx_, 0);
+    for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        const int docs = sh[si][5], fused = docs && dk <= 96;
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, n[3] = {nq, nq, nv};
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        for (int b = 0, doc = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0)
+                    doc++, left = 1 + (int)(test_rand() % 200);
+                seg[(size_t)b * T + t] = docs ? doc : b; /* the CPU side: one per sequence */
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        float *dout = gt_rand_bf(nv, 1);
+        gpu_bf16 *in[5] = {gt_up_bf(q, nq), gt_up_bf(k, nq), gt_up_bf(v, nv), gt_up_bf(dout, nv),
+                           gt_poisoned(nv * 2)};
+        float *glse = gt_poisoned((size_t)B * nh * T * 4);
+        int32_t *gseg = docs ? gt_up(seg, (size_t)B * T * 4) : NULL;
+        REQUIRE(in[0] && in[1] && in[2] && in[3] && in[4] && glse && (gseg || !docs));
+        CHECKF(gpu_attention_fwd_seg(gt_ctx_, in[4], glse, in[0], in[1], in[2], gseg, B, T, nh,
+                                     dk, dv, scale, &e) == 0,
+               "%s", e.msg);
+        float *r1[3], *r2[3], *r5[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
+        bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
+        bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
+        bwd_down(r5, "5", in, glse, gseg, B, T, nh, dk, dv, scale);
+        gpu_attention_set_nondet(gt_ctx_, 1);
+        bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
+        if (fused && T <= 128)
+            bwd_down(r10, "10", in, glse, gseg, B, T, nh, dk, dv, scale);
+        gpu_attention_set_nondet(gt_ctx_, 0);
+        int same12 = 1, same15 = 1, same1n = 1, samen10 = 1;
+        for (int x = 0; x < 3 && !test_failed_; x++) {
+            size_t by = n[x] * sizeof(float);
+            same12 &= !memcmp(r1[x], r2[x], by), same15 &= !memcmp(r1[x], r5[x], by);
+            same1n &= !memcmp(r1[x], rn[x], by);
+            samen10 &= !r10[x] || !memcmp(rn[x], r10[x], by);
+        }
+        CHECKF(same12 && same15, "B=%d T=%d %d/%d docs %d: deterministic runs differ (again "
+               "%d, candidate 5 %d)", B, T, dk, dv, docs, !same12, !same15);
+        CHECKF(fused || same1n, "B=%d T=%d %d/%d docs %d: nondet changed a call the fused "
+               "backward does not take", B, T, dk, dv, docs);
+        CHECKF(samen10, "B=%d T=%d docs: the nondet default is not candidate 10", B, T);
+        if (fused && !test_failed_) { /* against lib/ops */
+            float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T);
+            float *rd[3] = {gt_zeros(nq), gt_zeros(nq), gt_zeros(nv)};
+            attention_forward_seg(ro, att, q, k, v, seg, B, T, nh, dk, dv, scale);
+            attention_backward_seg(rd[0], rd[1], rd[2], dout, att, q, k, v, seg, B, T, nh, dk,
+                                   dv, scale);
+            double c = gt_relerr(rn[0], rd[0], nq), d = gt_relerr(rn[1], rd[1], nq);
+            double f = gt_relerr(rn[2], rd[2], nv);
+            wq = c > wq ? c : wq, wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+            CHECKF(c <= BF16_BOUND && d <= BF16_BOUND && f <= BF16_BOUND,
+                   "nondet default, documents, B=%d T=%d: dq %.2e dk %.2e dv %.2e", B, T, c, d, f);
+            free(ro), free(att), free(rd[0]), free(rd[1]), free(rd[2]);
+        }
+        for (int x = 0; x < 3; x++)
+            free(r1[x]), free(r2[x]), free(r5[x]), free(rn[x]), free(r10[x]);
+        free(q), free(k), free(v), free(dout), free(seg);
+        gt_reset(mark);
+    }
+    gt_stat("attention nondet default (documents) dq", wq, BF16_BOUND);
+    gt_stat("attention nondet default (documents) dk", wk, BF16_BOUND);
+    gt_stat("attention nondet default (documents) dv", wv, BF16_BOUND);
+}
+
 struct att_job {
     int B, T, nh, dk, dv, bwd;
     gpu_bf16 *q, *k, *v, *o, *dout, *dq, *dk_, *dv_;
@@ -387,6 +495,7 @@ int main(void)
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
         RUN(attention_fused_bwd_match_cpu);
+        RUN(attention_nondet_pick);
     }
     RUN(bench_attention);
     if (gt_ctx_)

@@ -1,6 +1,6 @@
-/* GPU test of the tensor-core prefill (DSV3_GINFER_PREFILL=gemm, kernels/ginfer_prefill.cuh)
- * against the GEMV path it replaces (which tests/gpu/test_ginfer.c holds to the CPU), on fresh
- * random tiny bf16 models with q_lora on and off, shared experts on and off:
+/* GPU test of the tensor-core prefill (kernels/ginfer_prefill.cuh; the default: an engine
+ * made with DSV3_GINFER_PREFILL unset) against the GEMV path (DSV3_GINFER_PREFILL=gemv, which
+ * tests/gpu/test_ginfer.c holds to the CPU), on fresh random tiny bf16 models with q_lora on and off, shared experts on and off:
  * - a 300-token prompt (slot 1 of 2) runs as one pass (ginfer_prefill_passes) and gives every
  *   row's logits: median row within 3e-2 of the GEMV path's, at most 10% of the rows past
  *   3e-2 (rows whose experts flipped at a router near tie in the last layer, which no cache
@@ -154,7 +154,7 @@ static void check_model(int model, int q, int shared)
     }
     float *la = malloc((size_t)T * V * 4), *lb = malloc((size_t)T * V * 4);
     ginfer *a = NULL, *b = NULL;
-    int ok = make(&a, &m, NULL, ctx, 0, &e) == 0 && make(&b, &m, "gemm", ctx, 0, &e) == 0 &&
+    int ok = make(&a, &m, "gemv", ctx, 0, &e) == 0 && make(&b, &m, NULL, ctx, 0, &e) == 0 &&
              ginfer_forward(a, T, slot, pos, ids, NULL, la, &e) == 0 &&
              ginfer_forward(b, T, slot, pos, ids, NULL, lb, &e) == 0;
     CHECKF(ok, "%s", e.msg);
@@ -223,7 +223,7 @@ static void test_prefill_gemm_not_taken(void)
     int ok = make(&g, &m, "gemm:128", 2 * n + 8, 0, &e) == 0 &&
              ginfer_forward(g, n, slot, pos, ids, want, lg, &e) == 0 &&
              ginfer_forward(g, n, slot, pos + n, ids, want, lg, &e) == 0 &&
-             make(&x, &m, "gemm", 2 * n + 8, 1, &e) == 0 &&
+             make(&x, &m, NULL, 2 * n + 8, 1, &e) == 0 &&
              ginfer_forward(x, n, slot, pos, ids, want, lg, &e) == 0;
     CHECKF(ok, "%s", e.msg);
     CHECK(!ok || (ginfer_prefill_passes(g) == 0 && ginfer_prefill_passes(x) == 0));

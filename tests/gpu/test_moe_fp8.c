@@ -8,7 +8,10 @@
  * not multiples of 128, and a K of 7168 (56 promotions). Inputs are fresh random bf16 values
  * whose magnitude changes by powers of two per row and per 128-block, so a scale read for
  * the wrong row, column or block gives errors of order one. Outputs start poisoned (NaN):
- * an unwritten row shows; experts without rows must leave d_W bit for bit as it was.
+ * an unwritten row shows; experts without rows must leave d_W bit for bit as it was. Every
+ * kernel variant (DSV3_MOE_FP8_KERNEL 0-3) runs every case; variant 3 (warp-specialised,
+ * TMA loads, persistent) also on 3 blocks (many tiles a block, the ring wrapping), and its
+ * outputs must equal the default variant's bit for bit (the same products in the same order).
  *
  * Bounds: the reference uses the same dequantised operands, so what differs is only the
  * arithmetic: the tensor cores add each 128-long block with reduced precision before the
@@ -142,7 +145,46 @@ static int64_t fmismatches(const float *a, const float *b, size_t n)
     return k;
 }
 
-static void run_case(const struct mcase *mc, double *worst)
+/* fprop, dgrad and wgrad again with kernel variant `v` (from bf16 operands, into fresh
+ * poisoned outputs; d_W from dW0): how many values differ in bits from out, dx, dw. */
+static int64_t variant_bit_diffs(int v, gpu_moe_plan *p, const struct mcase *mc, gpu_bf16 *gx,
+                                 gpu_bf16 *gdy, gpu_bf16 *gW, const float *dW0,
+                                 const float *out, const float *dx, const float *dw)
+{
+    dsv3_err e;
+    int E = mc->E, I = mc->I, O = mc->O, nk = p->N;
+    const char *was = getenv("DSV3_MOE_FP8_KERNEL");
+    char keep[16] = "", vs[2] = {(char)('0' + v), 0};
+    if (was)
+        snprintf(keep, sizeof keep, "%s", was);
+    setenv("DSV3_MOE_FP8_KERNEL", vs, 1);
+    gpu_bf16 *gout = gt_poisoned((size_t)nk * O * 2), *gdx = gt_poisoned((size_t)nk * I * 2);
+    float *gdW = gt_up(dW0, (size_t)E * O * I * 4);
+    gpu_moe_fp8 m = {0};
+    int64_t n = -1;
+    if (gout && gdx && gdW && gpu_moe_fp8_init(&m, nk, E, I > O ? I : O, &e) == 0 &&
+        gpu_moe_fp8_fwd(gt_ctx_, &m, p, gout, gx, gW, I, O, &e) == 0 &&
+        gpu_moe_fp8_dgrad(gt_ctx_, &m, p, gdx, gdy, gW, I, O, &e) == 0 &&
+        gpu_moe_fp8_wgrad(gt_ctx_, &m, p, gdW, gdy, gx, I, O, &e) == 0 &&
+        gpu_sync(gt_ctx_, &e) == 0) {
+        float *o2 = gt_down_bf(gout, (size_t)nk * O), *x2 = gt_down_bf(gdx, (size_t)nk * I),
+              *w2 = gt_down_f(gdW, (size_t)E * O * I);
+        for (int64_t i = 0; i < (int64_t)E * O * I; i++)
+            w2[i] -= dW0[i]; /* as the caller's dw: the increment */
+        n = fmismatches(o2, out, (size_t)nk * O) + fmismatches(x2, dx, (size_t)nk * I) +
+            fmismatches(w2, dw, (size_t)E * O * I);
+        free(o2), free(x2), free(w2);
+    }
+    gpu_moe_fp8_free(&m);
+    if (was)
+        setenv("DSV3_MOE_FP8_KERNEL", keep, 1);
+    else
+        unsetenv("DSV3_MOE_FP8_KERNEL");
+    return n;
+}
+
+/* same_as >= 0: the outputs must also equal kernel variant same_as's bit for bit. */
+static void run_case(const struct mcase *mc, int same_as, double *worst)
 {
     dsv3_err e;
     int E = mc->E, I = mc->I, O = mc->O;
@@ -262,6 +304,11 @@ static void run_case(const struct mcase *mc, double *worst)
         }
     CHECKF(empty_changed == 0, "wgrad changed %lld values of experts without rows",
            (long long)empty_changed);
+    if (same_as >= 0) {
+        int64_t nb = variant_bit_diffs(same_as, &p, mc, gx, gdy, gW, dW0, out, dx, dw);
+        CHECKF(nb == 0, "%lld outputs differ in bits from kernel variant %d's (-1: it failed)",
+               (long long)nb, same_as);
+    }
     double ef = gt_relerr(out, rout, (size_t)nk * O), ed = gt_relerr(dx, rdx, (size_t)nk * I),
            ew = gt_relerr(dw, rdw, (size_t)E * O * I);
     printf("# moe fp8 E %d rows %d I %d O %d: fprop %.2e dgrad %.2e wgrad %.2e\n", E, nk, I, O,
@@ -286,31 +333,39 @@ static void fp8_grouped_gemms_match_reference(void)
     static const int c2[] = {300, 0, 0, 17, 200};
     static const int c3[] = {128, 128, 256, 0};
     static const int c4[] = {0, 70, 81};
+    static const int c5[] = {5, 0, 40};
     const struct mcase cases[] = {
         {8, 256, 384, c1}, /* ragged, empty experts */
         {5, 272, 208, c2}, /* dimensions not multiples of 128 */
         {4, 1024, 512, c3}, /* 1B-MoE's down width, tile-aligned experts */
         {3, 7168, 256, c4}, /* V3's hidden size as K: 56 promotions */
+        {3, 96, 48, c5},    /* every dimension under one tile (TMA boxes past all edges) */
     };
     /* every kernel variant (DSV3_MOE_FP8_KERNEL: 0 two warpgroups, 1 the same with the
-     * promotion overlapped, 2 one warpgroup) */
+     * promotion overlapped, 2 one warpgroup, 3 warp-specialised with TMA loads; pass 4 is
+     * variant 3 on 3 blocks, DSV3_MOE_WS_GRID) */
     const char *was = getenv("DSV3_MOE_FP8_KERNEL");
     char keep[16] = "";
     if (was)
         snprintf(keep, sizeof keep, "%s", was);
-    for (int pipe = 0; pipe < 3 && !test_failed_; pipe++) {
-        char v[2] = {(char)('0' + pipe), 0};
+    for (int pass = 0; pass < 5 && !test_failed_; pass++) {
+        int vn = pass < 4 ? pass : 3;
+        char v[2] = {(char)('0' + vn), 0}, tag[16];
         setenv("DSV3_MOE_FP8_KERNEL", v, 1);
+        if (pass == 4)
+            setenv("DSV3_MOE_WS_GRID", "3", 1);
+        snprintf(tag, sizeof tag, "v%d%s", vn, pass == 4 ? " 3 blocks" : "");
         double worst[3] = {0, 0, 0};
-        printf("# kernel variant %d\n", pipe);
+        printf("# kernel variant %s\n", tag);
         for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !test_failed_; i++)
-            run_case(&cases[i], worst);
+            run_case(&cases[i], vn == 3 ? 2 : -1, worst);
+        unsetenv("DSV3_MOE_WS_GRID");
         char n[64];
-        snprintf(n, sizeof n, "moe fp8 fprop (bf16 out) v%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 fprop (bf16 out) %s", tag);
         gt_stat(n, worst[0], BF16_OUT_BOUND);
-        snprintf(n, sizeof n, "moe fp8 dgrad (bf16 out) v%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 dgrad (bf16 out) %s", tag);
         gt_stat(n, worst[1], BF16_OUT_BOUND);
-        snprintf(n, sizeof n, "moe fp8 wgrad (fp32 +=) v%d", pipe);
+        snprintf(n, sizeof n, "moe fp8 wgrad (fp32 +=) %s", tag);
         gt_stat(n, worst[2], F32_OUT_BOUND);
     }
     if (was)
@@ -444,7 +499,7 @@ static void bench_shape(const char *name, int N, int K, int E, int I, int O, int
     static const char *kinds[] = {"fprop", "dgrad", "wgrad"};
     double fl = 2.0 * nk * I * O;
     for (int k = 0; k < 3; k++) {
-        float ms[3], alt[3];
+        float ms[3], alt[4];
         j.kind = k;
         for (int path = 0; path < 3; path++) {
             j.path = path;
@@ -457,7 +512,7 @@ static void bench_shape(const char *name, int N, int K, int E, int I, int O, int
         if (was)
             snprintf(keep, sizeof keep, "%s", was);
         j.path = 0;
-        for (int v = 0; v < 3; v++) {
+        for (int v = 0; v < 4; v++) {
             char vs[2] = {(char)('0' + v), 0};
             setenv("DSV3_MOE_FP8_KERNEL", vs, 1);
             alt[v] = gb_time(mjob_run, &j, 10);
@@ -469,10 +524,10 @@ static void bench_shape(const char *name, int N, int K, int E, int I, int O, int
 #define TF(x) (fl / ((x) * 1e-3) / 1e12)
         printf("# bench moe fp8 %-6s %-34s %7.3f ms %6.1f TFLOP/s %5.1f%% of fp8 ceiling | with "
                "quant %6.1f | bf16 grouped %6.1f (%4.1f%% of bf16 ceiling) | fp8/bf16 %.2fx, "
-               "with quant %.2fx | kernels 0/1/2 %6.1f %6.1f %6.1f\n",
+               "with quant %.2fx | kernels 0/1/2/3 %6.1f %6.1f %6.1f %6.1f\n",
                kinds[k], name, ms[0], TF(ms[0]), 100.0 * TF(ms[0]) / c8, TF(ms[1]), TF(ms[2]),
                100.0 * TF(ms[2]) / c16, ms[2] / ms[0], ms[2] / ms[1], TF(alt[0]), TF(alt[1]),
-               TF(alt[2]));
+               TF(alt[2]), TF(alt[3]));
 #undef TF
     }
     gpu_moe_plan_free(&p);
