@@ -895,11 +895,13 @@ struct f3b_smem {
  * two back, which every warpgroup has waited for before the barrier, so a tile's dV and dK
  * run on across the next tile's barrier and loads. FX: exp by ex2.approx.ftz. AR (bits):
  * 1 the warpgroup's K rows, 2 its V rows, held in registers as the A operand of S^T, dP^T
- * (read from shared memory once, not at every product). DR: with ST 4 too, wait for a
- * tile's products at its end (ptxas serialises every wgmma of some ST 4 instantiations,
- * warning C7515, when accumulators stay in flight across the loop's barrier). */
+ * (read from shared memory once, not at every product). DR (bits): 1 with ST 4 too, wait
+ * for a tile's products at its end; 2 the tile loop without a zero-trip path (every block
+ * has a tile). Either keeps ptxas from serialising every wgmma of the ST 4 kernels (warning
+ * C7515): with the zero-trip path, the accumulators' zeros (a mov) reach the loop's exit
+ * where a product can still be in flight. */
 template <int DKP, int DVP, bool SEG, int HS, int ST, bool FX, int TQ_, int MINB, int AR = 0,
-          bool DR = false>
+          int DR = 0>
 __global__ void __launch_bounds__(256, MINB)
     f3_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
                        const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
@@ -963,7 +965,7 @@ __global__ void __launch_bounds__(256, MINB)
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
     const int skl = SEG ? sg[min(k0 + wg * 64 + 63, T - 1)] : 0;
-    for (int qt = qt0; qt < nq; qt++) {
+    for (int qt = qt0; (DR & 2) || qt < nq; qt++) { /* DR 2: qt0 < nq always */
         const int buf = (qt - qt0) % L::STAGES, q0 = qt * TQ;
         if (ST == 3) {
             prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
@@ -1074,13 +1076,15 @@ __global__ void __launch_bounds__(256, MINB)
                 wg_commit();
             }
         }
-        if (ST == 3 || DR || !live) {
+        if (ST == 3 || (DR & 1) || !live) {
             wg_wait<0>();
             wg_regs(dV);
             wg_regs(dK);
         }
         if (ST == 3)
             __syncthreads(); /* a later prefetch overwrites the stage just read */
+        if ((DR & 2) && qt + 1 >= nq)
+            break;
     }
     wg_wait<0>();
     wg_regs(dV);
@@ -1127,11 +1131,12 @@ struct f3q_smem {
  * back, so dQ runs on under the next tile's barrier, loads and S, and is waited for with
  * S. FX: exp by ex2.approx. KS_: keys a step (64; 128 with TN 128: S and dP as m64n128
  * products, half the A-operand reads and wgmma issues, one step a tile). AR (bits): 1 the
- * warpgroup's Q rows, 2 its dO rows, held in registers as the A operand of S, dP. DR: as
- * in the dK/dV kernel, the last dQ product of a tile is waited for at its end with ST 4
- * too (else ptxas serialises every wgmma of the ST 4 kernel: warning C7515). */
+ * warpgroup's Q rows, 2 its dO rows, held in registers as the A operand of S, dP. DR
+ * (bits), as in the dK/dV kernel: 1 the last dQ product of a tile waited for at its end
+ * with ST 4 too, 2 the tile loop without a zero-trip path (kt0 < ntiles always); either
+ * keeps ptxas from serialising every wgmma of the ST 4 kernel (warning C7515). */
 template <int DKP, int DVP, bool SEG, int ST, bool FX, int TN_, int MINB, int KS_ = 64,
-          int AR = 0, bool DR = false>
+          int AR = 0, int DR = 0>
 __global__ void __launch_bounds__(256, MINB)
     f3_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
                      const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *seg, int T,
@@ -1188,7 +1193,7 @@ __global__ void __launch_bounds__(256, MINB)
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
         dQ[j] = 0;
-    for (int kt = kt0; kt < ntiles; kt++) {
+    for (int kt = kt0; (DR & 2) || kt < ntiles; kt++) { /* DR 2: kt0 < ntiles always */
         const int buf = (kt - kt0) % L::STAGES, k0 = kt * TN;
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
         fence_proxy_async();
@@ -1268,11 +1273,13 @@ __global__ void __launch_bounds__(256, MINB)
             for (int kk = 0; kk < KS / 16; kk++)
                 wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, ks + kk * 16));
             wg_commit();
-            if ((ST == 3 || DR) && ks + KS == TN) { /* the next barrier frees this stage */
+            if ((ST == 3 || (DR & 1)) && ks + KS == TN) { /* the next barrier frees this stage */
                 wg_wait<0>();
                 wg_regs(dQ);
             }
         }
+        if ((DR & 2) && kt + 1 >= ntiles)
+            break;
     }
     wg_wait<0>();
     wg_regs(dQ);
@@ -1505,9 +1512,9 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
 
 /* Backward kernel shapes (f3_bwd_dkdv_kernel, f3_bwd_dq_kernel): HS queries a dK/dV step,
  * SK and SQ stages of the two kernels, FX the ex2.approx exponential; KSQ keys a dQ step,
- * ARK and ARQ the operands each kernel holds in registers (its AR), DR the kernels that
- * drain their products at every tile's end (bit 1 dK/dV, bit 2 dQ, bit 4 dK/dV on
- * documents only). */
+ * ARK and ARQ the operands each kernel holds in registers (its AR), DR (bits) the kernels
+ * that drain their products at every tile's end (1 dK/dV, 2 dQ, 4 dK/dV on documents
+ * only), 8 the tile loops of the others without a zero-trip path (kernel DR 1 or 2). */
 template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, int TN, int MB,
           int KSQ, int ARK, int ARQ, int DR>
 static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
@@ -1518,18 +1525,18 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
     typedef f3b_smem<DKP, DVP, SK, TQ> LB;
     typedef f3q_smem<DKP, DVP, SQ, TN> LQ;
     static_assert(LB::bytes <= 227 * 1024 && LQ::bytes <= 227 * 1024, "shared memory");
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) != 0>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) != 0>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) ? 1 : (DR & 8) ? 2 : 0>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
     const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
     dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
-    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) != 0><<<gk, 256, LB::bytes, c->stream>>>(
+    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0><<<gk, 256, LB::bytes, c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) != 0><<<gq, 256, LQ::bytes, c->stream>>>(
+    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) ? 1 : (DR & 8) ? 2 : 0><<<gq, 256, LQ::bytes, c->stream>>>(
         d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dq (sm90)", e);
     return 0;
@@ -1640,18 +1647,21 @@ static bool fused_bwd_fits(int dk, int dv)
  *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
  *   9  one fused kernel (dQ by fp32 reductions, attention_fa.cuh), dS by stmatrix
  *  10  as 9, dS by 2-byte stores
- * 11-16 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on the
- * 4-stage dQ kernel (and on 5's dK/dV kernel for documents): with 4 stages the dQ of a
- * tile stays in flight across the next tile's barrier, and ptxas then waits after every
- * wgmma of the kernel (warning C7515); 11 waits for it at the tile's end instead (DR)
- *  11  5, the dQ kernel (and the document dK/dV) drained at tile ends
- *  12  11, dQ steps of 128 keys (S and dP as m64n128 products)
- *  13  11, Q and dO in registers (the A operand of the dQ kernel's S and dP)
- *  14  11, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T)
- *  15  14 with 12's dQ                                     16  14 with 13's dQ
+ * 11-17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on the
+ * 4-stage dQ kernel (and on 5's dK/dV kernel for documents; warning C7515: it then waits
+ * after every wgmma of the kernel): a tile's last products stay in flight at the loop's
+ * exit, which the zero-trip path's zeroed accumulators also reach
+ *  11  5, the dQ kernel (and the document dK/dV) drained at tile ends (DR 1)
+ *  12  5, tile loops without the zero-trip path (DR 2): 5's overlap kept
+ *  13  12, dQ steps of 128 keys (S and dP as m64n128 products)
+ *  14  12, Q and dO in registers (the A operand of the dQ kernel's S and dP)
+ *  15  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
+ *      documents that dK/dV kernel drains, as 11's, where 12's loop would spill)
+ *  16  15 with 14's dQ                                     17  15 with 13's dQ
  * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx (also for
- * 9 and 10: the fused kernel is 96/64 only); 13: dO in registers in the dQ kernel, 16: Q
- * (K/V do not fit the dK/dV kernel's registers there). */
+ * 9 and 10: the fused kernel is 96/64 only; 11-17 too: 3-stage kernels are not
+ * serialised), but 14 with dO in registers in the dQ kernel, 16 with Q (K/V do not fit the
+ * dK/dV kernel's registers). */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
@@ -1679,17 +1689,18 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
             return f3_fused_launch<false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                           dv, scale, lpt, e);
         case 11: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 6);
-        case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 0, 0, 6);
-        case 13: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 3, 6);
-        case 14: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 0, 6);
-        case 15: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 6);
-        case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 6);
+        case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 8);
+        case 13: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 0, 0, 8);
+        case 14: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 3, 8);
+        case 15: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 0, 12);
+        case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 12);
+        case 17: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12);
         default: return F3B(96, 64, 32, 3, 3, false);
         }
     }
     switch (bv) {
     case 0: return F3B(192, 128, 32, 3, 3, false);
-    case 13: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 2);
+    case 14: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 2);
     case 16: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
     default: return F3B(192, 128, 32, 3, 3, true);
     }
