@@ -1525,18 +1525,25 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
     typedef f3b_smem<DKP, DVP, SK, TQ> LB;
     typedef f3q_smem<DKP, DVP, SQ, TN> LQ;
     static_assert(LB::bytes <= 227 * 1024 && LQ::bytes <= 227 * 1024, "shared memory");
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0>,
+    /* the kernels' DR: drain (1), else the loop without a zero-trip path where asked (2) */
+    constexpr int DK = (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0;
+    constexpr int DQ = (DR & 2) ? 1 : (DR & 8) ? 2 : 0;
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK,
+                                                     DK>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) ? 1 : (DR & 8) ? 2 : 0>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ,
+                                                   DQ>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
     const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
     dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
-    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0><<<gk, 256, LB::bytes, c->stream>>>(
+    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, DK><<<gk, 256, LB::bytes,
+                                                                         c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, (DR & 2) ? 1 : (DR & 8) ? 2 : 0><<<gq, 256, LQ::bytes, c->stream>>>(
+    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, DQ><<<gq, 256, LQ::bytes,
+                                                                     c->stream>>>(
         d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dq (sm90)", e);
     return 0;
