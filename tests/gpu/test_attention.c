@@ -3,8 +3,9 @@
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
  * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) on both, and the default pick by gpu_attention_set_nondet (the same bits run to
- * run unless set; the fused backward for documents when set). With DSV3_GPU_BENCH=1 also
+ * 9, 10) and the deterministic ones 11-17 on both, and the default pick by
+ * gpu_attention_set_nondet (the same bits run to run unless set; the fused backward for
+ * documents when set). With DSV3_GPU_BENCH=1 also
  * timings on
  * V3 and 1B-MoE shapes against the measured matrix rate. */
 #include "../../kernels/attention.h"
@@ -181,30 +182,38 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
 }
 
-/* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
- * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
- * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
- * holds one key, its second warpgroup none), 700 and 900 (the three-stage query ring wraps
- * around), short documents (1-70 tokens) and long ones (1-300: whole tiles inside one
- * document, tiles before a query tile's document skipped). Run in every test_attention
- * (the sweep's DSV3_ATTN_BWD=9 or 10 also sends the checks above through them); skipped
- * when DSV3_ATTN_BWD is set (the sweep) or under DSV3_ATTN_QUICK. */
-static void attention_fused_bwd_match_cpu(void)
+/* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
+ * DSV3_ATTN_BWD set to cand for the call when cand is not NULL. */
+static void bwd_down(float *out[3], const char *cand, gpu_bf16 *const in[5], const float *lse,
+                     const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale)
 {
-    GT_NEED_GPU();
-    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
-        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
     dsv3_err e;
-    /* B, T, nh, dk, dv, documents (0 none, 1 short, 2 long) */
-    static const int sh[][6] = {{1, 200, 2, 96, 64, 0}, {2, 190, 3, 96, 64, 0},
-                                {1, 150, 2, 80, 48, 0}, {1, 257, 1, 96, 64, 0},
-                                {1, 700, 2, 96, 64, 0}, {1, 200, 2, 96, 64, 1},
-                                {2, 450, 2, 96, 64, 2}, {1, 900, 2, 96, 64, 2}};
-    static const char *cand[] = {"9", "10"};
-    double wq = 0, wk = 0, wv = 0;
+    size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
+    gpu_bf16 *d[3] = {gt_poisoned(nq * 2), gt_poisoned(nq * 2), gt_poisoned(nv * 2)};
+    out[0] = out[1] = out[2] = NULL;
+    REQUIRE(d[0] && d[1] && d[2]);
+    if (cand)
+        setenv("DSV3_ATTN_BWD", cand, 1);
+    int rc = gpu_attention_bwd_seg(gt_ctx_, d[0], d[1], d[2], in[3], in[4], lse, in[0], in[1],
+                                   in[2], seg, B, T, nh, dk, dv, scale, &e);
+    unsetenv("DSV3_ATTN_BWD");
+    CHECKF(rc == 0, "%s", e.msg);
+    out[0] = gt_down_bf(d[0], nq), out[1] = gt_down_bf(d[1], nq), out[2] = gt_down_bf(d[2], nv);
+}
+
+/* Backward candidates named by DSV3_ATTN_BWD (cand) against lib/ops attention_*_seg on
+ * shapes sh (B, T, nh, dk, dv, documents: 0 none, 1 short of 1-70 tokens, 2 long of 1-300:
+ * whole tiles inside one document, tiles before a query tile's document skipped); with rep,
+ * each call run twice and the bits compared (no atomics: reproducible), and against
+ * candidate 5's: required where cand[i] is listed in same5 (the same products in the same
+ * order), else printed. Worst errors into w (dq, dk, dv). */
+static void bwd_cands_vs_cpu(const char *const *cand, size_t nc, const int (*sh)[6], size_t ns,
+                             int rep, const char *same5, double w[3])
+{
+    dsv3_err e;
     gpu_attention_set_variant(gt_ctx_, 0);
-    for (size_t ci = 0; ci < sizeof cand / sizeof cand[0]; ci++)
-        for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+    for (size_t ci = 0; ci < nc; ci++)
+        for (size_t si = 0; si < ns; si++) {
             int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
             float scale = 1.0f / sqrtf((float)dk);
             size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
@@ -243,6 +252,28 @@ static void attention_fused_bwd_match_cpu(void)
             unsetenv("DSV3_ATTN_BWD");
             CHECKF(rc == 0, "%s", e.msg);
             float *dq = gt_down_bf(gdq, nq), *dk_ = gt_down_bf(gdk, nq), *dv_ = gt_down_bf(gdv, nv);
+            if (rep) { /* again into fresh poisoned buffers: the same bits */
+                float *r[3];
+                gpu_bf16 *in[5] = {gq, gk, gv, gdo, go};
+                bwd_down(r, cand[ci], in, glse, gseg, B, T, nh, dk, dv, scale);
+                int same = test_failed_ || (!memcmp(r[0], dq, nq * sizeof(float)) &&
+                                            !memcmp(r[1], dk_, nq * sizeof(float)) &&
+                                            !memcmp(r[2], dv_, nv * sizeof(float)));
+                CHECKF(same, "backward %s, documents %d, B=%d T=%d %d/%d: two runs differ",
+                       cand[ci], sh[si][5], B, T, dk, dv);
+                free(r[0]), free(r[1]), free(r[2]);
+                bwd_down(r, "5", in, glse, gseg, B, T, nh, dk, dv, scale);
+                same = test_failed_ || (!memcmp(r[0], dq, nq * sizeof(float)) &&
+                                        !memcmp(r[1], dk_, nq * sizeof(float)) &&
+                                        !memcmp(r[2], dv_, nv * sizeof(float)));
+                const int must = same5 && strstr(same5, cand[ci]) != NULL;
+                CHECKF(same || !must, "backward %s, documents %d, B=%d T=%d %d/%d: not candidate "
+                       "5's bits", cand[ci], sh[si][5], B, T, dk, dv);
+                if (!must)
+                    printf("# backward %s, documents %d, B=%d T=%d %d/%d: %s candidate 5's bits\n",
+                           cand[ci], sh[si][5], B, T, dk, dv, same ? "the same as" : "not");
+                free(r[0]), free(r[1]), free(r[2]);
+            }
             float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T);
             float *rdq = gt_zeros(nq), *rdk = gt_zeros(nq), *rdv = gt_zeros(nv);
             attention_forward_seg(ro, att, q, k, v, seg, B, T, nh, dk, dv, scale);
@@ -250,37 +281,67 @@ static void attention_fused_bwd_match_cpu(void)
                                    scale);
             double c = gt_relerr(dq, rdq, nq), d = gt_relerr(dk_, rdk, nq);
             double f = gt_relerr(dv_, rdv, nv);
-            wq = c > wq ? c : wq, wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+            w[0] = c > w[0] ? c : w[0], w[1] = d > w[1] ? d : w[1], w[2] = f > w[2] ? f : w[2];
             CHECKF(c <= BF16_BOUND && d <= BF16_BOUND && f <= BF16_BOUND,
-                   "fused backward %s, documents %d, B=%d T=%d nh=%d dk=%d dv=%d: dq %.2e "
+                   "backward %s, documents %d, B=%d T=%d nh=%d dk=%d dv=%d: dq %.2e "
                    "dk %.2e dv %.2e",
                    cand[ci], sh[si][5], B, T, nh, dk, dv, c, d, f);
             free(q), free(k), free(v), free(dout), free(dq), free(dk_), free(dv_);
             free(ro), free(att), free(rdq), free(rdk), free(rdv), free(seg);
             gt_reset(mark);
         }
-    gt_stat("attention fused bwd (9, 10) dq", wq, BF16_BOUND);
-    gt_stat("attention fused bwd (9, 10) dk", wk, BF16_BOUND);
-    gt_stat("attention fused bwd (9, 10) dv", wv, BF16_BOUND);
 }
 
-/* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
- * DSV3_ATTN_BWD set to cand for the call when cand is not NULL. */
-static void bwd_down(float *out[3], const char *cand, gpu_bf16 *const in[5], const float *lse,
-                     const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale)
+/* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
+ * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
+ * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
+ * holds one key, its second warpgroup none), 700 and 900 (the three-stage query ring wraps
+ * around), short documents (1-70 tokens) and long ones (1-300: whole tiles inside one
+ * document, tiles before a query tile's document skipped). Run in every test_attention
+ * (the sweep's DSV3_ATTN_BWD=9 or 10 also sends the checks above through them); skipped
+ * when DSV3_ATTN_BWD is set (the sweep) or under DSV3_ATTN_QUICK. */
+static void attention_fused_bwd_match_cpu(void)
 {
-    dsv3_err e;
-    size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
-    gpu_bf16 *d[3] = {gt_poisoned(nq * 2), gt_poisoned(nq * 2), gt_poisoned(nv * 2)};
-    out[0] = out[1] = out[2] = NULL;
-    REQUIRE(d[0] && d[1] && d[2]);
-    if (cand)
-        setenv("DSV3_ATTN_BWD", cand, 1);
-    int rc = gpu_attention_bwd_seg(gt_ctx_, d[0], d[1], d[2], in[3], in[4], lse, in[0], in[1],
-                                   in[2], seg, B, T, nh, dk, dv, scale, &e);
-    unsetenv("DSV3_ATTN_BWD");
-    CHECKF(rc == 0, "%s", e.msg);
-    out[0] = gt_down_bf(d[0], nq), out[1] = gt_down_bf(d[1], nq), out[2] = gt_down_bf(d[2], nv);
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    /* B, T, nh, dk, dv, documents (0 none, 1 short, 2 long) */
+    static const int sh[][6] = {{1, 200, 2, 96, 64, 0}, {2, 190, 3, 96, 64, 0},
+                                {1, 150, 2, 80, 48, 0}, {1, 257, 1, 96, 64, 0},
+                                {1, 700, 2, 96, 64, 0}, {1, 200, 2, 96, 64, 1},
+                                {2, 450, 2, 96, 64, 2}, {1, 900, 2, 96, 64, 2}};
+    static const char *const cand[] = {"9", "10"};
+    double w[3] = {0, 0, 0};
+    bwd_cands_vs_cpu(cand, 2, sh, sizeof sh / sizeof sh[0], 0, NULL, w);
+    gt_stat("attention fused bwd (9, 10) dq", w[0], BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dk", w[1], BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dv", w[2], BF16_BOUND);
+}
+
+/* The deterministic candidates 11-17 (5 without ptxas's wgmma serialisation; dQ steps of
+ * 128 keys; the A operands of S and dP held in registers, through ldmatrix from the swizzled
+ * tiles and wgmma's register form with a K-major B) against lib/ops at 96/64 (80/48 padded)
+ * and 192/128 (160/120), causal and by document, ragged T (257: an empty second warpgroup;
+ * 700, 900: the 4-stage rings wrap), B > 1; each call twice, the same bits; 11's and 12's
+ * bits those of 5 (whether 13-17's are is printed). Skipped as the fused test is. */
+static void attention_bwd_cands_match_cpu(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    static const int sh[][6] = {{2, 190, 3, 96, 64, 0},  {1, 150, 2, 80, 48, 0},
+                                {1, 257, 1, 96, 64, 0},  {1, 700, 2, 96, 64, 0},
+                                {1, 200, 2, 96, 64, 1},  {1, 900, 2, 96, 64, 2},
+                                {2, 130, 2, 192, 128, 0}, {1, 257, 1, 160, 120, 0},
+                                {2, 300, 2, 192, 128, 2}};
+    static const char *const cand[] = {"11", "12", "13", "14", "15", "16", "17"};
+    double w[3] = {0, 0, 0};
+    /* 11 and 12 are 5 with its waits or loop exits moved: the same bits */
+    bwd_cands_vs_cpu(cand, sizeof cand / sizeof cand[0], sh, sizeof sh / sizeof sh[0], 1,
+                     "11 12", w);
+    gt_stat("attention bwd candidates 11-17 dq", w[0], BF16_BOUND);
+    gt_stat("attention bwd candidates 11-17 dk", w[1], BF16_BOUND);
+    gt_stat("attention bwd candidates 11-17 dv", w[2], BF16_BOUND);
 }
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
@@ -495,6 +556,7 @@ int main(void)
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
         RUN(attention_fused_bwd_match_cpu);
+        RUN(attention_bwd_cands_match_cpu);
         RUN(attention_nondet_pick);
     }
     RUN(bench_attention);
