@@ -12,22 +12,29 @@
 #include "../../lib/ops.h"
 #include "bench.h"
 
+/* forward variants (gpu_attention_set_variant): 0 the default, 1 and 2 mma.sync, 3 the
+ * pipelined wgmma forward, 4 and 5 the warp-specialised TMA forward (5: head dim 96 kept) */
+#define NVAR 6
+
 static void attention_matches_cpu(void)
 {
     GT_NEED_GPU();
     dsv3_err e;
     /* ragged T (not multiples of the 64- and 128-row tiles), head dims below the padded
      * instantiation (160/120 in 192/128, 80/48 in 96/64); T=700 at 96/64: 11 tiles of 64,
-     * so the four-stage rings of the Hopper backward wrap around twice */
+     * so the four-stage rings of the Hopper backward wrap around twice; 400 and 333 with B > 1:
+     * the warp-specialised forward's two- and three-stage rings wrap, its 4-D tensor maps
+     * zero-fill each sequence's last tile */
     static const int sh[][5] = {{1, 1, 1, 192, 128},  {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
                                 {2, 37, 4, 24, 16},   {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32},
                                 {1, 257, 2, 192, 128}, {2, 190, 3, 96, 64},  {1, 129, 2, 160, 120},
-                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64}};
+                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64},  {2, 400, 2, 192, 128},
+                                {3, 333, 3, 96, 64}};
     double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
     /* DSV3_ATTN_QUICK=1: the default kernels only (under compute-sanitizer) */
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL;
     double w0[5] = {0, 0, 0, 0, 0}; /* variant 0 alone: the default kernels */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         /* every shape under each kernel variant (gpu_attention_set_variant) */
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
@@ -97,7 +104,7 @@ static void attention_matches_cpu(void)
     gt_stat("attention default (sm90 wgmma) bwd dq", w0[2], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dk", w0[3], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dv", w0[4], BF16_BOUND);
-    gt_stat("attention fwd out (4 variants)", wo, BF16_BOUND);
+    gt_stat("attention fwd out (6 variants)", wo, BF16_BOUND);
     gt_stat("attention fwd lse", wl, F32_BOUND);
     gt_stat("attention bwd dq", wq, BF16_BOUND);
     gt_stat("attention bwd dk", wk, BF16_BOUND);
@@ -106,8 +113,8 @@ static void attention_matches_cpu(void)
 
 /* Attention masked by document (gpu_attention_*_seg) against lib/ops attention_*_seg:
  * ragged documents (1 to 70 tokens, numbers going on across sequences; some length-1)
- * crossing the 64-row tiles, under each forward variant (0 and 3 on Hopper: the wgmma
- * kernels). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
+ * crossing the 64-row tiles, under each forward variant (0, 3, 4 and 5 on Hopper: the wgmma
+ * kernels; 3 takes 0's for documents). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
  * 64- and 128-row tiles lie inside one document (only the causal mask) and tiles lie before
  * a query tile's document (skipped). */
 static void attention_segments_match_cpu(void)
@@ -120,7 +127,7 @@ static void attention_segments_match_cpu(void)
                                 {1, 300, 1, 160, 120, 1}, {1, 900, 2, 96, 64, 1}};
     double wo = 0, wq = 0, wk = 0, wv = 0;
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL; /* the default kernels only */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
         size_t si = s % (sizeof sh / sizeof sh[0]);
@@ -463,11 +470,24 @@ static void bench_attention(void)
             gpu_free(j.dq), gpu_free(j.dk_), gpu_free(j.dv_), gpu_free(j.lse);
             continue;
         }
-        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels and 3: the
-         * pipelined wgmma forward, for comparison */
-        static const int vars[] = {1, 3, 0};
-        /* DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only */
-        for (int vi = getenv("DSV3_ATTN_BENCH_DEFAULT") ? 2 : 0; vi < 3; vi++) {
+        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels, 3: the
+         * pipelined wgmma forward, 4 and 5: the warp-specialised one, for comparison;
+         * DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only; DSV3_ATTN_BENCH_VARS="0 4":
+         * those variants, in that order */
+        int vars[8] = {1, 3, 4, 5, 0}, nvars = 5;
+        const char *ev = getenv("DSV3_ATTN_BENCH_VARS");
+        if (getenv("DSV3_ATTN_BENCH_DEFAULT"))
+            vars[0] = 0, nvars = 1;
+        else if (ev && *ev) {
+            nvars = 0;
+            for (char *p = (char *)ev, *q; nvars < 8; p = q) {
+                long x = strtol(p, &q, 10);
+                if (q == p)
+                    break;
+                vars[nvars++] = (int)x;
+            }
+        }
+        for (int vi = 0; vi < nvars; vi++) {
             const int var = vars[vi];
             gpu_attention_set_variant(gt_ctx_, var);
             j.bwd = 0;
@@ -475,7 +495,11 @@ static void bench_attention(void)
             j.bwd = 1;
             float bms = gb_time(att_run, &j, 10);
             CHECK(ms > 0 && bms > 0);
-            const char *tag = var == 1 ? "mma.sync " : var == 3 ? "variant 3 " : "";
+            char tag[32] = "";
+            if (var == 1)
+                snprintf(tag, sizeof tag, "mma.sync ");
+            else if (var != 0)
+                snprintf(tag, sizeof tag, "variant %d ", var);
             printf("# bench attn fwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
                    sh[s].name, ms, fwd / (ms * 1e-3) / 1e12, 100 * fwd / (ms * 1e-3) / 1e12 / ceil);
             printf("# bench attn bwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
