@@ -188,6 +188,68 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
 }
 
+/* The warp-specialised forward (variants 4, 5) on long sequences against the default
+ * forward (variant 0, itself checked against lib/ops above): 4096 and 2500 keys are 32 and
+ * 20 tiles, so the K/V rings turn over many times and the mbarrier phases flip; B and nh > 1;
+ * causal and by document (1-2048 tokens). Output within bf16 bounds, lse within f32 ones
+ * (the kernels differ only in their exponential and the order of their sums). */
+static void attention_ws_matches_default(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_QUICK set");
+    dsv3_err e;
+    /* B, T, nh, dk, dv, documents */
+    static const int sh[][6] = {{2, 4096, 3, 96, 64, 0}, {1, 2500, 2, 192, 128, 0},
+                                {2, 3000, 2, 96, 64, 1}, {1, 2049, 2, 192, 128, 1}};
+    double wo = 0, wl = 0;
+    for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        for (int b = 0, doc = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0)
+                    doc++, left = 1 + (int)(test_rand() % 2048);
+                seg[(size_t)b * T + t] = doc;
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+        gpu_bf16 *go = gt_poisoned(nv * 2);
+        float *glse = gt_poisoned(nl * 4);
+        int32_t *gseg = sh[si][5] ? gt_up(seg, (size_t)B * T * 4) : NULL;
+        REQUIRE(gq && gk && gv && go && glse && (gseg || !sh[si][5]));
+        float *ro = NULL, *rl = NULL;
+        static const int vars[] = {0, 4, 5};
+        for (size_t vi = 0; vi < 3 && !test_failed_; vi++) {
+            gpu_attention_set_variant(gt_ctx_, vars[vi]);
+            CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv,
+                                         scale, &e) == 0,
+                   "%s", e.msg);
+            float *o = gt_down_bf(go, nv), *l = gt_down_f(glse, nl);
+            if (vi == 0) {
+                ro = o, rl = l;
+                continue;
+            }
+            double a = gt_relerr(o, ro, nv), c = gt_relerr(l, rl, nl);
+            wo = a > wo ? a : wo, wl = c > wl ? c : wl;
+            CHECKF(a <= BF16_BOUND && c <= F32_BOUND,
+                   "variant %d against 0, B=%d T=%d nh=%d %d/%d documents %d: out %.2e lse %.2e",
+                   vars[vi], B, T, nh, dk, dv, sh[si][5], a, c);
+            free(o), free(l);
+        }
+        gpu_attention_set_variant(gt_ctx_, 0);
+        free(ro), free(rl), free(q), free(k), free(v), free(seg);
+        gt_reset(mark);
+    }
+    gt_stat("attention warp-specialised fwd out (vs default, long T)", wo, BF16_BOUND);
+    gt_stat("attention warp-specialised fwd lse", wl, F32_BOUND);
+}
+
 /* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
  * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
  * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
@@ -518,6 +580,7 @@ int main(void)
     if (!getenv("DSV3_ATTN_ONCE")) {
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
+        RUN(attention_ws_matches_default);
         RUN(attention_fused_bwd_match_cpu);
         RUN(attention_nondet_pick);
     }
