@@ -85,9 +85,9 @@ __device__ __forceinline__ void ws_sched_arrive(int cw)
 
 /* The consumers' wait on an mbarrier phase: mbar_wait without its trap (a trap path in the
  * consumer region makes ptxas hold it to the launch's 168 registers and spill 192/128).
- * A wait past 10 s of GPU time sets *stuck and returns, and every later wait of the thread
- * returns at once: a pipeline bug shows as wrong output within seconds (the loader's own
- * waits still trap), not as a hung process. */
+ * A wait past 2 s of GPU time (a whole launch takes milliseconds) sets stuck and returns,
+ * and every later wait of the thread returns at once: a pipeline bug shows as wrong output
+ * within seconds (the loader's own waits still trap, after 10 s), not as a hung process. */
 __device__ __forceinline__ void ws_wait(uint32_t bar, uint32_t parity, bool &stuck)
 {
     uint64_t t0 = 0;
@@ -107,7 +107,7 @@ __device__ __forceinline__ void ws_wait(uint32_t bar, uint32_t parity, bool &stu
         asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
         if (t0 == 0)
             t0 = now;
-        else if (now - t0 > 10000000000ull)
+        else if (now - t0 > 2000000000ull)
             stuck = true;
     }
 }
