@@ -1510,6 +1510,8 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
     return 0;
 }
 
+#include "attention_ws.cuh" /* the warp-specialised TMA forward, variants 4 and 5 */
+
 /* Backward kernel shapes (f3_bwd_dkdv_kernel, f3_bwd_dq_kernel): HS queries a dK/dV step,
  * SK and SQ stages of the two kernels, FX the ex2.approx exponential; KSQ keys a dQ step,
  * ARK and ARQ the operands each kernel holds in registers (its AR), DR (bits) the kernels
@@ -1758,9 +1760,15 @@ extern "C" int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, cons
         return 0;
     bf16 *o = (bf16 *)out;
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
-    const int var = c->attn_fwd_variant;
+    int var = c->attn_fwd_variant;
+    const char *fv = getenv("DSV3_ATTN_FWD"); /* a forward variant for timings */
+    if (fv && *fv)
+        var = atoi(fv);
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
+    /* 4, 5: warp-specialised, TMA, ping-pong (attention_ws.cuh; 5 keeps head dim 96) */
+    if ((var == 4 || var == 5) && use_sm90(c))
+        return ws_fwd_launch(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, var == 5, e);
     /* documents (seg): the wgmma forward of variant 0 (the pipelined one has no mask) */
     if (var == 3 && use_sm90(c) && !seg) {
         if (dk <= 128 && dv <= 64)
@@ -1816,7 +1824,7 @@ extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, g
     if (dk <= 32 && dv <= 32)
         rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
                                 e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c))
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant >= 3) && use_sm90(c))
         rc = f3_bwd_pick(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     else if (dk <= 96 && dv <= 64)
         rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);

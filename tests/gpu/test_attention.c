@@ -13,22 +13,29 @@
 #include "../../lib/ops.h"
 #include "bench.h"
 
+/* forward variants (gpu_attention_set_variant): 0 the default, 1 and 2 mma.sync, 3 the
+ * pipelined wgmma forward, 4 and 5 the warp-specialised TMA forward (5: head dim 96 kept) */
+#define NVAR 6
+
 static void attention_matches_cpu(void)
 {
     GT_NEED_GPU();
     dsv3_err e;
     /* ragged T (not multiples of the 64- and 128-row tiles), head dims below the padded
      * instantiation (160/120 in 192/128, 80/48 in 96/64); T=700 at 96/64: 11 tiles of 64,
-     * so the four-stage rings of the Hopper backward wrap around twice */
+     * so the four-stage rings of the Hopper backward wrap around twice; 400 and 333 with B > 1:
+     * the warp-specialised forward's two- and three-stage rings wrap, its 4-D tensor maps
+     * zero-fill each sequence's last tile */
     static const int sh[][5] = {{1, 1, 1, 192, 128},  {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
                                 {2, 37, 4, 24, 16},   {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32},
                                 {1, 257, 2, 192, 128}, {2, 190, 3, 96, 64},  {1, 129, 2, 160, 120},
-                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64}};
+                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64},  {2, 400, 2, 192, 128},
+                                {3, 333, 3, 96, 64}};
     double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
     /* DSV3_ATTN_QUICK=1: the default kernels only (under compute-sanitizer) */
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL;
     double w0[5] = {0, 0, 0, 0, 0}; /* variant 0 alone: the default kernels */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         /* every shape under each kernel variant (gpu_attention_set_variant) */
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
@@ -98,7 +105,7 @@ static void attention_matches_cpu(void)
     gt_stat("attention default (sm90 wgmma) bwd dq", w0[2], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dk", w0[3], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dv", w0[4], BF16_BOUND);
-    gt_stat("attention fwd out (4 variants)", wo, BF16_BOUND);
+    gt_stat("attention fwd out (6 variants)", wo, BF16_BOUND);
     gt_stat("attention fwd lse", wl, F32_BOUND);
     gt_stat("attention bwd dq", wq, BF16_BOUND);
     gt_stat("attention bwd dk", wk, BF16_BOUND);
@@ -107,8 +114,8 @@ static void attention_matches_cpu(void)
 
 /* Attention masked by document (gpu_attention_*_seg) against lib/ops attention_*_seg:
  * ragged documents (1 to 70 tokens, numbers going on across sequences; some length-1)
- * crossing the 64-row tiles, under each forward variant (0 and 3 on Hopper: the wgmma
- * kernels). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
+ * crossing the 64-row tiles, under each forward variant (0, 3, 4 and 5 on Hopper: the wgmma
+ * kernels; 3 takes 0's for documents). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
  * 64- and 128-row tiles lie inside one document (only the causal mask) and tiles lie before
  * a query tile's document (skipped). */
 static void attention_segments_match_cpu(void)
@@ -121,7 +128,7 @@ static void attention_segments_match_cpu(void)
                                 {1, 300, 1, 160, 120, 1}, {1, 900, 2, 96, 64, 1}};
     double wo = 0, wq = 0, wk = 0, wv = 0;
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL; /* the default kernels only */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
         size_t si = s % (sizeof sh / sizeof sh[0]);
@@ -180,6 +187,68 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dq", wq, BF16_BOUND);
     gt_stat("attention documents bwd dk", wk, BF16_BOUND);
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
+}
+
+/* The warp-specialised forward (variants 4, 5) on long sequences against the default
+ * forward (variant 0, itself checked against lib/ops above): 4096 and 2500 keys are 32 and
+ * 20 tiles, so the K/V rings turn over many times and the mbarrier phases flip; B and nh > 1;
+ * causal and by document (1-2048 tokens). Output within bf16 bounds, lse within f32 ones
+ * (the kernels differ only in their exponential and the order of their sums). */
+static void attention_ws_matches_default(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_QUICK set");
+    dsv3_err e;
+    /* B, T, nh, dk, dv, documents */
+    static const int sh[][6] = {{2, 4096, 3, 96, 64, 0}, {1, 2500, 2, 192, 128, 0},
+                                {2, 3000, 2, 96, 64, 1}, {1, 2049, 2, 192, 128, 1}};
+    double wo = 0, wl = 0;
+    for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        for (int b = 0, doc = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0)
+                    doc++, left = 1 + (int)(test_rand() % 2048);
+                seg[(size_t)b * T + t] = doc;
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+        gpu_bf16 *go = gt_poisoned(nv * 2);
+        float *glse = gt_poisoned(nl * 4);
+        int32_t *gseg = sh[si][5] ? gt_up(seg, (size_t)B * T * 4) : NULL;
+        REQUIRE(gq && gk && gv && go && glse && (gseg || !sh[si][5]));
+        float *ro = NULL, *rl = NULL;
+        static const int vars[] = {0, 4, 5};
+        for (size_t vi = 0; vi < 3 && !test_failed_; vi++) {
+            gpu_attention_set_variant(gt_ctx_, vars[vi]);
+            CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv,
+                                         scale, &e) == 0,
+                   "%s", e.msg);
+            float *o = gt_down_bf(go, nv), *l = gt_down_f(glse, nl);
+            if (vi == 0) {
+                ro = o, rl = l;
+                continue;
+            }
+            double a = gt_relerr(o, ro, nv), c = gt_relerr(l, rl, nl);
+            wo = a > wo ? a : wo, wl = c > wl ? c : wl;
+            CHECKF(a <= BF16_BOUND && c <= F32_BOUND,
+                   "variant %d against 0, B=%d T=%d nh=%d %d/%d documents %d: out %.2e lse %.2e",
+                   vars[vi], B, T, nh, dk, dv, sh[si][5], a, c);
+            free(o), free(l);
+        }
+        gpu_attention_set_variant(gt_ctx_, 0);
+        free(ro), free(rl), free(q), free(k), free(v), free(seg);
+        gt_reset(mark);
+    }
+    gt_stat("attention warp-specialised fwd out (vs default, long T)", wo, BF16_BOUND);
+    gt_stat("attention warp-specialised fwd lse", wl, F32_BOUND);
 }
 
 /* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
@@ -524,11 +593,24 @@ static void bench_attention(void)
             gpu_free(j.dq), gpu_free(j.dk_), gpu_free(j.dv_), gpu_free(j.lse);
             continue;
         }
-        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels and 3: the
-         * pipelined wgmma forward, for comparison */
-        static const int vars[] = {1, 3, 0};
-        /* DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only */
-        for (int vi = getenv("DSV3_ATTN_BENCH_DEFAULT") ? 2 : 0; vi < 3; vi++) {
+        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels, 3: the
+         * pipelined wgmma forward, 4 and 5: the warp-specialised one, for comparison;
+         * DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only; DSV3_ATTN_BENCH_VARS="0 4":
+         * those variants, in that order */
+        int vars[8] = {1, 3, 4, 5, 0}, nvars = 5;
+        const char *ev = getenv("DSV3_ATTN_BENCH_VARS");
+        if (getenv("DSV3_ATTN_BENCH_DEFAULT"))
+            vars[0] = 0, nvars = 1;
+        else if (ev && *ev) {
+            nvars = 0;
+            for (char *p = (char *)ev, *q; nvars < 8; p = q) {
+                long x = strtol(p, &q, 10);
+                if (q == p)
+                    break;
+                vars[nvars++] = (int)x;
+            }
+        }
+        for (int vi = 0; vi < nvars; vi++) {
             const int var = vars[vi];
             gpu_attention_set_variant(gt_ctx_, var);
             j.bwd = 0;
@@ -536,7 +618,11 @@ static void bench_attention(void)
             j.bwd = 1;
             float bms = gb_time(att_run, &j, 10);
             CHECK(ms > 0 && bms > 0);
-            const char *tag = var == 1 ? "mma.sync " : var == 3 ? "variant 3 " : "";
+            char tag[32] = "";
+            if (var == 1)
+                snprintf(tag, sizeof tag, "mma.sync ");
+            else if (var != 0)
+                snprintf(tag, sizeof tag, "variant %d ", var);
             printf("# bench attn fwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
                    sh[s].name, ms, fwd / (ms * 1e-3) / 1e12, 100 * fwd / (ms * 1e-3) / 1e12 / ceil);
             printf("# bench attn bwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
@@ -555,6 +641,7 @@ int main(void)
     if (!getenv("DSV3_ATTN_ONCE")) {
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
+        RUN(attention_ws_matches_default);
         RUN(attention_fused_bwd_match_cpu);
         RUN(attention_bwd_cands_match_cpu);
         RUN(attention_nondet_pick);
