@@ -1647,9 +1647,12 @@ static bool fused_bwd_fits(int dk, int dv)
  * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The
  * default: 10 for document-masked calls on a context set nondet (gpu_attention_set_nondet:
  * 2.165 ms against 5's 2.766 on the 1B-MoE shape with packed documents, but not
- * bit-reproducible), else 5, the fastest deterministic one of the sweep on an H200
- * (docs/PERF.md, "Attention backward candidates"; also on causal rows, where 10 takes
- * 3.957 ms against 3.599); 0: the kernels measured in "Attention on Hopper wgmma". 96/64:
+ * bit-reproducible), else the fastest deterministic ones of the H100 sweep of 2026-11-28
+ * (docs/PERF.md, "The sixth session's device runs"; 1B-MoE shape B=8): 17 on causal rows
+ * (3.117 ms against 5's 3.594), 16 on documents (2.239 against 2.629); at 192/128 both are
+ * 5's kernels without the serialisation (5.58 against 5.66 ms). Before: 5, the fastest of
+ * the H200 sweep (causal 3.599, where 10 takes 3.957); 0: the kernels measured in
+ * "Attention on Hopper wgmma". 96/64:
  *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
  *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
  *   3  as 2, exp2f                                          7  as 4, two blocks an SM
@@ -1678,7 +1681,7 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int bv = ev ? atoi(ev) : fused ? 10 : 5, lpt = el ? atoi(el) : 0;
+    const int bv = ev ? atoi(ev) : fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
@@ -1766,16 +1769,18 @@ extern "C" int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, cons
         var = atoi(fv);
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
-    /* 4, 5: warp-specialised, TMA, ping-pong (attention_ws.cuh; 5 keeps head dim 96) */
-    if ((var == 4 || var == 5) && use_sm90(c))
-        return ws_fwd_launch(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, var == 5, e);
+    /* 0 (the default), 4, 5: warp-specialised, TMA, ping-pong (attention_ws.cuh; 0 and 5
+     * keep head dim 96; the same bits as variant 6, 1.2-2.8 ms less a 1b-moe step on an H100,
+     * docs/PERF.md "The sixth session's device runs") */
+    if ((var == 0 || var == 4 || var == 5) && use_sm90(c))
+        return ws_fwd_launch(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, var != 4, e);
     /* documents (seg): the wgmma forward of variant 0 (the pipelined one has no mask) */
     if (var == 3 && use_sm90(c) && !seg) {
         if (dk <= 128 && dv <= 64)
             return f3_fwdp_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
         return f3_fwdp_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     }
-    if ((var == 0 || (var == 3 && seg)) && use_sm90(c)) {
+    if ((var == 6 || (var == 3 && seg)) && use_sm90(c)) { /* 6: the default before the ws */
         /* 96/64 runs padded to 128/64: the 64-byte-swizzled 96 measured slower here
          * (1B-MoE shape, H200: 1.36 ms against 1.18), unlike in the backward */
         if (dk <= 128 && dv <= 64)

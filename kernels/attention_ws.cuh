@@ -86,8 +86,9 @@ __device__ __forceinline__ void ws_sched_arrive(int cw)
 /* The consumers' wait on an mbarrier phase: mbar_wait without its trap (a trap path in the
  * consumer region makes ptxas hold it to the launch's 168 registers and spill 192/128).
  * A wait past 2 s of GPU time (a whole launch takes milliseconds) sets stuck and returns,
- * and every later wait of the thread returns at once: a pipeline bug shows as wrong output
- * within seconds (the loader's own waits still trap, after 10 s), not as a hung process. */
+ * and every later wait of the thread returns at once; the thread then writes NaN for its rows
+ * and their lse, so a pipeline bug shows within seconds as a NaN loss (the loader's own waits
+ * still trap, after 10 s), never as a hung process or as plausible numbers. */
 __device__ __forceinline__ void ws_wait(uint32_t bar, uint32_t parity, bool &stuck)
 {
     uint64_t t0 = 0;
@@ -340,6 +341,8 @@ __global__ void __launch_bounds__(384, 1)
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (stuck) /* a broken pipeline must not pass for a result: NaN rows, NaN lse */
+        l0 = l1 = __int_as_float(0x7fffffff);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
 #pragma unroll
     for (int j = 0; j < DVP / 8; j++) {

@@ -13,9 +13,11 @@
 #include "../../lib/ops.h"
 #include "bench.h"
 
-/* forward variants (gpu_attention_set_variant): 0 the default, 1 and 2 mma.sync, 3 the
- * pipelined wgmma forward, 4 and 5 the warp-specialised TMA forward (5: head dim 96 kept) */
-#define NVAR 6
+/* forward variants (gpu_attention_set_variant): 0 the default (on sm_90 the warp-specialised
+ * TMA forward, head dim 96 kept), 1 and 2 mma.sync, 3 the pipelined wgmma forward, 4 and 5
+ * the warp-specialised forward (4: head dim 96 padded to 128), 6 the wgmma forward that was
+ * the default before */
+#define NVAR 7
 
 static void attention_matches_cpu(void)
 {
@@ -189,8 +191,8 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
 }
 
-/* The warp-specialised forward (variants 4, 5) on long sequences against the default
- * forward (variant 0, itself checked against lib/ops above): 4096 and 2500 keys are 32 and
+/* The warp-specialised forward (variants 0, 4, 5) on long sequences against the earlier
+ * wgmma forward (variant 6, itself checked against lib/ops above): 4096 and 2500 keys are 32 and
  * 20 tiles, so the K/V rings turn over many times and the mbarrier phases flip; B and nh > 1;
  * causal and by document (1-2048 tokens). Output within bf16 bounds, lse within f32 ones
  * (the kernels differ only in their exponential and the order of their sums). */
@@ -225,8 +227,8 @@ static void attention_ws_matches_default(void)
         int32_t *gseg = sh[si][5] ? gt_up(seg, (size_t)B * T * 4) : NULL;
         REQUIRE(gq && gk && gv && go && glse && (gseg || !sh[si][5]));
         float *ro = NULL, *rl = NULL;
-        static const int vars[] = {0, 4, 5};
-        for (size_t vi = 0; vi < 3 && !test_failed_; vi++) {
+        static const int vars[] = {6, 0, 4, 5};
+        for (size_t vi = 0; vi < 4 && !test_failed_; vi++) {
             gpu_attention_set_variant(gt_ctx_, vars[vi]);
             CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv,
                                          scale, &e) == 0,
@@ -239,7 +241,7 @@ static void attention_ws_matches_default(void)
             double a = gt_relerr(o, ro, nv), c = gt_relerr(l, rl, nl);
             wo = a > wo ? a : wo, wl = c > wl ? c : wl;
             CHECKF(a <= BF16_BOUND && c <= F32_BOUND,
-                   "variant %d against 0, B=%d T=%d nh=%d %d/%d documents %d: out %.2e lse %.2e",
+                   "variant %d against 6, B=%d T=%d nh=%d %d/%d documents %d: out %.2e lse %.2e",
                    vars[vi], B, T, nh, dk, dv, sh[si][5], a, c);
             free(o), free(l);
         }
@@ -247,7 +249,7 @@ static void attention_ws_matches_default(void)
         free(ro), free(rl), free(q), free(k), free(v), free(seg);
         gt_reset(mark);
     }
-    gt_stat("attention warp-specialised fwd out (vs default, long T)", wo, BF16_BOUND);
+    gt_stat("attention warp-specialised fwd out (vs variant 6, long T)", wo, BF16_BOUND);
     gt_stat("attention warp-specialised fwd lse", wl, F32_BOUND);
 }
 
@@ -415,7 +417,7 @@ static void attention_bwd_cands_match_cpu(void)
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
  * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
- * documents or not, and those of candidate 5 named; set nondet, a document-masked call of
+ * documents or not, and those of the candidate named (17 causal, 16 documents, 5 at 192/128); set nondet, a document-masked call of
  * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
  * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
  * elsewhere, while causal calls and 192/128 keep the deterministic kernels (the same bits
@@ -459,7 +461,8 @@ static void attention_nondet_pick(void)
         float *r1[3], *r2[3], *r5[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
         bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
-        bwd_down(r5, "5", in, glse, gseg, B, T, nh, dk, dv, scale);
+        /* the deterministic default by name: 96/64 17 (causal) or 16 (documents), 192/128 5 */
+        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "17", in, glse, gseg, B, T, nh, dk, dv, scale);
         gpu_attention_set_nondet(gt_ctx_, 1);
         bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         if (fused && T <= 128)
@@ -473,7 +476,7 @@ static void attention_nondet_pick(void)
             samen10 &= !r10[x] || !memcmp(rn[x], r10[x], by);
         }
         CHECKF(same12 && same15, "B=%d T=%d %d/%d docs %d: deterministic runs differ (again "
-               "%d, candidate 5 %d)", B, T, dk, dv, docs, !same12, !same15);
+               "%d, the default's candidate by name %d)", B, T, dk, dv, docs, !same12, !same15);
         CHECKF(fused || same1n, "B=%d T=%d %d/%d docs %d: nondet changed a call the fused "
                "backward does not take", B, T, dk, dv, docs);
         CHECKF(samen10, "B=%d T=%d docs: the nondet default is not candidate 10", B, T);
