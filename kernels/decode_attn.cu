@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(ATT_THREADS)
                  int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count)
 {
-    gk_pdl_enter();
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
@@ -73,6 +72,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
     const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
+    /* before the wait (ginfer_k.cuh): the part's cache rows into L2 (positions and slots are
+     * the host's copies; the row the launch before writes is read only after the wait, and
+     * L2 holds its new values: a prefetch never makes a read stale) */
+    if (tid == 0 && t1 > t0) {
+        size_t b = (size_t)(t1 - t0) * W * sizeof(C);
+        gk_prefetch_l2(cb + (long)t0 * W, b < GK_PF_BLOCK ? b : GK_PF_BLOCK);
+    }
+    gk_pdl_enter();
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
     const int W4 = W / 4;

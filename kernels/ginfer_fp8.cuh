@@ -189,18 +189,62 @@ __device__ __forceinline__ void f8_dots(const uint8_t *const *w, const float *co
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
+/* Before the wait (ginfer_k.cuh): a warp's NW FP8 weight rows of I values and their scales. */
+template <int NW>
+__device__ __forceinline__ void f8_prefetch(const uint8_t *const *w, const float *const *s, int I)
+{
+    gk_prefetch_rows<8, NW>(w, I);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            gk_prefetch_line(s[a]);
+}
+
+/* f8_grouped_k's rows of warp o in group entry y, as kernels/ginfer_k.cu's grouped_prefetch
+ * (the routed up-projection none: its groups are known only after the wait). Not inlined:
+ * inline, ptxas spilled in f8_grouped_k<1, true>; a call leaves the kernel's registers as
+ * they were without it. */
+template <bool UP>
+__device__ __noinline__ void f8_grouped_prefetch(const uint8_t *w, const float *sc,
+                                                    long wstride, const int *off, int G, int I,
+                                                    int O, int o, int y)
+{
+    if (o >= O || (off && UP))
+        return;
+    int g = y;
+    if (off) {
+        if ((threadIdx.x & 31) || y >= __ldcg(off + G + 1))
+            return;
+        g = __ldcg(off + G + 2 + y);
+        if (g < 0 || g >= G)
+            return;
+    }
+    constexpr int NW = UP ? 2 : 1;
+    const uint8_t *wr[NW];
+    const float *sr[NW];
+    wr[0] = w + g * wstride + (long)o * I;
+    sr[0] = sc + (g * wstride + (long)o * I) / 128;
+    if (UP) {
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
+    }
+    f8_prefetch<NW>(wr, sr, I);
+}
+
 /* y[n][o] = sum_i x[n][i] w[o][i] (x rows ldx apart, y rows ldy apart). */
 template <int NT>
 __global__ void __launch_bounds__(256)
     f8_gemv_k(const float *__restrict__ x, long ldx, const uint8_t *__restrict__ w,
               const float *__restrict__ sc, float *__restrict__ y, long ldy, int N, int I, int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (o >= O)
-        return;
     const uint8_t *wr[1] = {w + (long)o * I};
     const float *sr[1] = {sc + (long)o * (I / 128)};
+    if (o < O)
+        f8_prefetch<1>(wr, sr, I);
+    gk_pdl_enter();
+    if (o >= O)
+        return;
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
         const float *xs[NT];
@@ -224,9 +268,10 @@ __global__ void __launch_bounds__(256)
                  const float *__restrict__ sc, long wstride, float *__restrict__ y,
                  const int *order, const int *off, int G, int K, int N, int I, int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int g = blockIdx.y;
+    f8_grouped_prefetch<UP>(w, sc, wstride, off, G, I, O, o, g);
+    gk_pdl_enter();
     if (off) {
         if (g >= off[G + 1])
             return;

@@ -93,11 +93,22 @@ __device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx
     }
 }
 
+/* Before the wait (ginfer_k.cuh): the weight rows gemv_block reads for batch entry b. */
+template <typename W>
+__device__ __forceinline__ void gemv_prefetch(const W *w, long wbs, int I, int O, int b)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const W *wr[1] = {w + b * wbs + (long)o * I};
+    if (o < O)
+        gk_prefetch_rows<GK_WARPS, 1>(wr, I);
+}
+
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
            float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
 {
+    gemv_prefetch(w, wbs, I, O, blockIdx.y);
     gk_pdl_enter();
     gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
 }
@@ -180,6 +191,8 @@ __device__ __forceinline__ float residual_sum(const float *xr, const float *dr,
 __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo, const float *w,
                            float *out, int D, float eps)
 {
+    if (threadIdx.x == 0)  /* read after the row's sum: its DRAM trip off the path */
+        gk_prefetch_l2(w, (size_t)D * sizeof(float));
     gk_pdl_enter();
     __shared__ float red[32];
     int n = blockIdx.x;
@@ -256,12 +269,27 @@ __device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const f
         dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
 }
 
+/* Before the wait: what kv_write_row reads after its sum (the norm weight, the position's
+ * rotation table rows; the position is the host's copy, no kernel writes it). */
+__device__ __forceinline__ void kv_write_prefetch(int n, const float *w, const int *pos, int kv,
+                                                  int rope, const float *cos_t,
+                                                  const float *sin_t)
+{
+    if (threadIdx.x == 0) {
+        long t = pos[n];
+        gk_prefetch_l2(w, (size_t)kv * sizeof(float));
+        gk_prefetch_line(cos_t + t * (rope / 2));
+        gk_prefetch_line(sin_t + t * (rope / 2));
+    }
+}
+
 template <typename C>
 __global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
                            const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                            const float *sin_t, int interleave, float eps, float *q, int nh,
                            int qk, int nope)
 {
+    kv_write_prefetch(blockIdx.x, w, pos, kv, rope, cos_t, sin_t);
     gk_pdl_enter();
     extern __shared__ float row[];
     kv_write_row<C>(row, blockIdx.x, kva, ldkva, w, cache, slot, pos, kv, rope, n_ctx, cos_t,
@@ -280,6 +308,10 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
 {
+    if (blockIdx.y < gridDim.y - 1)
+        gemv_prefetch(w, wbs, I, O, blockIdx.y);
+    else if (blockIdx.x < N)
+        kv_write_prefetch(blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
     gk_pdl_enter();
     extern __shared__ float row[];
     if (blockIdx.y < gridDim.y - 1) {
@@ -408,11 +440,15 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                 float eps, int T, const W *__restrict__ w, float *__restrict__ y, long ldy, int N,
                 int I, int O)
 {
-    gk_pdl_enter();
     extern __shared__ float xs_sm[];  /* [NT][I] */
     __shared__ float red[32];
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     const W *wr[1] = {w + (long)(o < O ? o : O - 1) * I};
+    if (o < O)
+        gk_prefetch_rows<GK_WARPS, 1>(wr, I);
+    if (threadIdx.x == 0)
+        gk_prefetch_l2(nw, (size_t)I * sizeof(float));
+    gk_pdl_enter();
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
         for (int t = 0; t < nv; t++)
@@ -492,6 +528,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
                int N, int I, int O)
 {
+    gemv_prefetch(w, wbs, I, O, blockIdx.y);
     gk_pdl_enter();
     extern __shared__ float lat_sm[];  /* [N][I] */
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
@@ -607,6 +644,14 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             unsigned *count, float *xres, const float *delta, gk_moe_out mo, const float *nw,
             float eps, int T, float *xn)
 {
+    {
+        int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+        const float *wr[1] = {router + (long)o * H};
+        if (o < E)
+            gk_prefetch_rows<GK_WARPS, 1>(wr, H);
+        if (NORM && threadIdx.x == 0)
+            gk_prefetch_l2(nw, (size_t)H * sizeof(float));
+    }
     gk_pdl_enter();
     /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags; with NORM the rows [NT][H] first */
     extern __shared__ float rsm[];
@@ -753,6 +798,34 @@ __device__ __forceinline__ float silu_mul(float g, float u)
     return g * (1.0f / (1.0f + expf(-g))) * u;
 }
 
+/* Before the wait: the weight rows of warp o in group entry y (grouped_k). Without off the
+ * group is y. With off (routed experts) the up-projection cannot know its group before the
+ * wait (the launch before it buckets the rows); the down-projection can: the bucketing is
+ * two launches back, finished before the up-projection's wait returned and hence before
+ * this launch could start (each kernel lets the next start only after its wait). Read
+ * through L2 (__ldcg) and clamped: a value it got wrong could only waste a prefetch. */
+template <typename W, bool UP>
+__device__ __forceinline__ void grouped_prefetch(const W *w, long wstride, const int *off, int G,
+                                                 int I, int O, int o, int y)
+{
+    if (o >= O || (off && UP))
+        return;
+    int g = y;
+    if (off) {
+        if ((threadIdx.x & 31) || y >= __ldcg(off + G + 1))
+            return;
+        g = __ldcg(off + G + 2 + y);
+        if (g < 0 || g >= G)
+            return;
+    }
+    constexpr int NW = UP ? 2 : 1;
+    const W *wr[NW];
+    wr[0] = w + g * wstride + (long)o * I;
+    if (UP)
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+    gk_prefetch_rows<GK_WARPS, NW>(wr, I);
+}
+
 /* Group g = blockIdx.y; each warp one output column o < F (UP: gate row o and up row F + o of
  * w1_g [2F, H]; else row o of w2_g [Hout = F here, I]). */
 template <typename W, int NT, bool UP>
@@ -761,9 +834,10 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
               float *__restrict__ y, const int *order, const int *off, int G, int K, int N, int I,
               int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int g = blockIdx.y;
+    grouped_prefetch<W, UP>(w, wstride, off, G, I, O, o, g);
+    gk_pdl_enter();
     if (off) {  /* blockIdx.y-th group with rows (gk_moe_bucket's list) */
         if (g >= off[G + 1])
             return;
@@ -883,11 +957,13 @@ __device__ __forceinline__ unsigned long long argmax_key(float x, int v)
 __global__ void argmax_k(const float *x, int V, const uint8_t *ban, unsigned long long *part,
                          unsigned *count, int32_t *out)
 {
-    gk_pdl_enter();
     __shared__ unsigned long long red[32];
     __shared__ unsigned last;
     const float *r = x + (long)blockIdx.y * V;
     int per = (V + ARG_PARTS - 1) / ARG_PARTS, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
+    if (ban && threadIdx.x == 0 && v1 > v0)  /* the host's bans: no kernel writes them */
+        gk_prefetch_l2(ban + v0, (size_t)(v1 - v0));
+    gk_pdl_enter();
     unsigned long long best = 0;
     for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         unsigned long long k = argmax_key(ban && ban[v] ? -INFINITY : r[v], v);

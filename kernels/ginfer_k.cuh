@@ -12,29 +12,103 @@
 
 #include "../lib/err.h"
 
-/* Programmatic dependent launch (Hopper), when on (gk_pdl_on): every kernel here is launched
- * with gk_launch, which lets the driver start it while the kernel before it in the stream is
- * still running; the kernel's first act is gk_pdl_enter: wait for that kernel to finish and its
- * writes to be visible (griddepcontrol.wait), then let the next kernel be scheduled in turn
- * (griddepcontrol.launch_dependents). So no kernel touches memory before its predecessor is
- * done (the results are those of plain launches), but a step's chain of small kernels no
- * longer pays a full launch latency between each two. Kernels launched the plain way (other
- * modules') simply wait as usual; without PDL the two instructions do nothing. */
-__device__ __forceinline__ void gk_pdl_enter()
+/* Programmatic dependent launch (PDL, Hopper: compute capability 9.0 and up), on unless
+ * DSV3_GINFER_PDL=0 (gk_pdl_on): every kernel here is launched with gk_launch, which lets the
+ * driver start it while the kernel before it in the stream is still running (stream capture
+ * keeps the edge in the decode graphs). Each kernel then does, in this order:
+ * 1. what needs nothing the kernels before it write: an L2 prefetch of the weights (or cache
+ *    rows) the block is about to read (gk_prefetch_l2: a hint, it changes no value); its
+ *    addresses come from the launch's arguments and from memory only host copies write (the
+ *    rows' slots and positions) or, for the expert down-projection, the bucketing two
+ *    launches back (done before this launch could start, see grouped_k);
+ * 2. gk_pdl_wait (griddepcontrol.wait): until the kernel before has finished and its writes
+ *    are visible; no kernel reads an activation or writes anything before it;
+ * 3. gk_pdl_launch (griddepcontrol.launch_dependents): the next kernel may be scheduled and
+ *    do its step 1 while this one works (after the wait: at most one kernel ahead, so the
+ *    prefetches in flight stay those of one launch).
+ * So the results are bitwise those of plain launches, and a step's chain of small kernels
+ * overlaps each launch's start and its weights' first DRAM round trip with the kernel
+ * before. Kernels launched the plain way (other modules') wait as usual; without PDL the
+ * two instructions do nothing. The instructions exist from sm_90 (guarded: other targets
+ * compile the prefetch and the waits away). */
+__device__ __forceinline__ void gk_pdl_wait()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void gk_pdl_launch()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
-/* Only with DSV3_GINFER_PDL=1: measured on the H200 (2026-11-27, 1b-moe batch 1) a step
- * of ~240 launches took 1797 us with PDL and 1461 us without, so plain launches are the
- * default. */
+/* For kernels with nothing to prefetch: wait, then let the next one start. */
+__device__ __forceinline__ void gk_pdl_enter()
+{
+    gk_pdl_wait();
+    gk_pdl_launch();
+}
+
+/* The most bytes a block prefetches into L2 before its wait. A block prefetches only what
+ * it reads itself, and only blocks resident during the kernel before do so ahead of time:
+ * at most 132 SMs x 8 blocks x 32 KB = 34 MB, under the L2 (50 MB H100, 60 MB H200). */
+#define GK_PF_BLOCK (32 * 1024)
+
+/* One thread's asynchronous L2 prefetch of the 16-byte aligned bytes inside [p, p + bytes)
+ * (cp.async.bulk.prefetch: the copy engine fetches them, the thread goes on at once). */
+__device__ __forceinline__ void gk_prefetch_l2(const void *p, size_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15;
+    uintptr_t b = ((uintptr_t)p + bytes) & ~(uintptr_t)15;
+    if (b > a)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(b - a))
+                     : "memory");
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+/* One thread's L2 prefetch of the 128-byte line holding p (small things: FP8 row scales). */
+__device__ __forceinline__ void gk_prefetch_line(const void *p)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p) : "memory");
+#else
+    (void)p;
+#endif
+}
+
+/* A warp's NW weight rows of I values (a warp a row, NWARP warps a block), prefetched by its
+ * lane 0: each row's first GK_PF_BLOCK / (NWARP * NW) bytes (the whole row at 1b-moe's
+ * sizes; of a long row the part its loads take first). */
+template <int NWARP, int NW, typename W>
+__device__ __forceinline__ void gk_prefetch_rows(const W *const *w, int I)
+{
+    const size_t cap = GK_PF_BLOCK / (NWARP * NW), row = (size_t)I * sizeof(W);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            gk_prefetch_l2(w[a], row < cap ? row : cap);
+}
+
+/* Whether gk_launch asks for PDL: not with DSV3_GINFER_PDL=0, nor on a device before compute
+ * capability 9.0 (read at each launch: a decode graph keeps what held at its capture, when
+ * the engine was made). scripts/bench-sample.sh PDL=0 times a decode with it off too. */
 static inline int gk_pdl_on()
 {
     const char *v = getenv("DSV3_GINFER_PDL");
-    return v && !strcmp(v, "1");
+    int dev, major = 0;
+    if (v && !strcmp(v, "0"))
+        return 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        return 0;
+    return major >= 9;
 }
 
 template <typename... KArgs, typename... Args>
