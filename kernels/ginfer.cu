@@ -476,6 +476,15 @@ static void describe_fusions(ginfer *g)
         snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; fused decode: %s)", list);
 }
 
+/* "; PDL" inside the description's parentheses when the kernels are launched with
+ * programmatic dependent launch (ginfer_k.cuh: DSV3_GINFER_PDL, compute capability 9.0+). */
+static void describe_pdl(ginfer *g)
+{
+    size_t len = strlen(g->desc);
+    if (gk_pdl_on() && len && g->desc[len - 1] == ')')
+        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; PDL)");
+}
+
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
                   int dev, int exact, dsv3_err *e)
 {
@@ -578,6 +587,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc && !gpu_describe(dev, &p, e))
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name, dt);
     describe_fusions(g);
+    describe_pdl(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;

@@ -62,8 +62,8 @@ __device__ __forceinline__ void gk_pdl_enter()
 __device__ __forceinline__ void gk_prefetch_l2(const void *p, size_t bytes)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15;
-    uintptr_t b = ((uintptr_t)p + bytes) & ~(uintptr_t)15;
+    size_t g = __cvta_generic_to_global(p);  /* the instruction takes a global address */
+    size_t a = (g + 15) & ~(size_t)15, b = (g + bytes) & ~(size_t)15;
     if (b > a)
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(b - a))
                      : "memory");
@@ -77,7 +77,7 @@ __device__ __forceinline__ void gk_prefetch_l2(const void *p, size_t bytes)
 __device__ __forceinline__ void gk_prefetch_line(const void *p)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p) : "memory");
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)) : "memory");
 #else
     (void)p;
 #endif
