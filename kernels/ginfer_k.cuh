@@ -97,13 +97,15 @@ __device__ __forceinline__ void gk_prefetch_rows(const W *const *w, int I)
 }
 
 /* Whether gk_launch asks for PDL: not with DSV3_GINFER_PDL=0, nor on a device before compute
- * capability 9.0 (read at each launch: a decode graph keeps what held at its capture, when
- * the engine was made). scripts/bench-sample.sh PDL=0 times a decode with it off too. */
+ * capability 9.0, nor while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
+ * event after every launch keeps them apart anyway, and the capture then puts event nodes
+ * between kernel nodes). Read at each launch: a decode graph keeps what held at its capture,
+ * when the engine was made. scripts/bench-sample.sh PDL=0 times a decode with it off too. */
 static inline int gk_pdl_on()
 {
-    const char *v = getenv("DSV3_GINFER_PDL");
+    const char *v = getenv("DSV3_GINFER_PDL"), *p = getenv("DSV3_GINFER_PROFILE");
     int dev, major = 0;
-    if (v && !strcmp(v, "0"))
+    if ((v && !strcmp(v, "0")) || (p && *p && strcmp(p, "0")))
         return 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
