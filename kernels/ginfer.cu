@@ -476,13 +476,25 @@ static void describe_fusions(ginfer *g)
         snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; fused decode: %s)", list);
 }
 
-/* "; PDL" inside the description's parentheses when the kernels are launched with
- * programmatic dependent launch (ginfer_k.cuh: DSV3_GINFER_PDL, compute capability 9.0+). */
-static void describe_pdl(ginfer *g)
+/* "; what" appended inside the description's parentheses. */
+static void describe_add(ginfer *g, const char *what)
 {
     size_t len = strlen(g->desc);
-    if (gk_pdl_on() && len && g->desc[len - 1] == ')')
-        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; PDL)");
+    if (len && g->desc[len - 1] == ')')
+        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; %s)", what);
+}
+
+/* "; PDL" when the kernels are launched with programmatic dependent launch (ginfer_k.cuh:
+ * DSV3_GINFER_PDL, compute capability 9.0+), "; carveout N%" with DSV3_GINFER_CARVEOUT. */
+static void describe_pdl(ginfer *g)
+{
+    char c[32];
+    if (gk_pdl_on())
+        describe_add(g, "PDL");
+    if (gk_carveout() >= 0) {
+        snprintf(c, sizeof c, "carveout %d%%", gk_carveout());
+        describe_add(g, c);
+    }
 }
 
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,

@@ -113,6 +113,24 @@ static inline int gk_pdl_on()
     return major >= 9;
 }
 
+/* DSV3_GINFER_CARVEOUT=N (0-100): every launch here asks for a shared memory carveout of N
+ * percent of the most an SM has (the rest is L1), so that all kernels of a step share one
+ * L1/shared split. The reason to try it: an SM is understood to hold blocks of two kernels
+ * only when their splits agree, so with the driver's own choice per kernel (the default,
+ * -1 here) a kernel whose needs differ from its predecessor's (the attention's 110 KB
+ * against the GEMVs' none) cannot start its blocks on the SMs the predecessor still runs
+ * on, and under PDL its blocks then go where SMs free up first, maybe several to an SM
+ * (a suspected cause of the slower PDL steps of docs/PERF.md, 2026-11-27; not measured).
+ * An experiment for the device (scripts/bench-sample.sh ENVS=...); unset, empty or out of
+ * range: no preference. */
+static inline int gk_carveout()
+{
+    const char *v = getenv("DSV3_GINFER_CARVEOUT");
+    char *end;
+    long n = v && *v ? strtol(v, &end, 10) : -1;
+    return v && *v && !*end && n >= 0 && n <= 100 ? (int)n : -1;
+}
+
 template <typename... KArgs, typename... Args>
 static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t s, Args... args)
@@ -122,11 +140,19 @@ static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t 
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute at[2];
+    unsigned n = 0;
+    if (gk_pdl_on()) {
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    int c = gk_carveout();
+    if (c >= 0) {
+        at[n].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[n++].val.sharedMemCarveout = (unsigned)c;
+    }
     cfg.attrs = at;
-    cfg.numAttrs = gk_pdl_on();
+    cfg.numAttrs = n;
     cudaLaunchKernelEx(&cfg, k, (KArgs)args...);
 }
 

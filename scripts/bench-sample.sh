@@ -23,6 +23,8 @@
 # default programmatic dependent launches with L2 prefetch, kernels/ginfer_k.cuh), batch 1
 # and each batch size of BATCHES (rows "batch B (pdl-off)"); every other run leaves
 # DSV3_GINFER_PDL as the caller has it (unset: the default);
+# ENVS="A=1,B=2 C=3 ..." once more for each item, with its comma-separated variables set
+# (run "env:A=1,B=2"; e.g. ENVS="DSV3_GINFER_CARVEOUT=100 DSV3_GINFER_PDL=0,DSV3_GINFER_CARVEOUT=100");
 # UNFUSED=1 once more with DSV3_GINFER_FUSE=0 (the launches before the fused decode kernels;
 # with PROFILE=1 its profile too, run "unfused-profile");
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
@@ -77,7 +79,8 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         for run in ${PREFILL:+prefill-$PREFILL} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
             $([ "${PDL:-}" = 0 ] && echo pdl-off) ${PROFILE:+profile} \
-            ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done); do
+            ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done) \
+            $(for v in ${ENVS:-}; do echo "env:$v"; done); do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
             env $([ $run = "prefill-${PREFILL:-}" ] && echo "DSV3_GINFER_PREFILL=$PREFILL" ||
@@ -85,6 +88,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
                 $([ $run = pdl-off ] && echo DSV3_GINFER_PDL=0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
+                $(case $run in env:*) echo "${run#env:}" | tr , ' ' ;; esac) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {

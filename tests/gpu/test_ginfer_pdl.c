@@ -4,8 +4,9 @@
  * compute capability 9.0, each kernel prefetching its weights into L2 before its wait) give
  * bitwise the same results, on fresh random tiny models (q_lora_rank set or not, shared
  * expert or not, 1-4 experts a token), fp32 ("exact") and bf16, with the decode fusions
- * (DSV3_GINFER_FUSE) at their default, "0" and "1", and for bf16 with the tensor-core
- * prefill taking the 20-token prompt (DSV3_GINFER_PREFILL=gemm:8):
+ * (DSV3_GINFER_FUSE) at their default, "0" and "1", for bf16 with the tensor-core prefill
+ * taking the 20-token prompt (DSV3_GINFER_PREFILL=gemm:8), and with PDL and a shared memory
+ * carveout asked for every launch (DSV3_GINFER_CARVEOUT=100):
  * - a teacher-forced run: three slots prefilled with prompts of 5, 20 and 7 tokens (direct
  *   passes), then decode steps of 1, 2 and 3 rows in turn (graphs of 1, 2 and 4 rows): every
  *   row's logits equal (memcmp);
@@ -14,7 +15,8 @@
  * - with the MTP module (infer_new_gpu_mtp): drafts and steps in turn, every draft's and
  *   step's logits equal;
  * - the engine with PDL names it in its description ("; PDL") exactly when the device has
- *   compute capability 9.0 or more; the one with DSV3_GINFER_PDL=0 never. */
+ *   compute capability 9.0 or more; the one with DSV3_GINFER_PDL=0 never; the carveout is
+ *   named ("; carveout 100%") when asked for. */
 #include <stdlib.h>
 
 #include "../../lib/infer.h"
@@ -24,9 +26,11 @@
 
 enum { NS = 3, STEPS = 12, GSTEPS = 16, MAXP = 20, MSTEPS = 8 };
 
-/* Engine variants: DSV3_GINFER_FUSE, DSV3_GINFER_PREFILL (NULL: unset). */
-static const char *const variants[][2] = {
-    {NULL, NULL}, {"0", NULL}, {"1", NULL}, {NULL, "gemm:8"}};
+/* Engine variants: DSV3_GINFER_FUSE, DSV3_GINFER_PREFILL (NULL: unset), and the
+ * DSV3_GINFER_CARVEOUT of the engine with PDL (the one without has none). */
+static const char *const variants[][3] = {
+    {NULL, NULL, NULL}, {"0", NULL, NULL}, {"1", NULL, NULL}, {NULL, "gemm:8", NULL},
+    {NULL, NULL, "100"}};
 enum { NV = sizeof variants / sizeof *variants };
 
 /* Rows of one run: the prefills' last rows, then 1, 2, 3, 1, 2, 3, ... rows a step. */
@@ -105,6 +109,7 @@ static infer *make_engine(const dsv3_model *m, int ctx, int exact, int v, int pd
     set_env("DSV3_GINFER_FUSE", variants[v][0]);
     set_env("DSV3_GINFER_PREFILL", variants[v][1]);
     set_env("DSV3_GINFER_PDL", pdl ? NULL : "0");
+    set_env("DSV3_GINFER_CARVEOUT", pdl ? variants[v][2] : NULL);
     infer *f = NULL;
     int rc = mtp ? infer_new_gpu_mtp(&f, m, NULL, ctx, NS, 0, exact, e) ||
                        infer_use_mtp(f, e)
@@ -116,6 +121,12 @@ static infer *make_engine(const dsv3_model *m, int ctx, int exact, int v, int pd
     int named = strstr(infer_device(f), "; PDL") != NULL;
     CHECKF(named == (pdl && device_has_pdl()), "PDL %s: the engine describes itself as \"%s\"",
            pdl ? "default" : "off", infer_device(f));
+    char want[32];
+    snprintf(want, sizeof want, "; carveout %s%%", pdl && variants[v][2] ? variants[v][2] : "");
+    CHECKF((strstr(infer_device(f), "carveout") != NULL) == (pdl && variants[v][2]) &&
+               (!(pdl && variants[v][2]) || strstr(infer_device(f), want)),
+           "carveout %s: the engine describes itself as \"%s\"",
+           pdl && variants[v][2] ? variants[v][2] : "none", infer_device(f));
     return f;
 }
 
@@ -131,8 +142,8 @@ static int rows_differ(const float *a, const float *b, int R, int V)
 static void check_pdl(int exact)
 {
     GT_NEED_GPU();
-    char *keep[3] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
-                     save_env("DSV3_GINFER_PDL")};
+    char *keep[4] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
+                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT")};
     int models = 4, R = run_rows(), runs = 0;
     for (int i = 0; i < models && !test_failed_; i++) {
         dsv3_config c;
@@ -162,19 +173,17 @@ static void check_pdl(int exact)
                 infer *f = make_engine(&m, ctx, exact, v, p, 0, &e);
                 ok = f && run(f, (const int32_t(*)[MAXP])prompt, plen,
                               (const int32_t(*)[STEPS])toks, V, lg[p], gt[p], &e) == 0;
-                CHECKF(ok, "FUSE=%s PREFILL=%s PDL %s: %s", variants[v][0] ? variants[v][0] : "-",
-                       variants[v][1] ? variants[v][1] : "-", p ? "default" : "off", e.msg);
+                CHECKF(ok, "variant %d (FUSE=%s PREFILL=%s CARVEOUT=%s) PDL %s: %s", v,
+                       variants[v][0] ? variants[v][0] : "-", variants[v][1] ? variants[v][1] : "-",
+                       variants[v][2] ? variants[v][2] : "-", p ? "default" : "off", e.msg);
                 infer_free(f);
             }
             if (!ok)
                 break;
             int d = rows_differ(lg[1], lg[0], R, V);
-            CHECKF(d == 0, "model %d, FUSE=%s PREFILL=%s: %d of %d rows differ with PDL", i,
-                   variants[v][0] ? variants[v][0] : "-", variants[v][1] ? variants[v][1] : "-",
-                   d, R);
+            CHECKF(d == 0, "model %d, variant %d: %d of %d rows differ with PDL", i, v, d, R);
             CHECKF(!memcmp(gt[0], gt[1], sizeof gt[0]),
-                   "model %d, FUSE=%s PREFILL=%s: greedy tokens differ with PDL", i,
-                   variants[v][0] ? variants[v][0] : "-", variants[v][1] ? variants[v][1] : "-");
+                   "model %d, variant %d: greedy tokens differ with PDL", i, v);
             runs++;
         }
         free(lg[0]);
@@ -184,6 +193,7 @@ static void check_pdl(int exact)
     restore_env("DSV3_GINFER_FUSE", keep[0]);
     restore_env("DSV3_GINFER_PREFILL", keep[1]);
     restore_env("DSV3_GINFER_PDL", keep[2]);
+    restore_env("DSV3_GINFER_CARVEOUT", keep[3]);
     printf("# ginfer pdl %s: %d runs of %d rows and %d greedy steps of %d rows, PDL %s, every "
            "one %s\n", exact ? "fp32" : "bf16", runs, R, GSTEPS, NS,
            device_has_pdl() ? "on by default" : "unavailable (compute capability < 9.0)",
@@ -208,8 +218,8 @@ static int run_mtp(infer *f, const int32_t *prompt, int P, const int32_t *toks, 
 static void check_pdl_mtp(int exact)
 {
     GT_NEED_GPU();
-    char *keep[3] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
-                     save_env("DSV3_GINFER_PDL")};
+    char *keep[4] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
+                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT")};
     int models = 2, R = 2 * MSTEPS + 1;
     for (int i = 0; i < models && !test_failed_; i++) {
         dsv3_config c;
@@ -251,6 +261,7 @@ static void check_pdl_mtp(int exact)
     restore_env("DSV3_GINFER_FUSE", keep[0]);
     restore_env("DSV3_GINFER_PREFILL", keep[1]);
     restore_env("DSV3_GINFER_PDL", keep[2]);
+    restore_env("DSV3_GINFER_CARVEOUT", keep[3]);
 }
 
 static void test_pdl_fp32(void) { check_pdl(1); }
