@@ -13,14 +13,16 @@
 #include "../lib/err.h"
 
 /* Programmatic dependent launch (PDL, Hopper: compute capability 9.0 and up), on unless
- * DSV3_GINFER_PDL=0 (gk_pdl_on): every kernel here is launched with gk_launch, which lets the
+ * DSV3_GINFER_PDL=0 (gk_pdl_on; also off while profiling): every kernel here (and
+ * kernels/ginfer's MTP and FP8 ones) is launched with gk_launch, which lets the
  * driver start it while the kernel before it in the stream is still running (stream capture
  * keeps the edge in the decode graphs). Each kernel then does, in this order:
  * 1. what needs nothing the kernels before it write: an L2 prefetch of the weights (or cache
  *    rows) the block is about to read (gk_prefetch_l2: a hint, it changes no value); its
  *    addresses come from the launch's arguments and from memory only host copies write (the
  *    rows' slots and positions) or, for the expert down-projection, the bucketing two
- *    launches back (done before this launch could start, see grouped_k);
+ *    launches back (done before this launch could start, see grouped_prefetch); kernels
+ *    with nothing worth it (embedding, bucketing, gathers) skip this step;
  * 2. gk_pdl_wait (griddepcontrol.wait): until the kernel before has finished and its writes
  *    are visible; no kernel reads an activation or writes anything before it;
  * 3. gk_pdl_launch (griddepcontrol.launch_dependents): the next kernel may be scheduled and
