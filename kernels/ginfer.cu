@@ -485,12 +485,14 @@ static void describe_add(ginfer *g, const char *what)
 }
 
 /* "; PDL" when the kernels are launched with programmatic dependent launch (ginfer_k.cuh:
- * DSV3_GINFER_PDL, compute capability 9.0+), "; carveout N%" with DSV3_GINFER_CARVEOUT. */
+ * DSV3_GINFER_PDL, compute capability 9.0+; "PDL early", "PDL entry" for the other
+ * schemes), "; carveout N%" with DSV3_GINFER_CARVEOUT. */
 static void describe_pdl(ginfer *g)
 {
     char c[32];
-    if (gk_pdl_on())
-        describe_add(g, "PDL");
+    int m = gk_pdl_mode();
+    if (m != GK_PDL_OFF)
+        describe_add(g, m == GK_PDL_EARLY ? "PDL early" : m == GK_PDL_ENTRY ? "PDL entry" : "PDL");
     if (gk_carveout() >= 0) {
         snprintf(c, sizeof c, "carveout %d%%", gk_carveout());
         describe_add(g, c);

@@ -26,8 +26,11 @@
  * 2. gk_pdl_wait (griddepcontrol.wait): until the kernel before has finished and its writes
  *    are visible; no kernel reads an activation or writes anything before it;
  * 3. gk_pdl_launch (griddepcontrol.launch_dependents): the next kernel may be scheduled and
- *    do its step 1 while this one works (after the wait: at most one kernel ahead, so the
- *    prefetches in flight stay those of one launch).
+ *    do its step 1 while this one works: by default (GK_PDL_LATE) once the block's main
+ *    loads are done, so the next kernel's blocks and prefetches do not compete with them;
+ *    DSV3_GINFER_PDL=2 right after the wait (GK_PDL_EARLY). Always after the wait: at most
+ *    one kernel ahead, so the prefetches in flight stay those of one launch. Every kernel's
+ *    first parameter is the scheme (gk_launch passes it).
  * So the results are bitwise those of plain launches, and a step's chain of small kernels
  * overlaps each launch's start and its weights' first DRAM round trip with the kernel
  * before. Kernels launched the plain way (other modules') wait as usual; without PDL the
@@ -47,11 +50,39 @@ __device__ __forceinline__ void gk_pdl_launch()
 #endif
 }
 
-/* For kernels with nothing to prefetch: wait, then let the next one start. */
-__device__ __forceinline__ void gk_pdl_enter()
+/* The scheme a launch runs (DSV3_GINFER_PDL, gk_pdl_mode), every gk_launch kernel's first
+ * parameter m: when the kernel lets the next one start, and whether it prefetches. */
+enum {
+    GK_PDL_OFF = 0,   /* plain launch: no prefetch (the wait and trigger do nothing) */
+    GK_PDL_LATE = 1,  /* prefetch, wait; trigger once the block's main loads are done
+                         (gk_pdl_late): the next kernel's blocks and prefetches do not
+                         compete with this one's loads (the default) */
+    GK_PDL_EARLY = 2, /* prefetch, wait, trigger at once: the next kernel's prefetch has
+                         this one's whole run to overlap */
+    GK_PDL_ENTRY = 3, /* wait and trigger at entry, no prefetch: the scheme measured slower
+                         on 2026-11-27 (docs/PERF.md), for comparison */
+};
+
+/* The wait; the trigger too under the early and entry schemes. */
+__device__ __forceinline__ void gk_pdl_enter(int m)
 {
     gk_pdl_wait();
-    gk_pdl_launch();
+    if (m >= GK_PDL_EARLY)
+        gk_pdl_launch();
+}
+
+/* The late scheme's trigger: where a kernel's main loads are done (any warp's call counts
+ * for its block; a block that exits before it counts as well). */
+__device__ __forceinline__ void gk_pdl_late(int m)
+{
+    if (m == GK_PDL_LATE)
+        gk_pdl_launch();
+}
+
+/* Whether this launch prefetches before its wait. */
+__device__ __forceinline__ bool gk_pdl_pf(int m)
+{
+    return m == GK_PDL_LATE || m == GK_PDL_EARLY;
 }
 
 /* The most bytes a block prefetches into L2 before its wait. A block prefetches only what
@@ -89,30 +120,38 @@ __device__ __forceinline__ void gk_prefetch_line(const void *p)
  * lane 0: each row's first GK_PF_BLOCK / (NWARP * NW) bytes (the whole row at 1b-moe's
  * sizes; of a long row the part its loads take first). */
 template <int NWARP, int NW, typename W>
-__device__ __forceinline__ void gk_prefetch_rows(const W *const *w, int I)
+__device__ __forceinline__ void gk_prefetch_rows(int m, const W *const *w, int I)
 {
     const size_t cap = GK_PF_BLOCK / (NWARP * NW), row = (size_t)I * sizeof(W);
-    if ((threadIdx.x & 31) == 0)
+    if (gk_pdl_pf(m) && (threadIdx.x & 31) == 0)
 #pragma unroll
         for (int a = 0; a < NW; a++)
             gk_prefetch_l2(w[a], row < cap ? row : cap);
 }
 
-/* Whether gk_launch asks for PDL: not with DSV3_GINFER_PDL=0, nor on a device before compute
- * capability 9.0, nor while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
+/* The scheme of gk_launch's launches: off with DSV3_GINFER_PDL=0, on a device before compute
+ * capability 9.0, and while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
  * event after every launch keeps them apart anyway, and the capture then puts event nodes
- * between kernel nodes). Read at each launch: a decode graph keeps what held at its capture,
- * when the engine was made. scripts/bench-sample.sh PDL=0 times a decode with it off too. */
-static inline int gk_pdl_on()
+ * between kernel nodes); else DSV3_GINFER_PDL=2 the early trigger, 3 the entry scheme, and
+ * unset or anything else the late one. Read at each launch: a decode graph keeps what held
+ * at its capture, when the engine was made. scripts/bench-sample.sh PDL=0 (and ENVS) time
+ * the others in the same run. */
+static inline int gk_pdl_mode()
 {
     const char *v = getenv("DSV3_GINFER_PDL"), *p = getenv("DSV3_GINFER_PROFILE");
     int dev, major = 0;
     if ((v && !strcmp(v, "0")) || (p && *p && strcmp(p, "0")))
-        return 0;
+        return GK_PDL_OFF;
     if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-        return 0;
-    return major >= 9;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        major < 9)
+        return GK_PDL_OFF;
+    return v && !strcmp(v, "2") ? GK_PDL_EARLY : v && !strcmp(v, "3") ? GK_PDL_ENTRY : GK_PDL_LATE;
+}
+
+static inline int gk_pdl_on()
+{
+    return gk_pdl_mode() != GK_PDL_OFF;
 }
 
 /* DSV3_GINFER_CARVEOUT=N (0-100): every launch here asks for a shared memory carveout of N
@@ -133,8 +172,9 @@ static inline int gk_carveout()
     return v && *v && !*end && n >= 0 && n <= 100 ? (int)n : -1;
 }
 
+/* Launches kernel k (its first parameter the scheme, gk_pdl_mode's; args the others). */
 template <typename... KArgs, typename... Args>
-static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
+static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t s, Args... args)
 {
     cudaLaunchConfig_t cfg = {};
@@ -144,7 +184,8 @@ static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t 
     cfg.stream = s;
     cudaLaunchAttribute at[2];
     unsigned n = 0;
-    if (gk_pdl_on()) {
+    int m = gk_pdl_mode();
+    if (m != GK_PDL_OFF) {
         at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         at[n++].val.programmaticStreamSerializationAllowed = 1;
     }
@@ -155,7 +196,7 @@ static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t 
     }
     cfg.attrs = at;
     cfg.numAttrs = n;
-    cudaLaunchKernelEx(&cfg, k, (KArgs)args...);
+    cudaLaunchKernelEx(&cfg, k, m, (KArgs)args...);
 }
 
 /* A MoE layer's output not yet summed , for gk_add_norm to take

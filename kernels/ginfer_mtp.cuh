@@ -58,10 +58,10 @@ static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err 
 }
 
 /* hid[slot[n]][pos[n]] = x[n] for the rows of real slots (padding rows: slot n_slots). */
-__global__ void mtp_keep_k(float *hid, const float *x, const int *slot, const int *pos, int N,
-                           int H, int n_slots, int n_ctx)
+__global__ void mtp_keep_k(int m, float *hid, const float *x, const int *slot, const int *pos,
+                           int N, int H, int n_slots, int n_ctx)
 {
-    gk_pdl_enter();  /* launched as ginfer_k's kernels (PDL: ginfer_k.cuh) */
+    gk_pdl_enter(m);  /* launched as ginfer_k's kernels (PDL: ginfer_k.cuh) */
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i >= (long)N * H)
         return;
@@ -104,11 +104,11 @@ __device__ float mtp_block_sum(float v, float *red)
 /* One block a row: cat[n] = [enorm * rms(embed[ids[n]]) ; hnorm * rms(hid[slot[n]][pos[n]])]
  * (lib/ops rmsnorm_forward's w * (x * r)). */
 template <typename W>
-__global__ void mtp_in_k(float *cat, const W *table, const int32_t *ids, const float *hid,
+__global__ void mtp_in_k(int m, float *cat, const W *table, const int32_t *ids, const float *hid,
                          const int *slot, const int *pos, int n_ctx, int H, const float *enorm,
                          const float *hnorm, float eps)
 {
-    gk_pdl_enter();
+    gk_pdl_enter(m);
     __shared__ float red[32];
     int n = blockIdx.x;
     const W *er = table + (long)ids[n] * H;

@@ -24,7 +24,8 @@
 # and each batch size of BATCHES (rows "batch B (pdl-off)"); every other run leaves
 # DSV3_GINFER_PDL as the caller has it (unset: the default);
 # ENVS="A=1,B=2 C=3 ..." once more for each item, with its comma-separated variables set
-# (run "env:A=1,B=2"; e.g. ENVS="DSV3_GINFER_CARVEOUT=100 DSV3_GINFER_PDL=0,DSV3_GINFER_CARVEOUT=100");
+# (run "env:A=1,B=2"; e.g. ENVS="DSV3_GINFER_PDL=2 DSV3_GINFER_PDL=3 DSV3_GINFER_CARVEOUT=100":
+# the early-trigger and entry PDL schemes and one carveout for every launch, kernels/ginfer_k.cuh);
 # UNFUSED=1 once more with DSV3_GINFER_FUSE=0 (the launches before the fused decode kernels;
 # with PROFILE=1 its profile too, run "unfused-profile");
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:

@@ -5,8 +5,10 @@
  * bitwise the same results, on fresh random tiny models (q_lora_rank set or not, shared
  * expert or not, 1-4 experts a token), fp32 ("exact") and bf16, with the decode fusions
  * (DSV3_GINFER_FUSE) at their default, "0" and "1", for bf16 with the tensor-core prefill
- * taking the 20-token prompt (DSV3_GINFER_PREFILL=gemm:8), and with PDL and a shared memory
- * carveout asked for every launch (DSV3_GINFER_CARVEOUT=100):
+ * taking the 20-token prompt (DSV3_GINFER_PREFILL=gemm:8), with PDL and a shared memory
+ * carveout asked for every launch (DSV3_GINFER_CARVEOUT=100), and with the other two PDL
+ * schemes (DSV3_GINFER_PDL=2: trigger right after the wait; 3: wait and trigger at entry,
+ * no prefetch):
  * - a teacher-forced run: three slots prefilled with prompts of 5, 20 and 7 tokens (direct
  *   passes), then decode steps of 1, 2 and 3 rows in turn (graphs of 1, 2 and 4 rows): every
  *   row's logits equal (memcmp);
@@ -27,10 +29,13 @@
 enum { NS = 3, STEPS = 12, GSTEPS = 16, MAXP = 20, MSTEPS = 8 };
 
 /* Engine variants: DSV3_GINFER_FUSE, DSV3_GINFER_PREFILL (NULL: unset), and the
- * DSV3_GINFER_CARVEOUT of the engine with PDL (the one without has none). */
-static const char *const variants[][3] = {
-    {NULL, NULL, NULL}, {"0", NULL, NULL}, {"1", NULL, NULL}, {NULL, "gemm:8", NULL},
-    {NULL, NULL, "100"}};
+ * DSV3_GINFER_CARVEOUT and DSV3_GINFER_PDL of the engine with PDL (NULL: unset, the default
+ * late trigger; "2" early trigger; "3" the entry scheme; the engine without has PDL=0 and no
+ * carveout). */
+static const char *const variants[][4] = {
+    {NULL, NULL, NULL, NULL}, {"0", NULL, NULL, NULL},   {"1", NULL, NULL, NULL},
+    {NULL, "gemm:8", NULL, NULL}, {NULL, NULL, "100", NULL}, {NULL, NULL, NULL, "2"},
+    {"1", NULL, NULL, "2"},   {NULL, NULL, NULL, "3"}};
 enum { NV = sizeof variants / sizeof *variants };
 
 /* Rows of one run: the prefills' last rows, then 1, 2, 3, 1, 2, 3, ... rows a step. */
@@ -108,7 +113,7 @@ static infer *make_engine(const dsv3_model *m, int ctx, int exact, int v, int pd
 {
     set_env("DSV3_GINFER_FUSE", variants[v][0]);
     set_env("DSV3_GINFER_PREFILL", variants[v][1]);
-    set_env("DSV3_GINFER_PDL", pdl ? NULL : "0");
+    set_env("DSV3_GINFER_PDL", pdl ? variants[v][3] : "0");
     set_env("DSV3_GINFER_CARVEOUT", pdl ? variants[v][2] : NULL);
     infer *f = NULL;
     int rc = mtp ? infer_new_gpu_mtp(&f, m, NULL, ctx, NS, 0, exact, e) ||
@@ -175,7 +180,8 @@ static void check_pdl(int exact)
                               (const int32_t(*)[STEPS])toks, V, lg[p], gt[p], &e) == 0;
                 CHECKF(ok, "variant %d (FUSE=%s PREFILL=%s CARVEOUT=%s) PDL %s: %s", v,
                        variants[v][0] ? variants[v][0] : "-", variants[v][1] ? variants[v][1] : "-",
-                       variants[v][2] ? variants[v][2] : "-", p ? "default" : "off", e.msg);
+                       variants[v][2] ? variants[v][2] : "-",
+                       p ? variants[v][3] ? variants[v][3] : "default" : "off", e.msg);
                 infer_free(f);
             }
             if (!ok)
