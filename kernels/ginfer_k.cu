@@ -633,6 +633,20 @@ __global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, in
     moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
 }
 
+/* Before the wait: route_k's router rows and the norm weight nw (NULL: none). Not inlined,
+ * nor is grouped_prefetch: inline, ptxas spilled a few bytes in route_k<1, false> and the
+ * one-row grouped_k; a call leaves the kernels' registers as they were without it. */
+__device__ __noinline__ void route_prefetch(int m, const float *router, const float *nw, int H,
+                                            int E)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const float *wr[1] = {router + (long)o * H};
+    if (o < E)
+        gk_prefetch_rows<GK_WARPS, 1>(m, wr, H);
+    if (nw && gk_pdl_pf(m) && threadIdx.x == 0)
+        gk_prefetch_l2(nw, (size_t)H * sizeof(float));
+}
+
 /* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
  * to finish (a counter, reset by that block), every row's top-k (route_row, a warp a row) and
  * the bucketing (moe_bucket_body): three launches in one. */
@@ -648,14 +662,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             unsigned *count, float *xres, const float *delta, gk_moe_out mo, const float *nw,
             float eps, int T, float *xn)
 {
-    {
-        int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
-        const float *wr[1] = {router + (long)o * H};
-        if (o < E)
-            gk_prefetch_rows<GK_WARPS, 1>(m, wr, H);
-        if (NORM && gk_pdl_pf(m) && threadIdx.x == 0)
-            gk_prefetch_l2(nw, (size_t)H * sizeof(float));
-    }
+    route_prefetch(m, router, NORM ? nw : NULL, H, E);
     gk_pdl_enter(m);
     /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags; with NORM the rows [NT][H] first */
     extern __shared__ float rsm[];
@@ -810,8 +817,8 @@ __device__ __forceinline__ float silu_mul(float g, float u)
  * this launch could start (each kernel lets the next start only after its wait). Read
  * through L2 (__ldcg) and clamped: a value it got wrong could only waste a prefetch. */
 template <typename W, bool UP>
-__device__ __forceinline__ void grouped_prefetch(int m, const W *w, long wstride, const int *off,
-                                                 int G, int I, int O, int o, int y)
+__device__ __noinline__ void grouped_prefetch(int m, const W *w, long wstride, const int *off,
+                                              int G, int I, int O, int o, int y)
 {
     if (!gk_pdl_pf(m) || o >= O || (off && UP))
         return;
