@@ -668,6 +668,26 @@ __device__ __forceinline__ uint64_t mnmaj(const unsigned char *t, int rows, int 
     return wg_desc(t + k0 * S::SW, rows * S::SW, 8 * S::SW, S::MODE);
 }
 
+/* A operand fragments (the m16n8k16 layout wgmma's register form takes) of rows
+ * [row0 + 16 warp, +16) of a swizzled tile of `rows` rows, every k-step of DP columns, by
+ * ldmatrix: lanes 0-15 name rows 0-15 at the k-step's first 8 columns, lanes 16-31 the
+ * same rows at the next 8; a 16-byte chunk's place in its line is the one swz_tile wrote. */
+template <int DP>
+__device__ __forceinline__ void afrag(uint32_t (&a)[DP / 16][4], const unsigned char *t, int rows,
+                                      int row0)
+{
+    typedef swl<DP> S;
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    const int r = row0 + warp * 16 + (lane & 15);
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        const int c = kk * 16 + (lane >> 4) * 8;
+        const unsigned char *p =
+            t + ((c / S::AW) * rows + r) * S::SW + ((((c % S::AW) >> 3) ^ S::xr(r)) << 4);
+        ldsm_x4(a[kk][0], a[kk][1], a[kk][2], a[kk][3], (const bf16 *)p);
+    }
+}
+
 /* Documents (seg, non-decreasing along a sequence): the first position of i's document, and
  * one past its last, by binary search (every thread alike; a dozen cached loads). Key tiles
  * before a query tile's first document, and query tiles after a key tile's last one, hold
@@ -873,8 +893,15 @@ struct f3b_smem {
  * ST stages of query tiles, loaded two tiles ahead: with 3 the stage refilled is the last
  * tile's, so each tile's products drain before the barrier; with 4 (96/64) it is the tile
  * two back, which every warpgroup has waited for before the barrier, so a tile's dV and dK
- * run on across the next tile's barrier and loads. FX: exp by ex2.approx.ftz. */
-template <int DKP, int DVP, bool SEG, int HS, int ST, bool FX, int TQ_, int MINB>
+ * run on across the next tile's barrier and loads. FX: exp by ex2.approx.ftz. AR (bits):
+ * 1 the warpgroup's K rows, 2 its V rows, held in registers as the A operand of S^T, dP^T
+ * (read from shared memory once, not at every product). DR (bits): 1 with ST 4 too, wait
+ * for a tile's products at its end; 2 the tile loop without a zero-trip path (every block
+ * has a tile). Either keeps ptxas from serialising every wgmma of the ST 4 kernels (warning
+ * C7515): with the zero-trip path, the accumulators' zeros (a mov) reach the loop's exit
+ * where a product can still be in flight. */
+template <int DKP, int DVP, bool SEG, int HS, int ST, bool FX, int TQ_, int MINB, int AR = 0,
+          int DR = 0>
 __global__ void __launch_bounds__(256, MINB)
     f3_bwd_dkdv_kernel(bf16 *d_k, bf16 *d_v, const bf16 *d_out, const float *lse,
                        const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
@@ -918,6 +945,15 @@ __global__ void __launch_bounds__(256, MINB)
     swz_tile<DVP, TK, 256>(Vs, v, b, h, k0, T, nh, dv);
     prefetch(qt0);
     prefetch(qt0 + 1);
+    uint32_t ka[AR & 1 ? DKP / 16 : 1][4], va[AR & 2 ? DVP / 16 : 1][4];
+    if constexpr (AR != 0) { /* K and V came with the first query tile's group */
+        cp_async_wait<1>();
+        __syncthreads();
+        if constexpr ((AR & 1) != 0)
+            afrag<DKP>(ka, Ks, TK, wg * 64);
+        if constexpr ((AR & 2) != 0)
+            afrag<DVP>(va, Vs, TK, wg * 64);
+    }
     float dK[DKP / 2], dV[DVP / 2];
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
@@ -929,7 +965,7 @@ __global__ void __launch_bounds__(256, MINB)
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
     const int skl = SEG ? sg[min(k0 + wg * 64 + 63, T - 1)] : 0;
-    for (int qt = qt0; qt < nq; qt++) {
+    for (int qt = qt0; (DR & 2) || qt < nq; qt++) { /* DR 2: qt0 < nq always */
         const int buf = (qt - qt0) % L::STAGES, q0 = qt * TQ;
         if (ST == 3) {
             prefetch(qt + 2); /* into the stage tile qt - 1 used: drained, behind a barrier */
@@ -958,18 +994,33 @@ __global__ void __launch_bounds__(256, MINB)
                     continue; /* (TQ 128) every key of the warpgroup follows every query */
                 float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
                 wg_fence();
-                wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0),
-                                           kmaj<DKP>(Qb, TQ, hs, 0));
+                if constexpr ((AR & 1) != 0) {
+                    wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
 #pragma unroll
-                for (int kk = 1; kk < DKP / 16; kk++)
-                    wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
+                    for (int kk = 1; kk < DKP / 16; kk++)
+                        wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
+                } else {
+                    wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0),
+                                               kmaj<DKP>(Qb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DKP / 16; kk++)
+                        wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk),
+                                       kmaj<DKP>(Qb, TQ, hs, kk));
+                }
                 wg_commit();
-                wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0),
-                                           kmaj<DVP>(dOb, TQ, hs, 0));
+                if constexpr ((AR & 2) != 0) {
+                    wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
 #pragma unroll
-                for (int kk = 1; kk < DVP / 16; kk++)
-                    wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk),
-                                   kmaj<DVP>(dOb, TQ, hs, kk));
+                    for (int kk = 1; kk < DVP / 16; kk++)
+                        wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
+                } else {
+                    wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0),
+                                               kmaj<DVP>(dOb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DVP / 16; kk++)
+                        wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk),
+                                       kmaj<DVP>(dOb, TQ, hs, kk));
+                }
                 wg_commit();
                 wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
                 wg_regs(st);
@@ -1025,13 +1076,15 @@ __global__ void __launch_bounds__(256, MINB)
                 wg_commit();
             }
         }
-        if (ST == 3 || !live) {
+        if (ST == 3 || (DR & 1) || !live) {
             wg_wait<0>();
             wg_regs(dV);
             wg_regs(dK);
         }
         if (ST == 3)
             __syncthreads(); /* a later prefetch overwrites the stage just read */
+        if ((DR & 2) && qt + 1 >= nq)
+            break;
     }
     wg_wait<0>();
     wg_regs(dV);
@@ -1076,16 +1129,22 @@ struct f3q_smem {
  * queries. ST 3: each tile's last dQ product drains before the next tile's barrier (the
  * next load refills the stage it reads); ST 4 (96/64): the refilled stage is two tiles
  * back, so dQ runs on under the next tile's barrier, loads and S, and is waited for with
- * S. FX: exp by ex2.approx. */
-template <int DKP, int DVP, bool SEG, int ST, bool FX, int TN_, int MINB>
+ * S. FX: exp by ex2.approx. KS_: keys a step (64; 128 with TN 128: S and dP as m64n128
+ * products, half the A-operand reads and wgmma issues, one step a tile). AR (bits): 1 the
+ * warpgroup's Q rows, 2 its dO rows, held in registers as the A operand of S, dP. DR
+ * (bits), as in the dK/dV kernel: 1 the last dQ product of a tile waited for at its end
+ * with ST 4 too, 2 the tile loop without a zero-trip path (kt0 < ntiles always); either
+ * keeps ptxas from serialising every wgmma of the ST 4 kernel (warning C7515). */
+template <int DKP, int DVP, bool SEG, int ST, bool FX, int TN_, int MINB, int KS_ = 64,
+          int AR = 0, int DR = 0>
 __global__ void __launch_bounds__(256, MINB)
     f3_bwd_dq_kernel(bf16 *d_q, const bf16 *d_out, const float *lse, const float *D,
                      const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *seg, int T,
                      int nh, int dk, int dv, float scale, int lpt)
 {
     typedef f3q_smem<DKP, DVP, ST, TN_> L;
-    const int TM = L::TM, TN = L::TN, KS = 64; /* keys a step */
-    static_assert(ST == 3 || ST == 4, "stages");
+    const int TM = L::TM, TN = L::TN, KS = KS_; /* keys a step */
+    static_assert((ST == 3 || ST == 4) && TN % KS == 0, "stages and steps");
     extern __shared__ unsigned char smem_raw[];
     unsigned char *Qs = align1024(smem_raw), *dOs = Qs + L::QB, *Ks = dOs + L::OB;
     unsigned char *Vs = Ks + L::STAGES * L::KB;
@@ -1121,11 +1180,20 @@ __global__ void __launch_bounds__(256, MINB)
     swz_tile<DVP, TM, 256>(dOs, d_out, b, h, q0, T, nh, dv);
     prefetch(kt0);
     prefetch(kt0 + 1);
+    uint32_t qa[AR & 1 ? DKP / 16 : 1][4], oa[AR & 2 ? DVP / 16 : 1][4];
+    if constexpr (AR != 0) { /* Q and dO came with the first key tile's group */
+        cp_async_wait<1>();
+        __syncthreads();
+        if constexpr ((AR & 1) != 0)
+            afrag<DKP>(qa, Qs, TM, wg * 64);
+        if constexpr ((AR & 2) != 0)
+            afrag<DVP>(oa, dOs, TM, wg * 64);
+    }
     float dQ[DKP / 2];
 #pragma unroll
     for (int j = 0; j < DKP / 2; j++)
         dQ[j] = 0;
-    for (int kt = kt0; kt < ntiles; kt++) {
+    for (int kt = kt0; (DR & 2) || kt < ntiles; kt++) { /* DR 2: kt0 < ntiles always */
         const int buf = (kt - kt0) % L::STAGES, k0 = kt * TN;
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
         fence_proxy_async();
@@ -1146,15 +1214,31 @@ __global__ void __launch_bounds__(256, MINB)
             }
             float sc[KS / 2], dp[KS / 2]; /* the first k-step overwrites them */
             wg_fence();
-            wg_mma<KS>::template ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Kb, TN, ks, 0));
+            if constexpr ((AR & 1) != 0) {
+                wg_mma<KS>::template rsk<0>(sc, qa[0], kmaj<DKP>(Kb, TN, ks, 0));
 #pragma unroll
-            for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<KS>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, ks, kk));
+                for (int kk = 1; kk < DKP / 16; kk++)
+                    wg_mma<KS>::rsk(sc, qa[kk], kmaj<DKP>(Kb, TN, ks, kk));
+            } else {
+                wg_mma<KS>::template ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0),
+                                           kmaj<DKP>(Kb, TN, ks, 0));
+#pragma unroll
+                for (int kk = 1; kk < DKP / 16; kk++)
+                    wg_mma<KS>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, ks, kk));
+            }
             wg_commit();
-            wg_mma<KS>::template ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0), kmaj<DVP>(Vb, TN, ks, 0));
+            if constexpr ((AR & 2) != 0) {
+                wg_mma<KS>::template rsk<0>(dp, oa[0], kmaj<DVP>(Vb, TN, ks, 0));
 #pragma unroll
-            for (int kk = 1; kk < DVP / 16; kk++)
-                wg_mma<KS>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, ks, kk));
+                for (int kk = 1; kk < DVP / 16; kk++)
+                    wg_mma<KS>::rsk(dp, oa[kk], kmaj<DVP>(Vb, TN, ks, kk));
+            } else {
+                wg_mma<KS>::template ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0),
+                                           kmaj<DVP>(Vb, TN, ks, 0));
+#pragma unroll
+                for (int kk = 1; kk < DVP / 16; kk++)
+                    wg_mma<KS>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, ks, kk));
+            }
             wg_commit();
             wg_wait<1>(); /* S is done (and the last step's dQ); dP may still run */
             wg_regs(sc);
@@ -1189,11 +1273,13 @@ __global__ void __launch_bounds__(256, MINB)
             for (int kk = 0; kk < KS / 16; kk++)
                 wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, ks + kk * 16));
             wg_commit();
-            if (ST == 3 && ks + KS == TN) { /* the next barrier frees this stage */
+            if ((ST == 3 || (DR & 1)) && ks + KS == TN) { /* the next barrier frees this stage */
                 wg_wait<0>();
                 wg_regs(dQ);
             }
         }
+        if ((DR & 2) && kt + 1 >= ntiles)
+            break;
     }
     wg_wait<0>();
     wg_regs(dQ);
@@ -1424,9 +1510,15 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
     return 0;
 }
 
+#include "attention_ws.cuh" /* the warp-specialised TMA forward, variants 4 and 5 */
+
 /* Backward kernel shapes (f3_bwd_dkdv_kernel, f3_bwd_dq_kernel): HS queries a dK/dV step,
- * SK and SQ stages of the two kernels, FX the ex2.approx exponential. */
-template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, int TN, int MB>
+ * SK and SQ stages of the two kernels, FX the ex2.approx exponential; KSQ keys a dQ step,
+ * ARK and ARQ the operands each kernel holds in registers (its AR), DR (bits) the kernels
+ * that drain their products at every tile's end (1 dK/dV, 2 dQ, 4 dK/dV on documents
+ * only), 8 the tile loops of the others without a zero-trip path (kernel DR 1 or 2). */
+template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, int TN, int MB,
+          int KSQ, int ARK, int ARQ, int DR>
 static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                            const float *lse, const float *D, const bf16 *q, const bf16 *k,
                            const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
@@ -1435,18 +1527,25 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
     typedef f3b_smem<DKP, DVP, SK, TQ> LB;
     typedef f3q_smem<DKP, DVP, SQ, TN> LQ;
     static_assert(LB::bytes <= 227 * 1024 && LQ::bytes <= 227 * 1024, "shared memory");
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10>,
+    /* the kernels' DR: drain (1), else the loop without a zero-trip path where asked (2) */
+    constexpr int DK = (DR & (SEG ? 5 : 1)) ? 1 : (DR & 8) ? 2 : 0;
+    constexpr int DQ = (DR & 2) ? 1 : (DR & 8) ? 2 : 0;
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK,
+                                                     DK>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10>,
+    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ,
+                                                   DQ>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
              e);
     const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
     dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
-    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10><<<gk, 256, LB::bytes, c->stream>>>(
+    f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, DK><<<gk, 256, LB::bytes,
+                                                                         c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10><<<gq, 256, LQ::bytes, c->stream>>>(
+    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, DQ><<<gq, 256, LQ::bytes,
+                                                                     c->stream>>>(
         d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dq (sm90)", e);
     return 0;
@@ -1454,16 +1553,16 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
 
 /* MB: blocks an SM each kernel's registers must allow, 10 x dK/dV's + dQ's */
 template <int DKP, int DVP, int HS, int SK, int SQ, bool FX, int TQ = 64, int TN = 64,
-          int MB = 11>
+          int MB = 11, int KSQ = 64, int ARK = 0, int ARQ = 0, int DR = 0>
 static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                          const float *lse, const float *D, const bf16 *q, const bf16 *k,
                          const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
                          float scale, int lpt, dsv3_err *e)
 {
     if (seg)
-        return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB>(
+        return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR>(
             c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
-    return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB>(
+    return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR>(
         c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
 }
 
@@ -1548,17 +1647,33 @@ static bool fused_bwd_fits(int dk, int dv)
  * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The
  * default: 10 for document-masked calls on a context set nondet (gpu_attention_set_nondet:
  * 2.165 ms against 5's 2.766 on the 1B-MoE shape with packed documents, but not
- * bit-reproducible), else 5, the fastest deterministic one of the sweep on an H200
- * (docs/PERF.md, "Attention backward candidates"; also on causal rows, where 10 takes
- * 3.957 ms against 3.599); 0: the kernels measured in "Attention on Hopper wgmma". 96/64:
+ * bit-reproducible), else the fastest deterministic ones of the H100 sweep of 2026-11-28
+ * (docs/PERF.md, "The sixth session's device runs"; 1B-MoE shape B=8): 17 on causal rows
+ * (3.117 ms against 5's 3.594), 16 on documents (2.239 against 2.629); at 192/128 both are
+ * 5's kernels without the serialisation (5.58 against 5.66 ms). Before: 5, the fastest of
+ * the H200 sweep (causal 3.599, where 10 takes 3.957); 0: the kernels measured in
+ * "Attention on Hopper wgmma". 96/64:
  *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
  *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
  *   3  as 2, exp2f                                          7  as 4, two blocks an SM
  *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
  *   9  one fused kernel (dQ by fp32 reductions, attention_fa.cuh), dS by stmatrix
  *  10  as 9, dS by 2-byte stores
+ * 11-17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on the
+ * 4-stage dQ kernel (and on 5's dK/dV kernel for documents; warning C7515: it then waits
+ * after every wgmma of the kernel): a tile's last products stay in flight at the loop's
+ * exit, which the zero-trip path's zeroed accumulators also reach
+ *  11  5, the dQ kernel (and the document dK/dV) drained at tile ends (DR 1)
+ *  12  5, tile loops without the zero-trip path (DR 2): 5's overlap kept
+ *  13  12, dQ steps of 128 keys (S and dP as m64n128 products)
+ *  14  12, Q and dO in registers (the A operand of the dQ kernel's S and dP)
+ *  15  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
+ *      documents that dK/dV kernel drains, as 11's, where 12's loop would spill)
+ *  16  15 with 14's dQ                                     17  15 with 13's dQ
  * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx (also for
- * 9 and 10: the fused kernel is 96/64 only). */
+ * 9 and 10: the fused kernel is 96/64 only; 11-17 too: 3-stage kernels are not
+ * serialised), but 14 with dO in registers in the dQ kernel, 16 with Q (K/V do not fit the
+ * dK/dV kernel's registers). */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
@@ -1566,7 +1681,7 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int bv = ev ? atoi(ev) : fused ? 10 : 5, lpt = el ? atoi(el) : 0;
+    const int bv = ev ? atoi(ev) : fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
@@ -1585,12 +1700,22 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
         case 10:
             return f3_fused_launch<false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                           dv, scale, lpt, e);
+        case 11: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 6);
+        case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 8);
+        case 13: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 0, 0, 8);
+        case 14: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 3, 8);
+        case 15: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 0, 12);
+        case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 12);
+        case 17: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12);
         default: return F3B(96, 64, 32, 3, 3, false);
         }
     }
-    if (bv > 0)
-        return F3B(192, 128, 32, 3, 3, true);
-    return F3B(192, 128, 32, 3, 3, false);
+    switch (bv) {
+    case 0: return F3B(192, 128, 32, 3, 3, false);
+    case 14: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 2);
+    case 16: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
+    default: return F3B(192, 128, 32, 3, 3, true);
+    }
 #undef F3B
 }
 
@@ -1638,16 +1763,24 @@ extern "C" int gpu_attention_fwd_seg(gpu_ctx *c, gpu_bf16 *out, float *lse, cons
         return 0;
     bf16 *o = (bf16 *)out;
     const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
-    const int var = c->attn_fwd_variant;
+    int var = c->attn_fwd_variant;
+    const char *fv = getenv("DSV3_ATTN_FWD"); /* a forward variant for timings */
+    if (fv && *fv)
+        var = atoi(fv);
     if (dk <= 32 && dv <= 32)
         return fwd_launch<32, 32, 4, true, 2, 1>(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
+    /* 0 (the default), 4, 5: warp-specialised, TMA, ping-pong (attention_ws.cuh; 0 and 5
+     * keep head dim 96; the same bits as variant 6, 1.2-2.8 ms less a 1b-moe step on an H100,
+     * docs/PERF.md "The sixth session's device runs") */
+    if ((var == 0 || var == 4 || var == 5) && use_sm90(c))
+        return ws_fwd_launch(c, o, lse, Q, K, V, seg, B, T, nh, dk, dv, scale, var != 4, e);
     /* documents (seg): the wgmma forward of variant 0 (the pipelined one has no mask) */
     if (var == 3 && use_sm90(c) && !seg) {
         if (dk <= 128 && dv <= 64)
             return f3_fwdp_launch<128, 64>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
         return f3_fwdp_launch<192, 128>(c, o, lse, Q, K, V, B, T, nh, dk, dv, scale, e);
     }
-    if ((var == 0 || (var == 3 && seg)) && use_sm90(c)) {
+    if ((var == 6 || (var == 3 && seg)) && use_sm90(c)) { /* 6: the default before the ws */
         /* 96/64 runs padded to 128/64: the 64-byte-swizzled 96 measured slower here
          * (1B-MoE shape, H200: 1.36 ms against 1.18), unlike in the backward */
         if (dk <= 128 && dv <= 64)
@@ -1696,7 +1829,7 @@ extern "C" int gpu_attention_bwd_seg(gpu_ctx *c, gpu_bf16 *d_q, gpu_bf16 *d_k, g
     if (dk <= 32 && dv <= 32)
         rc = bwd_launch<32, 32>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale,
                                 e);
-    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant == 3) && use_sm90(c))
+    else if ((c->attn_fwd_variant == 0 || c->attn_fwd_variant >= 3) && use_sm90(c))
         rc = f3_bwd_pick(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);
     else if (dk <= 96 && dv <= 64)
         rc = bwd_launch<96, 64>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk, dv, scale, e);

@@ -54,7 +54,10 @@ void gpu_attention_set_nondet(gpu_ctx *c, int nondet);
 size_t gpu_attention_bwd_arena_bytes(int B, int T, int nh, int dk, int dv, int nondet);
 
 /* Benchmarks and tests only: picks the kernels. 0, the default: on compute capability 9.x
- * the wgmma (sm_90a) forward and backward for head dims above 32, elsewhere as 1. 1: the
+ * the warp-specialised TMA forward (attention_ws.cuh; head dim 96 kept) and the wgmma
+ * backward for head dims above 32, elsewhere as 1. 6: on 9.x the wgmma forward that was the
+ * default before (the same bits as 0), with the same backward. 4, 5: the warp-specialised
+ * forward with head dim 96 padded to 128 (4) or kept (5, as 0). 1: the
  * mma.sync kernels (head dim 192: two 8-warp blocks an SM, Q re-read from shared memory;
  * 96: two 8-warp blocks an SM). 2: mma.sync forward with 4-warp blocks (three an SM), the
  * mma.sync backward. 3: on 9.x, the pipelined wgmma forward (key tiles of 64, the next

@@ -46,10 +46,10 @@ __device__ __forceinline__ void attn_combine_one(float *olat, const float *pm, c
 }
 
 /* One block a (row, head). */
-__global__ void attn_combine_k(float *olat, const float *pm, const float *pl, const float *pacc,
-                               int kv, int nsplit)
+__global__ void attn_combine_k(int m, float *olat, const float *pm, const float *pl,
+                               const float *pacc, int kv, int nsplit)
 {
-    gk_pdl_enter();
+    gk_pdl_enter(m);
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     attn_combine_one(olat, pm, pl, pacc, blockIdx.x, kv, nsplit, ws, ls, ML);
 }
@@ -58,11 +58,10 @@ __global__ void attn_combine_k(float *olat, const float *pm, const float *pl, co
 
 template <typename C>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_split_k(float *pm, float *pl, float *pacc, const float *qlat, const float *q, int qk,
-                 int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
+    attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
+                 int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count)
 {
-    gk_pdl_enter();
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
@@ -73,6 +72,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
     const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
+    /* before the wait (ginfer_k.cuh): the part's cache rows into L2 (positions and slots are
+     * the host's copies; the row the launch before writes is read only after the wait, and
+     * L2 holds its new values: a prefetch never makes a read stale) */
+    if (gk_pdl_pf(m) && tid == 0 && t1 > t0) {
+        size_t b = (size_t)(t1 - t0) * W * sizeof(C);
+        gk_prefetch_l2(cb + (long)t0 * W, b < GK_PF_BLOCK ? b : GK_PF_BLOCK);
+    }
+    gk_pdl_enter(m);
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
     const int W4 = W / 4;
@@ -125,6 +132,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         }
         __syncthreads();
+        gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
         for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
             int h = i / ATT_CH, t = i % ATT_CH;
             float sc = -INFINITY;
@@ -167,6 +175,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         }
         __syncthreads();
     }
+    gk_pdl_late(m);  /* an empty part has none */
     for (int i = tid; i < hn * kv; i += blockDim.x) {
         int h = i / kv, j = i % kv;
         long b = ((long)r * nh + h0 + h) * nsplit + sp;

@@ -476,6 +476,29 @@ static void describe_fusions(ginfer *g)
         snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; fused decode: %s)", list);
 }
 
+/* "; what" appended inside the description's parentheses. */
+static void describe_add(ginfer *g, const char *what)
+{
+    size_t len = strlen(g->desc);
+    if (len && g->desc[len - 1] == ')')
+        snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; %s)", what);
+}
+
+/* "; PDL" when the kernels are launched with programmatic dependent launch (ginfer_k.cuh:
+ * DSV3_GINFER_PDL, compute capability 9.0+; "PDL early", "PDL entry" for the other
+ * schemes), "; carveout N%" with DSV3_GINFER_CARVEOUT. */
+static void describe_pdl(ginfer *g)
+{
+    char c[32];
+    int m = gk_pdl_mode();
+    if (m != GK_PDL_OFF)
+        describe_add(g, m == GK_PDL_EARLY ? "PDL early" : m == GK_PDL_ENTRY ? "PDL entry" : "PDL");
+    if (gk_carveout() >= 0) {
+        snprintf(c, sizeof c, "carveout %d%%", gk_carveout());
+        describe_add(g, c);
+    }
+}
+
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
                   int dev, int exact, dsv3_err *e)
 {
@@ -578,6 +601,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc && !gpu_describe(dev, &p, e))
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name, dt);
     describe_fusions(g);
+    describe_pdl(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;

@@ -32,6 +32,10 @@
  * "post": the post-attention norm inside the router's launch (every block normalises, the last
  * writes x and xn), "uvc": the attention combine inside the uv GEMV's blocks (each combines
  * its head; no block combines many heads), 9 a MoE layer at batch 1.
+ * On compute capability 9.0 and up the kernels are launched with programmatic dependent
+ * launch (DSV3_GINFER_PDL=0 turns it off; "; PDL" in the description when on): each starts
+ * while the one before runs, prefetches its weights into L2, and waits for that one before
+ * reading its outputs (kernels/ginfer_k.cuh); the results are bitwise those without.
  *
  * A call's rows are (slot, pos, token); the caller (lib/infer) keeps the slot lengths. A call
  * of at most `max_batch` rows that wants every row's logits (a decode step) replays a CUDA

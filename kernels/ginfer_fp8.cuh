@@ -189,18 +189,63 @@ __device__ __forceinline__ void f8_dots(const uint8_t *const *w, const float *co
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
+/* Before the wait (ginfer_k.cuh): a warp's NW FP8 weight rows of I values and their scales. */
+template <int NW>
+__device__ __forceinline__ void f8_prefetch(int m, const uint8_t *const *w, const float *const *s,
+                                            int I)
+{
+    gk_prefetch_rows<8, NW>(m, w, I);
+    if (gk_pdl_pf(m) && (threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            gk_prefetch_line(s[a]);
+}
+
+/* f8_grouped_k's rows of warp o in group entry y, as kernels/ginfer_k.cu's grouped_prefetch
+ * (the routed up-projection none: its groups are known only after the wait). Not inlined:
+ * inline, ptxas spilled in f8_grouped_k<1, true>; a call leaves the kernel's registers as
+ * they were without it. */
+template <bool UP>
+__device__ __noinline__ void f8_grouped_prefetch(int m, const uint8_t *w, const float *sc,
+                                                 long wstride, const int *off, int G, int I, int O,
+                                                 int o, int y)
+{
+    if (!gk_pdl_pf(m) || o >= O || (off && UP))
+        return;
+    int g = y;
+    if (off) {
+        if ((threadIdx.x & 31) || y >= __ldcg(off + G + 1))
+            return;
+        g = __ldcg(off + G + 2 + y);
+        if (g < 0 || g >= G)
+            return;
+    }
+    constexpr int NW = UP ? 2 : 1;
+    const uint8_t *wr[NW];
+    const float *sr[NW];
+    wr[0] = w + g * wstride + (long)o * I;
+    sr[0] = sc + (g * wstride + (long)o * I) / 128;
+    if (UP) {
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
+    }
+    f8_prefetch<NW>(m, wr, sr, I);
+}
+
 /* y[n][o] = sum_i x[n][i] w[o][i] (x rows ldx apart, y rows ldy apart). */
 template <int NT>
 __global__ void __launch_bounds__(256)
-    f8_gemv_k(const float *__restrict__ x, long ldx, const uint8_t *__restrict__ w,
+    f8_gemv_k(int m, const float *__restrict__ x, long ldx, const uint8_t *__restrict__ w,
               const float *__restrict__ sc, float *__restrict__ y, long ldy, int N, int I, int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (o >= O)
-        return;
     const uint8_t *wr[1] = {w + (long)o * I};
     const float *sr[1] = {sc + (long)o * (I / 128)};
+    if (o < O)
+        f8_prefetch<1>(m, wr, sr, I);
+    gk_pdl_enter(m);
+    if (o >= O)
+        return;
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
         const float *xs[NT];
@@ -209,6 +254,7 @@ __global__ void __launch_bounds__(256)
             xs[t] = x + (long)(n0 + (t < nv ? t : 0)) * ldx;
         float acc[1][NT];
         f8_dots<NT, 1>(wr, sr, xs, nv, I, acc);
+        gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
             if (lane == t && t < nv)
@@ -220,13 +266,14 @@ __global__ void __launch_bounds__(256)
  * scales at g * wstride / 128). */
 template <int NT, bool UP>
 __global__ void __launch_bounds__(256)
-    f8_grouped_k(const float *__restrict__ x, const uint8_t *__restrict__ w,
+    f8_grouped_k(int m, const float *__restrict__ x, const uint8_t *__restrict__ w,
                  const float *__restrict__ sc, long wstride, float *__restrict__ y,
                  const int *order, const int *off, int G, int K, int N, int I, int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int g = blockIdx.y;
+    f8_grouped_prefetch<UP>(m, w, sc, wstride, off, G, I, O, o, g);
+    gk_pdl_enter(m);
     if (off) {
         if (g >= off[G + 1])
             return;
@@ -255,6 +302,7 @@ __global__ void __launch_bounds__(256)
         }
         float acc[NW][NT];
         f8_dots<NT, NW>(wr, sr, xs, nv, I, acc);
+        gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
             if (lane == t && t < nv) {
@@ -278,7 +326,8 @@ static int gx_gemv(ginfer *g, const float *x, long ldx, long xbs, const void *w,
         return err_set(e, "ginfer: an FP8 GEMV of %d batches over %d values", batch, I);
     if (N <= 0 || O <= 0)
         return 0;
-    void (*k)(const float *, long, const uint8_t *, const float *, float *, long, int, int, int) =
+    void (*k)(int, const float *, long, const uint8_t *, const float *, float *, long, int, int,
+              int) =
         N == 1 ? f8_gemv_k<1> : N <= 4 ? f8_gemv_k<4> : f8_gemv_k<8>;
     gk_launch(k, dim3((O + 7) / 8), dim3(256), 0, g->s, x, ldx, (const uint8_t *)w, sc, y, ldy,
               N, I, O);
@@ -294,7 +343,7 @@ static int f8_grouped(ginfer *g, const float *x, const void *w, const float *sc,
     if (I % 128 || wstride % 128)
         return err_set(e, "ginfer: FP8 expert weights of rows of %d values", I);
     dim3 grid((O + 7) / 8, off && maxact < groups ? maxact : groups);
-    void (*k)(const float *, const uint8_t *, const float *, long, float *, const int *,
+    void (*k)(int, const float *, const uint8_t *, const float *, long, float *, const int *,
               const int *, int, int, int, int, int) = rows_hint <= 1   ? f8_grouped_k<1, UP>
                                                       : rows_hint <= 4 ? f8_grouped_k<4, UP>
                                                                        : f8_grouped_k<8, UP>;

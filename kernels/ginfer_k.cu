@@ -68,7 +68,7 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
 
 /* gemv_k's work for block (blockIdx.x, b). */
 template <typename W, int NT>
-__device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx, long xbs,
+__device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, long ldx, long xbs,
                                            const W *__restrict__ w, long wbs,
                                            float *__restrict__ y, long ldy, long ybs, int N,
                                            int I, int O, int b)
@@ -86,6 +86,7 @@ __device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx
             xs[t] = xb + (long)(n0 + (t < nv ? t : 0)) * ldx;
         float acc[1][NT];
         warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+        gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
             if (lane == t && t < nv)
@@ -93,13 +94,24 @@ __device__ __forceinline__ void gemv_block(const float *__restrict__ x, long ldx
     }
 }
 
+/* Before the wait (ginfer_k.cuh): the weight rows gemv_block reads for batch entry b. */
+template <typename W>
+__device__ __forceinline__ void gemv_prefetch(int m, const W *w, long wbs, int I, int O, int b)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const W *wr[1] = {w + b * wbs + (long)o * I};
+    if (o < O)
+        gk_prefetch_rows<GK_WARPS, 1>(m, wr, I);
+}
+
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w, long wbs,
-           float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+    gemv_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
+           long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
 {
-    gk_pdl_enter();
-    gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+    gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    gk_pdl_enter(m);
+    gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
 }
 
 template <typename W>
@@ -107,8 +119,8 @@ static void gemv_launch(cudaStream_t s, const float *x, long ldx, long xbs, cons
                         float *y, long ldy, long ybs, int N, int I, int O, int batch)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
-    void (*k)(const float *, long, long, const W *, long, float *, long, long, int, int, int) =
-        N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4> : gemv_k<W, 8>;
+    void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
+              int) = N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4> : gemv_k<W, 8>;
     gk_launch(k, grid, GK_WARPS * 32, 0, s, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
 }
 
@@ -130,9 +142,9 @@ int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, i
 /* ---- embedding, norms, rotations ---- */
 
 template <typename W>
-__global__ void embed_k(float *x, const W *table, const int32_t *ids, int N, int H)
+__global__ void embed_k(int m, float *x, const W *table, const int32_t *ids, int N, int H)
 {
-    gk_pdl_enter();
+    gk_pdl_enter(m);
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i >= (long)N * H)
         return;
@@ -177,10 +189,12 @@ __device__ __forceinline__ float residual_sum(const float *xr, const float *dr,
  * order, plus the shared one's) is added, so the combine costs no launch of its own; then
  * delta (both with the fused norms: the MoE output of the layer before and this layer's
  * attention output, in that order, as two unfused add_norms would add them). */
-__global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo, const float *w,
-                           float *out, int D, float eps)
+__global__ void add_norm_k(int m, float *x, int ldx, const float *delta, gk_moe_out mo,
+                           const float *w, float *out, int D, float eps)
 {
-    gk_pdl_enter();
+    if (gk_pdl_pf(m) && threadIdx.x == 0)  /* read after the row's sum: off the path */
+        gk_prefetch_l2(w, (size_t)D * sizeof(float));
+    gk_pdl_enter(m);
     __shared__ float red[32];
     int n = blockIdx.x;
     float *xr = x + (long)n * ldx, *yr = out + (long)n * D;
@@ -192,6 +206,7 @@ __global__ void add_norm_k(float *x, int ldx, const float *delta, gk_moe_out mo,
             xr[i] = v;
         ss += v * v;
     }
+    gk_pdl_late(m);
     ss = block_sum(ss, red);
     float r = rsqrtf(ss / D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x)
@@ -227,7 +242,7 @@ __device__ __forceinline__ void rope_pair(float *v, int j, int half, int interle
 /* One block a row; the row's kv + rope values staged in shared memory. The row's query
  * heads are rotated here too (one launch fewer a layer). */
 template <typename C>
-__device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const float *kva,
+__device__ void kv_write_row(int m, float *row /* [kv + rope] shared */, int n, const float *kva,
                              int ldkva, const float *w, C *cache, const int *slot, const int *pos,
                              int kv, int rope, int n_ctx, const float *cos_t, const float *sin_t,
                              int interleave, float eps, float *q, int nh, int qk, int nope)
@@ -242,6 +257,7 @@ __device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const f
         if (i < kv)
             ss += v * v;
     }
+    gk_pdl_late(m);
     ss = block_sum(ss, red);  /* its barriers also order the row's stores */
     float r = rsqrtf(ss / kv + eps);
     long t = pos[n];
@@ -256,15 +272,30 @@ __device__ void kv_write_row(float *row /* [kv + rope] shared */, int n, const f
         dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
 }
 
-template <typename C>
-__global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache, const int *slot,
-                           const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
-                           const float *sin_t, int interleave, float eps, float *q, int nh,
-                           int qk, int nope)
+/* Before the wait: what kv_write_row reads after its sum (the norm weight, the position's
+ * rotation table rows; the position is the host's copy, no kernel writes it). */
+__device__ __forceinline__ void kv_write_prefetch(int m, int n, const float *w, const int *pos,
+                                                  int kv, int rope, const float *cos_t,
+                                                  const float *sin_t)
 {
-    gk_pdl_enter();
+    if (gk_pdl_pf(m) && threadIdx.x == 0) {
+        long t = pos[n];
+        gk_prefetch_l2(w, (size_t)kv * sizeof(float));
+        gk_prefetch_line(cos_t + t * (rope / 2));
+        gk_prefetch_line(sin_t + t * (rope / 2));
+    }
+}
+
+template <typename C>
+__global__ void kv_write_k(int m, const float *kva, int ldkva, const float *w, C *cache,
+                           const int *slot, const int *pos, int kv, int rope, int n_ctx,
+                           const float *cos_t, const float *sin_t, int interleave, float eps,
+                           float *q, int nh, int qk, int nope)
+{
+    kv_write_prefetch(m, blockIdx.x, w, pos, kv, rope, cos_t, sin_t);
+    gk_pdl_enter(m);
     extern __shared__ float row[];
-    kv_write_row<C>(row, blockIdx.x, kva, ldkva, w, cache, slot, pos, kv, rope, n_ctx, cos_t,
+    kv_write_row<C>(m, row, blockIdx.x, kva, ldkva, w, cache, slot, pos, kv, rope, n_ctx, cos_t,
                     sin_t, interleave, eps, q, nh, qk, nope);
 }
 
@@ -274,20 +305,24 @@ __global__ void kv_write_k(const float *kva, int ldkva, const float *w, C *cache
  * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_kvw_k(const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
+    gemv_kvw_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
                long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
                const float *kva, int ldkva, const float *nw, W *cache, const int *slot,
                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
 {
-    gk_pdl_enter();
+    if (blockIdx.y < gridDim.y - 1)
+        gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    else if (blockIdx.x < N)
+        kv_write_prefetch(m, blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
+    gk_pdl_enter(m);
     extern __shared__ float row[];
     if (blockIdx.y < gridDim.y - 1) {
-        gemv_block<W, NT>(x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+        gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
         return;
     }
     if (blockIdx.x < N)
-        kv_write_row<W>(row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
+        kv_write_row<W>(m, row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
                         cos_t, sin_t, interleave, eps, q, nh, qk, nope);
 }
 
@@ -305,9 +340,9 @@ static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, 
                             float *q, int nh, int qk, int nope)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
-    void (*k)(const float *, long, long, const W *, long, float *, long, long, int, int, int,
-              const float *, int, const float *, W *, const int *, const int *, int, int, int,
-              const float *, const float *, int, float, float *, int, int, int) =
+    void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
+              int, const float *, int, const float *, W *, const int *, const int *, int, int,
+              int, const float *, const float *, int, float, float *, int, int, int) =
         N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
     gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
               y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
@@ -404,15 +439,19 @@ __device__ void norm_row_to(float *dst, const float *x, int ldx, const float *de
  * L2 by every block) and takes its dot products from there: the norm's launch is saved. */
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_norm_k(const float *x, int ldx, const float *delta, gk_moe_out mo, const float *nw,
+    gemv_norm_k(int m, const float *x, int ldx, const float *delta, gk_moe_out mo, const float *nw,
                 float eps, int T, const W *__restrict__ w, float *__restrict__ y, long ldy, int N,
                 int I, int O)
 {
-    gk_pdl_enter();
     extern __shared__ float xs_sm[];  /* [NT][I] */
     __shared__ float red[32];
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     const W *wr[1] = {w + (long)(o < O ? o : O - 1) * I};
+    if (o < O)
+        gk_prefetch_rows<GK_WARPS, 1>(m, wr, I);
+    if (gk_pdl_pf(m) && threadIdx.x == 0)
+        gk_prefetch_l2(nw, (size_t)I * sizeof(float));
+    gk_pdl_enter(m);
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
         for (int t = 0; t < nv; t++)
@@ -424,6 +463,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                 xs[t] = xs_sm + (t < nv ? t : 0) * I;
             float acc[1][NT];
             warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+            gk_pdl_late(m);
 #pragma unroll
             for (int t = 0; t < NT; t++)
                 if (lane == t && t < nv)
@@ -451,7 +491,7 @@ static void gemv_norm_launch(cudaStream_t s, const float *x, int ldx, const floa
                              float *y, long ldy, int N, int I, int O)
 {
     int nt = gemv_norm_nt(N);
-    void (*k)(const float *, int, const float *, gk_moe_out, const float *, float, int,
+    void (*k)(int, const float *, int, const float *, gk_moe_out, const float *, float, int,
               const W *, float *, long, int, int, int) =
         nt == 1 ? gemv_norm_k<W, 1> : nt == 4 ? gemv_norm_k<W, 4> : gemv_norm_k<W, 8>;
     gk_launch(k, (O + GK_WARPS - 1) / GK_WARPS, GK_WARPS * 32, (size_t)nt * I * sizeof(float), s,
@@ -488,18 +528,19 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
  * 8 blocks a head at dv = 64 recompute the same combine; it reads the head's parts from L2. */
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_uvc_k(const float *pm, const float *pl, const float *pacc, int nsplit,
+    gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
                const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
                int N, int I, int O)
 {
-    gk_pdl_enter();
+    gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    gk_pdl_enter(m);
     extern __shared__ float lat_sm[];  /* [N][I] */
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     int b = blockIdx.y;
     for (int n = 0; n < N; n++)
         attn_combine_row(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I, nsplit,
                          ws, ls, ML);
-    gemv_block<W, NT>(lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
+    gemv_block<W, NT>(m, lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
 }
 
 int gk_gemv_uvc_fits(int N, int I)
@@ -584,12 +625,26 @@ __device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns
     }
 }
 
-__global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, int *off,
+__global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, int ns, int *off,
                              int *order, int *spos)
 {
-    gk_pdl_enter();
+    gk_pdl_enter(m);
     __shared__ int cnt[1025];
     moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
+}
+
+/* Before the wait: route_k's router rows and the norm weight nw (NULL: none). Not inlined,
+ * nor is grouped_prefetch: inline, ptxas spilled a few bytes in route_k<1, false> and the
+ * one-row grouped_k; a call leaves the kernels' registers as they were without it. */
+__device__ __noinline__ void route_prefetch(int m, const float *router, const float *nw, int H,
+                                            int E)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const float *wr[1] = {router + (long)o * H};
+    if (o < E)
+        gk_prefetch_rows<GK_WARPS, 1>(m, wr, H);
+    if (nw && gk_pdl_pf(m) && threadIdx.x == 0)
+        gk_prefetch_l2(nw, (size_t)H * sizeof(float));
 }
 
 /* The router GEMV (fp32 weights, as gemv_k: a warp an expert), then, in the grid's last block
@@ -601,13 +656,14 @@ __global__ void moe_bucket_k(const int32_t *idx, int NK, int K, int E, int ns, i
  * from there; the last block writes x's sums and the normed rows (xn) as add_norm_k does. */
 template <int NT, bool NORM>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    route_k(const float *__restrict__ x, const float *__restrict__ router, const float *bias,
+    route_k(int m, const float *__restrict__ x, const float *__restrict__ router, const float *bias,
             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
             unsigned *count, float *xres, const float *delta, gk_moe_out mo, const float *nw,
             float eps, int T, float *xn)
 {
-    gk_pdl_enter();
+    route_prefetch(m, router, NORM ? nw : NULL, H, E);
+    gk_pdl_enter(m);
     /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags; with NORM the rows [NT][H] first */
     extern __shared__ float rsm[];
     __shared__ int cnt[1025];
@@ -640,6 +696,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                 __syncthreads();  /* the rows read before the next chunk overwrites them */
         }
     }
+    gk_pdl_late(m);  /* the experts' launch may start while the last block routes */
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
@@ -753,17 +810,46 @@ __device__ __forceinline__ float silu_mul(float g, float u)
     return g * (1.0f / (1.0f + expf(-g))) * u;
 }
 
+/* Before the wait: the weight rows of warp o in group entry y (grouped_k). Without off the
+ * group is y. With off (routed experts) the up-projection cannot know its group before the
+ * wait (the launch before it buckets the rows); the down-projection can: the bucketing is
+ * two launches back, finished before the up-projection's wait returned and hence before
+ * this launch could start (each kernel lets the next start only after its wait). Read
+ * through L2 (__ldcg) and clamped: a value it got wrong could only waste a prefetch. */
+template <typename W, bool UP>
+__device__ __noinline__ void grouped_prefetch(int m, const W *w, long wstride, const int *off,
+                                              int G, int I, int O, int o, int y)
+{
+    if (!gk_pdl_pf(m) || o >= O || (off && UP))
+        return;
+    int g = y;
+    if (off) {
+        if ((threadIdx.x & 31) || y >= __ldcg(off + G + 1))
+            return;
+        g = __ldcg(off + G + 2 + y);
+        if (g < 0 || g >= G)
+            return;
+    }
+    constexpr int NW = UP ? 2 : 1;
+    const W *wr[NW];
+    wr[0] = w + g * wstride + (long)o * I;
+    if (UP)
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+    gk_prefetch_rows<GK_WARPS, NW>(m, wr, I);
+}
+
 /* Group g = blockIdx.y; each warp one output column o < F (UP: gate row o and up row F + o of
  * w1_g [2F, H]; else row o of w2_g [Hout = F here, I]). */
 template <typename W, int NT, bool UP>
 __global__ void __launch_bounds__(GK_WARPS * 32)
-    grouped_k(const float *__restrict__ x, const W *__restrict__ w, long wstride,
+    grouped_k(int m, const float *__restrict__ x, const W *__restrict__ w, long wstride,
               float *__restrict__ y, const int *order, const int *off, int G, int K, int N, int I,
               int O)
 {
-    gk_pdl_enter();
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     int g = blockIdx.y;
+    grouped_prefetch<W, UP>(m, w, wstride, off, G, I, O, o, g);
+    gk_pdl_enter(m);
     if (off) {  /* blockIdx.y-th group with rows (gk_moe_bucket's list) */
         if (g >= off[G + 1])
             return;
@@ -789,6 +875,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         }
         float acc[NW][NT];
         warp_dots<W, NT, NW>(wr, xs, nv, I, acc);
+        gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
             if (lane == t && t < nv)
@@ -803,8 +890,8 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
                            int N, int rows_hint, int I, int O)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
-    void (*k)(const float *, const W *, long, float *, const int *, const int *, int, int, int,
-              int, int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
+    void (*k)(int, const float *, const W *, long, float *, const int *, const int *, int, int,
+              int, int, int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
                           : rows_hint <= 4 ? grouped_k<W, 4, UP>
                                            : grouped_k<W, 8, UP>;
     gk_launch(k, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, order, off, groups, K, N, I, O);
@@ -842,9 +929,9 @@ int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w
     return 0;
 }
 
-__global__ void gather_rows_k(float *out, const float *x, const int *rows, int n, int D)
+__global__ void gather_rows_k(int m, float *out, const float *x, const int *rows, int n, int D)
 {
-    gk_pdl_enter();
+    gk_pdl_enter(m);
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i >= (long)n * D)
         return;
@@ -880,19 +967,22 @@ __device__ __forceinline__ unsigned long long argmax_key(float x, int v)
  * order-free, so the result does not depend on which block is last. (One block a row read
  * the 129k logits at ~9 GB/s: 60 us a step.) */
 #define ARG_PARTS 64
-__global__ void argmax_k(const float *x, int V, const uint8_t *ban, unsigned long long *part,
-                         unsigned *count, int32_t *out)
+__global__ void argmax_k(int m, const float *x, int V, const uint8_t *ban,
+                         unsigned long long *part, unsigned *count, int32_t *out)
 {
-    gk_pdl_enter();
     __shared__ unsigned long long red[32];
     __shared__ unsigned last;
     const float *r = x + (long)blockIdx.y * V;
     int per = (V + ARG_PARTS - 1) / ARG_PARTS, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
+    if (gk_pdl_pf(m) && ban && threadIdx.x == 0 && v1 > v0)  /* the host's: no kernel writes them */
+        gk_prefetch_l2(ban + v0, (size_t)(v1 - v0));
+    gk_pdl_enter(m);
     unsigned long long best = 0;
     for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         unsigned long long k = argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
         best = k > best ? k : best;
     }
+    gk_pdl_late(m);
     for (int o = 16; o; o >>= 1) {
         unsigned long long k = __shfl_xor_sync(0xffffffffu, best, o);
         best = k > best ? k : best;

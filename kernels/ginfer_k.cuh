@@ -12,33 +12,169 @@
 
 #include "../lib/err.h"
 
-/* Programmatic dependent launch (Hopper), when on (gk_pdl_on): every kernel here is launched
- * with gk_launch, which lets the driver start it while the kernel before it in the stream is
- * still running; the kernel's first act is gk_pdl_enter: wait for that kernel to finish and its
- * writes to be visible (griddepcontrol.wait), then let the next kernel be scheduled in turn
- * (griddepcontrol.launch_dependents). So no kernel touches memory before its predecessor is
- * done (the results are those of plain launches), but a step's chain of small kernels no
- * longer pays a full launch latency between each two. Kernels launched the plain way (other
- * modules') simply wait as usual; without PDL the two instructions do nothing. */
-__device__ __forceinline__ void gk_pdl_enter()
+/* Programmatic dependent launch (PDL, Hopper: compute capability 9.0 and up), on unless
+ * DSV3_GINFER_PDL=0 (gk_pdl_on; also off while profiling): every kernel here (and
+ * kernels/ginfer's MTP and FP8 ones) is launched with gk_launch, which lets the
+ * driver start it while the kernel before it in the stream is still running (stream capture
+ * keeps the edge in the decode graphs). Each kernel then does, in this order:
+ * 1. what needs nothing the kernels before it write: an L2 prefetch of the weights (or cache
+ *    rows) the block is about to read (gk_prefetch_l2: a hint, it changes no value); its
+ *    addresses come from the launch's arguments and from memory only host copies write (the
+ *    rows' slots and positions) or, for the expert down-projection, the bucketing two
+ *    launches back (done before this launch could start, see grouped_prefetch); kernels
+ *    with nothing worth it (embedding, bucketing, gathers) skip this step;
+ * 2. gk_pdl_wait (griddepcontrol.wait): until the kernel before has finished and its writes
+ *    are visible; no kernel reads an activation or writes anything before it;
+ * 3. gk_pdl_launch (griddepcontrol.launch_dependents): the next kernel may be scheduled and
+ *    do its step 1 while this one works: by default (GK_PDL_LATE) once the block's main
+ *    loads are done, so the next kernel's blocks and prefetches do not compete with them;
+ *    DSV3_GINFER_PDL=2 right after the wait (GK_PDL_EARLY). Always after the wait: at most
+ *    one kernel ahead, so the prefetches in flight stay those of one launch. Every kernel's
+ *    first parameter is the scheme (gk_launch passes it).
+ * So the results are bitwise those of plain launches, and a step's chain of small kernels
+ * overlaps each launch's start and its weights' first DRAM round trip with the kernel
+ * before. Kernels launched the plain way (other modules') wait as usual; without PDL the
+ * two instructions do nothing. The instructions exist from sm_90 (guarded: other targets
+ * compile the prefetch and the waits away). */
+__device__ __forceinline__ void gk_pdl_wait()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void gk_pdl_launch()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
-/* Only with DSV3_GINFER_PDL=1: measured on the H200 (2026-11-27, 1b-moe batch 1) a step
- * of ~240 launches took 1797 us with PDL and 1461 us without, so plain launches are the
- * default. */
-static inline int gk_pdl_on()
+/* The scheme a launch runs (DSV3_GINFER_PDL, gk_pdl_mode), every gk_launch kernel's first
+ * parameter m: when the kernel lets the next one start, and whether it prefetches. */
+enum {
+    GK_PDL_OFF = 0,   /* plain launch: no prefetch (the wait and trigger do nothing) */
+    GK_PDL_LATE = 1,  /* prefetch, wait; trigger once the block's main loads are done
+                         (gk_pdl_late): the next kernel's blocks and prefetches do not
+                         compete with this one's loads (the default) */
+    GK_PDL_EARLY = 2, /* prefetch, wait, trigger at once: the next kernel's prefetch has
+                         this one's whole run to overlap */
+    GK_PDL_ENTRY = 3, /* wait and trigger at entry, no prefetch: the scheme measured slower
+                         on 2026-11-27 (docs/PERF.md), for comparison */
+};
+
+/* The wait; the trigger too under the early and entry schemes. */
+__device__ __forceinline__ void gk_pdl_enter(int m)
 {
-    const char *v = getenv("DSV3_GINFER_PDL");
-    return v && !strcmp(v, "1");
+    gk_pdl_wait();
+    if (m >= GK_PDL_EARLY)
+        gk_pdl_launch();
 }
 
+/* The late scheme's trigger: where a kernel's main loads are done (any warp's call counts
+ * for its block; a block that exits before it counts as well). */
+__device__ __forceinline__ void gk_pdl_late(int m)
+{
+    if (m == GK_PDL_LATE)
+        gk_pdl_launch();
+}
+
+/* Whether this launch prefetches before its wait. */
+__device__ __forceinline__ bool gk_pdl_pf(int m)
+{
+    return m == GK_PDL_LATE || m == GK_PDL_EARLY;
+}
+
+/* The most bytes a block prefetches into L2 before its wait. A block prefetches only what
+ * it reads itself, and only blocks resident during the kernel before do so ahead of time:
+ * at most 132 SMs x 8 blocks x 32 KB = 34 MB, under the L2 (50 MB H100, 60 MB H200). */
+#define GK_PF_BLOCK (32 * 1024)
+
+/* One thread's asynchronous L2 prefetch of the 16-byte aligned bytes inside [p, p + bytes)
+ * (cp.async.bulk.prefetch: the copy engine fetches them, the thread goes on at once). */
+__device__ __forceinline__ void gk_prefetch_l2(const void *p, size_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    size_t g = __cvta_generic_to_global(p);  /* the instruction takes a global address */
+    size_t a = (g + 15) & ~(size_t)15, b = (g + bytes) & ~(size_t)15;
+    if (b > a)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(b - a))
+                     : "memory");
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+/* One thread's L2 prefetch of the 128-byte line holding p (small things: FP8 row scales). */
+__device__ __forceinline__ void gk_prefetch_line(const void *p)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)) : "memory");
+#else
+    (void)p;
+#endif
+}
+
+/* A warp's NW weight rows of I values (a warp a row, NWARP warps a block), prefetched by its
+ * lane 0: each row's first GK_PF_BLOCK / (NWARP * NW) bytes (the whole row at 1b-moe's
+ * sizes; of a long row the part its loads take first). */
+template <int NWARP, int NW, typename W>
+__device__ __forceinline__ void gk_prefetch_rows(int m, const W *const *w, int I)
+{
+    const size_t cap = GK_PF_BLOCK / (NWARP * NW), row = (size_t)I * sizeof(W);
+    if (gk_pdl_pf(m) && (threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            gk_prefetch_l2(w[a], row < cap ? row : cap);
+}
+
+/* The scheme of gk_launch's launches: off with DSV3_GINFER_PDL=0, on a device before compute
+ * capability 9.0, and while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
+ * event after every launch keeps them apart anyway, and the capture then puts event nodes
+ * between kernel nodes); else DSV3_GINFER_PDL=2 the early trigger, 3 the entry scheme, and
+ * unset or anything else the late one. Read at each launch: a decode graph keeps what held
+ * at its capture, when the engine was made. scripts/bench-sample.sh PDL=0 (and ENVS) time
+ * the others in the same run. */
+static inline int gk_pdl_mode()
+{
+    const char *v = getenv("DSV3_GINFER_PDL"), *p = getenv("DSV3_GINFER_PROFILE");
+    int dev, major = 0;
+    if ((v && !strcmp(v, "0")) || (p && *p && strcmp(p, "0")))
+        return GK_PDL_OFF;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        major < 9)
+        return GK_PDL_OFF;
+    return v && !strcmp(v, "2") ? GK_PDL_EARLY : v && !strcmp(v, "3") ? GK_PDL_ENTRY : GK_PDL_LATE;
+}
+
+static inline int gk_pdl_on()
+{
+    return gk_pdl_mode() != GK_PDL_OFF;
+}
+
+/* DSV3_GINFER_CARVEOUT=N (0-100): every launch here asks for a shared memory carveout of N
+ * percent of the most an SM has (the rest is L1), so that all kernels of a step share one
+ * L1/shared split. The reason to try it: an SM is understood to hold blocks of two kernels
+ * only when their splits agree, so with the driver's own choice per kernel (the default,
+ * -1 here) a kernel whose needs differ from its predecessor's (the attention's 110 KB
+ * against the GEMVs' none) cannot start its blocks on the SMs the predecessor still runs
+ * on, and under PDL its blocks then go where SMs free up first, maybe several to an SM
+ * (a suspected cause of the slower PDL steps of docs/PERF.md, 2026-11-27; not measured).
+ * An experiment for the device (scripts/bench-sample.sh ENVS=...); unset, empty or out of
+ * range: no preference. */
+static inline int gk_carveout()
+{
+    const char *v = getenv("DSV3_GINFER_CARVEOUT");
+    char *end;
+    long n = v && *v ? strtol(v, &end, 10) : -1;
+    return v && *v && !*end && n >= 0 && n <= 100 ? (int)n : -1;
+}
+
+/* Launches kernel k (its first parameter the scheme, gk_pdl_mode's; args the others). */
 template <typename... KArgs, typename... Args>
-static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
+static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t s, Args... args)
 {
     cudaLaunchConfig_t cfg = {};
@@ -46,12 +182,21 @@ static inline void gk_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t 
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute at[2];
+    unsigned n = 0;
+    int m = gk_pdl_mode();
+    if (m != GK_PDL_OFF) {
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    int c = gk_carveout();
+    if (c >= 0) {
+        at[n].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[n++].val.sharedMemCarveout = (unsigned)c;
+    }
     cfg.attrs = at;
-    cfg.numAttrs = gk_pdl_on();
-    cudaLaunchKernelEx(&cfg, k, (KArgs)args...);
+    cfg.numAttrs = n;
+    cudaLaunchKernelEx(&cfg, k, m, (KArgs)args...);
 }
 
 /* A MoE layer's output not yet summed , for gk_add_norm to take

@@ -58,9 +58,10 @@ static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err 
 }
 
 /* hid[slot[n]][pos[n]] = x[n] for the rows of real slots (padding rows: slot n_slots). */
-__global__ void mtp_keep_k(float *hid, const float *x, const int *slot, const int *pos, int N,
-                           int H, int n_slots, int n_ctx)
+__global__ void mtp_keep_k(int m, float *hid, const float *x, const int *slot, const int *pos,
+                           int N, int H, int n_slots, int n_ctx)
 {
+    gk_pdl_enter(m);  /* launched as ginfer_k's kernels (PDL: ginfer_k.cuh) */
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i >= (long)N * H)
         return;
@@ -77,8 +78,8 @@ static int mtp_keep(ginfer *g, int n, dsv3_err *e)
         return 0;
     const int *slot = g->d_in + g->rmax, *pos = g->d_in + 2 * g->rmax;
     unsigned blocks = (unsigned)(((long)n * g->H + 255) / 256);
-    mtp_keep_k<<<blocks, 256, 0, g->s>>>(g->mtp->hid, g->x, slot, pos, n, g->H, g->n_slots,
-                                         g->n_ctx);
+    gk_launch(mtp_keep_k, blocks, 256, 0, g->s, g->mtp->hid, (const float *)g->x, slot, pos, n,
+              g->H, g->n_slots, g->n_ctx);
     LAUNCH_CHECK("mtp keep", e);
     mark(g, "mtp keep hidden", 0);
     return 0;
@@ -103,10 +104,11 @@ __device__ float mtp_block_sum(float v, float *red)
 /* One block a row: cat[n] = [enorm * rms(embed[ids[n]]) ; hnorm * rms(hid[slot[n]][pos[n]])]
  * (lib/ops rmsnorm_forward's w * (x * r)). */
 template <typename W>
-__global__ void mtp_in_k(float *cat, const W *table, const int32_t *ids, const float *hid,
+__global__ void mtp_in_k(int m, float *cat, const W *table, const int32_t *ids, const float *hid,
                          const int *slot, const int *pos, int n_ctx, int H, const float *enorm,
                          const float *hnorm, float eps)
 {
+    gk_pdl_enter(m);
     __shared__ float red[32];
     int n = blockIdx.x;
     const W *er = table + (long)ids[n] * H;
@@ -183,11 +185,13 @@ static int mtp_pass(ginfer *g, int cn, int nsplit, dsv3_err *e)
     const int32_t *ids = g->d_in;
     const int *slot = g->d_in + g->rmax, *pos = g->d_in + 2 * g->rmax;
     if (g->exact)
-        mtp_in_k<float><<<cn, 256, 0, g->s>>>(t->cat, (const float *)g->embed, ids, t->hid, slot,
-                                              pos, g->n_ctx, H, t->enorm, t->hnorm, g->eps);
+        gk_launch(mtp_in_k<float>, cn, 256, 0, g->s, t->cat, (const float *)g->embed, ids,
+                  (const float *)t->hid, slot, pos, g->n_ctx, H, (const float *)t->enorm,
+                  (const float *)t->hnorm, g->eps);
     else
-        mtp_in_k<bf16><<<cn, 256, 0, g->s>>>(t->cat, (const bf16 *)g->embed, ids, t->hid, slot,
-                                             pos, g->n_ctx, H, t->enorm, t->hnorm, g->eps);
+        gk_launch(mtp_in_k<bf16>, cn, 256, 0, g->s, t->cat, (const bf16 *)g->embed, ids,
+                  (const float *)t->hid, slot, pos, g->n_ctx, H, (const float *)t->enorm,
+                  (const float *)t->hnorm, g->eps);
     LAUNCH_CHECK("mtp input", e);
     if (gk_gemv(g->s, t->cat, 2 * H, 0, t->eh, g->exact, 0, g->x, H, 0, cn, 2 * H, H, 1, e))
         return -1;

@@ -6,6 +6,8 @@
  * ss: A and B both from shared memory, both K-major (tnspA = tnspB = 0).
  * rs: A from registers (the m16n8k16-style fragment of each warp's 16 rows), B from shared
  *     memory, MN-major (tnspB = 1).
+ * rsk: A from registers, B from shared memory K-major (tnspB = 0), as ss's B; ACC 0
+ *     ignores d's old values (the backward's S and dP with Q/dO or K/V held in registers).
  * Accumulators d[N/2] in the layout of N/8 mma.sync m16n8 tiles per warp (warp w of the
  * warpgroup owns rows 16w..16w+15). */
 #ifndef DSV3_WGMMA_CUH
@@ -100,6 +102,21 @@ __device__ __forceinline__ void wg_rs_n32(float (&d)[16], const uint32_t (&a)[4]
 }
 
 template <int ACC>
+__device__ __forceinline__ void wg_rsk_n32(float (&d)[16], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+
+template <int ACC>
 __device__ __forceinline__ void wg_ss_n64(float (&d)[32], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
@@ -122,6 +139,21 @@ __device__ __forceinline__ void wg_rs_n64(float (&d)[32], const uint32_t (&a)[4]
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+
+template <int ACC>
+__device__ __forceinline__ void wg_rsk_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
 #else
     (void)d, (void)a, (void)db;
     __trap();
@@ -158,6 +190,21 @@ __device__ __forceinline__ void wg_rs_n96(float (&d)[48], const uint32_t (&a)[4]
 }
 
 template <int ACC>
+__device__ __forceinline__ void wg_rsk_n96(float (&d)[48], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, {%48, %49, %50, %51}, %52, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+
+template <int ACC>
 __device__ __forceinline__ void wg_ss_n128(float (&d)[64], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
@@ -180,6 +227,21 @@ __device__ __forceinline__ void wg_rs_n128(float (&d)[64], const uint32_t (&a)[4
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+
+template <int ACC>
+__device__ __forceinline__ void wg_rsk_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
 #else
     (void)d, (void)a, (void)db;
     __trap();
@@ -215,36 +277,61 @@ __device__ __forceinline__ void wg_rs_n192(float (&d)[96], const uint32_t (&a)[4
 #endif
 }
 
+template <int ACC>
+__device__ __forceinline__ void wg_rsk_n192(float (&d)[96], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+
 template <int N> struct wg_mma;
 template <> struct wg_mma<32> {
     /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[16], uint64_t a, uint64_t b) { wg_ss_n32<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b) { wg_rs_n32(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[16], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n32<ACC>(d, a, b); }
 };
 template <> struct wg_mma<64> {
     /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b) { wg_ss_n64<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) { wg_rs_n64(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[32], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n64<ACC>(d, a, b); }
 };
 template <> struct wg_mma<96> {
     /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[48], uint64_t a, uint64_t b) { wg_ss_n96<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[48], const uint32_t (&a)[4], uint64_t b) { wg_rs_n96(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[48], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n96<ACC>(d, a, b); }
 };
 template <> struct wg_mma<128> {
     /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b) { wg_ss_n128<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) { wg_rs_n128(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[64], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n128<ACC>(d, a, b); }
 };
 template <> struct wg_mma<192> {
     /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[96], uint64_t a, uint64_t b) { wg_ss_n192<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[96], const uint32_t (&a)[4], uint64_t b) { wg_rs_n192(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[96], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n192<ACC>(d, a, b); }
 };
 
 /* FP8: d (+)= A B with A, B E4M3 from shared memory, both K-major, m64nNk32; ACC 0 ignores

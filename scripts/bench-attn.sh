@@ -8,7 +8,11 @@
 # (scripts/bench-attn-torch.py; no document-masked peer; PEER=0 skips it). Logs go to
 # $OUT (the device tool's folder) or build/bench-attn.
 # BEFORE_BIN=path: first the same rows from another build's test_attention (a baseline in
-# the same call, tagged "before"); DEFAULT_ONLY=1: time the default kernels only.
+# the same call, tagged "before"); DEFAULT_ONLY=1: time the default kernels only;
+# VARS="0 4 5": time those forward variants, in that order (gpu_attention_set_variant: 0 the
+# default, 1 mma.sync, 3 pipelined wgmma, 4 and 5 the warp-specialised TMA forward of
+# kernels/attention_ws.cuh, 5 keeping head dim 96 unpadded; rows tagged "variant N"; each
+# variant's backward row is the Hopper backward alike for 0, 3, 4, 5).
 # BWD_SWEEP="0 2 2:1 5 ...": then each Hopper backward candidate V (or V:L, with
 # DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them) through test_attention's
 # checks and the default kernels' timings, rows tagged "bwd=V:L". 9 and 10 are the fused
@@ -23,6 +27,7 @@ mkdir -p "$LOG"
 st=0
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
 [ "${DEFAULT_ONLY:-0}" = 1 ] && export DSV3_ATTN_BENCH_DEFAULT=1
+[ -n "${VARS:-}" ] && export DSV3_ATTN_BENCH_VARS="$VARS"
 if [ -n "${BEFORE_BIN:-}" ]; then
     DSV3_GPU_BENCH=1 "$BEFORE_BIN" >"$LOG/before.log" 2>&1 || st=1
     grep '^# bench' "$LOG/before.log" | sed 's/^# bench/# before/'

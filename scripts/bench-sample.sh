@@ -18,8 +18,14 @@
 #     a 32-token prompt), when python3 has torch and transformers (HF=0: not).
 # Also with DEVICE=cuda: BASE_BIN=DIR runs the batch-1 decode with DIR's dsv3-sample too (a
 # baseline build, same folder, same run); PROFILE=1 once more with DSV3_GINFER_PROFILE=1
-# (each launch kind's device time a step) and, unless PDL=0, once with DSV3_GINFER_PDL=1
-# (programmatic dependent launches);
+# (each launch kind's device time a step);
+# PDL=0 once more with DSV3_GINFER_PDL=0 (run "pdl-off": plain launches instead of the
+# default programmatic dependent launches with L2 prefetch, kernels/ginfer_k.cuh), batch 1
+# and each batch size of BATCHES (rows "batch B (pdl-off)"); every other run leaves
+# DSV3_GINFER_PDL as the caller has it (unset: the default);
+# ENVS="A=1,B=2 C=3 ..." once more for each item, with its comma-separated variables set
+# (run "env:A=1,B=2"; e.g. ENVS="DSV3_GINFER_PDL=2 DSV3_GINFER_PDL=3 DSV3_GINFER_CARVEOUT=100":
+# the early-trigger and entry PDL schemes and one carveout for every launch, kernels/ginfer_k.cuh);
 # UNFUSED=1 once more with DSV3_GINFER_FUSE=0 (the launches before the fused decode kernels;
 # with PROFILE=1 its profile too, run "unfused-profile");
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
@@ -73,15 +79,17 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         for run in ${PREFILL:+prefill-$PREFILL} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
-            ${PROFILE:+$([ "${PDL:-1}" = 0 ] || echo pdl) profile} \
-            ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done); do
+            $([ "${PDL:-}" = 0 ] && echo pdl-off) ${PROFILE:+profile} \
+            ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done) \
+            $(for v in ${ENVS:-}; do echo "env:$v"; done); do
             bin=$BIN/dsv3-sample
             if [ $run = base ]; then bin=$BASE_BIN/dsv3-sample; fi
             env $([ $run = "prefill-${PREFILL:-}" ] && echo "DSV3_GINFER_PREFILL=$PREFILL" ||
                     echo "-u DSV3_GINFER_PREFILL") \
-                DSV3_GINFER_PDL=$([ $run = pdl ] && echo 1 || echo 0) \
+                $([ $run = pdl-off ] && echo DSV3_GINFER_PDL=0) \
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
+                $(case $run in env:*) echo "${run#env:}" | tr , ' ' ;; esac) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {
@@ -119,19 +127,22 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             echo "$name fp8 folder: text $same as bf16 and as fp8 (greedy; the weights differ by one bf16 rounding)"
             rm -rf "${W:?}/$name-fp8"
         fi
-        for B in ${BATCHES:-8 64}; do
+        for B in ${BATCHES:-8 64} $([ "${PDL:-}" = 0 ] && for b in ${BATCHES:-8 64}; do echo "$b:pdl-off"; done); do
+            tag=${B#*:} B=${B%%:*}
+            [ "$tag" = "$B" ] && tag="" || tag=" ($tag)"
             : >"$W/req.jsonl"
             i=0
             while [ $i -lt $B ]; do
                 printf '{"prompt": "%s %d", "n_predict": %d, "temperature": 0}\n' "$P" $i "$N" >>"$W/req.jsonl"
                 i=$((i + 1))
             done
-            "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda --batch --parallel $B \
+            env $([ -n "$tag" ] && echo DSV3_GINFER_PDL=0) \
+                "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda --batch --parallel $B \
                 --ignore-eos -c 256 <"$W/req.jsonl" >"$W/out.jsonl" 2>"$W/err"
             rates "$W/err"
             floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" $B $((ptok / B + N / 2)) gpu)
             fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
-            echo "$name batch $B: decode $rate tokens/s (all rows); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
+            echo "$name batch $B$tag: decode $rate tokens/s (all rows); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
             sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         done
         if [ "${HF:-1}" = 1 ] && python3 -c 'import torch, transformers' 2>/dev/null; then

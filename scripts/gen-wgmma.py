@@ -8,6 +8,8 @@ out.append('''/* wgmma: inline-PTX wrappers for the sm_90a warpgroup matrix inst
  * ss: A and B both from shared memory, both K-major (tnspA = tnspB = 0).
  * rs: A from registers (the m16n8k16-style fragment of each warp's 16 rows), B from shared
  *     memory, MN-major (tnspB = 1).
+ * rsk: A from registers, B from shared memory K-major (tnspB = 0), as ss's B; ACC 0
+ *     ignores d's old values (the backward's S and dP with Q/dO or K/V held in registers).
  * Accumulators d[N/2] in the layout of N/8 mma.sync m16n8 tiles per warp (warp w of the
  * warpgroup owns rows 16w..16w+15). */
 #ifndef DSV3_WGMMA_CUH
@@ -108,6 +110,22 @@ __device__ __forceinline__ void wg_rs_n%d(float (&d)[%d], const uint32_t (&a)[4]
 #endif
 }
 ''' % (N, R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
+    out.append('''
+template <int ACC>
+__device__ __forceinline__ void wg_rsk_n%d(float (&d)[%d], const uint32_t (&a)[4], uint64_t db)
+{
+#ifdef DSV3_HAVE_WGMMA
+    asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"
+                 "wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16 "
+                 "{%s}, {%%%d, %%%d, %%%d, %%%d}, %%%d, p, 1, 1, 0;\\n}\\n"
+                 : %s
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC));
+#else
+    (void)d, (void)a, (void)db;
+    __trap();
+#endif
+}
+''' % (N, R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
 out.append('''
 template <int N> struct wg_mma;
 ''')
@@ -117,8 +135,10 @@ for N in (32, 64, 96, 128, 192):
     template <int ACC = 1>
     static __device__ __forceinline__ void ss(float (&d)[%d], uint64_t a, uint64_t b) { wg_ss_n%d<ACC>(d, a, b); }
     static __device__ __forceinline__ void rs(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rs_n%d(d, a, b); }
+    template <int ACC = 1>
+    static __device__ __forceinline__ void rsk(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n%d<ACC>(d, a, b); }
 };
-''' % (N, N // 2, N, N // 2, N))
+''' % (N, N // 2, N, N // 2, N, N // 2, N))
 # FP8 (E4M3 x E4M3, fp32 accumulate, k32): both operands K-major in shared memory (wgmma
 # takes no transpose for 8-bit types); kernels/moe_gemm_fp8 uses them.
 out.append('''

@@ -3,8 +3,9 @@
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
  * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) on both, and the default pick by gpu_attention_set_nondet (the same bits run to
- * run unless set; the fused backward for documents when set). With DSV3_GPU_BENCH=1 also
+ * 9, 10) and the deterministic ones 11-17 on both, and the default pick by
+ * gpu_attention_set_nondet (the same bits run to run unless set; the fused backward for
+ * documents when set). With DSV3_GPU_BENCH=1 also
  * timings on
  * V3 and 1B-MoE shapes against the measured matrix rate. */
 #include "../../kernels/attention.h"
@@ -12,22 +13,31 @@
 #include "../../lib/ops.h"
 #include "bench.h"
 
+/* forward variants (gpu_attention_set_variant): 0 the default (on sm_90 the warp-specialised
+ * TMA forward, head dim 96 kept), 1 and 2 mma.sync, 3 the pipelined wgmma forward, 4 and 5
+ * the warp-specialised forward (4: head dim 96 padded to 128), 6 the wgmma forward that was
+ * the default before */
+#define NVAR 7
+
 static void attention_matches_cpu(void)
 {
     GT_NEED_GPU();
     dsv3_err e;
     /* ragged T (not multiples of the 64- and 128-row tiles), head dims below the padded
      * instantiation (160/120 in 192/128, 80/48 in 96/64); T=700 at 96/64: 11 tiles of 64,
-     * so the four-stage rings of the Hopper backward wrap around twice */
+     * so the four-stage rings of the Hopper backward wrap around twice; 400 and 333 with B > 1:
+     * the warp-specialised forward's two- and three-stage rings wrap, its 4-D tensor maps
+     * zero-fill each sequence's last tile */
     static const int sh[][5] = {{1, 1, 1, 192, 128},  {2, 65, 3, 192, 128}, {1, 200, 2, 96, 64},
                                 {2, 37, 4, 24, 16},   {1, 128, 2, 192, 128}, {1, 130, 1, 32, 32},
                                 {1, 257, 2, 192, 128}, {2, 190, 3, 96, 64},  {1, 129, 2, 160, 120},
-                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64}};
+                                {1, 150, 2, 80, 48},   {1, 700, 2, 96, 64},  {2, 400, 2, 192, 128},
+                                {3, 333, 3, 96, 64}};
     double wo = 0, wl = 0, wq = 0, wk = 0, wv = 0;
     /* DSV3_ATTN_QUICK=1: the default kernels only (under compute-sanitizer) */
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL;
     double w0[5] = {0, 0, 0, 0, 0}; /* variant 0 alone: the default kernels */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         /* every shape under each kernel variant (gpu_attention_set_variant) */
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
@@ -97,7 +107,7 @@ static void attention_matches_cpu(void)
     gt_stat("attention default (sm90 wgmma) bwd dq", w0[2], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dk", w0[3], BF16_BOUND);
     gt_stat("attention default (sm90 wgmma) bwd dv", w0[4], BF16_BOUND);
-    gt_stat("attention fwd out (4 variants)", wo, BF16_BOUND);
+    gt_stat("attention fwd out (6 variants)", wo, BF16_BOUND);
     gt_stat("attention fwd lse", wl, F32_BOUND);
     gt_stat("attention bwd dq", wq, BF16_BOUND);
     gt_stat("attention bwd dk", wk, BF16_BOUND);
@@ -106,8 +116,8 @@ static void attention_matches_cpu(void)
 
 /* Attention masked by document (gpu_attention_*_seg) against lib/ops attention_*_seg:
  * ragged documents (1 to 70 tokens, numbers going on across sequences; some length-1)
- * crossing the 64-row tiles, under each forward variant (0 and 3 on Hopper: the wgmma
- * kernels). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
+ * crossing the 64-row tiles, under each forward variant (0, 3, 4 and 5 on Hopper: the wgmma
+ * kernels; 3 takes 0's for documents). The last shapes take documents of up to 300 tokens (sixth column 1), so whole
  * 64- and 128-row tiles lie inside one document (only the causal mask) and tiles lie before
  * a query tile's document (skipped). */
 static void attention_segments_match_cpu(void)
@@ -120,7 +130,7 @@ static void attention_segments_match_cpu(void)
                                 {1, 300, 1, 160, 120, 1}, {1, 900, 2, 96, 64, 1}};
     double wo = 0, wq = 0, wk = 0, wv = 0;
     const int quick = getenv("DSV3_ATTN_QUICK") != NULL; /* the default kernels only */
-    for (size_t s = 0; s < 4 * (sizeof sh / sizeof sh[0]); s++) {
+    for (size_t s = 0; s < NVAR * (sizeof sh / sizeof sh[0]); s++) {
         int variant = (int)(s / (sizeof sh / sizeof sh[0]));
         gpu_attention_set_variant(gt_ctx_, variant);
         size_t si = s % (sizeof sh / sizeof sh[0]);
@@ -181,30 +191,100 @@ static void attention_segments_match_cpu(void)
     gt_stat("attention documents bwd dv", wv, BF16_BOUND);
 }
 
-/* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
- * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
- * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
- * holds one key, its second warpgroup none), 700 and 900 (the three-stage query ring wraps
- * around), short documents (1-70 tokens) and long ones (1-300: whole tiles inside one
- * document, tiles before a query tile's document skipped). Run in every test_attention
- * (the sweep's DSV3_ATTN_BWD=9 or 10 also sends the checks above through them); skipped
- * when DSV3_ATTN_BWD is set (the sweep) or under DSV3_ATTN_QUICK. */
-static void attention_fused_bwd_match_cpu(void)
+/* The warp-specialised forward (variants 0, 4, 5) on long sequences against the earlier
+ * wgmma forward (variant 6, itself checked against lib/ops above): 4096 and 2500 keys are 32 and
+ * 20 tiles, so the K/V rings turn over many times and the mbarrier phases flip; B and nh > 1;
+ * causal and by document (1-2048 tokens). Output within bf16 bounds, lse within f32 ones
+ * (the kernels differ only in their exponential and the order of their sums). */
+static void attention_ws_matches_default(void)
 {
     GT_NEED_GPU();
-    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
-        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    if (getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_QUICK set");
     dsv3_err e;
-    /* B, T, nh, dk, dv, documents (0 none, 1 short, 2 long) */
-    static const int sh[][6] = {{1, 200, 2, 96, 64, 0}, {2, 190, 3, 96, 64, 0},
-                                {1, 150, 2, 80, 48, 0}, {1, 257, 1, 96, 64, 0},
-                                {1, 700, 2, 96, 64, 0}, {1, 200, 2, 96, 64, 1},
-                                {2, 450, 2, 96, 64, 2}, {1, 900, 2, 96, 64, 2}};
-    static const char *cand[] = {"9", "10"};
-    double wq = 0, wk = 0, wv = 0;
+    /* B, T, nh, dk, dv, documents */
+    static const int sh[][6] = {{2, 4096, 3, 96, 64, 0}, {1, 2500, 2, 192, 128, 0},
+                                {2, 3000, 2, 96, 64, 1}, {1, 2049, 2, 192, 128, 1}};
+    double wo = 0, wl = 0;
+    for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, nl = (size_t)B * nh * T;
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        for (int b = 0, doc = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0)
+                    doc++, left = 1 + (int)(test_rand() % 2048);
+                seg[(size_t)b * T + t] = doc;
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        gpu_bf16 *gq = gt_up_bf(q, nq), *gk = gt_up_bf(k, nq), *gv = gt_up_bf(v, nv);
+        gpu_bf16 *go = gt_poisoned(nv * 2);
+        float *glse = gt_poisoned(nl * 4);
+        int32_t *gseg = sh[si][5] ? gt_up(seg, (size_t)B * T * 4) : NULL;
+        REQUIRE(gq && gk && gv && go && glse && (gseg || !sh[si][5]));
+        float *ro = NULL, *rl = NULL;
+        static const int vars[] = {6, 0, 4, 5};
+        for (size_t vi = 0; vi < 4 && !test_failed_; vi++) {
+            gpu_attention_set_variant(gt_ctx_, vars[vi]);
+            CHECKF(gpu_attention_fwd_seg(gt_ctx_, go, glse, gq, gk, gv, gseg, B, T, nh, dk, dv,
+                                         scale, &e) == 0,
+                   "%s", e.msg);
+            float *o = gt_down_bf(go, nv), *l = gt_down_f(glse, nl);
+            if (vi == 0) {
+                ro = o, rl = l;
+                continue;
+            }
+            double a = gt_relerr(o, ro, nv), c = gt_relerr(l, rl, nl);
+            wo = a > wo ? a : wo, wl = c > wl ? c : wl;
+            CHECKF(a <= BF16_BOUND && c <= F32_BOUND,
+                   "variant %d against 6, B=%d T=%d nh=%d %d/%d documents %d: out %.2e lse %.2e",
+                   vars[vi], B, T, nh, dk, dv, sh[si][5], a, c);
+            free(o), free(l);
+        }
+        gpu_attention_set_variant(gt_ctx_, 0);
+        free(ro), free(rl), free(q), free(k), free(v), free(seg);
+        gt_reset(mark);
+    }
+    gt_stat("attention warp-specialised fwd out (vs variant 6, long T)", wo, BF16_BOUND);
+    gt_stat("attention warp-specialised fwd lse", wl, F32_BOUND);
+}
+
+/* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
+ * DSV3_ATTN_BWD set to cand for the call when cand is not NULL. */
+static void bwd_down(float *out[3], const char *cand, gpu_bf16 *const in[5], const float *lse,
+                     const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale)
+{
+    dsv3_err e;
+    size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
+    gpu_bf16 *d[3] = {gt_poisoned(nq * 2), gt_poisoned(nq * 2), gt_poisoned(nv * 2)};
+    out[0] = out[1] = out[2] = NULL;
+    REQUIRE(d[0] && d[1] && d[2]);
+    if (cand)
+        setenv("DSV3_ATTN_BWD", cand, 1);
+    int rc = gpu_attention_bwd_seg(gt_ctx_, d[0], d[1], d[2], in[3], in[4], lse, in[0], in[1],
+                                   in[2], seg, B, T, nh, dk, dv, scale, &e);
+    unsetenv("DSV3_ATTN_BWD");
+    CHECKF(rc == 0, "%s", e.msg);
+    out[0] = gt_down_bf(d[0], nq), out[1] = gt_down_bf(d[1], nq), out[2] = gt_down_bf(d[2], nv);
+}
+
+/* Backward candidates named by DSV3_ATTN_BWD (cand) against lib/ops attention_*_seg on
+ * shapes sh (B, T, nh, dk, dv, documents: 0 none, 1 short of 1-70 tokens, 2 long of 1-300:
+ * whole tiles inside one document, tiles before a query tile's document skipped); with rep,
+ * each call run twice and the bits compared (no atomics: reproducible), and against
+ * candidate 5's: required where cand[i] is listed in same5 (the same products in the same
+ * order), else printed. Worst errors into w (dq, dk, dv). */
+static void bwd_cands_vs_cpu(const char *const *cand, size_t nc, const int (*sh)[6], size_t ns,
+                             int rep, const char *same5, double w[3])
+{
+    dsv3_err e;
     gpu_attention_set_variant(gt_ctx_, 0);
-    for (size_t ci = 0; ci < sizeof cand / sizeof cand[0]; ci++)
-        for (size_t si = 0; si < sizeof sh / sizeof sh[0]; si++) {
+    for (size_t ci = 0; ci < nc; ci++)
+        for (size_t si = 0; si < ns; si++) {
             int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
             float scale = 1.0f / sqrtf((float)dk);
             size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
@@ -243,6 +323,28 @@ static void attention_fused_bwd_match_cpu(void)
             unsetenv("DSV3_ATTN_BWD");
             CHECKF(rc == 0, "%s", e.msg);
             float *dq = gt_down_bf(gdq, nq), *dk_ = gt_down_bf(gdk, nq), *dv_ = gt_down_bf(gdv, nv);
+            if (rep) { /* again into fresh poisoned buffers: the same bits */
+                float *r[3];
+                gpu_bf16 *in[5] = {gq, gk, gv, gdo, go};
+                bwd_down(r, cand[ci], in, glse, gseg, B, T, nh, dk, dv, scale);
+                int same = test_failed_ || (!memcmp(r[0], dq, nq * sizeof(float)) &&
+                                            !memcmp(r[1], dk_, nq * sizeof(float)) &&
+                                            !memcmp(r[2], dv_, nv * sizeof(float)));
+                CHECKF(same, "backward %s, documents %d, B=%d T=%d %d/%d: two runs differ",
+                       cand[ci], sh[si][5], B, T, dk, dv);
+                free(r[0]), free(r[1]), free(r[2]);
+                bwd_down(r, "5", in, glse, gseg, B, T, nh, dk, dv, scale);
+                same = test_failed_ || (!memcmp(r[0], dq, nq * sizeof(float)) &&
+                                        !memcmp(r[1], dk_, nq * sizeof(float)) &&
+                                        !memcmp(r[2], dv_, nv * sizeof(float)));
+                const int must = same5 && strstr(same5, cand[ci]) != NULL;
+                CHECKF(same || !must, "backward %s, documents %d, B=%d T=%d %d/%d: not candidate "
+                       "5's bits", cand[ci], sh[si][5], B, T, dk, dv);
+                if (!must)
+                    printf("# backward %s, documents %d, B=%d T=%d %d/%d: %s candidate 5's bits\n",
+                           cand[ci], sh[si][5], B, T, dk, dv, same ? "the same as" : "not");
+                free(r[0]), free(r[1]), free(r[2]);
+            }
             float *ro = gt_zeros(nv), *att = gt_zeros((size_t)B * nh * T * T);
             float *rdq = gt_zeros(nq), *rdk = gt_zeros(nq), *rdv = gt_zeros(nv);
             attention_forward_seg(ro, att, q, k, v, seg, B, T, nh, dk, dv, scale);
@@ -250,42 +352,72 @@ static void attention_fused_bwd_match_cpu(void)
                                    scale);
             double c = gt_relerr(dq, rdq, nq), d = gt_relerr(dk_, rdk, nq);
             double f = gt_relerr(dv_, rdv, nv);
-            wq = c > wq ? c : wq, wk = d > wk ? d : wk, wv = f > wv ? f : wv;
+            w[0] = c > w[0] ? c : w[0], w[1] = d > w[1] ? d : w[1], w[2] = f > w[2] ? f : w[2];
             CHECKF(c <= BF16_BOUND && d <= BF16_BOUND && f <= BF16_BOUND,
-                   "fused backward %s, documents %d, B=%d T=%d nh=%d dk=%d dv=%d: dq %.2e "
+                   "backward %s, documents %d, B=%d T=%d nh=%d dk=%d dv=%d: dq %.2e "
                    "dk %.2e dv %.2e",
                    cand[ci], sh[si][5], B, T, nh, dk, dv, c, d, f);
             free(q), free(k), free(v), free(dout), free(dq), free(dk_), free(dv_);
             free(ro), free(att), free(rdq), free(rdk), free(rdv), free(seg);
             gt_reset(mark);
         }
-    gt_stat("attention fused bwd (9, 10) dq", wq, BF16_BOUND);
-    gt_stat("attention fused bwd (9, 10) dk", wk, BF16_BOUND);
-    gt_stat("attention fused bwd (9, 10) dv", wv, BF16_BOUND);
 }
 
-/* Backward of one shape into host floats (bf16 values, so equal floats are equal bits),
- * DSV3_ATTN_BWD set to cand for the call when cand is not NULL. */
-static void bwd_down(float *out[3], const char *cand, gpu_bf16 *const in[5], const float *lse,
-                     const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale)
+/* The fused Hopper backward candidates (DSV3_ATTN_BWD 9 and 10: dQ by fp32 reductions,
+ * kernels/attention_fa.cuh) against lib/ops attention_*_seg at 96/64 (80/48 padded), causal
+ * and masked by document: T not a multiple of the 128-row tiles (257: the last key block
+ * holds one key, its second warpgroup none), 700 and 900 (the three-stage query ring wraps
+ * around), short documents (1-70 tokens) and long ones (1-300: whole tiles inside one
+ * document, tiles before a query tile's document skipped). Run in every test_attention
+ * (the sweep's DSV3_ATTN_BWD=9 or 10 also sends the checks above through them); skipped
+ * when DSV3_ATTN_BWD is set (the sweep) or under DSV3_ATTN_QUICK. */
+static void attention_fused_bwd_match_cpu(void)
 {
-    dsv3_err e;
-    size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv;
-    gpu_bf16 *d[3] = {gt_poisoned(nq * 2), gt_poisoned(nq * 2), gt_poisoned(nv * 2)};
-    out[0] = out[1] = out[2] = NULL;
-    REQUIRE(d[0] && d[1] && d[2]);
-    if (cand)
-        setenv("DSV3_ATTN_BWD", cand, 1);
-    int rc = gpu_attention_bwd_seg(gt_ctx_, d[0], d[1], d[2], in[3], in[4], lse, in[0], in[1],
-                                   in[2], seg, B, T, nh, dk, dv, scale, &e);
-    unsetenv("DSV3_ATTN_BWD");
-    CHECKF(rc == 0, "%s", e.msg);
-    out[0] = gt_down_bf(d[0], nq), out[1] = gt_down_bf(d[1], nq), out[2] = gt_down_bf(d[2], nv);
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    /* B, T, nh, dk, dv, documents (0 none, 1 short, 2 long) */
+    static const int sh[][6] = {{1, 200, 2, 96, 64, 0}, {2, 190, 3, 96, 64, 0},
+                                {1, 150, 2, 80, 48, 0}, {1, 257, 1, 96, 64, 0},
+                                {1, 700, 2, 96, 64, 0}, {1, 200, 2, 96, 64, 1},
+                                {2, 450, 2, 96, 64, 2}, {1, 900, 2, 96, 64, 2}};
+    static const char *const cand[] = {"9", "10"};
+    double w[3] = {0, 0, 0};
+    bwd_cands_vs_cpu(cand, 2, sh, sizeof sh / sizeof sh[0], 0, NULL, w);
+    gt_stat("attention fused bwd (9, 10) dq", w[0], BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dk", w[1], BF16_BOUND);
+    gt_stat("attention fused bwd (9, 10) dv", w[2], BF16_BOUND);
+}
+
+/* The deterministic candidates 11-17 (5 without ptxas's wgmma serialisation; dQ steps of
+ * 128 keys; the A operands of S and dP held in registers, through ldmatrix from the swizzled
+ * tiles and wgmma's register form with a K-major B) against lib/ops at 96/64 (80/48 padded)
+ * and 192/128 (160/120), causal and by document, ragged T (257: an empty second warpgroup;
+ * 700, 900: the 4-stage rings wrap), B > 1; each call twice, the same bits; 11's and 12's
+ * bits those of 5 (whether 13-17's are is printed). Skipped as the fused test is. */
+static void attention_bwd_cands_match_cpu(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    static const int sh[][6] = {{2, 190, 3, 96, 64, 0},  {1, 150, 2, 80, 48, 0},
+                                {1, 257, 1, 96, 64, 0},  {1, 700, 2, 96, 64, 0},
+                                {1, 200, 2, 96, 64, 1},  {1, 900, 2, 96, 64, 2},
+                                {2, 130, 2, 192, 128, 0}, {1, 257, 1, 160, 120, 0},
+                                {2, 300, 2, 192, 128, 2}};
+    static const char *const cand[] = {"11", "12", "13", "14", "15", "16", "17"};
+    double w[3] = {0, 0, 0};
+    /* 11 and 12 are 5 with its waits or loop exits moved: the same bits */
+    bwd_cands_vs_cpu(cand, sizeof cand / sizeof cand[0], sh, sizeof sh / sizeof sh[0], 1,
+                     "11 12", w);
+    gt_stat("attention bwd candidates 11-17 dq", w[0], BF16_BOUND);
+    gt_stat("attention bwd candidates 11-17 dk", w[1], BF16_BOUND);
+    gt_stat("attention bwd candidates 11-17 dv", w[2], BF16_BOUND);
 }
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
  * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
- * documents or not, and those of candidate 5 named; set nondet, a document-masked call of
+ * documents or not, and those of the candidate named (17 causal, 16 documents, 5 at 192/128); set nondet, a document-masked call of
  * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
  * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
  * elsewhere, while causal calls and 192/128 keep the deterministic kernels (the same bits
@@ -329,7 +461,8 @@ static void attention_nondet_pick(void)
         float *r1[3], *r2[3], *r5[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
         bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
-        bwd_down(r5, "5", in, glse, gseg, B, T, nh, dk, dv, scale);
+        /* the deterministic default by name: 96/64 17 (causal) or 16 (documents), 192/128 5 */
+        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "17", in, glse, gseg, B, T, nh, dk, dv, scale);
         gpu_attention_set_nondet(gt_ctx_, 1);
         bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         if (fused && T <= 128)
@@ -343,7 +476,7 @@ static void attention_nondet_pick(void)
             samen10 &= !r10[x] || !memcmp(rn[x], r10[x], by);
         }
         CHECKF(same12 && same15, "B=%d T=%d %d/%d docs %d: deterministic runs differ (again "
-               "%d, candidate 5 %d)", B, T, dk, dv, docs, !same12, !same15);
+               "%d, the default's candidate by name %d)", B, T, dk, dv, docs, !same12, !same15);
         CHECKF(fused || same1n, "B=%d T=%d %d/%d docs %d: nondet changed a call the fused "
                "backward does not take", B, T, dk, dv, docs);
         CHECKF(samen10, "B=%d T=%d docs: the nondet default is not candidate 10", B, T);
@@ -463,11 +596,24 @@ static void bench_attention(void)
             gpu_free(j.dq), gpu_free(j.dk_), gpu_free(j.dv_), gpu_free(j.lse);
             continue;
         }
-        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels and 3: the
-         * pipelined wgmma forward, for comparison */
-        static const int vars[] = {1, 3, 0};
-        /* DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only */
-        for (int vi = getenv("DSV3_ATTN_BENCH_DEFAULT") ? 2 : 0; vi < 3; vi++) {
+        /* variant 0: the default (wgmma on sm_90); 1: the mma.sync kernels, 3: the
+         * pipelined wgmma forward, 4 and 5: the warp-specialised one, for comparison;
+         * DSV3_ATTN_BENCH_DEFAULT=1: the default kernels only; DSV3_ATTN_BENCH_VARS="0 4":
+         * those variants, in that order */
+        int vars[8] = {1, 3, 4, 5, 0}, nvars = 5;
+        const char *ev = getenv("DSV3_ATTN_BENCH_VARS");
+        if (getenv("DSV3_ATTN_BENCH_DEFAULT"))
+            vars[0] = 0, nvars = 1;
+        else if (ev && *ev) {
+            nvars = 0;
+            for (char *p = (char *)ev, *q; nvars < 8; p = q) {
+                long x = strtol(p, &q, 10);
+                if (q == p)
+                    break;
+                vars[nvars++] = (int)x;
+            }
+        }
+        for (int vi = 0; vi < nvars; vi++) {
             const int var = vars[vi];
             gpu_attention_set_variant(gt_ctx_, var);
             j.bwd = 0;
@@ -475,7 +621,11 @@ static void bench_attention(void)
             j.bwd = 1;
             float bms = gb_time(att_run, &j, 10);
             CHECK(ms > 0 && bms > 0);
-            const char *tag = var == 1 ? "mma.sync " : var == 3 ? "variant 3 " : "";
+            char tag[32] = "";
+            if (var == 1)
+                snprintf(tag, sizeof tag, "mma.sync ");
+            else if (var != 0)
+                snprintf(tag, sizeof tag, "variant %d ", var);
             printf("# bench attn fwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
                    sh[s].name, ms, fwd / (ms * 1e-3) / 1e12, 100 * fwd / (ms * 1e-3) / 1e12 / ceil);
             printf("# bench attn bwd %s%-32s %8.3f ms %7.1f TFLOP/s %5.1f%% of ceiling\n", tag,
@@ -494,7 +644,9 @@ int main(void)
     if (!getenv("DSV3_ATTN_ONCE")) {
         RUN(attention_matches_cpu);
         RUN(attention_segments_match_cpu);
+        RUN(attention_ws_matches_default);
         RUN(attention_fused_bwd_match_cpu);
+        RUN(attention_bwd_cands_match_cpu);
         RUN(attention_nondet_pick);
     }
     RUN(bench_attention);
