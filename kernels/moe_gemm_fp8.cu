@@ -19,7 +19,8 @@
  * scale.
  *
  * Variant 3 (moe_fp8_tma_kernel, the default; DSV3_MOE_FP8_KERNEL=0..2 pick the others: on an
- * H100, 2026-11-28, 1.04-1.32x variant 2 on every 1b-moe and V3 shape of test_moe_fp8's bench) is kernels/moe_gemm's warp-specialised TMA kernel for FP8: persistent (one block an
+ * H100, 2026-11-28, 1.01-1.41x variant 2 on every 1b-moe and V3 shape of test_moe_fp8's
+ * bench) is kernels/moe_gemm's warp-specialised TMA kernel for FP8: persistent (one block an
  * SM over the 128 x 128 tiles), one thread issuing bulk tensor copies of the code tiles into
  * a 6-stage mbarrier ring, two multiplying warpgroups that read their scales from global
  * memory; the same products and promotions, so the same bits as variants 0 and 2. Its
