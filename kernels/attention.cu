@@ -1613,38 +1613,32 @@ static bool fused_bwd_fits(int dk, int dv)
     return dk <= 96 && dv <= 64 && (dk > 32 || dv > 32);
 }
 
-/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
- * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
- * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The
- * default: 10 for document-masked calls on a context set nondet (gpu_attention_set_nondet:
- * 2.165 ms against 5's 2.766 on the 1B-MoE shape with packed documents, but not
- * bit-reproducible), else the fastest deterministic ones of the H100 sweep of 2026-11-28
- * (docs/PERF.md, "The sixth session's device runs"; 1B-MoE shape B=8): 17 on causal rows
- * (3.117 ms against 5's 3.594), 16 on documents (2.239 against 2.629); at 192/128 both are
- * 5's kernels without the serialisation (5.58 against 5.66 ms). Before: 5, the fastest of
- * the H200 sweep (causal 3.599, where 10 takes 3.957); 0: the kernels measured in
- * "Attention on Hopper wgmma". 96/64:
- *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
- *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
- *   3  as 2, exp2f                                          7  as 4, two blocks an SM
- *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
+/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK,
+ * ARQ, DR), chosen by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere;
+ * scripts/bench-attn.sh BWD_SWEEP runs each; a value not listed takes the default);
+ * DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The default: 10 for document-masked
+ * calls on a context set nondet (gpu_attention_set_nondet: 2.165 ms against 5's 2.766 on the
+ * 1B-MoE shape with packed documents, but not bit-reproducible), else the fastest
+ * deterministic ones of the H100 sweep of 2026-11-28 (docs/PERF.md, "Calls 4 and 5"; 1B-MoE
+ * shape B=8): 17 on causal rows (3.117 ms against 5's 3.594), 16 on documents (2.239 against
+ * 2.629); at 192/128 both are 5's kernels without the serialisation (5.58 against 5.66 ms).
+ * Candidates 0-4, 6-8, 11 and 13-15 lost those sweeps and are retired (docs/KERNELS.md). 96/64:
+ *   5  4-stage rings without a drain at tile ends, 64-query dK/dV steps, tiles of 128,
+ *      ex2.approx (the default before 16 and 17; the tests' bitwise reference for 12)
  *   9  one fused kernel (dQ by fp32 reductions, attention_fa.cuh), dS by stmatrix
  *  10  as 9, dS by 2-byte stores
- * 11-17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on the
- * 4-stage dQ kernel (and on 5's dK/dV kernel for documents; warning C7515: it then waits
- * after every wgmma of the kernel): a tile's last products stay in flight at the loop's
- * exit, which the zero-trip path's zeroed accumulators also reach
- *  11  5, the dQ kernel (and the document dK/dV) drained at tile ends (DR 1)
- *  12  5, tile loops without the zero-trip path (DR 2): 5's overlap kept
- *  13  12, dQ steps of 128 keys (S and dP as m64n128 products)
- *  14  12, Q and dO in registers (the A operand of the dQ kernel's S and dP)
- *  15  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
- *      documents that dK/dV kernel drains, as 11's, where 12's loop would spill)
- *  16  15 with 14's dQ                                     17  15 with 13's dQ
- * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx (also for
- * 9 and 10: the fused kernel is 96/64 only; 11-17 too: 3-stage kernels are not
- * serialised), but 14 with dO in registers in the dQ kernel, 16 with Q (K/V do not fit the
- * dK/dV kernel's registers). */
+ * 12, 16, 17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on its
+ * 4-stage dQ kernel (and on its dK/dV kernel for documents; warning C7515: it then waits
+ * after every wgmma of the kernel): tile loops without the zero-trip path (DR 2), where a
+ * tile's last products stay in flight at the loop's exit
+ *  12  5 with those loops: 5's overlap kept, 5's bits
+ *  16  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
+ *      documents that dK/dV kernel drains at tile ends, where 12's loop would spill), Q and
+ *      dO in registers (the A operand of the dQ kernel's S and dP)
+ *  17  16's dK/dV kernel, dQ steps of 128 keys (S and dP as m64n128 products)
+ * 192/128 (no room for a fourth stage or 64-query steps): ex2.approx (also for 9 and 10: the
+ * fused kernel is 96/64 only; 12 and 17 too: 3-stage kernels are not serialised), but 16
+ * with Q in registers in the dQ kernel (K/V do not fit the dK/dV kernel's registers). */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
@@ -1652,41 +1646,29 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int bv = ev ? atoi(ev) : fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
+    const int def = fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
+    int bv = ev ? atoi(ev) : def;
+    if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17)
+        bv = def;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
         switch (bv) {
-        case 1: return F3B(96, 64, 32, 4, 4, true);
-        case 2: return F3B(96, 64, 64, 4, 4, true);
-        case 3: return F3B(96, 64, 64, 4, 4, false);
-        case 4: return F3B(96, 64, 32, 3, 3, true);
         case 5: return F3B(96, 64, 64, 4, 4, true, 128, 128);
-        case 6: return F3B(96, 64, 64, 3, 3, true, 128, 128);
-        case 7: return F3B(96, 64, 32, 3, 3, true, 64, 64, 22);
-        case 8: return F3B(96, 64, 64, 4, 3, true, 64, 64, 12);
         case 9:
             return f3_fused_launch<true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                          dv, scale, lpt, e);
         case 10:
             return f3_fused_launch<false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                           dv, scale, lpt, e);
-        case 11: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 6);
         case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 8);
-        case 13: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 0, 0, 8);
-        case 14: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 3, 8);
-        case 15: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 0, 12);
         case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 12);
-        case 17: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12);
-        default: return F3B(96, 64, 32, 3, 3, false);
+        default: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12); /* 17 */
         }
     }
-    switch (bv) {
-    case 0: return F3B(192, 128, 32, 3, 3, false);
-    case 14: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 2);
-    case 16: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
-    default: return F3B(192, 128, 32, 3, 3, true);
-    }
+    if (bv == 16)
+        return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
+    return F3B(192, 128, 32, 3, 3, true);
 #undef F3B
 }
 
