@@ -721,6 +721,120 @@ __device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
     return lo;
 }
 
+/* The forward's mask and online-softmax step on a 64-row warpgroup's S accumulators of key
+ * tile k0 (rows row0, row1 of this thread), shared by f3_fwd_kernel, f3_fwd_pipe_kernel and
+ * attention_ws.cuh's ws_fwd_kernel: masks the causal triangle, keys past T (diagonal and last tiles only) and
+ * (SEG) keys of other documents where the tile reaches across a document boundary; updates
+ * the running max m (log2 units; the raw scores are scaled inside the exp's FMA) and sum l;
+ * leaves P = 2^(s sl2 - m) in s and O's rescaling factor in a0, a1. FX: the exponential by
+ * ex2.approx.ftz (the ws kernel) or exp2f (f3_fwd_kernel and f3_fwd_pipe_kernel; they differ
+ * only below 2^-126, and test_attention finds the ws kernel's bits those of f3_fwd_kernel). */
+template <int TN, bool SEG, bool FX>
+__device__ __forceinline__ void f3_softmax(float (&s)[TN / 2], int k0, int wrow, int row0,
+                                           int row1, int T, const int32_t *sg, int sr0, int sr1,
+                                           int slast, float sl2, float &m0, float &m1, float &l0,
+                                           float &l1, float &a0, float &a1)
+{
+    const int lane = threadIdx.x & 31;
+    if (k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast)) {
+#pragma unroll
+        for (int j = 0; j < TN / 8; j++) {
+            int col = k0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
+                if (cc > rr || cc >= T || (SEG && sg[cc] != (x < 2 ? sr0 : sr1)))
+                    s[4 * j + x] = -INFINITY;
+            }
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < TN / 8; j++) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+    a0 = mn0 == -INFINITY ? 1.0f : exp2x<FX>(m0 - mn0);
+    a1 = mn1 == -INFINITY ? 1.0f : exp2x<FX>(m1 - mn1);
+    const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+    float rs0 = 0, rs1 = 0;
+#pragma unroll
+    for (int j = 0; j < TN / 8; j++) {
+        s[4 * j] = exp2x<FX>(fmaf(s[4 * j], sl2, -base0));
+        s[4 * j + 1] = exp2x<FX>(fmaf(s[4 * j + 1], sl2, -base0));
+        s[4 * j + 2] = exp2x<FX>(fmaf(s[4 * j + 2], sl2, -base1));
+        s[4 * j + 3] = exp2x<FX>(fmaf(s[4 * j + 3], sl2, -base1));
+        rs0 += s[4 * j] + s[4 * j + 1];
+        rs1 += s[4 * j + 2] + s[4 * j + 3];
+    }
+    l0 = l0 * a0 + rs0;
+    l1 = l1 * a1 + rs1;
+    m0 = mn0;
+    m1 = mn1;
+}
+
+/* O *= a (per row), then P (the floats in s) packed as bf16: the S accumulators of keys
+ * 16kk .. 16kk+15 are P's A fragment kk of O += P V. */
+template <int TN, int DVP>
+__device__ __forceinline__ void f3_rescale_pack(float (&o)[DVP / 2], uint32_t (&pa)[TN / 16][4],
+                                                const float (&s)[TN / 2], float a0, float a1)
+{
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        o[4 * j] *= a0;
+        o[4 * j + 1] *= a0;
+        o[4 * j + 2] *= a1;
+        o[4 * j + 3] *= a1;
+    }
+#pragma unroll
+    for (int kk = 0; kk < TN / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++)
+            pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+}
+
+/* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
+ * (b, h), the columns below dv) and the rows' lse (natural log). poison: NaN rows and lse
+ * (the ws kernel's stuck pipeline). */
+template <int DVP>
+__device__ __forceinline__ void f3_fwd_store(bf16 *out, float *lse, const float (&o)[DVP / 2],
+                                             float m0, float m1, float l0, float l1, bool poison,
+                                             int row0, int row1, int b, int h, int T, int nh,
+                                             int dv)
+{
+    const int lane = threadIdx.x & 31;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (poison)
+        l0 = l1 = __int_as_float(0x7fffffff);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (row0 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
+                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
+            if (row1 < T)
+                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
+                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+        }
+    }
+    if ((lane & 3) == 0) {
+        if (row0 < T)
+            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
+        if (row1 < T)
+            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
+    }
+}
+
 template <int DKP, int DVP>
 struct f3_smem {
     static const int TM = 128, TN = 128;
@@ -786,63 +900,12 @@ __global__ void __launch_bounds__(256, 1)
         wg_commit();
         wg_wait<0>();
         wg_regs(s);
-        /* mask the causal triangle and keys past T (diagonal and last tiles only), and keys
-         * of other documents (tiles that reach across a document boundary); the running max
-         * m is in log2 units, the raw scores are scaled inside the exp's FMA */
-        if (k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast)) {
-#pragma unroll
-            for (int j = 0; j < TN / 8; j++) {
-                int col = k0 + j * 8 + (lane & 3) * 2;
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
-                    if (cc > rr || cc >= T || (SEG && sg[cc] != (x < 2 ? sr0 : sr1)))
-                        s[4 * j + x] = -INFINITY;
-                }
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < TN / 8; j++) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
-        float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
-        float a1 = mn1 == -INFINITY ? 1.0f : exp2f(m1 - mn1);
-        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-        float rs0 = 0, rs1 = 0;
-#pragma unroll
-        for (int j = 0; j < TN / 8; j++) {
-            s[4 * j] = exp2f(fmaf(s[4 * j], sl2, -base0));
-            s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], sl2, -base0));
-            s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], sl2, -base1));
-            s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], sl2, -base1));
-            rs0 += s[4 * j] + s[4 * j + 1];
-            rs1 += s[4 * j + 2] + s[4 * j + 3];
-        }
-        l0 = l0 * a0 + rs0;
-        l1 = l1 * a1 + rs1;
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int j = 0; j < DVP / 8; j++) {
-            o[4 * j] *= a0;
-            o[4 * j + 1] *= a0;
-            o[4 * j + 2] *= a1;
-            o[4 * j + 3] *= a1;
-        }
-        /* O += P V: the S accumulators of keys 16kk .. 16kk+15 are P's A fragment */
+        float a0, a1;
+        f3_softmax<TN, SEG, false>(s, k0, wrow, row0, row1, T, sg, sr0, sr1, slast, sl2, m0, m1,
+                                   l0, l1, a0, a1);
+        /* O to this tile's max, then O += P V */
         uint32_t pa[TN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-            for (int x = 0; x < 4; x++)
-                pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+        f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
 #pragma unroll
@@ -853,29 +916,7 @@ __global__ void __launch_bounds__(256, 1)
         wg_regs(o);
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        }
-    }
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP, int ST = 3, int TQ_ = 64>
@@ -1401,59 +1442,11 @@ __global__ void __launch_bounds__(256, 1)
             wg_commit();
         }
         /* softmax of tile kt while the next S runs */
-        if (k0 + TN - 1 > wrow || k0 + TN > T) {
-#pragma unroll
-            for (int j = 0; j < TN / 8; j++) {
-                int col = k0 + j * 8 + (lane & 3) * 2;
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
-                    if (cc > rr || cc >= T)
-                        s[4 * j + x] = -INFINITY;
-                }
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < TN / 8; j++) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
-        float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
-        float a1 = mn1 == -INFINITY ? 1.0f : exp2f(m1 - mn1);
-        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-        float rs0 = 0, rs1 = 0;
-#pragma unroll
-        for (int j = 0; j < TN / 8; j++) {
-            s[4 * j] = exp2f(fmaf(s[4 * j], sl2, -base0));
-            s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], sl2, -base0));
-            s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], sl2, -base1));
-            s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], sl2, -base1));
-            rs0 += s[4 * j] + s[4 * j + 1];
-            rs1 += s[4 * j + 2] + s[4 * j + 3];
-        }
-        l0 = l0 * a0 + rs0;
-        l1 = l1 * a1 + rs1;
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int j = 0; j < DVP / 8; j++) {
-            o[4 * j] *= a0;
-            o[4 * j + 1] *= a0;
-            o[4 * j + 2] *= a1;
-            o[4 * j + 3] *= a1;
-        }
+        float a0, a1;
+        f3_softmax<TN, false, false>(s, k0, wrow, row0, row1, T, NULL, 0, 0, 0, sl2, m0, m1, l0,
+                                     l1, a0, a1);
         uint32_t pa[TN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-            for (int x = 0; x < 4; x++)
-                pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+        f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
 #pragma unroll
@@ -1469,29 +1462,7 @@ __global__ void __launch_bounds__(256, 1)
                 s[j] = sn[j];
         }
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        }
-    }
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP>
@@ -1642,38 +1613,32 @@ static bool fused_bwd_fits(int dk, int dv)
     return dk <= 96 && dv <= 64 && (dk > 32 || dv > 32);
 }
 
-/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB), chosen
- * by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere; scripts/bench-attn.sh
- * BWD_SWEEP runs each); DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The
- * default: 10 for document-masked calls on a context set nondet (gpu_attention_set_nondet:
- * 2.165 ms against 5's 2.766 on the 1B-MoE shape with packed documents, but not
- * bit-reproducible), else the fastest deterministic ones of the H100 sweep of 2026-11-28
- * (docs/PERF.md, "The sixth session's device runs"; 1B-MoE shape B=8): 17 on causal rows
- * (3.117 ms against 5's 3.594), 16 on documents (2.239 against 2.629); at 192/128 both are
- * 5's kernels without the serialisation (5.58 against 5.66 ms). Before: 5, the fastest of
- * the H200 sweep (causal 3.599, where 10 takes 3.957); 0: the kernels measured in
- * "Attention on Hopper wgmma". 96/64:
- *   1  4-stage rings, no drain at tile ends, ex2.approx      5  as 2, tiles of 128
- *   2  as 1, 64-query dK/dV steps                           6  as 5, 3 stages
- *   3  as 2, exp2f                                          7  as 4, two blocks an SM
- *   4  0 with ex2.approx                                    8  2's dK/dV, 7's dQ
+/* The Hopper backward's kernel shapes (f3_bwd_launch: HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK,
+ * ARQ, DR), chosen by DSV3_ATTN_BWD for timings (as DSV3_CE_KERNEL elsewhere;
+ * scripts/bench-attn.sh BWD_SWEEP runs each; a value not listed takes the default);
+ * DSV3_ATTN_LPT=1 orders the grid costliest tiles first. The default: 10 for document-masked
+ * calls on a context set nondet (gpu_attention_set_nondet: 2.165 ms against 5's 2.766 on the
+ * 1B-MoE shape with packed documents, but not bit-reproducible), else the fastest
+ * deterministic ones of the H100 sweep of 2026-11-28 (docs/PERF.md, "Calls 4 and 5"; 1B-MoE
+ * shape B=8): 17 on causal rows (3.117 ms against 5's 3.594), 16 on documents (2.239 against
+ * 2.629); at 192/128 both are 5's kernels without the serialisation (5.58 against 5.66 ms).
+ * Candidates 0-4, 6-8, 11 and 13-15 lost those sweeps and are retired (docs/KERNELS.md). 96/64:
+ *   5  4-stage rings without a drain at tile ends, 64-query dK/dV steps, tiles of 128,
+ *      ex2.approx (the default before 16 and 17; the tests' bitwise reference for 12)
  *   9  one fused kernel (dQ by fp32 reductions, attention_fa.cuh), dS by stmatrix
  *  10  as 9, dS by 2-byte stores
- * 11-17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on the
- * 4-stage dQ kernel (and on 5's dK/dV kernel for documents; warning C7515: it then waits
- * after every wgmma of the kernel): a tile's last products stay in flight at the loop's
- * exit, which the zero-trip path's zeroed accumulators also reach
- *  11  5, the dQ kernel (and the document dK/dV) drained at tile ends (DR 1)
- *  12  5, tile loops without the zero-trip path (DR 2): 5's overlap kept
- *  13  12, dQ steps of 128 keys (S and dP as m64n128 products)
- *  14  12, Q and dO in registers (the A operand of the dQ kernel's S and dP)
- *  15  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
- *      documents that dK/dV kernel drains, as 11's, where 12's loop would spill)
- *  16  15 with 14's dQ                                     17  15 with 13's dQ
- * 192/128 (no room for a fourth stage or 64-query steps): 0, else ex2.approx (also for
- * 9 and 10: the fused kernel is 96/64 only; 11-17 too: 3-stage kernels are not
- * serialised), but 14 with dO in registers in the dQ kernel, 16 with Q (K/V do not fit the
- * dK/dV kernel's registers). */
+ * 12, 16, 17 (deterministic, no atomics): 5 without the wgmma serialisation ptxas puts on its
+ * 4-stage dQ kernel (and on its dK/dV kernel for documents; warning C7515: it then waits
+ * after every wgmma of the kernel): tile loops without the zero-trip path (DR 2), where a
+ * tile's last products stay in flight at the loop's exit
+ *  12  5 with those loops: 5's overlap kept, 5's bits
+ *  16  12, K and V in registers (the A operand of the dK/dV kernel's S^T and dP^T; on
+ *      documents that dK/dV kernel drains at tile ends, where 12's loop would spill), Q and
+ *      dO in registers (the A operand of the dQ kernel's S and dP)
+ *  17  16's dK/dV kernel, dQ steps of 128 keys (S and dP as m64n128 products)
+ * 192/128 (no room for a fourth stage or 64-query steps): ex2.approx (also for 9 and 10: the
+ * fused kernel is 96/64 only; 12 and 17 too: 3-stage kernels are not serialised), but 16
+ * with Q in registers in the dQ kernel (K/V do not fit the dK/dV kernel's registers). */
 static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *dO,
                        const float *lse, const float *D, const bf16 *Q, const bf16 *K,
                        const bf16 *V, const int32_t *seg, int B, int T, int nh, int dk, int dv,
@@ -1681,41 +1646,29 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int bv = ev ? atoi(ev) : fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
+    const int def = fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
+    int bv = ev ? atoi(ev) : def;
+    if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17)
+        bv = def;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
         switch (bv) {
-        case 1: return F3B(96, 64, 32, 4, 4, true);
-        case 2: return F3B(96, 64, 64, 4, 4, true);
-        case 3: return F3B(96, 64, 64, 4, 4, false);
-        case 4: return F3B(96, 64, 32, 3, 3, true);
         case 5: return F3B(96, 64, 64, 4, 4, true, 128, 128);
-        case 6: return F3B(96, 64, 64, 3, 3, true, 128, 128);
-        case 7: return F3B(96, 64, 32, 3, 3, true, 64, 64, 22);
-        case 8: return F3B(96, 64, 64, 4, 3, true, 64, 64, 12);
         case 9:
             return f3_fused_launch<true>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                          dv, scale, lpt, e);
         case 10:
             return f3_fused_launch<false>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, dk,
                                           dv, scale, lpt, e);
-        case 11: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 6);
         case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 8);
-        case 13: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 0, 0, 8);
-        case 14: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 3, 8);
-        case 15: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 0, 12);
         case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 12);
-        case 17: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12);
-        default: return F3B(96, 64, 32, 3, 3, false);
+        default: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12); /* 17 */
         }
     }
-    switch (bv) {
-    case 0: return F3B(192, 128, 32, 3, 3, false);
-    case 14: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 2);
-    case 16: return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
-    default: return F3B(192, 128, 32, 3, 3, true);
-    }
+    if (bv == 16)
+        return F3B(192, 128, 32, 3, 3, true, 64, 64, 11, 64, 0, 1);
+    return F3B(192, 128, 32, 3, 3, true);
 #undef F3B
 }
 

@@ -1,7 +1,8 @@
 /* attention_ws: the warp-specialised Hopper attention forward (variants 4 and 5 of
  * gpu_attention_set_variant / DSV3_ATTN_FWD), FlashAttention-3's schedule on the tiles,
  * descriptors and softmax of kernels/attention.cu's f3_fwd_kernel. Included by attention.cu
- * (after the Hopper section: swl, kmaj, mnmaj, doc_first, exp2x, pack_bf2, align1024).
+ * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, and the mask, softmax
+ * and epilogue f3_fwd_kernel runs too: f3_softmax, f3_rescale_pack, f3_fwd_store).
  *
  * Block = 128 queries of one (b, h), 384 threads: warpgroup 0 loads (one thread issues TMA
  * bulk tensor copies, the rest exit after giving back their registers), warpgroups 1 and 2
@@ -124,78 +125,6 @@ __device__ __forceinline__ void ws_keep(uint32_t (&p)[N][4])
             asm volatile("" : "+r"(p[i][x])::"memory");
 }
 
-/* Tile k0's mask and online-softmax step on the S accumulators (rows row0, row1 of this
- * thread): masks the causal triangle, keys past T and (SEG) keys of other documents where the
- * tile needs it; updates the running max m (log2 units) and sum l; leaves P = 2^(s sl2 - m)
- * in s and O's rescaling factor in a0, a1. */
-template <int TN, bool SEG>
-__device__ __forceinline__ void ws_softmax(float (&s)[TN / 2], int k0, int wrow, int row0,
-                                           int row1, int T, const int32_t *sg, int sr0, int sr1,
-                                           int slast, float sl2, float &m0, float &m1, float &l0,
-                                           float &l1, float &a0, float &a1)
-{
-    const int lane = threadIdx.x & 31;
-    if (k0 + TN - 1 > wrow || k0 + TN > T || (SEG && sg[k0] != slast)) {
-#pragma unroll
-        for (int j = 0; j < TN / 8; j++) {
-            int col = k0 + j * 8 + (lane & 3) * 2;
-#pragma unroll
-            for (int x = 0; x < 4; x++) {
-                int cc = col + (x & 1), rr = x < 2 ? row0 : row1;
-                if (cc > rr || cc >= T || (SEG && sg[cc] != (x < 2 ? sr0 : sr1)))
-                    s[4 * j + x] = -INFINITY;
-            }
-        }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < TN / 8; j++) {
-        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
-    a0 = mn0 == -INFINITY ? 1.0f : exp2x<true>(m0 - mn0);
-    a1 = mn1 == -INFINITY ? 1.0f : exp2x<true>(m1 - mn1);
-    const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-    float rs0 = 0, rs1 = 0;
-#pragma unroll
-    for (int j = 0; j < TN / 8; j++) {
-        s[4 * j] = exp2x<true>(fmaf(s[4 * j], sl2, -base0));
-        s[4 * j + 1] = exp2x<true>(fmaf(s[4 * j + 1], sl2, -base0));
-        s[4 * j + 2] = exp2x<true>(fmaf(s[4 * j + 2], sl2, -base1));
-        s[4 * j + 3] = exp2x<true>(fmaf(s[4 * j + 3], sl2, -base1));
-        rs0 += s[4 * j] + s[4 * j + 1];
-        rs1 += s[4 * j + 2] + s[4 * j + 3];
-    }
-    l0 = l0 * a0 + rs0;
-    l1 = l1 * a1 + rs1;
-    m0 = mn0;
-    m1 = mn1;
-}
-
-/* O *= a (per row), then P (the floats in s) packed as bf16 A fragments. */
-template <int TN, int DVP>
-__device__ __forceinline__ void ws_rescale_pack(float (&o)[DVP / 2], uint32_t (&pa)[TN / 16][4],
-                                                const float (&s)[TN / 2], float a0, float a1)
-{
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        o[4 * j] *= a0;
-        o[4 * j + 1] *= a0;
-        o[4 * j + 2] *= a1;
-        o[4 * j + 3] *= a1;
-    }
-#pragma unroll
-    for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-        for (int x = 0; x < 4; x++)
-            pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
-}
-
 template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(bf16 *out, float *lse, const int32_t *seg, int T, int nh, int dv, float scale,
@@ -298,10 +227,10 @@ __global__ void __launch_bounds__(384, 1)
     wg_wait<0>();
     wg_regs(s);
     release(ek0, 0);
-    ws_softmax<TN, SEG>(s, kt0 * TN, wrow, row0, row1, T, sg, sr0, sr1, slast, sl2, m0, m1, l0,
-                        l1, a0, a1);
+    f3_softmax<TN, SEG, true>(s, kt0 * TN, wrow, row0, row1, T, sg, sr0, sr1, slast, sl2, m0, m1,
+                              l0, l1, a0, a1);
     for (int i = 1; i < N; i++) {
-        ws_rescale_pack<TN, DVP>(o, pa, s, a0, a1); /* O to tile i-1's max; P_{i-1} */
+        f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1); /* O to tile i-1's max; P_{i-1} */
         /* waits and hand-overs outside the products' flight (a divergent wait between two
          * issues would make ptxas serialise them) */
         full(fk0, i);
@@ -317,14 +246,14 @@ __global__ void __launch_bounds__(384, 1)
         wg_wait<1>(); /* S_i; P_{i-1} V_{i-1} still running */
         wg_regs(s);
         release(ek0, i);
-        ws_softmax<TN, SEG>(s, (kt0 + i) * TN, wrow, row0, row1, T, sg, sr0, sr1, slast, sl2, m0,
-                            m1, l0, l1, a0, a1);
+        f3_softmax<TN, SEG, true>(s, (kt0 + i) * TN, wrow, row0, row1, T, sg, sr0, sr1, slast,
+                                  sl2, m0, m1, l0, l1, a0, a1);
         wg_wait<0>();
         wg_regs(o);
         ws_keep(pa);
         release(ev0, i - 1);
     }
-    ws_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
+    f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
     full(fv0, N - 1);
     wg_regs(o);
     ws_keep(pa);
@@ -337,31 +266,8 @@ __global__ void __launch_bounds__(384, 1)
     if (cw == 0)
         ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (stuck) /* a broken pipeline must not pass for a result: NaN rows, NaN lse */
-        l0 = l1 = __int_as_float(0x7fffffff);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        }
-    }
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    /* a broken pipeline must not pass for a result: NaN rows, NaN lse */
+    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, stuck, row0, row1, b, h, T, nh, dv);
 }
 
 /* The map of a [B][T][nh][d] bf16 tensor whose boxes are one swizzle atom of a tile padded

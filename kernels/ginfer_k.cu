@@ -731,10 +731,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         *count = 0;
 }
 
-int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
-             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
-             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned *count, dsv3_err *e)
+/* The router's shapes (gk_route, gk_route_norm): -1 with e set on one it does not take. */
+static int route_check(int H, int E, int G, int TG, int K, dsv3_err *e)
 {
     if (E > 1024 || G < 1 || G > 32 || E % G || K < 1 || K > 32 || TG < 1 || TG > G ||
         K > TG * (E / G))
@@ -742,6 +740,16 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
                        G, TG, K);
     if (H % 8)
         return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
+    return 0;
+}
+
+int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
+             float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
+             int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+             unsigned *count, dsv3_err *e)
+{
+    if (route_check(H, E, G, TG, K, e))
+        return -1;
     if (N <= 0)
         return 0;
     size_t smem = (size_t)GK_WARPS * E * (sizeof(float) + 1);
@@ -771,12 +779,8 @@ int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out
                   int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
                   unsigned *count, dsv3_err *e)
 {
-    if (E > 1024 || G < 1 || G > 32 || E % G || K < 1 || K > 32 || TG < 1 || TG > G ||
-        K > TG * (E / G))
-        return err_set(e, "router: unsupported shape E=%d n_group=%d topk_group=%d k=%d", E,
-                       G, TG, K);
-    if (H % 8)
-        return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
+    if (route_check(H, E, G, TG, K, e))
+        return -1;
     if (N <= 0)
         return 0;
     if (!gk_route_norm_fits(N, H, E))

@@ -13,11 +13,12 @@
 # default, 1 mma.sync, 3 pipelined wgmma, 4 and 5 the warp-specialised TMA forward of
 # kernels/attention_ws.cuh, 5 keeping head dim 96 unpadded; rows tagged "variant N"; each
 # variant's backward row is the Hopper backward alike for 0, 3, 4, 5).
-# BWD_SWEEP="0 2 2:1 5 ...": then each Hopper backward candidate V (or V:L, with
-# DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them) through test_attention's
-# checks and the default kernels' timings, rows tagged "bwd=V:L". 9 and 10 are the fused
-# backward (one kernel, dQ by fp32 reductions; 96/64 only, the V3 192/128 rows then time the
-# two-kernel ex2.approx path): e.g. BWD_SWEEP="5 9 10 9:1".
+# BWD_SWEEP="5 12 16 17 ...": then each Hopper backward candidate V (or V:L, with
+# DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them: 5, 9, 10, 12, 16, 17; any
+# other value times the default) through test_attention's checks and the default kernels'
+# timings, rows tagged "bwd=V:L". 9 and 10 are the fused backward (one kernel, dQ by fp32
+# reductions; 96/64 only, the V3 192/128 rows then time the two-kernel ex2.approx path):
+# e.g. BWD_SWEEP="5 9 10 9:1".
 # FLOPs: forward 2 * B * nh * T(T+1)/2 * (dk + dv) (causal pairs, QK^T and PV);
 # backward counted as 2.5 x forward (FlashAttention-2's convention), for both sides.
 set -u

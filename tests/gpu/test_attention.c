@@ -3,7 +3,7 @@
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
  * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) and the deterministic ones 11-17 on both, and the default pick by
+ * 9, 10) and the deterministic ones 12, 16, 17 on both, and the default pick by
  * gpu_attention_set_nondet (the same bits run to run unless set; the fused backward for
  * documents when set). With DSV3_GPU_BENCH=1 also
  * timings on
@@ -389,12 +389,13 @@ static void attention_fused_bwd_match_cpu(void)
     gt_stat("attention fused bwd (9, 10) dv", w[2], BF16_BOUND);
 }
 
-/* The deterministic candidates 11-17 (5 without ptxas's wgmma serialisation; dQ steps of
- * 128 keys; the A operands of S and dP held in registers, through ldmatrix from the swizzled
- * tiles and wgmma's register form with a K-major B) against lib/ops at 96/64 (80/48 padded)
- * and 192/128 (160/120), causal and by document, ragged T (257: an empty second warpgroup;
- * 700, 900: the 4-stage rings wrap), B > 1; each call twice, the same bits; 11's and 12's
- * bits those of 5 (whether 13-17's are is printed). Skipped as the fused test is. */
+/* The deterministic candidates 12, 16 and 17 (5 without ptxas's wgmma serialisation; dQ
+ * steps of 128 keys; the A operands of S and dP held in registers, through ldmatrix from the
+ * swizzled tiles and wgmma's register form with a K-major B; 11 and 13-15, retired, were
+ * steps between them) against lib/ops at 96/64 (80/48 padded) and 192/128 (160/120), causal
+ * and by document, ragged T (257: an empty second warpgroup; 700, 900: the 4-stage rings
+ * wrap), B > 1; each call twice, the same bits; 12's bits those of 5 (whether 16's and 17's
+ * are is printed). Skipped as the fused test is. */
 static void attention_bwd_cands_match_cpu(void)
 {
     GT_NEED_GPU();
@@ -405,19 +406,20 @@ static void attention_bwd_cands_match_cpu(void)
                                 {1, 200, 2, 96, 64, 1},  {1, 900, 2, 96, 64, 2},
                                 {2, 130, 2, 192, 128, 0}, {1, 257, 1, 160, 120, 0},
                                 {2, 300, 2, 192, 128, 2}};
-    static const char *const cand[] = {"11", "12", "13", "14", "15", "16", "17"};
+    static const char *const cand[] = {"12", "16", "17"};
     double w[3] = {0, 0, 0};
-    /* 11 and 12 are 5 with its waits or loop exits moved: the same bits */
-    bwd_cands_vs_cpu(cand, sizeof cand / sizeof cand[0], sh, sizeof sh / sizeof sh[0], 1,
-                     "11 12", w);
-    gt_stat("attention bwd candidates 11-17 dq", w[0], BF16_BOUND);
-    gt_stat("attention bwd candidates 11-17 dk", w[1], BF16_BOUND);
-    gt_stat("attention bwd candidates 11-17 dv", w[2], BF16_BOUND);
+    /* 12 is 5 with its loop exits moved: the same bits */
+    bwd_cands_vs_cpu(cand, sizeof cand / sizeof cand[0], sh, sizeof sh / sizeof sh[0], 1, "12",
+                     w);
+    gt_stat("attention bwd candidates 12, 16, 17 dq", w[0], BF16_BOUND);
+    gt_stat("attention bwd candidates 12, 16, 17 dk", w[1], BF16_BOUND);
+    gt_stat("attention bwd candidates 12, 16, 17 dv", w[2], BF16_BOUND);
 }
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
  * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
- * documents or not, and those of the candidate named (17 causal, 16 documents, 5 at 192/128); set nondet, a document-masked call of
+ * documents or not, and those of the candidate named (17 causal, 16 documents, 5 at 192/128)
+ * and of a retired one (3: the default pick); set nondet, a document-masked call of
  * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
  * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
  * elsewhere, while causal calls and 192/128 keep the deterministic kernels (the same bits
@@ -458,25 +460,29 @@ static void attention_nondet_pick(void)
         CHECKF(gpu_attention_fwd_seg(gt_ctx_, in[4], glse, in[0], in[1], in[2], gseg, B, T, nh,
                                      dk, dv, scale, &e) == 0,
                "%s", e.msg);
-        float *r1[3], *r2[3], *r5[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
+        float *r1[3], *r2[3], *r5[3], *ru[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
         bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         /* the deterministic default by name: 96/64 17 (causal) or 16 (documents), 192/128 5 */
         bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "17", in, glse, gseg, B, T, nh, dk, dv, scale);
+        bwd_down(ru, "3", in, glse, gseg, B, T, nh, dk, dv, scale); /* retired: the default */
         gpu_attention_set_nondet(gt_ctx_, 1);
         bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         if (fused && T <= 128)
             bwd_down(r10, "10", in, glse, gseg, B, T, nh, dk, dv, scale);
         gpu_attention_set_nondet(gt_ctx_, 0);
-        int same12 = 1, same15 = 1, same1n = 1, samen10 = 1;
+        int same12 = 1, same15 = 1, same1u = 1, same1n = 1, samen10 = 1;
         for (int x = 0; x < 3 && !test_failed_; x++) {
             size_t by = n[x] * sizeof(float);
             same12 &= !memcmp(r1[x], r2[x], by), same15 &= !memcmp(r1[x], r5[x], by);
+            same1u &= !memcmp(r1[x], ru[x], by);
             same1n &= !memcmp(r1[x], rn[x], by);
             samen10 &= !r10[x] || !memcmp(rn[x], r10[x], by);
         }
         CHECKF(same12 && same15, "B=%d T=%d %d/%d docs %d: deterministic runs differ (again "
                "%d, the default's candidate by name %d)", B, T, dk, dv, docs, !same12, !same15);
+        CHECKF(same1u, "B=%d T=%d %d/%d docs %d: a retired DSV3_ATTN_BWD (3) is not the default",
+               B, T, dk, dv, docs);
         CHECKF(fused || same1n, "B=%d T=%d %d/%d docs %d: nondet changed a call the fused "
                "backward does not take", B, T, dk, dv, docs);
         CHECKF(samen10, "B=%d T=%d docs: the nondet default is not candidate 10", B, T);
@@ -494,7 +500,7 @@ static void attention_nondet_pick(void)
             free(ro), free(att), free(rd[0]), free(rd[1]), free(rd[2]);
         }
         for (int x = 0; x < 3; x++)
-            free(r1[x]), free(r2[x]), free(r5[x]), free(rn[x]), free(r10[x]);
+            free(r1[x]), free(r2[x]), free(r5[x]), free(ru[x]), free(rn[x]), free(r10[x]);
         free(q), free(k), free(v), free(dout), free(seg);
         gt_reset(mark);
     }
