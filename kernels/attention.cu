@@ -723,8 +723,8 @@ __device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
 
 /* The forward's mask and online-softmax step on a 64-row warpgroup's S accumulators of key
  * tile k0 (rows row0, row1 of this thread), shared by f3_fwd_kernel, f3_fwd_pipe_kernel and
- * attention_ws.cuh's ws_fwd_kernel: masks the causal triangle, keys past T (diagonal and last tiles only) and
- * (SEG) keys of other documents where the tile reaches across a document boundary; updates
+ * attention_ws.cuh's ws_fwd_kernel: masks the causal triangle, keys past T (diagonal and
+ * last tiles only) and (SEG) keys of other documents where the tile reaches across a document boundary; updates
  * the running max m (log2 units; the raw scores are scaled inside the exp's FMA) and sum l;
  * leaves P = 2^(s sl2 - m) in s and O's rescaling factor in a0, a1. FX: the exponential by
  * ex2.approx.ftz (the ws kernel) or exp2f (f3_fwd_kernel and f3_fwd_pipe_kernel; they differ
