@@ -36,6 +36,7 @@
 #include "../../lib/model.h"
 #include "../../kernels/moe.h"
 #include "bench.h"
+#include "fp8_config.h"
 
 #include <time.h>
 
@@ -55,21 +56,9 @@ typedef struct gm_case {
 
 static int load_cfg(dsv3_config *c, const gm_case *k, dsv3_err *e)
 {
-    if (config_load(c, "configs/tiny.json", e))
+    /* big: the FP8-sized config (multiples of 128), the one the FP8 tests use */
+    if (k->big ? fp8_sized_config(c, e) : config_load(c, "configs/tiny.json", e))
         return -1;
-    if (k->big) {
-        c->hidden_size = 256;
-        c->intermediate_size = 512;
-        c->moe_intermediate_size = 128;
-        c->num_attention_heads = 4;
-        c->qk_nope_head_dim = 64;
-        c->qk_rope_head_dim = 32;
-        c->v_head_dim = 64;
-        c->kv_lora_rank = 128;
-        c->q_lora_rank = 96;
-        c->n_routed_experts = 16;
-        c->vocab_size = 1000;
-    }
     if (k->all_experts) {
         c->num_experts_per_tok = c->n_routed_experts;
         c->topk_group = c->n_group;
