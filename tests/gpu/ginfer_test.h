@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../../lib/config.h"
+#include "../../lib/model.h"
 #include "../test.h"
 
 static __attribute__((unused)) void ginfer_random_config(dsv3_config *c, int q)
@@ -41,6 +42,26 @@ static __attribute__((unused)) void ginfer_random_config(dsv3_config *c, int q)
     c->rope_theta = 10000;
     c->rope_interleave = (int)(test_rand() & 1);
     c->bos_token_id = c->eos_token_id = -1;
+}
+
+/* model_init and random weights of standard deviation sd (seeded from test_rand) for config
+ * c; 0, or -1 with the failure recorded (the caller leaves its case). */
+static __attribute__((unused)) int ginfer_random_model(dsv3_model *m, dsv3_config *c, double sd)
+{
+    dsv3_err e;
+    if (model_init(m, c, &e)) {
+        CHECKF(0, "%s", e.msg);
+        return -1;
+    }
+    model_init_random(m, test_rand(), sd);
+    return 0;
+}
+
+/* n token ids drawn uniformly from [0, V). */
+static __attribute__((unused)) void ginfer_random_ids(int32_t *ids, int n, int V)
+{
+    for (int t = 0; t < n; t++)
+        ids[t] = (int32_t)(test_rand() % (uint64_t)V);
 }
 
 /* ||a - b|| / ||b|| over a row of n values (||a - b|| where b is zero). */

@@ -98,11 +98,8 @@ static void check_model(int q, int shared)
     fp8_config(&c, q, shared);
     dsv3_model m, mc;
     dsv3_err e;
-    if (model_init(&m, &c, &e)) {
-        CHECKF(0, "%s", e.msg);
+    if (ginfer_random_model(&m, &c, 0.1))
         return;
-    }
-    model_init_random(&m, test_rand(), 0.1);
     char root[] = "/tmp/dsv3-ginfer-fp8-XXXXXX", a[64], qd[64], cmd[128];
     REQUIRE(mkdtemp(root) != NULL);
     snprintf(a, sizeof a, "%s/f32", root);
@@ -194,11 +191,8 @@ static void test_bf16_folder_inert(void)
     fp8_config(&c, 1, 1);
     dsv3_model m;
     dsv3_err e;
-    if (model_init(&m, &c, &e)) {
-        CHECKF(0, "%s", e.msg);
+    if (ginfer_random_model(&m, &c, 0.1))
         return;
-    }
-    model_init_random(&m, test_rand(), 0.1);
     char root[] = "/tmp/dsv3-ginfer-fp8-XXXXXX", cmd[128];
     REQUIRE(mkdtemp(root) != NULL);
     int V = c.vocab_size;

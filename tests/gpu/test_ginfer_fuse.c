@@ -110,19 +110,14 @@ static void check_fused(int exact)
         ginfer_random_config(&c, i & 1);
         dsv3_model m;
         dsv3_err e;
-        if (model_init(&m, &c, &e)) {
-            CHECKF(0, "%s", e.msg);
+        if (ginfer_random_model(&m, &c, exact ? 0.3 : 0.1))
             break;
-        }
-        model_init_random(&m, test_rand(), exact ? 0.3 : 0.1);
         int V = c.vocab_size, plen[NS] = {5, 20, 7}, R = run_rows();
         int ctx = MAXP + STEPS + GSTEPS + 8;
         int32_t prompt[NS][MAXP], toks[NS][STEPS], gt[NV][GSTEPS];
         for (int k = 0; k < NS; k++) {
-            for (int t = 0; t < MAXP; t++)
-                prompt[k][t] = (int32_t)(test_rand() % (uint64_t)V);
-            for (int t = 0; t < STEPS; t++)
-                toks[k][t] = (int32_t)(test_rand() % (uint64_t)V);
+            ginfer_random_ids(prompt[k], MAXP, V);
+            ginfer_random_ids(toks[k], STEPS, V);
         }
         float *lg[NV], *scratch = malloc((size_t)V * 4);
         int ok = scratch != NULL;

@@ -155,18 +155,13 @@ static void check_pdl(int exact)
         ginfer_random_config(&c, i & 1);
         dsv3_model m;
         dsv3_err e;
-        if (model_init(&m, &c, &e)) {
-            CHECKF(0, "%s", e.msg);
+        if (ginfer_random_model(&m, &c, exact ? 0.3 : 0.1))
             break;
-        }
-        model_init_random(&m, test_rand(), exact ? 0.3 : 0.1);
         int V = c.vocab_size, plen[NS] = {5, 20, 7}, ctx = MAXP + STEPS + GSTEPS + 8;
         int32_t prompt[NS][MAXP], toks[NS][STEPS], gt[2][GSTEPS][NS];
         for (int k = 0; k < NS; k++) {
-            for (int t = 0; t < MAXP; t++)
-                prompt[k][t] = (int32_t)(test_rand() % (uint64_t)V);
-            for (int t = 0; t < STEPS; t++)
-                toks[k][t] = (int32_t)(test_rand() % (uint64_t)V);
+            ginfer_random_ids(prompt[k], MAXP, V);
+            ginfer_random_ids(toks[k], STEPS, V);
         }
         float *lg[2] = {malloc((size_t)R * V * 4), malloc((size_t)R * V * 4)};
         CHECK(lg[0] && lg[1]);
@@ -233,17 +228,12 @@ static void check_pdl_mtp(int exact)
         c.num_nextn_predict_layers = 1;
         dsv3_model m;
         dsv3_err e;
-        if (model_init(&m, &c, &e)) {
-            CHECKF(0, "%s", e.msg);
+        if (ginfer_random_model(&m, &c, exact ? 0.3 : 0.1))
             break;
-        }
-        model_init_random(&m, test_rand(), exact ? 0.3 : 0.1);
         int V = c.vocab_size, ctx = MAXP + MSTEPS + 8;
         int32_t prompt[MAXP], toks[MSTEPS];
-        for (int t = 0; t < MAXP; t++)
-            prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
-        for (int t = 0; t < MSTEPS; t++)
-            toks[t] = (int32_t)(test_rand() % (uint64_t)V);
+        ginfer_random_ids(prompt, MAXP, V);
+        ginfer_random_ids(toks, MSTEPS, V);
         float *lg[2] = {malloc((size_t)R * V * 4), malloc((size_t)R * V * 4)};
         int ok = lg[0] && lg[1];
         CHECK(ok);

@@ -138,12 +138,9 @@ static void check_model(int model, int q, int shared)
     random_config(&c, q, shared);
     dsv3_model m;
     dsv3_err e;
-    if (model_init(&m, &c, &e)) {
-        CHECKF(0, "%s", e.msg);
-        return;
-    }
     /* std 0.1 as test_ginfer's bf16 checks: less chaotic routing than 0.3 */
-    model_init_random(&m, test_rand(), 0.1);
+    if (ginfer_random_model(&m, &c, 0.1))
+        return;
     int V = c.vocab_size, ctx = T + STEPS + 8;
     int32_t *ids = malloc(T * sizeof *ids);
     int *slot = malloc(T * sizeof *slot), *pos = malloc(T * sizeof *pos);
@@ -204,11 +201,8 @@ static void test_prefill_gemm_not_taken(void)
     random_config(&c, 1, 1);
     dsv3_model m;
     dsv3_err e;
-    if (model_init(&m, &c, &e)) {
-        CHECKF(0, "%s", e.msg);
+    if (ginfer_random_model(&m, &c, 0.1))
         return;
-    }
-    model_init_random(&m, test_rand(), 0.1);
     int V = c.vocab_size, n = 100;
     int32_t *ids = calloc((size_t)2 * n, sizeof *ids);
     int *slot = calloc((size_t)2 * n, sizeof *slot), *pos = malloc(2 * n * sizeof *pos);
