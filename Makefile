@@ -53,6 +53,9 @@ endif
 # when an MPI launcher starts a program: the programs themselves never need libmpi.
 MPICC ?= $(shell command -v mpicc 2>/dev/null)
 MPI_PLUGIN := $(if $(MPICC),$(BUILD)/lib/dsv3/comm-mpi.so)
+# The CUPTI tracer (tools/cupti_trace.c), a CUDA injection library for scripts/trace-train.sh:
+# built where CUDA and CUPTI's headers are, never linked into anything.
+TRACE_SO := $(if $(NVCC),$(if $(wildcard $(CUDA_HOME)/include/cupti.h),$(BUILD)/lib/dsv3/cupti-trace.so))
 
 CMD_SRC := $(wildcard cmd/*.c)
 BINS := $(CMD_SRC:cmd/%.c=$(BUILD)/bin/%)
@@ -72,7 +75,7 @@ $(shell mkdir -p $(BUILD)/gen; v='#define DSV3_VERSION "$(VERSION)"'; \
 .PHONY: all deps check-deps test demo install clean fuzz bench tests
 .DEFAULT_GOAL := all
 
-all: check-deps $(BUILD)/libdsv3.a $(BINS) $(MPI_PLUGIN)
+all: check-deps $(BUILD)/libdsv3.a $(BINS) $(MPI_PLUGIN) $(TRACE_SO)
 
 check-deps:
 	@scripts/deps.sh --check
@@ -95,6 +98,10 @@ $(BUILD)/obj/%.o: %.cu
 $(BUILD)/lib/dsv3/comm-mpi.so: lib/plugins/comm_mpi.c lib/comm_backend.h
 	@mkdir -p $(dir $@)
 	$(MPICC) -std=c11 -O2 -g -Wall -Wextra -fPIC -shared $< -o $@
+
+$(BUILD)/lib/dsv3/cupti-trace.so: tools/cupti_trace.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -O2 -Wall -Wextra -fPIC -shared -I$(CUDA_HOME)/include $< -o $@ -ldl
 
 $(BUILD)/bin/%: $(BUILD)/obj/cmd/%.o $(BUILD)/libdsv3.a
 	@mkdir -p $(dir $@)

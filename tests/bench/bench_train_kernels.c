@@ -43,12 +43,21 @@ int main(void)
 
 typedef struct krec {
     uint64_t start, end;
+    uint32_t corr; /* CUPTI's correlation id: the runtime call that queued it */
     char name[64];
 } krec;
+
+/* one runtime API call (a launch, a memset, an event record, ...) on the host's clock */
+typedef struct arec {
+    uint64_t start, end;
+    uint32_t corr;
+} arec;
 
 typedef struct trace {
     krec *r;
     size_t n, cap;
+    arec *a;
+    size_t na, acap;
 } trace;
 
 /* CUPTI's buffer callbacks carry no user pointer: the one trace of this program. */
@@ -103,16 +112,26 @@ static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, 
     CUpti_Activity *rec = NULL;
     while (cu_.next(buf, valid, &rec) == CUPTI_SUCCESS) {
         uint64_t s, e;
+        uint32_t corr;
         const char *name;
         if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
             CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)rec;
-            s = k->start, e = k->end, name = k->name;
+            s = k->start, e = k->end, name = k->name, corr = k->correlationId;
         } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
             CUpti_ActivityMemset4 *k = (CUpti_ActivityMemset4 *)rec;
-            s = k->start, e = k->end, name = "[memset]";
+            s = k->start, e = k->end, name = "[memset]", corr = k->correlationId;
         } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
             CUpti_ActivityMemcpy6 *k = (CUpti_ActivityMemcpy6 *)rec;
-            s = k->start, e = k->end, name = "[memcpy]";
+            s = k->start, e = k->end, name = "[memcpy]", corr = k->correlationId;
+        } else if (rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME ||
+                   rec->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
+            CUpti_ActivityAPI *k = (CUpti_ActivityAPI *)rec;
+            if (tr_.na == tr_.acap) {
+                tr_.acap = tr_.acap ? 2 * tr_.acap : 4096;
+                tr_.a = realloc(tr_.a, tr_.acap * sizeof *tr_.a);
+            }
+            tr_.a[tr_.na++] = (arec){k->start, k->end, k->correlationId};
+            continue;
         } else {
             continue;
         }
@@ -121,7 +140,7 @@ static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, 
             tr_.r = realloc(tr_.r, tr_.cap * sizeof *tr_.r);
         }
         krec *r = &tr_.r[tr_.n++];
-        r->start = s, r->end = e;
+        r->start = s, r->end = e, r->corr = corr;
         short_name(r->name, sizeof r->name, name);
     }
     free(buf);
@@ -154,8 +173,9 @@ static int cupti_open(void)
     return 0;
 }
 
-static const CUpti_ActivityKind kinds_[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL,
-                                            CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_MEMCPY};
+static const CUpti_ActivityKind kinds_[] = {
+    CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_MEMCPY,
+    CUPTI_ACTIVITY_KIND_RUNTIME, CUPTI_ACTIVITY_KIND_DRIVER};
 
 static void trace_on(int on)
 {
@@ -236,6 +256,81 @@ static int by_start(const void *a, const void *b)
 {
     uint64_t x = ((const krec *)a)->start, y = ((const krec *)b)->start;
     return (x > y) - (x < y);
+}
+
+static int by_corr(const void *a, const void *b)
+{
+    uint32_t x = ((const arec *)a)->corr, y = ((const arec *)b)->corr;
+    return x < y ? -1 : x > y;
+}
+
+/* When the host finished queueing the work with this correlation id (0: unknown). */
+static uint64_t queued_at(uint32_t corr)
+{
+    arec key = {0, 0, corr};
+    const arec *a = bsearch(&key, tr_.a, tr_.na, sizeof *tr_.a, by_corr);
+    return a ? a->end : 0;
+}
+
+typedef struct gapagg {
+    char pair[136];
+    double us, host_us;
+    int n;
+} gapagg;
+
+static int by_gap(const void *a, const void *b)
+{
+    double x = ((const gapagg *)a)->us, y = ((const gapagg *)b)->us;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* The device's idle time between kernels (records sorted by start), split by cause: "host"
+ * where the next kernel's launch call returned after the device had gone idle (the host was
+ * behind), the rest "device" (launch latency, dependencies). The gap at the sync that ends
+ * the forward is printed apart. Rows: the largest gaps by (previous kernel -> next kernel). */
+static void print_gaps(uint64_t t_fwd_end)
+{
+    qsort(tr_.a, tr_.na, sizeof *tr_.a, by_corr);
+    gapagg *g = calloc(tr_.n, sizeof *g);
+    size_t ng = 0;
+    double tot = 0, host = 0, sync_gap = 0;
+    int over10 = 0;
+    uint64_t maxend = tr_.r[0].end;
+    for (size_t i = 1; i < tr_.n; i++) {
+        krec *r = &tr_.r[i];
+        if (r->start > maxend) {
+            double us = (r->start - maxend) * 1e-3;
+            uint64_t q = queued_at(r->corr);
+            double h = q > maxend ? (q - maxend) * 1e-3 : 0;
+            if (h > us)
+                h = us;
+            if (maxend <= t_fwd_end && r->start > t_fwd_end) {
+                sync_gap += us;
+            } else {
+                tot += us, host += h, over10 += us > 10;
+                char pair[136];
+                snprintf(pair, sizeof pair, "%s -> %s", tr_.r[i - 1].name, r->name);
+                size_t j = 0;
+                while (j < ng && strcmp(g[j].pair, pair))
+                    j++;
+                if (j == ng)
+                    memcpy(g[ng++].pair, pair, sizeof pair);
+                g[j].us += us, g[j].host_us += h, g[j].n++;
+            }
+        }
+        if (r->end > maxend)
+            maxend = r->end;
+    }
+    printf("# idle device between kernels: %.3f ms (host behind: %.3f ms, launch/dependency: "
+           "%.3f ms; %d gaps over 10 us), plus %.3f ms at the sync after the forward; %zu "
+           "runtime/driver calls traced\n",
+           tot * 1e-3, host * 1e-3, (tot - host) * 1e-3, over10, sync_gap * 1e-3, tr_.na);
+    qsort(g, ng, sizeof *g, by_gap);
+    printf("## largest idle gaps by kernel pair (count, idle ms, of it host-behind ms)\n");
+    for (size_t j = 0; j < ng && j < 25; j++)
+        printf("gap %-100s %5d %8.3f %8.3f\n", g[j].pair, g[j].n, g[j].us * 1e-3,
+               g[j].host_us * 1e-3);
+    free(g);
 }
 
 static int has(const char *s, const char *sub) { return strstr(s, sub) != NULL; }
@@ -410,6 +505,7 @@ int main(int argc, char **argv)
            "after the forward), kernels busy %.2f ms, %zu kernels; ceilings in this process: "
            "bf16 GEMM 8192^3 %.1f TFLOP/s, copy %.0f GB/s\n",
            B, T, span * 1e-3, step_ms, busy * 1e-3, n, ceil / 1e12, copy_gbs);
+    print_gaps(t_fwd_end);
     printf("## per kernel (phase, name, calls, ms, share of kernel time)\n");
     for (size_t j = 0; j < na; j++)
         printf("k %-8s %-44s %5d %9.3f %6.2f%%\n", a[j].phase, a[j].name, a[j].calls,
@@ -471,7 +567,7 @@ int main(int argc, char **argv)
            100 * tot1 / (span * 1e-6) / ceil);
     gmodel_destroy(g);
     model_free(&m);
-    free(ids), free(tg), free(a), free(tr_.r);
+    free(ids), free(tg), free(a), free(tr_.r), free(tr_.a);
     return 0;
 }
 #endif
