@@ -99,7 +99,7 @@ $(BUILD)/lib/dsv3/comm-mpi.so: lib/plugins/comm_mpi.c lib/comm_backend.h
 	@mkdir -p $(dir $@)
 	$(MPICC) -std=c11 -O2 -g -Wall -Wextra -fPIC -shared $< -o $@
 
-$(BUILD)/lib/dsv3/cupti-trace.so: tools/cupti_trace.c
+$(BUILD)/lib/dsv3/cupti-trace.so: tools/cupti_trace.c tools/cupti_util.h
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -O2 -Wall -Wextra -fPIC -shared -I$(CUDA_HOME)/include $< -o $@ -ldl
 

@@ -18,7 +18,7 @@
  * Used by scripts/trace-train.sh. A profiling tool for the device machine, not part of the
  * library or the programs. */
 #define _GNU_SOURCE
-#include <cupti.h>
+#include "cupti_util.h"
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -52,36 +52,6 @@ static struct {
     uint32_t nq;
 } T;
 
-static void short_name(char *out, size_t cap, const char *m)
-{
-    if (!m) {
-        snprintf(out, cap, "?");
-        return;
-    }
-    if (m[0] == '_' && m[1] == 'Z') {
-        const char *p = m + 2;
-        p += *p == 'N';
-        p += *p == 'L';
-        char *end;
-        long len = strtol(p, &end, 10);
-        if (len > 0 && end != p && (size_t)len < cap - 8 && strlen(end) >= (size_t)len) {
-            int w = snprintf(out, cap, "%.*s", (int)len, end);
-            const char *t = end + len;
-            if (t[0] == 'I' && t[1] == 'L' && t[2] == 'i')
-                snprintf(out + w, cap - (size_t)w, "<%ld>", strtol(t + 3, NULL, 10));
-            return;
-        }
-    }
-    snprintf(out, cap, "%.60s", m);
-}
-
-static void CUPTIAPI buf_request(uint8_t **buf, size_t *size, size_t *max_records)
-{
-    *size = (size_t)8 << 20;
-    *buf = aligned_alloc(8, *size);
-    *max_records = 0;
-}
-
 static void add_kernel(uint64_t s, uint64_t e, uint32_t corr, const char *name)
 {
     if (T.nk == T.kcap) {
@@ -90,7 +60,7 @@ static void add_kernel(uint64_t s, uint64_t e, uint32_t corr, const char *name)
     }
     krec *r = &T.k[T.nk++];
     r->start = s, r->end = e, r->corr = corr;
-    short_name(r->name, sizeof r->name, name);
+    cupti_short_name(r->name, sizeof r->name, name);
 }
 
 static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, size_t size,
@@ -313,7 +283,7 @@ int InitializeInjection(void)
     *(void **)&T.flush = dlsym(h, "cuptiActivityFlushAll");
     *(void **)&T.next = dlsym(h, "cuptiActivityGetNextRecord");
     *(void **)&T.cbname = dlsym(h, "cuptiGetCallbackName");
-    if (!T.reg || !enable || !T.flush || !T.next || T.reg(buf_request, buf_complete)) {
+    if (!T.reg || !enable || !T.flush || !T.next || T.reg(cupti_buf_request, buf_complete)) {
         fprintf(stderr, "cupti_trace: libcupti lacks the activity API\n");
         return 0;
     }

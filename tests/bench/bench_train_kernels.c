@@ -29,6 +29,7 @@
 #if defined(__has_include)
 #if __has_include(<cupti.h>)
 #include <cupti.h>
+#include "../../tools/cupti_util.h"
 #define HAVE_CUPTI 1
 #endif
 #endif
@@ -71,40 +72,6 @@ static struct {
     CUptiResult (*next)(uint8_t *, size_t, CUpti_Activity **);
 } cu_;
 
-/* A readable kernel name: _Z<len><name> with a template's first integer argument
- * (moe_wgmma_kernel<1> -> moe_wgmma_kernel<1>); unmangled names (cuBLAS's) cut at 60. */
-static void short_name(char *out, size_t cap, const char *m)
-{
-    if (!m) {
-        snprintf(out, cap, "?");
-        return;
-    }
-    if (m[0] == '_' && m[1] == 'Z') {
-        const char *p = m + 2;
-        if (*p == 'N')
-            p++;
-        if (*p == 'L')
-            p++;
-        char *end;
-        long len = strtol(p, &end, 10);
-        if (len > 0 && end != p && (size_t)len < cap - 8 && strlen(end) >= (size_t)len) {
-            int w = snprintf(out, cap, "%.*s", (int)len, end);
-            const char *t = end + len;
-            if (t[0] == 'I' && t[1] == 'L' && t[2] == 'i')
-                snprintf(out + w, cap - (size_t)w, "<%ld>", strtol(t + 3, NULL, 10));
-            return;
-        }
-    }
-    snprintf(out, cap, "%.60s", m);
-}
-
-static void CUPTIAPI buf_request(uint8_t **buf, size_t *size, size_t *max_records)
-{
-    *size = (size_t)8 << 20;
-    *buf = aligned_alloc(8, *size);
-    *max_records = 0;
-}
-
 static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, size_t size,
                                   size_t valid)
 {
@@ -141,7 +108,7 @@ static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, 
         }
         krec *r = &tr_.r[tr_.n++];
         r->start = s, r->end = e, r->corr = corr;
-        short_name(r->name, sizeof r->name, name);
+        cupti_short_name(r->name, sizeof r->name, name);
     }
     free(buf);
 }
@@ -166,7 +133,7 @@ static int cupti_open(void)
     *(void **)&cu_.flush = dlsym(h, "cuptiActivityFlushAll");
     *(void **)&cu_.next = dlsym(h, "cuptiActivityGetNextRecord");
     if (!cu_.reg || !cu_.enable || !cu_.disable || !cu_.flush || !cu_.next ||
-        cu_.reg(buf_request, buf_complete) != CUPTI_SUCCESS) {
+        cu_.reg(cupti_buf_request, buf_complete) != CUPTI_SUCCESS) {
         fprintf(stderr, "bench_train_kernels: libcupti lacks the activity API\n");
         return -1;
     }
