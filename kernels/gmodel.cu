@@ -132,8 +132,18 @@ struct gmodel {
     int32_t *h_stage[2];
     cudaEvent_t staged[2];
     int stage_next;
+    /* gmodel_set_range's uploads go through one pinned buffer, filled front to back and
+     * reused from the start once range_ev (recorded after the last copy out of it) has
+     * passed: the host never waits for the device's queue (the AdamW before them) */
+    float *h_range;
+    size_t range_used;
+    cudaEvent_t range_ev;
     gep *ep;                     /* expert parallelism (gmodel_ep_attach), else NULL */
 };
+
+/* gmodel_set_range's pinned staging buffer, in floats (every correction bias of a model with
+ * 256 experts and 64 layers, several steps' worth) */
+#define RANGE_FLOATS ((size_t)1 << 16)
 
 /* ---- small kernels ---- */
 
@@ -561,10 +571,27 @@ extern "C" int gmodel_set_range(gmodel *g, const float *params, size_t off, size
         if (off < g->regions[r] + g->region_floats && off + n > g->regions[r])
             return err_set(e, "gmodel_set_range: [%zu, +%zu) overlaps an expert region", off, n);
     gpu_lin_weights_changed(&g->lin);
-    return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
-                   gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off, (int64_t)n, e)
-               ? -1
-               : 0;
+    if (n > RANGE_FLOATS)  /* larger than the staging buffer: a plain upload */
+        return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
+                       gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off,
+                                       (int64_t)n, e)
+                   ? -1
+                   : 0;
+    if (!g->h_range) {
+        CUDA_TRY(cudaHostAlloc((void **)&g->h_range, RANGE_FLOATS * 4, cudaHostAllocDefault), e);
+        CUDA_TRY(cudaEventCreateWithFlags(&g->range_ev, cudaEventDisableTiming), e);
+        g->range_used = RANGE_FLOATS;  /* nothing staged yet: start at the front */
+    }
+    if (g->range_used + n > RANGE_FLOATS) {  /* every earlier copy out of it is done first */
+        CUDA_TRY(cudaEventSynchronize(g->range_ev), e);
+        g->range_used = 0;
+    }
+    float *h = g->h_range + g->range_used;
+    memcpy(h, params + off, n * 4);
+    g->range_used += n;
+    CUDA_TRY(cudaMemcpyAsync(g->master + off, h, n * 4, cudaMemcpyHostToDevice, ST(g)), e);
+    CUDA_TRY(cudaEventRecord(g->range_ev, ST(g)), e);
+    return gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off, (int64_t)n, e);
 }
 
 /* ---- device AdamW ---- */
@@ -972,6 +999,11 @@ extern "C" void gmodel_destroy(gmodel *g)
             cudaEventDestroy(g->staged[i]);
         if (g->h_stage[i])
             cudaFreeHost(g->h_stage[i]);
+    }
+    if (g->h_range) {
+        cudaEventSynchronize(g->range_ev);
+        cudaEventDestroy(g->range_ev);
+        cudaFreeHost(g->h_range);
     }
     gpu_tensor_list_destroy(g->tl);
     gpu_free(g->gshard);
