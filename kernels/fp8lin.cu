@@ -107,7 +107,7 @@ extern "C" void gpu_lin_new_pass(gpu_lin *L, int backward)
 
 static int use_fp8(const gpu_lin *L, int N, int I, int O)
 {
-    return L->fp8 && N % 16 == 0 && I % 16 == 0 && O % 16 == 0;
+    return L->fp8 && N % 16 == 0 && I % 16 == 0 && O % 16 == 0 && (I < O ? I : O) >= L->min_dim;
 }
 
 static int no_room(dsv3_err *e, int N, int I, int O)

@@ -5,7 +5,9 @@
  * activations and gradients 1x128 along the reduction, weights 128x128 from the bf16 compute
  * copy) into buffers of the gpu_lin's own and the product runs as the block-scaled FP8 GEMM
  * (fp8gemm.h), fp32 accumulation, bf16 outputs and fp32 weight gradients as before. Shapes
- * the FP8 GEMM cannot take (a dimension or the token count not a multiple of 16) stay bf16.
+ * the FP8 GEMM cannot take (a dimension or the token count not a multiple of 16) stay bf16,
+ * and so do those with min(I, O) below min_dim (a policy of the caller's: where FP8 does not
+ * pay; 0, the default, sends every shape to FP8).
  *
  * What is quantised when (DeepSeek-V3 quantises each operand once):
  * - weights once per optimizer step: the first product that reads w after
@@ -46,6 +48,7 @@ typedef struct gpu_lin {
     int keep_inputs;    /* this pass has a backward: keep the inputs' x^T */
     const void *last_dy;/* dgrad's dy, both layouts in buf, until the next call ... */
     int last_rows, last_cols, last_ent; /* ... its shape and weight's entry */
+    int min_dim;        /* FP8 on: shapes with min(I, O) below it stay bf16 (0: none do) */
 } gpu_lin;
 
 /* FP8 on for products of up to max_tokens rows and dimensions up to max_dim (the scratch is

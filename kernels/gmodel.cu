@@ -550,9 +550,16 @@ static int download_flat(gmodel *g, void *host, const void *dev, size_t es, dsv3
     return 0;
 }
 
+/* The bf16 compute weights are written: the FP8 codes kept from them are made afresh. */
+static void weights_changed(gmodel *g)
+{
+    gpu_lin_weights_changed(&g->lin);
+    gpu_moe_fp8_weights_changed(&g->mfp8);
+}
+
 extern "C" int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e)
 {
-    gpu_lin_weights_changed(&g->lin); /* FP8 weight codes made afresh */
+    weights_changed(g); /* FP8 weight codes made afresh */
     if (gpu_upload(g->c, g->master, params, g->n_params * 4, e) || group_all(g, g->master, 4, e) ||
         gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e))
         return -1;
@@ -570,7 +577,7 @@ extern "C" int gmodel_set_range(gmodel *g, const float *params, size_t off, size
     for (int r = 0; r < g->n_regions; r++)
         if (off < g->regions[r] + g->region_floats && off + n > g->regions[r])
             return err_set(e, "gmodel_set_range: [%zu, +%zu) overlaps an expert region", off, n);
-    gpu_lin_weights_changed(&g->lin);
+    weights_changed(g);
     if (n > RANGE_FLOATS)  /* larger than the staging buffer: a plain upload */
         return gpu_upload(g->c, g->master + off, params + off, n * 4, e) ||
                        gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf + off, g->master + off,
@@ -662,7 +669,7 @@ extern "C" int gmodel_adamw(gmodel *g, float lr, float beta1, float beta2, float
     if (!g->tl)
         return err_set(e, "gmodel: no device optimizer (gmodel_optim_init)");
     gpu_adamw_hp hp = {lr, beta1, beta2, eps, weight_decay, clip, step};
-    gpu_lin_weights_changed(&g->lin);
+    weights_changed(g);
     return gpu_adamw_step(g->c, g->tl, &hp, clip > 0 ? g->d_norm : NULL, e);
 }
 
@@ -867,7 +874,7 @@ extern "C" int gmodel_set_grad_norm(gmodel *g, float norm, dsv3_err *e)
 
 extern "C" int gmodel_refresh_bf16(gmodel *g, dsv3_err *e)
 {
-    gpu_lin_weights_changed(&g->lin);
+    weights_changed(g);
     return gpu_f32_to_bf16(g->c, (gpu_bf16 *)g->wbf, g->master, (int64_t)g->n_params, e);
 }
 
@@ -1039,6 +1046,19 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
         g->mfp8.on = 0;
         return 0;
     }
+    int min_dim = 0;
+    if (on == GMODEL_FP8_PAYS) {
+        const char *md = getenv("DSV3_FP8_MIN_DIM");
+        min_dim = md && *md ? atoi(md) : GMODEL_FP8_MIN_DIM;
+        min_dim = min_dim < 0 ? 0 : min_dim;
+    }
+    g->lin.min_dim = min_dim, g->mfp8.min_dim = min_dim;
+    /* expert codes kept (gmodel calls weights_changed wherever wbf is written, and
+     * gpu_moe_fp8_new_pass with each forward); DSV3_MOE_FP8_KEEP=0 quantises every operand
+     * in every call instead (the earlier path, for comparison) */
+    const char *kw = getenv("DSV3_MOE_FP8_KEEP");
+    g->mfp8.keep = !(kw && kw[0] == '0');
+    weights_changed(g);
     const dsv3_config *c = &g->m->cfg;
     int64_t nh = c->num_attention_heads, si = (int64_t)c->moe_intermediate_size * c->n_shared_experts;
     int64_t dims[] = {c->hidden_size, c->q_lora_rank, nh * config_qk_head_dim(c),
@@ -1057,6 +1077,11 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
            (moe8 &&
             gpu_moe_fp8_init(&g->mfp8, (int64_t)g->N * c->num_experts_per_tok,
                              c->n_routed_experts, md, e));
+}
+
+extern "C" int gmodel_fp8_min_dim(const gmodel *g)
+{
+    return g->lin.fp8 ? g->lin.min_dim : -1;
 }
 
 /* The routed experts' grouped linear products: bf16, or FP8 under gmodel_set_fp8. */
@@ -1445,6 +1470,7 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
         }
     gpu_arena_reset(g->c, g->acts_mark);
     gpu_lin_new_pass(&g->lin, grad && targets); /* FP8: new inputs; keep x^T for a backward */
+    gpu_moe_fp8_new_pass(&g->mfp8, grad && targets);
     g->count_loads = grad && targets;
     if (upload_ids(g, g->ids, ids, e) ||
         gpu_embedding_fwd(g->c, B16(g->a[0].x), W(off_of(m, m->w.embed)), g->ids, N, H, e))
@@ -1908,7 +1934,9 @@ extern "C" int gmodel_ep_attach(gmodel *g, struct ep *p, struct comm *dev, dsv3_
 
 extern "C" int gmodel_moe_fp8(const gmodel *g)
 {
-    return g->mfp8.on;
+    const dsv3_config *c = &g->m->cfg;
+    int H = c->hidden_size, mi = c->moe_intermediate_size, md = g->mfp8.min_dim;
+    return g->mfp8.on && ((H < mi ? H : mi) >= md || (H < 2 * mi ? H : 2 * mi) >= md);
 }
 
 /* lib/model's model_ep_idle on the GPU: every MoE block's exchanges with no rows of this

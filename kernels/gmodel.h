@@ -59,11 +59,22 @@ int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T, int dev, 
 void gmodel_destroy(gmodel *g);
 gpu_ctx *gmodel_ctx(gmodel *g);
 
-/* FP8 on (1) or off (0) for the linear layers: attention projections, dense MLPs and
- * shared experts run their three products as DeepSeek-V3 does (kernels/fp8lin.h), the
- * routed experts their grouped GEMMs (kernels/moe_fp8.h; DSV3_MOE_FP8=0 in the environment
- * keeps these bf16); the router, the head and the embedding stay bf16. */
+/* FP8 on (GMODEL_FP8_ALL, GMODEL_FP8_PAYS) or off (0) for the linear layers: attention
+ * projections, dense MLPs and shared experts run their three products as DeepSeek-V3 does
+ * (kernels/fp8lin.h), the routed experts their grouped GEMMs (kernels/moe_fp8.h;
+ * DSV3_MOE_FP8=0 in the environment keeps these bf16); the router, the head and the
+ * embedding stay bf16. GMODEL_FP8_ALL: every linear layer whose shape the FP8 kernels take.
+ * GMODEL_FP8_PAYS (dsv3-train --fp8): only those with min(in, out) >= GMODEL_FP8_MIN_DIM
+ * (DSV3_FP8_MIN_DIM=N in the environment overrides; 0 = every layer): below it the FP8
+ * products plus the quantisation of their operands were measured slower than the bf16
+ * products (docs/PERF.md, "FP8 where it pays"), so those layers stay bf16. Expert weights'
+ * codes are kept from one optimizer step to the next in both modes. */
+enum { GMODEL_FP8_ALL = 1, GMODEL_FP8_PAYS = 2 };
+#define GMODEL_FP8_MIN_DIM 1536
 int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e);
+/* Under FP8: the least min(in, out) of a linear layer that runs in FP8 (0: every one); -1
+ * with FP8 off. */
+int gmodel_fp8_min_dim(const gmodel *g);
 
 /* Uploads params (m->params' layout, fp32) as master and bf16 compute copies. */
 int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e);
@@ -177,7 +188,8 @@ int64_t gmodel_ep_rows(const gmodel *g, int blk);
 /* The row exchanges since the last call: count, stream milliseconds, bytes to other ranks. */
 int gmodel_ep_take_time(gmodel *g, int64_t *n, double *ms, double *bytes, dsv3_err *e);
 /* 1 when the routed experts' grouped GEMMs run in FP8 (gmodel_set_fp8 without
- * DSV3_MOE_FP8=0), on one GPU and, under gmodel_ep_attach, on the holders. */
+ * DSV3_MOE_FP8=0, and one of the two expert shapes at or above its min(in, out)), on one
+ * GPU and, under gmodel_ep_attach, on the holders. */
 int gmodel_moe_fp8(const gmodel *g);
 
 /* Per-expert token counts of MoE layer l in the last forward (lib/model's

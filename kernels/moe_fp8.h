@@ -41,6 +41,11 @@ int gpu_moe_fp8_fits(gpu_ctx *c, int I, int O);
 /* x [rows x cols] -> q [rows x cols], s [fp8_blocks(cols) x rows]. cols % 16 == 0. */
 int gpu_moe_fp8_quant_rows(gpu_ctx *c, uint8_t *q, float *s, const gpu_bf16 *x, int rows,
                            int cols, dsv3_err *e);
+/* Both of the above from one read of x [N*k sorted rows x cols]: q, s as quant_rows gives
+ * them (for the rows the experts own), qt, st as quant_tokens_t (tstart filled). */
+int gpu_moe_fp8_quant_both(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart, uint8_t *q,
+                           float *s, uint8_t *qt, float *st, const gpu_bf16 *x, int cols,
+                           dsv3_err *e);
 /* tstart[E+1]: expert x's token tiles are tstart[x] .. tstart[x+1]-1. */
 int gpu_moe_fp8_tile_starts(gpu_ctx *c, const gpu_moe_plan *p, int *tstart, dsv3_err *e);
 /* x [N*k sorted rows x cols] -> qt [cols x ldk] and st [tiles x cols] (see above). */
@@ -66,16 +71,47 @@ int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
  * what it reads into a scratch buffer of its own (sized by gpu_moe_fp8_init for up to
  * max_rows sorted rows, E experts and I, O up to max_dim) and runs the FP8 GEMM; shapes the
  * kernels or the scratch do not take go to the bf16 grouped GEMM. */
+typedef struct gpu_moe_fp8_w gpu_moe_fp8_w; /* one weight's kept codes (moe_gemm_fp8.cu) */
+
 typedef struct gpu_moe_fp8 {
     int on;
     uint8_t *buf;
     size_t bytes;
     int64_t max_rows, max_dim;
     int E;
+    /* Shapes with min(I, O) below min_dim take the bf16 grouped GEMM (0: none do): where
+     * the FP8 GEMM and its quantisations cost more than the bf16 product (gmodel's policy). */
+    int min_dim;
+    /* keep (gmodel's choice; 0, the default: every call quantises what it reads afresh):
+     * - each weight's codes (both layouts) are kept, keyed by its pointer and shape, and
+     *   made again only after gpu_moe_fp8_weights_changed (the caller promises to call it
+     *   whenever the bf16 weights are written);
+     * - a forward that a backward follows (gpu_moe_fp8_new_pass) quantises its input in
+     *   one read both ways (gpu_moe_fp8_quant_both): rows for the product, token tiles for
+     *   the wgrad, which are kept with the weight's entry until that wgrad reads them (same
+     *   input pointer, rows and pass);
+     * - a dgrad quantises d_out both ways likewise, and a wgrad that directly follows it
+     *   with the same d_out and shape reads the token tiles from the scratch.
+     * Every code is the one the uncached calls compute, so no result changes. */
+    int keep;
+    unsigned wgen, pass;
+    int keep_inputs;
+    gpu_moe_fp8_w *w;
+    int n_w, cap_w;
+    const void *last_dy; /* dgrad's d_out, its token tiles in buf, until the next call ... */
+    int64_t last_rows;
+    int last_O, last_w;  /* ... its shape and weight's entry */
 } gpu_moe_fp8;
 
+/* Sizes the scratch; min_dim, keep and the kept codes are left as they are. */
 int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim, dsv3_err *e);
 void gpu_moe_fp8_free(gpu_moe_fp8 *m);
+/* The bf16 expert weights were written: kept codes are made again on next use. */
+void gpu_moe_fp8_weights_changed(gpu_moe_fp8 *m);
+/* A new forward begins (new inputs); backward: whether a backward will follow it. */
+void gpu_moe_fp8_new_pass(gpu_moe_fp8 *m, int backward);
+/* 1 when a product of this shape runs in FP8 (on, Hopper, multiples of 16, min_dim). */
+int gpu_moe_fp8_takes(gpu_ctx *c, const gpu_moe_fp8 *m, int I, int O);
 int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, gpu_bf16 *out,
                     const gpu_bf16 *in, const gpu_bf16 *W, int I, int O, dsv3_err *e);
 int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, gpu_bf16 *d_in,

@@ -27,6 +27,7 @@
  * schedule and tensor maps are moe_gemm_common.cuh's, shared with the bf16 kernels. */
 #include <cuda_fp8.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../lib/fp8.h"
 #include "gpuctx_internal.cuh"
@@ -558,6 +559,97 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
     dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
+/* Both quantisations of sorted rows in one read (the operand of a product and of the wgrad
+ * that follows): block (token tile t, 128 columns), the tile's rows through shared memory;
+ * row-wise, a warp a row: each row's 1x128 amax over the block's columns, codes into
+ * q [rows x cols], scales s [blocks x rows] (mf_quant_rows_kernel's); column-wise, each
+ * column's amax over the tile's rows, codes into qt [cols x ldk] (rows past the expert's end
+ * zero codes), st [tiles x cols] (mf_quant_tokens_t_kernel's). Every row of an expert lies in
+ * one of its tiles, so every row the products read gets its codes. */
+__global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s, uint8_t *qt,
+                                                            float *st, const bf16 *x,
+                                                            const int *off, const int *ts,
+                                                            int E, int rows, int cols,
+                                                            int64_t ldk)
+{
+    __shared__ __align__(16) bf16 tile[128][128 + 8];
+    __shared__ float red[4][128];
+    __shared__ int s_r0, s_r1;
+    int t = blockIdx.x, cb = blockIdx.y, c0 = cb * 128, tid = threadIdx.x;
+    if (tid == 0) {
+        s_r0 = -1;
+        if (t < ts[E]) { /* the expert whose tiles hold t: ts[lo] <= t < ts[hi] */
+            int lo = 0, hi = E;
+            while (hi - lo > 1) {
+                int mid = (lo + hi) / 2;
+                if (ts[mid] <= t)
+                    lo = mid;
+                else
+                    hi = mid;
+            }
+            s_r0 = off[lo] + (t - ts[lo]) * 128;
+            s_r1 = min(s_r0 + 128, off[lo + 1]);
+        }
+    }
+    __syncthreads();
+    int r0 = s_r0, r1 = s_r1;
+    if (r0 < 0)
+        return;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int id = tid + i * 256, r = id >> 4, ch = id & 15, col = c0 + ch * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < r1 && col < cols)
+            v = *(const uint4 *)(x + (int64_t)(r0 + r) * cols + col);
+        *(uint4 *)&tile[r][ch * 8] = v;
+    }
+    __syncthreads();
+    /* row-wise: warp w rows w, w + 8, ...; lane four columns (cols % 16 == 0: all in or out) */
+    int lane = tid & 31, wp = tid >> 5, cl = c0 + lane * 4;
+    for (int r = wp; r < r1 - r0; r += 8) {
+        float v[4], amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[i] = b2f(tile[r][lane * 4 + i]);
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        amax = warp_max(amax);
+        float sc = mf_scale(amax);
+        if (cl < cols)
+            *(uint32_t *)(q + (int64_t)(r0 + r) * cols + cl) =
+                mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
+        if (lane == 0)
+            s[(int64_t)cb * rows + r0 + r] = sc;
+    }
+    /* column-wise: two halves of 64 columns, each as mf_quant_tokens_t_kernel */
+    int q4 = tid >> 6;
+#pragma unroll 1
+    for (int h = 0; h < 2; h++) {
+        int col = h * 64 + (tid & 63);
+        float v[32], amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            v[i] = b2f(tile[q4 * 32 + i][col]);
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        red[q4][col] = amax;
+        __syncthreads();
+        float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+        if (c0 + col < cols) {
+            if (q4 == 0)
+                st[(int64_t)t * cols + c0 + col] = sc;
+            uint32_t w[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) |
+                       (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
+            uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
+            dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+            dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        }
+    }
+}
+
 /* Block (128x128 block, expert): the block in shared memory (rows padded to 130 values so the
  * transposed reads fall in distinct banks), its amax, then the codes row-wise and transposed,
  * four a thread (O and I multiples of 16: a group of four is all in or all out). */
@@ -668,6 +760,22 @@ extern "C" int gpu_moe_fp8_quant_tokens_t(gpu_ctx *c, const gpu_moe_plan *p, con
     mf_quant_tokens_t_kernel<<<grid, 256, 0, c->stream>>>(qt, st, (const bf16 *)x, p->offsets,
                                                           tstart, p->E, cols, T * 128);
     LAUNCH_CHECK("mf_quant_tokens_t", e);
+    return 0;
+}
+
+extern "C" int gpu_moe_fp8_quant_both(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
+                                      uint8_t *q, float *s, uint8_t *qt, float *st,
+                                      const gpu_bf16 *x, int cols, dsv3_err *e)
+{
+    int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
+    if (nk == 0 || cols <= 0)
+        return 0;
+    if (cols % 16)
+        return err_set(e, "moe fp8 quant: cols %d not a multiple of 16", cols);
+    dim3 grid((unsigned)T, (unsigned)fp8_blocks(cols));
+    mf_quant_both_kernel<<<grid, 256, 0, c->stream>>>(q, s, qt, st, (const bf16 *)x, p->offsets,
+                                                      tstart, p->E, (int)nk, cols, T * 128);
+    LAUNCH_CHECK("mf_quant_both", e);
     return 0;
 }
 
@@ -834,18 +942,24 @@ static size_t rows_need(int64_t rows, int E, int64_t D)
                     (int64_t)E * fp8_blocks(D) * fp8_blocks(D) * 4 + 4 * 256);
 }
 
-/* Two token-tiled operands of up to D columns, and the tile starts. */
-static size_t tokens_need(int64_t rows, int E, int64_t D)
+/* One token-tiled operand of up to D columns. */
+static size_t tiles_need(int64_t rows, int E, int64_t D)
 {
     int64_t T = gpu_moe_fp8_tiles(rows, E);
-    return (size_t)(2 * (D * T * 128 + T * D * 4) + (int64_t)(E + 1) * 4 + 5 * 256);
+    return (size_t)(D * T * 128 + T * D * 4 + 2 * 256);
+}
+
+/* The scratch: the tile starts and two token-tiled operands (wgrad; dgrad keeps d_out's in
+ * the first), then rows codes (fprop, dgrad) after them. */
+static size_t scratch_need(int64_t rows, int E, int64_t D)
+{
+    return (size_t)(E + 1) * 4 + 256 + 2 * tiles_need(rows, E, D) + rows_need(rows, E, D);
 }
 
 extern "C" int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim,
                                 dsv3_err *e)
 {
-    size_t a = rows_need(max_rows, E, max_dim), b = tokens_need(max_rows, E, max_dim);
-    size_t need = a > b ? a : b;
+    size_t need = scratch_need(max_rows, E, max_dim);
     if (m->bytes < need) {
         gpu_free(m->buf);
         m->bytes = 0;
@@ -855,8 +969,25 @@ extern "C" int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t
     }
     m->max_rows = max_rows, m->max_dim = max_dim, m->E = E;
     m->on = 1;
+    m->last_dy = NULL;
     return 0;
 }
+
+/* One expert weight's kept codes: q [E, O, I], qt [E, I, O], scales s; valid for
+ * generation done. Its last forward input's token tiles: xt, xts (cols I), for pass xdone. */
+struct gpu_moe_fp8_w {
+    const gpu_bf16 *W;
+    int E, O, I;
+    uint8_t *buf, *q, *qt;
+    float *s;
+    unsigned done;
+    uint8_t *xbuf, *xt;
+    float *xts;
+    size_t xcap;
+    const gpu_bf16 *x;
+    int64_t rows;
+    unsigned xdone;
+};
 
 extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
 {
@@ -864,6 +995,76 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
     m->buf = NULL;
     m->bytes = 0;
     m->on = 0;
+    for (int i = 0; i < m->n_w; i++) {
+        gpu_free(m->w[i].buf);
+        gpu_free(m->w[i].xbuf);
+    }
+    free(m->w);
+    m->w = NULL;
+    m->n_w = m->cap_w = 0;
+    m->last_dy = NULL;
+}
+
+extern "C" void gpu_moe_fp8_weights_changed(gpu_moe_fp8 *m)
+{
+    if (++m->wgen == 0) /* 0 means "never quantised" */
+        m->wgen = 1;
+}
+
+extern "C" void gpu_moe_fp8_new_pass(gpu_moe_fp8 *m, int backward)
+{
+    if (++m->pass == 0)
+        m->pass = 1;
+    m->keep_inputs = backward;
+    m->last_dy = NULL;
+}
+
+/* The entry of W [E, O, I] with its codes (both layouts, one pass) of the current weight
+ * generation, made on first use and after gpu_moe_fp8_weights_changed: the same codes a
+ * call's own quantisation gives. */
+static gpu_moe_fp8_w *mf_kept(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_bf16 *W, int E, int O,
+                              int I, dsv3_err *e)
+{
+    gpu_moe_fp8_w *t = NULL;
+    for (int i = 0; i < m->n_w && !t; i++)
+        if (m->w[i].W == W && m->w[i].E == E && m->w[i].O == O && m->w[i].I == I)
+            t = &m->w[i];
+    if (!t) {
+        if (m->n_w == m->cap_w) {
+            int cap = m->cap_w ? 2 * m->cap_w : 64;
+            gpu_moe_fp8_w *n = (gpu_moe_fp8_w *)realloc(m->w, (size_t)cap * sizeof *n);
+            if (!n) {
+                err_set(e, "moe fp8: out of memory");
+                return NULL;
+            }
+            m->w = n, m->cap_w = cap;
+        }
+        int64_t n = (int64_t)E * O * I, ns = (int64_t)E * fp8_blocks(O) * fp8_blocks(I);
+        size_t bytes = (size_t)(2 * n + ns * 4 + 3 * 256);
+        t = &m->w[m->n_w];
+        memset(t, 0, sizeof *t);
+        if (!(t->buf = (uint8_t *)gpu_malloc(bytes, e))) {
+            err_prefix(e, "moe fp8 weight codes");
+            return NULL;
+        }
+        mf_carver k = {t->buf, 0, bytes};
+        t->q = (uint8_t *)mf_carve(&k, (size_t)n);
+        t->qt = (uint8_t *)mf_carve(&k, (size_t)n);
+        t->s = (float *)mf_carve(&k, (size_t)ns * 4);
+        t->W = W, t->E = E, t->O = O, t->I = I;
+        m->n_w++;
+    }
+    if (t->done != m->wgen || m->wgen == 0) {
+        if (gpu_moe_fp8_quant_weights(c, t->q, t->qt, t->s, W, E, O, I, e))
+            return NULL;
+        t->done = m->wgen;
+    }
+    return t;
+}
+
+extern "C" int gpu_moe_fp8_takes(gpu_ctx *c, const gpu_moe_fp8 *m, int I, int O)
+{
+    return m->on && gpu_moe_fp8_fits(c, I, O) && (I < O ? I : O) >= m->min_dim;
 }
 
 /* 1: FP8 path; 0: bf16 fallback (off, a shape or an operand the kernels do not take: they
@@ -872,9 +1073,44 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
 static int mf_use(gpu_ctx *c, const gpu_moe_fp8 *m, const gpu_moe_plan *p, int I, int O,
                   const void *act1, const void *act2, const void *out)
 {
-    return m->on && gpu_moe_fp8_fits(c, I, O) && mf_aligned(act1, 16) &&
+    return gpu_moe_fp8_takes(c, m, I, O) && mf_aligned(act1, 16) &&
            mf_aligned(act2, 16) && mf_aligned(out, 8) && (int64_t)p->N * p->k <= m->max_rows &&
            p->E <= m->E && I <= m->max_dim && O <= m->max_dim;
+}
+
+/* The scratch's first pieces, the same in dgrad and wgrad: tile starts, a token-tiled
+ * operand of `cols` columns (d_out's: dgrad writes it, the wgrad after it reads it). */
+typedef struct mf_tiles {
+    int *ts;
+    uint8_t *q;
+    float *s;
+} mf_tiles;
+
+static int mf_carve_tiles(mf_carver *k, const gpu_moe_plan *p, int cols, mf_tiles *t)
+{
+    int64_t T = gpu_moe_fp8_tiles((int64_t)p->N * p->k, p->E);
+    t->ts = (int *)mf_carve(k, ((size_t)p->E + 1) * 4);
+    t->q = (uint8_t *)mf_carve(k, (size_t)cols * T * 128);
+    t->s = (float *)mf_carve(k, (size_t)T * cols * 4);
+    return t->s ? 0 : -1;
+}
+
+/* Room in t for the token tiles of rows x I. */
+static int mf_input_room(gpu_moe_fp8_w *t, int64_t rows, int E, dsv3_err *e)
+{
+    size_t need = tiles_need(rows, E, t->I);
+    if (t->xcap < need) {
+        gpu_free(t->xbuf);
+        t->xcap = 0;
+        if (!(t->xbuf = (uint8_t *)gpu_malloc(need, e)))
+            return err_prefix(e, "moe fp8 input codes");
+        t->xcap = need;
+    }
+    int64_t T = gpu_moe_fp8_tiles(rows, E);
+    mf_carver k = {t->xbuf, 0, t->xcap};
+    t->xt = (uint8_t *)mf_carve(&k, (size_t)t->I * T * 128);
+    t->xts = (float *)mf_carve(&k, (size_t)T * t->I * 4);
+    return 0;
 }
 
 extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p,
@@ -883,17 +1119,31 @@ extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p
 {
     if (!mf_use(c, m, p, I, O, in, in, out))
         return gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
+    m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
     mf_carver k = {m->buf, 0, m->bytes};
+    int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
     uint8_t *xq = (uint8_t *)mf_carve(&k, nk * I);
     float *xs = (float *)mf_carve(&k, fp8_blocks(I) * nk * 4);
     uint8_t *wq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
     float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
     if (!ws)
         return err_set(e, "moe fp8 fprop: scratch too small");
-    return gpu_moe_fp8_quant_rows(c, xq, xs, in, (int)nk, I, e) ||
-           gpu_moe_fp8_quant_weights(c, wq, NULL, ws, W, p->E, O, I, e) ||
-           gpu_moe_fp8_gemm_fwd(c, p, out, xq, xs, wq, ws, I, O, e);
+    if (!m->keep)
+        return gpu_moe_fp8_quant_rows(c, xq, xs, in, (int)nk, I, e) ||
+               gpu_moe_fp8_quant_weights(c, wq, NULL, ws, W, p->E, O, I, e) ||
+               gpu_moe_fp8_gemm_fwd(c, p, out, xq, xs, wq, ws, I, O, e);
+    gpu_moe_fp8_w *t = mf_kept(c, m, W, p->E, O, I, e);
+    if (!t)
+        return -1;
+    if (!m->keep_inputs)
+        return gpu_moe_fp8_quant_rows(c, xq, xs, in, (int)nk, I, e) ||
+               gpu_moe_fp8_gemm_fwd(c, p, out, xq, xs, t->q, t->s, I, O, e);
+    if (mf_input_room(t, nk, p->E, e) || gpu_moe_fp8_tile_starts(c, p, ts, e) ||
+        gpu_moe_fp8_quant_both(c, p, ts, xq, xs, t->xt, t->xts, in, I, e))
+        return -1;
+    t->x = in, t->rows = nk, t->xdone = m->pass;
+    return gpu_moe_fp8_gemm_fwd(c, p, out, xq, xs, t->q, t->s, I, O, e);
 }
 
 extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p,
@@ -902,17 +1152,28 @@ extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
 {
     if (!mf_use(c, m, p, I, O, d_out, d_out, d_in))
         return gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
+    m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
     mf_carver k = {m->buf, 0, m->bytes};
+    mf_tiles dt;
+    int fail = mf_carve_tiles(&k, p, O, &dt);
     uint8_t *dq = (uint8_t *)mf_carve(&k, nk * O);
     float *ds = (float *)mf_carve(&k, fp8_blocks(O) * nk * 4);
     uint8_t *wtq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
     float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
-    if (!ws)
+    if (fail || !ws)
         return err_set(e, "moe fp8 dgrad: scratch too small");
-    return gpu_moe_fp8_quant_rows(c, dq, ds, d_out, (int)nk, O, e) ||
-           gpu_moe_fp8_quant_weights(c, NULL, wtq, ws, W, p->E, O, I, e) ||
-           gpu_moe_fp8_gemm_dgrad(c, p, d_in, dq, ds, wtq, ws, I, O, e);
+    if (!m->keep)
+        return gpu_moe_fp8_quant_rows(c, dq, ds, d_out, (int)nk, O, e) ||
+               gpu_moe_fp8_quant_weights(c, NULL, wtq, ws, W, p->E, O, I, e) ||
+               gpu_moe_fp8_gemm_dgrad(c, p, d_in, dq, ds, wtq, ws, I, O, e);
+    gpu_moe_fp8_w *t = mf_kept(c, m, W, p->E, O, I, e);
+    if (!t || gpu_moe_fp8_tile_starts(c, p, dt.ts, e) ||
+        gpu_moe_fp8_quant_both(c, p, dt.ts, dq, ds, dt.q, dt.s, d_out, O, e) ||
+        gpu_moe_fp8_gemm_dgrad(c, p, d_in, dq, ds, t->qt, t->s, I, O, e))
+        return -1;
+    m->last_dy = d_out, m->last_rows = nk, m->last_O = O, m->last_w = (int)(t - m->w);
+    return 0;
 }
 
 extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, float *d_W,
@@ -922,16 +1183,23 @@ extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
     if (!mf_use(c, m, p, I, O, d_out, in, d_W))
         return gpu_moe_linear_wgrad(c, p, d_W, d_out, in, I, O, e);
     int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
+    int dy_kept = m->keep && m->last_dy == d_out && m->last_rows == nk && m->last_O == O;
+    m->last_dy = NULL;
     mf_carver k = {m->buf, 0, m->bytes};
-    int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
-    uint8_t *dq = (uint8_t *)mf_carve(&k, (size_t)O * T * 128);
-    float *ds = (float *)mf_carve(&k, (size_t)T * O * 4);
+    mf_tiles dt;
+    int fail = mf_carve_tiles(&k, p, O, &dt);
     uint8_t *xq = (uint8_t *)mf_carve(&k, (size_t)I * T * 128);
     float *xs = (float *)mf_carve(&k, (size_t)T * I * 4);
-    if (!xs)
+    if (fail || !xs)
         return err_set(e, "moe fp8 wgrad: scratch too small");
-    return gpu_moe_fp8_tile_starts(c, p, ts, e) ||
-           gpu_moe_fp8_quant_tokens_t(c, p, ts, dq, ds, d_out, O, e) ||
-           gpu_moe_fp8_quant_tokens_t(c, p, ts, xq, xs, in, I, e) ||
-           gpu_moe_fp8_gemm_wgrad(c, p, ts, d_W, dq, ds, xq, xs, I, O, e);
+    /* the weight is the one of the dgrad just before, whose forward kept its input */
+    const gpu_moe_fp8_w *t = dy_kept ? &m->w[m->last_w] : NULL;
+    int x_kept = t && t->I == I && t->x == in && t->rows == nk && t->xdone == m->pass &&
+                 m->keep_inputs;
+    if (x_kept)
+        xq = t->xt, xs = t->xts;
+    return gpu_moe_fp8_tile_starts(c, p, dt.ts, e) ||
+           (!dy_kept && gpu_moe_fp8_quant_tokens_t(c, p, dt.ts, dt.q, dt.s, d_out, O, e)) ||
+           (!x_kept && gpu_moe_fp8_quant_tokens_t(c, p, dt.ts, xq, xs, in, I, e)) ||
+           gpu_moe_fp8_gemm_wgrad(c, p, dt.ts, d_W, dt.q, dt.s, xq, xs, I, O, e);
 }

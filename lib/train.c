@@ -1255,8 +1255,14 @@ static int setup_rest(trainer *t, dsv3_err *e)
                               (o->recompute ? GMODEL_RECOMPUTE : 0) |
                                   (nondet ? GMODEL_NONDET : 0),
                               e) ||
-            (o->fp8 && gmodel_set_fp8(t->gm, 1, e)))
+            (o->fp8 && gmodel_set_fp8(t->gm, GMODEL_FP8_PAYS, e)))
             return -1;
+        if (o->fp8) {
+            char f8[24];
+            snprintf(f8, sizeof f8, "%d", gmodel_fp8_min_dim(t->gm));
+            note(t, "dsv3-train: --fp8: linear layers with min(in, out) >= %s in FP8, the rest "
+                 "bf16 (DSV3_FP8_MIN_DIM=0: every one)", f8);
+        }
         if (nondet)
             note(t, "dsv3-train: %s", "--nondeterministic: the fused attention backward for "
                  "documents where it applies; the run's bits do not repeat");

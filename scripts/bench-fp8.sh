@@ -18,6 +18,8 @@
 #     steps after the first (metrics.jsonl). BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train
 #     --fp8 (an earlier commit's build) on the same data. FP8_KERNELS="3 ..." also runs --fp8
 #     with each of those grouped-GEMM variants (DSV3_MOE_FP8_KERNEL, kernels/moe_gemm_fp8).
+#     FP8_ENVS="A=1,B=2 C=3" also runs --fp8 once per word with those variables set (commas
+#     between variables), e.g. DSV3_FP8_MIN_DIM=0 (every linear layer in FP8).
 # Usage: scripts/bench-fp8.sh [STEPS] [B] [GB]   (defaults 4 4 16; build first; BUILD=build).
 # SKIP_GEMM=1 leaves out part 1, SKIP_LAYER=1 part 2. For docs/PERF.md.
 set -eu
@@ -59,6 +61,9 @@ run() { # NAME BINDIR FLAGS...
 run bf16 "$bin"
 run fp8 "$bin" --fp8
 [ -n "${BEFORE_BUILD:-}" ] && run fp8-before "$(cd "$BEFORE_BUILD/bin" && pwd)" --fp8
+for v in ${FP8_ENVS:-}; do
+    (for kv in $(echo "$v" | tr ',' ' '); do export "$kv"; done && run "fp8[$v]" "$bin" --fp8)
+done
 for v in ${FP8_KERNELS:-}; do
     (export DSV3_MOE_FP8_KERNEL="$v" && run "fp8-kernel$v" "$bin" --fp8)
 done

@@ -10,6 +10,8 @@
 # head: BEFORE="DSV3_HEAD_CHUNK=640 DSV3_CE_KERNEL=1") and prints the groups side by side;
 # BEFORE_BIN=path runs that first pass with another build's bench_train_kernels.
 # DSV3_CUPTI_LIB=path/libcupti.so.13 where libcupti is not on the loader's path.
+# DSV3_BENCH_FP8=1 traces the FP8 step (every linear layer; 2: dsv3-train --fp8's policy):
+# BEFORE="DSV3_BENCH_FP8=0" DSV3_BENCH_FP8=1 gives bf16 and FP8 side by side.
 set -eu
 BUILD=${BUILD:-build}
 B=${1:-4} T=${2:-4096}

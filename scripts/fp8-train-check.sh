@@ -8,6 +8,9 @@
 # relative difference of their final losses.
 # Usage: scripts/fp8-train-check.sh [STEPS] [LAYERS] [B] [GB] [L]   (defaults 30 4 4 8 1024)
 set -eu
+# every linear layer in FP8 (dsv3-train --fp8 keeps the small ones bf16 by default:
+# GMODEL_FP8_PAYS, kernels/gmodel.h); this checks FP8's numerics on a small model
+export DSV3_FP8_MIN_DIM=${DSV3_FP8_MIN_DIM:-0}
 BUILD=${BUILD:-build}
 steps=${1:-30} layers=${2:-4} B=${3:-4} GB=${4:-8} L=${5:-1024}
 bin=$(cd "$BUILD/bin" && pwd)

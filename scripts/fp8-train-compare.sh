@@ -68,6 +68,9 @@
 # A 48-seed sweep on a lent machine of several GPUs: scripts/fp8-seeds-stage.sh, then its run.sh
 # there (scripts/fp8-seeds-run.sh; docs/PARITY.md, FP8 section).
 set -eu
+# every linear layer in FP8 (dsv3-train --fp8 keeps the small ones bf16 by default:
+# GMODEL_FP8_PAYS, kernels/gmodel.h); this checks FP8's numerics on a small model
+export DSV3_FP8_MIN_DIM=${DSV3_FP8_MIN_DIM:-0}
 W=${W:-50}
 
 num_lines() { # METRICS OUTLOSS OUTVAL: "step loss" and "step val_loss" columns

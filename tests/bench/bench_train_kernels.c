@@ -11,6 +11,9 @@
  * cross-entropy with their gradients, which gmodel_forward runs), "fwd-tail", "bwd"
  * (gmodel_backward). libcupti is opened at run time (DSV3_CUPTI_LIB, else the usual names),
  * so the library and the tests never link it.
+ * DSV3_BENCH_FP8=1 traces the step with gmodel_set_fp8(GMODEL_FP8_ALL) (every linear layer in
+ * FP8), =2 with GMODEL_FP8_PAYS (dsv3-train --fp8's policy); the quantisation kernels then
+ * form a group of their own, and the FP8 grouped GEMMs join the MoE GEMM groups.
  * Usage: bench_train_kernels [B] [T]   (defaults 4 4096). Run by scripts/bench-train-kernels.sh. */
 
 #include <dlfcn.h>
@@ -305,14 +308,15 @@ static int has(const char *s, const char *sub) { return strstr(s, sub) != NULL; 
 /* Kernel groups, each with a floor: FLOPs (matrix-bound) or bytes (memory-bound) of one
  * forward + backward of this config; 0 where no simple count is stated. */
 enum { G_HEAD_GEMM, G_CE, G_ATT_F, G_ATT_B, G_MOE_F, G_MOE_D, G_MOE_W, G_DENSE, G_NORM,
-       G_SWIGLU, G_MOE_MOVE, G_ROUTER, G_EMBED, G_ROPE, G_MLA, G_OTHER, G_N };
+       G_SWIGLU, G_MOE_MOVE, G_ROUTER, G_EMBED, G_ROPE, G_MLA, G_FP8_Q, G_OTHER, G_N };
 static const char *gname_[G_N] = {
     "head GEMMs (logits, d_hidden, d_W; cuBLASLt)", "cross-entropy rows (head)",
     "attention fwd", "attention bwd (dot, dK/dV, dQ)", "MoE grouped GEMM fwd",
     "MoE grouped GEMM dgrad", "MoE grouped GEMM wgrad", "dense GEMMs (cuBLASLt, layers)",
     "RMSNorm fwd+bwd", "SwiGLU fwd+bwd", "MoE gather/combine (+bwd)",
     "router, plan, sort", "embedding fwd+bwd", "RoPE fwd+bwd",
-    "MLA k/v assembly (+bwd), residual adds", "other (copies, memsets, axpy, ...)"};
+    "MLA k/v assembly (+bwd), residual adds", "FP8 quantisation (acts, grads, weights)",
+    "other (copies, memsets, axpy, ...)"};
 
 static int group_of(const char *phase, const char *n)
 {
@@ -322,10 +326,14 @@ static int group_of(const char *phase, const char *n)
     if ((!strcmp(phase, "head") || !strcmp(phase, "fwd-tail")) && !has(n, "memset") &&
         !has(n, "k_"))
         return G_HEAD_GEMM;
+    if (has(n, "quant") || has(n, "mf_tile_starts"))
+        return G_FP8_Q;
     if (has(n, "fwd_kernel") || has(n, "fwd_pipe"))
         return G_ATT_F;
     if (has(n, "bwd_dkdv") || has(n, "bwd_dq") || has(n, "attn_bwd_dot"))
         return G_ATT_B;
+    if (has(n, "moe_fp8")) /* FORM 0: fprop, and dgrad in the backward; 1: wgrad */
+        return has(n, "<1>") ? G_MOE_W : !strcmp(phase, "bwd") ? G_MOE_D : G_MOE_F;
     if (has(n, "moe_wgmma_kernel") || has(n, "moe_gemm_kernel") || has(n, "moe_ws_kernel") ||
         has(n, "moe_wstma_kernel"))
         return has(n, "<0>") ? G_MOE_F : has(n, "<1>") ? G_MOE_D : G_MOE_W;
@@ -387,7 +395,10 @@ int main(int argc, char **argv)
     }
     gmodel *g = NULL;
     double copy_gbs = 0;
-    if (gmodel_create(&g, &m, B, T, 0, &e) || gpu_copy_bandwidth(0, (size_t)1 << 30, 20, &copy_gbs, &e)) {
+    const char *f8 = getenv("DSV3_BENCH_FP8");
+    int fp8 = f8 && *f8 ? atoi(f8) : 0;
+    if (gmodel_create(&g, &m, B, T, 0, &e) || (fp8 && gmodel_set_fp8(g, fp8, &e)) ||
+        gpu_copy_bandwidth(0, (size_t)1 << 30, 20, &copy_gbs, &e)) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }
@@ -468,10 +479,11 @@ int main(int argc, char **argv)
     }
     double span = (t1 - t0) * 1e-3;
     qsort(a, na, sizeof *a, by_time);
-    printf("# kernels 1B-MoE B=%d T=%d: traced fwd+bwd %.2f ms (event-timed %.2f ms, with a sync "
-           "after the forward), kernels busy %.2f ms, %zu kernels; ceilings in this process: "
-           "bf16 GEMM 8192^3 %.1f TFLOP/s, copy %.0f GB/s\n",
-           B, T, span * 1e-3, step_ms, busy * 1e-3, n, ceil / 1e12, copy_gbs);
+    printf("# kernels 1B-MoE B=%d T=%d %s: traced fwd+bwd %.2f ms (event-timed %.2f ms, with a "
+           "sync after the forward), kernels busy %.2f ms, %zu kernels; ceilings in this "
+           "process: bf16 GEMM 8192^3 %.1f TFLOP/s, copy %.0f GB/s\n",
+           B, T, fp8 == 1 ? "fp8-all" : fp8 == 2 ? "fp8-pays" : "bf16", span * 1e-3, step_ms,
+           busy * 1e-3, n, ceil / 1e12, copy_gbs);
     print_gaps(t_fwd_end);
     printf("## per kernel (phase, name, calls, ms, share of kernel time)\n");
     for (size_t j = 0; j < na; j++)

@@ -14,6 +14,7 @@
 . "$(dirname "$0")/lib.sh"
 CFG=configs/tiny.json
 export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on shared machines
+export DSV3_FP8_MIN_DIM=0     # --fp8 on every linear layer of this small model
 if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && [ -z "${DSV3_NCCL:-}" ]; then
     d=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
     [ -n "$d" ] && [ -f "$d/libnccl.so.2" ] && export DSV3_NCCL="$d/libnccl.so.2"

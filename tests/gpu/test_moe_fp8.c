@@ -183,6 +183,42 @@ static int64_t variant_bit_diffs(int v, gpu_moe_plan *p, const struct mcase *mc,
     return n;
 }
 
+/* The three products with gpu_moe_fp8's kept codes (keep, a pass with a backward) against
+ * the uncached outputs, bit for bit; rounds: how many passes to run first (weights kept). */
+static int64_t keep_bit_diffs(gpu_moe_plan *p, const struct mcase *mc, gpu_bf16 *gx,
+                              gpu_bf16 *gdy, gpu_bf16 *gW, const float *dW0, const float *out,
+                              const float *dx, const float *dw, int rounds)
+{
+    dsv3_err e;
+    int E = mc->E, I = mc->I, O = mc->O, nk = p->N;
+    gpu_bf16 *gout = gt_poisoned((size_t)nk * O * 2), *gdx = gt_poisoned((size_t)nk * I * 2);
+    float *gdW = gt_poisoned((size_t)E * O * I * 4);
+    gpu_moe_fp8 m = {0};
+    m.keep = 1;
+    int64_t n = -1;
+    int ok = gout && gdx && gdW && gpu_moe_fp8_init(&m, nk, E, I > O ? I : O, &e) == 0;
+    gpu_moe_fp8_weights_changed(&m);
+    for (int r = 0; r <= rounds && ok; r++) {
+        gpu_moe_fp8_new_pass(&m, 1);
+        ok = gpu_upload(gt_ctx_, gdW, dW0, (size_t)E * O * I * 4, &e) == 0 &&
+             gpu_moe_fp8_fwd(gt_ctx_, &m, p, gout, gx, gW, I, O, &e) == 0 &&
+             gpu_moe_fp8_dgrad(gt_ctx_, &m, p, gdx, gdy, gW, I, O, &e) == 0 &&
+             gpu_moe_fp8_wgrad(gt_ctx_, &m, p, gdW, gdy, gx, I, O, &e) == 0 &&
+             gpu_sync(gt_ctx_, &e) == 0;
+    }
+    if (ok) {
+        float *o2 = gt_down_bf(gout, (size_t)nk * O), *x2 = gt_down_bf(gdx, (size_t)nk * I),
+              *w2 = gt_down_f(gdW, (size_t)E * O * I);
+        for (int64_t i = 0; i < (int64_t)E * O * I; i++)
+            w2[i] -= dW0[i];
+        n = fmismatches(o2, out, (size_t)nk * O) + fmismatches(x2, dx, (size_t)nk * I) +
+            fmismatches(w2, dw, (size_t)E * O * I);
+        free(o2), free(x2), free(w2);
+    }
+    gpu_moe_fp8_free(&m);
+    return n;
+}
+
 /* same_as >= 0: the outputs must also equal kernel variant same_as's bit for bit. */
 static void run_case(const struct mcase *mc, int same_as, double *worst)
 {
@@ -255,6 +291,22 @@ static void run_case(const struct mcase *mc, int same_as, double *worst)
     CHECKF(bad_q == 0, "row quantiser: %lld codes/scales differ from lib/fp8", (long long)bad_q);
     CHECKF(bad_w == 0, "weight quantiser: %lld codes/scales differ", (long long)bad_w);
     CHECKF(bad_t == 0, "token-tile quantiser: %lld codes/scales differ", (long long)bad_t);
+    /* both from one read: the same codes as the two quantisers (lib/fp8's) */
+    uint8_t *qb1 = gt_poisoned((size_t)nk * I + 16), *qb4 = gt_poisoned((size_t)I * ldk);
+    float *sb1 = gt_poisoned((size_t)nbi * nk * 4 + 16), *sb4 = gt_poisoned((size_t)T * I * 4);
+    REQUIRE(qb1 && qb4 && sb1 && sb4);
+    CHECKF(gpu_moe_fp8_quant_both(gt_ctx_, &p, ts, qb1, sb1, qb4, sb4, gx, I, &e) == 0 &&
+               gpu_sync(gt_ctx_, &e) == 0,
+           "%s", e.msg);
+    uint8_t *eq1 = down(qb1, (size_t)nk * I), *eq4 = down(qb4, (size_t)I * ldk);
+    float *es1 = down(sb1, (size_t)nbi * nk * 4), *es4 = down(sb4, (size_t)T * I * 4);
+    int64_t bad_b = mismatches(eq1, hq1, (size_t)nk * I) + fmismatches(es1, hs1t, (size_t)nbi * nk);
+    for (int64_t c = 0; c < I; c++)
+        bad_b += mismatches(eq4 + c * ldk, hq4 + c * ldk, (size_t)tsh[E] * 128);
+    bad_b += fmismatches(es4, hs4, (size_t)tsh[E] * I);
+    CHECKF(bad_b == 0, "rows + token-tile quantiser: %lld codes/scales differ from lib/fp8",
+           (long long)bad_b);
+    free(eq1), free(eq4), free(es1), free(es4);
 
     /* the products, float64 on lib/fp8's dequantised operands */
     gpu_moe_fp8 m = {0};
@@ -304,6 +356,13 @@ static void run_case(const struct mcase *mc, int same_as, double *worst)
         }
     CHECKF(empty_changed == 0, "wgrad changed %lld values of experts without rows",
            (long long)empty_changed);
+    /* kept codes (gmodel's mode): weights once, the input's and d_out's token tiles from the
+     * fused quantisations; twice (the second reads the kept weight codes): same bits */
+    for (int round = 0; round < 2; round++) {
+        int64_t nb = keep_bit_diffs(&p, mc, gx, gdy, gW, dW0, out, dx, dw, round);
+        CHECKF(nb == 0, "kept codes, round %d: %lld outputs differ in bits (-1: it failed)",
+               round, (long long)nb);
+    }
     if (same_as >= 0) {
         int64_t nb = variant_bit_diffs(same_as, &p, mc, gx, gdy, gW, dW0, out, dx, dw);
         CHECKF(nb == 0, "%lld outputs differ in bits from kernel variant %d's (-1: it failed)",

@@ -13,6 +13,8 @@
  * wgrad's output, fed by the FP8 dgrad's) each within 0.35; a misplaced scale or operand
  * gives errors of order one. */
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "../../kernels/gmodel.h"
 #include "../../kernels/moe_fp8.h"
@@ -80,10 +82,58 @@ static void routed_fp8_step_close_to_bf16(void)
     free(ids), free(tg), free(g16), free(g8);
 }
 
+/* gmodel keeps the expert weights' codes across steps and the forward's (and dgrad's)
+ * token tiles for the wgrad (moe_fp8.h, keep); DSV3_MOE_FP8_KEEP=0 quantises every operand in
+ * every call. Two steps each way with a weight change between (gmodel_set_params): the same
+ * loss and gradients bit for bit, so the kept codes are the fresh ones and go stale never. */
+static void kept_codes_same_bits(void)
+{
+    GT_NEED_GPU();
+    if (!gpu_moe_fp8_fits(gt_ctx_, 16, 16))
+        SKIP("the FP8 grouped GEMM needs a Hopper GPU");
+    dsv3_err e;
+    dsv3_model m;
+    REQUIRE(fp8_all_experts_model(&m, &e) == 0);
+    int B = 2, T = 64, N = B * T, V = m.cfg.vocab_size;
+    int32_t *ids = malloc((size_t)N * 4), *tg = malloc((size_t)N * 4);
+    for (int i = 0; i < N; i++)
+        ids[i] = (int32_t)(test_rand() % (uint64_t)V), tg[i] = (int32_t)(test_rand() % (uint64_t)V);
+    float *p2 = malloc(m.n_params * 4), *gk = malloc(m.n_params * 4), *gf = malloc(m.n_params * 4);
+    for (size_t i = 0; i < m.n_params; i++)
+        p2[i] = m.params[i] * 0.9f;
+    float lk[2] = {0}, lf[2] = {0};
+    for (int keep = 1; keep >= 0; keep--) {
+        gmodel *g = NULL;
+        setenv("DSV3_MOE_FP8_KEEP", keep ? "1" : "0", 1);
+        float *l = keep ? lk : lf, *gr = keep ? gk : gf;
+        CHECKF(gmodel_create(&g, &m, B, T, 0, &e) == 0 && gmodel_set_fp8(g, 1, &e) == 0 &&
+                   gmodel_zero_grad(g, &e) == 0 && gmodel_forward(g, ids, tg, 1, &l[0], &e) == 0 &&
+                   gmodel_backward(g, &e) == 0 && gmodel_set_params(g, p2, &e) == 0 &&
+                   gmodel_zero_grad(g, &e) == 0 && gmodel_forward(g, ids, tg, 1, &l[1], &e) == 0 &&
+                   gmodel_backward(g, &e) == 0 && gmodel_get_grads(g, gr, &e) == 0,
+               "%s", e.msg);
+        gmodel_destroy(g);
+    }
+    unsetenv("DSV3_MOE_FP8_KEEP");
+    if (!test_failed_) {
+        size_t bad = 0;
+        for (size_t i = 0; i < m.n_params; i++)
+            bad += memcmp(&gk[i], &gf[i], 4) != 0;
+        printf("# kept vs fresh codes: losses %.6f %.6f / %.6f %.6f, %zu gradients differ\n",
+               lk[0], lk[1], lf[0], lf[1], bad);
+        CHECK(memcmp(lk, lf, sizeof lk) == 0);
+        CHECK(lk[0] != lk[1]); /* the weights did change */
+        CHECKF(bad == 0, "%zu of %zu gradients differ in bits", bad, m.n_params);
+    }
+    model_free(&m);
+    free(ids), free(tg), free(p2), free(gk), free(gf);
+}
+
 int main(void)
 {
     test_seed();
     RUN(routed_fp8_step_close_to_bf16);
+    RUN(kept_codes_same_bits);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
     TEST_EXIT();
