@@ -35,6 +35,9 @@ static const cli_program PROG = {
     "                           shared and routed experts in FP8 as DeepSeek-V3\n"
     "                           (1x128 / 128x128 block scales, fp32 accumulation, also\n"
     "                           the held experts under --ep); the step line says fp8\n"
+    "      --fp8-min-dim=N      with --fp8: only layers whose smaller dimension is at least\n"
+    "                           N run in FP8, the rest bf16 (default 1536, below which\n"
+    "                           FP8 measured slower; 0: every layer)\n"
     "      --recompute          with --device cuda: keep no RMSNorm outputs or MLA\n"
     "                           up-projections for backward, make them again there (less\n"
     "                           activation memory, the same gradients, a little slower)\n"
@@ -117,7 +120,7 @@ static const cli_program PROG = {
 };
 
 enum {
-    OPT_DEVICE = 0x2000, OPT_FP8, OPT_RECOMPUTE, OPT_NONDET, OPT_INIT_FROM, OPT_INIT_STD,
+    OPT_DEVICE = 0x2000, OPT_FP8, OPT_FP8_MIN_DIM, OPT_RECOMPUTE, OPT_NONDET, OPT_INIT_FROM, OPT_INIT_STD,
     OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
@@ -224,6 +227,7 @@ int main(int argc, char **argv)
         {"seed", required_argument, NULL, 's'},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"fp8", no_argument, NULL, OPT_FP8},
+        {"fp8-min-dim", required_argument, NULL, OPT_FP8_MIN_DIM},
         {"recompute", no_argument, NULL, OPT_RECOMPUTE},
         {"nondeterministic", no_argument, NULL, OPT_NONDET},
         {"init-from", required_argument, NULL, OPT_INIT_FROM},
@@ -295,6 +299,7 @@ int main(int argc, char **argv)
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
         case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_FP8: o.fp8 = 1; break;
+        case OPT_FP8_MIN_DIM: o.fp8_min_dim = (int)parse_u64("--fp8-min-dim", optarg, 0, 1 << 20); break;
         case OPT_RECOMPUTE: o.recompute = 1; break;
         case OPT_NONDET: o.nondet = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
@@ -387,6 +392,8 @@ int main(int argc, char **argv)
     o.cuda = device < 0 ? gpu_count() > 0 : device;
     if (o.fp8 && !o.cuda)
         cli_usage(&PROG, "--fp8 needs --device cuda");
+    if (o.fp8_min_dim >= 0 && !o.fp8)
+        cli_usage(&PROG, "--fp8-min-dim needs --fp8");
     if (o.recompute && !o.cuda)
         cli_usage(&PROG, "--recompute needs --device cuda (the CPU backend keeps every "
                          "activation)");

@@ -1079,6 +1079,15 @@ extern "C" int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e)
                              c->n_routed_experts, md, e));
 }
 
+extern "C" int gmodel_set_fp8_min_dim(gmodel *g, int min_dim)
+{
+    if (!g->lin.fp8)
+        return -1;
+    g->lin.min_dim = g->mfp8.min_dim = min_dim < 0 ? 0 : min_dim;
+    weights_changed(g);
+    return 0;
+}
+
 extern "C" int gmodel_fp8_min_dim(const gmodel *g)
 {
     return g->lin.fp8 ? g->lin.min_dim : -1;

@@ -75,6 +75,9 @@ int gmodel_set_fp8(gmodel *g, int on, dsv3_err *e);
 /* Under FP8: the least min(in, out) of a linear layer that runs in FP8 (0: every one); -1
  * with FP8 off. */
 int gmodel_fp8_min_dim(const gmodel *g);
+/* Under FP8: sets that least min(in, out) (0: every layer in FP8), after gmodel_set_fp8;
+ * dsv3-train --fp8-min-dim. */
+int gmodel_set_fp8_min_dim(gmodel *g, int min_dim);
 
 /* Uploads params (m->params' layout, fp32) as master and bf16 compute copies. */
 int gmodel_set_params(gmodel *g, const float *params, dsv3_err *e);

@@ -508,6 +508,12 @@ int gmodel_fp8_min_dim(const gmodel *g)
     return -1;
 }
 
+int gmodel_set_fp8_min_dim(gmodel *g, int min_dim)
+{
+    (void)g, (void)min_dim;
+    return -1;
+}
+
 int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
 {
     return no_cuda(e);

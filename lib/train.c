@@ -37,6 +37,7 @@ void train_opts_default(train_opts *o)
     o->clip = 1.0;
     o->eval_batches = 4;
     o->keep = 3;
+    o->fp8_min_dim = -1;
     o->sft_user_id = o->sft_assistant_id = -1;
 }
 
@@ -1257,11 +1258,13 @@ static int setup_rest(trainer *t, dsv3_err *e)
                               e) ||
             (o->fp8 && gmodel_set_fp8(t->gm, GMODEL_FP8_PAYS, e)))
             return -1;
+        if (o->fp8 && o->fp8_min_dim >= 0)
+            gmodel_set_fp8_min_dim(t->gm, o->fp8_min_dim);
         if (o->fp8) {
             char f8[24];
             snprintf(f8, sizeof f8, "%d", gmodel_fp8_min_dim(t->gm));
             note(t, "dsv3-train: --fp8: linear layers with min(in, out) >= %s in FP8, the rest "
-                 "bf16 (DSV3_FP8_MIN_DIM=0: every one)", f8);
+                 "bf16 (--fp8-min-dim 0: every one)", f8);
         }
         if (nondet)
             note(t, "dsv3-train: %s", "--nondeterministic: the fused attention backward for "

@@ -92,6 +92,9 @@ typedef struct train_opts {
                                stays on the host arrays (dsv3-train sets it
                                when a GPU is present unless --device cpu) */
     int fp8;                /* 1 (with cuda): dense linear layers in FP8 (gmodel_set_fp8) */
+    int fp8_min_dim;        /* with fp8: the least min(in, out) of a layer run in FP8 (0:
+                               every one); -1: the library's bound (GMODEL_FP8_MIN_DIM,
+                               or DSV3_FP8_MIN_DIM in the environment) */
     int recompute;          /* 1 (with cuda): RMSNorm outputs and MLA up-projections made
                                again in backward, not kept (GMODEL_RECOMPUTE) */
     int nondet;             /* 1 (with cuda and documents masked): kernels whose sums vary

@@ -24,6 +24,8 @@ expect_err bad_schedule 2 "before it starts" dsv3-train -c $CFG -d "$T/x" -o "$T
 expect_err sft_needs_id 2 "sft-assistant-id" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --sft
 expect_err cuda_no_gpu_or_data 1 "GPU backend\|cannot open the data folder" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --device cuda
 expect_err fp8_needs_cuda 2 "--fp8 needs --device cuda" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --fp8
+expect_err fp8_min_dim_needs_fp8 2 "--fp8-min-dim needs --fp8" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --fp8-min-dim 0
+expect_err fp8_min_dim_bad 2 "--fp8-min-dim" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --fp8 --fp8-min-dim x
 expect_err bad_device_env 2 "DSV3_DEVICE: expected cpu or cuda" env DSV3_DEVICE=tpu dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1
 expect_err bad_device 2 "device: expected cpu or cuda" dsv3-train -c $CFG -d "$T/x" -o "$T/x" --steps 1 --device tpu
 expect_err unknown_option 2 "Try 'dsv3-train --help'" dsv3-train --bogus
