@@ -69,7 +69,7 @@ struct gmodel {
     const dsv3_model *m;
     gpu_ctx *c;
     int B, T, N, nl;
-    float *master, *grads, *region_tmp, *head_pend;
+    float *master, *grads, *region_tmp;
     bf16 *wbf;
     size_t n_params, region_floats;
     gm_block *blk;               /* num_hidden_layers, then the D MTP modules' blocks */
@@ -146,13 +146,6 @@ struct gmodel {
 #define RANGE_FLOATS ((size_t)1 << 16)
 
 /* ---- small kernels ---- */
-
-__global__ void k_axpy(float *y, const float *x, int64_t n)
-{
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n)
-        y[i] += x[i];
-}
 
 __global__ void k_scale(float *y, float f, int64_t n)
 {
@@ -995,7 +988,6 @@ extern "C" void gmodel_destroy(gmodel *g)
     gpu_free(g->grads);
     gpu_free(g->wbf);
     gpu_free(g->region_tmp);
-    gpu_free(g->head_pend);
     gpu_free(g->mom_m);
     gpu_free(g->mom_v);
     gpu_free(g->d_norm);
@@ -1202,13 +1194,11 @@ extern "C" int gmodel_create_opt(gmodel **out, const dsv3_model *m, int B, int T
     carve k = {g, 1, 0, 0, e};
     carve_acts(&k);
     size_t arena = k.bytes + scratch_bytes(g) + gmodel_ep_arena(g);
-    size_t VH = (size_t)V * c->hidden_size;
     if (gpu_ctx_create(&g->c, dev, arena, e) ||
         !(g->master = (float *)gpu_malloc(g->n_params * 4, e)) ||
         !(g->grads = (float *)gpu_malloc(g->n_params * 4, e)) ||
         !(g->wbf = (bf16 *)gpu_malloc(g->n_params * 2, e)) ||
         !(g->region_tmp = (float *)gpu_malloc((g->region_floats ? g->region_floats : 1) * 4, e)) ||
-        !(g->head_pend = (float *)gpu_malloc(VH * 4, e)) ||
         !(g->d_loss_acc = (double *)gpu_malloc(sizeof(double), e)) ||
         !(g->d_load_acc = (long long *)gpu_malloc(
               (size_t)g->nl * (c->n_routed_experts ? c->n_routed_experts : 1) * 8, e)) ||
@@ -1422,7 +1412,8 @@ static int mtp_fwd(gmodel *g, const int32_t *ids, const int32_t *targets, int gr
             gpu_rmsnorm_fwd(g->c, B16(M->xf), M->rstdf, B16(M->hout), W(M->head_norm), N, H, eps,
                             e) ||
             gpu_lm_head_loss(g->c, g->losses, grad ? B16(M->d_xf) : NULL,
-                             grad ? g->head_pend : NULL, B16(M->xf), W(off_of(m, m->w.lm_head)),
+                             grad ? G(off_of(m, m->w.lm_head)) : NULL, B16(M->xf),
+                             W(off_of(m, m->w.lm_head)),
                              M->tg, N, H, V, scale, g->chunk_rows, e) ||
             sum_losses(g, g->h_mtp_loss, &M->sum, e))
             return -1;
@@ -1501,15 +1492,14 @@ extern "C" int gmodel_forward(gmodel *g, const int32_t *ids, const int32_t *targ
     memcpy(g->h_tgt, targets, (size_t)N * 4);
     g->count = count;
     g->ce_norm = m->norm_main > 0 ? m->norm_main : count;
-    if (grad && gpu_memset(g->c, g->head_pend, 0, (size_t)V * H * 4, e))
-        return -1;
     /* the per-forward sums on the host only where wanted: a caller's loss, or the MTP and
      * balance losses' report; otherwise the loss is summed on the device and read once per
      * step (gmodel_take_stats) */
     int host_sums = loss || run_mtp || g->bal_on;
     if (upload_ids(g, g->tgt, targets, e) ||
         gpu_lm_head_loss(g->c, g->losses, grad ? B16(g->d_xf) : NULL,
-                         grad ? g->head_pend : NULL, B16(g->xf), W(off_of(m, m->w.lm_head)),
+                         grad ? G(off_of(m, m->w.lm_head)) : NULL, B16(g->xf),
+                         W(off_of(m, m->w.lm_head)),
                          g->tgt, N, H, V, g->ce_norm ? 1.0f / (float)g->ce_norm : 0.0f,
                          g->chunk_rows, e))
         return -1;
@@ -1855,9 +1845,6 @@ extern "C" int gmodel_backward(gmodel *g, dsv3_err *e)
     g->grad_ready = 0;
     if (!g->count && !g->mtp_ran && !g->bal_on && !g->ep)
         return 0;  /* the loss is a constant 0 (under expert parallelism the rows still move) */
-    int64_t vh = (int64_t)V * H;
-    k_axpy<<<blocks(vh), 256, 0, ST(g)>>>(G(off_of(m, m->w.lm_head)), g->head_pend, vh);
-    LAUNCH_CHECK("k_axpy", e);
     size_t nh = (size_t)N * H * 2;
     if (g->mtp_ran) {
         if (mtp_bwd(g, e))
