@@ -232,6 +232,9 @@ int gpu_moe_fp8_tile_starts(gpu_ctx *c, const gpu_moe_plan *p, int *tstart, dsv3
 int gpu_moe_fp8_quant_tokens_t(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart,
                                uint8_t *qt, float *st, const gpu_bf16 *x, int cols,
                                dsv3_err *e) { return no_cuda(e); }
+int gpu_moe_fp8_quant_both(gpu_ctx *c, const gpu_moe_plan *p, const int *tstart, uint8_t *q,
+                           float *s, uint8_t *qt, float *st, const gpu_bf16 *x, int cols,
+                           dsv3_err *e) { return no_cuda(e); }
 int gpu_moe_fp8_quant_weights(gpu_ctx *c, uint8_t *q, uint8_t *qt, float *s,
                               const gpu_bf16 *W, int E, int O, int I, dsv3_err *e)
 {
@@ -251,6 +254,8 @@ int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim, d
     return no_cuda(e);
 }
 void gpu_moe_fp8_free(gpu_moe_fp8 *m) {}
+void gpu_moe_fp8_weights_changed(gpu_moe_fp8 *m) {}
+void gpu_moe_fp8_new_pass(gpu_moe_fp8 *m, int backward) {}
 int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p, gpu_bf16 *out,
                     const gpu_bf16 *in, const gpu_bf16 *W, int I, int O, dsv3_err *e)
 {
