@@ -1424,6 +1424,21 @@ static void mtp_mean(const trainer *t, step_out *so, const accum *a)
     }
 }
 
+/* A step whose loss or gradient norm is not finite: an error that stops the run (nothing
+ * saved), or with --skip-nonfinite a skipped step (1). 0: the step is finite. */
+static int nonfinite_step(trainer *t, step_out *so, dsv3_err *e)
+{
+    if (isfinite(so->loss) && isfinite(so->norm))
+        return 0;
+    if (!t->o->skip_nonfinite)
+        return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
+                       "stopping without saving (the last checkpoint is untouched; "
+                       "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss, so->norm);
+    so->skipped = 1;
+    t->st.skipped++;
+    return 1;
+}
+
 /* do_step's update with the optimizer on the GPU (one process, t->gm_opt): the same rules
  * as the host path below (norm, non-finite stop or skip, clipping, AdamW with lib/optim's
  * step count, the bias update on the host's biases of the main and MTP blocks, then
@@ -1444,15 +1459,10 @@ static int gpu_update(trainer *t, step_out *so, const accum *a, double t0, dsv3_
             return -1;
         so->norm = sqrt(sq);
     }
-    if (!isfinite(so->loss) || !isfinite(so->norm)) {
-        if (!o->skip_nonfinite)
-            return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
-                           "stopping without saving (the last checkpoint is untouched; "
-                           "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss,
-                           so->norm);
-        so->skipped = 1;
-        t->st.skipped++;
-    } else if (a->n) {
+    int bad = nonfinite_step(t, so, e);
+    if (bad < 0)
+        return -1;
+    if (!bad && a->n) {
         t->opt.t++;
         const optim_params *p = &t->opt.p;
         if (gmodel_adamw(t->gm, (float)so->lr, (float)p->beta1, (float)p->beta2, (float)p->eps,
@@ -1559,15 +1569,10 @@ static int do_step(trainer *t, step_out *so, dsv3_err *e)
     if (dp_sum_f64(&t->dp, &sumsq, 1, e))
         return -1;
     so->norm = sqrt(sumsq);
-    if (!isfinite(so->loss) || !isfinite(so->norm)) {
-        if (!o->skip_nonfinite)
-            return err_set(e, "step %" PRIu64 ": the loss is %g and the gradient norm %g; "
-                           "stopping without saving (the last checkpoint is untouched; "
-                           "--skip-nonfinite skips such batches)", t->st.step + 1, so->loss,
-                           so->norm);
-        so->skipped = 1;
-        t->st.skipped++;
-    } else if (a.n) {
+    int bad = nonfinite_step(t, so, e);
+    if (bad < 0)
+        return -1;
+    if (!bad && a.n) {
         optim_clip_range(&t->m, g, t->dp.lo, t->dp.hi, so->norm, o->clip);
         optim_step_grads(&t->opt, &t->m, g, so->lr);
         if (ep_update(t, so->norm, so->lr, e) || dp_gather_params(&t->dp, t->m.params, e))
