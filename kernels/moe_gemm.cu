@@ -47,6 +47,7 @@ struct mg_args {
     const int *off; /* [E+1] device */
     int E, M, N, K;
     int red; /* wgrad (wgmma kernel): add into d_W by fire-and-forget reductions */
+    int vec; /* TMA kernel: 16-byte epilogue stores (mg_store_frag_v; its promises hold) */
 };
 
 __device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, bool pred)
@@ -802,10 +803,14 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             int r = cw * 64 + (warp & 3) * 16 + (lane >> 2);
             if (FORM == FORM_WGRAD) {
                 float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
-                if (p.red)
+                if (p.red && p.vec)
+                    mg_store_frag_v<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+                else if (p.red)
                     mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
                 else
                     mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+            } else if (p.vec) {
+                mg_store_frag_v<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
             } else {
                 mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
             }
@@ -863,7 +868,11 @@ static int moe_gemm_run(gpu_ctx *c, const gpu_moe_plan *pl, const bf16 *A, const
                                                               : GPU_MOE_GEMM_MMA)
                                                 : c->moe_gemm;
     const char *red = getenv("DSV3_MOE_WGRAD_RED"); /* 0: read-modify-write, for timings */
-    mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0')};
+    mg_args a = {A, B, C, pl->offsets, E, M, N, K, !(red && *red == '0'), 0};
+    /* DSV3_MOE_EPI_VEC=0: the TMA kernel's epilogue with 4- and 8-byte stores (for timings) */
+    const char *ev = getenv("DSV3_MOE_EPI_VEC");
+    a.vec = !(ev && *ev == '0') && ((uintptr_t)C & 15) == 0 &&
+            (FORM == FORM_WGRAD ? N % 4 == 0 : N % 8 == 0);
     if (v == GPU_MOE_GEMM_WS || v == GPU_MOE_GEMM_WS_TMA) {
         size_t smem = ws_smem(E);
         CUtensorMap ta, tb;

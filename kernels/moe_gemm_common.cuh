@@ -322,6 +322,84 @@ __device__ __forceinline__ void mg_store_frag(const float (&acc)[4 * NJ], void *
     }
 }
 
+/* mg_store_frag with 16-byte stores (the Hopper TMA kernel's epilogue): the four threads of
+ * a quad hold 2 columns each of every 8-column group; a 4 x 4 transpose through shuffles
+ * (bf16) gives each thread one whole group of 8 columns, a pair exchange (fp32 reductions)
+ * 4 columns, so a warp's store covers 64 (bf16) or 32 (fp32) contiguous bytes of each of its
+ * 8 rows instead of 16: half the L2 transactions and a quarter (bf16) or half (fp32) the
+ * store instructions. Same values, same bits as mg_store_frag. Caller's promise: C 16-byte
+ * aligned, ldc and N multiples of 8 (bf16) or 4 (fp32), n0 a multiple of 32, NJ a multiple
+ * of 4. Every lane of the warp must call it (shuffles); rows past rlim only skip stores. */
+__device__ __forceinline__ uint32_t mg_pack_bf16(float a, float b)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *(uint32_t *)&v;
+}
+
+__device__ __forceinline__ uint32_t mg_pick4(const uint32_t (&v)[4], int i)
+{
+    return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3];
+}
+
+template <int NJ, int MODE>
+__device__ __forceinline__ void mg_store_frag_v(const float (&acc)[4 * NJ], void *C, int64_t ldc,
+                                                int row, int rlim, int n0, int N)
+{
+    static_assert(NJ % 4 == 0, "groups of four");
+    static_assert(MODE == MG_OUT_BF16 || MODE == MG_OUT_RED, "bf16 stores or fp32 reductions");
+    int t = threadIdx.x & 3, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = row + h * 8;
+        bool live = r < rlim;
+        if (MODE == MG_OUT_BF16) {
+            __nv_bfloat16 *out = (__nv_bfloat16 *)C + (int64_t)r * ldc;
+#pragma unroll
+            for (int m = 0; m < NJ / 4; m++) {
+                uint32_t v[4], o[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    v[q] = mg_pack_bf16(acc[4 * (4 * m + q) + 2 * h], acc[4 * (4 * m + q) + 2 * h + 1]);
+                /* round k: thread s sends its pair of group 4m + (s + k) % 4; thread t gets
+                 * that of group 4m + t from thread (t - k) % 4 */
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    uint32_t got = __shfl_sync(0xffffffffu, mg_pick4(v, (t + k) & 3),
+                                               (lane & ~3) | ((t - k) & 3));
+                    int at = (t - k) & 3;
+                    o[0] = at == 0 ? got : o[0];
+                    o[1] = at == 1 ? got : o[1];
+                    o[2] = at == 2 ? got : o[2];
+                    o[3] = at == 3 ? got : o[3];
+                }
+                int n = n0 + (4 * m + t) * 8;
+                if (live && n < N)
+                    *(uint4 *)(out + n) = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+        } else {
+            float *out = (float *)C + (int64_t)r * ldc;
+            bool odd = t & 1;
+#pragma unroll
+            for (int j = 0; j < NJ; j += 2) {
+                /* the even thread of a pair writes group j's 4 columns, the odd one group
+                 * j + 1's: each gives the other the pair it lacks */
+                float sx = odd ? acc[4 * j + 2 * h] : acc[4 * (j + 1) + 2 * h];
+                float sy = odd ? acc[4 * j + 2 * h + 1] : acc[4 * (j + 1) + 2 * h + 1];
+                float gx = __shfl_xor_sync(0xffffffffu, sx, 1);
+                float gy = __shfl_xor_sync(0xffffffffu, sy, 1);
+                float4 w = odd ? make_float4(gx, gy, acc[4 * (j + 1) + 2 * h],
+                                             acc[4 * (j + 1) + 2 * h + 1])
+                               : make_float4(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], gx, gy);
+                int n = n0 + (j + odd) * 8 + 4 * (t >> 1);
+                if (live && n < N)
+                    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(out + n),
+                                 "f"(w.x), "f"(w.y), "f"(w.z), "f"(w.w)
+                                 : "memory");
+            }
+        }
+    }
+}
+
 /* ---- host side: the TMA kernels' tensor maps ---- */
 
 /* cuTensorMapEncodeTiled from the driver, through the runtime's entry-point lookup: the

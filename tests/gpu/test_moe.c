@@ -335,6 +335,72 @@ static void misaligned_weights_same_bits(void)
     gt_reset(mark);
 }
 
+/* The TMA kernel's 16-byte epilogue (quad transposes through shuffles) against its plain
+ * stores (DSV3_MOE_EPI_VEC=0): fwd, dgrad and wgrad bit for bit, on ragged expert loads with
+ * an empty expert, rows that end mid-tile, N past a tile edge (O 264: one full 256-column
+ * tile and an 8-column one), and a 3-block grid (tiles of several experts a block). */
+static void epilogue_vec_same_bits(void)
+{
+    GT_NEED_GPU();
+    dsv3_err e;
+    int N = 173, H = 136, E = 9, K = 3, O = 264, nk = N * K;
+    for (int grid = 0; grid < 2; grid++) {
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        if (grid)
+            setenv("DSV3_MOE_WS_GRID", "3", 1);
+        int32_t *idx = malloc((size_t)nk * 4);
+        for (int n = 0; n < N; n++)
+            for (int r = 0; r < K; r++)  /* expert 8 gets no rows; 0 the most */
+                idx[n * K + r] = (n % 5 == 0 ? r : (n * 7 + 3 * r) % 8);
+        for (int n = 0; n < N; n++)  /* distinct within a token */
+            if (idx[n * K] == idx[n * K + 1] || idx[n * K] == idx[n * K + 2] ||
+                idx[n * K + 1] == idx[n * K + 2])
+                idx[n * K] = 0, idx[n * K + 1] = 1, idx[n * K + 2] = 2;
+        float *x = gt_rand_bf((size_t)nk * H, 1), *W = gt_rand_bf((size_t)E * O * H, 0.2f);
+        float *dy = gt_rand_bf((size_t)nk * O, 1);
+        gpu_bf16 *gx = gt_up_bf(x, (size_t)nk * H), *gdy = gt_up_bf(dy, (size_t)nk * O);
+        gpu_bf16 *gW = gt_up_bf(W, (size_t)E * O * H);
+        int32_t *gidx = gt_up(idx, (size_t)nk * 4);
+        gpu_bf16 *y[2], *d[2];
+        float *dW[2];
+        for (int v = 0; v < 2; v++) {
+            y[v] = gt_poisoned((size_t)nk * O * 2);
+            d[v] = gt_poisoned((size_t)nk * H * 2);
+            float *z = gt_zeros((size_t)E * O * H);
+            dW[v] = gt_up(z, (size_t)E * O * H * 4);
+            free(z);
+        }
+        REQUIRE(gx && gdy && gW && gidx && y[0] && y[1] && d[0] && d[1] && dW[0] && dW[1]);
+        gpu_moe_plan p;
+        REQUIRE(gpu_moe_plan_make(gt_ctx_, &p, gidx, N, K, E, &e) == 0);
+        int ok = 1;
+        for (int v = 0; v < 2 && ok; v++) {  /* v 0: plain stores, 1: the default */
+            if (v == 0)
+                setenv("DSV3_MOE_EPI_VEC", "0", 1);
+            else
+                unsetenv("DSV3_MOE_EPI_VEC");
+            ok = gpu_moe_linear_fwd(gt_ctx_, &p, y[v], gx, gW, H, O, &e) == 0 &&
+                 gpu_moe_linear_dgrad(gt_ctx_, &p, d[v], gdy, gW, H, O, &e) == 0 &&
+                 gpu_moe_linear_wgrad(gt_ctx_, &p, dW[v], gdy, gx, H, O, &e) == 0;
+        }
+        unsetenv("DSV3_MOE_EPI_VEC");
+        unsetenv("DSV3_MOE_WS_GRID");
+        CHECKF(ok, "%s", e.msg);
+        if (ok) {
+            float *a = gt_down_bf(y[0], (size_t)nk * O), *b = gt_down_bf(y[1], (size_t)nk * O);
+            float *c = gt_down_bf(d[0], (size_t)nk * H), *f = gt_down_bf(d[1], (size_t)nk * H);
+            float *g = gt_down_f(dW[0], (size_t)E * O * H), *h = gt_down_f(dW[1], (size_t)E * O * H);
+            CHECKF(a && b && !memcmp(a, b, (size_t)nk * O * 4), "fwd differs (grid %d)", grid);
+            CHECKF(c && f && !memcmp(c, f, (size_t)nk * H * 4), "dgrad differs (grid %d)", grid);
+            CHECKF(g && h && !memcmp(g, h, (size_t)E * O * H * 4), "wgrad differs (grid %d)", grid);
+            free(a), free(b), free(c), free(f), free(g), free(h);
+        }
+        gpu_moe_plan_free(&p);
+        free(idx), free(x), free(W), free(dy);
+        gt_reset(mark);
+    }
+}
+
 static int moe_run(void *arg, dsv3_err *e)
 {
     struct moe_job *j = arg;
@@ -464,6 +530,7 @@ int main(void)
     RUN(expert_layer_ws_matches_cpu);
     RUN(expert_layer_ws_tma_matches_cpu);
     RUN(misaligned_weights_same_bits);
+    RUN(epilogue_vec_same_bits);
     RUN(bench_grouped_gemm);
     if (gt_ctx_)
         gpu_ctx_destroy(gt_ctx_);
