@@ -120,7 +120,8 @@ static const cli_program PROG = {
 };
 
 enum {
-    OPT_DEVICE = 0x2000, OPT_FP8, OPT_FP8_MIN_DIM, OPT_RECOMPUTE, OPT_NONDET, OPT_INIT_FROM, OPT_INIT_STD,
+    OPT_DEVICE = 0x2000, OPT_FP8, OPT_FP8_MIN_DIM, OPT_RECOMPUTE, OPT_NONDET, OPT_INIT_FROM,
+    OPT_INIT_STD,
     OPT_GB_TOKENS, OPT_RAMP, OPT_STEPS,
     OPT_TOKENS, OPT_UNIT, OPT_LR, OPT_WARMUP, OPT_DECAY_START, OPT_DECAY_END, OPT_FINAL_LR,
     OPT_TAIL_START, OPT_TAIL_LR, OPT_WD, OPT_BETA1, OPT_BETA2, OPT_CLIP, OPT_GAMMA,
@@ -299,7 +300,9 @@ int main(int argc, char **argv)
         case 's': o.seed = parse_u64("--seed", optarg, 0, INT64_MAX); break;
         case OPT_DEVICE: device = parse_device(optarg, "--device"); break;
         case OPT_FP8: o.fp8 = 1; break;
-        case OPT_FP8_MIN_DIM: o.fp8_min_dim = (int)parse_u64("--fp8-min-dim", optarg, 0, 1 << 20); break;
+        case OPT_FP8_MIN_DIM:
+            o.fp8_min_dim = (int)parse_u64("--fp8-min-dim", optarg, 0, 1 << 20);
+            break;
         case OPT_RECOMPUTE: o.recompute = 1; break;
         case OPT_NONDET: o.nondet = 1; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;

@@ -497,6 +497,27 @@ __global__ void mf_tile_starts_kernel(int *ts, const int *off, int E)
     mg_tile_starts<128>(ts, off, E, threadIdx.x);
 }
 
+/* The sorted rows of token tile t (tiles numbered over the experts: expert x's are
+ * ts[x] .. ts[x+1]-1, each of 128 rows from the expert's first): [*r0, *r1), or *r0 = -1 past
+ * the last tile. */
+__device__ __forceinline__ void token_tile_rows(const int *ts, const int *off, int E, int t,
+                                                int *r0, int *r1)
+{
+    *r0 = -1;
+    if (t < ts[E]) { /* the expert whose tiles hold t: ts[lo] <= t < ts[hi] */
+        int lo = 0, hi = E;
+        while (hi - lo > 1) {
+            int mid = (lo + hi) / 2;
+            if (ts[mid] <= t)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        *r0 = off[lo] + (t - ts[lo]) * 128;
+        *r1 = min(*r0 + 128, off[lo + 1]);
+    }
+}
+
 /* Block (token tile t, 64 columns): the tile's rows through shared memory, each column's
  * 1x128 amax over four quarter-columns, codes written 32 bytes a thread down qt's row. */
 __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, float *st,
@@ -508,21 +529,8 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
     __shared__ float red[4][64];
     __shared__ int s_r0, s_r1;
     int t = blockIdx.x, c0 = blockIdx.y * 64, tid = threadIdx.x;
-    if (tid == 0) {
-        s_r0 = -1;
-        if (t < ts[E]) { /* the expert whose tiles hold t: ts[lo] <= t < ts[hi] */
-            int lo = 0, hi = E;
-            while (hi - lo > 1) {
-                int mid = (lo + hi) / 2;
-                if (ts[mid] <= t)
-                    lo = mid;
-                else
-                    hi = mid;
-            }
-            s_r0 = off[lo] + (t - ts[lo]) * 128;
-            s_r1 = min(s_r0 + 128, off[lo + 1]);
-        }
-    }
+    if (tid == 0)
+        token_tile_rows(ts, off, E, t, &s_r0, &s_r1);
     __syncthreads();
     int r0 = s_r0, r1 = s_r1;
     if (r0 < 0)
@@ -576,21 +584,8 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
     __shared__ float red[4][128];
     __shared__ int s_r0, s_r1;
     int t = blockIdx.x, cb = blockIdx.y, c0 = cb * 128, tid = threadIdx.x;
-    if (tid == 0) {
-        s_r0 = -1;
-        if (t < ts[E]) { /* the expert whose tiles hold t: ts[lo] <= t < ts[hi] */
-            int lo = 0, hi = E;
-            while (hi - lo > 1) {
-                int mid = (lo + hi) / 2;
-                if (ts[mid] <= t)
-                    lo = mid;
-                else
-                    hi = mid;
-            }
-            s_r0 = off[lo] + (t - ts[lo]) * 128;
-            s_r1 = min(s_r0 + 128, off[lo + 1]);
-        }
-    }
+    if (tid == 0)
+        token_tile_rows(ts, off, E, t, &s_r0, &s_r1);
     __syncthreads();
     int r0 = s_r0, r1 = s_r1;
     if (r0 < 0)
