@@ -75,9 +75,42 @@ __global__ void __launch_bounds__(256) rmsnorm_fwd_warp_kernel(bf16 *out, float 
     }
 }
 
+/* One row's operands of the backward as loaded: x, dy, the dx it adds into (beta != 0),
+ * and rstd when the forward kept it. */
+template <int NC> struct norm_bwd_row {
+    uint4 x[NC], dy[NC], dx[NC];
+    float r;
+};
+
+template <int NC>
+__device__ __forceinline__ void norm_bwd_load(norm_bwd_row<NC> &o, int row, int lane, int nch,
+                                              const bf16 *in, const bf16 *d_out,
+                                              const bf16 *d_in, bool add, const float *rstd,
+                                              int D)
+{
+    const uint4 *x = (const uint4 *)(in + (int64_t)row * D),
+                *dy = (const uint4 *)(d_out + (int64_t)row * D),
+                *dx = (const uint4 *)(d_in + (int64_t)row * D);
+#pragma unroll
+    for (int j = 0; j < NC; j++) {
+        int c = lane + 32 * j;
+        if (c < nch) {
+            o.x[j] = x[c];
+            o.dy[j] = dy[c];
+            if (add)
+                o.dx[j] = dx[c];
+        }
+    }
+    o.r = rstd ? rstd[row] : 0.0f;
+}
+
 /* Backward, one warp a row, the rows blockIdx.x * 8 + warp + k * gridDim.x * 8: dx as in
  * rmsnorm_dx_kernel (added to beta * dx), and with part non-NULL part[blockIdx.x][i] = the
- * block's sum of dy * x * rstd (rstd recomputed when NULL). */
+ * block's sum of dy * x * rstd (rstd recomputed when NULL). Each warp issues its next row's
+ * loads before it works on the current one: with one row in flight a warp the kernel was
+ * latency-bound (half the copy rate). The weight-gradient sums live in shared memory, each
+ * warp its own slice laid out [chunk j][value q][lane] (no bank conflicts), which frees
+ * the registers the second row needs; each element still sums its rows in the same order. */
 template <int NC>
 __global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, float beta,
                                                                float *part, const bf16 *d_out,
@@ -87,28 +120,28 @@ __global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, fl
 {
     __shared__ float sh[8 * NORM_WARP_MAXD];
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nch = D / 8;
-    /* w is read again for each row (L1-resident): kept in registers it cost 32 of them and
-     * left one block an SM */
-    float acc[NC][8];
+    float *acc = sh + wp * NORM_WARP_MAXD;
+    bool add = d_in && beta != 0.0f;
 #pragma unroll
     for (int j = 0; j < NC; j++)
 #pragma unroll
         for (int q = 0; q < 8; q++)
-            acc[j][q] = 0;
-    for (int row = blockIdx.x * 8 + wp; row < N; row += gridDim.x * 8) {
-        const uint4 *x = (const uint4 *)(in + (int64_t)row * D),
-                    *dy = (const uint4 *)(d_out + (int64_t)row * D);
-        uint4 xv[NC], gv[NC];
+            acc[(j * 8 + q) * 32 + lane] = 0;
+    int row = blockIdx.x * 8 + wp, stride = gridDim.x * 8;
+    norm_bwd_row<NC> cur, nxt;
+    if (row < N)
+        norm_bwd_load(cur, row, lane, nch, in, d_out, d_in, add, rstd, D);
+    for (; row < N; row += stride) {
+        if (row + stride < N)
+            norm_bwd_load(nxt, row + stride, lane, nch, in, d_out, d_in, add, rstd, D);
         float ss = 0, dot = 0;
 #pragma unroll
         for (int j = 0; j < NC; j++) {
             int c = lane + 32 * j;
             if (c < nch) {
                 float f[8], g[8], wf[8];
-                xv[j] = x[c];
-                gv[j] = dy[c];
-                unpack8(xv[j], f);
-                unpack8(gv[j], g);
+                unpack8(cur.x[j], f);
+                unpack8(cur.dy[j], g);
                 unpack8(__ldg((const uint4 *)w + c), wf);
 #pragma unroll
                 for (int q = 0; q < 8; q++) {
@@ -117,7 +150,7 @@ __global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, fl
                 }
             }
         }
-        float r = rstd ? rstd[row] : rsqrtf(warp_sum(ss) / D + eps);
+        float r = rstd ? cur.r : rsqrtf(warp_sum(ss) / D + eps);
         float m = warp_sum(dot) * r / D;
         bf16 *dx = d_in ? d_in + (int64_t)row * D : NULL;
 #pragma unroll
@@ -125,42 +158,37 @@ __global__ void __launch_bounds__(256, 2) rmsnorm_bwd_warp_kernel(bf16 *d_in, fl
             int c = lane + 32 * j;
             if (c < nch) {
                 float f[8], g[8], o[8];
-                unpack8(xv[j], f);
-                unpack8(gv[j], g);
+                unpack8(cur.x[j], f);
+                unpack8(cur.dy[j], g);
                 if (dx) {
                     float wf[8];
                     unpack8(__ldg((const uint4 *)w + c), wf);
-                    if (beta != 0.0f)
-                        load8(dx + 8 * c, o);
+                    if (add)
+                        unpack8(cur.dx[j], o);
 #pragma unroll
                     for (int q = 0; q < 8; q++) {
                         float v = r * (g[q] * wf[q] - f[q] * r * m);
-                        o[q] = beta != 0.0f ? beta * o[q] + v : v;
+                        o[q] = add ? beta * o[q] + v : v;
                     }
                     store8(dx + 8 * c, o);
                 }
 #pragma unroll
                 for (int q = 0; q < 8; q++)
-                    acc[j][q] += g[q] * f[q] * r;
+                    acc[(j * 8 + q) * 32 + lane] += g[q] * f[q] * r;
             }
         }
+        cur = nxt;
     }
     if (!part)
         return;
-#pragma unroll
-    for (int j = 0; j < NC; j++) {
-        int c = lane + 32 * j;
-        if (c < nch)
-#pragma unroll
-            for (int q = 0; q < 8; q++)
-                sh[wp * NORM_WARP_MAXD + 8 * c + q] = acc[j][q];
-    }
     __syncthreads();
+    /* element i = 8 c + q of the row, c = lane + 32 j, sits at (j * 8 + q) * 32 + lane */
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        int c = i >> 3, at = ((c >> 5) * 8 + (i & 7)) * 32 + (c & 31);
         float t = 0;
 #pragma unroll
         for (int k = 0; k < 8; k++)
-            t += sh[k * NORM_WARP_MAXD + i];
+            t += sh[k * NORM_WARP_MAXD + at];
         part[(int64_t)blockIdx.x * D + i] = t;
     }
 }

@@ -68,6 +68,21 @@ static void bench_memory_bound(void)
     j.kind = 1;
     ms = gb_time(run, &j, 20);
     report("rmsnorm bwd 16384x7168 (+dw)", ms, 4.0 * nd * 2); /* x, dy, dx in, dx out */
+    /* the 1B-class MoE's norms (hidden 1024, q_lora 384, kv_lora 256): the warp-a-row
+     * kernels; the weight gradient's partials are a few MB and not counted */
+    static const int small_d[] = {1024, 384, 256};
+    for (int k = 0; k < 3; k++) {
+        char name[64];
+        size_t ns = (size_t)N * small_d[k];
+        j.D = small_d[k], j.kind = 0;
+        ms = gb_time(run, &j, 20);
+        snprintf(name, sizeof name, "rmsnorm fwd 16384x%d", small_d[k]);
+        report(name, ms, 2.0 * ns * 2);
+        j.kind = 1;
+        ms = gb_time(run, &j, 20);
+        snprintf(name, sizeof name, "rmsnorm bwd 16384x%d (+dw)", small_d[k]);
+        report(name, ms, 4.0 * ns * 2);
+    }
     gpu_free(j.a), gpu_free(j.b), gpu_free(j.c), gpu_free(j.d), gpu_free(j.f), gpu_free(j.f2);
 
     /* SwiGLU of the V3 dense MLP: 16384 x 18432 */
