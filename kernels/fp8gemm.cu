@@ -40,54 +40,24 @@ extern "C" int gpu_fp8_gemm(gpu_ctx *c, int M, int N, int K, const uint8_t *A, c
     cudaDataType_t ct = c_f32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasLtMatmulDesc_t op = NULL;
     cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
-    int rc = -1;
-    do {
-        if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof sb) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof sa) ||
-            set_attr(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast) ||
-            cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, k, m, K) ||
-            cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, k, n, K) ||
-            cublasLtMatrixLayoutCreate(&lc, ct, m, n, N)) {
-            err_set(e, "fp8 gemm: cannot describe M=%d N=%d K=%d to cuBLASLt", M, N, K);
-            break;
-        }
-        /* ta/tb >= 16 mark FP8 entries in the shared algorithm cache (bf16 uses 0/1). */
-        algo_entry key = {16 + a_mode * 4 + fast, 16 + b_mode, m, n, k, K, K, N, c_f32,
-                          beta == 0.0f, {}};
-        cublasLtMatmulAlgo_t algo;
-        if (gemm_find_algo(c, op, la, lb, lc, &key, &algo, e)) {
-            char why[sizeof e->msg];
-            snprintf(why, sizeof why, "%s", e->msg);
-            err_set(e, "fp8 gemm: cuBLASLt has no algorithm for M=%d N=%d K=%d, scaling %d x %d, "
-                       "%s out (%s)", M, N, K, a_mode, b_mode, c_f32 ? "fp32" : "bf16", why);
-            break;
-        }
-        float alpha = 1.0f;
-        cublasStatus_t st = cublasLtMatmul(c->lt, op, &alpha, B, la, A, lb, &beta, C, lc, C, lc,
-                                           &algo, c->workspace, c->workspace_bytes, c->stream);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            err_set(e, "fp8 gemm: cublasLtMatmul M=%d N=%d K=%d failed: status %d", M, N, K,
-                    (int)st);
-            break;
-        }
-        rc = 0;
-    } while (0);
-    if (lc)
-        cublasLtMatrixLayoutDestroy(lc);
-    if (lb)
-        cublasLtMatrixLayoutDestroy(lb);
-    if (la)
-        cublasLtMatrixLayoutDestroy(la);
-    if (op)
-        cublasLtMatmulDescDestroy(op);
-    if (rc == 0)
-        LAUNCH_CHECK("cublasLtMatmul (fp8)", e);
-    return rc;
+    int described = !(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof sb) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof sa) ||
+                      set_attr(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast) ||
+                      cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, k, m, K) ||
+                      cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, k, n, K) ||
+                      cublasLtMatrixLayoutCreate(&lc, ct, m, n, N));
+    /* ta/tb >= 16 mark FP8 entries in the shared algorithm cache (bf16 uses 0/1). */
+    algo_entry key = {16 + a_mode * 4 + fast, 16 + b_mode, m, n, k, K, K, N, c_f32,
+                      beta == 0.0f, {}};
+    char what[96];
+    snprintf(what, sizeof what, "fp8 gemm M=%d N=%d K=%d, scaling %d x %d, %s out", M, N, K,
+             a_mode, b_mode, c_f32 ? "fp32" : "bf16");
+    return gemm_lt_run(c, what, described, op, la, lb, lc, &key, 1.0f, B, A, beta, C, e);
 }
 
 extern "C" int gpu_fp8_linear_fwd(gpu_ctx *c, gpu_bf16 *out, const uint8_t *xq, const float *xs,

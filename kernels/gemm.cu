@@ -41,7 +41,7 @@ int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t l
         cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, lc, lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-        return err_set(e, "gemm: cuBLASLt has no algorithm for m=%d n=%d k=%d (status %d)",
+        return err_set(e, "cuBLASLt has no algorithm for m=%d n=%d k=%d (status %d)",
                        key->m, key->n, key->k, (int)st);
     *algo = res.algo;
     algo_entry ent = *key;
@@ -53,6 +53,41 @@ int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t l
         c->algos_next = (c->algos_next + 1) % GPU_ALGO_CACHE;
     }
     return 0;
+}
+
+int gemm_lt_run(gpu_ctx *c, const char *what, int described, cublasLtMatmulDesc_t op,
+                cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc,
+                const algo_entry *key, float alpha, const void *first, const void *second,
+                float beta, void *C, dsv3_err *e)
+{
+    int rc = -1;
+    cublasLtMatmulAlgo_t algo;
+    if (!described)
+        err_set(e, "%s: cannot describe the product to cuBLASLt", what);
+    else if (gemm_find_algo(c, op, la, lb, lc, key, &algo, e)) {
+        char why[sizeof e->msg];
+        snprintf(why, sizeof why, "%s", e->msg);
+        err_set(e, "%s: %s", what, why);
+    } else {
+        cublasStatus_t st = cublasLtMatmul(c->lt, op, &alpha, first, la, second, lb, &beta, C, lc,
+                                           C, lc, &algo, c->workspace, c->workspace_bytes,
+                                           c->stream);
+        if (st != CUBLAS_STATUS_SUCCESS)
+            err_set(e, "%s: cublasLtMatmul failed: status %d", what, (int)st);
+        else
+            rc = 0;
+    }
+    if (lc)
+        cublasLtMatrixLayoutDestroy(lc);
+    if (lb)
+        cublasLtMatrixLayoutDestroy(lb);
+    if (la)
+        cublasLtMatrixLayoutDestroy(la);
+    if (op)
+        cublasLtMatmulDescDestroy(op);
+    if (rc == 0)
+        LAUNCH_CHECK("cublasLtMatmul", e);
+    return rc;
 }
 
 /* cuBLASLt's heuristic assumes 256-byte aligned operands unless told otherwise, and its
@@ -86,41 +121,18 @@ extern "C" int gpu_gemm(gpu_ctx *c, int ta, int tb, int M, int N, int K, float a
     cudaDataType_t ct = c_f32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasLtMatmulDesc_t op = NULL;
     cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
-    int rc = -1;
-    do {
-        if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa) ||
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb) ||
-            cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, a_rows, a_cols, ldb) ||
-            cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, b_rows, b_cols, lda) ||
-            cublasLtMatrixLayoutCreate(&lc, ct, m, n, ldc)) {
-            err_set(e, "gemm: cannot describe m=%d n=%d k=%d to cuBLASLt", m, n, k);
-            break;
-        }
-        algo_entry key = {ta + 2 * align_class(A, B, C), tb, m, n, k, lda, ldb, ldc, c_f32,
-                          beta == 0.0f, {}};
-        cublasLtMatmulAlgo_t algo;
-        if (gemm_find_algo(c, op, la, lb, lc, &key, &algo, e))
-            break;
-        cublasStatus_t st = cublasLtMatmul(c->lt, op, &alpha, B, la, A, lb, &beta, C, lc, C, lc,
-                                           &algo, c->workspace, c->workspace_bytes, c->stream);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            err_set(e, "gemm: cublasLtMatmul m=%d n=%d k=%d failed: status %d", m, n, k, (int)st);
-            break;
-        }
-        rc = 0;
-    } while (0);
-    if (lc)
-        cublasLtMatrixLayoutDestroy(lc);
-    if (lb)
-        cublasLtMatrixLayoutDestroy(lb);
-    if (la)
-        cublasLtMatrixLayoutDestroy(la);
-    if (op)
-        cublasLtMatmulDescDestroy(op);
-    if (rc == 0)
-        LAUNCH_CHECK("cublasLtMatmul", e);
-    return rc;
+    int described =
+        !(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
+          cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa) ||
+          cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb) ||
+          cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, a_rows, a_cols, ldb) ||
+          cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, b_rows, b_cols, lda) ||
+          cublasLtMatrixLayoutCreate(&lc, ct, m, n, ldc));
+    algo_entry key = {ta + 2 * align_class(A, B, C), tb, m, n, k, lda, ldb, ldc, c_f32,
+                      beta == 0.0f, {}};
+    char what[64];
+    snprintf(what, sizeof what, "gemm m=%d n=%d k=%d", m, n, k);
+    return gemm_lt_run(c, what, described, op, la, lb, lc, &key, alpha, B, A, beta, C, e);
 }
 
 extern "C" int gpu_linear_fwd(gpu_ctx *c, gpu_bf16 *out, const gpu_bf16 *in, const gpu_bf16 *w,

@@ -12,4 +12,13 @@ int gemm_find_algo(gpu_ctx *c, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t l
                    cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc, const algo_entry *key,
                    cublasLtMatmulAlgo_t *algo, dsv3_err *e);
 
+/* Runs a described matmul C = alpha * (first op) (second op) + beta * C on the context's
+ * stream (D is C) with the algorithm for key, then destroys the descriptors, whichever way
+ * it went (so a caller whose description failed passes what it made, NULLs included, with
+ * described = 0). what names the call in errors ("fp8 gemm: M=.. N=.. K=.."). */
+int gemm_lt_run(gpu_ctx *c, const char *what, int described, cublasLtMatmulDesc_t op,
+                cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc,
+                const algo_entry *key, float alpha, const void *first, const void *second,
+                float beta, void *C, dsv3_err *e);
+
 #endif
