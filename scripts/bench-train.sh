@@ -21,7 +21,9 @@
 # runs with SMALL_B x 4096 micro-batches (default 8) and SMALL_GB (default 32). CONFIGS
 # picks the configs (default "small 1b-moe"). MODEL_BENCH=0 skips part 1 (then
 # CEILING_TFLOPS, a GEMM rate measured on the same card, e.g. by scripts/bench-attn.sh in the
-# same call, gives the MFU floor). RECOMPUTE=1 also runs tests/gpu/test_recompute's bench
+# same call, gives the MFU floor). The end-to-end line also gives MFU against the datasheet's
+# dense BF16 peak, PEAK_TFLOPS (default 989.4: H100 and H200 SXM; what dsv3-train's step line
+# divides by). RECOMPUTE=1 also runs tests/gpu/test_recompute's bench
 # (1b-moe forward + backward with and without recomputation: time and activation arena) and
 # dsv3-train --recompute per config. For docs/PERF.md.
 # BEFORE_BUILD=DIR also runs DIR/bin/dsv3-train (an earlier commit's build) on 1b-moe's data.
@@ -33,6 +35,7 @@
 set -eu
 BUILD=${BUILD:-build}
 B=${1:-4} GB=${2:-16} steps=${3:-3} L=4096
+PEAK_TFLOPS=${PEAK_TFLOPS:-989.4}
 CONFIGS=${CONFIGS:-small 1b-moe}
 bin=$(cd "$BUILD/bin" && pwd)
 T=$(mktemp -d /tmp/dsv3-bench-train-XXXXXX)
@@ -103,7 +106,7 @@ for cfg in $CONFIGS; do
     echo "# wall $(( $(date +%s) - t0 )) s for the run (setup, $steps steps, final checkpoint)"
     tps=$(median_tps "$T/run/metrics.jsonl")
     [ -n "$tps" ] && [ -n "$ceil" ] &&
-        awk -v t="$tps" -v f="$fpt" -v c="$ceil" -v m="$(cat "$T/$cfg.mem")" -v n="$cfg" 'BEGIN { printf "dsv3-train %s end to end: %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f TFLOP/s, peak GPU memory %s GiB\n", n, t, t * f / 1e12, 100 * t * f / (c * 1e12), c, m }'
+        awk -v t="$tps" -v f="$fpt" -v c="$ceil" -v p="$PEAK_TFLOPS" -v m="$(cat "$T/$cfg.mem")" -v n="$cfg" 'BEGIN { printf "dsv3-train %s end to end: %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f TFLOP/s (%.1f%% of the %.1f datasheet peak), peak GPU memory %s GiB\n", n, t, t * f / 1e12, 100 * t * f / (c * 1e12), c, 100 * t * f / (p * 1e12), p, m }'
     if [ -n "$dm" ]; then
         memrun "$cfg-nd" "$bin/dsv3-train" -c "$json" -d "$T/data" -o "$T/runnd" -b "$cb" -g "$cg" \
             --steps "$steps" --mtp-weight 0 --balance-alpha 0 --device cuda $dm --nondeterministic >"$T/trainnd.log" 2>&1 || true
