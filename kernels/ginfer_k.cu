@@ -648,16 +648,12 @@ __global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, in
     moe_bucket_body(idx, NK, K, E, ns, off, order, spos, cnt);
 }
 
-/* Before the wait: route_k's router rows, the norm weight nw (NULL: none) and the bias (NULL:
- * none; written only by the host). Not inlined,
+/* Before the wait: route_k's router rows and the norm weight nw (NULL: none). Not inlined,
  * nor is grouped_prefetch: inline, ptxas spilled a few bytes in route_k<1, false> and the
  * one-row grouped_k; a call leaves the kernels' registers as they were without it. */
 __device__ __noinline__ void route_prefetch(int m, const float *router, const float *nw, int H,
-                                            int E, const float *bias)
+                                            int E)
 {
-    /* the bias the last block's top-k reads (a DRAM round trip on its serial path else) */
-    if (bias && gk_pdl_pf(m) && blockIdx.x == 0 && threadIdx.x == 32)
-        gk_prefetch_l2(bias, (size_t)E * sizeof(float));
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
     const float *wr[1] = {router + (long)o * H};
     if (o < E)
@@ -673,16 +669,6 @@ __device__ __noinline__ void route_prefetch(int m, const float *router, const fl
  * routed are add_norm_k's output for (x, delta, mo, nw, eps) with T threads: every block
  * normalises them, NT at a time, into shared memory (norm_row_to) and takes its dot products
  * from there; the last block writes x's sums and the normed rows (xn) as add_norm_k does. */
-#define ROUTE_SIDX 256  /* choices (rows x k) route_k keeps in shared memory, at most */
-#define ROUTE_SVS_E 512  /* experts up to which route_row gets a shared copy of the scores */
-
-/* Bytes of route_k's dynamic scratch for route_row (beyond NORM's rows): choices and flags,
- * and the scores' copy where it fits (under 48 KB with the static arrays). */
-static size_t route_scratch(int E)
-{
-    return (size_t)GK_WARPS * E * ((E <= ROUTE_SVS_E ? 2 * sizeof(float) : sizeof(float)) + 1);
-}
-
 template <int NT, bool NORM>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     route_k(int m, const float *__restrict__ x, const float *__restrict__ router, const float *bias,
@@ -691,13 +677,11 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
             unsigned *count, float *xres, const float *delta, gk_moe_out mo, const float *nw,
             float eps, int T, float *xn)
 {
-    route_prefetch(m, router, NORM ? nw : NULL, H, E, bias);
+    route_prefetch(m, router, NORM ? nw : NULL, H, E);
     gk_pdl_enter(m);
-    /* GK_WARPS x [E] choices, GK_WARPS x [E] flags, GK_WARPS x [E] scores (route_row's
-     * scratch); with NORM the rows [NT][H] first */
+    /* GK_WARPS x [E] choices, then GK_WARPS x [E] flags; with NORM the rows [NT][H] first */
     extern __shared__ float rsm[];
     __shared__ int cnt[1025];
-    __shared__ int32_t sidx[ROUTE_SIDX];
     __shared__ unsigned last;
     __shared__ float red[32];
     float *xs_sm = rsm, *csm = rsm + (NORM ? NT * H : 0);
@@ -754,20 +738,10 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
     float *choice = csm + warp * E;
     unsigned char *taken = (unsigned char *)(csm + GK_WARPS * E) + warp * E;
-    float *svs = E <= ROUTE_SVS_E
-                     ? (float *)((unsigned char *)(csm + GK_WARPS * E) + GK_WARPS * E) + warp * E
-                     : NULL;
-    /* the choices into shared memory when they fit (decode sizes), read there by the
-     * bucketing (global ones just written would be L2 round trips), copied out for the
-     * launches after */
-    int32_t *ridx = N * K <= ROUTE_SIDX ? sidx : idx;
     for (int n = warp; n < N; n += GK_WARPS)
-        route_row(ridx, rw, rs, logits, bias, n, E, G, TG, K, norm, scale, choice, taken, svs);
+        route_row(idx, rw, rs, logits, bias, n, E, G, TG, K, norm, scale, choice, taken);
     __syncthreads();  /* the block's idx writes visible to the whole block */
-    if (ridx != idx)
-        for (int a = threadIdx.x; a < N * K; a += blockDim.x)
-            idx[a] = sidx[a];
-    moe_bucket_body(ridx, N * K, K, E, ns, off, order, spos, cnt);
+    moe_bucket_body(idx, N * K, K, E, ns, off, order, spos, cnt);
     if (threadIdx.x == 0)
         *count = 0;
 }
@@ -793,7 +767,7 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
         return -1;
     if (N <= 0)
         return 0;
-    size_t smem = route_scratch(E);
+    size_t smem = (size_t)GK_WARPS * E * (sizeof(float) + 1);
     unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
     gk_launch(N == 1 ? route_k<1, false> : N <= 4 ? route_k<4, false> : route_k<8, false>, grid,
               GK_WARPS * 32, smem, s, x, router, bias, logits, rs, rw, idx, N, H, E, G, TG, K,
@@ -811,7 +785,7 @@ static int route_norm_nt(int N)
 int gk_route_norm_fits(int N, int H, int E)
 {
     return N <= 8 && E <= 1024 &&
-           (size_t)route_norm_nt(N) * H * sizeof(float) + route_scratch(E) <= 40 * 1024;
+           (size_t)route_norm_nt(N) * H * sizeof(float) + (size_t)GK_WARPS * E * 5 <= 40 * 1024;
 }
 
 int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out *mo,
@@ -830,7 +804,7 @@ int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out
     if (mo)
         m = *mo;
     int nt = route_norm_nt(N);
-    size_t smem = (size_t)nt * H * sizeof(float) + route_scratch(E);
+    size_t smem = (size_t)nt * H * sizeof(float) + (size_t)GK_WARPS * E * (sizeof(float) + 1);
     unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
     gk_launch(nt == 1 ? route_k<1, true> : nt == 4 ? route_k<4, true> : route_k<8, true>, grid,
               GK_WARPS * 32, smem, s, (const float *)NULL, router, bias, logits, rs, rw, idx, N, H,

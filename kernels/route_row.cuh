@@ -27,13 +27,10 @@ __device__ __forceinline__ void route_argmax(int &valid, float &v, int &i)
 
 /* Row n's top-k experts (idx) and weights (w) from its router logits, the sigmoid scores kept
  * in s (the backward's); choice and taken: the warp's [E] shared scratch. The logits are read
- * through L2 (in the decode engine other blocks of the same grid wrote them). svs (optional,
- * the warp's [E] shared scratch): a copy of the scores the top-k rounds read instead of s
- * (the same values; a read of s just written is an L2 round trip a round). */
+ * through L2 (in the decode engine other blocks of the same grid wrote them). */
 static __device__ void route_row(int32_t *idx, float *w, float *s, const float *logits,
                                  const float *bias, int n, int E, int G, int TG, int K,
-                                 int norm, float scale, float *choice, unsigned char *taken,
-                                 float *svs = NULL)
+                                 int norm, float scale, float *choice, unsigned char *taken)
 {
     int lane = threadIdx.x & 31;
     const float *l = logits + (long)n * E;
@@ -41,8 +38,6 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
     for (int x = lane; x < E; x += 32) {
         float sv = 1.0f / (1.0f + expf(-__ldcg(l + x)));
         sr[x] = sv;
-        if (svs)
-            svs[x] = sv;
         choice[x] = sv + (bias ? bias[x] : 0.0f);
         taken[x] = 0;
     }
@@ -83,7 +78,7 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
         if (lane == 0)
             taken[i] = 1;
         __syncwarp();
-        float sv = svs ? svs[i] : sr[i];
+        float sv = sr[i];
         wsum += sv;
         if (lane == r) {
             mine = sv;
