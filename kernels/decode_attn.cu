@@ -9,6 +9,8 @@
  * (online softmax), and writes them as the part's result; a second kernel combines the parts.
  * With nsplit parts even one sequence at batch 1 spreads over many SMs. */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda_util.cuh"
 #include "ginfer_attn.cuh"
@@ -22,7 +24,7 @@ static size_t attn_smem(int kv, int rope)
 {
     int W = kv + rope;
     return (size_t)(ATT_HG * W + ATT_CH * (W + 1) + ATT_HG * ATT_CH + ATT_HG * kv +
-                    3 * ATT_HG) * sizeof(float);
+                    3 * ATT_HG + ATT_CH * ATT_HG) * sizeof(float);
 }
 
 /* Eight cache values from a 16-byte aligned place (bf16 or fp32). */
@@ -56,7 +58,107 @@ __global__ void attn_combine_k(int m, float *olat, const float *pm, const float 
 
 #define ATT_UNROLL 4  /* vectors a thread has in flight while staging */
 
-template <typename C>
+/* The chunk's scores by warps (the default; DSV3_GINFER_ATTN_DOT=0 keeps the serial dot of
+ * one thread a (head, position), which read each query and cache value from shared memory
+ * once a product: ~4,600 shared loads a warp and a chunk, the kernel's main cost). Warp w
+ * takes positions w, w+8, w+16, w+24 of the chunk for all ATT_HG heads: its lanes split the
+ * W values of a row (lane l: l, l+32, ...), each cache value is loaded once and used by the
+ * 8 heads, so a lane keeps 32 independent partial sums; a transposing butterfly (31 shuffles)
+ * then leaves lane l with the total of sum l = 4 h + i. A score is thus summed lane-wise in
+ * order, then over the lanes in a fixed tree: deterministic, independent of the batch and the
+ * other rows (not the serial order: the last bits differ). Scores of positions >= nt and
+ * heads >= hn are -inf, as the serial dot writes them. */
+#define ATT_NW (ATT_THREADS / 32)
+#define ATT_TPW (ATT_CH / ATT_NW)  /* positions a warp */
+static_assert(ATT_HG * ATT_TPW == 32, "one (head, position) sum a lane");
+
+/* v[32] summed over the warp's lanes: lane l ends with the total of index l in v[0]. At the
+ * step of distance o a lane keeps the half of its indices whose bit o matches its own and
+ * adds its partner's values of that half. */
+template <int O>
+__device__ __forceinline__ void att_transpose_step(float (&v)[32], int lane)
+{
+    const bool up = lane & O;
+#pragma unroll
+    for (int i = 0; i < O; i++) {
+        float send = up ? v[i] : v[i + O], keep = up ? v[i + O] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
+
+__device__ __forceinline__ void att_warp_transpose_sum(float (&v)[32])
+{
+    const int lane = threadIdx.x & 31;
+    att_transpose_step<16>(v, lane);
+    att_transpose_step<8>(v, lane);
+    att_transpose_step<4>(v, lane);
+    att_transpose_step<2>(v, lane);
+    att_transpose_step<1>(v, lane);
+}
+
+__device__ __forceinline__ void att_scores_warp(const float *qs, const float *cs, float *ps,
+                                                int W, int WP, int nt, int hn, float scale)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float v[32];
+#pragma unroll
+    for (int a = 0; a < 32; a++)
+        v[a] = 0.0f;
+    for (int j0 = 0; j0 < W; j0 += 32) {
+        const int j = j0 + lane;
+        const bool ok = j < W;
+        float qv[ATT_HG], cv[ATT_TPW];
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++)
+            qv[h] = ok ? qs[h * W + j] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATT_TPW; i++) {
+            int t = warp + ATT_NW * i;
+            cv[i] = ok && t < nt ? cs[t * WP + j] : 0.0f;
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++)
+#pragma unroll
+            for (int i = 0; i < ATT_TPW; i++)
+                v[h * ATT_TPW + i] = fmaf(qv[h], cv[i], v[h * ATT_TPW + i]);
+    }
+    att_warp_transpose_sum(v);
+    const int h = lane / ATT_TPW, t = warp + ATT_NW * (lane % ATT_TPW);
+    ps[h * ATT_CH + t] = h < hn && t < nt ? v[0] * scale : -INFINITY;
+}
+
+/* The chunk's weighted latents added to acc [ATT_HG][kv] (rescaled by al first): a thread a
+ * latent value j for all heads, each cache value loaded once, the heads' weights from pt
+ * [ATT_CH][ATT_HG] (two 16-byte loads a position). The same operations in the same order as
+ * the thread-a-(head, value) loop (bitwise its acc). */
+__device__ __forceinline__ void att_acc_heads(float *acc, const float *pt, const float *cs,
+                                              const float *al, int kv, int WP, int nt)
+{
+    static_assert(ATT_HG == 8, "two float4 of weights a position");
+    for (int j = threadIdx.x; j < kv; j += blockDim.x) {
+        float a[ATT_HG];
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++)
+            a[h] = acc[h * kv + j] * al[h];
+        for (int t = 0; t < nt; t++) {
+            float c = cs[t * WP + j];
+            float4 p0 = *(const float4 *)(pt + t * ATT_HG), p1 = *(const float4 *)(pt + t * ATT_HG + 4);
+            a[0] = fmaf(p0.x, c, a[0]);
+            a[1] = fmaf(p0.y, c, a[1]);
+            a[2] = fmaf(p0.z, c, a[2]);
+            a[3] = fmaf(p0.w, c, a[3]);
+            a[4] = fmaf(p1.x, c, a[4]);
+            a[5] = fmaf(p1.y, c, a[5]);
+            a[6] = fmaf(p1.z, c, a[6]);
+            a[7] = fmaf(p1.w, c, a[7]);
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++)
+            acc[h * kv + j] = a[h];
+    }
+}
+
+template <typename C, bool WD>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
@@ -65,7 +167,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
-    float *mh = acc + ATT_HG * kv, *lh = mh + ATT_HG, *al = lh + ATT_HG;
+    float *mh = acc + ATT_HG * kv, *lh = mh + ATT_HG, *al = lh + ATT_HG, *pt = al + ATT_HG;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int r = blockIdx.x, h0 = blockIdx.y * ATT_HG, sp = blockIdx.z;
     const int hn = min(ATT_HG, nh - h0);
@@ -133,18 +235,21 @@ __global__ void __launch_bounds__(ATT_THREADS)
         }
         __syncthreads();
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
-        for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
-            int h = i / ATT_CH, t = i % ATT_CH;
-            float sc = -INFINITY;
-            if (h < hn && t < nt) {
-                float d = 0;
-                const float *qh = qs + h * W, *ct = cs + t * WP;
-                for (int j = 0; j < W; j++)
-                    d = fmaf(qh[j], ct[j], d);
-                sc = d * scale;
+        if (WD)
+            att_scores_warp(qs, cs, ps, W, WP, nt, hn, scale);
+        else
+            for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
+                int h = i / ATT_CH, t = i % ATT_CH;
+                float sc = -INFINITY;
+                if (h < hn && t < nt) {
+                    float d = 0;
+                    const float *qh = qs + h * W, *ct = cs + t * WP;
+                    for (int j = 0; j < W; j++)
+                        d = fmaf(qh[j], ct[j], d);
+                    sc = d * scale;
+                }
+                ps[i] = sc;
             }
-            ps[i] = sc;
-        }
         __syncthreads();
         for (int h = warp; h < ATT_HG; h += nw) {
             float mx = -INFINITY;
@@ -155,6 +260,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             for (int t = lane; t < ATT_CH; t += 32) {
                 float p = mnew == -INFINITY ? 0.0f : expf(ps[h * ATT_CH + t] - mnew);
                 ps[h * ATT_CH + t] = p;
+                pt[t * ATT_HG + h] = p;
                 sum += p;
             }
             sum = warp_sum(sum);
@@ -166,13 +272,16 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         }
         __syncthreads();
-        for (int i = tid; i < ATT_HG * kv; i += blockDim.x) {
-            int h = i / kv, j = i % kv;
-            float a = acc[i] * al[h];
-            for (int t = 0; t < nt; t++)
-                a = fmaf(ps[h * ATT_CH + t], cs[t * WP + j], a);
-            acc[i] = a;
-        }
+        if (WD)
+            att_acc_heads(acc, pt, cs, al, kv, WP, nt);
+        else
+            for (int i = tid; i < ATT_HG * kv; i += blockDim.x) {
+                int h = i / kv, j = i % kv;
+                float a = acc[i] * al[h];
+                for (int t = 0; t < nt; t++)
+                    a = fmaf(ps[h * ATT_CH + t], cs[t * WP + j], a);
+                acc[i] = a;
+            }
         __syncthreads();
     }
     gk_pdl_late(m);  /* an empty part has none */
@@ -209,38 +318,62 @@ __global__ void __launch_bounds__(ATT_THREADS)
         *cnt = 0;
 }
 
+/* Whether the chunk's scores are taken by warps (att_scores_warp, the default) or by the
+ * serial dot (DSV3_GINFER_ATTN_DOT=0, to compare). Read at each launch: a decode graph keeps
+ * what held at its capture. */
+static int att_warp_dot()
+{
+    const char *v = getenv("DSV3_GINFER_ATTN_DOT");
+    return !(v && !strcmp(v, "0"));
+}
+
+template <typename C, bool WD>
+static int attn_setup_one(int smem, dsv3_err *e)
+{
+    CUDA_TRY(cudaFuncSetAttribute(attn_split_k<C, WD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  smem), e);
+    return 0;
+}
+
 int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
 {
     (void)nh;
     int smem = (int)attn_smem(kv, rope);
-    if (cf32)
-        CUDA_TRY(cudaFuncSetAttribute(attn_split_k<float>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
-    else
-        CUDA_TRY(cudaFuncSetAttribute(attn_split_k<bf16>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
-    return 0;
+    return cf32 ? attn_setup_one<float, true>(smem, e) || attn_setup_one<float, false>(smem, e)
+                : attn_setup_one<bf16, true>(smem, e) || attn_setup_one<bf16, false>(smem, e);
 }
 
-int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, const float *qlat,
-            const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
-            const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit, float scale,
-            unsigned *count, dsv3_err *e)
+/* attn_split_k over (N rows, head groups, nsplit parts), the variant att_warp_dot picks. */
+static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc,
+                              const float *qlat, const float *q, int qk, int nope,
+                              const void *cache, int cf32, const int *slot, const int *pos,
+                              int N, int nh, int kv, int rope, int n_ctx, int nsplit,
+                              float scale, unsigned *count, int wd)
+{
+    dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
+    size_t smem = attn_smem(kv, rope);
+    if (cf32)
+        gk_launch(wd ? attn_split_k<float, true> : attn_split_k<float, false>, grid, ATT_THREADS,
+                  smem, s, pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh,
+                  kv, rope, n_ctx, nsplit, scale, olat, count);
+    else
+        gk_launch(wd ? attn_split_k<bf16, true> : attn_split_k<bf16, false>, grid, ATT_THREADS,
+                  smem, s, pm, pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh,
+                  kv, rope, n_ctx, nsplit, scale, olat, count);
+}
+
+/* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */
+static int attn_run(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc,
+                    const float *qlat, const float *q, int qk, int nope, const void *cache,
+                    int cf32, const int *slot, const int *pos, int N, int nh, int kv, int rope,
+                    int n_ctx, int nsplit, float scale, unsigned *count, int wd, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
-    dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
-    size_t smem = attn_smem(kv, rope);
-    if (cf32)
-        gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
-                  olat, count);
-    else
-        gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
-                  olat, count);
+    attn_split_launch(s, olat, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos, N, nh, kv,
+                      rope, n_ctx, nsplit, scale, count, wd);
     LAUNCH_CHECK("attn_split", e);
     if (count)
         return 0;  /* combined by each row and head group's last block */
@@ -249,6 +382,15 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
     gk_launch(attn_combine_k, N * nh, ct, 0, s, olat, pm, pl, pacc, kv, nsplit);
     LAUNCH_CHECK("attn_combine", e);
     return 0;
+}
+
+int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, const float *qlat,
+            const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
+            const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit, float scale,
+            unsigned *count, dsv3_err *e)
+{
+    return attn_run(s, olat, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos, N, nh, kv,
+                    rope, n_ctx, nsplit, scale, count, att_warp_dot(), e);
 }
 
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
@@ -260,16 +402,8 @@ int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float
         return 0;
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
-    dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
-    size_t smem = attn_smem(kv, rope);
-    if (cf32)
-        gk_launch(attn_split_k<float>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const float *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
-                  (float *)NULL, (unsigned *)NULL);
-    else
-        gk_launch(attn_split_k<bf16>, grid, ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk,
-                  nope, (const bf16 *)cache, slot, pos, nh, kv, rope, n_ctx, nsplit, scale,
-                  (float *)NULL, (unsigned *)NULL);
+    attn_split_launch(s, (float *)NULL, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos,
+                      N, nh, kv, rope, n_ctx, nsplit, scale, (unsigned *)NULL, att_warp_dot());
     LAUNCH_CHECK("attn_split", e);
     return 0;
 }
@@ -277,4 +411,69 @@ int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float
 size_t gk_attn_counts(int N, int nh)
 {
     return (size_t)N * ((nh + ATT_HG - 1) / ATT_HG) * sizeof(unsigned);
+}
+
+/* ---- for tests (kernels/ginfer.h) ---- */
+
+/* Device copies of n values (bf16 when !f32), freed by the caller. */
+static void *att_upload(const float *h, size_t n, int f32)
+{
+    void *d = NULL;
+    size_t b = n * (f32 ? sizeof(float) : sizeof(bf16));
+    if (cudaMalloc(&d, b ? b : 16) != cudaSuccess)
+        return NULL;
+    if (f32) {
+        cudaMemcpy(d, h, b, cudaMemcpyHostToDevice);
+    } else {
+        bf16 *t = (bf16 *)malloc(b ? b : 16);
+        for (size_t i = 0; i < n; i++)
+            t[i] = __float2bfloat16(h[i]);
+        cudaMemcpy(d, t, b, cudaMemcpyHostToDevice);
+        free(t);
+    }
+    return d;
+}
+
+extern "C" int ginfer_attn_run(const float *qlat, const float *qpe, const float *cache, int cf32,
+                               const int *slot, const int *pos, int N, int nh, int kv, int rope,
+                               int n_ctx, int n_slots, int nsplit, float scale, int warp_dot,
+                               int fused, float *olat, dsv3_err *e)
+{
+    size_t W = (size_t)kv + rope, P = (size_t)N * nh * nsplit;
+    size_t ncnt = gk_attn_counts(N, nh) / sizeof(unsigned);
+    void *d[10] = {};
+    d[0] = att_upload(qlat, (size_t)N * nh * kv, 1);
+    d[1] = att_upload(qpe, (size_t)N * nh * rope, 1);
+    d[2] = att_upload(cache, (size_t)n_slots * n_ctx * W, cf32);
+    d[3] = att_upload((const float *)slot, (size_t)N, 1); /* raw 4-byte copies */
+    d[4] = att_upload((const float *)pos, (size_t)N, 1);
+    cudaMalloc(&d[5], P * sizeof(float));
+    cudaMalloc(&d[6], P * sizeof(float));
+    cudaMalloc(&d[7], P * kv * sizeof(float));
+    cudaMalloc(&d[8], (size_t)N * nh * kv * sizeof(float));
+    cudaMalloc(&d[9], (ncnt ? ncnt : 1) * sizeof(unsigned));
+    int rc = 0;
+    for (int i = 0; i < 10; i++)
+        if (!d[i])
+            rc = err_set(e, "ginfer_attn_run: out of device memory");
+    if (!rc) {
+        cudaMemset(d[9], 0, (ncnt ? ncnt : 1) * sizeof(unsigned));
+        cudaMemset(d[8], 0xff, (size_t)N * nh * kv * sizeof(float));  /* NaN if unwritten */
+        rc = gk_attn_setup(cf32, nh, kv, rope, e) ||
+             attn_run(0, (float *)d[8], (float *)d[5], (float *)d[6], (float *)d[7],
+                      (const float *)d[0], (const float *)d[1], rope, 0, d[2], cf32,
+                      (const int *)d[3], (const int *)d[4], N, nh, kv, rope, n_ctx, nsplit, scale,
+                      fused ? (unsigned *)d[9] : NULL, warp_dot, e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(olat, d[8], (size_t)N * nh * kv * sizeof(float),
+                           cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_attn_run: %s", cudaGetErrorString(c));
+    }
+    for (int i = 0; i < 10; i++)
+        cudaFree(d[i]);
+    return rc ? -1 : 0;
 }

@@ -110,6 +110,17 @@ long ginfer_graph_replays(const ginfer *g);
  * host's part (copying the logits out, sampling). */
 double ginfer_graph_seconds(const ginfer *g);
 
+/* For tests: the decode attention (kernels/decode_attn.cu) on host arrays, on the current
+ * device. Row r (of N) of head h has the query qlat[r, h, kv] . c_kv + qpe[r, h, rope] . k_pe
+ * over positions 0..pos[r] of slot[r] of cache [n_slots, n_ctx, kv + rope] (stored as bf16
+ * unless cf32), split into nsplit parts; olat[N, nh, kv] gets the softmax-weighted latents.
+ * warp_dot: the warp-split scores (the default), else the serial dot; fused: the parts
+ * combined by the split kernel's last block, else by the combine launch. */
+int ginfer_attn_run(const float *qlat, const float *qpe, const float *cache, int cf32,
+                    const int *slot, const int *pos, int N, int nh, int kv, int rope, int n_ctx,
+                    int n_slots, int nsplit, float scale, int warp_dot, int fused, float *olat,
+                    dsv3_err *e);
+
 #ifdef __cplusplus
 }
 #endif

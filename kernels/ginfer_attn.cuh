@@ -8,45 +8,39 @@
 
 #define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
 
-/* One (row, head) v's parts combined by the calling block (at least min(nsplit, 64) threads;
- * ws, ls [ATT_MAXSPLIT], ML [2] shared) into dst[kv] (device or shared memory): the parts'
- * sums rescaled to the common max. Every part's max and sum are loaded at once (a thread a
- * part), the common max and the rescaled sum reduced in shared memory (a fixed order: the
- * result does not depend on the batch), then each thread sums its latent values over the
- * parts with independent loads. (A serial loop over the parts' maxima in one thread cost
- * ~30 us a layer at 64 parts: a chain of L2 round trips.) The parts are read through L2
- * (__ldcg): they may have been written by other blocks of the same grid. Ends with a barrier
- * (ws reusable). */
+static_assert(ATT_MAXSPLIT == 64, "two parts a lane of one warp");
+
+/* One (row, head) v's parts combined by the calling block (at least 64 threads; ws, ls
+ * [ATT_MAXSPLIT], ML [2] shared) into dst[kv] (device or shared memory): the parts' sums
+ * rescaled to the common max. Every part's max and sum are loaded at once (a thread a part),
+ * warp 0 reduces the common max (exact: any order gives it) and the rescaled sum (a fixed
+ * tree: the result does not depend on the batch), then each thread sums its latent values
+ * over the parts with independent loads. (A serial loop over the parts' maxima in one thread
+ * cost ~30 us a layer at 64 parts: a chain of L2 round trips; the serial loops over shared
+ * memory that replaced it, one for the max and one for the sum, ~0.5 us each a launch.) The
+ * parts are read through L2 (__ldcg): they may have been written by other blocks of the same
+ * grid. Ends with a barrier (ws reusable). */
 __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, const float *pl,
                                                  const float *pacc, long v, int kv, int nsplit,
                                                  float *ws, float *ls, float *ML)
 {
     long b = v * nsplit;
     int t = threadIdx.x;
-    float m = t < nsplit ? __ldcg(pm + b + t) : -INFINITY;
-    float l = t < nsplit ? __ldcg(pl + b + t) : 0.0f;
-    if (t < ATT_MAXSPLIT)
-        ws[t] = m;
-    __syncthreads();
-    if (t == 0) {
-        float M = -INFINITY;
-        for (int s = 0; s < nsplit; s++)
-            M = fmaxf(M, ws[s]);
-        ML[0] = M;
-    }
-    __syncthreads();
-    float M = ML[0], w = m == -INFINITY ? 0.0f : expf(m - M);
-    __syncthreads();
     if (t < ATT_MAXSPLIT) {
-        ws[t] = w;
-        ls[t] = l * w;
+        ws[t] = t < nsplit ? __ldcg(pm + b + t) : -INFINITY;
+        ls[t] = t < nsplit ? __ldcg(pl + b + t) : 0.0f;
     }
     __syncthreads();
-    if (t == 0) {
-        float L = 0;
-        for (int s = 0; s < nsplit; s++)
-            L += ls[s];
-        ML[1] = L;
+    if (t < 32) {
+        float m0 = ws[t], m1 = ws[t + 32];
+        float M = warp_max(fmaxf(m0, m1));
+        float w0 = m0 == -INFINITY ? 0.0f : expf(m0 - M);
+        float w1 = m1 == -INFINITY ? 0.0f : expf(m1 - M);
+        float L = warp_sum(ls[t] * w0 + ls[t + 32] * w1);
+        ws[t] = w0;
+        ws[t + 32] = w1;
+        if (t == 0)
+            ML[1] = L;
     }
     __syncthreads();
     float L = ML[1];

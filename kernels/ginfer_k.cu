@@ -582,9 +582,11 @@ int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *p
 
 /* ---- MoE ---- */
 
-/* One block: thread e counts expert e's choices, a serial prefix sum (and the list of the
- * groups with rows), then each expert's choices in assignment order (stable); then the ns
- * rows of the shared group E. cnt: [E + 1] shared. */
+/* One block (at least 32 threads): thread e counts expert e's choices, warp 0 the prefix
+ * sums (a shuffle scan 32 experts at a time, and the list of the groups with rows by ballot:
+ * the same integers as a serial loop, which cost one shared round trip an expert), then each
+ * expert's choices in assignment order (stable); then the ns rows of the shared group E.
+ * cnt: [E + 1] shared. */
 __device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns, int *off,
                                 int *order, int *spos, int *cnt)
 {
@@ -595,22 +597,35 @@ __device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns
         cnt[x] = c;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int acc = 0, G = E + (ns > 0), na = 0;
-        for (int x = 0; x < E; x++) {
-            int c = cnt[x];
-            cnt[x] = acc;
-            off[x] = acc;
-            acc += c;
-            if (c)
-                off[G + 2 + na++] = x;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, G = E + (ns > 0);
+        int acc = 0, na = 0;
+        for (int x0 = 0; x0 < E; x0 += 32) {
+            int x = x0 + lane, c = x < E ? cnt[x] : 0, inc = c;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int u = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o)
+                    inc += u;
+            }
+            unsigned has = __ballot_sync(0xffffffffu, c != 0);
+            if (x < E) {
+                cnt[x] = acc + inc - c;
+                off[x] = acc + inc - c;
+                if (c)
+                    off[G + 2 + na + __popc(has & ((1u << lane) - 1))] = x;
+            }
+            acc += __shfl_sync(0xffffffffu, inc, 31);
+            na += __popc(has);
         }
-        off[E] = acc;
-        if (ns) {
-            off[E + 1] = acc + ns;
-            off[G + 2 + na++] = E;
+        if (lane == 0) {
+            off[E] = acc;
+            if (ns) {
+                off[E + 1] = acc + ns;
+                off[G + 2 + na++] = E;
+            }
+            off[G + 1] = na;
         }
-        off[G + 1] = na;
     }
     for (int n = threadIdx.x; n < ns; n += blockDim.x)
         order[NK + n] = n * K;

@@ -587,6 +587,13 @@ void *gmodel_dev_alloc(size_t bytes, dsv3_err *e)
 }
 
 /* ginfer */
+int ginfer_attn_run(const float *qlat, const float *qpe, const float *cache, int cf32,
+                    const int *slot, const int *pos, int N, int nh, int kv, int rope, int n_ctx,
+                    int n_slots, int nsplit, float scale, int warp_dot, int fused, float *olat,
+                    dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
                   dsv3_err *e)
 {
