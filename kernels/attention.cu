@@ -1663,9 +1663,10 @@ static bool fused_bwd_fits(int dk, int dv)
  * deterministic ones of the H100 sweep of 2026-11-28 (docs/PERF.md, "Calls 4 and 5"; 1B-MoE
  * shape B=8): 17 on causal rows (3.117 ms against 5's 3.594), 16 on documents (2.239 against
  * 2.629); at 192/128 both are 5's kernels without the serialisation (5.58 against 5.66 ms).
- * Since branch dqws, 18 on causal rows (17's bits; H200 2026-11-28, same call: 2.577 ms
- * against 17's 3.134; docs/KERNELS.md "The warp-specialised dQ kernel"), 17 where 18's
- * kernel does not fit; documents keep 16 (19 2.283, 18 2.450 against 16's 2.307).
+ * Since branch dqws, 20 on causal rows (both kernels warp-specialised, 17's bits; H200
+ * 2026-11-28, same call: 2.465 ms against 18's 2.575 and 17's 3.127; docs/KERNELS.md "The
+ * warp-specialised backward kernels"), 17 where they do not fit; documents keep 16 (2.269
+ * against 20's 2.466, 21's 2.305, 19's 2.283 in another call).
  * Candidates 0-4, 6-8, 11 and 13-15 lost those sweeps and are retired (docs/KERNELS.md). 96/64:
  *   5  4-stage rings without a drain at tile ends, 64-query dK/dV steps, tiles of 128,
  *      ex2.approx (the default before 16 and 17; the tests' bitwise reference for 12)
@@ -1698,7 +1699,7 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int def = fused ? 10 : seg ? 16 : 18, lpt = el ? atoi(el) : 0;
+    const int def = fused ? 10 : seg ? 16 : 20, lpt = el ? atoi(el) : 0;
     int bv = ev ? atoi(ev) : def;
     if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17 && bv != 18 &&
         bv != 19 && bv != 20 && bv != 21)

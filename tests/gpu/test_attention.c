@@ -510,7 +510,7 @@ static void attention_ws_bwd_match(void)
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
  * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
- * documents or not, and those of the candidate named (18 causal, 16 documents, 5 at 192/128)
+ * documents or not, and those of the candidate named (20 causal, 16 documents, 5 at 192/128)
  * and of a retired one (3: the default pick); set nondet, a document-masked call of
  * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
  * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
@@ -555,8 +555,8 @@ static void attention_nondet_pick(void)
         float *r1[3], *r2[3], *r5[3], *ru[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
         bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
-        /* the deterministic default by name: 96/64 18 (causal) or 16 (documents), 192/128 5 */
-        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "18", in, glse, gseg, B, T, nh, dk, dv, scale);
+        /* the deterministic default by name: 96/64 20 (causal) or 16 (documents), 192/128 5 */
+        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "20", in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(ru, "3", in, glse, gseg, B, T, nh, dk, dv, scale); /* retired: the default */
         gpu_attention_set_nondet(gt_ctx_, 1);
         bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
