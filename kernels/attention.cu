@@ -1506,6 +1506,7 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
 }
 
 #include "attention_ws.cuh" /* the warp-specialised TMA forward, variants 4 and 5 */
+#include "attention_wsb.cuh" /* the warp-specialised TMA dQ kernel, backward candidate 18 */
 
 /* Backward kernel shapes (f3_bwd_dkdv_kernel, f3_bwd_dq_kernel): HS queries a dK/dV step,
  * SK and SQ stages of the two kernels, FX the ex2.approx exponential; KSQ keys a dQ step,
@@ -1513,7 +1514,7 @@ static int f3_fwdp_launch(gpu_ctx *c, bf16 *out, float *lse, const bf16 *q, cons
  * that drain their products at every tile's end (1 dK/dV, 2 dQ, 4 dK/dV on documents
  * only), 8 the tile loops of the others without a zero-trip path (kernel DR 1 or 2). */
 template <int DKP, int DVP, bool SEG, int HS, int SK, int SQ, bool FX, int TQ, int TN, int MB,
-          int KSQ, int ARK, int ARQ, int DR>
+          int KSQ, int ARK, int ARQ, int DR, int WSQ>
 static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                            const float *lse, const float *D, const bf16 *q, const bf16 *k,
                            const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
@@ -1529,35 +1530,51 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
                                                      DK>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
-    CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ,
-                                                   DQ>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LQ::bytes),
-             e);
+    if constexpr (WSQ >= 3) { /* the warp-specialised dK/dV and dQ kernels */
+        return ws_dkdv_launch<DKP, DVP, SEG, WSQ == 3>(c, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh,
+                                             dk, dv, scale, e) ||
+                       ws_dq_launch<DKP, DVP, SEG, false>(c, d_q, d_out, lse, D, q, k, v, seg, B,
+                                                          T, nh, dk, dv, scale, lpt, e)
+                   ? -1
+                   : 0;
+    }
     const int nk = (T + LB::TK - 1) / LB::TK, nqt = (T + LQ::TM - 1) / LQ::TM;
     dim3 gk = lpt ? dim3(nh * B, nk) : dim3(nk, nh, B), gq = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
     f3_bwd_dkdv_kernel<DKP, DVP, SEG, HS, SK, FX, TQ, MB / 10, ARK, DK><<<gk, 256, LB::bytes,
                                                                          c->stream>>>(
         d_k, d_v, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
     LAUNCH_CHECK("attention_bwd dk dv (sm90)", e);
-    f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, DQ><<<gq, 256, LQ::bytes,
-                                                                     c->stream>>>(
-        d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
-    LAUNCH_CHECK("attention_bwd dq (sm90)", e);
-    return 0;
+    if constexpr (WSQ != 0) { /* the warp-specialised dQ kernel (attention_wsb.cuh) */
+        (void)gq;
+        return ws_dq_launch<DKP, DVP, SEG, WSQ == 2>(c, d_q, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv,
+                                           scale, lpt, e);
+    } else {
+        CUDA_TRY(cudaFuncSetAttribute(f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ,
+                                                       ARQ, DQ>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)LQ::bytes),
+                 e);
+        f3_bwd_dq_kernel<DKP, DVP, SEG, SQ, FX, TN, MB % 10, KSQ, ARQ, DQ><<<gq, 256, LQ::bytes,
+                                                                         c->stream>>>(
+            d_q, d_out, lse, D, q, k, v, seg, T, nh, dk, dv, scale, lpt);
+        LAUNCH_CHECK("attention_bwd dq (sm90)", e);
+        return 0;
+    }
 }
 
 /* MB: blocks an SM each kernel's registers must allow, 10 x dK/dV's + dQ's */
 template <int DKP, int DVP, int HS, int SK, int SQ, bool FX, int TQ = 64, int TN = 64,
-          int MB = 11, int KSQ = 64, int ARK = 0, int ARQ = 0, int DR = 0>
+          int MB = 11, int KSQ = 64, int ARK = 0, int ARQ = 0, int DR = 0, int WSQ = 0>
 static int f3_bwd_launch(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                          const float *lse, const float *D, const bf16 *q, const bf16 *k,
                          const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk, int dv,
                          float scale, int lpt, dsv3_err *e)
 {
     if (seg)
-        return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR>(
-            c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
-    return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR>(
+        return f3_bwd_launch_t<DKP, DVP, true, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR,
+                               WSQ>(c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk,
+                                    dv, scale, lpt, e);
+    return f3_bwd_launch_t<DKP, DVP, false, HS, SK, SQ, FX, TQ, TN, MB, KSQ, ARK, ARQ, DR, WSQ>(
         c, d_q, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh, dk, dv, scale, lpt, e);
 }
 
@@ -1646,6 +1663,10 @@ static bool fused_bwd_fits(int dk, int dv)
  * deterministic ones of the H100 sweep of 2026-11-28 (docs/PERF.md, "Calls 4 and 5"; 1B-MoE
  * shape B=8): 17 on causal rows (3.117 ms against 5's 3.594), 16 on documents (2.239 against
  * 2.629); at 192/128 both are 5's kernels without the serialisation (5.58 against 5.66 ms).
+ * Since branch dqws, 20 on causal rows (both kernels warp-specialised, 17's bits; H200
+ * 2026-11-28, same call: 2.465 ms against 18's 2.575 and 17's 3.127; docs/KERNELS.md "The
+ * warp-specialised backward kernels"), 17 where they do not fit; documents keep 16 (2.269
+ * against 20's 2.466, 21's 2.305, 19's 2.283 in another call).
  * Candidates 0-4, 6-8, 11 and 13-15 lost those sweeps and are retired (docs/KERNELS.md). 96/64:
  *   5  4-stage rings without a drain at tile ends, 64-query dK/dV steps, tiles of 128,
  *      ex2.approx (the default before 16 and 17; the tests' bitwise reference for 12)
@@ -1660,6 +1681,14 @@ static bool fused_bwd_fits(int dk, int dv)
  *      documents that dK/dV kernel drains at tile ends, where 12's loop would spill), Q and
  *      dO in registers (the A operand of the dQ kernel's S and dP)
  *  17  16's dK/dV kernel, dQ steps of 128 keys (S and dP as m64n128 products)
+ *  18  17's dK/dV kernel, then the warp-specialised TMA dQ kernel (attention_wsb.cuh:
+ *      a loader warpgroup, two consumer warpgroups taking turns to issue 17's products;
+ *      two turns a key tile: S and dP, then dQ); 17 where it does not fit (head dims
+ *      below 64, 192/128, tensors not 16-byte aligned)
+ *  19  18 with one turn a key tile (the last tile's dQ issued with this tile's S and dP)
+ *  20  18's dQ kernel after the warp-specialised dK/dV kernel (attention_wsb.cuh: 17's
+ *      dK/dV products, two turns a 64-query step, K and V in registers)
+ *  21  20 with K and V read from shared memory by each product
  * 192/128 (no room for a fourth stage or 64-query steps): ex2.approx (also for 9 and 10: the
  * fused kernel is 96/64 only; 12 and 17 too: 3-stage kernels are not serialised), but 16
  * with Q in registers in the dQ kernel (K/V do not fit the dK/dV kernel's registers). */
@@ -1670,10 +1699,13 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
 {
     const char *ev = getenv("DSV3_ATTN_BWD"), *el = getenv("DSV3_ATTN_LPT");
     const int fused = seg && c->attn_nondet && fused_bwd_fits(dk, dv);
-    const int def = fused ? 10 : seg ? 16 : 17, lpt = el ? atoi(el) : 0;
+    const int def = fused ? 10 : seg ? 16 : 20, lpt = el ? atoi(el) : 0;
     int bv = ev ? atoi(ev) : def;
-    if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17)
+    if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17 && bv != 18 &&
+        bv != 19 && bv != 20 && bv != 21)
         bv = def;
+    if (bv >= 18 && bv <= 21 && !ws_dq_fits(Q, K, V, dO, dk, dv))
+        bv = 17;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
     if (dk <= 96 && dv <= 64) {
@@ -1687,6 +1719,10 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
                                           dv, scale, lpt, e);
         case 12: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 0, 0, 8);
         case 16: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 64, 3, 3, 12);
+        case 18: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 1);
+        case 19: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 2);
+        case 20: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 3);
+        case 21: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 4);
         default: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12); /* 17 */
         }
     }

@@ -3,7 +3,8 @@
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
  * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) and the deterministic ones 12, 16, 17 on both, and the default pick by
+ * 9, 10) and the deterministic ones 12, 16, 17 (and 18-21: the warp-specialised dQ and
+ * dK/dV kernels, also against 17's bits at T = 4096) on both, and the default pick by
  * gpu_attention_set_nondet (the same bits run to run unless set; the fused backward for
  * documents when set). With DSV3_GPU_BENCH=1 also
  * timings on
@@ -416,9 +417,100 @@ static void attention_bwd_cands_match_cpu(void)
     gt_stat("attention bwd candidates 12, 16, 17 dv", w[2], BF16_BOUND);
 }
 
+/* The warp-specialised candidates 18 and 19 (kernels/attention_wsb.cuh: 17's dK/dV
+ * kernel, then a dQ kernel with a TMA loader warpgroup and two consumer warpgroups taking
+ * turns; 19 issues a tile's dQ with the next tile's S and dP) and 20, 21 (18's dQ kernel after
+ * a dK/dV kernel on the same schedule; 21 without K, V in registers) on shapes sh: the same bits twice and candidate 17's
+ * bits (the same products in the same order). */
+static void ws_dq_vs_17(const int (*sh)[6], size_t ns)
+{
+    dsv3_err e;
+    static const char *const cand[] = {"18", "19", "20", "21"};
+    gpu_attention_set_variant(gt_ctx_, 0);
+    for (size_t si = 0; si < ns; si++) {
+        int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
+        const int docs = sh[si][5];
+        float scale = 1.0f / sqrtf((float)dk);
+        size_t nq = (size_t)B * T * nh * dk, nv = (size_t)B * T * nh * dv, n[3] = {nq, nq, nv};
+        int32_t *seg = malloc((size_t)B * T * 4);
+        REQUIRE(seg);
+        for (int b = 0, doc = 0; b < B; b++)
+            for (int t = 0, left = 0; t < T; t++) {
+                if (left == 0)
+                    doc++, left = 1 + (int)(test_rand() % 900);
+                seg[(size_t)b * T + t] = doc;
+                left--;
+            }
+        size_t mark = gpu_arena_mark(gt_ctx_);
+        float *q = gt_rand_bf(nq, 2), *k = gt_rand_bf(nq, 2), *v = gt_rand_bf(nv, 1);
+        float *dout = gt_rand_bf(nv, 1);
+        gpu_bf16 *in[5] = {gt_up_bf(q, nq), gt_up_bf(k, nq), gt_up_bf(v, nv), gt_up_bf(dout, nv),
+                           gt_poisoned(nv * 2)};
+        float *glse = gt_poisoned((size_t)B * nh * T * 4);
+        int32_t *gseg = docs ? gt_up(seg, (size_t)B * T * 4) : NULL;
+        REQUIRE(in[0] && in[1] && in[2] && in[3] && in[4] && glse && (gseg || !docs));
+        CHECKF(gpu_attention_fwd_seg(gt_ctx_, in[4], glse, in[0], in[1], in[2], gseg, B, T, nh,
+                                     dk, dv, scale, &e) == 0,
+               "%s", e.msg);
+        float *r17[3];
+        bwd_down(r17, "17", in, glse, gseg, B, T, nh, dk, dv, scale);
+        for (size_t ci = 0; ci < sizeof cand / sizeof cand[0]; ci++) {
+            float *r1[3], *r2[3];
+            bwd_down(r1, cand[ci], in, glse, gseg, B, T, nh, dk, dv, scale);
+            bwd_down(r2, cand[ci], in, glse, gseg, B, T, nh, dk, dv, scale);
+            int same12 = 1, same17 = 1;
+            double worst = 0;
+            for (int x = 0; x < 3 && !test_failed_; x++) {
+                size_t by = n[x] * sizeof(float);
+                same12 &= !memcmp(r1[x], r2[x], by), same17 &= !memcmp(r1[x], r17[x], by);
+                double rel = gt_relerr(r1[x], r17[x], n[x]);
+                worst = rel > worst ? rel : worst;
+            }
+            CHECKF(same12 && same17, "backward %s, B=%d T=%d nh=%d %d/%d docs %d: two runs %s, "
+                   "candidate 17's bits %s (largest relative difference %.2e)", cand[ci], B, T,
+                   nh, dk, dv, docs, same12 ? "agree" : "differ", same17 ? "kept" : "not kept",
+                   worst);
+            for (int x = 0; x < 3; x++)
+                free(r1[x]), free(r2[x]);
+        }
+        for (int x = 0; x < 3; x++)
+            free(r17[x]);
+        free(q), free(k), free(v), free(dout), free(seg);
+        gt_reset(mark);
+    }
+}
+
+/* Candidates 18-21 against lib/ops at 96/64 (and where they hand over to 17: 80/48, whose
+ * value dim is below one box, and 192/128), causal and by document, ragged T (257: the last
+ * query block's second warpgroup has no rows; 700, 1000: the 4-stage rings wrap), B and nh
+ * above 1, each call twice for the same bits; then candidate 17's bits on those shapes and on
+ * long rows (T = 4096 and 4000, several B and nh, causal and documents) where the CPU is too
+ * slow. Skipped as the fused test is. */
+static void attention_ws_bwd_match(void)
+{
+    GT_NEED_GPU();
+    if (getenv("DSV3_ATTN_BWD") || getenv("DSV3_ATTN_QUICK"))
+        SKIP("DSV3_ATTN_BWD or DSV3_ATTN_QUICK set");
+    static const int sh[][6] = {{2, 190, 3, 96, 64, 0},  {1, 257, 1, 96, 64, 0},
+                                {2, 700, 2, 96, 64, 0},  {1, 1000, 3, 96, 64, 0},
+                                {1, 200, 2, 96, 64, 1},  {1, 900, 2, 96, 64, 2},
+                                {1, 150, 2, 80, 48, 0},  {2, 130, 2, 192, 128, 0}};
+    static const int lg[][6] = {{2, 4096, 3, 96, 64, 0}, {1, 4096, 5, 96, 64, 0},
+                                {3, 4000, 2, 96, 64, 0}, {2, 4096, 2, 96, 64, 1},
+                                {1, 4000, 3, 96, 64, 1}};
+    static const char *const cand[] = {"18", "19", "20", "21"};
+    double w[3] = {0, 0, 0};
+    bwd_cands_vs_cpu(cand, 4, sh, sizeof sh / sizeof sh[0], 1, NULL, w);
+    ws_dq_vs_17(sh, sizeof sh / sizeof sh[0]);
+    ws_dq_vs_17(lg, sizeof lg / sizeof lg[0]);
+    gt_stat("attention bwd warp-specialised (18-21) dq", w[0], BF16_BOUND);
+    gt_stat("attention bwd warp-specialised (18-21) dk", w[1], BF16_BOUND);
+    gt_stat("attention bwd warp-specialised (18-21) dv", w[2], BF16_BOUND);
+}
+
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
  * deterministic (the default, gpu_attention_set_nondet 0), two runs give the same bits,
- * documents or not, and those of the candidate named (17 causal, 16 documents, 5 at 192/128)
+ * documents or not, and those of the candidate named (20 causal, 16 documents, 5 at 192/128)
  * and of a retired one (3: the default pick); set nondet, a document-masked call of
  * 96/64 takes the fused candidate 10 (the same bits as 10 named where T <= 128: one key
  * block adds each dQ element once, so its sum has no order), within bf16 bounds of lib/ops
@@ -463,8 +555,8 @@ static void attention_nondet_pick(void)
         float *r1[3], *r2[3], *r5[3], *ru[3], *rn[3], *r10[3] = {NULL, NULL, NULL};
         bwd_down(r1, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(r2, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
-        /* the deterministic default by name: 96/64 17 (causal) or 16 (documents), 192/128 5 */
-        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "17", in, glse, gseg, B, T, nh, dk, dv, scale);
+        /* the deterministic default by name: 96/64 20 (causal) or 16 (documents), 192/128 5 */
+        bwd_down(r5, dk > 96 ? "5" : docs ? "16" : "20", in, glse, gseg, B, T, nh, dk, dv, scale);
         bwd_down(ru, "3", in, glse, gseg, B, T, nh, dk, dv, scale); /* retired: the default */
         gpu_attention_set_nondet(gt_ctx_, 1);
         bwd_down(rn, NULL, in, glse, gseg, B, T, nh, dk, dv, scale);
@@ -653,6 +745,7 @@ int main(void)
         RUN(attention_ws_matches_default);
         RUN(attention_fused_bwd_match_cpu);
         RUN(attention_bwd_cands_match_cpu);
+        RUN(attention_ws_bwd_match);
         RUN(attention_nondet_pick);
     }
     RUN(bench_attention);

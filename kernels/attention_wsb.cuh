@@ -1,0 +1,604 @@
+/* attention_wsb: the warp-specialised dQ kernel of the Hopper attention backward (candidate
+ * 18 of DSV3_ATTN_BWD: candidate 17's dK/dV kernel, then this one). Included by attention.cu
+ * after attention_ws.cuh, whose tensor maps (ws_map, ws_aligned), TMA tile loads
+ * (ws_load_tile), ping-pong barriers (ws_sched_sync / ws_sched_arrive), consumer waits
+ * (ws_wait) and register split (mg_tma_producer, mg_regs_consumer) it reuses.
+ *
+ * Why: the cp.async dQ kernel (f3_bwd_dq_kernel) loads in the warps that multiply and meets
+ * at a __syncthreads every key tile, so its two warpgroups run in step: both compute their
+ * exponentials and dS at the same time while the tensor cores idle, then both queue their
+ * products (~45% of the backward at 326 TFLOP/s of the FLOPs it runs, 1B-MoE shape). Here,
+ * as in ws_fwd_kernel: block = 128 queries of one (b, h), 384 threads; warpgroup 0 loads
+ * (one thread issues TMA copies: Q and dO once, then K and V tiles of 128 keys into two
+ * rings of ST stages), warpgroups 1 and 2 own 64 query rows each and hand the right to issue
+ * products back and forth (named barriers), so one's softmax-side work runs under the
+ * other's products. A key tile takes two turns of a warpgroup: S = Q K^T and dP = dO V^T
+ * (then P = exp(S - lse) masked, dS = P (dP - D), V's stage released), and dQ += dS K (then
+ * K's stage released). Waiting for each turn's products before the next turn keeps the
+ * registers to S, dP and dQ (no spill at 232).
+ *
+ * The products, their shapes and order, the exponential (ex2.approx) and the dS rounding are
+ * those of candidate 17's dQ kernel (f3_bwd_dq_kernel with 128-key steps, Q and dO from
+ * shared memory), so its dQ should have 17's bits; test_attention checks it against 17 and
+ * the CPU. Causal and document-masked (key tiles from the block's first document on). Head
+ * dims 96/64 only (192/128's Q, dO and two K/V stages do not fit beside each other), 16-byte
+ * aligned tensors, head dims of at least 64 (one TMA box is a swizzle atom wide); else the
+ * caller runs 17. A consumer wait past 2 s of GPU time (ws_wait) writes NaN rows. */
+#ifndef DSV3_ATTENTION_WSB_CUH
+#define DSV3_ATTENTION_WSB_CUH
+
+template <int DKP, int DVP>
+struct wsq_cfg {
+    static const int TM = 128, TN = 128, ST = 4; /* 4 stages of K and V beside Q and dO */
+    static const int QB = TM * DKP * 2, OB = TM * DVP * 2, KB = TN * DKP * 2, VB = TN * DVP * 2;
+    static const size_t bytes = (size_t)QB + OB + ST * (KB + VB) + 1024;
+};
+
+/* The register split of OV (one turn a tile: dS, S, dP and dQ live together): the loader at
+ * 24, the consumers at 240 (24 x 128 + 240 x 256 = 64512 of 65536); else
+ * mg_tma_producer's 40 and mg_regs_consumer's 232. */
+template <bool OV>
+__device__ __forceinline__ bool ws_producer(const void *ta, const void *tb)
+{
+    if constexpr (!OV) {
+        return mg_tma_producer(ta, tb);
+    } else {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+#endif
+        if (threadIdx.x != 0)
+            return false;
+        tma_prefetch(ta);
+        tma_prefetch(tb);
+        return true;
+    }
+}
+template <bool OV>
+__device__ __forceinline__ void ws_regs_consumer()
+{
+    if constexpr (!OV)
+        mg_regs_consumer();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    else
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+#endif
+}
+
+template <int DKP, int DVP, bool SEG, bool OV>
+__global__ void __launch_bounds__(384, 1)
+    ws_dq_kernel(bf16 *d_q, const float *lse, const float *D, const int32_t *seg, int T, int nh,
+                 int dk, float scale, int lpt, const __grid_constant__ CUtensorMap tq,
+                 const __grid_constant__ CUtensorMap tdo, const __grid_constant__ CUtensorMap tk,
+                 const __grid_constant__ CUtensorMap tv)
+{
+    typedef wsq_cfg<DKP, DVP> L;
+    const int TM = L::TM, TN = L::TN, ST = L::ST;
+    extern __shared__ unsigned char smem_raw[];
+    /* qbar (Q and dO), then fullK[ST], emptyK[ST], fullV[ST], emptyV[ST] */
+    __shared__ __align__(8) uint64_t bars[1 + 4 * ST];
+    unsigned char *Qs = align1024(smem_raw), *dOs = Qs + L::QB, *Ks = dOs + L::OB;
+    unsigned char *Vs = Ks + ST * L::KB;
+    const uint32_t qbar = (uint32_t)__cvta_generic_to_shared(bars), fk0 = qbar + 8,
+                   ek0 = fk0 + 8 * ST, fv0 = ek0 + 8 * ST, ev0 = fv0 + 8 * ST;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    /* lpt: grid (nh B, tiles), else (tiles, nh, B); the last queries (the most keys) first */
+    const int qt = lpt ? gridDim.y - 1 - blockIdx.y : gridDim.x - 1 - blockIdx.x;
+    const int h = lpt ? blockIdx.x % nh : blockIdx.y, b = lpt ? blockIdx.x / nh : blockIdx.z;
+    const int q0 = qt * TM;
+    int ntiles = (q0 + TM - 1) / TN + 1;
+    if (ntiles * TN > T)
+        ntiles = (T + TN - 1) / TN;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    const int kt0 = SEG ? doc_first(sg, q0) / TN : 0, N = ntiles - kt0;
+    if (threadIdx.x == 0) {
+        mbar_init(qbar, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(fk0 + 8 * s, 1);
+            mbar_init(ek0 + 8 * s, 8); /* each consumer warp */
+            mbar_init(fv0 + 8 * s, 1);
+            mbar_init(ev0 + 8 * s, 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) { /* the loader */
+        if (!ws_producer<OV>(&tk, &tv)) /* thread 0 goes on */
+            return;
+        tma_prefetch(&tq);
+        tma_prefetch(&tdo);
+        const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(Qs);
+        const uint32_t o_s = (uint32_t)__cvta_generic_to_shared(dOs);
+        const uint32_t k_s = (uint32_t)__cvta_generic_to_shared(Ks);
+        const uint32_t v_s = (uint32_t)__cvta_generic_to_shared(Vs);
+        mbar_arrive_tx(qbar, L::QB + L::OB);
+        ws_load_tile<DKP, TM>(q_s, &tq, qbar, b, h, q0);
+        ws_load_tile<DVP, TM>(o_s, &tdo, qbar, b, h, q0);
+        for (int i = 0; i < N; i++) {
+            const int s = i % ST, k0 = (kt0 + i) * TN;
+            const uint32_t ph = ((i / ST) & 1) ^ 1;
+            mbar_wait(ek0 + 8 * s, ph);
+            mbar_arrive_tx(fk0 + 8 * s, L::KB);
+            ws_load_tile<DKP, TN>(k_s + s * L::KB, &tk, fk0 + 8 * s, b, h, k0);
+            mbar_wait(ev0 + 8 * s, ph);
+            mbar_arrive_tx(fv0 + 8 * s, L::VB);
+            ws_load_tile<DVP, TN>(v_s + s * L::VB, &tv, fv0 + 8 * s, b, h, k0);
+        }
+        return;
+    }
+
+    ws_regs_consumer<OV>();
+    const int cw = wg - 1, other = cw ^ 1;
+    const float sl2 = scale * LOG2E;
+    const int wrow = q0 + cw * 64, qr0 = wrow + warp * 16 + (lane >> 2), qr1 = qr0 + 8;
+    const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
+    const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f;
+    const float lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
+    const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
+    const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
+    const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
+    float dQ[DKP / 2];
+#pragma unroll
+    for (int j = 0; j < DKP / 2; j++)
+        dQ[j] = 0;
+    float sc[TN / 2], dp[TN / 2]; /* the first k-step of S and dP overwrites them */
+    uint32_t da[TN / 16][4];
+    bool stuck = false;
+    auto release = [&](uint32_t bar0, int i) { /* this warp is done with tile i's stage */
+        if (lane == 0)
+            mbar_arrive(bar0 + 8 * (i % ST));
+    };
+    auto full = [&](uint32_t bar0, int i) { ws_wait(bar0 + 8 * (i % ST), (i / ST) & 1, stuck); };
+    auto issue_sdp = [&](int i) { /* S = Q K_i^T, dP = dO V_i^T: two groups */
+        const unsigned char *Kb = Ks + (i % ST) * L::KB, *Vb = Vs + (i % ST) * L::VB;
+        wg_mma<TN>::template ss<0>(sc, kmaj<DKP>(Qs, TM, cw * 64, 0), kmaj<DKP>(Kb, TN, 0, 0));
+#pragma unroll
+        for (int kk = 1; kk < DKP / 16; kk++)
+            wg_mma<TN>::ss(sc, kmaj<DKP>(Qs, TM, cw * 64, kk), kmaj<DKP>(Kb, TN, 0, kk));
+        wg_commit();
+        wg_mma<TN>::template ss<0>(dp, kmaj<DVP>(dOs, TM, cw * 64, 0), kmaj<DVP>(Vb, TN, 0, 0));
+#pragma unroll
+        for (int kk = 1; kk < DVP / 16; kk++)
+            wg_mma<TN>::ss(dp, kmaj<DVP>(dOs, TM, cw * 64, kk), kmaj<DVP>(Vb, TN, 0, kk));
+        wg_commit();
+    };
+    auto issue_dq = [&](int i) { /* dQ += dS_i K_i: one group */
+        const unsigned char *Kb = Ks + (i % ST) * L::KB;
+#pragma unroll
+        for (int kk = 0; kk < TN / 16; kk++)
+            wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, kk * 16));
+        wg_commit();
+    };
+    /* with S done (dP may run): P, masked on the diagonal tile, past T and across documents;
+     * then with dP done: V_i's stage released, dS / scale packed into da (scale goes on dQ at
+     * the end; masked entries have P = 0) */
+    auto p_ds = [&](int i) {
+        const int s0 = (kt0 + i) * TN; /* the tile's first key */
+        const bool edge = s0 + TN - 1 > wrow || s0 + TN > T || (SEG && sg[s0] != slast);
+#pragma unroll
+        for (int j = 0; j < TN / 8; j++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                float p = exp2x<true>(fmaf(sc[4 * j + x], sl2, -(x < 2 ? lse0 : lse1)));
+                if (edge) {
+                    int kc = s0 + j * 8 + (lane & 3) * 2 + (x & 1), qr = x < 2 ? qr0 : qr1;
+                    if (!(qr < T && kc <= qr && (!SEG || sg[kc] == (x < 2 ? sq0 : sq1))))
+                        p = 0;
+                }
+                sc[4 * j + x] = p;
+            }
+        wg_wait<0>();
+        wg_regs(dp);
+        release(ev0, i); /* V_i: dP was its only reader */
+#pragma unroll
+        for (int kk = 0; kk < TN / 16; kk++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                const int j0 = 8 * kk + 2 * x;
+                const float d = x & 1 ? D1 : D0;
+                da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
+            }
+    };
+
+    ws_wait(qbar, 0, stuck);
+    if (cw == 1)
+        ws_sched_arrive(0); /* warpgroup 1 issues first */
+    if constexpr (!OV) {
+        for (int i = 0; i < N; i++) {
+            full(fk0, i);
+            full(fv0, i);
+            ws_sched_sync(cw); /* turn 1: S, dP */
+            wg_fence();
+            issue_sdp(i);
+            ws_sched_arrive(other);
+            wg_wait<1>();
+            wg_regs(sc);
+            p_ds(i);
+            ws_sched_sync(cw); /* turn 2: dQ */
+            wg_regs(dQ);
+            ws_keep(da);
+            wg_fence();
+            issue_dq(i);
+            ws_sched_arrive(other);
+            wg_wait<0>();
+            wg_regs(dQ);
+            ws_keep(da);
+            release(ek0, i); /* K_i: S and dQ are done */
+        }
+    } else {
+        /* one turn a tile: dQ of tile i - 1, S and dP of tile i */
+        full(fk0, 0);
+        full(fv0, 0);
+        ws_sched_sync(cw);
+        wg_fence();
+        issue_sdp(0);
+        ws_sched_arrive(other);
+        wg_wait<1>();
+        wg_regs(sc);
+        p_ds(0);
+        for (int i = 1; i < N; i++) {
+            full(fk0, i);
+            full(fv0, i);
+            ws_sched_sync(cw);
+            wg_regs(dQ);
+            ws_keep(da);
+            wg_fence();
+            issue_dq(i - 1);
+            issue_sdp(i);
+            ws_sched_arrive(other);
+            wg_wait<1>(); /* dQ of tile i - 1 and S of tile i */
+            wg_regs(dQ);
+            wg_regs(sc);
+            ws_keep(da);
+            release(ek0, i - 1);
+            p_ds(i);
+        }
+        ws_sched_sync(cw);
+        wg_regs(dQ);
+        ws_keep(da);
+        wg_fence();
+        issue_dq(N - 1);
+        ws_sched_arrive(other);
+        wg_wait<0>();
+        wg_regs(dQ);
+        ws_keep(da);
+        release(ek0, N - 1);
+    }
+    if (cw == 0)
+        ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
+
+    /* a broken pipeline must not pass for a result: NaN rows */
+    const float sc_out = stuck ? __int_as_float(0x7fffffff) : scale;
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (qr0 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
+                    pack_bf2(dQ[4 * j] * sc_out, dQ[4 * j + 1] * sc_out);
+            if (qr1 < T)
+                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
+                    pack_bf2(dQ[4 * j + 2] * sc_out, dQ[4 * j + 3] * sc_out);
+        }
+    }
+}
+
+/* dK, dV (candidate 20, with ws_dq_kernel after it): f3_bwd_dkdv_kernel's products (17's:
+ * 64-query steps, K and V held in registers as the A operands of S^T and dP^T) on the
+ * same schedule as ws_dq_kernel (KVR; else, candidate 21, K and V read from shared memory
+ * by every product). Block = 128 keys of one (b, h), 384 threads: warp 0 of
+ * warpgroup 0 loads (lane 0 issues the TMA copies of K and V once, and of each query tile's
+ * Q and dO into a ring of ST stages; the 32 lanes write the tile's lse (times log2 e) and D
+ * rows into the stage, zeros past T, before arriving on its barrier); warpgroups 1 and 2
+ * own 64 keys each and take turns: S^T = K Q^T with dP^T = V dO^T, then dV += P^T dO with
+ * dK += dS^T Q, two turns a step; a warpgroup whose keys all follow a step's queries (or,
+ * with documents, a tile's) takes its turns empty, so the hand-overs stay paired. */
+template <int DKP, int DVP>
+struct wsk_cfg {
+    static const int TK = 128, TQ = 128, HS = 64, ST = 4;
+    static const int KB = TK * DKP * 2, VB = TK * DVP * 2, QB = TQ * DKP * 2, OB = TQ * DVP * 2;
+    static const int SB = QB + OB + 2 * TQ * 4; /* a stage: Q, dO, lse, D */
+    static const size_t bytes = (size_t)KB + VB + ST * SB + 1024;
+};
+
+template <int DKP, int DVP, bool SEG, bool KVR>
+__global__ void __launch_bounds__(384, 1)
+    ws_dkdv_kernel(bf16 *d_k, bf16 *d_v, const float *lse, const float *D, const int32_t *seg,
+                   int T, int nh, int dk, int dv, float scale,
+                   const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
+                   const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv)
+{
+    typedef wsk_cfg<DKP, DVP> L;
+    const int TK = L::TK, TQ = L::TQ, HS = L::HS, ST = L::ST;
+    extern __shared__ unsigned char smem_raw[];
+    /* kbar (K and V), then full[ST], empty[ST] */
+    __shared__ __align__(8) uint64_t bars[1 + 2 * ST];
+    unsigned char *Ks = align1024(smem_raw), *Vs = Ks + L::KB, *S0 = Vs + L::VB;
+    const uint32_t kbar = (uint32_t)__cvta_generic_to_shared(bars), fq0 = kbar + 8,
+                   eq0 = fq0 + 8 * ST;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int k0 = blockIdx.x * TK, h = blockIdx.y, b = blockIdx.z;
+    const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
+    /* documents: no query past the end of the block's last key's document sees its keys */
+    const int nq = SEG ? (doc_end(sg, min(k0 + TK - 1, T - 1), T) + TQ - 1) / TQ
+                       : (T + TQ - 1) / TQ,
+              qt0 = k0 / TQ, N = nq - qt0;
+    if (threadIdx.x == 0) {
+        mbar_init(kbar, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(fq0 + 8 * s, 32); /* the loading warp's lanes (lane 0 with the bytes) */
+            mbar_init(eq0 + 8 * s, 8);  /* each consumer warp */
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) { /* the loader: warp 0 */
+        mg_regs_producer();
+        if (warp != 0)
+            return;
+        const float *lse_bh = lse + ((int64_t)b * nh + h) * T;
+        const float *D_bh = D + ((int64_t)b * nh + h) * T;
+        if (lane == 0) {
+            tma_prefetch(&tq);
+            tma_prefetch(&tdo);
+            tma_prefetch(&tk);
+            tma_prefetch(&tv);
+            mbar_arrive_tx(kbar, L::KB + L::VB);
+            ws_load_tile<DKP, TK>((uint32_t)__cvta_generic_to_shared(Ks), &tk, kbar, b, h, k0);
+            ws_load_tile<DVP, TK>((uint32_t)__cvta_generic_to_shared(Vs), &tv, kbar, b, h, k0);
+        }
+        for (int i = 0; i < N; i++) {
+            const int s = i % ST, q0 = (qt0 + i) * TQ;
+            unsigned char *st = S0 + s * L::SB;
+            float *ls = (float *)(st + L::QB + L::OB), *ds = ls + TQ;
+            mbar_wait(eq0 + 8 * s, ((i / ST) & 1) ^ 1);
+#pragma unroll
+            for (int r = lane; r < TQ; r += 32) {
+                const int qi = q0 + r;
+                ls[r] = qi < T ? lse_bh[qi] * LOG2E : 0.0f;
+                ds[r] = qi < T ? D_bh[qi] : 0.0f;
+            }
+            if (lane == 0) { /* after its own stores: the arrival releases them */
+                const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(st);
+                mbar_arrive_tx(fq0 + 8 * s, L::QB + L::OB);
+                ws_load_tile<DKP, TQ>(q_s, &tq, fq0 + 8 * s, b, h, q0);
+                ws_load_tile<DVP, TQ>(q_s + L::QB, &tdo, fq0 + 8 * s, b, h, q0);
+            } else {
+                mbar_arrive(fq0 + 8 * s);
+            }
+        }
+        return;
+    }
+
+    mg_regs_consumer(); /* 232 registers */
+    const int cw = wg - 1, other = cw ^ 1;
+    const float sl2 = scale * LOG2E;
+    const int kw = k0 + cw * 64; /* the warpgroup's first key */
+    const int kr0 = kw + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
+    const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
+    const int skf = SEG ? sg[min(kw, T - 1)] : 0, skl = SEG ? sg[min(kw + 63, T - 1)] : 0;
+    bool stuck = false;
+    ws_wait(kbar, 0, stuck);
+    uint32_t ka[KVR ? DKP / 16 : 1][4], va[KVR ? DVP / 16 : 1][4];
+    if constexpr (KVR) {
+        afrag<DKP>(ka, Ks, TK, cw * 64);
+        afrag<DVP>(va, Vs, TK, cw * 64);
+    }
+    float dK[DKP / 2], dV[DVP / 2];
+#pragma unroll
+    for (int j = 0; j < DKP / 2; j++)
+        dK[j] = 0;
+#pragma unroll
+    for (int j = 0; j < DVP / 2; j++)
+        dV[j] = 0;
+    float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
+    uint32_t pa[HS / 16][4], da[HS / 16][4];
+    if (cw == 1)
+        ws_sched_arrive(0); /* warpgroup 1 issues first */
+    for (int i = 0; i < N; i++) {
+        const int q0 = (qt0 + i) * TQ;
+        const unsigned char *Qb = S0 + (i % ST) * L::SB, *dOb = Qb + L::QB;
+        const float *ls = (const float *)(dOb + L::OB), *Ds = ls + TQ;
+        ws_wait(fq0 + 8 * (i % ST), (i / ST) & 1, stuck);
+        /* keys all past this tile's last query, or all of documents before its first */
+        const bool tlive = kw <= q0 + TQ - 1 && (!SEG || skl >= sg[q0]);
+#pragma unroll
+        for (int hs = 0; hs < TQ; hs += HS) {
+            const bool live = tlive && kw <= q0 + hs + HS - 1;
+            ws_sched_sync(cw); /* turn 1: S^T, dP^T (an empty turn where not live) */
+            if (!live) {
+                ws_sched_arrive(other);
+            } else {
+                wg_fence();
+                if constexpr (KVR) {
+                    wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DKP / 16; kk++)
+                        wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
+                } else {
+                    wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, cw * 64, 0),
+                                               kmaj<DKP>(Qb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DKP / 16; kk++)
+                        wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, cw * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
+                }
+                wg_commit();
+                if constexpr (KVR) {
+                    wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DVP / 16; kk++)
+                        wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
+                } else {
+                    wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, cw * 64, 0),
+                                               kmaj<DVP>(dOb, TQ, hs, 0));
+#pragma unroll
+                    for (int kk = 1; kk < DVP / 16; kk++)
+                        wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, cw * 64, kk),
+                                       kmaj<DVP>(dOb, TQ, hs, kk));
+                }
+                wg_commit();
+                ws_sched_arrive(other);
+                wg_wait<1>(); /* S^T is done */
+                wg_regs(st);
+                const bool edge = kw + 63 > q0 + hs || q0 + hs + HS > T ||
+                                  (SEG && skf != sg[min(q0 + hs + HS - 1, T - 1)]);
+#pragma unroll
+                for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                        float p = exp2x<true>(fmaf(st[4 * j + x], sl2, -ls[ql]));
+                        if (edge) {
+                            int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
+                            if (!(qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))))
+                                p = 0;
+                        }
+                        st[4 * j + x] = p;
+                    }
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++)
+                        pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                wg_wait<0>(); /* dP^T is done */
+                wg_regs(dp);
+                /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
+#pragma unroll
+                for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                        dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+                    }
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++)
+                        da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+            }
+            ws_sched_sync(cw); /* turn 2: dV, dK */
+            if (!live) {
+                ws_sched_arrive(other);
+            } else {
+                wg_regs(dV);
+                wg_regs(dK);
+                ws_keep(pa);
+                ws_keep(da);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+                    wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+                wg_commit();
+#pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+                    wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+                wg_commit();
+                ws_sched_arrive(other);
+                wg_wait<0>();
+                wg_regs(dV);
+                wg_regs(dK);
+                ws_keep(pa);
+                ws_keep(da);
+            }
+        }
+        if (lane == 0)
+            mbar_arrive(eq0 + 8 * (i % ST)); /* this warp is done with the stage */
+    }
+    if (cw == 0)
+        ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
+
+    /* a broken pipeline must not pass for a result: NaN rows */
+    const float qnan = __int_as_float(0x7fffffff);
+    const float ks = stuck ? qnan : scale, vs = stuck ? qnan : 1.0f;
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (kr0 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j] * ks, dK[4 * j + 1] * ks);
+            if (kr1 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j + 2] * ks, dK[4 * j + 3] * ks);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (kr0 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
+                    pack_bf2(dV[4 * j] * vs, dV[4 * j + 1] * vs);
+            if (kr1 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
+                    pack_bf2(dV[4 * j + 2] * vs, dV[4 * j + 3] * vs);
+        }
+    }
+}
+
+/* dK, dV by ws_dkdv_kernel (D and lse as f3_bwd_dkdv_kernel reads them); grid (key tiles,
+ * nh, B), the first keys (the most queries) first. */
+template <int DKP, int DVP, bool SEG, bool KVR>
+static int ws_dkdv_launch(gpu_ctx *c, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
+                          const float *lse, const float *D, const bf16 *q, const bf16 *k,
+                          const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
+                          int dv, float scale, dsv3_err *e)
+{
+    typedef wsk_cfg<DKP, DVP> L;
+    static_assert(L::bytes <= 227 * 1024, "shared memory");
+    tma_encode_fn enc = NULL;
+    CUtensorMap tq, tdo, tk, tv;
+    if (tma_encoder(&enc, e) || ws_map<DKP>(enc, &tq, q, B, T, nh, dk, L::TQ, e) ||
+        ws_map<DVP>(enc, &tdo, d_out, B, T, nh, dv, L::TQ, e) ||
+        ws_map<DKP>(enc, &tk, k, B, T, nh, dk, L::TK, e) ||
+        ws_map<DVP>(enc, &tv, v, B, T, nh, dv, L::TK, e))
+        return -1;
+    CUDA_TRY(cudaFuncSetAttribute(ws_dkdv_kernel<DKP, DVP, SEG, KVR>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes),
+             e);
+    dim3 grid((T + L::TK - 1) / L::TK, nh, B);
+    ws_dkdv_kernel<DKP, DVP, SEG, KVR><<<grid, 384, L::bytes, c->stream>>>(
+        d_k, d_v, lse, D, seg, T, nh, dk, dv, scale, tq, tdo, tk, tv);
+    LAUNCH_CHECK("attention_bwd dk dv (sm90, warp-specialised)", e);
+    return 0;
+}
+
+/* Whether ws_dq_kernel takes a call: 96/64 tiles, head dims of at least a box (64), 16-byte
+ * aligned tensors (the bulk copies). */
+static bool ws_dq_fits(const void *q, const void *k, const void *v, const void *d_out, int dk,
+                       int dv)
+{
+    return dk >= 64 && dk <= 96 && dv >= 64 && dv <= 64 && ws_aligned(q, k, v) &&
+           ws_aligned(d_out, d_out, d_out);
+}
+
+/* dQ by ws_dq_kernel (after the dK/dV kernel: D and lse as f3_bwd_dq_kernel reads them);
+ * the grid as f3_bwd_dq_kernel's (lpt: costliest tiles first). */
+template <int DKP, int DVP, bool SEG, bool OV>
+static int ws_dq_launch(gpu_ctx *c, bf16 *d_q, const bf16 *d_out, const float *lse,
+                        const float *D, const bf16 *q, const bf16 *k, const bf16 *v,
+                        const int32_t *seg, int B, int T, int nh, int dk, int dv, float scale,
+                        int lpt, dsv3_err *e)
+{
+    typedef wsq_cfg<DKP, DVP> L;
+    static_assert(L::bytes <= 227 * 1024, "shared memory");
+    tma_encode_fn enc = NULL;
+    CUtensorMap tq, tdo, tk, tv;
+    if (tma_encoder(&enc, e) || ws_map<DKP>(enc, &tq, q, B, T, nh, dk, L::TM, e) ||
+        ws_map<DVP>(enc, &tdo, d_out, B, T, nh, dv, L::TM, e) ||
+        ws_map<DKP>(enc, &tk, k, B, T, nh, dk, L::TN, e) ||
+        ws_map<DVP>(enc, &tv, v, B, T, nh, dv, L::TN, e))
+        return -1;
+    CUDA_TRY(cudaFuncSetAttribute(ws_dq_kernel<DKP, DVP, SEG, OV>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes),
+             e);
+    const int nqt = (T + L::TM - 1) / L::TM;
+    dim3 grid = lpt ? dim3(nh * B, nqt) : dim3(nqt, nh, B);
+    ws_dq_kernel<DKP, DVP, SEG, OV><<<grid, 384, L::bytes, c->stream>>>(d_q, lse, D, seg, T, nh, dk,
+                                                                      scale, lpt, tq, tdo, tk, tv);
+    LAUNCH_CHECK("attention_bwd dq (sm90, warp-specialised)", e);
+    return 0;
+}
+
+#endif
