@@ -330,7 +330,9 @@ static int group_of(const char *phase, const char *n)
         return G_FP8_Q;
     if (has(n, "fwd_kernel") || has(n, "fwd_pipe"))
         return G_ATT_F;
-    if (has(n, "bwd_dkdv") || has(n, "bwd_dq") || has(n, "attn_bwd_dot"))
+    /* f3_bwd_* (wgmma), ws_dkdv / ws_dq (warp-specialised, attention_wsb.cuh) */
+    if (has(n, "bwd_dkdv") || has(n, "bwd_dq") || has(n, "ws_dkdv") || has(n, "ws_dq") ||
+        has(n, "attn_bwd_dot"))
         return G_ATT_B;
     if (has(n, "moe_fp8")) /* FORM 0: fprop, and dgrad in the backward; 1: wgrad */
         return has(n, "<1>") ? G_MOE_W : !strcmp(phase, "bwd") ? G_MOE_D : G_MOE_F;
