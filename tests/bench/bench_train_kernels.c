@@ -539,13 +539,11 @@ int main(int argc, char **argv)
         printf("g %-50s|%5d|%9.3f|%6.2f%%|%14s|%8.3f|%6.1f%%\n", gname_[gi], gcalls[gi], ms,
                100 * gus[gi] / busy, fb, fms, ms > 0 && fms > 0 ? 100 * fms / ms : 0.0);
     }
-    /* test_gmodel's and bench-train.sh's formula counts one layer's attention; both here */
-    double tot = 6.0 * cn.active * N + 3 * att, tot1 = 6.0 * cn.active * N + 3 * att / nl;
+    /* the FLOP count of test_gmodel's bench and bench-train.sh (every layer's attention) */
+    double tot = 6.0 * cn.active * N + 3 * att;
     printf("# model FLOPs of the step %.2f TFLOP (6 x %.1fM activated x N + 3 x attention of "
-           "%d layers): %.1f%% MFU over the traced span; with bench-train.sh's formula (one "
-           "layer's attention, %.2f TFLOP) %.1f%%\n",
-           tot / 1e12, cn.active / 1e6, nl, 100 * tot / (span * 1e-6) / ceil, tot1 / 1e12,
-           100 * tot1 / (span * 1e-6) / ceil);
+           "%d layers): %.1f%% MFU over the traced span\n",
+           tot / 1e12, cn.active / 1e6, nl, 100 * tot / (span * 1e-6) / ceil);
     gmodel_destroy(g);
     model_free(&m);
     free(ids), free(tg), free(a), free(tr_.r), free(tr_.a);
