@@ -1531,7 +1531,7 @@ static int f3_bwd_launch_t(gpu_ctx *c, bf16 *d_q, bf16 *d_k, bf16 *d_v, const bf
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LB::bytes),
              e);
     if constexpr (WSQ >= 3) { /* the warp-specialised dK/dV and dQ kernels */
-        return ws_dkdv_launch<DKP, DVP, SEG, WSQ == 3>(c, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh,
+        return ws_dkdv_launch<DKP, DVP, SEG, WSQ != 4, WSQ == 5>(c, d_k, d_v, d_out, lse, D, q, k, v, seg, B, T, nh,
                                              dk, dv, scale, e) ||
                        ws_dq_launch<DKP, DVP, SEG, false>(c, d_q, d_out, lse, D, q, k, v, seg, B,
                                                           T, nh, dk, dv, scale, lpt, e)
@@ -1689,6 +1689,8 @@ static bool fused_bwd_fits(int dk, int dv)
  *  20  18's dQ kernel after the warp-specialised dK/dV kernel (attention_wsb.cuh: 17's
  *      dK/dV products, two turns a 64-query step, K and V in registers)
  *  21  20 with K and V read from shared memory by each product
+ *  22  20 with one turn a 64-query step in the dK/dV kernel (the step's S^T, dP^T issued
+ *      with the previous step's dV, dK; ws_dkdv_ov)
  * 192/128 (no room for a fourth stage or 64-query steps): ex2.approx (also for 9 and 10: the
  * fused kernel is 96/64 only; 12 and 17 too: 3-stage kernels are not serialised), but 16
  * with Q in registers in the dQ kernel (K/V do not fit the dK/dV kernel's registers). */
@@ -1702,9 +1704,9 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
     const int def = fused ? 10 : seg ? 16 : 20, lpt = el ? atoi(el) : 0;
     int bv = ev ? atoi(ev) : def;
     if (bv != 5 && bv != 9 && bv != 10 && bv != 12 && bv != 16 && bv != 17 && bv != 18 &&
-        bv != 19 && bv != 20 && bv != 21)
+        bv != 19 && bv != 20 && bv != 21 && bv != 22)
         bv = def;
-    if (bv >= 18 && bv <= 21 && !ws_dq_fits(Q, K, V, dO, dk, dv))
+    if (bv >= 18 && bv <= 22 && !ws_dq_fits(Q, K, V, dO, dk, dv))
         bv = 17;
 #define F3B(...) f3_bwd_launch<__VA_ARGS__>(c, dq, dk_, dv_, dO, lse, D, Q, K, V, seg, B, T, nh, \
                                             dk, dv, scale, lpt, e)
@@ -1723,6 +1725,7 @@ static int f3_bwd_pick(gpu_ctx *c, bf16 *dq, bf16 *dk_, bf16 *dv_, const bf16 *d
         case 19: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 2);
         case 20: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 3);
         case 21: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 4);
+        case 22: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12, 5);
         default: return F3B(96, 64, 64, 4, 4, true, 128, 128, 11, 128, 3, 0, 12); /* 17 */
         }
     }

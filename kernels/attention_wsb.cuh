@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(384, 1)
  * rows into the stage, zeros past T, before arriving on its barrier); warpgroups 1 and 2
  * own 64 keys each and take turns: S^T = K Q^T with dP^T = V dO^T, then dV += P^T dO with
  * dK += dS^T Q, two turns a step; a warpgroup whose keys all follow a step's queries (or,
- * with documents, a tile's) takes its turns empty, so the hand-overs stay paired. */
+ * with documents, a tile's) takes its turns empty, so the hand-overs stay paired. OV
+ * (candidate 22, KVR only): one turn a step instead (ws_dkdv_ov). */
 template <int DKP, int DVP>
 struct wsk_cfg {
     static const int TK = 128, TQ = 128, HS = 64, ST = 4;
@@ -301,7 +302,202 @@ struct wsk_cfg {
     static const size_t bytes = (size_t)KB + VB + ST * SB + 1024;
 };
 
-template <int DKP, int DVP, bool SEG, bool KVR>
+/* Candidate 22: ws_dkdv_kernel's consumer loop with one turn a 64-query step (K and V in
+ * registers). A turn issues the previous step's dV and dK (its P^T and dS^T packed in pa,
+ * da), then this step's S^T, waits for dV and dK (S^T keeps the tensor cores busy) and
+ * issues dP^T before handing over: the step's exponentials run under its own dP^T and the
+ * other warpgroup's products, and a turn carries ~2.6 MFLOP against 20's ~1.3 (half the
+ * hand-overs). With all four in flight at once (dK, dV, S^T, dP^T, pa, da, K, V: 216
+ * registers) ptxas serialised the products (C7512) and spilled, even at 240 registers; this
+ * way at most 184 are in flight, as in 20's first turn: no spill at 232, no C7512/C7515.
+ * The pending products are always those of the step just before (a step not live leaves
+ * nothing pending), so each accumulator sees 20's (and 17's) products in 20's order: the
+ * same bits. Every turn waits for all it issued, so no product is in flight across a
+ * branch, a hand-over or a stage release; tile i - 1's stage is released after tile i's
+ * first turn (its last step's dV, dK), the last tile's after a final turn that issues the
+ * last pending step. Turns a warpgroup: 2 N + 1, the same for both, so the hand-overs stay
+ * paired. */
+template <int DKP, int DVP, bool SEG>
+__device__ __forceinline__ void
+    ws_dkdv_ov(float (&dK)[DKP / 2], float (&dV)[DVP / 2], const uint32_t (&ka)[DKP / 16][4],
+               const uint32_t (&va)[DVP / 16][4], float (&st)[32], float (&dp)[32],
+               uint32_t (&pa)[4][4], uint32_t (&da)[4][4], const unsigned char *S0,
+               uint32_t fq0, uint32_t eq0, int qt0, int N, int T, int kw, int kr0, int kr1,
+               int sk0, int sk1, int skf, int skl, const int32_t *sg, float sl2, int cw, int lane,
+               bool &stuck)
+{
+    typedef wsk_cfg<DKP, DVP> L;
+    const int TQ = L::TQ, HS = L::HS, ST = L::ST, other = cw ^ 1;
+    static_assert(L::HS == 64, "pa, da, st, dp are one 64-query step");
+    auto stage = [&](int i) { return S0 + (i % ST) * L::SB; };
+    auto issue_s = [&](const unsigned char *Qb, int hs) { /* S^T: one group */
+        wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
+#pragma unroll
+        for (int kk = 1; kk < DKP / 16; kk++)
+            wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
+        wg_commit();
+    };
+    auto issue_dp = [&](const unsigned char *Qb, int hs) { /* dP^T: one group */
+        const unsigned char *dOb = Qb + L::QB;
+        wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
+#pragma unroll
+        for (int kk = 1; kk < DVP / 16; kk++)
+            wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
+        wg_commit();
+    };
+    auto issue_dkv = [&](const unsigned char *Qb, int hs) { /* dV, dK: two groups */
+        const unsigned char *dOb = Qb + L::QB;
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++)
+            wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++)
+            wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+        wg_commit();
+    };
+    /* with S^T done: P^T in st (20's exponential and masks) */
+    auto p_exp = [&](const unsigned char *Qb, int q0, int hs) {
+        const float *ls = (const float *)(Qb + L::QB + L::OB);
+        const bool edge = kw + 63 > q0 + hs || q0 + hs + HS > T ||
+                          (SEG && skf != sg[min(q0 + hs + HS - 1, T - 1)]);
+#pragma unroll
+        for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                float p = exp2x<true>(fmaf(st[4 * j + x], sl2, -ls[ql]));
+                if (edge) {
+                    int qc = q0 + ql, kr = x < 2 ? kr0 : kr1;
+                    if (!(qc < T && kr <= qc && (!SEG || sg[qc] == (x < 2 ? sk0 : sk1))))
+                        p = 0;
+                }
+                st[4 * j + x] = p;
+            }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+            for (int x = 0; x < 4; x++)
+                pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+    };
+    /* with dP^T done: dS^T / scale in dp (scale goes on dK at the end) */
+    auto ds = [&](const unsigned char *Qb, int hs) {
+        const float *Ds = (const float *)(Qb + L::QB + L::OB) + TQ;
+#pragma unroll
+        for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+                dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+            }
+    };
+    auto pack_ds = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+            for (int x = 0; x < 4; x++)
+                da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+    };
+    auto release = [&](int i) { /* this warp is done with tile i's stage */
+        if (lane == 0)
+            mbar_arrive(eq0 + 8 * (i % ST));
+    };
+    /* the turn of step (Qb, hs) after the pending step (Pb, phs) */
+    auto turn_both = [&](const unsigned char *Qb, int q0, int hs, const unsigned char *Pb,
+                         int phs) {
+        wg_regs(dV);
+        wg_regs(dK);
+        ws_keep(pa);
+        ws_keep(da);
+        wg_fence();
+        issue_dkv(Pb, phs);
+        issue_s(Qb, hs);
+        /* dP^T once dV and dK are done (S^T keeps the tensor cores busy meanwhile): at most
+         * 20's registers in flight (with all four at once ptxas serialises them, C7512) */
+        wg_wait<1>();
+        wg_regs(dV);
+        wg_regs(dK);
+        ws_keep(pa);
+        ws_keep(da);
+        wg_fence();
+        issue_dp(Qb, hs);
+        ws_sched_arrive(other);
+        wg_wait<1>(); /* S^T; dP^T still running */
+        wg_regs(st);
+        p_exp(Qb, q0, hs);
+        pack_p();
+        wg_wait<0>();
+        wg_regs(dp);
+        ds(Qb, hs);
+        pack_ds();
+    };
+    auto turn_sdp = [&](const unsigned char *Qb, int q0, int hs) { /* nothing pending */
+        wg_fence();
+        issue_s(Qb, hs);
+        issue_dp(Qb, hs);
+        ws_sched_arrive(other);
+        wg_wait<1>();
+        wg_regs(st);
+        p_exp(Qb, q0, hs);
+        pack_p();
+        wg_wait<0>();
+        wg_regs(dp);
+        ds(Qb, hs);
+        pack_ds();
+    };
+    auto turn_dkv = [&](const unsigned char *Pb, int phs) { /* the pending step alone */
+        wg_regs(dV);
+        wg_regs(dK);
+        ws_keep(pa);
+        ws_keep(da);
+        wg_fence();
+        issue_dkv(Pb, phs);
+        ws_sched_arrive(other);
+        wg_wait<0>();
+        wg_regs(dV);
+        wg_regs(dK);
+        ws_keep(pa);
+        ws_keep(da);
+    };
+    bool pend = false; /* pa, da hold the previous step's P^T, dS^T */
+    for (int i = 0; i < N; i++) {
+        const int q0 = (qt0 + i) * TQ;
+        const unsigned char *Qb = stage(i);
+        ws_wait(fq0 + 8 * (i % ST), (i / ST) & 1, stuck);
+        /* keys all past this tile's last query, or all of documents before its first */
+        const bool tlive = kw <= q0 + TQ - 1 && (!SEG || skl >= sg[q0]);
+#pragma unroll
+        for (int hs = 0; hs < TQ; hs += HS) {
+            const bool live = tlive && kw <= q0 + hs + HS - 1;
+            /* the pending step: the previous tile's last, or this tile's first */
+            const unsigned char *Pb = hs == 0 ? stage(i + ST - 1) : Qb;
+            const int phs = hs == 0 ? TQ - HS : hs - HS;
+            ws_sched_sync(cw); /* one turn: S^T, dP^T of this step, dV, dK of the last */
+            if (live && pend)
+                turn_both(Qb, q0, hs, Pb, phs);
+            else if (live)
+                turn_sdp(Qb, q0, hs);
+            else if (pend)
+                turn_dkv(Pb, phs);
+            else
+                ws_sched_arrive(other); /* an empty turn */
+            pend = live;
+            if (hs == 0 && i > 0)
+                release(i - 1); /* its last step's dV, dK are done */
+        }
+    }
+    ws_sched_sync(cw); /* the last turn: the last step's dV, dK */
+    if (pend)
+        turn_dkv(stage(N + ST - 1), TQ - HS);
+    else
+        ws_sched_arrive(other);
+    if (N > 0)
+        release(N - 1);
+}
+
+template <int DKP, int DVP, bool SEG, bool KVR, bool OV>
 __global__ void __launch_bounds__(384, 1)
     ws_dkdv_kernel(bf16 *d_k, bf16 *d_v, const float *lse, const float *D, const int32_t *seg,
                    int T, int nh, int dk, int dv, float scale,
@@ -309,6 +505,7 @@ __global__ void __launch_bounds__(384, 1)
                    const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv)
 {
     typedef wsk_cfg<DKP, DVP> L;
+    static_assert(KVR || !OV, "one turn a step holds K and V in registers");
     const int TK = L::TK, TQ = L::TQ, HS = L::HS, ST = L::ST;
     extern __shared__ unsigned char smem_raw[];
     /* kbar (K and V), then full[ST], empty[ST] */
@@ -396,6 +593,10 @@ __global__ void __launch_bounds__(384, 1)
     uint32_t pa[HS / 16][4], da[HS / 16][4];
     if (cw == 1)
         ws_sched_arrive(0); /* warpgroup 1 issues first */
+    if constexpr (OV) {
+        ws_dkdv_ov<DKP, DVP, SEG>(dK, dV, ka, va, st, dp, pa, da, S0, fq0, eq0, qt0, N, T, kw,
+                                  kr0, kr1, sk0, sk1, skf, skl, sg, sl2, cw, lane, stuck);
+    } else /* two turns a step (candidates 20, 21) */
     for (int i = 0; i < N; i++) {
         const int q0 = (qt0 + i) * TQ;
         const unsigned char *Qb = S0 + (i % ST) * L::SB, *dOb = Qb + L::QB;
@@ -539,7 +740,7 @@ __global__ void __launch_bounds__(384, 1)
 
 /* dK, dV by ws_dkdv_kernel (D and lse as f3_bwd_dkdv_kernel reads them); grid (key tiles,
  * nh, B), the first keys (the most queries) first. */
-template <int DKP, int DVP, bool SEG, bool KVR>
+template <int DKP, int DVP, bool SEG, bool KVR, bool OV>
 static int ws_dkdv_launch(gpu_ctx *c, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
                           const float *lse, const float *D, const bf16 *q, const bf16 *k,
                           const bf16 *v, const int32_t *seg, int B, int T, int nh, int dk,
@@ -554,11 +755,11 @@ static int ws_dkdv_launch(gpu_ctx *c, bf16 *d_k, bf16 *d_v, const bf16 *d_out,
         ws_map<DKP>(enc, &tk, k, B, T, nh, dk, L::TK, e) ||
         ws_map<DVP>(enc, &tv, v, B, T, nh, dv, L::TK, e))
         return -1;
-    CUDA_TRY(cudaFuncSetAttribute(ws_dkdv_kernel<DKP, DVP, SEG, KVR>,
+    CUDA_TRY(cudaFuncSetAttribute(ws_dkdv_kernel<DKP, DVP, SEG, KVR, OV>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes),
              e);
     dim3 grid((T + L::TK - 1) / L::TK, nh, B);
-    ws_dkdv_kernel<DKP, DVP, SEG, KVR><<<grid, 384, L::bytes, c->stream>>>(
+    ws_dkdv_kernel<DKP, DVP, SEG, KVR, OV><<<grid, 384, L::bytes, c->stream>>>(
         d_k, d_v, lse, D, seg, T, nh, dk, dv, scale, tq, tdo, tk, tv);
     LAUNCH_CHECK("attention_bwd dk dv (sm90, warp-specialised)", e);
     return 0;

@@ -14,7 +14,7 @@
 # kernels/attention_ws.cuh, 5 keeping head dim 96 unpadded; rows tagged "variant N"; each
 # variant's backward row is the Hopper backward alike for 0, 3, 4, 5).
 # BWD_SWEEP="5 12 16 17 ...": then each Hopper backward candidate V (or V:L, with
-# DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them: 5, 9, 10, 12, 16-21; any
+# DSV3_ATTN_LPT=L; kernels/attention.cu f3_bwd_pick lists them: 5, 9, 10, 12, 16-22; any
 # other value times the default) through test_attention's checks and the default kernels'
 # timings, rows tagged "bwd=V:L". 9 and 10 are the fused backward (one kernel, dQ by fp32
 # reductions; 96/64 only, the V3 192/128 rows then time the two-kernel ex2.approx path):

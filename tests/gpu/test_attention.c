@@ -3,7 +3,7 @@
  * random bf16 inputs: MLA's head dims 192/128, the small configs' 96/64 and 24/16, sequence
  * lengths that are not multiples of the 64-row tile; and masked by document (ragged packed
  * documents) against lib/ops attention_*_seg, the fused backward candidates (DSV3_ATTN_BWD
- * 9, 10) and the deterministic ones 12, 16, 17 (and 18-21: the warp-specialised dQ and
+ * 9, 10) and the deterministic ones 12, 16, 17 (and 18-22: the warp-specialised dQ and
  * dK/dV kernels, also against 17's bits at T = 4096) on both, and the default pick by
  * gpu_attention_set_nondet (the same bits run to run unless set; the fused backward for
  * documents when set). With DSV3_GPU_BENCH=1 also
@@ -420,12 +420,13 @@ static void attention_bwd_cands_match_cpu(void)
 /* The warp-specialised candidates 18 and 19 (kernels/attention_wsb.cuh: 17's dK/dV
  * kernel, then a dQ kernel with a TMA loader warpgroup and two consumer warpgroups taking
  * turns; 19 issues a tile's dQ with the next tile's S and dP) and 20, 21 (18's dQ kernel after
- * a dK/dV kernel on the same schedule; 21 without K, V in registers) on shapes sh: the same bits twice and candidate 17's
+ * a dK/dV kernel on the same schedule; 21 without K, V in registers; 22 with one turn a
+ * 64-query step) on shapes sh: the same bits twice and candidate 17's
  * bits (the same products in the same order). */
 static void ws_dq_vs_17(const int (*sh)[6], size_t ns)
 {
     dsv3_err e;
-    static const char *const cand[] = {"18", "19", "20", "21"};
+    static const char *const cand[] = {"18", "19", "20", "21", "22"};
     gpu_attention_set_variant(gt_ctx_, 0);
     for (size_t si = 0; si < ns; si++) {
         int B = sh[si][0], T = sh[si][1], nh = sh[si][2], dk = sh[si][3], dv = sh[si][4];
@@ -480,7 +481,7 @@ static void ws_dq_vs_17(const int (*sh)[6], size_t ns)
     }
 }
 
-/* Candidates 18-21 against lib/ops at 96/64 (and where they hand over to 17: 80/48, whose
+/* Candidates 18-22 against lib/ops at 96/64 (and where they hand over to 17: 80/48, whose
  * value dim is below one box, and 192/128), causal and by document, ragged T (257: the last
  * query block's second warpgroup has no rows; 700, 1000: the 4-stage rings wrap), B and nh
  * above 1, each call twice for the same bits; then candidate 17's bits on those shapes and on
@@ -498,14 +499,14 @@ static void attention_ws_bwd_match(void)
     static const int lg[][6] = {{2, 4096, 3, 96, 64, 0}, {1, 4096, 5, 96, 64, 0},
                                 {3, 4000, 2, 96, 64, 0}, {2, 4096, 2, 96, 64, 1},
                                 {1, 4000, 3, 96, 64, 1}};
-    static const char *const cand[] = {"18", "19", "20", "21"};
+    static const char *const cand[] = {"18", "19", "20", "21", "22"};
     double w[3] = {0, 0, 0};
-    bwd_cands_vs_cpu(cand, 4, sh, sizeof sh / sizeof sh[0], 1, NULL, w);
+    bwd_cands_vs_cpu(cand, sizeof cand / sizeof cand[0], sh, sizeof sh / sizeof sh[0], 1, NULL, w);
     ws_dq_vs_17(sh, sizeof sh / sizeof sh[0]);
     ws_dq_vs_17(lg, sizeof lg / sizeof lg[0]);
-    gt_stat("attention bwd warp-specialised (18-21) dq", w[0], BF16_BOUND);
-    gt_stat("attention bwd warp-specialised (18-21) dk", w[1], BF16_BOUND);
-    gt_stat("attention bwd warp-specialised (18-21) dv", w[2], BF16_BOUND);
+    gt_stat("attention bwd warp-specialised (18-22) dq", w[0], BF16_BOUND);
+    gt_stat("attention bwd warp-specialised (18-22) dk", w[1], BF16_BOUND);
+    gt_stat("attention bwd warp-specialised (18-22) dv", w[2], BF16_BOUND);
 }
 
 /* The backward's default pick (f3_bwd_pick) by the context's reproducibility setting:
