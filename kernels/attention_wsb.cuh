@@ -302,6 +302,17 @@ struct wsk_cfg {
     static const size_t bytes = (size_t)KB + VB + ST * SB + 1024;
 };
 
+/* A consumer warp hands a Q/dO/lse/D stage back: one arrival a warp, after every lane's
+ * reads. The loader fills lse and D with plain stores (Q and dO come by TMA), so the other
+ * lanes' reads of them must be ordered before lane 0's release arrival: __syncwarp gives
+ * that order (compute-sanitizer racecheck flagged the read / next write pair without it). */
+__device__ __forceinline__ void ws_release_stage(uint32_t empty_bar, int lane)
+{
+    __syncwarp();
+    if (lane == 0)
+        mbar_arrive(empty_bar);
+}
+
 /* Candidate 22: ws_dkdv_kernel's consumer loop with one turn a 64-query step (K and V in
  * registers). A turn issues the previous step's dV and dK (its P^T and dS^T packed in pa,
  * da), then this step's S^T, waits for dV and dK (S^T keeps the tensor cores busy) and
@@ -401,8 +412,7 @@ __device__ __forceinline__ void
                 da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
     };
     auto release = [&](int i) { /* this warp is done with tile i's stage */
-        if (lane == 0)
-            mbar_arrive(eq0 + 8 * (i % ST));
+        ws_release_stage(eq0 + 8 * (i % ST), lane);
     };
     /* the turn of step (Qb, hs) after the pending step (Pb, phs) */
     auto turn_both = [&](const unsigned char *Qb, int q0, int hs, const unsigned char *Pb,
@@ -703,8 +713,7 @@ __global__ void __launch_bounds__(384, 1)
                 ws_keep(da);
             }
         }
-        if (lane == 0)
-            mbar_arrive(eq0 + 8 * (i % ST)); /* this warp is done with the stage */
+        ws_release_stage(eq0 + 8 * (i % ST), lane); /* this warp is done with the stage */
     }
     if (cw == 0)
         ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
