@@ -951,6 +951,43 @@ struct f3b_smem {
     static const size_t bytes = (size_t)KB + VB + STAGES * (QB + OB + 2 * TQ * 4) + 1024;
 };
 
+/* A dK/dV kernel's result: the thread's rows kr0 and kr1 (of key tile fragments dK, dV, as
+ * wgmma's accumulator layout leaves them) times ks (the softmax scale) and, with VS, vs,
+ * into [B][T][nh][d] bf16; rows past T and columns past dk / dv are not written. */
+template <int DKP, int DVP, bool VS>
+__device__ __forceinline__ void f3_store_dkdv(bf16 *d_k, bf16 *d_v, const float (&dK)[DKP / 2],
+                                              const float (&dV)[DVP / 2], float ks, float vs,
+                                              int b, int T, int nh, int h, int dk, int dv,
+                                              int kr0, int kr1, int lane)
+{
+#pragma unroll
+    for (int j = 0; j < DKP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dk) {
+            if (kr0 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j] * ks, dK[4 * j + 1] * ks);
+            if (kr1 < T)
+                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
+                    pack_bf2(dK[4 * j + 2] * ks, dK[4 * j + 3] * ks);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DVP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < dv) {
+            if (kr0 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
+                    VS ? pack_bf2(dV[4 * j] * vs, dV[4 * j + 1] * vs)
+                       : pack_bf2(dV[4 * j], dV[4 * j + 1]);
+            if (kr1 < T)
+                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
+                    VS ? pack_bf2(dV[4 * j + 2] * vs, dV[4 * j + 3] * vs)
+                       : pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
+        }
+    }
+}
+
 /* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
  * of TQ (64, or 128) at and below the diagonal, HS queries a step (32; 64 where the registers allow it,
  * 96/64, for twice the work per product): S^T = K Q^T, dP^T = V dO^T,
@@ -1154,30 +1191,8 @@ __global__ void __launch_bounds__(256, MINB)
     wg_wait<0>();
     wg_regs(dV);
     wg_regs(dK);
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j] * scale, dK[4 * j + 1] * scale);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j + 2] * scale, dK[4 * j + 3] * scale);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j], dV[4 * j + 1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
-        }
-    }
+    f3_store_dkdv<DKP, DVP, false>(d_k, d_v, dK, dV, scale, 1.0f, b, T, nh, h, dk, dv, kr0,
+                                   kr1, lane);
 }
 
 template <int DKP, int DVP, int ST = 3, int TN_ = 64>

@@ -283,30 +283,8 @@ __global__ void __launch_bounds__(256, 1)
     wg_wait<0>();
     wg_regs(dV);
     wg_regs(dK);
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j] * scale, dK[4 * j + 1] * scale);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j + 2] * scale, dK[4 * j + 3] * scale);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j], dV[4 * j + 1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
-        }
-    }
+    f3_store_dkdv<DKP, DVP, false>(d_k, d_v, dK, dV, scale, 1.0f, b, T, nh, h, dk, dv, kr0,
+                                   kr1, lane);
 }
 
 /* dQ = bf16(scale * accumulator), four elements a thread a pass (n % 4 == 0) */

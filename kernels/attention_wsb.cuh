@@ -721,30 +721,8 @@ __global__ void __launch_bounds__(384, 1)
     /* a broken pipeline must not pass for a result: NaN rows */
     const float qnan = __int_as_float(0x7fffffff);
     const float ks = stuck ? qnan : scale, vs = stuck ? qnan : 1.0f;
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j] * ks, dK[4 * j + 1] * ks);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j + 2] * ks, dK[4 * j + 3] * ks);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j] * vs, dV[4 * j + 1] * vs);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    pack_bf2(dV[4 * j + 2] * vs, dV[4 * j + 3] * vs);
-        }
-    }
+    f3_store_dkdv<DKP, DVP, true>(d_k, d_v, dK, dV, ks, vs, b, T, nh, h, dk, dv, kr0, kr1,
+                                  lane);
 }
 
 /* dK, dV by ws_dkdv_kernel (D and lse as f3_bwd_dkdv_kernel reads them); grid (key tiles,
