@@ -9,6 +9,7 @@
 #     backward candidate on ragged shapes).
 # KNS=substring restricts the instrumentation to kernels whose name holds it (e.g.
 # KNS=ws_d: the warp-specialised backward only; much faster); unset, everything is checked.
+# PARTS (default "train attention") picks the groups of runs: dsv3-train's, test_attention's.
 # STEP_TIMEOUT (seconds, default 300) bounds each run. Logs go to $OUT (the device tool's
 # folder) or $BUILD/sanitize; the last lines are one row per run: tool, target, errors or
 # hazards reported, exit status. Exit status 1 when any run reported an error or failed.
@@ -56,7 +57,8 @@ run() {
     rows="$rows$(printf '%-9s %-26s rc %-3s %s' "$tool" "$name" "$rc" "$sum")\n"
 }
 
-for cfg in tiny tiny96; do
+case " ${PARTS:-train attention} " in *" train "*) cfgs="tiny tiny96" ;; *) cfgs="" ;; esac
+for cfg in $cfgs; do
     for mask in causal docs; do
         opt=""
         [ $mask = docs ] && opt="--doc-mask"
@@ -67,7 +69,8 @@ for cfg in tiny tiny96; do
         done
     done
 done
-for tool in memcheck racecheck; do
+case " ${PARTS:-train attention} " in *" attention "*) tools="memcheck racecheck" ;; *) tools="" ;; esac
+for tool in $tools; do
     run "test_attention-$tool" "$tool" "$BUILD/tests/gpu/test_attention"
 done
 
