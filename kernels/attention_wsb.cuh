@@ -302,15 +302,15 @@ struct wsk_cfg {
     static const size_t bytes = (size_t)KB + VB + ST * SB + 1024;
 };
 
-/* A consumer warp hands a Q/dO/lse/D stage back: one arrival a warp, after every lane's
- * reads. The loader fills lse and D with plain stores (Q and dO come by TMA), so the other
- * lanes' reads of them must be ordered before lane 0's release arrival: __syncwarp gives
- * that order (compute-sanitizer racecheck flagged the read / next write pair without it). */
-__device__ __forceinline__ void ws_release_stage(uint32_t empty_bar, int lane)
+/* A consumer lane hands a Q/dO/lse/D stage back: every consumer lane arrives after its own
+ * reads (the stage's empty barrier counts all 256 consumer threads). The loader fills lse and
+ * D with plain stores (Q and dO come by TMA), so each lane's reads of them must be ordered
+ * before the loader's next writes, and a lane's own arrival (release semantics) orders them.
+ * One arrival a warp (lane 0's, even after __syncwarp) left compute-sanitizer racecheck
+ * reporting the read / next-write pairs of the other lanes (312 hazards, H100 and H200). */
+__device__ __forceinline__ void ws_release_stage(uint32_t empty_bar)
 {
-    __syncwarp();
-    if (lane == 0)
-        mbar_arrive(empty_bar);
+    mbar_arrive(empty_bar);
 }
 
 /* Candidate 22: ws_dkdv_kernel's consumer loop with one turn a 64-query step (K and V in
@@ -411,8 +411,8 @@ __device__ __forceinline__ void
             for (int x = 0; x < 4; x++)
                 da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
     };
-    auto release = [&](int i) { /* this warp is done with tile i's stage */
-        ws_release_stage(eq0 + 8 * (i % ST), lane);
+    auto release = [&](int i) { /* this lane is done with tile i's stage */
+        ws_release_stage(eq0 + 8 * (i % ST));
     };
     /* the turn of step (Qb, hs) after the pending step (Pb, phs) */
     auto turn_both = [&](const unsigned char *Qb, int q0, int hs, const unsigned char *Pb,
@@ -534,7 +534,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_init(kbar, 1);
         for (int s = 0; s < ST; s++) {
             mbar_init(fq0 + 8 * s, 32); /* the loading warp's lanes (lane 0 with the bytes) */
-            mbar_init(eq0 + 8 * s, 8);  /* each consumer warp */
+            mbar_init(eq0 + 8 * s, 256); /* each consumer thread (ws_release_stage) */
         }
         mbar_init_fence();
     }
@@ -713,7 +713,7 @@ __global__ void __launch_bounds__(384, 1)
                 ws_keep(da);
             }
         }
-        ws_release_stage(eq0 + 8 * (i % ST), lane); /* this warp is done with the stage */
+        ws_release_stage(eq0 + 8 * (i % ST)); /* this lane is done with the stage */
     }
     if (cw == 0)
         ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */

@@ -35,11 +35,11 @@ ncu --graph-profiling node --clock-control none --metrics gpu__time_duration.sum
 python3 - "$W/ncu.csv" <<'EOF'
 import csv, re, sys
 rows = []
-for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"')):
+for r in csv.reader(l for l in open(sys.argv[1], errors="replace") if l.startswith('"')):
     if r[0] == "ID" or len(r) < 15 or r[12] != "gpu__time_duration.sum":
         continue
     v = float(r[14].replace(",", ""))
-    v *= {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r[13], 1.0)
+    v *= {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}.get(r[13], 1.0)
     name = re.sub(r"\(.*", "", r[4]).replace("void ", "")
     name = re.sub(r"<.*", "", name)
     rows.append((name, v, r[8]))

@@ -1,10 +1,11 @@
 #!/bin/sh
 # compute-sanitizer over the GPU code, issue 7's "memcheck and racecheck clean on a small
 # config", in one call on the device machine:
-#   memcheck (with --leak-check full) and racecheck on dsv3-train --device cuda, 2 steps of
-#     configs/tiny.json (MTP and the balance loss on) and of the same config at V3's
-#     attention head dims 96/64 (so the causal backward takes the warp-specialised
-#     kernels of kernels/attention_wsb.cuh), each causal and with --doc-mask;
+#   memcheck (with --leak-check full; 2 steps of 4 micro-batches) and racecheck (1 step of
+#     1: it is slow) on dsv3-train --device cuda over configs/tiny.json (MTP and the
+#     balance loss on) and the same config at V3's attention head dims 96/64 (so the
+#     causal backward takes the warp-specialised kernels of kernels/attention_wsb.cuh),
+#     each causal and with --doc-mask;
 #   memcheck and racecheck on build/tests/gpu/test_attention (every attention kernel and
 #     backward candidate on ragged shapes).
 # KNS=substring restricts the instrumentation to kernels whose name holds it (e.g.
@@ -63,8 +64,11 @@ for cfg in $cfgs; do
         opt=""
         [ $mask = docs ] && opt="--doc-mask"
         for tool in memcheck racecheck; do
+            # racecheck is slow (minutes a step on every kernel): one micro-batch, one step
+            n="-g 4 --steps 2"
+            [ $tool = racecheck ] && n="-g 1 --steps 1"
             run "train-$cfg-$mask-$tool" "$tool" "$bin/dsv3-train" -c "$T/$cfg.json" \
-                -d "$T/data" -b 2 -g 4 --steps 2 --device cuda --mtp-weight 0.3 \
+                -d "$T/data" -b 2 $n --device cuda --mtp-weight 0.3 \
                 --balance-alpha 0.01 --quiet $opt -o "$T/out-$cfg-$mask-$tool"
         done
     done
