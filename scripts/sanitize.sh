@@ -10,7 +10,8 @@
 #     backward candidate on ragged shapes).
 # KNS=substring restricts the instrumentation to kernels whose name holds it (e.g.
 # KNS=ws_d: the warp-specialised backward only; much faster); unset, everything is checked.
-# PARTS (default "train attention") picks the groups of runs: dsv3-train's, test_attention's.
+# PARTS (default "train attention") picks the groups of runs: dsv3-train's, test_attention's;
+# TOOLS (default "memcheck racecheck") the tools; CFGS (default "tiny tiny96") the configs.
 # STEP_TIMEOUT (seconds, default 300) bounds each run. Logs go to $OUT (the device tool's
 # folder) or $BUILD/sanitize; the last lines are one row per run: tool, target, errors or
 # hazards reported, exit status. Exit status 1 when any run reported an error or failed.
@@ -58,12 +59,12 @@ run() {
     rows="$rows$(printf '%-9s %-26s rc %-3s %s' "$tool" "$name" "$rc" "$sum")\n"
 }
 
-case " ${PARTS:-train attention} " in *" train "*) cfgs="tiny tiny96" ;; *) cfgs="" ;; esac
+case " ${PARTS:-train attention} " in *" train "*) cfgs=${CFGS:-tiny tiny96} ;; *) cfgs="" ;; esac
 for cfg in $cfgs; do
     for mask in causal docs; do
         opt=""
         [ $mask = docs ] && opt="--doc-mask"
-        for tool in memcheck racecheck; do
+        for tool in ${TOOLS:-memcheck racecheck}; do
             # racecheck is slow (minutes a step on every kernel): one micro-batch, one step
             n="-g 4 --steps 2"
             [ $tool = racecheck ] && n="-g 1 --steps 1"
@@ -73,7 +74,7 @@ for cfg in $cfgs; do
         done
     done
 done
-case " ${PARTS:-train attention} " in *" attention "*) tools="memcheck racecheck" ;; *) tools="" ;; esac
+case " ${PARTS:-train attention} " in *" attention "*) tools=${TOOLS:-memcheck racecheck} ;; *) tools="" ;; esac
 for tool in $tools; do
     run "test_attention-$tool" "$tool" "$BUILD/tests/gpu/test_attention"
 done
