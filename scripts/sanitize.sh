@@ -67,7 +67,7 @@ for cfg in $cfgs; do
         for tool in ${TOOLS:-memcheck racecheck}; do
             # racecheck is slow (minutes a step on every kernel): one micro-batch, one step
             n="-g 4 --steps 2"
-            [ $tool = racecheck ] && n="-g 1 --steps 1"
+            [ $tool = racecheck ] && n="-g 2 --steps 1"
             run "train-$cfg-$mask-$tool" "$tool" "$bin/dsv3-train" -c "$T/$cfg.json" \
                 -d "$T/data" -b 2 $n --device cuda --mtp-weight 0.3 \
                 --balance-alpha 0.01 --quiet $opt -o "$T/out-$cfg-$mask-$tool"
