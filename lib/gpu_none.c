@@ -17,6 +17,7 @@
 #include "../kernels/sort.h"
 #include "../kernels/ginfer.h"
 #include "../kernels/ginfer_mtp.h"
+#include "../kernels/latency.h"
 
 #include <stdlib.h>
 
@@ -671,6 +672,12 @@ int gepopt_sum_replicas(float *dst, const float *src, size_t n, int R, void *str
 }
 
 int gepopt_copy(void *dst, const void *src, size_t bytes, void *stream, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+
+/* latency */
+int gk_latency_probe(int n, gk_latency *out, dsv3_err *e)
 {
     return no_cuda(e);
 }
