@@ -81,6 +81,8 @@ struct ginfer {
     /* more of them: the post-attention norm inside the router's launch (fpost: in this
      * layer), the attention combine inside the uv GEMV */
     int fz_post, fz_uvc, fpost;
+    /* and the MoE down-projection summing its rows into x itself (nothing left pending) */
+    int fz_msum;
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
@@ -443,7 +445,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 
 /* DSV3_GINFER_FUSE: "1": every fusion; "0": none (the launches of before, for comparisons in
  * one process); else a comma-separated list of those wanted: "norm", "attn", "router", "kvw",
- * "post", "uvc". Unset or empty: router, kvw and uvc, the three that each made 1b-moe's
+ * "post", "uvc", "msum". Unset or empty: router, kvw and uvc, the three that each made 1b-moe's
  * batch-1 decode faster on their own on an H200 (docs/PERF.md: +1%, +2.4%, +1.7%; norm, post
  * and attn made it 4-20% slower: their extra work per block outweighs the launch saved). */
 static void fuse_flags(ginfer *g)
@@ -458,16 +460,18 @@ static void fuse_flags(ginfer *g)
     g->fz_kvw = all || (!none && strstr(v, "kvw"));
     g->fz_post = all || (!none && strstr(v, "post"));
     g->fz_uvc = all || (!none && strstr(v, "uvc"));
+    g->fz_msum = all || (!none && strstr(v, "msum"));
 }
 
 /* The fusions on, appended to the description inside its parentheses ("cuda:0 (NVIDIA H200,
  * bf16; fused decode: norm,attn)"): statistics and tests see which launches a step makes. */
 static void describe_fusions(ginfer *g)
 {
-    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc"};
-    int on[] = {g->fz_norm, g->fz_attn, g->fz_route, g->fz_kvw, g->fz_post, g->fz_uvc};
+    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc", "msum"};
+    int on[] = {g->fz_norm, g->fz_attn, g->fz_route, g->fz_kvw,
+                g->fz_post, g->fz_uvc,  g->fz_msum};
     char list[64] = "";
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 7; i++)
         if (on[i])
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", *list ? "," : "",
                      nm[i]);
@@ -932,6 +936,14 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
                   maxact, n, n, H, mi, e))
         return -1;
     mark(g, "experts up", act * 2 * mi * H * ws);
+    if (g->fz_msum && (y->sh || !y->F) && !f8_scales(g, y->ew2) && gk_down_sum_fits(n, K)) {
+        /* the down-projection adds each row's weighted expert outputs to x itself */
+        if (gk_down_sum(g->s, g->x, g->h, y->ew2, wf, (long)mi * H, g->idx, g->spos, g->rw, n,
+                        K, E, y->sh, mi, H, e))
+            return -1;
+        mark(g, "experts down+sum", act * mi * H * ws);
+        return 0; /* nothing pending */
+    }
     if (gx_ffn_down(g, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
                     n, mi, H, e))
         return -1;

@@ -24,14 +24,17 @@
  * norm, and every decode graph ends with each row's greedy argmax (ginfer_forward_greedy
  * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time.
  * Decode-sized calls fuse further (DSV3_GINFER_FUSE, read at creation: 1 all, 0 none, else a
- * list of norm, attn, router, kvw, post, uvc; unset: router,kvw,uvc, the ones measured faster): the input and q_a norms computed inside the GEMVs
+ * list of norm, attn, router, kvw, post, uvc, msum; unset: router,kvw,uvc, the ones measured faster): the input and q_a norms computed inside the GEMVs
  * that read them (every block recomputes its rows' norm; the residual sum then happens in the
  * post-attention norm), the attention combine in the split kernel's last block, router GEMV +
  * top-k + bucketing in one launch (its last block), and the cache write in the q_lat GEMV's
  * launch: 16 launches a MoE layer become 10, each with the sums of before in their order;
  * "post": the post-attention norm inside the router's launch (every block normalises, the last
  * writes x and xn), "uvc": the attention combine inside the uv GEMV's blocks (each combines
- * its head; no block combines many heads), 9 a MoE layer at batch 1.
+ * its head; no block combines many heads), 9 a MoE layer at batch 1; "msum": the MoE
+ * down-projection of decode-sized calls (at most 4 rows) adds each row's weighted expert
+ * outputs to x itself (gk_down_sum, the sums of the unfused add_norm in its order), so no
+ * MoE output is left pending for the next norm (which then reads one row, not K + 2).
  * On compute capability 9.0 and up the kernels are launched with programmatic dependent
  * launch (DSV3_GINFER_PDL=0 turns it off; "; PDL" in the description when on): each starts
  * while the one before runs, prefetches its weights into L2, and waits for that one before

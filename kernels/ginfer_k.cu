@@ -948,6 +948,139 @@ int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w
     return 0;
 }
 
+/* ---- the MoE down-projection with its combine (the fused "msum" decode launch) ---- */
+
+/* The warp's dot products of np (<= NP) pairs: weight row w[a] with input row x[a] over I
+ * values, each with warp_dots' operations in warp_dots' order (a lane's 8-value pieces in
+ * order, then the fixed warp tree), so acc[a] is bitwise warp_dots' for that pair; the
+ * pairs' loads are issued together. acc is the same in all lanes. */
+template <typename W, int NP>
+__device__ __forceinline__ void warp_dot_pairs(const W *const *w, const float *const *x, int np,
+                                               int I, float (&acc)[NP])
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int a = 0; a < NP; a++)
+        acc[a] = 0.0f;
+#pragma unroll 2
+    for (int i = lane * 8; i < I; i += 256) {
+#pragma unroll
+        for (int a = 0; a < NP; a++) {
+            if (a < np) {
+                float wf[8], xf[8];
+                ldw8(w[a] + i, wf);
+                ldx8(x[a] + i, xf);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    acc[a] = fmaf(wf[k], xf[k], acc[a]);
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < NP; a++)
+        acc[a] = warp_sum(acc[a]);
+}
+
+/* Before the wait: the down rows of row n's experts. The routing is two launches back (the
+ * up-projection's launch waited for it before this one could start: see grouped_prefetch),
+ * so idx can be read here, through L2 and clamped (a wrong value only wastes a prefetch). */
+template <typename W>
+__device__ __noinline__ void down_sum_prefetch(int m, const W *w2, long wstride,
+                                               const int32_t *idx, int n, int K, int E, int ns,
+                                               int F, int o, int H)
+{
+    int lane = threadIdx.x & 31;
+    if (!gk_pdl_pf(m) || o >= H || lane > K || (lane == K && !ns))
+        return;
+    int g = lane < K ? __ldcg(idx + (long)n * K + lane) : E;
+    if (g < 0 || g > E)
+        return;
+    gk_prefetch_l2(w2 + g * wstride + (long)o * F, (size_t)F * sizeof(W));
+}
+
+/* Row n = blockIdx.y; warp o takes output o of each expert the row went to: its K routed
+ * ones in k order (group idx[n,k], h row spos[n,k]) and, with ns, the shared group E (h row
+ * NK + n), and adds their sum to x in place with residual_sum's operations in its order:
+ * x[n,o] + (sum_k rw[n,k] * y_k + y_shared), where each y is bitwise grouped_k's. So x
+ * holds what the down launch and the next add_norm_k's sum would leave, and no MoE output
+ * stays pending: the next norm reads one row instead of K + 2. */
+template <typename W, int KMAX>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    down_sum_k(int m, float *x, const float *h, const W *__restrict__ w2, long wstride,
+               const int32_t *idx, const int *spos, const float *rw, int K, int E, int ns,
+               int NK, int F, int H)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31, n = blockIdx.y;
+    down_sum_prefetch<W>(m, w2, wstride, idx, n, K, E, ns, F, o, H);
+    gk_pdl_enter(m);
+    if (o >= H)
+        return;
+    /* entry k: routed expert k (k < K), the shared group (k == K, with ns), else unused
+     * (pointing at valid rows); every index a constant after unrolling: no local memory */
+    const W *wr[KMAX + 1];
+    const float *xs[KMAX + 1];
+#pragma unroll
+    for (int k = 0; k <= KMAX; k++) {
+        bool routed = k < K, shared = ns && k == K;
+        long a = (long)n * K + (routed ? k : 0);
+        long g = shared ? E : idx[a], row = shared ? NK + n : spos[a];
+        wr[k] = w2 + g * wstride + (long)o * F;
+        xs[k] = h + row * F;
+    }
+    float y[KMAX + 1];
+    warp_dot_pairs<W, KMAX + 1>(wr, xs, K + (ns ? 1 : 0), F, y);
+    gk_pdl_late(m);
+    if (lane == 0) {
+        float acc = 0;
+#pragma unroll
+        for (int k = 0; k < KMAX; k++)
+            if (k < K)
+                acc += rw[(long)n * K + k] * y[k];
+#pragma unroll
+        for (int k = 0; k <= KMAX; k++)
+            if (ns && k == K)
+                acc += y[k];
+        float *xo = x + (long)n * H + o;
+        float v = *xo;
+        v += acc;
+        *xo = v;
+    }
+}
+
+int gk_down_sum_fits(int N, int K)
+{
+    return N >= 1 && N <= 4 && K >= 1 && K <= 8;
+}
+
+template <typename W>
+static void down_sum_launch(cudaStream_t s, float *x, const float *h, const W *w2, long wstride,
+                            const int32_t *idx, const int *spos, const float *rw, int N, int K,
+                            int E, int ns, int F, int H)
+{
+    dim3 grid((H + GK_WARPS - 1) / GK_WARPS, N);
+    gk_launch(K <= 4 ? down_sum_k<W, 4> : down_sum_k<W, 8>, grid, GK_WARPS * 32, 0, s, x, h, w2,
+              wstride, idx, spos, rw, K, E, ns, N * K, F, H);
+}
+
+int gk_down_sum(cudaStream_t s, float *x, const float *h, const void *w2, int wf32,
+                long w2_stride, const int32_t *idx, const int *spos, const float *rw, int N,
+                int K, int E, int ns, int F, int H, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    if (F % 8)
+        return err_set(e, "ginfer: expert width %d (a multiple of 8 is needed)", F);
+    if (!gk_down_sum_fits(N, K))
+        return err_set(e, "ginfer: %d rows of %d experts each for the fused MoE down launch", N,
+                       K);
+    if (wf32)
+        down_sum_launch(s, x, h, (const float *)w2, w2_stride, idx, spos, rw, N, K, E, ns, F, H);
+    else
+        down_sum_launch(s, x, h, (const bf16 *)w2, w2_stride, idx, spos, rw, N, K, E, ns, F, H);
+    LAUNCH_CHECK("down_sum", e);
+    return 0;
+}
+
 __global__ void gather_rows_k(int m, float *out, const float *x, const int *rows, int n, int D)
 {
     gk_pdl_enter(m);

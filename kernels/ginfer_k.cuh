@@ -276,6 +276,15 @@ int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
                 float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
                 int H, dsv3_err *e);
+/* The fused "msum" decode launch: gk_ffn_down over the routed groups (and the shared group E
+ * when ns) for N decode rows, each row's outputs weighted and summed into x[N, H] in place
+ * as gk_add_norm would add them (bitwise): x[n] += sum_k rw[n,k] * w2_{idx[n,k]} . h[spos[n,k]]
+ * (+ w2_E . h[N*K + n]). Each weight row is read once a row (the grouped launch reads it once
+ * a group), so only decode-sized N take it (gk_down_sum_fits). */
+int gk_down_sum(cudaStream_t s, float *x, const float *h, const void *w2, int wf32,
+                long w2_stride, const int32_t *idx, const int *spos, const float *rw, int N,
+                int K, int E, int ns, int F, int H, dsv3_err *e);
+int gk_down_sum_fits(int N, int K);
 /* out[k] = x[rows[k]] for k < n (rows of D floats). */
 int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, int n, int D,
                    dsv3_err *e);
