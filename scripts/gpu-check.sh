@@ -4,7 +4,9 @@
 #   `sh scripts/stage-device.sh unpack && BUILD=.stage-lead/build sh scripts/gpu-check.sh` there.
 # Each tests/gpu program runs with DSV3_GPU_BENCH=1 (its benchmarks too; GPU_BENCH=0: tests
 # only, no torch peers), then the torch attention peer (scripts/bench-attn-torch.py) if
-# python3 has torch. Full logs go to $OUT (the device tool's folder) or build/gpu-check;
+# python3 has torch, the 50-step training parity with PyTorch and tests/bench/bench_latency
+# (the latency floor under batch-1 decode); SANITIZE=1 also runs scripts/sanitize.sh
+# (compute-sanitizer memcheck and racecheck, several minutes). Full logs go to $OUT (the device tool's folder) or build/gpu-check;
 # every '# stat' row (name, max relative error, bound, verdict) and '# bench' row (time, rate,
 # share of the measured ceiling) is printed, then last the short table: one row per test
 # program and CLI test, and one line saying whether all passed.
@@ -86,6 +88,17 @@ if [ "${GPU_BENCH:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then
     OUT="$LOG/parity" BIN="$BUILD/bin" sh scripts/parity-train-torch.sh 50 >"$LOG/parity.log" 2>&1 ||
         { all=1; echo "parity-train-torch.sh failed" >>"$LOG/notes.txt"; }
     grep '^largest' "$LOG/parity.log" | sed 's/^/# /' >>"$LOG/notes.txt"
+fi
+# the latency floor under batch-1 decode (kernels/latency.h): one dependent step's cost
+if [ "${GPU_BENCH:-1}" != 0 ] && [ -x "$BUILD/tests/bench/bench_latency" ]; then
+    "$BUILD/tests/bench/bench_latency" 200 >"$LOG/latency.log" 2>&1 ||
+        { all=1; echo "bench_latency failed" >>"$LOG/notes.txt"; }
+    grep -v '^#' "$LOG/latency.log" | sed 's/^/# bench latency: /' >>"$LOG/notes.txt"
+fi
+# SANITIZE=1: compute-sanitizer memcheck and racecheck (scripts/sanitize.sh; minutes)
+if [ "${SANITIZE:-0}" = 1 ]; then
+    OUT="$LOG/sanitize" BUILD="$BUILD" sh scripts/sanitize.sh >"$LOG/sanitize.log" 2>&1 || all=1
+    grep -E '^(memcheck|racecheck|sanitizer:)' "$LOG/sanitize.log" | sed 's/^/# sanitize: /' >>"$LOG/notes.txt"
 fi
 # dsv3's greedy generation (CPU, GPU fp32 and bf16) against transformers' generate()
 if python3 -c 'import torch, transformers' 2>/dev/null && [ -x "$BUILD/tests/bench/greedy_ids" ]; then
