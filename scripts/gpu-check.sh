@@ -6,7 +6,8 @@
 # only, no torch peers), then the torch attention peer (scripts/bench-attn-torch.py) if
 # python3 has torch, the 50-step training parity with PyTorch and tests/bench/bench_latency
 # (the latency floor under batch-1 decode); SANITIZE=1 also runs scripts/sanitize.sh
-# (compute-sanitizer memcheck and racecheck, several minutes). Full logs go to $OUT (the device tool's folder) or build/gpu-check;
+# (compute-sanitizer memcheck and racecheck, several minutes). Full logs go to $OUT (the
+# device tool's folder) or build/gpu-check;
 # every '# stat' row (name, max relative error, bound, verdict) and '# bench' row (time, rate,
 # share of the measured ceiling) is printed, then last the short table: one row per test
 # program and CLI test, and one line saying whether all passed.
