@@ -1,5 +1,4 @@
 /* latency: the hand-over probes of kernels/latency.h. */
-#include <stdint.h>
 #include <stdlib.h>
 
 #include "cuda_util.cuh"
