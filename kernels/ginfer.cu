@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include "cuda_util.cuh"
 #include "ginfer.h"
+#include "ginfer_attn.cuh"
 #include "ginfer_k.cuh"
 #include "gpu.h"
 #include "gpuctx.h"
@@ -545,7 +546,15 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     g->n_slots = n_slots;
     g->W = g->kv + g->rope;
     /* parts of about 32 positions at full context: one sequence fills many SMs */
-    g->nsplit = n_ctx / 32 < 1 ? 1 : n_ctx / 32 > 64 ? 64 : n_ctx / 32;
+    g->nsplit = n_ctx / 32 < 1 ? 1 : n_ctx / 32 > ATT_MAXSPLIT ? ATT_MAXSPLIT : n_ctx / 32;
+    {   /* DSV3_GINFER_NSPLIT=P (1..64): P parts instead, to time the trade between the parts'
+         * own work and the combine's (the parts' sums change with P, not their bound) */
+        const char *v = getenv("DSV3_GINFER_NSPLIT");
+        char *end;
+        long p = v && *v ? strtol(v, &end, 10) : 0;
+        if (v && *v && !*end && p >= 1 && p <= ATT_MAXSPLIT)
+            g->nsplit = (int)p;
+    }
     g->bucket_max = 1;
     while (g->bucket_max < n_slots * (src->mtp ? 2 : 1))  /* a slot's row and its draft's */
         g->bucket_max *= 2;

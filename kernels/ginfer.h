@@ -22,7 +22,9 @@
  * kv_a are one GEMV, a single shared expert is one more group of the grouped expert GEMVs
  * (which run only over the groups that have rows), the MoE output is summed inside the next
  * norm, and every decode graph ends with each row's greedy argmax (ginfer_forward_greedy
- * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time.
+ * copies only the ids back). DSV3_GINFER_PROFILE prints each launch kind's device time;
+ * DSV3_GINFER_NSPLIT=P (1..64) cuts each sequence's attention into P parts instead of
+ * n_ctx / 32 (for timings: the parts' sums depend on P).
  * Decode-sized calls fuse further (DSV3_GINFER_FUSE, read at creation: 1 all, 0 none, else a
  * list of norm, attn, router, kvw, post, uvc, msum; unset: router,kvw,uvc, the ones measured faster): the input and q_a norms computed inside the GEMVs
  * that read them (every block recomputes its rows' norm; the residual sum then happens in the
