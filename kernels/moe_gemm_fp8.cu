@@ -518,6 +518,36 @@ __device__ __forceinline__ void token_tile_rows(const int *ts, const int *off, i
     }
 }
 
+/* The column-wise quantisers' share of a 128-row tile: v = the 32 values of column col in
+ * rows 32 q4 .. 32 q4 + 31 (each column is read by four threads), returning their amax. */
+template <int W>
+__device__ __forceinline__ float mf_col32(const bf16 (&tile)[128][W], int col, int q4,
+                                          float (&v)[32])
+{
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        v[i] = b2f(tile[q4 * 32 + i][col]);
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    return amax;
+}
+
+/* The 32 codes of v at scale sc (rows 32 q4 .. 32 q4 + 31 of token tile t, column c0 +
+ * col) into qt's row c0 + col (ldk codes a row), 32 bytes. */
+__device__ __forceinline__ void mf_codes32(uint8_t *qt, int c0, int col, int64_t ldk, int t,
+                                           int q4, const float (&v)[32], float sc)
+{
+    uint32_t w[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) |
+               (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
+    uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 /* Block (token tile t, 64 columns): the tile's rows through shared memory, each column's
  * 1x128 amax over four quarter-columns, codes written 32 bytes a thread down qt's row. */
 __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, float *st,
@@ -545,26 +575,15 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
     }
     __syncthreads();
     int col = tid & 63, q4 = tid >> 6;
-    float v[32], amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        v[i] = b2f(tile[q4 * 32 + i][col]);
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
-    red[q4][col] = amax;
+    float v[32];
+    red[q4][col] = mf_col32(tile, col, q4, v);
     __syncthreads();
     float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
     if (c0 + col >= cols)
         return;
     if (q4 == 0)
         st[(int64_t)t * cols + c0 + col] = sc;
-    uint32_t w[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) | (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
-    uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
-    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    mf_codes32(qt, c0, col, ldk, t, q4, v, sc);
 }
 
 /* Both quantisations of sorted rows in one read (the operand of a product and of the wgrad
@@ -621,26 +640,14 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
 #pragma unroll 1
     for (int h = 0; h < 2; h++) {
         int col = h * 64 + (tid & 63);
-        float v[32], amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            v[i] = b2f(tile[q4 * 32 + i][col]);
-            amax = fmaxf(amax, fabsf(v[i]));
-        }
-        red[q4][col] = amax;
+        float v[32];
+        red[q4][col] = mf_col32(tile, col, q4, v);
         __syncthreads();
         float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
         if (c0 + col < cols) {
             if (q4 == 0)
                 st[(int64_t)t * cols + c0 + col] = sc;
-            uint32_t w[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) |
-                       (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
-            uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
-            dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-            dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+            mf_codes32(qt, c0, col, ldk, t, q4, v, sc);
         }
     }
 }
