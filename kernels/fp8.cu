@@ -160,18 +160,12 @@ struct act_src {
 /* Eight values of row r from column c (all in range: vec), or those in range (scalar). */
 template <bool vec, bool swiglu>
 __device__ __forceinline__ void load_row8(const act_src &a, int64_t r, int c, int cols, bool ok,
-                                          float v[8])
+                                          float (&v)[8])
 {
     if (!swiglu) {
         if (vec) {
             if (ok && c < cols) {
-                uint4 u = *(const uint4 *)(a.x + r * cols + c);
-                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    float2 f = __bfloat1622float2(h[i]);
-                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
-                }
+                load8(a.x + r * cols + c, v);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; i++)
