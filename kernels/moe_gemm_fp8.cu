@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "../lib/fp8.h"
+#include "fp8_quant.cuh"
 #include "gpuctx_internal.cuh"
 #include "moe_fp8.h"
 #include "moe_gemm_common.cuh"
@@ -428,23 +429,8 @@ __global__ void __launch_bounds__(MT_THREADS, 1)
     }
 }
 
-/* ---- quantisers (lib/fp8's rule: s = amax / 448, a zero tile 1; q = e4m3(x / s)) ---- */
-
-__device__ __forceinline__ float mf_scale(float amax)
-{
-    return amax > 0.0f ? __fdiv_rn(amax, FP8_E4M3_MAX) : 1.0f;
-}
-
-__device__ __forceinline__ uint32_t mf_e4m3x2(float a, float b, float s)
-{
-    return (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)),
-                                              __NV_SATFINITE, __NV_E4M3);
-}
-
-__device__ __forceinline__ uint8_t mf_e4m3(float a, float s)
-{
-    return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(a, s), __NV_SATFINITE, __NV_E4M3);
-}
+/* ---- quantisers (lib/fp8's rule, fp8_quant.cuh: s = amax / 448, a zero tile 1; q =
+ * e4m3(x / s)) ---- */
 
 /* A half-warp per 1x128 tile of a row, eight values a lane: one 16-byte load, one 8-byte
  * store of codes (cols % 16 == 0, so a lane's eight values are all in or all out). */
@@ -479,11 +465,11 @@ __global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int ro
             amax = fmaxf(amax, fabsf(v[i]));
         for (int o = 8; o > 0; o >>= 1)
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float sc = mf_scale(amax);
+        float sc = fp8_tile_scale(amax);
         if (ok) {
             uint2 w;
-            w.x = mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
-            w.y = mf_e4m3x2(v[4], v[5], sc) | (mf_e4m3x2(v[6], v[7], sc) << 16);
+            w.x = fp8_code4(v[0], v[1], v[2], v[3], sc);
+            w.y = fp8_code4(v[4], v[5], v[6], v[7], sc);
             *(uint2 *)(q + r * cols + c) = w;
             if (hl == 0)
                 s[(int64_t)cb * rows + r] = sc;
@@ -541,8 +527,7 @@ __device__ __forceinline__ void mf_codes32(uint8_t *qt, int c0, int col, int64_t
     uint32_t w[8];
 #pragma unroll
     for (int i = 0; i < 8; i++)
-        w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) |
-               (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
+        w[i] = fp8_code4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3], sc);
     uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
     dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
     dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
@@ -578,7 +563,7 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
     float v[32];
     red[q4][col] = mf_col32(tile, col, q4, v);
     __syncthreads();
-    float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+    float sc = fp8_tile_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
     if (c0 + col >= cols)
         return;
     if (q4 == 0)
@@ -628,10 +613,10 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
             amax = fmaxf(amax, fabsf(v[i]));
         }
         amax = warp_max(amax);
-        float sc = mf_scale(amax);
+        float sc = fp8_tile_scale(amax);
         if (cl < cols)
             *(uint32_t *)(q + (int64_t)(r0 + r) * cols + cl) =
-                mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
+                fp8_code4(v[0], v[1], v[2], v[3], sc);
         if (lane == 0)
             s[(int64_t)cb * rows + r0 + r] = sc;
     }
@@ -643,7 +628,7 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
         float v[32];
         red[q4][col] = mf_col32(tile, col, q4, v);
         __syncthreads();
-        float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+        float sc = fp8_tile_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
         if (c0 + col < cols) {
             if (q4 == 0)
                 st[(int64_t)t * cols + c0 + col] = sc;
@@ -685,7 +670,7 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
     amax = red[0];
     for (int i = 1; i < 8; i++)
         amax = fmaxf(amax, red[i]);
-    float sc = mf_scale(amax);
+    float sc = fp8_tile_scale(amax);
     if (tid == 0)
         s[((int64_t)ex * nbo + ob) * nbi + ib] = sc;
     if (q)
@@ -693,16 +678,16 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
             int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
             if (o < O && i < I)
                 *(uint32_t *)(q + base + (int64_t)o * I + i) =
-                    mf_e4m3x2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
-                    (mf_e4m3x2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
+                    fp8_code2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
+                    (fp8_code2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
         }
     if (qt) /* a warp writes 128 contiguous bytes of one qt row (its column reads: 4-way) */
         for (int id = tid; id < 128 * 32; id += 256) {
             int r = id >> 5, c = (id & 31) * 4, i = ib * 128 + r, o = ob * 128 + c;
             if (o < O && i < I)
                 *(uint32_t *)(qt + base + (int64_t)i * O + o) =
-                    mf_e4m3x2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
-                    (mf_e4m3x2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
+                    fp8_code2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
+                    (fp8_code2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
         }
 }
 
