@@ -92,13 +92,7 @@ __global__ void quant_act_vec8_kernel(uint8_t *q, float *s, const bf16 *x, int r
         }
 #pragma unroll
         for (int u = 0; u < QA_UNROLL; u++) {
-            float amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                amax = fmaxf(amax, fabsf(v[u][i]));
-            for (int o = 8; o > 0; o >>= 1)
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            float sc = fp8_tile_scale(amax);
+            float sc = fp8_tile_scale(fp8_amax_half(v[u]));
             int64_t r = t[u] / nb;
             int cb = (int)(t[u] % nb), c = cb * FP8_BLOCK + hl * 8;
             if (t[u] < tiles && c < cols) {
@@ -207,13 +201,7 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
             tile[r * QT_STRIDE + hl * 4 + i] = *(uint32_t *)&p;
         }
         if (q) {
-            float amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                amax = fmaxf(amax, fabsf(v[i]));
-            for (int o = 8; o > 0; o >>= 1)
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            float sc = fp8_tile_scale(amax);
+            float sc = fp8_tile_scale(fp8_amax_half(v));
             uint8_t *qr = q + (r0 + r) * cols + c0;
             if (in_row) {
                 if (vec && c0 + c < cols) {

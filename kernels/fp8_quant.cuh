@@ -36,4 +36,17 @@ __device__ __forceinline__ uint32_t fp8_code4(float a, float b, float c, float d
     return fp8_code2(a, b, s) | (fp8_code2(c, d, s) << 16);
 }
 
+/* The amax of a half-warp's 1x128 tile, eight values a lane, in every lane of the half (the
+ * shuffles, xor 8 down to 1, stay inside it; all 32 lanes must call). */
+__device__ __forceinline__ float fp8_amax_half(const float (&v)[8])
+{
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        amax = fmaxf(amax, fabsf(v[i]));
+    for (int o = 8; o > 0; o >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    return amax;
+}
+
 #endif

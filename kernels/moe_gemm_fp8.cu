@@ -459,13 +459,7 @@ __global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int ro
             for (int i = 0; i < 8; i++)
                 v[i] = 0.0f;
         }
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            amax = fmaxf(amax, fabsf(v[i]));
-        for (int o = 8; o > 0; o >>= 1)
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float sc = fp8_tile_scale(amax);
+        float sc = fp8_tile_scale(fp8_amax_half(v));
         if (ok) {
             uint2 w;
             w.x = fp8_code4(v[0], v[1], v[2], v[3], sc);
