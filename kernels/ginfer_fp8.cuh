@@ -201,6 +201,23 @@ __device__ __forceinline__ void f8_prefetch(int m, const uint8_t *const *w, cons
             gk_prefetch_line(s[a]);
 }
 
+/* Warp o's weight rows of group g and their scale rows (group g's weights at g * wstride,
+ * its scales at g * wstride / 128): row o, and with UP also row O + o (the up half). */
+template <bool UP>
+__device__ __forceinline__ void f8_group_rows(const uint8_t *w, const float *sc, long wstride,
+                                              int g, int o, int O, int I,
+                                              const uint8_t *(&wr)[UP ? 2 : 1],
+                                              const float *(&sr)[UP ? 2 : 1])
+{
+    constexpr int NW = UP ? 2 : 1;
+    wr[0] = w + g * wstride + (long)o * I;
+    sr[0] = sc + (g * wstride + (long)o * I) / 128;
+    if (UP) {
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
+    }
+}
+
 /* f8_grouped_k's rows of warp o in group entry y, as kernels/ginfer_k.cu's grouped_prefetch
  * (the routed up-projection none: its groups are known only after the wait). Not inlined:
  * inline, ptxas spilled in f8_grouped_k<1, true>; a call leaves the kernel's registers as
@@ -223,12 +240,7 @@ __device__ __noinline__ void f8_grouped_prefetch(int m, const uint8_t *w, const 
     constexpr int NW = UP ? 2 : 1;
     const uint8_t *wr[NW];
     const float *sr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    sr[0] = sc + (g * wstride + (long)o * I) / 128;
-    if (UP) {
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
-        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
-    }
+    f8_group_rows<UP>(w, sc, wstride, g, o, O, I, wr, sr);
     f8_prefetch<NW>(m, wr, sr, I);
 }
 
@@ -285,12 +297,7 @@ __global__ void __launch_bounds__(256)
     constexpr int NW = UP ? 2 : 1;
     const uint8_t *wr[NW];
     const float *sr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    sr[0] = sc + (g * wstride + (long)o * I) / 128;
-    if (UP) {
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
-        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
-    }
+    f8_group_rows<UP>(w, sc, wstride, g, o, O, I, wr, sr);
     for (int j0 = 0; j0 < cnt; j0 += NT) {
         int nv = min(NT, cnt - j0);
         const float *xs[NT];
