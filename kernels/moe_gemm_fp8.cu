@@ -34,6 +34,7 @@
 #include "gpuctx_internal.cuh"
 #include "moe_fp8.h"
 #include "moe_gemm_common.cuh"
+#include "scratch.cuh"
 #include "wgmma.cuh"
 
 #define MF_BN 128
@@ -904,18 +905,6 @@ extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const i
 
 /* ---- from bf16 operands, through the scratch buffer ---- */
 
-typedef struct mf_carver {
-    uint8_t *base;
-    size_t used, cap;
-} mf_carver;
-
-static void *mf_carve(mf_carver *k, size_t bytes)
-{
-    size_t at = (k->used + 255) / 256 * 256;
-    k->used = at + bytes;
-    return k->used <= k->cap ? k->base + at : NULL;
-}
-
 /* Activation codes + scales of rows x D, and the weights' codes + scales. */
 static size_t rows_need(int64_t rows, int E, int64_t D)
 {
@@ -940,14 +929,9 @@ static size_t scratch_need(int64_t rows, int E, int64_t D)
 extern "C" int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim,
                                 dsv3_err *e)
 {
-    size_t need = scratch_need(max_rows, E, max_dim);
-    if (m->bytes < need) {
-        gpu_free(m->buf);
-        m->bytes = 0;
-        if (!(m->buf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "moe fp8 scratch");
-        m->bytes = need;
-    }
+    if (scratch_room(&m->buf, &m->bytes, scratch_need(max_rows, E, max_dim), "moe fp8 scratch",
+                     e))
+        return -1;
     m->max_rows = max_rows, m->max_dim = max_dim, m->E = E;
     m->on = 1;
     m->last_dy = NULL;
@@ -1028,10 +1012,10 @@ static gpu_moe_fp8_w *mf_kept(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_bf16 *W, int
             err_prefix(e, "moe fp8 weight codes");
             return NULL;
         }
-        mf_carver k = {t->buf, 0, bytes};
-        t->q = (uint8_t *)mf_carve(&k, (size_t)n);
-        t->qt = (uint8_t *)mf_carve(&k, (size_t)n);
-        t->s = (float *)mf_carve(&k, (size_t)ns * 4);
+        carver k = {t->buf, 0, bytes};
+        t->q = (uint8_t *)carve(&k, (size_t)n);
+        t->qt = (uint8_t *)carve(&k, (size_t)n);
+        t->s = (float *)carve(&k, (size_t)ns * 4);
         t->W = W, t->E = E, t->O = O, t->I = I;
         m->n_w++;
     }
@@ -1067,30 +1051,24 @@ typedef struct mf_tiles {
     float *s;
 } mf_tiles;
 
-static int mf_carve_tiles(mf_carver *k, const gpu_moe_plan *p, int cols, mf_tiles *t)
+static int mf_carve_tiles(carver *k, const gpu_moe_plan *p, int cols, mf_tiles *t)
 {
     int64_t T = gpu_moe_fp8_tiles((int64_t)p->N * p->k, p->E);
-    t->ts = (int *)mf_carve(k, ((size_t)p->E + 1) * 4);
-    t->q = (uint8_t *)mf_carve(k, (size_t)cols * T * 128);
-    t->s = (float *)mf_carve(k, (size_t)T * cols * 4);
+    t->ts = (int *)carve(k, ((size_t)p->E + 1) * 4);
+    t->q = (uint8_t *)carve(k, (size_t)cols * T * 128);
+    t->s = (float *)carve(k, (size_t)T * cols * 4);
     return t->s ? 0 : -1;
 }
 
 /* Room in t for the token tiles of rows x I. */
 static int mf_input_room(gpu_moe_fp8_w *t, int64_t rows, int E, dsv3_err *e)
 {
-    size_t need = tiles_need(rows, E, t->I);
-    if (t->xcap < need) {
-        gpu_free(t->xbuf);
-        t->xcap = 0;
-        if (!(t->xbuf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "moe fp8 input codes");
-        t->xcap = need;
-    }
+    if (scratch_room(&t->xbuf, &t->xcap, tiles_need(rows, E, t->I), "moe fp8 input codes", e))
+        return -1;
     int64_t T = gpu_moe_fp8_tiles(rows, E);
-    mf_carver k = {t->xbuf, 0, t->xcap};
-    t->xt = (uint8_t *)mf_carve(&k, (size_t)t->I * T * 128);
-    t->xts = (float *)mf_carve(&k, (size_t)T * t->I * 4);
+    carver k = {t->xbuf, 0, t->xcap};
+    t->xt = (uint8_t *)carve(&k, (size_t)t->I * T * 128);
+    t->xts = (float *)carve(&k, (size_t)T * t->I * 4);
     return 0;
 }
 
@@ -1102,12 +1080,12 @@ extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p
         return gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
     m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
-    mf_carver k = {m->buf, 0, m->bytes};
-    int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
-    uint8_t *xq = (uint8_t *)mf_carve(&k, nk * I);
-    float *xs = (float *)mf_carve(&k, fp8_blocks(I) * nk * 4);
-    uint8_t *wq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
-    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    carver k = {m->buf, 0, m->bytes};
+    int *ts = (int *)carve(&k, ((size_t)p->E + 1) * 4);
+    uint8_t *xq = (uint8_t *)carve(&k, nk * I);
+    float *xs = (float *)carve(&k, fp8_blocks(I) * nk * 4);
+    uint8_t *wq = (uint8_t *)carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
     if (!ws)
         return err_set(e, "moe fp8 fprop: scratch too small");
     if (!m->keep)
@@ -1135,13 +1113,13 @@ extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
         return gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
     m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
-    mf_carver k = {m->buf, 0, m->bytes};
+    carver k = {m->buf, 0, m->bytes};
     mf_tiles dt;
     int fail = mf_carve_tiles(&k, p, O, &dt);
-    uint8_t *dq = (uint8_t *)mf_carve(&k, nk * O);
-    float *ds = (float *)mf_carve(&k, fp8_blocks(O) * nk * 4);
-    uint8_t *wtq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
-    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    uint8_t *dq = (uint8_t *)carve(&k, nk * O);
+    float *ds = (float *)carve(&k, fp8_blocks(O) * nk * 4);
+    uint8_t *wtq = (uint8_t *)carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
     if (fail || !ws)
         return err_set(e, "moe fp8 dgrad: scratch too small");
     if (!m->keep)
@@ -1166,11 +1144,11 @@ extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
     int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
     int dy_kept = m->keep && m->last_dy == d_out && m->last_rows == nk && m->last_O == O;
     m->last_dy = NULL;
-    mf_carver k = {m->buf, 0, m->bytes};
+    carver k = {m->buf, 0, m->bytes};
     mf_tiles dt;
     int fail = mf_carve_tiles(&k, p, O, &dt);
-    uint8_t *xq = (uint8_t *)mf_carve(&k, (size_t)I * T * 128);
-    float *xs = (float *)mf_carve(&k, (size_t)T * I * 4);
+    uint8_t *xq = (uint8_t *)carve(&k, (size_t)I * T * 128);
+    float *xs = (float *)carve(&k, (size_t)T * I * 4);
     if (fail || !xs)
         return err_set(e, "moe fp8 wgrad: scratch too small");
     /* the weight is the one of the dgrad just before, whose forward kept its input */
