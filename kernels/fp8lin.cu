@@ -76,14 +76,12 @@ extern "C" void gpu_lin_free(gpu_lin *L)
 
 extern "C" void gpu_lin_weights_changed(gpu_lin *L)
 {
-    if (++L->wgen == 0) /* 0 means "never quantised" */
-        L->wgen = 1;
+    L->wgen = next_gen(L->wgen);
 }
 
 extern "C" void gpu_lin_new_pass(gpu_lin *L, int backward)
 {
-    if (++L->pass == 0)
-        L->pass = 1;
+    L->pass = next_gen(L->pass);
     L->keep_inputs = backward;
     L->last_dy = NULL;
 }
@@ -105,14 +103,9 @@ static gpu_lin_ent *entry(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err 
     for (int i = 0; i < L->n_ent; i++)
         if (L->ent[i].w == w && L->ent[i].O == O && L->ent[i].I == I)
             return &L->ent[i];
-    if (L->n_ent == L->cap_ent) {
-        int cap = L->cap_ent ? 2 * L->cap_ent : 64;
-        gpu_lin_ent *n = (gpu_lin_ent *)realloc(L->ent, (size_t)cap * sizeof *n);
-        if (!n) {
-            err_set(e, "fp8 linear: out of memory");
-            return NULL;
-        }
-        L->ent = n, L->cap_ent = cap;
+    if (!grow_for(&L->ent, L->n_ent, &L->cap_ent, 64)) {
+        err_set(e, "fp8 linear: out of memory");
+        return NULL;
     }
     gpu_lin_ent *t = &L->ent[L->n_ent];
     memset(t, 0, sizeof *t);

@@ -29,6 +29,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include "scratch.cuh"
+
 /* An FP8 slot: n weight bytes at w, n / 128 scales at sc. */
 struct f8reg {
     const char *w;
@@ -70,15 +72,9 @@ static int f8_ok(const ginfer *g, const wsrc *src, const char *name, long rows, 
 /* An FP8 slot of n weights (n a multiple of 128), registered. */
 static void *f8_alloc(ginfer *g, size_t n, dsv3_err *e)
 {
-    if (g->n_f8 == g->cap_f8) {
-        int cap = g->cap_f8 ? 2 * g->cap_f8 : 32;
-        f8reg *r = (f8reg *)realloc(g->f8, (size_t)cap * sizeof *r);
-        if (!r) {
-            err_set(e, "ginfer: out of host memory");
-            return NULL;
-        }
-        g->f8 = r;
-        g->cap_f8 = cap;
+    if (!grow_for(&g->f8, g->n_f8, &g->cap_f8, 32)) {
+        err_set(e, "ginfer: out of host memory");
+        return NULL;
     }
     char *w = (char *)dal(g, n, e);
     float *sc = w ? (float *)dal(g, n / 128 * 4, e) : NULL;

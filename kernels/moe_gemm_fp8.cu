@@ -972,14 +972,12 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
 
 extern "C" void gpu_moe_fp8_weights_changed(gpu_moe_fp8 *m)
 {
-    if (++m->wgen == 0) /* 0 means "never quantised" */
-        m->wgen = 1;
+    m->wgen = next_gen(m->wgen);
 }
 
 extern "C" void gpu_moe_fp8_new_pass(gpu_moe_fp8 *m, int backward)
 {
-    if (++m->pass == 0)
-        m->pass = 1;
+    m->pass = next_gen(m->pass);
     m->keep_inputs = backward;
     m->last_dy = NULL;
 }
@@ -995,14 +993,9 @@ static gpu_moe_fp8_w *mf_kept(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_bf16 *W, int
         if (m->w[i].W == W && m->w[i].E == E && m->w[i].O == O && m->w[i].I == I)
             t = &m->w[i];
     if (!t) {
-        if (m->n_w == m->cap_w) {
-            int cap = m->cap_w ? 2 * m->cap_w : 64;
-            gpu_moe_fp8_w *n = (gpu_moe_fp8_w *)realloc(m->w, (size_t)cap * sizeof *n);
-            if (!n) {
-                err_set(e, "moe fp8: out of memory");
-                return NULL;
-            }
-            m->w = n, m->cap_w = cap;
+        if (!grow_for(&m->w, m->n_w, &m->cap_w, 64)) {
+            err_set(e, "moe fp8: out of memory");
+            return NULL;
         }
         int64_t n = (int64_t)E * O * I, ns = (int64_t)E * fp8_blocks(O) * fp8_blocks(I);
         size_t bytes = (size_t)(2 * n + ns * 4 + 3 * 256);
