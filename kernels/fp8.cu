@@ -1,30 +1,12 @@
 /* fp8: block-scaled E4M3 quantisation kernels. See fp8.h.
  *
- * Bit-exactness with lib/fp8 rests on three things: the amax is exact (a max of absolute
- * values), s = amax / 448 and x / s are IEEE float divisions (no fast math here: __fdiv_rn
- * spells it out), and the hardware conversion cvt.rn.satfinite.e4m3x2.f32 rounds to nearest
- * even and saturates at 448 like fp8_e4m3_from_f32. */
+ * Bit-exact with lib/fp8: the rule (scale, codes) is fp8_quant.cuh's, and every amax here
+ * is exact (a max of absolute values). */
 #include <cuda_fp8.h>
 
 #include "fp8.h"
+#include "fp8_quant.cuh"
 #include "gpuctx_internal.cuh"
-
-__device__ __forceinline__ float tile_scale(float amax)
-{
-    return amax > 0.0f ? __fdiv_rn(amax, FP8_E4M3_MAX) : 1.0f;
-}
-
-__device__ __forceinline__ uint8_t to_e4m3(float x, float s)
-{
-    return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(x, s), __NV_SATFINITE, __NV_E4M3);
-}
-
-/* Two codes at once, a in the low byte. */
-__device__ __forceinline__ uint16_t to_e4m3x2(float a, float b, float s)
-{
-    return (uint16_t)__nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)),
-                                              __NV_SATFINITE, __NV_E4M3);
-}
 
 __device__ __forceinline__ float ld(const float *p) { return *p; }
 __device__ __forceinline__ float ld(const bf16 *p) { return b2f(*p); }
@@ -59,17 +41,16 @@ __global__ void quant_act_kernel(uint8_t *q, float *s, const bf16 *x, int rows, 
                     v[j] = b2f(xr[c + j]);
         }
         float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-        float sc = tile_scale(warp_max(amax));
+        float sc = fp8_tile_scale(warp_max(amax));
         uint8_t *qr = q + r * cols;
         if (vec) {
             if (c < cols)
-                *(uint32_t *)(qr + c) = (uint32_t)to_e4m3x2(v[0], v[1], sc) |
-                                        ((uint32_t)to_e4m3x2(v[2], v[3], sc) << 16);
+                *(uint32_t *)(qr + c) = fp8_code4(v[0], v[1], v[2], v[3], sc);
         } else {
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 if (c + j < cols)
-                    qr[c + j] = to_e4m3(v[j], sc);
+                    qr[c + j] = fp8_code(v[j], sc);
         }
         if (lane == 0)
             s[(int64_t)cb * rows + r] = sc;
@@ -111,21 +92,13 @@ __global__ void quant_act_vec8_kernel(uint8_t *q, float *s, const bf16 *x, int r
         }
 #pragma unroll
         for (int u = 0; u < QA_UNROLL; u++) {
-            float amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                amax = fmaxf(amax, fabsf(v[u][i]));
-            for (int o = 8; o > 0; o >>= 1)
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            float sc = tile_scale(amax);
+            float sc = fp8_tile_scale(fp8_amax_half(v[u]));
             int64_t r = t[u] / nb;
             int cb = (int)(t[u] % nb), c = cb * FP8_BLOCK + hl * 8;
             if (t[u] < tiles && c < cols) {
                 uint2 out;
-                out.x = (uint32_t)to_e4m3x2(v[u][0], v[u][1], sc) |
-                        ((uint32_t)to_e4m3x2(v[u][2], v[u][3], sc) << 16);
-                out.y = (uint32_t)to_e4m3x2(v[u][4], v[u][5], sc) |
-                        ((uint32_t)to_e4m3x2(v[u][6], v[u][7], sc) << 16);
+                out.x = fp8_code4(v[u][0], v[u][1], v[u][2], v[u][3], sc);
+                out.y = fp8_code4(v[u][4], v[u][5], v[u][6], v[u][7], sc);
                 *(uint2 *)(q + r * cols + c) = out;
             }
             if (t[u] < tiles && hl == 0)
@@ -160,18 +133,12 @@ struct act_src {
 /* Eight values of row r from column c (all in range: vec), or those in range (scalar). */
 template <bool vec, bool swiglu>
 __device__ __forceinline__ void load_row8(const act_src &a, int64_t r, int c, int cols, bool ok,
-                                          float v[8])
+                                          float (&v)[8])
 {
     if (!swiglu) {
         if (vec) {
             if (ok && c < cols) {
-                uint4 u = *(const uint4 *)(a.x + r * cols + c);
-                const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    float2 f = __bfloat1622float2(h[i]);
-                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
-                }
+                load8(a.x + r * cols + c, v);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; i++)
@@ -234,26 +201,18 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
             tile[r * QT_STRIDE + hl * 4 + i] = *(uint32_t *)&p;
         }
         if (q) {
-            float amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                amax = fmaxf(amax, fabsf(v[i]));
-            for (int o = 8; o > 0; o >>= 1)
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            float sc = tile_scale(amax);
+            float sc = fp8_tile_scale(fp8_amax_half(v));
             uint8_t *qr = q + (r0 + r) * cols + c0;
             if (in_row) {
                 if (vec && c0 + c < cols) {
                     uint2 out;
-                    out.x = (uint32_t)to_e4m3x2(v[0], v[1], sc) |
-                            ((uint32_t)to_e4m3x2(v[2], v[3], sc) << 16);
-                    out.y = (uint32_t)to_e4m3x2(v[4], v[5], sc) |
-                            ((uint32_t)to_e4m3x2(v[6], v[7], sc) << 16);
+                    out.x = fp8_code4(v[0], v[1], v[2], v[3], sc);
+                    out.y = fp8_code4(v[4], v[5], v[6], v[7], sc);
                     *(uint2 *)(qr + c) = out;
                 } else if (!vec) {
                     for (int i = 0; i < 8; i++)
                         if (c0 + c + i < cols)
-                            qr[c + i] = to_e4m3(v[i], sc);
+                            qr[c + i] = fp8_code(v[i], sc);
                 }
                 if (hl == 0)
                     s[(int64_t)blockIdx.x * rows + r0 + r] = sc;
@@ -271,12 +230,12 @@ __global__ void __launch_bounds__(256) quant_act_t_kernel(uint8_t *q, float *s, 
         for (int j = 0; j < 4; j++)
             v[j] = b2f(tb[(lane + 32 * j) * QT_STRIDE * 2 + c]);
         float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-        float sc = tile_scale(warp_max(amax));
+        float sc = fp8_tile_scale(warp_max(amax));
         uint8_t *qr = qt + (int64_t)(c0 + c) * rows;
 #pragma unroll
         for (int j = 0; j < 4; j++)
             if (r0 + lane + 32 * j < rows)
-                qr[r0 + lane + 32 * j] = to_e4m3(v[j], sc);
+                qr[r0 + lane + 32 * j] = fp8_code(v[j], sc);
         if (lane == 0)
             st[(int64_t)blockIdx.y * cols + c0 + c] = sc;
     }
@@ -311,11 +270,11 @@ __global__ void __launch_bounds__(QW_THREADS) quant_weight_kernel(uint8_t *q, fl
         v[i] = (col_ok && rr + step * i < nr) ? ld(wp + (int64_t)step * i * cols) : 0.0f;
         amax = fmaxf(amax, fabsf(v[i]));
     }
-    float sc = tile_scale(block_max(amax, scratch));
+    float sc = fp8_tile_scale(block_max(amax, scratch));
     uint8_t *qp = q ? q + (r0 + rr) * cols + c0 + c : NULL;
 #pragma unroll
     for (int i = 0; i < QW_PER; i++) {
-        uint8_t code = to_e4m3(v[i], sc);
+        uint8_t code = fp8_code(v[i], sc);
         if (qp && col_ok && rr + step * i < nr)
             qp[(int64_t)step * i * cols] = code;
         tq[c][rr + step * i] = code;

@@ -7,6 +7,7 @@
 #include "gemm.h"
 #include "gpuctx_internal.cuh"
 #include "layers.h"
+#include "scratch.cuh"
 
 /* One weight's quantisations: w 128x128 both layouts (valid for generation wdone), and the
  * last forward input x 1x128 both layouts (valid for pass xdone). */
@@ -24,19 +25,6 @@ struct gpu_lin_ent {
     float *xs, *xts;
     unsigned xdone;
 };
-
-/* Carves aligned pieces off a buffer. */
-typedef struct carver {
-    uint8_t *base;
-    size_t used, cap;
-} carver;
-
-static void *carve(carver *k, size_t bytes)
-{
-    size_t at = (k->used + 255) / 256 * 256;
-    k->used = at + bytes;
-    return k->used <= k->cap ? k->base + at : NULL;
-}
 
 /* Both layouts of an activation [rows x K] 1x128-quantised (carve_act2), alignment included. */
 static size_t act2_bytes(int64_t rows, int64_t K)
@@ -62,14 +50,9 @@ static int carve_act2(carver *k, act2 *a, int64_t rows, int64_t K)
 extern "C" int gpu_lin_fp8_on(gpu_lin *L, int64_t max_tokens, int64_t max_dim, dsv3_err *e)
 {
     /* dy in both layouts, and a transposed input quantised afresh (a subset of both) */
-    size_t need = 2 * act2_bytes(max_tokens, max_dim);
-    if (L->bytes < need) {
-        gpu_free(L->buf);
-        L->bytes = 0;
-        if (!(L->buf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "fp8 linear scratch");
-        L->bytes = need;
-    }
+    if (scratch_room(&L->buf, &L->bytes, 2 * act2_bytes(max_tokens, max_dim),
+                     "fp8 linear scratch", e))
+        return -1;
     L->fp8 = 1;
     gpu_lin_weights_changed(L);
     gpu_lin_new_pass(L, 1);
@@ -93,14 +76,12 @@ extern "C" void gpu_lin_free(gpu_lin *L)
 
 extern "C" void gpu_lin_weights_changed(gpu_lin *L)
 {
-    if (++L->wgen == 0) /* 0 means "never quantised" */
-        L->wgen = 1;
+    L->wgen = next_gen(L->wgen);
 }
 
 extern "C" void gpu_lin_new_pass(gpu_lin *L, int backward)
 {
-    if (++L->pass == 0)
-        L->pass = 1;
+    L->pass = next_gen(L->pass);
     L->keep_inputs = backward;
     L->last_dy = NULL;
 }
@@ -122,14 +103,9 @@ static gpu_lin_ent *entry(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err 
     for (int i = 0; i < L->n_ent; i++)
         if (L->ent[i].w == w && L->ent[i].O == O && L->ent[i].I == I)
             return &L->ent[i];
-    if (L->n_ent == L->cap_ent) {
-        int cap = L->cap_ent ? 2 * L->cap_ent : 64;
-        gpu_lin_ent *n = (gpu_lin_ent *)realloc(L->ent, (size_t)cap * sizeof *n);
-        if (!n) {
-            err_set(e, "fp8 linear: out of memory");
-            return NULL;
-        }
-        L->ent = n, L->cap_ent = cap;
+    if (!grow_for(&L->ent, L->n_ent, &L->cap_ent, 64)) {
+        err_set(e, "fp8 linear: out of memory");
+        return NULL;
     }
     gpu_lin_ent *t = &L->ent[L->n_ent];
     memset(t, 0, sizeof *t);
@@ -166,14 +142,8 @@ static gpu_lin_ent *weight(gpu_lin *L, const gpu_bf16 *w, int O, int I, dsv3_err
 /* Room in t for an input of N rows, both layouts. */
 static int input_room(gpu_lin_ent *t, int N, dsv3_err *e)
 {
-    size_t need = act2_bytes(N, t->I);
-    if (t->xcap < need) {
-        gpu_free(t->xbuf);
-        t->xcap = 0;
-        if (!(t->xbuf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "fp8 input codes");
-        t->xcap = need;
-    }
+    if (scratch_room(&t->xbuf, &t->xcap, act2_bytes(N, t->I), "fp8 input codes", e))
+        return -1;
     carver k = {t->xbuf, 0, t->xcap};
     act2 a;
     if (carve_act2(&k, &a, N, t->I))

@@ -889,6 +889,33 @@ o_proj:
     return 0;
 }
 
+/* Layer y's dense MLP (w1, w2; shared: the MoE's shared expert kept apart from the routed
+ * ones) over the n rows of xn, into out. */
+static int dense_mlp(ginfer *g, const glayer *y, int n, float *out, int shared, dsv3_err *e)
+{
+    int H = g->H, wf = g->exact, ws = g->wsz;
+    if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+        return -1;
+    mark(g, shared ? "shared up" : "dense up", 2.0 * y->F * H * ws);
+    if (gx_ffn_down(g, g->h, y->w2, wf, 0, out, NULL, 1, 1, n, n, y->F, H, e))
+        return -1;
+    mark(g, shared ? "shared down" : "dense down", (double)y->F * H * ws);
+    return 0;
+}
+
+/* The FFN's output, left for the next add_norm to sum (g->mo): routed rows ye weighted by rw
+ * at spos (K a row), plus ys. */
+static void leave_pending(ginfer *g, const float *ye, const float *rw, const float *ys,
+                          const int *spos, int K)
+{
+    g->mo.ye = ye;
+    g->mo.rw = rw;
+    g->mo.ys = ys;
+    g->mo.spos = spos;
+    g->mo.K = K;
+    g->pend = 1;
+}
+
 /* The MLP or MoE of layer l over n rows: xn in, delta out (a dense MLP) or the MoE output
  * left pending (g->mo) for the next add_norm to sum, which saves the combine a launch. */
 static int ffn(ginfer *g, int l, int n, dsv3_err *e)
@@ -896,19 +923,10 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     const glayer *y = &g->ly[l];
     int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi, ws = g->wsz;
     if (!y->moe) {
-        if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+        if (dense_mlp(g, y, n, g->dd, 0, e))
             return -1;
-        mark(g, "dense up", 2.0 * y->F * H * ws);
-        if (gx_ffn_down(g, g->h, y->w2, wf, 0, g->dd, NULL, 1, 1, n, n, y->F, H, e))
-            return -1;
-        mark(g, "dense down", (double)y->F * H * ws);
         /* pending as an output of no routed rows (add_norm adds 0 + dd[i]: dd[i]) */
-        g->mo.ye = g->dd;
-        g->mo.rw = NULL;
-        g->mo.ys = g->dd;
-        g->mo.spos = NULL;
-        g->mo.K = 0;
-        g->pend = 1;
+        leave_pending(g, g->dd, NULL, g->dd, NULL, 0);
         return 0;
     }
     /* the experts a step reads: at most n*K routed ones, and the shared one */
@@ -961,20 +979,11 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     if (y->sh) {
         ys = g->ye + (size_t)n * K * H;  /* the shared group's rows follow the routed ones */
     } else if (y->F) {
-        if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+        if (dense_mlp(g, y, n, g->ys, 1, e))
             return -1;
-        mark(g, "shared up", 2.0 * y->F * H * ws);
-        if (gx_ffn_down(g, g->h, y->w2, wf, 0, g->ys, NULL, 1, 1, n, n, y->F, H, e))
-            return -1;
-        mark(g, "shared down", (double)y->F * H * ws);
         ys = g->ys;
     }
-    g->mo.ye = g->ye;
-    g->mo.rw = g->rw;
-    g->mo.ys = ys;
-    g->mo.spos = g->spos;
-    g->mo.K = K;
-    g->pend = 1;
+    leave_pending(g, g->ye, g->rw, ys, g->spos, K);
     return 0;
 }
 

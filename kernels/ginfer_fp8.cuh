@@ -29,6 +29,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include "scratch.cuh"
+
 /* An FP8 slot: n weight bytes at w, n / 128 scales at sc. */
 struct f8reg {
     const char *w;
@@ -70,15 +72,9 @@ static int f8_ok(const ginfer *g, const wsrc *src, const char *name, long rows, 
 /* An FP8 slot of n weights (n a multiple of 128), registered. */
 static void *f8_alloc(ginfer *g, size_t n, dsv3_err *e)
 {
-    if (g->n_f8 == g->cap_f8) {
-        int cap = g->cap_f8 ? 2 * g->cap_f8 : 32;
-        f8reg *r = (f8reg *)realloc(g->f8, (size_t)cap * sizeof *r);
-        if (!r) {
-            err_set(e, "ginfer: out of host memory");
-            return NULL;
-        }
-        g->f8 = r;
-        g->cap_f8 = cap;
+    if (!grow_for(&g->f8, g->n_f8, &g->cap_f8, 32)) {
+        err_set(e, "ginfer: out of host memory");
+        return NULL;
     }
     char *w = (char *)dal(g, n, e);
     float *sc = w ? (float *)dal(g, n / 128 * 4, e) : NULL;
@@ -201,6 +197,23 @@ __device__ __forceinline__ void f8_prefetch(int m, const uint8_t *const *w, cons
             gk_prefetch_line(s[a]);
 }
 
+/* Warp o's weight rows of group g and their scale rows (group g's weights at g * wstride,
+ * its scales at g * wstride / 128): row o, and with UP also row O + o (the up half). */
+template <bool UP>
+__device__ __forceinline__ void f8_group_rows(const uint8_t *w, const float *sc, long wstride,
+                                              int g, int o, int O, int I,
+                                              const uint8_t *(&wr)[UP ? 2 : 1],
+                                              const float *(&sr)[UP ? 2 : 1])
+{
+    constexpr int NW = UP ? 2 : 1;
+    wr[0] = w + g * wstride + (long)o * I;
+    sr[0] = sc + (g * wstride + (long)o * I) / 128;
+    if (UP) {
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
+    }
+}
+
 /* f8_grouped_k's rows of warp o in group entry y, as kernels/ginfer_k.cu's grouped_prefetch
  * (the routed up-projection none: its groups are known only after the wait). Not inlined:
  * inline, ptxas spilled in f8_grouped_k<1, true>; a call leaves the kernel's registers as
@@ -223,12 +236,7 @@ __device__ __noinline__ void f8_grouped_prefetch(int m, const uint8_t *w, const 
     constexpr int NW = UP ? 2 : 1;
     const uint8_t *wr[NW];
     const float *sr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    sr[0] = sc + (g * wstride + (long)o * I) / 128;
-    if (UP) {
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
-        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
-    }
+    f8_group_rows<UP>(w, sc, wstride, g, o, O, I, wr, sr);
     f8_prefetch<NW>(m, wr, sr, I);
 }
 
@@ -285,12 +293,7 @@ __global__ void __launch_bounds__(256)
     constexpr int NW = UP ? 2 : 1;
     const uint8_t *wr[NW];
     const float *sr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    sr[0] = sc + (g * wstride + (long)o * I) / 128;
-    if (UP) {
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
-        sr[NW - 1] = sc + (g * wstride + (long)(O + o) * I) / 128;
-    }
+    f8_group_rows<UP>(w, sc, wstride, g, o, O, I, wr, sr);
     for (int j0 = 0; j0 < cnt; j0 += NT) {
         int nv = min(NT, cnt - j0);
         const float *xs[NT];

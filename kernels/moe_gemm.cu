@@ -553,35 +553,85 @@ __device__ __forceinline__ void ws_tile(const mg_args &p, const int *s_off, cons
     kbeg = FORM == FORM_WGRAD ? x.r0 : 0, kend = FORM == FORM_WGRAD ? x.r1 : p.K;
 }
 
-template <int FORM>
-__global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
+#define WT_BOX (64 * 64 * 2) /* bytes of one 64 x 64 box */
+
+/* wgrad's last k-tile of an expert holds only kv of its 64 k-rows: the 256 consumer threads
+ * (ct) zero k-rows kv..63 of the stage's six MN-major boxes (A's 2, then B's 4), make the
+ * stores visible to wgmma (async proxy) and wait for each other (named barrier 1). */
+__device__ __forceinline__ void wt_zero_tail(uint32_t sa, int kv, int ct)
+{
+    int n = (MG_BK - kv) * 8; /* 16-byte pieces a box */
+    for (int i = ct; i < (MG_BM + MG_BN) / 64 * n; i += 256) {
+        int j = i / n, q = i - j * n;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
+                         sa + (uint32_t)(j * WT_BOX + kv * 128 + q * 16)),
+                     "r"(0)
+                     : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+/* Both persistent kernels in one (TMA: moe_wstma_kernel, maps ta and tb; else
+ * moe_ws_kernel): the ring and schedule, warpgroup 0 loading, the other two multiplying.
+ * The consumers differ only in where the loads put the MN-major operands (TMA: 64 x 64
+ * boxes, WT_BOX apart), what a full stage still needs (cp.async: a proxy fence; TMA's wgrad:
+ * the tail zeroed) and the TMA kernel's 16-byte epilogue stores (p.vec). One body rather
+ * than a shared consumer function: inlined that way, the kernels compile to the PTX they had
+ * as two bodies. */
+template <int FORM, bool TMA>
+__device__ __forceinline__ void ws_body(const mg_args p, const CUtensorMap *ta,
+                                        const CUtensorMap *tb, uint64_t *bars)
 {
     constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
     constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = WS_STAGE_BYTES;
-    /* descriptors of the 128-byte swizzled tiles (as moe_wgmma_kernel with SW) */
-    constexpr uint32_t A_LBO = A_KMAJ ? 16 : 1024, A_SBO = A_KMAJ ? 1024 : MG_BM * 16;
-    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : 1024, A_K16 = A_KMAJ ? 32 : 2 * MG_BM * 16;
-    constexpr uint32_t B_LBO = B_KMAJ ? 16 : 1024, B_SBO = B_KMAJ ? 1024 : MG_BN * 16;
-    constexpr uint32_t B_K16 = B_KMAJ ? 32 : 2 * MG_BN * 16;
     extern __shared__ __align__(128) unsigned char smem[];
-    __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
     int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
-    /* full: each producer thread's copies */
-    mg_ring rg = mg_ring_init<WS_STAGES, MG_BM>(smem, bars, STAGE, 128, p.off, p.E);
+    /* full: each producer thread's copies (TMA: the issuing thread's arrive + the bytes) */
+    mg_ring rg = mg_ring_init<WS_STAGES, MG_BM>(smem, bars, STAGE, TMA ? 1 : 128, p.off, p.E);
     uint32_t sb = rg.base, full0 = rg.full0, empty0 = rg.empty0;
     const int *s_off = rg.s_off, *s_ts = rg.s_ts;
     int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
     int T = mg_sched_count<FORM == FORM_WGRAD>(s_ts, p.E, ntm, ntn);
-    auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
-                    int &kend) {
-        ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
-    };
-    if (wg == 0) { /* producer (registers: mg_regs_producer) */
+    if (wg == 0 && TMA) { /* producer: one thread */
+        if (!mg_tma_producer(ta, tb))
+            return;
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            int e, rbeg, rend, m0, n0, kbeg, kend;
+            ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
+            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                int s = it % WS_STAGES;
+                uint32_t full = full0 + 8 * s;
+                mbar_wait(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                mbar_arrive_tx(full, STAGE);
+                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+                int k0 = kbeg + kt * MG_BK;
+                if (FORM == FORM_FWD) { /* A in[nk, K]; B W[E][N, K] */
+                    tma_load_2d(sa, ta, full, k0, rbeg);
+                    tma_load_3d(sbb, tb, full, k0, n0, e);
+                } else if (FORM == FORM_DGRAD) { /* A d_out[nk, K]; B W[E][K, N] */
+                    tma_load_2d(sa, ta, full, k0, rbeg);
+#pragma unroll
+                    for (int j = 0; j < MG_BN / 64; j++)
+                        tma_load_3d(sbb + j * WT_BOX, tb, full, n0 + 64 * j, k0, e);
+                } else { /* A d_out[nk, M]; B in[nk, N]; k over the expert's rows */
+#pragma unroll
+                    for (int j = 0; j < MG_BM / 64; j++)
+                        tma_load_2d(sa + j * WT_BOX, ta, full, m0 + 64 * j, k0);
+#pragma unroll
+                    for (int j = 0; j < MG_BN / 64; j++)
+                        tma_load_2d(sbb + j * WT_BOX, tb, full, n0 + 64 * j, k0);
+                }
+            }
+        }
+    } else if (wg == 0) { /* producer: cp.async (registers: mg_regs_producer) */
         mg_regs_producer();
         uint32_t it = 0;
         for (int t = blockIdx.x; t < T; t += gridDim.x) {
             int e, rbeg, rend, m0, n0, kbeg, kend;
-            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
             const bf16 *Bg = FORM == FORM_WGRAD ? p.B : p.B + (int64_t)e * p.N * p.K;
             int lda = FORM == FORM_WGRAD ? p.M : p.K, ldb = FORM == FORM_FWD ? p.K : p.N;
             int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
@@ -603,13 +653,22 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
+        /* descriptors of the 128-byte swizzled tiles (cp.async: as moe_wgmma_kernel with SW;
+         * TMA: see moe_wstma_kernel) */
+        constexpr uint32_t A_LBO = A_KMAJ ? 16 : TMA ? WT_BOX : 1024;
+        constexpr uint32_t A_SBO = A_KMAJ || TMA ? 1024 : MG_BM * 16;
+        constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : TMA ? WT_BOX : 1024;
+        constexpr uint32_t A_K16 = A_KMAJ ? 32 : TMA ? 2 * 1024 : 2 * MG_BM * 16;
+        constexpr uint32_t B_LBO = B_KMAJ ? 16 : TMA ? WT_BOX : 1024;
+        constexpr uint32_t B_SBO = B_KMAJ || TMA ? 1024 : MG_BN * 16;
+        constexpr uint32_t B_K16 = B_KMAJ ? 32 : TMA ? 2 * 1024 : 2 * MG_BN * 16;
         mg_regs_consumer();
         int cw = wg - 1, warp = tid >> 5;
         uint32_t it = 0;
         float acc[128];
         for (int t = blockIdx.x; t < T; t += gridDim.x) {
             int e, rbeg, rend, m0, n0, kbeg, kend;
-            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
+            ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
             int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
             if (KT == 0)
                 continue; /* wgrad of an expert without rows: d_W_e is left as it is */
@@ -621,8 +680,11 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
                 int s = it % WS_STAGES;
                 mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
                 /* cp.async wrote through the generic proxy; wgmma reads through the async one */
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                if (!TMA)
+                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
                 uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
+                if (TMA && FORM == FORM_WGRAD && kend - kbeg - kt * MG_BK < MG_BK)
+                    wt_zero_tail(sa, kend - kbeg - kt * MG_BK, tid - 128);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
@@ -651,15 +713,26 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
             int r = cw * 64 + (warp & 3) * 16 + (lane >> 2);
             if (FORM == FORM_WGRAD) {
                 float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
-                if (p.red)
+                if (TMA && p.red && p.vec)
+                    mg_store_frag_v<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+                else if (p.red)
                     mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
                 else
                     mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
+            } else if (TMA && p.vec) {
+                mg_store_frag_v<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
             } else {
                 mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
             }
         }
     }
+}
+
+template <int FORM>
+__global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
+{
+    __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
+    ws_body<FORM, false>(p, NULL, NULL, bars);
 }
 
 /* ---- the warp-specialised kernel with TMA loads (GPU_MOE_GEMM_WS_TMA) ----
@@ -679,143 +752,13 @@ __global__ void __launch_bounds__(WS_THREADS, 1) moe_ws_kernel(const mg_args p)
  * past the expert's end in its last k-tile would add in: the consumers zero those rows of
  * the stage (A and B) before multiplying (one tile an expert; a named barrier among the
  * 256 multiplying threads and a proxy fence). */
-#define WT_BOX (64 * 64 * 2) /* bytes of one 64 x 64 box */
-
-/* wgrad's last k-tile of an expert holds only kv of its 64 k-rows: the 256 consumer threads
- * (ct) zero k-rows kv..63 of the stage's six MN-major boxes (A's 2, then B's 4), make the
- * stores visible to wgmma (async proxy) and wait for each other (named barrier 1). */
-__device__ __forceinline__ void wt_zero_tail(uint32_t sa, int kv, int ct)
-{
-    int n = (MG_BK - kv) * 8; /* 16-byte pieces a box */
-    for (int i = ct; i < (MG_BM + MG_BN) / 64 * n; i += 256) {
-        int j = i / n, q = i - j * n;
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
-                         sa + (uint32_t)(j * WT_BOX + kv * 128 + q * 16)),
-                     "r"(0)
-                     : "memory");
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-}
-
 template <int FORM>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     moe_wstma_kernel(const mg_args p, const __grid_constant__ CUtensorMap ta,
                      const __grid_constant__ CUtensorMap tb)
 {
-    constexpr bool A_KMAJ = FORM != FORM_WGRAD, B_KMAJ = FORM == FORM_FWD;
-    constexpr uint32_t A_BYTES = MG_BM * MG_BK * 2, STAGE = WS_STAGE_BYTES;
-    constexpr uint32_t A_LBO = A_KMAJ ? 16 : WT_BOX, A_SBO = 1024;
-    constexpr uint32_t A_WG = A_KMAJ ? 8 * 1024 : WT_BOX, A_K16 = A_KMAJ ? 32 : 2 * 1024;
-    constexpr uint32_t B_LBO = B_KMAJ ? 16 : WT_BOX, B_SBO = 1024;
-    constexpr uint32_t B_K16 = B_KMAJ ? 32 : 2 * 1024;
-    extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[2 * WS_STAGES]; /* full[s], then empty[s] */
-    int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
-    /* full: the issuing thread's arrive (+ the bytes) */
-    mg_ring rg = mg_ring_init<WS_STAGES, MG_BM>(smem, bars, STAGE, 1, p.off, p.E);
-    uint32_t sb = rg.base, full0 = rg.full0, empty0 = rg.empty0;
-    const int *s_off = rg.s_off, *s_ts = rg.s_ts;
-    int ntn = (p.N + MG_BN - 1) / MG_BN, ntm = (p.M + MG_BM - 1) / MG_BM;
-    int T = mg_sched_count<FORM == FORM_WGRAD>(s_ts, p.E, ntm, ntn);
-    auto tile = [&](int t, int &e, int &rbeg, int &rend, int &m0, int &n0, int &kbeg,
-                    int &kend) {
-        ws_tile<FORM>(p, s_off, s_ts, ntm, ntn, t, e, rbeg, rend, m0, n0, kbeg, kend);
-    };
-    if (wg == 0) { /* producer */
-        if (!mg_tma_producer(&ta, &tb))
-            return;
-        uint32_t it = 0;
-        for (int t = blockIdx.x; t < T; t += gridDim.x) {
-            int e, rbeg, rend, m0, n0, kbeg, kend;
-            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
-            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
-            for (int kt = 0; kt < KT; kt++, it++) {
-                int s = it % WS_STAGES;
-                uint32_t full = full0 + 8 * s;
-                mbar_wait(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
-                mbar_arrive_tx(full, STAGE);
-                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
-                int k0 = kbeg + kt * MG_BK;
-                if (FORM == FORM_FWD) { /* A in[nk, K]; B W[E][N, K] */
-                    tma_load_2d(sa, &ta, full, k0, rbeg);
-                    tma_load_3d(sbb, &tb, full, k0, n0, e);
-                } else if (FORM == FORM_DGRAD) { /* A d_out[nk, K]; B W[E][K, N] */
-                    tma_load_2d(sa, &ta, full, k0, rbeg);
-#pragma unroll
-                    for (int j = 0; j < MG_BN / 64; j++)
-                        tma_load_3d(sbb + j * WT_BOX, &tb, full, n0 + 64 * j, k0, e);
-                } else { /* A d_out[nk, M]; B in[nk, N]; k over the expert's rows */
-#pragma unroll
-                    for (int j = 0; j < MG_BM / 64; j++)
-                        tma_load_2d(sa + j * WT_BOX, &ta, full, m0 + 64 * j, k0);
-#pragma unroll
-                    for (int j = 0; j < MG_BN / 64; j++)
-                        tma_load_2d(sbb + j * WT_BOX, &tb, full, n0 + 64 * j, k0);
-                }
-            }
-        }
-    } else { /* consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile */
-        mg_regs_consumer();
-        int cw = wg - 1, warp = tid >> 5;
-        uint32_t it = 0;
-        float acc[128];
-        for (int t = blockIdx.x; t < T; t += gridDim.x) {
-            int e, rbeg, rend, m0, n0, kbeg, kend;
-            tile(t, e, rbeg, rend, m0, n0, kbeg, kend);
-            int KT = (kend - kbeg + MG_BK - 1) / MG_BK;
-            if (KT == 0)
-                continue; /* wgrad of an expert without rows: d_W_e is left as it is */
-#pragma unroll
-            for (int i = 0; i < 128; i++)
-                acc[i] = 0.0f;
-            int prev = 0;
-            for (int kt = 0; kt < KT; kt++, it++) {
-                int s = it % WS_STAGES;
-                mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
-                uint32_t sa = sb + s * STAGE, sbb = sa + A_BYTES;
-                if (FORM == FORM_WGRAD && kend - kbeg - kt * MG_BK < MG_BK)
-                    wt_zero_tail(sa, kend - kbeg - kt * MG_BK, tid - 128);
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-#pragma unroll
-                for (int kk = 0; kk < MG_BK / 16; kk++)
-                    wgmma_256<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
-                        acc, wg_desc(sa + cw * A_WG + kk * A_K16, A_LBO, A_SBO, 1),
-                        wg_desc(sbb + kk * B_K16, B_LBO, B_SBO, 1));
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-#endif
-                if (kt > 0 && lane == 0)
-                    mbar_arrive(empty0 + 8 * prev);
-                prev = s;
-            }
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-#pragma unroll
-            for (int i = 0; i < 128; i++)
-                asm volatile("" : "+f"(acc[i])::"memory");
-            if (lane == 0)
-                mbar_arrive(empty0 + 8 * prev);
-            int r = cw * 64 + (warp & 3) * 16 + (lane >> 2);
-            if (FORM == FORM_WGRAD) {
-                float *dw = (float *)p.C + (int64_t)e * p.M * p.N;
-                if (p.red && p.vec)
-                    mg_store_frag_v<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
-                else if (p.red)
-                    mg_store_frag<32, MG_OUT_RED>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
-                else
-                    mg_store_frag<32, MG_OUT_ADD>(acc, dw, p.N, m0 + r, p.M, n0, p.N);
-            } else if (p.vec) {
-                mg_store_frag_v<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
-            } else {
-                mg_store_frag<32, MG_OUT_BF16>(acc, p.C, p.N, rbeg + r, rend, n0, p.N);
-            }
-        }
-    }
+    ws_body<FORM, true>(p, &ta, &tb, bars);
 }
 
 static int aligned16p(const void *p)

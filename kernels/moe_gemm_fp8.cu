@@ -30,9 +30,11 @@
 #include <string.h>
 
 #include "../lib/fp8.h"
+#include "fp8_quant.cuh"
 #include "gpuctx_internal.cuh"
 #include "moe_fp8.h"
 #include "moe_gemm_common.cuh"
+#include "scratch.cuh"
 #include "wgmma.cuh"
 
 #define MF_BN 128
@@ -428,23 +430,8 @@ __global__ void __launch_bounds__(MT_THREADS, 1)
     }
 }
 
-/* ---- quantisers (lib/fp8's rule: s = amax / 448, a zero tile 1; q = e4m3(x / s)) ---- */
-
-__device__ __forceinline__ float mf_scale(float amax)
-{
-    return amax > 0.0f ? __fdiv_rn(amax, FP8_E4M3_MAX) : 1.0f;
-}
-
-__device__ __forceinline__ uint32_t mf_e4m3x2(float a, float b, float s)
-{
-    return (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)),
-                                              __NV_SATFINITE, __NV_E4M3);
-}
-
-__device__ __forceinline__ uint8_t mf_e4m3(float a, float s)
-{
-    return (uint8_t)__nv_cvt_float_to_fp8(__fdiv_rn(a, s), __NV_SATFINITE, __NV_E4M3);
-}
+/* ---- quantisers (lib/fp8's rule, fp8_quant.cuh: s = amax / 448, a zero tile 1; q =
+ * e4m3(x / s)) ---- */
 
 /* A half-warp per 1x128 tile of a row, eight values a lane: one 16-byte load, one 8-byte
  * store of codes (cols % 16 == 0, so a lane's eight values are all in or all out). */
@@ -473,17 +460,11 @@ __global__ void mf_quant_rows_kernel(uint8_t *q, float *s, const bf16 *x, int ro
             for (int i = 0; i < 8; i++)
                 v[i] = 0.0f;
         }
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            amax = fmaxf(amax, fabsf(v[i]));
-        for (int o = 8; o > 0; o >>= 1)
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float sc = mf_scale(amax);
+        float sc = fp8_tile_scale(fp8_amax_half(v));
         if (ok) {
             uint2 w;
-            w.x = mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
-            w.y = mf_e4m3x2(v[4], v[5], sc) | (mf_e4m3x2(v[6], v[7], sc) << 16);
+            w.x = fp8_code4(v[0], v[1], v[2], v[3], sc);
+            w.y = fp8_code4(v[4], v[5], v[6], v[7], sc);
             *(uint2 *)(q + r * cols + c) = w;
             if (hl == 0)
                 s[(int64_t)cb * rows + r] = sc;
@@ -518,6 +499,35 @@ __device__ __forceinline__ void token_tile_rows(const int *ts, const int *off, i
     }
 }
 
+/* The column-wise quantisers' share of a 128-row tile: v = the 32 values of column col in
+ * rows 32 q4 .. 32 q4 + 31 (each column is read by four threads), returning their amax. */
+template <int W>
+__device__ __forceinline__ float mf_col32(const bf16 (&tile)[128][W], int col, int q4,
+                                          float (&v)[32])
+{
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        v[i] = b2f(tile[q4 * 32 + i][col]);
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    return amax;
+}
+
+/* The 32 codes of v at scale sc (rows 32 q4 .. 32 q4 + 31 of token tile t, column c0 +
+ * col) into qt's row c0 + col (ldk codes a row), 32 bytes. */
+__device__ __forceinline__ void mf_codes32(uint8_t *qt, int c0, int col, int64_t ldk, int t,
+                                           int q4, const float (&v)[32], float sc)
+{
+    uint32_t w[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        w[i] = fp8_code4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3], sc);
+    uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 /* Block (token tile t, 64 columns): the tile's rows through shared memory, each column's
  * 1x128 amax over four quarter-columns, codes written 32 bytes a thread down qt's row. */
 __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, float *st,
@@ -545,26 +555,15 @@ __global__ void __launch_bounds__(256) mf_quant_tokens_t_kernel(uint8_t *qt, flo
     }
     __syncthreads();
     int col = tid & 63, q4 = tid >> 6;
-    float v[32], amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        v[i] = b2f(tile[q4 * 32 + i][col]);
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
-    red[q4][col] = amax;
+    float v[32];
+    red[q4][col] = mf_col32(tile, col, q4, v);
     __syncthreads();
-    float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+    float sc = fp8_tile_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
     if (c0 + col >= cols)
         return;
     if (q4 == 0)
         st[(int64_t)t * cols + c0 + col] = sc;
-    uint32_t w[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) | (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
-    uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
-    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    mf_codes32(qt, c0, col, ldk, t, q4, v, sc);
 }
 
 /* Both quantisations of sorted rows in one read (the operand of a product and of the wgrad
@@ -609,10 +608,10 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
             amax = fmaxf(amax, fabsf(v[i]));
         }
         amax = warp_max(amax);
-        float sc = mf_scale(amax);
+        float sc = fp8_tile_scale(amax);
         if (cl < cols)
             *(uint32_t *)(q + (int64_t)(r0 + r) * cols + cl) =
-                mf_e4m3x2(v[0], v[1], sc) | (mf_e4m3x2(v[2], v[3], sc) << 16);
+                fp8_code4(v[0], v[1], v[2], v[3], sc);
         if (lane == 0)
             s[(int64_t)cb * rows + r0 + r] = sc;
     }
@@ -621,26 +620,14 @@ __global__ void __launch_bounds__(256) mf_quant_both_kernel(uint8_t *q, float *s
 #pragma unroll 1
     for (int h = 0; h < 2; h++) {
         int col = h * 64 + (tid & 63);
-        float v[32], amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            v[i] = b2f(tile[q4 * 32 + i][col]);
-            amax = fmaxf(amax, fabsf(v[i]));
-        }
-        red[q4][col] = amax;
+        float v[32];
+        red[q4][col] = mf_col32(tile, col, q4, v);
         __syncthreads();
-        float sc = mf_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+        float sc = fp8_tile_scale(fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
         if (c0 + col < cols) {
             if (q4 == 0)
                 st[(int64_t)t * cols + c0 + col] = sc;
-            uint32_t w[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                w[i] = mf_e4m3x2(v[4 * i], v[4 * i + 1], sc) |
-                       (mf_e4m3x2(v[4 * i + 2], v[4 * i + 3], sc) << 16);
-            uint4 *dst = (uint4 *)(qt + (int64_t)(c0 + col) * ldk + (int64_t)t * 128 + q4 * 32);
-            dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-            dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+            mf_codes32(qt, c0, col, ldk, t, q4, v, sc);
         }
     }
 }
@@ -678,7 +665,7 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
     amax = red[0];
     for (int i = 1; i < 8; i++)
         amax = fmaxf(amax, red[i]);
-    float sc = mf_scale(amax);
+    float sc = fp8_tile_scale(amax);
     if (tid == 0)
         s[((int64_t)ex * nbo + ob) * nbi + ib] = sc;
     if (q)
@@ -686,16 +673,16 @@ __global__ void __launch_bounds__(256) mf_quant_w_kernel(uint8_t *q, uint8_t *qt
             int r = id >> 5, c = (id & 31) * 4, o = ob * 128 + r, i = ib * 128 + c;
             if (o < O && i < I)
                 *(uint32_t *)(q + base + (int64_t)o * I + i) =
-                    mf_e4m3x2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
-                    (mf_e4m3x2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
+                    fp8_code2(b2f(tile[r][c]), b2f(tile[r][c + 1]), sc) |
+                    (fp8_code2(b2f(tile[r][c + 2]), b2f(tile[r][c + 3]), sc) << 16);
         }
     if (qt) /* a warp writes 128 contiguous bytes of one qt row (its column reads: 4-way) */
         for (int id = tid; id < 128 * 32; id += 256) {
             int r = id >> 5, c = (id & 31) * 4, i = ib * 128 + r, o = ob * 128 + c;
             if (o < O && i < I)
                 *(uint32_t *)(qt + base + (int64_t)i * O + o) =
-                    mf_e4m3x2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
-                    (mf_e4m3x2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
+                    fp8_code2(b2f(tile[c][r]), b2f(tile[c + 1][r]), sc) |
+                    (fp8_code2(b2f(tile[c + 2][r]), b2f(tile[c + 3][r]), sc) << 16);
         }
 }
 
@@ -918,18 +905,6 @@ extern "C" int gpu_moe_fp8_gemm_wgrad(gpu_ctx *c, const gpu_moe_plan *p, const i
 
 /* ---- from bf16 operands, through the scratch buffer ---- */
 
-typedef struct mf_carver {
-    uint8_t *base;
-    size_t used, cap;
-} mf_carver;
-
-static void *mf_carve(mf_carver *k, size_t bytes)
-{
-    size_t at = (k->used + 255) / 256 * 256;
-    k->used = at + bytes;
-    return k->used <= k->cap ? k->base + at : NULL;
-}
-
 /* Activation codes + scales of rows x D, and the weights' codes + scales. */
 static size_t rows_need(int64_t rows, int E, int64_t D)
 {
@@ -954,14 +929,9 @@ static size_t scratch_need(int64_t rows, int E, int64_t D)
 extern "C" int gpu_moe_fp8_init(gpu_moe_fp8 *m, int64_t max_rows, int E, int64_t max_dim,
                                 dsv3_err *e)
 {
-    size_t need = scratch_need(max_rows, E, max_dim);
-    if (m->bytes < need) {
-        gpu_free(m->buf);
-        m->bytes = 0;
-        if (!(m->buf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "moe fp8 scratch");
-        m->bytes = need;
-    }
+    if (scratch_room(&m->buf, &m->bytes, scratch_need(max_rows, E, max_dim), "moe fp8 scratch",
+                     e))
+        return -1;
     m->max_rows = max_rows, m->max_dim = max_dim, m->E = E;
     m->on = 1;
     m->last_dy = NULL;
@@ -1002,14 +972,12 @@ extern "C" void gpu_moe_fp8_free(gpu_moe_fp8 *m)
 
 extern "C" void gpu_moe_fp8_weights_changed(gpu_moe_fp8 *m)
 {
-    if (++m->wgen == 0) /* 0 means "never quantised" */
-        m->wgen = 1;
+    m->wgen = next_gen(m->wgen);
 }
 
 extern "C" void gpu_moe_fp8_new_pass(gpu_moe_fp8 *m, int backward)
 {
-    if (++m->pass == 0)
-        m->pass = 1;
+    m->pass = next_gen(m->pass);
     m->keep_inputs = backward;
     m->last_dy = NULL;
 }
@@ -1025,14 +993,9 @@ static gpu_moe_fp8_w *mf_kept(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_bf16 *W, int
         if (m->w[i].W == W && m->w[i].E == E && m->w[i].O == O && m->w[i].I == I)
             t = &m->w[i];
     if (!t) {
-        if (m->n_w == m->cap_w) {
-            int cap = m->cap_w ? 2 * m->cap_w : 64;
-            gpu_moe_fp8_w *n = (gpu_moe_fp8_w *)realloc(m->w, (size_t)cap * sizeof *n);
-            if (!n) {
-                err_set(e, "moe fp8: out of memory");
-                return NULL;
-            }
-            m->w = n, m->cap_w = cap;
+        if (!grow_for(&m->w, m->n_w, &m->cap_w, 64)) {
+            err_set(e, "moe fp8: out of memory");
+            return NULL;
         }
         int64_t n = (int64_t)E * O * I, ns = (int64_t)E * fp8_blocks(O) * fp8_blocks(I);
         size_t bytes = (size_t)(2 * n + ns * 4 + 3 * 256);
@@ -1042,10 +1005,10 @@ static gpu_moe_fp8_w *mf_kept(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_bf16 *W, int
             err_prefix(e, "moe fp8 weight codes");
             return NULL;
         }
-        mf_carver k = {t->buf, 0, bytes};
-        t->q = (uint8_t *)mf_carve(&k, (size_t)n);
-        t->qt = (uint8_t *)mf_carve(&k, (size_t)n);
-        t->s = (float *)mf_carve(&k, (size_t)ns * 4);
+        carver k = {t->buf, 0, bytes};
+        t->q = (uint8_t *)carve(&k, (size_t)n);
+        t->qt = (uint8_t *)carve(&k, (size_t)n);
+        t->s = (float *)carve(&k, (size_t)ns * 4);
         t->W = W, t->E = E, t->O = O, t->I = I;
         m->n_w++;
     }
@@ -1081,30 +1044,24 @@ typedef struct mf_tiles {
     float *s;
 } mf_tiles;
 
-static int mf_carve_tiles(mf_carver *k, const gpu_moe_plan *p, int cols, mf_tiles *t)
+static int mf_carve_tiles(carver *k, const gpu_moe_plan *p, int cols, mf_tiles *t)
 {
     int64_t T = gpu_moe_fp8_tiles((int64_t)p->N * p->k, p->E);
-    t->ts = (int *)mf_carve(k, ((size_t)p->E + 1) * 4);
-    t->q = (uint8_t *)mf_carve(k, (size_t)cols * T * 128);
-    t->s = (float *)mf_carve(k, (size_t)T * cols * 4);
+    t->ts = (int *)carve(k, ((size_t)p->E + 1) * 4);
+    t->q = (uint8_t *)carve(k, (size_t)cols * T * 128);
+    t->s = (float *)carve(k, (size_t)T * cols * 4);
     return t->s ? 0 : -1;
 }
 
 /* Room in t for the token tiles of rows x I. */
 static int mf_input_room(gpu_moe_fp8_w *t, int64_t rows, int E, dsv3_err *e)
 {
-    size_t need = tiles_need(rows, E, t->I);
-    if (t->xcap < need) {
-        gpu_free(t->xbuf);
-        t->xcap = 0;
-        if (!(t->xbuf = (uint8_t *)gpu_malloc(need, e)))
-            return err_prefix(e, "moe fp8 input codes");
-        t->xcap = need;
-    }
+    if (scratch_room(&t->xbuf, &t->xcap, tiles_need(rows, E, t->I), "moe fp8 input codes", e))
+        return -1;
     int64_t T = gpu_moe_fp8_tiles(rows, E);
-    mf_carver k = {t->xbuf, 0, t->xcap};
-    t->xt = (uint8_t *)mf_carve(&k, (size_t)t->I * T * 128);
-    t->xts = (float *)mf_carve(&k, (size_t)T * t->I * 4);
+    carver k = {t->xbuf, 0, t->xcap};
+    t->xt = (uint8_t *)carve(&k, (size_t)t->I * T * 128);
+    t->xts = (float *)carve(&k, (size_t)T * t->I * 4);
     return 0;
 }
 
@@ -1116,12 +1073,12 @@ extern "C" int gpu_moe_fp8_fwd(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan *p
         return gpu_moe_linear_fwd(c, p, out, in, W, I, O, e);
     m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
-    mf_carver k = {m->buf, 0, m->bytes};
-    int *ts = (int *)mf_carve(&k, ((size_t)p->E + 1) * 4);
-    uint8_t *xq = (uint8_t *)mf_carve(&k, nk * I);
-    float *xs = (float *)mf_carve(&k, fp8_blocks(I) * nk * 4);
-    uint8_t *wq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
-    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    carver k = {m->buf, 0, m->bytes};
+    int *ts = (int *)carve(&k, ((size_t)p->E + 1) * 4);
+    uint8_t *xq = (uint8_t *)carve(&k, nk * I);
+    float *xs = (float *)carve(&k, fp8_blocks(I) * nk * 4);
+    uint8_t *wq = (uint8_t *)carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
     if (!ws)
         return err_set(e, "moe fp8 fprop: scratch too small");
     if (!m->keep)
@@ -1149,13 +1106,13 @@ extern "C" int gpu_moe_fp8_dgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
         return gpu_moe_linear_dgrad(c, p, d_in, d_out, W, I, O, e);
     m->last_dy = NULL;
     int64_t nk = (int64_t)p->N * p->k;
-    mf_carver k = {m->buf, 0, m->bytes};
+    carver k = {m->buf, 0, m->bytes};
     mf_tiles dt;
     int fail = mf_carve_tiles(&k, p, O, &dt);
-    uint8_t *dq = (uint8_t *)mf_carve(&k, nk * O);
-    float *ds = (float *)mf_carve(&k, fp8_blocks(O) * nk * 4);
-    uint8_t *wtq = (uint8_t *)mf_carve(&k, (size_t)p->E * O * I);
-    float *ws = (float *)mf_carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
+    uint8_t *dq = (uint8_t *)carve(&k, nk * O);
+    float *ds = (float *)carve(&k, fp8_blocks(O) * nk * 4);
+    uint8_t *wtq = (uint8_t *)carve(&k, (size_t)p->E * O * I);
+    float *ws = (float *)carve(&k, p->E * fp8_blocks(O) * fp8_blocks(I) * 4);
     if (fail || !ws)
         return err_set(e, "moe fp8 dgrad: scratch too small");
     if (!m->keep)
@@ -1180,11 +1137,11 @@ extern "C" int gpu_moe_fp8_wgrad(gpu_ctx *c, gpu_moe_fp8 *m, const gpu_moe_plan 
     int64_t nk = (int64_t)p->N * p->k, T = gpu_moe_fp8_tiles(nk, p->E);
     int dy_kept = m->keep && m->last_dy == d_out && m->last_rows == nk && m->last_O == O;
     m->last_dy = NULL;
-    mf_carver k = {m->buf, 0, m->bytes};
+    carver k = {m->buf, 0, m->bytes};
     mf_tiles dt;
     int fail = mf_carve_tiles(&k, p, O, &dt);
-    uint8_t *xq = (uint8_t *)mf_carve(&k, (size_t)I * T * 128);
-    float *xs = (float *)mf_carve(&k, (size_t)T * I * 4);
+    uint8_t *xq = (uint8_t *)carve(&k, (size_t)I * T * 128);
+    float *xs = (float *)carve(&k, (size_t)T * I * 4);
     if (fail || !xs)
         return err_set(e, "moe fp8 wgrad: scratch too small");
     /* the weight is the one of the dgrad just before, whose forward kept its input */
