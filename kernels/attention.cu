@@ -113,6 +113,43 @@ __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int 
     }
 }
 
+/* Accumulator element x (0-3) of 8-column group j: the mma.sync kernels keep [DP/8][4],
+ * the wgmma kernels [DP/2], the same m16n8 layout. */
+template <int N>
+__device__ __forceinline__ float acc_at(const float (&a)[N][4], int j, int x)
+{
+    return a[j][x];
+}
+template <int N>
+__device__ __forceinline__ float acc_at(const float (&a)[N], int j, int x)
+{
+    return a[4 * j + x];
+}
+
+/* A thread's two rows r0 and r1 of accumulators (times m0 and m1 with MUL) as bf16 into
+ * rows of (b, h) of a [B][T][nh][d] tensor; rows past T and columns past d are not
+ * written. */
+template <int DP, bool MUL, typename Acc>
+__device__ __forceinline__ void store_rows_bf16(bf16 *dst, const Acc &acc, float m0, float m1,
+                                                int r0, int r1, int b, int h, int T, int nh,
+                                                int d, int lane)
+{
+#pragma unroll
+    for (int j = 0; j < DP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < d) {
+            if (r0 < T)
+                *(uint32_t *)(dst + (((int64_t)b * T + r0) * nh + h) * d + col) =
+                    MUL ? pack_bf2(acc_at(acc, j, 0) * m0, acc_at(acc, j, 1) * m0)
+                        : pack_bf2(acc_at(acc, j, 0), acc_at(acc, j, 1));
+            if (r1 < T)
+                *(uint32_t *)(dst + (((int64_t)b * T + r1) * nh + h) * d + col) =
+                    MUL ? pack_bf2(acc_at(acc, j, 2) * m1, acc_at(acc, j, 3) * m1)
+                        : pack_bf2(acc_at(acc, j, 2), acc_at(acc, j, 3));
+        }
+    }
+}
+
 template <int DKP, int DVP, int WARPS, int STAGES>
 struct fa_smem {
     static const int LQ = DKP + 8, LV = DVP + 8, QM = 16 * WARPS;
@@ -745,6 +782,94 @@ __device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
     return lo;
 }
 
+/* ---- the pieces the wgmma kernels share (here and in attention_fa/ws/wsb.cuh) ----
+ * The P / P^T exponential-and-mask loops stay written out in each kernel: as one function
+ * they compiled to other (equivalent, but never timed or bit-checked) PTX for the document-
+ * masked kernels. */
+
+/* d = A B^T over every k-step of DP columns (the first ignores d's old values): A the 64
+ * rows [arow, +64) of the K-major tile a of `arows` rows, B the N rows [brow, +N) of the
+ * K-major tile bt of `brows` rows. */
+template <int N, int DP>
+__device__ __forceinline__ void wg_abt_ss(float (&d)[N / 2], const unsigned char *a, int arows,
+                                          int arow, const unsigned char *bt, int brows, int brow)
+{
+    wg_mma<N>::template ss<0>(d, kmaj<DP>(a, arows, arow, 0), kmaj<DP>(bt, brows, brow, 0));
+#pragma unroll
+    for (int kk = 1; kk < DP / 16; kk++)
+        wg_mma<N>::ss(d, kmaj<DP>(a, arows, arow, kk), kmaj<DP>(bt, brows, brow, kk));
+}
+
+/* wg_abt_ss, or (AREG) with A's rows as the register fragments ar */
+template <int N, int DP, bool AREG, int NA>
+__device__ __forceinline__ void wg_abt(float (&d)[N / 2], const uint32_t (&ar)[NA][4],
+                                       const unsigned char *a, int arows, int arow,
+                                       const unsigned char *bt, int brows, int brow)
+{
+    if constexpr (AREG) {
+        wg_mma<N>::template rsk<0>(d, ar[0], kmaj<DP>(bt, brows, brow, 0));
+#pragma unroll
+        for (int kk = 1; kk < DP / 16; kk++)
+            wg_mma<N>::rsk(d, ar[kk], kmaj<DP>(bt, brows, brow, kk));
+    } else {
+        wg_abt_ss<N, DP>(d, a, arows, arow, bt, brows, brow);
+    }
+}
+
+/* d += A B: A the register fragments of KS k-steps (P or dS), B k rows [k0, k0 + 16 KS) of
+ * the MN-major tile bt of `rows` rows (its DP columns are N). */
+template <int DP, int KS>
+__device__ __forceinline__ void wg_ab_rs(float (&d)[DP / 2], const uint32_t (&a)[KS][4],
+                                         const unsigned char *bt, int rows, int k0)
+{
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        wg_mma<DP>::rs(d, a[kk], mnmaj<DP>(bt, rows, k0 + kk * 16));
+}
+
+/* Accumulators of N columns packed as bf16: those of columns 16kk .. 16kk+15 are the A
+ * fragment kk of the next product (P of P V, dS of dS K). */
+template <int N>
+__device__ __forceinline__ void wg_pack_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2])
+{
+#pragma unroll
+    for (int kk = 0; kk < N / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++)
+            a[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+}
+
+/* dS^T / scale of the step in dp, from P^T (st) and dP^T (dp); Ds: the query tile's D. The
+ * scale goes on dK at the end; masked entries have P = 0. */
+template <int HS>
+__device__ __forceinline__ void f3_bwd_dst(float (&dp)[HS / 2], const float (&st)[HS / 2],
+                                           const float *Ds, int hs, int lane)
+{
+#pragma unroll
+    for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+            dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+        }
+}
+
+/* dS / scale = P (dP - D) of the step packed as dQ's A fragments (D0, D1: the thread's rows'
+ * D). The scale goes on dQ at the end; masked entries have P = 0. */
+template <int KS>
+__device__ __forceinline__ void f3_dq_pack_ds(uint32_t (&da)[KS / 16][4], const float (&sc)[KS / 2],
+                                              const float (&dp)[KS / 2], float D0, float D1)
+{
+#pragma unroll
+    for (int kk = 0; kk < KS / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int j0 = 8 * kk + 2 * x;
+            const float d = x & 1 ? D1 : D0;
+            da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
+        }
+}
+
 /* The forward's mask and online-softmax step on a 64-row warpgroup's S accumulators of key
  * tile k0 (rows row0, row1 of this thread), shared by f3_fwd_kernel, f3_fwd_pipe_kernel and
  * attention_ws.cuh's ws_fwd_kernel: masks the causal triangle, keys past T (diagonal and
@@ -815,11 +940,7 @@ __device__ __forceinline__ void f3_rescale_pack(float (&o)[DVP / 2], uint32_t (&
         o[4 * j + 2] *= a1;
         o[4 * j + 3] *= a1;
     }
-#pragma unroll
-    for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-        for (int x = 0; x < 4; x++)
-            pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+    wg_pack_a<TN>(pa, s);
 }
 
 /* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
@@ -839,18 +960,7 @@ __device__ __forceinline__ void f3_fwd_store(bf16 *out, float *lse, const float 
     if (poison)
         l0 = l1 = __int_as_float(0x7fffffff);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        }
-    }
+    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
     if ((lane & 3) == 0) {
         if (row0 < T)
             lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
@@ -932,9 +1042,7 @@ __global__ void __launch_bounds__(256, 1)
         f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vb, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vb, TN, 0);
         wg_commit();
         wg_wait<0>();
         wg_regs(o);
@@ -960,32 +1068,8 @@ __device__ __forceinline__ void f3_store_dkdv(bf16 *d_k, bf16 *d_v, const float 
                                               int b, int T, int nh, int h, int dk, int dv,
                                               int kr0, int kr1, int lane)
 {
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j] * ks, dK[4 * j + 1] * ks);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j + 2] * ks, dK[4 * j + 3] * ks);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    VS ? pack_bf2(dV[4 * j] * vs, dV[4 * j + 1] * vs)
-                       : pack_bf2(dV[4 * j], dV[4 * j + 1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    VS ? pack_bf2(dV[4 * j + 2] * vs, dV[4 * j + 3] * vs)
-                       : pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
-        }
-    }
+    store_rows_bf16<DKP, true>(d_k, dK, ks, ks, kr0, kr1, b, h, T, nh, dk, lane);
+    store_rows_bf16<DVP, VS>(d_v, dV, vs, vs, kr0, kr1, b, h, T, nh, dv, lane);
 }
 
 /* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
@@ -1096,33 +1180,9 @@ __global__ void __launch_bounds__(256, MINB)
                     continue; /* (TQ 128) every key of the warpgroup follows every query */
                 float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
                 wg_fence();
-                if constexpr ((AR & 1) != 0) {
-                    wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0),
-                                               kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk),
-                                       kmaj<DKP>(Qb, TQ, hs, kk));
-                }
+                wg_abt<HS, DKP, (AR & 1) != 0>(st, ka, Ks, TK, wg * 64, Qb, TQ, hs);
                 wg_commit();
-                if constexpr ((AR & 2) != 0) {
-                    wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0),
-                                               kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk),
-                                       kmaj<DVP>(dOb, TQ, hs, kk));
-                }
+                wg_abt<HS, DVP, (AR & 2) != 0>(dp, va, Vs, TK, wg * 64, dOb, TQ, hs);
                 wg_commit();
                 wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
                 wg_regs(st);
@@ -1146,35 +1206,16 @@ __global__ void __launch_bounds__(256, MINB)
                         st[4 * j + x] = p;
                     }
                 uint32_t pa[HS / 16][4], da[HS / 16][4];
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                wg_pack_a<HS>(pa, st);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+                wg_ab_rs<DVP>(dV, pa, dOb, TQ, hs);
                 wg_commit();
                 wg_wait<1>(); /* dP^T is done */
                 wg_regs(dp);
-                /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
-#pragma unroll
-                for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++) {
-                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                        dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                    }
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                f3_bwd_dst<HS>(dp, st, Ds, hs, lane);
+                wg_pack_a<HS>(da, dp);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+                wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
                 wg_commit();
             }
         }
@@ -1294,31 +1335,9 @@ __global__ void __launch_bounds__(256, MINB)
             }
             float sc[KS / 2], dp[KS / 2]; /* the first k-step overwrites them */
             wg_fence();
-            if constexpr ((AR & 1) != 0) {
-                wg_mma<KS>::template rsk<0>(sc, qa[0], kmaj<DKP>(Kb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DKP / 16; kk++)
-                    wg_mma<KS>::rsk(sc, qa[kk], kmaj<DKP>(Kb, TN, ks, kk));
-            } else {
-                wg_mma<KS>::template ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0),
-                                           kmaj<DKP>(Kb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DKP / 16; kk++)
-                    wg_mma<KS>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, ks, kk));
-            }
+            wg_abt<KS, DKP, (AR & 1) != 0>(sc, qa, Qs, TM, wg * 64, Kb, TN, ks);
             wg_commit();
-            if constexpr ((AR & 2) != 0) {
-                wg_mma<KS>::template rsk<0>(dp, oa[0], kmaj<DVP>(Vb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DVP / 16; kk++)
-                    wg_mma<KS>::rsk(dp, oa[kk], kmaj<DVP>(Vb, TN, ks, kk));
-            } else {
-                wg_mma<KS>::template ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0),
-                                           kmaj<DVP>(Vb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DVP / 16; kk++)
-                    wg_mma<KS>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, ks, kk));
-            }
+            wg_abt<KS, DVP, (AR & 2) != 0>(dp, oa, dOs, TM, wg * 64, Vb, TN, ks);
             wg_commit();
             wg_wait<1>(); /* S is done (and the last step's dQ); dP may still run */
             wg_regs(sc);
@@ -1337,21 +1356,11 @@ __global__ void __launch_bounds__(256, MINB)
                 }
             wg_wait<0>();
             wg_regs(dp);
-            /* dS / scale (scale goes on dQ at the end); masked entries have P = 0 */
             uint32_t da[KS / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < KS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    const int j0 = 8 * kk + 2 * x;
-                    const float d = x & 1 ? D1 : D0;
-                    da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
-                }
+            f3_dq_pack_ds<KS>(da, sc, dp, D0, D1);
             wg_regs(dQ);
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KS / 16; kk++)
-                wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, ks + kk * 16));
+            wg_ab_rs<DKP>(dQ, da, Kb, TN, ks);
             wg_commit();
             if ((ST == 3 || (DR & 1)) && ks + KS == TN) { /* the next barrier frees this stage */
                 wg_wait<0>();
@@ -1363,18 +1372,7 @@ __global__ void __launch_bounds__(256, MINB)
     }
     wg_wait<0>();
     wg_regs(dQ);
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (qr0 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j] * scale, dQ[4 * j + 1] * scale);
-            if (qr1 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j + 2] * scale, dQ[4 * j + 3] * scale);
-        }
-    }
+    store_rows_bf16<DKP, true>(d_q, dQ, scale, scale, qr0, qr1, b, h, T, nh, dk, lane);
 }
 
 #include "attention_fa.cuh" /* the fused backward, DSV3_ATTN_BWD 9 and 10 */
@@ -1454,10 +1452,7 @@ __global__ void __launch_bounds__(256, 1)
     fence_proxy_async();
     __syncthreads();
     wg_fence();
-    wg_mma<TN>::ss<0>(s, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Ks, TN, 0, 0));
-#pragma unroll
-    for (int kk = 1; kk < DKP / 16; kk++)
-        wg_mma<TN>::ss(s, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Ks, TN, 0, kk));
+    wg_abt_ss<TN, DKP>(s, Qs, TM, wg * 64, Ks, TN, 0);
     wg_commit();
     wg_wait<0>();
     wg_regs(s);
@@ -1474,10 +1469,7 @@ __global__ void __launch_bounds__(256, 1)
         if (more) {
             const unsigned char *Kn = Ks + ((kt + 1) % L::STAGES) * L::KB;
             wg_fence();
-            wg_mma<TN>::ss<0>(sn, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Kn, TN, 0, 0));
-#pragma unroll
-            for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<TN>::ss(sn, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kn, TN, 0, kk));
+            wg_abt_ss<TN, DKP>(sn, Qs, TM, wg * 64, Kn, TN, 0);
             wg_commit();
         }
         /* softmax of tile kt while the next S runs */
@@ -1488,9 +1480,7 @@ __global__ void __launch_bounds__(256, 1)
         f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vs + buf * L::VB, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vs + buf * L::VB, TN, 0);
         wg_commit();
         wg_wait<0>();
         wg_regs(o);

@@ -159,15 +159,9 @@ __global__ void __launch_bounds__(256, 1)
             }
             float st[HS / 2], dp[HS / 2];
             wg_fence();
-            wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0), kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-            for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
+            wg_abt_ss<HS, DKP>(st, Ks, TK, wg * 64, Qb, TQ, hs);
             wg_commit();
-            wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0), kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-            for (int kk = 1; kk < DVP / 16; kk++)
-                wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk), kmaj<DVP>(dOb, TQ, hs, kk));
+            wg_abt_ss<HS, DVP>(dp, Vs, TK, wg * 64, dOb, TQ, hs);
             wg_commit();
             wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
             wg_regs(st);
@@ -189,31 +183,14 @@ __global__ void __launch_bounds__(256, 1)
                     st[4 * j + x] = p;
                 }
             uint32_t pa[HS / 16][4], da[HS / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+            wg_pack_a<HS>(pa, st);
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-                wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+            wg_ab_rs<DVP>(dV, pa, dOb, TQ, hs);
             wg_commit();
             wg_wait<1>(); /* dP^T is done */
             wg_regs(dp);
-            /* dS^T / scale (scale goes on dK and dQ at the end); masked entries have P = 0 */
-#pragma unroll
-            for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                    dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                }
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+            f3_bwd_dst<HS>(dp, st, Ds, hs, lane); /* its scale also goes on dQ at the end */
+            wg_pack_a<HS>(da, dp);
             /* dS (query rows, key columns) into the tile. Element (key kl,
              * query ql) of this warpgroup lies at line ql, chunk kl / 8 ^ (ql & 7). */
             if (STSM) {
@@ -233,9 +210,7 @@ __global__ void __launch_bounds__(256, 1)
                     }
             }
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-                wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+            wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
             wg_commit();
         }
         wg_wait<0>();

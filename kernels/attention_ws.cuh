@@ -194,18 +194,11 @@ __global__ void __launch_bounds__(384, 1)
     float s[TN / 2];
     uint32_t pa[TN / 16][4];
     auto issue_s = [&](int i) { /* S_i = Q K_i^T */
-        const unsigned char *Kb = Ks + (i % ST) * L::KB;
-        wg_mma<TN>::template ss<0>(s, kmaj<DKP>(Qs, TM, cw * 64, 0), kmaj<DKP>(Kb, TN, 0, 0));
-#pragma unroll
-        for (int kk = 1; kk < DKP / 16; kk++)
-            wg_mma<TN>::ss(s, kmaj<DKP>(Qs, TM, cw * 64, kk), kmaj<DKP>(Kb, TN, 0, kk));
+        wg_abt_ss<TN, DKP>(s, Qs, TM, cw * 64, Ks + (i % ST) * L::KB, TN, 0);
         wg_commit();
     };
     auto issue_pv = [&](int i) { /* O += P_i V_i */
-        const unsigned char *Vb = Vs + (i % ST) * L::VB;
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vb, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vs + (i % ST) * L::VB, TN, 0);
         wg_commit();
     };
     auto release = [&](uint32_t bar0, int i) { /* this warp is done with tile i's stage */
