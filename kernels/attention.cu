@@ -150,6 +150,65 @@ __device__ __forceinline__ void store_rows_bf16(bf16 *dst, const Acc &acc, float
     }
 }
 
+/* A warp's m16n8 accumulator tiles set to zero. */
+template <int N>
+__device__ __forceinline__ void mma_zero(float (&d)[N][4])
+{
+#pragma unroll
+    for (int j = 0; j < N; j++)
+        d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0;
+}
+
+/* d += A B^T for 32 columns: A the warp's 16 rows (16 warp + 0..15) of the [rows][LD] tile
+ * a, B rows [brow, brow + 32) of the [rows][LD] tile bt, over DP columns; d[4] holds the
+ * four 8-column tiles. */
+template <int DP, int LD>
+__device__ __forceinline__ void mma_abt32(float (&d)[4][4], const bf16 *a, const bf16 *bt,
+                                          int brow, int warp, int lane)
+{
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        uint32_t f[4];
+        ldsm_x4(f[0], f[1], f[2], f[3],
+                a + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3,
+                    bt + (brow + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 +
+                        ((lane >> 3) & 1) * 8);
+            mma16816(d[2 * jj], f, b0, b1);
+            mma16816(d[2 * jj + 1], f, b2, b3);
+        }
+    }
+}
+
+/* The accumulator tiles 2kk, 2kk+1 (16 columns) packed as bf16: the A fragment of the next
+ * product for those 16 columns as its k-step. */
+template <int N>
+__device__ __forceinline__ void mma_pack_a(uint32_t (&a)[4], const float (&s)[N][4], int kk)
+{
+    a[0] = pack_bf2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack_bf2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+/* d += A B for one k-step: A the fragment a, B the 16 rows from `row` (this lane's row
+ * address, as ldmatrix.trans takes it) of the [rows][LD] tile bt, all DP columns. */
+template <int DP, int LD>
+__device__ __forceinline__ void mma_ab_t(float (&d)[DP / 8][4], const uint32_t (&a)[4],
+                                         const bf16 *bt, int row, int lane)
+{
+#pragma unroll
+    for (int jj = 0; jj < DP / 16; jj++) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, bt + row * LD + jj * 16 + (lane >> 4) * 8);
+        mma16816(d[2 * jj], a, b0, b1);
+        mma16816(d[2 * jj + 1], a, b2, b3);
+    }
+}
+
 template <int DKP, int DVP, int WARPS, int STAGES>
 struct fa_smem {
     static const int LQ = DKP + 8, LV = DVP + 8, QM = 16 * WARPS;
@@ -184,9 +243,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
 
     uint32_t qf[QREG ? DKP / 16 : 1][4];
     float o[DVP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++)
-        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
+    mma_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int row0 = q0 + warp * 16 + (lane >> 2), row1 = row0 + 8;
@@ -219,9 +276,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
                         Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
         }
         float s[BN / 8][4];
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++)
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+        mma_zero(s);
 #pragma unroll
         for (int kk = 0; kk < DKP / 16; kk++) {
             const int qk = QREG ? kk : 0;
@@ -289,19 +344,9 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
          * 16kk .. 16kk+15 */
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
-            uint32_t pa[4] = {pack_bf2(s[2 * kk][0], s[2 * kk][1]),
-                              pack_bf2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int jj = 0; jj < DVP / 16; jj++) {
-                uint32_t b0, b1, b2, b3;
-                ldsm_x4_t(b0, b1, b2, b3,
-                          Vb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::LV + jj * 16 +
-                              (lane >> 4) * 8);
-                mma16816(o[2 * jj], pa, b0, b1);
-                mma16816(o[2 * jj + 1], pa, b2, b3);
-            }
+            uint32_t pa[4];
+            mma_pack_a(pa, s, kk);
+            mma_ab_t<DVP, L::LV>(o, pa, Vb, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, lane);
         }
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
@@ -310,18 +355,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[j][0] * i0, o[j][1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[j][2] * i1, o[j][3] * i1);
-        }
-    }
+    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
     if ((lane & 3) == 0) {
         if (row0 < T)
             lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
@@ -401,12 +435,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
     async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
     async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
     float dK[DKP / 8][4], dV[DVP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++)
-        dK[j][0] = dK[j][1] = dK[j][2] = dK[j][3] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++)
-        dV[j][0] = dV[j][1] = dV[j][2] = dV[j][3] = 0;
+    mma_zero(dK);
+    mma_zero(dV);
     const int kr0 = k0 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
@@ -427,41 +457,10 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int qs = 0; qs < BM; qs += 32) {
             float st[4][4], dp[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    st[j][x] = dp[j][x] = 0;
-#pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Ks + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Qs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(st[2 * jj], a, b0, b1);
-                    mma16816(st[2 * jj + 1], a, b2, b3);
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Vs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            dOs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(dp[2 * jj], a, b0, b1);
-                    mma16816(dp[2 * jj + 1], a, b2, b3);
-                }
-            }
+            mma_zero(st);
+            mma_zero(dp);
+            mma_abt32<DKP, L::LQ>(st, Ks, Qs, qs, warp, lane);
+            mma_abt32<DVP, L::LV>(dp, Vs, dOs, qs, warp, lane);
             /* P^T and dS^T in place of st and dp */
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -479,56 +478,17 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 }
 #pragma unroll
             for (int kk = 0; kk < 2; kk++) {
-                uint32_t pa[4] = {pack_bf2(st[2 * kk][0], st[2 * kk][1]),
-                                  pack_bf2(st[2 * kk][2], st[2 * kk][3]),
-                                  pack_bf2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                  pack_bf2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
-                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
-                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                uint32_t pa[4], da[4];
+                mma_pack_a(pa, st, kk);
+                mma_pack_a(da, dp, kk);
                 const int qrow = qs + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-                for (int jj = 0; jj < DVP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, dOs + qrow * L::LV + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dV[2 * jj], pa, b0, b1);
-                    mma16816(dV[2 * jj + 1], pa, b2, b3);
-                }
-#pragma unroll
-                for (int jj = 0; jj < DKP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Qs + qrow * L::LQ + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dK[2 * jj], da, b0, b1);
-                    mma16816(dK[2 * jj + 1], da, b2, b3);
-                }
+                mma_ab_t<DVP, L::LV>(dV, pa, dOs, qrow, lane);
+                mma_ab_t<DKP, L::LQ>(dK, da, Qs, qrow, lane);
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[j][0], dK[j][1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[j][2], dK[j][3]);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    pack_bf2(dV[j][0], dV[j][1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    pack_bf2(dV[j][2], dV[j][3]);
-        }
-    }
+    store_rows_bf16<DKP, false>(d_k, dK, 1.0f, 1.0f, kr0, kr1, b, h, T, nh, dk, lane);
+    store_rows_bf16<DVP, false>(d_v, dV, 1.0f, 1.0f, kr0, kr1, b, h, T, nh, dv, lane);
 }
 
 /* dQ: block = 64 queries, 4 warps x 16 queries, over the key tiles up to the diagonal, 32
@@ -554,9 +514,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
     async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
     float dQ[DKP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++)
-        dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0;
+    mma_zero(dQ);
     int ntiles = (q0 + BM - 1) / BN + 1;
     if (ntiles * BN > T)
         ntiles = (T + BN - 1) / BN;
@@ -571,41 +529,10 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int ks = 0; ks < BN; ks += 32) {
             float sc[4][4], dp[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    sc[j][x] = dp[j][x] = 0;
-#pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Ks + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(sc[2 * jj], a, b0, b1);
-                    mma16816(sc[2 * jj + 1], a, b2, b3);
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        dOs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Vs + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(dp[2 * jj], a, b0, b1);
-                    mma16816(dp[2 * jj + 1], a, b2, b3);
-                }
-            }
+            mma_zero(sc);
+            mma_zero(dp);
+            mma_abt32<DKP, L::LQ>(sc, Qs, Ks, ks, warp, lane);
+            mma_abt32<DVP, L::LV>(dp, dOs, Vs, ks, warp, lane);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -621,33 +548,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 }
 #pragma unroll
             for (int kk = 0; kk < 2; kk++) {
-                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
-                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
-                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                uint32_t da[4];
+                mma_pack_a(da, dp, kk);
                 const int krow = ks + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-                for (int jj = 0; jj < DKP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Ks + krow * L::LQ + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dQ[2 * jj], da, b0, b1);
-                    mma16816(dQ[2 * jj + 1], da, b2, b3);
-                }
+                mma_ab_t<DKP, L::LQ>(dQ, da, Ks, krow, lane);
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (qr0 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
-                    pack_bf2(dQ[j][0], dQ[j][1]);
-            if (qr1 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
-                    pack_bf2(dQ[j][2], dQ[j][3]);
-        }
-    }
+    store_rows_bf16<DKP, false>(d_q, dQ, 1.0f, 1.0f, qr0, qr1, b, h, T, nh, dk, lane);
 }
 
 /* ---- Hopper (sm_90a): the same algorithm on wgmma, FlashAttention-3 style ----
