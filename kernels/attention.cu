@@ -97,6 +97,16 @@ __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* Key tiles of TN keys a block of queries from q0 (the last q0 + rows - 1) needs: those up
+ * to the diagonal, none past T. */
+__device__ __forceinline__ int causal_ntiles(int q0, int rows, int tn, int T)
+{
+    int ntiles = (q0 + rows - 1) / tn + 1;
+    if (ntiles * tn > T)
+        ntiles = (T + tn - 1) / tn;
+    return ntiles;
+}
+
 /* Rows [r0, r0+64) of head h of sequence b of a [B,T,nh,d] tensor into sm[64][ld] by
  * 16-byte asynchronous copies (d % 8 == 0), zeros past T
  * and past d. */
@@ -183,6 +193,20 @@ __device__ __forceinline__ void mma_abt32(float (&d)[4][4], const bf16 *a, const
     }
 }
 
+/* The backward's two products of a warp's 16 rows and 32 columns, from zero: s = A1 B1^T
+ * (S or S^T, over DKP columns of the [rows][LQ] tiles) and dp = A2 B2^T (dP or dP^T, DVP
+ * columns of the [rows][LV] tiles); B rows from brow. */
+template <int DKP, int DVP, int LQ, int LV>
+__device__ __forceinline__ void mma_sdp32(float (&s)[4][4], float (&dp)[4][4], const bf16 *a1,
+                                          const bf16 *b1, const bf16 *a2, const bf16 *b2,
+                                          int brow, int warp, int lane)
+{
+    mma_zero(s);
+    mma_zero(dp);
+    mma_abt32<DKP, LQ>(s, a1, b1, brow, warp, lane);
+    mma_abt32<DVP, LV>(dp, a2, b2, brow, warp, lane);
+}
+
 /* The accumulator tiles 2kk, 2kk+1 (16 columns) packed as bf16: the A fragment of the next
  * product for those 16 columns as its k-step. */
 template <int N>
@@ -232,9 +256,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     bf16 *Qs = (bf16 *)smem, *Ks = Qs + QM * L::LQ, *Vs = Ks + STAGES * 64 * L::LQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * QM;
-    int ntiles = (q0 + QM - 1) / BN + 1;
-    if (ntiles * BN > T)
-        ntiles = (T + BN - 1) / BN;
+    const int ntiles = causal_ntiles(q0, QM, BN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     async_tile<DKP, QM>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
     async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
@@ -457,10 +479,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int qs = 0; qs < BM; qs += 32) {
             float st[4][4], dp[4][4];
-            mma_zero(st);
-            mma_zero(dp);
-            mma_abt32<DKP, L::LQ>(st, Ks, Qs, qs, warp, lane);
-            mma_abt32<DVP, L::LV>(dp, Vs, dOs, qs, warp, lane);
+            mma_sdp32<DKP, DVP, L::LQ, L::LV>(st, dp, Ks, Qs, Vs, dOs, qs, warp, lane);
             /* P^T and dS^T in place of st and dp */
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -515,9 +534,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
     float dQ[DKP / 8][4];
     mma_zero(dQ);
-    int ntiles = (q0 + BM - 1) / BN + 1;
-    if (ntiles * BN > T)
-        ntiles = (T + BN - 1) / BN;
+    const int ntiles = causal_ntiles(q0, BM, BN, T);
     for (int kt = 0; kt < ntiles; kt++) {
         const int k0 = kt * BN;
         __syncthreads();
@@ -529,10 +546,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int ks = 0; ks < BN; ks += 32) {
             float sc[4][4], dp[4][4];
-            mma_zero(sc);
-            mma_zero(dp);
-            mma_abt32<DKP, L::LQ>(sc, Qs, Ks, ks, warp, lane);
-            mma_abt32<DVP, L::LV>(dp, dOs, Vs, ks, warp, lane);
+            mma_sdp32<DKP, DVP, L::LQ, L::LV>(sc, dp, Qs, Ks, dOs, Vs, ks, warp, lane);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -897,9 +911,7 @@ __global__ void __launch_bounds__(256, 1)
     unsigned char *Qs = align1024(smem_raw), *Ks = Qs + L::QB, *Vs = Ks + 2 * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0;
     swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
@@ -1188,9 +1200,7 @@ __global__ void __launch_bounds__(256, MINB)
     const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f;
     const float lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
     const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0; /* documents: the first visible tile */
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
@@ -1334,9 +1344,7 @@ __global__ void __launch_bounds__(256, 1)
     unsigned char *Qs = align1024(smem_raw), *Ks = Qs + L::QB, *Vs = Ks + L::STAGES * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     auto prefetch = [&](int kt) {
         const int st = kt % L::STAGES;
         if (kt < ntiles) {

@@ -85,22 +85,10 @@ __global__ void __launch_bounds__(384, 1)
     const int qt = lpt ? gridDim.y - 1 - blockIdx.y : gridDim.x - 1 - blockIdx.x;
     const int h = lpt ? blockIdx.x % nh : blockIdx.y, b = lpt ? blockIdx.x / nh : blockIdx.z;
     const int q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0, N = ntiles - kt0;
-    if (threadIdx.x == 0) {
-        mbar_init(qbar, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(fk0 + 8 * s, 1);
-            mbar_init(ek0 + 8 * s, 8); /* each consumer warp */
-            mbar_init(fv0 + 8 * s, 1);
-            mbar_init(ev0 + 8 * s, 8);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    ws_init_kv_bars<ST>(qbar, fk0, ek0, fv0, ev0);
 
     if (wg == 0) { /* the loader */
         if (!ws_producer<OV>(&tk, &tv)) /* thread 0 goes on */
@@ -114,16 +102,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_tx(qbar, L::QB + L::OB);
         ws_load_tile<DKP, TM>(q_s, &tq, qbar, b, h, q0);
         ws_load_tile<DVP, TM>(o_s, &tdo, qbar, b, h, q0);
-        for (int i = 0; i < N; i++) {
-            const int s = i % ST, k0 = (kt0 + i) * TN;
-            const uint32_t ph = ((i / ST) & 1) ^ 1;
-            mbar_wait(ek0 + 8 * s, ph);
-            mbar_arrive_tx(fk0 + 8 * s, L::KB);
-            ws_load_tile<DKP, TN>(k_s + s * L::KB, &tk, fk0 + 8 * s, b, h, k0);
-            mbar_wait(ev0 + 8 * s, ph);
-            mbar_arrive_tx(fv0 + 8 * s, L::VB);
-            ws_load_tile<DVP, TN>(v_s + s * L::VB, &tv, fv0 + 8 * s, b, h, k0);
-        }
+        ws_load_kv<L, DKP, DVP>(k_s, v_s, tk, tv, fk0, ek0, fv0, ev0, b, h, kt0, N);
         return;
     }
 
