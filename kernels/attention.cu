@@ -709,6 +709,33 @@ __device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
  * they compiled to other (equivalent, but never timed or bit-checked) PTX for the document-
  * masked kernels. */
 
+/* wgmma accumulators set to zero (the products that add to them start with ACC 1). */
+template <int R>
+__device__ __forceinline__ void wg_zero(float (&d)[R])
+{
+#pragma unroll
+    for (int j = 0; j < R; j++)
+        d[j] = 0;
+}
+
+/* The backward kernels' AR (bits 1, 2): the A operands they hold in registers, rows
+ * [row0, row0 + 64) of the tiles t1 (DKP columns) and t2 (DVP) of `rows` rows, read once
+ * the first cp.async group (which carried those tiles) has landed. */
+template <int AR, int DKP, int DVP, int N1, int N2>
+__device__ __forceinline__ void f3_afrags(uint32_t (&a1)[N1][4], uint32_t (&a2)[N2][4],
+                                          const unsigned char *t1, const unsigned char *t2,
+                                          int rows, int row0)
+{
+    if constexpr (AR != 0) {
+        cp_async_wait<1>();
+        __syncthreads();
+        if constexpr ((AR & 1) != 0)
+            afrag<DKP>(a1, t1, rows, row0);
+        if constexpr ((AR & 2) != 0)
+            afrag<DVP>(a2, t2, rows, row0);
+    }
+}
+
 /* d = A B^T over every k-step of DP columns (the first ignores d's old values): A the 64
  * rows [arow, +64) of the K-major tile a of `arows` rows, B the N rows [brow, +N) of the
  * K-major tile bt of `brows` rows. */
@@ -920,9 +947,7 @@ __global__ void __launch_bounds__(256, 1)
     cp_async_commit();
 
     float o[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        o[j] = 0;
+    wg_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;
@@ -943,9 +968,7 @@ __global__ void __launch_bounds__(256, 1)
         __syncthreads();
         const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
         float s[TN / 2];
-#pragma unroll
-        for (int j = 0; j < TN / 2; j++)
-            s[j] = 0;
+        wg_zero(s);
         wg_regs(s);
         wg_fence();
 #pragma unroll
@@ -1052,21 +1075,10 @@ __global__ void __launch_bounds__(256, MINB)
     prefetch(qt0);
     prefetch(qt0 + 1);
     uint32_t ka[AR & 1 ? DKP / 16 : 1][4], va[AR & 2 ? DVP / 16 : 1][4];
-    if constexpr (AR != 0) { /* K and V came with the first query tile's group */
-        cp_async_wait<1>();
-        __syncthreads();
-        if constexpr ((AR & 1) != 0)
-            afrag<DKP>(ka, Ks, TK, wg * 64);
-        if constexpr ((AR & 2) != 0)
-            afrag<DVP>(va, Vs, TK, wg * 64);
-    }
+    f3_afrags<AR, DKP, DVP>(ka, va, Ks, Vs, TK, wg * 64); /* K and V: the first group */
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
@@ -1220,18 +1232,9 @@ __global__ void __launch_bounds__(256, MINB)
     prefetch(kt0);
     prefetch(kt0 + 1);
     uint32_t qa[AR & 1 ? DKP / 16 : 1][4], oa[AR & 2 ? DVP / 16 : 1][4];
-    if constexpr (AR != 0) { /* Q and dO came with the first key tile's group */
-        cp_async_wait<1>();
-        __syncthreads();
-        if constexpr ((AR & 1) != 0)
-            afrag<DKP>(qa, Qs, TM, wg * 64);
-        if constexpr ((AR & 2) != 0)
-            afrag<DVP>(oa, dOs, TM, wg * 64);
-    }
+    f3_afrags<AR, DKP, DVP>(qa, oa, Qs, dOs, TM, wg * 64); /* Q and dO: the first group */
     float dQ[DKP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dQ[j] = 0;
+    wg_zero(dQ);
     for (int kt = kt0; (DR & 2) || kt < ntiles; kt++) { /* DR 2: kt0 < ntiles always */
         const int buf = (kt - kt0) % L::STAGES, k0 = kt * TN;
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
@@ -1357,9 +1360,7 @@ __global__ void __launch_bounds__(256, 1)
     prefetch(0);
     prefetch(1);
     float o[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        o[j] = 0;
+    wg_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;

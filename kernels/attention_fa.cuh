@@ -113,12 +113,8 @@ __global__ void __launch_bounds__(256, 1)
     prefetch(qt0);
     prefetch(qt0 + 1);
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;

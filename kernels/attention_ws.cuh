@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(384, 1)
     const int cw = wg - 1, other = cw ^ 1;
     float o[DVP / 2];
 #pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
+    for (int j = 0; j < DVP / 2; j++) /* not wg_zero: the PTX of this kernel moves */
         o[j] = 0;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0, a0 = 1, a1 = 1;
     const float sl2 = scale * LOG2E;

@@ -117,9 +117,7 @@ __global__ void __launch_bounds__(384, 1)
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
     const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
     float dQ[DKP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dQ[j] = 0;
+    wg_zero(dQ);
     float sc[TN / 2], dp[TN / 2]; /* the first k-step of S and dP overwrites them */
     uint32_t da[TN / 16][4];
     bool stuck = false;
@@ -514,12 +512,8 @@ __global__ void __launch_bounds__(384, 1)
         afrag<DVP>(va, Vs, TK, cw * 64);
     }
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
     uint32_t pa[HS / 16][4], da[HS / 16][4];
     if (cw == 1)
