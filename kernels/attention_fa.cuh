@@ -21,22 +21,6 @@
  * Needs B*T*nh*dk*4 bytes of the context's arena for the accumulator
  * (gpu_attention_bwd_arena_bytes counts them). */
 
-/* m64n96k16, A (K-major) and B (MN-major: tnspB = 1) both from shared memory */
-template <int ACC>
-__device__ __forceinline__ void fa_ss_n96_tb(float (&d)[48], uint64_t da, uint64_t db)
-{
-#ifdef DSV3_HAVE_WGMMA
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, %48, %49, p, 1, 1, 0, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-                 : "l"(da), "l"(db), "n"(ACC));
-#else
-    (void)d, (void)da, (void)db;
-    __trap();
-#endif
-}
-
 /* Four 8x8 bf16 matrices of a warp's mma fragments stored transposed: lane l gives the row
  * address of matrix l / 8 (row l % 8) */
 __device__ __forceinline__ void fa_stsm_x4_t(void *p, uint32_t r0, uint32_t r1, uint32_t r2,
@@ -221,13 +205,13 @@ __global__ void __launch_bounds__(256, 1)
         if (any && qw < T && nk > 0) {
             float dq[DKP / 2];
             wg_fence();
-            fa_ss_n96_tb<0>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
+            wg_ss_n96<0, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
             /* all 128 keys even where only the first 64 can be visible (the diagonal tile's
              * first warpgroup): those dS entries are zero, and a product under a condition
              * inside the block would make ptxas serialize every wgmma of the kernel */
 #pragma unroll
             for (int kk = 1; kk < TK / 16; kk++)
-                fa_ss_n96_tb<1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
+                wg_ss_n96<1, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
             wg_commit();
             wg_wait<0>();
             wg_regs(dq);
