@@ -123,6 +123,20 @@ __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int 
     }
 }
 
+/* The max and the sum over a quad of lanes: the four that hold a row of an m16n8
+ * accumulator tile. */
+__device__ __forceinline__ float quad_max(float v)
+{
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v)
+{
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 /* Accumulator element x (0-3) of 8-column group j: the mma.sync kernels keep [DP/8][4],
  * the wgmma kernels [DP/2], the same m16n8 layout. */
 template <int N>
@@ -134,6 +148,30 @@ template <int N>
 __device__ __forceinline__ float acc_at(const float (&a)[N], int j, int x)
 {
     return a[4 * j + x];
+}
+template <int N>
+__device__ __forceinline__ float &acc_at(float (&a)[N][4], int j, int x)
+{
+    return a[j][x];
+}
+template <int N>
+__device__ __forceinline__ float &acc_at(float (&a)[N], int j, int x)
+{
+    return a[4 * j + x];
+}
+
+/* O *= a0 in the thread's row r0, a1 in r1 (DP columns): the online softmax's rescaling to
+ * a new running max. */
+template <int DP, typename Acc>
+__device__ __forceinline__ void acc_scale_rows(Acc &o, float a0, float a1)
+{
+#pragma unroll
+    for (int j = 0; j < DP / 8; j++) {
+        acc_at(o, j, 0) *= a0;
+        acc_at(o, j, 1) *= a0;
+        acc_at(o, j, 2) *= a1;
+        acc_at(o, j, 3) *= a1;
+    }
 }
 
 /* A thread's two rows r0 and r1 of accumulators (times m0 and m1 with MUL) as bf16 into
@@ -230,6 +268,29 @@ __device__ __forceinline__ void mma_ab_t(float (&d)[DP / 8][4], const uint32_t (
         ldsm_x4_t(b0, b1, b2, b3, bt + row * LD + jj * 16 + (lane >> 4) * 8);
         mma16816(d[2 * jj], a, b0, b1);
         mma16816(d[2 * jj + 1], a, b2, b3);
+    }
+}
+
+/* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
+ * (b, h), the columns below dv) and the rows' lse (natural log). poison: NaN rows and lse
+ * (the ws kernel's stuck pipeline). Every forward kernel's, the mma.sync one's too. */
+template <int DVP, typename Acc>
+__device__ __forceinline__ void attn_fwd_store(bf16 *out, float *lse, const Acc &o, float m0,
+                                               float m1, float l0, float l1, bool poison, int row0,
+                                               int row1, int b, int h, int T, int nh, int dv)
+{
+    const int lane = threadIdx.x & 31;
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    if (poison)
+        l0 = l1 = __int_as_float(0x7fffffff);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
+    if ((lane & 3) == 0) {
+        if (row0 < T)
+            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
+        if (row1 < T)
+            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
     }
 }
 
@@ -332,10 +393,8 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
             mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         /* a row with nothing seen yet keeps m = -inf; guard the -inf - -inf */
         float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
@@ -355,13 +414,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
         l1 = l1 * a1 + rs1;
         m0 = mn0;
         m1 = mn1;
-#pragma unroll
-        for (int j = 0; j < DVP / 8; j++) {
-            o[j][0] *= a0;
-            o[j][1] *= a0;
-            o[j][2] *= a1;
-            o[j][3] *= a1;
-        }
+        acc_scale_rows<DVP>(o, a0, a1);
         /* O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are P's A fragment for keys
          * 16kk .. 16kk+15 */
 #pragma unroll
@@ -372,18 +425,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
         }
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 /* ---- backward ---- */
@@ -852,10 +894,8 @@ __device__ __forceinline__ void f3_softmax(float (&s)[TN / 2], int k0, int wrow,
         mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
         mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
     a0 = mn0 == -INFINITY ? 1.0f : exp2x<FX>(m0 - mn0);
     a1 = mn1 == -INFINITY ? 1.0f : exp2x<FX>(m1 - mn1);
@@ -882,40 +922,8 @@ template <int TN, int DVP>
 __device__ __forceinline__ void f3_rescale_pack(float (&o)[DVP / 2], uint32_t (&pa)[TN / 16][4],
                                                 const float (&s)[TN / 2], float a0, float a1)
 {
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        o[4 * j] *= a0;
-        o[4 * j + 1] *= a0;
-        o[4 * j + 2] *= a1;
-        o[4 * j + 3] *= a1;
-    }
+    acc_scale_rows<DVP>(o, a0, a1);
     wg_pack_a<TN>(pa, s);
-}
-
-/* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
- * (b, h), the columns below dv) and the rows' lse (natural log). poison: NaN rows and lse
- * (the ws kernel's stuck pipeline). */
-template <int DVP>
-__device__ __forceinline__ void f3_fwd_store(bf16 *out, float *lse, const float (&o)[DVP / 2],
-                                             float m0, float m1, float l0, float l1, bool poison,
-                                             int row0, int row1, int b, int h, int T, int nh,
-                                             int dv)
-{
-    const int lane = threadIdx.x & 31;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (poison)
-        l0 = l1 = __int_as_float(0x7fffffff);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
 }
 
 template <int DKP, int DVP>
@@ -991,7 +999,7 @@ __global__ void __launch_bounds__(256, 1)
         wg_regs(o);
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP, int ST = 3, int TQ_ = 64>
@@ -1408,7 +1416,7 @@ __global__ void __launch_bounds__(256, 1)
                 s[j] = sn[j];
         }
     }
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP>

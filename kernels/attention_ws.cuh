@@ -2,7 +2,7 @@
  * gpu_attention_set_variant / DSV3_ATTN_FWD), FlashAttention-3's schedule on the tiles,
  * descriptors and softmax of kernels/attention.cu's f3_fwd_kernel. Included by attention.cu
  * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, and the mask, softmax
- * and epilogue f3_fwd_kernel runs too: f3_softmax, f3_rescale_pack, f3_fwd_store).
+ * and epilogue f3_fwd_kernel runs too: f3_softmax, f3_rescale_pack, attn_fwd_store).
  *
  * Block = 128 queries of one (b, h), 384 threads: warpgroup 0 loads (one thread issues TMA
  * bulk tensor copies, the rest exit after giving back their registers), warpgroups 1 and 2
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(384, 1)
         ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
 
     /* a broken pipeline must not pass for a result: NaN rows, NaN lse */
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, stuck, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, stuck, row0, row1, b, h, T, nh, dv);
 }
 
 /* The map of a [B][T][nh][d] bf16 tensor whose boxes are one swizzle atom of a tile padded
