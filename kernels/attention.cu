@@ -294,6 +294,17 @@ __device__ __forceinline__ void attn_fwd_store(bf16 *out, float *lse, const Acc 
     }
 }
 
+/* The tiles a pair of products reads: rows [r0, r0+64) of a (head dim dk padded to DKP,
+ * lines of LQ) into sa and of c (dv, DVP, LV) into sc: K and V, or Q and dO. */
+template <int DKP, int DVP, int LQ, int LV>
+__device__ __forceinline__ void async_tile_pair(bf16 *sa, const bf16 *a, bf16 *sc, const bf16 *c,
+                                                int b, int h, int r0, int T, int nh, int dk,
+                                                int dv)
+{
+    async_tile<DKP>(sa, LQ, a, b, h, r0, T, nh, dk);
+    async_tile<DVP>(sc, LV, c, b, h, r0, T, nh, dv);
+}
+
 template <int DKP, int DVP, int WARPS, int STAGES>
 struct fa_smem {
     static const int LQ = DKP + 8, LV = DVP + 8, QM = 16 * WARPS;
@@ -320,8 +331,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     const int ntiles = causal_ntiles(q0, QM, BN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     async_tile<DKP, QM>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-    async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
-    async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, 0, T, nh, dk, dv);
     cp_async_commit();
 
     uint32_t qf[QREG ? DKP / 16 : 1][4];
@@ -337,14 +347,14 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
         const int buf = STAGES == 2 ? kt & 1 : 0, k0 = kt * BN;
         if (STAGES == 1) {
             if (kt > 0) { /* the trailing barrier of the last tile freed the buffer */
-                async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-                async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+                async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
                 cp_async_commit();
             }
             cp_async_wait<0>();
         } else if (kt + 1 < ntiles) {
-            async_tile<DKP>(Ks + (buf ^ 1) * 64 * L::LQ, L::LQ, k, b, h, k0 + BN, T, nh, dk);
-            async_tile<DVP>(Vs + (buf ^ 1) * 64 * L::LV, L::LV, v, b, h, k0 + BN, T, nh, dv);
+            async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks + (buf ^ 1) * 64 * L::LQ, k,
+                                                    Vs + (buf ^ 1) * 64 * L::LV, v, b, h, k0 + BN,
+                                                    T, nh, dk, dv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -496,8 +506,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BN;
     const float sl2 = scale * LOG2E;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
-    async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-    async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
     float dK[DKP / 8][4], dV[DVP / 8][4];
     mma_zero(dK);
     mma_zero(dV);
@@ -508,8 +517,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int qt = k0 / BM; qt < nq; qt++) {
         const int q0 = qt * BM;
         __syncthreads(); /* the previous tile's readers are done */
-        async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-        async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+        async_tile_pair<DKP, DVP, L::LQ, L::LV>(Qs, q, dOs, d_out, b, h, q0, T, nh, dk, dv);
         cp_async_commit();
         if (threadIdx.x < 64) {
             int qi = q0 + threadIdx.x;
@@ -572,16 +580,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
-    async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-    async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Qs, q, dOs, d_out, b, h, q0, T, nh, dk, dv);
     float dQ[DKP / 8][4];
     mma_zero(dQ);
     const int ntiles = causal_ntiles(q0, BM, BN, T);
     for (int kt = 0; kt < ntiles; kt++) {
         const int k0 = kt * BN;
         __syncthreads();
-        async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-        async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+        async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
