@@ -1,8 +1,9 @@
 /* attention_ws: the warp-specialised Hopper attention forward (variants 4 and 5 of
  * gpu_attention_set_variant / DSV3_ATTN_FWD), FlashAttention-3's schedule on the tiles,
  * descriptors and softmax of kernels/attention.cu's f3_fwd_kernel. Included by attention.cu
- * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, and the mask, softmax
- * and epilogue f3_fwd_kernel runs too: f3_softmax, f3_rescale_pack, attn_fwd_store).
+ * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, causal_ntiles, the
+ * products wg_abt_ss and wg_ab_rs, and the mask, softmax and epilogue f3_fwd_kernel runs
+ * too: f3_softmax, f3_rescale_pack, attn_fwd_store).
  *
  * Block = 128 queries of one (b, h), 384 threads: warpgroup 0 loads (one thread issues TMA
  * bulk tensor copies, the rest exit after giving back their registers), warpgroups 1 and 2

@@ -1,8 +1,9 @@
 /* attention_wsb: the warp-specialised dQ kernel of the Hopper attention backward (candidate
  * 18 of DSV3_ATTN_BWD: candidate 17's dK/dV kernel, then this one). Included by attention.cu
  * after attention_ws.cuh, whose tensor maps (ws_map, ws_aligned), TMA tile loads
- * (ws_load_tile), ping-pong barriers (ws_sched_sync / ws_sched_arrive), consumer waits
- * (ws_wait) and register split (mg_tma_producer, mg_regs_consumer) it reuses.
+ * (ws_load_tile), barriers and K/V loader ring (ws_init_kv_bars, ws_load_kv), ping-pong
+ * barriers (ws_sched_sync / ws_sched_arrive), consumer waits (ws_wait) and register split
+ * (mg_tma_producer, mg_regs_consumer) it reuses.
  *
  * Why: the cp.async dQ kernel (f3_bwd_dq_kernel) loads in the warps that multiply and meets
  * at a __syncthreads every key tile, so its two warpgroups run in step: both compute their
