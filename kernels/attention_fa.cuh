@@ -205,13 +205,13 @@ __global__ void __launch_bounds__(256, 1)
         if (any && qw < T && nk > 0) {
             float dq[DKP / 2];
             wg_fence();
-            wg_ss_n96<0, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
+            wg_mma<96>::ss<0, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
             /* all 128 keys even where only the first 64 can be visible (the diagonal tile's
              * first warpgroup): those dS entries are zero, and a product under a condition
              * inside the block would make ptxas serialize every wgmma of the kernel */
 #pragma unroll
             for (int kk = 1; kk < TK / 16; kk++)
-                wg_ss_n96<1, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
+                wg_mma<96>::ss<1, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
             wg_commit();
             wg_wait<0>();
             wg_regs(dq);

@@ -9,8 +9,8 @@
  *     memory, MN-major (tnspB = 1).
  * rsk: A from registers, B from shared memory K-major (tnspB = 0), as ss's B; ACC 0
  *     ignores d's old values (the backward's S and dP with Q/dO or K/V held in registers).
- * Accumulators d[N/2] in the layout of N/8 mma.sync m16n8 tiles per warp (warp w of the
- * warpgroup owns rows 16w..16w+15). */
+ * Each is one overload a shape, told apart by its accumulators d[N/2], in the layout of N/8
+ * mma.sync m16n8 tiles per warp (warp w of the warpgroup owns rows 16w..16w+15). */
 #ifndef DSV3_WGMMA_CUH
 #define DSV3_WGMMA_CUH
 #include <stdint.h>
@@ -74,7 +74,7 @@ __device__ __forceinline__ void fence_proxy_async()
 }
 
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n32(float (&d)[16], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[16], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
@@ -88,7 +88,7 @@ __device__ __forceinline__ void wg_ss_n32(float (&d)[16], uint64_t da, uint64_t 
 #endif
 }
 
-__device__ __forceinline__ void wg_rs_n32(float (&d)[16], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
@@ -103,7 +103,7 @@ __device__ __forceinline__ void wg_rs_n32(float (&d)[16], const uint32_t (&a)[4]
 }
 
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n32(float (&d)[16], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[16], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
@@ -118,7 +118,7 @@ __device__ __forceinline__ void wg_rsk_n32(float (&d)[16], const uint32_t (&a)[4
 }
 
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n64(float (&d)[32], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[32], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -132,7 +132,7 @@ __device__ __forceinline__ void wg_ss_n64(float (&d)[32], uint64_t da, uint64_t 
 #endif
 }
 
-__device__ __forceinline__ void wg_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -147,7 +147,7 @@ __device__ __forceinline__ void wg_rs_n64(float (&d)[32], const uint32_t (&a)[4]
 }
 
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[32], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -162,7 +162,7 @@ __device__ __forceinline__ void wg_rsk_n64(float (&d)[32], const uint32_t (&a)[4
 }
 
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n96(float (&d)[48], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[48], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
@@ -176,7 +176,7 @@ __device__ __forceinline__ void wg_ss_n96(float (&d)[48], uint64_t da, uint64_t 
 #endif
 }
 
-__device__ __forceinline__ void wg_rs_n96(float (&d)[48], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[48], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
@@ -191,7 +191,7 @@ __device__ __forceinline__ void wg_rs_n96(float (&d)[48], const uint32_t (&a)[4]
 }
 
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n96(float (&d)[48], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[48], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
@@ -206,7 +206,7 @@ __device__ __forceinline__ void wg_rsk_n96(float (&d)[48], const uint32_t (&a)[4
 }
 
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n128(float (&d)[64], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[64], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -220,7 +220,7 @@ __device__ __forceinline__ void wg_ss_n128(float (&d)[64], uint64_t da, uint64_t
 #endif
 }
 
-__device__ __forceinline__ void wg_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -235,7 +235,7 @@ __device__ __forceinline__ void wg_rs_n128(float (&d)[64], const uint32_t (&a)[4
 }
 
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[64], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -250,7 +250,7 @@ __device__ __forceinline__ void wg_rsk_n128(float (&d)[64], const uint32_t (&a)[
 }
 
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n192(float (&d)[96], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[96], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
@@ -264,7 +264,7 @@ __device__ __forceinline__ void wg_ss_n192(float (&d)[96], uint64_t da, uint64_t
 #endif
 }
 
-__device__ __forceinline__ void wg_rs_n192(float (&d)[96], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[96], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
@@ -279,7 +279,7 @@ __device__ __forceinline__ void wg_rs_n192(float (&d)[96], const uint32_t (&a)[4
 }
 
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n192(float (&d)[96], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[96], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
@@ -293,46 +293,15 @@ __device__ __forceinline__ void wg_rsk_n192(float (&d)[96], const uint32_t (&a)[
 #endif
 }
 
-template <int N> struct wg_mma;
-template <> struct wg_mma<32> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
+/* The products of N columns (32, 64, 96, 128, 192), for templates over the tile width: the
+ * overloads above, picked by the accumulators' size. ACC 0: d = A B (the accumulators' old
+ * values are ignored); 1: d += A B. */
+template <int N> struct wg_mma {
+    template <int ACC = 1, int TB = 0>
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b) { wg_ss<ACC, TB>(d, a, b); }
+    static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) { wg_rs(d, a, b); }
     template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[16], uint64_t a, uint64_t b) { wg_ss_n32<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b) { wg_rs_n32(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[16], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n32<ACC>(d, a, b); }
-};
-template <> struct wg_mma<64> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
-    template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b) { wg_ss_n64<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) { wg_rs_n64(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[32], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n64<ACC>(d, a, b); }
-};
-template <> struct wg_mma<96> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
-    template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[48], uint64_t a, uint64_t b) { wg_ss_n96<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[48], const uint32_t (&a)[4], uint64_t b) { wg_rs_n96(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[48], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n96<ACC>(d, a, b); }
-};
-template <> struct wg_mma<128> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
-    template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b) { wg_ss_n128<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) { wg_rs_n128(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[64], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n128<ACC>(d, a, b); }
-};
-template <> struct wg_mma<192> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
-    template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[96], uint64_t a, uint64_t b) { wg_ss_n192<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[96], const uint32_t (&a)[4], uint64_t b) { wg_rs_n192(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[96], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n192<ACC>(d, a, b); }
+    static __device__ __forceinline__ void rsk(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) { wg_rsk<ACC>(d, a, b); }
 };
 
 /* FP8: d (+)= A B with A, B E4M3 from shared memory, both K-major, m64nNk32; ACC 0 ignores

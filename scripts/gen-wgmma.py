@@ -11,8 +11,8 @@ out.append('''/* wgmma: inline-PTX wrappers for the sm_90a warpgroup matrix inst
  *     memory, MN-major (tnspB = 1).
  * rsk: A from registers, B from shared memory K-major (tnspB = 0), as ss's B; ACC 0
  *     ignores d's old values (the backward's S and dP with Q/dO or K/V held in registers).
- * Accumulators d[N/2] in the layout of N/8 mma.sync m16n8 tiles per warp (warp w of the
- * warpgroup owns rows 16w..16w+15). */
+ * Each is one overload a shape, told apart by its accumulators d[N/2], in the layout of N/8
+ * mma.sync m16n8 tiles per warp (warp w of the warpgroup owns rows 16w..16w+15). */
 #ifndef DSV3_WGMMA_CUH
 #define DSV3_WGMMA_CUH
 #include <stdint.h>
@@ -82,7 +82,7 @@ for N in (32, 64, 96, 128, 192):
     # ss (TB 1: B MN-major, tnspB = 1)
     out.append('''
 template <int ACC, int TB = 0>
-__device__ __forceinline__ void wg_ss_n%d(float (&d)[%d], uint64_t da, uint64_t db)
+__device__ __forceinline__ void wg_ss(float (&d)[%d], uint64_t da, uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"
@@ -95,9 +95,9 @@ __device__ __forceinline__ void wg_ss_n%d(float (&d)[%d], uint64_t da, uint64_t 
     __trap();
 #endif
 }
-''' % (N, R, R + 2, N, regs, R, R + 1, R + 3, outs))
+''' % (R, R + 2, N, regs, R, R + 1, R + 3, outs))
     out.append('''
-__device__ __forceinline__ void wg_rs_n%d(float (&d)[%d], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rs(float (&d)[%d], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"
@@ -110,10 +110,10 @@ __device__ __forceinline__ void wg_rs_n%d(float (&d)[%d], const uint32_t (&a)[4]
     __trap();
 #endif
 }
-''' % (N, R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
+''' % (R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
     out.append('''
 template <int ACC>
-__device__ __forceinline__ void wg_rsk_n%d(float (&d)[%d], const uint32_t (&a)[4], uint64_t db)
+__device__ __forceinline__ void wg_rsk(float (&d)[%d], const uint32_t (&a)[4], uint64_t db)
 {
 #ifdef DSV3_HAVE_WGMMA
     asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"
@@ -126,20 +126,19 @@ __device__ __forceinline__ void wg_rsk_n%d(float (&d)[%d], const uint32_t (&a)[4
     __trap();
 #endif
 }
-''' % (N, R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
+''' % (R, R + 5, N, regs, R, R + 1, R + 2, R + 3, R + 4, outs))
 out.append('''
-template <int N> struct wg_mma;
-''')
-for N in (32, 64, 96, 128, 192):
-    out.append('''template <> struct wg_mma<%d> {
-    /* ACC 0: d = A B (the accumulators' old values are ignored); 1: d += A B */
+/* The products of N columns (32, 64, 96, 128, 192), for templates over the tile width: the
+ * overloads above, picked by the accumulators' size. ACC 0: d = A B (the accumulators' old
+ * values are ignored); 1: d += A B. */
+template <int N> struct wg_mma {
+    template <int ACC = 1, int TB = 0>
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b) { wg_ss<ACC, TB>(d, a, b); }
+    static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) { wg_rs(d, a, b); }
     template <int ACC = 1>
-    static __device__ __forceinline__ void ss(float (&d)[%d], uint64_t a, uint64_t b) { wg_ss_n%d<ACC>(d, a, b); }
-    static __device__ __forceinline__ void rs(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rs_n%d(d, a, b); }
-    template <int ACC = 1>
-    static __device__ __forceinline__ void rsk(float (&d)[%d], const uint32_t (&a)[4], uint64_t b) { wg_rsk_n%d<ACC>(d, a, b); }
+    static __device__ __forceinline__ void rsk(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) { wg_rsk<ACC>(d, a, b); }
 };
-''' % (N, N // 2, N, N // 2, N, N // 2, N))
+''')
 # FP8 (E4M3 x E4M3, fp32 accumulate, k32): both operands K-major in shared memory (wgmma
 # takes no transpose for 8-bit types); kernels/moe_gemm_fp8 uses them.
 out.append('''
