@@ -97,8 +97,8 @@ __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/* Key tiles of TN keys a block of queries from q0 (the last q0 + rows - 1) needs: those up
- * to the diagonal, none past T. */
+/* The key tiles of tn keys that a block of `rows` queries from q0 needs: those up to its
+ * last query's diagonal, none past T. */
 __device__ __forceinline__ int causal_ntiles(int q0, int rows, int tn, int T)
 {
     int ntiles = (q0 + rows - 1) / tn + 1;
