@@ -97,6 +97,16 @@ __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* The key tiles of tn keys that a block of `rows` queries from q0 needs: those up to its
+ * last query's diagonal, none past T. */
+__device__ __forceinline__ int causal_ntiles(int q0, int rows, int tn, int T)
+{
+    int ntiles = (q0 + rows - 1) / tn + 1;
+    if (ntiles * tn > T)
+        ntiles = (T + tn - 1) / tn;
+    return ntiles;
+}
+
 /* Rows [r0, r0+64) of head h of sequence b of a [B,T,nh,d] tensor into sm[64][ld] by
  * 16-byte asynchronous copies (d % 8 == 0), zeros past T
  * and past d. */
@@ -111,6 +121,188 @@ __device__ __forceinline__ void async_tile(bf16 *sm, int ld, const bf16 *g, int 
         const bf16 *src = in ? g + (((int64_t)b * T + r0 + r) * nh + h) * d + cc : g;
         cp_async16(sm + r * ld + cc, src, in ? 16 : 0);
     }
+}
+
+/* The max and the sum over a quad of lanes: the four that hold a row of an m16n8
+ * accumulator tile. */
+__device__ __forceinline__ float quad_max(float v)
+{
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v)
+{
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+/* Accumulator element x (0-3) of 8-column group j: the mma.sync kernels keep [DP/8][4],
+ * the wgmma kernels [DP/2], the same m16n8 layout. */
+template <int N>
+__device__ __forceinline__ float acc_at(const float (&a)[N][4], int j, int x)
+{
+    return a[j][x];
+}
+template <int N>
+__device__ __forceinline__ float acc_at(const float (&a)[N], int j, int x)
+{
+    return a[4 * j + x];
+}
+template <int N>
+__device__ __forceinline__ float &acc_at(float (&a)[N][4], int j, int x)
+{
+    return a[j][x];
+}
+template <int N>
+__device__ __forceinline__ float &acc_at(float (&a)[N], int j, int x)
+{
+    return a[4 * j + x];
+}
+
+/* O *= a0 in the thread's row r0, a1 in r1 (DP columns): the online softmax's rescaling to
+ * a new running max. */
+template <int DP, typename Acc>
+__device__ __forceinline__ void acc_scale_rows(Acc &o, float a0, float a1)
+{
+#pragma unroll
+    for (int j = 0; j < DP / 8; j++) {
+        acc_at(o, j, 0) *= a0;
+        acc_at(o, j, 1) *= a0;
+        acc_at(o, j, 2) *= a1;
+        acc_at(o, j, 3) *= a1;
+    }
+}
+
+/* A thread's two rows r0 and r1 of accumulators (times m0 and m1 with MUL) as bf16 into
+ * rows of (b, h) of a [B][T][nh][d] tensor; rows past T and columns past d are not
+ * written. */
+template <int DP, bool MUL, typename Acc>
+__device__ __forceinline__ void store_rows_bf16(bf16 *dst, const Acc &acc, float m0, float m1,
+                                                int r0, int r1, int b, int h, int T, int nh,
+                                                int d, int lane)
+{
+#pragma unroll
+    for (int j = 0; j < DP / 8; j++) {
+        int col = j * 8 + (lane & 3) * 2;
+        if (col < d) {
+            if (r0 < T)
+                *(uint32_t *)(dst + (((int64_t)b * T + r0) * nh + h) * d + col) =
+                    MUL ? pack_bf2(acc_at(acc, j, 0) * m0, acc_at(acc, j, 1) * m0)
+                        : pack_bf2(acc_at(acc, j, 0), acc_at(acc, j, 1));
+            if (r1 < T)
+                *(uint32_t *)(dst + (((int64_t)b * T + r1) * nh + h) * d + col) =
+                    MUL ? pack_bf2(acc_at(acc, j, 2) * m1, acc_at(acc, j, 3) * m1)
+                        : pack_bf2(acc_at(acc, j, 2), acc_at(acc, j, 3));
+        }
+    }
+}
+
+/* A warp's m16n8 accumulator tiles set to zero. */
+template <int N>
+__device__ __forceinline__ void mma_zero(float (&d)[N][4])
+{
+#pragma unroll
+    for (int j = 0; j < N; j++)
+        d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0;
+}
+
+/* d += A B^T for 32 columns: A the warp's 16 rows (16 warp + 0..15) of the [rows][LD] tile
+ * a, B rows [brow, brow + 32) of the [rows][LD] tile bt, over DP columns; d[4] holds the
+ * four 8-column tiles. */
+template <int DP, int LD>
+__device__ __forceinline__ void mma_abt32(float (&d)[4][4], const bf16 *a, const bf16 *bt,
+                                          int brow, int warp, int lane)
+{
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        uint32_t f[4];
+        ldsm_x4(f[0], f[1], f[2], f[3],
+                a + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3,
+                    bt + (brow + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 +
+                        ((lane >> 3) & 1) * 8);
+            mma16816(d[2 * jj], f, b0, b1);
+            mma16816(d[2 * jj + 1], f, b2, b3);
+        }
+    }
+}
+
+/* The backward's two products of a warp's 16 rows and 32 columns, from zero: s = A1 B1^T
+ * (S or S^T, over DKP columns of the [rows][LQ] tiles) and dp = A2 B2^T (dP or dP^T, DVP
+ * columns of the [rows][LV] tiles); B rows from brow. */
+template <int DKP, int DVP, int LQ, int LV>
+__device__ __forceinline__ void mma_sdp32(float (&s)[4][4], float (&dp)[4][4], const bf16 *a1,
+                                          const bf16 *b1, const bf16 *a2, const bf16 *b2,
+                                          int brow, int warp, int lane)
+{
+    mma_zero(s);
+    mma_zero(dp);
+    mma_abt32<DKP, LQ>(s, a1, b1, brow, warp, lane);
+    mma_abt32<DVP, LV>(dp, a2, b2, brow, warp, lane);
+}
+
+/* The accumulator tiles 2kk, 2kk+1 (16 columns) packed as bf16: the A fragment of the next
+ * product for those 16 columns as its k-step. */
+template <int N>
+__device__ __forceinline__ void mma_pack_a(uint32_t (&a)[4], const float (&s)[N][4], int kk)
+{
+    a[0] = pack_bf2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack_bf2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+/* d += A B for one k-step: A the fragment a, B the 16 rows from `row` (this lane's row
+ * address, as ldmatrix.trans takes it) of the [rows][LD] tile bt, all DP columns. */
+template <int DP, int LD>
+__device__ __forceinline__ void mma_ab_t(float (&d)[DP / 8][4], const uint32_t (&a)[4],
+                                         const bf16 *bt, int row, int lane)
+{
+#pragma unroll
+    for (int jj = 0; jj < DP / 16; jj++) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, bt + row * LD + jj * 16 + (lane >> 4) * 8);
+        mma16816(d[2 * jj], a, b0, b1);
+        mma16816(d[2 * jj + 1], a, b2, b3);
+    }
+}
+
+/* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
+ * (b, h), the columns below dv) and the rows' lse (natural log). poison: NaN rows and lse
+ * (the ws kernel's stuck pipeline). Every forward kernel's, the mma.sync one's too. */
+template <int DVP, typename Acc>
+__device__ __forceinline__ void attn_fwd_store(bf16 *out, float *lse, const Acc &o, float m0,
+                                               float m1, float l0, float l1, bool poison, int row0,
+                                               int row1, int b, int h, int T, int nh, int dv)
+{
+    const int lane = threadIdx.x & 31;
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    if (poison)
+        l0 = l1 = __int_as_float(0x7fffffff);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    store_rows_bf16<DVP, true>(out, o, i0, i1, row0, row1, b, h, T, nh, dv, lane);
+    if ((lane & 3) == 0) {
+        if (row0 < T)
+            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
+        if (row1 < T)
+            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
+    }
+}
+
+/* The tiles a pair of products reads: rows [r0, r0+64) of a (head dim dk padded to DKP,
+ * lines of LQ) into sa and of c (dv, DVP, LV) into sc: K and V, or Q and dO. */
+template <int DKP, int DVP, int LQ, int LV>
+__device__ __forceinline__ void async_tile_pair(bf16 *sa, const bf16 *a, bf16 *sc, const bf16 *c,
+                                                int b, int h, int r0, int T, int nh, int dk,
+                                                int dv)
+{
+    async_tile<DKP>(sa, LQ, a, b, h, r0, T, nh, dk);
+    async_tile<DVP>(sc, LV, c, b, h, r0, T, nh, dv);
 }
 
 template <int DKP, int DVP, int WARPS, int STAGES>
@@ -136,20 +328,15 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
     bf16 *Qs = (bf16 *)smem, *Ks = Qs + QM * L::LQ, *Vs = Ks + STAGES * 64 * L::LQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * QM;
-    int ntiles = (q0 + QM - 1) / BN + 1;
-    if (ntiles * BN > T)
-        ntiles = (T + BN - 1) / BN;
+    const int ntiles = causal_ntiles(q0, QM, BN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     async_tile<DKP, QM>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-    async_tile<DKP>(Ks, L::LQ, k, b, h, 0, T, nh, dk);
-    async_tile<DVP>(Vs, L::LV, v, b, h, 0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, 0, T, nh, dk, dv);
     cp_async_commit();
 
     uint32_t qf[QREG ? DKP / 16 : 1][4];
     float o[DVP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++)
-        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
+    mma_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int row0 = q0 + warp * 16 + (lane >> 2), row1 = row0 + 8;
@@ -160,14 +347,14 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
         const int buf = STAGES == 2 ? kt & 1 : 0, k0 = kt * BN;
         if (STAGES == 1) {
             if (kt > 0) { /* the trailing barrier of the last tile freed the buffer */
-                async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-                async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+                async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
                 cp_async_commit();
             }
             cp_async_wait<0>();
         } else if (kt + 1 < ntiles) {
-            async_tile<DKP>(Ks + (buf ^ 1) * 64 * L::LQ, L::LQ, k, b, h, k0 + BN, T, nh, dk);
-            async_tile<DVP>(Vs + (buf ^ 1) * 64 * L::LV, L::LV, v, b, h, k0 + BN, T, nh, dv);
+            async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks + (buf ^ 1) * 64 * L::LQ, k,
+                                                    Vs + (buf ^ 1) * 64 * L::LV, v, b, h, k0 + BN,
+                                                    T, nh, dk, dv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -182,9 +369,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
                         Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
         }
         float s[BN / 8][4];
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++)
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+        mma_zero(s);
 #pragma unroll
         for (int kk = 0; kk < DKP / 16; kk++) {
             const int qk = QREG ? kk : 0;
@@ -218,10 +403,8 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
             mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         /* a row with nothing seen yet keeps m = -inf; guard the -inf - -inf */
         float a0 = mn0 == -INFINITY ? 1.0f : exp2f(m0 - mn0);
@@ -241,56 +424,18 @@ __global__ void __launch_bounds__(32 * WARPS, MINB)
         l1 = l1 * a1 + rs1;
         m0 = mn0;
         m1 = mn1;
-#pragma unroll
-        for (int j = 0; j < DVP / 8; j++) {
-            o[j][0] *= a0;
-            o[j][1] *= a0;
-            o[j][2] *= a1;
-            o[j][3] *= a1;
-        }
+        acc_scale_rows<DVP>(o, a0, a1);
         /* O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are P's A fragment for keys
          * 16kk .. 16kk+15 */
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
-            uint32_t pa[4] = {pack_bf2(s[2 * kk][0], s[2 * kk][1]),
-                              pack_bf2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int jj = 0; jj < DVP / 16; jj++) {
-                uint32_t b0, b1, b2, b3;
-                ldsm_x4_t(b0, b1, b2, b3,
-                          Vb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::LV + jj * 16 +
-                              (lane >> 4) * 8);
-                mma16816(o[2 * jj], pa, b0, b1);
-                mma16816(o[2 * jj + 1], pa, b2, b3);
-            }
+            uint32_t pa[4];
+            mma_pack_a(pa, s, kk);
+            mma_ab_t<DVP, L::LV>(o, pa, Vb, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, lane);
         }
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[j][0] * i0, o[j][1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[j][2] * i1, o[j][3] * i1);
-        }
-    }
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 /* ---- backward ---- */
@@ -361,15 +506,10 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BN;
     const float sl2 = scale * LOG2E;
     const float *lse_bh = lse + ((int64_t)b * nh + h) * T, *D_bh = D + ((int64_t)b * nh + h) * T;
-    async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-    async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
     float dK[DKP / 8][4], dV[DVP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++)
-        dK[j][0] = dK[j][1] = dK[j][2] = dK[j][3] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++)
-        dV[j][0] = dV[j][1] = dV[j][2] = dV[j][3] = 0;
+    mma_zero(dK);
+    mma_zero(dV);
     const int kr0 = k0 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
@@ -377,8 +517,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int qt = k0 / BM; qt < nq; qt++) {
         const int q0 = qt * BM;
         __syncthreads(); /* the previous tile's readers are done */
-        async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-        async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+        async_tile_pair<DKP, DVP, L::LQ, L::LV>(Qs, q, dOs, d_out, b, h, q0, T, nh, dk, dv);
         cp_async_commit();
         if (threadIdx.x < 64) {
             int qi = q0 + threadIdx.x;
@@ -390,41 +529,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int qs = 0; qs < BM; qs += 32) {
             float st[4][4], dp[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    st[j][x] = dp[j][x] = 0;
-#pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Ks + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Qs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(st[2 * jj], a, b0, b1);
-                    mma16816(st[2 * jj + 1], a, b2, b3);
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Vs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            dOs + (qs + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(dp[2 * jj], a, b0, b1);
-                    mma16816(dp[2 * jj + 1], a, b2, b3);
-                }
-            }
+            mma_sdp32<DKP, DVP, L::LQ, L::LV>(st, dp, Ks, Qs, Vs, dOs, qs, warp, lane);
             /* P^T and dS^T in place of st and dp */
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -442,56 +547,17 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 }
 #pragma unroll
             for (int kk = 0; kk < 2; kk++) {
-                uint32_t pa[4] = {pack_bf2(st[2 * kk][0], st[2 * kk][1]),
-                                  pack_bf2(st[2 * kk][2], st[2 * kk][3]),
-                                  pack_bf2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                  pack_bf2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
-                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
-                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                uint32_t pa[4], da[4];
+                mma_pack_a(pa, st, kk);
+                mma_pack_a(da, dp, kk);
                 const int qrow = qs + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-                for (int jj = 0; jj < DVP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, dOs + qrow * L::LV + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dV[2 * jj], pa, b0, b1);
-                    mma16816(dV[2 * jj + 1], pa, b2, b3);
-                }
-#pragma unroll
-                for (int jj = 0; jj < DKP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Qs + qrow * L::LQ + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dK[2 * jj], da, b0, b1);
-                    mma16816(dK[2 * jj + 1], da, b2, b3);
-                }
+                mma_ab_t<DVP, L::LV>(dV, pa, dOs, qrow, lane);
+                mma_ab_t<DKP, L::LQ>(dK, da, Qs, qrow, lane);
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[j][0], dK[j][1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[j][2], dK[j][3]);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    pack_bf2(dV[j][0], dV[j][1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    pack_bf2(dV[j][2], dV[j][3]);
-        }
-    }
+    store_rows_bf16<DKP, false>(d_k, dK, 1.0f, 1.0f, kr0, kr1, b, h, T, nh, dk, lane);
+    store_rows_bf16<DVP, false>(d_v, dV, 1.0f, 1.0f, kr0, kr1, b, h, T, nh, dv, lane);
 }
 
 /* dQ: block = 64 queries, 4 warps x 16 queries, over the key tiles up to the diagonal, 32
@@ -514,61 +580,21 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
-    async_tile<DKP>(Qs, L::LQ, q, b, h, q0, T, nh, dk);
-    async_tile<DVP>(dOs, L::LV, d_out, b, h, q0, T, nh, dv);
+    async_tile_pair<DKP, DVP, L::LQ, L::LV>(Qs, q, dOs, d_out, b, h, q0, T, nh, dk, dv);
     float dQ[DKP / 8][4];
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++)
-        dQ[j][0] = dQ[j][1] = dQ[j][2] = dQ[j][3] = 0;
-    int ntiles = (q0 + BM - 1) / BN + 1;
-    if (ntiles * BN > T)
-        ntiles = (T + BN - 1) / BN;
+    mma_zero(dQ);
+    const int ntiles = causal_ntiles(q0, BM, BN, T);
     for (int kt = 0; kt < ntiles; kt++) {
         const int k0 = kt * BN;
         __syncthreads();
-        async_tile<DKP>(Ks, L::LQ, k, b, h, k0, T, nh, dk);
-        async_tile<DVP>(Vs, L::LV, v, b, h, k0, T, nh, dv);
+        async_tile_pair<DKP, DVP, L::LQ, L::LV>(Ks, k, Vs, v, b, h, k0, T, nh, dk, dv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
         for (int ks = 0; ks < BN; ks += 32) {
             float sc[4][4], dp[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    sc[j][x] = dp[j][x] = 0;
-#pragma unroll
-            for (int kk = 0; kk < DKP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        Qs + (warp * 16 + (lane & 15)) * L::LQ + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Ks + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LQ +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(sc[2 * jj], a, b0, b1);
-                    mma16816(sc[2 * jj + 1], a, b2, b3);
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < DVP / 16; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a[0], a[1], a[2], a[3],
-                        dOs + (warp * 16 + (lane & 15)) * L::LV + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3,
-                            Vs + (ks + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * L::LV +
-                                kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(dp[2 * jj], a, b0, b1);
-                    mma16816(dp[2 * jj + 1], a, b2, b3);
-                }
-            }
+            mma_sdp32<DKP, DVP, L::LQ, L::LV>(sc, dp, Qs, Ks, dOs, Vs, ks, warp, lane);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -584,33 +610,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 }
 #pragma unroll
             for (int kk = 0; kk < 2; kk++) {
-                uint32_t da[4] = {pack_bf2(dp[2 * kk][0], dp[2 * kk][1]),
-                                  pack_bf2(dp[2 * kk][2], dp[2 * kk][3]),
-                                  pack_bf2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                  pack_bf2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                uint32_t da[4];
+                mma_pack_a(da, dp, kk);
                 const int krow = ks + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-                for (int jj = 0; jj < DKP / 16; jj++) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Ks + krow * L::LQ + jj * 16 + (lane >> 4) * 8);
-                    mma16816(dQ[2 * jj], da, b0, b1);
-                    mma16816(dQ[2 * jj + 1], da, b2, b3);
-                }
+                mma_ab_t<DKP, L::LQ>(dQ, da, Ks, krow, lane);
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (qr0 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
-                    pack_bf2(dQ[j][0], dQ[j][1]);
-            if (qr1 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
-                    pack_bf2(dQ[j][2], dQ[j][3]);
-        }
-    }
+    store_rows_bf16<DKP, false>(d_q, dQ, 1.0f, 1.0f, qr0, qr1, b, h, T, nh, dk, lane);
 }
 
 /* ---- Hopper (sm_90a): the same algorithm on wgmma, FlashAttention-3 style ----
@@ -745,6 +752,121 @@ __device__ __forceinline__ int doc_end(const int32_t *sg, int i, int T)
     return lo;
 }
 
+/* ---- the pieces the wgmma kernels share (here and in attention_fa/ws/wsb.cuh) ----
+ * The P / P^T exponential-and-mask loops stay written out in each kernel: as one function
+ * they compiled to other (equivalent, but never timed or bit-checked) PTX for the document-
+ * masked kernels. */
+
+/* wgmma accumulators set to zero (the products that add to them start with ACC 1). */
+template <int R>
+__device__ __forceinline__ void wg_zero(float (&d)[R])
+{
+#pragma unroll
+    for (int j = 0; j < R; j++)
+        d[j] = 0;
+}
+
+/* The backward kernels' AR (bits 1, 2): the A operands they hold in registers, rows
+ * [row0, row0 + 64) of the tiles t1 (DKP columns) and t2 (DVP) of `rows` rows, read once
+ * the first cp.async group (which carried those tiles) has landed. */
+template <int AR, int DKP, int DVP, int N1, int N2>
+__device__ __forceinline__ void f3_afrags(uint32_t (&a1)[N1][4], uint32_t (&a2)[N2][4],
+                                          const unsigned char *t1, const unsigned char *t2,
+                                          int rows, int row0)
+{
+    if constexpr (AR != 0) {
+        cp_async_wait<1>();
+        __syncthreads();
+        if constexpr ((AR & 1) != 0)
+            afrag<DKP>(a1, t1, rows, row0);
+        if constexpr ((AR & 2) != 0)
+            afrag<DVP>(a2, t2, rows, row0);
+    }
+}
+
+/* d = A B^T over every k-step of DP columns (the first ignores d's old values): A the 64
+ * rows [arow, +64) of the K-major tile a of `arows` rows, B the N rows [brow, +N) of the
+ * K-major tile bt of `brows` rows. */
+template <int N, int DP>
+__device__ __forceinline__ void wg_abt_ss(float (&d)[N / 2], const unsigned char *a, int arows,
+                                          int arow, const unsigned char *bt, int brows, int brow)
+{
+    wg_mma<N>::template ss<0>(d, kmaj<DP>(a, arows, arow, 0), kmaj<DP>(bt, brows, brow, 0));
+#pragma unroll
+    for (int kk = 1; kk < DP / 16; kk++)
+        wg_mma<N>::ss(d, kmaj<DP>(a, arows, arow, kk), kmaj<DP>(bt, brows, brow, kk));
+}
+
+/* wg_abt_ss, or (AREG) with A's rows as the register fragments ar */
+template <int N, int DP, bool AREG, int NA>
+__device__ __forceinline__ void wg_abt(float (&d)[N / 2], const uint32_t (&ar)[NA][4],
+                                       const unsigned char *a, int arows, int arow,
+                                       const unsigned char *bt, int brows, int brow)
+{
+    if constexpr (AREG) {
+        wg_mma<N>::template rsk<0>(d, ar[0], kmaj<DP>(bt, brows, brow, 0));
+#pragma unroll
+        for (int kk = 1; kk < DP / 16; kk++)
+            wg_mma<N>::rsk(d, ar[kk], kmaj<DP>(bt, brows, brow, kk));
+    } else {
+        wg_abt_ss<N, DP>(d, a, arows, arow, bt, brows, brow);
+    }
+}
+
+/* d += A B: A the register fragments of KS k-steps (P or dS), B k rows [k0, k0 + 16 KS) of
+ * the MN-major tile bt of `rows` rows (its DP columns are N). */
+template <int DP, int KS>
+__device__ __forceinline__ void wg_ab_rs(float (&d)[DP / 2], const uint32_t (&a)[KS][4],
+                                         const unsigned char *bt, int rows, int k0)
+{
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        wg_mma<DP>::rs(d, a[kk], mnmaj<DP>(bt, rows, k0 + kk * 16));
+}
+
+/* Accumulators of N columns packed as bf16: those of columns 16kk .. 16kk+15 are the A
+ * fragment kk of the next product (P of P V, dS of dS K). */
+template <int N>
+__device__ __forceinline__ void wg_pack_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2])
+{
+#pragma unroll
+    for (int kk = 0; kk < N / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++)
+            a[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+}
+
+/* dS^T / scale of the step in dp, from P^T (st) and dP^T (dp); Ds: the query tile's D. The
+ * scale goes on dK at the end; masked entries have P = 0. */
+template <int HS>
+__device__ __forceinline__ void f3_bwd_dst(float (&dp)[HS / 2], const float (&st)[HS / 2],
+                                           const float *Ds, int hs, int lane)
+{
+#pragma unroll
+    for (int j = 0; j < HS / 8; j++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
+            dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
+        }
+}
+
+/* dS / scale = P (dP - D) of the step packed as dQ's A fragments (D0, D1: the thread's rows'
+ * D). The scale goes on dQ at the end; masked entries have P = 0. */
+template <int KS>
+__device__ __forceinline__ void f3_dq_pack_ds(uint32_t (&da)[KS / 16][4], const float (&sc)[KS / 2],
+                                              const float (&dp)[KS / 2], float D0, float D1)
+{
+#pragma unroll
+    for (int kk = 0; kk < KS / 16; kk++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int j0 = 8 * kk + 2 * x;
+            const float d = x & 1 ? D1 : D0;
+            da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
+        }
+}
+
 /* The forward's mask and online-softmax step on a 64-row warpgroup's S accumulators of key
  * tile k0 (rows row0, row1 of this thread), shared by f3_fwd_kernel, f3_fwd_pipe_kernel and
  * attention_ws.cuh's ws_fwd_kernel: masks the causal triangle, keys past T (diagonal and
@@ -778,10 +900,8 @@ __device__ __forceinline__ void f3_softmax(float (&s)[TN / 2], int k0, int wrow,
         mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
         mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
     a0 = mn0 == -INFINITY ? 1.0f : exp2x<FX>(m0 - mn0);
     a1 = mn1 == -INFINITY ? 1.0f : exp2x<FX>(m1 - mn1);
@@ -808,55 +928,8 @@ template <int TN, int DVP>
 __device__ __forceinline__ void f3_rescale_pack(float (&o)[DVP / 2], uint32_t (&pa)[TN / 16][4],
                                                 const float (&s)[TN / 2], float a0, float a1)
 {
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        o[4 * j] *= a0;
-        o[4 * j + 1] *= a0;
-        o[4 * j + 2] *= a1;
-        o[4 * j + 3] *= a1;
-    }
-#pragma unroll
-    for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-        for (int x = 0; x < 4; x++)
-            pa[kk][x] = pack_bf2(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
-}
-
-/* The forward's epilogue: the row sums l over the quad, O / l into out (rows row0, row1 of
- * (b, h), the columns below dv) and the rows' lse (natural log). poison: NaN rows and lse
- * (the ws kernel's stuck pipeline). */
-template <int DVP>
-__device__ __forceinline__ void f3_fwd_store(bf16 *out, float *lse, const float (&o)[DVP / 2],
-                                             float m0, float m1, float l0, float l1, bool poison,
-                                             int row0, int row1, int b, int h, int T, int nh,
-                                             int dv)
-{
-    const int lane = threadIdx.x & 31;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (poison)
-        l0 = l1 = __int_as_float(0x7fffffff);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (row0 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row0) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j] * i0, o[4 * j + 1] * i0);
-            if (row1 < T)
-                *(uint32_t *)(out + (((int64_t)b * T + row1) * nh + h) * dv + col) =
-                    pack_bf2(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
-        }
-    }
-    if ((lane & 3) == 0) {
-        if (row0 < T)
-            lse[((int64_t)b * nh + h) * T + row0] = (m0 + log2f(l0)) / LOG2E;
-        if (row1 < T)
-            lse[((int64_t)b * nh + h) * T + row1] = (m1 + log2f(l1)) / LOG2E;
-    }
+    acc_scale_rows<DVP>(o, a0, a1);
+    wg_pack_a<TN>(pa, s);
 }
 
 template <int DKP, int DVP>
@@ -879,9 +952,7 @@ __global__ void __launch_bounds__(256, 1)
     unsigned char *Qs = align1024(smem_raw), *Ks = Qs + L::QB, *Vs = Ks + 2 * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0;
     swz_tile<DKP, TM, 256>(Qs, q, b, h, q0, T, nh, dk);
@@ -890,9 +961,7 @@ __global__ void __launch_bounds__(256, 1)
     cp_async_commit();
 
     float o[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        o[j] = 0;
+    wg_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;
@@ -913,9 +982,7 @@ __global__ void __launch_bounds__(256, 1)
         __syncthreads();
         const unsigned char *Kb = Ks + buf * L::KB, *Vb = Vs + buf * L::VB;
         float s[TN / 2];
-#pragma unroll
-        for (int j = 0; j < TN / 2; j++)
-            s[j] = 0;
+        wg_zero(s);
         wg_regs(s);
         wg_fence();
 #pragma unroll
@@ -932,15 +999,13 @@ __global__ void __launch_bounds__(256, 1)
         f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vb, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vb, TN, 0);
         wg_commit();
         wg_wait<0>();
         wg_regs(o);
         __syncthreads(); /* the next prefetch overwrites the buffer just read */
     }
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP, int ST = 3, int TQ_ = 64>
@@ -960,32 +1025,8 @@ __device__ __forceinline__ void f3_store_dkdv(bf16 *d_k, bf16 *d_v, const float 
                                               int b, int T, int nh, int h, int dk, int dv,
                                               int kr0, int kr1, int lane)
 {
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (kr0 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr0) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j] * ks, dK[4 * j + 1] * ks);
-            if (kr1 < T)
-                *(uint32_t *)(d_k + (((int64_t)b * T + kr1) * nh + h) * dk + col) =
-                    pack_bf2(dK[4 * j + 2] * ks, dK[4 * j + 3] * ks);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DVP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dv) {
-            if (kr0 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr0) * nh + h) * dv + col) =
-                    VS ? pack_bf2(dV[4 * j] * vs, dV[4 * j + 1] * vs)
-                       : pack_bf2(dV[4 * j], dV[4 * j + 1]);
-            if (kr1 < T)
-                *(uint32_t *)(d_v + (((int64_t)b * T + kr1) * nh + h) * dv + col) =
-                    VS ? pack_bf2(dV[4 * j + 2] * vs, dV[4 * j + 3] * vs)
-                       : pack_bf2(dV[4 * j + 2], dV[4 * j + 3]);
-        }
-    }
+    store_rows_bf16<DKP, true>(d_k, dK, ks, ks, kr0, kr1, b, h, T, nh, dk, lane);
+    store_rows_bf16<DVP, VS>(d_v, dV, vs, vs, kr0, kr1, b, h, T, nh, dv, lane);
 }
 
 /* dK, dV: block = 128 keys of one (b, h), two warpgroups of 64 keys, over the query tiles
@@ -1048,21 +1089,10 @@ __global__ void __launch_bounds__(256, MINB)
     prefetch(qt0);
     prefetch(qt0 + 1);
     uint32_t ka[AR & 1 ? DKP / 16 : 1][4], va[AR & 2 ? DVP / 16 : 1][4];
-    if constexpr (AR != 0) { /* K and V came with the first query tile's group */
-        cp_async_wait<1>();
-        __syncthreads();
-        if constexpr ((AR & 1) != 0)
-            afrag<DKP>(ka, Ks, TK, wg * 64);
-        if constexpr ((AR & 2) != 0)
-            afrag<DVP>(va, Vs, TK, wg * 64);
-    }
+    f3_afrags<AR, DKP, DVP>(ka, va, Ks, Vs, TK, wg * 64); /* K and V: the first group */
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
@@ -1096,33 +1126,9 @@ __global__ void __launch_bounds__(256, MINB)
                     continue; /* (TQ 128) every key of the warpgroup follows every query */
                 float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
                 wg_fence();
-                if constexpr ((AR & 1) != 0) {
-                    wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0),
-                                               kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk),
-                                       kmaj<DKP>(Qb, TQ, hs, kk));
-                }
+                wg_abt<HS, DKP, (AR & 1) != 0>(st, ka, Ks, TK, wg * 64, Qb, TQ, hs);
                 wg_commit();
-                if constexpr ((AR & 2) != 0) {
-                    wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0),
-                                               kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk),
-                                       kmaj<DVP>(dOb, TQ, hs, kk));
-                }
+                wg_abt<HS, DVP, (AR & 2) != 0>(dp, va, Vs, TK, wg * 64, dOb, TQ, hs);
                 wg_commit();
                 wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
                 wg_regs(st);
@@ -1146,35 +1152,16 @@ __global__ void __launch_bounds__(256, MINB)
                         st[4 * j + x] = p;
                     }
                 uint32_t pa[HS / 16][4], da[HS / 16][4];
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                wg_pack_a<HS>(pa, st);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+                wg_ab_rs<DVP>(dV, pa, dOb, TQ, hs);
                 wg_commit();
                 wg_wait<1>(); /* dP^T is done */
                 wg_regs(dp);
-                /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
-#pragma unroll
-                for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++) {
-                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                        dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                    }
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                f3_bwd_dst<HS>(dp, st, Ds, hs, lane);
+                wg_pack_a<HS>(da, dp);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+                wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
                 wg_commit();
             }
         }
@@ -1239,9 +1226,7 @@ __global__ void __launch_bounds__(256, MINB)
     const float lse0 = qr0 < T ? lse_bh[qr0] * LOG2E : 0.0f;
     const float lse1 = qr1 < T ? lse_bh[qr1] * LOG2E : 0.0f;
     const float D0 = qr0 < T ? D_bh[qr0] : 0.0f, D1 = qr1 < T ? D_bh[qr1] : 0.0f;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0; /* documents: the first visible tile */
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
@@ -1261,18 +1246,9 @@ __global__ void __launch_bounds__(256, MINB)
     prefetch(kt0);
     prefetch(kt0 + 1);
     uint32_t qa[AR & 1 ? DKP / 16 : 1][4], oa[AR & 2 ? DVP / 16 : 1][4];
-    if constexpr (AR != 0) { /* Q and dO came with the first key tile's group */
-        cp_async_wait<1>();
-        __syncthreads();
-        if constexpr ((AR & 1) != 0)
-            afrag<DKP>(qa, Qs, TM, wg * 64);
-        if constexpr ((AR & 2) != 0)
-            afrag<DVP>(oa, dOs, TM, wg * 64);
-    }
+    f3_afrags<AR, DKP, DVP>(qa, oa, Qs, dOs, TM, wg * 64); /* Q and dO: the first group */
     float dQ[DKP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dQ[j] = 0;
+    wg_zero(dQ);
     for (int kt = kt0; (DR & 2) || kt < ntiles; kt++) { /* DR 2: kt0 < ntiles always */
         const int buf = (kt - kt0) % L::STAGES, k0 = kt * TN;
         cp_async_wait<1>(); /* tile kt has landed (kt + 1 may be in flight) */
@@ -1294,31 +1270,9 @@ __global__ void __launch_bounds__(256, MINB)
             }
             float sc[KS / 2], dp[KS / 2]; /* the first k-step overwrites them */
             wg_fence();
-            if constexpr ((AR & 1) != 0) {
-                wg_mma<KS>::template rsk<0>(sc, qa[0], kmaj<DKP>(Kb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DKP / 16; kk++)
-                    wg_mma<KS>::rsk(sc, qa[kk], kmaj<DKP>(Kb, TN, ks, kk));
-            } else {
-                wg_mma<KS>::template ss<0>(sc, kmaj<DKP>(Qs, TM, wg * 64, 0),
-                                           kmaj<DKP>(Kb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DKP / 16; kk++)
-                    wg_mma<KS>::ss(sc, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kb, TN, ks, kk));
-            }
+            wg_abt<KS, DKP, (AR & 1) != 0>(sc, qa, Qs, TM, wg * 64, Kb, TN, ks);
             wg_commit();
-            if constexpr ((AR & 2) != 0) {
-                wg_mma<KS>::template rsk<0>(dp, oa[0], kmaj<DVP>(Vb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DVP / 16; kk++)
-                    wg_mma<KS>::rsk(dp, oa[kk], kmaj<DVP>(Vb, TN, ks, kk));
-            } else {
-                wg_mma<KS>::template ss<0>(dp, kmaj<DVP>(dOs, TM, wg * 64, 0),
-                                           kmaj<DVP>(Vb, TN, ks, 0));
-#pragma unroll
-                for (int kk = 1; kk < DVP / 16; kk++)
-                    wg_mma<KS>::ss(dp, kmaj<DVP>(dOs, TM, wg * 64, kk), kmaj<DVP>(Vb, TN, ks, kk));
-            }
+            wg_abt<KS, DVP, (AR & 2) != 0>(dp, oa, dOs, TM, wg * 64, Vb, TN, ks);
             wg_commit();
             wg_wait<1>(); /* S is done (and the last step's dQ); dP may still run */
             wg_regs(sc);
@@ -1337,21 +1291,11 @@ __global__ void __launch_bounds__(256, MINB)
                 }
             wg_wait<0>();
             wg_regs(dp);
-            /* dS / scale (scale goes on dQ at the end); masked entries have P = 0 */
             uint32_t da[KS / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < KS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    const int j0 = 8 * kk + 2 * x;
-                    const float d = x & 1 ? D1 : D0;
-                    da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
-                }
+            f3_dq_pack_ds<KS>(da, sc, dp, D0, D1);
             wg_regs(dQ);
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KS / 16; kk++)
-                wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, ks + kk * 16));
+            wg_ab_rs<DKP>(dQ, da, Kb, TN, ks);
             wg_commit();
             if ((ST == 3 || (DR & 1)) && ks + KS == TN) { /* the next barrier frees this stage */
                 wg_wait<0>();
@@ -1363,18 +1307,7 @@ __global__ void __launch_bounds__(256, MINB)
     }
     wg_wait<0>();
     wg_regs(dQ);
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (qr0 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j] * scale, dQ[4 * j + 1] * scale);
-            if (qr1 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j + 2] * scale, dQ[4 * j + 3] * scale);
-        }
-    }
+    store_rows_bf16<DKP, true>(d_q, dQ, scale, scale, qr0, qr1, b, h, T, nh, dk, lane);
 }
 
 #include "attention_fa.cuh" /* the fused backward, DSV3_ATTN_BWD 9 and 10 */
@@ -1428,9 +1361,7 @@ __global__ void __launch_bounds__(256, 1)
     unsigned char *Qs = align1024(smem_raw), *Ks = Qs + L::QB, *Vs = Ks + L::STAGES * L::KB;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     auto prefetch = [&](int kt) {
         const int st = kt % L::STAGES;
         if (kt < ntiles) {
@@ -1443,9 +1374,7 @@ __global__ void __launch_bounds__(256, 1)
     prefetch(0);
     prefetch(1);
     float o[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        o[j] = 0;
+    wg_zero(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     const float sl2 = scale * LOG2E;
     const int wrow = q0 + wg * 64, row0 = wrow + warp * 16 + (lane >> 2), row1 = row0 + 8;
@@ -1454,10 +1383,7 @@ __global__ void __launch_bounds__(256, 1)
     fence_proxy_async();
     __syncthreads();
     wg_fence();
-    wg_mma<TN>::ss<0>(s, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Ks, TN, 0, 0));
-#pragma unroll
-    for (int kk = 1; kk < DKP / 16; kk++)
-        wg_mma<TN>::ss(s, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Ks, TN, 0, kk));
+    wg_abt_ss<TN, DKP>(s, Qs, TM, wg * 64, Ks, TN, 0);
     wg_commit();
     wg_wait<0>();
     wg_regs(s);
@@ -1474,10 +1400,7 @@ __global__ void __launch_bounds__(256, 1)
         if (more) {
             const unsigned char *Kn = Ks + ((kt + 1) % L::STAGES) * L::KB;
             wg_fence();
-            wg_mma<TN>::ss<0>(sn, kmaj<DKP>(Qs, TM, wg * 64, 0), kmaj<DKP>(Kn, TN, 0, 0));
-#pragma unroll
-            for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<TN>::ss(sn, kmaj<DKP>(Qs, TM, wg * 64, kk), kmaj<DKP>(Kn, TN, 0, kk));
+            wg_abt_ss<TN, DKP>(sn, Qs, TM, wg * 64, Kn, TN, 0);
             wg_commit();
         }
         /* softmax of tile kt while the next S runs */
@@ -1488,9 +1411,7 @@ __global__ void __launch_bounds__(256, 1)
         f3_rescale_pack<TN, DVP>(o, pa, s, a0, a1);
         wg_regs(o);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vs + buf * L::VB, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vs + buf * L::VB, TN, 0);
         wg_commit();
         wg_wait<0>();
         wg_regs(o);
@@ -1501,7 +1422,7 @@ __global__ void __launch_bounds__(256, 1)
                 s[j] = sn[j];
         }
     }
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, false, row0, row1, b, h, T, nh, dv);
 }
 
 template <int DKP, int DVP>

@@ -21,22 +21,6 @@
  * Needs B*T*nh*dk*4 bytes of the context's arena for the accumulator
  * (gpu_attention_bwd_arena_bytes counts them). */
 
-/* m64n96k16, A (K-major) and B (MN-major: tnspB = 1) both from shared memory */
-template <int ACC>
-__device__ __forceinline__ void fa_ss_n96_tb(float (&d)[48], uint64_t da, uint64_t db)
-{
-#ifdef DSV3_HAVE_WGMMA
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, %48, %49, p, 1, 1, 0, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-                 : "l"(da), "l"(db), "n"(ACC));
-#else
-    (void)d, (void)da, (void)db;
-    __trap();
-#endif
-}
-
 /* Four 8x8 bf16 matrices of a warp's mma fragments stored transposed: lane l gives the row
  * address of matrix l / 8 (row l % 8) */
 __device__ __forceinline__ void fa_stsm_x4_t(void *p, uint32_t r0, uint32_t r1, uint32_t r2,
@@ -113,12 +97,8 @@ __global__ void __launch_bounds__(256, 1)
     prefetch(qt0);
     prefetch(qt0 + 1);
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     const int kr0 = k0 + wg * 64 + warp * 16 + (lane >> 2), kr1 = kr0 + 8;
     const int sk0 = SEG && kr0 < T ? sg[kr0] : 0, sk1 = SEG && kr1 < T ? sg[kr1] : 0;
     const int kfirst = min(k0 + wg * 64, T - 1), skf = SEG ? sg[kfirst] : 0;
@@ -159,15 +139,9 @@ __global__ void __launch_bounds__(256, 1)
             }
             float st[HS / 2], dp[HS / 2];
             wg_fence();
-            wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, wg * 64, 0), kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-            for (int kk = 1; kk < DKP / 16; kk++)
-                wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, wg * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
+            wg_abt_ss<HS, DKP>(st, Ks, TK, wg * 64, Qb, TQ, hs);
             wg_commit();
-            wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, wg * 64, 0), kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-            for (int kk = 1; kk < DVP / 16; kk++)
-                wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, wg * 64, kk), kmaj<DVP>(dOb, TQ, hs, kk));
+            wg_abt_ss<HS, DVP>(dp, Vs, TK, wg * 64, dOb, TQ, hs);
             wg_commit();
             wg_wait<1>(); /* S^T, and the last step's dV and dK, are done */
             wg_regs(st);
@@ -189,31 +163,14 @@ __global__ void __launch_bounds__(256, 1)
                     st[4 * j + x] = p;
                 }
             uint32_t pa[HS / 16][4], da[HS / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+            wg_pack_a<HS>(pa, st);
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-                wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+            wg_ab_rs<DVP>(dV, pa, dOb, TQ, hs);
             wg_commit();
             wg_wait<1>(); /* dP^T is done */
             wg_regs(dp);
-            /* dS^T / scale (scale goes on dK and dQ at the end); masked entries have P = 0 */
-#pragma unroll
-            for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) {
-                    int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                    dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                }
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                for (int x = 0; x < 4; x++)
-                    da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+            f3_bwd_dst<HS>(dp, st, Ds, hs, lane); /* its scale also goes on dQ at the end */
+            wg_pack_a<HS>(da, dp);
             /* dS (query rows, key columns) into the tile. Element (key kl,
              * query ql) of this warpgroup lies at line ql, chunk kl / 8 ^ (ql & 7). */
             if (STSM) {
@@ -233,9 +190,7 @@ __global__ void __launch_bounds__(256, 1)
                     }
             }
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++)
-                wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+            wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
             wg_commit();
         }
         wg_wait<0>();
@@ -250,13 +205,13 @@ __global__ void __launch_bounds__(256, 1)
         if (any && qw < T && nk > 0) {
             float dq[DKP / 2];
             wg_fence();
-            fa_ss_n96_tb<0>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
+            wg_mma<96>::ss<0, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, 0), mnmaj<DKP>(Ks, TK, 0));
             /* all 128 keys even where only the first 64 can be visible (the diagonal tile's
              * first warpgroup): those dS entries are zero, and a product under a condition
              * inside the block would make ptxas serialize every wgmma of the kernel */
 #pragma unroll
             for (int kk = 1; kk < TK / 16; kk++)
-                fa_ss_n96_tb<1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
+                wg_mma<96>::ss<1, 1>(dq, kmaj<128>(Ss, TQ, wg * 64, kk), mnmaj<DKP>(Ks, TK, kk * 16));
             wg_commit();
             wg_wait<0>();
             wg_regs(dq);

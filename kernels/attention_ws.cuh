@@ -1,8 +1,9 @@
 /* attention_ws: the warp-specialised Hopper attention forward (variants 4 and 5 of
  * gpu_attention_set_variant / DSV3_ATTN_FWD), FlashAttention-3's schedule on the tiles,
  * descriptors and softmax of kernels/attention.cu's f3_fwd_kernel. Included by attention.cu
- * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, and the mask, softmax
- * and epilogue f3_fwd_kernel runs too: f3_softmax, f3_rescale_pack, f3_fwd_store).
+ * (after the Hopper section: swl, kmaj, mnmaj, doc_first, align1024, causal_ntiles, the
+ * products wg_abt_ss and wg_ab_rs, and the mask, softmax and epilogue f3_fwd_kernel runs
+ * too: f3_softmax, f3_rescale_pack, attn_fwd_store).
  *
  * Block = 128 queries of one (b, h), 384 threads: warpgroup 0 loads (one thread issues TMA
  * bulk tensor copies, the rest exit after giving back their registers), warpgroups 1 and 2
@@ -125,6 +126,47 @@ __device__ __forceinline__ void ws_keep(uint32_t (&p)[N][4])
             asm volatile("" : "+r"(p[i][x])::"memory");
 }
 
+/* The barriers of ws_fwd_kernel and ws_dq_kernel, set up by thread 0 before any thread
+ * uses them: qbar (the loader's one arrival with the bytes of Q, and dO), the K and V
+ * rings' full barriers (the same) and empty ones (one arrival a consumer warp), ST stages. */
+template <int ST>
+__device__ __forceinline__ void ws_init_kv_bars(uint32_t qbar, uint32_t fk0, uint32_t ek0,
+                                                uint32_t fv0, uint32_t ev0)
+{
+    if (threadIdx.x == 0) {
+        mbar_init(qbar, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(fk0 + 8 * s, 1);
+            mbar_init(ek0 + 8 * s, 8); /* each consumer warp */
+            mbar_init(fv0 + 8 * s, 1);
+            mbar_init(ev0 + 8 * s, 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+}
+
+/* The loader's K and V rings (tiles of L::TN keys, L::ST stages): key tile kt0 + i into
+ * stage i % ST of each, once the consumers have released the tile the stage held. */
+template <typename L, int DKP, int DVP>
+__device__ __forceinline__ void ws_load_kv(uint32_t k_s, uint32_t v_s, const CUtensorMap &tk,
+                                           const CUtensorMap &tv, uint32_t fk0, uint32_t ek0,
+                                           uint32_t fv0, uint32_t ev0, int b, int h, int kt0,
+                                           int N)
+{
+    const int TN = L::TN, ST = L::ST;
+    for (int i = 0; i < N; i++) {
+        const int s = i % ST, k0 = (kt0 + i) * TN;
+        const uint32_t ph = ((i / ST) & 1) ^ 1;
+        mbar_wait(ek0 + 8 * s, ph);
+        mbar_arrive_tx(fk0 + 8 * s, L::KB);
+        ws_load_tile<DKP, TN>(k_s + s * L::KB, &tk, fk0 + 8 * s, b, h, k0);
+        mbar_wait(ev0 + 8 * s, ph);
+        mbar_arrive_tx(fv0 + 8 * s, L::VB);
+        ws_load_tile<DVP, TN>(v_s + s * L::VB, &tv, fv0 + 8 * s, b, h, k0);
+    }
+}
+
 template <int DKP, int DVP, bool SEG>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(bf16 *out, float *lse, const int32_t *seg, int T, int nh, int dv, float scale,
@@ -141,22 +183,10 @@ __global__ void __launch_bounds__(384, 1)
                    ek0 = fk0 + 8 * ST, fv0 = ek0 + 8 * ST, ev0 = fv0 + 8 * ST;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0, N = ntiles - kt0;
-    if (threadIdx.x == 0) {
-        mbar_init(qbar, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(fk0 + 8 * s, 1);
-            mbar_init(ek0 + 8 * s, 8); /* each consumer warp */
-            mbar_init(fv0 + 8 * s, 1);
-            mbar_init(ev0 + 8 * s, 8);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    ws_init_kv_bars<ST>(qbar, fk0, ek0, fv0, ev0);
 
     if (wg == 0) { /* the loader */
         if (!mg_tma_producer(&tk, &tv)) /* 40 registers; thread 0 goes on */
@@ -167,16 +197,7 @@ __global__ void __launch_bounds__(384, 1)
         const uint32_t v_s = (uint32_t)__cvta_generic_to_shared(Vs);
         mbar_arrive_tx(qbar, L::QB);
         ws_load_tile<DKP, TM>(q_s, &tq, qbar, b, h, q0);
-        for (int i = 0; i < N; i++) {
-            const int s = i % ST, k0 = (kt0 + i) * TN;
-            const uint32_t ph = ((i / ST) & 1) ^ 1;
-            mbar_wait(ek0 + 8 * s, ph);
-            mbar_arrive_tx(fk0 + 8 * s, L::KB);
-            ws_load_tile<DKP, TN>(k_s + s * L::KB, &tk, fk0 + 8 * s, b, h, k0);
-            mbar_wait(ev0 + 8 * s, ph);
-            mbar_arrive_tx(fv0 + 8 * s, L::VB);
-            ws_load_tile<DVP, TN>(v_s + s * L::VB, &tv, fv0 + 8 * s, b, h, k0);
-        }
+        ws_load_kv<L, DKP, DVP>(k_s, v_s, tk, tv, fk0, ek0, fv0, ev0, b, h, kt0, N);
         return;
     }
 
@@ -184,7 +205,7 @@ __global__ void __launch_bounds__(384, 1)
     const int cw = wg - 1, other = cw ^ 1;
     float o[DVP / 2];
 #pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
+    for (int j = 0; j < DVP / 2; j++) /* not wg_zero: the PTX of this kernel moves */
         o[j] = 0;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0, a0 = 1, a1 = 1;
     const float sl2 = scale * LOG2E;
@@ -194,18 +215,11 @@ __global__ void __launch_bounds__(384, 1)
     float s[TN / 2];
     uint32_t pa[TN / 16][4];
     auto issue_s = [&](int i) { /* S_i = Q K_i^T */
-        const unsigned char *Kb = Ks + (i % ST) * L::KB;
-        wg_mma<TN>::template ss<0>(s, kmaj<DKP>(Qs, TM, cw * 64, 0), kmaj<DKP>(Kb, TN, 0, 0));
-#pragma unroll
-        for (int kk = 1; kk < DKP / 16; kk++)
-            wg_mma<TN>::ss(s, kmaj<DKP>(Qs, TM, cw * 64, kk), kmaj<DKP>(Kb, TN, 0, kk));
+        wg_abt_ss<TN, DKP>(s, Qs, TM, cw * 64, Ks + (i % ST) * L::KB, TN, 0);
         wg_commit();
     };
     auto issue_pv = [&](int i) { /* O += P_i V_i */
-        const unsigned char *Vb = Vs + (i % ST) * L::VB;
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DVP>::rs(o, pa[kk], mnmaj<DVP>(Vb, TN, kk * 16));
+        wg_ab_rs<DVP>(o, pa, Vs + (i % ST) * L::VB, TN, 0);
         wg_commit();
     };
     auto release = [&](uint32_t bar0, int i) { /* this warp is done with tile i's stage */
@@ -267,7 +281,7 @@ __global__ void __launch_bounds__(384, 1)
         ws_sched_sync(0); /* warpgroup 2's last hand-over: both barriers end balanced */
 
     /* a broken pipeline must not pass for a result: NaN rows, NaN lse */
-    f3_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, stuck, row0, row1, b, h, T, nh, dv);
+    attn_fwd_store<DVP>(out, lse, o, m0, m1, l0, l1, stuck, row0, row1, b, h, T, nh, dv);
 }
 
 /* The map of a [B][T][nh][d] bf16 tensor whose boxes are one swizzle atom of a tile padded

@@ -1,8 +1,9 @@
 /* attention_wsb: the warp-specialised dQ kernel of the Hopper attention backward (candidate
  * 18 of DSV3_ATTN_BWD: candidate 17's dK/dV kernel, then this one). Included by attention.cu
  * after attention_ws.cuh, whose tensor maps (ws_map, ws_aligned), TMA tile loads
- * (ws_load_tile), ping-pong barriers (ws_sched_sync / ws_sched_arrive), consumer waits
- * (ws_wait) and register split (mg_tma_producer, mg_regs_consumer) it reuses.
+ * (ws_load_tile), barriers and K/V loader ring (ws_init_kv_bars, ws_load_kv), ping-pong
+ * barriers (ws_sched_sync / ws_sched_arrive), consumer waits (ws_wait) and register split
+ * (mg_tma_producer, mg_regs_consumer) it reuses.
  *
  * Why: the cp.async dQ kernel (f3_bwd_dq_kernel) loads in the warps that multiply and meets
  * at a __syncthreads every key tile, so its two warpgroups run in step: both compute their
@@ -85,22 +86,10 @@ __global__ void __launch_bounds__(384, 1)
     const int qt = lpt ? gridDim.y - 1 - blockIdx.y : gridDim.x - 1 - blockIdx.x;
     const int h = lpt ? blockIdx.x % nh : blockIdx.y, b = lpt ? blockIdx.x / nh : blockIdx.z;
     const int q0 = qt * TM;
-    int ntiles = (q0 + TM - 1) / TN + 1;
-    if (ntiles * TN > T)
-        ntiles = (T + TN - 1) / TN;
+    const int ntiles = causal_ntiles(q0, TM, TN, T);
     const int32_t *sg = SEG ? seg + (int64_t)b * T : NULL;
     const int kt0 = SEG ? doc_first(sg, q0) / TN : 0, N = ntiles - kt0;
-    if (threadIdx.x == 0) {
-        mbar_init(qbar, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(fk0 + 8 * s, 1);
-            mbar_init(ek0 + 8 * s, 8); /* each consumer warp */
-            mbar_init(fv0 + 8 * s, 1);
-            mbar_init(ev0 + 8 * s, 8);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    ws_init_kv_bars<ST>(qbar, fk0, ek0, fv0, ev0);
 
     if (wg == 0) { /* the loader */
         if (!ws_producer<OV>(&tk, &tv)) /* thread 0 goes on */
@@ -114,16 +103,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_tx(qbar, L::QB + L::OB);
         ws_load_tile<DKP, TM>(q_s, &tq, qbar, b, h, q0);
         ws_load_tile<DVP, TM>(o_s, &tdo, qbar, b, h, q0);
-        for (int i = 0; i < N; i++) {
-            const int s = i % ST, k0 = (kt0 + i) * TN;
-            const uint32_t ph = ((i / ST) & 1) ^ 1;
-            mbar_wait(ek0 + 8 * s, ph);
-            mbar_arrive_tx(fk0 + 8 * s, L::KB);
-            ws_load_tile<DKP, TN>(k_s + s * L::KB, &tk, fk0 + 8 * s, b, h, k0);
-            mbar_wait(ev0 + 8 * s, ph);
-            mbar_arrive_tx(fv0 + 8 * s, L::VB);
-            ws_load_tile<DVP, TN>(v_s + s * L::VB, &tv, fv0 + 8 * s, b, h, k0);
-        }
+        ws_load_kv<L, DKP, DVP>(k_s, v_s, tk, tv, fk0, ek0, fv0, ev0, b, h, kt0, N);
         return;
     }
 
@@ -138,9 +118,7 @@ __global__ void __launch_bounds__(384, 1)
     const int sq0 = SEG && qr0 < T ? sg[qr0] : 0, sq1 = SEG && qr1 < T ? sg[qr1] : 0;
     const int slast = SEG ? sg[min(wrow + 63, T - 1)] : 0;
     float dQ[DKP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dQ[j] = 0;
+    wg_zero(dQ);
     float sc[TN / 2], dp[TN / 2]; /* the first k-step of S and dP overwrites them */
     uint32_t da[TN / 16][4];
     bool stuck = false;
@@ -151,22 +129,13 @@ __global__ void __launch_bounds__(384, 1)
     auto full = [&](uint32_t bar0, int i) { ws_wait(bar0 + 8 * (i % ST), (i / ST) & 1, stuck); };
     auto issue_sdp = [&](int i) { /* S = Q K_i^T, dP = dO V_i^T: two groups */
         const unsigned char *Kb = Ks + (i % ST) * L::KB, *Vb = Vs + (i % ST) * L::VB;
-        wg_mma<TN>::template ss<0>(sc, kmaj<DKP>(Qs, TM, cw * 64, 0), kmaj<DKP>(Kb, TN, 0, 0));
-#pragma unroll
-        for (int kk = 1; kk < DKP / 16; kk++)
-            wg_mma<TN>::ss(sc, kmaj<DKP>(Qs, TM, cw * 64, kk), kmaj<DKP>(Kb, TN, 0, kk));
+        wg_abt_ss<TN, DKP>(sc, Qs, TM, cw * 64, Kb, TN, 0);
         wg_commit();
-        wg_mma<TN>::template ss<0>(dp, kmaj<DVP>(dOs, TM, cw * 64, 0), kmaj<DVP>(Vb, TN, 0, 0));
-#pragma unroll
-        for (int kk = 1; kk < DVP / 16; kk++)
-            wg_mma<TN>::ss(dp, kmaj<DVP>(dOs, TM, cw * 64, kk), kmaj<DVP>(Vb, TN, 0, kk));
+        wg_abt_ss<TN, DVP>(dp, dOs, TM, cw * 64, Vb, TN, 0);
         wg_commit();
     };
     auto issue_dq = [&](int i) { /* dQ += dS_i K_i: one group */
-        const unsigned char *Kb = Ks + (i % ST) * L::KB;
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-            wg_mma<DKP>::rs(dQ, da[kk], mnmaj<DKP>(Kb, TN, kk * 16));
+        wg_ab_rs<DKP>(dQ, da, Ks + (i % ST) * L::KB, TN, 0);
         wg_commit();
     };
     /* with S done (dP may run): P, masked on the diagonal tile, past T and across documents;
@@ -190,14 +159,7 @@ __global__ void __launch_bounds__(384, 1)
         wg_wait<0>();
         wg_regs(dp);
         release(ev0, i); /* V_i: dP was its only reader */
-#pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++)
-#pragma unroll
-            for (int x = 0; x < 4; x++) {
-                const int j0 = 8 * kk + 2 * x;
-                const float d = x & 1 ? D1 : D0;
-                da[kk][x] = pack_bf2(sc[j0] * (dp[j0] - d), sc[j0 + 1] * (dp[j0 + 1] - d));
-            }
+        f3_dq_pack_ds<TN>(da, sc, dp, D0, D1);
     };
 
     ws_wait(qbar, 0, stuck);
@@ -269,18 +231,7 @@ __global__ void __launch_bounds__(384, 1)
 
     /* a broken pipeline must not pass for a result: NaN rows */
     const float sc_out = stuck ? __int_as_float(0x7fffffff) : scale;
-#pragma unroll
-    for (int j = 0; j < DKP / 8; j++) {
-        int col = j * 8 + (lane & 3) * 2;
-        if (col < dk) {
-            if (qr0 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr0) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j] * sc_out, dQ[4 * j + 1] * sc_out);
-            if (qr1 < T)
-                *(uint32_t *)(d_q + (((int64_t)b * T + qr1) * nh + h) * dk + col) =
-                    pack_bf2(dQ[4 * j + 2] * sc_out, dQ[4 * j + 3] * sc_out);
-        }
-    }
+    store_rows_bf16<DKP, true>(d_q, dQ, sc_out, sc_out, qr0, qr1, b, h, T, nh, dk, lane);
 }
 
 /* dK, dV (candidate 20, with ws_dq_kernel after it): f3_bwd_dkdv_kernel's products (17's:
@@ -342,29 +293,17 @@ __device__ __forceinline__ void
     static_assert(L::HS == 64, "pa, da, st, dp are one 64-query step");
     auto stage = [&](int i) { return S0 + (i % ST) * L::SB; };
     auto issue_s = [&](const unsigned char *Qb, int hs) { /* S^T: one group */
-        wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-        for (int kk = 1; kk < DKP / 16; kk++)
-            wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
+        wg_abt<HS, DKP, true>(st, ka, NULL, 0, 0, Qb, TQ, hs);
         wg_commit();
     };
     auto issue_dp = [&](const unsigned char *Qb, int hs) { /* dP^T: one group */
-        const unsigned char *dOb = Qb + L::QB;
-        wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-        for (int kk = 1; kk < DVP / 16; kk++)
-            wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
+        wg_abt<HS, DVP, true>(dp, va, NULL, 0, 0, Qb + L::QB, TQ, hs);
         wg_commit();
     };
     auto issue_dkv = [&](const unsigned char *Qb, int hs) { /* dV, dK: two groups */
-        const unsigned char *dOb = Qb + L::QB;
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++)
-            wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+        wg_ab_rs<DVP>(dV, pa, Qb + L::QB, TQ, hs);
         wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++)
-            wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+        wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
         wg_commit();
     };
     /* with S^T done: P^T in st (20's exponential and masks) */
@@ -386,31 +325,12 @@ __device__ __forceinline__ void
                 st[4 * j + x] = p;
             }
     };
-    auto pack_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-            for (int x = 0; x < 4; x++)
-                pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
-    };
+    auto pack_p = [&]() { wg_pack_a<HS>(pa, st); };
     /* with dP^T done: dS^T / scale in dp (scale goes on dK at the end) */
     auto ds = [&](const unsigned char *Qb, int hs) {
-        const float *Ds = (const float *)(Qb + L::QB + L::OB) + TQ;
-#pragma unroll
-        for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-            for (int x = 0; x < 4; x++) {
-                int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-            }
+        f3_bwd_dst<HS>(dp, st, (const float *)(Qb + L::QB + L::OB) + TQ, hs, lane);
     };
-    auto pack_ds = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-            for (int x = 0; x < 4; x++)
-                da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
-    };
+    auto pack_ds = [&]() { wg_pack_a<HS>(da, dp); };
     auto release = [&](int i) { /* this lane is done with tile i's stage */
         ws_release_stage(eq0 + 8 * (i % ST));
     };
@@ -593,12 +513,8 @@ __global__ void __launch_bounds__(384, 1)
         afrag<DVP>(va, Vs, TK, cw * 64);
     }
     float dK[DKP / 2], dV[DVP / 2];
-#pragma unroll
-    for (int j = 0; j < DKP / 2; j++)
-        dK[j] = 0;
-#pragma unroll
-    for (int j = 0; j < DVP / 2; j++)
-        dV[j] = 0;
+    wg_zero(dK);
+    wg_zero(dV);
     float st[HS / 2], dp[HS / 2]; /* the first k-step overwrites them */
     uint32_t pa[HS / 16][4], da[HS / 16][4];
     if (cw == 1)
@@ -622,32 +538,9 @@ __global__ void __launch_bounds__(384, 1)
                 ws_sched_arrive(other);
             } else {
                 wg_fence();
-                if constexpr (KVR) {
-                    wg_mma<HS>::template rsk<0>(st, ka[0], kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::rsk(st, ka[kk], kmaj<DKP>(Qb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(st, kmaj<DKP>(Ks, TK, cw * 64, 0),
-                                               kmaj<DKP>(Qb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DKP / 16; kk++)
-                        wg_mma<HS>::ss(st, kmaj<DKP>(Ks, TK, cw * 64, kk), kmaj<DKP>(Qb, TQ, hs, kk));
-                }
+                wg_abt<HS, DKP, KVR>(st, ka, Ks, TK, cw * 64, Qb, TQ, hs);
                 wg_commit();
-                if constexpr (KVR) {
-                    wg_mma<HS>::template rsk<0>(dp, va[0], kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::rsk(dp, va[kk], kmaj<DVP>(dOb, TQ, hs, kk));
-                } else {
-                    wg_mma<HS>::template ss<0>(dp, kmaj<DVP>(Vs, TK, cw * 64, 0),
-                                               kmaj<DVP>(dOb, TQ, hs, 0));
-#pragma unroll
-                    for (int kk = 1; kk < DVP / 16; kk++)
-                        wg_mma<HS>::ss(dp, kmaj<DVP>(Vs, TK, cw * 64, kk),
-                                       kmaj<DVP>(dOb, TQ, hs, kk));
-                }
+                wg_abt<HS, DVP, KVR>(dp, va, Vs, TK, cw * 64, dOb, TQ, hs);
                 wg_commit();
                 ws_sched_arrive(other);
                 wg_wait<1>(); /* S^T is done */
@@ -667,26 +560,11 @@ __global__ void __launch_bounds__(384, 1)
                         }
                         st[4 * j + x] = p;
                     }
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        pa[kk][x] = pack_bf2(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+                wg_pack_a<HS>(pa, st);
                 wg_wait<0>(); /* dP^T is done */
                 wg_regs(dp);
-                /* dS^T / scale (scale goes on dK at the end); masked entries have P = 0 */
-#pragma unroll
-                for (int j = 0; j < HS / 8; j++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++) {
-                        int ql = hs + j * 8 + (lane & 3) * 2 + (x & 1);
-                        dp[4 * j + x] = st[4 * j + x] * (dp[4 * j + x] - Ds[ql]);
-                    }
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        da[kk][x] = pack_bf2(dp[8 * kk + 2 * x], dp[8 * kk + 2 * x + 1]);
+                f3_bwd_dst<HS>(dp, st, Ds, hs, lane);
+                wg_pack_a<HS>(da, dp);
             }
             ws_sched_sync(cw); /* turn 2: dV, dK */
             if (!live) {
@@ -697,13 +575,9 @@ __global__ void __launch_bounds__(384, 1)
                 ws_keep(pa);
                 ws_keep(da);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DVP>::rs(dV, pa[kk], mnmaj<DVP>(dOb, TQ, hs + kk * 16));
+                wg_ab_rs<DVP>(dV, pa, dOb, TQ, hs);
                 wg_commit();
-#pragma unroll
-                for (int kk = 0; kk < HS / 16; kk++)
-                    wg_mma<DKP>::rs(dK, da[kk], mnmaj<DKP>(Qb, TQ, hs + kk * 16));
+                wg_ab_rs<DKP>(dK, da, Qb, TQ, hs);
                 wg_commit();
                 ws_sched_arrive(other);
                 wg_wait<0>();
