@@ -82,8 +82,10 @@ struct ginfer {
     /* more of them: the post-attention norm inside the router's launch (fpost: in this
      * layer), the attention combine inside the uv GEMV */
     int fz_post, fz_uvc, fpost;
-    /* and the MoE down-projection summing its rows into x itself (nothing left pending) */
-    int fz_msum;
+    /* and the MoE down-projection summing its rows into x itself (nothing left pending);
+     * route1: the fused router of one row in one block (DSV3_GINFER_ROUTE1=0: route_k's
+     * grid and last block, for comparisons) */
+    int fz_msum, route1;
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
@@ -462,6 +464,8 @@ static void fuse_flags(ginfer *g)
     g->fz_post = all || (!none && strstr(v, "post"));
     g->fz_uvc = all || (!none && strstr(v, "uvc"));
     g->fz_msum = all || (!none && strstr(v, "msum"));
+    const char *r1 = getenv("DSV3_GINFER_ROUTE1");
+    g->route1 = !r1 || strcmp(r1, "0");
 }
 
 /* The fusions on, appended to the description inside its parentheses ("cuda:0 (NVIDIA H200,
@@ -943,7 +947,7 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     } else if (g->fz_route && n <= 64) {  /* decode-sized: the last block routes every row */
         if (gk_route(g->s, g->xn, y->router, y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E,
                      g->n_group, g->topk_group, K, g->norm_topk, g->route_scale, y->sh ? n : 0,
-                     g->off, g->order, g->spos, g->rcnt, e))
+                     g->off, g->order, g->spos, g->rcnt, g->route1, e))
             return -1;
         mark(g, "router+top-k+bucket", E * H * 4.0);
     } else {

@@ -4,6 +4,7 @@
 
 #include "cuda_util.cuh"
 #include "ginfer_attn.cuh"
+#include "ginfer.h"
 #include "ginfer_k.cuh"
 #include "route_row.cuh"
 
@@ -746,6 +747,62 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         *count = 0;
 }
 
+/* The router of one row in one block of 32 warps (gk_route with route1_fits): warp x takes
+ * expert x's dot product as route_k's warp_dots does (the same pieces a lane, the same order),
+ * with the router row in registers before the wait (a weight: no kernel before writes it), so
+ * after the wait only x's read from L2 and the sums are left; then warp 0 routes from shared
+ * memory (route_row32) and the block buckets (moe_bucket_body). route_k's outputs bitwise,
+ * without its last-block hand-over (a fence, a counter's round trip, the logits read back
+ * through L2) and TG + K dependent rounds of shuffles. */
+#define ROUTE1_CHUNKS 4 /* 256-value pieces of a row a lane holds: H <= 1024 */
+
+__global__ void __launch_bounds__(1024, 1)
+    route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
+             const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
+             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
+{
+    __shared__ float lg[32], sc[32], svr[32];
+    __shared__ int ir[32], cnt[33];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float *wr = router + (long)(warp < E ? warp : 0) * H;
+    float wv[ROUTE1_CHUNKS][8];
+#pragma unroll
+    for (int j = 0; j < ROUTE1_CHUNKS; j++)
+        if (lane * 8 + 256 * j < H)
+            ldw8(wr + lane * 8 + 256 * j, wv[j]);
+    float bx = bias && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
+    gk_pdl_enter(m);
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROUTE1_CHUNKS; j++) {
+        int i = lane * 8 + 256 * j;
+        if (i < H) {
+            float xf[8];
+            ldx8(x + i, xf);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                acc = fmaf(wv[j][k], xf[k], acc);
+        }
+    }
+    acc = warp_sum(acc);
+    gk_pdl_late(m);
+    if (warp < E && lane == 0) {
+        lg[warp] = acc;
+        logits[warp] = acc;
+    }
+    __syncthreads();
+    if (warp == 0)
+        route_row32(idx, rw, rs, lane < E ? lg[lane] : 0.0f, bx, 0, E, G, TG, K, norm, scale, sc,
+                    svr, ir);
+    __syncthreads();
+    moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
+}
+
+int gk_route1_fits(int N, int H, int E)
+{
+    return N == 1 && E <= 32 && H <= 256 * ROUTE1_CHUNKS;
+}
+
 /* The router's shapes (gk_route, gk_route_norm): -1 with e set on one it does not take. */
 static int route_check(int H, int E, int G, int TG, int K, dsv3_err *e)
 {
@@ -761,12 +818,18 @@ static int route_check(int H, int E, int G, int TG, int K, dsv3_err *e)
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned *count, dsv3_err *e)
+             unsigned *count, int one, dsv3_err *e)
 {
     if (route_check(H, E, G, TG, K, e))
         return -1;
     if (N <= 0)
         return 0;
+    if (one && gk_route1_fits(N, H, E)) {
+        gk_launch(route1_k, 1, 1024, 0, s, x, router, bias, logits, rs, rw, idx, H, E, G, TG, K,
+                  norm, scale, ns, off, order, spos);
+        LAUNCH_CHECK("route1", e);
+        return 0;
+    }
     size_t smem = (size_t)GK_WARPS * E * (sizeof(float) + 1);
     unsigned grid = (unsigned)((E + GK_WARPS - 1) / GK_WARPS);
     gk_launch(N == 1 ? route_k<1, false> : N <= 4 ? route_k<4, false> : route_k<8, false>, grid,
@@ -812,6 +875,50 @@ int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out
               norm_threads(H), xn);
     LAUNCH_CHECK("route_norm", e);
     return 0;
+}
+
+/* ginfer_route_run's device buffers, in the order of its arguments after the inputs. */
+enum { RR_LOGITS, RR_RS, RR_RW, RR_IDX, RR_OFF, RR_ORDER, RR_SPOS, RR_X, RR_W, RR_B, RR_CNT, RR_N };
+
+extern "C" int ginfer_route_run(const float *x, const float *router, const float *bias, int N,
+                                int H, int E, int G, int TG, int K, int norm, float scale,
+                                int ns, int one, float *logits, float *rs, float *rw,
+                                int32_t *idx, int *off, int *order, int *spos, dsv3_err *e)
+{
+    size_t sz[RR_N] = {(size_t)N * E * 4, (size_t)N * E * 4, (size_t)N * K * 4,
+                       (size_t)N * K * 4, (size_t)(2 * E + 4) * 4, (size_t)(N * K + ns) * 4,
+                       (size_t)N * K * 4, (size_t)N * H * 4, (size_t)E * H * 4, (size_t)E * 4,
+                       16};
+    void *host[RR_N] = {logits, rs, rw, idx, off, order, spos};
+    void *d[RR_N] = {};
+    int rc = 0;
+    for (int i = 0; i < RR_N && !rc; i++)
+        if (cudaMalloc(&d[i], sz[i] ? sz[i] : 4) != cudaSuccess)
+            rc = err_set(e, "ginfer_route_run: out of device memory");
+    for (int i = 0; i < RR_X && !rc; i++)
+        cudaMemset(d[i], 0xff, sz[i]);
+    if (!rc) {
+        cudaMemset(d[RR_CNT], 0, 16);
+        cudaMemcpy(d[RR_X], x, sz[RR_X], cudaMemcpyHostToDevice);
+        cudaMemcpy(d[RR_W], router, sz[RR_W], cudaMemcpyHostToDevice);
+        if (bias)
+            cudaMemcpy(d[RR_B], bias, sz[RR_B], cudaMemcpyHostToDevice);
+        rc = gk_route(0, (const float *)d[RR_X], (const float *)d[RR_W],
+                      bias ? (const float *)d[RR_B] : NULL, (float *)d[RR_LOGITS],
+                      (float *)d[RR_RS], (float *)d[RR_RW], (int32_t *)d[RR_IDX], N, H, E, G, TG,
+                      K, norm, scale, ns, (int *)d[RR_OFF], (int *)d[RR_ORDER],
+                      (int *)d[RR_SPOS], (unsigned *)d[RR_CNT], one, e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        for (int i = 0; i < RR_X && c == cudaSuccess; i++)
+            c = cudaMemcpy(host[i], d[i], sz[i], cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_route_run: %s", cudaGetErrorString(c));
+    }
+    for (int i = 0; i < RR_N; i++)
+        cudaFree(d[i]);
+    return rc ? -1 : 0;
 }
 
 int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int K, int E, int ns, int *off,

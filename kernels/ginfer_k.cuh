@@ -233,11 +233,14 @@ int gk_gemv_norm_fits(int N, int I);
 /* The router in one launch: logits[N, E] = x[N, H] . router[E, H] (fp32, gk_gemv's sums),
  * then kernels/moe.cu's gpu_router_fwd (idx, rw, rs from the logits, the same operations)
  * and gk_moe_bucket(idx, N*K, K, E, ns, ...) done by the grid's last block (count: one
- * counter, zeroed once before the first call; each call leaves it zero). */
+ * counter, zeroed once before the first call; each call leaves it zero). one: where
+ * gk_route1_fits, one block does it all instead (bitwise the same outputs, no counter; the
+ * batch-1 decode's router). */
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned *count, dsv3_err *e);
+             unsigned *count, int one, dsv3_err *e);
+int gk_route1_fits(int N, int H, int E);
 /* From kva[N, kv+rope] (rows ldkva apart): c_kv = norm(kva[:kv]) (weight w), k_pe =
  * rope(kva[kv:]), stored at cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's
  * cache); and RoPE (lib/ops rope_forward) on the q_pe part (from nope) of every head of

@@ -44,7 +44,8 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
     __syncwarp();
     int per = E / G;
     float gs = 0;
-    if (lane < G) { /* a group scores the sum of its two best, as lib/ops does */
+    if (lane < G) { /* a group scores the sum of its two best (its one with one expert), as
+                     * lib/ops does */
         float b1 = -INFINITY, b2 = -INFINITY;
         for (int x = lane * per; x < (lane + 1) * per; x++) {
             if (choice[x] > b1) {
@@ -54,7 +55,7 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
                 b2 = choice[x];
             }
         }
-        gs = b1 + b2;
+        gs = per > 1 ? b1 + b2 : b1; /* lib/ops: at most the group's size summed */
     }
     unsigned keep = 0;
     for (int r = 0; r < TG; r++) {
@@ -87,6 +88,73 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
     }
     if (lane < K)
         w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    __syncwarp();
+}
+
+/* Whether (v, i) comes before (u, j) in route_argmax's order: larger value first, equal values
+ * lower index first. */
+__device__ __forceinline__ bool route_before(float v, int i, float u, int j)
+{
+    return v > u || (v == u && i < j);
+}
+
+/* route_row for E <= 32, one expert a lane (lane x: its logit l and bias bx, 0 without one):
+ * the groups and then the experts are ranked in route_argmax's order, each lane counting
+ * those before it with one round of shuffles, instead of TG + K dependent rounds of
+ * route_argmax. The same choices in the same order, the weights summed in that order: route_row's
+ * outputs bitwise (for logits that are not NaN). Also leaves the chosen experts in ir[K]
+ * (shared, for the bucketing); sc: the warp's [32] shared scratch. */
+static __device__ void route_row32(int32_t *idx, float *w, float *s, float l, float bx, int n,
+                                   int E, int G, int TG, int K, int norm, float scale, float *sc,
+                                   float *svr, int *ir)
+{
+    int lane = threadIdx.x & 31, per = E / G;
+    float sv = 0, c = 0;
+    if (lane < E) {
+        sv = 1.0f / (1.0f + expf(-l));
+        s[(long)n * E + lane] = sv;
+        c = sv + bx;
+        sc[lane] = c;
+    }
+    __syncwarp();
+    float gs = 0;
+    if (lane < G) { /* route_row's loop: the sum of the group's two best */
+        float b1 = -INFINITY, b2 = -INFINITY;
+        for (int x = lane * per; x < (lane + 1) * per; x++) {
+            if (sc[x] > b1) {
+                b2 = b1;
+                b1 = sc[x];
+            } else if (sc[x] > b2) {
+                b2 = sc[x];
+            }
+        }
+        gs = per > 1 ? b1 + b2 : b1; /* lib/ops: at most the group's size summed */
+    }
+    int grank = 0;
+    for (int h = 0; h < G; h++) {
+        float u = __shfl_sync(0xffffffffu, gs, h);
+        grank += h != lane && route_before(u, h, gs, lane);
+    }
+    unsigned keep = __ballot_sync(0xffffffffu, lane < G && grank < TG);
+    bool cand = lane < E && ((keep >> (lane / per)) & 1);
+    int rank = 0;
+    for (int y = 0; y < E; y++) {
+        float u = __shfl_sync(0xffffffffu, c, y);
+        rank += y != lane && ((keep >> (y / per)) & 1) && route_before(u, y, c, lane);
+    }
+    if (cand && rank < K) {
+        svr[rank] = sv;
+        ir[rank] = lane;
+    }
+    __syncwarp();
+    float wsum = 0;
+    for (int r = 0; r < K; r++)
+        wsum += svr[r];
+    if (lane < K) {
+        float mine = svr[lane];
+        idx[(long)n * K + lane] = ir[lane];
+        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    }
     __syncwarp();
 }
 

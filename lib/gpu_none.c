@@ -595,6 +595,13 @@ int ginfer_attn_run(const float *qlat, const float *qpe, const float *cache, int
 {
     return no_cuda(e);
 }
+int ginfer_route_run(const float *x, const float *router, const float *bias, int N, int H, int E,
+                     int G, int TG, int K, int norm, float scale, int ns, int one, float *logits,
+                     float *rs, float *rw, int32_t *idx, int *off, int *order, int *spos,
+                     dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
                   dsv3_err *e)
 {
