@@ -2,11 +2,15 @@
  * decode-sized row counts, the norms and rotations of MLA, and the grouped MoE. */
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include "cuda_util.cuh"
 #include "ginfer_attn.cuh"
 #include "ginfer.h"
 #include "ginfer_k.cuh"
 #include "route_row.cuh"
+
+namespace cg = cooperative_groups;
 
 #define GK_WARPS 8  /* warps a block: one output row each */
 
@@ -474,6 +478,151 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
 }
 
+/* The weights' raw bytes for 8 values: one 16-byte load (bf16) or two (fp32), converted to
+ * floats (w8_float) only after the wait, so the registers a lane holds before it stay few. */
+template <typename W> struct raw8 {
+    uint4 u[sizeof(W) / 2];
+};
+
+template <typename W>
+__device__ __forceinline__ void raw8_load(const W *p, raw8<W> &r)
+{
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(W) / 2); k++)
+        r.u[k] = __ldg((const uint4 *)p + k);
+}
+
+__device__ __forceinline__ void raw8_float(const raw8<bf16> &r, float (&f)[8])
+{
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r.u[0];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void raw8_float(const raw8<float> &r, float (&f)[8])
+{
+    const float *a = (const float *)&r.u[0];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        f[i] = a[i];
+}
+
+#define GN1_CHUNKS 4 /* 256-value pieces: rows of at most 1024 values */
+#define GN1_MAXK 8   /* routed rows of the pending MoE output read ahead */
+
+/* gemv_norm_k for one row of I <= 1024 values (gk_gemv_norm1_fits), with what no kernel of the
+ * last two writes read before the wait: the warp's weight row and the thread's norm weights
+ * into registers, and the pending MoE output's routing weights and row positions (written by
+ * its router, at least three launches back). So after the wait only one round of L2 reads is
+ * left (x, the expert rows, the shared row) before the sums. A thread holds elements
+ * t + 256 j, so slice j of warp w is the virtual warp 8 j + w of add_norm_k's T = I threads
+ * (a value each): the same sums of squares in the same tree, then gemv_k's dot products:
+ * bitwise gemv_norm_k's (and add_norm_k + gemv_k's) results. */
+template <typename W>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_norm1_k(int m, const float *x, const float *delta, gk_moe_out mo, const float *nw,
+                 float eps, const W *__restrict__ w, float *__restrict__ y, int I, int O)
+{
+    __shared__ float xs[256 * GN1_CHUNKS];
+    __shared__ float red[32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * GK_WARPS + warp;
+    const W *wr = w + (long)(o < O ? o : O - 1) * I;
+    raw8<W> wv[GN1_CHUNKS];
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++)
+        if (lane * 8 + 256 * j < I)
+            raw8_load(wr + lane * 8 + 256 * j, wv[j]);
+    float nv[GN1_CHUNKS];
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++) {
+        int i = threadIdx.x + 256 * j;
+        nv[j] = i < I ? __ldg(nw + i) : 0.0f;
+    }
+    float rwk[GN1_MAXK];
+    int spk[GN1_MAXK];
+    int K = mo.ye ? mo.K : 0;
+#pragma unroll
+    for (int k = 0; k < GN1_MAXK; k++)
+        if (k < K) {
+            rwk[k] = mo.rw[k];
+            spk[k] = mo.spos[k];
+        }
+    gk_pdl_enter(m);
+    /* residual_sum's operations, the routing read ahead */
+    float v[GN1_CHUNKS];
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++) {
+        int i = threadIdx.x + 256 * j;
+        if (i < I) {
+            float a = x[i];
+            if (mo.ye) {
+                float acc = 0;
+#pragma unroll
+                for (int k = 0; k < GN1_MAXK; k++)
+                    if (k < K)
+                        acc += rwk[k] * mo.ye[(long)spk[k] * I + i];
+                if (mo.ys)
+                    acc += mo.ys[i];
+                a += acc;
+            }
+            if (delta)
+                a += delta[i];
+            v[j] = a;
+        }
+    }
+    int nwv = (I + 31) >> 5;
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++) {
+        int vw = 8 * j + warp, i = threadIdx.x + 256 * j;
+        float ss = 0;
+        if (i < I)
+            ss += v[j] * v[j];
+        ss = warp_sum(ss);
+        if (lane == 0 && vw < nwv)
+            red[vw] = ss;
+    }
+    __syncthreads();
+    float ss = lane < nwv ? red[lane] : 0.0f;
+    ss = warp_sum(ss);
+    float r = rsqrtf(ss / I + eps);
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++) {
+        int i = threadIdx.x + 256 * j;
+        if (i < I)
+            xs[i] = nv[j] * (v[j] * r);
+    }
+    __syncthreads();
+    if (o >= O)
+        return;
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < GN1_CHUNKS; j++) {
+        int i = lane * 8 + 256 * j;
+        if (i < I) {
+            float wf[8], xf[8];
+            raw8_float(wv[j], wf);
+            ldx8(xs + i, xf);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                acc = fmaf(wf[k], xf[k], acc);
+        }
+    }
+    acc = warp_sum(acc);
+    gk_pdl_late(m);
+    if (lane == 0)
+        y[o] = acc;
+}
+
+static int gemv_norm1_fits(int N, int I, const gk_moe_out &mo)
+{
+    return N == 1 && I <= 256 * GN1_CHUNKS && (!mo.ye || mo.K <= GN1_MAXK);
+}
+
 static int gemv_norm_nt(int N)
 {
     return N == 1 ? 1 : N <= 4 ? 4 : 8;
@@ -513,7 +662,15 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
     gk_moe_out m = {};
     if (mo)
         m = *mo;
-    if (wf32)
+    if (gemv_norm1_fits(N, I, m)) {
+        unsigned g = (unsigned)((O + GK_WARPS - 1) / GK_WARPS);
+        if (wf32)
+            gk_launch(gemv_norm1_k<float>, g, GK_WARPS * 32, 0, s, x, delta, m, nw, eps,
+                      (const float *)w, y, I, O);
+        else
+            gk_launch(gemv_norm1_k<bf16>, g, GK_WARPS * 32, 0, s, x, delta, m, nw, eps,
+                      (const bf16 *)w, y, I, O);
+    } else if (wf32)
         gemv_norm_launch(s, x, ldx, delta, m, nw, eps, (const float *)w, y, ldy, N, I, O);
     else
         gemv_norm_launch(s, x, ldx, delta, m, nw, eps, (const bf16 *)w, y, ldy, N, I, O);
@@ -747,30 +904,35 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         *count = 0;
 }
 
-/* The router of one row in one block of 32 warps (gk_route with route1_fits): warp x takes
- * expert x's dot product as route_k's warp_dots does (the same pieces a lane, the same order),
- * with the router row in registers before the wait (a weight: no kernel before writes it), so
- * after the wait only x's read from L2 and the sums are left; then warp 0 routes from shared
- * memory (route_row32) and the block buckets (moe_bucket_body). route_k's outputs bitwise,
+/* The router of one row in one cluster of ROUTE1_CTAS blocks of GK_WARPS warps (gk_route with
+ * route1_fits): warp x of the cluster takes expert x's dot product as route_k's warp_dots does
+ * (the same pieces a lane, the same order), with the router row in registers before the wait
+ * (a weight: no kernel before writes it; spread over the cluster's SMs so each loads a quarter
+ * of it), so after the wait only x's read from L2 and the sums are left; the logits go to
+ * block 0's shared memory (distributed shared memory, one cluster barrier), where warp 0
+ * routes (route_row32) and the block buckets (moe_bucket_body). route_k's outputs bitwise,
  * without its last-block hand-over (a fence, a counter's round trip, the logits read back
  * through L2) and TG + K dependent rounds of shuffles. */
 #define ROUTE1_CHUNKS 4 /* 256-value pieces of a row a lane holds: H <= 1024 */
+#define ROUTE1_CTAS 4   /* blocks of the cluster: 32 experts */
 
-__global__ void __launch_bounds__(1024, 1)
+__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
              int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
 {
     __shared__ float lg[32], sc[32], svr[32];
     __shared__ int ir[32], cnt[33];
+    cg::cluster_group cl = cg::this_cluster();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float *wr = router + (long)(warp < E ? warp : 0) * H;
+    int o = blockIdx.x * GK_WARPS + warp;
+    const float *wr = router + (long)(o < E ? o : 0) * H;
     float wv[ROUTE1_CHUNKS][8];
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++)
         if (lane * 8 + 256 * j < H)
             ldw8(wr + lane * 8 + 256 * j, wv[j]);
-    float bx = bias && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
+    float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
     gk_pdl_enter(m);
     float acc = 0.0f;
 #pragma unroll
@@ -786,11 +948,13 @@ __global__ void __launch_bounds__(1024, 1)
     }
     acc = warp_sum(acc);
     gk_pdl_late(m);
-    if (warp < E && lane == 0) {
-        lg[warp] = acc;
-        logits[warp] = acc;
+    if (o < E && lane == 0) {
+        *cl.map_shared_rank(&lg[o], 0) = acc;
+        logits[o] = acc;
     }
-    __syncthreads();
+    cl.sync();  /* the logits in block 0's shared memory */
+    if (blockIdx.x != 0)
+        return;
     if (warp == 0)
         route_row32(idx, rw, rs, lane < E ? lg[lane] : 0.0f, bx, 0, E, G, TG, K, norm, scale, sc,
                     svr, ir);
@@ -800,7 +964,7 @@ __global__ void __launch_bounds__(1024, 1)
 
 int gk_route1_fits(int N, int H, int E)
 {
-    return N == 1 && E <= 32 && H <= 256 * ROUTE1_CHUNKS;
+    return N == 1 && E <= ROUTE1_CTAS * GK_WARPS && H <= 256 * ROUTE1_CHUNKS;
 }
 
 /* The router's shapes (gk_route, gk_route_norm): -1 with e set on one it does not take. */
@@ -825,7 +989,7 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch(route1_k, 1, 1024, 0, s, x, router, bias, logits, rs, rw, idx, H, E, G, TG, K,
+        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw, idx, H, E, G, TG, K,
                   norm, scale, ns, off, order, spos);
         LAUNCH_CHECK("route1", e);
         return 0;
