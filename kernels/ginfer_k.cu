@@ -989,8 +989,8 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw, idx, H, E, G, TG, K,
-                  norm, scale, ns, off, order, spos);
+        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw,
+                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
