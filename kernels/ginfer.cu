@@ -891,7 +891,8 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         for (int r_ = 0; r_ <= twice(g, "uvc"); r_++)
             if (gk_gemv_uvc(g->s, g->pm, g->pl, g->pacc, nsplit,
                             wofs(y->kvb, (size_t)g->nope * kv, ws), wf,
-                            (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n, kv, g->dv, nh, e))
+                            (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n,
+                            kv, g->dv, nh, e))
                 return -1;
         mark(g, "gemv uv+combine", (double)nh * g->dv * kv * ws);
         goto o_proj;
