@@ -471,7 +471,8 @@ static void fuse_flags(ginfer *g)
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }
 
-/* Whether launch kind key (qa, qanorm, qb, parts, uvc, o, route, up, down) is queued twice:
+/* Whether launch kind key (qa, qanorm, qb, parts, uvc, o, route, up, down; with the router
+ * unfused rgemv, topk, bucket) is queued twice:
  * DSV3_GINFER_DUP=key,... (read at creation), for timing only. Each of these launches
  * writes only buffers it does not read, so the second computes the same values; what a step
  * gains in time is what one more such launch costs in the running graph, which no profiler
@@ -976,16 +977,19 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
                 return -1;
         mark(g, "router+top-k+bucket", E * H * 4.0);
     } else {
-        if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
-            return -1;
+        for (int r_ = 0; r_ <= twice(g, "rgemv"); r_++)
+            if (gk_gemv(g->s, g->xn, H, 0, y->router, 1, 0, g->rl, E, 0, n, H, E, 1, e))
+                return -1;
         mark(g, "gemv router", E * H * 4.0);
-        if (gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
-                           g->topk_group, K, g->norm_topk, g->route_scale, e))
-            return -1;
+        for (int r_ = 0; r_ <= twice(g, "topk"); r_++)
+            if (gpu_router_fwd(g->c, g->idx, g->rw, g->rs, g->rl, y->bias, n, E, g->n_group,
+                               g->topk_group, K, g->norm_topk, g->route_scale, e))
+                return -1;
         mark(g, "router top-k", E * 4.0);
-        if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos,
-                          e))
-            return -1;
+        for (int r_ = 0; r_ <= twice(g, "bucket"); r_++)
+            if (gk_moe_bucket(g->s, g->idx, n * K, K, E, y->sh ? n : 0, g->off, g->order, g->spos,
+                              e))
+                return -1;
         mark(g, "moe bucket", 0);
     }
     for (int r_ = 0; r_ <= twice(g, "up"); r_++)
