@@ -916,23 +916,17 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
 #define ROUTE1_CHUNKS 4 /* 256-value pieces of a row a lane holds: H <= 1024 */
 #define ROUTE1_CTAS 4   /* blocks of the cluster: 32 experts */
 
-__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
-    route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
-             const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
-             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
+/* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait. */
+__device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
+                                            const float *__restrict__ router, int H, int E, int o)
 {
-    __shared__ float lg[32], sc[32], svr[32];
-    __shared__ int ir[32], cnt[33];
-    cg::cluster_group cl = cg::this_cluster();
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int o = blockIdx.x * GK_WARPS + warp;
+    int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
     float wv[ROUTE1_CHUNKS][8];
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++)
         if (lane * 8 + 256 * j < H)
             ldw8(wr + lane * 8 + 256 * j, wv[j]);
-    float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
     gk_pdl_enter(m);
     float acc = 0.0f;
 #pragma unroll
@@ -948,6 +942,21 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     }
     acc = warp_sum(acc);
     gk_pdl_late(m);
+    return acc;
+}
+
+__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
+    route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
+             const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
+             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
+{
+    __shared__ float lg[32], sc[32], svr[32];
+    __shared__ int ir[32], cnt[33];
+    cg::cluster_group cl = cg::this_cluster();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * GK_WARPS + warp;
+    float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
+    float acc = route1_dot(m, x, router, H, E, o);
     if (o < E && lane == 0) {
         *cl.map_shared_rank(&lg[o], 0) = acc;
         logits[o] = acc;
@@ -960,6 +969,40 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
                     svr, ir);
     __syncthreads();
     moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
+}
+
+/* route1_k without the cluster (DSV3_GINFER_ROUTE1=2, to compare): the grid's last block to
+ * finish (route_k's counter) reads the logits back through L2 and routes them. */
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    route1g_k(int m, const float *__restrict__ x, const float *__restrict__ router,
+              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H,
+              int E, int G, int TG, int K, int norm, float scale, int ns, int *off, int *order,
+              int *spos, unsigned *count)
+{
+    __shared__ float sc[32], svr[32];
+    __shared__ int ir[32], cnt[33];
+    __shared__ unsigned last;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * GK_WARPS + warp;
+    float bx = bias && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
+    float acc = route1_dot(m, x, router, H, E, o);
+    if (o < E && lane == 0)
+        logits[o] = acc;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    if (warp == 0)
+        route_row32(idx, rw, rs, lane < E ? __ldcg(logits + lane) : 0.0f, bx, 0, E, G, TG, K,
+                    norm, scale, sc, svr, ir);
+    __syncthreads();
+    moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
+    if (threadIdx.x == 0)
+        *count = 0;
 }
 
 int gk_route1_fits(int N, int H, int E)
@@ -989,8 +1032,12 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw,
-                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
+        if (one == 2)
+            gk_launch(route1g_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
+                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, count);
+        else
+            gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
+                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
