@@ -467,9 +467,6 @@ static void fuse_flags(ginfer *g)
     g->fz_msum = all || (!none && strstr(v, "msum"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || !*r1 ? 1 : atoi(r1);
-    const char *ru = getenv("DSV3_GINFER_ROUTE1_UPTO");  /* timing only: gk_route */
-    if (g->route1 == 1 && ru && atoi(ru) >= 1 && atoi(ru) <= 3)
-        g->route1 |= atoi(ru) << 2;
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }

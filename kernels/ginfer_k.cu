@@ -948,8 +948,7 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
 __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
-             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             int upto)
+             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
 {
     __shared__ float lg[32], sc[32], svr[32];
     __shared__ int ir[32], cnt[33];
@@ -958,24 +957,17 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     int o = blockIdx.x * GK_WARPS + warp;
     float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
     float acc = route1_dot(m, x, router, H, E, o);
-    if (upto == 1) {  /* timing only (upto: see gk_route): the logits and no more */
-        if (o < E && lane == 0)
-            logits[o] = acc;
-        return;
-    }
     if (o < E && lane == 0) {
         *cl.map_shared_rank(&lg[o], 0) = acc;
         logits[o] = acc;
     }
     cl.sync();  /* the logits in block 0's shared memory */
-    if (blockIdx.x != 0 || upto == 2)
+    if (blockIdx.x != 0)
         return;
     if (warp == 0)
         route_row32(idx, rw, rs, lane < E ? lg[lane] : 0.0f, bx, 0, E, G, TG, K, norm, scale, sc,
                     svr, ir);
     __syncthreads();
-    if (upto == 3)
-        return;
     moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
 }
 
@@ -1040,12 +1032,12 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        if ((one & 3) == 2)
+        if (one == 2)
             gk_launch(route1g_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
                       rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, count);
         else
             gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
-                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, one >> 2);
+                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
         LAUNCH_CHECK("route1", e);
         return 0;
     }

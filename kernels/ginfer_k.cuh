@@ -236,9 +236,7 @@ int gk_gemv_norm_fits(int N, int I);
  * counter, zeroed once before the first call; each call leaves it zero). one: where
  * gk_route1_fits, one cluster of blocks with the rows in registers does it all instead (1;
  * 2: the same blocks without the cluster, the last one routing); bitwise the same outputs
- * (the batch-1 decode's router). For timing only, the cluster form stops early by one >> 2:
- * 1 after the logits, 2 after their exchange, 3 after the top-k (0: none; the outputs not
- * written then are left as they were, so only a step's time means anything). */
+ * (the batch-1 decode's router). */
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
