@@ -16,8 +16,11 @@ export DSV3_COMM_TIMEOUT=20
 # Below the kernel's ephemeral ports (32768 on): no outgoing connection holds one.
 port=$((10000 + $$ % 19000))
 
-# Random documents of ids below 500 (tiny.json has 512), 10% validation.
-awk -v seed="$$" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
+# Random documents of ids below 500 (tiny.json has 512), 10% validation; fresh each run,
+# the seed printed so that a failure can be replayed (DSV3_TEST_SEED=N).
+seed=${DSV3_TEST_SEED:-$$}
+echo "# data seed $seed"
+awk -v seed="$seed" 'BEGIN { srand(seed); for (i = 0; i < 300; i++) { n = 5 + int(rand() * 40);
      s = ""; for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 500); print s } }' >"$T/ids.txt"
 dsv3-shard make --vocab-size 512 -o "$T/a.shard" "$T/ids.txt"
 dsv3-pack --quiet -o "$T/data" --eos-id 1 -L 32 --val 0.1 -s 1 "$T/a.shard"
@@ -60,8 +63,7 @@ close_losses() {
     paste "$T/la" "$T/lb" | awk -v tol="$3" '{ d = $1 - $2; if (d < 0) d = -d; r = d / $1;
         if (r > m) m = r } END { printf "%.2g\n", m > "/dev/stderr"; exit !(m <= tol) }' 2>"$T/diff" &&
         return 0
-    # a failure shows both runs' values step by step (a rare failure of the resume checks
-    # below was seen once under load and not reproduced: this is what would explain it)
+    # a failure shows both runs' values step by step
     echo "# close_losses $1 $2: largest relative difference $(cat "$T/diff"); B's step, A, B:"
     field step "$2" >"$T/sb"
     paste "$T/sb" "$T/la" "$T/lb" | sed 's/^/#   /'
@@ -170,9 +172,15 @@ fi
 
 # (c) 2 ranks -> 1 and 1 -> 2: the optimizer shards re-sliced. Within an epoch the records
 # of the first k steps are the same set for any world size, so the resumed run follows
-# the uninterrupted single process: within 1e-3 (the reassociation differences grow over
-# 10 steps to ~1e-5 through the BF16 moments: a moment that rounds the other way moves by
-# 1/256).
+# the uninterrupted single process up to reassociation, which grows with the steps through
+# the BF16 moments (a moment that rounds the other way moves by 1/256) and the discrete
+# expert choice. Measured on 2026-11-28 over 40 fresh data sets (120 comparisons): up to
+# 1.7e-4 relative by step 8, 3.9e-4 by step 11, and once (under load, in CI) above 1e-3 at
+# steps 10-11. So 1e-3 up to step 8 and 5e-3 after. These loss checks catch a resume that
+# reads the wrong data or weights (differences of 1e-2 and more); they cannot tell a
+# re-slicing error in the moments over two steps (zeroed moments at step 8 moved the step 9-10
+# losses by 1.5e-5 to 1.4e-3): tests/unit/test_optim's test_reslice checks the re-slicing
+# bit for bit.
 dsv3-train $A -o "$T/long" --steps 11
 tcp 2 $A -o "$T/to1" --steps 4
 expect resume_2_to_1 0 dsv3-train $A -o "$T/to1" --steps 8 --resume
@@ -181,17 +189,17 @@ check resume_2_to_1_files sh -c "cd '$T/to1/step-000008' && [ -f optim.safetenso
 dsv3-train $A -o "$T/to2" --steps 4
 tcp 2 $A -o "$T/to2" --steps 10 --resume
 check resume_1_to_2 test $? -eq 0
-check resume_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to2/metrics.jsonl" 1e-3
+check resume_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to2/metrics.jsonl" 5e-3
 echo "# resumed 1 -> 2 ranks vs 1 process: largest relative loss difference $(cat "$T/diff")"
 check resume_1_to_2_world grep -q '"world": 2' "$T/to2/step-000010/state.json"
 # 2 -> 1 -> 2: the shards cut from the 1-rank file load back (a range they miss is refused).
 tcp 2 $A -o "$T/to1" --steps 10 --resume
 check resume_2_to_1_to_2 test $? -eq 0
-check resume_2_to_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+check resume_2_to_1_to_2_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 5e-3
 # 2 -> 4 ranks (under TCP): a finer cut of the same moments.
 tcp 4 $A -o "$T/to1" --steps 11 --resume
 check resume_2_to_4 test $? -eq 0
-check resume_2_to_4_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 1e-3
+check resume_2_to_4_losses close_losses "$T/long/metrics.jsonl" "$T/to1/metrics.jsonl" 5e-3
 # 1 -> 2 ranks at the end of an epoch of an odd number of records n: the index n-1 of one
 # process maps past the (n-1)/2 records of a rank's share, so the job starts the next epoch.
 k=30
