@@ -84,7 +84,7 @@ struct ginfer {
     int fz_post, fz_uvc, fpost;
     /* and the MoE down-projection summing its rows into x itself (nothing left pending);
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
-     * grid and last block; 2: route1's grid without the cluster; for comparisons) */
+     * grid and last block, for comparisons) */
     int fz_msum, route1;
     char dup[64];  /* DSV3_GINFER_DUP (see twice) */
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
@@ -466,7 +466,7 @@ static void fuse_flags(ginfer *g)
     g->fz_uvc = all || (!none && strstr(v, "uvc"));
     g->fz_msum = all || (!none && strstr(v, "msum"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
-    g->route1 = !r1 || !*r1 ? 1 : atoi(r1);
+    g->route1 = !r1 || strcmp(r1, "0");
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }

@@ -127,9 +127,9 @@ int ginfer_attn_run(const float *qlat, const float *qpe, const float *cache, int
                     dsv3_err *e);
 
 /* For tests: the decode engine's fused router (gk_route: router GEMV, top-k, bucketing) on
- * host arrays, on the current device: x[N, H], router[E, H], bias[E] or NULL; one: 1 the
- * one-cluster kernel where it takes the shape (N = 1, E <= 32, H <= 1024), 2 its grid form
- * without the cluster, 0 route_k's grid and last block. Out: logits[N, E], rs[N, E], rw[N, K], idx[N, K], off[2E + 4], order[N K + ns],
+ * host arrays, on the current device: x[N, H], router[E, H], bias[E] or NULL; one: the
+ * one-cluster kernel where it takes the shape (N = 1, E <= 32, H <= 1024), else route_k's grid
+ * and last block. Out: logits[N, E], rs[N, E], rw[N, K], idx[N, K], off[2E + 4], order[N K + ns],
  * spos[N K] (each output's device buffer poisoned with 0xff bytes first). */
 int ginfer_route_run(const float *x, const float *router, const float *bias, int N, int H, int E,
                      int G, int TG, int K, int norm, float scale, int ns, int one, float *logits,

@@ -971,40 +971,6 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
 }
 
-/* route1_k without the cluster (DSV3_GINFER_ROUTE1=2, to compare): the grid's last block to
- * finish (route_k's counter) reads the logits back through L2 and routes them. */
-__global__ void __launch_bounds__(GK_WARPS * 32)
-    route1g_k(int m, const float *__restrict__ x, const float *__restrict__ router,
-              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H,
-              int E, int G, int TG, int K, int norm, float scale, int ns, int *off, int *order,
-              int *spos, unsigned *count)
-{
-    __shared__ float sc[32], svr[32];
-    __shared__ int ir[32], cnt[33];
-    __shared__ unsigned last;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int o = blockIdx.x * GK_WARPS + warp;
-    float bx = bias && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
-    float acc = route1_dot(m, x, router, H, E, o);
-    if (o < E && lane == 0)
-        logits[o] = acc;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0)
-        last = atomicAdd(count, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last)
-        return;
-    __threadfence();
-    if (warp == 0)
-        route_row32(idx, rw, rs, lane < E ? __ldcg(logits + lane) : 0.0f, bx, 0, E, G, TG, K,
-                    norm, scale, sc, svr, ir);
-    __syncthreads();
-    moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
-    if (threadIdx.x == 0)
-        *count = 0;
-}
-
 int gk_route1_fits(int N, int H, int E)
 {
     return N == 1 && E <= ROUTE1_CTAS * GK_WARPS && H <= 256 * ROUTE1_CHUNKS;
@@ -1032,12 +998,8 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        if (one == 2)
-            gk_launch(route1g_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
-                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, count);
-        else
-            gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
-                      rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
+        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw,
+                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
         LAUNCH_CHECK("route1", e);
         return 0;
     }

@@ -234,9 +234,8 @@ int gk_gemv_norm_fits(int N, int I);
  * then kernels/moe.cu's gpu_router_fwd (idx, rw, rs from the logits, the same operations)
  * and gk_moe_bucket(idx, N*K, K, E, ns, ...) done by the grid's last block (count: one
  * counter, zeroed once before the first call; each call leaves it zero). one: where
- * gk_route1_fits, one cluster of blocks with the rows in registers does it all instead (1;
- * 2: the same blocks without the cluster, the last one routing); bitwise the same outputs
- * (the batch-1 decode's router). */
+ * gk_route1_fits, one cluster of blocks with the rows in registers does it all instead
+ * (bitwise the same outputs; the batch-1 decode's router). */
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,

@@ -25,6 +25,22 @@ __device__ __forceinline__ void route_argmax(int &valid, float &v, int &i)
     }
 }
 
+/* Group g's score from the biased choices c: the sum of its two best, or its one expert's
+ * choice in a group of one (lib/ops sums at most the group's size). */
+__device__ __forceinline__ float route_group_score(const float *c, int g, int per)
+{
+    float b1 = -INFINITY, b2 = -INFINITY;
+    for (int x = g * per; x < (g + 1) * per; x++) {
+        if (c[x] > b1) {
+            b2 = b1;
+            b1 = c[x];
+        } else if (c[x] > b2) {
+            b2 = c[x];
+        }
+    }
+    return per > 1 ? b1 + b2 : b1;
+}
+
 /* Row n's top-k experts (idx) and weights (w) from its router logits, the sigmoid scores kept
  * in s (the backward's); choice and taken: the warp's [E] shared scratch. The logits are read
  * through L2 (in the decode engine other blocks of the same grid wrote them). */
@@ -43,20 +59,7 @@ static __device__ void route_row(int32_t *idx, float *w, float *s, const float *
     }
     __syncwarp();
     int per = E / G;
-    float gs = 0;
-    if (lane < G) { /* a group scores the sum of its two best (its one with one expert), as
-                     * lib/ops does */
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int x = lane * per; x < (lane + 1) * per; x++) {
-            if (choice[x] > b1) {
-                b2 = b1;
-                b1 = choice[x];
-            } else if (choice[x] > b2) {
-                b2 = choice[x];
-            }
-        }
-        gs = per > 1 ? b1 + b2 : b1; /* lib/ops: at most the group's size summed */
-    }
+    float gs = lane < G ? route_group_score(choice, lane, per) : 0.0f;
     unsigned keep = 0;
     for (int r = 0; r < TG; r++) {
         int valid = lane < G && !((keep >> lane) & 1);
@@ -117,19 +120,7 @@ static __device__ void route_row32(int32_t *idx, float *w, float *s, float l, fl
         sc[lane] = c;
     }
     __syncwarp();
-    float gs = 0;
-    if (lane < G) { /* route_row's loop: the sum of the group's two best */
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int x = lane * per; x < (lane + 1) * per; x++) {
-            if (sc[x] > b1) {
-                b2 = b1;
-                b1 = sc[x];
-            } else if (sc[x] > b2) {
-                b2 = sc[x];
-            }
-        }
-        gs = per > 1 ? b1 + b2 : b1; /* lib/ops: at most the group's size summed */
-    }
+    float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
     int grank = 0;
     for (int h = 0; h < G; h++) {
         float u = __shfl_sync(0xffffffffu, gs, h);
