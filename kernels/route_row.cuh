@@ -2,7 +2,9 @@
  * the choice only, group-limited top-k with a group scored by its two best, weights
  * normalised and scaled), shared by training's router_kernel (kernels/moe.cu) and the decode
  * engine's fused router (kernels/ginfer_k.cu): one copy, so both make the same choices with
- * the same operations in the same order as lib/ops. */
+ * the same operations in the same order as lib/ops. route_row32, batch-1 decode's form for at
+ * most 32 experts, ranks instead of taking rounds and gives the same bits
+ * (tests/gpu/test_ginfer_route). */
 #ifndef DSV3_ROUTE_ROW_CUH
 #define DSV3_ROUTE_ROW_CUH
 
