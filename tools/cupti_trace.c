@@ -14,7 +14,8 @@
  *     gone idle) and "launch/dependency";
  *   - the largest idle gaps grouped by (previous kernel -> next kernel), each with the host
  *     API calls made during those gaps (what the host was doing while the device waited);
- *   - the kernels by total time.
+ *   - the kernels by total time;
+ *   - with DSV3_TRACE_SEQ=1, every kernel of the window ("seq START END NAME", microseconds).
  * Used by scripts/trace-train.sh. A profiling tool for the device machine, not part of the
  * library or the programs. */
 #define _GNU_SOURCE
@@ -256,6 +257,14 @@ static void report(void)
     for (size_t j = 0; j < nkern && j < 40; j++)
         fprintf(f, "k %-60s %6d %9.3f %6.2f%%\n", kern[j].name, kern[j].n, kern[j].us * 1e-3,
                 100 * kern[j].us / busy);
+    if (getenv("DSV3_TRACE_SEQ") && *getenv("DSV3_TRACE_SEQ") != '0') {
+        /* every kernel of the window in start order, microseconds from the window's first
+         * start: what scripts/trace-decode.sh orders into a decode step's chain */
+        fprintf(f, "## the window's kernels: seq start_us end_us name\n");
+        for (size_t i = w0; i < w1; i++)
+            fprintf(f, "seq %.3f %.3f %s\n", (T.k[i].start - t0) * 1e-3,
+                    (T.k[i].end - t0) * 1e-3, T.k[i].name);
+    }
     if (f != stderr)
         fclose(f);
     free(pairs), free(apis), free(kern), free(T.queued);
