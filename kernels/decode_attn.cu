@@ -44,7 +44,7 @@ __device__ __forceinline__ void attn_combine_one(float *olat, const float *pm, c
                                                  const float *pacc, long v, int kv, int nsplit,
                                                  float *ws, float *ls, float *ML)
 {
-    attn_combine_row(olat + v * kv, pm, pl, pacc, v, kv, nsplit, ws, ls, ML);
+    attn_combine_row<16>(olat + v * kv, pm, pl, pacc, v, kv, nsplit, ws, ls, ML);
 }
 
 /* One block a (row, head). */
@@ -187,13 +187,19 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
     }
 }
 
+/* ~140 registers a thread: a block does not fit on an SM beside the q_lat GEMV's blocks of
+ * the launch before, so its rows are staged only once they leave. Capped at 80 registers
+ * (__launch_bounds__(ATT_THREADS, 3)) it fits, but the scores spill and took 3.3 us instead
+ * of 1.4: 738 vs 699 us a 1b-moe step (H200, docs/PERF.md). */
 template <typename C, bool WD>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count,
-                 int pre)
+                 int pre, unsigned long long *clk)
 {
+    gk_clock ck;
+    gk_clk_start(clk, ck);
     extern __shared__ float sm[];
     const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
@@ -218,7 +224,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int tpre = gridDim.x == 1 && pre && gk_pdl_pf(m) ? min(min(t1, t0 + ATT_CH), len - 1)
                                                           : t0;
     att_stage_rows(cs, cb, W, WP, t0, t0, tpre);
+    gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
+    gk_clk(clk, 1, ck);
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
     const int W4 = W / 4;
@@ -246,10 +254,12 @@ __global__ void __launch_bounds__(ATT_THREADS)
         lh[tid] = 0;
     }
     __syncthreads();
+    gk_clk(clk, 2, ck);
     for (int tc = t0; tc < t1; tc += ATT_CH) {
         int nt = min(ATT_CH, t1 - tc);
         att_stage_rows(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
         __syncthreads();
+        gk_clk(clk, 3, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
         if (WD)
             att_scores_warp(qs, cs, ps, W, WP, nt, hn, scale);
@@ -267,6 +277,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 ps[i] = sc;
             }
         __syncthreads();
+        gk_clk(clk, 4, ck);
         for (int h = warp; h < ATT_HG; h += nw) {
             float mx = -INFINITY;
             for (int t = lane; t < ATT_CH; t += 32)
@@ -288,6 +299,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         }
         __syncthreads();
+        gk_clk(clk, 5, ck);
         if (WD)
             att_acc_heads(acc, pt, cs, al, kv, WP, nt);
         else
@@ -299,6 +311,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 acc[i] = a;
             }
         __syncthreads();
+        gk_clk(clk, 6, ck);
     }
     gk_pdl_late(m);  /* an empty part has none */
     for (int i = tid; i < hn * kv; i += blockDim.x) {
@@ -311,6 +324,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
         pm[b] = mh[tid];
         pl[b] = lh[tid];
     }
+    gk_clk(clk, 7, ck);
+    gk_clk_end(clk, ck);
     if (!count)
         return;
     /* fused combine (count: a counter a (row, head group), zero between launches): the last
@@ -372,18 +387,18 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
                               const float *qlat, const float *q, int qk, int nope,
                               const void *cache, int cf32, const int *slot, const int *pos,
                               int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                              float scale, unsigned *count, int wd)
+                              float scale, unsigned *count, int wd, unsigned long long *clk)
 {
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
         gk_launch(wd ? attn_split_k<float, true> : attn_split_k<float, false>, grid, ATT_THREADS,
                   smem, s, pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh,
-                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre());
+                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
     else
         gk_launch(wd ? attn_split_k<bf16, true> : attn_split_k<bf16, false>, grid, ATT_THREADS,
                   smem, s, pm, pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh,
-                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre());
+                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
 }
 
 /* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */
@@ -397,7 +412,7 @@ static int attn_run(cudaStream_t s, float *olat, float *pm, float *pl, float *pa
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     attn_split_launch(s, olat, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos, N, nh, kv,
-                      rope, n_ctx, nsplit, scale, count, wd);
+                      rope, n_ctx, nsplit, scale, count, wd, (unsigned long long *)NULL);
     LAUNCH_CHECK("attn_split", e);
     if (count)
         return 0;  /* combined by each row and head group's last block */
@@ -420,14 +435,15 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, dsv3_err *e)
+                  float scale, unsigned long long *clk, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     attn_split_launch(s, (float *)NULL, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos,
-                      N, nh, kv, rope, n_ctx, nsplit, scale, (unsigned *)NULL, att_warp_dot());
+                      N, nh, kv, rope, n_ctx, nsplit, scale, (unsigned *)NULL, att_warp_dot(),
+                      clk);
     LAUNCH_CHECK("attn_split", e);
     return 0;
 }

@@ -37,6 +37,16 @@ struct glayer {
     void *ew1, *ew2;   /* routed experts: [E][2mi][H], [E][H][mi] */
 };
 
+/* The kernels DSV3_GINFER_CLOCK times (one-row decode launches only), each GK_CLK_N
+ * counters at clk + k * GK_CLK_N (kernels/ginfer_k.cuh gk_clk), and their phases' names in
+ * the order of the slots. */
+enum { CLK_ROUTE1, CLK_PARTS, CLK_UVC, CLK_KERNELS };
+static const char *const clk_phases[CLK_KERNELS][GK_CLK_CYC + 1] = {
+    {"route1_k", "rows in", "wait", "dot", "exchange", "top-k", "bucket"},
+    {"attn_split_k", "pre-stage", "wait", "queries", "rows", "scores", "softmax", "acc", "write"},
+    {"gemv_uvc_k", "prefetch", "wait", "combine", "gemv"},
+};
+
 enum { PROF_MAX = 1024 };  /* launches a profiled step can mark */
 
 /* Per-launch times of the decode step of one row (DSV3_GINFER_PROFILE; see mark). */
@@ -90,6 +100,7 @@ struct ginfer {
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
     gprof *prof;        /* NULL unless profiling */
+    unsigned long long *clk; /* DSV3_GINFER_CLOCK: the timed kernels' phases (clock_report) */
     long replays;
     float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
     int32_t *tok;       /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
@@ -381,6 +392,7 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
 
 static int capture_all(ginfer *g, dsv3_err *e);
 static void prof_print(const ginfer *g);
+static void clock_report(const ginfer *g);
 static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err *e);
 static int mtp_keep(ginfer *g, int n, dsv3_err *e);
 static int decode_rows(const ginfer *g);
@@ -654,6 +666,13 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
             if (cudaEventCreate(&g->prof->ev[i]) != cudaSuccess)
                 rc = err_set(e, "ginfer: cannot create the profile's events");
     }
+    const char *ck = getenv("DSV3_GINFER_CLOCK");
+    if (!rc && ck && *ck && strcmp(ck, "0")) {
+        size_t b = (size_t)CLK_KERNELS * GK_CLK_N * sizeof *g->clk;
+        g->clk = (unsigned long long *)dal(g, b, e);
+        if (!g->clk || cudaMemset(g->clk, 0, b) != cudaSuccess)
+            rc = err_set(e, "ginfer: cannot set up DSV3_GINFER_CLOCK's counters");
+    }
     if (!rc)
         rc = capture_all(g, e) || pf_warm(g, e);
     if (rc) {
@@ -688,6 +707,8 @@ extern "C" void ginfer_destroy(ginfer *g)
 {
     if (!g)
         return;
+    if (g->clk)
+        clock_report(g);
     if (g->prof) {
         prof_print(g);
         for (int i = 0; i < g->prof->n_ev; i++)
@@ -749,6 +770,37 @@ static void mark(ginfer *g, const char *name, double bytes)
         cudaSuccess) {
         p->name[p->n] = name;
         p->bytes[p->n++] = bytes;
+    }
+}
+
+static unsigned long long *clk_for(const ginfer *g, int kernel, int n)
+{
+    return g->clk && n == 1 ? g->clk + kernel * GK_CLK_N : NULL;
+}
+
+/* What DSV3_GINFER_CLOCK counted: a line a timed kernel with its launches, the mean SM clock
+ * of its first block (cycles over global-timer time) and each phase's mean cycles and
+ * microseconds at that clock, as seen by that block's thread 0. */
+static void clock_report(const ginfer *g)
+{
+    unsigned long long h[CLK_KERNELS * GK_CLK_N];
+    if (cudaDeviceSynchronize() != cudaSuccess ||
+        cudaMemcpy(h, g->clk, sizeof h, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        fprintf(stderr, "ginfer clock: cannot read the counters\n");
+        return;
+    }
+    for (int k = 0; k < CLK_KERNELS; k++) {
+        const unsigned long long *c = h + k * GK_CLK_N;
+        double n = (double)c[GK_CLK_CNT];
+        if (n == 0)
+            continue;
+        double ghz = c[GK_CLK_NS] ? (double)c[GK_CLK_CYC] / (double)c[GK_CLK_NS] : 0;
+        fprintf(stderr, "ginfer clock: %s, %.0f launches, %.3f GHz, %.2f us in all:",
+                clk_phases[k][0], n, ghz, ghz > 0 ? c[GK_CLK_CYC] / n / ghz / 1e3 : 0);
+        for (int i = 0; i < GK_CLK_CYC && clk_phases[k][i + 1]; i++)
+            fprintf(stderr, " %s %.0f (%.2f us)", clk_phases[k][i + 1], c[i] / n,
+                    ghz > 0 ? c[i] / n / ghz / 1e3 : 0);
+        fprintf(stderr, "\n");
     }
 }
 
@@ -886,14 +938,15 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         /* the parts, combined by the uv GEMV's blocks (each its head's) */
         for (int r_ = 0; r_ <= twice(g, "parts"); r_++)
             if (gk_attn_parts(g->s, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
-                              slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale, e))
+                              slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
+                              clk_for(g, CLK_PARTS, n), e))
                 return -1;
         mark(g, "attention parts", 0);
         for (int r_ = 0; r_ <= twice(g, "uvc"); r_++)
             if (gk_gemv_uvc(g->s, g->pm, g->pl, g->pacc, nsplit,
                             wofs(y->kvb, (size_t)g->nope * kv, ws), wf,
                             (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n,
-                            kv, g->dv, nh, e))
+                            kv, g->dv, nh, clk_for(g, CLK_UVC, n), e))
                 return -1;
         mark(g, "gemv uv+combine", (double)nh * g->dv * kv * ws);
         goto o_proj;
@@ -973,7 +1026,8 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
         for (int r_ = 0; r_ <= twice(g, "route"); r_++)
             if (gk_route(g->s, g->xn, y->router, y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E,
                          g->n_group, g->topk_group, K, g->norm_topk, g->route_scale, y->sh ? n : 0,
-                         g->off, g->order, g->spos, g->rcnt, g->route1, e))
+                         g->off, g->order, g->spos, g->rcnt, g->route1,
+                         clk_for(g, CLK_ROUTE1, n), e))
                 return -1;
         mark(g, "router+top-k+bucket", E * H * 4.0);
     } else {

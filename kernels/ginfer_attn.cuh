@@ -15,17 +15,33 @@ static_assert(ATT_MAXSPLIT == 64, "two parts a lane of one warp");
  * rescaled to the common max. Every part's max and sum are loaded at once (a thread a part),
  * warp 0 reduces the common max (exact: any order gives it) and the rescaled sum (a fixed
  * tree: the result does not depend on the batch), then each thread sums its latent values
- * over the parts with independent loads. (A serial loop over the parts' maxima in one thread
- * cost ~30 us a layer at 64 parts: a chain of L2 round trips; the serial loops over shared
- * memory that replaced it, one for the max and one for the sum, ~0.5 us each a launch.) The
- * parts are read through L2 (__ldcg): they may have been written by other blocks of the same
- * grid. Ends with a barrier (ws reusable). */
+ * over the parts in order, PB parts' loads in flight at a time. (A serial loop over the
+ * parts' maxima in one thread cost ~30 us a layer at 64 parts: a chain of L2 round trips;
+ * the serial loops over shared memory that replaced it, one for the max and one for the sum,
+ * ~0.5 us each a launch. A loop of loads and products, even unrolled, kept ~5 loads in
+ * flight, ptxas reusing their registers: ~13 L2 round trips, 3.8 us of the 1b-moe uv launch
+ * (DSV3_GINFER_CLOCK); a warp barrier after each batch of PB loads keeps ptxas from moving
+ * them down to their products. PB 64 costs ~240 registers a thread.) The parts are read
+ * through L2 (__ldcg): they may have been written by other blocks of the same grid. Ends
+ * with a barrier (ws reusable). */
+template <int PB>
 __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, const float *pl,
                                                  const float *pacc, long v, int kv, int nsplit,
                                                  float *ws, float *ls, float *ML)
 {
+    static_assert(PB >= 1 && PB <= ATT_MAXSPLIT, "parts a batch");
     long b = v * nsplit;
     int t = threadIdx.x;
+    /* PB = every part, one value a thread: its loads issued first, in flight while the
+     * parts' maxima and sums are read and reduced (one L2 round trip fewer on the path) */
+    const bool pre = PB == ATT_MAXSPLIT && kv <= (int)blockDim.x;
+    float x[PB];
+    if (pre && t < kv) {
+        const float *pj = pacc + b * kv + t;
+#pragma unroll
+        for (int u = 0; u < PB; u++)
+            x[u] = __ldcg(pj + (long)min(u, nsplit - 1) * kv);
+    }
     if (t < ATT_MAXSPLIT) {
         ws[t] = t < nsplit ? __ldcg(pm + b + t) : -INFINITY;
         ls[t] = t < nsplit ? __ldcg(pl + b + t) : 0.0f;
@@ -44,11 +60,31 @@ __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, co
     }
     __syncthreads();
     float L = ML[1];
+    if (pre) {
+        if (t < kv) {
+            float a = 0;
+#pragma unroll
+            for (int u = 0; u < PB; u++)
+                if (u < nsplit)
+                    a += ws[u] * x[u];
+            dst[t] = a / L;
+        }
+        __syncthreads();
+        return;
+    }
     for (int j = t; j < kv; j += blockDim.x) {
+        const float *pj = pacc + b * kv + j;
         float a = 0;
-#pragma unroll 64  /* every part's load in flight at once: one L2 round trip, not four */
-        for (int s = 0; s < nsplit; s++)
-            a += ws[s] * __ldcg(pacc + (b + s) * kv + j);  /* an empty part's pacc is 0 */
+        for (int s0 = 0; s0 < nsplit; s0 += PB) {
+#pragma unroll
+            for (int u = 0; u < PB; u++)  /* past nsplit: the last part again, unused */
+                x[u] = __ldcg(pj + (long)min(s0 + u, nsplit - 1) * kv);
+            __syncwarp(__activemask());
+#pragma unroll
+            for (int u = 0; u < PB; u++)
+                if (s0 + u < nsplit)
+                    a += ws[s0 + u] * x[u];  /* an empty part's pacc is 0 */
+        }
         dst[j] = a / L;
     }
     __syncthreads();

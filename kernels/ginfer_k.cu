@@ -684,21 +684,42 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
  * latents of head blockIdx.y: each block combines them for the N rows into shared memory
  * (attn_combine_row, as gk_attn's combine computes olat) and takes its dot products from there.
  * 8 blocks a head at dv = 64 recompute the same combine; it reads the head's parts from L2. */
-template <typename W, int NT>
+
+
+template <typename W, int NT, int PB>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
                const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
-               int N, int I, int O)
+               int N, int I, int O, unsigned long long *clk)
 {
+    gk_clock ck;
+    gk_clk_start(clk, ck);
     gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
+    gk_clk(clk, 1, ck);
     extern __shared__ float lat_sm[];  /* [N][I] */
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     int b = blockIdx.y;
     for (int n = 0; n < N; n++)
-        attn_combine_row(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I, nsplit,
-                         ws, ls, ML);
+        attn_combine_row<PB>(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I,
+                             nsplit, ws, ls, ML);
+    gk_clk(clk, 2, ck);
     gemv_block<W, NT>(m, lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
+    gk_clk(clk, 3, ck);
+    gk_clk_end(clk, ck);
+}
+
+/* The one-row uv launch's parts loaded at a time in its combine (attn_combine_row's PB):
+ * DSV3_GINFER_UVC_PB = 16, 32 or 64 (the default: all, issued before the parts' maxima are
+ * read; ~255 registers a thread, so one block an SM, yet 699 us a 1b-moe step against 714 at
+ * 32 and 742 with 64 capped at 128 registers, which spilled; H200, docs/PERF.md). Read at
+ * each launch: a decode graph keeps what held at its capture. */
+static int uvc_parts_batch(void)
+{
+    const char *v = getenv("DSV3_GINFER_UVC_PB");
+    int pb = v ? atoi(v) : 64;
+    return pb == 16 || pb == 32 ? pb : 64;
 }
 
 int gk_gemv_uvc_fits(int N, int I)
@@ -709,17 +730,22 @@ int gk_gemv_uvc_fits(int N, int I)
 template <typename W>
 static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                             int nsplit, const W *w, long wbs, float *y, long ldy, long ybs, int N,
-                            int I, int O, int batch)
+                            int I, int O, int batch, unsigned long long *clk)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
-    gk_launch(N == 1 ? gemv_uvc_k<W, 1> : gemv_uvc_k<W, 4>, grid, GK_WARPS * 32,
-              (size_t)N * I * sizeof(float), s, pm, pl, pacc, nsplit, w, wbs, y, ldy, ybs, N, I,
-              O);
+    int pb = uvc_parts_batch();
+    void (*k)(int, const float *, const float *, const float *, int, const W *, long, float *,
+              long, long, int, int, int, unsigned long long *) =
+        N == 1 ? (pb == 64 ? gemv_uvc_k<W, 1, 64> : pb == 32 ? gemv_uvc_k<W, 1, 32>
+                                                             : gemv_uvc_k<W, 1, 16>)
+               : gemv_uvc_k<W, 4, 16>;
+    gk_launch(k, grid, GK_WARPS * 32, (size_t)N * I * sizeof(float), s, pm, pl, pacc, nsplit, w,
+              wbs, y, ldy, ybs, N, I, O, clk);
 }
 
 int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                 int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
-                int N, int I, int O, int batch, dsv3_err *e)
+                int N, int I, int O, int batch, unsigned long long *clk, dsv3_err *e)
 {
     if (N <= 0 || O <= 0 || batch <= 0)
         return 0;
@@ -730,10 +756,10 @@ int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *p
                        I, nsplit);
     if (wf32)
         gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const float *)w, wbs, y, ldy, ybs, N, I, O,
-                        batch);
+                        batch, clk);
     else
         gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O,
-                        batch);
+                        batch, clk);
     LAUNCH_CHECK("gemv_uvc", e);
     return 0;
 }
@@ -796,6 +822,36 @@ __device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns
                 spos[a] = p++;
             }
     }
+}
+
+/* moe_bucket_body for one row of K distinct experts, by the warp that routed it
+ * (route_row32: lane x is expert x, rank its place in idx, >= K if not chosen): each
+ * chosen expert holds one entry, so an expert's offset is the number chosen below it and
+ * the list of groups with rows is the chosen experts in order, then the shared group E.
+ * The same integers moe_bucket_body writes, without its block barriers and shared counts. */
+__device__ __forceinline__ void bucket_row32(int rank, int K, int E, int ns, int *off, int *order,
+                                             int *spos)
+{
+    const int lane = threadIdx.x & 31, G = E + (ns > 0);
+    unsigned chosen = __ballot_sync(0xffffffffu, rank < K);
+    int below = __popc(chosen & ((1u << lane) - 1));
+    if (lane < E)
+        off[lane] = below;
+    if (rank < K) {
+        off[G + 2 + below] = lane;
+        order[below] = rank;
+        spos[rank] = below;
+    }
+    if (lane == 0) {
+        off[E] = K;
+        if (ns) {
+            off[E + 1] = K + ns;
+            off[G + 2 + K] = E;
+        }
+        off[G + 1] = K + (ns > 0);
+    }
+    for (int n = lane; n < ns; n += 32)
+        order[K + n] = n * K;
 }
 
 __global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, int ns, int *off,
@@ -918,7 +974,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
 
 /* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait. */
 __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
-                                            const float *__restrict__ router, int H, int E, int o)
+                                            const float *__restrict__ router, int H, int E, int o,
+                                            unsigned long long *clk, gk_clock &ck)
 {
     int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
@@ -927,7 +984,9 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
     for (int j = 0; j < ROUTE1_CHUNKS; j++)
         if (lane * 8 + 256 * j < H)
             ldw8(wr + lane * 8 + 256 * j, wv[j]);
+    gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
+    gk_clk(clk, 1, ck);
     float acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++) {
@@ -941,6 +1000,7 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
         }
     }
     acc = warp_sum(acc);
+    gk_clk(clk, 2, ck);
     gk_pdl_late(m);
     return acc;
 }
@@ -948,27 +1008,34 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
 __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
-             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos)
+             int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
+             unsigned long long *clk)
 {
     __shared__ float lg[32], sc[32], svr[32];
-    __shared__ int ir[32], cnt[33];
+    __shared__ int ir[32];
+    gk_clock ck;
+    gk_clk_start(clk, ck);
     cg::cluster_group cl = cg::this_cluster();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * GK_WARPS + warp;
     float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
-    float acc = route1_dot(m, x, router, H, E, o);
-    if (o < E && lane == 0) {
+    float acc = route1_dot(m, x, router, H, E, o, clk, ck);
+    if (o < E && lane == 0)
         *cl.map_shared_rank(&lg[o], 0) = acc;
-        logits[o] = acc;
-    }
-    cl.sync();  /* the logits in block 0's shared memory */
-    if (blockIdx.x != 0)
+    /* the logits in block 0's shared memory (stored to device memory after the barrier: a
+     * global store before it would be one more write its release waits for) */
+    cl.sync();
+    gk_clk(clk, 3, ck);
+    if (blockIdx.x != 0 || warp != 0)
         return;
-    if (warp == 0)
-        route_row32(idx, rw, rs, lane < E ? lg[lane] : 0.0f, bx, 0, E, G, TG, K, norm, scale, sc,
-                    svr, ir);
-    __syncthreads();
-    moe_bucket_body(ir, K, K, E, ns, off, order, spos, cnt);
+    float l = lane < E ? lg[lane] : 0.0f;
+    if (lane < E)
+        logits[lane] = l;
+    int rank = route_row32(idx, rw, rs, l, bx, 0, E, G, TG, K, norm, scale, sc, svr, ir);
+    gk_clk(clk, 4, ck);
+    bucket_row32(rank, K, E, ns, off, order, spos);
+    gk_clk(clk, 5, ck);
+    gk_clk_end(clk, ck);
 }
 
 int gk_route1_fits(int N, int H, int E)
@@ -991,7 +1058,7 @@ static int route_check(int H, int E, int G, int TG, int K, dsv3_err *e)
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned *count, int one, dsv3_err *e)
+             unsigned *count, int one, unsigned long long *clk, dsv3_err *e)
 {
     if (route_check(H, E, G, TG, K, e))
         return -1;
@@ -999,7 +1066,7 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
         gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw,
-                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos);
+                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, clk);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
@@ -1080,7 +1147,8 @@ extern "C" int ginfer_route_run(const float *x, const float *router, const float
                       bias ? (const float *)d[RR_B] : NULL, (float *)d[RR_LOGITS],
                       (float *)d[RR_RS], (float *)d[RR_RW], (int32_t *)d[RR_IDX], N, H, E, G, TG,
                       K, norm, scale, ns, (int *)d[RR_OFF], (int *)d[RR_ORDER],
-                      (int *)d[RR_SPOS], (unsigned *)d[RR_CNT], one, e);
+                      (int *)d[RR_SPOS], (unsigned *)d[RR_CNT], one,
+                      (unsigned long long *)NULL, e);
     }
     if (!rc) {
         cudaError_t c = cudaDeviceSynchronize();

@@ -71,6 +71,56 @@ __device__ __forceinline__ void gk_pdl_enter(int m)
         gk_pdl_launch();
 }
 
+/* Timing only (DSV3_GINFER_CLOCK=1; kernels/ginfer.cu clock_report): a kernel's phases as
+ * thread 0 of its first block sees them, summed over launches into clk (one kernel's
+ * GK_CLK_N slots; NULL: nothing): gk_clk(clk, i, t) adds the SM cycles since the mark t to
+ * slot i (i < 0: only marks); gk_clk_end counts the launch and adds the cycles and the
+ * global-timer nanoseconds from gk_clk_start (to convert cycles to time). */
+#define GK_CLK_N 16
+enum { GK_CLK_CYC = GK_CLK_N - 3, GK_CLK_NS = GK_CLK_N - 2, GK_CLK_CNT = GK_CLK_N - 1 };
+struct gk_clock {
+    long long t, c0, n0;
+};
+
+__device__ __forceinline__ bool gk_clk_on(const unsigned long long *clk)
+{
+    return clk && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
+}
+
+__device__ __forceinline__ long long gk_globaltimer()
+{
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void gk_clk_start(const unsigned long long *clk, gk_clock &k)
+{
+    if (gk_clk_on(clk)) {
+        k.t = k.c0 = clock64();
+        k.n0 = gk_globaltimer();
+    }
+}
+
+__device__ __forceinline__ void gk_clk(unsigned long long *clk, int i, gk_clock &k)
+{
+    if (gk_clk_on(clk)) {
+        long long n = clock64();
+        atomicAdd(clk + i, (unsigned long long)(n - k.t));
+        k.t = n;
+    }
+}
+
+__device__ __forceinline__ void gk_clk_end(unsigned long long *clk, gk_clock &k)
+{
+    if (gk_clk_on(clk)) {
+        long long c = clock64(), n = gk_globaltimer();
+        atomicAdd(clk + GK_CLK_CYC, (unsigned long long)(c - k.c0));
+        atomicAdd(clk + GK_CLK_NS, (unsigned long long)(n - k.n0));
+        atomicAdd(clk + GK_CLK_CNT, 1ull);
+    }
+}
+
 /* The late scheme's trigger: where a kernel's main loads are done (any warp's call counts
  * for its block; a block that exits before it counts as well). */
 __device__ __forceinline__ void gk_pdl_late(int m)
@@ -235,11 +285,12 @@ int gk_gemv_norm_fits(int N, int I);
  * and gk_moe_bucket(idx, N*K, K, E, ns, ...) done by the grid's last block (count: one
  * counter, zeroed once before the first call; each call leaves it zero). one: where
  * gk_route1_fits, one cluster of blocks with the rows in registers does it all instead
- * (bitwise the same outputs; the batch-1 decode's router). */
+ * (bitwise the same outputs; the batch-1 decode's router). clk: DSV3_GINFER_CLOCK's
+ * counters (NULL: none). */
 int gk_route(cudaStream_t s, const float *x, const float *router, const float *bias,
              float *logits, float *rs, float *rw, int32_t *idx, int N, int H, int E, int G,
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned *count, int one, dsv3_err *e);
+             unsigned *count, int one, unsigned long long *clk, dsv3_err *e);
 int gk_route1_fits(int N, int H, int E);
 /* From kva[N, kv+rope] (rows ldkva apart): c_kv = norm(kva[:kv]) (weight w), k_pe =
  * rope(kva[kv:]), stored at cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's
@@ -321,7 +372,7 @@ size_t gk_attn_counts(int N, int nh);
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, dsv3_err *e);
+                  float scale, unsigned long long *clk, dsv3_err *e);
 /* The fused "uvc" decode launch: the batched GEMV y[n, b] = W_b . olat[n, b] (gk_gemv with
  * x = olat: rows ldx apart, heads xbs = I apart; batch = heads) where each block first
  * combines its head's attention parts (gk_attn_parts' pm, pl, pacc of nsplit parts) for the
@@ -329,7 +380,7 @@ int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float
  * saved and no single block combines many heads. Decode-sized N only (gk_gemv_uvc_fits). */
 int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                 int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
-                int N, int I, int O, int batch, dsv3_err *e);
+                int N, int I, int O, int batch, unsigned long long *clk, dsv3_err *e);
 int gk_gemv_uvc_fits(int N, int I);
 /* gk_route with the post-attention norm inside (the fused "post" decode launch): the rows it
  * routes are those gk_add_norm(x, H, delta, mo, nw, eps) would write to xn; every block

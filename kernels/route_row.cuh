@@ -107,13 +107,19 @@ __device__ __forceinline__ bool route_before(float v, int i, float u, int j)
  * the groups and then the experts are ranked in route_argmax's order, each lane counting
  * those before it with one round of shuffles, instead of TG + K dependent rounds of
  * route_argmax. The same choices in the same order, the weights summed in that order: route_row's
- * outputs bitwise (for logits that are not NaN). Also leaves the chosen experts in ir[K]
- * (shared, for the bucketing); sc: the warp's [32] shared scratch. */
-static __device__ void route_row32(int32_t *idx, float *w, float *s, float l, float bx, int n,
-                                   int E, int G, int TG, int K, int norm, float scale, float *sc,
-                                   float *svr, int *ir)
+ * outputs bitwise (for logits that are not NaN). Returns the lane's rank among the candidates
+ * (>= K: not chosen) and leaves the chosen experts in ir[K] (shared); sc, svr: the warp's [32]
+ * shared scratch. The loops run over all 32 lanes, unrolled, with a lane's group and the
+ * kept experts as bit masks: the shuffles of a loop are independent, and no division is left
+ * in them (a division by the group size in each step of a loop over the experts, and the
+ * loops' runtime bounds, made this one warp's chain ~9,800 cycles, 5 us, of the 1b-moe
+ * router's 7.7: DSV3_GINFER_CLOCK, docs/KERNELS.md). */
+static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, float bx, int n,
+                                  int E, int G, int TG, int K, int norm, float scale, float *sc,
+                                  float *svr, int *ir)
 {
-    int lane = threadIdx.x & 31, per = E / G;
+    const unsigned full = 0xffffffffu;
+    int lane = threadIdx.x & 31, per = E / G, grp = lane / per;
     float sv = 0, c = 0;
     if (lane < E) {
         sv = 1.0f / (1.0f + expf(-l));
@@ -123,32 +129,41 @@ static __device__ void route_row32(int32_t *idx, float *w, float *s, float l, fl
     }
     __syncwarp();
     float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
+    const unsigned gmask = G == 32 ? full : (1u << G) - 1;
     int grank = 0;
-    for (int h = 0; h < G; h++) {
-        float u = __shfl_sync(0xffffffffu, gs, h);
-        grank += h != lane && route_before(u, h, gs, lane);
+#pragma unroll
+    for (int h = 0; h < 32; h++) {
+        float u = __shfl_sync(full, gs, h);
+        grank += ((gmask >> h) & 1) && h != lane && route_before(u, h, gs, lane);
     }
-    unsigned keep = __ballot_sync(0xffffffffu, lane < G && grank < TG);
-    bool cand = lane < E && ((keep >> (lane / per)) & 1);
+    unsigned keep = __ballot_sync(full, lane < G && grank < TG);
+    bool cand = lane < E && ((keep >> grp) & 1);
+    unsigned cmask = __ballot_sync(full, cand);  /* the experts of the kept groups */
     int rank = 0;
-    for (int y = 0; y < E; y++) {
-        float u = __shfl_sync(0xffffffffu, c, y);
-        rank += y != lane && ((keep >> (y / per)) & 1) && route_before(u, y, c, lane);
+#pragma unroll
+    for (int y = 0; y < 32; y++) {
+        float u = __shfl_sync(full, c, y);
+        rank += ((cmask >> y) & 1) && y != lane && route_before(u, y, c, lane);
     }
-    if (cand && rank < K) {
+    if (!cand)
+        rank = 32;
+    if (rank < K) {
         svr[rank] = sv;
         ir[rank] = lane;
     }
     __syncwarp();
     float wsum = 0;
-    for (int r = 0; r < K; r++)
-        wsum += svr[r];
+#pragma unroll
+    for (int r = 0; r < 32; r++)
+        if (r < K)
+            wsum += svr[r];
     if (lane < K) {
         float mine = svr[lane];
         idx[(long)n * K + lane] = ir[lane];
         w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
     }
     __syncwarp();
+    return rank;
 }
 
 #endif
