@@ -130,9 +130,12 @@ __device__ __forceinline__ void att_scores_warp(const float *qs, const float *cs
 /* The chunk's weighted latents added to acc [ATT_HG][kv] (rescaled by al first): a thread a
  * latent value j for all heads, each cache value loaded once, the heads' weights from pt
  * [ATT_CH][ATT_HG] (two 16-byte loads a position). The same operations in the same order as
- * the thread-a-(head, value) loop (bitwise its acc). */
+ * the thread-a-(head, value) loop (bitwise its acc). out (the part's last chunk): the sums of
+ * the hn heads go to out (head h's at out + h * hs) instead of acc, which saves the block a
+ * barrier and a pass through shared memory. */
 __device__ __forceinline__ void att_acc_heads(float *acc, const float *pt, const float *cs,
-                                              const float *al, int kv, int WP, int nt)
+                                              const float *al, int kv, int WP, int nt,
+                                              float *out, long hs, int hn)
 {
     static_assert(ATT_HG == 8, "two float4 of weights a position");
     for (int j = threadIdx.x; j < kv; j += blockDim.x) {
@@ -152,9 +155,16 @@ __device__ __forceinline__ void att_acc_heads(float *acc, const float *pt, const
             a[6] = fmaf(p1.z, c, a[6]);
             a[7] = fmaf(p1.w, c, a[7]);
         }
+        if (out) {
 #pragma unroll
-        for (int h = 0; h < ATT_HG; h++)
-            acc[h * kv + j] = a[h];
+            for (int h = 0; h < ATT_HG; h++)
+                if (h < hn)
+                    out[h * hs + j] = a[h];
+        } else {
+#pragma unroll
+            for (int h = 0; h < ATT_HG; h++)
+                acc[h * kv + j] = a[h];
+        }
     }
 }
 
@@ -300,8 +310,12 @@ __global__ void __launch_bounds__(ATT_THREADS)
         }
         __syncthreads();
         gk_clk(clk, 5, ck);
+        /* the last chunk's sums straight to pacc (the part's (row, head) results are nsplit
+         * rows apart) */
+        float *out = WD && tc + ATT_CH >= t1 ? pacc + (((long)r * nh + h0) * nsplit + sp) * kv
+                                             : (float *)NULL;
         if (WD)
-            att_acc_heads(acc, pt, cs, al, kv, WP, nt);
+            att_acc_heads(acc, pt, cs, al, kv, WP, nt, out, (long)nsplit * kv, hn);
         else
             for (int i = tid; i < ATT_HG * kv; i += blockDim.x) {
                 int h = i / kv, j = i % kv;
@@ -310,15 +324,17 @@ __global__ void __launch_bounds__(ATT_THREADS)
                     a = fmaf(ps[h * ATT_CH + t], cs[t * WP + j], a);
                 acc[i] = a;
             }
-        __syncthreads();
+        if (!out)  /* the next chunk's rows overwrite cs; after the last, nothing reads it */
+            __syncthreads();
         gk_clk(clk, 6, ck);
     }
     gk_pdl_late(m);  /* an empty part has none */
-    for (int i = tid; i < hn * kv; i += blockDim.x) {
-        int h = i / kv, j = i % kv;
-        long b = ((long)r * nh + h0 + h) * nsplit + sp;
-        pacc[b * kv + j] = acc[i];
-    }
+    if (!WD || t1 <= t0)  /* else the last chunk wrote them */
+        for (int i = tid; i < hn * kv; i += blockDim.x) {
+            int h = i / kv, j = i % kv;
+            long b = ((long)r * nh + h0 + h) * nsplit + sp;
+            pacc[b * kv + j] = acc[i];
+        }
     if (tid < hn) {
         long b = ((long)r * nh + h0 + tid) * nsplit + sp;
         pm[b] = mh[tid];
