@@ -50,8 +50,8 @@ BIN=$BUILD/bin
 W=$(mktemp -d /tmp/dsv3-bench-sample-XXXXXX)
 trap 'rm -rf "$W"' EXIT
 echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit ${COMMIT:-$(git rev-parse --short HEAD)}, load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
-awk 'BEGIN { for (i = 0; i < 500; i++) print "the cat sat on the mat number " i " and then ran home" }' >"$W/corpus.txt"
-"$BIN/dsv3-tok" train -v 400 -o "$W/tok.bpe" "$W/corpus.txt" 2>/dev/null
+. "$(dirname "$0")/decode-inputs.sh"
+decode_tokenizer "$BIN" "$W"
 "$BIN/dsv3-config" --quiet --init "$W/model" --seed 1 "$CONFIG"
 # A prompt of 32 tokens (with BOS): words the tokenizer knows.
 P="the cat sat on the mat number 1 and then ran home the cat sat on the mat number 2 and"
@@ -65,7 +65,7 @@ rates() {
 if [ "${DEVICE:-cpu}" = cuda ]; then
     export DSV3_GINFER_FUSE="${DSV3_GINFER_FUSE:-}"  # the headline run: the default fusions
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
-    awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$W/long.txt"
+    decode_long_prompt "$W/long.txt"
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
         name=$(basename "$CFG" .json)
         "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"

@@ -23,10 +23,8 @@ so=$(cd "$BUILD/lib/dsv3" && pwd)/cupti-trace.so
 [ -f "$so" ] || { echo "trace-decode.sh: $so missing (built where cupti.h is)" >&2; exit 1; }
 W=$(mktemp -d /tmp/dsv3-trace-decode-XXXXXX)
 trap 'rm -rf "$W"' EXIT
-awk 'BEGIN { for (i = 0; i < 500; i++) print "the cat sat on the mat number " i " and then ran home" }' >"$W/corpus.txt"
-"$BIN/dsv3-tok" train -v 400 -o "$W/tok.bpe" "$W/corpus.txt" 2>/dev/null
-"$BIN/dsv3-config" --quiet --init "$W/model" --seed 1 --bf16 "$CONFIG"
-awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$W/long.txt"
+. "$(dirname "$0")/decode-inputs.sh"
+decode_folder "$BIN" "$W" "$CONFIG"
 sample() {
     env ${ENV:-} "$@" "$BIN/dsv3-sample" -m "$W/model" -t "$W/tok.bpe" --device cuda \
         -f "$W/long.txt" --temp 0 --ignore-eos -c 2048 -n "$N"

@@ -1,0 +1,22 @@
+# Inputs the decode scripts share (bench-sample.sh, profile-decode.sh, trace-decode.sh), to be
+# sourced: a tokenizer trained on a small repetitive corpus, and a long prompt in words it
+# knows (~1200 tokens), so every script times decode at the same positions.
+
+# decode_tokenizer BIN DIR: DIR/corpus.txt and DIR/tok.bpe (400 ids) from BIN's dsv3-tok.
+decode_tokenizer() {
+    awk 'BEGIN { for (i = 0; i < 500; i++) print "the cat sat on the mat number " i " and then ran home" }' >"$2/corpus.txt"
+    "$1/dsv3-tok" train -v 400 -o "$2/tok.bpe" "$2/corpus.txt" 2>/dev/null
+}
+
+# decode_long_prompt FILE: the ~1200-token prompt.
+decode_long_prompt() {
+    awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$1"
+}
+
+# decode_folder BIN DIR CONFIG: the tokenizer, DIR/model (random bf16 weights of CONFIG,
+# seed 1) and DIR/long.txt.
+decode_folder() {
+    decode_tokenizer "$1" "$2"
+    "$1/dsv3-config" --quiet --init "$2/model" --seed 1 --bf16 "$3"
+    decode_long_prompt "$2/long.txt"
+}
