@@ -197,10 +197,11 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
     }
 }
 
-/* ~140 registers a thread: a block does not fit on an SM beside the q_lat GEMV's blocks of
- * the launch before, so its rows are staged only once they leave. Capped at 80 registers
- * (__launch_bounds__(ATT_THREADS, 3)) it fits, but the scores spill and took 3.3 us instead
- * of 1.4: 738 vs 699 us a 1b-moe step (H200, docs/PERF.md). */
+/* ~130 registers a thread. Its one-row staging before the wait ends after the wait
+ * (DSV3_GINFER_CLOCK): its blocks land late, perhaps because they do not fit an SM beside
+ * the q_lat GEMV's blocks of the launch before (docs/KERNELS.md). Capped at 80 registers
+ * (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3 us instead of 1.4: 738
+ * vs 699 us a 1b-moe step (H200, docs/PERF.md). */
 template <typename C, bool WD>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,

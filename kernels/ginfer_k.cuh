@@ -73,9 +73,10 @@ __device__ __forceinline__ void gk_pdl_enter(int m)
 
 /* Timing only (DSV3_GINFER_CLOCK=1; kernels/ginfer.cu clock_report): a kernel's phases as
  * thread 0 of its first block sees them, summed over launches into clk (one kernel's
- * GK_CLK_N slots; NULL: nothing): gk_clk(clk, i, t) adds the SM cycles since the mark t to
- * slot i (i < 0: only marks); gk_clk_end counts the launch and adds the cycles and the
- * global-timer nanoseconds from gk_clk_start (to convert cycles to time). */
+ * GK_CLK_N slots; NULL: nothing): gk_clk(clk, i, k) adds the SM cycles since the last mark
+ * in k to slot i and marks; gk_clk_end counts the launch and adds the cycles and the
+ * global-timer nanoseconds since gk_clk_start (to convert cycles to time). The atomics are
+ * one thread's, a few a launch: the timed phases barely move. */
 #define GK_CLK_N 16
 enum { GK_CLK_CYC = GK_CLK_N - 3, GK_CLK_NS = GK_CLK_N - 2, GK_CLK_CNT = GK_CLK_N - 1 };
 struct gk_clock {
