@@ -21,7 +21,7 @@ static_assert(ATT_MAXSPLIT == 64, "two parts a lane of one warp");
  * ~0.5 us each a launch. A loop of loads and products, even unrolled, kept ~5 loads in
  * flight, ptxas reusing their registers: ~13 L2 round trips, 3.8 us of the 1b-moe uv launch
  * (DSV3_GINFER_CLOCK); a warp barrier after each batch of PB loads keeps ptxas from moving
- * them down to their products. PB 64 costs ~240 registers a thread.) The parts are read
+ * them down to their products. PB 64 costs ~255 registers a thread.) The parts are read
  * through L2 (__ldcg): they may have been written by other blocks of the same grid. Ends
  * with a barrier (ws reusable). */
 template <int PB>
