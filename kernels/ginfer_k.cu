@@ -1011,7 +1011,7 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
              int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
              unsigned long long *clk)
 {
-    __shared__ float lg[32], sc[32], svr[32];
+    __shared__ __align__(16) float lg[32], sc[32], svr[32];  /* route_row32 reads 16 bytes a load */
     __shared__ int ir[32];
     gk_clock ck;
     gk_clk_start(clk, ck);

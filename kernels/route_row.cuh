@@ -129,22 +129,29 @@ static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, flo
     }
     __syncwarp();
     float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
-    const unsigned gmask = G == 32 ? full : (1u << G) - 1;
+    /* Ranks from shared memory: every lane reads all 32 values (broadcast loads, issued
+     * together), entries that must not count set to NaN (no comparison with NaN is true, so
+     * they count for no one: exact whatever the scores), and a lane is never before itself.
+     * (With one shuffle a value, ptxas chained each shuffle to the compare before it: ~25
+     * cycles a step, 32 steps a loop.) svr holds the group scores until the ranks are read. */
+    svr[lane] = lane < G ? gs : __int_as_float(0x7fffffff);
+    __syncwarp();
     int grank = 0;
 #pragma unroll
     for (int h = 0; h < 32; h++) {
-        float u = __shfl_sync(full, gs, h);
-        grank += ((gmask >> h) & 1) && h != lane && route_before(u, h, gs, lane);
+        if (h >= G)  /* few groups (4 or 8): stop there */
+            break;
+        grank += route_before(svr[h], h, gs, lane);
     }
     unsigned keep = __ballot_sync(full, lane < G && grank < TG);
     bool cand = lane < E && ((keep >> grp) & 1);
-    unsigned cmask = __ballot_sync(full, cand);  /* the experts of the kept groups */
+    sc[lane] = cand ? c : __int_as_float(0x7fffffff);  /* the kept groups' experts */
+    __syncwarp();
     int rank = 0;
 #pragma unroll
-    for (int y = 0; y < 32; y++) {
-        float u = __shfl_sync(full, c, y);
-        rank += ((cmask >> y) & 1) && y != lane && route_before(u, y, c, lane);
-    }
+    for (int y = 0; y < 32; y++)
+        rank += route_before(sc[y], y, c, lane);
+    __syncwarp();  /* every lane's reads of svr done before its rows are written below */
     if (!cand)
         rank = 32;
     if (rank < K) {
