@@ -136,6 +136,13 @@ int ginfer_route_run(const float *x, const float *router, const float *bias, int
                      float *rs, float *rw, int32_t *idx, int *off, int *order, int *spos,
                      dsv3_err *e);
 
+/* For tests: the greedy choice of the decode graphs (gk_argmax) on host arrays, on the current
+ * device: out[r] = the id of the largest of x[r, V] with ban[v] != 0 left out (ban NULL: none),
+ * ties to the lowest id, -0 equal to +0. Runs twice on the same scratch (its counters must
+ * come back to zero); out is the second run's. */
+int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
+                      dsv3_err *e);
+
 #ifdef __cplusplus
 }
 #endif

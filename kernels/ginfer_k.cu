@@ -71,17 +71,22 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
-/* gemv_k's work for block (blockIdx.x, b). */
-template <typename W, int NT>
+/* gemv_k's work for block (blockIdx.x, b): RW output rows a warp (more than one where a row
+ * is too short to keep a warp's loads busy: the q_lat product's 64 values), each summed as
+ * with one (warp_dots). */
+template <typename W, int NT, int RW = 1>
 __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, long ldx, long xbs,
                                            const W *__restrict__ w, long wbs,
                                            float *__restrict__ y, long ldy, long ybs, int N,
                                            int I, int O, int b)
 {
-    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int o = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * RW, lane = threadIdx.x & 31;
     if (o >= O)
         return;
-    const W *wr[1] = {w + b * wbs + (long)o * I};
+    const W *wr[RW];
+#pragma unroll
+    for (int a = 0; a < RW; a++)
+        wr[a] = w + b * wbs + (long)min(o + a, O - 1) * I;
     const float *xb = x + b * xbs;
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
@@ -89,24 +94,29 @@ __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, l
 #pragma unroll
         for (int t = 0; t < NT; t++)
             xs[t] = xb + (long)(n0 + (t < nv ? t : 0)) * ldx;
-        float acc[1][NT];
-        warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+        float acc[RW][NT];
+        warp_dots<W, NT, RW>(wr, xs, nv, I, acc);
         gk_pdl_late(m);
 #pragma unroll
-        for (int t = 0; t < NT; t++)
-            if (lane == t && t < nv)
-                y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
+        for (int a = 0; a < RW; a++)
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                if (lane == t && t < nv && o + a < O)
+                    y[b * ybs + (long)(n0 + t) * ldy + o + a] = acc[a][t];
     }
 }
 
 /* Before the wait (ginfer_k.cuh): the weight rows gemv_block reads for batch entry b. */
-template <typename W>
+template <typename W, int RW = 1>
 __device__ __forceinline__ void gemv_prefetch(int m, const W *w, long wbs, int I, int O, int b)
 {
-    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
-    const W *wr[1] = {w + b * wbs + (long)o * I};
+    int o = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * RW;
+    const W *wr[RW];
+#pragma unroll
+    for (int a = 0; a < RW; a++)
+        wr[a] = w + b * wbs + (long)min(o + a, O - 1) * I;
     if (o < O)
-        gk_prefetch_rows<GK_WARPS, 1>(m, wr, I);
+        gk_prefetch_rows<GK_WARPS, RW>(m, wr, I);
 }
 
 template <typename W, int NT>
@@ -308,7 +318,7 @@ __global__ void kv_write_k(int m, const float *kva, int ldkva, const float *w, C
  * block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
  * parts of q, kv_write rotates only the q_pe parts, so the two are independent and share a
  * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
-template <typename W, int NT>
+template <typename W, int NT, int RW>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_kvw_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
                long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
@@ -317,18 +327,26 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
 {
     if (blockIdx.y < gridDim.y - 1)
-        gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+        gemv_prefetch<W, RW>(m, w, wbs, I, O, blockIdx.y);
     else if (blockIdx.x < N)
         kv_write_prefetch(m, blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
     gk_pdl_enter(m);
     extern __shared__ float row[];
     if (blockIdx.y < gridDim.y - 1) {
-        gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+        gemv_block<W, NT, RW>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
         return;
     }
     if (blockIdx.x < N)
         kv_write_row<W>(m, row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
                         cos_t, sin_t, interleave, eps, q, nh, qk, nope);
+}
+
+/* The q_lat product's output rows a warp: 4 for one row of short products (a q_lat row is
+ * 64 values, 8 lanes' loads), which also makes the launch a quarter as many blocks, so
+ * fewer of them stand in the way of the attention parts' large blocks after it; else 1. */
+static int kvw_rows_warp(int N, int I, int rows)
+{
+    return N == 1 && I <= 128 && rows == 4 ? 4 : 1;
 }
 
 int gk_gemv_kvw_fits(int N, int O)
@@ -342,13 +360,16 @@ static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, 
                             int batch, const float *kva, int ldkva, const float *nw, W *cache,
                             const int *slot, const int *pos, int kv, int rope, int n_ctx,
                             const float *cos_t, const float *sin_t, int interleave, float eps,
-                            float *q, int nh, int qk, int nope)
+                            float *q, int nh, int qk, int nope, int rw)
 {
-    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
+    dim3 grid((O + GK_WARPS * rw - 1) / (GK_WARPS * rw), batch + 1);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
               int, const float *, int, const float *, W *, const int *, const int *, int, int,
               int, const float *, const float *, int, float, float *, int, int, int) =
-        N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
+        rw == 4  ? gemv_kvw_k<W, 1, 4>
+        : N == 1 ? gemv_kvw_k<W, 1, 1>
+        : N <= 4 ? gemv_kvw_k<W, 4, 1>
+                 : gemv_kvw_k<W, 8, 1>;
     gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
               y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
               sin_t, interleave, eps, q, nh, qk, nope);
@@ -359,10 +380,11 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
                 const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
                 const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                 const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
-                int nope, dsv3_err *e)
+                int nope, int rows, dsv3_err *e)
 {
     if (N <= 0 || O <= 0 || batch <= 0)
         return 0;
+    int rw = kvw_rows_warp(N, I, rows);
     if (I % 8)
         return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
     if (!gk_gemv_kvw_fits(N, O))
@@ -370,11 +392,11 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
     if (wf32)
         gemv_kvw_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope);
+                        interleave, eps, q, nh, qk, nope, rw);
     else
         gemv_kvw_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope);
+                        interleave, eps, q, nh, qk, nope, rw);
     LAUNCH_CHECK("gemv_kvw", e);
     return 0;
 }
@@ -1117,6 +1139,41 @@ int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out
     return 0;
 }
 
+extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
+                                 dsv3_err *e)
+{
+    float *dx = NULL;
+    uint8_t *db = NULL;
+    int32_t *dout = NULL;
+    void *scr = NULL;
+    size_t ss = gk_argmax_scratch(N);
+    int rc = 0;
+    if (cudaMalloc(&dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
+        cudaMalloc(&db, (size_t)V + 1) != cudaSuccess ||
+        cudaMalloc(&dout, (size_t)N * 4) != cudaSuccess || cudaMalloc(&scr, ss) != cudaSuccess)
+        rc = err_set(e, "ginfer_argmax_run: out of device memory");
+    if (!rc) {
+        cudaMemcpy(dx, x, (size_t)N * V * 4, cudaMemcpyHostToDevice);
+        if (ban)
+            cudaMemcpy(db, ban, (size_t)V, cudaMemcpyHostToDevice);
+        cudaMemset(scr, 0, ss);
+        /* twice: the second call finds the counters as the first left them */
+        for (int t = 0; t < 2 && !rc; t++) {
+            cudaMemset(dout, 0xff, (size_t)N * 4);
+            rc = gk_argmax(0, dx, N, V, ban ? db : NULL, scr, N, dout, e);
+        }
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(out, dout, (size_t)N * 4, cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_argmax_run: %s", cudaGetErrorString(c));
+    }
+    cudaFree(dx), cudaFree(db), cudaFree(dout), cudaFree(scr);
+    return rc ? -1 : 0;
+}
+
 /* ginfer_route_run's device buffers, in the order of its arguments after the inputs. */
 enum { RR_LOGITS, RR_RS, RR_RW, RR_IDX, RR_OFF, RR_ORDER, RR_SPOS, RR_X, RR_W, RR_B, RR_CNT, RR_N };
 
@@ -1461,14 +1518,38 @@ __device__ __forceinline__ unsigned long long argmax_key(float x, int v)
     return ((unsigned long long)u << 32) | (0xFFFFFFFFu - (unsigned)v);
 }
 
+/* The largest of each thread's key in thread 0 (red: 32 slots of shared memory). */
+__device__ __forceinline__ unsigned long long block_max_key(unsigned long long best,
+                                                            unsigned long long *red)
+{
+    for (int o = 16; o; o >>= 1) {
+        unsigned long long k = __shfl_xor_sync(0xffffffffu, best, o);
+        best = k > best ? k : best;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (!lane)
+        red[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            best = red[w] > best ? red[w] : best;
+    return best;
+}
+
 /* Grid (ARG_PARTS, N): each block the largest key of its part of row blockIdx.y into
  * part[row][blockIdx.x]; the row's last block to finish (a counter, reset by that block for
- * the next step) takes the largest of the parts and writes its id to out. Max is
- * order-free, so the result does not depend on which block is last. (One block a row read
- * the 129k logits at ~9 GB/s: 60 us a step.) */
-#define ARG_PARTS 64
-__global__ void argmax_k(int m, const float *x, int V, const uint8_t *ban,
-                         unsigned long long *part, unsigned *count, int32_t *out)
+ * the next step) takes the largest of the parts, one a thread, and writes its id to out.
+ * Max is order-free, so the result does not depend on which block is last. A thread loads
+ * its ARG_U logits and ban bytes before it compares any: the loop it replaced loaded the ban
+ * byte, then the logit, one pair at a time (16 dependent round trips, 18 us of a 1b-moe
+ * step on an H200; one block a row was 60 us). */
+#define ARG_PARTS 128
+#define ARG_THREADS 256
+#define ARG_U 4
+static_assert(ARG_PARTS <= ARG_THREADS, "the last block reads one part a thread");
+__global__ void __launch_bounds__(ARG_THREADS)
+    argmax_k(int m, const float *x, int V, const uint8_t *ban, unsigned long long *part,
+             unsigned *count, int32_t *out)
 {
     __shared__ unsigned long long red[32];
     __shared__ unsigned last;
@@ -1478,34 +1559,38 @@ __global__ void argmax_k(int m, const float *x, int V, const uint8_t *ban,
         gk_prefetch_l2(ban + v0, (size_t)(v1 - v0));
     gk_pdl_enter(m);
     unsigned long long best = 0;
-    for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
-        unsigned long long k = argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
-        best = k > best ? k : best;
+    for (int v = v0 + threadIdx.x; v < v1; v += ARG_U * ARG_THREADS) {
+        float lv[ARG_U];
+        uint8_t bv[ARG_U];
+#pragma unroll
+        for (int u = 0; u < ARG_U; u++) {
+            int i = v + u * ARG_THREADS;
+            lv[u] = i < v1 ? r[i] : 0.0f;
+            bv[u] = i < v1 && ban ? ban[i] : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < ARG_U; u++) {
+            int i = v + u * ARG_THREADS;
+            unsigned long long k = i < v1 ? argmax_key(bv[u] ? -INFINITY : lv[u], i) : 0;
+            best = k > best ? k : best;
+        }
     }
     gk_pdl_late(m);
-    for (int o = 16; o; o >>= 1) {
-        unsigned long long k = __shfl_xor_sync(0xffffffffu, best, o);
-        best = k > best ? k : best;
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (!lane)
-        red[warp] = best;
-    __syncthreads();
+    best = block_max_key(best, red);
     if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            best = red[w] > best ? red[w] : best;
         part[(long)blockIdx.y * ARG_PARTS + blockIdx.x] = best;
         __threadfence();
         last = atomicAdd(count + blockIdx.y, 1u) == ARG_PARTS - 1;
     }
     __syncthreads();
-    if (!last || threadIdx.x)
+    if (!last)
         return;
     __threadfence();
-    const volatile unsigned long long *p = part + (long)blockIdx.y * ARG_PARTS;
-    best = 0;
-    for (int i = 0; i < ARG_PARTS; i++)
-        best = p[i] > best ? p[i] : best;
+    best = threadIdx.x < ARG_PARTS ? __ldcg(part + (long)blockIdx.y * ARG_PARTS + threadIdx.x) : 0;
+    __syncthreads();  /* red reused */
+    best = block_max_key(best, red);
+    if (threadIdx.x)
+        return;
     out[blockIdx.y] = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
     count[blockIdx.y] = 0;
 }
@@ -1530,7 +1615,7 @@ int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *
         return err_set(e, "ginfer: greedy choices of %d rows (scratch for %d)", N, cap);
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part = (unsigned long long *)((char *)scratch + argmax_counts(cap));
-    gk_launch(argmax_k, dim3(ARG_PARTS, N), 256, 0, s, logits, V, ban, part, count, out);
+    gk_launch(argmax_k, dim3(ARG_PARTS, N), ARG_THREADS, 0, s, logits, V, ban, part, count, out);
     LAUNCH_CHECK("argmax", e);
     return 0;
 }
