@@ -96,7 +96,6 @@ struct ginfer {
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
      * grid and last block, for comparisons) */
     int fz_msum, route1;
-    int kvw_rows;  /* DSV3_GINFER_KVW_ROWS: the q_lat GEMV's rows a warp (gk_gemv_kvw) */
     char dup[64];  /* DSV3_GINFER_DUP (see twice) */
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
@@ -480,8 +479,6 @@ static void fuse_flags(ginfer *g)
     g->fz_msum = all || (!none && strstr(v, "msum"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
-    const char *kr = getenv("DSV3_GINFER_KVW_ROWS");
-    g->kvw_rows = kr ? atoi(kr) : 1;
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }
@@ -922,7 +919,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         if (gk_gemv_kvw(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
                         (long)nh * kv, kv, n, g->nope, kv, nh, kva, ldkva, y->kv_a_norm, cache,
                         slot, pos, kv, g->rope, g->n_ctx, g->cos_t, g->sin_t, g->interleave,
-                        1e-6f, g->q, nh, qk, g->nope, g->kvw_rows, e))
+                        1e-6f, g->q, nh, qk, g->nope, e))
             return -1;
         mark(g, "gemv q_lat+kv_write", (double)nh * kv * g->nope * ws);
     } else {

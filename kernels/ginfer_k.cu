@@ -71,22 +71,17 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
-/* gemv_k's work for block (blockIdx.x, b): RW output rows a warp (more than one where a row
- * is too short to keep a warp's loads busy: the q_lat product's 64 values), each summed as
- * with one (warp_dots). */
-template <typename W, int NT, int RW = 1>
+/* gemv_k's work for block (blockIdx.x, b). */
+template <typename W, int NT>
 __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, long ldx, long xbs,
                                            const W *__restrict__ w, long wbs,
                                            float *__restrict__ y, long ldy, long ybs, int N,
                                            int I, int O, int b)
 {
-    int o = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * RW, lane = threadIdx.x & 31;
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (o >= O)
         return;
-    const W *wr[RW];
-#pragma unroll
-    for (int a = 0; a < RW; a++)
-        wr[a] = w + b * wbs + (long)min(o + a, O - 1) * I;
+    const W *wr[1] = {w + b * wbs + (long)o * I};
     const float *xb = x + b * xbs;
     for (int n0 = 0; n0 < N; n0 += NT) {
         int nv = min(NT, N - n0);
@@ -94,29 +89,24 @@ __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, l
 #pragma unroll
         for (int t = 0; t < NT; t++)
             xs[t] = xb + (long)(n0 + (t < nv ? t : 0)) * ldx;
-        float acc[RW][NT];
-        warp_dots<W, NT, RW>(wr, xs, nv, I, acc);
+        float acc[1][NT];
+        warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
         gk_pdl_late(m);
 #pragma unroll
-        for (int a = 0; a < RW; a++)
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (lane == t && t < nv && o + a < O)
-                    y[b * ybs + (long)(n0 + t) * ldy + o + a] = acc[a][t];
+        for (int t = 0; t < NT; t++)
+            if (lane == t && t < nv)
+                y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
     }
 }
 
 /* Before the wait (ginfer_k.cuh): the weight rows gemv_block reads for batch entry b. */
-template <typename W, int RW = 1>
+template <typename W>
 __device__ __forceinline__ void gemv_prefetch(int m, const W *w, long wbs, int I, int O, int b)
 {
-    int o = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * RW;
-    const W *wr[RW];
-#pragma unroll
-    for (int a = 0; a < RW; a++)
-        wr[a] = w + b * wbs + (long)min(o + a, O - 1) * I;
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const W *wr[1] = {w + b * wbs + (long)o * I};
     if (o < O)
-        gk_prefetch_rows<GK_WARPS, RW>(m, wr, I);
+        gk_prefetch_rows<GK_WARPS, 1>(m, wr, I);
 }
 
 template <typename W, int NT>
@@ -318,7 +308,7 @@ __global__ void kv_write_k(int m, const float *kva, int ldkva, const float *w, C
  * block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
  * parts of q, kv_write rotates only the q_pe parts, so the two are independent and share a
  * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
-template <typename W, int NT, int RW>
+template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_kvw_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
                long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
@@ -327,26 +317,18 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
                const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
 {
     if (blockIdx.y < gridDim.y - 1)
-        gemv_prefetch<W, RW>(m, w, wbs, I, O, blockIdx.y);
+        gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
     else if (blockIdx.x < N)
         kv_write_prefetch(m, blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
     gk_pdl_enter(m);
     extern __shared__ float row[];
     if (blockIdx.y < gridDim.y - 1) {
-        gemv_block<W, NT, RW>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+        gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
         return;
     }
     if (blockIdx.x < N)
         kv_write_row<W>(m, row, blockIdx.x, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx,
                         cos_t, sin_t, interleave, eps, q, nh, qk, nope);
-}
-
-/* The q_lat product's output rows a warp: 4 for one row of short products (a q_lat row is
- * 64 values, 8 lanes' loads), which also makes the launch a quarter as many blocks, so
- * fewer of them stand in the way of the attention parts' large blocks after it; else 1. */
-static int kvw_rows_warp(int N, int I, int rows)
-{
-    return N == 1 && I <= 128 && rows == 4 ? 4 : 1;
 }
 
 int gk_gemv_kvw_fits(int N, int O)
@@ -360,16 +342,13 @@ static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, 
                             int batch, const float *kva, int ldkva, const float *nw, W *cache,
                             const int *slot, const int *pos, int kv, int rope, int n_ctx,
                             const float *cos_t, const float *sin_t, int interleave, float eps,
-                            float *q, int nh, int qk, int nope, int rw)
+                            float *q, int nh, int qk, int nope)
 {
-    dim3 grid((O + GK_WARPS * rw - 1) / (GK_WARPS * rw), batch + 1);
+    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
               int, const float *, int, const float *, W *, const int *, const int *, int, int,
               int, const float *, const float *, int, float, float *, int, int, int) =
-        rw == 4  ? gemv_kvw_k<W, 1, 4>
-        : N == 1 ? gemv_kvw_k<W, 1, 1>
-        : N <= 4 ? gemv_kvw_k<W, 4, 1>
-                 : gemv_kvw_k<W, 8, 1>;
+        N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
     gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
               y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
               sin_t, interleave, eps, q, nh, qk, nope);
@@ -380,11 +359,10 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
                 const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
                 const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                 const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
-                int nope, int rows, dsv3_err *e)
+                int nope, dsv3_err *e)
 {
     if (N <= 0 || O <= 0 || batch <= 0)
         return 0;
-    int rw = kvw_rows_warp(N, I, rows);
     if (I % 8)
         return err_set(e, "ginfer: a product over %d values (a multiple of 8 is needed)", I);
     if (!gk_gemv_kvw_fits(N, O))
@@ -392,11 +370,11 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
     if (wf32)
         gemv_kvw_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope, rw);
+                        interleave, eps, q, nh, qk, nope);
     else
         gemv_kvw_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope, rw);
+                        interleave, eps, q, nh, qk, nope);
     LAUNCH_CHECK("gemv_kvw", e);
     return 0;
 }

@@ -304,15 +304,13 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
 /* gk_gemv (batched) and gk_kv_write (kva ... nope; the cache of the weights' type) in one
  * launch: the kv_write is one more row of blocks, so N <= the GEMV's blocks a batch entry,
  * (O + 7) / 8 (gk_gemv_kvw_fits); x must not read what kv_write writes (the q_lat GEMV reads
- * q's nope parts, kv_write rotates its pe parts). Results as the two launches'. rows 4: a
- * warp takes 4 output rows where N is 1 and I <= 128 (a quarter of the blocks), any other
- * value one; the sums are the same either way. */
+ * q's nope parts, kv_write rotates its pe parts). Results as the two launches'. */
 int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
                 long wbs, float *y, long ldy, long ybs, int N, int I, int O, int batch,
                 const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
                 const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                 const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
-                int nope, int rows, dsv3_err *e);
+                int nope, dsv3_err *e);
 int gk_gemv_kvw_fits(int N, int O);
 /* Buckets the NK expert choices idx[NK] by expert (stable): off[E+1], order[sorted] = a,
  * spos[a] = sorted position. E <= 1024. With ns > 0 a group E follows (the shared expert run

@@ -28,10 +28,8 @@
 
 enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
 
-/* "LIST/R": DSV3_GINFER_FUSE=LIST with DSV3_GINFER_KVW_ROWS=R (the q_lat GEMV's rows a warp) */
-static const char *variants[] = {"0",   "1",    "norm", "attn",      "router",
-                                 "kvw", "post", "uvc",  "msum",      "norm,msum",
-                                 "kvw/4", "1/4"};
+static const char *variants[] = {"0",   "1",    "norm", "attn", "router",
+                                 "kvw", "post", "uvc",  "msum", "norm,msum"};
 enum { NV = sizeof variants / sizeof *variants };
 
 /* Whether an engine's description d names the fusions of DSV3_GINFER_FUSE=v: none for "0",
@@ -129,14 +127,7 @@ static void check_fused(int exact)
             ok &= (lg[v] = malloc((size_t)R * V * 4)) != NULL;
         CHECK(ok);
         for (int v = 0; v < NV && ok; v++) {
-            char fz[64];
-            const char *sl = strchr(variants[v], '/');
-            snprintf(fz, sizeof fz, "%.*s", sl ? (int)(sl - variants[v]) : 63, variants[v]);
-            setenv("DSV3_GINFER_FUSE", fz, 1);
-            if (sl)
-                setenv("DSV3_GINFER_KVW_ROWS", sl + 1, 1);
-            else
-                unsetenv("DSV3_GINFER_KVW_ROWS");
+            setenv("DSV3_GINFER_FUSE", variants[v], 1);
             infer *f = NULL;
             ok = infer_new_gpu(&f, &m, ctx, NS, 0, exact, &e) == 0 &&
                  run(f, (const int32_t(*)[MAXP])prompt, plen, (const int32_t(*)[STEPS])toks, V,
@@ -144,7 +135,7 @@ static void check_fused(int exact)
                  run_greedy(f, prompt[0], plen[0], gt[v], scratch, &e) == 0;
             CHECKF(ok, "DSV3_GINFER_FUSE=%s: %s", variants[v], e.msg);
             if (ok)  /* the engine names the fusions it runs (a stale library names none) */
-                CHECKF(fusions_named(infer_device(f), fz),
+                CHECKF(fusions_named(infer_device(f), variants[v]),
                        "DSV3_GINFER_FUSE=%s: the engine describes itself as \"%s\"",
                        variants[v], infer_device(f));
             infer_free(f);
@@ -203,7 +194,6 @@ static void check_fused(int exact)
         free(scratch);
         model_free(&m);
     }
-    unsetenv("DSV3_GINFER_KVW_ROWS");
     if (saved) {
         setenv("DSV3_GINFER_FUSE", saved, 1);
         free(saved);
