@@ -90,7 +90,8 @@ struct ginfer {
      * norm is fused in the pass being queued */
     int fz_norm, fz_attn, fz_route, fz_kvw, fin;
     /* more of them: the post-attention norm inside the router's launch (fpost: in this
-     * layer), the attention combine inside the uv GEMV */
+     * layer, 1 in route_k's grid, 2 in the one-row cluster route1_k; see post_fused), the
+     * attention combine inside the uv GEMV */
     int fz_post, fz_uvc, fpost;
     /* and the MoE down-projection summing its rows into x itself (nothing left pending);
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
@@ -1014,7 +1015,14 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     /* the experts a step reads: at most n*K routed ones, and the shared one */
     int maxact = (n * K < E ? n * K : E) + y->sh;
     double act = maxact;
-    if (g->fpost) {  /* the post-attention norm too (layers() left it out) */
+    if (g->fpost == 2) {  /* the post-attention norm too (layers() left it out), one row */
+        if (gk_route1_norm(g->s, g->x, g->delta, y->post_norm, g->eps, g->xn, y->router, y->bias,
+                           g->rl, g->rs, g->rw, g->idx, n, H, E, g->n_group, g->topk_group, K,
+                           g->norm_topk, g->route_scale, y->sh ? n : 0, g->off, g->order,
+                           g->spos, clk_for(g, CLK_ROUTE1, n), e))
+            return -1;
+        mark(g, "router+norm+top-k+bucket", E * H * 4.0);
+    } else if (g->fpost) {  /* the same in route_k's grid */
         const gk_moe_out *mo = pending(g);
         if (gk_route_norm(g->s, g->x, g->delta, mo, y->post_norm, g->eps, g->xn, y->router,
                           y->bias, g->rl, g->rs, g->rw, g->idx, n, H, E, g->n_group,
@@ -1076,6 +1084,18 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     return 0;
 }
 
+/* Where layer l's post-attention add_norm goes with the "post" fusion (g->fpost): 2 into
+ * the one-row cluster router (route1_k, which takes no pending MoE output: the input norm
+ * has summed it unless the norms are fused), 1 into route_k's grid, 0 a launch of its own. */
+static int post_fused(const ginfer *g, int l, int n)
+{
+    if (!g->fz_post || !g->ly[l].moe)
+        return 0;
+    if (g->fz_route && g->route1 && !g->pend && gk_route1_fits(n, g->H, g->E))
+        return 2;
+    return gk_route_norm_fits(n, g->H, g->E) ? 1 : 0;
+}
+
 /* The layers over the n rows in d_in; g->xn ends as the final-normed hidden states. Each
  * layer's input is x plus the layer before's pending output: summed and normed by the input
  * add_norm, or (fused norms) normed inside the attention's first GEMVs and summed by the
@@ -1090,7 +1110,7 @@ static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
     for (int l = 0; l < g->L; l++)
         if ((!g->fin && add_norm(g, n, NULL, g->ly[l].in_norm, "norm in (+moe sum)", e)) ||
             mla(g, l, n, nsplit, e) ||
-            (!(g->fpost = g->fz_post && g->ly[l].moe && gk_route_norm_fits(n, g->H, g->E)) &&
+            (!(g->fpost = post_fused(g, l, n)) &&
              add_norm(g, n, g->delta, g->ly[l].post_norm,
                       g->fin ? "norm post (+moe sum)" : "norm post", e)) ||
             ffn(g, l, n, e))

@@ -136,6 +136,16 @@ int ginfer_route_run(const float *x, const float *router, const float *bias, int
                      float *rs, float *rw, int32_t *idx, int *off, int *order, int *spos,
                      dsv3_err *e);
 
+/* For tests: the post-attention add_norm and the one-row router of its output (x[H] +=
+ * delta[H], xn = norm(x) with weight nw, eps; then ginfer_route_run's outputs for that row),
+ * fused: one route1_k launch (gk_route1_norm); else gk_add_norm then gk_route's one-cluster
+ * router. Out: xo (the new x), xn, and the router's outputs as ginfer_route_run's. */
+int ginfer_route1_norm_run(const float *x, const float *delta, const float *nw, float eps,
+                           const float *router, const float *bias, int H, int E, int G, int TG,
+                           int K, int norm, float scale, int ns, int fused, float *xo, float *xn,
+                           float *logits, float *rs, float *rw, int32_t *idx, int *off,
+                           int *order, int *spos, dsv3_err *e);
+
 /* For tests: the greedy choice of the decode graphs (gk_argmax) on host arrays, on the current
  * device: out[r] = the id of the largest of x[r, V] with ban[v] != 0 left out (ban NULL: none),
  * ties to the lowest id, -0 equal to +0. Runs twice on the same scratch (its counters must

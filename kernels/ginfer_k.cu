@@ -972,28 +972,87 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
 #define ROUTE1_CHUNKS 4 /* 256-value pieces of a row a lane holds: H <= 1024 */
 #define ROUTE1_CTAS 4   /* blocks of the cluster: 32 experts */
 
-/* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait. */
+/* route1_k's post-attention norm (route1_k<true>): x += delta, xn = norm(x) (weight nw). */
+struct route1_norm {
+    float *x;
+    const float *delta, *nw;
+    float eps;
+    float *xn;
+};
+
+/* The sum of squares of x[:H] + delta[:H] as add_norm_k's block_sum forms it for one row of
+ * H <= 1024 values (a thread a value, norm_threads(H) threads): virtual warp w's lanes hold
+ * values 32 w + lane, each warp summed by warp_sum, then the warps' sums by warp_sum again.
+ * One warp does all of it, so every warp of the cluster gets the same sum with no barrier. */
+__device__ __forceinline__ float route1_sumsq(const float *x, const float *delta, int H)
+{
+    int lane = threadIdx.x & 31, nw = (H + 31) / 32;
+    float v[32];
+#pragma unroll
+    for (int w = 0; w < 32; w++) {
+        int i = lane + 32 * w;
+        v[w] = w < nw && i < H ? x[i] + delta[i] : 0.0f;
+    }
+    float mine = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 32; w++)
+        if (w < nw) {
+            float s = warp_sum(v[w] * v[w]);
+            mine = lane == w ? s : mine;
+        }
+    return warp_sum(mine);
+}
+
+/* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait.
+ * NORM: the input is norm(na.x + na.delta) (add_norm_k's values, bitwise), the norm weight
+ * in registers before the wait too; xs and xns: this warp's 32-value slice of the new x and
+ * of xn (value lane + 32 o), for route1_k to store once every warp has read x. */
+template <bool NORM>
 __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
                                             const float *__restrict__ router, int H, int E, int o,
+                                            const route1_norm &na, float &xs, float &xns,
                                             unsigned long long *clk, gk_clock &ck)
 {
     int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
-    float wv[ROUTE1_CHUNKS][8];
+    float wv[ROUTE1_CHUNKS][8], nwv[NORM ? ROUTE1_CHUNKS : 1][8], nws = 0.0f;
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++)
-        if (lane * 8 + 256 * j < H)
+        if (lane * 8 + 256 * j < H) {
             ldw8(wr + lane * 8 + 256 * j, wv[j]);
+            if (NORM)
+                ldw8(na.nw + lane * 8 + 256 * j, nwv[NORM ? j : 0]);
+        }
+    if (NORM && lane + 32 * o < H)
+        nws = __ldg(na.nw + lane + 32 * o);
     gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
+    float r = 0.0f;
+    if (NORM) {
+        r = rsqrtf(route1_sumsq(na.x, na.delta, H) / H + na.eps);
+        int i = lane + 32 * o;
+        if (i < H) {
+            xs = na.x[i] + na.delta[i];
+            xns = nws * (xs * r);
+        }
+    }
     float acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++) {
         int i = lane * 8 + 256 * j;
         if (i < H) {
             float xf[8];
-            ldx8(x + i, xf);
+            if (NORM) {
+                float a[8], d[8];
+                ldx8(na.x + i, a);
+                ldx8(na.delta + i, d);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    xf[k] = nwv[NORM ? j : 0][k] * ((a[k] + d[k]) * r);
+            } else {
+                ldx8(x + i, xf);
+            }
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 acc = fmaf(wv[j][k], xf[k], acc);
@@ -1005,11 +1064,16 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
     return acc;
 }
 
+/* The one-row router in one cluster (gk_route1_fits): block b's warps w the logits of
+ * experts 8 b + w, gathered in block 0's shared memory, where one warp ranks and buckets.
+ * NORM: the post-attention add_norm first (route1_dot); each warp stores its slice of the new
+ * x and xn after the cluster barrier, when no warp reads x any more. */
+template <bool NORM>
 __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
              int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
-             unsigned long long *clk)
+             route1_norm na, unsigned long long *clk)
 {
     __shared__ __align__(16) float lg[32], sc[32], svr[32];  /* route_row32 reads 16 bytes a load */
     __shared__ int ir[32];
@@ -1019,13 +1083,18 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * GK_WARPS + warp;
     float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
-    float acc = route1_dot(m, x, router, H, E, o, clk, ck);
+    float xs = 0.0f, xns = 0.0f;
+    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, xs, xns, clk, ck);
     if (o < E && lane == 0)
         *cl.map_shared_rank(&lg[o], 0) = acc;
     /* the logits in block 0's shared memory (stored to device memory after the barrier: a
      * global store before it would be one more write its release waits for) */
     cl.sync();
     gk_clk(clk, 3, ck);
+    if (NORM && lane + 32 * o < H) {
+        na.x[lane + 32 * o] = xs;
+        na.xn[lane + 32 * o] = xns;
+    }
     if (blockIdx.x != 0 || warp != 0)
         return;
     float l = lane < E ? lg[lane] : 0.0f;
@@ -1065,8 +1134,8 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch(route1_k, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw,
-                  idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, clk);
+        gk_launch(route1_k<false>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
+                  rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, route1_norm{}, clk);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
@@ -1077,6 +1146,25 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
               norm, scale, ns, off, order, spos, count, (float *)NULL, (const float *)NULL,
               gk_moe_out{}, (const float *)NULL, 0.0f, 0, (float *)NULL);
     LAUNCH_CHECK("route", e);
+    return 0;
+}
+
+int gk_route1_norm(cudaStream_t s, float *x, const float *delta, const float *nw, float eps,
+                   float *xn, const float *router, const float *bias, float *logits, float *rs,
+                   float *rw, int32_t *idx, int N, int H, int E, int G, int TG, int K, int norm,
+                   float scale, int ns, int *off, int *order, int *spos, unsigned long long *clk,
+                   dsv3_err *e)
+{
+    if (route_check(H, E, G, TG, K, e))
+        return -1;
+    if (!gk_route1_fits(N, H, E))
+        return err_set(e, "ginfer: the one-cluster router takes one row of <= %d values and <= %d "
+                       "experts (%d rows, %d, %d)", 256 * ROUTE1_CHUNKS, ROUTE1_CTAS * GK_WARPS,
+                       N, H, E);
+    route1_norm na = {x, delta, nw, eps, xn};
+    gk_launch(route1_k<true>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, (const float *)NULL, router, bias,
+              logits, rs, rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, na, clk);
+    LAUNCH_CHECK("route1_norm", e);
     return 0;
 }
 
@@ -1115,6 +1203,59 @@ int gk_route_norm(cudaStream_t s, float *x, const float *delta, const gk_moe_out
               norm_threads(H), xn);
     LAUNCH_CHECK("route_norm", e);
     return 0;
+}
+
+/* ginfer_route1_norm_run's device buffers: x, delta, nw, xn, router, bias, then route_run's
+ * outputs and the counter. */
+enum { RN_X, RN_D, RN_NW, RN_XN, RN_W, RN_B, RN_LOGITS, RN_RS, RN_RW, RN_IDX, RN_OFF, RN_ORDER,
+       RN_SPOS, RN_CNT, RN_N };
+
+extern "C" int ginfer_route1_norm_run(const float *x, const float *delta, const float *nw,
+                                      float eps, const float *router, const float *bias, int H,
+                                      int E, int G, int TG, int K, int norm, float scale, int ns,
+                                      int fused, float *xo, float *xn, float *logits, float *rs,
+                                      float *rw, int32_t *idx, int *off, int *order, int *spos,
+                                      dsv3_err *e)
+{
+    size_t sz[RN_N] = {(size_t)H * 4, (size_t)H * 4, (size_t)H * 4, (size_t)H * 4,
+                       (size_t)E * H * 4, (size_t)E * 4, (size_t)E * 4, (size_t)E * 4,
+                       (size_t)K * 4, (size_t)K * 4, (size_t)(2 * E + 4) * 4,
+                       (size_t)(K + ns) * 4, (size_t)K * 4, 16};
+    const void *in[RN_N] = {x, delta, nw, NULL, router, bias};
+    void *out[RN_N] = {xo, NULL, NULL, xn, NULL, NULL, logits, rs, rw, idx, off, order, spos};
+    void *d[RN_N] = {};
+    int rc = 0;
+    for (int i = 0; i < RN_N && !rc; i++)
+        if (cudaMalloc(&d[i], sz[i]) != cudaSuccess)
+            rc = err_set(e, "ginfer_route1_norm_run: out of device memory");
+    for (int i = 0; i < RN_N && !rc; i++) {
+        cudaMemset(d[i], i == RN_CNT ? 0 : 0xff, sz[i]);
+        if (in[i])
+            cudaMemcpy(d[i], in[i], sz[i], cudaMemcpyHostToDevice);
+    }
+    const float *b = bias ? (const float *)d[RN_B] : NULL;
+    float *const *f = (float *const *)d;
+    if (!rc && fused)
+        rc = gk_route1_norm(0, f[RN_X], f[RN_D], f[RN_NW], eps, f[RN_XN], f[RN_W], b,
+                            f[RN_LOGITS], f[RN_RS], f[RN_RW], (int32_t *)d[RN_IDX], 1, H, E, G,
+                            TG, K, norm, scale, ns, (int *)d[RN_OFF], (int *)d[RN_ORDER],
+                            (int *)d[RN_SPOS], NULL, e);
+    else if (!rc)
+        rc = gk_add_norm(0, f[RN_X], H, f[RN_D], NULL, f[RN_NW], f[RN_XN], 1, H, eps, e) ||
+             gk_route(0, f[RN_XN], f[RN_W], b, f[RN_LOGITS], f[RN_RS], f[RN_RW],
+                      (int32_t *)d[RN_IDX], 1, H, E, G, TG, K, norm, scale, ns, (int *)d[RN_OFF],
+                      (int *)d[RN_ORDER], (int *)d[RN_SPOS], (unsigned *)d[RN_CNT], 1, NULL, e);
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        for (int i = 0; i < RN_N && c == cudaSuccess; i++)
+            if (out[i])
+                c = cudaMemcpy(out[i], d[i], sz[i], cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_route1_norm_run: %s", cudaGetErrorString(c));
+    }
+    for (int i = 0; i < RN_N; i++)
+        cudaFree(d[i]);
+    return rc ? -1 : 0;
 }
 
 extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,

@@ -293,6 +293,14 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
              unsigned *count, int one, unsigned long long *clk, dsv3_err *e);
 int gk_route1_fits(int N, int H, int E);
+/* The post-attention add_norm (x += delta, xn = norm(x) with weight nw, eps: add_norm_k's
+ * values bitwise) and gk_route's one-cluster router of xn, in one launch, where
+ * gk_route1_fits (one row). */
+int gk_route1_norm(cudaStream_t s, float *x, const float *delta, const float *nw, float eps,
+                   float *xn, const float *router, const float *bias, float *logits, float *rs,
+                   float *rw, int32_t *idx, int N, int H, int E, int G, int TG, int K, int norm,
+                   float scale, int ns, int *off, int *order, int *spos, unsigned long long *clk,
+                   dsv3_err *e);
 /* From kva[N, kv+rope] (rows ldkva apart): c_kv = norm(kva[:kv]) (weight w), k_pe =
  * rope(kva[kv:]), stored at cache + (slot[n]*n_ctx + pos[n]) * (kv+rope) (one layer's
  * cache); and RoPE (lib/ops rope_forward) on the q_pe part (from nope) of every head of

@@ -149,9 +149,66 @@ static void test_one_block_equals_grid(void)
            "weights within %.2g; buckets %d\n", equal, cases, cpu_same, wmax, buckets);
 }
 
+/* The post-attention add_norm fused into the one-row router (route1_k<true>, the "post"
+ * fusion at batch 1) against the add_norm launch and the router after it, on the same
+ * shapes and inputs: the new x, xn and every router output bitwise the same. */
+static void test_norm_fused_equals_two_launches(void)
+{
+    GT_NEED_GPU();
+    int cases = 0, equal = 0;
+    for (int si = 0; si < NSHAPE; si++)
+        for (int mode = 0; mode < MODES; mode++)
+            for (int v = 0; v < 4; v++) {
+                const shape *s = &shapes[si];
+                int ns = v & 1, norm = (v >> 1) & 1, hasb = mode != 0 || v != 0;
+                float scale = 1.0f + (float)(test_rand() % 5) * 0.5f;
+                float *x = malloc(s->H * sizeof(float)), *d = malloc(s->H * sizeof(float));
+                float *nw = malloc(s->H * sizeof(float));
+                float *w = malloc((size_t)s->E * s->H * sizeof(float));
+                float *b = malloc(s->E * sizeof(float));
+                float *xo[2], *xn[2];
+                draw(mode, s, x, w, b);
+                for (int i = 0; i < s->H; i++) {
+                    x[i] = gt_uniform(4.0f);
+                    d[i] = mode == 2 ? -x[i] : gt_uniform(1.0f);  /* mode 2: x + d = 0 */
+                    nw[i] = 1.0f + gt_uniform(0.5f);
+                }
+                outs o[2];
+                int rc = 0;
+                dsv3_err e;
+                for (int f = 0; f < 2; f++) {
+                    outs_alloc(&o[f], s, ns);
+                    xo[f] = malloc(s->H * sizeof(float));
+                    xn[f] = malloc(s->H * sizeof(float));
+                    rc = rc || ginfer_route1_norm_run(x, d, nw, 1e-6f, w, hasb ? b : NULL, s->H,
+                                                      s->E, s->G, s->TG, s->K, norm, scale, ns,
+                                                      f, xo[f], xn[f], o[f].logits, o[f].rs,
+                                                      o[f].rw, o[f].idx, o[f].off, o[f].order,
+                                                      o[f].spos, &e);
+                }
+                CHECKF(!rc, "%s", rc ? e.msg : "");
+                if (!rc) {
+                    cases++;
+                    int eq = !memcmp(xo[0], xo[1], s->H * 4) && !memcmp(xn[0], xn[1], s->H * 4) &&
+                             outs_equal(&o[0], &o[1], s, ns);
+                    equal += eq;
+                    CHECKF(eq, "E %d G %d K %d H %d mode %d ns %d norm %d: the router with the "
+                           "norm differs from add_norm and the router", s->E, s->G, s->K, s->H,
+                           mode, ns, norm);
+                }
+                for (int f = 0; f < 2; f++) {
+                    outs_free(&o[f]);
+                    free(xo[f]), free(xn[f]);
+                }
+                free(x), free(d), free(nw), free(w), free(b);
+            }
+    printf("# stat route1 norm: %d of %d cases bitwise add_norm and the router\n", equal, cases);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_one_block_equals_grid);
+    RUN(test_norm_fused_equals_two_launches);
     TEST_EXIT();
 }
