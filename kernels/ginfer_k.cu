@@ -980,27 +980,39 @@ struct route1_norm {
     float *xn;
 };
 
-/* The sum of squares of x[:H] + delta[:H] as add_norm_k's block_sum forms it for one row of
- * H <= 1024 values (a thread a value, norm_threads(H) threads): virtual warp w's lanes hold
- * values 32 w + lane, each warp summed by warp_sum, then the warps' sums by warp_sum again.
- * One warp does all of it, so every warp of the cluster gets the same sum with no barrier. */
-__device__ __forceinline__ float route1_sumsq(const float *x, const float *delta, int H)
+/* One step of a transposing warp sum: a[0..2n) of each lane (value w = index + the bits
+ * above it the lane has kept so far) becomes a[0..n): lanes whose bit n is set keep the upper
+ * half, the others the lower, each adding its partner's copy of the same values. After the
+ * steps n = 16 .. 1, lane w holds the sum over lanes of value w, added in warp_sum's xor tree
+ * (its own value first), with 31 shuffles instead of 32 warp_sums' 160. */
+template <int n>
+__device__ __forceinline__ void xpose_sum_step(float *a)
 {
-    int lane = threadIdx.x & 31, nw = (H + 31) / 32;
-    float v[32];
+    bool hi = threadIdx.x & n;
 #pragma unroll
-    for (int w = 0; w < 32; w++) {
-        int i = lane + 32 * w;
-        v[w] = w < nw && i < H ? x[i] + delta[i] : 0.0f;
+    for (int k = 0; k < n; k++) {
+        float keep = hi ? a[k + n] : a[k], send = hi ? a[k] : a[k + n];
+        a[k] = keep + __shfl_xor_sync(0xffffffffu, send, n);
     }
-    float mine = 0.0f;
+}
+
+/* The sum of squares of the values v (lane holds v[w] = value 32 w + lane, 0 past H) as
+ * add_norm_k's block_sum forms it for one row of H <= 1024 values (a thread a value,
+ * norm_threads(H) threads): virtual warp w's squares summed by warp_sum's tree, then the
+ * warps' sums by warp_sum (zeros past the last warp, as block_sum pads). One warp does it
+ * all, so every warp of the cluster gets the same sum with no barrier. */
+__device__ __forceinline__ float route1_sumsq(const float (&v)[32])
+{
+    float a[32];
 #pragma unroll
     for (int w = 0; w < 32; w++)
-        if (w < nw) {
-            float s = warp_sum(v[w] * v[w]);
-            mine = lane == w ? s : mine;
-        }
-    return warp_sum(mine);
+        a[w] = v[w] * v[w];
+    xpose_sum_step<16>(a);
+    xpose_sum_step<8>(a);
+    xpose_sum_step<4>(a);
+    xpose_sum_step<2>(a);
+    xpose_sum_step<1>(a);
+    return warp_sum(a[0]);
 }
 
 /* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait.
@@ -1028,36 +1040,49 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
     gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
-    float r = 0.0f;
-    if (NORM) {
-        r = rsqrtf(route1_sumsq(na.x, na.delta, H) / H + na.eps);
-        int i = lane + 32 * o;
-        if (i < H) {
-            xs = na.x[i] + na.delta[i];
-            xns = nws * (xs * r);
-        }
-    }
-    float acc = 0.0f;
+    /* the row: in the dot's layout (x, or with NORM the sums x + delta), and with NORM in
+     * add_norm_k's thread layout too (vs: value 32 w + lane), all loads issued first */
+    float xc[ROUTE1_CHUNKS][8], vs[32];  /* vs: only with NORM */
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++) {
         int i = lane * 8 + 256 * j;
         if (i < H) {
-            float xf[8];
             if (NORM) {
                 float a[8], d[8];
                 ldx8(na.x + i, a);
                 ldx8(na.delta + i, d);
 #pragma unroll
                 for (int k = 0; k < 8; k++)
-                    xf[k] = nwv[NORM ? j : 0][k] * ((a[k] + d[k]) * r);
+                    xc[j][k] = a[k] + d[k];
             } else {
-                ldx8(x + i, xf);
+                ldx8(x + i, xc[j]);
             }
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                acc = fmaf(wv[j][k], xf[k], acc);
         }
     }
+    if (NORM) {
+#pragma unroll
+        for (int w = 0; w < 32; w++) {
+            int i = lane + 32 * w;
+            vs[w] = i < H ? na.x[i] + na.delta[i] : 0.0f;
+        }
+        float r = rsqrtf(route1_sumsq(vs) / H + na.eps);
+#pragma unroll
+        for (int w = 0; w < 32; w++)  /* o < 32: a select, not an indexed load */
+            xs = w == o ? vs[w] : xs;
+        xns = nws * (xs * r);
+#pragma unroll
+        for (int j = 0; j < ROUTE1_CHUNKS; j++)
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                xc[j][k] = nwv[NORM ? j : 0][k] * (xc[j][k] * r);
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROUTE1_CHUNKS; j++)
+        if (lane * 8 + 256 * j < H)
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                acc = fmaf(wv[j][k], xc[j][k], acc);
     acc = warp_sum(acc);
     gk_clk(clk, 2, ck);
     gk_pdl_late(m);
