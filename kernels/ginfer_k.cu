@@ -1023,7 +1023,7 @@ template <bool NORM>
 __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
                                             const float *__restrict__ router, int H, int E, int o,
                                             const route1_norm &na, float &xs, float &xns,
-                                            unsigned long long *clk, gk_clock &ck)
+                                            float *tr, unsigned long long *clk, gk_clock &ck)
 {
     int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
@@ -1060,10 +1060,22 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
         }
     }
     if (NORM) {
+        /* the sums into add_norm_k's layout through this warp's shared memory: loading them
+         * again from global, ptxas reused two registers for all 64 loads, one L2 round trip
+         * after another (6.7 us) */
+        float *t = tr + (threadIdx.x >> 5) * 1024;
+#pragma unroll
+        for (int j = 0; j < ROUTE1_CHUNKS; j++)
+            if (lane * 8 + 256 * j < H)
+#pragma unroll
+                for (int k = 0; k < 8; k += 4)
+                    *(float4 *)&t[lane * 8 + 256 * j + k] =
+                        make_float4(xc[j][k], xc[j][k + 1], xc[j][k + 2], xc[j][k + 3]);
+        __syncwarp();
 #pragma unroll
         for (int w = 0; w < 32; w++) {
             int i = lane + 32 * w;
-            vs[w] = i < H ? na.x[i] + na.delta[i] : 0.0f;
+            vs[w] = i < H ? t[i] : 0.0f;
         }
         float r = rsqrtf(route1_sumsq(vs) / H + na.eps);
 #pragma unroll
@@ -1109,7 +1121,9 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     int o = blockIdx.x * GK_WARPS + warp;
     float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
     float xs = 0.0f, xns = 0.0f;
-    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, xs, xns, clk, ck);
+    /* with NORM each warp's row (1024 values at most), to change its layout */
+    __shared__ __align__(16) float tr[NORM ? GK_WARPS * 1024 : 1];
+    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, xs, xns, tr, clk, ck);
     if (o < E && lane == 0)
         *cl.map_shared_rank(&lg[o], 0) = acc;
     /* the logits in block 0's shared memory (stored to device memory after the barrier: a
