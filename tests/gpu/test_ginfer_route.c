@@ -9,7 +9,9 @@
  * (equal logits), biases repeated, x zero (every logit 0). Against an outside reference: the
  * CPU router (lib/ops router_forward_limited) on the GPU's logits chooses the same experts in
  * the same order, with the same weights within 1e-6; the bucketing is a permutation that
- * puts each expert's rows at its offset. */
+ * puts each expert's rows at its offset. And the same kernel with the post-attention add_norm
+ * inside ("post" fusion, route1_k<true>) against add_norm_k and the router after it: the new
+ * x, the normed row and every router output bitwise the same (H from 8 to 1024). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
