@@ -602,6 +602,19 @@ int ginfer_route_run(const float *x, const float *router, const float *bias, int
 {
     return no_cuda(e);
 }
+int ginfer_route1_norm_run(const float *x, const float *delta, const float *nw, float eps,
+                           const float *router, const float *bias, int H, int E, int G, int TG,
+                           int K, int norm, float scale, int ns, int fused, float *xo, float *xn,
+                           float *logits, float *rs, float *rw, int32_t *idx, int *off,
+                           int *order, int *spos, dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
+                      dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_create(ginfer **out, const dsv3_model *m, int n_ctx, int n_slots, int dev, int exact,
                   dsv3_err *e)
 {
