@@ -194,19 +194,82 @@ __device__ __forceinline__ float residual_sum(const float *xr, const float *dr,
  * order, plus the shared one's) is added, so the combine costs no launch of its own; then
  * delta (both with the fused norms: the MoE output of the layer before and this layer's
  * attention output, in that order, as two unfused add_norms would add them). */
+/* residual_sum with row n's routing already in registers (K <= KM): every load of the sum
+ * (x, the expert rows, the shared row, delta) issued before the first add. */
+template <int KM>
+__device__ __forceinline__ float residual_sum_ahead(const float *xr, const float *dr,
+                                                    const gk_moe_out &mo, const float *rwk,
+                                                    const int *spk, int K, int n, int D, int i)
+{
+    float v = xr[i], ys = mo.ys ? mo.ys[(long)n * D + i] : 0.0f, d = dr ? dr[i] : 0.0f;
+    float yv[KM];
+#pragma unroll
+    for (int k = 0; k < KM; k++)
+        yv[k] = k < K ? mo.ye[(long)spk[k] * D + i] : 0.0f;
+    float acc = 0;
+#pragma unroll
+    for (int k = 0; k < KM; k++)
+        if (k < K)
+            acc = fmaf(rwk[k], yv[k], acc);  /* residual_sum's acc += rw * ye, contracted */
+    if (mo.ys)
+        acc += ys;
+    v += acc;
+    if (dr)
+        v += d;
+    return v;
+}
+
+/* KM: the most routed rows of the pending MoE output read ahead (registers: at 1024
+ * threads a block a thread has 64, and with 8 rows ptxas reused a load's register for the
+ * next, one round trip after another); more fall back to residual_sum. */
+template <int KM>
 __global__ void add_norm_k(int m, float *x, int ldx, const float *delta, gk_moe_out mo,
                            const float *w, float *out, int D, float eps)
 {
-    if (gk_pdl_pf(m) && threadIdx.x == 0)  /* read after the row's sum: off the path */
+    const int i1 = threadIdx.x;
+    const bool one = D <= (int)blockDim.x;  /* a thread a value (gk_add_norm: D <= 1024) */
+    /* the norm weight (no kernel writes it) into a register before the wait, or for longer
+     * rows into L2; read after the row's sum either way */
+    float wv = one && i1 < D ? __ldg(w + i1) : 0.0f;
+    if (!one && gk_pdl_pf(m) && threadIdx.x == 0)
         gk_prefetch_l2(w, (size_t)D * sizeof(float));
+    int n = blockIdx.x;
+    /* the pending MoE output's routing weights and row positions before the wait: its router
+     * is at least three launches back (router, up, down, this), done before this launch could
+     * start, as gemv_norm1_k reads them; after the wait one round of L2 reads is left. */
+    float rwk[KM];
+    int spk[KM];
+    int K = mo.ye && mo.K <= KM ? mo.K : 0;
+#pragma unroll
+    for (int k = 0; k < KM; k++)
+        if (k < K) {
+            rwk[k] = mo.rw[n * mo.K + k];
+            spk[k] = mo.spos[n * mo.K + k];
+        }
     gk_pdl_enter(m);
     __shared__ float red[32];
-    int n = blockIdx.x;
     float *xr = x + (long)n * ldx, *yr = out + (long)n * D;
     const float *dr = delta ? delta + (long)n * D : NULL;
+    if (one) {  /* the sum stays in a register: no reload of x or w after the block's sum */
+        float v = 0.0f, ss = 0.0f;
+        if (i1 < D) {
+            v = K ? residual_sum_ahead<KM>(xr, dr, mo, rwk, spk, K, n, D, i1)
+                  : residual_sum(xr, dr, mo, n, D, i1);
+            if (mo.ye || dr)
+                xr[i1] = v;
+            ss = v * v;
+        }
+        gk_pdl_late(m);
+        ss = block_sum(ss, red);
+        float r = rsqrtf(ss / D + eps);
+        if (i1 < D)
+            yr[i1] = wv * (v * r);
+        return;
+    }
     float ss = 0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = residual_sum(xr, dr, mo, n, D, i);
+        float v = K ? residual_sum_ahead<KM>(xr, dr, mo, rwk, spk, K, n, D, i)
+                    : residual_sum(xr, dr, mo, n, D, i);
         if (mo.ye || dr)
             xr[i] = v;
         ss += v * v;
@@ -228,7 +291,8 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
         m = *mo;
     /* a thread a value (up to 1024): a row's loads in one round trip */
     int threads = D >= 1024 ? 1024 : (D + 31) / 32 * 32;
-    gk_launch(add_norm_k, N, threads, 0, s, x, ldx, delta, m, w, out, D, eps);
+    gk_launch(m.K <= 4 ? add_norm_k<4> : add_norm_k<8>, N, threads, 0, s, x, ldx, delta, m, w,
+              out, D, eps);
     LAUNCH_CHECK("add_norm", e);
     return 0;
 }
