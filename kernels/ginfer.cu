@@ -97,6 +97,9 @@ struct ginfer {
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
      * grid and last block, for comparisons) */
     int fz_msum, route1;
+    /* g1: the one-row expert GEMVs (grouped1_k) at batch 1 (DSV3_GINFER_G1=0: grouped_k's, to
+     * compare) */
+    int g1;
     char dup[64];  /* DSV3_GINFER_DUP (see twice) */
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
     float *dd;              /* a dense MLP's output, pending for the next add_norm */
@@ -480,6 +483,8 @@ static void fuse_flags(ginfer *g)
     g->fz_msum = all || (!none && strstr(v, "msum"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
+    const char *g1 = getenv("DSV3_GINFER_G1");
+    g->g1 = !g1 || strcmp(g1, "0");
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }

@@ -363,7 +363,7 @@ static int gx_ffn_up(ginfer *g, const float *x, const void *w1, int wf32, long w
     const float *sc = f8_scales(g, w1);
     if (!sc)
         return gk_ffn_up(g->s, x, w1, wf32, w1_stride, h, order, off, K, groups, maxact, N,
-                         rows_hint, H, F, e);
+                         rows_hint, H, F, g->g1, e);
     return f8_grouped<true>(g, x, w1, sc, w1_stride, h, order, off, K, groups, maxact, N,
                             rows_hint, H, F, e);
 }
@@ -375,7 +375,7 @@ static int gx_ffn_down(ginfer *g, const float *h, const void *w2, int wf32, long
     const float *sc = f8_scales(g, w2);
     if (!sc)
         return gk_ffn_down(g->s, h, w2, wf32, w2_stride, y, off, groups, maxact, N, rows_hint,
-                           F, H, e);
+                           F, H, g->g1, e);
     return f8_grouped<false>(g, h, w2, sc, w2_stride, y, NULL, off, 1, groups, maxact, N,
                              rows_hint, F, H, e);
 }

@@ -1396,6 +1396,68 @@ extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ba
     return rc ? -1 : 0;
 }
 
+/* Host fp32 values n into device memory as the weights' type (bf16 unless wf32). */
+static int grouped_weights(void **d, const float *w, size_t n, int wf32)
+{
+    size_t b = n * (wf32 ? 4 : 2);
+    if (cudaMalloc(d, b) != cudaSuccess)
+        return -1;
+    if (wf32)
+        return cudaMemcpy(*d, w, b, cudaMemcpyHostToDevice) == cudaSuccess ? 0 : -1;
+    bf16 *t = (bf16 *)malloc(b);
+    if (!t)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        t[i] = __float2bfloat16(w[i]);
+    int rc = cudaMemcpy(*d, t, b, cudaMemcpyHostToDevice) == cudaSuccess ? 0 : -1;
+    free(t);
+    return rc;
+}
+
+extern "C" int ginfer_grouped_run(const float *x, const float *w1, const float *w2,
+                                  const int32_t *idx, int E, int K, int sh, int H, int F,
+                                  int wf32, int one, float *h, float *y, dsv3_err *e)
+{
+    int G = E + (sh ? 1 : 0), R = K + (sh ? 1 : 0);
+    float *dx = NULL, *dh = NULL, *dy = NULL;
+    int32_t *di = NULL;
+    int *off = NULL, *order = NULL, *spos = NULL;
+    void *dw1 = NULL, *dw2 = NULL;
+    int rc = 0;
+    if (cudaMalloc(&dx, (size_t)H * 4) != cudaSuccess ||
+        cudaMalloc(&dh, (size_t)R * F * 4) != cudaSuccess ||
+        cudaMalloc(&dy, (size_t)R * H * 4) != cudaSuccess ||
+        cudaMalloc(&di, (size_t)K * 4) != cudaSuccess ||
+        cudaMalloc(&off, (size_t)(2 * E + 4) * 4) != cudaSuccess ||
+        cudaMalloc(&order, (size_t)R * 4) != cudaSuccess ||
+        cudaMalloc(&spos, (size_t)R * 4) != cudaSuccess ||
+        grouped_weights(&dw1, w1, (size_t)G * 2 * F * H, wf32) ||
+        grouped_weights(&dw2, w2, (size_t)G * H * F, wf32))
+        rc = err_set(e, "ginfer_grouped_run: out of device memory");
+    if (!rc) {
+        cudaMemcpy(dx, x, (size_t)H * 4, cudaMemcpyHostToDevice);
+        cudaMemcpy(di, idx, (size_t)K * 4, cudaMemcpyHostToDevice);
+        cudaMemset(dh, 0xff, (size_t)R * F * 4);
+        cudaMemset(dy, 0xff, (size_t)R * H * 4);
+        rc = gk_moe_bucket(0, di, K, K, E, sh ? 1 : 0, off, order, spos, e) ||
+             gk_ffn_up(0, dx, dw1, wf32, 2L * F * H, dh, order, off, K, G, R, 1, 1, H, F, one,
+                       e) ||
+             gk_ffn_down(0, dh, dw2, wf32, (long)H * F, dy, off, G, R, 1, 1, F, H, one, e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(h, dh, (size_t)R * F * 4, cudaMemcpyDeviceToHost);
+        if (c == cudaSuccess)
+            c = cudaMemcpy(y, dy, (size_t)R * H * 4, cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_grouped_run: %s", cudaGetErrorString(c));
+    }
+    cudaFree(dx), cudaFree(dh), cudaFree(dy), cudaFree(di), cudaFree(off), cudaFree(order);
+    cudaFree(spos), cudaFree(dw1), cudaFree(dw2);
+    return rc ? -1 : 0;
+}
+
 /* ginfer_route_run's device buffers, in the order of its arguments after the inputs. */
 enum { RR_LOGITS, RR_RS, RR_RW, RR_IDX, RR_OFF, RR_ORDER, RR_SPOS, RR_X, RR_W, RR_B, RR_CNT, RR_N };
 
@@ -1530,12 +1592,84 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
 }
 
+/* The one-row dots of grouped1_k: NW weight rows with x over I <= 256 * G1_CH values, each
+ * lane's loads (every piece of every row, and x's) all issued before its first product, the
+ * products and the warp sum in warp_dots' order (bitwise its acc). A piece past the end
+ * loads piece 0 again and is not summed. */
+#define G1_CH 4
+template <typename W, int NW>
+__device__ __forceinline__ void warp_dots1_ahead(const W *const *w, const float *x, int I,
+                                                 float (&acc)[NW])
+{
+    const int lane = threadIdx.x & 31;
+    raw8<W> wr[NW][G1_CH];
+    float xf[G1_CH][8];
+#pragma unroll
+    for (int c = 0; c < G1_CH; c++) {
+        int i = lane * 8 + 256 * c < I ? lane * 8 + 256 * c : lane * 8;
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+            raw8_load(w[a] + i, wr[a][c]);
+        ldx8(x + i, xf[c]);
+    }
+#pragma unroll
+    for (int a = 0; a < NW; a++) {
+        acc[a] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < G1_CH; c++)
+            if (lane * 8 + 256 * c < I) {
+                float wf[8];
+                raw8_float(wr[a][c], wf);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    acc[a] = fmaf(wf[k], xf[c][k], acc[a]);
+            }
+        acc[a] = warp_sum(acc[a]);
+    }
+}
+
+/* grouped_k for one row (batch-1 decode, routed groups through off): each active group
+ * holds exactly one row, so entry e's row is e (its off[g]) and, for UP, its source row is
+ * row 0 (order[e] / K): after the wait one round trip (the count and the group) comes
+ * before the weights and x, whose loads all go out together. grouped_k at one row reads
+ * off four times one after another (count, group, offsets, order), then the weights a
+ * 256-value piece at a time: with UP's weights only known after the wait, and so from
+ * HBM, that chain was most of the up launch's 5.6 us exposed (trace, twelfth session).
+ * The same values as grouped_k<W, 1, UP>, bitwise. */
+template <typename W, bool UP>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    grouped1_k(int m, const float *__restrict__ x, const W *__restrict__ w, long wstride,
+               float *__restrict__ y, const int *off, int G, int I, int O)
+{
+    int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31, e = blockIdx.y;
+    grouped_prefetch<W, UP>(m, w, wstride, off, G, I, O, o, e);
+    gk_pdl_enter(m);
+    int na = off[G + 1], g = off[G + 2 + e];  /* in bounds: e < G; read together */
+    if (e >= na || o >= O)
+        return;
+    constexpr int NW = UP ? 2 : 1;
+    const W *wr[NW];
+    wr[0] = w + g * wstride + (long)o * I;
+    if (UP)
+        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+    float acc[NW];
+    warp_dots1_ahead<W, NW>(wr, x + (UP ? 0 : (long)e * I), I, acc);
+    gk_pdl_late(m);
+    if (lane == 0)
+        y[(long)e * O + o] = UP ? silu_mul(acc[0], acc[NW - 1]) : acc[0];
+}
+
 template <typename W, bool UP>
 static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstride, float *y,
                            const int *order, const int *off, int K, int groups, int maxact,
-                           int N, int rows_hint, int I, int O)
+                           int N, int rows_hint, int I, int O, int one)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
+    if (one && off && N == 1 && I <= 256 * G1_CH) {
+        gk_launch(grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, off, groups,
+                  I, O);
+        return;
+    }
     void (*k)(int, const float *, const W *, long, float *, const int *, const int *, int, int,
               int, int, int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
                           : rows_hint <= 4 ? grouped_k<W, 4, UP>
@@ -1545,32 +1679,32 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
 
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,
               const int *order, const int *off, int K, int groups, int maxact, int N,
-              int rows_hint, int H, int F, dsv3_err *e)
+              int rows_hint, int H, int F, int one, dsv3_err *e)
 {
     if (H % 8)
         return err_set(e, "ginfer: hidden size %d (a multiple of 8 is needed)", H);
     if (wf32)
         grouped_launch<float, true>(s, x, (const float *)w1, w1_stride, h, order, off, K, groups,
-                                    maxact, N, rows_hint, H, F);
+                                    maxact, N, rows_hint, H, F, one);
     else
         grouped_launch<bf16, true>(s, x, (const bf16 *)w1, w1_stride, h, order, off, K, groups,
-                                   maxact, N, rows_hint, H, F);
+                                   maxact, N, rows_hint, H, F, one);
     LAUNCH_CHECK("ffn_up", e);
     return 0;
 }
 
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
                 float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
-                int H, dsv3_err *e)
+                int H, int one, dsv3_err *e)
 {
     if (F % 8)
         return err_set(e, "ginfer: expert width %d (a multiple of 8 is needed)", F);
     if (wf32)
         grouped_launch<float, false>(s, h, (const float *)w2, w2_stride, y, NULL, off, 1, groups,
-                                     maxact, N, rows_hint, F, H);
+                                     maxact, N, rows_hint, F, H, one);
     else
         grouped_launch<bf16, false>(s, h, (const bf16 *)w2, w2_stride, y, NULL, off, 1, groups,
-                                    maxact, N, rows_hint, F, H);
+                                    maxact, N, rows_hint, F, H, one);
     LAUNCH_CHECK("ffn_down", e);
     return 0;
 }

@@ -334,11 +334,13 @@ int gk_moe_bucket(cudaStream_t s, const int32_t *idx, int NK, int K, int E, int 
  * group of N rows, h[n] from x[n]. rows_hint: the most rows a group can have (the tile). */
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,
               const int *order, const int *off, int K, int groups, int maxact, int N,
-              int rows_hint, int H, int F, dsv3_err *e);
-/* Down projection over the same groups: y row j = w2_g [H, F] . h row j. */
+              int rows_hint, int H, int F, int one, dsv3_err *e);
+/* Down projection over the same groups: y row j = w2_g [H, F] . h row j.
+ * one (both): with off, N == 1 and an input width <= 1024, the one-row kernel (grouped1_k:
+ * one round trip after the wait before the weights, bitwise the same values). */
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
                 float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
-                int H, dsv3_err *e);
+                int H, int one, dsv3_err *e);
 /* The fused "msum" decode launch: gk_ffn_down over the routed groups (and the shared group E
  * when ns) for N decode rows, each row's outputs weighted and summed into x[N, H] in place
  * as gk_add_norm would add them (bitwise): x[n] += sum_k rw[n,k] * w2_{idx[n,k]} . h[spos[n,k]]
