@@ -1595,7 +1595,9 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
 /* The one-row dots of grouped1_k: NW weight rows with x over I <= 256 * G1_CH values, each
  * lane's loads (every piece of every row, and x's) all issued before its first product, the
  * products and the warp sum in warp_dots' order (bitwise its acc). A piece past the end
- * loads piece 0 again and is not summed. */
+ * loads piece 0 again and adds fmaf(0, 0, acc), which is acc: a sum that starts at +0 is
+ * never -0. (Under an "if" of its own, as warp_dots skips it, ptxas moved each piece's x
+ * loads behind the products of the piece before: one L2 round trip a piece.) */
 #define G1_CH 4
 template <typename W, int NW>
 __device__ __forceinline__ void warp_dots1_ahead(const W *const *w, const float *x, int I,
@@ -1616,14 +1618,14 @@ __device__ __forceinline__ void warp_dots1_ahead(const W *const *w, const float 
     for (int a = 0; a < NW; a++) {
         acc[a] = 0.0f;
 #pragma unroll
-        for (int c = 0; c < G1_CH; c++)
-            if (lane * 8 + 256 * c < I) {
-                float wf[8];
-                raw8_float(wr[a][c], wf);
+        for (int c = 0; c < G1_CH; c++) {
+            const bool in = lane * 8 + 256 * c < I;
+            float wf[8];
+            raw8_float(wr[a][c], wf);
 #pragma unroll
-                for (int k = 0; k < 8; k++)
-                    acc[a] = fmaf(wf[k], xf[c][k], acc[a]);
-            }
+            for (int k = 0; k < 8; k++)
+                acc[a] = fmaf(in ? wf[k] : 0.0f, in ? xf[c][k] : 0.0f, acc[a]);
+        }
         acc[a] = warp_sum(acc[a]);
     }
 }
@@ -1636,16 +1638,19 @@ __device__ __forceinline__ void warp_dots1_ahead(const W *const *w, const float 
  * 256-value piece at a time: with UP's weights only known after the wait, and so from
  * HBM, that chain was most of the up launch's 5.6 us exposed (trace, twelfth session).
  * The same values as grouped_k<W, 1, UP>, bitwise. */
+/* At least 2 blocks an SM: without it ptxas held the kernel to 58 registers (4 blocks) and
+ * put most of the loads behind the first products; a launch of 1b-moe's has ~2.4 blocks an
+ * SM (320 blocks). */
 template <typename W, bool UP>
-__global__ void __launch_bounds__(GK_WARPS * 32)
+__global__ void __launch_bounds__(GK_WARPS * 32, 2)
     grouped1_k(int m, const float *__restrict__ x, const W *__restrict__ w, long wstride,
                float *__restrict__ y, const int *off, int G, int I, int O)
 {
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31, e = blockIdx.y;
     grouped_prefetch<W, UP>(m, w, wstride, off, G, I, O, o, e);
     gk_pdl_enter(m);
-    int na = off[G + 1], g = off[G + 2 + e];  /* in bounds: e < G; read together */
-    if (e >= na || o >= O)
+    int na = off[G + 1], g = off[G + 2 + e];  /* in bounds: e < G */
+    if (e >= na || o >= O || g < 0)  /* g is >= 0: tested so that both loads go out together */
         return;
     constexpr int NW = UP ? 2 : 1;
     const W *wr[NW];
