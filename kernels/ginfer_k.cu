@@ -32,6 +32,86 @@ __device__ __forceinline__ void ldx8(const float *p, float (&f)[8])
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
+/* The weights' raw bytes for 8 values: one 16-byte load (bf16) or two (fp32), converted to
+ * floats (w8_float) only after the wait, so the registers a lane holds before it stay few. */
+template <typename W> struct raw8 {
+    uint4 u[sizeof(W) / 2];
+};
+
+template <typename W>
+__device__ __forceinline__ void raw8_load(const W *p, raw8<W> &r)
+{
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(W) / 2); k++)
+        r.u[k] = __ldg((const uint4 *)p + k);
+}
+
+__device__ __forceinline__ void raw8_float(const raw8<bf16> &r, float (&f)[8])
+{
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r.u[0];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void raw8_float(const raw8<float> &r, float (&f)[8])
+{
+    const float *a = (const float *)&r.u[0];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        f[i] = a[i];
+}
+
+/* warp_dots for one input row with every load of a lane for WD_CH pieces (each weight row's
+ * and x's) issued before its first product: the products and the warp sum in warp_dots'
+ * order, so acc is bitwise warp_dots'. A piece past the end loads the chunk's first piece
+ * again and adds fmaf(0, 0, acc), which is acc (a sum that starts at +0 is never -0). In
+ * warp_dots' loop, unrolled over a runtime bound, ptxas put each piece's loads behind the
+ * products of the piece before (their registers reused): four memory round trips for a
+ * 1024-wide row instead of one. It costs registers (gemv_k's one-row form: 32 -> 64), which
+ * cost more than the round trips save in launches whose blocks must land before the wait to
+ * prefetch (the experts' down-projection, the q_lat GEMV: measured, twelfth and thirteenth
+ * sessions), so only gemv_k and grouped1_k take it. */
+#define WD_CH 4
+template <typename W, int NW>
+__device__ __forceinline__ void warp_dots_ahead(const W *const *w, const float *x, int I,
+                                                float (&acc)[NW])
+{
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int a = 0; a < NW; a++)
+        acc[a] = 0.0f;
+    for (int i0 = lane * 8; i0 < I + lane * 8; i0 += 256 * WD_CH) {
+        raw8<W> wr[NW][WD_CH];
+        float xf[WD_CH][8];
+#pragma unroll
+        for (int c = 0; c < WD_CH; c++) {
+            int i = i0 + 256 * c < I ? i0 + 256 * c : 0;
+#pragma unroll
+            for (int a = 0; a < NW; a++)
+                raw8_load(w[a] + i, wr[a][c]);
+            ldx8(x + i, xf[c]);
+        }
+#pragma unroll
+        for (int a = 0; a < NW; a++)
+#pragma unroll
+            for (int c = 0; c < WD_CH; c++) {
+                const bool in = i0 + 256 * c < I;
+                float wf[8];
+                raw8_float(wr[a][c], wf);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    acc[a] = fmaf(in ? wf[k] : 0.0f, in ? xf[c][k] : 0.0f, acc[a]);
+            }
+    }
+#pragma unroll
+    for (int a = 0; a < NW; a++)
+        acc[a] = warp_sum(acc[a]);
+}
+
 /* The warp's dot products of NW weight rows with nv (<= NT) input rows over I values: each
  * lane sums its 8-value pieces in order, then the warp sums the lanes (fixed tree), so a
  * row's result does not depend on NT, nv or the other rows. acc is the same in all lanes. */
@@ -71,8 +151,8 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
             acc[a][t] = warp_sum(acc[a][t]);
 }
 
-/* gemv_k's work for block (blockIdx.x, b). */
-template <typename W, int NT>
+/* gemv_k's work for block (blockIdx.x, b); AHEAD: one row's dots by warp_dots_ahead. */
+template <typename W, int NT, bool AHEAD = false>
 __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, long ldx, long xbs,
                                            const W *__restrict__ w, long wbs,
                                            float *__restrict__ y, long ldy, long ybs, int N,
@@ -90,7 +170,10 @@ __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, l
         for (int t = 0; t < NT; t++)
             xs[t] = xb + (long)(n0 + (t < nv ? t : 0)) * ldx;
         float acc[1][NT];
-        warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
+        if constexpr (AHEAD && NT == 1)
+            warp_dots_ahead<W, 1>(wr, xs[0], I, acc[0]);
+        else
+            warp_dots<W, NT, 1>(wr, xs, nv, I, acc);
         gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
@@ -109,14 +192,17 @@ __device__ __forceinline__ void gemv_prefetch(int m, const W *w, long wbs, int I
         gk_prefetch_rows<GK_WARPS, 1>(m, wr, I);
 }
 
+/* One row: 4 blocks an SM at least (64 registers), which ptxas then spends on the loads of
+ * warp_dots_ahead; at its default it kept 32 registers (8 blocks) and 3 of a lane's 12 loads
+ * before its first product. */
 template <typename W, int NT>
-__global__ void __launch_bounds__(GK_WARPS * 32)
+__global__ void __launch_bounds__(GK_WARPS * 32, NT == 1 ? 4 : 0)
     gemv_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
            long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
 {
     gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
     gk_pdl_enter(m);
-    gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+    gemv_block<W, NT, true>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
 }
 
 template <typename W>
@@ -540,39 +626,6 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         }
         __syncthreads();  /* the rows are read before the next chunk overwrites them */
     }
-}
-
-/* The weights' raw bytes for 8 values: one 16-byte load (bf16) or two (fp32), converted to
- * floats (w8_float) only after the wait, so the registers a lane holds before it stay few. */
-template <typename W> struct raw8 {
-    uint4 u[sizeof(W) / 2];
-};
-
-template <typename W>
-__device__ __forceinline__ void raw8_load(const W *p, raw8<W> &r)
-{
-#pragma unroll
-    for (int k = 0; k < (int)(sizeof(W) / 2); k++)
-        r.u[k] = __ldg((const uint4 *)p + k);
-}
-
-__device__ __forceinline__ void raw8_float(const raw8<bf16> &r, float (&f)[8])
-{
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r.u[0];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 t = __bfloat1622float2(h[i]);
-        f[2 * i] = t.x;
-        f[2 * i + 1] = t.y;
-    }
-}
-
-__device__ __forceinline__ void raw8_float(const raw8<float> &r, float (&f)[8])
-{
-    const float *a = (const float *)&r.u[0];
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        f[i] = a[i];
 }
 
 #define GN1_CHUNKS 4 /* 256-value pieces: rows of at most 1024 values */
@@ -1592,57 +1645,21 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
 }
 
-/* The one-row dots of grouped1_k: NW weight rows with x over I <= 256 * G1_CH values, each
- * lane's loads (every piece of every row, and x's) all issued before its first product, the
- * products and the warp sum in warp_dots' order (bitwise its acc). A piece past the end
- * loads piece 0 again and adds fmaf(0, 0, acc), which is acc: a sum that starts at +0 is
- * never -0. (Under an "if" of its own, as warp_dots skips it, ptxas moved each piece's x
- * loads behind the products of the piece before: one L2 round trip a piece.) */
-#define G1_CH 4
-template <typename W, int NW>
-__device__ __forceinline__ void warp_dots1_ahead(const W *const *w, const float *x, int I,
-                                                 float (&acc)[NW])
-{
-    const int lane = threadIdx.x & 31;
-    raw8<W> wr[NW][G1_CH];
-    float xf[G1_CH][8];
-#pragma unroll
-    for (int c = 0; c < G1_CH; c++) {
-        int i = lane * 8 + 256 * c < I ? lane * 8 + 256 * c : lane * 8;
-#pragma unroll
-        for (int a = 0; a < NW; a++)
-            raw8_load(w[a] + i, wr[a][c]);
-        ldx8(x + i, xf[c]);
-    }
-#pragma unroll
-    for (int a = 0; a < NW; a++) {
-        acc[a] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < G1_CH; c++) {
-            const bool in = lane * 8 + 256 * c < I;
-            float wf[8];
-            raw8_float(wr[a][c], wf);
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                acc[a] = fmaf(in ? wf[k] : 0.0f, in ? xf[c][k] : 0.0f, acc[a]);
-        }
-        acc[a] = warp_sum(acc[a]);
-    }
-}
-
 /* grouped_k for one row (batch-1 decode, routed groups through off): each active group
  * holds exactly one row, so entry e's row is e (its off[g]) and, for UP, its source row is
  * row 0 (order[e] / K): after the wait one round trip (the count and the group) comes
- * before the weights and x, whose loads all go out together. grouped_k at one row reads
- * off four times one after another (count, group, offsets, order), then the weights a
- * 256-value piece at a time: with UP's weights only known after the wait, and so from
- * HBM, that chain was most of the up launch's 5.6 us exposed (trace, twelfth session).
- * The same values as grouped_k<W, 1, UP>, bitwise. */
-/* At least 2 blocks an SM: without it ptxas held the kernel to 58 registers (4 blocks) and
- * put most of the loads behind the first products; a launch of 1b-moe's has ~2.4 blocks an
- * SM (320 blocks). */
+ * before the weights and x, whose loads all go out together (warp_dots_ahead). grouped_k
+ * at one row reads off four times one after another (count, group, offsets, order), then
+ * the weights a 256-value piece at a time: with UP's weights only known after the wait, and
+ * so read from HBM, that chain was most of the up launch's 5.6 us exposed. The same values
+ * as grouped_k<W, 1, UP>, bitwise. Launched for UP only: the down-projection prefetches its
+ * weights before the wait, needs its 640 blocks resident for that, and this form's
+ * registers made it 3 us slower (thirteenth session's trace).
+ * At least 3 blocks an SM (85 registers): at its default ptxas held the kernel to 58
+ * registers (4 blocks) and put most of the loads behind the first products; with 2 it took
+ * 87 (2 blocks an SM, fewer than the up launch's 320 blocks of 1b-moe need). */
 template <typename W, bool UP>
-__global__ void __launch_bounds__(GK_WARPS * 32, 2)
+__global__ void __launch_bounds__(GK_WARPS * 32, 3)
     grouped1_k(int m, const float *__restrict__ x, const W *__restrict__ w, long wstride,
                float *__restrict__ y, const int *off, int G, int I, int O)
 {
@@ -1658,7 +1675,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32, 2)
     if (UP)
         wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
     float acc[NW];
-    warp_dots1_ahead<W, NW>(wr, x + (UP ? 0 : (long)e * I), I, acc);
+    warp_dots_ahead<W, NW>(wr, x + (UP ? 0 : (long)e * I), I, acc);
     gk_pdl_late(m);
     if (lane == 0)
         y[(long)e * O + o] = UP ? silu_mul(acc[0], acc[NW - 1]) : acc[0];
@@ -1670,7 +1687,7 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
                            int N, int rows_hint, int I, int O, int one)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
-    if (one && off && N == 1 && I <= 256 * G1_CH) {
+    if (UP && one && off && N == 1) {
         gk_launch(grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, off, groups,
                   I, O);
         return;
