@@ -97,6 +97,8 @@ struct ginfer {
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
      * grid and last block, for comparisons) */
     int fz_msum, route1;
+    /* the q_a norm alone inside q_b's GEMV (at one row: each warp forms the norm itself) */
+    int fz_qa;
     /* g1: the one-row expert GEMVs (grouped1_k) at batch 1 (DSV3_GINFER_G1=0: grouped_k's, to
      * compare) */
     int g1;
@@ -465,7 +467,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 
 /* DSV3_GINFER_FUSE: "1": every fusion; "0": none (the launches of before, for comparisons in
  * one process); else a comma-separated list of those wanted: "norm", "attn", "router", "kvw",
- * "post", "uvc", "msum". Unset or empty: router, kvw and uvc, the three that each made 1b-moe's
+ * "post", "uvc", "msum", "qa" (the q_a norm inside q_b's GEMV, which "norm" does too). Unset or empty: router, kvw and uvc, the three that each made 1b-moe's
  * batch-1 decode faster on their own on an H200 (docs/PERF.md: +1%, +2.4%, +1.7%; norm, post
  * and attn made it 4-20% slower: their extra work per block outweighs the launch saved). */
 static void fuse_flags(ginfer *g)
@@ -481,6 +483,7 @@ static void fuse_flags(ginfer *g)
     g->fz_post = all || (!none && strstr(v, "post"));
     g->fz_uvc = all || (!none && strstr(v, "uvc"));
     g->fz_msum = all || (!none && strstr(v, "msum"));
+    g->fz_qa = all || (!none && strstr(v, "qa"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
     const char *g1 = getenv("DSV3_GINFER_G1");
@@ -506,11 +509,11 @@ static int twice(const ginfer *g, const char *key)
  * bf16; fused decode: norm,attn)"): statistics and tests see which launches a step makes. */
 static void describe_fusions(ginfer *g)
 {
-    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc", "msum"};
+    const char *nm[] = {"norm", "attn", "router", "kvw", "post", "uvc", "msum", "qa"};
     int on[] = {g->fz_norm, g->fz_attn, g->fz_route, g->fz_kvw,
-                g->fz_post, g->fz_uvc,  g->fz_msum};
+                g->fz_post, g->fz_uvc,  g->fz_msum, g->fz_qa};
     char list[64] = "";
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < 8; i++)
         if (on[i])
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", *list ? "," : "",
                      nm[i]);
@@ -891,7 +894,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             if (gemv_in(g, y, y->q_a, g->qa, A, n, A, e))
                 return -1;
         mark(g, g->fin ? "gemv q_a+kv_a+norm" : "gemv q_a+kv_a", (double)A * H * ws);
-        if (g->fz_norm && gk_gemv_norm_fits(n, g->qr)) {
+        if ((g->fz_norm || g->fz_qa) && gk_gemv_norm_fits(n, g->qr)) {
             /* q_a's norm inside q_b's GEMV */
             for (int r_ = 0; r_ <= twice(g, "qb"); r_++)
                 if (gk_gemv_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, 1e-6f, y->q_b, wf, g->q,

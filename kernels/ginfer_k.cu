@@ -735,6 +735,105 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         y[o] = acc;
 }
 
+/* add_norm_k's sum of squares for one row of I <= 1024 values (a thread a value: each warp's
+ * warp_sum, then block_sum's warp_sum of the warps' sums), formed by one warp that holds the
+ * row in warp_dots' layout: lane L, piece c, k holds value 256 c + 8 L + k, sq its square
+ * (0 past the row). That value is position 8 (L % 4) + k of add_norm_k's warp 8 c + L / 4,
+ * so warp_sum's steps 16 and 8 are shuffles with lanes L ^ 2 and L ^ 1 and its steps 4, 2, 1
+ * adds inside the lane; in the sum over the warps (warp 8 c + L / 4 at lane 8 c + L / 4 of
+ * that warp_sum), steps 16 and 8 are adds of pieces c ^ 2 and c ^ 1 inside the lane, and
+ * steps 4, 2, 1 shuffles with lanes L ^ 16, L ^ 8, L ^ 4. Each step adds the same two values
+ * as add_norm_k's (in the other order at times: the same bits), so every lane ends with its
+ * ss bitwise, without the block's barriers or a pass through shared memory. */
+template <int NC>
+__device__ __forceinline__ float warp_norm_ss(float (&sq)[NC][8])
+{
+    float gs[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        gs[c] = 0.0f;
+        if (c < NC) {
+            float a[8], b[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                a[k] = sq[c][k] + __shfl_xor_sync(0xffffffffu, sq[c][k], 2);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                b[k] = a[k] + __shfl_xor_sync(0xffffffffu, a[k], 1);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                a[k] = b[k] + b[k + 4];
+            gs[c] = (a[0] + a[2]) + (a[1] + a[3]);
+        }
+    }
+    float t = (gs[0] + gs[2]) + (gs[1] + gs[3]);
+    t += __shfl_xor_sync(0xffffffffu, t, 16);
+    t += __shfl_xor_sync(0xffffffffu, t, 8);
+    t += __shfl_xor_sync(0xffffffffu, t, 4);
+    return t;
+}
+
+/* gemv_k of one row of I <= 256 NC values normalised as add_norm_k would (no residual:
+ * the q_a norm before q_b): each warp reads the row in its dots' layout, forms the norm's
+ * sum of squares itself (warp_norm_ss, bitwise add_norm_k's), scales and takes its dot
+ * product: add_norm_k + gemv_k's values bitwise, with no barrier or shared memory between
+ * the wait and the dots. Before the wait: the warp's weight row and norm weights in
+ * registers. */
+template <typename W, int NC>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_wnorm1_k(int m, const float *x, const float *nw, float eps, const W *__restrict__ w,
+                  float *__restrict__ y, int I, int O)
+{
+    int lane = threadIdx.x & 31, o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5);
+    const W *wr = w + (long)(o < O ? o : O - 1) * I;
+    raw8<W> wv[NC];
+    float nv[NC][8];
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        int i = lane * 8 + 256 * c < I ? lane * 8 + 256 * c : 0;
+        raw8_load(wr + i, wv[c]);
+        ldx8(nw + i, nv[c]);
+    }
+    gk_pdl_enter(m);
+    float v[NC][8], sq[NC][8];
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const bool in = lane * 8 + 256 * c < I;
+        ldx8(x + (in ? lane * 8 + 256 * c : 0), v[c]);
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            sq[c][k] = in ? __fmul_rn(v[c][k], v[c][k]) : 0.0f;  /* add_norm_k's v * v */
+    }
+    float r = rsqrtf(warp_norm_ss<NC>(sq) / I + eps);
+    float acc = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const bool in = lane * 8 + 256 * c < I;
+        float wf[8];
+        raw8_float(wv[c], wf);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float xn = nv[c][k] * (v[c][k] * r);
+            acc = fmaf(in ? wf[k] : 0.0f, in ? xn : 0.0f, acc);
+        }
+    }
+    acc = warp_sum(acc);
+    gk_pdl_late(m);
+    if (lane == 0 && o < O)
+        y[o] = acc;
+}
+
+template <typename W>
+static void gemv_wnorm1_launch(cudaStream_t s, const float *x, const float *nw, float eps,
+                               const W *w, float *y, int I, int O)
+{
+    unsigned g = (unsigned)((O + GK_WARPS - 1) / GK_WARPS);
+    int nc = (I + 255) / 256;
+    gk_launch(nc == 1 ? gemv_wnorm1_k<W, 1> : nc == 2 ? gemv_wnorm1_k<W, 2>
+              : nc == 3 ? gemv_wnorm1_k<W, 3> : gemv_wnorm1_k<W, 4>, g, GK_WARPS * 32, 0, s, x,
+              nw, eps, w, y, I, O);
+}
+
 static int gemv_norm1_fits(int N, int I, const gk_moe_out &mo)
 {
     return N == 1 && I <= 256 * GN1_CHUNKS && (!mo.ye || mo.K <= GN1_MAXK);
@@ -779,7 +878,12 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
     gk_moe_out m = {};
     if (mo)
         m = *mo;
-    if (gemv_norm1_fits(N, I, m)) {
+    if (N == 1 && !delta && !m.ye && I <= 1024) {
+        if (wf32)
+            gemv_wnorm1_launch(s, x, nw, eps, (const float *)w, y, I, O);
+        else
+            gemv_wnorm1_launch(s, x, nw, eps, (const bf16 *)w, y, I, O);
+    } else if (gemv_norm1_fits(N, I, m)) {
         unsigned g = (unsigned)((O + GK_WARPS - 1) / GK_WARPS);
         if (wf32)
             gk_launch(gemv_norm1_k<float>, g, GK_WARPS * 32, 0, s, x, delta, m, nw, eps,

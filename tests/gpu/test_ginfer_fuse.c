@@ -5,7 +5,8 @@
  * bucketing in one launch; "kvw": the cache write and q_pe rotation as one more row of blocks
  * of the q_lat GEMV; "post": the post-attention norm inside the router's launch; "uvc": the
  * attention combine inside the uv GEMV's blocks; "msum": the MoE down-projection adding its
- * weighted rows to x itself; and "norm,msum"), on fresh random tiny models (q_lora_rank
+ * weighted rows to x itself; "norm,msum"; "qa": the q_a norm alone inside q_b's GEMV, at one
+ * row formed by each warp), on fresh random tiny models (q_lora_rank
  * set or not, shared expert or not, 1-4 experts a token), fp32 ("exact") and bf16:
  * - the same teacher-forced run through each: three slots prefilled with prompts of 5, 20
  *   and 7 tokens (direct passes: 20 rows take the unfused norms, 5 and 7 the fused ones),
@@ -28,21 +29,21 @@
 
 enum { NS = 3, STEPS = 24, GSTEPS = 32, MAXP = 20 };
 
-static const char *variants[] = {"0",   "1",    "norm", "attn", "router",
-                                 "kvw", "post", "uvc",  "msum", "norm,msum"};
+static const char *variants[] = {"0",   "1",    "norm", "attn",      "router", "kvw",
+                                 "post", "uvc", "msum", "norm,msum", "qa"};
 enum { NV = sizeof variants / sizeof *variants };
 
 /* Whether an engine's description d names the fusions of DSV3_GINFER_FUSE=v: none for "0",
- * all seven for "1", else those v lists. */
+ * all eight for "1", else those v lists. */
 static int fusions_named(const char *d, const char *v)
 {
-    static const char *all[] = {"norm", "attn", "router", "kvw", "post", "uvc", "msum"};
+    static const char *all[] = {"norm", "attn", "router", "kvw", "post", "uvc", "msum", "qa"};
     const char *f = strstr(d, "fused decode: ");
     if (!strcmp(v, "0"))
         return f == NULL;
     if (!f)
         return 0;
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < 8; i++)
         if ((strstr(f, all[i]) != NULL) != (!strcmp(v, "1") || strstr(v, all[i]) != NULL))
             return 0;
     return 1;
