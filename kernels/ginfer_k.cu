@@ -1201,54 +1201,21 @@ struct route1_norm {
     float *xn;
 };
 
-/* One step of a transposing warp sum: a[0..2n) of each lane (value w = index + the bits
- * above it the lane has kept so far) becomes a[0..n): lanes whose bit n is set keep the upper
- * half, the others the lower, each adding its partner's copy of the same values. After the
- * steps n = 16 .. 1, lane w holds the sum over lanes of value w, added in warp_sum's xor tree
- * (its own value first), with 31 shuffles instead of 32 warp_sums' 160. */
-template <int n>
-__device__ __forceinline__ void xpose_sum_step(float *a)
-{
-    bool hi = threadIdx.x & n;
-#pragma unroll
-    for (int k = 0; k < n; k++) {
-        float keep = hi ? a[k + n] : a[k], send = hi ? a[k] : a[k + n];
-        a[k] = keep + __shfl_xor_sync(0xffffffffu, send, n);
-    }
-}
-
-/* The sum of squares of the values v (lane holds v[w] = value 32 w + lane, 0 past H) as
- * add_norm_k's block_sum forms it for one row of H <= 1024 values (a thread a value,
- * norm_threads(H) threads): virtual warp w's squares summed by warp_sum's tree, then the
- * warps' sums by warp_sum (zeros past the last warp, as block_sum pads). One warp does it
- * all, so every warp of the cluster gets the same sum with no barrier. */
-__device__ __forceinline__ float route1_sumsq(const float (&v)[32])
-{
-    float a[32];
-#pragma unroll
-    for (int w = 0; w < 32; w++)
-        a[w] = v[w] * v[w];
-    xpose_sum_step<16>(a);
-    xpose_sum_step<8>(a);
-    xpose_sum_step<4>(a);
-    xpose_sum_step<2>(a);
-    xpose_sum_step<1>(a);
-    return warp_sum(a[0]);
-}
-
 /* Warp o's router logit (o < E; route1_k's layout), its row in registers before the wait.
- * NORM: the input is norm(na.x + na.delta) (add_norm_k's values, bitwise), the norm weight
- * in registers before the wait too; xs and xns: this warp's 32-value slice of the new x and
- * of xn (value lane + 32 o), for route1_k to store once every warp has read x. */
+ * NORM: the input is norm(na.x + na.delta) (add_norm_k's values, bitwise: each warp forms the
+ * norm's sum of squares itself, warp_norm_ss), the norm weight in registers before the wait
+ * too; sum and nrm: the lane's values of the new x and of xn in the dot's layout (value
+ * lane * 8 + 256 j + k), for route1_k to store once every warp has read x. */
 template <bool NORM>
 __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
                                             const float *__restrict__ router, int H, int E, int o,
-                                            const route1_norm &na, float &xs, float &xns,
-                                            float *tr, unsigned long long *clk, gk_clock &ck)
+                                            const route1_norm &na, float (&sum)[ROUTE1_CHUNKS][8],
+                                            float (&nrm)[ROUTE1_CHUNKS][8],
+                                            unsigned long long *clk, gk_clock &ck)
 {
     int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
-    float wv[ROUTE1_CHUNKS][8], nwv[NORM ? ROUTE1_CHUNKS : 1][8], nws = 0.0f;
+    float wv[ROUTE1_CHUNKS][8], nwv[NORM ? ROUTE1_CHUNKS : 1][8];
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++)
         if (lane * 8 + 256 * j < H) {
@@ -1256,14 +1223,11 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
             if (NORM)
                 ldw8(na.nw + lane * 8 + 256 * j, nwv[NORM ? j : 0]);
         }
-    if (NORM && lane + 32 * o < H)
-        nws = __ldg(na.nw + lane + 32 * o);
     gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
-    /* the row: in the dot's layout (x, or with NORM the sums x + delta), and with NORM in
-     * add_norm_k's thread layout too (vs: value 32 w + lane), all loads issued first */
-    float xc[ROUTE1_CHUNKS][8], vs[32];  /* vs: only with NORM */
+    /* the row in the dot's layout (x, or with NORM the sums x + delta), all loads first */
+    float xc[ROUTE1_CHUNKS][8];
 #pragma unroll
     for (int j = 0; j < ROUTE1_CHUNKS; j++) {
         int i = lane * 8 + 256 * j;
@@ -1278,36 +1242,27 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
             } else {
                 ldx8(x + i, xc[j]);
             }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                xc[j][k] = 0.0f;
         }
     }
     if (NORM) {
-        /* the sums into add_norm_k's layout through this warp's shared memory: loading them
-         * again from global, ptxas reused two registers for all 64 loads, one L2 round trip
-         * after another (6.7 us) */
-        float *t = tr + (threadIdx.x >> 5) * 1024;
+        float sq[ROUTE1_CHUNKS][8];
 #pragma unroll
         for (int j = 0; j < ROUTE1_CHUNKS; j++)
-            if (lane * 8 + 256 * j < H)
 #pragma unroll
-                for (int k = 0; k < 8; k += 4)
-                    *(float4 *)&t[lane * 8 + 256 * j + k] =
-                        make_float4(xc[j][k], xc[j][k + 1], xc[j][k + 2], xc[j][k + 3]);
-        __syncwarp();
-#pragma unroll
-        for (int w = 0; w < 32; w++) {
-            int i = lane + 32 * w;
-            vs[w] = i < H ? t[i] : 0.0f;
-        }
-        float r = rsqrtf(route1_sumsq(vs) / H + na.eps);
-#pragma unroll
-        for (int w = 0; w < 32; w++)  /* o < 32: a select, not an indexed load */
-            xs = w == o ? vs[w] : xs;
-        xns = nws * (xs * r);
+            for (int k = 0; k < 8; k++) {
+                sum[j][k] = xc[j][k];
+                sq[j][k] = __fmul_rn(xc[j][k], xc[j][k]);  /* add_norm_k's v * v; 0 past H */
+            }
+        float r = rsqrtf(warp_norm_ss<ROUTE1_CHUNKS>(sq) / H + na.eps);
 #pragma unroll
         for (int j = 0; j < ROUTE1_CHUNKS; j++)
 #pragma unroll
             for (int k = 0; k < 8; k++)
-                xc[j][k] = nwv[NORM ? j : 0][k] * (xc[j][k] * r);
+                xc[j][k] = nrm[j][k] = nwv[NORM ? j : 0][k] * (xc[j][k] * r);
     }
     float acc = 0.0f;
 #pragma unroll
@@ -1327,7 +1282,7 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
  * NORM: the post-attention add_norm first (route1_dot); each warp stores its slice of the new
  * x and xn after the cluster barrier, when no warp reads x any more. */
 template <bool NORM>
-__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32)
+__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32, NORM ? 1 : 0)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
              int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
@@ -1341,19 +1296,30 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * GK_WARPS + warp;
     float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
-    float xs = 0.0f, xns = 0.0f;
-    /* with NORM each warp's row (1024 values at most), to change its layout */
-    __shared__ __align__(16) float tr[NORM ? GK_WARPS * 1024 : 1];
-    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, xs, xns, tr, clk, ck);
+    float sum[ROUTE1_CHUNKS][8], nrm[ROUTE1_CHUNKS][8];  /* only with NORM */
+    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, sum, nrm, clk, ck);
     if (o < E && lane == 0)
         *cl.map_shared_rank(&lg[o], 0) = acc;
     /* the logits in block 0's shared memory (stored to device memory after the barrier: a
      * global store before it would be one more write its release waits for) */
     cl.sync();
     gk_clk(clk, 3, ck);
-    if (NORM && lane + 32 * o < H) {
-        na.x[lane + 32 * o] = xs;
-        na.xn[lane + 32 * o] = xns;
+    if (NORM && lane / 4 == warp) {
+        /* warp w of each block stores values 256 j + 32 w + [0, 32) for every j: each value
+         * stored by the 4 blocks alike (as a piece chosen by the block, ptxas indexed the
+         * arrays and put them in local memory) */
+#pragma unroll
+        for (int j = 0; j < ROUTE1_CHUNKS; j++) {
+            int i = lane * 8 + 256 * j;
+            if (i < H)
+#pragma unroll
+                for (int k = 0; k < 8; k += 4) {
+                    *(float4 *)&na.x[i + k] =
+                        make_float4(sum[j][k], sum[j][k + 1], sum[j][k + 2], sum[j][k + 3]);
+                    *(float4 *)&na.xn[i + k] =
+                        make_float4(nrm[j][k], nrm[j][k + 1], nrm[j][k + 2], nrm[j][k + 3]);
+                }
+        }
     }
     if (blockIdx.x != 0 || warp != 0)
         return;
