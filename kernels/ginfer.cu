@@ -467,14 +467,15 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
 
 /* DSV3_GINFER_FUSE: "1": every fusion; "0": none (the launches of before, for comparisons in
  * one process); else a comma-separated list of those wanted: "norm", "attn", "router", "kvw",
- * "post", "uvc", "msum", "qa" (the q_a norm inside q_b's GEMV, which "norm" does too). Unset or empty: router, kvw and uvc, the three that each made 1b-moe's
- * batch-1 decode faster on their own on an H200 (docs/PERF.md: +1%, +2.4%, +1.7%; norm, post
- * and attn made it 4-20% slower: their extra work per block outweighs the launch saved). */
+ * "post", "uvc", "msum", "qa" (the q_a norm inside q_b's GEMV, which "norm" does too). Unset
+ * or empty: router, kvw, uvc and qa, the four that each made 1b-moe's batch-1 decode faster
+ * on their own on an H200 (docs/PERF.md: +1%, +2.4%, +1.7%, +2.3%; norm, post and attn made
+ * it slower or no faster: their extra work per block outweighs the launch saved). */
 static void fuse_flags(ginfer *g)
 {
     const char *v = getenv("DSV3_GINFER_FUSE");
     if (!v || !*v)
-        v = "router,kvw,uvc";
+        v = "router,kvw,uvc,qa";
     int all = !strcmp(v, "1"), none = !strcmp(v, "0");
     g->fz_norm = all || (!none && strstr(v, "norm"));
     g->fz_attn = all || (!none && strstr(v, "attn"));

@@ -26,7 +26,8 @@
  * DSV3_GINFER_NSPLIT=P (1..64) cuts each sequence's attention into P parts instead of
  * n_ctx / 32 (for timings: the parts' sums depend on P).
  * Decode-sized calls fuse further (DSV3_GINFER_FUSE, read at creation: 1 all, 0 none, else a
- * list of norm, attn, router, kvw, post, uvc, msum; unset: router,kvw,uvc, the ones measured faster): the input and q_a norms computed inside the GEMVs
+ * list of norm, attn, router, kvw, post, uvc, msum, qa; unset: router,kvw,uvc,qa, the ones
+ * measured faster): the input and q_a norms computed inside the GEMVs
  * that read them (every block recomputes its rows' norm; the residual sum then happens in the
  * post-attention norm), the attention combine in the split kernel's last block, router GEMV +
  * top-k + bucketing in one launch (its last block), and the cache write in the q_lat GEMV's
@@ -36,7 +37,8 @@
  * its head; no block combines many heads), 9 a MoE layer at batch 1; "msum": the MoE
  * down-projection of decode-sized calls (at most 4 rows) adds each row's weighted expert
  * outputs to x itself (gk_down_sum, the sums of the unfused add_norm in its order), so no
- * MoE output is left pending for the next norm (which then reads one row, not K + 2).
+ * MoE output is left pending for the next norm (which then reads one row, not K + 2);
+ * "qa": the q_a norm alone inside q_b's GEMV (at one row each warp forms the norm itself).
  * On compute capability 9.0 and up the kernels are launched with programmatic dependent
  * launch (DSV3_GINFER_PDL=0 turns it off; "; PDL" in the description when on): each starts
  * while the one before runs, prefetches its weights into L2, and waits for that one before
