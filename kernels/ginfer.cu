@@ -99,8 +99,8 @@ struct ginfer {
     int fz_msum, route1;
     /* the q_a norm alone inside q_b's GEMV (at one row: each warp forms the norm itself) */
     int fz_qa;
-    /* g1: the one-row expert GEMVs (grouped1_k) at batch 1 (DSV3_GINFER_G1=0: grouped_k's, to
-     * compare) */
+    /* g1: the one-row expert GEMVs (grouped1_k) at batch 1: 1 the up-projection, 2 the down
+     * too (DSV3_GINFER_G1; 0: grouped_k's, to compare) */
     int g1;
     char dup[64];  /* DSV3_GINFER_DUP (see twice) */
     unsigned *acnt, *rcnt;  /* counters of the fused attention combine and router */
@@ -488,7 +488,7 @@ static void fuse_flags(ginfer *g)
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
     const char *g1 = getenv("DSV3_GINFER_G1");
-    g->g1 = !g1 || strcmp(g1, "0");
+    g->g1 = g1 && *g1 ? atoi(g1) : 1;
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }

@@ -76,7 +76,7 @@ __device__ __forceinline__ void raw8_float(const raw8<float> &r, float (&f)[8])
  * prefetch (the experts' down-projection, the q_lat GEMV: measured, twelfth and thirteenth
  * sessions), so only gemv_k and grouped1_k take it. */
 #define WD_CH 4
-template <typename W, int NW>
+template <typename W, int NW, int CH = WD_CH>
 __device__ __forceinline__ void warp_dots_ahead(const W *const *w, const float *x, int I,
                                                 float (&acc)[NW])
 {
@@ -84,11 +84,11 @@ __device__ __forceinline__ void warp_dots_ahead(const W *const *w, const float *
 #pragma unroll
     for (int a = 0; a < NW; a++)
         acc[a] = 0.0f;
-    for (int i0 = lane * 8; i0 < I + lane * 8; i0 += 256 * WD_CH) {
-        raw8<W> wr[NW][WD_CH];
-        float xf[WD_CH][8];
+    for (int i0 = lane * 8; i0 < I + lane * 8; i0 += 256 * CH) {
+        raw8<W> wr[NW][CH];
+        float xf[CH][8];
 #pragma unroll
-        for (int c = 0; c < WD_CH; c++) {
+        for (int c = 0; c < CH; c++) {
             int i = i0 + 256 * c < I ? i0 + 256 * c : 0;
 #pragma unroll
             for (int a = 0; a < NW; a++)
@@ -98,7 +98,7 @@ __device__ __forceinline__ void warp_dots_ahead(const W *const *w, const float *
 #pragma unroll
         for (int a = 0; a < NW; a++)
 #pragma unroll
-            for (int c = 0; c < WD_CH; c++) {
+            for (int c = 0; c < CH; c++) {
                 const bool in = i0 + 256 * c < I;
                 float wf[8];
                 raw8_float(wr[a][c], wf);
@@ -1722,14 +1722,15 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
  * at one row reads off four times one after another (count, group, offsets, order), then
  * the weights a 256-value piece at a time: with UP's weights only known after the wait, and
  * so read from HBM, that chain was most of the up launch's 5.6 us exposed. The same values
- * as grouped_k<W, 1, UP>, bitwise. Launched for UP only: the down-projection prefetches its
- * weights before the wait, needs its 640 blocks resident for that, and this form's
- * registers made it 3 us slower (thirteenth session's trace).
- * At least 3 blocks an SM (85 registers): at its default ptxas held the kernel to 58
+ * as grouped_k<W, 1, UP>, bitwise.
+ * UP: at least 3 blocks an SM (85 registers): at its default ptxas held the kernel to 58
  * registers (4 blocks) and put most of the loads behind the first products; with 2 it took
- * 87 (2 blocks an SM, fewer than the up launch's 320 blocks of 1b-moe need). */
+ * 87 (2 blocks an SM, fewer than the up launch's 320 blocks of 1b-moe need). The down form
+ * (two 256-value pieces ahead, 5 blocks an SM: its 640 blocks must all be resident to
+ * prefetch their weights before the wait; with four pieces, 72 registers, it was 3 us
+ * slower) only with DSV3_GINFER_G1=2. */
 template <typename W, bool UP>
-__global__ void __launch_bounds__(GK_WARPS * 32, 3)
+__global__ void __launch_bounds__(GK_WARPS * 32, UP ? 3 : 5)
     grouped1_k(int m, const float *__restrict__ x, const W *__restrict__ w, long wstride,
                float *__restrict__ y, const int *off, int G, int I, int O)
 {
@@ -1745,7 +1746,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32, 3)
     if (UP)
         wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
     float acc[NW];
-    warp_dots_ahead<W, NW>(wr, x + (UP ? 0 : (long)e * I), I, acc);
+    warp_dots_ahead<W, NW, UP ? 4 : 2>(wr, x + (UP ? 0 : (long)e * I), I, acc);
     gk_pdl_late(m);
     if (lane == 0)
         y[(long)e * O + o] = UP ? silu_mul(acc[0], acc[NW - 1]) : acc[0];
@@ -1757,7 +1758,7 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
                            int N, int rows_hint, int I, int O, int one)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
-    if (UP && one && off && N == 1) {
+    if (one > (UP ? 0 : 1) && off && N == 1) {
         gk_launch(grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, off, groups,
                   I, O);
         return;

@@ -336,8 +336,9 @@ int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_
               const int *order, const int *off, int K, int groups, int maxact, int N,
               int rows_hint, int H, int F, int one, dsv3_err *e);
 /* Down projection over the same groups: y row j = w2_g [H, F] . h row j.
- * one: gk_ffn_up with off and N == 1 by the one-row kernel (grouped1_k: one round trip after
- * the wait before the weights, bitwise the same values); gk_ffn_down takes it and ignores it. */
+ * one: with off and N == 1, the one-row kernel (grouped1_k: one round trip after the wait
+ * before the weights, bitwise the same values) for gk_ffn_up at one >= 1, gk_ffn_down at
+ * one >= 2. */
 int gk_ffn_down(cudaStream_t s, const float *h, const void *w2, int wf32, long w2_stride,
                 float *y, const int *off, int groups, int maxact, int N, int rows_hint, int F,
                 int H, int one, dsv3_err *e);

@@ -72,7 +72,8 @@ static void check_case(int E, int K, int sh, int H, int F, int wf32, int *bitwis
         h[one] = malloc((size_t)R * F * 4);
         y[one] = malloc((size_t)R * H * 4);
         dsv3_err e;
-        int rc = ginfer_grouped_run(x, w1, w2, idx, E, K, sh, H, F, wf32, one, h[one], y[one], &e);
+        int rc = ginfer_grouped_run(x, w1, w2, idx, E, K, sh, H, F, wf32, 2 * one, h[one], y[one],
+                                    &e);
         CHECKF(!rc, "E %d K %d sh %d H %d F %d: %s", E, K, sh, H, F, rc ? e.msg : "");
         if (rc)
             goto out;
