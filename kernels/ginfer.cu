@@ -97,7 +97,8 @@ struct ginfer {
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
      * grid and last block, for comparisons) */
     int fz_msum, route1;
-    /* the q_a norm alone inside q_b's GEMV (at one row: each warp forms the norm itself) */
+    /* the q_a norm alone inside q_b's GEMV, at one row (each warp forms the norm itself; at
+     * more rows gemv_norm_k's blocks would normalise through shared memory) */
     int fz_qa;
     /* g1: the one-row expert GEMVs (grouped1_k) at batch 1: 1 the up-projection, 2 the down
      * too (DSV3_GINFER_G1; 0: grouped_k's, to compare) */
@@ -488,7 +489,7 @@ static void fuse_flags(ginfer *g)
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
     const char *g1 = getenv("DSV3_GINFER_G1");
-    g->g1 = g1 && *g1 ? atoi(g1) : 1;
+    g->g1 = g1 && *g1 ? atoi(g1) : 2;
     const char *d = getenv("DSV3_GINFER_DUP");
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }
@@ -895,7 +896,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             if (gemv_in(g, y, y->q_a, g->qa, A, n, A, e))
                 return -1;
         mark(g, g->fin ? "gemv q_a+kv_a+norm" : "gemv q_a+kv_a", (double)A * H * ws);
-        if ((g->fz_norm || g->fz_qa) && gk_gemv_norm_fits(n, g->qr)) {
+        if ((g->fz_norm || (g->fz_qa && n == 1)) && gk_gemv_norm_fits(n, g->qr)) {
             /* q_a's norm inside q_b's GEMV */
             for (int r_ = 0; r_ <= twice(g, "qb"); r_++)
                 if (gk_gemv_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, 1e-6f, y->q_b, wf, g->q,

@@ -38,7 +38,7 @@
  * down-projection of decode-sized calls (at most 4 rows) adds each row's weighted expert
  * outputs to x itself (gk_down_sum, the sums of the unfused add_norm in its order), so no
  * MoE output is left pending for the next norm (which then reads one row, not K + 2);
- * "qa": the q_a norm alone inside q_b's GEMV (at one row each warp forms the norm itself).
+ * "qa": the q_a norm alone inside q_b's GEMV at one row (each warp forms the norm itself).
  * On compute capability 9.0 and up the kernels are launched with programmatic dependent
  * launch (DSV3_GINFER_PDL=0 turns it off; "; PDL" in the description when on): each starts
  * while the one before runs, prefetches its weights into L2, and waits for that one before
