@@ -896,7 +896,8 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             if (gemv_in(g, y, y->q_a, g->qa, A, n, A, e))
                 return -1;
         mark(g, g->fin ? "gemv q_a+kv_a+norm" : "gemv q_a+kv_a", (double)A * H * ws);
-        if ((g->fz_norm || (g->fz_qa && n == 1)) && gk_gemv_norm_fits(n, g->qr)) {
+        if ((g->fz_norm || (g->fz_qa && n == 1)) && !f8_scales(g, y->q_b) &&
+            gk_gemv_norm_fits(n, g->qr)) {
             /* q_a's norm inside q_b's GEMV */
             for (int r_ = 0; r_ <= twice(g, "qb"); r_++)
                 if (gk_gemv_norm(g->s, g->qa, A, NULL, NULL, y->q_a_norm, 1e-6f, y->q_b, wf, g->q,
@@ -1113,7 +1114,8 @@ static int post_fused(const ginfer *g, int l, int n)
 static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
 {
     g->pend = 0;
-    g->fin = g->fz_norm && gk_gemv_norm_fits(n, g->H);
+    /* (not with FP8 weight slots: the norm GEMVs read bf16 or fp32 weights only) */
+    g->fin = g->fz_norm && !g->fp8 && gk_gemv_norm_fits(n, g->H);
     if (gk_embed(g->s, g->x, g->embed, g->exact, g->d_in, n, g->H, e))
         return -1;
     mark(g, "embed", (double)n * g->H * g->wsz);
