@@ -1641,6 +1641,17 @@ __device__ __forceinline__ float silu_mul(float g, float u)
     return g * (1.0f / (1.0f + expf(-g))) * u;
 }
 
+/* Warp o's weight rows in group g of w [G][UP ? 2 O : O][I]: row o, and with UP the up row
+ * O + o after the gate row o. */
+template <typename W, bool UP>
+__device__ __forceinline__ void group_rows(const W *w, long wstride, int g, int o, int O, int I,
+                                           const W *(&wr)[UP ? 2 : 1])
+{
+    wr[0] = w + g * wstride + (long)o * I;
+    if (UP)
+        wr[UP ? 1 : 0] = w + g * wstride + (long)(O + o) * I;
+}
+
 /* Before the wait: the weight rows of warp o in group entry y (grouped_k). Without off the
  * group is y. With off (routed experts) the up-projection cannot know its group before the
  * wait (the launch before it buckets the rows); the down-projection can: the bucketing is
@@ -1663,9 +1674,7 @@ __device__ __noinline__ void grouped_prefetch(int m, const W *w, long wstride, c
     }
     constexpr int NW = UP ? 2 : 1;
     const W *wr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    if (UP)
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+    group_rows<W, UP>(w, wstride, g, o, O, I, wr);
     gk_prefetch_rows<GK_WARPS, NW>(m, wr, I);
 }
 
@@ -1689,12 +1698,9 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     int base = off ? off[g] : 0, cnt = off ? off[g + 1] - base : N;
     if (o >= O || cnt <= 0)
         return;
-    const W *wg = w + g * wstride;
     constexpr int NW = UP ? 2 : 1;
     const W *wr[NW];
-    wr[0] = wg + (long)o * I;
-    if (UP)
-        wr[NW - 1] = wg + (long)(O + o) * I;
+    group_rows<W, UP>(w, wstride, g, o, O, I, wr);
     for (int j0 = 0; j0 < cnt; j0 += NT) {
         int nv = min(NT, cnt - j0);
         const float *xs[NT];
@@ -1742,9 +1748,7 @@ __global__ void __launch_bounds__(GK_WARPS * 32, UP ? 3 : 5)
         return;
     constexpr int NW = UP ? 2 : 1;
     const W *wr[NW];
-    wr[0] = w + g * wstride + (long)o * I;
-    if (UP)
-        wr[NW - 1] = w + g * wstride + (long)(O + o) * I;
+    group_rows<W, UP>(w, wstride, g, o, O, I, wr);
     float acc[NW];
     warp_dots_ahead<W, NW, UP ? 4 : 2>(wr, x + (UP ? 0 : (long)e * I), I, acc);
     gk_pdl_late(m);
