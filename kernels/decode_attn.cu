@@ -409,13 +409,13 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
-        gk_launch(wd ? attn_split_k<float, true> : attn_split_k<float, false>, grid, ATT_THREADS,
-                  smem, s, pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh,
-                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+        gk_launch_as("attn", wd ? attn_split_k<float, true> : attn_split_k<float, false>, grid,
+                     ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk, nope, (const float *)cache,
+                     slot, pos, nh, kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
     else
-        gk_launch(wd ? attn_split_k<bf16, true> : attn_split_k<bf16, false>, grid, ATT_THREADS,
-                  smem, s, pm, pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh,
-                  kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+        gk_launch_as("attn", wd ? attn_split_k<bf16, true> : attn_split_k<bf16, false>, grid,
+                     ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk, nope, (const bf16 *)cache,
+                     slot, pos, nh, kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
 }
 
 /* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */

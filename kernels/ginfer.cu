@@ -532,15 +532,22 @@ static void describe_add(ginfer *g, const char *what)
         snprintf(g->desc + len - 1, sizeof g->desc - (len - 1), "; %s)", what);
 }
 
-/* "; PDL" when the kernels are launched with programmatic dependent launch (ginfer_k.cuh:
- * DSV3_GINFER_PDL, compute capability 9.0+; "PDL early", "PDL entry" for the other
- * schemes), "; carveout N%" with DSV3_GINFER_CARVEOUT. */
+/* "; PDL" when the kernels are launched with programmatic dependent launch at the default
+ * scheme (ginfer_k.cuh: DSV3_GINFER_PDL, compute capability 9.0+; "PDL late", "PDL early",
+ * "PDL entry" for the others, "PDL late for LIST" for another list of kinds kept late),
+ * "; carveout N%" with DSV3_GINFER_CARVEOUT. */
 static void describe_pdl(ginfer *g)
 {
-    char c[32];
+    char c[160];
     int m = gk_pdl_mode();
-    if (m != GK_PDL_OFF)
-        describe_add(g, m == GK_PDL_EARLY ? "PDL early" : m == GK_PDL_ENTRY ? "PDL entry" : "PDL");
+    const char *late = gk_pdl_late_kinds();
+    if (m == GK_PDL_EARLY && !*late)
+        describe_add(g, "PDL early");
+    else if (m == GK_PDL_EARLY && strcmp(late, GK_PDL_LATE_KINDS)) {
+        snprintf(c, sizeof c, "PDL late for %.140s", late);
+        describe_add(g, c);
+    } else if (m != GK_PDL_OFF)
+        describe_add(g, m == GK_PDL_LATE ? "PDL late" : m == GK_PDL_ENTRY ? "PDL entry" : "PDL");
     if (gk_carveout() >= 0) {
         snprintf(c, sizeof c, "carveout %d%%", gk_carveout());
         describe_add(g, c);

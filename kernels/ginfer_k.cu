@@ -212,7 +212,7 @@ static void gemv_launch(cudaStream_t s, const float *x, long ldx, long xbs, cons
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
               int) = N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4> : gemv_k<W, 8>;
-    gk_launch(k, grid, GK_WARPS * 32, 0, s, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
+    gk_launch_as("gemv", k, grid, GK_WARPS * 32, 0, s, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
 }
 
 int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
@@ -377,8 +377,8 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
         m = *mo;
     /* a thread a value (up to 1024): a row's loads in one round trip */
     int threads = D >= 1024 ? 1024 : (D + 31) / 32 * 32;
-    gk_launch(m.K <= 4 ? add_norm_k<4> : add_norm_k<8>, N, threads, 0, s, x, ldx, delta, m, w,
-              out, D, eps);
+    gk_launch_as("norm", m.K <= 4 ? add_norm_k<4> : add_norm_k<8>, N, threads, 0, s, x, ldx,
+                 delta, m, w, out, D, eps);
     LAUNCH_CHECK("add_norm", e);
     return 0;
 }
@@ -499,9 +499,9 @@ static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, 
               int, const float *, int, const float *, W *, const int *, const int *, int, int,
               int, const float *, const float *, int, float, float *, int, int, int) =
         N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
-    gk_launch(k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx, xbs, w, wbs,
-              y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope, n_ctx, cos_t,
-              sin_t, interleave, eps, q, nh, qk, nope);
+    gk_launch_as("kvw", k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx,
+                 xbs, w, wbs, y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope,
+                 n_ctx, cos_t, sin_t, interleave, eps, q, nh, qk, nope);
 }
 
 int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
@@ -829,9 +829,9 @@ static void gemv_wnorm1_launch(cudaStream_t s, const float *x, const float *nw, 
 {
     unsigned g = (unsigned)((O + GK_WARPS - 1) / GK_WARPS);
     int nc = (I + 255) / 256;
-    gk_launch(nc == 1 ? gemv_wnorm1_k<W, 1> : nc == 2 ? gemv_wnorm1_k<W, 2>
-              : nc == 3 ? gemv_wnorm1_k<W, 3> : gemv_wnorm1_k<W, 4>, g, GK_WARPS * 32, 0, s, x,
-              nw, eps, w, y, I, O);
+    gk_launch_as("qb", nc == 1 ? gemv_wnorm1_k<W, 1> : nc == 2 ? gemv_wnorm1_k<W, 2>
+                       : nc == 3 ? gemv_wnorm1_k<W, 3> : gemv_wnorm1_k<W, 4>, g, GK_WARPS * 32, 0,
+                 s, x, nw, eps, w, y, I, O);
 }
 
 static int gemv_norm1_fits(int N, int I, const gk_moe_out &mo)
@@ -960,8 +960,8 @@ static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, co
         N == 1 ? (pb == 64 ? gemv_uvc_k<W, 1, 64> : pb == 32 ? gemv_uvc_k<W, 1, 32>
                                                              : gemv_uvc_k<W, 1, 16>)
                : gemv_uvc_k<W, 4, 16>;
-    gk_launch(k, grid, GK_WARPS * 32, (size_t)N * I * sizeof(float), s, pm, pl, pacc, nsplit, w,
-              wbs, y, ldy, ybs, N, I, O, clk);
+    gk_launch_as("uvc", k, grid, GK_WARPS * 32, (size_t)N * I * sizeof(float), s, pm, pl, pacc,
+                 nsplit, w, wbs, y, ldy, ybs, N, I, O, clk);
 }
 
 int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
@@ -1360,8 +1360,9 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch(route1_k<false>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias, logits, rs,
-                  rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, route1_norm{}, clk);
+        gk_launch_as("route", route1_k<false>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias,
+                     logits, rs, rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos,
+                     route1_norm{}, clk);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
@@ -1763,15 +1764,16 @@ static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstr
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
     if (one > (UP ? 0 : 1) && off && N == 1) {
-        gk_launch(grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, off, groups,
-                  I, O);
+        gk_launch_as(UP ? "up" : "down", grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w,
+                     wstride, y, off, groups, I, O);
         return;
     }
     void (*k)(int, const float *, const W *, long, float *, const int *, const int *, int, int,
               int, int, int) = rows_hint <= 1   ? grouped_k<W, 1, UP>
                           : rows_hint <= 4 ? grouped_k<W, 4, UP>
                                            : grouped_k<W, 8, UP>;
-    gk_launch(k, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, order, off, groups, K, N, I, O);
+    gk_launch_as(UP ? "up" : "down", k, grid, GK_WARPS * 32, 0, s, x, w, wstride, y, order, off,
+                 groups, K, N, I, O);
 }
 
 int gk_ffn_up(cudaStream_t s, const float *x, const void *w1, int wf32, long w1_stride, float *h,

@@ -26,11 +26,14 @@
  * 2. gk_pdl_wait (griddepcontrol.wait): until the kernel before has finished and its writes
  *    are visible; no kernel reads an activation or writes anything before it;
  * 3. gk_pdl_launch (griddepcontrol.launch_dependents): the next kernel may be scheduled and
- *    do its step 1 while this one works: by default (GK_PDL_LATE) once the block's main
- *    loads are done, so the next kernel's blocks and prefetches do not compete with them;
- *    DSV3_GINFER_PDL=2 right after the wait (GK_PDL_EARLY). Always after the wait: at most
- *    one kernel ahead, so the prefetches in flight stay those of one launch. Every kernel's
- *    first parameter is the scheme (gk_launch passes it).
+ *    do its step 1 while this one works: right after the wait (GK_PDL_EARLY: the next
+ *    kernel's prefetch has this one's whole run to overlap), or once the block's main loads
+ *    are done (GK_PDL_LATE: the next kernel's blocks and prefetches do not compete with
+ *    them). By default each launch kind takes the early trigger but the attention's three
+ *    (gk_pdl_kind_late); DSV3_GINFER_PDL=1 the late one everywhere, 2 the early one
+ *    everywhere. Always after the wait: at most one kernel ahead, so the prefetches in
+ *    flight stay those of one launch. Every kernel's first parameter is its scheme
+ *    (gk_launch passes it).
  * So the results are bitwise those of plain launches, and a step's chain of small kernels
  * overlaps each launch's start and its weights' first DRAM round trip with the kernel
  * before. Kernels launched the plain way (other modules') wait as usual; without PDL the
@@ -50,13 +53,14 @@ __device__ __forceinline__ void gk_pdl_launch()
 #endif
 }
 
-/* The scheme a launch runs (DSV3_GINFER_PDL, gk_pdl_mode), every gk_launch kernel's first
- * parameter m: when the kernel lets the next one start, and whether it prefetches. */
+/* The scheme a launch runs (DSV3_GINFER_PDL, gk_pdl_mode and gk_pdl_kind_late), every
+ * gk_launch kernel's first parameter m: when the kernel lets the next one start, and
+ * whether it prefetches. */
 enum {
     GK_PDL_OFF = 0,   /* plain launch: no prefetch (the wait and trigger do nothing) */
     GK_PDL_LATE = 1,  /* prefetch, wait; trigger once the block's main loads are done
                          (gk_pdl_late): the next kernel's blocks and prefetches do not
-                         compete with this one's loads (the default) */
+                         compete with this one's loads */
     GK_PDL_EARLY = 2, /* prefetch, wait, trigger at once: the next kernel's prefetch has
                          this one's whole run to overlap */
     GK_PDL_ENTRY = 3, /* wait and trigger at entry, no prefetch: the scheme measured slower
@@ -183,12 +187,14 @@ __device__ __forceinline__ void gk_prefetch_rows(int m, const W *const *w, int I
 /* The scheme of gk_launch's launches: off with DSV3_GINFER_PDL=0, on a device before compute
  * capability 9.0, and while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
  * event after every launch keeps them apart anyway, and the capture then puts event nodes
- * between kernel nodes); else DSV3_GINFER_PDL=2 the early trigger, 3 the entry scheme, and
- * unset or anything else the late one. Read at each launch: a decode graph keeps what held
- * at its capture, when the engine was made. scripts/bench-sample.sh PDL=0 (and ENVS) time
- * the others in the same run: on an H100 (2026-11-28) the late trigger decoded 1b-moe at
- * 1,083 tokens/s against 953 plain and 957 early (small: 2,879 / 2,478 / 2,629), so it is
- * the default. */
+ * between kernel nodes); else DSV3_GINFER_PDL=1 the late trigger, 3 the entry scheme, and
+ * unset or anything else the early one (with the kinds of gk_pdl_kind_late late). Read at
+ * each launch: a decode graph keeps what held at its capture, when the engine was made.
+ * The schemes' history (docs/PERF.md): on an H100 in the sixth session the late trigger
+ * decoded 1b-moe at 1,083 tokens/s against 957 early (953 plain); on the H200 the early one
+ * was faster or slower by turns as the kernels changed, until the fourteenth session found
+ * that what it lost was in the attention's three launches: early but those, 570 us a 1b-moe
+ * step against 618 late and 603 early everywhere (small: 214, 238, 206). */
 static inline int gk_pdl_mode()
 {
     const char *v = getenv("DSV3_GINFER_PDL"), *p = getenv("DSV3_GINFER_PROFILE");
@@ -199,7 +205,37 @@ static inline int gk_pdl_mode()
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
         major < 9)
         return GK_PDL_OFF;
-    return v && !strcmp(v, "2") ? GK_PDL_EARLY : v && !strcmp(v, "3") ? GK_PDL_ENTRY : GK_PDL_LATE;
+    return v && !strcmp(v, "1") ? GK_PDL_LATE : v && !strcmp(v, "3") ? GK_PDL_ENTRY : GK_PDL_EARLY;
+}
+
+/* The launch kinds that keep the late trigger under the early scheme (a comma-separated
+ * list): DSV3_GINFER_PDL_LATE when set (empty: none), else none with DSV3_GINFER_PDL=2 and
+ * by default the attention's launches: the q_lat GEMV that writes the cache row ("kvw"),
+ * the parts ("attn") and the uv GEMV with the combine ("uvc"). Their blocks are the
+ * heaviest of a step (the parts: ~130 registers a thread and 56 KB of shared memory; the
+ * uv GEMV: 255 registers), and started early beside the launch before they slowed the
+ * step (fourteenth session, docs/PERF.md). */
+#define GK_PDL_LATE_KINDS "attn,kvw,uvc"
+static inline const char *gk_pdl_late_kinds()
+{
+    const char *l = getenv("DSV3_GINFER_PDL_LATE"), *v = getenv("DSV3_GINFER_PDL");
+    if (l)
+        return l;
+    return v && !strcmp(v, "2") ? "" : GK_PDL_LATE_KINDS;
+}
+
+/* Whether launches of kind (a short name: "gemv", "norm", "qb", "kvw", "attn", "uvc",
+ * "route", "up", "down"; NULL for the others) keep the late trigger under the early scheme. */
+static inline int gk_pdl_kind_late(const char *kind)
+{
+    const char *v = gk_pdl_late_kinds();
+    size_t n = kind ? strlen(kind) : 0;
+    if (!n)
+        return 0;
+    for (const char *p = v; (p = strstr(p, kind)) != NULL; p += n)
+        if ((p == v || p[-1] == ',') && (p[n] == ',' || !p[n]))
+            return 1;
+    return 0;
 }
 
 static inline int gk_pdl_on()
@@ -225,10 +261,11 @@ static inline int gk_carveout()
     return v && *v && !*end && n >= 0 && n <= 100 ? (int)n : -1;
 }
 
-/* Launches kernel k (its first parameter the scheme, gk_pdl_mode's; args the others). */
+/* Launches kernel k (its first parameter the scheme, gk_pdl_mode's, or the late trigger for
+ * a kind gk_pdl_kind_late lists; args the others). */
 template <typename... KArgs, typename... Args>
-static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, size_t smem,
-                             cudaStream_t s, Args... args)
+static inline void gk_launch_as(const char *kind, void (*k)(int, KArgs...), dim3 grid,
+                                dim3 block, size_t smem, cudaStream_t s, Args... args)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -238,6 +275,8 @@ static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, si
     cudaLaunchAttribute at[2];
     unsigned n = 0;
     int m = gk_pdl_mode();
+    if (m == GK_PDL_EARLY && gk_pdl_kind_late(kind))
+        m = GK_PDL_LATE;
     if (m != GK_PDL_OFF) {
         at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         at[n++].val.programmaticStreamSerializationAllowed = 1;
@@ -250,6 +289,13 @@ static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, si
     cfg.attrs = at;
     cfg.numAttrs = n;
     cudaLaunchKernelEx(&cfg, k, m, (KArgs)args...);
+}
+
+template <typename... KArgs, typename... Args>
+static inline void gk_launch(void (*k)(int, KArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, Args... args)
+{
+    gk_launch_as(NULL, k, grid, block, smem, s, args...);
 }
 
 /* A MoE layer's output not yet summed , for gk_add_norm to take

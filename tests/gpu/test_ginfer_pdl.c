@@ -6,9 +6,11 @@
  * expert or not, 1-4 experts a token), fp32 ("exact") and bf16, with the decode fusions
  * (DSV3_GINFER_FUSE) at their default, "0" and "1", for bf16 with the tensor-core prefill
  * taking the 20-token prompt (DSV3_GINFER_PREFILL=gemm:8), with PDL and a shared memory
- * carveout asked for every launch (DSV3_GINFER_CARVEOUT=100), and with the other two PDL
- * schemes (DSV3_GINFER_PDL=2: trigger right after the wait; 3: wait and trigger at entry,
- * no prefetch):
+ * carveout asked for every launch (DSV3_GINFER_CARVEOUT=100), and with the other PDL
+ * schemes (the default triggers the next launch right after the wait but in the attention's
+ * three launches, which trigger once their main loads are done; DSV3_GINFER_PDL=1: every
+ * launch late, 2: every launch early, 3: wait and trigger at entry, no prefetch; and
+ * DSV3_GINFER_PDL_LATE=gemv,up,route: those kinds late instead):
  * - a teacher-forced run: three slots prefilled with prompts of 5, 20 and 7 tokens (direct
  *   passes), then decode steps of 1, 2 and 3 rows in turn (graphs of 1, 2 and 4 rows): every
  *   row's logits equal (memcmp);
@@ -29,13 +31,15 @@
 enum { NS = 3, STEPS = 12, GSTEPS = 16, MAXP = 20, MSTEPS = 8 };
 
 /* Engine variants: DSV3_GINFER_FUSE, DSV3_GINFER_PREFILL (NULL: unset), and the
- * DSV3_GINFER_CARVEOUT and DSV3_GINFER_PDL of the engine with PDL (NULL: unset, the default
- * late trigger; "2" early trigger; "3" the entry scheme; the engine without has PDL=0 and no
- * carveout). */
-static const char *const variants[][4] = {
-    {NULL, NULL, NULL, NULL}, {"0", NULL, NULL, NULL},   {"1", NULL, NULL, NULL},
-    {NULL, "gemm:8", NULL, NULL}, {NULL, NULL, "100", NULL}, {NULL, NULL, NULL, "2"},
-    {"1", NULL, NULL, "2"},   {NULL, NULL, NULL, "3"}};
+ * DSV3_GINFER_CARVEOUT, DSV3_GINFER_PDL and DSV3_GINFER_PDL_LATE of the engine with PDL
+ * (NULL: unset; PDL "1" late trigger, "2" early trigger, "3" the entry scheme; the engine
+ * without has PDL=0 and no carveout). */
+static const char *const variants[][5] = {
+    {NULL, NULL, NULL, NULL, NULL},     {"0", NULL, NULL, NULL, NULL},
+    {"1", NULL, NULL, NULL, NULL},      {NULL, "gemm:8", NULL, NULL, NULL},
+    {NULL, NULL, "100", NULL, NULL},    {NULL, NULL, NULL, "2", NULL},
+    {"1", NULL, NULL, "2", NULL},       {NULL, NULL, NULL, "3", NULL},
+    {NULL, NULL, NULL, "1", NULL},      {NULL, NULL, NULL, NULL, "gemv,up,route"}};
 enum { NV = sizeof variants / sizeof *variants };
 
 /* Rows of one run: the prefills' last rows, then 1, 2, 3, 1, 2, 3, ... rows a step. */
@@ -115,6 +119,7 @@ static infer *make_engine(const dsv3_model *m, int ctx, int exact, int v, int pd
     set_env("DSV3_GINFER_PREFILL", variants[v][1]);
     set_env("DSV3_GINFER_PDL", pdl ? variants[v][3] : "0");
     set_env("DSV3_GINFER_CARVEOUT", pdl ? variants[v][2] : NULL);
+    set_env("DSV3_GINFER_PDL_LATE", pdl ? variants[v][4] : NULL);
     infer *f = NULL;
     int rc = mtp ? infer_new_gpu_mtp(&f, m, NULL, ctx, NS, 0, exact, e) ||
                        infer_use_mtp(f, e)
@@ -147,8 +152,9 @@ static int rows_differ(const float *a, const float *b, int R, int V)
 static void check_pdl(int exact)
 {
     GT_NEED_GPU();
-    char *keep[4] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
-                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT")};
+    char *keep[5] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
+                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT"),
+                     save_env("DSV3_GINFER_PDL_LATE")};
     int models = 4, R = run_rows(), runs = 0;
     for (int i = 0; i < models && !test_failed_; i++) {
         dsv3_config c;
@@ -194,6 +200,7 @@ static void check_pdl(int exact)
     restore_env("DSV3_GINFER_FUSE", keep[0]);
     restore_env("DSV3_GINFER_PREFILL", keep[1]);
     restore_env("DSV3_GINFER_PDL", keep[2]);
+    restore_env("DSV3_GINFER_PDL_LATE", keep[4]);
     restore_env("DSV3_GINFER_CARVEOUT", keep[3]);
     printf("# ginfer pdl %s: %d runs of %d rows and %d greedy steps of %d rows, PDL %s, every "
            "one %s\n", exact ? "fp32" : "bf16", runs, R, GSTEPS, NS,
@@ -219,8 +226,9 @@ static int run_mtp(infer *f, const int32_t *prompt, int P, const int32_t *toks, 
 static void check_pdl_mtp(int exact)
 {
     GT_NEED_GPU();
-    char *keep[4] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
-                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT")};
+    char *keep[5] = {save_env("DSV3_GINFER_FUSE"), save_env("DSV3_GINFER_PREFILL"),
+                     save_env("DSV3_GINFER_PDL"), save_env("DSV3_GINFER_CARVEOUT"),
+                     save_env("DSV3_GINFER_PDL_LATE")};
     int models = 2, R = 2 * MSTEPS + 1;
     for (int i = 0; i < models && !test_failed_; i++) {
         dsv3_config c;
@@ -257,6 +265,7 @@ static void check_pdl_mtp(int exact)
     restore_env("DSV3_GINFER_FUSE", keep[0]);
     restore_env("DSV3_GINFER_PREFILL", keep[1]);
     restore_env("DSV3_GINFER_PDL", keep[2]);
+    restore_env("DSV3_GINFER_PDL_LATE", keep[4]);
     restore_env("DSV3_GINFER_CARVEOUT", keep[3]);
 }
 
