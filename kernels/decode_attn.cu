@@ -96,15 +96,22 @@ __device__ __forceinline__ void att_warp_transpose_sum(float (&v)[32])
     att_transpose_step<1>(v, lane);
 }
 
+/* NJ > 0: rows of W = 32 NJ values, known at compile time (the loop unrolled, every shared
+ * address an immediate offset); 0: W and WP at run time. With W a runtime bound ptxas spent
+ * ~70 integer and predicate instructions on each step's 12 loads and 32 products: the
+ * phase was bound by issue (2,644 cycles at W = 288, H200; docs/KERNELS.md). The same
+ * products in the same order either way, so the scores are bitwise the same. */
+template <int NJ>
 __device__ __forceinline__ void att_scores_warp(const float *qs, const float *cs, float *ps,
-                                                int W, int WP, int nt, int hn, float scale)
+                                                int Wr, int WPr, int nt, int hn, float scale)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int W = NJ > 0 ? 32 * NJ : Wr, WP = NJ > 0 ? 32 * NJ + 1 : WPr;
     float v[32];
 #pragma unroll
     for (int a = 0; a < 32; a++)
         v[a] = 0.0f;
-    for (int j0 = 0; j0 < W; j0 += 32) {
+    auto step = [&](int j0) {
         const int j = j0 + lane;
         const bool ok = j < W;
         float qv[ATT_HG], cv[ATT_TPW];
@@ -121,6 +128,14 @@ __device__ __forceinline__ void att_scores_warp(const float *qs, const float *cs
 #pragma unroll
             for (int i = 0; i < ATT_TPW; i++)
                 v[h * ATT_TPW + i] = fmaf(qv[h], cv[i], v[h * ATT_TPW + i]);
+    };
+    if constexpr (NJ > 0) {
+#pragma unroll
+        for (int s = 0; s < NJ; s++)
+            step(32 * s);
+    } else {
+        for (int j0 = 0; j0 < W; j0 += 32)
+            step(j0);
     }
     att_warp_transpose_sum(v);
     const int h = lane / ATT_TPW, t = warp + ATT_NW * (lane % ATT_TPW);
@@ -202,7 +217,7 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
  * the q_lat GEMV's blocks of the launch before (docs/KERNELS.md). Capped at 80 registers
  * (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3 us instead of 1.4: 738
  * vs 699 us a 1b-moe step (H200, docs/PERF.md). */
-template <typename C, bool WD>
+template <typename C, bool WD, int NJ = 0>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
@@ -273,7 +288,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         gk_clk(clk, 3, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
         if (WD)
-            att_scores_warp(qs, cs, ps, W, WP, nt, hn, scale);
+            att_scores_warp<NJ>(qs, cs, ps, W, WP, nt, hn, scale);
         else
             for (int i = tid; i < ATT_HG * ATT_CH; i += blockDim.x) {
                 int h = i / ATT_CH, t = i % ATT_CH;
@@ -383,11 +398,27 @@ static int att_pre()
     return !(v && !strcmp(v, "0"));
 }
 
-template <typename C, bool WD>
-static int attn_setup_one(int smem, dsv3_err *e)
+/* The compile-time row widths of att_scores_warp (W = 32 NJ): small (kv 128 + rope 32),
+ * the 1B-class MoE (256 + 32), DeepSeek-V2-Lite and V3 (512 + 64). Others take the runtime
+ * loop, as does DSV3_GINFER_ATTN_NJ=0 (to compare; read at each launch as above). */
+static int att_nj(int W)
 {
-    CUDA_TRY(cudaFuncSetAttribute(attn_split_k<C, WD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  smem), e);
+    const char *v = getenv("DSV3_GINFER_ATTN_NJ");
+    if (v && !strcmp(v, "0"))
+        return 0;
+    return W == 160 ? 5 : W == 288 ? 9 : W == 576 ? 18 : 0;
+}
+
+template <typename C>
+static int attn_setup_c(int smem, dsv3_err *e)
+{
+    void (*k[])(int, float *, float *, float *, const float *, const float *, int, int,
+                const C *, const int *, const int *, int, int, int, int, int, float, float *,
+                unsigned *, int, unsigned long long *) = {
+        attn_split_k<C, true>, attn_split_k<C, false>, attn_split_k<C, true, 5>,
+        attn_split_k<C, true, 9>, attn_split_k<C, true, 18>};
+    for (size_t i = 0; i < sizeof k / sizeof *k; i++)
+        CUDA_TRY(cudaFuncSetAttribute(k[i], cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
     return 0;
 }
 
@@ -395,8 +426,29 @@ int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
 {
     (void)nh;
     int smem = (int)attn_smem(kv, rope);
-    return cf32 ? attn_setup_one<float, true>(smem, e) || attn_setup_one<float, false>(smem, e)
-                : attn_setup_one<bf16, true>(smem, e) || attn_setup_one<bf16, false>(smem, e);
+    return cf32 ? attn_setup_c<float>(smem, e) : attn_setup_c<bf16>(smem, e);
+}
+
+/* The attn_split_k instance for cache type C: the serial dot (wd 0), else warp dots with
+ * the row width att_nj picks. */
+template <typename C>
+static void (*attn_split_pick(int wd, int W))(int, float *, float *, float *, const float *,
+                                               const float *, int, int, const C *, const int *,
+                                               const int *, int, int, int, int, int, float,
+                                               float *, unsigned *, int, unsigned long long *)
+{
+    if (!wd)
+        return attn_split_k<C, false>;
+    switch (att_nj(W)) {
+    case 5:
+        return attn_split_k<C, true, 5>;
+    case 9:
+        return attn_split_k<C, true, 9>;
+    case 18:
+        return attn_split_k<C, true, 18>;
+    default:
+        return attn_split_k<C, true>;
+    }
 }
 
 /* attn_split_k over (N rows, head groups, nsplit parts), the variant att_warp_dot picks. */
@@ -409,13 +461,13 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
-        gk_launch_as("attn", wd ? attn_split_k<float, true> : attn_split_k<float, false>, grid,
-                     ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk, nope, (const float *)cache,
-                     slot, pos, nh, kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+        gk_launch_as("attn", attn_split_pick<float>(wd, kv + rope), grid, ATT_THREADS, smem, s,
+                     pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh, kv,
+                     rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
     else
-        gk_launch_as("attn", wd ? attn_split_k<bf16, true> : attn_split_k<bf16, false>, grid,
-                     ATT_THREADS, smem, s, pm, pl, pacc, qlat, q, qk, nope, (const bf16 *)cache,
-                     slot, pos, nh, kv, rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+        gk_launch_as("attn", attn_split_pick<bf16>(wd, kv + rope), grid, ATT_THREADS, smem, s, pm,
+                     pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh, kv, rope,
+                     n_ctx, nsplit, scale, olat, count, att_pre(), clk);
 }
 
 /* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */
