@@ -227,7 +227,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     gk_clock ck;
     gk_clk_start(clk, ck);
     extern __shared__ float sm[];
-    const int W = kv + rope, WP = W + 1;  /* padded rows: a warp's dots hit 32 banks */
+    /* padded rows: a warp's dots hit 32 banks. NJ > 0 (att_nj): W = kv + rope is 32 NJ, a
+     * constant here, so the staging's and the queries' divisions by W / 8 and W / 4 are too */
+    const int W = NJ > 0 ? 32 * NJ : kv + rope, WP = W + 1;
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
     float *mh = acc + ATT_HG * kv, *lh = mh + ATT_HG, *al = lh + ATT_HG, *pt = al + ATT_HG;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
@@ -243,6 +245,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         size_t b = (size_t)(t1 - t0) * W * sizeof(C);
         gk_prefetch_l2(cb + (long)t0 * W, b < GK_PF_BLOCK ? b : GK_PF_BLOCK);
     }
+    gk_clk(clk, 0, ck);  /* "ids": thread 0's prefetch needed the row's position and slot */
     /* one row (batch-1 decode): its first chunk's rows but the newest (the one row the
      * launch before writes) into shared memory before the wait, so after it only the
      * queries and that row are left to read: one L2 round trip fewer on the path, the same
@@ -250,9 +253,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int tpre = gridDim.x == 1 && pre && gk_pdl_pf(m) ? min(min(t1, t0 + ATT_CH), len - 1)
                                                           : t0;
     att_stage_rows(cs, cb, W, WP, t0, t0, tpre);
-    gk_clk(clk, 0, ck);
-    gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
+    gk_pdl_enter(m);
+    gk_clk(clk, 2, ck);
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
     const int W4 = W / 4;
@@ -280,12 +283,12 @@ __global__ void __launch_bounds__(ATT_THREADS)
         lh[tid] = 0;
     }
     __syncthreads();
-    gk_clk(clk, 2, ck);
+    gk_clk(clk, 3, ck);
     for (int tc = t0; tc < t1; tc += ATT_CH) {
         int nt = min(ATT_CH, t1 - tc);
         att_stage_rows(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
         __syncthreads();
-        gk_clk(clk, 3, ck);
+        gk_clk(clk, 4, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
         if (WD)
             att_scores_warp<NJ>(qs, cs, ps, W, WP, nt, hn, scale);
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 ps[i] = sc;
             }
         __syncthreads();
-        gk_clk(clk, 4, ck);
+        gk_clk(clk, 5, ck);
         for (int h = warp; h < ATT_HG; h += nw) {
             float mx = -INFINITY;
             for (int t = lane; t < ATT_CH; t += 32)
@@ -325,7 +328,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         }
         __syncthreads();
-        gk_clk(clk, 5, ck);
+        gk_clk(clk, 6, ck);
         /* the last chunk's sums straight to pacc (the part's (row, head) results are nsplit
          * rows apart) */
         float *out = WD && tc + ATT_CH >= t1 ? pacc + (((long)r * nh + h0) * nsplit + sp) * kv
@@ -342,7 +345,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         if (!out)  /* the next chunk's rows overwrite cs; after the last, nothing reads it */
             __syncthreads();
-        gk_clk(clk, 6, ck);
+        gk_clk(clk, 7, ck);
     }
     gk_pdl_late(m);  /* an empty part has none */
     if (!WD || t1 <= t0)  /* else the last chunk wrote them */
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         pm[b] = mh[tid];
         pl[b] = lh[tid];
     }
-    gk_clk(clk, 7, ck);
+    gk_clk(clk, 8, ck);
     gk_clk_end(clk, ck);
     if (!count)
         return;

@@ -43,7 +43,8 @@ struct glayer {
 enum { CLK_ROUTE1, CLK_PARTS, CLK_UVC, CLK_KERNELS };
 static const char *const clk_phases[CLK_KERNELS][GK_CLK_CYC + 1] = {
     {"route1_k", "rows in", "wait", "dot", "exchange", "top-k", "bucket"},
-    {"attn_split_k", "pre-stage", "wait", "queries", "rows", "scores", "softmax", "acc", "write"},
+    {"attn_split_k", "ids", "pre-stage", "wait", "queries", "rows", "scores", "softmax", "acc",
+     "write"},
     {"gemv_uvc_k", "prefetch", "wait", "combine", "gemv"},
 };
 
