@@ -5,9 +5,11 @@
  * positions whose lengths do not divide the part count (and some shorter than it: empty
  * parts), the part count and the cache type (bf16: the reference reads the same rounded
  * values). Checked: the warp-split scores (the default) and the serial dot each within
- * F32_BOUND (1e-4, relative, a (row, head) latent row) of the reference (the figures printed); the warp-split result deterministic (two runs bitwise equal) and the same
- * bits whether the parts are combined by the split kernel's last block or by the combine
- * launch. */
+ * F32_BOUND (1e-4, relative, a (row, head) latent row) of the reference (the figures
+ * printed); the warp-split result deterministic (two runs bitwise equal), the same bits
+ * whether the parts are combined by the split kernel's last block or by the combine launch,
+ * and the same bits from the kernel compiled for the row width (W = 160, 288, 576: small's
+ * 128 + 32 is among the widths) as from the runtime loop (DSV3_GINFER_ATTN_NJ=0). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,11 +63,12 @@ static void ref_head(const float *ql, const float *qp, const float *rows, int po
 
 static void run_case(int cs)
 {
-    static const int widths[][2] = {{256, 32}, {512, 64}, {32, 8}, {64, 16}, {128, 64}, {96, 24}};
+    static const int widths[][2] = {{256, 32}, {512, 64}, {32, 8},  {64, 16},
+                                    {128, 64}, {96, 24},  {128, 32}};
     static const int heads[] = {16, 5, 12, 8, 3, 20, 1};
     static const int splits[] = {64, 1, 3, 7, 64, 17};
-    int kv = widths[cs % 6][0], rope = widths[cs % 6][1], W = kv + rope;
-    int nh = heads[cs % 7], nsplit = splits[cs % 6], cf32 = cs % 2;
+    int kv = widths[cs % 7][0], rope = widths[cs % 7][1], W = kv + rope;
+    int nh = heads[cs * 3 % 7], nsplit = splits[cs % 6], cf32 = cs % 2;
     int N = 1 + (int)(test_rand() % 3), n_slots = N + 1;
     int n_ctx = 200 + (int)(test_rand() % 1200);
     float scale = (float)(1 / sqrt(64.0 + rope));
@@ -81,9 +84,9 @@ static void run_case(int cs)
     }
     size_t nc = (size_t)n_slots * n_ctx * W, nq = (size_t)N * nh;
     float *cache = malloc(nc * sizeof *cache), *ql = malloc(nq * kv * sizeof *ql);
-    float *qp = malloc(nq * rope * sizeof *qp), *o[4];
+    float *qp = malloc(nq * rope * sizeof *qp), *o[5];
     double *ref = malloc(kv * sizeof *ref), *sc = malloc((size_t)n_ctx * sizeof *sc);
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         o[i] = malloc(nq * kv * sizeof *o[i]);
     for (size_t i = 0; i < nc; i++)
         cache[i] = (float)gauss();
@@ -96,13 +99,23 @@ static void run_case(int cs)
     for (size_t i = 0; i < nq * rope; i++)
         qp[i] = (float)(0.6 * gauss());
     dsv3_err e;
-    /* 0: warp dot, combine launch; 1: again; 2: warp dot, fused combine; 3: serial dot */
+    /* 0: warp dot, combine launch; 1: again; 2: warp dot, fused combine; 3: serial dot;
+     * 4: warp dot at a runtime row width */
     int ok = 1;
-    for (int v = 0; v < 4 && ok; v++) {
+    const char *nj = getenv("DSV3_GINFER_ATTN_NJ");
+    char *keep = nj ? strdup(nj) : NULL;
+    for (int v = 0; v < 5 && ok; v++) {
+        if (v == 4)
+            setenv("DSV3_GINFER_ATTN_NJ", "0", 1);
         ok = ginfer_attn_run(ql, qp, cache, cf32, slot, pos, N, nh, kv, rope, n_ctx, n_slots,
                              nsplit, scale, v != 3, v == 2, o[v], &e) == 0;
         CHECKF(ok, "case %d variant %d: %s", cs, v, ok ? "" : e.msg);
     }
+    if (keep)
+        setenv("DSV3_GINFER_ATTN_NJ", keep, 1);
+    else
+        unsetenv("DSV3_GINFER_ATTN_NJ");
+    free(keep);
     if (ok) {
         double worst[2] = {0, 0};
         for (int r = 0; r < N; r++)
@@ -128,11 +141,13 @@ static void run_case(int cs)
                cs);
         CHECKF(!memcmp(o[0], o[2], nq * kv * sizeof(float)),
                "case %d: fused combine differs from the combine launch", cs);
+        CHECKF(!memcmp(o[0], o[4], nq * kv * sizeof(float)),
+               "case %d (width %d): the compiled width differs from the runtime loop", cs, W);
         printf("# stat attn case %d kv %d rope %d heads %d rows %d parts %d %s pos %d..%d: "
                "warp %.2e serial %.2e\n", cs, kv, rope, nh, N, nsplit, cf32 ? "fp32" : "bf16",
                pos[0], pos[N - 1], worst[0], worst[1]);
     }
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         free(o[i]);
     free(cache), free(ql), free(qp), free(ref), free(sc);
 }
