@@ -212,11 +212,12 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
     }
 }
 
-/* ~130 registers a thread. Its one-row staging before the wait ends after the wait
- * (DSV3_GINFER_CLOCK): its blocks land late, perhaps because they do not fit an SM beside
- * the q_lat GEMV's blocks of the launch before (docs/KERNELS.md). Capped at 80 registers
- * (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3 us instead of 1.4: 738
- * vs 699 us a 1b-moe step (H200, docs/PERF.md). */
+/* 128 registers a thread at a runtime row width, 104 at a compiled one (NJ). Its one-row
+ * staging before the wait ends after the wait (DSV3_GINFER_CLOCK): its blocks land only once
+ * the q_lat GEMV's loads are done (that launch's late trigger, ginfer_k.cuh), and the row's
+ * position and slot, then its older cache rows, are read from there (docs/KERNELS.md).
+ * Capped at 80 registers (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3
+ * us instead of 1.4: 738 vs 699 us a 1b-moe step (H200, docs/PERF.md). */
 template <typename C, bool WD, int NJ = 0>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
