@@ -212,7 +212,7 @@ static inline int gk_pdl_mode()
  * list): DSV3_GINFER_PDL_LATE when set (empty: none), else none with DSV3_GINFER_PDL=2 and
  * by default the attention's launches: the q_lat GEMV that writes the cache row ("kvw"),
  * the parts ("attn") and the uv GEMV with the combine ("uvc"). Their blocks are the
- * heaviest of a step (the parts: ~130 registers a thread and 56 KB of shared memory; the
+ * heaviest of a step (the parts: 104-128 registers a thread and 56 KB of shared memory; the
  * uv GEMV: 255 registers), and started early beside the launch before they slowed the
  * step (fourteenth session, docs/PERF.md). */
 #define GK_PDL_LATE_KINDS "attn,kvw,uvc"
