@@ -352,6 +352,8 @@ static void parse(int argc, char **argv, options *o)
     o->d.stops = o->stops;
     o->d.n_stops = o->n_stops;
     o->d.bos = !o->no_bos;
+    const char *ahead = getenv("DSV3_SAMPLE_AHEAD");  /* 0: greedy steps wait (to compare) */
+    o->d.no_ahead = ahead && !strcmp(ahead, "0");
 }
 
 /* The whole of a file (or standard input) as the prompt. */
@@ -453,7 +455,8 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
         sample_request r = {.ids = (int32_t *)ids.v, .n_ids = (int)ids.n, .sp = o->d.sp,
                             .n_predict = o->d.n_predict, .stops = o->d.stops,
                             .n_stops = o->d.n_stops};
-        sample_run_opts ro = {.eos = eos, .stream = stdout, .mtp = o->d.mtp};
+        sample_run_opts ro = {.eos = eos, .stream = stdout, .mtp = o->d.mtp,
+                              .no_ahead = o->d.no_ahead};
         if (!rc && !ids.n)
             rc = err_set(e, "an empty prompt");
         if (!rc)

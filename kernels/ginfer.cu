@@ -24,6 +24,7 @@ extern "C" {
 enum {
     PCHUNK = 256,     /* rows of one direct (prefill) pass */
     MAX_BUCKETS = 16, /* graphs for 1, 2, 4, ... rows */
+    AHEAD = 2,        /* decode steps queued at most (ginfer_greedy_submit) */
     STAGE = 1 << 22,  /* host conversion buffer, values */
 };
 
@@ -58,6 +59,15 @@ struct gprof {
     int n_ev;                     /* events created */
     const char *name[PROF_MAX];
     double bytes[PROF_MAX], ms[PROF_MAX];
+};
+
+/* A decode step queued: n rows through bucket b's graph, the greedy ids copied to pinned h_tok;
+ * events before and after the replay and after the copy; done once waited for (its device
+ * time counted). */
+struct gstep {
+    int n, b, done;
+    int32_t *h_tok;
+    cudaEvent_t ev[3];
 };
 
 struct ginfer {
@@ -110,12 +120,16 @@ struct ginfer {
     gprof *prof;        /* NULL unless profiling */
     unsigned long long *clk; /* DSV3_GINFER_CLOCK: the timed kernels' phases (clock_report) */
     long replays;
-    float *h_logits;    /* pinned host copy of a decode step's logits (or greedy ids) */
+    float *h_logits;    /* pinned host copy of a decode step's logits */
     int32_t *tok;       /* [bucket_max]: each decode row's greedy choice (gk_argmax) */
     void *argscr;       /* gk_argmax's scratch for bucket_max rows */
     uint8_t *ban;       /* [V]: ids greedy choices leave out */
-    cudaEvent_t ev[2];  /* around each graph replay */
-    int have_ev;
+    /* Decode steps queued, oldest first from q0 (nq of them; the synchronous calls use one
+     * and wait for it) */
+    gstep st[AHEAD];
+    int q0, nq;
+    int feed_n;         /* rows of the last step queued by ginfer_greedy_submit, whose next
+                         * inputs its argmax left in d_in; -1 after anything else */
     double graph_s;     /* device time of the replays */
     void **allocs;
     int n_allocs, cap_allocs;
@@ -671,11 +685,18 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         g->h_logits = NULL;
         rc = err_set(e, "ginfer: no pinned host memory for %d rows of logits", g->bucket_max);
     }
-    if (!rc && cudaEventCreate(&g->ev[0]) == cudaSuccess) {
-        if (cudaEventCreate(&g->ev[1]) == cudaSuccess)
-            g->have_ev = 1;
-        else
-            cudaEventDestroy(g->ev[0]);
+    g->feed_n = -1;
+    for (int k = 0; k < AHEAD && !rc; k++) {
+        gstep *t = &g->st[k];
+        if (cudaMallocHost((void **)&t->h_tok, (size_t)g->bucket_max * 4) != cudaSuccess) {
+            t->h_tok = NULL;
+            rc = err_set(e, "ginfer: no pinned host memory for %d greedy ids", g->bucket_max);
+        }
+        for (int i = 0; i < 3 && !rc; i++)
+            if (cudaEventCreate(&t->ev[i]) != cudaSuccess) {
+                t->ev[i] = NULL;
+                rc = err_set(e, "ginfer: cannot create the decode steps' events");
+            }
     }
     const char *pe = getenv("DSV3_GINFER_PROFILE");
     if (!rc && pe && *pe && strcmp(pe, "0")) {
@@ -726,6 +747,8 @@ extern "C" void ginfer_destroy(ginfer *g)
 {
     if (!g)
         return;
+    if (g->nq)  /* steps never collected: done before their buffers go */
+        cudaStreamSynchronize(g->s);
     if (g->clk)
         clock_report(g);
     if (g->prof) {
@@ -738,9 +761,12 @@ extern "C" void ginfer_destroy(ginfer *g)
         gpu_graph_destroy(g->graph[b]);
     if (g->h_logits)
         cudaFreeHost(g->h_logits);
-    if (g->have_ev) {
-        cudaEventDestroy(g->ev[0]);
-        cudaEventDestroy(g->ev[1]);
+    for (int k = 0; k < AHEAD; k++) {
+        if (g->st[k].h_tok)
+            cudaFreeHost(g->st[k].h_tok);
+        for (int i = 0; i < 3; i++)
+            if (g->st[k].ev[i])
+                cudaEventDestroy(g->st[k].ev[i]);
     }
     for (int i = 0; i < g->n_allocs; i++)
         gpu_free(g->allocs[i]);
@@ -1145,6 +1171,7 @@ static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const
                        const int32_t *ids, dsv3_err *e)
 {
     int R = g->rmax;
+    g->feed_n = -1;
     for (int i = 0; i < pad; i++) {
         int in = i < n;
         g->h_in[i] = in ? ids[r0 + i] : 0;
@@ -1171,8 +1198,9 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
                      g->V, 1, e);
     mark(g, "gemv head", (double)g->V * g->H * g->wsz);
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
-     * logits, to the host */
-    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok, e);
+     * logits, to the host, and the next step's inputs are on the device already */
+    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok,
+                         g->d_in, g->rmax, g->n_slots, e);
     mark(g, "argmax", (double)B * g->V * 4);
     if (p)
         p->armed = 0;
@@ -1191,41 +1219,84 @@ static int capture_all(ginfer *g, dsv3_err *e)
     return gpu_sync(g->c, e);
 }
 
-/* A decode step of n rows through the graph of its bucket: the logits to logits, or (logits
- * NULL) the greedy choices to tok. */
-static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
-                  float *logits, int32_t *tok, dsv3_err *e)
+/* The bucket of a decode step of n rows: graph b of B = 2^b rows. */
+static int bucket_of(int n, int *B)
 {
-    int b = 0, B = 1;
-    while (B < n) {
-        B *= 2;
+    int b = 0;
+    for (*B = 1; *B < n; *B *= 2)
         b++;
-    }
-    if (upload_rows(g, 0, n, B, slot, pos, ids, e) || (!g->graph[b] && capture(g, b, B, e)))
-        return -1;
-    if (g->have_ev)
-        CUDA_TRY(cudaEventRecord(g->ev[0], g->s), e);
+    return b;
+}
+
+/* Calls other than ginfer_greedy_submit and _collect find no step queued. */
+static int idle(ginfer *g, dsv3_err *e)
+{
+    g->feed_n = -1;
+    if (g->nq)
+        return err_set(e, "ginfer: %d greedy steps are queued (ginfer_greedy_collect them "
+                       "first)", g->nq);
+    return 0;
+}
+
+/* Queues step k: bucket b's graph over the n rows in d_in, then the copy of the rows' greedy
+ * ids to the step's pinned ids (logits NULL) or of their logits to h_logits. */
+static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
+{
+    gstep *t = &g->st[k];
+    t->n = n;
+    t->b = b;
+    t->done = 0;
+    CUDA_TRY(cudaEventRecord(t->ev[0], g->s), e);
     if (gpu_graph_launch(g->c, g->graph[b], e))
         return -1;
-    if (g->have_ev)
-        CUDA_TRY(cudaEventRecord(g->ev[1], g->s), e);
+    CUDA_TRY(cudaEventRecord(t->ev[1], g->s), e);
     g->replays++;
     /* through pinned memory: a direct copy to pageable memory is staged by the driver */
-    size_t bytes = logits ? (size_t)n * g->V * 4 : (size_t)n * sizeof *tok;
-    CUDA_TRY(cudaMemcpyAsync(g->h_logits, logits ? (void *)g->logits : (void *)g->tok, bytes,
-                             cudaMemcpyDeviceToHost, g->s), e);
-    CUDA_TRY(cudaStreamSynchronize(g->s), e);
+    if (logits)
+        CUDA_TRY(cudaMemcpyAsync(g->h_logits, g->logits, (size_t)n * g->V * 4,
+                                 cudaMemcpyDeviceToHost, g->s), e);
+    else
+        CUDA_TRY(cudaMemcpyAsync(t->h_tok, g->tok, (size_t)n * 4, cudaMemcpyDeviceToHost,
+                                 g->s), e);
+    CUDA_TRY(cudaEventRecord(t->ev[2], g->s), e);
+    return 0;
+}
+
+/* Waits for step k; counts its device time (and the profile's, for the one-row graph). */
+static int wait_step(ginfer *g, int k, dsv3_err *e)
+{
+    gstep *t = &g->st[k];
+    if (t->done)
+        return 0;
+    CUDA_TRY(cudaEventSynchronize(t->ev[2]), e);
+    t->done = 1;
     float ms = 0;
-    if (g->have_ev && cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]) == cudaSuccess)
+    if (cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)
         g->graph_s += ms * 1e-3;
-    if (b == 0 && g->prof && g->prof->n) {
+    if (t->b == 0 && g->prof && g->prof->n) {
         gprof *p = g->prof;
         for (int i = 0; i < p->n; i++)
             if (cudaEventElapsedTime(&ms, p->ev[i], p->ev[i + 1]) == cudaSuccess)
                 p->ms[i] += ms;
         p->steps++;
     }
-    memcpy(logits ? (void *)logits : (void *)tok, g->h_logits, bytes);
+    return 0;
+}
+
+/* A decode step of n rows through the graph of its bucket, waited for: the logits to logits,
+ * or (logits NULL) the greedy choices to tok. */
+static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                  float *logits, int32_t *tok, dsv3_err *e)
+{
+    int B, b = bucket_of(n, &B);
+    if (idle(g, e) || upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+        (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, g->q0, n, b, logits != NULL, e) ||
+        wait_step(g, g->q0, e))
+        return -1;
+    if (logits)
+        memcpy(logits, g->h_logits, (size_t)n * g->V * 4);
+    else
+        memcpy(tok, g->st[g->q0].h_tok, (size_t)n * sizeof *tok);
     return 0;
 }
 
@@ -1262,8 +1333,8 @@ extern "C" int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos,
     int all = 1;
     for (int r = 0; r < n && want; r++)
         all &= want[r] != 0;
-    if (n <= 0)
-        return 0;
+    if (n <= 0 || idle(g, e))
+        return n <= 0 ? 0 : -1;
     if (pf_takes(g, n, slot, pos))  /* a prompt: the tensor-core pass */
         return pf_forward(g, n, slot, ids, want, logits, e);
     if (all && n <= decode_rows(g))
@@ -1291,8 +1362,46 @@ extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const in
     return decode(g, n, slot, pos, ids, NULL, out, e);
 }
 
+extern "C" int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos,
+                                    const int32_t *ids, dsv3_err *e)
+{
+    if (n <= 0 || n > decode_rows(g))
+        return err_set(e, "ginfer: a greedy step of %d rows (1 to %d)", n, decode_rows(g));
+    if (g->nq == AHEAD)
+        return err_set(e, "ginfer: %d greedy steps queued already (collect one first)", AHEAD);
+    if (ids && g->nq)
+        return err_set(e, "ginfer: new rows while greedy steps are queued (collect them first)");
+    if (!ids && g->feed_n != n)
+        return err_set(e, "ginfer: no greedy step of %d rows queued before to continue", n);
+    int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD;
+    if (ids && (upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+                (!g->graph[b] && capture(g, b, B, e))))
+        return -1;
+    if (queue_step(g, k, n, b, 0, e))
+        return -1;
+    g->nq++;
+    g->feed_n = n;
+    /* the profile's events are recorded again by every replay: read them before the next */
+    return g->prof ? wait_step(g, k, e) : 0;
+}
+
+extern "C" int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e)
+{
+    if (!g->nq)
+        return err_set(e, "ginfer: no greedy step queued to collect");
+    int k = g->q0;
+    if (wait_step(g, k, e))
+        return -1;
+    memcpy(out, g->st[k].h_tok, (size_t)g->st[k].n * sizeof *out);
+    g->q0 = (g->q0 + 1) % AHEAD;
+    g->nq--;
+    return 0;
+}
+
 extern "C" int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e)
 {
+    if (idle(g, e))
+        return -1;
     if (!ban)
         CUDA_TRY(cudaMemsetAsync(g->ban, 0, (size_t)g->V, g->s), e);
     else if (gpu_upload(g->c, g->ban, ban, (size_t)g->V, e))

@@ -100,6 +100,18 @@ int ginfer_forward(ginfer *g, int n, const int *slot, const int *pos, const int3
  * out, ties to the lowest id (lib/sampler's greedy choice); the logits stay on the device. */
 int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
                           const int32_t *ids, int32_t *out, dsv3_err *e);
+/* Greedy decode steps queued without waiting, so that the device never waits for the host
+ * between steps: ginfer_greedy_submit queues a step as ginfer_forward_greedy's (n rows, at most
+ * two steps queued); with ids NULL, the rows of the step submitted just before (n the same;
+ * slot and pos unread), each fed the token that step chooses and at the next position, both
+ * left in the device's input rows by its argmax, so that no upload waits for it. New rows
+ * (ids given) only when no step is queued. ginfer_greedy_collect waits for the oldest queued
+ * step and gives its n greedy ids. Every other call on the engine fails while a step is
+ * queued. The caller keeps the slot lengths: a queued continuation writes the cache at its
+ * rows' next positions, which must be inside n_ctx. */
+int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                         dsv3_err *e);
+int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e);
 /* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
 

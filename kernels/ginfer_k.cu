@@ -1506,7 +1506,7 @@ extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ba
         /* twice: the second call finds the counters as the first left them */
         for (int t = 0; t < 2 && !rc; t++) {
             cudaMemset(dout, 0xff, (size_t)N * 4);
-            rc = gk_argmax(0, dx, N, V, ban ? db : NULL, scr, N, dout, e);
+            rc = gk_argmax(0, dx, N, V, ban ? db : NULL, scr, N, dout, NULL, 0, 0, e);
         }
     }
     if (!rc) {
@@ -1993,7 +1993,8 @@ __device__ __forceinline__ unsigned long long block_max_key(unsigned long long b
 
 /* Grid (ARG_PARTS, N): each block the largest key of its part of row blockIdx.y into
  * part[row][blockIdx.x]; the row's last block to finish (a counter, reset by that block for
- * the next step) takes the largest of the parts, one a thread, and writes its id to out.
+ * the next step) takes the largest of the parts, one a thread, and writes its id to out,
+ * and with feed the next step's input row too (gk_argmax).
  * Max is order-free, so the result does not depend on which block is last. A thread loads
  * its ARG_U logits and ban bytes before it compares any: the loop it replaced loaded the ban
  * byte, then the logit, one pair at a time (16 dependent round trips, 18 us of a 1b-moe
@@ -2004,7 +2005,7 @@ __device__ __forceinline__ unsigned long long block_max_key(unsigned long long b
 static_assert(ARG_PARTS <= ARG_THREADS, "the last block reads one part a thread");
 __global__ void __launch_bounds__(ARG_THREADS)
     argmax_k(int m, const float *x, int V, const uint8_t *ban, unsigned long long *part,
-             unsigned *count, int32_t *out)
+             unsigned *count, int32_t *out, int32_t *feed, int fstride, int spare)
 {
     __shared__ unsigned long long red[32];
     __shared__ unsigned last;
@@ -2046,8 +2047,14 @@ __global__ void __launch_bounds__(ARG_THREADS)
     best = block_max_key(best, red);
     if (threadIdx.x)
         return;
-    out[blockIdx.y] = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
+    int32_t id = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
+    out[blockIdx.y] = id;
     count[blockIdx.y] = 0;
+    if (feed) {
+        feed[blockIdx.y] = id;
+        if (feed[fstride + blockIdx.y] != spare)
+            feed[2 * fstride + blockIdx.y]++;
+    }
 }
 
 /* The counters first, then the parts: both at places that do not depend on N. */
@@ -2062,7 +2069,8 @@ size_t gk_argmax_scratch(int cap)
 }
 
 int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              void *scratch, int cap, int32_t *out, dsv3_err *e)
+              void *scratch, int cap, int32_t *out, int32_t *feed, int fstride, int spare,
+              dsv3_err *e)
 {
     if (N <= 0)
         return 0;
@@ -2070,7 +2078,8 @@ int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *
         return err_set(e, "ginfer: greedy choices of %d rows (scratch for %d)", N, cap);
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part = (unsigned long long *)((char *)scratch + argmax_counts(cap));
-    gk_launch(argmax_k, dim3(ARG_PARTS, N), ARG_THREADS, 0, s, logits, V, ban, part, count, out);
+    gk_launch(argmax_k, dim3(ARG_PARTS, N), ARG_THREADS, 0, s, logits, V, ban, part, count, out,
+              feed, fstride, spare);
     LAUNCH_CHECK("argmax", e);
     return 0;
 }

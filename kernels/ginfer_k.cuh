@@ -403,9 +403,15 @@ int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, 
 
 /* Each row's greedy choice among logits[N, V]: out[n] = the id of row n's largest logit, ids
  * with ban[v] != 0 (ban may be NULL) taken as -inf, ties to the lowest id (as a serial scan
- * with ">" from id 0 finds it; -0 equal to +0). */
+ * with ">" from id 0 finds it; -0 equal to +0).
+ * feed (or NULL): the step's input rows [3][fstride] (ids, slots, positions), made the next
+ * step's: feed[n] = out[n] and, unless slot feed[fstride + n] is spare (a padding row), the
+ * position feed[2 fstride + n] one further. Written after every launch before this one has
+ * finished (each waits for the one before it), so a decode graph's own reads of its inputs
+ * are done; the next graph then needs no upload from the host (ginfer_greedy_submit). */
 int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              void *scratch, int cap, int32_t *out, dsv3_err *e);
+              void *scratch, int cap, int32_t *out, int32_t *feed, int fstride, int spare,
+              dsv3_err *e);
 /* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each
  * call leaves it ready for the next, whatever its N). */
 size_t gk_argmax_scratch(int cap);

@@ -138,7 +138,8 @@ static int mtp_out(ginfer *g, const float *x, int k, float *logits, int32_t *out
         return -1;
     if (logits)
         return gpu_download(g->c, logits, g->logits, (size_t)k * g->V * 4, e);
-    return gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max, g->tok, e) ||
+    return gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max, g->tok, NULL,
+                     0, 0, e) ||
                    gpu_download(g->c, out, g->tok, (size_t)k * 4, e)
                ? -1
                : 0;
@@ -212,8 +213,8 @@ extern "C" int ginfer_mtp_forward(ginfer *g, int n, const int *slot, const int *
 {
     if (!g->mtp)
         return err_set(e, "ginfer: the engine was made without the MTP module");
-    if (n <= 0)
-        return 0;
+    if (n <= 0 || idle(g, e))
+        return n <= 0 ? 0 : -1;
     /* a decode-sized call in one pass with the decode steps' attention split; longer ones
      * (the first draft after a prompt) in prefill-sized chunks, a slot's rows in order */
     int one = n <= g->bucket_max, chunk = one ? n : PCHUNK, done = 0;

@@ -406,6 +406,8 @@ extern "C" long ginfer_prefill_passes(const ginfer *g) { return g->pf ? g->pf->p
 extern "C" int ginfer_read_cache(ginfer *g, int layer, int slot, int pos0, int n, float *out,
                                  dsv3_err *e)
 {
+    if (idle(g, e))
+        return -1;
     if (layer < 0 || layer >= g->L || slot < 0 || slot >= g->n_slots || pos0 < 0 || n < 0 ||
         pos0 + n > g->n_ctx)
         return err_set(e, "ginfer: no cache rows %d..%d of layer %d, slot %d", pos0, pos0 + n,

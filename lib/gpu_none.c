@@ -649,6 +649,12 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 {
     return no_cuda(e);
 }
+int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                         dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e) { return no_cuda(e); }
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e) { return no_cuda(e); }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
 double ginfer_graph_seconds(const ginfer *g) { return 0; }

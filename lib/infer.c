@@ -93,6 +93,13 @@ struct infer {
     /* On the GPU the hidden states stay on the device (kernels/ginfer_mtp); the ids fed at
      * each position of each slot are kept here: [slots][n_ctx]. */
     int32_t *gid;
+    /* Greedy steps queued (infer_greedy_submit), oldest first from aq0 (anq of them), ring
+     * place k: aq_n[k] rows, on the device (aq_dev) or run at once with the ids in aq_out[k].
+     * a_slot, a_pos: the slots of the rows last given (a_n of them; room for a_cap) and
+     * their positions in the last step on the device. */
+    int aq0, anq, aq_n[2], aq_dev[2];
+    int32_t *aq_out[2];
+    int *a_slot, *a_pos, a_n, a_cap;
 };
 
 static float *cache_at(const infer *f, int l, int slot, int pos)
@@ -205,6 +212,10 @@ void infer_free(infer *f)
         return;
     ginfer_destroy(f->g);
     free(f->gpos);
+    free(f->aq_out[0]);
+    free(f->aq_out[1]);
+    free(f->a_slot);
+    free(f->a_pos);
     free(f->ban);
     free(f->glog);
     scratch_free(&f->s);
@@ -525,7 +536,7 @@ static int positions(const infer *f, int n, const int *slot, const int32_t *ids,
     for (int r = 0; r < n; r++) {
         if (slot[r] < 0 || slot[r] >= f->n_slots)
             return err_set(e, "infer: slot %d outside 0..%d", slot[r], f->n_slots - 1);
-        if (ids[r] < 0 || ids[r] >= f->vocab)
+        if (ids && (ids[r] < 0 || ids[r] >= f->vocab))
             return err_set(e, "token id %d outside the vocabulary (vocab_size %d)", ids[r],
                            f->vocab);
         pos[r] = f->len[slot[r]] + grow[slot[r]]++;
@@ -683,6 +694,85 @@ int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, i
         return -1;
     for (int r = 0; r < n; r++)
         out[r] = greedy_id(f, f->glog + (size_t)r * f->vocab);
+    return 0;
+}
+
+/* Room for n rows of queued greedy steps. */
+static int ahead_reserve(infer *f, int n, dsv3_err *e)
+{
+    if (n <= f->a_cap)
+        return 0;
+    int *s = realloc(f->a_slot, (size_t)n * sizeof *s), *p = NULL;
+    if (s)
+        f->a_slot = s;
+    if (s && (p = realloc(f->a_pos, (size_t)n * sizeof *p)))
+        f->a_pos = p;
+    else
+        s = NULL;
+    for (int k = 0; k < 2 && s; k++) {
+        int32_t *o = realloc(f->aq_out[k], (size_t)n * sizeof *o);
+        if (!o)
+            s = NULL;
+        else
+            f->aq_out[k] = o;
+    }
+    if (!s)
+        return err_set(e, "infer: out of memory for %d rows", n);
+    f->a_cap = n;
+    return 0;
+}
+
+int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e)
+{
+    if (f->anq == 2)
+        return err_set(e, "infer: two greedy steps queued already (collect one first)");
+    if (ids && f->anq)
+        return err_set(e, "infer: new rows while greedy steps are queued (collect them first)");
+    if (n <= 0 || (!ids && n != f->a_n))
+        return err_set(e, "infer: no greedy step of %d rows to continue", n);
+    if (ids) {
+        if (ahead_reserve(f, n, e))
+            return -1;
+        memcpy(f->a_slot, slot, (size_t)n * sizeof *slot);
+        f->a_n = n;
+    }
+    /* steps take the ring's places in turn: the step before is at k ^ 1 */
+    int k = (f->aq0 + f->anq) % 2, dev = f->g && !f->mtp && n <= ginfer_decode_rows(f->g);
+    const int *sl = f->a_slot;
+    if (dev) {
+        if (gpos_reserve(f, n, e) || positions(f, n, sl, ids, f->gpos, e))
+            return -1;
+        /* the device moves each row on by one: the host's lengths must agree */
+        for (int r = 0; !ids && r < n; r++)
+            if (f->gpos[r] != f->a_pos[r] + 1)
+                return err_set(e, "infer: slot %d changed since the step before (%d tokens, "
+                               "not %d): submit its rows anew", sl[r], f->gpos[r],
+                               f->a_pos[r] + 1);
+        if (ginfer_greedy_submit(f->g, n, sl, f->gpos, ids, e))
+            return -1;
+        memcpy(f->a_pos, f->gpos, (size_t)n * sizeof *f->a_pos);
+        for (int r = 0; r < n; r++)
+            f->len[sl[r]]++;
+    } else if (infer_forward_greedy(f, n, sl, ids ? ids : f->aq_out[k ^ 1], f->aq_out[k], e)) {
+        return -1;
+    }
+    f->aq_n[k] = n;
+    f->aq_dev[k] = dev;
+    f->anq++;
+    return 0;
+}
+
+int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e)
+{
+    if (!f->anq)
+        return err_set(e, "infer: no greedy step queued to collect");
+    int k = f->aq0;
+    if (f->aq_dev[k] ? ginfer_greedy_collect(f->g, out, e) : 0)
+        return -1;
+    if (!f->aq_dev[k])
+        memcpy(out, f->aq_out[k], (size_t)f->aq_n[k] * sizeof *out);
+    f->aq0 = k ^ 1;
+    f->anq--;
     return 0;
 }
 

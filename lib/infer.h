@@ -110,6 +110,17 @@ int infer_set_banned(infer *f, const uint8_t *ban, dsv3_err *e);
  * leave the device; on the CPU, infer_forward then the scan. */
 int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
                          dsv3_err *e);
+/* Greedy steps queued ahead, at most two: infer_greedy_submit is infer_forward_greedy without
+ * waiting for the tokens (the slots' lengths grow at once); with ids NULL it continues the
+ * step submitted just before: the same n rows and slots, each fed the token that step
+ * chooses. infer_greedy_collect gives the oldest queued step's n ids. On the GPU engine
+ * without the MTP stream the device runs a continuation while the caller takes the tokens of
+ * the step before (ginfer_greedy_submit: the device feeds itself); elsewhere submit runs the
+ * step at once. New rows (ids given) only when no step is queued; between a submit and the
+ * collect that takes it only these two, infer_slot_len, _truncate and _clear (the host's
+ * lengths) may be called on f. A continuation must fit n_ctx (checked, as infer_forward). */
+int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e);
+int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e);
 /* The prompt ids[0..n) appended to slot in one pass; logits of its last token. */
 int infer_prefill(infer *f, int slot, const int32_t *ids, int n, float *logits, dsv3_err *e);
 

@@ -119,6 +119,10 @@ typedef struct sample_run_opts {
     FILE *stream;              /* with one request: its text as produced (NULL: none) */
     int keep_slot;             /* requests continue slot 0's sequence (chat) */
     int mtp;                   /* speculative decoding with the MTP module (infer_use_mtp) */
+    /* Greedy steps without MTP are queued one ahead (infer_greedy_submit): the device runs
+     * the next step while the host takes this one's tokens, and a sequence that ends costs
+     * one step its row computed for nothing. no_ahead: each step waits for the one before. */
+    int no_ahead;
     /* Called when request i (in order) is complete; may be NULL. */
     int (*done)(void *ctx, int i, sample_request *r, dsv3_err *e);
     void *ctx;
@@ -141,6 +145,7 @@ typedef struct sample_defaults {
     int n_stops;
     int bos;                   /* begin each prompt with the tokenizer's BOS token */
     int mtp;                   /* sample_run_opts.mtp */
+    int no_ahead;              /* sample_run_opts.no_ahead */
 } sample_defaults;
 
 /* Reads every line of in (name for messages) into requests (a bad line is an error naming

@@ -345,6 +345,65 @@ static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, con
     return infer_slot_truncate(f, s, len, e);
 }
 
+/* Whether the rows' next greedy step can be queued before this one's tokens are known:
+ * no sequence ends with this step for certain (its -n or the context), and each has room
+ * for one more position. Rows of slots freed on the way are not continued. */
+static int may_continue(const infer *f, const seq *q, const sample_request *reqs,
+                        const int *slot, int R)
+{
+    for (int k = 0; k < R; k++) {
+        const sample_request *r = &reqs[q[slot[k]].req];
+        if (infer_slot_len(f, slot[k]) >= infer_n_ctx(f) ||
+            (r->n_predict >= 0 && r->n_gen + 1 >= r->n_predict))
+            return 0;
+    }
+    return 1;
+}
+
+/* Greedy steps of the R rows (slot, first ids), each next one queued before the host takes
+ * the tokens of the one before (infer_greedy_submit), until a sequence ends: then its slot
+ * is cut back to the length it has without the step queued after its end, and the rows of
+ * that step that go on are taken as well. */
+static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, const int32_t *ids,
+                     int R, int32_t *tok, const sample_run_opts *o, sample_stats *st,
+                     dsv3_err *e)
+{
+    double t0 = now();
+    if (infer_greedy_submit(f, R, slot, ids, e))
+        return -1;
+    int queued = 1, ended = 0;
+    while (queued) {
+        if (!ended && may_continue(f, q, reqs, slot, R)) {
+            if (infer_greedy_submit(f, R, slot, NULL, e))
+                return -1;
+            queued++;
+        }
+        if (infer_greedy_collect(f, tok, e))
+            return -1;
+        queued--;
+        for (int k = 0; k < R; k++) {
+            seq *z = &q[slot[k]];
+            if (z->req < 0)  /* ended at the step before */
+                continue;
+            sample_request *r = &reqs[z->req];
+            int len = infer_slot_len(f, slot[k]) - queued;
+            st->main_steps++;
+            st->decode_tokens++;
+            if (accept(f, len, z, r, tok[k], o, e) ||
+                (r->why && queued && infer_slot_truncate(f, slot[k], len, e)))
+                return -1;
+            if (r->why) {
+                finish(z, r);
+                ended = 1;
+            }
+        }
+        double t1 = now();
+        st->decode_s += t1 - t0;
+        t0 = t1;
+    }
+    return 0;
+}
+
 int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample_run_opts *o,
                sample_stats *st, dsv3_err *e)
 {
@@ -384,6 +443,18 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         if (rc || (!any && next_req >= n))
             break;
         double t0 = now();
+        int greedy = 1;  /* every row greedy: only the chosen ids come back */
+        for (int s = 0; s < S && greedy; s++)
+            greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
+        if (greedy && !o->mtp && !o->no_ahead) {
+            for (int s = 0; s < S; s++)
+                if (q[s].req >= 0) {
+                    slot[R] = s;
+                    ids[R++] = q[s].next;
+                }
+            rc = run_ahead(f, q, reqs, slot, ids, R, next, o, st, e);
+            continue;
+        }
         if (o->mtp)
             rc = drafts(f, q, reqs, S, draft, dslot, dnext, next, e);
         else
@@ -399,10 +470,6 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
                     ids[R++] = draft[s];
                 }
             }
-        /* every row greedy: only the chosen ids come back */
-        int greedy = 1;
-        for (int s = 0; s < S && greedy; s++)
-            greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
         if (!rc && greedy)
             rc = infer_forward_greedy(f, R, slot, ids, next, e);
         else if (!rc)

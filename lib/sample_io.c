@@ -231,7 +231,8 @@ int sample_batch(infer *f, const bpe *b, FILE *in, const char *name, const sampl
         rc = err_errno(e, "%s", name);
     free(buf);
     batch_out bo = {out};
-    sample_run_opts o = {.eos = eos, .done = batch_done, .ctx = &bo, .mtp = d->mtp};
+    sample_run_opts o = {.eos = eos, .done = batch_done, .ctx = &bo, .mtp = d->mtp,
+                         .no_ahead = d->no_ahead};
     if (!rc)
         rc = sample_run(f, b, bi.r, bi.n, &o, st, e);
     batch_in_free(&bi);
@@ -287,7 +288,8 @@ int sample_chat(infer *f, const bpe *b, FILE *in, FILE *out, FILE *prompt_out,
     int rc = 0, first = 1;
     int32_t unfed = -1;  /* an answer's last token, sampled but not yet in the cache */
     infer_slot_clear(f, 0);
-    sample_run_opts o = {.eos = eos, .stream = out, .keep_slot = 1, .mtp = d->mtp};
+    sample_run_opts o = {.eos = eos, .stream = out, .keep_slot = 1, .mtp = d->mtp,
+                         .no_ahead = d->no_ahead};
     for (;;) {
         if (prompt_out) {
             fputs("> ", prompt_out);

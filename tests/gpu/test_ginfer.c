@@ -14,6 +14,9 @@
  *   steps with a padding row) give bitwise the logits of each sequence alone, and the decode
  *   steps ran from CUDA graphs;
  * - a full context refused;
+ * - greedy steps queued ahead (infer_greedy_submit: the device feeds each step its own
+ *   tokens) give bitwise the tokens of steps that wait, and the same cache after them, up to
+ *   the last position of the context; what may not be done while steps are queued is refused;
  * - weights read from checkpoint folders (infer_new_gpu_dir): an FP8 folder (dsv3-quant's
  *   lib/quant, 128x128 block scales, dequantised to bf16 on load) and the BF16 folder its
  *   dequantisation writes (copied to the device from the memory-mapped file) give bitwise the
@@ -451,6 +454,93 @@ static void test_greedy_on_device(void)
     model_free(&m);
 }
 
+/* Three sequences (one bucket of 4 rows: a padding row) decoded T greedy steps twice: each
+ * step waiting (infer_forward_greedy, its ids from the host) and queued one ahead from the
+ * first step's ids (submit with ids NULL: the device feeds itself), to the context's last
+ * position. Every step's tokens bitwise the same, then the logits of one more row (the
+ * caches the same); refusals: a call while queued, a continuation past the context, and one
+ * after a slot was cut. */
+static void test_greedy_ahead(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m;
+    if (random_model(&m, 1, 0))
+        return;
+    enum { S = 3, CTX = 40, T = CTX - 9 };
+    int V = m.cfg.vocab_size, P[S] = {5, 9, 7}, slots[S] = {0, 1, 2}, ok = 1;
+    int32_t prompt[S][9], first[S], ref[T][S], got[T][S];
+    infer *f[2] = {NULL, NULL};
+    float *lg = malloc((size_t)V * 4), *lg2 = malloc((size_t)V * 4);
+    dsv3_err e;
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < P[s]; t++)
+            prompt[s][t] = (int32_t)(test_rand() % (uint64_t)V);
+    for (int k = 0; k < 2 && ok; k++) {
+        ok = infer_new_gpu(&f[k], &m, CTX, S, 0, 0, &e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            ok = infer_prefill(f[k], s, prompt[s], P[s], lg, &e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            first[s] = (int32_t)((argmax(lg, V) + s) % V);  /* any ids: the same for both */
+    }
+    CHECKF(ok, "%s", e.msg);
+    /* the longest prompt (9) reaches position CTX - 1 at the last step */
+    int steps = T;
+    for (int t = 0; ok && t < steps; t++)
+        ok = infer_forward_greedy(f[0], S, slots, t ? ref[t - 1] : first, ref[t], &e) == 0;
+    CHECKF(ok, "waiting steps: %s", e.msg);
+    int queued = 0, next = 0;
+    ok = ok && infer_greedy_submit(f[1], S, slots, first, &e) == 0;
+    queued += ok;
+    int32_t x = 0;
+    CHECKF(!ok || infer_forward(f[1], 1, slots, &x, NULL, lg, &e) == -1,
+           "a call while a step is queued was not refused");
+    for (int t = 1; ok && t < steps; t++) {
+        ok = infer_greedy_submit(f[1], S, slots, NULL, &e) == 0;
+        queued += ok;
+        ok = ok && infer_greedy_collect(f[1], got[next++], &e) == 0;
+        queued -= ok;
+    }
+    /* the context is full for the longest: no continuation */
+    CHECKF(!ok || infer_greedy_submit(f[1], S, slots, NULL, &e) == -1,
+           "a continuation past the context was not refused");
+    while (ok && queued) {
+        ok = infer_greedy_collect(f[1], got[next++], &e) == 0;
+        queued -= ok;
+    }
+    CHECKF(ok, "queued steps: %s", e.msg);
+    int same = 0;
+    for (int t = 0; ok && t < next; t++)
+        same += !memcmp(ref[t], got[t], sizeof ref[t]);
+    CHECKF(ok && next == steps && same == steps, "%d of %d queued steps' tokens as the waiting "
+           "ones'", same, steps);
+    /* one more row in slot 2 (room left): the logits bitwise, so the caches are the same */
+    int two = 2;
+    x = ref[steps - 1][2];
+    ok = ok && infer_forward(f[0], 1, &two, &x, NULL, lg, &e) == 0 &&
+         infer_forward(f[1], 1, &two, &x, NULL, lg2, &e) == 0;
+    CHECKF(ok && !memcmp(lg, lg2, (size_t)V * 4), "logits after the steps differ%s%s",
+           ok ? "" : ": ", ok ? "" : e.msg);
+    /* a continuation after a slot was cut: refused, the rows given anew run */
+    int len2 = infer_slot_len(f[1], 2);
+    int32_t row[1] = {1}, o[1];
+    ok = ok && infer_greedy_submit(f[1], 1, &two, row, &e) == 0 &&
+         infer_greedy_collect(f[1], o, &e) == 0 && infer_slot_truncate(f[1], 2, len2, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    CHECKF(!ok || (infer_greedy_submit(f[1], 1, &two, NULL, &e) == -1 &&
+                   strstr(e.msg, "changed since") != NULL),
+           "a continuation after a cut was not refused");
+    ok = ok && infer_greedy_submit(f[1], 1, &two, row, &e) == 0 &&
+         infer_greedy_collect(f[1], o, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    printf("# ginfer ahead: %d steps of 3 rows queued one ahead, bitwise the waiting steps' "
+           "tokens\n", same);
+    infer_free(f[0]);
+    infer_free(f[1]);
+    free(lg);
+    free(lg2);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -460,5 +550,6 @@ int main(void)
     RUN(test_batch_equals_alone);
     RUN(test_folders_fp8_bf16);
     RUN(test_greedy_on_device);
+    RUN(test_greedy_ahead);
     TEST_EXIT();
 }

@@ -1,6 +1,8 @@
 /* Tests of lib/sample's text stream: UTF-8 characters held back until complete, text that
  * could begin a stop string held back until it cannot, a stop string across tokens cutting
- * the text before it. Tokens here are single bytes (a tokenizer of the 256 byte tokens). */
+ * the text before it. Tokens here are single bytes (a tokenizer of the 256 byte tokens).
+ * And of sample_run: how a run ends (EOS, -n, the context), and greedy steps queued one
+ * ahead (the default) giving what steps that wait give. */
 #include <math.h>
 
 #include "../../lib/sample.h"
@@ -146,11 +148,167 @@ static void test_run_stops(void)
     bpe_free(b);
 }
 
+/* A random tiny model of the EOS tokenizer's 257 ids, weights of std sd. */
+static int tiny_model(dsv3_model *m, double sd)
+{
+    dsv3_config c = {.vocab_size = 257, .hidden_size = 16, .intermediate_size = 16,
+                     .moe_intermediate_size = 8, .num_hidden_layers = 2,
+                     .num_attention_heads = 2, .kv_lora_rank = 8, .qk_nope_head_dim = 4,
+                     .qk_rope_head_dim = 4, .v_head_dim = 4, .n_routed_experts = 4,
+                     .num_experts_per_tok = 2, .n_group = 1, .topk_group = 1,
+                     .routed_scaling_factor = 1, .first_k_dense_replace = 1,
+                     .rms_norm_eps = 1e-6, .max_position_embeddings = 64,
+                     .initializer_range = 0.02, .rope_theta = 10000, .rope_interleave = 1,
+                     .bos_token_id = -1, .eos_token_id = -1};
+    dsv3_err e;
+    if (model_init(m, &c, &e)) {
+        CHECKF(0, "%s", e.msg);
+        return -1;
+    }
+    model_init_random(m, test_rand(), sd);
+    return 0;
+}
+
+enum { NREQ = 7, SLOTS = 3, CTX = 24 };
+
+/* Runs the NREQ requests (prompts p, lengths np, -n as given) greedily on a fresh engine of
+ * SLOTS slots; out[i] each request's results. */
+static int run_all(const dsv3_model *m, const bpe *b, int32_t p[][12], const int *np,
+                   const int *npred, char **stops, int n_stops, int32_t eos, int no_ahead,
+                   sample_request *out, sample_stats *st)
+{
+    infer *f;
+    dsv3_err e;
+    if (infer_new(&f, m, CTX, SLOTS, &e)) {
+        CHECKF(0, "%s", e.msg);
+        return -1;
+    }
+    for (int i = 0; i < NREQ; i++) {
+        out[i] = (sample_request){.ids = p[i], .n_ids = np[i], .n_predict = npred[i],
+                                  .stops = stops, .n_stops = n_stops};
+        sampler_params_default(&out[i].sp);
+        out[i].sp.temp = 0;
+    }
+    sample_run_opts o = {.eos = eos, .no_ahead = no_ahead};
+    memset(st, 0, sizeof *st);
+    int rc = sample_run(f, b, out, NREQ, &o, st, &e);
+    CHECKF(rc == 0, "%s", e.msg);
+    infer_free(f);
+    return rc;
+}
+
+static int same_result(const sample_request *a, const sample_request *b)
+{
+    return a->why == b->why && a->n_gen == b->n_gen &&
+           !memcmp(a->gen, b->gen, (size_t)a->n_gen * sizeof *a->gen) && a->text.n == b->text.n &&
+           !memcmp(a->text.v, b->text.v, a->text.n);
+}
+
+/* Seven requests through three slots (continuous batching), greedy: queued one ahead and
+ * waiting, the same tokens, text, reasons and statistics, with runs ended by -n, the context,
+ * an EOS id and a stop string (both taken from what a first run generated, so that they
+ * occur). On the CPU engine a queued step runs at once, so the step after a sequence's end
+ * is computed and its slot cut back, as on the GPU. Then chat turns (the slot kept): the
+ * same slot lengths after each turn. */
+static void test_run_ahead_same(void)
+{
+    bpe *b = eos_tokenizer();
+    REQUIRE(b);
+    dsv3_model m;
+    if (tiny_model(&m, 0.5)) {
+        bpe_free(b);
+        return;
+    }
+    int32_t p[NREQ][12];
+    int np[NREQ] = {3, 12, 5, 2, 8, 10, 4}, npred[NREQ] = {-1, 6, 9, 1, -1, 14, 5};
+    for (int i = 0; i < NREQ; i++)
+        for (int t = 0; t < np[i]; t++)
+            p[i][t] = 1 + (int32_t)(test_rand() % 256);
+    sample_request a[NREQ], w[NREQ];
+    sample_stats sa, sw;
+    if (run_all(&m, b, p, np, npred, NULL, 0, -1, 1, w, &sw))
+        goto out;
+    /* an EOS id request 4 generates at its third token, a stop string request 0's
+     * tokens 5 and 6 make */
+    int32_t eos = w[4].n_gen > 2 ? w[4].gen[2] : 1;
+    char stop[3] = {0};
+    if (w[0].n_gen > 6) {
+        stop[0] = (char)(w[0].gen[5] - 1);
+        stop[1] = (char)(w[0].gen[6] - 1);
+    }
+    char *stops[1] = {stop};
+    int ns = stop[0] && stop[1] ? 1 : 0;
+    int same = 0, why[5] = {0};
+    for (int pass = 0; pass < 2; pass++) {  /* ended by -n and the context; then EOS, stop */
+        for (int i = 0; i < NREQ; i++)
+            sample_request_free(&w[i]);
+        if (run_all(&m, b, p, np, npred, stops, pass ? ns : 0, pass ? eos : -1, 1, w, &sw) ||
+            run_all(&m, b, p, np, npred, stops, pass ? ns : 0, pass ? eos : -1, 0, a, &sa))
+            goto out;
+        for (int i = 0; i < NREQ; i++) {
+            same += same_result(&a[i], &w[i]);
+            why[w[i].why]++;
+            CHECKF(same_result(&a[i], &w[i]), "pass %d, request %d: %d tokens (stop %d) ahead, "
+                   "%d (stop %d) waiting", pass, i, a[i].n_gen, a[i].why, w[i].n_gen, w[i].why);
+            sample_request_free(&a[i]);
+        }
+        CHECKF(sa.decode_tokens == sw.decode_tokens && sa.gen_tokens == sw.gen_tokens,
+               "statistics: %llu/%llu decode tokens", (unsigned long long)sa.decode_tokens,
+               (unsigned long long)sw.decode_tokens);
+    }
+    for (int i = 0; i < NREQ; i++)
+        sample_request_free(&w[i]);
+    CHECKF(why[SAMPLE_STOP_LENGTH] && why[SAMPLE_STOP_CTX] && why[SAMPLE_STOP_EOS],
+           "the runs do not end by -n, the context and EOS (eos %d, stop \"%s\")", eos, stop);
+    printf("# %d of %d requests the same ahead and waiting (ended by eos %d, stop %d, -n %d, "
+           "ctx %d)\n", same, 2 * NREQ, why[SAMPLE_STOP_EOS], why[SAMPLE_STOP_STRING],
+           why[SAMPLE_STOP_LENGTH], why[SAMPLE_STOP_CTX]);
+    /* chat: turns in slot 0 ended by an EOS id: the turn's third token, as a third engine
+     * (cut back to the others' length after each turn) makes it without an EOS id */
+    infer *f[3];
+    dsv3_err e;
+    int ok = 1, eos_ends = 0;
+    for (int k = 0; k < 3; k++)
+        ok = ok && infer_new(&f[k], &m, 64, 1, &e) == 0;
+    REQUIRE(ok);
+    for (int turn = 0; turn < 3 && ok; turn++) {
+        int len[3];
+        int32_t ceos = -1;
+        sample_request r[3];
+        for (int k = 2; k >= 0; k--) {
+            r[k] = (sample_request){.ids = p[1] + 3 * turn, .n_ids = 3, .n_predict = 8};
+            sampler_params_default(&r[k].sp);
+            r[k].sp.temp = 0;
+            sample_run_opts o = {.eos = ceos, .keep_slot = 1, .no_ahead = k > 0};
+            sample_stats st = {0};
+            ok = ok && sample_run(f[k], b, &r[k], 1, &o, &st, &e) == 0;
+            len[k] = infer_slot_len(f[k], 0);
+            if (k == 2)
+                ceos = r[2].n_gen > 2 ? r[2].gen[2] : 1;
+        }
+        CHECKF(ok, "%s", e.msg);
+        CHECKF(!ok || (same_result(&r[0], &r[1]) && len[0] == len[1]),
+               "chat turn %d: slot lengths %d ahead, %d waiting", turn, len[0], len[1]);
+        ok = ok && infer_slot_truncate(f[2], 0, len[1], &e) == 0;
+        eos_ends += r[0].why == SAMPLE_STOP_EOS;
+        for (int k = 0; k < 3; k++)
+            sample_request_free(&r[k]);
+    }
+    CHECKF(eos_ends == 3, "%d of 3 chat turns ended by EOS", eos_ends);
+    infer_free(f[2]);
+    infer_free(f[0]);
+    infer_free(f[1]);
+out:
+    model_free(&m);
+    bpe_free(b);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_utf8_held_back);
     RUN(test_stop_across_tokens);
     RUN(test_run_stops);
+    RUN(test_run_ahead_same);
     TEST_EXIT();
 }
