@@ -61,11 +61,12 @@ struct gprof {
     double bytes[PROF_MAX], ms[PROF_MAX];
 };
 
-/* A decode step queued: n rows through bucket b's graph, the greedy ids copied to pinned h_tok;
- * events before and after the replay and after the copy; done once waited for (its device
- * time counted). */
+/* A decode step queued: n rows through bucket b's graph, whose argmax writes the greedy ids to
+ * h_tok (mapped pinned memory: no copy between the graphs), the logits (logits) copied to
+ * h_logits after it; events before and after the replay and after the copy; done once
+ * waited for (its device time counted). */
 struct gstep {
-    int n, b, done;
+    int n, b, done, logits;
     int32_t *h_tok;
     cudaEvent_t ev[3];
 };
@@ -84,13 +85,14 @@ struct ginfer {
     float *fnorm, *cos_t, *sin_t;
     void *cache;
     size_t cache_bytes, weight_bytes;
-    int *d_in;          /* [3][rmax]: ids, slots, positions */
+    int *d_in;          /* [4][rmax]: ids, slots, positions, ring places (gk_feed) */
     int *d_rows;
     float *x, *xn, *delta, *qa, *qan, *q, *kva, *qlat, *olat, *ao, *pm, *pl, *pacc;
     float *rl, *rs, *rw, *h, *ye, *ys, *xl, *logits;
     int32_t *idx;
     int *off, *order, *spos;
-    int *h_in;          /* host [3][rmax] */
+    int *h_in;          /* host [4][rmax] */
+    int32_t *h_tokm, *d_tokm; /* [AHEAD][bucket_max] mapped pinned: the steps' greedy ids */
     uint16_t *stage;
     gpu_graph *graph[MAX_BUCKETS];
     gk_moe_out mo;      /* an MLP or MoE layer's output, summed by the next add_norm (pend) */
@@ -455,7 +457,7 @@ static int alloc_acts(ginfer *g, dsv3_err *e)
             hw = R * g->ly[l].F;
 #define F32(p, n) (((p) = (float *)dal(g, (size_t)(n) * 4, e)) == NULL)
 #define I32(p, n) (((p) = (decltype(p))dal(g, (size_t)(n) * 4, e)) == NULL)
-    if (I32(g->d_in, 3 * R) || I32(g->d_rows, R) || F32(g->x, R * H) || F32(g->xn, R * H) ||
+    if (I32(g->d_in, 4 * R) || I32(g->d_rows, R) || F32(g->x, R * H) || F32(g->xn, R * H) ||
         F32(g->delta, R * H) || F32(g->qa, R * (g->qr ? g->qr + g->W : 8)) ||
         F32(g->qan, R * (g->qr ? g->qr : 8)) || F32(g->q, R * nh * g->qk) ||
         F32(g->kva, R * g->W) || F32(g->qlat, R * nh * g->kv) || F32(g->olat, R * nh * g->kv) ||
@@ -628,7 +630,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     if (!rc) {
         g->s = (cudaStream_t)gpu_ctx_stream(g->c);
         g->stage = (uint16_t *)malloc((size_t)STAGE * 2);
-        g->h_in = (int *)malloc((size_t)3 * g->rmax * sizeof(int));
+        g->h_in = (int *)malloc((size_t)4 * g->rmax * sizeof(int));
         g->ly = (glayer *)calloc((size_t)g->L + 1, sizeof *g->ly);  /* + the MTP block */
         if (!g->stage || !g->h_in || !g->ly)
             rc = err_set(e, "ginfer: out of host memory");
@@ -686,12 +688,14 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         rc = err_set(e, "ginfer: no pinned host memory for %d rows of logits", g->bucket_max);
     }
     g->feed_n = -1;
+    if (!rc && (cudaHostAlloc((void **)&g->h_tokm, (size_t)AHEAD * g->bucket_max * 4,
+                              cudaHostAllocMapped) != cudaSuccess ||
+                cudaHostGetDevicePointer((void **)&g->d_tokm, g->h_tokm, 0) != cudaSuccess))
+        rc = err_set(e, "ginfer: no mapped pinned host memory for %d greedy ids",
+                     AHEAD * g->bucket_max);
     for (int k = 0; k < AHEAD && !rc; k++) {
         gstep *t = &g->st[k];
-        if (cudaMallocHost((void **)&t->h_tok, (size_t)g->bucket_max * 4) != cudaSuccess) {
-            t->h_tok = NULL;
-            rc = err_set(e, "ginfer: no pinned host memory for %d greedy ids", g->bucket_max);
-        }
+        t->h_tok = g->h_tokm + (size_t)k * g->bucket_max;
         for (int i = 0; i < 3 && !rc; i++)
             if (cudaEventCreate(&t->ev[i]) != cudaSuccess) {
                 t->ev[i] = NULL;
@@ -761,9 +765,9 @@ extern "C" void ginfer_destroy(ginfer *g)
         gpu_graph_destroy(g->graph[b]);
     if (g->h_logits)
         cudaFreeHost(g->h_logits);
+    if (g->h_tokm)
+        cudaFreeHost(g->h_tokm);
     for (int k = 0; k < AHEAD; k++) {
-        if (g->st[k].h_tok)
-            cudaFreeHost(g->st[k].h_tok);
         for (int i = 0; i < 3; i++)
             if (g->st[k].ev[i])
                 cudaEventDestroy(g->st[k].ev[i]);
@@ -1177,8 +1181,9 @@ static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const
         g->h_in[i] = in ? ids[r0 + i] : 0;
         g->h_in[R + i] = in ? slot[r0 + i] : g->n_slots;
         g->h_in[2 * R + i] = in ? pos[r0 + i] : 0;
+        g->h_in[3 * R + i] = (g->q0 + g->nq) % AHEAD;  /* the next step queued takes it */
     }
-    return gpu_upload(g->c, g->d_in, g->h_in, (size_t)3 * R * sizeof(int), e);
+    return gpu_upload(g->c, g->d_in, g->h_in, (size_t)4 * R * sizeof(int), e);
 }
 
 /* Captures the decode step of B rows (bucket b). */
@@ -1199,8 +1204,9 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
     mark(g, "gemv head", (double)g->V * g->H * g->wsz);
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
      * logits, to the host, and the next step's inputs are on the device already */
+    gk_feed fd = {g->d_in, g->rmax, g->n_slots, g->d_tokm, AHEAD, g->bucket_max};
     rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok,
-                         g->d_in, g->rmax, g->n_slots, e);
+                         &fd, e);
     mark(g, "argmax", (double)B * g->V * 4);
     if (p)
         p->armed = 0;
@@ -1231,33 +1237,32 @@ static int bucket_of(int n, int *B)
 /* Calls other than ginfer_greedy_submit and _collect find no step queued. */
 static int idle(ginfer *g, dsv3_err *e)
 {
-    g->feed_n = -1;
-    if (g->nq)
+    if (g->nq)  /* refused: the queued steps and their continuation stand */
         return err_set(e, "ginfer: %d greedy steps are queued (ginfer_greedy_collect them "
                        "first)", g->nq);
+    g->feed_n = -1;
     return 0;
 }
 
-/* Queues step k: bucket b's graph over the n rows in d_in, then the copy of the rows' greedy
- * ids to the step's pinned ids (logits NULL) or of their logits to h_logits. */
+/* Queues step k (the ring place its rows carry in d_in): bucket b's graph over the n rows,
+ * and with logits the copy of their logits to h_logits. */
 static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
 {
     gstep *t = &g->st[k];
     t->n = n;
     t->b = b;
     t->done = 0;
+    t->logits = logits;
     CUDA_TRY(cudaEventRecord(t->ev[0], g->s), e);
     if (gpu_graph_launch(g->c, g->graph[b], e))
         return -1;
     CUDA_TRY(cudaEventRecord(t->ev[1], g->s), e);
     g->replays++;
+    if (!logits)
+        return 0;
     /* through pinned memory: a direct copy to pageable memory is staged by the driver */
-    if (logits)
-        CUDA_TRY(cudaMemcpyAsync(g->h_logits, g->logits, (size_t)n * g->V * 4,
-                                 cudaMemcpyDeviceToHost, g->s), e);
-    else
-        CUDA_TRY(cudaMemcpyAsync(t->h_tok, g->tok, (size_t)n * 4, cudaMemcpyDeviceToHost,
-                                 g->s), e);
+    CUDA_TRY(cudaMemcpyAsync(g->h_logits, g->logits, (size_t)n * g->V * 4,
+                             cudaMemcpyDeviceToHost, g->s), e);
     CUDA_TRY(cudaEventRecord(t->ev[2], g->s), e);
     return 0;
 }
@@ -1268,7 +1273,7 @@ static int wait_step(ginfer *g, int k, dsv3_err *e)
     gstep *t = &g->st[k];
     if (t->done)
         return 0;
-    CUDA_TRY(cudaEventSynchronize(t->ev[2]), e);
+    CUDA_TRY(cudaEventSynchronize(t->ev[t->logits ? 2 : 1]), e);
     t->done = 1;
     float ms = 0;
     if (cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)

@@ -1506,7 +1506,7 @@ extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ba
         /* twice: the second call finds the counters as the first left them */
         for (int t = 0; t < 2 && !rc; t++) {
             cudaMemset(dout, 0xff, (size_t)N * 4);
-            rc = gk_argmax(0, dx, N, V, ban ? db : NULL, scr, N, dout, NULL, 0, 0, e);
+            rc = gk_argmax(0, dx, N, V, ban ? db : NULL, scr, N, dout, NULL, e);
         }
     }
     if (!rc) {
@@ -2005,7 +2005,7 @@ __device__ __forceinline__ unsigned long long block_max_key(unsigned long long b
 static_assert(ARG_PARTS <= ARG_THREADS, "the last block reads one part a thread");
 __global__ void __launch_bounds__(ARG_THREADS)
     argmax_k(int m, const float *x, int V, const uint8_t *ban, unsigned long long *part,
-             unsigned *count, int32_t *out, int32_t *feed, int fstride, int spare)
+             unsigned *count, int32_t *out, gk_feed feed)
 {
     __shared__ unsigned long long red[32];
     __shared__ unsigned last;
@@ -2050,10 +2050,14 @@ __global__ void __launch_bounds__(ARG_THREADS)
     int32_t id = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
     out[blockIdx.y] = id;
     count[blockIdx.y] = 0;
-    if (feed) {
-        feed[blockIdx.y] = id;
-        if (feed[fstride + blockIdx.y] != spare)
-            feed[2 * fstride + blockIdx.y]++;
+    if (feed.in) {
+        int n = blockIdx.y, *place = feed.in + 3 * feed.stride + n;
+        feed.host[*place * feed.cap + n] = id;
+        __threadfence_system();  /* before the host sees the step done */
+        feed.in[n] = id;
+        if (feed.in[feed.stride + n] != feed.spare)
+            feed.in[2 * feed.stride + n]++;
+        *place = (*place + 1) % feed.places;
     }
 }
 
@@ -2069,9 +2073,9 @@ size_t gk_argmax_scratch(int cap)
 }
 
 int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              void *scratch, int cap, int32_t *out, int32_t *feed, int fstride, int spare,
-              dsv3_err *e)
+              void *scratch, int cap, int32_t *out, const gk_feed *feed, dsv3_err *e)
 {
+    gk_feed none = {NULL, 0, 0, NULL, 1, 0};
     if (N <= 0)
         return 0;
     if (N > cap)
@@ -2079,7 +2083,7 @@ int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part = (unsigned long long *)((char *)scratch + argmax_counts(cap));
     gk_launch(argmax_k, dim3(ARG_PARTS, N), ARG_THREADS, 0, s, logits, V, ban, part, count, out,
-              feed, fstride, spare);
+              feed ? *feed : none);
     LAUNCH_CHECK("argmax", e);
     return 0;
 }

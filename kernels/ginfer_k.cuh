@@ -401,17 +401,27 @@ int gk_down_sum_fits(int N, int K);
 int gk_gather_rows(cudaStream_t s, float *out, const float *x, const int *rows, int n, int D,
                    dsv3_err *e);
 
+/* The next decode step's inputs, made on the device by a step's argmax (ginfer_greedy_submit:
+ * no upload waits for the host): in, the step's input rows [4][stride] (ids, slots,
+ * positions, ring places); spare, the padding rows' slot; host, mapped pinned memory
+ * [places][cap] that gets each row's id at its ring place. */
+typedef struct gk_feed {
+    int32_t *in;
+    int stride, spare;
+    int32_t *host;
+    int places, cap;
+} gk_feed;
+
 /* Each row's greedy choice among logits[N, V]: out[n] = the id of row n's largest logit, ids
  * with ban[v] != 0 (ban may be NULL) taken as -inf, ties to the lowest id (as a serial scan
  * with ">" from id 0 finds it; -0 equal to +0).
- * feed (or NULL): the step's input rows [3][fstride] (ids, slots, positions), made the next
- * step's: feed[n] = out[n] and, unless slot feed[fstride + n] is spare (a padding row), the
- * position feed[2 fstride + n] one further. Written after every launch before this one has
- * finished (each waits for the one before it), so a decode graph's own reads of its inputs
- * are done; the next graph then needs no upload from the host (ginfer_greedy_submit). */
+ * With feed (or NULL), row n's id also goes to host[place * cap + n], place = in[3 stride +
+ * n], and the row becomes the next step's: in[n] = its id, its position in[2 stride + n] one
+ * further unless its slot in[stride + n] is spare, its place the next (mod places). Written
+ * after every launch before this one has finished (each waits for the one before it), so
+ * the graph's own reads of its inputs are done. */
 int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban,
-              void *scratch, int cap, int32_t *out, int32_t *feed, int fstride, int spare,
-              dsv3_err *e);
+              void *scratch, int cap, int32_t *out, const gk_feed *feed, dsv3_err *e);
 /* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each
  * call leaves it ready for the next, whatever its N). */
 size_t gk_argmax_scratch(int cap);

@@ -138,8 +138,7 @@ static int mtp_out(ginfer *g, const float *x, int k, float *logits, int32_t *out
         return -1;
     if (logits)
         return gpu_download(g->c, logits, g->logits, (size_t)k * g->V * 4, e);
-    return gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max, g->tok, NULL,
-                     0, 0, e) ||
+    return gk_argmax(g->s, g->logits, k, g->V, g->ban, g->argscr, g->bucket_max, g->tok, NULL, e) ||
                    gpu_download(g->c, out, g->tok, (size_t)k * 4, e)
                ? -1
                : 0;
