@@ -354,6 +354,8 @@ static void parse(int argc, char **argv, options *o)
     o->d.bos = !o->no_bos;
     const char *ahead = getenv("DSV3_SAMPLE_AHEAD");  /* 0: greedy steps wait (to compare) */
     o->d.no_ahead = ahead && !strcmp(ahead, "0");
+    const char *full = getenv("DSV3_SAMPLE_FULL");  /* 1: sampled steps copy every logit */
+    o->d.full_logits = full && !strcmp(full, "1");
 }
 
 /* The whole of a file (or standard input) as the prompt. */
@@ -456,7 +458,7 @@ static int generate(const options *o, const dsv3_config *cfg, dsv3_model *m, dsv
                             .n_predict = o->d.n_predict, .stops = o->d.stops,
                             .n_stops = o->d.n_stops};
         sample_run_opts ro = {.eos = eos, .stream = stdout, .mtp = o->d.mtp,
-                              .no_ahead = o->d.no_ahead};
+                              .no_ahead = o->d.no_ahead, .full_logits = o->d.full_logits};
         if (!rc && !ids.n)
             rc = err_set(e, "an empty prompt");
         if (!rc)

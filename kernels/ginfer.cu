@@ -62,11 +62,11 @@ struct gprof {
 };
 
 /* A decode step queued: n rows through bucket b's graph, whose argmax writes the greedy ids to
- * h_tok (mapped pinned memory: no copy between the graphs), the logits (logits) copied to
- * h_logits after it; events before and after the replay and after the copy; done once
- * waited for (its device time counted). */
+ * h_tok (mapped pinned memory: no copy between the graphs); tail: the logits copied to
+ * h_logits after it, or their largest found (ginfer_forward_top); events before and after
+ * the replay and after the tail; done once waited for (its device time counted). */
 struct gstep {
-    int n, b, done, logits;
+    int n, b, done, tail;
     int32_t *h_tok;
     cudaEvent_t ev[3];
 };
@@ -93,6 +93,11 @@ struct ginfer {
     int *off, *order, *spos;
     int *h_in;          /* host [4][rmax] */
     int32_t *h_tokm, *d_tokm; /* [AHEAD][bucket_max] mapped pinned: the steps' greedy ids */
+    /* ginfer_forward_top: gk_topk's scratch and its mapped output, for top_rows rows of
+     * top_k candidates (made on first use, grown as asked) */
+    void *topscr;
+    gk_cand *h_top, *d_top;
+    int top_rows, top_k;
     uint16_t *stage;
     gpu_graph *graph[MAX_BUCKETS];
     gk_moe_out mo;      /* an MLP or MoE layer's output, summed by the next add_norm (pend) */
@@ -767,6 +772,10 @@ extern "C" void ginfer_destroy(ginfer *g)
         cudaFreeHost(g->h_logits);
     if (g->h_tokm)
         cudaFreeHost(g->h_tokm);
+    if (g->h_top)
+        cudaFreeHost(g->h_top);
+    if (g->topscr)
+        cudaFree(g->topscr);
     for (int k = 0; k < AHEAD; k++) {
         for (int i = 0; i < 3; i++)
             if (g->st[k].ev[i])
@@ -1252,7 +1261,7 @@ static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
     t->n = n;
     t->b = b;
     t->done = 0;
-    t->logits = logits;
+    t->tail = logits;
     CUDA_TRY(cudaEventRecord(t->ev[0], g->s), e);
     if (gpu_graph_launch(g->c, g->graph[b], e))
         return -1;
@@ -1273,7 +1282,7 @@ static int wait_step(ginfer *g, int k, dsv3_err *e)
     gstep *t = &g->st[k];
     if (t->done)
         return 0;
-    CUDA_TRY(cudaEventSynchronize(t->ev[t->logits ? 2 : 1]), e);
+    CUDA_TRY(cudaEventSynchronize(t->ev[t->tail ? 2 : 1]), e);
     t->done = 1;
     float ms = 0;
     if (cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)
@@ -1400,6 +1409,57 @@ extern "C" int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e)
     memcpy(out, g->st[k].h_tok, (size_t)g->st[k].n * sizeof *out);
     g->q0 = (g->q0 + 1) % AHEAD;
     g->nq--;
+    return 0;
+}
+
+/* Room for gk_topk over n rows of K candidates: its scratch (zeroed) and mapped output. */
+static int top_room(ginfer *g, int n, int K, dsv3_err *e)
+{
+    if (n <= g->top_rows && K <= g->top_k)
+        return 0;
+    int rows = n > g->top_rows ? n : g->top_rows, k = K > g->top_k ? K : g->top_k;
+    if (g->topscr)
+        cudaFree(g->topscr);  /* idle: no step uses it */
+    if (g->h_top)
+        cudaFreeHost(g->h_top);
+    g->topscr = NULL;
+    g->h_top = NULL;
+    g->top_rows = g->top_k = 0;
+    size_t sb = gk_topk_scratch(rows, k);
+    CUDA_TRY(cudaMalloc(&g->topscr, sb), e);
+    CUDA_TRY(cudaMemset(g->topscr, 0, sb), e);
+    CUDA_TRY(cudaHostAlloc((void **)&g->h_top, (size_t)rows * k * sizeof *g->h_top,
+                           cudaHostAllocMapped), e);
+    CUDA_TRY(cudaHostGetDevicePointer((void **)&g->d_top, g->h_top, 0), e);
+    g->top_rows = rows;
+    g->top_k = k;
+    return 0;
+}
+
+extern "C" int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *pos,
+                                  const int32_t *ids, int K, int32_t *top_id, float *top_logit,
+                                  dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (n > decode_rows(g) || K < 1 || K > GK_TOPK_MAX || K > g->V)
+        return err_set(e, "ginfer: the %d largest logits of a step of %d rows (1 to %d "
+                       "rows, %d logits)", K, n, decode_rows(g),
+                       GK_TOPK_MAX < g->V ? GK_TOPK_MAX : g->V);
+    int B, b = bucket_of(n, &B), k = g->q0;
+    gstep *t = &g->st[k];
+    if (idle(g, e) || top_room(g, n, K, e) || upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+        (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, k, n, b, 0, e) ||
+        gk_topk(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, g->d_top, e))
+        return -1;
+    CUDA_TRY(cudaEventRecord(t->ev[2], g->s), e);
+    t->tail = 1;
+    if (wait_step(g, k, e))
+        return -1;
+    for (long i = 0; i < (long)n * K; i++) {
+        top_id[i] = g->h_top[i].id;
+        top_logit[i] = g->h_top[i].logit;
+    }
     return 0;
 }
 

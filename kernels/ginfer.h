@@ -112,6 +112,12 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                          dsv3_err *e);
 int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e);
+/* A decode step as ginfer_forward with every row wanted (n <= n_slots rows) that returns only
+ * each row's K largest logits (K <= 256, a sampled step's candidates: lib/sampler's
+ * sampler_sample_top), largest first, ties to the lower id, banned ids as -inf: top_id[r][K]
+ * and top_logit[r][K]; the rest stays on the device. */
+int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                       int K, int32_t *top_id, float *top_logit, dsv3_err *e);
 /* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e);
 
@@ -166,6 +172,13 @@ int ginfer_route1_norm_run(const float *x, const float *delta, const float *nw, 
  * come back to zero); out is the second run's. */
 int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
                       dsv3_err *e);
+
+/* For tests: the K largest logits of each row (gk_topk: a sampled step's candidates) on host
+ * arrays x[N, V], on the current device: ids[r][K], logits[r][K], largest first, ties to the
+ * lowest id, banned ids (ban NULL: none) as -inf. Runs twice (its counters must come back to
+ * zero); the second run's. */
+int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int32_t *ids,
+                    float *logits, dsv3_err *e);
 
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the

@@ -1485,6 +1485,44 @@ extern "C" int ginfer_route1_norm_run(const float *x, const float *delta, const 
     return rc ? -1 : 0;
 }
 
+extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K,
+                               int32_t *ids, float *logits, dsv3_err *e)
+{
+    float *dx = NULL;
+    uint8_t *db = NULL;
+    gk_cand *h = NULL, *d = NULL;
+    void *scr = NULL;
+    size_t ss = gk_topk_scratch(N, K);
+    int rc = 0;
+    if (cudaMalloc(&dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
+        cudaMalloc(&db, (size_t)V + 1) != cudaSuccess || cudaMalloc(&scr, ss) != cudaSuccess ||
+        cudaHostAlloc((void **)&h, (size_t)N * K * sizeof *h + 8, cudaHostAllocMapped) !=
+            cudaSuccess ||
+        cudaHostGetDevicePointer((void **)&d, h, 0) != cudaSuccess)
+        rc = err_set(e, "ginfer_topk_run: out of memory");
+    if (!rc) {
+        cudaMemcpy(dx, x, (size_t)N * V * 4, cudaMemcpyHostToDevice);
+        if (ban)
+            cudaMemcpy(db, ban, (size_t)V, cudaMemcpyHostToDevice);
+        cudaMemset(scr, 0, ss);
+        /* twice: the second call finds the counters as the first left them */
+        for (int t = 0; t < 2 && !rc; t++) {
+            memset(h, 0xff, (size_t)N * K * sizeof *h);
+            rc = gk_topk(0, dx, N, V, ban ? db : NULL, K, scr, N, d, e) ||
+                 (cudaDeviceSynchronize() != cudaSuccess &&
+                  err_set(e, "ginfer_topk_run: %s", cudaGetErrorString(cudaGetLastError())));
+        }
+    }
+    for (long i = 0; !rc && i < (long)N * K; i++) {
+        ids[i] = h[i].id;
+        logits[i] = h[i].logit;
+    }
+    cudaFree(dx), cudaFree(db), cudaFree(scr);
+    if (h)
+        cudaFreeHost(h);
+    return rc ? -1 : 0;
+}
+
 extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
                                  dsv3_err *e)
 {
@@ -2059,6 +2097,122 @@ __global__ void __launch_bounds__(ARG_THREADS)
             feed.in[2 * feed.stride + n]++;
         *place = (*place + 1) % feed.places;
     }
+}
+
+/* ---- the largest logits of a row (sampled steps) ---- */
+
+/* TK_N keys sorted in shared memory by TK_THREADS threads: a block streams its keys through
+ * the TK_N - K slots after its K best so far. */
+#define TK_N 2048
+#define TK_THREADS 256
+#define TK_PARTS_MAX 128
+static_assert(GK_TOPK_MAX <= TK_N / 2, "each round takes at least TK_N / 2 new keys");
+
+/* Bitonic sort of k[TK_N], largest first; every thread of the block calls it. */
+__device__ void tk_sort_desc(unsigned long long *k)
+{
+    for (int size = 2; size <= TK_N; size <<= 1)
+        for (int j = size >> 1; j > 0; j >>= 1) {
+            __syncthreads();
+            for (int i = threadIdx.x; i < TK_N; i += TK_THREADS) {
+                int p = i ^ j;
+                if (p <= i)
+                    continue;
+                unsigned long long a = k[i], b = k[p];
+                /* descending within blocks of size whose bit is clear, ascending elsewhere:
+                 * the whole ends descending */
+                if (((i & size) == 0) == (a < b)) {
+                    k[i] = b;
+                    k[p] = a;
+                }
+            }
+        }
+    __syncthreads();
+}
+
+/* The K largest of n keys key(0..n) into k[0..K), sorted (k[K..) scratch). */
+template <typename F>
+__device__ void tk_stream(unsigned long long *k, int K, long n, F key)
+{
+    for (int i = threadIdx.x; i < K; i += TK_THREADS)
+        k[i] = 0;  /* below every real key */
+    for (long c = 0; c < n; c += TK_N - K) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < TK_N - K; i += TK_THREADS)
+            k[K + i] = c + i < n ? key(c + i) : 0;
+        tk_sort_desc(k);
+    }
+}
+
+/* Grid (parts, N): each block the K largest keys (argmax_key: logit, then the lower id; banned
+ * ids as -inf) of its part of row blockIdx.y into part[row][blockIdx.x][K]; the row's last
+ * block (a counter, reset by it) the K largest of the parts', written to best[row][K] as
+ * (id, logit) pairs (mapped host memory). */
+__global__ void __launch_bounds__(TK_THREADS)
+    topk_k(const float *x, int V, const uint8_t *ban, int K, unsigned long long *part,
+           unsigned *count, gk_cand *best)
+{
+    __shared__ unsigned long long k[TK_N];
+    __shared__ unsigned last;
+    const float *r = x + (long)blockIdx.y * V;
+    int per = (V + gridDim.x - 1) / gridDim.x, v0 = blockIdx.x * per;
+    int n = max(0, min(V, v0 + per) - v0);
+    tk_stream(k, K, n, [=](long i) {
+        int v = v0 + (int)i;
+        return argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
+    });
+    unsigned long long *mine = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * K;
+    for (int i = threadIdx.x; i < K; i += TK_THREADS)
+        mine[i] = k[i];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(count + blockIdx.y, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * K;
+    tk_stream(k, K, (long)gridDim.x * K, [=](long i) { return __ldcg(rows + i); });
+    for (int i = threadIdx.x; i < K; i += TK_THREADS) {
+        unsigned u = (unsigned)(k[i] >> 32);
+        u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;  /* argmax_key's map undone */
+        best[(long)blockIdx.y * K + i] =
+            gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k[i] & 0xFFFFFFFFu)), __uint_as_float(u)};
+    }
+    __threadfence_system();
+    if (threadIdx.x == 0)
+        count[blockIdx.y] = 0;
+}
+
+/* Parts a row: each about one round of keys, and at most TK_PARTS_MAX. */
+static int topk_parts(int V, int K)
+{
+    int p = (V + (TK_N - K) - 1) / (TK_N - K);
+    return p < 1 ? 1 : p > TK_PARTS_MAX ? TK_PARTS_MAX : p;
+}
+
+size_t gk_topk_scratch(int cap, int K)
+{
+    return ((size_t)cap * 4 + 15) / 16 * 16 + (size_t)cap * topk_parts(1 << 30, K) * K * 8;
+}
+
+int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
+            void *scratch, int cap, gk_cand *best, dsv3_err *e)
+{
+    if (N <= 0)
+        return 0;
+    if (N > cap || K < 1 || K > GK_TOPK_MAX || K > V)
+        return err_set(e, "ginfer: the %d largest logits of %d rows (at most %d of %d rows, "
+                       "%d ids)", K, N, GK_TOPK_MAX, cap, V);
+    /* (the scratch's parts are laid out for K: gk_topk_scratch(cap, K) bytes) */
+    unsigned *count = (unsigned *)scratch;
+    unsigned long long *part =
+        (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
+    topk_k<<<dim3((unsigned)topk_parts(V, K), (unsigned)N), TK_THREADS, 0, s>>>(
+        logits, V, ban, K, part, count, best);
+    LAUNCH_CHECK("topk", e);
+    return 0;
 }
 
 /* The counters first, then the parts: both at places that do not depend on N. */

@@ -655,6 +655,11 @@ int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, cons
     return no_cuda(e);
 }
 int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e) { return no_cuda(e); }
+int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                       int K, int32_t *top_id, float *top_logit, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_set_banned(ginfer *g, const uint8_t *ban, dsv3_err *e) { return no_cuda(e); }
 long ginfer_graph_replays(const ginfer *g) { return 0; }
 double ginfer_graph_seconds(const ginfer *g) { return 0; }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "ops.h"
+#include "sampler.h"
 #include "../kernels/ginfer.h"
 #include "../kernels/ginfer_mtp.h"
 
@@ -674,6 +675,43 @@ static int32_t greedy_id(const infer *f, const float *l)
         }
     }
     return best;
+}
+
+int infer_forward_top(infer *f, int n, const int *slot, const int32_t *ids, int K,
+                      int32_t *top_id, float *top_logit, dsv3_err *e)
+{
+    if (n <= 0)
+        return 0;
+    if (K < 1 || K > INFER_TOP_MAX || K > f->vocab)
+        return err_set(e, "infer: the %d largest logits (1 to %d)", K,
+                       INFER_TOP_MAX < f->vocab ? INFER_TOP_MAX : f->vocab);
+    if (f->g && n <= ginfer_decode_rows(f->g)) {
+        if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
+            ginfer_forward_top(f->g, n, slot, f->gpos, ids, K, top_id, top_logit, e))
+            return -1;
+        keep_ids(f, n, slot, ids);
+        for (int r = 0; r < n; r++)
+            f->len[slot[r]]++;
+        return 0;
+    }
+    sampler_cand *c = malloc((size_t)f->vocab * sizeof *c);
+    if (!c)
+        return err_set(e, "infer: out of memory");
+    int rc = glog_reserve(f, n, e) || infer_forward(f, n, slot, ids, NULL, f->glog, e);
+    for (int r = 0; r < n && !rc; r++) {
+        const float *l = f->glog + (size_t)r * f->vocab;
+        for (int v = 0; v < f->vocab; v++)
+            c[v] = (sampler_cand){v, f->ban && f->ban[v] ? -INFINITY : l[v], 0};
+        sampler_cands cs = {c, f->vocab, 0};
+        sampler_top_k(&cs, K);
+        sampler_softmax(&cs);  /* sorted, even where K is the whole vocabulary */
+        for (int i = 0; i < K; i++) {
+            top_id[(size_t)r * K + i] = c[i].id;
+            top_logit[(size_t)r * K + i] = c[i].logit;
+        }
+    }
+    free(c);
+    return rc;
 }
 
 int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,

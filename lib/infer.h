@@ -121,6 +121,13 @@ int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, i
  * lengths) may be called on f. A continuation must fit n_ctx (checked, as infer_forward). */
 int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e);
 int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e);
+/* A decode step as infer_forward with every row's logits wanted, that returns instead each
+ * row's K largest (1 <= K <= INFER_TOP_MAX), banned ids as -inf, largest first, ties to the
+ * lower id (lib/sampler's candidate order): top_id[r][K], top_logit[r][K], what
+ * sampler_sample_top draws from. On the GPU only those leave the device (ginfer_forward_top). */
+enum { INFER_TOP_MAX = 256 };
+int infer_forward_top(infer *f, int n, const int *slot, const int32_t *ids, int K,
+                      int32_t *top_id, float *top_logit, dsv3_err *e);
 /* The prompt ids[0..n) appended to slot in one pass; logits of its last token. */
 int infer_prefill(infer *f, int slot, const int32_t *ids, int n, float *logits, dsv3_err *e);
 

@@ -123,6 +123,10 @@ typedef struct sample_run_opts {
      * the next step while the host takes this one's tokens, and a sequence that ends costs
      * one step its row computed for nothing. no_ahead: each step waits for the one before. */
     int no_ahead;
+    /* Sampled steps (no MTP) whose draws need only each row's K largest logits (top-k on, no
+     * penalty below 1: sampler_top_need) bring only those to the host (infer_forward_top).
+     * full_logits: every logit, as before (the draws are the same). */
+    int full_logits;
     /* Called when request i (in order) is complete; may be NULL. */
     int (*done)(void *ctx, int i, sample_request *r, dsv3_err *e);
     void *ctx;
@@ -146,6 +150,7 @@ typedef struct sample_defaults {
     int bos;                   /* begin each prompt with the tokenizer's BOS token */
     int mtp;                   /* sample_run_opts.mtp */
     int no_ahead;              /* sample_run_opts.no_ahead */
+    int full_logits;           /* sample_run_opts.full_logits */
 } sample_defaults;
 
 /* Reads every line of in (name for messages) into requests (a bad line is an error naming

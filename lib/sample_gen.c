@@ -404,6 +404,48 @@ static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, co
     return 0;
 }
 
+/* How many of each row's largest logits the step's draws need (sampler_top_need; a slot's
+ * history is its tokens so far and the one fed now), or 0 where one of them may need any. */
+static int top_need(const seq *q, int S)
+{
+    int K = 0;
+    for (int s = 0; s < S; s++) {
+        if (q[s].req < 0)
+            continue;
+        int k = sampler_top_need(&q[s].smp, q[s].n_hist);
+        if (!k || k > INFER_TOP_MAX)
+            return 0;
+        K = k > K ? k : K;
+    }
+    return K;
+}
+
+/* One sampled step of the R rows (slot, ids) from each row's K largest logits only
+ * (infer_forward_top: on the GPU only those leave the device), drawn as from the whole row. */
+static int step_top(infer *f, seq *q, sample_request *reqs, const int *slot, const int32_t *ids,
+                    int R, int K, int32_t *top_id, float *top_logit, sampler_cand *cand,
+                    const sample_run_opts *o, sample_stats *st, dsv3_err *e)
+{
+    double t0 = now();
+    if (infer_forward_top(f, R, slot, ids, K, top_id, top_logit, e))
+        return -1;
+    st->decode_s += now() - t0;
+    for (int k = 0; k < R; k++) {
+        seq *z = &q[slot[k]];
+        sample_request *r = &reqs[z->req];
+        for (int i = 0; i < K; i++)
+            cand[i] = (sampler_cand){top_id[(size_t)k * K + i], top_logit[(size_t)k * K + i], 0};
+        st->main_steps++;
+        st->decode_tokens++;
+        int32_t tok = sampler_sample_top(&z->smp, cand, K, z->hist, z->n_hist);
+        if (accept(f, infer_slot_len(f, slot[k]), z, r, tok, o, e))
+            return -1;
+        if (r->why)
+            finish(z, r);
+    }
+    return 0;
+}
+
 int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample_run_opts *o,
                sample_stats *st, dsv3_err *e)
 {
@@ -414,9 +456,13 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     int32_t *dnext = malloc((size_t)S * sizeof *dnext);
     int32_t *next = malloc((size_t)2 * S * sizeof *next);  /* a greedy step's choices */
     float *logits = malloc((size_t)2 * S * V * sizeof *logits);
+    int32_t *top_id = malloc((size_t)S * INFER_TOP_MAX * sizeof *top_id);
+    float *top_logit = malloc((size_t)S * INFER_TOP_MAX * sizeof *top_logit);
+    sampler_cand *cand = malloc(INFER_TOP_MAX * sizeof *cand);
     banned bn;
     int rc = banned_make(&bn, b, V, e) || ban_mask(f, &bn, e);
-    if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext || !next))
+    if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext || !next ||
+                !top_id || !top_logit || !cand))
         rc = err_set(e, "out of memory");
     if (!rc && o->mtp && !infer_mtp_on(f))
         rc = err_set(e, "speculative decoding needs the MTP stream on (infer_use_mtp)");
@@ -453,6 +499,16 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
                     ids[R++] = q[s].next;
                 }
             rc = run_ahead(f, q, reqs, slot, ids, R, next, o, st, e);
+            continue;
+        }
+        int K = greedy || o->mtp || o->full_logits ? 0 : top_need(q, S);
+        if (K) {
+            for (int s = 0; s < S; s++)
+                if (q[s].req >= 0) {
+                    slot[R] = s;
+                    ids[R++] = q[s].next;
+                }
+            rc = step_top(f, q, reqs, slot, ids, R, K, top_id, top_logit, cand, o, st, e);
             continue;
         }
         if (o->mtp)
@@ -499,6 +555,9 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     free(dnext);
     free(next);
     free(logits);
+    free(top_id);
+    free(top_logit);
+    free(cand);
     banned_free(&bn);
     return rc;
 }

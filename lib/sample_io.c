@@ -232,7 +232,7 @@ int sample_batch(infer *f, const bpe *b, FILE *in, const char *name, const sampl
     free(buf);
     batch_out bo = {out};
     sample_run_opts o = {.eos = eos, .done = batch_done, .ctx = &bo, .mtp = d->mtp,
-                         .no_ahead = d->no_ahead};
+                         .no_ahead = d->no_ahead, .full_logits = d->full_logits};
     if (!rc)
         rc = sample_run(f, b, bi.r, bi.n, &o, st, e);
     batch_in_free(&bi);
@@ -289,7 +289,7 @@ int sample_chat(infer *f, const bpe *b, FILE *in, FILE *out, FILE *prompt_out,
     int32_t unfed = -1;  /* an answer's last token, sampled but not yet in the cache */
     infer_slot_clear(f, 0);
     sample_run_opts o = {.eos = eos, .stream = out, .keep_slot = 1, .mtp = d->mtp,
-                         .no_ahead = d->no_ahead};
+                         .no_ahead = d->no_ahead, .full_logits = d->full_logits};
     for (;;) {
         if (prompt_out) {
             fputs("> ", prompt_out);

@@ -173,22 +173,55 @@ int sampler_is_greedy(const sampler *s)
     return s->p.temp <= 0 && ((float)s->p.repeat_penalty == 1.0f || s->p.repeat_last_n == 0);
 }
 
+/* The chain after the candidates are made: the penalty, then greedy (the largest logit, ties
+ * to the lower id) or top-k, top-p, min-p, temperature and the draw. */
+static int32_t chain(sampler *s, sampler_cands *c, const int32_t *hist, int n_hist)
+{
+    sampler_penalty(c, hist, n_hist, s->p.repeat_last_n, (float)s->p.repeat_penalty);
+    if (s->p.temp <= 0) {
+        int best = 0;
+        for (int v = 1; v < c->n; v++)
+            if (cmp_cand(&c->v[v], &c->v[best]) < 0)
+                best = v;
+        return c->v[best].id;
+    }
+    sampler_top_k(c, s->p.top_k);
+    sampler_top_p(c, s->p.top_p);
+    sampler_min_p(c, s->p.min_p);
+    sampler_temp(c, s->p.temp);
+    return sampler_pick(c, sampler_uniform(s));
+}
+
 int32_t sampler_sample(sampler *s, const float *logits, const int32_t *hist, int n_hist)
 {
     sampler_cands c = {s->buf, s->V, 0};
     for (int v = 0; v < s->V; v++)
         c.v[v] = (sampler_cand){v, logits[v], 0};
-    sampler_penalty(&c, hist, n_hist, s->p.repeat_last_n, (float)s->p.repeat_penalty);
-    if (s->p.temp <= 0) {
-        int best = 0;
-        for (int v = 1; v < c.n; v++)
-            if (c.v[v].logit > c.v[best].logit)
-                best = v;
-        return c.v[best].id;
-    }
-    sampler_top_k(&c, s->p.top_k);
-    sampler_top_p(&c, s->p.top_p);
-    sampler_min_p(&c, s->p.min_p);
-    sampler_temp(&c, s->p.temp);
-    return sampler_pick(&c, sampler_uniform(s));
+    return chain(s, &c, hist, n_hist);
+}
+
+static int penalised(const sampler *s)
+{
+    return (float)s->p.repeat_penalty != 1.0f && s->p.repeat_last_n != 0;
+}
+
+int sampler_top_need(const sampler *s, int n_hist)
+{
+    int k = s->p.temp <= 0 ? 1 : s->p.top_k;
+    if (k <= 0 || (penalised(s) && (float)s->p.repeat_penalty < 1.0f))
+        return 0;
+    if (penalised(s) && n_hist > 0)
+        k += s->p.repeat_last_n < 0 || s->p.repeat_last_n > n_hist ? n_hist
+                                                                     : s->p.repeat_last_n;
+    return k;
+}
+
+int32_t sampler_sample_top(sampler *s, const sampler_cand *best, int n, const int32_t *hist,
+                           int n_hist)
+{
+    if (n > s->V)
+        n = s->V;
+    memcpy(s->buf, best, (size_t)n * sizeof *best);
+    sampler_cands c = {s->buf, n, 1};
+    return chain(s, &c, hist, n_hist);
 }

@@ -72,4 +72,16 @@ int sampler_is_greedy(const sampler *s);
  * generated, for the penalty). */
 int32_t sampler_sample(sampler *s, const float *logits, const int32_t *hist, int n_hist);
 
+/* How many of the largest logits (ties to the lower id, the order of a sorted candidate list)
+ * the next draw can depend on, for sampler_sample_top; 0 when it may depend on any (top-k
+ * off, or a penalty below 1, which can lift any history token into the top). A penalty above
+ * 1 only lowers the logits of the window's tokens, so top-k after it is among the top_k +
+ * window largest before it. */
+int sampler_top_need(const sampler *s, int n_hist);
+/* sampler_sample's draw (the same id and the same random state after it) from only the
+ * n >= sampler_top_need largest logits: best[] sorted as sampler_cands are (logit descending,
+ * ties to the lower id), p unused. */
+int32_t sampler_sample_top(sampler *s, const sampler_cand *best, int n, const int32_t *hist,
+                           int n_hist);
+
 #endif

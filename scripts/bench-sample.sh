@@ -30,6 +30,10 @@
 # with PROFILE=1 its profile too, run "unfused-profile");
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
 # tokens/s, the acceptance rate; random weights make its drafts rarely right);
+# SAMPLED=1 once more sampled with dsv3-sample's defaults (llama.cpp's: --temp 0.8, top-k 40,
+# top-p 0.95, min-p 0.05; --seed 7), run "sampled": each step's 40 largest logits found on the
+# device (infer_forward_top), and once more with DSV3_SAMPLE_FULL=1 (run "sampled-full": every
+# logit copied to the host), whose text must equal the sampled run's;
 # BATCHES (default "8 64") the batch sizes of the batch runs;
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
 # PREFILL=VALUE once more with DSV3_GINFER_PREFILL=VALUE (e.g. gemv: every prompt row through
@@ -79,6 +83,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         for run in ${PREFILL:+prefill-$PREFILL} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
+            ${SAMPLED:+sampled sampled-full} \
             $([ "${PDL:-}" = 0 ] && echo pdl-off) ${PROFILE:+profile} \
             ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done) \
             $(for v in ${ENVS:-}; do echo "env:$v"; done); do
@@ -90,18 +95,27 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
                 DSV3_GINFER_PROFILE=$(case $run in *profile) echo 1 ;; *) echo 0 ;; esac) \
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
                 $(case $run in env:*) echo "${run#env:}" | tr , ' ' ;; esac) \
+                $([ $run = sampled-full ] && echo DSV3_SAMPLE_FULL=1) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
-                -n "$N" --temp 0 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
+                -n "$N" $(case $run in sampled*) echo --temp 0.8 --seed 7 ;; *) echo --temp 0 ;; esac) \
+                --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
                 >"$W/out2.txt" 2>"$W/err" || {
                 echo "$name batch 1 ($run): failed: $(tail -2 "$W/err")"
                 continue
             }
             rates "$W/err"
-            same=$(cmp -s "$W/out1.txt" "$W/out2.txt" && echo same || echo DIFFERENT)
+            ref=$W/out1.txt
+            case $run in sampled) cp "$W/out2.txt" "$W/out3.txt" ;; sampled-full) ref=$W/out3.txt ;; esac
+            same=$(cmp -s "$ref" "$W/out2.txt" && echo same || echo DIFFERENT)
+            what="text $same as the run above"
+            case $run in
+            sampled) what="sampled text" ;;
+            sampled-full) what="text $same as the sampled run's" ;;
+            esac
             if [ $run = "prefill-${PREFILL:-}" ]; then
                 echo "$name prefill ($run): $ptok tokens at $pre tokens/s"
             fi
-            echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); text $same as the run above"
+            echo "$name batch 1 ($run): decode $rate tokens/s, reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }'); $what"
             sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
             sed -n 's/^dsv3-sample: \(mtp: .*\)/  \1/p' "$W/err"
             case $run in *profile) sed -n '/^ginfer profile/,$p' "$W/err" ;; esac

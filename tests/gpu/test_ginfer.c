@@ -14,6 +14,8 @@
  *   steps with a padding row) give bitwise the logits of each sequence alone, and the decode
  *   steps ran from CUDA graphs;
  * - a full context refused;
+ * - a sampled step's candidates (infer_forward_top: each row's K largest logits, found on the
+ *   device) bitwise the K largest of the same step's logits (banned ids as -inf);
  * - greedy steps queued ahead (infer_greedy_submit: the device feeds each step its own
  *   tokens) give bitwise the tokens of steps that wait, and the same cache after them, up to
  *   the last position of the context; what may not be done while steps are queued is refused;
@@ -380,6 +382,14 @@ static void test_folders_fp8_bf16(void)
 }
 
 /* The largest of x[V] with banned ids left out, ties to the lowest id (lib/sampler's rule). */
+static int by_rank(const void *a, const void *b)
+{
+    const float *x = a, *y = b;  /* (logit, id) pairs; ids below 2^24 are exact as floats */
+    if (x[0] != y[0])
+        return x[0] > y[0] ? -1 : 1;
+    return (x[1] > y[1]) - (x[1] < y[1]);
+}
+
 static int32_t argmax_banned(const float *x, int V, const uint8_t *ban)
 {
     int32_t b = 0;
@@ -451,6 +461,57 @@ static void test_greedy_on_device(void)
     infer_free(cpu);
     free(ban);
     free(lg);
+    model_free(&m);
+}
+
+/* Slots 0 and 1 hold the same prompt and get the same tokens: each step's logits of slot 0
+ * (infer_forward) and the K largest of slot 1 (infer_forward_top; K from 1 to 256), with a
+ * third of the ids banned, bitwise. */
+static void test_top_on_device(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m;
+    if (random_model(&m, 1, 0))
+        return;
+    enum { P = 6, T = 24 };
+    int V = m.cfg.vocab_size, z = 0, one = 1, same = 0, steps = 0;
+    uint8_t *ban = malloc((size_t)V);
+    for (int v = 0; v < V; v++)
+        ban[v] = test_rand() % 3 == 0;
+    int32_t prompt[P], *ids = malloc(256 * sizeof(int32_t));
+    for (int t = 0; t < P; t++)
+        prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
+    float *lg = malloc((size_t)V * 4), *tl = malloc(256 * 4), *srt = malloc((size_t)V * 8);
+    infer *f = NULL;
+    dsv3_err e;
+    int ok = infer_new_gpu(&f, &m, P + T + 4, 2, 0, 0, &e) == 0 &&
+             infer_set_banned(f, ban, &e) == 0 && infer_prefill(f, 0, prompt, P, lg, &e) == 0 &&
+             infer_prefill(f, 1, prompt, P, lg, &e) == 0;
+    CHECKF(ok, "%s", e.msg);
+    int32_t tok = argmax_banned(lg, V, ban);
+    static const int Ks[] = {1, 40, 104, 256};
+    for (int t = 0; ok && t < T; t++, steps++) {
+        int K = Ks[t % 4] < V ? Ks[t % 4] : V;
+        ok = infer_forward(f, 1, &z, &tok, NULL, lg, &e) == 0 &&
+             infer_forward_top(f, 1, &one, &tok, K, ids, tl, &e) == 0;
+        for (int v = 0; ok && v < V; v++) {
+            srt[2 * v] = ban[v] ? -INFINITY : lg[v] == 0.0f ? 0.0f : lg[v];
+            srt[2 * v + 1] = (float)v;
+        }
+        if (ok)
+            qsort(srt, (size_t)V, 2 * sizeof(float), by_rank);
+        int good = ok;
+        for (int i = 0; i < K && good; i++)
+            good = ids[i] == (int32_t)srt[2 * i + 1] && tl[i] == srt[2 * i];
+        same += good;
+        CHECKF(!ok || good, "step %d: the %d largest not the logits' (first: %d %g vs %d %g)", t,
+               K, ids[0], tl[0], (int)srt[1], srt[0]);
+        tok = ok ? ids[t % K] : 0;
+    }
+    CHECKF(ok, "%s", e.msg);
+    printf("# ginfer top: %d of %d steps' candidates bitwise the logits' largest\n", same, steps);
+    infer_free(f);
+    free(ban), free(ids), free(lg), free(tl), free(srt);
     model_free(&m);
 }
 
@@ -550,6 +611,7 @@ int main(void)
     RUN(test_batch_equals_alone);
     RUN(test_folders_fp8_bf16);
     RUN(test_greedy_on_device);
+    RUN(test_top_on_device);
     RUN(test_greedy_ahead);
     TEST_EXIT();
 }

@@ -4,7 +4,10 @@
  * (129280) and edge sizes (1, fewer than the blocks a row, not a multiple of anything, more
  * than one pass of a block's loads), 1 to 8 rows, logits random, drawn from three values
  * (ties everywhere, the lowest id must win), zeros of both signs, with no ban, a random third
- * banned, all but one banned and all banned (id 0, as the host's rule). */
+ * banned, all but one banned and all banned (id 0, as the host's rule).
+ * And of a sampled step's candidates (gk_topk through ginfer_topk_run): each row's K largest
+ * (K 1 to 256), bitwise the host's sort (logit descending, ties to the lower id) on the same
+ * kinds of rows. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,9 +71,62 @@ static void test_argmax_equals_host(void)
     printf("# stat argmax: %d of %d rows the host's id\n", same, cases);
 }
 
+static int by_rank(const void *a, const void *b)
+{
+    const float *x = a, *y = b;  /* (logit, id) pairs */
+    if (x[0] != y[0])
+        return x[0] > y[0] ? -1 : 1;
+    return (x[1] > y[1]) - (x[1] < y[1]);
+}
+
+static void test_topk_equals_host(void)
+{
+    GT_NEED_GPU();
+    static const int Vs[] = {129280, 300, 2049, 32768, 300001};
+    static const int Ks[] = {1, 40, 104, 256};
+    static const int Ns[] = {1, 3};
+    int cases = 0, same = 0;
+    for (size_t vi = 0; vi < sizeof Vs / sizeof *Vs; vi++)
+        for (size_t ki = 0; ki < sizeof Ks / sizeof *Ks; ki++)
+            for (int mode = 0; mode < 3; mode++) {
+                int V = Vs[vi], K = Ks[ki], N = Ns[test_rand() % 2], bm = (int)(test_rand() % 2);
+                float *x = malloc((size_t)N * V * sizeof(float)), *lg = malloc((size_t)N * K * 4);
+                float *srt = malloc((size_t)V * 2 * sizeof(float));
+                uint8_t *ban = malloc((size_t)V);
+                int32_t *ids = malloc((size_t)N * K * sizeof(int32_t));
+                for (size_t i = 0; i < (size_t)N * V; i++)
+                    x[i] = draw(mode);
+                for (int v = 0; v < V; v++)
+                    ban[v] = test_rand() % 3 == 0;
+                dsv3_err e;
+                int rc = ginfer_topk_run(x, N, V, bm ? ban : NULL, K, ids, lg, &e);
+                CHECKF(!rc, "%s", rc ? e.msg : "");
+                for (int r = 0; r < N && !rc; r++) {
+                    for (int v = 0; v < V; v++) {  /* ids below 2^24 are exact as floats */
+                        float l = x[(size_t)r * V + v];
+                        srt[2 * v] = bm && ban[v] ? -INFINITY : l == 0.0f ? 0.0f : l;
+                        srt[2 * v + 1] = (float)v;
+                    }
+                    qsort(srt, (size_t)V, 2 * sizeof(float), by_rank);
+                    int ok = 1;
+                    for (int i = 0; i < K && ok; i++)
+                        ok = ids[(size_t)r * K + i] == (int32_t)srt[2 * i + 1] &&
+                             (lg[(size_t)r * K + i] == srt[2 * i] ||
+                              (lg[(size_t)r * K + i] == 0 && srt[2 * i] == 0));
+                    cases++;
+                    same += ok;
+                    CHECKF(ok, "V %d K %d N %d row %d mode %d ban %d: not the host's", V, K, N, r,
+                           mode, bm);
+                }
+                free(x), free(lg), free(srt), free(ban), free(ids);
+            }
+    printf("# stat topk: %d of %d rows' candidates the host's\n", same, cases);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_argmax_equals_host);
+    RUN(test_topk_equals_host);
     TEST_EXIT();
 }

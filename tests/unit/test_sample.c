@@ -171,11 +171,12 @@ static int tiny_model(dsv3_model *m, double sd)
 
 enum { NREQ = 7, SLOTS = 3, CTX = 24 };
 
-/* Runs the NREQ requests (prompts p, lengths np, -n as given) greedily on a fresh engine of
- * SLOTS slots; out[i] each request's results. */
-static int run_all(const dsv3_model *m, const bpe *b, int32_t p[][12], const int *np,
-                   const int *npred, char **stops, int n_stops, int32_t eos, int no_ahead,
-                   sample_request *out, sample_stats *st)
+/* Runs the NREQ requests (prompts p, lengths np, -n as given) on a fresh engine of SLOTS
+ * slots, greedily (sp NULL) or with sp (request i seeded seed + i); out[i] each request's
+ * results. */
+static int run_sp(const dsv3_model *m, const bpe *b, int32_t p[][12], const int *np,
+                  const int *npred, char **stops, int n_stops, int32_t eos, int no_ahead,
+                  int full, const sampler_params *sp, sample_request *out, sample_stats *st)
 {
     infer *f;
     dsv3_err e;
@@ -188,13 +189,24 @@ static int run_all(const dsv3_model *m, const bpe *b, int32_t p[][12], const int
                                   .stops = stops, .n_stops = n_stops};
         sampler_params_default(&out[i].sp);
         out[i].sp.temp = 0;
+        if (sp) {
+            out[i].sp = *sp;
+            out[i].sp.seed = sp->seed + (uint64_t)i;
+        }
     }
-    sample_run_opts o = {.eos = eos, .no_ahead = no_ahead};
+    sample_run_opts o = {.eos = eos, .no_ahead = no_ahead, .full_logits = full};
     memset(st, 0, sizeof *st);
     int rc = sample_run(f, b, out, NREQ, &o, st, &e);
     CHECKF(rc == 0, "%s", e.msg);
     infer_free(f);
     return rc;
+}
+
+static int run_all(const dsv3_model *m, const bpe *b, int32_t p[][12], const int *np,
+                   const int *npred, char **stops, int n_stops, int32_t eos, int no_ahead,
+                   sample_request *out, sample_stats *st)
+{
+    return run_sp(m, b, p, np, npred, stops, n_stops, eos, no_ahead, 0, NULL, out, st);
 }
 
 static int same_result(const sample_request *a, const sample_request *b)
@@ -303,6 +315,56 @@ out:
     bpe_free(b);
 }
 
+/* Sampled requests (llama.cpp's defaults; with a penalty above 1; with one below 1, which
+ * needs every logit; top-k off, the same) drawn from each row's largest logits only
+ * (infer_forward_top, the default) and from every logit (full_logits): the same tokens and
+ * text, on the CPU engine. */
+static void test_run_top_same(void)
+{
+    bpe *b = eos_tokenizer();
+    REQUIRE(b);
+    dsv3_model m;
+    if (tiny_model(&m, 0.5)) {
+        bpe_free(b);
+        return;
+    }
+    int32_t p[NREQ][12];
+    int np[NREQ] = {3, 12, 5, 2, 8, 10, 4}, npred[NREQ] = {-1, 6, 9, 1, -1, 14, 5};
+    for (int i = 0; i < NREQ; i++)
+        for (int t = 0; t < np[i]; t++)
+            p[i][t] = 1 + (int32_t)(test_rand() % 256);
+    sampler_params sp[4];
+    for (int k = 0; k < 4; k++) {
+        sampler_params_default(&sp[k]);
+        sp[k].seed = test_rand();
+    }
+    sp[1].repeat_penalty = 1.3;
+    sp[1].temp = 1.2;
+    sp[2].repeat_penalty = 0.8;
+    sp[3].top_k = 0;
+    int same = 0, all = 0;
+    for (int k = 0; k < 4; k++) {
+        sample_request a[NREQ], w[NREQ];
+        sample_stats sa, sw;
+        if (run_sp(&m, b, p, np, npred, NULL, 0, 0, 0, 1, &sp[k], w, &sw) ||
+            run_sp(&m, b, p, np, npred, NULL, 0, 0, 0, 0, &sp[k], a, &sa))
+            break;
+        for (int i = 0; i < NREQ; i++) {
+            same += same_result(&a[i], &w[i]);
+            all++;
+            CHECKF(same_result(&a[i], &w[i]), "params %d, request %d: %d tokens (stop %d) from "
+                   "the largest, %d (stop %d) from all", k, i, a[i].n_gen, a[i].why, w[i].n_gen,
+                   w[i].why);
+            sample_request_free(&a[i]);
+            sample_request_free(&w[i]);
+        }
+    }
+    printf("# %d of %d sampled requests the same from the largest logits and from all\n", same,
+           all);
+    model_free(&m);
+    bpe_free(b);
+}
+
 int main(void)
 {
     test_seed();
@@ -310,5 +372,6 @@ int main(void)
     RUN(test_stop_across_tokens);
     RUN(test_run_stops);
     RUN(test_run_ahead_same);
+    RUN(test_run_top_same);
     TEST_EXIT();
 }

@@ -1,5 +1,6 @@
 /* Tests of lib/sampler: each transform against distributions worked by hand, the draw's
- * frequencies against the softmax, greedy against argmax, and the seed reproducing draws. */
+ * frequencies against the softmax, greedy against argmax, the seed reproducing draws, and the
+ * draw from only the largest logits (sampler_sample_top) equal to the full one's. */
 #include <math.h>
 
 #include "../../lib/sampler.h"
@@ -215,6 +216,68 @@ static void test_greedy_and_seed(void)
     sampler_free(&g);
 }
 
+static int by_rank(const void *a, const void *b)
+{
+    const sampler_cand *x = a, *y = b;
+    if (x->logit != y->logit)
+        return x->logit > y->logit ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Random parameters (penalties above and below 1, greedy with a penalty, top-k from 1 to
+ * past the vocabulary) on logits with many ties and a history drawn from the top tokens:
+ * wherever sampler_top_need allows, the draw from that many largest logits is the full
+ * draw's id, and the random states stay together. */
+static void test_sample_top(void)
+{
+    enum { V = 300, REPS = 3000 };
+    static float l[V];
+    static sampler_cand all[V];
+    static const double temps[] = {0, 0.3, 0.8, 1.5}, tps[] = {0.5, 0.95, 1}, mps[] = {0, 0.05, 0.3},
+                        pens[] = {1, 1.3, 3, 0.7};
+    static const int tks[] = {1, 5, 40, 0, 400}, lns[] = {0, 8, 64, -1};
+    int ran = 0, same = 0, none = 0;
+    for (int rep = 0; rep < REPS; rep++) {
+        sampler_params p;
+        sampler_params_default(&p);
+        p.temp = temps[test_rand() % 4];
+        p.top_k = tks[test_rand() % 5];
+        p.top_p = tps[test_rand() % 3];
+        p.min_p = mps[test_rand() % 3];
+        p.repeat_penalty = pens[test_rand() % 4];
+        p.repeat_last_n = lns[test_rand() % 4];
+        p.seed = test_rand();
+        for (int v = 0; v < V; v++) {
+            l[v] = (float)((int)(test_rand() % 41) - 20) * 0.25f;
+            all[v] = (sampler_cand){v, l[v], 0};
+        }
+        qsort(all, V, sizeof *all, by_rank);
+        int32_t hist[100];
+        int nh = 1 + (int)(test_rand() % 100);
+        for (int i = 0; i < nh; i++)  /* mostly tokens near the top */
+            hist[i] = all[test_rand() % (test_rand() % 2 ? 20 : V)].id;
+        sampler a, b;
+        REQUIRE(sampler_init(&a, &p, V, NULL) == 0 && sampler_init(&b, &p, V, NULL) == 0);
+        int need = sampler_top_need(&a, nh);
+        if (!need || need > V) {
+            none++;
+        } else {
+            int32_t x = sampler_sample(&a, l, hist, nh);
+            int32_t y = sampler_sample_top(&b, all, need, hist, nh);
+            int ok = x == y && sampler_uniform(&a) == sampler_uniform(&b);
+            same += ok;
+            ran++;
+            CHECKF(ok, "temp %g top_k %d top_p %g min_p %g penalty %g last %d hist %d: full %d, "
+                   "top %d of %d: %d", p.temp, p.top_k, p.top_p, p.min_p, p.repeat_penalty,
+                   p.repeat_last_n, nh, x, need, V, y);
+        }
+        sampler_free(&a);
+        sampler_free(&b);
+    }
+    CHECKF(ran > REPS / 3, "only %d draws compared", ran);
+    printf("# sample_top: %d of %d draws the full draw's (%d with no bound)\n", same, ran, none);
+}
+
 int main(void)
 {
     test_seed();
@@ -228,5 +291,6 @@ int main(void)
     RUN(test_pick);
     RUN(test_frequencies);
     RUN(test_greedy_and_seed);
+    RUN(test_sample_top);
     TEST_EXIT();
 }
