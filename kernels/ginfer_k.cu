@@ -2101,69 +2101,120 @@ __global__ void __launch_bounds__(ARG_THREADS)
 
 /* ---- the largest logits of a row (sampled steps) ---- */
 
-/* TK_N keys sorted in shared memory by TK_THREADS threads: a block streams its keys through
- * the TK_N - K slots after its K best so far. */
-#define TK_N 2048
+/* A row's K largest keys (argmax_key: the logit, then the lower id; all keys of a row differ,
+ * and 0 is below every one) by radix selection, not by sorting: a block finds the K-th
+ * largest key a byte at a time from the top (a 256-bin histogram of the keys that match the
+ * bytes found so far, then the bin where the count from the top reaches K), stopping when
+ * the bin holds exactly the keys still wanted; the keys at or above it are then the K. Every
+ * pass re-reads the keys through the loader (L1 and L2 hits): no sort of the whole part. */
 #define TK_THREADS 256
+#define TK_PER 2048       /* keys a part's block selects from (more when V needs more) */
 #define TK_PARTS_MAX 128
-static_assert(GK_TOPK_MAX <= TK_N / 2, "each round takes at least TK_N / 2 new keys");
+#define TK_SORT 256       /* the final sort's size: GK_TOPK_MAX rounded up to a power of 2 */
+static_assert(GK_TOPK_MAX <= TK_SORT && TK_SORT == TK_THREADS, "one key a thread to sort");
 
-/* Bitonic sort of k[TK_N], largest first; every thread of the block calls it. */
-__device__ void tk_sort_desc(unsigned long long *k)
+/* State of a selection in shared memory. */
+struct tk_shared {
+    unsigned hist[256];
+    unsigned long long prefix;
+    int need, done, count;
+};
+
+/* The need-th largest of keys key(0..n) (need <= n), every thread of the block the same. */
+template <typename F>
+__device__ unsigned long long tk_kth(tk_shared *sh, long n, int need, F key)
 {
-    for (int size = 2; size <= TK_N; size <<= 1)
-        for (int j = size >> 1; j > 0; j >>= 1) {
-            __syncthreads();
-            for (int i = threadIdx.x; i < TK_N; i += TK_THREADS) {
-                int p = i ^ j;
-                if (p <= i)
-                    continue;
-                unsigned long long a = k[i], b = k[p];
-                /* descending within blocks of size whose bit is clear, ascending elsewhere:
-                 * the whole ends descending */
-                if (((i & size) == 0) == (a < b)) {
-                    k[i] = b;
-                    k[p] = a;
+    unsigned long long prefix = 0, mask = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        sh->hist[threadIdx.x] = 0;
+        __syncthreads();
+        for (long i = threadIdx.x; i < n + TK_THREADS - 1 - (n - 1) % TK_THREADS;
+             i += TK_THREADS) {
+            unsigned long long k = i < n ? key(i) : 0;
+            int bin = i < n && (k & mask) == prefix ? (int)((k >> shift) & 255) : -1;
+            /* one atomic a bin a warp: the top bytes of a row's logits share few bins */
+            unsigned same = __match_any_sync(0xffffffffu, bin);
+            if (bin >= 0 && (threadIdx.x & 31) == __ffs(same) - 1)
+                atomicAdd(&sh->hist[bin], (unsigned)__popc(same));
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {  /* lane l: bins 255 - 8l down to 248 - 8l */
+            int l = threadIdx.x, c = 0;
+            for (int j = 0; j < 8; j++)
+                c += (int)sh->hist[255 - 8 * l - j];
+            int incl = c;
+            for (int o = 1; o < 32; o <<= 1) {
+                int t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (l >= o)
+                    incl += t;
+            }
+            int above = incl - c;
+            if (above < need && need <= incl) {  /* exactly one lane */
+                for (int j = 0; j < 8; j++) {
+                    int bin = 255 - 8 * l - j, h = (int)sh->hist[bin];
+                    if (need <= above + h) {
+                        sh->prefix = prefix | ((unsigned long long)bin << shift);
+                        sh->need = need - above;
+                        sh->done = h == need - above;
+                        break;
+                    }
+                    above += h;
                 }
             }
         }
+        __syncthreads();
+        prefix = sh->prefix;
+        need = sh->need;
+        mask |= 255ull << shift;
+        int done = sh->done;
+        __syncthreads();  /* sh read by all before the next pass writes it */
+        if (done)
+            break;  /* every key in the bin is wanted: the bin's least is the bound */
+    }
+    return prefix;
+}
+
+/* The keys >= t of key(0..n) (count of them) into out[0..count), in any order. */
+template <typename F>
+__device__ void tk_collect(tk_shared *sh, long n, unsigned long long t, F key,
+                           unsigned long long *out)
+{
+    if (threadIdx.x == 0)
+        sh->count = 0;
+    __syncthreads();
+    for (long i = threadIdx.x; i < n; i += TK_THREADS) {
+        unsigned long long k = key(i);
+        if (k >= t)
+            out[atomicAdd(&sh->count, 1)] = k;
+    }
     __syncthreads();
 }
 
-/* The K largest of n keys key(0..n) into k[0..K), sorted (k[K..) scratch). */
-template <typename F>
-__device__ void tk_stream(unsigned long long *k, int K, long n, F key)
-{
-    for (int i = threadIdx.x; i < K; i += TK_THREADS)
-        k[i] = 0;  /* below every real key */
-    for (long c = 0; c < n; c += TK_N - K) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < TK_N - K; i += TK_THREADS)
-            k[K + i] = c + i < n ? key(c + i) : 0;
-        tk_sort_desc(k);
-    }
-}
-
-/* Grid (parts, N): each block the K largest keys (argmax_key: logit, then the lower id; banned
- * ids as -inf) of its part of row blockIdx.y into part[row][blockIdx.x][K]; the row's last
- * block (a counter, reset by it) the K largest of the parts', written to best[row][K] as
- * (id, logit) pairs (mapped host memory). */
+/* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its part of row
+ * blockIdx.y into part[row][blockIdx.x][K] (unordered; 0 where the part has fewer); the
+ * row's last block (a counter, reset by it) the K largest of the parts', sorted (bitonic,
+ * one key a thread), to best[row][K] as (id, logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
     topk_k(const float *x, int V, const uint8_t *ban, int K, unsigned long long *part,
            unsigned *count, gk_cand *best)
 {
-    __shared__ unsigned long long k[TK_N];
+    __shared__ tk_shared sh;
+    __shared__ unsigned long long srt[TK_SORT];
     __shared__ unsigned last;
     const float *r = x + (long)blockIdx.y * V;
     int per = (V + gridDim.x - 1) / gridDim.x, v0 = blockIdx.x * per;
-    int n = max(0, min(V, v0 + per) - v0);
-    tk_stream(k, K, n, [=](long i) {
+    int n = max(0, min(V, v0 + per) - v0), want = min(K, n);
+    unsigned long long *mine = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * K;
+    auto logit_key = [=](long i) {
         int v = v0 + (int)i;
         return argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
-    });
-    unsigned long long *mine = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * K;
-    for (int i = threadIdx.x; i < K; i += TK_THREADS)
-        mine[i] = k[i];
+    };
+    for (int i = want + threadIdx.x; i < K; i += TK_THREADS)
+        mine[i] = 0;
+    if (want > 0) {
+        unsigned long long t = tk_kth(&sh, n, want, logit_key);
+        tk_collect(&sh, n, t, logit_key, mine);
+    }
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
@@ -2173,22 +2224,43 @@ __global__ void __launch_bounds__(TK_THREADS)
         return;
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * K;
-    tk_stream(k, K, (long)gridDim.x * K, [=](long i) { return __ldcg(rows + i); });
-    for (int i = threadIdx.x; i < K; i += TK_THREADS) {
-        unsigned u = (unsigned)(k[i] >> 32);
+    auto part_key = [=](long i) { return __ldcg(rows + i); };
+    long m = (long)gridDim.x * K;
+    unsigned long long t = tk_kth(&sh, m, K, part_key);  /* K <= V: K real keys */
+    srt[threadIdx.x] = 0;
+    __syncthreads();
+    tk_collect(&sh, m, t, part_key, srt);
+    for (int size = 2; size <= TK_SORT; size <<= 1)
+        for (int j = size >> 1; j > 0; j >>= 1) {
+            int i = threadIdx.x, p = i ^ j;
+            if (p > i) {
+                unsigned long long a = srt[i], b = srt[p];
+                /* descending where the size bit is clear, ascending where set: all descending
+                 * at the end */
+                if (((i & size) == 0) == (a < b)) {
+                    srt[i] = b;
+                    srt[p] = a;
+                }
+            }
+            __syncthreads();
+        }
+    if (threadIdx.x < K) {
+        unsigned long long k = srt[threadIdx.x];
+        unsigned u = (unsigned)(k >> 32);
         u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;  /* argmax_key's map undone */
-        best[(long)blockIdx.y * K + i] =
-            gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k[i] & 0xFFFFFFFFu)), __uint_as_float(u)};
+        best[(long)blockIdx.y * K + threadIdx.x] =
+            gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
     }
     __threadfence_system();
     if (threadIdx.x == 0)
         count[blockIdx.y] = 0;
 }
 
-/* Parts a row: each about one round of keys, and at most TK_PARTS_MAX. */
+/* Parts a row: TK_PER keys each, at most TK_PARTS_MAX. */
 static int topk_parts(int V, int K)
 {
-    int p = (V + (TK_N - K) - 1) / (TK_N - K);
+    (void)K;
+    int p = (V + TK_PER - 1) / TK_PER;
     return p < 1 ? 1 : p > TK_PARTS_MAX ? TK_PARTS_MAX : p;
 }
 
