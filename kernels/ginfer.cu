@@ -1195,6 +1195,25 @@ static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const
     return gpu_upload(g->c, g->d_in, g->h_in, (size_t)4 * R * sizeof(int), e);
 }
 
+/* upload_rows for a decode step of n rows (B with the padding) without waiting for the copy:
+ * the host block is pageable, so the copy has taken it once the call returns. */
+static int upload_step(ginfer *g, int n, int B, const int *slot, const int *pos,
+                       const int32_t *ids, dsv3_err *e)
+{
+    int R = g->rmax;
+    g->feed_n = -1;
+    for (int i = 0; i < B; i++) {
+        int in = i < n;
+        g->h_in[i] = in ? ids[i] : 0;
+        g->h_in[R + i] = in ? slot[i] : g->n_slots;
+        g->h_in[2 * R + i] = in ? pos[i] : 0;
+        g->h_in[3 * R + i] = (g->q0 + g->nq) % AHEAD;
+    }
+    CUDA_TRY(cudaMemcpyAsync(g->d_in, g->h_in, (size_t)4 * R * sizeof(int),
+                             cudaMemcpyHostToDevice, g->s), e);
+    return 0;
+}
+
 /* Captures the decode step of B rows (bucket b). */
 static int capture(ginfer *g, int b, int B, dsv3_err *e)
 {
@@ -1303,7 +1322,7 @@ static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32
                   float *logits, int32_t *tok, dsv3_err *e)
 {
     int B, b = bucket_of(n, &B);
-    if (idle(g, e) || upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+    if (idle(g, e) || upload_step(g, n, B, slot, pos, ids, e) ||
         (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, g->q0, n, b, logits != NULL, e) ||
         wait_step(g, g->q0, e))
         return -1;
@@ -1388,7 +1407,7 @@ extern "C" int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int
     if (!ids && g->feed_n != n)
         return err_set(e, "ginfer: no greedy step of %d rows queued before to continue", n);
     int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD;
-    if (ids && (upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+    if (ids && (upload_step(g, n, B, slot, pos, ids, e) ||
                 (!g->graph[b] && capture(g, b, B, e))))
         return -1;
     if (queue_step(g, k, n, b, 0, e))
@@ -1448,7 +1467,7 @@ extern "C" int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *
                        GK_TOPK_MAX < g->V ? GK_TOPK_MAX : g->V);
     int B, b = bucket_of(n, &B), k = g->q0;
     gstep *t = &g->st[k];
-    if (idle(g, e) || top_room(g, n, K, e) || upload_rows(g, 0, n, B, slot, pos, ids, e) ||
+    if (idle(g, e) || top_room(g, n, K, e) || upload_step(g, n, B, slot, pos, ids, e) ||
         (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, k, n, b, 0, e) ||
         gk_topk(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, g->d_top, e))
         return -1;

@@ -176,9 +176,10 @@ int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t 
 /* For tests: the K largest logits of each row (gk_topk: a sampled step's candidates) on host
  * arrays x[N, V], on the current device: ids[r][K], logits[r][K], largest first, ties to the
  * lowest id, banned ids (ban NULL: none) as -inf. Runs twice (its counters must come back to
- * zero); the second run's. */
+ * zero); the second run's. us (or NULL): then the mean time of 20 more calls back to back,
+ * microseconds. */
 int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int32_t *ids,
-                    float *logits, dsv3_err *e);
+                    float *logits, double *us, dsv3_err *e);
 
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the

@@ -1486,7 +1486,7 @@ extern "C" int ginfer_route1_norm_run(const float *x, const float *delta, const 
 }
 
 extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K,
-                               int32_t *ids, float *logits, dsv3_err *e)
+                               int32_t *ids, float *logits, double *us, dsv3_err *e)
 {
     float *dx = NULL;
     uint8_t *db = NULL;
@@ -1517,6 +1517,21 @@ extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban,
         ids[i] = h[i].id;
         logits[i] = h[i].logit;
     }
+    cudaEvent_t ev[2] = {NULL, NULL};
+    if (!rc && us && cudaEventCreate(&ev[0]) == cudaSuccess &&
+        cudaEventCreate(&ev[1]) == cudaSuccess) {  /* 20 calls back to back, timed */
+        cudaEventRecord(ev[0], 0);
+        for (int t = 0; t < 20 && !rc; t++)
+            rc = gk_topk(0, dx, N, V, ban ? db : NULL, K, scr, N, d, e);
+        cudaEventRecord(ev[1], 0);
+        float ms = 0;
+        if (!rc && cudaEventSynchronize(ev[1]) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess)
+            *us = ms * 1e3 / 20;
+    }
+    for (int i = 0; i < 2; i++)
+        if (ev[i])
+            cudaEventDestroy(ev[i]);
     cudaFree(dx), cudaFree(db), cudaFree(scr);
     if (h)
         cudaFreeHost(h);
