@@ -1431,6 +1431,12 @@ extern "C" int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e)
     return 0;
 }
 
+extern "C" int ginfer_top_max(const ginfer *g)
+{
+    int k = gk_topk_max(g->V);
+    return k < g->V ? k : g->V;
+}
+
 /* Room for gk_topk over n rows of K candidates: its scratch (zeroed) and mapped output. */
 static int top_room(ginfer *g, int n, int K, dsv3_err *e)
 {
@@ -1444,7 +1450,7 @@ static int top_room(ginfer *g, int n, int K, dsv3_err *e)
     g->topscr = NULL;
     g->h_top = NULL;
     g->top_rows = g->top_k = 0;
-    size_t sb = gk_topk_scratch(rows, k);
+    size_t sb = gk_topk_scratch(rows, g->V, k);
     CUDA_TRY(cudaMalloc(&g->topscr, sb), e);
     CUDA_TRY(cudaMemset(g->topscr, 0, sb), e);
     CUDA_TRY(cudaHostAlloc((void **)&g->h_top, (size_t)rows * k * sizeof *g->h_top,
@@ -1461,10 +1467,9 @@ extern "C" int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *
 {
     if (n <= 0)
         return 0;
-    if (n > decode_rows(g) || K < 1 || K > GK_TOPK_MAX || K > g->V)
+    if (n > decode_rows(g) || K < 1 || K > ginfer_top_max(g))
         return err_set(e, "ginfer: the %d largest logits of a step of %d rows (1 to %d "
-                       "rows, %d logits)", K, n, decode_rows(g),
-                       GK_TOPK_MAX < g->V ? GK_TOPK_MAX : g->V);
+                       "rows, %d logits)", K, n, decode_rows(g), ginfer_top_max(g));
     int B, b = bucket_of(n, &B), k = g->q0;
     gstep *t = &g->st[k];
     if (idle(g, e) || top_room(g, n, K, e) || upload_step(g, n, B, slot, pos, ids, e) ||

@@ -113,9 +113,10 @@ int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, cons
                          dsv3_err *e);
 int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e);
 /* A decode step as ginfer_forward with every row wanted (n <= n_slots rows) that returns only
- * each row's K largest logits (K <= 256, a sampled step's candidates: lib/sampler's
+ * each row's K largest logits (K <= ginfer_top_max, a sampled step's candidates: lib/sampler's
  * sampler_sample_top), largest first, ties to the lower id, banned ids as -inf: top_id[r][K]
  * and top_logit[r][K]; the rest stays on the device. */
+int ginfer_top_max(const ginfer *g);  /* 256, less for vocabularies past 524288 */
 int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                        int K, int32_t *top_id, float *top_logit, dsv3_err *e);
 /* The ids greedy steps never choose: ban[v] != 0 (vocab values; NULL: none, the default). */

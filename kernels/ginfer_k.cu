@@ -1492,7 +1492,7 @@ extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban,
     uint8_t *db = NULL;
     gk_cand *h = NULL, *d = NULL;
     void *scr = NULL;
-    size_t ss = gk_topk_scratch(N, K);
+    size_t ss = gk_topk_scratch(N, V, K);
     int rc = 0;
     if (cudaMalloc(&dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
         cudaMalloc(&db, (size_t)V + 1) != cudaSuccess || cudaMalloc(&scr, ss) != cudaSuccess ||
@@ -2117,16 +2117,18 @@ __global__ void __launch_bounds__(ARG_THREADS)
 /* ---- the largest logits of a row (sampled steps) ---- */
 
 /* A row's K largest keys (argmax_key: the logit, then the lower id; all keys of a row differ,
- * and 0 is below every one) by radix selection, not by sorting: a block finds the K-th
- * largest key a byte at a time from the top (a 256-bin histogram of the keys that match the
- * bytes found so far, then the bin where the count from the top reaches K), stopping when
- * the bin holds exactly the keys still wanted; the keys at or above it are then the K. Every
- * pass re-reads the keys through the loader (L1 and L2 hits): no sort of the whole part. */
-#define TK_THREADS 256
-#define TK_PER 2048       /* keys a part's block selects from (more when V needs more) */
-#define TK_PARTS_MAX 128
-#define TK_SORT 256       /* the final sort's size: GK_TOPK_MAX rounded up to a power of 2 */
-static_assert(GK_TOPK_MAX <= TK_SORT && TK_SORT == TK_THREADS, "one key a thread to sort");
+ * and 0 is below every one) by radix selection, not by sorting: a block holds its keys in
+ * registers and finds the K-th largest a byte at a time from the top (a 256-bin histogram
+ * of the keys that match the bytes found so far, then the bin where the count from the top
+ * reaches K), stopping once the bin holds exactly the keys still wanted; the keys at or
+ * above it are then the K. Loading the keys once, every load in flight together, matters:
+ * a loop re-reading them for each byte waited ~20 us on its loads. */
+#define TK_THREADS 1024
+#define TK_ITEMS 8                            /* a part's keys a thread */
+#define TK_PER (TK_THREADS * TK_ITEMS)        /* a part's keys */
+#define TK_ITEMS2 16                          /* the parts' K largest a thread, merged */
+#define TK_SORT 256                           /* the final sort: GK_TOPK_MAX, a power of 2 */
+static_assert(GK_TOPK_MAX <= TK_SORT && TK_SORT <= TK_THREADS, "one key a thread to sort");
 
 /* State of a selection in shared memory. */
 struct tk_shared {
@@ -2135,18 +2137,20 @@ struct tk_shared {
     int need, done, count;
 };
 
-/* The need-th largest of keys key(0..n) (need <= n), every thread of the block the same. */
-template <typename F>
-__device__ unsigned long long tk_kth(tk_shared *sh, long n, int need, F key)
+/* The need-th largest of the block's keys (1 <= need <= the keys that are not 0... or any,
+ * need <= their count), every thread of the block the same. */
+template <int ITEMS>
+__device__ unsigned long long tk_kth(tk_shared *sh, const unsigned long long (&key)[ITEMS],
+                                     int need)
 {
     unsigned long long prefix = 0, mask = 0;
     for (int shift = 56; shift >= 0; shift -= 8) {
-        sh->hist[threadIdx.x] = 0;
+        for (int i = threadIdx.x; i < 256; i += TK_THREADS)
+            sh->hist[i] = 0;
         __syncthreads();
-        for (long i = threadIdx.x; i < n + TK_THREADS - 1 - (n - 1) % TK_THREADS;
-             i += TK_THREADS) {
-            unsigned long long k = i < n ? key(i) : 0;
-            int bin = i < n && (k & mask) == prefix ? (int)((k >> shift) & 255) : -1;
+#pragma unroll
+        for (int j = 0; j < ITEMS; j++) {
+            int bin = (key[j] & mask) == prefix ? (int)((key[j] >> shift) & 255) : -1;
             /* one atomic a bin a warp: the top bytes of a row's logits share few bins */
             unsigned same = __match_any_sync(0xffffffffu, bin);
             if (bin >= 0 && (threadIdx.x & 31) == __ffs(same) - 1)
@@ -2189,26 +2193,26 @@ __device__ unsigned long long tk_kth(tk_shared *sh, long n, int need, F key)
     return prefix;
 }
 
-/* The keys >= t of key(0..n) (count of them) into out[0..count), in any order. */
-template <typename F>
-__device__ void tk_collect(tk_shared *sh, long n, unsigned long long t, F key,
-                           unsigned long long *out)
+/* The block's keys >= t into out[0..), in any order. */
+template <int ITEMS>
+__device__ void tk_collect(tk_shared *sh, const unsigned long long (&key)[ITEMS],
+                           unsigned long long t, unsigned long long *out)
 {
     if (threadIdx.x == 0)
         sh->count = 0;
     __syncthreads();
-    for (long i = threadIdx.x; i < n; i += TK_THREADS) {
-        unsigned long long k = key(i);
-        if (k >= t)
-            out[atomicAdd(&sh->count, 1)] = k;
-    }
+#pragma unroll
+    for (int j = 0; j < ITEMS; j++)
+        if (key[j] >= t)
+            out[atomicAdd(&sh->count, 1)] = key[j];
     __syncthreads();
 }
 
-/* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its part of row
+/* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its TK_PER of row
  * blockIdx.y into part[row][blockIdx.x][K] (unordered; 0 where the part has fewer); the
- * row's last block (a counter, reset by it) the K largest of the parts', sorted (bitonic,
- * one key a thread), to best[row][K] as (id, logit) pairs (mapped host memory). */
+ * row's last block (a counter, reset by it) the K largest of the parts' (parts x K <=
+ * TK_THREADS x TK_ITEMS2), sorted (bitonic, one key a thread), to best[row][K] as (id,
+ * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
     topk_k(const float *x, int V, const uint8_t *ban, int K, unsigned long long *part,
            unsigned *count, gk_cand *best)
@@ -2217,19 +2221,17 @@ __global__ void __launch_bounds__(TK_THREADS)
     __shared__ unsigned long long srt[TK_SORT];
     __shared__ unsigned last;
     const float *r = x + (long)blockIdx.y * V;
-    int per = (V + gridDim.x - 1) / gridDim.x, v0 = blockIdx.x * per;
-    int n = max(0, min(V, v0 + per) - v0), want = min(K, n);
+    int v0 = blockIdx.x * TK_PER, n = min(V - v0, TK_PER), want = min(K, n);
+    unsigned long long key[TK_ITEMS];
+#pragma unroll
+    for (int j = 0; j < TK_ITEMS; j++) {
+        int i = j * TK_THREADS + threadIdx.x, v = v0 + i;
+        key[j] = i < n ? argmax_key(ban && ban[v] ? -INFINITY : r[v], v) : 0;
+    }
     unsigned long long *mine = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * K;
-    auto logit_key = [=](long i) {
-        int v = v0 + (int)i;
-        return argmax_key(ban && ban[v] ? -INFINITY : r[v], v);
-    };
     for (int i = want + threadIdx.x; i < K; i += TK_THREADS)
         mine[i] = 0;
-    if (want > 0) {
-        unsigned long long t = tk_kth(&sh, n, want, logit_key);
-        tk_collect(&sh, n, t, logit_key, mine);
-    }
+    tk_collect(&sh, key, tk_kth(&sh, key, want), mine);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
@@ -2239,16 +2241,20 @@ __global__ void __launch_bounds__(TK_THREADS)
         return;
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * K;
-    auto part_key = [=](long i) { return __ldcg(rows + i); };
-    long m = (long)gridDim.x * K;
-    unsigned long long t = tk_kth(&sh, m, K, part_key);  /* K <= V: K real keys */
-    srt[threadIdx.x] = 0;
-    __syncthreads();
-    tk_collect(&sh, m, t, part_key, srt);
+    int m = gridDim.x * K;
+    unsigned long long k2[TK_ITEMS2];
+#pragma unroll
+    for (int j = 0; j < TK_ITEMS2; j++) {
+        int i = j * TK_THREADS + threadIdx.x;
+        k2[j] = i < m ? __ldcg(rows + i) : 0;
+    }
+    for (int i = threadIdx.x; i < TK_SORT; i += TK_THREADS)
+        srt[i] = 0;
+    tk_collect(&sh, k2, tk_kth(&sh, k2, K), srt);  /* K <= V: K keys that are not 0 */
     for (int size = 2; size <= TK_SORT; size <<= 1)
         for (int j = size >> 1; j > 0; j >>= 1) {
             int i = threadIdx.x, p = i ^ j;
-            if (p > i) {
+            if (i < TK_SORT && p > i) {
                 unsigned long long a = srt[i], b = srt[p];
                 /* descending where the size bit is clear, ascending where set: all descending
                  * at the end */
@@ -2271,17 +2277,20 @@ __global__ void __launch_bounds__(TK_THREADS)
         count[blockIdx.y] = 0;
 }
 
-/* Parts a row: TK_PER keys each, at most TK_PARTS_MAX. */
-static int topk_parts(int V, int K)
+static int topk_parts(int V)
 {
-    (void)K;
-    int p = (V + TK_PER - 1) / TK_PER;
-    return p < 1 ? 1 : p > TK_PARTS_MAX ? TK_PARTS_MAX : p;
+    return V < 1 ? 1 : (V + TK_PER - 1) / TK_PER;
 }
 
-size_t gk_topk_scratch(int cap, int K)
+int gk_topk_max(int V)
 {
-    return ((size_t)cap * 4 + 15) / 16 * 16 + (size_t)cap * topk_parts(1 << 30, K) * K * 8;
+    int k = TK_THREADS * TK_ITEMS2 / topk_parts(V);
+    return k < GK_TOPK_MAX ? k : GK_TOPK_MAX;
+}
+
+size_t gk_topk_scratch(int cap, int V, int K)
+{
+    return ((size_t)cap * 4 + 15) / 16 * 16 + (size_t)cap * topk_parts(V) * K * 8;
 }
 
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
@@ -2289,14 +2298,13 @@ int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ba
 {
     if (N <= 0)
         return 0;
-    if (N > cap || K < 1 || K > GK_TOPK_MAX || K > V)
+    if (N > cap || K < 1 || K > gk_topk_max(V) || K > V)
         return err_set(e, "ginfer: the %d largest logits of %d rows (at most %d of %d rows, "
-                       "%d ids)", K, N, GK_TOPK_MAX, cap, V);
-    /* (the scratch's parts are laid out for K: gk_topk_scratch(cap, K) bytes) */
+                       "%d ids)", K, N, gk_topk_max(V), cap, V);
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part =
         (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
-    topk_k<<<dim3((unsigned)topk_parts(V, K), (unsigned)N), TK_THREADS, 0, s>>>(
+    topk_k<<<dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s>>>(
         logits, V, ban, K, part, count, best);
     LAUNCH_CHECK("topk", e);
     return 0;

@@ -425,9 +425,9 @@ int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *
 /* The K largest logits of each row (a sampled step's candidates, lib/sampler's
  * sampler_sample_top): best[n][0..K) = (id, logit) of row n's K largest, largest first, ties
  * to the lower id (-0 equal to +0), banned ids (ban[v] != 0, ban may be NULL) as -inf;
- * K <= GK_TOPK_MAX. Not a PDL launch (it runs after a decode graph). The scratch
- * (gk_topk_scratch(cap, K') bytes for up to cap rows and K <= K') is zeroed once before the
- * first call; each call leaves it ready for the next. */
+ * K <= gk_topk_max(V) (256 up to V = 524288). Not a PDL launch (it runs after a decode
+ * graph). The scratch (gk_topk_scratch(cap, V, K') bytes for up to cap rows and K <= K') is
+ * zeroed once before the first call; each call leaves it ready for the next. */
 enum { GK_TOPK_MAX = 256 };
 typedef struct gk_cand {
     int32_t id;
@@ -435,7 +435,8 @@ typedef struct gk_cand {
 } gk_cand;
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
             void *scratch, int cap, gk_cand *best, dsv3_err *e);
-size_t gk_topk_scratch(int cap, int K);
+size_t gk_topk_scratch(int cap, int V, int K);
+int gk_topk_max(int V);
 /* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each
  * call leaves it ready for the next, whatever its N). */
 size_t gk_argmax_scratch(int cap);

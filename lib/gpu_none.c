@@ -655,6 +655,7 @@ int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, cons
     return no_cuda(e);
 }
 int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e) { return no_cuda(e); }
+int ginfer_top_max(const ginfer *g) { return 0; }
 int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                        int K, int32_t *top_id, float *top_logit, dsv3_err *e)
 {

@@ -677,14 +677,19 @@ static int32_t greedy_id(const infer *f, const float *l)
     return best;
 }
 
+int infer_top_max(const infer *f)
+{
+    int k = f->g ? ginfer_top_max(f->g) : INFER_TOP_MAX;
+    return k < f->vocab ? k : f->vocab;
+}
+
 int infer_forward_top(infer *f, int n, const int *slot, const int32_t *ids, int K,
                       int32_t *top_id, float *top_logit, dsv3_err *e)
 {
     if (n <= 0)
         return 0;
-    if (K < 1 || K > INFER_TOP_MAX || K > f->vocab)
-        return err_set(e, "infer: the %d largest logits (1 to %d)", K,
-                       INFER_TOP_MAX < f->vocab ? INFER_TOP_MAX : f->vocab);
+    if (K < 1 || K > infer_top_max(f))
+        return err_set(e, "infer: the %d largest logits (1 to %d)", K, infer_top_max(f));
     if (f->g && n <= ginfer_decode_rows(f->g)) {
         if (gpos_reserve(f, n, e) || positions(f, n, slot, ids, f->gpos, e) ||
             ginfer_forward_top(f->g, n, slot, f->gpos, ids, K, top_id, top_logit, e))

@@ -122,10 +122,11 @@ int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, i
 int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e);
 int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e);
 /* A decode step as infer_forward with every row's logits wanted, that returns instead each
- * row's K largest (1 <= K <= INFER_TOP_MAX), banned ids as -inf, largest first, ties to the
+ * row's K largest (1 <= K <= infer_top_max), banned ids as -inf, largest first, ties to the
  * lower id (lib/sampler's candidate order): top_id[r][K], top_logit[r][K], what
  * sampler_sample_top draws from. On the GPU only those leave the device (ginfer_forward_top). */
-enum { INFER_TOP_MAX = 256 };
+enum { INFER_TOP_MAX = 256 };  /* infer_top_max's bound */
+int infer_top_max(const infer *f);
 int infer_forward_top(infer *f, int n, const int *slot, const int32_t *ids, int K,
                       int32_t *top_id, float *top_logit, dsv3_err *e);
 /* The prompt ids[0..n) appended to slot in one pass; logits of its last token. */

@@ -406,14 +406,14 @@ static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, co
 
 /* How many of each row's largest logits the step's draws need (sampler_top_need; a slot's
  * history is its tokens so far and the one fed now), or 0 where one of them may need any. */
-static int top_need(const seq *q, int S)
+static int top_need(const infer *f, const seq *q, int S)
 {
     int K = 0;
     for (int s = 0; s < S; s++) {
         if (q[s].req < 0)
             continue;
         int k = sampler_top_need(&q[s].smp, q[s].n_hist);
-        if (!k || k > INFER_TOP_MAX)
+        if (!k || k > infer_top_max(f))
             return 0;
         K = k > K ? k : K;
     }
@@ -501,7 +501,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
             rc = run_ahead(f, q, reqs, slot, ids, R, next, o, st, e);
             continue;
         }
-        int K = greedy || o->mtp || o->full_logits ? 0 : top_need(q, S);
+        int K = greedy || o->mtp || o->full_logits ? 0 : top_need(f, q, S);
         if (K) {
             for (int s = 0; s < S; s++)
                 if (q[s].req >= 0) {
