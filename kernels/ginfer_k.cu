@@ -2151,7 +2151,10 @@ __device__ unsigned long long tk_kth(tk_shared *sh, const unsigned long long (&k
 #pragma unroll
         for (int j = 0; j < ITEMS; j++) {
             int bin = (key[j] & mask) == prefix ? (int)((key[j] >> shift) & 255) : -1;
-            /* one atomic a bin a warp: the top bytes of a row's logits share few bins */
+            /* one atomic a bin a warp (the top bytes of a row's logits share few bins); past
+             * the first byte most warps have no key left to count */
+            if (!__any_sync(0xffffffffu, bin >= 0))
+                continue;
             unsigned same = __match_any_sync(0xffffffffu, bin);
             if (bin >= 0 && (threadIdx.x & 31) == __ffs(same) - 1)
                 atomicAdd(&sh->hist[bin], (unsigned)__popc(same));
@@ -2208,6 +2211,20 @@ __device__ void tk_collect(tk_shared *sh, const unsigned long long (&key)[ITEMS]
     __syncthreads();
 }
 
+/* The K largest of the m keys rows[] (m <= TK_THREADS x ITEMS) into out[0..K). */
+template <int ITEMS>
+__device__ void tk_merge(tk_shared *sh, const unsigned long long *rows, int m, int K,
+                         unsigned long long *out)
+{
+    unsigned long long k2[ITEMS];
+#pragma unroll
+    for (int j = 0; j < ITEMS; j++) {
+        int i = j * TK_THREADS + threadIdx.x;
+        k2[j] = i < m ? __ldcg(rows + i) : 0;
+    }
+    tk_collect(sh, k2, tk_kth(sh, k2, K), out);
+}
+
 /* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its TK_PER of row
  * blockIdx.y into part[row][blockIdx.x][K] (unordered; 0 where the part has fewer); the
  * row's last block (a counter, reset by it) the K largest of the parts' (parts x K <=
@@ -2242,15 +2259,15 @@ __global__ void __launch_bounds__(TK_THREADS)
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * K;
     int m = gridDim.x * K;
-    unsigned long long k2[TK_ITEMS2];
-#pragma unroll
-    for (int j = 0; j < TK_ITEMS2; j++) {
-        int i = j * TK_THREADS + threadIdx.x;
-        k2[j] = i < m ? __ldcg(rows + i) : 0;
-    }
     for (int i = threadIdx.x; i < TK_SORT; i += TK_THREADS)
         srt[i] = 0;
-    tk_collect(&sh, k2, tk_kth(&sh, k2, K), srt);  /* K <= V: K keys that are not 0 */
+    /* K <= V: K keys that are not 0; as few registers a thread as the parts' keys need */
+    if (m <= TK_THREADS)
+        tk_merge<1>(&sh, rows, m, K, srt);
+    else if (m <= 4 * TK_THREADS)
+        tk_merge<4>(&sh, rows, m, K, srt);
+    else
+        tk_merge<TK_ITEMS2>(&sh, rows, m, K, srt);
     for (int size = 2; size <= TK_SORT; size <<= 1)
         for (int j = size >> 1; j > 0; j >>= 1) {
             int i = threadIdx.x, p = i ^ j;
