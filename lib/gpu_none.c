@@ -615,6 +615,11 @@ int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t 
 {
     return no_cuda(e);
 }
+int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int32_t *ids,
+                    float *logits, double *us, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_grouped_run(const float *x, const float *w1, const float *w2, const int32_t *idx,
                        int E, int K, int sh, int H, int F, int wf32, int one, float *h, float *y,
                        dsv3_err *e)
