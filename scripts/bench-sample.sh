@@ -33,7 +33,9 @@
 # SAMPLED=1 once more sampled with dsv3-sample's defaults (llama.cpp's: --temp 0.8, top-k 40,
 # top-p 0.95, min-p 0.05; --seed 7), run "sampled": each step's 40 largest logits found on the
 # device (infer_forward_top), and once more with DSV3_SAMPLE_FULL=1 (run "sampled-full": every
-# logit copied to the host), whose text must equal the sampled run's;
+# logit copied to the host), whose text must equal the sampled run's; and each batch size of
+# BATCHES twice more, sampled (temperature 0.8, request i seeded i) and sampled-full (rows
+# "batch B (sampled)", "batch B (sampled-full, results same as sampled)");
 # BATCHES (default "8 64") the batch sizes of the batch runs;
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
 # PREFILL=VALUE once more with DSV3_GINFER_PREFILL=VALUE (e.g. gemv: every prompt row through
@@ -141,18 +143,26 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             echo "$name fp8 folder: text $same as bf16 and as fp8 (greedy; the weights differ by one bf16 rounding)"
             rm -rf "${W:?}/$name-fp8"
         fi
-        for B in ${BATCHES:-8 64} $([ "${PDL:-}" = 0 ] && for b in ${BATCHES:-8 64}; do echo "$b:pdl-off"; done); do
+        for B in ${BATCHES:-8 64} $([ "${PDL:-}" = 0 ] && for b in ${BATCHES:-8 64}; do echo "$b:pdl-off"; done) \
+            $([ -n "${SAMPLED:-}" ] && for b in ${BATCHES:-8 64}; do echo "$b:sampled $b:sampled-full"; done); do
             tag=${B#*:} B=${B%%:*}
+            t=0
+            case $tag in sampled*) t=0.8 ;; esac
             [ "$tag" = "$B" ] && tag="" || tag=" ($tag)"
             : >"$W/req.jsonl"
             i=0
             while [ $i -lt $B ]; do
-                printf '{"prompt": "%s %d", "n_predict": %d, "temperature": 0}\n' "$P" $i "$N" >>"$W/req.jsonl"
+                printf '{"prompt": "%s %d", "n_predict": %d, "temperature": %s, "seed": %d}\n' "$P" $i "$N" $t $i >>"$W/req.jsonl"
                 i=$((i + 1))
             done
-            env $([ -n "$tag" ] && echo DSV3_GINFER_PDL=0) \
+            env $([ "$tag" = " (pdl-off)" ] && echo DSV3_GINFER_PDL=0) \
+                $([ "$tag" = " (sampled-full)" ] && echo DSV3_SAMPLE_FULL=1) \
                 "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda --batch --parallel $B \
                 --ignore-eos -c 256 <"$W/req.jsonl" >"$W/out.jsonl" 2>"$W/err"
+            case $tag in
+            " (sampled)") cp "$W/out.jsonl" "$W/out-sampled.jsonl" ;;
+            " (sampled-full)") tag=" (sampled-full, results $(cmp -s "$W/out.jsonl" "$W/out-sampled.jsonl" && echo same || echo DIFFERENT) as sampled)" ;;
+            esac
             rates "$W/err"
             floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" $B $((ptok / B + N / 2)) gpu)
             fl=$(echo "$floor" | sed 's/.*floor \([0-9.]*\) tokens\/s.*/\1/')
