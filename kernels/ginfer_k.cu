@@ -1485,6 +1485,21 @@ extern "C" int ginfer_route1_norm_run(const float *x, const float *delta, const 
     return rc ? -1 : 0;
 }
 
+/* The tests' rows x[N, V] and ban[V] (or NULL) on the device, and a zeroed scratch of ss
+ * bytes: 0, or -1 with what is allocated left for the caller to free. */
+static int rows_to_device(const float *x, int N, int V, const uint8_t *ban, size_t ss,
+                          float **dx, uint8_t **db, void **scr, const char *who, dsv3_err *e)
+{
+    if (cudaMalloc(dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
+        cudaMalloc(db, (size_t)V + 1) != cudaSuccess || cudaMalloc(scr, ss) != cudaSuccess)
+        return err_set(e, "%s: out of device memory", who);
+    cudaMemcpy(*dx, x, (size_t)N * V * 4, cudaMemcpyHostToDevice);
+    if (ban)
+        cudaMemcpy(*db, ban, (size_t)V, cudaMemcpyHostToDevice);
+    cudaMemset(*scr, 0, ss);
+    return 0;
+}
+
 extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K,
                                int32_t *ids, float *logits, double *us, dsv3_err *e)
 {
@@ -1493,18 +1508,12 @@ extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban,
     gk_cand *h = NULL, *d = NULL;
     void *scr = NULL;
     size_t ss = gk_topk_scratch(N, V, K);
-    int rc = 0;
-    if (cudaMalloc(&dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
-        cudaMalloc(&db, (size_t)V + 1) != cudaSuccess || cudaMalloc(&scr, ss) != cudaSuccess ||
-        cudaHostAlloc((void **)&h, (size_t)N * K * sizeof *h + 8, cudaHostAllocMapped) !=
-            cudaSuccess ||
-        cudaHostGetDevicePointer((void **)&d, h, 0) != cudaSuccess)
-        rc = err_set(e, "ginfer_topk_run: out of memory");
+    int rc = rows_to_device(x, N, V, ban, ss, &dx, &db, &scr, "ginfer_topk_run", e);
+    if (!rc && (cudaHostAlloc((void **)&h, (size_t)N * K * sizeof *h + 8, cudaHostAllocMapped) !=
+                    cudaSuccess ||
+                cudaHostGetDevicePointer((void **)&d, h, 0) != cudaSuccess))
+        rc = err_set(e, "ginfer_topk_run: out of mapped host memory");
     if (!rc) {
-        cudaMemcpy(dx, x, (size_t)N * V * 4, cudaMemcpyHostToDevice);
-        if (ban)
-            cudaMemcpy(db, ban, (size_t)V, cudaMemcpyHostToDevice);
-        cudaMemset(scr, 0, ss);
         /* twice: the second call finds the counters as the first left them */
         for (int t = 0; t < 2 && !rc; t++) {
             memset(h, 0xff, (size_t)N * K * sizeof *h);
@@ -1546,16 +1555,10 @@ extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ba
     int32_t *dout = NULL;
     void *scr = NULL;
     size_t ss = gk_argmax_scratch(N);
-    int rc = 0;
-    if (cudaMalloc(&dx, (size_t)N * V * 4 + 4) != cudaSuccess ||
-        cudaMalloc(&db, (size_t)V + 1) != cudaSuccess ||
-        cudaMalloc(&dout, (size_t)N * 4) != cudaSuccess || cudaMalloc(&scr, ss) != cudaSuccess)
+    int rc = rows_to_device(x, N, V, ban, ss, &dx, &db, &scr, "ginfer_argmax_run", e);
+    if (!rc && cudaMalloc(&dout, (size_t)N * 4) != cudaSuccess)
         rc = err_set(e, "ginfer_argmax_run: out of device memory");
     if (!rc) {
-        cudaMemcpy(dx, x, (size_t)N * V * 4, cudaMemcpyHostToDevice);
-        if (ban)
-            cudaMemcpy(db, ban, (size_t)V, cudaMemcpyHostToDevice);
-        cudaMemset(scr, 0, ss);
         /* twice: the second call finds the counters as the first left them */
         for (int t = 0; t < 2 && !rc; t++) {
             cudaMemset(dout, 0xff, (size_t)N * 4);

@@ -98,27 +98,38 @@ static void test_stop_across_tokens(void)
     bpe_free(b);
 }
 
-/* A one-layer model whose head is zero: every logit 0, so greedy takes the lowest id (the
+/* A random tiny model of the EOS tokenizer's 257 ids, weights of std sd. */
+static int tiny_model(dsv3_model *m, double sd)
+{
+    dsv3_config c = {.vocab_size = 257, .hidden_size = 16, .intermediate_size = 16,
+                     .moe_intermediate_size = 8, .num_hidden_layers = 2,
+                     .num_attention_heads = 2, .kv_lora_rank = 8, .qk_nope_head_dim = 4,
+                     .qk_rope_head_dim = 4, .v_head_dim = 4, .n_routed_experts = 4,
+                     .num_experts_per_tok = 2, .n_group = 1, .topk_group = 1,
+                     .routed_scaling_factor = 1, .first_k_dense_replace = 1,
+                     .rms_norm_eps = 1e-6, .max_position_embeddings = 64,
+                     .initializer_range = 0.02, .rope_theta = 10000, .rope_interleave = 1,
+                     .bos_token_id = -1, .eos_token_id = -1};
+    dsv3_err e;
+    if (model_init(m, &c, &e)) {
+        CHECKF(0, "%s", e.msg);
+        return -1;
+    }
+    model_init_random(m, test_rand(), sd);
+    return 0;
+}
+
+/* A model whose head is zero: every logit 0, so greedy takes the lowest id (the
  * end-of-sequence token); the run stops there at once, or goes to -n without an EOS id,
  * or to the full context. */
 static void test_run_stops(void)
 {
     bpe *b = eos_tokenizer();
     REQUIRE(b);
-    dsv3_config c = {.vocab_size = 257, .hidden_size = 8, .intermediate_size = 8,
-                     .moe_intermediate_size = 4, .num_hidden_layers = 1,
-                     .num_attention_heads = 2, .kv_lora_rank = 4, .qk_nope_head_dim = 4,
-                     .qk_rope_head_dim = 4, .v_head_dim = 4, .n_routed_experts = 2,
-                     .num_experts_per_tok = 1, .n_group = 1, .topk_group = 1,
-                     .routed_scaling_factor = 1, .first_k_dense_replace = 1,
-                     .rms_norm_eps = 1e-6, .max_position_embeddings = 16,
-                     .initializer_range = 0.02, .rope_theta = 10000, .rope_interleave = 1,
-                     .bos_token_id = -1, .eos_token_id = -1};
     dsv3_model m;
     dsv3_err e;
-    REQUIRE(model_init(&m, &c, &e) == 0);
-    model_init_random(&m, test_rand(), 0.1);
-    memset(m.w.lm_head, 0, sizeof(float) * 257 * 8);
+    REQUIRE(tiny_model(&m, 0.1) == 0);
+    memset(m.w.lm_head, 0, sizeof(float) * 257 * (size_t)m.cfg.hidden_size);
     infer *f;
     REQUIRE(infer_new(&f, &m, 8, 1, &e) == 0);
     int32_t ids[3] = {5, 6, 7};
@@ -148,28 +159,27 @@ static void test_run_stops(void)
     bpe_free(b);
 }
 
-/* A random tiny model of the EOS tokenizer's 257 ids, weights of std sd. */
-static int tiny_model(dsv3_model *m, double sd)
+enum { NREQ = 7, SLOTS = 3, CTX = 24 };
+
+/* The run tests' requests: prompt lengths and -n (-1: to EOS or the context). */
+static const int NP[NREQ] = {3, 12, 5, 2, 8, 10, 4}, NPRED[NREQ] = {-1, 6, 9, 1, -1, 14, 5};
+
+/* The EOS tokenizer, a random tiny model (std 0.5) and NREQ random prompts of lengths NP. */
+static int run_fixture(bpe **b, dsv3_model *m, int32_t p[][12])
 {
-    dsv3_config c = {.vocab_size = 257, .hidden_size = 16, .intermediate_size = 16,
-                     .moe_intermediate_size = 8, .num_hidden_layers = 2,
-                     .num_attention_heads = 2, .kv_lora_rank = 8, .qk_nope_head_dim = 4,
-                     .qk_rope_head_dim = 4, .v_head_dim = 4, .n_routed_experts = 4,
-                     .num_experts_per_tok = 2, .n_group = 1, .topk_group = 1,
-                     .routed_scaling_factor = 1, .first_k_dense_replace = 1,
-                     .rms_norm_eps = 1e-6, .max_position_embeddings = 64,
-                     .initializer_range = 0.02, .rope_theta = 10000, .rope_interleave = 1,
-                     .bos_token_id = -1, .eos_token_id = -1};
-    dsv3_err e;
-    if (model_init(m, &c, &e)) {
-        CHECKF(0, "%s", e.msg);
+    *b = eos_tokenizer();
+    CHECK(*b != NULL);
+    if (!*b)
+        return -1;
+    if (tiny_model(m, 0.5)) {
+        bpe_free(*b);
         return -1;
     }
-    model_init_random(m, test_rand(), sd);
+    for (int i = 0; i < NREQ; i++)
+        for (int t = 0; t < NP[i]; t++)
+            p[i][t] = 1 + (int32_t)(test_rand() % 256);
     return 0;
 }
-
-enum { NREQ = 7, SLOTS = 3, CTX = 24 };
 
 /* Runs the NREQ requests (prompts p, lengths np, -n as given) on a fresh engine of SLOTS
  * slots, greedily (sp NULL) or with sp (request i seeded seed + i); out[i] each request's
@@ -224,21 +234,14 @@ static int same_result(const sample_request *a, const sample_request *b)
  * same slot lengths after each turn. */
 static void test_run_ahead_same(void)
 {
-    bpe *b = eos_tokenizer();
-    REQUIRE(b);
+    bpe *b;
     dsv3_model m;
-    if (tiny_model(&m, 0.5)) {
-        bpe_free(b);
-        return;
-    }
     int32_t p[NREQ][12];
-    int np[NREQ] = {3, 12, 5, 2, 8, 10, 4}, npred[NREQ] = {-1, 6, 9, 1, -1, 14, 5};
-    for (int i = 0; i < NREQ; i++)
-        for (int t = 0; t < np[i]; t++)
-            p[i][t] = 1 + (int32_t)(test_rand() % 256);
+    if (run_fixture(&b, &m, p))
+        return;
     sample_request a[NREQ], w[NREQ];
     sample_stats sa, sw;
-    if (run_all(&m, b, p, np, npred, NULL, 0, -1, 1, w, &sw))
+    if (run_all(&m, b, p, NP, NPRED, NULL, 0, -1, 1, w, &sw))
         goto out;
     /* an EOS id request 4 generates at its third token, a stop string request 0's
      * tokens 5 and 6 make */
@@ -254,8 +257,8 @@ static void test_run_ahead_same(void)
     for (int pass = 0; pass < 2; pass++) {  /* ended by -n and the context; then EOS, stop */
         for (int i = 0; i < NREQ; i++)
             sample_request_free(&w[i]);
-        if (run_all(&m, b, p, np, npred, stops, pass ? ns : 0, pass ? eos : -1, 1, w, &sw) ||
-            run_all(&m, b, p, np, npred, stops, pass ? ns : 0, pass ? eos : -1, 0, a, &sa))
+        if (run_all(&m, b, p, NP, NPRED, stops, pass ? ns : 0, pass ? eos : -1, 1, w, &sw) ||
+            run_all(&m, b, p, NP, NPRED, stops, pass ? ns : 0, pass ? eos : -1, 0, a, &sa))
             goto out;
         for (int i = 0; i < NREQ; i++) {
             same += same_result(&a[i], &w[i]);
@@ -321,18 +324,11 @@ out:
  * text, on the CPU engine. */
 static void test_run_top_same(void)
 {
-    bpe *b = eos_tokenizer();
-    REQUIRE(b);
+    bpe *b;
     dsv3_model m;
-    if (tiny_model(&m, 0.5)) {
-        bpe_free(b);
-        return;
-    }
     int32_t p[NREQ][12];
-    int np[NREQ] = {3, 12, 5, 2, 8, 10, 4}, npred[NREQ] = {-1, 6, 9, 1, -1, 14, 5};
-    for (int i = 0; i < NREQ; i++)
-        for (int t = 0; t < np[i]; t++)
-            p[i][t] = 1 + (int32_t)(test_rand() % 256);
+    if (run_fixture(&b, &m, p))
+        return;
     sampler_params sp[4];
     for (int k = 0; k < 4; k++) {
         sampler_params_default(&sp[k]);
@@ -346,8 +342,8 @@ static void test_run_top_same(void)
     for (int k = 0; k < 4; k++) {
         sample_request a[NREQ], w[NREQ];
         sample_stats sa, sw;
-        if (run_sp(&m, b, p, np, npred, NULL, 0, 0, 0, 1, &sp[k], w, &sw) ||
-            run_sp(&m, b, p, np, npred, NULL, 0, 0, 0, 0, &sp[k], a, &sa))
+        if (run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 0, 1, &sp[k], w, &sw) ||
+            run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 0, 0, &sp[k], a, &sa))
             break;
         for (int i = 0; i < NREQ; i++) {
             same += same_result(&a[i], &w[i]);
