@@ -55,7 +55,7 @@ THREADS=${THREADS:-1}  # the dev VM's 2 cores are shared: 2 OpenMP threads wait 
 BIN=$BUILD/bin
 W=$(mktemp -d /tmp/dsv3-bench-sample-XXXXXX)
 trap 'rm -rf "$W"' EXIT
-echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit ${COMMIT:-$(git rev-parse --short HEAD)}, load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
+echo "# $(date -u '+%F %H:%M') $(uname -m) $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), commit ${COMMIT:-$(cat "$BUILD/COMMIT" 2>/dev/null || git rev-parse --short HEAD)}, load average $(cut -d" " -f1 /proc/loadavg), dsv3-sample --threads $THREADS"
 . "$(dirname "$0")/decode-inputs.sh"
 decode_tokenizer "$BIN" "$W"
 "$BIN/dsv3-config" --quiet --init "$W/model" --seed 1 "$CONFIG"

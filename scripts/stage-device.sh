@@ -18,6 +18,8 @@ pack)
     cp -a "$BUILD/tests/gpu" "$BUILD/tests/bench" .stage-lead/build/tests/
     find .stage-lead \( -name '*.o' -o -name '*.d' \) -delete
     find .stage-lead/build -type f -perm -u+x -exec strip --strip-debug {} + 2>/dev/null || true
+    # the commit the build is of (the device's copy of the tree may carry a stale git HEAD)
+    git describe --always --dirty >.stage-lead/build/COMMIT 2>/dev/null || echo ? >.stage-lead/build/COMMIT
     tar -C .stage-lead -cf - build | xz -T2 -6 >.stage-pack/build.txz
     rm -rf .stage-lead
     echo "staged: .stage-pack/build.txz ($(du -m .stage-pack/build.txz | cut -f1) MiB), commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
