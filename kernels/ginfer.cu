@@ -1179,9 +1179,10 @@ static int layers(ginfer *g, int n, int nsplit, dsv3_err *e)
            mtp_keep(g, n, e) ? -1 : 0;
 }
 
-/* Packs rows [r0, r0+n) into the host input block (padding up to pad rows) and uploads it. */
-static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const int *pos,
-                       const int32_t *ids, dsv3_err *e)
+/* Packs rows [r0, r0+n) into the host input block, padding up to pad rows (the spare slot),
+ * each with the ring place the next step queued takes. */
+static void pack_rows(ginfer *g, int r0, int n, int pad, const int *slot, const int *pos,
+                      const int32_t *ids)
 {
     int R = g->rmax;
     g->feed_n = -1;
@@ -1190,26 +1191,25 @@ static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const
         g->h_in[i] = in ? ids[r0 + i] : 0;
         g->h_in[R + i] = in ? slot[r0 + i] : g->n_slots;
         g->h_in[2 * R + i] = in ? pos[r0 + i] : 0;
-        g->h_in[3 * R + i] = (g->q0 + g->nq) % AHEAD;  /* the next step queued takes it */
+        g->h_in[3 * R + i] = (g->q0 + g->nq) % AHEAD;
     }
-    return gpu_upload(g->c, g->d_in, g->h_in, (size_t)4 * R * sizeof(int), e);
 }
 
-/* upload_rows for a decode step of n rows (B with the padding) without waiting for the copy:
- * the host block is pageable, so the copy has taken it once the call returns. */
+/* pack_rows, then the upload, waited for. */
+static int upload_rows(ginfer *g, int r0, int n, int pad, const int *slot, const int *pos,
+                       const int32_t *ids, dsv3_err *e)
+{
+    pack_rows(g, r0, n, pad, slot, pos, ids);
+    return gpu_upload(g->c, g->d_in, g->h_in, (size_t)4 * g->rmax * sizeof(int), e);
+}
+
+/* The rows of a decode step (B with the padding), uploaded without waiting for the copy: the
+ * host block is pageable, so the copy has taken it once the call returns. */
 static int upload_step(ginfer *g, int n, int B, const int *slot, const int *pos,
                        const int32_t *ids, dsv3_err *e)
 {
-    int R = g->rmax;
-    g->feed_n = -1;
-    for (int i = 0; i < B; i++) {
-        int in = i < n;
-        g->h_in[i] = in ? ids[i] : 0;
-        g->h_in[R + i] = in ? slot[i] : g->n_slots;
-        g->h_in[2 * R + i] = in ? pos[i] : 0;
-        g->h_in[3 * R + i] = (g->q0 + g->nq) % AHEAD;
-    }
-    CUDA_TRY(cudaMemcpyAsync(g->d_in, g->h_in, (size_t)4 * R * sizeof(int),
+    pack_rows(g, 0, n, B, slot, pos, ids);
+    CUDA_TRY(cudaMemcpyAsync(g->d_in, g->h_in, (size_t)4 * g->rmax * sizeof(int),
                              cudaMemcpyHostToDevice, g->s), e);
     return 0;
 }

@@ -2124,8 +2124,9 @@ __global__ void __launch_bounds__(ARG_THREADS)
  * registers and finds the K-th largest a byte at a time from the top (a 256-bin histogram
  * of the keys that match the bytes found so far, then the bin where the count from the top
  * reaches K), stopping once the bin holds exactly the keys still wanted; the keys at or
- * above it are then the K. Loading the keys once, every load in flight together, matters:
- * a loop re-reading them for each byte waited ~20 us on its loads. */
+ * above it are then the K. A selection is bound by its warp-wide matches (each ~9 us when
+ * every warp matched every byte, docs/PERF.md fifteenth session call 7): past the first
+ * byte, warps with no key left under the prefix skip them. */
 #define TK_THREADS 1024
 #define TK_ITEMS 8                            /* a part's keys a thread */
 #define TK_PER (TK_THREADS * TK_ITEMS)        /* a part's keys */
@@ -2140,8 +2141,8 @@ struct tk_shared {
     int need, done, count;
 };
 
-/* The need-th largest of the block's keys (1 <= need <= the keys that are not 0... or any,
- * need <= their count), every thread of the block the same. */
+/* The need-th largest of the block's keys, every thread of the block the same. Keys of 0 are
+ * padding: need is at most the count of the others, so the bound is a real key. */
 template <int ITEMS>
 __device__ unsigned long long tk_kth(tk_shared *sh, const unsigned long long (&key)[ITEMS],
                                      int need)

@@ -810,10 +810,10 @@ int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e)
     if (!f->anq)
         return err_set(e, "infer: no greedy step queued to collect");
     int k = f->aq0;
-    if (f->aq_dev[k] ? ginfer_greedy_collect(f->g, out, e) : 0)
-        return -1;
     if (!f->aq_dev[k])
         memcpy(out, f->aq_out[k], (size_t)f->aq_n[k] * sizeof *out);
+    else if (ginfer_greedy_collect(f->g, out, e))
+        return -1;
     f->aq0 = k ^ 1;
     f->anq--;
     return 0;

@@ -347,7 +347,7 @@ static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, con
 
 /* Whether the rows' next greedy step can be queued before this one's tokens are known:
  * no sequence ends with this step for certain (its -n or the context), and each has room
- * for one more position. Rows of slots freed on the way are not continued. */
+ * for one more position. */
 static int may_continue(const infer *f, const seq *q, const sample_request *reqs,
                         const int *slot, int R)
 {
