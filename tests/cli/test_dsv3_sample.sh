@@ -221,3 +221,16 @@ $G -p "number 3<｜User｜>the cat<｜Assistant｜>" -n 8 --temp 0 >"$T/turn1"
 n1=$(wc -c <"$T/turn1")
 check chat_first_turn_is_template cmp -s -n "$n1" "$T/chat.out" "$T/turn1"
 check chat_second_turn [ "$(wc -c <"$T/chat.out")" -gt $((n1 + 1)) ]
+
+# How steps run, not what they give: greedy steps that wait for the host (DSV3_SAMPLE_AHEAD=0,
+# not queued one ahead) and sampled steps drawn from every logit (DSV3_SAMPLE_FULL=1, not
+# from the top-k candidates): the same bytes, alone, in a batch and in a chat.
+DSV3_SAMPLE_AHEAD=0 $G -p "the cat" -n 40 --temp 0 --seed 1 >"$T/g1w"
+check greedy_waiting_same cmp -s "$T/g1" "$T/g1w"
+DSV3_SAMPLE_FULL=1 $G -p "the cat" -n 30 --temp 1 --seed 5 >"$T/s5f"
+check sampled_full_same cmp -s "$T/s5a" "$T/s5f"
+DSV3_SAMPLE_AHEAD=0 DSV3_SAMPLE_FULL=1 $G --batch --parallel 3 --seed 11 <"$T/req.jsonl" \
+    >"$T/batchw.jsonl"
+check batch_waiting_full_same cmp -s "$T/batch.jsonl" "$T/batchw.jsonl"
+DSV3_SAMPLE_AHEAD=0 $G --chat --system "number 3" -n 8 --temp 0 <"$T/turns" >"$T/chatw.out"
+check chat_waiting_same cmp -s "$T/chat.out" "$T/chatw.out"
