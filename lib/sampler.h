@@ -48,6 +48,10 @@ void sampler_penalty(sampler_cands *c, const int32_t *hist, int n_hist, int last
                      float penalty);
 void sampler_top_k(sampler_cands *c, int k);
 void sampler_softmax(sampler_cands *c);  /* sorts, then p = softmax(logit) */
+/* Over more than 1024 unsorted candidates (top-k off) top-p sorts only the prefix it keeps
+ * (its softmax then sums every candidate in the list's order, not the sorted one: the same
+ * bounds, and a prefix can differ only where its mass lands within rounding of p), and
+ * min-p sorts only those it keeps (the same list as sorting all). */
 void sampler_top_p(sampler_cands *c, double p);
 void sampler_min_p(sampler_cands *c, double p);
 void sampler_temp(sampler_cands *c, double t);

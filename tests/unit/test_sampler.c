@@ -278,6 +278,74 @@ static void test_sample_top(void)
     printf("# sample_top: %d of %d draws the full draw's (%d with no bound)\n", same, ran, none);
 }
 
+/* top-p and min-p over many unsorted candidates (top-k off: they sort only what they keep)
+ * against sorting every candidate first: min-p the same list bit for bit (p above 1 too:
+ * the largest alone); top-p the prefix whose mass, by the softmax's sum in the list's first
+ * order, reaches p, for peaked and flat logits with ties. */
+static void test_top_p_min_p_unsorted(void)
+{
+    enum { N = 5000 };
+    static sampler_cand a[N], b[N];
+    static const double ps[] = {0.05, 0.5, 0.9, 0.999, 1.5};
+    int cases = 0, same = 0;
+    for (int rep = 0; rep < 60; rep++) {
+        int peaked = rep % 2, n = 1100 + (int)(test_rand() % (N - 1100));
+        double p = ps[test_rand() % 5];
+        for (int i = 0; i < n; i++) {
+            double u = (test_rand() >> 11) * 0x1p-53;
+            float l = peaked ? (float)(12 * pow(u, 16) - 2) : (float)((int)(u * 64) * 0.0625);
+            a[i] = (sampler_cand){(int32_t)((i * 7919) % n), l, 0};  /* ids not in order */
+        }
+        /* min-p */
+        memcpy(b, a, sizeof(sampler_cand) * (size_t)n);
+        sampler_cands ca = {a, n, 0}, cb = {b, n, 0};
+        qsort(b, (size_t)n, sizeof *b, by_rank);
+        cb.sorted = 1;
+        sampler_min_p(&ca, p < 1 ? p / 4 : p);
+        sampler_min_p(&cb, p < 1 ? p / 4 : p);
+        int ok = ca.n == cb.n;
+        for (int i = 0; ok && i < ca.n; i++)
+            ok = a[i].id == b[i].id && a[i].logit == b[i].logit;
+        /* top-p (p < 1), from the same unsorted start */
+        for (int i = 0; i < n; i++)
+            a[i] = (sampler_cand){(int32_t)((i * 7919) % n), 0, 0};
+        if (p < 1) {
+            uint64_t seed = test_rand();
+            for (int i = 0; i < n; i++) {
+                seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                double u = (seed >> 11) * 0x1p-53;
+                a[i].logit = peaked ? (float)(12 * pow(u, 16) - 2) : (float)((int)(u * 64) * 0.0625);
+            }
+            double mx = a[0].logit, sum = 0;
+            for (int i = 1; i < n; i++)
+                mx = a[i].logit > mx ? a[i].logit : mx;
+            for (int i = 0; i < n; i++)
+                sum += exp((double)a[i].logit - mx);
+            memcpy(b, a, sizeof(sampler_cand) * (size_t)n);
+            qsort(b, (size_t)n, sizeof *b, by_rank);
+            int want = n;
+            double cum = 0;
+            for (int i = 0; i < n; i++) {
+                cum += (float)(exp((double)b[i].logit - mx) / sum);
+                if (cum >= p) {
+                    want = i + 1;
+                    break;
+                }
+            }
+            ca = (sampler_cands){a, n, 0};
+            sampler_top_p(&ca, p);
+            ok = ok && ca.n == want && ca.sorted;
+            for (int i = 0; ok && i < want; i++)
+                ok = a[i].id == b[i].id;
+        }
+        cases++;
+        same += ok;
+        CHECKF(ok, "rep %d: n %d, p %g, %s logits: not as sorting every candidate", rep, n, p,
+               peaked ? "peaked" : "flat");
+    }
+    printf("# unsorted top-p / min-p: %d of %d lists as sorting every candidate\n", same, cases);
+}
+
 int main(void)
 {
     test_seed();
@@ -292,5 +360,6 @@ int main(void)
     RUN(test_frequencies);
     RUN(test_greedy_and_seed);
     RUN(test_sample_top);
+    RUN(test_top_p_min_p_unsorted);
     TEST_EXIT();
 }
