@@ -345,6 +345,23 @@ static int verify(infer *f, int s, seq *z, sample_request *r, float *logits, con
     return infer_slot_truncate(f, s, len, e);
 }
 
+/* A decode step's rows: one a running sequence (its next token), and one more for its draft
+ * where draft (or NULL) has one. Returns how many. */
+static int step_rows(const seq *q, int S, const int32_t *draft, int *slot, int32_t *ids)
+{
+    int R = 0;
+    for (int s = 0; s < S; s++)
+        if (q[s].req >= 0) {
+            slot[R] = s;
+            ids[R++] = q[s].next;
+            if (draft && draft[s] >= 0) {
+                slot[R] = s;
+                ids[R++] = draft[s];
+            }
+        }
+    return R;
+}
+
 /* Whether the rows' next greedy step can be queued before this one's tokens are known:
  * no sequence ends with this step for certain (its -n or the context), and each has room
  * for one more position. */
@@ -493,21 +510,13 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         for (int s = 0; s < S && greedy; s++)
             greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
         if (greedy && !o->mtp && !o->no_ahead) {
-            for (int s = 0; s < S; s++)
-                if (q[s].req >= 0) {
-                    slot[R] = s;
-                    ids[R++] = q[s].next;
-                }
+            R = step_rows(q, S, NULL, slot, ids);
             rc = run_ahead(f, q, reqs, slot, ids, R, next, o, st, e);
             continue;
         }
         int K = greedy || o->mtp || o->full_logits ? 0 : top_need(f, q, S);
         if (K) {
-            for (int s = 0; s < S; s++)
-                if (q[s].req >= 0) {
-                    slot[R] = s;
-                    ids[R++] = q[s].next;
-                }
+            R = step_rows(q, S, NULL, slot, ids);
             rc = step_top(f, q, reqs, slot, ids, R, K, top_id, top_logit, cand, o, st, e);
             continue;
         }
@@ -516,16 +525,8 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         else
             for (int s = 0; s < S; s++)
                 draft[s] = -1;
-        /* One decode step: a row per running sequence, and one more for its draft. */
-        for (int s = 0; s < S && !rc; s++)
-            if (q[s].req >= 0) {
-                slot[R] = s;
-                ids[R++] = q[s].next;
-                if (draft[s] >= 0) {
-                    slot[R] = s;
-                    ids[R++] = draft[s];
-                }
-            }
+        if (!rc)
+            R = step_rows(q, S, draft, slot, ids);
         if (!rc && greedy)
             rc = infer_forward_greedy(f, R, slot, ids, next, e);
         else if (!rc)
