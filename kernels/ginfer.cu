@@ -62,9 +62,11 @@ struct gprof {
 };
 
 /* A decode step queued: n rows through bucket b's graph, whose argmax writes the greedy ids to
- * h_tok (mapped pinned memory: no copy between the graphs); tail: the logits copied to
- * h_logits after it, or their largest found (ginfer_forward_top); events before and after
- * the replay and after the tail; done once waited for (its device time counted). */
+ * h_tok (mapped pinned memory: no copy between the graphs); tail: TAIL_LOGITS, the logits
+ * copied to h_logits after it, or TAIL_TOPK, their largest found or drawn from (gk_topk:
+ * counted as device time); events before and after the replay and after the tail; done once
+ * waited for (its device time counted). */
+enum { TAIL_NONE, TAIL_LOGITS, TAIL_TOPK };
 struct gstep {
     int n, b, done, tail;
     int32_t *h_tok;
@@ -137,6 +139,9 @@ struct ginfer {
     int q0, nq;
     int feed_n;         /* rows of the last step queued by ginfer_greedy_submit, whose next
                          * inputs its argmax left in d_in; -1 after anything else */
+    int feed_K;         /* that step's candidates a row when it drew (ginfer_draw_submit),
+                         * else 0 */
+    sampler_draw *d_draw; /* [rmax]: the rows' draws, their random states moved on by each */
     double graph_s;     /* device time of the replays */
     void **allocs;
     int n_allocs, cap_allocs;
@@ -1214,6 +1219,12 @@ static int upload_step(ginfer *g, int n, int B, const int *slot, const int *pos,
     return 0;
 }
 
+/* The feed that the decode graphs' argmax (capture) and a draw step's gk_topk_draw share. */
+static gk_feed feed_of(const ginfer *g)
+{
+    return gk_feed{g->d_in, g->rmax, g->n_slots, g->d_tokm, AHEAD, g->bucket_max};
+}
+
 /* Captures the decode step of B rows (bucket b). */
 static int capture(ginfer *g, int b, int B, dsv3_err *e)
 {
@@ -1232,7 +1243,7 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
     mark(g, "gemv head", (double)g->V * g->H * g->wsz);
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
      * logits, to the host, and the next step's inputs are on the device already */
-    gk_feed fd = {g->d_in, g->rmax, g->n_slots, g->d_tokm, AHEAD, g->bucket_max};
+    gk_feed fd = feed_of(g);
     rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok,
                          &fd, e);
     mark(g, "argmax", (double)B * g->V * 4);
@@ -1280,7 +1291,7 @@ static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
     t->n = n;
     t->b = b;
     t->done = 0;
-    t->tail = logits;
+    t->tail = logits ? TAIL_LOGITS : TAIL_NONE;
     CUDA_TRY(cudaEventRecord(t->ev[0], g->s), e);
     if (gpu_graph_launch(g->c, g->graph[b], e))
         return -1;
@@ -1304,7 +1315,7 @@ static int wait_step(ginfer *g, int k, dsv3_err *e)
     CUDA_TRY(cudaEventSynchronize(t->ev[t->tail ? 2 : 1]), e);
     t->done = 1;
     float ms = 0;
-    if (cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)
+    if (cudaEventElapsedTime(&ms, t->ev[0], t->ev[t->tail == TAIL_TOPK ? 2 : 1]) == cudaSuccess)
         g->graph_s += ms * 1e-3;
     if (t->b == 0 && g->prof && g->prof->n) {
         gprof *p = g->prof;
@@ -1395,27 +1406,64 @@ extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const in
     return decode(g, n, slot, pos, ids, NULL, out, e);
 }
 
-extern "C" int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos,
-                                    const int32_t *ids, dsv3_err *e)
+static int top_room(ginfer *g, int n, int K, dsv3_err *e);
+
+/* A draw step's candidates a row (the largest top_k), with room for them; 0 when no row
+ * draws more than the greedy one. */
+static int draw_room(ginfer *g, int n, const sampler_draw *draw, int *K, dsv3_err *e)
+{
+    *K = 1;
+    for (int r = 0; r < n; r++) {
+        if (draw[r].top_k < 1 || draw[r].top_k > ginfer_top_max(g))
+            return err_set(e, "ginfer: row %d draws from its %d largest logits (1 to %d)", r,
+                           draw[r].top_k, ginfer_top_max(g));
+        *K = draw[r].top_k > *K ? draw[r].top_k : *K;
+    }
+    if (!g->d_draw && !(g->d_draw = (sampler_draw *)dal(g, (size_t)g->rmax * sizeof *g->d_draw, e)))
+        return -1;
+    if (top_room(g, n, *K, e))
+        return -1;
+    CUDA_TRY(cudaMemcpyAsync(g->d_draw, draw, (size_t)n * sizeof *draw, cudaMemcpyHostToDevice,
+                             g->s), e);
+    return 0;
+}
+
+extern "C" int ginfer_draw_submit(ginfer *g, int n, const int *slot, const int *pos,
+                                  const int32_t *ids, const sampler_draw *draw, dsv3_err *e)
 {
     if (n <= 0 || n > decode_rows(g))
-        return err_set(e, "ginfer: a greedy step of %d rows (1 to %d)", n, decode_rows(g));
+        return err_set(e, "ginfer: a decode step of %d rows (1 to %d)", n, decode_rows(g));
     if (g->nq == AHEAD)
-        return err_set(e, "ginfer: %d greedy steps queued already (collect one first)", AHEAD);
+        return err_set(e, "ginfer: %d decode steps queued already (collect one first)", AHEAD);
     if (ids && g->nq)
-        return err_set(e, "ginfer: new rows while greedy steps are queued (collect them first)");
+        return err_set(e, "ginfer: new rows while decode steps are queued (collect them first)");
     if (!ids && g->feed_n != n)
-        return err_set(e, "ginfer: no greedy step of %d rows queued before to continue", n);
-    int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD;
-    if (ids && (upload_step(g, n, B, slot, pos, ids, e) ||
-                (!g->graph[b] && capture(g, b, B, e))))
+        return err_set(e, "ginfer: no decode step of %d rows queued before to continue", n);
+    int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD, K = ids ? 0 : g->feed_K;
+    if (ids && ((draw && draw_room(g, n, draw, &K, e)) ||
+                upload_step(g, n, B, slot, pos, ids, e) || (!g->graph[b] && capture(g, b, B, e))))
         return -1;
     if (queue_step(g, k, n, b, 0, e))
         return -1;
+    if (K) {  /* the draw replaces the graph's argmax choice */
+        gk_feed fd = feed_of(g);
+        if (gk_topk_draw(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, NULL,
+                         g->d_draw, &fd, e))
+            return -1;
+        CUDA_TRY(cudaEventRecord(g->st[k].ev[2], g->s), e);
+        g->st[k].tail = TAIL_TOPK;
+    }
     g->nq++;
     g->feed_n = n;
+    g->feed_K = K;
     /* the profile's events are recorded again by every replay: read them before the next */
     return g->prof ? wait_step(g, k, e) : 0;
+}
+
+extern "C" int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos,
+                                    const int32_t *ids, dsv3_err *e)
+{
+    return ginfer_draw_submit(g, n, slot, pos, ids, NULL, e);
 }
 
 extern "C" int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e)
@@ -1477,7 +1525,7 @@ extern "C" int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *
         gk_topk(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, g->d_top, e))
         return -1;
     CUDA_TRY(cudaEventRecord(t->ev[2], g->s), e);
-    t->tail = 1;
+    t->tail = TAIL_TOPK;
     if (wait_step(g, k, e))
         return -1;
     for (long i = 0; i < (long)n * K; i++) {

@@ -61,6 +61,7 @@ extern "C" {
 #endif
 
 #include "../lib/model.h"
+#include "../lib/sampler_draw.h"
 
 typedef struct ginfer ginfer;
 
@@ -112,6 +113,13 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                          dsv3_err *e);
 int ginfer_greedy_collect(ginfer *g, int32_t *out, dsv3_err *e);
+/* ginfer_greedy_submit's steps with each row drawn on the device (lib/sampler_draw: greedy
+ * or sampled from its top_k <= ginfer_top_max largest logits, bit for bit
+ * sampler_draw_top's; draw NULL: every row greedy): after the decode graph gk_topk_draw
+ * replaces the graph's argmax choice, so a continuation (ids NULL; draw unread) goes on
+ * drawing with the random states the device moved on. Collected by ginfer_greedy_collect. */
+int ginfer_draw_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                       const sampler_draw *draw, dsv3_err *e);
 /* A decode step as ginfer_forward with every row wanted (n <= n_slots rows) that returns only
  * each row's K largest logits (K <= ginfer_top_max, a sampled step's candidates: lib/sampler's
  * sampler_sample_top), largest first, ties to the lower id, banned ids as -inf: top_id[r][K]
@@ -181,6 +189,12 @@ int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t 
  * microseconds. */
 int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int32_t *ids,
                     float *logits, double *us, dsv3_err *e);
+
+/* For tests: gk_topk_draw on host arrays x[N, V], on the current device: each row's draw
+ * (draw[n], lib/sampler_draw; its random state moved on) from its K largest logits (ban
+ * NULL: none banned) into ids[n], and checked to be fed as the next step's input. */
+int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban, int K, sampler_draw *draw,
+                    int32_t *ids, dsv3_err *e);
 
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the

@@ -1547,6 +1547,53 @@ extern "C" int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban,
     return rc ? -1 : 0;
 }
 
+extern "C" int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban, int K,
+                               sampler_draw *draw, int32_t *ids, dsv3_err *e)
+{
+    float *dx = NULL;
+    uint8_t *db = NULL;
+    void *scr = NULL;
+    int32_t *din = NULL, *dhost = NULL;
+    sampler_draw *dd = NULL;
+    size_t ss = gk_topk_scratch(N, V, K);
+    int rc = rows_to_device(x, N, V, ban, ss, &dx, &db, &scr, "ginfer_draw_run", e);
+    if (!rc && (cudaMalloc(&din, (size_t)4 * N * 4) != cudaSuccess ||
+                cudaMalloc(&dhost, (size_t)2 * N * 4) != cudaSuccess ||
+                cudaMalloc(&dd, (size_t)N * sizeof *dd) != cudaSuccess))
+        rc = err_set(e, "ginfer_draw_run: out of device memory");
+    int32_t *hin = (int32_t *)calloc((size_t)4 * N, 4), *hh = (int32_t *)malloc((size_t)2 * N * 4);
+    if (!rc && (!hin || !hh))
+        rc = err_set(e, "ginfer_draw_run: out of memory");
+    for (int i = 0; !rc && i < N; i++) {
+        hin[i] = -1;
+        hin[3 * N + i] = 1;  /* as an argmax at ring place 0 of 2 left it */
+    }
+    if (!rc) {
+        cudaMemcpy(din, hin, (size_t)4 * N * 4, cudaMemcpyHostToDevice);
+        cudaMemset(dhost, 0xff, (size_t)2 * N * 4);
+        cudaMemcpy(dd, draw, (size_t)N * sizeof *dd, cudaMemcpyHostToDevice);
+        gk_feed fd = {din, N, -1, dhost, 2, N};
+        rc = gk_topk_draw(0, dx, N, V, ban ? db : NULL, K, scr, N, NULL, dd, &fd, e) ||
+             (cudaDeviceSynchronize() != cudaSuccess &&
+              err_set(e, "ginfer_draw_run: %s", cudaGetErrorString(cudaGetLastError())));
+    }
+    if (!rc) {
+        cudaMemcpy(hin, din, (size_t)4 * N * 4, cudaMemcpyDeviceToHost);
+        cudaMemcpy(hh, dhost, (size_t)2 * N * 4, cudaMemcpyDeviceToHost);
+        cudaMemcpy(draw, dd, (size_t)N * sizeof *dd, cudaMemcpyDeviceToHost);
+        for (int i = 0; i < N && !rc; i++) {
+            ids[i] = hh[i];
+            if (hin[i] != hh[i] || hh[N + i] != -1 || hin[3 * N + i] != 1)
+                rc = err_set(e, "ginfer_draw_run: row %d fed %d, host %d, place 1 %d, place %d",
+                             i, hin[i], hh[i], hh[N + i], hin[3 * N + i]);
+        }
+    }
+    free(hin);
+    free(hh);
+    cudaFree(dx), cudaFree(db), cudaFree(scr), cudaFree(din), cudaFree(dhost), cudaFree(dd);
+    return rc ? -1 : 0;
+}
+
 extern "C" int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t *out,
                                  dsv3_err *e)
 {
@@ -2229,6 +2276,91 @@ __device__ void tk_merge(tk_shared *sh, const unsigned long long *rows, int m, i
     tk_collect(sh, k2, tk_kth(sh, k2, K), out);
 }
 
+/* A key's (id, logit): argmax_key's map undone. */
+__device__ __forceinline__ gk_cand tk_cand(unsigned long long k)
+{
+    unsigned u = (unsigned)(k >> 32);
+    u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+    return gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
+}
+
+/* sum of t[0..n) from the first, then the first i whose running sum of (float)(t[i] / sum)
+ * reaches (at: >= p) or passes (u < it) the bound: lib/sampler's softmax, top-p and pick
+ * over a sorted list, serial as there (one thread), so that the sums round as the host's.
+ * n when none does. */
+__device__ int tk_cum_until(const double *t, int n, double bound, int at)
+{
+    double sum = 0, cum = 0;
+    for (int i = 0; i < n; i++)
+        sum += t[i];
+    for (int i = 0; i < n; i++) {
+        cum += (double)(float)(t[i] / sum);
+        if (at ? cum >= bound : bound < cum)
+            return i;
+    }
+    return n;
+}
+
+/* Row's draw (lib/sampler's chain after top-k, no penalty: sampler_draw) from its K largest
+ * keys srt[0..K), sorted: the candidates' softmax terms in parallel, their sums by thread 0
+ * in the host's order, each value rounded as the host rounds it (sampler_exp, double
+ * division, float p); then the feed as gk_argmax's, whose step before (the decode graph's
+ * argmax) already moved the row on: its id replaced at the ring place that argmax wrote. */
+__device__ void tk_draw(const unsigned long long *srt, int K, sampler_draw *dr, gk_feed feed,
+                        int row)
+{
+    __shared__ float lg[TK_SORT];
+    __shared__ double t[TK_SORT];
+    __shared__ int keep;
+    const sampler_draw d = *dr;
+    int n = min(d.top_k, K), i = threadIdx.x;
+    if (i < K)
+        lg[i] = tk_cand(srt[i]).logit;
+    __syncthreads();
+    int pick = 0;
+    if (d.temp > 0) {
+        if (d.top_p < 1 && n > 1) {  /* top-p: softmax at temperature 1 */
+            if (i < n)
+                t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
+            __syncthreads();
+            if (i == 0) {
+                int j = tk_cum_until(t, n, d.top_p, 1);
+                keep = j < n ? j + 1 : n;
+            }
+            __syncthreads();
+            n = keep;
+        }
+        if (d.min_p > 0 && n > 1) {  /* min-p: logit >= the largest + log(min_p) */
+            float cut = (float)((double)lg[0] + d.log_min_p);
+            int k = 1;
+            while (k < n && lg[k] >= cut)
+                k++;
+            n = k;
+        }
+        __syncthreads();  /* lg read by all */
+        if (i < n)
+            lg[i] = (float)((double)lg[i] / d.temp);
+        __syncthreads();
+        if (i < n)
+            t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
+        __syncthreads();
+        if (i == 0) {
+            uint64_t st = d.rng;
+            double u = sampler_splitmix(&st);
+            int j = tk_cum_until(t, n, u, 0);
+            pick = j < n ? j : n - 1;  /* u past a sum rounded below 1: the last */
+            dr->rng = st;
+        }
+    }
+    if (i)
+        return;
+    int32_t id = tk_cand(srt[pick]).id;
+    int32_t *place = feed.in + 3 * feed.stride + row;
+    feed.host[(*place + feed.places - 1) % feed.places * feed.cap + row] = id;
+    __threadfence_system();  /* before the host sees the step done */
+    feed.in[row] = id;
+}
+
 /* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its TK_PER of row
  * blockIdx.y into part[row][blockIdx.x][K] (unordered; 0 where the part has fewer); the
  * row's last block (a counter, reset by it) the K largest of the parts' (parts x K <=
@@ -2236,7 +2368,7 @@ __device__ void tk_merge(tk_shared *sh, const unsigned long long *rows, int m, i
  * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
     topk_k(const float *x, int V, const uint8_t *ban, int K, unsigned long long *part,
-           unsigned *count, gk_cand *best)
+           unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed)
 {
     __shared__ tk_shared sh;
     __shared__ unsigned long long srt[TK_SORT];
@@ -2286,12 +2418,11 @@ __global__ void __launch_bounds__(TK_THREADS)
             }
             __syncthreads();
         }
-    if (threadIdx.x < K) {
-        unsigned long long k = srt[threadIdx.x];
-        unsigned u = (unsigned)(k >> 32);
-        u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;  /* argmax_key's map undone */
-        best[(long)blockIdx.y * K + threadIdx.x] =
-            gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
+    if (draw) {
+        tk_draw(srt, K, draw + blockIdx.y, feed, blockIdx.y);
+    } else if (threadIdx.x < K) {
+        gk_cand c = tk_cand(srt[threadIdx.x]);
+        best[(long)blockIdx.y * K + threadIdx.x] = c;
     }
     __threadfence_system();
     if (threadIdx.x == 0)
@@ -2317,6 +2448,14 @@ size_t gk_topk_scratch(int cap, int V, int K)
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
             void *scratch, int cap, gk_cand *best, dsv3_err *e)
 {
+    return gk_topk_draw(s, logits, N, V, ban, K, scratch, cap, best, NULL, NULL, e);
+}
+
+int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
+                 void *scratch, int cap, gk_cand *best, sampler_draw *draw,
+                 const gk_feed *feed, dsv3_err *e)
+{
+    gk_feed none = {NULL, 0, 0, NULL, 1, 0};
     if (N <= 0)
         return 0;
     if (N > cap || K < 1 || K > gk_topk_max(V) || K > V)
@@ -2326,7 +2465,7 @@ int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ba
     unsigned long long *part =
         (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
     topk_k<<<dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s>>>(
-        logits, V, ban, K, part, count, best);
+        logits, V, ban, K, part, count, best, draw, draw && feed ? *feed : none);
     LAUNCH_CHECK("topk", e);
     return 0;
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../lib/err.h"
+#include "../lib/sampler_draw.h"
 
 /* Programmatic dependent launch (PDL, Hopper: compute capability 9.0 and up), on unless
  * DSV3_GINFER_PDL=0 (gk_pdl_on; also off while profiling): every kernel here (and
@@ -435,6 +436,15 @@ typedef struct gk_cand {
 } gk_cand;
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
             void *scratch, int cap, gk_cand *best, dsv3_err *e);
+/* gk_topk's candidates drawn from on the device instead of written out: row n's draw[n]
+ * (lib/sampler_draw: greedy, or top-k, top-p, min-p, temperature and the draw from its random
+ * state, which moves on), K >= each row's top_k, bit for bit lib/sampler's
+ * sampler_draw_top on the same K. The id then goes where the decode graph's argmax (gk_argmax
+ * with feed, just before) put its own: to the feed's host ids at the ring place it wrote,
+ * and to the next step's input id. */
+int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
+                 void *scratch, int cap, gk_cand *best, sampler_draw *draw,
+                 const gk_feed *feed, dsv3_err *e);
 size_t gk_topk_scratch(int cap, int V, int K);
 int gk_topk_max(int V);
 /* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each

@@ -615,6 +615,11 @@ int ginfer_argmax_run(const float *x, int N, int V, const uint8_t *ban, int32_t 
 {
     return no_cuda(e);
 }
+int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban, int K, sampler_draw *draw,
+                    int32_t *ids, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int32_t *ids,
                     float *logits, double *us, dsv3_err *e)
 {
@@ -656,6 +661,11 @@ int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const int *pos,
 }
 int ginfer_greedy_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
                          dsv3_err *e)
+{
+    return no_cuda(e);
+}
+int ginfer_draw_submit(ginfer *g, int n, const int *slot, const int *pos, const int32_t *ids,
+                       const sampler_draw *draw, dsv3_err *e)
 {
     return no_cuda(e);
 }

@@ -101,6 +101,13 @@ struct infer {
     int aq0, anq, aq_n[2], aq_dev[2];
     int32_t *aq_out[2];
     int *a_slot, *a_pos, a_n, a_cap;
+    /* the rows' draws (infer_draw_submit; a_drawn 0: greedy), moved on by each step run
+     * here; the candidates of such a step */
+    sampler_draw *a_draw;
+    int a_drawn;
+    sampler_cand *a_cand;
+    int32_t *a_tid;
+    float *a_tlg;
 };
 
 static float *cache_at(const infer *f, int l, int slot, int pos)
@@ -217,6 +224,10 @@ void infer_free(infer *f)
     free(f->aq_out[1]);
     free(f->a_slot);
     free(f->a_pos);
+    free(f->a_draw);
+    free(f->a_cand);
+    free(f->a_tid);
+    free(f->a_tlg);
     free(f->ban);
     free(f->glog);
     scratch_free(&f->s);
@@ -759,29 +770,68 @@ static int ahead_reserve(infer *f, int n, dsv3_err *e)
         else
             f->aq_out[k] = o;
     }
-    if (!s)
+    sampler_draw *d = s ? realloc(f->a_draw, (size_t)n * sizeof *d) : NULL;
+    if (d)
+        f->a_draw = d;
+    if (!d)
         return err_set(e, "infer: out of memory for %d rows", n);
     f->a_cap = n;
     return 0;
 }
 
-int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e)
+/* A draw step run here: the rows' K largest logits (infer_forward_top), each row drawn from
+ * them as the device draws (sampler_draw_top), its random state moved on. */
+static int draw_here(infer *f, int n, const int *slot, const int32_t *ids, int32_t *out,
+                     dsv3_err *e)
+{
+    int K = 1;
+    for (int r = 0; r < n; r++)
+        K = f->a_draw[r].top_k > K ? f->a_draw[r].top_k : K;
+    if (K > infer_top_max(f))
+        return err_set(e, "infer: a draw from the %d largest logits (at most %d)", K,
+                       infer_top_max(f));
+    free(f->a_cand);
+    free(f->a_tid);
+    free(f->a_tlg);
+    f->a_cand = malloc((size_t)K * sizeof *f->a_cand);
+    f->a_tid = malloc((size_t)n * K * sizeof *f->a_tid);
+    f->a_tlg = malloc((size_t)n * K * sizeof *f->a_tlg);
+    if (!f->a_cand || !f->a_tid || !f->a_tlg)
+        return err_set(e, "infer: out of memory for %d rows' candidates", n);
+    if (infer_forward_top(f, n, slot, ids, K, f->a_tid, f->a_tlg, e))
+        return -1;
+    for (int r = 0; r < n; r++) {
+        for (int i = 0; i < K; i++)
+            f->a_cand[i] = (sampler_cand){f->a_tid[(size_t)r * K + i],
+                                          f->a_tlg[(size_t)r * K + i], 0};
+        if ((out[r] = sampler_draw_top(&f->a_draw[r], f->a_cand, K, e)) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int infer_draw_submit(infer *f, int n, const int *slot, const int32_t *ids,
+                      const sampler_draw *draw, dsv3_err *e)
 {
     if (f->anq == 2)
-        return err_set(e, "infer: two greedy steps queued already (collect one first)");
+        return err_set(e, "infer: two decode steps queued already (collect one first)");
     if (ids && f->anq)
-        return err_set(e, "infer: new rows while greedy steps are queued (collect them first)");
+        return err_set(e, "infer: new rows while decode steps are queued (collect them first)");
     if (n <= 0 || (!ids && n != f->a_n))
-        return err_set(e, "infer: no greedy step of %d rows to continue", n);
+        return err_set(e, "infer: no decode step of %d rows to continue", n);
     if (ids) {
         if (ahead_reserve(f, n, e))
             return -1;
         memcpy(f->a_slot, slot, (size_t)n * sizeof *slot);
         f->a_n = n;
+        f->a_drawn = draw != NULL;
+        if (draw)
+            memcpy(f->a_draw, draw, (size_t)n * sizeof *draw);
     }
     /* steps take the ring's places in turn: the step before is at k ^ 1 */
     int k = (f->aq0 + f->anq) % 2, dev = f->g && !f->mtp && n <= ginfer_decode_rows(f->g);
     const int *sl = f->a_slot;
+    const int32_t *in = ids ? ids : f->aq_out[k ^ 1];
     if (dev) {
         if (gpos_reserve(f, n, e) || positions(f, n, sl, ids, f->gpos, e))
             return -1;
@@ -791,12 +841,13 @@ int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, ds
                 return err_set(e, "infer: slot %d changed since the step before (%d tokens, "
                                "not %d): submit its rows anew", sl[r], f->gpos[r],
                                f->a_pos[r] + 1);
-        if (ginfer_greedy_submit(f->g, n, sl, f->gpos, ids, e))
+        if (ginfer_draw_submit(f->g, n, sl, f->gpos, ids, ids && draw ? f->a_draw : NULL, e))
             return -1;
         memcpy(f->a_pos, f->gpos, (size_t)n * sizeof *f->a_pos);
         for (int r = 0; r < n; r++)
             f->len[sl[r]]++;
-    } else if (infer_forward_greedy(f, n, sl, ids ? ids : f->aq_out[k ^ 1], f->aq_out[k], e)) {
+    } else if (f->a_drawn ? draw_here(f, n, sl, in, f->aq_out[k], e)
+                          : infer_forward_greedy(f, n, sl, in, f->aq_out[k], e)) {
         return -1;
     }
     f->aq_n[k] = n;
@@ -805,10 +856,15 @@ int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, ds
     return 0;
 }
 
+int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e)
+{
+    return infer_draw_submit(f, n, slot, ids, NULL, e);
+}
+
 int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e)
 {
     if (!f->anq)
-        return err_set(e, "infer: no greedy step queued to collect");
+        return err_set(e, "infer: no decode step queued to collect");
     int k = f->aq0;
     if (!f->aq_dev[k])
         memcpy(out, f->aq_out[k], (size_t)f->aq_n[k] * sizeof *out);

@@ -30,6 +30,7 @@
 
 #include "err.h"
 #include "model.h"
+#include "sampler_draw.h"
 
 typedef struct infer infer;
 
@@ -121,6 +122,14 @@ int infer_forward_greedy(infer *f, int n, const int *slot, const int32_t *ids, i
  * lengths) may be called on f. A continuation must fit n_ctx (checked, as infer_forward). */
 int infer_greedy_submit(infer *f, int n, const int *slot, const int32_t *ids, dsv3_err *e);
 int infer_greedy_collect(infer *f, int32_t *out, dsv3_err *e);
+/* infer_greedy_submit's steps with each row's own draw (lib/sampler_draw: greedy, or sampled
+ * from its top_k <= infer_top_max largest logits; draw NULL: all greedy), bit for bit
+ * sampler_draw_top's on those logits; a continuation (ids NULL, draw unread) goes on with
+ * the random states each draw moved on. On the GPU engine without the MTP stream the device
+ * draws (ginfer_draw_submit); elsewhere infer_forward_top and the host's sampler_draw_top.
+ * Collected by infer_greedy_collect. */
+int infer_draw_submit(infer *f, int n, const int *slot, const int32_t *ids,
+                      const sampler_draw *draw, dsv3_err *e);
 /* A decode step as infer_forward with every row's logits wanted, that returns instead each
  * row's K largest (1 <= K <= infer_top_max), banned ids as -inf, largest first, ties to the
  * lower id (lib/sampler's candidate order): top_id[r][K], top_logit[r][K], what

@@ -377,21 +377,22 @@ static int may_continue(const infer *f, const seq *q, const sample_request *reqs
     return 1;
 }
 
-/* Greedy steps of the R rows (slot, first ids), each next one queued before the host takes
- * the tokens of the one before (infer_greedy_submit), until a sequence ends: then its slot
- * is cut back to the length it has without the step queued after its end, and the rows of
- * that step that go on are taken as well. */
+/* Decode steps of the R rows (slot, first ids), each next one queued before the host takes
+ * the tokens of the one before (infer_draw_submit), until a sequence ends: then its slot is
+ * cut back to the length it has without the step queued after its end, and the rows of that
+ * step that go on are taken as well. draw: each row's draw (sampler_draw_of), or NULL when
+ * every row is greedy. */
 static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, const int32_t *ids,
-                     int R, int32_t *tok, const sample_run_opts *o, sample_stats *st,
-                     dsv3_err *e)
+                     const sampler_draw *draw, int R, int32_t *tok, const sample_run_opts *o,
+                     sample_stats *st, dsv3_err *e)
 {
     double t0 = now();
-    if (infer_greedy_submit(f, R, slot, ids, e))
+    if (infer_draw_submit(f, R, slot, ids, draw, e))
         return -1;
     int queued = 1, ended = 0;
     while (queued) {
         if (!ended && may_continue(f, q, reqs, slot, R)) {
-            if (infer_greedy_submit(f, R, slot, NULL, e))
+            if (infer_draw_submit(f, R, slot, NULL, NULL, e))
                 return -1;
             queued++;
         }
@@ -406,6 +407,8 @@ static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, co
             int len = infer_slot_len(f, slot[k]) - queued;
             st->main_steps++;
             st->decode_tokens++;
+            if (draw)  /* the device drew with the sampler's state: it moves on here too */
+                sampler_draw_taken(&z->smp);
             if (accept(f, len, z, r, tok[k], o, e) ||
                 (r->why && queued && infer_slot_truncate(f, slot[k], len, e)))
                 return -1;
@@ -419,6 +422,15 @@ static int run_ahead(infer *f, seq *q, sample_request *reqs, const int *slot, co
         t0 = t1;
     }
     return 0;
+}
+
+/* Each row's draw as a sampler_draw (sampler_draw_of), when every one can be made so. */
+static int step_draws(const infer *f, const seq *q, const int *slot, int R, sampler_draw *draw)
+{
+    for (int k = 0; k < R; k++)
+        if (!sampler_draw_of(&q[slot[k]].smp, infer_top_max(f), &draw[k]))
+            return 0;
+    return 1;
 }
 
 /* How many of each row's largest logits the step's draws need (sampler_top_need; a slot's
@@ -476,10 +488,11 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     int32_t *top_id = malloc((size_t)S * INFER_TOP_MAX * sizeof *top_id);
     float *top_logit = malloc((size_t)S * INFER_TOP_MAX * sizeof *top_logit);
     sampler_cand *cand = malloc(INFER_TOP_MAX * sizeof *cand);
+    sampler_draw *draws = malloc((size_t)S * sizeof *draws);
     banned bn;
     int rc = banned_make(&bn, b, V, e) || ban_mask(f, &bn, e);
     if (!rc && (!q || !slot || !ids || !logits || !dslot || !draft || !dnext || !next ||
-                !top_id || !top_logit || !cand))
+                !top_id || !top_logit || !cand || !draws))
         rc = err_set(e, "out of memory");
     if (!rc && o->mtp && !infer_mtp_on(f))
         rc = err_set(e, "speculative decoding needs the MTP stream on (infer_use_mtp)");
@@ -509,10 +522,12 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
         int greedy = 1;  /* every row greedy: only the chosen ids come back */
         for (int s = 0; s < S && greedy; s++)
             greedy = q[s].req < 0 || sampler_is_greedy(&q[s].smp);
-        if (greedy && !o->mtp && !o->no_ahead) {
+        if (!o->mtp && !o->no_ahead && (greedy || !o->full_logits)) {
             R = step_rows(q, S, NULL, slot, ids);
-            rc = run_ahead(f, q, reqs, slot, ids, R, next, o, st, e);
-            continue;
+            if (greedy || step_draws(f, q, slot, R, draws)) {
+                rc = run_ahead(f, q, reqs, slot, ids, greedy ? NULL : draws, R, next, o, st, e);
+                continue;
+            }
         }
         int K = greedy || o->mtp || o->full_logits ? 0 : top_need(f, q, S);
         if (K) {
@@ -559,6 +574,7 @@ int sample_run(infer *f, const bpe *b, sample_request *reqs, int n, const sample
     free(top_id);
     free(top_logit);
     free(cand);
+    free(draws);
     banned_free(&bn);
     return rc;
 }

@@ -1,5 +1,7 @@
 #include "sampler.h"
 
+#include "sampler_draw.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -150,9 +152,9 @@ void sampler_softmax(sampler_cands *c)
         return;
     double mx = c->v[0].logit, sum = 0;
     for (int i = 0; i < c->n; i++)
-        sum += exp((double)c->v[i].logit - mx);
+        sum += sampler_exp((double)c->v[i].logit - mx);
     for (int i = 0; i < c->n; i++)
-        c->v[i].p = (float)(exp((double)c->v[i].logit - mx) / sum);
+        c->v[i].p = (float)(sampler_exp((double)c->v[i].logit - mx) / sum);
 }
 
 /* Above this many unsorted candidates top-p and min-p sort only what they keep. */
@@ -175,7 +177,7 @@ static void top_p_unsorted(sampler_cands *c, double p)
 {
     double mx = max_logit(c), sum = 0;
     for (int i = 0; i < c->n; i++)
-        sum += exp((double)c->v[i].logit - mx);
+        sum += sampler_exp((double)c->v[i].logit - mx);
     for (int m = 256;;) {
         if (m >= c->n) {
             m = c->n;
@@ -185,7 +187,7 @@ static void top_p_unsorted(sampler_cands *c, double p)
         }
         double cum = 0;
         for (int i = 0; i < m; i++) {
-            c->v[i].p = (float)(exp((double)c->v[i].logit - mx) / sum);
+            c->v[i].p = (float)(sampler_exp((double)c->v[i].logit - mx) / sum);
             cum += c->v[i].p;
             if (cum >= p || i == c->n - 1) {
                 c->n = i + 1;
@@ -284,10 +286,7 @@ void sampler_free(sampler *s)
 
 double sampler_uniform(sampler *s)
 {
-    uint64_t z = (s->rng += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return ((z ^ (z >> 31)) >> 11) * 0x1p-53;
+    return sampler_splitmix(&s->rng);
 }
 
 int sampler_is_greedy(const sampler *s)
@@ -351,4 +350,43 @@ int32_t sampler_sample_top(sampler *s, const sampler_cand *best, int n, const in
     memcpy(s->buf, best, (size_t)n * sizeof *best);
     sampler_cands c = {s->buf, n, 1};
     return chain(s, &c, hist, n_hist, 0);
+}
+
+int sampler_draw_of(const sampler *s, int max_k, sampler_draw *d)
+{
+    if (penalised(s) || (s->p.temp > 0 && (s->p.top_k < 1 || s->p.top_k > max_k)) || max_k < 1)
+        return 0;
+    *d = (sampler_draw){0};
+    d->temp = s->p.temp;
+    d->top_p = s->p.top_p;
+    d->min_p = s->p.min_p;
+    d->log_min_p = s->p.min_p > 0 ? log(s->p.min_p) : 0;
+    d->rng = s->rng;
+    d->top_k = s->p.temp > 0 ? s->p.top_k : 1;
+    return 1;
+}
+
+void sampler_draw_taken(sampler *s)
+{
+    if (s->p.temp > 0)
+        sampler_uniform(s);
+}
+
+int32_t sampler_draw_top(sampler_draw *d, const sampler_cand *best, int n, dsv3_err *e)
+{
+    sampler_params p;
+    sampler_params_default(&p);
+    p.temp = d->temp;
+    p.top_k = d->top_k;
+    p.top_p = d->top_p;
+    p.min_p = d->min_p;
+    p.repeat_penalty = 1.0;
+    p.seed = d->rng;
+    sampler s;
+    if (sampler_init(&s, &p, n, e))
+        return -1;
+    int32_t id = sampler_sample_top(&s, best, n, NULL, 0);
+    d->rng = s.rng;
+    sampler_free(&s);
+    return id;
 }

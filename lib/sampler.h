@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "sampler_draw.h"
 
 typedef struct sampler_params {
     double temp;           /* 0.8; <= 0 greedy */
@@ -87,5 +88,18 @@ int sampler_top_need(const sampler *s, int n_hist);
  * ties to the lower id), p unused. */
 int32_t sampler_sample_top(sampler *s, const sampler_cand *best, int n, const int32_t *hist,
                            int n_hist);
+
+
+/* The next draw as a sampler_draw (what a GPU's decode step draws from its top_k largest
+ * logits, ginfer's draw steps), when it needs no history (no repeat penalty) and, sampled,
+ * 1 <= top_k <= max_k: greedy ones get top_k 1. 0 when it cannot be made so. */
+int sampler_draw_of(const sampler *s, int max_k, sampler_draw *d);
+/* A draw of sampler_draw_of's was made elsewhere: the random state moves on as
+ * sampler_sample's would (sampled ones only). */
+void sampler_draw_taken(sampler *s);
+/* The draw of d from the n >= d->top_k largest logits best[] (sorted as for
+ * sampler_sample_top): sampler_sample_top's id, and d->rng moved on as its state. -1 when out
+ * of memory. */
+int32_t sampler_draw_top(sampler_draw *d, const sampler_cand *best, int n, dsv3_err *e);
 
 #endif

@@ -31,6 +31,7 @@
 #include "../../lib/infer.h"
 #include "../../lib/model.h"
 #include "../../lib/quant.h"
+#include "../../lib/sampler.h"
 #include "ginfer_test.h"
 #include "gpu_test.h"
 
@@ -602,6 +603,85 @@ static void test_greedy_ahead(void)
     model_free(&m);
 }
 
+/* Sampled steps queued ahead, drawn on the device (infer_draw_submit): three rows, one greedy
+ * and two sampled with their own parameters and random states, for 24 steps; every step's
+ * tokens the host's draws (sampler_draw_top) from the waiting engine's K largest logits
+ * (infer_forward_top), fed the same tokens: the states the device moves on match the
+ * host's. */
+static void test_draw_ahead(void)
+{
+    GT_NEED_GPU();
+    dsv3_model m;
+    if (random_model(&m, 1, 0))
+        return;
+    enum { S = 3, CTX = 40, T = 24 };
+    int V = m.cfg.vocab_size, P[S] = {5, 9, 7}, slots[S] = {0, 1, 2}, ok = 1, K = 0;
+    int32_t prompt[S][9], first[S], ref[T][S], got[T][S];
+    infer *f[2] = {NULL, NULL};
+    float *lg = malloc((size_t)V * 4), *tl = malloc((size_t)S * 256 * 4);
+    int32_t *ti = malloc((size_t)S * 256 * 4);
+    sampler_cand c[256];
+    sampler_draw d[S], h[S];
+    static const double temps[S] = {0, 0.8, 1.5}, tps[S] = {1, 0.95, 0.6}, mps[S] = {0, 0.05, 0};
+    static const int tks[S] = {1, 40, 7};
+    for (int s = 0; s < S; s++) {
+        d[s] = (sampler_draw){.temp = temps[s], .top_p = tps[s], .min_p = mps[s],
+                              .log_min_p = mps[s] > 0 ? log(mps[s]) : 0, .rng = test_rand(),
+                              .top_k = tks[s]};
+        h[s] = d[s];
+        K = tks[s] > K ? tks[s] : K;
+    }
+    dsv3_err e;
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < P[s]; t++)
+            prompt[s][t] = (int32_t)(test_rand() % (uint64_t)V);
+    for (int k = 0; k < 2 && ok; k++) {
+        ok = infer_new_gpu(&f[k], &m, CTX, S, 0, 0, &e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            ok = infer_prefill(f[k], s, prompt[s], P[s], lg, &e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            first[s] = (int32_t)((argmax(lg, V) + s) % V);
+    }
+    CHECKF(ok, "%s", e.msg);
+    for (int t = 0; ok && t < T; t++) {
+        ok = infer_forward_top(f[0], S, slots, t ? ref[t - 1] : first, K, ti, tl, &e) == 0;
+        for (int r = 0; r < S && ok; r++) {
+            for (int i = 0; i < K; i++)
+                c[i] = (sampler_cand){ti[r * K + i], tl[r * K + i], 0};
+            ok = (ref[t][r] = sampler_draw_top(&h[r], c, K, &e)) >= 0;
+        }
+    }
+    CHECKF(ok, "waiting steps: %s", e.msg);
+    int queued = 0, next = 0;
+    ok = ok && infer_draw_submit(f[1], S, slots, first, d, &e) == 0;
+    queued += ok;
+    for (int t = 1; ok && t < T; t++) {
+        ok = infer_draw_submit(f[1], S, slots, NULL, NULL, &e) == 0;
+        queued += ok;
+        ok = ok && infer_greedy_collect(f[1], got[next++], &e) == 0;
+        queued -= ok;
+    }
+    while (ok && queued) {
+        ok = infer_greedy_collect(f[1], got[next++], &e) == 0;
+        queued -= ok;
+    }
+    CHECKF(ok, "queued steps: %s", e.msg);
+    int same = 0;  /* each step's draw reads the state the one before left: all or few */
+    for (int t = 0; ok && t < next; t++)
+        same += !memcmp(ref[t], got[t], sizeof ref[t]);
+    CHECKF(ok && next == T && same == T, "%d of %d queued draw steps' tokens the host's", same,
+           T);
+    int distinct = 0;
+    for (int t = 1; t < T; t++)
+        distinct += ref[t][1] != ref[t - 1][1];
+    printf("# ginfer draw ahead: %d steps of 3 rows (greedy, top-k 40, top-k 7) drawn on the "
+           "device, the host's draws (%d changes of token in the top-k 40 row)\n", same, distinct);
+    infer_free(f[0]);
+    infer_free(f[1]);
+    free(lg), free(tl), free(ti);
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
@@ -613,5 +693,6 @@ int main(void)
     RUN(test_greedy_on_device);
     RUN(test_top_on_device);
     RUN(test_greedy_ahead);
+    RUN(test_draw_ahead);
     TEST_EXIT();
 }

@@ -7,12 +7,14 @@
  * banned, all but one banned and all banned (id 0, as the host's rule).
  * And of a sampled step's candidates (gk_topk through ginfer_topk_run): each row's K largest
  * (K 1 to 256), bitwise the host's sort (logit descending, ties to the lower id) on the same
- * kinds of rows. */
+ * kinds of rows. And of a sampled step's draw on the device (gk_topk_draw through
+ * ginfer_draw_run) against lib/sampler's on the host. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../../kernels/ginfer.h"
+#include "../../lib/sampler.h"
 #include "gpu_test.h"
 
 static int32_t host_argmax(const float *x, int V, const uint8_t *ban)
@@ -126,10 +128,78 @@ static void test_topk_equals_host(void)
     printf("# stat topk: %d of %d rows' candidates the host's\n", same, cases);
 }
 
+/* A sampled step's draw on the device (gk_topk_draw through ginfer_draw_run): each row's own
+ * parameters (greedy, or temperature, top-k up to K, top-p, min-p) and random state, against
+ * lib/sampler's sampler_draw_top on the host's sort of the same row: the same id and the same
+ * random state after, for rows of random logits, of three levels (every candidate tied) and
+ * of peaked ones, with and without banned ids. */
+static void test_draw_equals_host(void)
+{
+    GT_NEED_GPU();
+    static const int Vs[] = {129280, 300, 32768};
+    static const double temps[] = {0, 0.3, 0.8, 1.5}, tps[] = {0.5, 0.9, 0.95, 1},
+                        mps[] = {0, 0.05, 0.3};
+    enum { N = 64, REPS = 4 };
+    int cases = 0, same = 0, drawn = 0;
+    sampler_cand *c = malloc(256 * sizeof *c);
+    for (size_t vi = 0; vi < sizeof Vs / sizeof *Vs; vi++)
+        for (int rep = 0; rep < REPS; rep++) {
+            int V = Vs[vi], mode = rep % 3, bm = rep == 3, K = rep == 1 ? 40 : 1 + (int)(test_rand() % 256);
+            float *x = malloc((size_t)N * V * sizeof(float)), *srt = malloc((size_t)V * 2 * 4);
+            uint8_t *ban = malloc((size_t)V);
+            int32_t ids[N];
+            sampler_draw d[N], h[N];
+            for (size_t i = 0; i < (size_t)N * V; i++) {
+                double u = (double)(test_rand() >> 11) * 0x1p-53;
+                x[i] = mode == 2 ? (float)(16 * pow(u, 12)) : draw(mode);
+            }
+            for (int v = 0; v < V; v++)
+                ban[v] = test_rand() % 3 == 0;
+            for (int r = 0; r < N; r++) {
+                sampler_draw *a = &d[r];
+                *a = (sampler_draw){0};
+                a->temp = temps[test_rand() % 4];
+                a->top_k = a->temp > 0 ? 1 + (int)(test_rand() % (unsigned)K) : 1;
+                a->top_p = tps[test_rand() % 4];
+                a->min_p = mps[test_rand() % 3];
+                a->log_min_p = a->min_p > 0 ? log(a->min_p) : 0;
+                a->rng = test_rand();
+                h[r] = *a;
+            }
+            dsv3_err e;
+            int rc = ginfer_draw_run(x, N, V, bm ? ban : NULL, K, d, ids, &e);
+            CHECKF(!rc, "%s", rc ? e.msg : "");
+            for (int r = 0; r < N && !rc; r++) {
+                for (int v = 0; v < V; v++) {
+                    float l = x[(size_t)r * V + v];
+                    srt[2 * v] = bm && ban[v] ? -INFINITY : l == 0.0f ? 0.0f : l;
+                    srt[2 * v + 1] = (float)v;
+                }
+                qsort(srt, (size_t)V, 2 * sizeof(float), by_rank);
+                int n = K < V ? K : V;
+                for (int i = 0; i < n; i++)
+                    c[i] = (sampler_cand){(int32_t)srt[2 * i + 1], srt[2 * i], 0};
+                int32_t want = sampler_draw_top(&h[r], c, n, &e);
+                int ok = ids[r] == want && d[r].rng == h[r].rng;
+                cases++;
+                same += ok;
+                drawn += h[r].temp > 0;
+                CHECKF(ok, "V %d K %d row %d mode %d ban %d (temp %g top_k %d top_p %g min_p %g): "
+                       "device %d, host %d%s", V, K, r, mode, bm, h[r].temp, h[r].top_k,
+                       h[r].top_p, h[r].min_p, ids[r], want,
+                       d[r].rng == h[r].rng ? "" : ", random states differ");
+            }
+            free(x), free(srt), free(ban);
+        }
+    free(c);
+    printf("# stat draw: %d of %d rows' draws the host's (%d sampled)\n", same, cases, drawn);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_argmax_equals_host);
     RUN(test_topk_equals_host);
+    RUN(test_draw_equals_host);
     TEST_EXIT();
 }

@@ -202,6 +202,8 @@ static int run_sp(const dsv3_model *m, const bpe *b, int32_t p[][12], const int 
         if (sp) {
             out[i].sp = *sp;
             out[i].sp.seed = sp->seed + (uint64_t)i;
+            if (sp->temp < 0)  /* mixed: every other request greedy */
+                out[i].sp.temp = i % 2 ? 0 : 0.8;
         }
     }
     sample_run_opts o = {.eos = eos, .no_ahead = no_ahead, .full_logits = full};
@@ -319,9 +321,11 @@ out:
 }
 
 /* Sampled requests (llama.cpp's defaults; with a penalty above 1; with one below 1, which
- * needs every logit; top-k off, the same) drawn from each row's largest logits only
- * (infer_forward_top, the default) and from every logit (full_logits): the same tokens and
- * text, on the CPU engine. */
+ * needs every logit; top-k off; top-k 5 with top-p 0.5 and min-p 0.3; greedy and sampled
+ * requests in one batch) drawn from each row's largest logits only, by steps queued ahead
+ * (infer_draw_submit, the default where no request has a penalty) and by waiting steps
+ * (infer_forward_top), and from every logit (full_logits): the same tokens and text, on
+ * the CPU engine. */
 static void test_run_top_same(void)
 {
     bpe *b;
@@ -329,8 +333,9 @@ static void test_run_top_same(void)
     int32_t p[NREQ][12];
     if (run_fixture(&b, &m, p))
         return;
-    sampler_params sp[4];
-    for (int k = 0; k < 4; k++) {
+    enum { NP_ = 6 };
+    sampler_params sp[NP_];
+    for (int k = 0; k < NP_; k++) {
         sampler_params_default(&sp[k]);
         sp[k].seed = test_rand();
     }
@@ -338,25 +343,32 @@ static void test_run_top_same(void)
     sp[1].temp = 1.2;
     sp[2].repeat_penalty = 0.8;
     sp[3].top_k = 0;
+    sp[4].top_k = 5;
+    sp[4].top_p = 0.5;
+    sp[4].min_p = 0.3;
+    sp[5].temp = -1;  /* mixed */
     int same = 0, all = 0;
-    for (int k = 0; k < 4; k++) {
-        sample_request a[NREQ], w[NREQ];
-        sample_stats sa, sw;
+    for (int k = 0; k < NP_; k++) {
+        sample_request a[NREQ], w[NREQ], n[NREQ];
+        sample_stats sa, sw, sn;
         if (run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 0, 1, &sp[k], w, &sw) ||
-            run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 0, 0, &sp[k], a, &sa))
+            run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 0, 0, &sp[k], a, &sa) ||
+            run_sp(&m, b, p, NP, NPRED, NULL, 0, 0, 1, 0, &sp[k], n, &sn))
             break;
         for (int i = 0; i < NREQ; i++) {
-            same += same_result(&a[i], &w[i]);
+            int ok = same_result(&a[i], &w[i]) && same_result(&n[i], &w[i]);
+            same += ok;
             all++;
-            CHECKF(same_result(&a[i], &w[i]), "params %d, request %d: %d tokens (stop %d) from "
-                   "the largest, %d (stop %d) from all", k, i, a[i].n_gen, a[i].why, w[i].n_gen,
-                   w[i].why);
+            CHECKF(ok, "params %d, request %d: %d tokens (stop %d) from the largest ahead, %d "
+                   "(stop %d) waiting, %d (stop %d) from all", k, i, a[i].n_gen, a[i].why,
+                   n[i].n_gen, n[i].why, w[i].n_gen, w[i].why);
             sample_request_free(&a[i]);
             sample_request_free(&w[i]);
+            sample_request_free(&n[i]);
         }
     }
-    printf("# %d of %d sampled requests the same from the largest logits and from all\n", same,
-           all);
+    printf("# %d of %d sampled requests the same from the largest logits (ahead and waiting) "
+           "and from all\n", same, all);
     model_free(&m);
     bpe_free(b);
 }

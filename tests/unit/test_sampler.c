@@ -278,6 +278,83 @@ static void test_sample_top(void)
     printf("# sample_top: %d of %d draws the full draw's (%d with no bound)\n", same, ran, none);
 }
 
+/* sampler_exp against libm's exp: within 4e-16 relative over the softmax's range (x <= 0)
+ * and past it, exactly 1 at 0, 0 at -inf and below -708, NaN at NaN. */
+static void test_exp(void)
+{
+    double worst = 0;
+    int bad = 0;
+    for (int i = 0; i < 200000; i++) {
+        double x = i < 100000 ? -(double)(test_rand() % 1000000) * 7.08e-4
+                              : ((double)(test_rand() % 2000000) - 1000000) * 1e-5;
+        double a = sampler_exp(x), b = exp(x), rel = fabs(a - b) / b;
+        worst = rel > worst ? rel : worst;
+        bad += !(rel < 4e-16);
+    }
+    CHECKF(!bad, "%d values off by more than 4e-16 (worst %g)", bad, worst);
+    CHECK(sampler_exp(0) == 1.0 && sampler_exp(-INFINITY) == 0 && sampler_exp(-709) == 0);
+    CHECK(isnan(sampler_exp(NAN)));
+    printf("# sampler_exp: worst relative error %.3g against libm\n", worst);
+}
+
+/* sampler_draw_of / sampler_draw_top / sampler_draw_taken (a draw queued away from the
+ * sampler) give sampler_sample_top's ids and random state, draw after draw; refused with a
+ * penalty, top-k off or above the bound. */
+static void test_draw_of(void)
+{
+    enum { V = 300, STEPS = 20 };
+    static float l[V];
+    static sampler_cand all[V];
+    static const double temps[] = {0, 0.3, 0.8, 1.5}, tps[] = {0.5, 0.95, 1}, mps[] = {0, 0.05, 0.3};
+    static const int tks[] = {1, 5, 40, 256};
+    int ran = 0, same = 0;
+    for (int rep = 0; rep < 400; rep++) {
+        sampler_params p;
+        sampler_params_default(&p);
+        p.temp = temps[test_rand() % 4];
+        p.top_k = tks[test_rand() % 4];
+        p.top_p = tps[test_rand() % 3];
+        p.min_p = mps[test_rand() % 3];
+        p.seed = test_rand();
+        sampler a, b;
+        REQUIRE(sampler_init(&a, &p, V, NULL) == 0 && sampler_init(&b, &p, V, NULL) == 0);
+        int ok = 1;
+        for (int t = 0; t < STEPS && ok; t++) {
+            for (int v = 0; v < V; v++) {
+                l[v] = (float)((int)(test_rand() % 41) - 20) * 0.25f;
+                all[v] = (sampler_cand){v, l[v], 0};
+            }
+            qsort(all, V, sizeof *all, by_rank);
+            sampler_draw d;
+            ok = sampler_draw_of(&b, 256, &d);
+            int32_t x = sampler_sample(&a, l, NULL, 0), y = sampler_draw_top(&d, all, d.top_k, NULL);
+            sampler_draw_taken(&b);
+            ok = ok && x == y && d.rng == b.rng && a.rng == b.rng;
+        }
+        same += ok;
+        ran++;
+        CHECKF(ok, "temp %g top_k %d top_p %g min_p %g: a queued draw is not the sampler's",
+               p.temp, p.top_k, p.top_p, p.min_p);
+        sampler_free(&a);
+        sampler_free(&b);
+    }
+    sampler_params p;
+    sampler_params_default(&p);
+    sampler s;
+    sampler_draw d;
+    REQUIRE(sampler_init(&s, &p, V, NULL) == 0);
+    CHECK(sampler_draw_of(&s, 40, &d) && d.top_k == 40 && !sampler_draw_of(&s, 39, &d));
+    s.p.repeat_penalty = 1.1;
+    CHECK(!sampler_draw_of(&s, 256, &d));
+    s.p.repeat_penalty = 1;
+    s.p.top_k = 0;
+    CHECK(!sampler_draw_of(&s, 256, &d));
+    s.p.temp = 0;
+    CHECK(sampler_draw_of(&s, 256, &d) && d.top_k == 1);
+    sampler_free(&s);
+    printf("# draw_of: %d of %d sequences of %d queued draws the sampler's\n", same, ran, STEPS);
+}
+
 /* top-p and min-p over many unsorted candidates (top-k off: they sort only what they keep)
  * against sorting every candidate first: min-p the same list bit for bit (p above 1 too:
  * the largest alone); top-p the prefix whose mass, by the softmax's sum in the list's first
@@ -320,13 +397,13 @@ static void test_top_p_min_p_unsorted(void)
             for (int i = 1; i < n; i++)
                 mx = a[i].logit > mx ? a[i].logit : mx;
             for (int i = 0; i < n; i++)
-                sum += exp((double)a[i].logit - mx);
+                sum += sampler_exp((double)a[i].logit - mx);
             memcpy(b, a, sizeof(sampler_cand) * (size_t)n);
             qsort(b, (size_t)n, sizeof *b, by_rank);
             int want = n;
             double cum = 0;
             for (int i = 0; i < n; i++) {
-                cum += (float)(exp((double)b[i].logit - mx) / sum);
+                cum += (float)(sampler_exp((double)b[i].logit - mx) / sum);
                 if (cum >= p) {
                     want = i + 1;
                     break;
@@ -361,5 +438,7 @@ int main(void)
     RUN(test_greedy_and_seed);
     RUN(test_sample_top);
     RUN(test_top_p_min_p_unsorted);
+    RUN(test_exp);
+    RUN(test_draw_of);
     TEST_EXIT();
 }
