@@ -31,11 +31,13 @@
 # MTP=1 once more with --mtp (speculative decoding with the MTP module, kernels/ginfer_mtp:
 # tokens/s, the acceptance rate; random weights make its drafts rarely right);
 # SAMPLED=1 once more sampled with dsv3-sample's defaults (llama.cpp's: --temp 0.8, top-k 40,
-# top-p 0.95, min-p 0.05; --seed 7), run "sampled": each step's 40 largest logits found on the
-# device (infer_forward_top), and once more with DSV3_SAMPLE_FULL=1 (run "sampled-full": every
-# logit copied to the host), whose text must equal the sampled run's; and each batch size of
-# BATCHES twice more, sampled (temperature 0.8, request i seeded i) and sampled-full (rows
-# "batch B (sampled)", "batch B (sampled-full, results same as sampled)");
+# top-p 0.95, min-p 0.05; --seed 7), run "sampled": each step drawn on the device from its 40
+# largest logits and the next queued ahead (infer_draw_submit); once more with
+# DSV3_SAMPLE_AHEAD=0 (run "sampled-wait": the 40 largest copied to the host, which draws,
+# infer_forward_top) and with DSV3_SAMPLE_FULL=1 (run "sampled-full": every logit copied to
+# the host), whose texts must equal the sampled run's; and each batch size of BATCHES three
+# times more, the same three ways (temperature 0.8, request i seeded i; rows "batch B
+# (sampled)", "batch B (sampled-wait, results same as sampled)", and sampled-full's);
 # BATCHES (default "8 64") the batch sizes of the batch runs;
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
 # PREFILL=VALUE once more with DSV3_GINFER_PREFILL=VALUE (e.g. gemv: every prompt row through
@@ -85,7 +87,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
         echo "$name batch 1: decode $rate tokens/s at positions $ptok..$((ptok + N)); $floor; reached $(awk -v a="$rate" -v b="$fl" 'BEGIN { printf "%.0f%%", 100 * a / b }')"
         sed -n 's/^dsv3-sample: \(.*CUDA graphs.*\)/  \1/p' "$W/err"
         for run in ${PREFILL:+prefill-$PREFILL} ${BASE_BIN:+base} ${UNFUSED:+unfused} ${MTP:+mtp} \
-            ${SAMPLED:+sampled sampled-full} \
+            ${SAMPLED:+sampled sampled-wait sampled-full} \
             $([ "${PDL:-}" = 0 ] && echo pdl-off) ${PROFILE:+profile} \
             ${UNFUSED:+${PROFILE:+unfused-profile}} $(for f in ${FUSES:-}; do echo "fuse=$f"; done) \
             $(for v in ${ENVS:-}; do echo "env:$v"; done); do
@@ -98,6 +100,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
                 DSV3_GINFER_FUSE=$(case $run in unfused*) echo 0 ;; fuse=*) echo "${run#fuse=}" ;; *) echo "$DSV3_GINFER_FUSE" ;; esac) \
                 $(case $run in env:*) echo "${run#env:}" | tr , ' ' ;; esac) \
                 $([ $run = sampled-full ] && echo DSV3_SAMPLE_FULL=1) \
+                $([ $run = sampled-wait ] && echo DSV3_SAMPLE_AHEAD=0) \
                 "$bin" -m "$W/$name" -t "$W/tok.bpe" --device cuda -f "$W/long.txt" \
                 -n "$N" $(case $run in sampled*) echo --temp 0.8 --seed 7 ;; *) echo --temp 0 ;; esac) \
                 --ignore-eos -c 2048 $([ $run = mtp ] && echo --mtp) \
@@ -107,12 +110,12 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             }
             rates "$W/err"
             ref=$W/out1.txt
-            case $run in sampled) cp "$W/out2.txt" "$W/out3.txt" ;; sampled-full) ref=$W/out3.txt ;; esac
+            case $run in sampled) cp "$W/out2.txt" "$W/out3.txt" ;; sampled-*) ref=$W/out3.txt ;; esac
             same=$(cmp -s "$ref" "$W/out2.txt" && echo same || echo DIFFERENT)
             what="text $same as the run above"
             case $run in
             sampled) what="sampled text" ;;
-            sampled-full) what="text $same as the sampled run's" ;;
+            sampled-*) what="text $same as the sampled run's" ;;
             esac
             if [ $run = "prefill-${PREFILL:-}" ]; then
                 echo "$name prefill ($run): $ptok tokens at $pre tokens/s"
@@ -144,7 +147,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             rm -rf "${W:?}/$name-fp8"
         fi
         for B in ${BATCHES:-8 64} $([ "${PDL:-}" = 0 ] && for b in ${BATCHES:-8 64}; do echo "$b:pdl-off"; done) \
-            $([ -n "${SAMPLED:-}" ] && for b in ${BATCHES:-8 64}; do echo "$b:sampled $b:sampled-full"; done); do
+            $([ -n "${SAMPLED:-}" ] && for b in ${BATCHES:-8 64}; do echo "$b:sampled $b:sampled-wait $b:sampled-full"; done); do
             tag=${B#*:} B=${B%%:*}
             t=0
             case $tag in sampled*) t=0.8 ;; esac
@@ -157,11 +160,12 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
             done
             env $([ "$tag" = " (pdl-off)" ] && echo DSV3_GINFER_PDL=0) \
                 $([ "$tag" = " (sampled-full)" ] && echo DSV3_SAMPLE_FULL=1) \
+                $([ "$tag" = " (sampled-wait)" ] && echo DSV3_SAMPLE_AHEAD=0) \
                 "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda --batch --parallel $B \
                 --ignore-eos -c 256 <"$W/req.jsonl" >"$W/out.jsonl" 2>"$W/err"
             case $tag in
             " (sampled)") cp "$W/out.jsonl" "$W/out-sampled.jsonl" ;;
-            " (sampled-full)") tag=" (sampled-full, results $(cmp -s "$W/out.jsonl" "$W/out-sampled.jsonl" && echo same || echo DIFFERENT) as sampled)" ;;
+            " (sampled-"*) tag=${tag# (}; tag=" (${tag%)}, results $(cmp -s "$W/out.jsonl" "$W/out-sampled.jsonl" && echo same || echo DIFFERENT) as sampled)" ;;
             esac
             rates "$W/err"
             floor=$("$BUILD/tests/bench/bench_sample_floor" "$CFG" $B $((ptok / B + N / 2)) gpu)
