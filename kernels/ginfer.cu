@@ -102,6 +102,10 @@ struct ginfer {
     int top_rows, top_k;
     uint16_t *stage;
     gpu_graph *graph[MAX_BUCKETS];
+    /* the same steps ending in gk_topk_draw instead of the argmax (ginfer_draw_submit; made on
+     * first use), over the rows' draws d_draw, with a scratch of their own */
+    gpu_graph *dgraph[MAX_BUCKETS];
+    void *drawscr;
     gk_moe_out mo;      /* an MLP or MoE layer's output, summed by the next add_norm (pend) */
     int pend;
     /* fusions (DSV3_GINFER_FUSE, read at creation; see fuse_flags): norms inside the GEMVs
@@ -139,8 +143,7 @@ struct ginfer {
     int q0, nq;
     int feed_n;         /* rows of the last step queued by ginfer_greedy_submit, whose next
                          * inputs its argmax left in d_in; -1 after anything else */
-    int feed_K;         /* that step's candidates a row when it drew (ginfer_draw_submit),
-                         * else 0 */
+    int feed_draw;         /* whether that step drew (ginfer_draw_submit: its draw graph) */
     sampler_draw *d_draw; /* [rmax]: the rows' draws, their random states moved on by each */
     double graph_s;     /* device time of the replays */
     void **allocs;
@@ -771,8 +774,10 @@ extern "C" void ginfer_destroy(ginfer *g)
             cudaEventDestroy(g->prof->ev[i]);
         free(g->prof);
     }
-    for (int b = 0; b < MAX_BUCKETS; b++)
+    for (int b = 0; b < MAX_BUCKETS; b++) {
         gpu_graph_destroy(g->graph[b]);
+        gpu_graph_destroy(g->dgraph[b]);
+    }
     if (g->h_logits)
         cudaFreeHost(g->h_logits);
     if (g->h_tokm)
@@ -1225,8 +1230,9 @@ static gk_feed feed_of(const ginfer *g)
     return gk_feed{g->d_in, g->rmax, g->n_slots, g->d_tokm, AHEAD, g->bucket_max};
 }
 
-/* Captures the decode step of B rows (bucket b). */
-static int capture(ginfer *g, int b, int B, dsv3_err *e)
+/* Captures the decode step of B rows (bucket b), ending in each row's greedy choice, or
+ * (draw) in each row's draw (g->dgraph). */
+static int capture(ginfer *g, int b, int B, int draw, dsv3_err *e)
 {
     if (gpu_capture_begin(g->c, e))
         return -1;
@@ -1244,13 +1250,18 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
     /* every step's greedy choices too (a few us): greedy decoding then copies ids, not
      * logits, to the host, and the next step's inputs are on the device already */
     gk_feed fd = feed_of(g);
-    rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max, g->tok,
-                         &fd, e);
-    mark(g, "argmax", (double)B * g->V * 4);
+    if (draw)
+        rc = rc || gk_topk_draw(g->s, g->logits, B, g->V, g->ban, ginfer_top_max(g), g->drawscr,
+                                g->bucket_max, NULL, g->d_draw, &fd, e);
+    else
+        rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max,
+                             g->tok, &fd, e);
+    mark(g, draw ? "draw" : "argmax", (double)B * g->V * 4);
     if (p)
         p->armed = 0;
     dsv3_err e2;
-    return gpu_capture_end(g->c, &g->graph[b], rc ? &e2 : e) || rc ? -1 : 0;
+    return gpu_capture_end(g->c, draw ? &g->dgraph[b] : &g->graph[b], rc ? &e2 : e) || rc ? -1
+                                                                                        : 0;
 }
 
 /* Every bucket's graph, captured and run once on padding rows (which write only the spare
@@ -1258,7 +1269,7 @@ static int capture(ginfer *g, int b, int B, dsv3_err *e)
 static int capture_all(ginfer *g, dsv3_err *e)
 {
     for (int b = 0, B = 1; B <= g->bucket_max; b++, B *= 2)
-        if (upload_rows(g, 0, 0, B, NULL, NULL, NULL, e) || capture(g, b, B, e) ||
+        if (upload_rows(g, 0, 0, B, NULL, NULL, NULL, e) || capture(g, b, B, 0, e) ||
             gpu_graph_launch(g->c, g->graph[b], e))
             return -1;
     return gpu_sync(g->c, e);
@@ -1283,9 +1294,9 @@ static int idle(ginfer *g, dsv3_err *e)
     return 0;
 }
 
-/* Queues step k (the ring place its rows carry in d_in): bucket b's graph over the n rows,
- * and with logits the copy of their logits to h_logits. */
-static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
+/* Queues step k (the ring place its rows carry in d_in): bucket b's graph over the n rows
+ * (draw: its draw graph), and with logits the copy of their logits to h_logits. */
+static int queue_step(ginfer *g, int k, int n, int b, int logits, int draw, dsv3_err *e)
 {
     gstep *t = &g->st[k];
     t->n = n;
@@ -1293,7 +1304,7 @@ static int queue_step(ginfer *g, int k, int n, int b, int logits, dsv3_err *e)
     t->done = 0;
     t->tail = logits ? TAIL_LOGITS : TAIL_NONE;
     CUDA_TRY(cudaEventRecord(t->ev[0], g->s), e);
-    if (gpu_graph_launch(g->c, g->graph[b], e))
+    if (gpu_graph_launch(g->c, draw ? g->dgraph[b] : g->graph[b], e))
         return -1;
     CUDA_TRY(cudaEventRecord(t->ev[1], g->s), e);
     g->replays++;
@@ -1334,7 +1345,8 @@ static int decode(ginfer *g, int n, const int *slot, const int *pos, const int32
 {
     int B, b = bucket_of(n, &B);
     if (idle(g, e) || upload_step(g, n, B, slot, pos, ids, e) ||
-        (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, g->q0, n, b, logits != NULL, e) ||
+        (!g->graph[b] && capture(g, b, B, 0, e)) ||
+        queue_step(g, g->q0, n, b, logits != NULL, 0, e) ||
         wait_step(g, g->q0, e))
         return -1;
     if (logits)
@@ -1406,25 +1418,29 @@ extern "C" int ginfer_forward_greedy(ginfer *g, int n, const int *slot, const in
     return decode(g, n, slot, pos, ids, NULL, out, e);
 }
 
-static int top_room(ginfer *g, int n, int K, dsv3_err *e);
-
-/* A draw step's candidates a row (the largest top_k), with room for them; 0 when no row
- * draws more than the greedy one. */
-static int draw_room(ginfer *g, int n, const sampler_draw *draw, int *K, dsv3_err *e)
+/* A draw step's rows' draws into d_draw: the n given, and greedy ones for the padding rows
+ * up to B (their ids go nowhere); the draw graphs' buffers made on first use. */
+static int draw_rows(ginfer *g, int n, int B, const sampler_draw *draw, dsv3_err *e)
 {
-    *K = 1;
-    for (int r = 0; r < n; r++) {
+    for (int r = 0; r < n; r++)
         if (draw[r].top_k < 1 || draw[r].top_k > ginfer_top_max(g))
             return err_set(e, "ginfer: row %d draws from its %d largest logits (1 to %d)", r,
                            draw[r].top_k, ginfer_top_max(g));
-        *K = draw[r].top_k > *K ? draw[r].top_k : *K;
+    if (!g->d_draw) {
+        size_t sb = gk_topk_scratch(g->bucket_max, g->V, ginfer_top_max(g));
+        if (!(g->d_draw = (sampler_draw *)dal(g, (size_t)g->rmax * sizeof *g->d_draw, e)) ||
+            !(g->drawscr = dal(g, sb, e)))
+            return -1;
+        CUDA_TRY(cudaMemsetAsync(g->drawscr, 0, sb, g->s), e);
     }
-    if (!g->d_draw && !(g->d_draw = (sampler_draw *)dal(g, (size_t)g->rmax * sizeof *g->d_draw, e)))
-        return -1;
-    if (top_room(g, n, *K, e))
-        return -1;
-    CUDA_TRY(cudaMemcpyAsync(g->d_draw, draw, (size_t)n * sizeof *draw, cudaMemcpyHostToDevice,
-                             g->s), e);
+    sampler_draw *h = (sampler_draw *)g->stage;  /* free between calls */
+    for (int r = 0; r < B; r++) {
+        h[r] = r < n ? draw[r] : sampler_draw{};
+        if (r >= n)
+            h[r].top_k = 1;
+    }
+    CUDA_TRY(cudaMemcpyAsync(g->d_draw, h, (size_t)B * sizeof *h, cudaMemcpyHostToDevice, g->s),
+             e);
     return 0;
 }
 
@@ -1439,23 +1455,17 @@ extern "C" int ginfer_draw_submit(ginfer *g, int n, const int *slot, const int *
         return err_set(e, "ginfer: new rows while decode steps are queued (collect them first)");
     if (!ids && g->feed_n != n)
         return err_set(e, "ginfer: no decode step of %d rows queued before to continue", n);
-    int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD, K = ids ? 0 : g->feed_K;
-    if (ids && ((draw && draw_room(g, n, draw, &K, e)) ||
-                upload_step(g, n, B, slot, pos, ids, e) || (!g->graph[b] && capture(g, b, B, e))))
+    int B, b = bucket_of(n, &B), k = (g->q0 + g->nq) % AHEAD;
+    int dr = ids ? draw != NULL : g->feed_draw;
+    gpu_graph **gr = dr ? &g->dgraph[b] : &g->graph[b];
+    if (ids && ((dr && draw_rows(g, n, B, draw, e)) || upload_step(g, n, B, slot, pos, ids, e) ||
+                (!*gr && capture(g, b, B, dr, e))))
         return -1;
-    if (queue_step(g, k, n, b, 0, e))
+    if (queue_step(g, k, n, b, 0, dr, e))
         return -1;
-    if (K) {  /* the draw replaces the graph's argmax choice */
-        gk_feed fd = feed_of(g);
-        if (gk_topk_draw(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, NULL,
-                         g->d_draw, &fd, e))
-            return -1;
-        CUDA_TRY(cudaEventRecord(g->st[k].ev[2], g->s), e);
-        g->st[k].tail = TAIL_TOPK;
-    }
     g->nq++;
     g->feed_n = n;
-    g->feed_K = K;
+    g->feed_draw = dr;
     /* the profile's events are recorded again by every replay: read them before the next */
     return g->prof ? wait_step(g, k, e) : 0;
 }
@@ -1521,7 +1531,7 @@ extern "C" int ginfer_forward_top(ginfer *g, int n, const int *slot, const int *
     int B, b = bucket_of(n, &B), k = g->q0;
     gstep *t = &g->st[k];
     if (idle(g, e) || top_room(g, n, K, e) || upload_step(g, n, B, slot, pos, ids, e) ||
-        (!g->graph[b] && capture(g, b, B, e)) || queue_step(g, k, n, b, 0, e) ||
+        (!g->graph[b] && capture(g, b, B, 0, e)) || queue_step(g, k, n, b, 0, 0, e) ||
         gk_topk(g->s, g->logits, n, g->V, g->ban, K, g->topscr, g->top_rows, g->d_top, e))
         return -1;
     CUDA_TRY(cudaEventRecord(t->ev[2], g->s), e);

@@ -1564,10 +1564,8 @@ extern "C" int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban,
     int32_t *hin = (int32_t *)calloc((size_t)4 * N, 4), *hh = (int32_t *)malloc((size_t)2 * N * 4);
     if (!rc && (!hin || !hh))
         rc = err_set(e, "ginfer_draw_run: out of memory");
-    for (int i = 0; !rc && i < N; i++) {
-        hin[i] = -1;
-        hin[3 * N + i] = 1;  /* as an argmax at ring place 0 of 2 left it */
-    }
+    for (int i = 0; !rc && i < N; i++)
+        hin[i] = -1;  /* slot 0, position 0, ring place 0 of 2 */
     if (!rc) {
         cudaMemcpy(din, hin, (size_t)4 * N * 4, cudaMemcpyHostToDevice);
         cudaMemset(dhost, 0xff, (size_t)2 * N * 4);
@@ -1583,9 +1581,10 @@ extern "C" int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban,
         cudaMemcpy(draw, dd, (size_t)N * sizeof *dd, cudaMemcpyDeviceToHost);
         for (int i = 0; i < N && !rc; i++) {
             ids[i] = hh[i];
-            if (hin[i] != hh[i] || hh[N + i] != -1 || hin[3 * N + i] != 1)
-                rc = err_set(e, "ginfer_draw_run: row %d fed %d, host %d, place 1 %d, place %d",
-                             i, hin[i], hh[i], hh[N + i], hin[3 * N + i]);
+            if (hin[i] != hh[i] || hh[N + i] != -1 || hin[2 * N + i] != 1 || hin[3 * N + i] != 1)
+                rc = err_set(e, "ginfer_draw_run: row %d fed %d, host %d, place 1 %d, position "
+                             "%d, place %d", i, hin[i], hh[i], hh[N + i], hin[2 * N + i],
+                             hin[3 * N + i]);
         }
     }
     free(hin);
@@ -2284,81 +2283,84 @@ __device__ __forceinline__ gk_cand tk_cand(unsigned long long k)
     return gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
 }
 
-/* sum of t[0..n) from the first, then the first i whose running sum of (float)(t[i] / sum)
- * reaches (at: >= p) or passes (u < it) the bound: lib/sampler's softmax, top-p and pick
- * over a sorted list, serial as there (one thread), so that the sums round as the host's.
- * n when none does. */
-__device__ int tk_cum_until(const double *t, int n, double bound, int at)
-{
-    double sum = 0, cum = 0;
-    for (int i = 0; i < n; i++)
-        sum += t[i];
-    for (int i = 0; i < n; i++) {
-        cum += (double)(float)(t[i] / sum);
-        if (at ? cum >= bound : bound < cum)
-            return i;
-    }
-    return n;
-}
-
-/* Row's draw (lib/sampler's chain after top-k, no penalty: sampler_draw) from its K largest
- * keys srt[0..K), sorted: the candidates' softmax terms in parallel, their sums by thread 0
- * in the host's order, each value rounded as the host rounds it (sampler_exp, double
- * division, float p); then the feed as gk_argmax's, whose step before (the decode graph's
- * argmax) already moved the row on: its id replaced at the ring place that argmax wrote. */
-__device__ void tk_draw(const unsigned long long *srt, int K, sampler_draw *dr, gk_feed feed,
+/* Row's draw (lib/sampler's chain after top-k, no penalty: sampler_draw) from its n largest
+ * keys srt[0..n), sorted: the candidates' softmax terms and probabilities in parallel, the
+ * sums that must run in the host's order by thread 0, each value rounded as the host rounds
+ * it (sampler_exp, double sums and division, float p); then the row fed to the next step as
+ * gk_argmax feeds it. */
+__device__ void tk_draw(const unsigned long long *srt, int n, sampler_draw *dr, gk_feed feed,
                         int row)
 {
-    __shared__ float lg[TK_SORT];
+    __shared__ float lg[TK_SORT], pf[TK_SORT];
     __shared__ double t[TK_SORT];
+    __shared__ double sum;
     __shared__ int keep;
     const sampler_draw d = *dr;
-    int n = min(d.top_k, K), i = threadIdx.x;
-    if (i < K)
+    int i = threadIdx.x, pick = 0;
+    if (i < n)
         lg[i] = tk_cand(srt[i]).logit;
     __syncthreads();
-    int pick = 0;
-    if (d.temp > 0) {
-        if (d.top_p < 1 && n > 1) {  /* top-p: softmax at temperature 1 */
-            if (i < n)
-                t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
-            __syncthreads();
-            if (i == 0) {
-                int j = tk_cum_until(t, n, d.top_p, 1);
-                keep = j < n ? j + 1 : n;
+    /* two softmaxes (top-p's at temperature 1, the draw's), each: terms, sum, p, running sum */
+    for (int pass = 0; d.temp > 0 && pass < 2; pass++) {
+        if (pass == 0 && !(d.top_p < 1 && n > 1))
+            continue;
+        if (pass == 1) {
+            if (d.min_p > 0 && n > 1) {  /* min-p: logit >= the largest + log(min_p) */
+                float cut = (float)((double)lg[0] + d.log_min_p);
+                int k = 1;
+                while (k < n && lg[k] >= cut)
+                    k++;
+                n = k;
             }
+            __syncthreads();  /* lg read by all */
+            if (i < n)
+                lg[i] = (float)((double)lg[i] / d.temp);
             __syncthreads();
-            n = keep;
         }
-        if (d.min_p > 0 && n > 1) {  /* min-p: logit >= the largest + log(min_p) */
-            float cut = (float)((double)lg[0] + d.log_min_p);
-            int k = 1;
-            while (k < n && lg[k] >= cut)
-                k++;
-            n = k;
-        }
-        __syncthreads();  /* lg read by all */
-        if (i < n)
-            lg[i] = (float)((double)lg[i] / d.temp);
-        __syncthreads();
         if (i < n)
             t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
         __syncthreads();
         if (i == 0) {
-            uint64_t st = d.rng;
-            double u = sampler_splitmix(&st);
-            int j = tk_cum_until(t, n, u, 0);
-            pick = j < n ? j : n - 1;  /* u past a sum rounded below 1: the last */
-            dr->rng = st;
+            double s = 0;
+            for (int j = 0; j < n; j++)
+                s += t[j];
+            sum = s;
         }
+        __syncthreads();
+        if (i < n)
+            pf[i] = (float)(t[i] / sum);
+        __syncthreads();
+        if (i == 0) {
+            double cum = 0;
+            int j = 0;
+            if (pass == 0) {  /* top-p: the prefix whose mass reaches p */
+                while (j < n && !((cum += pf[j]) >= d.top_p))
+                    j++;
+                keep = j < n ? j + 1 : n;
+            } else {  /* the draw: where the running sum passes u (the last if it never does) */
+                uint64_t st = d.rng;
+                double u = sampler_splitmix(&st);
+                while (j < n - 1 && !(u < (cum += pf[j])))
+                    j++;
+                keep = j;
+                dr->rng = st;
+            }
+        }
+        __syncthreads();
+        if (pass == 0)
+            n = keep;
+        else
+            pick = keep;
     }
     if (i)
         return;
-    int32_t id = tk_cand(srt[pick]).id;
-    int32_t *place = feed.in + 3 * feed.stride + row;
-    feed.host[(*place + feed.places - 1) % feed.places * feed.cap + row] = id;
+    int32_t id = tk_cand(srt[pick]).id, *place = feed.in + 3 * feed.stride + row;
+    feed.host[*place * feed.cap + row] = id;
     __threadfence_system();  /* before the host sees the step done */
     feed.in[row] = id;
+    if (feed.in[feed.stride + row] != feed.spare)
+        feed.in[2 * feed.stride + row]++;
+    *place = (*place + 1) % feed.places;
 }
 
 /* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its TK_PER of row
@@ -2367,13 +2369,15 @@ __device__ void tk_draw(const unsigned long long *srt, int K, sampler_draw *dr, 
  * TK_THREADS x TK_ITEMS2), sorted (bitonic, one key a thread), to best[row][K] as (id,
  * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
-    topk_k(const float *x, int V, const uint8_t *ban, int K, unsigned long long *part,
+    topk_k(const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
            unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed)
 {
     __shared__ tk_shared sh;
     __shared__ unsigned long long srt[TK_SORT];
     __shared__ unsigned last;
     const float *r = x + (long)blockIdx.y * V;
+    /* a row's parts take Kcap keys each in the scratch; a drawing row selects only its top_k */
+    int K = draw ? max(1, min(draw[blockIdx.y].top_k, Kcap)) : Kcap;
     int v0 = blockIdx.x * TK_PER, n = min(V - v0, TK_PER), want = min(K, n);
     unsigned long long key[TK_ITEMS];
 #pragma unroll
@@ -2381,7 +2385,7 @@ __global__ void __launch_bounds__(TK_THREADS)
         int i = j * TK_THREADS + threadIdx.x, v = v0 + i;
         key[j] = i < n ? argmax_key(ban && ban[v] ? -INFINITY : r[v], v) : 0;
     }
-    unsigned long long *mine = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * K;
+    unsigned long long *mine = part + (long)blockIdx.y * gridDim.x * Kcap + (long)blockIdx.x * K;
     for (int i = want + threadIdx.x; i < K; i += TK_THREADS)
         mine[i] = 0;
     tk_collect(&sh, key, tk_kth(&sh, key, want), mine);
@@ -2393,7 +2397,7 @@ __global__ void __launch_bounds__(TK_THREADS)
     if (!last)
         return;
     __threadfence();
-    const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * K;
+    const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * Kcap;
     int m = gridDim.x * K;
     for (int i = threadIdx.x; i < TK_SORT; i += TK_THREADS)
         srt[i] = 0;

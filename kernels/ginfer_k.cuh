@@ -436,12 +436,11 @@ typedef struct gk_cand {
 } gk_cand;
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
             void *scratch, int cap, gk_cand *best, dsv3_err *e);
-/* gk_topk's candidates drawn from on the device instead of written out: row n's draw[n]
- * (lib/sampler_draw: greedy, or top-k, top-p, min-p, temperature and the draw from its random
- * state, which moves on), K >= each row's top_k, bit for bit lib/sampler's
- * sampler_draw_top on the same K. The id then goes where the decode graph's argmax (gk_argmax
- * with feed, just before) put its own: to the feed's host ids at the ring place it wrote,
- * and to the next step's input id. */
+/* gk_topk's candidates drawn from on the device instead of written out, at the end of a
+ * decode graph in place of gk_argmax: row n's draw[n] (lib/sampler_draw: greedy, or top-k,
+ * top-p, min-p, temperature and the draw from its random state, which moves on) from its
+ * draw[n].top_k <= K largest logits (K: the scratch's room a row), bit for bit lib/sampler's
+ * sampler_draw_top on them; the id then feeds the next step as gk_argmax's feed does. */
 int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
                  void *scratch, int cap, gk_cand *best, sampler_draw *draw,
                  const gk_feed *feed, dsv3_err *e);
