@@ -2422,13 +2422,13 @@ __global__ void __launch_bounds__(TK_THREADS)
             }
             __syncthreads();
         }
-    if (draw) {
+    if (draw) {  /* its one host write fenced by the thread that made it */
         tk_draw(srt, K, draw + blockIdx.y, feed, blockIdx.y);
-    } else if (threadIdx.x < K) {
-        gk_cand c = tk_cand(srt[threadIdx.x]);
-        best[(long)blockIdx.y * K + threadIdx.x] = c;
+    } else {
+        if (threadIdx.x < K)
+            best[(long)blockIdx.y * K + threadIdx.x] = tk_cand(srt[threadIdx.x]);
+        __threadfence_system();
     }
-    __threadfence_system();
     if (threadIdx.x == 0)
         count[blockIdx.y] = 0;
 }
