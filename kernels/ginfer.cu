@@ -41,12 +41,15 @@ struct glayer {
 /* The kernels DSV3_GINFER_CLOCK times (one-row decode launches only), each GK_CLK_N
  * counters at clk + k * GK_CLK_N (kernels/ginfer_k.cuh gk_clk), and their phases' names in
  * the order of the slots. */
-enum { CLK_ROUTE1, CLK_PARTS, CLK_UVC, CLK_KERNELS };
+enum { CLK_ROUTE1, CLK_PARTS, CLK_UVC, CLK_TOPK, CLK_KERNELS };
 static const char *const clk_phases[CLK_KERNELS][GK_CLK_CYC + 1] = {
     {"route1_k", "rows in", "wait", "dot", "exchange", "top-k", "bucket"},
     {"attn_split_k", "ids", "pre-stage", "wait", "queries", "rows", "scores", "softmax", "acc",
      "write"},
     {"gemv_uvc_k", "prefetch", "wait", "combine", "gemv"},
+    /* block 0's part; then the last block's (slot 7 counts those) */
+    {"topk_k (draw)", "keys in", "select", "collect", "arrive", "last: merge", "last: sort",
+     "last: draw", "last blocks"},
 };
 
 enum { PROF_MAX = 1024 };  /* launches a profiled step can mark */
@@ -1236,7 +1239,7 @@ static int capture(ginfer *g, int b, int B, int draw, dsv3_err *e)
 {
     if (gpu_capture_begin(g->c, e))
         return -1;
-    gprof *p = b == 0 ? g->prof : NULL;  /* the one-row step is profiled */
+    gprof *p = b == 0 && !draw ? g->prof : NULL;  /* the one-row greedy step is profiled */
     if (p) {
         p->armed = 1;
         p->n = 0;
@@ -1252,7 +1255,7 @@ static int capture(ginfer *g, int b, int B, int draw, dsv3_err *e)
     gk_feed fd = feed_of(g);
     if (draw)
         rc = rc || gk_topk_draw(g->s, g->logits, B, g->V, g->ban, ginfer_top_max(g), g->drawscr,
-                                g->bucket_max, NULL, g->d_draw, &fd, e);
+                                g->bucket_max, NULL, g->d_draw, &fd, clk_for(g, CLK_TOPK, B), e);
     else
         rc = rc || gk_argmax(g->s, g->logits, B, g->V, g->ban, g->argscr, g->bucket_max,
                              g->tok, &fd, e);
@@ -1264,14 +1267,20 @@ static int capture(ginfer *g, int b, int B, int draw, dsv3_err *e)
                                                                                         : 0;
 }
 
-/* Every bucket's graph, captured and run once on padding rows (which write only the spare
- * slot), so that no decode step pays for a capture or a first launch. */
+static int draw_setup(ginfer *g, dsv3_err *e);
+
+/* Every bucket's graphs (greedy and drawing), captured and run once on padding rows (which
+ * write only the spare slot; they draw greedily), so that no decode step pays for a capture
+ * or a first launch (a first draw step that did added ~2 ms to a 128-token run). */
 static int capture_all(ginfer *g, dsv3_err *e)
 {
+    if (draw_setup(g, e))
+        return -1;
     for (int b = 0, B = 1; B <= g->bucket_max; b++, B *= 2)
-        if (upload_rows(g, 0, 0, B, NULL, NULL, NULL, e) || capture(g, b, B, 0, e) ||
-            gpu_graph_launch(g->c, g->graph[b], e))
-            return -1;
+        for (int d = 0; d < 2; d++)
+            if (upload_rows(g, 0, 0, B, NULL, NULL, NULL, e) || capture(g, b, B, d, e) ||
+                gpu_graph_launch(g->c, d ? g->dgraph[b] : g->graph[b], e))
+                return -1;
     return gpu_sync(g->c, e);
 }
 
@@ -1426,13 +1435,6 @@ static int draw_rows(ginfer *g, int n, int B, const sampler_draw *draw, dsv3_err
         if (draw[r].top_k < 1 || draw[r].top_k > ginfer_top_max(g))
             return err_set(e, "ginfer: row %d draws from its %d largest logits (1 to %d)", r,
                            draw[r].top_k, ginfer_top_max(g));
-    if (!g->d_draw) {
-        size_t sb = gk_topk_scratch(g->bucket_max, g->V, ginfer_top_max(g));
-        if (!(g->d_draw = (sampler_draw *)dal(g, (size_t)g->rmax * sizeof *g->d_draw, e)) ||
-            !(g->drawscr = dal(g, sb, e)))
-            return -1;
-        CUDA_TRY(cudaMemsetAsync(g->drawscr, 0, sb, g->s), e);
-    }
     sampler_draw *h = (sampler_draw *)g->stage;  /* free between calls */
     for (int r = 0; r < B; r++) {
         h[r] = r < n ? draw[r] : sampler_draw{};
@@ -1442,6 +1444,18 @@ static int draw_rows(ginfer *g, int n, int B, const sampler_draw *draw, dsv3_err
     CUDA_TRY(cudaMemcpyAsync(g->d_draw, h, (size_t)B * sizeof *h, cudaMemcpyHostToDevice, g->s),
              e);
     return 0;
+}
+
+/* The draw graphs' buffers: every row's draw greedy until given, and the top-k scratch. */
+static int draw_setup(ginfer *g, dsv3_err *e)
+{
+    size_t sb = gk_topk_scratch(g->bucket_max, g->V, ginfer_top_max(g));
+    if (!(g->d_draw = (sampler_draw *)dal(g, (size_t)g->rmax * sizeof *g->d_draw, e)) ||
+        !(g->drawscr = dal(g, sb, e)))
+        return -1;
+    CUDA_TRY(cudaMemsetAsync(g->drawscr, 0, sb, g->s), e);
+    CUDA_TRY(cudaMemsetAsync(g->d_draw, 0, (size_t)g->rmax * sizeof *g->d_draw, g->s), e);
+    return draw_rows(g, 0, g->rmax, NULL, e);
 }
 
 extern "C" int ginfer_draw_submit(ginfer *g, int n, const int *slot, const int *pos,

@@ -1571,7 +1571,7 @@ extern "C" int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban,
         cudaMemset(dhost, 0xff, (size_t)2 * N * 4);
         cudaMemcpy(dd, draw, (size_t)N * sizeof *dd, cudaMemcpyHostToDevice);
         gk_feed fd = {din, N, -1, dhost, 2, N};
-        rc = gk_topk_draw(0, dx, N, V, ban ? db : NULL, K, scr, N, NULL, dd, &fd, e) ||
+        rc = gk_topk_draw(0, dx, N, V, ban ? db : NULL, K, scr, N, NULL, dd, &fd, NULL, e) ||
              (cudaDeviceSynchronize() != cudaSuccess &&
               err_set(e, "ginfer_draw_run: %s", cudaGetErrorString(cudaGetLastError())));
     }
@@ -2177,7 +2177,7 @@ __global__ void __launch_bounds__(ARG_THREADS)
 #define TK_ITEMS 8                            /* a part's keys a thread */
 #define TK_PER (TK_THREADS * TK_ITEMS)        /* a part's keys */
 #define TK_ITEMS2 16                          /* the parts' K largest a thread, merged */
-#define TK_SORT 256                           /* the final sort: GK_TOPK_MAX, a power of 2 */
+#define TK_SORT 256                           /* the final sort: GK_TOPK_MAX */
 static_assert(GK_TOPK_MAX <= TK_SORT && TK_SORT <= TK_THREADS, "one key a thread to sort");
 
 /* State of a selection in shared memory. */
@@ -2370,11 +2370,14 @@ __device__ void tk_draw(const unsigned long long *srt, int n, sampler_draw *dr, 
  * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
     topk_k(const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
-           unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed)
+           unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed,
+           unsigned long long *clk)
 {
     __shared__ tk_shared sh;
-    __shared__ unsigned long long srt[TK_SORT];
+    __shared__ unsigned long long srt[TK_SORT], ord[TK_SORT];
     __shared__ unsigned last;
+    gk_clock ck;
+    gk_clk_start(clk, ck);  /* block 0's part phases, then the last block's own */
     const float *r = x + (long)blockIdx.y * V;
     /* a row's parts take Kcap keys each in the scratch; a drawing row selects only its top_k */
     int K = draw ? max(1, min(draw[blockIdx.y].top_k, Kcap)) : Kcap;
@@ -2388,19 +2391,27 @@ __global__ void __launch_bounds__(TK_THREADS)
     unsigned long long *mine = part + (long)blockIdx.y * gridDim.x * Kcap + (long)blockIdx.x * K;
     for (int i = want + threadIdx.x; i < K; i += TK_THREADS)
         mine[i] = 0;
-    tk_collect(&sh, key, tk_kth(&sh, key, want), mine);
+    __syncthreads();
+    gk_clk(clk, 0, ck);
+    unsigned long long bound = tk_kth(&sh, key, want);
+    gk_clk(clk, 1, ck);
+    tk_collect(&sh, key, bound, mine);
+    gk_clk(clk, 2, ck);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
         last = atomicAdd(count + blockIdx.y, 1u) == gridDim.x - 1;
     __syncthreads();
+    gk_clk(clk, 3, ck);
+    gk_clk_end(clk, ck);  /* "in all": block 0's part */
     if (!last)
         return;
+    /* the last block's phases: its own thread 0, whichever block it is */
+    bool lk = clk && threadIdx.x == 0 && blockIdx.y == 0;
+    long long t0 = lk ? clock64() : 0, t1 = 0;
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * Kcap;
     int m = gridDim.x * K;
-    for (int i = threadIdx.x; i < TK_SORT; i += TK_THREADS)
-        srt[i] = 0;
     /* K <= V: K keys that are not 0; as few registers a thread as the parts' keys need */
     if (m <= TK_THREADS)
         tk_merge<1>(&sh, rows, m, K, srt);
@@ -2408,29 +2419,40 @@ __global__ void __launch_bounds__(TK_THREADS)
         tk_merge<4>(&sh, rows, m, K, srt);
     else
         tk_merge<TK_ITEMS2>(&sh, rows, m, K, srt);
-    for (int size = 2; size <= TK_SORT; size <<= 1)
-        for (int j = size >> 1; j > 0; j >>= 1) {
-            int i = threadIdx.x, p = i ^ j;
-            if (i < TK_SORT && p > i) {
-                unsigned long long a = srt[i], b = srt[p];
-                /* descending where the size bit is clear, ascending where set: all descending
-                 * at the end */
-                if (((i & size) == 0) == (a < b)) {
-                    srt[i] = b;
-                    srt[p] = a;
-                }
-            }
-            __syncthreads();
-        }
+    if (lk) {
+        t1 = clock64();
+        atomicAdd(clk + 4, (unsigned long long)(t1 - t0));
+        t0 = t1;
+    }
+    /* sorted by rank: the keys of a row all differ, so each key's count of greater ones is
+     * its place */
+    if (threadIdx.x < K) {
+        unsigned long long k = srt[threadIdx.x];
+        int above = 0;
+        for (int j = 0; j < K; j++)
+            above += srt[j] > k;
+        ord[above] = k;
+    }
+    __syncthreads();
+    if (lk) {
+        t1 = clock64();
+        atomicAdd(clk + 5, (unsigned long long)(t1 - t0));
+        t0 = t1;
+    }
     if (draw) {  /* its one host write fenced by the thread that made it */
-        tk_draw(srt, K, draw + blockIdx.y, feed, blockIdx.y);
+        tk_draw(ord, K, draw + blockIdx.y, feed, blockIdx.y);
     } else {
         if (threadIdx.x < K)
-            best[(long)blockIdx.y * K + threadIdx.x] = tk_cand(srt[threadIdx.x]);
+            best[(long)blockIdx.y * K + threadIdx.x] = tk_cand(ord[threadIdx.x]);
         __threadfence_system();
     }
     if (threadIdx.x == 0)
         count[blockIdx.y] = 0;
+    if (lk) {
+        t1 = clock64();
+        atomicAdd(clk + 6, (unsigned long long)(t1 - t0));
+        atomicAdd(clk + 7, 1ull);
+    }
 }
 
 static int topk_parts(int V)
@@ -2452,12 +2474,12 @@ size_t gk_topk_scratch(int cap, int V, int K)
 int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
             void *scratch, int cap, gk_cand *best, dsv3_err *e)
 {
-    return gk_topk_draw(s, logits, N, V, ban, K, scratch, cap, best, NULL, NULL, e);
+    return gk_topk_draw(s, logits, N, V, ban, K, scratch, cap, best, NULL, NULL, NULL, e);
 }
 
 int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
                  void *scratch, int cap, gk_cand *best, sampler_draw *draw,
-                 const gk_feed *feed, dsv3_err *e)
+                 const gk_feed *feed, unsigned long long *clk, dsv3_err *e)
 {
     gk_feed none = {NULL, 0, 0, NULL, 1, 0};
     if (N <= 0)
@@ -2469,7 +2491,7 @@ int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_
     unsigned long long *part =
         (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
     topk_k<<<dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s>>>(
-        logits, V, ban, K, part, count, best, draw, draw && feed ? *feed : none);
+        logits, V, ban, K, part, count, best, draw, draw && feed ? *feed : none, clk);
     LAUNCH_CHECK("topk", e);
     return 0;
 }

@@ -440,10 +440,11 @@ int gk_topk(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ba
  * decode graph in place of gk_argmax: row n's draw[n] (lib/sampler_draw: greedy, or top-k,
  * top-p, min-p, temperature and the draw from its random state, which moves on) from its
  * draw[n].top_k <= K largest logits (K: the scratch's room a row), bit for bit lib/sampler's
- * sampler_draw_top on them; the id then feeds the next step as gk_argmax's feed does. */
+ * sampler_draw_top on them; the id then feeds the next step as gk_argmax's feed does.
+ * clk (DSV3_GINFER_CLOCK, or NULL): the phases of block 0's part and of row 0's last block. */
 int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_t *ban, int K,
                  void *scratch, int cap, gk_cand *best, sampler_draw *draw,
-                 const gk_feed *feed, dsv3_err *e);
+                 const gk_feed *feed, unsigned long long *clk, dsv3_err *e);
 size_t gk_topk_scratch(int cap, int V, int K);
 int gk_topk_max(int V);
 /* Bytes of gk_argmax's scratch for up to cap rows: zeroed once before the first call (each

@@ -119,13 +119,16 @@ typedef struct sample_run_opts {
     FILE *stream;              /* with one request: its text as produced (NULL: none) */
     int keep_slot;             /* requests continue slot 0's sequence (chat) */
     int mtp;                   /* speculative decoding with the MTP module (infer_use_mtp) */
-    /* Greedy steps without MTP are queued one ahead (infer_greedy_submit): the device runs
-     * the next step while the host takes this one's tokens, and a sequence that ends costs
-     * one step its row computed for nothing. no_ahead: each step waits for the one before. */
+    /* Steps without MTP whose rows are greedy, or sampled with top-k on and no penalty
+     * (sampler_draw_of), are queued one ahead (infer_draw_submit: on the GPU the device draws
+     * and feeds the next step itself): the device runs the next step while the host takes
+     * this one's tokens, and a sequence that ends costs one step its row computed for
+     * nothing. no_ahead: each step waits for the one before. */
     int no_ahead;
-    /* Sampled steps (no MTP) whose draws need only each row's K largest logits (top-k on, no
-     * penalty below 1: sampler_top_need) bring only those to the host (infer_forward_top).
-     * full_logits: every logit, as before (the draws are the same). */
+    /* Other sampled steps (no MTP) whose draws need only each row's K largest logits (top-k
+     * on, no penalty below 1: sampler_top_need) bring only those to the host
+     * (infer_forward_top). full_logits: every logit to the host for every sampled step, none
+     * drawn on the device (the draws are the same). */
     int full_logits;
     /* Called when request i (in order) is complete; may be NULL. */
     int (*done)(void *ctx, int i, sample_request *r, dsv3_err *e);

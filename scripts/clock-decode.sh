@@ -11,6 +11,8 @@
 # the generated text, which must be the same for every variant whose outputs are meant to be
 # bitwise equal. Two runs of one variant differ by up to ~5 us a 1b-moe step on an H200, so
 # compare rounds, not single runs.
+# TEMP (default 0, greedy): the temperature, e.g. 0.8 for dsv3-sample's sampled default
+# (then the draw graph's gk_topk_draw is clocked too).
 # Usage: scripts/clock-decode.sh CONFIG N ROUNDS VARIANT...
 #   e.g. scripts/clock-decode.sh configs/1b-moe.json 128 2 build/bin build/bin:DSV3_GINFER_G1=0
 set -eu
@@ -31,7 +33,7 @@ for r in $(seq "$rounds"); do
         echo "--- $(basename "$cfg" .json) $bin $envs round $r"
         rc=0
         env $envs DSV3_GINFER_CLOCK=1 "$bin/dsv3-sample" -m "$W/model" -t "$W/tok.bpe" \
-            --device cuda -f "$W/long.txt" --temp 0 --ignore-eos -c 2048 -n "$n" \
+            --device cuda -f "$W/long.txt" --temp "${TEMP:-0}" --seed 7 --ignore-eos -c 2048 -n "$n" \
             >"$W/out" 2>"$W/err" || rc=$?
         echo "rc $rc"
         grep -E "decode steps from CUDA graphs|ginfer clock:" "$W/err" || tail -5 "$W/err"
