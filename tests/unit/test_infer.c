@@ -102,7 +102,10 @@ static double check_model(dsv3_model *m, int T, int P)
         }
     for (int t = 0; t < T && worst < 1; t++) {
         double r = row_err(lg + (size_t)t * V, ref + (size_t)t * V, V);
-        CHECKF(r <= 1e-5, "position %d: rel err %.3g", t, r);
+        /* fp32 both, summed in different orders (latent vs per-head attention, prefill vs
+         * decode): over 2,700 random configs (std 0.3 weights) 3 rows passed 1e-5, the worst
+         * 2.3e-5; a wrong rotation or a lost term is 1e-2 or more */
+        CHECKF(r <= 5e-5, "position %d: rel err %.3g", t, r);
         if (r > worst)
             worst = r;
     }
@@ -148,6 +151,7 @@ static void random_model(dsv3_model *m, int q, int yarn)
 
 static void test_random_configs(void)
 {
+    double worst = 0;
     for (int i = 0; i < 8; i++) {
         dsv3_model m;
         random_model(&m, i & 1, (i >> 1) & 1);
@@ -155,11 +159,13 @@ static void test_random_configs(void)
             return;
         int T = 6 + (int)(test_rand() % 12), P = 1 + (int)(test_rand() % (uint64_t)T);
         double w = check_model(&m, T, P);
-        if (w > 1e-5)
+        worst = w > worst ? w : worst;
+        if (w > 5e-5)
             fprintf(stderr, "    config %d (q_lora %d, yarn %d): T %d, P %d\n", i,
                     m.cfg.q_lora_rank, m.cfg.rope_yarn, T, P);
         model_free(&m);
     }
+    printf("# random configs: worst rel err %.3g against the training forward\n", worst);
 }
 
 /* Three sequences decoded together, prompts of different lengths, one joining late: each
