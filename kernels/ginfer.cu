@@ -49,7 +49,7 @@ static const char *const clk_phases[CLK_KERNELS][GK_CLK_CYC + 1] = {
     {"gemv_uvc_k", "prefetch", "wait", "combine", "gemv"},
     /* block 0's part; then the last block's (slot 7 counts those) */
     {"topk_k (draw)", "keys in", "select", "collect", "arrive", "last: merge", "last: sort",
-     "last: draw", "last blocks"},
+     "last: draw", "last blocks", "draw: top-p", "draw: pick", "draw: feed"},
 };
 
 enum { PROF_MAX = 1024 };  /* launches a profiled step can mark */

@@ -2093,6 +2093,38 @@ __device__ __forceinline__ unsigned long long block_max_key(unsigned long long b
     return best;
 }
 
+/* A row's feed inputs (its ring place, slot and position), read when the kernel starts:
+ * only the feed itself writes them, at the graph's end, so reading them ahead leaves three
+ * dependent loads off the step's last path. */
+struct gk_feed_row {
+    int place, slot, pos;
+};
+
+__device__ __forceinline__ gk_feed_row gk_feed_read(const gk_feed &f, int row)
+{
+    gk_feed_row r = {0, 0, 0};
+    if (f.in) {
+        r.place = f.in[3 * f.stride + row];
+        r.slot = f.in[f.stride + row];
+        r.pos = f.in[2 * f.stride + row];
+    }
+    return r;
+}
+
+/* Row's chosen id to the host's ids at its ring place and into the next step's input row:
+ * its position one further (not for padding rows), its ring place the next. The host reads
+ * the id after the step's event: the kernel's completion makes the write visible, so no
+ * system fence waits for it here. */
+__device__ __forceinline__ void gk_feed_write(const gk_feed &f, int row, gk_feed_row r,
+                                              int32_t id)
+{
+    f.host[r.place * f.cap + row] = id;
+    f.in[row] = id;
+    if (r.slot != f.spare)
+        f.in[2 * f.stride + row] = r.pos + 1;
+    f.in[3 * f.stride + row] = (r.place + 1) % f.places;
+}
+
 /* Grid (ARG_PARTS, N): each block the largest key of its part of row blockIdx.y into
  * part[row][blockIdx.x]; the row's last block to finish (a counter, reset by that block for
  * the next step) takes the largest of the parts, one a thread, and writes its id to out,
@@ -2115,6 +2147,7 @@ __global__ void __launch_bounds__(ARG_THREADS)
     int per = (V + ARG_PARTS - 1) / ARG_PARTS, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
     if (gk_pdl_pf(m) && ban && threadIdx.x == 0 && v1 > v0)  /* the host's: no kernel writes them */
         gk_prefetch_l2(ban + v0, (size_t)(v1 - v0));
+    gk_feed_row fr = threadIdx.x == 0 ? gk_feed_read(feed, blockIdx.y) : gk_feed_row{0, 0, 0};
     gk_pdl_enter(m);
     unsigned long long best = 0;
     for (int v = v0 + threadIdx.x; v < v1; v += ARG_U * ARG_THREADS) {
@@ -2152,15 +2185,8 @@ __global__ void __launch_bounds__(ARG_THREADS)
     int32_t id = (int32_t)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
     out[blockIdx.y] = id;
     count[blockIdx.y] = 0;
-    if (feed.in) {
-        int n = blockIdx.y, *place = feed.in + 3 * feed.stride + n;
-        feed.host[*place * feed.cap + n] = id;
-        __threadfence_system();  /* before the host sees the step done */
-        feed.in[n] = id;
-        if (feed.in[feed.stride + n] != feed.spare)
-            feed.in[2 * feed.stride + n]++;
-        *place = (*place + 1) % feed.places;
-    }
+    if (feed.in)
+        gk_feed_write(feed, blockIdx.y, fr, id);
 }
 
 /* ---- the largest logits of a row (sampled steps) ---- */
@@ -2304,14 +2330,15 @@ __device__ int tk_first_not(const float *pf, double *cum, int n, F below)
  * sums that must run in the host's order by thread 0, each value rounded as the host rounds
  * it (sampler_exp, double sums and division, float p); then the row fed to the next step as
  * gk_argmax feeds it. */
-__device__ void tk_draw(const unsigned long long *srt, int n, sampler_draw *dr, gk_feed feed,
-                        int row)
+__device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw &d,
+                        sampler_draw *dr, gk_feed feed, gk_feed_row fr, int row,
+                        unsigned long long *clk)
 {
     __shared__ float lg[TK_SORT], pf[TK_SORT];
     __shared__ double t[TK_SORT];
     __shared__ double sum;
-    const sampler_draw d = *dr;
     int i = threadIdx.x, pick = 0;
+    long long c0 = clk && i == 0 ? clock64() : 0;
     if (i < n)
         lg[i] = tk_cand(srt[i]).logit;
     __syncthreads();
@@ -2356,16 +2383,17 @@ __device__ void tk_draw(const unsigned long long *srt, int n, sampler_draw *dr, 
                 dr->rng = st;
         }
         __syncthreads();  /* t reused */
+        if (clk && i == 0) {
+            long long c1 = clock64();
+            atomicAdd(clk + 8 + pass, (unsigned long long)(c1 - c0));
+            c0 = c1;
+        }
     }
     if (i)
         return;
-    int32_t id = tk_cand(srt[pick]).id, *place = feed.in + 3 * feed.stride + row;
-    feed.host[*place * feed.cap + row] = id;
-    __threadfence_system();  /* before the host sees the step done */
-    feed.in[row] = id;
-    if (feed.in[feed.stride + row] != feed.spare)
-        feed.in[2 * feed.stride + row]++;
-    *place = (*place + 1) % feed.places;
+    gk_feed_write(feed, row, fr, tk_cand(srt[pick]).id);
+    if (clk)
+        atomicAdd(clk + 10, (unsigned long long)(clock64() - c0));
 }
 
 /* Grid (parts, N): each block the K largest keys (banned ids as -inf) of its TK_PER of row
@@ -2381,9 +2409,15 @@ __global__ void __launch_bounds__(TK_THREADS)
     __shared__ tk_shared sh;
     __shared__ unsigned long long srt[TK_SORT], ord[TK_SORT];
     __shared__ unsigned last;
+    __shared__ sampler_draw sd;  /* the row's draw, read at the start as the keys are */
     gk_clock ck;
     gk_clk_start(clk, ck);  /* block 0's part phases, then the last block's own */
     const float *r = x + (long)blockIdx.y * V;
+    gk_feed_row fr = gk_feed_row{0, 0, 0};
+    if (draw && threadIdx.x == 0) {
+        sd = draw[blockIdx.y];
+        fr = gk_feed_read(feed, blockIdx.y);
+    }
     /* a row's parts take Kcap keys each in the scratch; a drawing row selects only its top_k */
     int K = draw ? max(1, min(draw[blockIdx.y].top_k, Kcap)) : Kcap;
     int v0 = blockIdx.x * TK_PER, n = min(V - v0, TK_PER), want = min(K, n);
@@ -2455,7 +2489,7 @@ __global__ void __launch_bounds__(TK_THREADS)
         t0 = t1;
     }
     if (draw) {  /* its one host write fenced by the thread that made it */
-        tk_draw(ord, K, draw + blockIdx.y, feed, blockIdx.y);
+        tk_draw(ord, K, sd, draw + blockIdx.y, feed, fr, blockIdx.y, lk ? clk : NULL);
     } else {
         if (threadIdx.x < K)
             best[(long)blockIdx.y * K + threadIdx.x] = tk_cand(ord[threadIdx.x]);
