@@ -516,6 +516,25 @@ static void test_top_on_device(void)
     model_free(&m);
 }
 
+/* Two GPU engines of S slots and ctx positions with the same random prompts (P[s] ids) in
+ * their slots, and first[s] any ids to feed both next (lg: room for a row of logits). */
+static int two_engines(const dsv3_model *m, int S, int ctx, const int *P, int32_t prompt[][9],
+                       int32_t *first, infer **f, float *lg, dsv3_err *e)
+{
+    int V = m->cfg.vocab_size, ok = 1;
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < P[s]; t++)
+            prompt[s][t] = (int32_t)(test_rand() % (uint64_t)V);
+    for (int k = 0; k < 2 && ok; k++) {
+        ok = infer_new_gpu(&f[k], m, ctx, S, 0, 0, e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            ok = infer_prefill(f[k], s, prompt[s], P[s], lg, e) == 0;
+        for (int s = 0; s < S && ok; s++)
+            first[s] = (int32_t)((argmax(lg, V) + s) % V);
+    }
+    return ok;
+}
+
 /* Three sequences (one bucket of 4 rows: a padding row) decoded T greedy steps twice: each
  * step waiting (infer_forward_greedy, its ids from the host) and queued one ahead from the
  * first step's ids (submit with ids NULL: the device feeds itself), to the context's last
@@ -534,16 +553,7 @@ static void test_greedy_ahead(void)
     infer *f[2] = {NULL, NULL};
     float *lg = malloc((size_t)V * 4), *lg2 = malloc((size_t)V * 4);
     dsv3_err e;
-    for (int s = 0; s < S; s++)
-        for (int t = 0; t < P[s]; t++)
-            prompt[s][t] = (int32_t)(test_rand() % (uint64_t)V);
-    for (int k = 0; k < 2 && ok; k++) {
-        ok = infer_new_gpu(&f[k], &m, CTX, S, 0, 0, &e) == 0;
-        for (int s = 0; s < S && ok; s++)
-            ok = infer_prefill(f[k], s, prompt[s], P[s], lg, &e) == 0;
-        for (int s = 0; s < S && ok; s++)
-            first[s] = (int32_t)((argmax(lg, V) + s) % V);  /* any ids: the same for both */
-    }
+    ok = two_engines(&m, S, CTX, P, prompt, first, f, lg, &e);
     CHECKF(ok, "%s", e.msg);
     /* the longest prompt (9) reaches position CTX - 1 at the last step */
     int steps = T;
@@ -632,16 +642,7 @@ static void test_draw_ahead(void)
         K = tks[s] > K ? tks[s] : K;
     }
     dsv3_err e;
-    for (int s = 0; s < S; s++)
-        for (int t = 0; t < P[s]; t++)
-            prompt[s][t] = (int32_t)(test_rand() % (uint64_t)V);
-    for (int k = 0; k < 2 && ok; k++) {
-        ok = infer_new_gpu(&f[k], &m, CTX, S, 0, 0, &e) == 0;
-        for (int s = 0; s < S && ok; s++)
-            ok = infer_prefill(f[k], s, prompt[s], P[s], lg, &e) == 0;
-        for (int s = 0; s < S && ok; s++)
-            first[s] = (int32_t)((argmax(lg, V) + s) % V);
-    }
+    ok = two_engines(&m, S, CTX, P, prompt, first, f, lg, &e);
     CHECKF(ok, "%s", e.msg);
     for (int t = 0; ok && t < T; t++) {
         ok = infer_forward_top(f[0], S, slots, t ? ref[t - 1] : first, K, ti, tl, &e) == 0;
