@@ -2309,10 +2309,22 @@ __device__ __forceinline__ gk_cand tk_cand(unsigned long long k)
     return gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
 }
 
-/* The running sums of pf[0..n) into cum[] by thread 0, in order (the host's rounding), and
- * then by the whole block how many of them satisfy below(): as the sums never fall, the
- * index of the first that does not. A loop that stops at that index would wait on each
- * shared load in turn (9 us of a draw, clocked). */
+/* How many of the n lanes' predicates hold, across the warp's chunks of 32 (pred(i) for i
+ * < n). */
+template <typename F>
+__device__ int tk_warp_count(int n, F pred)
+{
+    int c = 0;
+    for (int i0 = 0; i0 < n; i0 += 32) {
+        int i = i0 + (int)(threadIdx.x & 31);
+        c += __popc(__ballot_sync(0xffffffffu, i < n && pred(i)));
+    }
+    return c;
+}
+
+/* The running sums of pf[0..n) into cum[] by lane 0, in order (the host's rounding), then
+ * how many of them satisfy below(): as the sums never fall, the index of the first that
+ * does not. A loop that stopped at that index waited on each shared load in turn. */
 template <typename F>
 __device__ int tk_first_not(const float *pf, double *cum, int n, F below)
 {
@@ -2321,14 +2333,15 @@ __device__ int tk_first_not(const float *pf, double *cum, int n, F below)
         for (int j = 0; j < n; j++)
             cum[j] = c += pf[j];
     }
-    __syncthreads();
-    return __syncthreads_count(threadIdx.x < n && below(cum[threadIdx.x]));
+    __syncwarp();
+    return tk_warp_count(n, [&](int i) { return below(cum[i]); });
 }
 
 /* Row's draw (lib/sampler's chain after top-k, no penalty: sampler_draw) from its n largest
- * keys srt[0..n), sorted: the candidates' softmax terms and probabilities in parallel, the
- * sums that must run in the host's order by thread 0, each value rounded as the host rounds
- * it (sampler_exp, double sums and division, float p); then the row fed to the next step as
+ * keys srt[0..n), sorted, by warp 0 (warp barriers, not the block's: the rest of the block
+ * has left): the candidates' softmax terms and probabilities a lane each, the sums that
+ * must run in the host's order by lane 0, each value rounded as the host rounds it
+ * (sampler_exp, double sums and division, float p); then the row fed to the next step as
  * gk_argmax feeds it. */
 __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw &d,
                         sampler_draw *dr, gk_feed feed, gk_feed_row fr, int row,
@@ -2337,11 +2350,13 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
     __shared__ float lg[TK_SORT], pf[TK_SORT];
     __shared__ double t[TK_SORT];
     __shared__ double sum;
-    int i = threadIdx.x, pick = 0;
-    long long c0 = clk && i == 0 ? clock64() : 0;
-    if (i < n)
+    if (threadIdx.x >= 32)
+        return;
+    int l = threadIdx.x, pick = 0;
+    long long c0 = clk && l == 0 ? clock64() : 0;
+    for (int i = l; i < n; i += 32)
         lg[i] = tk_cand(srt[i]).logit;
-    __syncthreads();
+    __syncwarp();
     /* two softmaxes (top-p's at temperature 1, the draw's), each: terms, sum, p, running sum */
     for (int pass = 0; d.temp > 0 && pass < 2; pass++) {
         if (pass == 0 && !(d.top_p < 1 && n > 1))
@@ -2349,27 +2364,26 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
         if (pass == 1) {
             if (d.min_p > 0 && n > 1) {  /* min-p: logit >= the largest + log(min_p) */
                 float cut = (float)((double)lg[0] + d.log_min_p);
-                n = 1 + __syncthreads_count(i >= 1 && i < n && lg[i] >= cut);
+                n = 1 + tk_warp_count(n, [&](int i) { return i >= 1 && lg[i] >= cut; });
             }
-            float l = i < n ? (float)((double)lg[i] / d.temp) : 0;
-            __syncthreads();  /* lg read by all */
-            if (i < n)
-                lg[i] = l;
-            __syncthreads();
+            __syncwarp();  /* lg read by all */
+            for (int i = l; i < n; i += 32)
+                lg[i] = (float)((double)lg[i] / d.temp);
+            __syncwarp();
         }
-        if (i < n)
+        for (int i = l; i < n; i += 32)
             t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
-        __syncthreads();
-        if (i == 0) {
+        __syncwarp();
+        if (l == 0) {
             double s = 0;
             for (int j = 0; j < n; j++)
                 s += t[j];
             sum = s;
         }
-        __syncthreads();
-        if (i < n)
+        __syncwarp();
+        for (int i = l; i < n; i += 32)
             pf[i] = (float)(t[i] / sum);
-        __syncthreads();
+        __syncwarp();
         if (pass == 0) {  /* top-p: the prefix whose mass reaches p */
             double p = d.top_p;
             int j = tk_first_not(pf, t, n, [p](double c) { return !(c >= p); });
@@ -2379,17 +2393,17 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
             double u = sampler_splitmix(&st);
             int j = tk_first_not(pf, t, n - 1, [u](double c) { return !(u < c); });
             pick = j;
-            if (i == 0)
+            if (l == 0)
                 dr->rng = st;
         }
-        __syncthreads();  /* t reused */
-        if (clk && i == 0) {
+        __syncwarp();  /* t reused */
+        if (clk && l == 0) {
             long long c1 = clock64();
             atomicAdd(clk + 8 + pass, (unsigned long long)(c1 - c0));
             c0 = c1;
         }
     }
-    if (i)
+    if (l)
         return;
     gk_feed_write(feed, row, fr, tk_cand(srt[pick]).id);
     if (clk)
@@ -2402,7 +2416,7 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
  * TK_THREADS x TK_ITEMS2), sorted (bitonic, one key a thread), to best[row][K] as (id,
  * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
-    topk_k(const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
+    topk_k(int m, const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
            unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed,
            unsigned long long *clk)
 {
@@ -2413,6 +2427,8 @@ __global__ void __launch_bounds__(TK_THREADS)
     gk_clock ck;
     gk_clk_start(clk, ck);  /* block 0's part phases, then the last block's own */
     const float *r = x + (long)blockIdx.y * V;
+    /* before the wait (PDL, at the end of a draw graph): what no kernel of the graph writes,
+     * the row's draw (the host's copy, or the step before's), its feed row and ban bytes */
     gk_feed_row fr = gk_feed_row{0, 0, 0};
     if (draw && threadIdx.x == 0) {
         sd = draw[blockIdx.y];
@@ -2421,6 +2437,9 @@ __global__ void __launch_bounds__(TK_THREADS)
     /* a row's parts take Kcap keys each in the scratch; a drawing row selects only its top_k */
     int K = draw ? max(1, min(draw[blockIdx.y].top_k, Kcap)) : Kcap;
     int v0 = blockIdx.x * TK_PER, n = min(V - v0, TK_PER), want = min(K, n);
+    if (gk_pdl_pf(m) && ban && threadIdx.x == 0 && n > 0)
+        gk_prefetch_l2(ban + v0, (size_t)n);
+    gk_pdl_enter(m);
     /* every load issued before any is used: a logit loaded only where its ban byte is clear
      * waited for that byte first (the keys took 4.2 us, clocked) */
     float lv[TK_ITEMS];
@@ -2460,14 +2479,14 @@ __global__ void __launch_bounds__(TK_THREADS)
     long long t0 = lk ? clock64() : 0, t1 = 0;
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * Kcap;
-    int m = gridDim.x * K;
+    int nk = gridDim.x * K;
     /* K <= V: K keys that are not 0; as few registers a thread as the parts' keys need */
-    if (m <= TK_THREADS)
-        tk_merge<1>(&sh, rows, m, K, srt);
-    else if (m <= 4 * TK_THREADS)
-        tk_merge<4>(&sh, rows, m, K, srt);
+    if (nk <= TK_THREADS)
+        tk_merge<1>(&sh, rows, nk, K, srt);
+    else if (nk <= 4 * TK_THREADS)
+        tk_merge<4>(&sh, rows, nk, K, srt);
     else
-        tk_merge<TK_ITEMS2>(&sh, rows, m, K, srt);
+        tk_merge<TK_ITEMS2>(&sh, rows, nk, K, srt);
     if (lk) {
         t1 = clock64();
         atomicAdd(clk + 4, (unsigned long long)(t1 - t0));
@@ -2539,8 +2558,8 @@ int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part =
         (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
-    topk_k<<<dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s>>>(
-        logits, V, ban, K, part, count, best, draw, draw && feed ? *feed : none, clk);
+    gk_launch(topk_k, dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s, logits, V,
+              ban, K, part, count, best, draw, draw && feed ? *feed : none, clk);
     LAUNCH_CHECK("topk", e);
     return 0;
 }
