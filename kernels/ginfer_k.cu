@@ -2309,22 +2309,10 @@ __device__ __forceinline__ gk_cand tk_cand(unsigned long long k)
     return gk_cand{(int32_t)(0xFFFFFFFFu - (unsigned)(k & 0xFFFFFFFFu)), __uint_as_float(u)};
 }
 
-/* How many of the n lanes' predicates hold, across the warp's chunks of 32 (pred(i) for i
- * < n). */
-template <typename F>
-__device__ int tk_warp_count(int n, F pred)
-{
-    int c = 0;
-    for (int i0 = 0; i0 < n; i0 += 32) {
-        int i = i0 + (int)(threadIdx.x & 31);
-        c += __popc(__ballot_sync(0xffffffffu, i < n && pred(i)));
-    }
-    return c;
-}
-
-/* The running sums of pf[0..n) into cum[] by lane 0, in order (the host's rounding), then
- * how many of them satisfy below(): as the sums never fall, the index of the first that
- * does not. A loop that stopped at that index waited on each shared load in turn. */
+/* The running sums of pf[0..n) into cum[] by thread 0, in order (the host's rounding), and
+ * then by the whole block how many of them satisfy below(): as the sums never fall, the
+ * index of the first that does not. A loop that stops at that index would wait on each
+ * shared load in turn (9 us of a draw, clocked). */
 template <typename F>
 __device__ int tk_first_not(const float *pf, double *cum, int n, F below)
 {
@@ -2333,15 +2321,14 @@ __device__ int tk_first_not(const float *pf, double *cum, int n, F below)
         for (int j = 0; j < n; j++)
             cum[j] = c += pf[j];
     }
-    __syncwarp();
-    return tk_warp_count(n, [&](int i) { return below(cum[i]); });
+    __syncthreads();
+    return __syncthreads_count(threadIdx.x < n && below(cum[threadIdx.x]));
 }
 
 /* Row's draw (lib/sampler's chain after top-k, no penalty: sampler_draw) from its n largest
- * keys srt[0..n), sorted, by warp 0 (warp barriers, not the block's: the rest of the block
- * has left): the candidates' softmax terms and probabilities a lane each, the sums that
- * must run in the host's order by lane 0, each value rounded as the host rounds it
- * (sampler_exp, double sums and division, float p); then the row fed to the next step as
+ * keys srt[0..n), sorted: the candidates' softmax terms and probabilities in parallel, the
+ * sums that must run in the host's order by thread 0, each value rounded as the host rounds
+ * it (sampler_exp, double sums and division, float p); then the row fed to the next step as
  * gk_argmax feeds it. */
 __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw &d,
                         sampler_draw *dr, gk_feed feed, gk_feed_row fr, int row,
@@ -2350,13 +2337,11 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
     __shared__ float lg[TK_SORT], pf[TK_SORT];
     __shared__ double t[TK_SORT];
     __shared__ double sum;
-    if (threadIdx.x >= 32)
-        return;
-    int l = threadIdx.x, pick = 0;
-    long long c0 = clk && l == 0 ? clock64() : 0;
-    for (int i = l; i < n; i += 32)
+    int i = threadIdx.x, pick = 0;
+    long long c0 = clk && i == 0 ? clock64() : 0;
+    if (i < n)
         lg[i] = tk_cand(srt[i]).logit;
-    __syncwarp();
+    __syncthreads();
     /* two softmaxes (top-p's at temperature 1, the draw's), each: terms, sum, p, running sum */
     for (int pass = 0; d.temp > 0 && pass < 2; pass++) {
         if (pass == 0 && !(d.top_p < 1 && n > 1))
@@ -2364,26 +2349,27 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
         if (pass == 1) {
             if (d.min_p > 0 && n > 1) {  /* min-p: logit >= the largest + log(min_p) */
                 float cut = (float)((double)lg[0] + d.log_min_p);
-                n = 1 + tk_warp_count(n, [&](int i) { return i >= 1 && lg[i] >= cut; });
+                n = 1 + __syncthreads_count(i >= 1 && i < n && lg[i] >= cut);
             }
-            __syncwarp();  /* lg read by all */
-            for (int i = l; i < n; i += 32)
-                lg[i] = (float)((double)lg[i] / d.temp);
-            __syncwarp();
+            float l = i < n ? (float)((double)lg[i] / d.temp) : 0;
+            __syncthreads();  /* lg read by all */
+            if (i < n)
+                lg[i] = l;
+            __syncthreads();
         }
-        for (int i = l; i < n; i += 32)
+        if (i < n)
             t[i] = sampler_exp((double)lg[i] - (double)lg[0]);
-        __syncwarp();
-        if (l == 0) {
+        __syncthreads();
+        if (i == 0) {
             double s = 0;
             for (int j = 0; j < n; j++)
                 s += t[j];
             sum = s;
         }
-        __syncwarp();
-        for (int i = l; i < n; i += 32)
+        __syncthreads();
+        if (i < n)
             pf[i] = (float)(t[i] / sum);
-        __syncwarp();
+        __syncthreads();
         if (pass == 0) {  /* top-p: the prefix whose mass reaches p */
             double p = d.top_p;
             int j = tk_first_not(pf, t, n, [p](double c) { return !(c >= p); });
@@ -2393,17 +2379,17 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
             double u = sampler_splitmix(&st);
             int j = tk_first_not(pf, t, n - 1, [u](double c) { return !(u < c); });
             pick = j;
-            if (l == 0)
+            if (i == 0)
                 dr->rng = st;
         }
-        __syncwarp();  /* t reused */
-        if (clk && l == 0) {
+        __syncthreads();  /* t reused */
+        if (clk && i == 0) {
             long long c1 = clock64();
             atomicAdd(clk + 8 + pass, (unsigned long long)(c1 - c0));
             c0 = c1;
         }
     }
-    if (l)
+    if (i)
         return;
     gk_feed_write(feed, row, fr, tk_cand(srt[pick]).id);
     if (clk)
