@@ -2402,7 +2402,7 @@ __device__ void tk_draw(const unsigned long long *srt, int n, const sampler_draw
  * TK_THREADS x TK_ITEMS2), sorted (bitonic, one key a thread), to best[row][K] as (id,
  * logit) pairs (mapped host memory). */
 __global__ void __launch_bounds__(TK_THREADS)
-    topk_k(int m, const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
+    topk_k(const float *x, int V, const uint8_t *ban, int Kcap, unsigned long long *part,
            unsigned *count, gk_cand *best, sampler_draw *draw, gk_feed feed,
            unsigned long long *clk)
 {
@@ -2413,8 +2413,6 @@ __global__ void __launch_bounds__(TK_THREADS)
     gk_clock ck;
     gk_clk_start(clk, ck);  /* block 0's part phases, then the last block's own */
     const float *r = x + (long)blockIdx.y * V;
-    /* before the wait (PDL, at the end of a draw graph): what no kernel of the graph writes,
-     * the row's draw (the host's copy, or the step before's), its feed row and ban bytes */
     gk_feed_row fr = gk_feed_row{0, 0, 0};
     if (draw && threadIdx.x == 0) {
         sd = draw[blockIdx.y];
@@ -2423,9 +2421,6 @@ __global__ void __launch_bounds__(TK_THREADS)
     /* a row's parts take Kcap keys each in the scratch; a drawing row selects only its top_k */
     int K = draw ? max(1, min(draw[blockIdx.y].top_k, Kcap)) : Kcap;
     int v0 = blockIdx.x * TK_PER, n = min(V - v0, TK_PER), want = min(K, n);
-    if (gk_pdl_pf(m) && ban && threadIdx.x == 0 && n > 0)
-        gk_prefetch_l2(ban + v0, (size_t)n);
-    gk_pdl_enter(m);
     /* every load issued before any is used: a logit loaded only where its ban byte is clear
      * waited for that byte first (the keys took 4.2 us, clocked) */
     float lv[TK_ITEMS];
@@ -2465,14 +2460,14 @@ __global__ void __launch_bounds__(TK_THREADS)
     long long t0 = lk ? clock64() : 0, t1 = 0;
     __threadfence();
     const unsigned long long *rows = part + (long)blockIdx.y * gridDim.x * Kcap;
-    int nk = gridDim.x * K;
+    int m = gridDim.x * K;
     /* K <= V: K keys that are not 0; as few registers a thread as the parts' keys need */
-    if (nk <= TK_THREADS)
-        tk_merge<1>(&sh, rows, nk, K, srt);
-    else if (nk <= 4 * TK_THREADS)
-        tk_merge<4>(&sh, rows, nk, K, srt);
+    if (m <= TK_THREADS)
+        tk_merge<1>(&sh, rows, m, K, srt);
+    else if (m <= 4 * TK_THREADS)
+        tk_merge<4>(&sh, rows, m, K, srt);
     else
-        tk_merge<TK_ITEMS2>(&sh, rows, nk, K, srt);
+        tk_merge<TK_ITEMS2>(&sh, rows, m, K, srt);
     if (lk) {
         t1 = clock64();
         atomicAdd(clk + 4, (unsigned long long)(t1 - t0));
@@ -2544,8 +2539,8 @@ int gk_topk_draw(cudaStream_t s, const float *logits, int N, int V, const uint8_
     unsigned *count = (unsigned *)scratch;
     unsigned long long *part =
         (unsigned long long *)((char *)scratch + ((size_t)cap * 4 + 15) / 16 * 16);
-    gk_launch(topk_k, dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s, logits, V,
-              ban, K, part, count, best, draw, draw && feed ? *feed : none, clk);
+    topk_k<<<dim3((unsigned)topk_parts(V), (unsigned)N), TK_THREADS, 0, s>>>(
+        logits, V, ban, K, part, count, best, draw, draw && feed ? *feed : none, clk);
     LAUNCH_CHECK("topk", e);
     return 0;
 }

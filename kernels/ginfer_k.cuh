@@ -426,9 +426,8 @@ int gk_argmax(cudaStream_t s, const float *logits, int N, int V, const uint8_t *
 /* The K largest logits of each row (a sampled step's candidates, lib/sampler's
  * sampler_sample_top): best[n][0..K) = (id, logit) of row n's K largest, largest first, ties
  * to the lower id (-0 equal to +0), banned ids (ban[v] != 0, ban may be NULL) as -inf;
- * K <= gk_topk_max(V) (256 up to V = 524288). A PDL launch (gk_launch), as it ends the
- * draw graphs (gk_topk_draw); after a graph (ginfer_forward_top) it waits as any launch. The
- * scratch (gk_topk_scratch(cap, V, K') bytes for up to cap rows and K <= K') is
+ * K <= gk_topk_max(V) (256 up to V = 524288). Not a PDL launch (it runs after a decode
+ * graph). The scratch (gk_topk_scratch(cap, V, K') bytes for up to cap rows and K <= K') is
  * zeroed once before the first call; each call leaves it ready for the next. */
 enum { GK_TOPK_MAX = 256 };
 typedef struct gk_cand {
