@@ -397,13 +397,13 @@ static void test_top_p_min_p_unsorted(void)
             for (int i = 1; i < n; i++)
                 mx = a[i].logit > mx ? a[i].logit : mx;
             for (int i = 0; i < n; i++)
-                sum += sampler_exp((double)a[i].logit - mx);
+                sum += exp((double)a[i].logit - mx);
             memcpy(b, a, sizeof(sampler_cand) * (size_t)n);
             qsort(b, (size_t)n, sizeof *b, by_rank);
             int want = n;
             double cum = 0;
             for (int i = 0; i < n; i++) {
-                cum += (float)(sampler_exp((double)b[i].logit - mx) / sum);
+                cum += (float)(exp((double)b[i].logit - mx) / sum);
                 if (cum >= p) {
                     want = i + 1;
                     break;
