@@ -108,6 +108,7 @@ struct infer {
     sampler_cand *a_cand;
     int32_t *a_tid;
     float *a_tlg;
+    size_t a_top;  /* room of those three, candidates */
 };
 
 static float *cache_at(const infer *f, int l, int slot, int pos)
@@ -790,14 +791,18 @@ static int draw_here(infer *f, int n, const int *slot, const int32_t *ids, int32
     if (K > infer_top_max(f))
         return err_set(e, "infer: a draw from the %d largest logits (at most %d)", K,
                        infer_top_max(f));
-    free(f->a_cand);
-    free(f->a_tid);
-    free(f->a_tlg);
-    f->a_cand = malloc((size_t)K * sizeof *f->a_cand);
-    f->a_tid = malloc((size_t)n * K * sizeof *f->a_tid);
-    f->a_tlg = malloc((size_t)n * K * sizeof *f->a_tlg);
-    if (!f->a_cand || !f->a_tid || !f->a_tlg)
-        return err_set(e, "infer: out of memory for %d rows' candidates", n);
+    if ((size_t)n * K > f->a_top) {  /* grown, never shrunk: the same sizes step after step */
+        free(f->a_cand);
+        free(f->a_tid);
+        free(f->a_tlg);
+        f->a_top = 0;
+        f->a_cand = malloc((size_t)n * K * sizeof *f->a_cand);
+        f->a_tid = malloc((size_t)n * K * sizeof *f->a_tid);
+        f->a_tlg = malloc((size_t)n * K * sizeof *f->a_tlg);
+        if (!f->a_cand || !f->a_tid || !f->a_tlg)
+            return err_set(e, "infer: out of memory for %d rows' candidates", n);
+        f->a_top = (size_t)n * K;
+    }
     if (infer_forward_top(f, n, slot, ids, K, f->a_tid, f->a_tlg, e))
         return -1;
     for (int r = 0; r < n; r++) {
