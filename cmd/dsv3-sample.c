@@ -352,7 +352,7 @@ static void parse(int argc, char **argv, options *o)
     o->d.stops = o->stops;
     o->d.n_stops = o->n_stops;
     o->d.bos = !o->no_bos;
-    const char *ahead = getenv("DSV3_SAMPLE_AHEAD");  /* 0: greedy steps wait (to compare) */
+    const char *ahead = getenv("DSV3_SAMPLE_AHEAD");  /* 0: decode steps wait (to compare) */
     o->d.no_ahead = ahead && !strcmp(ahead, "0");
     const char *full = getenv("DSV3_SAMPLE_FULL");  /* 1: sampled steps copy every logit */
     o->d.full_logits = full && !strcmp(full, "1");
