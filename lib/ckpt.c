@@ -65,6 +65,7 @@ static int collect_one(void *ctx, const char *name, int ndim, const int64_t *sha
         uint16_t *b = malloc((size_t)(numel ? numel : 1) * 2);
         if (!b)
             return c->failed = 1;
+#pragma omp parallel for schedule(static) if (numel > (1 << 20))
         for (int64_t i = 0; i < numel; i++)
             b[i] = st_f32_to_bf16(data[i]);
         c->owned[c->n_owned++] = b;

@@ -39,6 +39,7 @@
 # times more, the same three ways (temperature 0.8, request i seeded i; rows "batch B
 # (sampled)", "batch B (sampled-wait, results same as sampled)", and sampled-full's);
 # BATCHES (default "8 64") the batch sizes of the batch runs;
+# MODELS_DIR=DIR: each config's folder made once in DIR and kept (decode-inputs.sh).
 # FUSES="LIST ..." once more with each DSV3_GINFER_FUSE=LIST (run "fuse=LIST").
 # PREFILL=VALUE once more with DSV3_GINFER_PREFILL=VALUE (e.g. gemv: every prompt row through
 # the GEMVs instead of the default tensor-core pass, kernels/ginfer_prefill.cuh; run
@@ -76,7 +77,7 @@ if [ "${DEVICE:-cpu}" = cuda ]; then
     decode_long_prompt "$W/long.txt"
     for CFG in ${CONFIGS:-configs/small.json configs/1b-moe.json}; do
         name=$(basename "$CFG" .json)
-        "$BIN/dsv3-config" --quiet --init "$W/$name" --seed 1 --bf16 "$CFG"
+        decode_model "$BIN" "$W/$name" "$CFG"
         env -u DSV3_GINFER_PREFILL "$BIN/dsv3-sample" -m "$W/$name" -t "$W/tok.bpe" --device cuda \
             -f "$W/long.txt" -n "$N" --temp 0 --ignore-eos -c 2048 >"$W/out1.txt" 2>"$W/err"
         rates "$W/err"

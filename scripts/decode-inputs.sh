@@ -13,10 +13,23 @@ decode_long_prompt() {
     awk 'BEGIN { for (i = 0; i < 90; i++) printf "the cat sat on the mat number %d and then ran home ", i }' >"$1"
 }
 
-# decode_folder BIN DIR CONFIG: the tokenizer, DIR/model (random bf16 weights of CONFIG,
-# seed 1) and DIR/long.txt.
+# decode_model BIN DEST CONFIG: DEST, a folder of random bf16 weights of CONFIG (seed 1).
+# With MODELS_DIR set, MODELS_DIR/NAME (NAME: CONFIG's file name without .json) is made there
+# once and DEST links to it, so several scripts in one session share a large config's folder
+# (configs/v2-lite-16b.json: 31 GB, about a minute to write).
+decode_model() {
+    if [ -z "${MODELS_DIR:-}" ]; then
+        "$1/dsv3-config" --quiet --init "$2" --seed 1 --bf16 "$3"
+        return
+    fi
+    m=$MODELS_DIR/$(basename "$3" .json)
+    [ -f "$m/config.json" ] || "$1/dsv3-config" --quiet --init "$m" --seed 1 --bf16 "$3"
+    ln -s "$(cd "$m" && pwd)" "$2"
+}
+
+# decode_folder BIN DIR CONFIG: the tokenizer, DIR/model (decode_model) and DIR/long.txt.
 decode_folder() {
     decode_tokenizer "$1" "$2"
-    "$1/dsv3-config" --quiet --init "$2/model" --seed 1 --bf16 "$3"
+    decode_model "$1" "$2/model" "$3"
     decode_long_prompt "$2/long.txt"
 }
