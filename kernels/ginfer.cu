@@ -79,6 +79,12 @@ struct gstep {
 struct ginfer {
     gpu_ctx *c;
     cudaStream_t s;
+    /* the side stream of shared experts of their own width (shared_fork), its fork and join
+     * events, and their hidden rows; s2 NULL: none (no such layer, profiling, or
+     * DSV3_GINFER_ASIDE=0) */
+    cudaStream_t s2;
+    cudaEvent_t ev_fork, ev_join;
+    float *hs;
     int exact, wsz;
     int L, H, nh, qk, nope, rope, kv, dv, qr, E, K, mi, V, inter, n_group, topk_group, norm_topk;
     int interleave;
@@ -461,6 +467,17 @@ static int check_shapes(const dsv3_config *c, dsv3_err *e)
     return 0;
 }
 
+/* The widest MLP of shared experts that runs aside (shared_aside), 0 if none: layers and the
+ * MTP block. */
+static int aside_width(const ginfer *g)
+{
+    int w = 0;
+    for (int l = 0; l < g->L + !!g->mtp; l++)
+        if (g->ly[l].moe && g->ly[l].F && !g->ly[l].sh && g->ly[l].F > w)
+            w = g->ly[l].F;
+    return w;
+}
+
 static int alloc_acts(ginfer *g, dsv3_err *e)
 {
     size_t R = (size_t)g->rmax, H = g->H, nh = g->nh, K = g->K ? g->K : 1, E = g->E ? g->E : 1;
@@ -585,6 +602,23 @@ static void describe_pdl(ginfer *g)
         snprintf(c, sizeof c, "carveout %d%%", gk_carveout());
         describe_add(g, c);
     }
+}
+
+/* The side stream and its events, where some layer's shared experts run aside (see
+ * shared_fork): not while profiling (the profile's events follow g->s alone) nor with
+ * DSV3_GINFER_ASIDE=0 (one stream, for comparisons). */
+static int aside_setup(ginfer *g, dsv3_err *e)
+{
+    const char *v = getenv("DSV3_GINFER_ASIDE");
+    if ((v && !strcmp(v, "0")) || g->prof || !aside_width(g))
+        return 0;
+    CUDA_TRY(cudaStreamCreateWithFlags(&g->s2, cudaStreamNonBlocking), e);
+    CUDA_TRY(cudaEventCreateWithFlags(&g->ev_fork, cudaEventDisableTiming), e);
+    CUDA_TRY(cudaEventCreateWithFlags(&g->ev_join, cudaEventDisableTiming), e);
+    if (!(g->hs = (float *)dal(g, (size_t)g->rmax * aside_width(g) * 4, e)))
+        return -1;
+    describe_add(g, "shared experts aside");
+    return 0;
 }
 
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
@@ -734,7 +768,7 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
             rc = err_set(e, "ginfer: cannot set up DSV3_GINFER_CLOCK's counters");
     }
     if (!rc)
-        rc = capture_all(g, e) || pf_warm(g, e);
+        rc = aside_setup(g, e) || capture_all(g, e) || pf_warm(g, e);
     if (rc) {
         ginfer_destroy(g);
         return -1;
@@ -794,6 +828,14 @@ extern "C" void ginfer_destroy(ginfer *g)
             if (g->st[k].ev[i])
                 cudaEventDestroy(g->st[k].ev[i]);
     }
+    if (g->s2) {
+        cudaStreamSynchronize(g->s2);
+        cudaStreamDestroy(g->s2);
+    }
+    if (g->ev_fork)
+        cudaEventDestroy(g->ev_fork);
+    if (g->ev_join)
+        cudaEventDestroy(g->ev_join);
     for (int i = 0; i < g->n_allocs; i++)
         gpu_free(g->allocs[i]);
     free(g->allocs);
@@ -1043,15 +1085,16 @@ o_proj:
     return 0;
 }
 
-/* Layer y's dense MLP (w1, w2; shared: the MoE's shared expert kept apart from the routed
- * ones) over the n rows of xn, into out. */
-static int dense_mlp(ginfer *g, const glayer *y, int n, float *out, int shared, dsv3_err *e)
+/* Layer y's dense MLP (w1, w2; shared: the MoE's shared experts kept apart from the routed
+ * ones) over the n rows of xn, into out, on stream st with its hidden rows in h. */
+static int dense_mlp(ginfer *g, const glayer *y, int n, float *out, int shared,
+                     cudaStream_t st, float *h, dsv3_err *e)
 {
     int H = g->H, wf = g->exact, ws = g->wsz;
-    if (gx_ffn_up(g, g->xn, y->w1, wf, 0, g->h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
+    if (gx_ffn_up(g, st, g->xn, y->w1, wf, 0, h, NULL, NULL, 1, 1, 1, n, n, H, y->F, e))
         return -1;
     mark(g, shared ? "shared up" : "dense up", 2.0 * y->F * H * ws);
-    if (gx_ffn_down(g, g->h, y->w2, wf, 0, out, NULL, 1, 1, n, n, y->F, H, e))
+    if (gx_ffn_down(g, st, h, y->w2, wf, 0, out, NULL, 1, 1, n, n, y->F, H, e))
         return -1;
     mark(g, shared ? "shared down" : "dense down", (double)y->F * H * ws);
     return 0;
@@ -1070,6 +1113,30 @@ static void leave_pending(ginfer *g, const float *ye, const float *rw, const flo
     g->pend = 1;
 }
 
+/* Layer y's shared experts, when they are an MLP of their own width (y->F: DeepSeek-V2-Lite's
+ * two of 1408 are one of 2816, not one more group of the routed launches), run on the side
+ * stream g->s2 beside the router and the routed experts: they need only xn. In a decode
+ * graph they become a branch from xn's norm to the next layer's first launch, so their
+ * reads overlap the router's launch (a few blocks) and the routed experts' hand-overs
+ * instead of adding two launches to the chain. The same kernels on the same values: the
+ * same bits as on one stream. */
+static int shared_aside(const ginfer *g, const glayer *y)
+{
+    return g->s2 && y->F && !y->sh;
+}
+
+/* The shared experts queued on the side stream after what g->s has queued (the norm that
+ * wrote xn), out to g->ys; ffn joins them back before the next layer reads ys. */
+static int shared_fork(ginfer *g, const glayer *y, int n, dsv3_err *e)
+{
+    CUDA_TRY(cudaEventRecord(g->ev_fork, g->s), e);
+    CUDA_TRY(cudaStreamWaitEvent(g->s2, g->ev_fork, 0), e);
+    if (dense_mlp(g, y, n, g->ys, 1, g->s2, g->hs, e))
+        return -1;
+    CUDA_TRY(cudaEventRecord(g->ev_join, g->s2), e);
+    return 0;
+}
+
 /* The MLP or MoE of layer l over n rows: xn in, delta out (a dense MLP) or the MoE output
  * left pending (g->mo) for the next add_norm to sum, which saves the combine a launch. */
 static int ffn(ginfer *g, int l, int n, dsv3_err *e)
@@ -1077,7 +1144,7 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     const glayer *y = &g->ly[l];
     int H = g->H, wf = g->exact, K = g->K, E = g->E, mi = g->mi, ws = g->wsz;
     if (!y->moe) {
-        if (dense_mlp(g, y, n, g->dd, 0, e))
+        if (dense_mlp(g, y, n, g->dd, 0, g->s, g->h, e))
             return -1;
         /* pending as an output of no routed rows (add_norm adds 0 + dd[i]: dd[i]) */
         leave_pending(g, g->dd, NULL, g->dd, NULL, 0);
@@ -1086,6 +1153,9 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     /* the experts a step reads: at most n*K routed ones, and the shared one */
     int maxact = (n * K < E ? n * K : E) + y->sh;
     double act = maxact;
+    int aside = shared_aside(g, y);
+    if (aside && !g->fpost && shared_fork(g, y, n, e))  /* xn is the post norm's, queued */
+        return -1;
     if (g->fpost == 2) {  /* the post-attention norm too (layers() left it out), one row */
         if (gk_route1_norm(g->s, g->x, g->delta, y->post_norm, g->eps, g->xn, y->router, y->bias,
                            g->rl, g->rs, g->rw, g->idx, n, H, E, g->n_group, g->topk_group, K,
@@ -1125,8 +1195,10 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
                 return -1;
         mark(g, "moe bucket", 0);
     }
+    if (aside && g->fpost && shared_fork(g, y, n, e))  /* xn is the router launch's */
+        return -1;
     for (int r_ = 0; r_ <= twice(g, "up"); r_++)
-        if (gx_ffn_up(g, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
+        if (gx_ffn_up(g, g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
                       maxact, n, n, H, mi, e))
             return -1;
     mark(g, "experts up", act * 2 * mi * H * ws);
@@ -1139,15 +1211,18 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
         return 0; /* nothing pending */
     }
     for (int r_ = 0; r_ <= twice(g, "down"); r_++)
-        if (gx_ffn_down(g, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
+        if (gx_ffn_down(g, g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
                         n, mi, H, e))
             return -1;
     mark(g, "experts down", act * mi * H * ws);
     const float *ys = NULL;
     if (y->sh) {
         ys = g->ye + (size_t)n * K * H;  /* the shared group's rows follow the routed ones */
+    } else if (aside) {
+        CUDA_TRY(cudaStreamWaitEvent(g->s, g->ev_join, 0), e);
+        ys = g->ys;
     } else if (y->F) {
-        if (dense_mlp(g, y, n, g->ys, 1, e))
+        if (dense_mlp(g, y, n, g->ys, 1, g->s, g->h, e))
             return -1;
         ys = g->ys;
     }

@@ -339,7 +339,7 @@ static int gx_gemv(ginfer *g, const float *x, long ldx, long xbs, const void *w,
 }
 
 template <bool UP>
-static int f8_grouped(ginfer *g, const float *x, const void *w, const float *sc, long wstride,
+static int f8_grouped(cudaStream_t st, const float *x, const void *w, const float *sc, long wstride,
                       float *y, const int *order, const int *off, int K, int groups, int maxact,
                       int N, int rows_hint, int I, int O, dsv3_err *e)
 {
@@ -350,32 +350,33 @@ static int f8_grouped(ginfer *g, const float *x, const void *w, const float *sc,
               const int *, int, int, int, int, int) = rows_hint <= 1   ? f8_grouped_k<1, UP>
                                                       : rows_hint <= 4 ? f8_grouped_k<4, UP>
                                                                        : f8_grouped_k<8, UP>;
-    gk_launch(k, grid, dim3(256), 0, g->s, x, (const uint8_t *)w, sc, wstride, y, order, off,
+    gk_launch(k, grid, dim3(256), 0, st, x, (const uint8_t *)w, sc, wstride, y, order, off,
               groups, K, N, I, O);
     LAUNCH_CHECK(UP ? "fp8 ffn_up" : "fp8 ffn_down", e);
     return 0;
 }
 
-static int gx_ffn_up(ginfer *g, const float *x, const void *w1, int wf32, long w1_stride,
-                     float *h, const int *order, const int *off, int K, int groups, int maxact,
-                     int N, int rows_hint, int H, int F, dsv3_err *e)
+/* On stream st: the engine's own (g->s) or the shared experts' side stream (ffn). */
+static int gx_ffn_up(ginfer *g, cudaStream_t st, const float *x, const void *w1, int wf32,
+                     long w1_stride, float *h, const int *order, const int *off, int K,
+                     int groups, int maxact, int N, int rows_hint, int H, int F, dsv3_err *e)
 {
     const float *sc = f8_scales(g, w1);
     if (!sc)
-        return gk_ffn_up(g->s, x, w1, wf32, w1_stride, h, order, off, K, groups, maxact, N,
+        return gk_ffn_up(st, x, w1, wf32, w1_stride, h, order, off, K, groups, maxact, N,
                          rows_hint, H, F, g->g1, e);
-    return f8_grouped<true>(g, x, w1, sc, w1_stride, h, order, off, K, groups, maxact, N,
+    return f8_grouped<true>(st, x, w1, sc, w1_stride, h, order, off, K, groups, maxact, N,
                             rows_hint, H, F, e);
 }
 
-static int gx_ffn_down(ginfer *g, const float *h, const void *w2, int wf32, long w2_stride,
-                       float *y, const int *off, int groups, int maxact, int N, int rows_hint,
-                       int F, int H, dsv3_err *e)
+static int gx_ffn_down(ginfer *g, cudaStream_t st, const float *h, const void *w2, int wf32,
+                       long w2_stride, float *y, const int *off, int groups, int maxact, int N,
+                       int rows_hint, int F, int H, dsv3_err *e)
 {
     const float *sc = f8_scales(g, w2);
     if (!sc)
-        return gk_ffn_down(g->s, h, w2, wf32, w2_stride, y, off, groups, maxact, N, rows_hint,
+        return gk_ffn_down(st, h, w2, wf32, w2_stride, y, off, groups, maxact, N, rows_hint,
                            F, H, g->g1, e);
-    return f8_grouped<false>(g, h, w2, sc, w2_stride, y, NULL, off, 1, groups, maxact, N,
+    return f8_grouped<false>(st, h, w2, sc, w2_stride, y, NULL, off, 1, groups, maxact, N,
                              rows_hint, F, H, e);
 }

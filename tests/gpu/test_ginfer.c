@@ -23,7 +23,8 @@
  *   lib/quant, 128x128 block scales, dequantised to bf16 on load) and the BF16 folder its
  *   dequantisation writes (copied to the device from the memory-mapped file) give bitwise the
  *   logits of the engine made from that BF16 model in memory, and within the bf16 bound of
- *   the CPU's. */
+ *   the CPU's;
+ * - two shared experts run on the side stream: bitwise the logits of one stream. */
 #include <math.h>
 
 #include <stdlib.h>
@@ -683,6 +684,68 @@ static void test_draw_ahead(void)
     model_free(&m);
 }
 
+/* Two shared experts (an MLP of twice a routed expert's width, as DeepSeek-V2-Lite's) run on
+ * the engine's side stream beside the router and the routed experts (ffn's shared_fork): the
+ * fp32 engine's teacher-forced logits, prefill and 64 decode steps from the graphs, bitwise
+ * those of the same engine on one stream (DSV3_GINFER_ASIDE=0) and within 1e-4 of the
+ * CPU's, for q_lora on and off; the engine names the side stream only where it runs. */
+static void test_shared_aside(void)
+{
+    GT_NEED_GPU();
+    for (int q = 0; q < 2 && !test_failed_; q++) {
+        dsv3_config c;
+        random_config(&c, q, 0);
+        c.n_shared_experts = 2;
+        dsv3_model m;
+        dsv3_err e;
+        if (model_init(&m, &c, &e)) {
+            CHECKF(0, "%s", e.msg);
+            return;
+        }
+        model_init_random(&m, test_rand(), 0.3);
+        int V = c.vocab_size, P = 3 + (int)(test_rand() % 12), ctx = P + STEPS + 8;
+        int32_t prompt[16], cpu_tok[STEPS], tok[2][STEPS];
+        for (int t = 0; t < P; t++)
+            prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
+        size_t nl = (size_t)(STEPS + 1) * V;
+        float *lc = malloc(nl * 4), *lg[2] = {malloc(nl * 4), malloc(nl * 4)};
+        infer *cpu = NULL;
+        int ok = lc && lg[0] && lg[1] && infer_new(&cpu, &m, ctx, 1, &e) == 0 &&
+                 greedy(cpu, prompt, P, NULL, cpu_tok, lc, &e) == 0;
+        CHECKF(ok, "cpu: %s", e.msg);
+        for (int k = 0; k < 2 && ok; k++) {  /* k 0: aside (the default), 1: one stream */
+            if (k)
+                setenv("DSV3_GINFER_ASIDE", "0", 1);
+            infer *gpu = NULL;
+            ok = infer_new_gpu(&gpu, &m, ctx, 1, 0, 1, &e) == 0 &&
+                 greedy(gpu, prompt, P, cpu_tok, tok[k], lg[k], &e) == 0;
+            CHECKF(ok, "DSV3_GINFER_ASIDE=%d: %s", !k, e.msg);
+            if (ok)
+                CHECKF((strstr(infer_device(gpu), "shared experts aside") == NULL) == k,
+                       "q_lora %d, DSV3_GINFER_ASIDE=%d: the engine describes itself as \"%s\"",
+                       q, !k, infer_device(gpu));
+            infer_free(gpu);
+            unsetenv("DSV3_GINFER_ASIDE");
+        }
+        double worst = 0;
+        for (int s = 0; ok && s <= STEPS; s++) {
+            double r = rel(lg[0] + (size_t)s * V, lc + (size_t)s * V, V);
+            CHECKF(r <= 1e-4, "q_lora %d, step %d: aside engine's logits rel err %.3g > 1e-4", q,
+                   s, r);
+            worst = r > worst ? r : worst;
+        }
+        CHECKF(!ok || memcmp(lg[0], lg[1], nl * 4) == 0,
+               "q_lora %d: logits with the shared experts aside differ from one stream's", q);
+        printf("# shared experts aside, q_lora %d: %d steps bitwise those of one stream, worst "
+               "rel err to the CPU %.3g\n", q, STEPS, worst);
+        infer_free(cpu);
+        free(lc);
+        free(lg[0]);
+        free(lg[1]);
+        model_free(&m);
+    }
+}
+
 int main(void)
 {
     test_seed();
@@ -695,5 +758,6 @@ int main(void)
     RUN(test_top_on_device);
     RUN(test_greedy_ahead);
     RUN(test_draw_ahead);
+    RUN(test_shared_aside);
     TEST_EXIT();
 }
