@@ -1237,7 +1237,7 @@ static int post_fused(const ginfer *g, int l, int n)
 {
     if (!g->fz_post || !g->ly[l].moe)
         return 0;
-    if (g->fz_route && g->route1 && !g->pend && gk_route1_fits(n, g->H, g->E))
+    if (g->fz_route && g->route1 && !g->pend && gk_route1_norm_fits(n, g->H, g->E))
         return 2;
     return gk_route_norm_fits(n, g->H, g->E) ? 1 : 0;
 }

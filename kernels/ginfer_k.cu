@@ -1075,6 +1075,40 @@ __device__ __forceinline__ void bucket_row32(int rank, int K, int E, int ns, int
         order[K + n] = n * K;
 }
 
+/* bucket_row32 for up to 64 experts, two a lane (route_row64: lane x holds experts x and
+ * 32 + x, rank[j] the place of expert 32 j + x in idx, >= K if not chosen): the same
+ * integers. */
+__device__ __forceinline__ void bucket_row64(const int (&rank)[2], int K, int E, int ns, int *off,
+                                             int *order, int *spos)
+{
+    const int lane = threadIdx.x & 31, G = E + (ns > 0);
+    const unsigned lt = (1u << lane) - 1;
+    unsigned c0 = __ballot_sync(0xffffffffu, rank[0] < K);
+    unsigned c1 = __ballot_sync(0xffffffffu, rank[1] < K);
+    int below[2] = {__popc(c0 & lt), __popc(c0) + __popc(c1 & lt)};
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int x = lane + 32 * j;
+        if (x < E)
+            off[x] = below[j];
+        if (rank[j] < K) {
+            off[G + 2 + below[j]] = x;
+            order[below[j]] = rank[j];
+            spos[rank[j]] = below[j];
+        }
+    }
+    if (lane == 0) {
+        off[E] = K;
+        if (ns) {
+            off[E + 1] = K + ns;
+            off[G + 2 + K] = E;
+        }
+        off[G + 1] = K + (ns > 0);
+    }
+    for (int n = lane; n < ns; n += 32)
+        order[K + n] = n * K;
+}
+
 __global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, int ns, int *off,
                              int *order, int *spos)
 {
@@ -1192,6 +1226,12 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
  * through L2) and TG + K dependent rounds of shuffles. */
 #define ROUTE1_CHUNKS 4 /* 256-value pieces of a row a lane holds: H <= 1024 */
 #define ROUTE1_CTAS 4   /* blocks of the cluster: 32 experts */
+/* The wide form (route1_k<false, 8, 8>, without the norm): rows of H <= 2048 in 8 pieces a
+ * lane, 64 experts in a cluster of 8 blocks (the most a portable cluster holds), ranked two
+ * a lane (route_row64): DeepSeek-V2-Lite's router (64 experts over 2048 values), which
+ * route_k's grid and last block took 14 us a layer to route (H200, docs/PERF.md). */
+#define ROUTE1_WIDE_CHUNKS 8
+#define ROUTE1_WIDE_CTAS 8
 
 /* route1_k's post-attention norm (route1_k<true>): x += delta, xn = norm(x) (weight nw). */
 struct route1_norm {
@@ -1206,18 +1246,19 @@ struct route1_norm {
  * norm's sum of squares itself, warp_norm_ss), the norm weight in registers before the wait
  * too; sum and nrm: the lane's values of the new x and of xn in the dot's layout (value
  * lane * 8 + 256 j + k), for route1_k to store once every warp has read x. */
-template <bool NORM>
+template <bool NORM, int CH>
 __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
                                             const float *__restrict__ router, int H, int E, int o,
-                                            const route1_norm &na, float (&sum)[ROUTE1_CHUNKS][8],
-                                            float (&nrm)[ROUTE1_CHUNKS][8],
-                                            unsigned long long *clk, gk_clock &ck)
+                                            const route1_norm &na, float (&sum)[CH][8],
+                                            float (&nrm)[CH][8], unsigned long long *clk,
+                                            gk_clock &ck)
 {
+    static_assert(!NORM || CH <= 4, "warp_norm_ss takes rows of at most 1024 values");
     int lane = threadIdx.x & 31;
     const float *wr = router + (long)(o < E ? o : 0) * H;
-    float wv[ROUTE1_CHUNKS][8], nwv[NORM ? ROUTE1_CHUNKS : 1][8];
+    float wv[CH][8], nwv[NORM ? CH : 1][8];
 #pragma unroll
-    for (int j = 0; j < ROUTE1_CHUNKS; j++)
+    for (int j = 0; j < CH; j++)
         if (lane * 8 + 256 * j < H) {
             ldw8(wr + lane * 8 + 256 * j, wv[j]);
             if (NORM)
@@ -1227,9 +1268,9 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
     /* the row in the dot's layout (x, or with NORM the sums x + delta), all loads first */
-    float xc[ROUTE1_CHUNKS][8];
+    float xc[CH][8];
 #pragma unroll
-    for (int j = 0; j < ROUTE1_CHUNKS; j++) {
+    for (int j = 0; j < CH; j++) {
         int i = lane * 8 + 256 * j;
         if (i < H) {
             if (NORM) {
@@ -1249,24 +1290,24 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
         }
     }
     if (NORM) {
-        float sq[ROUTE1_CHUNKS][8];
+        float sq[CH][8];
 #pragma unroll
-        for (int j = 0; j < ROUTE1_CHUNKS; j++)
+        for (int j = 0; j < CH; j++)
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 sum[j][k] = xc[j][k];
                 sq[j][k] = __fmul_rn(xc[j][k], xc[j][k]);  /* add_norm_k's v * v; 0 past H */
             }
-        float r = rsqrtf(warp_norm_ss<ROUTE1_CHUNKS>(sq) / H + na.eps);
+        float r = rsqrtf(warp_norm_ss<CH>(sq) / H + na.eps);
 #pragma unroll
-        for (int j = 0; j < ROUTE1_CHUNKS; j++)
+        for (int j = 0; j < CH; j++)
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 xc[j][k] = nrm[j][k] = nwv[NORM ? j : 0][k] * (xc[j][k] * r);
     }
     float acc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < ROUTE1_CHUNKS; j++)
+    for (int j = 0; j < CH; j++)
         if (lane * 8 + 256 * j < H)
 #pragma unroll
             for (int k = 0; k < 8; k++)
@@ -1277,27 +1318,36 @@ __device__ __forceinline__ float route1_dot(int m, const float *__restrict__ x,
     return acc;
 }
 
-/* The one-row router in one cluster (gk_route1_fits): block b's warps w the logits of
- * experts 8 b + w, gathered in block 0's shared memory, where one warp ranks and buckets.
- * NORM: the post-attention add_norm first (route1_dot); each warp stores its slice of the new
- * x and xn after the cluster barrier, when no warp reads x any more. */
-template <bool NORM>
-__global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS * 32, NORM ? 1 : 0)
+/* The one-row router in one cluster of CT blocks (gk_route1_fits): block b's warps w the
+ * logits of experts 8 b + w, gathered in block 0's shared memory, where one warp ranks and
+ * buckets (an expert a lane, or two: route_row64). CH: 256-value pieces of the row a lane
+ * holds. NORM: the post-attention add_norm first (route1_dot); each warp stores its slice of
+ * the new x and xn after the cluster barrier, when no warp reads x any more. */
+template <bool NORM, int CH, int CT>
+__global__ void __cluster_dims__(CT, 1, 1) __launch_bounds__(GK_WARPS * 32, NORM ? 1 : 0)
     route1_k(int m, const float *__restrict__ x, const float *__restrict__ router,
              const float *bias, float *logits, float *rs, float *rw, int32_t *idx, int H, int E,
              int G, int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
              route1_norm na, unsigned long long *clk)
 {
-    __shared__ __align__(16) float lg[32], sc[32], svr[32];  /* route_row32 reads 16 bytes a load */
-    __shared__ int ir[32];
+    constexpr int NE = CT * GK_WARPS; /* experts the cluster takes: 32 or 64 */
+    static_assert(NE == 32 || NE == 64, "route1_k ranks 32 or 64 experts");
+    /* route_row32 reads 16 bytes a load */
+    __shared__ __align__(16) float lg[NE], sc[NE], svr[NE];
+    __shared__ int ir[NE];
     gk_clock ck;
     gk_clk_start(clk, ck);
     cg::cluster_group cl = cg::this_cluster();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * GK_WARPS + warp;
-    float bx = bias && blockIdx.x == 0 && warp == 0 && lane < E ? __ldg(bias + lane) : 0.0f;
-    float sum[ROUTE1_CHUNKS][8], nrm[ROUTE1_CHUNKS][8];  /* only with NORM */
-    float acc = route1_dot<NORM>(m, x, router, H, E, o, na, sum, nrm, clk, ck);
+    float bx[NE / 32];
+#pragma unroll
+    for (int j = 0; j < NE / 32; j++)
+        bx[j] = bias && blockIdx.x == 0 && warp == 0 && lane + 32 * j < E
+                    ? __ldg(bias + lane + 32 * j)
+                    : 0.0f;
+    float sum[CH][8], nrm[CH][8];  /* only with NORM */
+    float acc = route1_dot<NORM, CH>(m, x, router, H, E, o, na, sum, nrm, clk, ck);
     if (o < E && lane == 0)
         *cl.map_shared_rank(&lg[o], 0) = acc;
     /* the logits in block 0's shared memory (stored to device memory after the barrier: a
@@ -1309,7 +1359,7 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
          * stored by the 4 blocks alike (as a piece chosen by the block, ptxas indexed the
          * arrays and put them in local memory) */
 #pragma unroll
-        for (int j = 0; j < ROUTE1_CHUNKS; j++) {
+        for (int j = 0; j < CH; j++) {
             int i = lane * 8 + 256 * j;
             if (i < H)
 #pragma unroll
@@ -1323,17 +1373,48 @@ __global__ void __cluster_dims__(ROUTE1_CTAS, 1, 1) __launch_bounds__(GK_WARPS *
     }
     if (blockIdx.x != 0 || warp != 0)
         return;
-    float l = lane < E ? lg[lane] : 0.0f;
-    if (lane < E)
-        logits[lane] = l;
-    int rank = route_row32(idx, rw, rs, l, bx, 0, E, G, TG, K, norm, scale, sc, svr, ir);
-    gk_clk(clk, 4, ck);
-    bucket_row32(rank, K, E, ns, off, order, spos);
+    float l[NE / 32];
+#pragma unroll
+    for (int j = 0; j < NE / 32; j++) {
+        int x = lane + 32 * j;
+        l[j] = x < E ? lg[x] : 0.0f;
+        if (x < E)
+            logits[x] = l[j];
+    }
+    if constexpr (NE == 32) {
+        int rank = route_row32(idx, rw, rs, l[0], bx[0], 0, E, G, TG, K, norm, scale, sc, svr, ir);
+        gk_clk(clk, 4, ck);
+        bucket_row32(rank, K, E, ns, off, order, spos);
+    } else {
+        int rank[2];
+        route_row64(idx, rw, rs, l, bx, 0, E, G, TG, K, norm, scale, sc, svr, ir, rank);
+        gk_clk(clk, 4, ck);
+        bucket_row64(rank, K, E, ns, off, order, spos);
+    }
     gk_clk(clk, 5, ck);
     gk_clk_end(clk, ck);
 }
 
+/* The one-cluster router's shape for H and E (route1_k's CH and CT), or 0 (route_k then). */
+static int route1_chunks(int H)
+{
+    return H <= 256 * ROUTE1_CHUNKS ? ROUTE1_CHUNKS
+           : H <= 256 * ROUTE1_WIDE_CHUNKS ? ROUTE1_WIDE_CHUNKS : 0;
+}
+
+static int route1_ctas(int E)
+{
+    return E <= ROUTE1_CTAS * GK_WARPS ? ROUTE1_CTAS
+           : E <= ROUTE1_WIDE_CTAS * GK_WARPS ? ROUTE1_WIDE_CTAS : 0;
+}
+
 int gk_route1_fits(int N, int H, int E)
+{
+    return N == 1 && route1_chunks(H) && route1_ctas(E);
+}
+
+/* With the norm inside (route1_k<true>): the narrow form only. */
+int gk_route1_norm_fits(int N, int H, int E)
 {
     return N == 1 && E <= ROUTE1_CTAS * GK_WARPS && H <= 256 * ROUTE1_CHUNKS;
 }
@@ -1360,9 +1441,17 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
     if (N <= 0)
         return 0;
     if (one && gk_route1_fits(N, H, E)) {
-        gk_launch_as("route", route1_k<false>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, x, router, bias,
-                     logits, rs, rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos,
-                     route1_norm{}, clk);
+        int ch = route1_chunks(H), ct = route1_ctas(E);
+        void (*k)(int, const float *, const float *, const float *, float *, float *, float *,
+                  int32_t *, int, int, int, int, int, int, float, int, int *, int *, int *,
+                  route1_norm, unsigned long long *) =
+            ch == ROUTE1_CHUNKS
+                ? (ct == ROUTE1_CTAS ? route1_k<false, ROUTE1_CHUNKS, ROUTE1_CTAS>
+                                     : route1_k<false, ROUTE1_CHUNKS, ROUTE1_WIDE_CTAS>)
+                : (ct == ROUTE1_CTAS ? route1_k<false, ROUTE1_WIDE_CHUNKS, ROUTE1_CTAS>
+                                     : route1_k<false, ROUTE1_WIDE_CHUNKS, ROUTE1_WIDE_CTAS>);
+        gk_launch_as("route", k, ct, GK_WARPS * 32, 0, s, x, router, bias, logits, rs, rw, idx, H,
+                     E, G, TG, K, norm, scale, ns, off, order, spos, route1_norm{}, clk);
         LAUNCH_CHECK("route1", e);
         return 0;
     }
@@ -1384,12 +1473,12 @@ int gk_route1_norm(cudaStream_t s, float *x, const float *delta, const float *nw
 {
     if (route_check(H, E, G, TG, K, e))
         return -1;
-    if (!gk_route1_fits(N, H, E))
+    if (!gk_route1_norm_fits(N, H, E))
         return err_set(e, "ginfer: the one-cluster router takes one row of <= %d values and <= %d "
                        "experts (%d rows, %d, %d)", 256 * ROUTE1_CHUNKS, ROUTE1_CTAS * GK_WARPS,
                        N, H, E);
     route1_norm na = {x, delta, nw, eps, xn};
-    gk_launch(route1_k<true>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, (const float *)NULL, router, bias,
+    gk_launch(route1_k<true, ROUTE1_CHUNKS, ROUTE1_CTAS>, ROUTE1_CTAS, GK_WARPS * 32, 0, s, (const float *)NULL, router, bias,
               logits, rs, rw, idx, H, E, G, TG, K, norm, scale, ns, off, order, spos, na, clk);
     LAUNCH_CHECK("route1_norm", e);
     return 0;

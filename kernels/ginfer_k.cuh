@@ -340,9 +340,11 @@ int gk_route(cudaStream_t s, const float *x, const float *router, const float *b
              int TG, int K, int norm, float scale, int ns, int *off, int *order, int *spos,
              unsigned *count, int one, unsigned long long *clk, dsv3_err *e);
 int gk_route1_fits(int N, int H, int E);
+/* Whether gk_route1_norm takes the shape (one row, H <= 1024, E <= 32). */
+int gk_route1_norm_fits(int N, int H, int E);
 /* The post-attention add_norm (x += delta, xn = norm(x) with weight nw, eps: add_norm_k's
  * values bitwise) and gk_route's one-cluster router of xn, in one launch, where
- * gk_route1_fits (one row). */
+ * gk_route1_norm_fits. */
 int gk_route1_norm(cudaStream_t s, float *x, const float *delta, const float *nw, float eps,
                    float *xn, const float *router, const float *bias, float *logits, float *rs,
                    float *rw, int32_t *idx, int N, int H, int E, int G, int TG, int K, int norm,

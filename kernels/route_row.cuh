@@ -173,4 +173,84 @@ static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, flo
     return rank;
 }
 
+/* route_row32 for E <= 64, two experts a lane (lane x: experts x and 32 + x, their logits l
+ * and biases bx): the same ranks by the same comparisons, each lane counting over the 64
+ * values in shared memory for each of its two; rank[j] (>= K: not chosen) for bucket_row64.
+ * sc, svr: the warp's [64] shared scratch, ir [64]. With every group kept (TG == G: route_row
+ * keeps all G groups whatever their scores), the groups' scores are not formed: a group of 64
+ * experts (n_group 1) would take one lane 64 dependent steps. */
+static __device__ void route_row64(int32_t *idx, float *w, float *s, const float (&l)[2],
+                                   const float (&bx)[2], int n, int E, int G, int TG, int K,
+                                   int norm, float scale, float *sc, float *svr, int *ir,
+                                   int (&rank)[2])
+{
+    const unsigned full = 0xffffffffu;
+    int lane = threadIdx.x & 31, per = E / G;
+    float sv[2] = {0, 0}, c[2] = {0, 0};
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int x = lane + 32 * j;
+        if (x < E) {
+            sv[j] = 1.0f / (1.0f + expf(-l[j]));
+            s[(long)n * E + x] = sv[j];
+            c[j] = sv[j] + bx[j];
+            sc[x] = c[j];
+        }
+    }
+    __syncwarp();
+    unsigned keep = G >= 32 ? full : (1u << G) - 1;
+    if (TG < G) {
+        float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
+        svr[lane] = lane < G ? gs : __int_as_float(0x7fffffff);
+        __syncwarp();
+        int grank = 0;
+#pragma unroll
+        for (int h = 0; h < 32; h++) {
+            if (h >= G)
+                break;
+            grank += route_before(svr[h], h, gs, lane);
+        }
+        keep = __ballot_sync(full, lane < G && grank < TG);
+    }
+    bool cand[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int x = lane + 32 * j;
+        cand[j] = x < E && ((keep >> (x / per)) & 1);
+    }
+    __syncwarp();  /* the group scores' reads of sc done */
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        sc[lane + 32 * j] = cand[j] ? c[j] : __int_as_float(0x7fffffff);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int x = lane + 32 * j, r = 0;
+#pragma unroll
+        for (int y = 0; y < 64; y++)
+            r += route_before(sc[y], y, c[j], x);
+        rank[j] = cand[j] ? r : 64;
+    }
+    __syncwarp();  /* every lane's reads of sc and svr done before the rows are written */
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (rank[j] < K) {
+            svr[rank[j]] = sv[j];
+            ir[rank[j]] = lane + 32 * j;
+        }
+    __syncwarp();
+    float wsum = 0;
+#pragma unroll
+    for (int r = 0; r < 32; r++)
+        if (r < K)
+            wsum += svr[r];
+    if (lane < K) {
+        float mine = svr[lane];
+        idx[(long)n * K + lane] = ir[lane];
+        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    }
+    __syncwarp();
+}
+
 #endif
