@@ -196,6 +196,12 @@ int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int
 int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban, int K, sampler_draw *draw,
                     int32_t *ids, dsv3_err *e);
 
+/* One row through the engine's add_norm (gk_add_norm, for tests): x [D] += the pending MoE
+ * output (K routed rows ye [K][D] at positions spos weighted by rw, plus the shared row ys;
+ * K 0 and ys NULL: none) + delta (NULL: none), written back; out = w * x * rstd(x). */
+int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const float *rw,
+                        const int *spos, const float *ys, const float *w, int D, int K, float eps,
+                        float *out, dsv3_err *e);
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the
  * groups' rows in bucket order: routed ascending, the shared last) and gk_ffn_down of h into

@@ -314,10 +314,12 @@ __global__ void add_norm_k(int m, float *x, int ldx, const float *delta, gk_moe_
 {
     const int i1 = threadIdx.x;
     const bool one = D <= (int)blockDim.x;  /* a thread a value (gk_add_norm: D <= 1024) */
-    /* the norm weight (no kernel writes it) into a register before the wait, or for longer
+    const bool two = !one && D <= 2 * (int)blockDim.x;  /* two a thread (D <= 2048) */
+    /* the norm weight (no kernel writes it) into registers before the wait, or for longer
      * rows into L2; read after the row's sum either way */
-    float wv = one && i1 < D ? __ldg(w + i1) : 0.0f;
-    if (!one && gk_pdl_pf(m) && threadIdx.x == 0)
+    float wv = (one || two) && i1 < D ? __ldg(w + i1) : 0.0f;
+    float wv2 = two && i1 + (int)blockDim.x < D ? __ldg(w + i1 + blockDim.x) : 0.0f;
+    if (!one && !two && gk_pdl_pf(m) && threadIdx.x == 0)
         gk_prefetch_l2(w, (size_t)D * sizeof(float));
     int n = blockIdx.x;
     /* the pending MoE output's routing weights and row positions before the wait: its router
@@ -353,6 +355,34 @@ __global__ void add_norm_k(int m, float *x, int ldx, const float *delta, gk_moe_
         return;
     }
     float ss = 0;
+    if (two) {
+        /* two values a thread (DeepSeek-V2-Lite's 2048): the loop below's operations in its
+         * order, but both values' loads issued before the first sum, the sums kept in
+         * registers and w read before the wait: two round trips fewer than the loop's (the
+         * second value's loads, and x and w read back for the output) */
+        const int i2 = i1 + blockDim.x;
+        float v[2];
+        v[0] = K ? residual_sum_ahead<KM>(xr, dr, mo, rwk, spk, K, n, D, i1)
+                 : residual_sum(xr, dr, mo, n, D, i1);
+        v[1] = i2 >= D ? 0.0f
+               : K     ? residual_sum_ahead<KM>(xr, dr, mo, rwk, spk, K, n, D, i2)
+                       : residual_sum(xr, dr, mo, n, D, i2);
+        if (mo.ye || dr) {
+            xr[i1] = v[0];
+            if (i2 < D)
+                xr[i2] = v[1];
+        }
+        ss += v[0] * v[0];
+        if (i2 < D)
+            ss += v[1] * v[1];
+        gk_pdl_late(m);
+        ss = block_sum(ss, red);
+        float r = rsqrtf(ss / D + eps);
+        yr[i1] = wv * (v[0] * r);
+        if (i2 < D)
+            yr[i2] = wv2 * (v[1] * r);
+        return;
+    }
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = K ? residual_sum_ahead<KM>(xr, dr, mo, rwk, spk, K, n, D, i)
                     : residual_sum(xr, dr, mo, n, D, i);
@@ -1770,6 +1800,52 @@ extern "C" int ginfer_grouped_run(const float *x, const float *w1, const float *
     }
     cudaFree(dx), cudaFree(dh), cudaFree(dy), cudaFree(di), cudaFree(off), cudaFree(order);
     cudaFree(spos), cudaFree(dw1), cudaFree(dw2);
+    return rc ? -1 : 0;
+}
+
+extern "C" int ginfer_add_norm_run(float *x, const float *delta, const float *ye,
+                                   const float *rw, const int *spos, const float *ys,
+                                   const float *w, int D, int K, float eps, float *out,
+                                   dsv3_err *e)
+{
+    size_t nb = (size_t)D * 4;
+    float *d[6] = {};  /* x, delta, ye, ys, w, out */
+    float *drw = NULL;
+    int *dsp = NULL, rc = 0;
+    for (int i = 0; i < 6 && !rc; i++)
+        if (cudaMalloc(&d[i], i == 2 ? nb * (K ? K : 1) : nb) != cudaSuccess)
+            rc = err_set(e, "ginfer_add_norm_run: out of device memory");
+    if (!rc && (cudaMalloc(&drw, 4 * (K ? K : 1)) != cudaSuccess ||
+                cudaMalloc(&dsp, 4 * (K ? K : 1)) != cudaSuccess))
+        rc = err_set(e, "ginfer_add_norm_run: out of device memory");
+    if (!rc) {
+        cudaMemcpy(d[0], x, nb, cudaMemcpyHostToDevice);
+        if (delta)
+            cudaMemcpy(d[1], delta, nb, cudaMemcpyHostToDevice);
+        if (K) {
+            cudaMemcpy(d[2], ye, nb * K, cudaMemcpyHostToDevice);
+            cudaMemcpy(drw, rw, 4 * K, cudaMemcpyHostToDevice);
+            cudaMemcpy(dsp, spos, 4 * K, cudaMemcpyHostToDevice);
+        }
+        if (ys)
+            cudaMemcpy(d[3], ys, nb, cudaMemcpyHostToDevice);
+        cudaMemcpy(d[4], w, nb, cudaMemcpyHostToDevice);
+        gk_moe_out mo = {K ? d[2] : NULL, drw, ys ? d[3] : NULL, dsp, K};
+        rc = gk_add_norm(0, d[0], D, delta ? d[1] : NULL, K ? &mo : NULL, d[4], d[5], 1, D, eps,
+                         e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(x, d[0], nb, cudaMemcpyDeviceToHost);
+        if (c == cudaSuccess)
+            c = cudaMemcpy(out, d[5], nb, cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_add_norm_run: %s", cudaGetErrorString(c));
+    }
+    for (int i = 0; i < 6; i++)
+        cudaFree(d[i]);
+    cudaFree(drw), cudaFree(dsp);
     return rc ? -1 : 0;
 }
 
