@@ -1830,9 +1830,10 @@ extern "C" int ginfer_add_norm_run(float *x, const float *delta, const float *ye
         if (ys)
             cudaMemcpy(d[3], ys, nb, cudaMemcpyHostToDevice);
         cudaMemcpy(d[4], w, nb, cudaMemcpyHostToDevice);
-        gk_moe_out mo = {K ? d[2] : NULL, drw, ys ? d[3] : NULL, dsp, K};
-        rc = gk_add_norm(0, d[0], D, delta ? d[1] : NULL, K ? &mo : NULL, d[4], d[5], 1, D, eps,
-                         e);
+        /* a shared row alone is pending as the engine leaves a dense MLP's output: as ye too */
+        gk_moe_out mo = {K ? d[2] : d[3], drw, ys ? d[3] : NULL, dsp, K};
+        rc = gk_add_norm(0, d[0], D, delta ? d[1] : NULL, K || ys ? &mo : NULL, d[4], d[5], 1,
+                         D, eps, e);
     }
     if (!rc) {
         cudaError_t c = cudaDeviceSynchronize();
