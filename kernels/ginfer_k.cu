@@ -937,15 +937,51 @@ int gk_gemv_norm(cudaStream_t s, const float *x, int ldx, const float *delta,
  * 8 blocks a head at dv = 64 recompute the same combine; it reads the head's parts from L2. */
 
 
-template <typename W, int NT, int PB>
+/* Warp w of block (blockIdx.x, b) takes outputs R o and R o + 1 (o = 8 blockIdx.x + w) of
+ * one row from x: warp_dots of two weight rows, each row's sum bitwise gemv_block's. Half the
+ * blocks of gemv_block for the same outputs, so half the uv GEMV's blocks redo its head's
+ * combine (gemv_uvc_k<..., 2>). */
+template <typename W>
+__device__ __forceinline__ void gemv_block_pair(int m, const float *__restrict__ x,
+                                                const W *__restrict__ w, long wbs,
+                                                float *__restrict__ y, long ybs, int I, int O,
+                                                int b)
+{
+    int o = 2 * (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
+    if (o >= O)
+        return;
+    int o1 = o + 1 < O ? o + 1 : o;
+    const W *wr[2] = {w + b * wbs + (long)o * I, w + b * wbs + (long)o1 * I};
+    const float *xs[1] = {x};
+    float acc[2][1];
+    warp_dots<W, 1, 2>(wr, xs, 1, I, acc);
+    gk_pdl_late(m);
+    if (lane == 0) {
+        y[b * ybs + o] = acc[0][0];
+        if (o + 1 < O)
+            y[b * ybs + o + 1] = acc[1][0];
+    }
+}
+
+/* R: outputs a warp (1: gemv_block; 2: gemv_block_pair, one row only). */
+template <typename W, int NT, int PB, int R>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
                const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
                int N, int I, int O, unsigned long long *clk)
 {
+    static_assert(R == 1 || NT == 1, "paired outputs take one row");
     gk_clock ck;
     gk_clk_start(clk, ck);
-    gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    if constexpr (R == 1) {
+        gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    } else {
+        int o = 2 * (blockIdx.x * GK_WARPS + (threadIdx.x >> 5));
+        const W *wr[2] = {w + blockIdx.y * wbs + (long)o * I,
+                          w + blockIdx.y * wbs + (long)(o + 1 < O ? o + 1 : o) * I};
+        if (o < O)
+            gk_prefetch_rows<GK_WARPS, 2>(m, wr, I);
+    }
     gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
@@ -956,7 +992,10 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         attn_combine_row<PB>(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I,
                              nsplit, ws, ls, ML);
     gk_clk(clk, 2, ck);
-    gemv_block<W, NT>(m, lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
+    if constexpr (R == 1)
+        gemv_block<W, NT>(m, lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
+    else
+        gemv_block_pair<W>(m, lat_sm, w, wbs, y, ybs, I, O, b);
     gk_clk(clk, 3, ck);
     gk_clk_end(clk, ck);
 }
@@ -973,6 +1012,25 @@ static int uvc_parts_batch(void)
     return pb == 16 || pb == 32 ? pb : 64;
 }
 
+/* Outputs a warp of the one-row uv launch: 2 where one a warp would take more blocks than
+ * the device has SMs (its blocks hold ~255 registers: one an SM, so a second wave; each
+ * block also redoes its head's combine, a read of the head's parts from L2: DeepSeek-V2-Lite
+ * has 16 heads x 128 outputs, 256 blocks), else 1; DSV3_GINFER_UVC_R=1 or 2 sets it (for
+ * comparisons). Read at each launch: a decode graph keeps what held at its capture. */
+static int uvc_outputs_a_warp(int N, int O, int batch)
+{
+    const char *v = getenv("DSV3_GINFER_UVC_R");
+    if (N != 1)
+        return 1;
+    if (v && (!strcmp(v, "1") || !strcmp(v, "2")))
+        return atoi(v);
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 1;
+    return (long)(O + GK_WARPS - 1) / GK_WARPS * batch > sms ? 2 : 1;
+}
+
 int gk_gemv_uvc_fits(int N, int I)
 {
     return N <= 4 && (size_t)N * I * sizeof(float) <= 40 * 1024;
@@ -983,13 +1041,16 @@ static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, co
                             int nsplit, const W *w, long wbs, float *y, long ldy, long ybs, int N,
                             int I, int O, int batch, unsigned long long *clk)
 {
-    dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
-    int pb = uvc_parts_batch();
+    int pb = uvc_parts_batch(), r = uvc_outputs_a_warp(N, O, batch);
+    dim3 grid((O + GK_WARPS * r - 1) / (GK_WARPS * r), batch);
     void (*k)(int, const float *, const float *, const float *, int, const W *, long, float *,
               long, long, int, int, int, unsigned long long *) =
-        N == 1 ? (pb == 64 ? gemv_uvc_k<W, 1, 64> : pb == 32 ? gemv_uvc_k<W, 1, 32>
-                                                             : gemv_uvc_k<W, 1, 16>)
-               : gemv_uvc_k<W, 4, 16>;
+        N != 1    ? gemv_uvc_k<W, 4, 16, 1>
+        : r == 2  ? (pb == 64 ? gemv_uvc_k<W, 1, 64, 2> : pb == 32 ? gemv_uvc_k<W, 1, 32, 2>
+                                                                   : gemv_uvc_k<W, 1, 16, 2>)
+        : pb == 64 ? gemv_uvc_k<W, 1, 64, 1>
+        : pb == 32 ? gemv_uvc_k<W, 1, 32, 1>
+                   : gemv_uvc_k<W, 1, 16, 1>;
     gk_launch_as("uvc", k, grid, GK_WARPS * 32, (size_t)N * I * sizeof(float), s, pm, pl, pacc,
                  nsplit, w, wbs, y, ldy, ybs, N, I, O, clk);
 }

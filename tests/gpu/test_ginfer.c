@@ -24,7 +24,8 @@
  *   dequantisation writes (copied to the device from the memory-mapped file) give bitwise the
  *   logits of the engine made from that BF16 model in memory, and within the bf16 bound of
  *   the CPU's;
- * - two shared experts run on the side stream: bitwise the logits of one stream. */
+ * - two shared experts run on the side stream: bitwise the logits of one stream; the uv
+ *   GEMV with two outputs a warp: bitwise one a warp. */
 #include <math.h>
 
 #include <stdlib.h>
@@ -684,66 +685,120 @@ static void test_draw_ahead(void)
     model_free(&m);
 }
 
-/* Two shared experts (an MLP of twice a routed expert's width, as DeepSeek-V2-Lite's) run on
- * the engine's side stream beside the router and the routed experts (ffn's shared_fork): the
- * fp32 engine's teacher-forced logits, prefill and 64 decode steps from the graphs, bitwise
- * those of the same engine on one stream (DSV3_GINFER_ASIDE=0) and within 1e-4 of the
- * CPU's, for q_lora on and off; the engine names the side stream only where it runs. */
-static void test_shared_aside(void)
+/* The fp32 engine made with environment variable var set to val (NULL: unset): its
+ * teacher-forced logits (prefill, then STEPS decode steps from the graphs fed forced) into lg,
+ * and whether its description names what (NULL: not checked) into *named. */
+static int engine_with(const dsv3_model *m, const char *var, const char *val,
+                       const int32_t *prompt, int P, const int32_t *forced, float *lg,
+                       const char *what, int *named, dsv3_err *e)
 {
-    GT_NEED_GPU();
+    int32_t tok[STEPS];
+    if (val)
+        setenv(var, val, 1);
+    infer *gpu = NULL;
+    int rc = infer_new_gpu(&gpu, m, P + STEPS + 8, 1, 0, 1, e) ||
+             greedy(gpu, prompt, P, forced, tok, lg, e);
+    if (!rc && what)
+        *named = strstr(infer_device(gpu), what) != NULL;
+    infer_free(gpu);
+    unsetenv(var);
+    return rc ? -1 : 0;
+}
+
+/* A random fp32 model of random_config (q_lora as asked) with n_shared shared experts and
+ * v_head_dim dv, a prompt of it into prompt (*P tokens), and the CPU's greedy tokens and
+ * logits after it (cpu_tok, lc [(STEPS + 1) V]). */
+static int model_and_cpu(dsv3_model *m, int q, int n_shared, int dv, int32_t *prompt, int *P,
+                         int32_t *cpu_tok, float **lc, dsv3_err *e)
+{
+    dsv3_config c;
+    random_config(&c, q, 0);
+    c.n_shared_experts = n_shared;
+    c.v_head_dim = dv;
+    if (model_init(m, &c, e))
+        return -1;
+    model_init_random(m, test_rand(), 0.3);
+    int V = c.vocab_size;
+    *P = 3 + (int)(test_rand() % 12);
+    for (int t = 0; t < *P; t++)
+        prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
+    infer *cpu = NULL;
+    *lc = malloc((size_t)(STEPS + 1) * V * 4);
+    int rc = !*lc || infer_new(&cpu, m, *P + STEPS + 8, 1, e) ||
+             greedy(cpu, prompt, *P, NULL, cpu_tok, *lc, e);
+    infer_free(cpu);
+    return rc ? -1 : 0;
+}
+
+/* Engines of one model that must give the same bits whatever var says (vals[0]: the
+ * default's, which runs what is tested; vals[1]: the form compared with), each within 1e-4
+ * of the CPU; the default engine names what (NULL: not checked) and the other does not. */
+static void check_same_bits(const char *label, int n_shared, int dv, const char *var,
+                            const char *const vals[2], const char *what)
+{
     for (int q = 0; q < 2 && !test_failed_; q++) {
-        dsv3_config c;
-        random_config(&c, q, 0);
-        c.n_shared_experts = 2;
         dsv3_model m;
         dsv3_err e;
-        if (model_init(&m, &c, &e)) {
-            CHECKF(0, "%s", e.msg);
+        int32_t prompt[16], cpu_tok[STEPS];
+        int P;
+        float *lc = NULL, *lg[2] = {NULL, NULL};
+        int ok = model_and_cpu(&m, q, n_shared, dv, prompt, &P, cpu_tok, &lc, &e) == 0;
+        CHECKF(ok, "%s: %s", label, e.msg);
+        if (!ok) {
+            free(lc);
             return;
         }
-        model_init_random(&m, test_rand(), 0.3);
-        int V = c.vocab_size, P = 3 + (int)(test_rand() % 12), ctx = P + STEPS + 8;
-        int32_t prompt[16], cpu_tok[STEPS], tok[2][STEPS];
-        for (int t = 0; t < P; t++)
-            prompt[t] = (int32_t)(test_rand() % (uint64_t)V);
+        int V = m.cfg.vocab_size, named[2] = {0, 0};
         size_t nl = (size_t)(STEPS + 1) * V;
-        float *lc = malloc(nl * 4), *lg[2] = {malloc(nl * 4), malloc(nl * 4)};
-        infer *cpu = NULL;
-        int ok = lc && lg[0] && lg[1] && infer_new(&cpu, &m, ctx, 1, &e) == 0 &&
-                 greedy(cpu, prompt, P, NULL, cpu_tok, lc, &e) == 0;
-        CHECKF(ok, "cpu: %s", e.msg);
-        for (int k = 0; k < 2 && ok; k++) {  /* k 0: aside (the default), 1: one stream */
-            if (k)
-                setenv("DSV3_GINFER_ASIDE", "0", 1);
-            infer *gpu = NULL;
-            ok = infer_new_gpu(&gpu, &m, ctx, 1, 0, 1, &e) == 0 &&
-                 greedy(gpu, prompt, P, cpu_tok, tok[k], lg[k], &e) == 0;
-            CHECKF(ok, "DSV3_GINFER_ASIDE=%d: %s", !k, e.msg);
-            if (ok)
-                CHECKF((strstr(infer_device(gpu), "shared experts aside") == NULL) == k,
-                       "q_lora %d, DSV3_GINFER_ASIDE=%d: the engine describes itself as \"%s\"",
-                       q, !k, infer_device(gpu));
-            infer_free(gpu);
-            unsetenv("DSV3_GINFER_ASIDE");
+        for (int k = 0; k < 2 && ok; k++) {
+            ok = (lg[k] = malloc(nl * 4)) != NULL &&
+                 engine_with(&m, var, vals[k], prompt, P, cpu_tok, lg[k], what, &named[k],
+                             &e) == 0;
+            CHECKF(ok, "%s, %s=%s: %s", label, var, vals[k] ? vals[k] : "(unset)", e.msg);
         }
+        if (ok && what)
+            CHECKF(named[0] && !named[1], "%s: the engines name \"%s\" %d and %d times", label,
+                   what, named[0], named[1]);
         double worst = 0;
         for (int s = 0; ok && s <= STEPS; s++) {
             double r = rel(lg[0] + (size_t)s * V, lc + (size_t)s * V, V);
-            CHECKF(r <= 1e-4, "q_lora %d, step %d: aside engine's logits rel err %.3g > 1e-4", q,
-                   s, r);
+            CHECKF(r <= 1e-4, "%s, q_lora %d, step %d: logits rel err %.3g > 1e-4", label, q, s,
+                   r);
             worst = r > worst ? r : worst;
         }
         CHECKF(!ok || memcmp(lg[0], lg[1], nl * 4) == 0,
-               "q_lora %d: logits with the shared experts aside differ from one stream's", q);
-        printf("# shared experts aside, q_lora %d: %d steps bitwise those of one stream, worst "
-               "rel err to the CPU %.3g\n", q, STEPS, worst);
-        infer_free(cpu);
+               "%s, q_lora %d: logits differ from %s=%s's", label, q, var, vals[1]);
+        printf("# %s, q_lora %d: %d steps bitwise those of %s=%s, worst rel err to the CPU "
+               "%.3g\n", label, q, STEPS, var, vals[1], worst);
         free(lc);
         free(lg[0]);
         free(lg[1]);
         model_free(&m);
     }
+}
+
+/* Two shared experts (an MLP of twice a routed expert's width, as DeepSeek-V2-Lite's) run on
+ * the engine's side stream beside the router and the routed experts (ffn's shared_fork):
+ * bitwise the logits of one stream (DSV3_GINFER_ASIDE=0), which does not name it. */
+static void test_shared_aside(void)
+{
+    GT_NEED_GPU();
+    static const char *const vals[2] = {NULL, "0"};
+    check_same_bits("shared experts aside", 2, 16, "DSV3_GINFER_ASIDE", vals,
+                    "shared experts aside");
+}
+
+/* The one-row uv GEMV with two outputs a warp (gemv_block_pair, the default where one a warp
+ * takes more blocks than SMs: DeepSeek-V2-Lite's) bitwise one a warp, at v_head_dim 16 and 40
+ * (40: the last block's last warps past the end). */
+static void test_uvc_pairs(void)
+{
+    GT_NEED_GPU();
+    static const char *const vals[2] = {"2", "1"};
+    check_same_bits("uv GEMV outputs in pairs (v_head 16)", 1, 16, "DSV3_GINFER_UVC_R", vals,
+                    NULL);
+    check_same_bits("uv GEMV outputs in pairs (v_head 40)", 0, 40, "DSV3_GINFER_UVC_R", vals,
+                    NULL);
 }
 
 int main(void)
@@ -759,5 +814,6 @@ int main(void)
     RUN(test_greedy_ahead);
     RUN(test_draw_ahead);
     RUN(test_shared_aside);
+    RUN(test_uvc_pairs);
     TEST_EXIT();
 }
