@@ -625,6 +625,12 @@ int ginfer_topk_run(const float *x, int N, int V, const uint8_t *ban, int K, int
 {
     return no_cuda(e);
 }
+int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const float *rw,
+                        const int *spos, const float *ys, const float *w, int D, int K, float eps,
+                        float *out, dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_grouped_run(const float *x, const float *w1, const float *w2, const int32_t *idx,
                        int E, int K, int sh, int H, int F, int wf32, int one, float *h, float *y,
                        dsv3_err *e)
