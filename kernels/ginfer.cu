@@ -33,6 +33,8 @@ struct glayer {
     void *q_a, *q_b, *q, *kv_a, *ukT, *kvb, *o;
     int moe, F;        /* F: width of the dense MLP or of the shared experts (0: none) */
     int sh;            /* the shared expert is group E of ew1/ew2 (w1, w2 point there) */
+    int qkv;           /* no q_lora: q's rows then kv_a's in one allocation (q, kv_a point
+                        * there), multiplied by one GEMV (gk_gemv_two) */
     void *w1, *w2;     /* dense MLP or shared experts: [2F, H] (gate rows, up rows), [H, F] */
     float *router, *bias;
     void *ew1, *ew2;   /* routed experts: [E][2mi][H], [E][H][mi] */
@@ -130,6 +132,9 @@ struct ginfer {
      * route1: the fused router of one row in one cluster (DSV3_GINFER_ROUTE1=0: route_k's
      * grid and last block, for comparisons) */
     int fz_msum, route1;
+    /* qkv: without q_lora, q and kv_a by one GEMV where their rows are stored together
+     * (DSV3_GINFER_QKV=0: two, for comparisons) */
+    int qkv;
     /* the q_a norm alone inside q_b's GEMV, at one row (each warp forms the norm itself; at
      * more rows gemv_norm_k's blocks would normalise through shared memory) */
     int fz_qa;
@@ -358,6 +363,19 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
         y->kv_a = (char *)y->q_a + nqa * wa;
         if (wa != 1)
             g->weight_bytes += (nqa + nkva) * w;
+    } else if (!f8_ok(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l), (long)nh * qk, H) &&
+               !f8_ok(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
+                      kv + g->rope, H)) {
+        /* q's rows then kv_a's, as q_a's and kv_a's above: both read the normed input */
+        size_t nq = (size_t)nh * qk * H;
+        y->qkv = 1;
+        if (!(y->q = dal(g, (nq + nkva) * w, e)) ||
+            fetch(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l), y->q, 0, nq, w, e) ||
+            fetch(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l), y->q, nq,
+                  nkva, w, e))
+            return -1;
+        y->kv_a = (char *)y->q + nq * w;
+        g->weight_bytes += (nq + nkva) * w;
     } else if (!(y->q = getw(g, src, NAME("%s.%d.self_attn.q_proj.weight", a, l),
                              (long)nh * qk, H, e)) ||
                !(y->kv_a = getw(g, src, NAME("%s.%d.self_attn.kv_a_proj_with_mqa.weight", a, l),
@@ -538,6 +556,8 @@ static void fuse_flags(ginfer *g)
     g->fz_qa = all || (!none && strstr(v, "qa"));
     const char *r1 = getenv("DSV3_GINFER_ROUTE1");
     g->route1 = !r1 || strcmp(r1, "0");
+    const char *qkv = getenv("DSV3_GINFER_QKV");
+    g->qkv = !qkv || strcmp(qkv, "0");
     const char *g1 = getenv("DSV3_GINFER_G1");
     g->g1 = g1 && *g1 ? atoi(g1) : 2;
     const char *d = getenv("DSV3_GINFER_DUP");
@@ -1020,6 +1040,12 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         }
         kva = g->qa + g->qr;
         ldkva = A;
+    } else if (y->qkv && !g->fin && g->qkv) {
+        /* q and kv_a in one launch (their rows stored together) */
+        if (gk_gemv_two(g->s, g->xn, H, y->q, wf, g->q, nh * qk, nh * qk, g->kva, W, n, H,
+                        nh * qk + W, e))
+            return -1;
+        mark(g, "gemv q+kv_a", (double)(nh * qk + W) * H * ws);
     } else {
         if (gemv_in(g, y, y->q, g->q, nh * qk, n, nh * qk, e))
             return -1;

@@ -1,5 +1,6 @@
 /* ginfer_k: the inference kernels of kernels/ginfer but attention (see ginfer_k.cuh): GEMVs for
  * decode-sized row counts, the norms and rotations of MLA, and the grouped MoE. */
+#include <limits.h>
 #include <stdint.h>
 
 #include <cooperative_groups.h>
@@ -153,10 +154,13 @@ __device__ __forceinline__ void warp_dots(const W *const *w, const float *const 
 
 /* gemv_k's work for block (blockIdx.x, b); AHEAD: one row's dots by warp_dots_ahead. */
 template <typename W, int NT, bool AHEAD = false>
+/* Outputs o >= O1 go to y2 (row n at y2 + n ldy2, output o - O1) instead of y: one launch
+ * for two products of one input (gk_gemv_two); O1 >= O, none. */
 __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, long ldx, long xbs,
                                            const W *__restrict__ w, long wbs,
                                            float *__restrict__ y, long ldy, long ybs, int N,
-                                           int I, int O, int b)
+                                           int I, int O, int b, float *y2 = NULL, long ldy2 = 0,
+                                           int O1 = INT_MAX)
 {
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (o >= O)
@@ -177,8 +181,12 @@ __device__ __forceinline__ void gemv_block(int m, const float *__restrict__ x, l
         gk_pdl_late(m);
 #pragma unroll
         for (int t = 0; t < NT; t++)
-            if (lane == t && t < nv)
-                y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
+            if (lane == t && t < nv) {
+                if (o < O1)
+                    y[b * ybs + (long)(n0 + t) * ldy + o] = acc[0][t];
+                else
+                    y2[(long)(n0 + t) * ldy2 + o - O1] = acc[0][t];
+            }
     }
 }
 
@@ -198,21 +206,26 @@ __device__ __forceinline__ void gemv_prefetch(int m, const W *w, long wbs, int I
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32, NT == 1 ? 4 : 0)
     gemv_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
-           long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O)
+           long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
+           float *__restrict__ y2, long ldy2, int O1)
 {
     gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
     gk_pdl_enter(m);
-    gemv_block<W, NT, true>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
+    gemv_block<W, NT, true>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y, y2, ldy2,
+                            O1);
 }
 
 template <typename W>
 static void gemv_launch(cudaStream_t s, const float *x, long ldx, long xbs, const W *w, long wbs,
-                        float *y, long ldy, long ybs, int N, int I, int O, int batch)
+                        float *y, long ldy, long ybs, int N, int I, int O, int batch,
+                        float *y2 = NULL, long ldy2 = 0, int O1 = INT_MAX)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
-              int) = N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4> : gemv_k<W, 8>;
-    gk_launch_as("gemv", k, grid, GK_WARPS * 32, 0, s, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O);
+              int, float *, long, int) = N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4>
+                                                                      : gemv_k<W, 8>;
+    gk_launch_as("gemv", k, grid, GK_WARPS * 32, 0, s, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O,
+                 y2, ldy2, O1);
 }
 
 int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
@@ -227,6 +240,21 @@ int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, i
     else
         gemv_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch);
     LAUNCH_CHECK("gemv", e);
+    return 0;
+}
+
+int gk_gemv_two(cudaStream_t s, const float *x, long ldx, const void *w, int wf32, float *y1,
+                long ldy1, int O1, float *y2, long ldy2, int N, int I, int O, dsv3_err *e)
+{
+    if (N <= 0 || O <= 0)
+        return 0;
+    if (I % 8 || O1 < 0 || O1 > O)
+        return err_set(e, "ginfer: a product over %d values into %d + %d outputs", I, O1, O - O1);
+    if (wf32)
+        gemv_launch(s, x, ldx, 0, (const float *)w, 0, y1, ldy1, 0, N, I, O, 1, y2, ldy2, O1);
+    else
+        gemv_launch(s, x, ldx, 0, (const bf16 *)w, 0, y1, ldy1, 0, N, I, O, 1, y2, ldy2, O1);
+    LAUNCH_CHECK("gemv_two", e);
     return 0;
 }
 

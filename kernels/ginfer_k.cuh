@@ -319,6 +319,11 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
  * I a multiple of 8; x rows 16-byte aligned. */
 int gk_gemv(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32, long wbs,
             float *y, long ldy, long ybs, int N, int I, int O, int batch, dsv3_err *e);
+/* One GEMV of x [N, I] with w [O, I] (batch 1) whose first O1 outputs go to y1 (rows ldy1
+ * apart) and the rest to y2 (rows ldy2 apart): two products of one input (q's and kv_a's
+ * rows stored together) in one launch, each output bitwise gk_gemv's. */
+int gk_gemv_two(cudaStream_t s, const float *x, long ldx, const void *w, int wf32, float *y1,
+                long ldy1, int O1, float *y2, long ldy2, int N, int I, int O, dsv3_err *e);
 /* gk_gemv (batch 1) of the rows gk_add_norm(x, ldx, delta, mo, nw, eps) would write to its
  * out (I = D values a row), without that launch: each block normalises the rows itself
  * (bitwise gk_add_norm's values, its T-thread sums emulated); x is not updated (a later

@@ -25,7 +25,7 @@
  *   logits of the engine made from that BF16 model in memory, and within the bf16 bound of
  *   the CPU's;
  * - two shared experts run on the side stream: bitwise the logits of one stream; the uv
- *   GEMV with two outputs a warp: bitwise one a warp. */
+ *   GEMV with two outputs a warp: bitwise one a warp; q and kv_a in one GEMV: bitwise two. */
 #include <math.h>
 
 #include <stdlib.h>
@@ -801,6 +801,15 @@ static void test_uvc_pairs(void)
                     NULL);
 }
 
+/* Without q_lora, q and kv_a by one GEMV over their rows stored together (gk_gemv_two, the
+ * default) bitwise two GEMVs (DSV3_GINFER_QKV=0); with q_lora the variable changes nothing. */
+static void test_qkv_one_gemv(void)
+{
+    GT_NEED_GPU();
+    static const char *const vals[2] = {NULL, "0"};
+    check_same_bits("q and kv_a in one GEMV", 1, 16, "DSV3_GINFER_QKV", vals, NULL);
+}
+
 int main(void)
 {
     test_seed();
@@ -815,5 +824,6 @@ int main(void)
     RUN(test_draw_ahead);
     RUN(test_shared_aside);
     RUN(test_uvc_pairs);
+    RUN(test_qkv_one_gemv);
     TEST_EXIT();
 }
