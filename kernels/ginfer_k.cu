@@ -1164,6 +1164,23 @@ __device__ void moe_bucket_body(const int32_t *idx, int NK, int K, int E, int ns
     }
 }
 
+/* What bucket_row32 and bucket_row64 write besides the chosen experts' entries: the routed
+ * rows' end, the shared group's rows and its place in the list, the list's length. */
+__device__ __forceinline__ void bucket_row_tail(int K, int E, int ns, int *off, int *order)
+{
+    const int lane = threadIdx.x & 31, G = E + (ns > 0);
+    if (lane == 0) {
+        off[E] = K;
+        if (ns) {
+            off[E + 1] = K + ns;
+            off[G + 2 + K] = E;
+        }
+        off[G + 1] = K + (ns > 0);
+    }
+    for (int n = lane; n < ns; n += 32)
+        order[K + n] = n * K;
+}
+
 /* moe_bucket_body for one row of K distinct experts, by the warp that routed it
  * (route_row32: lane x is expert x, rank its place in idx, >= K if not chosen): each
  * chosen expert holds one entry, so an expert's offset is the number chosen below it and
@@ -1182,16 +1199,7 @@ __device__ __forceinline__ void bucket_row32(int rank, int K, int E, int ns, int
         order[below] = rank;
         spos[rank] = below;
     }
-    if (lane == 0) {
-        off[E] = K;
-        if (ns) {
-            off[E + 1] = K + ns;
-            off[G + 2 + K] = E;
-        }
-        off[G + 1] = K + (ns > 0);
-    }
-    for (int n = lane; n < ns; n += 32)
-        order[K + n] = n * K;
+    bucket_row_tail(K, E, ns, off, order);
 }
 
 /* bucket_row32 for up to 64 experts, two a lane (route_row64: lane x holds experts x and
@@ -1216,16 +1224,7 @@ __device__ __forceinline__ void bucket_row64(const int (&rank)[2], int K, int E,
             spos[rank[j]] = below[j];
         }
     }
-    if (lane == 0) {
-        off[E] = K;
-        if (ns) {
-            off[E + 1] = K + ns;
-            off[G + 2 + K] = E;
-        }
-        off[G + 1] = K + (ns > 0);
-    }
-    for (int n = lane; n < ns; n += 32)
-        order[K + n] = n * K;
+    bucket_row_tail(K, E, ns, off, order);
 }
 
 __global__ void moe_bucket_k(int m, const int32_t *idx, int NK, int K, int E, int ns, int *off,

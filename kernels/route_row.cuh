@@ -103,6 +103,26 @@ __device__ __forceinline__ bool route_before(float v, int i, float u, int j)
     return v > u || (v == u && i < j);
 }
 
+/* The chosen experts in order (ir[r], their scores svr[r], r < K, in the warp's shared
+ * scratch) out as row n's idx and weights, the scores summed in choice order as route_row
+ * sums them. */
+__device__ __forceinline__ void route_rows_out(int32_t *idx, float *w, int n, int K, int norm,
+                                               float scale, const float *svr, const int *ir)
+{
+    int lane = threadIdx.x & 31;
+    float wsum = 0;
+#pragma unroll
+    for (int r = 0; r < 32; r++)
+        if (r < K)
+            wsum += svr[r];
+    if (lane < K) {
+        float mine = svr[lane];
+        idx[(long)n * K + lane] = ir[lane];
+        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
+    }
+    __syncwarp();
+}
+
 /* route_row for E <= 32, one expert a lane (lane x: its logit l and bias bx, 0 without one):
  * the groups and then the experts are ranked in route_argmax's order, each lane counting
  * those before it with one round of shuffles, instead of TG + K dependent rounds of
@@ -159,17 +179,7 @@ static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, flo
         ir[rank] = lane;
     }
     __syncwarp();
-    float wsum = 0;
-#pragma unroll
-    for (int r = 0; r < 32; r++)
-        if (r < K)
-            wsum += svr[r];
-    if (lane < K) {
-        float mine = svr[lane];
-        idx[(long)n * K + lane] = ir[lane];
-        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
-    }
-    __syncwarp();
+    route_rows_out(idx, w, n, K, norm, scale, svr, ir);
     return rank;
 }
 
@@ -240,17 +250,7 @@ static __device__ void route_row64(int32_t *idx, float *w, float *s, const float
             ir[rank[j]] = lane + 32 * j;
         }
     __syncwarp();
-    float wsum = 0;
-#pragma unroll
-    for (int r = 0; r < 32; r++)
-        if (r < K)
-            wsum += svr[r];
-    if (lane < K) {
-        float mine = svr[lane];
-        idx[(long)n * K + lane] = ir[lane];
-        w[(long)n * K + lane] = norm ? mine / (wsum + 1e-20f) * scale : mine * scale;
-    }
-    __syncwarp();
+    route_rows_out(idx, w, n, K, norm, scale, svr, ir);
 }
 
 #endif
