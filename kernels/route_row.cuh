@@ -103,6 +103,26 @@ __device__ __forceinline__ bool route_before(float v, int i, float u, int j)
     return v > u || (v == u && i < j);
 }
 
+/* The groups kept (bit g: group g), ranked by their scores from the biased choices sc (group
+ * g: sc[g per, (g + 1) per)) in route_argmax's order, each lane counting the groups before
+ * its own over svr (the warp's scratch, holding the scores; NaN past G: before no one). */
+__device__ __forceinline__ unsigned route_kept_groups(const float *sc, float *svr, int G, int TG,
+                                                      int per)
+{
+    int lane = threadIdx.x & 31;
+    float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
+    svr[lane] = lane < G ? gs : __int_as_float(0x7fffffff);
+    __syncwarp();
+    int grank = 0;
+#pragma unroll
+    for (int h = 0; h < 32; h++) {
+        if (h >= G)  /* few groups (4 or 8): stop there */
+            break;
+        grank += route_before(svr[h], h, gs, lane);
+    }
+    return __ballot_sync(0xffffffffu, lane < G && grank < TG);
+}
+
 /* The chosen experts in order (ir[r], their scores svr[r], r < K, in the warp's shared
  * scratch) out as row n's idx and weights, the scores summed in choice order as route_row
  * sums them. */
@@ -138,7 +158,6 @@ static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, flo
                                   int E, int G, int TG, int K, int norm, float scale, float *sc,
                                   float *svr, int *ir)
 {
-    const unsigned full = 0xffffffffu;
     int lane = threadIdx.x & 31, per = E / G, grp = lane / per;
     float sv = 0, c = 0;
     if (lane < E) {
@@ -148,22 +167,12 @@ static __device__ int route_row32(int32_t *idx, float *w, float *s, float l, flo
         sc[lane] = c;
     }
     __syncwarp();
-    float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
     /* Ranks from shared memory: every lane reads all 32 values (broadcast loads, issued
      * together), entries that must not count set to NaN (no comparison with NaN is true, so
      * they count for no one: exact whatever the scores), and a lane is never before itself.
      * (With one shuffle a value, ptxas chained each shuffle to the compare before it: ~25
      * cycles a step, 32 steps a loop.) svr holds the group scores until the ranks are read. */
-    svr[lane] = lane < G ? gs : __int_as_float(0x7fffffff);
-    __syncwarp();
-    int grank = 0;
-#pragma unroll
-    for (int h = 0; h < 32; h++) {
-        if (h >= G)  /* few groups (4 or 8): stop there */
-            break;
-        grank += route_before(svr[h], h, gs, lane);
-    }
-    unsigned keep = __ballot_sync(full, lane < G && grank < TG);
+    unsigned keep = route_kept_groups(sc, svr, G, TG, per);
     bool cand = lane < E && ((keep >> grp) & 1);
     sc[lane] = cand ? c : __int_as_float(0x7fffffff);  /* the kept groups' experts */
     __syncwarp();
@@ -209,19 +218,8 @@ static __device__ void route_row64(int32_t *idx, float *w, float *s, const float
     }
     __syncwarp();
     unsigned keep = G >= 32 ? full : (1u << G) - 1;
-    if (TG < G) {
-        float gs = lane < G ? route_group_score(sc, lane, per) : 0.0f;
-        svr[lane] = lane < G ? gs : __int_as_float(0x7fffffff);
-        __syncwarp();
-        int grank = 0;
-#pragma unroll
-        for (int h = 0; h < 32; h++) {
-            if (h >= G)
-                break;
-            grank += route_before(svr[h], h, gs, lane);
-        }
-        keep = __ballot_sync(full, lane < G && grank < TG);
-    }
+    if (TG < G)
+        keep = route_kept_groups(sc, svr, G, TG, per);
     bool cand[2];
 #pragma unroll
     for (int j = 0; j < 2; j++) {
