@@ -1224,8 +1224,8 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
     if (aside && g->fpost && shared_fork(g, y, n, e))  /* xn is the router launch's */
         return -1;
     for (int r_ = 0; r_ <= twice(g, "up"); r_++)
-        if (gx_ffn_up(g, g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K, E + y->sh,
-                      maxact, n, n, H, mi, e))
+        if (gx_ffn_up(g, g->s, g->xn, y->ew1, wf, 2L * mi * H, g->h, g->order, g->off, K,
+                      E + y->sh, maxact, n, n, H, mi, e))
             return -1;
     mark(g, "experts up", act * 2 * mi * H * ws);
     if (g->fz_msum && (y->sh || !y->F) && !f8_scales(g, y->ew2) && gk_down_sum_fits(n, K)) {
@@ -1237,8 +1237,8 @@ static int ffn(ginfer *g, int l, int n, dsv3_err *e)
         return 0; /* nothing pending */
     }
     for (int r_ = 0; r_ <= twice(g, "down"); r_++)
-        if (gx_ffn_down(g, g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh, maxact, n,
-                        n, mi, H, e))
+        if (gx_ffn_down(g, g->s, g->h, y->ew2, wf, (long)mi * H, g->ye, g->off, E + y->sh,
+                        maxact, n, n, mi, H, e))
             return -1;
     mark(g, "experts down", act * mi * H * ws);
     const float *ys = NULL;
