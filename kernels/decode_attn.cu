@@ -17,6 +17,7 @@
 #include "ginfer_k.cuh"
 
 #define ATT_HG 8       /* heads a block */
+#define ATT_CH 32      /* cache rows staged at a time (a part of ~20 rows in one pass) */
 #define ATT_THREADS 256
 
 static size_t attn_smem(int kv, int rope)
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count,
-                 int pre, unsigned long long *clk, gk_ahead ah)
+                 int pre, unsigned long long *clk)
 {
     gk_clock ck;
     gk_clk_start(clk, ck);
@@ -235,9 +236,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int r = blockIdx.x, h0 = blockIdx.y * ATT_HG, sp = blockIdx.z;
     const int hn = min(ATT_HG, nh - h0);
-    const int len = pos[r] + 1;
-    int t0, t1;
-    att_part_span(len, nsplit, sp, t0, t1);
+    const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
+    const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
     /* before the wait (ginfer_k.cuh): the part's cache rows into L2 (positions and slots are
      * the host's copies; the row the launch before writes is read only after the wait, and
@@ -254,7 +254,6 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int tpre = gridDim.x == 1 && pre && gk_pdl_pf(m) ? min(min(t1, t0 + ATT_CH), len - 1)
                                                           : t0;
     att_stage_rows(cs, cb, W, WP, t0, t0, tpre);
-    gk_prefetch_ahead(m, ah);  /* after the staging's loads: they are on the path, these not */
     gk_clk(clk, 1, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 2, ck);
@@ -419,7 +418,7 @@ static int attn_setup_c(int smem, dsv3_err *e)
 {
     void (*k[])(int, float *, float *, float *, const float *, const float *, int, int,
                 const C *, const int *, const int *, int, int, int, int, int, float, float *,
-                unsigned *, int, unsigned long long *, gk_ahead) = {
+                unsigned *, int, unsigned long long *) = {
         attn_split_k<C, true>, attn_split_k<C, false>, attn_split_k<C, true, 5>,
         attn_split_k<C, true, 9>, attn_split_k<C, true, 18>};
     for (size_t i = 0; i < sizeof k / sizeof *k; i++)
@@ -440,8 +439,7 @@ template <typename C>
 static void (*attn_split_pick(int wd, int W))(int, float *, float *, float *, const float *,
                                                const float *, int, int, const C *, const int *,
                                                const int *, int, int, int, int, int, float,
-                                               float *, unsigned *, int, unsigned long long *,
-                                               gk_ahead)
+                                               float *, unsigned *, int, unsigned long long *)
 {
     if (!wd)
         return attn_split_k<C, false>;
@@ -462,19 +460,18 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
                               const float *qlat, const float *q, int qk, int nope,
                               const void *cache, int cf32, const int *slot, const int *pos,
                               int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                              float scale, unsigned *count, int wd, unsigned long long *clk,
-                              gk_ahead ah)
+                              float scale, unsigned *count, int wd, unsigned long long *clk)
 {
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
         gk_launch_as("attn", attn_split_pick<float>(wd, kv + rope), grid, ATT_THREADS, smem, s,
                      pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh, kv,
-                     rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk, ah);
+                     rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
     else
         gk_launch_as("attn", attn_split_pick<bf16>(wd, kv + rope), grid, ATT_THREADS, smem, s, pm,
                      pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh, kv, rope,
-                     n_ctx, nsplit, scale, olat, count, att_pre(), clk, ah);
+                     n_ctx, nsplit, scale, olat, count, att_pre(), clk);
 }
 
 /* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */
@@ -488,8 +485,7 @@ static int attn_run(cudaStream_t s, float *olat, float *pm, float *pl, float *pa
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     attn_split_launch(s, olat, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos, N, nh, kv,
-                      rope, n_ctx, nsplit, scale, count, wd, (unsigned long long *)NULL,
-                      gk_ahead{});
+                      rope, n_ctx, nsplit, scale, count, wd, (unsigned long long *)NULL);
     LAUNCH_CHECK("attn_split", e);
     if (count)
         return 0;  /* combined by each row and head group's last block */
@@ -512,7 +508,7 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, unsigned long long *clk, gk_ahead ah, dsv3_err *e)
+                  float scale, unsigned long long *clk, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
@@ -520,7 +516,7 @@ int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     attn_split_launch(s, (float *)NULL, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos,
                       N, nh, kv, rope, n_ctx, nsplit, scale, (unsigned *)NULL, att_warp_dot(),
-                      clk, ah);
+                      clk);
     LAUNCH_CHECK("attn_split", e);
     return 0;
 }

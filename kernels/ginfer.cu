@@ -135,11 +135,6 @@ struct ginfer {
     /* qkv: without q_lora, q and kv_a by one GEMV where their rows are stored together
      * (DSV3_GINFER_QKV=0: two, for comparisons) */
     int qkv;
-    /* L2 prefetches by launches whose blocks wait with the memory idle, for launches further
-     * on (DSV3_GINFER_AHEAD, read at creation; see ahead_flags): the attention parts' first
-     * cache rows by the q_lat GEMV, the o weights by the uv GEMV, the side stream's shared
-     * experts by the parts */
-    int ah_cache, ah_o, ah_sh;
     /* the q_a norm alone inside q_b's GEMV, at one row (each warp forms the norm itself; at
      * more rows gemv_norm_k's blocks would normalise through shared memory) */
     int fz_qa;
@@ -569,20 +564,6 @@ static void fuse_flags(ginfer *g)
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }
 
-/* DSV3_GINFER_AHEAD: "0" none of the prefetches ahead (ginfer's ah_*), else a comma-separated
- * list of those wanted: "cache", "o", "shared"; unset or empty: all. */
-static void ahead_flags(ginfer *g)
-{
-    const char *v = getenv("DSV3_GINFER_AHEAD");
-    if (!v || !*v)
-        v = "cache,o,shared";
-    char l[64];
-    snprintf(l, sizeof l, ",%s,", v);
-    g->ah_cache = strstr(l, ",cache,") != NULL;
-    g->ah_o = strstr(l, ",o,") != NULL;
-    g->ah_sh = strstr(l, ",shared,") != NULL;
-}
-
 /* Whether launch kind key (qa, qanorm, qb, parts, uvc, o, route, up, down; with the router
  * unfused rgemv, topk, bucket) is queued twice:
  * DSV3_GINFER_DUP=key,... (read at creation), for timing only. Each of these launches
@@ -660,19 +641,6 @@ static int aside_setup(ginfer *g, dsv3_err *e)
     return 0;
 }
 
-/* "; L2 ahead: LIST" when launches prefetch for later ones (ahead_flags; only with PDL: the
- * prefetches are issued before the wait). */
-static void describe_ahead(ginfer *g)
-{
-    char c[48];
-    int m = gk_pdl_mode();
-    if ((m != GK_PDL_LATE && m != GK_PDL_EARLY) || !(g->ah_cache || g->ah_o || g->ah_sh))
-        return;
-    snprintf(c, sizeof c, "L2 ahead:%s%s%s", g->ah_cache ? " cache" : "", g->ah_o ? " o" : "",
-             g->ah_sh ? " shared" : "");
-    describe_add(g, c);
-}
-
 static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx, int n_slots,
                   int dev, int exact, dsv3_err *e)
 {
@@ -687,7 +655,6 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
     g->exact = exact;
     g->wsz = exact ? 4 : 2;
     fuse_flags(g);
-    ahead_flags(g);
     g->pf_min = pf_threshold();
     if ((g->fp8 = fp8_wanted(src, exact)))
         g->fz_norm = 0;  /* the norm-fused GEMVs have no FP8 form */
@@ -785,7 +752,6 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name, dt);
     describe_fusions(g);
     describe_pdl(g);
-    describe_ahead(g);
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;
@@ -1037,50 +1003,6 @@ static int gemv_in(ginfer *g, const glayer *y, const void *w, float *out, long l
                         g->exact, out, ldy, n, g->H, O, e);
 }
 
-/* Layer y's shared experts, when they are an MLP of their own width (y->F: DeepSeek-V2-Lite's
- * two of 1408 are one of 2816, not one more group of the routed launches), run on the side
- * stream g->s2 beside the router and the routed experts: they need only xn. In a decode
- * graph they become a branch from xn's norm to the next layer's first launch, so their
- * reads overlap the router's launch (a few blocks) and the routed experts' hand-overs
- * instead of adding two launches to the chain. The same kernels on the same values: the
- * same bits as on one stream. */
-static int shared_aside(const ginfer *g, const glayer *y)
-{
-    return g->s2 && y->F && !y->sh;
-}
-
-/* Bytes of weight tensor w of n values as stored (one a value in an FP8 slot). */
-static size_t wbytes(const ginfer *g, const void *w, size_t n)
-{
-    return n * (f8_scales(g, w) ? 1 : (size_t)g->wsz);
-}
-
-/* What the uv GEMV prefetches for the o GEMV after it (g->ah_o): the o launch's own
- * prefetch starts only once the uv launch's loads are done (its late trigger). */
-static gk_ahead ahead_o(const ginfer *g, const glayer *y)
-{
-    gk_ahead a = {};
-    if (g->ah_o) {
-        a.p[0] = y->o;
-        a.n[0] = wbytes(g, y->o, (size_t)g->H * g->nh * g->dv);
-    }
-    return a;
-}
-
-/* What the attention parts prefetch for MoE layer y's shared experts on the side stream
- * (g->ah_sh), so that they read L2 beside the routed experts' DRAM reads. */
-static gk_ahead ahead_shared(const ginfer *g, const glayer *y)
-{
-    gk_ahead a = {};
-    if (g->ah_sh && y->moe && shared_aside(g, y)) {
-        a.p[0] = y->w1;
-        a.n[0] = wbytes(g, y->w1, 2 * (size_t)y->F * g->H);
-        a.p[1] = y->w2;
-        a.n[1] = wbytes(g, y->w2, (size_t)y->F * g->H);
-    }
-    return a;
-}
-
 /* MLA of layer l over n rows: xn (or, with g->fin, x and the pending output) in, delta out. */
 static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
 {
@@ -1137,7 +1059,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         if (gk_gemv_kvw(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
                         (long)nh * kv, kv, n, g->nope, kv, nh, kva, ldkva, y->kv_a_norm, cache,
                         slot, pos, kv, g->rope, g->n_ctx, g->cos_t, g->sin_t, g->interleave,
-                        1e-6f, g->q, nh, qk, g->nope, g->ah_cache ? nsplit : 0, e))
+                        1e-6f, g->q, nh, qk, g->nope, e))
             return -1;
         mark(g, "gemv q_lat+kv_write", (double)nh * kv * g->nope * ws);
     } else {
@@ -1157,14 +1079,14 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         for (int r_ = 0; r_ <= twice(g, "parts"); r_++)
             if (gk_attn_parts(g->s, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
                               slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
-                              clk_for(g, CLK_PARTS, n), ahead_shared(g, y), e))
+                              clk_for(g, CLK_PARTS, n), e))
                 return -1;
         mark(g, "attention parts", 0);
         for (int r_ = 0; r_ <= twice(g, "uvc"); r_++)
             if (gk_gemv_uvc(g->s, g->pm, g->pl, g->pacc, nsplit,
                             wofs(y->kvb, (size_t)g->nope * kv, ws), wf,
                             (long)(g->nope + g->dv) * kv, g->ao, (long)nh * g->dv, g->dv, n,
-                            kv, g->dv, nh, clk_for(g, CLK_UVC, n), ahead_o(g, y), e))
+                            kv, g->dv, nh, clk_for(g, CLK_UVC, n), e))
                 return -1;
         mark(g, "gemv uv+combine", (double)nh * g->dv * kv * ws);
         goto o_proj;
@@ -1215,6 +1137,18 @@ static void leave_pending(ginfer *g, const float *ye, const float *rw, const flo
     g->mo.spos = spos;
     g->mo.K = K;
     g->pend = 1;
+}
+
+/* Layer y's shared experts, when they are an MLP of their own width (y->F: DeepSeek-V2-Lite's
+ * two of 1408 are one of 2816, not one more group of the routed launches), run on the side
+ * stream g->s2 beside the router and the routed experts: they need only xn. In a decode
+ * graph they become a branch from xn's norm to the next layer's first launch, so their
+ * reads overlap the router's launch (a few blocks) and the routed experts' hand-overs
+ * instead of adding two launches to the chain. The same kernels on the same values: the
+ * same bits as on one stream. */
+static int shared_aside(const ginfer *g, const glayer *y)
+{
+    return g->s2 && y->F && !y->sh;
 }
 
 /* The shared experts queued on the side stream after what g->s has queued (the norm that

@@ -7,15 +7,6 @@
 #include "cuda_util.cuh"
 
 #define ATT_MAXSPLIT 64  /* parts a sequence is cut into, at most */
-#define ATT_CH 32        /* cache rows staged at a time (a part of ~20 rows in one pass) */
-
-/* The cache rows [t0, t1) of part sp of nsplit over a row's len positions. */
-__device__ __forceinline__ void att_part_span(int len, int nsplit, int sp, int &t0, int &t1)
-{
-    const int chunk = (len + nsplit - 1) / nsplit;
-    t0 = sp * chunk;
-    t1 = min(len, t0 + chunk);
-}
 
 static_assert(ATT_MAXSPLIT == 64, "two parts a lane of one warp");
 

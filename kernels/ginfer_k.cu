@@ -512,56 +512,26 @@ __global__ void kv_write_k(int m, const float *kva, int ldkva, const float *w, C
                     sin_t, interleave, eps, q, nh, qk, nope);
 }
 
-/* Before the wait, by the warp 0 of the blocks of gemv_kvw_k's first row: the older cache
- * rows that the attention's nsplit parts (the launch after this one) stage first, at most
- * ATT_CH a part, a lane a part. The parts' own blocks land only once this launch's loads are
- * done (its late trigger, gk_pdl_kind_late), then wait on these rows from DRAM (~2.8 us of
- * a DeepSeek-V2-Lite step's parts launch, DSV3_GINFER_CLOCK); from here they have the
- * q+kv_a GEMV's and this launch's run to arrive. The row being written is left out. */
-template <typename C>
-__device__ __forceinline__ void parts_rows_ahead(int m, const C *cache, const int *slot,
-                                                 const int *pos, int N, int W, int n_ctx,
-                                                 int nsplit)
-{
-    if (!gk_pdl_pf(m) || threadIdx.x >= 32)
-        return;
-    for (int i = blockIdx.x + gridDim.x * threadIdx.x; i < N * nsplit; i += 32 * gridDim.x) {
-        int r = i / nsplit, t0, t1;
-        att_part_span(pos[r] + 1, nsplit, i % nsplit, t0, t1);
-        t1 = min(min(t1, t0 + ATT_CH), pos[r]);  /* row pos[r] is this launch's to write */
-        if (t1 > t0)
-            gk_prefetch_l2(cache + ((long)slot[r] * n_ctx + t0) * W,
-                           (size_t)(t1 - t0) * W * sizeof(C));
-    }
-}
-
-/* The batched GEMV (grid.y = 1 + batch, entry b in row 1 + b) and, in the first row of blocks
- * (block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
+/* The batched GEMV (grid.y = batch) and, in one more row of blocks (blockIdx.y == batch,
+ * block x for cache row x < N), kv_write_k's work: the q_lat product reads only the q_nope
  * parts of q, kv_write rotates only the q_pe parts, so the two are independent and share a
- * launch. The first row, scheduled first, also prefetches the attention's first cache rows
- * (parts_rows_ahead; nsplit 0: not). W is the cache type too (fp32 weights go with an fp32
- * cache). */
+ * launch. W is the cache type too (fp32 weights go with an fp32 cache). */
 template <typename W, int NT>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_kvw_k(int m, const float *__restrict__ x, long ldx, long xbs, const W *__restrict__ w,
                long wbs, float *__restrict__ y, long ldy, long ybs, int N, int I, int O,
                const float *kva, int ldkva, const float *nw, W *cache, const int *slot,
                const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
-               const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope,
-               int nsplit)
+               const float *sin_t, int interleave, float eps, float *q, int nh, int qk, int nope)
 {
-    if (blockIdx.y > 0) {
-        gemv_prefetch(m, w, wbs, I, O, blockIdx.y - 1);
-    } else {
-        if (blockIdx.x < N)
-            kv_write_prefetch(m, blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
-        if (nsplit > 0)
-            parts_rows_ahead(m, cache, slot, pos, N, kv + rope, n_ctx, nsplit);
-    }
+    if (blockIdx.y < gridDim.y - 1)
+        gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
+    else if (blockIdx.x < N)
+        kv_write_prefetch(m, blockIdx.x, nw, pos, kv, rope, cos_t, sin_t);
     gk_pdl_enter(m);
     extern __shared__ float row[];
-    if (blockIdx.y > 0) {
-        gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y - 1);
+    if (blockIdx.y < gridDim.y - 1) {
+        gemv_block<W, NT>(m, x, ldx, xbs, w, wbs, y, ldy, ybs, N, I, O, blockIdx.y);
         return;
     }
     if (blockIdx.x < N)
@@ -580,16 +550,16 @@ static void gemv_kvw_launch(cudaStream_t s, const float *x, long ldx, long xbs, 
                             int batch, const float *kva, int ldkva, const float *nw, W *cache,
                             const int *slot, const int *pos, int kv, int rope, int n_ctx,
                             const float *cos_t, const float *sin_t, int interleave, float eps,
-                            float *q, int nh, int qk, int nope, int nsplit)
+                            float *q, int nh, int qk, int nope)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch + 1);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
               int, const float *, int, const float *, W *, const int *, const int *, int, int,
-              int, const float *, const float *, int, float, float *, int, int, int, int) =
+              int, const float *, const float *, int, float, float *, int, int, int) =
         N == 1 ? gemv_kvw_k<W, 1> : N <= 4 ? gemv_kvw_k<W, 4> : gemv_kvw_k<W, 8>;
     gk_launch_as("kvw", k, grid, GK_WARPS * 32, (size_t)(kv + rope) * sizeof(float), s, x, ldx,
                  xbs, w, wbs, y, ldy, ybs, N, I, O, kva, ldkva, nw, cache, slot, pos, kv, rope,
-                 n_ctx, cos_t, sin_t, interleave, eps, q, nh, qk, nope, nsplit);
+                 n_ctx, cos_t, sin_t, interleave, eps, q, nh, qk, nope);
 }
 
 int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
@@ -597,7 +567,7 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
                 const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
                 const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                 const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
-                int nope, int nsplit, dsv3_err *e)
+                int nope, dsv3_err *e)
 {
     if (N <= 0 || O <= 0 || batch <= 0)
         return 0;
@@ -608,11 +578,11 @@ int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *
     if (wf32)
         gemv_kvw_launch(s, x, ldx, xbs, (const float *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (float *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope, nsplit);
+                        interleave, eps, q, nh, qk, nope);
     else
         gemv_kvw_launch(s, x, ldx, xbs, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O, batch, kva,
                         ldkva, nw, (bf16 *)cache, slot, pos, kv, rope, n_ctx, cos_t, sin_t,
-                        interleave, eps, q, nh, qk, nope, nsplit);
+                        interleave, eps, q, nh, qk, nope);
     LAUNCH_CHECK("gemv_kvw", e);
     return 0;
 }
@@ -1026,7 +996,7 @@ template <typename W, int NT, int PB, int R>
 __global__ void __launch_bounds__(GK_WARPS * 32)
     gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
                const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
-               int N, int I, int O, unsigned long long *clk, gk_ahead ah)
+               int N, int I, int O, unsigned long long *clk)
 {
     static_assert(R == 1 || NT == 1, "paired outputs take one row");
     gk_clock ck;
@@ -1040,7 +1010,6 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         if (o < O)
             gk_prefetch_rows<GK_WARPS, 2>(m, wr, I);
     }
-    gk_prefetch_ahead(m, ah);  /* its blocks wait for the parts: the memory is idle */
     gk_clk(clk, 0, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 1, ck);
@@ -1098,12 +1067,12 @@ int gk_gemv_uvc_fits(int N, int I)
 template <typename W>
 static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                             int nsplit, const W *w, long wbs, float *y, long ldy, long ybs, int N,
-                            int I, int O, int batch, unsigned long long *clk, gk_ahead ah)
+                            int I, int O, int batch, unsigned long long *clk)
 {
     int pb = uvc_parts_batch(), r = uvc_outputs_a_warp(N, O, batch);
     dim3 grid((O + GK_WARPS * r - 1) / (GK_WARPS * r), batch);
     void (*k)(int, const float *, const float *, const float *, int, const W *, long, float *,
-              long, long, int, int, int, unsigned long long *, gk_ahead) =
+              long, long, int, int, int, unsigned long long *) =
         N != 1    ? gemv_uvc_k<W, 4, 16, 1>
         : r == 2  ? (pb == 64 ? gemv_uvc_k<W, 1, 64, 2> : pb == 32 ? gemv_uvc_k<W, 1, 32, 2>
                                                                    : gemv_uvc_k<W, 1, 16, 2>)
@@ -1111,13 +1080,12 @@ static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, co
         : pb == 32 ? gemv_uvc_k<W, 1, 32, 1>
                    : gemv_uvc_k<W, 1, 16, 1>;
     gk_launch_as("uvc", k, grid, GK_WARPS * 32, (size_t)N * I * sizeof(float), s, pm, pl, pacc,
-                 nsplit, w, wbs, y, ldy, ybs, N, I, O, clk, ah);
+                 nsplit, w, wbs, y, ldy, ybs, N, I, O, clk);
 }
 
 int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                 int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
-                int N, int I, int O, int batch, unsigned long long *clk, gk_ahead ah,
-                dsv3_err *e)
+                int N, int I, int O, int batch, unsigned long long *clk, dsv3_err *e)
 {
     if (N <= 0 || O <= 0 || batch <= 0)
         return 0;
@@ -1128,10 +1096,10 @@ int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *p
                        I, nsplit);
     if (wf32)
         gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const float *)w, wbs, y, ldy, ybs, N, I, O,
-                        batch, clk, ah);
+                        batch, clk);
     else
         gemv_uvc_launch(s, pm, pl, pacc, nsplit, (const bf16 *)w, wbs, y, ldy, ybs, N, I, O,
-                        batch, clk, ah);
+                        batch, clk);
     LAUNCH_CHECK("gemv_uvc", e);
     return 0;
 }

@@ -185,35 +185,6 @@ __device__ __forceinline__ void gk_prefetch_rows(int m, const W *const *w, int I
             gk_prefetch_l2(w[a], row < cap ? row : cap);
 }
 
-
-/* Bytes a launch prefetches into L2 for a launch further on than the next one (which
- * prefetches its own, above): up to two ranges (a weight tensor, or a pair of them), issued
- * before the wait by the warp 0 of every block, GK_AHEAD_PIECE bytes a lane at a time, the
- * pieces dealt out over the grid's blocks. The launches that take one are those whose
- * blocks wait for microseconds while the memory is idle (docs/KERNELS.md, "Prefetching
- * ahead"). A hint: it changes no value. */
-typedef struct {
-    const void *p[2];
-    size_t n[2];
-} gk_ahead;
-
-#define GK_AHEAD_PIECE (16 * 1024)
-
-__device__ __forceinline__ void gk_prefetch_ahead(int m, const gk_ahead &a)
-{
-    if (!gk_pdl_pf(m) || threadIdx.x >= 32)
-        return;
-    const size_t nb = (size_t)gridDim.x * gridDim.y * gridDim.z;
-    const size_t b = blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z);
-#pragma unroll
-    for (int k = 0; k < 2; k++) {
-        size_t np = (a.n[k] + GK_AHEAD_PIECE - 1) / GK_AHEAD_PIECE;
-        for (size_t i = b + nb * threadIdx.x; i < np; i += nb * 32) {
-            size_t off = i * GK_AHEAD_PIECE, left = a.n[k] - off;
-            gk_prefetch_l2((const char *)a.p[k] + off, left < GK_AHEAD_PIECE ? left : GK_AHEAD_PIECE);
-        }
-    }
-}
 /* The scheme of gk_launch's launches: off with DSV3_GINFER_PDL=0, on a device before compute
  * capability 9.0, and while kernels/ginfer profiles its launches (DSV3_GINFER_PROFILE: an
  * event after every launch keeps them apart anyway, and the capture then puts event nodes
@@ -395,15 +366,13 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
 /* gk_gemv (batched) and gk_kv_write (kva ... nope; the cache of the weights' type) in one
  * launch: the kv_write is one more row of blocks, so N <= the GEMV's blocks a batch entry,
  * (O + 7) / 8 (gk_gemv_kvw_fits); x must not read what kv_write writes (the q_lat GEMV reads
- * q's nope parts, kv_write rotates its pe parts). Results as the two launches'. nsplit > 0:
- * the attention after it runs in nsplit parts (gk_attn, gk_attn_parts), whose first cache
- * rows this launch prefetches into L2 before its wait; 0: none. */
+ * q's nope parts, kv_write rotates its pe parts). Results as the two launches'. */
 int gk_gemv_kvw(cudaStream_t s, const float *x, long ldx, long xbs, const void *w, int wf32,
                 long wbs, float *y, long ldy, long ybs, int N, int I, int O, int batch,
                 const float *kva, int ldkva, const float *nw, void *cache, const int *slot,
                 const int *pos, int kv, int rope, int n_ctx, const float *cos_t,
                 const float *sin_t, int interleave, float eps, float *q, int nh, int qk,
-                int nope, int nsplit, dsv3_err *e);
+                int nope, dsv3_err *e);
 int gk_gemv_kvw_fits(int N, int O);
 /* Buckets the NK expert choices idx[NK] by expert (stable): off[E+1], order[sorted] = a,
  * spos[a] = sorted position. E <= 1024. With ns > 0 a group E follows (the shared expert run
@@ -505,23 +474,19 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
  * bytes of counters, zeroed once before the first call; each call leaves them zero), with
  * the same sums in the same order. */
 size_t gk_attn_counts(int N, int nh);
-/* gk_attn's parts only (pm, pl, pacc), left for gk_gemv_uvc to combine; ah: what its blocks
- * prefetch for a later launch (gk_ahead; {} none). */
+/* gk_attn's parts only (pm, pl, pacc), left for gk_gemv_uvc to combine. */
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, unsigned long long *clk, gk_ahead ah, dsv3_err *e);
+                  float scale, unsigned long long *clk, dsv3_err *e);
 /* The fused "uvc" decode launch: the batched GEMV y[n, b] = W_b . olat[n, b] (gk_gemv with
  * x = olat: rows ldx apart, heads xbs = I apart; batch = heads) where each block first
  * combines its head's attention parts (gk_attn_parts' pm, pl, pacc of nsplit parts) for the
  * N rows into shared memory, as gk_attn's combine would write olat: the combine's launch is
- * saved and no single block combines many heads. Decode-sized N only (gk_gemv_uvc_fits).
- * ah: what its blocks prefetch for a later launch while they wait for the parts (gk_ahead;
- * {} none). */
+ * saved and no single block combines many heads. Decode-sized N only (gk_gemv_uvc_fits). */
 int gk_gemv_uvc(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                 int nsplit, const void *w, int wf32, long wbs, float *y, long ldy, long ybs,
-                int N, int I, int O, int batch, unsigned long long *clk, gk_ahead ah,
-                dsv3_err *e);
+                int N, int I, int O, int batch, unsigned long long *clk, dsv3_err *e);
 int gk_gemv_uvc_fits(int N, int I);
 /* gk_route with the post-attention norm inside (the fused "post" decode launch): the rows it
  * routes are those gk_add_norm(x, H, delta, mo, nw, eps) would write to xn; every block

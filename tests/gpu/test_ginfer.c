@@ -810,17 +810,6 @@ static void test_qkv_one_gemv(void)
     check_same_bits("q and kv_a in one GEMV", 1, 16, "DSV3_GINFER_QKV", vals, NULL);
 }
 
-/* The L2 prefetches for launches further on (the attention's first cache rows by the q_lat
- * GEMV, the o weights by the uv GEMV, two shared experts' weights by the parts: hints that
- * change no value, but whose ranges must stay inside their tensors) bitwise none of them
- * (DSV3_GINFER_AHEAD=0), which does not name them. */
-static void test_prefetch_ahead(void)
-{
-    GT_NEED_GPU();
-    static const char *const vals[2] = {NULL, "0"};
-    check_same_bits("prefetches ahead", 2, 16, "DSV3_GINFER_AHEAD", vals, "L2 ahead");
-}
-
 int main(void)
 {
     test_seed();
@@ -836,6 +825,5 @@ int main(void)
     RUN(test_shared_aside);
     RUN(test_uvc_pairs);
     RUN(test_qkv_one_gemv);
-    RUN(test_prefetch_ahead);
     TEST_EXIT();
 }
