@@ -19,11 +19,17 @@
 #define ATT_HG 8       /* heads a block */
 #define ATT_CH 32      /* cache rows staged at a time (a part of ~20 rows in one pass) */
 #define ATT_THREADS 256
+/* The staged cache rows' padding (values) with warp dots: rows 16-byte aligned, so the
+ * staging stores float4s. Eight values a lane stored one at a time hit 4 banks a warp (8-way
+ * conflicts: ~2,900 cycles a 21-row part of DeepSeek-V2-Lite, half its pre-stage). The
+ * warp dots read a row's consecutive values a lane, conflict-free at any padding; the
+ * serial dot (DSV3_GINFER_ATTN_DOT=0), a position a thread, keeps rows one value apart. */
+#define ATT_PAD 4
 
 static size_t attn_smem(int kv, int rope)
 {
     int W = kv + rope;
-    return (size_t)(ATT_HG * W + ATT_CH * (W + 1) + ATT_HG * ATT_CH + ATT_HG * kv +
+    return (size_t)(ATT_HG * W + ATT_CH * (W + ATT_PAD) + ATT_HG * ATT_CH + ATT_HG * kv +
                     3 * ATT_HG + ATT_CH * ATT_HG) * sizeof(float);
 }
 
@@ -106,7 +112,7 @@ __device__ __forceinline__ void att_scores_warp(const float *qs, const float *cs
                                                 int Wr, int WPr, int nt, int hn, float scale)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int W = NJ > 0 ? 32 * NJ : Wr, WP = NJ > 0 ? 32 * NJ + 1 : WPr;
+    const int W = NJ > 0 ? 32 * NJ : Wr, WP = NJ > 0 ? 32 * NJ + ATT_PAD : WPr;
     float v[32];
 #pragma unroll
     for (int a = 0; a < 32; a++)
@@ -185,8 +191,9 @@ __device__ __forceinline__ void att_acc_heads(float *acc, const float *pt, const
 
 /* Rows [a, b) of the chunk starting at row tc (a >= tc) into its place in cs, 8 values (16
  * bytes of bf16) a load, up to ATT_UNROLL loads of a thread in flight (a value a load, each
- * waited for before its store, took ~24 DRAM round trips a chunk). */
-template <typename C>
+ * waited for before its store, took ~24 DRAM round trips a chunk). V4: rows 16-byte aligned
+ * (WP a multiple of 4), stored as two float4s a load. */
+template <bool V4, typename C>
 __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, int WP, int tc,
                                                int a, int b)
 {
@@ -204,9 +211,14 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
             int i = i0 + u * blockDim.x;
             if (i < n) {
                 float *d = cs + (a - tc + i / W8) * WP + i % W8 * 8;
+                if constexpr (V4) {
+                    *(float4 *)d = make_float4(f[u][0], f[u][1], f[u][2], f[u][3]);
+                    *(float4 *)(d + 4) = make_float4(f[u][4], f[u][5], f[u][6], f[u][7]);
+                } else {
 #pragma unroll
-                for (int k = 0; k < 8; k++)
-                    d[k] = f[u][k];
+                    for (int k = 0; k < 8; k++)
+                        d[k] = f[u][k];
+                }
             }
         }
     }
@@ -228,9 +240,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     gk_clock ck;
     gk_clk_start(clk, ck);
     extern __shared__ float sm[];
-    /* padded rows: a warp's dots hit 32 banks. NJ > 0 (att_nj): W = kv + rope is 32 NJ, a
-     * constant here, so the staging's and the queries' divisions by W / 8 and W / 4 are too */
-    const int W = NJ > 0 ? 32 * NJ : kv + rope, WP = W + 1;
+    /* padded rows (ATT_PAD). NJ > 0 (att_nj): W = kv + rope is 32 NJ, a constant here, so
+     * the staging's and the queries' divisions by W / 8 and W / 4 are too */
+    const int W = NJ > 0 ? 32 * NJ : kv + rope, WP = W + (WD ? ATT_PAD : 1);
     float *qs = sm, *cs = qs + ATT_HG * W, *ps = cs + ATT_CH * WP, *acc = ps + ATT_HG * ATT_CH;
     float *mh = acc + ATT_HG * kv, *lh = mh + ATT_HG, *al = lh + ATT_HG, *pt = al + ATT_HG;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
@@ -253,7 +265,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
      * values (DSV3_GINFER_ATTN_PRE=0: not, to compare) */
     const int tpre = gridDim.x == 1 && pre && gk_pdl_pf(m) ? min(min(t1, t0 + ATT_CH), len - 1)
                                                           : t0;
-    att_stage_rows(cs, cb, W, WP, t0, t0, tpre);
+    att_stage_rows<WD>(cs, cb, W, WP, t0, t0, tpre);
     gk_clk(clk, 1, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 2, ck);
@@ -287,7 +299,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     gk_clk(clk, 3, ck);
     for (int tc = t0; tc < t1; tc += ATT_CH) {
         int nt = min(ATT_CH, t1 - tc);
-        att_stage_rows(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
+        att_stage_rows<WD>(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
         __syncthreads();
         gk_clk(clk, 4, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */

@@ -23,21 +23,23 @@ static_assert(ATT_MAXSPLIT == 64, "two parts a lane of one warp");
  * (DSV3_GINFER_CLOCK); a warp barrier after each batch of PB loads keeps ptxas from moving
  * them down to their products. PB 64 costs ~255 registers a thread.) The parts are read
  * through L2 (__ldcg): they may have been written by other blocks of the same grid. Ends
- * with a barrier (ws reusable). */
-template <int PB>
-__device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, const float *pl,
-                                                 const float *pacc, long v, int kv, int nsplit,
-                                                 float *ws, float *ls, float *ML)
+ * with a barrier (ws reusable). attn_combine_span: latent values [j0, j1) only, each handed
+ * to out(j, value) (the same operations for each value as the whole row's). */
+template <int PB, typename Out>
+__device__ __forceinline__ void attn_combine_span(const float *pm, const float *pl,
+                                                  const float *pacc, long v, int kv, int nsplit,
+                                                  int j0, int j1, float *ws, float *ls, float *ML,
+                                                  Out out)
 {
     static_assert(PB >= 1 && PB <= ATT_MAXSPLIT, "parts a batch");
     long b = v * nsplit;
     int t = threadIdx.x;
     /* PB = every part, one value a thread: its loads issued first, in flight while the
      * parts' maxima and sums are read and reduced (one L2 round trip fewer on the path) */
-    const bool pre = PB == ATT_MAXSPLIT && kv <= (int)blockDim.x;
+    const bool pre = PB == ATT_MAXSPLIT && j1 - j0 <= (int)blockDim.x;
     float x[PB];
-    if (pre && t < kv) {
-        const float *pj = pacc + b * kv + t;
+    if (pre && t < j1 - j0) {
+        const float *pj = pacc + b * kv + j0 + t;
 #pragma unroll
         for (int u = 0; u < PB; u++)
             x[u] = __ldcg(pj + (long)min(u, nsplit - 1) * kv);
@@ -61,18 +63,18 @@ __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, co
     __syncthreads();
     float L = ML[1];
     if (pre) {
-        if (t < kv) {
+        if (t < j1 - j0) {
             float a = 0;
 #pragma unroll
             for (int u = 0; u < PB; u++)
                 if (u < nsplit)
                     a += ws[u] * x[u];
-            dst[t] = a / L;
+            out(j0 + t, a / L);
         }
         __syncthreads();
         return;
     }
-    for (int j = t; j < kv; j += blockDim.x) {
+    for (int j = j0 + t; j < j1; j += blockDim.x) {
         const float *pj = pacc + b * kv + j;
         float a = 0;
         for (int s0 = 0; s0 < nsplit; s0 += PB) {
@@ -85,9 +87,18 @@ __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, co
                 if (s0 + u < nsplit)
                     a += ws[s0 + u] * x[u];  /* an empty part's pacc is 0 */
         }
-        dst[j] = a / L;
+        out(j, a / L);
     }
     __syncthreads();
+}
+
+template <int PB>
+__device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, const float *pl,
+                                                 const float *pacc, long v, int kv, int nsplit,
+                                                 float *ws, float *ls, float *ML)
+{
+    attn_combine_span<PB>(pm, pl, pacc, v, kv, nsplit, 0, kv, ws, ls, ML,
+                          [dst](int j, float a) { dst[j] = a; });
 }
 
 #endif
