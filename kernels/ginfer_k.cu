@@ -991,16 +991,25 @@ __device__ __forceinline__ void gemv_block_pair(int m, const float *__restrict__
     }
 }
 
-/* R: outputs a warp (1: gemv_block; 2: gemv_block_pair, one row only). */
-template <typename W, int NT, int PB, int R>
-__global__ void __launch_bounds__(GK_WARPS * 32)
-    gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
-               const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
-               int N, int I, int O, unsigned long long *clk)
+/* One block's uv GEMV of gemv_uvc_k (R: outputs a warp: 1 gemv_block; 2 gemv_block_pair, one
+ * row only). CL > 1 (one row): the grid's blocks in clusters of CL along x, all of one head
+ * (CL divides gridDim.x); block rank k combines latent values [k I / CL, (k + 1) I / CL)
+ * only and stores them into every block's lat_sm of its cluster. Each of a head's blocks
+ * otherwise combines all I values from the head's parts, read from L2: at
+ * DeepSeek-V2-Lite's shape 8 blocks a head read 16 MB a launch, which bound the combine
+ * (~4 us, DSV3_GINFER_CLOCK). The same operations for each value: the same bits. */
+template <typename W, int NT, int PB, int R, int CL>
+__device__ __forceinline__ void uvc_block(int m, const float *pm, const float *pl,
+                                          const float *pacc, int nsplit, const W *__restrict__ w,
+                                          long wbs, float *__restrict__ y, long ldy, long ybs,
+                                          int N, int I, int O, unsigned long long *clk)
 {
     static_assert(R == 1 || NT == 1, "paired outputs take one row");
+    static_assert(CL == 1 || NT == 1, "clusters take one row");
     gk_clock ck;
     gk_clk_start(clk, ck);
+    if constexpr (CL > 1)  /* this block has started: the cluster's stores may come */
+        asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     if constexpr (R == 1) {
         gemv_prefetch(m, w, wbs, I, O, blockIdx.y);
     } else {
@@ -1016,9 +1025,22 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     extern __shared__ float lat_sm[];  /* [N][I] */
     __shared__ float ws[ATT_MAXSPLIT], ls[ATT_MAXSPLIT], ML[2];
     int b = blockIdx.y;
-    for (int n = 0; n < N; n++)
-        attn_combine_row<PB>(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I,
-                             nsplit, ws, ls, ML);
+    if constexpr (CL == 1) {
+        for (int n = 0; n < N; n++)
+            attn_combine_row<PB>(lat_sm + (long)n * I, pm, pl, pacc, (long)n * gridDim.y + b, I,
+                                 nsplit, ws, ls, ML);
+    } else {
+        cg::cluster_group cl = cg::this_cluster();
+        const int k = (int)cl.block_rank(), span = I / CL;
+        asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  /* all blocks started */
+        attn_combine_span<PB>(pm, pl, pacc, b, I, nsplit, k * span, (k + 1) * span, ws, ls, ML,
+                              [&cl](int j, float a) {
+#pragma unroll
+                                  for (int r = 0; r < CL; r++)
+                                      *cl.map_shared_rank(lat_sm + j, r) = a;
+                              });
+        cl.sync();  /* every block's lat_sm whole; none is read remotely after */
+    }
     gk_clk(clk, 2, ck);
     if constexpr (R == 1)
         gemv_block<W, NT>(m, lat_sm, I, 0, w, wbs, y, ldy, ybs, N, I, O, b);
@@ -1026,6 +1048,25 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
         gemv_block_pair<W>(m, lat_sm, w, wbs, y, ybs, I, O, b);
     gk_clk(clk, 3, ck);
     gk_clk_end(clk, ck);
+}
+
+template <typename W, int NT, int PB, int R>
+__global__ void __launch_bounds__(GK_WARPS * 32)
+    gemv_uvc_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
+               const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
+               int N, int I, int O, unsigned long long *clk)
+{
+    uvc_block<W, NT, PB, R, 1>(m, pm, pl, pacc, nsplit, w, wbs, y, ldy, ybs, N, I, O, clk);
+}
+
+template <typename W, int R, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GK_WARPS * 32)
+    gemv_uvc_cl_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
+                  const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
+                  int N, int I, int O, unsigned long long *clk)
+{
+    uvc_block<W, 1, ATT_MAXSPLIT, R, CL>(m, pm, pl, pacc, nsplit, w, wbs, y, ldy, ybs, N, I, O,
+                                         clk);
 }
 
 /* The one-row uv launch's parts loaded at a time in its combine (attn_combine_row's PB):
@@ -1059,6 +1100,22 @@ static int uvc_outputs_a_warp(int N, int O, int batch)
     return (long)(O + GK_WARPS - 1) / GK_WARPS * batch > sms ? 2 : 1;
 }
 
+/* Blocks a cluster of the one-row uv launch with every part at once (PB 64) over bx blocks a
+ * head and I latent values (uvc_block): DSV3_GINFER_UVC_CL (default 8), lowered to the
+ * largest of 8, 4, 2 that divides bx and I / 8; 1: no clusters (to compare). Read at each
+ * launch: a decode graph keeps what held at its capture. */
+static int uvc_cluster(int N, int pb, int bx, int I)
+{
+    const char *v = getenv("DSV3_GINFER_UVC_CL");
+    int c = v && *v ? atoi(v) : 8;
+    if (N != 1 || pb != 64)
+        return 1;
+    for (int k = 8; k > 1; k /= 2)
+        if (k <= c && bx % k == 0 && (I / 8) % k == 0)
+            return k;
+    return 1;
+}
+
 int gk_gemv_uvc_fits(int N, int I)
 {
     return N <= 4 && (size_t)N * I * sizeof(float) <= 40 * 1024;
@@ -1071,9 +1128,13 @@ static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, co
 {
     int pb = uvc_parts_batch(), r = uvc_outputs_a_warp(N, O, batch);
     dim3 grid((O + GK_WARPS * r - 1) / (GK_WARPS * r), batch);
+    int cl = uvc_cluster(N, pb, (int)grid.x, I);
     void (*k)(int, const float *, const float *, const float *, int, const W *, long, float *,
               long, long, int, int, int, unsigned long long *) =
-        N != 1    ? gemv_uvc_k<W, 4, 16, 1>
+        cl == 8   ? (r == 2 ? gemv_uvc_cl_k<W, 2, 8> : gemv_uvc_cl_k<W, 1, 8>)
+        : cl == 4 ? (r == 2 ? gemv_uvc_cl_k<W, 2, 4> : gemv_uvc_cl_k<W, 1, 4>)
+        : cl == 2 ? (r == 2 ? gemv_uvc_cl_k<W, 2, 2> : gemv_uvc_cl_k<W, 1, 2>)
+        : N != 1  ? gemv_uvc_k<W, 4, 16, 1>
         : r == 2  ? (pb == 64 ? gemv_uvc_k<W, 1, 64, 2> : pb == 32 ? gemv_uvc_k<W, 1, 32, 2>
                                                                    : gemv_uvc_k<W, 1, 16, 2>)
         : pb == 64 ? gemv_uvc_k<W, 1, 64, 1>

@@ -810,6 +810,22 @@ static void test_qkv_one_gemv(void)
     check_same_bits("q and kv_a in one GEMV", 1, 16, "DSV3_GINFER_QKV", vals, NULL);
 }
 
+/* The one-row uv launch in clusters of a head's blocks, each block combining a slice of the
+ * latent values for all (uvc_block, the default) bitwise every block combining them all
+ * (DSV3_GINFER_UVC_CL=1): v_head 16 and 32 over a latent of 32 take clusters of 2 and 4,
+ * and with two outputs a warp (DSV3_GINFER_UVC_R=2) v_head 32 takes 2. */
+static void test_uvc_clusters(void)
+{
+    GT_NEED_GPU();
+    static const char *const vals[2] = {NULL, "1"};
+    check_same_bits("uv GEMV in clusters of 2", 1, 16, "DSV3_GINFER_UVC_CL", vals, NULL);
+    check_same_bits("uv GEMV in clusters of 4", 2, 32, "DSV3_GINFER_UVC_CL", vals, NULL);
+    setenv("DSV3_GINFER_UVC_R", "2", 1);
+    check_same_bits("uv GEMV in clusters of 2, outputs in pairs", 0, 32, "DSV3_GINFER_UVC_CL",
+                    vals, NULL);
+    unsetenv("DSV3_GINFER_UVC_R");
+}
+
 int main(void)
 {
     test_seed();
@@ -825,5 +841,6 @@ int main(void)
     RUN(test_shared_aside);
     RUN(test_uvc_pairs);
     RUN(test_qkv_one_gemv);
+    RUN(test_uvc_clusters);
     TEST_EXIT();
 }
