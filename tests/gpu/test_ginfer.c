@@ -811,13 +811,14 @@ static void test_qkv_one_gemv(void)
 }
 
 /* The one-row uv launch in clusters of a head's blocks, each block combining a slice of the
- * latent values for all (uvc_block, the default) bitwise every block combining them all
- * (DSV3_GINFER_UVC_CL=1): v_head 16 and 32 over a latent of 32 take clusters of 2 and 4,
- * and with two outputs a warp (DSV3_GINFER_UVC_R=2) v_head 32 takes 2. */
+ * latent values for all (uvc_block; DSV3_GINFER_UVC_CL=8, the default for latents wider
+ * than a block's threads) bitwise every block combining them all (1): v_head 16 and 32 over
+ * a latent of 32 take clusters of 2 and 4, and with two outputs a warp
+ * (DSV3_GINFER_UVC_R=2) v_head 32 takes 2. */
 static void test_uvc_clusters(void)
 {
     GT_NEED_GPU();
-    static const char *const vals[2] = {NULL, "1"};
+    static const char *const vals[2] = {"8", "1"};
     check_same_bits("uv GEMV in clusters of 2", 1, 16, "DSV3_GINFER_UVC_CL", vals, NULL);
     check_same_bits("uv GEMV in clusters of 4", 2, 32, "DSV3_GINFER_UVC_CL", vals, NULL);
     setenv("DSV3_GINFER_UVC_R", "2", 1);
