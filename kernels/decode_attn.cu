@@ -63,11 +63,6 @@ __global__ void attn_combine_k(int m, float *olat, const float *pm, const float 
 }
 
 #define ATT_UNROLL 4  /* vectors a thread has in flight while staging */
-/* the same, and the queries' vectors, for one row at a compiled row width (att_unroll): a
- * 21-row part of DeepSeek-V2-Lite's 576-value rows, or its 8 heads' queries, in one round
- * trip instead of two, at ~175 registers a thread instead of 104: one block an SM, which
- * suits one row's 128 blocks (V2-Lite's and 1b-moe's) but not a batch's many */
-#define ATT_UNROLL_ONE 8
 
 /* The chunk's scores by warps (the default; DSV3_GINFER_ATTN_DOT=0 keeps the serial dot of
  * one thread a (head, position), which read each query and cache value from shared memory
@@ -195,24 +190,24 @@ __device__ __forceinline__ void att_acc_heads(float *acc, const float *pt, const
 }
 
 /* Rows [a, b) of the chunk starting at row tc (a >= tc) into its place in cs, 8 values (16
- * bytes of bf16) a load, up to U loads of a thread in flight (a value a load, each
+ * bytes of bf16) a load, up to ATT_UNROLL loads of a thread in flight (a value a load, each
  * waited for before its store, took ~24 DRAM round trips a chunk). V4: rows 16-byte aligned
  * (WP a multiple of 4), stored as two float4s a load. */
-template <bool V4, int U, typename C>
+template <bool V4, typename C>
 __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, int WP, int tc,
                                                int a, int b)
 {
     const int W8 = W / 8, n = (b - a) * W8, tid = threadIdx.x;
-    for (int i0 = tid; i0 < n; i0 += U * blockDim.x) {
-        float f[U][8];
+    for (int i0 = tid; i0 < n; i0 += ATT_UNROLL * blockDim.x) {
+        float f[ATT_UNROLL][8];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < ATT_UNROLL; u++) {
             int i = i0 + u * blockDim.x;
             if (i < n)
                 att_ld8(cb + (long)(a + i / W8) * W + i % W8 * 8, f[u]);
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < ATT_UNROLL; u++) {
             int i = i0 + u * blockDim.x;
             if (i < n) {
                 float *d = cs + (a - tc + i / W8) * WP + i % W8 * 8;
@@ -235,7 +230,7 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
  * position and slot, then its older cache rows, are read from there (docs/KERNELS.md).
  * Capped at 80 registers (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3
  * us instead of 1.4: 738 vs 699 us a 1b-moe step (H200, docs/PERF.md). */
-template <typename C, bool WD, int NJ = 0, int U = ATT_UNROLL>
+template <typename C, bool WD, int NJ = 0>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
@@ -270,17 +265,17 @@ __global__ void __launch_bounds__(ATT_THREADS)
      * values (DSV3_GINFER_ATTN_PRE=0: not, to compare) */
     const int tpre = gridDim.x == 1 && pre && gk_pdl_pf(m) ? min(min(t1, t0 + ATT_CH), len - 1)
                                                           : t0;
-    att_stage_rows<WD, U>(cs, cb, W, WP, t0, t0, tpre);
+    att_stage_rows<WD>(cs, cb, W, WP, t0, t0, tpre);
     gk_clk(clk, 1, ck);
     gk_pdl_enter(m);
     gk_clk(clk, 2, ck);
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
     const int W4 = W / 4;
-    for (int i0 = tid; i0 < ATT_HG * W4; i0 += U * blockDim.x) {
-        float4 v[U];
+    for (int i0 = tid; i0 < ATT_HG * W4; i0 += ATT_UNROLL * blockDim.x) {
+        float4 v[ATT_UNROLL];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < ATT_UNROLL; u++) {
             int i = i0 + u * blockDim.x, h = i / W4, j = i % W4 * 4;
             v[u] = make_float4(0, 0, 0, 0);
             if (i < ATT_HG * W4 && h < hn)
@@ -288,7 +283,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                               : *(const float4 *)&q[((long)r * nh + h0 + h) * qk + nope + j - kv];
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < ATT_UNROLL; u++) {
             int i = i0 + u * blockDim.x;
             if (i < ATT_HG * W4)
                 *(float4 *)&qs[i * 4] = v[u];
@@ -304,7 +299,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     gk_clk(clk, 3, ck);
     for (int tc = t0; tc < t1; tc += ATT_CH) {
         int nt = min(ATT_CH, t1 - tc);
-        att_stage_rows<WD, U>(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
+        att_stage_rows<WD>(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
         __syncthreads();
         gk_clk(clk, 4, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
@@ -437,9 +432,7 @@ static int attn_setup_c(int smem, dsv3_err *e)
                 const C *, const int *, const int *, int, int, int, int, int, float, float *,
                 unsigned *, int, unsigned long long *) = {
         attn_split_k<C, true>, attn_split_k<C, false>, attn_split_k<C, true, 5>,
-        attn_split_k<C, true, 9>, attn_split_k<C, true, 18>,
-        attn_split_k<C, true, 5, ATT_UNROLL_ONE>, attn_split_k<C, true, 9, ATT_UNROLL_ONE>,
-        attn_split_k<C, true, 18, ATT_UNROLL_ONE>};
+        attn_split_k<C, true, 9>, attn_split_k<C, true, 18>};
     for (size_t i = 0; i < sizeof k / sizeof *k; i++)
         CUDA_TRY(cudaFuncSetAttribute(k[i], cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
     return 0;
@@ -452,34 +445,23 @@ int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
     return cf32 ? attn_setup_c<float>(smem, e) : attn_setup_c<bf16>(smem, e);
 }
 
-/* Whether a one-row launch at a compiled row width has ATT_UNROLL_ONE loads a thread in
- * flight (the default; DSV3_GINFER_ATTN_U=4: ATT_UNROLL, to compare). Read at each launch,
- * as above. */
-static int att_unroll_one(void)
-{
-    const char *v = getenv("DSV3_GINFER_ATTN_U");
-    return !(v && !strcmp(v, "4"));
-}
-
 /* The attn_split_k instance for cache type C: the serial dot (wd 0), else warp dots with
- * the row width att_nj picks (one: for one row, att_unroll_one's loads in flight). */
+ * the row width att_nj picks. */
 template <typename C>
-static void (*attn_split_pick(int wd, int W, int one))(int, float *, float *, float *,
-                                                        const float *, const float *, int, int,
-                                                        const C *, const int *, const int *,
-                                                        int, int, int, int, int, float, float *,
-                                                        unsigned *, int, unsigned long long *)
+static void (*attn_split_pick(int wd, int W))(int, float *, float *, float *, const float *,
+                                               const float *, int, int, const C *, const int *,
+                                               const int *, int, int, int, int, int, float,
+                                               float *, unsigned *, int, unsigned long long *)
 {
     if (!wd)
         return attn_split_k<C, false>;
-    one = one && att_unroll_one();
     switch (att_nj(W)) {
     case 5:
-        return one ? attn_split_k<C, true, 5, ATT_UNROLL_ONE> : attn_split_k<C, true, 5>;
+        return attn_split_k<C, true, 5>;
     case 9:
-        return one ? attn_split_k<C, true, 9, ATT_UNROLL_ONE> : attn_split_k<C, true, 9>;
+        return attn_split_k<C, true, 9>;
     case 18:
-        return one ? attn_split_k<C, true, 18, ATT_UNROLL_ONE> : attn_split_k<C, true, 18>;
+        return attn_split_k<C, true, 18>;
     default:
         return attn_split_k<C, true>;
     }
@@ -495,11 +477,11 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
     size_t smem = attn_smem(kv, rope);
     if (cf32)
-        gk_launch_as("attn", attn_split_pick<float>(wd, kv + rope, N == 1), grid, ATT_THREADS, smem, s,
+        gk_launch_as("attn", attn_split_pick<float>(wd, kv + rope), grid, ATT_THREADS, smem, s,
                      pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh, kv,
                      rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
     else
-        gk_launch_as("attn", attn_split_pick<bf16>(wd, kv + rope, N == 1), grid, ATT_THREADS, smem, s, pm,
+        gk_launch_as("attn", attn_split_pick<bf16>(wd, kv + rope), grid, ATT_THREADS, smem, s, pm,
                      pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh, kv, rope,
                      n_ctx, nsplit, scale, olat, count, att_pre(), clk);
 }
