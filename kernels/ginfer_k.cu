@@ -1059,10 +1059,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     uvc_block<W, NT, PB, R, 1>(m, pm, pl, pacc, nsplit, w, wbs, y, ldy, ybs, N, I, O, clk);
 }
 
-/* MB: blocks an SM at least (2: at most 128 registers, so a block of the launches beside it
- * fits on its SM too; 1: ~255) */
-template <typename W, int R, int CL, int MB>
-__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GK_WARPS * 32, MB)
+template <typename W, int R, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GK_WARPS * 32)
     gemv_uvc_cl_k(int m, const float *pm, const float *pl, const float *pacc, int nsplit,
                   const W *__restrict__ w, long wbs, float *__restrict__ y, long ldy, long ybs,
                   int N, int I, int O, unsigned long long *clk)
@@ -1128,34 +1126,6 @@ int gk_gemv_uvc_fits(int N, int I)
     return N <= 4 && (size_t)N * I * sizeof(float) <= 40 * 1024;
 }
 
-/* Blocks an SM at least of the clustered uv launch: DSV3_GINFER_UVC_MB = 2 (at most 128
- * registers a thread) or 1 (the default). Read at each launch, as above. */
-static int uvc_min_blocks(void)
-{
-    const char *v = getenv("DSV3_GINFER_UVC_MB");
-    return v && !strcmp(v, "2") ? 2 : 1;
-}
-
-template <typename W, int MB>
-static void (*uvc_cl_pick_mb(int r, int cl))(int, const float *, const float *, const float *,
-                                              int, const W *, long, float *, long, long, int, int,
-                                              int, unsigned long long *)
-{
-    return cl == 8   ? (r == 2 ? gemv_uvc_cl_k<W, 2, 8, MB> : gemv_uvc_cl_k<W, 1, 8, MB>)
-           : cl == 4 ? (r == 2 ? gemv_uvc_cl_k<W, 2, 4, MB> : gemv_uvc_cl_k<W, 1, 4, MB>)
-                     : (r == 2 ? gemv_uvc_cl_k<W, 2, 2, MB> : gemv_uvc_cl_k<W, 1, 2, MB>);
-}
-
-/* The clustered uv launch's instance: r outputs a warp, clusters of cl (2, 4 or 8), mb. */
-template <typename W>
-static void (*uvc_cl_pick(int r, int cl, int mb))(int, const float *, const float *,
-                                                   const float *, int, const W *, long, float *,
-                                                   long, long, int, int, int,
-                                                   unsigned long long *)
-{
-    return mb == 2 ? uvc_cl_pick_mb<W, 2>(r, cl) : uvc_cl_pick_mb<W, 1>(r, cl);
-}
-
 template <typename W>
 static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, const float *pacc,
                             int nsplit, const W *w, long wbs, float *y, long ldy, long ybs, int N,
@@ -1166,7 +1136,9 @@ static void gemv_uvc_launch(cudaStream_t s, const float *pm, const float *pl, co
     int cl = uvc_cluster(N, pb, (int)grid.x, I);
     void (*k)(int, const float *, const float *, const float *, int, const W *, long, float *,
               long, long, int, int, int, unsigned long long *) =
-        cl > 1    ? uvc_cl_pick<W>(r, cl, uvc_min_blocks())
+        cl == 8   ? (r == 2 ? gemv_uvc_cl_k<W, 2, 8> : gemv_uvc_cl_k<W, 1, 8>)
+        : cl == 4 ? (r == 2 ? gemv_uvc_cl_k<W, 2, 4> : gemv_uvc_cl_k<W, 1, 4>)
+        : cl == 2 ? (r == 2 ? gemv_uvc_cl_k<W, 2, 2> : gemv_uvc_cl_k<W, 1, 2>)
         : N != 1  ? gemv_uvc_k<W, 4, 16, 1>
         : r == 2  ? (pb == 64 ? gemv_uvc_k<W, 1, 64, 2> : pb == 32 ? gemv_uvc_k<W, 1, 32, 2>
                                                                    : gemv_uvc_k<W, 1, 16, 2>)
