@@ -21,7 +21,8 @@
 #define ATT_THREADS 256
 /* The staged cache rows' padding (values) with warp dots: rows 16-byte aligned, so the
  * staging stores float4s. Eight values a lane stored one at a time hit 4 banks a warp (8-way
- * conflicts: ~2,900 cycles a 21-row part of DeepSeek-V2-Lite, half its pre-stage). The
+ * conflicts); a one-row part's staging before the wait took 2.8-3.0 us of DeepSeek-V2-Lite's
+ * 576-value rows and 1.35 of 1b-moe's, 2.15 and 1.10 now (DSV3_GINFER_CLOCK, H200). The
  * warp dots read a row's consecutive values a lane, conflict-free at any padding; the
  * serial dot (DSV3_GINFER_ATTN_DOT=0), a position a thread, keeps rows one value apart. */
 #define ATT_PAD 4
