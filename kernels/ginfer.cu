@@ -564,8 +564,8 @@ static void fuse_flags(ginfer *g)
     snprintf(g->dup, sizeof g->dup, ",%s,", d ? d : "");
 }
 
-/* Whether launch kind key (qa, qanorm, qb, parts, uvc, o, route, up, down; with the router
- * unfused rgemv, topk, bucket) is queued twice:
+/* Whether launch kind key (norm, qa, qkv, qanorm, qb, parts, uvc, o, route, up, down; with
+ * the router unfused rgemv, topk, bucket) is queued twice:
  * DSV3_GINFER_DUP=key,... (read at creation), for timing only. Each of these launches
  * writes only buffers it does not read, so the second computes the same values; what a step
  * gains in time is what one more such launch costs in the running graph, which no profiler
@@ -987,6 +987,11 @@ static int add_norm(ginfer *g, int n, const float *delta, const float *w, const 
 {
     if (gk_add_norm(g->s, g->x, g->H, delta, pending(g), w, g->xn, n, g->H, g->eps, e))
         return -1;
+    /* DSV3_GINFER_DUP's "norm": the norm again over the x just summed (nothing to add, x
+     * not written): the same xn */
+    if (twice(g, "norm") &&
+        gk_add_norm(g->s, g->x, g->H, NULL, NULL, w, g->xn, n, g->H, g->eps, e))
+        return -1;
     mark(g, name, g->H * 4.0);
     return 0;
 }
@@ -1042,9 +1047,10 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         ldkva = A;
     } else if (y->qkv && !g->fin && g->qkv) {
         /* q and kv_a in one launch (their rows stored together) */
-        if (gk_gemv_two(g->s, g->xn, H, y->q, wf, g->q, nh * qk, nh * qk, g->kva, W, n, H,
-                        nh * qk + W, e))
-            return -1;
+        for (int r_ = 0; r_ <= twice(g, "qkv"); r_++)
+            if (gk_gemv_two(g->s, g->xn, H, y->q, wf, g->q, nh * qk, nh * qk, g->kva, W, n, H,
+                            nh * qk + W, e))
+                return -1;
         mark(g, "gemv q+kv_a", (double)(nh * qk + W) * H * ws);
     } else {
         if (gemv_in(g, y, y->q, g->q, nh * qk, n, nh * qk, e))

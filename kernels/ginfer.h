@@ -207,7 +207,8 @@ int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const flo
  * groups' rows in bucket order: routed ascending, the shared last) and gk_ffn_down of h into
  * y [K + sh, H], with weights w1 [E + sh][2F][H] (gate rows, up rows) and w2 [E + sh][H][F]
  * given as fp32 values and stored as bf16 unless wf32; one: the one-row kernel (grouped1_k)
- * for the up-projection (1) or both (2), else grouped_k's (0). */
+ * for the up-projection (1) or both (2), else grouped_k's (0). K = 0 (with sh): a dense
+ * MLP's one row, one group without the bucketing. */
 int ginfer_grouped_run(const float *x, const float *w1, const float *w2, const int32_t *idx,
                        int E, int K, int sh, int H, int F, int wf32, int one, float *h, float *y,
                        dsv3_err *e);

@@ -441,6 +441,7 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
     return 0;
 }
 
+
 /* lib/ops rope_forward on one vector v of 2*half values with table row t. */
 __device__ __forceinline__ void rope_pair(float *v, int j, int half, int interleave,
                                           const float *c, const float *sn)
@@ -1938,10 +1939,14 @@ extern "C" int ginfer_grouped_run(const float *x, const float *w1, const float *
         cudaMemcpy(di, idx, (size_t)K * 4, cudaMemcpyHostToDevice);
         cudaMemset(dh, 0xff, (size_t)R * F * 4);
         cudaMemset(dy, 0xff, (size_t)R * H * 4);
-        rc = gk_moe_bucket(0, di, K, K, E, sh ? 1 : 0, off, order, spos, e) ||
-             gk_ffn_up(0, dx, dw1, wf32, 2L * F * H, dh, order, off, K, G, R, 1, 1, H, F, one,
-                       e) ||
-             gk_ffn_down(0, dh, dw2, wf32, (long)H * F, dy, off, G, R, 1, 1, F, H, one, e);
+        if (K == 0)  /* a dense MLP: one group, no bucket list */
+            rc = gk_ffn_up(0, dx, dw1, wf32, 0, dh, NULL, NULL, 1, 1, 1, 1, 1, H, F, one, e) ||
+                 gk_ffn_down(0, dh, dw2, wf32, 0, dy, NULL, 1, 1, 1, 1, F, H, one, e);
+        else
+            rc = gk_moe_bucket(0, di, K, K, E, sh ? 1 : 0, off, order, spos, e) ||
+                 gk_ffn_up(0, dx, dw1, wf32, 2L * F * H, dh, order, off, K, G, R, 1, 1, H, F,
+                           one, e) ||
+                 gk_ffn_down(0, dh, dw2, wf32, (long)H * F, dy, off, G, R, 1, 1, F, H, one, e);
     }
     if (!rc) {
         cudaError_t c = cudaDeviceSynchronize();
@@ -2144,7 +2149,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
 }
 
-/* grouped_k for one row (batch-1 decode, routed groups through off): each active group
+/* grouped_k for one row (batch-1 decode, routed groups through off, or without off the groups
+ * in order: a dense MLP's one): each active group
  * holds exactly one row, so entry e's row is e (its off[g]) and, for UP, its source row is
  * row 0 (order[e] / K): after the wait one round trip (the count and the group) comes
  * before the weights and x, whose loads all go out together (warp_dots_ahead). grouped_k
@@ -2166,7 +2172,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32, UP ? 3 : 5)
     int o = blockIdx.x * GK_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31, e = blockIdx.y;
     grouped_prefetch<W, UP>(m, w, wstride, off, G, I, O, o, e);
     gk_pdl_enter(m);
-    int na = off[G + 1], g = off[G + 2 + e];  /* in bounds: e < G */
+    /* without off: the groups in order, all active (one row through a dense MLP) */
+    int na = off ? off[G + 1] : G, g = off ? off[G + 2 + e] : e;  /* in bounds: e < G */
     if (e >= na || o >= O || g < 0)  /* g is >= 0: tested so that both loads go out together */
         return;
     constexpr int NW = UP ? 2 : 1;
@@ -2179,13 +2186,24 @@ __global__ void __launch_bounds__(GK_WARPS * 32, UP ? 3 : 5)
         y[(long)e * O + o] = UP ? silu_mul(acc[0], acc[NW - 1]) : acc[0];
 }
 
+/* Whether one row through a dense MLP (one group without a bucket list: DeepSeek-V2-Lite's
+ * shared experts, a dense layer) takes grouped1_k, every load of a lane's four pieces out
+ * before its products, as the routed experts do (the default), or grouped_k's loop
+ * (DSV3_GINFER_DENSE1=0, to compare). Read at each launch: a decode graph keeps what held at
+ * its capture. */
+static int dense_one()
+{
+    const char *v = getenv("DSV3_GINFER_DENSE1");
+    return !(v && !strcmp(v, "0"));
+}
+
 template <typename W, bool UP>
 static void grouped_launch(cudaStream_t s, const float *x, const W *w, long wstride, float *y,
                            const int *order, const int *off, int K, int groups, int maxact,
                            int N, int rows_hint, int I, int O, int one)
 {
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, off && maxact < groups ? maxact : groups);
-    if (one > (UP ? 0 : 1) && off && N == 1) {
+    if (one > (UP ? 0 : 1) && N == 1 && (off || (groups == 1 && dense_one()))) {
         gk_launch_as(UP ? "up" : "down", grouped1_k<W, UP>, grid, GK_WARPS * 32, 0, s, x, w,
                      wstride, y, off, groups, I, O);
         return;

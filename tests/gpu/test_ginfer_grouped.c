@@ -9,7 +9,9 @@
  * - both against the host in double precision: h = silu(gate) * up per group row in bucket
  *   order (routed experts ascending, the shared group last), y = w2_g . h (from the device's
  *   h, so the down projection's error is its own), within 1e-4 relative to the sum of the
- *   terms' magnitudes (fp32 sums of at most 2048 products). */
+ *   terms' magnitudes (fp32 sums of at most 2816 products).
+ * E = K = 0 with the shared group: a dense MLP's one row (one group, no bucket list), which
+ * the decode engine gives the same two kernels. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,7 +133,10 @@ static void test_grouped1_equals_grouped(void)
     /* E, K, sh, H, F: 1b-moe's shape, small and odd widths, the one-row kernel's limits */
     static const int cs[][5] = {{32, 4, 1, 1024, 512}, {32, 4, 0, 1024, 512}, {8, 1, 1, 64, 64},
                                 {8, 8, 0, 8, 16},      {64, 6, 1, 1000, 1016}, {16, 3, 1, 1032, 512},
-                                {16, 2, 1, 256, 1032}, {4, 2, 1, 2048, 96}};
+                                {16, 2, 1, 256, 1032}, {4, 2, 1, 2048, 96},
+                                /* a dense MLP (E = K = 0: one group without a bucket list):
+                                 * DeepSeek-V2-Lite's shared experts, an odd width */
+                                {0, 0, 1, 2048, 2816}, {0, 0, 1, 1000, 96}};
     int n = 0, bitwise = 0;
     double worst = 0;
     for (size_t c = 0; c < sizeof cs / sizeof *cs; c++)
