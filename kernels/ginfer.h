@@ -202,6 +202,11 @@ int ginfer_draw_run(const float *x, int N, int V, const uint8_t *ban, int K, sam
 int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const float *rw,
                         const int *spos, const float *ys, const float *w, int D, int K, float eps,
                         float *out, dsv3_err *e);
+/* For tests: gk_gemv of one row of x [batch][I] with bf16 weights w [batch][O][I] (given as
+ * fp32 values) into y [batch][O]; with 0 < O1 < O (batch 1) gk_gemv_two, its first O1
+ * outputs then the rest. */
+int ginfer_gemv_run(const float *x, const float *w, int I, int O, int batch, int O1, float *y,
+                    dsv3_err *e);
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the
  * groups' rows in bucket order: routed ascending, the shared last) and gk_ffn_down of h into

@@ -215,11 +215,113 @@ __global__ void __launch_bounds__(GK_WARPS * 32, NT == 1 ? 4 : 0)
                             O1);
 }
 
+/* One row of bf16 weights with each warp's HELD_R weight rows loaded into registers before
+ * the wait, not only prefetched into L2: after it, x (I <= 256 P values) is staged once in
+ * shared memory and the products need no weight read. gemv_k's weights come from L2 after
+ * the wait: DeepSeek-V2-Lite's q + kv_a launch (15 MB) took 5 us exposed after the input
+ * norm though its prefetch had streamed during that norm (CUPTI trace, H200). Every block
+ * must be resident before the wait to hold its rows, so this form takes grids of at most
+ * two blocks an SM (gemv_held_fits). A row's products are warp_dots_ahead's in its order
+ * (pieces past I add fmaf(0, 0, acc)), so y is bitwise gemv_k's. */
+#define HELD_R 2
+template <int P>
+__global__ void __launch_bounds__(GK_WARPS * 32, 2)
+    gemv_held_k(int m, const float *__restrict__ x, long xbs, const bf16 *__restrict__ w,
+                long wbs, float *__restrict__ y, long ybs, int I, int O, float *__restrict__ y2,
+                long ldy2, int O1)
+{
+    __shared__ __align__(16) float xs[256 * P];
+    const int lane = threadIdx.x & 31, b = blockIdx.y;
+    const int o0 = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * HELD_R;
+    raw8<bf16> wr[HELD_R][P];
+#pragma unroll
+    for (int r = 0; r < HELD_R; r++) {
+        const bf16 *row = w + b * wbs + (long)min(o0 + r, O - 1) * I;
+#pragma unroll
+        for (int c = 0; c < P; c++)  /* a piece past I loads the first again (unused) */
+            raw8_load(row + (lane * 8 + 256 * c < I ? lane * 8 + 256 * c : 0), wr[r][c]);
+    }
+    gk_pdl_enter(m);
+    const float *xb = x + b * xbs;
+    for (int i = threadIdx.x * 4; i < I; i += GK_WARPS * 32 * 4)
+        *(float4 *)&xs[i] = *(const float4 *)&xb[i];
+    __syncthreads();
+    if (o0 >= O)
+        return;
+    float acc[HELD_R];
+#pragma unroll
+    for (int r = 0; r < HELD_R; r++)
+        acc[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < P; c++) {
+        const int i = lane * 8 + 256 * c;
+        const bool in = i < I;
+        float xf[8];
+        ldx8(xs + (in ? i : 0), xf);
+#pragma unroll
+        for (int r = 0; r < HELD_R; r++) {
+            float wf[8];
+            raw8_float(wr[r][c], wf);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                acc[r] = fmaf(in ? wf[k] : 0.0f, in ? xf[k] : 0.0f, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < HELD_R; r++)
+        acc[r] = warp_sum(acc[r]);
+    gk_pdl_late(m);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < HELD_R; r++) {
+            int o = o0 + r;
+            if (o < O1 && o < O)
+                y[b * ybs + o] = acc[r];
+            else if (o < O)
+                y2[o - O1] = acc[r];
+        }
+}
+
+/* Whether gemv_held_k takes a launch of bf16 weights: one row of at most 2048 values (x rows
+ * 16-byte aligned, I a multiple of 8), a grid of at most two blocks an SM, and a launch kind
+ * DSV3_GINFER_HELD lists: "two" (gk_gemv_two: q and kv_a, after the input norm's one block),
+ * "one" (gk_gemv's other launches), "0" none. Unset: "two". gk_gemv's launches follow
+ * launches whose blocks fill the SMs (the uv GEMV's 254 registers a thread before o), so
+ * the held rows land no earlier; with them a 1b-moe step took 571.7 us against 561.1 and
+ * V2-Lite's o 5.0 us exposed against 4.4 (H200). The same values either way. Read at each
+ * launch: a decode graph keeps what held at its capture. */
+static int gemv_held_fits(const char *kind, int N, int I, int O, int batch, long xbs)
+{
+    const char *v = getenv("DSV3_GINFER_HELD");
+    if (!v)
+        v = "two";
+    size_t n = strlen(kind);
+    int listed = 0;
+    for (const char *p = v; (p = strstr(p, kind)) != NULL && !listed; p += n)
+        listed = (p == v || p[-1] == ',') && (p[n] == ',' || !p[n]);
+    if (!listed || N != 1 || I > 2048 || I % 8 || (batch > 1 && xbs % 4))
+        return 0;
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 0;
+    long blocks = (long)(O + GK_WARPS * HELD_R - 1) / (GK_WARPS * HELD_R) * batch;
+    return blocks <= 2L * sms;
+}
+
 template <typename W>
 static void gemv_launch(cudaStream_t s, const float *x, long ldx, long xbs, const W *w, long wbs,
                         float *y, long ldy, long ybs, int N, int I, int O, int batch,
                         float *y2 = NULL, long ldy2 = 0, int O1 = INT_MAX)
 {
+    if constexpr (sizeof(W) == 2) {
+        if (gemv_held_fits(O1 < O ? "two" : "one", N, I, O, batch, xbs)) {
+            dim3 hg((O + GK_WARPS * HELD_R - 1) / (GK_WARPS * HELD_R), batch);
+            gk_launch_as("gemv", I <= 1024 ? gemv_held_k<4> : gemv_held_k<8>, hg, GK_WARPS * 32,
+                         0, s, x, xbs, w, wbs, y, ybs, I, O, y2, ldy2, O1);
+            return;
+        }
+    }
     dim3 grid((O + GK_WARPS - 1) / GK_WARPS, batch);
     void (*k)(int, const float *, long, long, const W *, long, float *, long, long, int, int,
               int, float *, long, int) = N == 1 ? gemv_k<W, 1> : N <= 4 ? gemv_k<W, 4>
@@ -1912,6 +2014,33 @@ static int grouped_weights(void **d, const float *w, size_t n, int wf32)
     int rc = cudaMemcpy(*d, t, b, cudaMemcpyHostToDevice) == cudaSuccess ? 0 : -1;
     free(t);
     return rc;
+}
+
+extern "C" int ginfer_gemv_run(const float *x, const float *w, int I, int O, int batch, int O1,
+                               float *y, dsv3_err *e)
+{
+    float *dx = NULL, *dy = NULL;
+    void *dw = NULL;
+    int rc = 0;
+    if (cudaMalloc(&dx, (size_t)batch * I * 4) != cudaSuccess ||
+        cudaMalloc(&dy, (size_t)batch * O * 4) != cudaSuccess ||
+        grouped_weights(&dw, w, (size_t)batch * O * I, 0))
+        rc = err_set(e, "ginfer_gemv_run: out of device memory");
+    if (!rc) {
+        cudaMemcpy(dx, x, (size_t)batch * I * 4, cudaMemcpyHostToDevice);
+        cudaMemset(dy, 0xff, (size_t)batch * O * 4);
+        rc = O1 > 0 ? gk_gemv_two(0, dx, I, dw, 0, dy, O1, O1, dy + O1, O - O1, 1, I, O, e)
+                    : gk_gemv(0, dx, I, I, dw, 0, (long)O * I, dy, O, O, 1, I, O, batch, e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(y, dy, (size_t)batch * O * 4, cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_gemv_run: %s", cudaGetErrorString(c));
+    }
+    cudaFree(dx), cudaFree(dy), cudaFree(dw);
+    return rc ? -1 : 0;
 }
 
 extern "C" int ginfer_grouped_run(const float *x, const float *w1, const float *w2,

@@ -631,6 +631,11 @@ int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const flo
 {
     return no_cuda(e);
 }
+int ginfer_gemv_run(const float *x, const float *w, int I, int O, int batch, int O1, float *y,
+                    dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_grouped_run(const float *x, const float *w1, const float *w2, const int32_t *idx,
                        int E, int K, int sh, int H, int F, int wf32, int one, float *h, float *y,
                        dsv3_err *e)
