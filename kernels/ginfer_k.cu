@@ -293,13 +293,8 @@ __global__ void __launch_bounds__(GK_WARPS * 32, 2)
 static int gemv_held_fits(const char *kind, int N, int I, int O, int batch, long xbs)
 {
     const char *v = getenv("DSV3_GINFER_HELD");
-    if (!v)
-        v = "two";
-    size_t n = strlen(kind);
-    int listed = 0;
-    for (const char *p = v; (p = strstr(p, kind)) != NULL && !listed; p += n)
-        listed = (p == v || p[-1] == ',') && (p[n] == ',' || !p[n]);
-    if (!listed || N != 1 || I > 2048 || I % 8 || (batch > 1 && xbs % 4))
+    if (!gk_kind_listed(v ? v : "two", kind) || N != 1 || I > 2048 || I % 8 ||
+        (batch > 1 && xbs % 4))
         return 0;
     int dev = 0, sms = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -542,7 +537,6 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
     LAUNCH_CHECK("add_norm", e);
     return 0;
 }
-
 
 /* lib/ops rope_forward on one vector v of 2*half values with table row t. */
 __device__ __forceinline__ void rope_pair(float *v, int j, int half, int interleave,
@@ -2278,9 +2272,9 @@ __global__ void __launch_bounds__(GK_WARPS * 32)
     }
 }
 
-/* grouped_k for one row (batch-1 decode, routed groups through off, or without off the groups
- * in order: a dense MLP's one): each active group
- * holds exactly one row, so entry e's row is e (its off[g]) and, for UP, its source row is
+/* grouped_k for one row (batch-1 decode: routed groups through off, or without off the
+ * groups in order, a dense MLP's one): each active group holds exactly one row, so entry
+ * e's row is e (its off[g]) and, for UP, its source row is
  * row 0 (order[e] / K): after the wait one round trip (the count and the group) comes
  * before the weights and x, whose loads all go out together (warp_dots_ahead). grouped_k
  * at one row reads off four times one after another (count, group, offsets, order), then

@@ -225,11 +225,9 @@ static inline const char *gk_pdl_late_kinds()
     return v && !strcmp(v, "2") ? "" : GK_PDL_LATE_KINDS;
 }
 
-/* Whether launches of kind (a short name: "gemv", "norm", "qb", "kvw", "attn", "uvc",
- * "route", "up", "down"; NULL for the others) keep the late trigger under the early scheme. */
-static inline int gk_pdl_kind_late(const char *kind)
+/* Whether the comma-separated list v names kind (NULL or empty: no). */
+static inline int gk_kind_listed(const char *v, const char *kind)
 {
-    const char *v = gk_pdl_late_kinds();
     size_t n = kind ? strlen(kind) : 0;
     if (!n)
         return 0;
@@ -237,6 +235,13 @@ static inline int gk_pdl_kind_late(const char *kind)
         if ((p == v || p[-1] == ',') && (p[n] == ',' || !p[n]))
             return 1;
     return 0;
+}
+
+/* Whether launches of kind (a short name: "gemv", "norm", "qb", "kvw", "attn", "uvc",
+ * "route", "up", "down"; NULL for the others) keep the late trigger under the early scheme. */
+static inline int gk_pdl_kind_late(const char *kind)
+{
+    return gk_kind_listed(gk_pdl_late_kinds(), kind);
 }
 
 static inline int gk_pdl_on()
