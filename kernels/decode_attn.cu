@@ -26,6 +26,9 @@
  * warp dots read a row's consecutive values a lane, conflict-free at any padding; the
  * serial dot (DSV3_GINFER_ATTN_DOT=0), a position a thread, keeps rows one value apart. */
 #define ATT_PAD 4
+/* Values of the newest row a thread loads when the parts form it (gk_kv_new): rows of at
+ * most ATT_NEW_KU ATT_THREADS values (gk_attn_new_fits). */
+#define ATT_NEW_KU 3
 
 static size_t attn_smem(int kv, int rope)
 {
@@ -231,12 +234,12 @@ __device__ __forceinline__ void att_stage_rows(float *cs, const C *cb, int W, in
  * position and slot, then its older cache rows, are read from there (docs/KERNELS.md).
  * Capped at 80 registers (__launch_bounds__(ATT_THREADS, 3)) the scores spill and took 3.3
  * us instead of 1.4: 738 vs 699 us a 1b-moe step (H200, docs/PERF.md). */
-template <typename C, bool WD, int NJ = 0>
+template <typename C, bool WD, int NJ = 0, bool NEW = false>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_split_k(int m, float *pm, float *pl, float *pacc, const float *qlat, const float *q,
                  int qk, int nope, const C *cache, const int *slot, const int *pos, int nh, int kv,
                  int rope, int n_ctx, int nsplit, float scale, float *olat, unsigned *count,
-                 int pre, unsigned long long *clk)
+                 int pre, gk_kv_new nr, unsigned long long *clk)
 {
     gk_clock ck;
     gk_clk_start(clk, ck);
@@ -252,6 +255,20 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int len = pos[r] + 1, chunk = (len + nsplit - 1) / nsplit;
     const int t0 = sp * chunk, t1 = min(len, t0 + chunk);
     const C *cb = cache + (long)slot[r] * n_ctx * W;
+    /* nr.kva (one row): the newest row (position len - 1) is formed here from kv_a's output
+     * by the part holding it (gk_kv_new), q_pe rotated by every part: no launch before
+     * writes the cache row or rotates q */
+    const bool fresh = NEW && gridDim.x == 1, mine = fresh && t0 <= len - 1 && len - 1 < t1;
+    const int half = rope / 2;
+    /* before the wait (tables and weights: no kernel writes them): thread tid's rotation
+     * of q_pe (pair tid % half of head tid / half: hn half <= ATT_THREADS, gk_attn_new_fits),
+     * and with the newest row its norm weight, a thread's values i = tid + u ATT_THREADS */
+    const float qc = fresh ? __ldg(nr.cos_t + (long)(len - 1) * half + tid % half) : 0.0f;
+    const float qsn = fresh ? __ldg(nr.sin_t + (long)(len - 1) * half + tid % half) : 0.0f;
+    float kvv[ATT_NEW_KU], kvw[ATT_NEW_KU];
+#pragma unroll
+    for (int u = 0; u < ATT_NEW_KU; u++)
+        kvw[u] = mine && tid + u * ATT_THREADS < kv ? __ldg(nr.w + tid + u * ATT_THREADS) : 0.0f;
     /* before the wait (ginfer_k.cuh): the part's cache rows into L2 (positions and slots are
      * the host's copies; the row the launch before writes is read only after the wait, and
      * L2 holds its new values: a prefetch never makes a read stale) */
@@ -272,6 +289,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     gk_clk(clk, 2, ck);
     /* the heads' queries, 4 values a load (kv, rope, nope multiples of 8: aligned), all of a
      * thread's loads issued before its stores: one round trip, not one a value */
+#pragma unroll
+    for (int u = 0; u < ATT_NEW_KU; u++)
+        kvv[u] = mine && tid + u * ATT_THREADS < W ? nr.kva[tid + u * ATT_THREADS] : 0.0f;
     const int W4 = W / 4;
     for (int i0 = tid; i0 < ATT_HG * W4; i0 += ATT_UNROLL * blockDim.x) {
         float4 v[ATT_UNROLL];
@@ -296,11 +316,45 @@ __global__ void __launch_bounds__(ATT_THREADS)
         mh[tid] = -INFINITY;
         lh[tid] = 0;
     }
+    if (mine) {  /* kv_write_row's operations (ginfer_attn.cuh), its bits */
+        __shared__ float red[32];
+        float rn = rsqrtf(block_sum(kv_row_ss<ATT_NEW_KU>(kvv, kv), red) / kv + nr.eps);
+        float *rp = ps;  /* the rotary part rotated here (ps is free until the first scores) */
+#pragma unroll
+        for (int u = 0; u < ATT_NEW_KU; u++) {
+            int i = tid + u * ATT_THREADS;
+            if (i >= kv && i < W)
+                rp[i - kv] = kvv[u];
+        }
+        __syncthreads();
+        if (tid < half)
+            rope_pair_at(rp, tid, half, nr.interleave, qc, qsn);
+        __syncthreads();
+        /* into its place in the staged chunk: the part is one chunk (gk_attn_new_fits) */
+        C *dst = blockIdx.y == 0 ? (C *)cb + (long)(len - 1) * W : (C *)NULL;
+        float *row = cs + (len - 1 - t0) * WP;
+#pragma unroll
+        for (int u = 0; u < ATT_NEW_KU; u++) {
+            int i = tid + u * ATT_THREADS;
+            if (i < W) {  /* kv_row_value's operations */
+                C c = (C)(i < kv ? kvw[u] * (kvv[u] * rn) : rp[i - kv]);
+                row[i] = (float)c;  /* the value the cache holds, as the staging reads it */
+                if (dst)
+                    dst[i] = c;
+            }
+        }
+    }
+    if (fresh) {
+        __syncthreads();  /* the queries stored */
+        if (tid < hn * half)
+            rope_pair_at(qs + (tid / half) * W + kv, tid % half, half, nr.interleave, qc, qsn);
+    }
     __syncthreads();
     gk_clk(clk, 3, ck);
     for (int tc = t0; tc < t1; tc += ATT_CH) {
         int nt = min(ATT_CH, t1 - tc);
-        att_stage_rows<WD>(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, tc + nt);
+        /* the newest row: in place already when the parts form it */
+        att_stage_rows<WD>(cs, cb, W, WP, tc, tc == t0 ? tpre : tc, mine ? len - 1 : tc + nt);
         __syncthreads();
         gk_clk(clk, 4, ck);
         gk_pdl_late(m);  /* the part's first rows are in: the next launch may start */
@@ -431,40 +485,59 @@ static int attn_setup_c(int smem, dsv3_err *e)
 {
     void (*k[])(int, float *, float *, float *, const float *, const float *, int, int,
                 const C *, const int *, const int *, int, int, int, int, int, float, float *,
-                unsigned *, int, unsigned long long *) = {
+                unsigned *, int, gk_kv_new, unsigned long long *) = {
         attn_split_k<C, true>, attn_split_k<C, false>, attn_split_k<C, true, 5>,
-        attn_split_k<C, true, 9>, attn_split_k<C, true, 18>};
+        attn_split_k<C, true, 9>, attn_split_k<C, true, 18>, attn_split_k<C, true, 0, true>,
+        attn_split_k<C, false, 0, true>, attn_split_k<C, true, 5, true>,
+        attn_split_k<C, true, 9, true>, attn_split_k<C, true, 18, true>};
     for (size_t i = 0; i < sizeof k / sizeof *k; i++)
         CUDA_TRY(cudaFuncSetAttribute(k[i], cudaFuncAttributeMaxDynamicSharedMemorySize, smem), e);
     return 0;
 }
 
+/* The shared memory a launch of the form that forms the newest row asks for: at least
+ * ATT_SOLO bytes, so that two of its blocks never share an SM (2 x (116 KB + the static and
+ * the 1 KB the system keeps a block) is over an SM's 228 KB). Its blocks land as the q + kv_a
+ * + q_lat launch's leave, whose 128-register blocks fill the SMs, and the scheduler put two
+ * on one SM where one left first: their scores, softmax and acc phases then ran 1.5 times as
+ * long (DSV3_GINFER_CLOCK, DeepSeek-V2-Lite, H200). DSV3_GINFER_ATT_SOLO=0: the plain size,
+ * to compare. Read at each launch: a decode graph keeps what held at its capture. */
+#define ATT_SOLO (116 * 1024)
+static size_t attn_smem_new(int kv, int rope)
+{
+    const char *v = getenv("DSV3_GINFER_ATT_SOLO");
+    size_t b = attn_smem(kv, rope);
+    return v && !strcmp(v, "0") ? b : b > ATT_SOLO ? b : ATT_SOLO;
+}
+
 int gk_attn_setup(int cf32, int nh, int kv, int rope, dsv3_err *e)
 {
     (void)nh;
-    int smem = (int)attn_smem(kv, rope);
+    size_t b = attn_smem(kv, rope);
+    int smem = (int)(b > ATT_SOLO ? b : ATT_SOLO);
     return cf32 ? attn_setup_c<float>(smem, e) : attn_setup_c<bf16>(smem, e);
 }
 
 /* The attn_split_k instance for cache type C: the serial dot (wd 0), else warp dots with
- * the row width att_nj picks. */
-template <typename C>
+ * the row width att_nj picks; NEW: the form that forms the newest row itself (gk_kv_new). */
+template <typename C, bool NEW>
 static void (*attn_split_pick(int wd, int W))(int, float *, float *, float *, const float *,
                                                const float *, int, int, const C *, const int *,
                                                const int *, int, int, int, int, int, float,
-                                               float *, unsigned *, int, unsigned long long *)
+                                               float *, unsigned *, int, gk_kv_new,
+                                               unsigned long long *)
 {
     if (!wd)
-        return attn_split_k<C, false>;
+        return attn_split_k<C, false, 0, NEW>;
     switch (att_nj(W)) {
     case 5:
-        return attn_split_k<C, true, 5>;
+        return attn_split_k<C, true, 5, NEW>;
     case 9:
-        return attn_split_k<C, true, 9>;
+        return attn_split_k<C, true, 9, NEW>;
     case 18:
-        return attn_split_k<C, true, 18>;
+        return attn_split_k<C, true, 18, NEW>;
     default:
-        return attn_split_k<C, true>;
+        return attn_split_k<C, true, 0, NEW>;
     }
 }
 
@@ -473,18 +546,26 @@ static void attn_split_launch(cudaStream_t s, float *olat, float *pm, float *pl,
                               const float *qlat, const float *q, int qk, int nope,
                               const void *cache, int cf32, const int *slot, const int *pos,
                               int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                              float scale, unsigned *count, int wd, unsigned long long *clk)
+                              float scale, unsigned *count, int wd, const gk_kv_new *nr,
+                              unsigned long long *clk)
 {
+    gk_kv_new nv = {};
+    if (nr)
+        nv = *nr;
     dim3 grid(N, (nh + ATT_HG - 1) / ATT_HG, nsplit);
-    size_t smem = attn_smem(kv, rope);
+    size_t smem = nr ? attn_smem_new(kv, rope) : attn_smem(kv, rope);
     if (cf32)
-        gk_launch_as("attn", attn_split_pick<float>(wd, kv + rope), grid, ATT_THREADS, smem, s,
+        gk_launch_as("attn", nr ? attn_split_pick<float, true>(wd, kv + rope)
+                                : attn_split_pick<float, false>(wd, kv + rope),
+                     grid, ATT_THREADS, smem, s,
                      pm, pl, pacc, qlat, q, qk, nope, (const float *)cache, slot, pos, nh, kv,
-                     rope, n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+                     rope, n_ctx, nsplit, scale, olat, count, att_pre(), nv, clk);
     else
-        gk_launch_as("attn", attn_split_pick<bf16>(wd, kv + rope), grid, ATT_THREADS, smem, s, pm,
+        gk_launch_as("attn", nr ? attn_split_pick<bf16, true>(wd, kv + rope)
+                                : attn_split_pick<bf16, false>(wd, kv + rope),
+                     grid, ATT_THREADS, smem, s, pm,
                      pl, pacc, qlat, q, qk, nope, (const bf16 *)cache, slot, pos, nh, kv, rope,
-                     n_ctx, nsplit, scale, olat, count, att_pre(), clk);
+                     n_ctx, nsplit, scale, olat, count, att_pre(), nv, clk);
 }
 
 /* gk_attn with the score variant given (wd: att_scores_warp, else the serial dot). */
@@ -498,7 +579,8 @@ static int attn_run(cudaStream_t s, float *olat, float *pm, float *pl, float *pa
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
     attn_split_launch(s, olat, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos, N, nh, kv,
-                      rope, n_ctx, nsplit, scale, count, wd, (unsigned long long *)NULL);
+                      rope, n_ctx, nsplit, scale, count, wd, (const gk_kv_new *)NULL,
+                      (unsigned long long *)NULL);
     LAUNCH_CHECK("attn_split", e);
     if (count)
         return 0;  /* combined by each row and head group's last block */
@@ -521,17 +603,31 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, unsigned long long *clk, dsv3_err *e)
+                  float scale, const gk_kv_new *nr, unsigned long long *clk, dsv3_err *e)
 {
     if (N <= 0)
         return 0;
     if (nsplit < 1 || nsplit > ATT_MAXSPLIT)
         return err_set(e, "ginfer: attention in %d parts (1 to %d)", nsplit, ATT_MAXSPLIT);
+    if (nr && !gk_attn_new_fits(N, kv, rope, n_ctx, nsplit))
+        return err_set(e, "ginfer: attention parts forming a cache row of %d + %d values for %d "
+                       "rows in %d parts of a context of %d", kv, rope, N, nsplit, n_ctx);
     attn_split_launch(s, (float *)NULL, pm, pl, pacc, qlat, q, qk, nope, cache, cf32, slot, pos,
                       N, nh, kv, rope, n_ctx, nsplit, scale, (unsigned *)NULL, att_warp_dot(),
-                      clk);
+                      nr, clk);
     LAUNCH_CHECK("attn_split", e);
     return 0;
+}
+
+/* One row; a cache row of at most ATT_NEW_KU ATT_THREADS values; a rotation a thread (q_pe
+ * of ATT_HG heads); every part one chunk at any length up to n_ctx, so that the newest row
+ * goes into its place in the staged chunk at once (n_ctx <= 32 nsplit: -c 2048 at the
+ * default 64 parts). */
+int gk_attn_new_fits(int N, int kv, int rope, int n_ctx, int nsplit)
+{
+    return N == 1 && kv + rope <= ATT_NEW_KU * ATT_THREADS && rope % 2 == 0 &&
+           ATT_HG * (rope / 2) <= ATT_THREADS && nsplit >= 1 &&
+           (n_ctx + nsplit - 1) / nsplit <= ATT_CH;
 }
 
 size_t gk_attn_counts(int N, int nh)

@@ -455,6 +455,7 @@ static int up_layer(ginfer *g, const wsrc *src, const dsv3_config *c, int l, gla
 }
 
 static int capture_all(ginfer *g, dsv3_err *e);
+static int lat_takes(const ginfer *g, int n, int nsplit);
 static void prof_print(const ginfer *g);
 static void clock_report(const ginfer *g);
 static int mtp_setup(ginfer *g, const wsrc *src, const dsv3_config *c, dsv3_err *e);
@@ -752,6 +753,9 @@ static int create(ginfer **out, const wsrc *src, const dsv3_config *c, int n_ctx
         snprintf(g->desc, sizeof g->desc, "cuda:%d (%s, %s)", dev, p.name, dt);
     describe_fusions(g);
     describe_pdl(g);
+    if (!rc && !g->qr && g->qkv && g->ly[0].qkv && lat_takes(g, 1, g->nsplit) &&
+        !(g->fz_norm && !g->fp8 && gk_gemv_norm_fits(1, g->H)))  /* layers()' g->fin */
+        describe_add(g, "q_lat in the q GEMV");
     if (!rc && cudaMallocHost((void **)&g->h_logits, (size_t)g->bucket_max * g->V * 4) !=
                    cudaSuccess) {
         g->h_logits = NULL;
@@ -1008,6 +1012,16 @@ static int gemv_in(ginfer *g, const glayer *y, const void *w, float *out, long l
                         g->exact, out, ldy, n, g->H, O, e);
 }
 
+/* Whether q, kv_a and q_lat go in one launch (gk_gemv_lat) and the attention parts form the
+ * cache row (gk_kv_new): one row of bf16 weights without q_lora, the uv launch combining the
+ * parts, shapes those kernels take. One launch fewer a layer (the q_lat GEMV's). */
+static int lat_takes(const ginfer *g, int n, int nsplit)
+{
+    return n == 1 && !g->exact && g->fz_uvc && gk_gemv_uvc_fits(n, g->kv) &&
+           gk_attn_new_fits(n, g->kv, g->rope, g->n_ctx, nsplit) &&
+           gk_gemv_lat_fits(n, g->H, g->nh, g->qk, g->nope, g->W, g->kv);
+}
+
 /* MLA of layer l over n rows: xn (or, with g->fin, x and the pending output) in, delta out. */
 static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
 {
@@ -1016,7 +1030,9 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
     const int *slot = g->d_in + g->rmax, *pos = g->d_in + 2 * g->rmax;
     void *cache = (char *)g->cache + (size_t)l * (g->n_slots + 1) * g->n_ctx * W * ws;
     const float *kva = g->kva;
-    int ldkva = W;
+    int ldkva = W, lat = 0;
+    gk_kv_new nr = {g->kva, y->kv_a_norm, g->cos_t, g->sin_t, g->interleave, 1e-6f};
+    gk_lat_pf pf = {cache, slot, pos, g->n_ctx, ws};
     if (g->qr) {
         int A = g->qr + W;  /* q_a's and kv_a's outputs side by side */
         for (int r_ = 0; r_ <= twice(g, "qa"); r_++)
@@ -1046,12 +1062,19 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         kva = g->qa + g->qr;
         ldkva = A;
     } else if (y->qkv && !g->fin && g->qkv) {
-        /* q and kv_a in one launch (their rows stored together) */
+        /* q and kv_a in one launch (their rows stored together); at one row with the uv
+         * launch's combine, q_lat too, the cache row then formed by the attention parts */
+        lat = lat_takes(g, n, nsplit);
         for (int r_ = 0; r_ <= twice(g, "qkv"); r_++)
-            if (gk_gemv_two(g->s, g->xn, H, y->q, wf, g->q, nh * qk, nh * qk, g->kva, W, n, H,
-                            nh * qk + W, e))
+            if (lat ? gk_gemv_lat(g->s, g->xn, y->q, H, nh, qk, g->nope, W, g->q, g->kva, y->ukT,
+                                  kv, g->qlat, &pf, e)
+                    : gk_gemv_two(g->s, g->xn, H, y->q, wf, g->q, nh * qk, nh * qk, g->kva, W, n,
+                                  H, nh * qk + W, e))
                 return -1;
-        mark(g, "gemv q+kv_a", (double)(nh * qk + W) * H * ws);
+        if (lat)
+            mark(g, "gemv q+kv_a+q_lat", ((double)(nh * qk + W) * H + (double)nh * kv * g->nope) * ws);
+        else
+            mark(g, "gemv q+kv_a", (double)(nh * qk + W) * H * ws);
     } else {
         if (gemv_in(g, y, y->q, g->q, nh * qk, n, nh * qk, e))
             return -1;
@@ -1060,7 +1083,9 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
             return -1;
         mark(g, "gemv kv_a", (double)W * H * ws);
     }
-    if (g->fz_kvw && gk_gemv_kvw_fits(n, kv)) {
+    if (lat) {
+        /* q_lat written; the parts form the cache row and rotate q_pe */
+    } else if (g->fz_kvw && gk_gemv_kvw_fits(n, kv)) {
         /* q_lat[n, h] = W_uk_h^T q_nope[n, h], and the cache row written, q_pe rotated */
         if (gk_gemv_kvw(g->s, g->q, (long)nh * qk, qk, y->ukT, wf, (long)kv * g->nope, g->qlat,
                         (long)nh * kv, kv, n, g->nope, kv, nh, kva, ldkva, y->kv_a_norm, cache,
@@ -1085,7 +1110,7 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
         for (int r_ = 0; r_ <= twice(g, "parts"); r_++)
             if (gk_attn_parts(g->s, g->pm, g->pl, g->pacc, g->qlat, g->q, qk, g->nope, cache, wf,
                               slot, pos, n, nh, kv, g->rope, g->n_ctx, nsplit, g->scale,
-                              clk_for(g, CLK_PARTS, n), e))
+                              lat ? &nr : NULL, clk_for(g, CLK_PARTS, n), e))
                 return -1;
         mark(g, "attention parts", 0);
         for (int r_ = 0; r_ <= twice(g, "uvc"); r_++)

@@ -207,6 +207,13 @@ int ginfer_add_norm_run(float *x, const float *delta, const float *ye, const flo
  * outputs then the rest. */
 int ginfer_gemv_run(const float *x, const float *w, int I, int O, int batch, int O1, float *y,
                     dsv3_err *e);
+/* For tests: gk_gemv_lat on one row x [I] with bf16 weights w [nh qk + W][I] and ukT
+ * [nh][kv][nope] (given as fp32 values) into q [nh qk], kva [W] and qlat [nh kv] (lat 1);
+ * lat 0: the launches it replaces, gk_gemv_two (q, kva) then gk_gemv of the heads' q_nope
+ * parts (qlat). */
+int ginfer_lat_run(const float *x, const float *w, const float *ukT, int I, int nh, int qk,
+                   int nope, int W, int kv, int lat, float *q, float *kva, float *qlat,
+                   dsv3_err *e);
 /* For tests: batch-1 decode's expert GEMVs on one row x [H]: gk_moe_bucket of the row's K
  * experts idx (and the shared group E when sh), then gk_ffn_up into h [K + sh, F] (the
  * groups' rows in bucket order: routed ascending, the shared last) and gk_ffn_down of h into

@@ -92,6 +92,65 @@ __device__ __forceinline__ void attn_combine_span(const float *pm, const float *
     __syncthreads();
 }
 
+/* lib/ops rope_forward on one vector v of 2*half values with table row t. The roundings are
+ * spelled out: from a plain x0 c - x1 s ptxas may or may not form an FMA, kernel by kernel,
+ * and the engine rotates q in one kernel or another (kv_write_row, or the attention parts
+ * with a gk_kv_new), which must give the same bits. */
+__device__ __forceinline__ void rope_pair_at(float *v, int j, int half, int interleave, float c,
+                                             float sn)
+{
+    float *a = interleave ? &v[2 * j] : &v[j];
+    float *b = interleave ? &v[2 * j + 1] : &v[j + half];
+    float x0 = *a, x1 = *b;
+    *a = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
+    *b = __fmaf_rn(x0, sn, __fmul_rn(x1, c));
+}
+
+__device__ __forceinline__ void rope_pair(float *v, int j, int half, int interleave,
+                                          const float *c, const float *sn)
+{
+    rope_pair_at(v, j, half, interleave, c[j], sn[j]);
+}
+
+/* A token's cache row from its kv_a output src [kv + rope], in three steps shared by the
+ * engine's cache write (kernels/ginfer_k.cu kv_write_row) and the one-row attention parts
+ * that form their newest row themselves (kernels/decode_attn.cu): the same operations in
+ * the same order (with the same block size, 256 threads), so the same bits. kv_row_load:
+ * row [kv + rope] (shared) = src, returns the thread's sum of squares of the latent (for
+ * block_sum); kv_row_value: value i of the row once the rotary part is rotated in place
+ * (rope_pair) and r = rsqrt(mean square + eps) is known (the latent normed, weight w). */
+__device__ __forceinline__ float kv_row_load(float *row, const float *src, int kv, int W)
+{
+    float ss = 0;
+    for (int i = threadIdx.x; i < W; i += blockDim.x) {
+        float v = src[i];
+        row[i] = v;
+        if (i < kv)
+            ss = __fmaf_rn(v, v, ss);
+    }
+    return ss;
+}
+
+/* kv_row_load's sum of squares over the thread's values loaded ahead, v[u] = src[threadIdx.x +
+ * u blockDim.x] (KU blockDim.x >= W; past W unused), so their loads can share a round trip
+ * with others and the row can stay in registers. */
+template <int KU>
+__device__ __forceinline__ float kv_row_ss(const float (&v)[KU], int kv)
+{
+    float ss = 0;
+#pragma unroll
+    for (int u = 0; u < KU; u++)
+        if (threadIdx.x + u * blockDim.x < kv)
+            ss = __fmaf_rn(v[u], v[u], ss);
+    return ss;
+}
+
+__device__ __forceinline__ float kv_row_value(const float *row, const float *w, float r, int kv,
+                                              int i)
+{
+    return i < kv ? w[i] * (row[i] * r) : row[i];
+}
+
 template <int PB>
 __device__ __forceinline__ void attn_combine_row(float *dst, const float *pm, const float *pl,
                                                  const float *pacc, long v, int kv, int nsplit,

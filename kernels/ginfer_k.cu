@@ -224,31 +224,36 @@ __global__ void __launch_bounds__(GK_WARPS * 32, NT == 1 ? 4 : 0)
  * two blocks an SM (gemv_held_fits). A row's products are warp_dots_ahead's in its order
  * (pieces past I add fmaf(0, 0, acc)), so y is bitwise gemv_k's. */
 #define HELD_R 2
+
+/* gemv_held_k's weight rows for a warp: row[r] (r < HELD_R; I <= 256 P values, a piece past
+ * I loads the row's first again, unused) into wr before the wait. */
 template <int P>
-__global__ void __launch_bounds__(GK_WARPS * 32, 2)
-    gemv_held_k(int m, const float *__restrict__ x, long xbs, const bf16 *__restrict__ w,
-                long wbs, float *__restrict__ y, long ybs, int I, int O, float *__restrict__ y2,
-                long ldy2, int O1)
+__device__ __forceinline__ void held_rows_load(const bf16 *const (&row)[HELD_R], int I,
+                                               raw8<bf16> (&wr)[HELD_R][P])
 {
-    __shared__ __align__(16) float xs[256 * P];
-    const int lane = threadIdx.x & 31, b = blockIdx.y;
-    const int o0 = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * HELD_R;
-    raw8<bf16> wr[HELD_R][P];
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int r = 0; r < HELD_R; r++) {
-        const bf16 *row = w + b * wbs + (long)min(o0 + r, O - 1) * I;
+    for (int r = 0; r < HELD_R; r++)
 #pragma unroll
-        for (int c = 0; c < P; c++)  /* a piece past I loads the first again (unused) */
-            raw8_load(row + (lane * 8 + 256 * c < I ? lane * 8 + 256 * c : 0), wr[r][c]);
-    }
-    gk_pdl_enter(m);
-    const float *xb = x + b * xbs;
-    for (int i = threadIdx.x * 4; i < I; i += GK_WARPS * 32 * 4)
-        *(float4 *)&xs[i] = *(const float4 *)&xb[i];
+        for (int c = 0; c < P; c++)
+            raw8_load(row[r] + (lane * 8 + 256 * c < I ? lane * 8 + 256 * c : 0), wr[r][c]);
+}
+
+/* x [I] (device memory, 16-byte aligned) into xs (shared) by the whole block; a barrier. */
+__device__ __forceinline__ void held_x_stage(float *xs, const float *x, int I)
+{
+    for (int i = threadIdx.x * 4; i < I; i += blockDim.x * 4)
+        *(float4 *)&xs[i] = *(const float4 *)&x[i];
     __syncthreads();
-    if (o0 >= O)
-        return;
-    float acc[HELD_R];
+}
+
+/* The warp's HELD_R dot products of its held rows with xs (shared), in warp_dots_ahead's
+ * order (pieces past I add fmaf(0, 0, acc)); every lane gets the sums. */
+template <int P>
+__device__ __forceinline__ void held_dots(const raw8<bf16> (&wr)[HELD_R][P], const float *xs,
+                                          int I, float (&acc)[HELD_R])
+{
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int r = 0; r < HELD_R; r++)
         acc[r] = 0.0f;
@@ -270,6 +275,29 @@ __global__ void __launch_bounds__(GK_WARPS * 32, 2)
 #pragma unroll
     for (int r = 0; r < HELD_R; r++)
         acc[r] = warp_sum(acc[r]);
+}
+
+template <int P>
+__global__ void __launch_bounds__(GK_WARPS * 32, 2)
+    gemv_held_k(int m, const float *__restrict__ x, long xbs, const bf16 *__restrict__ w,
+                long wbs, float *__restrict__ y, long ybs, int I, int O, float *__restrict__ y2,
+                long ldy2, int O1)
+{
+    __shared__ __align__(16) float xs[256 * P];
+    const int lane = threadIdx.x & 31, b = blockIdx.y;
+    const int o0 = (blockIdx.x * GK_WARPS + (threadIdx.x >> 5)) * HELD_R;
+    const bf16 *rows[HELD_R];
+#pragma unroll
+    for (int r = 0; r < HELD_R; r++)
+        rows[r] = w + b * wbs + (long)min(o0 + r, O - 1) * I;
+    raw8<bf16> wr[HELD_R][P];
+    held_rows_load<P>(rows, I, wr);
+    gk_pdl_enter(m);
+    held_x_stage(xs, x + b * xbs, I);
+    if (o0 >= O)
+        return;
+    float acc[HELD_R];
+    held_dots<P>(wr, xs, I, acc);
     gk_pdl_late(m);
     if (lane == 0)
 #pragma unroll
@@ -280,6 +308,163 @@ __global__ void __launch_bounds__(GK_WARPS * 32, 2)
             else if (o < O)
                 y2[o - O1] = acc[r];
         }
+}
+
+/* DeepSeek-V2-Lite's attention input in one launch (no q_lora; gk_gemv_lat): q and kv_a as
+ * gemv_held_k computes them (weights [nh qk + W, I], q's rows then kv_a's), and q_lat[h] =
+ * W_uk[h]^T q_nope[h] as gk_gemv_kvw's GEMV computes it, which saves that launch. A
+ * cluster of LAT_CL blocks a head takes the head's nope = 16 LAT_CL q_nope rows (HELD_R a
+ * warp), hands them to every block of the cluster (distributed shared memory, one cluster
+ * barrier), and block k then forms q_lat rows [k kv / LAT_CL, (k + 1) kv / LAT_CL) from
+ * W_uk rows held in registers before the wait: a half-warp a row of nope = 128 values, 8 a
+ * lane, each lane's products in warp_dots' order and the half-warp's sum warp_sum's with the
+ * other half's zeros left out (adding +0 changes no sum), so the same bits. The clusters
+ * after the heads' take the q_pe rows (every head's rope rows) and kv_a's, 16 a block. The
+ * cache row is left to the attention parts (gk_attn_parts with a gk_kv_new), which form it
+ * from kv_a. */
+#define LAT_CL 8
+#define LAT_QR 4 /* q_lat rows a half-warp */
+static_assert(LAT_CL * GK_WARPS * 2 * LAT_QR == 512, "q_lat: kv 512 rows a head");
+
+/* The weight row of the block's row i (< GK_WARPS HELD_R) in gemv_lat_k's layout: the
+ * heads' q_nope rows first (block bx < nh LAT_CL), then the plain rows (every head's q_pe
+ * rows, then kv_a's); -1 past the end. */
+__device__ __forceinline__ long lat_row(int bx, int i, int nh, int qk, int nope, int W)
+{
+    const int hb = GK_WARPS * HELD_R, pe = qk - nope;
+    if (bx < nh * LAT_CL)
+        return (long)(bx / LAT_CL) * qk + (bx % LAT_CL) * hb + i;
+    long p = (long)(bx - nh * LAT_CL) * hb + i;
+    if (p < (long)nh * pe)
+        return p / pe * qk + nope + p % pe;
+    p -= (long)nh * pe;
+    return p < W ? (long)nh * qk + p : -1;
+}
+
+template <int P>
+__global__ void __cluster_dims__(LAT_CL, 1, 1) __launch_bounds__(GK_WARPS * 32, 2)
+    gemv_lat_k(int m, const float *__restrict__ x, const bf16 *__restrict__ w, int I, int nh,
+               int qk, int nope, int W, float *__restrict__ q, float *__restrict__ kva,
+               const bf16 *__restrict__ ukT, int kv, float *__restrict__ qlat, gk_lat_pf pf)
+{
+    __shared__ __align__(16) float xs[256 * P];
+    __shared__ __align__(16) float qn[LAT_CL * GK_WARPS * HELD_R]; /* the head's q_nope */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, bx = blockIdx.x;
+    const bool head = bx < nh * LAT_CL; /* the same for the whole cluster */
+    if (head)  /* this block has started: the cluster's stores may come */
+        asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    long o[HELD_R];
+    const bf16 *rows[HELD_R];
+#pragma unroll
+    for (int r = 0; r < HELD_R; r++) {
+        o[r] = lat_row(bx, warp * HELD_R + r, nh, qk, nope, W);
+        rows[r] = w + (o[r] < 0 ? 0 : o[r]) * I;
+    }
+    raw8<bf16> wr[HELD_R][P];
+    held_rows_load<P>(rows, I, wr);
+    /* head h's W_uk rows: this half-warp's LAT_QR, 8 values a lane (nope = 128) */
+    const int h = bx / LAT_CL, k = bx % LAT_CL, hl = lane >> 4, li = lane & 15;
+    const int q0 = k * (kv / LAT_CL) + warp * 2 * LAT_QR + hl * LAT_QR;
+    raw8<bf16> uk[LAT_QR];
+    if (head)
+#pragma unroll
+        for (int i = 0; i < LAT_QR; i++)
+            raw8_load(ukT + ((long)h * kv + q0 + i) * nope + li * 8, uk[i]);
+    if (!head && pf.cache && gk_pdl_pf(m) && threadIdx.x == 0) {
+        /* the attention's older cache rows into L2, a slice a plain block: the parts' blocks
+         * land only as this launch's leave (its blocks fill the registers), so what they
+         * stage before their wait then comes from L2 */
+        const long np = gridDim.x - nh * LAT_CL, p = bx - nh * LAT_CL;
+        const long all = (long)pf.pos[0] * W * pf.csz, sl = (all + np - 1) / np;
+        const char *c = (const char *)pf.cache + (long)pf.slot[0] * pf.n_ctx * W * pf.csz;
+        if (p * sl < all)
+            gk_prefetch_l2(c + p * sl, (size_t)min(sl, all - p * sl));
+    }
+    gk_pdl_enter(m);
+    held_x_stage(xs, x, I);
+    float acc[HELD_R];
+    held_dots<P>(wr, xs, I, acc);
+    gk_pdl_late(m);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < HELD_R; r++) {
+            if (o[r] >= (long)nh * qk)
+                kva[o[r] - (long)nh * qk] = acc[r];
+            else if (o[r] >= 0)
+                q[o[r]] = acc[r];
+        }
+    if (!head)
+        return;
+    cg::cluster_group cl = cg::this_cluster();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); /* all blocks started */
+    if (lane < LAT_CL)
+#pragma unroll
+        for (int r = 0; r < HELD_R; r++)
+            *cl.map_shared_rank(qn + k * GK_WARPS * HELD_R + warp * HELD_R + r, lane) = acc[r];
+    cl.sync(); /* every block's qn whole; none is written remotely after */
+    float xf[8];
+    ldx8(qn + li * 8, xf);
+    float a[LAT_QR];
+#pragma unroll
+    for (int i = 0; i < LAT_QR; i++) {
+        float wf[8];
+        raw8_float(uk[i], wf);
+        a[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            a[i] = fmaf(wf[j], xf[j], a[i]);
+#pragma unroll
+        for (int d = 8; d > 0; d >>= 1)
+            a[i] += __shfl_xor_sync(0xffffffffu, a[i], d);
+    }
+    if (li == 0)
+#pragma unroll
+        for (int i = 0; i < LAT_QR; i++)
+            qlat[(long)h * kv + q0 + i] = a[i];
+}
+
+/* Blocks of gemv_lat_k's grid: the heads' clusters, then the plain rows 16 a block, in whole
+ * clusters. */
+static int lat_blocks(int nh, int qk, int nope, int W)
+{
+    const int hb = GK_WARPS * HELD_R, plain = (nh * (qk - nope) + W + hb - 1) / hb;
+    return (nh * LAT_CL + plain + LAT_CL - 1) / LAT_CL * LAT_CL;
+}
+
+/* gemv_lat_k's shapes: one row of at most 2048 values (a multiple of 8), nope 128 and kv 512
+ * (DeepSeek-V2-Lite's and V3's heads), a grid of at most two blocks an SM (every block's
+ * rows held before the wait, as gemv_held_fits asks). DSV3_GINFER_QLAT=0: never (q and
+ * kv_a by gk_gemv_two, q_lat and the cache row by gk_gemv_kvw, to compare). Read at each
+ * call: a decode graph keeps what held at its capture. */
+int gk_gemv_lat_fits(int N, int I, int nh, int qk, int nope, int W, int kv)
+{
+    const char *v = getenv("DSV3_GINFER_QLAT");
+    if ((v && !strcmp(v, "0")) || N != 1 || I > 2048 || I % 8 || nh < 1 || W < 0 ||
+        nope != LAT_CL * GK_WARPS * HELD_R || kv != LAT_CL * GK_WARPS * 2 * LAT_QR || qk < nope)
+        return 0;
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 0;
+    return lat_blocks(nh, qk, nope, W) <= 2L * sms;
+}
+
+int gk_gemv_lat(cudaStream_t s, const float *x, const void *w, int I, int nh, int qk, int nope,
+                int W, float *q, float *kva, const void *ukT, int kv, float *qlat,
+                const gk_lat_pf *pf, dsv3_err *e)
+{
+    gk_lat_pf p = {};
+    const char *v = getenv("DSV3_GINFER_QLAT_PF");
+    if (pf && !(v && !strcmp(v, "0")))
+        p = *pf;
+    if (!gk_gemv_lat_fits(1, I, nh, qk, nope, W, kv))
+        return err_set(e, "ginfer: q, kv_a and q_lat in one launch do not take %d heads of %d "
+                       "(nope %d, latent %d) over %d values", nh, qk, nope, kv, I);
+    gk_launch_as("lat", I <= 1024 ? gemv_lat_k<4> : gemv_lat_k<8>, lat_blocks(nh, qk, nope, W),
+                 GK_WARPS * 32, 0, s, x, (const bf16 *)w, I, nh, qk, nope, W, q, kva,
+                 (const bf16 *)ukT, kv, qlat, p);
+    LAUNCH_CHECK("gemv_lat", e);
+    return 0;
 }
 
 /* Whether gemv_held_k takes a launch of bf16 weights: one row of at most 2048 values (x rows
@@ -538,17 +723,6 @@ int gk_add_norm(cudaStream_t s, float *x, int ldx, const float *delta, const gk_
     return 0;
 }
 
-/* lib/ops rope_forward on one vector v of 2*half values with table row t. */
-__device__ __forceinline__ void rope_pair(float *v, int j, int half, int interleave,
-                                          const float *c, const float *sn)
-{
-    float *a = interleave ? &v[2 * j] : &v[j];
-    float *b = interleave ? &v[2 * j + 1] : &v[j + half];
-    float x0 = *a, x1 = *b;
-    *a = x0 * c[j] - x1 * sn[j];
-    *b = x1 * c[j] + x0 * sn[j];
-}
-
 /* One block a row; the row's kv + rope values staged in shared memory. The row's query
  * heads are rotated here too (one launch fewer a layer). */
 template <typename C>
@@ -559,14 +733,7 @@ __device__ void kv_write_row(int m, float *row /* [kv + rope] shared */, int n, 
 {
     __shared__ float red[32];
     int W = kv + rope, half = rope / 2;
-    const float *src = kva + (long)n * ldkva;
-    float ss = 0;
-    for (int i = threadIdx.x; i < W; i += blockDim.x) {
-        float v = src[i];
-        row[i] = v;
-        if (i < kv)
-            ss += v * v;
-    }
+    float ss = kv_row_load(row, kva + (long)n * ldkva, kv, W);
     gk_pdl_late(m);
     ss = block_sum(ss, red);  /* its barriers also order the row's stores */
     float r = rsqrtf(ss / kv + eps);
@@ -579,7 +746,7 @@ __device__ void kv_write_row(int m, float *row /* [kv + rope] shared */, int n, 
     __syncthreads();
     C *dst = cache + ((long)slot[n] * n_ctx + t) * W;
     for (int i = threadIdx.x; i < W; i += blockDim.x)
-        dst[i] = (C)(i < kv ? w[i] * (row[i] * r) : row[i]);
+        dst[i] = (C)kv_row_value(row, w, r, kv, i);
 }
 
 /* Before the wait: what kv_write_row reads after its sum (the norm weight, the position's
@@ -2034,6 +2201,46 @@ extern "C" int ginfer_gemv_run(const float *x, const float *w, int I, int O, int
             rc = err_set(e, "ginfer_gemv_run: %s", cudaGetErrorString(c));
     }
     cudaFree(dx), cudaFree(dy), cudaFree(dw);
+    return rc ? -1 : 0;
+}
+
+extern "C" int ginfer_lat_run(const float *x, const float *w, const float *ukT, int I, int nh,
+                              int qk, int nope, int W, int kv, int lat, float *q, float *kva,
+                              float *qlat, dsv3_err *e)
+{
+    const int Q = nh * qk, O = Q + W;
+    float *dx = NULL, *dq = NULL, *dkva = NULL, *dlat = NULL;
+    void *dw = NULL, *du = NULL;
+    int rc = 0;
+    if (cudaMalloc(&dx, (size_t)I * 4) != cudaSuccess ||
+        cudaMalloc(&dq, (size_t)Q * 4) != cudaSuccess ||
+        cudaMalloc(&dkva, (size_t)(W ? W : 1) * 4) != cudaSuccess ||
+        cudaMalloc(&dlat, (size_t)nh * kv * 4) != cudaSuccess ||
+        grouped_weights(&dw, w, (size_t)O * I, 0) ||
+        grouped_weights(&du, ukT, (size_t)nh * kv * nope, 0))
+        rc = err_set(e, "ginfer_lat_run: out of device memory");
+    if (!rc) {
+        cudaMemcpy(dx, x, (size_t)I * 4, cudaMemcpyHostToDevice);
+        cudaMemset(dq, 0xff, (size_t)Q * 4);
+        cudaMemset(dkva, 0xff, (size_t)(W ? W : 1) * 4);
+        cudaMemset(dlat, 0xff, (size_t)nh * kv * 4);
+        rc = lat ? gk_gemv_lat(0, dx, dw, I, nh, qk, nope, W, dq, dkva, du, kv, dlat, NULL, e)
+                 : gk_gemv_two(0, dx, I, dw, 0, dq, Q, Q, dkva, W, 1, I, O, e) ||
+                       gk_gemv(0, dq, Q, qk, du, 0, (long)kv * nope, dlat, (long)nh * kv, kv, 1,
+                               nope, kv, nh, e);
+    }
+    if (!rc) {
+        cudaError_t c = cudaDeviceSynchronize();
+        if (c == cudaSuccess)
+            c = cudaMemcpy(q, dq, (size_t)Q * 4, cudaMemcpyDeviceToHost);
+        if (c == cudaSuccess && W)
+            c = cudaMemcpy(kva, dkva, (size_t)W * 4, cudaMemcpyDeviceToHost);
+        if (c == cudaSuccess)
+            c = cudaMemcpy(qlat, dlat, (size_t)nh * kv * 4, cudaMemcpyDeviceToHost);
+        if (c != cudaSuccess)
+            rc = err_set(e, "ginfer_lat_run: %s", cudaGetErrorString(c));
+    }
+    cudaFree(dx), cudaFree(dq), cudaFree(dkva), cudaFree(dlat), cudaFree(dw), cudaFree(du);
     return rc ? -1 : 0;
 }
 

@@ -368,6 +368,23 @@ int gk_kv_write(cudaStream_t s, const float *kva, int ldkva, const float *w, voi
                 const int *slot, const int *pos, int N, int kv, int rope, int n_ctx,
                 const float *cos_t, const float *sin_t, int interleave, float eps, float *q,
                 int nh, int qk, int nope, dsv3_err *e);
+/* One row (batch-1 decode without q_lora): q [nh qk] and kv_a [W] from x [I] with their bf16
+ * weights stored together (w [nh qk + W, I], q's rows then kv_a's: gk_gemv_two's outputs,
+ * bitwise), and q_lat[h] = W_uk[h]^T q_nope[h] (ukT [nh][kv][nope] bf16, qlat [nh][kv]:
+ * gk_gemv_kvw's GEMV, bitwise) in one launch. The cache row and q_pe's rotation are left to
+ * gk_attn_parts with a gk_kv_new. gk_gemv_lat_fits: the shapes it takes (nope 128, kv 512,
+ * I <= 2048) and DSV3_GINFER_QLAT. pf (may be NULL): the layer's cache (rows of W values of
+ * csz bytes, n_ctx a slot) whose rows before pos[0] of slot[0] the launch prefetches into
+ * L2 for the attention after it (a hint; DSV3_GINFER_QLAT_PF=0: not, to compare). */
+typedef struct gk_lat_pf {
+    const void *cache;
+    const int *slot, *pos;
+    int n_ctx, csz;
+} gk_lat_pf;
+int gk_gemv_lat(cudaStream_t s, const float *x, const void *w, int I, int nh, int qk, int nope,
+                int W, float *q, float *kva, const void *ukT, int kv, float *qlat,
+                const gk_lat_pf *pf, dsv3_err *e);
+int gk_gemv_lat_fits(int N, int I, int nh, int qk, int nope, int W, int kv);
 /* gk_gemv (batched) and gk_kv_write (kva ... nope; the cache of the weights' type) in one
  * launch: the kv_write is one more row of blocks, so N <= the GEMV's blocks a batch entry,
  * (O + 7) / 8 (gk_gemv_kvw_fits); x must not read what kv_write writes (the q_lat GEMV reads
@@ -479,11 +496,25 @@ int gk_attn(cudaStream_t s, float *olat, float *pm, float *pl, float *pacc, cons
  * bytes of counters, zeroed once before the first call; each call leaves them zero), with
  * the same sums in the same order. */
 size_t gk_attn_counts(int N, int nh);
-/* gk_attn's parts only (pm, pl, pacc), left for gk_gemv_uvc to combine. */
+/* The newest cache row's inputs for one-row attention parts that form it themselves (after
+ * gk_gemv_lat, which leaves the cache row and q_pe's rotation to them): kva [kv + rope]
+ * (kv_a's output), the latent's norm weight w, the rotation tables, interleave and eps as
+ * gk_kv_write takes them. */
+typedef struct gk_kv_new {
+    const float *kva, *w, *cos_t, *sin_t;
+    int interleave;
+    float eps;
+} gk_kv_new;
+/* gk_attn's parts only (pm, pl, pacc), left for gk_gemv_uvc to combine. nr NULL: the cache
+ * holds the newest row and q_pe is rotated (gk_kv_write or gk_gemv_kvw before); else (one
+ * row, every part one chunk: gk_attn_new_fits) the part holding the newest position forms
+ * that row from nr as gk_kv_write would (the same bits) and writes it to the cache, and
+ * every part rotates its heads' q_pe as it loads them (q is not written). */
 int gk_attn_parts(cudaStream_t s, float *pm, float *pl, float *pacc, const float *qlat,
                   const float *q, int qk, int nope, const void *cache, int cf32, const int *slot,
                   const int *pos, int N, int nh, int kv, int rope, int n_ctx, int nsplit,
-                  float scale, unsigned long long *clk, dsv3_err *e);
+                  float scale, const gk_kv_new *nr, unsigned long long *clk, dsv3_err *e);
+int gk_attn_new_fits(int N, int kv, int rope, int n_ctx, int nsplit);
 /* The fused "uvc" decode launch: the batched GEMV y[n, b] = W_b . olat[n, b] (gk_gemv with
  * x = olat: rows ldx apart, heads xbs = I apart; batch = heads) where each block first
  * combines its head's attention parts (gk_attn_parts' pm, pl, pacc of nsplit parts) for the

@@ -636,6 +636,12 @@ int ginfer_gemv_run(const float *x, const float *w, int I, int O, int batch, int
 {
     return no_cuda(e);
 }
+int ginfer_lat_run(const float *x, const float *w, const float *ukT, int I, int nh, int qk,
+                   int nope, int W, int kv, int lat, float *q, float *kva, float *qlat,
+                   dsv3_err *e)
+{
+    return no_cuda(e);
+}
 int ginfer_grouped_run(const float *x, const float *w1, const float *w2, const int32_t *idx,
                        int E, int K, int sh, int H, int F, int wf32, int one, float *h, float *y,
                        dsv3_err *e)
