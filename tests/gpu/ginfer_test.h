@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../../lib/config.h"
+#include "../../lib/infer.h"
 #include "../../lib/model.h"
 #include "../test.h"
 
@@ -62,6 +63,39 @@ static __attribute__((unused)) void ginfer_random_ids(int32_t *ids, int n, int V
 {
     for (int t = 0; t < n; t++)
         ids[t] = (int32_t)(test_rand() % (uint64_t)V);
+}
+
+/* A teacher-forced run through engine f: slots 0..ns-1 cleared and prefilled with prompt k
+ * (plen[k] tokens of row k of prompt [ns][maxp]), then `steps` decode steps, step s of the
+ * first n_of(s) slots taking token s of their row of toks [ns][steps]; every row's logits in
+ * order into lg (V a row), their count into *rows. */
+static __attribute__((unused)) int ginfer_teacher_run(infer *f, int ns, const int32_t *prompt,
+                                                      int maxp, const int *plen,
+                                                      const int32_t *toks, int steps,
+                                                      int (*n_of)(int s), int V, float *lg,
+                                                      int *rows, dsv3_err *e)
+{
+    int row = 0, slot[64];
+    int32_t in[64];
+    for (int k = 0; k < ns; k++) {
+        infer_slot_clear(f, k);
+        if (infer_prefill(f, k, prompt + (size_t)k * maxp, plen[k], lg + (size_t)row++ * V, e))
+            return -1;
+    }
+    for (int s = 0; s < steps; s++) {
+        int n = n_of(s);
+        if (n > ns || n > 64)
+            return err_set(e, "ginfer_teacher_run: a step of %d rows over %d slots", n, ns);
+        for (int k = 0; k < n; k++) {
+            slot[k] = k;
+            in[k] = toks[(size_t)k * steps + s];
+        }
+        if (infer_forward(f, n, slot, in, NULL, lg + (size_t)row * V, e))
+            return -1;
+        row += n;
+    }
+    *rows = row;
+    return 0;
 }
 
 /* ||a - b|| / ||b|| over a row of n values (||a - b|| where b is zero). */

@@ -59,28 +59,18 @@ static int run_rows(void)
     return r;
 }
 
+static int step_rows(int s)
+{
+    return s & 1 ? NS : 1;
+}
+
 /* The teacher-forced run through engine f: every row's logits into lg [run_rows() V]. */
 static int run(infer *f, const int32_t (*prompt)[MAXP], const int *plen,
                const int32_t (*toks)[STEPS], int V, float *lg, dsv3_err *e)
 {
-    int row = 0;
-    for (int k = 0; k < NS; k++) {
-        infer_slot_clear(f, k);
-        if (infer_prefill(f, k, prompt[k], plen[k], lg + (size_t)row++ * V, e))
-            return -1;
-    }
-    for (int s = 0; s < STEPS; s++) {
-        int n = s & 1 ? NS : 1, slot[NS];
-        int32_t in[NS];
-        for (int k = 0; k < n; k++) {
-            slot[k] = k;
-            in[k] = toks[k][s];
-        }
-        if (infer_forward(f, n, slot, in, NULL, lg + (size_t)row * V, e))
-            return -1;
-        row += n;
-    }
-    return 0;
+    int rows;
+    return ginfer_teacher_run(f, NS, prompt[0], MAXP, plen, toks[0], STEPS, step_rows, V, lg,
+                              &rows, e);
 }
 
 /* Greedy tokens of slot 0 after prompt 0, chosen on the device. */

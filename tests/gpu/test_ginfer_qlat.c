@@ -83,30 +83,10 @@ static void test_lat_kernel(void)
 
 enum { NS = 2, STEPS = 40, MAXP = 40 };
 
-/* The run: NS prefills, then steps of one row (slot 0) or, every third, of both slots;
- * every row's logits into lg. */
-static int run(infer *f, const int32_t (*prompt)[MAXP], const int *plen,
-               const int32_t (*toks)[STEPS], int V, float *lg, int *rows, dsv3_err *e)
+/* Steps of one row (slot 0; the new launches) but every third, of both slots (the old). */
+static int step_rows(int s)
 {
-    int row = 0;
-    for (int k = 0; k < NS; k++) {
-        infer_slot_clear(f, k);
-        if (infer_prefill(f, k, prompt[k], plen[k], lg + (size_t)row++ * V, e))
-            return -1;
-    }
-    for (int s = 0; s < STEPS; s++) {
-        int n = s % 3 == 2 ? NS : 1, slot[NS];
-        int32_t in[NS];
-        for (int k = 0; k < n; k++) {
-            slot[k] = k;
-            in[k] = toks[k][s];
-        }
-        if (infer_forward(f, n, slot, in, NULL, lg + (size_t)row * V, e))
-            return -1;
-        row += n;
-    }
-    *rows = row;
-    return 0;
+    return s % 3 == 2 ? NS : 1;
 }
 
 static void test_lat_engine(void)
@@ -144,8 +124,8 @@ static void test_lat_engine(void)
             setenv("DSV3_GINFER_QLAT", v ? "1" : "0", 1);
             infer *f = NULL;
             ok = infer_new_gpu(&f, &m, ctx, NS, 0, 0, &e) == 0 &&
-                 run(f, (const int32_t(*)[MAXP])prompt, plen, (const int32_t(*)[STEPS])toks, V,
-                     lg[v], &R, &e) == 0;
+                 ginfer_teacher_run(f, NS, prompt[0], MAXP, plen, toks[0], STEPS, step_rows, V,
+                                    lg[v], &R, &e) == 0;
             CHECKF(ok, "model %d, DSV3_GINFER_QLAT=%d: %s", i, v, e.msg);
             if (ok)
                 CHECKF((strstr(infer_device(f), "q_lat in the q GEMV") != NULL) == v,
@@ -177,10 +157,41 @@ static void test_lat_engine(void)
            "err %.3g)\n", same_all, rows_all, worst);
 }
 
+/* The engine takes the new launches only where every attention part is one chunk of at
+ * most 32 rows (the parts' default count is ctx / 32, at most 64): at -c 2048, not at 2080
+ * (64 parts of 33) nor at 200 (6 of 34). */
+static void test_lat_context(void)
+{
+    GT_NEED_GPU();
+    dsv3_config c;
+    ginfer_random_config(&c, 0);
+    c.hidden_size = 256;
+    c.qk_nope_head_dim = 128;
+    c.kv_lora_rank = 512;
+    dsv3_model m;
+    if (ginfer_random_model(&m, &c, 0.1))
+        return;
+    static const int ctx[] = {2048, 2080, 200, 96};
+    static const int takes[] = {1, 0, 0, 1};
+    unsetenv("DSV3_GINFER_QLAT");
+    for (int i = 0; i < 4; i++) {
+        dsv3_err e;
+        infer *f = NULL;
+        int ok = infer_new_gpu(&f, &m, ctx[i], 1, 0, 0, &e) == 0;
+        CHECKF(ok, "ctx %d: %s", ctx[i], e.msg);
+        if (ok)
+            CHECKF((strstr(infer_device(f), "q_lat in the q GEMV") != NULL) == takes[i],
+                   "ctx %d: the engine describes itself as \"%s\"", ctx[i], infer_device(f));
+        infer_free(f);
+    }
+    model_free(&m);
+}
+
 int main(void)
 {
     test_seed();
     RUN(test_lat_kernel);
     RUN(test_lat_engine);
+    RUN(test_lat_context);
     TEST_EXIT();
 }
