@@ -1072,7 +1072,8 @@ static int mla(ginfer *g, int l, int n, int nsplit, dsv3_err *e)
                                   H, nh * qk + W, e))
                 return -1;
         if (lat)
-            mark(g, "gemv q+kv_a+q_lat", ((double)(nh * qk + W) * H + (double)nh * kv * g->nope) * ws);
+            mark(g, "gemv q+kv_a+q_lat",
+                 ((double)(nh * qk + W) * H + (double)nh * kv * g->nope) * ws);
         else
             mark(g, "gemv q+kv_a", (double)(nh * qk + W) * H * ws);
     } else {
